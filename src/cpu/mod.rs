@@ -1,0 +1,4 @@
+//! Fast f32 CPU implementations, each the mirror of a GPU kernel's algorithm
+//! (chunk lengths, anchors, accumulation order and precision).
+
+pub mod chunked;
