@@ -1,0 +1,22 @@
+#!/usr/bin/env bash
+# The test command (README, CI): provisions nvcc when the system has none,
+# compiles every CUDA kernel (a missing nvcc is an error here), and runs every
+# test. GPU tests skip with a printed notice on a machine without a GPU;
+# GATELOOP_REQUIRE_GPU=1 turns those skips into failures.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+nvcc_path=$(bash scripts/provision-nvcc.sh | tail -n 1)
+export NVCC="$nvcc_path"
+export GATELOOP_REQUIRE_NVCC=1
+echo "test.sh: nvcc = $NVCC ($("$NVCC" --version | tail -n 1))"
+
+# The committed ABI bindings must match cuda/gateloop_abi.h. build.rs checks
+# the header's hash on every build; with libclang present, regenerate and diff.
+if ldconfig -p 2>/dev/null | grep -q 'libclang'; then
+    cargo test --release --features bindgen --test abi
+else
+    echo "test.sh: libclang not found; bindgen regeneration check SKIPPED (the header-hash check in build.rs still runs)"
+fi
+
+cargo test --release --all-targets "$@"
