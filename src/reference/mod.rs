@@ -10,6 +10,7 @@
 //!   that it fails (it is never used to compute anything).
 
 pub mod attention;
+pub mod grad;
 pub mod naive;
 pub mod recurrent;
 pub mod scan;
