@@ -10,6 +10,15 @@ use std::time::Instant;
 
 use clap::{Parser, Subcommand, ValueEnum};
 
+/// `println!` that ignores a closed stdout (`gateloop demo | head`) instead
+/// of panicking.
+macro_rules! say {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        let _ = writeln!(std::io::stdout(), $($arg)*);
+    }};
+}
+
 use gateloop::cpu::chunked::{self, ChunkParams};
 use gateloop::io::{self, FileError, LoadedProblem};
 use gateloop::reference::{self, RefMode};
@@ -26,6 +35,8 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Run the operator on an input file and write `y` and `h_final`.
+    ///
+    /// Exit 2 on bad input or usage, 1 on a runtime failure.
     ///
     /// The input holds q, k [B,L,H,K], v [B,L,H,V], log_gate [B,L,H,K,2] or
     /// [B,L,H,1,2], optional h0 [B,H,K,V,2], all F32 or F64; its dtype picks
@@ -44,31 +55,36 @@ enum Command {
         #[arg(long, short, value_enum, default_value_t = Device::Cpu)]
         device: Device,
     },
-    /// Run every available mode on a random problem and compare each with the
-    /// f64 recurrent reference.
+    /// Run every available mode on a random problem.
+    ///
+    /// Each mode is timed and compared with the f64 recurrent reference (on
+    /// the same f32-rounded inputs). Attention, O(L²), is skipped on long
+    /// problems; GPU modes run when a GPU is usable.
     Demo {
-        /// B
+        /// Batch size B.
         #[arg(long, default_value_t = 2)]
         batch: usize,
-        /// L
+        /// Sequence length L.
         #[arg(long, default_value_t = 2048)]
         len: usize,
-        /// H
+        /// Number of heads H.
         #[arg(long, default_value_t = 8)]
         heads: usize,
-        /// K
+        /// Key dimension K.
         #[arg(long, default_value_t = 64)]
         key_dim: usize,
-        /// V
+        /// Value dimension V.
         #[arg(long, default_value_t = 64)]
         value_dim: usize,
         /// Seed of the random problem.
         #[arg(long, default_value_t = 0)]
         seed: u64,
     },
-    /// Compare the tensors two files have in common by name (as f64); exit 1
-    /// if any differs by more than --rtol (relative L2) or the files' tensor
-    /// names or shapes differ.
+    /// Compare two safetensors files tensor by tensor.
+    ///
+    /// Tensors are matched by name and compared as f64 (F32, F64, F16, BF16).
+    /// Exit 1 if a tensor's relative L2 error exceeds --rtol, a tensor is in
+    /// only one file, or the shapes differ.
     Check {
         /// First file (taken as the reference for relative errors).
         a: PathBuf,
@@ -209,7 +225,7 @@ fn run(input: PathBuf, output: PathBuf, mode: Mode, device: Device) -> Result<()
         Some(name) if !name.is_empty() => format!("cuda ({name})"),
         _ => device.name().to_string(),
     };
-    println!(
+    say!(
         "{} on {on}, {problem}: {:.3} ms -> {}",
         mode.name(),
         elapsed.as_secs_f64() * 1e3,
@@ -220,9 +236,10 @@ fn run(input: PathBuf, output: PathBuf, mode: Mode, device: Device) -> Result<()
 
 // ------------------------------------------------------------------- demo --
 
-/// Attention is O(L²): run it only below both limits.
+/// Attention is O(L²): run it only up to this length ...
 const ATTENTION_MAX_LEN: usize = 4096;
-const ATTENTION_MAX_PAIRS: usize = 1 << 26;
+/// ... and this much work, B·H·L²·(K+V) (about 2 s in f32 on 2 cores).
+const ATTENTION_MAX_WORK: usize = 1 << 29;
 /// The scan keeps L·K·V complex numbers per head in flight.
 const SCAN_MAX_ELEMENTS: usize = 1 << 28;
 
@@ -250,7 +267,7 @@ fn demo(d: Dims, seed: u64) -> Result<(), Failure> {
     // f32-rounded inputs the f32 modes see.
     let p64: OwnedProblem<f64> = random_problem(d, GateRegime::Resets(0.001), true, seed).rounded_to_f32();
     let p32 = p64.to_f32();
-    println!(
+    say!(
         "gateloop demo: {} (per-channel gate, random with rare resets, h0 given), seed {seed}, {} threads",
         dims_str(&d),
         rayon::current_num_threads()
@@ -281,11 +298,16 @@ fn demo(d: Dims, seed: u64) -> Result<(), Failure> {
     } else {
         rows.push(cpu("scan", Err(format!("skipped (L·K·V = {scan_elements} too large)"))));
     }
-    let pairs = heads.saturating_mul(d.len).saturating_mul(d.len);
-    if d.len <= ATTENTION_MAX_LEN && pairs <= ATTENTION_MAX_PAIRS {
+    let work = heads.saturating_mul(d.len).saturating_mul(d.len).saturating_mul(d.key_dim.saturating_add(d.value_dim));
+    if d.len <= ATTENTION_MAX_LEN && work <= ATTENTION_MAX_WORK {
         rows.push(cpu("attention", f32_ref(RefMode::Attention)));
     } else {
-        rows.push(cpu("attention", Err("skipped (O(L²))".into())));
+        let why = if d.len > ATTENTION_MAX_LEN {
+            format!("L = {} > {ATTENTION_MAX_LEN}", d.len)
+        } else {
+            format!("B·H·L²·(K+V) = {work:.1e} > {ATTENTION_MAX_WORK:.1e}", work = work as f64, ATTENTION_MAX_WORK = ATTENTION_MAX_WORK as f64)
+        };
+        rows.push(cpu("attention", Err(format!("skipped (O(L²): {why})"))));
     }
 
     let mut gpu_note = None;
@@ -302,12 +324,12 @@ fn demo(d: Dims, seed: u64) -> Result<(), Failure> {
         Err(e) => gpu_note = Some(format!("GPU not used: {e}")),
     }
 
-    println!();
-    println!(
+    say!();
+    say!(
         "{:<10} {:<12} {:<9} {:>10} {:>12} {:>12} {:>14}",
         "mode", "device", "precision", "time (ms)", "y rel L2", "y max-abs", "h_final rel L2"
     );
-    println!(
+    say!(
         "{:<10} {:<12} {:<9} {:>10.1} {:>12} {:>12} {:>14}",
         "recurrent", "cpu", "f64", ref_ms, "(reference)", "", ""
     );
@@ -316,16 +338,16 @@ fn demo(d: Dims, seed: u64) -> Result<(), Failure> {
             Ok((ms, out)) => {
                 let ey = compare(&out.y, &oracle.y);
                 let eh = compare_complex(&out.h_final, &oracle.h_final);
-                println!(
+                say!(
                     "{:<10} {:<12} {:<9} {:>10.1} {:>12.2e} {:>12.2e} {:>14.2e}",
                     row.mode, row.device, row.precision, ms, ey.rel_l2, ey.max_abs, eh.rel_l2
                 );
             }
-            Err(why) => println!("{:<10} {:<12} {:<9} {why}", row.mode, row.device, row.precision),
+            Err(why) => say!("{:<10} {:<12} {:<9} {why}", row.mode, row.device, row.precision),
         }
     }
     if let Some(note) = gpu_note {
-        println!("\n{note}");
+        say!("\n{note}");
     }
     Ok(())
 }
@@ -339,7 +361,7 @@ fn check(a: PathBuf, b: PathBuf, rtol: f64) -> Result<(), Failure> {
     let ta = io::read_tensors_f64(&a)?;
     let tb = io::read_tensors_f64(&b)?;
     let mut problems = Vec::new();
-    println!("{:<12} {:<18} {:>12} {:>12}  verdict", "tensor", "shape", "rel L2", "max-abs");
+    say!("{:<12} {:<18} {:>12} {:>12}  verdict", "tensor", "shape", "rel L2", "max-abs");
     for (name, x) in &ta {
         let Some(y) = tb.get(name) else {
             problems.push(format!("tensor `{name}` is in `{}` but not in `{}`", a.display(), b.display()));
@@ -352,7 +374,7 @@ fn check(a: PathBuf, b: PathBuf, rtol: f64) -> Result<(), Failure> {
         let e = compare(&y.data, &x.data);
         let identical = x.data.iter().zip(&y.data).all(|(p, q)| p.to_bits() == q.to_bits());
         let ok = identical || e.rel_l2 <= rtol;
-        println!(
+        say!(
             "{:<12} {:<18} {:>12.3e} {:>12.3e}  {}",
             name,
             format!("{:?}", x.shape),
@@ -368,7 +390,7 @@ fn check(a: PathBuf, b: PathBuf, rtol: f64) -> Result<(), Failure> {
         problems.push(format!("tensor `{name}` is in `{}` but not in `{}`", b.display(), a.display()));
     }
     if problems.is_empty() {
-        println!("check passed: {} tensor(s) within rtol {rtol:.1e}", ta.len());
+        say!("check passed: {} tensor(s) within rtol {rtol:.1e}", ta.len());
         Ok(())
     } else {
         Err(Failure::Runtime(format!("check failed:\n  {}", problems.join("\n  "))))
@@ -376,6 +398,7 @@ fn check(a: PathBuf, b: PathBuf, rtol: f64) -> Result<(), Failure> {
 }
 
 fn main() -> ExitCode {
+    use std::io::Write as _;
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Run { input, output, mode, device } => run(input, output, mode.mode(), device),
@@ -387,11 +410,11 @@ fn main() -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(Failure::Input(msg)) => {
-            eprintln!("error: {msg}");
+            let _ = writeln!(std::io::stderr(), "error: {msg}");
             ExitCode::from(2)
         }
         Err(Failure::Runtime(msg)) => {
-            eprintln!("error: {msg}");
+            let _ = writeln!(std::io::stderr(), "error: {msg}");
             ExitCode::from(1)
         }
     }
