@@ -1,1 +1,965 @@
-//! PLACEHOLDER
+//! Reading and writing problems and results as
+//! [safetensors](https://huggingface.co/docs/safetensors) files.
+//!
+//! ## Input files
+//!
+//! | tensor     | shape                                  | dtype      |
+//! |------------|----------------------------------------|------------|
+//! | `q`, `k`   | `[B, L, H, K]`                         | F32 or F64 |
+//! | `v`        | `[B, L, H, V]`                         | same       |
+//! | `log_gate` | `[B, L, H, K, 2]` or `[B, L, H, 1, 2]` (per-head gate) | same |
+//! | `h0` (optional) | `[B, H, K, V, 2]`                 | same       |
+//!
+//! Complex tensors carry a trailing dimension of 2, `(re, im)`. All tensors
+//! of a file have the same dtype, which picks the precision of a run. F16 and
+//! BF16 inputs are recognised and refused with
+//! [`FileError::DtypeNotYetSupported`].
+//!
+//! **Unknown tensors are an error** ([`FileError::UnknownTensors`]): a
+//! misspelt optional tensor (`h_0` for `h0`) would otherwise be silently
+//! ignored and change the result.
+//!
+//! Values are checked with [`Problem::check_all_finite`]: Re(log_gate) ≤ 0
+//! (−∞ allowed, a reset), finite phases, finite q, k, v and h0.
+//!
+//! ## Output files
+//!
+//! `y` `[B, L, H, V]` and `h_final` `[B, H, K, V, 2]`, in the input's dtype
+//! ([`write_outputs`]).
+//!
+//! ## Robustness
+//!
+//! No file content makes the reader panic or allocate more than the file's
+//! length can back: the header is checked (every tensor's byte range must lie
+//! inside the file) before the `safetensors` crate indexes into the data,
+//! shapes are multiplied with overflow checks, and values are decoded with
+//! `from_le_bytes` from byte chunks (never reinterpreted in place, so
+//! unaligned data is fine). The state `[B, H, K, V]` of the outputs is the
+//! one size a file does not back; it is bounded by [`MAX_STATE_ELEMENTS`].
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::path::Path;
+
+use num_complex::Complex;
+use safetensors::tensor::{Dtype, SafeTensorError, SafeTensors, TensorView};
+use thiserror::Error;
+
+use crate::error::InputError;
+use crate::problem::{Dims, GateLayout, Outputs, Problem, Real};
+use crate::testing::OwnedProblem;
+
+/// The tensors an input file must hold.
+pub const REQUIRED: [&str; 4] = ["q", "k", "v", "log_gate"];
+/// The tensors an input file may hold.
+pub const OPTIONAL: [&str; 1] = ["h0"];
+/// The dtypes an input file may use (all its tensors the same).
+pub const ACCEPTED_DTYPES: &str = "F32 or F64 (all tensors the same dtype)";
+/// The most complex elements the state `[B, H, K, V]` (the outputs'
+/// `h_final`) may have: 2³² (64 GiB in f64). The file does not back this
+/// size, so it is bounded to keep a crafted header from asking for an
+/// absurd allocation.
+pub const MAX_STATE_ELEMENTS: usize = 1 << 32;
+
+/// Something is wrong with a file. Every message names the file, and where
+/// it applies the tensor and what is wrong with it.
+#[derive(Debug, Error)]
+pub enum FileError {
+    /// The file cannot be read (missing, permissions, a directory, …).
+    #[error("cannot read `{file}`: {source}")]
+    Unreadable {
+        /// The file.
+        file: String,
+        /// The operating system's reason.
+        source: std::io::Error,
+    },
+
+    /// The file cannot be written.
+    #[error("cannot write `{file}`: {source}")]
+    Unwritable {
+        /// The file.
+        file: String,
+        /// Why.
+        source: SafeTensorError,
+    },
+
+    /// The bytes are not a valid safetensors file: truncated, a bad header,
+    /// byte ranges that do not match the shapes.
+    #[error("`{file}` is not a valid safetensors file: {why}")]
+    Format {
+        /// The file.
+        file: String,
+        /// What is wrong.
+        why: String,
+    },
+
+    /// A required tensor is absent.
+    #[error(
+        "`{file}`: missing tensor `{name}` (required: q, k, v, log_gate; optional: h0; found: {found})"
+    )]
+    MissingTensor {
+        /// The file.
+        file: String,
+        /// The missing tensor.
+        name: &'static str,
+        /// The tensors the file does hold, comma-separated.
+        found: String,
+    },
+
+    /// The file holds tensors that are not inputs of the operator.
+    #[error("`{file}`: unknown tensor(s) {names}; an input file holds only q, k, v, log_gate and optionally h0")]
+    UnknownTensors {
+        /// The file.
+        file: String,
+        /// The unknown tensors' names, quoted and comma-separated.
+        names: String,
+    },
+
+    /// A tensor has a dtype that is not accepted.
+    #[error("`{file}`: tensor `{name}` has dtype {found}; accepted: {accepted}")]
+    Dtype {
+        /// The file.
+        file: String,
+        /// The tensor.
+        name: String,
+        /// Its dtype.
+        found: String,
+        /// The accepted dtypes.
+        accepted: &'static str,
+    },
+
+    /// A tensor has a floating-point dtype that is planned but not yet
+    /// supported as an input (F16, BF16).
+    #[error("`{file}`: tensor `{name}` has dtype {found}, which is not yet supported as an input; convert the file to F32 or F64")]
+    DtypeNotYetSupported {
+        /// The file.
+        file: String,
+        /// The tensor.
+        name: String,
+        /// Its dtype.
+        found: String,
+    },
+
+    /// Two tensors have different (accepted) dtypes.
+    #[error("`{file}`: tensor `{name}` is {found} but `{first}` is {first_dtype}; all tensors must have the same dtype")]
+    MixedDtypes {
+        /// The file.
+        file: String,
+        /// The tensor that differs.
+        name: String,
+        /// Its dtype.
+        found: String,
+        /// The tensor that set the dtype.
+        first: &'static str,
+        /// That tensor's dtype.
+        first_dtype: String,
+    },
+
+    /// A tensor has the wrong rank, or a fixed dimension (the trailing 2 of a
+    /// complex tensor) is wrong.
+    #[error("`{file}`: tensor `{name}` has shape {actual}, expected {expected}")]
+    Shape {
+        /// The file.
+        file: String,
+        /// The tensor.
+        name: &'static str,
+        /// The expected shape, with its dimensions named.
+        expected: String,
+        /// The shape in the file.
+        actual: String,
+    },
+
+    /// A dimension of a tensor is zero.
+    #[error("`{file}`: tensor `{name}` has shape {actual}: dimension {dim} is 0, every dimension must be at least 1")]
+    ZeroDim {
+        /// The file.
+        file: String,
+        /// The tensor.
+        name: &'static str,
+        /// The dimension (B, L, H, K or V).
+        dim: &'static str,
+        /// The shape in the file.
+        actual: String,
+    },
+
+    /// Two tensors disagree on a dimension.
+    #[error("`{file}`: inconsistent {dim}: `{first}` says {dim}={first_value}, `{name}` says {dim}={value}{note}")]
+    InconsistentDim {
+        /// The file.
+        file: String,
+        /// The dimension (B, L, H, K or V).
+        dim: &'static str,
+        /// The tensor that set it first.
+        first: &'static str,
+        /// Its value there.
+        first_value: usize,
+        /// The tensor that disagrees.
+        name: &'static str,
+        /// Its value there.
+        value: usize,
+        /// An extra hint (empty or starting with "; ").
+        note: &'static str,
+    },
+
+    /// The problem's state `[B, H, K, V]` is larger than [`MAX_STATE_ELEMENTS`].
+    #[error("`{file}`: the state [B, H, K, V] = {shape} has {elements} complex elements, more than the limit {limit}")]
+    TooLarge {
+        /// The file.
+        file: String,
+        /// The state shape.
+        shape: String,
+        /// Its element count (saturated at `usize::MAX`).
+        elements: usize,
+        /// The limit.
+        limit: usize,
+    },
+
+    /// A value is outside the operator's domain (Re(log_gate) > 0, NaN, ±∞).
+    #[error("`{file}`: {source}")]
+    Value {
+        /// The file.
+        file: String,
+        /// The value error, naming the tensor and the element.
+        source: InputError,
+    },
+}
+
+impl FileError {
+    /// Whether the error is about the file's content or availability (bad
+    /// input, a usage error) rather than a failure to write a result.
+    pub fn is_input_error(&self) -> bool {
+        !matches!(self, FileError::Unwritable { .. })
+    }
+}
+
+/// A scalar type a file can hold and the operator can run in (`f32`, `f64`).
+pub trait FileReal: Real {
+    /// The safetensors dtype.
+    const DTYPE: Dtype;
+    /// Appends the little-endian bytes of `self`.
+    fn put_le(self, out: &mut Vec<u8>);
+}
+
+impl FileReal for f32 {
+    const DTYPE: Dtype = Dtype::F32;
+    fn put_le(self, out: &mut Vec<u8>) {
+        out.extend_from_slice(&self.to_le_bytes());
+    }
+}
+
+impl FileReal for f64 {
+    const DTYPE: Dtype = Dtype::F64;
+    fn put_le(self, out: &mut Vec<u8>) {
+        out.extend_from_slice(&self.to_le_bytes());
+    }
+}
+
+/// A problem read from a file, in the file's precision.
+#[derive(Clone, Debug)]
+pub enum LoadedProblem {
+    /// The file is F32.
+    F32(OwnedProblem<f32>),
+    /// The file is F64.
+    F64(OwnedProblem<f64>),
+}
+
+impl LoadedProblem {
+    /// The problem's sizes.
+    pub fn dims(&self) -> Dims {
+        match self {
+            LoadedProblem::F32(p) => p.dims,
+            LoadedProblem::F64(p) => p.dims,
+        }
+    }
+    /// Whether the file holds `h0`.
+    pub fn has_h0(&self) -> bool {
+        match self {
+            LoadedProblem::F32(p) => p.h0.is_some(),
+            LoadedProblem::F64(p) => p.h0.is_some(),
+        }
+    }
+    /// `"f32"` or `"f64"`.
+    pub fn precision(&self) -> &'static str {
+        match self {
+            LoadedProblem::F32(_) => "f32",
+            LoadedProblem::F64(_) => "f64",
+        }
+    }
+}
+
+/// One tensor of any floating-point dtype, converted to f64 (see [`read_tensors_f64`]).
+#[derive(Clone, Debug, PartialEq)]
+pub struct TensorF64 {
+    /// The dtype in the file.
+    pub dtype: Dtype,
+    /// The shape in the file.
+    pub shape: Vec<usize>,
+    /// The values, row-major.
+    pub data: Vec<f64>,
+}
+
+// ---------------------------------------------------------------- reading --
+
+fn read_bytes(path: &Path) -> Result<Vec<u8>, FileError> {
+    std::fs::read(path).map_err(|source| FileError::Unreadable { file: path.display().to_string(), source })
+}
+
+fn format_err(file: &str, why: impl Into<String>) -> FileError {
+    FileError::Format { file: file.to_string(), why: why.into() }
+}
+
+/// Checks, before the `safetensors` crate sees them, that the header parses
+/// and that every tensor's declared byte range lies inside the file. (With
+/// ranges that sum past `usize::MAX` the crate's own length check overflows
+/// and can panic; this rules that out and gives a clearer message.)
+fn precheck(bytes: &[u8], file: &str) -> Result<(), FileError> {
+    let Some((len_bytes, rest)) = bytes.split_first_chunk::<8>() else {
+        return Err(format_err(file, format!("{} bytes is too short for the 8-byte header length", bytes.len())));
+    };
+    let n = u64::from_le_bytes(*len_bytes);
+    let header = usize::try_from(n)
+        .ok()
+        .and_then(|n| rest.get(..n))
+        .ok_or_else(|| format_err(file, format!("header length {n} exceeds the {} bytes after it (truncated?)", rest.len())))?;
+    let data_len = rest.len() - header.len();
+    let json: serde_json::Value = serde_json::from_slice(header)
+        .map_err(|e| format_err(file, format!("header is not valid JSON: {e}")))?;
+    let serde_json::Value::Object(entries) = json else {
+        return Err(format_err(file, "header is not a JSON object"));
+    };
+    for (name, info) in &entries {
+        if name == "__metadata__" {
+            continue;
+        }
+        let range = info.get("data_offsets").and_then(|o| o.as_array()).and_then(|a| match a.as_slice() {
+            [s, e] => Some((s.as_u64()?, e.as_u64()?)),
+            _ => None,
+        });
+        let Some((start, end)) = range else {
+            return Err(format_err(file, format!("tensor `{name}` has no valid `data_offsets` in the header")));
+        };
+        if start > end || end > data_len as u64 {
+            return Err(format_err(
+                file,
+                format!("tensor `{name}` declares bytes {start}..{end} but the file has {data_len} data bytes (truncated?)"),
+            ));
+        }
+    }
+    Ok(())
+}
+
+fn describe_safetensors_error(e: &SafeTensorError) -> String {
+    match e {
+        SafeTensorError::MetadataIncompleteBuffer => {
+            "the tensors' byte ranges do not cover the data exactly (truncated, or trailing bytes)".into()
+        }
+        SafeTensorError::TensorInvalidInfo => "a tensor's byte range does not match its shape and dtype".into(),
+        other => other.to_string(),
+    }
+}
+
+fn parse<'a>(bytes: &'a [u8], file: &str) -> Result<SafeTensors<'a>, FileError> {
+    precheck(bytes, file)?;
+    SafeTensors::deserialize(bytes).map_err(|e| format_err(file, describe_safetensors_error(&e)))
+}
+
+fn decode_f32(data: &[u8]) -> impl Iterator<Item = f32> + '_ {
+    data.as_chunks::<4>().0.iter().map(|c| f32::from_le_bytes(*c))
+}
+fn decode_f64(data: &[u8]) -> impl Iterator<Item = f64> + '_ {
+    data.as_chunks::<8>().0.iter().map(|c| f64::from_le_bytes(*c))
+}
+fn decode_f16(data: &[u8]) -> impl Iterator<Item = f64> + '_ {
+    data.as_chunks::<2>().0.iter().map(|c| half::f16::from_le_bytes(*c).to_f64())
+}
+fn decode_bf16(data: &[u8]) -> impl Iterator<Item = f64> + '_ {
+    data.as_chunks::<2>().0.iter().map(|c| half::bf16::from_le_bytes(*c).to_f64())
+}
+
+fn shape_str(shape: &[usize]) -> String {
+    format!("{shape:?}")
+}
+
+/// The named dimensions of the operator.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Axis {
+    B,
+    L,
+    H,
+    K,
+    V,
+    /// The gate's channel axis: K, or 1 for a per-head gate.
+    Gate,
+    /// The trailing (re, im) axis of a complex tensor.
+    Two,
+}
+
+impl Axis {
+    fn label(self) -> &'static str {
+        match self {
+            Axis::B => "B",
+            Axis::L => "L",
+            Axis::H => "H",
+            Axis::K => "K",
+            Axis::V => "V",
+            Axis::Gate => "K or 1",
+            Axis::Two => "2",
+        }
+    }
+    fn slot(self) -> Option<usize> {
+        match self {
+            Axis::B => Some(0),
+            Axis::L => Some(1),
+            Axis::H => Some(2),
+            Axis::K | Axis::Gate => Some(3),
+            Axis::V => Some(4),
+            Axis::Two => None,
+        }
+    }
+}
+
+/// The expected layout of each input tensor.
+fn layout(name: &str) -> &'static [Axis] {
+    use Axis::*;
+    match name {
+        "q" | "k" => &[B, L, H, K],
+        "v" => &[B, L, H, V],
+        "log_gate" => &[B, L, H, Gate, Two],
+        _ => &[B, H, K, V, Two], // h0
+    }
+}
+
+/// Dimensions bound so far, each with the tensor that bound it.
+#[derive(Default)]
+struct DimTable {
+    slots: [Option<(usize, &'static str)>; 5],
+    per_head_gate: bool,
+}
+
+impl DimTable {
+    fn expected(&self, axes: &[Axis]) -> String {
+        let names: Vec<&str> = axes.iter().map(|a| a.label()).collect();
+        let known: Option<Vec<String>> = axes
+            .iter()
+            .map(|a| match a {
+                Axis::Two => Some("2".to_string()),
+                Axis::Gate => self.slots[3].map(|(k, _)| format!("{k} or 1")),
+                a => a.slot().and_then(|s| self.slots[s]).map(|(v, _)| v.to_string()),
+            })
+            .collect();
+        let complex = if axes.last() == Some(&Axis::Two) { " (complex, as (re, im) pairs)" } else { "" };
+        match known {
+            Some(values) => format!("[{}] = [{}]{complex}", names.join(", "), values.join(", ")),
+            None => format!("[{}]{complex}", names.join(", ")),
+        }
+    }
+
+    /// Checks `shape` of tensor `name` against its layout and binds its dims.
+    fn bind(&mut self, file: &str, name: &'static str, shape: &[usize]) -> Result<(), FileError> {
+        let axes = layout(name);
+        let shape_err = |table: &DimTable| FileError::Shape {
+            file: file.to_string(),
+            name,
+            expected: table.expected(axes),
+            actual: shape_str(shape),
+        };
+        if shape.len() != axes.len() {
+            return Err(shape_err(self));
+        }
+        for (&axis, &value) in axes.iter().zip(shape) {
+            if axis == Axis::Two {
+                if value != 2 {
+                    return Err(shape_err(self));
+                }
+                continue;
+            }
+            let Some(slot) = axis.slot() else { continue };
+            if value == 0 {
+                return Err(FileError::ZeroDim { file: file.to_string(), name, dim: axis.label(), actual: shape_str(shape) });
+            }
+            if axis == Axis::Gate {
+                // 1 is a per-head gate unless K is 1 too (then both layouts agree).
+                let k = self.slots[3].map(|(k, _)| k);
+                if value == 1 && k != Some(1) {
+                    self.per_head_gate = true;
+                    continue;
+                }
+            }
+            let dim = if axis == Axis::Gate { "K" } else { axis.label() };
+            match self.slots[slot] {
+                None => self.slots[slot] = Some((value, name)),
+                Some((first_value, first)) if first_value != value => {
+                    let note = if axis == Axis::Gate { "; log_gate's 4th axis is K, or 1 for a per-head gate" } else { "" };
+                    return Err(FileError::InconsistentDim {
+                        file: file.to_string(),
+                        dim,
+                        first,
+                        first_value,
+                        name,
+                        value,
+                        note,
+                    });
+                }
+                Some(_) => {}
+            }
+        }
+        Ok(())
+    }
+
+    fn dims(&self) -> Option<Dims> {
+        let get = |i: usize| self.slots[i].map(|(v, _)| v);
+        let d = Dims::new(get(0)?, get(1)?, get(2)?, get(3)?, get(4)?);
+        Some(d.with_gate(if self.per_head_gate { GateLayout::PerHead } else { GateLayout::PerChannel }))
+    }
+}
+
+fn dtype_name(d: Dtype) -> String {
+    format!("{d:?}")
+}
+
+/// Reads an input file (see the [module docs](self) for its layout).
+pub fn read_problem(path: impl AsRef<Path>) -> Result<LoadedProblem, FileError> {
+    let path = path.as_ref();
+    let bytes = read_bytes(path)?;
+    parse_problem(&bytes, &path.display().to_string())
+}
+
+/// Parses the bytes of an input file; `file` names it in error messages.
+pub fn parse_problem(bytes: &[u8], file: &str) -> Result<LoadedProblem, FileError> {
+    let st = parse(bytes, file)?;
+    let names = st.names();
+
+    let mut unknown: Vec<&str> =
+        names.iter().copied().filter(|n| !REQUIRED.contains(n) && !OPTIONAL.contains(n)).collect();
+    unknown.sort_unstable();
+    let mut found: Vec<&str> = names.clone();
+    found.sort_unstable();
+
+    // Presence, then dtypes, then shapes, then unknown names: the most
+    // basic problem is reported first.
+    let mut views: Vec<(&'static str, TensorView<'_>)> = Vec::with_capacity(5);
+    for name in REQUIRED.into_iter().chain(OPTIONAL) {
+        match st.tensor(name) {
+            Ok(view) => views.push((name, view)),
+            Err(_) if OPTIONAL.contains(&name) => {}
+            Err(_) => {
+                let found = if found.is_empty() { "none".to_string() } else { found.join(", ") };
+                return Err(FileError::MissingTensor { file: file.to_string(), name, found });
+            }
+        }
+    }
+
+    let mut first: Option<(&'static str, Dtype)> = None;
+    for (name, view) in &views {
+        let dtype = view.dtype();
+        match dtype {
+            Dtype::F32 | Dtype::F64 => {}
+            Dtype::F16 | Dtype::BF16 => {
+                return Err(FileError::DtypeNotYetSupported {
+                    file: file.to_string(),
+                    name: name.to_string(),
+                    found: dtype_name(dtype),
+                });
+            }
+            _ => {
+                return Err(FileError::Dtype {
+                    file: file.to_string(),
+                    name: name.to_string(),
+                    found: dtype_name(dtype),
+                    accepted: ACCEPTED_DTYPES,
+                });
+            }
+        }
+        match first {
+            None => first = Some((name, dtype)),
+            Some((first, first_dtype)) if first_dtype != dtype => {
+                return Err(FileError::MixedDtypes {
+                    file: file.to_string(),
+                    name: name.to_string(),
+                    found: dtype_name(dtype),
+                    first,
+                    first_dtype: dtype_name(first_dtype),
+                });
+            }
+            Some(_) => {}
+        }
+    }
+
+    let mut table = DimTable::default();
+    for (name, view) in &views {
+        table.bind(file, name, view.shape())?;
+    }
+
+    if !unknown.is_empty() {
+        let names: Vec<String> = unknown.iter().map(|n| format!("`{n}`")).collect();
+        return Err(FileError::UnknownTensors { file: file.to_string(), names: names.join(", ") });
+    }
+
+    // Every axis of B, L, H, K, V is bound by q and v, which are required.
+    let dims = table.dims().ok_or_else(|| format_err(file, "cannot determine the dimensions"))?;
+    let state = [dims.batch, dims.heads, dims.key_dim, dims.value_dim];
+    let elements = state.iter().try_fold(1usize, |a, &d| a.checked_mul(d)).unwrap_or(usize::MAX);
+    if elements > MAX_STATE_ELEMENTS {
+        return Err(FileError::TooLarge {
+            file: file.to_string(),
+            shape: shape_str(&state),
+            elements,
+            limit: MAX_STATE_ELEMENTS,
+        });
+    }
+    // Sizes are backed by the file's bytes, so they fit; this is a cheap
+    // belt-and-braces check of the products the kernels form.
+    dims.validate().map_err(|source| FileError::Value { file: file.to_string(), source })?;
+
+    let data = |name: &str| views.iter().find(|(n, _)| *n == name).map(|(_, v)| v.data());
+    let req = |name: &'static str| data(name).ok_or_else(|| format_err(file, format!("tensor `{name}` vanished")));
+    let loaded = match first.map(|(_, d)| d) {
+        Some(Dtype::F64) => {
+            let p = assemble(dims, &req, data("h0"), |b| decode_f64(b).collect())?;
+            check_values(&p, file)?;
+            LoadedProblem::F64(p)
+        }
+        _ => {
+            let p = assemble(dims, &req, data("h0"), |b| decode_f32(b).collect())?;
+            check_values(&p, file)?;
+            LoadedProblem::F32(p)
+        }
+    };
+    Ok(loaded)
+}
+
+fn assemble<'b, T: Real>(
+    dims: Dims,
+    req: &dyn Fn(&'static str) -> Result<&'b [u8], FileError>,
+    h0: Option<&[u8]>,
+    decode: impl Fn(&[u8]) -> Vec<T>,
+) -> Result<OwnedProblem<T>, FileError> {
+    let complex = |xs: Vec<T>| -> Vec<Complex<T>> {
+        xs.as_chunks::<2>().0.iter().map(|&[re, im]| Complex::new(re, im)).collect()
+    };
+    Ok(OwnedProblem {
+        dims,
+        q: decode(req("q")?),
+        k: decode(req("k")?),
+        v: decode(req("v")?),
+        log_gate: complex(decode(req("log_gate")?)),
+        h0: h0.map(|b| complex(decode(b))),
+    })
+}
+
+fn check_values<T: Real>(p: &OwnedProblem<T>, file: &str) -> Result<(), FileError> {
+    let view = p.view();
+    view.validate().map_err(|source| FileError::Value { file: file.to_string(), source })?;
+    view.check_all_finite().map_err(|source| FileError::Value { file: file.to_string(), source })
+}
+
+/// Reads every tensor of a safetensors file as f64, by name. Accepts F32,
+/// F64, F16 and BF16 tensors; any other dtype is a [`FileError::Dtype`].
+pub fn read_tensors_f64(path: impl AsRef<Path>) -> Result<BTreeMap<String, TensorF64>, FileError> {
+    let path = path.as_ref();
+    let bytes = read_bytes(path)?;
+    parse_tensors_f64(&bytes, &path.display().to_string())
+}
+
+/// [`read_tensors_f64`] on the bytes of a file; `file` names it in errors.
+pub fn parse_tensors_f64(bytes: &[u8], file: &str) -> Result<BTreeMap<String, TensorF64>, FileError> {
+    let st = parse(bytes, file)?;
+    let mut out = BTreeMap::new();
+    for (name, view) in st.iter() {
+        let bytes = view.data();
+        let data: Vec<f64> = match view.dtype() {
+            Dtype::F64 => decode_f64(bytes).collect(),
+            Dtype::F32 => decode_f32(bytes).map(f64::from).collect(),
+            Dtype::F16 => decode_f16(bytes).collect(),
+            Dtype::BF16 => decode_bf16(bytes).collect(),
+            other => {
+                return Err(FileError::Dtype {
+                    file: file.to_string(),
+                    name: name.to_string(),
+                    found: dtype_name(other),
+                    accepted: "F32, F64, F16 or BF16",
+                });
+            }
+        };
+        out.insert(name.to_string(), TensorF64 { dtype: view.dtype(), shape: view.shape().to_vec(), data });
+    }
+    Ok(out)
+}
+
+// ---------------------------------------------------------------- writing --
+
+fn reals<T: FileReal>(xs: &[T]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(std::mem::size_of_val(xs));
+    for &x in xs {
+        x.put_le(&mut out);
+    }
+    out
+}
+
+fn complexes<T: FileReal>(xs: &[Complex<T>]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(std::mem::size_of_val(xs));
+    for z in xs {
+        z.re.put_le(&mut out);
+        z.im.put_le(&mut out);
+    }
+    out
+}
+
+/// Named tensors ready to serialize: name, dtype, shape, little-endian bytes.
+type Tensors = Vec<(&'static str, Dtype, Vec<usize>, Vec<u8>)>;
+
+fn serialize(tensors: &Tensors, file: &str) -> Result<Vec<u8>, FileError> {
+    let views = views(tensors, file)?;
+    safetensors::serialize(views, None).map_err(|source| FileError::Unwritable { file: file.to_string(), source })
+}
+
+fn views<'a>(tensors: &'a Tensors, file: &str) -> Result<Vec<(&'static str, TensorView<'a>)>, FileError> {
+    tensors
+        .iter()
+        .map(|(name, dtype, shape, bytes)| {
+            TensorView::new(*dtype, shape.clone(), bytes)
+                .map(|v| (*name, v))
+                .map_err(|source| FileError::Unwritable { file: file.to_string(), source })
+        })
+        .collect()
+}
+
+fn write(path: &Path, tensors: &Tensors) -> Result<(), FileError> {
+    let file = path.display().to_string();
+    let views = views(tensors, &file)?;
+    safetensors::serialize_to_file(views, None, path).map_err(|source| FileError::Unwritable { file, source })
+}
+
+fn with2(shape: [usize; 4]) -> Vec<usize> {
+    let mut s = shape.to_vec();
+    s.push(2);
+    s
+}
+
+fn problem_tensors<T: FileReal>(p: &Problem<'_, T>) -> Tensors {
+    let d = &p.dims;
+    let mut t: Tensors = vec![
+        ("q", T::DTYPE, d.qk_shape().to_vec(), reals(p.q)),
+        ("k", T::DTYPE, d.qk_shape().to_vec(), reals(p.k)),
+        ("v", T::DTYPE, d.v_shape().to_vec(), reals(p.v)),
+        ("log_gate", T::DTYPE, with2(d.gate_shape()), complexes(p.log_gate)),
+    ];
+    if let Some(h0) = p.h0 {
+        t.push(("h0", T::DTYPE, with2(d.state_shape()), complexes(h0)));
+    }
+    t
+}
+
+fn output_tensors<T: FileReal>(dims: &Dims, out: &Outputs<T>) -> Tensors {
+    vec![
+        ("y", T::DTYPE, dims.v_shape().to_vec(), reals(&out.y)),
+        ("h_final", T::DTYPE, with2(dims.state_shape()), complexes(&out.h_final)),
+    ]
+}
+
+/// Serializes a problem as an input file (the layout [`read_problem`] reads).
+/// The buffer lengths must match `p.dims` ([`Problem::validate`]).
+pub fn problem_to_bytes<T: FileReal>(p: &Problem<'_, T>) -> Result<Vec<u8>, FileError> {
+    serialize(&problem_tensors(p), "<memory>")
+}
+
+/// Writes a problem as an input file (the layout [`read_problem`] reads).
+pub fn write_problem<T: FileReal>(path: impl AsRef<Path>, p: &Problem<'_, T>) -> Result<(), FileError> {
+    write(path.as_ref(), &problem_tensors(p))
+}
+
+/// Writes the outputs `y` `[B, L, H, V]` and `h_final` `[B, H, K, V, 2]`.
+pub fn write_outputs<T: FileReal>(path: impl AsRef<Path>, dims: &Dims, out: &Outputs<T>) -> Result<(), FileError> {
+    write(path.as_ref(), &output_tensors(dims, out))
+}
+
+/// Serializes the outputs as [`write_outputs`] writes them.
+pub fn outputs_to_bytes<T: FileReal>(dims: &Dims, out: &Outputs<T>) -> Result<Vec<u8>, FileError> {
+    serialize(&output_tensors(dims, out), "<memory>")
+}
+
+impl fmt::Display for LoadedProblem {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let d = self.dims();
+        let gate = match d.gate {
+            GateLayout::PerChannel => "per-channel",
+            GateLayout::PerHead => "per-head",
+        };
+        write!(
+            f,
+            "{} B={} L={} H={} K={} V={} ({gate} gate, h0 {})",
+            self.precision(),
+            d.batch,
+            d.len,
+            d.heads,
+            d.key_dim,
+            d.value_dim,
+            if self.has_h0() { "given" } else { "zero" }
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::testing::{dims, random_problem, GateRegime};
+    use rand::rngs::StdRng;
+    use rand::{Rng, SeedableRng};
+
+    #[test]
+    fn problems_round_trip_in_both_precisions() {
+        for (i, per_head) in [false, true].into_iter().enumerate() {
+            for with_h0 in [false, true] {
+                let p = random_problem(dims(2, 9, 3, 4, 5, per_head), GateRegime::Resets(0.2), with_h0, i as u64);
+                let bytes = problem_to_bytes(&p.view()).unwrap();
+                let LoadedProblem::F64(back) = parse_problem(&bytes, "mem").unwrap() else { panic!("not F64") };
+                assert_eq!(back.dims, p.dims);
+                assert_eq!((&back.q, &back.k, &back.v), (&p.q, &p.k, &p.v));
+                assert_eq!((&back.log_gate, &back.h0), (&p.log_gate, &p.h0));
+
+                let p32 = p.to_f32();
+                let bytes = problem_to_bytes(&p32.view()).unwrap();
+                let LoadedProblem::F32(back) = parse_problem(&bytes, "mem").unwrap() else { panic!("not F32") };
+                assert_eq!((back.dims, &back.q, &back.log_gate, &back.h0), (p32.dims, &p32.q, &p32.log_gate, &p32.h0));
+            }
+        }
+    }
+
+    #[test]
+    fn outputs_read_back_as_f64() {
+        let d = dims(1, 2, 1, 2, 3, false);
+        let out = Outputs { y: vec![1.5f32, -2.0, 0.25, 3.0, 4.0, 5.0], h_final: vec![Complex::new(1.0f32, -1.0); 6] };
+        let t = parse_tensors_f64(&outputs_to_bytes(&d, &out).unwrap(), "mem").unwrap();
+        assert_eq!(t["y"].shape, vec![1, 2, 1, 3]);
+        assert_eq!(t["y"].data, vec![1.5, -2.0, 0.25, 3.0, 4.0, 5.0]);
+        assert_eq!(t["h_final"].shape, vec![1, 1, 2, 3, 2]);
+        assert_eq!(&t["h_final"].data[..2], &[1.0, -1.0]);
+        assert_eq!(t["y"].dtype, Dtype::F32);
+    }
+
+    #[test]
+    fn k_of_one_with_a_gate_of_one_is_per_channel() {
+        let p = random_problem(dims(1, 4, 2, 1, 3, false), GateRegime::Random, false, 0);
+        let bytes = problem_to_bytes(&p.view()).unwrap();
+        assert_eq!(parse_problem(&bytes, "mem").unwrap().dims().gate, GateLayout::PerChannel);
+    }
+
+    fn header_file(header: &str, data_len: usize) -> Vec<u8> {
+        let mut bytes = (header.len() as u64).to_le_bytes().to_vec();
+        bytes.extend_from_slice(header.as_bytes());
+        bytes.resize(bytes.len() + data_len, 0);
+        bytes
+    }
+
+    /// Byte ranges summing to nearly 2⁶⁴ overflow the `safetensors` crate's
+    /// own length check (a panic); the pre-check refuses them first.
+    #[test]
+    fn byte_ranges_past_the_file_are_refused_without_panic() {
+        let size: u64 = (1 << 61) - 1;
+        let entries: Vec<String> = (0..8u64)
+            .map(|i| {
+                format!(r#""t{i}":{{"dtype":"U8","shape":[{size}],"data_offsets":[{},{}]}}"#, i * size, (i + 1) * size)
+            })
+            .collect();
+        let bytes = header_file(&format!("{{{}}}", entries.join(",")), 16);
+        for err in [parse_problem(&bytes, "crafted").unwrap_err(), parse_tensors_f64(&bytes, "crafted").unwrap_err()] {
+            assert!(matches!(err, FileError::Format { .. }), "{err}");
+            assert!(err.to_string().contains("truncated"), "{err}");
+        }
+    }
+
+    #[test]
+    fn huge_declared_state_is_refused() {
+        // K = V = 2^20 backed by q, k, v of 4 MiB each; the state would be 2^40.
+        let n = 1usize << 20;
+        let (b4, g8) = (n * 4, 8);
+        let header = format!(
+            concat!(
+                r#"{{"q":{{"dtype":"F32","shape":[1,1,1,{n}],"data_offsets":[0,{a}]}},"#,
+                r#""k":{{"dtype":"F32","shape":[1,1,1,{n}],"data_offsets":[{a},{b}]}},"#,
+                r#""v":{{"dtype":"F32","shape":[1,1,1,{n}],"data_offsets":[{b},{c}]}},"#,
+                r#""log_gate":{{"dtype":"F32","shape":[1,1,1,1,2],"data_offsets":[{c},{d}]}}}}"#
+            ),
+            n = n,
+            a = b4,
+            b = 2 * b4,
+            c = 3 * b4,
+            d = 3 * b4 + g8
+        );
+        let err = parse_problem(&header_file(&header, 3 * b4 + g8), "big").unwrap_err();
+        assert!(matches!(err, FileError::TooLarge { .. }), "{err}");
+    }
+
+    #[test]
+    fn messages_name_tensor_and_problem() {
+        let p = random_problem(dims(1, 3, 2, 4, 2, false), GateRegime::Random, true, 1);
+        let mut bad = p.clone();
+        bad.log_gate[5].re = 0.25;
+        let err = parse_problem(&problem_to_bytes(&bad.view()).unwrap(), "f.safetensors").unwrap_err();
+        let msg = err.to_string();
+        assert!(matches!(err, FileError::Value { .. }));
+        assert!(msg.contains("f.safetensors") && msg.contains("`log_gate` element 5") && msg.contains("Re(log_gate) > 0"), "{msg}");
+
+        let err = parse_problem(&header_file("{}", 0), "e").unwrap_err();
+        assert!(err.to_string().contains("missing tensor `q`") && err.to_string().contains("found: none"), "{err}");
+        let err = parse_problem(b"\x05\0\0\0\0\0\0\0[1,2]", "j").unwrap_err();
+        assert!(err.to_string().contains("not a JSON object"), "{err}");
+    }
+
+    /// 200 random mutations of a valid file: every one loads or is refused,
+    /// none panics.
+    #[test]
+    fn mutated_files_never_panic() {
+        let p = random_problem(dims(1, 5, 2, 3, 2, false), GateRegime::Resets(0.2), true, 9);
+        let valid = problem_to_bytes(&p.view()).unwrap();
+        let header_end = 8 + u64::from_le_bytes(valid[..8].try_into().unwrap()) as usize;
+        let mut rng = StdRng::seed_from_u64(42);
+        let (mut ok, mut refused) = (0, 0);
+        for _ in 0..200 {
+            let mut bytes = valid.clone();
+            for _ in 0..rng.random_range(1..4) {
+                if bytes.is_empty() {
+                    bytes.push(rng.random());
+                }
+                let header_end = header_end.min(bytes.len());
+                match rng.random_range(0..6) {
+                    // flip a byte in the header (or anywhere)
+                    0 => {
+                        let i = rng.random_range(0..header_end);
+                        bytes[i] ^= 1 << rng.random_range(0..8);
+                    }
+                    1 => {
+                        let i = rng.random_range(0..bytes.len());
+                        bytes[i] = rng.random();
+                    }
+                    // replace a header digit by another digit (plausible shapes/offsets)
+                    2 => {
+                        let digits: Vec<usize> = (8..header_end).filter(|&i| bytes[i].is_ascii_digit()).collect();
+                        if !digits.is_empty() {
+                            let i = digits[rng.random_range(0..digits.len())];
+                            bytes[i] = b'0' + rng.random_range(0..10u8);
+                        }
+                    }
+                    3 => bytes.truncate(rng.random_range(0..bytes.len())),
+                    4 => {
+                        let n = rng.random_range(1..64);
+                        bytes.extend((0..n).map(|_| rng.random::<u8>()));
+                    }
+                    _ => {
+                        let i = rng.random_range(0..bytes.len());
+                        bytes.insert(i, rng.random());
+                    }
+                }
+            }
+            match parse_problem(&bytes, "fuzz") {
+                Ok(_) => ok += 1,
+                Err(e) => {
+                    assert!(!e.to_string().is_empty());
+                    refused += 1;
+                }
+            }
+            let _ = parse_tensors_f64(&bytes, "fuzz");
+        }
+        assert!(refused > 100, "mutations should mostly be refused: ok {ok}, refused {refused}");
+    }
+}

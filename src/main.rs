@@ -1,0 +1,421 @@
+//! The `gateloop` command line: run the operator on a safetensors file,
+//! demo every mode on a random problem, compare two result files.
+//!
+//! Exit codes: 0 success, 1 a runtime failure (or `check` finding a
+//! difference), 2 bad input or usage. Errors are printed as `error: ...`.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Instant;
+
+use clap::{Parser, Subcommand, ValueEnum};
+
+/// `println!` that ignores a closed stdout (`gateloop demo | head`) instead
+/// of panicking.
+macro_rules! say {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        let _ = writeln!(std::io::stdout(), $($arg)*);
+    }};
+}
+
+use gateloop::cpu::chunked::{self, ChunkParams};
+use gateloop::io::{self, FileError, LoadedProblem};
+use gateloop::reference::{self, RefMode};
+use gateloop::testing::{random_problem, GateRegime, OwnedProblem};
+use gateloop::{compare, compare_complex, cuda, Dims, Mode, Outputs};
+
+#[derive(Parser)]
+#[command(name = "gateloop", version, about = "GateLoop (Katsch 2023): fully data-controlled linear recurrence")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the operator on an input file and write `y` and `h_final`.
+    ///
+    /// Exit 2 on bad input or usage, 1 on a runtime failure.
+    ///
+    /// The input holds q, k [B,L,H,K], v [B,L,H,V], log_gate [B,L,H,K,2] or
+    /// [B,L,H,1,2], optional h0 [B,H,K,V,2], all F32 or F64; its dtype picks
+    /// the precision (and the output's dtype).
+    Run {
+        /// Input safetensors file.
+        #[arg(long, short)]
+        input: PathBuf,
+        /// Output safetensors file (y, h_final).
+        #[arg(long, short)]
+        output: PathBuf,
+        /// How to compute (chunked is the f32 fast path).
+        #[arg(long, short, value_enum, default_value_t = CliMode::Chunked)]
+        mode: CliMode,
+        /// Where to compute (cuda: F32 inputs, recurrent mode).
+        #[arg(long, short, value_enum, default_value_t = Device::Cpu)]
+        device: Device,
+    },
+    /// Run every available mode on a random problem.
+    ///
+    /// Each mode is timed and compared with the f64 recurrent reference (on
+    /// the same f32-rounded inputs). Attention, O(L²), is skipped on long
+    /// problems; GPU modes run when a GPU is usable.
+    Demo {
+        /// Batch size B.
+        #[arg(long, default_value_t = 2)]
+        batch: usize,
+        /// Sequence length L.
+        #[arg(long, default_value_t = 2048)]
+        len: usize,
+        /// Number of heads H.
+        #[arg(long, default_value_t = 8)]
+        heads: usize,
+        /// Key dimension K.
+        #[arg(long, default_value_t = 64)]
+        key_dim: usize,
+        /// Value dimension V.
+        #[arg(long, default_value_t = 64)]
+        value_dim: usize,
+        /// Seed of the random problem.
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+    },
+    /// Compare two safetensors files tensor by tensor.
+    ///
+    /// Tensors are matched by name and compared as f64 (F32, F64, F16, BF16).
+    /// Exit 1 if a tensor's relative L2 error exceeds --rtol, a tensor is in
+    /// only one file, or the shapes differ.
+    Check {
+        /// First file (taken as the reference for relative errors).
+        a: PathBuf,
+        /// Second file.
+        b: PathBuf,
+        /// Largest accepted relative L2 error ‖b − a‖ / ‖a‖ per tensor.
+        #[arg(long, default_value_t = 1e-4, allow_negative_numbers = true)]
+        rtol: f64,
+    },
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum CliMode {
+    Recurrent,
+    Scan,
+    Attention,
+    Chunked,
+}
+
+impl CliMode {
+    fn mode(self) -> Mode {
+        match self {
+            CliMode::Recurrent => Mode::Recurrent,
+            CliMode::Scan => Mode::Scan,
+            CliMode::Attention => Mode::Attention,
+            CliMode::Chunked => Mode::Chunked,
+        }
+    }
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum Device {
+    Cpu,
+    Cuda,
+}
+
+impl Device {
+    fn name(self) -> &'static str {
+        match self {
+            Device::Cpu => "cpu",
+            Device::Cuda => "cuda",
+        }
+    }
+}
+
+/// The modes each device offers.
+const CUDA_MODES: [Mode; 1] = [Mode::Recurrent];
+
+/// A failure of the command, with its exit code.
+enum Failure {
+    /// Bad input or usage: exit 2.
+    Input(String),
+    /// A runtime failure: exit 1.
+    Runtime(String),
+}
+
+impl From<FileError> for Failure {
+    fn from(e: FileError) -> Self {
+        if e.is_input_error() { Failure::Input(e.to_string()) } else { Failure::Runtime(e.to_string()) }
+    }
+}
+
+fn ref_mode(mode: Mode) -> Option<RefMode> {
+    match mode {
+        Mode::Recurrent => Some(RefMode::Recurrent),
+        Mode::Scan => Some(RefMode::Scan),
+        Mode::Attention => Some(RefMode::Attention),
+        Mode::Chunked => None,
+    }
+}
+
+fn dims_str(d: &Dims) -> String {
+    format!("B={} L={} H={} K={} V={}", d.batch, d.len, d.heads, d.key_dim, d.value_dim)
+}
+
+fn input_err(e: impl std::fmt::Display) -> Failure {
+    Failure::Input(e.to_string())
+}
+
+fn gpu_err(e: cuda::GpuError) -> Failure {
+    match e {
+        cuda::GpuError::Input(e) => Failure::Input(e.to_string()),
+        other => Failure::Runtime(other.to_string()),
+    }
+}
+
+fn run(input: PathBuf, output: PathBuf, mode: Mode, device: Device) -> Result<(), Failure> {
+    if device == Device::Cuda && !CUDA_MODES.contains(&mode) {
+        let available: Vec<&str> = CUDA_MODES.iter().map(|m| m.name()).collect();
+        return Err(Failure::Input(format!(
+            "mode `{}` is not yet available on cuda (available on cuda: {}; on cpu: recurrent, scan, attention, chunked)",
+            mode.name(),
+            available.join(", ")
+        )));
+    }
+    let problem = io::read_problem(&input)?;
+    let dims = problem.dims();
+    let start = Instant::now();
+    let (gpu_name, elapsed) = match (&problem, device) {
+        (LoadedProblem::F64(_), Device::Cuda) => {
+            return Err(Failure::Input(format!(
+                "`{}` is F64 but the cuda device runs F32 inputs only; use --device cpu, or convert the input to F32",
+                input.display()
+            )));
+        }
+        (LoadedProblem::F64(p), Device::Cpu) => {
+            let Some(m) = ref_mode(mode) else {
+                return Err(Failure::Input(format!(
+                    "`{}` is F64 but mode `chunked` is the f32 fast path; for F64 inputs use --mode recurrent, scan or attention (or convert the input to F32)",
+                    input.display()
+                )));
+            };
+            let out = reference::forward::<f64>(m, &p.view()).map_err(input_err)?;
+            let elapsed = start.elapsed();
+            io::write_outputs(&output, &dims, &out)?;
+            (None, elapsed)
+        }
+        (LoadedProblem::F32(p), Device::Cpu) => {
+            let out = match ref_mode(mode) {
+                Some(m) => reference::forward::<f32>(m, &p.view()),
+                None => chunked::forward(&p.view(), &ChunkParams::default()),
+            }
+            .map_err(input_err)?;
+            let elapsed = start.elapsed();
+            io::write_outputs(&output, &dims, &out)?;
+            (None, elapsed)
+        }
+        (LoadedProblem::F32(p), Device::Cuda) => {
+            let gpu = cuda::Gpu::new(0).map_err(|e| Failure::Runtime(format!("cannot use the GPU: {e}")))?;
+            let start = Instant::now();
+            let out = cuda::recurrent::forward_host(&gpu, &p.view()).map_err(gpu_err)?;
+            let elapsed = start.elapsed();
+            io::write_outputs(&output, &dims, &out)?;
+            (Some(gpu.name()), elapsed)
+        }
+    };
+    let on = match gpu_name {
+        Some(name) if !name.is_empty() => format!("cuda ({name})"),
+        _ => device.name().to_string(),
+    };
+    say!(
+        "{} on {on}, {problem}: {:.3} ms -> {}",
+        mode.name(),
+        elapsed.as_secs_f64() * 1e3,
+        output.display()
+    );
+    Ok(())
+}
+
+// ------------------------------------------------------------------- demo --
+
+/// Attention is O(L²): run it only up to this length ...
+const ATTENTION_MAX_LEN: usize = 4096;
+/// ... and this much work, B·H·L²·(K+V) (about 2 s in f32 on 2 cores).
+const ATTENTION_MAX_WORK: usize = 1 << 29;
+/// The scan keeps L·K·V complex numbers per head in flight.
+const SCAN_MAX_ELEMENTS: usize = 1 << 28;
+
+struct Row {
+    mode: &'static str,
+    device: String,
+    precision: &'static str,
+    result: Result<(f64, Outputs<f32>), String>,
+}
+
+fn timed<T>(f: impl FnOnce() -> T) -> (f64, T) {
+    let start = Instant::now();
+    let out = f();
+    (start.elapsed().as_secs_f64() * 1e3, out)
+}
+
+fn demo(d: Dims, seed: u64) -> Result<(), Failure> {
+    d.validate().map_err(input_err)?;
+    let heads = d.batch.saturating_mul(d.heads);
+    let state = heads.saturating_mul(d.key_dim).saturating_mul(d.value_dim);
+    if state > io::MAX_STATE_ELEMENTS || d.v_len().max(d.qk_len()) > io::MAX_STATE_ELEMENTS {
+        return Err(Failure::Input(format!("{} is too large for a demo", dims_str(&d))));
+    }
+    // Random gates with rare resets; the f64 reference sees exactly the
+    // f32-rounded inputs the f32 modes see.
+    let p64: OwnedProblem<f64> = random_problem(d, GateRegime::Resets(0.001), true, seed).rounded_to_f32();
+    let p32 = p64.to_f32();
+    say!(
+        "gateloop demo: {} (per-channel gate, random with rare resets, h0 given), seed {seed}, {} threads",
+        dims_str(&d),
+        rayon::current_num_threads()
+    );
+
+    let (ref_ms, oracle) = timed(|| reference::forward::<f64>(RefMode::Recurrent, &p64.view()));
+    let oracle = oracle.map_err(|e| Failure::Runtime(format!("the f64 reference failed: {e}")))?;
+
+    let mut rows = Vec::new();
+    let cpu = |mode: &'static str, result: Result<(f64, Outputs<f32>), String>| Row {
+        mode,
+        device: "cpu".into(),
+        precision: "f32",
+        result,
+    };
+    let f32_ref = |m: RefMode| {
+        let (ms, out) = timed(|| reference::forward::<f32>(m, &p32.view()));
+        out.map(|o| (ms, o)).map_err(|e| e.to_string())
+    };
+
+    let (ms, out) = timed(|| chunked::forward(&p32.view(), &ChunkParams::default()));
+    rows.push(cpu("chunked", out.map(|o| (ms, o)).map_err(|e| e.to_string())));
+    rows.push(cpu("recurrent", f32_ref(RefMode::Recurrent)));
+
+    let scan_elements = d.len.saturating_mul(d.key_dim).saturating_mul(d.value_dim);
+    if scan_elements <= SCAN_MAX_ELEMENTS {
+        rows.push(cpu("scan", f32_ref(RefMode::Scan)));
+    } else {
+        rows.push(cpu("scan", Err(format!("skipped (L·K·V = {scan_elements} too large)"))));
+    }
+    let work = heads.saturating_mul(d.len).saturating_mul(d.len).saturating_mul(d.key_dim.saturating_add(d.value_dim));
+    if d.len <= ATTENTION_MAX_LEN && work <= ATTENTION_MAX_WORK {
+        rows.push(cpu("attention", f32_ref(RefMode::Attention)));
+    } else {
+        let why = if d.len > ATTENTION_MAX_LEN {
+            format!("L = {} > {ATTENTION_MAX_LEN}", d.len)
+        } else {
+            format!("B·H·L²·(K+V) = {work:.1e} > {ATTENTION_MAX_WORK:.1e}", work = work as f64, ATTENTION_MAX_WORK = ATTENTION_MAX_WORK as f64)
+        };
+        rows.push(cpu("attention", Err(format!("skipped (O(L²): {why})"))));
+    }
+
+    let mut gpu_note = None;
+    match cuda::Gpu::new(0) {
+        Ok(gpu) => {
+            let (ms, out) = timed(|| cuda::recurrent::forward_host(&gpu, &p32.view()));
+            rows.push(Row {
+                mode: "recurrent",
+                device: format!("cuda ({})", gpu.name()),
+                precision: "f32",
+                result: out.map(|o| (ms, o)).map_err(|e| e.to_string()),
+            });
+        }
+        Err(e) => gpu_note = Some(format!("GPU not used: {e}")),
+    }
+
+    say!();
+    say!(
+        "{:<10} {:<12} {:<9} {:>10} {:>12} {:>12} {:>14}",
+        "mode", "device", "precision", "time (ms)", "y rel L2", "y max-abs", "h_final rel L2"
+    );
+    say!(
+        "{:<10} {:<12} {:<9} {:>10.1} {:>12} {:>12} {:>14}",
+        "recurrent", "cpu", "f64", ref_ms, "(reference)", "", ""
+    );
+    for row in &rows {
+        match &row.result {
+            Ok((ms, out)) => {
+                let ey = compare(&out.y, &oracle.y);
+                let eh = compare_complex(&out.h_final, &oracle.h_final);
+                say!(
+                    "{:<10} {:<12} {:<9} {:>10.1} {:>12.2e} {:>12.2e} {:>14.2e}",
+                    row.mode, row.device, row.precision, ms, ey.rel_l2, ey.max_abs, eh.rel_l2
+                );
+            }
+            Err(why) => say!("{:<10} {:<12} {:<9} {why}", row.mode, row.device, row.precision),
+        }
+    }
+    if let Some(note) = gpu_note {
+        say!("\n{note}");
+    }
+    Ok(())
+}
+
+// ------------------------------------------------------------------ check --
+
+fn check(a: PathBuf, b: PathBuf, rtol: f64) -> Result<(), Failure> {
+    if !(rtol.is_finite() && rtol >= 0.0) {
+        return Err(Failure::Input(format!("--rtol {rtol}: must be a finite number >= 0")));
+    }
+    let ta = io::read_tensors_f64(&a)?;
+    let tb = io::read_tensors_f64(&b)?;
+    let mut problems = Vec::new();
+    say!("{:<12} {:<18} {:>12} {:>12}  verdict", "tensor", "shape", "rel L2", "max-abs");
+    for (name, x) in &ta {
+        let Some(y) = tb.get(name) else {
+            problems.push(format!("tensor `{name}` is in `{}` but not in `{}`", a.display(), b.display()));
+            continue;
+        };
+        if x.shape != y.shape {
+            problems.push(format!("tensor `{name}` has shape {:?} in `{}` but {:?} in `{}`", x.shape, a.display(), y.shape, b.display()));
+            continue;
+        }
+        let e = compare(&y.data, &x.data);
+        let identical = x.data.iter().zip(&y.data).all(|(p, q)| p.to_bits() == q.to_bits());
+        let ok = identical || e.rel_l2 <= rtol;
+        say!(
+            "{:<12} {:<18} {:>12.3e} {:>12.3e}  {}",
+            name,
+            format!("{:?}", x.shape),
+            e.rel_l2,
+            e.max_abs,
+            if ok { "ok" } else { "FAIL" }
+        );
+        if !ok {
+            problems.push(format!("tensor `{name}`: rel L2 {:.3e} exceeds rtol {rtol:.1e}", e.rel_l2));
+        }
+    }
+    for name in tb.keys().filter(|n| !ta.contains_key(*n)) {
+        problems.push(format!("tensor `{name}` is in `{}` but not in `{}`", b.display(), a.display()));
+    }
+    if problems.is_empty() {
+        say!("check passed: {} tensor(s) within rtol {rtol:.1e}", ta.len());
+        Ok(())
+    } else {
+        Err(Failure::Runtime(format!("check failed:\n  {}", problems.join("\n  "))))
+    }
+}
+
+fn main() -> ExitCode {
+    use std::io::Write as _;
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Run { input, output, mode, device } => run(input, output, mode.mode(), device),
+        Command::Demo { batch, len, heads, key_dim, value_dim, seed } => {
+            demo(Dims::new(batch, len, heads, key_dim, value_dim), seed)
+        }
+        Command::Check { a, b, rtol } => check(a, b, rtol),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(Failure::Input(msg)) => {
+            let _ = writeln!(std::io::stderr(), "error: {msg}");
+            ExitCode::from(2)
+        }
+        Err(Failure::Runtime(msg)) => {
+            let _ = writeln!(std::io::stderr(), "error: {msg}");
+            ExitCode::from(1)
+        }
+    }
+}

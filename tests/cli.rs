@@ -1,0 +1,378 @@
+//! The `gateloop` binary end to end: `run` round trips against the in-process
+//! reference, `check`, `demo`, and the error messages on malformed inputs.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use gateloop::io::{self, TensorF64};
+use gateloop::reference::{self, RefMode};
+use gateloop::testing::{dims, random_problem, GateRegime, OwnedProblem};
+use gateloop::{compare, Complex, Dims};
+use safetensors::tensor::{Dtype, TensorView};
+
+const BIN: &str = env!("CARGO_BIN_EXE_gateloop");
+
+/// A fresh directory under the system temp dir, removed on drop.
+struct TempDir(PathBuf);
+
+impl TempDir {
+    fn new(tag: &str) -> TempDir {
+        static COUNTER: AtomicUsize = AtomicUsize::new(0);
+        let n = COUNTER.fetch_add(1, Ordering::Relaxed);
+        let dir = std::env::temp_dir().join(format!("gateloop-cli-{}-{tag}-{n}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("create temp dir");
+        TempDir(dir)
+    }
+    fn path(&self, name: &str) -> PathBuf {
+        self.0.join(name)
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+fn gateloop(args: &[&str]) -> Output {
+    Command::new(BIN).args(args).output().expect("spawn gateloop")
+}
+
+fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+fn stdout(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+fn s(p: &Path) -> &str {
+    p.to_str().expect("utf-8 temp path")
+}
+
+fn run_mode(input: &Path, output: &Path, mode: &str) -> Output {
+    gateloop(&["run", "--input", s(input), "--output", s(output), "--mode", mode])
+}
+
+fn interleave(z: &[Complex<f64>]) -> Vec<f64> {
+    z.iter().flat_map(|c| [c.re, c.im]).collect()
+}
+
+/// Reads `y` and `h_final` from an output file, checking names, shapes and dtype.
+fn read_outputs(path: &Path, d: &Dims, dtype: Dtype) -> (TensorF64, TensorF64) {
+    let mut t = io::read_tensors_f64(path).expect("read outputs");
+    assert_eq!(t.len(), 2, "outputs hold y and h_final only: {:?}", t.keys().collect::<Vec<_>>());
+    let y = t.remove("y").expect("y");
+    let h = t.remove("h_final").expect("h_final");
+    assert_eq!(y.shape, d.v_shape().to_vec());
+    assert_eq!(h.shape, [d.batch, d.heads, d.key_dim, d.value_dim, 2].to_vec());
+    assert_eq!((y.dtype, h.dtype), (dtype, dtype));
+    (y, h)
+}
+
+/// Writes `p` in f64 and in f32, runs every CPU mode on both, and compares
+/// with the f64 recurrent reference computed here.
+fn round_trip(tag: &str, p: &OwnedProblem<f64>) {
+    let dir = TempDir::new(tag);
+    let d = p.dims;
+
+    // f64: the reference of each mode, ≤ 1e-10.
+    let input = dir.path("in64.safetensors");
+    io::write_problem(&input, &p.view()).expect("write f64 input");
+    let oracle = reference::forward::<f64>(RefMode::Recurrent, &p.view()).expect("oracle");
+    for mode in ["recurrent", "scan", "attention"] {
+        let output = dir.path(&format!("out64-{mode}.safetensors"));
+        let o = run_mode(&input, &output, mode);
+        assert!(o.status.success(), "{tag} f64 {mode}: {}", stderr(&o));
+        assert!(stdout(&o).contains(mode), "summary line: {}", stdout(&o));
+        let (y, h) = read_outputs(&output, &d, Dtype::F64);
+        let (ey, eh) = (compare(&y.data, &oracle.y), compare(&h.data, &interleave(&oracle.h_final)));
+        assert!(ey.rel_l2 <= 1e-10 && eh.rel_l2 <= 1e-10, "{tag} f64 {mode}: y {ey:?} h_final {eh:?}");
+    }
+    let o = run_mode(&input, &dir.path("out64-chunked.safetensors"), "chunked");
+    assert_eq!(o.status.code(), Some(2), "{tag}: chunked on F64 must be refused");
+    assert!(stderr(&o).contains("f32") && stderr(&o).contains("recurrent"), "{}", stderr(&o));
+
+    // f32: every CPU mode, against the f64 reference on the same rounded inputs, ≤ 1e-4.
+    let p32 = p.to_f32();
+    let oracle = reference::forward::<f64>(RefMode::Recurrent, &p.rounded_to_f32().view()).expect("oracle");
+    let input = dir.path("in32.safetensors");
+    io::write_problem(&input, &p32.view()).expect("write f32 input");
+    for mode in ["chunked", "recurrent", "scan", "attention"] {
+        let output = dir.path(&format!("out32-{mode}.safetensors"));
+        let o = run_mode(&input, &output, mode);
+        assert!(o.status.success(), "{tag} f32 {mode}: {}", stderr(&o));
+        let (y, h) = read_outputs(&output, &d, Dtype::F32);
+        let (ey, eh) = (compare(&y.data, &oracle.y), compare(&h.data, &interleave(&oracle.h_final)));
+        assert!(ey.rel_l2 <= 1e-4 && eh.rel_l2 <= 1e-4, "{tag} f32 {mode}: y {ey:?} h_final {eh:?}");
+    }
+}
+
+#[test]
+fn round_trip_random_with_h0() {
+    round_trip("random", &random_problem(dims(2, 37, 3, 5, 4, false), GateRegime::Random, true, 1));
+}
+
+#[test]
+fn round_trip_long_with_resets_without_h0() {
+    round_trip("resets", &random_problem(dims(1, 1000, 2, 4, 3, false), GateRegime::Resets(0.02), false, 2));
+}
+
+#[test]
+fn round_trip_long_with_large_phases() {
+    round_trip("phase", &random_problem(dims(1, 1000, 2, 4, 3, false), GateRegime::LargePhase(50.0), true, 3));
+}
+
+#[test]
+fn round_trip_per_head_gate() {
+    round_trip("perhead", &random_problem(dims(2, 50, 2, 6, 5, true), GateRegime::Random, true, 4));
+    round_trip("perhead-noh0", &random_problem(dims(1, 20, 3, 2, 2, true), GateRegime::Resets(0.1), false, 5));
+}
+
+#[test]
+fn default_mode_is_chunked_on_cpu() {
+    let dir = TempDir::new("default");
+    let p = random_problem(dims(1, 10, 1, 3, 2, false), GateRegime::Random, true, 6).to_f32();
+    let input = dir.path("in.safetensors");
+    io::write_problem(&input, &p.view()).unwrap();
+    let o = gateloop(&["run", "--input", s(&input), "--output", s(&dir.path("out.safetensors"))]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let line = stdout(&o);
+    assert!(line.contains("chunked") && line.contains("cpu") && line.contains("L=10"), "{line}");
+}
+
+#[test]
+fn check_passes_on_identical_and_fails_on_different() {
+    let dir = TempDir::new("check");
+    let p = random_problem(dims(1, 30, 2, 3, 3, false), GateRegime::Random, true, 7);
+    let input = dir.path("in.safetensors");
+    io::write_problem(&input, &p.view()).unwrap();
+    let (a, b) = (dir.path("a.safetensors"), dir.path("b.safetensors"));
+    assert!(run_mode(&input, &a, "recurrent").status.success());
+    assert!(run_mode(&input, &b, "scan").status.success());
+
+    let o = gateloop(&["check", s(&a), s(&a)]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(stdout(&o).contains("y") && stdout(&o).contains("h_final"), "{}", stdout(&o));
+    // Two modes agree to rounding.
+    let o = gateloop(&["check", s(&a), s(&b), "--rtol", "1e-10"]);
+    assert!(o.status.success(), "{}{}", stdout(&o), stderr(&o));
+
+    // A perturbed y fails, and is named.
+    let mut other = p.clone();
+    other.v[0] += 0.5;
+    let input2 = dir.path("in2.safetensors");
+    io::write_problem(&input2, &other.view()).unwrap();
+    let c = dir.path("c.safetensors");
+    assert!(run_mode(&input2, &c, "recurrent").status.success());
+    let o = gateloop(&["check", s(&a), s(&c)]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(stderr(&o).contains("tensor `y`") && stderr(&o).contains("exceeds rtol"), "{}", stderr(&o));
+
+    // Different tensor names and shapes are reported.
+    let o = gateloop(&["check", s(&a), s(&input)]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(stderr(&o).contains("tensor `q` is in") && stderr(&o).contains("tensor `y` is in"), "{}", stderr(&o));
+    let small = random_problem(dims(1, 29, 2, 3, 3, false), GateRegime::Random, true, 7);
+    let (in3, d) = (dir.path("in3.safetensors"), dir.path("d.safetensors"));
+    io::write_problem(&in3, &small.view()).unwrap();
+    assert!(run_mode(&in3, &d, "recurrent").status.success());
+    let o = gateloop(&["check", s(&a), s(&d)]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(stderr(&o).contains("tensor `y` has shape [1, 30, 2, 3]"), "{}", stderr(&o));
+
+    // An unreadable file is bad input.
+    let o = gateloop(&["check", s(&a), s(&dir.path("nope.safetensors"))]);
+    assert_eq!(o.status.code(), Some(2));
+    assert!(stderr(&o).starts_with("error: cannot read"), "{}", stderr(&o));
+}
+
+#[test]
+fn demo_runs_and_prints_a_table() {
+    let o = gateloop(&["demo", "--len", "64", "--batch", "1", "--heads", "2"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let out = stdout(&o);
+    for needle in ["mode", "time (ms)", "y rel L2", "h_final rel L2", "chunked", "recurrent", "scan", "attention", "f64"] {
+        assert!(out.contains(needle), "demo output lacks {needle:?}:\n{out}");
+    }
+    assert!(out.contains("GPU not used") || out.contains("cuda"), "{out}");
+}
+
+// ------------------------------------------------------ malformed inputs --
+
+type Raw = Vec<(&'static str, Dtype, Vec<usize>, Vec<u8>)>;
+
+fn f32_bytes(n: usize, value: f32) -> Vec<u8> {
+    (0..n).flat_map(|_| value.to_le_bytes()).collect()
+}
+
+/// A valid F32 problem B=1 L=3 H=2 K=4 V=2 as raw tensors, to break.
+fn valid_raw() -> Raw {
+    let (b, l, h, k, v) = (1, 3, 2, 4, 2);
+    vec![
+        ("q", Dtype::F32, vec![b, l, h, k], f32_bytes(b * l * h * k, 0.5)),
+        ("k", Dtype::F32, vec![b, l, h, k], f32_bytes(b * l * h * k, 0.25)),
+        ("v", Dtype::F32, vec![b, l, h, v], f32_bytes(b * l * h * v, 1.0)),
+        ("log_gate", Dtype::F32, vec![b, l, h, k, 2], f32_bytes(b * l * h * k * 2, -0.1)),
+        ("h0", Dtype::F32, vec![b, h, k, v, 2], f32_bytes(b * h * k * v * 2, 0.0)),
+    ]
+}
+
+fn to_bytes(raw: &Raw) -> Vec<u8> {
+    let views: Vec<(&str, TensorView<'_>)> = raw
+        .iter()
+        .map(|(n, d, s, b)| (*n, TensorView::new(*d, s.clone(), b).expect("consistent test tensor")))
+        .collect();
+    safetensors::serialize(views, None).expect("serialize")
+}
+
+fn set(raw: &mut Raw, name: &str, dtype: Dtype, shape: Vec<usize>, bytes: Vec<u8>) {
+    let t = raw.iter_mut().find(|t| t.0 == name).expect("tensor");
+    (t.1, t.2, t.3) = (dtype, shape, bytes);
+}
+
+/// Runs `run` on `bytes` and expects exit 2 with every needle in the message.
+fn expect_refused(dir: &TempDir, tag: &str, bytes: &[u8], needles: &[&str]) {
+    let input = dir.path(&format!("{tag}.safetensors"));
+    std::fs::write(&input, bytes).unwrap();
+    let output = dir.path(&format!("{tag}-out.safetensors"));
+    let o = run_mode(&input, &output, "recurrent");
+    let err = stderr(&o);
+    assert_eq!(o.status.code(), Some(2), "{tag}: exit status {:?}, stderr {err}", o.status);
+    assert!(err.starts_with("error: "), "{tag}: {err}");
+    for n in needles {
+        assert!(err.contains(n), "{tag}: message lacks {n:?}: {err}");
+    }
+    assert!(!output.exists(), "{tag}: no output on error");
+}
+
+#[test]
+fn the_valid_raw_problem_runs() {
+    let dir = TempDir::new("valid");
+    let input = dir.path("in.safetensors");
+    std::fs::write(&input, to_bytes(&valid_raw())).unwrap();
+    let o = run_mode(&input, &dir.path("out.safetensors"), "recurrent");
+    assert!(o.status.success(), "{}", stderr(&o));
+}
+
+#[test]
+fn malformed_inputs_are_refused_with_a_named_reason() {
+    let dir = TempDir::new("malformed");
+
+    let mut raw = valid_raw();
+    raw.retain(|t| t.0 != "v");
+    expect_refused(&dir, "missing", &to_bytes(&raw), &["missing tensor `v`", "required: q, k, v, log_gate"]);
+
+    let mut raw = valid_raw();
+    set(&mut raw, "q", Dtype::F32, vec![3, 2, 4], f32_bytes(24, 0.5));
+    expect_refused(&dir, "rank", &to_bytes(&raw), &["tensor `q` has shape [3, 2, 4]", "expected [B, L, H, K]"]);
+
+    let mut raw = valid_raw();
+    set(&mut raw, "log_gate", Dtype::F32, vec![1, 3, 2, 4, 3], f32_bytes(72, -0.1));
+    expect_refused(&dir, "trailing", &to_bytes(&raw), &["tensor `log_gate` has shape [1, 3, 2, 4, 3]", "[B, L, H, K or 1, 2]"]);
+
+    let mut raw = valid_raw();
+    set(&mut raw, "k", Dtype::I32, vec![1, 3, 2, 4], vec![0; 96]);
+    expect_refused(&dir, "dtype", &to_bytes(&raw), &["tensor `k` has dtype I32", "F32 or F64"]);
+
+    let mut raw = valid_raw();
+    set(&mut raw, "q", Dtype::F16, vec![1, 3, 2, 4], vec![0; 48]);
+    expect_refused(&dir, "f16", &to_bytes(&raw), &["tensor `q` has dtype F16", "not yet supported"]);
+
+    let mut raw = valid_raw();
+    set(&mut raw, "v", Dtype::F64, vec![1, 3, 2, 2], vec![0; 96]);
+    expect_refused(&dir, "mixed", &to_bytes(&raw), &["tensor `v` is F64 but `q` is F32"]);
+
+    let mut raw = valid_raw();
+    set(&mut raw, "q", Dtype::F32, vec![1, 3, 2, 8], f32_bytes(48, 0.5));
+    set(&mut raw, "k", Dtype::F32, vec![1, 3, 2, 8], f32_bytes(48, 0.5));
+    set(&mut raw, "log_gate", Dtype::F32, vec![1, 3, 2, 7, 2], f32_bytes(84, -0.1));
+    expect_refused(&dir, "inconsistent-k", &to_bytes(&raw), &["inconsistent K", "`q` says K=8", "`log_gate` says K=7"]);
+
+    let mut raw = valid_raw();
+    set(&mut raw, "v", Dtype::F32, vec![1, 4, 2, 2], f32_bytes(16, 1.0));
+    expect_refused(&dir, "inconsistent-l", &to_bytes(&raw), &["inconsistent L", "`q` says L=3", "`v` says L=4"]);
+
+    let mut raw = valid_raw();
+    set(&mut raw, "q", Dtype::F32, vec![1, 0, 2, 4], vec![]);
+    expect_refused(&dir, "zero", &to_bytes(&raw), &["tensor `q`", "dimension L is 0"]);
+
+    let mut raw = valid_raw();
+    raw.push(("h_0", Dtype::F32, vec![1], f32_bytes(1, 0.0)));
+    expect_refused(&dir, "unknown", &to_bytes(&raw), &["unknown tensor(s) `h_0`"]);
+
+    let bytes = to_bytes(&valid_raw());
+    expect_refused(&dir, "truncated", &bytes[..bytes.len() - 10], &["not a valid safetensors file", "truncated"]);
+    expect_refused(&dir, "truncated-header", &bytes[..40], &["not a valid safetensors file"]);
+    expect_refused(&dir, "empty", &[], &["not a valid safetensors file"]);
+    let garbage: Vec<u8> = (0..1000u32).map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8).collect();
+    expect_refused(&dir, "garbage", &garbage, &["not a valid safetensors file"]);
+
+    let mut raw = valid_raw();
+    let mut gate = f32_bytes(48, -0.1);
+    gate[8..12].copy_from_slice(&0.5f32.to_le_bytes()); // element 1's real part
+    set(&mut raw, "log_gate", Dtype::F32, vec![1, 3, 2, 4, 2], gate);
+    expect_refused(&dir, "positive-gate", &to_bytes(&raw), &["`log_gate` element 1", "Re(log_gate) > 0"]);
+
+    let mut raw = valid_raw();
+    let mut v = f32_bytes(12, 1.0);
+    v[12..16].copy_from_slice(&f32::NAN.to_le_bytes());
+    set(&mut raw, "v", Dtype::F32, vec![1, 3, 2, 2], v);
+    expect_refused(&dir, "nan-v", &to_bytes(&raw), &["`v` element 3 is NaN", "finite"]);
+
+    let mut raw = valid_raw();
+    let mut h0 = f32_bytes(32, 0.0);
+    h0[4..8].copy_from_slice(&f32::INFINITY.to_le_bytes());
+    set(&mut raw, "h0", Dtype::F32, vec![1, 2, 4, 2, 2], h0);
+    expect_refused(&dir, "inf-h0", &to_bytes(&raw), &["`h0` element 0", "finite"]);
+}
+
+#[test]
+fn usage_errors_exit_2() {
+    let dir = TempDir::new("usage");
+    let o = run_mode(&dir.path("missing.safetensors"), &dir.path("out.safetensors"), "recurrent");
+    assert_eq!(o.status.code(), Some(2));
+    assert!(stderr(&o).contains("cannot read") && stderr(&o).contains("missing.safetensors"), "{}", stderr(&o));
+
+    let o = gateloop(&["run", "--input", "x", "--output", "y", "--mode", "quadratic"]);
+    assert_eq!(o.status.code(), Some(2));
+    let o = gateloop(&["check", "a", "b", "--rtol", "-1"]);
+    assert_eq!(o.status.code(), Some(2));
+    assert!(stderr(&o).contains("--rtol"), "{}", stderr(&o));
+    let o = gateloop(&["check", "a", "b", "--rtol", "nan"]);
+    assert_eq!(o.status.code(), Some(2));
+    assert!(stderr(&o).contains("--rtol"), "{}", stderr(&o));
+    let o = gateloop(&["demo", "--len", "0"]);
+    assert_eq!(o.status.code(), Some(2));
+    assert!(stderr(&o).contains("len"), "{}", stderr(&o));
+}
+
+#[test]
+fn cuda_device_errors_are_clear() {
+    let dir = TempDir::new("cuda");
+    let p = random_problem(dims(1, 16, 2, 4, 4, false), GateRegime::Random, true, 8);
+    let (in64, in32) = (dir.path("in64.safetensors"), dir.path("in32.safetensors"));
+    io::write_problem(&in64, &p.view()).unwrap();
+    io::write_problem(&in32, &p.to_f32().view()).unwrap();
+    let out = dir.path("out.safetensors");
+
+    let o = gateloop(&["run", "-i", s(&in32), "-o", s(&out), "--mode", "scan", "--device", "cuda"]);
+    assert_eq!(o.status.code(), Some(2));
+    assert!(stderr(&o).contains("not yet available on cuda") && stderr(&o).contains("recurrent"), "{}", stderr(&o));
+
+    let o = gateloop(&["run", "-i", s(&in64), "-o", s(&out), "--mode", "recurrent", "--device", "cuda"]);
+    assert_eq!(o.status.code(), Some(2));
+    assert!(stderr(&o).contains("F32 inputs only"), "{}", stderr(&o));
+
+    // Works where a GPU is available; otherwise a runtime error saying why.
+    let o = gateloop(&["run", "-i", s(&in32), "-o", s(&out), "--mode", "recurrent", "--device", "cuda"]);
+    if o.status.success() {
+        let oracle = reference::forward::<f64>(RefMode::Recurrent, &p.rounded_to_f32().view()).unwrap();
+        let (y, h) = read_outputs(&out, &p.dims, Dtype::F32);
+        assert!(compare(&y.data, &oracle.y).rel_l2 <= 1e-4);
+        assert!(compare(&h.data, &interleave(&oracle.h_final)).rel_l2 <= 1e-4);
+    } else {
+        assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
+        assert!(stderr(&o).contains("cannot use the GPU"), "{}", stderr(&o));
+    }
+}
