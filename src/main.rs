@@ -54,6 +54,10 @@ enum Command {
         /// Where to compute (cuda: F32 inputs, recurrent mode).
         #[arg(long, short, value_enum, default_value_t = Device::Cpu)]
         device: Device,
+        /// Compute this many times and report the median time (the output is
+        /// written once). For timing; file I/O is never timed.
+        #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..))]
+        repeat: u32,
     },
     /// Run every available mode on a random problem.
     ///
@@ -171,7 +175,21 @@ fn gpu_err(e: cuda::GpuError) -> Failure {
     }
 }
 
-fn run(input: PathBuf, output: PathBuf, mode: Mode, device: Device) -> Result<(), Failure> {
+/// Runs `f` `repeat` times; returns the median wall time in ms and the last result.
+fn median_timed<T>(repeat: u32, f: impl Fn() -> Result<T, Failure>) -> Result<(f64, T), Failure> {
+    let mut times = Vec::with_capacity(repeat as usize);
+    let mut last = None;
+    for _ in 0..repeat {
+        let (ms, out) = timed(&f);
+        times.push(ms);
+        last = Some(out?);
+    }
+    times.sort_by(f64::total_cmp);
+    let out = last.ok_or_else(|| Failure::Input("--repeat must be at least 1".into()))?;
+    Ok((times[times.len() / 2], out))
+}
+
+fn run(input: PathBuf, output: PathBuf, mode: Mode, device: Device, repeat: u32) -> Result<(), Failure> {
     if device == Device::Cuda && !CUDA_MODES.contains(&mode) {
         let available: Vec<&str> = CUDA_MODES.iter().map(|m| m.name()).collect();
         return Err(Failure::Input(format!(
@@ -182,8 +200,7 @@ fn run(input: PathBuf, output: PathBuf, mode: Mode, device: Device) -> Result<()
     }
     let problem = io::read_problem(&input)?;
     let dims = problem.dims();
-    let start = Instant::now();
-    let (gpu_name, elapsed) = match (&problem, device) {
+    let (gpu_name, ms) = match (&problem, device) {
         (LoadedProblem::F64(_), Device::Cuda) => {
             return Err(Failure::Input(format!(
                 "`{}` is F64 but the cuda device runs F32 inputs only; use --device cpu, or convert the input to F32",
@@ -197,40 +214,34 @@ fn run(input: PathBuf, output: PathBuf, mode: Mode, device: Device) -> Result<()
                     input.display()
                 )));
             };
-            let out = reference::forward::<f64>(m, &p.view()).map_err(input_err)?;
-            let elapsed = start.elapsed();
+            let (ms, out) = median_timed(repeat, || reference::forward::<f64>(m, &p.view()).map_err(input_err))?;
             io::write_outputs(&output, &dims, &out)?;
-            (None, elapsed)
+            (None, ms)
         }
         (LoadedProblem::F32(p), Device::Cpu) => {
-            let out = match ref_mode(mode) {
-                Some(m) => reference::forward::<f32>(m, &p.view()),
-                None => chunked::forward(&p.view(), &ChunkParams::default()),
-            }
-            .map_err(input_err)?;
-            let elapsed = start.elapsed();
+            let (ms, out) = median_timed(repeat, || {
+                match ref_mode(mode) {
+                    Some(m) => reference::forward::<f32>(m, &p.view()),
+                    None => chunked::forward(&p.view(), &ChunkParams::default()),
+                }
+                .map_err(input_err)
+            })?;
             io::write_outputs(&output, &dims, &out)?;
-            (None, elapsed)
+            (None, ms)
         }
         (LoadedProblem::F32(p), Device::Cuda) => {
             let gpu = cuda::Gpu::new(0).map_err(|e| Failure::Runtime(format!("cannot use the GPU: {e}")))?;
-            let start = Instant::now();
-            let out = cuda::recurrent::forward_host(&gpu, &p.view()).map_err(gpu_err)?;
-            let elapsed = start.elapsed();
+            let (ms, out) = median_timed(repeat, || cuda::recurrent::forward_host(&gpu, &p.view()).map_err(gpu_err))?;
             io::write_outputs(&output, &dims, &out)?;
-            (Some(gpu.name()), elapsed)
+            (Some(gpu.name()), ms)
         }
     };
     let on = match gpu_name {
         Some(name) if !name.is_empty() => format!("cuda ({name})"),
         _ => device.name().to_string(),
     };
-    say!(
-        "{} on {on}, {problem}: {:.3} ms -> {}",
-        mode.name(),
-        elapsed.as_secs_f64() * 1e3,
-        output.display()
-    );
+    let runs = if repeat > 1 { format!(" (median of {repeat} runs)") } else { String::new() };
+    say!("{} on {on}, {problem}: {ms:.3} ms{runs} median_ms={ms:.4} -> {}", mode.name(), output.display());
     Ok(())
 }
 
@@ -401,7 +412,7 @@ fn main() -> ExitCode {
     use std::io::Write as _;
     let cli = Cli::parse();
     let result = match cli.command {
-        Command::Run { input, output, mode, device } => run(input, output, mode.mode(), device),
+        Command::Run { input, output, mode, device, repeat } => run(input, output, mode.mode(), device, repeat),
         Command::Demo { batch, len, heads, key_dim, value_dim, seed } => {
             demo(Dims::new(batch, len, heads, key_dim, value_dim), seed)
         }
