@@ -97,7 +97,7 @@ GATELOOP_ABI_ASSERT(sizeof(GateloopStateStrides) == 24, "GateloopStateStrides la
  *   block   = (GATELOOP_RECURRENT_VALUE_TILE, key_groups, 1);
  *   dynamic shared memory = chunk_len · (16 · padded_key_dim
  *                           + 4 · VALUE_TILE · (1 + key_groups)) bytes;
- *   the entry point gateloop_recurrent_<dtype>_r<R>, R in {1, 2, 4, 8, 16}
+ *   the entry point gateloop_recurrent_{dtype}_r{R}, R in {1, 2, 4, 8, 16}
  *   (R ≤ GATELOOP_RECURRENT_MAX_ROWS), with R · key_groups == padded_key_dim
  *   ≥ key_dim; thread (lane, g) keeps state rows g + i · key_groups, i < R,
  *   of column 32 · tile + lane.

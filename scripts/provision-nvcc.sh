@@ -18,6 +18,10 @@ log() { echo "provision-nvcc: $*" >&2; }
 is_exe() { [[ -n "${1:-}" && -x "$1" && ! -d "$1" ]]; }
 
 # --- 1. system nvcc -------------------------------------------------------
+if [[ -n "${NVCC:-}" ]] && ! is_exe "$NVCC"; then
+    log "NVCC=$NVCC is set but is not an executable file"
+    exit 1
+fi
 for cand in "${NVCC:-}" \
             "${CUDA_PATH:+$CUDA_PATH/bin/nvcc}" \
             "${CUDA_HOME:+$CUDA_HOME/bin/nvcc}" \

@@ -118,7 +118,10 @@ impl Kernels {
         // a fatbin; the Vec copy gives the image heap (≥ 8-byte) alignment.
         let module = ctx
             .load_module(cudarc::nvrtc::Ptx::from_binary(fatbin("recurrent")?))
-            .doing("loading the recurrent kernels")?;
+            .doing(
+                "loading the recurrent kernels (the driver must support the CUDA version of the nvcc \
+                 that built them; see gateloop::cuda::build_nvcc())",
+            )?;
         let recurrent_f32 = recurrent::ROWS_PER_THREAD
             .iter()
             .map(|r| module.load_function(&format!("gateloop_recurrent_f32_r{r}")))
