@@ -1,0 +1,135 @@
+/*
+ * gateloop_abi.h — THE kernel ABI of gateloop.
+ *
+ * Every kernel takes one parameter struct from this header, by value. The Rust
+ * mirror, src/cuda/abi.rs, is generated from this file by bindgen and
+ * committed; build.rs refuses to build when the sha256 of this header differs
+ * from the one recorded in abi.rs. After editing this file run
+ *
+ *     scripts/regen-abi.sh
+ *
+ * Rules for every struct here (so that host and device agree byte for byte):
+ *   - plain C, fixed-width integer types, no bit-fields, no enums in structs
+ *     (enums become #define'd uint32_t constants);
+ *   - sizes and indices are int64_t (B·L·H·K can exceed 2^31);
+ *   - device pointers are plain pointers (8 bytes);
+ *   - explicit padding fields, so the struct has no implicit holes and its
+ *     size is a multiple of 8; GATELOOP_ABI_ASSERT pins the size.
+ *
+ * Conventions shared by all kernels:
+ *   - a sequence tensor is [B, L, H, D] with D contiguous; its strides are
+ *     given per (batch, time, head) in elements of the tensor's element type,
+ *     counting a complex number as ONE element (an interleaved (re, im) pair);
+ *   - a state tensor is [B, H, K, V] complex with V contiguous; strides per
+ *     (batch, head, key) in complex elements;
+ *   - the recurrent state (h0, h_final) is always complex f32; the other
+ *     tensors have the kernel's input type (GATELOOP_DTYPE_*).
+ *
+ * Adding a kernel (scan, attention, chunked, ...): add a
+ * Gateloop<Kernel>Params struct below that embeds GateloopDims and the stride
+ * structs, add its GATELOOP_ABI_ASSERT, regenerate. Never reorder or resize an
+ * existing struct without bumping GATELOOP_ABI_VERSION.
+ */
+#ifndef GATELOOP_ABI_H
+#define GATELOOP_ABI_H
+
+#include <stdint.h>
+
+#ifdef __cplusplus
+#define GATELOOP_ABI_ASSERT(cond, msg) static_assert(cond, msg)
+#else
+#define GATELOOP_ABI_ASSERT(cond, msg) _Static_assert(cond, msg)
+#endif
+
+/* Bumped on every incompatible change of a struct below. */
+#define GATELOOP_ABI_VERSION 1u
+
+/* Element types of the non-state tensors (Gateloop<Kernel>Params.dtype). */
+#define GATELOOP_DTYPE_F32 0u
+#define GATELOOP_DTYPE_F16 1u
+#define GATELOOP_DTYPE_BF16 2u
+
+/* Bits of Gateloop<Kernel>Params.flags. */
+/* h0 is present (otherwise h0 must be NULL and the initial state is 0). */
+#define GATELOOP_FLAG_HAS_H0 1u
+/* log_gate has one entry per head (gate_dim == 1), broadcast over K. */
+#define GATELOOP_FLAG_PER_HEAD_GATE 2u
+
+/* Columns of the state (values of V) one recurrent thread block covers. */
+#define GATELOOP_RECURRENT_VALUE_TILE 32
+/* Most warps (key groups) in one recurrent thread block. */
+#define GATELOOP_RECURRENT_MAX_KEY_GROUPS 16
+/* Largest number of state rows one recurrent thread keeps in registers. */
+#define GATELOOP_RECURRENT_MAX_ROWS 16
+
+/* The sizes of one problem. */
+typedef struct GateloopDims {
+    int64_t batch;     /* B */
+    int64_t len;       /* L, time steps */
+    int64_t heads;     /* H */
+    int64_t key_dim;   /* K */
+    int64_t value_dim; /* V */
+    int64_t gate_dim;  /* K for a per-channel gate, 1 for a per-head gate */
+} GateloopDims;
+GATELOOP_ABI_ASSERT(sizeof(GateloopDims) == 48, "GateloopDims layout");
+
+/* Strides of a [B, L, H, D] tensor (D contiguous), in elements. */
+typedef struct GateloopSeqStrides {
+    int64_t batch;
+    int64_t time;
+    int64_t head;
+} GateloopSeqStrides;
+GATELOOP_ABI_ASSERT(sizeof(GateloopSeqStrides) == 24, "GateloopSeqStrides layout");
+
+/* Strides of a [B, H, K, V] complex state (V contiguous), in complex elements. */
+typedef struct GateloopStateStrides {
+    int64_t batch;
+    int64_t head;
+    int64_t key;
+} GateloopStateStrides;
+GATELOOP_ABI_ASSERT(sizeof(GateloopStateStrides) == 24, "GateloopStateStrides layout");
+
+/*
+ * The recurrent kernel (cuda/recurrent.cu).
+ *
+ * Launch geometry (chosen by the host, validated there, trusted here):
+ *   grid.x  = B · H · ceil(V / GATELOOP_RECURRENT_VALUE_TILE), flattened;
+ *   block   = (GATELOOP_RECURRENT_VALUE_TILE, key_groups, 1);
+ *   dynamic shared memory = chunk_len · (16 · padded_key_dim
+ *                           + 4 · VALUE_TILE · (1 + key_groups)) bytes;
+ *   the entry point gateloop_recurrent_{dtype}_r{R}, R in {1, 2, 4, 8, 16}
+ *   (R ≤ GATELOOP_RECURRENT_MAX_ROWS), with R · key_groups == padded_key_dim
+ *   ≥ key_dim; thread (lane, g) keeps state rows g + i · key_groups, i < R,
+ *   of column 32 · tile + lane.
+ */
+typedef struct GateloopRecurrentParams {
+    /* Inputs (device pointers). */
+    const void *q;        /* [B, L, H, K] dtype */
+    const void *k;        /* [B, L, H, K] dtype */
+    const void *v;        /* [B, L, H, V] dtype */
+    const void *log_gate; /* [B, L, H, gate_dim] complex dtype */
+    const float *h0;      /* [B, H, K, V] complex f32, NULL unless HAS_H0 */
+    /* Outputs (device pointers). */
+    void *y;              /* [B, L, H, V] dtype */
+    float *h_final;       /* [B, H, K, V] complex f32 */
+
+    GateloopDims dims;
+    GateloopSeqStrides q_strides;
+    GateloopSeqStrides k_strides;
+    GateloopSeqStrides v_strides;
+    GateloopSeqStrides gate_strides;
+    GateloopSeqStrides y_strides;
+    GateloopStateStrides h0_strides;
+    GateloopStateStrides h_final_strides;
+
+    uint32_t flags;          /* GATELOOP_FLAG_* */
+    uint32_t dtype;          /* GATELOOP_DTYPE_* of q, k, v, log_gate, y */
+    int32_t key_groups;      /* warps per block, 1..=MAX_KEY_GROUPS */
+    int32_t padded_key_dim;  /* key_groups · R ≥ key_dim */
+    int32_t chunk_len;       /* time steps staged in shared memory at once, ≥ 1 */
+    int32_t value_tiles;     /* ceil(V / VALUE_TILE) */
+} GateloopRecurrentParams;
+GATELOOP_ABI_ASSERT(sizeof(GateloopRecurrentParams) == 56 + 48 + 5 * 24 + 2 * 24 + 24,
+                    "GateloopRecurrentParams layout");
+
+#endif /* GATELOOP_ABI_H */

@@ -1,0 +1,255 @@
+// The recurrent mode of GateLoop on the GPU:
+//
+//   a_t = exp(log_gate_t)
+//   h_t = a_t ⊙ h_{t−1} + k_tᵀ v_t      (complex K×V state, a broadcast along V)
+//   y_t = Re(Σ_k q_t[k] · h_t[k, :])
+//
+// Mapping. One thread block per (b, h, tile of 32 state columns). The block
+// is 32 × key_groups threads: lane = column of the tile, warp (threadIdx.y) =
+// key group g. Thread (g, lane) keeps the state rows k = g + i·key_groups,
+// i < R, of its column in registers (R is a template parameter so the state
+// arrays are fully unrolled register arrays; rows ≥ K are zero padding that
+// stays zero). Nothing but the outputs ever leaves the registers.
+//
+// Time is processed in chunks of chunk_len steps. Per chunk:
+//   1. stage: the block computes a_t[k] = exp(log_gate) once per (t, k) and
+//      stores {Re a, Im a, k_t[k], q_t[k]} as one float4 per (t, k) in shared
+//      memory, and the tile's v_t columns; global loads are coalesced along
+//      the contiguous last dimension;
+//   2. recur: every thread advances its R rows through the chunk; per step and
+//      row it reads one float4 that all 32 lanes of the warp share (a
+//      broadcast, no bank conflict), and accumulates its partial readout
+//      Σ_{its rows} q·Re h into a register, stored once per step to shared
+//      memory [t][g][lane] (conflict free);
+//   3. reduce: the block sums the key_groups partials of each (t, column) and
+//      writes y with coalesced stores.
+// Two __syncthreads per chunk; no atomics; every y element written once.
+//
+// The reduction over K is thus: over a thread's own rows in registers, then
+// over the key groups through shared memory, amortised over a whole chunk.
+//
+// The complex gate: a = 2^(Re·log2 e) · (cos Im, sin Im). A reset,
+// Re = −inf, gives exp2f(−inf) = 0 exactly, so a = (±0, ±0) and h_t = k_tᵀv_t.
+//
+// Input types: the InputTraits<T> hook converts loads/stores, so half and
+// bfloat16 variants are one explicit instantiation each (state and arithmetic
+// stay f32). Only f32 is instantiated for now.
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <stdint.h>
+
+#include "gateloop_abi.h"
+
+namespace gateloop {
+
+// ---- input-type hook -----------------------------------------------------
+
+template <typename T>
+struct InputTraits;
+
+template <>
+struct InputTraits<float> {
+    static constexpr uint32_t kDtype = GATELOOP_DTYPE_F32;
+    __device__ __forceinline__ static float load(const float* __restrict__ p, int64_t i) {
+        return __ldg(p + i);
+    }
+    // Complex element i of an interleaved (re, im) array.
+    __device__ __forceinline__ static float2 load_complex(const float* __restrict__ p, int64_t i) {
+        return __ldg(reinterpret_cast<const float2*>(p) + i);
+    }
+    __device__ __forceinline__ static void store(float* p, int64_t i, float x) { p[i] = x; }
+};
+
+template <>
+struct InputTraits<__half> {
+    static constexpr uint32_t kDtype = GATELOOP_DTYPE_F16;
+    __device__ __forceinline__ static float load(const __half* __restrict__ p, int64_t i) {
+        return __half2float(p[i]);
+    }
+    __device__ __forceinline__ static float2 load_complex(const __half* __restrict__ p, int64_t i) {
+        return __half22float2(reinterpret_cast<const __half2*>(p)[i]);
+    }
+    __device__ __forceinline__ static void store(__half* p, int64_t i, float x) { p[i] = __float2half_rn(x); }
+};
+
+template <>
+struct InputTraits<__nv_bfloat16> {
+    static constexpr uint32_t kDtype = GATELOOP_DTYPE_BF16;
+    __device__ __forceinline__ static float load(const __nv_bfloat16* __restrict__ p, int64_t i) {
+        return __bfloat162float(p[i]);
+    }
+    __device__ __forceinline__ static float2 load_complex(const __nv_bfloat16* __restrict__ p, int64_t i) {
+        return __bfloat1622float2(reinterpret_cast<const __nv_bfloat162*>(p)[i]);
+    }
+    __device__ __forceinline__ static void store(__nv_bfloat16* p, int64_t i, float x) {
+        p[i] = __float2bfloat16_rn(x);
+    }
+};
+
+// ---- the gate ------------------------------------------------------------
+
+// exp of a complex log gate. Re = −inf → exactly (±0, ±0) (Im is finite).
+__device__ __forceinline__ float2 complex_gate(float2 log_gate) {
+    constexpr float kLog2e = 1.4426950408889634f;
+    const float mag = exp2f(log_gate.x * kLog2e);
+    float s, c;
+    sincosf(log_gate.y, &s, &c);
+    return make_float2(mag * c, mag * s);
+}
+
+// ---- the kernel body -----------------------------------------------------
+
+constexpr int kValueTile = GATELOOP_RECURRENT_VALUE_TILE;
+constexpr int kMaxThreads = GATELOOP_RECURRENT_VALUE_TILE * GATELOOP_RECURRENT_MAX_KEY_GROUPS;
+static_assert(kValueTile == 32, "one lane per column of the tile");
+
+template <typename input_t, int R>
+__device__ __forceinline__ void recurrent_forward(const GateloopRecurrentParams& p) {
+    using Tr = InputTraits<input_t>;
+
+    const int lane = threadIdx.x;  // column within the tile
+    const int group = threadIdx.y; // key group (warp)
+    const int key_groups = p.key_groups;
+    const int kp = p.padded_key_dim;  // == key_groups * R
+    const int chunk = p.chunk_len;
+    const int tid = group * kValueTile + lane;
+    const int nthreads = kValueTile * key_groups;
+
+    // Block → (b, h, tile); 64-bit throughout.
+    int64_t blk = blockIdx.x;
+    const int64_t tile = blk % p.value_tiles;
+    blk /= p.value_tiles;
+    const int64_t h = blk % p.dims.heads;
+    const int64_t b = blk / p.dims.heads;
+
+    const int64_t key_dim = p.dims.key_dim;
+    const int64_t value_dim = p.dims.value_dim;
+    const int64_t len = p.dims.len;
+    const bool per_head_gate = p.dims.gate_dim == 1;
+    const int64_t col0 = tile * kValueTile;
+    const int64_t col = col0 + lane;
+    const bool col_ok = col < value_dim;
+
+    const input_t* __restrict__ q =
+        static_cast<const input_t*>(p.q) + b * p.q_strides.batch + h * p.q_strides.head;
+    const input_t* __restrict__ k =
+        static_cast<const input_t*>(p.k) + b * p.k_strides.batch + h * p.k_strides.head;
+    const input_t* __restrict__ v =
+        static_cast<const input_t*>(p.v) + b * p.v_strides.batch + h * p.v_strides.head;
+    // Complex: element offsets count (re, im) pairs, hence the factor 2.
+    const input_t* __restrict__ gate =
+        static_cast<const input_t*>(p.log_gate) + 2 * (b * p.gate_strides.batch + h * p.gate_strides.head);
+    input_t* __restrict__ y = static_cast<input_t*>(p.y) + b * p.y_strides.batch + h * p.y_strides.head;
+
+    // Shared memory: [chunk][kp] float4 {Re a, Im a, k, q}, then [chunk][32]
+    // v, then [chunk][key_groups][32] partial readouts.
+    extern __shared__ float4 smem[];
+    float4* __restrict__ stage = smem;
+    float* __restrict__ v_s = reinterpret_cast<float*>(stage + chunk * kp);
+    float* __restrict__ part_s = v_s + chunk * kValueTile;
+
+    // The state of rows group + i·key_groups, column col.
+    float hr[R], hi[R];
+    const bool has_h0 = (p.flags & GATELOOP_FLAG_HAS_H0) != 0;
+#pragma unroll
+    for (int i = 0; i < R; ++i) {
+        const int64_t row = group + i * key_groups;
+        float2 s = make_float2(0.f, 0.f);
+        if (has_h0 && col_ok && row < key_dim) {
+            const float2* h0 = reinterpret_cast<const float2*>(p.h0);
+            s = h0[b * p.h0_strides.batch + h * p.h0_strides.head + row * p.h0_strides.key + col];
+        }
+        hr[i] = s.x;
+        hi[i] = s.y;
+    }
+
+    for (int64_t t0 = 0; t0 < len; t0 += chunk) {
+        const int n = static_cast<int>(min(static_cast<int64_t>(chunk), len - t0));
+
+        // 1. stage gates, k, q (padding rows are zero: a = 0, k = q = 0).
+        for (int idx = tid; idx < n * kp; idx += nthreads) {
+            const int tt = idx / kp;
+            const int row = idx - tt * kp;
+            float4 s = make_float4(0.f, 0.f, 0.f, 0.f);
+            if (row < key_dim) {
+                const int64_t t = t0 + tt;
+                const int64_t g = t * p.gate_strides.time + (per_head_gate ? 0 : row);
+                const float2 a = complex_gate(Tr::load_complex(gate, g));
+                s.x = a.x;
+                s.y = a.y;
+                s.z = Tr::load(k, t * p.k_strides.time + row);
+                s.w = Tr::load(q, t * p.q_strides.time + row);
+            }
+            stage[idx] = s;
+        }
+        for (int idx = tid; idx < n * kValueTile; idx += nthreads) {
+            const int tt = idx / kValueTile;
+            const int64_t c = col0 + (idx - tt * kValueTile);
+            v_s[idx] = c < value_dim ? Tr::load(v, (t0 + tt) * p.v_strides.time + c) : 0.f;
+        }
+        __syncthreads();
+
+        // 2. recur through the chunk.
+        for (int tt = 0; tt < n; ++tt) {
+            const float vv = v_s[tt * kValueTile + lane];
+            const float4* st = stage + tt * kp + group;
+            float acc = 0.f;
+#pragma unroll
+            for (int i = 0; i < R; ++i) {
+                const float4 s = st[i * key_groups];
+                const float nr = fmaf(s.x, hr[i], fmaf(-s.y, hi[i], s.z * vv));
+                const float ni = fmaf(s.x, hi[i], s.y * hr[i]);
+                hr[i] = nr;
+                hi[i] = ni;
+                acc = fmaf(s.w, nr, acc);
+            }
+            part_s[(tt * key_groups + group) * kValueTile + lane] = acc;
+        }
+        __syncthreads();
+
+        // 3. reduce over key groups, write y. (The next chunk's staging only
+        // touches stage/v_s, which nobody reads after the barrier above; the
+        // next partials are written after the next staging barrier.)
+        for (int idx = tid; idx < n * kValueTile; idx += nthreads) {
+            const int tt = idx / kValueTile;
+            const int c = idx - tt * kValueTile;
+            const int64_t cc = col0 + c;
+            if (cc < value_dim) {
+                const float* ps = part_s + tt * key_groups * kValueTile + c;
+                float sum = 0.f;
+                for (int j = 0; j < key_groups; ++j) sum += ps[j * kValueTile];
+                Tr::store(y, (t0 + tt) * p.y_strides.time + cc, sum);
+            }
+        }
+    }
+
+    // h_final.
+    float2* h_final = reinterpret_cast<float2*>(p.h_final);
+#pragma unroll
+    for (int i = 0; i < R; ++i) {
+        const int64_t row = group + i * key_groups;
+        if (col_ok && row < key_dim) {
+            h_final[b * p.h_final_strides.batch + h * p.h_final_strides.head + row * p.h_final_strides.key +
+                    col] = make_float2(hr[i], hi[i]);
+        }
+    }
+}
+
+}  // namespace gateloop
+
+// ---- entry points: gateloop_recurrent_<dtype>_r<R> -----------------------
+
+#define GATELOOP_RECURRENT_ENTRY(DTYPE, TYPE, R)                                              \
+    extern "C" __global__ void __launch_bounds__(gateloop::kMaxThreads)                       \
+        gateloop_recurrent_##DTYPE##_r##R(const GateloopRecurrentParams p) {                  \
+        gateloop::recurrent_forward<TYPE, R>(p);                                              \
+    }
+
+static_assert(16 == GATELOOP_RECURRENT_MAX_ROWS, "one entry point per R in {1, 2, 4, 8, 16}");
+
+GATELOOP_RECURRENT_ENTRY(f32, float, 1)
+GATELOOP_RECURRENT_ENTRY(f32, float, 2)
+GATELOOP_RECURRENT_ENTRY(f32, float, 4)
+GATELOOP_RECURRENT_ENTRY(f32, float, 8)
+GATELOOP_RECURRENT_ENTRY(f32, float, 16)

@@ -1,0 +1,115 @@
+//! The kernel ABI: `src/cuda/abi.rs` mirrors `cuda/gateloop_abi.h`.
+//!
+//! - Always: the layout the kernels rely on (sizes, alignments, offsets), so a
+//!   hand edit of either side that changes the layout fails here (bindgen's
+//!   own compile-time layout checks in abi.rs fail the build first).
+//! - With `--features bindgen` (needs libclang): the bindings regenerated
+//!   from the header equal the committed file; `GATELOOP_BLESS=1` rewrites
+//!   the file instead (that is what `scripts/regen-abi.sh` runs).
+//!
+//! build.rs separately refuses to build when the header's sha256 differs from
+//! the one recorded in abi.rs, which needs no libclang.
+
+use std::mem::{align_of, offset_of, size_of};
+
+use gateloop::cuda::abi::*;
+
+#[test]
+fn shared_structs_layout() {
+    assert_eq!(size_of::<GateloopDims>(), 48);
+    assert_eq!(align_of::<GateloopDims>(), 8);
+    assert_eq!(offset_of!(GateloopDims, batch), 0);
+    assert_eq!(offset_of!(GateloopDims, gate_dim), 40);
+    assert_eq!(size_of::<GateloopSeqStrides>(), 24);
+    assert_eq!(offset_of!(GateloopSeqStrides, head), 16);
+    assert_eq!(size_of::<GateloopStateStrides>(), 24);
+    assert_eq!(offset_of!(GateloopStateStrides, key), 16);
+}
+
+#[test]
+fn recurrent_params_layout() {
+    type P = GateloopRecurrentParams;
+    // Pinned in the header too (GATELOOP_ABI_ASSERT), for nvcc and the C compiler.
+    assert_eq!(size_of::<P>(), 296);
+    assert_eq!(align_of::<P>(), 8);
+    assert_eq!(offset_of!(P, q), 0);
+    assert_eq!(offset_of!(P, k), 8);
+    assert_eq!(offset_of!(P, v), 16);
+    assert_eq!(offset_of!(P, log_gate), 24);
+    assert_eq!(offset_of!(P, h0), 32);
+    assert_eq!(offset_of!(P, y), 40);
+    assert_eq!(offset_of!(P, h_final), 48);
+    assert_eq!(offset_of!(P, dims), 56);
+    assert_eq!(offset_of!(P, q_strides), 104);
+    assert_eq!(offset_of!(P, k_strides), 128);
+    assert_eq!(offset_of!(P, v_strides), 152);
+    assert_eq!(offset_of!(P, gate_strides), 176);
+    assert_eq!(offset_of!(P, y_strides), 200);
+    assert_eq!(offset_of!(P, h0_strides), 224);
+    assert_eq!(offset_of!(P, h_final_strides), 248);
+    assert_eq!(offset_of!(P, flags), 272);
+    assert_eq!(offset_of!(P, dtype), 276);
+    assert_eq!(offset_of!(P, key_groups), 280);
+    assert_eq!(offset_of!(P, padded_key_dim), 284);
+    assert_eq!(offset_of!(P, chunk_len), 288);
+    assert_eq!(offset_of!(P, value_tiles), 292);
+}
+
+#[test]
+fn constants() {
+    assert_eq!(GATELOOP_ABI_VERSION, 1);
+    assert_eq!(GATELOOP_DTYPE_F32, 0);
+    assert_eq!(GATELOOP_FLAG_HAS_H0, 1);
+    assert_eq!(GATELOOP_FLAG_PER_HEAD_GATE, 2);
+    assert_eq!(GATELOOP_RECURRENT_VALUE_TILE, 32);
+    assert_eq!(GATELOOP_RECURRENT_MAX_KEY_GROUPS, 16);
+    assert_eq!(GATELOOP_RECURRENT_MAX_ROWS, 16);
+}
+
+/// The generator of `src/cuda/abi.rs` (the only one: scripts/regen-abi.sh runs it).
+#[cfg(feature = "bindgen")]
+fn generate_bindings(manifest_dir: &std::path::Path) -> String {
+    use sha2::{Digest, Sha256};
+
+    let header = manifest_dir.join("cuda/gateloop_abi.h");
+    let bytes = std::fs::read(&header).expect("read cuda/gateloop_abi.h");
+    let sha: String = Sha256::digest(&bytes).iter().map(|b| format!("{b:02x}")).collect();
+    let bindings = bindgen::Builder::default()
+        .header(header.to_str().expect("utf-8 path"))
+        .allowlist_type("Gateloop.*")
+        .allowlist_var("GATELOOP_.*")
+        .derive_default(true)
+        .derive_debug(true)
+        .derive_copy(true)
+        .layout_tests(true)
+        .generate_comments(true)
+        .clang_arg("-fparse-all-comments")
+        .formatter(bindgen::Formatter::Prettyplease)
+        .generate()
+        .expect("bindgen failed on cuda/gateloop_abi.h (is libclang installed?)")
+        .to_string();
+    format!(
+        "// gateloop_abi.h sha256: {sha}\n\
+         // @generated from cuda/gateloop_abi.h by scripts/regen-abi.sh (bindgen). Do not edit:\n\
+         // edit the header and regenerate. build.rs checks the sha256 above.\n\
+         {bindings}"
+    )
+}
+
+#[cfg(feature = "bindgen")]
+#[test]
+fn bindgen_output_is_committed() {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    let generated = generate_bindings(dir);
+    let path = dir.join("src/cuda/abi.rs");
+    if std::env::var("GATELOOP_BLESS").is_ok_and(|v| !v.is_empty() && v != "0") {
+        std::fs::write(&path, &generated).expect("write src/cuda/abi.rs");
+        eprintln!("wrote {}", path.display());
+        return;
+    }
+    let committed = std::fs::read_to_string(&path).expect("read src/cuda/abi.rs");
+    assert!(
+        committed == generated,
+        "src/cuda/abi.rs differs from bindgen's output for cuda/gateloop_abi.h; run scripts/regen-abi.sh"
+    );
+}
