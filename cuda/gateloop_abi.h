@@ -132,4 +132,70 @@ typedef struct GateloopRecurrentParams {
 GATELOOP_ABI_ASSERT(sizeof(GateloopRecurrentParams) == 56 + 48 + 5 * 24 + 2 * 24 + 24,
                     "GateloopRecurrentParams layout");
 
+/*
+ * The fused associative scan (cuda/scan.cu): the paper's parallel mode.
+ *
+ * Time is cut into chunks of chunk_len = STEPS_PER_THREAD · 32 · warps steps;
+ * thread (warp w, lane l) of a block owns the STEPS_PER_THREAD consecutive
+ * steps starting at chunk_start + (32 · w + l) · STEPS_PER_THREAD and value
+ * columns value_tile · tile + j, j < value_tile, and loops over all K rows.
+ * Three entry points run in order on one stream (the first two only when
+ * num_chunks > 1):
+ *   gateloop_scan_reduce_{dtype}_v{T}: grid.x = B·H · value_tiles · (num_chunks − 1),
+ *     block = 32 · warps; writes each chunk's aggregate (A, B): A into
+ *     chunk_gate[bh][c][k], B into chunk_state[bh][c + 1][k][v];
+ *   gateloop_scan_carry: grid.x = ceil(B·H·K·V / SCAN_CARRY_BLOCK), block =
+ *     SCAN_CARRY_BLOCK; turns chunk_state[bh][c] into the state entering
+ *     chunk c (slot 0 = h0 or 0), sequentially over c;
+ *   gateloop_scan_forward_{dtype}_v{T}: grid.x = B·H · value_tiles · num_chunks,
+ *     block = 32 · warps; re-scans each chunk from its entering state
+ *     (chunk_state[bh][c], or h0 when num_chunks == 1), writes y and h_final.
+ * Block index order (fastest first): chunk, value tile, (b, h).
+ * Workspaces (complex f32, contiguous, NULL when num_chunks == 1):
+ *   chunk_gate  [B·H, num_chunks, K], chunk_state [B·H, num_chunks, K, V].
+ * No dynamic shared memory.
+ */
+/* Time steps one scan thread owns (registers). */
+#define GATELOOP_SCAN_STEPS_PER_THREAD 8
+/* Most warps in one scan block (the block scan covers 32 · warps threads). */
+#define GATELOOP_SCAN_MAX_WARPS 8
+/* Largest number of value columns one scan thread owns (_v1, _v2, _v4). */
+#define GATELOOP_SCAN_MAX_VALUE_TILE 4
+/* Threads per block of gateloop_scan_carry. */
+#define GATELOOP_SCAN_CARRY_BLOCK 256
+
+typedef struct GateloopScanParams {
+    /* Inputs (device pointers). */
+    const void *q;        /* [B, L, H, K] dtype */
+    const void *k;        /* [B, L, H, K] dtype */
+    const void *v;        /* [B, L, H, V] dtype */
+    const void *log_gate; /* [B, L, H, gate_dim] complex dtype */
+    const float *h0;      /* [B, H, K, V] complex f32, NULL unless HAS_H0 */
+    /* Outputs (device pointers). */
+    void *y;              /* [B, L, H, V] dtype */
+    float *h_final;       /* [B, H, K, V] complex f32 */
+    /* Workspaces (device pointers, NULL when num_chunks == 1). */
+    float *chunk_gate;    /* [B·H, num_chunks, K] complex f32 */
+    float *chunk_state;   /* [B·H, num_chunks, K, V] complex f32 */
+
+    GateloopDims dims;
+    GateloopSeqStrides q_strides;
+    GateloopSeqStrides k_strides;
+    GateloopSeqStrides v_strides;
+    GateloopSeqStrides gate_strides;
+    GateloopSeqStrides y_strides;
+    GateloopStateStrides h0_strides;
+    GateloopStateStrides h_final_strides;
+
+    uint32_t flags;       /* GATELOOP_FLAG_* */
+    uint32_t dtype;       /* GATELOOP_DTYPE_* of q, k, v, log_gate, y */
+    int32_t warps;        /* warps per block, 1..=SCAN_MAX_WARPS */
+    int32_t value_tile;   /* value columns per thread: the T of the entry point */
+    int64_t chunk_len;    /* STEPS_PER_THREAD · 32 · warps */
+    int64_t num_chunks;   /* ceil(L / chunk_len) */
+    int64_t value_tiles;  /* ceil(V / value_tile) */
+} GateloopScanParams;
+GATELOOP_ABI_ASSERT(sizeof(GateloopScanParams) == 72 + 48 + 5 * 24 + 2 * 24 + 16 + 24,
+                    "GateloopScanParams layout");
+
 #endif /* GATELOOP_ABI_H */

@@ -56,6 +56,35 @@ fn recurrent_params_layout() {
 }
 
 #[test]
+fn scan_params_layout() {
+    type P = GateloopScanParams;
+    // Pinned in the header too (GATELOOP_ABI_ASSERT).
+    assert_eq!(size_of::<P>(), 328);
+    assert_eq!(align_of::<P>(), 8);
+    assert_eq!(offset_of!(P, q), 0);
+    assert_eq!(offset_of!(P, h_final), 48);
+    assert_eq!(offset_of!(P, chunk_gate), 56);
+    assert_eq!(offset_of!(P, chunk_state), 64);
+    assert_eq!(offset_of!(P, dims), 72);
+    assert_eq!(offset_of!(P, q_strides), 120);
+    assert_eq!(offset_of!(P, gate_strides), 192);
+    assert_eq!(offset_of!(P, y_strides), 216);
+    assert_eq!(offset_of!(P, h0_strides), 240);
+    assert_eq!(offset_of!(P, h_final_strides), 264);
+    assert_eq!(offset_of!(P, flags), 288);
+    assert_eq!(offset_of!(P, dtype), 292);
+    assert_eq!(offset_of!(P, warps), 296);
+    assert_eq!(offset_of!(P, value_tile), 300);
+    assert_eq!(offset_of!(P, chunk_len), 304);
+    assert_eq!(offset_of!(P, num_chunks), 312);
+    assert_eq!(offset_of!(P, value_tiles), 320);
+    assert_eq!(GATELOOP_SCAN_STEPS_PER_THREAD, 8);
+    assert_eq!(GATELOOP_SCAN_MAX_WARPS, 8);
+    assert_eq!(GATELOOP_SCAN_MAX_VALUE_TILE, 4);
+    assert_eq!(GATELOOP_SCAN_CARRY_BLOCK, 256);
+}
+
+#[test]
 fn constants() {
     assert_eq!(GATELOOP_ABI_VERSION, 1);
     assert_eq!(GATELOOP_DTYPE_F32, 0);

@@ -2,3 +2,4 @@
 //! (chunk lengths, anchors, accumulation order and precision).
 
 pub mod chunked;
+pub mod scan;

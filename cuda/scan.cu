@@ -1,0 +1,456 @@
+// The parallel (associative-scan) mode of GateLoop on the GPU, with the
+// readout fused in:
+//
+//   e_t = (a_t, k_tᵀ v_t),   (A_i, B_i) • (A_j, B_j) = (A_j A_i, A_j B_i + B_j)
+//   h_t = second component of the inclusive •-prefix of e_0..e_t (seeded by h0)
+//   y_t = Re(Σ_k q_t[k] · h_t[k, :])
+//
+// a_t is diagonal, so the K×V state is K·V independent complex scalar scans
+// whose 'A' component depends only on (t, k). No per-step state ever reaches
+// global memory: states live in registers, y is reduced over K in registers.
+//
+// Mapping. A block of 32·W threads (W = p.warps ≤ GATELOOP_SCAN_MAX_WARPS)
+// covers one time chunk of chunk_len = S·32·W steps (S =
+// GATELOOP_SCAN_STEPS_PER_THREAD) of one (b, h) and one tile of T value
+// columns (T = 1, 2 or 4, the template parameter / entry point suffix).
+// Thread (w, l) owns the S consecutive steps starting at (32·w + l)·S of the
+// chunk and the T columns of the tile: it holds v[S][T] and y[S][T] in
+// registers for the whole kernel and loops over every key row k = 0..K−1
+// (in order, so y's sum over k has the reference's order):
+//   1. load a_t[k] = exp(log_gate) (once for a per-head gate), k_t[k];
+//   2. serial fold of its S elements → the segment aggregate (A, B[T]);
+//   3. warp scan: Hillis–Steele over the 32 lanes with __shfl_up_sync
+//      (offsets 1, 2, 4, 8, 16; a lane ≥ offset combines the lane-offset
+//      value in front of its own); lane 31 holds the warp's aggregate;
+//   4. warps through shared memory: lane 31 of every warp stores its
+//      aggregate (double-buffered by k's parity: one __syncthreads per k);
+//      warp w folds the aggregates of warps 0..w−1 in order;
+//   5. carry: the state entering the chunk (from the carry pass, or h0 for a
+//      single chunk) is pushed through the warp prefix, then through the
+//      lane's exclusive prefix (the inclusive value of lane − 1, one more
+//      shuffle), giving the state before the thread's first step;
+//   6. re-run the S steps serially from that state, accumulating
+//      y[s][j] += q_t[k] · Re h (fused readout); the thread owning step L−1
+//      writes h_final.
+// Steps past L are the identity element (a = 1, k = q = v = 0).
+//
+// Carry across chunks (a short separate pass rather than decoupled
+// look-back: deterministic, no inter-block spin-waits, no reliance on block
+// scheduling order). When num_chunks > 1:
+//   reduce:  every chunk but the last computes its aggregate exactly as in
+//            steps 1–4 (the block aggregate is the in-order fold of all W
+//            warp aggregates) and writes A to chunk_gate, B to chunk_state
+//            (one complex per (chunk, k, v): chunk-boundary states only);
+//   carry:   one thread per (b, h, k, v) walks the chunks in order,
+//            h ← A_c h + B_c, overwriting chunk_state[c] with the state
+//            entering chunk c (num_chunks dependent FMAs per thread);
+//   forward: steps 1–6 above.
+// The inputs are read twice (reduce, forward); the chunk states are 8 bytes
+// per (b, h, chunk, k, v), 1/(S·32·W) of a per-step state.
+//
+// Numerics: A is a product of |a| ≤ 1 numbers (no inverse ever formed). A
+// reset a = 0 (Re log_gate = −inf → exp2f(−inf) = 0) makes every combine
+// through it drop what came before exactly (0·finite = 0).
+// All complex arithmetic is written with explicit fmaf so its rounding is
+// pinned (no compiler contraction choices); src/cpu/scan.rs mirrors it
+// operation for operation.
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <stdint.h>
+
+#include "gateloop_abi.h"
+
+namespace gateloop {
+namespace scan {
+
+// ---- input-type hook (same shape as recurrent.cu's InputTraits) ----------
+
+template <typename T>
+struct InputTraits;
+
+template <>
+struct InputTraits<float> {
+    static constexpr uint32_t kDtype = GATELOOP_DTYPE_F32;
+    __device__ __forceinline__ static float load(const float* __restrict__ p, int64_t i) {
+        return __ldg(p + i);
+    }
+    __device__ __forceinline__ static float2 load_complex(const float* __restrict__ p, int64_t i) {
+        return __ldg(reinterpret_cast<const float2*>(p) + i);
+    }
+    __device__ __forceinline__ static void store(float* p, int64_t i, float x) { p[i] = x; }
+};
+
+template <>
+struct InputTraits<__half> {
+    static constexpr uint32_t kDtype = GATELOOP_DTYPE_F16;
+    __device__ __forceinline__ static float load(const __half* __restrict__ p, int64_t i) {
+        return __half2float(p[i]);
+    }
+    __device__ __forceinline__ static float2 load_complex(const __half* __restrict__ p, int64_t i) {
+        return __half22float2(reinterpret_cast<const __half2*>(p)[i]);
+    }
+    __device__ __forceinline__ static void store(__half* p, int64_t i, float x) { p[i] = __float2half_rn(x); }
+};
+
+template <>
+struct InputTraits<__nv_bfloat16> {
+    static constexpr uint32_t kDtype = GATELOOP_DTYPE_BF16;
+    __device__ __forceinline__ static float load(const __nv_bfloat16* __restrict__ p, int64_t i) {
+        return __bfloat162float(p[i]);
+    }
+    __device__ __forceinline__ static float2 load_complex(const __nv_bfloat16* __restrict__ p, int64_t i) {
+        return __bfloat1622float2(reinterpret_cast<const __nv_bfloat162*>(p)[i]);
+    }
+    __device__ __forceinline__ static void store(__nv_bfloat16* p, int64_t i, float x) {
+        p[i] = __float2bfloat16_rn(x);
+    }
+};
+
+// ---- complex arithmetic (mirrored exactly by src/cpu/scan.rs) ------------
+
+constexpr int kSteps = GATELOOP_SCAN_STEPS_PER_THREAD;
+constexpr int kMaxWarps = GATELOOP_SCAN_MAX_WARPS;
+constexpr int kMaxThreads = 32 * kMaxWarps;
+constexpr unsigned kFull = 0xffffffffu;
+
+// exp of a complex log gate. Re = −inf → exactly (±0, ±0) (Im is finite).
+__device__ __forceinline__ float2 complex_gate(float2 log_gate) {
+    constexpr float kLog2e = 1.4426950408889634f;
+    const float mag = exp2f(log_gate.x * kLog2e);
+    float s, c;
+    sincosf(log_gate.y, &s, &c);
+    return make_float2(mag * c, mag * s);
+}
+
+// x · y
+__device__ __forceinline__ float2 cmul(float2 x, float2 y) {
+    return make_float2(fmaf(x.x, y.x, -(x.y * y.y)), fmaf(x.x, y.y, x.y * y.x));
+}
+
+// a · h + b
+__device__ __forceinline__ float2 apply(float2 a, float2 b, float2 h) {
+    return make_float2(fmaf(a.x, h.x, fmaf(-a.y, h.y, b.x)), fmaf(a.x, h.y, fmaf(a.y, h.x, b.y)));
+}
+
+// One element (a, b) with real b = kv applied to h: a · h + kv.
+__device__ __forceinline__ float2 step(float2 a, float kv, float2 h) {
+    return apply(a, make_float2(kv, 0.f), h);
+}
+
+// The segment aggregate of T columns: one shared A, T values of B.
+template <int T>
+struct Agg {
+    float2 a;
+    float2 b[T];
+};
+
+// earlier • later, in place into `later`.
+template <int T>
+__device__ __forceinline__ void combine_into(const Agg<T>& earlier, Agg<T>& later) {
+#pragma unroll
+    for (int j = 0; j < T; ++j) later.b[j] = apply(later.a, later.b[j], earlier.b[j]);
+    later.a = cmul(later.a, earlier.a);
+}
+
+template <int T>
+__device__ __forceinline__ Agg<T> shfl_up(const Agg<T>& x, int offset) {
+    Agg<T> r;
+    r.a.x = __shfl_up_sync(kFull, x.a.x, offset);
+    r.a.y = __shfl_up_sync(kFull, x.a.y, offset);
+#pragma unroll
+    for (int j = 0; j < T; ++j) {
+        r.b[j].x = __shfl_up_sync(kFull, x.b[j].x, offset);
+        r.b[j].y = __shfl_up_sync(kFull, x.b[j].y, offset);
+    }
+    return r;
+}
+
+// ---- per-block context ---------------------------------------------------
+
+template <typename input_t, int T>
+struct Block {
+    using Tr = InputTraits<input_t>;
+
+    const GateloopScanParams& p;
+    int lane, warp, tid;
+    int64_t bh, b, h, tile, chunk;
+    int64_t t_first;  // first step of this thread
+    int64_t col0;     // first value column of the tile
+    bool per_head_gate;
+    const input_t* __restrict__ q;
+    const input_t* __restrict__ k;
+    const input_t* __restrict__ v;
+    const input_t* __restrict__ gate;
+
+    __device__ __forceinline__ Block(const GateloopScanParams& params, int64_t chunks_in_grid) : p(params) {
+        lane = threadIdx.x & 31;
+        warp = threadIdx.x >> 5;
+        tid = threadIdx.x;
+        int64_t blk = blockIdx.x;
+        chunk = blk % chunks_in_grid;
+        blk /= chunks_in_grid;
+        tile = blk % p.value_tiles;
+        bh = blk / p.value_tiles;
+        h = bh % p.dims.heads;
+        b = bh / p.dims.heads;
+        t_first = chunk * p.chunk_len + static_cast<int64_t>(tid) * kSteps;
+        col0 = tile * T;
+        per_head_gate = p.dims.gate_dim == 1;
+        q = static_cast<const input_t*>(p.q) + b * p.q_strides.batch + h * p.q_strides.head;
+        k = static_cast<const input_t*>(p.k) + b * p.k_strides.batch + h * p.k_strides.head;
+        v = static_cast<const input_t*>(p.v) + b * p.v_strides.batch + h * p.v_strides.head;
+        // Complex: element offsets count (re, im) pairs, hence the factor 2.
+        gate = static_cast<const input_t*>(p.log_gate) + 2 * (b * p.gate_strides.batch + h * p.gate_strides.head);
+    }
+
+    // v[s][j] of this thread (0 past L or past V).
+    __device__ __forceinline__ void load_v(float (&vv)[kSteps][T]) const {
+#pragma unroll
+        for (int s = 0; s < kSteps; ++s) {
+            const int64_t t = t_first + s;
+#pragma unroll
+            for (int j = 0; j < T; ++j) {
+                const int64_t c = col0 + j;
+                vv[s][j] = (t < p.dims.len && c < p.dims.value_dim) ? Tr::load(v, t * p.v_strides.time + c) : 0.f;
+            }
+        }
+    }
+
+    // a_t and k_t of key row `row` for this thread's steps (identity past L).
+    __device__ __forceinline__ void load_gate(int64_t row, float2 (&a)[kSteps]) const {
+        const int64_t g = per_head_gate ? 0 : row;
+#pragma unroll
+        for (int s = 0; s < kSteps; ++s) {
+            const int64_t t = t_first + s;
+            a[s] = t < p.dims.len ? complex_gate(Tr::load_complex(gate, t * p.gate_strides.time + g))
+                                  : make_float2(1.f, 0.f);
+        }
+    }
+    __device__ __forceinline__ void load_key(int64_t row, float (&kk)[kSteps]) const {
+#pragma unroll
+        for (int s = 0; s < kSteps; ++s) {
+            const int64_t t = t_first + s;
+            kk[s] = t < p.dims.len ? Tr::load(k, t * p.k_strides.time + row) : 0.f;
+        }
+    }
+
+    // Steps 2–4: the serial fold, the warp scan, the warp aggregates to
+    // shared memory. Returns the lane's inclusive warp-scan value; `smem`
+    // (this k's buffer) holds the W warp aggregates after the barrier.
+    __device__ __forceinline__ Agg<T> block_scan(const float2 (&a)[kSteps], const float (&kk)[kSteps],
+                                                 const float (&vv)[kSteps][T], Agg<T>* smem) const {
+        Agg<T> x;
+        x.a = a[0];
+#pragma unroll
+        for (int j = 0; j < T; ++j) x.b[j] = make_float2(kk[0] * vv[0][j], 0.f);
+#pragma unroll
+        for (int s = 1; s < kSteps; ++s) {
+#pragma unroll
+            for (int j = 0; j < T; ++j) x.b[j] = step(a[s], kk[s] * vv[s][j], x.b[j]);
+            x.a = cmul(a[s], x.a);
+        }
+#pragma unroll
+        for (int offset = 1; offset < 32; offset *= 2) {
+            const Agg<T> earlier = shfl_up(x, offset);
+            if (lane >= offset) combine_into(earlier, x);
+        }
+        if (lane == 31) smem[warp] = x;
+        __syncthreads();
+        return x;
+    }
+};
+
+// ---- reduce: chunk aggregates --------------------------------------------
+
+template <typename input_t, int T>
+__device__ __forceinline__ void scan_reduce(const GateloopScanParams& p) {
+    __shared__ Agg<T> warp_agg[2][kMaxWarps];
+    const Block<input_t, T> blk(p, p.num_chunks - 1);
+    const int64_t key_dim = p.dims.key_dim;
+    const int64_t value_dim = p.dims.value_dim;
+    const int64_t nc = p.num_chunks;
+
+    float vv[kSteps][T];
+    blk.load_v(vv);
+    float2 a[kSteps];
+    float kk[kSteps];
+    for (int64_t row = 0; row < key_dim; ++row) {
+        if (row == 0 || !blk.per_head_gate) blk.load_gate(row, a);
+        blk.load_key(row, kk);
+        Agg<T>* smem = warp_agg[row & 1];
+        blk.block_scan(a, kk, vv, smem);
+        if (blk.tid == 0) {
+            Agg<T> tot = smem[0];
+            for (int w = 1; w < p.warps; ++w) {
+                Agg<T> x = smem[w];
+                combine_into(tot, x);
+                tot = x;
+            }
+            if (blk.tile == 0) {
+                reinterpret_cast<float2*>(p.chunk_gate)[(blk.bh * nc + blk.chunk) * key_dim + row] = tot.a;
+            }
+            float2* st = reinterpret_cast<float2*>(p.chunk_state) + ((blk.bh * nc + blk.chunk + 1) * key_dim + row) * value_dim;
+#pragma unroll
+            for (int j = 0; j < T; ++j) {
+                if (blk.col0 + j < value_dim) st[blk.col0 + j] = tot.b[j];
+            }
+        }
+    }
+}
+
+// ---- forward: re-scan each chunk from its entering state, fused readout --
+
+template <typename input_t, int T>
+__device__ __forceinline__ void scan_forward(const GateloopScanParams& p) {
+    using Tr = InputTraits<input_t>;
+    __shared__ Agg<T> warp_agg[2][kMaxWarps];
+    const Block<input_t, T> blk(p, p.num_chunks);
+    const int64_t key_dim = p.dims.key_dim;
+    const int64_t value_dim = p.dims.value_dim;
+    const int64_t len = p.dims.len;
+    const int64_t nc = p.num_chunks;
+    const bool has_h0 = (p.flags & GATELOOP_FLAG_HAS_H0) != 0;
+    // The thread whose segment holds step L − 1 writes h_final.
+    const bool owns_last = blk.t_first <= len - 1 && len - 1 < blk.t_first + kSteps;
+    const input_t* __restrict__ q = blk.q;
+
+    float vv[kSteps][T];
+    blk.load_v(vv);
+    float yy[kSteps][T];
+#pragma unroll
+    for (int s = 0; s < kSteps; ++s) {
+#pragma unroll
+        for (int j = 0; j < T; ++j) yy[s][j] = 0.f;
+    }
+    float2 a[kSteps];
+    float kk[kSteps];
+    for (int64_t row = 0; row < key_dim; ++row) {
+        if (row == 0 || !blk.per_head_gate) blk.load_gate(row, a);
+        blk.load_key(row, kk);
+        Agg<T>* smem = warp_agg[row & 1];
+        const Agg<T> incl = blk.block_scan(a, kk, vv, smem);
+        // The lane's exclusive prefix: lane − 1's inclusive value.
+        const Agg<T> excl = shfl_up(incl, 1);
+
+        // The state entering the chunk.
+        float2 hs[T];
+#pragma unroll
+        for (int j = 0; j < T; ++j) {
+            const int64_t c = blk.col0 + j;
+            float2 s = make_float2(0.f, 0.f);
+            if (c < value_dim) {
+                if (nc > 1) {
+                    s = reinterpret_cast<const float2*>(p.chunk_state)[((blk.bh * nc + blk.chunk) * key_dim + row) * value_dim + c];
+                } else if (has_h0) {
+                    s = reinterpret_cast<const float2*>(p.h0)[blk.b * p.h0_strides.batch + blk.h * p.h0_strides.head +
+                                                               row * p.h0_strides.key + c];
+                }
+            }
+            hs[j] = s;
+        }
+        // Through the aggregates of the earlier warps (in order), then
+        // through the lane's exclusive prefix.
+        if (blk.warp > 0) {
+            Agg<T> pre = smem[0];
+            for (int w = 1; w < blk.warp; ++w) {
+                Agg<T> x = smem[w];
+                combine_into(pre, x);
+                pre = x;
+            }
+#pragma unroll
+            for (int j = 0; j < T; ++j) hs[j] = apply(pre.a, pre.b[j], hs[j]);
+        }
+        if (blk.lane > 0) {
+#pragma unroll
+            for (int j = 0; j < T; ++j) hs[j] = apply(excl.a, excl.b[j], hs[j]);
+        }
+        // The S steps again, from the entering state, with the readout.
+#pragma unroll
+        for (int s = 0; s < kSteps; ++s) {
+            const int64_t t = blk.t_first + s;
+            const float qq = t < len ? Tr::load(q, t * p.q_strides.time + row) : 0.f;
+#pragma unroll
+            for (int j = 0; j < T; ++j) {
+                hs[j] = step(a[s], kk[s] * vv[s][j], hs[j]);
+                yy[s][j] = fmaf(qq, hs[j].x, yy[s][j]);
+            }
+        }
+        if (owns_last) {
+            float2* hf = reinterpret_cast<float2*>(p.h_final) + blk.b * p.h_final_strides.batch +
+                         blk.h * p.h_final_strides.head + row * p.h_final_strides.key;
+#pragma unroll
+            for (int j = 0; j < T; ++j) {
+                if (blk.col0 + j < value_dim) hf[blk.col0 + j] = hs[j];
+            }
+        }
+    }
+
+    input_t* __restrict__ y = static_cast<input_t*>(p.y) + blk.b * p.y_strides.batch + blk.h * p.y_strides.head;
+#pragma unroll
+    for (int s = 0; s < kSteps; ++s) {
+        const int64_t t = blk.t_first + s;
+#pragma unroll
+        for (int j = 0; j < T; ++j) {
+            if (t < len && blk.col0 + j < value_dim) Tr::store(y, t * p.y_strides.time + blk.col0 + j, yy[s][j]);
+        }
+    }
+}
+
+// ---- carry: the state entering each chunk --------------------------------
+
+__device__ __forceinline__ void scan_carry(const GateloopScanParams& p) {
+    const int64_t key_dim = p.dims.key_dim;
+    const int64_t value_dim = p.dims.value_dim;
+    const int64_t kv = key_dim * value_dim;
+    const int64_t idx = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+    if (idx >= p.dims.batch * p.dims.heads * kv) return;
+    const int64_t bh = idx / kv;
+    const int64_t row = (idx - bh * kv) / value_dim;
+    const int64_t col = idx - bh * kv - row * value_dim;
+    const int64_t nc = p.num_chunks;
+    const int64_t b = bh / p.dims.heads;
+    const int64_t h = bh - b * p.dims.heads;
+
+    float2 s = make_float2(0.f, 0.f);
+    if ((p.flags & GATELOOP_FLAG_HAS_H0) != 0) {
+        s = reinterpret_cast<const float2*>(p.h0)[b * p.h0_strides.batch + h * p.h0_strides.head +
+                                                   row * p.h0_strides.key + col];
+    }
+    float2* st = reinterpret_cast<float2*>(p.chunk_state) + (bh * nc * key_dim + row) * value_dim + col;
+    const float2* ga = reinterpret_cast<const float2*>(p.chunk_gate) + bh * nc * key_dim + row;
+    const int64_t st_stride = key_dim * value_dim;
+    st[0] = s;
+    for (int64_t c = 1; c < nc; ++c) {
+        const float2 agg_a = ga[(c - 1) * key_dim];
+        const float2 agg_b = st[c * st_stride];
+        s = apply(agg_a, agg_b, s);
+        st[c * st_stride] = s;
+    }
+}
+
+}  // namespace scan
+}  // namespace gateloop
+
+// ---- entry points ----------------------------------------------------------
+
+#define GATELOOP_SCAN_ENTRIES(DTYPE, TYPE, T)                                                 \
+    extern "C" __global__ void __launch_bounds__(gateloop::scan::kMaxThreads)                 \
+        gateloop_scan_reduce_##DTYPE##_v##T(const GateloopScanParams p) {                     \
+        gateloop::scan::scan_reduce<TYPE, T>(p);                                              \
+    }                                                                                         \
+    extern "C" __global__ void __launch_bounds__(gateloop::scan::kMaxThreads)                 \
+        gateloop_scan_forward_##DTYPE##_v##T(const GateloopScanParams p) {                    \
+        gateloop::scan::scan_forward<TYPE, T>(p);                                             \
+    }
+
+static_assert(4 == GATELOOP_SCAN_MAX_VALUE_TILE, "one entry point per T in {1, 2, 4}");
+
+GATELOOP_SCAN_ENTRIES(f32, float, 1)
+GATELOOP_SCAN_ENTRIES(f32, float, 2)
+GATELOOP_SCAN_ENTRIES(f32, float, 4)
+
+extern "C" __global__ void __launch_bounds__(GATELOOP_SCAN_CARRY_BLOCK)
+    gateloop_scan_carry(const GateloopScanParams p) {
+    gateloop::scan::scan_carry(p);
+}

@@ -1,0 +1,545 @@
+//! The paper's parallel mode on the GPU (`cuda/scan.cu`): a fused complex
+//! associative scan, parallel over (batch, head, value tiles) and over time,
+//! with the readout fused in. No per-step state reaches global memory; only
+//! the state at each chunk boundary does (a workspace), when L spans more
+//! than one chunk.
+//!
+//! Three kernels on one stream: `reduce` (aggregate of every chunk but the
+//! last), `carry` (the state entering each chunk, sequential over chunks),
+//! `forward` (re-scan each chunk from its entering state, write y and
+//! h_final); a single chunk needs only `forward`. See the kernel file for the
+//! thread mapping, [`plan`] for the geometry, and [`prefer_recurrent`] for
+//! when the recurrent kernel is the better choice. [`crate::cpu::scan`] is
+//! the CPU mirror of the algorithm (same chunks, same combination order).
+
+use std::ffi::c_void;
+
+use cudarc::driver::sys::CUdevice_attribute;
+use cudarc::driver::{CudaStream, DevicePtrMut, DeviceRepr, DeviceSlice, LaunchConfig, PushKernelArg};
+use num_complex::Complex;
+
+use super::abi::{self, GateloopDims, GateloopScanParams, GateloopSeqStrides, GateloopStateStrides};
+use super::{DriverContext, Gpu, GpuError};
+use crate::cpu::scan::{MAX_WARPS, STEPS_PER_THREAD, ScanParams};
+use crate::error::InputError;
+use crate::problem::{Dims, GateLayout, Outputs, Problem};
+
+pub use super::recurrent::{DeviceInputs, DeviceOutputs};
+
+/// The value-tile variants compiled into the kernel (`_v{T}` entry points).
+pub const VALUE_TILES: [u32; 3] = [1, 2, 4];
+const LANES: usize = 32;
+const CARRY_BLOCK: usize = abi::GATELOOP_SCAN_CARRY_BLOCK as usize;
+
+/// Below this many state elements per SM the recurrent kernel leaves the GPU
+/// partly idle: it runs one thread per (b, h, column, key group) with about 8
+/// state rows per thread, and an SM holds at most 2048 threads; 8 rows × 1024
+/// threads (half residency, the rest of the latency hidden by the 8
+/// independent rows) is the fill target. To be tuned on a GPU.
+pub const RECURRENT_FILL_PER_SM: usize = 8 * 1024;
+/// At or below this many steps the scan has at most one warp of time
+/// parallelism (one chunk of one warp), so it cannot beat the recurrence.
+pub const SHORT_LEN: usize = STEPS_PER_THREAD * LANES;
+
+/// Whether the sequential-in-time recurrent kernel should be preferred over
+/// this time-parallel scan for `dims` on a GPU with `sm_count` SMs.
+///
+/// The rule: the recurrent kernel reads the inputs once and does ~5 flops per
+/// state element and step; the scan reads them twice and does ~3× the flops
+/// plus warp shuffles, and wins only through its extra (time) parallelism.
+/// So prefer the recurrent kernel when it alone fills the GPU —
+/// B·H·K·V ≥ [`RECURRENT_FILL_PER_SM`] · sm_count — or when there is no time
+/// parallelism to gain (L ≤ [`SHORT_LEN`]); never when it cannot run
+/// (K > [`super::recurrent::MAX_KEY_DIM`]). Otherwise (few long sequences,
+/// e.g. B·H = 1 at L = 65536) the scan. The constants are first estimates,
+/// to be tuned with benchmarks on a GPU.
+pub fn prefer_recurrent(dims: &Dims, sm_count: usize) -> bool {
+    if dims.key_dim > super::recurrent::MAX_KEY_DIM {
+        return false;
+    }
+    if dims.len <= SHORT_LEN {
+        return true;
+    }
+    let state = dims.batch.saturating_mul(dims.heads).saturating_mul(dims.key_dim).saturating_mul(dims.value_dim);
+    state >= RECURRENT_FILL_PER_SM.saturating_mul(sm_count.max(1))
+}
+
+// SAFETY: GateloopScanParams is the bindgen mirror (#[repr(C)]) of the C
+// struct the scan kernels take by value; its layout is pinned on both sides
+// (the header's static_assert, bindgen's layout checks, tests/abi.rs). It
+// holds only integers and raw device addresses, so its bytes are a valid
+// kernel argument for any value; the pointers are only dereferenced by the
+// kernels, whose launcher (`forward_into`) guarantees they are valid.
+unsafe impl DeviceRepr for GateloopScanParams {}
+
+/// The launch geometry of one scan call.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct LaunchPlan {
+    /// Warps per block (the block scan's width).
+    pub warps: u32,
+    /// T: value columns per thread (the `_v{T}` entry point).
+    pub value_tile: u32,
+    /// ceil(V / T).
+    pub value_tiles: u32,
+    /// STEPS_PER_THREAD · 32 · warps.
+    pub chunk_len: u64,
+    /// ceil(L / chunk_len).
+    pub num_chunks: u64,
+    /// Blocks of the reduce kernel: B·H · value_tiles · (num_chunks − 1) (0: not launched).
+    pub reduce_grid: u32,
+    /// Blocks of the carry kernel (0: not launched).
+    pub carry_grid: u32,
+    /// Blocks of the forward kernel: B·H · value_tiles · num_chunks.
+    pub forward_grid: u32,
+    /// f32 elements of the workspace (0 when num_chunks == 1): chunk_gate
+    /// (2·B·H·num_chunks·K) then chunk_state (2·B·H·num_chunks·K·V).
+    pub workspace_len: usize,
+}
+
+impl LaunchPlan {
+    /// The CPU mirror's parameters for this geometry.
+    pub fn scan_params(&self) -> ScanParams {
+        ScanParams { steps_per_thread: STEPS_PER_THREAD, warps: self.warps as usize }
+    }
+    fn variant_index(&self) -> usize {
+        self.value_tile.trailing_zeros() as usize
+    }
+    /// f32 offset of chunk_state in the workspace.
+    fn state_offset(&self, d: &Dims) -> usize {
+        2 * d.batch * d.heads * self.num_chunks as usize * d.key_dim
+    }
+}
+
+/// Chooses the launch geometry for `dims` on a GPU with `sm_count` SMs.
+///
+/// T = 1 for V = 1, 2 for V = 2, else 4 (the time scan's 'A' half is shared
+/// by a thread's T columns). Warps: the largest of 4, 2, 1 that still gives
+/// ≥ 2 blocks per SM (B·H · value_tiles · chunks), and no more than the
+/// warps L needs (a block never has a warp entirely past L).
+pub fn plan(dims: &Dims, sm_count: usize) -> Result<LaunchPlan, InputError> {
+    dims.validate()?;
+    let d = dims;
+    let value_tile = match d.value_dim {
+        1 => 1,
+        2 => 2,
+        _ => 4,
+    };
+    let tiles = d.value_dim.div_ceil(value_tile);
+    let bh = d.batch.checked_mul(d.heads);
+    let per_warp = STEPS_PER_THREAD * LANES;
+    let needed = d.len.div_ceil(per_warp);
+    let blocks = |w: usize| bh.and_then(|x| x.checked_mul(tiles)).and_then(|x| x.checked_mul(d.len.div_ceil(per_warp * w)));
+    let target = 2 * sm_count.max(1);
+    let mut warps = 1;
+    for w in [4usize, 2] {
+        if w <= needed && blocks(w).is_some_and(|n| n >= target) {
+            warps = w;
+            break;
+        }
+    }
+    debug_assert!(warps <= MAX_WARPS);
+    let chunk_len = per_warp * warps;
+    let nc = d.len.div_ceil(chunk_len);
+    let too_large = |what: &str| InputError::TooLarge {
+        name: "grid",
+        shape: format!("[{what}] for B={} H={} V={} L={}", d.batch, d.heads, d.value_dim, d.len),
+        limit: "2^31 - 1 thread blocks".into(),
+    };
+    let grid_of = |chunks: usize, what: &str| -> Result<u32, InputError> {
+        bh.and_then(|x| x.checked_mul(tiles))
+            .and_then(|x| x.checked_mul(chunks))
+            .and_then(|g| u32::try_from(g).ok())
+            .filter(|&g| g <= i32::MAX as u32)
+            .ok_or_else(|| too_large(what))
+    };
+    let forward_grid = grid_of(nc, "B·H·value_tiles·chunks")?;
+    let reduce_grid = grid_of(nc - 1, "B·H·value_tiles·(chunks - 1)")?;
+    let (carry_grid, workspace_len) = if nc > 1 {
+        let state = d.batch * d.heads * d.key_dim * d.value_dim; // fits: validated
+        let carry = u32::try_from(state.div_ceil(CARRY_BLOCK))
+            .ok()
+            .filter(|&g| g <= i32::MAX as u32)
+            .ok_or_else(|| too_large("B·H·K·V / 256"))?;
+        let ws = nc
+            .checked_mul(2 * d.batch * d.heads * d.key_dim)
+            .and_then(|g| nc.checked_mul(2 * state).and_then(|s| s.checked_add(g)))
+            .ok_or_else(|| InputError::TooLarge {
+                name: "workspace",
+                shape: format!("[B·H·chunks·K·(V + 1)·2] with {nc} chunks"),
+                limit: "usize::MAX".into(),
+            })?;
+        (carry, ws)
+    } else {
+        (0, 0)
+    };
+    Ok(LaunchPlan {
+        warps: warps as u32,
+        value_tile: value_tile as u32,
+        value_tiles: u32::try_from(tiles).map_err(|_| too_large("value_tiles"))?,
+        chunk_len: chunk_len as u64,
+        num_chunks: nc as u64,
+        reduce_grid,
+        carry_grid,
+        forward_grid,
+        workspace_len,
+    })
+}
+
+/// The number of SMs of `gpu`'s device.
+pub fn sm_count(gpu: &Gpu) -> Result<usize, GpuError> {
+    let n = gpu
+        .context()
+        .attribute(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)
+        .doing("querying the SM count")?;
+    Ok(n.max(1) as usize)
+}
+
+/// The plan `forward_into` uses on `gpu` (its workspace size:
+/// [`LaunchPlan::workspace_len`] f32).
+pub fn plan_for(gpu: &Gpu, dims: &Dims) -> Result<LaunchPlan, GpuError> {
+    Ok(plan(dims, sm_count(gpu)?)?)
+}
+
+fn check_len(name: &'static str, shape: [usize; 4], complex: bool, actual: usize) -> Result<(), InputError> {
+    let expected = shape.iter().product::<usize>() * if complex { 2 } else { 1 };
+    if actual != expected {
+        let shape = if complex { format!("{shape:?} complex, as f32 pairs") } else { format!("{shape:?}") };
+        return Err(InputError::Length { name, expected, actual, shape });
+    }
+    Ok(())
+}
+
+fn check_context<T>(gpu: &Gpu, name: &'static str, buf: &dyn DeviceSlice<T>) -> Result<(), InputError> {
+    if buf.stream().context() != gpu.context() {
+        return Err(InputError::Param {
+            name,
+            value: format!("a buffer on device {}", buf.stream().context().ordinal()),
+            why: "every buffer must belong to the Gpu's CUDA context",
+        });
+    }
+    Ok(())
+}
+
+fn check_align(name: &'static str, ptr: u64) -> Result<(), InputError> {
+    if !ptr.is_multiple_of(8) {
+        return Err(InputError::Param {
+            name,
+            value: format!("device address {ptr:#x}"),
+            why: "complex buffers must be 8-byte aligned (start at an even f32 index)",
+        });
+    }
+    Ok(())
+}
+
+fn i64_of(name: &'static str, x: usize) -> Result<i64, InputError> {
+    i64::try_from(x).map_err(|_| InputError::TooLarge { name, shape: x.to_string(), limit: "i64::MAX".into() })
+}
+
+/// Contiguous strides of a `[B, L, H, dim]` tensor.
+fn seq_strides(d: &Dims, dim: usize) -> Result<GateloopSeqStrides, InputError> {
+    Ok(GateloopSeqStrides {
+        batch: i64_of("stride", d.len * d.heads * dim)?,
+        time: i64_of("stride", d.heads * dim)?,
+        head: i64_of("stride", dim)?,
+    })
+}
+
+/// Contiguous strides of a `[B, H, K, V]` state.
+fn state_strides(d: &Dims) -> Result<GateloopStateStrides, InputError> {
+    Ok(GateloopStateStrides {
+        batch: i64_of("stride", d.heads * d.key_dim * d.value_dim)?,
+        head: i64_of("stride", d.key_dim * d.value_dim)?,
+        key: i64_of("stride", d.value_dim)?,
+    })
+}
+
+/// Runs the scan on `stream` over device buffers, writing `out`.
+/// Asynchronous: it enqueues up to three kernels and never synchronizes.
+///
+/// `workspace` must hold at least [`LaunchPlan::workspace_len`] f32 of
+/// [`plan_for`]`(gpu, dims)` (its contents are overwritten; it may be `None`
+/// when that is 0, i.e. L fits in one chunk). Checks on the host: dims,
+/// every buffer's length (the error names the argument), context, alignment
+/// of complex buffers. It does not read the data, so the gate's domain
+/// (Re ≤ 0, see [`Problem::check_gate`]) is the caller's responsibility.
+pub fn forward_into(
+    gpu: &Gpu,
+    stream: &CudaStream,
+    dims: &Dims,
+    inputs: DeviceInputs<'_>,
+    out: DeviceOutputs<'_>,
+    workspace: Option<&mut dyn DevicePtrMut<f32>>,
+) -> Result<(), GpuError> {
+    let d = dims;
+    let lp = plan_for(gpu, d)?;
+    check_len("q", d.qk_shape(), false, inputs.q.len())?;
+    check_len("k", d.qk_shape(), false, inputs.k.len())?;
+    check_len("v", d.v_shape(), false, inputs.v.len())?;
+    check_len("log_gate", d.gate_shape(), true, inputs.log_gate.len())?;
+    if let Some(h0) = inputs.h0 {
+        check_len("h0", d.state_shape(), true, h0.len())?;
+    }
+    check_len("y", d.v_shape(), false, out.y.len())?;
+    check_len("h_final", d.state_shape(), true, out.h_final.len())?;
+    let have = workspace.as_ref().map_or(0, |w| w.len());
+    if have < lp.workspace_len {
+        return Err(InputError::Length {
+            name: "workspace",
+            expected: lp.workspace_len,
+            actual: have,
+            shape: format!("at least {} f32 ({} chunks)", lp.workspace_len, lp.num_chunks),
+        }
+        .into());
+    }
+    if stream.context() != gpu.context() {
+        return Err(InputError::Param {
+            name: "stream",
+            value: format!("a stream on device {}", stream.context().ordinal()),
+            why: "the stream must belong to the Gpu's CUDA context",
+        }
+        .into());
+    }
+    check_context(gpu, "q", inputs.q)?;
+    check_context(gpu, "k", inputs.k)?;
+    check_context(gpu, "v", inputs.v)?;
+    check_context(gpu, "log_gate", inputs.log_gate)?;
+    if let Some(h0) = inputs.h0 {
+        check_context(gpu, "h0", h0)?;
+    }
+    check_context(gpu, "y", &*out.y)?;
+    check_context(gpu, "h_final", &*out.h_final)?;
+    if let Some(w) = workspace.as_ref() {
+        check_context(gpu, "workspace", &**w)?;
+    }
+
+    let mut params = GateloopScanParams {
+        dims: GateloopDims {
+            batch: i64_of("batch", d.batch)?,
+            len: i64_of("len", d.len)?,
+            heads: i64_of("heads", d.heads)?,
+            key_dim: i64_of("key_dim", d.key_dim)?,
+            value_dim: i64_of("value_dim", d.value_dim)?,
+            gate_dim: i64_of("gate_dim", d.gate_dim())?,
+        },
+        q_strides: seq_strides(d, d.key_dim)?,
+        k_strides: seq_strides(d, d.key_dim)?,
+        v_strides: seq_strides(d, d.value_dim)?,
+        gate_strides: seq_strides(d, d.gate_dim())?,
+        y_strides: seq_strides(d, d.value_dim)?,
+        h0_strides: state_strides(d)?,
+        h_final_strides: state_strides(d)?,
+        flags: if d.gate == GateLayout::PerHead { abi::GATELOOP_FLAG_PER_HEAD_GATE } else { 0 },
+        dtype: abi::GATELOOP_DTYPE_F32,
+        warps: lp.warps as i32,
+        value_tile: lp.value_tile as i32,
+        chunk_len: lp.chunk_len as i64,
+        num_chunks: lp.num_chunks as i64,
+        value_tiles: lp.value_tiles as i64,
+        ..Default::default()
+    };
+
+    // The guards make `stream` wait for earlier writes of the buffers now,
+    // and record this call's reads/writes when they drop after the launches.
+    let (q, _q_guard) = inputs.q.device_ptr(stream);
+    let (k, _k_guard) = inputs.k.device_ptr(stream);
+    let (v, _v_guard) = inputs.v.device_ptr(stream);
+    let (log_gate, _gate_guard) = inputs.log_gate.device_ptr(stream);
+    let h0 = inputs.h0.map(|h0| h0.device_ptr(stream));
+    let (y, _y_guard) = out.y.device_ptr_mut(stream);
+    let (h_final, _h_final_guard) = out.h_final.device_ptr_mut(stream);
+    let ws = match workspace {
+        Some(w) if lp.workspace_len > 0 => Some(w.device_ptr_mut(stream)),
+        _ => None,
+    };
+    check_align("log_gate", log_gate)?;
+    check_align("h_final", h_final)?;
+    if let Some((h0, _)) = &h0 {
+        check_align("h0", *h0)?;
+        params.h0 = *h0 as usize as *const f32;
+        params.flags |= abi::GATELOOP_FLAG_HAS_H0;
+    }
+    if let Some((w, _)) = &ws {
+        check_align("workspace", *w)?;
+        // Both halves are 8-byte aligned: the first holds an even number of f32.
+        params.chunk_gate = *w as usize as *mut f32;
+        params.chunk_state = (*w as usize + 4 * lp.state_offset(d)) as *mut f32;
+    }
+    params.q = q as usize as *const c_void;
+    params.k = k as usize as *const c_void;
+    params.v = v as usize as *const c_void;
+    params.log_gate = log_gate as usize as *const c_void;
+    params.y = y as usize as *mut c_void;
+    params.h_final = h_final as usize as *mut f32;
+
+    let block = (LANES as u32 * lp.warps, 1, 1);
+    let kernels = &gpu.kernels;
+    let vi = lp.variant_index();
+    if lp.num_chunks > 1 {
+        let cfg = LaunchConfig { grid_dim: (lp.reduce_grid, 1, 1), block_dim: block, shared_mem_bytes: 0 };
+        let mut launch = stream.launch_builder(&kernels.scan_reduce_f32[vi]);
+        launch.arg(&params);
+        // SAFETY: gateloop_scan_reduce_f32_v{T} (T = lp.value_tile) takes one
+        // GateloopScanParams by value, which is what is pushed. Its pointers
+        // come from live buffers of this context whose lengths were checked
+        // against `params.dims` (contiguous strides set above); the
+        // workspace holds ≥ lp.workspace_len f32, so chunk_gate
+        // [B·H, chunks, K] and chunk_state [B·H, chunks, K, V] (complex) fit
+        // and are 8-byte aligned; h0 is null iff HAS_H0 is clear. The
+        // geometry (block = 32·warps ≤ 256 = __launch_bounds__, grid =
+        // B·H·tiles·(chunks − 1) ≤ 2^31 − 1, static shared memory only) is
+        // the one `plan` computed for these dims. The buffers outlive the
+        // launch (borrowed until this function returns; cudarc's drop of a
+        // CudaSlice waits on the events the guards record).
+        unsafe { launch.launch(cfg) }.doing("launching gateloop_scan_reduce_f32")?;
+
+        let cfg = LaunchConfig {
+            grid_dim: (lp.carry_grid, 1, 1),
+            block_dim: (CARRY_BLOCK as u32, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let mut launch = stream.launch_builder(&kernels.scan_carry);
+        launch.arg(&params);
+        // SAFETY: as for the reduce launch; gateloop_scan_carry reads h0
+        // (when HAS_H0) and the workspace the reduce kernel wrote (same
+        // stream, so ordered after it), one thread per (b, h, k, v) with
+        // grid · 256 ≥ B·H·K·V and a bounds check for the rest.
+        unsafe { launch.launch(cfg) }.doing("launching gateloop_scan_carry")?;
+    }
+    let cfg = LaunchConfig { grid_dim: (lp.forward_grid, 1, 1), block_dim: block, shared_mem_bytes: 0 };
+    let mut launch = stream.launch_builder(&kernels.scan_forward_f32[vi]);
+    launch.arg(&params);
+    // SAFETY: as for the reduce launch, with grid = B·H·tiles·chunks; the
+    // workspace (when chunks > 1) was completed by the carry kernel earlier
+    // on this stream; with one chunk the kernel reads h0 (or nothing) and
+    // never touches the (null) workspace pointers.
+    unsafe { launch.launch(cfg) }.doing("launching gateloop_scan_forward_f32")?;
+    Ok(())
+}
+
+fn complex_as_f32(z: &[Complex<f32>]) -> &[f32] {
+    // SAFETY: Complex<f32> is #[repr(C)] { re: f32, im: f32 }: size 8, align 4,
+    // no padding, so n of them are exactly 2n contiguous initialized f32.
+    unsafe { std::slice::from_raw_parts(z.as_ptr().cast::<f32>(), z.len() * 2) }
+}
+
+/// Uploads `p`, runs the scan on the Gpu's default stream (allocating the
+/// workspace), downloads the outputs; synchronizes. Checks the gate domain
+/// on the host.
+pub fn forward_host(gpu: &Gpu, p: &Problem<'_, f32>) -> Result<Outputs<f32>, GpuError> {
+    p.validate()?;
+    p.check_gate()?;
+    let d = p.dims;
+    let lp = plan_for(gpu, &d)?;
+    let s = gpu.stream();
+    let q = s.clone_htod(p.q).doing("uploading q")?;
+    let k = s.clone_htod(p.k).doing("uploading k")?;
+    let v = s.clone_htod(p.v).doing("uploading v")?;
+    let log_gate = s.clone_htod(complex_as_f32(p.log_gate)).doing("uploading log_gate")?;
+    let h0 = p.h0.map(|h| s.clone_htod(complex_as_f32(h))).transpose().doing("uploading h0")?;
+    let mut y = s.alloc_zeros::<f32>(d.v_len()).doing("allocating y")?;
+    let mut h_final = s.alloc_zeros::<f32>(2 * d.state_len()).doing("allocating h_final")?;
+    let mut ws =
+        (lp.workspace_len > 0).then(|| s.alloc_zeros::<f32>(lp.workspace_len)).transpose().doing("allocating the workspace")?;
+    forward_into(
+        gpu,
+        s,
+        &d,
+        DeviceInputs { q: &q, k: &k, v: &v, log_gate: &log_gate, h0: h0.as_ref().map(|h| h as _) },
+        DeviceOutputs { y: &mut y, h_final: &mut h_final },
+        ws.as_mut().map(|w| w as _),
+    )?;
+    let y = s.clone_dtoh(&y).doing("downloading y")?;
+    let h_final = s.clone_dtoh(&h_final).doing("downloading h_final")?;
+    s.synchronize().doing("synchronizing after the scan kernels")?;
+    let h_final = h_final.chunks_exact(2).map(|c| Complex::new(c[0], c[1])).collect();
+    Ok(Outputs { y, h_final })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::testing::dims;
+
+    const H200_SMS: usize = 132;
+
+    #[test]
+    fn prefer_recurrent_rule() {
+        // One long sequence: only the scan has the parallelism.
+        assert!(!prefer_recurrent(&dims(1, 65536, 1, 64, 64, false), H200_SMS));
+        assert!(!prefer_recurrent(&dims(4, 8192, 8, 64, 64, false), H200_SMS)); // 131072 < 1.08M
+        // Many heads of a big state: the recurrent kernel fills the GPU alone.
+        assert!(prefer_recurrent(&dims(16, 4096, 32, 64, 64, false), H200_SMS)); // 2 097 152 ≥ 1 081 344
+        assert!(prefer_recurrent(&dims(16, 2048, 16, 128, 128, true), H200_SMS));
+        // The threshold is B·H·K·V ≥ 8192 · SMs.
+        let at = dims(1, 10_000, 132, 64, 128, false); // 132·8192 exactly
+        assert!(prefer_recurrent(&at, H200_SMS));
+        let below = dims(1, 10_000, 131, 64, 128, false);
+        assert!(!prefer_recurrent(&below, H200_SMS));
+        // A smaller GPU is filled sooner.
+        assert!(prefer_recurrent(&below, 16));
+        // Short sequences: no time parallelism to gain.
+        assert!(prefer_recurrent(&dims(1, SHORT_LEN, 1, 4, 4, false), H200_SMS));
+        assert!(!prefer_recurrent(&dims(1, SHORT_LEN + 1, 1, 4, 4, false), H200_SMS));
+        // K beyond the recurrent kernel's register budget: only the scan runs.
+        assert!(!prefer_recurrent(&dims(64, 4096, 64, 512, 64, false), H200_SMS));
+        // sm_count 0 is treated as 1, no overflow on huge dims.
+        assert!(prefer_recurrent(&dims(1, 1000, 1, 128, 128, false), 0));
+        assert!(prefer_recurrent(&dims(usize::MAX / 2, 1000, 4, 4, 4, false), H200_SMS));
+    }
+
+    #[test]
+    fn plan_examples() {
+        // B·H = 1, L = 65536, V = 64: 16 tiles; 4 warps give 64 chunks,
+        // 1024 blocks ≥ 2·132.
+        let p = plan(&dims(1, 65536, 1, 64, 64, false), H200_SMS).unwrap();
+        assert_eq!((p.warps, p.value_tile, p.value_tiles, p.chunk_len, p.num_chunks), (4, 4, 16, 1024, 64));
+        assert_eq!(p.forward_grid, 1024);
+        assert_eq!(p.reduce_grid, 1008);
+        assert_eq!(p.carry_grid, 16);
+        assert_eq!(p.workspace_len, 64 * 2 * 64 + 64 * 2 * 64 * 64);
+        assert_eq!(p.state_offset(&dims(1, 65536, 1, 64, 64, false)), 64 * 2 * 64);
+        // Too few blocks with 4 or 2 warps: one warp per block.
+        let p = plan(&dims(1, 4096, 1, 8, 8, true), H200_SMS).unwrap();
+        assert_eq!((p.warps, p.value_tile, p.num_chunks), (1, 4, 16));
+        // A single chunk: no workspace, no reduce/carry.
+        let p = plan(&dims(512, 200, 8, 16, 1, false), H200_SMS).unwrap();
+        assert_eq!((p.warps, p.value_tile, p.num_chunks, p.workspace_len), (1, 1, 1, 0));
+        assert_eq!((p.reduce_grid, p.carry_grid, p.forward_grid), (0, 0, 4096));
+        assert_eq!(p.scan_params(), ScanParams { steps_per_thread: STEPS_PER_THREAD, warps: 1 });
+        let p = plan(&dims(64, 700, 8, 16, 2, false), H200_SMS).unwrap();
+        assert_eq!((p.warps, p.value_tile, p.num_chunks), (2, 2, 2));
+    }
+
+    #[test]
+    fn plan_invariants() {
+        for (b, l, h, k, v) in [(1, 1, 1, 1, 1), (2, 65, 3, 5, 7), (1, 100_000, 1, 3, 2), (300, 3000, 4, 64, 64)] {
+            for sms in [1, 16, 132] {
+                let d = dims(b, l, h, k, v, false);
+                let p = plan(&d, sms).unwrap();
+                assert!(VALUE_TILES.contains(&p.value_tile));
+                assert!(p.warps >= 1 && p.warps as usize <= MAX_WARPS);
+                assert_eq!(p.chunk_len as usize, STEPS_PER_THREAD * 32 * p.warps as usize);
+                assert_eq!(p.num_chunks as usize, l.div_ceil(p.chunk_len as usize));
+                // no warp entirely past L
+                assert!((p.warps as usize - 1) * 256 < l, "{d:?} {p:?}");
+                assert_eq!(p.value_tiles as usize, v.div_ceil(p.value_tile as usize));
+                assert_eq!(p.forward_grid as u64, (b * h) as u64 * p.value_tiles as u64 * p.num_chunks);
+                if p.num_chunks > 1 {
+                    assert!(p.carry_grid as usize * 256 >= b * h * k * v);
+                    assert_eq!(p.workspace_len, 2 * b * h * p.num_chunks as usize * k * (v + 1));
+                } else {
+                    assert_eq!((p.reduce_grid, p.carry_grid, p.workspace_len), (0, 0, 0));
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn plan_rejects() {
+        assert!(matches!(plan(&dims(1, 0, 1, 1, 1, false), 132), Err(InputError::ZeroDim { name: "len" })));
+        assert!(matches!(
+            plan(&dims(1 << 20, 1 << 20, 1 << 4, 1, 1, false), 132),
+            Err(InputError::TooLarge { name: "grid", .. })
+        ));
+    }
+}
