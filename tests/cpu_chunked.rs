@@ -99,8 +99,8 @@ fn resets_everywhere_and_nowhere_are_exact() {
     for t in 0..100 {
         let (q, k, v) = (&p.q[t * 3..t * 3 + 3], &p.k[t * 3..t * 3 + 3], &p.v[t * 4..t * 4 + 4]);
         let qk: f32 = q.iter().zip(k).map(|(a, b)| a * b).sum();
-        for j in 0..4 {
-            let want = qk * v[j];
+        for (j, &vj) in v.iter().enumerate() {
+            let want = qk * vj;
             assert!((out.y[t * 4 + j] - want).abs() <= 1e-6 * (1.0 + want.abs()), "t={t} j={j}");
         }
     }
@@ -126,7 +126,8 @@ fn non_default_chunk_params() {
     let params = [(32, 8), (128, 16), (16, 16), (1, 1), (8, 1), (48, 12), (256, 64)];
     for (i, &(chunk_len, sub_chunk_len)) in params.iter().enumerate() {
         let cp = ChunkParams { chunk_len, sub_chunk_len };
-        for (j, regime) in [GateRegime::Random, GateRegime::Mixed, GateRegime::LargePhase(50.0)].into_iter().enumerate() {
+        for (j, regime) in [GateRegime::Random, GateRegime::Mixed, GateRegime::LargePhase(50.0)].into_iter().enumerate()
+        {
             let seed = 600 + 10 * i as u64 + j as u64;
             check_with(dims(2, 333, 2, 7, 6, j == 1), regime, j != 0, seed, &cp, REL);
         }
@@ -176,10 +177,24 @@ fn forward_into_overwrites_the_outputs() {
 #[test]
 fn length_65536_unit_modulus() {
     let d = dims(1, 65536, 1, 4, 4, false);
-    let (ey, eh) = errors(d, GateRegime::UnitModulus, true, 800, &ChunkParams::default());
-    assert!(ey.within(1e-3, 1e-2) && eh.within(1e-3, 1e-2), "y {ey:?}, h_final {eh:?}");
-    let (ey, eh) = errors(d.with_gate(gateloop::GateLayout::PerHead), GateRegime::UnitModulus, false, 801, &ChunkParams::default());
-    assert!(ey.within(1e-3, 1e-2) && eh.within(1e-3, 1e-2), "per head: y {ey:?}, h_final {eh:?}");
+    let cases = [
+        (d, GateRegime::UnitModulus, true, 800),
+        (d.with_gate(gateloop::GateLayout::PerHead), GateRegime::UnitModulus, false, 801),
+        (dims(1, 65536, 1, 16, 8, false), GateRegime::UnitModulus, false, 802),
+        (d, GateRegime::LargePhase(50.0), true, 803),
+    ];
+    for (d, regime, with_h0, seed) in cases {
+        let (ey, eh) = errors(d, regime, with_h0, seed, &ChunkParams::default());
+        assert!(ey.within(1e-3, 1e-3) && eh.within(1e-3, 1e-3), "{d:?} {regime:?}: y {ey:?}, h_final {eh:?}");
+    }
+}
+
+/// Many heads: on machines with up to 16 threads this takes the one-task-per-
+/// head path (the unit tests force both paths everywhere).
+#[test]
+fn many_heads() {
+    check(dims(4, 200, 16, 8, 8, false), GateRegime::Mixed, true, 900);
+    check(dims(8, 130, 8, 5, 3, true), GateRegime::Resets(0.05), false, 901);
 }
 
 fn regime_strategy() -> impl Strategy<Value = GateRegime> {
@@ -194,7 +209,7 @@ fn regime_strategy() -> impl Strategy<Value = GateRegime> {
 }
 
 proptest! {
-    #![proptest_config(ProptestConfig::with_cases(64))]
+    #![proptest_config(ProptestConfig::with_cases(128))]
     #[test]
     fn matches_reference_on_random_shapes(
         batch in 1usize..3,

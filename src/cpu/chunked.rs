@@ -1,7 +1,7 @@
 //! The chunked f32 CPU path: surrogate attention inside chunks, the recurrence
 //! between them. It is the CPU mirror of the GPU chunked kernel: the same
-//! chunking, anchors, masks and f32 accumulation, written as the three
-//! launches a GPU would make.
+//! chunking, anchors, masks and f32 arithmetic, organised as the launches a
+//! GPU would make (one block per (b, h, chunk), then a carry, then a GEMM).
 //!
 //! # Algorithm
 //!
@@ -15,55 +15,74 @@
 //! `exp(g)` is then exactly 0 (e^{−110} ≈ 1.7·10⁻⁴⁸ is far below half the
 //! smallest subnormal, 7·10⁻⁴⁶), so the f32 recurrence itself sees `a = 0`
 //! exactly; a reset contributes 0 to `G` and restarts the segment. Thus every
-//! `G` is finite (|Re G| ≤ 110·C) and never −∞ − (−∞). The phases are kept
-//! in [−π, π]: each step's phase is reduced mod 2π (Cody–Waite, 3-part 2π)
-//! and the running sum is wrapped after every addition, so phases ≫ 2π per
-//! step and long chunks lose nothing (a global f32 cumulative phase at
-//! L = 65536 would have an ulp of ~0.01 rad; here nothing is global).
+//! `G` is finite (|Re G| ≤ 110·C) and no −∞ − (−∞) arises. The phases
+//! `θ = Im G` are kept in [−π, π]: each step's phase is reduced mod 2π
+//! (Cody–Waite, 3-part 2π) and the running sum is wrapped after every
+//! addition, so phases ≫ 2π per step lose nothing, and nothing is global (a
+//! global f32 cumulative phase at L = 65536 would have an ulp of ~0.01 rad).
 //!
 //! For `late ≥ early` (early = −1 meaning "before the chunk") the factor is
 //!
 //! ```text
-//! E(late, early) = 0                          if R_late > early (a reset in (early, late])
-//!                = exp(G_late − G_early)       otherwise (G_{−1} = 0)
+//! E(late, early) = 0                                  if R_late > early (a reset in (early, late])
+//!                = exp(Re G_late − Re G_early) · e^{iθ_late} · e^{−iθ_early}   otherwise
 //! ```
 //!
-//! Both indices then lie in one segment, so `Re(G_late − G_early) ≤ 0` (the
-//! f32 partial sums of non-positive numbers are monotone): **every factor
-//! exponentiated has modulus ≤ 1**. No cumulative product of gates, nor of
-//! their inverses, is ever formed.
+//! Both indices then lie in one segment, so `Re G_late − Re G_early ≤ 0` (f32
+//! partial sums of non-positive numbers are monotone): **every modulus
+//! exponentiated is ≤ 1** and is one `exp` of a direct difference; a masked
+//! factor gets the exponent −100, which the exp maps to exactly 0. No
+//! cumulative product of gates or of their inverses is ever formed. The phase
+//! factors have modulus exactly 1, so they need no anchor: each chunk
+//! tabulates `cos θ_t, sin θ_t` once (one sincos per step and channel) and
+//! folds them into `q_t` and `k_t` (`qc = q cos θ`, `qs = q sin θ`, same for
+//! k); the angle-addition identities then give every pair's phase at an error
+//! of a few ulp.
 //!
-//! **Pass 1 (parallel over (b, h, chunk)): chunk states.**
-//! `U_c = (K ⊙ E(last, ·))ᵀ V` — one real GEMM `[Re K̃ | Im K̃]ᵀ (2K × C) · V
-//! (C × V)` into a planar complex state (rows 0..K real, K..2K imaginary) —
-//! and the chunk decay `A_c = E(last, −1)` (0 if the chunk holds a reset).
-//!
-//! **Pass 2 (parallel over (b, h, key row)): carry.** Sequential over chunks:
-//! `S_in(0) = h0`, `S_in(c+1) = diag(A_c) S_in(c) + U_c`; `S_in(c)` overwrites
-//! `U_c` in place, and `h_final = S_in(n_chunks)`. Every row of the state is
-//! independent, so even B·H = 1 uses all cores.
-//!
-//! **Pass 3 (parallel over (b, h, chunk)): outputs.**
-//! - Inter-chunk: `y += Re((Q ⊙ E(·, −1)) S_in)`, one real GEMM with inner
-//!   dimension 2K: `[Re Q̃ | −Im Q̃] (C × 2K) · [Re S; Im S] (2K × V)`.
-//! - Off-diagonal sub-chunk pairs (query sub-chunk i > key sub-chunk j): the
+//! **Chunk-local work (one task per (b, h, chunk)):**
+//! - the chunk state `U = (K ⊙ E(last, ·))ᵀ V`, one real GEMM
+//!   `[Re K̃ | Im K̃]ᵀ (2K × C) · V (C × V)` into a planar complex state
+//!   (rows 0..K real, K..2K imaginary), and the decay `A = E(last, −1)`;
+//! - the inter-chunk query rows `Q̃ = [Re | −Im](Q ⊙ E(·, −1))` (C × 2K);
+//! - off-diagonal sub-chunk pairs (query sub-chunk i > key sub-chunk j): the
 //!   anchor `r` is the last step of sub-chunk j, so `m ≤ r < n` and
-//!   `E(n, m) = E(n, r) · E(r, m)`, both factors of modulus ≤ 1 (a reset in
-//!   (m, n] lies in (m, r] or in (r, n], zeroing one of them). With
-//!   `q̃_n = q_n ⊙ E(n, r)` and `k̃_m = k_m ⊙ E(r, m)`,
-//!   `score_nm = Re Σ_d q̃_nd k̃_md = Σ_d Re q̃ Re k̃ − Im q̃ Im k̃`, i.e. ONE
-//!   real GEMM with inner dimension 2K: `[Re q̃, −Im q̃] · [Re k̃, Im k̃]ᵀ`,
-//!   for all later queries against sub-chunk j at once.
-//! - Diagonal sub-chunks, pairwise (m ≤ n): `score_nm = Σ_d q_nd k_md Re
-//!   E(n, m)_d`, each exponent a direct difference `G_n − G_m`.
-//! - `y += P V` with the block lower-triangular score matrix P (C × C), a
-//!   GEMM whose inner loop stops at the diagonal.
+//!   `|E(n, m)| = |E(n, r)| · |E(r, m)|`, both ≤ 1 (a reset in (m, n] lies in
+//!   (m, r] or in (r, n] and zeroes one of them). With
+//!   `q̃_n = q_n |E(n, r)| e^{iθ_n}` and `k̃_m = k_m |E(r, m)| e^{−iθ_m}`
+//!   (= q_n E(n, r) e^{iθ_r} and k_m E(r, m) e^{−iθ_r}: the anchor's unit
+//!   phase cancels), `score_nm = Re Σ_d q̃_nd k̃_md = Σ_d Re q̃ Re k̃ − Im q̃ Im k̃`,
+//!   i.e. ONE real GEMM with inner dimension 2K,
+//!   `[Re q̃, −Im q̃] (rows after j × 2K) · [Re k̃, Im k̃]ᵀ (2K × S)`, for all
+//!   later queries against sub-chunk j at once;
+//! - diagonal sub-chunks, pairwise (m ≤ n): `score_nm = Σ_d exp(Re G_nd −
+//!   Re G_md) · (qc_n kc_m + qs_n ks_m)_d` = `Σ_d q_nd k_md Re E(n, m)_d`,
+//!   each modulus exponent a direct difference;
+//! - `y = P V` with the block lower-triangular score matrix P (C × C), a GEMM
+//!   whose inner loop stops at the diagonal.
+//!
+//! **Between chunks:** `S_in(0) = h0`, `S_in(c+1) = diag(A_c) S_in(c) + U_c`,
+//! `y_chunk += Re(Q̃ S_in(c))` — one real GEMM with inner dimension 2K,
+//! `[Re Q̃ | −Im Q̃] (C × 2K) · [Re S; Im S] (2K × V)` — and
+//! `h_final = S_in(n_chunks)`.
+//!
+//! # Parallelism
+//!
+//! When B·H alone fills the threads (B·H ≥ 4 × threads), one rayon task per
+//! (b, h) walks its chunks in order with one running state (no buffers beyond
+//! per-thread scratch). Otherwise — down to B·H = 1 at L = 65536 — three
+//! passes: (1) the chunk-local work of every (b, h, chunk) in parallel,
+//! storing U_c, A_c and Q̃_c; (2) the carry, in parallel over (b, h, key row),
+//! each row sequential over the chunks (S_in(c) overwrites U_c); (3) the
+//! inter-chunk GEMM of every (b, h, chunk) in parallel. The three-pass
+//! buffers take 8·B·L·H·K·(V/C + 1) bytes.
 //!
 //! All arithmetic is f32. GEMMs are a small register-blocked kernel (4 rows ×
 //! 16/8/4/1 columns); exp and sincos are branch-free polynomials (Cephes
 //! coefficients, Cody–Waite reduction) so the loops over channels vectorize.
-//! On x86-64 with AVX2+FMA (detected at run time) the passes are compiled a
-//! second time for that target with fused multiply-adds.
+//! Input rows of a chunk (H·D apart in `[B, L, H, D]`) are prefetched. On
+//! x86-64 with AVX2+FMA (detected at run time) the hot code is compiled a
+//! second time for that target with fused multiply-adds; elsewhere the
+//! portable compilation runs.
 
 use num_complex::Complex;
 use rayon::prelude::*;
@@ -100,7 +119,7 @@ impl ChunkParams {
                 why: "must be at least 1",
             });
         }
-        if self.chunk_len == 0 || self.chunk_len % self.sub_chunk_len != 0 {
+        if self.chunk_len == 0 || !self.chunk_len.is_multiple_of(self.sub_chunk_len) {
             return Err(InputError::Param {
                 name: "chunk_len",
                 value: self.chunk_len.to_string(),
@@ -128,7 +147,7 @@ pub fn forward(p: &Problem<'_, f32>, params: &ChunkParams) -> Result<Outputs<f32
 
 /// Chunked forward in f32 into caller buffers.
 pub fn forward_into(p: &Problem<'_, f32>, params: &ChunkParams, out: OutputsMut<'_, f32>) -> Result<(), InputError> {
-    forward_impl(p, params, out, simd_available())
+    forward_impl(p, params, out, simd_available(), None)
 }
 
 /// Which compilation of the passes runs.
@@ -139,6 +158,26 @@ enum Isa {
     /// x86-64 AVX2 + FMA.
     #[cfg(target_arch = "x86_64")]
     Avx2Fma,
+}
+
+/// How the work is spread over threads.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Strategy {
+    /// One task per (b, h), its chunks in sequence with one running state:
+    /// no buffers beyond per-thread scratch. Used when B·H alone fills the
+    /// threads.
+    PerHead,
+    /// Three passes (chunk-local work in parallel over (b, h, chunk), the
+    /// carry, the inter-chunk outputs): parallel even for B·H = 1.
+    ThreePass,
+}
+
+fn choose_strategy(bh_count: usize, n_chunks: usize) -> Strategy {
+    if n_chunks == 1 || bh_count >= 4 * rayon::current_num_threads() {
+        Strategy::PerHead
+    } else {
+        Strategy::ThreePass
+    }
 }
 
 fn simd_available() -> Isa {
@@ -184,12 +223,19 @@ impl Arith for Fused {
 /// (|x| < 2²²), and the integer sits in the low mantissa bits.
 const ROUND_MAGIC: f32 = 12_582_912.0;
 
+/// The exponent given to a masked factor: [`exp_nonpos`] maps it to exactly 0.
+const MASKED: f32 = -100.0;
+
 /// Below this Re(log_gate) a step is a reset: exp(g) is exactly 0 in f32.
 const RESET_BELOW: f32 = -110.0;
 
 #[inline(always)]
 fn select(c: bool, a: f32, b: f32) -> f32 {
-    if c { a } else { b }
+    if c {
+        a
+    } else {
+        b
+    }
 }
 
 /// x − 2π·round(x / 2π) in f32 (Cody–Waite, 3-part 2π; accurate for
@@ -222,7 +268,7 @@ fn exp_nonpos<F: Arith>(x: f32) -> f32 {
     p = F::fma(p, r, 8.333_452e-3);
     p = F::fma(p, r, 4.166_579_6e-2);
     p = F::fma(p, r, 1.666_666_5e-1);
-    p = F::fma(p, r, 5.000_000_1e-1);
+    p = F::fma(p, r, 0.5);
     let e = F::fma(p, r * r, r) + 1.0;
     let ni = (t.to_bits() as i32).wrapping_sub(ROUND_MAGIC.to_bits() as i32);
     let scale = f32::from_bits((ni.wrapping_add(127) << 23) as u32);
@@ -260,23 +306,51 @@ fn sincos<F: Arith>(x: f32) -> (f32, f32) {
     (sin, cos)
 }
 
-/// e^{re + i·im} for re ≤ 0.
-#[inline(always)]
-fn cexp<F: Arith>(re: f32, im: f32) -> (f32, f32) {
-    let m = exp_nonpos::<F>(re);
-    let (s, c) = sincos::<F>(im);
-    (m * c, m * s)
-}
-
-/// Re e^{re + i·im} for re ≤ 0.
-#[inline(always)]
-fn cexp_re<F: Arith>(re: f32, im: f32) -> f32 {
-    exp_nonpos::<F>(re) * sincos::<F>(im).1
-}
-
 // ---------------------------------------------------------------------------
 // Small dense kernels.
 // ---------------------------------------------------------------------------
+
+/// Prefetches `rows` rows of `row_len` elements, `stride` apart, from `x`
+/// (into L1 with `near`, else into L2). In the `[B, L, H, D]` layout the rows
+/// of one head are H·D apart, often a page or more, where hardware
+/// prefetchers stop; a chunk's rows are requested ahead so their misses
+/// overlap.
+#[inline(always)]
+fn prefetch_rows<T>(x: &[T], stride: usize, rows: usize, row_len: usize, near: bool) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T0, _MM_HINT_T1};
+        let bytes = row_len * std::mem::size_of::<T>();
+        for r in 0..rows {
+            let row = x[r * stride..r * stride + row_len].as_ptr() as *const i8;
+            let mut off = 0;
+            while off < bytes {
+                // SAFETY: a prefetch never faults; the address is inside `x`.
+                unsafe {
+                    if near {
+                        _mm_prefetch::<_MM_HINT_T0>(row.wrapping_add(off))
+                    } else {
+                        _mm_prefetch::<_MM_HINT_T1>(row.wrapping_add(off))
+                    }
+                };
+                off += 64;
+            }
+        }
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = (x, stride, rows, row_len, near);
+}
+
+/// Prefetches the q, k, v and gate rows of steps `t0..t0+n` of head (b, h).
+#[inline(always)]
+fn prefetch_chunk(ctx: &Ctx<'_>, b: usize, h: usize, t0: usize, n: usize, near: bool) {
+    let p = ctx.p;
+    let (kd, vd, gd, hs) = (ctx.kd, ctx.vd, ctx.gd, ctx.heads);
+    prefetch_rows(&p.log_gate[p.row(b, t0, h, gd)..], hs * gd, n, gd, near);
+    prefetch_rows(&p.q[p.row(b, t0, h, kd)..], hs * kd, n, kd, near);
+    prefetch_rows(&p.k[p.row(b, t0, h, kd)..], hs * kd, n, kd, near);
+    prefetch_rows(&p.v[p.row(b, t0, h, vd)..], hs * vd, n, vd, near);
+}
 
 #[inline(always)]
 fn dot<F: Arith>(a: &[f32], b: &[f32]) -> f32 {
@@ -313,6 +387,7 @@ fn micro<F: Arith, const MR: usize, const NR: usize>(
     j0: usize,
     c: &mut [f32],
     ldc: usize,
+    add: bool,
 ) {
     let mut acc = [[0f32; NR]; MR];
     for p in 0..kc {
@@ -326,8 +401,12 @@ fn micro<F: Arith, const MR: usize, const NR: usize>(
     }
     for (i, row) in acc.iter().enumerate() {
         let crow: &mut [f32; NR] = (&mut c[(i0 + i) * ldc + j0..(i0 + i) * ldc + j0 + NR]).try_into().unwrap();
-        for j in 0..NR {
-            crow[j] += row[j];
+        if add {
+            for j in 0..NR {
+                crow[j] += row[j];
+            }
+        } else {
+            *crow = *row;
         }
     }
 }
@@ -345,22 +424,23 @@ fn row_block<F: Arith, const MR: usize>(
     ldb: usize,
     c: &mut [f32],
     ldc: usize,
+    add: bool,
 ) {
     let mut j = 0;
     while j + 16 <= n {
-        micro::<F, MR, 16>(kc, a, ars, acs, i0, b, ldb, j, c, ldc);
+        micro::<F, MR, 16>(kc, a, ars, acs, i0, b, ldb, j, c, ldc, add);
         j += 16;
     }
     if j + 8 <= n {
-        micro::<F, MR, 8>(kc, a, ars, acs, i0, b, ldb, j, c, ldc);
+        micro::<F, MR, 8>(kc, a, ars, acs, i0, b, ldb, j, c, ldc, add);
         j += 8;
     }
     if j + 4 <= n {
-        micro::<F, MR, 4>(kc, a, ars, acs, i0, b, ldb, j, c, ldc);
+        micro::<F, MR, 4>(kc, a, ars, acs, i0, b, ldb, j, c, ldc, add);
         j += 4;
     }
     while j < n {
-        micro::<F, MR, 1>(kc, a, ars, acs, i0, b, ldb, j, c, ldc);
+        micro::<F, MR, 1>(kc, a, ars, acs, i0, b, ldb, j, c, ldc, add);
         j += 1;
     }
 }
@@ -368,7 +448,8 @@ fn row_block<F: Arith, const MR: usize>(
 /// C (m × n) += A (m × kd) · B (kd × n), with A(i, p) = `a[i·ars + p·acs]`,
 /// B row-major with row stride `ldb`, C row-major with row stride `ldc`.
 /// With `lower`, rows `i0..i0+MR` only use inner indices `< i0 + MR` (A is
-/// zero beyond its diagonal: the causal score matrix).
+/// zero beyond its diagonal: the causal score matrix). Without `add`, C is
+/// overwritten (C = A·B).
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
 fn gemm<F: Arith>(
@@ -383,16 +464,17 @@ fn gemm<F: Arith>(
     c: &mut [f32],
     ldc: usize,
     lower: bool,
+    add: bool,
 ) {
     const MR: usize = 4;
     let kc = |end: usize| if lower { kd.min(end) } else { kd };
     let mut i = 0;
     while i + MR <= m {
-        row_block::<F, MR>(n, kc(i + MR), a, ars, acs, i, b, ldb, c, ldc);
+        row_block::<F, MR>(n, kc(i + MR), a, ars, acs, i, b, ldb, c, ldc, add);
         i += MR;
     }
     while i < m {
-        row_block::<F, 1>(n, kc(i + 1), a, ars, acs, i, b, ldb, c, ldc);
+        row_block::<F, 1>(n, kc(i + 1), a, ars, acs, i, b, ldb, c, ldc, add);
         i += 1;
     }
 }
@@ -430,8 +512,24 @@ struct Scratch {
     gim: Vec<f32>,
     /// Chunk-local index of the last reset at or before t, or −1.
     rst: Vec<i32>,
-    /// A row of zeros (G_{−1}).
+    /// cos and sin of `gim`, `[t][channel]`.
+    pc: Vec<f32>,
+    ps: Vec<f32>,
+    /// One step's log gate, deinterleaved.
+    g_re: Vec<f32>,
+    g_im: Vec<f32>,
+    /// A row of zeros (Re G_{−1}).
     zeros: Vec<f32>,
+    /// Moduli of one row of factors, `[channel]`.
+    w: Vec<f32>,
+    /// `[K]`
+    tmp: Vec<f32>,
+    /// `[C][K]`: k ⊙ cos θ, k ⊙ sin θ.
+    kc: Vec<f32>,
+    ks: Vec<f32>,
+    /// `[C][K]`: q ⊙ cos θ, q ⊙ sin θ.
+    qc: Vec<f32>,
+    qs: Vec<f32>,
     /// `[C][2K]`: K̃ (pass 1) or the inter-chunk Q̃ (pass 3).
     wide: Vec<f32>,
     /// `[C][2K]`: anchored queries.
@@ -443,8 +541,6 @@ struct Scratch {
     scores: Vec<f32>,
     /// `[C][V]` output block.
     yblk: Vec<f32>,
-    /// `[K]`
-    tmp: Vec<f32>,
 }
 
 impl Scratch {
@@ -454,116 +550,182 @@ impl Scratch {
             gre: vec![0.0; c * g],
             gim: vec![0.0; c * g],
             rst: vec![-1; c * g],
+            pc: vec![0.0; c * g],
+            ps: vec![0.0; c * g],
+            g_re: vec![0.0; g],
+            g_im: vec![0.0; g],
             zeros: vec![0.0; g],
+            w: vec![0.0; g],
+            tmp: vec![0.0; k],
+            kc: vec![0.0; c * k],
+            ks: vec![0.0; c * k],
+            qc: vec![0.0; c * k],
+            qs: vec![0.0; c * k],
             wide: vec![0.0; c * 2 * k],
             qa: vec![0.0; c * 2 * k],
             ka: vec![0.0; s * 2 * k],
             kat: vec![0.0; s * 2 * k],
             scores: vec![0.0; c * c],
             yblk: vec![0.0; c * v],
-            tmp: vec![0.0; k],
         }
     }
 
-    /// Builds G and R for steps `t0..t0+clen` of head (b, h).
+    /// Builds G, R and the phase table for steps `t0..t0+clen` of head (b, h).
     #[inline(always)]
     fn build_prefix<F: Arith>(&mut self, ctx: &Ctx<'_>, b: usize, h: usize, t0: usize, clen: usize) {
         let gd = ctx.gd;
         let p = ctx.p;
         for t in 0..clen {
             let g = &p.log_gate[p.row(b, t0 + t, h, gd)..][..gd];
-            let (gre, rest_re) = self.gre.split_at_mut(t * gd);
-            let (gim, rest_im) = self.gim.split_at_mut(t * gd);
-            let (rst, rest_rst) = self.rst.split_at_mut(t * gd);
-            let (cur_re, cur_im, cur_rst) = (&mut rest_re[..gd], &mut rest_im[..gd], &mut rest_rst[..gd]);
-            let first = t == 0;
-            let (prev_re, prev_im, prev_rst): (&[f32], &[f32], &[i32]) = if first {
-                (&self.zeros, &self.zeros, &[])
+            let (g_re, g_im) = (&mut self.g_re[..gd], &mut self.g_im[..gd]);
+            for ((r, i), z) in g_re.iter_mut().zip(g_im.iter_mut()).zip(g) {
+                *r = z.re;
+                *i = z.im;
+            }
+            let o = t * gd;
+            if t == 0 {
+                let (cur_re, cur_im, cur_rst) = (&mut self.gre[..gd], &mut self.gim[..gd], &mut self.rst[..gd]);
+                for ch in 0..gd {
+                    let keep = g_re[ch] >= RESET_BELOW;
+                    cur_re[ch] = if keep { g_re[ch] } else { 0.0 };
+                    cur_im[ch] = if keep { reduce_2pi::<F>(g_im[ch]) } else { 0.0 };
+                    cur_rst[ch] = if keep { -1 } else { 0 };
+                }
             } else {
-                (&gre[(t - 1) * gd..], &gim[(t - 1) * gd..], &rst[(t - 1) * gd..])
-            };
-            for ch in 0..gd {
-                let z = g[ch];
-                let reset = z.re < RESET_BELOW;
-                let s_re = prev_re[ch] + z.re;
-                let s_im = reduce_2pi::<F>(prev_im[ch] + reduce_2pi::<F>(z.im));
-                cur_re[ch] = select(reset, 0.0, s_re);
-                cur_im[ch] = select(reset, 0.0, s_im);
-                let pr = if first { -1 } else { prev_rst[ch] };
-                cur_rst[ch] = if reset { t as i32 } else { pr };
+                let (prev_re, cur_re) = self.gre[o - gd..o + gd].split_at_mut(gd);
+                let (prev_im, cur_im) = self.gim[o - gd..o + gd].split_at_mut(gd);
+                let (prev_rst, cur_rst) = self.rst[o - gd..o + gd].split_at_mut(gd);
+                let ti = t as i32;
+                for ch in 0..gd {
+                    let keep = g_re[ch] >= RESET_BELOW;
+                    let s_re = prev_re[ch] + g_re[ch];
+                    let s_im = reduce_2pi::<F>(prev_im[ch] + reduce_2pi::<F>(g_im[ch]));
+                    cur_re[ch] = if keep { s_re } else { 0.0 };
+                    cur_im[ch] = if keep { s_im } else { 0.0 };
+                    // The reset index only grows: max(previous, t if reset).
+                    cur_rst[ch] = prev_rst[ch].max(if keep { -1 } else { ti });
+                }
+            }
+        }
+        let n = clen * gd;
+        for ((c, s), &th) in self.pc[..n].iter_mut().zip(self.ps[..n].iter_mut()).zip(&self.gim[..n]) {
+            (*s, *c) = sincos::<F>(th);
+        }
+    }
+
+    /// `w[ch] = |E(late, early)_ch| = exp(Re G_late − Re G_early)`, exactly 0
+    /// across a reset (early = −1: from the chunk start).
+    #[inline(always)]
+    fn modulus_row<F: Arith>(&mut self, gd: usize, late: usize, early: isize) {
+        let (l_re, l_rst) = (&self.gre[late * gd..][..gd], &self.rst[late * gd..][..gd]);
+        let e_re = if early < 0 { &self.zeros[..gd] } else { &self.gre[early as usize * gd..][..gd] };
+        let e = early as i32;
+        for (((w, &a), &b), &r) in self.w[..gd].iter_mut().zip(l_re).zip(e_re).zip(l_rst) {
+            // A masked factor gets exponent −100: exp_nonpos returns exactly 0.
+            *w = exp_nonpos::<F>(if r <= e { a - b } else { MASKED });
+        }
+    }
+
+    /// `xc[t][d] = x_t[d]·cos θ_t`, `xs[t][d] = x_t[d]·sin θ_t` for the chunk.
+    #[inline(always)]
+    #[allow(clippy::too_many_arguments)]
+    fn phase_scale(&self, gd: usize, x: &[f32], stride: usize, clen: usize, kd: usize, xc: &mut [f32], xs: &mut [f32]) {
+        for t in 0..clen {
+            let xr = &x[t * stride..t * stride + kd];
+            let (oc, os) = (&mut xc[t * kd..(t + 1) * kd], &mut xs[t * kd..(t + 1) * kd]);
+            if gd == 1 {
+                let (c, s) = (self.pc[t], self.ps[t]);
+                for ((oc, os), &v) in oc.iter_mut().zip(os.iter_mut()).zip(xr) {
+                    *oc = v * c;
+                    *os = v * s;
+                }
+            } else {
+                let (pc, ps) = (&self.pc[t * gd..][..kd], &self.ps[t * gd..][..kd]);
+                for ((((oc, os), &v), &c), &s) in oc.iter_mut().zip(os.iter_mut()).zip(xr).zip(pc).zip(ps) {
+                    *oc = v * c;
+                    *os = v * s;
+                }
             }
         }
     }
+}
 
-    /// E(late, early) of channel `ch` (early = −1: from the chunk start).
-    #[inline(always)]
-    fn factor<F: Arith>(&self, gd: usize, late: usize, early: isize, ch: usize) -> (f32, f32) {
-        let l = late * gd + ch;
-        if self.rst[l] as isize > early {
-            return (0.0, 0.0);
+/// `out[d] = w_d·xc[d]`, `out[K + d] = −w_d·xs[d]` (w broadcast when per head):
+/// a row of `[Re z, −Im z]` for z = w·x·e^{iθ}, or of `[Re z, Im z]` for
+/// z = w·x·e^{−iθ}.
+#[inline(always)]
+fn scaled_row(w: &[f32], xc: &[f32], xs: &[f32], out: &mut [f32]) {
+    let kd = xc.len();
+    let (o_re, o_im) = out[..2 * kd].split_at_mut(kd);
+    let xs = &xs[..kd];
+    if w.len() == 1 {
+        let w = w[0];
+        for (((a, b), &c), &s) in o_re.iter_mut().zip(o_im.iter_mut()).zip(xc).zip(xs) {
+            *a = w * c;
+            *b = -(w * s);
         }
-        let (er, ei) = if early < 0 {
-            (0.0, 0.0)
-        } else {
-            let e = early as usize * gd + ch;
-            (self.gre[e], self.gim[e])
-        };
-        cexp::<F>(self.gre[l] - er, self.gim[l] - ei)
+    } else {
+        let w = &w[..kd];
+        for ((((a, b), &c), &s), &w) in o_re.iter_mut().zip(o_im.iter_mut()).zip(xc).zip(xs).zip(w) {
+            *a = w * c;
+            *b = -(w * s);
+        }
     }
 }
 
-/// `out[d] = x[d]·Re E(late, early)_d`, `out[K + d] = im_sign·x[d]·Im E(late, early)_d`.
+/// Σ_d exp(Re G_n − Re G_m)_d · (qc_n kc_m + qs_n ks_m)_d, masked across
+/// resets: the per-channel diagonal score. Two vectorizable stages: the terms
+/// into `tmp`, then a lane-blocked sum.
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
-fn factor_row<F: Arith>(
-    gre: &[f32],
-    gim: &[f32],
-    rst: &[i32],
-    zeros: &[f32],
-    gd: usize,
-    x: &[f32],
-    late: usize,
-    early: isize,
-    im_sign: f32,
-    out: &mut [f32],
-) {
-    let kd = x.len();
-    let (out_re, out_im) = out[..2 * kd].split_at_mut(kd);
-    if gd == 1 {
-        let (er, ei) = if rst[late] as isize > early {
-            (0.0, 0.0)
-        } else {
-            let (pr, pi) = if early < 0 { (0.0, 0.0) } else { (gre[early as usize], gim[early as usize]) };
-            cexp::<F>(gre[late] - pr, gim[late] - pi)
-        };
-        let ei = ei * im_sign;
-        for ((o_re, o_im), &xv) in out_re.iter_mut().zip(out_im.iter_mut()).zip(x) {
-            *o_re = xv * er;
-            *o_im = xv * ei;
-        }
-    } else {
-        let (l_re, l_im, l_rst) = (&gre[late * gd..][..kd], &gim[late * gd..][..kd], &rst[late * gd..][..kd]);
-        let (e_re, e_im) = if early < 0 {
-            (&zeros[..kd], &zeros[..kd])
-        } else {
-            let e = early as usize * gd;
-            (&gre[e..e + kd], &gim[e..e + kd])
-        };
-        let early = early as i32;
-        for d in 0..kd {
-            let (er, ei) = cexp::<F>(l_re[d] - e_re[d], l_im[d] - e_im[d]);
-            let keep = l_rst[d] <= early;
-            out_re[d] = select(keep, x[d] * er, 0.0);
-            out_im[d] = select(keep, x[d] * ei * im_sign, 0.0);
+fn diag_score<F: Arith>(
+    n_re: &[f32],
+    m_re: &[f32],
+    n_rst: &[i32],
+    mi: i32,
+    qc: &[f32],
+    qs: &[f32],
+    kc: &[f32],
+    ks: &[f32],
+    tmp: &mut [f32],
+) -> f32 {
+    let kd = qc.len();
+    let (n_re, m_re, n_rst, qs, kc, ks, tmp) =
+        (&n_re[..kd], &m_re[..kd], &n_rst[..kd], &qs[..kd], &kc[..kd], &ks[..kd], &mut tmp[..kd]);
+    for d in 0..kd {
+        let w = exp_nonpos::<F>(if n_rst[d] <= mi { n_re[d] - m_re[d] } else { MASKED });
+        tmp[d] = w * F::fma(qc[d], kc[d], qs[d] * ks[d]);
+    }
+    lane_sum(tmp)
+}
+
+/// Σ x, eight lanes at a time (a shape the vectorizer turns into SIMD adds).
+#[inline(always)]
+fn lane_sum(x: &[f32]) -> f32 {
+    let mut acc = [0f32; 8];
+    let chunks = x.chunks_exact(8);
+    let rest = chunks.remainder();
+    for c in chunks {
+        let c: &[f32; 8] = c.try_into().unwrap();
+        for l in 0..8 {
+            acc[l] += c[l];
         }
     }
+    let mut tail = 0.0;
+    for &v in rest {
+        tail += v;
+    }
+    ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7])) + tail
 }
 
 // ---------------------------------------------------------------------------
 // The three passes.
 // ---------------------------------------------------------------------------
 
-/// Pass 1 for chunk (bh, c): U_c (planar 2K × V) and the decay A_c (gd).
+/// Pass 1 for chunk (bh, c), everything that is local to the chunk: the
+/// chunk state U_c (planar 2K × V), the decay A_c (gd), the inter-chunk query
+/// rows Q̃ = [Re | −Im](Q ⊙ E(·, −1)) (clen × 2K, only when `qe` is given),
+/// and the intra-chunk output (clen × V) into `s.yblk`.
 #[inline(always)]
 fn pass1_chunk<F: Arith>(
     ctx: &Ctx<'_>,
@@ -572,37 +734,133 @@ fn pass1_chunk<F: Arith>(
     c: usize,
     state: &mut [f32],
     decay: &mut [Complex<f32>],
+    qe: Option<&mut [f32]>,
 ) {
     let (b, h, t0, clen) = ctx.chunk_of(bh, c);
-    let (kd, vd, gd) = (ctx.kd, ctx.vd, ctx.gd);
+    let (kd, vd, gd, sub) = (ctx.kd, ctx.vd, ctx.gd, ctx.sub);
     let p = ctx.p;
     let k2 = 2 * kd;
-    s.build_prefix::<F>(ctx, b, h, t0, clen);
     let last = clen - 1;
     let (ks, vs) = (ctx.heads * kd, ctx.heads * vd);
+    let q = &p.q[p.row(b, t0, h, kd)..];
     let k = &p.k[p.row(b, t0, h, kd)..];
     let v = &p.v[p.row(b, t0, h, vd)..];
+    fn row(x: &[f32], t: usize, kd: usize) -> &[f32] {
+        &x[t * kd..(t + 1) * kd]
+    }
+    // This chunk's rows into L1, the next chunk's (usually this thread's
+    // next task) into L2.
+    prefetch_chunk(ctx, b, h, t0, clen, true);
+    let next = t0 + clen;
+    if next < ctx.len {
+        prefetch_chunk(ctx, b, h, next, ctx.chunk.min(ctx.len - next), false);
+    }
+    s.build_prefix::<F>(ctx, b, h, t0, clen);
+    let (mut qc, mut qs, mut kc, mut kss) =
+        (std::mem::take(&mut s.qc), std::mem::take(&mut s.qs), std::mem::take(&mut s.kc), std::mem::take(&mut s.ks));
+    s.phase_scale(gd, q, ks, clen, kd, &mut qc, &mut qs);
+    s.phase_scale(gd, k, ks, clen, kd, &mut kc, &mut kss);
+
+    // Chunk state: K̃_m = k_m e^{G_last − G_m} = |E(last, m)| · e^{iθ_last} · (kc − i ks)_m,
+    // U = K̃ᵀ V as one real GEMM (2K × clen) · (clen × V).
     for m in 0..clen {
-        factor_row::<F>(
-            &s.gre,
-            &s.gim,
-            &s.rst,
-            &s.zeros,
-            gd,
-            &k[m * ks..m * ks + kd],
-            last,
-            m as isize,
-            1.0,
-            &mut s.wide[m * k2..(m + 1) * k2],
-        );
+        s.modulus_row::<F>(gd, last, m as isize);
+        let (kcm, ksm) = (row(&kc, m, kd), row(&kss, m, kd));
+        let (o_re, o_im) = s.wide[m * k2..(m + 1) * k2].split_at_mut(kd);
+        if gd == 1 {
+            let (w, cl, sl) = (s.w[0], s.pc[last], s.ps[last]);
+            for (((a, b), &c), &sn) in o_re.iter_mut().zip(o_im.iter_mut()).zip(kcm).zip(ksm) {
+                *a = w * F::fma(cl, c, sl * sn);
+                *b = w * F::fma(sl, c, -(cl * sn));
+            }
+        } else {
+            let (w, cl, sl) = (&s.w[..kd], &s.pc[last * gd..][..kd], &s.ps[last * gd..][..kd]);
+            for d in 0..kd {
+                o_re[d] = w[d] * F::fma(cl[d], kcm[d], sl[d] * ksm[d]);
+                o_im[d] = w[d] * F::fma(sl[d], kcm[d], -(cl[d] * ksm[d]));
+            }
+        }
     }
-    state.fill(0.0);
-    // U (2K × V) = K̃ᵀ (2K × clen) · V (clen × V); K̃ᵀ(i, m) = wide[m·2K + i].
-    gemm::<F>(k2, vd, clen, &s.wide, 1, k2, v, vs, state, vd, false);
+    // K̃ᵀ(i, m) = wide[m·2K + i]
+    gemm::<F>(k2, vd, clen, &s.wide, 1, k2, v, vs, state, vd, false, false);
+    s.modulus_row::<F>(gd, last, -1);
     for (ch, a) in decay.iter_mut().enumerate() {
-        let (re, im) = s.factor::<F>(gd, last, -1, ch);
-        *a = Complex::new(re, im);
+        let w = s.w[ch];
+        *a = Complex::new(w * s.pc[last * gd + ch], w * s.ps[last * gd + ch]);
     }
+
+    // Inter-chunk query rows, consumed by pass 3: Q̃_n = q_n |E(n, −1)| e^{iθ_n}.
+    if let Some(qe) = qe {
+        for n in 0..clen {
+            s.modulus_row::<F>(gd, n, -1);
+            scaled_row(&s.w[..gd], row(&qc, n, kd), row(&qs, n, kd), &mut qe[n * k2..(n + 1) * k2]);
+        }
+    }
+
+    // Intra-chunk scores, block lower-triangular, row stride clen.
+    let mut sc = std::mem::take(&mut s.scores);
+    sc[..clen * clen].fill(0.0);
+    let mut s0 = 0;
+    while s0 < clen {
+        let s1 = (s0 + sub).min(clen);
+        // Diagonal sub-chunk: pairwise, each modulus a direct difference
+        // exp(Re G_n − Re G_m); the unit phases e^{iθ_n}, e^{−iθ_m} are
+        // folded into (qc, qs) and (kc, ks).
+        for n in s0..s1 {
+            let srow = &mut sc[n * clen..n * clen + clen];
+            if gd == 1 {
+                let qn = &q[n * ks..n * ks + kd];
+                for m in s0..=n {
+                    let w = exp_nonpos::<F>(if s.rst[n] <= m as i32 { s.gre[n] - s.gre[m] } else { MASKED });
+                    let cosd = F::fma(s.pc[n], s.pc[m], s.ps[n] * s.ps[m]);
+                    srow[m] = w * cosd * dot::<F>(qn, &k[m * ks..m * ks + kd]);
+                }
+            } else {
+                let (n_re, n_rst) = (&s.gre[n * gd..][..kd], &s.rst[n * gd..][..kd]);
+                for (m, sv) in srow.iter_mut().enumerate().take(n + 1).skip(s0) {
+                    let m_re = &s.gre[m * gd..][..kd];
+                    *sv = diag_score::<F>(
+                        n_re,
+                        m_re,
+                        n_rst,
+                        m as i32,
+                        row(&qc, n, kd),
+                        row(&qs, n, kd),
+                        row(&kc, m, kd),
+                        row(&kss, m, kd),
+                        &mut s.tmp,
+                    );
+                }
+            }
+        }
+        // Later queries against this key sub-chunk, anchored at its last step
+        // r: q̃_n = q_n |E(n, r)| e^{iθ_n}, k̃_m = k_m |E(r, m)| e^{−iθ_m}.
+        if s1 < clen {
+            let r = s1 - 1;
+            let (rows, cols) = (clen - s1, s1 - s0);
+            for n in s1..clen {
+                s.modulus_row::<F>(gd, n, r as isize);
+                let o = (n - s1) * k2;
+                scaled_row(&s.w[..gd], row(&qc, n, kd), row(&qs, n, kd), &mut s.qa[o..o + k2]);
+            }
+            for m in s0..s1 {
+                s.modulus_row::<F>(gd, r, m as isize);
+                let o = (m - s0) * k2;
+                scaled_row(&s.w[..gd], row(&kc, m, kd), row(&kss, m, kd), &mut s.ka[o..o + k2]);
+            }
+            for (i, krow_a) in s.ka[..cols * k2].chunks_exact(k2).enumerate() {
+                for (dd, &x) in krow_a.iter().enumerate() {
+                    s.kat[dd * cols + i] = x;
+                }
+            }
+            // scores[n][s0..s1] = [Re q̃, −Im q̃] · [Re k̃, Im k̃]ᵀ (inner 2K)
+            gemm::<F>(rows, cols, k2, &s.qa, k2, 1, &s.kat, cols, &mut sc[s1 * clen + s0..], clen, false, false);
+        }
+        s0 = s1;
+    }
+    // y = P · V (causal: row n stops at inner index n).
+    gemm::<F>(clen, vd, clen, &sc, clen, 1, v, vs, &mut s.yblk[..clen * vd], vd, true, false);
+    (s.qc, s.qs, s.kc, s.ks, s.scores) = (qc, qs, kc, kss, sc);
 }
 
 /// Pass 2 for key row `d` of head `bh`: carry the state over the chunks.
@@ -665,98 +923,119 @@ fn pass2_row(
     }
 }
 
-/// Pass 3 for chunk (bh, c): y rows of the chunk into `s.yblk` (clen × V).
+/// Pass 3 for one chunk: `yblk` (clen × V) = [Re Q̃ | −Im Q̃] · [Re S_in; Im S_in],
+/// one real GEMM with inner dimension 2K.
 #[inline(always)]
-fn pass3_chunk<F: Arith>(ctx: &Ctx<'_>, s: &mut Scratch, bh: usize, c: usize, state_in: Option<&[f32]>) {
-    let (b, h, t0, clen) = ctx.chunk_of(bh, c);
-    let (kd, vd, gd, sub) = (ctx.kd, ctx.vd, ctx.gd, ctx.sub);
+fn pass3_chunk<F: Arith>(kd: usize, vd: usize, clen: usize, qe: &[f32], state_in: &[f32], yblk: &mut [f32]) {
+    gemm::<F>(clen, vd, 2 * kd, qe, 2 * kd, 1, state_in, vd, &mut yblk[..clen * vd], vd, false, false);
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+fn pass1_avx2(
+    ctx: &Ctx<'_>,
+    s: &mut Scratch,
+    bh: usize,
+    c: usize,
+    state: &mut [f32],
+    decay: &mut [Complex<f32>],
+    qe: Option<&mut [f32]>,
+) {
+    pass1_chunk::<Fused>(ctx, s, bh, c, state, decay, qe)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+fn pass3_avx2(kd: usize, vd: usize, clen: usize, qe: &[f32], state_in: &[f32], yblk: &mut [f32]) {
+    pass3_chunk::<Fused>(kd, vd, clen, qe, state_in, yblk)
+}
+
+/// Buffers of one head for [`Strategy::PerHead`].
+struct HeadScratch {
+    /// Running state, planar `[2K][V]`.
+    state: Vec<f32>,
+    /// One chunk's U, planar `[2K][V]`.
+    u: Vec<f32>,
+    /// One chunk's decay `[gd]`.
+    decay: Vec<Complex<f32>>,
+    /// One chunk's Q̃ `[C][2K]`.
+    qe: Vec<f32>,
+}
+
+/// All chunks of head `bh` in sequence ([`Strategy::PerHead`]): the same
+/// chunk-local work as pass 1, then y += Q̃ S and S ← diag(A) S + U.
+#[inline(always)]
+fn head_fused<F: Arith>(
+    ctx: &Ctx<'_>,
+    s: &mut Scratch,
+    hs: &mut HeadScratch,
+    bh: usize,
+    n_chunks: usize,
+    y: SyncPtr,
+    h_final: &mut [Complex<f32>],
+) {
+    let (kd, vd, gd) = (ctx.kd, ctx.vd, ctx.gd);
     let p = ctx.p;
-    let k2 = 2 * kd;
-    s.build_prefix::<F>(ctx, b, h, t0, clen);
-    let (ks, vs) = (ctx.heads * kd, ctx.heads * vd);
-    let q = &p.q[p.row(b, t0, h, kd)..];
-    let k = &p.k[p.row(b, t0, h, kd)..];
-    let v = &p.v[p.row(b, t0, h, vd)..];
-    let qrow = |n: usize| &q[n * ks..n * ks + kd];
-    let krow = |m: usize| &k[m * ks..m * ks + kd];
-    let Scratch { gre, gim, rst, zeros, wide, qa, ka, kat, scores, yblk, tmp } = s;
-    let (gre, gim, rst, zeros) = (&gre[..], &gim[..], &rst[..], &zeros[..]);
-    let yb = &mut yblk[..clen * vd];
-    yb.fill(0.0);
-
-    // Inter-chunk: y = [Re Q̃ | −Im Q̃] · [Re S; Im S], Q̃ = Q ⊙ E(·, −1).
-    if let Some(st) = state_in {
+    let kv = kd * vd;
+    let (st_re, st_im) = hs.state.split_at_mut(kv);
+    match p.h0 {
+        Some(h0) => {
+            for ((r, i), z) in st_re.iter_mut().zip(st_im.iter_mut()).zip(&h0[bh * kv..(bh + 1) * kv]) {
+                *r = z.re;
+                *i = z.im;
+            }
+        }
+        None => {
+            st_re.fill(0.0);
+            st_im.fill(0.0);
+        }
+    }
+    for c in 0..n_chunks {
+        let inter = c > 0 || p.h0.is_some();
+        pass1_chunk::<F>(ctx, s, bh, c, &mut hs.u, &mut hs.decay, inter.then_some(&mut hs.qe[..]));
+        let (b, h, t0, clen) = ctx.chunk_of(bh, c);
+        if inter {
+            gemm::<F>(clen, vd, 2 * kd, &hs.qe, 2 * kd, 1, &hs.state, vd, &mut s.yblk[..clen * vd], vd, false, true);
+        }
         for n in 0..clen {
-            factor_row::<F>(gre, gim, rst, zeros, gd, qrow(n), n, -1, -1.0, &mut wide[n * k2..(n + 1) * k2]);
+            let off = ((b * ctx.len + t0 + n) * ctx.heads + h) * vd;
+            // SAFETY: row (b, t0 + n, h) of y belongs to this head's task
+            // alone; it lies inside y, whose length was validated.
+            let dst = unsafe { std::slice::from_raw_parts_mut(y.get().add(off), vd) };
+            dst.copy_from_slice(&s.yblk[n * vd..(n + 1) * vd]);
         }
-        gemm::<F>(clen, vd, k2, wide, k2, 1, st, vd, yb, vd, false);
+        // S ← diag(A) S + U
+        let (st_re, st_im) = hs.state.split_at_mut(kv);
+        let (u_re, u_im) = hs.u.split_at(kv);
+        for d in 0..kd {
+            let a = hs.decay[if gd == 1 { 0 } else { d }];
+            let r = d * vd..(d + 1) * vd;
+            let (sr, si, ur, ui) = (&mut st_re[r.clone()], &mut st_im[r.clone()], &u_re[r.clone()], &u_im[r]);
+            for v in 0..vd {
+                let (x, yv) = (sr[v], si[v]);
+                sr[v] = F::fma(a.re, x, F::fma(-a.im, yv, ur[v]));
+                si[v] = F::fma(a.re, yv, F::fma(a.im, x, ui[v]));
+            }
+        }
     }
-
-    // Intra-chunk scores, block lower-triangular, row stride clen.
-    let sc = &mut scores[..clen * clen];
-    sc.fill(0.0);
-    let mut s0 = 0;
-    while s0 < clen {
-        let s1 = (s0 + sub).min(clen);
-        // Diagonal sub-chunk: pairwise, each exponent a direct difference.
-        for n in s0..s1 {
-            let qn = qrow(n);
-            let row = &mut sc[n * clen..n * clen + clen];
-            if gd == 1 {
-                for m in s0..=n {
-                    let w = if rst[n] > m as i32 { 0.0 } else { cexp_re::<F>(gre[n] - gre[m], gim[n] - gim[m]) };
-                    row[m] = w * dot::<F>(qn, krow(m));
-                }
-            } else {
-                let (n_re, n_im, n_rst) = (&gre[n * gd..][..kd], &gim[n * gd..][..kd], &rst[n * gd..][..kd]);
-                for m in s0..=n {
-                    let (m_re, m_im) = (&gre[m * gd..][..kd], &gim[m * gd..][..kd]);
-                    let km = krow(m);
-                    let mi = m as i32;
-                    for d in 0..kd {
-                        let w = cexp_re::<F>(n_re[d] - m_re[d], n_im[d] - m_im[d]);
-                        tmp[d] = select(n_rst[d] > mi, 0.0, km[d] * w);
-                    }
-                    row[m] = dot::<F>(qn, tmp);
-                }
-            }
-        }
-        // Later queries against this key sub-chunk, anchored at its last step.
-        if s1 < clen {
-            let r = s1 - 1;
-            let (rows, cols) = (clen - s1, s1 - s0);
-            for n in s1..clen {
-                let o = (n - s1) * k2;
-                factor_row::<F>(gre, gim, rst, zeros, gd, qrow(n), n, r as isize, -1.0, &mut qa[o..o + k2]);
-            }
-            for m in s0..s1 {
-                let o = (m - s0) * k2;
-                factor_row::<F>(gre, gim, rst, zeros, gd, krow(m), r, m as isize, 1.0, &mut ka[o..o + k2]);
-            }
-            for (i, krow_a) in ka[..cols * k2].chunks_exact(k2).enumerate() {
-                for (dd, &x) in krow_a.iter().enumerate() {
-                    kat[dd * cols + i] = x;
-                }
-            }
-            // scores[n][s0..s1] = [Re q̃, −Im q̃] · [Re k̃, Im k̃]ᵀ (inner 2K)
-            gemm::<F>(rows, cols, k2, qa, k2, 1, kat, cols, &mut sc[s1 * clen + s0..], clen, false);
-        }
-        s0 = s1;
+    let (st_re, st_im) = hs.state.split_at(kv);
+    for ((z, &r), &i) in h_final.iter_mut().zip(st_re).zip(st_im) {
+        *z = Complex::new(r, i);
     }
-    // y += P · V (causal: row n stops at inner index n).
-    gemm::<F>(clen, vd, clen, sc, clen, 1, v, vs, yb, vd, true);
 }
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
-fn pass1_avx2(ctx: &Ctx<'_>, s: &mut Scratch, bh: usize, c: usize, state: &mut [f32], decay: &mut [Complex<f32>]) {
-    pass1_chunk::<Fused>(ctx, s, bh, c, state, decay)
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-fn pass3_avx2(ctx: &Ctx<'_>, s: &mut Scratch, bh: usize, c: usize, state_in: Option<&[f32]>) {
-    pass3_chunk::<Fused>(ctx, s, bh, c, state_in)
+fn head_fused_avx2(
+    ctx: &Ctx<'_>,
+    s: &mut Scratch,
+    hs: &mut HeadScratch,
+    bh: usize,
+    n_chunks: usize,
+    y: SyncPtr,
+    h_final: &mut [Complex<f32>],
+) {
+    head_fused::<Fused>(ctx, s, hs, bh, n_chunks, y, h_final)
 }
 
 /// A raw pointer shared by tasks that write disjoint parts of one buffer.
@@ -772,7 +1051,13 @@ impl SyncPtr {
     }
 }
 
-fn forward_impl(p: &Problem<'_, f32>, params: &ChunkParams, out: OutputsMut<'_, f32>, isa: Isa) -> Result<(), InputError> {
+fn forward_impl(
+    p: &Problem<'_, f32>,
+    params: &ChunkParams,
+    out: OutputsMut<'_, f32>,
+    isa: Isa,
+    strategy: Option<Strategy>,
+) -> Result<(), InputError> {
     params.validate()?;
     p.validate()?;
     p.check_gate()?;
@@ -780,31 +1065,59 @@ fn forward_impl(p: &Problem<'_, f32>, params: &ChunkParams, out: OutputsMut<'_, 
     let d = p.dims;
     let (kd, vd, gd) = (d.key_dim, d.value_dim, d.gate_dim());
     let n_chunks = d.len.div_ceil(params.chunk_len);
-    let ctx = Ctx {
-        p,
-        chunk: params.chunk_len,
-        sub: params.sub_chunk_len,
-        kd,
-        vd,
-        gd,
-        heads: d.heads,
-        len: d.len,
-    };
+    let ctx = Ctx { p, chunk: params.chunk_len, sub: params.sub_chunk_len, kd, vd, gd, heads: d.heads, len: d.len };
     let bh_count = d.batch * d.heads;
     let blk = 2 * kd * vd;
+    if strategy.unwrap_or_else(|| choose_strategy(bh_count, n_chunks)) == Strategy::PerHead {
+        let yptr = SyncPtr(out.y.as_mut_ptr());
+        out.h_final.par_chunks_mut(kd * vd).enumerate().for_each_init(
+            || {
+                let hs = HeadScratch {
+                    state: vec![0.0; blk],
+                    u: vec![0.0; blk],
+                    decay: vec![Complex::new(0.0, 0.0); gd],
+                    qe: vec![0.0; params.chunk_len * 2 * kd],
+                };
+                (Scratch::new(&ctx), hs)
+            },
+            |(s, hs), (bh, hf)| match isa {
+                // SAFETY: AVX2 and FMA were detected at run time.
+                #[cfg(target_arch = "x86_64")]
+                Isa::Avx2Fma => unsafe { head_fused_avx2(&ctx, s, hs, bh, n_chunks, yptr, hf) },
+                Isa::Portable => head_fused::<Plain>(&ctx, s, hs, bh, n_chunks, yptr, hf),
+            },
+        );
+        return Ok(());
+    }
+    let qe_blk = params.chunk_len * 2 * kd;
     let mut states = vec![0f32; bh_count * n_chunks * blk];
     let mut decay = vec![Complex::new(0f32, 0f32); bh_count * n_chunks * gd];
+    let mut qe = vec![0f32; bh_count * n_chunks * qe_blk];
+    let (heads, len) = (d.heads, d.len);
+    let yptr = SyncPtr(out.y.as_mut_ptr());
+    let has_h0 = p.h0.is_some();
 
-    // Pass 1: chunk states and decays, parallel over (b, h, chunk).
-    states.par_chunks_mut(blk).zip(decay.par_chunks_mut(gd)).enumerate().for_each_init(
+    // Pass 1: everything chunk-local, parallel over (b, h, chunk).
+    states.par_chunks_mut(blk).zip(decay.par_chunks_mut(gd)).zip(qe.par_chunks_mut(qe_blk)).enumerate().for_each_init(
         || Scratch::new(&ctx),
-        |s, (task, (state, dec))| {
+        |s, (task, ((state, dec), qe))| {
             let (bh, c) = (task / n_chunks, task % n_chunks);
+            // The first chunk has no incoming state without h0.
+            let qe = (c > 0 || has_h0).then_some(qe);
             match isa {
                 // SAFETY: AVX2 and FMA were detected at run time.
                 #[cfg(target_arch = "x86_64")]
-                Isa::Avx2Fma => unsafe { pass1_avx2(&ctx, s, bh, c, state, dec) },
-                Isa::Portable => pass1_chunk::<Plain>(&ctx, s, bh, c, state, dec),
+                Isa::Avx2Fma => unsafe { pass1_avx2(&ctx, s, bh, c, state, dec, qe) },
+                Isa::Portable => pass1_chunk::<Plain>(&ctx, s, bh, c, state, dec, qe),
+            }
+            let (b, h, t0, clen) = ctx.chunk_of(bh, c);
+            for n in 0..clen {
+                let off = ((b * len + t0 + n) * heads + h) * vd;
+                // SAFETY: row (b, t0 + n, h) of y is written by this task only
+                // (tasks are distinct (b, h, chunk)); it lies inside `out.y`,
+                // whose length was validated, and `out.y` outlives the pass.
+                let dst = unsafe { std::slice::from_raw_parts_mut(yptr.get().add(off), vd) };
+                dst.copy_from_slice(&s.yblk[n * vd..(n + 1) * vd]);
             }
         },
     );
@@ -822,29 +1135,28 @@ fn forward_impl(p: &Problem<'_, f32>, params: &ChunkParams, out: OutputsMut<'_, 
         },
     );
 
-    // Pass 3: outputs, parallel over (b, h, chunk); each task owns its y rows.
-    let states = &states;
-    let yptr = SyncPtr(out.y.as_mut_ptr());
-    let (heads, len) = (d.heads, d.len);
-    (0..bh_count * n_chunks).into_par_iter().for_each_init(
-        || Scratch::new(&ctx),
-        |s, task| {
+    // Pass 3: y += Q̃ S_in, parallel over (b, h, chunk); each task owns its y rows.
+    let (states, qe) = (&states, &qe);
+    let first = if has_h0 { 0 } else { 1 };
+    (0..bh_count * n_chunks).into_par_iter().filter(|task| task % n_chunks >= first).for_each_init(
+        || vec![0f32; params.chunk_len * vd],
+        |yblk, task| {
             let (bh, c) = (task / n_chunks, task % n_chunks);
-            let state_in = (c > 0 || p.h0.is_some()).then(|| &states[task * blk..(task + 1) * blk]);
+            let (b, h, t0, clen) = ctx.chunk_of(bh, c);
+            let (qe, st) = (&qe[task * qe_blk..(task + 1) * qe_blk], &states[task * blk..(task + 1) * blk]);
             match isa {
                 // SAFETY: AVX2 and FMA were detected at run time.
                 #[cfg(target_arch = "x86_64")]
-                Isa::Avx2Fma => unsafe { pass3_avx2(&ctx, s, bh, c, state_in) },
-                Isa::Portable => pass3_chunk::<Plain>(&ctx, s, bh, c, state_in),
+                Isa::Avx2Fma => unsafe { pass3_avx2(kd, vd, clen, qe, st, yblk) },
+                Isa::Portable => pass3_chunk::<Plain>(kd, vd, clen, qe, st, yblk),
             }
-            let (b, h, t0, clen) = ctx.chunk_of(bh, c);
             for n in 0..clen {
                 let off = ((b * len + t0 + n) * heads + h) * vd;
-                // SAFETY: row (b, t0 + n, h) of y is written by this task only
-                // (tasks are distinct (b, h, chunk)); it lies inside `out.y`,
-                // whose length was validated, and `out.y` outlives the pass.
+                // SAFETY: as in pass 1 (disjoint rows per task, in bounds).
                 let dst = unsafe { std::slice::from_raw_parts_mut(yptr.get().add(off), vd) };
-                dst.copy_from_slice(&s.yblk[n * vd..(n + 1) * vd]);
+                for (y, &x) in dst.iter_mut().zip(&yblk[n * vd..(n + 1) * vd]) {
+                    *y += x;
+                }
             }
         },
     );
@@ -879,14 +1191,45 @@ mod tests {
         }
     }
 
+    /// Both strategies and both compilations against the f64 reference.
+    #[test]
+    fn strategies_and_compilations_match_the_reference() {
+        let cases = [
+            (dims(1, 300, 1, 9, 7, false), GateRegime::Mixed, true),
+            (dims(3, 129, 2, 4, 6, true), GateRegime::Resets(0.1), false),
+            (dims(2, 64, 3, 16, 5, false), GateRegime::LargePhase(50.0), true),
+            (dims(1, 1, 2, 3, 3, false), GateRegime::Random, true),
+            (dims(2, 1000, 1, 5, 5, false), GateRegime::StrongDecay(40.0), false),
+        ];
+        for (i, &(d, regime, with_h0)) in cases.iter().enumerate() {
+            let pr = random_problem(d, regime, with_h0, 60 + i as u64);
+            let oracle = crate::reference::recurrent::forward(&pr.rounded_to_f32().view()).unwrap();
+            let p32 = pr.to_f32();
+            for isa in [Isa::Portable, simd_available()] {
+                for strategy in [Strategy::PerHead, Strategy::ThreePass] {
+                    for params in [ChunkParams::default(), ChunkParams { chunk_len: 32, sub_chunk_len: 8 }] {
+                        let mut o = Outputs::zeros(&d);
+                        forward_impl(&p32.view(), &params, o.as_mut(), isa, Some(strategy)).unwrap();
+                        let ey = crate::compare(&o.y, &oracle.y);
+                        let eh = crate::compare_complex(&o.h_final, &oracle.h_final);
+                        assert!(
+                            ey.within(1e-4, 1e-3) && eh.within(1e-4, 1e-3),
+                            "{d:?} {isa:?} {strategy:?} {params:?}: y {ey:?} h {eh:?}"
+                        );
+                    }
+                }
+            }
+        }
+    }
+
     #[test]
     fn portable_and_simd_compilations_agree() {
         for (i, per_head) in [false, true].into_iter().enumerate() {
             let pr = random_problem(dims(2, 200, 2, 9, 7, per_head), GateRegime::Mixed, true, 40 + i as u64).to_f32();
             let mut a = Outputs::zeros(&pr.dims);
             let mut b = Outputs::zeros(&pr.dims);
-            forward_impl(&pr.view(), &ChunkParams::default(), a.as_mut(), Isa::Portable).unwrap();
-            forward_impl(&pr.view(), &ChunkParams::default(), b.as_mut(), simd_available()).unwrap();
+            forward_impl(&pr.view(), &ChunkParams::default(), a.as_mut(), Isa::Portable, None).unwrap();
+            forward_impl(&pr.view(), &ChunkParams::default(), b.as_mut(), simd_available(), None).unwrap();
             let e = crate::compare(&a.y, &b.y);
             assert!(e.within(1e-5, 1e-5), "{e:?}");
             let e = crate::compare_complex(&a.h_final, &b.h_final);
