@@ -67,14 +67,15 @@
 //!
 //! # Parallelism
 //!
-//! When B·H alone fills the threads (B·H ≥ 4 × threads), one rayon task per
-//! (b, h) walks its chunks in order with one running state (no buffers beyond
-//! per-thread scratch). Otherwise — down to B·H = 1 at L = 65536 — three
-//! passes: (1) the chunk-local work of every (b, h, chunk) in parallel,
-//! storing U_c, A_c and Q̃_c; (2) the carry, in parallel over (b, h, key row),
-//! each row sequential over the chunks (S_in(c) overwrites U_c); (3) the
-//! inter-chunk GEMM of every (b, h, chunk) in parallel. The three-pass
-//! buffers take 8·B·L·H·K·(V/C + 1) bytes.
+//! When B·H alone fills the threads (B·H a multiple of the thread count, or
+//! at least 4× it), one rayon task per (b, h) walks its chunks in order with
+//! one running state (no buffers beyond per-thread scratch). Otherwise — down
+//! to B·H = 1 at L = 65536 — three passes: (1) the chunk-local work of every
+//! (b, h, chunk) in parallel, storing U_c, A_c and Q̃_c; (2) the carry, in
+//! parallel over (b, h, key row), each row sequential over the chunks
+//! (S_in(c) overwrites U_c); (3) the inter-chunk GEMM of every (b, h, chunk)
+//! in parallel. The three-pass buffers take 8·B·L·H·K·(V/C + 1) bytes and are
+//! recycled between calls (see `pool`).
 //!
 //! All arithmetic is f32. GEMMs are a small register-blocked kernel (4 rows ×
 //! 16/8/4/1 columns); exp and sincos are branch-free polynomials (Cephes
@@ -173,7 +174,11 @@ enum Strategy {
 }
 
 fn choose_strategy(bh_count: usize, n_chunks: usize) -> Strategy {
-    if n_chunks == 1 || bh_count >= 4 * rayon::current_num_threads() {
+    let threads = rayon::current_num_threads();
+    // Heads fill the threads evenly (every head has the same work), or there
+    // are so many that the last round hardly matters.
+    let enough = bh_count >= 4 * threads || (bh_count >= threads && bh_count.is_multiple_of(threads));
+    if n_chunks == 1 || enough {
         Strategy::PerHead
     } else {
         Strategy::ThreePass
@@ -1038,6 +1043,49 @@ fn head_fused_avx2(
     head_fused::<Fused>(ctx, s, hs, bh, n_chunks, y, h_final)
 }
 
+/// Recycles the three-pass buffers between calls: at L = 65536 they are tens
+/// of MB, and fresh pages cost a page fault and a kernel clear each, ~20 % of
+/// a call. At most [`pool::SLOTS`] buffers of at most [`pool::MAX_BYTES`] each
+/// are kept.
+mod pool {
+    use std::sync::Mutex;
+
+    pub const SLOTS: usize = 2;
+    pub const MAX_BYTES: usize = 256 << 20;
+    static FREE: Mutex<Vec<Vec<f32>>> = Mutex::new(Vec::new());
+
+    /// A buffer of `n` elements (recycled contents, or zeros).
+    pub fn take(n: usize) -> Vec<f32> {
+        let recycled = FREE.lock().ok().and_then(|mut free| {
+            let i = free.iter().position(|b| b.capacity() >= n)?;
+            Some(free.swap_remove(i))
+        });
+        match recycled {
+            Some(mut b) => {
+                b.truncate(n);
+                b.resize(n, 0.0);
+                b
+            }
+            None => vec![0.0; n],
+        }
+    }
+
+    /// Returns a buffer for later calls (or drops it).
+    pub fn give(b: Vec<f32>) {
+        if b.capacity() * std::mem::size_of::<f32>() > MAX_BYTES {
+            return;
+        }
+        if let Ok(mut free) = FREE.lock() {
+            free.push(b);
+            if free.len() > SLOTS {
+                // Keep the largest.
+                free.sort_by_key(|b| std::cmp::Reverse(b.capacity()));
+                free.truncate(SLOTS);
+            }
+        }
+    }
+}
+
 /// A raw pointer shared by tasks that write disjoint parts of one buffer.
 #[derive(Clone, Copy)]
 struct SyncPtr(*mut f32);
@@ -1090,9 +1138,11 @@ fn forward_impl(
         return Ok(());
     }
     let qe_blk = params.chunk_len * 2 * kd;
-    let mut states = vec![0f32; bh_count * n_chunks * blk];
+    // Every element of `states` and every row of `qe` that is read is written
+    // in pass 1 first, so recycled buffers need no clearing.
+    let mut states = pool::take(bh_count * n_chunks * blk);
     let mut decay = vec![Complex::new(0f32, 0f32); bh_count * n_chunks * gd];
-    let mut qe = vec![0f32; bh_count * n_chunks * qe_blk];
+    let mut qe = pool::take(bh_count * n_chunks * qe_blk);
     let (heads, len) = (d.heads, d.len);
     let yptr = SyncPtr(out.y.as_mut_ptr());
     let has_h0 = p.h0.is_some();
@@ -1136,14 +1186,14 @@ fn forward_impl(
     );
 
     // Pass 3: y += Q̃ S_in, parallel over (b, h, chunk); each task owns its y rows.
-    let (states, qe) = (&states, &qe);
+    let (states_ref, qe_ref) = (&states, &qe);
     let first = if has_h0 { 0 } else { 1 };
     (0..bh_count * n_chunks).into_par_iter().filter(|task| task % n_chunks >= first).for_each_init(
         || vec![0f32; params.chunk_len * vd],
         |yblk, task| {
             let (bh, c) = (task / n_chunks, task % n_chunks);
             let (b, h, t0, clen) = ctx.chunk_of(bh, c);
-            let (qe, st) = (&qe[task * qe_blk..(task + 1) * qe_blk], &states[task * blk..(task + 1) * blk]);
+            let (qe, st) = (&qe_ref[task * qe_blk..(task + 1) * qe_blk], &states_ref[task * blk..(task + 1) * blk]);
             match isa {
                 // SAFETY: AVX2 and FMA were detected at run time.
                 #[cfg(target_arch = "x86_64")]
@@ -1160,6 +1210,8 @@ fn forward_impl(
             }
         },
     );
+    pool::give(states);
+    pool::give(qe);
     Ok(())
 }
 
