@@ -253,6 +253,18 @@ impl<T: Real> Outputs<T> {
     pub fn zeros(dims: &Dims) -> Self {
         Outputs { y: vec![T::zero(); dims.v_len()], h_final: vec![Complex::new(T::zero(), T::zero()); dims.state_len()] }
     }
+    /// Allocates the outputs of `p` (after checking its lengths, so a bad
+    /// shape is an error, not a huge allocation) and fills them with `into`.
+    pub fn computed(
+        p: &Problem<'_, T>,
+        into: impl FnOnce(&Problem<'_, T>, OutputsMut<'_, T>) -> Result<(), InputError>,
+    ) -> Result<Self, InputError> {
+        p.validate()?;
+        let mut out = Outputs::zeros(&p.dims);
+        into(p, out.as_mut())?;
+        Ok(out)
+    }
+
     /// Borrows as caller buffers for an `_into` call.
     pub fn as_mut(&mut self) -> OutputsMut<'_, T> {
         OutputsMut { y: &mut self.y, h_final: &mut self.h_final }

@@ -140,10 +140,7 @@ impl ChunkParams {
 
 /// Chunked forward in f32, allocating the outputs.
 pub fn forward(p: &Problem<'_, f32>, params: &ChunkParams) -> Result<Outputs<f32>, InputError> {
-    p.validate()?;
-    let mut out = Outputs::zeros(&p.dims);
-    forward_into(p, params, out.as_mut())?;
-    Ok(out)
+    Outputs::computed(p, |p, out| forward_into(p, params, out))
 }
 
 /// Chunked forward in f32 into caller buffers.

@@ -410,10 +410,7 @@ fn head(p: &Problem<'_, f32>, sp: ScanParams, b: usize, h: usize) -> HeadOutputs
 
 /// The fused scan in f32 (the kernel's algorithm), allocating the outputs.
 pub fn forward(p: &Problem<'_, f32>, params: &ScanParams) -> Result<Outputs<f32>, InputError> {
-    p.validate()?;
-    let mut out = Outputs::zeros(&p.dims);
-    forward_into(p, params, out.as_mut())?;
-    Ok(out)
+    Outputs::computed(p, |p, out| forward_into(p, params, out))
 }
 
 /// The fused scan in f32 into caller buffers. Validates the problem (lengths,

@@ -20,10 +20,7 @@ use crate::problem::{Outputs, OutputsMut, Problem, Real};
 
 /// Surrogate-attention mode, allocating the outputs.
 pub fn forward<T: Real>(p: &Problem<'_, T>) -> Result<Outputs<T>, InputError> {
-    p.validate()?;
-    let mut out = Outputs::zeros(&p.dims);
-    forward_into(p, out.as_mut())?;
-    Ok(out)
+    Outputs::computed(p, forward_into)
 }
 
 /// Surrogate-attention mode into caller buffers.

@@ -75,10 +75,7 @@ pub enum RefMode {
 
 /// Runs one reference mode, allocating the outputs.
 pub fn forward<T: Real>(mode: RefMode, p: &Problem<'_, T>) -> Result<Outputs<T>, InputError> {
-    p.validate()?;
-    let mut out = Outputs::zeros(&p.dims);
-    forward_into(mode, p, out.as_mut())?;
-    Ok(out)
+    Outputs::computed(p, |p, out| forward_into(mode, p, out))
 }
 
 /// Runs one reference mode into caller buffers.

@@ -10,10 +10,7 @@ use crate::problem::{Outputs, OutputsMut, Problem, Real};
 
 /// Sequential recurrence, allocating the outputs.
 pub fn forward<T: Real>(p: &Problem<'_, T>) -> Result<Outputs<T>, InputError> {
-    p.validate()?;
-    let mut out = Outputs::zeros(&p.dims);
-    forward_into(p, out.as_mut())?;
-    Ok(out)
+    Outputs::computed(p, forward_into)
 }
 
 /// Sequential recurrence into caller buffers.

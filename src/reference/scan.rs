@@ -68,10 +68,7 @@ pub fn inclusive_scan<T: Real>(xs: &mut [Elem<T>]) {
 
 /// Associative-scan mode, allocating the outputs.
 pub fn forward<T: Real>(p: &Problem<'_, T>) -> Result<Outputs<T>, InputError> {
-    p.validate()?;
-    let mut out = Outputs::zeros(&p.dims);
-    forward_into(p, out.as_mut())?;
-    Ok(out)
+    Outputs::computed(p, forward_into)
 }
 
 /// Associative-scan mode into caller buffers.
