@@ -22,8 +22,9 @@
  *     counting a complex number as ONE element (an interleaved (re, im) pair);
  *   - a state tensor is [B, H, K, V] complex with V contiguous; strides per
  *     (batch, head, key) in complex elements;
- *   - the recurrent state (h0, h_final) is always complex f32; the other
- *     tensors have the kernel's input type (GATELOOP_DTYPE_*).
+ *   - the recurrent state (h0, h_final) and log_gate are always complex f32;
+ *     the other tensors (q, k, v, y) have the kernel's input type
+ *     (GATELOOP_DTYPE_*); arithmetic and accumulation are f32.
  *
  * Adding a kernel (scan, attention, chunked, ...): add a
  * Gateloop<Kernel>Params struct below that embeds GateloopDims and the stride
@@ -54,6 +55,11 @@
 #define GATELOOP_FLAG_HAS_H0 1u
 /* log_gate has one entry per head (gate_dim == 1), broadcast over K. */
 #define GATELOOP_FLAG_PER_HEAD_GATE 2u
+/* Decode: the state is updated in place. The initial state is read from
+ * h_final, which is then overwritten with the final state; h0 must be NULL
+ * and HAS_H0 clear. Each state element is read and later written by the same
+ * thread, so no other thread can observe a half-updated state. */
+#define GATELOOP_FLAG_STATE_IN_PLACE 4u
 
 /* Columns of the state (values of V) one recurrent thread block covers. */
 #define GATELOOP_RECURRENT_VALUE_TILE 32
@@ -97,7 +103,8 @@ GATELOOP_ABI_ASSERT(sizeof(GateloopStateStrides) == 24, "GateloopStateStrides la
  *   block   = (GATELOOP_RECURRENT_VALUE_TILE, key_groups, 1);
  *   dynamic shared memory = chunk_len · (16 · padded_key_dim
  *                           + 4 · VALUE_TILE · (1 + key_groups)) bytes;
- *   the entry point gateloop_recurrent_{dtype}_r{R}, R in {1, 2, 4, 8, 16}
+ *   the entry point gateloop_recurrent_{dtype}_r{R}, dtype in {f32, f16,
+ *   bf16} (of q, k, v, y), R in {1, 2, 4, 8, 16}
  *   (R ≤ GATELOOP_RECURRENT_MAX_ROWS), with R · key_groups == padded_key_dim
  *   ≥ key_dim; thread (lane, g) keeps state rows g + i · key_groups, i < R,
  *   of column 32 · tile + lane.
@@ -107,11 +114,11 @@ typedef struct GateloopRecurrentParams {
     const void *q;        /* [B, L, H, K] dtype */
     const void *k;        /* [B, L, H, K] dtype */
     const void *v;        /* [B, L, H, V] dtype */
-    const void *log_gate; /* [B, L, H, gate_dim] complex dtype */
+    const float *log_gate; /* [B, L, H, gate_dim] complex f32 (every dtype) */
     const float *h0;      /* [B, H, K, V] complex f32, NULL unless HAS_H0 */
     /* Outputs (device pointers). */
     void *y;              /* [B, L, H, V] dtype */
-    float *h_final;       /* [B, H, K, V] complex f32 */
+    float *h_final;       /* [B, H, K, V] complex f32 (and the initial state if STATE_IN_PLACE) */
 
     GateloopDims dims;
     GateloopSeqStrides q_strides;
@@ -123,7 +130,7 @@ typedef struct GateloopRecurrentParams {
     GateloopStateStrides h_final_strides;
 
     uint32_t flags;          /* GATELOOP_FLAG_* */
-    uint32_t dtype;          /* GATELOOP_DTYPE_* of q, k, v, log_gate, y */
+    uint32_t dtype;          /* GATELOOP_DTYPE_* of q, k, v, y */
     int32_t key_groups;      /* warps per block, 1..=MAX_KEY_GROUPS */
     int32_t padded_key_dim;  /* key_groups · R ≥ key_dim */
     int32_t chunk_len;       /* time steps staged in shared memory at once, ≥ 1 */

@@ -31,9 +31,22 @@
 // The complex gate: a = 2^(Re·log2 e) · (cos Im, sin Im). A reset,
 // Re = −inf, gives exp2f(−inf) = 0 exactly, so a = (±0, ±0) and h_t = k_tᵀv_t.
 //
-// Input types: the InputTraits<T> hook converts loads/stores, so half and
-// bfloat16 variants are one explicit instantiation each (state and arithmetic
-// stay f32). Only f32 is instantiated for now.
+// Input types: q, k, v and y have the input type (f32, f16 or bf16; the
+// InputTraits<T> hook converts loads/stores, rounding y to nearest even);
+// log_gate, the state (h0, h_final) and all arithmetic and accumulation are
+// f32 for every input type. One template, one extern "C" entry point per
+// (dtype, R).
+//
+// Decode (GATELOOP_FLAG_STATE_IN_PLACE): the initial state is read from
+// h_final and the final state written back over it. Aliasing argument: thread
+// (lane, g) of block (b, h, tile) reads exactly the elements
+// (b, h, g + i·key_groups, 32·tile + lane), i < R, into registers before the
+// time loop, and writes exactly those elements after it; no other thread of
+// any block reads or writes them (blocks own disjoint (b, h, tile), threads of
+// a block disjoint (row, column)). So every element is read before it is
+// written, by its only reader and writer, and the kernel needs no barrier for
+// it. The state is accessed through plain (non-restrict, non-__ldg) pointers
+// on that path.
 
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -54,7 +67,7 @@ struct InputTraits<float> {
     __device__ __forceinline__ static float load(const float* __restrict__ p, int64_t i) {
         return __ldg(p + i);
     }
-    // Complex element i of an interleaved (re, im) array.
+    // Complex element i of an interleaved (re, im) array (log_gate: f32 only).
     __device__ __forceinline__ static float2 load_complex(const float* __restrict__ p, int64_t i) {
         return __ldg(reinterpret_cast<const float2*>(p) + i);
     }
@@ -67,9 +80,6 @@ struct InputTraits<__half> {
     __device__ __forceinline__ static float load(const __half* __restrict__ p, int64_t i) {
         return __half2float(p[i]);
     }
-    __device__ __forceinline__ static float2 load_complex(const __half* __restrict__ p, int64_t i) {
-        return __half22float2(reinterpret_cast<const __half2*>(p)[i]);
-    }
     __device__ __forceinline__ static void store(__half* p, int64_t i, float x) { p[i] = __float2half_rn(x); }
 };
 
@@ -78,9 +88,6 @@ struct InputTraits<__nv_bfloat16> {
     static constexpr uint32_t kDtype = GATELOOP_DTYPE_BF16;
     __device__ __forceinline__ static float load(const __nv_bfloat16* __restrict__ p, int64_t i) {
         return __bfloat162float(p[i]);
-    }
-    __device__ __forceinline__ static float2 load_complex(const __nv_bfloat16* __restrict__ p, int64_t i) {
-        return __bfloat1622float2(reinterpret_cast<const __nv_bfloat162*>(p)[i]);
     }
     __device__ __forceinline__ static void store(__nv_bfloat16* p, int64_t i, float x) {
         p[i] = __float2bfloat16_rn(x);
@@ -138,8 +145,8 @@ __device__ __forceinline__ void recurrent_forward(const GateloopRecurrentParams&
     const input_t* __restrict__ v =
         static_cast<const input_t*>(p.v) + b * p.v_strides.batch + h * p.v_strides.head;
     // Complex: element offsets count (re, im) pairs, hence the factor 2.
-    const input_t* __restrict__ gate =
-        static_cast<const input_t*>(p.log_gate) + 2 * (b * p.gate_strides.batch + h * p.gate_strides.head);
+    // log_gate is complex f32 for every input type; offsets in complex elements.
+    const float* __restrict__ gate = p.log_gate + 2 * (b * p.gate_strides.batch + h * p.gate_strides.head);
     input_t* __restrict__ y = static_cast<input_t*>(p.y) + b * p.y_strides.batch + h * p.y_strides.head;
 
     // Shared memory: [chunk][kp] float4 {Re a, Im a, k, q}, then [chunk][32]
@@ -149,16 +156,20 @@ __device__ __forceinline__ void recurrent_forward(const GateloopRecurrentParams&
     float* __restrict__ v_s = reinterpret_cast<float*>(stage + chunk * kp);
     float* __restrict__ part_s = v_s + chunk * kValueTile;
 
-    // The state of rows group + i·key_groups, column col.
+    // The state of rows group + i·key_groups, column col. In place (decode),
+    // the initial state is h_final itself: see the aliasing argument at the
+    // top; these are the same elements this thread writes at the end.
     float hr[R], hi[R];
-    const bool has_h0 = (p.flags & GATELOOP_FLAG_HAS_H0) != 0;
+    const bool in_place = (p.flags & GATELOOP_FLAG_STATE_IN_PLACE) != 0;
+    const bool has_init = in_place || (p.flags & GATELOOP_FLAG_HAS_H0) != 0;
+    const float2* init = reinterpret_cast<const float2*>(in_place ? p.h_final : p.h0);
+    const GateloopStateStrides init_strides = in_place ? p.h_final_strides : p.h0_strides;
 #pragma unroll
     for (int i = 0; i < R; ++i) {
         const int64_t row = group + i * key_groups;
         float2 s = make_float2(0.f, 0.f);
-        if (has_h0 && col_ok && row < key_dim) {
-            const float2* h0 = reinterpret_cast<const float2*>(p.h0);
-            s = h0[b * p.h0_strides.batch + h * p.h0_strides.head + row * p.h0_strides.key + col];
+        if (has_init && col_ok && row < key_dim) {
+            s = init[b * init_strides.batch + h * init_strides.head + row * init_strides.key + col];
         }
         hr[i] = s.x;
         hi[i] = s.y;
@@ -175,7 +186,7 @@ __device__ __forceinline__ void recurrent_forward(const GateloopRecurrentParams&
             if (row < key_dim) {
                 const int64_t t = t0 + tt;
                 const int64_t g = t * p.gate_strides.time + (per_head_gate ? 0 : row);
-                const float2 a = complex_gate(Tr::load_complex(gate, g));
+                const float2 a = complex_gate(InputTraits<float>::load_complex(gate, g));
                 s.x = a.x;
                 s.y = a.y;
                 s.z = Tr::load(k, t * p.k_strides.time + row);
@@ -224,7 +235,7 @@ __device__ __forceinline__ void recurrent_forward(const GateloopRecurrentParams&
         }
     }
 
-    // h_final.
+    // h_final (in place: the elements read above, by this same thread).
     float2* h_final = reinterpret_cast<float2*>(p.h_final);
 #pragma unroll
     for (int i = 0; i < R; ++i) {
@@ -248,8 +259,13 @@ __device__ __forceinline__ void recurrent_forward(const GateloopRecurrentParams&
 
 static_assert(16 == GATELOOP_RECURRENT_MAX_ROWS, "one entry point per R in {1, 2, 4, 8, 16}");
 
-GATELOOP_RECURRENT_ENTRY(f32, float, 1)
-GATELOOP_RECURRENT_ENTRY(f32, float, 2)
-GATELOOP_RECURRENT_ENTRY(f32, float, 4)
-GATELOOP_RECURRENT_ENTRY(f32, float, 8)
-GATELOOP_RECURRENT_ENTRY(f32, float, 16)
+#define GATELOOP_RECURRENT_ENTRIES(DTYPE, TYPE)  \
+    GATELOOP_RECURRENT_ENTRY(DTYPE, TYPE, 1)    \
+    GATELOOP_RECURRENT_ENTRY(DTYPE, TYPE, 2)    \
+    GATELOOP_RECURRENT_ENTRY(DTYPE, TYPE, 4)    \
+    GATELOOP_RECURRENT_ENTRY(DTYPE, TYPE, 8)    \
+    GATELOOP_RECURRENT_ENTRY(DTYPE, TYPE, 16)
+
+GATELOOP_RECURRENT_ENTRIES(f32, float)
+GATELOOP_RECURRENT_ENTRIES(f16, __half)
+GATELOOP_RECURRENT_ENTRIES(bf16, __nv_bfloat16)

@@ -98,6 +98,40 @@ enum Command {
         #[arg(long, default_value_t = 1e-4, allow_negative_numbers = true)]
         rtol: f64,
     },
+    /// Time the GPU kernels (CUDA events) against their memory and FP32 floors.
+    ///
+    /// For each kernel, dtype and shape: the median of --runs launches after a
+    /// warm-up, with inputs rotated over enough buffer sets to exceed the L2
+    /// cache; achieved GB/s and GFLOP/s; the floors min-bytes / measured
+    /// device-to-device copy bandwidth and flops / FP32 peak. Exit 2 without
+    /// a usable GPU (or on bad arguments), 1 if a case fails or writes a
+    /// non-finite output.
+    Bench {
+        /// Also write the results as JSON to this file (also when there is no GPU).
+        #[arg(long)]
+        json: Option<PathBuf>,
+        /// Kernels to run (repeatable; default: all). `--list` shows them.
+        #[arg(long = "kernel")]
+        kernels: Vec<String>,
+        /// Element types of q, k, v, y (repeatable: f32, f16, bf16; default: all).
+        #[arg(long = "dtype")]
+        dtypes: Vec<String>,
+        /// Shapes `B,L,H,K,V` or `B,L,H,K,V,head` (repeatable; default: each kernel's).
+        #[arg(long = "shape")]
+        shapes: Vec<String>,
+        /// Timed launches per case; the median is reported.
+        #[arg(long, default_value_t = 30, value_parser = clap::value_parser!(u32).range(1..))]
+        runs: u32,
+        /// Untimed launches before timing.
+        #[arg(long, default_value_t = 5)]
+        warmup: u32,
+        /// Seed of the random inputs.
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+        /// List the kernels and their default shapes, and exit.
+        #[arg(long)]
+        list: bool,
+    },
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -408,6 +442,73 @@ fn check(a: PathBuf, b: PathBuf, rtol: f64) -> Result<(), Failure> {
     }
 }
 
+// ------------------------------------------------------------------ bench --
+
+#[allow(clippy::too_many_arguments)]
+fn bench(
+    json: Option<PathBuf>,
+    kernels: Vec<String>,
+    dtypes: Vec<String>,
+    shapes: Vec<String>,
+    runs: u32,
+    warmup: u32,
+    seed: u64,
+    list: bool,
+) -> Result<(), Failure> {
+    use cuda::bench;
+    if list {
+        for e in bench::registry() {
+            let dts: Vec<&str> = e.dtypes.iter().map(|d| d.name()).collect();
+            say!("{:<17} {} [{}]", e.name, e.about, dts.join(", "));
+            for d in (e.shapes)() {
+                say!("{:<17}   {}", "", bench::shape_str(&d));
+            }
+        }
+        return Ok(());
+    }
+    let dtypes = dtypes.iter().map(|s| s.parse::<cuda::Dtype>()).collect::<Result<Vec<_>, _>>().map_err(input_err)?;
+    let shapes = shapes.iter().map(|s| bench::parse_shape(s)).collect::<Result<Vec<_>, _>>().map_err(input_err)?;
+    let opts = bench::BenchOptions { kernels, dtypes, shapes, runs: runs as usize, warmup: warmup as usize, seed };
+    let write_json = |value: &serde_json::Value| -> Result<(), Failure> {
+        if let Some(path) = &json {
+            let text = serde_json::to_string_pretty(value).map_err(|e| Failure::Runtime(e.to_string()))?;
+            std::fs::write(path, text + "\n")
+                .map_err(|e| Failure::Runtime(format!("cannot write `{}`: {e}", path.display())))?;
+        }
+        Ok(())
+    };
+    let gpu = match cuda::Gpu::new(0) {
+        Ok(gpu) => gpu,
+        Err(e) => {
+            let reason = e.to_string();
+            write_json(&bench::skipped_json(&reason))?;
+            return Err(Failure::Input(format!("gateloop bench needs a GPU: no usable GPU: {reason}")));
+        }
+    };
+    say!("gateloop bench on {} (seed {seed})", gpu.name());
+    let report = bench::run(&gpu, &opts, |line| {
+        use std::io::Write as _;
+        let _ = writeln!(std::io::stderr(), "bench: {line}");
+    })
+    .map_err(|e| match e {
+        bench::BenchError::Gpu(g) => gpu_err(g),
+        other => Failure::Input(other.to_string()),
+    })?;
+    say!("{}", report.table());
+    write_json(&report.to_json())?;
+    if let Some(path) = &json {
+        say!("wrote {}", path.display());
+    }
+    let bad: Vec<String> = report
+        .results
+        .iter()
+        .filter(|r| !r.outputs_finite)
+        .map(|r| format!("{} {} {}: non-finite output", r.kernel, r.dtype, bench::shape_str(&r.dims)))
+        .chain(report.failures.iter().map(|f| format!("{} {} {}: {}", f.kernel, f.dtype, bench::shape_str(&f.dims), f.error)))
+        .collect();
+    if bad.is_empty() { Ok(()) } else { Err(Failure::Runtime(format!("bench failures:\n  {}", bad.join("\n  ")))) }
+}
+
 fn main() -> ExitCode {
     use std::io::Write as _;
     let cli = Cli::parse();
@@ -417,6 +518,9 @@ fn main() -> ExitCode {
             demo(Dims::new(batch, len, heads, key_dim, value_dim), seed)
         }
         Command::Check { a, b, rtol } => check(a, b, rtol),
+        Command::Bench { json, kernels, dtypes, shapes, runs, warmup, seed, list } => {
+            bench(json, kernels, dtypes, shapes, runs, warmup, seed, list)
+        }
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -90,6 +90,9 @@ fn constants() {
     assert_eq!(GATELOOP_DTYPE_F32, 0);
     assert_eq!(GATELOOP_FLAG_HAS_H0, 1);
     assert_eq!(GATELOOP_FLAG_PER_HEAD_GATE, 2);
+    assert_eq!(GATELOOP_FLAG_STATE_IN_PLACE, 4);
+    assert_eq!(GATELOOP_DTYPE_F16, 1);
+    assert_eq!(GATELOOP_DTYPE_BF16, 2);
     assert_eq!(GATELOOP_RECURRENT_VALUE_TILE, 32);
     assert_eq!(GATELOOP_RECURRENT_MAX_KEY_GROUPS, 16);
     assert_eq!(GATELOOP_RECURRENT_MAX_ROWS, 16);

@@ -1,0 +1,247 @@
+#!/usr/bin/env bash
+# The runner of the gateloop GPU bundle (copied to bundle/run.sh by
+# scripts/gpu-bundle.sh). Needs an NVIDIA driver; no Rust, no network.
+#
+#     bash bundle/run.sh
+#
+# Steps, each under `timeout`, all under an overall deadline (default 450 s,
+# GATELOOP_BUNDLE_DEADLINE_S) so the whole run ends well inside 8 minutes:
+#   1. environment: nvidia-smi, the bundle's MANIFEST, that the binaries start;
+#   2. every GPU test binary (tests/gpu_*), --test-threads=8;
+#   3. compute-sanitizer --tool memcheck, then --tool racecheck, on the small
+#      test `gpu_decode sanitizer_smoke` (every dtype, forward and in-place
+#      decode), when compute-sanitizer is installed;
+#   4. gateloop bench --json (every kernel of the bench registry);
+#   5. the bench table, then a summary table (printed last).
+#
+# GATELOOP_REQUIRE_GPU: defaults to 1 here. This runner exists to run on a GPU
+# machine, where a test that skips for want of a GPU means the GPU went
+# unused: with 1 such a skip is a test failure and a bench without a GPU is a
+# FAIL. Set GATELOOP_REQUIRE_GPU=0 to accept skips (a machine without a GPU,
+# e.g. to check the bundle itself): skipped steps are SKIP and do not fail
+# the run.
+#
+# Results go to $OUT when set (the device tool returns what is written
+# there), else ./results: env.txt, tests.log, sanitizer.log, bench.txt,
+# bench.json, summary.txt, summary.json (7 files, flat).
+#
+# Exit status: 0 when every step PASSed or was SKIPped, else 1 (FAIL,
+# TIMEOUT, or NOT RUN because the deadline was reached).
+set -uo pipefail
+
+here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+results=${OUT:-$PWD/results}
+mkdir -p "$results"
+export GATELOOP_REQUIRE_GPU="${GATELOOP_REQUIRE_GPU-1}"
+require=0
+[[ -n "$GATELOOP_REQUIRE_GPU" && "$GATELOOP_REQUIRE_GPU" != 0 ]] && require=1
+deadline_s=${GATELOOP_BUNDLE_DEADLINE_S:-450}
+t_start=$(date +%s)
+export RUST_BACKTRACE=1
+
+env_txt=$results/env.txt
+tests_log=$results/tests.log
+san_log=$results/sanitizer.log
+bench_txt=$results/bench.txt
+bench_json=$results/bench.json
+: >"$env_txt"
+: >"$tests_log"
+: >"$san_log"
+: >"$bench_txt"
+
+names=()
+statuses=()
+seconds=()
+notes=()
+record() { # name status seconds note
+    names+=("$1")
+    statuses+=("$2")
+    seconds+=("$3")
+    notes+=("$4")
+    printf '[run.sh] %-28s %-8s %4ss  %s\n' "$1" "$2" "$3" "$4"
+}
+
+# Seconds a step may take: its own limit, cut to what the deadline leaves
+# (minus 15 s for the summary); 0 when nothing is left.
+budget() {
+    local left=$((deadline_s - ($(date +%s) - t_start) - 15))
+    ((left < 0)) && left=0
+    ((left < $1)) && echo "$left" || echo "$1"
+}
+
+# run_step NAME LIMIT_S LOG -- command...: runs it under timeout, appends its
+# output (with a header) to LOG, leaves rc in $rc, output in $step_out, time
+# in $dt, and not_run=1 (rc 125) when the deadline left no time for it.
+run_step() {
+    local name=$1 limit=$2 log=$3
+    shift 4
+    step_out=$(mktemp)
+    not_run=0
+    local lim
+    lim=$(budget "$limit")
+    if ((lim < 5)); then
+        rc=125
+        not_run=1
+        dt=0
+        echo "(not run: the ${deadline_s}s deadline is reached)" >"$step_out"
+        return
+    fi
+    local t0
+    t0=$(date +%s)
+    {
+        echo "===== $name: $* (limit ${lim}s)"
+    } >>"$log"
+    timeout --kill-after=10 "$lim" "$@" >"$step_out" 2>&1
+    rc=$?
+    dt=$(($(date +%s) - t0))
+    cat "$step_out" >>"$log"
+    echo "===== $name: exit $rc after ${dt}s" >>"$log"
+}
+
+timed_out() { [[ $1 == 124 || $1 == 137 ]]; }
+
+# ---- 1. environment --------------------------------------------------------
+{
+    echo "date: $(date -u +%Y-%m-%dT%H:%M:%SZ)"
+    echo "host: $(uname -a)"
+    echo "GATELOOP_REQUIRE_GPU=$GATELOOP_REQUIRE_GPU deadline ${deadline_s}s results $results"
+    echo "----- MANIFEST"
+    cat "$here/MANIFEST.txt" 2>/dev/null
+    echo "----- nvidia-smi"
+    timeout 20 nvidia-smi 2>&1 || echo "(nvidia-smi unavailable)"
+    echo "----- ldd bin/gateloop"
+    ldd "$here/bin/gateloop" 2>&1
+} >>"$env_txt"
+run_step "binaries start" 20 "$env_txt" -- "$here/bin/gateloop" --version
+if ((not_run)); then
+    record "binaries start" "NOT RUN" 0 "deadline reached"
+elif ((rc == 0)); then
+    record "binaries start" PASS "$dt" "$(head -n 1 "$step_out")"
+else
+    record "binaries start" FAIL "$dt" "gateloop --version exit $rc: $(tail -n 1 "$step_out") (a glibc mismatch? see env.txt)"
+fi
+
+# ---- 2. GPU tests ----------------------------------------------------------
+for t in "$here"/tests/gpu_*; do
+    name=$(basename "$t")
+    run_step "test $name" 100 "$tests_log" -- "$t" --test-threads=8
+    passed=$(grep -o '[0-9]* passed' "$step_out" | awk '{s += $1} END {print s + 0}')
+    failed=$(grep -o '[0-9]* failed' "$step_out" | awk '{s += $1} END {print s + 0}')
+    skipped=$(grep -c 'SKIPPED (no GPU)' "$step_out")
+    note="$passed passed, $failed failed, $skipped skipped (no GPU)"
+    if ((not_run)); then
+        record "test $name" "NOT RUN" 0 "deadline reached"
+    elif timed_out "$rc"; then
+        record "test $name" TIMEOUT "$dt" "$note"
+    elif ((rc != 0)); then
+        record "test $name" FAIL "$dt" "$note; first: $(grep -m 1 -A 1 'panicked at' "$step_out" | tail -n 1 | cut -c1-160)"
+    elif ((skipped > 0)); then
+        record "test $name" SKIP "$dt" "$note"
+    else
+        record "test $name" PASS "$dt" "$note"
+    fi
+done
+
+# ---- 3. compute-sanitizer --------------------------------------------------
+sanitizer=$(command -v compute-sanitizer 2>/dev/null)
+if [[ -z "$sanitizer" ]]; then
+    for c in /usr/local/cuda/bin/compute-sanitizer /usr/local/cuda-*/bin/compute-sanitizer \
+        /opt/nvidia/*/compute-sanitizer /opt/nvidia/compute-sanitizer/compute-sanitizer; do
+        if [[ -x "$c" ]]; then
+            sanitizer=$c
+            break
+        fi
+    done
+fi
+smoke=$here/tests/gpu_decode
+for tool in memcheck racecheck; do
+    limit=60
+    [[ $tool == racecheck ]] && limit=90
+    if [[ -z "$sanitizer" ]]; then
+        record "sanitizer $tool" SKIP 0 "compute-sanitizer not found"
+        continue
+    fi
+    if [[ ! -x "$smoke" ]]; then
+        record "sanitizer $tool" FAIL 0 "tests/gpu_decode missing from the bundle"
+        continue
+    fi
+    # GATELOOP_REQUIRE_GPU=1 so the smoke test cannot pass by skipping.
+    run_step "sanitizer $tool" "$limit" "$san_log" -- env GATELOOP_REQUIRE_GPU=1 "$sanitizer" --tool "$tool" \
+        --error-exitcode 86 --print-limit 50 "$smoke" --exact sanitizer_smoke --test-threads=1
+    summary_line=$(grep -m 1 -E 'ERROR SUMMARY|RACECHECK SUMMARY' "$step_out")
+    if ((not_run)); then
+        record "sanitizer $tool" "NOT RUN" 0 "deadline reached"
+    elif timed_out "$rc"; then
+        record "sanitizer $tool" TIMEOUT "$dt" "$summary_line"
+    elif ((rc == 0)); then
+        record "sanitizer $tool" PASS "$dt" "$summary_line"
+    elif grep -qE 'Device not supported|no GPU is usable|no CUDA driver' "$step_out" && ((require == 0)); then
+        record "sanitizer $tool" SKIP "$dt" "no supported GPU: $(grep -oE 'Device not supported|no GPU is usable|no CUDA driver' "$step_out" | head -n 1)"
+    else
+        record "sanitizer $tool" FAIL "$dt" "exit $rc; ${summary_line:-$(tail -n 1 "$step_out" | cut -c1-160)}"
+    fi
+done
+
+# ---- 4. benchmark ----------------------------------------------------------
+run_step "bench" 180 "$bench_txt" -- "$here/bin/gateloop" bench --json "$bench_json"
+if ((not_run)); then
+    record "bench" "NOT RUN" 0 "deadline reached"
+elif timed_out "$rc"; then
+    record "bench" TIMEOUT "$dt" "see bench.txt"
+elif ((rc == 0)); then
+    record "bench" PASS "$dt" "$(grep -c '^recurrent' "$step_out") rows; bench.json"
+elif ((rc == 2)) && grep -q 'needs a GPU' "$step_out"; then
+    if ((require)); then
+        record "bench" FAIL "$dt" "no GPU: $(grep -m 1 'needs a GPU' "$step_out" | cut -c1-160)"
+    else
+        record "bench" SKIP "$dt" "no GPU (exit 2)"
+    fi
+else
+    record "bench" FAIL "$dt" "exit $rc: $(grep -m 1 '^error' "$step_out" | cut -c1-160)"
+fi
+
+# ---- 5. summary ------------------------------------------------------------
+total=$(($(date +%s) - t_start))
+bad=0
+for s in "${statuses[@]}"; do
+    [[ $s == FAIL || $s == TIMEOUT || $s == "NOT RUN" ]] && bad=1
+done
+verdict=$([[ $bad == 0 ]] && echo OK || echo FAILED)
+
+json_escape() { sed -e 's/\\/\\\\/g' -e 's/"/\\"/g' -e 's/\t/ /g' | tr -d '\000-\037'; }
+{
+    echo "{"
+    echo "  \"schema\": \"gateloop-bundle/1\","
+    echo "  \"verdict\": \"$verdict\","
+    echo "  \"require_gpu\": $require,"
+    echo "  \"total_s\": $total,"
+    echo "  \"steps\": ["
+    for i in "${!names[@]}"; do
+        sep=","
+        ((i == ${#names[@]} - 1)) && sep=""
+        printf '    {"step": "%s", "status": "%s", "seconds": %s, "note": "%s"}%s\n' \
+            "$(printf '%s' "${names[$i]}" | json_escape)" "${statuses[$i]}" "${seconds[$i]}" \
+            "$(printf '%s' "${notes[$i]}" | json_escape)" "$sep"
+    done
+    echo "  ]"
+    echo "}"
+} >"$results/summary.json"
+
+{
+    echo
+    echo "================ gateloop bench"
+    if grep -q '^device:' "$bench_txt"; then
+        grep -vE '^(bench:|=====)' "$bench_txt" | sed -n '/^device:/,$p'
+    else
+        echo "(no bench table: see bench.txt)"
+    fi
+    echo
+    echo "================ gateloop GPU bundle summary (GATELOOP_REQUIRE_GPU=$GATELOOP_REQUIRE_GPU, ${total}s, results in $results)"
+    printf '%-28s %-8s %6s  %s\n' step status seconds note
+    for i in "${!names[@]}"; do
+        printf '%-28s %-8s %6s  %s\n' "${names[$i]}" "${statuses[$i]}" "${seconds[$i]}" "${notes[$i]}"
+    done
+    echo "verdict: $verdict"
+} | tee "$results/summary.txt"
+
+[[ $bad == 0 ]]

@@ -1,0 +1,111 @@
+#!/usr/bin/env bash
+# Builds the GPU bundle: the GPU test binaries (every tests/gpu_*.rs) and the
+# `gateloop` binary, in release with the CUDA kernels compiled in, packed with
+# the runner scripts/gpu-bundle-run.sh (as run.sh) into bundle/ (gitignored).
+#
+# The bundle runs on a GPU machine that has an NVIDIA driver but no Rust
+# toolchain, no nvcc requirement and no network:
+#
+#     bash bundle/run.sh            # results in $OUT, else ./results
+#
+# With the workplace's device tool, from the checkout the session runs in
+# (bundle/ is ignored by git, so it must be carried):
+#
+#     run(command="bash bundle/run.sh", carry=["bundle"], timeout_s=540)
+#
+# Only the GPU test binaries are bundled: they read no files (this script
+# refuses one that mentions CARGO_MANIFEST_DIR or tests/fixtures), so they run
+# from any working directory. The CPU tests stay with `scripts/test.sh`/CI.
+#
+# Environment: GATELOOP_CUDA_ARCHS (default here: 90, the H200's sm_90 SASS
+# plus compute_90 PTX; set e.g. 80,90 for other GPUs), NVCC (default: the
+# toolchain of scripts/provision-nvcc.sh), CARGO_TARGET_DIR (as usual).
+# The bundle must stay under 60 MB (checked).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+root=$PWD
+max_bytes=$((60 * 1000 * 1000))
+
+if [[ -z "${NVCC:-}" ]]; then
+    NVCC=$(bash scripts/provision-nvcc.sh | tail -n 1)
+fi
+export NVCC
+export GATELOOP_REQUIRE_NVCC=1
+export GATELOOP_CUDA_ARCHS="${GATELOOP_CUDA_ARCHS:-90}"
+echo "gpu-bundle: nvcc = $NVCC; GATELOOP_CUDA_ARCHS = $GATELOOP_CUDA_ARCHS" >&2
+
+# The GPU test targets.
+gpu_tests=()
+for f in tests/gpu_*.rs; do
+    gpu_tests+=("$(basename "$f" .rs)")
+done
+if ((${#gpu_tests[@]} == 0)); then
+    echo "gpu-bundle: no tests/gpu_*.rs" >&2
+    exit 1
+fi
+if grep -nE 'CARGO_MANIFEST_DIR|fixtures' tests/gpu_*.rs tests/common/*.rs tests/dtype_support/*.rs >&2; then
+    echo "gpu-bundle: a GPU test reads files by path (above); the bundle has no source tree" >&2
+    exit 1
+fi
+test_args=()
+for t in "${gpu_tests[@]}"; do
+    test_args+=(--test "$t")
+done
+
+cargo build --release --bin gateloop >&2
+messages=$(mktemp)
+trap 'rm -f "$messages"' EXIT
+cargo test --release --no-run --message-format=json "${test_args[@]}" >"$messages"
+target_dir=$(cargo metadata --format-version 1 --no-deps | sed -n 's/.*"target_directory":"\([^"]*\)".*/\1/p')
+
+# "name<TAB>executable" of each test target built above.
+if command -v jq >/dev/null; then
+    pairs=$(jq -r 'select(.reason == "compiler-artifact" and .executable != null and .profile.test
+                          and (.target.kind | index("test"))) | "\(.target.name)\t\(.executable)"' "$messages")
+else
+    pairs=$(python3 -c '
+import json, sys
+for line in open(sys.argv[1]):
+    m = json.loads(line)
+    if m.get("reason") == "compiler-artifact" and m.get("executable") and m["profile"]["test"] and "test" in m["target"]["kind"]:
+        print(m["target"]["name"] + "\t" + m["executable"])' "$messages")
+fi
+
+rm -rf bundle
+mkdir -p bundle/bin bundle/tests
+cp "$target_dir/release/gateloop" bundle/bin/gateloop
+found=0
+while IFS=$'\t' read -r name exe; do
+    [[ -n "$name" ]] || continue
+    cp "$exe" "bundle/tests/$name"
+    found=$((found + 1))
+done <<<"$pairs"
+if ((found != ${#gpu_tests[@]})); then
+    echo "gpu-bundle: expected ${#gpu_tests[@]} test executables (${gpu_tests[*]}), found $found" >&2
+    exit 1
+fi
+if command -v strip >/dev/null; then
+    strip bundle/bin/* bundle/tests/*
+fi
+cp scripts/gpu-bundle-run.sh bundle/run.sh
+chmod +x bundle/run.sh bundle/bin/* bundle/tests/*
+
+{
+    echo "gateloop GPU bundle"
+    echo "commit: $(git -C "$root" rev-parse HEAD 2>/dev/null || echo unknown)$(git -C "$root" diff --quiet HEAD 2>/dev/null || echo ' (+ uncommitted changes)')"
+    echo "built: $(date -u +%Y-%m-%dT%H:%M:%SZ) on $(uname -m), $(ldd --version 2>/dev/null | head -n 1)"
+    echo "nvcc: $("$NVCC" --version | tail -n 1)"
+    echo "GATELOOP_CUDA_ARCHS: $GATELOOP_CUDA_ARCHS"
+    echo "tests: ${gpu_tests[*]}"
+    echo "max GLIBC symbol version needed: $(objdump -T bundle/bin/* bundle/tests/* 2>/dev/null | grep -o 'GLIBC_[0-9.]*' | sort -t. -k2,2n -k3,3n -u | tail -n 1)"
+} >bundle/MANIFEST.txt
+
+bytes=$(du -sb bundle | cut -f1)
+cat bundle/MANIFEST.txt >&2
+echo "gpu-bundle: bundle/ is $((bytes / 1000)) kB:" >&2
+ls -l bundle/bin bundle/tests >&2
+if ((bytes >= max_bytes)); then
+    echo "gpu-bundle: bundle/ is $bytes bytes, over the $max_bytes limit" >&2
+    exit 1
+fi
+echo "gpu-bundle: ready; run it with: bash bundle/run.sh   (device tool: carry [\"bundle\"])" >&2

@@ -1,0 +1,866 @@
+//! GPU benchmarks: every kernel of a [`registry`], per element type and
+//! shape, timed with CUDA events and set against two floors.
+//!
+//! Method (`/work/.library/device/METHOD.md` in this workplace):
+//!
+//! - **Timing**: one pair of CUDA events around each launch on the Gpu's
+//!   stream, after `warmup` untimed launches; the reported time is the
+//!   median of `runs` (≥ 20 by default 30) launches, min and max alongside.
+//! - **Cache**: the inputs and outputs are allocated as several *sets* and
+//!   consecutive launches rotate through them, so that the sets together
+//!   exceed [`ROTATE_L2_MULTIPLE`] × the L2 size read off the device (H200:
+//!   ~50–60 MB of L2; a 4 MB decode state needs ~60 sets, a 0.8 GB forward
+//!   problem 2). Inputs are random, never zeros; outputs are poisoned with
+//!   NaN before the first launch and checked to be finite afterwards.
+//! - **Floors**: `bytes` is the fewest bytes the call must move (each input
+//!   read once, each output written once, see each kernel's `cost`); the
+//!   memory floor is bytes / the device-to-device copy bandwidth *measured in
+//!   the same run* ([`measure_copy_bandwidth`], counting bytes read + bytes
+//!   written). `flops` counts the kernel's arithmetic (an FMA is 2); the
+//!   arithmetic floor is flops / the FP32 (non-tensor) peak computed from
+//!   the device: SMs × FP32 lanes per SM × 2 × the maximum SM clock. For the
+//!   H200 SXM that is 132 × 128 × 2 × 1.98 GHz ≈ 66.9 TFLOP/s, the
+//!   datasheet's ~67 TFLOP/s; the datasheet's HBM3e bandwidth, 4.8 TB/s, is
+//!   printed for reference only (a copy measured here on an H200 moved about
+//!   4.3 TB/s). The larger floor is the bound; `of_floor` = floor / measured
+//!   time (1.0 would be at the roofline).
+//!
+//! Adding a kernel (scan, attention, ...): write a [`KernelEntry`] (its
+//! dtypes, default shapes, `check`, `cost` and `prepare`, which allocates
+//! `sets` device copies of a [`HostInputs`] and returns a [`BenchCase`] that
+//! launches on one of them) and list it in [`registry`].
+
+use std::sync::Arc;
+
+use cudarc::driver::sys::{CUdevice_attribute, CUevent_flags};
+use cudarc::driver::{CudaSlice, CudaStream};
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+use rayon::prelude::*;
+use serde_json::{Value, json};
+use thiserror::Error;
+
+use super::element::{Dtype, Element, round_slice};
+use super::recurrent::{self, DecodeInputs, DeviceInputs, DeviceOutputs};
+use super::{DriverContext, Gpu, GpuError};
+use crate::error::InputError;
+use crate::problem::{Dims, GateLayout};
+
+/// The input sets together cover at least this multiple of the L2 size.
+pub const ROTATE_L2_MULTIPLE: usize = 4;
+/// Fewest input sets (so no two consecutive launches share buffers).
+pub const MIN_SETS: usize = 2;
+/// Most input sets.
+pub const MAX_SETS: usize = 128;
+/// Bytes of each buffer of the device-to-device copy that measures bandwidth.
+pub const COPY_BYTES: usize = 1 << 30;
+/// Datasheet numbers of the H200 SXM, printed for reference (not used for the floors).
+pub const H200_DATASHEET: &str = "H200 SXM datasheet: HBM3e 4.8 TB/s, FP32 (non-tensor) 67 TFLOP/s";
+
+/// Errors of a benchmark run.
+#[derive(Debug, Error)]
+pub enum BenchError {
+    #[error(transparent)]
+    Gpu(#[from] GpuError),
+    #[error(transparent)]
+    Input(#[from] InputError),
+    #[error("unknown kernel `{name}` (available: {available})")]
+    UnknownKernel { name: String, available: String },
+    #[error("`--shape {spec}`: {why} (expected B,L,H,K,V or B,L,H,K,V,head)")]
+    BadShape { spec: String, why: String },
+    #[error("kernel `{kernel}` has no {dtype} variant")]
+    UnsupportedDtype { kernel: &'static str, dtype: Dtype },
+    #[error("{what} must be at least {min}, got {value}")]
+    TooFew { what: &'static str, min: usize, value: usize },
+}
+
+/// The fewest bytes one call must move and the arithmetic it does.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Cost {
+    /// Each input read once, each output written once.
+    pub bytes: f64,
+    /// Floating-point operations (an FMA counts 2).
+    pub flops: f64,
+}
+
+/// Random host inputs of one shape in the operator's layout, shared by every
+/// kernel and dtype of that shape: q, k, v uniform in (−1, 1) as f32,
+/// log_gate with Re ∈ [−0.3, 0], Im ∈ (−π, π) and a state uniform in the unit
+/// square, both complex f32 as interleaved pairs.
+pub struct HostInputs {
+    pub dims: Dims,
+    pub q: Vec<f32>,
+    pub k: Vec<f32>,
+    pub v: Vec<f32>,
+    /// `[B, L, H, gate_dim]` complex, interleaved.
+    pub log_gate: Vec<f32>,
+    /// `[B, H, K, V]` complex, interleaved: an initial state.
+    pub state: Vec<f32>,
+}
+
+fn fill(out: &mut [f32], seed: u64, f: impl Fn(&mut StdRng, usize) -> f32 + Sync) {
+    out.par_chunks_mut(1 << 16).enumerate().for_each(|(c, chunk)| {
+        let mut rng = StdRng::seed_from_u64(seed ^ (c as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15));
+        for (i, x) in chunk.iter_mut().enumerate() {
+            *x = f(&mut rng, i);
+        }
+    });
+}
+
+impl HostInputs {
+    /// Reproducible from `seed`; generated in parallel.
+    pub fn random(dims: Dims, seed: u64) -> Self {
+        let uniform = |n: usize, s: u64| {
+            let mut v = vec![0f32; n];
+            fill(&mut v, s, |rng, _| rng.random_range(-1.0f32..1.0));
+            v
+        };
+        let mut log_gate = vec![0f32; 2 * dims.gate_len()];
+        fill(&mut log_gate, seed ^ 4, |rng, i| {
+            if i % 2 == 0 { -rng.random_range(0.0f32..0.3) } else { rng.random_range(-std::f32::consts::PI..std::f32::consts::PI) }
+        });
+        HostInputs {
+            dims,
+            q: uniform(dims.qk_len(), seed),
+            k: uniform(dims.qk_len(), seed ^ 1),
+            v: uniform(dims.v_len(), seed ^ 2),
+            log_gate,
+            state: uniform(2 * dims.state_len(), seed ^ 3),
+        }
+    }
+}
+
+/// One prepared benchmark: device buffers for every set, ready to launch.
+pub trait BenchCase {
+    /// Enqueues one call on input set `set` (< the number of sets) on the
+    /// Gpu's stream. Must not synchronize.
+    fn launch(&mut self, set: usize) -> Result<(), GpuError>;
+    /// After the runs: whether every output element of set 0 (launched
+    /// during the warm-up) was written with a finite value.
+    fn outputs_finite(&mut self) -> Result<bool, GpuError>;
+}
+
+/// Prepares a case: `sets` device copies of the inputs for one dtype.
+pub type PrepareFn =
+    for<'g> fn(&'g Gpu, Dims, Dtype, &HostInputs, usize) -> Result<Box<dyn BenchCase + 'g>, GpuError>;
+
+/// A benchmarked kernel.
+pub struct KernelEntry {
+    /// Name on the command line and in results.
+    pub name: &'static str,
+    /// One line: what one call does.
+    pub about: &'static str,
+    /// The element types it runs.
+    pub dtypes: &'static [Dtype],
+    /// Shapes run when none is given.
+    pub shapes: fn() -> Vec<Dims>,
+    /// Whether it runs `dims` (an error explains why not).
+    pub check: fn(&Dims) -> Result<(), InputError>,
+    /// Minimum bytes and flops of one call.
+    pub cost: fn(&Dims, Dtype) -> Cost,
+    /// Allocates the sets.
+    pub prepare: PrepareFn,
+}
+
+/// Every benchmarked kernel. New kernels are appended here.
+pub fn registry() -> Vec<KernelEntry> {
+    vec![
+        KernelEntry {
+            name: "recurrent",
+            about: "forward over L steps from a zero state: y and h_final",
+            dtypes: &Dtype::ALL,
+            shapes: recurrent_shapes,
+            check: |d| recurrent::plan(d).map(|_| ()),
+            cost: |d, t| recurrent_cost(d, t, false),
+            prepare: |gpu, d, t, host, sets| crate::with_element!(t, T => prepare_recurrent::<T>(gpu, d, host, sets, false)),
+        },
+        KernelEntry {
+            name: "recurrent-decode",
+            about: "decode: L steps applied in place to a [B,H,K,V] state, y for the L steps",
+            dtypes: &Dtype::ALL,
+            shapes: decode_shapes,
+            check: |d| recurrent::plan(d).map(|_| ()),
+            cost: |d, t| recurrent_cost(d, t, true),
+            prepare: |gpu, d, t, host, sets| crate::with_element!(t, T => prepare_recurrent::<T>(gpu, d, host, sets, true)),
+        },
+    ]
+}
+
+fn shape(b: usize, l: usize, h: usize, k: usize, v: usize, gate: GateLayout) -> Dims {
+    Dims::new(b, l, h, k, v).with_gate(gate)
+}
+
+fn recurrent_shapes() -> Vec<Dims> {
+    use GateLayout::{PerChannel, PerHead};
+    vec![
+        shape(8, 4096, 16, 64, 64, PerChannel),
+        shape(8, 4096, 16, 64, 64, PerHead),
+        shape(1, 65536, 4, 64, 64, PerChannel),
+        shape(4, 2048, 8, 128, 128, PerChannel),
+        shape(32, 1024, 32, 32, 32, PerHead),
+    ]
+}
+
+fn decode_shapes() -> Vec<Dims> {
+    use GateLayout::{PerChannel, PerHead};
+    vec![
+        shape(8, 1, 16, 64, 64, PerChannel),
+        shape(64, 1, 32, 128, 128, PerHead),
+        shape(8, 16, 16, 64, 64, PerChannel),
+    ]
+}
+
+/// Recurrent forward / decode. Bytes: q, k, v read and y written in the
+/// element type; log_gate read as complex f32 (8 bytes); the state read (h0,
+/// decode only) and written (h_final) as complex f32. Flops per (b, t, h, k,
+/// v): the complex update a·h + k·v (complex multiply 6, k·v 1, add 1) and the
+/// readout q·Re h (FMA 2): 10; the gate's exp/sincos per (b, t, h, gate
+/// channel) is not counted.
+pub fn recurrent_cost(d: &Dims, t: Dtype, reads_state: bool) -> Cost {
+    let e = t.size_bytes() as f64;
+    let state = 8.0 * d.state_len() as f64;
+    let bytes = e * (2 * d.qk_len() + 2 * d.v_len()) as f64
+        + 8.0 * d.gate_len() as f64
+        + state * if reads_state { 2.0 } else { 1.0 };
+    let flops = 10.0 * (d.batch * d.len * d.heads * d.key_dim * d.value_dim) as f64;
+    Cost { bytes, flops }
+}
+
+/// One set of device buffers of the recurrent kernel.
+struct RecurrentSet<T> {
+    q: CudaSlice<T>,
+    k: CudaSlice<T>,
+    v: CudaSlice<T>,
+    log_gate: CudaSlice<f32>,
+    y: CudaSlice<T>,
+    /// h_final (forward) or the in-place state (decode).
+    state: CudaSlice<f32>,
+}
+
+struct RecurrentCase<'g, T> {
+    gpu: &'g Gpu,
+    dims: Dims,
+    decode: bool,
+    sets: Vec<RecurrentSet<T>>,
+}
+
+fn prepare_recurrent<'g, T: Element>(
+    gpu: &'g Gpu,
+    dims: Dims,
+    host: &HostInputs,
+    sets: usize,
+    decode: bool,
+) -> Result<Box<dyn BenchCase + 'g>, GpuError> {
+    let s = gpu.stream();
+    let (q, k, v) = (round_slice::<T>(&host.q), round_slice::<T>(&host.k), round_slice::<T>(&host.v));
+    let y_poison = vec![T::nan(); dims.v_len()];
+    let state_init = if decode { host.state.clone() } else { vec![f32::NAN; host.state.len()] };
+    let sets = (0..sets)
+        .map(|_| {
+            Ok(RecurrentSet {
+                q: s.clone_htod(&q).doing("uploading q")?,
+                k: s.clone_htod(&k).doing("uploading k")?,
+                v: s.clone_htod(&v).doing("uploading v")?,
+                log_gate: s.clone_htod(&host.log_gate).doing("uploading log_gate")?,
+                y: s.clone_htod(&y_poison).doing("allocating y")?,
+                state: s.clone_htod(&state_init).doing("allocating the state")?,
+            })
+        })
+        .collect::<Result<Vec<_>, GpuError>>()?;
+    Ok(Box::new(RecurrentCase { gpu, dims, decode, sets }))
+}
+
+impl<T: Element> BenchCase for RecurrentCase<'_, T> {
+    fn launch(&mut self, set: usize) -> Result<(), GpuError> {
+        let st = &mut self.sets[set];
+        let s = self.gpu.stream();
+        if self.decode {
+            let inputs = DecodeInputs { q: &st.q, k: &st.k, v: &st.v, log_gate: &st.log_gate };
+            recurrent::decode_into(self.gpu, s, &self.dims, inputs, &mut st.y, &mut st.state)
+        } else {
+            let inputs = DeviceInputs { q: &st.q, k: &st.k, v: &st.v, log_gate: &st.log_gate, h0: None };
+            recurrent::forward_into(self.gpu, s, &self.dims, inputs, DeviceOutputs { y: &mut st.y, h_final: &mut st.state })
+        }
+    }
+
+    fn outputs_finite(&mut self) -> Result<bool, GpuError> {
+        let s = self.gpu.stream();
+        let y = s.clone_dtoh(&self.sets[0].y).doing("downloading y")?;
+        let state = s.clone_dtoh(&self.sets[0].state).doing("downloading the state")?;
+        s.synchronize().doing("synchronizing")?;
+        Ok(y.iter().all(|x| x.to_f32().is_finite()) && state.iter().all(|x| x.is_finite()))
+    }
+}
+
+/// What the device offers, read off it.
+#[derive(Clone, Debug)]
+pub struct DeviceInfo {
+    pub name: String,
+    pub capability: (i32, i32),
+    pub sm_count: usize,
+    pub l2_bytes: usize,
+    /// Maximum SM clock (kHz), 0 if the driver did not say.
+    pub clock_khz: usize,
+    pub total_memory: usize,
+}
+
+impl DeviceInfo {
+    pub fn query(gpu: &Gpu) -> Result<Self, GpuError> {
+        let ctx = gpu.context();
+        let attr = |a: CUdevice_attribute, what: &'static str| -> Result<usize, GpuError> {
+            Ok(ctx.attribute(a).doing(what)?.max(0) as usize)
+        };
+        Ok(DeviceInfo {
+            name: gpu.name(),
+            capability: gpu.compute_capability(),
+            sm_count: attr(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT, "querying the SM count")?,
+            l2_bytes: attr(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_L2_CACHE_SIZE, "querying the L2 size")?,
+            clock_khz: ctx.attribute(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_CLOCK_RATE).map_or(0, |c| c.max(0) as usize),
+            total_memory: ctx.total_mem().doing("querying the memory size")?,
+        })
+    }
+
+    /// FP32 lanes per SM of a compute capability (CUDA programming guide's
+    /// throughput table): 64 on 7.x and 8.0, 128 on 8.6–8.9, 9.0 (Hopper) and
+    /// newer; `None` before 7.0.
+    pub fn fp32_lanes_per_sm(capability: (i32, i32)) -> Option<usize> {
+        match capability {
+            (7, _) | (8, 0) => Some(64),
+            (8, _) | (9.., _) => Some(128),
+            _ => None,
+        }
+    }
+
+    /// FP32 (non-tensor) peak in GFLOP/s and how it was computed.
+    pub fn fp32_peak(&self) -> (f64, String) {
+        match Self::fp32_lanes_per_sm(self.capability) {
+            Some(lanes) if self.clock_khz > 0 && self.sm_count > 0 => {
+                let gflops = (self.sm_count * lanes * 2) as f64 * self.clock_khz as f64 * 1e-6;
+                let basis = format!(
+                    "{} SMs x {lanes} FP32 lanes x 2 (FMA) x {} MHz (max SM clock)",
+                    self.sm_count,
+                    self.clock_khz / 1000
+                );
+                (gflops, basis)
+            }
+            _ => (67_000.0, "unknown device: the H200 datasheet's 67 TFLOP/s assumed".to_string()),
+        }
+    }
+}
+
+/// The two ceilings the floors are computed from.
+#[derive(Clone, Debug)]
+pub struct Ceilings {
+    /// Measured device-to-device copy: (bytes read + bytes written) / time.
+    pub copy_gbs: f64,
+    /// Bytes of each of the two copy buffers.
+    pub copy_bytes: usize,
+    pub peak_gflops: f64,
+    pub peak_basis: String,
+}
+
+/// Times `runs` launches of `f(i)` (after `warmup` untimed ones, i counting
+/// on through both) on `stream` with a pair of events each; milliseconds, in
+/// launch order.
+pub fn time_launches(
+    stream: &Arc<CudaStream>,
+    warmup: usize,
+    runs: usize,
+    mut f: impl FnMut(usize) -> Result<(), GpuError>,
+) -> Result<Vec<f64>, GpuError> {
+    for i in 0..warmup {
+        f(i)?;
+    }
+    stream.synchronize().doing("synchronizing after the warm-up")?;
+    let timing = Some(CUevent_flags::CU_EVENT_DEFAULT);
+    let mut events = Vec::with_capacity(runs);
+    for i in 0..runs {
+        let start = stream.record_event(timing).doing("recording an event")?;
+        f(warmup + i)?;
+        let end = stream.record_event(timing).doing("recording an event")?;
+        events.push((start, end));
+    }
+    events
+        .iter()
+        .map(|(start, end)| start.elapsed_ms(end).map(f64::from).doing("reading an event time"))
+        .collect()
+}
+
+/// Median of `xs` (sorted copy; the mean of the middle two for even lengths).
+pub fn median(xs: &[f64]) -> f64 {
+    let mut s = xs.to_vec();
+    s.sort_by(f64::total_cmp);
+    let n = s.len();
+    if n == 0 {
+        f64::NAN
+    } else if n % 2 == 1 {
+        s[n / 2]
+    } else {
+        0.5 * (s[n / 2 - 1] + s[n / 2])
+    }
+}
+
+/// Device-to-device copy bandwidth (GB/s, bytes read + bytes written) of a
+/// `bytes`-byte buffer filled with random data: median of `runs` copies.
+pub fn measure_copy_bandwidth(gpu: &Gpu, bytes: usize, runs: usize) -> Result<f64, GpuError> {
+    let s = gpu.stream();
+    let n = bytes / 4;
+    let chunk: Vec<f32> = {
+        let mut c = vec![0f32; n.clamp(1, 1 << 24)];
+        fill(&mut c, 0xc0ffee, |rng, _| rng.random::<f32>());
+        c
+    };
+    let mut src = s.alloc_zeros::<f32>(n).doing("allocating the copy source")?;
+    let mut dst = s.alloc_zeros::<f32>(n).doing("allocating the copy destination")?;
+    let mut off = 0;
+    while off < n {
+        let len = chunk.len().min(n - off);
+        let mut view = src.slice_mut(off..off + len);
+        s.memcpy_htod(&chunk[..len], &mut view).doing("filling the copy source")?;
+        off += len;
+    }
+    let times = time_launches(s, 3, runs, |_| s.memcpy_dtod(&src, &mut dst).doing("copying device to device"))?;
+    let ms = median(&times);
+    Ok(2.0 * (n * 4) as f64 / (ms * 1e-3) / 1e9)
+}
+
+/// What to run.
+#[derive(Clone, Debug)]
+pub struct BenchOptions {
+    /// Kernel names (empty: all of the registry).
+    pub kernels: Vec<String>,
+    /// Element types (empty: each kernel's).
+    pub dtypes: Vec<Dtype>,
+    /// Shapes (empty: each kernel's defaults).
+    pub shapes: Vec<Dims>,
+    /// Timed launches per case (the median is reported).
+    pub runs: usize,
+    /// Untimed launches first.
+    pub warmup: usize,
+    pub seed: u64,
+}
+
+impl Default for BenchOptions {
+    fn default() -> Self {
+        BenchOptions { kernels: Vec::new(), dtypes: Vec::new(), shapes: Vec::new(), runs: 30, warmup: 5, seed: 0 }
+    }
+}
+
+/// The measurement of one (kernel, dtype, shape).
+#[derive(Clone, Debug)]
+pub struct BenchResult {
+    pub kernel: &'static str,
+    pub dtype: Dtype,
+    pub dims: Dims,
+    pub sets: usize,
+    /// Per-launch times, ms, in launch order.
+    pub times_ms: Vec<f64>,
+    pub median_ms: f64,
+    pub min_ms: f64,
+    pub max_ms: f64,
+    pub cost: Cost,
+    /// cost.bytes / median time.
+    pub gbs: f64,
+    /// cost.flops / median time.
+    pub gflops: f64,
+    /// cost.bytes / measured copy bandwidth.
+    pub floor_mem_ms: f64,
+    /// cost.flops / FP32 peak.
+    pub floor_flops_ms: f64,
+    /// Every output element of set 0 finite after the runs.
+    pub outputs_finite: bool,
+}
+
+impl BenchResult {
+    /// The larger floor.
+    pub fn floor_ms(&self) -> f64 {
+        self.floor_mem_ms.max(self.floor_flops_ms)
+    }
+    /// "memory" or "fp32": which floor is larger.
+    pub fn bound(&self) -> &'static str {
+        if self.floor_mem_ms >= self.floor_flops_ms { "memory" } else { "fp32" }
+    }
+    /// floor / measured: 1.0 is at the roofline.
+    pub fn of_floor(&self) -> f64 {
+        self.floor_ms() / self.median_ms
+    }
+}
+
+/// A case that could not be measured.
+#[derive(Clone, Debug)]
+pub struct BenchFailure {
+    pub kernel: &'static str,
+    pub dtype: Dtype,
+    pub dims: Dims,
+    pub error: String,
+}
+
+/// Everything one `gateloop bench` measured.
+#[derive(Clone, Debug)]
+pub struct Report {
+    pub device: DeviceInfo,
+    pub ceilings: Ceilings,
+    pub options: BenchOptions,
+    pub results: Vec<BenchResult>,
+    pub failures: Vec<BenchFailure>,
+}
+
+/// `"8,4096,16,64,64"` (per-channel gate) or `"8,4096,16,64,64,head"`.
+pub fn parse_shape(spec: &str) -> Result<Dims, BenchError> {
+    let bad = |why: String| BenchError::BadShape { spec: spec.to_string(), why };
+    let parts: Vec<&str> = spec.split(',').map(str::trim).collect();
+    let (nums, gate) = match parts.len() {
+        5 => (&parts[..], GateLayout::PerChannel),
+        6 => match parts[5] {
+            "head" => (&parts[..5], GateLayout::PerHead),
+            "channel" => (&parts[..5], GateLayout::PerChannel),
+            other => return Err(bad(format!("the gate is `{other}`, not `head` or `channel`"))),
+        },
+        n => return Err(bad(format!("{n} fields"))),
+    };
+    let mut v = [0usize; 5];
+    for (slot, s) in v.iter_mut().zip(nums) {
+        *slot = s.parse().map_err(|_| bad(format!("`{s}` is not a size")))?;
+    }
+    let d = Dims::new(v[0], v[1], v[2], v[3], v[4]).with_gate(gate);
+    d.validate()?;
+    Ok(d)
+}
+
+/// How many sets make the working set at least [`ROTATE_L2_MULTIPLE`] × L2,
+/// within [`MIN_SETS`]..=[`MAX_SETS`] and `budget` bytes (at least 1 set).
+pub fn sets_for(bytes_per_set: f64, l2_bytes: usize, budget: usize) -> usize {
+    let want = ((ROTATE_L2_MULTIPLE * l2_bytes) as f64 / bytes_per_set.max(1.0)).ceil() as usize;
+    let fit = (budget as f64 / bytes_per_set.max(1.0)).floor() as usize;
+    want.clamp(MIN_SETS, MAX_SETS).min(fit).max(1)
+}
+
+/// Measures the ceilings, then every selected (kernel, shape, dtype).
+/// `progress` receives one line per step (for a log). A case that fails (out
+/// of memory, say) is recorded in `failures` and the run goes on.
+pub fn run(gpu: &Gpu, opts: &BenchOptions, mut progress: impl FnMut(&str)) -> Result<Report, BenchError> {
+    if opts.runs < 1 {
+        return Err(BenchError::TooFew { what: "--runs", min: 1, value: opts.runs });
+    }
+    let all = registry();
+    for name in &opts.kernels {
+        if !all.iter().any(|e| e.name == name) {
+            let available = all.iter().map(|e| e.name).collect::<Vec<_>>().join(", ");
+            return Err(BenchError::UnknownKernel { name: name.clone(), available });
+        }
+    }
+    let entries: Vec<&KernelEntry> =
+        all.iter().filter(|e| opts.kernels.is_empty() || opts.kernels.iter().any(|n| n == e.name)).collect();
+    for e in &entries {
+        for &t in &opts.dtypes {
+            if !e.dtypes.contains(&t) {
+                return Err(BenchError::UnsupportedDtype { kernel: e.name, dtype: t });
+            }
+        }
+        for d in &opts.shapes {
+            (e.check)(d)?;
+        }
+    }
+
+    let device = DeviceInfo::query(gpu)?;
+    progress(&format!("measuring device-to-device copy bandwidth ({} MiB buffers)", COPY_BYTES >> 20));
+    let copy_gbs = measure_copy_bandwidth(gpu, COPY_BYTES, opts.runs.max(20))?;
+    let (peak_gflops, peak_basis) = device.fp32_peak();
+    let ceilings = Ceilings { copy_gbs, copy_bytes: COPY_BYTES, peak_gflops, peak_basis };
+    let (free, _) = gpu.context().mem_get_info().doing("querying free memory")?;
+    let budget = (free / 2).min(24 << 30);
+
+    let mut results = Vec::new();
+    let mut failures = Vec::new();
+    for e in entries {
+        let shapes = if opts.shapes.is_empty() { (e.shapes)() } else { opts.shapes.clone() };
+        let dtypes: Vec<Dtype> = if opts.dtypes.is_empty() { e.dtypes.to_vec() } else { opts.dtypes.clone() };
+        for dims in shapes {
+            let host = HostInputs::random(dims, opts.seed);
+            for &dtype in &dtypes {
+                let cost = (e.cost)(&dims, dtype);
+                let sets = sets_for(cost.bytes, device.l2_bytes, budget);
+                progress(&format!("{} {dtype} {}: {sets} sets", e.name, shape_str(&dims)));
+                let measured = (|| -> Result<BenchResult, GpuError> {
+                    let mut case = (e.prepare)(gpu, dims, dtype, &host, sets)?;
+                    let times = time_launches(gpu.stream(), opts.warmup.max(1), opts.runs, |i| case.launch(i % sets))?;
+                    let outputs_finite = case.outputs_finite()?;
+                    let median_ms = median(&times);
+                    let secs = median_ms * 1e-3;
+                    Ok(BenchResult {
+                        kernel: e.name,
+                        dtype,
+                        dims,
+                        sets,
+                        min_ms: times.iter().copied().fold(f64::INFINITY, f64::min),
+                        max_ms: times.iter().copied().fold(0.0, f64::max),
+                        times_ms: times,
+                        median_ms,
+                        cost,
+                        gbs: cost.bytes / secs / 1e9,
+                        gflops: cost.flops / secs / 1e9,
+                        floor_mem_ms: cost.bytes / (ceilings.copy_gbs * 1e9) * 1e3,
+                        floor_flops_ms: cost.flops / (ceilings.peak_gflops * 1e9) * 1e3,
+                        outputs_finite,
+                    })
+                })();
+                match measured {
+                    Ok(r) => results.push(r),
+                    Err(err) => {
+                        progress(&format!("  FAILED: {err}"));
+                        failures.push(BenchFailure { kernel: e.name, dtype, dims, error: err.to_string() });
+                    }
+                }
+            }
+        }
+    }
+    Ok(Report { device, ceilings, options: opts.clone(), results, failures })
+}
+
+/// `B=8 L=4096 H=16 K=64 V=64 channel`
+pub fn shape_str(d: &Dims) -> String {
+    let gate = match d.gate {
+        GateLayout::PerChannel => "channel",
+        GateLayout::PerHead => "head",
+    };
+    format!("B={} L={} H={} K={} V={} {gate}", d.batch, d.len, d.heads, d.key_dim, d.value_dim)
+}
+
+impl Report {
+    /// The human-readable report: a header with the device and ceilings, one
+    /// row per (kernel, dtype, shape), then the failures.
+    pub fn table(&self) -> String {
+        use std::fmt::Write as _;
+        let d = &self.device;
+        let c = &self.ceilings;
+        let mut s = String::new();
+        let _ = writeln!(
+            s,
+            "device: {} (sm_{}{}, {} SMs, L2 {:.1} MiB, {:.1} GiB)",
+            d.name,
+            d.capability.0,
+            d.capability.1,
+            d.sm_count,
+            d.l2_bytes as f64 / (1 << 20) as f64,
+            d.total_memory as f64 / (1u64 << 30) as f64
+        );
+        let _ = writeln!(
+            s,
+            "ceilings: copy {:.0} GB/s measured ({} MiB device-to-device, read + write); fp32 {:.1} TFLOP/s = {}",
+            c.copy_gbs,
+            c.copy_bytes >> 20,
+            c.peak_gflops / 1e3,
+            c.peak_basis
+        );
+        let _ = writeln!(s, "reference: {H200_DATASHEET}");
+        let _ = writeln!(
+            s,
+            "timing: median of {} launches after {} warm-up, CUDA events, inputs rotated over `sets` buffer sets (>= {} x L2)",
+            self.options.runs,
+            self.options.warmup.max(1),
+            ROTATE_L2_MULTIPLE
+        );
+        let _ = writeln!(
+            s,
+            "{:<17} {:<5} {:>4} {:>6} {:>3} {:>4} {:>4} {:<7} {:>4} {:>10} {:>10} {:>8} {:>9} {:>10} {:>10} {:<6} {:>8} check",
+            "kernel", "dtype", "B", "L", "H", "K", "V", "gate", "sets", "median_ms", "min_ms", "GB/s", "GFLOP/s",
+            "floor_mem", "floor_fp32", "bound", "of_floor"
+        );
+        for r in &self.results {
+            let g = &r.dims;
+            let gate = if g.gate == GateLayout::PerHead { "head" } else { "channel" };
+            let _ = writeln!(
+                s,
+                "{:<17} {:<5} {:>4} {:>6} {:>3} {:>4} {:>4} {:<7} {:>4} {:>10.4} {:>10.4} {:>8.0} {:>9.0} {:>10.4} {:>10.4} {:<6} {:>8.3} {}",
+                r.kernel,
+                r.dtype.name(),
+                g.batch,
+                g.len,
+                g.heads,
+                g.key_dim,
+                g.value_dim,
+                gate,
+                r.sets,
+                r.median_ms,
+                r.min_ms,
+                r.gbs,
+                r.gflops,
+                r.floor_mem_ms,
+                r.floor_flops_ms,
+                r.bound(),
+                r.of_floor(),
+                if r.outputs_finite { "ok" } else { "NONFINITE" }
+            );
+        }
+        for f in &self.failures {
+            let _ = writeln!(s, "FAILED {} {} {}: {}", f.kernel, f.dtype, shape_str(&f.dims), f.error);
+        }
+        s
+    }
+
+    /// The JSON written by `gateloop bench --json`.
+    pub fn to_json(&self) -> Value {
+        let d = &self.device;
+        let c = &self.ceilings;
+        let dims = |g: &Dims| {
+            json!({
+                "batch": g.batch, "len": g.len, "heads": g.heads, "key_dim": g.key_dim, "value_dim": g.value_dim,
+                "gate": if g.gate == GateLayout::PerHead { "head" } else { "channel" },
+            })
+        };
+        json!({
+            "schema": "gateloop-bench/1",
+            "gpu": true,
+            "device": {
+                "name": d.name,
+                "compute_capability": format!("{}.{}", d.capability.0, d.capability.1),
+                "sm_count": d.sm_count,
+                "l2_bytes": d.l2_bytes,
+                "max_sm_clock_khz": d.clock_khz,
+                "total_memory_bytes": d.total_memory,
+            },
+            "ceilings": {
+                "copy_gb_per_s_measured": c.copy_gbs,
+                "copy_buffer_bytes": c.copy_bytes,
+                "fp32_peak_gflop_per_s": c.peak_gflops,
+                "fp32_peak_basis": c.peak_basis,
+                "reference": H200_DATASHEET,
+            },
+            "options": {
+                "runs": self.options.runs,
+                "warmup": self.options.warmup.max(1),
+                "seed": self.options.seed,
+                "rotate_l2_multiple": ROTATE_L2_MULTIPLE,
+            },
+            "results": self.results.iter().map(|r| json!({
+                "kernel": r.kernel,
+                "dtype": r.dtype.name(),
+                "shape": dims(&r.dims),
+                "sets": r.sets,
+                "median_ms": r.median_ms,
+                "min_ms": r.min_ms,
+                "max_ms": r.max_ms,
+                "times_ms": r.times_ms,
+                "bytes": r.cost.bytes,
+                "flops": r.cost.flops,
+                "gb_per_s": r.gbs,
+                "gflop_per_s": r.gflops,
+                "floor_mem_ms": r.floor_mem_ms,
+                "floor_fp32_ms": r.floor_flops_ms,
+                "floor_ms": r.floor_ms(),
+                "bound": r.bound(),
+                "of_floor": r.of_floor(),
+                "outputs_finite": r.outputs_finite,
+            })).collect::<Vec<_>>(),
+            "failures": self.failures.iter().map(|f| json!({
+                "kernel": f.kernel, "dtype": f.dtype.name(), "shape": dims(&f.dims), "error": f.error,
+            })).collect::<Vec<_>>(),
+        })
+    }
+}
+
+/// The JSON written when there is no GPU to benchmark on.
+pub fn skipped_json(reason: &str) -> Value {
+    json!({ "schema": "gateloop-bench/1", "gpu": false, "skipped": reason, "results": [] })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn shapes_parse() {
+        let d = parse_shape("8,4096,16,64,64").unwrap();
+        assert_eq!(d, Dims::new(8, 4096, 16, 64, 64));
+        let d = parse_shape("1, 2, 3, 4, 5, head").unwrap();
+        assert_eq!(d.gate, GateLayout::PerHead);
+        assert!(matches!(parse_shape("1,2,3"), Err(BenchError::BadShape { .. })));
+        assert!(matches!(parse_shape("1,2,3,4,x"), Err(BenchError::BadShape { .. })));
+        assert!(matches!(parse_shape("1,2,3,4,5,row"), Err(BenchError::BadShape { .. })));
+        assert!(matches!(parse_shape("1,0,3,4,5"), Err(BenchError::Input(InputError::ZeroDim { name: "len" }))));
+    }
+
+    #[test]
+    fn registry_is_consistent() {
+        let r = registry();
+        let mut names: Vec<_> = r.iter().map(|e| e.name).collect();
+        names.sort();
+        names.dedup();
+        assert_eq!(names.len(), r.len(), "kernel names are unique");
+        for e in &r {
+            assert!(!e.dtypes.is_empty());
+            for d in (e.shapes)() {
+                (e.check)(&d).unwrap_or_else(|err| panic!("{}: default shape {d:?}: {err}", e.name));
+                for &t in e.dtypes {
+                    let c = (e.cost)(&d, t);
+                    assert!(c.bytes > 0.0 && c.flops > 0.0);
+                }
+            }
+        }
+        // the shapes the issue asks for
+        let shapes = (r[0].shapes)();
+        assert!(shapes.contains(&Dims::new(8, 4096, 16, 64, 64)));
+        assert!(shapes.contains(&Dims::new(1, 65536, 4, 64, 64)));
+    }
+
+    #[test]
+    fn recurrent_cost_counts() {
+        let d = Dims::new(8, 4096, 16, 64, 64);
+        let c = recurrent_cost(&d, Dtype::F32, false);
+        let n = (8 * 4096 * 16 * 64) as f64;
+        // q, k, v, y in f32, the gate complex f32, h_final written
+        assert_eq!(c.bytes, 4.0 * 4.0 * n + 8.0 * n + 8.0 * (8 * 16 * 64 * 64) as f64);
+        assert_eq!(c.flops, 10.0 * n * 64.0);
+        let h = recurrent_cost(&d, Dtype::Bf16, true);
+        assert_eq!(h.bytes, 2.0 * 4.0 * n + 8.0 * n + 16.0 * (8 * 16 * 64 * 64) as f64);
+    }
+
+    #[test]
+    fn sets_cover_l2() {
+        let l2 = 50 << 20;
+        assert_eq!(sets_for(805e6, l2, 24 << 30), MIN_SETS);
+        let decode_state = 8.0 * 16.0 * 64.0 * 64.0 * 16.0;
+        let n = sets_for(decode_state, l2, 24 << 30);
+        assert!(n as f64 * decode_state >= (ROTATE_L2_MULTIPLE * l2) as f64 && n <= MAX_SETS);
+        assert_eq!(sets_for(1e9, l2, 1 << 30), 1); // the budget wins
+        assert_eq!(sets_for(1.0, l2, 24 << 30), MAX_SETS);
+    }
+
+    #[test]
+    fn medians() {
+        assert_eq!(median(&[3.0, 1.0, 2.0]), 2.0);
+        assert_eq!(median(&[4.0, 1.0, 2.0, 3.0]), 2.5);
+        assert!(median(&[]).is_nan());
+    }
+
+    #[test]
+    fn peak_of_an_h200() {
+        let d = DeviceInfo {
+            name: "NVIDIA H200".into(),
+            capability: (9, 0),
+            sm_count: 132,
+            l2_bytes: 50 << 20,
+            clock_khz: 1_980_000,
+            total_memory: 141 << 30,
+        };
+        let (gflops, basis) = d.fp32_peak();
+        assert!((gflops - 66_908.16).abs() < 1.0, "{gflops}");
+        assert!(basis.contains("132 SMs"));
+        assert_eq!(DeviceInfo::fp32_lanes_per_sm((8, 0)), Some(64));
+        assert_eq!(DeviceInfo::fp32_lanes_per_sm((8, 6)), Some(128));
+        assert_eq!(DeviceInfo::fp32_lanes_per_sm((6, 1)), None);
+    }
+
+    #[test]
+    fn host_inputs_are_random_and_in_domain() {
+        let d = Dims::new(2, 3, 2, 4, 5);
+        let h = HostInputs::random(d, 7);
+        assert_eq!(h.q.len(), d.qk_len());
+        assert_eq!(h.log_gate.len(), 2 * d.gate_len());
+        assert_eq!(h.state.len(), 2 * d.state_len());
+        assert!(h.q.iter().all(|x| x.abs() < 1.0) && h.q.iter().any(|&x| x != 0.0));
+        assert!(h.log_gate.chunks(2).all(|g| g[0] <= 0.0 && g[0] >= -0.3 && g[1].abs() <= std::f32::consts::PI));
+        assert_ne!(h.q, h.k);
+        assert_eq!(HostInputs::random(d, 7).v, h.v);
+    }
+}

@@ -1,0 +1,114 @@
+//! Helpers of the f16/bf16 and decode GPU tests (tests/gpu_dtypes.rs,
+//! tests/gpu_decode.rs).
+//!
+//! ## The bounds
+//!
+//! The kernel sees q, k, v rounded to the element type T; the f64 reference
+//! is run on exactly those rounded values (and on the same f32 log_gate and
+//! h0), so input rounding is not an error here. What remains:
+//!
+//! - the f32 computation: relative L2 ≤ [`REL_F32`] = 1e-4 and max-abs ≤
+//!   [`ABS_FRAC_F32`] = 1e-3 · max|ref|, the bounds of tests/gpu_recurrent.rs;
+//!   they apply unchanged to h_final, which stays f32 for every T;
+//! - the rounding of y to T, once, at the end: round-to-nearest gives
+//!   |round(x) − x| ≤ u|x| element by element (u = 2^−11 ≈ 4.9e-4 for f16,
+//!   2^−8 ≈ 3.9e-3 for bf16; normal range, and f16 subnormals below 6.1e-5
+//!   add at most 2^−25 absolute, negligible against these norms), hence
+//!   ‖round(y32) − y32‖ ≤ u‖y32‖ ≤ u(1 + 1e-4)‖ref‖.
+//!
+//! By the triangle inequality y's relative L2 error is ≤ 1e-4 + u(1 + 1e-4):
+//! 5.9e-4 for f16, 4.0e-3 for bf16 (max-abs likewise ≤ (1e-3 + u(1 + 1e-3)) ·
+//! max|ref|). These are worst-case bounds; uniformly distributed rounding
+//! errors give about u/√3 in practice.
+
+#![allow(dead_code)]
+
+use cudarc::driver::{CudaSlice, CudaStream};
+use gateloop::cuda::{Dtype, Element};
+use gateloop::testing::OwnedProblem;
+use gateloop::{Complex, Dims, ErrorStats};
+
+/// Relative L2 bound of the f32 computation (tests/gpu_recurrent.rs).
+pub const REL_F32: f64 = 1e-4;
+/// Max-abs bound of the f32 computation, as a fraction of max|ref|.
+pub const ABS_FRAC_F32: f64 = 1e-3;
+
+/// (relative L2, max-abs fraction) bounds of y for element type `t` (module doc).
+pub fn y_bounds(t: Dtype) -> (f64, f64) {
+    let u = if t == Dtype::F32 { 0.0 } else { t.unit_roundoff() };
+    (REL_F32 + u * (1.0 + REL_F32), ABS_FRAC_F32 + u * (1.0 + ABS_FRAC_F32))
+}
+
+/// Whether `y`'s errors are within the bounds of `t`.
+pub fn y_ok(t: Dtype, e: &ErrorStats) -> bool {
+    let (rel, abs) = y_bounds(t);
+    e.within(rel, abs)
+}
+
+/// Whether a state's errors are within the f32 bounds.
+pub fn state_ok(e: &ErrorStats) -> bool {
+    e.within(REL_F32, ABS_FRAC_F32)
+}
+
+/// `p` with every input rounded to f32, then q, k, v rounded on to `T`
+/// (log_gate and h0 stay f32): exactly what a `T` kernel sees, in f64.
+pub fn rounded_to<T: Element>(p: &OwnedProblem<f64>) -> OwnedProblem<f64> {
+    let p = p.rounded_to_f32();
+    let r = |x: &[f64]| -> Vec<f64> { x.iter().map(|&x| T::from_f32(x as f32).to_f32() as f64).collect() };
+    OwnedProblem { q: r(&p.q), k: r(&p.k), v: r(&p.v), ..p }
+}
+
+/// Interleaved (re, im) f32 pairs.
+pub fn flat(z: &[Complex<f32>]) -> Vec<f32> {
+    z.iter().flat_map(|c| [c.re, c.im]).collect()
+}
+
+/// The inverse of [`flat`].
+pub fn unflat(v: &[f32]) -> Vec<Complex<f32>> {
+    v.chunks_exact(2).map(|c| Complex::new(c[0], c[1])).collect()
+}
+
+/// Rows [t0, t0 + n) of a `[B, L, H, dim]` tensor, as `[B, n, H, dim]`.
+pub fn window<X: Copy>(x: &[X], d: &Dims, dim: usize, t0: usize, n: usize) -> Vec<X> {
+    let row = d.heads * dim;
+    let mut out = Vec::with_capacity(d.batch * n * row);
+    for b in 0..d.batch {
+        let start = (b * d.len + t0) * row;
+        out.extend_from_slice(&x[start..start + n * row]);
+    }
+    out
+}
+
+/// Writes `[B, n, H, dim]` `piece` into rows [t0, t0 + n) of `[B, L, H, dim]` `x`.
+pub fn put_window<X: Copy>(x: &mut [X], d: &Dims, dim: usize, t0: usize, n: usize, piece: &[X]) {
+    let row = d.heads * dim;
+    for b in 0..d.batch {
+        let start = (b * d.len + t0) * row;
+        x[start..start + n * row].copy_from_slice(&piece[b * n * row..(b + 1) * n * row]);
+    }
+}
+
+/// q, k, v (as `T`) and log_gate (complex f32) on the device.
+pub struct Uploaded<T> {
+    pub q: CudaSlice<T>,
+    pub k: CudaSlice<T>,
+    pub v: CudaSlice<T>,
+    pub log_gate: CudaSlice<f32>,
+}
+
+/// Uploads the sequence inputs of `p` (already representable in `T`, see
+/// [`rounded_to`]: the conversion is exact).
+pub fn upload<T: Element>(s: &std::sync::Arc<CudaStream>, p: &OwnedProblem<f32>) -> Uploaded<T> {
+    let conv = |x: &[f32]| -> Vec<T> { x.iter().map(|&x| T::from_f32(x)).collect() };
+    Uploaded {
+        q: s.clone_htod(&conv(&p.q)).unwrap(),
+        k: s.clone_htod(&conv(&p.k)).unwrap(),
+        v: s.clone_htod(&conv(&p.v)).unwrap(),
+        log_gate: s.clone_htod(&flat(&p.log_gate)).unwrap(),
+    }
+}
+
+/// Widens a `T` download to f64.
+pub fn widen<T: Element>(x: &[T]) -> Vec<f64> {
+    x.iter().map(|&x| x.to_f32() as f64).collect()
+}
