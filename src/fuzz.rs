@@ -1202,7 +1202,7 @@ mod tests {
         let d = p.dims;
         // q[b=1, t=3, h=1, k=2] is s.q[0, 1, 1, 1].
         assert_eq!(s.q[((1) * 2 + 1) * 2 + 1], p.q[((d.len + 3) * d.heads + 1) * d.key_dim + 2]);
-        assert_eq!(s.h0.as_ref().unwrap()[(1 * 2 + 1)], p.h0.as_ref().unwrap()[((3 + 1) * 4 + 2) * 2 + 1]);
+        assert_eq!(s.h0.as_ref().unwrap()[1 * 2 + 1], p.h0.as_ref().unwrap()[((3 + 1) * 4 + 2) * 2 + 1]);
     }
 
     #[test]
