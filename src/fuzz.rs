@@ -1201,8 +1201,9 @@ mod tests {
         s.view().validate().unwrap();
         let d = p.dims;
         // q[b=1, t=3, h=1, k=2] is s.q[0, 1, 1, 1].
-        assert_eq!(s.q[((1) * 2 + 1) * 2 + 1], p.q[((d.len + 3) * d.heads + 1) * d.key_dim + 2]);
-        assert_eq!(s.h0.as_ref().unwrap()[1 * 2 + 1], p.h0.as_ref().unwrap()[((3 + 1) * 4 + 2) * 2 + 1]);
+        assert_eq!(s.q[7], p.q[((d.len + 3) * d.heads + 1) * d.key_dim + 2]);
+        // h0[b=0, h=1, k=1, v=0] is h0[b=1, h=1, k=2, v=1] of the original.
+        assert_eq!(s.h0.as_ref().unwrap()[3], p.h0.as_ref().unwrap()[((3 + 1) * 4 + 2) * 2 + 1]);
     }
 
     #[test]
