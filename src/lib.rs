@@ -36,6 +36,9 @@
 //! - [`cpu::chunked`]: the fast f32 CPU path, the mirror of the GPU chunked kernel.
 //! - [`cuda`]: the GPU kernels (when built with nvcc and run with a driver).
 //!
+//! [`fuzz`] checks every implementation against the f64 recurrent reference
+//! on random adversarial problems (`gateloop fuzz`).
+//!
 //! ## Numerics
 //!
 //! No cumulative product of gates (or its inverse) is ever formed, and no raw
@@ -45,6 +48,7 @@
 pub mod cpu;
 pub mod cuda;
 pub mod error;
+pub mod fuzz;
 pub mod io;
 pub mod problem;
 pub mod reference;

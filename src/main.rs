@@ -23,7 +23,7 @@ use gateloop::cpu::chunked::{self, ChunkParams};
 use gateloop::io::{self, FileError, LoadedProblem};
 use gateloop::reference::{self, RefMode};
 use gateloop::testing::{random_problem, GateRegime, OwnedProblem};
-use gateloop::{compare, compare_complex, cuda, Dims, Mode, Outputs};
+use gateloop::{compare, compare_complex, cuda, fuzz, Dims, Mode, Outputs};
 
 #[derive(Parser)]
 #[command(name = "gateloop", version, about = "GateLoop (Katsch 2023): fully data-controlled linear recurrence")]
@@ -131,6 +131,46 @@ enum Command {
         /// List the kernels and their default shapes, and exit.
         #[arg(long)]
         list: bool,
+    },
+    /// Fuzz every implementation against the f64 recurrent reference.
+    ///
+    /// Draws random adversarial cases (shapes, gate regimes, scales), runs
+    /// each selected implementation and checks it against the documented
+    /// bound. A disagreement is shrunk, written to --out with the commands
+    /// that replay it, and exits 1. Exit 2 on bad usage or an unusable
+    /// --device cuda. Case i of seed S is reproducible on its own:
+    /// `--seed S --first-case i --cases 1`.
+    Fuzz {
+        /// Number of cases.
+        #[arg(long, default_value_t = 1000)]
+        cases: u64,
+        /// Campaign seed.
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+        /// Index of the first case.
+        #[arg(long, default_value_t = 0)]
+        first_case: u64,
+        /// Where to compute.
+        #[arg(long, value_enum, default_value_t = Device::Cpu)]
+        device: Device,
+        /// Modes to fuzz, comma-separated.
+        #[arg(long, value_enum, value_delimiter = ',', default_value = "recurrent,scan,attention,chunked")]
+        modes: Vec<CliMode>,
+        /// Precisions to fuzz, comma-separated (f32, f64).
+        #[arg(long, value_delimiter = ',', default_value = "f32,f64")]
+        dtypes: Vec<String>,
+        /// Longest sequence length drawn.
+        #[arg(long, default_value_t = 1024, value_parser = clap::value_parser!(u64).range(1..))]
+        max_len: u64,
+        /// Stop starting new cases after this many seconds.
+        #[arg(long)]
+        time_budget: Option<f64>,
+        /// Directory for failing cases.
+        #[arg(long, default_value = "fuzz-failures")]
+        out: PathBuf,
+        /// Stop after this many disagreements.
+        #[arg(long, default_value_t = 1)]
+        max_failures: usize,
     },
 }
 
@@ -509,6 +549,33 @@ fn bench(
     if bad.is_empty() { Ok(()) } else { Err(Failure::Runtime(format!("bench failures:\n  {}", bad.join("\n  ")))) }
 }
 
+// ------------------------------------------------------------------- fuzz --
+
+fn fuzz_cmd(
+    mut cfg: fuzz::FuzzConfig,
+    device: fuzz::Device,
+    modes: &[Mode],
+    dtypes: &[String],
+    budget: Option<f64>,
+) -> Result<(), Failure> {
+    let precisions = dtypes
+        .iter()
+        .map(|d| fuzz::Precision::parse(d).ok_or_else(|| Failure::Input(format!("--dtypes: `{d}` is not f32 or f64"))))
+        .collect::<Result<Vec<_>, _>>()?;
+    if let Some(s) = budget {
+        let d = std::time::Duration::try_from_secs_f64(s)
+            .map_err(|_| Failure::Input(format!("--time-budget {s}: must be a number of seconds >= 0")))?;
+        cfg.time_budget = Some(d);
+    }
+    let (mut targets, notes) = fuzz::targets(device, modes, &precisions).map_err(input_err)?;
+    for note in notes {
+        say!("note: {note}");
+    }
+    let report = fuzz::run_campaign(&cfg, &mut targets);
+    say!("{}", report.render());
+    if report.passed() { Ok(()) } else { Err(Failure::Runtime(format!("{} disagreement(s) found", report.failures.len()))) }
+}
+
 fn main() -> ExitCode {
     use std::io::Write as _;
     let cli = Cli::parse();
@@ -520,6 +587,25 @@ fn main() -> ExitCode {
         Command::Check { a, b, rtol } => check(a, b, rtol),
         Command::Bench { json, kernels, dtypes, shapes, runs, warmup, seed, list } => {
             bench(json, kernels, dtypes, shapes, runs, warmup, seed, list)
+        }
+        Command::Fuzz { cases, seed, first_case, device, modes, dtypes, max_len, time_budget, out, max_failures } => {
+            let device = match device {
+                Device::Cpu => fuzz::Device::Cpu,
+                Device::Cuda => fuzz::Device::Cuda,
+            };
+            let modes: Vec<Mode> = modes.into_iter().map(CliMode::mode).collect();
+            let cfg = fuzz::FuzzConfig {
+                cases,
+                first_case,
+                seed,
+                max_len: usize::try_from(max_len).unwrap_or(usize::MAX),
+                time_budget: None,
+                out_dir: Some(out),
+                max_failures,
+                progress: true,
+                ..Default::default()
+            };
+            fuzz_cmd(cfg, device, &modes, &dtypes, time_budget)
         }
     };
     match result {

@@ -200,8 +200,17 @@ impl<'a, T: Real> Problem<'a, T> {
     }
 
     /// Strict check used for files: gate domain plus finite q, k, v, h0.
-    /// (The API itself lets NaN/Inf in q, k, v, h0 propagate to the outputs
-    /// they touch.)
+    ///
+    /// The API itself does not require finite q, k, v, h0: a NaN or ±∞
+    /// propagates only to the outputs it touches. In the recurrent reference,
+    /// a non-finite v_t[j] or k_t[i] of head (b, h) enters h_t of that head
+    /// (row i, or column j) and so y of that head at steps ≥ t (and its
+    /// h_final, unless a reset clears it); a non-finite q_t reaches only
+    /// y_t of that head. Other heads, other batch elements and earlier steps
+    /// are bit-for-bit unaffected (tests/api_misuse.rs checks this). The
+    /// other modes mix steps differently (the scan tree, attention's pair
+    /// sums), so within the affected head they may spread a NaN further, but
+    /// never across heads or batch elements.
     pub fn check_all_finite(&self) -> Result<(), InputError> {
         self.check_gate()?;
         let finite = |name: &'static str, xs: &[T]| {
@@ -212,15 +221,10 @@ impl<'a, T: Real> Problem<'a, T> {
         finite("q", self.q)?;
         finite("k", self.k)?;
         finite("v", self.v)?;
-        if let Some(h0) = self.h0 {
-            if let Some(index) = h0.iter().position(|z| !z.re.is_finite() || !z.im.is_finite()) {
-                return Err(InputError::Value {
-                    name: "h0",
-                    index,
-                    value: format!("{}", h0[index]),
-                    why: "must be finite",
-                });
-            }
+        if let Some(h0) = self.h0
+            && let Some(index) = h0.iter().position(|z| !z.re.is_finite() || !z.im.is_finite())
+        {
+            return Err(InputError::Value { name: "h0", index, value: format!("{}", h0[index]), why: "must be finite" });
         }
         Ok(())
     }

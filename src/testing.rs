@@ -22,6 +22,12 @@ pub enum GateRegime {
     StrongDecay(f64),
     /// Each element drawn from one of the regimes above, plus exact zeros.
     Mixed,
+    /// |a| → 0 through the floating-point underflow ranges, each element one
+    /// of (equally likely): Re ∈ [−103.9, −87.4] (a is an f32 subnormal),
+    /// Re ∈ [−745.1, −708.4] (a is an f64 subnormal, 0 in f32),
+    /// Re ∈ [−1e4, −746] (a = 0 in both, but not a −∞ reset), or `Random`
+    /// (so state survives between the near-resets). Phases ∈ (−π, π).
+    Underflow,
 }
 
 /// An owned problem (see [`Problem`] for the layout).
@@ -97,6 +103,15 @@ fn draw_gate(rng: &mut StdRng, regime: GateRegime) -> Complex<f64> {
             4 => draw_gate(rng, GateRegime::StrongDecay(30.0)),
             _ => Complex::new(0.0, 0.0),
         },
+        GateRegime::Underflow => {
+            let re = match rng.random_range(0..4) {
+                0 => -rng.random_range(87.4..103.9),
+                1 => -rng.random_range(708.4..745.1),
+                2 => -rng.random_range(746.0..1e4),
+                _ => return draw_gate(rng, GateRegime::Random),
+            };
+            Complex::new(re, phase(rng, PI))
+        }
     }
 }
 

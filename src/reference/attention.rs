@@ -9,7 +9,11 @@
 //!
 //! Resets (Re g = −∞) make G = −∞ and the difference NaN, so G is kept per
 //! segment: S_t restarts at 0 on each reset, and a pair whose span (m, n]
-//! holds a reset has factor exactly 0.
+//! holds a reset has factor exactly 0. A gate whose exp underflows to 0
+//! (Re g ≈ −1e4, say) is a reset too: it is one in the recurrence, and
+//! summing it into G would make |G| so large that G_n − G_m of nearby steps
+//! loses its precision (found by `gateloop fuzz`). Phases are summed
+//! reduced to (−π, π] for the same reason.
 
 use num_complex::Complex;
 use rayon::prelude::*;
@@ -37,6 +41,20 @@ struct SegmentedLogGate<T> {
     gate_dim: usize,
 }
 
+/// φ mod 2π in (−π, π], reduced in f64: e^{iφ} is unchanged, and the
+/// cumulative phase stays a random walk of steps ≤ π instead of growing with
+/// |φ| (in f32, phases of hundreds of radians per step summed over a few
+/// dozen steps lose ~1e-4 rad to rounding; found by `gateloop fuzz`).
+fn reduce_phase<T: Real>(phi: T) -> T {
+    use std::f64::consts::{PI, TAU};
+    let Some(x) = phi.to_f64() else { return phi };
+    if x.abs() <= PI {
+        return phi;
+    }
+    let r = x.rem_euclid(TAU);
+    T::from(if r > PI { r - TAU } else { r }).unwrap_or(phi)
+}
+
 impl<T: Real> SegmentedLogGate<T> {
     fn new(p: &Problem<'_, T>, b: usize, h: usize) -> Self {
         let (len, gd) = (p.dims.len, p.dims.gate_dim());
@@ -46,11 +64,15 @@ impl<T: Real> SegmentedLogGate<T> {
             let (mut s, mut r) = (Complex::new(T::zero(), T::zero()), -1isize);
             for t in 0..len {
                 let g = p.gate(b, t, h, c);
-                if g.re == T::neg_infinity() {
+                // exp(Re g) = 0 (−∞, or an underflow such as Re g < −745.2
+                // in f64, < −103.98 in f32) is a reset: the recurrence's
+                // a = exp(g) is exactly 0 there. Restarting the segment keeps
+                // G small, so differences G_n − G_m stay accurate.
+                if g.re.exp() == T::zero() {
                     s = Complex::new(T::zero(), T::zero());
                     r = t as isize;
                 } else {
-                    s = s + g;
+                    s = s + Complex::new(g.re, reduce_phase(g.im));
                 }
                 sum[t * gd + c] = s;
                 last_reset[t * gd + c] = r;
