@@ -1,4 +1,5 @@
 //! Fast f32 CPU implementations, each the mirror of a GPU kernel's algorithm
 //! (chunk lengths, anchors, accumulation order and precision).
 
+pub mod attention;
 pub mod chunked;
