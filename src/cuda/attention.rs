@@ -282,6 +282,6 @@ mod tests {
         assert_eq!((p.num_tiles, p.grid, p.workspace_len), (1024, 256 * 1024, 256 * 65536));
         assert!(matches!(plan(&dims(1, 1, 1, 257, 1, false)), Err(InputError::Param { name: "key_dim", .. })));
         assert!(matches!(plan(&dims(1, 0, 1, 1, 1, false)), Err(InputError::ZeroDim { name: "len" })));
-        assert!(matches!(plan(&dims(1 << 16, 1 << 16, 1 << 4, 1, 1, false)), Err(InputError::TooLarge { .. })));
+        assert!(matches!(plan(&dims(1 << 16, 1 << 16, 1 << 6, 1, 1, false)), Err(InputError::TooLarge { .. })));
     }
 }
