@@ -205,4 +205,69 @@ typedef struct GateloopScanParams {
 GATELOOP_ABI_ASSERT(sizeof(GateloopScanParams) == 72 + 48 + 5 * 24 + 2 * 24 + 16 + 24,
                     "GateloopScanParams layout");
 
+/*
+ * Masked surrogate attention, O(L²) (cuda/attention.cu): three kernels that
+ * share this struct.
+ *
+ *   1. gateloop_attention_prep_{dtype}: one thread per (b, h, time tile,
+ *      gate channel); grid.x = ceil(B·H·num_tiles·gate_dim / PREP_THREADS),
+ *      block = PREP_THREADS. Writes the tile-local log-gate sums to the
+ *      workspace (ws_*), all [B, H, L, gate_dim], contiguous:
+ *        ws_prefix[t] = S_t, Σ of log_gate since max(tile start, last reset)
+ *                       up to t inclusive (0 at a reset), phase in (−π, π];
+ *        ws_suffix[t] = Σ of log_gate over (t, tile end], Re = −inf when a
+ *                       reset lies in it, phase in (−π, π];
+ *        ws_reset[t]  = tile-local index of the last reset ≤ t, or −1.
+ *   2. gateloop_attention_{dtype}: y. grid.x = B·H·num_tiles·value_tiles,
+ *      block = ATTENTION_THREADS, static shared memory only; one block per
+ *      (b, h, query tile, tile of VALUE_TILE columns of v/y).
+ *   3. gateloop_attention_state_{dtype}: h_final. grid.x =
+ *      B·H·state_key_tiles·state_value_tiles, block = ATTENTION_THREADS; one
+ *      block per (b, h, STATE_KEY_TILE rows, STATE_VALUE_TILE columns).
+ * Launched in that order on one stream (2 and 3 read the workspace of 1).
+ * key_dim ≤ MAX_KEY_DIM.
+ */
+#define GATELOOP_ATTENTION_TILE 64
+#define GATELOOP_ATTENTION_VALUE_TILE 64
+#define GATELOOP_ATTENTION_KEY_SLAB 16
+#define GATELOOP_ATTENTION_MAX_KEY_DIM 256
+#define GATELOOP_ATTENTION_THREADS 256
+#define GATELOOP_ATTENTION_PREP_THREADS 128
+#define GATELOOP_ATTENTION_STATE_KEY_TILE 64
+#define GATELOOP_ATTENTION_STATE_VALUE_TILE 32
+
+typedef struct GateloopAttentionParams {
+    /* Inputs (device pointers). */
+    const void *q;        /* [B, L, H, K] dtype */
+    const void *k;        /* [B, L, H, K] dtype */
+    const void *v;        /* [B, L, H, V] dtype */
+    const void *log_gate; /* [B, L, H, gate_dim] complex dtype */
+    const float *h0;      /* [B, H, K, V] complex f32, NULL unless HAS_H0 */
+    /* Outputs (device pointers). */
+    void *y;              /* [B, L, H, V] dtype */
+    float *h_final;       /* [B, H, K, V] complex f32 */
+    /* Workspace (device pointers), each [B, H, L, gate_dim], contiguous. */
+    float *ws_prefix;     /* complex f32 */
+    float *ws_suffix;     /* complex f32 */
+    int32_t *ws_reset;    /* int32 */
+
+    GateloopDims dims;
+    GateloopSeqStrides q_strides;
+    GateloopSeqStrides k_strides;
+    GateloopSeqStrides v_strides;
+    GateloopSeqStrides gate_strides;
+    GateloopSeqStrides y_strides;
+    GateloopStateStrides h0_strides;
+    GateloopStateStrides h_final_strides;
+
+    uint32_t flags;            /* GATELOOP_FLAG_* */
+    uint32_t dtype;            /* GATELOOP_DTYPE_* of q, k, v, log_gate, y */
+    int64_t num_tiles;         /* ceil(L / TILE) */
+    int64_t value_tiles;       /* ceil(V / VALUE_TILE) */
+    int64_t state_key_tiles;   /* ceil(K / STATE_KEY_TILE) */
+    int64_t state_value_tiles; /* ceil(V / STATE_VALUE_TILE) */
+} GateloopAttentionParams;
+GATELOOP_ABI_ASSERT(sizeof(GateloopAttentionParams) == 80 + 48 + 5 * 24 + 2 * 24 + 8 + 4 * 8,
+                    "GateloopAttentionParams layout");
+
 #endif /* GATELOOP_ABI_H */

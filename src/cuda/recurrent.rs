@@ -144,7 +144,7 @@ pub struct DecodeInputs<'a, T = f32> {
     pub log_gate: &'a dyn DevicePtr<f32>,
 }
 
-fn check_len(name: &'static str, shape: [usize; 4], complex: bool, actual: usize) -> Result<(), InputError> {
+pub(crate) fn check_len(name: &'static str, shape: [usize; 4], complex: bool, actual: usize) -> Result<(), InputError> {
     let expected = shape.iter().product::<usize>() * if complex { 2 } else { 1 };
     if actual != expected {
         let shape = if complex { format!("{shape:?} complex, as f32 pairs") } else { format!("{shape:?}") };
@@ -153,7 +153,7 @@ fn check_len(name: &'static str, shape: [usize; 4], complex: bool, actual: usize
     Ok(())
 }
 
-fn check_context<T>(gpu: &Gpu, name: &'static str, buf: &dyn DeviceSlice<T>) -> Result<(), InputError> {
+pub(crate) fn check_context<T>(gpu: &Gpu, name: &'static str, buf: &dyn DeviceSlice<T>) -> Result<(), InputError> {
     if buf.stream().context() != gpu.context() {
         return Err(InputError::Param {
             name,
@@ -164,7 +164,7 @@ fn check_context<T>(gpu: &Gpu, name: &'static str, buf: &dyn DeviceSlice<T>) -> 
     Ok(())
 }
 
-fn check_align(name: &'static str, ptr: u64) -> Result<(), InputError> {
+pub(crate) fn check_align(name: &'static str, ptr: u64) -> Result<(), InputError> {
     if !ptr.is_multiple_of(8) {
         return Err(InputError::Param {
             name,
@@ -175,12 +175,12 @@ fn check_align(name: &'static str, ptr: u64) -> Result<(), InputError> {
     Ok(())
 }
 
-fn i64_of(name: &'static str, x: usize) -> Result<i64, InputError> {
+pub(crate) fn i64_of(name: &'static str, x: usize) -> Result<i64, InputError> {
     i64::try_from(x).map_err(|_| InputError::TooLarge { name, shape: x.to_string(), limit: "i64::MAX".into() })
 }
 
 /// Contiguous strides of a `[B, L, H, dim]` tensor.
-fn seq_strides(d: &Dims, dim: usize) -> Result<GateloopSeqStrides, InputError> {
+pub(crate) fn seq_strides(d: &Dims, dim: usize) -> Result<GateloopSeqStrides, InputError> {
     let head = i64_of("stride", dim)?;
     let time = i64_of("stride", d.heads * dim)?;
     let batch = i64_of("stride", d.len * d.heads * dim)?;
@@ -188,7 +188,7 @@ fn seq_strides(d: &Dims, dim: usize) -> Result<GateloopSeqStrides, InputError> {
 }
 
 /// Contiguous strides of a `[B, H, K, V]` state.
-fn state_strides(d: &Dims) -> Result<GateloopStateStrides, InputError> {
+pub(crate) fn state_strides(d: &Dims) -> Result<GateloopStateStrides, InputError> {
     Ok(GateloopStateStrides {
         batch: i64_of("stride", d.heads * d.key_dim * d.value_dim)?,
         head: i64_of("stride", d.key_dim * d.value_dim)?,

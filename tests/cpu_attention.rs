@@ -1,0 +1,178 @@
+//! The f32 tiled attention (`cpu::attention`, the mirror of
+//! `cuda/attention.cu`) against the f64 recurrent reference on the same
+//! f32-rounded inputs. Bounds: relative L2 ≤ 1e-4 and max-abs ≤ 1e-3·max|ref|,
+//! for y and h_final.
+//!
+//! The exactness test at L = 65536 (4.3e9 pair evaluations) is `#[ignore]`d;
+//! run it with
+//!
+//!     cargo test --release --test cpu_attention -- --ignored length_65536
+//!
+//! CI runs the same check at L = 16384.
+
+use gateloop::cpu::attention::{AttentionParams, forward, reduce_phase};
+use gateloop::reference::{self, naive};
+use gateloop::testing::{GateRegime, dims, random_problem};
+use gateloop::{Complex, Dims, InputError, compare, compare_complex};
+
+const REL: f64 = 1e-4;
+const ABS_FRAC: f64 = 1e-3;
+
+fn check_with(d: Dims, regime: GateRegime, with_h0: bool, seed: u64, params: AttentionParams) {
+    let label = format!("{d:?} {regime:?} h0={with_h0} seed={seed} {params:?}");
+    let p64 = random_problem(d, regime, with_h0, seed).rounded_to_f32();
+    let p32 = p64.to_f32();
+    let want = reference::recurrent::forward(&p64.view()).expect("reference");
+    let got = forward(&p32.view(), &params).unwrap_or_else(|e| panic!("{label}: {e}"));
+    let ey = compare(&got.y, &want.y);
+    let eh = compare_complex(&got.h_final, &want.h_final);
+    assert!(ey.within(REL, ABS_FRAC), "{label}: y {ey:?}");
+    assert!(eh.within(REL, ABS_FRAC), "{label}: h_final {eh:?}");
+}
+
+fn check(d: Dims, regime: GateRegime, with_h0: bool, seed: u64) {
+    check_with(d, regime, with_h0, seed, AttentionParams::default());
+}
+
+#[test]
+fn shape_sweep() {
+    let mut seed = 0;
+    for len in [1, 2, 63, 64, 65, 1000] {
+        for key_dim in [1, 5, 16, 64] {
+            for value_dim in [1, 5, 16, 64] {
+                seed += 1;
+                // Alternate gate layout and h0 so each meets every size class.
+                let per_head = seed % 2 == 0;
+                let with_h0 = (seed / 2) % 2 == 0;
+                check(dims(1, len, 2, key_dim, value_dim, per_head), GateRegime::Random, with_h0, seed);
+            }
+        }
+    }
+}
+
+#[test]
+fn length_4096() {
+    for (i, (key_dim, value_dim)) in [(1, 1), (5, 16), (64, 64)].into_iter().enumerate() {
+        for per_head in [false, true] {
+            let seed = 100 + 2 * i as u64 + per_head as u64;
+            check(dims(1, 4096, 1, key_dim, value_dim, per_head), GateRegime::Random, i % 2 == 0, seed);
+        }
+    }
+}
+
+fn regime_cases(regime: GateRegime, seed: u64) {
+    let mut seed = seed;
+    for (len, key_dim, value_dim) in [(65, 16, 5), (1000, 5, 16), (300, 64, 64), (129, 1, 1)] {
+        for per_head in [false, true] {
+            for with_h0 in [false, true] {
+                seed += 1;
+                check(dims(2, len, 2, key_dim, value_dim, per_head), regime, with_h0, seed);
+            }
+        }
+    }
+}
+
+#[test]
+fn resets() {
+    regime_cases(GateRegime::Resets(0.05), 1000);
+}
+
+#[test]
+fn every_step_resets() {
+    regime_cases(GateRegime::Resets(1.0), 1100);
+}
+
+#[test]
+fn unit_modulus() {
+    regime_cases(GateRegime::UnitModulus, 2000);
+}
+
+#[test]
+fn large_phase() {
+    regime_cases(GateRegime::LargePhase(50.0), 3000);
+}
+
+#[test]
+fn strong_decay() {
+    regime_cases(GateRegime::StrongDecay(40.0), 4000);
+}
+
+#[test]
+fn mixed() {
+    regime_cases(GateRegime::Mixed, 5000);
+}
+
+/// Other tile lengths compute the same function: many tiles, partial last
+/// tiles, resets on tile boundaries, the offset carried across many tiles.
+#[test]
+fn other_tile_lengths() {
+    let mut seed = 6000;
+    for tile_len in [1, 2, 3, 7, 16, 100] {
+        for regime in [GateRegime::Random, GateRegime::Resets(0.1), GateRegime::UnitModulus, GateRegime::Mixed] {
+            seed += 1;
+            let per_head = seed % 2 == 0;
+            check_with(dims(1, 211, 2, 3, 4, per_head), regime, true, seed, AttentionParams { tile_len });
+        }
+    }
+}
+
+fn long_exactness(len: usize) {
+    for (regime, seed) in [(GateRegime::UnitModulus, 7000), (GateRegime::LargePhase(50.0), 7001)] {
+        for (key_dim, value_dim, per_head) in [(1, 1, false), (2, 2, false), (2, 2, true)] {
+            check(dims(1, len, 1, key_dim, value_dim, per_head), regime, true, seed);
+        }
+    }
+}
+
+/// |a| = 1 and phases ≫ 2π over a long sequence: exact within f32
+/// accumulation thanks to tile-local sums and the mod-2π offset carry.
+#[test]
+fn length_16384_exact() {
+    long_exactness(16384);
+}
+
+#[test]
+#[ignore = "O(L²) = 4.3e9 pair evaluations per case; run with --ignored (release)"]
+fn length_65536_exact() {
+    long_exactness(65536);
+}
+
+/// The naive cumprod form (the official notebook's) is NaN where the tiled
+/// f32 attention is exact.
+#[test]
+fn naive_cumprod_is_nan_where_tiled_is_exact() {
+    let p = random_problem(dims(1, 128, 1, 4, 4, false), GateRegime::StrongDecay(2.0), false, 21);
+    let p32 = p.to_f32();
+    let naive_y = naive::surrogate_attention_cumprod(&p32.view());
+    assert!(naive_y.iter().any(|y| y.is_nan()), "expected the cumprod form to produce NaN in f32 at L = 128");
+    let oracle = reference::recurrent::forward(&p.rounded_to_f32().view()).unwrap();
+    let ours = forward(&p32.view(), &AttentionParams::default()).unwrap();
+    assert!(ours.y.iter().all(|y| y.is_finite()));
+    let e = compare(&ours.y, &oracle.y);
+    assert!(e.within(1e-5, 1e-5), "tiled f32 attention: {e:?}");
+}
+
+#[test]
+fn phase_reduction() {
+    for x in [0.0f32, 1.0, -3.0, 3.2, 50.0, -50.0, 1000.0, 6.283_185_5] {
+        let r = reduce_phase(x);
+        assert!(r.abs() <= std::f32::consts::PI + 1e-6, "{x} -> {r}");
+        let back = (x as f64 - r as f64) / std::f64::consts::TAU;
+        assert!((back - back.round()).abs() < 1e-6, "{x} -> {r}");
+    }
+}
+
+#[test]
+fn validates_like_the_reference() {
+    let d = dims(1, 10, 1, 2, 3, false);
+    let mut p = random_problem(d, GateRegime::Random, true, 1).to_f32();
+    assert!(matches!(
+        forward(&p.view(), &AttentionParams { tile_len: 0 }),
+        Err(InputError::Param { name: "tile_len", .. })
+    ));
+    p.log_gate[3] = Complex::new(0.5, 0.0);
+    assert!(matches!(forward(&p.view(), &AttentionParams::default()), Err(InputError::Value { name: "log_gate", .. })));
+    p.log_gate[3] = Complex::new(-0.5, 0.0);
+    p.q.pop();
+    assert!(matches!(forward(&p.view(), &AttentionParams::default()), Err(InputError::Length { name: "q", .. })));
+}
