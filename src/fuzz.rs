@@ -91,6 +91,7 @@
 use std::fmt::{self, Write as _};
 use std::io::{IsTerminal, Write as _};
 use std::ops::Range;
+use std::rc::Rc;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
@@ -98,11 +99,11 @@ use num_complex::Complex;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
-use crate::cpu::chunked::{self, ChunkParams};
+use crate::dispatch;
 use crate::cuda;
 use crate::io;
 use crate::problem::{Dims, GateLayout, Outputs};
-use crate::reference::{self, RefMode};
+use crate::reference;
 use crate::testing::{random_problem, GateRegime, OwnedProblem};
 use crate::Mode;
 
@@ -217,22 +218,15 @@ impl Target {
     /// is none) and for recurrent f64 (the oracle itself).
     pub fn cpu(mode: Mode, precision: Precision) -> Option<Target> {
         let label = format!("{}-{}-cpu", mode.name(), precision.name());
-        let run: RunFn = match (mode, precision) {
-            (Mode::Chunked, Precision::F64) | (Mode::Recurrent, Precision::F64) => return None,
-            (Mode::Chunked, Precision::F32) => Box::new(|p: &OwnedProblem<f64>| {
-                let p32 = p.to_f32();
-                chunked::forward(&p32.view(), &ChunkParams::default()).map(widen).map_err(|e| e.to_string())
+        let run: RunFn = match precision {
+            // The f64 recurrence is the oracle itself.
+            Precision::F64 if mode == Mode::Recurrent || !dispatch::CPU_F64_MODES.contains(&mode) => return None,
+            Precision::F64 => {
+                Box::new(move |p: &OwnedProblem<f64>| dispatch::cpu_f64(mode, &p.view()).map_err(|e| e.to_string()))
+            }
+            Precision::F32 => Box::new(move |p: &OwnedProblem<f64>| {
+                dispatch::cpu_f32(mode, &p.to_f32().view()).map(widen).map_err(|e| e.to_string())
             }),
-            (m, Precision::F64) => {
-                let m = ref_mode(m)?;
-                Box::new(move |p: &OwnedProblem<f64>| reference::forward::<f64>(m, &p.view()).map_err(|e| e.to_string()))
-            }
-            (m, Precision::F32) => {
-                let m = ref_mode(m)?;
-                Box::new(move |p: &OwnedProblem<f64>| {
-                    reference::forward::<f32>(m, &p.to_f32().view()).map(widen).map_err(|e| e.to_string())
-                })
-            }
         };
         Some(Target { mode, precision, device: Device::Cpu, label, run })
     }
@@ -240,15 +234,6 @@ impl Target {
     /// Runs the target on a problem (for tests and tools).
     pub fn run(&mut self, p: &OwnedProblem<f64>) -> Result<Outputs<f64>, String> {
         (self.run)(p)
-    }
-}
-
-fn ref_mode(mode: Mode) -> Option<RefMode> {
-    match mode {
-        Mode::Recurrent => Some(RefMode::Recurrent),
-        Mode::Scan => Some(RefMode::Scan),
-        Mode::Attention => Some(RefMode::Attention),
-        Mode::Chunked => None,
     }
 }
 
@@ -284,21 +269,20 @@ pub fn targets(device: Device, modes: &[Mode], precisions: &[Precision]) -> Resu
             }
         }
         Device::Cuda => {
-            let gpu = cuda::Gpu::new(0).map_err(|e| SetupError::NoGpu(e.to_string()))?;
+            let gpu = Rc::new(cuda::Gpu::new(0).map_err(|e| SetupError::NoGpu(e.to_string()))?);
             let name = gpu.name();
-            let mut gpu = Some(gpu);
             for &m in modes {
                 for &pr in precisions {
-                    if m != Mode::Recurrent || pr != Precision::F32 {
-                        notes.push(format!("{} {} is not available on cuda (cuda: recurrent f32): skipped", m.name(), pr.name()));
+                    if !dispatch::CUDA_MODES.contains(&m) || pr != Precision::F32 {
+                        notes.push(format!("{} {} is not available on cuda: skipped", m.name(), pr.name()));
                         continue;
                     }
-                    let Some(gpu) = gpu.take() else { continue };
+                    let gpu = Rc::clone(&gpu);
                     let run = move |p: &OwnedProblem<f64>| {
-                        cuda::recurrent::forward_host(&gpu, &p.to_f32().view()).map(widen).map_err(|e| e.to_string())
+                        dispatch::cuda_f32(&gpu, m, &p.to_f32().view()).map(widen).map_err(|e| e.to_string())
                     };
-                    let label = if name.is_empty() { "recurrent-f32-cuda".to_string() } else { format!("recurrent-f32-cuda ({name})") };
-                    out.push(Target::custom(label, Mode::Recurrent, Precision::F32, Device::Cuda, run));
+                    let label = format!("{}-f32-cuda ({name})", m.name());
+                    out.push(Target::custom(label, m, Precision::F32, Device::Cuda, run));
                 }
             }
         }

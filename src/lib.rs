@@ -47,6 +47,7 @@
 
 pub mod cpu;
 pub mod cuda;
+pub mod dispatch;
 pub mod error;
 pub mod fuzz;
 pub mod io;

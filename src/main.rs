@@ -19,11 +19,10 @@ macro_rules! say {
     }};
 }
 
-use gateloop::cpu::chunked::{self, ChunkParams};
 use gateloop::io::{self, FileError, LoadedProblem};
 use gateloop::reference::{self, RefMode};
 use gateloop::testing::{random_problem, GateRegime, OwnedProblem};
-use gateloop::{compare, compare_complex, cuda, fuzz, Dims, Mode, Outputs};
+use gateloop::{compare, compare_complex, cuda, dispatch, fuzz, Dims, Mode, Outputs};
 
 #[derive(Parser)]
 #[command(name = "gateloop", version, about = "GateLoop (Katsch 2023): fully data-controlled linear recurrence")]
@@ -208,9 +207,6 @@ impl Device {
     }
 }
 
-/// The modes each device offers.
-const CUDA_MODES: [Mode; 1] = [Mode::Recurrent];
-
 /// A failure of the command, with its exit code.
 enum Failure {
     /// Bad input or usage: exit 2.
@@ -222,15 +218,6 @@ enum Failure {
 impl From<FileError> for Failure {
     fn from(e: FileError) -> Self {
         if e.is_input_error() { Failure::Input(e.to_string()) } else { Failure::Runtime(e.to_string()) }
-    }
-}
-
-fn ref_mode(mode: Mode) -> Option<RefMode> {
-    match mode {
-        Mode::Recurrent => Some(RefMode::Recurrent),
-        Mode::Scan => Some(RefMode::Scan),
-        Mode::Attention => Some(RefMode::Attention),
-        Mode::Chunked => None,
     }
 }
 
@@ -264,13 +251,8 @@ fn median_timed<T>(repeat: u32, f: impl Fn() -> Result<T, Failure>) -> Result<(f
 }
 
 fn run(input: PathBuf, output: PathBuf, mode: Mode, device: Device, repeat: u32) -> Result<(), Failure> {
-    if device == Device::Cuda && !CUDA_MODES.contains(&mode) {
-        let available: Vec<&str> = CUDA_MODES.iter().map(|m| m.name()).collect();
-        return Err(Failure::Input(format!(
-            "mode `{}` is not yet available on cuda (available on cuda: {}; on cpu: recurrent, scan, attention, chunked)",
-            mode.name(),
-            available.join(", ")
-        )));
+    if device == Device::Cuda && !dispatch::CUDA_MODES.contains(&mode) {
+        return Err(input_err(dispatch::cuda_unavailable(mode)));
     }
     let problem = io::read_problem(&input)?;
     let dims = problem.dims();
@@ -282,30 +264,18 @@ fn run(input: PathBuf, output: PathBuf, mode: Mode, device: Device, repeat: u32)
             )));
         }
         (LoadedProblem::F64(p), Device::Cpu) => {
-            let Some(m) = ref_mode(mode) else {
-                return Err(Failure::Input(format!(
-                    "`{}` is F64 but mode `chunked` is the f32 fast path; for F64 inputs use --mode recurrent, scan or attention (or convert the input to F32)",
-                    input.display()
-                )));
-            };
-            let (ms, out) = median_timed(repeat, || reference::forward::<f64>(m, &p.view()).map_err(input_err))?;
+            let (ms, out) = median_timed(repeat, || dispatch::cpu_f64(mode, &p.view()).map_err(input_err))?;
             io::write_outputs(&output, &dims, &out)?;
             (None, ms)
         }
         (LoadedProblem::F32(p), Device::Cpu) => {
-            let (ms, out) = median_timed(repeat, || {
-                match ref_mode(mode) {
-                    Some(m) => reference::forward::<f32>(m, &p.view()),
-                    None => chunked::forward(&p.view(), &ChunkParams::default()),
-                }
-                .map_err(input_err)
-            })?;
+            let (ms, out) = median_timed(repeat, || dispatch::cpu_f32(mode, &p.view()).map_err(input_err))?;
             io::write_outputs(&output, &dims, &out)?;
             (None, ms)
         }
         (LoadedProblem::F32(p), Device::Cuda) => {
             let gpu = cuda::Gpu::new(0).map_err(|e| Failure::Runtime(format!("cannot use the GPU: {e}")))?;
-            let (ms, out) = median_timed(repeat, || cuda::recurrent::forward_host(&gpu, &p.view()).map_err(gpu_err))?;
+            let (ms, out) = median_timed(repeat, || dispatch::cuda_f32(&gpu, mode, &p.view()).map_err(gpu_err))?;
             io::write_outputs(&output, &dims, &out)?;
             (Some(gpu.name()), ms)
         }
@@ -325,8 +295,6 @@ fn run(input: PathBuf, output: PathBuf, mode: Mode, device: Device, repeat: u32)
 const ATTENTION_MAX_LEN: usize = 4096;
 /// ... and this much work, B·H·L²·(K+V) (about 2 s in f32 on 2 cores).
 const ATTENTION_MAX_WORK: usize = 1 << 29;
-/// The scan keeps L·K·V complex numbers per head in flight.
-const SCAN_MAX_ELEMENTS: usize = 1 << 28;
 
 struct Row {
     mode: &'static str,
@@ -362,49 +330,37 @@ fn demo(d: Dims, seed: u64) -> Result<(), Failure> {
     let oracle = oracle.map_err(|e| Failure::Runtime(format!("the f64 reference failed: {e}")))?;
 
     let mut rows = Vec::new();
-    let cpu = |mode: &'static str, result: Result<(f64, Outputs<f32>), String>| Row {
-        mode,
-        device: "cpu".into(),
-        precision: "f32",
-        result,
-    };
-    let f32_ref = |m: RefMode| {
-        let (ms, out) = timed(|| reference::forward::<f32>(m, &p32.view()));
-        out.map(|o| (ms, o)).map_err(|e| e.to_string())
-    };
-
-    let (ms, out) = timed(|| chunked::forward(&p32.view(), &ChunkParams::default()));
-    rows.push(cpu("chunked", out.map(|o| (ms, o)).map_err(|e| e.to_string())));
-    rows.push(cpu("recurrent", f32_ref(RefMode::Recurrent)));
-
-    let scan_elements = d.len.saturating_mul(d.key_dim).saturating_mul(d.value_dim);
-    if scan_elements <= SCAN_MAX_ELEMENTS {
-        rows.push(cpu("scan", f32_ref(RefMode::Scan)));
-    } else {
-        rows.push(cpu("scan", Err(format!("skipped (L·K·V = {scan_elements} too large)"))));
-    }
     let work = heads.saturating_mul(d.len).saturating_mul(d.len).saturating_mul(d.key_dim.saturating_add(d.value_dim));
-    if d.len <= ATTENTION_MAX_LEN && work <= ATTENTION_MAX_WORK {
-        rows.push(cpu("attention", f32_ref(RefMode::Attention)));
+    let attention_skip = if d.len > ATTENTION_MAX_LEN {
+        Some(format!("skipped (O(L²): L = {} > {ATTENTION_MAX_LEN})", d.len))
+    } else if work > ATTENTION_MAX_WORK {
+        Some(format!("skipped (O(L²): B·H·L²·(K+V) = {:.1e} > {:.1e})", work as f64, ATTENTION_MAX_WORK as f64))
     } else {
-        let why = if d.len > ATTENTION_MAX_LEN {
-            format!("L = {} > {ATTENTION_MAX_LEN}", d.len)
-        } else {
-            format!("B·H·L²·(K+V) = {work:.1e} > {ATTENTION_MAX_WORK:.1e}", work = work as f64, ATTENTION_MAX_WORK = ATTENTION_MAX_WORK as f64)
+        None
+    };
+    for mode in [Mode::Chunked, Mode::Recurrent, Mode::Scan, Mode::Attention] {
+        let result = match (&attention_skip, mode) {
+            (Some(why), Mode::Attention) => Err(why.clone()),
+            _ => {
+                let (ms, out) = timed(|| dispatch::cpu_f32(mode, &p32.view()));
+                out.map(|o| (ms, o)).map_err(|e| e.to_string())
+            }
         };
-        rows.push(cpu("attention", Err(format!("skipped (O(L²): {why})"))));
+        rows.push(Row { mode: mode.name(), device: "cpu".into(), precision: "f32", result });
     }
 
     let mut gpu_note = None;
     match cuda::Gpu::new(0) {
         Ok(gpu) => {
-            let (ms, out) = timed(|| cuda::recurrent::forward_host(&gpu, &p32.view()));
-            rows.push(Row {
-                mode: "recurrent",
-                device: format!("cuda ({})", gpu.name()),
-                precision: "f32",
-                result: out.map(|o| (ms, o)).map_err(|e| e.to_string()),
-            });
+            for mode in dispatch::CUDA_MODES {
+                let (ms, out) = timed(|| dispatch::cuda_f32(&gpu, mode, &p32.view()));
+                rows.push(Row {
+                    mode: mode.name(),
+                    device: format!("cuda ({})", gpu.name()),
+                    precision: "f32",
+                    result: out.map(|o| (ms, o)).map_err(|e| e.to_string()),
+                });
+            }
         }
         Err(e) => gpu_note = Some(format!("GPU not used: {e}")),
     }

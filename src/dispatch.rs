@@ -1,0 +1,64 @@
+//! Which implementation computes each [`Mode`], per device and precision: the
+//! one table that `gateloop run`, `gateloop demo` and `gateloop fuzz` share.
+//!
+//! | mode | cpu f64 | cpu f32 | cuda f32 |
+//! |---|---|---|---|
+//! | recurrent | [`reference::recurrent`] (the oracle) | [`reference::recurrent`] in f32 | [`cuda::recurrent`] |
+//! | scan | [`reference::scan`] | [`cpu::scan`] (the kernel's mirror) | [`cuda::scan`] |
+//! | attention | [`reference::attention`] | [`cpu::attention`] (the kernel's mirror) | [`cuda::attention`] |
+//! | chunked | — (f32 only) | [`cpu::chunked`] | — (not yet) |
+
+use crate::cpu::attention::AttentionParams;
+use crate::cpu::chunked::ChunkParams;
+use crate::cpu::scan::ScanParams;
+use crate::cuda::{self, Gpu, GpuError};
+use crate::error::InputError;
+use crate::problem::{Outputs, Problem};
+use crate::reference::{self, RefMode};
+use crate::{cpu, Mode};
+
+/// Modes with an f64 implementation (the reference).
+pub const CPU_F64_MODES: [Mode; 3] = [Mode::Recurrent, Mode::Scan, Mode::Attention];
+/// Modes with a CUDA kernel.
+pub const CUDA_MODES: [Mode; 3] = [Mode::Recurrent, Mode::Scan, Mode::Attention];
+
+fn unavailable(mode: Mode, why: &'static str, available: &[Mode]) -> InputError {
+    let names: Vec<&str> = available.iter().map(|m| m.name()).collect();
+    InputError::Param { name: "mode", value: format!("{} (available: {})", mode.name(), names.join(", ")), why }
+}
+
+/// The error `run --device cuda` gives for a mode without a kernel.
+pub fn cuda_unavailable(mode: Mode) -> InputError {
+    unavailable(mode, "no CUDA kernel for this mode yet", &CUDA_MODES)
+}
+
+/// The f64 reference of `mode` on the CPU.
+pub fn cpu_f64(mode: Mode, p: &Problem<'_, f64>) -> Result<Outputs<f64>, InputError> {
+    let m = match mode {
+        Mode::Recurrent => RefMode::Recurrent,
+        Mode::Scan => RefMode::Scan,
+        Mode::Attention => RefMode::Attention,
+        Mode::Chunked => return Err(unavailable(mode, "chunked is the f32 fast path; f64 runs the reference modes", &CPU_F64_MODES)),
+    };
+    reference::forward(m, p)
+}
+
+/// The f32 implementation of `mode` on the CPU (default parameters).
+pub fn cpu_f32(mode: Mode, p: &Problem<'_, f32>) -> Result<Outputs<f32>, InputError> {
+    match mode {
+        Mode::Recurrent => reference::recurrent::forward(p),
+        Mode::Scan => cpu::scan::forward(p, &ScanParams::default()),
+        Mode::Attention => cpu::attention::forward(p, &AttentionParams::default()),
+        Mode::Chunked => cpu::chunked::forward(p, &ChunkParams::default()),
+    }
+}
+
+/// The CUDA kernel of `mode`, from host buffers (uploads, runs, downloads).
+pub fn cuda_f32(gpu: &Gpu, mode: Mode, p: &Problem<'_, f32>) -> Result<Outputs<f32>, GpuError> {
+    match mode {
+        Mode::Recurrent => cuda::recurrent::forward_host(gpu, p),
+        Mode::Scan => cuda::scan::forward_host(gpu, p),
+        Mode::Attention => cuda::attention::forward_host(gpu, p),
+        Mode::Chunked => Err(cuda_unavailable(mode).into()),
+    }
+}
