@@ -12,7 +12,7 @@
 
 mod common;
 
-use common::{ABS_FRAC, Case, REL, assert_outputs, regime_matrix, regime_tests};
+use common::{ABS_FRAC, Case, REL, assert_outputs, regime_matrix, adversarial_regime_tests};
 use gateloop::cpu::attention::{AttentionParams, forward, reduce_phase};
 use gateloop::reference::{self, naive};
 use gateloop::testing::{GateRegime, dims, random_problem};
@@ -52,14 +52,7 @@ fn regime_cases(regime: GateRegime, seed: u64) {
     regime_matrix(2, 2, &shapes, regime, seed, |c| check(c.dims, c.regime, c.with_h0, c.seed));
 }
 
-regime_tests! { regime_cases:
-    resets => GateRegime::Resets(0.05), 1000;
-    every_step_resets => GateRegime::Resets(1.0), 1100;
-    unit_modulus => GateRegime::UnitModulus, 2000;
-    large_phase => GateRegime::LargePhase(50.0), 3000;
-    strong_decay => GateRegime::StrongDecay(40.0), 4000;
-    mixed => GateRegime::Mixed, 5000;
-}
+adversarial_regime_tests!(regime_cases);
 
 /// Other tile lengths compute the same function: many tiles, partial last
 /// tiles, resets on tile boundaries, the offset carried across many tiles.

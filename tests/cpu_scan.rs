@@ -9,7 +9,7 @@
 
 mod common;
 
-use common::{ABS_FRAC, Case, REL, assert_outputs, regime_matrix, regime_tests};
+use common::{ABS_FRAC, Case, REL, assert_outputs, regime_matrix, regime_tests, adversarial_regime_tests};
 use gateloop::cpu::scan::{self, MAX_WARPS, STEPS_PER_THREAD, ScanParams};
 use gateloop::testing::{GateRegime, dims, random_problem};
 use gateloop::{Complex, Dims, InputError, Outputs};
@@ -50,13 +50,8 @@ fn regime_cases(regime: GateRegime, seed: u64) {
 
 regime_tests! { regime_cases:
     random => GateRegime::Random, 500;
-    resets => GateRegime::Resets(0.05), 1000;
-    every_step_resets => GateRegime::Resets(1.0), 1100;
-    unit_modulus => GateRegime::UnitModulus, 2000;
-    large_phase => GateRegime::LargePhase(50.0), 3000;
-    strong_decay => GateRegime::StrongDecay(40.0), 4000;
-    mixed => GateRegime::Mixed, 5000;
 }
+adversarial_regime_tests!(regime_cases);
 
 /// B·H = 1 at L = 65536 with |a| = 1: 64 chunks (default) or 256 (one warp)
 /// of carries, nothing decays.

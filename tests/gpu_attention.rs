@@ -8,7 +8,7 @@
 
 mod common;
 
-use common::{ABS_FRAC, Case, REL, assert_outputs, regime_matrix, regime_tests, run_forward};
+use common::{ABS_FRAC, Case, REL, assert_outputs, regime_matrix, adversarial_regime_tests, run_forward};
 use gateloop::cuda::attention::{forward_host, forward_into, plan};
 use gateloop::cuda::{DeviceInputs, DeviceOutputs, Gpu, GpuError};
 use gateloop::testing::{GateRegime, dims, random_problem};
@@ -41,14 +41,7 @@ fn regime_cases(regime: GateRegime, seed: u64) {
     regime_matrix(2, 3, &shapes, regime, seed, |c| check_case(gpu, c));
 }
 
-regime_tests! { regime_cases:
-    resets => GateRegime::Resets(0.05), 1000;
-    every_step_resets => GateRegime::Resets(1.0), 1100;
-    unit_modulus => GateRegime::UnitModulus, 2000;
-    large_phase => GateRegime::LargePhase(50.0), 3000;
-    strong_decay => GateRegime::StrongDecay(40.0), 4000;
-    mixed => GateRegime::Mixed, 5000;
-}
+adversarial_regime_tests!(regime_cases);
 
 /// B·H from 1 to 256 blocks of heads.
 #[test]

@@ -10,7 +10,7 @@
 
 mod common;
 
-use common::{ABS_FRAC, Case, REL, assert_outputs, regime_matrix, regime_tests, run_forward};
+use common::{ABS_FRAC, Case, REL, assert_outputs, regime_matrix, regime_tests, adversarial_regime_tests, run_forward};
 use gateloop::cpu;
 use gateloop::cuda::scan::{DeviceInputs, DeviceOutputs, forward_host, forward_into, plan_for};
 use gateloop::cuda::{Gpu, GpuError};
@@ -55,13 +55,8 @@ fn regime_cases(regime: GateRegime, seed: u64) {
 
 regime_tests! { regime_cases:
     random => GateRegime::Random, 500;
-    resets => GateRegime::Resets(0.05), 1000;
-    every_step_resets => GateRegime::Resets(1.0), 1100;
-    unit_modulus => GateRegime::UnitModulus, 2000;
-    large_phase => GateRegime::LargePhase(50.0), 3000;
-    strong_decay => GateRegime::StrongDecay(40.0), 4000;
-    mixed => GateRegime::Mixed, 5000;
 }
+adversarial_regime_tests!(regime_cases);
 
 /// B·H = 1 at L = 65536 (64 chunks of carries), |a| = 1 and random gates.
 #[test]

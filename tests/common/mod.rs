@@ -167,6 +167,26 @@ macro_rules! regime_tests {
 #[allow(unused_imports)]
 pub(crate) use regime_tests;
 
+/// The regime tests shared by the scan and attention suites (GPU and CPU):
+/// `resets` (5%), `every_step_resets`, `unit_modulus`, `large_phase` (50
+/// rad), `strong_decay` (Re ≥ −40), `mixed`, first seeds 1000, 1100, 2000,
+/// 3000, 4000, 5000.
+#[allow(unused_macros)]
+macro_rules! adversarial_regime_tests {
+    ($cases:ident) => {
+        $crate::common::regime_tests! { $cases:
+            resets => GateRegime::Resets(0.05), 1000;
+            every_step_resets => GateRegime::Resets(1.0), 1100;
+            unit_modulus => GateRegime::UnitModulus, 2000;
+            large_phase => GateRegime::LargePhase(50.0), 3000;
+            strong_decay => GateRegime::StrongDecay(40.0), 4000;
+            mixed => GateRegime::Mixed, 5000;
+        }
+    };
+}
+#[allow(unused_imports)]
+pub(crate) use adversarial_regime_tests;
+
 /// Asserts that `e` is within (`rel`, `abs_frac`), naming the case and the output.
 pub fn assert_within(label: &str, what: &str, e: &ErrorStats, rel: f64, abs_frac: f64) {
     assert!(e.within(rel, abs_frac), "{label}: {what} {e:?} (bounds: rel {rel:e}, abs_frac {abs_frac:e})");
