@@ -53,58 +53,16 @@
 // real), then h += e^{Δ'} h0; same early exit.
 //
 // The CPU mirror, src/cpu/attention.rs, does the same arithmetic in the same
-// order. Inputs: the InputTraits<T> hook converts loads/stores (f32 only is
-// instantiated for now); sums, workspace and arithmetic are f32.
+// order. Inputs: the InputTraits<T> hook of common.cuh converts loads/stores
+// (f32 only is instantiated for now); log_gate is complex f32 for every input
+// type; sums, workspace and arithmetic are f32.
 
-#include <cuda_bf16.h>
-#include <cuda_fp16.h>
 #include <math.h>
-#include <stdint.h>
 
-#include "gateloop_abi.h"
+#include "common.cuh"
 
-namespace gateloop_attn {
-
-// ---- input-type hook -----------------------------------------------------
-
-template <typename T>
-struct InputTraits;
-
-template <>
-struct InputTraits<float> {
-    static constexpr uint32_t kDtype = GATELOOP_DTYPE_F32;
-    __device__ __forceinline__ static float load(const float* __restrict__ p, int64_t i) { return __ldg(p + i); }
-    __device__ __forceinline__ static float2 load_complex(const float* __restrict__ p, int64_t i) {
-        return __ldg(reinterpret_cast<const float2*>(p) + i);
-    }
-    __device__ __forceinline__ static void store(float* p, int64_t i, float x) { p[i] = x; }
-};
-
-template <>
-struct InputTraits<__half> {
-    static constexpr uint32_t kDtype = GATELOOP_DTYPE_F16;
-    __device__ __forceinline__ static float load(const __half* __restrict__ p, int64_t i) {
-        return __half2float(p[i]);
-    }
-    __device__ __forceinline__ static float2 load_complex(const __half* __restrict__ p, int64_t i) {
-        return __half22float2(reinterpret_cast<const __half2*>(p)[i]);
-    }
-    __device__ __forceinline__ static void store(__half* p, int64_t i, float x) { p[i] = __float2half_rn(x); }
-};
-
-template <>
-struct InputTraits<__nv_bfloat16> {
-    static constexpr uint32_t kDtype = GATELOOP_DTYPE_BF16;
-    __device__ __forceinline__ static float load(const __nv_bfloat16* __restrict__ p, int64_t i) {
-        return __bfloat162float(p[i]);
-    }
-    __device__ __forceinline__ static float2 load_complex(const __nv_bfloat16* __restrict__ p, int64_t i) {
-        return __bfloat1622float2(reinterpret_cast<const __nv_bfloat162*>(p)[i]);
-    }
-    __device__ __forceinline__ static void store(__nv_bfloat16* p, int64_t i, float x) {
-        p[i] = __float2bfloat16_rn(x);
-    }
-};
+namespace gateloop {
+namespace attn {
 
 // ---- constants and scalar helpers ----------------------------------------
 
@@ -153,23 +111,19 @@ __device__ __forceinline__ float2 cadd_reduced(float2 a, float2 b) {
 
 template <typename input_t>
 __device__ __forceinline__ void attention_prep(const GateloopAttentionParams& p) {
-    using Tr = InputTraits<input_t>;
     const int64_t gd = p.dims.gate_dim;
     const int64_t len = p.dims.len;
     const int64_t heads = p.dims.heads;
     int64_t idx = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
     if (idx >= p.dims.batch * heads * p.num_tiles * gd) return;
-    const int64_t c = idx % gd;
-    idx /= gd;
-    const int64_t tile = idx % p.num_tiles;
-    idx /= p.num_tiles;
-    const int64_t h = idx % heads;
-    const int64_t b = idx / heads;
+    const int64_t c = split_index(idx, gd);
+    const int64_t tile = split_index(idx, p.num_tiles);
+    const BatchHead bhi = batch_head(idx, heads);
+    const int64_t b = bhi.b, h = bhi.h;
     const int64_t t0 = tile * kTile;
     const int n = static_cast<int>(min(static_cast<int64_t>(kTile), len - t0));
 
-    const input_t* __restrict__ gate =
-        static_cast<const input_t*>(p.log_gate) + 2 * (b * p.gate_strides.batch + h * p.gate_strides.head);
+    const float* __restrict__ gate = complex_seq_row(p.log_gate, p.gate_strides, b, h);
     const int64_t ws = ((b * heads + h) * len + t0) * gd + c;  // (t0, c)
     float2* prefix = reinterpret_cast<float2*>(p.ws_prefix) + ws;
     float2* suffix = reinterpret_cast<float2*>(p.ws_suffix) + ws;
@@ -178,7 +132,7 @@ __device__ __forceinline__ void attention_prep(const GateloopAttentionParams& p)
     float2 s = make_float2(0.f, 0.f);
     int32_t r = -1;
     for (int j = 0; j < n; ++j) {
-        const float2 g = Tr::load_complex(gate, (t0 + j) * p.gate_strides.time + c);
+        const float2 g = load_complex(gate, (t0 + j) * p.gate_strides.time + c);
         if (g.x == -INFINITY) {
             s = make_float2(0.f, 0.f);
             r = j;
@@ -191,7 +145,7 @@ __device__ __forceinline__ void attention_prep(const GateloopAttentionParams& p)
     float2 bsum = make_float2(0.f, 0.f);
     suffix[(n - 1) * gd] = bsum;
     for (int j = n - 1; j >= 1; --j) {
-        const float2 g = Tr::load_complex(gate, (t0 + j) * p.gate_strides.time + c);
+        const float2 g = load_complex(gate, (t0 + j) * p.gate_strides.time + c);
         bsum = cadd_reduced(bsum, make_float2(g.x, reduce_phase(g.y)));  // −inf sticks
         suffix[(j - 1) * gd] = bsum;
     }
@@ -232,13 +186,11 @@ __device__ __forceinline__ void attention_y(const GateloopAttentionParams& p) {
     const int ty = tid >> 4;
 
     int64_t blk = blockIdx.x;
-    const int64_t vt = blk % p.value_tiles;
-    blk /= p.value_tiles;
+    const int64_t vt = split_index(blk, p.value_tiles);
     // Largest query tiles (the longest walks) first.
-    const int64_t tile_i = p.num_tiles - 1 - blk % p.num_tiles;
-    blk /= p.num_tiles;
-    const int64_t h = blk % p.dims.heads;
-    const int64_t b = blk / p.dims.heads;
+    const int64_t tile_i = p.num_tiles - 1 - split_index(blk, p.num_tiles);
+    const BatchHead bhi = batch_head(blk, p.dims.heads);
+    const int64_t b = bhi.b, h = bhi.h;
 
     const int64_t len = p.dims.len;
     const int64_t key_dim = p.dims.key_dim;
@@ -249,10 +201,10 @@ __device__ __forceinline__ void attention_y(const GateloopAttentionParams& p) {
     const int ni = static_cast<int>(min(static_cast<int64_t>(kTile), len - t0i));
     const int64_t v0 = vt * kVTile;
 
-    const input_t* __restrict__ q = static_cast<const input_t*>(p.q) + b * p.q_strides.batch + h * p.q_strides.head;
-    const input_t* __restrict__ k = static_cast<const input_t*>(p.k) + b * p.k_strides.batch + h * p.k_strides.head;
-    const input_t* __restrict__ v = static_cast<const input_t*>(p.v) + b * p.v_strides.batch + h * p.v_strides.head;
-    input_t* __restrict__ y = static_cast<input_t*>(p.y) + b * p.y_strides.batch + h * p.y_strides.head;
+    const input_t* __restrict__ q = seq_row<input_t>(p.q, p.q_strides, b, h);
+    const input_t* __restrict__ k = seq_row<input_t>(p.k, p.k_strides, b, h);
+    const input_t* __restrict__ v = seq_row<input_t>(p.v, p.v_strides, b, h);
+    input_t* __restrict__ y = seq_row_mut<input_t>(p.y, p.y_strides, b, h);
     const int64_t wsb = (b * p.dims.heads + h) * len * gd;  // workspace (t = 0, c = 0)
 
     for (int c = tid; c < gd; c += kThreads) s_delta[c] = make_float2(0.f, 0.f);
@@ -422,7 +374,7 @@ __device__ __forceinline__ void attention_y(const GateloopAttentionParams& p) {
     // ---- h0: Y += [Re q̃, −Im q̃] · [Re h0; Im h0] with Δ = Σ_{P<I} T_P ------
     if (reached_start && (p.flags & GATELOOP_FLAG_HAS_H0) != 0) {
         __syncthreads();  // the last Δ update
-        const float2* h0 = reinterpret_cast<const float2*>(p.h0) + b * p.h0_strides.batch + h * p.h0_strides.head;
+        const float2* h0 = reinterpret_cast<const float2*>(p.h0) + state_index(p.h0_strides, b, h, 0, 0);
         for (int64_t d0 = 0; d0 < key_dim; d0 += kSlab) {
             const int ds = static_cast<int>(min(static_cast<int64_t>(kSlab), key_dim - d0));
             stage_query(d0, ds);
@@ -477,12 +429,10 @@ __device__ __forceinline__ void attention_state(const GateloopAttentionParams& p
     constexpr int kRows = kStateRows / (kThreads / 32);  // 8 rows per thread
 
     int64_t blk = blockIdx.x;
-    const int64_t vt = blk % p.state_value_tiles;
-    blk /= p.state_value_tiles;
-    const int64_t kt = blk % p.state_key_tiles;
-    blk /= p.state_key_tiles;
-    const int64_t h = blk % p.dims.heads;
-    const int64_t b = blk / p.dims.heads;
+    const int64_t vt = split_index(blk, p.state_value_tiles);
+    const int64_t kt = split_index(blk, p.state_key_tiles);
+    const BatchHead bhi = batch_head(blk, p.dims.heads);
+    const int64_t b = bhi.b, h = bhi.h;
 
     const int64_t len = p.dims.len;
     const int64_t key_dim = p.dims.key_dim;
@@ -493,8 +443,8 @@ __device__ __forceinline__ void attention_state(const GateloopAttentionParams& p
     const int64_t c0 = vt * kStateCols;
     const int64_t col = c0 + lane;
 
-    const input_t* __restrict__ k = static_cast<const input_t*>(p.k) + b * p.k_strides.batch + h * p.k_strides.head;
-    const input_t* __restrict__ v = static_cast<const input_t*>(p.v) + b * p.v_strides.batch + h * p.v_strides.head;
+    const input_t* __restrict__ k = seq_row<input_t>(p.k, p.k_strides, b, h);
+    const input_t* __restrict__ v = seq_row<input_t>(p.v, p.v_strides, b, h);
     const int64_t wsb = (b * p.dims.heads + h) * len * gd;
 
     if (tid < kStateRows) s_delta[tid] = make_float2(0.f, 0.f);
@@ -550,9 +500,8 @@ __device__ __forceinline__ void attention_state(const GateloopAttentionParams& p
     __syncthreads();
 
     const bool has_h0 = (p.flags & GATELOOP_FLAG_HAS_H0) != 0;
-    const float2* h0 = reinterpret_cast<const float2*>(p.h0) + b * p.h0_strides.batch + h * p.h0_strides.head;
-    float2* h_final =
-        reinterpret_cast<float2*>(p.h_final) + b * p.h_final_strides.batch + h * p.h_final_strides.head;
+    const float2* h0 = reinterpret_cast<const float2*>(p.h0) + state_index(p.h0_strides, b, h, 0, 0);
+    float2* h_final = reinterpret_cast<float2*>(p.h_final) + state_index(p.h_final_strides, b, h, 0, 0);
 #pragma unroll
     for (int i = 0; i < kRows; ++i) {
         const int rl = warp + 8 * i;
@@ -570,22 +519,23 @@ __device__ __forceinline__ void attention_state(const GateloopAttentionParams& p
     }
 }
 
-}  // namespace gateloop_attn
+}  // namespace attn
+}  // namespace gateloop
 
 // ---- entry points ----------------------------------------------------------
 
 #define GATELOOP_ATTENTION_ENTRIES(DTYPE, TYPE)                                                     \
     extern "C" __global__ void __launch_bounds__(GATELOOP_ATTENTION_PREP_THREADS)                   \
         gateloop_attention_prep_##DTYPE(const GateloopAttentionParams p) {                          \
-        gateloop_attn::attention_prep<TYPE>(p);                                                     \
+        gateloop::attn::attention_prep<TYPE>(p);                                                     \
     }                                                                                               \
     extern "C" __global__ void __launch_bounds__(GATELOOP_ATTENTION_THREADS, 2)                     \
         gateloop_attention_##DTYPE(const GateloopAttentionParams p) {                               \
-        gateloop_attn::attention_y<TYPE>(p);                                                        \
+        gateloop::attn::attention_y<TYPE>(p);                                                        \
     }                                                                                               \
     extern "C" __global__ void __launch_bounds__(GATELOOP_ATTENTION_THREADS, 2)                     \
         gateloop_attention_state_##DTYPE(const GateloopAttentionParams p) {                         \
-        gateloop_attn::attention_state<TYPE>(p);                                                    \
+        gateloop::attn::attention_state<TYPE>(p);                                                    \
     }
 
 GATELOOP_ATTENTION_ENTRIES(f32, float)

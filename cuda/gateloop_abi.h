@@ -176,7 +176,7 @@ typedef struct GateloopScanParams {
     const void *q;        /* [B, L, H, K] dtype */
     const void *k;        /* [B, L, H, K] dtype */
     const void *v;        /* [B, L, H, V] dtype */
-    const void *log_gate; /* [B, L, H, gate_dim] complex dtype */
+    const float *log_gate; /* [B, L, H, gate_dim] complex f32 (every dtype) */
     const float *h0;      /* [B, H, K, V] complex f32, NULL unless HAS_H0 */
     /* Outputs (device pointers). */
     void *y;              /* [B, L, H, V] dtype */
@@ -195,7 +195,7 @@ typedef struct GateloopScanParams {
     GateloopStateStrides h_final_strides;
 
     uint32_t flags;       /* GATELOOP_FLAG_* */
-    uint32_t dtype;       /* GATELOOP_DTYPE_* of q, k, v, log_gate, y */
+    uint32_t dtype;       /* GATELOOP_DTYPE_* of q, k, v, y */
     int32_t warps;        /* warps per block, 1..=SCAN_MAX_WARPS */
     int32_t value_tile;   /* value columns per thread: the T of the entry point */
     int64_t chunk_len;    /* STEPS_PER_THREAD · 32 · warps */
@@ -241,7 +241,7 @@ typedef struct GateloopAttentionParams {
     const void *q;        /* [B, L, H, K] dtype */
     const void *k;        /* [B, L, H, K] dtype */
     const void *v;        /* [B, L, H, V] dtype */
-    const void *log_gate; /* [B, L, H, gate_dim] complex dtype */
+    const float *log_gate; /* [B, L, H, gate_dim] complex f32 (every dtype) */
     const float *h0;      /* [B, H, K, V] complex f32, NULL unless HAS_H0 */
     /* Outputs (device pointers). */
     void *y;              /* [B, L, H, V] dtype */
@@ -261,7 +261,7 @@ typedef struct GateloopAttentionParams {
     GateloopStateStrides h_final_strides;
 
     uint32_t flags;            /* GATELOOP_FLAG_* */
-    uint32_t dtype;            /* GATELOOP_DTYPE_* of q, k, v, log_gate, y */
+    uint32_t dtype;            /* GATELOOP_DTYPE_* of q, k, v, y */
     int64_t num_tiles;         /* ceil(L / TILE) */
     int64_t value_tiles;       /* ceil(V / VALUE_TILE) */
     int64_t state_key_tiles;   /* ceil(K / STATE_KEY_TILE) */

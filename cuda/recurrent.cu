@@ -48,62 +48,9 @@
 // it. The state is accessed through plain (non-restrict, non-__ldg) pointers
 // on that path.
 
-#include <cuda_bf16.h>
-#include <cuda_fp16.h>
-#include <stdint.h>
-
-#include "gateloop_abi.h"
+#include "common.cuh"
 
 namespace gateloop {
-
-// ---- input-type hook -----------------------------------------------------
-
-template <typename T>
-struct InputTraits;
-
-template <>
-struct InputTraits<float> {
-    static constexpr uint32_t kDtype = GATELOOP_DTYPE_F32;
-    __device__ __forceinline__ static float load(const float* __restrict__ p, int64_t i) {
-        return __ldg(p + i);
-    }
-    // Complex element i of an interleaved (re, im) array (log_gate: f32 only).
-    __device__ __forceinline__ static float2 load_complex(const float* __restrict__ p, int64_t i) {
-        return __ldg(reinterpret_cast<const float2*>(p) + i);
-    }
-    __device__ __forceinline__ static void store(float* p, int64_t i, float x) { p[i] = x; }
-};
-
-template <>
-struct InputTraits<__half> {
-    static constexpr uint32_t kDtype = GATELOOP_DTYPE_F16;
-    __device__ __forceinline__ static float load(const __half* __restrict__ p, int64_t i) {
-        return __half2float(p[i]);
-    }
-    __device__ __forceinline__ static void store(__half* p, int64_t i, float x) { p[i] = __float2half_rn(x); }
-};
-
-template <>
-struct InputTraits<__nv_bfloat16> {
-    static constexpr uint32_t kDtype = GATELOOP_DTYPE_BF16;
-    __device__ __forceinline__ static float load(const __nv_bfloat16* __restrict__ p, int64_t i) {
-        return __bfloat162float(p[i]);
-    }
-    __device__ __forceinline__ static void store(__nv_bfloat16* p, int64_t i, float x) {
-        p[i] = __float2bfloat16_rn(x);
-    }
-};
-
-// ---- the gate ------------------------------------------------------------
-
-// exp of a complex log gate. Re = −inf → exactly (±0, ±0) (Im is finite).
-__device__ __forceinline__ float2 complex_gate(float2 log_gate) {
-    constexpr float kLog2e = 1.4426950408889634f;
-    const float mag = exp2f(log_gate.x * kLog2e);
-    float s, c;
-    sincosf(log_gate.y, &s, &c);
-    return make_float2(mag * c, mag * s);
-}
 
 // ---- the kernel body -----------------------------------------------------
 
@@ -125,10 +72,9 @@ __device__ __forceinline__ void recurrent_forward(const GateloopRecurrentParams&
 
     // Block → (b, h, tile); 64-bit throughout.
     int64_t blk = blockIdx.x;
-    const int64_t tile = blk % p.value_tiles;
-    blk /= p.value_tiles;
-    const int64_t h = blk % p.dims.heads;
-    const int64_t b = blk / p.dims.heads;
+    const int64_t tile = split_index(blk, p.value_tiles);
+    const BatchHead bhi = batch_head(blk, p.dims.heads);
+    const int64_t b = bhi.b, h = bhi.h;
 
     const int64_t key_dim = p.dims.key_dim;
     const int64_t value_dim = p.dims.value_dim;
@@ -138,16 +84,12 @@ __device__ __forceinline__ void recurrent_forward(const GateloopRecurrentParams&
     const int64_t col = col0 + lane;
     const bool col_ok = col < value_dim;
 
-    const input_t* __restrict__ q =
-        static_cast<const input_t*>(p.q) + b * p.q_strides.batch + h * p.q_strides.head;
-    const input_t* __restrict__ k =
-        static_cast<const input_t*>(p.k) + b * p.k_strides.batch + h * p.k_strides.head;
-    const input_t* __restrict__ v =
-        static_cast<const input_t*>(p.v) + b * p.v_strides.batch + h * p.v_strides.head;
-    // Complex: element offsets count (re, im) pairs, hence the factor 2.
-    // log_gate is complex f32 for every input type; offsets in complex elements.
-    const float* __restrict__ gate = p.log_gate + 2 * (b * p.gate_strides.batch + h * p.gate_strides.head);
-    input_t* __restrict__ y = static_cast<input_t*>(p.y) + b * p.y_strides.batch + h * p.y_strides.head;
+    const input_t* __restrict__ q = seq_row<input_t>(p.q, p.q_strides, b, h);
+    const input_t* __restrict__ k = seq_row<input_t>(p.k, p.k_strides, b, h);
+    const input_t* __restrict__ v = seq_row<input_t>(p.v, p.v_strides, b, h);
+    // log_gate is complex f32 for every input type.
+    const float* __restrict__ gate = complex_seq_row(p.log_gate, p.gate_strides, b, h);
+    input_t* __restrict__ y = seq_row_mut<input_t>(p.y, p.y_strides, b, h);
 
     // Shared memory: [chunk][kp] float4 {Re a, Im a, k, q}, then [chunk][32]
     // v, then [chunk][key_groups][32] partial readouts.
@@ -169,7 +111,7 @@ __device__ __forceinline__ void recurrent_forward(const GateloopRecurrentParams&
         const int64_t row = group + i * key_groups;
         float2 s = make_float2(0.f, 0.f);
         if (has_init && col_ok && row < key_dim) {
-            s = init[b * init_strides.batch + h * init_strides.head + row * init_strides.key + col];
+            s = init[state_index(init_strides, b, h, row, col)];
         }
         hr[i] = s.x;
         hi[i] = s.y;
@@ -186,7 +128,7 @@ __device__ __forceinline__ void recurrent_forward(const GateloopRecurrentParams&
             if (row < key_dim) {
                 const int64_t t = t0 + tt;
                 const int64_t g = t * p.gate_strides.time + (per_head_gate ? 0 : row);
-                const float2 a = complex_gate(InputTraits<float>::load_complex(gate, g));
+                const float2 a = complex_gate(load_complex(gate, g));
                 s.x = a.x;
                 s.y = a.y;
                 s.z = Tr::load(k, t * p.k_strides.time + row);
@@ -241,8 +183,7 @@ __device__ __forceinline__ void recurrent_forward(const GateloopRecurrentParams&
     for (int i = 0; i < R; ++i) {
         const int64_t row = group + i * key_groups;
         if (col_ok && row < key_dim) {
-            h_final[b * p.h_final_strides.batch + h * p.h_final_strides.head + row * p.h_final_strides.key +
-                    col] = make_float2(hr[i], hi[i]);
+            h_final[state_index(p.h_final_strides, b, h, row, col)] = make_float2(hr[i], hi[i]);
         }
     }
 }

@@ -55,83 +55,18 @@
 // pinned (no compiler contraction choices); src/cpu/scan.rs mirrors it
 // operation for operation.
 
-#include <cuda_bf16.h>
-#include <cuda_fp16.h>
-#include <stdint.h>
-
-#include "gateloop_abi.h"
+#include "common.cuh"
 
 namespace gateloop {
 namespace scan {
 
-// ---- input-type hook (same shape as recurrent.cu's InputTraits) ----------
-
-template <typename T>
-struct InputTraits;
-
-template <>
-struct InputTraits<float> {
-    static constexpr uint32_t kDtype = GATELOOP_DTYPE_F32;
-    __device__ __forceinline__ static float load(const float* __restrict__ p, int64_t i) {
-        return __ldg(p + i);
-    }
-    __device__ __forceinline__ static float2 load_complex(const float* __restrict__ p, int64_t i) {
-        return __ldg(reinterpret_cast<const float2*>(p) + i);
-    }
-    __device__ __forceinline__ static void store(float* p, int64_t i, float x) { p[i] = x; }
-};
-
-template <>
-struct InputTraits<__half> {
-    static constexpr uint32_t kDtype = GATELOOP_DTYPE_F16;
-    __device__ __forceinline__ static float load(const __half* __restrict__ p, int64_t i) {
-        return __half2float(p[i]);
-    }
-    __device__ __forceinline__ static float2 load_complex(const __half* __restrict__ p, int64_t i) {
-        return __half22float2(reinterpret_cast<const __half2*>(p)[i]);
-    }
-    __device__ __forceinline__ static void store(__half* p, int64_t i, float x) { p[i] = __float2half_rn(x); }
-};
-
-template <>
-struct InputTraits<__nv_bfloat16> {
-    static constexpr uint32_t kDtype = GATELOOP_DTYPE_BF16;
-    __device__ __forceinline__ static float load(const __nv_bfloat16* __restrict__ p, int64_t i) {
-        return __bfloat162float(p[i]);
-    }
-    __device__ __forceinline__ static float2 load_complex(const __nv_bfloat16* __restrict__ p, int64_t i) {
-        return __bfloat1622float2(reinterpret_cast<const __nv_bfloat162*>(p)[i]);
-    }
-    __device__ __forceinline__ static void store(__nv_bfloat16* p, int64_t i, float x) {
-        p[i] = __float2bfloat16_rn(x);
-    }
-};
-
-// ---- complex arithmetic (mirrored exactly by src/cpu/scan.rs) ------------
+// ---- complex arithmetic (mirrored exactly by src/cpu/scan.rs; complex_gate,
+// cmul and apply are in common.cuh) -------------------------------------------
 
 constexpr int kSteps = GATELOOP_SCAN_STEPS_PER_THREAD;
 constexpr int kMaxWarps = GATELOOP_SCAN_MAX_WARPS;
 constexpr int kMaxThreads = 32 * kMaxWarps;
 constexpr unsigned kFull = 0xffffffffu;
-
-// exp of a complex log gate. Re = −inf → exactly (±0, ±0) (Im is finite).
-__device__ __forceinline__ float2 complex_gate(float2 log_gate) {
-    constexpr float kLog2e = 1.4426950408889634f;
-    const float mag = exp2f(log_gate.x * kLog2e);
-    float s, c;
-    sincosf(log_gate.y, &s, &c);
-    return make_float2(mag * c, mag * s);
-}
-
-// x · y
-__device__ __forceinline__ float2 cmul(float2 x, float2 y) {
-    return make_float2(fmaf(x.x, y.x, -(x.y * y.y)), fmaf(x.x, y.y, x.y * y.x));
-}
-
-// a · h + b
-__device__ __forceinline__ float2 apply(float2 a, float2 b, float2 h) {
-    return make_float2(fmaf(a.x, h.x, fmaf(-a.y, h.y, b.x)), fmaf(a.x, h.y, fmaf(a.y, h.x, b.y)));
-}
 
 // One element (a, b) with real b = kv applied to h: a · h + kv.
 __device__ __forceinline__ float2 step(float2 a, float kv, float2 h) {
@@ -181,27 +116,26 @@ struct Block {
     const input_t* __restrict__ q;
     const input_t* __restrict__ k;
     const input_t* __restrict__ v;
-    const input_t* __restrict__ gate;
+    const float* __restrict__ gate;  // complex f32 for every input type
 
     __device__ __forceinline__ Block(const GateloopScanParams& params, int64_t chunks_in_grid) : p(params) {
         lane = threadIdx.x & 31;
         warp = threadIdx.x >> 5;
         tid = threadIdx.x;
         int64_t blk = blockIdx.x;
-        chunk = blk % chunks_in_grid;
-        blk /= chunks_in_grid;
-        tile = blk % p.value_tiles;
-        bh = blk / p.value_tiles;
-        h = bh % p.dims.heads;
-        b = bh / p.dims.heads;
+        chunk = split_index(blk, chunks_in_grid);
+        tile = split_index(blk, p.value_tiles);
+        bh = blk;
+        const BatchHead bhi = batch_head(bh, p.dims.heads);
+        b = bhi.b;
+        h = bhi.h;
         t_first = chunk * p.chunk_len + static_cast<int64_t>(tid) * kSteps;
         col0 = tile * T;
         per_head_gate = p.dims.gate_dim == 1;
-        q = static_cast<const input_t*>(p.q) + b * p.q_strides.batch + h * p.q_strides.head;
-        k = static_cast<const input_t*>(p.k) + b * p.k_strides.batch + h * p.k_strides.head;
-        v = static_cast<const input_t*>(p.v) + b * p.v_strides.batch + h * p.v_strides.head;
-        // Complex: element offsets count (re, im) pairs, hence the factor 2.
-        gate = static_cast<const input_t*>(p.log_gate) + 2 * (b * p.gate_strides.batch + h * p.gate_strides.head);
+        q = seq_row<input_t>(p.q, p.q_strides, b, h);
+        k = seq_row<input_t>(p.k, p.k_strides, b, h);
+        v = seq_row<input_t>(p.v, p.v_strides, b, h);
+        gate = complex_seq_row(p.log_gate, p.gate_strides, b, h);
     }
 
     // v[s][j] of this thread (0 past L or past V).
@@ -223,7 +157,7 @@ struct Block {
 #pragma unroll
         for (int s = 0; s < kSteps; ++s) {
             const int64_t t = t_first + s;
-            a[s] = t < p.dims.len ? complex_gate(Tr::load_complex(gate, t * p.gate_strides.time + g))
+            a[s] = t < p.dims.len ? complex_gate(load_complex(gate, t * p.gate_strides.time + g))
                                   : make_float2(1.f, 0.f);
         }
     }
@@ -343,8 +277,7 @@ __device__ __forceinline__ void scan_forward(const GateloopScanParams& p) {
                 if (nc > 1) {
                     s = reinterpret_cast<const float2*>(p.chunk_state)[((blk.bh * nc + blk.chunk) * key_dim + row) * value_dim + c];
                 } else if (has_h0) {
-                    s = reinterpret_cast<const float2*>(p.h0)[blk.b * p.h0_strides.batch + blk.h * p.h0_strides.head +
-                                                               row * p.h0_strides.key + c];
+                    s = reinterpret_cast<const float2*>(p.h0)[state_index(p.h0_strides, blk.b, blk.h, row, c)];
                 }
             }
             hs[j] = s;
@@ -377,8 +310,7 @@ __device__ __forceinline__ void scan_forward(const GateloopScanParams& p) {
             }
         }
         if (owns_last) {
-            float2* hf = reinterpret_cast<float2*>(p.h_final) + blk.b * p.h_final_strides.batch +
-                         blk.h * p.h_final_strides.head + row * p.h_final_strides.key;
+            float2* hf = reinterpret_cast<float2*>(p.h_final) + state_index(p.h_final_strides, blk.b, blk.h, row, 0);
 #pragma unroll
             for (int j = 0; j < T; ++j) {
                 if (blk.col0 + j < value_dim) hf[blk.col0 + j] = hs[j];
@@ -386,7 +318,7 @@ __device__ __forceinline__ void scan_forward(const GateloopScanParams& p) {
         }
     }
 
-    input_t* __restrict__ y = static_cast<input_t*>(p.y) + blk.b * p.y_strides.batch + blk.h * p.y_strides.head;
+    input_t* __restrict__ y = seq_row_mut<input_t>(p.y, p.y_strides, blk.b, blk.h);
 #pragma unroll
     for (int s = 0; s < kSteps; ++s) {
         const int64_t t = blk.t_first + s;
@@ -409,13 +341,12 @@ __device__ __forceinline__ void scan_carry(const GateloopScanParams& p) {
     const int64_t row = (idx - bh * kv) / value_dim;
     const int64_t col = idx - bh * kv - row * value_dim;
     const int64_t nc = p.num_chunks;
-    const int64_t b = bh / p.dims.heads;
-    const int64_t h = bh - b * p.dims.heads;
+    const BatchHead bhi = batch_head(bh, p.dims.heads);
+    const int64_t b = bhi.b, h = bhi.h;
 
     float2 s = make_float2(0.f, 0.f);
     if ((p.flags & GATELOOP_FLAG_HAS_H0) != 0) {
-        s = reinterpret_cast<const float2*>(p.h0)[b * p.h0_strides.batch + h * p.h0_strides.head +
-                                                   row * p.h0_strides.key + col];
+        s = reinterpret_cast<const float2*>(p.h0)[state_index(p.h0_strides, b, h, row, col)];
     }
     float2* st = reinterpret_cast<float2*>(p.chunk_state) + (bh * nc * key_dim + row) * value_dim + col;
     const float2* ga = reinterpret_cast<const float2*>(p.chunk_gate) + bh * nc * key_dim + row;

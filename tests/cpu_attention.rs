@@ -10,24 +10,20 @@
 //!
 //! CI runs the same check at L = 16384.
 
+mod common;
+
+use common::{ABS_FRAC, Case, REL, assert_outputs, regime_matrix, adversarial_regime_tests};
 use gateloop::cpu::attention::{AttentionParams, forward, reduce_phase};
 use gateloop::reference::{self, naive};
 use gateloop::testing::{GateRegime, dims, random_problem};
-use gateloop::{Complex, Dims, InputError, compare, compare_complex};
-
-const REL: f64 = 1e-4;
-const ABS_FRAC: f64 = 1e-3;
+use gateloop::{Complex, Dims, InputError, compare};
 
 fn check_with(d: Dims, regime: GateRegime, with_h0: bool, seed: u64, params: AttentionParams) {
-    let label = format!("{d:?} {regime:?} h0={with_h0} seed={seed} {params:?}");
-    let p64 = random_problem(d, regime, with_h0, seed).rounded_to_f32();
-    let p32 = p64.to_f32();
-    let want = reference::recurrent::forward(&p64.view()).expect("reference");
+    let case = Case::new(d, regime, with_h0, seed);
+    let label = format!("{} {params:?}", case.label());
+    let (p32, want) = case.with_reference();
     let got = forward(&p32.view(), &params).unwrap_or_else(|e| panic!("{label}: {e}"));
-    let ey = compare(&got.y, &want.y);
-    let eh = compare_complex(&got.h_final, &want.h_final);
-    assert!(ey.within(REL, ABS_FRAC), "{label}: y {ey:?}");
-    assert!(eh.within(REL, ABS_FRAC), "{label}: h_final {eh:?}");
+    assert_outputs(&label, &got.y, &got.h_final, &want, REL, ABS_FRAC);
 }
 
 fn check(d: Dims, regime: GateRegime, with_h0: bool, seed: u64) {
@@ -36,18 +32,9 @@ fn check(d: Dims, regime: GateRegime, with_h0: bool, seed: u64) {
 
 #[test]
 fn shape_sweep() {
-    let mut seed = 0;
-    for len in [1, 2, 63, 64, 65, 1000] {
-        for key_dim in [1, 5, 16, 64] {
-            for value_dim in [1, 5, 16, 64] {
-                seed += 1;
-                // Alternate gate layout and h0 so each meets every size class.
-                let per_head = seed % 2 == 0;
-                let with_h0 = (seed / 2) % 2 == 0;
-                check(dims(1, len, 2, key_dim, value_dim, per_head), GateRegime::Random, with_h0, seed);
-            }
-        }
-    }
+    common::shape_sweep(&[1, 2, 63, 64, 65, 1000], &[1, 5, 16, 64], &[1, 5, 16, 64], 0, |c| {
+        check(c.dims, c.regime, c.with_h0, c.seed)
+    });
 }
 
 #[test]
@@ -61,46 +48,11 @@ fn length_4096() {
 }
 
 fn regime_cases(regime: GateRegime, seed: u64) {
-    let mut seed = seed;
-    for (len, key_dim, value_dim) in [(65, 16, 5), (1000, 5, 16), (300, 64, 64), (129, 1, 1)] {
-        for per_head in [false, true] {
-            for with_h0 in [false, true] {
-                seed += 1;
-                check(dims(2, len, 2, key_dim, value_dim, per_head), regime, with_h0, seed);
-            }
-        }
-    }
+    let shapes = [(65, 16, 5), (1000, 5, 16), (300, 64, 64), (129, 1, 1)];
+    regime_matrix(2, 2, &shapes, regime, seed, |c| check(c.dims, c.regime, c.with_h0, c.seed));
 }
 
-#[test]
-fn resets() {
-    regime_cases(GateRegime::Resets(0.05), 1000);
-}
-
-#[test]
-fn every_step_resets() {
-    regime_cases(GateRegime::Resets(1.0), 1100);
-}
-
-#[test]
-fn unit_modulus() {
-    regime_cases(GateRegime::UnitModulus, 2000);
-}
-
-#[test]
-fn large_phase() {
-    regime_cases(GateRegime::LargePhase(50.0), 3000);
-}
-
-#[test]
-fn strong_decay() {
-    regime_cases(GateRegime::StrongDecay(40.0), 4000);
-}
-
-#[test]
-fn mixed() {
-    regime_cases(GateRegime::Mixed, 5000);
-}
+adversarial_regime_tests!(regime_cases);
 
 /// Other tile lengths compute the same function: many tiles, partial last
 /// tiles, resets on tile boundaries, the offset carried across many tiles.

@@ -1,14 +1,15 @@
 //! The chunked f32 CPU path against the f64 recurrent reference on the same
 //! f32-rounded inputs.
 
+mod common;
+
 use gateloop::cpu::chunked::{self, ChunkParams};
 use gateloop::reference;
 use gateloop::testing::{dims, random_problem, GateRegime};
 use gateloop::{compare, compare_complex, Dims, ErrorStats, InputError, Outputs, Problem};
 use proptest::prelude::*;
 
-const REL: f64 = 1e-4;
-const ABS_FRAC: f64 = 1e-3;
+use common::{ABS_FRAC, REL};
 
 fn errors(d: Dims, regime: GateRegime, with_h0: bool, seed: u64, params: &ChunkParams) -> (ErrorStats, ErrorStats) {
     let p = random_problem(d, regime, with_h0, seed);
@@ -29,15 +30,7 @@ fn check(d: Dims, regime: GateRegime, with_h0: bool, seed: u64) {
     check_with(d, regime, with_h0, seed, &ChunkParams::default(), REL);
 }
 
-const REGIMES: [GateRegime; 7] = [
-    GateRegime::Random,
-    GateRegime::Resets(0.05),
-    GateRegime::Resets(1.0),
-    GateRegime::UnitModulus,
-    GateRegime::LargePhase(50.0),
-    GateRegime::StrongDecay(40.0),
-    GateRegime::Mixed,
-];
+const REGIMES: [GateRegime; 7] = common::ALL_REGIMES;
 
 #[test]
 fn lengths_around_chunk_boundaries() {

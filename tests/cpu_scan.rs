@@ -7,27 +7,23 @@
 //! at the kernel's 8 steps per thread), so multi-chunk carries, warp and lane
 //! boundaries and partial last chunks all occur.
 
+mod common;
+
+use common::{ABS_FRAC, Case, REL, assert_outputs, regime_matrix, regime_tests, adversarial_regime_tests};
 use gateloop::cpu::scan::{self, MAX_WARPS, STEPS_PER_THREAD, ScanParams};
 use gateloop::testing::{GateRegime, dims, random_problem};
-use gateloop::{Complex, Dims, InputError, Outputs, compare, compare_complex, reference};
-
-const REL: f64 = 1e-4;
-const ABS_FRAC: f64 = 1e-3;
+use gateloop::{Complex, Dims, InputError, Outputs};
 
 fn params(warps: usize) -> ScanParams {
     ScanParams { steps_per_thread: STEPS_PER_THREAD, warps }
 }
 
 fn check_with(d: Dims, regime: GateRegime, with_h0: bool, seed: u64, sp: ScanParams, rel: f64, abs_frac: f64) {
-    let label = format!("{d:?} {regime:?} h0={with_h0} seed={seed} {sp:?}");
-    let p64 = random_problem(d, regime, with_h0, seed).rounded_to_f32();
-    let p32 = p64.to_f32();
-    let want = reference::recurrent::forward(&p64.view()).expect("reference");
+    let case = Case::new(d, regime, with_h0, seed);
+    let label = format!("{} {sp:?}", case.label());
+    let (p32, want) = case.with_reference();
     let got = scan::forward(&p32.view(), &sp).unwrap_or_else(|e| panic!("{label}: {e}"));
-    let ey = compare(&got.y, &want.y);
-    let eh = compare_complex(&got.h_final, &want.h_final);
-    assert!(ey.within(rel, abs_frac), "{label}: y {ey:?}");
-    assert!(eh.within(rel, abs_frac), "{label}: h_final {eh:?}");
+    assert_outputs(&label, &got.y, &got.h_final, &want, rel, abs_frac);
 }
 
 fn check(d: Dims, regime: GateRegime, with_h0: bool, seed: u64, sp: ScanParams) {
@@ -36,69 +32,26 @@ fn check(d: Dims, regime: GateRegime, with_h0: bool, seed: u64, sp: ScanParams) 
 
 #[test]
 fn shape_sweep() {
-    let mut seed = 0;
-    for len in [1, 2, 63, 64, 65, 1000, 4096] {
-        for key_dim in [1, 5, 16, 64] {
-            for value_dim in [1, 5, 16, 64] {
-                seed += 1;
-                // Alternate gate layout, h0 and chunk geometry so every
-                // combination of them meets every size class.
-                let per_head = seed % 2 == 0;
-                let with_h0 = (seed / 2) % 2 == 0;
-                let warps = [1, 2, 4, 8][(seed / 4) as usize % 4];
-                check(dims(1, len, 2, key_dim, value_dim, per_head), GateRegime::Random, with_h0, seed, params(warps));
-            }
-        }
-    }
+    // The chunk geometry alternates too, so every combination meets every
+    // size class.
+    common::shape_sweep(&[1, 2, 63, 64, 65, 1000, 4096], &[1, 5, 16, 64], &[1, 5, 16, 64], 0, |c| {
+        let warps = [1, 2, 4, 8][(c.seed / 4) as usize % 4];
+        check(c.dims, c.regime, c.with_h0, c.seed, params(warps));
+    });
 }
 
 fn regime_cases(regime: GateRegime, seed: u64) {
-    let mut seed = seed;
-    for (len, key_dim, value_dim) in [(65, 16, 5), (1000, 64, 16), (4096, 5, 64), (300, 1, 1), (2049, 16, 16)] {
-        for per_head in [false, true] {
-            for with_h0 in [false, true] {
-                seed += 1;
-                let warps = [1, 2, 4, 8][seed as usize % 4];
-                check(dims(1, len, 2, key_dim, value_dim, per_head), regime, with_h0, seed, params(warps));
-            }
-        }
-    }
+    let shapes = [(65, 16, 5), (1000, 64, 16), (4096, 5, 64), (300, 1, 1), (2049, 16, 16)];
+    regime_matrix(1, 2, &shapes, regime, seed, |c| {
+        let warps = [1, 2, 4, 8][c.seed as usize % 4];
+        check(c.dims, c.regime, c.with_h0, c.seed, params(warps));
+    });
 }
 
-#[test]
-fn random() {
-    regime_cases(GateRegime::Random, 500);
+regime_tests! { regime_cases:
+    random => GateRegime::Random, 500;
 }
-
-#[test]
-fn resets() {
-    regime_cases(GateRegime::Resets(0.05), 1000);
-}
-
-#[test]
-fn every_step_resets() {
-    regime_cases(GateRegime::Resets(1.0), 1100);
-}
-
-#[test]
-fn unit_modulus() {
-    regime_cases(GateRegime::UnitModulus, 2000);
-}
-
-#[test]
-fn large_phase() {
-    regime_cases(GateRegime::LargePhase(50.0), 3000);
-}
-
-#[test]
-fn strong_decay() {
-    regime_cases(GateRegime::StrongDecay(40.0), 4000);
-}
-
-#[test]
-fn mixed() {
-    regime_cases(GateRegime::Mixed, 5000);
-}
+adversarial_regime_tests!(regime_cases);
 
 /// B·H = 1 at L = 65536 with |a| = 1: 64 chunks (default) or 256 (one warp)
 /// of carries, nothing decays.

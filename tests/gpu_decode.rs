@@ -21,8 +21,9 @@
 mod common;
 mod dtype_support;
 
-use dtype_support::{flat, put_window, rounded_to, state_ok, unflat, upload, widen, window, y_ok};
-use gateloop::cuda::recurrent::{DecodeInputs, DeviceInputs, DeviceOutputs, decode_into, forward_into};
+use common::{flat, run_forward, unflat, upload};
+use dtype_support::{put_window, rounded_to, state_ok, widen, window, y_ok};
+use gateloop::cuda::recurrent::{DecodeInputs, decode_into, forward_into};
 use gateloop::cuda::{Element, Gpu, GpuError};
 use gateloop::testing::{GateRegime, OwnedProblem, dims, random_problem};
 use gateloop::{Complex, Dims, InputError, compare, compare_complex, reference};
@@ -76,26 +77,9 @@ fn decode_in_pieces<T: Element>(
     (y_all, unflat(&state))
 }
 
-/// One `forward_into` over the whole sequence with h0 = `init`.
-fn forward_once<T: Element>(gpu: &Gpu, p32: &OwnedProblem<f32>, init: Option<&[Complex<f32>]>) -> (Vec<T>, Vec<Complex<f32>>) {
-    let d = p32.dims;
-    let s = gpu.context().new_stream().expect("stream");
-    let u = upload::<T>(&s, p32);
-    let h0 = init.map(|h| s.clone_htod(&flat(h)).unwrap());
-    let mut y = s.clone_htod(&vec![T::nan(); d.v_len()]).unwrap();
-    let mut h_final = s.clone_htod(&vec![f32::NAN; 2 * d.state_len()]).unwrap();
-    forward_into(
-        gpu,
-        &s,
-        &d,
-        DeviceInputs { q: &u.q, k: &u.k, v: &u.v, log_gate: &u.log_gate, h0: h0.as_ref().map(|h| h as _) },
-        DeviceOutputs { y: &mut y, h_final: &mut h_final },
-    )
-    .unwrap();
-    let y = s.clone_dtoh(&y).unwrap();
-    let h = s.clone_dtoh(&h_final).unwrap();
-    s.synchronize().unwrap();
-    (y, unflat(&h))
+/// One `forward_into` over the whole sequence (h0 = `p32.h0`).
+fn forward_once<T: Element>(gpu: &Gpu, p32: &OwnedProblem<f32>) -> (Vec<T>, Vec<Complex<f32>>) {
+    run_forward::<T>(gpu, p32, 0, |s, d, i, o, _| forward_into(gpu, s, d, i, o)).unwrap()
 }
 
 fn bits<T: Element>(y: &[T]) -> Vec<u32> {
@@ -116,7 +100,7 @@ fn check<T: Element>(gpu: &Gpu, d: Dims, regime: GateRegime, with_h0: bool, piec
     assert!(y_ok(t, &ey), "{label}: y {ey:?}");
     assert!(state_ok(&eh), "{label}: state {eh:?}");
 
-    let (y1, h1) = forward_once::<T>(gpu, &p32, init);
+    let (y1, h1) = forward_once::<T>(gpu, &p32);
     assert!(bits(&y) == bits(&y1), "{label}: decoded y differs from one forward_into");
     assert!(flat(&state).iter().map(|x| x.to_bits()).eq(flat(&h1).iter().map(|x| x.to_bits())), "{label}: state differs from forward_into's h_final");
 }

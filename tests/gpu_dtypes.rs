@@ -16,8 +16,9 @@
 mod common;
 mod dtype_support;
 
-use dtype_support::{flat, rounded_to, state_ok, unflat, upload, widen, y_bounds, y_ok};
-use gateloop::cuda::recurrent::{DeviceInputs, DeviceOutputs, forward_host_as, forward_into};
+use common::run_forward;
+use dtype_support::{rounded_to, state_ok, widen, y_bounds, y_ok};
+use gateloop::cuda::recurrent::{forward_host_as, forward_into};
 use gateloop::cuda::{Dtype, Element, Gpu};
 use gateloop::testing::{GateRegime, dims, random_problem};
 use gateloop::{Complex, Dims, compare, compare_complex, reference};
@@ -26,24 +27,8 @@ use half::{bf16, f16};
 /// Runs the `T` kernel on `p32` (representable in `T`) through `forward_into`
 /// on a fresh stream, outputs poisoned with NaN first; returns (y, h_final).
 fn run_kernel<T: Element>(gpu: &Gpu, p32: &gateloop::testing::OwnedProblem<f32>) -> (Vec<T>, Vec<Complex<f32>>) {
-    let d = p32.dims;
-    let s = gpu.context().new_stream().expect("stream");
-    let u = upload::<T>(&s, p32);
-    let h0 = p32.h0.as_ref().map(|h| s.clone_htod(&flat(h)).unwrap());
-    let mut y = s.clone_htod(&vec![T::nan(); d.v_len()]).unwrap();
-    let mut h_final = s.clone_htod(&vec![f32::NAN; 2 * d.state_len()]).unwrap();
-    forward_into(
-        gpu,
-        &s,
-        &d,
-        DeviceInputs { q: &u.q, k: &u.k, v: &u.v, log_gate: &u.log_gate, h0: h0.as_ref().map(|h| h as _) },
-        DeviceOutputs { y: &mut y, h_final: &mut h_final },
-    )
-    .unwrap_or_else(|e| panic!("{} {d:?}: {e}", T::DTYPE));
-    let y = s.clone_dtoh(&y).unwrap();
-    let h_final = s.clone_dtoh(&h_final).unwrap();
-    s.synchronize().unwrap();
-    (y, unflat(&h_final))
+    run_forward::<T>(gpu, p32, 0, |s, d, i, o, _| forward_into(gpu, s, d, i, o))
+        .unwrap_or_else(|e| panic!("{} {:?}: {e}", T::DTYPE, p32.dims))
 }
 
 /// One case in element type `T` against the f64 reference.
@@ -68,17 +53,9 @@ fn check_all_types(gpu: &Gpu, d: Dims, regime: GateRegime, with_h0: bool, seed: 
 #[test]
 fn shape_sweep() {
     let Some(gpu) = common::gpu_or_skip() else { return };
-    let mut seed = 10_000;
-    for len in [1, 64, 65, 300] {
-        for key_dim in [1, 16, 64, 128] {
-            for value_dim in [5, 64] {
-                seed += 1;
-                let per_head = seed % 2 == 0;
-                let with_h0 = (seed / 2) % 2 == 0;
-                check_all_types(gpu, dims(1, len, 2, key_dim, value_dim, per_head), GateRegime::Random, with_h0, seed);
-            }
-        }
-    }
+    common::shape_sweep(&[1, 64, 65, 300], &[1, 16, 64, 128], &[5, 64], 10_000, |c| {
+        check_all_types(gpu, c.dims, c.regime, c.with_h0, c.seed)
+    });
 }
 
 #[test]

@@ -1,5 +1,7 @@
 //! The three f64 reference modes compute the same function.
 
+mod common;
+
 use gateloop::reference::{self, naive, RefMode};
 use gateloop::testing::{dims, random_problem, GateRegime};
 use gateloop::{compare, compare_complex, Dims};
@@ -29,15 +31,7 @@ fn modes_agree_on_random_gates_over_lengths() {
 
 #[test]
 fn modes_agree_with_adversarial_gates() {
-    let regimes = [
-        GateRegime::Resets(0.05),
-        GateRegime::Resets(1.0),
-        GateRegime::UnitModulus,
-        GateRegime::LargePhase(50.0),
-        GateRegime::StrongDecay(40.0),
-        GateRegime::Mixed,
-    ];
-    for (i, regime) in regimes.into_iter().enumerate() {
+    for (i, regime) in common::ADVERSARIAL_REGIMES.into_iter().enumerate() {
         for with_h0 in [false, true] {
             agree(dims(1, 300, 2, 4, 6, false), regime, with_h0, 7 * i as u64 + with_h0 as u64, &ALL);
             agree(dims(1, 129, 1, 3, 2, true), regime, with_h0, 1000 + i as u64, &ALL);

@@ -10,16 +10,16 @@
 //! [`forward_into`] runs a sequence; [`decode_into`] advances a state buffer
 //! in place (decoding, any number of steps per call).
 
-use std::ffi::c_void;
+use cudarc::driver::{CudaStream, DevicePtr, DevicePtrMut, LaunchConfig, PushKernelArg};
 
-use cudarc::driver::{CudaStream, DevicePtr, DevicePtrMut, DeviceRepr, DeviceSlice, LaunchConfig, PushKernelArg};
-use num_complex::Complex;
-
-use super::abi::{self, GateloopDims, GateloopRecurrentParams, GateloopSeqStrides, GateloopStateStrides};
-use super::element::{Element, round_slice, widen_slice};
+use super::abi::{self, GateloopRecurrentParams};
+use super::element::Element;
+use super::launch::{self, Buffers, SeqParams, StateIo};
 use super::{DriverContext, Gpu, GpuError};
 use crate::error::InputError;
-use crate::problem::{Dims, GateLayout, Outputs, Problem};
+use crate::problem::{Dims, Outputs, Problem};
+
+pub use super::launch::{DeviceInputs, DeviceOutputs};
 
 /// The rows-per-thread variants compiled into the kernel (`_r{R}` entry points).
 pub const ROWS_PER_THREAD: [u32; 5] = [1, 2, 4, 8, 16];
@@ -31,14 +31,6 @@ const VALUE_TILE: usize = abi::GATELOOP_RECURRENT_VALUE_TILE as usize;
 const SHARED_BUDGET: usize = 48 * 1024;
 /// Most time steps staged at once.
 const MAX_CHUNK: usize = 64;
-
-// SAFETY: GateloopRecurrentParams is the bindgen mirror (#[repr(C)]) of the C
-// struct the kernels take by value; its layout is pinned on both sides (the
-// header's static_assert, bindgen's layout checks, tests/abi.rs). It holds
-// only integers and raw device addresses, so its bytes are a valid kernel
-// argument for any value; the pointers are only dereferenced by the kernel,
-// whose launcher (`forward_into`) guarantees they are valid.
-unsafe impl DeviceRepr for GateloopRecurrentParams {}
 
 /// The launch geometry of one recurrent call.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -105,31 +97,6 @@ pub fn plan(dims: &Dims) -> Result<LaunchPlan, InputError> {
     })
 }
 
-/// Device inputs of one call. q, k, v are `T` (f32, f16 or bf16); the complex
-/// tensors (`log_gate`, `h0`) are complex f32 for every `T`, as interleaved
-/// (re, im) f32 pairs: twice as many f32 as complex elements, 8-byte aligned.
-/// All must belong to the [`Gpu`]'s context.
-pub struct DeviceInputs<'a, T = f32> {
-    /// `[B, L, H, K]`
-    pub q: &'a dyn DevicePtr<T>,
-    /// `[B, L, H, K]`
-    pub k: &'a dyn DevicePtr<T>,
-    /// `[B, L, H, V]`
-    pub v: &'a dyn DevicePtr<T>,
-    /// `[B, L, H, K]` or `[B, L, H, 1]` complex f32
-    pub log_gate: &'a dyn DevicePtr<f32>,
-    /// `[B, H, K, V]` complex f32, or none (zero initial state)
-    pub h0: Option<&'a dyn DevicePtr<f32>>,
-}
-
-/// Caller-owned device outputs (every element is overwritten).
-pub struct DeviceOutputs<'a, T = f32> {
-    /// `[B, L, H, V]`, `T`
-    pub y: &'a mut dyn DevicePtrMut<T>,
-    /// `[B, H, K, V]` complex f32
-    pub h_final: &'a mut dyn DevicePtrMut<f32>,
-}
-
 /// Device inputs of one decode call: `T` steps of a `[B, T, H, *]` problem
 /// (the `len` of the dims given to [`decode_into`]). Same types as
 /// [`DeviceInputs`]; the initial state is the state buffer itself.
@@ -144,187 +111,19 @@ pub struct DecodeInputs<'a, T = f32> {
     pub log_gate: &'a dyn DevicePtr<f32>,
 }
 
-pub(crate) fn check_len(name: &'static str, shape: [usize; 4], complex: bool, actual: usize) -> Result<(), InputError> {
-    let expected = shape.iter().product::<usize>() * if complex { 2 } else { 1 };
-    if actual != expected {
-        let shape = if complex { format!("{shape:?} complex, as f32 pairs") } else { format!("{shape:?}") };
-        return Err(InputError::Length { name, expected, actual, shape });
-    }
-    Ok(())
-}
-
-pub(crate) fn check_context<T>(gpu: &Gpu, name: &'static str, buf: &dyn DeviceSlice<T>) -> Result<(), InputError> {
-    if buf.stream().context() != gpu.context() {
-        return Err(InputError::Param {
-            name,
-            value: format!("a buffer on device {}", buf.stream().context().ordinal()),
-            why: "every buffer must belong to the Gpu's CUDA context",
-        });
-    }
-    Ok(())
-}
-
-pub(crate) fn check_align(name: &'static str, ptr: u64) -> Result<(), InputError> {
-    if !ptr.is_multiple_of(8) {
-        return Err(InputError::Param {
-            name,
-            value: format!("device address {ptr:#x}"),
-            why: "complex buffers must be 8-byte aligned (start at an even f32 index)",
-        });
-    }
-    Ok(())
-}
-
-pub(crate) fn i64_of(name: &'static str, x: usize) -> Result<i64, InputError> {
-    i64::try_from(x).map_err(|_| InputError::TooLarge { name, shape: x.to_string(), limit: "i64::MAX".into() })
-}
-
-/// Contiguous strides of a `[B, L, H, dim]` tensor.
-pub(crate) fn seq_strides(d: &Dims, dim: usize) -> Result<GateloopSeqStrides, InputError> {
-    let head = i64_of("stride", dim)?;
-    let time = i64_of("stride", d.heads * dim)?;
-    let batch = i64_of("stride", d.len * d.heads * dim)?;
-    Ok(GateloopSeqStrides { batch, time, head })
-}
-
-/// Contiguous strides of a `[B, H, K, V]` state.
-pub(crate) fn state_strides(d: &Dims) -> Result<GateloopStateStrides, InputError> {
-    Ok(GateloopStateStrides {
-        batch: i64_of("stride", d.heads * d.key_dim * d.value_dim)?,
-        head: i64_of("stride", d.key_dim * d.value_dim)?,
-        key: i64_of("stride", d.value_dim)?,
-    })
-}
-
-/// Where the kernel's initial state comes from and its final state goes.
-enum StateIo<'a> {
-    /// Forward: an optional `h0` read, a distinct `h_final` written.
-    Separate { h0: Option<&'a dyn DevicePtr<f32>>, h_final: &'a mut dyn DevicePtrMut<f32> },
-    /// Decode: one buffer, read then overwritten (`GATELOOP_FLAG_STATE_IN_PLACE`).
-    InPlace(&'a mut dyn DevicePtrMut<f32>),
-}
-
-/// The sequence inputs of one launch.
-struct SeqInputs<'a, T> {
-    q: &'a dyn DevicePtr<T>,
-    k: &'a dyn DevicePtr<T>,
-    v: &'a dyn DevicePtr<T>,
-    log_gate: &'a dyn DevicePtr<f32>,
-}
-
 /// Checks every argument on the host and enqueues one kernel on `stream`.
-fn launch<T: Element>(
-    gpu: &Gpu,
-    stream: &CudaStream,
-    d: &Dims,
-    inputs: SeqInputs<'_, T>,
-    y: &mut dyn DevicePtrMut<T>,
-    state: StateIo<'_>,
-) -> Result<(), GpuError> {
+fn launch<T: Element>(gpu: &Gpu, stream: &CudaStream, d: &Dims, buffers: Buffers<'_, T>) -> Result<(), GpuError> {
     let lp = plan(d)?;
-    check_len("q", d.qk_shape(), false, inputs.q.len())?;
-    check_len("k", d.qk_shape(), false, inputs.k.len())?;
-    check_len("v", d.v_shape(), false, inputs.v.len())?;
-    check_len("log_gate", d.gate_shape(), true, inputs.log_gate.len())?;
-    check_len("y", d.v_shape(), false, y.len())?;
-    match &state {
-        StateIo::Separate { h0, h_final } => {
-            if let Some(h0) = h0 {
-                check_len("h0", d.state_shape(), true, h0.len())?;
-            }
-            check_len("h_final", d.state_shape(), true, h_final.len())?;
-        }
-        StateIo::InPlace(s) => check_len("state", d.state_shape(), true, s.len())?,
-    }
-    if stream.context() != gpu.context() {
-        return Err(InputError::Param {
-            name: "stream",
-            value: format!("a stream on device {}", stream.context().ordinal()),
-            why: "the stream must belong to the Gpu's CUDA context",
-        }
-        .into());
-    }
-    check_context(gpu, "q", inputs.q)?;
-    check_context(gpu, "k", inputs.k)?;
-    check_context(gpu, "v", inputs.v)?;
-    check_context(gpu, "log_gate", inputs.log_gate)?;
-    check_context(gpu, "y", &*y)?;
-    match &state {
-        StateIo::Separate { h0, h_final } => {
-            if let Some(h0) = h0 {
-                check_context(gpu, "h0", *h0)?;
-            }
-            check_context(gpu, "h_final", &**h_final)?;
-        }
-        StateIo::InPlace(s) => check_context(gpu, "state", &**s)?,
-    }
-
+    buffers.check(gpu, stream, d, 0, String::new)?;
     let mut params = GateloopRecurrentParams {
-        dims: GateloopDims {
-            batch: i64_of("batch", d.batch)?,
-            len: i64_of("len", d.len)?,
-            heads: i64_of("heads", d.heads)?,
-            key_dim: i64_of("key_dim", d.key_dim)?,
-            value_dim: i64_of("value_dim", d.value_dim)?,
-            gate_dim: i64_of("gate_dim", d.gate_dim())?,
-        },
-        q_strides: seq_strides(d, d.key_dim)?,
-        k_strides: seq_strides(d, d.key_dim)?,
-        v_strides: seq_strides(d, d.value_dim)?,
-        gate_strides: seq_strides(d, d.gate_dim())?,
-        y_strides: seq_strides(d, d.value_dim)?,
-        h0_strides: state_strides(d)?,
-        h_final_strides: state_strides(d)?,
-        flags: if d.gate == GateLayout::PerHead { abi::GATELOOP_FLAG_PER_HEAD_GATE } else { 0 },
-        dtype: T::DTYPE.abi(),
         key_groups: lp.key_groups as i32,
         padded_key_dim: lp.padded_key_dim as i32,
         chunk_len: lp.chunk_len as i32,
         value_tiles: lp.value_tiles as i32,
-        ..Default::default()
+        ..GateloopRecurrentParams::for_dims(d, T::DTYPE.abi())?
     };
-
-    // The guards make `stream` wait for earlier writes of the buffers now,
-    // and record this launch's reads/writes when they drop after the launch.
-    let (q, _q_guard) = inputs.q.device_ptr(stream);
-    let (k, _k_guard) = inputs.k.device_ptr(stream);
-    let (v, _v_guard) = inputs.v.device_ptr(stream);
-    let (log_gate, _gate_guard) = inputs.log_gate.device_ptr(stream);
-    let (y, _y_guard) = y.device_ptr_mut(stream);
-    check_align("log_gate", log_gate)?;
-    // Each state buffer is borrowed exactly once: in place, the one `&mut`
-    // gives the one device pointer that the kernel both reads and writes
-    // (h0 stays NULL); no `&` and `&mut` of the same buffer coexist.
-    let (_h0_guard, _state_guard) = match state {
-        StateIo::Separate { h0, h_final } => {
-            let h0 = h0.map(|h0| h0.device_ptr(stream));
-            let (h_final, h_final_guard) = h_final.device_ptr_mut(stream);
-            check_align("h_final", h_final)?;
-            params.h_final = h_final as usize as *mut f32;
-            let h0_guard = match h0 {
-                Some((h0, guard)) => {
-                    check_align("h0", h0)?;
-                    params.h0 = h0 as usize as *const f32;
-                    params.flags |= abi::GATELOOP_FLAG_HAS_H0;
-                    Some(guard)
-                }
-                None => None,
-            };
-            (h0_guard, h_final_guard)
-        }
-        StateIo::InPlace(s) => {
-            let (s, guard) = s.device_ptr_mut(stream);
-            check_align("state", s)?;
-            params.h_final = s as usize as *mut f32;
-            params.flags |= abi::GATELOOP_FLAG_STATE_IN_PLACE;
-            (None, guard)
-        }
-    };
-    params.q = q as usize as *const c_void;
-    params.k = k as usize as *const c_void;
-    params.v = v as usize as *const c_void;
-    params.log_gate = log_gate as usize as *const f32;
-    params.y = y as usize as *mut c_void;
+    // Held until this function returns, after the launch.
+    let _bound = buffers.bind(stream, &mut params, false)?;
 
     let cfg = LaunchConfig {
         grid_dim: (lp.grid, 1, 1),
@@ -372,9 +171,7 @@ pub fn forward_into<T: Element>(
     inputs: DeviceInputs<'_, T>,
     out: DeviceOutputs<'_, T>,
 ) -> Result<(), GpuError> {
-    let DeviceInputs { q, k, v, log_gate, h0 } = inputs;
-    let state = StateIo::Separate { h0, h_final: out.h_final };
-    launch(gpu, stream, dims, SeqInputs { q, k, v, log_gate }, out.y, state)
+    launch(gpu, stream, dims, Buffers::forward(inputs, out, None))
 }
 
 /// Decoding: advances `state` (`[B, H, K, V]` complex f32, as interleaved f32
@@ -398,13 +195,7 @@ pub fn decode_into<T: Element>(
     state: &mut dyn DevicePtrMut<f32>,
 ) -> Result<(), GpuError> {
     let DecodeInputs { q, k, v, log_gate } = inputs;
-    launch(gpu, stream, dims, SeqInputs { q, k, v, log_gate }, y, StateIo::InPlace(state))
-}
-
-fn complex_as_f32(z: &[Complex<f32>]) -> &[f32] {
-    // SAFETY: Complex<f32> is #[repr(C)] { re: f32, im: f32 }: size 8, align 4,
-    // no padding, so n of them are exactly 2n contiguous initialized f32.
-    unsafe { std::slice::from_raw_parts(z.as_ptr().cast::<f32>(), z.len() * 2) }
+    launch(gpu, stream, dims, Buffers { q, k, v, log_gate, y, state: StateIo::InPlace(state), workspace: None })
 }
 
 /// Uploads `p`, runs the recurrent kernel on the Gpu's default stream,
@@ -417,29 +208,10 @@ pub fn forward_host(gpu: &Gpu, p: &Problem<'_, f32>) -> Result<Outputs<f32>, Gpu
 /// (log_gate and h0 stay f32) and the kernel's `T` output `y` widened back to
 /// f32 (exactly).
 pub fn forward_host_as<T: Element>(gpu: &Gpu, p: &Problem<'_, f32>) -> Result<Outputs<f32>, GpuError> {
-    p.validate()?;
-    p.check_gate()?;
-    let d = p.dims;
-    let s = gpu.stream();
-    let q = s.clone_htod(&round_slice::<T>(p.q)).doing("uploading q")?;
-    let k = s.clone_htod(&round_slice::<T>(p.k)).doing("uploading k")?;
-    let v = s.clone_htod(&round_slice::<T>(p.v)).doing("uploading v")?;
-    let log_gate = s.clone_htod(complex_as_f32(p.log_gate)).doing("uploading log_gate")?;
-    let h0 = p.h0.map(|h| s.clone_htod(complex_as_f32(h))).transpose().doing("uploading h0")?;
-    let mut y = s.alloc_zeros::<T>(d.v_len()).doing("allocating y")?;
-    let mut h_final = s.alloc_zeros::<f32>(2 * d.state_len()).doing("allocating h_final")?;
-    forward_into(
-        gpu,
-        s,
-        &d,
-        DeviceInputs { q: &q, k: &k, v: &v, log_gate: &log_gate, h0: h0.as_ref().map(|h| h as _) },
-        DeviceOutputs { y: &mut y, h_final: &mut h_final },
-    )?;
-    let y = s.clone_dtoh(&y).doing("downloading y")?;
-    let h_final = s.clone_dtoh(&h_final).doing("downloading h_final")?;
-    s.synchronize().doing("synchronizing after the recurrent kernel")?;
-    let h_final = h_final.chunks_exact(2).map(|c| Complex::new(c[0], c[1])).collect();
-    Ok(Outputs { y: widen_slice(&y), h_final })
+    let no_workspace = |_: &Dims| Ok(0);
+    launch::forward_host::<T>(gpu, p, no_workspace, "synchronizing after the recurrent kernel", |s, d, i, o, _| {
+        forward_into(gpu, s, d, i, o)
+    })
 }
 
 #[cfg(test)]
@@ -490,15 +262,5 @@ mod tests {
             plan(&dims(1 << 20, 1, 1 << 12, 1, 1, false)),
             Err(InputError::TooLarge { name: "grid", .. })
         ));
-    }
-
-    #[test]
-    fn length_errors_name_the_argument() {
-        let d = dims(2, 3, 1, 4, 5, true);
-        assert!(check_len("log_gate", d.gate_shape(), true, 12).is_ok());
-        match check_len("log_gate", d.gate_shape(), true, 6) {
-            Err(InputError::Length { name: "log_gate", expected: 12, actual: 6, .. }) => {}
-            other => panic!("{other:?}"),
-        }
     }
 }

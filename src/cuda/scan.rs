@@ -12,19 +12,17 @@
 //! when the recurrent kernel is the better choice. [`crate::cpu::scan`] is
 //! the CPU mirror of the algorithm (same chunks, same combination order).
 
-use std::ffi::c_void;
-
 use cudarc::driver::sys::CUdevice_attribute;
-use cudarc::driver::{CudaStream, DevicePtrMut, DeviceRepr, DeviceSlice, LaunchConfig, PushKernelArg};
-use num_complex::Complex;
+use cudarc::driver::{CudaStream, DevicePtrMut, LaunchConfig, PushKernelArg};
 
-use super::abi::{self, GateloopDims, GateloopScanParams, GateloopSeqStrides, GateloopStateStrides};
+use super::abi::{self, GateloopScanParams};
+use super::launch::{self, Buffers, SeqParams};
 use super::{DriverContext, Gpu, GpuError};
 use crate::cpu::scan::{MAX_WARPS, STEPS_PER_THREAD, ScanParams};
 use crate::error::InputError;
-use crate::problem::{Dims, GateLayout, Outputs, Problem};
+use crate::problem::{Dims, Outputs, Problem};
 
-pub use super::recurrent::{DeviceInputs, DeviceOutputs};
+pub use super::launch::{DeviceInputs, DeviceOutputs};
 
 /// The value-tile variants compiled into the kernel (`_v{T}` entry points).
 pub const VALUE_TILES: [u32; 3] = [1, 2, 4];
@@ -63,14 +61,6 @@ pub fn prefer_recurrent(dims: &Dims, sm_count: usize) -> bool {
     let state = dims.batch.saturating_mul(dims.heads).saturating_mul(dims.key_dim).saturating_mul(dims.value_dim);
     state >= RECURRENT_FILL_PER_SM.saturating_mul(sm_count.max(1))
 }
-
-// SAFETY: GateloopScanParams is the bindgen mirror (#[repr(C)]) of the C
-// struct the scan kernels take by value; its layout is pinned on both sides
-// (the header's static_assert, bindgen's layout checks, tests/abi.rs). It
-// holds only integers and raw device addresses, so its bytes are a valid
-// kernel argument for any value; the pointers are only dereferenced by the
-// kernels, whose launcher (`forward_into`) guarantees they are valid.
-unsafe impl DeviceRepr for GateloopScanParams {}
 
 /// The launch geometry of one scan call.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -200,59 +190,6 @@ pub fn plan_for(gpu: &Gpu, dims: &Dims) -> Result<LaunchPlan, GpuError> {
     Ok(plan(dims, sm_count(gpu)?)?)
 }
 
-fn check_len(name: &'static str, shape: [usize; 4], complex: bool, actual: usize) -> Result<(), InputError> {
-    let expected = shape.iter().product::<usize>() * if complex { 2 } else { 1 };
-    if actual != expected {
-        let shape = if complex { format!("{shape:?} complex, as f32 pairs") } else { format!("{shape:?}") };
-        return Err(InputError::Length { name, expected, actual, shape });
-    }
-    Ok(())
-}
-
-fn check_context<T>(gpu: &Gpu, name: &'static str, buf: &dyn DeviceSlice<T>) -> Result<(), InputError> {
-    if buf.stream().context() != gpu.context() {
-        return Err(InputError::Param {
-            name,
-            value: format!("a buffer on device {}", buf.stream().context().ordinal()),
-            why: "every buffer must belong to the Gpu's CUDA context",
-        });
-    }
-    Ok(())
-}
-
-fn check_align(name: &'static str, ptr: u64) -> Result<(), InputError> {
-    if !ptr.is_multiple_of(8) {
-        return Err(InputError::Param {
-            name,
-            value: format!("device address {ptr:#x}"),
-            why: "complex buffers must be 8-byte aligned (start at an even f32 index)",
-        });
-    }
-    Ok(())
-}
-
-fn i64_of(name: &'static str, x: usize) -> Result<i64, InputError> {
-    i64::try_from(x).map_err(|_| InputError::TooLarge { name, shape: x.to_string(), limit: "i64::MAX".into() })
-}
-
-/// Contiguous strides of a `[B, L, H, dim]` tensor.
-fn seq_strides(d: &Dims, dim: usize) -> Result<GateloopSeqStrides, InputError> {
-    Ok(GateloopSeqStrides {
-        batch: i64_of("stride", d.len * d.heads * dim)?,
-        time: i64_of("stride", d.heads * dim)?,
-        head: i64_of("stride", dim)?,
-    })
-}
-
-/// Contiguous strides of a `[B, H, K, V]` state.
-fn state_strides(d: &Dims) -> Result<GateloopStateStrides, InputError> {
-    Ok(GateloopStateStrides {
-        batch: i64_of("stride", d.heads * d.key_dim * d.value_dim)?,
-        head: i64_of("stride", d.key_dim * d.value_dim)?,
-        key: i64_of("stride", d.value_dim)?,
-    })
-}
-
 /// Runs the scan on `stream` over device buffers, writing `out`.
 /// Asynchronous: it enqueues up to three kernels and never synchronizes.
 ///
@@ -272,104 +209,24 @@ pub fn forward_into(
 ) -> Result<(), GpuError> {
     let d = dims;
     let lp = plan_for(gpu, d)?;
-    check_len("q", d.qk_shape(), false, inputs.q.len())?;
-    check_len("k", d.qk_shape(), false, inputs.k.len())?;
-    check_len("v", d.v_shape(), false, inputs.v.len())?;
-    check_len("log_gate", d.gate_shape(), true, inputs.log_gate.len())?;
-    if let Some(h0) = inputs.h0 {
-        check_len("h0", d.state_shape(), true, h0.len())?;
-    }
-    check_len("y", d.v_shape(), false, out.y.len())?;
-    check_len("h_final", d.state_shape(), true, out.h_final.len())?;
-    let have = workspace.as_ref().map_or(0, |w| w.len());
-    if have < lp.workspace_len {
-        return Err(InputError::Length {
-            name: "workspace",
-            expected: lp.workspace_len,
-            actual: have,
-            shape: format!("at least {} f32 ({} chunks)", lp.workspace_len, lp.num_chunks),
-        }
-        .into());
-    }
-    if stream.context() != gpu.context() {
-        return Err(InputError::Param {
-            name: "stream",
-            value: format!("a stream on device {}", stream.context().ordinal()),
-            why: "the stream must belong to the Gpu's CUDA context",
-        }
-        .into());
-    }
-    check_context(gpu, "q", inputs.q)?;
-    check_context(gpu, "k", inputs.k)?;
-    check_context(gpu, "v", inputs.v)?;
-    check_context(gpu, "log_gate", inputs.log_gate)?;
-    if let Some(h0) = inputs.h0 {
-        check_context(gpu, "h0", h0)?;
-    }
-    check_context(gpu, "y", &*out.y)?;
-    check_context(gpu, "h_final", &*out.h_final)?;
-    if let Some(w) = workspace.as_ref() {
-        check_context(gpu, "workspace", &**w)?;
-    }
-
+    let buffers = Buffers::forward(inputs, out, workspace);
+    let need = || format!("at least {} f32 ({} chunks)", lp.workspace_len, lp.num_chunks);
+    buffers.check(gpu, stream, d, lp.workspace_len, need)?;
     let mut params = GateloopScanParams {
-        dims: GateloopDims {
-            batch: i64_of("batch", d.batch)?,
-            len: i64_of("len", d.len)?,
-            heads: i64_of("heads", d.heads)?,
-            key_dim: i64_of("key_dim", d.key_dim)?,
-            value_dim: i64_of("value_dim", d.value_dim)?,
-            gate_dim: i64_of("gate_dim", d.gate_dim())?,
-        },
-        q_strides: seq_strides(d, d.key_dim)?,
-        k_strides: seq_strides(d, d.key_dim)?,
-        v_strides: seq_strides(d, d.value_dim)?,
-        gate_strides: seq_strides(d, d.gate_dim())?,
-        y_strides: seq_strides(d, d.value_dim)?,
-        h0_strides: state_strides(d)?,
-        h_final_strides: state_strides(d)?,
-        flags: if d.gate == GateLayout::PerHead { abi::GATELOOP_FLAG_PER_HEAD_GATE } else { 0 },
-        dtype: abi::GATELOOP_DTYPE_F32,
         warps: lp.warps as i32,
         value_tile: lp.value_tile as i32,
         chunk_len: lp.chunk_len as i64,
         num_chunks: lp.num_chunks as i64,
         value_tiles: lp.value_tiles as i64,
-        ..Default::default()
+        ..GateloopScanParams::for_dims(d, abi::GATELOOP_DTYPE_F32)?
     };
-
-    // The guards make `stream` wait for earlier writes of the buffers now,
-    // and record this call's reads/writes when they drop after the launches.
-    let (q, _q_guard) = inputs.q.device_ptr(stream);
-    let (k, _k_guard) = inputs.k.device_ptr(stream);
-    let (v, _v_guard) = inputs.v.device_ptr(stream);
-    let (log_gate, _gate_guard) = inputs.log_gate.device_ptr(stream);
-    let h0 = inputs.h0.map(|h0| h0.device_ptr(stream));
-    let (y, _y_guard) = out.y.device_ptr_mut(stream);
-    let (h_final, _h_final_guard) = out.h_final.device_ptr_mut(stream);
-    let ws = match workspace {
-        Some(w) if lp.workspace_len > 0 => Some(w.device_ptr_mut(stream)),
-        _ => None,
-    };
-    check_align("log_gate", log_gate)?;
-    check_align("h_final", h_final)?;
-    if let Some((h0, _)) = &h0 {
-        check_align("h0", *h0)?;
-        params.h0 = *h0 as usize as *const f32;
-        params.flags |= abi::GATELOOP_FLAG_HAS_H0;
-    }
-    if let Some((w, _)) = &ws {
-        check_align("workspace", *w)?;
+    // Held until this function returns, after the launches.
+    let bound = buffers.bind(stream, &mut params, lp.workspace_len > 0)?;
+    if let Some(w) = bound.workspace {
         // Both halves are 8-byte aligned: the first holds an even number of f32.
-        params.chunk_gate = *w as usize as *mut f32;
-        params.chunk_state = (*w as usize + 4 * lp.state_offset(d)) as *mut f32;
+        params.chunk_gate = w as usize as *mut f32;
+        params.chunk_state = (w as usize + 4 * lp.state_offset(d)) as *mut f32;
     }
-    params.q = q as usize as *const c_void;
-    params.k = k as usize as *const c_void;
-    params.v = v as usize as *const c_void;
-    params.log_gate = log_gate as usize as *const c_void;
-    params.y = y as usize as *mut c_void;
-    params.h_final = h_final as usize as *mut f32;
 
     let block = (LANES as u32 * lp.warps, 1, 1);
     let kernels = &gpu.kernels;
@@ -416,43 +273,14 @@ pub fn forward_into(
     Ok(())
 }
 
-fn complex_as_f32(z: &[Complex<f32>]) -> &[f32] {
-    // SAFETY: Complex<f32> is #[repr(C)] { re: f32, im: f32 }: size 8, align 4,
-    // no padding, so n of them are exactly 2n contiguous initialized f32.
-    unsafe { std::slice::from_raw_parts(z.as_ptr().cast::<f32>(), z.len() * 2) }
-}
-
 /// Uploads `p`, runs the scan on the Gpu's default stream (allocating the
 /// workspace), downloads the outputs; synchronizes. Checks the gate domain
 /// on the host.
 pub fn forward_host(gpu: &Gpu, p: &Problem<'_, f32>) -> Result<Outputs<f32>, GpuError> {
-    p.validate()?;
-    p.check_gate()?;
-    let d = p.dims;
-    let lp = plan_for(gpu, &d)?;
-    let s = gpu.stream();
-    let q = s.clone_htod(p.q).doing("uploading q")?;
-    let k = s.clone_htod(p.k).doing("uploading k")?;
-    let v = s.clone_htod(p.v).doing("uploading v")?;
-    let log_gate = s.clone_htod(complex_as_f32(p.log_gate)).doing("uploading log_gate")?;
-    let h0 = p.h0.map(|h| s.clone_htod(complex_as_f32(h))).transpose().doing("uploading h0")?;
-    let mut y = s.alloc_zeros::<f32>(d.v_len()).doing("allocating y")?;
-    let mut h_final = s.alloc_zeros::<f32>(2 * d.state_len()).doing("allocating h_final")?;
-    let mut ws =
-        (lp.workspace_len > 0).then(|| s.alloc_zeros::<f32>(lp.workspace_len)).transpose().doing("allocating the workspace")?;
-    forward_into(
-        gpu,
-        s,
-        &d,
-        DeviceInputs { q: &q, k: &k, v: &v, log_gate: &log_gate, h0: h0.as_ref().map(|h| h as _) },
-        DeviceOutputs { y: &mut y, h_final: &mut h_final },
-        ws.as_mut().map(|w| w as _),
-    )?;
-    let y = s.clone_dtoh(&y).doing("downloading y")?;
-    let h_final = s.clone_dtoh(&h_final).doing("downloading h_final")?;
-    s.synchronize().doing("synchronizing after the scan kernels")?;
-    let h_final = h_final.chunks_exact(2).map(|c| Complex::new(c[0], c[1])).collect();
-    Ok(Outputs { y, h_final })
+    let workspace_len = |d: &Dims| Ok(plan_for(gpu, d)?.workspace_len);
+    launch::forward_host::<f32>(gpu, p, workspace_len, "synchronizing after the scan kernels", |s, d, i, o, ws| {
+        forward_into(gpu, s, d, i, o, ws)
+    })
 }
 
 #[cfg(test)]

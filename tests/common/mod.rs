@@ -1,8 +1,13 @@
-//! Shared helpers of the GPU tests.
+//! Shared helpers of the GPU and CPU tests.
 //!
 //! `gpu_or_skip()` opens device 0 or explains why not: without a GPU, driver
 //! or kernels, a test prints `SKIPPED (no GPU): <reason>` to stderr and
 //! passes; with `GATELOOP_REQUIRE_GPU=1` that is a failure instead.
+//!
+//! The test matrix: [`Case`] (a seeded problem and its f64 reference),
+//! [`shape_sweep`], [`regime_matrix`], `regime_tests!` (one `#[test]` per
+//! gate regime), [`assert_outputs`] (compare and assert, naming the case),
+//! and [`run_forward`] (one NaN-poisoned launch on a fresh stream).
 
 #![allow(dead_code)]
 
@@ -37,4 +42,231 @@ pub fn gpu_or_skip() -> Option<&'static Gpu> {
             None
         }
     }
+}
+
+// ---- the test matrix -------------------------------------------------------
+
+use cudarc::driver::{CudaSlice, CudaStream, DevicePtrMut};
+use gateloop::cuda::{DeviceInputs, DeviceOutputs, Element};
+use gateloop::testing::{GateRegime, OwnedProblem, dims, random_problem};
+use gateloop::{Complex, Dims, ErrorStats, Outputs, compare, compare_complex, reference};
+
+/// Relative L2 bound of an f32 implementation against the f64 reference on
+/// the same f32-rounded inputs.
+pub const REL: f64 = 1e-4;
+/// Max-abs bound, as a fraction of max|ref|.
+pub const ABS_FRAC: f64 = 1e-3;
+
+/// The gate regimes the implementations must survive (besides `Random`).
+pub const ADVERSARIAL_REGIMES: [GateRegime; 6] = [
+    GateRegime::Resets(0.05),
+    GateRegime::Resets(1.0),
+    GateRegime::UnitModulus,
+    GateRegime::LargePhase(50.0),
+    GateRegime::StrongDecay(40.0),
+    GateRegime::Mixed,
+];
+
+/// `Random` and [`ADVERSARIAL_REGIMES`].
+pub const ALL_REGIMES: [GateRegime; 7] = [
+    GateRegime::Random,
+    GateRegime::Resets(0.05),
+    GateRegime::Resets(1.0),
+    GateRegime::UnitModulus,
+    GateRegime::LargePhase(50.0),
+    GateRegime::StrongDecay(40.0),
+    GateRegime::Mixed,
+];
+
+/// One case of a test matrix: a random problem of `dims` with gates drawn
+/// from `regime`, with or without h0, from `seed`.
+#[derive(Clone, Copy, Debug)]
+pub struct Case {
+    pub dims: Dims,
+    pub regime: GateRegime,
+    pub with_h0: bool,
+    pub seed: u64,
+}
+
+impl Case {
+    pub fn new(dims: Dims, regime: GateRegime, with_h0: bool, seed: u64) -> Case {
+        Case { dims, regime, with_h0, seed }
+    }
+
+    /// Names the case in assertion messages: shape, regime, h0, seed.
+    pub fn label(&self) -> String {
+        format!("{:?} {:?} h0={} seed={}", self.dims, self.regime, self.with_h0, self.seed)
+    }
+
+    /// The problem in f64.
+    pub fn problem(&self) -> OwnedProblem<f64> {
+        random_problem(self.dims, self.regime, self.with_h0, self.seed)
+    }
+
+    /// The problem rounded to f32 (what an f32 implementation sees) and the
+    /// f64 recurrent reference on exactly those inputs.
+    pub fn with_reference(&self) -> (OwnedProblem<f32>, Outputs<f64>) {
+        let p64 = self.problem().rounded_to_f32();
+        let want = reference::recurrent::forward(&p64.view()).expect("reference");
+        (p64.to_f32(), want)
+    }
+}
+
+/// The shape sweep: B = 1, H = 2, every (len, key_dim, value_dim) of the
+/// lists, seeds `seed0` + 1, + 2, … in that order; the gate layout (per-head
+/// on even seeds) and h0 (when seed / 2 is even) alternate so every
+/// combination of them meets every size class. Gates: `Random`.
+pub fn shape_sweep(lens: &[usize], key_dims: &[usize], value_dims: &[usize], seed0: u64, mut f: impl FnMut(Case)) {
+    let mut seed = seed0;
+    for &len in lens {
+        for &key_dim in key_dims {
+            for &value_dim in value_dims {
+                seed += 1;
+                let per_head = seed.is_multiple_of(2);
+                let with_h0 = (seed / 2).is_multiple_of(2);
+                f(Case::new(dims(1, len, 2, key_dim, value_dim, per_head), GateRegime::Random, with_h0, seed));
+            }
+        }
+    }
+}
+
+/// The regime matrix: for each (len, key_dim, value_dim) of `shapes`, each
+/// gate layout (per-channel, then per-head) and without/with h0, one case of
+/// `regime` with B = `batch`, H = `heads`, seeds `seed0` + 1, + 2, … in that
+/// order.
+pub fn regime_matrix(
+    batch: usize,
+    heads: usize,
+    shapes: &[(usize, usize, usize)],
+    regime: GateRegime,
+    seed0: u64,
+    mut f: impl FnMut(Case),
+) {
+    let mut seed = seed0;
+    for &(len, key_dim, value_dim) in shapes {
+        for per_head in [false, true] {
+            for with_h0 in [false, true] {
+                seed += 1;
+                f(Case::new(dims(batch, len, heads, key_dim, value_dim, per_head), regime, with_h0, seed));
+            }
+        }
+    }
+}
+
+/// One `#[test]` per regime: `name => regime, first seed;` calls
+/// `cases(regime, first seed)`.
+#[allow(unused_macros)]
+macro_rules! regime_tests {
+    ($cases:ident: $($name:ident => $regime:expr, $seed:expr;)+) => {$(
+        #[test]
+        fn $name() {
+            $cases($regime, $seed);
+        }
+    )+};
+}
+#[allow(unused_imports)]
+pub(crate) use regime_tests;
+
+/// The regime tests shared by the scan and attention suites (GPU and CPU):
+/// `resets` (5%), `every_step_resets`, `unit_modulus`, `large_phase` (50
+/// rad), `strong_decay` (Re ≥ −40), `mixed`, first seeds 1000, 1100, 2000,
+/// 3000, 4000, 5000.
+#[allow(unused_macros)]
+macro_rules! adversarial_regime_tests {
+    ($cases:ident) => {
+        $crate::common::regime_tests! { $cases:
+            resets => GateRegime::Resets(0.05), 1000;
+            every_step_resets => GateRegime::Resets(1.0), 1100;
+            unit_modulus => GateRegime::UnitModulus, 2000;
+            large_phase => GateRegime::LargePhase(50.0), 3000;
+            strong_decay => GateRegime::StrongDecay(40.0), 4000;
+            mixed => GateRegime::Mixed, 5000;
+        }
+    };
+}
+#[allow(unused_imports)]
+pub(crate) use adversarial_regime_tests;
+
+/// Asserts that `e` is within (`rel`, `abs_frac`), naming the case and the output.
+pub fn assert_within(label: &str, what: &str, e: &ErrorStats, rel: f64, abs_frac: f64) {
+    assert!(e.within(rel, abs_frac), "{label}: {what} {e:?} (bounds: rel {rel:e}, abs_frac {abs_frac:e})");
+}
+
+/// Compares y and h_final with `want` and asserts both within (`rel`, `abs_frac`).
+pub fn assert_outputs<A, B>(label: &str, y: &[A], h_final: &[Complex<A>], want: &Outputs<B>, rel: f64, abs_frac: f64)
+where
+    A: Copy + Into<f64>,
+    B: Copy + Into<f64>,
+{
+    assert_within(label, "y", &compare(y, &want.y), rel, abs_frac);
+    assert_within(label, "h_final", &compare_complex(h_final, &want.h_final), rel, abs_frac);
+}
+
+// ---- running a kernel ------------------------------------------------------
+
+/// Interleaved (re, im) f32 pairs.
+pub fn flat(z: &[Complex<f32>]) -> Vec<f32> {
+    z.iter().flat_map(|c| [c.re, c.im]).collect()
+}
+
+/// The inverse of [`flat`].
+pub fn unflat(v: &[f32]) -> Vec<Complex<f32>> {
+    v.chunks_exact(2).map(|c| Complex::new(c[0], c[1])).collect()
+}
+
+/// q, k, v (as `T`) and log_gate (complex f32) on the device.
+pub struct Uploaded<T> {
+    pub q: CudaSlice<T>,
+    pub k: CudaSlice<T>,
+    pub v: CudaSlice<T>,
+    pub log_gate: CudaSlice<f32>,
+}
+
+/// Uploads the sequence inputs of `p` (converted to `T`: exact when they are
+/// representable in `T`).
+pub fn upload<T: Element>(s: &std::sync::Arc<CudaStream>, p: &OwnedProblem<f32>) -> Uploaded<T> {
+    let conv = |x: &[f32]| -> Vec<T> { x.iter().map(|&x| T::from_f32(x)).collect() };
+    Uploaded {
+        q: s.clone_htod(&conv(&p.q)).unwrap(),
+        k: s.clone_htod(&conv(&p.k)).unwrap(),
+        v: s.clone_htod(&conv(&p.v)).unwrap(),
+        log_gate: s.clone_htod(&flat(&p.log_gate)).unwrap(),
+    }
+}
+
+/// Runs one forward call on a fresh stream of `gpu`: uploads `p32` (see
+/// [`upload`]; h0 when present), poisons y, h_final and a workspace of
+/// `workspace_len` f32 (none when 0) with NaN, so an element the kernels
+/// forget fails the comparison, calls `launch`, downloads and synchronizes.
+/// Returns (y, h_final).
+pub fn run_forward<T: Element>(
+    gpu: &Gpu,
+    p32: &OwnedProblem<f32>,
+    workspace_len: usize,
+    launch: impl FnOnce(
+        &CudaStream,
+        &Dims,
+        DeviceInputs<'_, T>,
+        DeviceOutputs<'_, T>,
+        Option<&mut dyn DevicePtrMut<f32>>,
+    ) -> Result<(), GpuError>,
+) -> Result<(Vec<T>, Vec<Complex<f32>>), GpuError> {
+    let d = p32.dims;
+    let s = gpu.context().new_stream().expect("stream");
+    let u = upload::<T>(&s, p32);
+    let h0 = p32.h0.as_ref().map(|h| s.clone_htod(&flat(h)).unwrap());
+    let mut y = s.clone_htod(&vec![T::nan(); d.v_len()]).unwrap();
+    let mut h_final = s.clone_htod(&vec![f32::NAN; 2 * d.state_len()]).unwrap();
+    let mut ws = (workspace_len > 0).then(|| s.clone_htod(&vec![f32::NAN; workspace_len]).unwrap());
+    launch(
+        &s,
+        &d,
+        DeviceInputs { q: &u.q, k: &u.k, v: &u.v, log_gate: &u.log_gate, h0: h0.as_ref().map(|h| h as _) },
+        DeviceOutputs { y: &mut y, h_final: &mut h_final },
+        ws.as_mut().map(|w| w as _),
+    )?;
+    let y = s.clone_dtoh(&y).unwrap();
+    let h_final = s.clone_dtoh(&h_final).unwrap();
+    s.synchronize().unwrap();
+    Ok((y, unflat(&h_final)))
 }

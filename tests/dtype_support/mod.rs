@@ -23,10 +23,9 @@
 
 #![allow(dead_code)]
 
-use cudarc::driver::{CudaSlice, CudaStream};
 use gateloop::cuda::{Dtype, Element};
 use gateloop::testing::OwnedProblem;
-use gateloop::{Complex, Dims, ErrorStats};
+use gateloop::{Dims, ErrorStats};
 
 /// Relative L2 bound of the f32 computation (tests/gpu_recurrent.rs).
 pub const REL_F32: f64 = 1e-4;
@@ -58,16 +57,6 @@ pub fn rounded_to<T: Element>(p: &OwnedProblem<f64>) -> OwnedProblem<f64> {
     OwnedProblem { q: r(&p.q), k: r(&p.k), v: r(&p.v), ..p }
 }
 
-/// Interleaved (re, im) f32 pairs.
-pub fn flat(z: &[Complex<f32>]) -> Vec<f32> {
-    z.iter().flat_map(|c| [c.re, c.im]).collect()
-}
-
-/// The inverse of [`flat`].
-pub fn unflat(v: &[f32]) -> Vec<Complex<f32>> {
-    v.chunks_exact(2).map(|c| Complex::new(c[0], c[1])).collect()
-}
-
 /// Rows [t0, t0 + n) of a `[B, L, H, dim]` tensor, as `[B, n, H, dim]`.
 pub fn window<X: Copy>(x: &[X], d: &Dims, dim: usize, t0: usize, n: usize) -> Vec<X> {
     let row = d.heads * dim;
@@ -85,26 +74,6 @@ pub fn put_window<X: Copy>(x: &mut [X], d: &Dims, dim: usize, t0: usize, n: usiz
     for b in 0..d.batch {
         let start = (b * d.len + t0) * row;
         x[start..start + n * row].copy_from_slice(&piece[b * n * row..(b + 1) * n * row]);
-    }
-}
-
-/// q, k, v (as `T`) and log_gate (complex f32) on the device.
-pub struct Uploaded<T> {
-    pub q: CudaSlice<T>,
-    pub k: CudaSlice<T>,
-    pub v: CudaSlice<T>,
-    pub log_gate: CudaSlice<f32>,
-}
-
-/// Uploads the sequence inputs of `p` (already representable in `T`, see
-/// [`rounded_to`]: the conversion is exact).
-pub fn upload<T: Element>(s: &std::sync::Arc<CudaStream>, p: &OwnedProblem<f32>) -> Uploaded<T> {
-    let conv = |x: &[f32]| -> Vec<T> { x.iter().map(|&x| T::from_f32(x)).collect() };
-    Uploaded {
-        q: s.clone_htod(&conv(&p.q)).unwrap(),
-        k: s.clone_htod(&conv(&p.k)).unwrap(),
-        v: s.clone_htod(&conv(&p.v)).unwrap(),
-        log_gate: s.clone_htod(&flat(&p.log_gate)).unwrap(),
     }
 }
 

@@ -1,0 +1,128 @@
+// What the kernels of cuda/*.cu share: the input-type hook, complex loads and
+// arithmetic, the complex gate, and the (b, h) index math of the ABI's
+// sequence and state tensors (cuda/gateloop_abi.h).
+//
+// A header, not a compilation unit: build.rs compiles only cuda/*.cu, and
+// reruns (recompiling every kernel) on any change in cuda/.
+
+#ifndef GATELOOP_COMMON_CUH
+#define GATELOOP_COMMON_CUH
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <stdint.h>
+
+#include "gateloop_abi.h"
+
+namespace gateloop {
+
+// ---- input-type hook -------------------------------------------------------
+//
+// q, k, v and y have the kernel's input type (f32, f16 or bf16); loads widen
+// to f32, stores round to nearest even. log_gate and the state are complex
+// f32 for every input type (see load_complex).
+
+template <typename T>
+struct InputTraits;
+
+template <>
+struct InputTraits<float> {
+    static constexpr uint32_t kDtype = GATELOOP_DTYPE_F32;
+    __device__ __forceinline__ static float load(const float* __restrict__ p, int64_t i) { return __ldg(p + i); }
+    __device__ __forceinline__ static void store(float* p, int64_t i, float x) { p[i] = x; }
+};
+
+template <>
+struct InputTraits<__half> {
+    static constexpr uint32_t kDtype = GATELOOP_DTYPE_F16;
+    __device__ __forceinline__ static float load(const __half* __restrict__ p, int64_t i) {
+        return __half2float(p[i]);
+    }
+    __device__ __forceinline__ static void store(__half* p, int64_t i, float x) { p[i] = __float2half_rn(x); }
+};
+
+template <>
+struct InputTraits<__nv_bfloat16> {
+    static constexpr uint32_t kDtype = GATELOOP_DTYPE_BF16;
+    __device__ __forceinline__ static float load(const __nv_bfloat16* __restrict__ p, int64_t i) {
+        return __bfloat162float(p[i]);
+    }
+    __device__ __forceinline__ static void store(__nv_bfloat16* p, int64_t i, float x) {
+        p[i] = __float2bfloat16_rn(x);
+    }
+};
+
+// ---- complex f32 -------------------------------------------------------------
+
+// Complex element i of an interleaved (re, im) f32 array (read-only input).
+__device__ __forceinline__ float2 load_complex(const float* __restrict__ p, int64_t i) {
+    return __ldg(reinterpret_cast<const float2*>(p) + i);
+}
+
+// exp of a complex log gate: a = 2^(Re·log2 e) · (cos Im, sin Im).
+// Re = −inf → exactly (±0, ±0) (Im is finite).
+__device__ __forceinline__ float2 complex_gate(float2 log_gate) {
+    constexpr float kLog2e = 1.4426950408889634f;
+    const float mag = exp2f(log_gate.x * kLog2e);
+    float s, c;
+    sincosf(log_gate.y, &s, &c);
+    return make_float2(mag * c, mag * s);
+}
+
+// x · y (explicit fmaf: the rounding is pinned, src/cpu/scan.rs mirrors it).
+__device__ __forceinline__ float2 cmul(float2 x, float2 y) {
+    return make_float2(fmaf(x.x, y.x, -(x.y * y.y)), fmaf(x.x, y.y, x.y * y.x));
+}
+
+// a · h + b (explicit fmaf, mirrored by src/cpu/scan.rs).
+__device__ __forceinline__ float2 apply(float2 a, float2 b, float2 h) {
+    return make_float2(fmaf(a.x, h.x, fmaf(-a.y, h.y, b.x)), fmaf(a.x, h.y, fmaf(a.y, h.x, b.y)));
+}
+
+// ---- index math ----------------------------------------------------------------
+
+// Peels the fastest-varying index of extent n off a flattened block index:
+// returns idx % n and leaves idx / n in idx.
+__device__ __forceinline__ int64_t split_index(int64_t& idx, int64_t n) {
+    const int64_t r = idx % n;
+    idx /= n;
+    return r;
+}
+
+// (b, h) of a flattened b · heads + h.
+struct BatchHead {
+    int64_t b, h;
+};
+__device__ __forceinline__ BatchHead batch_head(int64_t bh, int64_t heads) {
+    return BatchHead{bh / heads, bh % heads};
+}
+
+// The (b, h) row of a [B, L, H, D] sequence tensor of element type T:
+// element (t, d) is at [t · s.time + d].
+template <typename T>
+__device__ __forceinline__ const T* seq_row(const void* base, const GateloopSeqStrides& s, int64_t b, int64_t h) {
+    return static_cast<const T*>(base) + b * s.batch + h * s.head;
+}
+template <typename T>
+__device__ __forceinline__ T* seq_row_mut(void* base, const GateloopSeqStrides& s, int64_t b, int64_t h) {
+    return static_cast<T*>(base) + b * s.batch + h * s.head;
+}
+
+// The (b, h) row of a [B, L, H, D] complex f32 tensor (log_gate), as
+// interleaved f32: strides count complex elements, hence the factor 2;
+// complex element (t, d) is load_complex(row, t · s.time + d).
+__device__ __forceinline__ const float* complex_seq_row(const float* base, const GateloopSeqStrides& s, int64_t b,
+                                                        int64_t h) {
+    return base + 2 * (b * s.batch + h * s.head);
+}
+
+// Offset, in complex elements, of state element (b, h, row, col) of a
+// [B, H, K, V] state.
+__device__ __forceinline__ int64_t state_index(const GateloopStateStrides& s, int64_t b, int64_t h, int64_t row,
+                                               int64_t col) {
+    return b * s.batch + h * s.head + row * s.key + col;
+}
+
+}  // namespace gateloop
+
+#endif  // GATELOOP_COMMON_CUH

@@ -1,0 +1,407 @@
+//! What the launchers of every kernel share ([`super::recurrent`],
+//! [`super::scan`], [`super::attention`]): the device buffers of a call, the
+//! host-side checks (lengths, contexts, alignment), the fields every
+//! `Gateloop*Params` struct has in common (dims, strides, flags, dtype, the
+//! tensor pointers), and the upload/download of the `forward_host`
+//! conveniences.
+
+use std::ffi::c_void;
+
+use cudarc::driver::{CudaStream, DevicePtr, DevicePtrMut, DeviceRepr, DeviceSlice, SyncOnDrop};
+use num_complex::Complex;
+
+use super::abi::{
+    self, GateloopAttentionParams, GateloopDims, GateloopRecurrentParams, GateloopScanParams, GateloopSeqStrides,
+    GateloopStateStrides,
+};
+use super::element::{Element, round_slice, widen_slice};
+use super::{DriverContext, Gpu, GpuError};
+use crate::error::InputError;
+use crate::problem::{Dims, GateLayout, Outputs, Problem};
+
+/// Device inputs of one call. q, k, v are `T` (f32, f16 or bf16; scan and
+/// attention: f32); the complex tensors (`log_gate`, `h0`) are complex f32
+/// for every `T`, as interleaved (re, im) f32 pairs: twice as many f32 as
+/// complex elements, 8-byte aligned. All must belong to the [`Gpu`]'s context.
+pub struct DeviceInputs<'a, T = f32> {
+    /// `[B, L, H, K]`
+    pub q: &'a dyn DevicePtr<T>,
+    /// `[B, L, H, K]`
+    pub k: &'a dyn DevicePtr<T>,
+    /// `[B, L, H, V]`
+    pub v: &'a dyn DevicePtr<T>,
+    /// `[B, L, H, K]` or `[B, L, H, 1]` complex f32
+    pub log_gate: &'a dyn DevicePtr<f32>,
+    /// `[B, H, K, V]` complex f32, or none (zero initial state)
+    pub h0: Option<&'a dyn DevicePtr<f32>>,
+}
+
+/// Caller-owned device outputs (every element is overwritten).
+pub struct DeviceOutputs<'a, T = f32> {
+    /// `[B, L, H, V]`, `T`
+    pub y: &'a mut dyn DevicePtrMut<T>,
+    /// `[B, H, K, V]` complex f32
+    pub h_final: &'a mut dyn DevicePtrMut<f32>,
+}
+
+/// Where a kernel's initial state comes from and its final state goes.
+pub(crate) enum StateIo<'a> {
+    /// Forward: an optional `h0` read, a distinct `h_final` written.
+    Separate { h0: Option<&'a dyn DevicePtr<f32>>, h_final: &'a mut dyn DevicePtrMut<f32> },
+    /// Decode: one buffer, read then overwritten (`GATELOOP_FLAG_STATE_IN_PLACE`).
+    InPlace(&'a mut dyn DevicePtrMut<f32>),
+}
+
+/// Every device buffer of one call.
+pub(crate) struct Buffers<'a, T> {
+    pub q: &'a dyn DevicePtr<T>,
+    pub k: &'a dyn DevicePtr<T>,
+    pub v: &'a dyn DevicePtr<T>,
+    pub log_gate: &'a dyn DevicePtr<f32>,
+    pub y: &'a mut dyn DevicePtrMut<T>,
+    pub state: StateIo<'a>,
+    /// f32 scratch of the multi-kernel modes (see `src/cuda/mod.rs`).
+    pub workspace: Option<&'a mut dyn DevicePtrMut<f32>>,
+}
+
+/// The device addresses of one call, and the guards that order `stream`
+/// after earlier writes of the buffers (now) and record this call's reads and
+/// writes (when dropped, after the launches).
+pub(crate) struct Bound<'a> {
+    /// The workspace's address (None when none is needed).
+    pub workspace: Option<u64>,
+    _guards: Vec<SyncOnDrop<'a>>,
+}
+
+impl<'a, T> Buffers<'a, T> {
+    /// The buffers of a forward call.
+    pub fn forward<'i: 'a, 'o: 'a, 'w: 'a>(
+        inputs: DeviceInputs<'i, T>,
+        out: DeviceOutputs<'o, T>,
+        workspace: Option<&'w mut dyn DevicePtrMut<f32>>,
+    ) -> Self {
+        let DeviceInputs { q, k, v, log_gate, h0 } = inputs;
+        let state = StateIo::Separate { h0, h_final: out.h_final };
+        let workspace = workspace.map(|w| -> &'a mut dyn DevicePtrMut<f32> { w });
+        Buffers { q, k, v, log_gate, y: out.y, state, workspace }
+    }
+
+    /// Checks on the host, in this order: every buffer's length against `d`
+    /// (the error names the argument), the workspace's length (at least
+    /// `ws_len` f32; `ws_shape` describes it in the error), that `stream` and
+    /// every buffer belong to the Gpu's context.
+    pub fn check(
+        &self,
+        gpu: &Gpu,
+        stream: &CudaStream,
+        d: &Dims,
+        ws_len: usize,
+        ws_shape: impl FnOnce() -> String,
+    ) -> Result<(), InputError> {
+        check_len("q", d.qk_shape(), false, self.q.len())?;
+        check_len("k", d.qk_shape(), false, self.k.len())?;
+        check_len("v", d.v_shape(), false, self.v.len())?;
+        check_len("log_gate", d.gate_shape(), true, self.log_gate.len())?;
+        if let StateIo::Separate { h0: Some(h0), .. } = &self.state {
+            check_len("h0", d.state_shape(), true, h0.len())?;
+        }
+        check_len("y", d.v_shape(), false, self.y.len())?;
+        match &self.state {
+            StateIo::Separate { h_final, .. } => check_len("h_final", d.state_shape(), true, h_final.len())?,
+            StateIo::InPlace(s) => check_len("state", d.state_shape(), true, s.len())?,
+        }
+        let have = self.workspace.as_ref().map_or(0, |w| w.len());
+        if have < ws_len {
+            return Err(InputError::Length { name: "workspace", expected: ws_len, actual: have, shape: ws_shape() });
+        }
+        if stream.context() != gpu.context() {
+            return Err(InputError::Param {
+                name: "stream",
+                value: format!("a stream on device {}", stream.context().ordinal()),
+                why: "the stream must belong to the Gpu's CUDA context",
+            });
+        }
+        check_context(gpu, "q", self.q)?;
+        check_context(gpu, "k", self.k)?;
+        check_context(gpu, "v", self.v)?;
+        check_context(gpu, "log_gate", self.log_gate)?;
+        if let StateIo::Separate { h0: Some(h0), .. } = &self.state {
+            check_context(gpu, "h0", *h0)?;
+        }
+        check_context(gpu, "y", &*self.y)?;
+        match &self.state {
+            StateIo::Separate { h_final, .. } => check_context(gpu, "h_final", &**h_final)?,
+            StateIo::InPlace(s) => check_context(gpu, "state", &**s)?,
+        }
+        if let Some(w) = self.workspace.as_ref() {
+            check_context(gpu, "workspace", &**w)?;
+        }
+        Ok(())
+    }
+
+    /// Takes the device address of every buffer on `stream` (the workspace
+    /// only when `use_workspace`), checks that complex buffers and the
+    /// workspace are 8-byte aligned, and writes the tensor pointers and the
+    /// `HAS_H0` / `STATE_IN_PLACE` flags into `params`.
+    ///
+    /// Each state buffer is borrowed exactly once: in place, the one `&mut`
+    /// gives the one device pointer that the kernel both reads and writes
+    /// (h0 stays NULL); no `&` and `&mut` of the same buffer coexist.
+    pub fn bind<'s, P: SeqParams>(
+        self,
+        stream: &'s CudaStream,
+        params: &mut P,
+        use_workspace: bool,
+    ) -> Result<Bound<'s>, InputError>
+    where
+        'a: 's,
+    {
+        let Buffers { q, k, v, log_gate, y, state, workspace } = self;
+        let mut guards = Vec::with_capacity(8);
+        let mut ptr = |(p, guard): (u64, SyncOnDrop<'s>)| {
+            guards.push(guard);
+            p
+        };
+        let q = ptr(q.device_ptr(stream));
+        let k = ptr(k.device_ptr(stream));
+        let v = ptr(v.device_ptr(stream));
+        let log_gate = ptr(log_gate.device_ptr(stream));
+        let y = ptr(y.device_ptr_mut(stream));
+        check_align("log_gate", log_gate)?;
+        let (h0, h_final, flags) = match state {
+            StateIo::Separate { h0, h_final } => {
+                let h0 = h0.map(|h0| ptr(h0.device_ptr(stream)));
+                let h_final = ptr(h_final.device_ptr_mut(stream));
+                check_align("h_final", h_final)?;
+                if let Some(h0) = h0 {
+                    check_align("h0", h0)?;
+                }
+                (h0, h_final, if h0.is_some() { abi::GATELOOP_FLAG_HAS_H0 } else { 0 })
+            }
+            StateIo::InPlace(s) => {
+                let s = ptr(s.device_ptr_mut(stream));
+                check_align("state", s)?;
+                (None, s, abi::GATELOOP_FLAG_STATE_IN_PLACE)
+            }
+        };
+        let workspace = match workspace {
+            Some(w) if use_workspace => {
+                let w = ptr(w.device_ptr_mut(stream));
+                check_align("workspace", w)?;
+                Some(w)
+            }
+            _ => None,
+        };
+        *params.flags_mut() |= flags;
+        params.set_pointers(Pointers { q, k, v, log_gate, h0, y, h_final });
+        Ok(Bound { workspace, _guards: guards })
+    }
+}
+
+/// The device addresses of the tensors of one call.
+pub(crate) struct Pointers {
+    q: u64,
+    k: u64,
+    v: u64,
+    log_gate: u64,
+    h0: Option<u64>,
+    y: u64,
+    h_final: u64,
+}
+
+/// The fields every kernel parameter struct of `cuda/gateloop_abi.h` has.
+pub(crate) trait SeqParams: Default + DeviceRepr {
+    /// Dims, contiguous strides, the gate layout flag and `dtype` for `d`.
+    fn for_dims(d: &Dims, dtype: u32) -> Result<Self, InputError>;
+    fn flags_mut(&mut self) -> &mut u32;
+    fn set_pointers(&mut self, p: Pointers);
+}
+
+macro_rules! impl_seq_params {
+    ($($params:ty),+) => {$(
+        // SAFETY: the struct is the bindgen mirror (#[repr(C)]) of the C
+        // struct the kernels take by value; its layout is pinned on both
+        // sides (the header's static_assert, bindgen's layout checks,
+        // tests/abi.rs). It holds only integers and raw device addresses, so
+        // its bytes are a valid kernel argument for any value; the pointers
+        // are only dereferenced by the kernels, whose launchers guarantee
+        // they are valid (`Buffers::check`, `Buffers::bind`).
+        unsafe impl DeviceRepr for $params {}
+
+        impl SeqParams for $params {
+            fn for_dims(d: &Dims, dtype: u32) -> Result<Self, InputError> {
+                Ok(Self {
+                    dims: gateloop_dims(d)?,
+                    q_strides: seq_strides(d, d.key_dim)?,
+                    k_strides: seq_strides(d, d.key_dim)?,
+                    v_strides: seq_strides(d, d.value_dim)?,
+                    gate_strides: seq_strides(d, d.gate_dim())?,
+                    y_strides: seq_strides(d, d.value_dim)?,
+                    h0_strides: state_strides(d)?,
+                    h_final_strides: state_strides(d)?,
+                    flags: if d.gate == GateLayout::PerHead { abi::GATELOOP_FLAG_PER_HEAD_GATE } else { 0 },
+                    dtype,
+                    ..Default::default()
+                })
+            }
+            fn flags_mut(&mut self) -> &mut u32 {
+                &mut self.flags
+            }
+            fn set_pointers(&mut self, p: Pointers) {
+                self.q = p.q as usize as *const c_void;
+                self.k = p.k as usize as *const c_void;
+                self.v = p.v as usize as *const c_void;
+                self.log_gate = p.log_gate as usize as *const f32;
+                self.h0 = p.h0.map_or(std::ptr::null(), |h0| h0 as usize as *const f32);
+                self.y = p.y as usize as *mut c_void;
+                self.h_final = p.h_final as usize as *mut f32;
+            }
+        }
+    )+};
+}
+
+impl_seq_params!(GateloopRecurrentParams, GateloopScanParams, GateloopAttentionParams);
+
+pub(crate) fn check_len(name: &'static str, shape: [usize; 4], complex: bool, actual: usize) -> Result<(), InputError> {
+    let expected = shape.iter().product::<usize>() * if complex { 2 } else { 1 };
+    if actual != expected {
+        let shape = if complex { format!("{shape:?} complex, as f32 pairs") } else { format!("{shape:?}") };
+        return Err(InputError::Length { name, expected, actual, shape });
+    }
+    Ok(())
+}
+
+pub(crate) fn check_context<T>(gpu: &Gpu, name: &'static str, buf: &dyn DeviceSlice<T>) -> Result<(), InputError> {
+    if buf.stream().context() != gpu.context() {
+        return Err(InputError::Param {
+            name,
+            value: format!("a buffer on device {}", buf.stream().context().ordinal()),
+            why: "every buffer must belong to the Gpu's CUDA context",
+        });
+    }
+    Ok(())
+}
+
+pub(crate) fn check_align(name: &'static str, ptr: u64) -> Result<(), InputError> {
+    if !ptr.is_multiple_of(8) {
+        return Err(InputError::Param {
+            name,
+            value: format!("device address {ptr:#x}"),
+            why: "complex buffers must be 8-byte aligned (start at an even f32 index)",
+        });
+    }
+    Ok(())
+}
+
+pub(crate) fn i64_of(name: &'static str, x: usize) -> Result<i64, InputError> {
+    i64::try_from(x).map_err(|_| InputError::TooLarge { name, shape: x.to_string(), limit: "i64::MAX".into() })
+}
+
+fn gateloop_dims(d: &Dims) -> Result<GateloopDims, InputError> {
+    Ok(GateloopDims {
+        batch: i64_of("batch", d.batch)?,
+        len: i64_of("len", d.len)?,
+        heads: i64_of("heads", d.heads)?,
+        key_dim: i64_of("key_dim", d.key_dim)?,
+        value_dim: i64_of("value_dim", d.value_dim)?,
+        gate_dim: i64_of("gate_dim", d.gate_dim())?,
+    })
+}
+
+/// Contiguous strides of a `[B, L, H, dim]` tensor.
+pub(crate) fn seq_strides(d: &Dims, dim: usize) -> Result<GateloopSeqStrides, InputError> {
+    let head = i64_of("stride", dim)?;
+    let time = i64_of("stride", d.heads * dim)?;
+    let batch = i64_of("stride", d.len * d.heads * dim)?;
+    Ok(GateloopSeqStrides { batch, time, head })
+}
+
+/// Contiguous strides of a `[B, H, K, V]` state.
+pub(crate) fn state_strides(d: &Dims) -> Result<GateloopStateStrides, InputError> {
+    Ok(GateloopStateStrides {
+        batch: i64_of("stride", d.heads * d.key_dim * d.value_dim)?,
+        head: i64_of("stride", d.key_dim * d.value_dim)?,
+        key: i64_of("stride", d.value_dim)?,
+    })
+}
+
+pub(crate) fn complex_as_f32(z: &[Complex<f32>]) -> &[f32] {
+    // SAFETY: Complex<f32> is #[repr(C)] { re: f32, im: f32 }: size 8, align 4,
+    // no padding, so n of them are exactly 2n contiguous initialized f32.
+    unsafe { std::slice::from_raw_parts(z.as_ptr().cast::<f32>(), z.len() * 2) }
+}
+
+/// The body of every `forward_host`: validates `p` and its gate domain,
+/// uploads it to the Gpu's default stream (q, k, v rounded to `T`; log_gate
+/// and h0 complex f32), allocates y, h_final and a zeroed workspace of
+/// `workspace_len(dims)` f32 (none when 0), runs `launch`, downloads the
+/// outputs (y widened to f32, exactly) and synchronizes.
+pub(crate) fn forward_host<T: Element>(
+    gpu: &Gpu,
+    p: &Problem<'_, f32>,
+    workspace_len: impl FnOnce(&Dims) -> Result<usize, GpuError>,
+    sync_doing: &'static str,
+    launch: impl FnOnce(
+        &CudaStream,
+        &Dims,
+        DeviceInputs<'_, T>,
+        DeviceOutputs<'_, T>,
+        Option<&mut dyn DevicePtrMut<f32>>,
+    ) -> Result<(), GpuError>,
+) -> Result<Outputs<f32>, GpuError> {
+    p.validate()?;
+    p.check_gate()?;
+    let d = p.dims;
+    let ws_len = workspace_len(&d)?;
+    let s = gpu.stream();
+    let q = s.clone_htod(&round_slice::<T>(p.q)).doing("uploading q")?;
+    let k = s.clone_htod(&round_slice::<T>(p.k)).doing("uploading k")?;
+    let v = s.clone_htod(&round_slice::<T>(p.v)).doing("uploading v")?;
+    let log_gate = s.clone_htod(complex_as_f32(p.log_gate)).doing("uploading log_gate")?;
+    let h0 = p.h0.map(|h| s.clone_htod(complex_as_f32(h))).transpose().doing("uploading h0")?;
+    let mut y = s.alloc_zeros::<T>(d.v_len()).doing("allocating y")?;
+    let mut h_final = s.alloc_zeros::<f32>(2 * d.state_len()).doing("allocating h_final")?;
+    let mut ws = (ws_len > 0).then(|| s.alloc_zeros::<f32>(ws_len)).transpose().doing("allocating the workspace")?;
+    launch(
+        s,
+        &d,
+        DeviceInputs { q: &q, k: &k, v: &v, log_gate: &log_gate, h0: h0.as_ref().map(|h| h as _) },
+        DeviceOutputs { y: &mut y, h_final: &mut h_final },
+        ws.as_mut().map(|w| w as _),
+    )?;
+    let y = s.clone_dtoh(&y).doing("downloading y")?;
+    let h_final = s.clone_dtoh(&h_final).doing("downloading h_final")?;
+    s.synchronize().doing(sync_doing)?;
+    let h_final = h_final.chunks_exact(2).map(|c| Complex::new(c[0], c[1])).collect();
+    Ok(Outputs { y: widen_slice(&y), h_final })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::testing::dims;
+
+    #[test]
+    fn length_errors_name_the_argument() {
+        let d = dims(2, 3, 1, 4, 5, true);
+        assert!(check_len("log_gate", d.gate_shape(), true, 12).is_ok());
+        match check_len("log_gate", d.gate_shape(), true, 6) {
+            Err(InputError::Length { name: "log_gate", expected: 12, actual: 6, .. }) => {}
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn params_share_the_common_fields() {
+        let d = dims(2, 3, 4, 5, 6, true);
+        let r = GateloopRecurrentParams::for_dims(&d, abi::GATELOOP_DTYPE_F16).unwrap();
+        let s = GateloopScanParams::for_dims(&d, abi::GATELOOP_DTYPE_F32).unwrap();
+        assert_eq!((r.dims.batch, r.dims.len, r.dims.heads, r.dims.key_dim, r.dims.value_dim, r.dims.gate_dim), (2, 3, 4, 5, 6, 1));
+        assert_eq!((r.q_strides.batch, r.q_strides.time, r.q_strides.head), (3 * 4 * 5, 4 * 5, 5));
+        assert_eq!((r.v_strides.batch, r.v_strides.time, r.v_strides.head), (3 * 4 * 6, 4 * 6, 6));
+        assert_eq!((r.gate_strides.batch, r.gate_strides.time, r.gate_strides.head), (3 * 4, 4, 1));
+        assert_eq!((r.h0_strides.batch, r.h0_strides.head, r.h0_strides.key), (4 * 5 * 6, 5 * 6, 6));
+        assert_eq!((r.flags, r.dtype, s.flags, s.dtype), (abi::GATELOOP_FLAG_PER_HEAD_GATE, 1, abi::GATELOOP_FLAG_PER_HEAD_GATE, 0));
+        assert_eq!(s.h_final_strides.batch, r.h_final_strides.batch);
+    }
+}
