@@ -132,7 +132,7 @@ __device__ __forceinline__ void attention_prep(const GateloopAttentionParams& p)
     float2 s = make_float2(0.f, 0.f);
     int32_t r = -1;
     for (int j = 0; j < n; ++j) {
-        const float2 g = load_complex(gate, (t0 + j) * p.gate_strides.time + c);
+        const float2 g = load_log_gate(gate, (t0 + j) * p.gate_strides.time + c);
         if (g.x == -INFINITY) {
             s = make_float2(0.f, 0.f);
             r = j;
@@ -145,7 +145,7 @@ __device__ __forceinline__ void attention_prep(const GateloopAttentionParams& p)
     float2 bsum = make_float2(0.f, 0.f);
     suffix[(n - 1) * gd] = bsum;
     for (int j = n - 1; j >= 1; --j) {
-        const float2 g = load_complex(gate, (t0 + j) * p.gate_strides.time + c);
+        const float2 g = load_log_gate(gate, (t0 + j) * p.gate_strides.time + c);
         bsum = cadd_reduced(bsum, make_float2(g.x, reduce_phase(g.y)));  // −inf sticks
         suffix[(j - 1) * gd] = bsum;
     }

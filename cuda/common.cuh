@@ -59,6 +59,15 @@ __device__ __forceinline__ float2 load_complex(const float* __restrict__ p, int6
     return __ldg(reinterpret_cast<const float2*>(p) + i);
 }
 
+// Log gate i, with every reset-class step (Re < GATELOOP_RESET_LOG_GATE, where
+// exp is exactly 0 in f32) mapped to Re = −inf: kernels that sum log gates
+// then restart at such a step instead of losing the sum's precision to it.
+__device__ __forceinline__ float2 load_log_gate(const float* __restrict__ p, int64_t i) {
+    float2 g = load_complex(p, i);
+    if (g.x < GATELOOP_RESET_LOG_GATE) g.x = -INFINITY;
+    return g;
+}
+
 // exp of a complex log gate: a = 2^(Re·log2 e) · (cos Im, sin Im).
 // Re = −inf → exactly (±0, ±0) (Im is finite).
 __device__ __forceinline__ float2 complex_gate(float2 log_gate) {

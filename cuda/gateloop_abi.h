@@ -61,6 +61,14 @@
  * thread, so no other thread can observe a half-updated state. */
 #define GATELOOP_FLAG_STATE_IN_PLACE 4u
 
+/* Below this Re(log_gate) a step is a reset in f32 kernels and their CPU
+ * mirrors: exp(-104) = 6.8e-46 is below half the smallest f32 subnormal
+ * (2^-150 = 7.0e-46), so the gate a = exp(log_gate) is exactly 0 there and
+ * treating the step as a reset (Re = -inf) changes nothing in exact f32
+ * arithmetic, while summing such a value into a running log-gate sum would
+ * cost that sum its precision (ulp(3541) = 2.4e-4). */
+#define GATELOOP_RESET_LOG_GATE -104.0f
+
 /* Columns of the state (values of V) one recurrent thread block covers. */
 #define GATELOOP_RECURRENT_VALUE_TILE 32
 /* Most warps (key groups) in one recurrent thread block. */

@@ -128,3 +128,22 @@ fn validates_like_the_reference() {
     p.q.pop();
     assert!(matches!(forward(&p.view(), &AttentionParams::default()), Err(InputError::Length { name: "q", .. })));
 }
+
+/// `gateloop fuzz` found this: gates whose exp underflows in f32 (Re g of
+/// −700 to −1e4) were summed into the tile-local log gate, and the pairs
+/// after them lost ~1e-4 of precision. They are resets now
+/// (GATELOOP_RESET_LOG_GATE), in the kernel and in this mirror.
+#[test]
+fn underflowing_gates_are_resets() {
+    for (i, (d, with_h0)) in [
+        (dims(4, 329, 4, 7, 4, true), true),
+        (dims(3, 488, 1, 1, 1, false), false),
+        (dims(1, 352, 1, 8, 1, true), false),
+        (dims(2, 130, 2, 33, 7, false), true),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        check(d, GateRegime::Underflow, with_h0, 9000 + i as u64);
+    }
+}

@@ -23,6 +23,10 @@ use rayon::prelude::*;
 
 use crate::error::InputError;
 use crate::problem::{Outputs, OutputsMut, Problem};
+use crate::cuda::abi::GATELOOP_RESET_LOG_GATE;
+
+/// Re(log_gate) below which a step is a reset in f32 (see the ABI header).
+const RESET_LOG_GATE: f32 = GATELOOP_RESET_LOG_GATE as f32;
 
 /// The GPU kernel's tile length.
 pub const GPU_TILE: usize = 64;
@@ -80,13 +84,19 @@ impl TileSums {
         let (len, gd) = (p.dims.len, p.dims.gate_dim());
         let zero = Complex::new(0.0f32, 0.0);
         let mut ts = TileSums { prefix: vec![zero; len * gd], suffix: vec![zero; len * gd], reset: vec![-1; len * gd], gd };
+        // The kernel's load_log_gate: a reset-class step (exp(g) exactly 0 in
+        // f32) reads as Re = −∞.
+        let gate = |t: usize, c: usize| {
+            let g = p.gate(b, t, h, c);
+            if g.re < RESET_LOG_GATE { Complex::new(f32::NEG_INFINITY, g.im) } else { g }
+        };
         let reduced = |g: Complex<f32>| Complex::new(g.re, reduce_phase(g.im));
         for t0 in (0..len).step_by(tl) {
             let n = tl.min(len - t0);
             for c in 0..gd {
                 let (mut s, mut r) = (zero, -1i32);
                 for j in 0..n {
-                    let g = p.gate(b, t0 + j, h, c);
+                    let g = gate(t0 + j, c);
                     if g.re == f32::NEG_INFINITY {
                         s = zero;
                         r = j as i32;
@@ -99,7 +109,7 @@ impl TileSums {
                 let mut bsum = zero;
                 ts.suffix[(t0 + n - 1) * gd + c] = bsum;
                 for j in (1..n).rev() {
-                    bsum = cadd_reduced(bsum, reduced(p.gate(b, t0 + j, h, c)));
+                    bsum = cadd_reduced(bsum, reduced(gate(t0 + j, c)));
                     ts.suffix[(t0 + j - 1) * gd + c] = bsum;
                 }
             }

@@ -11,11 +11,11 @@
 //! **Chunk-local segmented log gates.** In each chunk, per gate channel,
 //! `G_t = Σ g_s` over the steps s ≤ t of the chunk since the last reset, and
 //! `R_t` = the chunk-local index of the last reset at or before t (−1 when
-//! none). A step is a *reset* when `Re g < −110` (−∞ included): in f32,
-//! `exp(g)` is then exactly 0 (e^{−110} ≈ 1.7·10⁻⁴⁸ is far below half the
+//! none). A step is a *reset* when `Re g < −104` (−∞ included): in f32,
+//! `exp(g)` is then exactly 0 (e^{−104} ≈ 6.8·10⁻⁴⁶ is below half the
 //! smallest subnormal, 7·10⁻⁴⁶), so the f32 recurrence itself sees `a = 0`
 //! exactly; a reset contributes 0 to `G` and restarts the segment. Thus every
-//! `G` is finite (|Re G| ≤ 110·C) and no −∞ − (−∞) arises. The phases
+//! `G` is finite (|Re G| ≤ 104·C) and no −∞ − (−∞) arises. The phases
 //! `θ = Im G` are kept in [−π, π]: each step's phase is reduced mod 2π
 //! (Cody–Waite, 3-part 2π) and the running sum is wrapped after every
 //! addition, so phases ≫ 2π per step lose nothing, and nothing is global (a
@@ -228,8 +228,9 @@ const ROUND_MAGIC: f32 = 12_582_912.0;
 /// The exponent given to a masked factor: [`exp_nonpos`] maps it to exactly 0.
 const MASKED: f32 = -100.0;
 
-/// Below this Re(log_gate) a step is a reset: exp(g) is exactly 0 in f32.
-const RESET_BELOW: f32 = -110.0;
+/// Below this Re(log_gate) a step is a reset: exp(g) is exactly 0 in f32
+/// (the kernels' constant, `GATELOOP_RESET_LOG_GATE` in cuda/gateloop_abi.h).
+const RESET_BELOW: f32 = crate::cuda::abi::GATELOOP_RESET_LOG_GATE as f32;
 
 #[inline(always)]
 fn select(c: bool, a: f32, b: f32) -> f32 {
