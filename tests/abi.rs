@@ -144,6 +144,18 @@ fn generate_bindings(manifest_dir: &std::path::Path) -> String {
         .generate()
         .expect("bindgen failed on cuda/gateloop_abi.h (is libclang installed?)")
         .to_string();
+    // bindgen's Default for structs holding raw pointers zero-fills them in an
+    // `unsafe` block; state the contract it relies on, as every unsafe block
+    // of this crate does.
+    let zero_fill = "        unsafe {\n            ::std::ptr::write_bytes(s.as_mut_ptr(), 0, 1);";
+    let bindings = bindings.replace(
+        zero_fill,
+        &format!(
+            "        // SAFETY: the ABI header's rules allow only integers, raw pointers and\n        \
+             // structs of those in these structs, and all-zero bytes are a valid value of\n        \
+             // each (0, null); write_bytes fills exactly one Self.\n{zero_fill}"
+        ),
+    );
     format!(
         "// gateloop_abi.h sha256: {sha}\n\
          // @generated from cuda/gateloop_abi.h by scripts/regen-abi.sh (bindgen). Do not edit:\n\
