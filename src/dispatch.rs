@@ -13,7 +13,8 @@ use crate::cpu::chunked::ChunkParams;
 use crate::cpu::scan::ScanParams;
 use crate::cuda::{self, Gpu, GpuError};
 use crate::error::InputError;
-use crate::problem::{Outputs, Problem};
+use crate::problem::{Outputs, Problem, Real};
+use crate::reference::grad::Grads;
 use crate::reference::{self, RefMode};
 use crate::{cpu, Mode};
 
@@ -61,4 +62,18 @@ pub fn cuda_f32(gpu: &Gpu, mode: Mode, p: &Problem<'_, f32>) -> Result<Outputs<f
         Mode::Attention => cuda::attention::forward_host(gpu, p),
         Mode::Chunked => Err(cuda_unavailable(mode).into()),
     }
+}
+
+/// The gradient on the CPU, in `T`'s precision, of the function every mode
+/// computes: the adjoint recurrence ([`reference::grad::backward`]). The
+/// mode-specific backward kernels (chunked, scan) are not written yet, so
+/// `mode` does not change the algorithm; it is taken so that callers name
+/// what they differentiate and get the mode's own backward once it exists.
+pub fn cpu_grad<T: Real>(
+    _mode: Mode,
+    p: &Problem<'_, T>,
+    dy: &[T],
+    dh_final: Option<&[num_complex::Complex<T>]>,
+) -> Result<Grads<T>, InputError> {
+    reference::grad::backward(p, dy, dh_final)
 }

@@ -47,6 +47,7 @@ use thiserror::Error;
 
 use crate::error::InputError;
 use crate::problem::{Dims, GateLayout, Outputs, Problem, Real};
+use crate::reference::grad::{GradInputs, Grads};
 use crate::testing::OwnedProblem;
 
 /// The tensors an input file must hold.
@@ -425,7 +426,8 @@ fn layout(name: &str) -> &'static [Axis] {
         "q" | "k" => &[B, L, H, K],
         "v" => &[B, L, H, V],
         "log_gate" => &[B, L, H, Gate, Two],
-        _ => &[B, H, K, V, Two], // h0
+        "dy" => &[B, L, H, V],
+        _ => &[B, H, K, V, Two], // h0, dh_final
     }
 }
 
@@ -526,22 +528,40 @@ pub fn read_problem(path: impl AsRef<Path>) -> Result<LoadedProblem, FileError> 
 
 /// Parses the bytes of an input file; `file` names it in error messages.
 pub fn parse_problem(bytes: &[u8], file: &str) -> Result<LoadedProblem, FileError> {
+    parse_with(bytes, file, &[], &[]).map(|(p, _)| p)
+}
+
+/// Extra tensors of a file beyond the problem's, decoded as f64 by name
+/// (their dtype is the problem's, so the conversion is exact).
+type Extras = BTreeMap<&'static str, Vec<f64>>;
+
+/// Parses a problem plus the tensors `extra_required` and `extra_optional`
+/// (each with its layout in [`layout`]), with every check of
+/// [`parse_problem`] applied to all of them.
+fn parse_with(
+    bytes: &[u8],
+    file: &str,
+    extra_required: &[&'static str],
+    extra_optional: &[&'static str],
+) -> Result<(LoadedProblem, Extras), FileError> {
     let st = parse(bytes, file)?;
     let names = st.names();
+    let required: Vec<&'static str> = REQUIRED.iter().chain(extra_required).copied().collect();
+    let optional: Vec<&'static str> = OPTIONAL.iter().chain(extra_optional).copied().collect();
 
     let mut unknown: Vec<&str> =
-        names.iter().copied().filter(|n| !REQUIRED.contains(n) && !OPTIONAL.contains(n)).collect();
+        names.iter().copied().filter(|n| !required.contains(n) && !optional.contains(n)).collect();
     unknown.sort_unstable();
     let mut found: Vec<&str> = names.clone();
     found.sort_unstable();
 
     // Presence, then dtypes, then shapes, then unknown names: the most
     // basic problem is reported first.
-    let mut views: Vec<(&'static str, TensorView<'_>)> = Vec::with_capacity(5);
-    for name in REQUIRED.into_iter().chain(OPTIONAL) {
+    let mut views: Vec<(&'static str, TensorView<'_>)> = Vec::with_capacity(required.len() + optional.len());
+    for &name in required.iter().chain(&optional) {
         match st.tensor(name) {
             Ok(view) => views.push((name, view)),
-            Err(_) if OPTIONAL.contains(&name) => {}
+            Err(_) if optional.contains(&name) => {}
             Err(_) => {
                 let found = if found.is_empty() { "none".to_string() } else { found.join(", ") };
                 return Err(FileError::MissingTensor { file: file.to_string(), name, found });
@@ -613,19 +633,75 @@ pub fn parse_problem(bytes: &[u8], file: &str) -> Result<LoadedProblem, FileErro
 
     let data = |name: &str| views.iter().find(|(n, _)| *n == name).map(|(_, v)| v.data());
     let req = |name: &'static str| data(name).ok_or_else(|| format_err(file, format!("tensor `{name}` vanished")));
-    let loaded = match first.map(|(_, d)| d) {
-        Some(Dtype::F64) => {
-            let p = assemble(dims, &req, data("h0"), |b| decode_f64(b).collect())?;
-            check_values(&p, file)?;
-            LoadedProblem::F64(p)
-        }
-        _ => {
-            let p = assemble(dims, &req, data("h0"), |b| decode_f32(b).collect())?;
-            check_values(&p, file)?;
-            LoadedProblem::F32(p)
-        }
+    let f64_file = first.map(|(_, d)| d) == Some(Dtype::F64);
+    let loaded = if f64_file {
+        let p = assemble(dims, &req, data("h0"), |b| decode_f64(b).collect())?;
+        check_values(&p, file)?;
+        LoadedProblem::F64(p)
+    } else {
+        let p = assemble(dims, &req, data("h0"), |b| decode_f32(b).collect())?;
+        check_values(&p, file)?;
+        LoadedProblem::F32(p)
     };
-    Ok(loaded)
+    let mut extras = Extras::new();
+    for &name in extra_required.iter().chain(extra_optional) {
+        if let Some(bytes) = data(name) {
+            let values: Vec<f64> =
+                if f64_file { decode_f64(bytes).collect() } else { decode_f32(bytes).map(f64::from).collect() };
+            if let Some(index) = values.iter().position(|x| !x.is_finite()) {
+                let source =
+                    InputError::Value { name, index, value: format!("{}", values[index]), why: "must be finite" };
+                return Err(FileError::Value { file: file.to_string(), source });
+            }
+            extras.insert(name, values);
+        }
+    }
+    Ok((loaded, extras))
+}
+
+/// The upstream gradients of a `grad` input file.
+#[derive(Clone, Debug)]
+pub struct Upstream<T> {
+    /// `dy` `[B, L, H, V]`.
+    pub dy: Vec<T>,
+    /// `dh_final` `[B, H, K, V]` complex, when the file holds it.
+    pub dh_final: Option<Vec<Complex<T>>>,
+}
+
+/// A `grad` input file: the forward problem and the upstream gradients, in
+/// the file's precision.
+#[derive(Clone, Debug)]
+pub enum LoadedGradProblem {
+    /// The file is F32.
+    F32(OwnedProblem<f32>, Upstream<f32>),
+    /// The file is F64.
+    F64(OwnedProblem<f64>, Upstream<f64>),
+}
+
+/// Reads a `grad` input file: an input file plus `dy` `[B, L, H, V]` and
+/// optional `dh_final` `[B, H, K, V, 2]`, same dtype, same checks.
+pub fn read_grad_problem(path: impl AsRef<Path>) -> Result<LoadedGradProblem, FileError> {
+    let path = path.as_ref();
+    let bytes = read_bytes(path)?;
+    parse_grad_problem(&bytes, &path.display().to_string())
+}
+
+/// Parses the bytes of a `grad` input file (see [`read_grad_problem`]).
+pub fn parse_grad_problem(bytes: &[u8], file: &str) -> Result<LoadedGradProblem, FileError> {
+    let (problem, mut extras) = parse_with(bytes, file, &["dy"], &["dh_final"])?;
+    let dy = extras.remove("dy").ok_or_else(|| format_err(file, "tensor `dy` vanished"))?;
+    let dh_final = extras.remove("dh_final");
+    fn upstream<T: Real>(dy: Vec<f64>, dh_final: Option<Vec<f64>>) -> Upstream<T> {
+        let t = |x: f64| T::from(x).unwrap_or_else(T::nan);
+        Upstream {
+            dy: dy.into_iter().map(t).collect(),
+            dh_final: dh_final.map(|v| v.as_chunks::<2>().0.iter().map(|&[re, im]| Complex::new(t(re), t(im))).collect()),
+        }
+    }
+    Ok(match problem {
+        LoadedProblem::F32(p) => LoadedGradProblem::F32(p, upstream(dy, dh_final)),
+        LoadedProblem::F64(p) => LoadedGradProblem::F64(p, upstream(dy, dh_final)),
+    })
 }
 
 fn assemble<'b, T: Real>(
@@ -766,6 +842,38 @@ pub fn problem_to_bytes<T: FileReal>(p: &Problem<'_, T>) -> Result<Vec<u8>, File
 /// Writes a problem as an input file (the layout [`read_problem`] reads).
 pub fn write_problem<T: FileReal>(path: impl AsRef<Path>, p: &Problem<'_, T>) -> Result<(), FileError> {
     write(path.as_ref(), &problem_tensors(p))
+}
+
+/// Writes a `grad` input file: the problem plus `dy` `[B, L, H, V]` and
+/// optional `dh_final` `[B, H, K, V, 2]` (the layout [`read_grad_problem`] reads).
+pub fn write_grad_problem<T: FileReal>(
+    path: impl AsRef<Path>,
+    p: &Problem<'_, T>,
+    upstream: &GradInputs<'_, T>,
+) -> Result<(), FileError> {
+    let d = &p.dims;
+    let mut t = problem_tensors(p);
+    t.push(("dy", T::DTYPE, d.v_shape().to_vec(), reals(upstream.dy)));
+    if let Some(dh) = upstream.dh_final {
+        t.push(("dh_final", T::DTYPE, with2(d.state_shape()), complexes(dh)));
+    }
+    write(path.as_ref(), &t)
+}
+
+/// Writes gradients: `dq`, `dk` `[B, L, H, K]`, `dv` `[B, L, H, V]`,
+/// `dlog_gate` (log_gate's shape, trailing 2) and, when present, `dh0`
+/// `[B, H, K, V, 2]`.
+pub fn write_grads<T: FileReal>(path: impl AsRef<Path>, dims: &Dims, g: &Grads<T>) -> Result<(), FileError> {
+    let mut t: Tensors = vec![
+        ("dq", T::DTYPE, dims.qk_shape().to_vec(), reals(&g.dq)),
+        ("dk", T::DTYPE, dims.qk_shape().to_vec(), reals(&g.dk)),
+        ("dv", T::DTYPE, dims.v_shape().to_vec(), reals(&g.dv)),
+        ("dlog_gate", T::DTYPE, with2(dims.gate_shape()), complexes(&g.dlog_gate)),
+    ];
+    if let Some(dh0) = &g.dh0 {
+        t.push(("dh0", T::DTYPE, with2(dims.state_shape()), complexes(dh0)));
+    }
+    write(path.as_ref(), &t)
 }
 
 /// Writes the outputs `y` `[B, L, H, V]` and `h_final` `[B, H, K, V, 2]`.

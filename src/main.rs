@@ -58,6 +58,30 @@ enum Command {
         #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..))]
         repeat: u32,
     },
+    /// Gradients of the operator for an input file with upstream gradients.
+    ///
+    /// The input is a `run` input plus `dy` [B,L,H,V] and optional `dh_final`
+    /// [B,H,K,V,2]; the output holds `dq`, `dk`, `dv`, `dlog_gate` (trailing
+    /// 2) and, when h0 was given, `dh0` (trailing 2), the gradients of
+    /// L = Σ dy·y + Σ (Re dh_final·Re h_final + Im dh_final·Im h_final) with
+    /// respect to each input's real view. The dtype picks the precision. Every
+    /// mode runs the adjoint recurrence (the exact gradient of all modes);
+    /// exit 2 on bad input or usage, 1 on a runtime failure.
+    Grad {
+        /// Input safetensors file (forward tensors, dy, optional dh_final).
+        #[arg(long, short)]
+        input: PathBuf,
+        /// Output safetensors file (dq, dk, dv, dlog_gate, dh0).
+        #[arg(long, short)]
+        output: PathBuf,
+        /// The forward mode whose gradient is asked (all modes compute the
+        /// same function; the CPU backward is the adjoint recurrence).
+        #[arg(long, short, value_enum, default_value_t = CliMode::Recurrent)]
+        mode: CliMode,
+        /// Where to compute (the GPU backward does not exist yet).
+        #[arg(long, short, value_enum, default_value_t = Device::Cpu)]
+        device: Device,
+    },
     /// Run every available mode on a random problem.
     ///
     /// Each mode is timed and compared with the f64 recurrent reference (on
@@ -286,6 +310,36 @@ fn run(input: PathBuf, output: PathBuf, mode: Mode, device: Device, repeat: u32)
     };
     let runs = if repeat > 1 { format!(" (median of {repeat} runs)") } else { String::new() };
     say!("{} on {on}, {problem}: {ms:.3} ms{runs} median_ms={ms:.4} -> {}", mode.name(), output.display());
+    Ok(())
+}
+
+// ------------------------------------------------------------------- grad --
+
+fn grad(input: PathBuf, output: PathBuf, mode: Mode, device: Device) -> Result<(), Failure> {
+    if device == Device::Cuda {
+        return Err(Failure::Input("grad: the CUDA backward kernels do not exist yet; use --device cpu".into()));
+    }
+    let loaded = io::read_grad_problem(&input)?;
+    let start = Instant::now();
+    let (dims, precision) = match &loaded {
+        io::LoadedGradProblem::F64(p, up) => {
+            let g = dispatch::cpu_grad(mode, &p.view(), &up.dy, up.dh_final.as_deref()).map_err(input_err)?;
+            io::write_grads(&output, &p.dims, &g)?;
+            (p.dims, "f64")
+        }
+        io::LoadedGradProblem::F32(p, up) => {
+            let g = dispatch::cpu_grad(mode, &p.view(), &up.dy, up.dh_final.as_deref()).map_err(input_err)?;
+            io::write_grads(&output, &p.dims, &g)?;
+            (p.dims, "f32")
+        }
+    };
+    say!(
+        "grad ({}) on cpu, {precision} {}: {:.3} ms -> {}",
+        mode.name(),
+        dims_str(&dims),
+        start.elapsed().as_secs_f64() * 1e3,
+        output.display()
+    );
     Ok(())
 }
 
@@ -541,6 +595,7 @@ fn main() -> ExitCode {
             demo(Dims::new(batch, len, heads, key_dim, value_dim), seed)
         }
         Command::Check { a, b, rtol } => check(a, b, rtol),
+        Command::Grad { input, output, mode, device } => grad(input, output, mode.mode(), device),
         Command::Bench { json, kernels, dtypes, shapes, runs, warmup, seed, list } => {
             bench(json, kernels, dtypes, shapes, runs, warmup, seed, list)
         }
