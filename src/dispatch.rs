@@ -18,6 +18,9 @@ use crate::reference::grad::Grads;
 use crate::reference::{self, RefMode};
 use crate::{cpu, Mode};
 
+/// The SM count whose launch geometry the CPU mirrors follow (an H200's).
+pub const MIRROR_SM_COUNT: usize = 132;
+
 /// Modes with an f64 implementation (the reference).
 pub const CPU_F64_MODES: [Mode; 3] = [Mode::Recurrent, Mode::Scan, Mode::Attention];
 /// Modes with a CUDA kernel.
@@ -48,7 +51,13 @@ pub fn cpu_f64(mode: Mode, p: &Problem<'_, f64>) -> Result<Outputs<f64>, InputEr
 pub fn cpu_f32(mode: Mode, p: &Problem<'_, f32>) -> Result<Outputs<f32>, InputError> {
     match mode {
         Mode::Recurrent => reference::recurrent::forward(p),
-        Mode::Scan => cpu::scan::forward(p, &ScanParams::default()),
+        Mode::Scan => {
+            // The geometry the kernel runs for these dims (the warps per block
+            // follow L), so the mirror does the kernel's arithmetic, and short
+            // problems are not padded to 1024-step chunks.
+            let params: ScanParams = cuda::scan::plan(&p.dims, MIRROR_SM_COUNT)?.scan_params();
+            cpu::scan::forward(p, &params)
+        }
         Mode::Attention => cpu::attention::forward(p, &AttentionParams::default()),
         Mode::Chunked => cpu::chunked::forward(p, &ChunkParams::default()),
     }
