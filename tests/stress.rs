@@ -63,16 +63,13 @@ fn reset_every_thousand_steps_one_million_steps() {
 
 /// |a| = 1 − 1e-7 (Re g = ln(1 − 1e-7)): a memory of ~1e7 steps, longer than L.
 ///
-/// Ignored until the real chunked path replaces the stub: the stub is the
-/// plain f32 recurrence, which rounds a = exp(g) to f32 at every step —
-/// near 1 that is a relative error of up to 3e-8, the same at every step,
-/// so it compounds to (1 ± 3e-8)^L: a score of 1.2e-2 at L = 2²⁰ (measured).
-/// An implementation that exponentiates chunk sums of log gates (the chunked
-/// path) does not have this bias. After the merge:
-/// `cargo test --release --test stress -- --ignored nearly_unit`, and drop
-/// the `#[ignore]` when it passes.
+/// The plain f32 recurrence fails this one: it rounds a = exp(g) to f32 at
+/// every step — near 1 a relative error of up to 3e-8, the same at every
+/// step — which compounds to (1 ± 3e-8)^L, a score of 1.2e-2 at L = 2²⁰
+/// (measured). The chunked path exponentiates chunk-local sums of log gates
+/// and has no such bias (the GPU recurrent kernel has it, like any f32
+/// recurrence).
 #[test]
-#[ignore = "fails with the chunked stub (the f32 recurrence, 1.2e-2): run after the merge"]
 fn nearly_unit_modulus_one_million_steps() {
     let mut p = random_problem(dims(1, L, 1, 2, 2, false), GateRegime::UnitModulus, true, 4);
     let re = (1.0f64 - 1e-7).ln();
