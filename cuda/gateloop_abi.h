@@ -278,4 +278,36 @@ typedef struct GateloopAttentionParams {
 GATELOOP_ABI_ASSERT(sizeof(GateloopAttentionParams) == 80 + 48 + 5 * 24 + 2 * 24 + 8 + 4 * 8,
                     "GateloopAttentionParams layout");
 
+/*
+ * The opt-in device-side value check of a log_gate buffer (cuda/check.cu):
+ * gateloop_check_log_gate scans n complex f32 and finds the FIRST (lowest)
+ * index whose value is outside the gate's domain: Re > 0, NaN in Re or Im,
+ * or Im = ±inf (Re = −inf, a reset, is allowed).
+ *
+ * Launch geometry: grid.x ≤ CHECK_MAX_BLOCKS blocks of CHECK_THREADS
+ * threads, a grid-stride loop over the n elements (any grid size gives the
+ * same result).
+ * The result buffer is GATELOOP_CHECK_RESULT_WORDS int64_t, initialized by
+ * the host to:
+ *   result[0] = n   out: the first offending index, n when there is none
+ *                   (an atomicMin of every block's first offending index);
+ *   result[1] = 0   out: when result[0] < n, the offending value as
+ *                   (re, im) f32 in the 8 bytes of this word (written by the
+ *                   block that finishes last: it reads result[0] after every
+ *                   block's atomicMin, behind a __threadfence);
+ *   result[2] = 0   the count of finished blocks (an atomicAdd ticket).
+ * The result is deterministic: integer atomics only, and the reported value
+ * is read from the input.
+ */
+#define GATELOOP_CHECK_THREADS 256
+#define GATELOOP_CHECK_MAX_BLOCKS 1024
+#define GATELOOP_CHECK_RESULT_WORDS 3
+
+typedef struct GateloopCheckParams {
+    const float *log_gate; /* [n] complex f32 (interleaved, 8-byte aligned) */
+    int64_t *result;       /* [GATELOOP_CHECK_RESULT_WORDS] int64_t, see above */
+    int64_t n;             /* complex elements of log_gate */
+} GateloopCheckParams;
+GATELOOP_ABI_ASSERT(sizeof(GateloopCheckParams) == 24, "GateloopCheckParams layout");
+
 #endif /* GATELOOP_ABI_H */

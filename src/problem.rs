@@ -133,6 +133,29 @@ impl Dims {
     }
 }
 
+/// Why a log gate is outside the gate's domain, or `None` when it is inside:
+/// the domain is Re ≤ 0 (−∞ allowed: a reset), Re not NaN, Im finite. The
+/// one classifier of gate values: [`Problem::check_gate`] on the host and
+/// the device check `cuda::check::log_gate` (whose kernel flags exactly the
+/// values for which this is `Some`) both report its reason.
+pub fn log_gate_violation<T: Real>(g: Complex<T>) -> Option<&'static str> {
+    if g.re.is_nan() || g.im.is_nan() {
+        Some("NaN in log_gate")
+    } else if g.re > T::zero() {
+        Some("Re(log_gate) > 0 means |a| > 1; the gate must satisfy Re(log_gate) <= 0")
+    } else if !g.im.is_finite() {
+        Some("Im(log_gate) (the phase) must be finite")
+    } else {
+        None
+    }
+}
+
+/// The error for log gate `g` at (complex, flat) `index` of `log_gate`, when
+/// [`log_gate_violation`] rejects it.
+pub fn log_gate_error<T: Real>(index: usize, g: Complex<T>) -> Option<InputError> {
+    log_gate_violation(g).map(|why| InputError::Value { name: "log_gate", index, value: format!("{g}"), why })
+}
+
 /// Borrowed inputs of one forward call.
 #[derive(Clone, Copy, Debug)]
 pub struct Problem<'a, T> {
@@ -181,22 +204,14 @@ impl<'a, T: Real> Problem<'a, T> {
 
     /// The gate's domain: Re(log_gate) ≤ 0 (−∞ allowed: a reset), Re not NaN,
     /// Im finite. Every CPU entry point calls this; it is O(B·L·H·K).
+    ///
+    /// The error is the first offending element's [`log_gate_error`]; the
+    /// GPU's opt-in device check (`cuda::check::log_gate`) reports the same.
     pub fn check_gate(&self) -> Result<(), InputError> {
-        for (index, g) in self.log_gate.iter().enumerate() {
-            let why = if g.re.is_nan() || g.im.is_nan() {
-                Some("NaN in log_gate")
-            } else if g.re > T::zero() {
-                Some("Re(log_gate) > 0 means |a| > 1; the gate must satisfy Re(log_gate) <= 0")
-            } else if !g.im.is_finite() {
-                Some("Im(log_gate) (the phase) must be finite")
-            } else {
-                None
-            };
-            if let Some(why) = why {
-                return Err(InputError::Value { name: "log_gate", index, value: format!("{g}"), why });
-            }
+        match self.log_gate.iter().enumerate().find_map(|(index, &g)| log_gate_error(index, g)) {
+            Some(e) => Err(e),
+            None => Ok(()),
         }
-        Ok(())
     }
 
     /// Strict check used for files: gate domain plus finite q, k, v, h0.

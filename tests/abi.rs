@@ -109,6 +109,20 @@ fn attention_params_layout() {
 }
 
 #[test]
+fn check_params_layout() {
+    type P = GateloopCheckParams;
+    // Pinned in the header too (GATELOOP_ABI_ASSERT).
+    assert_eq!(size_of::<P>(), 24);
+    assert_eq!(align_of::<P>(), 8);
+    assert_eq!(offset_of!(P, log_gate), 0);
+    assert_eq!(offset_of!(P, result), 8);
+    assert_eq!(offset_of!(P, n), 16);
+    assert_eq!(GATELOOP_CHECK_THREADS, 256);
+    assert_eq!(GATELOOP_CHECK_MAX_BLOCKS, 1024);
+    assert_eq!(GATELOOP_CHECK_RESULT_WORDS, 3);
+}
+
+#[test]
 fn constants() {
     assert_eq!(GATELOOP_ABI_VERSION, 1);
     assert_eq!(GATELOOP_DTYPE_F32, 0);

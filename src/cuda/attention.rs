@@ -113,7 +113,8 @@ pub fn plan(dims: &Dims) -> Result<LaunchPlan, InputError> {
 /// Checks on the host: dims (K ≤ 256), every buffer's length (the error names
 /// the argument), context, alignment of complex buffers and of the
 /// workspace. It does not read the data, so the gate's domain (Re ≤ 0) is
-/// the caller's responsibility.
+/// the caller's responsibility ([`super::check::log_gate`] checks it on the
+/// device, opt-in, synchronizing).
 pub fn forward_into(
     gpu: &Gpu,
     stream: &CudaStream,

@@ -163,7 +163,8 @@ fn launch<T: Element>(gpu: &Gpu, stream: &CudaStream, d: &Dims, buffers: Buffers
 /// Checks on the host: dims, every buffer's length (the error names the
 /// argument), context, alignment of complex buffers. It does not read the
 /// data, so the gate's domain (Re ≤ 0, see [`Problem::check_gate`]) is the
-/// caller's responsibility; NaN/Inf propagate.
+/// caller's responsibility; NaN/Inf propagate ([`super::check::log_gate`]
+/// checks it on the device, opt-in, synchronizing).
 pub fn forward_into<T: Element>(
     gpu: &Gpu,
     stream: &CudaStream,

@@ -198,7 +198,8 @@ pub fn plan_for(gpu: &Gpu, dims: &Dims) -> Result<LaunchPlan, GpuError> {
 /// when that is 0, i.e. L fits in one chunk). Checks on the host: dims,
 /// every buffer's length (the error names the argument), context, alignment
 /// of complex buffers. It does not read the data, so the gate's domain
-/// (Re ≤ 0, see [`Problem::check_gate`]) is the caller's responsibility.
+/// (Re ≤ 0, see [`Problem::check_gate`]) is the caller's responsibility
+/// ([`super::check::log_gate`] checks it on the device, opt-in, synchronizing).
 pub fn forward_into(
     gpu: &Gpu,
     stream: &CudaStream,
