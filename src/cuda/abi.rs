@@ -560,6 +560,9 @@ const _: () = {
 impl Default for GateloopCheckParams {
     fn default() -> Self {
         let mut s = ::std::mem::MaybeUninit::<Self>::uninit();
+        // SAFETY: the ABI header's rules allow only integers, raw pointers and
+        // structs of those in these structs, and all-zero bytes are a valid value of
+        // each (0, null); write_bytes fills exactly one Self.
         unsafe {
             ::std::ptr::write_bytes(s.as_mut_ptr(), 0, 1);
             s.assume_init()
