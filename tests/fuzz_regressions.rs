@@ -64,3 +64,52 @@ fn large_phases_are_reduced_in_f32_attention() {
     };
     f32_attention_passes(p);
 }
+
+/// Seed 2026, case 39080 (the 1M-case campaign), shrunk to L = 2: a gate of
+/// e^{−90.45} (a subnormal in f32) applied to a state of ≈ −165 contributes
+/// ≈ 8e-38 to an h_final of 7e-37. The chunked path's exp flushed e^{x < −87}
+/// to 0 and lost 10% of h_final; it now returns the subnormal, like f32's exp.
+#[test]
+fn chunked_keeps_subnormal_gates() {
+    use gateloop::cpu::chunked::{forward, ChunkParams};
+    use gateloop::fuzz::underflow_floor;
+    let p = OwnedProblem {
+        dims: Dims::new(1, 2, 1, 1, 1),
+        q: vec![-0.5727, 0.6971],
+        k: vec![45.6435, 84.503],
+        v: vec![-3.6277, 9.5726e-39],
+        log_gate: vec![Complex::new(-2082.9, -0.44727), Complex::new(-90.449, -0.39420)],
+        h0: None,
+    }
+    .rounded_to_f32();
+    let oracle = Oracle::new(&p).unwrap();
+    let out = widen(forward(&p.to_f32().view(), &ChunkParams::default()).unwrap());
+    let j = oracle.judge_with_floor(&out, tolerance(Precision::F32, 2), underflow_floor(Precision::F32, &p.dims));
+    assert!(j.pass(), "{j:?}");
+}
+
+/// Seed 2026, case 15232: y and h_final of ≈ 1e-42 (k·v with v = 5e-39)
+/// are subnormal in f32 and carry an absolute error of one subnormal spacing
+/// in any f32 implementation; the underflow floor of the bound accepts that,
+/// and only that.
+#[test]
+fn subnormal_outputs_are_judged_with_the_underflow_floor() {
+    use gateloop::fuzz::underflow_floor;
+    let p = OwnedProblem {
+        dims: Dims::new(1, 1, 1, 1, 1),
+        q: vec![-1.7225003],
+        k: vec![0.00018651],
+        v: vec![-5.053854e-39],
+        log_gate: vec![Complex::new(-1538.823, -1.7328155)],
+        h0: None,
+    }
+    .rounded_to_f32();
+    let oracle = Oracle::new(&p).unwrap();
+    let floor = underflow_floor(Precision::F32, &p.dims);
+    let out = widen(gateloop::reference::recurrent::forward(&p.to_f32().view()).unwrap());
+    assert!(oracle.judge_with_floor(&out, 1e-4, floor).pass());
+    // An error of a few spacings more than the floor allows still fails.
+    let mut off = out.clone();
+    off.y[0] += 100.0 * floor;
+    assert!(!oracle.judge_with_floor(&off, 1e-4, floor).pass());
+}
