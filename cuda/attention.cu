@@ -151,6 +151,24 @@ __device__ __forceinline__ void attention_prep(const GateloopAttentionParams& p)
     }
 }
 
+// acc[i][j] += Σ_dd qs[dd][ty + 16 i] · ks[dd][tx + 16 j] over the 2·kSlab
+// rows of one staged slab: the thread's 4×4 register tile of the
+// inner-dimension-2K real GEMM ([Re q̃, −Im q̃] · [Re x̃, Im x̃]ᵀ), in ascending dd.
+__device__ __forceinline__ void slab_fma(const float* qs, const float* ks, int ty, int tx, float (&acc)[4][4]) {
+#pragma unroll 4
+    for (int dd = 0; dd < 2 * kSlab; ++dd) {
+        float a[4], b[4];
+#pragma unroll
+        for (int i = 0; i < 4; ++i) a[i] = qs[dd * kPad + ty + 16 * i];
+#pragma unroll
+        for (int j = 0; j < 4; ++j) b[j] = ks[dd * kPad + tx + 16 * j];
+#pragma unroll
+        for (int i = 0; i < 4; ++i)
+#pragma unroll
+            for (int j = 0; j < 4; ++j) acc[i][j] = fmaf(a[i], b[j], acc[i][j]);
+    }
+}
+
 // A_t: the prefix of the tile up to t, −inf (phase kept) when a reset is in it.
 __device__ __forceinline__ float2 prefix_or_dead(const GateloopAttentionParams& p, int64_t w) {
     float2 a = reinterpret_cast<const float2*>(p.ws_prefix)[w];
@@ -349,18 +367,7 @@ __device__ __forceinline__ void attention_y(const GateloopAttentionParams& p) {
                 ks[(2 * dl + 1) * kPad + m] = im;
             }
             __syncthreads();
-#pragma unroll 4
-            for (int dd = 0; dd < 2 * kSlab; ++dd) {
-                float a[4], bk[4];
-#pragma unroll
-                for (int i = 0; i < 4; ++i) a[i] = qs[dd * kPad + ty + 16 * i];
-#pragma unroll
-                for (int j = 0; j < 4; ++j) bk[j] = ks[dd * kPad + tx + 16 * j];
-#pragma unroll
-                for (int i = 0; i < 4; ++i)
-#pragma unroll
-                    for (int j = 0; j < 4; ++j) sc[i][j] = fmaf(a[i], bk[j], sc[i][j]);
-            }
+            slab_fma(qs, ks, ty, tx, sc);
             __syncthreads();
         }
         // Δ += T_J (nobody reads s_delta again before the barrier at the top).
@@ -387,18 +394,7 @@ __device__ __forceinline__ void attention_y(const GateloopAttentionParams& p) {
                 ks[(2 * dl + 1) * kPad + cc] = z.y;
             }
             __syncthreads();
-#pragma unroll 4
-            for (int dd = 0; dd < 2 * kSlab; ++dd) {
-                float a[4], bh[4];
-#pragma unroll
-                for (int i = 0; i < 4; ++i) a[i] = qs[dd * kPad + ty + 16 * i];
-#pragma unroll
-                for (int j = 0; j < 4; ++j) bh[j] = ks[dd * kPad + tx + 16 * j];
-#pragma unroll
-                for (int i = 0; i < 4; ++i)
-#pragma unroll
-                    for (int j = 0; j < 4; ++j) acc[i][j] = fmaf(a[i], bh[j], acc[i][j]);
-            }
+            slab_fma(qs, ks, ty, tx, acc);
             __syncthreads();
         }
     }
