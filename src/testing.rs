@@ -54,6 +54,26 @@ impl<T: Real> OwnedProblem<T> {
         }
     }
 
+    /// Steps [t0, t0 + n) of the problem as a problem of length n (no h0):
+    /// the inputs of one decode call, or of one piece of a split sequence.
+    /// Panics when the range is outside the problem (test helper).
+    pub fn steps(&self, t0: usize, n: usize) -> OwnedProblem<T> {
+        let d = self.dims;
+        assert!(t0 + n <= d.len, "steps {t0}..{} of a problem of length {}", t0 + n, d.len);
+        fn rows<X: Copy>(x: &[X], d: &Dims, dim: usize, t0: usize, n: usize) -> Vec<X> {
+            let row = d.heads * dim;
+            (0..d.batch).flat_map(|b| x[(b * d.len + t0) * row..(b * d.len + t0 + n) * row].iter().copied()).collect()
+        }
+        OwnedProblem {
+            dims: Dims { len: n, ..d },
+            q: rows(&self.q, &d, d.key_dim, t0, n),
+            k: rows(&self.k, &d, d.key_dim, t0, n),
+            v: rows(&self.v, &d, d.value_dim, t0, n),
+            log_gate: rows(&self.log_gate, &d, d.gate_dim(), t0, n),
+            h0: None,
+        }
+    }
+
     /// Converts every element with `f`.
     pub fn map<U: Real>(&self, f: impl Fn(T) -> U) -> OwnedProblem<U> {
         let c = |z: &Complex<T>| Complex::new(f(z.re), f(z.im));

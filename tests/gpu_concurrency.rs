@@ -124,12 +124,6 @@ fn bits_of<T: Element>(s: &Arc<CudaStream>, ys: &[CudaSlice<T>], h: &CudaSlice<f
     bits
 }
 
-/// Rows [t0, t0 + n) of a `[B, L, H, dim]` tensor, as `[B, n, H, dim]`.
-fn window<X: Copy>(x: &[X], d: &Dims, dim: usize, t0: usize, n: usize) -> Vec<X> {
-    let row = d.heads * dim;
-    (0..d.batch).flat_map(|b| x[(b * d.len + t0) * row..(b * d.len + t0 + n) * row].iter().copied()).collect()
-}
-
 /// The launch of a forward job: dims, inputs, outputs, workspace.
 type Launch<'a, T> = Box<
     dyn FnOnce(&Dims, DeviceInputs<'_, T>, DeviceOutputs<'_, T>, Option<&mut dyn DevicePtrMut<f32>>) -> Result<(), GpuError>
@@ -168,15 +162,8 @@ fn enqueue_decode(gpu: &Gpu, s: &Arc<CudaStream>, job: &Job) -> Pending {
     let mut ys = Vec::new();
     let mut t0 = 0;
     for n in decode_pieces(d.len) {
-        let dn = Dims { len: n, ..d };
-        let piece = OwnedProblem {
-            dims: dn,
-            q: window(&p.q, &d, d.key_dim, t0, n),
-            k: window(&p.k, &d, d.key_dim, t0, n),
-            v: window(&p.v, &d, d.value_dim, t0, n),
-            log_gate: window(&p.log_gate, &d, d.gate_dim(), t0, n),
-            h0: None,
-        };
+        let piece = p.steps(t0, n);
+        let dn = piece.dims;
         let u = upload::<f32>(s, &piece);
         let mut y = s.clone_htod(&vec![f32::NAN; dn.v_len()]).unwrap();
         let inputs = DecodeInputs { q: &u.q, k: &u.k, v: &u.v, log_gate: &u.log_gate };

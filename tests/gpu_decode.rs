@@ -22,7 +22,7 @@ mod common;
 mod dtype_support;
 
 use common::{flat, run_forward, unflat, upload};
-use dtype_support::{put_window, rounded_to, state_ok, widen, window, y_ok};
+use dtype_support::{put_window, rounded_to, state_ok, widen, y_ok};
 use gateloop::cuda::recurrent::{DecodeInputs, decode_into, forward_into};
 use gateloop::cuda::{Element, Gpu, GpuError};
 use gateloop::testing::{GateRegime, OwnedProblem, dims, random_problem};
@@ -47,15 +47,8 @@ fn decode_in_pieces<T: Element>(
     let mut y_all = vec![T::nan(); d.v_len()];
     let mut t0 = 0;
     for &n in pieces {
-        let dn = Dims { len: n, ..d };
-        let piece = OwnedProblem {
-            dims: dn,
-            q: window(&p32.q, &d, d.key_dim, t0, n),
-            k: window(&p32.k, &d, d.key_dim, t0, n),
-            v: window(&p32.v, &d, d.value_dim, t0, n),
-            log_gate: window(&p32.log_gate, &d, d.gate_dim(), t0, n),
-            h0: None,
-        };
+        let piece = p32.steps(t0, n);
+        let dn = piece.dims;
         let u = upload::<T>(&s, &piece);
         let mut y = s.clone_htod(&vec![T::nan(); dn.v_len()]).unwrap();
         decode_into(
@@ -185,7 +178,7 @@ fn sanitizer_smoke() {
 
 /// No GPU needed: the harness's windowing is right. Running the f64
 /// reference piece by piece (h0 = the previous piece's h_final) through
-/// `window`/`put_window` reproduces one run over the whole sequence.
+/// `OwnedProblem::steps`/`put_window` reproduces one run over the whole sequence.
 #[test]
 fn harness_pieces_reassemble_on_cpu() {
     let d = dims(2, 30, 3, 4, 5, false);
@@ -195,15 +188,7 @@ fn harness_pieces_reassemble_on_cpu() {
     let mut state = p.h0.clone().unwrap();
     let mut t0 = 0;
     for n in [1, 7, 22] {
-        let dn = Dims { len: n, ..d };
-        let piece = OwnedProblem {
-            dims: dn,
-            q: window(&p.q, &d, d.key_dim, t0, n),
-            k: window(&p.k, &d, d.key_dim, t0, n),
-            v: window(&p.v, &d, d.value_dim, t0, n),
-            log_gate: window(&p.log_gate, &d, d.gate_dim(), t0, n),
-            h0: Some(state),
-        };
+        let piece = OwnedProblem { h0: Some(state), ..p.steps(t0, n) };
         let out = reference::recurrent::forward(&piece.view()).unwrap();
         put_window(&mut y, &d, d.value_dim, t0, n, &out.y);
         state = out.h_final;

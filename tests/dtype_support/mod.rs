@@ -57,17 +57,6 @@ pub fn rounded_to<T: Element>(p: &OwnedProblem<f64>) -> OwnedProblem<f64> {
     OwnedProblem { q: r(&p.q), k: r(&p.k), v: r(&p.v), ..p }
 }
 
-/// Rows [t0, t0 + n) of a `[B, L, H, dim]` tensor, as `[B, n, H, dim]`.
-pub fn window<X: Copy>(x: &[X], d: &Dims, dim: usize, t0: usize, n: usize) -> Vec<X> {
-    let row = d.heads * dim;
-    let mut out = Vec::with_capacity(d.batch * n * row);
-    for b in 0..d.batch {
-        let start = (b * d.len + t0) * row;
-        out.extend_from_slice(&x[start..start + n * row]);
-    }
-    out
-}
-
 /// Writes `[B, n, H, dim]` `piece` into rows [t0, t0 + n) of `[B, L, H, dim]` `x`.
 pub fn put_window<X: Copy>(x: &mut [X], d: &Dims, dim: usize, t0: usize, n: usize, piece: &[X]) {
     let row = d.heads * dim;
