@@ -267,7 +267,7 @@ fn exp_nonpos<F: Arith>(x: f32) -> f32 {
     const LOG2E: f32 = std::f32::consts::LOG2_E;
     const LN2_HI: f32 = 0.693_359_4;
     const LN2_LO: f32 = -2.121_944_4e-4;
-    const TWO_POW_MINUS_64: f32 = 5.421_010_9e-20;
+    const TWO_POW_MINUS_64: f32 = f32::from_bits((127 - 64) << 23); // exactly 2^-64
     let xc = select(x < RESET_BELOW, RESET_BELOW, select(x > 0.0, 0.0, x));
     let t = F::fma(xc, LOG2E, ROUND_MAGIC);
     let n = t - ROUND_MAGIC;
