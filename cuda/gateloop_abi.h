@@ -310,4 +310,67 @@ typedef struct GateloopCheckParams {
 } GateloopCheckParams;
 GATELOOP_ABI_ASSERT(sizeof(GateloopCheckParams) == 24, "GateloopCheckParams layout");
 
+/*
+ * The chunked mode on tensor cores (cuda/chunk.cu; CPU mirror
+ * src/cpu/chunked.rs): chunks of CHUNK_LEN steps, anchored sub-chunks of
+ * CHUNK_SUB_LEN, key channels in slabs of CHUNK_KEY_SLAB, value tiles of
+ * CHUNK_VALUE_TILE columns. Three kernels on one stream:
+ *   1. gateloop_chunk_state_{dtype}_{g}_{prec}: grid.x = B·H·num_chunks·value_tiles
+ *      (block index: value tile fastest, then chunk, then (b, h)), block =
+ *      CHUNK_THREADS, dynamic shared memory state_shared_bytes. Writes U_c
+ *      into ws_state and A_c into ws_decay.
+ *   2. gateloop_chunk_carry_{g}: grid.x = ceil(B·H·K·V / CHUNK_CARRY_THREADS),
+ *      block = CHUNK_CARRY_THREADS; S ← A S + U over the chunks, ws_state[c]
+ *      becomes the state entering chunk c; writes h_final.
+ *   3. gateloop_chunk_output_{dtype}_{g}_{prec}: grid as 1, dynamic shared
+ *      memory shared_bytes; writes y.
+ * {g}: c = complex gates (log_gate, h0, h_final complex f32, parts = 2), r =
+ * real gates (log_gate [B, L, H, gate_dim], h0 and h_final [B, H, K, V] REAL
+ * f32, parts = 1; the strides then count f32 elements). {prec}: exact (3
+ * split tensor-core products per operand pair) or fast (1).
+ * Workspaces (f32, contiguous):
+ *   ws_decay [B·H, num_chunks, gate_dim, parts], ws_state [B·H, num_chunks, parts·K, V].
+ * key_dim ≤ CHUNK_MAX_KEY_DIM.
+ */
+#define GATELOOP_CHUNK_LEN 64
+#define GATELOOP_CHUNK_SUB_LEN 16
+#define GATELOOP_CHUNK_KEY_SLAB 16
+#define GATELOOP_CHUNK_VALUE_TILE 64
+#define GATELOOP_CHUNK_THREADS 256
+#define GATELOOP_CHUNK_CARRY_THREADS 256
+#define GATELOOP_CHUNK_MAX_KEY_DIM 256
+
+typedef struct GateloopChunkParams {
+    /* Inputs (device pointers). */
+    const void *q;        /* [B, L, H, K] dtype */
+    const void *k;        /* [B, L, H, K] dtype */
+    const void *v;        /* [B, L, H, V] dtype */
+    const float *log_gate; /* [B, L, H, gate_dim] complex f32 (c) or f32 (r) */
+    const float *h0;      /* [B, H, K, V] complex f32 (c) or f32 (r), NULL unless HAS_H0 */
+    /* Outputs (device pointers). */
+    void *y;              /* [B, L, H, V] dtype */
+    float *h_final;       /* [B, H, K, V] complex f32 (c) or f32 (r) */
+    /* Workspaces (device pointers). */
+    float *ws_decay;      /* [B·H, num_chunks, gate_dim, parts] f32 */
+    float *ws_state;      /* [B·H, num_chunks, parts·K, V] f32 */
+
+    GateloopDims dims;
+    GateloopSeqStrides q_strides;
+    GateloopSeqStrides k_strides;
+    GateloopSeqStrides v_strides;
+    GateloopSeqStrides gate_strides;
+    GateloopSeqStrides y_strides;
+    GateloopStateStrides h0_strides;
+    GateloopStateStrides h_final_strides;
+
+    uint32_t flags;             /* GATELOOP_FLAG_* */
+    uint32_t dtype;             /* GATELOOP_DTYPE_* of q, k, v, y */
+    int64_t num_chunks;         /* ceil(L / CHUNK_LEN) */
+    int64_t value_tiles;        /* ceil(V / CHUNK_VALUE_TILE) */
+    int32_t shared_bytes;       /* dynamic shared memory of the output kernel */
+    int32_t state_shared_bytes; /* dynamic shared memory of the state kernel */
+} GateloopChunkParams;
+GATELOOP_ABI_ASSERT(sizeof(GateloopChunkParams) == 72 + 48 + 5 * 24 + 2 * 24 + 8 + 2 * 8 + 8,
+                    "GateloopChunkParams layout");
+
 #endif /* GATELOOP_ABI_H */

@@ -6,7 +6,7 @@
 //! | recurrent | [`reference::recurrent`] (the oracle) | [`reference::recurrent`] in f32 | [`cuda::recurrent`] |
 //! | scan | [`reference::scan`] | [`cpu::scan`] (the kernel's mirror) | [`cuda::scan`] |
 //! | attention | [`reference::attention`] | [`cpu::attention`] (the kernel's mirror) | [`cuda::attention`] |
-//! | chunked | — (f32 only) | [`cpu::chunked`] | — (not yet) |
+//! | chunked | — (f32 only) | [`cpu::chunked`] (the kernel's mirror) | [`cuda::chunk`] (tensor cores, exact precision) |
 
 use crate::cpu::attention::AttentionParams;
 use crate::cpu::chunked::ChunkParams;
@@ -24,7 +24,7 @@ pub const MIRROR_SM_COUNT: usize = 132;
 /// Modes with an f64 implementation (the reference).
 pub const CPU_F64_MODES: [Mode; 3] = [Mode::Recurrent, Mode::Scan, Mode::Attention];
 /// Modes with a CUDA kernel.
-pub const CUDA_MODES: [Mode; 3] = [Mode::Recurrent, Mode::Scan, Mode::Attention];
+pub const CUDA_MODES: [Mode; 4] = [Mode::Recurrent, Mode::Scan, Mode::Attention, Mode::Chunked];
 
 fn unavailable(mode: Mode, why: &'static str, available: &[Mode]) -> InputError {
     let names: Vec<&str> = available.iter().map(|m| m.name()).collect();
@@ -69,7 +69,7 @@ pub fn cuda_f32(gpu: &Gpu, mode: Mode, p: &Problem<'_, f32>) -> Result<Outputs<f
         Mode::Recurrent => cuda::recurrent::forward_host(gpu, p),
         Mode::Scan => cuda::scan::forward_host(gpu, p),
         Mode::Attention => cuda::attention::forward_host(gpu, p),
-        Mode::Chunked => Err(cuda_unavailable(mode).into()),
+        Mode::Chunked => cuda::chunk::forward_host(gpu, p),
     }
 }
 

@@ -109,6 +109,31 @@ fn attention_params_layout() {
 }
 
 #[test]
+fn chunk_params_layout() {
+    type P = GateloopChunkParams;
+    // Pinned in the header too (GATELOOP_ABI_ASSERT).
+    assert_eq!(size_of::<P>(), 320);
+    assert_eq!(align_of::<P>(), 8);
+    assert_eq!(offset_of!(P, q), 0);
+    assert_eq!(offset_of!(P, h_final), 48);
+    assert_eq!(offset_of!(P, ws_decay), 56);
+    assert_eq!(offset_of!(P, ws_state), 64);
+    assert_eq!(offset_of!(P, dims), 72);
+    assert_eq!(offset_of!(P, q_strides), 120);
+    assert_eq!(offset_of!(P, gate_strides), 192);
+    assert_eq!(offset_of!(P, h_final_strides), 264);
+    assert_eq!(offset_of!(P, flags), 288);
+    assert_eq!(offset_of!(P, dtype), 292);
+    assert_eq!(offset_of!(P, num_chunks), 296);
+    assert_eq!(offset_of!(P, value_tiles), 304);
+    assert_eq!(offset_of!(P, shared_bytes), 312);
+    assert_eq!(offset_of!(P, state_shared_bytes), 316);
+    assert_eq!(GATELOOP_CHUNK_LEN, 64);
+    assert_eq!(GATELOOP_CHUNK_SUB_LEN, 16);
+    assert_eq!(GATELOOP_CHUNK_MAX_KEY_DIM, 256);
+}
+
+#[test]
 fn check_params_layout() {
     type P = GateloopCheckParams;
     // Pinned in the header too (GATELOOP_ABI_ASSERT).

@@ -263,3 +263,33 @@ fn non_finite_inputs_propagate_only_to_the_outputs_they_touch() {
         }
     }
 }
+
+/// The chunked CUDA launchers check the dims on the host, before any device
+/// work: their plan refuses bad dims with a typed error (these run without a
+/// GPU; the buffer checks, which need device buffers, are in
+/// tests/gpu_chunked.rs).
+#[test]
+fn chunked_cuda_plan_misuse_is_typed() {
+    use gateloop::cuda::chunk::{plan, ChunkPrecision, Gates};
+    use gateloop::cuda::Dtype;
+    assert_eq!(ChunkPrecision::default(), ChunkPrecision::Exact);
+    for dtype in Dtype::ALL {
+        for gates in Gates::ALL {
+            assert!(matches!(plan(&dims(1, 10, 1, 257, 4, false), dtype, gates), Err(InputError::Param { name: "key_dim", .. })));
+            assert!(plan(&dims(1, 10, 1, 256, 1000, false), dtype, gates).is_ok());
+            for (i, name) in ["batch", "len", "heads", "key_dim", "value_dim"].into_iter().enumerate() {
+                let mut sizes = [2usize, 3, 2, 2, 2];
+                sizes[i] = 0;
+                let d = Dims::new(sizes[0], sizes[1], sizes[2], sizes[3], sizes[4]);
+                assert!(matches!(plan(&d, dtype, gates), Err(InputError::ZeroDim { name: n }) if n == name), "{name}");
+            }
+            for d in [
+                Dims::new(usize::MAX / 2 + 1, 2, 1, 1, 1),
+                Dims::new(1 << 22, 1 << 22, 1 << 22, 1, 1),
+                Dims::new(1 << 20, 1 << 16, 1 << 6, 1, 1), // fits in memory terms, but 2^36 thread blocks
+            ] {
+                assert!(matches!(plan(&d, dtype, gates), Err(InputError::TooLarge { .. })), "{d:?}");
+            }
+        }
+    }
+}

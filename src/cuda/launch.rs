@@ -1,5 +1,5 @@
 //! What the launchers of every kernel share ([`super::recurrent`],
-//! [`super::scan`], [`super::attention`]): the device buffers of a call, the
+//! [`super::scan`], [`super::attention`], [`super::chunk`]): the device buffers of a call, the
 //! host-side checks (lengths, contexts, alignment), the fields every
 //! `Gateloop*Params` struct has in common (dims, strides, flags, dtype, the
 //! tensor pointers), and the upload/download of the `forward_host`
@@ -11,7 +11,7 @@ use cudarc::driver::{CudaStream, DevicePtr, DevicePtrMut, DeviceRepr, DeviceSlic
 use num_complex::Complex;
 
 use super::abi::{
-    self, GateloopAttentionParams, GateloopDims, GateloopRecurrentParams, GateloopScanParams, GateloopSeqStrides,
+    self, GateloopAttentionParams, GateloopChunkParams, GateloopDims, GateloopRecurrentParams, GateloopScanParams, GateloopSeqStrides,
     GateloopStateStrides,
 };
 use super::element::{Element, round_slice, widen_slice};
@@ -62,6 +62,9 @@ pub(crate) struct Buffers<'a, T> {
     pub state: StateIo<'a>,
     /// f32 scratch of the multi-kernel modes (see `src/cuda/mod.rs`).
     pub workspace: Option<&'a mut dyn DevicePtrMut<f32>>,
+    /// log_gate, h0, h_final are real f32 (the chunked kernel's real-gate
+    /// entry), not complex.
+    pub real_gates: bool,
 }
 
 /// The device addresses of one call, and the guards that order `stream`
@@ -83,7 +86,12 @@ impl<'a, T> Buffers<'a, T> {
         let DeviceInputs { q, k, v, log_gate, h0 } = inputs;
         let state = StateIo::Separate { h0, h_final: out.h_final };
         let workspace = workspace.map(|w| -> &'a mut dyn DevicePtrMut<f32> { w });
-        Buffers { q, k, v, log_gate, y: out.y, state, workspace }
+        Buffers { q, k, v, log_gate, y: out.y, state, workspace, real_gates: false }
+    }
+
+    /// The same buffers with log_gate, h0 and h_final read as real f32.
+    pub fn with_real_gates(self) -> Self {
+        Buffers { real_gates: true, ..self }
     }
 
     /// Checks on the host, in this order: every buffer's length against `d`
@@ -101,14 +109,15 @@ impl<'a, T> Buffers<'a, T> {
         check_len("q", d.qk_shape(), false, self.q.len())?;
         check_len("k", d.qk_shape(), false, self.k.len())?;
         check_len("v", d.v_shape(), false, self.v.len())?;
-        check_len("log_gate", d.gate_shape(), true, self.log_gate.len())?;
+        let complex = !self.real_gates;
+        check_len("log_gate", d.gate_shape(), complex, self.log_gate.len())?;
         if let StateIo::Separate { h0: Some(h0), .. } = &self.state {
-            check_len("h0", d.state_shape(), true, h0.len())?;
+            check_len("h0", d.state_shape(), complex, h0.len())?;
         }
         check_len("y", d.v_shape(), false, self.y.len())?;
         match &self.state {
-            StateIo::Separate { h_final, .. } => check_len("h_final", d.state_shape(), true, h_final.len())?,
-            StateIo::InPlace(s) => check_len("state", d.state_shape(), true, s.len())?,
+            StateIo::Separate { h_final, .. } => check_len("h_final", d.state_shape(), complex, h_final.len())?,
+            StateIo::InPlace(s) => check_len("state", d.state_shape(), complex, s.len())?,
         }
         let have = self.workspace.as_ref().map_or(0, |w| w.len());
         if have < ws_len {
@@ -156,7 +165,9 @@ impl<'a, T> Buffers<'a, T> {
     where
         'a: 's,
     {
-        let Buffers { q, k, v, log_gate, y, state, workspace } = self;
+        let Buffers { q, k, v, log_gate, y, state, workspace, real_gates } = self;
+        // Complex buffers are read as 8-byte pairs; real ones need f32 alignment only.
+        let check_gate_align = |name, ptr| if real_gates { Ok(()) } else { check_align(name, ptr) };
         let mut guards = Vec::with_capacity(8);
         let mut ptr = |(p, guard): (u64, SyncOnDrop<'s>)| {
             guards.push(guard);
@@ -167,20 +178,20 @@ impl<'a, T> Buffers<'a, T> {
         let v = ptr(v.device_ptr(stream));
         let log_gate = ptr(log_gate.device_ptr(stream));
         let y = ptr(y.device_ptr_mut(stream));
-        check_align("log_gate", log_gate)?;
+        check_gate_align("log_gate", log_gate)?;
         let (h0, h_final, flags) = match state {
             StateIo::Separate { h0, h_final } => {
                 let h0 = h0.map(|h0| ptr(h0.device_ptr(stream)));
                 let h_final = ptr(h_final.device_ptr_mut(stream));
-                check_align("h_final", h_final)?;
+                check_gate_align("h_final", h_final)?;
                 if let Some(h0) = h0 {
-                    check_align("h0", h0)?;
+                    check_gate_align("h0", h0)?;
                 }
                 (h0, h_final, if h0.is_some() { abi::GATELOOP_FLAG_HAS_H0 } else { 0 })
             }
             StateIo::InPlace(s) => {
                 let s = ptr(s.device_ptr_mut(stream));
-                check_align("state", s)?;
+                check_gate_align("state", s)?;
                 (None, s, abi::GATELOOP_FLAG_STATE_IN_PLACE)
             }
         };
@@ -260,7 +271,7 @@ macro_rules! impl_seq_params {
     )+};
 }
 
-impl_seq_params!(GateloopRecurrentParams, GateloopScanParams, GateloopAttentionParams);
+impl_seq_params!(GateloopRecurrentParams, GateloopScanParams, GateloopAttentionParams, GateloopChunkParams);
 
 pub(crate) fn check_len(name: &'static str, shape: [usize; 4], complex: bool, actual: usize) -> Result<(), InputError> {
     let expected = shape.iter().product::<usize>() * if complex { 2 } else { 1 };

@@ -1,0 +1,525 @@
+//! The chunked mode on the GPU (`cuda/chunk.cu`), on tensor cores: surrogate
+//! attention inside chunks of 64 steps, the recurrence between them. The CPU
+//! mirror is [`crate::cpu::chunked`] with its default [`ChunkParams`]
+//! (chunks of 64, anchored sub-chunks of 16): the same segmented chunk-local
+//! log gates, reset rule, phase reduction, anchors and passes (see its module
+//! doc for the algebra and the kernel file for the mapping).
+//!
+//! # Structure: three launches on one stream
+//!
+//! 1. `state`: one block per (b, h, chunk, 64 value columns): the chunk's own
+//!    state `U_c = (K ⊙ E(last, ·))ᵀ V` (a tensor-core GEMM of inner
+//!    dimension 64) and its decay `A_c`, into the workspace.
+//! 2. `carry`: one thread per (b, h, key row, value column), sequential over
+//!    the chunks: `S ← diag(A_c) S + U_c` in f32, `U_c` overwritten by the
+//!    state entering chunk c; writes `h_final`.
+//! 3. `output`: one block per (b, h, chunk, value tile): the inter-chunk
+//!    term `Re((Q ⊙ e^G) S_c)` (inner dimension 2K) and the intra-chunk term
+//!    `P V` (off-diagonal 16 × 16 score blocks as anchored GEMMs of inner
+//!    dimension 2K, diagonal blocks pairwise in f32), y written once.
+//!
+//! Why: (1) and (3) are parallel over every chunk (B·H = 1 at L = 65536 gives
+//! 1024 blocks per value tile), and the only sequential work, (2), is K·V
+//! numbers per chunk. Launch 3 recomputes the chunk's gate prefix rather
+//! than storing Q̃ (O(64·K) work against 8·64·K bytes of traffic), so the
+//! workspace holds only the chunk states and decays
+//! ([`LaunchPlan::workspace_len`]) and y is rounded to its type exactly once.
+//! Three launches in all (fla's chunked GLA forward uses more and writes
+//! every chunk's state as well as a separate intra-chunk score tensor).
+//!
+//! # Precision
+//!
+//! f32 inputs use TF32 tensor-core operands (m16n16k8), f16 and bf16 inputs
+//! operands of their own type (m16n16k16); accumulation is f32. With
+//! [`ChunkPrecision::Exact`] (the default) every operand is split into
+//! `hi + lo` in the operand type and each product is
+//! `hi·hi + hi·lo + lo·hi` (3 tensor-core products: "3xTF32" for f32), which
+//! keeps the f32 bounds of the other kernels (relative L2 ≤ 1e-4). With
+//! [`ChunkPrecision::Fast`] one product `hi·hi` (the precision of fla's
+//! kernels): about 1e-3 relative for f32 (TF32), 1e-2 for bf16. The f16
+//! operands have f16's range: decayed q̃, k̃, the scores and the carried
+//! state must stay below 65504 in magnitude (use bf16 or f32 otherwise).
+//!
+//! # Real gates
+//!
+//! [`forward_real_into`] is the same code path with the imaginary part
+//! compiled out (gated linear attention): log_gate `[B, L, H, K or 1]` and
+//! h0 / h_final `[B, H, K, V]` are REAL f32 (half the bytes), the GEMMs have
+//! inner dimension K.
+//!
+//! Limits: key_dim ≤ [`MAX_KEY_DIM`] (the blocks walk the key channels in
+//! slabs of 16, so the bound only caps a block's serial work); any value_dim
+//! (tiles of 64 columns). Shared memory per block is above the 48 KiB
+//! default (up to ~112 KiB, [`shared_bytes`]); the launcher raises the
+//! function's limit, and a device whose opt-in limit is smaller gets a typed
+//! error.
+//!
+//! Not yet run on a GPU: the kernels compile spill-free for sm_80 and sm_90,
+//! and the tests (`tests/gpu_chunked.rs`) skip without a device.
+
+use cudarc::driver::sys::{CUdevice_attribute, CUfunction_attribute};
+use std::sync::Arc;
+
+use cudarc::driver::{CudaContext, CudaFunction, CudaModule, CudaStream, DevicePtrMut, LaunchConfig, PushKernelArg};
+use num_complex::Complex;
+
+use super::abi::{self, GateloopChunkParams};
+use super::element::{Dtype, Element, round_slice, widen_slice};
+use super::launch::{self, Buffers, SeqParams};
+use super::{DriverContext, Gpu, GpuError};
+use crate::error::InputError;
+use crate::problem::{Dims, Outputs, Problem};
+
+#[cfg(doc)]
+use crate::cpu::chunked::ChunkParams;
+
+pub use super::launch::{DeviceInputs, DeviceOutputs};
+
+/// Steps per chunk (the CPU mirror's default `chunk_len`).
+pub const CHUNK_LEN: usize = abi::GATELOOP_CHUNK_LEN as usize;
+/// Steps per anchored sub-chunk (the CPU mirror's default `sub_chunk_len`).
+pub const SUB_CHUNK_LEN: usize = abi::GATELOOP_CHUNK_SUB_LEN as usize;
+/// Largest key dimension the chunked kernels accept.
+pub const MAX_KEY_DIM: usize = abi::GATELOOP_CHUNK_MAX_KEY_DIM as usize;
+const KEY_SLAB: usize = abi::GATELOOP_CHUNK_KEY_SLAB as usize;
+const VALUE_TILE: usize = abi::GATELOOP_CHUNK_VALUE_TILE as usize;
+const THREADS: u32 = abi::GATELOOP_CHUNK_THREADS;
+const CARRY_THREADS: u32 = abi::GATELOOP_CHUNK_CARRY_THREADS;
+
+/// How many tensor-core products each operand pair costs.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub enum ChunkPrecision {
+    /// Split operands, 3 products: the f32 bounds of the other kernels.
+    #[default]
+    Exact,
+    /// One product of the operands rounded to the operand type (TF32, f16,
+    /// bf16): fla-equivalent precision, about 3× fewer tensor-core products.
+    Fast,
+}
+
+impl ChunkPrecision {
+    /// Both, in the order of the kernel tables.
+    pub const ALL: [ChunkPrecision; 2] = [ChunkPrecision::Exact, ChunkPrecision::Fast];
+    /// `exact` or `fast` (entry-point suffix, bench name).
+    pub fn name(self) -> &'static str {
+        match self {
+            ChunkPrecision::Exact => "exact",
+            ChunkPrecision::Fast => "fast",
+        }
+    }
+    fn index(self) -> usize {
+        self as usize
+    }
+}
+
+/// Complex gates (the GateLoop contract) or real gates (phase ≡ 0).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Gates {
+    /// log_gate, h0, h_final complex f32.
+    Complex,
+    /// log_gate, h0, h_final real f32.
+    Real,
+}
+
+impl Gates {
+    /// In the order of the kernel tables.
+    pub const ALL: [Gates; 2] = [Gates::Complex, Gates::Real];
+    /// Entry-point suffix: `c` or `r`.
+    pub fn suffix(self) -> &'static str {
+        match self {
+            Gates::Complex => "c",
+            Gates::Real => "r",
+        }
+    }
+    /// f32 per gate / state element: 2 (complex) or 1.
+    pub fn parts(self) -> usize {
+        match self {
+            Gates::Complex => 2,
+            Gates::Real => 1,
+        }
+    }
+    fn index(self) -> usize {
+        self as usize
+    }
+}
+
+/// Bytes of dynamic shared memory of the (state, output) kernels for operand
+/// element size `op_bytes` (4: TF32 for f32 inputs, 2: f16 / bf16) and `gates`.
+/// The same layout as `state_smem_bytes` / `output_smem_bytes` in
+/// cuda/chunk.cu (the kernels trap if given less).
+pub fn shared_bytes(dtype: Dtype, gates: Gates) -> (u32, u32) {
+    let s = dtype.size_bytes();
+    let pad = if s == 4 { 4 } else { 8 };
+    let width = KEY_SLAB * gates.parts();
+    let (ld_slab, ld_tile) = (width + pad, VALUE_TILE + pad);
+    let split = |rows: usize, ld: usize| 2 * rows * ld * s;
+    let prefix = if gates == Gates::Complex { 4 } else { 2 } * CHUNK_LEN * KEY_SLAB * 4;
+    let raw = CHUNK_LEN * KEY_SLAB * 4;
+    let staging = (THREADS as usize / 32) * 16 * 16 * 4;
+    let subs = CHUNK_LEN / SUB_CHUNK_LEN;
+    let pairs = subs * (subs - 1) / 2;
+    let state = prefix + raw + split(CHUNK_LEN, ld_tile) + split(CHUNK_LEN, ld_slab) + staging;
+    let slab_phase = split(CHUNK_LEN, ld_slab)
+        + split(width, ld_tile)
+        + split(pairs * SUB_CHUNK_LEN, ld_slab)
+        + split((subs - 1) * SUB_CHUNK_LEN, ld_slab);
+    let final_phase = 2 * split(CHUNK_LEN, ld_tile);
+    let output = prefix + 2 * raw + slab_phase.max(final_phase) + subs * SUB_CHUNK_LEN * SUB_CHUNK_LEN * 4 + staging;
+    (state as u32, output as u32)
+}
+
+/// The launch geometry of one chunked call.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct LaunchPlan {
+    /// ceil(L / 64).
+    pub num_chunks: u64,
+    /// ceil(V / 64).
+    pub value_tiles: u32,
+    /// Blocks of the state and output kernels: B·H·num_chunks·value_tiles.
+    pub grid: u32,
+    /// Blocks of the carry kernel: ceil(B·H·K·V / 256).
+    pub carry_grid: u32,
+    /// f32 of the decays: B·H·num_chunks·gate_dim·parts (first in the workspace).
+    pub decay_len: usize,
+    /// f32 of the workspace: decay_len + B·H·num_chunks·parts·K·V.
+    pub workspace_len: usize,
+    /// Dynamic shared memory of the state kernel, bytes.
+    pub state_shared_bytes: u32,
+    /// Dynamic shared memory of the output kernel, bytes.
+    pub output_shared_bytes: u32,
+}
+
+/// Chooses the launch geometry for `dims`, element type `dtype` and `gates`
+/// (K ≤ [`MAX_KEY_DIM`]; every grid ≤ 2^31 − 1).
+pub fn plan(dims: &Dims, dtype: Dtype, gates: Gates) -> Result<LaunchPlan, InputError> {
+    dims.validate()?;
+    let d = dims;
+    if d.key_dim > MAX_KEY_DIM {
+        return Err(InputError::Param {
+            name: "key_dim",
+            value: d.key_dim.to_string(),
+            why: "the chunked GPU kernel supports key_dim <= 256",
+        });
+    }
+    let nc = d.len.div_ceil(CHUNK_LEN);
+    let tiles = d.value_dim.div_ceil(VALUE_TILE);
+    let bh = d.batch.checked_mul(d.heads);
+    let too_large = |name: &'static str, what: &str| InputError::TooLarge {
+        name,
+        shape: format!("[{what}] for B={} H={} L={} K={} V={}", d.batch, d.heads, d.len, d.key_dim, d.value_dim),
+        limit: "2^31 - 1 thread blocks".into(),
+    };
+    let as_grid = |x: Option<usize>, what: &str| {
+        x.and_then(|g| u32::try_from(g).ok()).filter(|&g| g <= i32::MAX as u32).ok_or_else(|| too_large("grid", what))
+    };
+    let grid = as_grid(bh.and_then(|x| x.checked_mul(nc)).and_then(|x| x.checked_mul(tiles)), "B·H·chunks·value_tiles")?;
+    // B·H·K·V fits: validated.
+    let state = d.batch * d.heads * d.key_dim * d.value_dim;
+    let carry_grid = as_grid(Some(state.div_ceil(CARRY_THREADS as usize)), "B·H·K·V / 256")?;
+    let p = gates.parts();
+    let ws_error = || InputError::TooLarge {
+        name: "workspace",
+        shape: format!("[B·H·chunks·{p}·(K·V + gate_dim)] with {nc} chunks"),
+        limit: "usize::MAX".into(),
+    };
+    let decay_len = bh.and_then(|x| x.checked_mul(nc)).and_then(|x| x.checked_mul(d.gate_dim() * p)).ok_or_else(ws_error)?;
+    let workspace_len =
+        nc.checked_mul(p * state).and_then(|s| s.checked_add(decay_len)).ok_or_else(ws_error)?;
+    let (state_shared_bytes, output_shared_bytes) = shared_bytes(dtype, gates);
+    Ok(LaunchPlan {
+        num_chunks: nc as u64,
+        value_tiles: tiles as u32,
+        grid,
+        carry_grid,
+        decay_len,
+        workspace_len,
+        state_shared_bytes,
+        output_shared_bytes,
+    })
+}
+
+/// The chunked kernels of one context: `[dtype][gates][precision]` for the
+/// state and output kernels, `[gates]` for the carry.
+pub(crate) struct ChunkKernels {
+    state: Vec<CudaFunction>,
+    output: Vec<CudaFunction>,
+    carry: Vec<CudaFunction>,
+    /// The device's opt-in shared memory per block (bytes).
+    max_shared: usize,
+}
+
+fn table_index(dtype: Dtype, gates: Gates, precision: ChunkPrecision) -> usize {
+    (dtype.index() * Gates::ALL.len() + gates.index()) * ChunkPrecision::ALL.len() + precision.index()
+}
+
+impl ChunkKernels {
+    /// Looks up every entry point and raises each function's dynamic shared
+    /// memory limit to what it needs (once, here), where the device allows it.
+    pub(crate) fn load(ctx: &Arc<CudaContext>, module: &Arc<CudaModule>) -> Result<ChunkKernels, GpuError> {
+        let max_shared = ctx
+            .attribute(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN)
+            .doing("querying the opt-in shared memory per block")?
+            .max(0) as usize;
+        let (mut state, mut output) = (Vec::new(), Vec::new());
+        for dtype in Dtype::ALL {
+            for gates in Gates::ALL {
+                let (state_bytes, output_bytes) = shared_bytes(dtype, gates);
+                for precision in ChunkPrecision::ALL {
+                    let suffix = format!("{}_{}_{}", dtype.name(), gates.suffix(), precision.name());
+                    debug_assert_eq!(state.len(), table_index(dtype, gates, precision));
+                    for (table, kind, bytes) in [(&mut state, "state", state_bytes), (&mut output, "output", output_bytes)] {
+                        let f = module
+                            .load_function(&format!("gateloop_chunk_{kind}_{suffix}"))
+                            .doing("looking up gateloop_chunk_{state,output}_*")?;
+                        if bytes as usize <= max_shared {
+                            f.set_attribute(
+                                CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                                bytes as i32,
+                            )
+                            .doing("raising the chunked kernels' dynamic shared memory limit")?;
+                        }
+                        table.push(f);
+                    }
+                }
+            }
+        }
+        let carry = Gates::ALL
+            .iter()
+            .map(|g| module.load_function(&format!("gateloop_chunk_carry_{}", g.suffix())))
+            .collect::<Result<Vec<_>, _>>()
+            .doing("looking up gateloop_chunk_carry_{c,r}")?;
+        Ok(ChunkKernels { state, output, carry, max_shared })
+    }
+}
+
+/// Checks every argument on the host and enqueues the three kernels.
+fn launch<T: Element>(
+    gpu: &Gpu,
+    stream: &CudaStream,
+    d: &Dims,
+    buffers: Buffers<'_, T>,
+    gates: Gates,
+    precision: ChunkPrecision,
+) -> Result<(), GpuError> {
+    let lp = plan(d, T::DTYPE, gates)?;
+    let kernels = &gpu.kernels.chunk;
+    let need = lp.output_shared_bytes.max(lp.state_shared_bytes) as usize;
+    if need > kernels.max_shared {
+        return Err(InputError::Param {
+            name: "device",
+            value: format!("{} ({} bytes of shared memory per block)", gpu.name(), kernels.max_shared),
+            why: "the chunked kernel needs more shared memory per block than this device offers (sm_80 and sm_90 have enough)",
+        }
+        .into());
+    }
+    buffers.check(gpu, stream, d, lp.workspace_len, || format!("at least {} f32 ({} chunks)", lp.workspace_len, lp.num_chunks))?;
+    let mut params = GateloopChunkParams {
+        num_chunks: lp.num_chunks as i64,
+        value_tiles: lp.value_tiles as i64,
+        shared_bytes: lp.output_shared_bytes as i32,
+        state_shared_bytes: lp.state_shared_bytes as i32,
+        ..GateloopChunkParams::for_dims(d, T::DTYPE.abi())?
+    };
+    // Held until this function returns, after the launches.
+    let bound = buffers.bind(stream, &mut params, true)?;
+    let w = bound.workspace.expect("checked: the workspace is never empty") as usize;
+    params.ws_decay = w as *mut f32;
+    params.ws_state = (w + 4 * lp.decay_len) as *mut f32;
+
+    let i = table_index(T::DTYPE, gates, precision);
+    let block = (THREADS, 1, 1);
+    let launches = [
+        (&kernels.state[i], lp.grid, block, lp.state_shared_bytes, "launching gateloop_chunk_state"),
+        (&kernels.carry[gates.index()], lp.carry_grid, (CARRY_THREADS, 1, 1), 0, "launching gateloop_chunk_carry"),
+        (&kernels.output[i], lp.grid, block, lp.output_shared_bytes, "launching gateloop_chunk_output"),
+    ];
+    for (func, grid, block_dim, shared_mem_bytes, doing) in launches {
+        let cfg = LaunchConfig { grid_dim: (grid, 1, 1), block_dim, shared_mem_bytes };
+        let mut launch = stream.launch_builder(func);
+        launch.arg(&params);
+        // SAFETY: `func` is gateloop_chunk_{state,output}_{T}_{g}_{prec} or
+        // gateloop_chunk_carry_{g} for this element type T, gate kind g and
+        // precision (table_index / gates.index()), whose only parameter is a
+        // GateloopChunkParams by value, which is what is pushed. Every
+        // pointer in it comes from a live buffer of this context whose
+        // length was checked above against the dims in `params` (complex or
+        // real f32 for log_gate, h0, h_final according to `gates`, as the
+        // entry point reads them; contiguous strides set by for_dims); the
+        // workspace holds ≥ lp.workspace_len f32 = ws_decay (decay_len f32)
+        // followed by ws_state (B·H·chunks·parts·K·V f32), exactly the
+        // extents the kernels index; the state kernel writes both before the
+        // carry kernel (after it on `stream`) reads and rewrites ws_state,
+        // before the output kernel reads it. h0 is null iff HAS_H0 is clear.
+        // The geometry is the one `plan` computed: blocks of 256 threads
+        // (the __launch_bounds__), grids ≤ 2^31 − 1, dynamic shared memory
+        // equal to the kernel's own layout size (passed in params and
+        // checked by the kernel) and ≤ the function's limit raised at load
+        // (need ≤ max_shared was checked above). The buffers outlive the
+        // launches: borrows are held until this function returns, and
+        // cudarc's drop of a CudaSlice waits on the events the guards record.
+        unsafe { launch.launch(cfg) }.doing(doing)?;
+    }
+    Ok(())
+}
+
+/// Runs the chunked kernels (complex gates) on `stream` over device buffers,
+/// writing `out`. `T` is the element type of q, k, v and y; log_gate, h0
+/// and h_final are complex f32 (interleaved pairs). Asynchronous: it enqueues
+/// three kernels and never synchronizes.
+///
+/// `workspace` must hold at least [`LaunchPlan::workspace_len`] f32 of
+/// [`plan`]`(dims, T::DTYPE, Gates::Complex)` (overwritten; never 0, so never
+/// `None`). Checks on the host: dims (K ≤ 256), every buffer's length (the
+/// error names the argument), context, alignment of complex buffers and of
+/// the workspace, the device's shared memory. It does not read the data, so
+/// the gate's domain (Re ≤ 0) is the caller's responsibility
+/// ([`super::check::log_gate`] checks it on the device).
+pub fn forward_into<T: Element>(
+    gpu: &Gpu,
+    stream: &CudaStream,
+    dims: &Dims,
+    inputs: DeviceInputs<'_, T>,
+    out: DeviceOutputs<'_, T>,
+    workspace: Option<&mut dyn DevicePtrMut<f32>>,
+    precision: ChunkPrecision,
+) -> Result<(), GpuError> {
+    launch(gpu, stream, dims, Buffers::forward(inputs, out, workspace), Gates::Complex, precision)
+}
+
+/// [`forward_into`] for REAL gates (gated linear attention): `inputs.log_gate`
+/// is `[B, L, H, K or 1]` real f32 (Re ≤ 0; below −104, −∞ included, a
+/// reset), `inputs.h0` and `out.h_final` are `[B, H, K, V]` real f32. The
+/// workspace is [`plan`]`(dims, T::DTYPE, Gates::Real)`'s.
+pub fn forward_real_into<T: Element>(
+    gpu: &Gpu,
+    stream: &CudaStream,
+    dims: &Dims,
+    inputs: DeviceInputs<'_, T>,
+    out: DeviceOutputs<'_, T>,
+    workspace: Option<&mut dyn DevicePtrMut<f32>>,
+    precision: ChunkPrecision,
+) -> Result<(), GpuError> {
+    let buffers = Buffers::forward(inputs, out, workspace).with_real_gates();
+    launch(gpu, stream, dims, buffers, Gates::Real, precision)
+}
+
+/// Uploads `p`, runs the chunked kernels (f32, exact) on the Gpu's default
+/// stream (allocating the workspace), downloads the outputs; synchronizes.
+/// Checks the gate domain on the host.
+pub fn forward_host(gpu: &Gpu, p: &Problem<'_, f32>) -> Result<Outputs<f32>, GpuError> {
+    forward_host_as::<f32>(gpu, p, ChunkPrecision::Exact)
+}
+
+/// [`forward_host`] with q, k, v rounded to `T` on the host (log_gate and h0
+/// stay f32), y widened back to f32 (exactly), and a choice of precision.
+pub fn forward_host_as<T: Element>(
+    gpu: &Gpu,
+    p: &Problem<'_, f32>,
+    precision: ChunkPrecision,
+) -> Result<Outputs<f32>, GpuError> {
+    let workspace_len = |d: &Dims| Ok(plan(d, T::DTYPE, Gates::Complex)?.workspace_len);
+    launch::forward_host::<T>(gpu, p, workspace_len, "synchronizing after the chunked kernels", |s, d, i, o, ws| {
+        forward_into(gpu, s, d, i, o, ws, precision)
+    })
+}
+
+/// The real-gate kernels from host data: `p`'s log_gate and h0 must be real
+/// (Im = 0 everywhere, else [`InputError::Value`]); their real parts are
+/// uploaded as real f32, q, k, v rounded to `T`. Returns y (widened to f32)
+/// and h_final as complex numbers with Im = 0. Synchronizes.
+pub fn forward_real_host_as<T: Element>(
+    gpu: &Gpu,
+    p: &Problem<'_, f32>,
+    precision: ChunkPrecision,
+) -> Result<Outputs<f32>, GpuError> {
+    p.validate()?;
+    p.check_gate()?;
+    let real_parts = |name: &'static str, z: &[Complex<f32>]| -> Result<Vec<f32>, InputError> {
+        match z.iter().position(|z| z.im != 0.0) {
+            Some(index) => Err(InputError::Value {
+                name,
+                index,
+                value: z[index].to_string(),
+                why: "the real-gate kernel takes real values (Im = 0)",
+            }),
+            None => Ok(z.iter().map(|z| z.re).collect()),
+        }
+    };
+    let gate = real_parts("log_gate", p.log_gate)?;
+    let h0 = p.h0.map(|h| real_parts("h0", h)).transpose()?;
+    let d = p.dims;
+    let lp = plan(&d, T::DTYPE, Gates::Real)?;
+    let s = gpu.stream();
+    let q = s.clone_htod(&round_slice::<T>(p.q)).doing("uploading q")?;
+    let k = s.clone_htod(&round_slice::<T>(p.k)).doing("uploading k")?;
+    let v = s.clone_htod(&round_slice::<T>(p.v)).doing("uploading v")?;
+    let log_gate = s.clone_htod(&gate).doing("uploading log_gate")?;
+    let h0 = h0.map(|h| s.clone_htod(&h)).transpose().doing("uploading h0")?;
+    let mut y = s.alloc_zeros::<T>(d.v_len()).doing("allocating y")?;
+    let mut h_final = s.alloc_zeros::<f32>(d.state_len()).doing("allocating h_final")?;
+    let mut ws = s.alloc_zeros::<f32>(lp.workspace_len).doing("allocating the workspace")?;
+    forward_real_into(
+        gpu,
+        s,
+        &d,
+        DeviceInputs { q: &q, k: &k, v: &v, log_gate: &log_gate, h0: h0.as_ref().map(|h| h as _) },
+        DeviceOutputs { y: &mut y, h_final: &mut h_final },
+        Some(&mut ws),
+        precision,
+    )?;
+    let y = s.clone_dtoh(&y).doing("downloading y")?;
+    let h_final = s.clone_dtoh(&h_final).doing("downloading h_final")?;
+    s.synchronize().doing("synchronizing after the chunked kernels")?;
+    Ok(Outputs { y: widen_slice(&y), h_final: h_final.into_iter().map(|re| Complex::new(re, 0.0)).collect() })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::testing::dims;
+
+    #[test]
+    fn shared_memory_matches_the_kernel_layout() {
+        // By hand from cuda/chunk.cu, f32 (TF32, 4 bytes) complex: prefix
+        // 4·64·16·4 = 16384, raw k 4096, V split 2·64·68·4 = 34816, K̃ split
+        // 2·64·36·4 = 18432, staging 8192.
+        assert_eq!(shared_bytes(Dtype::F32, Gates::Complex).0, 16384 + 4096 + 34816 + 18432 + 8192);
+        // Output: prefix 16384, raw q, k 8192, slab phase 2·4·(64·36 + 32·68
+        // + 96·36 + 48·36) = 77312 (> final phase 2·2·64·68·4 = 69632),
+        // diagonal scores 4096, staging 8192.
+        assert_eq!(shared_bytes(Dtype::F32, Gates::Complex).1, 16384 + 8192 + 77312 + 4096 + 8192);
+        for dtype in Dtype::ALL {
+            for gates in Gates::ALL {
+                let (a, b) = shared_bytes(dtype, gates);
+                // Every carve is a multiple of 128 bytes, and sm_80's opt-in limit (163 KiB) holds.
+                assert!(a.is_multiple_of(128) && b.is_multiple_of(128), "{dtype} {gates:?}");
+                assert!(a.max(b) <= 163 * 1024, "{dtype} {gates:?}: {a} {b}");
+            }
+        }
+    }
+
+    #[test]
+    fn plan_examples() {
+        let p = plan(&dims(2, 65, 3, 5, 65, false), Dtype::F32, Gates::Complex).unwrap();
+        assert_eq!((p.num_chunks, p.value_tiles, p.grid), (2, 2, 6 * 2 * 2));
+        assert_eq!(p.carry_grid, (6 * 5 * 65usize).div_ceil(256) as u32);
+        assert_eq!(p.decay_len, 6 * 2 * 5 * 2);
+        assert_eq!(p.workspace_len, p.decay_len + 6 * 2 * 2 * 5 * 65);
+        let r = plan(&dims(2, 65, 3, 5, 65, true), Dtype::Bf16, Gates::Real).unwrap();
+        assert_eq!((r.decay_len, r.workspace_len), (6 * 2, 6 * 2 + 6 * 2 * 5 * 65));
+        let p = plan(&dims(1, 65536, 1, 64, 64, false), Dtype::F16, Gates::Complex).unwrap();
+        assert_eq!((p.num_chunks, p.grid), (1024, 1024));
+        assert!(matches!(plan(&dims(1, 1, 1, 257, 1, false), Dtype::F32, Gates::Real), Err(InputError::Param { name: "key_dim", .. })));
+        assert!(matches!(plan(&dims(1, 0, 1, 1, 1, false), Dtype::F32, Gates::Real), Err(InputError::ZeroDim { name: "len" })));
+        assert!(matches!(
+            plan(&dims(1 << 16, 1 << 16, 1 << 6, 1, 1, false), Dtype::F32, Gates::Complex),
+            Err(InputError::TooLarge { .. })
+        ));
+    }
+
+    #[test]
+    fn the_mirror_uses_the_kernel_chunking() {
+        let p = crate::cpu::chunked::ChunkParams::default();
+        assert_eq!((p.chunk_len, p.sub_chunk_len), (CHUNK_LEN, SUB_CHUNK_LEN));
+    }
+}

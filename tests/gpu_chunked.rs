@@ -1,0 +1,304 @@
+//! The chunked tensor-core CUDA kernels (`cuda::chunk`) against the f64
+//! reference (`reference::recurrent`) on the same rounded inputs, and against
+//! their CPU mirror (`cpu::chunked`, default 64/16 chunking).
+//!
+//! Bounds:
+//! - exact precision (3 split tensor-core products): the bounds of the other
+//!   kernels, relative L2 ≤ 1e-4 and max-abs ≤ 1e-3 · max|ref| for h_final
+//!   (f32 for every type) and for y plus its one rounding to the element
+//!   type (tests/dtype_support/mod.rs: 5.9e-4 for f16, 4.0e-3 for bf16);
+//!   1e-3 at L = 65536 with |a| = 1 (as for the scan);
+//! - fast precision (1 product of operands rounded to the operand type, unit
+//!   roundoff u_op = 2^-11 for TF32 and f16, 2^-8 for bf16): relative L2 ≤
+//!   4·u_op and max-abs ≤ 16·u_op · max|ref| (each product carries at most
+//!   ~2·u_op relative error; 2× headroom), plus y's rounding to its type:
+//!   2.0e-3 (f32), 2.5e-3 (f16), 2.0e-2 (bf16) relative L2.
+//!
+//! Every launch gets NaN-poisoned y, h_final and workspace, so an element the
+//! kernels forget fails the comparison. Real gates (`forward_real_into`) are
+//! checked against the reference run with gates (re, 0) and h0 (re, 0).
+//!
+//! Without a usable GPU every test prints `SKIPPED (no GPU): <reason>` and
+//! passes (`GATELOOP_REQUIRE_GPU=1` makes that a failure).
+
+mod common;
+mod dtype_support;
+
+use common::{Case, adversarial_regime_tests, regime_matrix, regime_tests, run_forward};
+use cudarc::driver::DevicePtrMut;
+use dtype_support::{rounded_to, widen, y_bounds};
+use gateloop::cuda::chunk::{
+    ChunkPrecision, DeviceInputs, DeviceOutputs, Gates, forward_host, forward_into, forward_real_host_as,
+    forward_real_into, plan,
+};
+use gateloop::cuda::{Dtype, Element, Gpu, GpuError};
+use gateloop::testing::{GateRegime, OwnedProblem, dims, random_problem};
+use gateloop::{Complex, Dims, ErrorStats, InputError, Outputs, compare, compare_complex, cpu, reference};
+use half::{bf16, f16};
+
+/// (relative L2, max-abs fraction) bounds of y and of h_final.
+fn bounds(t: Dtype, precision: ChunkPrecision) -> ((f64, f64), (f64, f64)) {
+    match precision {
+        ChunkPrecision::Exact => (y_bounds(t), (1e-4, 1e-3)),
+        ChunkPrecision::Fast => {
+            let u_op = if t == Dtype::Bf16 { 2f64.powi(-8) } else { 2f64.powi(-11) };
+            let u_out = if t == Dtype::F32 { 0.0 } else { t.unit_roundoff() };
+            let state = (4.0 * u_op, 16.0 * u_op);
+            ((state.0 + u_out * (1.0 + state.0), state.1 + u_out * (1.0 + state.1)), state)
+        }
+    }
+}
+
+/// Runs the complex-gate kernels in `T` on `p32` (representable in `T`)
+/// through `forward_into` on a fresh stream, outputs and workspace poisoned.
+fn run_complex<T: Element>(gpu: &Gpu, p32: &OwnedProblem<f32>, precision: ChunkPrecision) -> (Vec<T>, Vec<Complex<f32>>) {
+    let d = p32.dims;
+    let lp = plan(&d, T::DTYPE, Gates::Complex).expect("plan");
+    run_forward::<T>(gpu, p32, lp.workspace_len, |s, d, i, o, ws| forward_into(gpu, s, d, i, o, ws, precision))
+        .unwrap_or_else(|e| panic!("{} {d:?}: {e}", T::DTYPE))
+}
+
+/// Runs the real-gate kernels on the real parts of `p32`'s log_gate and h0
+/// (the imaginary parts must be 0), outputs and workspace poisoned; returns y
+/// and h_final (as complex numbers with Im = 0).
+fn run_real<T: Element>(gpu: &Gpu, p32: &OwnedProblem<f32>, precision: ChunkPrecision) -> (Vec<T>, Vec<Complex<f32>>) {
+    let d = p32.dims;
+    assert!(p32.log_gate.iter().all(|z| z.im == 0.0));
+    let lp = plan(&d, T::DTYPE, Gates::Real).expect("plan");
+    let s = gpu.context().new_stream().expect("stream");
+    let up = |x: &[f32]| -> cudarc::driver::CudaSlice<T> { s.clone_htod(&x.iter().map(|&x| T::from_f32(x)).collect::<Vec<_>>()).unwrap() };
+    let (q, k, v) = (up(&p32.q), up(&p32.k), up(&p32.v));
+    let gate = s.clone_htod(&p32.log_gate.iter().map(|z| z.re).collect::<Vec<f32>>()).unwrap();
+    let h0 = p32.h0.as_ref().map(|h| s.clone_htod(&h.iter().map(|z| z.re).collect::<Vec<f32>>()).unwrap());
+    let mut y = s.clone_htod(&vec![T::nan(); d.v_len()]).unwrap();
+    let mut h_final = s.clone_htod(&vec![f32::NAN; d.state_len()]).unwrap();
+    let mut ws = s.clone_htod(&vec![f32::NAN; lp.workspace_len]).unwrap();
+    forward_real_into(
+        gpu,
+        &s,
+        &d,
+        DeviceInputs { q: &q, k: &k, v: &v, log_gate: &gate, h0: h0.as_ref().map(|h| h as _) },
+        DeviceOutputs { y: &mut y, h_final: &mut h_final },
+        Some(&mut ws as &mut dyn DevicePtrMut<f32>),
+        precision,
+    )
+    .unwrap_or_else(|e| panic!("{} {d:?}: {e}", T::DTYPE));
+    let y = s.clone_dtoh(&y).unwrap();
+    let h_final = s.clone_dtoh(&h_final).unwrap();
+    s.synchronize().unwrap();
+    (y, h_final.into_iter().map(|re| Complex::new(re, 0.0)).collect())
+}
+
+/// `p` with the imaginary parts of log_gate and h0 set to 0 (a real-gate problem).
+fn real_gates(p: &OwnedProblem<f64>) -> OwnedProblem<f64> {
+    let mut p = p.clone();
+    for z in &mut p.log_gate {
+        z.im = 0.0;
+    }
+    if let Some(h) = &mut p.h0 {
+        for z in h {
+            z.im = 0.0;
+        }
+    }
+    p
+}
+
+fn assert_within(label: &str, what: &str, e: &ErrorStats, (rel, abs): (f64, f64)) {
+    assert!(e.within(rel, abs), "{label}: {what} {e:?} (bounds: rel {rel:e}, abs_frac {abs:e})");
+}
+
+/// One case in `T`, complex or real gates, at `precision`, against the f64
+/// reference on exactly the inputs the kernel sees; the relative L2 bounds
+/// are multiplied by `rel_scale` (10 at L = 65536 with |a| = 1: 1e-3).
+fn check_in<T: Element>(gpu: &Gpu, case: Case, gates: Gates, precision: ChunkPrecision, rel_scale: f64) {
+    let t = T::DTYPE;
+    let label = format!("{t} {gates:?} {precision:?} {}", case.label());
+    let mut p = case.problem();
+    if gates == Gates::Real {
+        p = real_gates(&p);
+    }
+    let p64 = rounded_to::<T>(&p);
+    let want = reference::recurrent::forward(&p64.view()).expect("reference");
+    let p32 = p64.to_f32();
+    let (y, h_final) = match gates {
+        Gates::Complex => run_complex::<T>(gpu, &p32, precision),
+        Gates::Real => run_real::<T>(gpu, &p32, precision),
+    };
+    let (yb, hb) = bounds(t, precision);
+    let sc = |(r, a): (f64, f64)| (r * rel_scale, a);
+    assert_within(&label, "y", &compare(&widen(&y), &want.y), sc(yb));
+    assert_within(&label, "h_final", &compare_complex(&h_final, &want.h_final), sc(hb));
+}
+
+fn check_case(gpu: &Gpu, c: Case) {
+    check_in::<f32>(gpu, c, Gates::Complex, ChunkPrecision::Exact, 1.0);
+}
+
+#[test]
+fn shape_sweep() {
+    let Some(gpu) = common::gpu_or_skip() else { return };
+    common::shape_sweep(&[1, 2, 63, 64, 65, 127, 1000], &[1, 5, 16, 64, 128], &[1, 5, 16, 64, 128], 0, |c| {
+        check_case(gpu, c)
+    });
+}
+
+fn regime_cases(regime: GateRegime, seed: u64) {
+    let Some(gpu) = common::gpu_or_skip() else { return };
+    let shapes = [(65, 16, 5), (1000, 64, 16), (4096, 5, 64), (300, 1, 1), (200, 128, 128), (20_000, 16, 16)];
+    regime_matrix(1, 2, &shapes, regime, seed, |c| check_case(gpu, c));
+}
+
+regime_tests! { regime_cases:
+    random => GateRegime::Random, 500;
+    underflow => GateRegime::Underflow, 600;
+}
+adversarial_regime_tests!(regime_cases);
+
+/// B·H = 1 at L = 65536 (1024 chunks of carries), |a| = 1 and mixed gates.
+#[test]
+fn long_sequence() {
+    let Some(gpu) = common::gpu_or_skip() else { return };
+    let exact = ChunkPrecision::Exact;
+    check_in::<f32>(gpu, Case::new(dims(1, 65536, 1, 4, 8, false), GateRegime::UnitModulus, true, 9000), Gates::Complex, exact, 10.0);
+    check_in::<f32>(gpu, Case::new(dims(1, 65536, 1, 3, 2, true), GateRegime::UnitModulus, false, 9001), Gates::Complex, exact, 10.0);
+    check_in::<f32>(gpu, Case::new(dims(1, 65536, 1, 64, 64, false), GateRegime::Mixed, true, 9002), Gates::Complex, exact, 1.0);
+    check_in::<f32>(gpu, Case::new(dims(1, 65536, 1, 16, 16, true), GateRegime::UnitModulus, true, 9003), Gates::Real, exact, 10.0);
+}
+
+/// B·H from 1 to 256: the (b, h, chunk, value tile) decomposition of the grid.
+#[test]
+fn batch_heads_sweep() {
+    let Some(gpu) = common::gpu_or_skip() else { return };
+    let mut seed = 9100;
+    for (b, h) in [(1, 1), (1, 3), (2, 2), (4, 8), (8, 16), (1, 256)] {
+        seed += 1;
+        check_case(gpu, Case::new(dims(b, 700, h, 8, 70, seed % 2 == 0), GateRegime::Mixed, seed % 3 != 0, seed));
+    }
+}
+
+/// f16 and bf16 inputs (operands of their own type), exact and fast; f32 fast.
+#[test]
+fn dtypes_and_precisions() {
+    let Some(gpu) = common::gpu_or_skip() else { return };
+    let mut seed = 10_000;
+    for regime in [GateRegime::Random, GateRegime::Resets(0.1), GateRegime::UnitModulus, GateRegime::LargePhase(50.0), GateRegime::Mixed] {
+        for (len, k, v) in [(1, 5, 5), (200, 64, 33), (65, 128, 64), (1000, 16, 128)] {
+            for per_head in [false, true] {
+                seed += 1;
+                let c = Case::new(dims(2, len, 3, k, v, per_head), regime, seed % 3 != 0, seed);
+                for precision in ChunkPrecision::ALL {
+                    for gates in Gates::ALL {
+                        check_in::<f16>(gpu, c, gates, precision, 1.0);
+                        check_in::<bf16>(gpu, c, gates, precision, 1.0);
+                        check_in::<f32>(gpu, c, gates, precision, 1.0);
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Real gates (gated linear attention) in every regime that has a real form.
+#[test]
+fn real_gates_match_the_reference() {
+    let Some(gpu) = common::gpu_or_skip() else { return };
+    let shapes = [(1, 1, 1), (64, 5, 16), (65, 16, 5), (1000, 64, 64), (300, 128, 128)];
+    let mut seed = 15_000;
+    for regime in [GateRegime::Random, GateRegime::Resets(0.05), GateRegime::Resets(1.0), GateRegime::UnitModulus, GateRegime::StrongDecay(40.0), GateRegime::Underflow] {
+        regime_matrix(1, 2, &shapes, regime, seed, |c| check_in::<f32>(gpu, c, Gates::Real, ChunkPrecision::Exact, 1.0));
+        seed += 100;
+    }
+}
+
+/// The kernels and the CPU mirror run the same algorithm: they agree more
+/// tightly than either agrees with the reference.
+#[test]
+fn matches_cpu_mirror() {
+    let Some(gpu) = common::gpu_or_skip() else { return };
+    for (i, d) in [dims(1, 5000, 1, 16, 16, false), dims(2, 777, 3, 5, 7, true), dims(1, 4096, 2, 64, 64, false)]
+        .into_iter()
+        .enumerate()
+    {
+        let p32 = random_problem(d, GateRegime::Mixed, true, 9200 + i as u64).to_f32();
+        let cpu = cpu::chunked::forward(&p32.view(), &Default::default()).unwrap();
+        let (y, h_final) = run_complex::<f32>(gpu, &p32, ChunkPrecision::Exact);
+        let label = format!("{d:?} vs the CPU mirror");
+        assert_within(&label, "y", &compare(&y, &cpu.y), (5e-5, 5e-4));
+        assert_within(&label, "h_final", &compare_complex(&h_final, &cpu.h_final), (5e-5, 5e-4));
+    }
+}
+
+#[test]
+fn forward_host_and_dispatch_match_reference() {
+    let Some(gpu) = common::gpu_or_skip() else { return };
+    for d in [dims(2, 300, 3, 64, 64, false), dims(1, 9000, 2, 16, 33, true)] {
+        let case = Case::new(d, GateRegime::Mixed, true, 7000);
+        let (p32, want) = case.with_reference();
+        let got = forward_host(gpu, &p32.view()).unwrap();
+        common::assert_outputs(&case.label(), &got.y, &got.h_final, &want, 1e-4, 1e-3);
+        let got = gateloop::dispatch::cuda_f32(gpu, gateloop::Mode::Chunked, &p32.view()).unwrap();
+        common::assert_outputs(&case.label(), &got.y, &got.h_final, &want, 1e-4, 1e-3);
+    }
+    // The real-gate host convenience.
+    let case = Case::new(dims(2, 300, 3, 16, 16, false), GateRegime::Resets(0.05), true, 7001);
+    let p64 = real_gates(&case.problem()).rounded_to_f32();
+    let want: Outputs<f64> = reference::recurrent::forward(&p64.view()).unwrap();
+    let got = forward_real_host_as::<f32>(gpu, &p64.to_f32().view(), ChunkPrecision::Exact).unwrap();
+    common::assert_outputs(&case.label(), &got.y, &got.h_final, &want, 1e-4, 1e-3);
+    // Complex data refused by the real-gate convenience, naming the tensor.
+    let complex = case.problem().to_f32();
+    match forward_real_host_as::<f32>(gpu, &complex.view(), ChunkPrecision::Exact) {
+        Err(GpuError::Input(InputError::Value { name: "log_gate", .. })) => {}
+        other => panic!("expected a log_gate value error, got {other:?}"),
+    }
+}
+
+#[test]
+fn rejects_bad_buffers_naming_them() {
+    let Some(gpu) = common::gpu_or_skip() else { return };
+    let d: Dims = dims(1, 200, 1, 2, 3, true);
+    let lp = plan(&d, Dtype::F32, Gates::Complex).unwrap();
+    let s = gpu.stream();
+    let buf = |n: usize| s.alloc_zeros::<f32>(n).unwrap();
+    let (q, k, v) = (buf(d.qk_len()), buf(d.qk_len()), buf(d.v_len()));
+    let gate = buf(2 * d.gate_len());
+    let short = buf(d.qk_len() - 1);
+    let (mut y, mut h_final) = (buf(d.v_len()), buf(2 * d.state_len()));
+    let mut ws = buf(lp.workspace_len);
+    let mut small_ws = buf(lp.workspace_len - 1);
+    let name_of = |e: GpuError| match e {
+        GpuError::Input(InputError::Length { name, .. }) => name,
+        other => panic!("expected a length error, got {other}"),
+    };
+    let exact = ChunkPrecision::Exact;
+    let inputs = |q, g| DeviceInputs { q, k: &k, v: &v, log_gate: g, h0: None };
+    let e = forward_into(gpu, s, &d, inputs(&short, &gate), DeviceOutputs { y: &mut y, h_final: &mut h_final }, Some(&mut ws), exact);
+    assert_eq!(name_of(e.unwrap_err()), "q");
+    let e = forward_into(gpu, s, &d, inputs(&q, &gate), DeviceOutputs { y: &mut y, h_final: &mut h_final }, None, exact);
+    assert_eq!(name_of(e.unwrap_err()), "workspace");
+    let e = forward_into(gpu, s, &d, inputs(&q, &gate), DeviceOutputs { y: &mut y, h_final: &mut h_final }, Some(&mut small_ws), exact);
+    assert_eq!(name_of(e.unwrap_err()), "workspace");
+    // The real-gate entry wants real (half-length) gates and states.
+    let e = forward_real_into(gpu, s, &d, inputs(&q, &gate), DeviceOutputs { y: &mut y, h_final: &mut h_final }, Some(&mut ws), exact);
+    assert_eq!(name_of(e.unwrap_err()), "log_gate");
+    let real_gate = buf(d.gate_len());
+    let e = forward_real_into(gpu, s, &d, inputs(&q, &real_gate), DeviceOutputs { y: &mut y, h_final: &mut h_final }, Some(&mut ws), exact);
+    assert_eq!(name_of(e.unwrap_err()), "h_final");
+    let big_k = dims(1, 10, 1, 257, 3, false);
+    match plan(&big_k, Dtype::F32, Gates::Complex) {
+        Err(InputError::Param { name: "key_dim", .. }) => {}
+        other => panic!("{other:?}"),
+    }
+    forward_into(gpu, s, &d, inputs(&q, &gate), DeviceOutputs { y: &mut y, h_final: &mut h_final }, Some(&mut ws), exact).unwrap();
+    s.synchronize().unwrap();
+}
+
+#[test]
+fn fast_bounds_are_the_documented_ones() {
+    // No GPU needed: pins the numbers quoted in the module doc.
+    let rel = |t| bounds(t, ChunkPrecision::Fast).0.0;
+    assert!((rel(Dtype::F32) - 2.0e-3).abs() < 1e-4, "{}", rel(Dtype::F32));
+    assert!((rel(Dtype::F16) - 2.5e-3).abs() < 1e-4, "{}", rel(Dtype::F16));
+    assert!((rel(Dtype::Bf16) - 2.0e-2).abs() < 1e-3, "{}", rel(Dtype::Bf16));
+    assert_eq!(bounds(Dtype::F32, ChunkPrecision::Exact), ((1e-4, 1e-3), (1e-4, 1e-3)));
+}
