@@ -279,9 +279,11 @@ struct Block {
         }
         __syncthreads();
         if (kComplex) {
+            // θ ∈ [−π, π] (reduced above): the SFU's sin/cos have an absolute
+            // error ≤ 2^−21.4 there, and no slow-path argument reduction.
             for (int i = tid; i < kChunk * kSlab; i += kThreads) {
                 float s, c;
-                sincosf(gsn[i], &s, &c);
+                __sincosf(gsn[i], &s, &c);
                 gcs[i] = c;
                 gsn[i] = s;
             }

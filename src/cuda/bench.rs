@@ -40,6 +40,7 @@ use rayon::prelude::*;
 use serde_json::{Value, json};
 use thiserror::Error;
 
+use super::chunk::{self, ChunkPrecision, Gates};
 use super::element::{Dtype, Element, round_slice};
 use super::recurrent::{self, DecodeInputs, DeviceInputs, DeviceOutputs};
 use super::{DriverContext, Gpu, GpuError};
@@ -183,6 +184,50 @@ pub fn registry() -> Vec<KernelEntry> {
             cost: |d, t| recurrent_cost(d, t, true),
             prepare: |gpu, d, t, host, sets| crate::with_element!(t, T => prepare_recurrent::<T>(gpu, d, host, sets, true)),
         },
+        KernelEntry {
+            name: "chunked",
+            about: "chunked forward on tensor cores, complex gates, exact (3 split products): y and h_final",
+            dtypes: &Dtype::ALL,
+            shapes: recurrent_shapes,
+            check: |d| chunk::plan(d, Dtype::F32, Gates::Complex).map(|_| ()),
+            cost: |d, t| chunked_cost(d, t, Gates::Complex),
+            prepare: |gpu, d, t, host, sets| {
+                crate::with_element!(t, T => prepare_chunked::<T>(gpu, d, host, sets, Gates::Complex, ChunkPrecision::Exact))
+            },
+        },
+        KernelEntry {
+            name: "chunked-fast",
+            about: "chunked forward on tensor cores, complex gates, fast (1 product, fla-equivalent precision)",
+            dtypes: &Dtype::ALL,
+            shapes: recurrent_shapes,
+            check: |d| chunk::plan(d, Dtype::F32, Gates::Complex).map(|_| ()),
+            cost: |d, t| chunked_cost(d, t, Gates::Complex),
+            prepare: |gpu, d, t, host, sets| {
+                crate::with_element!(t, T => prepare_chunked::<T>(gpu, d, host, sets, Gates::Complex, ChunkPrecision::Fast))
+            },
+        },
+        KernelEntry {
+            name: "chunked-real",
+            about: "chunked forward on tensor cores, REAL gates (gated linear attention), exact",
+            dtypes: &Dtype::ALL,
+            shapes: recurrent_shapes,
+            check: |d| chunk::plan(d, Dtype::F32, Gates::Real).map(|_| ()),
+            cost: |d, t| chunked_cost(d, t, Gates::Real),
+            prepare: |gpu, d, t, host, sets| {
+                crate::with_element!(t, T => prepare_chunked::<T>(gpu, d, host, sets, Gates::Real, ChunkPrecision::Exact))
+            },
+        },
+        KernelEntry {
+            name: "chunked-real-fast",
+            about: "chunked forward on tensor cores, REAL gates, fast (1 product)",
+            dtypes: &Dtype::ALL,
+            shapes: recurrent_shapes,
+            check: |d| chunk::plan(d, Dtype::F32, Gates::Real).map(|_| ()),
+            cost: |d, t| chunked_cost(d, t, Gates::Real),
+            prepare: |gpu, d, t, host, sets| {
+                crate::with_element!(t, T => prepare_chunked::<T>(gpu, d, host, sets, Gates::Real, ChunkPrecision::Fast))
+            },
+        },
     ]
 }
 
@@ -289,6 +334,100 @@ impl<T: Element> BenchCase for RecurrentCase<'_, T> {
         let state = s.clone_dtoh(&self.sets[0].state).doing("downloading the state")?;
         s.synchronize().doing("synchronizing")?;
         Ok(y.iter().all(|x| x.to_f32().is_finite()) && state.iter().all(|x| x.is_finite()))
+    }
+}
+
+/// Chunked forward (complex or real gates). Bytes: q, k, v read and y
+/// written in the element type; log_gate read and h_final written as f32 ×
+/// parts (2 complex, 1 real); the workspace round trips are not counted
+/// (they are the kernel's overhead over this floor). Flops per (b, t, h),
+/// with C = 64 and p = parts, counting the operator's products once (the
+/// exact variant's split operands triple the tensor-core work, not this
+/// count): the chunk state 2·pK·V, the inter-chunk readout 2·pK·V, the
+/// causal scores ~C·pK (C/2 keys × 2pK), P·V ~C·V: 4pKV + C(pK + V); gate
+/// exps and sincos are not counted.
+pub fn chunked_cost(d: &Dims, t: Dtype, gates: Gates) -> Cost {
+    let e = t.size_bytes() as f64;
+    let p = gates.parts() as f64;
+    let bytes = e * (2 * d.qk_len() + 2 * d.v_len()) as f64 + 4.0 * p * (d.gate_len() + d.state_len()) as f64;
+    let (k, v, c) = (d.key_dim as f64, d.value_dim as f64, chunk::CHUNK_LEN as f64);
+    let steps = (d.batch * d.len * d.heads) as f64;
+    Cost { bytes, flops: steps * (4.0 * p * k * v + c * (p * k + v)) }
+}
+
+/// One set of device buffers of the chunked kernels.
+struct ChunkSet<T> {
+    q: CudaSlice<T>,
+    k: CudaSlice<T>,
+    v: CudaSlice<T>,
+    /// complex (interleaved) or real f32.
+    log_gate: CudaSlice<f32>,
+    y: CudaSlice<T>,
+    h_final: CudaSlice<f32>,
+    workspace: CudaSlice<f32>,
+}
+
+struct ChunkCase<'g, T> {
+    gpu: &'g Gpu,
+    dims: Dims,
+    gates: Gates,
+    precision: ChunkPrecision,
+    sets: Vec<ChunkSet<T>>,
+}
+
+fn prepare_chunked<'g, T: Element>(
+    gpu: &'g Gpu,
+    dims: Dims,
+    host: &HostInputs,
+    sets: usize,
+    gates: Gates,
+    precision: ChunkPrecision,
+) -> Result<Box<dyn BenchCase + 'g>, GpuError> {
+    let s = gpu.stream();
+    let lp = chunk::plan(&dims, T::DTYPE, gates)?;
+    let (q, k, v) = (round_slice::<T>(&host.q), round_slice::<T>(&host.k), round_slice::<T>(&host.v));
+    // Real gates: the real parts of the random complex ones.
+    let log_gate: Vec<f32> = match gates {
+        Gates::Complex => host.log_gate.clone(),
+        Gates::Real => host.log_gate.iter().step_by(2).copied().collect(),
+    };
+    let y_poison = vec![T::nan(); dims.v_len()];
+    let h_poison = vec![f32::NAN; gates.parts() * dims.state_len()];
+    let sets = (0..sets)
+        .map(|_| {
+            Ok(ChunkSet {
+                q: s.clone_htod(&q).doing("uploading q")?,
+                k: s.clone_htod(&k).doing("uploading k")?,
+                v: s.clone_htod(&v).doing("uploading v")?,
+                log_gate: s.clone_htod(&log_gate).doing("uploading log_gate")?,
+                y: s.clone_htod(&y_poison).doing("allocating y")?,
+                h_final: s.clone_htod(&h_poison).doing("allocating h_final")?,
+                workspace: s.alloc_zeros::<f32>(lp.workspace_len).doing("allocating the workspace")?,
+            })
+        })
+        .collect::<Result<Vec<_>, GpuError>>()?;
+    Ok(Box::new(ChunkCase { gpu, dims, gates, precision, sets }))
+}
+
+impl<T: Element> BenchCase for ChunkCase<'_, T> {
+    fn launch(&mut self, set: usize) -> Result<(), GpuError> {
+        let st = &mut self.sets[set];
+        let s = self.gpu.stream();
+        let inputs = chunk::DeviceInputs { q: &st.q, k: &st.k, v: &st.v, log_gate: &st.log_gate, h0: None };
+        let out = chunk::DeviceOutputs { y: &mut st.y, h_final: &mut st.h_final };
+        let ws = Some(&mut st.workspace as &mut dyn cudarc::driver::DevicePtrMut<f32>);
+        match self.gates {
+            Gates::Complex => chunk::forward_into(self.gpu, s, &self.dims, inputs, out, ws, self.precision),
+            Gates::Real => chunk::forward_real_into(self.gpu, s, &self.dims, inputs, out, ws, self.precision),
+        }
+    }
+
+    fn outputs_finite(&mut self) -> Result<bool, GpuError> {
+        let s = self.gpu.stream();
+        let y = s.clone_dtoh(&self.sets[0].y).doing("downloading y")?;
+        let h = s.clone_dtoh(&self.sets[0].h_final).doing("downloading h_final")?;
+        s.synchronize().doing("synchronizing")?;
+        Ok(y.iter().all(|x| x.to_f32().is_finite()) && h.iter().all(|x| x.is_finite()))
     }
 }
 
@@ -813,6 +952,21 @@ mod tests {
         assert_eq!(c.flops, 10.0 * n * 64.0);
         let h = recurrent_cost(&d, Dtype::Bf16, true);
         assert_eq!(h.bytes, 2.0 * 4.0 * n + 8.0 * n + 16.0 * (8 * 16 * 64 * 64) as f64);
+    }
+
+    #[test]
+    fn chunked_cost_counts() {
+        let d = Dims::new(8, 4096, 16, 64, 64);
+        let n = (8 * 4096 * 16 * 64) as f64;
+        let state = (8 * 16 * 64 * 64) as f64;
+        let c = chunked_cost(&d, Dtype::F32, Gates::Complex);
+        // q, k, v, y in f32; gate complex f32 read, h_final complex f32 written
+        assert_eq!(c.bytes, 4.0 * 4.0 * n + 8.0 * n + 8.0 * state);
+        let steps = (8 * 4096 * 16) as f64;
+        assert_eq!(c.flops, steps * (4.0 * 2.0 * 64.0 * 64.0 + 64.0 * (2.0 * 64.0 + 64.0)));
+        let r = chunked_cost(&d, Dtype::Bf16, Gates::Real);
+        assert_eq!(r.bytes, 2.0 * 4.0 * n + 4.0 * n + 4.0 * state);
+        assert_eq!(r.flops, steps * (4.0 * 64.0 * 64.0 + 64.0 * (64.0 + 64.0)));
     }
 
     #[test]
