@@ -488,6 +488,13 @@ mod tests {
         // + 96·36 + 48·36) = 77312 (> final phase 2·2·64·68·4 = 69632),
         // diagonal scores 4096, staging 8192.
         assert_eq!(shared_bytes(Dtype::F32, Gates::Complex).1, 16384 + 8192 + 77312 + 4096 + 8192);
+        // Every instantiation (state, output), bytes.
+        assert_eq!(shared_bytes(Dtype::F32, Gates::Complex), (81920, 114176));
+        assert_eq!(shared_bytes(Dtype::F32, Gates::Real), (65536, 98304));
+        assert_eq!(shared_bytes(Dtype::F16, Gates::Complex), (57344, 79360));
+        assert_eq!(shared_bytes(Dtype::Bf16, Gates::Complex), (57344, 79360));
+        assert_eq!(shared_bytes(Dtype::F16, Gates::Real), (45056, 65536));
+        assert_eq!(shared_bytes(Dtype::Bf16, Gates::Real), (45056, 65536));
         for dtype in Dtype::ALL {
             for gates in Gates::ALL {
                 let (a, b) = shared_bytes(dtype, gates);
