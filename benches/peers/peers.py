@@ -563,12 +563,19 @@ class Report:
             L.append("(none ran)")
         L.append("\n## Notes\n")
         notes = [f"- ours: {self.ours['status']}" + (f": {self.ours['note']}" if self.ours.get("note") else "")]
+        if self.ours.get("fwdbwd_note"):
+            notes.append(f"- ours fwd+bwd: unavailable: {self.ours['fwdbwd_note']}")
         for f in self.ours.get("failures", []):
             notes.append(f"- ours {f.get('kernel')} {f.get('dtype')} {f.get('shape')}: {f.get('error')}")
+        # one line per (peer, column, status, note), listing its shapes
+        groups = {}
         for c in self.cases:
             if c["status"] != "ok":
-                notes.append(f"- {c['peer']} {c['column']} {shape_label(c['shape'])}: {c['status']}"
-                             + (f": {c['note']}" if c.get("note") else ""))
+                groups.setdefault((c["peer"], c["column"], c["status"], c.get("note") or ""), []).append(c["shape"])
+        for (peer, column, status, note), shapes in groups.items():
+            where = ("every shape" if len(shapes) == len(m["shapes"]) and len(shapes) > 1
+                     else "; ".join(shape_label(s) for s in shapes))
+            notes.append(f"- {peer} {column} ({where}): {status}" + (f": {note}" if note else ""))
         L.extend(notes)
         L.append(f"\nTC floor: {' '.join(tc_flops.__doc__.split(':', 1)[1].split())} / the dense tensor-core peak (bf16 for "
                  "bf16 inputs, TF32 for f32). HBM floor: gateloop bench's minimum bytes / the copy bandwidth it "
@@ -581,7 +588,7 @@ def fmt_ms(ms):
 
 
 def fmt_frac(x):
-    return "—" if x is None else f"{100 * x:.0f}%"
+    return "—" if x is None else f"{100 * x:.3g}%"
 
 
 def ours_cell(r, ours):
