@@ -205,22 +205,22 @@ done
 
 # ---- 4. benchmark ----------------------------------------------------------
 if want bench; then
-run_step "bench" 180 "$bench_txt" -- "$here/bin/gateloop" bench --json "$bench_json"
-if ((not_run)); then
-    record "bench" "NOT RUN" 0 "deadline reached"
-elif timed_out "$rc"; then
-    record "bench" TIMEOUT "$dt" "see bench.txt"
-elif ((rc == 0)); then
-    record "bench" PASS "$dt" "$(grep -c '^recurrent' "$step_out") rows; bench.json"
-elif ((rc == 2)) && grep -q 'needs a GPU' "$step_out"; then
-    if ((require)); then
-        record "bench" FAIL "$dt" "no GPU: $(grep -m 1 'needs a GPU' "$step_out" | cut -c1-160)"
+    run_step "bench" 180 "$bench_txt" -- "$here/bin/gateloop" bench --json "$bench_json"
+    if ((not_run)); then
+        record "bench" "NOT RUN" 0 "deadline reached"
+    elif timed_out "$rc"; then
+        record "bench" TIMEOUT "$dt" "see bench.txt"
+    elif ((rc == 0)); then
+        record "bench" PASS "$dt" "$(grep -c '^recurrent' "$step_out") rows; bench.json"
+    elif ((rc == 2)) && grep -q 'needs a GPU' "$step_out"; then
+        if ((require)); then
+            record "bench" FAIL "$dt" "no GPU: $(grep -m 1 'needs a GPU' "$step_out" | cut -c1-160)"
+        else
+            record "bench" SKIP "$dt" "no GPU (exit 2)"
+        fi
     else
-        record "bench" SKIP "$dt" "no GPU (exit 2)"
+        record "bench" FAIL "$dt" "exit $rc: $(grep -m 1 '^error' "$step_out" | cut -c1-160)"
     fi
-else
-    record "bench" FAIL "$dt" "exit $rc: $(grep -m 1 '^error' "$step_out" | cut -c1-160)"
-fi
 fi
 
 # ---- 5. peer benchmark -----------------------------------------------------

@@ -74,6 +74,9 @@ PEERS = [
     ("jax_assoc_scan", "fwdbwd", "complex64", "complex"),
 ]
 MATERIALIZED = ("torch_assoc_scan", "jax_assoc_scan")
+# Shares of the budget left after ours: fla chunk_gla compiles and autotunes
+# a forward and a backward (Triton), the materialized forms have two columns.
+WEIGHTS = {"fla_chunk_gla": 3.0, "fla_fused_recurrent_gla": 1.0, "torch_assoc_scan": 1.5, "jax_assoc_scan": 1.5}
 
 # Seconds: a worker's imports; one case (compile, autotune and timing); the
 # least budget worth starting a case with.
@@ -952,11 +955,12 @@ def driver(args):
             dict(id=f"{peer}/{column}/{shape_key(s)}", peer=peer, column=column, shape=list(s), dtype=dtype, gate=gate)
             for s in shapes)
     check_shape = (1, 37, 2, 4, 5) if args.cpu else (2, 300, 4, 64, 64)
+    weights = [WEIGHTS.get(p, 1.0) for p in by_peer]
     for i, (peer, cases) in enumerate(by_peer.items()):
         # smallest shapes first, forward before forward+backward at each, so
         # a peer that runs out of its share loses its largest cases
         cases.sort(key=lambda c: (state_bytes(c["shape"]), c["column"] != "fwd"))
-        share = deadline.share(max(deadline.left(), 0) / (len(by_peer) - i))
+        share = deadline.share(max(deadline.left(), 0) * weights[i] / sum(weights[i:]))
         run_worker(peer, cases, device, args.seed, share, report, out_dir, check_shape)
     report.write()
     bad_checks = [p for p, c in report.checks.items() if not c.get("passed")]
