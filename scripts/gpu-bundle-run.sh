@@ -2,7 +2,8 @@
 # The runner of the gateloop GPU bundle (copied to bundle/run.sh by
 # scripts/gpu-bundle.sh). Needs an NVIDIA driver; no Rust, no network.
 #
-#     bash bundle/run.sh
+#     bash bundle/run.sh                  # every step
+#     bash bundle/run.sh peers            # only some: any of tests sanitizer bench peers
 #
 # Steps, each under `timeout`, all under an overall deadline (default 450 s,
 # GATELOOP_BUNDLE_DEADLINE_S) so the whole run ends well inside 8 minutes:
@@ -12,7 +13,14 @@
 #      test `gpu_decode sanitizer_smoke` (every dtype, forward and in-place
 #      decode), when compute-sanitizer is installed;
 #   4. gateloop bench --json (every kernel of the bench registry);
-#   5. the bench table, then a summary table (printed last).
+#   5. the peer benchmark, peers/peers.py (see peers/README.md): ours (every
+#      kernel of `gateloop bench --list`) against JAX associative_scan, a
+#      torch associative scan and fla chunk_gla / fused_recurrent_gla (from
+#      the bundled, sha256-checked wheels, unpacked into a temporary
+#      directory on PYTHONPATH), at fla's benchmark shapes, with the time
+#      that is left (at most GATELOOP_PEERS_BUDGET_S, default 240 s); the
+#      cases it has no time for are reported as skipped, with the reason;
+#   6. the bench table, the peers tables, then a summary table (printed last).
 #
 # GATELOOP_REQUIRE_GPU: defaults to 1 here. This runner exists to run on a GPU
 # machine, where a test that skips for want of a GPU means the GPU went
@@ -23,7 +31,8 @@
 #
 # Results go to $OUT when set (the device tool returns what is written
 # there), else ./results: env.txt, tests.log, sanitizer.log, bench.txt,
-# bench.json, summary.txt, summary.json (7 files, flat).
+# bench.json, summary.txt, summary.json, and peers/ (peers.json, peers.md,
+# a log per peer worker, ours-bench-*.json/txt).
 #
 # Exit status: 0 when every step PASSed or was SKIPped, else 1 (FAIL,
 # TIMEOUT, or NOT RUN because the deadline was reached).
@@ -36,7 +45,17 @@ export GATELOOP_REQUIRE_GPU="${GATELOOP_REQUIRE_GPU-1}"
 require=0
 [[ -n "$GATELOOP_REQUIRE_GPU" && "$GATELOOP_REQUIRE_GPU" != 0 ]] && require=1
 deadline_s=${GATELOOP_BUNDLE_DEADLINE_S:-450}
+peers_budget_s=${GATELOOP_PEERS_BUDGET_S:-240}
 t_start=$(date +%s)
+all_steps="tests sanitizer bench peers"
+steps="${*:-$all_steps}"
+for s in $steps; do
+    if [[ " $all_steps " != *" $s "* ]]; then
+        echo "run.sh: unknown step '$s' (steps: $all_steps)" >&2
+        exit 2
+    fi
+done
+want() { [[ " $steps " == *" $1 "* ]]; }
 export RUST_BACKTRACE=1
 
 env_txt=$results/env.txt
@@ -123,6 +142,7 @@ fi
 
 # ---- 2. GPU tests ----------------------------------------------------------
 for t in "$here"/tests/gpu_*; do
+    want tests || break
     name=$(basename "$t")
     run_step "test $name" 100 "$tests_log" -- "$t" --test-threads=8
     passed=$(grep -o '[0-9]* passed' "$step_out" | awk '{s += $1} END {print s + 0}')
@@ -155,6 +175,7 @@ if [[ -z "$sanitizer" ]]; then
 fi
 smoke=$here/tests/gpu_decode
 for tool in memcheck racecheck; do
+    want sanitizer || break
     limit=60
     [[ $tool == racecheck ]] && limit=90
     if [[ -z "$sanitizer" ]]; then
@@ -183,24 +204,83 @@ for tool in memcheck racecheck; do
 done
 
 # ---- 4. benchmark ----------------------------------------------------------
-run_step "bench" 180 "$bench_txt" -- "$here/bin/gateloop" bench --json "$bench_json"
-if ((not_run)); then
-    record "bench" "NOT RUN" 0 "deadline reached"
-elif timed_out "$rc"; then
-    record "bench" TIMEOUT "$dt" "see bench.txt"
-elif ((rc == 0)); then
-    record "bench" PASS "$dt" "$(grep -c '^recurrent' "$step_out") rows; bench.json"
-elif ((rc == 2)) && grep -q 'needs a GPU' "$step_out"; then
-    if ((require)); then
-        record "bench" FAIL "$dt" "no GPU: $(grep -m 1 'needs a GPU' "$step_out" | cut -c1-160)"
+if want bench; then
+    run_step "bench" 180 "$bench_txt" -- "$here/bin/gateloop" bench --json "$bench_json"
+    if ((not_run)); then
+        record "bench" "NOT RUN" 0 "deadline reached"
+    elif timed_out "$rc"; then
+        record "bench" TIMEOUT "$dt" "see bench.txt"
+    elif ((rc == 0)); then
+        record "bench" PASS "$dt" "$(grep -c '^recurrent' "$step_out") rows; bench.json"
+    elif ((rc == 2)) && grep -q 'needs a GPU' "$step_out"; then
+        if ((require)); then
+            record "bench" FAIL "$dt" "no GPU: $(grep -m 1 'needs a GPU' "$step_out" | cut -c1-160)"
+        else
+            record "bench" SKIP "$dt" "no GPU (exit 2)"
+        fi
     else
-        record "bench" SKIP "$dt" "no GPU (exit 2)"
+        record "bench" FAIL "$dt" "exit $rc: $(grep -m 1 '^error' "$step_out" | cut -c1-160)"
     fi
-else
-    record "bench" FAIL "$dt" "exit $rc: $(grep -m 1 '^error' "$step_out" | cut -c1-160)"
 fi
 
-# ---- 5. summary ------------------------------------------------------------
+# ---- 5. peer benchmark -----------------------------------------------------
+peers_dir=$results/peers
+if want peers; then
+    mkdir -p "$peers_dir"
+    peers_log=$peers_dir/peers-run.log
+    : >"$peers_log"
+    py=$(command -v python3 || command -v python)
+    if [[ -z "$py" ]]; then
+        record "peers" "$([[ $require == 1 ]] && echo FAIL || echo SKIP)" 0 "no python3 on this machine"
+    else
+        # The pinned wheels, checked, unpacked (pure Python: no pip needed).
+        site=$(mktemp -d)
+        wheel_note=""
+        if [[ -f "$here/peers/wheels/SHA256SUMS" ]] &&
+            (cd "$here/peers/wheels" && sha256sum --check --quiet SHA256SUMS) >>"$peers_log" 2>&1; then
+            for w in "$here"/peers/wheels/*.whl; do
+                "$py" -m zipfile -e "$w" "$site" >>"$peers_log" 2>&1 || wheel_note="cannot unpack $(basename "$w")"
+            done
+            export GATELOOP_FLA_WHEEL="$(grep -h 'fla_core' "$here/peers/wheels/SHA256SUMS" | awk '{print $2 " sha256 " $1}')"
+        else
+            wheel_note="wheels missing or not matching SHA256SUMS (fla reported unavailable)"
+        fi
+        lim=$(budget "$peers_budget_s")
+        run_step "peers" "$peers_budget_s" "$peers_log" -- env PYTHONPATH="$site${PYTHONPATH:+:$PYTHONPATH}" \
+            "$py" "$here/peers/peers.py" --out "$peers_dir" --budget-s "$((lim > 15 ? lim - 10 : 5))" \
+            --gateloop "$here/bin/gateloop"
+        counts=$("$py" -c '
+import collections, json, sys
+try:
+    d = json.load(open(sys.argv[1]))
+except Exception as e:
+    print(f"no peers.json ({type(e).__name__})"); sys.exit()
+c = collections.Counter(x["status"] for x in d["cases"])
+ours = d["ours"]
+print("peer cases: " + (", ".join("%d %s" % (n, s) for s, n in sorted(c.items())) or "none")
+      + "; ours: %s (%d rows)" % (ours["status"], len(ours["results"])))
+' "$peers_dir/peers.json" 2>&1 | tail -n 1)
+        note="$counts${wheel_note:+; $wheel_note}"
+        if ((not_run)); then
+            record "peers" "NOT RUN" 0 "deadline reached"
+        elif timed_out "$rc"; then
+            record "peers" TIMEOUT "$dt" "$note (results so far in peers/peers.json)"
+        elif ((rc == 0)); then
+            record "peers" PASS "$dt" "$note"
+        elif ((rc == 3)); then
+            if ((require)); then
+                record "peers" FAIL "$dt" "no GPU present; $note"
+            else
+                record "peers" SKIP "$dt" "no GPU present; $note"
+            fi
+        else
+            record "peers" FAIL "$dt" "exit $rc: $(tail -n 1 "$step_out" | cut -c1-160)"
+        fi
+        rm -rf "$site"
+    fi
+fi
+
+# ---- 6. summary ------------------------------------------------------------
 total=$(($(date +%s) - t_start))
 bad=0
 for s in "${statuses[@]}"; do
@@ -234,6 +314,11 @@ json_escape() { sed -e 's/\\/\\\\/g' -e 's/"/\\"/g' -e 's/\t/ /g' | tr -d '\000-
         grep -vE '^(bench:|=====)' "$bench_txt" | sed -n '/^device:/,$p'
     else
         echo "(no bench table: see bench.txt)"
+    fi
+    if [[ -f "$peers_dir/peers.md" ]]; then
+        echo
+        echo "================ peer benchmark ($peers_dir/peers.md)"
+        sed -n '/^## Forward$/,/^## Ours, every kernel$/p' "$peers_dir/peers.md" | sed '$d'
     fi
     echo
     echo "================ gateloop GPU bundle summary (GATELOOP_REQUIRE_GPU=$GATELOOP_REQUIRE_GPU, ${total}s, results in $results)"

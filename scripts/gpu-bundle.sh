@@ -13,6 +13,15 @@
 #
 #     run(command="bash bundle/run.sh", carry=["bundle"], timeout_s=540)
 #
+# The peer benchmark (benches/peers/, run by bundle/run.sh after `gateloop
+# bench`) is bundled as bundle/peers/ with the pure-Python wheels it needs on
+# a machine without network, pinned by name, version and sha256 in
+# benches/peers/wheels.sha256 (fla-core, which holds fla.ops, plus einops and
+# packaging, which fla.ops imports); they are fetched once with `pip download
+# --no-deps` into ~/.cache/gateloop/wheels and checked against the pins. When
+# they cannot be fetched the bundle is still built, without them (the peer
+# step then reports fla unavailable), and MANIFEST.txt says so.
+#
 # Only the GPU test binaries are bundled: they read no files (this script
 # refuses one that mentions CARGO_MANIFEST_DIR or tests/fixtures), so they run
 # from any working directory. The CPU tests stay with `scripts/test.sh`/CI.
@@ -90,6 +99,31 @@ fi
 cp scripts/gpu-bundle-run.sh bundle/run.sh
 chmod +x bundle/run.sh bundle/bin/* bundle/tests/*
 
+# The peer benchmark and its pinned wheels.
+mkdir -p bundle/peers/wheels
+cp benches/peers/*.py benches/peers/README.md bundle/peers/
+wheel_cache="${GATELOOP_WHEEL_CACHE:-$HOME/.cache/gateloop/wheels}"
+mkdir -p "$wheel_cache"
+wheels_note="pinned in benches/peers/wheels.sha256, verified"
+while read -r sum file; do
+    [[ -n "$sum" ]] || continue
+    if [[ ! -f "$wheel_cache/$file" ]]; then
+        # fla_core-0.6.0-py3-none-any.whl -> fla_core==0.6.0
+        spec=$(sed -E 's/^([^-]+)-([^-]+)-.*/\1==\2/' <<<"$file")
+        python3 -m pip download --quiet --no-deps --only-binary=:all: --dest "$wheel_cache" "$spec" >&2 ||
+            echo "gpu-bundle: warning: cannot download $spec" >&2
+    fi
+    if [[ -f "$wheel_cache/$file" ]] && echo "$sum  $wheel_cache/$file" | sha256sum --check --status; then
+        cp "$wheel_cache/$file" bundle/peers/wheels/
+        echo "$sum  $file" >>bundle/peers/wheels/SHA256SUMS
+    elif [[ -f "$wheel_cache/$file" ]]; then
+        echo "gpu-bundle: $file does not match its pinned sha256 $sum" >&2
+        exit 1
+    else
+        wheels_note="INCOMPLETE: $file could not be fetched (the peer step reports what is missing)"
+    fi
+done <benches/peers/wheels.sha256
+
 {
     echo "gateloop GPU bundle"
     echo "commit: $(git -C "$root" rev-parse HEAD 2>/dev/null || echo unknown)$(git -C "$root" diff --quiet HEAD 2>/dev/null || echo ' (+ uncommitted changes)')"
@@ -97,13 +131,14 @@ chmod +x bundle/run.sh bundle/bin/* bundle/tests/*
     echo "nvcc: $("$NVCC" --version | tail -n 1)"
     echo "GATELOOP_CUDA_ARCHS: $GATELOOP_CUDA_ARCHS"
     echo "tests: ${gpu_tests[*]}"
+    echo "peers: benches/peers -> peers/; wheels: $(cd bundle/peers/wheels && ls *.whl 2>/dev/null | tr '\n' ' ')($wheels_note)"
     echo "max GLIBC symbol version needed: $(objdump -T bundle/bin/* bundle/tests/* 2>/dev/null | grep -o 'GLIBC_[0-9.]*' | sort -t. -k2,2n -k3,3n -u | tail -n 1)"
 } >bundle/MANIFEST.txt
 
 bytes=$(du -sb bundle | cut -f1)
 cat bundle/MANIFEST.txt >&2
 echo "gpu-bundle: bundle/ is $((bytes / 1000)) kB:" >&2
-ls -l bundle/bin bundle/tests >&2
+ls -l bundle/bin bundle/tests bundle/peers bundle/peers/wheels >&2
 if ((bytes >= max_bytes)); then
     echo "gpu-bundle: bundle/ is $bytes bytes, over the $max_bytes limit" >&2
     exit 1
