@@ -33,7 +33,7 @@
 use std::sync::Arc;
 
 use cudarc::driver::sys::{CUdevice_attribute, CUevent_flags};
-use cudarc::driver::{CudaSlice, CudaStream};
+use cudarc::driver::{CudaSlice, CudaStream, DevicePtrMut};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use rayon::prelude::*;
@@ -43,7 +43,7 @@ use thiserror::Error;
 use super::chunk::{self, ChunkPrecision, Gates};
 use super::element::{Dtype, Element, round_slice};
 use super::recurrent::{self, DecodeInputs, DeviceInputs, DeviceOutputs};
-use super::{DriverContext, Gpu, GpuError};
+use super::{DriverContext, Gpu, GpuError, attention, scan};
 use crate::error::InputError;
 use crate::problem::{Dims, GateLayout};
 
@@ -185,15 +185,37 @@ pub fn registry() -> Vec<KernelEntry> {
             prepare: |gpu, d, t, host, sets| crate::with_element!(t, T => prepare_recurrent::<T>(gpu, d, host, sets, true)),
         },
         KernelEntry {
+            name: "scan",
+            about: "time-parallel fused associative scan (f32): y and h_final",
+            dtypes: &[Dtype::F32],
+            shapes: recurrent_shapes,
+            check: |d| scan::plan(d, 1).map(|_| ()),
+            cost: |d, t| recurrent_cost(d, t, false),
+            prepare: |gpu, d, _t, host, sets| {
+                let ws = scan::plan_for(gpu, &d)?.workspace_len;
+                prepare_forward::<f32>(gpu, d, host, sets, Gates::Complex, ws, scan::forward_into)
+            },
+        },
+        KernelEntry {
+            name: "attention",
+            about: "stable masked surrogate attention, O(L^2) (f32): y and h_final",
+            dtypes: &[Dtype::F32],
+            shapes: attention_shapes,
+            check: |d| attention::plan(d).map(|_| ()),
+            cost: |d, _t| attention_cost(d),
+            prepare: |gpu, d, _t, host, sets| {
+                let ws = attention::plan(&d)?.workspace_len;
+                prepare_forward::<f32>(gpu, d, host, sets, Gates::Complex, ws, attention::forward_into)
+            },
+        },
+        KernelEntry {
             name: "chunked",
             about: "chunked forward on tensor cores, complex gates, exact (3 split products): y and h_final",
             dtypes: &Dtype::ALL,
             shapes: recurrent_shapes,
             check: |d| chunk::plan(d, Dtype::F32, Gates::Complex).map(|_| ()),
             cost: |d, t| chunked_cost(d, t, Gates::Complex),
-            prepare: |gpu, d, t, host, sets| {
-                crate::with_element!(t, T => prepare_chunked::<T>(gpu, d, host, sets, Gates::Complex, ChunkPrecision::Exact))
-            },
+            prepare: prepare_chunked::<false, false>,
         },
         KernelEntry {
             name: "chunked-fast",
@@ -202,9 +224,7 @@ pub fn registry() -> Vec<KernelEntry> {
             shapes: recurrent_shapes,
             check: |d| chunk::plan(d, Dtype::F32, Gates::Complex).map(|_| ()),
             cost: |d, t| chunked_cost(d, t, Gates::Complex),
-            prepare: |gpu, d, t, host, sets| {
-                crate::with_element!(t, T => prepare_chunked::<T>(gpu, d, host, sets, Gates::Complex, ChunkPrecision::Fast))
-            },
+            prepare: prepare_chunked::<false, true>,
         },
         KernelEntry {
             name: "chunked-real",
@@ -213,9 +233,7 @@ pub fn registry() -> Vec<KernelEntry> {
             shapes: recurrent_shapes,
             check: |d| chunk::plan(d, Dtype::F32, Gates::Real).map(|_| ()),
             cost: |d, t| chunked_cost(d, t, Gates::Real),
-            prepare: |gpu, d, t, host, sets| {
-                crate::with_element!(t, T => prepare_chunked::<T>(gpu, d, host, sets, Gates::Real, ChunkPrecision::Exact))
-            },
+            prepare: prepare_chunked::<true, false>,
         },
         KernelEntry {
             name: "chunked-real-fast",
@@ -224,9 +242,7 @@ pub fn registry() -> Vec<KernelEntry> {
             shapes: recurrent_shapes,
             check: |d| chunk::plan(d, Dtype::F32, Gates::Real).map(|_| ()),
             cost: |d, t| chunked_cost(d, t, Gates::Real),
-            prepare: |gpu, d, t, host, sets| {
-                crate::with_element!(t, T => prepare_chunked::<T>(gpu, d, host, sets, Gates::Real, ChunkPrecision::Fast))
-            },
+            prepare: prepare_chunked::<true, true>,
         },
     ]
 }
@@ -355,36 +371,93 @@ pub fn chunked_cost(d: &Dims, t: Dtype, gates: Gates) -> Cost {
     Cost { bytes, flops: steps * (4.0 * p * k * v + c * (p * k + v)) }
 }
 
-/// One set of device buffers of the chunked kernels.
-struct ChunkSet<T> {
+/// Scan: the bytes and flops of the recurrence ([`recurrent_cost`]), the
+/// operator's minimum; the time-parallel scan does about twice that
+/// arithmetic (it composes gates as well as states) and round-trips its
+/// chunk-boundary carries through the workspace, both overhead over this
+/// floor.
+///
+/// Attention. Bytes: as the recurrence's (each input read once, y and
+/// h_final written once). Flops per (b, h): every causal pair (n ≥ m) costs
+/// the score over the 2K real/imaginary products (4K) and its share of
+/// P·V (2V); h_final adds the decayed kᵀv of every step (8KV); gate exps and
+/// sincos are not counted.
+pub fn attention_cost(d: &Dims) -> Cost {
+    let (l, k, v) = (d.len as f64, d.key_dim as f64, d.value_dim as f64);
+    let pairs = l * (l + 1.0) / 2.0;
+    let heads = (d.batch * d.heads) as f64;
+    Cost { bytes: recurrent_cost(d, Dtype::F32, false).bytes, flops: heads * (pairs * (4.0 * k + 2.0 * v) + 8.0 * l * k * v) }
+}
+
+fn attention_shapes() -> Vec<Dims> {
+    use GateLayout::{PerChannel, PerHead};
+    vec![
+        shape(8, 4096, 16, 64, 64, PerChannel),
+        shape(1, 65536, 4, 64, 64, PerChannel),
+        shape(32, 1024, 32, 32, 32, PerHead),
+    ]
+}
+
+/// A forward launcher with a workspace (`scan::forward_into`,
+/// `attention::forward_into`, the chunked ones with their precision bound).
+type ForwardFn<T> = fn(
+    &Gpu,
+    &CudaStream,
+    &Dims,
+    DeviceInputs<'_, T>,
+    DeviceOutputs<'_, T>,
+    Option<&mut dyn DevicePtrMut<f32>>,
+) -> Result<(), GpuError>;
+
+/// The chunked kernel for one gate kind (`REAL`) and precision (`FAST`).
+fn prepare_chunked<'g, const REAL: bool, const FAST: bool>(
+    gpu: &'g Gpu,
+    dims: Dims,
+    t: Dtype,
+    host: &HostInputs,
+    sets: usize,
+) -> Result<Box<dyn BenchCase + 'g>, GpuError> {
+    let gates = if REAL { Gates::Real } else { Gates::Complex };
+    crate::with_element!(t, T => {
+        let ws = chunk::plan(&dims, T::DTYPE, gates)?.workspace_len;
+        let launch: ForwardFn<T> = if REAL {
+            |g, s, d, i, o, w| chunk::forward_real_into(g, s, d, i, o, w, if FAST { ChunkPrecision::Fast } else { ChunkPrecision::Exact })
+        } else {
+            |g, s, d, i, o, w| chunk::forward_into(g, s, d, i, o, w, if FAST { ChunkPrecision::Fast } else { ChunkPrecision::Exact })
+        };
+        prepare_forward::<T>(gpu, dims, host, sets, gates, ws, launch)
+    })
+}
+
+/// One set of device buffers of a forward kernel with a workspace.
+struct ForwardSet<T> {
     q: CudaSlice<T>,
     k: CudaSlice<T>,
     v: CudaSlice<T>,
-    /// complex (interleaved) or real f32.
+    /// complex (interleaved) or, for real-gate kernels, real f32.
     log_gate: CudaSlice<f32>,
     y: CudaSlice<T>,
     h_final: CudaSlice<f32>,
     workspace: CudaSlice<f32>,
 }
 
-struct ChunkCase<'g, T> {
+struct ForwardCase<'g, T> {
     gpu: &'g Gpu,
     dims: Dims,
-    gates: Gates,
-    precision: ChunkPrecision,
-    sets: Vec<ChunkSet<T>>,
+    launch: ForwardFn<T>,
+    sets: Vec<ForwardSet<T>>,
 }
 
-fn prepare_chunked<'g, T: Element>(
+fn prepare_forward<'g, T: Element>(
     gpu: &'g Gpu,
     dims: Dims,
     host: &HostInputs,
     sets: usize,
     gates: Gates,
-    precision: ChunkPrecision,
+    workspace_len: usize,
+    launch: ForwardFn<T>,
 ) -> Result<Box<dyn BenchCase + 'g>, GpuError> {
     let s = gpu.stream();
-    let lp = chunk::plan(&dims, T::DTYPE, gates)?;
     let (q, k, v) = (round_slice::<T>(&host.q), round_slice::<T>(&host.k), round_slice::<T>(&host.v));
     // Real gates: the real parts of the random complex ones.
     let log_gate: Vec<f32> = match gates {
@@ -395,31 +468,28 @@ fn prepare_chunked<'g, T: Element>(
     let h_poison = vec![f32::NAN; gates.parts() * dims.state_len()];
     let sets = (0..sets)
         .map(|_| {
-            Ok(ChunkSet {
+            Ok(ForwardSet {
                 q: s.clone_htod(&q).doing("uploading q")?,
                 k: s.clone_htod(&k).doing("uploading k")?,
                 v: s.clone_htod(&v).doing("uploading v")?,
                 log_gate: s.clone_htod(&log_gate).doing("uploading log_gate")?,
                 y: s.clone_htod(&y_poison).doing("allocating y")?,
                 h_final: s.clone_htod(&h_poison).doing("allocating h_final")?,
-                workspace: s.alloc_zeros::<f32>(lp.workspace_len).doing("allocating the workspace")?,
+                // At least one element: a zero-sized allocation is not a buffer.
+                workspace: s.alloc_zeros::<f32>(workspace_len.max(1)).doing("allocating the workspace")?,
             })
         })
         .collect::<Result<Vec<_>, GpuError>>()?;
-    Ok(Box::new(ChunkCase { gpu, dims, gates, precision, sets }))
+    Ok(Box::new(ForwardCase { gpu, dims, launch, sets }))
 }
 
-impl<T: Element> BenchCase for ChunkCase<'_, T> {
+impl<T: Element> BenchCase for ForwardCase<'_, T> {
     fn launch(&mut self, set: usize) -> Result<(), GpuError> {
         let st = &mut self.sets[set];
         let s = self.gpu.stream();
-        let inputs = chunk::DeviceInputs { q: &st.q, k: &st.k, v: &st.v, log_gate: &st.log_gate, h0: None };
-        let out = chunk::DeviceOutputs { y: &mut st.y, h_final: &mut st.h_final };
-        let ws = Some(&mut st.workspace as &mut dyn cudarc::driver::DevicePtrMut<f32>);
-        match self.gates {
-            Gates::Complex => chunk::forward_into(self.gpu, s, &self.dims, inputs, out, ws, self.precision),
-            Gates::Real => chunk::forward_real_into(self.gpu, s, &self.dims, inputs, out, ws, self.precision),
-        }
+        let inputs = DeviceInputs { q: &st.q, k: &st.k, v: &st.v, log_gate: &st.log_gate, h0: None };
+        let out = DeviceOutputs { y: &mut st.y, h_final: &mut st.h_final };
+        (self.launch)(self.gpu, s, &self.dims, inputs, out, Some(&mut st.workspace))
     }
 
     fn outputs_finite(&mut self) -> Result<bool, GpuError> {
