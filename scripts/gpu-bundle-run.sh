@@ -2,16 +2,18 @@
 # The runner of the gateloop GPU bundle (copied to bundle/run.sh by
 # scripts/gpu-bundle.sh). Needs an NVIDIA driver; no Rust, no network.
 #
-#     bash bundle/run.sh                  # every step
-#     bash bundle/run.sh peers            # only some: any of tests sanitizer bench peers
+#     bash bundle/run.sh                  # the default steps (1-6 below)
+#     bash bundle/run.sh peers            # only some: any of tests sanitizer bench peers fuzz
+#     GATELOOP_BUNDLE_DEADLINE_S=560 bash bundle/run.sh fuzz   # the GPU fuzz campaign
 #
 # Steps, each under `timeout`, all under an overall deadline (default 450 s,
 # GATELOOP_BUNDLE_DEADLINE_S) so the whole run ends well inside 8 minutes:
 #   1. environment: nvidia-smi, the bundle's MANIFEST, that the binaries start;
 #   2. every GPU test binary (tests/gpu_*), --test-threads=8;
 #   3. compute-sanitizer --tool memcheck, then --tool racecheck, on the small
-#      test `gpu_decode sanitizer_smoke` (every dtype, forward and in-place
-#      decode), when compute-sanitizer is installed;
+#      `sanitizer_smoke` test of every GPU test binary that has one (decode:
+#      every dtype, forward and in-place; scan; attention; chunked), when
+#      compute-sanitizer is installed;
 #   4. gateloop bench --json (every kernel of the bench registry);
 #   5. the peer benchmark, peers/peers.py (see peers/README.md): ours (every
 #      kernel of `gateloop bench --list`) against JAX associative_scan, a
@@ -21,6 +23,12 @@
 #      that is left (at most GATELOOP_PEERS_BUDGET_S, default 240 s); the
 #      cases it has no time for are reported as skipped, with the reason;
 #   6. the bench table, the peers tables, then a summary table (printed last).
+# Opt-in step (named on the command line, not run by default):
+#   fuzz: the GPU fuzz campaign of issue 6, `gateloop fuzz --device cuda`
+#      (every CUDA mode against the f64 reference), GATELOOP_FUZZ_CASES
+#      (default 100000) cases of seed GATELOOP_FUZZ_SEED (default 2026), max
+#      length GATELOOP_FUZZ_MAX_LEN (default 64), stopping at the deadline;
+#      its summary table goes to fuzz.txt and failing cases to fuzz-failures/.
 #
 # GATELOOP_REQUIRE_GPU: defaults to 1 here. This runner exists to run on a GPU
 # machine, where a test that skips for want of a GPU means the GPU went
@@ -47,8 +55,9 @@ require=0
 deadline_s=${GATELOOP_BUNDLE_DEADLINE_S:-450}
 peers_budget_s=${GATELOOP_PEERS_BUDGET_S:-240}
 t_start=$(date +%s)
-all_steps="tests sanitizer bench peers"
-steps="${*:-$all_steps}"
+all_steps="tests sanitizer bench peers fuzz"
+default_steps="tests sanitizer bench peers"
+steps="${*:-$default_steps}"
 for s in $steps; do
     if [[ " $all_steps " != *" $s "* ]]; then
         echo "run.sh: unknown step '$s' (steps: $all_steps)" >&2
@@ -77,7 +86,7 @@ record() { # name status seconds note
     statuses+=("$2")
     seconds+=("$3")
     notes+=("$4")
-    printf '[run.sh] %-28s %-8s %4ss  %s\n' "$1" "$2" "$3" "$4"
+    printf '[run.sh] %-36s %-8s %4ss  %s\n' "$1" "$2" "$3" "$4"
 }
 
 # Seconds a step may take: its own limit, cut to what the deadline leaves
@@ -173,34 +182,42 @@ if [[ -z "$sanitizer" ]]; then
         fi
     done
 fi
-smoke=$here/tests/gpu_decode
+# Every GPU test binary with a `sanitizer_smoke` test (decode, scan,
+# attention, chunked: each kernel family on a small case), under each tool.
+smokes=()
+for t in "$here"/tests/gpu_*; do
+    "$t" --list 2>/dev/null | grep -q '^sanitizer_smoke: test' && smokes+=("$t")
+done
 for tool in memcheck racecheck; do
     want sanitizer || break
-    limit=60
-    [[ $tool == racecheck ]] && limit=90
+    limit=40
+    [[ $tool == racecheck ]] && limit=60
     if [[ -z "$sanitizer" ]]; then
         record "sanitizer $tool" SKIP 0 "compute-sanitizer not found"
         continue
     fi
-    if [[ ! -x "$smoke" ]]; then
-        record "sanitizer $tool" FAIL 0 "tests/gpu_decode missing from the bundle"
+    if ((${#smokes[@]} == 0)); then
+        record "sanitizer $tool" FAIL 0 "no test binary in the bundle has a sanitizer_smoke test"
         continue
     fi
-    # GATELOOP_REQUIRE_GPU=1 so the smoke test cannot pass by skipping.
-    run_step "sanitizer $tool" "$limit" "$san_log" -- env GATELOOP_REQUIRE_GPU=1 "$sanitizer" --tool "$tool" \
-        --error-exitcode 86 --print-limit 50 "$smoke" --exact sanitizer_smoke --test-threads=1
-    summary_line=$(grep -m 1 -E 'ERROR SUMMARY|RACECHECK SUMMARY' "$step_out")
-    if ((not_run)); then
-        record "sanitizer $tool" "NOT RUN" 0 "deadline reached"
-    elif timed_out "$rc"; then
-        record "sanitizer $tool" TIMEOUT "$dt" "$summary_line"
-    elif ((rc == 0)); then
-        record "sanitizer $tool" PASS "$dt" "$summary_line"
-    elif grep -qE 'Device not supported|no GPU is usable|no CUDA driver' "$step_out" && ((require == 0)); then
-        record "sanitizer $tool" SKIP "$dt" "no supported GPU: $(grep -oE 'Device not supported|no GPU is usable|no CUDA driver' "$step_out" | head -n 1)"
-    else
-        record "sanitizer $tool" FAIL "$dt" "exit $rc; ${summary_line:-$(tail -n 1 "$step_out" | cut -c1-160)}"
-    fi
+    for smoke in "${smokes[@]}"; do
+        step="sanitizer $tool $(basename "$smoke")"
+        # GATELOOP_REQUIRE_GPU=1 so the smoke test cannot pass by skipping.
+        run_step "$step" "$limit" "$san_log" -- env GATELOOP_REQUIRE_GPU=1 "$sanitizer" --tool "$tool" \
+            --error-exitcode 86 --print-limit 50 "$smoke" --exact sanitizer_smoke --test-threads=1
+        summary_line=$(grep -m 1 -E 'ERROR SUMMARY|RACECHECK SUMMARY' "$step_out")
+        if ((not_run)); then
+            record "$step" "NOT RUN" 0 "deadline reached"
+        elif timed_out "$rc"; then
+            record "$step" TIMEOUT "$dt" "$summary_line"
+        elif ((rc == 0)); then
+            record "$step" PASS "$dt" "$summary_line"
+        elif grep -qE 'Device not supported|no GPU is usable|no CUDA driver' "$step_out" && ((require == 0)); then
+            record "$step" SKIP "$dt" "no supported GPU: $(grep -oE 'Device not supported|no GPU is usable|no CUDA driver' "$step_out" | head -n 1)"
+        else
+            record "$step" FAIL "$dt" "exit $rc; ${summary_line:-$(tail -n 1 "$step_out" | cut -c1-160)}"
+        fi
+    done
 done
 
 # ---- 4. benchmark ----------------------------------------------------------
@@ -280,6 +297,29 @@ print("peer cases: " + (", ".join("%d %s" % (n, s) for s, n in sorted(c.items())
     fi
 fi
 
+# ---- fuzz (opt-in) ---------------------------------------------------------
+if want fuzz; then
+    fuzz_txt=$results/fuzz.txt
+    : >"$fuzz_txt"
+    fuzz_cases=${GATELOOP_FUZZ_CASES:-100000}
+    lim=$(budget 100000)
+    run_step "fuzz" 100000 "$fuzz_txt" -- "$here/bin/gateloop" fuzz --device cuda --cases "$fuzz_cases" \
+        --seed "${GATELOOP_FUZZ_SEED:-2026}" --max-len "${GATELOOP_FUZZ_MAX_LEN:-64}" \
+        --time-budget "$((lim > 20 ? lim - 15 : 5))" --out "$results/fuzz-failures" --max-failures 5
+    ran=$(grep -m 1 -oE '\([0-9]+ run\)' "$step_out" | tr -d '()')
+    if ((not_run)); then
+        record "fuzz" "NOT RUN" 0 "deadline reached"
+    elif timed_out "$rc"; then
+        record "fuzz" TIMEOUT "$dt" "${ran:-?}; see fuzz.txt"
+    elif ((rc == 0)); then
+        record "fuzz" PASS "$dt" "${ran:-?} of $fuzz_cases cases, no disagreement; fuzz.txt"
+    elif ((rc == 2)) && grep -q 'cannot use the GPU' "$step_out"; then
+        record "fuzz" "$([[ $require == 1 ]] && echo FAIL || echo SKIP)" "$dt" "no GPU (exit 2)"
+    else
+        record "fuzz" FAIL "$dt" "exit $rc: ${ran:-?}; disagreements in fuzz-failures/ (replay commands in fuzz.txt)"
+    fi
+fi
+
 # ---- 6. summary ------------------------------------------------------------
 total=$(($(date +%s) - t_start))
 bad=0
@@ -322,9 +362,9 @@ json_escape() { sed -e 's/\\/\\\\/g' -e 's/"/\\"/g' -e 's/\t/ /g' | tr -d '\000-
     fi
     echo
     echo "================ gateloop GPU bundle summary (GATELOOP_REQUIRE_GPU=$GATELOOP_REQUIRE_GPU, ${total}s, results in $results)"
-    printf '%-28s %-8s %6s  %s\n' step status seconds note
+    printf '%-36s %-8s %6s  %s\n' step status seconds note
     for i in "${!names[@]}"; do
-        printf '%-28s %-8s %6s  %s\n' "${names[$i]}" "${statuses[$i]}" "${seconds[$i]}" "${notes[$i]}"
+        printf '%-36s %-8s %6s  %s\n' "${names[$i]}" "${statuses[$i]}" "${seconds[$i]}" "${notes[$i]}"
     done
     echo "verdict: $verdict"
 } | tee "$results/summary.txt"

@@ -110,3 +110,13 @@ fn rejects_a_missing_or_short_workspace() {
     forward_into(gpu, s, &d, inputs(), DeviceOutputs { y: &mut y, h_final: &mut h_final }, Some(&mut ws)).unwrap();
     s.synchronize().unwrap();
 }
+
+/// The small case `bundle/run.sh` runs under compute-sanitizer memcheck and
+/// racecheck: several query and key tiles with a partial last one, K and V
+/// that fill no tile exactly, with h0; then per-head gates without h0.
+#[test]
+fn sanitizer_smoke() {
+    let Some(gpu) = common::gpu_or_skip() else { return };
+    check(gpu, dims(2, 150, 1, 40, 70, false), GateRegime::Mixed, true, 32_000);
+    check(gpu, dims(1, 65, 2, 5, 3, true), GateRegime::Random, false, 32_001);
+}

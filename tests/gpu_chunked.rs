@@ -302,3 +302,19 @@ fn fast_bounds_are_the_documented_ones() {
     assert!((rel(Dtype::Bf16) - 2.0e-2).abs() < 1e-3, "{}", rel(Dtype::Bf16));
     assert_eq!(bounds(Dtype::F32, ChunkPrecision::Exact), ((1e-4, 1e-3), (1e-4, 1e-3)));
 }
+
+/// The small case `bundle/run.sh` runs under compute-sanitizer memcheck and
+/// racecheck: three chunks (the last partial), K = 40 (a partial key slab),
+/// V = 70 (two value tiles, one partial), every dtype, complex gates exact
+/// with h0 and real gates fast, per-channel and per-head gates.
+#[test]
+fn sanitizer_smoke() {
+    let Some(gpu) = common::gpu_or_skip() else { return };
+    let d = dims(1, 150, 2, 40, 70, false);
+    let case = |d, seed| Case::new(d, GateRegime::Mixed, true, seed);
+    check_in::<f32>(gpu, case(d, 33_000), Gates::Complex, ChunkPrecision::Exact, 1.0);
+    check_in::<f16>(gpu, case(d, 33_001), Gates::Complex, ChunkPrecision::Exact, 1.0);
+    check_in::<bf16>(gpu, case(d, 33_002), Gates::Real, ChunkPrecision::Fast, 1.0);
+    let per_head = d.with_gate(gateloop::GateLayout::PerHead);
+    check_in::<f32>(gpu, Case::new(per_head, GateRegime::Random, false, 33_003), Gates::Real, ChunkPrecision::Exact, 1.0);
+}

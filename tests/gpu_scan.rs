@@ -140,3 +140,14 @@ fn rejects_bad_buffers_naming_them() {
     forward_into(gpu, s, &d, inputs(&q), DeviceOutputs { y: &mut y, h_final: &mut h_final }, Some(&mut ws)).unwrap();
     s.synchronize().unwrap();
 }
+
+/// The small case `bundle/run.sh` runs under compute-sanitizer memcheck and
+/// racecheck: several time chunks (B·H = 1 splits the sequence to fill the
+/// GPU, so the carry kernels run), a partial last chunk, K and V that fill
+/// no tile exactly, with h0; then per-head gates without h0.
+#[test]
+fn sanitizer_smoke() {
+    let Some(gpu) = common::gpu_or_skip() else { return };
+    check(gpu, dims(1, 3001, 1, 5, 7, false), GateRegime::Mixed, true, 31_000);
+    check(gpu, dims(1, 777, 2, 3, 9, true), GateRegime::Random, false, 31_001);
+}
