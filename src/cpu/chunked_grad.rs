@@ -98,8 +98,8 @@ use rayon::prelude::*;
 #[cfg(target_arch = "x86_64")]
 use super::chunked::Fused;
 use super::chunked::{
-    exp_nonpos, gemm, pass2_row, pool, row, simd_available, Arith, Carry, ChunkParams, Ctx, Isa, PhaseRows, Plain,
-    Scratch, SyncPtr, MASKED,
+    Arith, Carry, ChunkParams, Ctx, Isa, MASKED, PhaseRows, Plain, Scratch, SyncPtr, exp_nonpos, gemm, pass2_row, pool,
+    row, simd_available,
 };
 use crate::error::InputError;
 use crate::problem::Problem;
@@ -650,7 +650,7 @@ fn backward_impl(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::testing::{dims, random_problem, GateRegime};
+    use crate::testing::{GateRegime, dims, random_problem};
 
     /// Both compilations against the f64 reference backward.
     #[test]
@@ -664,10 +664,13 @@ mod tests {
             let pr = random_problem(d, regime, with_h0, 70 + i as u64);
             let up = random_problem(d, GateRegime::Random, true, 170 + i as u64);
             let (dy, dhf) = (&up.v, up.h0.as_deref());
-            let oracle = crate::reference::grad::backward(&pr.rounded_to_f32().view(), &round(dy), dhf.map(round_c).as_deref()).unwrap();
+            let oracle =
+                crate::reference::grad::backward(&pr.rounded_to_f32().view(), &round(dy), dhf.map(round_c).as_deref())
+                    .unwrap();
             let p32 = pr.to_f32();
             let dy32: Vec<f32> = dy.iter().map(|&x| x as f32).collect();
-            let dhf32: Option<Vec<Complex<f32>>> = dhf.map(|h| h.iter().map(|z| Complex::new(z.re as f32, z.im as f32)).collect());
+            let dhf32: Option<Vec<Complex<f32>>> =
+                dhf.map(|h| h.iter().map(|z| Complex::new(z.re as f32, z.im as f32)).collect());
             let g = GradInputs::new(&d, &dy32, dhf32.as_deref()).unwrap();
             for isa in [Isa::Portable, simd_available()] {
                 let mut o = Grads::zeros(&d, with_h0);
