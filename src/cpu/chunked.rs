@@ -77,6 +77,11 @@
 //! in parallel. The three-pass buffers take 8·B·L·H·K·(V/C + 1) bytes and are
 //! recycled between calls (see `pool`).
 //!
+//! The chunk-local pieces (`Scratch::load_chunk`, `chunk_keys`,
+//! `chunk_decay`, `inter_queries`, `intra_scores`) and the carry
+//! (`pass2_row`, forward or adjoint) are shared with the chunked backward,
+//! [`super::chunked_grad`], which recomputes exactly these quantities.
+//!
 //! All arithmetic is f32. GEMMs are a small register-blocked kernel (4 rows ×
 //! 16/8/4/1 columns); exp and sincos are branch-free polynomials (Cephes
 //! coefficients, Cody–Waite reduction) so the loops over channels vectorize.
