@@ -190,26 +190,34 @@ struct GradPtrs {
     dg: SyncPtr,
 }
 
-/// `acc[d] += w_d·x[d]`, `acc[K + d] += sign·w_d·x[K + d]` for planar rows
-/// `[Re | Im]` of a complex K-vector (w broadcast when per head): adds w·x, or
-/// w·conj(x) with `sign = −1`.
+/// `a_re += w ⊙ x_re`, `a_im += sign · w ⊙ x_im` over a complex K-vector in
+/// planar halves (w broadcast when it has one element, i.e. per head): adds
+/// w·x, or w·conj(x) with `sign = −1`.
 #[inline(always)]
-fn add_scaled_row(w: &[f32], x: &[f32], acc: &mut [f32], sign: f32) {
+fn add_scaled<F: Arith>(w: &[f32], x_re: &[f32], x_im: &[f32], a_re: &mut [f32], a_im: &mut [f32], sign: f32) {
+    let kd = x_re.len();
+    let (x_im, a_re, a_im) = (&x_im[..kd], &mut a_re[..kd], &mut a_im[..kd]);
+    if w.len() == 1 {
+        let (w, ws) = (w[0], sign * w[0]);
+        for (((a, b), &x), &y) in a_re.iter_mut().zip(a_im.iter_mut()).zip(x_re).zip(x_im) {
+            *a = F::fma(w, x, *a);
+            *b = F::fma(ws, y, *b);
+        }
+    } else {
+        for ((((a, b), &x), &y), &w) in a_re.iter_mut().zip(a_im.iter_mut()).zip(x_re).zip(x_im).zip(&w[..kd]) {
+            *a = F::fma(w, x, *a);
+            *b = F::fma(sign * w, y, *b);
+        }
+    }
+}
+
+/// [`add_scaled`] on planar rows `[Re | Im]` of length 2K (`acc` may be longer).
+#[inline(always)]
+fn add_scaled_row<F: Arith>(w: &[f32], x: &[f32], acc: &mut [f32], sign: f32) {
     let kd = x.len() / 2;
     let (x_re, x_im) = x.split_at(kd);
     let (a_re, a_im) = acc[..2 * kd].split_at_mut(kd);
-    if w.len() == 1 {
-        let (w, ws) = (w[0], sign * w[0]);
-        for d in 0..kd {
-            a_re[d] += w * x_re[d];
-            a_im[d] += ws * x_im[d];
-        }
-    } else {
-        for d in 0..kd {
-            a_re[d] += w[d] * x_re[d];
-            a_im[d] += sign * w[d] * x_im[d];
-        }
-    }
+    add_scaled::<F>(w, x_re, x_im, a_re, a_im, sign);
 }
 
 /// Copies `src` to the elements `off..off + src.len()` of the buffer behind `dst`.
@@ -277,13 +285,13 @@ fn off_diagonal_block<F: Arith>(
     gemm::<F>(rows, k2, cols, block, clen, 1, &s.ka, k2, prod, k2, false, false);
     for i in 0..rows {
         let n = s1 + i;
-        add_scaled_row(&s.wq[i * gd..(i + 1) * gd], &prod[i * k2..(i + 1) * k2], &mut acc_q[n * k2..], 1.0);
+        add_scaled_row::<F>(&s.wq[i * gd..(i + 1) * gd], &prod[i * k2..(i + 1) * k2], &mut acc_q[n * k2..], 1.0);
     }
     // sᵀ of the block: A(i, p) = ds[(s1 + p)·clen + s0 + i].
     gemm::<F>(cols, k2, rows, block, 1, clen, &s.qa, k2, prod, k2, false, false);
     for i in 0..cols {
         let m = s0 + i;
-        add_scaled_row(&s.wk[i * gd..(i + 1) * gd], &prod[i * k2..(i + 1) * k2], &mut acc_k[m * k2..], -1.0);
+        add_scaled_row::<F>(&s.wk[i * gd..(i + 1) * gd], &prod[i * k2..(i + 1) * k2], &mut acc_k[m * k2..], -1.0);
     }
 }
 
@@ -306,6 +314,7 @@ fn diagonal_blocks<F: Arith>(
     wpair: &mut [f32],
 ) {
     let (kd, gd, sub) = (ctx.kd, ctx.gd, ctx.sub);
+    let wpair = &mut wpair[..gd];
     let k2 = 2 * kd;
     let mut s0 = 0;
     while s0 < clen {
@@ -316,23 +325,13 @@ fn diagonal_blocks<F: Arith>(
             for m in s0..n {
                 let x = ds[n * clen + m];
                 let m_re = &s.gre[m * gd..(m + 1) * gd];
-                for ch in 0..gd {
-                    let e = if n_rst[ch] <= m as i32 { n_re[ch] - m_re[ch] } else { MASKED };
-                    wpair[ch] = x * exp_nonpos::<F>(e);
+                for (((w, &a), &b), &rn) in wpair.iter_mut().zip(n_re).zip(m_re).zip(n_rst) {
+                    *w = x * exp_nonpos::<F>(if rn <= m as i32 { a - b } else { MASKED });
                 }
-                let (kcm, ksm) = (row(&r.kc, m, kd), row(&r.ks, m, kd));
                 let (q_re, q_im) = acc_q[n * k2..(n + 1) * k2].split_at_mut(kd);
-                for d in 0..kd {
-                    let wx = wpair[if gd == 1 { 0 } else { d }];
-                    q_re[d] = F::fma(wx, kcm[d], q_re[d]);
-                    q_im[d] = F::fma(-wx, ksm[d], q_im[d]);
-                }
+                add_scaled::<F>(wpair, row(&r.kc, m, kd), row(&r.ks, m, kd), q_re, q_im, -1.0);
                 let (k_re, k_im) = acc_k[m * k2..(m + 1) * k2].split_at_mut(kd);
-                for d in 0..kd {
-                    let wx = wpair[if gd == 1 { 0 } else { d }];
-                    k_re[d] = F::fma(wx, qcn[d], k_re[d]);
-                    k_im[d] = F::fma(wx, qsn[d], k_im[d]);
-                }
+                add_scaled::<F>(wpair, qcn, qsn, k_re, k_im, 1.0);
             }
         }
         s0 = s1;
@@ -380,13 +379,18 @@ fn launch3_chunk<F: Arith>(
     let r = s.load_chunk::<F>(ctx, b, h, t0, clen);
     s.chunk_keys::<F>(kd, gd, clen, &r);
 
-    // s = dY Vᵀ (clen × clen; only m ≤ n is read).
+    // s = dY Vᵀ (clen × clen), only where it is read (m ≤ n): per band of
+    // sub-chunk rows s0..s1, the columns 0..s1.
     for m in 0..clen {
         for j in 0..vd {
             gs.vt[j * clen + m] = v[m * vs + j];
         }
     }
-    gemm::<F>(clen, clen, vd, dyc, vs, 1, &gs.vt, clen, &mut gs.ds, clen, false, false);
+    for s0 in (0..clen).step_by(ctx.sub) {
+        let s1 = (s0 + ctx.sub).min(clen);
+        let ds_band = &mut gs.ds[s0 * clen..];
+        gemm::<F>(s1 - s0, s1, vd, &dyc[s0 * vs..], vs, 1, &gs.vt, clen, ds_band, clen, false, false);
+    }
     gs.acc_q[..clen * k2].fill(0.0);
     gs.acc_k[..clen * k2].fill(0.0);
 
@@ -399,8 +403,13 @@ fn launch3_chunk<F: Arith>(
         });
     }
     diagonal_blocks::<F>(s, &r, ctx, clen, &gs.ds, &mut gs.acc_q, &mut gs.acc_k, &mut gs.wpair);
-    // dv = Pᵀ dY (Pᵀ(m, n) = sc[n·clen + m]; zero above P's diagonal).
-    gemm::<F>(clen, vd, clen, &sc, 1, clen, dyc, vs, &mut gs.dv, vd, false, false);
+    // dv = Pᵀ dY (Pᵀ(m, n) = sc[n·clen + m], zero for n < m): per band of
+    // sub-chunk rows s0..s1, the inner indices s0..clen.
+    for s0 in (0..clen).step_by(ctx.sub) {
+        let rows = (s0 + ctx.sub).min(clen) - s0;
+        let (p_band, dy_band) = (&sc[s0 * clen + s0..], &dyc[s0 * vs..]);
+        gemm::<F>(rows, vd, clen - s0, p_band, 1, clen, dy_band, vs, &mut gs.dv[s0 * vd..], vd, false, false);
+    }
     s.scores = sc;
 
     // The state entering the chunk: acc_q[n] += |E(n, −1)| (S_in dy_n).
@@ -409,7 +418,7 @@ fn launch3_chunk<F: Arith>(
         gemm::<F>(clen, k2, vd, dyc, vs, 1, &gs.state_t, k2, &mut gs.prod, k2, false, false);
         for n in 0..clen {
             s.modulus_row::<F>(gd, n, -1);
-            add_scaled_row(&s.w[..gd], &gs.prod[n * k2..(n + 1) * k2], &mut gs.acc_q[n * k2..], 1.0);
+            add_scaled_row::<F>(&s.w[..gd], &gs.prod[n * k2..(n + 1) * k2], &mut gs.acc_q[n * k2..], 1.0);
         }
     }
     // The adjoint arriving after the chunk:
