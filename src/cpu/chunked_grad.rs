@@ -35,12 +35,27 @@
 //! of the sum beyond the chunk is a chunk-level term: Σ_{r > last} w_r is the
 //! derivative of Φ for a common shift of all later G_r, which scales exactly
 //! the pairs that cross the chunk end, i.e. `Σ_j S_out[d, j] conj(D[d, j])`
-//! with S_out = the state after the chunk's last step (h_final for the last
-//! chunk, whose D is dh_final — this also covers the dh_final term of Φ). So
-//! per chunk: `dlog_gate_t = conj(Σ_{r = t}^{last} w_r + Σ_j S_out conj(D))`,
-//! the running sum restarted at 0 at a reset step (whose own gradient is
-//! exactly 0: f32 `exp(g)` is 0 there, see the forward's doc). A per-head gate
-//! sums w and the state term over its K channels. The state adjoint follows
+//! with S_out the state after the chunk (for the last chunk D = dh_final,
+//! which covers the dh_final term of Φ). Used as it stands, that term and the
+//! D-part of `−k_r dk̂_r` for r ≥ t cancel to the pairs that cross both t and
+//! the chunk end, which are tiny when the gates decay strongly, while the
+//! cancelling terms are not (the pair m = last has E = 1): the f32 result
+//! would carry an absolute error of ε·|S_out||D|. So the D-part is split off:
+//! with `u_m = k_m E(last, m) (conj(D) v_m)` (k_m times the D-part dk̂ᴰ_m of
+//! dk̂_m) and `w'_r = q_r dq̂_r − k_r (dk̂_r − dk̂ᴰ_r)`, per chunk
+//!
+//! ```text
+//! dlog_gate_t = conj( Σ_{r = t}^{last} w'_r + Σ_{m < t} u_m + Σ_j (A ⊙ S_in)[d, j] conj(D[d, j]) )
+//! ```
+//!
+//! where every term of the last two sums is a pair that crosses t (E(last, m)
+//! and A are 0 across a reset already, so they need no segment logic); the
+//! first sum is restarted at 0 at a reset step (whose own gradient is exactly
+//! 0: f32 `exp(g)` is 0 there, see the forward's doc). The remaining
+//! cancellation, pairs (n, m) with both n, m ≥ t inside the chunk, is weighted
+//! by |E(n, m)|, and the self pairs (E = 1) are left out of w' altogether
+//! (they cancel exactly). A per-head gate sums w', u and the through term
+//! over its K channels. The state adjoint follows
 //!
 //! ```text
 //! D(last chunk) = dh_final (or 0),   D(c − 1) = conj(A_c) ⊙ D(c) + W_c,   dh0 = D(−1),
@@ -63,7 +78,8 @@
 //!    conj(A)) turns W_c into D(c) and gives dh0.
 //! 3. **Per (b, h, chunk), in parallel**: recompute the chunk's segmented log
 //!    gates, phase tables, K̃ and the scores P exactly as the forward does,
-//!    plus `s = dY Vᵀ`; then accumulate the complex "pre-phase" rows
+//!    plus `s = dY Vᵀ` (GEMMs over the lower-triangular bands of sub-chunk
+//!    rows only); then accumulate the complex "pre-phase" rows
 //!    `acc_q[n] = e^{−iθ_n} dq̂_n` and `acc_k[m] = e^{iθ_m} dk̂_m` (planar
 //!    `[Re | Im]`, C × 2K):
 //!    - off-diagonal sub-chunk pairs with the forward's anchor r (last step
@@ -72,22 +88,29 @@
 //!      `acc_k[m] += |E(r, m)| · conj((sᵀ · [Re q̃ | −Im q̃])_m)`, two real
 //!      GEMMs of inner dimension = the sub-chunk or the later rows, on the
 //!      forward's anchored rows q̃, k̃ (the unit phases folded in);
-//!    - diagonal sub-chunks pairwise: `acc_q[n] += s_nm |E(n, m)| k_m e^{−iθ_m}`,
+//!    - diagonal sub-chunks pairwise (m < n): `acc_q[n] += s_nm |E(n, m)| k_m e^{−iθ_m}`,
 //!      `acc_k[m] += s_nm |E(n, m)| q_n e^{iθ_n}`, each modulus one `exp` of
-//!      a direct difference ≤ 0;
+//!      a direct difference ≤ 0. The self pair (E(n, n) = 1) adds the real
+//!      `k_n s_nn` to dq_n and `q_n s_nn` to dk_n only: its terms in w_n
+//!      cancel exactly, so they are left out instead of cancelled in rounding;
 //!    - inter-chunk: `acc_q[n] += |E(n, −1)| (S_in dy_n)` (GEMM dY · S_inᵀ,
-//!      inner V) and `acc_k[m] += |E(last, m)| e^{iθ_last} conj(D v_m)`
-//!      (GEMM V · Dᵀ, inner V);
-//!    - dv = Pᵀ dY + [Re K̃ | Im K̃] · [Re D; Im D] (two GEMMs);
+//!      inner V) and `acc_d[m] = |E(last, m)| e^{iθ_last} conj(D v_m)`
+//!      (GEMM V · Dᵀ, inner V; kept apart from acc_k for the gate);
+//!    - dv = Pᵀ dY + [Re K̃ | Im K̃] · [Re D; Im D] (two GEMMs, the first
+//!      over the upper-triangular bands of Pᵀ only);
 //!    - dq̂ = e^{iθ} acc_q, dk̂ = e^{−iθ} acc_k (one complex multiply per
-//!      element), dq = Re dq̂, dk = Re dk̂, then the gate's reverse running
-//!      sum from the state term.
+//!      element), dq = Re dq̂, dk = Re dk̂, w' and u; then the gate: the
+//!      exclusive prefix sum of u from the through term (A ⊙ S_in)·conj(D),
+//!      plus the reverse running sum of w'. The very first step without h0
+//!      multiplies a zero state, so its gate gradient is written as exactly 0
+//!      (the sums would give 0 only up to rounding).
 //!
 //! Every exponentiated real part is ≤ 0, as in the forward; no cumulative
 //! product and no global cumulative log or phase is formed. Memory beyond the
 //! inputs and gradients: U/S, W/D (8·B·H·⌈L/C⌉·K·V bytes each, recycled
-//! through the forward's buffer pool), the decays, h_final, and per-thread
-//! scratch of O(C² + C·(K + V)): O(B·H·(L/C)·K·V), never O(L·K·V).
+//! through the forward's buffer pool), the decays, a dh0 sink when dh0 is not
+//! asked for, and per-thread scratch of O(C² + C·(K + V) + K·V):
+//! O(B·H·(L/C)·K·V), never O(L·K·V).
 //!
 //! All arithmetic is f32; on x86-64 with AVX2+FMA the hot code is compiled a
 //! second time with fused multiply-adds, like the forward.
@@ -146,18 +169,23 @@ struct GradScratch {
     acc_k: Vec<f32>,
     /// `[C][2K]`: one GEMM's product.
     prod: Vec<f32>,
+    /// `[C][2K]`: e^{iθ_m} dk̂_m^D, the part of dk̂_m through D, planar.
+    acc_d: Vec<f32>,
     /// `[V][2K]`: S_in or D transposed.
     state_t: Vec<f32>,
-    /// `[2K][V]`: h_final of the head, planar (S_out of the last chunk).
-    s_out: Vec<f32>,
     /// `[C][V]`: dv of the chunk.
     dv: Vec<f32>,
     /// `[gd]`: moduli times s_nm of one pair.
     wpair: Vec<f32>,
     /// `[C][gd]`: w_n, then the gate gradient.
     wg: Vec<Complex<f32>>,
-    /// `[gd]`: the running reverse sum of w.
+    /// `[C][gd]`: u_n = k_n dk̂_n^D, then its exclusive prefix sums plus the
+    /// term through the whole chunk.
+    ug: Vec<Complex<f32>>,
+    /// `[gd]`: the chunk decay A, then a running sum.
     run: Vec<Complex<f32>>,
+    /// `[gd]`: Σ_j S_in conj(D) per gate channel.
+    through: Vec<Complex<f32>>,
 }
 
 impl GradScratch {
@@ -170,12 +198,14 @@ impl GradScratch {
             acc_q: vec![0.0; c * 2 * k],
             acc_k: vec![0.0; c * 2 * k],
             prod: vec![0.0; c * 2 * k],
+            acc_d: vec![0.0; c * 2 * k],
             state_t: vec![0.0; v * 2 * k],
-            s_out: vec![0.0; 2 * k * v],
             dv: vec![0.0; c * v],
             wpair: vec![0.0; g],
             wg: vec![zero; c * g],
+            ug: vec![zero; c * g],
             run: vec![zero; g],
+            through: vec![zero; g],
         }
     }
 }
@@ -350,8 +380,7 @@ fn transpose(x: &[f32], rows: usize, cols: usize, out: &mut [f32]) {
 
 /// Launch 3 for chunk (bh, c): every gradient row of the chunk. `s_in` is
 /// S_in(c) (None when zero: first chunk without h0), `adj` is D(c) (None when
-/// zero: last chunk without dh_final), `s_out` the state after the chunk
-/// (None for the last chunk: then `h_final_head` is used).
+/// zero: last chunk without dh_final).
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
 fn launch3_chunk<F: Arith>(
@@ -363,8 +392,6 @@ fn launch3_chunk<F: Arith>(
     c: usize,
     s_in: Option<&[f32]>,
     adj: Option<&[f32]>,
-    s_out: Option<&[f32]>,
-    h_final_head: &[Complex<f32>],
     out: GradPtrs,
 ) {
     let (b, h, t0, clen) = ctx.chunk_of(bh, c);
@@ -422,72 +449,89 @@ fn launch3_chunk<F: Arith>(
         }
     }
     // The adjoint arriving after the chunk:
-    // acc_k[m] += |E(last, m)| e^{iθ_last} conj(D v_m), dv += [Re K̃ | Im K̃] · [Re D; Im D].
+    // acc_d[m] = |E(last, m)| e^{iθ_last} conj(D v_m), dv += [Re K̃ | Im K̃] · [Re D; Im D].
     if let Some(adj) = adj {
         transpose(adj, k2, vd, &mut gs.state_t);
         gemm::<F>(clen, k2, vd, v, vs, 1, &gs.state_t, k2, &mut gs.prod, k2, false, false);
         for m in 0..clen {
             s.modulus_row::<F>(gd, last, m as isize);
             let (x_re, x_im) = gs.prod[m * k2..(m + 1) * k2].split_at(kd);
-            let (a_re, a_im) = gs.acc_k[m * k2..(m + 1) * k2].split_at_mut(kd);
+            let (a_re, a_im) = gs.acc_d[m * k2..(m + 1) * k2].split_at_mut(kd);
             for d in 0..kd {
                 let ch = if gd == 1 { 0 } else { d };
                 let (w, cl, sl) = (s.w[ch], s.pc[last * gd + ch], s.ps[last * gd + ch]);
-                a_re[d] += w * F::fma(cl, x_re[d], sl * x_im[d]);
-                a_im[d] += w * F::fma(sl, x_re[d], -(cl * x_im[d]));
+                a_re[d] = w * F::fma(cl, x_re[d], sl * x_im[d]);
+                a_im[d] = w * F::fma(sl, x_re[d], -(cl * x_im[d]));
             }
         }
         gemm::<F>(clen, vd, k2, &s.wide, k2, 1, adj, vd, &mut gs.dv, vd, false, true);
     }
 
-    // dq̂ = e^{iθ} acc_q, dk̂ = e^{−iθ} acc_k; w_n = q dq̂ − k dk̂; dq, dk their
-    // real parts plus the self pair's k_n s_nn, q_n s_nn (written in place
-    // over the real halves of acc_q, acc_k).
+    // dq̂ = e^{iθ} acc_q, dk̂ = e^{−iθ} acc_k (+ dk̂^D = e^{−iθ} acc_d);
+    // w_n = q dq̂ − k dk̂, u_n = k dk̂^D; dq, dk the real parts plus the self
+    // pair's k_n s_nn, q_n s_nn (written in place over the real halves of
+    // acc_q, acc_k).
     let zero = Complex::new(0.0, 0.0);
     gs.wg[..clen * gd].fill(zero);
+    gs.ug[..clen * gd].fill(zero);
     for n in 0..clen {
         let (qn, kn) = (&q[n * ks..n * ks + kd], &k[n * ks..n * ks + kd]);
         let s_nn = gs.ds[n * clen + n];
         let (q_re, q_im) = gs.acc_q[n * k2..(n + 1) * k2].split_at_mut(kd);
         let (k_re, k_im) = gs.acc_k[n * k2..(n + 1) * k2].split_at_mut(kd);
-        let wrow = &mut gs.wg[n * gd..(n + 1) * gd];
+        let (d_re, d_im) = gs.acc_d[n * k2..(n + 1) * k2].split_at(kd);
+        let (wrow, urow) = (&mut gs.wg[n * gd..(n + 1) * gd], &mut gs.ug[n * gd..(n + 1) * gd]);
         for d in 0..kd {
             let ch = if gd == 1 { 0 } else { d };
             let (cn, sn) = (s.pc[n * gd + ch], s.ps[n * gd + ch]);
             let dq = Complex::new(F::fma(cn, q_re[d], -(sn * q_im[d])), F::fma(sn, q_re[d], cn * q_im[d]));
             let dk = Complex::new(F::fma(cn, k_re[d], sn * k_im[d]), F::fma(cn, k_im[d], -(sn * k_re[d])));
             wrow[ch] += dq * qn[d] - dk * kn[d];
+            let mut dk_re = dk.re;
+            if adj.is_some() {
+                let dkd = Complex::new(F::fma(cn, d_re[d], sn * d_im[d]), F::fma(cn, d_im[d], -(sn * d_re[d])));
+                urow[ch] += dkd * kn[d];
+                dk_re += dkd.re;
+            }
             q_re[d] = F::fma(kn[d], s_nn, dq.re);
-            k_re[d] = F::fma(qn[d], s_nn, dk.re);
+            k_re[d] = F::fma(qn[d], s_nn, dk_re);
         }
     }
 
-    // The gate: the chunk-level term Σ_j S_out conj(D), then the reverse
-    // running sum of w, restarted at each reset step (gradient exactly 0).
+    // The gate: dlog_gate_t = conj(Σ_{r ≥ t} w_r + Σ_{m < t} u_m + Σ_j (A ⊙ S_in) conj(D)),
+    // the first sum restarted at each reset step (whose gradient is exactly 0).
+    // The last two are the pairs through D (E(last, m) and A are 0 across a
+    // reset already): an exclusive prefix sum of u from the chunk's through term.
     gs.run.fill(zero);
-    if let Some(adj) = adj {
-        let s_out = match s_out {
-            Some(so) => so,
-            None => {
-                let (o_re, o_im) = gs.s_out.split_at_mut(kd * vd);
-                for ((r, i), z) in o_re.iter_mut().zip(o_im.iter_mut()).zip(h_final_head) {
-                    (*r, *i) = (z.re, z.im);
-                }
-                &gs.s_out
-            }
-        };
-        let (so_re, so_im) = s_out.split_at(kd * vd);
+    if let (Some(s_in), Some(adj)) = (s_in, adj) {
+        s.chunk_decay::<F>(gd, clen, &mut gs.run);
+        let (si_re, si_im) = s_in.split_at(kd * vd);
         let (d_re, d_im) = adj.split_at(kd * vd);
+        let through = &mut gs.through[..gd];
+        through.fill(zero);
         for d in 0..kd {
             let ch = if gd == 1 { 0 } else { d };
             let (mut t_re, mut t_im) = (0f32, 0f32);
             for j in d * vd..(d + 1) * vd {
-                t_re = F::fma(so_re[j], d_re[j], F::fma(so_im[j], d_im[j], t_re));
-                t_im = F::fma(so_im[j], d_re[j], F::fma(-so_re[j], d_im[j], t_im));
+                // S_in conj(D)
+                t_re = F::fma(si_re[j], d_re[j], F::fma(si_im[j], d_im[j], t_re));
+                t_im = F::fma(si_im[j], d_re[j], F::fma(-si_re[j], d_im[j], t_im));
             }
-            gs.run[ch] += Complex::new(t_re, t_im);
+            through[ch] += Complex::new(t_re, t_im);
+        }
+        for (a, &t) in gs.run.iter_mut().zip(through.iter()) {
+            *a *= t;
         }
     }
+    if adj.is_some() {
+        for n in 0..clen {
+            for ch in 0..gd {
+                let u = std::mem::replace(&mut gs.ug[n * gd + ch], gs.run[ch]);
+                gs.run[ch] += u;
+            }
+        }
+    }
+    gs.run.fill(zero);
     for n in (0..clen).rev() {
         for ch in 0..gd {
             let slot = &mut gs.wg[n * gd + ch];
@@ -496,7 +540,7 @@ fn launch3_chunk<F: Arith>(
                 *slot = zero;
             } else {
                 gs.run[ch] += *slot;
-                *slot = gs.run[ch].conj();
+                *slot = (gs.run[ch] + gs.ug[n * gd + ch]).conj();
             }
         }
     }
@@ -553,11 +597,9 @@ fn launch3_avx2(
     c: usize,
     s_in: Option<&[f32]>,
     adj: Option<&[f32]>,
-    s_out: Option<&[f32]>,
-    h_final_head: &[Complex<f32>],
     out: GradPtrs,
 ) {
-    launch3_chunk::<Fused>(ctx, s, gs, dy, bh, c, s_in, adj, s_out, h_final_head, out)
+    launch3_chunk::<Fused>(ctx, s, gs, dy, bh, c, s_in, adj, out)
 }
 
 fn backward_impl(
@@ -600,8 +642,9 @@ fn backward_impl(
     );
 
     // Launch 2: both carries, per (b, h, key row); the rows are disjoint.
+    // (Launch 3 needs S_in(c) and D(c) only: the forward carry's end, h_final,
+    // goes to a per-thread row.)
     let GradsMut { dq, dk, dv, dlog_gate, dh0 } = out;
-    let mut h_final = vec![Complex::new(0f32, 0f32); bh_count * kv];
     let mut dh0_unused = Vec::new();
     let dh0 = match dh0 {
         Some(dh0) => dh0,
@@ -611,16 +654,16 @@ fn backward_impl(
         }
     };
     let (sptr, aptr) = (SyncPtr(states.as_mut_ptr()), SyncPtr(adj.as_mut_ptr()));
-    h_final.par_chunks_mut(vd).zip(dh0.par_chunks_mut(vd)).enumerate().for_each_init(
-        || (vec![0f32; vd], vec![0f32; vd]),
-        |(s_re, s_im), (row_i, (hf, dh0_row))| {
+    dh0.par_chunks_mut(vd).enumerate().for_each_init(
+        || (vec![0f32; vd], vec![0f32; vd], vec![Complex::new(0f32, 0f32); vd]),
+        |(s_re, s_im, h_final_row), (row_i, dh0_row)| {
             let (bh, dd) = (row_i / kd, row_i % kd);
             let dec = &decay[bh * n_chunks * gd..(bh + 1) * n_chunks * gd];
             let rows = row_i * vd..(row_i + 1) * vd;
             let h0_row = p.h0.map(|h0| &h0[rows.clone()]);
             let dhf_row = g.dh_final.map(|dh| &dh[rows]);
             let base = bh * head_states;
-            pass2_row(Carry::Forward, n_chunks, kd, vd, gd, dd, sptr, base, dec, h0_row, hf, s_re, s_im);
+            pass2_row(Carry::Forward, n_chunks, kd, vd, gd, dd, sptr, base, dec, h0_row, h_final_row, s_re, s_im);
             pass2_row(Carry::Adjoint, n_chunks, kd, vd, gd, dd, aptr, base, dec, dhf_row, dh0_row, s_re, s_im);
         },
     );
@@ -633,7 +676,7 @@ fn backward_impl(
         dg: SyncPtr(dlog_gate.as_mut_ptr() as *mut f32),
     };
     let (has_h0, has_dhf) = (p.h0.is_some(), g.dh_final.is_some());
-    let (states_ref, adj_ref, hf_ref) = (&states, &adj, &h_final);
+    let (states_ref, adj_ref) = (&states, &adj);
     (0..bh_count * n_chunks).into_par_iter().for_each_init(
         || (Scratch::new(&ctx), GradScratch::new(&ctx)),
         |(s, gs), task| {
@@ -641,13 +684,11 @@ fn backward_impl(
             let last_chunk = c + 1 == n_chunks;
             let s_in = (c > 0 || has_h0).then(|| &states_ref[task * blk..(task + 1) * blk]);
             let adj = (!last_chunk || has_dhf).then(|| &adj_ref[task * blk..(task + 1) * blk]);
-            let s_out = (!last_chunk).then(|| &states_ref[(task + 1) * blk..(task + 2) * blk]);
-            let hf = &hf_ref[bh * kv..(bh + 1) * kv];
             match isa {
                 // SAFETY: AVX2 and FMA were detected at run time.
                 #[cfg(target_arch = "x86_64")]
-                Isa::Avx2Fma => unsafe { launch3_avx2(&ctx, s, gs, dy, bh, c, s_in, adj, s_out, hf, ptrs) },
-                Isa::Portable => launch3_chunk::<Plain>(&ctx, s, gs, dy, bh, c, s_in, adj, s_out, hf, ptrs),
+                Isa::Avx2Fma => unsafe { launch3_avx2(&ctx, s, gs, dy, bh, c, s_in, adj, ptrs) },
+                Isa::Portable => launch3_chunk::<Plain>(&ctx, s, gs, dy, bh, c, s_in, adj, ptrs),
             }
         },
     );
