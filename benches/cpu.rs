@@ -1,11 +1,15 @@
-//! The chunked f32 CPU path against the f32 recurrent reference.
+//! The chunked f32 CPU path against the f32 recurrent reference, and the
+//! chunked f32 backward against the f32 reference backward.
 //!
-//! `cargo bench --bench cpu` (about two minutes on 2 cores).
+//! `cargo bench --bench cpu` (about two minutes on 2 cores);
+//! `cargo bench --bench cpu -- backward` for the backward group alone.
 
 use std::time::Duration;
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use gateloop::cpu::chunked::{self, ChunkParams};
+use gateloop::cpu::chunked_grad;
+use gateloop::reference::grad::{GradInputs, Grads};
 use gateloop::reference;
 use gateloop::testing::{dims, random_problem, GateRegime};
 use gateloop::Outputs;
@@ -27,7 +31,37 @@ fn bench_case(c: &mut Criterion, name: &str, d: gateloop::Dims) {
     g.finish();
 }
 
+/// The backward on a small shape: the chunked forward alone, the chunked
+/// forward + backward (what a training step runs), and the f32 reference
+/// backward (the adjoint recurrence, with its own recomputing forward).
+fn bench_backward(c: &mut Criterion, name: &str, d: gateloop::Dims) {
+    let p = random_problem(d, GateRegime::Random, true, 1).to_f32();
+    let up = random_problem(d, GateRegime::Random, true, 2).to_f32();
+    let view = p.view();
+    let g = GradInputs::new(&d, &up.v, up.h0.as_deref()).unwrap();
+    let mut group = c.benchmark_group(name);
+    group.sample_size(10).warm_up_time(Duration::from_millis(500)).measurement_time(Duration::from_secs(2));
+    group.throughput(Throughput::Elements((d.batch * d.len * d.heads) as u64));
+    let mut out = Outputs::<f32>::zeros(&d);
+    let mut grads = Grads::<f32>::zeros(&d, true);
+    let params = ChunkParams::default();
+    group.bench_function(BenchmarkId::new("chunked_f32", "forward"), |b| {
+        b.iter(|| chunked::forward_into(&view, &params, out.as_mut()).unwrap())
+    });
+    group.bench_function(BenchmarkId::new("chunked_f32", "forward+backward"), |b| {
+        b.iter(|| {
+            chunked::forward_into(&view, &params, out.as_mut()).unwrap();
+            chunked_grad::backward_into(&view, &g, &params, grads.as_mut()).unwrap()
+        })
+    });
+    group.bench_function(BenchmarkId::new("reference_f32", "backward"), |b| {
+        b.iter(|| reference::grad::backward_into(&view, &g, grads.as_mut()).unwrap())
+    });
+    group.finish();
+}
+
 fn benches(c: &mut Criterion) {
+    bench_backward(c, "backward_B2_L1024_H4_K32_V32", dims(2, 1024, 4, 32, 32, false));
     bench_case(c, "B2_L2048_H8_K64_V64", dims(2, 2048, 8, 64, 64, false));
     bench_case(c, "B1_L65536_H1_K64_V64", dims(1, 65536, 1, 64, 64, false));
 }

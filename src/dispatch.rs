@@ -7,6 +7,13 @@
 //! | scan | [`reference::scan`] | [`cpu::scan`] (the kernel's mirror) | [`cuda::scan`] |
 //! | attention | [`reference::attention`] | [`cpu::attention`] (the kernel's mirror) | [`cuda::attention`] |
 //! | chunked | — (f32 only) | [`cpu::chunked`] (the kernel's mirror) | [`cuda::chunk`] (tensor cores, exact precision) |
+//!
+//! Gradients ([`cpu_grad`], [`cpu_grad_f32`]; no CUDA backward yet):
+//!
+//! | mode | cpu f64 | cpu f32 |
+//! |---|---|---|
+//! | recurrent, scan, attention | [`reference::grad`] (the oracle) | [`reference::grad`] in f32 |
+//! | chunked | [`reference::grad`] | [`cpu::chunked_grad`] (the chunked backward) |
 
 use crate::cpu::attention::AttentionParams;
 use crate::cpu::chunked::ChunkParams;
@@ -74,10 +81,10 @@ pub fn cuda_f32(gpu: &Gpu, mode: Mode, p: &Problem<'_, f32>) -> Result<Outputs<f
 }
 
 /// The gradient on the CPU, in `T`'s precision, of the function every mode
-/// computes: the adjoint recurrence ([`reference::grad::backward`]). The
-/// mode-specific backward kernels (chunked, scan) are not written yet, so
-/// `mode` does not change the algorithm; it is taken so that callers name
-/// what they differentiate and get the mode's own backward once it exists.
+/// computes: the adjoint recurrence ([`reference::grad::backward`]), for
+/// every mode (f64 has no chunked path; in f32 [`cpu_grad_f32`] runs the
+/// modes' own backward where one exists). `mode` is taken so that callers
+/// name what they differentiate.
 pub fn cpu_grad<T: Real>(
     _mode: Mode,
     p: &Problem<'_, T>,
@@ -85,4 +92,20 @@ pub fn cpu_grad<T: Real>(
     dh_final: Option<&[num_complex::Complex<T>]>,
 ) -> Result<Grads<T>, InputError> {
     reference::grad::backward(p, dy, dh_final)
+}
+
+/// The f32 gradient on the CPU of `mode`: the chunked backward
+/// ([`cpu::chunked_grad`], default [`ChunkParams`]) for [`Mode::Chunked`],
+/// the adjoint recurrence in f32 ([`cpu_grad`]) for the other modes, whose
+/// own backward kernels are not written yet.
+pub fn cpu_grad_f32(
+    mode: Mode,
+    p: &Problem<'_, f32>,
+    dy: &[f32],
+    dh_final: Option<&[num_complex::Complex<f32>]>,
+) -> Result<Grads<f32>, InputError> {
+    match mode {
+        Mode::Chunked => cpu::chunked_grad::backward(p, dy, dh_final, &ChunkParams::default()),
+        Mode::Recurrent | Mode::Scan | Mode::Attention => cpu_grad(mode, p, dy, dh_final),
+    }
 }

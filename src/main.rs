@@ -65,8 +65,9 @@ enum Command {
     /// 2) and, when h0 was given, `dh0` (trailing 2), the gradients of
     /// L = Σ dy·y + Σ (Re dh_final·Re h_final + Im dh_final·Im h_final) with
     /// respect to each input's real view. The dtype picks the precision. Every
-    /// mode runs the adjoint recurrence (the exact gradient of all modes);
-    /// exit 2 on bad input or usage, 1 on a runtime failure.
+    /// mode runs the adjoint recurrence (the exact gradient of all modes),
+    /// except `--mode chunked` on f32 input, which runs the chunked f32
+    /// backward; exit 2 on bad input or usage, 1 on a runtime failure.
     Grad {
         /// Input safetensors file (forward tensors, dy, optional dh_final).
         #[arg(long, short)]
@@ -75,7 +76,8 @@ enum Command {
         #[arg(long, short)]
         output: PathBuf,
         /// The forward mode whose gradient is asked (all modes compute the
-        /// same function; the CPU backward is the adjoint recurrence).
+        /// same function; the CPU backward is the adjoint recurrence, or the
+        /// chunked backward for chunked on f32 input).
         #[arg(long, short, value_enum, default_value_t = CliMode::Recurrent)]
         mode: CliMode,
         /// Where to compute (the GPU backward does not exist yet).
@@ -328,7 +330,7 @@ fn grad(input: PathBuf, output: PathBuf, mode: Mode, device: Device) -> Result<(
             (p.dims, "f64")
         }
         io::LoadedGradProblem::F32(p, up) => {
-            let g = dispatch::cpu_grad(mode, &p.view(), &up.dy, up.dh_final.as_deref()).map_err(input_err)?;
+            let g = dispatch::cpu_grad_f32(mode, &p.view(), &up.dy, up.dh_final.as_deref()).map_err(input_err)?;
             io::write_grads(&output, &p.dims, &g)?;
             (p.dims, "f32")
         }

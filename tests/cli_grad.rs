@@ -2,12 +2,15 @@
 //! through the official associative-scan formulation in float64
 //! (tests/fixtures/jax_grad_*.safetensors, made by
 //! tests/fixtures/make_jax_grad_fixtures.py), to ≤ 1e-9 relative in f64 and
-//! ≤ 1e-4 in f32, in every CPU mode; and bad grad inputs are typed errors.
+//! ≤ 1e-4 in f32, in every CPU mode (`--mode chunked` on f32 input is the
+//! chunked f32 backward, bit for bit); and bad grad inputs are typed errors.
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::process::{Command, Output};
 
+use gateloop::cpu::chunked::ChunkParams;
+use gateloop::cpu::chunked_grad;
 use gateloop::io::{self, TensorF64};
 use gateloop::reference::grad::GradInputs;
 use gateloop::testing::OwnedProblem;
@@ -78,6 +81,19 @@ fn grad_reproduces_jax_autodiff_float64_in_every_mode() {
                         let e = compare(&got[g].data, &want.data);
                         assert!(e.rel_l2 <= bound, "{name} {precision} {mode}: {g} {e:?} (bound {bound:e})");
                     }
+                }
+                if *mode == "chunked" {
+                    // `--mode chunked` on f32 runs the chunked backward itself.
+                    let ours = chunked_grad::backward(&p32.view(), &dy32, dh32.as_deref(), &ChunkParams::default())
+                        .unwrap();
+                    let real = |x: &[f32]| -> Vec<f64> { x.iter().map(|&x| x as f64).collect() };
+                    let flat = |z: &[Complex<f32>]| -> Vec<f64> {
+                        z.iter().flat_map(|z| [z.re as f64, z.im as f64]).collect()
+                    };
+                    assert_eq!(got["dq"].data, real(&ours.dq), "{name}: chunked dq");
+                    assert_eq!(got["dk"].data, real(&ours.dk), "{name}: chunked dk");
+                    assert_eq!(got["dv"].data, real(&ours.dv), "{name}: chunked dv");
+                    assert_eq!(got["dlog_gate"].data, flat(&ours.dlog_gate), "{name}: chunked dlog_gate");
                 }
             }
         }

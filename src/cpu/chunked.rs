@@ -77,6 +77,11 @@
 //! in parallel. The three-pass buffers take 8·B·L·H·K·(V/C + 1) bytes and are
 //! recycled between calls (see `pool`).
 //!
+//! The chunk-local pieces (`Scratch::load_chunk`, `chunk_keys`,
+//! `chunk_decay`, `inter_queries`, `intra_scores`) and the carry
+//! (`pass2_row`, forward or adjoint) are shared with the chunked backward,
+//! [`super::chunked_grad`], which recomputes exactly these quantities.
+//!
 //! All arithmetic is f32. GEMMs are a small register-blocked kernel (4 rows ×
 //! 16/8/4/1 columns); exp and sincos are branch-free polynomials (Cephes
 //! coefficients, Cody–Waite reduction) so the loops over channels vectorize.
@@ -150,7 +155,7 @@ pub fn forward_into(p: &Problem<'_, f32>, params: &ChunkParams, out: OutputsMut<
 
 /// Which compilation of the passes runs.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Isa {
+pub(crate) enum Isa {
     /// Portable code, separate multiply and add.
     Portable,
     /// x86-64 AVX2 + FMA.
@@ -182,7 +187,7 @@ fn choose_strategy(bh_count: usize, n_chunks: usize) -> Strategy {
     }
 }
 
-fn simd_available() -> Isa {
+pub(crate) fn simd_available() -> Isa {
     #[cfg(target_arch = "x86_64")]
     {
         if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
@@ -196,13 +201,13 @@ fn simd_available() -> Isa {
 // Arithmetic: multiply-add, exp, sincos, phase reduction.
 // ---------------------------------------------------------------------------
 
-trait Arith: Copy + Send + Sync + 'static {
+pub(crate) trait Arith: Copy + Send + Sync + 'static {
     /// a·b + c
     fn fma(a: f32, b: f32, c: f32) -> f32;
 }
 
 #[derive(Clone, Copy)]
-struct Plain;
+pub(crate) struct Plain;
 impl Arith for Plain {
     #[inline(always)]
     fn fma(a: f32, b: f32, c: f32) -> f32 {
@@ -212,7 +217,7 @@ impl Arith for Plain {
 
 #[derive(Clone, Copy)]
 #[cfg(target_arch = "x86_64")]
-struct Fused;
+pub(crate) struct Fused;
 #[cfg(target_arch = "x86_64")]
 impl Arith for Fused {
     #[inline(always)]
@@ -226,7 +231,7 @@ impl Arith for Fused {
 const ROUND_MAGIC: f32 = 12_582_912.0;
 
 /// The exponent given to a masked factor: [`exp_nonpos`] maps it to exactly 0.
-const MASKED: f32 = -1000.0;
+pub(crate) const MASKED: f32 = -1000.0;
 
 /// Below this Re(log_gate) a step is a reset: exp(g) is exactly 0 in f32
 /// (the kernels' constant, `GATELOOP_RESET_LOG_GATE` in cuda/gateloop_abi.h).
@@ -263,7 +268,7 @@ fn reduce_2pi<F: Arith>(x: f32) -> f32 {
 /// recurrence's own exp: `gateloop fuzz` found a case (a gate of e^−90.4
 /// applied to a state of 165) where flushing them to 0 lost 10% of an output.
 #[inline(always)]
-fn exp_nonpos<F: Arith>(x: f32) -> f32 {
+pub(crate) fn exp_nonpos<F: Arith>(x: f32) -> f32 {
     const LOG2E: f32 = std::f32::consts::LOG2_E;
     const LN2_HI: f32 = 0.693_359_4;
     const LN2_LO: f32 = -2.121_944_4e-4;
@@ -463,7 +468,7 @@ fn row_block<F: Arith, const MR: usize>(
 /// overwritten (C = A·B).
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
-fn gemm<F: Arith>(
+pub(crate) fn gemm<F: Arith>(
     m: usize,
     n: usize,
     kd: usize,
@@ -495,67 +500,71 @@ fn gemm<F: Arith>(
 // ---------------------------------------------------------------------------
 
 /// Sizes and inputs shared by every task of one call.
-struct Ctx<'a> {
-    p: &'a Problem<'a, f32>,
-    chunk: usize,
-    sub: usize,
-    kd: usize,
-    vd: usize,
-    gd: usize,
-    heads: usize,
-    len: usize,
+pub(crate) struct Ctx<'a> {
+    pub(crate) p: &'a Problem<'a, f32>,
+    pub(crate) chunk: usize,
+    pub(crate) sub: usize,
+    pub(crate) kd: usize,
+    pub(crate) vd: usize,
+    pub(crate) gd: usize,
+    pub(crate) heads: usize,
+    pub(crate) len: usize,
 }
 
 impl Ctx<'_> {
     /// (b, h, first step, steps) of task (bh, c).
     #[inline]
-    fn chunk_of(&self, bh: usize, c: usize) -> (usize, usize, usize, usize) {
+    pub(crate) fn chunk_of(&self, bh: usize, c: usize) -> (usize, usize, usize, usize) {
         let t0 = c * self.chunk;
         (bh / self.heads, bh % self.heads, t0, self.chunk.min(self.len - t0))
     }
 }
 
 /// Per-thread scratch, allocated once per rayon split.
-struct Scratch {
+pub(crate) struct Scratch {
     /// Segmented chunk-local Σ Re g, `[t][channel]`.
-    gre: Vec<f32>,
+    pub(crate) gre: Vec<f32>,
     /// Segmented chunk-local Σ Im g wrapped to [−π, π], `[t][channel]`.
-    gim: Vec<f32>,
+    pub(crate) gim: Vec<f32>,
     /// Chunk-local index of the last reset at or before t, or −1.
-    rst: Vec<i32>,
+    pub(crate) rst: Vec<i32>,
     /// cos and sin of `gim`, `[t][channel]`.
-    pc: Vec<f32>,
-    ps: Vec<f32>,
+    pub(crate) pc: Vec<f32>,
+    pub(crate) ps: Vec<f32>,
     /// One step's log gate, deinterleaved.
-    g_re: Vec<f32>,
-    g_im: Vec<f32>,
+    pub(crate) g_re: Vec<f32>,
+    pub(crate) g_im: Vec<f32>,
     /// A row of zeros (Re G_{−1}).
-    zeros: Vec<f32>,
+    pub(crate) zeros: Vec<f32>,
     /// Moduli of one row of factors, `[channel]`.
-    w: Vec<f32>,
+    pub(crate) w: Vec<f32>,
     /// `[K]`
-    tmp: Vec<f32>,
+    pub(crate) tmp: Vec<f32>,
     /// `[C][K]`: k ⊙ cos θ, k ⊙ sin θ.
-    kc: Vec<f32>,
-    ks: Vec<f32>,
+    pub(crate) kc: Vec<f32>,
+    pub(crate) ks: Vec<f32>,
     /// `[C][K]`: q ⊙ cos θ, q ⊙ sin θ.
-    qc: Vec<f32>,
-    qs: Vec<f32>,
+    pub(crate) qc: Vec<f32>,
+    pub(crate) qs: Vec<f32>,
     /// `[C][2K]`: K̃ (pass 1) or the inter-chunk Q̃ (pass 3).
-    wide: Vec<f32>,
+    pub(crate) wide: Vec<f32>,
     /// `[C][2K]`: anchored queries.
-    qa: Vec<f32>,
+    pub(crate) qa: Vec<f32>,
     /// `[S][2K]` anchored keys and their transpose `[2K][S]`.
-    ka: Vec<f32>,
-    kat: Vec<f32>,
+    pub(crate) ka: Vec<f32>,
+    pub(crate) kat: Vec<f32>,
     /// `[C][C]` causal scores.
-    scores: Vec<f32>,
+    pub(crate) scores: Vec<f32>,
+    /// Moduli of the anchored rows of the current off-diagonal block:
+    /// `[C][channel]` queries, `[S][channel]` keys (see `intra_scores`).
+    pub(crate) wq: Vec<f32>,
+    pub(crate) wk: Vec<f32>,
     /// `[C][V]` output block.
-    yblk: Vec<f32>,
+    pub(crate) yblk: Vec<f32>,
 }
 
 impl Scratch {
-    fn new(ctx: &Ctx<'_>) -> Self {
+    pub(crate) fn new(ctx: &Ctx<'_>) -> Self {
         let (c, s, k, v, g) = (ctx.chunk, ctx.sub, ctx.kd, ctx.vd, ctx.gd);
         Scratch {
             gre: vec![0.0; c * g],
@@ -577,6 +586,8 @@ impl Scratch {
             ka: vec![0.0; s * 2 * k],
             kat: vec![0.0; s * 2 * k],
             scores: vec![0.0; c * c],
+            wq: vec![0.0; c * g],
+            wk: vec![0.0; s * g],
             yblk: vec![0.0; c * v],
         }
     }
@@ -627,7 +638,7 @@ impl Scratch {
     /// `w[ch] = |E(late, early)_ch| = exp(Re G_late − Re G_early)`, exactly 0
     /// across a reset (early = −1: from the chunk start).
     #[inline(always)]
-    fn modulus_row<F: Arith>(&mut self, gd: usize, late: usize, early: isize) {
+    pub(crate) fn modulus_row<F: Arith>(&mut self, gd: usize, late: usize, early: isize) {
         let (l_re, l_rst) = (&self.gre[late * gd..][..gd], &self.rst[late * gd..][..gd]);
         let e_re = if early < 0 { &self.zeros[..gd] } else { &self.gre[early as usize * gd..][..gd] };
         let e = early as i32;
@@ -733,6 +744,192 @@ fn lane_sum(x: &[f32]) -> f32 {
 // The three passes.
 // ---------------------------------------------------------------------------
 
+/// The phase-scaled query and key rows of one chunk, `[C][K]` each:
+/// `qc = q cos θ`, `qs = q sin θ`, `kc = k cos θ`, `ks = k sin θ`. Taken out
+/// of the [`Scratch`] by [`Scratch::load_chunk`] (so the scratch can be
+/// borrowed while they are read) and given back with [`Scratch::restore`].
+pub(crate) struct PhaseRows {
+    pub qc: Vec<f32>,
+    pub qs: Vec<f32>,
+    pub kc: Vec<f32>,
+    pub ks: Vec<f32>,
+}
+
+/// Row `t` of a `[C][K]` table.
+#[inline(always)]
+pub(crate) fn row(x: &[f32], t: usize, kd: usize) -> &[f32] {
+    &x[t * kd..(t + 1) * kd]
+}
+
+impl Scratch {
+    /// Prefetches the chunk, builds G, R and the phase table for steps
+    /// `t0..t0+clen` of head (b, h), and returns the phase-scaled q and k rows.
+    #[inline(always)]
+    pub(crate) fn load_chunk<F: Arith>(&mut self, ctx: &Ctx<'_>, b: usize, h: usize, t0: usize, clen: usize) -> PhaseRows {
+        let (kd, gd) = (ctx.kd, ctx.gd);
+        let p = ctx.p;
+        let ks = ctx.heads * kd;
+        // This chunk's rows into L1, the next chunk's (usually this thread's
+        // next task) into L2.
+        prefetch_chunk(ctx, b, h, t0, clen, true);
+        let next = t0 + clen;
+        if next < ctx.len {
+            prefetch_chunk(ctx, b, h, next, ctx.chunk.min(ctx.len - next), false);
+        }
+        self.build_prefix::<F>(ctx, b, h, t0, clen);
+        let mut r = PhaseRows {
+            qc: std::mem::take(&mut self.qc),
+            qs: std::mem::take(&mut self.qs),
+            kc: std::mem::take(&mut self.kc),
+            ks: std::mem::take(&mut self.ks),
+        };
+        self.phase_scale(gd, &p.q[p.row(b, t0, h, kd)..], ks, clen, kd, &mut r.qc, &mut r.qs);
+        self.phase_scale(gd, &p.k[p.row(b, t0, h, kd)..], ks, clen, kd, &mut r.kc, &mut r.ks);
+        r
+    }
+
+    /// Gives the buffers of [`Scratch::load_chunk`] back.
+    pub(crate) fn restore(&mut self, r: PhaseRows) {
+        (self.qc, self.qs, self.kc, self.ks) = (r.qc, r.qs, r.kc, r.ks);
+    }
+
+    /// The chunk's decayed keys K̃_m = k_m E(last, m) into `self.wide` as rows
+    /// `[Re K̃ | Im K̃]` (clen × 2K): |E(last, m)| · e^{iθ_last} · (kc − i ks)_m.
+    #[inline(always)]
+    pub(crate) fn chunk_keys<F: Arith>(&mut self, kd: usize, gd: usize, clen: usize, r: &PhaseRows) {
+        let (k2, last) = (2 * kd, clen - 1);
+        for m in 0..clen {
+            self.modulus_row::<F>(gd, last, m as isize);
+            let (kcm, ksm) = (row(&r.kc, m, kd), row(&r.ks, m, kd));
+            let (o_re, o_im) = self.wide[m * k2..(m + 1) * k2].split_at_mut(kd);
+            if gd == 1 {
+                let (w, cl, sl) = (self.w[0], self.pc[last], self.ps[last]);
+                for (((a, b), &c), &sn) in o_re.iter_mut().zip(o_im.iter_mut()).zip(kcm).zip(ksm) {
+                    *a = w * F::fma(cl, c, sl * sn);
+                    *b = w * F::fma(sl, c, -(cl * sn));
+                }
+            } else {
+                let (w, cl, sl) = (&self.w[..kd], &self.pc[last * gd..][..kd], &self.ps[last * gd..][..kd]);
+                for d in 0..kd {
+                    o_re[d] = w[d] * F::fma(cl[d], kcm[d], sl[d] * ksm[d]);
+                    o_im[d] = w[d] * F::fma(sl[d], kcm[d], -(cl[d] * ksm[d]));
+                }
+            }
+        }
+    }
+
+    /// The chunk's decay A = E(last, −1), one complex number per gate channel.
+    #[inline(always)]
+    pub(crate) fn chunk_decay<F: Arith>(&mut self, gd: usize, clen: usize, decay: &mut [Complex<f32>]) {
+        let last = clen - 1;
+        self.modulus_row::<F>(gd, last, -1);
+        for (ch, a) in decay.iter_mut().enumerate() {
+            let w = self.w[ch];
+            *a = Complex::new(w * self.pc[last * gd + ch], w * self.ps[last * gd + ch]);
+        }
+    }
+
+    /// The inter-chunk query rows Q̃_n = q_n |E(n, −1)| e^{iθ_n} as
+    /// `[Re Q̃ | −Im Q̃]` (clen × 2K).
+    #[inline(always)]
+    pub(crate) fn inter_queries<F: Arith>(&mut self, kd: usize, gd: usize, clen: usize, r: &PhaseRows, qe: &mut [f32]) {
+        let k2 = 2 * kd;
+        for n in 0..clen {
+            self.modulus_row::<F>(gd, n, -1);
+            scaled_row(&self.w[..gd], row(&r.qc, n, kd), row(&r.qs, n, kd), &mut qe[n * k2..(n + 1) * k2]);
+        }
+    }
+
+    /// The intra-chunk scores P (clen × clen, row stride clen, block
+    /// lower-triangular, zero above the diagonal) of the chunk loaded by
+    /// [`Scratch::load_chunk`]; `q`, `k` start at the chunk's first row.
+    ///
+    /// After the off-diagonal block of key sub-chunk `s0..s1` is computed,
+    /// `on_block(self, s0, s1)` runs with the block's anchored rows in the
+    /// scratch (anchor r = s1 − 1): `qa` rows `n − s1` for n ≥ s1 hold
+    /// `[Re q̃ | −Im q̃]`, q̃_n = q_n |E(n, r)| e^{iθ_n}, with the moduli in
+    /// `wq` (`[n − s1][gd]`); `ka` rows `m − s0` hold `[Re k̃ | Im k̃]`,
+    /// k̃_m = k_m |E(r, m)| e^{−iθ_m}, with the moduli in `wk` (`[m − s0][gd]`).
+    #[inline(always)]
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn intra_scores<F: Arith>(
+        &mut self,
+        ctx: &Ctx<'_>,
+        q: &[f32],
+        k: &[f32],
+        clen: usize,
+        r: &PhaseRows,
+        sc: &mut [f32],
+        mut on_block: impl FnMut(&Scratch, usize, usize),
+    ) {
+        let (kd, gd, sub) = (ctx.kd, ctx.gd, ctx.sub);
+        let (k2, ks) = (2 * kd, ctx.heads * kd);
+        sc[..clen * clen].fill(0.0);
+        let mut s0 = 0;
+        while s0 < clen {
+            let s1 = (s0 + sub).min(clen);
+            // Diagonal sub-chunk: pairwise, each modulus a direct difference
+            // exp(Re G_n − Re G_m); the unit phases e^{iθ_n}, e^{−iθ_m} are
+            // folded into (qc, qs) and (kc, ks).
+            for n in s0..s1 {
+                let srow = &mut sc[n * clen..n * clen + clen];
+                if gd == 1 {
+                    let qn = &q[n * ks..n * ks + kd];
+                    for m in s0..=n {
+                        let w =
+                            exp_nonpos::<F>(if self.rst[n] <= m as i32 { self.gre[n] - self.gre[m] } else { MASKED });
+                        let cosd = F::fma(self.pc[n], self.pc[m], self.ps[n] * self.ps[m]);
+                        srow[m] = w * cosd * dot::<F>(qn, &k[m * ks..m * ks + kd]);
+                    }
+                } else {
+                    let (n_re, n_rst) = (&self.gre[n * gd..][..kd], &self.rst[n * gd..][..kd]);
+                    for (m, sv) in srow.iter_mut().enumerate().take(n + 1).skip(s0) {
+                        let m_re = &self.gre[m * gd..][..kd];
+                        *sv = diag_score::<F>(
+                            n_re,
+                            m_re,
+                            n_rst,
+                            m as i32,
+                            row(&r.qc, n, kd),
+                            row(&r.qs, n, kd),
+                            row(&r.kc, m, kd),
+                            row(&r.ks, m, kd),
+                            &mut self.tmp,
+                        );
+                    }
+                }
+            }
+            // Later queries against this key sub-chunk, anchored at its last
+            // step r: q̃_n = q_n |E(n, r)| e^{iθ_n}, k̃_m = k_m |E(r, m)| e^{−iθ_m}.
+            if s1 < clen {
+                let anchor = s1 - 1;
+                let (rows, cols) = (clen - s1, s1 - s0);
+                for n in s1..clen {
+                    self.modulus_row::<F>(gd, n, anchor as isize);
+                    let (o, i) = ((n - s1) * k2, n - s1);
+                    self.wq[i * gd..(i + 1) * gd].copy_from_slice(&self.w[..gd]);
+                    scaled_row(&self.w[..gd], row(&r.qc, n, kd), row(&r.qs, n, kd), &mut self.qa[o..o + k2]);
+                }
+                for m in s0..s1 {
+                    self.modulus_row::<F>(gd, anchor, m as isize);
+                    let (o, i) = ((m - s0) * k2, m - s0);
+                    self.wk[i * gd..(i + 1) * gd].copy_from_slice(&self.w[..gd]);
+                    scaled_row(&self.w[..gd], row(&r.kc, m, kd), row(&r.ks, m, kd), &mut self.ka[o..o + k2]);
+                }
+                for (i, krow_a) in self.ka[..cols * k2].chunks_exact(k2).enumerate() {
+                    for (dd, &x) in krow_a.iter().enumerate() {
+                        self.kat[dd * cols + i] = x;
+                    }
+                }
+                // scores[n][s0..s1] = [Re q̃, −Im q̃] · [Re k̃, Im k̃]ᵀ (inner 2K)
+                gemm::<F>(rows, cols, k2, &self.qa, k2, 1, &self.kat, cols, &mut sc[s1 * clen + s0..], clen, false, false);
+                on_block(self, s0, s1);
+            }
+            s0 = s1;
+        }
+    }
+}
+
 /// Pass 1 for chunk (bh, c), everything that is local to the chunk: the
 /// chunk state U_c (planar 2K × V), the decay A_c (gd), the inter-chunk query
 /// rows Q̃ = [Re | −Im](Q ⊙ E(·, −1)) (clen × 2K, only when `qe` is given),
@@ -748,138 +945,56 @@ fn pass1_chunk<F: Arith>(
     qe: Option<&mut [f32]>,
 ) {
     let (b, h, t0, clen) = ctx.chunk_of(bh, c);
-    let (kd, vd, gd, sub) = (ctx.kd, ctx.vd, ctx.gd, ctx.sub);
+    let (kd, vd, gd) = (ctx.kd, ctx.vd, ctx.gd);
     let p = ctx.p;
     let k2 = 2 * kd;
-    let last = clen - 1;
-    let (ks, vs) = (ctx.heads * kd, ctx.heads * vd);
+    let vs = ctx.heads * vd;
     let q = &p.q[p.row(b, t0, h, kd)..];
     let k = &p.k[p.row(b, t0, h, kd)..];
     let v = &p.v[p.row(b, t0, h, vd)..];
-    fn row(x: &[f32], t: usize, kd: usize) -> &[f32] {
-        &x[t * kd..(t + 1) * kd]
-    }
-    // This chunk's rows into L1, the next chunk's (usually this thread's
-    // next task) into L2.
-    prefetch_chunk(ctx, b, h, t0, clen, true);
-    let next = t0 + clen;
-    if next < ctx.len {
-        prefetch_chunk(ctx, b, h, next, ctx.chunk.min(ctx.len - next), false);
-    }
-    s.build_prefix::<F>(ctx, b, h, t0, clen);
-    let (mut qc, mut qs, mut kc, mut kss) =
-        (std::mem::take(&mut s.qc), std::mem::take(&mut s.qs), std::mem::take(&mut s.kc), std::mem::take(&mut s.ks));
-    s.phase_scale(gd, q, ks, clen, kd, &mut qc, &mut qs);
-    s.phase_scale(gd, k, ks, clen, kd, &mut kc, &mut kss);
+    let r = s.load_chunk::<F>(ctx, b, h, t0, clen);
 
-    // Chunk state: K̃_m = k_m e^{G_last − G_m} = |E(last, m)| · e^{iθ_last} · (kc − i ks)_m,
-    // U = K̃ᵀ V as one real GEMM (2K × clen) · (clen × V).
-    for m in 0..clen {
-        s.modulus_row::<F>(gd, last, m as isize);
-        let (kcm, ksm) = (row(&kc, m, kd), row(&kss, m, kd));
-        let (o_re, o_im) = s.wide[m * k2..(m + 1) * k2].split_at_mut(kd);
-        if gd == 1 {
-            let (w, cl, sl) = (s.w[0], s.pc[last], s.ps[last]);
-            for (((a, b), &c), &sn) in o_re.iter_mut().zip(o_im.iter_mut()).zip(kcm).zip(ksm) {
-                *a = w * F::fma(cl, c, sl * sn);
-                *b = w * F::fma(sl, c, -(cl * sn));
-            }
-        } else {
-            let (w, cl, sl) = (&s.w[..kd], &s.pc[last * gd..][..kd], &s.ps[last * gd..][..kd]);
-            for d in 0..kd {
-                o_re[d] = w[d] * F::fma(cl[d], kcm[d], sl[d] * ksm[d]);
-                o_im[d] = w[d] * F::fma(sl[d], kcm[d], -(cl[d] * ksm[d]));
-            }
-        }
-    }
-    // K̃ᵀ(i, m) = wide[m·2K + i]
+    // Chunk state U = K̃ᵀ V as one real GEMM (2K × clen) · (clen × V);
+    // K̃ᵀ(i, m) = wide[m·2K + i].
+    s.chunk_keys::<F>(kd, gd, clen, &r);
     gemm::<F>(k2, vd, clen, &s.wide, 1, k2, v, vs, state, vd, false, false);
-    s.modulus_row::<F>(gd, last, -1);
-    for (ch, a) in decay.iter_mut().enumerate() {
-        let w = s.w[ch];
-        *a = Complex::new(w * s.pc[last * gd + ch], w * s.ps[last * gd + ch]);
-    }
+    s.chunk_decay::<F>(gd, clen, decay);
 
-    // Inter-chunk query rows, consumed by pass 3: Q̃_n = q_n |E(n, −1)| e^{iθ_n}.
+    // Inter-chunk query rows, consumed by pass 3.
     if let Some(qe) = qe {
-        for n in 0..clen {
-            s.modulus_row::<F>(gd, n, -1);
-            scaled_row(&s.w[..gd], row(&qc, n, kd), row(&qs, n, kd), &mut qe[n * k2..(n + 1) * k2]);
-        }
+        s.inter_queries::<F>(kd, gd, clen, &r, qe);
     }
 
-    // Intra-chunk scores, block lower-triangular, row stride clen.
     let mut sc = std::mem::take(&mut s.scores);
-    sc[..clen * clen].fill(0.0);
-    let mut s0 = 0;
-    while s0 < clen {
-        let s1 = (s0 + sub).min(clen);
-        // Diagonal sub-chunk: pairwise, each modulus a direct difference
-        // exp(Re G_n − Re G_m); the unit phases e^{iθ_n}, e^{−iθ_m} are
-        // folded into (qc, qs) and (kc, ks).
-        for n in s0..s1 {
-            let srow = &mut sc[n * clen..n * clen + clen];
-            if gd == 1 {
-                let qn = &q[n * ks..n * ks + kd];
-                for m in s0..=n {
-                    let w = exp_nonpos::<F>(if s.rst[n] <= m as i32 { s.gre[n] - s.gre[m] } else { MASKED });
-                    let cosd = F::fma(s.pc[n], s.pc[m], s.ps[n] * s.ps[m]);
-                    srow[m] = w * cosd * dot::<F>(qn, &k[m * ks..m * ks + kd]);
-                }
-            } else {
-                let (n_re, n_rst) = (&s.gre[n * gd..][..kd], &s.rst[n * gd..][..kd]);
-                for (m, sv) in srow.iter_mut().enumerate().take(n + 1).skip(s0) {
-                    let m_re = &s.gre[m * gd..][..kd];
-                    *sv = diag_score::<F>(
-                        n_re,
-                        m_re,
-                        n_rst,
-                        m as i32,
-                        row(&qc, n, kd),
-                        row(&qs, n, kd),
-                        row(&kc, m, kd),
-                        row(&kss, m, kd),
-                        &mut s.tmp,
-                    );
-                }
-            }
-        }
-        // Later queries against this key sub-chunk, anchored at its last step
-        // r: q̃_n = q_n |E(n, r)| e^{iθ_n}, k̃_m = k_m |E(r, m)| e^{−iθ_m}.
-        if s1 < clen {
-            let r = s1 - 1;
-            let (rows, cols) = (clen - s1, s1 - s0);
-            for n in s1..clen {
-                s.modulus_row::<F>(gd, n, r as isize);
-                let o = (n - s1) * k2;
-                scaled_row(&s.w[..gd], row(&qc, n, kd), row(&qs, n, kd), &mut s.qa[o..o + k2]);
-            }
-            for m in s0..s1 {
-                s.modulus_row::<F>(gd, r, m as isize);
-                let o = (m - s0) * k2;
-                scaled_row(&s.w[..gd], row(&kc, m, kd), row(&kss, m, kd), &mut s.ka[o..o + k2]);
-            }
-            for (i, krow_a) in s.ka[..cols * k2].chunks_exact(k2).enumerate() {
-                for (dd, &x) in krow_a.iter().enumerate() {
-                    s.kat[dd * cols + i] = x;
-                }
-            }
-            // scores[n][s0..s1] = [Re q̃, −Im q̃] · [Re k̃, Im k̃]ᵀ (inner 2K)
-            gemm::<F>(rows, cols, k2, &s.qa, k2, 1, &s.kat, cols, &mut sc[s1 * clen + s0..], clen, false, false);
-        }
-        s0 = s1;
-    }
+    s.intra_scores::<F>(ctx, q, k, clen, &r, &mut sc, |_, _, _| {});
     // y = P · V (causal: row n stops at inner index n).
     gemm::<F>(clen, vd, clen, &sc, clen, 1, v, vs, &mut s.yblk[..clen * vd], vd, true, false);
-    (s.qc, s.qs, s.kc, s.ks, s.scores) = (qc, qs, kc, kss, sc);
+    s.scores = sc;
+    s.restore(r);
+}
+
+/// Which way [`pass2_row`] carries a state over the chunks.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Carry {
+    /// The forward state: chunks in order, S ← A_c S + U_c (slot c ends up
+    /// holding S_in(c), the state entering chunk c).
+    Forward,
+    /// The state adjoint of the backward pass: chunks in reverse order,
+    /// D ← conj(A_c) D + W_c (slot c ends up holding the adjoint arriving at
+    /// the end of chunk c from after it).
+    Adjoint,
 }
 
 /// Pass 2 for key row `d` of head `bh`: carry the state over the chunks.
 /// `states` points at this head's `[n_chunks][2K][V]` block; only rows d and
-/// K + d of each chunk are touched.
+/// K + d of each chunk are touched. Each slot holds a chunk's own
+/// contribution (U_c or W_c) and is overwritten with the carried state that
+/// reaches the chunk; `init_row` (h0, or dh_final for the adjoint; zero when
+/// absent) starts the carry and `out_row` receives its end (h_final, or dh0).
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
-fn pass2_row(
+pub(crate) fn pass2_row(
+    direction: Carry,
     n_chunks: usize,
     kd: usize,
     vd: usize,
@@ -888,12 +1003,12 @@ fn pass2_row(
     states: SyncPtr,
     state_base: usize,
     decay: &[Complex<f32>],
-    h0_row: Option<&[Complex<f32>]>,
-    h_final_row: &mut [Complex<f32>],
+    init_row: Option<&[Complex<f32>]>,
+    out_row: &mut [Complex<f32>],
     s_re: &mut [f32],
     s_im: &mut [f32],
 ) {
-    match h0_row {
+    match init_row {
         Some(h0) => {
             for ((r, i), z) in s_re.iter_mut().zip(s_im.iter_mut()).zip(h0) {
                 *r = z.re;
@@ -907,8 +1022,11 @@ fn pass2_row(
     }
     let ch = if gd == 1 { 0 } else { d };
     let blk = 2 * kd * vd;
-    for c in 0..n_chunks {
-        let a = decay[c * gd + ch];
+    for i in 0..n_chunks {
+        let (c, a) = match direction {
+            Carry::Forward => (i, decay[i * gd + ch]),
+            Carry::Adjoint => (n_chunks - 1 - i, decay[(n_chunks - 1 - i) * gd + ch].conj()),
+        };
         let re_off = state_base + c * blk + d * vd;
         let im_off = state_base + c * blk + (kd + d) * vd;
         // SAFETY: rows (c, d) and (c, K + d) of this head belong to this task
@@ -929,7 +1047,7 @@ fn pass2_row(
             s_im[v] = a.re * si + a.im * sr + ui;
         }
     }
-    for ((z, &r), &i) in h_final_row.iter_mut().zip(s_re.iter()).zip(s_im.iter()) {
+    for ((z, &r), &i) in out_row.iter_mut().zip(s_re.iter()).zip(s_im.iter()) {
         *z = Complex::new(r, i);
     }
 }
@@ -1053,7 +1171,7 @@ fn head_fused_avx2(
 /// of MB, and fresh pages cost a page fault and a kernel clear each, ~20 % of
 /// a call. At most [`pool::SLOTS`] buffers of at most [`pool::MAX_BYTES`] each
 /// are kept.
-mod pool {
+pub(crate) mod pool {
     use std::sync::Mutex;
 
     pub const SLOTS: usize = 2;
@@ -1094,13 +1212,13 @@ mod pool {
 
 /// A raw pointer shared by tasks that write disjoint parts of one buffer.
 #[derive(Clone, Copy)]
-struct SyncPtr(*mut f32);
+pub(crate) struct SyncPtr(pub(crate) *mut f32);
 // SAFETY: used only for disjoint writes (see each use), within one call.
 unsafe impl Send for SyncPtr {}
 unsafe impl Sync for SyncPtr {}
 impl SyncPtr {
     #[inline(always)]
-    fn get(self) -> *mut f32 {
+    pub(crate) fn get(self) -> *mut f32 {
         self.0
     }
 }
@@ -1187,7 +1305,7 @@ fn forward_impl(
             let (bh, dd) = (row / kd, row % kd);
             let h0_row = p.h0.map(|h0| &h0[row * vd..(row + 1) * vd]);
             let dec = &decay[bh * n_chunks * gd..(bh + 1) * n_chunks * gd];
-            pass2_row(n_chunks, kd, vd, gd, dd, sptr, bh * head_states, dec, h0_row, hf, s_re, s_im);
+            pass2_row(Carry::Forward, n_chunks, kd, vd, gd, dd, sptr, bh * head_states, dec, h0_row, hf, s_re, s_im);
         },
     );
 

@@ -3,4 +3,5 @@
 
 pub mod attention;
 pub mod chunked;
+pub mod chunked_grad;
 pub mod scan;
