@@ -212,7 +212,7 @@ pub fn registry() -> Vec<KernelEntry> {
             name: "chunked",
             about: "chunked forward on tensor cores, complex gates, exact (3 split products): y and h_final",
             dtypes: &Dtype::ALL,
-            shapes: recurrent_shapes,
+            shapes: chunked_shapes,
             check: |d| chunk::plan(d, Dtype::F32, Gates::Complex).map(|_| ()),
             cost: |d, t| chunked_cost(d, t, Gates::Complex),
             prepare: prepare_chunked::<false, false>,
@@ -221,7 +221,7 @@ pub fn registry() -> Vec<KernelEntry> {
             name: "chunked-fast",
             about: "chunked forward on tensor cores, complex gates, fast (1 product, fla-equivalent precision)",
             dtypes: &Dtype::ALL,
-            shapes: recurrent_shapes,
+            shapes: chunked_shapes,
             check: |d| chunk::plan(d, Dtype::F32, Gates::Complex).map(|_| ()),
             cost: |d, t| chunked_cost(d, t, Gates::Complex),
             prepare: prepare_chunked::<false, true>,
@@ -230,7 +230,7 @@ pub fn registry() -> Vec<KernelEntry> {
             name: "chunked-real",
             about: "chunked forward on tensor cores, REAL gates (gated linear attention), exact",
             dtypes: &Dtype::ALL,
-            shapes: recurrent_shapes,
+            shapes: chunked_shapes,
             check: |d| chunk::plan(d, Dtype::F32, Gates::Real).map(|_| ()),
             cost: |d, t| chunked_cost(d, t, Gates::Real),
             prepare: prepare_chunked::<true, false>,
@@ -239,7 +239,7 @@ pub fn registry() -> Vec<KernelEntry> {
             name: "chunked-real-fast",
             about: "chunked forward on tensor cores, REAL gates, fast (1 product)",
             dtypes: &Dtype::ALL,
-            shapes: recurrent_shapes,
+            shapes: chunked_shapes,
             check: |d| chunk::plan(d, Dtype::F32, Gates::Real).map(|_| ()),
             cost: |d, t| chunked_cost(d, t, Gates::Real),
             prepare: prepare_chunked::<true, true>,
@@ -387,6 +387,16 @@ pub fn attention_cost(d: &Dims) -> Cost {
     let pairs = l * (l + 1.0) / 2.0;
     let heads = (d.batch * d.heads) as f64;
     Cost { bytes: recurrent_cost(d, Dtype::F32, false).bytes, flops: heads * (pairs * (4.0 * k + 2.0 * v) + 8.0 * l * k * v) }
+}
+
+/// The two shapes and fla's 4/2048/16/128 (B, L, H, K = V).
+fn chunked_shapes() -> Vec<Dims> {
+    use GateLayout::PerChannel;
+    vec![
+        shape(8, 4096, 16, 64, 64, PerChannel),
+        shape(1, 65536, 4, 64, 64, PerChannel),
+        shape(4, 2048, 16, 128, 128, PerChannel),
+    ]
 }
 
 fn attention_shapes() -> Vec<Dims> {
