@@ -300,9 +300,9 @@ __device__ __forceinline__ void grad_qk(const GateloopChunkGradParams& g) {
 #pragma unroll
         for (int i = 0; i < 16; ++i) ds[(n0 + 4 * i) * kChunk + m] = acc[i];
     }
-    for (int i = tid; i < 2 * kChunk; i += kThreads) {
-        head_w[i % kChunk] = make_float2(0.f, 0.f);
-        head_u[i % kChunk] = make_float2(0.f, 0.f);
+    for (int i = tid; i < kChunk; i += kThreads) {
+        head_w[i] = make_float2(0.f, 0.f);
+        head_u[i] = make_float2(0.f, 0.f);
     }
     if (tid == 0) head_through[0] = make_float2(0.f, 0.f);
     // (ds and the head sums are read after the first slab's barriers.)

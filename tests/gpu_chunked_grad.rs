@@ -40,7 +40,7 @@ struct Upstream {
 }
 
 fn upstream(d: Dims, with_dh_final: bool, seed: u64) -> Upstream {
-    let u = random_problem(d, GateRegime::Random, true, seed ^ 0x5eed_0f_d7);
+    let u = random_problem(d, GateRegime::Random, true, seed ^ 0x5eed_0fd7);
     Upstream { dy: u.v, dh_final: with_dh_final.then(|| u.h0.expect("h0")) }
 }
 

@@ -375,7 +375,7 @@ mod tests {
         assert_eq!(g.sink_offset, f.workspace_len + 6 * 2 * 2 * 5 * 65);
         assert_eq!(g.workspace_len, g.sink_offset + 2 * 6 * 5 * 65);
         // Every region starts at an even f32 (8-byte aligned complex pairs).
-        assert!(f.decay_len % 2 == 0 && g.adj_offset % 2 == 0 && g.sink_offset % 2 == 0);
+        assert!(f.decay_len.is_multiple_of(2) && g.adj_offset.is_multiple_of(2) && g.sink_offset.is_multiple_of(2));
         assert!(matches!(plan(&dims(1, 1, 1, 257, 1, false), Dtype::F32), Err(InputError::Param { name: "key_dim", .. })));
     }
 }
