@@ -8,12 +8,12 @@
 //! | attention | [`reference::attention`] | [`cpu::attention`] (the kernel's mirror) | [`cuda::attention`] |
 //! | chunked | — (f32 only) | [`cpu::chunked`] (the kernel's mirror) | [`cuda::chunk`] (tensor cores, exact precision) |
 //!
-//! Gradients ([`cpu_grad`], [`cpu_grad_f32`]; no CUDA backward yet):
+//! Gradients ([`cpu_grad`], [`cpu_grad_f32`], [`cuda_grad`]):
 //!
-//! | mode | cpu f64 | cpu f32 |
-//! |---|---|---|
-//! | recurrent, scan, attention | [`reference::grad`] (the oracle) | [`reference::grad`] in f32 |
-//! | chunked | [`reference::grad`] | [`cpu::chunked_grad`] (the chunked backward) |
+//! | mode | cpu f64 | cpu f32 | cuda f32 |
+//! |---|---|---|---|
+//! | recurrent, scan, attention | [`reference::grad`] (the oracle) | [`reference::grad`] in f32 | — |
+//! | chunked | [`reference::grad`] | [`cpu::chunked_grad`] (the chunked backward) | [`cuda::chunk_grad`] (its kernel twin) |
 
 use crate::cpu::attention::AttentionParams;
 use crate::cpu::chunked::ChunkParams;
@@ -36,6 +36,14 @@ pub const CUDA_MODES: [Mode; 4] = [Mode::Recurrent, Mode::Scan, Mode::Attention,
 fn unavailable(mode: Mode, why: &'static str, available: &[Mode]) -> InputError {
     let names: Vec<&str> = available.iter().map(|m| m.name()).collect();
     InputError::Param { name: "mode", value: format!("{} (available: {})", mode.name(), names.join(", ")), why }
+}
+
+/// Modes with a CUDA backward.
+pub const CUDA_GRAD_MODES: [Mode; 1] = [Mode::Chunked];
+
+/// The error `grad --device cuda` gives for a mode without a backward kernel.
+pub fn cuda_grad_unavailable(mode: Mode) -> InputError {
+    unavailable(mode, "no CUDA backward for this mode yet", &CUDA_GRAD_MODES)
 }
 
 /// The error `run --device cuda` gives for a mode without a kernel.
@@ -107,5 +115,22 @@ pub fn cpu_grad_f32(
     match mode {
         Mode::Chunked => cpu::chunked_grad::backward(p, dy, dh_final, &ChunkParams::default()),
         Mode::Recurrent | Mode::Scan | Mode::Attention => cpu_grad(mode, p, dy, dh_final),
+    }
+}
+
+/// The CUDA backward of `mode` from host buffers (uploads, runs, downloads):
+/// the chunked backward ([`cuda::chunk_grad`], f32, exact) for
+/// [`Mode::Chunked`]; a typed error ([`cuda_grad_unavailable`]) for the
+/// modes without a backward kernel. `dh0` is `Some` exactly when `p.h0` is.
+pub fn cuda_grad(
+    gpu: &Gpu,
+    mode: Mode,
+    p: &Problem<'_, f32>,
+    dy: &[f32],
+    dh_final: Option<&[num_complex::Complex<f32>]>,
+) -> Result<Grads<f32>, GpuError> {
+    match mode {
+        Mode::Chunked => cuda::chunk_grad::backward_host(gpu, p, dy, dh_final),
+        Mode::Recurrent | Mode::Scan | Mode::Attention => Err(cuda_grad_unavailable(mode).into()),
     }
 }

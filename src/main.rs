@@ -67,7 +67,8 @@ enum Command {
     /// respect to each input's real view. The dtype picks the precision. Every
     /// mode runs the adjoint recurrence (the exact gradient of all modes),
     /// except `--mode chunked` on f32 input, which runs the chunked f32
-    /// backward; exit 2 on bad input or usage, 1 on a runtime failure.
+    /// backward (`--device cuda`: its CUDA kernels, f32 input and chunked
+    /// mode only); exit 2 on bad input or usage, 1 on a runtime failure.
     Grad {
         /// Input safetensors file (forward tensors, dy, optional dh_final).
         #[arg(long, short)]
@@ -80,7 +81,7 @@ enum Command {
         /// chunked backward for chunked on f32 input).
         #[arg(long, short, value_enum, default_value_t = CliMode::Recurrent)]
         mode: CliMode,
-        /// Where to compute (the GPU backward does not exist yet).
+        /// Where to compute (cuda: F32 inputs, chunked mode).
         #[arg(long, short, value_enum, default_value_t = Device::Cpu)]
         device: Device,
     },
@@ -318,25 +319,37 @@ fn run(input: PathBuf, output: PathBuf, mode: Mode, device: Device, repeat: u32)
 // ------------------------------------------------------------------- grad --
 
 fn grad(input: PathBuf, output: PathBuf, mode: Mode, device: Device) -> Result<(), Failure> {
-    if device == Device::Cuda {
-        return Err(Failure::Input("grad: the CUDA backward kernels do not exist yet; use --device cpu".into()));
+    if device == Device::Cuda && !dispatch::CUDA_GRAD_MODES.contains(&mode) {
+        return Err(input_err(dispatch::cuda_grad_unavailable(mode)));
     }
     let loaded = io::read_grad_problem(&input)?;
     let start = Instant::now();
-    let (dims, precision) = match &loaded {
-        io::LoadedGradProblem::F64(p, up) => {
+    let (dims, precision, on) = match (&loaded, device) {
+        (io::LoadedGradProblem::F64(..), Device::Cuda) => {
+            return Err(Failure::Input(format!(
+                "`{}` is F64 but the cuda device runs F32 inputs only; use --device cpu, or convert the input to F32",
+                input.display()
+            )));
+        }
+        (io::LoadedGradProblem::F64(p, up), Device::Cpu) => {
             let g = dispatch::cpu_grad(mode, &p.view(), &up.dy, up.dh_final.as_deref()).map_err(input_err)?;
             io::write_grads(&output, &p.dims, &g)?;
-            (p.dims, "f64")
+            (p.dims, "f64", "cpu".to_string())
         }
-        io::LoadedGradProblem::F32(p, up) => {
+        (io::LoadedGradProblem::F32(p, up), Device::Cpu) => {
             let g = dispatch::cpu_grad_f32(mode, &p.view(), &up.dy, up.dh_final.as_deref()).map_err(input_err)?;
             io::write_grads(&output, &p.dims, &g)?;
-            (p.dims, "f32")
+            (p.dims, "f32", "cpu".to_string())
+        }
+        (io::LoadedGradProblem::F32(p, up), Device::Cuda) => {
+            let gpu = cuda::Gpu::new(0).map_err(|e| Failure::Runtime(format!("cannot use the GPU: {e}")))?;
+            let g = dispatch::cuda_grad(&gpu, mode, &p.view(), &up.dy, up.dh_final.as_deref()).map_err(gpu_err)?;
+            io::write_grads(&output, &p.dims, &g)?;
+            (p.dims, "f32", format!("cuda ({})", gpu.name()))
         }
     };
     say!(
-        "grad ({}) on cpu, {precision} {}: {:.3} ms -> {}",
+        "grad ({}) on {on}, {precision} {}: {:.3} ms -> {}",
         mode.name(),
         dims_str(&dims),
         start.elapsed().as_secs_f64() * 1e3,

@@ -134,6 +134,25 @@ fn chunk_params_layout() {
 }
 
 #[test]
+fn chunk_grad_params_layout() {
+    type P = GateloopChunkGradParams;
+    // Pinned in the header too (GATELOOP_ABI_ASSERT): the forward struct,
+    // eight pointers, seven stride structs, four 4-byte fields.
+    assert_eq!(size_of::<P>(), 568);
+    assert_eq!(align_of::<P>(), 8);
+    assert_eq!(offset_of!(P, fwd), 0);
+    assert_eq!(offset_of!(P, dy), 320);
+    assert_eq!(offset_of!(P, dh0), 368);
+    assert_eq!(offset_of!(P, ws_adj), 376);
+    assert_eq!(offset_of!(P, dy_strides), 384);
+    assert_eq!(offset_of!(P, dgate_strides), 480);
+    assert_eq!(offset_of!(P, dh0_strides), 528);
+    assert_eq!(offset_of!(P, grad_flags), 552);
+    assert_eq!(offset_of!(P, dv_shared_bytes), 564);
+    assert_eq!((GATELOOP_GRAD_FLAG_HAS_DH_FINAL, GATELOOP_GRAD_FLAG_HAS_DH0), (1, 2));
+}
+
+#[test]
 fn check_params_layout() {
     type P = GateloopCheckParams;
     // Pinned in the header too (GATELOOP_ABI_ASSERT).

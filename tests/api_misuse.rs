@@ -293,3 +293,34 @@ fn chunked_cuda_plan_misuse_is_typed() {
         }
     }
 }
+
+/// The chunked CUDA backward's plan checks the dims on the host the same way
+/// (its buffer checks, which need device buffers, are in
+/// tests/gpu_chunked_grad.rs): typed errors, never a panic, and a workspace
+/// that grows with the chunks, never with L·K·V.
+#[test]
+fn chunked_cuda_grad_plan_misuse_is_typed() {
+    use gateloop::cuda::chunk_grad::plan;
+    use gateloop::cuda::Dtype;
+    for dtype in Dtype::ALL {
+        assert!(matches!(plan(&dims(1, 10, 1, 257, 4, false), dtype), Err(InputError::Param { name: "key_dim", .. })));
+        assert!(plan(&dims(1, 10, 1, 256, 1000, true), dtype).is_ok());
+        for (i, name) in ["batch", "len", "heads", "key_dim", "value_dim"].into_iter().enumerate() {
+            let mut sizes = [2usize, 3, 2, 2, 2];
+            sizes[i] = 0;
+            let d = Dims::new(sizes[0], sizes[1], sizes[2], sizes[3], sizes[4]);
+            assert!(matches!(plan(&d, dtype), Err(InputError::ZeroDim { name: n }) if n == name), "{name}");
+        }
+        for d in [
+            Dims::new(usize::MAX / 2 + 1, 2, 1, 1, 1),
+            Dims::new(1 << 22, 1 << 22, 1 << 22, 1, 1),
+            Dims::new(1 << 20, 1 << 16, 1 << 6, 1, 1),
+        ] {
+            assert!(matches!(plan(&d, dtype), Err(InputError::TooLarge { .. })), "{d:?}");
+        }
+        // O(B·H·(L/64)·K·V): 64 steps per chunk, so 64× fewer state floats than L·K·V.
+        let d = dims(1, 64 * 1024, 1, 64, 64, false);
+        let ws = plan(&d, dtype).unwrap().workspace_len;
+        assert!(ws <= 3 * 2 * 1024 * 64 * 64, "{ws}");
+    }
+}

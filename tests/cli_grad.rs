@@ -145,8 +145,28 @@ fn grad_input_errors_name_the_tensor() {
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(err.contains("`dy`") && err.contains("finite"), "{err}");
 
-    // No GPU backward yet.
+    // The CUDA backward: recurrent mode has none (typed error, exit 2); an F64
+    // file is refused (exit 2); chunked on f32 runs where a GPU is, else a
+    // runtime error saying why (exit 1).
     let o = gateloop(&["grad", "-i", nan.to_str().unwrap(), "-o", out.to_str().unwrap(), "--device", "cuda"]);
     assert_eq!(o.status.code(), Some(2));
-    assert!(String::from_utf8_lossy(&o.stderr).contains("CUDA backward"));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("no CUDA backward for this mode yet"));
+    let run_cuda = |input: &std::path::Path| {
+        let (i, o) = (input.to_str().unwrap(), out.to_str().unwrap());
+        gateloop(&["grad", "-i", i, "-o", o, "--mode", "chunked", "--device", "cuda"])
+    };
+    let plain64 = scratch("plain64.safetensors");
+    io::write_grad_problem(&plain64, &p.view(), &GradInputs { dy: &dy, dh_final: None }).unwrap();
+    let o = run_cuda(&plain64);
+    assert_eq!(o.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("F32 inputs only"));
+    let p32 = p.to_f32();
+    let dy32: Vec<f32> = dy.iter().map(|&x| x as f32).collect();
+    let plain32 = scratch("plain32.safetensors");
+    io::write_grad_problem(&plain32, &p32.view(), &GradInputs { dy: &dy32, dh_final: None }).unwrap();
+    let o = run_cuda(&plain32);
+    if !o.status.success() {
+        assert_eq!(o.status.code(), Some(1), "{}", String::from_utf8_lossy(&o.stderr));
+        assert!(String::from_utf8_lossy(&o.stderr).contains("cannot use the GPU"));
+    }
 }

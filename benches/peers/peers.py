@@ -662,9 +662,10 @@ def bench_list(gl):
 
 def ours_column(name):
     """fwd, fwdbwd (a kernel named *fwd-bwd*: forward then backward, the
-    number compared with fla's fwd+bwd) or bwd (a backward alone: listed in
-    the every-kernel table only)."""
-    if "fwd-bwd" in name:
+    number compared with fla's fwd+bwd) or bwd (a backward alone, e.g.
+    chunked-grad: listed in the every-kernel table only, compared with no
+    peer)."""
+    if "fwd-bwd" in name or "fwdbwd" in name:
         return "fwdbwd"
     return "bwd" if any(w in name for w in ("bwd", "backward", "grad")) else "fwd"
 

@@ -41,6 +41,7 @@ use serde_json::{Value, json};
 use thiserror::Error;
 
 use super::chunk::{self, ChunkPrecision, Gates};
+use super::chunk_grad;
 use super::element::{Dtype, Element, round_slice};
 use super::recurrent::{self, DecodeInputs, DeviceInputs, DeviceOutputs};
 use super::{DriverContext, Gpu, GpuError, attention, scan};
@@ -244,6 +245,28 @@ pub fn registry() -> Vec<KernelEntry> {
             cost: |d, t| chunked_cost(d, t, Gates::Real),
             prepare: prepare_chunked::<true, true>,
         },
+        KernelEntry {
+            name: "chunked-grad",
+            about: "chunked backward, complex gates, exact: dq, dk, dv, dlog_gate from dy (no h0, no dh_final)",
+            dtypes: &Dtype::ALL,
+            shapes: recurrent_shapes,
+            check: |d| chunk_grad::plan(d, Dtype::F32).map(|_| ()),
+            cost: chunked_grad_cost,
+            prepare: prepare_chunked_grad::<false>,
+        },
+        KernelEntry {
+            name: "chunked-fwd-bwd",
+            about: "chunked forward then backward, complex gates, exact: y, h_final, then every gradient (the fwd+bwd \
+                    column of the peer comparison)",
+            dtypes: &Dtype::ALL,
+            shapes: recurrent_shapes,
+            check: |d| chunk_grad::plan(d, Dtype::F32).map(|_| ()),
+            cost: |d, t| {
+                let (f, b) = (chunked_cost(d, t, Gates::Complex), chunked_grad_cost(d, t));
+                Cost { bytes: f.bytes + b.bytes, flops: f.flops + b.flops }
+            },
+            prepare: prepare_chunked_grad::<true>,
+        },
     ]
 }
 
@@ -369,6 +392,20 @@ pub fn chunked_cost(d: &Dims, t: Dtype, gates: Gates) -> Cost {
     let (k, v, c) = (d.key_dim as f64, d.value_dim as f64, chunk::CHUNK_LEN as f64);
     let steps = (d.batch * d.len * d.heads) as f64;
     Cost { bytes, flops: steps * (4.0 * p * k * v + c * (p * k + v)) }
+}
+
+/// Chunked backward (complex gates, no h0, no dh_final). Bytes: read q, k,
+/// v, dy (element type) and log_gate (complex f32) once, write dq, dk, dv and
+/// dlog_gate once. Flops per (b, t, h), p = 2, C = 64, products counted once:
+/// five K·V products (U_c, W_c, S_in·dy, D·v, K̃·D: 10pKV), the causal
+/// pairs of s = dY Vᵀ and Pᵀ dY (2CV), the recomputed scores and the two
+/// pre-phase accumulators (3CpK); gate exps and sincos are not counted.
+pub fn chunked_grad_cost(d: &Dims, t: Dtype) -> Cost {
+    let e = t.size_bytes() as f64;
+    let bytes = e * (4 * d.qk_len() + 3 * d.v_len()) as f64 + 16.0 * d.gate_len() as f64;
+    let (k, v, c, p) = (d.key_dim as f64, d.value_dim as f64, chunk::CHUNK_LEN as f64, 2.0);
+    let steps = (d.batch * d.len * d.heads) as f64;
+    Cost { bytes, flops: steps * (10.0 * p * k * v + c * (3.0 * p * k + 2.0 * v)) }
 }
 
 /// Scan: the bytes and flops of the recurrence ([`recurrent_cost`]), the
@@ -508,6 +545,104 @@ impl<T: Element> BenchCase for ForwardCase<'_, T> {
         let h = s.clone_dtoh(&self.sets[0].h_final).doing("downloading h_final")?;
         s.synchronize().doing("synchronizing")?;
         Ok(y.iter().all(|x| x.to_f32().is_finite()) && h.iter().all(|x| x.is_finite()))
+    }
+}
+
+/// One set of device buffers of the chunked backward (and, for fwd+bwd, the
+/// forward's outputs).
+struct GradSet<T> {
+    q: CudaSlice<T>,
+    k: CudaSlice<T>,
+    v: CudaSlice<T>,
+    log_gate: CudaSlice<f32>,
+    dy: CudaSlice<T>,
+    y: CudaSlice<T>,
+    h_final: CudaSlice<f32>,
+    dq: CudaSlice<T>,
+    dk: CudaSlice<T>,
+    dv: CudaSlice<T>,
+    dlog_gate: CudaSlice<f32>,
+    workspace: CudaSlice<f32>,
+}
+
+struct GradCase<'g, T> {
+    gpu: &'g Gpu,
+    dims: Dims,
+    /// Run the forward first (fwd+bwd).
+    forward: bool,
+    sets: Vec<GradSet<T>>,
+}
+
+/// The chunked backward (`FWD`: forward then backward), exact, complex gates,
+/// no h0 and no dh_final; dy is the random v reversed (a `[B, L, H, V]`
+/// array of the same distribution, not equal to v).
+fn prepare_chunked_grad<'g, const FWD: bool>(
+    gpu: &'g Gpu,
+    dims: Dims,
+    t: Dtype,
+    host: &HostInputs,
+    sets: usize,
+) -> Result<Box<dyn BenchCase + 'g>, GpuError> {
+    crate::with_element!(t, T => {
+        let s = gpu.stream();
+        let ws_len = chunk_grad::plan(&dims, T::DTYPE)?.workspace_len;
+        let (q, k, v) = (round_slice::<T>(&host.q), round_slice::<T>(&host.k), round_slice::<T>(&host.v));
+        let dy: Vec<T> = v.iter().rev().copied().collect();
+        let sets = (0..sets)
+            .map(|_| {
+                Ok(GradSet {
+                    q: s.clone_htod(&q).doing("uploading q")?,
+                    k: s.clone_htod(&k).doing("uploading k")?,
+                    v: s.clone_htod(&v).doing("uploading v")?,
+                    log_gate: s.clone_htod(&host.log_gate).doing("uploading log_gate")?,
+                    dy: s.clone_htod(&dy).doing("uploading dy")?,
+                    y: s.alloc_zeros::<T>(if FWD { dims.v_len() } else { 1 }).doing("allocating y")?,
+                    h_final: s.alloc_zeros::<f32>(if FWD { 2 * dims.state_len() } else { 1 }).doing("allocating h_final")?,
+                    dq: s.clone_htod(&vec![T::nan(); dims.qk_len()]).doing("allocating dq")?,
+                    dk: s.clone_htod(&vec![T::nan(); dims.qk_len()]).doing("allocating dk")?,
+                    dv: s.clone_htod(&vec![T::nan(); dims.v_len()]).doing("allocating dv")?,
+                    dlog_gate: s.clone_htod(&vec![f32::NAN; 2 * dims.gate_len()]).doing("allocating dlog_gate")?,
+                    workspace: s.alloc_zeros::<f32>(ws_len).doing("allocating the workspace")?,
+                })
+            })
+            .collect::<Result<Vec<_>, GpuError>>()?;
+        Ok(Box::new(GradCase::<T> { gpu, dims, forward: FWD, sets }) as Box<dyn BenchCase + 'g>)
+    })
+}
+
+impl<T: Element> BenchCase for GradCase<'_, T> {
+    fn launch(&mut self, set: usize) -> Result<(), GpuError> {
+        let st = &mut self.sets[set];
+        let s = self.gpu.stream();
+        let exact = ChunkPrecision::Exact;
+        if self.forward {
+            // The forward's workspace is a prefix of the backward's.
+            let inputs = DeviceInputs { q: &st.q, k: &st.k, v: &st.v, log_gate: &st.log_gate, h0: None };
+            let out = DeviceOutputs { y: &mut st.y, h_final: &mut st.h_final };
+            chunk::forward_into(self.gpu, s, &self.dims, inputs, out, Some(&mut st.workspace), exact)?;
+        }
+        let inputs = DeviceInputs { q: &st.q, k: &st.k, v: &st.v, log_gate: &st.log_gate, h0: None };
+        let grad_in = chunk_grad::DeviceGradInputs { dy: &st.dy, dh_final: None };
+        let grads = chunk_grad::DeviceGrads {
+            dq: &mut st.dq,
+            dk: &mut st.dk,
+            dv: &mut st.dv,
+            dlog_gate: &mut st.dlog_gate,
+            dh0: None,
+        };
+        chunk_grad::backward_into(self.gpu, s, &self.dims, inputs, grad_in, grads, &mut st.workspace, exact)
+    }
+
+    fn outputs_finite(&mut self) -> Result<bool, GpuError> {
+        let s = self.gpu.stream();
+        let st = &self.sets[0];
+        let dq = s.clone_dtoh(&st.dq).doing("downloading dq")?;
+        let dk = s.clone_dtoh(&st.dk).doing("downloading dk")?;
+        let dv = s.clone_dtoh(&st.dv).doing("downloading dv")?;
+        let dg = s.clone_dtoh(&st.dlog_gate).doing("downloading dlog_gate")?;
+        s.synchronize().doing("synchronizing")?;
+        let finite = |x: &[T]| x.iter().all(|x| x.to_f32().is_finite());
+        Ok(finite(&dq) && finite(&dk) && finite(&dv) && dg.iter().all(|x| x.is_finite()))
     }
 }
 

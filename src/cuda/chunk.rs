@@ -81,10 +81,10 @@ pub const CHUNK_LEN: usize = abi::GATELOOP_CHUNK_LEN as usize;
 pub const SUB_CHUNK_LEN: usize = abi::GATELOOP_CHUNK_SUB_LEN as usize;
 /// Largest key dimension the chunked kernels accept.
 pub const MAX_KEY_DIM: usize = abi::GATELOOP_CHUNK_MAX_KEY_DIM as usize;
-const KEY_SLAB: usize = abi::GATELOOP_CHUNK_KEY_SLAB as usize;
-const VALUE_TILE: usize = abi::GATELOOP_CHUNK_VALUE_TILE as usize;
-const THREADS: u32 = abi::GATELOOP_CHUNK_THREADS;
-const CARRY_THREADS: u32 = abi::GATELOOP_CHUNK_CARRY_THREADS;
+pub(super) const KEY_SLAB: usize = abi::GATELOOP_CHUNK_KEY_SLAB as usize;
+pub(super) const VALUE_TILE: usize = abi::GATELOOP_CHUNK_VALUE_TILE as usize;
+pub(super) const THREADS: u32 = abi::GATELOOP_CHUNK_THREADS;
+pub(super) const CARRY_THREADS: u32 = abi::GATELOOP_CHUNK_CARRY_THREADS;
 
 /// How many tensor-core products each operand pair costs.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
@@ -107,7 +107,7 @@ impl ChunkPrecision {
             ChunkPrecision::Fast => "fast",
         }
     }
-    fn index(self) -> usize {
+    pub(super) fn index(self) -> usize {
         self as usize
     }
 }
@@ -138,7 +138,7 @@ impl Gates {
             Gates::Real => 1,
         }
     }
-    fn index(self) -> usize {
+    pub(super) fn index(self) -> usize {
         self as usize
     }
 }
@@ -241,14 +241,15 @@ pub fn plan(dims: &Dims, dtype: Dtype, gates: Gates) -> Result<LaunchPlan, Input
 /// The chunked kernels of one context: `[dtype][gates][precision]` for the
 /// state and output kernels, `[gates]` for the carry.
 pub(crate) struct ChunkKernels {
-    state: Vec<CudaFunction>,
+    /// The backward ([`super::chunk_grad`]) launches the state and carry kernels too.
+    pub(super) state: Vec<CudaFunction>,
     output: Vec<CudaFunction>,
-    carry: Vec<CudaFunction>,
+    pub(super) carry: Vec<CudaFunction>,
     /// The device's opt-in shared memory per block (bytes).
-    max_shared: usize,
+    pub(super) max_shared: usize,
 }
 
-fn table_index(dtype: Dtype, gates: Gates, precision: ChunkPrecision) -> usize {
+pub(super) fn table_index(dtype: Dtype, gates: Gates, precision: ChunkPrecision) -> usize {
     (dtype.index() * Gates::ALL.len() + gates.index()) * ChunkPrecision::ALL.len() + precision.index()
 }
 

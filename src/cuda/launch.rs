@@ -106,14 +106,12 @@ impl<'a, T> Buffers<'a, T> {
         ws_len: usize,
         ws_shape: impl FnOnce() -> String,
     ) -> Result<(), InputError> {
-        check_len("q", d.qk_shape(), false, self.q.len())?;
-        check_len("k", d.qk_shape(), false, self.k.len())?;
-        check_len("v", d.v_shape(), false, self.v.len())?;
         let complex = !self.real_gates;
-        check_len("log_gate", d.gate_shape(), complex, self.log_gate.len())?;
-        if let StateIo::Separate { h0: Some(h0), .. } = &self.state {
-            check_len("h0", d.state_shape(), complex, h0.len())?;
-        }
+        let h0 = match &self.state {
+            StateIo::Separate { h0, .. } => *h0,
+            StateIo::InPlace(_) => None,
+        };
+        check_input_lens(d, self.q, self.k, self.v, self.log_gate, h0, complex)?;
         check_len("y", d.v_shape(), false, self.y.len())?;
         match &self.state {
             StateIo::Separate { h_final, .. } => check_len("h_final", d.state_shape(), complex, h_final.len())?,
@@ -123,20 +121,8 @@ impl<'a, T> Buffers<'a, T> {
         if have < ws_len {
             return Err(InputError::Length { name: "workspace", expected: ws_len, actual: have, shape: ws_shape() });
         }
-        if stream.context() != gpu.context() {
-            return Err(InputError::Param {
-                name: "stream",
-                value: format!("a stream on device {}", stream.context().ordinal()),
-                why: "the stream must belong to the Gpu's CUDA context",
-            });
-        }
-        check_context(gpu, "q", self.q)?;
-        check_context(gpu, "k", self.k)?;
-        check_context(gpu, "v", self.v)?;
-        check_context(gpu, "log_gate", self.log_gate)?;
-        if let StateIo::Separate { h0: Some(h0), .. } = &self.state {
-            check_context(gpu, "h0", *h0)?;
-        }
+        check_stream(gpu, stream)?;
+        check_input_contexts(gpu, self.q, self.k, self.v, self.log_gate, h0)?;
         check_context(gpu, "y", &*self.y)?;
         match &self.state {
             StateIo::Separate { h_final, .. } => check_context(gpu, "h_final", &**h_final)?,
@@ -272,6 +258,216 @@ macro_rules! impl_seq_params {
 }
 
 impl_seq_params!(GateloopRecurrentParams, GateloopScanParams, GateloopAttentionParams, GateloopChunkParams);
+
+/// Lengths of the forward's inputs (log_gate and h0 complex or real f32).
+fn check_input_lens<T>(
+    d: &Dims,
+    q: &dyn DevicePtr<T>,
+    k: &dyn DevicePtr<T>,
+    v: &dyn DevicePtr<T>,
+    log_gate: &dyn DevicePtr<f32>,
+    h0: Option<&dyn DevicePtr<f32>>,
+    complex: bool,
+) -> Result<(), InputError> {
+    check_len("q", d.qk_shape(), false, q.len())?;
+    check_len("k", d.qk_shape(), false, k.len())?;
+    check_len("v", d.v_shape(), false, v.len())?;
+    check_len("log_gate", d.gate_shape(), complex, log_gate.len())?;
+    if let Some(h0) = h0 {
+        check_len("h0", d.state_shape(), complex, h0.len())?;
+    }
+    Ok(())
+}
+
+/// That the forward's inputs belong to the Gpu's context.
+fn check_input_contexts<T>(
+    gpu: &Gpu,
+    q: &dyn DevicePtr<T>,
+    k: &dyn DevicePtr<T>,
+    v: &dyn DevicePtr<T>,
+    log_gate: &dyn DevicePtr<f32>,
+    h0: Option<&dyn DevicePtr<f32>>,
+) -> Result<(), InputError> {
+    check_context(gpu, "q", q)?;
+    check_context(gpu, "k", k)?;
+    check_context(gpu, "v", v)?;
+    check_context(gpu, "log_gate", log_gate)?;
+    if let Some(h0) = h0 {
+        check_context(gpu, "h0", h0)?;
+    }
+    Ok(())
+}
+
+fn check_stream(gpu: &Gpu, stream: &CudaStream) -> Result<(), InputError> {
+    if stream.context() != gpu.context() {
+        return Err(InputError::Param {
+            name: "stream",
+            value: format!("a stream on device {}", stream.context().ordinal()),
+            why: "the stream must belong to the Gpu's CUDA context",
+        });
+    }
+    Ok(())
+}
+
+// ---- gradients (the backward kernels) --------------------------------------------
+
+/// Device upstream gradients of one backward call: `dy` in the inputs' type
+/// `T`, `dh_final` complex f32 (interleaved pairs, 8-byte aligned).
+pub struct DeviceGradInputs<'a, T = f32> {
+    /// ∂L/∂y, `[B, L, H, V]`
+    pub dy: &'a dyn DevicePtr<T>,
+    /// ∂L/∂h_final, `[B, H, K, V]` complex f32, or none (zero)
+    pub dh_final: Option<&'a dyn DevicePtr<f32>>,
+}
+
+/// Caller-owned device gradients of one backward call (every element is
+/// overwritten): dq, dk, dv in the inputs' type `T`, dlog_gate and dh0
+/// complex f32 (interleaved pairs, 8-byte aligned).
+pub struct DeviceGrads<'a, T = f32> {
+    /// `[B, L, H, K]`
+    pub dq: &'a mut dyn DevicePtrMut<T>,
+    /// `[B, L, H, K]`
+    pub dk: &'a mut dyn DevicePtrMut<T>,
+    /// `[B, L, H, V]`
+    pub dv: &'a mut dyn DevicePtrMut<T>,
+    /// The layout of log_gate, complex f32
+    pub dlog_gate: &'a mut dyn DevicePtrMut<f32>,
+    /// `[B, H, K, V]` complex f32: required when the inputs have an h0 (the
+    /// gradient of the implicit zero state when given without one)
+    pub dh0: Option<&'a mut dyn DevicePtrMut<f32>>,
+}
+
+/// Every device buffer of one backward call.
+pub(crate) struct GradBuffers<'a, T> {
+    pub inputs: DeviceInputs<'a, T>,
+    pub grad_in: DeviceGradInputs<'a, T>,
+    pub grads: DeviceGrads<'a, T>,
+    pub workspace: &'a mut dyn DevicePtrMut<f32>,
+}
+
+/// The device addresses of a backward call's gradient buffers.
+pub(crate) struct GradPointers {
+    pub dy: u64,
+    pub dh_final: Option<u64>,
+    pub dq: u64,
+    pub dk: u64,
+    pub dv: u64,
+    pub dlog_gate: u64,
+    pub dh0: Option<u64>,
+    pub workspace: u64,
+}
+
+impl<'a, T> GradBuffers<'a, T> {
+    /// Checks on the host, in this order: the inputs' lengths, the upstream
+    /// gradients', the gradients' (each error names the argument), that a dh0
+    /// buffer is given when h0 is, the workspace's length (at least `ws_len`
+    /// f32), that `stream` and every buffer belong to the Gpu's context.
+    pub fn check(
+        &self,
+        gpu: &Gpu,
+        stream: &CudaStream,
+        d: &Dims,
+        ws_len: usize,
+        ws_shape: impl FnOnce() -> String,
+    ) -> Result<(), InputError> {
+        let DeviceInputs { q, k, v, log_gate, h0 } = &self.inputs;
+        check_input_lens(d, *q, *k, *v, *log_gate, *h0, true)?;
+        check_len("dy", d.v_shape(), false, self.grad_in.dy.len())?;
+        if let Some(dh) = self.grad_in.dh_final {
+            check_len("dh_final", d.state_shape(), true, dh.len())?;
+        }
+        let g = &self.grads;
+        check_len("dq", d.qk_shape(), false, g.dq.len())?;
+        check_len("dk", d.qk_shape(), false, g.dk.len())?;
+        check_len("dv", d.v_shape(), false, g.dv.len())?;
+        check_len("dlog_gate", d.gate_shape(), true, g.dlog_gate.len())?;
+        match (&g.dh0, h0) {
+            (Some(dh0), _) => check_len("dh0", d.state_shape(), true, dh0.len())?,
+            (None, Some(_)) => {
+                return Err(InputError::Param {
+                    name: "dh0",
+                    value: "none".into(),
+                    why: "h0 was given, so its gradient needs a dh0 buffer ([B, H, K, V] complex f32)",
+                });
+            }
+            (None, None) => {}
+        }
+        if self.workspace.len() < ws_len {
+            return Err(InputError::Length {
+                name: "workspace",
+                expected: ws_len,
+                actual: self.workspace.len(),
+                shape: ws_shape(),
+            });
+        }
+        check_stream(gpu, stream)?;
+        check_input_contexts(gpu, *q, *k, *v, *log_gate, *h0)?;
+        check_context(gpu, "dy", self.grad_in.dy)?;
+        if let Some(dh) = self.grad_in.dh_final {
+            check_context(gpu, "dh_final", dh)?;
+        }
+        check_context(gpu, "dq", &*g.dq)?;
+        check_context(gpu, "dk", &*g.dk)?;
+        check_context(gpu, "dv", &*g.dv)?;
+        check_context(gpu, "dlog_gate", &*g.dlog_gate)?;
+        if let Some(dh0) = &g.dh0 {
+            check_context(gpu, "dh0", &**dh0)?;
+        }
+        check_context(gpu, "workspace", &*self.workspace)?;
+        Ok(())
+    }
+
+    /// Takes every device address on `stream` (complex buffers and the
+    /// workspace checked 8-byte aligned), writes the inputs' pointers and the
+    /// `HAS_H0` flag into the forward struct `fwd` (y and h_final NULL: the
+    /// caller points h_final at its sink), and returns the gradients'.
+    pub fn bind<'s>(
+        self,
+        stream: &'s CudaStream,
+        fwd: &mut GateloopChunkParams,
+    ) -> Result<(GradPointers, Bound<'s>), InputError>
+    where
+        'a: 's,
+    {
+        let GradBuffers { inputs, grad_in, grads, workspace } = self;
+        let mut guards = Vec::with_capacity(14);
+        let mut ptr = |(p, guard): (u64, SyncOnDrop<'s>)| {
+            guards.push(guard);
+            p
+        };
+        let q = ptr(inputs.q.device_ptr(stream));
+        let k = ptr(inputs.k.device_ptr(stream));
+        let v = ptr(inputs.v.device_ptr(stream));
+        let log_gate = ptr(inputs.log_gate.device_ptr(stream));
+        let h0 = inputs.h0.map(|h| ptr(h.device_ptr(stream)));
+        let dy = ptr(grad_in.dy.device_ptr(stream));
+        let dh_final = grad_in.dh_final.map(|h| ptr(h.device_ptr(stream)));
+        let dq = ptr(grads.dq.device_ptr_mut(stream));
+        let dk = ptr(grads.dk.device_ptr_mut(stream));
+        let dv = ptr(grads.dv.device_ptr_mut(stream));
+        let dlog_gate = ptr(grads.dlog_gate.device_ptr_mut(stream));
+        let dh0 = grads.dh0.map(|h| ptr(h.device_ptr_mut(stream)));
+        let workspace = ptr(workspace.device_ptr_mut(stream));
+        check_align("log_gate", log_gate)?;
+        if let Some(h0) = h0 {
+            check_align("h0", h0)?;
+        }
+        if let Some(dh) = dh_final {
+            check_align("dh_final", dh)?;
+        }
+        check_align("dlog_gate", dlog_gate)?;
+        if let Some(dh0) = dh0 {
+            check_align("dh0", dh0)?;
+        }
+        check_align("workspace", workspace)?;
+        if h0.is_some() {
+            fwd.flags |= abi::GATELOOP_FLAG_HAS_H0;
+        }
+        fwd.set_pointers(Pointers { q, k, v, log_gate, h0, y: 0, h_final: 0 });
+        let pointers = GradPointers { dy, dh_final, dq, dk, dv, dlog_gate, dh0, workspace };
+        Ok((pointers, Bound { workspace: Some(workspace), _guards: guards }))
+    }
+}
 
 pub(crate) fn check_len(name: &'static str, shape: [usize; 4], complex: bool, actual: usize) -> Result<(), InputError> {
     let expected = shape.iter().product::<usize>() * if complex { 2 } else { 1 };

@@ -1,0 +1,359 @@
+// What the chunked kernels share (cuda/chunk.cu, the forward; cuda/chunk_grad.cu,
+// the backward): the tile constants, the tensor-core operand types and split
+// products, the per-block context with the chunk-local segmented gate prefix
+// (cpu::chunked::Scratch::build_prefix), and the shared-memory carving helpers.
+// A header, not a compilation unit (build.rs compiles cuda/*.cu only).
+
+#ifndef GATELOOP_CHUNK_COMMON_CUH
+#define GATELOOP_CHUNK_COMMON_CUH
+
+#include <mma.h>
+
+#include "common.cuh"
+
+namespace gateloop {
+namespace chunk {
+
+using namespace nvcuda;
+
+constexpr int kChunk = GATELOOP_CHUNK_LEN;          // 64 steps
+constexpr int kSub = GATELOOP_CHUNK_SUB_LEN;        // 16 steps
+constexpr int kSlab = GATELOOP_CHUNK_KEY_SLAB;      // 16 key channels per slab
+constexpr int kVTile = GATELOOP_CHUNK_VALUE_TILE;   // 64 value columns per block
+constexpr int kThreads = GATELOOP_CHUNK_THREADS;    // 256
+constexpr int kWarps = kThreads / 32;
+constexpr int kSubs = kChunk / kSub;                // 4 sub-chunks
+constexpr int kPairs = kSubs * (kSubs - 1) / 2;     // 6 off-diagonal blocks
+static_assert(kChunk == 64 && kSub == 16 && kSlab == 16 && kVTile == 64 && kThreads == 256,
+              "the warp ↔ tile maps below assume these sizes");
+static_assert(kPairs <= kWarps, "one warp per off-diagonal score block");
+
+// ---- operand types -----------------------------------------------------------
+
+// TF32: f32 storage rounded to 10 explicit mantissa bits; m16n16k8.
+struct OpTf32 {
+    using storage = float;
+    using elem = wmma::precision::tf32;
+    static constexpr int kK = 8;
+    static constexpr int kPad = 4;  // row padding (elements): ld stays a multiple of 16 bytes
+    __device__ __forceinline__ static storage narrow(float x) { return wmma::__float_to_tf32(x); }
+    __device__ __forceinline__ static float widen(storage x) { return x; }
+};
+struct OpF16 {
+    using storage = __half;
+    using elem = __half;
+    static constexpr int kK = 16;
+    static constexpr int kPad = 8;
+    __device__ __forceinline__ static storage narrow(float x) { return __float2half_rn(x); }
+    __device__ __forceinline__ static float widen(storage x) { return __half2float(x); }
+};
+struct OpBf16 {
+    using storage = __nv_bfloat16;
+    using elem = __nv_bfloat16;
+    static constexpr int kK = 16;
+    static constexpr int kPad = 8;
+    __device__ __forceinline__ static storage narrow(float x) { return __float2bfloat16_rn(x); }
+    __device__ __forceinline__ static float widen(storage x) { return __bfloat162float(x); }
+};
+
+// A split operand matrix in shared memory: hi and lo planes of `rows × ld`.
+template <class Op>
+struct Split {
+    typename Op::storage* hi;
+    typename Op::storage* lo;
+    int ld;
+    // Element (r, c) := x, as hi + lo (lo only for three terms).
+    template <int kTerms>
+    __device__ __forceinline__ void put(int r, int c, float x) const {
+        const typename Op::storage h = Op::narrow(x);
+        hi[r * ld + c] = h;
+        if (kTerms == 3) lo[r * ld + c] = Op::narrow(x - Op::widen(h));
+    }
+    __device__ __forceinline__ const typename Op::storage* hi_at(int r, int c) const { return hi + r * ld + c; }
+    __device__ __forceinline__ const typename Op::storage* lo_at(int r, int c) const { return lo + r * ld + c; }
+};
+
+template <class Op>
+using Acc = wmma::fragment<wmma::accumulator, 16, 16, Op::kK, float>;
+
+// acc += A · B for one k-step (16 × kK times kK × 16), split operands: the
+// small cross terms first, then hi·hi. A(i, k) at a.hi_at(...) with layout LA.
+template <class Op, int kTerms, class LA, class LB>
+__device__ __forceinline__ void mma_step(Acc<Op>& acc, const typename Op::storage* a_hi,
+                                         const typename Op::storage* a_lo, int lda,
+                                         const typename Op::storage* b_hi, const typename Op::storage* b_lo,
+                                         int ldb) {
+    wmma::fragment<wmma::matrix_a, 16, 16, Op::kK, typename Op::elem, LA> a;
+    wmma::fragment<wmma::matrix_b, 16, 16, Op::kK, typename Op::elem, LB> b;
+    if (kTerms == 3) {
+        wmma::load_matrix_sync(a, a_lo, lda);
+        wmma::load_matrix_sync(b, b_hi, ldb);
+        wmma::mma_sync(acc, a, b, acc);
+        wmma::load_matrix_sync(a, a_hi, lda);
+        wmma::load_matrix_sync(b, b_lo, ldb);
+        wmma::mma_sync(acc, a, b, acc);
+        wmma::load_matrix_sync(b, b_hi, ldb);
+    } else {
+        wmma::load_matrix_sync(a, a_hi, lda);
+        wmma::load_matrix_sync(b, b_hi, ldb);
+    }
+    wmma::mma_sync(acc, a, b, acc);
+}
+
+// ---- scalar helpers (mirrors of src/cpu/chunked.rs) ---------------------------
+
+// x − 2π·round(x / 2π), 3-part Cody–Waite: cpu::chunked::reduce_2pi.
+__device__ __forceinline__ float reduce_2pi(float x) {
+    constexpr float kInv2Pi = 0.15915494f;
+    constexpr float kC1 = 6.28125f;
+    constexpr float kC2 = 0.0019353072f;
+    constexpr float kC3 = 1.0253132e-11f;
+    const float j = rintf(x * kInv2Pi);
+    float r = fmaf(-j, kC1, x);
+    r = fmaf(-j, kC2, r);
+    return fmaf(-j, kC3, r);
+}
+
+// ---- per-block context and the chunk-local gate prefix ------------------------
+
+// Shared-memory bytes of the prefix tables: Re G, (cos θ, sin θ when
+// complex) as f32 and the reset index as i32, each [kChunk][kSlab].
+template <bool kComplex>
+__host__ __device__ constexpr int prefix_bytes() {
+    return (kComplex ? 4 : 2) * kChunk * kSlab * 4;
+}
+
+template <typename input_t, bool kComplex>
+struct Block {
+    using Tr = InputTraits<input_t>;
+    const GateloopChunkParams& p;
+    int tid, warp;
+    int64_t bh, b, h, chunk, vt, t0, v0;
+    int n;  // steps in this chunk (≤ kChunk)
+    bool per_head;
+    const input_t* __restrict__ q;
+    const input_t* __restrict__ k;
+    const input_t* __restrict__ v;
+    // Prefix tables [kChunk][kSlab] (per-head gates use column 0).
+    float* gre;
+    float* gcs;
+    float* gsn;
+    int32_t* rst;
+
+    __device__ __forceinline__ Block(const GateloopChunkParams& params, unsigned char* smem)
+        : Block(params, smem, params.value_tiles) {}
+    // A grid of `value_tiles` value tiles per chunk (1: one block per chunk,
+    // as the backward's dq/dk kernel launches).
+    __device__ __forceinline__ Block(const GateloopChunkParams& params, unsigned char* smem, int64_t value_tiles)
+        : p(params) {
+        tid = threadIdx.x;
+        warp = tid >> 5;
+        int64_t blk = blockIdx.x;
+        vt = split_index(blk, value_tiles);
+        chunk = split_index(blk, p.num_chunks);
+        bh = blk;
+        const BatchHead bhi = batch_head(bh, p.dims.heads);
+        b = bhi.b;
+        h = bhi.h;
+        t0 = chunk * kChunk;
+        v0 = vt * kVTile;
+        n = static_cast<int>(min(static_cast<int64_t>(kChunk), p.dims.len - t0));
+        per_head = p.dims.gate_dim == 1;
+        q = seq_row<input_t>(p.q, p.q_strides, b, h);
+        k = seq_row<input_t>(p.k, p.k_strides, b, h);
+        v = seq_row<input_t>(p.v, p.v_strides, b, h);
+        float* f = reinterpret_cast<float*>(smem);
+        gre = f;
+        f += kChunk * kSlab;
+        if (kComplex) {
+            gcs = f;
+            f += kChunk * kSlab;
+            gsn = f;
+            f += kChunk * kSlab;
+        } else {
+            gcs = gsn = nullptr;
+        }
+        rst = reinterpret_cast<int32_t*>(f);
+    }
+
+    // Gate columns of the slab starting at channel d0 (1 for a per-head gate).
+    __device__ __forceinline__ int gate_cols(int64_t d0) const {
+        return per_head ? 1 : static_cast<int>(min(static_cast<int64_t>(kSlab), p.dims.key_dim - d0));
+    }
+    // The prefix-table column of slab channel j.
+    __device__ __forceinline__ int col(int j) const { return per_head ? 0 : j; }
+
+    // The segmented chunk-local prefix of gate channels d0 .. d0 + cols − 1:
+    // cpu::chunked::Scratch::build_prefix. Steps past the chunk's end get
+    // g = 0 (finite factors that only ever meet zero q, k, v). Ends with a
+    // barrier.
+    __device__ void build_prefix(int64_t d0) {
+        const int cols = gate_cols(d0);
+        // Stage the raw gates: Re into gre, Im into gsn.
+        for (int i = tid; i < kChunk * kSlab; i += kThreads) {
+            const int t = i / kSlab;
+            const int j = i - t * kSlab;
+            float gr = 0.f, gi = 0.f;
+            if (t < n && j < cols) {
+                const int64_t ch = per_head ? 0 : d0 + j;
+                if (kComplex) {
+                    const float2 g = load_complex(complex_seq_row(p.log_gate, p.gate_strides, b, h),
+                                                  (t0 + t) * p.gate_strides.time + ch);
+                    gr = g.x;
+                    gi = g.y;
+                } else {
+                    gr = __ldg(seq_row<float>(p.log_gate, p.gate_strides, b, h) + (t0 + t) * p.gate_strides.time + ch);
+                }
+            }
+            gre[i] = gr;
+            if (kComplex) gsn[i] = gi;
+        }
+        __syncthreads();
+        // One thread per channel walks the 64 steps.
+        for (int j = tid; j < cols; j += kThreads) {
+            float pre_re = 0.f, pre_im = 0.f;
+            int32_t pre_r = -1;
+            for (int t = 0; t < kChunk; ++t) {
+                const int i = t * kSlab + j;
+                const float gr = gre[i];
+                const bool keep = gr >= GATELOOP_RESET_LOG_GATE;
+                const float s_re = pre_re + gr;
+                pre_re = keep ? s_re : 0.f;
+                if (kComplex) {
+                    const float s_im = reduce_2pi(pre_im + reduce_2pi(gsn[i]));
+                    pre_im = keep ? s_im : 0.f;
+                    gsn[i] = pre_im;
+                }
+                pre_r = max(pre_r, keep ? -1 : t);
+                gre[i] = pre_re;
+                rst[i] = pre_r;
+            }
+        }
+        __syncthreads();
+        if (kComplex) {
+            // θ ∈ [−π, π] (reduced above): the SFU's sin/cos have an absolute
+            // error ≤ 2^−21.4 there, and no slow-path argument reduction.
+            for (int i = tid; i < kChunk * kSlab; i += kThreads) {
+                float s, c;
+                __sincosf(gsn[i], &s, &c);
+                gcs[i] = c;
+                gsn[i] = s;
+            }
+            __syncthreads();
+        }
+    }
+
+    // |E(late, early)| of table column cl, early = −1 meaning "before the
+    // chunk": 0 across a reset, else exp of a difference ≤ 0.
+    __device__ __forceinline__ float modulus(int late, int early, int cl) const {
+        if (rst[late * kSlab + cl] > early) return 0.f;
+        const float e = early < 0 ? 0.f : gre[early * kSlab + cl];
+        return expf(fminf(gre[late * kSlab + cl] - e, 0.f));
+    }
+    __device__ __forceinline__ float cos_at(int t, int cl) const { return kComplex ? gcs[t * kSlab + cl] : 1.f; }
+    __device__ __forceinline__ float sin_at(int t, int cl) const { return kComplex ? gsn[t * kSlab + cl] : 0.f; }
+
+    // x (q or k) of slab d0 into xs [kChunk][kSlab] f32, zero past the chunk / K.
+    __device__ __forceinline__ void load_keys(const input_t* __restrict__ x, const GateloopSeqStrides& s, int64_t d0,
+                                              float* xs) const {
+        for (int i = tid; i < kChunk * kSlab; i += kThreads) {
+            const int t = i / kSlab;
+            const int j = i - t * kSlab;
+            xs[i] = (t < n && d0 + j < p.dims.key_dim) ? Tr::load(x, (t0 + t) * s.time + d0 + j) : 0.f;
+        }
+    }
+
+    // V tile (kChunk × kVTile) into a split operand, zero past the chunk / V.
+    template <class Op, int kTerms>
+    __device__ __forceinline__ void load_values(const Split<Op>& vs) const {
+        for (int i = tid; i < kChunk * kVTile; i += kThreads) {
+            const int m = i / kVTile;
+            const int c = i - m * kVTile;
+            const float x = (m < n && v0 + c < p.dims.value_dim) ? Tr::load(v, (t0 + m) * p.v_strides.time + v0 + c) : 0.f;
+            vs.template put<kTerms>(m, c, x);
+        }
+    }
+
+    // Workspace row `row` (of parts·K) of this chunk's state, at column 0.
+    __device__ __forceinline__ int64_t ws_state_row(int64_t row) const {
+        return ((bh * p.num_chunks + chunk) * (kComplex ? 2 : 1) * p.dims.key_dim + row) * p.dims.value_dim;
+    }
+};
+
+// Operand widths of one slab: [Re | Im] halves of 16 channels, or Re only.
+template <bool kComplex>
+__host__ __device__ constexpr int slab_width() {
+    return kComplex ? 2 * kSlab : kSlab;
+}
+template <class Op, bool kComplex>
+__host__ __device__ constexpr int ld_slab() {
+    return slab_width<kComplex>() + Op::kPad;
+}
+template <class Op>
+__host__ __device__ constexpr int ld_tile() {
+    return kVTile + Op::kPad;
+}
+// Bytes of a split (hi + lo) operand of `rows` rows of leading dimension ld.
+template <class Op>
+__host__ __device__ constexpr int split_bytes(int rows, int ld) {
+    return 2 * rows * ld * static_cast<int>(sizeof(typename Op::storage));
+}
+constexpr int kStagingBytes = kWarps * 16 * 16 * 4;
+
+// The dynamic shared memory of each kernel (src/cuda/chunk.rs: shared_bytes
+// computes the same numbers; every array is a multiple of 128 bytes).
+template <class Op, bool kComplex>
+__host__ __device__ constexpr int state_smem_bytes() {
+    return prefix_bytes<kComplex>() + kChunk * kSlab * 4 + split_bytes<Op>(kChunk, ld_tile<Op>()) +
+           split_bytes<Op>(kChunk, ld_slab<Op, kComplex>()) + kStagingBytes;
+}
+template <class Op, bool kComplex>
+__host__ __device__ constexpr int output_slab_bytes() {
+    return split_bytes<Op>(kChunk, ld_slab<Op, kComplex>()) +            // Q̃
+           split_bytes<Op>(slab_width<kComplex>(), ld_tile<Op>()) +      // S slab
+           split_bytes<Op>(kPairs * kSub, ld_slab<Op, kComplex>()) +     // q̃ per pair
+           split_bytes<Op>((kSubs - 1) * kSub, ld_slab<Op, kComplex>()); // k̃ per key sub-chunk
+}
+template <class Op>
+__host__ __device__ constexpr int output_final_bytes() {
+    return split_bytes<Op>(kChunk, ld_tile<Op>()) + split_bytes<Op>(kChunk, ld_tile<Op>());  // P, V
+}
+template <class Op, bool kComplex>
+__host__ __device__ constexpr int output_smem_bytes() {
+    return prefix_bytes<kComplex>() + 2 * kChunk * kSlab * 4 +
+           (output_slab_bytes<Op, kComplex>() > output_final_bytes<Op>() ? output_slab_bytes<Op, kComplex>()
+                                                                         : output_final_bytes<Op>()) +
+           kSubs * kSub * kSub * 4 + kStagingBytes;
+}
+
+// Carves split operands off a bump pointer.
+template <class Op>
+__device__ __forceinline__ Split<Op> carve(unsigned char*& at, int rows, int ld) {
+    using S = typename Op::storage;
+    Split<Op> s;
+    s.hi = reinterpret_cast<S*>(at);
+    s.lo = s.hi + rows * ld;
+    s.ld = ld;
+    at += split_bytes<Op>(rows, ld);
+    return s;
+}
+
+__device__ __forceinline__ void check_shared(int have, int need) {
+    // The host computes the size from the same layout; a mismatch is a bug.
+    if (have < need) __trap();
+}
+
+// Stores a warp's 16 × 16 accumulator through its staging tile and hands
+// (row, col, value) to `f` for each element (lane-strided).
+template <class Op, class F>
+__device__ __forceinline__ void drain(const Acc<Op>& acc, float* staging, int lane, F f) {
+    wmma::store_matrix_sync(staging, acc, 16, wmma::mem_row_major);
+    __syncwarp();
+    for (int e = lane; e < 256; e += 32) f(e >> 4, e & 15, staging[e]);
+    __syncwarp();
+}
+
+}  // namespace chunk
+}  // namespace gateloop
+
+#endif  // GATELOOP_CHUNK_COMMON_CUH

@@ -1,0 +1,586 @@
+// The chunked BACKWARD of GateLoop (complex gates): the GPU twin of
+// src/cpu/chunked_grad.rs. READ that module's doc for the derivation (the
+// pre-phase accumulators acc_q, acc_k, acc_d, the gate gradient from w', u and
+// the through term); this file maps its three CPU launches onto thread blocks,
+// with the same chunks (64), anchors (last step of each 16-step key
+// sub-chunk), segmented chunk-local gate prefix (Block::build_prefix, shared
+// with the forward through chunk_common.cuh) and the same formulas.
+//
+// Launches (one stream; the launcher is src/cuda/chunk_grad.rs):
+//   1a. the forward's gateloop_chunk_state (tensor cores): U_c, A_c.
+//   1b. grad_w, one block per (b, h, chunk, value tile of 64):
+//       W_c = [Re Q̃ | −Im Q̃]ᵀ dY (planar 2K × 64), Q̃_n = q_n E(n, −1).
+//   2a. the forward's gateloop_chunk_carry: U_c → S_in(c) (h_final to a sink).
+//   2b. grad_adjoint_carry, one thread per (b, h, key row, value column):
+//       D(last) = dh_final, D(c − 1) = conj(A_c) D(c) + W_c, W_c ← D(c); dh0.
+//   3a. grad_qk, one block per (b, h, chunk), looping over key slabs of 16:
+//       s = dY Vᵀ (64 × 64, once), then per slab the pre-phase accumulators
+//       of the CPU mirror, dq, dk and the gate gradient (per-head gates: the
+//       slabs' w', u and through terms summed in shared memory in slab
+//       order, then one scan: deterministic, no atomics).
+//   3b. grad_dv, one block per (b, h, chunk, value tile of 64):
+//       dv = Pᵀ dY + [Re K̃ | Im K̃] [Re D; Im D], the scores P (causal,
+//       summed over every key slab) recomputed as in the forward.
+// The backward's own kernels (1b, 2b, 3a, 3b) use f32 CUDA-core FMAs (no
+// split tensor-core operands): the pairwise products carry f32 rounding only.
+// Every modulus exponentiated is exp of a difference ≤ 0 inside one segment;
+// off-diagonal sub-chunk pairs use the factorisation
+// |E(n, m)| = |E(n, r)| |E(r, m)| at the anchor r (both factors ≤ 1, 0 across
+// a reset on either side), diagonal sub-chunk pairs one exp each.
+//
+// Thread ↔ data maps (256 threads):
+//   grad_w:  column c = tid % 64 of the value tile, planar rows tid / 64 + 4i.
+//   grad_qk: key channel d = tid % 16 of the slab, steps n = tid / 16 + 16i
+//            (i < 4) for dq, dk; s[n][m]: m = tid % 64, n = tid / 64 + 4i.
+//   grad_dv: column c = tid % 64, steps m = tid / 64 + 4i (i < 16); score
+//            P[n][m]: m = tid % 64, n = tid / 64 + 4i.
+// Shared memory is dynamic; its size is computed by the host with the same
+// layout (src/cuda/chunk_grad.rs: shared_bytes) and checked here (trap).
+
+#include "chunk_common.cuh"
+
+namespace gateloop {
+namespace chunk {
+
+constexpr int kLdPad = kVTile + 1;  // padded rows read column-wise across lanes
+constexpr int kAnchors = kSubs - 1; // key sub-chunks with an off-diagonal anchor
+
+// Shared-memory floats of each backward kernel (after the prefix tables).
+constexpr int kWFloats = kChunk * kSlab +        // q raw
+                         kChunk * 2 * kSlab +    // [Re Q̃ | −Im Q̃]
+                         kChunk * kVTile;        // dY tile
+constexpr int kQkFloats = 2 * kChunk * kSlab +       // q, k raw
+                          kChunk * kChunk +          // s = dY Vᵀ
+                          kChunk * kAnchors * kSlab + // |E(n, r_j)|
+                          kChunk * kSlab +           // |E(r_m, m)|
+                          2 * kChunk * kLdPad +      // dY, V tiles
+                          2 * 2 * kSlab * kLdPad +   // S_in, D slab tiles
+                          2 * 2 * kChunk * kSlab +   // w', u per (n, d), complex
+                          2 * (2 * kChunk) +         // per-head w', u sums, complex
+                          2 * kSlab + 2;             // through per channel, per-head through
+constexpr int kDvFloats = 2 * kChunk * kSlab +       // q, k raw
+                          kChunk * kAnchors * kSlab + // |E(n, r_j)|
+                          kChunk * kSlab +           // |E(r_m, m)|
+                          kChunk * 2 * kSlab +       // [Re K̃ | Im K̃]
+                          2 * kSlab * kVTile +       // D slab tile
+                          kChunk * kChunk +          // P
+                          kChunk * kVTile;           // dY tile
+constexpr int kWSmem = prefix_bytes<true>() + 4 * kWFloats;
+constexpr int kQkSmem = prefix_bytes<true>() + 4 * kQkFloats;
+constexpr int kDvSmem = prefix_bytes<true>() + 4 * kDvFloats;
+
+// The anchor tables of one slab (after build_prefix, raw q, k loaded):
+// wa[(n·kAnchors + j)·kSlab + d] = |E(n, r_j)| for key sub-chunk j < sub(n)
+// (else 0), wk[m·kSlab + d] = |E(r_m, m)| for m in sub-chunks 0 .. kSubs − 2,
+// r_j = 16 j + 15: the forward's anchored factors (cpu::chunked intra_scores).
+template <class B>
+__device__ __forceinline__ void anchor_tables(const B& blk, float* wa, float* wk) {
+    for (int i = blk.tid; i < kChunk * kAnchors * kSlab; i += kThreads) {
+        const int d = i % kSlab;
+        const int j = (i / kSlab) % kAnchors;
+        const int n = i / (kSlab * kAnchors);
+        wa[i] = j < n / kSub ? blk.modulus(n, kSub * j + kSub - 1, blk.col(d)) : 0.f;
+    }
+    for (int i = blk.tid; i < kChunk * kSlab; i += kThreads) {
+        const int d = i % kSlab;
+        const int m = i / kSlab;
+        const int j = m / kSub;
+        wk[i] = j < kAnchors ? blk.modulus(kSub * j + kSub - 1, m, blk.col(d)) : 0.f;
+    }
+}
+
+// |E(n, m)| for m < n of channel d (table column cl): one exp inside a
+// sub-chunk, the anchored product across sub-chunks.
+template <class B>
+__device__ __forceinline__ float pair_modulus(const B& blk, const float* wa, const float* wk, int n, int m, int d,
+                                              int cl) {
+    const int j = m / kSub;
+    if (j == n / kSub) return blk.modulus(n, m, cl);
+    return wa[(n * kAnchors + j) * kSlab + d] * wk[m * kSlab + d];
+}
+
+// ---- 1b. W_c = Σ_n conj(Q̃_n) dy_nᵀ ----------------------------------------------------
+
+template <typename input_t>
+__device__ __forceinline__ void grad_w(const GateloopChunkGradParams& g) {
+    using Tr = InputTraits<input_t>;
+    extern __shared__ __align__(128) unsigned char smem[];
+    check_shared(g.w_shared_bytes, kWSmem);
+    const GateloopChunkParams& p = g.fwd;
+    Block<input_t, true> blk(p, smem);
+    float* qraw = reinterpret_cast<float*>(smem + prefix_bytes<true>());
+    float* qe = qraw + kChunk * kSlab;  // [kChunk][2·kSlab]
+    float* dyt = qe + kChunk * 2 * kSlab;  // [kChunk][kVTile]
+    const int64_t key_dim = p.dims.key_dim;
+    const int64_t value_dim = p.dims.value_dim;
+    const input_t* __restrict__ dy = seq_row<input_t>(g.dy, g.dy_strides, blk.b, blk.h);
+    for (int i = blk.tid; i < kChunk * kVTile; i += kThreads) {
+        const int n = i / kVTile;
+        const int c = i - n * kVTile;
+        dyt[i] = (n < blk.n && blk.v0 + c < value_dim) ? Tr::load(dy, (blk.t0 + n) * g.dy_strides.time + blk.v0 + c)
+                                                        : 0.f;
+    }
+    const int c = blk.tid % kVTile;
+    const int r0 = blk.tid / kVTile;
+    constexpr int kRows = 2 * kSlab / (kThreads / kVTile);  // 8 planar rows per thread
+    for (int64_t d0 = 0; d0 < key_dim; d0 += kSlab) {
+        if (d0 == 0 || !blk.per_head) blk.build_prefix(d0);  // ends with a barrier
+        blk.load_keys(blk.q, p.q_strides, d0, qraw);
+        __syncthreads();
+        // [Re Q̃ | −Im Q̃], Q̃_n = q_n |E(n, −1)| e^{iθ_n}: the forward's inter-chunk rows.
+        for (int i = blk.tid; i < kChunk * kSlab; i += kThreads) {
+            const int n = i / kSlab;
+            const int j = i - n * kSlab;
+            const int cl = blk.col(j);
+            const float wq = blk.modulus(n, -1, cl) * qraw[i];
+            qe[n * 2 * kSlab + j] = wq * blk.cos_at(n, cl);
+            qe[n * 2 * kSlab + kSlab + j] = -(wq * blk.sin_at(n, cl));
+        }
+        __syncthreads();
+        float acc[kRows];
+#pragma unroll
+        for (int i = 0; i < kRows; ++i) acc[i] = 0.f;
+#pragma unroll 4
+        for (int n = 0; n < kChunk; ++n) {
+            const float y = dyt[n * kVTile + c];
+#pragma unroll
+            for (int i = 0; i < kRows; ++i) acc[i] = fmaf(qe[n * 2 * kSlab + r0 + 4 * i], y, acc[i]);
+        }
+        const int64_t col = blk.v0 + c;
+#pragma unroll
+        for (int i = 0; i < kRows; ++i) {
+            const int r = r0 + 4 * i;  // planar row: part · kSlab + j
+            const int part = r / kSlab;
+            const int64_t d = d0 + (r - part * kSlab);
+            if (d < key_dim && col < value_dim) g.ws_adj[blk.ws_state_row(part * key_dim + d) + col] = acc[i];
+        }
+        __syncthreads();  // qe, qraw and the prefix tables are rewritten by the next slab
+    }
+}
+
+// ---- 2b. the adjoint carry ------------------------------------------------------------
+
+__device__ __forceinline__ void grad_adjoint_carry(const GateloopChunkGradParams& g) {
+    const GateloopChunkParams& p = g.fwd;
+    const int64_t key_dim = p.dims.key_dim;
+    const int64_t value_dim = p.dims.value_dim;
+    const int64_t kv = key_dim * value_dim;
+    const int64_t idx = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+    if (idx >= p.dims.batch * p.dims.heads * kv) return;
+    const int64_t bh = idx / kv;
+    const int64_t row = (idx - bh * kv) / value_dim;
+    const int64_t col = idx - bh * kv - row * value_dim;
+    const BatchHead bhi = batch_head(bh, p.dims.heads);
+    const int64_t nc = p.num_chunks;
+    const int64_t gd = p.dims.gate_dim;
+    const int64_t ch = gd == 1 ? 0 : row;
+    const int64_t chunk_stride = 2 * kv;
+    float* re = g.ws_adj + bh * nc * chunk_stride + row * value_dim + col;
+    float* im = re + kv;
+    const float* dec = p.ws_decay + (bh * nc * gd + ch) * 2;
+    float2 s = (g.grad_flags & GATELOOP_GRAD_FLAG_HAS_DH_FINAL) != 0
+                   ? load_complex(g.dh_final, state_index(g.dh_final_strides, bhi.b, bhi.h, row, col))
+                   : make_float2(0.f, 0.f);
+    for (int64_t c = nc - 1; c >= 0; --c) {
+        const float2 a = make_float2(dec[c * gd * 2], -dec[c * gd * 2 + 1]);  // conj(A_c)
+        const float2 w = make_float2(re[c * chunk_stride], im[c * chunk_stride]);
+        re[c * chunk_stride] = s.x;
+        im[c * chunk_stride] = s.y;
+        s = apply(a, w, s);
+    }
+    if ((g.grad_flags & GATELOOP_GRAD_FLAG_HAS_DH0) != 0) {
+        reinterpret_cast<float2*>(g.dh0)[state_index(g.dh0_strides, bhi.b, bhi.h, row, col)] = s;
+    }
+}
+
+// ---- 3a. dq, dk and the gate gradient -------------------------------------------------
+
+// The gate gradient of one gate column over the chunk's first n steps
+// (cpu::chunked_grad launch3_chunk's last part): u (in place) becomes its
+// exclusive prefix sum from `start` = A ⊙ Σ_j S_in conj(D); then, backwards,
+// g_t = conj(Σ_{r ≥ t} w'_r + u_t), the running sum restarted at each reset
+// step (whose gradient is 0). `stride` separates consecutive steps in w, u.
+template <class B, class Write>
+__device__ __forceinline__ void gate_scan(const B& blk, float2* w, float2* u, int stride, float2 start, int cl,
+                                          bool zero_first, Write write) {
+    float2 run = start;
+    for (int n = 0; n < blk.n; ++n) {
+        const float2 x = u[n * stride];
+        u[n * stride] = run;
+        run = make_float2(run.x + x.x, run.y + x.y);
+    }
+    run = make_float2(0.f, 0.f);
+    for (int n = blk.n - 1; n >= 0; --n) {
+        float2 out;
+        if (blk.rst[n * kSlab + cl] == n) {
+            run = make_float2(0.f, 0.f);
+            out = run;
+        } else {
+            run = make_float2(run.x + w[n * stride].x, run.y + w[n * stride].y);
+            out = make_float2(run.x + u[n * stride].x, -(run.y + u[n * stride].y));
+        }
+        // The very first step without h0 multiplies a zero state: exactly 0.
+        if (n == 0 && zero_first) out = make_float2(0.f, 0.f);
+        write(n, out);
+    }
+}
+
+template <typename input_t>
+__device__ __forceinline__ void grad_qk(const GateloopChunkGradParams& g) {
+    using Tr = InputTraits<input_t>;
+    extern __shared__ __align__(128) unsigned char smem[];
+    check_shared(g.qk_shared_bytes, kQkSmem);
+    const GateloopChunkParams& p = g.fwd;
+    Block<input_t, true> blk(p, smem, 1);
+    float* f = reinterpret_cast<float*>(smem + prefix_bytes<true>());
+    float* qraw = f;
+    f += kChunk * kSlab;
+    float* kraw = f;
+    f += kChunk * kSlab;
+    float* ds = f;  // [kChunk][kChunk]: s_nm = dy_n · v_m
+    f += kChunk * kChunk;
+    float* wa = f;
+    f += kChunk * kAnchors * kSlab;
+    float* wk = f;
+    f += kChunk * kSlab;
+    float* dyt = f;  // [kChunk][kLdPad]
+    f += kChunk * kLdPad;
+    float* vt = f;  // [kChunk][kLdPad]
+    f += kChunk * kLdPad;
+    float* sin_t = f;  // [2·kSlab][kLdPad]: S_in rows [Re | Im] of the slab
+    f += 2 * kSlab * kLdPad;
+    float* adj_t = f;  // [2·kSlab][kLdPad]: D rows [Re | Im] of the slab
+    f += 2 * kSlab * kLdPad;
+    float2* wpr = reinterpret_cast<float2*>(f);  // [kChunk][kSlab]: w'_n of channel d
+    f += 2 * kChunk * kSlab;
+    float2* upr = reinterpret_cast<float2*>(f);  // [kChunk][kSlab]: u_n of channel d
+    f += 2 * kChunk * kSlab;
+    float2* head_w = reinterpret_cast<float2*>(f);  // [kChunk]: per-head sums over the channels
+    f += 2 * kChunk;
+    float2* head_u = reinterpret_cast<float2*>(f);  // [kChunk]
+    f += 2 * kChunk;
+    float2* through = reinterpret_cast<float2*>(f);  // [kSlab]: Σ_j S_in conj(D) per channel
+    f += 2 * kSlab;
+    float2* head_through = reinterpret_cast<float2*>(f);  // [1]
+
+    const int64_t key_dim = p.dims.key_dim;
+    const int64_t value_dim = p.dims.value_dim;
+    const int tid = blk.tid;
+    const bool zero_first = blk.chunk == 0 && (p.flags & GATELOOP_FLAG_HAS_H0) == 0;
+    const input_t* __restrict__ dy = seq_row<input_t>(g.dy, g.dy_strides, blk.b, blk.h);
+    // The chunk's (dY, V) tile of columns v0 .. v0 + 63, zero outside.
+    auto load_dy_v = [&](int64_t v0) {
+        for (int i = tid; i < kChunk * kVTile; i += kThreads) {
+            const int n = i / kVTile;
+            const int c = i - n * kVTile;
+            const bool in = n < blk.n && v0 + c < value_dim;
+            dyt[n * kLdPad + c] = in ? Tr::load(dy, (blk.t0 + n) * g.dy_strides.time + v0 + c) : 0.f;
+            vt[n * kLdPad + c] = in ? Tr::load(blk.v, (blk.t0 + n) * p.v_strides.time + v0 + c) : 0.f;
+        }
+    };
+
+    // s = dY Vᵀ over every value tile (each thread 16 entries, fixed order).
+    {
+        const int m = tid % kChunk;
+        const int n0 = tid / kChunk;
+        float acc[16];
+#pragma unroll
+        for (int i = 0; i < 16; ++i) acc[i] = 0.f;
+        for (int64_t v0 = 0; v0 < value_dim; v0 += kVTile) {
+            load_dy_v(v0);
+            __syncthreads();
+#pragma unroll 4
+            for (int c = 0; c < kVTile; ++c) {
+                const float x = vt[m * kLdPad + c];
+#pragma unroll
+                for (int i = 0; i < 16; ++i) acc[i] = fmaf(dyt[(n0 + 4 * i) * kLdPad + c], x, acc[i]);
+            }
+            __syncthreads();
+        }
+#pragma unroll
+        for (int i = 0; i < 16; ++i) ds[(n0 + 4 * i) * kChunk + m] = acc[i];
+    }
+    for (int i = tid; i < kChunk; i += kThreads) {
+        head_w[i] = make_float2(0.f, 0.f);
+        head_u[i] = make_float2(0.f, 0.f);
+    }
+    if (tid == 0) head_through[0] = make_float2(0.f, 0.f);
+    // (ds and the head sums are read after the first slab's barriers.)
+
+    const int d = tid % kSlab;
+    const int nb = tid / kSlab;  // rows nb + 16 i
+    input_t* __restrict__ dq_out = seq_row_mut<input_t>(g.dq, g.dq_strides, blk.b, blk.h);
+    input_t* __restrict__ dk_out = seq_row_mut<input_t>(g.dk, g.dk_strides, blk.b, blk.h);
+    float* dgate = g.dlog_gate + 2 * (blk.b * g.dgate_strides.batch + blk.h * g.dgate_strides.head);
+    const float* dec = p.ws_decay + (blk.bh * p.num_chunks + blk.chunk) * p.dims.gate_dim * 2;
+
+    for (int64_t d0 = 0; d0 < key_dim; d0 += kSlab) {
+        if (d0 == 0 || !blk.per_head) blk.build_prefix(d0);  // ends with a barrier
+        blk.load_keys(blk.q, p.q_strides, d0, qraw);
+        blk.load_keys(blk.k, p.k_strides, d0, kraw);
+        anchor_tables(blk, wa, wk);
+        __syncthreads();
+        const int cl = blk.col(d);
+        // Intra-chunk pairs m < n (the self pair apart): the pre-phase rows
+        // acc_q[n] = Σ_m s_nm |E(n, m)| k_m e^{−iθ_m}, acc_k[n] = Σ_{m > n} s_mn |E(m, n)| q_m e^{iθ_m}.
+        float2 aq[4], ak[4], ad[4];
+#pragma unroll
+        for (int i = 0; i < 4; ++i) {
+            const int n = nb + 16 * i;
+            float qr = 0.f, qi = 0.f, kr = 0.f, ki = 0.f;
+#pragma unroll 2
+            for (int m = 0; m < n; ++m) {
+                const float x = ds[n * kChunk + m] * pair_modulus(blk, wa, wk, n, m, d, cl) * kraw[m * kSlab + d];
+                qr = fmaf(x, blk.cos_at(m, cl), qr);
+                qi = fmaf(-x, blk.sin_at(m, cl), qi);
+            }
+#pragma unroll 2
+            for (int m = n + 1; m < blk.n; ++m) {
+                const float x = ds[m * kChunk + n] * pair_modulus(blk, wa, wk, m, n, d, cl) * qraw[m * kSlab + d];
+                kr = fmaf(x, blk.cos_at(m, cl), kr);
+                ki = fmaf(x, blk.sin_at(m, cl), ki);
+            }
+            aq[i] = make_float2(qr, qi);
+            ak[i] = make_float2(kr, ki);
+        }
+        // Through the state: x = S_in dy_n, y = D v_n (inner: every value
+        // column), and Σ_j S_in conj(D) per channel (threads of nb = 0).
+        float2 xs[4], ys[4];
+#pragma unroll
+        for (int i = 0; i < 4; ++i) xs[i] = ys[i] = make_float2(0.f, 0.f);
+        float2 thr = make_float2(0.f, 0.f);
+        for (int64_t v0 = 0; v0 < value_dim; v0 += kVTile) {
+            __syncthreads();  // the previous tile is consumed
+            load_dy_v(v0);
+            for (int i = tid; i < 2 * kSlab * kVTile; i += kThreads) {
+                const int r = i / kVTile;
+                const int c = i - r * kVTile;
+                const int part = r / kSlab;
+                const int64_t dd = d0 + (r - part * kSlab);
+                const bool in = dd < key_dim && v0 + c < value_dim;
+                const int64_t at = blk.ws_state_row(part * key_dim + dd) + v0 + c;
+                sin_t[r * kLdPad + c] = in ? p.ws_state[at] : 0.f;
+                adj_t[r * kLdPad + c] = in ? g.ws_adj[at] : 0.f;
+            }
+            __syncthreads();
+#pragma unroll 4
+            for (int c = 0; c < kVTile; ++c) {
+                const float sr = sin_t[d * kLdPad + c], si = sin_t[(kSlab + d) * kLdPad + c];
+                const float dr = adj_t[d * kLdPad + c], di = adj_t[(kSlab + d) * kLdPad + c];
+#pragma unroll
+                for (int i = 0; i < 4; ++i) {
+                    const int n = nb + 16 * i;
+                    const float y = dyt[n * kLdPad + c], x = vt[n * kLdPad + c];
+                    xs[i] = make_float2(fmaf(sr, y, xs[i].x), fmaf(si, y, xs[i].y));
+                    ys[i] = make_float2(fmaf(dr, x, ys[i].x), fmaf(di, x, ys[i].y));
+                }
+                if (nb == 0) thr = make_float2(fmaf(sr, dr, fmaf(si, di, thr.x)), fmaf(si, dr, fmaf(-sr, di, thr.y)));
+            }
+        }
+        if (nb == 0) through[d] = thr;
+        const int last = blk.n - 1;
+        const float cl_last = blk.cos_at(last, cl), sl_last = blk.sin_at(last, cl);
+#pragma unroll
+        for (int i = 0; i < 4; ++i) {
+            const int n = nb + 16 * i;
+            // acc_q += |E(n, −1)| (S_in dy_n); acc_d = |E(last, n)| e^{iθ_last} conj(D v_n).
+            const float wi = blk.modulus(n, -1, cl);
+            aq[i] = make_float2(fmaf(wi, xs[i].x, aq[i].x), fmaf(wi, xs[i].y, aq[i].y));
+            const float wl = n < blk.n ? blk.modulus(last, n, cl) : 0.f;
+            ad[i] = make_float2(wl * fmaf(cl_last, ys[i].x, sl_last * ys[i].y),
+                                wl * fmaf(sl_last, ys[i].x, -(cl_last * ys[i].y)));
+            // dq̂ = e^{iθ} acc_q, dk̂ = e^{−iθ} acc_k, dk̂ᴰ = e^{−iθ} acc_d.
+            const float cn = blk.cos_at(n, cl), sn = blk.sin_at(n, cl);
+            const float2 dqh = make_float2(fmaf(cn, aq[i].x, -(sn * aq[i].y)), fmaf(sn, aq[i].x, cn * aq[i].y));
+            const float2 dkh = make_float2(fmaf(cn, ak[i].x, sn * ak[i].y), fmaf(cn, ak[i].y, -(sn * ak[i].x)));
+            const float2 dkd = make_float2(fmaf(cn, ad[i].x, sn * ad[i].y), fmaf(cn, ad[i].y, -(sn * ad[i].x)));
+            const float qn = qraw[n * kSlab + d], kn = kraw[n * kSlab + d];
+            // w'_n = q dq̂ − k dk̂ (self pair left out: it cancels exactly), u_n = k dk̂ᴰ.
+            wpr[n * kSlab + d] = make_float2(fmaf(dqh.x, qn, -(dkh.x * kn)), fmaf(dqh.y, qn, -(dkh.y * kn)));
+            upr[n * kSlab + d] = make_float2(dkd.x * kn, dkd.y * kn);
+            const float s_nn = ds[n * kChunk + n];
+            const int64_t ch = d0 + d;
+            if (n < blk.n && ch < key_dim) {
+                Tr::store(dq_out, (blk.t0 + n) * g.dq_strides.time + ch, fmaf(kn, s_nn, dqh.x));
+                Tr::store(dk_out, (blk.t0 + n) * g.dk_strides.time + ch, fmaf(qn, s_nn, dkh.x + dkd.x));
+            }
+        }
+        __syncthreads();
+        if (!blk.per_head) {
+            // One thread per channel: its own scan.
+            if (tid < kSlab && d0 + tid < key_dim) {
+                const int j = tid;
+                const float2 a = make_float2(dec[(d0 + j) * 2], dec[(d0 + j) * 2 + 1]);
+                gate_scan(blk, wpr + j, upr + j, kSlab, cmul(a, through[j]), j, zero_first, [&](int n, float2 x) {
+                    reinterpret_cast<float2*>(dgate)[(blk.t0 + n) * g.dgate_strides.time + d0 + j] = x;
+                });
+            }
+        } else {
+            // Per-head gate: the channels' terms summed in a fixed order
+            // (slab by slab, channel by channel).
+            if (tid < kChunk) {
+                float2 sw = head_w[tid], su = head_u[tid];
+                for (int j = 0; j < kSlab; ++j) {
+                    sw = make_float2(sw.x + wpr[tid * kSlab + j].x, sw.y + wpr[tid * kSlab + j].y);
+                    su = make_float2(su.x + upr[tid * kSlab + j].x, su.y + upr[tid * kSlab + j].y);
+                }
+                head_w[tid] = sw;
+                head_u[tid] = su;
+            } else if (tid == kChunk) {
+                float2 t = head_through[0];
+                for (int j = 0; j < kSlab; ++j) t = make_float2(t.x + through[j].x, t.y + through[j].y);
+                head_through[0] = t;
+            }
+        }
+        __syncthreads();  // wpr, upr, through, the tables are rewritten by the next slab
+    }
+    if (blk.per_head && tid == 0) {
+        const float2 a = make_float2(dec[0], dec[1]);
+        gate_scan(blk, head_w, head_u, 1, cmul(a, head_through[0]), 0, zero_first, [&](int n, float2 x) {
+            reinterpret_cast<float2*>(dgate)[(blk.t0 + n) * g.dgate_strides.time] = x;
+        });
+    }
+}
+
+// ---- 3b. dv -----------------------------------------------------------------------
+
+template <typename input_t>
+__device__ __forceinline__ void grad_dv(const GateloopChunkGradParams& g) {
+    using Tr = InputTraits<input_t>;
+    extern __shared__ __align__(128) unsigned char smem[];
+    check_shared(g.dv_shared_bytes, kDvSmem);
+    const GateloopChunkParams& p = g.fwd;
+    Block<input_t, true> blk(p, smem);
+    float* f = reinterpret_cast<float*>(smem + prefix_bytes<true>());
+    float* qraw = f;
+    f += kChunk * kSlab;
+    float* kraw = f;
+    f += kChunk * kSlab;
+    float* wa = f;
+    f += kChunk * kAnchors * kSlab;
+    float* wk = f;
+    f += kChunk * kSlab;
+    float* kt = f;  // [kChunk][2·kSlab]: [Re K̃ | Im K̃]
+    f += kChunk * 2 * kSlab;
+    float* adj_t = f;  // [2·kSlab][kVTile]: D rows [Re | Im] of the slab, this tile
+    f += 2 * kSlab * kVTile;
+    float* ps = f;  // [kChunk][kChunk]: P[n][m]
+    f += kChunk * kChunk;
+    float* dyt = f;  // [kChunk][kVTile]
+
+    const int64_t key_dim = p.dims.key_dim;
+    const int64_t value_dim = p.dims.value_dim;
+    const int tid = blk.tid;
+    const int c = tid % kVTile;  // also the score column m
+    const int r0 = tid / kVTile;
+    const int last = blk.n - 1;
+    float dv[16];
+#pragma unroll
+    for (int i = 0; i < 16; ++i) dv[i] = 0.f;
+    // Each thread accumulates its own 16 scores in place (read by others only
+    // after the last slab's barrier); zeroed before build_prefix's barriers.
+#pragma unroll
+    for (int i = 0; i < 16; ++i) ps[(r0 + 4 * i) * kChunk + c] = 0.f;
+
+    for (int64_t d0 = 0; d0 < key_dim; d0 += kSlab) {
+        if (d0 == 0 || !blk.per_head) blk.build_prefix(d0);  // ends with a barrier
+        blk.load_keys(blk.q, p.q_strides, d0, qraw);
+        blk.load_keys(blk.k, p.k_strides, d0, kraw);
+        anchor_tables(blk, wa, wk);
+        for (int i = tid; i < 2 * kSlab * kVTile; i += kThreads) {
+            const int r = i / kVTile;
+            const int cc = i - r * kVTile;
+            const int part = r / kSlab;
+            const int64_t dd = d0 + (r - part * kSlab);
+            const int64_t col = blk.v0 + cc;
+            adj_t[i] = (dd < key_dim && col < value_dim) ? g.ws_adj[blk.ws_state_row(part * key_dim + dd) + col] : 0.f;
+        }
+        __syncthreads();
+        // K̃_m = k_m |E(last, m)| e^{i(θ_last − θ_m)} (the forward's state rows).
+        for (int i = tid; i < kChunk * kSlab; i += kThreads) {
+            const int m = i / kSlab;
+            const int j = i - m * kSlab;
+            const int cl = blk.col(j);
+            const float w = m < blk.n ? blk.modulus(last, m, cl) : 0.f;
+            const float cl_ = blk.cos_at(last, cl), sl = blk.sin_at(last, cl);
+            const float kc = kraw[i] * blk.cos_at(m, cl), ks = kraw[i] * blk.sin_at(m, cl);
+            kt[m * 2 * kSlab + j] = w * fmaf(cl_, kc, sl * ks);
+            kt[m * 2 * kSlab + kSlab + j] = w * fmaf(sl, kc, -(cl_ * ks));
+        }
+        // Scores P[n][m] (m = c ≤ n) += Σ_d q_nd k_md |E(n, m)| cos(θ_n − θ_m).
+#pragma unroll 1
+        for (int i = 0; i < 16; ++i) {
+            const int n = r0 + 4 * i;
+            const int m = c;
+            if (m > n) continue;
+            float acc = 0.f;
+#pragma unroll 4
+            for (int j = 0; j < kSlab; ++j) {
+                const int cl = blk.col(j);
+                const float e = m == n ? 1.f : pair_modulus(blk, wa, wk, n, m, j, cl);
+                const float cosd = fmaf(blk.cos_at(n, cl), blk.cos_at(m, cl), blk.sin_at(n, cl) * blk.sin_at(m, cl));
+                acc = fmaf(e * cosd, qraw[n * kSlab + j] * kraw[m * kSlab + j], acc);
+            }
+            ps[n * kChunk + m] += acc;
+        }
+        __syncthreads();
+        // dv[m][c] += Σ_j [Re K̃ | Im K̃]_mj [Re D; Im D]_jc.
+#pragma unroll 4
+        for (int j = 0; j < 2 * kSlab; ++j) {
+            const float x = adj_t[j * kVTile + c];
+#pragma unroll
+            for (int i = 0; i < 16; ++i) dv[i] = fmaf(kt[(r0 + 4 * i) * 2 * kSlab + j], x, dv[i]);
+        }
+        __syncthreads();  // every table is rewritten by the next slab
+    }
+    // dv += Pᵀ dY, the inner loop over n ≥ m.
+    const input_t* __restrict__ dy = seq_row<input_t>(g.dy, g.dy_strides, blk.b, blk.h);
+    for (int i = tid; i < kChunk * kVTile; i += kThreads) {
+        const int n = i / kVTile;
+        const int cc = i - n * kVTile;
+        dyt[i] = (n < blk.n && blk.v0 + cc < value_dim)
+                     ? Tr::load(dy, (blk.t0 + n) * g.dy_strides.time + blk.v0 + cc)
+                     : 0.f;
+    }
+    __syncthreads();
+    input_t* __restrict__ dv_out = seq_row_mut<input_t>(g.dv, g.dv_strides, blk.b, blk.h);
+    const int64_t col = blk.v0 + c;
+#pragma unroll
+    for (int i = 0; i < 16; ++i) {
+        const int m = r0 + 4 * i;
+        float acc = dv[i];
+#pragma unroll 4
+        for (int n = m; n < kChunk; ++n) acc = fmaf(ps[n * kChunk + m], dyt[n * kVTile + c], acc);
+        if (m < blk.n && col < value_dim) Tr::store(dv_out, (blk.t0 + m) * g.dv_strides.time + col, acc);
+    }
+}
+
+}  // namespace chunk
+}  // namespace gateloop
+
+// ---- entry points -----------------------------------------------------------------
+//
+// gateloop_chunk_grad_{w,qk,dv}_{dtype}: dtype of q, k, v, dy, dq, dk, dv.
+
+#define GATELOOP_CHUNK_GRAD_ENTRIES(DTYPE, TYPE)                                                            \
+    extern "C" __global__ void __launch_bounds__(gateloop::chunk::kThreads, 1)                               \
+        gateloop_chunk_grad_w_##DTYPE(const GateloopChunkGradParams g) {                                    \
+        gateloop::chunk::grad_w<TYPE>(g);                                                                   \
+    }                                                                                                       \
+    extern "C" __global__ void __launch_bounds__(gateloop::chunk::kThreads, 1)                               \
+        gateloop_chunk_grad_qk_##DTYPE(const GateloopChunkGradParams g) {                                   \
+        gateloop::chunk::grad_qk<TYPE>(g);                                                                  \
+    }                                                                                                       \
+    extern "C" __global__ void __launch_bounds__(gateloop::chunk::kThreads, 1)                               \
+        gateloop_chunk_grad_dv_##DTYPE(const GateloopChunkGradParams g) {                                   \
+        gateloop::chunk::grad_dv<TYPE>(g);                                                                  \
+    }
+
+GATELOOP_CHUNK_GRAD_ENTRIES(f32, float)
+GATELOOP_CHUNK_GRAD_ENTRIES(f16, __half)
+GATELOOP_CHUNK_GRAD_ENTRIES(bf16, __nv_bfloat16)
+
+extern "C" __global__ void __launch_bounds__(GATELOOP_CHUNK_CARRY_THREADS)
+    gateloop_chunk_grad_adjoint_carry(const GateloopChunkGradParams g) {
+    gateloop::chunk::grad_adjoint_carry(g);
+}

@@ -1,0 +1,381 @@
+//! The chunked BACKWARD on the GPU (`cuda/chunk_grad.cu`, complex gates):
+//! the gradients of L = Σ dy ⊙ y + Σ Re(conj(dh_final) ⊙ h_final) with
+//! respect to q, k, v, log_gate and h0. The kernel twin of
+//! [`crate::cpu::chunked_grad`] (read its module doc for the derivation):
+//! the same chunks of 64, anchored sub-chunks of 16, segmented chunk-local
+//! gate prefix (shared with the forward through `cuda/chunk_common.cuh`),
+//! the same pre-phase accumulators and the same gate-gradient formulation
+//! (w', u and the through term, which avoids the cancellation of the
+//! chunk-end state term).
+//!
+//! # Structure: six launches on one stream
+//!
+//! 1. the forward's `state` kernel ([`super::chunk`], tensor cores, at the
+//!    requested [`ChunkPrecision`]): U_c and A_c; and `grad_w`, one block per
+//!    (b, h, chunk, 64 value columns): W_c = Σ_n conj(Q̃_n) dy_nᵀ.
+//! 2. the forward's `carry` (U_c → S_in(c); h_final into a workspace sink)
+//!    and `grad_adjoint_carry`, one thread per (b, h, key row, value
+//!    column): D(c − 1) = conj(A_c) D(c) + W_c from D(last) = dh_final,
+//!    W_c overwritten by D(c); dh0 = D(−1).
+//! 3. `grad_qk`, one block per (b, h, chunk), walking the key channels in
+//!    slabs of 16: s = dY Vᵀ once, then per slab dq, dk and the gate
+//!    gradient; and `grad_dv`, one block per (b, h, chunk, value tile):
+//!    dv = Pᵀ dY + [Re K̃ | Im K̃]·[Re D; Im D].
+//!
+//! The backward's own kernels do their arithmetic in f32 on CUDA cores (no
+//! split tensor-core operands), so [`ChunkPrecision`] only selects the
+//! forward state kernel of step 1 (Fast: U_c from one TF32 / f16 / bf16
+//! product, about 1e-3 relative).
+//!
+//! # Outputs, memory, determinism
+//!
+//! dq, dk, dv are written in the inputs' element type `T` (rounded once);
+//! dlog_gate and dh0 are complex f32. Memory beyond inputs and gradients:
+//! the workspace ([`GradPlan::workspace_len`]): the decays, S_in(c) and
+//! D(c) (8·B·H·⌈L/64⌉·K·V bytes each) and an h_final sink (8·B·H·K·V bytes):
+//! O(B·H·(L/64)·K·V), never O(L·K·V). No atomics: every output element is
+//! written by one thread, every sum has a fixed order (a per-head gate sums
+//! its K channels in a fixed order inside one block), so two runs are
+//! bitwise equal.
+//!
+//! Not yet run on a GPU: the kernels compile spill-free for sm_80 and sm_90,
+//! and the tests (`tests/gpu_chunked_grad.rs`) skip without a device.
+
+use cudarc::driver::sys::CUfunction_attribute;
+use std::sync::Arc;
+
+use cudarc::driver::{CudaFunction, CudaModule, CudaStream, DeviceRepr, LaunchConfig, PushKernelArg};
+use num_complex::Complex;
+
+use super::abi::{self, GateloopChunkGradParams, GateloopChunkParams};
+use super::chunk::{self, CARRY_THREADS, ChunkPrecision, Gates, KEY_SLAB, THREADS, VALUE_TILE};
+use super::element::{Dtype, Element, round_slice, widen_slice};
+use super::launch::{GradBuffers, SeqParams, complex_as_f32, seq_strides, state_strides};
+use super::{DriverContext, Gpu, GpuError};
+use crate::error::InputError;
+use crate::problem::{Dims, Problem};
+use crate::reference::grad::{GradInputs, Grads};
+
+pub use super::launch::{DeviceGradInputs, DeviceGrads, DeviceInputs};
+
+// SAFETY: the bindgen mirror (#[repr(C)]) of the C struct the backward
+// kernels take by value, layout pinned on both sides (the header's
+// static_assert, bindgen's layout checks, tests/abi.rs); only integers and
+// raw device addresses (valid bytes for any value), dereferenced only by the
+// kernels, whose launcher (`backward_into`) checks every buffer first.
+unsafe impl DeviceRepr for GateloopChunkGradParams {}
+
+/// Bytes of dynamic shared memory of the (grad_w, grad_qk, grad_dv) kernels:
+/// the layouts of `kWSmem`, `kQkSmem`, `kDvSmem` in cuda/chunk_grad.rs (the
+/// kernels trap if given less). The same for every element type (the
+/// backward stages f32).
+pub fn shared_bytes() -> (u32, u32, u32) {
+    let (c, s, t) = (chunk::CHUNK_LEN, KEY_SLAB, VALUE_TILE);
+    let pad = t + 1;
+    let anchors = c / chunk::SUB_CHUNK_LEN - 1;
+    let prefix = 4 * c * s * 4;
+    let w = c * s + c * 2 * s + c * t;
+    let qk = 2 * c * s + c * c + c * anchors * s + c * s + 2 * c * pad + 2 * 2 * s * pad + 2 * 2 * c * s + 2 * 2 * c + 2 * s + 2;
+    let dv = 2 * c * s + c * anchors * s + c * s + c * 2 * s + 2 * s * t + c * c + c * t;
+    ((prefix + 4 * w) as u32, (prefix + 4 * qk) as u32, (prefix + 4 * dv) as u32)
+}
+
+/// The launch geometry and workspace of one backward call.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct GradPlan {
+    /// The forward's plan (its state and carry kernels run first).
+    pub forward: chunk::LaunchPlan,
+    /// Blocks of grad_qk: B·H·num_chunks.
+    pub qk_grid: u32,
+    /// f32 offset of D(c) (after the forward's decays and states).
+    pub adj_offset: usize,
+    /// f32 offset of the h_final sink.
+    pub sink_offset: usize,
+    /// f32 of the workspace: the forward's, D (B·H·chunks·2·K·V), the sink (2·B·H·K·V).
+    pub workspace_len: usize,
+    /// Dynamic shared memory of grad_w, grad_qk, grad_dv (bytes).
+    pub shared_bytes: (u32, u32, u32),
+}
+
+/// The geometry of the backward for `dims` and element type `dtype`
+/// (complex gates; K ≤ [`chunk::MAX_KEY_DIM`]; every grid ≤ 2^31 − 1).
+pub fn plan(dims: &Dims, dtype: Dtype) -> Result<GradPlan, InputError> {
+    let forward = chunk::plan(dims, dtype, Gates::Complex)?;
+    let d = dims;
+    let nc = forward.num_chunks as usize;
+    let bh = d.batch * d.heads; // fits: the forward's plan checked B·H·chunks
+    let qk_grid = u32::try_from(bh * nc).ok().filter(|&g| g <= i32::MAX as u32).ok_or_else(|| InputError::TooLarge {
+        name: "grid",
+        shape: format!("[B·H·chunks] = {bh}·{nc}"),
+        limit: "2^31 - 1 thread blocks".into(),
+    })?;
+    let state = d.batch * d.heads * d.key_dim * d.value_dim;
+    let ws_error = || InputError::TooLarge {
+        name: "workspace",
+        shape: format!("[B·H·chunks·2·K·V] twice with {nc} chunks"),
+        limit: "usize::MAX".into(),
+    };
+    let adj_offset = forward.workspace_len;
+    let sink_offset = nc.checked_mul(2 * state).and_then(|a| a.checked_add(adj_offset)).ok_or_else(ws_error)?;
+    let workspace_len = sink_offset.checked_add(2 * state).ok_or_else(ws_error)?;
+    Ok(GradPlan { forward, qk_grid, adj_offset, sink_offset, workspace_len, shared_bytes: shared_bytes() })
+}
+
+/// The backward kernels of one context: `[dtype]` for grad_w, grad_qk, grad_dv.
+pub(crate) struct ChunkGradKernels {
+    w: Vec<CudaFunction>,
+    qk: Vec<CudaFunction>,
+    dv: Vec<CudaFunction>,
+    adjoint_carry: CudaFunction,
+}
+
+impl ChunkGradKernels {
+    /// Looks up every entry point and raises each function's dynamic shared
+    /// memory limit to what it needs, where the device allows it.
+    pub(crate) fn load(module: &Arc<CudaModule>, max_shared: usize) -> Result<Self, GpuError> {
+        let (w_bytes, qk_bytes, dv_bytes) = shared_bytes();
+        let mut tables: [Vec<CudaFunction>; 3] = Default::default();
+        for dtype in Dtype::ALL {
+            for (table, kind, bytes) in [(0, "w", w_bytes), (1, "qk", qk_bytes), (2, "dv", dv_bytes)] {
+                let f = module
+                    .load_function(&format!("gateloop_chunk_grad_{kind}_{}", dtype.name()))
+                    .doing("looking up gateloop_chunk_grad_{w,qk,dv}_*")?;
+                if bytes as usize <= max_shared {
+                    f.set_attribute(CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, bytes as i32)
+                        .doing("raising the chunked backward kernels' dynamic shared memory limit")?;
+                }
+                debug_assert_eq!(tables[table].len(), dtype.index());
+                tables[table].push(f);
+            }
+        }
+        let [w, qk, dv] = tables;
+        let adjoint_carry = module
+            .load_function("gateloop_chunk_grad_adjoint_carry")
+            .doing("looking up gateloop_chunk_grad_adjoint_carry")?;
+        Ok(ChunkGradKernels { w, qk, dv, adjoint_carry })
+    }
+}
+
+/// Runs the chunked backward (complex gates) on `stream` over device
+/// buffers, writing `grads_out`. `T` is the element type of q, k, v, dy and
+/// of dq, dk, dv; log_gate, h0, dh_final, dlog_gate and dh0 are complex f32
+/// (interleaved pairs). Asynchronous: it enqueues six kernels and never
+/// synchronizes.
+///
+/// `workspace` must hold at least [`GradPlan::workspace_len`] f32 of
+/// [`plan`]`(dims, T::DTYPE)` (overwritten). `grads_out.dh0` is required
+/// when `inputs.h0` is given (and, given without h0, receives the gradient
+/// of the implicit zero initial state). Checks on the host: dims (K ≤ 256),
+/// every buffer's length (the error names the argument), the dh0 rule,
+/// context, alignment of complex buffers and of the workspace, the device's
+/// shared memory. It does not read the data: the gate's domain (Re ≤ 0) is
+/// the caller's responsibility ([`super::check::log_gate`]).
+#[allow(clippy::too_many_arguments)]
+pub fn backward_into<'a, T: Element>(
+    gpu: &Gpu,
+    stream: &CudaStream,
+    dims: &Dims,
+    inputs: DeviceInputs<'a, T>,
+    grad_in: DeviceGradInputs<'a, T>,
+    grads_out: DeviceGrads<'a, T>,
+    workspace: &'a mut dyn cudarc::driver::DevicePtrMut<f32>,
+    precision: ChunkPrecision,
+) -> Result<(), GpuError> {
+    let d = dims;
+    let gp = plan(d, T::DTYPE)?;
+    let lp = gp.forward;
+    let fwd_kernels = &gpu.kernels.chunk;
+    let kernels = &gpu.kernels.chunk_grad;
+    let (w_bytes, qk_bytes, dv_bytes) = gp.shared_bytes;
+    let need = w_bytes.max(qk_bytes).max(dv_bytes).max(lp.state_shared_bytes) as usize;
+    if need > fwd_kernels.max_shared {
+        return Err(InputError::Param {
+            name: "device",
+            value: format!("{} ({} bytes of shared memory per block)", gpu.name(), fwd_kernels.max_shared),
+            why: "the chunked backward needs more shared memory per block than this device offers (sm_80 and sm_90 have enough)",
+        }
+        .into());
+    }
+    let has_dh_final = grad_in.dh_final.is_some();
+    let has_dh0 = grads_out.dh0.is_some();
+    let buffers = GradBuffers { inputs, grad_in, grads: grads_out, workspace };
+    buffers.check(gpu, stream, d, gp.workspace_len, || {
+        format!("at least {} f32 ({} chunks)", gp.workspace_len, lp.num_chunks)
+    })?;
+    let mut params = GateloopChunkGradParams {
+        fwd: GateloopChunkParams {
+            num_chunks: lp.num_chunks as i64,
+            value_tiles: lp.value_tiles as i64,
+            shared_bytes: lp.output_shared_bytes as i32,
+            state_shared_bytes: lp.state_shared_bytes as i32,
+            ..GateloopChunkParams::for_dims(d, T::DTYPE.abi())?
+        },
+        dy_strides: seq_strides(d, d.value_dim)?,
+        dq_strides: seq_strides(d, d.key_dim)?,
+        dk_strides: seq_strides(d, d.key_dim)?,
+        dv_strides: seq_strides(d, d.value_dim)?,
+        dgate_strides: seq_strides(d, d.gate_dim())?,
+        dh_final_strides: state_strides(d)?,
+        dh0_strides: state_strides(d)?,
+        grad_flags: if has_dh_final { abi::GATELOOP_GRAD_FLAG_HAS_DH_FINAL } else { 0 }
+            | if has_dh0 { abi::GATELOOP_GRAD_FLAG_HAS_DH0 } else { 0 },
+        w_shared_bytes: w_bytes as i32,
+        qk_shared_bytes: qk_bytes as i32,
+        dv_shared_bytes: dv_bytes as i32,
+        ..Default::default()
+    };
+    // Held until this function returns, after the launches.
+    let (ptrs, _bound) = buffers.bind(stream, &mut params.fwd)?;
+    let at = |offset: usize| (ptrs.workspace as usize + 4 * offset) as *mut f32;
+    params.fwd.ws_decay = at(0);
+    params.fwd.ws_state = at(lp.decay_len);
+    params.fwd.h_final = at(gp.sink_offset);
+    params.ws_adj = at(gp.adj_offset);
+    params.dy = ptrs.dy as usize as *const std::ffi::c_void;
+    params.dh_final = ptrs.dh_final.map_or(std::ptr::null(), |p| p as usize as *const f32);
+    params.dq = ptrs.dq as usize as *mut std::ffi::c_void;
+    params.dk = ptrs.dk as usize as *mut std::ffi::c_void;
+    params.dv = ptrs.dv as usize as *mut std::ffi::c_void;
+    params.dlog_gate = ptrs.dlog_gate as usize as *mut f32;
+    params.dh0 = ptrs.dh0.map_or(std::ptr::null_mut(), |p| p as usize as *mut f32);
+
+    let fwd_index = chunk::table_index(T::DTYPE, Gates::Complex, precision);
+    let dtype = T::DTYPE.index();
+    let block = (THREADS, 1, 1);
+    let carry_block = (CARRY_THREADS, 1, 1);
+    enum Arg<'p> {
+        Fwd(&'p GateloopChunkParams),
+        Grad(&'p GateloopChunkGradParams),
+    }
+    let launches = [
+        (&fwd_kernels.state[fwd_index], lp.grid, block, lp.state_shared_bytes, Arg::Fwd(&params.fwd), "launching gateloop_chunk_state (backward)"),
+        (&kernels.w[dtype], lp.grid, block, w_bytes, Arg::Grad(&params), "launching gateloop_chunk_grad_w"),
+        (&fwd_kernels.carry[Gates::Complex.index()], lp.carry_grid, carry_block, 0, Arg::Fwd(&params.fwd), "launching gateloop_chunk_carry (backward)"),
+        (&kernels.adjoint_carry, lp.carry_grid, carry_block, 0, Arg::Grad(&params), "launching gateloop_chunk_grad_adjoint_carry"),
+        (&kernels.qk[dtype], gp.qk_grid, block, qk_bytes, Arg::Grad(&params), "launching gateloop_chunk_grad_qk"),
+        (&kernels.dv[dtype], lp.grid, block, dv_bytes, Arg::Grad(&params), "launching gateloop_chunk_grad_dv"),
+    ];
+    for (func, grid, block_dim, shared_mem_bytes, arg, doing) in launches {
+        let cfg = LaunchConfig { grid_dim: (grid, 1, 1), block_dim, shared_mem_bytes };
+        let mut launch = stream.launch_builder(func);
+        match arg {
+            Arg::Fwd(p) => launch.arg(p),
+            Arg::Grad(p) => launch.arg(p),
+        };
+        // SAFETY: each `func` takes exactly the struct pushed: the forward's
+        // gateloop_chunk_state_{T}_c_{prec} and gateloop_chunk_carry_c a
+        // GateloopChunkParams (params.fwd), the gateloop_chunk_grad_* entries
+        // of this element type T a GateloopChunkGradParams, by value. Every
+        // pointer comes from a live buffer of this context whose length was
+        // checked above against the dims in the params (complex f32 for
+        // log_gate, h0, dh_final, dlog_gate, dh0; contiguous strides); the
+        // workspace holds ≥ gp.workspace_len f32, carved as ws_decay
+        // (decay_len), ws_state and ws_adj (B·H·chunks·2·K·V each) and the
+        // h_final sink (2·B·H·K·V), exactly the extents the kernels index,
+        // each written before it is read in stream order (state and grad_w,
+        // then the carries, then grad_qk and grad_dv). h0, dh_final, dh0 are
+        // null iff their flag is clear. Geometry as `plan` computed: blocks
+        // of the __launch_bounds__ sizes, grids ≤ 2^31 − 1, dynamic shared
+        // memory equal to each kernel's own layout (checked by the kernel)
+        // and ≤ the limit raised at load (need ≤ max_shared checked above).
+        // The borrows (`_bound`) are held until this function returns, and
+        // cudarc's drop of a CudaSlice waits on the events they record.
+        unsafe { launch.launch(cfg) }.doing(doing)?;
+    }
+    Ok(())
+}
+
+/// Uploads `p` and the upstream gradients, runs the backward (f32, exact)
+/// on the Gpu's default stream, downloads the gradients; synchronizes.
+pub fn backward_host(
+    gpu: &Gpu,
+    p: &Problem<'_, f32>,
+    dy: &[f32],
+    dh_final: Option<&[Complex<f32>]>,
+) -> Result<Grads<f32>, GpuError> {
+    backward_host_as::<f32>(gpu, p, dy, dh_final, ChunkPrecision::Exact)
+}
+
+/// [`backward_host`] with q, k, v and dy rounded to `T` on the host
+/// (log_gate, h0, dh_final stay f32), dq, dk, dv computed in `T` and widened
+/// back to f32 (exactly), and a choice of precision for the forward state
+/// kernel. `dh0` is `Some` exactly when `p.h0` is. Checks the gate domain on
+/// the host.
+pub fn backward_host_as<T: Element>(
+    gpu: &Gpu,
+    p: &Problem<'_, f32>,
+    dy: &[f32],
+    dh_final: Option<&[Complex<f32>]>,
+    precision: ChunkPrecision,
+) -> Result<Grads<f32>, GpuError> {
+    p.validate()?;
+    p.check_gate()?;
+    let d = p.dims;
+    GradInputs::new(&d, dy, dh_final)?;
+    let gp = plan(&d, T::DTYPE)?;
+    let s = gpu.stream();
+    let q = s.clone_htod(&round_slice::<T>(p.q)).doing("uploading q")?;
+    let k = s.clone_htod(&round_slice::<T>(p.k)).doing("uploading k")?;
+    let v = s.clone_htod(&round_slice::<T>(p.v)).doing("uploading v")?;
+    let log_gate = s.clone_htod(complex_as_f32(p.log_gate)).doing("uploading log_gate")?;
+    let h0 = p.h0.map(|h| s.clone_htod(complex_as_f32(h))).transpose().doing("uploading h0")?;
+    let dy_dev = s.clone_htod(&round_slice::<T>(dy)).doing("uploading dy")?;
+    let dhf = dh_final.map(|h| s.clone_htod(complex_as_f32(h))).transpose().doing("uploading dh_final")?;
+    let mut dq = s.alloc_zeros::<T>(d.qk_len()).doing("allocating dq")?;
+    let mut dk = s.alloc_zeros::<T>(d.qk_len()).doing("allocating dk")?;
+    let mut dv = s.alloc_zeros::<T>(d.v_len()).doing("allocating dv")?;
+    let mut dg = s.alloc_zeros::<f32>(2 * d.gate_len()).doing("allocating dlog_gate")?;
+    let mut dh0 = p.h0.map(|_| s.alloc_zeros::<f32>(2 * d.state_len())).transpose().doing("allocating dh0")?;
+    let mut ws = s.alloc_zeros::<f32>(gp.workspace_len).doing("allocating the workspace")?;
+    backward_into(
+        gpu,
+        s,
+        &d,
+        DeviceInputs { q: &q, k: &k, v: &v, log_gate: &log_gate, h0: h0.as_ref().map(|h| h as _) },
+        DeviceGradInputs { dy: &dy_dev, dh_final: dhf.as_ref().map(|h| h as _) },
+        DeviceGrads { dq: &mut dq, dk: &mut dk, dv: &mut dv, dlog_gate: &mut dg, dh0: dh0.as_mut().map(|h| h as _) },
+        &mut ws,
+        precision,
+    )?;
+    let dq = s.clone_dtoh(&dq).doing("downloading dq")?;
+    let dk = s.clone_dtoh(&dk).doing("downloading dk")?;
+    let dv = s.clone_dtoh(&dv).doing("downloading dv")?;
+    let dg = s.clone_dtoh(&dg).doing("downloading dlog_gate")?;
+    let dh0 = dh0.map(|h| s.clone_dtoh(&h)).transpose().doing("downloading dh0")?;
+    s.synchronize().doing("synchronizing after the chunked backward")?;
+    let unflat = |x: Vec<f32>| x.chunks_exact(2).map(|c| Complex::new(c[0], c[1])).collect::<Vec<_>>();
+    Ok(Grads { dq: widen_slice(&dq), dk: widen_slice(&dk), dv: widen_slice(&dv), dlog_gate: unflat(dg), dh0: dh0.map(unflat) })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::testing::dims;
+
+    #[test]
+    fn shared_memory_matches_the_kernel_layout() {
+        // By hand from cuda/chunk_grad.cu: prefix 16384; grad_w: q raw 4096,
+        // [Re Q̃ | −Im Q̃] 8192, dY tile 16384; grad_qk: q, k raw 8192, s 16384,
+        // anchors 12288 + 4096, dY, V tiles 2·64·65·4 = 33280, S_in, D tiles
+        // 2·32·65·4 = 16640, w', u 16384, head sums 1024, through 128 + 8;
+        // grad_dv: q, k raw 8192, anchors 16384, K̃ 8192, D tile 8192, P 16384, dY 16384.
+        assert_eq!(shared_bytes(), (45056, 16384 + 8192 + 16384 + 16384 + 33280 + 16640 + 16384 + 1024 + 136, 90112));
+        let (w, qk, dv) = shared_bytes();
+        assert!(w.max(qk).max(dv) <= 163 * 1024, "sm_80's opt-in limit");
+    }
+
+    #[test]
+    fn plan_examples() {
+        let d = dims(2, 65, 3, 5, 65, false);
+        let g = plan(&d, Dtype::Bf16).unwrap();
+        let f = chunk::plan(&d, Dtype::Bf16, Gates::Complex).unwrap();
+        assert_eq!(g.forward, f);
+        assert_eq!(g.qk_grid, 6 * 2);
+        assert_eq!(g.adj_offset, f.workspace_len);
+        assert_eq!(g.sink_offset, f.workspace_len + 6 * 2 * 2 * 5 * 65);
+        assert_eq!(g.workspace_len, g.sink_offset + 2 * 6 * 5 * 65);
+        // Every region starts at an even f32 (8-byte aligned complex pairs).
+        assert!(f.decay_len.is_multiple_of(2) && g.adj_offset.is_multiple_of(2) && g.sink_offset.is_multiple_of(2));
+        assert!(matches!(plan(&dims(1, 1, 1, 257, 1, false), Dtype::F32), Err(InputError::Param { name: "key_dim", .. })));
+    }
+}

@@ -1,0 +1,307 @@
+//! The chunked CUDA backward (`cuda::chunk_grad`) against the f64 adjoint
+//! reference (`reference::grad::backward`) on the same rounded inputs, and
+//! against its CPU mirror (`cpu::chunked_grad`).
+//!
+//! Bounds (exact precision):
+//! - dlog_gate and dh0 (complex f32 for every element type): relative L2 ≤
+//!   1e-4 and max-abs ≤ 1e-3 · max|ref|, the bounds of every f32 kernel;
+//! - dq, dk, dv (stored in the element type T, rounded once): the f32 bounds
+//!   plus that rounding, as y in tests/dtype_support/mod.rs: relative L2 ≤
+//!   1e-4 + u(1 + 1e-4) = 5.9e-4 for f16, 4.0e-3 for bf16 (≤ 5e-3, the
+//!   issue's bound), max-abs ≤ (1e-3 + u(1 + 1e-3)) · max|ref|;
+//! - L = 65536 with |a| = 1: relative L2 ≤ 1e-3 (as the forward's).
+//!
+//! The kernels see q, k, v and dy rounded to T (log_gate, h0, dh_final f32);
+//! the reference runs on exactly those values. Every launch gets NaN-poisoned
+//! gradients and workspace, so an element the kernels forget fails the
+//! comparison. Without a usable GPU every test prints
+//! `SKIPPED (no GPU): <reason>` and passes (`GATELOOP_REQUIRE_GPU=1` makes
+//! that a failure).
+
+mod common;
+mod dtype_support;
+
+use common::{ALL_REGIMES, Case, assert_within, flat, gpu_or_skip, regime_matrix, shape_sweep, unflat, upload};
+use dtype_support::{rounded_to, y_bounds};
+use gateloop::cpu::chunked::ChunkParams;
+use gateloop::cuda::chunk::ChunkPrecision;
+use gateloop::cuda::chunk_grad::{DeviceGradInputs, DeviceGrads, DeviceInputs, backward_into, plan};
+use gateloop::cuda::{Dtype, Element, Gpu};
+use gateloop::reference::grad::Grads;
+use gateloop::testing::{GateRegime, OwnedProblem, dims, random_problem};
+use gateloop::{Complex, Dims, compare, compare_complex, cpu, reference};
+use half::{bf16, f16};
+
+/// Upstream gradients of a case: dy `[B, L, H, V]` and, when asked,
+/// dh_final, random (never zero), from their own seed.
+struct Upstream {
+    dy: Vec<f64>,
+    dh_final: Option<Vec<Complex<f64>>>,
+}
+
+fn upstream(d: Dims, with_dh_final: bool, seed: u64) -> Upstream {
+    let u = random_problem(d, GateRegime::Random, true, seed ^ 0x5eed_0fd7);
+    Upstream { dy: u.v, dh_final: with_dh_final.then(|| u.h0.expect("h0")) }
+}
+
+/// What a `T` kernel sees: the problem rounded (tests/dtype_support), dy
+/// rounded to f32 then to T, dh_final rounded to f32.
+fn rounded<T: Element>(p: &OwnedProblem<f64>, up: &Upstream) -> (OwnedProblem<f64>, Upstream) {
+    let r = |x: f64| T::from_f32(x as f32).to_f32() as f64;
+    let rc = |z: &Complex<f64>| Complex::new(z.re as f32 as f64, z.im as f32 as f64);
+    let dy = up.dy.iter().map(|&x| r(x)).collect();
+    let dh_final = up.dh_final.as_ref().map(|h| h.iter().map(rc).collect());
+    (rounded_to::<T>(p), Upstream { dy, dh_final })
+}
+
+/// One backward call on a fresh stream: uploads the (already T-representable)
+/// inputs, poisons every gradient and the workspace with NaN, launches,
+/// downloads (widened to f32) and synchronizes.
+fn run<T: Element>(gpu: &Gpu, p: &OwnedProblem<f64>, up: &Upstream, precision: ChunkPrecision) -> Grads<f32> {
+    let p32 = p.to_f32();
+    let d = p32.dims;
+    let s = gpu.context().new_stream().expect("stream");
+    let u = upload::<T>(&s, &p32);
+    let c32 = |z: &[Complex<f64>]| flat(&z.iter().map(|z| Complex::new(z.re as f32, z.im as f32)).collect::<Vec<_>>());
+    let h0 = p32.h0.as_ref().map(|h| s.clone_htod(&flat(h)).unwrap());
+    let dy = s.clone_htod(&up.dy.iter().map(|&x| T::from_f32(x as f32)).collect::<Vec<T>>()).unwrap();
+    let dhf = up.dh_final.as_ref().map(|h| s.clone_htod(&c32(h)).unwrap());
+    let mut dq = s.clone_htod(&vec![T::nan(); d.qk_len()]).unwrap();
+    let mut dk = s.clone_htod(&vec![T::nan(); d.qk_len()]).unwrap();
+    let mut dv = s.clone_htod(&vec![T::nan(); d.v_len()]).unwrap();
+    let mut dg = s.clone_htod(&vec![f32::NAN; 2 * d.gate_len()]).unwrap();
+    let mut dh0 = p32.h0.as_ref().map(|_| s.clone_htod(&vec![f32::NAN; 2 * d.state_len()]).unwrap());
+    let lp = plan(&d, T::DTYPE).expect("plan");
+    let mut ws = s.clone_htod(&vec![f32::NAN; lp.workspace_len]).unwrap();
+    backward_into(
+        gpu,
+        &s,
+        &d,
+        DeviceInputs { q: &u.q, k: &u.k, v: &u.v, log_gate: &u.log_gate, h0: h0.as_ref().map(|h| h as _) },
+        DeviceGradInputs { dy: &dy, dh_final: dhf.as_ref().map(|h| h as _) },
+        DeviceGrads { dq: &mut dq, dk: &mut dk, dv: &mut dv, dlog_gate: &mut dg, dh0: dh0.as_mut().map(|h| h as _) },
+        &mut ws,
+        precision,
+    )
+    .unwrap_or_else(|e| panic!("{} {d:?}: {e}", T::DTYPE));
+    let widen = |x: Vec<T>| x.into_iter().map(|x| x.to_f32()).collect::<Vec<f32>>();
+    let out = Grads {
+        dq: widen(s.clone_dtoh(&dq).unwrap()),
+        dk: widen(s.clone_dtoh(&dk).unwrap()),
+        dv: widen(s.clone_dtoh(&dv).unwrap()),
+        dlog_gate: unflat(&s.clone_dtoh(&dg).unwrap()),
+        dh0: dh0.map(|h| unflat(&s.clone_dtoh(&h).unwrap())),
+    };
+    s.synchronize().unwrap();
+    out
+}
+
+/// Every gradient of `got` against `want`: dq, dk, dv within `seq`,
+/// dlog_gate and dh0 within `state` ((relative L2, max-abs fraction) each).
+fn assert_grads<A: Copy + Into<f64>, B: Copy + Into<f64>>(
+    label: &str,
+    got: &Grads<A>,
+    want: &Grads<B>,
+    seq: (f64, f64),
+    state: (f64, f64),
+) {
+    assert_within(label, "dq", &compare(&got.dq, &want.dq), seq.0, seq.1);
+    assert_within(label, "dk", &compare(&got.dk, &want.dk), seq.0, seq.1);
+    assert_within(label, "dv", &compare(&got.dv, &want.dv), seq.0, seq.1);
+    assert_within(label, "dlog_gate", &compare_complex(&got.dlog_gate, &want.dlog_gate), state.0, state.1);
+    match (&got.dh0, &want.dh0) {
+        (Some(a), Some(b)) => assert_within(label, "dh0", &compare_complex(a, b), state.0, state.1),
+        (None, None) => {}
+        _ => panic!("{label}: dh0 present in one result only"),
+    }
+}
+
+const STATE_BOUNDS: (f64, f64) = (1e-4, 1e-3);
+
+/// Runs `case` (with dh_final when asked) in `T` against the f64 reference.
+fn check_case<T: Element>(gpu: &Gpu, case: &Case, with_dh_final: bool, state: (f64, f64)) {
+    let up = upstream(case.dims, with_dh_final, case.seed);
+    let (p, up) = rounded::<T>(&case.problem(), &up);
+    let want = reference::grad::backward(&p.view(), &up.dy, up.dh_final.as_deref()).expect("reference");
+    let got = run::<T>(gpu, &p, &up, ChunkPrecision::Exact);
+    let seq = if T::DTYPE == Dtype::F32 { state } else { y_bounds(T::DTYPE) };
+    let label = format!("{} {} dh_final={with_dh_final}", T::DTYPE, case.label());
+    assert_grads(&label, &got, &want, seq, state);
+}
+
+/// The shapes of the forward tests: L ∈ {1, 2, 63, 64, 65, 1000},
+/// K, V ∈ {1, 5, 16, 64, 128}, per-head / per-channel gates and h0 alternating
+/// (common::shape_sweep), dh_final on every other case.
+#[test]
+fn shapes_f32() {
+    let Some(gpu) = gpu_or_skip() else { return };
+    let mut i = 0;
+    shape_sweep(&[1, 2, 63, 64, 65, 1000], &[1, 5, 16, 64, 128], &[1, 5, 16, 64, 128], 100, |case| {
+        i += 1;
+        check_case::<f32>(gpu, &case, i % 2 == 0, STATE_BOUNDS);
+    });
+}
+
+/// L = 4096 (64 chunks), a few shapes.
+#[test]
+fn long_4096() {
+    let Some(gpu) = gpu_or_skip() else { return };
+    shape_sweep(&[4096], &[16, 64], &[5, 64], 900, |case| check_case::<f32>(gpu, &case, true, STATE_BOUNDS));
+}
+
+/// Every gate regime (resets, |a| = 1, phases ±50, strong decay, underflow,
+/// mixed) × per-channel / per-head × without / with h0 × without / with
+/// dh_final, partial chunks and K, V not multiples of the tiles.
+fn regime_cases(gpu: &Gpu, regime: GateRegime, seed0: u64) {
+    let shapes = [(1, 3, 2), (65, 5, 7), (130, 16, 70), (300, 40, 9)];
+    let mut i = 0;
+    regime_matrix(2, 2, &shapes, regime, seed0, |case| {
+        i += 1;
+        check_case::<f32>(gpu, &case, i % 2 == 1, STATE_BOUNDS);
+    });
+}
+
+#[test]
+fn every_regime_f32() {
+    let Some(gpu) = gpu_or_skip() else { return };
+    for (i, regime) in ALL_REGIMES.into_iter().chain([GateRegime::Underflow]).enumerate() {
+        regime_cases(gpu, regime, 1000 + 100 * i as u64);
+    }
+}
+
+/// f16 and bf16 inputs (dq, dk, dv in the input type), every regime on a
+/// smaller matrix.
+#[test]
+fn half_types() {
+    let Some(gpu) = gpu_or_skip() else { return };
+    let shapes = [(1, 3, 2), (130, 16, 70), (200, 33, 9)];
+    for (i, regime) in ALL_REGIMES.into_iter().enumerate() {
+        let mut j = 0;
+        regime_matrix(1, 2, &shapes, regime, 7000 + 100 * i as u64, |case| {
+            j += 1;
+            check_case::<f16>(gpu, &case, j % 2 == 0, STATE_BOUNDS);
+            check_case::<bf16>(gpu, &case, j % 2 == 1, STATE_BOUNDS);
+        });
+    }
+}
+
+/// B·H = 1 at L = 65536 (1024 chunks of both carries), |a| = 1: ≤ 1e-3.
+#[test]
+fn l65536_unit_modulus() {
+    let Some(gpu) = gpu_or_skip() else { return };
+    for (seed, per_head) in [(31, false), (32, true)] {
+        let case = Case::new(dims(1, 65536, 1, 16, 16, per_head), GateRegime::UnitModulus, true, seed);
+        check_case::<f32>(gpu, &case, true, (1e-3, 1e-2));
+    }
+}
+
+/// The kernels and their CPU mirror on the same f32 inputs: each is within
+/// 1e-4 of the reference, so within 2e-4 of each other.
+#[test]
+fn agrees_with_the_cpu_mirror() {
+    let Some(gpu) = gpu_or_skip() else { return };
+    for (i, regime) in ALL_REGIMES.into_iter().enumerate() {
+        let case = Case::new(dims(2, 200, 2, 24, 40, i % 2 == 1), regime, i % 3 != 0, 8000 + i as u64);
+        let up = upstream(case.dims, i % 2 == 0, case.seed);
+        let (p, up) = rounded::<f32>(&case.problem(), &up);
+        let got = run::<f32>(gpu, &p, &up, ChunkPrecision::Exact);
+        let p32 = p.to_f32();
+        let dy: Vec<f32> = up.dy.iter().map(|&x| x as f32).collect();
+        let dhf: Option<Vec<Complex<f32>>> =
+            up.dh_final.as_ref().map(|h| h.iter().map(|z| Complex::new(z.re as f32, z.im as f32)).collect());
+        let mirror = cpu::chunked_grad::backward(&p32.view(), &dy, dhf.as_deref(), &ChunkParams::default()).unwrap();
+        assert_grads(&format!("mirror {}", case.label()), &got, &mirror, (2e-4, 2e-3), (2e-4, 2e-3));
+    }
+}
+
+/// Fast precision (the forward state kernel on one tensor-core product):
+/// the forward's fast state bound, 4·u_op relative (u_op = 2^-11 TF32).
+#[test]
+fn fast_precision_f32() {
+    let Some(gpu) = gpu_or_skip() else { return };
+    let u_op = 2f64.powi(-11);
+    let case = Case::new(dims(1, 300, 2, 40, 70, false), GateRegime::Mixed, true, 8100);
+    let up = upstream(case.dims, true, case.seed);
+    let (p, up) = rounded::<f32>(&case.problem(), &up);
+    let want = reference::grad::backward(&p.view(), &up.dy, up.dh_final.as_deref()).unwrap();
+    let got = run::<f32>(gpu, &p, &up, ChunkPrecision::Fast);
+    assert_grads("fast", &got, &want, (4.0 * u_op, 16.0 * u_op), (4.0 * u_op, 16.0 * u_op));
+}
+
+/// Two runs on the same inputs are bitwise equal (no atomics; fixed-order
+/// sums, per-head gates included).
+#[test]
+fn deterministic() {
+    let Some(gpu) = gpu_or_skip() else { return };
+    for per_head in [false, true] {
+        let case = Case::new(dims(2, 700, 3, 48, 80, per_head), GateRegime::Mixed, true, 8200);
+        let up = upstream(case.dims, true, case.seed);
+        let (p, up) = rounded::<f32>(&case.problem(), &up);
+        let a = run::<f32>(gpu, &p, &up, ChunkPrecision::Exact);
+        let b = run::<f32>(gpu, &p, &up, ChunkPrecision::Exact);
+        let bits = |x: &[f32]| x.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+        let cbits = |x: &[Complex<f32>]| x.iter().map(|z| (z.re.to_bits(), z.im.to_bits())).collect::<Vec<_>>();
+        assert_eq!(bits(&a.dq), bits(&b.dq));
+        assert_eq!(bits(&a.dk), bits(&b.dk));
+        assert_eq!(bits(&a.dv), bits(&b.dv));
+        assert_eq!(cbits(&a.dlog_gate), cbits(&b.dlog_gate));
+        assert_eq!(a.dh0.as_deref().map(cbits), b.dh0.as_deref().map(cbits));
+    }
+}
+
+/// Run under compute-sanitizer by the GPU bundle: 3 chunks with a partial
+/// one, K = 40, V = 70 (partial slabs and value tiles), every dtype, both
+/// gate layouts, h0 and dh_final.
+#[test]
+fn sanitizer_smoke() {
+    let Some(gpu) = gpu_or_skip() else { return };
+    for per_head in [false, true] {
+        let case = Case::new(dims(1, 150, 2, 40, 70, per_head), GateRegime::Mixed, true, 8300);
+        check_case::<f32>(gpu, &case, true, STATE_BOUNDS);
+        check_case::<f16>(gpu, &case, true, STATE_BOUNDS);
+        check_case::<bf16>(gpu, &case, true, STATE_BOUNDS);
+    }
+}
+
+/// Misuse that needs a device: a missing dh0 buffer when h0 is given, a
+/// short workspace and wrong gradient lengths are typed errors naming the
+/// argument, before any launch.
+#[test]
+fn misuse_is_a_typed_error() {
+    use gateloop::InputError;
+    use gateloop::cuda::GpuError;
+    let Some(gpu) = gpu_or_skip() else { return };
+    let d = dims(1, 70, 1, 4, 6, false);
+    let p = random_problem(d, GateRegime::Random, true, 8400).to_f32();
+    let s = gpu.context().new_stream().unwrap();
+    let u = upload::<f32>(&s, &p);
+    let h0 = s.clone_htod(&flat(p.h0.as_ref().unwrap())).unwrap();
+    let dy = s.clone_htod(&vec![1f32; d.v_len()]).unwrap();
+    let lp = plan(&d, Dtype::F32).unwrap();
+    let call = |dq_len: usize, dh0: bool, ws_len: usize| {
+        let mut dq = s.alloc_zeros::<f32>(dq_len).unwrap();
+        let mut dk = s.alloc_zeros::<f32>(d.qk_len()).unwrap();
+        let mut dv = s.alloc_zeros::<f32>(d.v_len()).unwrap();
+        let mut dg = s.alloc_zeros::<f32>(2 * d.gate_len()).unwrap();
+        let mut dh0_buf = dh0.then(|| s.alloc_zeros::<f32>(2 * d.state_len()).unwrap());
+        let mut ws = s.alloc_zeros::<f32>(ws_len).unwrap();
+        backward_into(
+            gpu,
+            &s,
+            &d,
+            DeviceInputs { q: &u.q, k: &u.k, v: &u.v, log_gate: &u.log_gate, h0: Some(&h0) },
+            DeviceGradInputs { dy: &dy, dh_final: None },
+            DeviceGrads { dq: &mut dq, dk: &mut dk, dv: &mut dv, dlog_gate: &mut dg, dh0: dh0_buf.as_mut().map(|h| h as _) },
+            &mut ws,
+            ChunkPrecision::Exact,
+        )
+    };
+    assert!(matches!(call(d.qk_len() - 1, true, lp.workspace_len), Err(GpuError::Input(InputError::Length { name: "dq", .. }))));
+    assert!(matches!(call(d.qk_len(), false, lp.workspace_len), Err(GpuError::Input(InputError::Param { name: "dh0", .. }))));
+    assert!(matches!(
+        call(d.qk_len(), true, lp.workspace_len - 1),
+        Err(GpuError::Input(InputError::Length { name: "workspace", .. }))
+    ));
+    call(d.qk_len(), true, lp.workspace_len).unwrap();
+    s.synchronize().unwrap();
+}
