@@ -249,7 +249,7 @@ pub fn registry() -> Vec<KernelEntry> {
             name: "chunked-grad",
             about: "chunked backward, complex gates, exact: dq, dk, dv, dlog_gate from dy (no h0, no dh_final)",
             dtypes: &Dtype::ALL,
-            shapes: recurrent_shapes,
+            shapes: chunked_shapes,
             check: |d| chunk_grad::plan(d, Dtype::F32).map(|_| ()),
             cost: chunked_grad_cost,
             prepare: prepare_chunked_grad::<false>,
@@ -259,7 +259,7 @@ pub fn registry() -> Vec<KernelEntry> {
             about: "chunked forward then backward, complex gates, exact: y, h_final, then every gradient (the fwd+bwd \
                     column of the peer comparison)",
             dtypes: &Dtype::ALL,
-            shapes: recurrent_shapes,
+            shapes: chunked_shapes,
             check: |d| chunk_grad::plan(d, Dtype::F32).map(|_| ()),
             cost: |d, t| {
                 let (f, b) = (chunked_cost(d, t, Gates::Complex), chunked_grad_cost(d, t));
