@@ -1400,7 +1400,7 @@ impl FuzzReport {
         if self.targets.iter().any(|t| t.kind == Kind::Grad) {
             let _ = writeln!(
                 s,
-                "gradients: out, ref = dq, dk, dv, dlog_gate, dh0 vs the f64 adjoint recurrence; R = √(the same backward on q², k², v², |a|², |h0|², dy², |dh_final|²)"
+                "gradients: out, ref = dq, dk, dv, dlog_gate, dh0 vs the f64 adjoint recurrence; R = √(the same backward on q², k², v², max(|a|,N)², |h0|², dy², |dh_final|²); scales ≥ N, the smallest normal of the precision"
             );
         }
         let _ = writeln!(
@@ -1879,7 +1879,7 @@ mod tests {
         assert!((s.e_l2 - 5e-5).abs() < 1e-12 && (s.e_max - 5e-5).abs() < 1e-12, "{s:?}");
         // Without the smallest-normal scale it would be judged relatively.
         let s = score_tensor(&[1e-41 + 5e-5 * n, 2e-41], &reference, &r, 0.0, f64::MIN_POSITIVE);
-        assert!(s.e_l2 > 0.1, "{s:?}");
+        assert!(s.e_l2 > 0.02, "{s:?}");
     }
 }
 

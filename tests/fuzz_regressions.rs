@@ -183,3 +183,35 @@ fn chunked_grad_subnormal_gate_dlog_gate() {
     let v = grad_verdict(gateloop::Mode::Chunked, &p, &up);
     assert!(v.pass(), "{v:?}");
 }
+
+/// The same known disagreement (open), as found by the gradient campaigns:
+/// every case is a gate in f32's subnormal range (Re g ∈ (−103.3, −87.3))
+/// whose dlog_gate the chunked f32 backward computes with a relative error
+/// of 1e-3 (seed 7, case 43460: a = e^{−88.3} ≈ 4.6e-39, dlog_gate ≈ 6e-39,
+/// score 5.8e-4, the worst) to 100% (seed 7, case 45905: a dlog_gate of
+/// 1e-42 returned as 0); dq, dk, dv exact to ~1e-7 and the f32 adjoint
+/// recurrence passing on all of them. Runs with `--ignored`.
+#[test]
+#[ignore = "known chunked f32 backward inaccuracy for gates in f32's subnormal range (see the doc comment)"]
+fn chunked_grad_subnormal_gate_campaign_cases() {
+    use gateloop::fuzz::{run_campaign, FuzzConfig, Target};
+    for (seed, case) in [(2026, 8386), (7, 43460), (7, 45905), (7, 69127)] {
+        let mut targets = [Target::cpu_grad(gateloop::Mode::Chunked, Precision::F32).unwrap()];
+        let cfg = FuzzConfig { cases: 1, first_case: case, seed, max_len: 64, out_dir: None, ..Default::default() };
+        let report = run_campaign(&cfg, &mut targets);
+        assert!(report.passed(), "{}", report.render());
+    }
+}
+
+/// On the cases of [`chunked_grad_subnormal_gate_campaign_cases`] the f32
+/// adjoint recurrence passes the bound: it is attainable in f32.
+#[test]
+fn recurrent_f32_grad_passes_the_subnormal_gate_campaign_cases() {
+    use gateloop::fuzz::{run_campaign, FuzzConfig, Target};
+    for (seed, case) in [(2026, 8386), (7, 43460), (7, 45905), (7, 69127)] {
+        let mut targets = [Target::cpu_grad(gateloop::Mode::Recurrent, Precision::F32).unwrap()];
+        let cfg = FuzzConfig { cases: 1, first_case: case, seed, max_len: 64, out_dir: None, ..Default::default() };
+        let report = run_campaign(&cfg, &mut targets);
+        assert!(report.passed(), "{}", report.render());
+    }
+}
