@@ -1796,6 +1796,16 @@ mod tests {
         assert_eq!(s.q[7], p.q[((d.len + 3) * d.heads + 1) * d.key_dim + 2]);
         // h0[b=0, h=1, k=1, v=0] is h0[b=1, h=1, k=2, v=1] of the original.
         assert_eq!(s.h0.as_ref().unwrap()[3], p.h0.as_ref().unwrap()[((3 + 1) * 4 + 2) * 2 + 1]);
+        // dy and dh_final are cut alike: dy[b=1, t=3, h=1, v=1] is s.dy[0, 1, 1, 0];
+        // dh_final[b=1, h=1, k=2, v=1] is s.dh_final[0, 1, 1, 0] (flat 3); dropped when asked.
+        let case = CaseSpec { dims: d, dh_final_scale: Some(2.0), ..draw_case(1, 1, 8) };
+        let x = Input { p: p.clone(), up: case.upstream() };
+        let sx = sub_input(&x, &Region { dh_final: true, ..r.clone() });
+        assert_eq!(sx.up.dy.len(), s.dims.v_len());
+        assert_eq!(sx.up.dy[2 + 1], x.up.dy[((d.len + 3) * d.heads + 1) * d.value_dim + 1]);
+        let dh = (sx.up.dh_final.as_ref().unwrap(), x.up.dh_final.as_ref().unwrap());
+        assert_eq!(dh.0[3], dh.1[((d.heads + 1) * d.key_dim + 2) * d.value_dim + 1]);
+        assert!(sub_input(&x, &r).up.dh_final.is_none());
     }
 
     #[test]
