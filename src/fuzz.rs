@@ -21,10 +21,19 @@
 //!   scaled like k·v), and in one case in ten a sprinkle of subnormal q, k,
 //!   v elements.
 //!
-//! Every selected [`Target`] runs the case and is compared with the f64
-//! recurrent reference ([`crate::reference::recurrent`], the oracle) on
-//! *the inputs the target saw*: f64 targets get the drawn problem, f32
-//! targets its f32 rounding and the oracle the same rounded values.
+//! - **upstream gradients** (used by gradient targets only, drawn after the
+//!   rest so the forward cases of a seed do not change): dy uniform in
+//!   (−1, 1)·s_dy, and in half the cases dh_final (both parts) uniform in
+//!   (−1, 1)·s_h, s_dy and s_h each 10^u with u uniform in [−3, 3].
+//!
+//! Every selected [`Target`] runs the case and is compared with its oracle
+//! on *the inputs the target saw*: f64 targets get the drawn problem, f32
+//! targets its f32 rounding and the oracle the same rounded values. A
+//! **forward** target ([`Kind::Forward`]) is compared with the f64 recurrent
+//! reference ([`crate::reference::recurrent`]); a **gradient** target
+//! ([`Kind::Grad`], `gateloop fuzz --targets grad`) with the f64 adjoint
+//! recurrence ([`crate::reference::grad::backward`]) on the same problem and
+//! upstream gradients.
 //!
 //! ## The bound
 //!
@@ -78,6 +87,59 @@
 //! is invisible wherever the outputs are normal numbers (found necessary by
 //! the 1M-case campaign: k·v products in the subnormal range).
 //!
+//! ## The gradient bound
+//!
+//! The same score and tolerance, over the tensors dq, dk, dv, dlog_gate and
+//! (when h0 is given) dh0, complex ones as their interleaved reals. R is
+//! again the root-sum-square of the terms that make up each element
+//! ([`GradOracle`]): with δ_t = ∂L/∂h_t the state adjoint (see
+//! [`crate::reference::grad`]), a sum of terms (Π conj a)·q_u dy_u and
+//! (Π conj a)·dh_final, and h_t the state, a sum of terms (Π a)·k_s v_s and
+//! (Π a)·h0, every gradient element is a sum of products of one term of each
+//! factor:
+//!
+//! ```text
+//! R_dq[t, k]²    = Σ_v dy_t[v]² · M_h_t[k, v]²           M_x² = Σ |term of x|²
+//! R_dk[t, k]²    = Σ_v M_δ_t[k, v]² · v_t[v]²
+//! R_dv[t, v]²    = Σ_k M_δ_t[k, v]² · k_t[k]²
+//! R_dg[t, k]²    = Σ_v |a_t|² M_h_{t−1}[k, v]² · M_δ_t[k, v]²   (per-head: also Σ_k)
+//! R_dh0[k, v]²   = |a_0[k]|² · M_δ_0[k, v]²                      (for both Re and Im)
+//! ```
+//!
+//! computed exactly by running the f64 backward itself on the magnitude
+//! problem (q², k², v², gate 2·Re g with phase 0, |h0|²) with upstream
+//! (dy², |dh_final|² as a real): every product of terms becomes the product
+//! of their squared moduli, the sum of them Σ|term|². So R scales with the
+//! inputs exactly as each gradient does: dlog_gate, a sum over V and over
+//! every later step through δ, gets an R that sums the same V·L terms, and a
+//! dlog_gate that cancels to ≈ 0 (as it does whenever the pairs through a
+//! step balance) is judged against its terms, not against itself. A reset
+//! gate has gradient exactly 0 on both sides and R = 0.
+//!
+//! Two additions, both from the one fact that nothing below the smallest
+//! normal number N of the judged precision (2⁻¹²⁶ in f32) is resolved
+//! relatively (f32 represents e^{−90} to ±2⁻¹⁴⁹ only):
+//!
+//! - in the magnitude problem each gate modulus |a| (not a reset) is raised to
+//!   at least N: dh0 = conj(a_0)·δ_0 with a subnormal a_0 and a large δ_0 is a
+//!   normal number whose relative error is η/|a_0| in *any* f32
+//!   implementation: |a| = e^{−97} ≈ 390·η is known to 1 part in 780, and
+//!   δ_0 = q·dy ≈ 1e6 makes the product a normal number (seed 1, case 348,
+//!   dh0 ≈ 9e-41 from |a| = e^{−97} and δ_0 ≈ −200, failed before either
+//!   addition; the next one accepts it, and with a larger δ_0 only this one);
+//! - each tensor's scale (‖ref‖, ‖R‖, max|ref|, max R) is at least N: a
+//!   gradient whose terms are all subnormal (dlog_gate of a gate e^{−94}
+//!   after a state of 2e-3 is ≈ 1e-43) is judged in absolute terms, its L2
+//!   error against tol·N (≈ 840·η in f32; the chunked backward's own tests
+//!   allow max-abs ≤ 1e-3·N there, 10× more). Seed 1, case 10204 (an error
+//!   of 1e-42 on such a dlog_gate) passes with this at 8.5e-5; seed 2026,
+//!   case 8386 does not (see the README and `tests/fuzz_regressions.rs`).
+//!
+//! The underflow floor of the gradients ([`grad_underflow_floor`]) is
+//! 4·η·(L·(K + V + 1) + 1): a gradient element sums over V or K products of
+//! L-step sums. The forward bound is unchanged by these (its R and scale keep
+//! the f64 limits, as verified by its own campaigns).
+//!
 //! ## Disagreements
 //!
 //! A failing case is **shrunk**: L halved (first or second half), one batch
@@ -89,6 +151,12 @@
 //! - `<stem>.input.safetensors`: `run`'s inputs, in the target's precision;
 //! - `<stem>.expected.safetensors`: `y`, `h_final` of the f64 oracle (F64);
 //! - `<stem>.actual.safetensors`: what the target produced.
+//!
+//! For a gradient target the input is a `gateloop grad` file
+//! ([`crate::io::write_grad_problem`]: the problem plus dy and dh_final), the
+//! expected and actual files hold dq, dk, dv, dlog_gate, dh0
+//! ([`crate::io::write_grads`]), the replay runs `gateloop grad` and the
+//! shrinker may also drop dh_final. The stem ends in `-grad`.
 //!
 //! and the commands to replay it are printed: `gateloop run` on the input
 //! with the target's mode and device, then `gateloop check` of the expected
@@ -110,9 +178,10 @@ use rand::{Rng, SeedableRng};
 
 use crate::dispatch;
 use crate::cuda;
-use crate::io;
+use crate::io::{self, Upstream};
 use crate::problem::{Dims, GateLayout, Outputs};
 use crate::reference;
+use crate::reference::grad::{GradInputs, Grads};
 use crate::testing::{random_problem, GateRegime, OwnedProblem};
 use crate::Mode;
 
@@ -180,29 +249,71 @@ pub fn tolerance(precision: Precision, len: usize) -> f64 {
 /// The absolute error no implementation in `precision` can avoid on `dims`
 /// (see the module docs): 4·η·(L·(K + 1) + 1), η the precision's subnormal spacing.
 pub fn underflow_floor(precision: Precision, dims: &Dims) -> f64 {
-    let eta = match precision {
-        Precision::F64 => f64::from_bits(1), // 2^-1074
-        Precision::F32 => f64::from(f32::from_bits(1)), // 2^-149
-    };
-    4.0 * eta * (dims.len as f64 * (dims.key_dim as f64 + 1.0) + 1.0)
+    4.0 * subnormal_spacing(precision) * (dims.len as f64 * (dims.key_dim as f64 + 1.0) + 1.0)
 }
 
-/// The function a target runs: the problem in the target's precision, held
-/// as f64 (for an f32 target every value is an exact f32), to the outputs
-/// widened to f64, or a message if the implementation refused the problem.
+/// The gradients' underflow floor (see the module docs): 4·η·(L·(K + V + 1) + 1),
+/// as a gradient element is a sum over V (dq, dk, dlog_gate) or K (dv) of
+/// products with the state or its adjoint, each a sum over L steps.
+pub fn grad_underflow_floor(precision: Precision, dims: &Dims) -> f64 {
+    let (l, k, v) = (dims.len as f64, dims.key_dim as f64, dims.value_dim as f64);
+    4.0 * subnormal_spacing(precision) * (l * (k + v + 1.0) + 1.0)
+}
+
+/// η: the spacing of the subnormal numbers of a precision.
+fn subnormal_spacing(precision: Precision) -> f64 {
+    match precision {
+        Precision::F64 => f64::from_bits(1),            // 2^-1074
+        Precision::F32 => f64::from(f32::from_bits(1)), // 2^-149
+    }
+}
+
+/// The function a forward target runs: the problem in the target's
+/// precision, held as f64 (for an f32 target every value is an exact f32), to
+/// the outputs widened to f64, or a message if the implementation refused the
+/// problem.
 pub type RunFn = Box<dyn FnMut(&OwnedProblem<f64>) -> Result<Outputs<f64>, String>>;
+
+/// The function a gradient target runs: the problem and the upstream
+/// gradients (dy, dh_final) in the target's precision, held as f64, to the
+/// gradients widened to f64, or a message if the implementation refused.
+pub type GradRunFn = Box<dyn FnMut(&OwnedProblem<f64>, &Upstream<f64>) -> Result<Grads<f64>, String>>;
+
+/// What a target computes: the forward (y, h_final) or the backward (dq, dk,
+/// dv, dlog_gate, dh0).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Kind {
+    Forward,
+    Grad,
+}
+
+impl Kind {
+    /// `"forward"` or `"grad"`.
+    pub fn name(self) -> &'static str {
+        match self {
+            Kind::Forward => "forward",
+            Kind::Grad => "grad",
+        }
+    }
+}
+
+enum Implementation {
+    Forward(RunFn),
+    Grad(GradRunFn),
+}
 
 /// One implementation under test.
 pub struct Target {
-    /// The mode `gateloop run --mode` replays it with.
+    /// The mode `gateloop run --mode` (or `gateloop grad --mode`) replays it with.
     pub mode: Mode,
     /// The precision it computes in (and the dtype of its replay input).
     pub precision: Precision,
     /// The device `gateloop run --device` replays it with.
     pub device: Device,
-    /// A label for tables and file names, e.g. `chunked-f32-cpu`.
+    /// A label for tables and file names, e.g. `chunked-f32-cpu` or
+    /// `chunked-f32-cpu-grad`.
     pub label: String,
-    run: RunFn,
+    imp: Implementation,
 }
 
 impl fmt::Debug for Target {
@@ -218,10 +329,73 @@ fn widen(o: Outputs<f32>) -> Outputs<f64> {
     }
 }
 
+fn widen_complex(z: &[Complex<f32>]) -> Vec<Complex<f64>> {
+    z.iter().map(|z| Complex::new(f64::from(z.re), f64::from(z.im))).collect()
+}
+
+fn narrow_complex(z: &[Complex<f64>]) -> Vec<Complex<f32>> {
+    z.iter().map(|z| Complex::new(z.re as f32, z.im as f32)).collect()
+}
+
+/// f32 gradients as f64.
+pub fn widen_grads(g: &Grads<f32>) -> Grads<f64> {
+    Grads {
+        dq: g.dq.iter().map(|&x| f64::from(x)).collect(),
+        dk: g.dk.iter().map(|&x| f64::from(x)).collect(),
+        dv: g.dv.iter().map(|&x| f64::from(x)).collect(),
+        dlog_gate: widen_complex(&g.dlog_gate),
+        dh0: g.dh0.as_deref().map(widen_complex),
+    }
+}
+
+fn narrow_grads(g: &Grads<f64>) -> Grads<f32> {
+    Grads {
+        dq: g.dq.iter().map(|&x| x as f32).collect(),
+        dk: g.dk.iter().map(|&x| x as f32).collect(),
+        dv: g.dv.iter().map(|&x| x as f32).collect(),
+        dlog_gate: narrow_complex(&g.dlog_gate),
+        dh0: g.dh0.as_deref().map(narrow_complex),
+    }
+}
+
+/// Upstream gradients rounded to f32 (the values an f32 target sees; exact
+/// when they were rounded already).
+pub fn upstream_to_f32(up: &Upstream<f64>) -> Upstream<f32> {
+    Upstream { dy: up.dy.iter().map(|&x| x as f32).collect(), dh_final: up.dh_final.as_deref().map(narrow_complex) }
+}
+
+/// The f32 CPU backward of `mode` that is its own implementation, as a
+/// gradient run function; `None` where [`dispatch::cpu_grad_f32`] only falls
+/// back to the adjoint recurrence in f32 (fuzzed once, as recurrent).
+fn cpu_grad_f32_run(mode: Mode) -> Option<GradRunFn> {
+    match mode {
+        // HOOK(scan backward): when `dispatch::cpu_grad_f32` runs the scan
+        // backward mirror, move Mode::Scan into this arm.
+        Mode::Recurrent | Mode::Chunked => Some(Box::new(move |p: &OwnedProblem<f64>, up: &Upstream<f64>| {
+            let up = upstream_to_f32(up);
+            dispatch::cpu_grad_f32(mode, &p.to_f32().view(), &up.dy, up.dh_final.as_deref())
+                .map(|g| widen_grads(&g))
+                .map_err(|e| e.to_string())
+        })),
+        Mode::Scan | Mode::Attention => None,
+    }
+}
+
+/// The CUDA backward of `mode`, as a gradient run function; `None` where
+/// there is none on this branch.
+fn cuda_grad_run(gpu: &Rc<cuda::Gpu>, mode: Mode) -> Option<GradRunFn> {
+    // HOOK(cuda_grad): when `dispatch::cuda_grad(gpu, mode, p, dy, dh_final)
+    // -> Result<Grads<f32>, GpuError>` lands, replace the two lines below with
+    // (one mode: guard with `if mode != Mode::Chunked { return None }`):
+    // let gpu = Rc::clone(gpu); Some(Box::new(move |p: &OwnedProblem<f64>, up: &Upstream<f64>| { let up = upstream_to_f32(up); dispatch::cuda_grad(&gpu, mode, &p.to_f32().view(), &up.dy, up.dh_final.as_deref()).map(|g| widen_grads(&g)).map_err(|e| e.to_string()) }))
+    let _ = (gpu, mode);
+    None
+}
+
 impl Target {
-    /// A target with an arbitrary implementation: the hook for testing the
-    /// fuzzer itself (inject a wrong implementation) or external code. `mode`,
-    /// `precision` and `device` say how `gateloop run` replays a failure.
+    /// A forward target with an arbitrary implementation: the hook for testing
+    /// the fuzzer itself (inject a wrong implementation) or external code.
+    /// `mode`, `precision` and `device` say how `gateloop run` replays a failure.
     pub fn custom(
         label: impl Into<String>,
         mode: Mode,
@@ -229,7 +403,19 @@ impl Target {
         device: Device,
         run: impl FnMut(&OwnedProblem<f64>) -> Result<Outputs<f64>, String> + 'static,
     ) -> Target {
-        Target { mode, precision, device, label: label.into(), run: Box::new(run) }
+        Target { mode, precision, device, label: label.into(), imp: Implementation::Forward(Box::new(run)) }
+    }
+
+    /// A gradient target with an arbitrary implementation (see [`Target::custom`]);
+    /// `gateloop grad` replays a failure.
+    pub fn custom_grad(
+        label: impl Into<String>,
+        mode: Mode,
+        precision: Precision,
+        device: Device,
+        run: impl FnMut(&OwnedProblem<f64>, &Upstream<f64>) -> Result<Grads<f64>, String> + 'static,
+    ) -> Target {
+        Target { mode, precision, device, label: label.into(), imp: Implementation::Grad(Box::new(run)) }
     }
 
     /// The CPU implementation of `mode` in `precision`: the reference modes
@@ -247,12 +433,46 @@ impl Target {
                 dispatch::cpu_f32(mode, &p.to_f32().view()).map(widen).map_err(|e| e.to_string())
             }),
         };
-        Some(Target { mode, precision, device: Device::Cpu, label, run })
+        Some(Target { mode, precision, device: Device::Cpu, label, imp: Implementation::Forward(run) })
     }
 
-    /// Runs the target on a problem (for tests and tools).
+    /// The CPU backward of `mode` in f32 ([`dispatch::cpu_grad_f32`]): the
+    /// chunked backward for chunked, the adjoint recurrence in f32 for
+    /// recurrent. `None` in f64 (the f64 adjoint recurrence is the oracle)
+    /// and for the modes whose f32 gradient is the recurrent one.
+    pub fn cpu_grad(mode: Mode, precision: Precision) -> Option<Target> {
+        if precision != Precision::F32 {
+            return None;
+        }
+        let run = cpu_grad_f32_run(mode)?;
+        let label = format!("{}-f32-cpu-grad", mode.name());
+        Some(Target { mode, precision, device: Device::Cpu, label, imp: Implementation::Grad(run) })
+    }
+
+    /// Forward or gradient.
+    pub fn kind(&self) -> Kind {
+        match self.imp {
+            Implementation::Forward(_) => Kind::Forward,
+            Implementation::Grad(_) => Kind::Grad,
+        }
+    }
+
+    /// Runs a forward target on a problem (for tests and tools); a gradient
+    /// target refuses.
     pub fn run(&mut self, p: &OwnedProblem<f64>) -> Result<Outputs<f64>, String> {
-        (self.run)(p)
+        match &mut self.imp {
+            Implementation::Forward(run) => run(p),
+            Implementation::Grad(_) => Err(format!("{} is a gradient target", self.label)),
+        }
+    }
+
+    /// Runs a gradient target on a problem and upstream gradients; a forward
+    /// target refuses.
+    pub fn run_grad(&mut self, p: &OwnedProblem<f64>, up: &Upstream<f64>) -> Result<Grads<f64>, String> {
+        match &mut self.imp {
+            Implementation::Grad(run) => run(p, up),
+            Implementation::Forward(_) => Err(format!("{} is a forward target", self.label)),
+        }
     }
 }
 
@@ -267,41 +487,68 @@ pub enum SetupError {
     Empty(String),
 }
 
-/// The targets for a device, modes and precisions, with a note for each
-/// combination that does not exist (chunked f64; recurrent f64 is the oracle;
-/// on cuda only the f32 recurrent kernel).
+/// The forward targets for a device, modes and precisions: [`select`] with
+/// [`Kind::Forward`] alone.
 pub fn targets(device: Device, modes: &[Mode], precisions: &[Precision]) -> Result<(Vec<Target>, Vec<String>), SetupError> {
+    select(device, &[Kind::Forward], modes, precisions)
+}
+
+/// The targets of the given kinds for a device, modes and precisions, with a
+/// note for each combination that does not exist. Forward: chunked f64 does
+/// not exist; recurrent f64 is the oracle; on cuda only f32. Gradients: f64
+/// is the oracle (the adjoint recurrence); in f32 the modes with their own
+/// backward ([`Target::cpu_grad`]; on cuda the modes with a CUDA backward).
+pub fn select(
+    device: Device,
+    kinds: &[Kind],
+    modes: &[Mode],
+    precisions: &[Precision],
+) -> Result<(Vec<Target>, Vec<String>), SetupError> {
     let mut out = Vec::new();
     let mut notes = Vec::new();
-    match device {
-        Device::Cpu => {
-            for &m in modes {
-                for &pr in precisions {
-                    match Target::cpu(m, pr) {
+    let gpu = match device {
+        Device::Cpu => None,
+        Device::Cuda => Some(Rc::new(cuda::Gpu::new(0).map_err(|e| SetupError::NoGpu(e.to_string()))?)),
+    };
+    for &kind in kinds {
+        for &m in modes {
+            for &pr in precisions {
+                let what = format!("{} {} {} on {}", kind.name(), m.name(), pr.name(), device.name());
+                match (kind, &gpu) {
+                    (Kind::Forward, None) => match Target::cpu(m, pr) {
                         Some(t) => out.push(t),
-                        None if m == Mode::Recurrent => {
-                            notes.push("recurrent f64 on cpu is the oracle itself: not fuzzed".to_string())
+                        None if m == Mode::Recurrent => notes.push(format!("{what} is the oracle itself: not fuzzed")),
+                        None => notes.push(format!("{what} does not exist: skipped")),
+                    },
+                    (Kind::Grad, None) => match Target::cpu_grad(m, pr) {
+                        Some(t) => out.push(t),
+                        None if pr == Precision::F64 => notes.push(format!(
+                            "{what} is the oracle itself (the f64 adjoint recurrence): not fuzzed"
+                        )),
+                        None => notes.push(format!(
+                            "{what} is the adjoint recurrence in f32 (the recurrent grad target): not fuzzed again"
+                        )),
+                    },
+                    (Kind::Forward, Some(gpu)) => {
+                        if !dispatch::CUDA_MODES.contains(&m) || pr != Precision::F32 {
+                            notes.push(format!("{what} is not available: skipped"));
+                            continue;
                         }
-                        None => notes.push(format!("{} {} does not exist on cpu: skipped", m.name(), pr.name())),
+                        let name = gpu.name();
+                        let gpu = Rc::clone(gpu);
+                        let run = move |p: &OwnedProblem<f64>| {
+                            dispatch::cuda_f32(&gpu, m, &p.to_f32().view()).map(widen).map_err(|e| e.to_string())
+                        };
+                        let label = format!("{}-f32-cuda ({name})", m.name());
+                        out.push(Target::custom(label, m, Precision::F32, Device::Cuda, run));
                     }
-                }
-            }
-        }
-        Device::Cuda => {
-            let gpu = Rc::new(cuda::Gpu::new(0).map_err(|e| SetupError::NoGpu(e.to_string()))?);
-            let name = gpu.name();
-            for &m in modes {
-                for &pr in precisions {
-                    if !dispatch::CUDA_MODES.contains(&m) || pr != Precision::F32 {
-                        notes.push(format!("{} {} is not available on cuda: skipped", m.name(), pr.name()));
-                        continue;
-                    }
-                    let gpu = Rc::clone(&gpu);
-                    let run = move |p: &OwnedProblem<f64>| {
-                        dispatch::cuda_f32(&gpu, m, &p.to_f32().view()).map(widen).map_err(|e| e.to_string())
-                    };
-                    let label = format!("{}-f32-cuda ({name})", m.name());
-                    out.push(Target::custom(label, m, Precision::F32, Device::Cuda, run));
+                    (Kind::Grad, Some(gpu)) => match cuda_grad_run(gpu, m) {
+                        Some(run) if pr == Precision::F32 => {
+                            let label = format!("{}-f32-cuda-grad ({})", m.name(), gpu.name());
+                            out.push(Target { mode: m, precision: pr, device, label, imp: Implementation::Grad(run) });
+                        }
+                        _ => notes.push(format!("{what}: no CUDA backward: skipped")),
+                    },
                 }
             }
         }
@@ -330,6 +577,11 @@ pub struct CaseSpec {
     pub subnormals: bool,
     /// Seed of [`random_problem`].
     pub problem_seed: u64,
+    /// Scale of the upstream gradient dy (gradient targets only).
+    pub dy_scale: f64,
+    /// Scale of the upstream gradient dh_final, when there is one (half the
+    /// cases; gradient targets only).
+    pub dh_final_scale: Option<f64>,
 }
 
 fn mix(seed: u64, index: u64) -> u64 {
@@ -396,7 +648,12 @@ pub fn draw_case(seed: u64, index: u64, max_len: usize) -> CaseSpec {
     let with_h0 = rng.random_bool(0.5);
     let scales = [(); 3].map(|_| 10f64.powf(rng.random_range(-3.0..3.0)));
     let subnormals = rng.random_bool(0.1);
-    CaseSpec { seed, index, dims, regime, with_h0, scales, subnormals, problem_seed: rng.random() }
+    let problem_seed = rng.random();
+    // Drawn after everything the forward uses, so the forward cases of a
+    // seed are the same with or without gradient targets.
+    let dy_scale = 10f64.powf(rng.random_range(-3.0..3.0));
+    let dh_final_scale = rng.random_bool(0.5).then(|| 10f64.powf(rng.random_range(-3.0..3.0)));
+    CaseSpec { seed, index, dims, regime, with_h0, scales, subnormals, problem_seed, dy_scale, dh_final_scale }
 }
 
 impl CaseSpec {
@@ -423,6 +680,26 @@ impl CaseSpec {
             }
         }
         p
+    }
+
+    /// The case's upstream gradients, in f64: dy `[B, L, H, V]` and (when
+    /// drawn) dh_final `[B, H, K, V]`, uniform in (−1, 1) times their scales.
+    pub fn upstream(&self) -> Upstream<f64> {
+        let mut rng = StdRng::seed_from_u64(mix(self.problem_seed, 0x6772_6164));
+        let d = self.dims;
+        let dy = (0..d.v_len()).map(|_| self.dy_scale * rng.random_range(-1.0..1.0)).collect();
+        let dh_final = self.dh_final_scale.map(|s| {
+            (0..d.state_len()).map(|_| Complex::new(s * rng.random_range(-1.0..1.0), s * rng.random_range(-1.0..1.0))).collect()
+        });
+        Upstream { dy, dh_final }
+    }
+
+    /// `upstream dy 1.0e-2, dh_final 3.0e1` (or `dh_final zero`).
+    pub fn upstream_str(&self) -> String {
+        match self.dh_final_scale {
+            Some(s) => format!("upstream dy {:.1e}, dh_final {s:.1e}", self.dy_scale),
+            None => format!("upstream dy {:.1e}, dh_final zero", self.dy_scale),
+        }
     }
 }
 
@@ -479,7 +756,55 @@ impl TensorScore {
     }
 }
 
-/// The verdict on one run of a target.
+/// The verdict on one run of any target: a score per named tensor.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Verdict {
+    /// (`y`, `h_final`) for a forward target; (`dq`, `dk`, `dv`,
+    /// `dlog_gate`[, `dh0`]) for a gradient target.
+    pub tensors: Vec<(&'static str, TensorScore)>,
+    pub tol: f64,
+}
+
+impl Verdict {
+    /// The largest score of the tensors (NaN if any is).
+    pub fn score(&self) -> f64 {
+        let scores = self.tensors.iter().map(|(_, s)| s.score());
+        scores.fold(0.0, |acc: f64, s| if acc.is_nan() || s.is_nan() { f64::NAN } else { acc.max(s) })
+    }
+    /// score ≤ tol (NaN fails).
+    pub fn pass(&self) -> bool {
+        self.score() <= self.tol
+    }
+    /// The score of the tensor called `name`.
+    pub fn tensor(&self, name: &str) -> Option<&TensorScore> {
+        self.tensors.iter().find(|(n, _)| *n == name).map(|(_, s)| s)
+    }
+    /// The `--rtol` for `gateloop check` (plain relative L2) equivalent to
+    /// the L2 part of the bound: tol · scale / ‖ref‖, the smallest over the
+    /// tensors (as `check` uses one rtol for all). Tensors whose reference
+    /// and R are exactly 0 (e.g. dlog_gate with no state before the gate)
+    /// are left out: `check` passes them only when they are 0 (bit for bit,
+    /// or an absolute L2 below the rtol); `tol` when nothing is left.
+    pub fn check_rtol(&self) -> f64 {
+        let r = |s: &TensorScore| {
+            if s.norm_ref > 0.0 { self.tol * s.norm_ref.max(s.norm_r) / s.norm_ref } else { self.tol * s.norm_r }
+        };
+        let rtols = self.tensors.iter().filter(|(_, s)| s.norm_ref > 0.0 || s.norm_r > 0.0).map(|(_, s)| r(s));
+        let min = rtols.fold(f64::INFINITY, f64::min);
+        if min.is_finite() { min } else { self.tol }
+    }
+    /// `score S > tol T (y: e_l2 .. e_max .. rel ..; h_final: ...)`.
+    pub fn describe(&self) -> String {
+        let parts: Vec<String> = self
+            .tensors
+            .iter()
+            .map(|(n, s)| format!("{n}: e_l2 {:.3e} e_max {:.3e} rel {:.3e}", s.e_l2, s.e_max, s.rel_l2))
+            .collect();
+        format!("score {:.3e} > tol {:.1e} ({})", self.score(), self.tol, parts.join("; "))
+    }
+}
+
+/// The verdict on one run of a forward target.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct Judgement {
     pub y: TensorScore,
@@ -488,27 +813,28 @@ pub struct Judgement {
 }
 
 impl Judgement {
+    /// As a [`Verdict`] over `y` and `h_final`.
+    pub fn verdict(&self) -> Verdict {
+        Verdict { tensors: vec![("y", self.y), ("h_final", self.h_final)], tol: self.tol }
+    }
     /// The larger score of y and h_final (NaN if either is).
     pub fn score(&self) -> f64 {
-        let (a, b) = (self.y.score(), self.h_final.score());
-        if a.is_nan() || b.is_nan() { f64::NAN } else { a.max(b) }
+        self.verdict().score()
     }
     /// score ≤ tol (NaN fails).
     pub fn pass(&self) -> bool {
-        self.score() <= self.tol
+        self.verdict().pass()
     }
-    /// The `--rtol` for `gateloop check` (plain relative L2) equivalent to
-    /// the L2 part of the bound: tol · scale / ‖ref‖, the smaller over y and
-    /// h_final (as `check` uses one rtol for both).
+    /// The `--rtol` for `gateloop check` ([`Verdict::check_rtol`]).
     pub fn check_rtol(&self) -> f64 {
-        let r = |s: &TensorScore| {
-            if s.norm_ref > 0.0 { self.tol * s.norm_ref.max(s.norm_r) / s.norm_ref } else { self.tol * s.norm_r }
-        };
-        r(&self.y).min(r(&self.h_final))
+        self.verdict().check_rtol()
     }
 }
 
-fn score_tensor(out: &[f64], reference: &[f64], r: &[f64], floor: f64) -> TensorScore {
+/// Scores one tensor: errors first reduced by `floor`, and judged against
+/// magnitudes of at least `min_scale` (the smallest normal number of the
+/// precision judged: below it nothing is resolved relatively).
+fn score_tensor(out: &[f64], reference: &[f64], r: &[f64], floor: f64, min_scale: f64) -> TensorScore {
     let (mut num, mut den, mut rr, mut max_e, mut max_s) = (0.0f64, 0.0f64, 0.0f64, 0.0f64, 0.0f64);
     let mut nan = out.len() != reference.len() || reference.len() != r.len();
     for ((&o, &x), &m) in out.iter().zip(reference).zip(r) {
@@ -525,10 +851,10 @@ fn score_tensor(out: &[f64], reference: &[f64], r: &[f64], floor: f64) -> Tensor
         return TensorScore { e_l2: f64::NAN, e_max: f64::NAN, rel_l2: f64::NAN, norm_ref: den.sqrt(), norm_r: rr.sqrt() };
     }
     let (num, den, rr) = (num.sqrt(), den.sqrt(), rr.sqrt());
-    let scale = den.max(rr).max(f64::MIN_POSITIVE);
+    let scale = den.max(rr).max(min_scale);
     TensorScore {
         e_l2: num / scale,
-        e_max: max_e / max_s.max(f64::MIN_POSITIVE),
+        e_max: max_e / max_s.max(min_scale),
         rel_l2: if den > 0.0 { num / den } else { num },
         norm_ref: den,
         norm_r: rr,
@@ -537,6 +863,38 @@ fn score_tensor(out: &[f64], reference: &[f64], r: &[f64], floor: f64) -> Tensor
 
 fn interleave(z: &[Complex<f64>]) -> Vec<f64> {
     z.iter().flat_map(|c| [c.re, c.im]).collect()
+}
+
+/// The problem of squared magnitudes whose outputs (or gradients) are the
+/// squares of R: (q², k², v², gate 2·max(Re g, ln a_min) with phase 0,
+/// |h0|²). A reset stays a reset; `a_min` is the smallest gate modulus the
+/// precision resolves to its relative accuracy (see [`GradOracle`]; 0 keeps
+/// every gate as it is).
+fn magnitude_problem(p: &OwnedProblem<f64>, a_min: f64) -> OwnedProblem<f64> {
+    let ln_a_min = a_min.ln();
+    let modulus_sq = |g: &Complex<f64>| {
+        // A gate whose f64 exp is 0 is a reset for the oracle too: no terms cross it.
+        let reset = g.re.exp() == 0.0;
+        Complex::new(if reset { g.re } else { 2.0 * g.re.max(ln_a_min) }, 0.0)
+    };
+    OwnedProblem {
+        dims: p.dims,
+        q: p.q.iter().map(|x| x * x).collect(),
+        k: p.k.iter().map(|x| x * x).collect(),
+        v: p.v.iter().map(|x| x * x).collect(),
+        log_gate: p.log_gate.iter().map(modulus_sq).collect(),
+        h0: p.h0.as_ref().map(|h| h.iter().map(|z| Complex::new(z.norm_sqr(), 0.0)).collect()),
+    }
+}
+
+/// √ of each squared magnitude (the real part; the imaginary part of a
+/// magnitude problem's complex result is 0), for both reals of a complex.
+fn roots_interleaved(z: &[Complex<f64>]) -> Vec<f64> {
+    z.iter().flat_map(|z| [z.re.max(0.0).sqrt(); 2]).collect()
+}
+
+fn roots(x: &[f64]) -> Vec<f64> {
+    x.iter().map(|x| x.max(0.0).sqrt()).collect()
 }
 
 /// The oracle's outputs and the magnitudes R of a problem (see the module docs).
@@ -554,18 +912,9 @@ impl Oracle {
     /// problem for R.
     pub fn new(p: &OwnedProblem<f64>) -> Result<Oracle, String> {
         let out = reference::recurrent::forward(&p.view()).map_err(|e| format!("the oracle refused the case: {e}"))?;
-        let sq = OwnedProblem {
-            dims: p.dims,
-            q: p.q.iter().map(|x| x * x).collect(),
-            k: p.k.iter().map(|x| x * x).collect(),
-            v: p.v.iter().map(|x| x * x).collect(),
-            log_gate: p.log_gate.iter().map(|g| Complex::new(2.0 * g.re, 0.0)).collect(),
-            h0: p.h0.as_ref().map(|h| h.iter().map(|z| Complex::new(z.norm_sqr(), 0.0)).collect()),
-        };
-        let m = reference::recurrent::forward(&sq.view()).map_err(|e| format!("the magnitude oracle refused the case: {e}"))?;
-        let r_y = m.y.iter().map(|x| x.max(0.0).sqrt()).collect();
-        let r_h = m.h_final.iter().flat_map(|z| [z.re.max(0.0).sqrt(); 2]).collect();
-        Ok(Oracle { out, r_y, r_h })
+        let m = reference::recurrent::forward(&magnitude_problem(p, 0.0).view())
+            .map_err(|e| format!("the magnitude oracle refused the case: {e}"))?;
+        Ok(Oracle { out, r_y: roots(&m.y), r_h: roots_interleaved(&m.h_final) })
     }
 
     /// Judges `out` with tolerance `tol` (and no underflow floor).
@@ -577,16 +926,105 @@ impl Oracle {
     /// by `floor` ([`underflow_floor`]).
     pub fn judge_with_floor(&self, out: &Outputs<f64>, tol: f64, floor: f64) -> Judgement {
         Judgement {
-            y: score_tensor(&out.y, &self.out.y, &self.r_y, floor),
-            h_final: score_tensor(&interleave(&out.h_final), &interleave(&self.out.h_final), &self.r_h, floor),
+            y: score_tensor(&out.y, &self.out.y, &self.r_y, floor, f64::MIN_POSITIVE),
+            h_final: score_tensor(
+                &interleave(&out.h_final),
+                &interleave(&self.out.h_final),
+                &self.r_h,
+                floor,
+                f64::MIN_POSITIVE,
+            ),
             tol,
         }
     }
 }
 
+/// The oracle's gradients ([`reference::grad::backward`] in f64) and their
+/// magnitudes R (see the module docs: the same backward on the
+/// squared-magnitude problem and upstream).
+#[derive(Clone, Debug)]
+pub struct GradOracle {
+    pub grads: Grads<f64>,
+    /// R of dq, dk `[B, L, H, K]`, dv `[B, L, H, V]`.
+    pub r_dq: Vec<f64>,
+    pub r_dk: Vec<f64>,
+    pub r_dv: Vec<f64>,
+    /// R of each real of dlog_gate (interleaved, log_gate's layout).
+    pub r_dlog_gate: Vec<f64>,
+    /// R of each real of dh0 (interleaved, `[B, H, K, V, 2]`), when h0 is given.
+    pub r_dh0: Option<Vec<f64>>,
+    /// The smallest normal number of the precision judged: the least
+    /// magnitude an error is measured against.
+    pub smallest_normal: f64,
+}
+
+impl GradOracle {
+    /// Runs the f64 adjoint recurrence on `p` and `up`, and on the
+    /// squared-magnitude problem with upstream (dy², |dh_final|²) for R, the
+    /// gate moduli in it raised to at least the smallest normal number of
+    /// `precision` (the precision of the implementation judged; see the
+    /// module docs).
+    pub fn new(p: &OwnedProblem<f64>, up: &Upstream<f64>, precision: Precision) -> Result<GradOracle, String> {
+        let grads = reference::grad::backward(&p.view(), &up.dy, up.dh_final.as_deref())
+            .map_err(|e| format!("the gradient oracle refused the case: {e}"))?;
+        let dy2: Vec<f64> = up.dy.iter().map(|x| x * x).collect();
+        let dh2: Option<Vec<Complex<f64>>> =
+            up.dh_final.as_ref().map(|d| d.iter().map(|z| Complex::new(z.norm_sqr(), 0.0)).collect());
+        let smallest_normal = match precision {
+            Precision::F64 => f64::MIN_POSITIVE,
+            Precision::F32 => f64::from(f32::MIN_POSITIVE),
+        };
+        let m = reference::grad::backward(&magnitude_problem(p, smallest_normal).view(), &dy2, dh2.as_deref())
+            .map_err(|e| format!("the gradient magnitude oracle refused the case: {e}"))?;
+        Ok(GradOracle {
+            grads,
+            r_dq: roots(&m.dq),
+            r_dk: roots(&m.dk),
+            r_dv: roots(&m.dv),
+            r_dlog_gate: roots_interleaved(&m.dlog_gate),
+            r_dh0: m.dh0.as_deref().map(roots_interleaved),
+            smallest_normal,
+        })
+    }
+
+    /// Judges `g` with tolerance `tol` (and no underflow floor).
+    pub fn judge(&self, g: &Grads<f64>, tol: f64) -> Verdict {
+        self.judge_with_floor(g, tol, 0.0)
+    }
+
+    /// Judges `g` with tolerance `tol`, each element's error first reduced by
+    /// `floor` ([`grad_underflow_floor`]). A dh0 present on one side only
+    /// scores NaN (fails).
+    pub fn judge_with_floor(&self, g: &Grads<f64>, tol: f64, floor: f64) -> Verdict {
+        let e = &self.grads;
+        let score = |out: &[f64], reference: &[f64], r: &[f64]| score_tensor(out, reference, r, floor, self.smallest_normal);
+        let mut tensors = vec![
+            ("dq", score(&g.dq, &e.dq, &self.r_dq)),
+            ("dk", score(&g.dk, &e.dk, &self.r_dk)),
+            ("dv", score(&g.dv, &e.dv, &self.r_dv)),
+            ("dlog_gate", score(&interleave(&g.dlog_gate), &interleave(&e.dlog_gate), &self.r_dlog_gate)),
+        ];
+        if g.dh0.is_some() || e.dh0.is_some() {
+            let (out, reference) = (g.dh0.as_deref().unwrap_or(&[]), e.dh0.as_deref().unwrap_or(&[]));
+            let r = self.r_dh0.as_deref().unwrap_or(&[]);
+            tensors.push(("dh0", score(&interleave(out), &interleave(reference), r)));
+        }
+        Verdict { tensors, tol }
+    }
+}
+
 // ---------------------------------------------------------------- shrink --
 
-/// A box of a problem: ranges of B, L, H, K, V, and whether h0 is kept.
+/// What a case gives a target: the problem and the upstream gradients (used
+/// by gradient targets only), in the target's precision, held as f64.
+#[derive(Clone, Debug)]
+struct Input {
+    p: OwnedProblem<f64>,
+    up: Upstream<f64>,
+}
+
+/// A box of a problem: ranges of B, L, H, K, V, and whether h0 and dh_final
+/// are kept.
 #[derive(Clone, Debug, PartialEq, Eq)]
 struct Region {
     b: Range<usize>,
@@ -595,6 +1033,7 @@ struct Region {
     k: Range<usize>,
     v: Range<usize>,
     h0: bool,
+    dh_final: bool,
 }
 
 fn gather<X: Copy>(src: &[X], shape: [usize; 4], r: [&Range<usize>; 4]) -> Vec<X> {
@@ -623,6 +1062,20 @@ fn sub_problem(p: &OwnedProblem<f64>, r: &Region) -> OwnedProblem<f64> {
         log_gate: gather(&p.log_gate, d.gate_shape(), [&r.b, &r.t, &r.h, &gate_range]),
         h0: if r.h0 { p.h0.as_ref().map(|h0| gather(h0, d.state_shape(), [&r.b, &r.h, &r.k, &r.v])) } else { None },
     }
+}
+
+/// The sub-input in `r`: the sub-problem, dy and dh_final cut alike.
+fn sub_input(x: &Input, r: &Region) -> Input {
+    let d = x.p.dims;
+    let up = Upstream {
+        dy: gather(&x.up.dy, d.v_shape(), [&r.b, &r.t, &r.h, &r.v]),
+        dh_final: if r.dh_final {
+            x.up.dh_final.as_ref().map(|dh| gather(dh, d.state_shape(), [&r.b, &r.h, &r.k, &r.v]))
+        } else {
+            None
+        },
+    };
+    Input { p: sub_problem(&x.p, r), up }
 }
 
 fn halves(r: &Range<usize>) -> Vec<Range<usize>> {
@@ -658,72 +1111,118 @@ fn candidates(r: &Region) -> Vec<Region> {
     if r.h0 {
         c.push(Region { h0: false, ..r.clone() });
     }
+    if r.dh_final {
+        c.push(Region { dh_final: false, ..r.clone() });
+    }
     c
+}
+
+/// The oracle of a case for one kind of target.
+#[derive(Clone, Debug)]
+enum Expected {
+    Forward(Oracle),
+    Grad(GradOracle),
+}
+
+impl Expected {
+    fn new(kind: Kind, precision: Precision, x: &Input) -> Result<Expected, String> {
+        match kind {
+            Kind::Forward => Oracle::new(&x.p).map(Expected::Forward),
+            Kind::Grad => GradOracle::new(&x.p, &x.up, precision).map(Expected::Grad),
+        }
+    }
+}
+
+/// What a target produced.
+enum Actual {
+    Forward(Outputs<f64>),
+    Grad(Grads<f64>),
 }
 
 /// How a run of a target went.
 enum Outcome {
-    Pass(Judgement),
-    Fail { judgement: Option<Judgement>, actual: Option<Outputs<f64>>, why: String },
+    Pass(Verdict),
+    Fail { verdict: Option<Verdict>, actual: Option<Actual>, why: String },
 }
 
-fn evaluate(target: &mut Target, p: &OwnedProblem<f64>, oracle: &Oracle) -> Outcome {
-    let tol = tolerance(target.precision, p.dims.len);
-    match target.run(p) {
-        Ok(out) => {
-            if out.y.len() != p.dims.v_len() || out.h_final.len() != p.dims.state_len() {
-                return Outcome::Fail {
-                    judgement: None,
-                    actual: None,
-                    why: format!(
+/// `None` when `g` has the shapes of the gradients of `x`, else why not.
+fn grad_shape_error(g: &Grads<f64>, x: &Input) -> Option<String> {
+    let d = x.p.dims;
+    let got = [g.dq.len(), g.dk.len(), g.dv.len(), g.dlog_gate.len(), g.dh0.as_ref().map_or(0, Vec::len)];
+    let want = [d.qk_len(), d.qk_len(), d.v_len(), d.gate_len(), if x.p.h0.is_some() { d.state_len() } else { 0 }];
+    (got != want).then(|| format!("returned dq, dk, dv, dlog_gate, dh0 of {got:?} elements, expected {want:?}"))
+}
+
+fn evaluate(target: &mut Target, x: &Input, expected: &Expected) -> Outcome {
+    let tol = tolerance(target.precision, x.p.dims.len);
+    let fail = |why: String| Outcome::Fail { verdict: None, actual: None, why };
+    let (verdict, actual) = match (&mut target.imp, expected) {
+        (Implementation::Forward(run), Expected::Forward(oracle)) => match run(&x.p) {
+            Ok(out) => {
+                if out.y.len() != x.p.dims.v_len() || out.h_final.len() != x.p.dims.state_len() {
+                    return fail(format!(
                         "returned y of {} and h_final of {} elements, expected {} and {}",
                         out.y.len(),
                         out.h_final.len(),
-                        p.dims.v_len(),
-                        p.dims.state_len()
-                    ),
-                };
+                        x.p.dims.v_len(),
+                        x.p.dims.state_len()
+                    ));
+                }
+                let floor = underflow_floor(target.precision, &x.p.dims);
+                (oracle.judge_with_floor(&out, tol, floor).verdict(), Actual::Forward(out))
             }
-            let j = oracle.judge_with_floor(&out, tol, underflow_floor(target.precision, &p.dims));
-            if j.pass() {
-                Outcome::Pass(j)
-            } else {
-                let why = format!(
-                    "score {:.3e} > tol {tol:.1e} (y: e_l2 {:.3e} e_max {:.3e} rel {:.3e}; h_final: e_l2 {:.3e} e_max {:.3e} rel {:.3e})",
-                    j.score(),
-                    j.y.e_l2,
-                    j.y.e_max,
-                    j.y.rel_l2,
-                    j.h_final.e_l2,
-                    j.h_final.e_max,
-                    j.h_final.rel_l2
-                );
-                Outcome::Fail { judgement: Some(j), actual: Some(out), why }
+            Err(e) => return fail(format!("refused a valid problem: {e}")),
+        },
+        (Implementation::Grad(run), Expected::Grad(oracle)) => match run(&x.p, &x.up) {
+            Ok(g) => {
+                if let Some(why) = grad_shape_error(&g, x) {
+                    return fail(why);
+                }
+                let floor = grad_underflow_floor(target.precision, &x.p.dims);
+                (oracle.judge_with_floor(&g, tol, floor), Actual::Grad(g))
             }
-        }
-        Err(e) => Outcome::Fail { judgement: None, actual: None, why: format!("refused a valid problem: {e}") },
+            Err(e) => return fail(format!("refused a valid problem: {e}")),
+        },
+        _ => return fail("internal: the oracle is of the other kind".into()),
+    };
+    if verdict.pass() {
+        Outcome::Pass(verdict)
+    } else {
+        let why = verdict.describe();
+        Outcome::Fail { verdict: Some(verdict), actual: Some(actual), why }
     }
 }
 
-/// The problem a target sees: the f32 rounding for f32 targets.
-fn for_precision(p: &OwnedProblem<f64>, precision: Precision) -> OwnedProblem<f64> {
+/// The input a target sees: the f32 rounding (of the problem and the
+/// upstream gradients) for f32 targets.
+fn for_precision(x: &Input, precision: Precision) -> Input {
     match precision {
-        Precision::F64 => p.clone(),
-        Precision::F32 => p.rounded_to_f32(),
+        Precision::F64 => x.clone(),
+        Precision::F32 => {
+            let r = |v: f64| v as f32 as f64;
+            let up = Upstream {
+                dy: x.up.dy.iter().map(|&v| r(v)).collect(),
+                dh_final: x.up.dh_final.as_ref().map(|d| d.iter().map(|z| Complex::new(r(z.re), r(z.im))).collect()),
+            };
+            Input { p: x.p.rounded_to_f32(), up }
+        }
     }
 }
 
-/// Shrinks a failing problem (already in the target's precision), at most
-/// `budget` evaluations. Returns the smallest failing problem found.
-fn shrink(target: &mut Target, p: &OwnedProblem<f64>, budget: usize) -> (OwnedProblem<f64>, usize) {
-    let d = p.dims;
+/// Shrinks a failing input (already in the target's precision), at most
+/// `budget` evaluations. Returns the smallest failing input found.
+fn shrink(target: &mut Target, x: &Input, budget: usize) -> (Input, usize) {
+    let d = x.p.dims;
+    let kind = target.kind();
     let mut region = Region {
         b: 0..d.batch,
         t: 0..d.len,
         h: 0..d.heads,
         k: 0..d.key_dim,
         v: 0..d.value_dim,
-        h0: p.h0.is_some(),
+        h0: x.p.h0.is_some(),
+        // The forward does not read dh_final: nothing to shrink there.
+        dh_final: kind == Kind::Grad && x.up.dh_final.is_some(),
     };
     let mut steps = 0;
     let mut evals = 0;
@@ -733,9 +1232,9 @@ fn shrink(target: &mut Target, p: &OwnedProblem<f64>, budget: usize) -> (OwnedPr
                 break 'outer;
             }
             evals += 1;
-            let sub = sub_problem(p, &c);
-            let Ok(oracle) = Oracle::new(&sub) else { continue };
-            if matches!(evaluate(target, &sub, &oracle), Outcome::Fail { .. }) {
+            let sub = sub_input(x, &c);
+            let Ok(expected) = Expected::new(kind, target.precision, &sub) else { continue };
+            if matches!(evaluate(target, &sub, &expected), Outcome::Fail { .. }) {
                 region = c;
                 steps += 1;
                 continue 'outer;
@@ -743,7 +1242,7 @@ fn shrink(target: &mut Target, p: &OwnedProblem<f64>, budget: usize) -> (OwnedPr
         }
         break;
     }
-    (sub_problem(p, &region), steps)
+    (sub_input(x, &region), steps)
 }
 
 // --------------------------------------------------------------- campaign --
@@ -791,6 +1290,7 @@ impl Default for FuzzConfig {
 #[derive(Clone, Debug, PartialEq)]
 pub struct TargetSummary {
     pub label: String,
+    pub kind: Kind,
     pub mode: Mode,
     pub precision: Precision,
     pub device: Device,
@@ -827,6 +1327,11 @@ pub struct FailureFiles {
 #[derive(Clone, Debug)]
 pub struct FuzzFailure {
     pub target: String,
+    /// The failing target's kind, mode, precision and device.
+    pub kind: Kind,
+    pub mode: Mode,
+    pub precision: Precision,
+    pub device: Device,
     pub case: CaseSpec,
     /// Why the original case failed.
     pub why: String,
@@ -842,6 +1347,8 @@ pub struct FuzzFailure {
 #[derive(Clone, Debug)]
 pub struct FuzzReport {
     pub seed: u64,
+    /// The campaign's longest sequence (part of a case's identity).
+    pub max_len: usize,
     pub first_case: u64,
     /// Cases run (all targets).
     pub cases_run: u64,
@@ -890,13 +1397,22 @@ impl FuzzReport {
             s,
             "bound: score = max(‖out−ref‖/max(‖ref‖,‖R‖), max|out−ref|/(10·max(|ref|,R))) ≤ tol; tol f64 1e-10, f32 min(1e-3, 1e-4·max(1, √(L/4096)))"
         );
+        if self.targets.iter().any(|t| t.kind == Kind::Grad) {
+            let _ = writeln!(
+                s,
+                "gradients: out, ref = dq, dk, dv, dlog_gate, dh0 vs the f64 adjoint recurrence; R = √(the same backward on q², k², v², max(|a|,N)², |h0|², dy², |dh_final|²); scales ≥ N, the smallest normal of the precision"
+            );
+        }
         let _ = writeln!(
             s,
-            "replay case i: gateloop fuzz --seed {} --first-case i --cases 1 (with the same --modes/--dtypes/--max-len)",
-            self.seed
+            "replay case i: gateloop fuzz --seed {} --first-case i --cases 1 --max-len {} (with the same --targets/--modes/--dtypes)",
+            self.seed, self.max_len
         );
         for f in &self.failures {
             let _ = writeln!(s, "\nDISAGREEMENT: {} on {}", f.target, f.case);
+            if f.kind == Kind::Grad {
+                let _ = writeln!(s, "  {}", f.case.upstream_str());
+            }
             let _ = writeln!(s, "  {}", f.why);
             let _ = writeln!(
                 s,
@@ -908,7 +1424,11 @@ impl FuzzReport {
             match &f.files {
                 Some(Ok(files)) => {
                     let _ = writeln!(s, "  input:    {}", files.input.display());
-                    let _ = writeln!(s, "  expected: {} (f64 recurrent reference)", files.expected.display());
+                    let oracle = match f.kind {
+                        Kind::Forward => "f64 recurrent reference",
+                        Kind::Grad => "f64 adjoint recurrence, reference::grad",
+                    };
+                    let _ = writeln!(s, "  expected: {} ({oracle})", files.expected.display());
                     if let Some(a) = &files.actual {
                         let _ = writeln!(s, "  actual:   {} (what {} produced)", a.display(), f.target);
                     }
@@ -924,8 +1444,14 @@ impl FuzzReport {
             }
             let _ = writeln!(
                 s,
-                "  re-run this case: gateloop fuzz --seed {} --first-case {} --cases 1",
-                f.case.seed, f.case.index
+                "  re-run this case: gateloop fuzz --seed {} --first-case {} --cases 1 --max-len {} --targets {} --modes {} --dtypes {}{}",
+                f.case.seed,
+                f.case.index,
+                self.max_len,
+                f.kind.name(),
+                f.mode.name(),
+                f.precision.name(),
+                if f.device == Device::Cuda { " --device cuda" } else { "" }
             );
         }
         s
@@ -945,65 +1471,105 @@ fn write_failure(
     dir: &Path,
     target: &Target,
     case: &CaseSpec,
-    p: &OwnedProblem<f64>,
-    oracle: &Oracle,
-    judgement: Option<&Judgement>,
-    actual: Option<&Outputs<f64>>,
+    x: &Input,
+    expected: &Expected,
+    verdict: Option<&Verdict>,
+    actual: Option<&Actual>,
 ) -> Result<FailureFiles, String> {
     std::fs::create_dir_all(dir).map_err(|e| format!("cannot create `{}`: {e}", dir.display()))?;
-    let stem = format!("seed{}-case{}-{}-{}-{}", case.seed, case.index, target.mode.name(), target.precision.name(), target.device.name());
+    let kind = match target.kind() {
+        Kind::Forward => String::new(),
+        Kind::Grad => "-grad".into(),
+    };
+    let stem = format!(
+        "seed{}-case{}-{}-{}-{}{kind}",
+        case.seed,
+        case.index,
+        target.mode.name(),
+        target.precision.name(),
+        target.device.name()
+    );
     let path = |suffix: &str| dir.join(format!("{stem}.{suffix}.safetensors"));
-    let (input, expected, replay_output) = (path("input"), path("expected"), path("replay"));
+    let (input, expected_path, replay_output) = (path("input"), path("expected"), path("replay"));
     let e = |e: io::FileError| e.to_string();
-    match target.precision {
-        Precision::F64 => io::write_problem(&input, &p.view()).map_err(e)?,
-        Precision::F32 => io::write_problem(&input, &p.to_f32().view()).map_err(e)?,
+    let (p, d) = (&x.p, &x.p.dims);
+    let f32_target = target.precision == Precision::F32;
+    // The input, in the target's precision, and the oracle's result in f64.
+    match expected {
+        Expected::Forward(oracle) => {
+            if f32_target {
+                io::write_problem(&input, &p.to_f32().view()).map_err(e)?;
+            } else {
+                io::write_problem(&input, &p.view()).map_err(e)?;
+            }
+            io::write_outputs(&expected_path, d, &oracle.out).map_err(e)?;
+        }
+        Expected::Grad(oracle) => {
+            if f32_target {
+                let up = upstream_to_f32(&x.up);
+                let up = GradInputs { dy: &up.dy, dh_final: up.dh_final.as_deref() };
+                io::write_grad_problem(&input, &p.to_f32().view(), &up).map_err(e)?;
+            } else {
+                let up = GradInputs { dy: &x.up.dy, dh_final: x.up.dh_final.as_deref() };
+                io::write_grad_problem(&input, &p.view(), &up).map_err(e)?;
+            }
+            io::write_grads(&expected_path, d, &oracle.grads).map_err(e)?;
+        }
     }
-    io::write_outputs(&expected, &p.dims, &oracle.out).map_err(e)?;
     let actual = match actual {
         Some(out) => {
             let a = path("actual");
-            match target.precision {
-                Precision::F64 => io::write_outputs(&a, &p.dims, out).map_err(e)?,
-                Precision::F32 => {
+            match (out, f32_target) {
+                (Actual::Forward(out), false) => io::write_outputs(&a, d, out).map_err(e)?,
+                (Actual::Forward(out), true) => {
                     let o32 = Outputs {
                         y: out.y.iter().map(|&x| x as f32).collect(),
-                        h_final: out.h_final.iter().map(|z| Complex::new(z.re as f32, z.im as f32)).collect(),
+                        h_final: narrow_complex(&out.h_final),
                     };
-                    io::write_outputs(&a, &p.dims, &o32).map_err(e)?
+                    io::write_outputs(&a, d, &o32).map_err(e)?
                 }
+                (Actual::Grad(g), false) => io::write_grads(&a, d, g).map_err(e)?,
+                (Actual::Grad(g), true) => io::write_grads(&a, d, &narrow_grads(g)).map_err(e)?,
             }
             Some(a)
         }
         None => None,
     };
-    let tol = tolerance(target.precision, p.dims.len);
-    let check_rtol = judgement.map_or(tol, |j| j.check_rtol());
+    let tol = tolerance(target.precision, d.len);
+    let check_rtol = verdict.map_or(tol, Verdict::check_rtol);
     let device = match target.device {
         Device::Cpu => String::new(),
         Device::Cuda => " --device cuda".into(),
     };
+    let command = match target.kind() {
+        Kind::Forward => "run",
+        Kind::Grad => "grad",
+    };
     let mut commands = vec![
         format!(
-            "gateloop run --input {} --output {} --mode {}{device}",
+            "gateloop {command} --input {} --output {} --mode {}{device}",
             shell_quote(&input),
             shell_quote(&replay_output),
             target.mode.name()
         ),
-        format!("gateloop check {} {} --rtol {check_rtol:.3e}", shell_quote(&expected), shell_quote(&replay_output)),
+        format!("gateloop check {} {} --rtol {check_rtol:.3e}", shell_quote(&expected_path), shell_quote(&replay_output)),
     ];
     if let Some(a) = &actual {
         commands.push(format!(
             "gateloop check {} {} --rtol {check_rtol:.3e}   # the recorded failing output",
-            shell_quote(&expected),
+            shell_quote(&expected_path),
             shell_quote(a)
         ));
     }
-    Ok(FailureFiles { input, expected, actual, replay_output, commands, check_rtol })
+    Ok(FailureFiles { input, expected: expected_path, actual, replay_output, commands, check_rtol })
 }
 
 /// Whether `target` runs this case or skips it as too expensive.
 fn affordable(target: &Target, d: &Dims) -> bool {
+    if target.kind() == Kind::Grad {
+        // Every backward is O(B·H·L·K·V), like the oracle's.
+        return true;
+    }
     let heads = d.batch.saturating_mul(d.heads);
     match target.mode {
         Mode::Attention => {
@@ -1063,6 +1629,7 @@ pub fn run_campaign(cfg: &FuzzConfig, targets: &mut [Target]) -> FuzzReport {
         .iter()
         .map(|t| TargetSummary {
             label: t.label.clone(),
+            kind: t.kind(),
             mode: t.mode,
             precision: t.precision,
             device: t.device,
@@ -1080,8 +1647,10 @@ pub fn run_campaign(cfg: &FuzzConfig, targets: &mut [Target]) -> FuzzReport {
     let mut progress = Progress::new(cfg.progress);
     let mut stopped_early = None;
     let mut cases_run = 0;
-    let need = |pr: Precision| targets.iter().any(|t| t.precision == pr);
-    let (need64, need32) = (need(Precision::F64), need(Precision::F32));
+    // The (precision, kind) pairs some target needs an oracle for.
+    let mut needed: Vec<(Precision, Kind)> = targets.iter().map(|t| (t.precision, t.kind())).collect();
+    needed.sort();
+    needed.dedup();
     'cases: for n in 0..cfg.cases {
         if let Some(budget) = cfg.time_budget
             && start.elapsed() >= budget
@@ -1091,49 +1660,57 @@ pub fn run_campaign(cfg: &FuzzConfig, targets: &mut [Target]) -> FuzzReport {
         }
         let index = cfg.first_case + n;
         let case = draw_case(cfg.seed, index, cfg.max_len);
-        let p64 = case.problem();
-        let mut problems: Vec<(Precision, OwnedProblem<f64>, Result<Oracle, String>)> = Vec::new();
-        for (pr, wanted) in [(Precision::F64, need64), (Precision::F32, need32)] {
-            if wanted {
-                let p = for_precision(&p64, pr);
-                let o = Oracle::new(&p);
-                problems.push((pr, p, o));
-            }
-        }
+        let drawn = Input { p: case.problem(), up: case.upstream() };
+        let inputs: Vec<(Precision, Input)> = [Precision::F64, Precision::F32]
+            .into_iter()
+            .filter(|pr| needed.iter().any(|(p, _)| p == pr))
+            .map(|pr| (pr, for_precision(&drawn, pr)))
+            .collect();
+        let oracles: Vec<(Precision, Kind, Result<Expected, String>)> = needed
+            .iter()
+            .map(|&(pr, kind)| {
+                let x = &inputs.iter().find(|(p, _)| *p == pr).expect("an input per needed precision").1;
+                (pr, kind, Expected::new(kind, pr, x))
+            })
+            .collect();
         for (t, summary) in targets.iter_mut().zip(summaries.iter_mut()) {
             if !affordable(t, &case.dims) {
                 summary.skipped += 1;
                 continue;
             }
-            let Some((_, p, oracle)) = problems.iter().find(|(pr, _, _)| *pr == t.precision) else { continue };
+            let kind = t.kind();
+            let Some((_, x)) = inputs.iter().find(|(pr, _)| *pr == t.precision) else { continue };
+            let Some((_, _, expected)) = oracles.iter().find(|(pr, k, _)| *pr == t.precision && *k == kind) else {
+                continue;
+            };
             let t0 = Instant::now();
-            let outcome = match oracle {
-                Ok(oracle) => evaluate(t, p, oracle),
-                Err(e) => Outcome::Fail { judgement: None, actual: None, why: e.clone() },
+            let outcome = match expected {
+                Ok(expected) => evaluate(t, x, expected),
+                Err(e) => Outcome::Fail { verdict: None, actual: None, why: e.clone() },
             };
             summary.cases += 1;
             match outcome {
-                Outcome::Pass(j) => {
-                    let ratio = j.score() / j.tol;
+                Outcome::Pass(v) => {
+                    let ratio = v.score() / v.tol;
                     if summary.worst_case.is_none() || ratio > summary.worst_ratio {
                         summary.worst_ratio = ratio;
-                        summary.worst_score = j.score();
-                        summary.worst_tol = j.tol;
+                        summary.worst_score = v.score();
+                        summary.worst_tol = v.tol;
                         summary.worst_case = Some(index);
                     }
                 }
-                Outcome::Fail { judgement, why, .. } => {
+                Outcome::Fail { verdict, why, .. } => {
                     summary.failures += 1;
                     summary.worst_ratio = f64::INFINITY;
-                    summary.worst_score = judgement.map_or(f64::NAN, |j| j.score());
-                    summary.worst_tol = tolerance(t.precision, p.dims.len);
+                    summary.worst_score = verdict.map_or(f64::NAN, |v| v.score());
+                    summary.worst_tol = tolerance(t.precision, x.p.dims.len);
                     summary.worst_case = Some(index);
-                    let (small, steps) = shrink(t, p, cfg.shrink_budget);
-                    let (shrunk_why, files) = match Oracle::new(&small) {
-                        Ok(so) => match evaluate(t, &small, &so) {
-                            Outcome::Fail { judgement, actual, why } => {
+                    let (small, steps) = shrink(t, x, cfg.shrink_budget);
+                    let (shrunk_why, files) = match Expected::new(kind, t.precision, &small) {
+                        Ok(se) => match evaluate(t, &small, &se) {
+                            Outcome::Fail { verdict, actual, why } => {
                                 let files = cfg.out_dir.as_ref().map(|dir| {
-                                    write_failure(dir, t, &case, &small, &so, judgement.as_ref(), actual.as_ref())
+                                    write_failure(dir, t, &case, &small, &se, verdict.as_ref(), actual.as_ref())
                                 });
                                 (why, files)
                             }
@@ -1143,9 +1720,13 @@ pub fn run_campaign(cfg: &FuzzConfig, targets: &mut [Target]) -> FuzzReport {
                     };
                     failures.push(FuzzFailure {
                         target: t.label.clone(),
+                        kind,
+                        mode: t.mode,
+                        precision: t.precision,
+                        device: t.device,
                         case: case.clone(),
                         why,
-                        shrunk_dims: small.dims,
+                        shrunk_dims: small.p.dims,
                         shrunk_why,
                         shrink_steps: steps,
                         files,
@@ -1165,6 +1746,7 @@ pub fn run_campaign(cfg: &FuzzConfig, targets: &mut [Target]) -> FuzzReport {
     progress.finish();
     FuzzReport {
         seed: cfg.seed,
+        max_len: cfg.max_len,
         first_case: cfg.first_case,
         cases_run,
         targets: summaries,
@@ -1206,7 +1788,7 @@ mod tests {
     #[test]
     fn sub_problem_is_a_box() {
         let p = random_problem(crate::testing::dims(2, 5, 3, 4, 2, false), GateRegime::Random, true, 1);
-        let r = Region { b: 1..2, t: 2..5, h: 0..2, k: 1..3, v: 1..2, h0: true };
+        let r = Region { b: 1..2, t: 2..5, h: 0..2, k: 1..3, v: 1..2, h0: true, dh_final: false };
         let s = sub_problem(&p, &r);
         s.view().validate().unwrap();
         let d = p.dims;
@@ -1214,6 +1796,16 @@ mod tests {
         assert_eq!(s.q[7], p.q[((d.len + 3) * d.heads + 1) * d.key_dim + 2]);
         // h0[b=0, h=1, k=1, v=0] is h0[b=1, h=1, k=2, v=1] of the original.
         assert_eq!(s.h0.as_ref().unwrap()[3], p.h0.as_ref().unwrap()[((3 + 1) * 4 + 2) * 2 + 1]);
+        // dy and dh_final are cut alike: dy[b=1, t=3, h=1, v=1] is s.dy[0, 1, 1, 0];
+        // dh_final[b=1, h=1, k=2, v=1] is s.dh_final[0, 1, 1, 0] (flat 3); dropped when asked.
+        let case = CaseSpec { dims: d, dh_final_scale: Some(2.0), ..draw_case(1, 1, 8) };
+        let x = Input { p: p.clone(), up: case.upstream() };
+        let sx = sub_input(&x, &Region { dh_final: true, ..r.clone() });
+        assert_eq!(sx.up.dy.len(), s.dims.v_len());
+        assert_eq!(sx.up.dy[2 + 1], x.up.dy[((d.len + 3) * d.heads + 1) * d.value_dim + 1]);
+        let dh = (sx.up.dh_final.as_ref().unwrap(), x.up.dh_final.as_ref().unwrap());
+        assert_eq!(dh.0[3], dh.1[((d.heads + 1) * d.key_dim + 2) * d.value_dim + 1]);
+        assert!(sub_input(&x, &r).up.dh_final.is_none());
     }
 
     #[test]
@@ -1237,4 +1829,67 @@ mod tests {
         let nan = Outputs { y: vec![f64::NAN], h_final: vec![Complex::new(0.0, 0.0)] };
         assert!(!o.judge(&nan, 1e-4).pass());
     }
+    #[test]
+    fn grad_magnitudes_are_the_root_sum_square_of_the_terms() {
+        // L = 2, K = V = 1: dg_1 = conj(a1 h_0)·δ_1 with h_0 = a0 h0 + k0 v0
+        // and δ_1 = dh_final + q1 dy1; dh0 = conj(a0)·δ_0 with
+        // δ_0 = conj(a1) δ_1 + q0 dy0.
+        let (g0, g1) = (Complex::new(-0.3, 2.0), Complex::new(-0.7, -1.0));
+        let (q, k, v, dy) = ([0.5, -2.0], [1.5, 0.25], [-3.0, 4.0], [0.75, -1.25]);
+        let (h0, dhf) = (Complex::new(0.5, -1.5), Complex::new(2.0, 0.5));
+        let p = OwnedProblem {
+            dims: Dims::new(1, 2, 1, 1, 1),
+            q: q.to_vec(),
+            k: k.to_vec(),
+            v: v.to_vec(),
+            log_gate: vec![g0, g1],
+            h0: Some(vec![h0]),
+        };
+        let up = Upstream { dy: dy.to_vec(), dh_final: Some(vec![dhf]) };
+        let o = GradOracle::new(&p, &up, Precision::F64).unwrap();
+        let (a0, a1) = ((2.0 * g0.re).exp(), (2.0 * g1.re).exp()); // |a|²
+        let r_dg1 = (a1 * (a0 * h0.norm_sqr() + (k[0] * v[0]).powi(2)) * (dhf.norm_sqr() + (q[1] * dy[1]).powi(2))).sqrt();
+        let r_dh0 = (a0 * (a1 * dhf.norm_sqr() + a1 * (q[1] * dy[1]).powi(2) + (q[0] * dy[0]).powi(2))).sqrt();
+        let close = |x: f64, y: f64| (x - y).abs() <= 1e-12 * y;
+        assert!(close(o.r_dlog_gate[2], r_dg1) && close(o.r_dlog_gate[3], r_dg1), "{:?} vs {r_dg1}", o.r_dlog_gate);
+        let r = o.r_dh0.as_ref().unwrap();
+        assert!(close(r[0], r_dh0) && close(r[1], r_dh0), "{r:?} vs {r_dh0}");
+        // The gradients themselves are the reference's, and judge themselves perfect.
+        assert!(o.judge(&o.grads, 1e-10).score() == 0.0);
+        // A subnormal-in-f32 gate's modulus is raised to the smallest normal f32
+        // for an f32 target (and kept in f64).
+        let mut tiny = p.clone();
+        tiny.log_gate[0].re = -95.0;
+        let r64 = GradOracle::new(&tiny, &up, Precision::F64).unwrap().r_dh0.unwrap()[0];
+        let r32 = GradOracle::new(&tiny, &up, Precision::F32).unwrap().r_dh0.unwrap()[0];
+        assert!(close(r64 / r32, (-95.0f64).exp() / f64::from(f32::MIN_POSITIVE)), "{r64} {r32}");
+    }
+
+    #[test]
+    fn upstream_is_reproducible_and_dh_final_drawn_half_the_time() {
+        let c = draw_case(5, 17, 64);
+        let (u1, u2) = (c.upstream(), c.upstream());
+        assert_eq!(u1.dy, u2.dy);
+        assert_eq!(u1.dy.len(), c.dims.v_len());
+        assert!(u1.dy.iter().all(|x| x.abs() <= c.dy_scale && *x != 0.0));
+        let with = (0..400).filter(|&i| draw_case(5, i, 64).dh_final_scale.is_some()).count();
+        assert!((140..260).contains(&with), "{with}");
+        for i in 0..50 {
+            let c = draw_case(5, i, 64);
+            assert_eq!(c.upstream().dh_final.map(|d| d.len()), c.dh_final_scale.map(|_| c.dims.state_len()));
+        }
+    }
+
+    #[test]
+    fn subnormal_tensors_are_judged_against_the_smallest_normal() {
+        let n = f64::from(f32::MIN_POSITIVE);
+        let (reference, r) = ([1e-41, 2e-41], [1.5e-41, 2e-41]);
+        // An absolute error of 5e-5·N on a tensor of ≈ 2e-41 (40% of it).
+        let s = score_tensor(&[1e-41 + 5e-5 * n, 2e-41], &reference, &r, 0.0, n);
+        assert!((s.e_l2 - 5e-5).abs() < 1e-12 && (s.e_max - 5e-5).abs() < 1e-12, "{s:?}");
+        // Without the smallest-normal scale it would be judged relatively.
+        let s = score_tensor(&[1e-41 + 5e-5 * n, 2e-41], &reference, &r, 0.0, f64::MIN_POSITIVE);
+        assert!(s.e_l2 > 0.02, "{s:?}");
+    }
 }
+

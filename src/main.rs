@@ -162,10 +162,13 @@ enum Command {
     ///
     /// Draws random adversarial cases (shapes, gate regimes, scales), runs
     /// each selected implementation and checks it against the documented
-    /// bound. A disagreement is shrunk, written to --out with the commands
-    /// that replay it, and exits 1. Exit 2 on bad usage or an unusable
-    /// --device cuda. Case i of seed S is reproducible on its own:
-    /// `--seed S --first-case i --cases 1`.
+    /// bound. With `--targets grad` (or `forward,grad`) each case also draws
+    /// upstream gradients and checks every backward (dq, dk, dv, dlog_gate,
+    /// dh0) against the f64 adjoint recurrence. A disagreement is shrunk,
+    /// written to --out with the commands that replay it, and exits 1. Exit 2
+    /// on bad usage or an unusable --device cuda. Case i of seed S is
+    /// reproducible on its own: `--seed S --first-case i --cases 1` (same
+    /// --max-len and --targets).
     Fuzz {
         /// Number of cases.
         #[arg(long, default_value_t = 1000)]
@@ -188,6 +191,10 @@ enum Command {
         /// Longest sequence length drawn.
         #[arg(long, default_value_t = 1024, value_parser = clap::value_parser!(u64).range(1..))]
         max_len: u64,
+        /// What to check, comma-separated: forward (y, h_final) and/or grad
+        /// (the backward implementations).
+        #[arg(long, value_enum, value_delimiter = ',', default_value = "forward")]
+        targets: Vec<CliTarget>,
         /// Stop starting new cases after this many seconds.
         #[arg(long)]
         time_budget: Option<f64>,
@@ -198,6 +205,12 @@ enum Command {
         #[arg(long, default_value_t = 1)]
         max_failures: usize,
     },
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum CliTarget {
+    Forward,
+    Grad,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -579,6 +592,7 @@ fn bench(
 fn fuzz_cmd(
     mut cfg: fuzz::FuzzConfig,
     device: fuzz::Device,
+    kinds: &[fuzz::Kind],
     modes: &[Mode],
     dtypes: &[String],
     budget: Option<f64>,
@@ -592,7 +606,7 @@ fn fuzz_cmd(
             .map_err(|_| Failure::Input(format!("--time-budget {s}: must be a number of seconds >= 0")))?;
         cfg.time_budget = Some(d);
     }
-    let (mut targets, notes) = fuzz::targets(device, modes, &precisions).map_err(input_err)?;
+    let (mut targets, notes) = fuzz::select(device, kinds, modes, &precisions).map_err(input_err)?;
     for note in notes {
         say!("note: {note}");
     }
@@ -614,11 +628,20 @@ fn main() -> ExitCode {
         Command::Bench { json, kernels, dtypes, shapes, runs, warmup, seed, list } => {
             bench(json, kernels, dtypes, shapes, runs, warmup, seed, list)
         }
-        Command::Fuzz { cases, seed, first_case, device, modes, dtypes, max_len, time_budget, out, max_failures } => {
+        Command::Fuzz { cases, seed, first_case, device, modes, dtypes, max_len, targets, time_budget, out, max_failures } => {
             let device = match device {
                 Device::Cpu => fuzz::Device::Cpu,
                 Device::Cuda => fuzz::Device::Cuda,
             };
+            let mut kinds: Vec<fuzz::Kind> = targets
+                .into_iter()
+                .map(|t| match t {
+                    CliTarget::Forward => fuzz::Kind::Forward,
+                    CliTarget::Grad => fuzz::Kind::Grad,
+                })
+                .collect();
+            kinds.sort();
+            kinds.dedup();
             let modes: Vec<Mode> = modes.into_iter().map(CliMode::mode).collect();
             let cfg = fuzz::FuzzConfig {
                 cases,
@@ -631,7 +654,7 @@ fn main() -> ExitCode {
                 progress: true,
                 ..Default::default()
             };
-            fuzz_cmd(cfg, device, &modes, &dtypes, time_budget)
+            fuzz_cmd(cfg, device, &kinds, &modes, &dtypes, time_budget)
         }
     };
     match result {

@@ -532,3 +532,47 @@ fn cuda_device_errors_are_clear() {
         }
     }
 }
+
+/// `gateloop fuzz --targets`: forward only by default, gradients with
+/// `grad`, both with `forward,grad`; an unknown target is a usage error.
+#[test]
+fn fuzz_targets_select_forward_and_gradient_checks() {
+    let dir = TempDir::new("fuzz-targets");
+    let out = dir.path("failures");
+    let fuzz = |targets: Option<&str>| {
+        let mut args = vec!["fuzz", "--cases", "30", "--seed", "7", "--max-len", "64", "--modes", "chunked,recurrent"];
+        args.extend(["--dtypes", "f32", "--out", s(&out)]);
+        if let Some(t) = targets {
+            args.extend(["--targets", t]);
+        }
+        gateloop(&args)
+    };
+    let o = fuzz(None);
+    assert!(o.status.success(), "{}{}", stdout(&o), stderr(&o));
+    let text = stdout(&o);
+    assert!(text.contains("chunked-f32-cpu ") && !text.contains("-grad"), "{text}");
+
+    let o = fuzz(Some("grad"));
+    assert!(o.status.success(), "{}{}", stdout(&o), stderr(&o));
+    let text = stdout(&o);
+    assert!(text.contains("chunked-f32-cpu-grad") && text.contains("recurrent-f32-cpu-grad"), "{text}");
+    assert!(!text.contains("chunked-f32-cpu "), "forward rows with --targets grad: {text}");
+    assert!(text.contains("gradients: out, ref = dq, dk, dv, dlog_gate, dh0"), "{text}");
+    // Each row ran every case.
+    let row = text.lines().find(|l| l.starts_with("chunked-f32-cpu-grad")).unwrap();
+    assert_eq!(row.split_whitespace().nth(1), Some("30"), "{row}");
+
+    let o = fuzz(Some("forward,grad"));
+    assert!(o.status.success(), "{}{}", stdout(&o), stderr(&o));
+    let text = stdout(&o);
+    assert!(text.contains("chunked-f32-cpu ") && text.contains("chunked-f32-cpu-grad"), "{text}");
+    assert!(!out.exists(), "nothing is written without a disagreement");
+
+    let o = fuzz(Some("backward"));
+    assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
+    assert!(stderr(&o).contains("backward"), "{}", stderr(&o));
+    // Gradients in f64 alone: the oracle itself, nothing to fuzz.
+    let o = gateloop(&["fuzz", "--cases", "1", "--targets", "grad", "--dtypes", "f64"]);
+    assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
+    assert!(stderr(&o).contains("oracle"), "{}", stderr(&o));
+}

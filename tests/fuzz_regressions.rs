@@ -113,3 +113,105 @@ fn subnormal_outputs_are_judged_with_the_underflow_floor() {
     off.y[0] += 100.0 * floor;
     assert!(!oracle.judge_with_floor(&off, 1e-4, floor).pass());
 }
+
+/// The gradient campaign's verdict on the f32 backward of `mode` (chunked:
+/// the chunked backward; recurrent: the adjoint recurrence in f32) for a
+/// shrunk case, with the documented bound and floor.
+fn grad_verdict(mode: gateloop::Mode, p: &OwnedProblem<f64>, up: &gateloop::io::Upstream<f64>) -> gateloop::fuzz::Verdict {
+    use gateloop::fuzz::{grad_underflow_floor, upstream_to_f32, widen_grads, GradOracle};
+    let oracle = GradOracle::new(p, up, Precision::F32).unwrap();
+    let up32 = upstream_to_f32(up);
+    let g = gateloop::dispatch::cpu_grad_f32(mode, &p.to_f32().view(), &up32.dy, up32.dh_final.as_deref()).unwrap();
+    oracle.judge_with_floor(&widen_grads(&g), tolerance(Precision::F32, p.dims.len), grad_underflow_floor(Precision::F32, &p.dims))
+}
+
+/// Gradient campaign seed 2026, case 8386 (`gateloop fuzz --targets grad
+/// --seed 2026 --first-case 8386 --cases 1 --max-len 64 --modes chunked
+/// --dtypes f32`; B=1 L=2 H=1 K=7 V=1, per-head, Underflow), shrunk to
+/// K = 1: the gate of step 1 is e^{−93} ≈ 4e-41, a subnormal f32, and
+/// dlog_gate_1 = conj(a_1 h_0)·δ_1 ≈ (1.13e-41, 1.90e-41).
+fn subnormal_gate_case() -> (OwnedProblem<f64>, gateloop::io::Upstream<f64>) {
+    let p = OwnedProblem {
+        dims: Dims::new(1, 2, 1, 1, 1).with_gate(gateloop::GateLayout::PerHead),
+        q: vec![-122.0625, -405.273865],
+        k: vec![6.00636673, -6.44158649],
+        v: vec![-0.0572236292, 0.0804001689],
+        log_gate: vec![Complex::new(-102.340927, -1.6942817), Complex::new(-93.0165863, -1.03180194)],
+        h0: None,
+    }
+    .rounded_to_f32();
+    let up = gateloop::io::Upstream { dy: [0.00282699941f64, 0.00395555096].map(|x| f64::from(x as f32)).to_vec(), dh_final: None };
+    (p, up)
+}
+
+/// What holds today on the case of [`chunked_grad_subnormal_gate_dlog_gate`]:
+/// the adjoint recurrence in f32 passes the bound (so it is attainable in
+/// f32); the chunked backward's dq, dk, dv are exact to f32 rounding, and its
+/// dlog_gate error, 1.4e-42 absolute (6% of the value, 1.2e-4 of the
+/// smallest normal f32 N), is inside the chunked backward's own test
+/// convention for subnormal references (max-abs ≤ 1e-3·N) but over the
+/// fuzzer's bound (L2 ≤ 1e-4·max(‖ref‖, ‖R‖, N)).
+#[test]
+fn chunked_grad_subnormal_gate_error_is_confined_to_dlog_gate() {
+    let (p, up) = subnormal_gate_case();
+    let recurrent = grad_verdict(gateloop::Mode::Recurrent, &p, &up);
+    assert!(recurrent.pass(), "{recurrent:?}");
+    let v = grad_verdict(gateloop::Mode::Chunked, &p, &up);
+    for name in ["dq", "dk", "dv"] {
+        assert!(v.tensor(name).unwrap().score() < 1e-6, "{name}: {v:?}");
+    }
+    let s = v.tensor("dlog_gate").unwrap();
+    let smallest_normal = f64::from(f32::MIN_POSITIVE);
+    assert!(s.norm_ref < smallest_normal && s.norm_r < smallest_normal, "{s:?}");
+    assert!(s.e_max <= 1e-3, "beyond the chunked tests' own convention: {s:?}");
+}
+
+/// KNOWN DISAGREEMENT (open; reported, not fixed here): on the case above
+/// the chunked f32 backward's dlog_gate_1 is 6% off (score 1.2e-4 > tol
+/// 1e-4; unshrunk, K = 7: 1.34e-4, max-abs 1.9e-4·N). Likely cause (from
+/// the chunked_grad module doc, `acc_q[n] += s_nm |E(n, m)| k_m …`; not
+/// traced through its SIMD code): the pair weight s_nm·|E(n, m)| (dy_1·v_0 ≈
+/// 2.3e-4 times 4e-41: ~7 subnormal spacings, 3 bits) is rounded before k_m
+/// and q_n (≈ 6 and −405) scale it up; the f32 adjoint recurrence, multiplying conj(a·h)·δ with h and δ of
+/// normal size, passes. Runs with `--ignored`; it passes once the chunked
+/// backward multiplies the large factors before the subnormal |E| (or the
+/// bound adopts the chunked tests' max-abs ≤ 1e-3·N for subnormal tensors).
+#[test]
+#[ignore = "known chunked f32 backward inaccuracy for gates in f32's subnormal range (see the doc comment)"]
+fn chunked_grad_subnormal_gate_dlog_gate() {
+    let (p, up) = subnormal_gate_case();
+    let v = grad_verdict(gateloop::Mode::Chunked, &p, &up);
+    assert!(v.pass(), "{v:?}");
+}
+
+/// The same known disagreement (open), as found by the gradient campaigns:
+/// every case is a gate in f32's subnormal range (Re g ∈ (−103.3, −87.3))
+/// whose dlog_gate the chunked f32 backward computes with a relative error
+/// of 1e-3 (seed 7, case 43460: a = e^{−88.3} ≈ 4.6e-39, dlog_gate ≈ 6e-39,
+/// score 5.8e-4, the worst) to 100% (seed 7, case 45905: a dlog_gate of
+/// 1e-42 returned as 0); dq, dk, dv exact to ~1e-7 and the f32 adjoint
+/// recurrence passing on all of them. Runs with `--ignored`.
+#[test]
+#[ignore = "known chunked f32 backward inaccuracy for gates in f32's subnormal range (see the doc comment)"]
+fn chunked_grad_subnormal_gate_campaign_cases() {
+    use gateloop::fuzz::{run_campaign, FuzzConfig, Target};
+    for (seed, case) in [(2026, 8386), (7, 43460), (7, 45905), (7, 69127)] {
+        let mut targets = [Target::cpu_grad(gateloop::Mode::Chunked, Precision::F32).unwrap()];
+        let cfg = FuzzConfig { cases: 1, first_case: case, seed, max_len: 64, out_dir: None, ..Default::default() };
+        let report = run_campaign(&cfg, &mut targets);
+        assert!(report.passed(), "{}", report.render());
+    }
+}
+
+/// On the cases of [`chunked_grad_subnormal_gate_campaign_cases`] the f32
+/// adjoint recurrence passes the bound: it is attainable in f32.
+#[test]
+fn recurrent_f32_grad_passes_the_subnormal_gate_campaign_cases() {
+    use gateloop::fuzz::{run_campaign, FuzzConfig, Target};
+    for (seed, case) in [(2026, 8386), (7, 43460), (7, 45905), (7, 69127)] {
+        let mut targets = [Target::cpu_grad(gateloop::Mode::Recurrent, Precision::F32).unwrap()];
+        let cfg = FuzzConfig { cases: 1, first_case: case, seed, max_len: 64, out_dir: None, ..Default::default() };
+        let report = run_campaign(&cfg, &mut targets);
+        assert!(report.passed(), "{}", report.render());
+    }
+}
