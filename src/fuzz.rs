@@ -382,14 +382,18 @@ fn cpu_grad_f32_run(mode: Mode) -> Option<GradRunFn> {
 }
 
 /// The CUDA backward of `mode`, as a gradient run function; `None` where
-/// there is none on this branch.
+/// there is none ([`dispatch::CUDA_GRAD_MODES`]).
 fn cuda_grad_run(gpu: &Rc<cuda::Gpu>, mode: Mode) -> Option<GradRunFn> {
-    // HOOK(cuda_grad): when `dispatch::cuda_grad(gpu, mode, p, dy, dh_final)
-    // -> Result<Grads<f32>, GpuError>` lands, replace the two lines below with
-    // (one mode: guard with `if mode != Mode::Chunked { return None }`):
-    // let gpu = Rc::clone(gpu); Some(Box::new(move |p: &OwnedProblem<f64>, up: &Upstream<f64>| { let up = upstream_to_f32(up); dispatch::cuda_grad(&gpu, mode, &p.to_f32().view(), &up.dy, up.dh_final.as_deref()).map(|g| widen_grads(&g)).map_err(|e| e.to_string()) }))
-    let _ = (gpu, mode);
-    None
+    if !dispatch::CUDA_GRAD_MODES.contains(&mode) {
+        return None;
+    }
+    let gpu = Rc::clone(gpu);
+    Some(Box::new(move |p: &OwnedProblem<f64>, up: &Upstream<f64>| {
+        let up = upstream_to_f32(up);
+        dispatch::cuda_grad(&gpu, mode, &p.to_f32().view(), &up.dy, up.dh_final.as_deref())
+            .map(|g| widen_grads(&g))
+            .map_err(|e| e.to_string())
+    }))
 }
 
 impl Target {
