@@ -25,7 +25,8 @@
 #   6. the bench table, the peers tables, then a summary table (printed last).
 # Opt-in step (named on the command line, not run by default):
 #   fuzz: the GPU fuzz campaign of issue 6, `gateloop fuzz --device cuda`
-#      (every CUDA mode against the f64 reference), GATELOOP_FUZZ_CASES
+#      (every CUDA forward and backward against the f64 reference;
+#      GATELOOP_FUZZ_TARGETS, default forward,grad), GATELOOP_FUZZ_CASES
 #      (default 100000) cases of seed GATELOOP_FUZZ_SEED (default 2026), max
 #      length GATELOOP_FUZZ_MAX_LEN (default 64), stopping at the deadline;
 #      its summary table goes to fuzz.txt and failing cases to fuzz-failures/.
@@ -305,6 +306,7 @@ if want fuzz; then
     lim=$(budget 100000)
     run_step "fuzz" 100000 "$fuzz_txt" -- "$here/bin/gateloop" fuzz --device cuda --cases "$fuzz_cases" \
         --seed "${GATELOOP_FUZZ_SEED:-2026}" --max-len "${GATELOOP_FUZZ_MAX_LEN:-64}" \
+        --targets "${GATELOOP_FUZZ_TARGETS:-forward,grad}" \
         --time-budget "$((lim > 20 ? lim - 15 : 5))" --out "$results/fuzz-failures" --max-failures 5
     ran=$(grep -m 1 -oE '\([0-9]+ run\)' "$step_out" | tr -d '()')
     if ((not_run)); then
