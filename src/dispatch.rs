@@ -12,7 +12,8 @@
 //!
 //! | mode | cpu f64 | cpu f32 |
 //! |---|---|---|
-//! | recurrent, scan, attention | [`reference::grad`] (the oracle) | [`reference::grad`] in f32 |
+//! | recurrent, attention | [`reference::grad`] (the oracle) | [`reference::grad`] in f32 |
+//! | scan | [`reference::grad`] | [`cpu::scan_grad`] (the scan backward kernel's mirror) |
 //! | chunked | [`reference::grad`] | [`cpu::chunked_grad`] (the chunked backward) |
 
 use crate::cpu::attention::AttentionParams;
@@ -96,8 +97,9 @@ pub fn cpu_grad<T: Real>(
 
 /// The f32 gradient on the CPU of `mode`: the chunked backward
 /// ([`cpu::chunked_grad`], default [`ChunkParams`]) for [`Mode::Chunked`],
-/// the adjoint recurrence in f32 ([`cpu_grad`]) for the other modes, whose
-/// own backward kernels are not written yet.
+/// the scan backward kernel's mirror ([`cpu::scan_grad`], the kernel's
+/// geometry) for [`Mode::Scan`], the adjoint recurrence in f32
+/// ([`cpu_grad`]) for the other modes.
 pub fn cpu_grad_f32(
     mode: Mode,
     p: &Problem<'_, f32>,
@@ -106,6 +108,11 @@ pub fn cpu_grad_f32(
 ) -> Result<Grads<f32>, InputError> {
     match mode {
         Mode::Chunked => cpu::chunked_grad::backward(p, dy, dh_final, &ChunkParams::default()),
-        Mode::Recurrent | Mode::Scan | Mode::Attention => cpu_grad(mode, p, dy, dh_final),
+        Mode::Scan => {
+            // The geometry the backward kernel runs for these dims.
+            let params = cuda::scan_grad::plan(&p.dims, MIRROR_SM_COUNT)?.grad_params();
+            cpu::scan_grad::backward(p, dy, dh_final, &params)
+        }
+        Mode::Recurrent | Mode::Attention => cpu_grad(mode, p, dy, dh_final),
     }
 }

@@ -123,13 +123,7 @@ impl<'a, T> Buffers<'a, T> {
         if have < ws_len {
             return Err(InputError::Length { name: "workspace", expected: ws_len, actual: have, shape: ws_shape() });
         }
-        if stream.context() != gpu.context() {
-            return Err(InputError::Param {
-                name: "stream",
-                value: format!("a stream on device {}", stream.context().ordinal()),
-                why: "the stream must belong to the Gpu's CUDA context",
-            });
-        }
+        check_stream(gpu, stream)?;
         check_context(gpu, "q", self.q)?;
         check_context(gpu, "k", self.k)?;
         check_context(gpu, "v", self.v)?;
@@ -278,6 +272,17 @@ pub(crate) fn check_len(name: &'static str, shape: [usize; 4], complex: bool, ac
     if actual != expected {
         let shape = if complex { format!("{shape:?} complex, as f32 pairs") } else { format!("{shape:?}") };
         return Err(InputError::Length { name, expected, actual, shape });
+    }
+    Ok(())
+}
+
+pub(crate) fn check_stream(gpu: &Gpu, stream: &CudaStream) -> Result<(), InputError> {
+    if stream.context() != gpu.context() {
+        return Err(InputError::Param {
+            name: "stream",
+            value: format!("a stream on device {}", stream.context().ordinal()),
+            why: "the stream must belong to the Gpu's CUDA context",
+        });
     }
     Ok(())
 }

@@ -64,6 +64,7 @@ pub mod element;
 mod launch;
 pub mod recurrent;
 pub mod scan;
+pub mod scan_grad;
 
 pub use element::{Dtype, Element};
 pub use launch::{DeviceInputs, DeviceOutputs};
@@ -167,6 +168,9 @@ struct Kernels {
     /// `gateloop_chunk_*` ([`chunk`]).
     chunk: chunk::ChunkKernels,
     _chunk_module: Arc<CudaModule>,
+    /// `gateloop_scan_grad_*` ([`scan_grad`]).
+    scan_grad: scan_grad::ScanGradKernels,
+    _scan_grad_module: Arc<CudaModule>,
 }
 
 impl Kernels {
@@ -225,6 +229,10 @@ impl Kernels {
             .load_module(cudarc::nvrtc::Ptx::from_binary(fatbin("chunk")?))
             .doing("loading the chunked kernels (see gateloop::cuda::build_nvcc())")?;
         let chunk = chunk::ChunkKernels::load(ctx, &chunk_module)?;
+        let scan_grad_module = ctx
+            .load_module(cudarc::nvrtc::Ptx::from_binary(fatbin("scan_grad")?))
+            .doing("loading the scan backward kernels (see gateloop::cuda::build_nvcc())")?;
+        let scan_grad = scan_grad::ScanGradKernels::load(&scan_grad_module)?;
         Ok(Kernels {
             recurrent,
             _recurrent_module: module,
@@ -240,6 +248,8 @@ impl Kernels {
             _check_module: check_module,
             chunk,
             _chunk_module: chunk_module,
+            scan_grad,
+            _scan_grad_module: scan_grad_module,
         })
     }
 }
