@@ -10,7 +10,7 @@ mod common;
 
 use gateloop::cpu::scan::ScanParams;
 use gateloop::cpu::scan_grad::{self, ScanGradParams};
-use gateloop::cuda::scan_grad::plan;
+use gateloop::cuda::scan_grad::{GradLaunchPlan, plan};
 use gateloop::dispatch::{MIRROR_SM_COUNT, cpu_grad_f32};
 use gateloop::reference::grad::{GradInputs, Grads};
 use gateloop::testing::{GateRegime, dims, random_problem};
@@ -248,4 +248,143 @@ fn bad_inputs_are_typed_errors() {
         scan_grad::backward(&p.view(), &dy, None, &params),
         Err(InputError::Value { name: "log_gate", index: 5, .. })
     ));
+}
+
+// ---- the kernels themselves, on a CPU emulation of CUDA -------------------
+
+/// The emulator binary: `GATELOOP_SCAN_GRAD_EMU`, or built here with
+/// `tools/kernel-emu/build.sh` when g++ is available; `None` (with a notice)
+/// otherwise.
+fn emulator() -> Option<std::path::PathBuf> {
+    use std::sync::OnceLock;
+    static EMU: OnceLock<Option<std::path::PathBuf>> = OnceLock::new();
+    EMU.get_or_init(|| {
+        if let Ok(p) = std::env::var("GATELOOP_SCAN_GRAD_EMU") {
+            return Some(p.into());
+        }
+        let out = std::env::temp_dir().join(format!("gateloop_scan_grad_emu_{}", std::process::id()));
+        let root = env!("CARGO_MANIFEST_DIR");
+        let status = std::process::Command::new("bash")
+            .arg(format!("{root}/tools/kernel-emu/build.sh"))
+            .arg(&out)
+            .stdout(std::process::Stdio::null())
+            .status();
+        match status {
+            Ok(s) if s.success() => Some(out),
+            other => {
+                eprintln!("SKIPPED (no kernel emulator): tools/kernel-emu/build.sh failed: {other:?}");
+                None
+            }
+        }
+    })
+    .clone()
+}
+
+fn write_f32(path: &std::path::Path, x: &[f32]) {
+    let bytes: Vec<u8> = x.iter().flat_map(|v| v.to_le_bytes()).collect();
+    std::fs::write(path, bytes).unwrap();
+}
+fn read_f32(path: &std::path::Path) -> Vec<f32> {
+    std::fs::read(path).unwrap().chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect()
+}
+fn flat(z: &[Complex<f32>]) -> Vec<f32> {
+    z.iter().flat_map(|c| [c.re, c.im]).collect()
+}
+fn unflat(x: &[f32]) -> Vec<Complex<f32>> {
+    x.chunks_exact(2).map(|c| Complex::new(c[0], c[1])).collect()
+}
+
+/// Runs the backward's five kernels (`cuda/scan.cu`, `cuda/scan_grad.cu`,
+/// launched as `cuda::scan_grad::backward_into` does with the plan `lp`,
+/// outputs and workspace NaN-poisoned) on the emulator.
+fn run_emulated(emu: &std::path::Path, c: &GradCase, lp: &GradLaunchPlan, inp: &common::grad::GradInputsF32) -> Grads<f32> {
+    let d = c.dims;
+    let dir = std::env::temp_dir().join(format!("gateloop_emu_case_{}_{}", std::process::id(), c.seed));
+    std::fs::create_dir_all(&dir).unwrap();
+    let p = &inp.p;
+    std::fs::write(
+        dir.join("dims.txt"),
+        format!(
+            "{} {} {} {} {} {} {} {} {} {} {}",
+            d.batch,
+            d.len,
+            d.heads,
+            d.key_dim,
+            d.value_dim,
+            d.gate_dim(),
+            p.h0.is_some() as u8,
+            inp.dh_final.is_some() as u8,
+            lp.forward.warps,
+            lp.forward.value_tile,
+            lp.value_tile
+        ),
+    )
+    .unwrap();
+    write_f32(&dir.join("q.bin"), &p.q);
+    write_f32(&dir.join("k.bin"), &p.k);
+    write_f32(&dir.join("v.bin"), &p.v);
+    write_f32(&dir.join("log_gate.bin"), &flat(&p.log_gate));
+    write_f32(&dir.join("dy.bin"), &inp.dy);
+    if let Some(h0) = &p.h0 {
+        write_f32(&dir.join("h0.bin"), &flat(h0));
+    }
+    if let Some(dhf) = &inp.dh_final {
+        write_f32(&dir.join("dh_final.bin"), &flat(dhf));
+    }
+    let status = std::process::Command::new(emu).arg(&dir).status().unwrap();
+    assert!(status.success(), "{c:?}: emulator failed: {status}");
+    let out = Grads {
+        dq: read_f32(&dir.join("dq.out")),
+        dk: read_f32(&dir.join("dk.out")),
+        dv: read_f32(&dir.join("dv.out")),
+        dlog_gate: unflat(&read_f32(&dir.join("dlog_gate.out"))),
+        dh0: p.h0.as_ref().map(|_| unflat(&read_f32(&dir.join("dh0.out")))),
+    };
+    std::fs::remove_dir_all(&dir).unwrap();
+    out
+}
+
+/// The CUDA kernels' own code, compiled for the CPU with every thread of a
+/// block an OS thread (barriers and warp shuffles emulated,
+/// `tools/kernel-emu`), agrees with the CPU mirror bit for bit (same
+/// arithmetic in the same order, same libm; NaN-poisoned outputs would show
+/// any element no kernel writes) and with the f64 reference:
+/// proves the kernels' indexing, shuffles, barriers and launch sequence
+/// without a GPU. Multi-chunk and single-chunk cases, both value tiles, 1, 2
+/// and 4 warps, both gate layouts, with and without h0 and dh_final.
+#[test]
+fn kernel_emulation_matches_the_mirror() {
+    let Some(emu) = emulator() else { return };
+    let mut worst = Worst::default();
+    // (case, SM count of the plan): few SMs make the plan pick 2 and 4 warps
+    // per block for small problems.
+    let cases = [
+        (GradCase::new(dims(1, 3001, 1, 5, 7, false), GateRegime::Mixed, true, true, 900), MIRROR_SM_COUNT),
+        (GradCase::new(dims(1, 200, 2, 3, 9, true), GateRegime::Random, false, true, 901), MIRROR_SM_COUNT),
+        (GradCase::new(dims(2, 1100, 1, 2, 1, true), GateRegime::Resets(0.05), true, false, 902), MIRROR_SM_COUNT),
+        (GradCase::new(dims(1, 1, 1, 3, 2, false), GateRegime::UnitModulus, true, true, 903), MIRROR_SM_COUNT),
+        (GradCase::new(dims(1, 600, 1, 3, 4, false), GateRegime::Underflow, false, false, 904), MIRROR_SM_COUNT),
+        (GradCase::new(dims(1, 300, 1, 16, 16, true), GateRegime::StrongDecay(40.0), true, true, 905), MIRROR_SM_COUNT),
+        (GradCase::new(dims(1, 600, 1, 2, 3, false), GateRegime::LargePhase(50.0), true, true, 906), 1),
+        (GradCase::new(dims(1, 2100, 1, 2, 5, true), GateRegime::Mixed, true, true, 907), 1),
+        (GradCase::new(dims(1, 2100, 1, 3, 1, false), GateRegime::Resets(0.05), false, true, 908), 1),
+    ];
+    let mut warps_seen = std::collections::BTreeSet::new();
+    for (c, sms) in cases {
+        let inp = c.inputs();
+        let lp = plan(&c.dims, sms).unwrap();
+        let params = lp.grad_params();
+        warps_seen.insert(params.scan.warps);
+        let got = run_emulated(&emu, &c, &lp, &inp);
+        let mirror = scan_grad::backward(&inp.p.view(), &inp.dy, inp.dh_final.as_deref(), &params).unwrap();
+        for (name, e) in compare_grads(&got, &mirror) {
+            assert_eq!(e.max_abs, 0.0, "{c:?} {params:?}: {name} emulated kernels vs mirror {e:?}");
+        }
+        worst.check(&format!("{c:?} (emulated kernels)"), &compare_grads(&got, &inp.reference()), REL);
+    }
+    assert_eq!(warps_seen.into_iter().collect::<Vec<_>>(), [1, 2, 4]);
+    if std::env::var_os("GATELOOP_SCAN_GRAD_EMU").is_none() {
+        let _ = std::fs::remove_file(&emu); // built by this test
+    }
+    worst.report("emulated kernels");
 }

@@ -307,10 +307,9 @@ impl Head<'_, '_> {
                         *x = step(rd.a[i], rd.kk[i] * cd.v[i * vd + j], *x);
                     }
                     for tl in 0..tiles {
-                        let mut part = 0.0f32;
-                        for j in tl * tile..((tl + 1) * tile).min(vd) {
-                            part = cd.dy[i * vd + j].mul_add(hs[j].re, part);
-                        }
+                        let cols = tl * tile..((tl + 1) * tile).min(vd);
+                        let dy = &cd.dy[i * vd..(i + 1) * vd];
+                        let part = dy[cols.clone()].iter().zip(&hs[cols]).fold(0.0f32, |acc, (&y, x)| y.mul_add(x.re, acc));
                         tile_sum(tl, &mut dq[i * kd + row], part);
                     }
                 }
