@@ -17,7 +17,7 @@ use gateloop::testing::{GateRegime, dims, random_problem};
 use gateloop::{Complex, Dims, InputError, Mode};
 
 use common::grad::{GradCase, Worst, compare_grads};
-use common::{ABS_FRAC, REL};
+use common::{ABS_FRAC, REL, flat, unflat};
 
 /// The geometry the kernel runs for `d` (on the mirrored GPU).
 fn kernel_params(d: &Dims) -> ScanGradParams {
@@ -286,12 +286,6 @@ fn write_f32(path: &std::path::Path, x: &[f32]) {
 }
 fn read_f32(path: &std::path::Path) -> Vec<f32> {
     std::fs::read(path).unwrap().chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect()
-}
-fn flat(z: &[Complex<f32>]) -> Vec<f32> {
-    z.iter().flat_map(|c| [c.re, c.im]).collect()
-}
-fn unflat(x: &[f32]) -> Vec<Complex<f32>> {
-    x.chunks_exact(2).map(|c| Complex::new(c[0], c[1])).collect()
 }
 
 /// Runs the backward's five kernels (`cuda/scan.cu`, `cuda/scan_grad.cu`,
