@@ -424,4 +424,62 @@ typedef struct GateloopChunkGradParams {
 GATELOOP_ABI_ASSERT(sizeof(GateloopChunkGradParams) == 320 + 8 * 8 + 5 * 24 + 2 * 24 + 16,
                     "GateloopChunkGradParams layout");
 
+/*
+ * The fused scan's backward (cuda/scan_grad.cu): the adjoint recurrence
+ *   δ_t = conj(a_{t+1}) ⊙ δ_{t+1} + q_tᵀ dy_t   (δ_L = dh_final, a_L = 1)
+ * as the scan's machinery run backwards in time, with the forward states
+ * recomputed from chunk-boundary checkpoints. Same chunks as the forward
+ * (`fwd.warps`, `fwd.chunk_len`, `fwd.num_chunks`). Five launches on one
+ * stream (the first four only when num_chunks > 1):
+ *   gateloop_scan_reduce_f32_v{fwd.value_tile}, gateloop_scan_carry: the
+ *     forward's own kernels with `fwd` (y, h_final NULL): the state entering
+ *     every chunk in fwd.chunk_state;
+ *   gateloop_scan_grad_reduce_f32_v{T}: grid.x = B·H · value_tiles ·
+ *     (num_chunks − 1), block = 32 · warps; the reverse aggregate (A, B) of
+ *     chunk c ≥ 1: A into rev_gate[bh][c − 1][k], B into rev_state[bh][c − 1][k][v];
+ *   gateloop_scan_grad_carry: grid.x = ceil(B·H·K·V / SCAN_CARRY_BLOCK);
+ *     rev_state[bh][c] becomes the adjoint entering chunk c from its right
+ *     (slot num_chunks − 1 = dh_final or 0), sequentially from the last chunk;
+ *   gateloop_scan_grad_f32_v{T}: grid.x = B·H · num_chunks, block = 32 ·
+ *     warps; each block loops over the value tiles (T columns per thread)
+ *     and the K rows, writes dq, dk, dv, dlog_gate of its chunk (no atomics)
+ *     and, for chunk 0, dh0.
+ * Block index order (fastest first): chunk, [value tile,] (b, h).
+ * dh_final NULL: zero. dh0 NULL: not written (given without HAS_H0: the
+ * gradient of the implicit zero initial state).
+ */
+/* Largest value tile of the gradient kernel (_v1, _v2). */
+#define GATELOOP_SCAN_GRAD_MAX_VALUE_TILE 2
+
+typedef struct GateloopScanGradParams {
+    /* The forward's inputs, geometry and checkpoint workspace. */
+    GateloopScanParams fwd;
+    /* Upstream gradients (device pointers). */
+    const void *dy;          /* [B, L, H, V] dtype */
+    const float *dh_final;   /* [B, H, K, V] complex f32, or NULL (zero) */
+    /* Gradients (device pointers). */
+    void *dq;                /* [B, L, H, K] dtype */
+    void *dk;                /* [B, L, H, K] dtype */
+    void *dv;                /* [B, L, H, V] dtype */
+    float *dlog_gate;        /* [B, L, H, gate_dim] complex f32 */
+    float *dh0;              /* [B, H, K, V] complex f32, or NULL (not written) */
+    /* Workspaces (device pointers, NULL when num_chunks == 1). */
+    float *rev_gate;         /* [B·H, num_chunks, K] complex f32 */
+    float *rev_state;        /* [B·H, num_chunks, K, V] complex f32 */
+
+    GateloopSeqStrides dy_strides;
+    GateloopSeqStrides dq_strides;
+    GateloopSeqStrides dk_strides;
+    GateloopSeqStrides dv_strides;
+    GateloopSeqStrides dgate_strides;
+    GateloopStateStrides dh_final_strides;
+    GateloopStateStrides dh0_strides;
+
+    int32_t value_tile;      /* value columns per thread: the T of the entry point */
+    int32_t pad0;
+    int64_t value_tiles;     /* ceil(V / value_tile) */
+} GateloopScanGradParams;
+GATELOOP_ABI_ASSERT(sizeof(GateloopScanGradParams) == sizeof(GateloopScanParams) + 9 * 8 + 5 * 24 + 2 * 24 + 16,
+                    "GateloopScanGradParams layout");
+
 #endif /* GATELOOP_ABI_H */

@@ -55,145 +55,10 @@
 // pinned (no compiler contraction choices); src/cpu/scan.rs mirrors it
 // operation for operation.
 
-#include "common.cuh"
+#include "scan.cuh"
 
 namespace gateloop {
 namespace scan {
-
-// ---- complex arithmetic (mirrored exactly by src/cpu/scan.rs; complex_gate,
-// cmul and apply are in common.cuh) -------------------------------------------
-
-constexpr int kSteps = GATELOOP_SCAN_STEPS_PER_THREAD;
-constexpr int kMaxWarps = GATELOOP_SCAN_MAX_WARPS;
-constexpr int kMaxThreads = 32 * kMaxWarps;
-constexpr unsigned kFull = 0xffffffffu;
-
-// One element (a, b) with real b = kv applied to h: a · h + kv.
-__device__ __forceinline__ float2 step(float2 a, float kv, float2 h) {
-    return apply(a, make_float2(kv, 0.f), h);
-}
-
-// The segment aggregate of T columns: one shared A, T values of B.
-template <int T>
-struct Agg {
-    float2 a;
-    float2 b[T];
-};
-
-// earlier • later, in place into `later`.
-template <int T>
-__device__ __forceinline__ void combine_into(const Agg<T>& earlier, Agg<T>& later) {
-#pragma unroll
-    for (int j = 0; j < T; ++j) later.b[j] = apply(later.a, later.b[j], earlier.b[j]);
-    later.a = cmul(later.a, earlier.a);
-}
-
-template <int T>
-__device__ __forceinline__ Agg<T> shfl_up(const Agg<T>& x, int offset) {
-    Agg<T> r;
-    r.a.x = __shfl_up_sync(kFull, x.a.x, offset);
-    r.a.y = __shfl_up_sync(kFull, x.a.y, offset);
-#pragma unroll
-    for (int j = 0; j < T; ++j) {
-        r.b[j].x = __shfl_up_sync(kFull, x.b[j].x, offset);
-        r.b[j].y = __shfl_up_sync(kFull, x.b[j].y, offset);
-    }
-    return r;
-}
-
-// ---- per-block context ---------------------------------------------------
-
-template <typename input_t, int T>
-struct Block {
-    using Tr = InputTraits<input_t>;
-
-    const GateloopScanParams& p;
-    int lane, warp, tid;
-    int64_t bh, b, h, tile, chunk;
-    int64_t t_first;  // first step of this thread
-    int64_t col0;     // first value column of the tile
-    bool per_head_gate;
-    const input_t* __restrict__ q;
-    const input_t* __restrict__ k;
-    const input_t* __restrict__ v;
-    const float* __restrict__ gate;  // complex f32 for every input type
-
-    __device__ __forceinline__ Block(const GateloopScanParams& params, int64_t chunks_in_grid) : p(params) {
-        lane = threadIdx.x & 31;
-        warp = threadIdx.x >> 5;
-        tid = threadIdx.x;
-        int64_t blk = blockIdx.x;
-        chunk = split_index(blk, chunks_in_grid);
-        tile = split_index(blk, p.value_tiles);
-        bh = blk;
-        const BatchHead bhi = batch_head(bh, p.dims.heads);
-        b = bhi.b;
-        h = bhi.h;
-        t_first = chunk * p.chunk_len + static_cast<int64_t>(tid) * kSteps;
-        col0 = tile * T;
-        per_head_gate = p.dims.gate_dim == 1;
-        q = seq_row<input_t>(p.q, p.q_strides, b, h);
-        k = seq_row<input_t>(p.k, p.k_strides, b, h);
-        v = seq_row<input_t>(p.v, p.v_strides, b, h);
-        gate = complex_seq_row(p.log_gate, p.gate_strides, b, h);
-    }
-
-    // v[s][j] of this thread (0 past L or past V).
-    __device__ __forceinline__ void load_v(float (&vv)[kSteps][T]) const {
-#pragma unroll
-        for (int s = 0; s < kSteps; ++s) {
-            const int64_t t = t_first + s;
-#pragma unroll
-            for (int j = 0; j < T; ++j) {
-                const int64_t c = col0 + j;
-                vv[s][j] = (t < p.dims.len && c < p.dims.value_dim) ? Tr::load(v, t * p.v_strides.time + c) : 0.f;
-            }
-        }
-    }
-
-    // a_t and k_t of key row `row` for this thread's steps (identity past L).
-    __device__ __forceinline__ void load_gate(int64_t row, float2 (&a)[kSteps]) const {
-        const int64_t g = per_head_gate ? 0 : row;
-#pragma unroll
-        for (int s = 0; s < kSteps; ++s) {
-            const int64_t t = t_first + s;
-            a[s] = t < p.dims.len ? complex_gate(load_complex(gate, t * p.gate_strides.time + g))
-                                  : make_float2(1.f, 0.f);
-        }
-    }
-    __device__ __forceinline__ void load_key(int64_t row, float (&kk)[kSteps]) const {
-#pragma unroll
-        for (int s = 0; s < kSteps; ++s) {
-            const int64_t t = t_first + s;
-            kk[s] = t < p.dims.len ? Tr::load(k, t * p.k_strides.time + row) : 0.f;
-        }
-    }
-
-    // Steps 2–4: the serial fold, the warp scan, the warp aggregates to
-    // shared memory. Returns the lane's inclusive warp-scan value; `smem`
-    // (this k's buffer) holds the W warp aggregates after the barrier.
-    __device__ __forceinline__ Agg<T> block_scan(const float2 (&a)[kSteps], const float (&kk)[kSteps],
-                                                 const float (&vv)[kSteps][T], Agg<T>* smem) const {
-        Agg<T> x;
-        x.a = a[0];
-#pragma unroll
-        for (int j = 0; j < T; ++j) x.b[j] = make_float2(kk[0] * vv[0][j], 0.f);
-#pragma unroll
-        for (int s = 1; s < kSteps; ++s) {
-#pragma unroll
-            for (int j = 0; j < T; ++j) x.b[j] = step(a[s], kk[s] * vv[s][j], x.b[j]);
-            x.a = cmul(a[s], x.a);
-        }
-#pragma unroll
-        for (int offset = 1; offset < 32; offset *= 2) {
-            const Agg<T> earlier = shfl_up(x, offset);
-            if (lane >= offset) combine_into(earlier, x);
-        }
-        if (lane == 31) smem[warp] = x;
-        __syncthreads();
-        return x;
-    }
-};
 
 // ---- reduce: chunk aggregates --------------------------------------------
 
@@ -284,20 +149,7 @@ __device__ __forceinline__ void scan_forward(const GateloopScanParams& p) {
         }
         // Through the aggregates of the earlier warps (in order), then
         // through the lane's exclusive prefix.
-        if (blk.warp > 0) {
-            Agg<T> pre = smem[0];
-            for (int w = 1; w < blk.warp; ++w) {
-                Agg<T> x = smem[w];
-                combine_into(pre, x);
-                pre = x;
-            }
-#pragma unroll
-            for (int j = 0; j < T; ++j) hs[j] = apply(pre.a, pre.b[j], hs[j]);
-        }
-        if (blk.lane > 0) {
-#pragma unroll
-            for (int j = 0; j < T; ++j) hs[j] = apply(excl.a, excl.b[j], hs[j]);
-        }
+        enter_thread(smem, blk.warp, blk.lane, excl, hs);
         // The S steps again, from the entering state, with the readout.
 #pragma unroll
         for (int s = 0; s < kSteps; ++s) {

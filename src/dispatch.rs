@@ -12,7 +12,8 @@
 //!
 //! | mode | cpu f64 | cpu f32 | cuda f32 |
 //! |---|---|---|---|
-//! | recurrent, scan, attention | [`reference::grad`] (the oracle) | [`reference::grad`] in f32 | — |
+//! | recurrent, attention | [`reference::grad`] (the oracle) | [`reference::grad`] in f32 | — |
+//! | scan | [`reference::grad`] | [`cpu::scan_grad`] (the scan backward kernel's mirror) | [`cuda::scan_grad`] |
 //! | chunked | [`reference::grad`] | [`cpu::chunked_grad`] (the chunked backward) | [`cuda::chunk_grad`] (its kernel twin) |
 
 use crate::cpu::attention::AttentionParams;
@@ -39,7 +40,7 @@ fn unavailable(mode: Mode, why: &'static str, available: &[Mode]) -> InputError 
 }
 
 /// Modes with a CUDA backward.
-pub const CUDA_GRAD_MODES: [Mode; 1] = [Mode::Chunked];
+pub const CUDA_GRAD_MODES: [Mode; 2] = [Mode::Scan, Mode::Chunked];
 
 /// The error `grad --device cuda` gives for a mode without a backward kernel.
 pub fn cuda_grad_unavailable(mode: Mode) -> InputError {
@@ -104,8 +105,9 @@ pub fn cpu_grad<T: Real>(
 
 /// The f32 gradient on the CPU of `mode`: the chunked backward
 /// ([`cpu::chunked_grad`], default [`ChunkParams`]) for [`Mode::Chunked`],
-/// the adjoint recurrence in f32 ([`cpu_grad`]) for the other modes, whose
-/// own backward kernels are not written yet.
+/// the scan backward kernel's mirror ([`cpu::scan_grad`], the kernel's
+/// geometry) for [`Mode::Scan`], the adjoint recurrence in f32
+/// ([`cpu_grad`]) for the other modes.
 pub fn cpu_grad_f32(
     mode: Mode,
     p: &Problem<'_, f32>,
@@ -114,7 +116,12 @@ pub fn cpu_grad_f32(
 ) -> Result<Grads<f32>, InputError> {
     match mode {
         Mode::Chunked => cpu::chunked_grad::backward(p, dy, dh_final, &ChunkParams::default()),
-        Mode::Recurrent | Mode::Scan | Mode::Attention => cpu_grad(mode, p, dy, dh_final),
+        Mode::Scan => {
+            // The geometry the backward kernel runs for these dims.
+            let params = cuda::scan_grad::plan(&p.dims, MIRROR_SM_COUNT)?.grad_params();
+            cpu::scan_grad::backward(p, dy, dh_final, &params)
+        }
+        Mode::Recurrent | Mode::Attention => cpu_grad(mode, p, dy, dh_final),
     }
 }
 
@@ -130,7 +137,8 @@ pub fn cuda_grad(
     dh_final: Option<&[num_complex::Complex<f32>]>,
 ) -> Result<Grads<f32>, GpuError> {
     match mode {
+        Mode::Scan => cuda::scan_grad::backward_host(gpu, p, dy, dh_final),
         Mode::Chunked => cuda::chunk_grad::backward_host(gpu, p, dy, dh_final),
-        Mode::Recurrent | Mode::Scan | Mode::Attention => Err(cuda_grad_unavailable(mode).into()),
+        Mode::Recurrent | Mode::Attention => Err(cuda_grad_unavailable(mode).into()),
     }
 }

@@ -239,3 +239,26 @@ fn bindgen_output_is_committed() {
         "src/cuda/abi.rs differs from bindgen's output for cuda/gateloop_abi.h; run scripts/regen-abi.sh"
     );
 }
+
+#[test]
+fn scan_grad_params_layout() {
+    type P = GateloopScanGradParams;
+    // Pinned in the header too (GATELOOP_ABI_ASSERT).
+    assert_eq!(size_of::<P>(), 584);
+    assert_eq!(align_of::<P>(), 8);
+    assert_eq!(offset_of!(P, fwd), 0);
+    assert_eq!(offset_of!(P, dy), 328);
+    assert_eq!(offset_of!(P, dh_final), 336);
+    assert_eq!(offset_of!(P, dq), 344);
+    assert_eq!(offset_of!(P, dlog_gate), 368);
+    assert_eq!(offset_of!(P, dh0), 376);
+    assert_eq!(offset_of!(P, rev_gate), 384);
+    assert_eq!(offset_of!(P, rev_state), 392);
+    assert_eq!(offset_of!(P, dy_strides), 400);
+    assert_eq!(offset_of!(P, dgate_strides), 496);
+    assert_eq!(offset_of!(P, dh_final_strides), 520);
+    assert_eq!(offset_of!(P, dh0_strides), 544);
+    assert_eq!(offset_of!(P, value_tile), 568);
+    assert_eq!(offset_of!(P, value_tiles), 576);
+    assert_eq!(GATELOOP_SCAN_GRAD_MAX_VALUE_TILE, 2);
+}

@@ -80,7 +80,7 @@ fn run<T: Element>(gpu: &Gpu, p: &OwnedProblem<f64>, up: &Upstream, precision: C
         DeviceInputs { q: &u.q, k: &u.k, v: &u.v, log_gate: &u.log_gate, h0: h0.as_ref().map(|h| h as _) },
         DeviceGradInputs { dy: &dy, dh_final: dhf.as_ref().map(|h| h as _) },
         DeviceGrads { dq: &mut dq, dk: &mut dk, dv: &mut dv, dlog_gate: &mut dg, dh0: dh0.as_mut().map(|h| h as _) },
-        &mut ws,
+        Some(&mut ws),
         precision,
     )
     .unwrap_or_else(|e| panic!("{} {d:?}: {e}", T::DTYPE));
@@ -292,7 +292,7 @@ fn misuse_is_a_typed_error() {
             DeviceInputs { q: &u.q, k: &u.k, v: &u.v, log_gate: &u.log_gate, h0: Some(&h0) },
             DeviceGradInputs { dy: &dy, dh_final: None },
             DeviceGrads { dq: &mut dq, dk: &mut dk, dv: &mut dv, dlog_gate: &mut dg, dh0: dh0_buf.as_mut().map(|h| h as _) },
-            &mut ws,
+            Some(&mut ws),
             ChunkPrecision::Exact,
         )
     };

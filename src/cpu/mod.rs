@@ -5,3 +5,4 @@ pub mod attention;
 pub mod chunked;
 pub mod chunked_grad;
 pub mod scan;
+pub mod scan_grad;

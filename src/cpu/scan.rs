@@ -35,7 +35,7 @@ use crate::error::InputError;
 use crate::problem::{Outputs, OutputsMut, Problem};
 use crate::reference::{HeadOutputs, per_head_into};
 
-type C32 = Complex<f32>;
+pub(crate) type C32 = Complex<f32>;
 
 /// Tuning of the scan: the kernel's chunk geometry.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -51,7 +51,7 @@ pub struct ScanParams {
 pub const STEPS_PER_THREAD: usize = abi::GATELOOP_SCAN_STEPS_PER_THREAD as usize;
 /// Most warps per block (`GATELOOP_SCAN_MAX_WARPS`).
 pub const MAX_WARPS: usize = abi::GATELOOP_SCAN_MAX_WARPS as usize;
-const LANES: usize = 32;
+pub(crate) const LANES: usize = 32;
 
 impl Default for ScanParams {
     /// The kernel's steps per thread, 4 warps (chunks of 1024 steps).
@@ -90,7 +90,7 @@ impl ScanParams {
 
 /// exp of a complex log gate, as `complex_gate` in the kernel.
 #[inline(always)]
-fn complex_gate(g: C32) -> C32 {
+pub(crate) fn complex_gate(g: C32) -> C32 {
     let mag = (g.re * std::f32::consts::LOG2_E).exp2();
     let (s, c) = g.im.sin_cos();
     C32::new(mag * c, mag * s)
@@ -98,25 +98,25 @@ fn complex_gate(g: C32) -> C32 {
 
 /// x · y
 #[inline(always)]
-fn cmul(x: C32, y: C32) -> C32 {
+pub(crate) fn cmul(x: C32, y: C32) -> C32 {
     C32::new(x.re.mul_add(y.re, -(x.im * y.im)), x.re.mul_add(y.im, x.im * y.re))
 }
 
 /// a · h + b
 #[inline(always)]
-fn apply(a: C32, b: C32, h: C32) -> C32 {
+pub(crate) fn apply(a: C32, b: C32, h: C32) -> C32 {
     C32::new(a.re.mul_add(h.re, (-a.im).mul_add(h.im, b.re)), a.re.mul_add(h.im, a.im.mul_add(h.re, b.im)))
 }
 
 /// a · h + kv (kv real)
 #[inline(always)]
-fn step(a: C32, kv: f32, h: C32) -> C32 {
+pub(crate) fn step(a: C32, kv: f32, h: C32) -> C32 {
     apply(a, C32::new(kv, 0.0), h)
 }
 
 /// `earlier • later` into `later`: (A, B[V]) with one A for all columns.
 #[inline(always)]
-fn combine_into(earlier_a: C32, earlier_b: &[C32], later_a: &mut C32, later_b: &mut [C32]) {
+pub(crate) fn combine_into(earlier_a: C32, earlier_b: &[C32], later_a: &mut C32, later_b: &mut [C32]) {
     for (lb, &eb) in later_b.iter_mut().zip(earlier_b) {
         *lb = apply(*later_a, *lb, eb);
     }
@@ -126,7 +126,7 @@ fn combine_into(earlier_a: C32, earlier_b: &[C32], later_a: &mut C32, later_b: &
 /// In-order fold of aggregates `0..n` (n ≥ 1): the kernel's `tot = smem[0];
 /// for w in 1..n { x = smem[w]; combine_into(tot, x); tot = x }`.
 #[inline(always)]
-fn fold(agg_a: &[C32], agg_b: &[C32], n: usize, vd: usize) -> (C32, Vec<C32>) {
+pub(crate) fn fold(agg_a: &[C32], agg_b: &[C32], n: usize, vd: usize) -> (C32, Vec<C32>) {
     let mut tot_a = agg_a[0];
     let mut tot_b = agg_b[..vd].to_vec();
     for w in 1..n {
@@ -157,15 +157,120 @@ struct Block<'p, 'a> {
     sp: ScanParams,
 }
 
-/// One key row's block scan: per-thread inclusive warp-scan values and the
-/// warp aggregates.
+/// One key row's block scan over one chunk (steps 2–4 of the kernel):
+/// per-thread inclusive warp-scan values (`incl_b` `[threads][V]`) and the
+/// warp aggregates (`agg_b` `[warps][V]`).
+pub(crate) struct BlockScan {
+    pub incl_a: Vec<C32>,
+    pub incl_b: Vec<C32>,
+    pub agg_a: Vec<C32>,
+    pub agg_b: Vec<C32>,
+}
+
+/// One key row's loaded elements and their block scan.
 struct RowScan {
     a: Vec<C32>,
     kk: Vec<f32>,
-    incl_a: Vec<C32>,
-    incl_b: Vec<C32>,
-    agg_a: Vec<C32>,
-    agg_b: Vec<C32>,
+    scan: BlockScan,
+}
+
+/// Steps 2–4 of the kernel for the elements `(a[i], coef[i] · x[i][j])`,
+/// i = thread · S + s (`x` is `[n][V]`): the serial fold of each thread's S
+/// elements, the Hillis–Steele scan over each warp's lanes, the warp
+/// aggregates. The scan backward (`super::scan_grad`) runs it on the
+/// time-reversed chunk.
+#[inline(always)]
+pub(crate) fn block_scan(a: &[C32], coef: &[f32], x: &[f32], threads: usize, s_len: usize, vd: usize) -> BlockScan {
+    // Serial fold per thread.
+    let mut incl_a = vec![C32::new(0.0, 0.0); threads];
+    let mut incl_b = vec![C32::new(0.0, 0.0); threads * vd];
+    for th in 0..threads {
+        let base = th * s_len;
+        let xb = &mut incl_b[th * vd..(th + 1) * vd];
+        let mut xa = a[base];
+        for (j, e) in xb.iter_mut().enumerate() {
+            *e = C32::new(coef[base] * x[base * vd + j], 0.0);
+        }
+        for s in 1..s_len {
+            let i = base + s;
+            for (j, e) in xb.iter_mut().enumerate() {
+                *e = step(a[i], coef[i] * x[i * vd + j], *e);
+            }
+            xa = cmul(a[i], xa);
+        }
+        incl_a[th] = xa;
+    }
+    // Hillis–Steele over each warp's lanes; descending lanes read the
+    // pre-level value of lane − offset (what __shfl_up_sync returns).
+    let warps = threads / LANES;
+    for w in 0..warps {
+        let mut offset = 1;
+        while offset < LANES {
+            for lane in (offset..LANES).rev() {
+                let (dst, src) = (w * LANES + lane, w * LANES + lane - offset);
+                let ea = incl_a[src];
+                let (lo, hi) = incl_b.split_at_mut(dst * vd);
+                let eb = &lo[src * vd..(src + 1) * vd];
+                combine_into(ea, eb, &mut incl_a[dst], &mut hi[..vd]);
+            }
+            offset *= 2;
+        }
+    }
+    let mut agg_a = Vec::with_capacity(warps);
+    let mut agg_b = Vec::with_capacity(warps * vd);
+    for w in 0..warps {
+        let last = w * LANES + LANES - 1;
+        agg_a.push(incl_a[last]);
+        agg_b.extend_from_slice(&incl_b[last * vd..(last + 1) * vd]);
+    }
+    BlockScan { incl_a, incl_b, agg_a, agg_b }
+}
+
+/// Step 5 of the kernel for every thread: the state before each thread's
+/// first step (`[threads][V]`), from the state `enter` (`[V]`) entering the
+/// chunk, pushed through the in-order fold of the earlier warps' aggregates,
+/// then through the lane's exclusive prefix.
+#[inline(always)]
+pub(crate) fn thread_entries(bs: &BlockScan, warps: usize, enter: &[C32]) -> Vec<C32> {
+    let vd = enter.len();
+    let threads = bs.incl_a.len();
+    // prefixes[w - 1] = in-order fold of the aggregates of warps 0..w
+    // (each warp of the kernel folds its own; the fold is sequential,
+    // so building them incrementally is the same arithmetic).
+    let mut prefixes: Vec<(C32, Vec<C32>)> = Vec::with_capacity(warps);
+    for w in 1..warps {
+        let next = match prefixes.last() {
+            None => (bs.agg_a[0], bs.agg_b[..vd].to_vec()),
+            Some((pa, pb)) => {
+                let mut xa = bs.agg_a[w - 1];
+                let mut xb = bs.agg_b[(w - 1) * vd..w * vd].to_vec();
+                combine_into(*pa, pb, &mut xa, &mut xb);
+                (xa, xb)
+            }
+        };
+        prefixes.push(next);
+    }
+    let mut out = Vec::with_capacity(threads * vd);
+    for th in 0..threads {
+        let (warp, lane) = (th / LANES, th % LANES);
+        let start = out.len();
+        out.extend_from_slice(enter);
+        let hs = &mut out[start..];
+        if warp > 0 {
+            let (pa, pb) = &prefixes[warp - 1];
+            for (x, &b) in hs.iter_mut().zip(pb) {
+                *x = apply(*pa, b, *x);
+            }
+        }
+        if lane > 0 {
+            let ea = bs.incl_a[th - 1];
+            let eb = &bs.incl_b[(th - 1) * vd..th * vd];
+            for (x, &b) in hs.iter_mut().zip(eb) {
+                *x = apply(ea, b, *x);
+            }
+        }
+    }
+    out
 }
 
 impl Block<'_, '_> {
@@ -202,49 +307,8 @@ impl Block<'_, '_> {
                 kk[i] = self.p.k[self.p.row(self.b, t, self.h, kd) + row];
             }
         }
-        // Serial fold per thread.
-        let mut incl_a = vec![C32::new(0.0, 0.0); threads];
-        let mut incl_b = vec![C32::new(0.0, 0.0); threads * vd];
-        for th in 0..threads {
-            let base = th * s_len;
-            let xb = &mut incl_b[th * vd..(th + 1) * vd];
-            let mut xa = a[base];
-            for (j, x) in xb.iter_mut().enumerate() {
-                *x = C32::new(kk[base] * ci.v[base * vd + j], 0.0);
-            }
-            for s in 1..s_len {
-                let i = base + s;
-                for (j, x) in xb.iter_mut().enumerate() {
-                    *x = step(a[i], kk[i] * ci.v[i * vd + j], *x);
-                }
-                xa = cmul(a[i], xa);
-            }
-            incl_a[th] = xa;
-        }
-        // Hillis–Steele over each warp's lanes; descending lanes read the
-        // pre-level value of lane − offset (what __shfl_up_sync returns).
-        let warps = threads / LANES;
-        for w in 0..warps {
-            let mut offset = 1;
-            while offset < LANES {
-                for lane in (offset..LANES).rev() {
-                    let (dst, src) = (w * LANES + lane, w * LANES + lane - offset);
-                    let ea = incl_a[src];
-                    let (lo, hi) = incl_b.split_at_mut(dst * vd);
-                    let eb = &lo[src * vd..(src + 1) * vd];
-                    combine_into(ea, eb, &mut incl_a[dst], &mut hi[..vd]);
-                }
-                offset *= 2;
-            }
-        }
-        let mut agg_a = Vec::with_capacity(warps);
-        let mut agg_b = Vec::with_capacity(warps * vd);
-        for w in 0..warps {
-            let last = w * LANES + LANES - 1;
-            agg_a.push(incl_a[last]);
-            agg_b.extend_from_slice(&incl_b[last * vd..(last + 1) * vd]);
-        }
-        RowScan { a, kk, incl_a, incl_b, agg_a, agg_b }
+        let scan = block_scan(&a, &kk, &ci.v, threads, s_len, vd);
+        RowScan { a, kk, scan }
     }
 
     /// The reduce kernel for one chunk: (A[k], B[k][v]).
@@ -276,7 +340,7 @@ impl Block<'_, '_> {
         let mut gb = Vec::with_capacity(kd * vd);
         for row in 0..kd {
             let rs = self.row_scan(&ci, row);
-            let (ta, tb) = fold(&rs.agg_a, &rs.agg_b, self.sp.warps, vd);
+            let (ta, tb) = fold(&rs.scan.agg_a, &rs.scan.agg_b, self.sp.warps, vd);
             ga.push(ta);
             gb.extend_from_slice(&tb);
         }
@@ -323,38 +387,9 @@ impl Block<'_, '_> {
                     if t < d.len { self.p.q[self.p.row(self.b, t, self.h, kd) + row] } else { 0.0 }
                 })
                 .collect();
-            // prefixes[w - 1] = in-order fold of the aggregates of warps 0..w
-            // (each warp of the kernel folds its own; the fold is sequential,
-            // so building them incrementally is the same arithmetic).
-            let mut prefixes: Vec<(C32, Vec<C32>)> = Vec::with_capacity(self.sp.warps);
-            for w in 1..self.sp.warps {
-                let next = match prefixes.last() {
-                    None => (rs.agg_a[0], rs.agg_b[..vd].to_vec()),
-                    Some((pa, pb)) => {
-                        let mut xa = rs.agg_a[w - 1];
-                        let mut xb = rs.agg_b[(w - 1) * vd..w * vd].to_vec();
-                        combine_into(*pa, pb, &mut xa, &mut xb);
-                        (xa, xb)
-                    }
-                };
-                prefixes.push(next);
-            }
+            let entries = thread_entries(&rs.scan, self.sp.warps, &enter[row * vd..(row + 1) * vd]);
             for th in 0..threads {
-                let (warp, lane) = (th / LANES, th % LANES);
-                hs.copy_from_slice(&enter[row * vd..(row + 1) * vd]);
-                if warp > 0 {
-                    let (pa, pb) = &prefixes[warp - 1];
-                    for (x, &b) in hs.iter_mut().zip(pb) {
-                        *x = apply(*pa, b, *x);
-                    }
-                }
-                if lane > 0 {
-                    let ea = rs.incl_a[th - 1];
-                    let eb = &rs.incl_b[(th - 1) * vd..th * vd];
-                    for (x, &b) in hs.iter_mut().zip(eb) {
-                        *x = apply(ea, b, *x);
-                    }
-                }
+                hs.copy_from_slice(&entries[th * vd..(th + 1) * vd]);
                 for s in 0..s_len {
                     let i = th * s_len + s;
                     let yi = &mut y[i * vd..(i + 1) * vd];
@@ -375,26 +410,35 @@ impl Block<'_, '_> {
     }
 }
 
-/// One head: reduce every chunk but the last, carry, forward every chunk.
-fn head(p: &Problem<'_, f32>, sp: ScanParams, b: usize, h: usize) -> HeadOutputs<f32> {
+/// The reduce and carry kernels for head (b, h): the state entering every
+/// chunk (`[chunks][K][V]`; h0 or 0 for the first). The scan backward
+/// (`super::scan_grad`) recomputes its forward states from these checkpoints.
+pub(crate) fn chunk_entering_states(p: &Problem<'_, f32>, sp: ScanParams, b: usize, h: usize) -> Vec<Vec<C32>> {
     let d = p.dims;
     let (kd, vd) = (d.key_dim, d.value_dim);
     let blk = Block { p, b, h, sp };
     let nc = d.len.div_ceil(sp.chunk_len());
     let h0 = crate::reference::head_h0(p, b, h);
+    if nc == 1 {
+        return vec![h0];
+    }
+    let aggs: Vec<(Vec<C32>, Vec<C32>)> = (0..nc - 1).into_par_iter().map(|c| blk.reduce(c)).collect();
+    let mut enter = vec![h0];
+    for (ga, gb) in &aggs {
+        let prev = enter.last().expect("non-empty");
+        let next: Vec<C32> = (0..kd * vd).map(|i| apply(ga[i / vd], gb[i], prev[i])).collect();
+        enter.push(next);
+    }
+    enter
+}
+
+/// One head: reduce every chunk but the last, carry, forward every chunk.
+fn head(p: &Problem<'_, f32>, sp: ScanParams, b: usize, h: usize) -> HeadOutputs<f32> {
+    let d = p.dims;
+    let vd = d.value_dim;
+    let blk = Block { p, b, h, sp };
     // enter[c] = state entering chunk c, [K][V].
-    let enter: Vec<Vec<C32>> = if nc == 1 {
-        vec![h0]
-    } else {
-        let aggs: Vec<(Vec<C32>, Vec<C32>)> = (0..nc - 1).into_par_iter().map(|c| blk.reduce(c)).collect();
-        let mut enter = vec![h0];
-        for (ga, gb) in &aggs {
-            let prev = enter.last().expect("non-empty");
-            let next: Vec<C32> = (0..kd * vd).map(|i| apply(ga[i / vd], gb[i], prev[i])).collect();
-            enter.push(next);
-        }
-        enter
-    };
+    let enter = chunk_entering_states(p, sp, b, h);
     let parts: Vec<(Vec<f32>, Option<Vec<C32>>)> =
         enter.par_iter().enumerate().map(|(c, e)| blk.forward(c, e)).collect();
     let mut y = Vec::with_capacity(d.len * vd);

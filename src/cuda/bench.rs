@@ -237,6 +237,15 @@ pub fn registry() -> Vec<KernelEntry> {
             prepare: prepare_chunked::<true, false>,
         },
         KernelEntry {
+            name: "scan-grad",
+            about: "fused scan backward (f32): dq, dk, dv, dlog_gate from dy and dh_final, states recomputed",
+            dtypes: &[Dtype::F32],
+            shapes: chunked_shapes,
+            check: |d| super::scan_grad::plan(d, 1).map(|_| ()),
+            cost: |d, _t| scan_grad_cost(d),
+            prepare: |gpu, d, _t, host, sets| prepare_scan_grad(gpu, d, host, sets),
+        },
+        KernelEntry {
             name: "chunked-real-fast",
             about: "chunked forward on tensor cores, REAL gates, fast (1 product)",
             dtypes: &Dtype::ALL,
@@ -436,6 +445,89 @@ fn chunked_shapes() -> Vec<Dims> {
     ]
 }
 
+/// The scan backward. Bytes: q, k, v, dy and log_gate read, dh_final read,
+/// dq, dk, dv and dlog_gate written, once each (f32; complex 8 bytes).
+/// Flops per (b, t, h, k, v): the forward step recomputed (8), the adjoint
+/// step conj(a)·δ + q·dy (9), dq, dk and dv (2 each), the gate's
+/// conj(h)·δ (8): 31; the gate's exp/sincos is not counted, nor the
+/// chunk-level passes.
+pub fn scan_grad_cost(d: &Dims) -> Cost {
+    let bytes = 4.0 * (4 * d.qk_len() + 3 * d.v_len()) as f64 + 16.0 * d.gate_len() as f64 + 8.0 * d.state_len() as f64;
+    let flops = 31.0 * (d.batch * d.len * d.heads * d.key_dim * d.value_dim) as f64;
+    Cost { bytes, flops }
+}
+
+/// One set of device buffers of the scan backward.
+struct ScanGradSet {
+    q: CudaSlice<f32>,
+    k: CudaSlice<f32>,
+    v: CudaSlice<f32>,
+    log_gate: CudaSlice<f32>,
+    dy: CudaSlice<f32>,
+    dh_final: CudaSlice<f32>,
+    dq: CudaSlice<f32>,
+    dk: CudaSlice<f32>,
+    dv: CudaSlice<f32>,
+    dlog_gate: CudaSlice<f32>,
+    workspace: CudaSlice<f32>,
+}
+
+struct ScanGradCase<'g> {
+    gpu: &'g Gpu,
+    dims: Dims,
+    sets: Vec<ScanGradSet>,
+}
+
+/// The scan backward with dy = the host's v (random, in the right shape) and
+/// dh_final = its state.
+fn prepare_scan_grad<'g>(gpu: &'g Gpu, dims: Dims, host: &HostInputs, sets: usize) -> Result<Box<dyn BenchCase + 'g>, GpuError> {
+    let s = gpu.stream();
+    let workspace_len = super::scan_grad::plan_for(gpu, &dims)?.workspace_len;
+    let poison = |n: usize| s.clone_htod(&vec![f32::NAN; n]).doing("allocating a gradient");
+    let sets = (0..sets)
+        .map(|_| {
+            Ok(ScanGradSet {
+                q: s.clone_htod(&host.q).doing("uploading q")?,
+                k: s.clone_htod(&host.k).doing("uploading k")?,
+                v: s.clone_htod(&host.v).doing("uploading v")?,
+                log_gate: s.clone_htod(&host.log_gate).doing("uploading log_gate")?,
+                dy: s.clone_htod(&host.v).doing("uploading dy")?,
+                dh_final: s.clone_htod(&host.state).doing("uploading dh_final")?,
+                dq: poison(dims.qk_len())?,
+                dk: poison(dims.qk_len())?,
+                dv: poison(dims.v_len())?,
+                dlog_gate: poison(2 * dims.gate_len())?,
+                // At least one element: a zero-sized allocation is not a buffer.
+                workspace: s.alloc_zeros::<f32>(workspace_len.max(1)).doing("allocating the workspace")?,
+            })
+        })
+        .collect::<Result<Vec<_>, GpuError>>()?;
+    Ok(Box::new(ScanGradCase { gpu, dims, sets }))
+}
+
+impl BenchCase for ScanGradCase<'_> {
+    fn launch(&mut self, set: usize) -> Result<(), GpuError> {
+        use super::scan_grad::{DeviceGradInputs, DeviceGrads, backward_into};
+        let st = &mut self.sets[set];
+        let s = self.gpu.stream();
+        let inputs = DeviceInputs { q: &st.q, k: &st.k, v: &st.v, log_gate: &st.log_gate, h0: None };
+        let upstream = DeviceGradInputs { dy: &st.dy, dh_final: Some(&st.dh_final) };
+        let grads = DeviceGrads { dq: &mut st.dq, dk: &mut st.dk, dv: &mut st.dv, dlog_gate: &mut st.dlog_gate, dh0: None };
+        backward_into(self.gpu, s, &self.dims, inputs, upstream, grads, Some(&mut st.workspace))
+    }
+
+    fn outputs_finite(&mut self) -> Result<bool, GpuError> {
+        let s = self.gpu.stream();
+        let set = &self.sets[0];
+        let mut all = Vec::new();
+        for (buf, what) in [(&set.dq, "dq"), (&set.dk, "dk"), (&set.dv, "dv"), (&set.dlog_gate, "dlog_gate")] {
+            all.push(s.clone_dtoh(buf).doing(what)?);
+        }
+        s.synchronize().doing("synchronizing")?;
+        Ok(all.iter().all(|x| x.iter().all(|v| v.is_finite())))
+    }
+}
+
 fn attention_shapes() -> Vec<Dims> {
     use GateLayout::{PerChannel, PerHead};
     vec![
@@ -630,7 +722,7 @@ impl<T: Element> BenchCase for GradCase<'_, T> {
             dlog_gate: &mut st.dlog_gate,
             dh0: None,
         };
-        chunk_grad::backward_into(self.gpu, s, &self.dims, inputs, grad_in, grads, &mut st.workspace, exact)
+        chunk_grad::backward_into(self.gpu, s, &self.dims, inputs, grad_in, grads, Some(&mut st.workspace), exact)
     }
 
     fn outputs_finite(&mut self) -> Result<bool, GpuError> {

@@ -178,7 +178,7 @@ pub fn backward_into<'a, T: Element>(
     inputs: DeviceInputs<'a, T>,
     grad_in: DeviceGradInputs<'a, T>,
     grads_out: DeviceGrads<'a, T>,
-    workspace: &'a mut dyn cudarc::driver::DevicePtrMut<f32>,
+    workspace: Option<&'a mut dyn cudarc::driver::DevicePtrMut<f32>>,
     precision: ChunkPrecision,
 ) -> Result<(), GpuError> {
     let d = dims;
@@ -226,7 +226,14 @@ pub fn backward_into<'a, T: Element>(
     };
     // Held until this function returns, after the launches.
     let (ptrs, _bound) = buffers.bind(stream, &mut params.fwd)?;
-    let at = |offset: usize| (ptrs.workspace as usize + 4 * offset) as *mut f32;
+    // `check` refused a missing or short workspace (the plan's is never empty).
+    let ws = ptrs.workspace.ok_or(InputError::Length {
+        name: "workspace",
+        expected: gp.workspace_len,
+        actual: 0,
+        shape: "a workspace (none given)".into(),
+    })?;
+    let at = |offset: usize| (ws as usize + 4 * offset) as *mut f32;
     params.fwd.ws_decay = at(0);
     params.fwd.ws_state = at(lp.decay_len);
     params.fwd.h_final = at(gp.sink_offset);
@@ -334,7 +341,7 @@ pub fn backward_host_as<T: Element>(
         DeviceInputs { q: &q, k: &k, v: &v, log_gate: &log_gate, h0: h0.as_ref().map(|h| h as _) },
         DeviceGradInputs { dy: &dy_dev, dh_final: dhf.as_ref().map(|h| h as _) },
         DeviceGrads { dq: &mut dq, dk: &mut dk, dv: &mut dv, dlog_gate: &mut dg, dh0: dh0.as_mut().map(|h| h as _) },
-        &mut ws,
+        Some(&mut ws),
         precision,
     )?;
     let dq = s.clone_dtoh(&dq).doing("downloading dq")?;

@@ -298,17 +298,6 @@ fn check_input_contexts<T>(
     Ok(())
 }
 
-fn check_stream(gpu: &Gpu, stream: &CudaStream) -> Result<(), InputError> {
-    if stream.context() != gpu.context() {
-        return Err(InputError::Param {
-            name: "stream",
-            value: format!("a stream on device {}", stream.context().ordinal()),
-            why: "the stream must belong to the Gpu's CUDA context",
-        });
-    }
-    Ok(())
-}
-
 // ---- gradients (the backward kernels) --------------------------------------------
 
 /// Device upstream gradients of one backward call: `dy` in the inputs' type
@@ -337,12 +326,14 @@ pub struct DeviceGrads<'a, T = f32> {
     pub dh0: Option<&'a mut dyn DevicePtrMut<f32>>,
 }
 
-/// Every device buffer of one backward call.
+/// Every device buffer of one backward call (the chunked and the scan
+/// backward share these checks and this binding).
 pub(crate) struct GradBuffers<'a, T> {
     pub inputs: DeviceInputs<'a, T>,
     pub grad_in: DeviceGradInputs<'a, T>,
     pub grads: DeviceGrads<'a, T>,
-    pub workspace: &'a mut dyn DevicePtrMut<f32>,
+    /// f32 scratch; `None` only where the plan needs none.
+    pub workspace: Option<&'a mut dyn DevicePtrMut<f32>>,
 }
 
 /// The device addresses of a backward call's gradient buffers.
@@ -354,7 +345,8 @@ pub(crate) struct GradPointers {
     pub dv: u64,
     pub dlog_gate: u64,
     pub dh0: Option<u64>,
-    pub workspace: u64,
+    /// None when no workspace was given (the plan needed none).
+    pub workspace: Option<u64>,
 }
 
 impl<'a, T> GradBuffers<'a, T> {
@@ -392,13 +384,9 @@ impl<'a, T> GradBuffers<'a, T> {
             }
             (None, None) => {}
         }
-        if self.workspace.len() < ws_len {
-            return Err(InputError::Length {
-                name: "workspace",
-                expected: ws_len,
-                actual: self.workspace.len(),
-                shape: ws_shape(),
-            });
+        let have = self.workspace.as_ref().map_or(0, |w| w.len());
+        if have < ws_len {
+            return Err(InputError::Length { name: "workspace", expected: ws_len, actual: have, shape: ws_shape() });
         }
         check_stream(gpu, stream)?;
         check_input_contexts(gpu, *q, *k, *v, *log_gate, *h0)?;
@@ -413,18 +401,21 @@ impl<'a, T> GradBuffers<'a, T> {
         if let Some(dh0) = &g.dh0 {
             check_context(gpu, "dh0", &**dh0)?;
         }
-        check_context(gpu, "workspace", &*self.workspace)?;
+        if let Some(w) = &self.workspace {
+            check_context(gpu, "workspace", &**w)?;
+        }
         Ok(())
     }
 
     /// Takes every device address on `stream` (complex buffers and the
     /// workspace checked 8-byte aligned), writes the inputs' pointers and the
-    /// `HAS_H0` flag into the forward struct `fwd` (y and h_final NULL: the
-    /// caller points h_final at its sink), and returns the gradients'.
-    pub fn bind<'s>(
+    /// `HAS_H0` flag into the embedded forward struct `fwd` (y and h_final
+    /// NULL: the caller points them where its kernels need), and returns the
+    /// gradients'.
+    pub fn bind<'s, P: SeqParams>(
         self,
         stream: &'s CudaStream,
-        fwd: &mut GateloopChunkParams,
+        fwd: &mut P,
     ) -> Result<(GradPointers, Bound<'s>), InputError>
     where
         'a: 's,
@@ -447,7 +438,7 @@ impl<'a, T> GradBuffers<'a, T> {
         let dv = ptr(grads.dv.device_ptr_mut(stream));
         let dlog_gate = ptr(grads.dlog_gate.device_ptr_mut(stream));
         let dh0 = grads.dh0.map(|h| ptr(h.device_ptr_mut(stream)));
-        let workspace = ptr(workspace.device_ptr_mut(stream));
+        let workspace = workspace.map(|w| ptr(w.device_ptr_mut(stream)));
         check_align("log_gate", log_gate)?;
         if let Some(h0) = h0 {
             check_align("h0", h0)?;
@@ -459,13 +450,15 @@ impl<'a, T> GradBuffers<'a, T> {
         if let Some(dh0) = dh0 {
             check_align("dh0", dh0)?;
         }
-        check_align("workspace", workspace)?;
+        if let Some(w) = workspace {
+            check_align("workspace", w)?;
+        }
         if h0.is_some() {
-            fwd.flags |= abi::GATELOOP_FLAG_HAS_H0;
+            *fwd.flags_mut() |= abi::GATELOOP_FLAG_HAS_H0;
         }
         fwd.set_pointers(Pointers { q, k, v, log_gate, h0, y: 0, h_final: 0 });
         let pointers = GradPointers { dy, dh_final, dq, dk, dv, dlog_gate, dh0, workspace };
-        Ok((pointers, Bound { workspace: Some(workspace), _guards: guards }))
+        Ok((pointers, Bound { workspace, _guards: guards }))
     }
 }
 
@@ -474,6 +467,17 @@ pub(crate) fn check_len(name: &'static str, shape: [usize; 4], complex: bool, ac
     if actual != expected {
         let shape = if complex { format!("{shape:?} complex, as f32 pairs") } else { format!("{shape:?}") };
         return Err(InputError::Length { name, expected, actual, shape });
+    }
+    Ok(())
+}
+
+pub(crate) fn check_stream(gpu: &Gpu, stream: &CudaStream) -> Result<(), InputError> {
+    if stream.context() != gpu.context() {
+        return Err(InputError::Param {
+            name: "stream",
+            value: format!("a stream on device {}", stream.context().ordinal()),
+            why: "the stream must belong to the Gpu's CUDA context",
+        });
     }
     Ok(())
 }

@@ -67,6 +67,7 @@ pub mod element;
 mod launch;
 pub mod recurrent;
 pub mod scan;
+pub mod scan_grad;
 
 pub use element::{Dtype, Element};
 pub use launch::{DeviceInputs, DeviceOutputs};
@@ -173,6 +174,9 @@ struct Kernels {
     /// `gateloop_chunk_grad_*` ([`chunk_grad`]).
     chunk_grad: chunk_grad::ChunkGradKernels,
     _chunk_grad_module: Arc<CudaModule>,
+    /// `gateloop_scan_grad_*` ([`scan_grad`]).
+    scan_grad: scan_grad::ScanGradKernels,
+    _scan_grad_module: Arc<CudaModule>,
 }
 
 impl Kernels {
@@ -235,6 +239,10 @@ impl Kernels {
             .load_module(cudarc::nvrtc::Ptx::from_binary(fatbin("chunk_grad")?))
             .doing("loading the chunked backward kernels (see gateloop::cuda::build_nvcc())")?;
         let chunk_grad = chunk_grad::ChunkGradKernels::load(&chunk_grad_module, chunk.max_shared)?;
+        let scan_grad_module = ctx
+            .load_module(cudarc::nvrtc::Ptx::from_binary(fatbin("scan_grad")?))
+            .doing("loading the scan backward kernels (see gateloop::cuda::build_nvcc())")?;
+        let scan_grad = scan_grad::ScanGradKernels::load(&scan_grad_module)?;
         Ok(Kernels {
             recurrent,
             _recurrent_module: module,
@@ -252,6 +260,8 @@ impl Kernels {
             _chunk_module: chunk_module,
             chunk_grad,
             _chunk_grad_module: chunk_grad_module,
+            scan_grad,
+            _scan_grad_module: scan_grad_module,
         })
     }
 }

@@ -91,11 +91,11 @@ impl LaunchPlan {
     pub fn scan_params(&self) -> ScanParams {
         ScanParams { steps_per_thread: STEPS_PER_THREAD, warps: self.warps as usize }
     }
-    fn variant_index(&self) -> usize {
+    pub(crate) fn variant_index(&self) -> usize {
         self.value_tile.trailing_zeros() as usize
     }
     /// f32 offset of chunk_state in the workspace.
-    fn state_offset(&self, d: &Dims) -> usize {
+    pub(crate) fn state_offset(&self, d: &Dims) -> usize {
         2 * d.batch * d.heads * self.num_chunks as usize * d.key_dim
     }
 }
@@ -127,7 +127,24 @@ pub fn plan(dims: &Dims, sm_count: usize) -> Result<LaunchPlan, InputError> {
             break;
         }
     }
-    debug_assert!(warps <= MAX_WARPS);
+    plan_with_warps(dims, warps)
+}
+
+/// [`plan`] with a given number of warps per block (1..=[`MAX_WARPS`]); the
+/// scan backward ([`super::scan_grad`]) runs the forward's reduce and carry
+/// kernels with its own choice.
+pub(crate) fn plan_with_warps(dims: &Dims, warps: usize) -> Result<LaunchPlan, InputError> {
+    dims.validate()?;
+    let d = dims;
+    let value_tile = match d.value_dim {
+        1 => 1,
+        2 => 2,
+        _ => 4,
+    };
+    let tiles = d.value_dim.div_ceil(value_tile);
+    let bh = d.batch.checked_mul(d.heads);
+    let per_warp = STEPS_PER_THREAD * LANES;
+    assert!((1..=MAX_WARPS).contains(&warps), "warps {warps} outside 1..={MAX_WARPS}");
     let chunk_len = per_warp * warps;
     let nc = d.len.div_ceil(chunk_len);
     let too_large = |what: &str| InputError::TooLarge {

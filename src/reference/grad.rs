@@ -224,13 +224,26 @@ pub fn backward_into<T: Real>(
     g: &GradInputs<'_, T>,
     out: GradsMut<'_, T>,
 ) -> Result<(), InputError> {
+    per_head_grads_into(p, g, out, |b, h| head(p, g, b, h))
+}
+
+/// Runs `head(b, h)` for every (batch, head) pair in parallel and scatters
+/// the per-head gradients into the caller's buffers. Validates the problem
+/// (lengths and gate domain), the upstream gradients and the output buffers
+/// first.
+pub(crate) fn per_head_grads_into<T: Real>(
+    p: &Problem<'_, T>,
+    g: &GradInputs<'_, T>,
+    out: GradsMut<'_, T>,
+    head: impl Fn(usize, usize) -> HeadGrads<T> + Sync,
+) -> Result<(), InputError> {
     p.validate()?;
     p.check_gate()?;
     let d = p.dims;
     g.validate(&d)?;
     out.validate(&d)?;
     let heads: Vec<HeadGrads<T>> =
-        (0..d.batch * d.heads).into_par_iter().map(|bh| head(p, g, bh / d.heads, bh % d.heads)).collect();
+        (0..d.batch * d.heads).into_par_iter().map(|bh| head(bh / d.heads, bh % d.heads)).collect();
     let (kd, vd, gd) = (d.key_dim, d.value_dim, d.gate_dim());
     let kv = kd * vd;
     let GradsMut { dq, dk, dv, dlog_gate, mut dh0 } = out;
@@ -251,12 +264,12 @@ pub fn backward_into<T: Real>(
 }
 
 /// One head's gradients: `[L, K]`, `[L, K]`, `[L, V]`, `[L, gate_dim]`, `[K, V]`.
-struct HeadGrads<T> {
-    dq: Vec<T>,
-    dk: Vec<T>,
-    dv: Vec<T>,
-    dg: Vec<Complex<T>>,
-    dh0: Vec<Complex<T>>,
+pub(crate) struct HeadGrads<T> {
+    pub dq: Vec<T>,
+    pub dk: Vec<T>,
+    pub dv: Vec<T>,
+    pub dg: Vec<Complex<T>>,
+    pub dh0: Vec<Complex<T>>,
 }
 
 /// One forward step of head (b, h) at time t, in place: exactly the

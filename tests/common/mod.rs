@@ -11,6 +11,8 @@
 
 #![allow(dead_code)]
 
+pub mod grad;
+
 use std::io::Write as _;
 use std::sync::OnceLock;
 

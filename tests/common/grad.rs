@@ -1,0 +1,113 @@
+//! Gradient checks shared by the backward tests: a seeded case (problem,
+//! upstream gradients), its f64 reference on the same f32-rounded inputs
+//! (`reference::grad::backward`), the comparison of every gradient, and the
+//! worst errors per gradient over a test.
+
+use gateloop::reference::grad::{self, Grads};
+use gateloop::testing::{GateRegime, OwnedProblem, random_problem};
+use gateloop::{Complex, Dims, ErrorStats, compare, compare_complex};
+
+use super::{ABS_FRAC, REL};
+
+pub const NAMES: [&str; 5] = ["dq", "dk", "dv", "dlog_gate", "dh0"];
+
+/// One case: gates from `regime`, with or without h0 and dh_final.
+#[derive(Clone, Copy, Debug)]
+pub struct GradCase {
+    pub dims: Dims,
+    pub regime: GateRegime,
+    pub with_h0: bool,
+    pub with_dh_final: bool,
+    pub seed: u64,
+}
+
+/// The inputs of a case in f32: the problem, dy, dh_final.
+pub struct GradInputsF32 {
+    pub p: OwnedProblem<f32>,
+    pub dy: Vec<f32>,
+    pub dh_final: Option<Vec<Complex<f32>>>,
+}
+
+impl GradCase {
+    pub fn new(dims: Dims, regime: GateRegime, with_h0: bool, with_dh_final: bool, seed: u64) -> GradCase {
+        GradCase { dims, regime, with_h0, with_dh_final, seed }
+    }
+
+    /// The problem and the upstream gradients (uniform in (−1, 1), independent of the problem).
+    pub fn inputs(&self) -> GradInputsF32 {
+        let p = random_problem(self.dims, self.regime, self.with_h0, self.seed).to_f32();
+        let up = random_problem(self.dims, GateRegime::Random, true, self.seed ^ 0x5eed);
+        let dy = up.v.iter().map(|&x| x as f32).collect();
+        let dh_final = self
+            .with_dh_final
+            .then(|| up.h0.as_deref().unwrap().iter().map(|z| Complex::new(z.re as f32, z.im as f32)).collect());
+        GradInputsF32 { p, dy, dh_final }
+    }
+}
+
+impl GradInputsF32 {
+    /// The f64 reference backward on exactly these (f32) inputs.
+    pub fn reference(&self) -> Grads<f64> {
+        let p64 = self.p.map(|x| x as f64);
+        let dy: Vec<f64> = self.dy.iter().map(|&x| x as f64).collect();
+        let dhf: Option<Vec<Complex<f64>>> =
+            self.dh_final.as_ref().map(|h| h.iter().map(|z| Complex::new(z.re as f64, z.im as f64)).collect());
+        grad::backward(&p64.view(), &dy, dhf.as_deref()).unwrap()
+    }
+}
+
+/// Every gradient of `ours` against `want` (dh0 when both have it).
+pub fn compare_grads<A: Copy + Into<f64>, B: Copy + Into<f64>>(ours: &Grads<A>, want: &Grads<B>) -> Vec<(&'static str, ErrorStats)> {
+    let mut out = vec![
+        ("dq", compare(&ours.dq, &want.dq)),
+        ("dk", compare(&ours.dk, &want.dk)),
+        ("dv", compare(&ours.dv, &want.dv)),
+        ("dlog_gate", compare_complex(&ours.dlog_gate, &want.dlog_gate)),
+    ];
+    assert_eq!(ours.dh0.is_some(), want.dh0.is_some(), "dh0 present in one result only");
+    if let (Some(a), Some(b)) = (&ours.dh0, &want.dh0) {
+        out.push(("dh0", compare_complex(a, b)));
+    }
+    out
+}
+
+/// The bounds, except where the whole reference lies below f32's normal
+/// range (every path underflows, e.g. through e^−90 gates): there f32 has no
+/// relative precision left, so the max-abs bound is taken relative to the
+/// smallest normal f32, as if max|ref| were that large.
+pub fn within(e: &ErrorStats, rel: f64) -> bool {
+    let smallest_normal = f64::from(f32::MIN_POSITIVE);
+    e.within(rel, ABS_FRAC) || (e.max_ref < smallest_normal && e.max_abs <= ABS_FRAC * smallest_normal)
+}
+
+/// The worst (relative L2, max-abs / max|ref|) per gradient over a test's
+/// cases, printed at its end (visible with `--nocapture`). References
+/// entirely below f32's normal range are left out.
+#[derive(Default)]
+pub struct Worst(pub [(f64, f64); 5]);
+
+impl Worst {
+    /// Checks every gradient of `errors` (of case `label`) against the
+    /// relative L2 bound `rel` and records them.
+    pub fn check(&mut self, label: &str, errors: &[(&'static str, ErrorStats)], rel: f64) {
+        for (name, e) in errors {
+            let i = NAMES.iter().position(|n| n == name).unwrap();
+            if e.max_ref >= f64::from(f32::MIN_POSITIVE) {
+                self.0[i].0 = self.0[i].0.max(e.rel_l2);
+                self.0[i].1 = self.0[i].1.max(e.max_abs / e.max_ref);
+            }
+            assert!(within(e, rel), "{label}: {name} {e:?} (bounds rel {rel:e}, abs {ABS_FRAC:e}·max|ref|)");
+        }
+    }
+
+    /// [`Worst::check`] with the default bound [`REL`].
+    pub fn check_rel(&mut self, label: &str, errors: &[(&'static str, ErrorStats)]) {
+        self.check(label, errors, REL)
+    }
+
+    pub fn report(&self, test: &str) {
+        let line: Vec<String> =
+            NAMES.iter().zip(&self.0).map(|(n, (r, a))| format!("{n} rel {r:.1e} abs/max {a:.1e}")).collect();
+        println!("worst errors, {test}: {}", line.join(", "));
+    }
+}

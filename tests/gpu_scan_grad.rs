@@ -1,0 +1,260 @@
+//! The fused-scan backward CUDA kernels (`cuda::scan_grad`) against the f64
+//! reference backward (`reference::grad::backward`) on the same f32-rounded
+//! inputs, and against their CPU mirror (`cpu::scan_grad`, same plan).
+//! Bounds: relative L2 ≤ 1e-4 and max-abs ≤ 1e-3 · max|ref| for dq, dk, dv,
+//! dlog_gate and dh0 (1e-3 at L = 65536). Every gradient buffer and the
+//! workspace are poisoned with NaN before each launch, so an element the
+//! kernels forget fails the test; two runs must agree bit for bit.
+//!
+//! Without a usable GPU every test prints `SKIPPED (no GPU): <reason>` and
+//! passes (`GATELOOP_REQUIRE_GPU=1` makes that a failure).
+
+mod common;
+
+use common::grad::{GradCase, GradInputsF32, Worst, compare_grads};
+use common::{flat, unflat, upload};
+use gateloop::cpu::scan_grad;
+use gateloop::cuda::scan_grad::{DeviceGradInputs, DeviceGrads, DeviceInputs, backward_host, backward_into, plan_for};
+use gateloop::cuda::{Gpu, GpuError};
+use gateloop::reference::grad::Grads;
+use gateloop::testing::{GateRegime, dims};
+use gateloop::{Dims, InputError};
+
+/// Every gate regime, plus the underflow ranges.
+const REGIMES: [GateRegime; 8] = [
+    GateRegime::Random,
+    GateRegime::Resets(0.05),
+    GateRegime::Resets(1.0),
+    GateRegime::UnitModulus,
+    GateRegime::LargePhase(50.0),
+    GateRegime::StrongDecay(40.0),
+    GateRegime::Mixed,
+    GateRegime::Underflow,
+];
+
+/// One `backward_into` call on a fresh stream: inputs uploaded, every
+/// gradient and the workspace (of the plan's size) poisoned with NaN; a dh0
+/// buffer exactly when the problem has h0.
+fn run_gpu(gpu: &Gpu, inp: &GradInputsF32) -> Grads<f32> {
+    let p = &inp.p;
+    let d = p.dims;
+    let lp = plan_for(gpu, &d).expect("plan");
+    let s = gpu.context().new_stream().expect("stream");
+    let u = upload::<f32>(&s, p);
+    let h0 = p.h0.as_ref().map(|h| s.clone_htod(&flat(h)).unwrap());
+    let dy = s.clone_htod(&inp.dy).unwrap();
+    let dhf = inp.dh_final.as_ref().map(|h| s.clone_htod(&flat(h)).unwrap());
+    let nan = |n: usize| s.clone_htod(&vec![f32::NAN; n]).unwrap();
+    let (mut dq, mut dk, mut dv) = (nan(d.qk_len()), nan(d.qk_len()), nan(d.v_len()));
+    let mut dg = nan(2 * d.gate_len());
+    let mut dh0 = p.h0.as_ref().map(|_| nan(2 * d.state_len()));
+    let mut ws = (lp.workspace_len > 0).then(|| nan(lp.workspace_len));
+    backward_into(
+        gpu,
+        &s,
+        &d,
+        DeviceInputs { q: &u.q, k: &u.k, v: &u.v, log_gate: &u.log_gate, h0: h0.as_ref().map(|h| h as _) },
+        DeviceGradInputs { dy: &dy, dh_final: dhf.as_ref().map(|h| h as _) },
+        DeviceGrads { dq: &mut dq, dk: &mut dk, dv: &mut dv, dlog_gate: &mut dg, dh0: dh0.as_mut().map(|h| h as _) },
+        ws.as_mut().map(|w| w as _),
+    )
+    .unwrap_or_else(|e| panic!("{d:?}: {e}"));
+    let out = Grads {
+        dq: s.clone_dtoh(&dq).unwrap(),
+        dk: s.clone_dtoh(&dk).unwrap(),
+        dv: s.clone_dtoh(&dv).unwrap(),
+        dlog_gate: unflat(&s.clone_dtoh(&dg).unwrap()),
+        dh0: dh0.map(|h| unflat(&s.clone_dtoh(&h).unwrap())),
+    };
+    s.synchronize().unwrap();
+    out
+}
+
+fn check_with(gpu: &Gpu, worst: &mut Worst, c: GradCase, rel: f64) {
+    let inp = c.inputs();
+    let got = run_gpu(gpu, &inp);
+    worst.check(&format!("{c:?}"), &compare_grads(&got, &inp.reference()), rel);
+}
+
+fn check(gpu: &Gpu, worst: &mut Worst, c: GradCase) {
+    check_with(gpu, worst, c, common::REL)
+}
+
+#[test]
+fn lengths_and_dims() {
+    let Some(gpu) = common::gpu_or_skip() else { return };
+    let mut worst = Worst::default();
+    let mut seed = 0;
+    for len in [1usize, 2, 63, 64, 65, 1000, 4096] {
+        for (kd, vd) in [(1, 1), (5, 16), (16, 5), (64, 64), (1, 64), (64, 1)] {
+            seed += 1;
+            let regime = REGIMES[seed as usize % REGIMES.len()];
+            let c = GradCase::new(dims(1, len, 2, kd, vd, seed % 2 == 0), regime, seed % 3 != 0, seed % 4 != 0, seed);
+            check(gpu, &mut worst, c);
+        }
+    }
+    worst.report("lengths x dims");
+}
+
+#[test]
+fn every_regime_layout_h0_dh_final() {
+    let Some(gpu) = common::gpu_or_skip() else { return };
+    let mut worst = Worst::default();
+    let mut seed = 100;
+    for regime in REGIMES {
+        for per_head in [false, true] {
+            for (with_h0, with_dhf) in [(false, false), (true, true), (true, false), (false, true)] {
+                seed += 1;
+                check(gpu, &mut worst, GradCase::new(dims(2, 3001, 2, 7, 6, per_head), regime, with_h0, with_dhf, seed));
+            }
+        }
+    }
+    worst.report("regimes");
+}
+
+/// B·H from 1 to 256: the plan's switch between 1, 2 and 4 warps per block
+/// (the warp prefixes of both block scans).
+#[test]
+fn batch_heads_sweep() {
+    let Some(gpu) = common::gpu_or_skip() else { return };
+    let mut worst = Worst::default();
+    let mut seed = 200;
+    for (b, h) in [(1, 1), (1, 3), (4, 8), (8, 16), (16, 16), (1, 256)] {
+        seed += 1;
+        let c = GradCase::new(dims(b, 3000, h, 8, 12, seed % 2 == 0), GateRegime::Mixed, seed % 3 != 0, true, seed);
+        check(gpu, &mut worst, c);
+    }
+    worst.report("batch x heads");
+}
+
+/// B·H = 1 at L = 65536, |a| = 1: 256 chunks of carries in both directions.
+#[test]
+fn long_sequence() {
+    let Some(gpu) = common::gpu_or_skip() else { return };
+    let mut worst = Worst::default();
+    for (seed, per_head) in [(300, false), (301, true)] {
+        let c = GradCase::new(dims(1, 65536, 1, 4, 4, per_head), GateRegime::UnitModulus, true, true, seed);
+        check_with(gpu, &mut worst, c, 1e-3);
+    }
+    check(gpu, &mut worst, GradCase::new(dims(1, 65536, 1, 16, 16, false), GateRegime::Mixed, true, true, 302));
+    worst.report("L = 65536");
+}
+
+/// The kernels and the CPU mirror run the same algorithm with the same plan:
+/// they agree far more tightly than either agrees with the reference (only
+/// exp2f/sincosf rounding differs).
+#[test]
+fn matches_cpu_mirror() {
+    let Some(gpu) = common::gpu_or_skip() else { return };
+    for (i, d) in [dims(1, 5000, 1, 16, 16, false), dims(2, 777, 3, 5, 7, true), dims(8, 3000, 16, 4, 3, false)]
+        .into_iter()
+        .enumerate()
+    {
+        let c = GradCase::new(d, GateRegime::Mixed, true, true, 400 + i as u64);
+        let inp = c.inputs();
+        let params = plan_for(gpu, &d).unwrap().grad_params();
+        let cpu = scan_grad::backward(&inp.p.view(), &inp.dy, inp.dh_final.as_deref(), &params).unwrap();
+        let got = run_gpu(gpu, &inp);
+        for (name, e) in compare_grads(&got, &cpu) {
+            assert!(e.within(1e-5, 1e-4), "{d:?} vs the CPU mirror: {name} {e:?}");
+        }
+    }
+}
+
+/// No atomics, a fixed order of every sum: two runs agree bit for bit.
+#[test]
+fn deterministic() {
+    let Some(gpu) = common::gpu_or_skip() else { return };
+    for (i, d) in [dims(2, 5000, 3, 16, 33, true), dims(1, 20_000, 1, 8, 64, false)].into_iter().enumerate() {
+        let inp = GradCase::new(d, GateRegime::Mixed, true, true, 500 + i as u64).inputs();
+        assert_eq!(run_gpu(gpu, &inp), run_gpu(gpu, &inp), "{d:?}");
+    }
+}
+
+#[test]
+fn backward_host_matches_reference() {
+    let Some(gpu) = common::gpu_or_skip() else { return };
+    let mut worst = Worst::default();
+    for (i, d) in [dims(2, 300, 3, 64, 64, false), dims(1, 9000, 2, 16, 33, true)].into_iter().enumerate() {
+        let c = GradCase::new(d, GateRegime::Mixed, i == 0, true, 600 + i as u64);
+        let inp = c.inputs();
+        let got = backward_host(gpu, &inp.p.view(), &inp.dy, inp.dh_final.as_deref()).unwrap();
+        worst.check(&format!("{c:?}"), &compare_grads(&got, &inp.reference()), common::REL);
+    }
+}
+
+#[test]
+fn rejects_bad_buffers_naming_them() {
+    let Some(gpu) = common::gpu_or_skip() else { return };
+    // Long enough for several chunks on any GPU, so a workspace is needed.
+    let d: Dims = dims(1, 20_000, 1, 2, 3, true);
+    let lp = plan_for(gpu, &d).unwrap();
+    assert!(lp.forward.num_chunks > 1 && lp.workspace_len > 0, "{lp:?}");
+    let s = gpu.stream();
+    let buf = |n: usize| s.alloc_zeros::<f32>(n).unwrap();
+    let (q, k, v, gate) = (buf(d.qk_len()), buf(d.qk_len()), buf(d.v_len()), buf(2 * d.gate_len()));
+    let (dy, short_dy) = (buf(d.v_len()), buf(d.v_len() - 1));
+    let (mut dq, mut dk, mut dv, mut dg) = (buf(d.qk_len()), buf(d.qk_len()), buf(d.v_len()), buf(2 * d.gate_len()));
+    let mut short_dg = buf(d.gate_len());
+    let mut ws = buf(lp.workspace_len);
+    let mut small_ws = buf(lp.workspace_len - 1);
+    let name_of = |e: GpuError| match e {
+        GpuError::Input(InputError::Length { name, .. }) => name,
+        other => panic!("expected a length error, got {other}"),
+    };
+    let inputs = || DeviceInputs { q: &q, k: &k, v: &v, log_gate: &gate, h0: None };
+    let e = backward_into(
+        gpu,
+        s,
+        &d,
+        inputs(),
+        DeviceGradInputs { dy: &short_dy, dh_final: None },
+        DeviceGrads { dq: &mut dq, dk: &mut dk, dv: &mut dv, dlog_gate: &mut dg, dh0: None },
+        Some(&mut ws),
+    );
+    assert_eq!(name_of(e.unwrap_err()), "dy");
+    let e = backward_into(
+        gpu,
+        s,
+        &d,
+        inputs(),
+        DeviceGradInputs { dy: &dy, dh_final: None },
+        DeviceGrads { dq: &mut dq, dk: &mut dk, dv: &mut dv, dlog_gate: &mut short_dg, dh0: None },
+        Some(&mut ws),
+    );
+    assert_eq!(name_of(e.unwrap_err()), "dlog_gate");
+    let e = backward_into(
+        gpu,
+        s,
+        &d,
+        inputs(),
+        DeviceGradInputs { dy: &dy, dh_final: None },
+        DeviceGrads { dq: &mut dq, dk: &mut dk, dv: &mut dv, dlog_gate: &mut dg, dh0: None },
+        Some(&mut small_ws),
+    );
+    assert_eq!(name_of(e.unwrap_err()), "workspace");
+    backward_into(
+        gpu,
+        s,
+        &d,
+        inputs(),
+        DeviceGradInputs { dy: &dy, dh_final: None },
+        DeviceGrads { dq: &mut dq, dk: &mut dk, dv: &mut dv, dlog_gate: &mut dg, dh0: None },
+        Some(&mut ws),
+    )
+    .unwrap();
+    s.synchronize().unwrap();
+}
+
+/// The small case `scripts/gpu-bundle-run.sh` runs under compute-sanitizer
+/// memcheck and racecheck: several time chunks (B·H = 1 splits the sequence
+/// to fill the GPU, so all five kernels run), a partial last chunk, K and V
+/// that fill no tile exactly, with h0 and dh_final; then per-head gates
+/// without h0 in a single chunk.
+#[test]
+fn sanitizer_smoke() {
+    let Some(gpu) = common::gpu_or_skip() else { return };
+    let mut worst = Worst::default();
+    check(gpu, &mut worst, GradCase::new(dims(1, 3001, 1, 5, 7, false), GateRegime::Mixed, true, true, 31_000));
+    check(gpu, &mut worst, GradCase::new(dims(1, 200, 2, 3, 9, true), GateRegime::Random, false, true, 31_001));
+}

@@ -1,0 +1,139 @@
+// Runs the fused-scan backward's launch sequence (as src/cuda/scan_grad.rs
+// `backward_into` does) on the CPU emulation of the kernels.
+//
+//   scan_grad_emu DIR
+//
+// DIR/dims.txt: B L H K V gate_dim has_h0 has_dh_final warps fwd_value_tile value_tile
+// DIR/{q,k,v,log_gate,dy}.bin and, when present, {h0,dh_final}.bin: raw
+// little-endian f32 (complex as pairs), contiguous [B, L, H, D] / [B, H, K, V].
+// Writes DIR/{dq,dk,dv,dlog_gate}.out and, with h0, DIR/dh0.out. Outputs and
+// workspace start as NaN, so an element no kernel writes shows.
+#include <cmath>
+#include <cstdio>
+#include <cstdlib>
+#include <fstream>
+#include <functional>
+#include <string>
+#include <vector>
+
+#include "emu.h"
+#include "gateloop_abi.h"
+
+void emu_launch(unsigned grid, unsigned block, const std::function<void()>& kernel);
+
+extern "C" {
+void gateloop_scan_reduce_f32_v1(const GateloopScanParams p);
+void gateloop_scan_reduce_f32_v2(const GateloopScanParams p);
+void gateloop_scan_reduce_f32_v4(const GateloopScanParams p);
+void gateloop_scan_carry(const GateloopScanParams p);
+void gateloop_scan_grad_reduce_f32_v1(const GateloopScanGradParams p);
+void gateloop_scan_grad_reduce_f32_v2(const GateloopScanGradParams p);
+void gateloop_scan_grad_f32_v1(const GateloopScanGradParams p);
+void gateloop_scan_grad_f32_v2(const GateloopScanGradParams p);
+void gateloop_scan_grad_carry(const GateloopScanGradParams p);
+}
+
+static std::vector<float> read_f32(const std::string& path, size_t n) {
+    std::vector<float> x(n);
+    std::ifstream f(path, std::ios::binary);
+    if (!f.read(reinterpret_cast<char*>(x.data()), static_cast<std::streamsize>(n * 4))) {
+        std::fprintf(stderr, "cannot read %zu f32 from %s\n", n, path.c_str());
+        std::exit(2);
+    }
+    return x;
+}
+static void write_f32(const std::string& path, const std::vector<float>& x) {
+    std::ofstream f(path, std::ios::binary);
+    f.write(reinterpret_cast<const char*>(x.data()), static_cast<std::streamsize>(x.size() * 4));
+}
+static GateloopSeqStrides seq(int64_t L, int64_t H, int64_t D) { return GateloopSeqStrides{L * H * D, H * D, D}; }
+
+int main(int argc, char** argv) {
+    if (argc != 2) {
+        std::fprintf(stderr, "usage: %s DIR\n", argv[0]);
+        return 2;
+    }
+    const std::string dir = argv[1];
+    std::ifstream df(dir + "/dims.txt");
+    int64_t B, L, H, K, V, G, has_h0, has_dhf, warps, fwd_tile, tile;
+    if (!(df >> B >> L >> H >> K >> V >> G >> has_h0 >> has_dhf >> warps >> fwd_tile >> tile)) {
+        std::fprintf(stderr, "bad dims.txt\n");
+        return 2;
+    }
+    const size_t qk = B * L * H * K, vn = B * L * H * V, gn = B * L * H * G, sn = B * H * K * V;
+    auto q = read_f32(dir + "/q.bin", qk), k = read_f32(dir + "/k.bin", qk), v = read_f32(dir + "/v.bin", vn);
+    auto gate = read_f32(dir + "/log_gate.bin", 2 * gn), dy = read_f32(dir + "/dy.bin", vn);
+    std::vector<float> h0, dhf;
+    if (has_h0) h0 = read_f32(dir + "/h0.bin", 2 * sn);
+    if (has_dhf) dhf = read_f32(dir + "/dh_final.bin", 2 * sn);
+    const float nan = std::nanf("");
+    std::vector<float> dq(qk, nan), dk(qk, nan), dv(vn, nan), dg(2 * gn, nan), dh0(has_h0 ? 2 * sn : 0, nan);
+
+    const int64_t chunk_len = GATELOOP_SCAN_STEPS_PER_THREAD * 32 * warps;
+    const int64_t nc = (L + chunk_len - 1) / chunk_len;
+    const int64_t fwd_tiles = (V + fwd_tile - 1) / fwd_tile, tiles = (V + tile - 1) / tile;
+    const int64_t half = nc > 1 ? 2 * B * H * nc * K * (V + 1) : 0;
+    const int64_t state_off = 2 * B * H * nc * K;
+    std::vector<float> ws(2 * half + 2, nan);
+
+    GateloopScanParams f{};
+    f.q = q.data();
+    f.k = k.data();
+    f.v = v.data();
+    f.log_gate = gate.data();
+    f.h0 = has_h0 ? h0.data() : nullptr;
+    f.dims = GateloopDims{B, L, H, K, V, G};
+    f.q_strides = f.k_strides = seq(L, H, K);
+    f.v_strides = f.y_strides = seq(L, H, V);
+    f.gate_strides = seq(L, H, G);
+    f.h0_strides = f.h_final_strides = GateloopStateStrides{H * K * V, K * V, V};
+    f.flags = (G == 1 ? GATELOOP_FLAG_PER_HEAD_GATE : 0) | (has_h0 ? GATELOOP_FLAG_HAS_H0 : 0);
+    f.dtype = GATELOOP_DTYPE_F32;
+    f.warps = static_cast<int32_t>(warps);
+    f.value_tile = static_cast<int32_t>(fwd_tile);
+    f.chunk_len = chunk_len;
+    f.num_chunks = nc;
+    f.value_tiles = fwd_tiles;
+    GateloopScanGradParams g{};
+    if (nc > 1) {
+        f.chunk_gate = ws.data();
+        f.chunk_state = ws.data() + state_off;
+        g.rev_gate = ws.data() + half;
+        g.rev_state = ws.data() + half + state_off;
+    }
+    g.fwd = f;
+    g.dy = dy.data();
+    g.dh_final = has_dhf ? dhf.data() : nullptr;
+    g.dq = dq.data();
+    g.dk = dk.data();
+    g.dv = dv.data();
+    g.dlog_gate = dg.data();
+    g.dh0 = has_h0 ? dh0.data() : nullptr;
+    g.dy_strides = g.dv_strides = seq(L, H, V);
+    g.dq_strides = g.dk_strides = seq(L, H, K);
+    g.dgate_strides = seq(L, H, G);
+    g.dh_final_strides = g.dh0_strides = GateloopStateStrides{H * K * V, K * V, V};
+    g.value_tile = static_cast<int32_t>(tile);
+    g.value_tiles = tiles;
+
+    const unsigned block = static_cast<unsigned>(32 * warps);
+    const unsigned carry_grid = static_cast<unsigned>((B * H * K * V + GATELOOP_SCAN_CARRY_BLOCK - 1) / GATELOOP_SCAN_CARRY_BLOCK);
+    if (nc > 1) {
+        const unsigned rgrid = static_cast<unsigned>(B * H * fwd_tiles * (nc - 1));
+        auto fr = fwd_tile == 1 ? gateloop_scan_reduce_f32_v1 : fwd_tile == 2 ? gateloop_scan_reduce_f32_v2 : gateloop_scan_reduce_f32_v4;
+        emu_launch(rgrid, block, [&] { fr(g.fwd); });
+        emu_launch(carry_grid, GATELOOP_SCAN_CARRY_BLOCK, [&] { gateloop_scan_carry(g.fwd); });
+        auto gr = tile == 1 ? gateloop_scan_grad_reduce_f32_v1 : gateloop_scan_grad_reduce_f32_v2;
+        emu_launch(static_cast<unsigned>(B * H * tiles * (nc - 1)), block, [&] { gr(g); });
+        emu_launch(carry_grid, GATELOOP_SCAN_CARRY_BLOCK, [&] { gateloop_scan_grad_carry(g); });
+    }
+    auto gk = tile == 1 ? gateloop_scan_grad_f32_v1 : gateloop_scan_grad_f32_v2;
+    emu_launch(static_cast<unsigned>(B * H * nc), block, [&] { gk(g); });
+
+    write_f32(dir + "/dq.out", dq);
+    write_f32(dir + "/dk.out", dk);
+    write_f32(dir + "/dv.out", dv);
+    write_f32(dir + "/dlog_gate.out", dg);
+    if (has_h0) write_f32(dir + "/dh0.out", dh0);
+    return 0;
+}

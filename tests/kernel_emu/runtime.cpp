@@ -1,0 +1,47 @@
+// The emulator's runtime: block launches, the barrier, shuffles.
+#include <barrier>
+#include <functional>
+#include <thread>
+#include <vector>
+
+#include "emu.h"
+
+thread_local EmuDim3 threadIdx;
+thread_local EmuDim3 blockIdx;
+EmuDim3 blockDim;
+
+static std::barrier<>* g_barrier = nullptr;
+static float g_xchg[1024];
+
+void __syncthreads() { g_barrier->arrive_and_wait(); }
+
+float emu_shuffle(float v, int offset, bool up) {
+    const unsigned tid = threadIdx.x;
+    const int lane = static_cast<int>(tid & 31);
+    g_xchg[tid] = v;
+    g_barrier->arrive_and_wait();
+    float r = v;
+    if (up && lane >= offset) r = g_xchg[tid - offset];
+    if (!up && lane + offset < 32) r = g_xchg[tid + offset];
+    g_barrier->arrive_and_wait();
+    return r;
+}
+
+// Runs `kernel` over grid × block threads, one block at a time.
+void emu_launch(unsigned grid, unsigned block, const std::function<void()>& kernel) {
+    blockDim = EmuDim3{block, 1, 1};
+    for (unsigned b = 0; b < grid; ++b) {
+        std::barrier<> bar(block);
+        g_barrier = &bar;
+        std::vector<std::thread> threads;
+        threads.reserve(block);
+        for (unsigned t = 0; t < block; ++t) {
+            threads.emplace_back([&, t, b] {
+                threadIdx = EmuDim3{t, 0, 0};
+                blockIdx = EmuDim3{b, 0, 0};
+                kernel();
+            });
+        }
+        for (auto& th : threads) th.join();
+    }
+}
