@@ -369,15 +369,13 @@ pub fn upstream_to_f32(up: &Upstream<f64>) -> Upstream<f32> {
 /// back to the adjoint recurrence in f32 (fuzzed once, as recurrent).
 fn cpu_grad_f32_run(mode: Mode) -> Option<GradRunFn> {
     match mode {
-        // HOOK(scan backward): when `dispatch::cpu_grad_f32` runs the scan
-        // backward mirror, move Mode::Scan into this arm.
-        Mode::Recurrent | Mode::Chunked => Some(Box::new(move |p: &OwnedProblem<f64>, up: &Upstream<f64>| {
+        Mode::Recurrent | Mode::Scan | Mode::Chunked => Some(Box::new(move |p: &OwnedProblem<f64>, up: &Upstream<f64>| {
             let up = upstream_to_f32(up);
             dispatch::cpu_grad_f32(mode, &p.to_f32().view(), &up.dy, up.dh_final.as_deref())
                 .map(|g| widen_grads(&g))
                 .map_err(|e| e.to_string())
         })),
-        Mode::Scan | Mode::Attention => None,
+        Mode::Attention => None,
     }
 }
 
