@@ -106,6 +106,24 @@ __device__ __forceinline__ BatchHead batch_head(int64_t bh, int64_t heads) {
     return BatchHead{bh / heads, bh % heads};
 }
 
+// The state element [bh][row][col] of a [B·H, K, V] state that thread
+// (blockIdx.x, threadIdx.x) of a one-thread-per-element launch owns (the
+// carry kernels of scan, chunked and their backwards); false past the end.
+struct StateElement {
+    int64_t bh, row, col;
+    BatchHead bhi;
+};
+__device__ __forceinline__ bool state_element(const GateloopDims& d, StateElement& e) {
+    const int64_t kv = d.key_dim * d.value_dim;
+    const int64_t idx = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+    if (idx >= d.batch * d.heads * kv) return false;
+    e.bh = idx / kv;
+    e.row = (idx - e.bh * kv) / d.value_dim;
+    e.col = idx - e.bh * kv - e.row * d.value_dim;
+    e.bhi = batch_head(e.bh, d.heads);
+    return true;
+}
+
 // The (b, h) row of a [B, L, H, D] sequence tensor of element type T:
 // element (t, d) is at [t · s.time + d].
 template <typename T>

@@ -172,14 +172,11 @@ __device__ __forceinline__ void grad_carry(const GateloopScanGradParams& g) {
     const GateloopScanParams& p = g.fwd;
     const int64_t key_dim = p.dims.key_dim;
     const int64_t value_dim = p.dims.value_dim;
-    const int64_t kv = key_dim * value_dim;
-    const int64_t idx = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-    if (idx >= p.dims.batch * p.dims.heads * kv) return;
-    const int64_t bh = idx / kv;
-    const int64_t row = (idx - bh * kv) / value_dim;
-    const int64_t col = idx - bh * kv - row * value_dim;
+    StateElement e;
+    if (!state_element(p.dims, e)) return;
+    const int64_t bh = e.bh, row = e.row, col = e.col;
+    const BatchHead bhi = e.bhi;
     const int64_t nc = p.num_chunks;
-    const BatchHead bhi = batch_head(bh, p.dims.heads);
 
     float2 s = make_float2(0.f, 0.f);
     if (g.dh_final != nullptr) {

@@ -75,7 +75,7 @@ use super::scan::{
 };
 use crate::error::InputError;
 use crate::problem::Problem;
-use crate::reference::grad::{GradInputs, Grads, GradsMut, HeadGrads, per_head_grads_into};
+use crate::reference::grad::{self, GradInputs, Grads, GradsMut, HeadGrads, per_head_grads_into};
 
 /// Tuning of the scan backward: the forward's chunk geometry plus the value
 /// tile the gradient kernel's threads own.
@@ -416,11 +416,7 @@ pub fn backward(
     dh_final: Option<&[Complex<f32>]>,
     params: &ScanGradParams,
 ) -> Result<Grads<f32>, InputError> {
-    p.validate()?;
-    let g = GradInputs::new(&p.dims, dy, dh_final)?;
-    let mut out = Grads::zeros(&p.dims, p.h0.is_some());
-    backward_into(p, &g, params, out.as_mut())?;
-    Ok(out)
+    grad::allocating(p, dy, dh_final, |g, out| backward_into(p, g, params, out))
 }
 
 /// [`backward`] into caller buffers (every element is overwritten; a `dh0`

@@ -210,10 +210,22 @@ pub fn backward<T: Real>(
     dy: &[T],
     dh_final: Option<&[Complex<T>]>,
 ) -> Result<Grads<T>, InputError> {
+    allocating(p, dy, dh_final, |g, out| backward_into(p, g, out))
+}
+
+/// The allocating form of a `*_into` backward (this module's and every
+/// mirror's): validates `p` and the upstream gradients, allocates the
+/// gradients (`dh0` exactly when `p.h0` is given) and runs `into` on them.
+pub fn allocating<T: Real>(
+    p: &Problem<'_, T>,
+    dy: &[T],
+    dh_final: Option<&[Complex<T>]>,
+    into: impl FnOnce(&GradInputs<'_, T>, GradsMut<'_, T>) -> Result<(), InputError>,
+) -> Result<Grads<T>, InputError> {
     p.validate()?;
     let g = GradInputs::new(&p.dims, dy, dh_final)?;
     let mut out = Grads::zeros(&p.dims, p.h0.is_some());
-    backward_into(p, &g, out.as_mut())?;
+    into(&g, out.as_mut())?;
     Ok(out)
 }
 
