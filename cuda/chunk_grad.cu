@@ -27,6 +27,10 @@
 // off-diagonal sub-chunk pairs use the factorisation
 // |E(n, m)| = |E(n, r)| |E(r, m)| at the anchor r (both factors ≤ 1, 0 across
 // a reset on either side), diagonal sub-chunk pairs one exp each.
+// The gate's terms (w', u) are formed apart from acc_q, acc_k with the modulus
+// multiplied LAST (the CPU module doc's "Gate terms: the modulus last"): here
+// every pair is pairwise, so an anchored pair applies both of its factors
+// |E(r, m)|, |E(n, r)| after s_nm q_n k_m (scale_by_pair_modulus).
 //
 // Thread ↔ data maps (256 threads):
 //   grad_w:  column c = tid % 64 of the value tile, planar rows tid / 64 + 4i.

@@ -98,12 +98,41 @@
 //!      (GEMM V · Dᵀ, inner V; kept apart from acc_k for the gate);
 //!    - dv = Pᵀ dY + [Re K̃ | Im K̃] · [Re D; Im D] (two GEMMs, the first
 //!      over the upper-triangular bands of Pᵀ only);
+//!    - alongside each of these, its terms of w' and u, with the modulus
+//!      multiplied LAST (see "Gate terms" below);
 //!    - dq̂ = e^{iθ} acc_q, dk̂ = e^{−iθ} acc_k (one complex multiply per
-//!      element), dq = Re dq̂, dk = Re dk̂, w' and u; then the gate: the
-//!      exclusive prefix sum of u from the through term (A ⊙ S_in)·conj(D),
-//!      plus the reverse running sum of w'. The very first step without h0
+//!      element), dq = Re dq̂, dk = Re dk̂; then the gate: the exclusive
+//!      prefix sum of u from the through term (A ⊙ S_in)·conj(D), plus the
+//!      reverse running sum of w'. The very first step without h0
 //!      multiplies a zero state, so its gate gradient is written as exactly 0
 //!      (the sums would give 0 only up to rounding).
+//!
+//! # Gate terms: the modulus last
+//!
+//! w'_r = q_r dq̂_r − k_r dk̂_r is not formed from the accumulators acc_q,
+//! acc_k: a gate in f32's subnormal range (Re g ∈ (−103.3, −87.3)) makes
+//! |E(n, m)| subnormal, and acc_q[n] = Σ_m s_nm |E(n, m)| k_m … then holds a
+//! subnormal rounded to a few bits (absolute error ~2^-150 per term) that
+//! q_n (and k_m) of ~1e3 scale up: dlog_gate was off by 0.1% to 100% on such
+//! gates while dq, dk (which nothing scales afterwards) were exact. So each
+//! block adds its own terms to w' (and u), every one as the product of its
+//! normal-sized factors first and its modulus factor last
+//! (`gate_term`), the way the f32 adjoint recurrence multiplies by a last:
+//!
+//! ```text
+//! diagonal pair (m < n):   t = |E(n, m)|·(s_nm Σ_d q_n e^{iθ_n} k_m e^{−iθ_m}),  w'_n += t, w'_m −= t
+//! anchored block (r):      w'_n += |E(n, r)|·Σ_d q_n e^{iθ_n} (s k̃)_n,  w'_m −= |E(r, m)|·Σ_d k_m e^{−iθ_m} conj(sᵀ q̃)_m
+//! through S_in:            w'_n += |E(n, −1)|·Σ_d q_n e^{iθ_n} (S_in dy_n)
+//! through D:               u_m  = |E(last, m)|·Σ_d k_m e^{−iθ_m} e^{iθ_last} conj(D v_m)
+//! ```
+//!
+//! (Σ_d over the gate's channels: all K per head, one per channel). The
+//! anchored blocks still round k̃_m = k_m |E(r, m)| e^{−iθ_m} (and q̃) before
+//! the GEMM, as the forward does; a term whose both anchored factors are tiny
+//! is itself far below the others, and the campaigns and
+//! `tests/fuzz_regressions.rs` (`chunked_grad_subnormal_gate_sweep`) find no
+//! case it decides. The cost is one complex K-dot per diagonal pair and per
+//! row of each block (the pairs already were pairwise), O(C²K) like the rest.
 //!
 //! Every exponentiated real part is ≤ 0, as in the forward; no cumulative
 //! product and no global cumulative log or phase is formed. Memory beyond the
