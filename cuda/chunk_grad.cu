@@ -30,7 +30,7 @@
 // The gate's terms (w', u) are formed apart from acc_q, acc_k with the modulus
 // multiplied LAST (the CPU module doc's "Gate terms: the modulus last"): here
 // every pair is pairwise, so an anchored pair applies both of its factors
-// |E(r, m)|, |E(n, r)| after s_nm q_n k_m (scale_by_pair_modulus).
+// |E(r, m)|, |E(n, r)| after s_nm q_n k_m (pair_modulus_factors).
 //
 // Thread ↔ data maps (256 threads):
 //   grad_w:  column c = tid % 64 of the value tile, planar rows tid / 64 + 4i.
@@ -93,27 +93,28 @@ __device__ __forceinline__ void anchor_tables(const B& blk, float* wa, float* wk
     }
 }
 
-// |E(n, m)| for m < n of channel d (table column cl): one exp inside a
-// sub-chunk, the anchored product across sub-chunks.
+// |E(n, m)| for m < n of channel d (table column cl) as two factors (late,
+// early) whose product it is: (one exp, 1) inside a sub-chunk, the anchored
+// (|E(n, r)|, |E(r, m)|) across sub-chunks. A gate term applies them LAST,
+// one by one, to its product of normal-sized factors (s_nm q_n k_m): a
+// modulus in f32's subnormal range (or an anchored product of two small
+// factors) would otherwise be rounded to a few bits before q and k scale it
+// up (cpu::chunked_grad's module doc, "Gate terms: the modulus last").
+template <class B>
+__device__ __forceinline__ float2 pair_modulus_factors(const B& blk, const float* wa, const float* wk, int n, int m,
+                                                       int d, int cl) {
+    const int j = m / kSub;
+    if (j == n / kSub) return make_float2(blk.modulus(n, m, cl), 1.f);
+    return make_float2(wa[(n * kAnchors + j) * kSlab + d], wk[m * kSlab + d]);
+}
+
+// |E(n, m)| for m < n: the product of pair_modulus_factors (exact inside a
+// sub-chunk, where the early factor is 1).
 template <class B>
 __device__ __forceinline__ float pair_modulus(const B& blk, const float* wa, const float* wk, int n, int m, int d,
                                               int cl) {
-    const int j = m / kSub;
-    if (j == n / kSub) return blk.modulus(n, m, cl);
-    return wa[(n * kAnchors + j) * kSlab + d] * wk[m * kSlab + d];
-}
-
-// x·|E(n, m)| (m < n, as pair_modulus) with the modulus factors applied LAST,
-// one by one: x is a gate term's product of normal-sized factors (s_nm q_n
-// k_m), and a modulus in f32's subnormal range (or an anchored product of
-// two small factors) would otherwise be rounded to a few bits before q and k
-// scale it up (cpu::chunked_grad's gate_term).
-template <class B>
-__device__ __forceinline__ float scale_by_pair_modulus(const B& blk, const float* wa, const float* wk, int n, int m,
-                                                       int d, int cl, float x) {
-    const int j = m / kSub;
-    if (j == n / kSub) return x * blk.modulus(n, m, cl);
-    return (x * wk[m * kSlab + d]) * wa[(n * kAnchors + j) * kSlab + d];
+    const float2 f = pair_modulus_factors(blk, wa, wk, n, m, d, cl);
+    return f.x * f.y;
 }
 
 // ---- 1b. W_c = Σ_n conj(Q̃_n) dy_nᵀ ----------------------------------------------------
@@ -352,8 +353,9 @@ __device__ __forceinline__ void grad_qk(const GateloopChunkGradParams& g) {
 #pragma unroll 2
             for (int m = 0; m < n; ++m) {
                 const float km = kraw[m * kSlab + d], snm = ds[n * kChunk + m];
-                const float x = snm * pair_modulus(blk, wa, wk, n, m, d, cl) * km;
-                const float xg = scale_by_pair_modulus(blk, wa, wk, n, m, d, cl, snm * qn * km);
+                const float2 e = pair_modulus_factors(blk, wa, wk, n, m, d, cl);
+                const float x = snm * (e.x * e.y) * km;
+                const float xg = ((snm * qn * km) * e.y) * e.x;
                 const float cm = blk.cos_at(m, cl), sm = blk.sin_at(m, cl);
                 qr = fmaf(x, cm, qr);
                 qi = fmaf(-x, sm, qi);
@@ -363,8 +365,9 @@ __device__ __forceinline__ void grad_qk(const GateloopChunkGradParams& g) {
 #pragma unroll 2
             for (int m = n + 1; m < blk.n; ++m) {
                 const float qm = qraw[m * kSlab + d], smn = ds[m * kChunk + n];
-                const float x = smn * pair_modulus(blk, wa, wk, m, n, d, cl) * qm;
-                const float xg = scale_by_pair_modulus(blk, wa, wk, m, n, d, cl, smn * qm * kn);
+                const float2 e = pair_modulus_factors(blk, wa, wk, m, n, d, cl);
+                const float x = smn * (e.x * e.y) * qm;
+                const float xg = ((smn * qm * kn) * e.y) * e.x;
                 const float cm = blk.cos_at(m, cl), sm = blk.sin_at(m, cl);
                 kr = fmaf(x, cm, kr);
                 ki = fmaf(x, sm, ki);
