@@ -312,12 +312,24 @@ fn gate_term<F: Arith>(
         (F::fma(a_re, x_re, -(a_im * x_im)), F::fma(a_re, x_im, a_im * x_re))
     };
     if w.len() == 1 {
-        let (mut re, mut im) = (0f32, 0f32);
-        for d in 0..kd {
-            let (tr, ti) = term(d);
-            re += tr;
-            im += ti;
+        // Eight lanes at a time (a shape the vectorizer turns into SIMD), as `lane_sum`.
+        let (mut re, mut im) = ([0f32; 8], [0f32; 8]);
+        let body = kd - kd % 8;
+        for d0 in (0..body).step_by(8) {
+            for l in 0..8 {
+                let (tr, ti) = term(d0 + l);
+                re[l] += tr;
+                im[l] += ti;
+            }
         }
+        let (mut tail_re, mut tail_im) = (0f32, 0f32);
+        for d in body..kd {
+            let (tr, ti) = term(d);
+            tail_re += tr;
+            tail_im += ti;
+        }
+        let fold = |x: [f32; 8], tail: f32| ((x[0] + x[4]) + (x[1] + x[5])) + ((x[2] + x[6]) + (x[3] + x[7])) + tail;
+        let (re, im) = (fold(re, tail_re), fold(im, tail_im));
         out[0] = Complex::new(w[0] * (scale * re), w[0] * (scale * im));
     } else {
         for (d, (o, &w)) in out[..kd].iter_mut().zip(&w[..kd]).enumerate() {
