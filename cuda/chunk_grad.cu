@@ -27,6 +27,10 @@
 // off-diagonal sub-chunk pairs use the factorisation
 // |E(n, m)| = |E(n, r)| |E(r, m)| at the anchor r (both factors ≤ 1, 0 across
 // a reset on either side), diagonal sub-chunk pairs one exp each.
+// The gate's terms (w', u) are formed apart from acc_q, acc_k with the modulus
+// multiplied LAST (the CPU module doc's "Gate terms: the modulus last"): here
+// every pair is pairwise, so an anchored pair applies both of its factors
+// |E(r, m)|, |E(n, r)| after s_nm q_n k_m (pair_modulus_factors).
 //
 // Thread ↔ data maps (256 threads):
 //   grad_w:  column c = tid % 64 of the value tile, planar rows tid / 64 + 4i.
@@ -89,14 +93,28 @@ __device__ __forceinline__ void anchor_tables(const B& blk, float* wa, float* wk
     }
 }
 
-// |E(n, m)| for m < n of channel d (table column cl): one exp inside a
-// sub-chunk, the anchored product across sub-chunks.
+// |E(n, m)| for m < n of channel d (table column cl) as two factors (late,
+// early) whose product it is: (one exp, 1) inside a sub-chunk, the anchored
+// (|E(n, r)|, |E(r, m)|) across sub-chunks. A gate term applies them LAST,
+// one by one, to its product of normal-sized factors (s_nm q_n k_m): a
+// modulus in f32's subnormal range (or an anchored product of two small
+// factors) would otherwise be rounded to a few bits before q and k scale it
+// up (cpu::chunked_grad's module doc, "Gate terms: the modulus last").
+template <class B>
+__device__ __forceinline__ float2 pair_modulus_factors(const B& blk, const float* wa, const float* wk, int n, int m,
+                                                       int d, int cl) {
+    const int j = m / kSub;
+    if (j == n / kSub) return make_float2(blk.modulus(n, m, cl), 1.f);
+    return make_float2(wa[(n * kAnchors + j) * kSlab + d], wk[m * kSlab + d]);
+}
+
+// |E(n, m)| for m < n: the product of pair_modulus_factors (exact inside a
+// sub-chunk, where the early factor is 1).
 template <class B>
 __device__ __forceinline__ float pair_modulus(const B& blk, const float* wa, const float* wk, int n, int m, int d,
                                               int cl) {
-    const int j = m / kSub;
-    if (j == n / kSub) return blk.modulus(n, m, cl);
-    return wa[(n * kAnchors + j) * kSlab + d] * wk[m * kSlab + d];
+    const float2 f = pair_modulus_factors(blk, wa, wk, n, m, d, cl);
+    return f.x * f.y;
 }
 
 // ---- 1b. W_c = Σ_n conj(Q̃_n) dy_nᵀ ----------------------------------------------------
@@ -322,26 +340,46 @@ __device__ __forceinline__ void grad_qk(const GateloopChunkGradParams& g) {
         __syncthreads();
         const int cl = blk.col(d);
         // Intra-chunk pairs m < n (the self pair apart): the pre-phase rows
-        // acc_q[n] = Σ_m s_nm |E(n, m)| k_m e^{−iθ_m}, acc_k[n] = Σ_{m > n} s_mn |E(m, n)| q_m e^{iθ_m}.
-        float2 aq[4], ak[4], ad[4];
+        // acc_q[n] = Σ_m s_nm |E(n, m)| k_m e^{−iθ_m}, acc_k[n] = Σ_{m > n} s_mn |E(m, n)| q_m e^{iθ_m},
+        // and their part of w'_n = q_n dq̂_n − k_n dk̂_n, pair by pair with the
+        // modulus applied last: gw = e^{iθ_n} Σ_m (s_nm q_n k_m)|E(n, m)| e^{−iθ_m}
+        //                          − e^{−iθ_n} Σ_{m > n} (s_mn q_m k_n)|E(m, n)| e^{iθ_m}.
+        float2 aq[4], ak[4], ad[4], gw[4];
 #pragma unroll
         for (int i = 0; i < 4; ++i) {
             const int n = nb + 16 * i;
-            float qr = 0.f, qi = 0.f, kr = 0.f, ki = 0.f;
+            const float qn = qraw[n * kSlab + d], kn = kraw[n * kSlab + d];
+            float qr = 0.f, qi = 0.f, kr = 0.f, ki = 0.f, gqr = 0.f, gqi = 0.f, gkr = 0.f, gki = 0.f;
 #pragma unroll 2
             for (int m = 0; m < n; ++m) {
-                const float x = ds[n * kChunk + m] * pair_modulus(blk, wa, wk, n, m, d, cl) * kraw[m * kSlab + d];
-                qr = fmaf(x, blk.cos_at(m, cl), qr);
-                qi = fmaf(-x, blk.sin_at(m, cl), qi);
+                const float km = kraw[m * kSlab + d], snm = ds[n * kChunk + m];
+                const float2 e = pair_modulus_factors(blk, wa, wk, n, m, d, cl);
+                const float x = snm * (e.x * e.y) * km;
+                const float xg = ((snm * qn * km) * e.y) * e.x;
+                const float cm = blk.cos_at(m, cl), sm = blk.sin_at(m, cl);
+                qr = fmaf(x, cm, qr);
+                qi = fmaf(-x, sm, qi);
+                gqr = fmaf(xg, cm, gqr);
+                gqi = fmaf(-xg, sm, gqi);
             }
 #pragma unroll 2
             for (int m = n + 1; m < blk.n; ++m) {
-                const float x = ds[m * kChunk + n] * pair_modulus(blk, wa, wk, m, n, d, cl) * qraw[m * kSlab + d];
-                kr = fmaf(x, blk.cos_at(m, cl), kr);
-                ki = fmaf(x, blk.sin_at(m, cl), ki);
+                const float qm = qraw[m * kSlab + d], smn = ds[m * kChunk + n];
+                const float2 e = pair_modulus_factors(blk, wa, wk, m, n, d, cl);
+                const float x = smn * (e.x * e.y) * qm;
+                const float xg = ((smn * qm * kn) * e.y) * e.x;
+                const float cm = blk.cos_at(m, cl), sm = blk.sin_at(m, cl);
+                kr = fmaf(x, cm, kr);
+                ki = fmaf(x, sm, ki);
+                gkr = fmaf(xg, cm, gkr);
+                gki = fmaf(xg, sm, gki);
             }
             aq[i] = make_float2(qr, qi);
             ak[i] = make_float2(kr, ki);
+            const float cn = blk.cos_at(n, cl), sn = blk.sin_at(n, cl);
+            // e^{iθ_n} gq − e^{−iθ_n} gk
+            gw[i] = make_float2(fmaf(cn, gqr, -(sn * gqi)) - fmaf(cn, gkr, sn * gki),
+                                fmaf(sn, gqr, cn * gqi) - fmaf(cn, gki, -(sn * gkr)));
         }
         // Through the state: x = S_in dy_n, y = D v_n (inner: every value
         // column), and Σ_j S_in conj(D) per channel (threads of nb = 0).
@@ -387,17 +425,22 @@ __device__ __forceinline__ void grad_qk(const GateloopChunkGradParams& g) {
             const float wi = blk.modulus(n, -1, cl);
             aq[i] = make_float2(fmaf(wi, xs[i].x, aq[i].x), fmaf(wi, xs[i].y, aq[i].y));
             const float wl = n < blk.n ? blk.modulus(last, n, cl) : 0.f;
-            ad[i] = make_float2(wl * fmaf(cl_last, ys[i].x, sl_last * ys[i].y),
-                                wl * fmaf(sl_last, ys[i].x, -(cl_last * ys[i].y)));
+            const float2 yd = make_float2(fmaf(cl_last, ys[i].x, sl_last * ys[i].y),
+                                          fmaf(sl_last, ys[i].x, -(cl_last * ys[i].y)));
+            ad[i] = make_float2(wl * yd.x, wl * yd.y);
             // dq̂ = e^{iθ} acc_q, dk̂ = e^{−iθ} acc_k, dk̂ᴰ = e^{−iθ} acc_d.
             const float cn = blk.cos_at(n, cl), sn = blk.sin_at(n, cl);
             const float2 dqh = make_float2(fmaf(cn, aq[i].x, -(sn * aq[i].y)), fmaf(sn, aq[i].x, cn * aq[i].y));
             const float2 dkh = make_float2(fmaf(cn, ak[i].x, sn * ak[i].y), fmaf(cn, ak[i].y, -(sn * ak[i].x)));
             const float2 dkd = make_float2(fmaf(cn, ad[i].x, sn * ad[i].y), fmaf(cn, ad[i].y, -(sn * ad[i].x)));
             const float qn = qraw[n * kSlab + d], kn = kraw[n * kSlab + d];
-            // w'_n = q dq̂ − k dk̂ (self pair left out: it cancels exactly), u_n = k dk̂ᴰ.
-            wpr[n * kSlab + d] = make_float2(fmaf(dqh.x, qn, -(dkh.x * kn)), fmaf(dqh.y, qn, -(dkh.y * kn)));
-            upr[n * kSlab + d] = make_float2(dkd.x * kn, dkd.y * kn);
+            // w'_n = q dq̂ − k dk̂ (self pair left out: it cancels exactly), u_n = k dk̂ᴰ,
+            // each term's modulus applied last: w'_n = gw + |E(n, −1)|·(q_n e^{iθ_n} S_in dy_n),
+            // u_n = |E(last, n)|·(k_n e^{−iθ_n} e^{iθ_last} conj(D v_n)).
+            const float2 xq = make_float2(qn * fmaf(cn, xs[i].x, -(sn * xs[i].y)), qn * fmaf(sn, xs[i].x, cn * xs[i].y));
+            const float2 xk = make_float2(kn * fmaf(cn, yd.x, sn * yd.y), kn * fmaf(cn, yd.y, -(sn * yd.x)));
+            wpr[n * kSlab + d] = make_float2(fmaf(wi, xq.x, gw[i].x), fmaf(wi, xq.y, gw[i].y));
+            upr[n * kSlab + d] = make_float2(wl * xk.x, wl * xk.y);
             const float s_nn = ds[n * kChunk + n];
             const int64_t ch = d0 + d;
             if (n < blk.n && ch < key_dim) {

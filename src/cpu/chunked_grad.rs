@@ -98,12 +98,41 @@
 //!      (GEMM V · Dᵀ, inner V; kept apart from acc_k for the gate);
 //!    - dv = Pᵀ dY + [Re K̃ | Im K̃] · [Re D; Im D] (two GEMMs, the first
 //!      over the upper-triangular bands of Pᵀ only);
+//!    - alongside each of these, its terms of w' and u, with the modulus
+//!      multiplied LAST (see "Gate terms" below);
 //!    - dq̂ = e^{iθ} acc_q, dk̂ = e^{−iθ} acc_k (one complex multiply per
-//!      element), dq = Re dq̂, dk = Re dk̂, w' and u; then the gate: the
-//!      exclusive prefix sum of u from the through term (A ⊙ S_in)·conj(D),
-//!      plus the reverse running sum of w'. The very first step without h0
+//!      element), dq = Re dq̂, dk = Re dk̂; then the gate: the exclusive
+//!      prefix sum of u from the through term (A ⊙ S_in)·conj(D), plus the
+//!      reverse running sum of w'. The very first step without h0
 //!      multiplies a zero state, so its gate gradient is written as exactly 0
 //!      (the sums would give 0 only up to rounding).
+//!
+//! # Gate terms: the modulus last
+//!
+//! w'_r = q_r dq̂_r − k_r dk̂_r is not formed from the accumulators acc_q,
+//! acc_k: a gate in f32's subnormal range (Re g ∈ (−103.3, −87.3)) makes
+//! |E(n, m)| subnormal, and acc_q[n] = Σ_m s_nm |E(n, m)| k_m … then holds a
+//! subnormal rounded to a few bits (absolute error ~2^-150 per term) that
+//! q_n (and k_m) of ~1e3 scale up: dlog_gate was off by 0.1% to 100% on such
+//! gates while dq, dk (which nothing scales afterwards) were exact. So each
+//! block adds its own terms to w' (and u), every one as the product of its
+//! normal-sized factors first and its modulus factor last
+//! (`gate_term`), the way the f32 adjoint recurrence multiplies by a last:
+//!
+//! ```text
+//! diagonal pair (m < n):   t = |E(n, m)|·(s_nm Σ_d q_n e^{iθ_n} k_m e^{−iθ_m}),  w'_n += t, w'_m −= t
+//! anchored block (r):      w'_n += |E(n, r)|·Σ_d q_n e^{iθ_n} (s k̃)_n,  w'_m −= |E(r, m)|·Σ_d k_m e^{−iθ_m} conj(sᵀ q̃)_m
+//! through S_in:            w'_n += |E(n, −1)|·Σ_d q_n e^{iθ_n} (S_in dy_n)
+//! through D:               u_m  = |E(last, m)|·Σ_d k_m e^{−iθ_m} e^{iθ_last} conj(D v_m)
+//! ```
+//!
+//! (Σ_d over the gate's channels: all K per head, one per channel). The
+//! anchored blocks still round k̃_m = k_m |E(r, m)| e^{−iθ_m} (and q̃) before
+//! the GEMM, as the forward does; a term whose both anchored factors are tiny
+//! is itself far below the others, and the campaigns and
+//! `tests/fuzz_regressions.rs` (`chunked_grad_subnormal_gate_sweep`) find no
+//! case it decides. The cost is one complex K-dot per diagonal pair and per
+//! row of each block (the pairs already were pairwise), O(C²K) like the rest.
 //!
 //! Every exponentiated real part is ≤ 0, as in the forward; no cumulative
 //! product and no global cumulative log or phase is formed. Memory beyond the
@@ -177,6 +206,10 @@ struct GradScratch {
     dv: Vec<f32>,
     /// `[gd]`: moduli times s_nm of one pair.
     wpair: Vec<f32>,
+    /// `[gd]`: the moduli |E| of one pair (or row), applied last to a gate term.
+    wmod: Vec<f32>,
+    /// `[gd]`: one pair's (or row's) gate term.
+    gterm: Vec<Complex<f32>>,
     /// `[C][gd]`: w_n, then the gate gradient.
     wg: Vec<Complex<f32>>,
     /// `[C][gd]`: u_n = k_n dk̂_n^D, then its exclusive prefix sums plus the
@@ -202,6 +235,8 @@ impl GradScratch {
             state_t: vec![0.0; v * 2 * k],
             dv: vec![0.0; c * v],
             wpair: vec![0.0; g],
+            wmod: vec![0.0; g],
+            gterm: vec![zero; g],
             wg: vec![zero; c * g],
             ug: vec![zero; c * g],
             run: vec![zero; g],
@@ -250,6 +285,68 @@ fn add_scaled_row<F: Arith>(w: &[f32], x: &[f32], acc: &mut [f32], sign: f32) {
     add_scaled::<F>(w, x_re, x_im, a_re, a_im, sign);
 }
 
+/// One row's or pair's term of the gate gradient, its modulus multiplied LAST:
+/// `out[ch] = w[ch] · (scale · Σ_{d ∈ ch} (ac_d + i·sa·as_d)(xr_d + i·sx·xi_d))`
+/// (ch = d, or 0 for a per-head gate; `sa`, `sx` = ±1 pick a conjugate). The
+/// normal-sized factors (q, k, s_nm, the state products) multiply first, so
+/// a modulus |E| in f32's subnormal range rounds the finished term once
+/// (absolute error ≤ 2^-150 per component) instead of rounding a small
+/// intermediate to a few bits that q and k (≈ 1e3 each) then scale up.
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+fn gate_term<F: Arith>(
+    ac: &[f32],
+    as_: &[f32],
+    sa: f32,
+    xr: &[f32],
+    xi: &[f32],
+    sx: f32,
+    scale: f32,
+    w: &[f32],
+    out: &mut [Complex<f32>],
+) {
+    let kd = ac.len();
+    let (as_, xr, xi) = (&as_[..kd], &xr[..kd], &xi[..kd]);
+    let term = |d: usize| {
+        let (a_re, a_im, x_re, x_im) = (ac[d], sa * as_[d], xr[d], sx * xi[d]);
+        (F::fma(a_re, x_re, -(a_im * x_im)), F::fma(a_re, x_im, a_im * x_re))
+    };
+    if w.len() == 1 {
+        // Eight lanes at a time (a shape the vectorizer turns into SIMD), as `lane_sum`.
+        let (mut re, mut im) = ([0f32; 8], [0f32; 8]);
+        let body = kd - kd % 8;
+        for d0 in (0..body).step_by(8) {
+            for l in 0..8 {
+                let (tr, ti) = term(d0 + l);
+                re[l] += tr;
+                im[l] += ti;
+            }
+        }
+        let (mut tail_re, mut tail_im) = (0f32, 0f32);
+        for d in body..kd {
+            let (tr, ti) = term(d);
+            tail_re += tr;
+            tail_im += ti;
+        }
+        let fold = |x: [f32; 8], tail: f32| ((x[0] + x[4]) + (x[1] + x[5])) + ((x[2] + x[6]) + (x[3] + x[7])) + tail;
+        let (re, im) = (fold(re, tail_re), fold(im, tail_im));
+        out[0] = Complex::new(w[0] * (scale * re), w[0] * (scale * im));
+    } else {
+        for (d, (o, &w)) in out[..kd].iter_mut().zip(&w[..kd]).enumerate() {
+            let (tr, ti) = term(d);
+            *o = Complex::new(w * (scale * tr), w * (scale * ti));
+        }
+    }
+}
+
+/// `acc[ch] += sign · t[ch]` over one gate row.
+#[inline(always)]
+fn add_gate_row(t: &[Complex<f32>], acc: &mut [Complex<f32>], sign: f32) {
+    for (a, &t) in acc.iter_mut().zip(t) {
+        *a += t * sign;
+    }
+}
+
 /// Copies `src` to the elements `off..off + src.len()` of the buffer behind `dst`.
 ///
 /// # Safety
@@ -294,11 +391,15 @@ fn launch1_chunk<F: Arith>(
 
 /// The off-diagonal block of key sub-chunk `s0..s1` (anchored rows in `s`,
 /// see `Scratch::intra_scores`): `acc_q[n] += |E(n, r)| Σ_m s_nm k̃_m` for the
-/// later rows n, `acc_k[m] += |E(r, m)| conj(Σ_n s_nm [Re q̃_n | −Im q̃_n])`.
+/// later rows n, `acc_k[m] += |E(r, m)| conj(Σ_n s_nm [Re q̃_n | −Im q̃_n])`,
+/// and their gate terms `wg[n] += |E(n, r)|·(q_n e^{iθ_n} · (s k̃)_n)`,
+/// `wg[m] −= |E(r, m)|·(k_m e^{−iθ_m} · conj(sᵀ q̃)_m)` (the part of
+/// w_r = q_r dq̂_r − k_r dk̂_r from this block, the modulus applied last).
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
 fn off_diagonal_block<F: Arith>(
     s: &Scratch,
+    r: &PhaseRows,
     kd: usize,
     gd: usize,
     clen: usize,
@@ -308,6 +409,8 @@ fn off_diagonal_block<F: Arith>(
     acc_q: &mut [f32],
     acc_k: &mut [f32],
     prod: &mut [f32],
+    wg: &mut [Complex<f32>],
+    gterm: &mut [Complex<f32>],
 ) {
     let k2 = 2 * kd;
     let (rows, cols) = (clen - s1, s1 - s0);
@@ -315,18 +418,28 @@ fn off_diagonal_block<F: Arith>(
     gemm::<F>(rows, k2, cols, block, clen, 1, &s.ka, k2, prod, k2, false, false);
     for i in 0..rows {
         let n = s1 + i;
-        add_scaled_row::<F>(&s.wq[i * gd..(i + 1) * gd], &prod[i * k2..(i + 1) * k2], &mut acc_q[n * k2..], 1.0);
+        let (wq, x) = (&s.wq[i * gd..(i + 1) * gd], &prod[i * k2..(i + 1) * k2]);
+        add_scaled_row::<F>(wq, x, &mut acc_q[n * k2..], 1.0);
+        let (x_re, x_im) = x.split_at(kd);
+        gate_term::<F>(row(&r.qc, n, kd), row(&r.qs, n, kd), 1.0, x_re, x_im, 1.0, 1.0, wq, gterm);
+        add_gate_row(gterm, &mut wg[n * gd..(n + 1) * gd], 1.0);
     }
     // sᵀ of the block: A(i, p) = ds[(s1 + p)·clen + s0 + i].
     gemm::<F>(cols, k2, rows, block, 1, clen, &s.qa, k2, prod, k2, false, false);
     for i in 0..cols {
         let m = s0 + i;
-        add_scaled_row::<F>(&s.wk[i * gd..(i + 1) * gd], &prod[i * k2..(i + 1) * k2], &mut acc_k[m * k2..], -1.0);
+        let (wk, y) = (&s.wk[i * gd..(i + 1) * gd], &prod[i * k2..(i + 1) * k2]);
+        add_scaled_row::<F>(wk, y, &mut acc_k[m * k2..], -1.0);
+        let (y_re, y_im) = y.split_at(kd);
+        gate_term::<F>(row(&r.kc, m, kd), row(&r.ks, m, kd), -1.0, y_re, y_im, -1.0, 1.0, wk, gterm);
+        add_gate_row(gterm, &mut wg[m * gd..(m + 1) * gd], -1.0);
     }
 }
 
 /// The diagonal sub-chunks, pairwise (m < n in one sub-chunk):
-/// `acc_q[n] += s_nm |E(n, m)| (kc − i ks)_m`, `acc_k[m] += s_nm |E(n, m)| (qc + i qs)_n`.
+/// `acc_q[n] += s_nm |E(n, m)| (kc − i ks)_m`, `acc_k[m] += s_nm |E(n, m)| (qc + i qs)_n`,
+/// and the pair's gate term t = |E(n, m)|·(s_nm Σ_d (qc + i qs)_n (kc − i ks)_m)
+/// (the modulus last) as `wg[n] += t`, `wg[m] −= t`.
 /// The pair (n, n) (E = 1, real) is left out: it adds the real `k_n s_nn` to
 /// dq_n and `q_n s_nn` to dk_n, which the caller adds to the real parts, and
 /// it cancels exactly from w_n = q_n dq̂_n − k_n dk̂_n, so it is kept out of w
@@ -341,10 +454,12 @@ fn diagonal_blocks<F: Arith>(
     ds: &[f32],
     acc_q: &mut [f32],
     acc_k: &mut [f32],
-    wpair: &mut [f32],
+    gs_pair: (&mut [f32], &mut [f32], &mut [Complex<f32>]),
+    wg: &mut [Complex<f32>],
 ) {
     let (kd, gd, sub) = (ctx.kd, ctx.gd, ctx.sub);
-    let wpair = &mut wpair[..gd];
+    let (wpair, wmod, gterm) = gs_pair;
+    let (wpair, wmod, gterm) = (&mut wpair[..gd], &mut wmod[..gd], &mut gterm[..gd]);
     let k2 = 2 * kd;
     let mut s0 = 0;
     while s0 < clen {
@@ -355,13 +470,18 @@ fn diagonal_blocks<F: Arith>(
             for m in s0..n {
                 let x = ds[n * clen + m];
                 let m_re = &s.gre[m * gd..(m + 1) * gd];
-                for (((w, &a), &b), &rn) in wpair.iter_mut().zip(n_re).zip(m_re).zip(n_rst) {
-                    *w = x * exp_nonpos::<F>(if rn <= m as i32 { a - b } else { MASKED });
+                for ((((w, e), &a), &b), &rn) in wpair.iter_mut().zip(wmod.iter_mut()).zip(n_re).zip(m_re).zip(n_rst) {
+                    *e = exp_nonpos::<F>(if rn <= m as i32 { a - b } else { MASKED });
+                    *w = x * *e;
                 }
+                let (kcm, ksm) = (row(&r.kc, m, kd), row(&r.ks, m, kd));
                 let (q_re, q_im) = acc_q[n * k2..(n + 1) * k2].split_at_mut(kd);
-                add_scaled::<F>(wpair, row(&r.kc, m, kd), row(&r.ks, m, kd), q_re, q_im, -1.0);
+                add_scaled::<F>(wpair, kcm, ksm, q_re, q_im, -1.0);
                 let (k_re, k_im) = acc_k[m * k2..(m + 1) * k2].split_at_mut(kd);
                 add_scaled::<F>(wpair, qcn, qsn, k_re, k_im, 1.0);
+                gate_term::<F>(qcn, qsn, 1.0, kcm, ksm, -1.0, x, wmod, gterm);
+                add_gate_row(gterm, &mut wg[n * gd..(n + 1) * gd], 1.0);
+                add_gate_row(gterm, &mut wg[m * gd..(m + 1) * gd], -1.0);
             }
         }
         s0 = s1;
@@ -420,16 +540,21 @@ fn launch3_chunk<F: Arith>(
     }
     gs.acc_q[..clen * k2].fill(0.0);
     gs.acc_k[..clen * k2].fill(0.0);
+    let zero = Complex::new(0.0, 0.0);
+    gs.wg[..clen * gd].fill(zero);
+    gs.ug[..clen * gd].fill(zero);
 
     // The forward's scores P, and the off-diagonal blocks on its anchored rows.
     let mut sc = std::mem::take(&mut s.scores);
     {
         let (ds, acc_q, acc_k, prod) = (&gs.ds, &mut gs.acc_q, &mut gs.acc_k, &mut gs.prod);
+        let (wg, gterm) = (&mut gs.wg, &mut gs.gterm);
         s.intra_scores::<F>(ctx, q, k, clen, &r, &mut sc, |s, s0, s1| {
-            off_diagonal_block::<F>(s, kd, gd, clen, s0, s1, ds, acc_q, acc_k, prod)
+            off_diagonal_block::<F>(s, &r, kd, gd, clen, s0, s1, ds, acc_q, acc_k, prod, wg, gterm)
         });
     }
-    diagonal_blocks::<F>(s, &r, ctx, clen, &gs.ds, &mut gs.acc_q, &mut gs.acc_k, &mut gs.wpair);
+    let pair_scratch = (&mut gs.wpair[..], &mut gs.wmod[..], &mut gs.gterm[..]);
+    diagonal_blocks::<F>(s, &r, ctx, clen, &gs.ds, &mut gs.acc_q, &mut gs.acc_k, pair_scratch, &mut gs.wg);
     // dv = Pᵀ dY (Pᵀ(m, n) = sc[n·clen + m], zero for n < m): per band of
     // sub-chunk rows s0..s1, the inner indices s0..clen.
     for s0 in (0..clen).step_by(ctx.sub) {
@@ -439,17 +564,23 @@ fn launch3_chunk<F: Arith>(
     }
     s.scores = sc;
 
-    // The state entering the chunk: acc_q[n] += |E(n, −1)| (S_in dy_n).
+    // The state entering the chunk: acc_q[n] += |E(n, −1)| (S_in dy_n), its
+    // gate term wg[n] += |E(n, −1)|·(q_n e^{iθ_n} · S_in dy_n).
     if let Some(s_in) = s_in {
         transpose(s_in, k2, vd, &mut gs.state_t);
         gemm::<F>(clen, k2, vd, dyc, vs, 1, &gs.state_t, k2, &mut gs.prod, k2, false, false);
         for n in 0..clen {
             s.modulus_row::<F>(gd, n, -1);
-            add_scaled_row::<F>(&s.w[..gd], &gs.prod[n * k2..(n + 1) * k2], &mut gs.acc_q[n * k2..], 1.0);
+            let x = &gs.prod[n * k2..(n + 1) * k2];
+            add_scaled_row::<F>(&s.w[..gd], x, &mut gs.acc_q[n * k2..], 1.0);
+            let (x_re, x_im) = x.split_at(kd);
+            gate_term::<F>(row(&r.qc, n, kd), row(&r.qs, n, kd), 1.0, x_re, x_im, 1.0, 1.0, &s.w[..gd], &mut gs.gterm);
+            add_gate_row(&gs.gterm[..gd], &mut gs.wg[n * gd..(n + 1) * gd], 1.0);
         }
     }
     // The adjoint arriving after the chunk:
-    // acc_d[m] = |E(last, m)| e^{iθ_last} conj(D v_m), dv += [Re K̃ | Im K̃] · [Re D; Im D].
+    // acc_d[m] = |E(last, m)| e^{iθ_last} conj(D v_m), dv += [Re K̃ | Im K̃] · [Re D; Im D];
+    // u_m = k_m dk̂ᴰ_m = |E(last, m)|·(k_m e^{−iθ_m} · e^{iθ_last} conj(D v_m)).
     if let Some(adj) = adj {
         transpose(adj, k2, vd, &mut gs.state_t);
         gemm::<F>(clen, k2, vd, v, vs, 1, &gs.state_t, k2, &mut gs.prod, k2, false, false);
@@ -459,41 +590,40 @@ fn launch3_chunk<F: Arith>(
             let (a_re, a_im) = gs.acc_d[m * k2..(m + 1) * k2].split_at_mut(kd);
             for d in 0..kd {
                 let ch = if gd == 1 { 0 } else { d };
-                let (w, cl, sl) = (s.w[ch], s.pc[last * gd + ch], s.ps[last * gd + ch]);
-                a_re[d] = w * F::fma(cl, x_re[d], sl * x_im[d]);
-                a_im[d] = w * F::fma(sl, x_re[d], -(cl * x_im[d]));
+                let (cl, sl) = (s.pc[last * gd + ch], s.ps[last * gd + ch]);
+                a_re[d] = F::fma(cl, x_re[d], sl * x_im[d]);
+                a_im[d] = F::fma(sl, x_re[d], -(cl * x_im[d]));
+            }
+            gate_term::<F>(row(&r.kc, m, kd), row(&r.ks, m, kd), -1.0, a_re, a_im, 1.0, 1.0, &s.w[..gd], &mut gs.gterm);
+            add_gate_row(&gs.gterm[..gd], &mut gs.ug[m * gd..(m + 1) * gd], 1.0);
+            for d in 0..kd {
+                let w = s.w[if gd == 1 { 0 } else { d }];
+                a_re[d] *= w;
+                a_im[d] *= w;
             }
         }
         gemm::<F>(clen, vd, k2, &s.wide, k2, 1, adj, vd, &mut gs.dv, vd, false, true);
     }
 
     // dq̂ = e^{iθ} acc_q, dk̂ = e^{−iθ} acc_k (+ dk̂^D = e^{−iθ} acc_d);
-    // w_n = q dq̂ − k dk̂, u_n = k dk̂^D; dq, dk the real parts plus the self
-    // pair's k_n s_nn, q_n s_nn (written in place over the real halves of
-    // acc_q, acc_k).
-    let zero = Complex::new(0.0, 0.0);
-    gs.wg[..clen * gd].fill(zero);
-    gs.ug[..clen * gd].fill(zero);
+    // dq, dk the real parts plus the self pair's k_n s_nn, q_n s_nn (written
+    // in place over the real halves of acc_q, acc_k). (w and u are summed
+    // above, term by term, with each modulus applied last.)
     for n in 0..clen {
         let (qn, kn) = (&q[n * ks..n * ks + kd], &k[n * ks..n * ks + kd]);
         let s_nn = gs.ds[n * clen + n];
         let (q_re, q_im) = gs.acc_q[n * k2..(n + 1) * k2].split_at_mut(kd);
         let (k_re, k_im) = gs.acc_k[n * k2..(n + 1) * k2].split_at_mut(kd);
         let (d_re, d_im) = gs.acc_d[n * k2..(n + 1) * k2].split_at(kd);
-        let (wrow, urow) = (&mut gs.wg[n * gd..(n + 1) * gd], &mut gs.ug[n * gd..(n + 1) * gd]);
         for d in 0..kd {
             let ch = if gd == 1 { 0 } else { d };
             let (cn, sn) = (s.pc[n * gd + ch], s.ps[n * gd + ch]);
-            let dq = Complex::new(F::fma(cn, q_re[d], -(sn * q_im[d])), F::fma(sn, q_re[d], cn * q_im[d]));
-            let dk = Complex::new(F::fma(cn, k_re[d], sn * k_im[d]), F::fma(cn, k_im[d], -(sn * k_re[d])));
-            wrow[ch] += dq * qn[d] - dk * kn[d];
-            let mut dk_re = dk.re;
+            let dq_re = F::fma(cn, q_re[d], -(sn * q_im[d]));
+            let mut dk_re = F::fma(cn, k_re[d], sn * k_im[d]);
             if adj.is_some() {
-                let dkd = Complex::new(F::fma(cn, d_re[d], sn * d_im[d]), F::fma(cn, d_im[d], -(sn * d_re[d])));
-                urow[ch] += dkd * kn[d];
-                dk_re += dkd.re;
+                dk_re += F::fma(cn, d_re[d], sn * d_im[d]);
             }
-            q_re[d] = F::fma(kn[d], s_nn, dq.re);
+            q_re[d] = F::fma(kn[d], s_nn, dq_re);
             k_re[d] = F::fma(qn[d], s_nn, dk_re);
         }
     }
