@@ -183,12 +183,10 @@ __device__ __forceinline__ void grad_adjoint_carry(const GateloopChunkGradParams
     const int64_t key_dim = p.dims.key_dim;
     const int64_t value_dim = p.dims.value_dim;
     const int64_t kv = key_dim * value_dim;
-    const int64_t idx = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-    if (idx >= p.dims.batch * p.dims.heads * kv) return;
-    const int64_t bh = idx / kv;
-    const int64_t row = (idx - bh * kv) / value_dim;
-    const int64_t col = idx - bh * kv - row * value_dim;
-    const BatchHead bhi = batch_head(bh, p.dims.heads);
+    StateElement e;
+    if (!state_element(p.dims, e)) return;
+    const int64_t bh = e.bh, row = e.row, col = e.col;
+    const BatchHead bhi = e.bhi;
     const int64_t nc = p.num_chunks;
     const int64_t gd = p.dims.gate_dim;
     const int64_t ch = gd == 1 ? 0 : row;

@@ -9,7 +9,7 @@ use gateloop::testing::{dims, random_problem, GateRegime};
 use gateloop::{compare, compare_complex, Dims, ErrorStats, InputError, Outputs, Problem};
 use proptest::prelude::*;
 
-use common::{ABS_FRAC, REL};
+use common::{ABS_FRAC, REL, regime_strategy};
 
 fn errors(d: Dims, regime: GateRegime, with_h0: bool, seed: u64, params: &ChunkParams) -> (ErrorStats, ErrorStats) {
     let p = random_problem(d, regime, with_h0, seed);
@@ -188,17 +188,6 @@ fn length_65536_unit_modulus() {
 fn many_heads() {
     check(dims(4, 200, 16, 8, 8, false), GateRegime::Mixed, true, 900);
     check(dims(8, 130, 8, 5, 3, true), GateRegime::Resets(0.05), false, 901);
-}
-
-fn regime_strategy() -> impl Strategy<Value = GateRegime> {
-    prop_oneof![
-        Just(GateRegime::Random),
-        (0.0f64..1.0).prop_map(GateRegime::Resets),
-        Just(GateRegime::UnitModulus),
-        (0.1f64..100.0).prop_map(GateRegime::LargePhase),
-        (0.1f64..60.0).prop_map(GateRegime::StrongDecay),
-        Just(GateRegime::Mixed),
-    ]
 }
 
 proptest! {

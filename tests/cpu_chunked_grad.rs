@@ -14,9 +14,8 @@ use gateloop::{Complex, Dims, ErrorStats, InputError, compare, compare_complex};
 
 use proptest::prelude::*;
 
-use common::{ABS_FRAC, REL};
-
-const NAMES: [&str; 5] = ["dq", "dk", "dv", "dlog_gate", "dh0"];
+use common::grad::{compare_grads, within};
+use common::{ABS_FRAC, REL, regime_strategy};
 
 /// One case: gates from `regime`, with or without h0 and dh_final.
 #[derive(Clone, Copy, Debug)]
@@ -56,47 +55,20 @@ fn errors(c: &GradCase) -> Vec<(&'static str, ErrorStats)> {
     let ours = chunked_grad::backward(&p.view(), &dy, dh_final.as_deref(), &c.params).unwrap();
     let p64 = p.map(|x| x as f64);
     let want = grad::backward(&p64.view(), &to_f64(&dy), dh_final.as_deref().map(to_f64_c).as_deref()).unwrap();
-    let mut out = vec![
-        ("dq", compare(&ours.dq, &want.dq)),
-        ("dk", compare(&ours.dk, &want.dk)),
-        ("dv", compare(&ours.dv, &want.dv)),
-        ("dlog_gate", compare_complex(&ours.dlog_gate, &want.dlog_gate)),
-    ];
     assert_eq!(ours.dh0.is_some(), c.with_h0, "{c:?}: dh0 present iff h0");
-    if let (Some(a), Some(b)) = (&ours.dh0, &want.dh0) {
-        out.push(("dh0", compare_complex(a, b)));
-    }
-    out
+    compare_grads(&ours, &want)
 }
 
-/// The bounds, except where the whole reference lies below f32's normal
-/// range (every path underflows, e.g. through e^−90 gates): there f32 has no
-/// relative precision left (subnormals are spaced 2^−149 apart, and every
-/// product and sum rounds to that spacing), so the max-abs bound is taken
-/// relative to the smallest normal f32, as if max|ref| were that large.
-fn within(e: &ErrorStats, rel: f64) -> bool {
-    let smallest_normal = f64::from(f32::MIN_POSITIVE);
-    e.within(rel, ABS_FRAC) || (e.max_ref < smallest_normal && e.max_abs <= ABS_FRAC * smallest_normal)
-}
-
-/// The worst (relative L2, max-abs / max|ref|) per gradient over a test's
-/// cases, printed at its end (visible with `--nocapture`). References
-/// entirely below f32's normal range are left out.
+/// [`common::grad::Worst`] over this file's cases (which carry chunk
+/// parameters).
 #[derive(Default)]
-struct Worst([(f64, f64); 5]);
+struct Worst(common::grad::Worst);
 
 impl Worst {
     /// Checks every gradient of case `c` (relative L2 bound `rel`) and
     /// records the errors.
     fn check_with(&mut self, c: GradCase, rel: f64) {
-        for (name, e) in errors(&c) {
-            let i = NAMES.iter().position(|&n| n == name).unwrap();
-            if e.max_ref >= f64::from(f32::MIN_POSITIVE) {
-                self.0[i].0 = self.0[i].0.max(e.rel_l2);
-                self.0[i].1 = self.0[i].1.max(e.max_abs / e.max_ref);
-            }
-            assert!(within(&e, rel), "{c:?}: {name} {e:?} (bounds rel {rel:e}, abs {ABS_FRAC:e}·max|ref|)");
-        }
+        self.0.check(&format!("{c:?}"), &errors(&c), rel)
     }
 
     fn check(&mut self, c: GradCase) {
@@ -104,9 +76,7 @@ impl Worst {
     }
 
     fn report(&self, test: &str) {
-        let line: Vec<String> =
-            NAMES.iter().zip(&self.0).map(|(n, (r, a))| format!("{n} rel {r:.1e} abs/max {a:.1e}")).collect();
-        println!("worst errors, {test}: {}", line.join(", "));
+        self.0.report(test)
     }
 }
 
@@ -335,18 +305,6 @@ fn bad_inputs_are_typed_errors() {
         chunked_grad::backward(&p.view(), &dy, None, &params),
         Err(InputError::Value { name: "log_gate", index: 5, .. })
     ));
-}
-
-fn regime_strategy() -> impl Strategy<Value = GateRegime> {
-    prop_oneof![
-        Just(GateRegime::Random),
-        (0.0f64..1.0).prop_map(GateRegime::Resets),
-        Just(GateRegime::UnitModulus),
-        (0.1f64..100.0).prop_map(GateRegime::LargePhase),
-        (0.1f64..60.0).prop_map(GateRegime::StrongDecay),
-        Just(GateRegime::Mixed),
-        Just(GateRegime::Underflow),
-    ]
 }
 
 proptest! {

@@ -167,11 +167,7 @@ pub fn backward(
     dh_final: Option<&[Complex<f32>]>,
     params: &ChunkParams,
 ) -> Result<Grads<f32>, InputError> {
-    p.validate()?;
-    let g = GradInputs::new(&p.dims, dy, dh_final)?;
-    let mut out = Grads::zeros(&p.dims, p.h0.is_some());
-    backward_into(p, &g, params, out.as_mut())?;
-    Ok(out)
+    crate::reference::grad::allocating(p, dy, dh_final, |g, out| backward_into(p, g, params, out))
 }
 
 /// [`backward`] into caller buffers (every element is overwritten). Validates

@@ -272,3 +272,18 @@ pub fn run_forward<T: Element>(
     s.synchronize().unwrap();
     Ok((y, unflat(&h_final)))
 }
+
+/// Proptest's draw of a gate regime: every regime of
+/// [`GateRegime`], with random parameters where it has one.
+pub fn regime_strategy() -> impl proptest::strategy::Strategy<Value = GateRegime> {
+    use proptest::prelude::*;
+    prop_oneof![
+        Just(GateRegime::Random),
+        (0.0f64..1.0).prop_map(GateRegime::Resets),
+        Just(GateRegime::UnitModulus),
+        (0.1f64..100.0).prop_map(GateRegime::LargePhase),
+        (0.1f64..60.0).prop_map(GateRegime::StrongDecay),
+        Just(GateRegime::Mixed),
+        Just(GateRegime::Underflow),
+    ]
+}
