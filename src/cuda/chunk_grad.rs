@@ -49,12 +49,12 @@ use num_complex::Complex;
 
 use super::abi::{self, GateloopChunkGradParams, GateloopChunkParams};
 use super::chunk::{self, CARRY_THREADS, ChunkPrecision, Gates, KEY_SLAB, THREADS, VALUE_TILE};
-use super::element::{Dtype, Element, round_slice, widen_slice};
-use super::launch::{GradBuffers, SeqParams, complex_as_f32, seq_strides, state_strides};
+use super::element::{Dtype, Element};
+use super::launch::{self, GradBuffers, SeqParams, seq_strides, state_strides};
 use super::{DriverContext, Gpu, GpuError};
 use crate::error::InputError;
 use crate::problem::{Dims, Problem};
-use crate::reference::grad::{GradInputs, Grads};
+use crate::reference::grad::Grads;
 
 pub use super::launch::{DeviceGradInputs, DeviceGrads, DeviceInputs};
 
@@ -315,43 +315,10 @@ pub fn backward_host_as<T: Element>(
     dh_final: Option<&[Complex<f32>]>,
     precision: ChunkPrecision,
 ) -> Result<Grads<f32>, GpuError> {
-    p.validate()?;
-    p.check_gate()?;
-    let d = p.dims;
-    GradInputs::new(&d, dy, dh_final)?;
-    let gp = plan(&d, T::DTYPE)?;
-    let s = gpu.stream();
-    let q = s.clone_htod(&round_slice::<T>(p.q)).doing("uploading q")?;
-    let k = s.clone_htod(&round_slice::<T>(p.k)).doing("uploading k")?;
-    let v = s.clone_htod(&round_slice::<T>(p.v)).doing("uploading v")?;
-    let log_gate = s.clone_htod(complex_as_f32(p.log_gate)).doing("uploading log_gate")?;
-    let h0 = p.h0.map(|h| s.clone_htod(complex_as_f32(h))).transpose().doing("uploading h0")?;
-    let dy_dev = s.clone_htod(&round_slice::<T>(dy)).doing("uploading dy")?;
-    let dhf = dh_final.map(|h| s.clone_htod(complex_as_f32(h))).transpose().doing("uploading dh_final")?;
-    let mut dq = s.alloc_zeros::<T>(d.qk_len()).doing("allocating dq")?;
-    let mut dk = s.alloc_zeros::<T>(d.qk_len()).doing("allocating dk")?;
-    let mut dv = s.alloc_zeros::<T>(d.v_len()).doing("allocating dv")?;
-    let mut dg = s.alloc_zeros::<f32>(2 * d.gate_len()).doing("allocating dlog_gate")?;
-    let mut dh0 = p.h0.map(|_| s.alloc_zeros::<f32>(2 * d.state_len())).transpose().doing("allocating dh0")?;
-    let mut ws = s.alloc_zeros::<f32>(gp.workspace_len).doing("allocating the workspace")?;
-    backward_into(
-        gpu,
-        s,
-        &d,
-        DeviceInputs { q: &q, k: &k, v: &v, log_gate: &log_gate, h0: h0.as_ref().map(|h| h as _) },
-        DeviceGradInputs { dy: &dy_dev, dh_final: dhf.as_ref().map(|h| h as _) },
-        DeviceGrads { dq: &mut dq, dk: &mut dk, dv: &mut dv, dlog_gate: &mut dg, dh0: dh0.as_mut().map(|h| h as _) },
-        Some(&mut ws),
-        precision,
-    )?;
-    let dq = s.clone_dtoh(&dq).doing("downloading dq")?;
-    let dk = s.clone_dtoh(&dk).doing("downloading dk")?;
-    let dv = s.clone_dtoh(&dv).doing("downloading dv")?;
-    let dg = s.clone_dtoh(&dg).doing("downloading dlog_gate")?;
-    let dh0 = dh0.map(|h| s.clone_dtoh(&h)).transpose().doing("downloading dh0")?;
-    s.synchronize().doing("synchronizing after the chunked backward")?;
-    let unflat = |x: Vec<f32>| x.chunks_exact(2).map(|c| Complex::new(c[0], c[1])).collect::<Vec<_>>();
-    Ok(Grads { dq: widen_slice(&dq), dk: widen_slice(&dk), dv: widen_slice(&dv), dlog_gate: unflat(dg), dh0: dh0.map(unflat) })
+    let workspace_len = |d: &Dims| Ok(plan(d, T::DTYPE)?.workspace_len);
+    launch::backward_host::<T>(gpu, p, dy, dh_final, workspace_len, "synchronizing after the chunked backward", |s, d, i, g, o, w| {
+        backward_into(gpu, s, d, i, g, o, w, precision)
+    })
 }
 
 #[cfg(test)]

@@ -18,6 +18,7 @@ use super::element::{Element, round_slice, widen_slice};
 use super::{DriverContext, Gpu, GpuError};
 use crate::error::InputError;
 use crate::problem::{Dims, GateLayout, Outputs, Problem};
+use crate::reference::grad::{GradInputs, Grads};
 
 /// Device inputs of one call. q, k, v are `T` (f32, f16 or bf16; scan and
 /// attention: f32); the complex tensors (`log_gate`, `h0`) are complex f32
@@ -585,6 +586,65 @@ pub(crate) fn forward_host<T: Element>(
     s.synchronize().doing(sync_doing)?;
     let h_final = h_final.chunks_exact(2).map(|c| Complex::new(c[0], c[1])).collect();
     Ok(Outputs { y: widen_slice(&y), h_final })
+}
+
+/// The body of every `backward_host`: validates `p`, its gate domain and the
+/// upstream gradients, uploads them to the Gpu's default stream (q, k, v, dy
+/// rounded to `T`; log_gate, h0, dh_final complex f32), allocates the
+/// gradients (dh0 exactly when `p.h0` is given) and a zeroed workspace of
+/// `workspace_len(dims)` f32 (none when 0), runs `launch`, downloads the
+/// gradients (dq, dk, dv widened to f32, exactly) and synchronizes.
+pub(crate) fn backward_host<T: Element>(
+    gpu: &Gpu,
+    p: &Problem<'_, f32>,
+    dy: &[f32],
+    dh_final: Option<&[Complex<f32>]>,
+    workspace_len: impl FnOnce(&Dims) -> Result<usize, GpuError>,
+    sync_doing: &'static str,
+    launch: impl for<'b> FnOnce(
+        &CudaStream,
+        &Dims,
+        DeviceInputs<'b, T>,
+        DeviceGradInputs<'b, T>,
+        DeviceGrads<'b, T>,
+        Option<&'b mut dyn DevicePtrMut<f32>>,
+    ) -> Result<(), GpuError>,
+) -> Result<Grads<f32>, GpuError> {
+    p.validate()?;
+    p.check_gate()?;
+    let d = p.dims;
+    GradInputs::new(&d, dy, dh_final)?;
+    let ws_len = workspace_len(&d)?;
+    let s = gpu.stream();
+    let q = s.clone_htod(&round_slice::<T>(p.q)).doing("uploading q")?;
+    let k = s.clone_htod(&round_slice::<T>(p.k)).doing("uploading k")?;
+    let v = s.clone_htod(&round_slice::<T>(p.v)).doing("uploading v")?;
+    let log_gate = s.clone_htod(complex_as_f32(p.log_gate)).doing("uploading log_gate")?;
+    let h0 = p.h0.map(|h| s.clone_htod(complex_as_f32(h))).transpose().doing("uploading h0")?;
+    let dy = s.clone_htod(&round_slice::<T>(dy)).doing("uploading dy")?;
+    let dhf = dh_final.map(|h| s.clone_htod(complex_as_f32(h))).transpose().doing("uploading dh_final")?;
+    let mut dq = s.alloc_zeros::<T>(d.qk_len()).doing("allocating dq")?;
+    let mut dk = s.alloc_zeros::<T>(d.qk_len()).doing("allocating dk")?;
+    let mut dv = s.alloc_zeros::<T>(d.v_len()).doing("allocating dv")?;
+    let mut dg = s.alloc_zeros::<f32>(2 * d.gate_len()).doing("allocating dlog_gate")?;
+    let mut dh0 = p.h0.map(|_| s.alloc_zeros::<f32>(2 * d.state_len())).transpose().doing("allocating dh0")?;
+    let mut ws = (ws_len > 0).then(|| s.alloc_zeros::<f32>(ws_len)).transpose().doing("allocating the workspace")?;
+    launch(
+        s,
+        &d,
+        DeviceInputs { q: &q, k: &k, v: &v, log_gate: &log_gate, h0: h0.as_ref().map(|h| h as _) },
+        DeviceGradInputs { dy: &dy, dh_final: dhf.as_ref().map(|h| h as _) },
+        DeviceGrads { dq: &mut dq, dk: &mut dk, dv: &mut dv, dlog_gate: &mut dg, dh0: dh0.as_mut().map(|h| h as _) },
+        ws.as_mut().map(|w| w as _),
+    )?;
+    let dq = s.clone_dtoh(&dq).doing("downloading dq")?;
+    let dk = s.clone_dtoh(&dk).doing("downloading dk")?;
+    let dv = s.clone_dtoh(&dv).doing("downloading dv")?;
+    let dg = s.clone_dtoh(&dg).doing("downloading dlog_gate")?;
+    let dh0 = dh0.map(|h| s.clone_dtoh(&h)).transpose().doing("downloading dh0")?;
+    s.synchronize().doing(sync_doing)?;
+    let unflat = |x: Vec<f32>| x.chunks_exact(2).map(|c| Complex::new(c[0], c[1])).collect::<Vec<_>>();
+    Ok(Grads { dq: widen_slice(&dq), dk: widen_slice(&dk), dv: widen_slice(&dv), dlog_gate: unflat(dg), dh0: dh0.map(unflat) })
 }
 
 #[cfg(test)]

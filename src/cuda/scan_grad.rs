@@ -17,7 +17,7 @@ use cudarc::driver::{CudaFunction, CudaModule, CudaStream, DevicePtrMut, DeviceR
 use num_complex::Complex;
 
 use super::abi::{self, GateloopScanGradParams, GateloopScanParams};
-use super::launch::{GradBuffers, SeqParams, complex_as_f32, seq_strides, state_strides};
+use super::launch::{self, GradBuffers, SeqParams, seq_strides, state_strides};
 use super::scan::{LaunchPlan, plan_with_warps, sm_count};
 use super::{DriverContext, Gpu, GpuError};
 use crate::cpu::scan::{MAX_WARPS, STEPS_PER_THREAD, ScanParams};
@@ -294,47 +294,10 @@ pub fn backward_host(
     dy: &[f32],
     dh_final: Option<&[Complex<f32>]>,
 ) -> Result<Grads<f32>, GpuError> {
-    p.validate()?;
-    p.check_gate()?;
-    let d = p.dims;
-    let g = crate::reference::grad::GradInputs::new(&d, dy, dh_final)?;
-    let lp = plan_for(gpu, &d)?;
-    let s = gpu.stream();
-    let q = s.clone_htod(p.q).doing("uploading q")?;
-    let k = s.clone_htod(p.k).doing("uploading k")?;
-    let v = s.clone_htod(p.v).doing("uploading v")?;
-    let log_gate = s.clone_htod(complex_as_f32(p.log_gate)).doing("uploading log_gate")?;
-    let h0 = p.h0.map(|h| s.clone_htod(complex_as_f32(h))).transpose().doing("uploading h0")?;
-    let dy = s.clone_htod(g.dy).doing("uploading dy")?;
-    let dhf = g.dh_final.map(|h| s.clone_htod(complex_as_f32(h))).transpose().doing("uploading dh_final")?;
-    let mut dq = s.alloc_zeros::<f32>(d.qk_len()).doing("allocating dq")?;
-    let mut dk = s.alloc_zeros::<f32>(d.qk_len()).doing("allocating dk")?;
-    let mut dv = s.alloc_zeros::<f32>(d.v_len()).doing("allocating dv")?;
-    let mut dg = s.alloc_zeros::<f32>(2 * d.gate_len()).doing("allocating dlog_gate")?;
-    let mut dh0 = p.h0.map(|_| s.alloc_zeros::<f32>(2 * d.state_len())).transpose().doing("allocating dh0")?;
-    let mut ws = (lp.workspace_len > 0)
-        .then(|| s.alloc_zeros::<f32>(lp.workspace_len))
-        .transpose()
-        .doing("allocating the workspace")?;
-    backward_into(
-        gpu,
-        s,
-        &d,
-        DeviceInputs { q: &q, k: &k, v: &v, log_gate: &log_gate, h0: h0.as_ref().map(|h| h as _) },
-        DeviceGradInputs { dy: &dy, dh_final: dhf.as_ref().map(|h| h as _) },
-        DeviceGrads { dq: &mut dq, dk: &mut dk, dv: &mut dv, dlog_gate: &mut dg, dh0: dh0.as_mut().map(|h| h as _) },
-        ws.as_mut().map(|w| w as _),
-    )?;
-    let unflat = |x: Vec<f32>| x.chunks_exact(2).map(|c| Complex::new(c[0], c[1])).collect::<Vec<_>>();
-    let out = Grads {
-        dq: s.clone_dtoh(&dq).doing("downloading dq")?,
-        dk: s.clone_dtoh(&dk).doing("downloading dk")?,
-        dv: s.clone_dtoh(&dv).doing("downloading dv")?,
-        dlog_gate: unflat(s.clone_dtoh(&dg).doing("downloading dlog_gate")?),
-        dh0: dh0.map(|h| s.clone_dtoh(&h).map(unflat)).transpose().doing("downloading dh0")?,
-    };
-    s.synchronize().doing("synchronizing after the scan backward kernels")?;
-    Ok(out)
+    let workspace_len = |d: &Dims| Ok(plan_for(gpu, d)?.workspace_len);
+    launch::backward_host::<f32>(gpu, p, dy, dh_final, workspace_len, "synchronizing after the scan backward kernels", |s, d, i, g, o, w| {
+        backward_into(gpu, s, d, i, g, o, w)
+    })
 }
 
 #[cfg(test)]
