@@ -17,7 +17,7 @@ use gateloop::testing::{GateRegime, dims, random_problem};
 use gateloop::{Complex, Dims, InputError, Mode};
 
 use common::grad::{GradCase, Worst, compare_grads};
-use common::{ABS_FRAC, REL, flat, unflat};
+use common::{ABS_FRAC, REL, flat, read_f32_file as read_f32, unflat, write_f32_file as write_f32};
 
 /// The geometry the kernel runs for `d` (on the mirrored GPU).
 fn kernel_params(d: &Dims) -> ScanGradParams {
@@ -258,34 +258,7 @@ fn bad_inputs_are_typed_errors() {
 fn emulator() -> Option<std::path::PathBuf> {
     use std::sync::OnceLock;
     static EMU: OnceLock<Option<std::path::PathBuf>> = OnceLock::new();
-    EMU.get_or_init(|| {
-        if let Ok(p) = std::env::var("GATELOOP_SCAN_GRAD_EMU") {
-            return Some(p.into());
-        }
-        let out = std::env::temp_dir().join(format!("gateloop_scan_grad_emu_{}", std::process::id()));
-        let root = env!("CARGO_MANIFEST_DIR");
-        let status = std::process::Command::new("bash")
-            .arg(format!("{root}/tests/kernel_emu/build.sh"))
-            .arg(&out)
-            .stdout(std::process::Stdio::null())
-            .status();
-        match status {
-            Ok(s) if s.success() => Some(out),
-            other => {
-                eprintln!("SKIPPED (no kernel emulator): tests/kernel_emu/build.sh failed: {other:?}");
-                None
-            }
-        }
-    })
-    .clone()
-}
-
-fn write_f32(path: &std::path::Path, x: &[f32]) {
-    let bytes: Vec<u8> = x.iter().flat_map(|v| v.to_le_bytes()).collect();
-    std::fs::write(path, bytes).unwrap();
-}
-fn read_f32(path: &std::path::Path) -> Vec<f32> {
-    std::fs::read(path).unwrap().chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect()
+    EMU.get_or_init(|| common::kernel_emulator("build.sh", "GATELOOP_SCAN_GRAD_EMU", "gateloop_scan_grad_emu")).clone()
 }
 
 /// Runs the backward's five kernels (`cuda/scan.cu`, `cuda/scan_grad.cu`,

@@ -26,7 +26,7 @@ mod dtype_support;
 
 use common::{Case, adversarial_regime_tests, regime_matrix, regime_tests, run_forward};
 use cudarc::driver::DevicePtrMut;
-use dtype_support::{rounded_to, widen, y_bounds};
+use dtype_support::{chunk_bounds as bounds, rounded_to, widen};
 use gateloop::cuda::chunk::{
     ChunkPrecision, DeviceInputs, DeviceOutputs, Gates, forward_host, forward_into, forward_real_host_as,
     forward_real_into, plan,
@@ -35,19 +35,6 @@ use gateloop::cuda::{Dtype, Element, Gpu, GpuError};
 use gateloop::testing::{GateRegime, OwnedProblem, dims, random_problem};
 use gateloop::{Complex, Dims, ErrorStats, InputError, Outputs, compare, compare_complex, cpu, reference};
 use half::{bf16, f16};
-
-/// (relative L2, max-abs fraction) bounds of y and of h_final.
-fn bounds(t: Dtype, precision: ChunkPrecision) -> ((f64, f64), (f64, f64)) {
-    match precision {
-        ChunkPrecision::Exact => (y_bounds(t), (1e-4, 1e-3)),
-        ChunkPrecision::Fast => {
-            let u_op = if t == Dtype::Bf16 { 2f64.powi(-8) } else { 2f64.powi(-11) };
-            let u_out = if t == Dtype::F32 { 0.0 } else { t.unit_roundoff() };
-            let state = (4.0 * u_op, 16.0 * u_op);
-            ((state.0 + u_out * (1.0 + state.0), state.1 + u_out * (1.0 + state.1)), state)
-        }
-    }
-}
 
 /// Runs the complex-gate kernels in `T` on `p32` (representable in `T`)
 /// through `forward_into` on a fresh stream, outputs and workspace poisoned.

@@ -23,6 +23,7 @@
 
 #![allow(dead_code)]
 
+use gateloop::cuda::chunk::ChunkPrecision;
 use gateloop::cuda::{Dtype, Element};
 use gateloop::testing::OwnedProblem;
 use gateloop::{Dims, ErrorStats};
@@ -69,4 +70,19 @@ pub fn put_window<X: Copy>(x: &mut [X], d: &Dims, dim: usize, t0: usize, n: usiz
 /// Widens a `T` download to f64.
 pub fn widen<T: Element>(x: &[T]) -> Vec<f64> {
     x.iter().map(|&x| x.to_f32() as f64).collect()
+}
+
+/// (relative L2, max-abs fraction) bounds of y and of h_final of the chunked
+/// tensor-core kernels (tests/gpu_chunked.rs, tests/cpu_chunked_emu.rs): Exact
+/// as the other f32 kernels; Fast one TF32/f16/bf16 product per operand pair.
+pub fn chunk_bounds(t: Dtype, precision: ChunkPrecision) -> ((f64, f64), (f64, f64)) {
+    match precision {
+        ChunkPrecision::Exact => (y_bounds(t), (1e-4, 1e-3)),
+        ChunkPrecision::Fast => {
+            let u_op = if t == Dtype::Bf16 { 2f64.powi(-8) } else { 2f64.powi(-11) };
+            let u_out = if t == Dtype::F32 { 0.0 } else { t.unit_roundoff() };
+            let state = (4.0 * u_op, 16.0 * u_op);
+            ((state.0 + u_out * (1.0 + state.0), state.1 + u_out * (1.0 + state.1)), state)
+        }
+    }
 }

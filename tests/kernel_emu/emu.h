@@ -8,13 +8,24 @@
 #pragma once
 #include <cmath>
 #include <cstdint>
+#include <cstdlib>
 
 #define __device__
 #define __global__
 #define __host__
 #define __forceinline__ inline
 #define __launch_bounds__(...)
+// Static __shared__ arrays are statics (one block runs at a time). Kernels
+// with dynamic shared memory (cuda/chunk.cu: `extern __shared__ ... smem[]`)
+// are built with EMU_DYNAMIC_SHARED: __shared__ is then empty and the block-
+// scope extern declaration names a namespace-scope buffer the driver defines
+// (and poisons before every block).
+#ifdef EMU_DYNAMIC_SHARED
+#define __shared__
+#else
 #define __shared__ static
+#endif
+#define __align__(n) __attribute__((aligned(n)))
 
 struct float2 {
     float x, y;
@@ -29,6 +40,21 @@ extern thread_local EmuDim3 blockIdx;
 extern EmuDim3 blockDim;
 
 void __syncthreads();
+// A barrier of the calling thread's warp (all 32 lanes must call it, as the
+// kernels do: warp-uniform control flow).
+void __syncwarp(unsigned mask = 0xffffffffu);
+[[noreturn]] inline void __trap() { std::abort(); }
+// The SFU's __sincosf is approximate (abs. error ≤ 2^-21.4 on [-π, π]); the
+// emulator uses glibc's correctly rounded-ish sincosf, as the Rust mirror.
+inline void __sincosf(float x, float* s, float* c) { sincosf(x, s, c); }
+template <class T>
+inline T min(T a, T b) {
+    return b < a ? b : a;
+}
+template <class T>
+inline T max(T a, T b) {
+    return a < b ? b : a;
+}
 float emu_shuffle(float v, int src_lane_delta, bool up);
 inline float __shfl_up_sync(unsigned, float v, int offset) { return emu_shuffle(v, offset, true); }
 inline float __shfl_down_sync(unsigned, float v, int offset) { return emu_shuffle(v, offset, false); }

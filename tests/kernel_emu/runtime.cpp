@@ -1,6 +1,8 @@
 // The emulator's runtime: block launches, the barrier, shuffles.
 #include <barrier>
+#include <algorithm>
 #include <functional>
+#include <memory>
 #include <thread>
 #include <vector>
 
@@ -12,6 +14,13 @@ EmuDim3 blockDim;
 
 static std::barrier<>* g_barrier = nullptr;
 static float g_xchg[1024];
+static std::vector<std::barrier<>*> g_warp_barriers;
+
+void __syncwarp(unsigned) { g_warp_barriers[threadIdx.x / 32]->arrive_and_wait(); }
+namespace nvcuda::wmma {
+void emu_syncwarp() { __syncwarp(); }
+unsigned emu_lane() { return threadIdx.x & 31; }
+}  // namespace nvcuda::wmma
 
 void __syncthreads() { g_barrier->arrive_and_wait(); }
 
@@ -33,6 +42,12 @@ void emu_launch(unsigned grid, unsigned block, const std::function<void()>& kern
     for (unsigned b = 0; b < grid; ++b) {
         std::barrier<> bar(block);
         g_barrier = &bar;
+        std::vector<std::unique_ptr<std::barrier<>>> warps;
+        g_warp_barriers.clear();
+        for (unsigned w = 0; w * 32 < block; ++w) {
+            warps.push_back(std::make_unique<std::barrier<>>(std::min(32u, block - 32 * w)));
+            g_warp_barriers.push_back(warps.back().get());
+        }
         std::vector<std::thread> threads;
         threads.reserve(block);
         for (unsigned t = 0; t < block; ++t) {

@@ -1,5 +1,8 @@
-// Stub for the CPU kernel emulator (tests/kernel_emu): f32 kernels only.
+// __half for the CPU kernel emulator (tests/kernel_emu): IEEE binary16 via
+// GCC's _Float16 (conversions round to nearest even, as __float2half_rn).
 #pragma once
-struct __half { unsigned short bits; };
-inline float __half2float(__half) { return 0.f; }
-inline __half __float2half_rn(float) { return __half{0}; }
+struct __half {
+    _Float16 x;
+};
+inline float __half2float(__half h) { return static_cast<float>(h.x); }
+inline __half __float2half_rn(float f) { return __half{static_cast<_Float16>(f)}; }

@@ -1,0 +1,152 @@
+//! The chunked forward's CUDA kernels (`cuda/chunk.cu`: state, carry,
+//! output), compiled unchanged for the CPU by `tests/kernel_emu/build_chunk.sh`
+//! (every thread of a block an OS thread, WMMA fragments emulated in f32,
+//! dynamic shared memory, outputs, workspace and shared memory NaN-poisoned)
+//! and launched as `cuda::chunk` launches them, against the f64 reference
+//! (the GPU bounds of tests/gpu_chunked.rs) and the CPU mirror
+//! `cpu::chunked`. Proves the kernels' indexing, tile maps, barriers, shared
+//! memory carving and launch sequence without a GPU; not the tensor cores'
+//! accumulation order, the SFU's __sincosf or the memory model (see
+//! tests/kernel_emu/README.md). Skips (with a notice) without g++. Run with
+//! `--nocapture` for the measured differences.
+
+mod common;
+mod dtype_support;
+
+use gateloop::cpu::chunked::{self, ChunkParams};
+use gateloop::cuda::Dtype;
+use gateloop::cuda::chunk::ChunkPrecision;
+use gateloop::testing::{GateRegime, OwnedProblem, dims};
+use gateloop::{Complex, Dims, ErrorStats, Outputs, compare, compare_complex};
+
+use common::{Case, flat, read_f32_file, unflat, write_f32_file};
+use dtype_support::chunk_bounds;
+
+/// Complex gates, or real gates (Im log_gate = Im h0 = 0, the kernels' `r`
+/// instantiation with real log_gate / h0 / h_final).
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum GateKind {
+    Complex,
+    Real,
+}
+
+/// Runs the three forward launches on the emulator; (y, h_final).
+fn run_emulated(emu: &std::path::Path, tag: usize, p: &OwnedProblem<f32>, gates: GateKind, precision: ChunkPrecision) -> Outputs<f32> {
+    let d = p.dims;
+    let dir = std::env::temp_dir().join(format!("gateloop_chunk_emu_case_{}_{tag}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let complex = gates == GateKind::Complex;
+    std::fs::write(
+        dir.join("dims.txt"),
+        format!(
+            "{} {} {} {} {} {} {} {} {}",
+            d.batch,
+            d.len,
+            d.heads,
+            d.key_dim,
+            d.value_dim,
+            d.gate_dim(),
+            p.h0.is_some() as u8,
+            complex as u8,
+            (precision == ChunkPrecision::Exact) as u8
+        ),
+    )
+    .unwrap();
+    // Complex: interleaved (re, im); real: the real parts (Im is 0 there).
+    let planes = |z: &[Complex<f32>]| if complex { flat(z) } else { z.iter().map(|z| z.re).collect() };
+    write_f32_file(&dir.join("q.bin"), &p.q);
+    write_f32_file(&dir.join("k.bin"), &p.k);
+    write_f32_file(&dir.join("v.bin"), &p.v);
+    write_f32_file(&dir.join("log_gate.bin"), &planes(&p.log_gate));
+    if let Some(h0) = &p.h0 {
+        write_f32_file(&dir.join("h0.bin"), &planes(h0));
+    }
+    let status = std::process::Command::new(emu).arg(&dir).status().unwrap();
+    assert!(status.success(), "{d:?}: emulator failed: {status}");
+    let hf = read_f32_file(&dir.join("h_final.out"));
+    let h_final = if complex { unflat(&hf) } else { hf.iter().map(|&x| Complex::new(x, 0.0)).collect() };
+    let y = read_f32_file(&dir.join("y.out"));
+    std::fs::remove_dir_all(&dir).unwrap();
+    Outputs { y, h_final }
+}
+
+/// The problem with Im log_gate = Im h0 = 0 (a reset stays a reset).
+fn real_parts(mut p: OwnedProblem<f64>) -> OwnedProblem<f64> {
+    p.log_gate.iter_mut().for_each(|g| g.im = 0.0);
+    if let Some(h0) = &mut p.h0 {
+        h0.iter_mut().for_each(|h| h.im = 0.0);
+    }
+    p
+}
+
+/// The largest errors seen, per (precision, output, against what).
+#[derive(Default)]
+struct Worst(std::collections::BTreeMap<String, ErrorStats>);
+impl Worst {
+    fn note(&mut self, key: String, e: ErrorStats) {
+        let frac = |e: &ErrorStats| e.max_abs / e.max_ref.max(f64::MIN_POSITIVE);
+        let w = self.0.entry(key).or_insert(e);
+        if e.rel_l2 > w.rel_l2 || frac(&e) > frac(w) {
+            *w = e;
+        }
+    }
+}
+
+#[test]
+fn chunk_kernels_emulated_match_reference_and_mirror() {
+    let Some(emu) = common::kernel_emulator("build_chunk.sh", "GATELOOP_CHUNK_EMU", "gateloop_chunk_emu") else { return };
+    use ChunkPrecision::{Exact, Fast};
+    use GateKind::{Complex as C, Real as R};
+    // (dims, regime, h0, gates, precision): L ∈ {1, 64, 150 (a partial
+    // chunk)}, K ∈ {5, 40 (three slabs)}, V ∈ {7, 70 (two value tiles)},
+    // both gate layouts, every adversarial regime.
+    let cases: [(Dims, GateRegime, bool, GateKind, ChunkPrecision); 10] = [
+        (dims(1, 150, 1, 5, 70, false), GateRegime::Mixed, true, C, Exact),
+        (dims(1, 150, 1, 40, 7, true), GateRegime::Resets(0.05), true, C, Exact),
+        (dims(1, 64, 2, 5, 7, false), GateRegime::UnitModulus, false, C, Exact),
+        (dims(1, 1, 1, 40, 70, false), GateRegime::LargePhase(50.0), true, C, Exact),
+        (dims(1, 150, 1, 40, 7, false), GateRegime::LargePhase(50.0), true, C, Exact),
+        (dims(2, 150, 1, 5, 7, true), GateRegime::StrongDecay(40.0), true, C, Exact),
+        (dims(1, 150, 1, 5, 7, false), GateRegime::Underflow, false, C, Exact),
+        (dims(1, 150, 1, 40, 70, false), GateRegime::Random, true, C, Fast),
+        (dims(1, 150, 1, 40, 7, false), GateRegime::Resets(0.05), true, R, Exact),
+        (dims(1, 150, 1, 5, 70, true), GateRegime::Mixed, true, R, Fast),
+    ];
+    let mut worst = Worst::default();
+    for (i, (d, regime, with_h0, gates, precision)) in cases.into_iter().enumerate() {
+        let case = Case::new(d, regime, with_h0, 7000 + i as u64);
+        let label = format!("{} {gates:?} {precision:?}", case.label());
+        let mut p64 = case.problem();
+        if gates == GateKind::Real {
+            p64 = real_parts(p64);
+        }
+        let p64 = p64.rounded_to_f32();
+        let want = gateloop::reference::recurrent::forward(&p64.view()).expect("reference");
+        let p = p64.to_f32();
+        let got = run_emulated(&emu, i, &p, gates, precision);
+        let mirror = chunked::forward(&p.view(), &ChunkParams::default()).unwrap();
+        let ((yr, ya), (hr, ha)) = chunk_bounds(Dtype::F32, precision);
+        let ey = compare(&got.y, &want.y);
+        let eh = compare_complex(&got.h_final, &want.h_final);
+        common::assert_within(&label, "y (emulated kernels vs reference)", &ey, yr, ya);
+        common::assert_within(&label, "h_final (emulated kernels vs reference)", &eh, hr, ha);
+        let my = compare(&got.y, &mirror.y);
+        let mh = compare_complex(&got.h_final, &mirror.h_final);
+        // The mirror is Exact-class f32 (rel ≤ 1e-4 of the reference), so
+        // kernel vs mirror is bounded by the kernel's bound plus the mirror's.
+        common::assert_within(&label, "y (emulated kernels vs mirror)", &my, yr + 1e-4, ya + 1e-3);
+        common::assert_within(&label, "h_final (emulated kernels vs mirror)", &mh, hr + 1e-4, ha + 1e-3);
+        eprintln!("{label}: vs reference y {ey:?} h_final {eh:?}; vs mirror y {my:?} h_final {mh:?}");
+        let p = precision.name();
+        worst.note(format!("{p} y vs reference"), ey);
+        worst.note(format!("{p} h_final vs reference"), eh);
+        worst.note(format!("{p} y vs mirror"), my);
+        worst.note(format!("{p} h_final vs mirror"), mh);
+    }
+    if std::env::var_os("GATELOOP_CHUNK_EMU").is_none() {
+        let _ = std::fs::remove_file(&emu); // built by this test
+    }
+    for (k, e) in &worst.0 {
+        eprintln!("worst {k}: {e:?}");
+    }
+}

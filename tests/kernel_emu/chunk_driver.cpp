@@ -1,0 +1,152 @@
+// Runs the chunked forward's three launches (as src/cuda/chunk.rs `launch`
+// does: same params, workspace layout, grids, 256 threads, dynamic shared
+// bytes) on the CPU emulation of cuda/chunk.cu, f32 inputs.
+//
+//   chunk_emu DIR
+//
+// DIR/dims.txt: B L H K V gate_dim has_h0 complex exact
+// DIR/{q,k,v,log_gate}.bin and, with h0, h0.bin: raw little-endian f32,
+// contiguous [B, L, H, D] / [B, H, K, V]; log_gate and h0 complex (re, im
+// pairs) when `complex`, real otherwise. Writes DIR/{y,h_final}.out
+// (h_final complex or real like h0). Outputs, workspace and shared memory
+// start as NaN, so an element no kernel writes (or a shared word read before
+// it is written) shows.
+#include <cmath>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <fstream>
+#include <functional>
+#include <string>
+#include <vector>
+
+#include "emu.h"
+#include "gateloop_abi.h"
+
+void emu_launch(unsigned grid, unsigned block, const std::function<void()>& kernel);
+
+// The dynamic shared memory of cuda/chunk.cu's `extern __shared__ smem[]`
+// (declared at block scope in namespace gateloop::chunk). One block runs at a
+// time, so one buffer serves every block; it is poisoned before each block.
+namespace gateloop::chunk {
+constexpr size_t kEmuSharedCapacity = 256 * 1024;
+alignas(128) unsigned char smem[kEmuSharedCapacity];
+}  // namespace gateloop::chunk
+
+extern "C" {
+void gateloop_chunk_state_f32_c_exact(const GateloopChunkParams p);
+void gateloop_chunk_state_f32_c_fast(const GateloopChunkParams p);
+void gateloop_chunk_state_f32_r_exact(const GateloopChunkParams p);
+void gateloop_chunk_state_f32_r_fast(const GateloopChunkParams p);
+void gateloop_chunk_output_f32_c_exact(const GateloopChunkParams p);
+void gateloop_chunk_output_f32_c_fast(const GateloopChunkParams p);
+void gateloop_chunk_output_f32_r_exact(const GateloopChunkParams p);
+void gateloop_chunk_output_f32_r_fast(const GateloopChunkParams p);
+void gateloop_chunk_carry_c(const GateloopChunkParams p);
+void gateloop_chunk_carry_r(const GateloopChunkParams p);
+}
+
+static std::vector<float> read_f32(const std::string& path, size_t n) {
+    std::vector<float> x(n);
+    std::ifstream f(path, std::ios::binary);
+    if (!f.read(reinterpret_cast<char*>(x.data()), static_cast<std::streamsize>(n * 4))) {
+        std::fprintf(stderr, "cannot read %zu f32 from %s\n", n, path.c_str());
+        std::exit(2);
+    }
+    return x;
+}
+static void write_f32(const std::string& path, const std::vector<float>& x) {
+    std::ofstream f(path, std::ios::binary);
+    f.write(reinterpret_cast<const char*>(x.data()), static_cast<std::streamsize>(x.size() * 4));
+}
+static GateloopSeqStrides seq(int64_t L, int64_t H, int64_t D) { return GateloopSeqStrides{L * H * D, H * D, D}; }
+
+// src/cuda/chunk.rs `shared_bytes` for f32 operands (TF32: 4-byte storage,
+// row padding 4): (state kernel, output kernel).
+static void shared_bytes_f32(bool complex, int32_t& state, int32_t& output) {
+    const int s = 4, pad = 4, C = GATELOOP_CHUNK_LEN, slab = GATELOOP_CHUNK_KEY_SLAB, sub = GATELOOP_CHUNK_SUB_LEN;
+    const int width = slab * (complex ? 2 : 1), ld_slab = width + pad, ld_tile = GATELOOP_CHUNK_VALUE_TILE + pad;
+    auto split = [&](int rows, int ld) { return 2 * rows * ld * s; };
+    const int prefix = (complex ? 4 : 2) * C * slab * 4, raw = C * slab * 4;
+    const int staging = (GATELOOP_CHUNK_THREADS / 32) * 16 * 16 * 4;
+    const int subs = C / sub, pairs = subs * (subs - 1) / 2;
+    state = prefix + raw + split(C, ld_tile) + split(C, ld_slab) + staging;
+    const int slab_phase = split(C, ld_slab) + split(width, ld_tile) + split(pairs * sub, ld_slab) + split((subs - 1) * sub, ld_slab);
+    const int final_phase = 2 * split(C, ld_tile);
+    output = prefix + 2 * raw + (slab_phase > final_phase ? slab_phase : final_phase) + subs * sub * sub * 4 + staging;
+}
+
+int main(int argc, char** argv) {
+    if (argc != 2) {
+        std::fprintf(stderr, "usage: %s DIR\n", argv[0]);
+        return 2;
+    }
+    const std::string dir = argv[1];
+    std::ifstream df(dir + "/dims.txt");
+    int64_t B, L, H, K, V, G, has_h0, complex, exact;
+    if (!(df >> B >> L >> H >> K >> V >> G >> has_h0 >> complex >> exact)) {
+        std::fprintf(stderr, "bad dims.txt\n");
+        return 2;
+    }
+    const int64_t parts = complex ? 2 : 1;
+    const size_t qk = B * L * H * K, vn = B * L * H * V, gn = B * L * H * G, sn = B * H * K * V;
+    auto q = read_f32(dir + "/q.bin", qk), k = read_f32(dir + "/k.bin", qk), v = read_f32(dir + "/v.bin", vn);
+    auto gate = read_f32(dir + "/log_gate.bin", parts * gn);
+    std::vector<float> h0;
+    if (has_h0) h0 = read_f32(dir + "/h0.bin", parts * sn);
+    const float nan = std::nanf("");
+    std::vector<float> y(vn, nan), hf(parts * sn, nan);
+
+    // src/cuda/chunk.rs `plan` and `launch`.
+    const int64_t nc = (L + GATELOOP_CHUNK_LEN - 1) / GATELOOP_CHUNK_LEN;
+    const int64_t tiles = (V + GATELOOP_CHUNK_VALUE_TILE - 1) / GATELOOP_CHUNK_VALUE_TILE;
+    const unsigned grid = static_cast<unsigned>(B * H * nc * tiles);
+    const unsigned carry_grid = static_cast<unsigned>((sn + GATELOOP_CHUNK_CARRY_THREADS - 1) / GATELOOP_CHUNK_CARRY_THREADS);
+    const int64_t decay_len = B * H * nc * G * parts;
+    const int64_t workspace_len = nc * parts * sn + decay_len;
+    std::vector<float> ws(workspace_len, nan);
+
+    GateloopChunkParams p{};
+    p.q = q.data();
+    p.k = k.data();
+    p.v = v.data();
+    p.log_gate = gate.data();
+    p.h0 = has_h0 ? h0.data() : nullptr;
+    p.y = y.data();
+    p.h_final = hf.data();
+    p.ws_decay = ws.data();
+    p.ws_state = ws.data() + decay_len;
+    p.dims = GateloopDims{B, L, H, K, V, G};
+    p.q_strides = p.k_strides = seq(L, H, K);
+    p.v_strides = p.y_strides = seq(L, H, V);
+    p.gate_strides = seq(L, H, G);
+    p.h0_strides = p.h_final_strides = GateloopStateStrides{H * K * V, K * V, V};
+    p.flags = (G == 1 ? GATELOOP_FLAG_PER_HEAD_GATE : 0) | (has_h0 ? GATELOOP_FLAG_HAS_H0 : 0);
+    p.dtype = GATELOOP_DTYPE_F32;
+    p.num_chunks = nc;
+    p.value_tiles = tiles;
+    shared_bytes_f32(complex, p.state_shared_bytes, p.shared_bytes);
+
+    using Entry = void (*)(const GateloopChunkParams);
+    const Entry state = complex ? (exact ? gateloop_chunk_state_f32_c_exact : gateloop_chunk_state_f32_c_fast)
+                                : (exact ? gateloop_chunk_state_f32_r_exact : gateloop_chunk_state_f32_r_fast);
+    const Entry output = complex ? (exact ? gateloop_chunk_output_f32_c_exact : gateloop_chunk_output_f32_c_fast)
+                                 : (exact ? gateloop_chunk_output_f32_r_exact : gateloop_chunk_output_f32_r_fast);
+    const Entry carry = complex ? gateloop_chunk_carry_c : gateloop_chunk_carry_r;
+    // A block with `bytes` of dynamic shared memory: NaN-poisoned first.
+    auto with_shared = [&](Entry f, int32_t bytes) {
+        return [&p, f, bytes] {
+            if (static_cast<size_t>(bytes) > gateloop::chunk::kEmuSharedCapacity) std::abort();
+            if (threadIdx.x == 0) std::memset(gateloop::chunk::smem, 0xff, static_cast<size_t>(bytes));
+            __syncthreads();
+            f(p);
+        };
+    };
+    emu_launch(grid, GATELOOP_CHUNK_THREADS, with_shared(state, p.state_shared_bytes));
+    emu_launch(carry_grid, GATELOOP_CHUNK_CARRY_THREADS, [&] { carry(p); });
+    emu_launch(grid, GATELOOP_CHUNK_THREADS, with_shared(output, p.shared_bytes));
+
+    write_f32(dir + "/y.out", y);
+    write_f32(dir + "/h_final.out", hf);
+    return 0;
+}

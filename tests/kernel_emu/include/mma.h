@@ -1,0 +1,121 @@
+// nvcuda::wmma for the CPU kernel emulator (tests/kernel_emu), enough for
+// cuda/chunk.cu: every lane of a warp holds the WHOLE tile in its fragment
+// (the kernels touch fragments only through these calls), loads read the
+// tile from memory, mma_sync computes the full product in f32 with one fmaf
+// per k in k order (the tensor core's internal order and rounding are not
+// modelled: products of TF32/f16/bf16 operands are exact in f32, only the
+// accumulation order differs), stores write lane-strided elements (every
+// lane holds the same tile, so the union is the whole tile, race-free).
+#pragma once
+#include <cstdint>
+#include <cstring>
+#include <type_traits>
+
+#include "cuda_bf16.h"
+#include "cuda_fp16.h"
+
+namespace nvcuda {
+namespace wmma {
+
+struct matrix_a {};
+struct matrix_b {};
+struct accumulator {};
+struct row_major {};
+struct col_major {};
+enum layout_t { mem_row_major, mem_col_major };
+namespace precision {
+struct tf32 {};
+}  // namespace precision
+
+// f32 → TF32 (10 explicit mantissa bits) as the hardware's cvt.rna.tf32.f32
+// (CUDA's __float_to_tf32): round to nearest, ties AWAY from zero; NaN/inf
+// unchanged. The result is an f32 with the low 13 bits clear.
+inline float __float_to_tf32(float x) {
+    uint32_t u;
+    std::memcpy(&u, &x, 4);
+    if ((u & 0x7f800000u) != 0x7f800000u) {
+        u += 0x1000u;  // half an ulp of TF32 in magnitude (sign-magnitude: away from zero)
+        u &= 0xffffe000u;
+    }
+    float r;
+    std::memcpy(&r, &u, 4);
+    return r;
+}
+
+template <class T>
+inline float emu_widen(const T& x) {
+    return static_cast<float>(x);
+}
+template <>
+inline float emu_widen<__half>(const __half& x) {
+    return __half2float(x);
+}
+template <>
+inline float emu_widen<__nv_bfloat16>(const __nv_bfloat16& x) {
+    return __bfloat162float(x);
+}
+
+template <class Use, int M, int N, int K>
+struct emu_shape;
+template <int M, int N, int K>
+struct emu_shape<matrix_a, M, N, K> {
+    static constexpr int rows = M, cols = K;
+};
+template <int M, int N, int K>
+struct emu_shape<matrix_b, M, N, K> {
+    static constexpr int rows = K, cols = N;
+};
+template <int M, int N, int K>
+struct emu_shape<accumulator, M, N, K> {
+    static constexpr int rows = M, cols = N;
+};
+
+template <class Use, int M, int N, int K, class T, class Layout = void>
+struct fragment {
+    static constexpr int rows = emu_shape<Use, M, N, K>::rows;
+    static constexpr int cols = emu_shape<Use, M, N, K>::cols;
+    static constexpr int num_elements = rows * cols;
+    float x[rows * cols];  // (r, c) at x[r * cols + c], widened to f32
+};
+
+template <class Use, int M, int N, int K, class T, class L>
+inline void fill_fragment(fragment<Use, M, N, K, T, L>& f, float v) {
+    for (float& e : f.x) e = v;
+}
+
+// Element (r, c) of a row_major tile is p[r·ldm + c], of a col_major one p[c·ldm + r].
+template <class Use, int M, int N, int K, class T, class L, class S>
+inline void load_matrix_sync(fragment<Use, M, N, K, T, L>& f, const S* p, unsigned ldm) {
+    using F = fragment<Use, M, N, K, T, L>;
+    for (int r = 0; r < F::rows; ++r)
+        for (int c = 0; c < F::cols; ++c)
+            f.x[r * F::cols + c] = emu_widen<S>(std::is_same_v<L, col_major> ? p[c * ldm + r] : p[r * ldm + c]);
+}
+
+void emu_syncwarp();
+unsigned emu_lane();
+
+template <int M, int N, int K, class T>
+inline void store_matrix_sync(float* p, const fragment<accumulator, M, N, K, T>& f, unsigned ldm, layout_t layout) {
+    emu_syncwarp();  // every lane has its fragment before any lane writes
+    for (int e = static_cast<int>(emu_lane()); e < M * N; e += 32) {
+        const int r = e / N, c = e % N;
+        p[layout == mem_row_major ? r * ldm + c : c * ldm + r] = f.x[e];
+    }
+    emu_syncwarp();  // the whole tile is in memory when any lane returns
+}
+
+// d = a · b + c, one fmaf per k in k order (d may alias c).
+template <int M, int N, int K, class TA, class LA, class LB, class TC>
+inline void mma_sync(fragment<accumulator, M, N, K, TC>& d, const fragment<matrix_a, M, N, K, TA, LA>& a,
+                     const fragment<matrix_b, M, N, K, TA, LB>& b, const fragment<accumulator, M, N, K, TC>& c) {
+    for (int i = 0; i < M; ++i)
+        for (int j = 0; j < N; ++j) {
+            float s = c.x[i * N + j];
+            for (int k = 0; k < K; ++k) s = fmaf(a.x[i * K + k], b.x[k * N + j], s);
+            d.x[i * N + j] = s;
+        }
+}
+
+}  // namespace wmma
+}  // namespace nvcuda
