@@ -1,14 +1,16 @@
 //! The chunked forward's CUDA kernels (`cuda/chunk.cu`: state, carry,
-//! output), compiled unchanged for the CPU by `tests/kernel_emu/build_chunk.sh`
-//! (every thread of a block an OS thread, WMMA fragments emulated in f32,
-//! dynamic shared memory, outputs, workspace and shared memory NaN-poisoned)
-//! and launched as `cuda::chunk` launches them, against the f64 reference
-//! (the GPU bounds of tests/gpu_chunked.rs) and the CPU mirror
-//! `cpu::chunked`. Proves the kernels' indexing, tile maps, barriers, shared
-//! memory carving and launch sequence without a GPU; not the tensor cores'
-//! accumulation order, the SFU's __sincosf or the memory model (see
-//! tests/kernel_emu/README.md). Skips (with a notice) without g++. Run with
-//! `--nocapture` for the measured differences.
+//! output) and the backward's (`cuda/chunk_grad.cu`: grad_w, adjoint carry,
+//! grad_qk, grad_dv), compiled unchanged for the CPU by
+//! `tests/kernel_emu/build_chunk.sh` (every thread of a block an OS thread,
+//! WMMA fragments emulated in f32, dynamic shared memory; outputs, workspace
+//! and shared memory NaN-poisoned) and launched as `cuda::chunk` /
+//! `cuda::chunk_grad` launch them, against the f64 reference (the GPU bounds
+//! of tests/gpu_chunked.rs, the f32 gradient bounds) and the CPU mirrors
+//! `cpu::chunked` / `cpu::chunked_grad`. Proves the kernels' indexing, tile
+//! maps, barriers, shared-memory carving and launch sequences without a GPU;
+//! not the tensor cores' accumulation order, the SFU's __sincosf or the
+//! memory model (see tests/kernel_emu/README.md). Skips (with a notice)
+//! without g++. Run with `--nocapture` for the measured differences.
 
 mod common;
 mod dtype_support;
@@ -19,7 +21,9 @@ use gateloop::cuda::chunk::ChunkPrecision;
 use gateloop::testing::{GateRegime, OwnedProblem, dims};
 use gateloop::{Complex, Dims, ErrorStats, Outputs, compare, compare_complex};
 
-use common::{Case, flat, read_f32_file, unflat, write_f32_file};
+use common::grad::{GradCase, GradInputsF32, Worst as GradWorst, compare_grads};
+use common::{Case, REL, flat, read_f32_file, unflat, write_f32_file};
+use gateloop::reference::grad::Grads;
 use dtype_support::chunk_bounds;
 
 /// Complex gates, or real gates (Im log_gate = Im h0 = 0, the kernels' `r`
@@ -30,8 +34,9 @@ enum GateKind {
     Real,
 }
 
-/// Runs the three forward launches on the emulator; (y, h_final).
-fn run_emulated(emu: &std::path::Path, tag: usize, p: &OwnedProblem<f32>, gates: GateKind, precision: ChunkPrecision) -> Outputs<f32> {
+/// A fresh case directory holding dims.txt and the inputs of `p` in the
+/// driver's format (tests/kernel_emu/chunk_driver.cpp).
+fn write_inputs(tag: &str, p: &OwnedProblem<f32>, gates: GateKind, precision: ChunkPrecision) -> std::path::PathBuf {
     let d = p.dims;
     let dir = std::env::temp_dir().join(format!("gateloop_chunk_emu_case_{}_{tag}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
@@ -61,13 +66,50 @@ fn run_emulated(emu: &std::path::Path, tag: usize, p: &OwnedProblem<f32>, gates:
     if let Some(h0) = &p.h0 {
         write_f32_file(&dir.join("h0.bin"), &planes(h0));
     }
-    let status = std::process::Command::new(emu).arg(&dir).status().unwrap();
-    assert!(status.success(), "{d:?}: emulator failed: {status}");
+    dir
+}
+
+/// Runs the emulator on `dir` (with `args` before it).
+fn run(emu: &std::path::Path, args: &[&str], dir: &std::path::Path) {
+    let status = std::process::Command::new(emu).args(args).arg(dir).status().unwrap();
+    assert!(status.success(), "{dir:?}: emulator failed: {status}");
+}
+
+/// Runs the three forward launches on the emulator; (y, h_final).
+fn run_forward(emu: &std::path::Path, tag: usize, p: &OwnedProblem<f32>, gates: GateKind, precision: ChunkPrecision) -> Outputs<f32> {
+    let dir = write_inputs(&format!("fwd{tag}"), p, gates, precision);
+    run(emu, &[], &dir);
     let hf = read_f32_file(&dir.join("h_final.out"));
-    let h_final = if complex { unflat(&hf) } else { hf.iter().map(|&x| Complex::new(x, 0.0)).collect() };
+    let h_final = if gates == GateKind::Complex { unflat(&hf) } else { hf.iter().map(|&x| Complex::new(x, 0.0)).collect() };
     let y = read_f32_file(&dir.join("y.out"));
     std::fs::remove_dir_all(&dir).unwrap();
     Outputs { y, h_final }
+}
+
+/// Runs the six backward launches (forward precision Exact) on the emulator.
+fn run_backward(emu: &std::path::Path, tag: usize, inp: &GradInputsF32) -> Grads<f32> {
+    let dir = write_inputs(&format!("bwd{tag}"), &inp.p, GateKind::Complex, ChunkPrecision::Exact);
+    write_f32_file(&dir.join("dy.bin"), &inp.dy);
+    if let Some(dhf) = &inp.dh_final {
+        write_f32_file(&dir.join("dh_final.bin"), &flat(dhf));
+    }
+    run(emu, &["--backward"], &dir);
+    let out = Grads {
+        dq: read_f32_file(&dir.join("dq.out")),
+        dk: read_f32_file(&dir.join("dk.out")),
+        dv: read_f32_file(&dir.join("dv.out")),
+        dlog_gate: unflat(&read_f32_file(&dir.join("dlog_gate.out"))),
+        dh0: inp.p.h0.as_ref().map(|_| unflat(&read_f32_file(&dir.join("dh0.out")))),
+    };
+    std::fs::remove_dir_all(&dir).unwrap();
+    out
+}
+
+/// The emulator, built once per test binary (both tests share it).
+fn emulator() -> Option<std::path::PathBuf> {
+    use std::sync::OnceLock;
+    static EMU: OnceLock<Option<std::path::PathBuf>> = OnceLock::new();
+    EMU.get_or_init(|| common::kernel_emulator("build_chunk.sh", "GATELOOP_CHUNK_EMU", "gateloop_chunk_emu")).clone()
 }
 
 /// The problem with Im log_gate = Im h0 = 0 (a reset stays a reset).
@@ -94,7 +136,7 @@ impl Worst {
 
 #[test]
 fn chunk_kernels_emulated_match_reference_and_mirror() {
-    let Some(emu) = common::kernel_emulator("build_chunk.sh", "GATELOOP_CHUNK_EMU", "gateloop_chunk_emu") else { return };
+    let Some(emu) = emulator() else { return };
     use ChunkPrecision::{Exact, Fast};
     use GateKind::{Complex as C, Real as R};
     // (dims, regime, h0, gates, precision): L ∈ {1, 64, 150 (a partial
@@ -123,7 +165,7 @@ fn chunk_kernels_emulated_match_reference_and_mirror() {
         let p64 = p64.rounded_to_f32();
         let want = gateloop::reference::recurrent::forward(&p64.view()).expect("reference");
         let p = p64.to_f32();
-        let got = run_emulated(&emu, i, &p, gates, precision);
+        let got = run_forward(&emu, i, &p, gates, precision);
         let mirror = chunked::forward(&p.view(), &ChunkParams::default()).unwrap();
         let ((yr, ya), (hr, ha)) = chunk_bounds(Dtype::F32, precision);
         let ey = compare(&got.y, &want.y);
@@ -143,10 +185,35 @@ fn chunk_kernels_emulated_match_reference_and_mirror() {
         worst.note(format!("{p} y vs mirror"), my);
         worst.note(format!("{p} h_final vs mirror"), mh);
     }
-    if std::env::var_os("GATELOOP_CHUNK_EMU").is_none() {
-        let _ = std::fs::remove_file(&emu); // built by this test
-    }
     for (k, e) in &worst.0 {
         eprintln!("worst {k}: {e:?}");
     }
+}
+
+/// The chunked backward's six launches (the forward's state and carry
+/// kernels, grad_w, the adjoint carry, grad_qk, grad_dv) on the emulator:
+/// every gradient within the f32 bounds (relative L2 ≤ 1e-4, max-abs ≤
+/// 1e-3·max|ref|) of the f64 reference backward, and close to the CPU mirror
+/// `cpu::chunked_grad`.
+#[test]
+fn chunk_grad_kernels_emulated_match_reference_and_mirror() {
+    let Some(emu) = emulator() else { return };
+    let cases = [
+        GradCase::new(dims(1, 150, 1, 5, 70, false), GateRegime::Mixed, true, true, 7100),
+        GradCase::new(dims(1, 150, 1, 40, 7, true), GateRegime::Resets(0.05), true, false, 7101),
+        GradCase::new(dims(1, 64, 2, 5, 7, false), GateRegime::UnitModulus, false, true, 7102),
+        GradCase::new(dims(1, 1, 1, 40, 70, false), GateRegime::LargePhase(50.0), true, true, 7103),
+        GradCase::new(dims(2, 150, 1, 5, 7, true), GateRegime::StrongDecay(40.0), false, false, 7104),
+        GradCase::new(dims(1, 150, 1, 5, 7, false), GateRegime::Underflow, true, true, 7105),
+    ];
+    let (mut vs_ref, mut vs_mirror) = (GradWorst::default(), GradWorst::default());
+    for (i, c) in cases.iter().enumerate() {
+        let inp = c.inputs();
+        let got = run_backward(&emu, i, &inp);
+        let mirror = gateloop::cpu::chunked_grad::backward(&inp.p.view(), &inp.dy, inp.dh_final.as_deref(), &ChunkParams::default()).unwrap();
+        vs_ref.check(&format!("{c:?} (emulated kernels vs reference)"), &compare_grads(&got, &inp.reference()), REL);
+        vs_mirror.check(&format!("{c:?} (emulated kernels vs mirror)"), &compare_grads(&got, &mirror), 2.0 * REL);
+    }
+    vs_ref.report("emulated chunked backward vs reference");
+    vs_mirror.report("emulated chunked backward vs mirror");
 }

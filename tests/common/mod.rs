@@ -291,13 +291,14 @@ pub fn regime_strategy() -> impl proptest::strategy::Strategy<Value = GateRegime
 // ---- the CPU kernel emulator (tests/kernel_emu) ----------------------------
 
 /// An emulator binary: the path in env var `env` when set, else built by
-/// `tests/kernel_emu/<script>` into the temp dir (`name` + pid); `None`, with
+/// `tests/kernel_emu/<script>` into cargo's per-target scratch directory
+/// (`name` + pid: concurrent runs do not share it); `None`, with
 /// a printed `SKIPPED` notice, when the build fails (no g++).
 pub fn kernel_emulator(script: &str, env: &str, name: &str) -> Option<std::path::PathBuf> {
     if let Ok(p) = std::env::var(env) {
         return Some(p.into());
     }
-    let out = std::env::temp_dir().join(format!("{name}_{}", std::process::id()));
+    let out = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("{name}_{}", std::process::id()));
     let root = env!("CARGO_MANIFEST_DIR");
     let status = std::process::Command::new("bash")
         .arg(format!("{root}/tests/kernel_emu/{script}"))

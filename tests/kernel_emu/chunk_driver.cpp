@@ -1,16 +1,21 @@
 // Runs the chunked forward's three launches (as src/cuda/chunk.rs `launch`
 // does: same params, workspace layout, grids, 256 threads, dynamic shared
-// bytes) on the CPU emulation of cuda/chunk.cu, f32 inputs.
+// bytes) or the chunked backward's six (as src/cuda/chunk_grad.rs
+// `backward_into` does) on the CPU emulation of cuda/chunk.cu and
+// cuda/chunk_grad.cu, f32 inputs.
 //
-//   chunk_emu DIR
+//   chunk_emu DIR            (forward)
+//   chunk_emu --backward DIR (backward; complex gates)
 //
 // DIR/dims.txt: B L H K V gate_dim has_h0 complex exact
 // DIR/{q,k,v,log_gate}.bin and, with h0, h0.bin: raw little-endian f32,
 // contiguous [B, L, H, D] / [B, H, K, V]; log_gate and h0 complex (re, im
-// pairs) when `complex`, real otherwise. Writes DIR/{y,h_final}.out
-// (h_final complex or real like h0). Outputs, workspace and shared memory
-// start as NaN, so an element no kernel writes (or a shared word read before
-// it is written) shows.
+// pairs) when `complex`, real otherwise. Forward: writes DIR/{y,h_final}.out
+// (h_final complex or real like h0). Backward: also reads DIR/dy.bin and,
+// when present, DIR/dh_final.bin (complex); writes DIR/{dq,dk,dv,dlog_gate}.out
+// and, with h0, DIR/dh0.out. Outputs, workspace and shared memory start as
+// NaN, so an element no kernel writes (or a shared word read before it is
+// written) shows.
 #include <cmath>
 #include <cstdio>
 #include <cstdlib>
@@ -44,6 +49,10 @@ void gateloop_chunk_output_f32_r_exact(const GateloopChunkParams p);
 void gateloop_chunk_output_f32_r_fast(const GateloopChunkParams p);
 void gateloop_chunk_carry_c(const GateloopChunkParams p);
 void gateloop_chunk_carry_r(const GateloopChunkParams p);
+void gateloop_chunk_grad_w_f32(const GateloopChunkGradParams g);
+void gateloop_chunk_grad_qk_f32(const GateloopChunkGradParams g);
+void gateloop_chunk_grad_dv_f32(const GateloopChunkGradParams g);
+void gateloop_chunk_grad_adjoint_carry(const GateloopChunkGradParams g);
 }
 
 static std::vector<float> read_f32(const std::string& path, size_t n) {
@@ -76,16 +85,38 @@ static void shared_bytes_f32(bool complex, int32_t& state, int32_t& output) {
     output = prefix + 2 * raw + (slab_phase > final_phase ? slab_phase : final_phase) + subs * sub * sub * 4 + staging;
 }
 
+// src/cuda/chunk_grad.rs `shared_bytes`: (grad_w, grad_qk, grad_dv).
+static void grad_shared_bytes(int32_t& w, int32_t& qk, int32_t& dv) {
+    const int c = GATELOOP_CHUNK_LEN, s = GATELOOP_CHUNK_KEY_SLAB, t = GATELOOP_CHUNK_VALUE_TILE;
+    const int pad = t + 1, anchors = c / GATELOOP_CHUNK_SUB_LEN - 1, prefix = 4 * c * s * 4;
+    w = prefix + 4 * (c * s + c * 2 * s + c * t);
+    qk = prefix + 4 * (2 * c * s + c * c + c * anchors * s + c * s + 2 * c * pad + 2 * 2 * s * pad + 2 * 2 * c * s +
+                       2 * 2 * c + 2 * s + 2);
+    dv = prefix + 4 * (2 * c * s + c * anchors * s + c * s + c * 2 * s + 2 * s * t + c * c + c * t);
+}
+
+// A block with `bytes` of dynamic shared memory, NaN-poisoned first.
+template <class P>
+static std::function<void()> with_shared(void (*f)(const P), const P& p, int32_t bytes) {
+    return [f, &p, bytes] {
+        if (static_cast<size_t>(bytes) > gateloop::chunk::kEmuSharedCapacity) std::abort();
+        if (threadIdx.x == 0) std::memset(gateloop::chunk::smem, 0xff, static_cast<size_t>(bytes));
+        __syncthreads();
+        f(p);
+    };
+}
+
 int main(int argc, char** argv) {
-    if (argc != 2) {
-        std::fprintf(stderr, "usage: %s DIR\n", argv[0]);
+    const bool backward = argc == 3 && std::string(argv[1]) == "--backward";
+    if (argc != 2 && !backward) {
+        std::fprintf(stderr, "usage: %s [--backward] DIR\n", argv[0]);
         return 2;
     }
-    const std::string dir = argv[1];
+    const std::string dir = argv[argc - 1];
     std::ifstream df(dir + "/dims.txt");
     int64_t B, L, H, K, V, G, has_h0, complex, exact;
-    if (!(df >> B >> L >> H >> K >> V >> G >> has_h0 >> complex >> exact)) {
-        std::fprintf(stderr, "bad dims.txt\n");
+    if (!(df >> B >> L >> H >> K >> V >> G >> has_h0 >> complex >> exact) || (backward && !complex)) {
+        std::fprintf(stderr, "bad dims.txt (the backward takes complex gates only)\n");
         return 2;
     }
     const int64_t parts = complex ? 2 : 1;
@@ -133,18 +164,52 @@ int main(int argc, char** argv) {
     const Entry output = complex ? (exact ? gateloop_chunk_output_f32_c_exact : gateloop_chunk_output_f32_c_fast)
                                  : (exact ? gateloop_chunk_output_f32_r_exact : gateloop_chunk_output_f32_r_fast);
     const Entry carry = complex ? gateloop_chunk_carry_c : gateloop_chunk_carry_r;
-    // A block with `bytes` of dynamic shared memory: NaN-poisoned first.
-    auto with_shared = [&](Entry f, int32_t bytes) {
-        return [&p, f, bytes] {
-            if (static_cast<size_t>(bytes) > gateloop::chunk::kEmuSharedCapacity) std::abort();
-            if (threadIdx.x == 0) std::memset(gateloop::chunk::smem, 0xff, static_cast<size_t>(bytes));
-            __syncthreads();
-            f(p);
-        };
-    };
-    emu_launch(grid, GATELOOP_CHUNK_THREADS, with_shared(state, p.state_shared_bytes));
+    if (backward) {
+        // src/cuda/chunk_grad.rs `plan`: ws_adj after the forward's
+        // workspace, then the h_final sink.
+        const int64_t adj_offset = workspace_len, sink_offset = adj_offset + nc * 2 * sn;
+        ws.assign(sink_offset + 2 * sn, nan);
+        auto dy = read_f32(dir + "/dy.bin", vn);
+        std::vector<float> dhf;
+        const bool has_dhf = static_cast<bool>(std::ifstream(dir + "/dh_final.bin"));
+        if (has_dhf) dhf = read_f32(dir + "/dh_final.bin", 2 * sn);
+        std::vector<float> dq(qk, nan), dk(qk, nan), dv(vn, nan), dg(2 * gn, nan), dh0(has_h0 ? 2 * sn : 0, nan);
+        GateloopChunkGradParams g{};
+        g.fwd = p;
+        g.fwd.ws_decay = ws.data();
+        g.fwd.ws_state = ws.data() + decay_len;
+        g.fwd.h_final = ws.data() + sink_offset;
+        g.ws_adj = ws.data() + adj_offset;
+        g.dy = dy.data();
+        g.dh_final = has_dhf ? dhf.data() : nullptr;
+        g.dq = dq.data();
+        g.dk = dk.data();
+        g.dv = dv.data();
+        g.dlog_gate = dg.data();
+        g.dh0 = has_h0 ? dh0.data() : nullptr;
+        g.dy_strides = g.dv_strides = seq(L, H, V);
+        g.dq_strides = g.dk_strides = seq(L, H, K);
+        g.dgate_strides = seq(L, H, G);
+        g.dh_final_strides = g.dh0_strides = GateloopStateStrides{H * K * V, K * V, V};
+        g.grad_flags = (has_dhf ? GATELOOP_GRAD_FLAG_HAS_DH_FINAL : 0) | (has_h0 ? GATELOOP_GRAD_FLAG_HAS_DH0 : 0);
+        grad_shared_bytes(g.w_shared_bytes, g.qk_shared_bytes, g.dv_shared_bytes);
+        const unsigned qk_grid = static_cast<unsigned>(B * H * nc);
+        emu_launch(grid, GATELOOP_CHUNK_THREADS, with_shared(state, g.fwd, g.fwd.state_shared_bytes));
+        emu_launch(grid, GATELOOP_CHUNK_THREADS, with_shared(gateloop_chunk_grad_w_f32, g, g.w_shared_bytes));
+        emu_launch(carry_grid, GATELOOP_CHUNK_CARRY_THREADS, [&] { carry(g.fwd); });
+        emu_launch(carry_grid, GATELOOP_CHUNK_CARRY_THREADS, [&] { gateloop_chunk_grad_adjoint_carry(g); });
+        emu_launch(qk_grid, GATELOOP_CHUNK_THREADS, with_shared(gateloop_chunk_grad_qk_f32, g, g.qk_shared_bytes));
+        emu_launch(grid, GATELOOP_CHUNK_THREADS, with_shared(gateloop_chunk_grad_dv_f32, g, g.dv_shared_bytes));
+        write_f32(dir + "/dq.out", dq);
+        write_f32(dir + "/dk.out", dk);
+        write_f32(dir + "/dv.out", dv);
+        write_f32(dir + "/dlog_gate.out", dg);
+        if (has_h0) write_f32(dir + "/dh0.out", dh0);
+        return 0;
+    }
+    emu_launch(grid, GATELOOP_CHUNK_THREADS, with_shared(state, p, p.state_shared_bytes));
     emu_launch(carry_grid, GATELOOP_CHUNK_CARRY_THREADS, [&] { carry(p); });
-    emu_launch(grid, GATELOOP_CHUNK_THREADS, with_shared(output, p.shared_bytes));
+    emu_launch(grid, GATELOOP_CHUNK_THREADS, with_shared(output, p, p.shared_bytes));
 
     write_f32(dir + "/y.out", y);
     write_f32(dir + "/h_final.out", hf);
