@@ -111,3 +111,17 @@ impl Worst {
         println!("worst errors, {test}: {}", line.join(", "));
     }
 }
+
+/// Asserts that every reset step (Re log_gate = −∞) got a gate gradient of
+/// exactly 0 and every gate gradient is finite; returns the number of resets.
+pub fn assert_resets_have_zero_gradient(log_gate: &[Complex<f32>], dlog_gate: &[Complex<f32>]) -> usize {
+    let mut resets = 0;
+    for (gate, dg) in log_gate.iter().zip(dlog_gate) {
+        if gate.re == f32::NEG_INFINITY {
+            resets += 1;
+            assert_eq!(*dg, Complex::new(0.0, 0.0));
+        }
+        assert!(dg.re.is_finite() && dg.im.is_finite());
+    }
+    resets
+}

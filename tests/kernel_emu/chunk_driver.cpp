@@ -27,6 +27,7 @@
 
 #include "emu.h"
 #include "gateloop_abi.h"
+#include "driver_io.h"
 
 void emu_launch(unsigned grid, unsigned block, const std::function<void()>& kernel);
 
@@ -55,20 +56,6 @@ void gateloop_chunk_grad_dv_f32(const GateloopChunkGradParams g);
 void gateloop_chunk_grad_adjoint_carry(const GateloopChunkGradParams g);
 }
 
-static std::vector<float> read_f32(const std::string& path, size_t n) {
-    std::vector<float> x(n);
-    std::ifstream f(path, std::ios::binary);
-    if (!f.read(reinterpret_cast<char*>(x.data()), static_cast<std::streamsize>(n * 4))) {
-        std::fprintf(stderr, "cannot read %zu f32 from %s\n", n, path.c_str());
-        std::exit(2);
-    }
-    return x;
-}
-static void write_f32(const std::string& path, const std::vector<float>& x) {
-    std::ofstream f(path, std::ios::binary);
-    f.write(reinterpret_cast<const char*>(x.data()), static_cast<std::streamsize>(x.size() * 4));
-}
-static GateloopSeqStrides seq(int64_t L, int64_t H, int64_t D) { return GateloopSeqStrides{L * H * D, H * D, D}; }
 
 // src/cuda/chunk.rs `shared_bytes` for f32 operands (TF32: 4-byte storage,
 // row padding 4): (state kernel, output kernel).

@@ -18,6 +18,7 @@
 
 #include "emu.h"
 #include "gateloop_abi.h"
+#include "driver_io.h"
 
 void emu_launch(unsigned grid, unsigned block, const std::function<void()>& kernel);
 
@@ -33,20 +34,6 @@ void gateloop_scan_grad_f32_v2(const GateloopScanGradParams p);
 void gateloop_scan_grad_carry(const GateloopScanGradParams p);
 }
 
-static std::vector<float> read_f32(const std::string& path, size_t n) {
-    std::vector<float> x(n);
-    std::ifstream f(path, std::ios::binary);
-    if (!f.read(reinterpret_cast<char*>(x.data()), static_cast<std::streamsize>(n * 4))) {
-        std::fprintf(stderr, "cannot read %zu f32 from %s\n", n, path.c_str());
-        std::exit(2);
-    }
-    return x;
-}
-static void write_f32(const std::string& path, const std::vector<float>& x) {
-    std::ofstream f(path, std::ios::binary);
-    f.write(reinterpret_cast<const char*>(x.data()), static_cast<std::streamsize>(x.size() * 4));
-}
-static GateloopSeqStrides seq(int64_t L, int64_t H, int64_t D) { return GateloopSeqStrides{L * H * D, H * D, D}; }
 
 int main(int argc, char** argv) {
     if (argc != 2) {
