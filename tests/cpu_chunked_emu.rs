@@ -13,6 +13,7 @@
 //! without g++. Run with `--nocapture` for the measured differences.
 
 mod common;
+mod emu_support;
 mod dtype_support;
 
 use gateloop::cpu::chunked::{self, ChunkParams};
@@ -22,7 +23,8 @@ use gateloop::testing::{GateRegime, OwnedProblem, dims};
 use gateloop::{Complex, Dims, ErrorStats, Outputs, compare, compare_complex};
 
 use common::grad::{GradCase, GradInputsF32, Worst as GradWorst, compare_grads};
-use common::{Case, REL, flat, read_f32_file, unflat, write_f32_file};
+use common::{Case, REL, flat, unflat};
+use emu_support::{read_f32_file, write_f32_file};
 use gateloop::reference::grad::Grads;
 use dtype_support::chunk_bounds;
 
@@ -109,7 +111,7 @@ fn run_backward(emu: &std::path::Path, tag: usize, inp: &GradInputsF32) -> Grads
 fn emulator() -> Option<std::path::PathBuf> {
     use std::sync::OnceLock;
     static EMU: OnceLock<Option<std::path::PathBuf>> = OnceLock::new();
-    EMU.get_or_init(|| common::kernel_emulator("build_chunk.sh", "GATELOOP_CHUNK_EMU", "gateloop_chunk_emu")).clone()
+    EMU.get_or_init(|| emu_support::kernel_emulator("build_chunk.sh", "GATELOOP_CHUNK_EMU", "gateloop_chunk_emu")).clone()
 }
 
 /// The problem with Im log_gate = Im h0 = 0 (a reset stays a reset).

@@ -7,6 +7,7 @@
 //! `--nocapture` to see the worst errors measured per gradient.
 
 mod common;
+mod emu_support;
 
 use gateloop::cpu::scan::ScanParams;
 use gateloop::cpu::scan_grad::{self, ScanGradParams};
@@ -17,7 +18,8 @@ use gateloop::testing::{GateRegime, dims, random_problem};
 use gateloop::{Complex, Dims, InputError, Mode};
 
 use common::grad::{GradCase, Worst, compare_grads};
-use common::{ABS_FRAC, REL, flat, read_f32_file as read_f32, unflat, write_f32_file as write_f32};
+use common::{ABS_FRAC, REL, flat, unflat};
+use emu_support::{read_f32_file as read_f32, write_f32_file as write_f32};
 
 /// The geometry the kernel runs for `d` (on the mirrored GPU).
 fn kernel_params(d: &Dims) -> ScanGradParams {
@@ -251,7 +253,7 @@ fn bad_inputs_are_typed_errors() {
 fn emulator() -> Option<std::path::PathBuf> {
     use std::sync::OnceLock;
     static EMU: OnceLock<Option<std::path::PathBuf>> = OnceLock::new();
-    EMU.get_or_init(|| common::kernel_emulator("build.sh", "GATELOOP_SCAN_GRAD_EMU", "gateloop_scan_grad_emu")).clone()
+    EMU.get_or_init(|| emu_support::kernel_emulator("build.sh", "GATELOOP_SCAN_GRAD_EMU", "gateloop_scan_grad_emu")).clone()
 }
 
 /// Runs the backward's five kernels (`cuda/scan.cu`, `cuda/scan_grad.cu`,
