@@ -37,17 +37,6 @@ fn check_kernel(worst: &mut Worst, c: GradCase) {
     check(worst, c, kernel_params(&c.dims), REL)
 }
 
-/// Every gate regime, plus the underflow ranges.
-const REGIMES: [GateRegime; 8] = [
-    GateRegime::Random,
-    GateRegime::Resets(0.05),
-    GateRegime::Resets(1.0),
-    GateRegime::UnitModulus,
-    GateRegime::LargePhase(50.0),
-    GateRegime::StrongDecay(40.0),
-    GateRegime::Mixed,
-    GateRegime::Underflow,
-];
 
 /// L around one warp's and one chunk's steps (256 with one warp), and many
 /// chunks; both gate layouts; every h0 / dh_final combination.
@@ -67,7 +56,7 @@ fn lengths_around_chunk_boundaries() {
                 if len >= 1000 && seed % 2 == 1 {
                     continue;
                 }
-                let regime = REGIMES[seed as usize % REGIMES.len()];
+                let regime = common::ALL_REGIMES_AND_UNDERFLOW[seed as usize % common::ALL_REGIMES_AND_UNDERFLOW.len()];
                 check_kernel(&mut worst, GradCase::new(dims(b, len, h, k, v, per_head), regime, with_h0, with_dhf, seed));
             }
         }
@@ -95,7 +84,7 @@ fn key_and_value_dims() {
 fn every_gate_regime_both_layouts() {
     let mut worst = Worst::default();
     let mut seed = 200;
-    for regime in REGIMES {
+    for regime in common::ALL_REGIMES_AND_UNDERFLOW {
         for per_head in [false, true] {
             for (with_h0, with_dhf) in [(false, true), (true, false), (true, true), (false, false)] {
                 seed += 1;
@@ -111,7 +100,7 @@ fn every_gate_regime_both_layouts() {
 fn long_sequences_every_regime() {
     let mut worst = Worst::default();
     let mut seed = 250;
-    for (i, regime) in REGIMES.into_iter().enumerate() {
+    for (i, regime) in common::ALL_REGIMES_AND_UNDERFLOW.into_iter().enumerate() {
         seed += 1;
         let (k, v) = if i == 0 { (64, 64) } else { (16, 16) };
         let c = GradCase::new(dims(1, 4096, 1, k, v, i % 2 == 1), regime, i % 3 != 0, i % 4 != 1, seed);

@@ -164,7 +164,7 @@ fn regime_cases(gpu: &Gpu, regime: GateRegime, seed0: u64) {
 #[test]
 fn every_regime_f32() {
     let Some(gpu) = gpu_or_skip() else { return };
-    for (i, regime) in ALL_REGIMES.into_iter().chain([GateRegime::Underflow]).enumerate() {
+    for (i, regime) in common::ALL_REGIMES_AND_UNDERFLOW.into_iter().enumerate() {
         regime_cases(gpu, regime, 1000 + 100 * i as u64);
     }
 }

@@ -20,17 +20,6 @@ use gateloop::reference::grad::Grads;
 use gateloop::testing::{GateRegime, dims};
 use gateloop::{Dims, InputError};
 
-/// Every gate regime, plus the underflow ranges.
-const REGIMES: [GateRegime; 8] = [
-    GateRegime::Random,
-    GateRegime::Resets(0.05),
-    GateRegime::Resets(1.0),
-    GateRegime::UnitModulus,
-    GateRegime::LargePhase(50.0),
-    GateRegime::StrongDecay(40.0),
-    GateRegime::Mixed,
-    GateRegime::Underflow,
-];
 
 /// One `backward_into` call on a fresh stream: inputs uploaded, every
 /// gradient and the workspace (of the plan's size) poisoned with NaN; a dh0
@@ -88,7 +77,7 @@ fn lengths_and_dims() {
     for len in [1usize, 2, 63, 64, 65, 1000, 4096] {
         for (kd, vd) in [(1, 1), (5, 16), (16, 5), (64, 64), (1, 64), (64, 1)] {
             seed += 1;
-            let regime = REGIMES[seed as usize % REGIMES.len()];
+            let regime = common::ALL_REGIMES_AND_UNDERFLOW[seed as usize % common::ALL_REGIMES_AND_UNDERFLOW.len()];
             let c = GradCase::new(dims(1, len, 2, kd, vd, seed % 2 == 0), regime, seed % 3 != 0, seed % 4 != 0, seed);
             check(gpu, &mut worst, c);
         }
@@ -101,7 +90,7 @@ fn every_regime_layout_h0_dh_final() {
     let Some(gpu) = common::gpu_or_skip() else { return };
     let mut worst = Worst::default();
     let mut seed = 100;
-    for regime in REGIMES {
+    for regime in common::ALL_REGIMES_AND_UNDERFLOW {
         for per_head in [false, true] {
             for (with_h0, with_dhf) in [(false, false), (true, true), (true, false), (false, true)] {
                 seed += 1;

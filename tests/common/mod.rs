@@ -80,6 +80,18 @@ pub const ALL_REGIMES: [GateRegime; 7] = [
     GateRegime::Mixed,
 ];
 
+/// [`ALL_REGIMES`] plus gates whose exp underflows (the backward tests).
+pub const ALL_REGIMES_AND_UNDERFLOW: [GateRegime; 8] = [
+    GateRegime::Random,
+    GateRegime::Resets(0.05),
+    GateRegime::Resets(1.0),
+    GateRegime::UnitModulus,
+    GateRegime::LargePhase(50.0),
+    GateRegime::StrongDecay(40.0),
+    GateRegime::Mixed,
+    GateRegime::Underflow,
+];
+
 /// One case of a test matrix: a random problem of `dims` with gates drawn
 /// from `regime`, with or without h0, from `seed`.
 #[derive(Clone, Copy, Debug)]
