@@ -134,19 +134,8 @@ __device__ __forceinline__ void scan_forward(const GateloopScanParams& p) {
 
         // The state entering the chunk.
         float2 hs[T];
-#pragma unroll
-        for (int j = 0; j < T; ++j) {
-            const int64_t c = blk.col0 + j;
-            float2 s = make_float2(0.f, 0.f);
-            if (c < value_dim) {
-                if (nc > 1) {
-                    s = reinterpret_cast<const float2*>(p.chunk_state)[((blk.bh * nc + blk.chunk) * key_dim + row) * value_dim + c];
-                } else if (has_h0) {
-                    s = reinterpret_cast<const float2*>(p.h0)[state_index(p.h0_strides, blk.b, blk.h, row, c)];
-                }
-            }
-            hs[j] = s;
-        }
+        entering_states(hs, p.chunk_state, has_h0 ? p.h0 : nullptr, p.h0_strides, nc, blk.bh, blk.chunk, blk.b, blk.h,
+                        key_dim, value_dim, row, blk.col0);
         // Through the aggregates of the earlier warps (in order), then
         // through the lane's exclusive prefix.
         enter_thread(smem, blk.warp, blk.lane, excl, hs);

@@ -90,6 +90,31 @@ __device__ __forceinline__ void enter_thread(const Agg<T>* smem, int warp, int l
     }
 }
 
+// The states of key row `row`, value columns col0 .. col0 + T − 1, that a
+// chunk's steps enter with (the forward's h, the backward's adjoint from the
+// right): slot (bh, chunk, row) of `chunk_states` ([B·H][nc][K][V] complex,
+// written by a carry kernel) when the sequence has several chunks, else the
+// boundary state `first` (h0, or dh_final; zero when null); zero past V.
+template <int T>
+__device__ __forceinline__ void entering_states(float2 (&hs)[T], const float* chunk_states, const float* first,
+                                                const GateloopStateStrides& first_strides, int64_t nc, int64_t bh,
+                                                int64_t chunk, int64_t b, int64_t h, int64_t key_dim,
+                                                int64_t value_dim, int64_t row, int64_t col0) {
+#pragma unroll
+    for (int j = 0; j < T; ++j) {
+        const int64_t c = col0 + j;
+        float2 s = make_float2(0.f, 0.f);
+        if (c < value_dim) {
+            if (nc > 1) {
+                s = reinterpret_cast<const float2*>(chunk_states)[((bh * nc + chunk) * key_dim + row) * value_dim + c];
+            } else if (first != nullptr) {
+                s = reinterpret_cast<const float2*>(first)[state_index(first_strides, b, h, row, c)];
+            }
+        }
+        hs[j] = s;
+    }
+}
+
 // ---- per-block context ---------------------------------------------------
 
 template <typename input_t, int T>

@@ -269,19 +269,8 @@ __device__ __forceinline__ void grad(const GateloopScanGradParams& g) {
                 const Agg<T> incl = blk.block_scan(a, kk, vv, smem);
                 const Agg<T> excl = shfl_up(incl, 1);
                 float2 hs[T];
-#pragma unroll
-                for (int j = 0; j < T; ++j) {
-                    const int64_t c = blk.col0 + j;
-                    float2 s = make_float2(0.f, 0.f);
-                    if (c < value_dim) {
-                        if (nc > 1) {
-                            s = reinterpret_cast<const float2*>(p.chunk_state)[((bh * nc + chunk) * key_dim + row) * value_dim + c];
-                        } else if (has_h0) {
-                            s = reinterpret_cast<const float2*>(p.h0)[state_index(p.h0_strides, blk.b, blk.h, row, c)];
-                        }
-                    }
-                    hs[j] = s;
-                }
+                scan::entering_states(hs, p.chunk_state, has_h0 ? p.h0 : nullptr, p.h0_strides, nc, bh, chunk, blk.b,
+                                      blk.h, key_dim, value_dim, row, blk.col0);
                 scan::enter_thread(smem, blk.warp, blk.lane, excl, hs);
 #pragma unroll
                 for (int s = 0; s < kSteps; ++s) {
@@ -305,19 +294,8 @@ __device__ __forceinline__ void grad(const GateloopScanGradParams& g) {
             const Agg<T> incl = block_scan_reverse(alpha, qq, dyv, blk.lane, blk.warp, smem);
             const Agg<T> excl = shfl_down(incl, 1);
             float2 ds[T];
-#pragma unroll
-            for (int j = 0; j < T; ++j) {
-                const int64_t c = blk.col0 + j;
-                float2 s = make_float2(0.f, 0.f);
-                if (c < value_dim) {
-                    if (nc > 1) {
-                        s = reinterpret_cast<const float2*>(g.rev_state)[((bh * nc + chunk) * key_dim + row) * value_dim + c];
-                    } else if (g.dh_final != nullptr) {
-                        s = reinterpret_cast<const float2*>(g.dh_final)[state_index(g.dh_final_strides, blk.b, blk.h, row, c)];
-                    }
-                }
-                ds[j] = s;
-            }
+            scan::entering_states(ds, g.rev_state, g.dh_final, g.dh_final_strides, nc, bh, chunk, blk.b, blk.h, key_dim,
+                                  value_dim, row, blk.col0);
             // Through the aggregates of the later warps (from the last),
             // then the lane's exclusive prefix.
             if (blk.warp < p.warps - 1) {
