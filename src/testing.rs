@@ -28,6 +28,11 @@ pub enum GateRegime {
     /// Re ∈ [−1e4, −746] (a = 0 in both, but not a −∞ reset), or `Random`
     /// (so state survives between the near-resets). Phases ∈ (−π, π).
     Underflow,
+    /// Hard decay just above the reset threshold: with probability `p` a step
+    /// has Re ∈ [−103.9, −20] (a chunk- or tile-local cumulative log reaches
+    /// thousands, where an f32 sum's ulp is ~1e-4), else `Random` (so a short
+    /// difference of two such sums carries factors near 1). Phases ∈ (−π, π).
+    HardDecay(f64),
 }
 
 /// An owned problem (see [`Problem`] for the layout).
@@ -131,6 +136,13 @@ fn draw_gate(rng: &mut StdRng, regime: GateRegime) -> Complex<f64> {
                 _ => return draw_gate(rng, GateRegime::Random),
             };
             Complex::new(re, phase(rng, PI))
+        }
+        GateRegime::HardDecay(p) => {
+            if rng.random_bool(p) {
+                Complex::new(-rng.random_range(20.0..103.9), phase(rng, PI))
+            } else {
+                draw_gate(rng, GateRegime::Random)
+            }
         }
     }
 }
