@@ -114,13 +114,30 @@ __device__ __forceinline__ float reduce_2pi(float x) {
     return fmaf(-j, kC3, r);
 }
 
+// a + b as the f32 sum and its exact rounding error (Knuth's TwoSum, no
+// ordering of |a|, |b| assumed; exact because nvcc neither reassociates nor
+// contracts additions): cpu::chunked::two_sum.
+__device__ __forceinline__ float2 two_sum(float a, float b) {
+    const float s = a + b;
+    const float bp = s - a;
+    return make_float2(s, (a - (s - bp)) + (b - bp));
+}
+
+// Re(G_late − G_early) from compensated prefix entries (hi, lo):
+// cpu::chunked::re_diff. The hi difference is exact when the two lie within a
+// factor 2 (Sterbenz), the case of a short, non-negligible difference.
+__device__ __forceinline__ float re_diff(float late, float late_lo, float early, float early_lo) {
+    return (late - early) + (late_lo - early_lo);
+}
+
 // ---- per-block context and the chunk-local gate prefix ------------------------
 
-// Shared-memory bytes of the prefix tables: Re G, (cos θ, sin θ when
-// complex) as f32 and the reset index as i32, each [kChunk][kSlab].
+// Shared-memory bytes of the prefix tables: Re G as a compensated pair (running
+// sum, rounding-error sum), (cos θ, sin θ when complex) as f32 and the reset
+// index as i32, each [kChunk][kSlab]. src/cuda/chunk.rs: prefix_bytes.
 template <bool kComplex>
 __host__ __device__ constexpr int prefix_bytes() {
-    return (kComplex ? 4 : 2) * kChunk * kSlab * 4;
+    return (kComplex ? 5 : 3) * kChunk * kSlab * 4;
 }
 
 template <typename input_t, bool kComplex>
@@ -134,8 +151,11 @@ struct Block {
     const input_t* __restrict__ q;
     const input_t* __restrict__ k;
     const input_t* __restrict__ v;
-    // Prefix tables [kChunk][kSlab] (per-head gates use column 0).
+    // Prefix tables [kChunk][kSlab] (per-head gates use column 0). Re G is
+    // gre + glo: after hard-decaying steps |Re G| reaches thousands, where an
+    // f32 running sum's ulp (~2.4e-4) would stay in every short difference.
     float* gre;
+    float* glo;
     float* gcs;
     float* gsn;
     int32_t* rst;
@@ -164,6 +184,8 @@ struct Block {
         v = seq_row<input_t>(p.v, p.v_strides, b, h);
         float* f = reinterpret_cast<float*>(smem);
         gre = f;
+        f += kChunk * kSlab;
+        glo = f;
         f += kChunk * kSlab;
         if (kComplex) {
             gcs = f;
@@ -211,14 +233,15 @@ struct Block {
         __syncthreads();
         // One thread per channel walks the 64 steps.
         for (int j = tid; j < cols; j += kThreads) {
-            float pre_re = 0.f, pre_im = 0.f;
+            float pre_re = 0.f, pre_lo = 0.f, pre_im = 0.f;
             int32_t pre_r = -1;
             for (int t = 0; t < kChunk; ++t) {
                 const int i = t * kSlab + j;
                 const float gr = gre[i];
                 const bool keep = gr >= GATELOOP_RESET_LOG_GATE;
-                const float s_re = pre_re + gr;
-                pre_re = keep ? s_re : 0.f;
+                const float2 s_re = two_sum(pre_re, gr);
+                pre_re = keep ? s_re.x : 0.f;
+                pre_lo = keep ? pre_lo + s_re.y : 0.f;
                 if (kComplex) {
                     const float s_im = reduce_2pi(pre_im + reduce_2pi(gsn[i]));
                     pre_im = keep ? s_im : 0.f;
@@ -226,6 +249,7 @@ struct Block {
                 }
                 pre_r = max(pre_r, keep ? -1 : t);
                 gre[i] = pre_re;
+                glo[i] = pre_lo;
                 rst[i] = pre_r;
             }
         }
@@ -248,7 +272,8 @@ struct Block {
     __device__ __forceinline__ float modulus(int late, int early, int cl) const {
         if (rst[late * kSlab + cl] > early) return 0.f;
         const float e = early < 0 ? 0.f : gre[early * kSlab + cl];
-        return expf(fminf(gre[late * kSlab + cl] - e, 0.f));
+        const float e_lo = early < 0 ? 0.f : glo[early * kSlab + cl];
+        return expf(fminf(re_diff(gre[late * kSlab + cl], glo[late * kSlab + cl], e, e_lo), 0.f));
     }
     __device__ __forceinline__ float cos_at(int t, int cl) const { return kComplex ? gcs[t * kSlab + cl] : 1.f; }
     __device__ __forceinline__ float sin_at(int t, int cl) const { return kComplex ? gsn[t * kSlab + cl] : 0.f; }

@@ -16,7 +16,10 @@
 //!   p ∈ {0.001, 0.05, 0.5, 1} (1: a reset at every step), |a| = 1 exactly,
 //!   phases up to 10–1000 rad per step, strong decay up to Re = −1e4, the
 //!   underflow ranges (subnormal a in f32 and f64, a = 0 without a reset),
-//!   mixed; per-head or per-channel gates, with or without h0;
+//!   mixed, and in one case in sixteen hard decay just above the reset
+//!   threshold (`HardDecay(p)`, p uniform in [0.2, 1); drawn last, so the
+//!   other cases of a seed are those of campaigns before it existed);
+//!   per-head or per-channel gates, with or without h0;
 //! - **value scales** for q, k, v, each 10^u with u uniform in [−3, 3] (h0 is
 //!   scaled like k·v), and in one case in ten a sprinkle of subnormal q, k,
 //!   v elements.
@@ -659,6 +662,9 @@ pub fn draw_case(seed: u64, index: u64, max_len: usize) -> CaseSpec {
     // seed are the same with or without gradient targets.
     let dy_scale = 10f64.powf(rng.random_range(-3.0..3.0));
     let dh_final_scale = rng.random_bool(0.5).then(|| 10f64.powf(rng.random_range(-3.0..3.0)));
+    // Added after the campaigns of 2026-11-29 were documented: drawn last, it
+    // changes the gates of one case in sixteen and leaves the others as they were.
+    let regime = if rng.random_bool(1.0 / 16.0) { GateRegime::HardDecay(rng.random_range(0.2..1.0)) } else { regime };
     CaseSpec { seed, index, dims, regime, with_h0, scales, subnormals, problem_seed, dy_scale, dh_final_scale }
 }
 

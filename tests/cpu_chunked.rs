@@ -46,6 +46,22 @@ fn lengths_around_chunk_boundaries() {
     }
 }
 
+/// Hard decay just above the reset threshold: the chunk-local Re G reaches
+/// thousands, where an f32 running sum's ulp (~2.4e-4) would stay in every
+/// short difference; the compensated prefix (`two_sum`, `re_diff`) keeps
+/// them exact. Measured (2026-11-29): y ≤ 1.3e-7 relative (up to 2.1e-5
+/// without the compensation); asserted ≤ 2e-6.
+#[test]
+fn hard_decay_keeps_short_differences() {
+    let mut seed = 150;
+    for p_hard in [0.2, 0.5, 0.8, 0.95] {
+        for (len, per_head) in [(700, false), (1000, true), (65, false)] {
+            seed += 1;
+            check_with(dims(2, len, 2, 16, 8, per_head), GateRegime::HardDecay(p_hard), seed % 2 == 0, seed, &ChunkParams::default(), 2e-6);
+        }
+    }
+}
+
 #[test]
 fn key_and_value_dims() {
     let mut seed = 100;

@@ -219,3 +219,37 @@ fn chunk_grad_kernels_emulated_match_reference_and_mirror() {
     vs_ref.report("emulated chunked backward vs reference");
     vs_mirror.report("emulated chunked backward vs mirror");
 }
+
+/// Hard-decaying gates just above the reset threshold (`HardDecay`): the
+/// chunk-local Re G reaches thousands, where an f32 running sum alone (ulp
+/// ~2.4e-4) puts its rounding into every short difference. The kernels keep
+/// the prefix compensated (`two_sum`, `re_diff` in cuda/chunk_common.cuh).
+/// Measured on these cases (2026-11-29, emulated, f32 Exact): without the
+/// compensation y rel 1.8e-5 (the CPU mirror's dlog_gate up to 7.6e-5 on
+/// such gates); with it y ≤ 1.4e-7, every gradient ≤ 7.6e-7.
+#[test]
+fn hard_decay_emulated_kernels_keep_short_differences() {
+    let Some(emu) = emulator() else { return };
+    const TIGHT: f64 = 2e-6;
+    let mut worst = GradWorst::default();
+    for (i, (d, p_hard, with_h0)) in
+        [(dims(1, 150, 1, 40, 7, false), 0.5, true), (dims(2, 150, 1, 5, 7, true), 0.8, false), (dims(1, 130, 1, 16, 70, false), 0.95, true)]
+            .into_iter()
+            .enumerate()
+    {
+        let regime = GateRegime::HardDecay(p_hard);
+        let case = Case::new(d, regime, with_h0, 7200 + i as u64);
+        let p64 = case.problem().rounded_to_f32();
+        let want = gateloop::reference::recurrent::forward(&p64.view()).expect("reference");
+        let got = run_forward(&emu, 20 + i, &p64.to_f32(), GateKind::Complex, ChunkPrecision::Exact);
+        let (ey, eh) = (compare(&got.y, &want.y), compare_complex(&got.h_final, &want.h_final));
+        eprintln!("{}: y {ey:?} h_final {eh:?}", case.label());
+        common::assert_within(&case.label(), "y (emulated kernels, hard decay)", &ey, TIGHT, 10.0 * TIGHT);
+        common::assert_within(&case.label(), "h_final (emulated kernels, hard decay)", &eh, TIGHT, 10.0 * TIGHT);
+        let g = GradCase::new(d, regime, with_h0, true, 7300 + i as u64);
+        let inp = g.inputs();
+        let got = run_backward(&emu, 30 + i, &inp);
+        worst.check(&format!("{g:?} (emulated backward, hard decay)"), &compare_grads(&got, &inp.reference()), TIGHT);
+    }
+    worst.report("emulated chunked backward, hard decay");
+}

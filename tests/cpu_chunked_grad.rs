@@ -135,6 +135,24 @@ fn every_gate_regime_both_layouts() {
     worst.report("regimes");
 }
 
+/// Hard decay just above the reset threshold: the chunk-local Re G reaches
+/// thousands and the compensated prefix (`cpu::chunked::two_sum`,
+/// `re_diff`) keeps every short difference exact. Measured (2026-11-29) on
+/// such gates: every gradient ≤ 3.9e-7 relative, dlog_gate up to 7.6e-5
+/// without the compensation; asserted ≤ 2e-6.
+#[test]
+fn hard_decay_keeps_short_differences() {
+    let mut worst = Worst::default();
+    let mut seed = 230;
+    for p_hard in [0.2, 0.5, 0.8, 0.95] {
+        for per_head in [false, true] {
+            seed += 1;
+            worst.check_with(case(dims(2, 700, 2, 16, 8, per_head), GateRegime::HardDecay(p_hard), seed % 2 == 0, true, seed), 2e-6);
+        }
+    }
+    worst.report("hard decay");
+}
+
 /// Long sequences (many chunks, long segments for the gate's running sums)
 /// in every regime, at the largest K and V of the sweep once.
 #[test]

@@ -138,8 +138,30 @@ fn regime_cases(regime: GateRegime, seed: u64) {
 regime_tests! { regime_cases:
     random => GateRegime::Random, 500;
     underflow => GateRegime::Underflow, 600;
+    hard_decay => GateRegime::HardDecay(0.5), 700;
 }
 adversarial_regime_tests!(regime_cases);
+
+/// Hard decay just above the reset threshold: the chunk-local Re G reaches
+/// thousands, and the compensated prefix (cuda/chunk_common.cuh: two_sum,
+/// re_diff) keeps every short difference exact, so f32 Exact stays 20×
+/// inside the usual bounds (relative L2 ≤ 5e-6; the kernels emulated on the
+/// CPU measure ≤ 1.4e-7, 1.8e-5 without the compensation).
+#[test]
+fn hard_decay_keeps_short_differences() {
+    let Some(gpu) = common::gpu_or_skip() else { return };
+    let mut seed = 16_000;
+    for p_hard in [0.2, 0.5, 0.95] {
+        for (len, k, v) in [(150, 40, 7), (1000, 16, 70), (65, 128, 64)] {
+            for per_head in [false, true] {
+                seed += 1;
+                let c = Case::new(dims(2, len, 2, k, v, per_head), GateRegime::HardDecay(p_hard), seed % 2 == 0, seed);
+                check_in::<f32>(gpu, c, Gates::Complex, ChunkPrecision::Exact, 0.05);
+                check_in::<f32>(gpu, c, Gates::Real, ChunkPrecision::Exact, 0.05);
+            }
+        }
+    }
+}
 
 /// B·H = 1 at L = 65536 (1024 chunks of carries), |a| = 1 and mixed gates.
 #[test]

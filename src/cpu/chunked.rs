@@ -20,6 +20,14 @@
 //! (Cody–Waite, 3-part 2π) and the running sum is wrapped after every
 //! addition, so phases ≫ 2π per step lose nothing, and nothing is global (a
 //! global f32 cumulative phase at L = 65536 would have an ulp of ~0.01 rad).
+//! The real parts are kept as a compensated pair: the f32 running sum plus
+//! the running sum of each addition's exact rounding error ([`two_sum`]), and
+//! every difference is formed as [`re_diff`] (hi − hi) + (lo − lo). Without
+//! it, gates decaying hard but above the reset threshold (Re g ≈ −20 … −104
+//! per step) drive |Re G| into the thousands, where the sum's ulp (~2.4e-4)
+//! stays in every short difference — a factor near 1 then carries ~1e-4
+//! relative error (measured: y up to 2e-5, dlog_gate up to 7.6e-5 relative;
+//! ~1e-7 with the compensation, `GateRegime::HardDecay`).
 //!
 //! For `late ≥ early` (early = −1 meaning "before the chunk") the factor is
 //!
@@ -229,6 +237,25 @@ impl Arith for Fused {
 /// 1.5·2²³: adding and subtracting it rounds to the nearest integer
 /// (|x| < 2²²), and the integer sits in the low mantissa bits.
 const ROUND_MAGIC: f32 = 12_582_912.0;
+
+/// `a + b` as the f32 sum and its exact rounding error (Knuth's TwoSum: no
+/// ordering of |a|, |b| assumed; exact without reassociation or
+/// flush-to-zero, which neither Rust nor the kernels' nvcc flags use).
+#[inline(always)]
+pub(crate) fn two_sum(a: f32, b: f32) -> (f32, f32) {
+    let s = a + b;
+    let bp = s - a;
+    (s, (a - (s - bp)) + (b - bp))
+}
+
+/// Re(G_late − G_early) from two compensated prefix entries (hi, lo): the
+/// running sums' difference is exact when they lie within a factor 2 of each
+/// other (Sterbenz) — the case of a short, non-negligible difference — and
+/// the compensations add back what their additions rounded off.
+#[inline(always)]
+pub(crate) fn re_diff(late: f32, late_lo: f32, early: f32, early_lo: f32) -> f32 {
+    (late - early) + (late_lo - early_lo)
+}
 
 /// The exponent given to a masked factor: [`exp_nonpos`] maps it to exactly 0.
 pub(crate) const MASKED: f32 = -1000.0;
@@ -522,8 +549,15 @@ impl Ctx<'_> {
 
 /// Per-thread scratch, allocated once per rayon split.
 pub(crate) struct Scratch {
-    /// Segmented chunk-local Σ Re g, `[t][channel]`.
+    /// Segmented chunk-local Σ Re g, `[t][channel]`, as the f32 running sum
+    /// `gre` plus its compensation `gre_lo` (the running sum of every
+    /// addition's exact rounding error, [`two_sum`]). Every difference is
+    /// formed as [`re_diff`]: after hard-decaying steps |Re G| reaches
+    /// thousands (ulp ~2.4e-4), and a short difference — a factor near 1 —
+    /// would otherwise carry that absolute error (1e-5 … 8e-5 relative on
+    /// y and the gradients for `GateRegime::HardDecay`, ~1e-7 with it).
     pub(crate) gre: Vec<f32>,
+    pub(crate) gre_lo: Vec<f32>,
     /// Segmented chunk-local Σ Im g wrapped to [−π, π], `[t][channel]`.
     pub(crate) gim: Vec<f32>,
     /// Chunk-local index of the last reset at or before t, or −1.
@@ -568,6 +602,7 @@ impl Scratch {
         let (c, s, k, v, g) = (ctx.chunk, ctx.sub, ctx.kd, ctx.vd, ctx.gd);
         Scratch {
             gre: vec![0.0; c * g],
+            gre_lo: vec![0.0; c * g],
             gim: vec![0.0; c * g],
             rst: vec![-1; c * g],
             pc: vec![0.0; c * g],
@@ -607,6 +642,7 @@ impl Scratch {
             let o = t * gd;
             if t == 0 {
                 let (cur_re, cur_im, cur_rst) = (&mut self.gre[..gd], &mut self.gim[..gd], &mut self.rst[..gd]);
+                self.gre_lo[..gd].fill(0.0);
                 for ch in 0..gd {
                     let keep = g_re[ch] >= RESET_BELOW;
                     cur_re[ch] = if keep { g_re[ch] } else { 0.0 };
@@ -615,14 +651,16 @@ impl Scratch {
                 }
             } else {
                 let (prev_re, cur_re) = self.gre[o - gd..o + gd].split_at_mut(gd);
+                let (prev_lo, cur_lo) = self.gre_lo[o - gd..o + gd].split_at_mut(gd);
                 let (prev_im, cur_im) = self.gim[o - gd..o + gd].split_at_mut(gd);
                 let (prev_rst, cur_rst) = self.rst[o - gd..o + gd].split_at_mut(gd);
                 let ti = t as i32;
                 for ch in 0..gd {
                     let keep = g_re[ch] >= RESET_BELOW;
-                    let s_re = prev_re[ch] + g_re[ch];
+                    let (s_re, err) = two_sum(prev_re[ch], g_re[ch]);
                     let s_im = reduce_2pi::<F>(prev_im[ch] + reduce_2pi::<F>(g_im[ch]));
                     cur_re[ch] = if keep { s_re } else { 0.0 };
+                    cur_lo[ch] = if keep { prev_lo[ch] + err } else { 0.0 };
                     cur_im[ch] = if keep { s_im } else { 0.0 };
                     // The reset index only grows: max(previous, t if reset).
                     cur_rst[ch] = prev_rst[ch].max(if keep { -1 } else { ti });
@@ -639,12 +677,16 @@ impl Scratch {
     /// across a reset (early = −1: from the chunk start).
     #[inline(always)]
     pub(crate) fn modulus_row<F: Arith>(&mut self, gd: usize, late: usize, early: isize) {
-        let (l_re, l_rst) = (&self.gre[late * gd..][..gd], &self.rst[late * gd..][..gd]);
-        let e_re = if early < 0 { &self.zeros[..gd] } else { &self.gre[early as usize * gd..][..gd] };
+        let (l_re, l_lo, l_rst) = (row(&self.gre, late, gd), row(&self.gre_lo, late, gd), &self.rst[late * gd..][..gd]);
+        let (e_re, e_lo) = if early < 0 {
+            (&self.zeros[..gd], &self.zeros[..gd])
+        } else {
+            (row(&self.gre, early as usize, gd), row(&self.gre_lo, early as usize, gd))
+        };
         let e = early as i32;
-        for (((w, &a), &b), &r) in self.w[..gd].iter_mut().zip(l_re).zip(e_re).zip(l_rst) {
+        for ((((w, &a), &al), (&b, &bl)), &r) in self.w[..gd].iter_mut().zip(l_re).zip(l_lo).zip(e_re.iter().zip(e_lo)).zip(l_rst) {
             // A masked factor gets exponent MASKED: exp_nonpos returns exactly 0.
-            *w = exp_nonpos::<F>(if r <= e { a - b } else { MASKED });
+            *w = exp_nonpos::<F>(if r <= e { re_diff(a, al, b, bl) } else { MASKED });
         }
     }
 
@@ -701,8 +743,8 @@ fn scaled_row(w: &[f32], xc: &[f32], xs: &[f32], out: &mut [f32]) {
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
 fn diag_score<F: Arith>(
-    n_re: &[f32],
-    m_re: &[f32],
+    (n_re, n_lo): (&[f32], &[f32]),
+    (m_re, m_lo): (&[f32], &[f32]),
     n_rst: &[i32],
     mi: i32,
     qc: &[f32],
@@ -712,10 +754,10 @@ fn diag_score<F: Arith>(
     tmp: &mut [f32],
 ) -> f32 {
     let kd = qc.len();
-    let (n_re, m_re, n_rst, qs, kc, ks, tmp) =
-        (&n_re[..kd], &m_re[..kd], &n_rst[..kd], &qs[..kd], &kc[..kd], &ks[..kd], &mut tmp[..kd]);
+    let (n_re, n_lo, m_re, m_lo, n_rst) = (&n_re[..kd], &n_lo[..kd], &m_re[..kd], &m_lo[..kd], &n_rst[..kd]);
+    let (qs, kc, ks, tmp) = (&qs[..kd], &kc[..kd], &ks[..kd], &mut tmp[..kd]);
     for d in 0..kd {
-        let w = exp_nonpos::<F>(if n_rst[d] <= mi { n_re[d] - m_re[d] } else { MASKED });
+        let w = exp_nonpos::<F>(if n_rst[d] <= mi { re_diff(n_re[d], n_lo[d], m_re[d], m_lo[d]) } else { MASKED });
         tmp[d] = w * F::fma(qc[d], kc[d], qs[d] * ks[d]);
     }
     lane_sum(tmp)
@@ -876,18 +918,20 @@ impl Scratch {
                 if gd == 1 {
                     let qn = &q[n * ks..n * ks + kd];
                     for m in s0..=n {
-                        let w =
-                            exp_nonpos::<F>(if self.rst[n] <= m as i32 { self.gre[n] - self.gre[m] } else { MASKED });
+                        let w = exp_nonpos::<F>(if self.rst[n] <= m as i32 {
+                            re_diff(self.gre[n], self.gre_lo[n], self.gre[m], self.gre_lo[m])
+                        } else {
+                            MASKED
+                        });
                         let cosd = F::fma(self.pc[n], self.pc[m], self.ps[n] * self.ps[m]);
                         srow[m] = w * cosd * dot::<F>(qn, &k[m * ks..m * ks + kd]);
                     }
                 } else {
-                    let (n_re, n_rst) = (&self.gre[n * gd..][..kd], &self.rst[n * gd..][..kd]);
+                    let n_rst = &self.rst[n * gd..][..kd];
                     for (m, sv) in srow.iter_mut().enumerate().take(n + 1).skip(s0) {
-                        let m_re = &self.gre[m * gd..][..kd];
                         *sv = diag_score::<F>(
-                            n_re,
-                            m_re,
+                            (row(&self.gre, n, gd), row(&self.gre_lo, n, gd)),
+                            (row(&self.gre, m, gd), row(&self.gre_lo, m, gd)),
                             n_rst,
                             m as i32,
                             row(&r.qc, n, kd),

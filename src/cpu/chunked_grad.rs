@@ -150,7 +150,7 @@ use rayon::prelude::*;
 #[cfg(target_arch = "x86_64")]
 use super::chunked::Fused;
 use super::chunked::{
-    Arith, Carry, ChunkParams, Ctx, Isa, MASKED, PhaseRows, Plain, Scratch, SyncPtr, exp_nonpos, gemm, pass2_row, pool,
+    Arith, Carry, ChunkParams, Ctx, Isa, MASKED, re_diff, PhaseRows, Plain, Scratch, SyncPtr, exp_nonpos, gemm, pass2_row, pool,
     row, simd_available,
 };
 use crate::error::InputError;
@@ -461,13 +461,14 @@ fn diagonal_blocks<F: Arith>(
     while s0 < clen {
         let s1 = (s0 + sub).min(clen);
         for n in s0..s1 {
-            let (n_re, n_rst) = (&s.gre[n * gd..(n + 1) * gd], &s.rst[n * gd..(n + 1) * gd]);
+            let (n_re, n_lo, n_rst) = (row(&s.gre, n, gd), row(&s.gre_lo, n, gd), &s.rst[n * gd..(n + 1) * gd]);
             let (qcn, qsn) = (row(&r.qc, n, kd), row(&r.qs, n, kd));
             for m in s0..n {
                 let x = ds[n * clen + m];
-                let m_re = &s.gre[m * gd..(m + 1) * gd];
-                for ((((w, e), &a), &b), &rn) in wpair.iter_mut().zip(wmod.iter_mut()).zip(n_re).zip(m_re).zip(n_rst) {
-                    *e = exp_nonpos::<F>(if rn <= m as i32 { a - b } else { MASKED });
+                let (m_re, m_lo) = (row(&s.gre, m, gd), row(&s.gre_lo, m, gd));
+                let pairs = n_re.iter().zip(n_lo).zip(m_re.iter().zip(m_lo));
+                for (((w, e), ((&a, &al), (&b, &bl))), &rn) in wpair.iter_mut().zip(wmod.iter_mut()).zip(pairs).zip(n_rst) {
+                    *e = exp_nonpos::<F>(if rn <= m as i32 { re_diff(a, al, b, bl) } else { MASKED });
                     *w = x * *e;
                 }
                 let (kcm, ksm) = (row(&r.kc, m, kd), row(&r.ks, m, kd));

@@ -143,6 +143,15 @@ impl Gates {
     }
 }
 
+/// Bytes of the chunk-local gate prefix tables every chunked kernel (forward
+/// and backward) puts first in its shared memory: Re G as a compensated pair,
+/// cos θ and sin θ when complex, the reset index; each `[CHUNK_LEN][KEY_SLAB]`
+/// of 4 bytes (`prefix_bytes` in cuda/chunk_common.cuh).
+pub(crate) fn prefix_bytes(gates: Gates) -> usize {
+    let tables = if gates == Gates::Complex { 5 } else { 3 };
+    tables * CHUNK_LEN * KEY_SLAB * 4
+}
+
 /// Bytes of dynamic shared memory of the (state, output) kernels for operand
 /// element size `op_bytes` (4: TF32 for f32 inputs, 2: f16 / bf16) and `gates`.
 /// The same layout as `state_smem_bytes` / `output_smem_bytes` in
@@ -153,7 +162,7 @@ pub fn shared_bytes(dtype: Dtype, gates: Gates) -> (u32, u32) {
     let width = KEY_SLAB * gates.parts();
     let (ld_slab, ld_tile) = (width + pad, VALUE_TILE + pad);
     let split = |rows: usize, ld: usize| 2 * rows * ld * s;
-    let prefix = if gates == Gates::Complex { 4 } else { 2 } * CHUNK_LEN * KEY_SLAB * 4;
+    let prefix = prefix_bytes(gates);
     let raw = CHUNK_LEN * KEY_SLAB * 4;
     let staging = (THREADS as usize / 32) * 16 * 16 * 4;
     let subs = CHUNK_LEN / SUB_CHUNK_LEN;
@@ -482,20 +491,20 @@ mod tests {
     #[test]
     fn shared_memory_matches_the_kernel_layout() {
         // By hand from cuda/chunk.cu, f32 (TF32, 4 bytes) complex: prefix
-        // 4·64·16·4 = 16384, raw k 4096, V split 2·64·68·4 = 34816, K̃ split
+        // 5·64·16·4 = 20480, raw k 4096, V split 2·64·68·4 = 34816, K̃ split
         // 2·64·36·4 = 18432, staging 8192.
-        assert_eq!(shared_bytes(Dtype::F32, Gates::Complex).0, 16384 + 4096 + 34816 + 18432 + 8192);
-        // Output: prefix 16384, raw q, k 8192, slab phase 2·4·(64·36 + 32·68
+        assert_eq!(shared_bytes(Dtype::F32, Gates::Complex).0, 20480 + 4096 + 34816 + 18432 + 8192);
+        // Output: prefix 20480, raw q, k 8192, slab phase 2·4·(64·36 + 32·68
         // + 96·36 + 48·36) = 77312 (> final phase 2·2·64·68·4 = 69632),
         // diagonal scores 4096, staging 8192.
-        assert_eq!(shared_bytes(Dtype::F32, Gates::Complex).1, 16384 + 8192 + 77312 + 4096 + 8192);
+        assert_eq!(shared_bytes(Dtype::F32, Gates::Complex).1, 20480 + 8192 + 77312 + 4096 + 8192);
         // Every instantiation (state, output), bytes.
-        assert_eq!(shared_bytes(Dtype::F32, Gates::Complex), (81920, 114176));
-        assert_eq!(shared_bytes(Dtype::F32, Gates::Real), (65536, 98304));
-        assert_eq!(shared_bytes(Dtype::F16, Gates::Complex), (57344, 79360));
-        assert_eq!(shared_bytes(Dtype::Bf16, Gates::Complex), (57344, 79360));
-        assert_eq!(shared_bytes(Dtype::F16, Gates::Real), (45056, 65536));
-        assert_eq!(shared_bytes(Dtype::Bf16, Gates::Real), (45056, 65536));
+        assert_eq!(shared_bytes(Dtype::F32, Gates::Complex), (86016, 118272));
+        assert_eq!(shared_bytes(Dtype::F32, Gates::Real), (69632, 102400));
+        assert_eq!(shared_bytes(Dtype::F16, Gates::Complex), (61440, 83456));
+        assert_eq!(shared_bytes(Dtype::Bf16, Gates::Complex), (61440, 83456));
+        assert_eq!(shared_bytes(Dtype::F16, Gates::Real), (49152, 69632));
+        assert_eq!(shared_bytes(Dtype::Bf16, Gates::Real), (49152, 69632));
         for dtype in Dtype::ALL {
             for gates in Gates::ALL {
                 let (a, b) = shared_bytes(dtype, gates);

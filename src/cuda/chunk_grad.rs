@@ -73,7 +73,7 @@ pub fn shared_bytes() -> (u32, u32, u32) {
     let (c, s, t) = (chunk::CHUNK_LEN, KEY_SLAB, VALUE_TILE);
     let pad = t + 1;
     let anchors = c / chunk::SUB_CHUNK_LEN - 1;
-    let prefix = 4 * c * s * 4;
+    let prefix = chunk::prefix_bytes(Gates::Complex);
     let w = c * s + c * 2 * s + c * t;
     let qk = 2 * c * s + c * c + c * anchors * s + c * s + 2 * c * pad + 2 * 2 * s * pad + 2 * 2 * c * s + 2 * 2 * c + 2 * s + 2;
     let dv = 2 * c * s + c * anchors * s + c * s + c * 2 * s + 2 * s * t + c * c + c * t;
@@ -328,12 +328,12 @@ mod tests {
 
     #[test]
     fn shared_memory_matches_the_kernel_layout() {
-        // By hand from cuda/chunk_grad.cu: prefix 16384; grad_w: q raw 4096,
+        // By hand from cuda/chunk_grad.cu: prefix 20480; grad_w: q raw 4096,
         // [Re Q̃ | −Im Q̃] 8192, dY tile 16384; grad_qk: q, k raw 8192, s 16384,
         // anchors 12288 + 4096, dY, V tiles 2·64·65·4 = 33280, S_in, D tiles
         // 2·32·65·4 = 16640, w', u 16384, head sums 1024, through 128 + 8;
         // grad_dv: q, k raw 8192, anchors 16384, K̃ 8192, D tile 8192, P 16384, dY 16384.
-        assert_eq!(shared_bytes(), (45056, 16384 + 8192 + 16384 + 16384 + 33280 + 16640 + 16384 + 1024 + 136, 90112));
+        assert_eq!(shared_bytes(), (49152, 20480 + 8192 + 16384 + 16384 + 33280 + 16640 + 16384 + 1024 + 136, 94208));
         let (w, qk, dv) = shared_bytes();
         assert!(w.max(qk).max(dv) <= 163 * 1024, "sm_80's opt-in limit");
     }

@@ -80,8 +80,9 @@ pub const ALL_REGIMES: [GateRegime; 7] = [
     GateRegime::Mixed,
 ];
 
-/// [`ALL_REGIMES`] plus gates whose exp underflows (the backward tests).
-pub const ALL_REGIMES_AND_UNDERFLOW: [GateRegime; 8] = [
+/// [`ALL_REGIMES`] plus gates whose exp underflows or nearly does (the
+/// backward tests).
+pub const ALL_REGIMES_AND_UNDERFLOW: [GateRegime; 9] = [
     GateRegime::Random,
     GateRegime::Resets(0.05),
     GateRegime::Resets(1.0),
@@ -90,6 +91,7 @@ pub const ALL_REGIMES_AND_UNDERFLOW: [GateRegime; 8] = [
     GateRegime::StrongDecay(40.0),
     GateRegime::Mixed,
     GateRegime::Underflow,
+    GateRegime::HardDecay(0.5),
 ];
 
 /// One case of a test matrix: a random problem of `dims` with gates drawn
@@ -297,5 +299,6 @@ pub fn regime_strategy() -> impl proptest::strategy::Strategy<Value = GateRegime
         (0.1f64..60.0).prop_map(GateRegime::StrongDecay),
         Just(GateRegime::Mixed),
         Just(GateRegime::Underflow),
+        (0.0f64..1.0).prop_map(GateRegime::HardDecay),
     ]
 }

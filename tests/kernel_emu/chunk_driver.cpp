@@ -63,7 +63,7 @@ static void shared_bytes_f32(bool complex, int32_t& state, int32_t& output) {
     const int s = 4, pad = 4, C = GATELOOP_CHUNK_LEN, slab = GATELOOP_CHUNK_KEY_SLAB, sub = GATELOOP_CHUNK_SUB_LEN;
     const int width = slab * (complex ? 2 : 1), ld_slab = width + pad, ld_tile = GATELOOP_CHUNK_VALUE_TILE + pad;
     auto split = [&](int rows, int ld) { return 2 * rows * ld * s; };
-    const int prefix = (complex ? 4 : 2) * C * slab * 4, raw = C * slab * 4;
+    const int prefix = (complex ? 5 : 3) * C * slab * 4, raw = C * slab * 4;
     const int staging = (GATELOOP_CHUNK_THREADS / 32) * 16 * 16 * 4;
     const int subs = C / sub, pairs = subs * (subs - 1) / 2;
     state = prefix + raw + split(C, ld_tile) + split(C, ld_slab) + staging;
@@ -75,7 +75,7 @@ static void shared_bytes_f32(bool complex, int32_t& state, int32_t& output) {
 // src/cuda/chunk_grad.rs `shared_bytes`: (grad_w, grad_qk, grad_dv).
 static void grad_shared_bytes(int32_t& w, int32_t& qk, int32_t& dv) {
     const int c = GATELOOP_CHUNK_LEN, s = GATELOOP_CHUNK_KEY_SLAB, t = GATELOOP_CHUNK_VALUE_TILE;
-    const int pad = t + 1, anchors = c / GATELOOP_CHUNK_SUB_LEN - 1, prefix = 4 * c * s * 4;
+    const int pad = t + 1, anchors = c / GATELOOP_CHUNK_SUB_LEN - 1, prefix = 5 * c * s * 4;
     w = prefix + 4 * (c * s + c * 2 * s + c * t);
     qk = prefix + 4 * (2 * c * s + c * c + c * anchors * s + c * s + 2 * c * pad + 2 * 2 * s * pad + 2 * 2 * c * s +
                        2 * 2 * c + 2 * s + 2);
