@@ -175,16 +175,9 @@ __device__ __forceinline__ void chunk_carry(const GateloopChunkParams& p) {
     float* re = p.ws_state + bh * nc * chunk_stride + row * value_dim + col;
     const float* dec = p.ws_decay + (bh * nc * gd + ch) * kParts;
     if (kComplex) {
-        float2 s = has_h0 ? load_complex(p.h0, hi0) : make_float2(0.f, 0.f);
-        float* im = re + kv;
-        for (int64_t c = 0; c < nc; ++c) {
-            const float2 a = make_float2(dec[c * gd * 2], dec[c * gd * 2 + 1]);
-            const float2 u = make_float2(re[c * chunk_stride], im[c * chunk_stride]);
-            re[c * chunk_stride] = s.x;
-            im[c * chunk_stride] = s.y;
-            s = apply(a, u, s);
-        }
-        reinterpret_cast<float2*>(p.h_final)[hf] = s;
+        const float2 s0 = has_h0 ? load_complex(p.h0, hi0) : make_float2(0.f, 0.f);
+        reinterpret_cast<float2*>(p.h_final)[hf] =
+            carry_chunks<false>(re, re + kv, chunk_stride, dec, gd * 2, nc, s0);
     } else {
         float s = has_h0 ? __ldg(p.h0 + hi0) : 0.f;
         for (int64_t c = 0; c < nc; ++c) {

@@ -130,6 +130,31 @@ __device__ __forceinline__ float re_diff(float late, float late_lo, float early,
     return (late - early) + (late_lo - early_lo);
 }
 
+// ---- the carry over the chunks -------------------------------------------------
+
+// The exclusive carry of one complex state element over a head's chunks:
+// launch 2 of the forward (cuda/chunk.cu, chunk_carry) and 2b of the backward
+// (cuda/chunk_grad.cu, grad_adjoint_carry). Visits c = 0 … nc − 1 (or
+// nc − 1 … 0 when kBackward), replaces slot c (re[c·stride], im[c·stride]),
+// which holds the chunk's own term X_c, by the carried s, then
+// s ← a_c ⊙ s + X_c with a_c the chunk's decay at dec[c·dec_stride] (its
+// conjugate when kBackward: the adjoint runs the recurrence backwards).
+// Returns s after the last chunk visited (h_final, or dh0).
+template <bool kBackward>
+__device__ __forceinline__ float2 carry_chunks(float* re, float* im, int64_t stride, const float* dec,
+                                               int64_t dec_stride, int64_t nc, float2 s) {
+    for (int64_t i = 0; i < nc; ++i) {
+        const int64_t c = kBackward ? nc - 1 - i : i;
+        const float a_im = dec[c * dec_stride + 1];
+        const float2 a = make_float2(dec[c * dec_stride], kBackward ? -a_im : a_im);
+        const float2 x = make_float2(re[c * stride], im[c * stride]);
+        re[c * stride] = s.x;
+        im[c * stride] = s.y;
+        s = apply(a, x, s);
+    }
+    return s;
+}
+
 // ---- per-block context and the chunk-local gate prefix ------------------------
 
 // Shared-memory bytes of the prefix tables: Re G as a compensated pair (running

@@ -192,18 +192,12 @@ __device__ __forceinline__ void grad_adjoint_carry(const GateloopChunkGradParams
     const int64_t ch = gd == 1 ? 0 : row;
     const int64_t chunk_stride = 2 * kv;
     float* re = g.ws_adj + bh * nc * chunk_stride + row * value_dim + col;
-    float* im = re + kv;
     const float* dec = p.ws_decay + (bh * nc * gd + ch) * 2;
-    float2 s = (g.grad_flags & GATELOOP_GRAD_FLAG_HAS_DH_FINAL) != 0
-                   ? load_complex(g.dh_final, state_index(g.dh_final_strides, bhi.b, bhi.h, row, col))
-                   : make_float2(0.f, 0.f);
-    for (int64_t c = nc - 1; c >= 0; --c) {
-        const float2 a = make_float2(dec[c * gd * 2], -dec[c * gd * 2 + 1]);  // conj(A_c)
-        const float2 w = make_float2(re[c * chunk_stride], im[c * chunk_stride]);
-        re[c * chunk_stride] = s.x;
-        im[c * chunk_stride] = s.y;
-        s = apply(a, w, s);
-    }
+    const float2 d_last = (g.grad_flags & GATELOOP_GRAD_FLAG_HAS_DH_FINAL) != 0
+                              ? load_complex(g.dh_final, state_index(g.dh_final_strides, bhi.b, bhi.h, row, col))
+                              : make_float2(0.f, 0.f);
+    // D(c − 1) = conj(A_c) D(c) + W_c, each slot W_c replaced by D(c).
+    const float2 s = carry_chunks<true>(re, re + kv, chunk_stride, dec, gd * 2, nc, d_last);
     if ((g.grad_flags & GATELOOP_GRAD_FLAG_HAS_DH0) != 0) {
         reinterpret_cast<float2*>(g.dh0)[state_index(g.dh0_strides, bhi.b, bhi.h, row, col)] = s;
     }
