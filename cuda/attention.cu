@@ -10,14 +10,30 @@
 // Anchored log space (no global cumulative sum is ever formed: in f32 its
 // phase would lose ~0.01 rad at L = 65536). Every sum is TILE-LOCAL, computed
 // once by the prep kernel into a workspace:
-//   S_t  (ws_prefix) Σ log_gate from max(tile start, last reset) to t, 0 at a reset;
+//   S_t  (ws_prefix) Σ log_gate from max(tile start, last reset) to t, 0 at a reset,
+//        Re S_t compensated: hi in ws_prefix, lo in ws_prefix_lo (below);
 //   r_t  (ws_reset)  tile-local index of the last reset ≤ t, or −1;
 //   B_t  (ws_suffix) Σ log_gate over (t, tile end], Re = −inf if a reset is in it.
 // Each accumulation reduces the phase mod 2π (Cody–Waite, two constants), so
 // every phase stays in (−π, π] and keeps f32 ulp ~2e-7 rad whatever L is.
 //
 // Diagonal tile (m ≤ n in tile I): factor = 0 if r_n > m (a reset in (m, n]),
-// else e^{S_n − S_m}, pairwise: a direct in-tile difference, Re ≤ 0.
+// else e^{S_n − S_m}, pairwise: a direct in-tile difference, Re ≤ 0, with
+//   Re(S_n − S_m) = (hi_n − hi_m) + (lo_n − lo_m).
+// Why the compensated sum: after hard-decaying steps (Re g ∈ [−104, −20],
+// just above the reset threshold) |Re S| reaches thousands, where the ulp of
+// an f32 running sum is ~2.4e-4 and every later small step loses up to half
+// of it; a short difference S_n − S_m (a factor near 1) carries that absolute
+// error (y rel-L2 ~2e-5 against ~2e-7 for the recurrent path). The prep sums
+// Re S with TwoSum, hi = fl(hi + g), lo += its exact rounding error (0 at a
+// reset for both); hi_n − hi_m is exact (Sterbenz) whenever the two are
+// within a factor 2, which is exactly the dangerous case; otherwise the
+// difference is itself large and its relative rounding is harmless. The
+// phase needs no compensation (it stays in (−π, π]). The off-diagonal pairs
+// use S only as A_n: a large |A_n| makes e^{A_n + Δ} tiny, so the same
+// absolute error is harmless there (measured on the CPU mirror: with only
+// the diagonal compensated, hard-decaying gates give y rel-L2 ≤ 3.2e-7, the
+// f32 recurrent path's level on the same problems).
 //
 // Off-diagonal tile pair J < I, anchored at the end of tile J:
 //   G_n − G_m = A_n + Δ_IJ + B_m,
@@ -103,6 +119,16 @@ __device__ __forceinline__ float2 cexp(float2 z) {
     return make_float2(mag * c, mag * s);
 }
 
+// Knuth's TwoSum: s = fl(a + b) and err with a + b = s + err exactly. nvcc
+// neither reassociates nor contracts additions (no fast-math, and there is
+// no product to fuse); the mirror: cpu::attention::two_sum.
+__device__ __forceinline__ float two_sum(float a, float b, float& err) {
+    const float s = a + b;
+    const float bp = s - a;
+    err = (a - (s - bp)) + (b - bp);
+    return s;
+}
+
 __device__ __forceinline__ float2 cadd_reduced(float2 a, float2 b) {
     return make_float2(a.x + b.x, reduce_phase(a.y + b.y));
 }
@@ -126,20 +152,27 @@ __device__ __forceinline__ void attention_prep(const GateloopAttentionParams& p)
     const float* __restrict__ gate = complex_seq_row(p.log_gate, p.gate_strides, b, h);
     const int64_t ws = ((b * heads + h) * len + t0) * gd + c;  // (t0, c)
     float2* prefix = reinterpret_cast<float2*>(p.ws_prefix) + ws;
+    float* prefix_lo = p.ws_prefix_lo + ws;
     float2* suffix = reinterpret_cast<float2*>(p.ws_suffix) + ws;
     int32_t* reset = p.ws_reset + ws;
 
     float2 s = make_float2(0.f, 0.f);
+    float lo = 0.f;  // the TwoSum compensation of s.x
     int32_t r = -1;
     for (int j = 0; j < n; ++j) {
         const float2 g = load_log_gate(gate, (t0 + j) * p.gate_strides.time + c);
         if (g.x == -INFINITY) {
             s = make_float2(0.f, 0.f);
+            lo = 0.f;
             r = j;
         } else {
-            s = cadd_reduced(s, make_float2(g.x, reduce_phase(g.y)));
+            float err;
+            const float hi = two_sum(s.x, g.x, err);
+            s = make_float2(hi, reduce_phase(s.y + reduce_phase(g.y)));
+            lo += err;
         }
         prefix[j * gd] = s;
+        prefix_lo[j * gd] = lo;
         reset[j * gd] = r;
     }
     float2 bsum = make_float2(0.f, 0.f);
@@ -186,11 +219,11 @@ __device__ __forceinline__ void attention_y(const GateloopAttentionParams& p) {
     // or the diagonal's q, k [slab][kPad], or the score tile ps[kTile][kPad].
     __shared__ float s_a[kTile * kPad];
     // Union B: v tile [kTile][kVTile], or the diagonal's S [kTile][slab]
-    // (float2) and r [kTile][slab].
+    // (float2), r [kTile][slab] and lo [kTile][slab].
     __shared__ __align__(16) float s_b[kTile * kVTile];
     __shared__ float2 s_delta[kMaxKey];
     static_assert(2 * 2 * kSlab * kPad <= kTile * kPad, "operands fit in union A");
-    static_assert(3 * kTile * kSlab <= kTile * kVTile, "diagonal sums fit in union B");
+    static_assert(4 * kTile * kSlab <= kTile * kVTile, "diagonal sums fit in union B");
 
     float* qs = s_a;
     float* ks = s_a + 2 * kSlab * kPad;
@@ -198,6 +231,7 @@ __device__ __forceinline__ void attention_y(const GateloopAttentionParams& p) {
     float* vs = s_b;
     float2* gsum = reinterpret_cast<float2*>(s_b);
     int32_t* gres = reinterpret_cast<int32_t*>(s_b + 2 * kTile * kSlab);
+    float* glo = s_b + 3 * kTile * kSlab;
 
     const int tid = threadIdx.x;
     const int tx = tid & 15;
@@ -302,6 +336,7 @@ __device__ __forceinline__ void attention_y(const GateloopAttentionParams& p) {
             if (n < ni && dl < cols) {
                 const int64_t w = wsb + (t0i + n) * gd + (per_head ? 0 : d0 + dl);
                 gsum[n * kSlab + dl] = reinterpret_cast<const float2*>(p.ws_prefix)[w];
+                glo[n * kSlab + dl] = p.ws_prefix_lo[w];
                 gres[n * kSlab + dl] = p.ws_reset[w];
             }
         }
@@ -321,7 +356,8 @@ __device__ __forceinline__ void attention_y(const GateloopAttentionParams& p) {
                             if (gres[n * kSlab + cl] <= m) {
                                 const float2 sn = gsum[n * kSlab + cl];
                                 const float2 sm = gsum[m * kSlab + cl];
-                                f = expf(sn.x - sm.x) * cosf(sn.y - sm.y);
+                                const float re = (sn.x - sm.x) + (glo[n * kSlab + cl] - glo[m * kSlab + cl]);
+                                f = expf(re) * cosf(sn.y - sm.y);
                             }
                         }
                         sc[i][j] = fmaf(qd[dl * kPad + n] * kd[dl * kPad + m], f, sc[i][j]);

@@ -43,7 +43,7 @@
 #endif
 
 /* Bumped on every incompatible change of a struct below. */
-#define GATELOOP_ABI_VERSION 1u
+#define GATELOOP_ABI_VERSION 2u
 
 /* Element types of the non-state tensors (Gateloop<Kernel>Params.dtype). */
 #define GATELOOP_DTYPE_F32 0u
@@ -223,6 +223,14 @@ GATELOOP_ABI_ASSERT(sizeof(GateloopScanParams) == 72 + 48 + 5 * 24 + 2 * 24 + 16
  *      workspace (ws_*), all [B, H, L, gate_dim], contiguous:
  *        ws_prefix[t] = S_t, Σ of log_gate since max(tile start, last reset)
  *                       up to t inclusive (0 at a reset), phase in (−π, π];
+ *        ws_prefix_lo[t] = the compensation of Re S_t (f32): the running
+ *                       sum of the TwoSum rounding errors of the additions
+ *                       that formed Re ws_prefix[t] (0 at a reset), so that
+ *                       Re S_t = Re ws_prefix[t] + ws_prefix_lo[t] up to the
+ *                       low sum's own rounding (|lo| ≤ 32 ulps of Re S_t).
+ *                       After hard-decaying steps |Re S| reaches thousands,
+ *                       where an f32 ulp is ~2e-4: the diagonal tile's short
+ *                       differences S_n − S_m need the low part;
  *        ws_suffix[t] = Σ of log_gate over (t, tile end], Re = −inf when a
  *                       reset lies in it, phase in (−π, π];
  *        ws_reset[t]  = tile-local index of the last reset ≤ t, or −1.
@@ -256,6 +264,7 @@ typedef struct GateloopAttentionParams {
     float *h_final;       /* [B, H, K, V] complex f32 */
     /* Workspace (device pointers), each [B, H, L, gate_dim], contiguous. */
     float *ws_prefix;     /* complex f32 */
+    float *ws_prefix_lo;  /* f32: compensation of Re ws_prefix */
     float *ws_suffix;     /* complex f32 */
     int32_t *ws_reset;    /* int32 */
 
@@ -275,7 +284,7 @@ typedef struct GateloopAttentionParams {
     int64_t state_key_tiles;   /* ceil(K / STATE_KEY_TILE) */
     int64_t state_value_tiles; /* ceil(V / STATE_VALUE_TILE) */
 } GateloopAttentionParams;
-GATELOOP_ABI_ASSERT(sizeof(GateloopAttentionParams) == 80 + 48 + 5 * 24 + 2 * 24 + 8 + 4 * 8,
+GATELOOP_ABI_ASSERT(sizeof(GateloopAttentionParams) == 88 + 48 + 5 * 24 + 2 * 24 + 8 + 4 * 8,
                     "GateloopAttentionParams layout");
 
 /*

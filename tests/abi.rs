@@ -87,23 +87,24 @@ fn scan_params_layout() {
 #[test]
 fn attention_params_layout() {
     type P = GateloopAttentionParams;
-    assert_eq!(size_of::<P>(), 336);
+    assert_eq!(size_of::<P>(), 344);
     assert_eq!(align_of::<P>(), 8);
     assert_eq!(offset_of!(P, q), 0);
     assert_eq!(offset_of!(P, h_final), 48);
     assert_eq!(offset_of!(P, ws_prefix), 56);
-    assert_eq!(offset_of!(P, ws_suffix), 64);
-    assert_eq!(offset_of!(P, ws_reset), 72);
-    assert_eq!(offset_of!(P, dims), 80);
-    assert_eq!(offset_of!(P, q_strides), 128);
-    assert_eq!(offset_of!(P, gate_strides), 200);
-    assert_eq!(offset_of!(P, h_final_strides), 272);
-    assert_eq!(offset_of!(P, flags), 296);
-    assert_eq!(offset_of!(P, dtype), 300);
-    assert_eq!(offset_of!(P, num_tiles), 304);
-    assert_eq!(offset_of!(P, value_tiles), 312);
-    assert_eq!(offset_of!(P, state_key_tiles), 320);
-    assert_eq!(offset_of!(P, state_value_tiles), 328);
+    assert_eq!(offset_of!(P, ws_prefix_lo), 64);
+    assert_eq!(offset_of!(P, ws_suffix), 72);
+    assert_eq!(offset_of!(P, ws_reset), 80);
+    assert_eq!(offset_of!(P, dims), 88);
+    assert_eq!(offset_of!(P, q_strides), 136);
+    assert_eq!(offset_of!(P, gate_strides), 208);
+    assert_eq!(offset_of!(P, h_final_strides), 280);
+    assert_eq!(offset_of!(P, flags), 304);
+    assert_eq!(offset_of!(P, dtype), 308);
+    assert_eq!(offset_of!(P, num_tiles), 312);
+    assert_eq!(offset_of!(P, value_tiles), 320);
+    assert_eq!(offset_of!(P, state_key_tiles), 328);
+    assert_eq!(offset_of!(P, state_value_tiles), 336);
     assert_eq!(GATELOOP_ATTENTION_TILE, 64);
     assert_eq!(GATELOOP_ATTENTION_MAX_KEY_DIM, 256);
 }
@@ -168,7 +169,7 @@ fn check_params_layout() {
 
 #[test]
 fn constants() {
-    assert_eq!(GATELOOP_ABI_VERSION, 1);
+    assert_eq!(GATELOOP_ABI_VERSION, 2);
     assert_eq!(GATELOOP_DTYPE_F32, 0);
     assert_eq!(GATELOOP_FLAG_HAS_H0, 1);
     assert_eq!(GATELOOP_FLAG_PER_HEAD_GATE, 2);

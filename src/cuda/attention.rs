@@ -43,16 +43,21 @@ pub struct LaunchPlan {
     pub grid: u32,
     /// Blocks of the state kernel: B·H·state_key_tiles·state_value_tiles.
     pub state_grid: u32,
-    /// f32 elements of the workspace: 5·n for n = B·H·L·gate_dim, laid out
-    /// as ws_prefix (n complex f32), ws_suffix (n complex f32), ws_reset
-    /// (n i32, as f32-sized words).
+    /// f32 elements of the workspace: [`WORKSPACE_WORDS_PER_ELEMENT`]·n = 6·n
+    /// for n = B·H·L·gate_dim, laid out as ws_prefix (n complex f32),
+    /// ws_suffix (n complex f32), ws_reset (n i32, as f32-sized words),
+    /// ws_prefix_lo (n f32, the compensation of Re ws_prefix).
     pub workspace_len: usize,
 }
+
+/// f32-sized words of workspace per (b, h, t, gate channel): prefix (2),
+/// suffix (2), reset (1), prefix_lo (1).
+pub const WORKSPACE_WORDS_PER_ELEMENT: usize = 6;
 
 impl LaunchPlan {
     /// n = B·H·L·gate_dim, the elements of each workspace tensor.
     fn workspace_elements(&self) -> usize {
-        self.workspace_len / 5
+        self.workspace_len / WORKSPACE_WORDS_PER_ELEMENT
     }
 }
 
@@ -87,10 +92,10 @@ pub fn plan(dims: &Dims) -> Result<LaunchPlan, InputError> {
     let state_grid = grid("state grid", skt * svt, 1)?;
     let workspace_len = bh
         .and_then(|x| x.checked_mul(dims.len * dims.gate_dim()))
-        .and_then(|n| n.checked_mul(5))
+        .and_then(|n| n.checked_mul(WORKSPACE_WORDS_PER_ELEMENT))
         .ok_or_else(|| InputError::TooLarge {
             name: "workspace",
-            shape: format!("[5·B·H·L·gate_dim] with B = {}, H = {}", dims.batch, dims.heads),
+            shape: format!("[{WORKSPACE_WORDS_PER_ELEMENT}·B·H·L·gate_dim] with B = {}, H = {}", dims.batch, dims.heads),
             limit: "usize::MAX".into(),
         })?;
     Ok(LaunchPlan {
@@ -137,11 +142,14 @@ pub fn forward_into(
     // Held until this function returns, after the launches.
     let bound = buffers.bind(stream, &mut params, true)?;
     let w = bound.workspace.expect("checked: the workspace is never empty") as usize;
-    // 8-byte aligned (checked), so are the halves: each holds an even number of f32.
+    // 8-byte aligned (checked), so are the complex planes prefix and suffix:
+    // each starts after an even number of f32. reset and prefix_lo are 4-byte
+    // words at 4-byte offsets.
     let n = lp.workspace_elements();
     params.ws_prefix = w as *mut f32;
     params.ws_suffix = (w + 4 * 2 * n) as *mut f32;
     params.ws_reset = (w + 4 * 4 * n) as *mut i32;
+    params.ws_prefix_lo = (w + 4 * 5 * n) as *mut f32;
 
     let kernels = &gpu.kernels;
     let launches = [
@@ -158,12 +166,12 @@ pub fn forward_into(
         // is pushed. Every pointer in it comes from a live buffer of this
         // context whose length was checked above against the dims in `params`
         // (the kernels touch exactly those extents with the contiguous strides
-        // set above; the workspace, checked to hold ≥ 5·n f32 for
+        // set above; the workspace, checked to hold ≥ 6·n f32 for
         // n = B·H·L·gate_dim, is carved into prefix and suffix, n complex f32
-        // each, and reset, n i32; the prep kernel writes every element of all
-        // three before the other two kernels, after it on `stream`, read
-        // them), complex buffers and the workspace are 8-byte aligned
-        // (checked), h0 is null iff HAS_H0 is clear,
+        // each, reset, n i32, and prefix_lo, n f32; the prep kernel writes
+        // every element of all four before the other two kernels, after it
+        // on `stream`, read them), complex buffers and the workspace are
+        // 8-byte aligned (checked), h0 is null iff HAS_H0 is clear,
         // and the geometry (blocks of 128 or 256 threads, the
         // __launch_bounds__; static shared memory only, < 48 KiB; grids ≤
         // 2^31 − 1) is the one `plan` computed for these dims. The buffers
@@ -197,9 +205,9 @@ mod tests {
         assert_eq!(p.grid, 6 * 2 * 2);
         assert_eq!(p.state_grid, 6 * 3);
         assert_eq!(p.prep_grid, (6 * 2 * 5usize).div_ceil(128) as u32);
-        assert_eq!(p.workspace_len, 5 * (2 * 3 * 65 * 5));
+        assert_eq!(p.workspace_len, 6 * (2 * 3 * 65 * 5));
         let p = plan(&dims(1, 65536, 256, 64, 64, true)).unwrap();
-        assert_eq!((p.num_tiles, p.grid, p.workspace_len), (1024, 256 * 1024, 5 * 256 * 65536));
+        assert_eq!((p.num_tiles, p.grid, p.workspace_len), (1024, 256 * 1024, 6 * 256 * 65536));
         assert!(matches!(plan(&dims(1, 1, 1, 257, 1, false)), Err(InputError::Param { name: "key_dim", .. })));
         assert!(matches!(plan(&dims(1, 0, 1, 1, 1, false)), Err(InputError::ZeroDim { name: "len" })));
         assert!(matches!(plan(&dims(1 << 16, 1 << 16, 1 << 6, 1, 1, false)), Err(InputError::TooLarge { .. })));

@@ -40,6 +40,8 @@ extern thread_local EmuDim3 blockIdx;
 extern EmuDim3 blockDim;
 
 void __syncthreads();
+// __syncthreads, and whether `predicate` is non-zero on any thread of the block.
+int __syncthreads_or(int predicate);
 // A barrier of the calling thread's warp (all 32 lanes must call it, as the
 // kernels do: warp-uniform control flow).
 void __syncwarp(unsigned mask = 0xffffffffu);

@@ -24,6 +24,16 @@ unsigned emu_lane() { return threadIdx.x & 31; }
 
 void __syncthreads() { g_barrier->arrive_and_wait(); }
 
+static int g_predicates[1024];
+
+int __syncthreads_or(int predicate) {
+    g_predicates[threadIdx.x] = predicate != 0;
+    g_barrier->arrive_and_wait();
+    const int any = std::any_of(g_predicates, g_predicates + blockDim.x, [](int x) { return x != 0; });
+    g_barrier->arrive_and_wait();  // every thread has read before the next call writes
+    return any;
+}
+
 float emu_shuffle(float v, int offset, bool up) {
     const unsigned tid = threadIdx.x;
     const int lane = static_cast<int>(tid & 31);

@@ -1,0 +1,89 @@
+// Runs the attention forward's launch sequence (as src/cuda/attention.rs
+// `forward_into` does: prep, y, state) on the CPU emulation of the kernels.
+//
+//   attention_emu DIR
+//
+// DIR/dims.txt: B L H K V gate_dim has_h0
+// DIR/{q,k,v,log_gate}.bin and, with h0, h0.bin: raw little-endian f32
+// (complex as pairs), contiguous [B, L, H, D] / [B, H, K, V].
+// Writes DIR/y.out and DIR/h_final.out. Outputs and workspace start as NaN,
+// so an element no kernel writes shows.
+#include <cmath>
+#include <cstdio>
+#include <fstream>
+#include <functional>
+#include <string>
+#include <vector>
+
+#include "emu.h"
+#include "gateloop_abi.h"
+#include "driver_io.h"
+
+void emu_launch(unsigned grid, unsigned block, const std::function<void()>& kernel);
+
+extern "C" {
+void gateloop_attention_prep_f32(const GateloopAttentionParams p);
+void gateloop_attention_f32(const GateloopAttentionParams p);
+void gateloop_attention_state_f32(const GateloopAttentionParams p);
+}
+
+static int64_t div_ceil(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+int main(int argc, char** argv) {
+    if (argc != 2) {
+        std::fprintf(stderr, "usage: %s DIR\n", argv[0]);
+        return 2;
+    }
+    const std::string dir = argv[1];
+    std::ifstream df(dir + "/dims.txt");
+    int64_t B, L, H, K, V, G, has_h0;
+    if (!(df >> B >> L >> H >> K >> V >> G >> has_h0)) {
+        std::fprintf(stderr, "bad dims.txt\n");
+        return 2;
+    }
+    const size_t qk = B * L * H * K, vn = B * L * H * V, gn = B * L * H * G, sn = B * H * K * V;
+    auto q = read_f32(dir + "/q.bin", qk), k = read_f32(dir + "/k.bin", qk), v = read_f32(dir + "/v.bin", vn);
+    auto gate = read_f32(dir + "/log_gate.bin", 2 * gn);
+    std::vector<float> h0;
+    if (has_h0) h0 = read_f32(dir + "/h0.bin", 2 * sn);
+    const float nan = std::nanf("");
+    std::vector<float> y(vn, nan), h_final(2 * sn, nan);
+    // The launcher's workspace: prefix (2n), suffix (2n), reset (n), prefix_lo (n).
+    const size_t n = gn;
+    std::vector<float> ws(6 * n, nan);
+
+    GateloopAttentionParams p{};
+    p.q = q.data();
+    p.k = k.data();
+    p.v = v.data();
+    p.log_gate = gate.data();
+    p.h0 = has_h0 ? h0.data() : nullptr;
+    p.y = y.data();
+    p.h_final = h_final.data();
+    p.ws_prefix = ws.data();
+    p.ws_suffix = ws.data() + 2 * n;
+    p.ws_reset = reinterpret_cast<int32_t*>(ws.data() + 4 * n);
+    p.ws_prefix_lo = ws.data() + 5 * n;
+    p.dims = GateloopDims{B, L, H, K, V, G};
+    p.q_strides = p.k_strides = seq(L, H, K);
+    p.v_strides = p.y_strides = seq(L, H, V);
+    p.gate_strides = seq(L, H, G);
+    p.h0_strides = p.h_final_strides = GateloopStateStrides{H * K * V, K * V, V};
+    p.flags = (G == 1 ? GATELOOP_FLAG_PER_HEAD_GATE : 0) | (has_h0 ? GATELOOP_FLAG_HAS_H0 : 0);
+    p.dtype = GATELOOP_DTYPE_F32;
+    p.num_tiles = div_ceil(L, GATELOOP_ATTENTION_TILE);
+    p.value_tiles = div_ceil(V, GATELOOP_ATTENTION_VALUE_TILE);
+    p.state_key_tiles = div_ceil(K, GATELOOP_ATTENTION_STATE_KEY_TILE);
+    p.state_value_tiles = div_ceil(V, GATELOOP_ATTENTION_STATE_VALUE_TILE);
+
+    const unsigned prep_grid = static_cast<unsigned>(div_ceil(B * H * p.num_tiles * G, GATELOOP_ATTENTION_PREP_THREADS));
+    emu_launch(prep_grid, GATELOOP_ATTENTION_PREP_THREADS, [&] { gateloop_attention_prep_f32(p); });
+    emu_launch(static_cast<unsigned>(B * H * p.num_tiles * p.value_tiles), GATELOOP_ATTENTION_THREADS,
+               [&] { gateloop_attention_f32(p); });
+    emu_launch(static_cast<unsigned>(B * H * p.state_key_tiles * p.state_value_tiles), GATELOOP_ATTENTION_THREADS,
+               [&] { gateloop_attention_state_f32(p); });
+
+    write_f32(dir + "/y.out", y);
+    write_f32(dir + "/h_final.out", h_final);
+    return 0;
+}
