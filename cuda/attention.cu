@@ -119,16 +119,6 @@ __device__ __forceinline__ float2 cexp(float2 z) {
     return make_float2(mag * c, mag * s);
 }
 
-// Knuth's TwoSum: s = fl(a + b) and err with a + b = s + err exactly. nvcc
-// neither reassociates nor contracts additions (no fast-math, and there is
-// no product to fuse); the mirror: cpu::attention::two_sum.
-__device__ __forceinline__ float two_sum(float a, float b, float& err) {
-    const float s = a + b;
-    const float bp = s - a;
-    err = (a - (s - bp)) + (b - bp);
-    return s;
-}
-
 __device__ __forceinline__ float2 cadd_reduced(float2 a, float2 b) {
     return make_float2(a.x + b.x, reduce_phase(a.y + b.y));
 }
@@ -166,10 +156,9 @@ __device__ __forceinline__ void attention_prep(const GateloopAttentionParams& p)
             lo = 0.f;
             r = j;
         } else {
-            float err;
-            const float hi = two_sum(s.x, g.x, err);
-            s = make_float2(hi, reduce_phase(s.y + reduce_phase(g.y)));
-            lo += err;
+            const float2 re = two_sum(s.x, g.x);
+            s = make_float2(re.x, reduce_phase(s.y + reduce_phase(g.y)));
+            lo += re.y;
         }
         prefix[j * gd] = s;
         prefix_lo[j * gd] = lo;
@@ -356,7 +345,7 @@ __device__ __forceinline__ void attention_y(const GateloopAttentionParams& p) {
                             if (gres[n * kSlab + cl] <= m) {
                                 const float2 sn = gsum[n * kSlab + cl];
                                 const float2 sm = gsum[m * kSlab + cl];
-                                const float re = (sn.x - sm.x) + (glo[n * kSlab + cl] - glo[m * kSlab + cl]);
+                                const float re = re_diff(sn.x, glo[n * kSlab + cl], sm.x, glo[m * kSlab + cl]);
                                 f = expf(re) * cosf(sn.y - sm.y);
                             }
                         }

@@ -114,22 +114,6 @@ __device__ __forceinline__ float reduce_2pi(float x) {
     return fmaf(-j, kC3, r);
 }
 
-// a + b as the f32 sum and its exact rounding error (Knuth's TwoSum, no
-// ordering of |a|, |b| assumed; exact because nvcc neither reassociates nor
-// contracts additions): cpu::chunked::two_sum.
-__device__ __forceinline__ float2 two_sum(float a, float b) {
-    const float s = a + b;
-    const float bp = s - a;
-    return make_float2(s, (a - (s - bp)) + (b - bp));
-}
-
-// Re(G_late − G_early) from compensated prefix entries (hi, lo):
-// cpu::chunked::re_diff. The hi difference is exact when the two lie within a
-// factor 2 (Sterbenz), the case of a short, non-negligible difference.
-__device__ __forceinline__ float re_diff(float late, float late_lo, float early, float early_lo) {
-    return (late - early) + (late_lo - early_lo);
-}
-
 // ---- the carry over the chunks -------------------------------------------------
 
 // The exclusive carry of one complex state element over a head's chunks:

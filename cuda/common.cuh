@@ -88,6 +88,28 @@ __device__ __forceinline__ float2 apply(float2 a, float2 b, float2 h) {
     return make_float2(fmaf(a.x, h.x, fmaf(-a.y, h.y, b.x)), fmaf(a.x, h.y, fmaf(a.y, h.x, b.y)));
 }
 
+// ---- compensated sums ------------------------------------------------------------
+
+// a + b as the f32 sum and its exact rounding error (Knuth's TwoSum, no
+// ordering of |a|, |b| assumed; exact because nvcc neither reassociates nor
+// contracts additions without fast-math). The chunked and attention kernels
+// keep their local Re Σ log_gate as (running sum, running sum of the errors):
+// after hard-decaying steps the sum reaches thousands, where its ulp
+// (~2.4e-4) would otherwise stay in every short difference. Mirror:
+// cpu::two_sum.
+__device__ __forceinline__ float2 two_sum(float a, float b) {
+    const float s = a + b;
+    const float bp = s - a;
+    return make_float2(s, (a - (s - bp)) + (b - bp));
+}
+
+// Re(G_late − G_early) from compensated sums (hi, lo): cpu::re_diff. The hi
+// difference is exact when the two lie within a factor 2 (Sterbenz), the case
+// of a short, non-negligible difference.
+__device__ __forceinline__ float re_diff(float late, float late_lo, float early, float early_lo) {
+    return (late - early) + (late_lo - early_lo);
+}
+
 // ---- index math ----------------------------------------------------------------
 
 // Peels the fastest-varying index of extent n off a flattened block index:

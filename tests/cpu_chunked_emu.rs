@@ -223,7 +223,7 @@ fn chunk_grad_kernels_emulated_match_reference_and_mirror() {
 /// Hard-decaying gates just above the reset threshold (`HardDecay`): the
 /// chunk-local Re G reaches thousands, where an f32 running sum alone (ulp
 /// ~2.4e-4) puts its rounding into every short difference. The kernels keep
-/// the prefix compensated (`two_sum`, `re_diff` in cuda/chunk_common.cuh).
+/// the prefix compensated (`two_sum`, `re_diff` in cuda/common.cuh).
 /// Measured on these cases (2026-11-29, emulated, f32 Exact): without the
 /// compensation y rel 1.8e-5 (the CPU mirror's dlog_gate up to 7.6e-5 on
 /// such gates); with it y ≤ 1.4e-7, every gradient ≤ 7.6e-7.

@@ -136,7 +136,7 @@ fn every_gate_regime_both_layouts() {
 }
 
 /// Hard decay just above the reset threshold: the chunk-local Re G reaches
-/// thousands and the compensated prefix (`cpu::chunked::two_sum`,
+/// thousands and the compensated prefix (`cpu::two_sum`,
 /// `re_diff`) keeps every short difference exact. Measured (2026-11-29) on
 /// such gates: every gradient ≤ 3.9e-7 relative, dlog_gate up to 7.6e-5
 /// without the compensation; asserted ≤ 2e-6.

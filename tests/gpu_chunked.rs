@@ -143,7 +143,7 @@ regime_tests! { regime_cases:
 adversarial_regime_tests!(regime_cases);
 
 /// Hard decay just above the reset threshold: the chunk-local Re G reaches
-/// thousands, and the compensated prefix (cuda/chunk_common.cuh: two_sum,
+/// thousands, and the compensated prefix (cuda/common.cuh: two_sum,
 /// re_diff) keeps every short difference exact, so f32 Exact stays 20×
 /// inside the usual bounds (relative L2 ≤ 5e-6; the kernels emulated on the
 /// CPU measure ≤ 1.4e-7, 1.8e-5 without the compensation).

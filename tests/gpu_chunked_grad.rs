@@ -170,7 +170,7 @@ fn every_regime_f32() {
 }
 
 /// Hard decay just above the reset threshold: the compensated chunk-local
-/// prefix (cuda/chunk_common.cuh: two_sum, re_diff) keeps every short
+/// prefix (cuda/common.cuh: two_sum, re_diff) keeps every short
 /// difference exact, so every gradient stays 20× inside the usual bound
 /// (relative L2 ≤ 5e-6; the emulated kernels measure ≤ 7.6e-7, the CPU
 /// mirror's dlog_gate was up to 7.6e-5 without the compensation).

@@ -38,6 +38,7 @@
 use num_complex::Complex;
 use rayon::prelude::*;
 
+use super::{re_diff, two_sum};
 use crate::error::InputError;
 use crate::problem::{Outputs, OutputsMut, Problem};
 use crate::cuda::abi::GATELOOP_RESET_LOG_GATE;
@@ -81,15 +82,6 @@ fn cexp(z: Complex<f32>) -> Complex<f32> {
     let mag = z.re.exp();
     let (s, c) = z.im.sin_cos();
     Complex::new(mag * c, mag * s)
-}
-
-/// Knuth's TwoSum: (a + b rounded, its exact rounding error). No FMA, no
-/// reassociation (as the kernel's `two_sum`).
-#[inline]
-fn two_sum(a: f32, b: f32) -> (f32, f32) {
-    let s = a + b;
-    let bp = s - a;
-    (s, (a - (s - bp)) + (b - bp))
 }
 
 #[inline]
@@ -266,7 +258,7 @@ fn query_tile(p: &Problem<'_, f32>, ts: &TileSums, b: usize, h: usize, i: usize,
                     if ts.reset[(t0i + n) * gd + c] <= m as i32 {
                         let (wn, wm) = ((t0i + n) * gd + c, (t0i + m) * gd + c);
                         let (sn, sm) = (ts.prefix[wn], ts.prefix[wm]);
-                        let re = (sn.re - sm.re) + (ts.prefix_lo[wn] - ts.prefix_lo[wm]);
+                        let re = re_diff(sn.re, ts.prefix_lo[wn], sm.re, ts.prefix_lo[wm]);
                         f = re.exp() * (sn.im - sm.im).cos();
                     }
                 }

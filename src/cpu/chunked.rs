@@ -22,7 +22,7 @@
 //! global f32 cumulative phase at L = 65536 would have an ulp of ~0.01 rad).
 //! The real parts are kept as a compensated pair: the f32 running sum plus
 //! the running sum of each addition's exact rounding error ([`two_sum`]), and
-//! every difference is formed as [`re_diff`] (hi − hi) + (lo − lo). Without
+//! every difference is formed as [`re_diff`], (hi − hi) + (lo − lo). Without
 //! it, gates decaying hard but above the reset threshold (Re g ≈ −20 … −104
 //! per step) drive |Re G| into the thousands, where the sum's ulp (~2.4e-4)
 //! stays in every short difference — a factor near 1 then carries ~1e-4
@@ -101,6 +101,7 @@
 use num_complex::Complex;
 use rayon::prelude::*;
 
+use super::{re_diff, two_sum};
 use crate::error::InputError;
 use crate::problem::{Outputs, OutputsMut, Problem};
 
@@ -237,25 +238,6 @@ impl Arith for Fused {
 /// 1.5·2²³: adding and subtracting it rounds to the nearest integer
 /// (|x| < 2²²), and the integer sits in the low mantissa bits.
 const ROUND_MAGIC: f32 = 12_582_912.0;
-
-/// `a + b` as the f32 sum and its exact rounding error (Knuth's TwoSum: no
-/// ordering of |a|, |b| assumed; exact without reassociation or
-/// flush-to-zero, which neither Rust nor the kernels' nvcc flags use).
-#[inline(always)]
-pub(crate) fn two_sum(a: f32, b: f32) -> (f32, f32) {
-    let s = a + b;
-    let bp = s - a;
-    (s, (a - (s - bp)) + (b - bp))
-}
-
-/// Re(G_late − G_early) from two compensated prefix entries (hi, lo): the
-/// running sums' difference is exact when they lie within a factor 2 of each
-/// other (Sterbenz) — the case of a short, non-negligible difference — and
-/// the compensations add back what their additions rounded off.
-#[inline(always)]
-pub(crate) fn re_diff(late: f32, late_lo: f32, early: f32, early_lo: f32) -> f32 {
-    (late - early) + (late_lo - early_lo)
-}
 
 /// The exponent given to a masked factor: [`exp_nonpos`] maps it to exactly 0.
 pub(crate) const MASKED: f32 = -1000.0;

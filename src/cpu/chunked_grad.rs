@@ -150,9 +150,10 @@ use rayon::prelude::*;
 #[cfg(target_arch = "x86_64")]
 use super::chunked::Fused;
 use super::chunked::{
-    Arith, Carry, ChunkParams, Ctx, Isa, MASKED, re_diff, PhaseRows, Plain, Scratch, SyncPtr, exp_nonpos, gemm, pass2_row, pool,
+    Arith, Carry, ChunkParams, Ctx, Isa, MASKED, PhaseRows, Plain, Scratch, SyncPtr, exp_nonpos, gemm, pass2_row, pool,
     row, simd_available,
 };
+use super::re_diff;
 use crate::error::InputError;
 use crate::problem::Problem;
 use crate::reference::grad::{GradInputs, Grads, GradsMut};
