@@ -8,6 +8,8 @@
 // lane holds the same tile, so the union is the whole tile, race-free).
 #pragma once
 #include <cstdint>
+#include <cstdio>
+#include <cstdlib>
 #include <cstring>
 #include <type_traits>
 
@@ -83,10 +85,26 @@ inline void fill_fragment(fragment<Use, M, N, K, T, L>& f, float v) {
     for (float& e : f.x) e = v;
 }
 
+// The CUDA C++ Programming Guide's contract of load_matrix_sync and
+// store_matrix_sync, which the hardware does not forgive (a misaligned tile
+// faults or reads the wrong elements): the pointer 256-bit (32-byte)
+// aligned, ldm a multiple of 16 bytes. The emulator's shared buffer and the
+// GPU's dynamic shared memory are both aligned to 128 bytes, so an offset
+// that passes here passes there. A violation aborts with the call's numbers.
+inline void emu_check_tile(const void* p, unsigned ldm, size_t elem_bytes, const char* what) {
+    const auto addr = reinterpret_cast<std::uintptr_t>(p);
+    if (addr % 32 != 0 || (ldm * elem_bytes) % 16 != 0) {
+        std::fprintf(stderr, "wmma::%s: pointer %% 32 = %u, ldm = %u (%zu-byte elements: ldm·size %% 16 = %zu)\n", what,
+                     static_cast<unsigned>(addr % 32), ldm, elem_bytes, (ldm * elem_bytes) % 16);
+        std::abort();
+    }
+}
+
 // Element (r, c) of a row_major tile is p[r·ldm + c], of a col_major one p[c·ldm + r].
 template <class Use, int M, int N, int K, class T, class L, class S>
 inline void load_matrix_sync(fragment<Use, M, N, K, T, L>& f, const S* p, unsigned ldm) {
     using F = fragment<Use, M, N, K, T, L>;
+    emu_check_tile(p, ldm, sizeof(S), "load_matrix_sync");
     for (int r = 0; r < F::rows; ++r)
         for (int c = 0; c < F::cols; ++c)
             f.x[r * F::cols + c] = emu_widen<S>(std::is_same_v<L, col_major> ? p[c * ldm + r] : p[r * ldm + c]);
@@ -97,6 +115,7 @@ unsigned emu_lane();
 
 template <int M, int N, int K, class T>
 inline void store_matrix_sync(float* p, const fragment<accumulator, M, N, K, T>& f, unsigned ldm, layout_t layout) {
+    emu_check_tile(p, ldm, sizeof(float), "store_matrix_sync");
     emu_syncwarp();  // every lane has its fragment before any lane writes
     for (int e = static_cast<int>(emu_lane()); e < M * N; e += 32) {
         const int r = e / N, c = e % N;
