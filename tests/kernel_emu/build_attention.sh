@@ -7,7 +7,8 @@ here="$(cd "$(dirname "$0")" && pwd)"
 root="$here/../.."
 out="${1:-$root/target/attention_emu}"
 mkdir -p "$(dirname "$out")"
-flags=(-std=c++20 -O2 -pthread -ffp-contract=off -Wno-unknown-pragmas -I"$here/include" -I"$here" -I"$root/cuda")
+source "$here/flags.sh"
+flags=("${emu_flags[@]}")
 g++ "${flags[@]}" -x c++ -include "$here/emu.h" -c "$root/cuda/attention.cu" -o "$out.attention.o"
 g++ "${flags[@]}" "$here/runtime.cpp" "$here/attention_driver.cpp" "$out.attention.o" -o "$out"
 rm -f "$out.attention.o"

@@ -8,7 +8,8 @@ here="$(cd "$(dirname "$0")" && pwd)"
 root="$here/../.."
 out="${1:-$root/target/chunk_emu}"
 mkdir -p "$(dirname "$out")"
-flags=(-std=c++20 -O2 -pthread -ffp-contract=off -Wno-unknown-pragmas -DEMU_DYNAMIC_SHARED -I"$here/include" -I"$here" -I"$root/cuda")
+source "$here/flags.sh"
+flags=("${emu_flags[@]}" -DEMU_DYNAMIC_SHARED)
 g++ "${flags[@]}" -x c++ -include "$here/emu.h" -c "$root/cuda/chunk.cu" -o "$out.chunk.o"
 g++ "${flags[@]}" -x c++ -include "$here/emu.h" -c "$root/cuda/chunk_grad.cu" -o "$out.chunk_grad.o"
 g++ "${flags[@]}" "$here/runtime.cpp" "$here/chunk_driver.cpp" "$out.chunk.o" "$out.chunk_grad.o" -o "$out"
