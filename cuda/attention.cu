@@ -69,9 +69,11 @@
 // real), then h += e^{Δ'} h0; same early exit.
 //
 // The CPU mirror, src/cpu/attention.rs, does the same arithmetic in the same
-// order. Inputs: the InputTraits<T> hook of common.cuh converts loads/stores
-// (f32 only is instantiated for now); log_gate is complex f32 for every input
-// type; sums, workspace and arithmetic are f32.
+// order. Inputs: q, k, v and y in f32, f16 or bf16 (the InputTraits<T> hook
+// of common.cuh widens each load to f32 and rounds y once, at the store);
+// log_gate and the states are complex f32 for every input type; sums,
+// workspace and arithmetic are f32 (the prep reads only gates, so its three
+// instantiations are the same code).
 
 #include <math.h>
 
@@ -560,3 +562,5 @@ __device__ __forceinline__ void attention_state(const GateloopAttentionParams& p
     }
 
 GATELOOP_ATTENTION_ENTRIES(f32, float)
+GATELOOP_ATTENTION_ENTRIES(f16, __half)
+GATELOOP_ATTENTION_ENTRIES(bf16, __nv_bfloat16)

@@ -53,7 +53,10 @@
 // through it drop what came before exactly (0·finite = 0).
 // All complex arithmetic is written with explicit fmaf so its rounding is
 // pinned (no compiler contraction choices); src/cpu/scan.rs mirrors it
-// operation for operation.
+// operation for operation. q, k, v and y are f32, f16 or bf16 (entry point
+// infix; InputTraits widens each load to f32, y is rounded once at the
+// store); log_gate, h0, h_final and the workspace are complex f32 for every
+// type, and all arithmetic is f32.
 
 #include "scan.cuh"
 
@@ -203,21 +206,33 @@ __device__ __forceinline__ void scan_carry(const GateloopScanParams& p) {
 
 // ---- entry points ----------------------------------------------------------
 
-#define GATELOOP_SCAN_ENTRIES(DTYPE, TYPE, T)                                                 \
+// FWD_MIN_BLOCKS: the forward's __launch_bounds__ occupancy hint. 0 leaves
+// ptxas its own register budget (every entry that fits it without spilling);
+// the 16-bit T = 2 forwards pass 1 (one block of kMaxThreads per SM, so up to
+// 255 registers a thread: ~167 used), because under the default budget (128
+// registers) they spilled 44 bytes on sm_90 — the widening loads keep a few
+// more values live than f32's.
+#define GATELOOP_SCAN_ENTRIES(DTYPE, TYPE, T, FWD_MIN_BLOCKS)                                 \
     extern "C" __global__ void __launch_bounds__(gateloop::scan::kMaxThreads)                 \
         gateloop_scan_reduce_##DTYPE##_v##T(const GateloopScanParams p) {                     \
         gateloop::scan::scan_reduce<TYPE, T>(p);                                              \
     }                                                                                         \
-    extern "C" __global__ void __launch_bounds__(gateloop::scan::kMaxThreads)                 \
+    extern "C" __global__ void __launch_bounds__(gateloop::scan::kMaxThreads, FWD_MIN_BLOCKS) \
         gateloop_scan_forward_##DTYPE##_v##T(const GateloopScanParams p) {                    \
         gateloop::scan::scan_forward<TYPE, T>(p);                                             \
     }
 
 static_assert(4 == GATELOOP_SCAN_MAX_VALUE_TILE, "one entry point per T in {1, 2, 4}");
 
-GATELOOP_SCAN_ENTRIES(f32, float, 1)
-GATELOOP_SCAN_ENTRIES(f32, float, 2)
-GATELOOP_SCAN_ENTRIES(f32, float, 4)
+GATELOOP_SCAN_ENTRIES(f32, float, 1, 0)
+GATELOOP_SCAN_ENTRIES(f32, float, 2, 0)
+GATELOOP_SCAN_ENTRIES(f32, float, 4, 0)
+GATELOOP_SCAN_ENTRIES(f16, __half, 1, 0)
+GATELOOP_SCAN_ENTRIES(f16, __half, 2, 1)
+GATELOOP_SCAN_ENTRIES(f16, __half, 4, 0)
+GATELOOP_SCAN_ENTRIES(bf16, __nv_bfloat16, 1, 0)
+GATELOOP_SCAN_ENTRIES(bf16, __nv_bfloat16, 2, 1)
+GATELOOP_SCAN_ENTRIES(bf16, __nv_bfloat16, 4, 0)
 
 extern "C" __global__ void __launch_bounds__(GATELOOP_SCAN_CARRY_BLOCK)
     gateloop_scan_carry(const GateloopScanParams p) {

@@ -7,9 +7,12 @@
 //! value columns), `attention_state` computes h_final. The CPU mirror is
 //! [`crate::cpu::attention`]; the kernel file documents the anchoring.
 
-use cudarc::driver::{CudaStream, DevicePtrMut, LaunchConfig, PushKernelArg};
+use std::sync::Arc;
+
+use cudarc::driver::{CudaFunction, CudaModule, CudaStream, DevicePtrMut, LaunchConfig, PushKernelArg};
 
 use super::abi::{self, GateloopAttentionParams};
+use super::element::{Dtype, Element};
 use super::launch::{self, Buffers, SeqParams};
 use super::{DriverContext, Gpu, GpuError};
 use crate::error::InputError;
@@ -25,6 +28,26 @@ const THREADS: u32 = abi::GATELOOP_ATTENTION_THREADS;
 const PREP_THREADS: u32 = abi::GATELOOP_ATTENTION_PREP_THREADS;
 const STATE_KEY_TILE: usize = abi::GATELOOP_ATTENTION_STATE_KEY_TILE as usize;
 const STATE_VALUE_TILE: usize = abi::GATELOOP_ATTENTION_STATE_VALUE_TILE as usize;
+
+/// The attention kernels of one element type (`gateloop_attention_prep_T`,
+/// `gateloop_attention_T`, `gateloop_attention_state_T`).
+pub(crate) struct AttentionKernels {
+    prep: CudaFunction,
+    y: CudaFunction,
+    state: CudaFunction,
+}
+
+impl AttentionKernels {
+    pub(crate) fn load(module: &Arc<CudaModule>, dtype: Dtype) -> Result<AttentionKernels, GpuError> {
+        let t = dtype.name();
+        let f = |kind: &str| {
+            module
+                .load_function(&format!("gateloop_attention_{kind}{t}"))
+                .doing("looking up gateloop_attention_{prep_,,state_}{f32,f16,bf16}")
+        };
+        Ok(AttentionKernels { prep: f("prep_")?, y: f("")?, state: f("state_")? })
+    }
+}
 
 /// The launch geometry of one attention call.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -111,7 +134,10 @@ pub fn plan(dims: &Dims) -> Result<LaunchPlan, InputError> {
 }
 
 /// Runs the attention kernels on `stream` over device buffers, writing `out`.
-/// Asynchronous: it enqueues three kernels and never synchronizes.
+/// `T` is the element type of q, k, v and y (f32, f16, bf16); log_gate, h0,
+/// h_final and the workspace are (complex) f32, and the kernels compute in
+/// f32 (y is rounded to `T` once). Asynchronous: it enqueues three kernels
+/// and never synchronizes.
 ///
 /// `workspace` must hold at least [`LaunchPlan::workspace_len`] f32 of
 /// [`plan`]`(dims)` (its contents are overwritten; never 0, so never `None`).
@@ -120,12 +146,12 @@ pub fn plan(dims: &Dims) -> Result<LaunchPlan, InputError> {
 /// workspace. It does not read the data, so the gate's domain (Re ≤ 0) is
 /// the caller's responsibility ([`super::check::log_gate`] checks it on the
 /// device, opt-in, synchronizing).
-pub fn forward_into(
+pub fn forward_into<T: Element>(
     gpu: &Gpu,
     stream: &CudaStream,
     dims: &Dims,
-    inputs: DeviceInputs<'_>,
-    out: DeviceOutputs<'_>,
+    inputs: DeviceInputs<'_, T>,
+    out: DeviceOutputs<'_, T>,
     workspace: Option<&mut dyn DevicePtrMut<f32>>,
 ) -> Result<(), GpuError> {
     let d = dims;
@@ -137,7 +163,7 @@ pub fn forward_into(
         value_tiles: lp.value_tiles as i64,
         state_key_tiles: lp.state_key_tiles as i64,
         state_value_tiles: lp.state_value_tiles as i64,
-        ..GateloopAttentionParams::for_dims(d, abi::GATELOOP_DTYPE_F32)?
+        ..GateloopAttentionParams::for_dims(d, T::DTYPE.abi())?
     };
     // Held until this function returns, after the launches.
     let bound = buffers.bind(stream, &mut params, true)?;
@@ -151,22 +177,23 @@ pub fn forward_into(
     params.ws_reset = (w + 4 * 4 * n) as *mut i32;
     params.ws_prefix_lo = (w + 4 * 5 * n) as *mut f32;
 
-    let kernels = &gpu.kernels;
+    let kernels = &gpu.kernels.attention[T::DTYPE.index()];
     let launches = [
-        (&kernels.attention_prep_f32, lp.prep_grid, PREP_THREADS, "launching gateloop_attention_prep_f32"),
-        (&kernels.attention_f32, lp.grid, THREADS, "launching gateloop_attention_f32"),
-        (&kernels.attention_state_f32, lp.state_grid, THREADS, "launching gateloop_attention_state_f32"),
+        (&kernels.prep, lp.prep_grid, PREP_THREADS, "launching gateloop_attention_prep"),
+        (&kernels.y, lp.grid, THREADS, "launching gateloop_attention"),
+        (&kernels.state, lp.state_grid, THREADS, "launching gateloop_attention_state"),
     ];
     for (func, grid, threads, doing) in launches {
         let cfg = LaunchConfig { grid_dim: (grid, 1, 1), block_dim: (threads, 1, 1), shared_mem_bytes: 0 };
         let mut launch = stream.launch_builder(func);
         launch.arg(&params);
-        // SAFETY: `func` is one of gateloop_attention{_prep,,_state}_f32, whose
+        // SAFETY: `func` is one of gateloop_attention{_prep,,_state}_T with T
+        // the element type of q, k, v, y (T::DTYPE picks the table), whose
         // only parameter is a GateloopAttentionParams by value, which is what
         // is pushed. Every pointer in it comes from a live buffer of this
         // context whose length was checked above against the dims in `params`
         // (the kernels touch exactly those extents with the contiguous strides
-        // set above; the workspace, checked to hold ≥ 6·n f32 for
+        // set above, in elements of T for q, k, v, y and of f32 for the rest; the workspace, checked to hold ≥ 6·n f32 for
         // n = B·H·L·gate_dim, is carved into prefix and suffix, n complex f32
         // each, reset, n i32, and prefix_lo, n f32; the prep kernel writes
         // every element of all four before the other two kernels, after it
@@ -187,8 +214,15 @@ pub fn forward_into(
 /// (allocating the workspace), downloads the outputs; synchronizes. Checks
 /// the gate domain on the host.
 pub fn forward_host(gpu: &Gpu, p: &Problem<'_, f32>) -> Result<Outputs<f32>, GpuError> {
+    forward_host_as::<f32>(gpu, p)
+}
+
+/// [`forward_host`] with q, k, v rounded to `T` on the host before the upload
+/// (log_gate and h0 stay f32) and the kernels' `T` output `y` widened back to
+/// f32 (exactly).
+pub fn forward_host_as<T: Element>(gpu: &Gpu, p: &Problem<'_, f32>) -> Result<Outputs<f32>, GpuError> {
     let workspace_len = |d: &Dims| Ok(plan(d)?.workspace_len);
-    launch::forward_host::<f32>(gpu, p, workspace_len, "synchronizing after the attention kernels", |s, d, i, o, ws| {
+    launch::forward_host::<T>(gpu, p, workspace_len, "synchronizing after the attention kernels", |s, d, i, o, ws| {
         forward_into(gpu, s, d, i, o, ws)
     })
 }

@@ -187,26 +187,26 @@ pub fn registry() -> Vec<KernelEntry> {
         },
         KernelEntry {
             name: "scan",
-            about: "time-parallel fused associative scan (f32): y and h_final",
-            dtypes: &[Dtype::F32],
+            about: "time-parallel fused associative scan: y and h_final",
+            dtypes: &Dtype::ALL,
             shapes: recurrent_shapes,
             check: |d| scan::plan(d, 1).map(|_| ()),
             cost: |d, t| recurrent_cost(d, t, false),
-            prepare: |gpu, d, _t, host, sets| {
+            prepare: |gpu, d, t, host, sets| {
                 let ws = scan::plan_for(gpu, &d)?.workspace_len;
-                prepare_forward::<f32>(gpu, d, host, sets, Gates::Complex, ws, scan::forward_into)
+                crate::with_element!(t, T => prepare_forward::<T>(gpu, d, host, sets, Gates::Complex, ws, scan::forward_into::<T>))
             },
         },
         KernelEntry {
             name: "attention",
-            about: "stable masked surrogate attention, O(L^2) (f32): y and h_final",
-            dtypes: &[Dtype::F32],
+            about: "stable masked surrogate attention, O(L^2): y and h_final",
+            dtypes: &Dtype::ALL,
             shapes: attention_shapes,
             check: |d| attention::plan(d).map(|_| ()),
             cost: |d, _t| attention_cost(d),
-            prepare: |gpu, d, _t, host, sets| {
+            prepare: |gpu, d, t, host, sets| {
                 let ws = attention::plan(&d)?.workspace_len;
-                prepare_forward::<f32>(gpu, d, host, sets, Gates::Complex, ws, attention::forward_into)
+                crate::with_element!(t, T => prepare_forward::<T>(gpu, d, host, sets, Gates::Complex, ws, attention::forward_into::<T>))
             },
         },
         KernelEntry {

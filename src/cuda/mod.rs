@@ -154,16 +154,15 @@ struct Kernels {
     /// [`Dtype::index`], then log2(R).
     recurrent: [Vec<CudaFunction>; 3],
     _recurrent_module: Arc<CudaModule>,
-    /// `gateloop_scan_reduce_f32_v{1,2,4}`, indexed by log2(T).
-    scan_reduce_f32: Vec<CudaFunction>,
-    /// `gateloop_scan_forward_f32_v{1,2,4}`, indexed by log2(T).
-    scan_forward_f32: Vec<CudaFunction>,
+    /// `gateloop_scan_reduce_{dtype}_v{1,2,4}`: indexed by [`Dtype::index`],
+    /// then log2(T).
+    scan_reduce: [Vec<CudaFunction>; 3],
+    /// `gateloop_scan_forward_{dtype}_v{1,2,4}`, indexed likewise.
+    scan_forward: [Vec<CudaFunction>; 3],
     scan_carry: CudaFunction,
     _scan_module: Arc<CudaModule>,
-    /// `gateloop_attention_prep_f32`, `gateloop_attention_f32`, `gateloop_attention_state_f32`.
-    attention_prep_f32: CudaFunction,
-    attention_f32: CudaFunction,
-    attention_state_f32: CudaFunction,
+    /// `gateloop_attention_{prep_,,state_}{dtype}`, indexed by [`Dtype::index`].
+    attention: [attention::AttentionKernels; 3],
     _attention_module: Arc<CudaModule>,
     /// `gateloop_check_log_gate` (the opt-in value check, [`check`]).
     check_log_gate: CudaFunction,
@@ -208,24 +207,25 @@ impl Kernels {
         let scan_module = ctx
             .load_module(cudarc::nvrtc::Ptx::from_binary(fatbin("scan")?))
             .doing("loading the scan kernels (see gateloop::cuda::build_nvcc())")?;
-        let scan_variants = |kind: &str| {
+        let scan_variants = |kind: &str, dtype: Dtype| {
             scan::VALUE_TILES
                 .iter()
-                .map(|t| scan_module.load_function(&format!("gateloop_scan_{kind}_f32_v{t}")))
+                .map(|t| scan_module.load_function(&format!("gateloop_scan_{kind}_{}_v{t}", dtype.name())))
                 .collect::<Result<Vec<_>, _>>()
+                .doing("looking up gateloop_scan_{reduce,forward}_{f32,f16,bf16}_v*")
         };
-        let scan_reduce_f32 = scan_variants("reduce").doing("looking up gateloop_scan_reduce_f32_v*")?;
-        let scan_forward_f32 = scan_variants("forward").doing("looking up gateloop_scan_forward_f32_v*")?;
+        let scan_reduce = [scan_variants("reduce", Dtype::F32)?, scan_variants("reduce", Dtype::F16)?, scan_variants("reduce", Dtype::Bf16)?];
+        let scan_forward =
+            [scan_variants("forward", Dtype::F32)?, scan_variants("forward", Dtype::F16)?, scan_variants("forward", Dtype::Bf16)?];
         let scan_carry = scan_module.load_function("gateloop_scan_carry").doing("looking up gateloop_scan_carry")?;
-        let attention = ctx
+        let attention_module = ctx
             .load_module(cudarc::nvrtc::Ptx::from_binary(fatbin("attention")?))
             .doing("loading the attention kernels (see gateloop::cuda::build_nvcc())")?;
-        let attention_fn = |name: &str| attention.load_function(name);
-        let attention_prep_f32 =
-            attention_fn("gateloop_attention_prep_f32").doing("looking up gateloop_attention_prep_f32")?;
-        let attention_f32 = attention_fn("gateloop_attention_f32").doing("looking up gateloop_attention_f32")?;
-        let attention_state_f32 =
-            attention_fn("gateloop_attention_state_f32").doing("looking up gateloop_attention_state_f32")?;
+        let attention = [
+            attention::AttentionKernels::load(&attention_module, Dtype::F32)?,
+            attention::AttentionKernels::load(&attention_module, Dtype::F16)?,
+            attention::AttentionKernels::load(&attention_module, Dtype::Bf16)?,
+        ];
         let check_module = ctx
             .load_module(cudarc::nvrtc::Ptx::from_binary(fatbin("check")?))
             .doing("loading the check kernel (see gateloop::cuda::build_nvcc())")?;
@@ -246,14 +246,12 @@ impl Kernels {
         Ok(Kernels {
             recurrent,
             _recurrent_module: module,
-            scan_reduce_f32,
-            scan_forward_f32,
+            scan_reduce,
+            scan_forward,
             scan_carry,
             _scan_module: scan_module,
-            attention_prep_f32,
-            attention_f32,
-            attention_state_f32,
-            _attention_module: attention,
+            attention,
+            _attention_module: attention_module,
             check_log_gate,
             _check_module: check_module,
             chunk,

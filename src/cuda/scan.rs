@@ -16,6 +16,7 @@ use cudarc::driver::sys::CUdevice_attribute;
 use cudarc::driver::{CudaStream, DevicePtrMut, LaunchConfig, PushKernelArg};
 
 use super::abi::{self, GateloopScanParams};
+use super::element::Element;
 use super::launch::{self, Buffers, SeqParams};
 use super::{DriverContext, Gpu, GpuError};
 use crate::cpu::scan::{MAX_WARPS, STEPS_PER_THREAD, ScanParams};
@@ -207,8 +208,11 @@ pub fn plan_for(gpu: &Gpu, dims: &Dims) -> Result<LaunchPlan, GpuError> {
     Ok(plan(dims, sm_count(gpu)?)?)
 }
 
-/// Runs the scan on `stream` over device buffers, writing `out`.
-/// Asynchronous: it enqueues up to three kernels and never synchronizes.
+/// Runs the scan on `stream` over device buffers, writing `out`. `T` is the
+/// element type of q, k, v and y (f32, f16, bf16); log_gate, h0, h_final and
+/// the workspace are (complex) f32, and the kernels compute in f32 (y is
+/// rounded to `T` once). Asynchronous: it enqueues up to three kernels and
+/// never synchronizes.
 ///
 /// `workspace` must hold at least [`LaunchPlan::workspace_len`] f32 of
 /// [`plan_for`]`(gpu, dims)` (its contents are overwritten; it may be `None`
@@ -217,12 +221,12 @@ pub fn plan_for(gpu: &Gpu, dims: &Dims) -> Result<LaunchPlan, GpuError> {
 /// of complex buffers. It does not read the data, so the gate's domain
 /// (Re ≤ 0, see [`Problem::check_gate`]) is the caller's responsibility
 /// ([`super::check::log_gate`] checks it on the device, opt-in, synchronizing).
-pub fn forward_into(
+pub fn forward_into<T: Element>(
     gpu: &Gpu,
     stream: &CudaStream,
     dims: &Dims,
-    inputs: DeviceInputs<'_>,
-    out: DeviceOutputs<'_>,
+    inputs: DeviceInputs<'_, T>,
+    out: DeviceOutputs<'_, T>,
     workspace: Option<&mut dyn DevicePtrMut<f32>>,
 ) -> Result<(), GpuError> {
     let d = dims;
@@ -236,7 +240,7 @@ pub fn forward_into(
         chunk_len: lp.chunk_len as i64,
         num_chunks: lp.num_chunks as i64,
         value_tiles: lp.value_tiles as i64,
-        ..GateloopScanParams::for_dims(d, abi::GATELOOP_DTYPE_F32)?
+        ..GateloopScanParams::for_dims(d, T::DTYPE.abi())?
     };
     // Held until this function returns, after the launches.
     let bound = buffers.bind(stream, &mut params, lp.workspace_len > 0)?;
@@ -248,15 +252,17 @@ pub fn forward_into(
 
     let block = (LANES as u32 * lp.warps, 1, 1);
     let kernels = &gpu.kernels;
-    let vi = lp.variant_index();
+    let (ti, vi) = (T::DTYPE.index(), lp.variant_index());
     if lp.num_chunks > 1 {
         let cfg = LaunchConfig { grid_dim: (lp.reduce_grid, 1, 1), block_dim: block, shared_mem_bytes: 0 };
-        let mut launch = stream.launch_builder(&kernels.scan_reduce_f32[vi]);
+        let mut launch = stream.launch_builder(&kernels.scan_reduce[ti][vi]);
         launch.arg(&params);
-        // SAFETY: gateloop_scan_reduce_f32_v{T} (T = lp.value_tile) takes one
+        // SAFETY: gateloop_scan_reduce_{E}_v{T} (E the element type of q, k,
+        // v, y: T::DTYPE picks the table row; T = lp.value_tile) takes one
         // GateloopScanParams by value, which is what is pushed. Its pointers
         // come from live buffers of this context whose lengths were checked
-        // against `params.dims` (contiguous strides set above); the
+        // against `params.dims` (contiguous strides set above; q, k, v, y in
+        // elements of E, the rest f32); the
         // workspace holds ≥ lp.workspace_len f32, so chunk_gate
         // [B·H, chunks, K] and chunk_state [B·H, chunks, K, V] (complex) fit
         // and are 8-byte aligned; h0 is null iff HAS_H0 is clear. The
@@ -265,7 +271,7 @@ pub fn forward_into(
         // the one `plan` computed for these dims. The buffers outlive the
         // launch (borrowed until this function returns; cudarc's drop of a
         // CudaSlice waits on the events the guards record).
-        unsafe { launch.launch(cfg) }.doing("launching gateloop_scan_reduce_f32")?;
+        unsafe { launch.launch(cfg) }.doing("launching gateloop_scan_reduce")?;
 
         let cfg = LaunchConfig {
             grid_dim: (lp.carry_grid, 1, 1),
@@ -281,13 +287,13 @@ pub fn forward_into(
         unsafe { launch.launch(cfg) }.doing("launching gateloop_scan_carry")?;
     }
     let cfg = LaunchConfig { grid_dim: (lp.forward_grid, 1, 1), block_dim: block, shared_mem_bytes: 0 };
-    let mut launch = stream.launch_builder(&kernels.scan_forward_f32[vi]);
+    let mut launch = stream.launch_builder(&kernels.scan_forward[ti][vi]);
     launch.arg(&params);
     // SAFETY: as for the reduce launch, with grid = B·H·tiles·chunks; the
     // workspace (when chunks > 1) was completed by the carry kernel earlier
     // on this stream; with one chunk the kernel reads h0 (or nothing) and
     // never touches the (null) workspace pointers.
-    unsafe { launch.launch(cfg) }.doing("launching gateloop_scan_forward_f32")?;
+    unsafe { launch.launch(cfg) }.doing("launching gateloop_scan_forward")?;
     Ok(())
 }
 
@@ -295,8 +301,15 @@ pub fn forward_into(
 /// workspace), downloads the outputs; synchronizes. Checks the gate domain
 /// on the host.
 pub fn forward_host(gpu: &Gpu, p: &Problem<'_, f32>) -> Result<Outputs<f32>, GpuError> {
+    forward_host_as::<f32>(gpu, p)
+}
+
+/// [`forward_host`] with q, k, v rounded to `T` on the host before the upload
+/// (log_gate and h0 stay f32) and the kernels' `T` output `y` widened back to
+/// f32 (exactly).
+pub fn forward_host_as<T: Element>(gpu: &Gpu, p: &Problem<'_, f32>) -> Result<Outputs<f32>, GpuError> {
     let workspace_len = |d: &Dims| Ok(plan_for(gpu, d)?.workspace_len);
-    launch::forward_host::<f32>(gpu, p, workspace_len, "synchronizing after the scan kernels", |s, d, i, o, ws| {
+    launch::forward_host::<T>(gpu, p, workspace_len, "synchronizing after the scan kernels", |s, d, i, o, ws| {
         forward_into(gpu, s, d, i, o, ws)
     })
 }

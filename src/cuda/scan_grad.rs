@@ -19,6 +19,7 @@ use num_complex::Complex;
 use super::abi::{self, GateloopScanGradParams, GateloopScanParams};
 use super::launch::{self, GradBuffers, SeqParams, seq_strides, state_strides};
 use super::scan::{LaunchPlan, plan_with_warps, sm_count};
+use super::element::Dtype;
 use super::{DriverContext, Gpu, GpuError};
 use crate::cpu::scan::{MAX_WARPS, STEPS_PER_THREAD, ScanParams};
 use crate::cpu::scan_grad::ScanGradParams;
@@ -227,7 +228,7 @@ pub fn backward_into<'a>(
     let vi = lp.variant_index();
     if fl.num_chunks > 1 {
         let cfg = LaunchConfig { grid_dim: (fl.reduce_grid, 1, 1), block_dim: block, shared_mem_bytes: 0 };
-        let mut launch = stream.launch_builder(&kernels.scan_reduce_f32[fl.variant_index()]);
+        let mut launch = stream.launch_builder(&kernels.scan_reduce[Dtype::F32.index()][fl.variant_index()]);
         launch.arg(&params.fwd);
         // SAFETY: the forward's gateloop_scan_reduce_f32_v{T} (T =
         // fl.value_tile) takes one GateloopScanParams by value, which is
