@@ -214,7 +214,7 @@ fn recurrent_kernel_emulated_matches_reference() {
     let mut variants = BTreeSet::new();
     for (i, ((b, l, h, k, v), regime)) in shapes.into_iter().zip(ALL_REGIMES_AND_UNDERFLOW).enumerate() {
         for per_head in [false, true] {
-            let with_h0 = (i + per_head as usize) % 2 == 0;
+            let with_h0 = (i + per_head as usize).is_multiple_of(2);
             let seed = 2000 + 2 * i as u64 + per_head as u64;
             let d = dims(b, l, h, k, v, per_head);
             let p64 = random_problem(d, regime, with_h0, seed).rounded_to_f32();
@@ -240,7 +240,7 @@ fn recurrent_kernel_emulated_half_types() {
     let Some(emu) = recurrent_emulator() else { return };
     let mut worst = Worst::default();
     fn case<T: Element>(emu: &Path, worst: &mut Worst, seed: u64) {
-        let d = dims(2, 90, 1, 12, 40, seed % 2 == 0);
+        let d = dims(2, 90, 1, 12, 40, seed.is_multiple_of(2));
         let p64 = dtype_support::rounded_to::<T>(&random_problem(d, GateRegime::Mixed, true, seed));
         let want = reference::recurrent::forward(&p64.view()).unwrap();
         let label = format!("{d:?} {:?} seed={seed}", T::DTYPE);
