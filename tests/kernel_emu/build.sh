@@ -6,7 +6,8 @@ here="$(cd "$(dirname "$0")" && pwd)"
 root="$here/../.."
 out="${1:-$root/target/scan_grad_emu}"
 mkdir -p "$(dirname "$out")"
-flags=(-std=c++20 -O2 -pthread -ffp-contract=off -Wno-unknown-pragmas -I"$here/include" -I"$here" -I"$root/cuda")
+source "$here/flags.sh"
+flags=("${emu_flags[@]}")
 g++ "${flags[@]}" -x c++ -include "$here/emu.h" -c "$root/cuda/scan.cu" -o "$out.scan.o"
 g++ "${flags[@]}" -x c++ -include "$here/emu.h" -c "$root/cuda/scan_grad.cu" -o "$out.scan_grad.o"
 g++ "${flags[@]}" "$here/runtime.cpp" "$here/driver.cpp" "$out.scan.o" "$out.scan_grad.o" -o "$out"

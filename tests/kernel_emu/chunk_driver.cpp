@@ -29,13 +29,6 @@
 #include "gateloop_abi.h"
 #include "driver_io.h"
 
-#if defined(__SANITIZE_ADDRESS__)
-#include <sanitizer/asan_interface.h>
-#else
-#define ASAN_POISON_MEMORY_REGION(addr, size) ((void)(addr), (void)(size))
-#define ASAN_UNPOISON_MEMORY_REGION(addr, size) ((void)(addr), (void)(size))
-#endif
-
 void emu_launch(unsigned grid, unsigned block, const std::function<void()>& kernel);
 
 // The dynamic shared memory of cuda/chunk.cu's `extern __shared__ smem[]`
@@ -93,15 +86,8 @@ static void grad_shared_bytes(int32_t& w, int32_t& qk, int32_t& dv) {
 template <class P>
 static std::function<void()> with_shared(void (*f)(const P), const P& p, int32_t bytes) {
     return [f, &p, bytes] {
-        const size_t n = static_cast<size_t>(bytes), cap = gateloop::chunk::kEmuSharedCapacity;
-        if (n > cap) std::abort();
         if (threadIdx.x == 0) {
-            // Under AddressSanitizer the bytes past the launch's dynamic size
-            // are poisoned: a kernel that uses more than the host gave it
-            // aborts here as it would fault (or corrupt) on a GPU.
-            ASAN_UNPOISON_MEMORY_REGION(gateloop::chunk::smem, cap);
-            std::memset(gateloop::chunk::smem, 0xff, n);
-            ASAN_POISON_MEMORY_REGION(gateloop::chunk::smem + n, cap - n);
+            emu_fill_shared(gateloop::chunk::smem, gateloop::chunk::kEmuSharedCapacity, static_cast<size_t>(bytes));
         }
         __syncthreads();
         f(p);

@@ -1,13 +1,17 @@
-// Runs the fused-scan backward's launch sequence (as src/cuda/scan_grad.rs
+// Runs the fused-scan forward's launch sequence (as src/cuda/scan.rs
+// `forward_into` does) or the backward's (as src/cuda/scan_grad.rs
 // `backward_into` does) on the CPU emulation of the kernels.
 //
-//   scan_grad_emu DIR
+//   scan_grad_emu --forward DIR   (reduce, carry, forward)
+//   scan_grad_emu DIR             (the backward's five launches)
 //
-// DIR/dims.txt: B L H K V gate_dim has_h0 has_dh_final warps fwd_value_tile value_tile
-// DIR/{q,k,v,log_gate,dy}.bin and, when present, {h0,dh_final}.bin: raw
-// little-endian f32 (complex as pairs), contiguous [B, L, H, D] / [B, H, K, V].
-// Writes DIR/{dq,dk,dv,dlog_gate}.out and, with h0, DIR/dh0.out. Outputs and
-// workspace start as NaN, so an element no kernel writes shows.
+// Forward: DIR/dims.txt: B L H K V gate_dim has_h0 warps value_tile
+// Backward: DIR/dims.txt: B L H K V gate_dim has_h0 has_dh_final warps fwd_value_tile value_tile
+// DIR/{q,k,v,log_gate}.bin, for the backward dy.bin, and when present
+// {h0,dh_final}.bin: raw little-endian f32 (complex as pairs), contiguous
+// [B, L, H, D] / [B, H, K, V]. The forward writes DIR/{y,h_final}.out; the
+// backward DIR/{dq,dk,dv,dlog_gate}.out and, with h0, DIR/dh0.out. Outputs
+// and workspace start as NaN, so an element no kernel writes shows.
 #include <cmath>
 #include <cstdio>
 #include <cstdlib>
@@ -26,6 +30,9 @@ extern "C" {
 void gateloop_scan_reduce_f32_v1(const GateloopScanParams p);
 void gateloop_scan_reduce_f32_v2(const GateloopScanParams p);
 void gateloop_scan_reduce_f32_v4(const GateloopScanParams p);
+void gateloop_scan_forward_f32_v1(const GateloopScanParams p);
+void gateloop_scan_forward_f32_v2(const GateloopScanParams p);
+void gateloop_scan_forward_f32_v4(const GateloopScanParams p);
 void gateloop_scan_carry(const GateloopScanParams p);
 void gateloop_scan_grad_reduce_f32_v1(const GateloopScanGradParams p);
 void gateloop_scan_grad_reduce_f32_v2(const GateloopScanGradParams p);
@@ -35,52 +42,99 @@ void gateloop_scan_grad_carry(const GateloopScanGradParams p);
 }
 
 
-int main(int argc, char** argv) {
-    if (argc != 2) {
-        std::fprintf(stderr, "usage: %s DIR\n", argv[0]);
-        return 2;
-    }
-    const std::string dir = argv[1];
-    std::ifstream df(dir + "/dims.txt");
-    int64_t B, L, H, K, V, G, has_h0, has_dhf, warps, fwd_tile, tile;
-    if (!(df >> B >> L >> H >> K >> V >> G >> has_h0 >> has_dhf >> warps >> fwd_tile >> tile)) {
-        std::fprintf(stderr, "bad dims.txt\n");
-        return 2;
-    }
-    const size_t qk = B * L * H * K, vn = B * L * H * V, gn = B * L * H * G, sn = B * H * K * V;
-    auto q = read_f32(dir + "/q.bin", qk), k = read_f32(dir + "/k.bin", qk), v = read_f32(dir + "/v.bin", vn);
-    auto gate = read_f32(dir + "/log_gate.bin", 2 * gn), dy = read_f32(dir + "/dy.bin", vn);
-    std::vector<float> h0, dhf;
-    if (has_h0) h0 = read_f32(dir + "/h0.bin", 2 * sn);
-    if (has_dhf) dhf = read_f32(dir + "/dh_final.bin", 2 * sn);
-    const float nan = std::nanf("");
-    std::vector<float> dq(qk, nan), dk(qk, nan), dv(vn, nan), dg(2 * gn, nan), dh0(has_h0 ? 2 * sn : 0, nan);
-
-    const int64_t chunk_len = GATELOOP_SCAN_STEPS_PER_THREAD * 32 * warps;
-    const int64_t nc = (L + chunk_len - 1) / chunk_len;
-    const int64_t fwd_tiles = (V + fwd_tile - 1) / fwd_tile, tiles = (V + tile - 1) / tile;
-    const int64_t half = nc > 1 ? 2 * B * H * nc * K * (V + 1) : 0;
-    const int64_t state_off = 2 * B * H * nc * K;
-    std::vector<float> ws(2 * half + 2, nan);
-
+// The forward's params for contiguous inputs (src/cuda/scan.rs
+// `forward_into`: GateloopScanParams::for_dims, then the plan's geometry);
+// chunk_gate / chunk_state, y and h_final are the caller's.
+static GateloopScanParams forward_params(int64_t B, int64_t L, int64_t H, int64_t K, int64_t V, int64_t G, const float* q,
+                                         const float* k, const float* v, const float* gate, const float* h0,
+                                         int64_t warps, int64_t tile) {
     GateloopScanParams f{};
-    f.q = q.data();
-    f.k = k.data();
-    f.v = v.data();
-    f.log_gate = gate.data();
-    f.h0 = has_h0 ? h0.data() : nullptr;
+    f.q = q;
+    f.k = k;
+    f.v = v;
+    f.log_gate = gate;
+    f.h0 = h0;
     f.dims = GateloopDims{B, L, H, K, V, G};
     f.q_strides = f.k_strides = seq(L, H, K);
     f.v_strides = f.y_strides = seq(L, H, V);
     f.gate_strides = seq(L, H, G);
     f.h0_strides = f.h_final_strides = GateloopStateStrides{H * K * V, K * V, V};
-    f.flags = (G == 1 ? GATELOOP_FLAG_PER_HEAD_GATE : 0) | (has_h0 ? GATELOOP_FLAG_HAS_H0 : 0);
+    f.flags = (G == 1 ? GATELOOP_FLAG_PER_HEAD_GATE : 0) | (h0 ? GATELOOP_FLAG_HAS_H0 : 0);
     f.dtype = GATELOOP_DTYPE_F32;
     f.warps = static_cast<int32_t>(warps);
-    f.value_tile = static_cast<int32_t>(fwd_tile);
-    f.chunk_len = chunk_len;
-    f.num_chunks = nc;
-    f.value_tiles = fwd_tiles;
+    f.value_tile = static_cast<int32_t>(tile);
+    f.chunk_len = GATELOOP_SCAN_STEPS_PER_THREAD * 32 * warps;
+    f.num_chunks = (L + f.chunk_len - 1) / f.chunk_len;
+    f.value_tiles = (V + tile - 1) / tile;
+    return f;
+}
+
+// The forward's reduce and carry launches (only when there is more than one
+// chunk), as src/cuda/scan.rs `forward_into` enqueues them.
+static void reduce_and_carry(const GateloopScanParams& f) {
+    if (f.num_chunks <= 1) return;
+    const GateloopDims& d = f.dims;
+    const unsigned block = static_cast<unsigned>(32 * f.warps);
+    const unsigned rgrid = static_cast<unsigned>(d.batch * d.heads * f.value_tiles * (f.num_chunks - 1));
+    const unsigned carry_grid =
+        static_cast<unsigned>((d.batch * d.heads * d.key_dim * d.value_dim + GATELOOP_SCAN_CARRY_BLOCK - 1) / GATELOOP_SCAN_CARRY_BLOCK);
+    auto fr = f.value_tile == 1 ? gateloop_scan_reduce_f32_v1 : f.value_tile == 2 ? gateloop_scan_reduce_f32_v2 : gateloop_scan_reduce_f32_v4;
+    emu_launch(rgrid, block, [&] { fr(f); });
+    emu_launch(carry_grid, GATELOOP_SCAN_CARRY_BLOCK, [&] { gateloop_scan_carry(f); });
+}
+
+int main(int argc, char** argv) {
+    const bool forward = argc == 3 && std::string(argv[1]) == "--forward";
+    if (argc != 2 && !forward) {
+        std::fprintf(stderr, "usage: %s [--forward] DIR\n", argv[0]);
+        return 2;
+    }
+    const std::string dir = argv[argc - 1];
+    std::ifstream df(dir + "/dims.txt");
+    int64_t B, L, H, K, V, G, has_h0, has_dhf = 0, warps, fwd_tile, tile = 0;
+    const bool ok = forward ? static_cast<bool>(df >> B >> L >> H >> K >> V >> G >> has_h0 >> warps >> fwd_tile)
+                            : static_cast<bool>(df >> B >> L >> H >> K >> V >> G >> has_h0 >> has_dhf >> warps >> fwd_tile >> tile);
+    if (!ok) {
+        std::fprintf(stderr, "bad dims.txt\n");
+        return 2;
+    }
+    const size_t qk = B * L * H * K, vn = B * L * H * V, gn = B * L * H * G, sn = B * H * K * V;
+    auto q = read_f32(dir + "/q.bin", qk), k = read_f32(dir + "/k.bin", qk), v = read_f32(dir + "/v.bin", vn);
+    auto gate = read_f32(dir + "/log_gate.bin", 2 * gn);
+    std::vector<float> h0;
+    if (has_h0) h0 = read_f32(dir + "/h0.bin", 2 * sn);
+    const float nan = std::nanf("");
+    GateloopScanParams f = forward_params(B, L, H, K, V, G, q.data(), k.data(), v.data(), gate.data(),
+                                          has_h0 ? h0.data() : nullptr, warps, fwd_tile);
+    const int64_t nc = f.num_chunks;
+    // src/cuda/scan.rs LaunchPlan::workspace_len: chunk_gate (2·B·H·nc·K)
+    // then chunk_state (2·B·H·nc·K·V); the backward appends rev_gate and
+    // rev_state of the same sizes.
+    const int64_t half = nc > 1 ? 2 * B * H * nc * K * (V + 1) : 0;
+    const int64_t state_off = 2 * B * H * nc * K;
+
+    if (forward) {
+        std::vector<float> ws(half + 2, nan), y(vn, nan), hf(2 * sn, nan);
+        if (nc > 1) {
+            f.chunk_gate = ws.data();
+            f.chunk_state = ws.data() + state_off;
+        }
+        f.y = y.data();
+        f.h_final = hf.data();
+        reduce_and_carry(f);
+        auto ff = fwd_tile == 1 ? gateloop_scan_forward_f32_v1 : fwd_tile == 2 ? gateloop_scan_forward_f32_v2 : gateloop_scan_forward_f32_v4;
+        emu_launch(static_cast<unsigned>(B * H * f.value_tiles * nc), static_cast<unsigned>(32 * warps), [&] { ff(f); });
+        write_f32(dir + "/y.out", y);
+        write_f32(dir + "/h_final.out", hf);
+        return 0;
+    }
+
+    auto dy = read_f32(dir + "/dy.bin", vn);
+    std::vector<float> dhf;
+    if (has_dhf) dhf = read_f32(dir + "/dh_final.bin", 2 * sn);
+    std::vector<float> dq(qk, nan), dk(qk, nan), dv(vn, nan), dg(2 * gn, nan), dh0(has_h0 ? 2 * sn : 0, nan);
+    const int64_t tiles = (V + tile - 1) / tile;
+    std::vector<float> ws(2 * half + 2, nan);
     GateloopScanGradParams g{};
     if (nc > 1) {
         f.chunk_gate = ws.data();
@@ -106,10 +160,7 @@ int main(int argc, char** argv) {
     const unsigned block = static_cast<unsigned>(32 * warps);
     const unsigned carry_grid = static_cast<unsigned>((B * H * K * V + GATELOOP_SCAN_CARRY_BLOCK - 1) / GATELOOP_SCAN_CARRY_BLOCK);
     if (nc > 1) {
-        const unsigned rgrid = static_cast<unsigned>(B * H * fwd_tiles * (nc - 1));
-        auto fr = fwd_tile == 1 ? gateloop_scan_reduce_f32_v1 : fwd_tile == 2 ? gateloop_scan_reduce_f32_v2 : gateloop_scan_reduce_f32_v4;
-        emu_launch(rgrid, block, [&] { fr(g.fwd); });
-        emu_launch(carry_grid, GATELOOP_SCAN_CARRY_BLOCK, [&] { gateloop_scan_carry(g.fwd); });
+        reduce_and_carry(g.fwd);
         auto gr = tile == 1 ? gateloop_scan_grad_reduce_f32_v1 : gateloop_scan_grad_reduce_f32_v2;
         emu_launch(static_cast<unsigned>(B * H * tiles * (nc - 1)), block, [&] { gr(g); });
         emu_launch(carry_grid, GATELOOP_SCAN_CARRY_BLOCK, [&] { gateloop_scan_grad_carry(g); });

@@ -31,6 +31,10 @@ struct float2 {
     float x, y;
 };
 inline float2 make_float2(float x, float y) { return float2{x, y}; }
+struct float4 {
+    float x, y, z, w;
+};
+inline float4 make_float4(float x, float y, float z, float w) { return float4{x, y, z, w}; }
 
 struct EmuDim3 {
     unsigned x, y, z;
@@ -38,6 +42,9 @@ struct EmuDim3 {
 extern thread_local EmuDim3 threadIdx;
 extern thread_local EmuDim3 blockIdx;
 extern EmuDim3 blockDim;
+// The calling thread's index within its block, x fastest (CUDA's linear
+// thread id: warps are its consecutive runs of 32).
+inline unsigned emu_thread_rank() { return threadIdx.x + blockDim.x * (threadIdx.y + blockDim.y * threadIdx.z); }
 
 void __syncthreads();
 // __syncthreads, and whether `predicate` is non-zero on any thread of the block.

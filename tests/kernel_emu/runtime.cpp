@@ -16,10 +16,10 @@ static std::barrier<>* g_barrier = nullptr;
 static float g_xchg[1024];
 static std::vector<std::barrier<>*> g_warp_barriers;
 
-void __syncwarp(unsigned) { g_warp_barriers[threadIdx.x / 32]->arrive_and_wait(); }
+void __syncwarp(unsigned) { g_warp_barriers[emu_thread_rank() / 32]->arrive_and_wait(); }
 namespace nvcuda::wmma {
 void emu_syncwarp() { __syncwarp(); }
-unsigned emu_lane() { return threadIdx.x & 31; }
+unsigned emu_lane() { return emu_thread_rank() & 31; }
 }  // namespace nvcuda::wmma
 
 void __syncthreads() { g_barrier->arrive_and_wait(); }
@@ -35,7 +35,7 @@ int __syncthreads_or(int predicate) {
 }
 
 float emu_shuffle(float v, int offset, bool up) {
-    const unsigned tid = threadIdx.x;
+    const unsigned tid = emu_thread_rank();
     const int lane = static_cast<int>(tid & 31);
     g_xchg[tid] = v;
     g_barrier->arrive_and_wait();
@@ -46,9 +46,11 @@ float emu_shuffle(float v, int offset, bool up) {
     return r;
 }
 
-// Runs `kernel` over grid × block threads, one block at a time.
-void emu_launch(unsigned grid, unsigned block, const std::function<void()>& kernel) {
-    blockDim = EmuDim3{block, 1, 1};
+// Runs `kernel` over grid × (block.x · block.y · block.z) threads, one
+// block at a time.
+void emu_launch(unsigned grid, EmuDim3 block_dim, const std::function<void()>& kernel) {
+    blockDim = block_dim;
+    const unsigned block = block_dim.x * block_dim.y * block_dim.z;
     for (unsigned b = 0; b < grid; ++b) {
         std::barrier<> bar(block);
         g_barrier = &bar;
@@ -62,11 +64,15 @@ void emu_launch(unsigned grid, unsigned block, const std::function<void()>& kern
         threads.reserve(block);
         for (unsigned t = 0; t < block; ++t) {
             threads.emplace_back([&, t, b] {
-                threadIdx = EmuDim3{t, 0, 0};
+                threadIdx = EmuDim3{t % block_dim.x, t / block_dim.x % block_dim.y, t / (block_dim.x * block_dim.y)};
                 blockIdx = EmuDim3{b, 0, 0};
                 kernel();
             });
         }
         for (auto& th : threads) th.join();
     }
+}
+
+void emu_launch(unsigned grid, unsigned block, const std::function<void()>& kernel) {
+    emu_launch(grid, EmuDim3{block, 1, 1}, kernel);
 }

@@ -1,0 +1,298 @@
+//! The fused-scan forward's CUDA kernels (`cuda/scan.cu`: reduce, carry,
+//! forward) and the recurrent kernel (`cuda/recurrent.cu`, as forward and as
+//! in-place decode), compiled unchanged for the CPU by
+//! `tests/kernel_emu/build.sh` / `build_recurrent.sh` (every thread of a
+//! block an OS thread; outputs, workspace and dynamic shared memory
+//! NaN-poisoned) and launched as `cuda::scan::forward_into` /
+//! `cuda::recurrent::{forward_into, decode_into}` launch them, with the
+//! geometry of their `plan`s:
+//!
+//! - scan forward: equal to the CPU mirror `cpu::scan` bit for bit (same
+//!   arithmetic in the same order, same libm), and within relative L2 ≤ 1e-4,
+//!   max-abs ≤ 1e-3·max|ref| of the f64 reference on the same f32 inputs;
+//! - recurrent: within those bounds of the f64 reference (f16 / bf16: the
+//!   bounds of `dtype_support::y_bounds`); decode in pieces (of 1 step and
+//!   longer) equal to one forward call bit for bit, state and y.
+//!
+//! Proves the kernels' indexing, shuffles, barriers, shared-memory carving
+//! and launch sequences without a GPU; not the SFU's accuracy or the memory
+//! model (see tests/kernel_emu/README.md). Skips (with a notice) without g++.
+//! Run with `--nocapture` for the measured differences.
+
+mod common;
+mod dtype_support;
+mod emu_support;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::{Path, PathBuf};
+
+use gateloop::cpu::scan as scan_mirror;
+use gateloop::cuda::{Dtype, Element, recurrent, scan};
+use gateloop::dispatch::MIRROR_SM_COUNT;
+use gateloop::reference;
+use gateloop::testing::{GateRegime, OwnedProblem, dims, random_problem};
+use gateloop::{Complex, Dims, ErrorStats, Outputs, compare, compare_complex};
+
+use common::{ABS_FRAC, ALL_REGIMES_AND_UNDERFLOW, REL, assert_within, flat, unflat};
+use emu_support::{kernel_emulator, read_f32_file, write_f32_file};
+
+/// An emulator binary, built once per test binary.
+fn emulator(which: &'static std::sync::OnceLock<Option<PathBuf>>, script: &str, env: &str, name: &str) -> Option<PathBuf> {
+    which.get_or_init(|| kernel_emulator(script, env, name)).clone()
+}
+static SCAN_EMU: std::sync::OnceLock<Option<PathBuf>> = std::sync::OnceLock::new();
+static RECURRENT_EMU: std::sync::OnceLock<Option<PathBuf>> = std::sync::OnceLock::new();
+fn scan_emulator() -> Option<PathBuf> {
+    emulator(&SCAN_EMU, "build.sh", "GATELOOP_SCAN_GRAD_EMU", "gateloop_scan_fwd_emu")
+}
+fn recurrent_emulator() -> Option<PathBuf> {
+    emulator(&RECURRENT_EMU, "build_recurrent.sh", "GATELOOP_RECURRENT_EMU", "gateloop_recurrent_emu")
+}
+
+/// A fresh case directory holding `dims_line` as dims.txt and the inputs of
+/// `p` (and `extra` files) in the drivers' format.
+fn write_case(tag: &str, dims_line: String, p: &OwnedProblem<f32>, extra: &[(&str, Vec<f32>)]) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("gateloop_kernels_emu_{}_{tag}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(dir.join("dims.txt"), dims_line).unwrap();
+    write_f32_file(&dir.join("q.bin"), &p.q);
+    write_f32_file(&dir.join("k.bin"), &p.k);
+    write_f32_file(&dir.join("v.bin"), &p.v);
+    write_f32_file(&dir.join("log_gate.bin"), &flat(&p.log_gate));
+    if let Some(h0) = &p.h0 {
+        write_f32_file(&dir.join("h0.bin"), &flat(h0));
+    }
+    for (name, x) in extra {
+        write_f32_file(&dir.join(name), x);
+    }
+    dir
+}
+
+/// Runs `emu` with `args` then `dir`; reads y.out and `state_file`, removes `dir`.
+fn run(emu: &Path, args: &[&str], dir: &Path, state_file: &str) -> Outputs<f32> {
+    let status = std::process::Command::new(emu).args(args).arg(dir).status().unwrap();
+    assert!(status.success(), "{dir:?}: emulator failed: {status}");
+    let out = Outputs { y: read_f32_file(&dir.join("y.out")), h_final: unflat(&read_f32_file(&dir.join(state_file))) };
+    std::fs::remove_dir_all(dir).unwrap();
+    out
+}
+
+fn dims_prefix(d: &Dims, with_h0: bool) -> String {
+    format!("{} {} {} {} {} {} {}", d.batch, d.len, d.heads, d.key_dim, d.value_dim, d.gate_dim(), with_h0 as u8)
+}
+
+/// The scan forward's three launches (reduce, carry, forward; one chunk:
+/// forward only) with the geometry `lp`.
+fn scan_emulated(emu: &Path, tag: &str, p: &OwnedProblem<f32>, lp: &scan::LaunchPlan) -> Outputs<f32> {
+    let line = format!("{} {} {}", dims_prefix(&p.dims, p.h0.is_some()), lp.warps, lp.value_tile);
+    run(emu, &["--forward"], &write_case(tag, line, p, &[]), "h_final.out")
+}
+
+/// The recurrent kernel's launch with the plan of `cuda::recurrent::plan`:
+/// forward_into (`state` None: h0 from `p`), or decode_into (`state`: the
+/// initial state, updated in place; `p` without h0). q, k, v must be
+/// representable in `dtype`. Returns y (widened) and h_final / the new state.
+fn recurrent_emulated(emu: &Path, tag: &str, p: &OwnedProblem<f32>, dtype: Dtype, state: Option<&[Complex<f32>]>) -> Outputs<f32> {
+    let lp = recurrent::plan(&p.dims).unwrap();
+    let line = format!(
+        "{} {} {} {} {} {}",
+        dims_prefix(&p.dims, p.h0.is_some()),
+        dtype.abi(),
+        lp.rows_per_thread,
+        lp.key_groups,
+        lp.chunk_len,
+        lp.shared_bytes
+    );
+    match state {
+        None => run(emu, &[], &write_case(tag, line, p, &[]), "h_final.out"),
+        Some(s) => run(emu, &["--decode"], &write_case(tag, line, p, &[("state.bin", flat(s))]), "state.out"),
+    }
+}
+
+/// The largest errors seen, per (kernel, output, against what).
+#[derive(Default)]
+struct Worst(BTreeMap<String, (f64, f64)>);
+impl Worst {
+    /// Asserts `e` within (`rel`, `abs_frac`) and records it under `key`.
+    fn check(&mut self, label: &str, key: &str, e: &ErrorStats, rel: f64, abs_frac: f64) {
+        assert_within(label, key, e, rel, abs_frac);
+        let w = self.0.entry(key.to_string()).or_default();
+        w.0 = w.0.max(e.rel_l2);
+        w.1 = w.1.max(e.max_abs / e.max_ref.max(f64::MIN_POSITIVE));
+    }
+    fn report(&self, test: &str) {
+        for (key, (rel, abs)) in &self.0 {
+            println!("worst, {test}: {key}: rel L2 {rel:.2e}, max-abs/max|ref| {abs:.2e}");
+        }
+    }
+}
+
+fn bits(x: &[f32]) -> Vec<u32> {
+    x.iter().map(|x| x.to_bits()).collect()
+}
+fn complex_bits(x: &[Complex<f32>]) -> Vec<u32> {
+    bits(&flat(x))
+}
+
+/// y and h_final of `got` against the f64 reference `want`, recorded under `kernel`.
+fn check_reference(worst: &mut Worst, label: &str, kernel: &str, got: &Outputs<f32>, want: &Outputs<f64>, y_bounds: (f64, f64)) {
+    worst.check(label, &format!("{kernel} y vs f64 reference"), &compare(&got.y, &want.y), y_bounds.0, y_bounds.1);
+    let e = compare_complex(&got.h_final, &want.h_final);
+    worst.check(label, &format!("{kernel} h_final vs f64 reference"), &e, REL, ABS_FRAC);
+}
+
+/// The scan forward's kernels: every launch, 1, 2 and 4 warps per block,
+/// value tiles 1, 2 and 4, one and several chunks (L = 1, L a chunk exactly,
+/// one step past a chunk, L ≈ 5000 with B·H = 1), B·H > 1, both gate layouts,
+/// h0 present and absent, every gate regime.
+#[test]
+fn scan_forward_kernels_emulated_match_mirror_and_reference() {
+    let Some(emu) = scan_emulator() else { return };
+    let mut worst = Worst::default();
+    // (dims, regime, h0, SM count of the plan): one SM makes the plan pick 2
+    // and 4 warps per block for small problems.
+    let cases = [
+        (dims(1, 5000, 1, 4, 5, false), GateRegime::Mixed, true, MIRROR_SM_COUNT),
+        (dims(2, 300, 2, 5, 7, true), GateRegime::Random, false, MIRROR_SM_COUNT),
+        (dims(1, 1, 1, 3, 2, false), GateRegime::UnitModulus, true, MIRROR_SM_COUNT),
+        (dims(1, 700, 1, 3, 1, false), GateRegime::Resets(0.05), true, 1),
+        (dims(1, 2100, 1, 2, 3, true), GateRegime::LargePhase(50.0), false, 1),
+        (dims(1, 256, 1, 16, 16, false), GateRegime::StrongDecay(40.0), true, MIRROR_SM_COUNT),
+        (dims(1, 257, 2, 3, 4, true), GateRegime::Resets(1.0), true, MIRROR_SM_COUNT),
+        (dims(1, 600, 1, 3, 2, false), GateRegime::Underflow, false, MIRROR_SM_COUNT),
+        (dims(1, 1000, 1, 2, 2, false), GateRegime::HardDecay(0.5), true, 1),
+    ];
+    let (mut warps_seen, mut tiles_seen, mut chunks_seen) = (BTreeSet::new(), BTreeSet::new(), BTreeSet::new());
+    for (i, (d, regime, with_h0, sms)) in cases.into_iter().enumerate() {
+        let seed = 1000 + i as u64;
+        let p64 = random_problem(d, regime, with_h0, seed).rounded_to_f32();
+        let want = reference::recurrent::forward(&p64.view()).unwrap();
+        let p = p64.to_f32();
+        let lp = scan::plan(&d, sms).unwrap();
+        let label = format!("{d:?} {regime:?} h0={with_h0} seed={seed} {lp:?}");
+        warps_seen.insert(lp.warps);
+        tiles_seen.insert(lp.value_tile);
+        chunks_seen.insert(lp.num_chunks.min(3));
+        let got = scan_emulated(&emu, &format!("scan{i}"), &p, &lp);
+        let mirror = scan_mirror::forward(&p.view(), &lp.scan_params()).unwrap();
+        assert!(bits(&got.y) == bits(&mirror.y), "{label}: emulated y differs from the mirror {:?}", compare(&got.y, &mirror.y));
+        assert!(
+            complex_bits(&got.h_final) == complex_bits(&mirror.h_final),
+            "{label}: emulated h_final differs from the mirror {:?}",
+            compare_complex(&got.h_final, &mirror.h_final)
+        );
+        check_reference(&mut worst, &label, "scan", &got, &want, (REL, ABS_FRAC));
+    }
+    assert_eq!(warps_seen.into_iter().collect::<Vec<_>>(), [1, 2, 4]);
+    assert_eq!(tiles_seen.into_iter().collect::<Vec<_>>(), [1, 2, 4]);
+    assert_eq!(chunks_seen.into_iter().collect::<Vec<_>>(), [1, 2, 3]);
+    worst.report("scan forward kernels (emulated; bit-equal to cpu::scan)");
+}
+
+/// The recurrent kernel as forward_into: every gate regime, both gate
+/// layouts, h0 present and absent, every rows-per-thread variant R ∈ {1, 2,
+/// 4, 8, 16}, 1..9 key groups, one and several value tiles and staged time
+/// chunks (L = 1, L not a multiple of the chunk, L ≈ 5000), B·H > 1; against
+/// the f64 reference, and the f32 evaluation of the reference (the CPU path
+/// of the recurrent mode) for the record.
+#[test]
+fn recurrent_kernel_emulated_matches_reference() {
+    let Some(emu) = recurrent_emulator() else { return };
+    let mut worst = Worst::default();
+    // (B, L, H, K, V): the plans' (R, key groups) are noted in the label.
+    let shapes = [
+        (1, 1, 1, 1, 1),
+        (2, 100, 2, 5, 7),
+        (1, 130, 1, 16, 40),
+        (1, 65, 1, 40, 33),
+        (1, 200, 2, 3, 64),
+        (1, 5000, 1, 8, 8),
+        (1, 150, 1, 130, 5),
+        (2, 64, 1, 64, 3),
+        (1, 150, 3, 2, 1),
+    ];
+    let mut variants = BTreeSet::new();
+    for (i, ((b, l, h, k, v), regime)) in shapes.into_iter().zip(ALL_REGIMES_AND_UNDERFLOW).enumerate() {
+        for per_head in [false, true] {
+            let with_h0 = (i + per_head as usize).is_multiple_of(2);
+            let seed = 2000 + 2 * i as u64 + per_head as u64;
+            let d = dims(b, l, h, k, v, per_head);
+            let p64 = random_problem(d, regime, with_h0, seed).rounded_to_f32();
+            let want = reference::recurrent::forward(&p64.view()).unwrap();
+            let p = p64.to_f32();
+            let lp = recurrent::plan(&d).unwrap();
+            variants.insert(lp.rows_per_thread);
+            let label = format!("{d:?} {regime:?} h0={with_h0} seed={seed} {lp:?}");
+            let got = recurrent_emulated(&emu, &format!("rec{i}_{per_head}"), &p, Dtype::F32, None);
+            check_reference(&mut worst, &label, "recurrent", &got, &want, (REL, ABS_FRAC));
+            let f32_path = reference::recurrent::forward(&p.view()).unwrap();
+            worst.check(&label, "recurrent y vs the f32 reference", &compare(&got.y, &f32_path.y), REL, ABS_FRAC);
+        }
+    }
+    assert_eq!(variants.into_iter().collect::<Vec<_>>(), [1, 2, 4, 8, 16]);
+    worst.report("recurrent kernel (emulated)");
+}
+
+/// The f16 and bf16 instantiations, one case each: q, k, v rounded to the
+/// type (the reference sees exactly those values), y rounded once at the end.
+#[test]
+fn recurrent_kernel_emulated_half_types() {
+    let Some(emu) = recurrent_emulator() else { return };
+    let mut worst = Worst::default();
+    fn case<T: Element>(emu: &Path, worst: &mut Worst, seed: u64) {
+        let d = dims(2, 90, 1, 12, 40, seed.is_multiple_of(2));
+        let p64 = dtype_support::rounded_to::<T>(&random_problem(d, GateRegime::Mixed, true, seed));
+        let want = reference::recurrent::forward(&p64.view()).unwrap();
+        let label = format!("{d:?} {:?} seed={seed}", T::DTYPE);
+        let got = recurrent_emulated(emu, &format!("half{seed}"), &p64.to_f32(), T::DTYPE, None);
+        check_reference(worst, &label, &format!("recurrent {:?}", T::DTYPE), &got, &want, dtype_support::y_bounds(T::DTYPE));
+    }
+    case::<half::f16>(&emu, &mut worst, 3000);
+    case::<half::bf16>(&emu, &mut worst, 3001);
+    worst.report("recurrent kernel, half types (emulated)");
+}
+
+/// Decoding: the state advanced in place over pieces of T ≥ 1 steps (single
+/// steps among longer pieces) equals one forward call with h0 = the initial
+/// state bit for bit (y and state), and the f64 reference within the bounds;
+/// every gate regime, both gate layouts, zero and random initial states.
+#[test]
+fn recurrent_decode_emulated_in_place_matches_one_call() {
+    let Some(emu) = recurrent_emulator() else { return };
+    let mut worst = Worst::default();
+    let pieces: [&[usize]; 3] = [&[1, 1, 1, 1, 1, 1, 1, 1], &[1, 64, 20, 65], &[33, 1, 2, 100]];
+    for (i, regime) in ALL_REGIMES_AND_UNDERFLOW.into_iter().enumerate() {
+        let per_head = i % 2 == 1;
+        let random_init = i % 3 != 2;
+        let piece_lens = pieces[i % pieces.len()];
+        let len: usize = piece_lens.iter().sum();
+        let (b, h, k, v) = [(1, 2, 5, 7), (2, 1, 16, 33), (1, 1, 3, 2)][i % 3];
+        let d = dims(b, len, h, k, v, per_head);
+        let seed = 4000 + i as u64;
+        let p64 = random_problem(d, regime, random_init, seed).rounded_to_f32();
+        let want = reference::recurrent::forward(&p64.view()).unwrap();
+        let p = p64.to_f32();
+        let label = format!("{d:?} {regime:?} random init={random_init} pieces={piece_lens:?} seed={seed}");
+        // The one long call: forward_into with h0 = the initial state (none:
+        // zero, as the zero state buffer of the decode).
+        let whole = recurrent_emulated(&emu, &format!("dec{i}_whole"), &p, Dtype::F32, None);
+        let mut state = p.h0.clone().unwrap_or_else(|| vec![Complex::new(0.0, 0.0); d.state_len()]);
+        let mut y = vec![f32::NAN; d.v_len()];
+        let mut t0 = 0;
+        for (j, &n) in piece_lens.iter().enumerate() {
+            let piece = p.steps(t0, n);
+            let out = recurrent_emulated(&emu, &format!("dec{i}_{j}"), &piece, Dtype::F32, Some(&state));
+            dtype_support::put_window(&mut y, &d, d.value_dim, t0, n, &out.y);
+            state = out.h_final;
+            t0 += n;
+        }
+        assert!(bits(&y) == bits(&whole.y), "{label}: decoded y differs from one call {:?}", compare(&y, &whole.y));
+        assert!(
+            complex_bits(&state) == complex_bits(&whole.h_final),
+            "{label}: decoded state differs from one call's h_final {:?}",
+            compare_complex(&state, &whole.h_final)
+        );
+        check_reference(&mut worst, &label, "decode", &Outputs { y, h_final: state }, &want, (REL, ABS_FRAC));
+    }
+    worst.report("recurrent decode (emulated)");
+}

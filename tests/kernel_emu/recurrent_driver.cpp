@@ -1,0 +1,166 @@
+// Runs the recurrent kernel's launch (as src/cuda/recurrent.rs `launch`
+// does: same GateloopRecurrentParams, grid, 32 × key_groups block, dynamic
+// shared bytes) on the CPU emulation of cuda/recurrent.cu.
+//
+//   recurrent_emu DIR           (forward_into: h0 optional, h_final written)
+//   recurrent_emu --decode DIR  (decode_into: the state updated in place)
+//
+// DIR/dims.txt: B L H K V gate_dim has_h0 dtype rows_per_thread key_groups chunk_len shared_bytes
+// (the plan of src/cuda/recurrent.rs `plan`, checked here against the ABI's
+// formulas; dtype: GATELOOP_DTYPE_* of q, k, v, y). DIR/{q,k,v,log_gate}.bin,
+// with h0 h0.bin, and for --decode state.bin: raw little-endian f32
+// (complex as pairs), contiguous [B, L, H, D] / [B, H, K, V]; for f16 / bf16
+// q, k, v must already be representable (they are converted exactly). Writes
+// DIR/y.out (widened to f32) and DIR/h_final.out (forward) or DIR/state.out
+// (decode). y, h_final and the dynamic shared memory start as NaN, so an
+// element no thread writes (or a shared word read before it is written)
+// shows; in place, the state buffer holds the initial state.
+#include <cmath>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <fstream>
+#include <functional>
+#include <string>
+#include <vector>
+
+#include "emu.h"
+#include "gateloop_abi.h"
+#include "driver_io.h"
+#include "cuda_bf16.h"
+#include "cuda_fp16.h"
+
+void emu_launch(unsigned grid, EmuDim3 block, const std::function<void()>& kernel);
+
+// The dynamic shared memory of cuda/recurrent.cu's block-scope
+// `extern __shared__ float4 smem[]` (namespace gateloop). One block runs at a
+// time; it is poisoned before each block. 48 KiB: src/cuda/recurrent.rs
+// SHARED_BUDGET, the most the launcher ever asks for.
+namespace gateloop {
+constexpr size_t kEmuSharedCapacity = 48 * 1024;
+alignas(128) float4 smem[kEmuSharedCapacity / sizeof(float4)];
+}  // namespace gateloop
+
+using Entry = void (*)(const GateloopRecurrentParams);
+#define ENTRIES(DTYPE)                                                  \
+    extern "C" {                                                        \
+    void gateloop_recurrent_##DTYPE##_r1(const GateloopRecurrentParams p);  \
+    void gateloop_recurrent_##DTYPE##_r2(const GateloopRecurrentParams p);  \
+    void gateloop_recurrent_##DTYPE##_r4(const GateloopRecurrentParams p);  \
+    void gateloop_recurrent_##DTYPE##_r8(const GateloopRecurrentParams p);  \
+    void gateloop_recurrent_##DTYPE##_r16(const GateloopRecurrentParams p); \
+    }                                                                   \
+    static const Entry entries_##DTYPE[5] = {gateloop_recurrent_##DTYPE##_r1, gateloop_recurrent_##DTYPE##_r2,  \
+                                             gateloop_recurrent_##DTYPE##_r4, gateloop_recurrent_##DTYPE##_r8,  \
+                                             gateloop_recurrent_##DTYPE##_r16};
+ENTRIES(f32)
+ENTRIES(f16)
+ENTRIES(bf16)
+
+// Element conversions of the input type (exact for representable values).
+static void to_elem(const std::vector<float>& x, std::vector<float>& out) { out = x; }
+static void to_elem(const std::vector<float>& x, std::vector<__half>& out) {
+    out.resize(x.size());
+    for (size_t i = 0; i < x.size(); ++i) out[i] = __float2half_rn(x[i]);
+}
+static void to_elem(const std::vector<float>& x, std::vector<__nv_bfloat16>& out) {
+    out.resize(x.size());
+    for (size_t i = 0; i < x.size(); ++i) out[i] = __float2bfloat16_rn(x[i]);
+}
+static float widen(float x) { return x; }
+static float widen(__half x) { return __half2float(x); }
+static float widen(__nv_bfloat16 x) { return __bfloat162float(x); }
+template <class T>
+static T nan_of() {
+    std::vector<T> v;
+    to_elem(std::vector<float>{std::nanf("")}, v);
+    return v[0];
+}
+
+template <class T>
+static int run(const std::string& dir, bool decode, const Entry* entries) {
+    std::ifstream df(dir + "/dims.txt");
+    int64_t B, L, H, K, V, G, has_h0, dtype, rows, groups, chunk, shared;
+    if (!(df >> B >> L >> H >> K >> V >> G >> has_h0 >> dtype >> rows >> groups >> chunk >> shared) || (decode && has_h0)) {
+        std::fprintf(stderr, "bad dims.txt (decode takes its initial state from state.bin, not h0)\n");
+        return 2;
+    }
+    // src/cuda/recurrent.rs `plan`'s invariants (the ABI's contract).
+    const int64_t padded = rows * groups, tile = GATELOOP_RECURRENT_VALUE_TILE;
+    const int64_t per_step = 16 * padded + 4 * tile * (1 + groups);
+    int ri = 0;
+    while (ri < 5 && (int64_t{1} << ri) != rows) ++ri;
+    if (ri == 5 || groups < 1 || groups > GATELOOP_RECURRENT_MAX_KEY_GROUPS || padded < K || chunk < 1 ||
+        shared != chunk * per_step || static_cast<size_t>(shared) > gateloop::kEmuSharedCapacity) {
+        std::fprintf(stderr, "plan outside the ABI's contract\n");
+        return 2;
+    }
+    const size_t qk = B * L * H * K, vn = B * L * H * V, gn = B * L * H * G, sn = B * H * K * V;
+    std::vector<T> q, k, v;
+    to_elem(read_f32(dir + "/q.bin", qk), q);
+    to_elem(read_f32(dir + "/k.bin", qk), k);
+    to_elem(read_f32(dir + "/v.bin", vn), v);
+    auto gate = read_f32(dir + "/log_gate.bin", 2 * gn);
+    std::vector<float> h0;
+    if (has_h0) h0 = read_f32(dir + "/h0.bin", 2 * sn);
+    std::vector<T> y(vn, nan_of<T>());
+    std::vector<float> hf = decode ? read_f32(dir + "/state.bin", 2 * sn) : std::vector<float>(2 * sn, std::nanf(""));
+
+    // GateloopRecurrentParams::for_dims, then the plan and Buffers::bind.
+    GateloopRecurrentParams p{};
+    p.q = q.data();
+    p.k = k.data();
+    p.v = v.data();
+    p.log_gate = gate.data();
+    p.h0 = has_h0 ? h0.data() : nullptr;
+    p.y = y.data();
+    p.h_final = hf.data();
+    p.dims = GateloopDims{B, L, H, K, V, G};
+    p.q_strides = p.k_strides = seq(L, H, K);
+    p.v_strides = p.y_strides = seq(L, H, V);
+    p.gate_strides = seq(L, H, G);
+    p.h0_strides = p.h_final_strides = GateloopStateStrides{H * K * V, K * V, V};
+    p.flags = (G == 1 ? GATELOOP_FLAG_PER_HEAD_GATE : 0) | (has_h0 ? GATELOOP_FLAG_HAS_H0 : 0) |
+              (decode ? GATELOOP_FLAG_STATE_IN_PLACE : 0);
+    p.dtype = static_cast<uint32_t>(dtype);
+    p.key_groups = static_cast<int32_t>(groups);
+    p.padded_key_dim = static_cast<int32_t>(padded);
+    p.chunk_len = static_cast<int32_t>(chunk);
+    p.value_tiles = static_cast<int32_t>((V + tile - 1) / tile);
+
+    const Entry f = entries[ri];
+    const unsigned grid = static_cast<unsigned>(B * H * p.value_tiles);
+    emu_launch(grid, EmuDim3{static_cast<unsigned>(tile), static_cast<unsigned>(groups), 1}, [&] {
+        if (emu_thread_rank() == 0) emu_fill_shared(gateloop::smem, gateloop::kEmuSharedCapacity, static_cast<size_t>(shared));
+        __syncthreads();
+        f(p);
+    });
+
+    std::vector<float> yf(vn);
+    for (size_t i = 0; i < vn; ++i) yf[i] = widen(y[i]);
+    write_f32(dir + "/y.out", yf);
+    write_f32(dir + (decode ? "/state.out" : "/h_final.out"), hf);
+    return 0;
+}
+
+int main(int argc, char** argv) {
+    const bool decode = argc == 3 && std::string(argv[1]) == "--decode";
+    if (argc != 2 && !decode) {
+        std::fprintf(stderr, "usage: %s [--decode] DIR\n", argv[0]);
+        return 2;
+    }
+    const std::string dir = argv[argc - 1];
+    std::ifstream df(dir + "/dims.txt");
+    int64_t skip, dtype;
+    for (int i = 0; i < 7; ++i) df >> skip;
+    if (!(df >> dtype)) {
+        std::fprintf(stderr, "bad dims.txt\n");
+        return 2;
+    }
+    switch (dtype) {
+        case GATELOOP_DTYPE_F32: return run<float>(dir, decode, entries_f32);
+        case GATELOOP_DTYPE_F16: return run<__half>(dir, decode, entries_f16);
+        case GATELOOP_DTYPE_BF16: return run<__nv_bfloat16>(dir, decode, entries_bf16);
+        default: std::fprintf(stderr, "bad dtype %lld\n", static_cast<long long>(dtype)); return 2;
+    }
+}
