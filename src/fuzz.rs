@@ -60,7 +60,8 @@
 //! ```
 //!
 //! computed exactly by running the f64 recurrence on (q², k², v², gate
-//! 2·Re g with phase 0, |h0|²). Why R: rounding errors of any summation
+//! 2·Re g with phase 0, |h0|²; each gate modulus raised to at least the
+//! smallest normal number of the judged precision, see below). Why R: rounding errors of any summation
 //! order are of size ε·(the magnitudes summed), not ε·|result|. When the
 //! terms cancel (‖ref‖ ≪ ‖R‖, e.g. a y that happens to be near 0, or h0
 //! cancelling the inputs), a relative error against ‖ref‖ would be a false
@@ -144,8 +145,17 @@
 //!
 //! The underflow floor of the gradients ([`grad_underflow_floor`]) is
 //! 4·η·(L·(K + V + 1) + 1): a gradient element sums over V or K products of
-//! L-step sums. The forward bound is unchanged by these (its R and scale keep
-//! the f64 limits, as verified by its own campaigns).
+//! L-step sums.
+//!
+//! The forward bound takes the first addition too (its scales keep the f64
+//! limit, and its underflow floor handles subnormal outputs): its magnitude
+//! problem raises each gate modulus to at least N of the judged precision.
+//! Found by the first campaign with `HardDecay` gates (seed 2027, case
+//! 26511, shrunk to L = 1): y = q·(a·h0 + k·v) with a = e^{−101.1} ≈ 8·η (3
+//! significant bits in f32), h0 ≈ 4e5 and k·v ≈ −3e-37 gives a normal
+//! y ≈ 4.5e-39 that every f32 implementation, the f32 recurrence included,
+//! gets 1e-3 wrong; R now counts N·|h0|·|q| for the gate's resolution and
+//! the case scores 7e-8 (`tests/fuzz_regressions.rs`).
 //!
 //! ## Disagreements
 //!
@@ -919,12 +929,23 @@ pub struct Oracle {
     pub r_h: Vec<f64>,
 }
 
+/// The smallest normal number N of `precision` (module docs: nothing below N
+/// is resolved relatively): the gate moduli of the magnitude problems are
+/// raised to at least N, and every gradient's scale is at least N.
+fn smallest_normal(precision: Precision) -> f64 {
+    match precision {
+        Precision::F64 => f64::MIN_POSITIVE,
+        Precision::F32 => f64::from(f32::MIN_POSITIVE),
+    }
+}
+
 impl Oracle {
     /// Runs the f64 recurrent reference on `p`, and on the squared-magnitude
-    /// problem for R.
-    pub fn new(p: &OwnedProblem<f64>) -> Result<Oracle, String> {
+    /// problem for R, its gate moduli raised to at least the smallest normal
+    /// number of `precision` (the precision of the implementation judged).
+    pub fn new(p: &OwnedProblem<f64>, precision: Precision) -> Result<Oracle, String> {
         let out = reference::recurrent::forward(&p.view()).map_err(|e| format!("the oracle refused the case: {e}"))?;
-        let m = reference::recurrent::forward(&magnitude_problem(p, 0.0).view())
+        let m = reference::recurrent::forward(&magnitude_problem(p, smallest_normal(precision)).view())
             .map_err(|e| format!("the magnitude oracle refused the case: {e}"))?;
         Ok(Oracle { out, r_y: roots(&m.y), r_h: roots_interleaved(&m.h_final) })
     }
@@ -982,10 +1003,7 @@ impl GradOracle {
         let dy2: Vec<f64> = up.dy.iter().map(|x| x * x).collect();
         let dh2: Option<Vec<Complex<f64>>> =
             up.dh_final.as_ref().map(|d| d.iter().map(|z| Complex::new(z.norm_sqr(), 0.0)).collect());
-        let smallest_normal = match precision {
-            Precision::F64 => f64::MIN_POSITIVE,
-            Precision::F32 => f64::from(f32::MIN_POSITIVE),
-        };
+        let smallest_normal = smallest_normal(precision);
         let m = reference::grad::backward(&magnitude_problem(p, smallest_normal).view(), &dy2, dh2.as_deref())
             .map_err(|e| format!("the gradient magnitude oracle refused the case: {e}"))?;
         Ok(GradOracle {
@@ -1139,7 +1157,7 @@ enum Expected {
 impl Expected {
     fn new(kind: Kind, precision: Precision, x: &Input) -> Result<Expected, String> {
         match kind {
-            Kind::Forward => Oracle::new(&x.p).map(Expected::Forward),
+            Kind::Forward => Oracle::new(&x.p, precision).map(Expected::Forward),
             Kind::Grad => GradOracle::new(&x.p, &x.up, precision).map(Expected::Grad),
         }
     }
@@ -1832,7 +1850,7 @@ mod tests {
             log_gate: vec![Complex::new(0.0, 0.0)],
             h0: Some(vec![Complex::new(-15.0, 0.0)]),
         };
-        let o = Oracle::new(&p).unwrap();
+        let o = Oracle::new(&p, Precision::F64).unwrap();
         assert_eq!(o.out.y, vec![0.0]);
         let noisy = Outputs { y: vec![15.0 * 1e-7], h_final: vec![Complex::new(15.0 * 1e-7, 0.0)] };
         assert!(o.judge(&noisy, 1e-4).pass(), "{:?}", o.judge(&noisy, 1e-4));

@@ -14,7 +14,7 @@ fn widen(o: Outputs<f32>) -> Outputs<f64> {
 
 fn f32_attention_passes(p: OwnedProblem<f64>) {
     let p = p.rounded_to_f32();
-    let oracle = Oracle::new(&p).unwrap();
+    let oracle = Oracle::new(&p, Precision::F32).unwrap();
     let out = widen(attention::forward(&p.to_f32().view()).unwrap());
     let j = oracle.judge(&out, tolerance(Precision::F32, p.dims.len));
     assert!(j.pass(), "{j:?}");
@@ -42,7 +42,7 @@ fn underflowing_gates_are_resets_in_attention() {
     // And in f64, with gates that underflow there (Re < −745).
     let mut p64 = p;
     p64.log_gate.iter_mut().take(3).for_each(|g| g.re *= 3.0);
-    let oracle = Oracle::new(&p64).unwrap();
+    let oracle = Oracle::new(&p64, Precision::F64).unwrap();
     let j = oracle.judge(&attention::forward(&p64.view()).unwrap(), 1e-10);
     assert!(j.pass(), "{j:?}");
 }
@@ -82,7 +82,7 @@ fn chunked_keeps_subnormal_gates() {
         h0: None,
     }
     .rounded_to_f32();
-    let oracle = Oracle::new(&p).unwrap();
+    let oracle = Oracle::new(&p, Precision::F32).unwrap();
     let out = widen(forward(&p.to_f32().view(), &ChunkParams::default()).unwrap());
     let j = oracle.judge_with_floor(&out, tolerance(Precision::F32, 2), underflow_floor(Precision::F32, &p.dims));
     assert!(j.pass(), "{j:?}");
@@ -104,7 +104,7 @@ fn subnormal_outputs_are_judged_with_the_underflow_floor() {
         h0: None,
     }
     .rounded_to_f32();
-    let oracle = Oracle::new(&p).unwrap();
+    let oracle = Oracle::new(&p, Precision::F32).unwrap();
     let floor = underflow_floor(Precision::F32, &p.dims);
     let out = widen(gateloop::reference::recurrent::forward(&p.to_f32().view()).unwrap());
     assert!(oracle.judge_with_floor(&out, 1e-4, floor).pass());
@@ -277,4 +277,34 @@ fn chunked_grad_subnormal_gate_sweep() {
     }
     println!("{cases} cases, worst score {:.3e} ({})", worst.0, worst.1);
     assert!(failed.is_empty(), "{} of {cases} failed:\n{}", failed.len(), failed.join("\n"));
+}
+
+/// Seed 2027, case 26511 (the first campaign with `HardDecay` gates), as
+/// shrunk: L = 1, y = q·(a·h0 + k·v) with a = e^{−101.1} ≈ 8 subnormal
+/// spacings of f32 (3 significant bits), |h0| ≈ 4e5 and k·v ≈ −3e-37, so
+/// y ≈ 4.5e-39 is a normal number that the f32 recurrence itself got 1.1e-3
+/// wrong (score 1.1e-3 > 1e-4): the error of a, not of any summation order.
+/// The forward oracle's magnitudes now raise each gate modulus to the
+/// smallest normal number of the judged precision (as the gradient oracle's
+/// do), and every f32 mode passes.
+#[test]
+fn subnormal_gate_times_large_state_is_judged_at_the_gates_resolution() {
+    let p = OwnedProblem {
+        dims: Dims::new(1, 1, 1, 1, 1),
+        q: vec![-0.015841634944081306],
+        k: vec![207.27349853515625],
+        v: vec![-1.4037381249512066e-39],
+        log_gate: vec![Complex::new(-101.11591339111328, 1.8276500701904297)],
+        h0: Some(vec![Complex::new(20712.052734375, -390351.59375)]),
+    }
+    .rounded_to_f32();
+    let a = (p.log_gate[0].re as f32).exp();
+    assert!(a > 0.0 && a < f32::MIN_POSITIVE / 1e5, "a = {a}: a subnormal of a few bits");
+    let oracle = Oracle::new(&p, Precision::F32).unwrap();
+    let floor = gateloop::fuzz::underflow_floor(Precision::F32, &p.dims);
+    for mode in [gateloop::Mode::Recurrent, gateloop::Mode::Scan, gateloop::Mode::Attention, gateloop::Mode::Chunked] {
+        let out = widen(gateloop::dispatch::cpu_f32(mode, &p.to_f32().view()).unwrap());
+        let j = oracle.judge_with_floor(&out, tolerance(Precision::F32, 1), floor);
+        assert!(j.pass(), "{mode:?}: {j:?}");
+    }
 }

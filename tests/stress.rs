@@ -18,7 +18,7 @@ const L: usize = 1 << 20;
 fn check(name: &str, p: OwnedProblem<f64>) {
     // The f32 path sees the f32 rounding; the oracle sees the same values.
     let p = p.rounded_to_f32();
-    let oracle = Oracle::new(&p).expect("oracle");
+    let oracle = Oracle::new(&p, Precision::F32).expect("oracle");
     let out = chunked::forward(&p.to_f32().view(), &ChunkParams::default()).expect("chunked");
     let out = Outputs {
         y: out.y.iter().map(|&x| f64::from(x)).collect(),
