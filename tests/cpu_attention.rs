@@ -11,14 +11,16 @@
 //! CI runs the same check at L = 16384.
 
 mod common;
+mod dtype_support;
 mod emu_support;
 
 use common::{ABS_FRAC, Case, REL, assert_outputs, flat, regime_matrix, adversarial_regime_tests, unflat};
 use emu_support::{read_f32_file as read_f32, write_f32_file as write_f32};
 use gateloop::cpu::attention::{AttentionParams, forward, reduce_phase};
+use gateloop::cuda::{Dtype, Element};
 use gateloop::reference::{self, naive};
 use gateloop::testing::{GateRegime, dims, random_problem};
-use gateloop::{Complex, Dims, InputError, compare};
+use gateloop::{Complex, Dims, InputError, compare, compare_complex};
 
 fn check_with(d: Dims, regime: GateRegime, with_h0: bool, seed: u64, params: AttentionParams) {
     check_within(Case::new(d, regime, with_h0, seed), params, REL, ABS_FRAC);
@@ -215,13 +217,28 @@ fn emulator() -> Option<std::path::PathBuf> {
 
 /// Runs the three attention kernels (`cuda/attention.cu`, launched as
 /// `cuda::attention::forward_into` does, outputs and workspace NaN-poisoned)
-/// on the emulator: (y, h_final).
-fn run_emulated(emu: &std::path::Path, case: &Case, p: &gateloop::testing::OwnedProblem<f32>) -> (Vec<f32>, Vec<Complex<f32>>) {
+/// on the emulator with q, k, v, y in `dtype` (q, k, v representable in it):
+/// (y widened to f32, h_final).
+fn run_emulated(
+    emu: &std::path::Path,
+    case: &Case,
+    p: &gateloop::testing::OwnedProblem<f32>,
+    dtype: Dtype,
+) -> (Vec<f32>, Vec<Complex<f32>>) {
     let d = case.dims;
-    let dir = std::env::temp_dir().join(format!("gateloop_attention_emu_{}_{}", std::process::id(), case.seed));
+    let dir = std::env::temp_dir().join(format!("gateloop_attention_emu_{}_{}_{dtype:?}", std::process::id(), case.seed));
     std::fs::create_dir_all(&dir).unwrap();
-    let dims_line =
-        format!("{} {} {} {} {} {} {}", d.batch, d.len, d.heads, d.key_dim, d.value_dim, d.gate_dim(), p.h0.is_some() as u8);
+    let dims_line = format!(
+        "{} {} {} {} {} {} {} {}",
+        d.batch,
+        d.len,
+        d.heads,
+        d.key_dim,
+        d.value_dim,
+        d.gate_dim(),
+        p.h0.is_some() as u8,
+        dtype.abi()
+    );
     std::fs::write(dir.join("dims.txt"), dims_line).unwrap();
     write_f32(&dir.join("q.bin"), &p.q);
     write_f32(&dir.join("k.bin"), &p.k);
@@ -259,12 +276,62 @@ fn kernel_emulation_matches_the_mirror() {
     for (case, rel, abs_frac) in cases {
         let label = format!("{} (emulated kernels)", case.label());
         let (p32, want) = case.with_reference();
-        let (y, h_final) = run_emulated(&emu, &case, &p32);
+        let (y, h_final) = run_emulated(&emu, &case, &p32, Dtype::F32);
         let mirror = forward(&p32.view(), &AttentionParams::default()).unwrap();
         assert_outputs(&format!("{label} vs the mirror"), &y, &h_final, &mirror, 0.0, 0.0);
         assert_outputs(&label, &y, &h_final, &want, rel, abs_frac);
     }
-    if std::env::var_os("GATELOOP_ATTENTION_EMU").is_none() {
-        let _ = std::fs::remove_file(&emu); // built by this test
+}
+
+/// The f16 and bf16 instantiations (`gateloop_attention_{prep_,,state_}{f16,bf16}`):
+/// q, k, v rounded to the type (the f64 reference and the f32 kernel see
+/// exactly those values). y within `dtype_support::y_bounds` and h_final
+/// within the f32 bounds of the reference; and, since the kernels widen each
+/// load to f32 and their arithmetic does not depend on the input type, y
+/// equal bit for bit, element by element, to the emulated f32 kernel's y on
+/// the same inputs rounded to the type, h_final (f32) to its h_final. Several
+/// query tiles with a partial last one, V over two value tiles, both gate
+/// layouts, h0 present and absent, hard-decaying gates, phases ≫ 2π.
+#[test]
+fn kernel_emulation_half_types() {
+    let Some(emu) = emulator() else { return };
+    let cases = [
+        (dims(1, 150, 1, 40, 70, false), GateRegime::Mixed, true),
+        (dims(2, 130, 1, 5, 7, true), GateRegime::HardDecay(0.5), false),
+        (dims(1, 200, 1, 17, 33, true), GateRegime::LargePhase(50.0), true),
+        (dims(1, 65, 1, 3, 2, false), GateRegime::Resets(0.05), false),
+    ];
+    fn all_cases<T: Element>(emu: &std::path::Path, cases: &[(Dims, GateRegime, bool)]) {
+        let t = T::DTYPE;
+        let abs_frac = |e: &gateloop::ErrorStats| e.max_abs / e.max_ref.max(f64::MIN_POSITIVE);
+        let mut worst = [0f64; 4]; // y rel L2, y max-abs/max|ref|, h_final likewise
+        for (i, &(d, regime, with_h0)) in cases.iter().enumerate() {
+            let case = Case::new(d, regime, with_h0, 960 + 10 * i as u64 + t.abi() as u64);
+            let label = format!("{t:?} {} (emulated kernels)", case.label());
+            let p64 = dtype_support::rounded_to::<T>(&case.problem());
+            let want = reference::recurrent::forward(&p64.view()).unwrap();
+            let p32 = p64.to_f32();
+            let (y, h_final) = run_emulated(emu, &case, &p32, t);
+            let (ey, eh) = (compare(&y, &want.y), compare_complex(&h_final, &want.h_final));
+            assert!(dtype_support::y_ok(t, &ey), "{label}: y {ey:?}, bounds {:?}", dtype_support::y_bounds(t));
+            assert!(dtype_support::state_ok(&eh), "{label}: h_final {eh:?}");
+            for (w, x) in worst.iter_mut().zip([ey.rel_l2, abs_frac(&ey), eh.rel_l2, abs_frac(&eh)]) {
+                *w = w.max(x);
+            }
+            let (y32, h32) = run_emulated(emu, &case, &p32, Dtype::F32);
+            dtype_support::assert_is_rounded_f32::<T>(&label, &y, &y32);
+            assert!(
+                flat(&h_final).iter().map(|x| x.to_bits()).eq(flat(&h32).iter().map(|x| x.to_bits())),
+                "{label}: h_final differs from the f32 kernel's {:?}",
+                compare_complex(&h_final, &h32)
+            );
+        }
+        let [yr, ya, hr, ha] = worst;
+        println!(
+            "worst, attention kernels {t:?} (emulated; y = the f32 kernel's rounded, bit for bit): \
+             y rel L2 {yr:.2e}, max-abs/max|ref| {ya:.2e}; h_final rel L2 {hr:.2e}, max-abs/max|ref| {ha:.2e}"
+        );
     }
+    all_cases::<half::f16>(&emu, &cases);
+    all_cases::<half::bf16>(&emu, &cases);
 }

@@ -10,6 +10,9 @@
 //! - scan forward: equal to the CPU mirror `cpu::scan` bit for bit (same
 //!   arithmetic in the same order, same libm), and within relative L2 ≤ 1e-4,
 //!   max-abs ≤ 1e-3·max|ref| of the f64 reference on the same f32 inputs;
+//!   in f16 / bf16 (q, k, v, y), y within `dtype_support::y_bounds` and
+//!   h_final within the f32 bounds of the reference, y equal bit for bit to
+//!   the f32 kernel's y rounded to the type and h_final to its h_final;
 //! - recurrent: within those bounds of the f64 reference (f16 / bf16: the
 //!   bounds of `dtype_support::y_bounds`); decode in pieces (of 1 step and
 //!   longer) equal to one forward call bit for bit, state and y.
@@ -82,9 +85,10 @@ fn dims_prefix(d: &Dims, with_h0: bool) -> String {
 }
 
 /// The scan forward's three launches (reduce, carry, forward; one chunk:
-/// forward only) with the geometry `lp`.
-fn scan_emulated(emu: &Path, tag: &str, p: &OwnedProblem<f32>, lp: &scan::LaunchPlan) -> Outputs<f32> {
-    let line = format!("{} {} {}", dims_prefix(&p.dims, p.h0.is_some()), lp.warps, lp.value_tile);
+/// forward only) with the geometry `lp`, q, k, v and y in `dtype` (q, k, v
+/// must be representable in it). Returns y (widened) and h_final.
+fn scan_emulated(emu: &Path, tag: &str, p: &OwnedProblem<f32>, lp: &scan::LaunchPlan, dtype: Dtype) -> Outputs<f32> {
+    let line = format!("{} {} {} {}", dims_prefix(&p.dims, p.h0.is_some()), dtype.abi(), lp.warps, lp.value_tile);
     run(emu, &["--forward"], &write_case(tag, line, p, &[]), "h_final.out")
 }
 
@@ -173,7 +177,7 @@ fn scan_forward_kernels_emulated_match_mirror_and_reference() {
         warps_seen.insert(lp.warps);
         tiles_seen.insert(lp.value_tile);
         chunks_seen.insert(lp.num_chunks.min(3));
-        let got = scan_emulated(&emu, &format!("scan{i}"), &p, &lp);
+        let got = scan_emulated(&emu, &format!("scan{i}"), &p, &lp, Dtype::F32);
         let mirror = scan_mirror::forward(&p.view(), &lp.scan_params()).unwrap();
         assert!(bits(&got.y) == bits(&mirror.y), "{label}: emulated y differs from the mirror {:?}", compare(&got.y, &mirror.y));
         assert!(
@@ -187,6 +191,61 @@ fn scan_forward_kernels_emulated_match_mirror_and_reference() {
     assert_eq!(tiles_seen.into_iter().collect::<Vec<_>>(), [1, 2, 4]);
     assert_eq!(chunks_seen.into_iter().collect::<Vec<_>>(), [1, 2, 3]);
     worst.report("scan forward kernels (emulated; bit-equal to cpu::scan)");
+}
+
+/// The f16 and bf16 instantiations of the scan forward's kernels
+/// (`gateloop_scan_{reduce,forward}_{f16,bf16}_v{1,2,4}`): q, k, v rounded
+/// to the type (the f64 reference and the f32 kernel see exactly those
+/// values). Asserts y within `dtype_support::y_bounds` and h_final within
+/// the f32 bounds of the reference, and — the kernels widen each load to
+/// f32, compute in f32 and round y once at the store — y equal, element by
+/// element and bit for bit, to the emulated f32 kernel's y on the same inputs
+/// rounded to the type, and h_final (f32 for every type) equal to the f32
+/// kernel's bit for bit. Both gate layouts, h0 present and absent, value
+/// tiles 1, 2 and 4 each over 2 or 3 chunks (L not a multiple of the chunk)
+/// and one single-chunk case, hard-decaying gates and phases ≫ 2π.
+#[test]
+fn scan_forward_kernels_emulated_half_types() {
+    let Some(emu) = scan_emulator() else { return };
+    let mut worst = Worst::default();
+    // (dims, regime, h0, SM count of the plan), as in the f32 test.
+    let cases = [
+        (dims(1, 700, 1, 3, 1, false), GateRegime::Resets(0.05), true, 1),
+        (dims(1, 1000, 1, 2, 2, true), GateRegime::HardDecay(0.5), false, 1),
+        (dims(1, 600, 1, 2, 3, true), GateRegime::LargePhase(50.0), true, MIRROR_SM_COUNT),
+        (dims(1, 300, 2, 3, 7, false), GateRegime::Mixed, false, MIRROR_SM_COUNT),
+        (dims(1, 100, 1, 4, 5, true), GateRegime::UnitModulus, true, MIRROR_SM_COUNT),
+    ];
+    fn all_cases<T: Element>(emu: &Path, worst: &mut Worst, cases: &[(Dims, GateRegime, bool, usize)]) {
+        let t = T::DTYPE;
+        let mut seen = BTreeSet::new();
+        for (i, &(d, regime, with_h0, sms)) in cases.iter().enumerate() {
+            let seed = 5000 + 10 * i as u64 + t.abi() as u64;
+            let p64 = dtype_support::rounded_to::<T>(&random_problem(d, regime, with_h0, seed));
+            let want = reference::recurrent::forward(&p64.view()).unwrap();
+            let p = p64.to_f32();
+            let lp = scan::plan(&d, sms).unwrap();
+            let label = format!("{t:?} {d:?} {regime:?} h0={with_h0} seed={seed} {lp:?}");
+            seen.insert((lp.value_tile, lp.num_chunks.min(3)));
+            let got = scan_emulated(emu, &format!("scan_{t:?}{i}"), &p, &lp, t);
+            check_reference(worst, &label, &format!("scan {t:?}"), &got, &want, dtype_support::y_bounds(t));
+            let f32_kernel = scan_emulated(emu, &format!("scan_{t:?}{i}_f32"), &p, &lp, Dtype::F32);
+            dtype_support::assert_is_rounded_f32::<T>(&label, &got.y, &f32_kernel.y);
+            assert!(
+                complex_bits(&got.h_final) == complex_bits(&f32_kernel.h_final),
+                "{label}: h_final differs from the f32 kernel's {:?}",
+                compare_complex(&got.h_final, &f32_kernel.h_final)
+            );
+        }
+        // Every entry point of the type ran: reduce and forward for T = 1, 2
+        // and 4 (over several chunks), the forward alone (one chunk).
+        let multi_chunk: BTreeSet<u32> = seen.iter().filter(|&&(_, nc)| nc > 1).map(|&(tile, _)| tile).collect();
+        assert_eq!(multi_chunk.into_iter().collect::<Vec<_>>(), [1, 2, 4], "{t:?}: {seen:?}");
+        assert!(seen.iter().any(|&(_, nc)| nc == 1) && seen.iter().any(|&(_, nc)| nc == 3), "{t:?}: {seen:?}");
+    }
+    all_cases::<half::f16>(&emu, &mut worst, &cases);
+    all_cases::<half::bf16>(&emu, &mut worst, &cases);
+    worst.report("scan forward kernels, half types (emulated; y = the f32 kernel's rounded, bit for bit)");
 }
 
 /// The recurrent kernel as forward_into: every gate regime, both gate

@@ -1,5 +1,6 @@
-//! Helpers of the f16/bf16 and decode GPU tests (tests/gpu_dtypes.rs,
-//! tests/gpu_decode.rs).
+//! Helpers of the f16/bf16 and decode tests (tests/gpu_dtypes.rs,
+//! tests/gpu_decode.rs, and the kernel emulator's tests/cpu_kernels_emu.rs,
+//! tests/cpu_attention.rs, tests/cpu_chunked_emu.rs).
 //!
 //! ## The bounds
 //!
@@ -70,6 +71,25 @@ pub fn put_window<X: Copy>(x: &mut [X], d: &Dims, dim: usize, t0: usize, n: usiz
 /// Widens a `T` download to f64.
 pub fn widen<T: Element>(x: &[T]) -> Vec<f64> {
     x.iter().map(|&x| x.to_f32() as f64).collect()
+}
+
+/// Asserts that `y` (a `T` kernel's output, widened to f32) is `y32` (the
+/// f32 kernel's output on the same inputs) rounded to `T`, bit for bit,
+/// element by element; else panics naming `label`, how many elements differ
+/// and the first one.
+pub fn assert_is_rounded_f32<T: Element>(label: &str, y: &[f32], y32: &[f32]) {
+    assert_eq!(y.len(), y32.len(), "{label}");
+    let rounded = |x: f32| T::from_f32(x).to_f32();
+    let differ = |i: &usize| y[*i].to_bits() != rounded(y32[*i]).to_bits();
+    if let Some(first) = (0..y.len()).find(differ) {
+        let n = (0..y.len()).filter(differ).count();
+        panic!(
+            "{label}: y differs from the f32 kernel's rounded to {:?} at {n} elements, first y[{first}] = {:e} vs {:e}",
+            T::DTYPE,
+            y[first],
+            rounded(y32[first])
+        );
+    }
 }
 
 /// (relative L2, max-abs fraction) bounds of y and of h_final of the chunked

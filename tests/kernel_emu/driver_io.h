@@ -1,9 +1,11 @@
 // What the emulator drivers (driver.cpp, chunk_driver.cpp,
 // attention_driver.cpp, recurrent_driver.cpp) share: raw little-endian f32
-// files, as tests/emu_support writes and reads them, the contiguous
-// [B, L, H, D] strides of the launchers, and the dynamic shared memory's
-// poisoning.
+// files, as tests/emu_support writes and reads them, their conversion to and
+// from the kernels' element types (f32, __half, __nv_bfloat16), the
+// contiguous [B, L, H, D] strides of the launchers, and the dynamic shared
+// memory's poisoning.
 #pragma once
+#include <cmath>
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
@@ -11,6 +13,8 @@
 #include <string>
 #include <vector>
 
+#include "cuda_bf16.h"
+#include "cuda_fp16.h"
 #include "gateloop_abi.h"
 
 #if defined(__SANITIZE_ADDRESS__)
@@ -46,5 +50,42 @@ static std::vector<float> read_f32(const std::string& path, size_t n) {
 static void write_f32(const std::string& path, const std::vector<float>& x) {
     std::ofstream f(path, std::ios::binary);
     f.write(reinterpret_cast<const char*>(x.data()), static_cast<std::streamsize>(x.size() * 4));
+}
+// Element conversions of the kernels' input types: round to nearest even
+// (exact for representable values) and widening (exact).
+static float to_elem(float x, float) { return x; }
+static __half to_elem(float x, __half) { return __float2half_rn(x); }
+static __nv_bfloat16 to_elem(float x, __nv_bfloat16) { return __float2bfloat16_rn(x); }
+static float widen(float x) { return x; }
+static float widen(__half x) { return __half2float(x); }
+static float widen(__nv_bfloat16 x) { return __bfloat162float(x); }
+
+// `n` values of element type T from a raw f32 file, which must hold values
+// representable in T (the tests round them first, so the f64 reference sees
+// exactly what the kernel sees): a value the conversion would change exits.
+template <class T>
+static std::vector<T> read_elems(const std::string& path, size_t n) {
+    const std::vector<float> x = read_f32(path, n);
+    std::vector<T> out(n);
+    for (size_t i = 0; i < n; ++i) {
+        out[i] = to_elem(x[i], T{});
+        if (widen(out[i]) != x[i]) {
+            std::fprintf(stderr, "%s[%zu] = %a is not representable in the element type\n", path.c_str(), i, x[i]);
+            std::exit(2);
+        }
+    }
+    return out;
+}
+// `n` NaNs of element type T (poisoned outputs).
+template <class T>
+static std::vector<T> nan_elems(size_t n) {
+    return std::vector<T>(n, to_elem(std::nanf(""), T{}));
+}
+// Writes `x` widened to f32 (exact) as a raw f32 file.
+template <class T>
+static void write_widened(const std::string& path, const std::vector<T>& x) {
+    std::vector<float> w(x.size());
+    for (size_t i = 0; i < x.size(); ++i) w[i] = widen(x[i]);
+    write_f32(path, w);
 }
 static GateloopSeqStrides seq(int64_t L, int64_t H, int64_t D) { return GateloopSeqStrides{L * H * D, H * D, D}; }

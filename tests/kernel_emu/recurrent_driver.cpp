@@ -10,7 +10,8 @@
 // formulas; dtype: GATELOOP_DTYPE_* of q, k, v, y). DIR/{q,k,v,log_gate}.bin,
 // with h0 h0.bin, and for --decode state.bin: raw little-endian f32
 // (complex as pairs), contiguous [B, L, H, D] / [B, H, K, V]; for f16 / bf16
-// q, k, v must already be representable (they are converted exactly). Writes
+// q, k, v must already be representable (converted exactly, else the driver
+// exits). Writes
 // DIR/y.out (widened to f32) and DIR/h_final.out (forward) or DIR/state.out
 // (decode). y, h_final and the dynamic shared memory start as NaN, so an
 // element no thread writes (or a shared word read before it is written)
@@ -27,8 +28,6 @@
 #include "emu.h"
 #include "gateloop_abi.h"
 #include "driver_io.h"
-#include "cuda_bf16.h"
-#include "cuda_fp16.h"
 
 void emu_launch(unsigned grid, EmuDim3 block, const std::function<void()>& kernel);
 
@@ -57,26 +56,6 @@ ENTRIES(f32)
 ENTRIES(f16)
 ENTRIES(bf16)
 
-// Element conversions of the input type (exact for representable values).
-static void to_elem(const std::vector<float>& x, std::vector<float>& out) { out = x; }
-static void to_elem(const std::vector<float>& x, std::vector<__half>& out) {
-    out.resize(x.size());
-    for (size_t i = 0; i < x.size(); ++i) out[i] = __float2half_rn(x[i]);
-}
-static void to_elem(const std::vector<float>& x, std::vector<__nv_bfloat16>& out) {
-    out.resize(x.size());
-    for (size_t i = 0; i < x.size(); ++i) out[i] = __float2bfloat16_rn(x[i]);
-}
-static float widen(float x) { return x; }
-static float widen(__half x) { return __half2float(x); }
-static float widen(__nv_bfloat16 x) { return __bfloat162float(x); }
-template <class T>
-static T nan_of() {
-    std::vector<T> v;
-    to_elem(std::vector<float>{std::nanf("")}, v);
-    return v[0];
-}
-
 template <class T>
 static int run(const std::string& dir, bool decode, const Entry* entries) {
     std::ifstream df(dir + "/dims.txt");
@@ -96,14 +75,11 @@ static int run(const std::string& dir, bool decode, const Entry* entries) {
         return 2;
     }
     const size_t qk = B * L * H * K, vn = B * L * H * V, gn = B * L * H * G, sn = B * H * K * V;
-    std::vector<T> q, k, v;
-    to_elem(read_f32(dir + "/q.bin", qk), q);
-    to_elem(read_f32(dir + "/k.bin", qk), k);
-    to_elem(read_f32(dir + "/v.bin", vn), v);
+    auto q = read_elems<T>(dir + "/q.bin", qk), k = read_elems<T>(dir + "/k.bin", qk), v = read_elems<T>(dir + "/v.bin", vn);
     auto gate = read_f32(dir + "/log_gate.bin", 2 * gn);
     std::vector<float> h0;
     if (has_h0) h0 = read_f32(dir + "/h0.bin", 2 * sn);
-    std::vector<T> y(vn, nan_of<T>());
+    std::vector<T> y = nan_elems<T>(vn);
     std::vector<float> hf = decode ? read_f32(dir + "/state.bin", 2 * sn) : std::vector<float>(2 * sn, std::nanf(""));
 
     // GateloopRecurrentParams::for_dims, then the plan and Buffers::bind.
@@ -136,9 +112,7 @@ static int run(const std::string& dir, bool decode, const Entry* entries) {
         f(p);
     });
 
-    std::vector<float> yf(vn);
-    for (size_t i = 0; i < vn; ++i) yf[i] = widen(y[i]);
-    write_f32(dir + "/y.out", yf);
+    write_widened(dir + "/y.out", y);
     write_f32(dir + (decode ? "/state.out" : "/h_final.out"), hf);
     return 0;
 }
