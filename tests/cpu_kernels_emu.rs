@@ -46,7 +46,7 @@ fn emulator(which: &'static std::sync::OnceLock<Option<PathBuf>>, script: &str, 
 static SCAN_EMU: std::sync::OnceLock<Option<PathBuf>> = std::sync::OnceLock::new();
 static RECURRENT_EMU: std::sync::OnceLock<Option<PathBuf>> = std::sync::OnceLock::new();
 fn scan_emulator() -> Option<PathBuf> {
-    emulator(&SCAN_EMU, "build.sh", "GATELOOP_SCAN_GRAD_EMU", "gateloop_scan_fwd_emu")
+    emulator(&SCAN_EMU, "build.sh", "GATELOOP_SCAN_GRAD_EMU", "gateloop_scan_emu")
 }
 fn recurrent_emulator() -> Option<PathBuf> {
     emulator(&RECURRENT_EMU, "build_recurrent.sh", "GATELOOP_RECURRENT_EMU", "gateloop_recurrent_emu")
