@@ -40,13 +40,18 @@ pub fn kernel_emulator(script: &str, env: &str, name: &str) -> Option<std::path:
 }
 
 /// A hash of the emulator build's inputs: `script`, the contents (by path)
-/// of every file under tests/kernel_emu and cuda, and `GATELOOP_EMU_ASAN`.
+/// of every file but the docs (*.md) under tests/kernel_emu and cuda, and
+/// `GATELOOP_EMU_ASAN`.
 fn sources_hash(root: &std::path::Path, script: &str) -> u64 {
     use std::hash::{Hash, Hasher};
     fn files(dir: &std::path::Path, out: &mut Vec<std::path::PathBuf>) {
         for e in std::fs::read_dir(dir).into_iter().flatten().flatten() {
             let p = e.path();
-            if p.is_dir() { files(&p, out) } else { out.push(p) }
+            if p.is_dir() {
+                files(&p, out)
+            } else if p.extension().is_none_or(|x| x != "md") {
+                out.push(p)
+            }
         }
     }
     let mut all = Vec::new();
