@@ -440,20 +440,23 @@ GATELOOP_ABI_ASSERT(sizeof(GateloopChunkGradParams) == 320 + 8 * 8 + 5 * 24 + 2 
  * recomputed from chunk-boundary checkpoints. Same chunks as the forward
  * (`fwd.warps`, `fwd.chunk_len`, `fwd.num_chunks`). Five launches on one
  * stream (the first four only when num_chunks > 1):
- *   gateloop_scan_reduce_f32_v{fwd.value_tile}, gateloop_scan_carry: the
+ *   gateloop_scan_reduce_{dtype}_v{fwd.value_tile}, gateloop_scan_carry: the
  *     forward's own kernels with `fwd` (y, h_final NULL): the state entering
  *     every chunk in fwd.chunk_state;
- *   gateloop_scan_grad_reduce_f32_v{T}: grid.x = B·H · value_tiles ·
+ *   gateloop_scan_grad_reduce_{dtype}_v{T}: grid.x = B·H · value_tiles ·
  *     (num_chunks − 1), block = 32 · warps; the reverse aggregate (A, B) of
  *     chunk c ≥ 1: A into rev_gate[bh][c − 1][k], B into rev_state[bh][c − 1][k][v];
  *   gateloop_scan_grad_carry: grid.x = ceil(B·H·K·V / SCAN_CARRY_BLOCK);
  *     rev_state[bh][c] becomes the adjoint entering chunk c from its right
  *     (slot num_chunks − 1 = dh_final or 0), sequentially from the last chunk;
- *   gateloop_scan_grad_f32_v{T}: grid.x = B·H · num_chunks, block = 32 ·
+ *   gateloop_scan_grad_{dtype}_v{T}: grid.x = B·H · num_chunks, block = 32 ·
  *     warps; each block loops over the value tiles (T columns per thread)
  *     and the K rows, writes dq, dk, dv, dlog_gate of its chunk (no atomics)
  *     and, for chunk 0, dh0.
  * Block index order (fastest first): chunk, [value tile,] (b, h).
+ * q, k, v, dy and dq, dk, dv have the element type `fwd.dtype` (the entry
+ * point's infix); log_gate, h0, dh_final, dlog_gate, dh0 and the workspace
+ * are complex f32 for every type, and all arithmetic is f32.
  * dh_final NULL: zero. dh0 NULL: not written (given without HAS_H0: the
  * gradient of the implicit zero initial state).
  */
@@ -487,8 +490,15 @@ typedef struct GateloopScanGradParams {
     int32_t value_tile;      /* value columns per thread: the T of the entry point */
     int32_t pad0;
     int64_t value_tiles;     /* ceil(V / value_tile) */
+    /* The running sums over the value tiles of dq and dk for a 16-bit dtype
+     * with value_tiles > 1 (workspace, device pointers): [B, L, H, K] f32
+     * with dq_strides / dk_strides, written by the first tile, rounded into
+     * dq, dk by the last. NULL otherwise (f32 sums in dq, dk themselves; a
+     * single tile stores its sum directly). */
+    float *dq_acc;
+    float *dk_acc;
 } GateloopScanGradParams;
-GATELOOP_ABI_ASSERT(sizeof(GateloopScanGradParams) == sizeof(GateloopScanParams) + 9 * 8 + 5 * 24 + 2 * 24 + 16,
+GATELOOP_ABI_ASSERT(sizeof(GateloopScanGradParams) == sizeof(GateloopScanParams) + 11 * 8 + 5 * 24 + 2 * 24 + 16,
                     "GateloopScanGradParams layout");
 
 #endif /* GATELOOP_ABI_H */

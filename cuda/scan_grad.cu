@@ -46,6 +46,14 @@
 // Steps past L are the identity (a = 1, k = q = v = dy = 0), so the padding
 // of the last chunk carries dh_final through unchanged.
 //
+// Element types: q, k, v, dy and dq, dk, dv are f32, f16 or bf16 (the entry
+// point's infix; InputTraits widens each load to f32); log_gate, h0,
+// dh_final, dlog_gate, dh0 and the workspace are complex f32 for every type,
+// and all arithmetic is f32. Each 16-bit output is rounded once: dv at its
+// single store; dq and dk, summed over the value tiles, keep their running
+// sums in f32 (the f32 outputs themselves; for 16-bit types with several
+// tiles the dq_acc / dk_acc workspace) and the last tile rounds the total.
+//
 // Memory: the workspace holds the forward's chunk gates and states and the
 // reverse ones, 2 · B·H·chunks·K·(V + 1) complex: never O(L·K·V).
 //
@@ -106,20 +114,20 @@ __device__ __forceinline__ Agg<T> block_scan_reverse(const float2 (&alpha)[kStep
 
 // ---- reverse reduce: the reverse aggregate of chunks 1..num_chunks − 1 --------
 
-template <int T>
+template <typename input_t, int T>
 __device__ __forceinline__ void grad_reduce(const GateloopScanGradParams& g) {
-    using Tr = InputTraits<float>;
+    using Tr = InputTraits<input_t>;
     const GateloopScanParams& p = g.fwd;
     __shared__ Agg<T> warp_agg[2][kMaxWarps];
     const int64_t nc = p.num_chunks;
     int64_t idx = blockIdx.x;
     const int64_t chunk = split_index(idx, nc - 1) + 1;
     const int64_t tile = split_index(idx, g.value_tiles);
-    const Block<float, T> blk(p, chunk, tile, idx);
+    const Block<input_t, T> blk(p, chunk, tile, idx);
     const int64_t key_dim = p.dims.key_dim;
     const int64_t value_dim = p.dims.value_dim;
     const int64_t len = p.dims.len;
-    const float* __restrict__ dy = seq_row<float>(g.dy, g.dy_strides, blk.b, blk.h);
+    const input_t* __restrict__ dy = seq_row<input_t>(g.dy, g.dy_strides, blk.b, blk.h);
     const int64_t col0 = tile * T;
 
     float dyv[kSteps][T];
@@ -194,10 +202,34 @@ __device__ __forceinline__ void grad_carry(const GateloopScanGradParams& g) {
 
 // ---- the gradients ------------------------------------------------------------
 
-// out[i] = partial for the first tile, out[i] + partial after it.
-__device__ __forceinline__ void tile_sum(float* out, int64_t i, int64_t tile, float partial) {
-    out[i] = tile == 0 ? partial : out[i] + partial;
+// dq or dk element i: the sum over the value tiles of the partials, in tile
+// order, in f32 (in `acc`, which for f32 is `out` itself), stored in the
+// element type by the last tile (rounded once).
+template <typename input_t>
+__device__ __forceinline__ void tile_sum(input_t* out, float* acc, int64_t i, int64_t tile, int64_t tiles,
+                                         float partial) {
+    const float sum = tile == 0 ? partial : acc[i] + partial;
+    if (tile == tiles - 1) {
+        InputTraits<input_t>::store(out, i, sum);
+    } else {
+        acc[i] = sum;
+    }
 }
+
+// The f32 running sums of dq or dk (the (b, h) row of `acc`): the output
+// itself for f32, else the workspace `acc` (only read with several tiles).
+template <typename input_t>
+__device__ __forceinline__ float* tile_acc(input_t* out, float* acc, const GateloopSeqStrides& s, int64_t b,
+                                           int64_t h) {
+    if constexpr (InputTraits<input_t>::kDtype == GATELOOP_DTYPE_F32) {
+        return out;
+    } else {
+        return acc == nullptr ? nullptr : seq_row_mut<float>(acc, s, b, h);
+    }
+}
+
+// dlog_gate element i (complex f32 for every type): the partial for the
+// first tile, out[i] + partial after it.
 __device__ __forceinline__ void tile_sum(float2* out, int64_t i, int64_t tile, float2 partial) {
     if (tile == 0) {
         out[i] = partial;
@@ -207,9 +239,9 @@ __device__ __forceinline__ void tile_sum(float2* out, int64_t i, int64_t tile, f
     }
 }
 
-template <int T>
+template <typename input_t, int T>
 __device__ __forceinline__ void grad(const GateloopScanGradParams& g) {
-    using Tr = InputTraits<float>;
+    using Tr = InputTraits<input_t>;
     const GateloopScanParams& p = g.fwd;
     __shared__ Agg<T> fwd_agg[2][kMaxWarps];
     __shared__ Agg<T> rev_agg[2][kMaxWarps];
@@ -224,10 +256,12 @@ __device__ __forceinline__ void grad(const GateloopScanGradParams& g) {
     const bool per_head = p.dims.gate_dim == 1;
 
     for (int64_t tile = 0; tile < g.value_tiles; ++tile) {
-        const Block<float, T> blk(p, chunk, tile, bh);
-        const float* __restrict__ dy = seq_row<float>(g.dy, g.dy_strides, blk.b, blk.h);
-        float* __restrict__ dq = seq_row_mut<float>(g.dq, g.dq_strides, blk.b, blk.h);
-        float* __restrict__ dk = seq_row_mut<float>(g.dk, g.dk_strides, blk.b, blk.h);
+        const Block<input_t, T> blk(p, chunk, tile, bh);
+        const input_t* __restrict__ dy = seq_row<input_t>(g.dy, g.dy_strides, blk.b, blk.h);
+        input_t* __restrict__ dq = seq_row_mut<input_t>(g.dq, g.dq_strides, blk.b, blk.h);
+        input_t* __restrict__ dk = seq_row_mut<input_t>(g.dk, g.dk_strides, blk.b, blk.h);
+        float* dq_acc = tile_acc(dq, g.dq_acc, g.dq_strides, blk.b, blk.h);
+        float* dk_acc = tile_acc(dk, g.dk_acc, g.dk_strides, blk.b, blk.h);
         float2* __restrict__ dgate = reinterpret_cast<float2*>(g.dlog_gate) +
                                      (blk.b * g.dgate_strides.batch + blk.h * g.dgate_strides.head);
         const int64_t t_next = blk.t_first + kSteps;
@@ -282,7 +316,7 @@ __device__ __forceinline__ void grad(const GateloopScanGradParams& g) {
                         hs[j] = step(a[s], kk[s] * vv[s][j], hs[j]);
                         part = fmaf(dyv[s][j], hs[j].x, part);
                     }
-                    if (t < len) tile_sum(dq, t * g.dq_strides.time + row, tile, part);
+                    if (t < len) tile_sum(dq, dq_acc, t * g.dq_strides.time + row, tile, g.value_tiles, part);
                 }
             }
 
@@ -327,7 +361,7 @@ __device__ __forceinline__ void grad(const GateloopScanGradParams& g) {
                 const float2 conj_a = conj(a[s]);
                 const float2 dgate_part = cmul(conj_a, da);
                 if (t < len) {
-                    tile_sum(dk, t * g.dk_strides.time + row, tile, dk_part);
+                    tile_sum(dk, dk_acc, t * g.dk_strides.time + row, tile, g.value_tiles, dk_part);
                     if (!per_head) tile_sum(dgate, t * g.dgate_strides.time + row, tile, dgate_part);
                 }
                 dg_head[s] = make_float2(dg_head[s].x + dgate_part.x, dg_head[s].y + dgate_part.y);
@@ -341,14 +375,14 @@ __device__ __forceinline__ void grad(const GateloopScanGradParams& g) {
             }
         }
 
-        float* __restrict__ dv = seq_row_mut<float>(g.dv, g.dv_strides, blk.b, blk.h);
+        input_t* __restrict__ dv = seq_row_mut<input_t>(g.dv, g.dv_strides, blk.b, blk.h);
 #pragma unroll
         for (int s = 0; s < kSteps; ++s) {
             const int64_t t = blk.t_first + s;
             if (t >= len) continue;
 #pragma unroll
             for (int j = 0; j < T; ++j) {
-                if (blk.col0 + j < value_dim) dv[t * g.dv_strides.time + blk.col0 + j] = dvv[s][j];
+                if (blk.col0 + j < value_dim) Tr::store(dv, t * g.dv_strides.time + blk.col0 + j, dvv[s][j]);
             }
             if (per_head) tile_sum(dgate, t * g.dgate_strides.time, tile, dg_head[s]);
         }
@@ -360,24 +394,34 @@ __device__ __forceinline__ void grad(const GateloopScanGradParams& g) {
 
 // ---- entry points ----------------------------------------------------------
 //
-// The gradient kernel states a minimum of 1 block per SM: with the bare
-// thread bound, ptxas (sm_80) capped the _v1 variant at 128 registers and
-// spilled; with it, _v1 uses ~150 and _v2 ~200 registers, spill-free.
+// The gradient kernel states a minimum of 1 block per SM (up to 255
+// registers a thread): with the bare thread bound, ptxas (sm_80) capped the
+// f32 _v1 variant at 128 registers and spilled; with it, _v1 uses ~150 and
+// _v2 ~200 registers, spill-free, for every element type.
+// REDUCE_MIN_BLOCKS: the reverse reduce's occupancy hint. 0 leaves ptxas its
+// own register budget (every entry that fits it without spilling); the
+// 16-bit T = 1 reduces pass 4 (blocks of kMaxThreads per SM: at most 64
+// registers a thread, ~62 used), because under the default budget ptxas
+// (sm_90) chose 48 registers for them and spilled 4 bytes.
 
-#define GATELOOP_SCAN_GRAD_ENTRIES(T)                                                 \
-    extern "C" __global__ void __launch_bounds__(gateloop::scan::kMaxThreads)         \
-        gateloop_scan_grad_reduce_f32_v##T(const GateloopScanGradParams p) {          \
-        gateloop::scan_grad::grad_reduce<T>(p);                                       \
-    }                                                                                 \
-    extern "C" __global__ void __launch_bounds__(gateloop::scan::kMaxThreads, 1)      \
-        gateloop_scan_grad_f32_v##T(const GateloopScanGradParams p) {                 \
-        gateloop::scan_grad::grad<T>(p);                                              \
+#define GATELOOP_SCAN_GRAD_ENTRIES(DTYPE, TYPE, T, REDUCE_MIN_BLOCKS)                          \
+    extern "C" __global__ void __launch_bounds__(gateloop::scan::kMaxThreads, REDUCE_MIN_BLOCKS) \
+        gateloop_scan_grad_reduce_##DTYPE##_v##T(const GateloopScanGradParams p) {             \
+        gateloop::scan_grad::grad_reduce<TYPE, T>(p);                                          \
+    }                                                                                          \
+    extern "C" __global__ void __launch_bounds__(gateloop::scan::kMaxThreads, 1)               \
+        gateloop_scan_grad_##DTYPE##_v##T(const GateloopScanGradParams p) {                    \
+        gateloop::scan_grad::grad<TYPE, T>(p);                                                 \
     }
 
 static_assert(2 == GATELOOP_SCAN_GRAD_MAX_VALUE_TILE, "one entry point per T in {1, 2}");
 
-GATELOOP_SCAN_GRAD_ENTRIES(1)
-GATELOOP_SCAN_GRAD_ENTRIES(2)
+GATELOOP_SCAN_GRAD_ENTRIES(f32, float, 1, 0)
+GATELOOP_SCAN_GRAD_ENTRIES(f32, float, 2, 0)
+GATELOOP_SCAN_GRAD_ENTRIES(f16, __half, 1, 4)
+GATELOOP_SCAN_GRAD_ENTRIES(f16, __half, 2, 0)
+GATELOOP_SCAN_GRAD_ENTRIES(bf16, __nv_bfloat16, 1, 4)
+GATELOOP_SCAN_GRAD_ENTRIES(bf16, __nv_bfloat16, 2, 0)
 
 extern "C" __global__ void __launch_bounds__(GATELOOP_SCAN_CARRY_BLOCK)
     gateloop_scan_grad_carry(const GateloopScanGradParams p) {

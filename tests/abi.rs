@@ -245,7 +245,7 @@ fn bindgen_output_is_committed() {
 fn scan_grad_params_layout() {
     type P = GateloopScanGradParams;
     // Pinned in the header too (GATELOOP_ABI_ASSERT).
-    assert_eq!(size_of::<P>(), 584);
+    assert_eq!(size_of::<P>(), 600);
     assert_eq!(align_of::<P>(), 8);
     assert_eq!(offset_of!(P, fwd), 0);
     assert_eq!(offset_of!(P, dy), 328);
@@ -261,5 +261,7 @@ fn scan_grad_params_layout() {
     assert_eq!(offset_of!(P, dh0_strides), 544);
     assert_eq!(offset_of!(P, value_tile), 568);
     assert_eq!(offset_of!(P, value_tiles), 576);
+    assert_eq!(offset_of!(P, dq_acc), 584);
+    assert_eq!(offset_of!(P, dk_acc), 592);
     assert_eq!(GATELOOP_SCAN_GRAD_MAX_VALUE_TILE, 2);
 }

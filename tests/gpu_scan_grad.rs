@@ -1,40 +1,58 @@
 //! The fused-scan backward CUDA kernels (`cuda::scan_grad`) against the f64
-//! reference backward (`reference::grad::backward`) on the same f32-rounded
+//! reference backward (`reference::grad::backward`) on the same rounded
 //! inputs, and against their CPU mirror (`cpu::scan_grad`, same plan).
-//! Bounds: relative L2 ≤ 1e-4 and max-abs ≤ 1e-3 · max|ref| for dq, dk, dv,
-//! dlog_gate and dh0 (1e-3 at L = 65536). Every gradient buffer and the
-//! workspace are poisoned with NaN before each launch, so an element the
-//! kernels forget fails the test; two runs must agree bit for bit.
+//!
+//! Bounds:
+//! - f32: relative L2 ≤ 1e-4 and max-abs ≤ 1e-3 · max|ref| for dq, dk, dv,
+//!   dlog_gate and dh0 (1e-3 at L = 65536);
+//! - f16 / bf16 (q, k, v, dy and dq, dk, dv in the element type T; log_gate,
+//!   h0, dh_final, dlog_gate, dh0 complex f32): dlog_gate and dh0 the f32
+//!   bounds; dq, dk, dv the f32 bounds plus their single rounding to T
+//!   (tests/dtype_support: relative L2 ≤ 5.9e-4 for f16, 4.0e-3 for bf16),
+//!   the bounds of tests/gpu_chunked_grad.rs. The reference runs on exactly
+//!   the T-rounded q, k, v, dy; and the T kernels must return exactly the
+//!   f32 kernels' gradients on those inputs, dq, dk, dv rounded to T.
+//!
+//! Every gradient buffer and the workspace are poisoned with NaN before each
+//! launch, so an element the kernels forget fails the test; two runs must
+//! agree bit for bit.
 //!
 //! Without a usable GPU every test prints `SKIPPED (no GPU): <reason>` and
 //! passes (`GATELOOP_REQUIRE_GPU=1` makes that a failure).
 
 mod common;
+mod dtype_support;
 
 use common::grad::{GradCase, GradInputsF32, Worst, compare_grads};
-use common::{flat, unflat, upload};
+use common::{ALL_REGIMES, flat, regime_matrix, unflat, upload};
+use dtype_support::y_bounds;
 use gateloop::cpu::scan_grad;
-use gateloop::cuda::scan_grad::{DeviceGradInputs, DeviceGrads, DeviceInputs, backward_host, backward_into, plan_for};
-use gateloop::cuda::{Gpu, GpuError};
+use gateloop::cuda::scan_grad::{
+    DeviceGradInputs, DeviceGrads, DeviceInputs, backward_host, backward_host_as, backward_into, plan_for,
+};
+use gateloop::cuda::{Dtype, Element, Gpu, GpuError};
 use gateloop::reference::grad::Grads;
-use gateloop::testing::{GateRegime, dims};
+use gateloop::testing::{GateRegime, OwnedProblem, dims};
 use gateloop::{Dims, InputError};
+use half::{bf16, f16};
 
-
-/// One `backward_into` call on a fresh stream: inputs uploaded, every
-/// gradient and the workspace (of the plan's size) poisoned with NaN; a dh0
-/// buffer exactly when the problem has h0.
-fn run_gpu(gpu: &Gpu, inp: &GradInputsF32) -> Grads<f32> {
+/// One `backward_into` call in element type `T` on a fresh stream: inputs
+/// uploaded (q, k, v, dy converted to T: exact when `inp` is already
+/// T-representable), every gradient and the workspace (of the plan's size)
+/// poisoned with NaN; a dh0 buffer exactly when the problem has h0. dq, dk,
+/// dv come back widened to f32 (exactly).
+fn run_gpu<T: Element>(gpu: &Gpu, inp: &GradInputsF32) -> Grads<f32> {
     let p = &inp.p;
     let d = p.dims;
-    let lp = plan_for(gpu, &d).expect("plan");
+    let lp = plan_for(gpu, &d, T::DTYPE).expect("plan");
     let s = gpu.context().new_stream().expect("stream");
-    let u = upload::<f32>(&s, p);
+    let u = upload::<T>(&s, p);
     let h0 = p.h0.as_ref().map(|h| s.clone_htod(&flat(h)).unwrap());
-    let dy = s.clone_htod(&inp.dy).unwrap();
+    let dy = s.clone_htod(&inp.dy.iter().map(|&x| T::from_f32(x)).collect::<Vec<T>>()).unwrap();
     let dhf = inp.dh_final.as_ref().map(|h| s.clone_htod(&flat(h)).unwrap());
     let nan = |n: usize| s.clone_htod(&vec![f32::NAN; n]).unwrap();
-    let (mut dq, mut dk, mut dv) = (nan(d.qk_len()), nan(d.qk_len()), nan(d.v_len()));
+    let nan_t = |n: usize| s.clone_htod(&vec![T::nan(); n]).unwrap();
+    let (mut dq, mut dk, mut dv) = (nan_t(d.qk_len()), nan_t(d.qk_len()), nan_t(d.v_len()));
     let mut dg = nan(2 * d.gate_len());
     let mut dh0 = p.h0.as_ref().map(|_| nan(2 * d.state_len()));
     let mut ws = (lp.workspace_len > 0).then(|| nan(lp.workspace_len));
@@ -47,11 +65,12 @@ fn run_gpu(gpu: &Gpu, inp: &GradInputsF32) -> Grads<f32> {
         DeviceGrads { dq: &mut dq, dk: &mut dk, dv: &mut dv, dlog_gate: &mut dg, dh0: dh0.as_mut().map(|h| h as _) },
         ws.as_mut().map(|w| w as _),
     )
-    .unwrap_or_else(|e| panic!("{d:?}: {e}"));
+    .unwrap_or_else(|e| panic!("{} {d:?}: {e}", T::DTYPE));
+    let widen = |x: Vec<T>| x.into_iter().map(|x| x.to_f32()).collect::<Vec<f32>>();
     let out = Grads {
-        dq: s.clone_dtoh(&dq).unwrap(),
-        dk: s.clone_dtoh(&dk).unwrap(),
-        dv: s.clone_dtoh(&dv).unwrap(),
+        dq: widen(s.clone_dtoh(&dq).unwrap()),
+        dk: widen(s.clone_dtoh(&dk).unwrap()),
+        dv: widen(s.clone_dtoh(&dv).unwrap()),
         dlog_gate: unflat(&s.clone_dtoh(&dg).unwrap()),
         dh0: dh0.map(|h| unflat(&s.clone_dtoh(&h).unwrap())),
     };
@@ -59,9 +78,38 @@ fn run_gpu(gpu: &Gpu, inp: &GradInputsF32) -> Grads<f32> {
     out
 }
 
+/// `inp` with q, k, v and dy rounded to `T` (log_gate, h0 and dh_final stay
+/// f32): exactly what a `T` kernel sees.
+fn rounded<T: Element>(inp: &GradInputsF32) -> GradInputsF32 {
+    let r = |x: &[f32]| x.iter().map(|&x| T::from_f32(x).to_f32()).collect::<Vec<f32>>();
+    let p = &inp.p;
+    GradInputsF32 {
+        p: OwnedProblem { q: r(&p.q), k: r(&p.k), v: r(&p.v), ..p.clone() },
+        dy: r(&inp.dy),
+        dh_final: inp.dh_final.clone(),
+    }
+}
+
+/// (relative L2, max-abs fraction) of gradient `name` in element type `t`:
+/// dq, dk, dv as y (rounded once to t), dlog_gate and dh0 the f32 bounds.
+fn grad_bounds(t: Dtype, name: &str) -> (f64, f64) {
+    match name {
+        "dq" | "dk" | "dv" => y_bounds(t),
+        _ => (common::REL, common::ABS_FRAC),
+    }
+}
+
+/// Case `c` in element type `T` against the f64 reference on the T-rounded inputs.
+fn check_as<T: Element>(gpu: &Gpu, worst: &mut Worst, c: GradCase) {
+    let inp = rounded::<T>(&c.inputs());
+    let got = run_gpu::<T>(gpu, &inp);
+    let label = format!("{} {c:?}", T::DTYPE);
+    worst.check_bounds(&label, &compare_grads(&got, &inp.reference()), |name| grad_bounds(T::DTYPE, name));
+}
+
 fn check_with(gpu: &Gpu, worst: &mut Worst, c: GradCase, rel: f64) {
     let inp = c.inputs();
-    let got = run_gpu(gpu, &inp);
+    let got = run_gpu::<f32>(gpu, &inp);
     worst.check(&format!("{c:?}"), &compare_grads(&got, &inp.reference()), rel);
 }
 
@@ -141,9 +189,9 @@ fn matches_cpu_mirror() {
     {
         let c = GradCase::new(d, GateRegime::Mixed, true, true, 400 + i as u64);
         let inp = c.inputs();
-        let params = plan_for(gpu, &d).unwrap().grad_params();
+        let params = plan_for(gpu, &d, Dtype::F32).unwrap().grad_params();
         let cpu = scan_grad::backward(&inp.p.view(), &inp.dy, inp.dh_final.as_deref(), &params).unwrap();
-        let got = run_gpu(gpu, &inp);
+        let got = run_gpu::<f32>(gpu, &inp);
         for (name, e) in compare_grads(&got, &cpu) {
             assert!(e.within(1e-5, 1e-4), "{d:?} vs the CPU mirror: {name} {e:?}");
         }
@@ -156,7 +204,9 @@ fn deterministic() {
     let Some(gpu) = common::gpu_or_skip() else { return };
     for (i, d) in [dims(2, 5000, 3, 16, 33, true), dims(1, 20_000, 1, 8, 64, false)].into_iter().enumerate() {
         let inp = GradCase::new(d, GateRegime::Mixed, true, true, 500 + i as u64).inputs();
-        assert_eq!(run_gpu(gpu, &inp), run_gpu(gpu, &inp), "{d:?}");
+        assert_eq!(run_gpu::<f32>(gpu, &inp), run_gpu::<f32>(gpu, &inp), "{d:?}");
+        let inp = rounded::<bf16>(&inp);
+        assert_eq!(run_gpu::<bf16>(gpu, &inp), run_gpu::<bf16>(gpu, &inp), "bf16 {d:?}");
     }
 }
 
@@ -172,12 +222,104 @@ fn backward_host_matches_reference() {
     }
 }
 
+/// f16 and bf16 (dq, dk, dv in the element type) in every regime: partial
+/// value tiles (V = 7, 9, 70: the f32 running sums of dq, dk in the
+/// workspace), one tile (V = 2), one and several time chunks (L = 3001),
+/// both gate layouts, without / with h0, dh_final on every other case.
+#[test]
+fn half_types() {
+    let Some(gpu) = common::gpu_or_skip() else { return };
+    let shapes = [(1, 3, 2), (130, 16, 70), (200, 33, 9), (3001, 5, 7)];
+    let (mut w16, mut wb16) = (Worst::default(), Worst::default());
+    for (i, regime) in ALL_REGIMES.into_iter().enumerate() {
+        let mut j = 0;
+        regime_matrix(1, 2, &shapes, regime, 7000 + 100 * i as u64, |case| {
+            j += 1;
+            let c = |with_dhf: bool| GradCase::new(case.dims, case.regime, case.with_h0, with_dhf, case.seed);
+            check_as::<f16>(gpu, &mut w16, c(j % 2 == 0));
+            check_as::<bf16>(gpu, &mut wb16, c(j % 2 == 1));
+        });
+    }
+    w16.report("f16 regimes");
+    wb16.report("bf16 regimes");
+}
+
+/// The f32 `lengths_and_dims` sweep in f16 and bf16 (alternating): L from 1
+/// to 4096, K, V ∈ {1, 5, 16, 64} (T = 1 for V = 1, one tile for V = 2).
+#[test]
+fn half_types_lengths_and_dims() {
+    let Some(gpu) = common::gpu_or_skip() else { return };
+    let (mut w16, mut wb16) = (Worst::default(), Worst::default());
+    let mut seed = 7900;
+    for len in [1usize, 2, 65, 1000, 4096] {
+        for (kd, vd) in [(1, 1), (5, 16), (16, 5), (64, 64), (1, 64), (64, 1), (3, 2)] {
+            seed += 1;
+            let regime = ALL_REGIMES[seed as usize % ALL_REGIMES.len()];
+            let c = GradCase::new(dims(1, len, 2, kd, vd, seed % 2 == 0), regime, seed % 3 != 0, seed % 4 != 0, seed);
+            if seed % 2 == 0 {
+                check_as::<f16>(gpu, &mut w16, c);
+            } else {
+                check_as::<bf16>(gpu, &mut wb16, c);
+            }
+        }
+    }
+    w16.report("f16 lengths x dims");
+    wb16.report("bf16 lengths x dims");
+}
+
+/// The `T` kernels do the f32 kernels' arithmetic in the same order on the
+/// same (T-representable) inputs: dq, dk, dv are exactly the f32 kernels'
+/// rounded once to T, dlog_gate and dh0 are bitwise the f32 kernels'.
+fn assert_equals_f32_rounded<T: Element>(gpu: &Gpu, c: GradCase) {
+    let inp = rounded::<T>(&c.inputs());
+    let want = run_gpu::<f32>(gpu, &inp);
+    let got = run_gpu::<T>(gpu, &inp);
+    let bits = |x: &[f32]| x.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+    let rounded_bits = |x: &[f32]| x.iter().map(|&x| T::from_f32(x).to_f32().to_bits()).collect::<Vec<_>>();
+    let label = format!("{} {c:?}", T::DTYPE);
+    assert_eq!(bits(&got.dq), rounded_bits(&want.dq), "{label}: dq");
+    assert_eq!(bits(&got.dk), rounded_bits(&want.dk), "{label}: dk");
+    assert_eq!(bits(&got.dv), rounded_bits(&want.dv), "{label}: dv");
+    assert_eq!(got.dlog_gate, want.dlog_gate, "{label}: dlog_gate");
+    assert_eq!(got.dh0, want.dh0, "{label}: dh0");
+}
+
+#[test]
+fn half_types_equal_the_f32_kernel_rounded() {
+    let Some(gpu) = common::gpu_or_skip() else { return };
+    let cases = [
+        GradCase::new(dims(1, 5000, 1, 16, 33, false), GateRegime::Mixed, true, true, 7800),
+        GradCase::new(dims(2, 777, 3, 5, 7, true), GateRegime::Random, false, true, 7801),
+        GradCase::new(dims(1, 3001, 2, 6, 1, false), GateRegime::UnitModulus, true, false, 7802),
+        GradCase::new(dims(2, 300, 2, 4, 2, true), GateRegime::Mixed, true, true, 7803),
+    ];
+    for c in cases {
+        assert_equals_f32_rounded::<f16>(gpu, c);
+        assert_equals_f32_rounded::<bf16>(gpu, c);
+    }
+}
+
+/// `backward_host_as` rounds q, k, v, dy to T itself (given T-representable
+/// values here, so the reference sees the same inputs).
+#[test]
+fn backward_host_as_half_types() {
+    let Some(gpu) = common::gpu_or_skip() else { return };
+    let mut worst = Worst::default();
+    let c = GradCase::new(dims(1, 9000, 2, 16, 33, false), GateRegime::Mixed, true, true, 7700);
+    let inp = rounded::<bf16>(&c.inputs());
+    let got = backward_host_as::<bf16>(gpu, &inp.p.view(), &inp.dy, inp.dh_final.as_deref()).unwrap();
+    worst.check_bounds(&format!("bf16 {c:?}"), &compare_grads(&got, &inp.reference()), |n| grad_bounds(Dtype::Bf16, n));
+    let inp = rounded::<f16>(&c.inputs());
+    let got = backward_host_as::<f16>(gpu, &inp.p.view(), &inp.dy, inp.dh_final.as_deref()).unwrap();
+    worst.check_bounds(&format!("f16 {c:?}"), &compare_grads(&got, &inp.reference()), |n| grad_bounds(Dtype::F16, n));
+}
+
 #[test]
 fn rejects_bad_buffers_naming_them() {
     let Some(gpu) = common::gpu_or_skip() else { return };
     // Long enough for several chunks on any GPU, so a workspace is needed.
     let d: Dims = dims(1, 20_000, 1, 2, 3, true);
-    let lp = plan_for(gpu, &d).unwrap();
+    let lp = plan_for(gpu, &d, Dtype::F32).unwrap();
     assert!(lp.forward.num_chunks > 1 && lp.workspace_len > 0, "{lp:?}");
     let s = gpu.stream();
     let buf = |n: usize| s.alloc_zeros::<f32>(n).unwrap();
@@ -239,11 +381,14 @@ fn rejects_bad_buffers_naming_them() {
 /// memcheck and racecheck: several time chunks (B·H = 1 splits the sequence
 /// to fill the GPU, so all five kernels run), a partial last chunk, K and V
 /// that fill no tile exactly, with h0 and dh_final; then per-head gates
-/// without h0 in a single chunk.
+/// without h0 in a single chunk; then both again in f16 / bf16.
 #[test]
 fn sanitizer_smoke() {
     let Some(gpu) = common::gpu_or_skip() else { return };
     let mut worst = Worst::default();
     check(gpu, &mut worst, GradCase::new(dims(1, 3001, 1, 5, 7, false), GateRegime::Mixed, true, true, 31_000));
     check(gpu, &mut worst, GradCase::new(dims(1, 200, 2, 3, 9, true), GateRegime::Random, false, true, 31_001));
+    // 16-bit: the dq, dk running sums in the workspace, several chunks.
+    check_as::<f16>(gpu, &mut worst, GradCase::new(dims(1, 3001, 1, 5, 7, true), GateRegime::Mixed, true, true, 31_002));
+    check_as::<bf16>(gpu, &mut worst, GradCase::new(dims(1, 200, 2, 3, 9, false), GateRegime::Random, false, true, 31_003));
 }

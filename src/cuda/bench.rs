@@ -238,12 +238,12 @@ pub fn registry() -> Vec<KernelEntry> {
         },
         KernelEntry {
             name: "scan-grad",
-            about: "fused scan backward (f32): dq, dk, dv, dlog_gate from dy and dh_final, states recomputed",
-            dtypes: &[Dtype::F32],
+            about: "fused scan backward: dq, dk, dv, dlog_gate from dy and dh_final, states recomputed",
+            dtypes: &Dtype::ALL,
             shapes: chunked_shapes,
             check: |d| super::scan_grad::plan(d, 1).map(|_| ()),
-            cost: |d, _t| scan_grad_cost(d),
-            prepare: |gpu, d, _t, host, sets| prepare_scan_grad(gpu, d, host, sets),
+            cost: scan_grad_cost,
+            prepare: |gpu, d, t, host, sets| prepare_grad(gpu, d, t, host, sets, Backward::Scan),
         },
         KernelEntry {
             name: "chunked-real-fast",
@@ -261,7 +261,7 @@ pub fn registry() -> Vec<KernelEntry> {
             shapes: chunked_shapes,
             check: |d| chunk_grad::plan(d, Dtype::F32).map(|_| ()),
             cost: chunked_grad_cost,
-            prepare: prepare_chunked_grad::<false>,
+            prepare: |gpu, d, t, host, sets| prepare_grad(gpu, d, t, host, sets, Backward::Chunked { forward: false }),
         },
         KernelEntry {
             name: "chunked-fwd-bwd",
@@ -274,7 +274,7 @@ pub fn registry() -> Vec<KernelEntry> {
                 let (f, b) = (chunked_cost(d, t, Gates::Complex), chunked_grad_cost(d, t));
                 Cost { bytes: f.bytes + b.bytes, flops: f.flops + b.flops }
             },
-            prepare: prepare_chunked_grad::<true>,
+            prepare: |gpu, d, t, host, sets| prepare_grad(gpu, d, t, host, sets, Backward::Chunked { forward: true }),
         },
     ]
 }
@@ -445,87 +445,17 @@ fn chunked_shapes() -> Vec<Dims> {
     ]
 }
 
-/// The scan backward. Bytes: q, k, v, dy and log_gate read, dh_final read,
-/// dq, dk, dv and dlog_gate written, once each (f32; complex 8 bytes).
-/// Flops per (b, t, h, k, v): the forward step recomputed (8), the adjoint
-/// step conj(a)·δ + q·dy (9), dq, dk and dv (2 each), the gate's
-/// conj(h)·δ (8): 31; the gate's exp/sincos is not counted, nor the
-/// chunk-level passes.
-pub fn scan_grad_cost(d: &Dims) -> Cost {
-    let bytes = 4.0 * (4 * d.qk_len() + 3 * d.v_len()) as f64 + 16.0 * d.gate_len() as f64 + 8.0 * d.state_len() as f64;
+/// The scan backward. Bytes: q, k, v, dy read and dq, dk, dv written in
+/// the element type, log_gate read and dlog_gate written (complex 8 bytes),
+/// dh_final read, once each. Flops per (b, t, h, k, v): the forward step
+/// recomputed (8), the adjoint step conj(a)·δ + q·dy (9), dq, dk and dv (2
+/// each), the gate's conj(h)·δ (8): 31; the gate's exp/sincos is not
+/// counted, nor the chunk-level passes.
+pub fn scan_grad_cost(d: &Dims, t: Dtype) -> Cost {
+    let e = t.size_bytes() as f64;
+    let bytes = e * (4 * d.qk_len() + 3 * d.v_len()) as f64 + 16.0 * d.gate_len() as f64 + 8.0 * d.state_len() as f64;
     let flops = 31.0 * (d.batch * d.len * d.heads * d.key_dim * d.value_dim) as f64;
     Cost { bytes, flops }
-}
-
-/// One set of device buffers of the scan backward.
-struct ScanGradSet {
-    q: CudaSlice<f32>,
-    k: CudaSlice<f32>,
-    v: CudaSlice<f32>,
-    log_gate: CudaSlice<f32>,
-    dy: CudaSlice<f32>,
-    dh_final: CudaSlice<f32>,
-    dq: CudaSlice<f32>,
-    dk: CudaSlice<f32>,
-    dv: CudaSlice<f32>,
-    dlog_gate: CudaSlice<f32>,
-    workspace: CudaSlice<f32>,
-}
-
-struct ScanGradCase<'g> {
-    gpu: &'g Gpu,
-    dims: Dims,
-    sets: Vec<ScanGradSet>,
-}
-
-/// The scan backward with dy = the host's v (random, in the right shape) and
-/// dh_final = its state.
-fn prepare_scan_grad<'g>(gpu: &'g Gpu, dims: Dims, host: &HostInputs, sets: usize) -> Result<Box<dyn BenchCase + 'g>, GpuError> {
-    let s = gpu.stream();
-    let workspace_len = super::scan_grad::plan_for(gpu, &dims)?.workspace_len;
-    let poison = |n: usize| s.clone_htod(&vec![f32::NAN; n]).doing("allocating a gradient");
-    let sets = (0..sets)
-        .map(|_| {
-            Ok(ScanGradSet {
-                q: s.clone_htod(&host.q).doing("uploading q")?,
-                k: s.clone_htod(&host.k).doing("uploading k")?,
-                v: s.clone_htod(&host.v).doing("uploading v")?,
-                log_gate: s.clone_htod(&host.log_gate).doing("uploading log_gate")?,
-                dy: s.clone_htod(&host.v).doing("uploading dy")?,
-                dh_final: s.clone_htod(&host.state).doing("uploading dh_final")?,
-                dq: poison(dims.qk_len())?,
-                dk: poison(dims.qk_len())?,
-                dv: poison(dims.v_len())?,
-                dlog_gate: poison(2 * dims.gate_len())?,
-                // At least one element: a zero-sized allocation is not a buffer.
-                workspace: s.alloc_zeros::<f32>(workspace_len.max(1)).doing("allocating the workspace")?,
-            })
-        })
-        .collect::<Result<Vec<_>, GpuError>>()?;
-    Ok(Box::new(ScanGradCase { gpu, dims, sets }))
-}
-
-impl BenchCase for ScanGradCase<'_> {
-    fn launch(&mut self, set: usize) -> Result<(), GpuError> {
-        use super::scan_grad::{DeviceGradInputs, DeviceGrads, backward_into};
-        let st = &mut self.sets[set];
-        let s = self.gpu.stream();
-        let inputs = DeviceInputs { q: &st.q, k: &st.k, v: &st.v, log_gate: &st.log_gate, h0: None };
-        let upstream = DeviceGradInputs { dy: &st.dy, dh_final: Some(&st.dh_final) };
-        let grads = DeviceGrads { dq: &mut st.dq, dk: &mut st.dk, dv: &mut st.dv, dlog_gate: &mut st.dlog_gate, dh0: None };
-        backward_into(self.gpu, s, &self.dims, inputs, upstream, grads, Some(&mut st.workspace))
-    }
-
-    fn outputs_finite(&mut self) -> Result<bool, GpuError> {
-        let s = self.gpu.stream();
-        let set = &self.sets[0];
-        let mut all = Vec::new();
-        for (buf, what) in [(&set.dq, "dq"), (&set.dk, "dk"), (&set.dv, "dv"), (&set.dlog_gate, "dlog_gate")] {
-            all.push(s.clone_dtoh(buf).doing(what)?);
-        }
-        s.synchronize().doing("synchronizing")?;
-        Ok(all.iter().all(|x| x.iter().all(|v| v.is_finite())))
-    }
 }
 
 fn attention_shapes() -> Vec<Dims> {
@@ -640,8 +570,8 @@ impl<T: Element> BenchCase for ForwardCase<'_, T> {
     }
 }
 
-/// One set of device buffers of the chunked backward (and, for fwd+bwd, the
-/// forward's outputs).
+/// One set of device buffers of a backward (and, for the chunked fwd+bwd,
+/// the forward's outputs).
 struct GradSet<T> {
     q: CudaSlice<T>,
     k: CudaSlice<T>,
@@ -650,6 +580,8 @@ struct GradSet<T> {
     dy: CudaSlice<T>,
     y: CudaSlice<T>,
     h_final: CudaSlice<f32>,
+    /// The scan backward's ∂L/∂h_final (the chunked one runs without).
+    dh_final: Option<CudaSlice<f32>>,
     dq: CudaSlice<T>,
     dk: CudaSlice<T>,
     dv: CudaSlice<T>,
@@ -657,27 +589,40 @@ struct GradSet<T> {
     workspace: CudaSlice<f32>,
 }
 
+/// Which backward a [`GradCase`] runs.
+#[derive(Clone, Copy, Debug)]
+enum Backward {
+    /// The chunked backward, exact, complex gates, no dh_final; after the
+    /// chunked forward when `forward` (fwd+bwd).
+    Chunked { forward: bool },
+    /// The fused scan backward, with dh_final = the host's random state.
+    Scan,
+}
+
 struct GradCase<'g, T> {
     gpu: &'g Gpu,
     dims: Dims,
-    /// Run the forward first (fwd+bwd).
-    forward: bool,
+    backward: Backward,
     sets: Vec<GradSet<T>>,
 }
 
-/// The chunked backward (`FWD`: forward then backward), exact, complex gates,
-/// no h0 and no dh_final; dy is the random v reversed (a `[B, L, H, V]`
-/// array of the same distribution, not equal to v).
-fn prepare_chunked_grad<'g, const FWD: bool>(
+/// A backward in element type `t`, no h0; dy is the random v reversed (a
+/// `[B, L, H, V]` array of the same distribution, not equal to v).
+fn prepare_grad<'g>(
     gpu: &'g Gpu,
     dims: Dims,
     t: Dtype,
     host: &HostInputs,
     sets: usize,
+    backward: Backward,
 ) -> Result<Box<dyn BenchCase + 'g>, GpuError> {
+    let fwd = matches!(backward, Backward::Chunked { forward: true });
     crate::with_element!(t, T => {
         let s = gpu.stream();
-        let ws_len = chunk_grad::plan(&dims, T::DTYPE)?.workspace_len;
+        let ws_len = match backward {
+            Backward::Chunked { .. } => chunk_grad::plan(&dims, T::DTYPE)?.workspace_len,
+            Backward::Scan => super::scan_grad::plan_for(gpu, &dims, T::DTYPE)?.workspace_len,
+        };
         let (q, k, v) = (round_slice::<T>(&host.q), round_slice::<T>(&host.k), round_slice::<T>(&host.v));
         let dy: Vec<T> = v.iter().rev().copied().collect();
         let sets = (0..sets)
@@ -688,17 +633,23 @@ fn prepare_chunked_grad<'g, const FWD: bool>(
                     v: s.clone_htod(&v).doing("uploading v")?,
                     log_gate: s.clone_htod(&host.log_gate).doing("uploading log_gate")?,
                     dy: s.clone_htod(&dy).doing("uploading dy")?,
-                    y: s.alloc_zeros::<T>(if FWD { dims.v_len() } else { 1 }).doing("allocating y")?,
-                    h_final: s.alloc_zeros::<f32>(if FWD { 2 * dims.state_len() } else { 1 }).doing("allocating h_final")?,
+                    y: s.alloc_zeros::<T>(if fwd { dims.v_len() } else { 1 }).doing("allocating y")?,
+                    h_final: s.alloc_zeros::<f32>(if fwd { 2 * dims.state_len() } else { 1 }).doing("allocating h_final")?,
+                    dh_final: matches!(backward, Backward::Scan)
+                        .then(|| s.clone_htod(&host.state))
+                        .transpose()
+                        .doing("uploading dh_final")?,
                     dq: s.clone_htod(&vec![T::nan(); dims.qk_len()]).doing("allocating dq")?,
                     dk: s.clone_htod(&vec![T::nan(); dims.qk_len()]).doing("allocating dk")?,
                     dv: s.clone_htod(&vec![T::nan(); dims.v_len()]).doing("allocating dv")?,
                     dlog_gate: s.clone_htod(&vec![f32::NAN; 2 * dims.gate_len()]).doing("allocating dlog_gate")?,
-                    workspace: s.alloc_zeros::<f32>(ws_len).doing("allocating the workspace")?,
+                    // At least one element: a zero-sized allocation is not a
+                    // buffer (the scan's plan may need no workspace).
+                    workspace: s.alloc_zeros::<f32>(ws_len.max(1)).doing("allocating the workspace")?,
                 })
             })
             .collect::<Result<Vec<_>, GpuError>>()?;
-        Ok(Box::new(GradCase::<T> { gpu, dims, forward: FWD, sets }) as Box<dyn BenchCase + 'g>)
+        Ok(Box::new(GradCase::<T> { gpu, dims, backward, sets }) as Box<dyn BenchCase + 'g>)
     })
 }
 
@@ -707,14 +658,14 @@ impl<T: Element> BenchCase for GradCase<'_, T> {
         let st = &mut self.sets[set];
         let s = self.gpu.stream();
         let exact = ChunkPrecision::Exact;
-        if self.forward {
+        if let Backward::Chunked { forward: true } = self.backward {
             // The forward's workspace is a prefix of the backward's.
             let inputs = DeviceInputs { q: &st.q, k: &st.k, v: &st.v, log_gate: &st.log_gate, h0: None };
             let out = DeviceOutputs { y: &mut st.y, h_final: &mut st.h_final };
             chunk::forward_into(self.gpu, s, &self.dims, inputs, out, Some(&mut st.workspace), exact)?;
         }
         let inputs = DeviceInputs { q: &st.q, k: &st.k, v: &st.v, log_gate: &st.log_gate, h0: None };
-        let grad_in = chunk_grad::DeviceGradInputs { dy: &st.dy, dh_final: None };
+        let grad_in = chunk_grad::DeviceGradInputs { dy: &st.dy, dh_final: st.dh_final.as_ref().map(|h| h as _) };
         let grads = chunk_grad::DeviceGrads {
             dq: &mut st.dq,
             dk: &mut st.dk,
@@ -722,7 +673,11 @@ impl<T: Element> BenchCase for GradCase<'_, T> {
             dlog_gate: &mut st.dlog_gate,
             dh0: None,
         };
-        chunk_grad::backward_into(self.gpu, s, &self.dims, inputs, grad_in, grads, Some(&mut st.workspace), exact)
+        let ws = Some(&mut st.workspace as _);
+        match self.backward {
+            Backward::Chunked { .. } => chunk_grad::backward_into(self.gpu, s, &self.dims, inputs, grad_in, grads, ws, exact),
+            Backward::Scan => super::scan_grad::backward_into(self.gpu, s, &self.dims, inputs, grad_in, grads, ws),
+        }
     }
 
     fn outputs_finite(&mut self) -> Result<bool, GpuError> {

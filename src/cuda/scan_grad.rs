@@ -12,6 +12,13 @@
 //! first value tile and added by the later ones, by the one thread that owns
 //! the step: no atomics, deterministic. [`crate::cpu::scan_grad`] is the CPU
 //! mirror (same chunks, same order of every sum) and documents the algorithm.
+//!
+//! q, k, v, dy and dq, dk, dv have the element type `T` of
+//! [`backward_into`] (f32, f16 or bf16); log_gate, h0, dh_final, dlog_gate,
+//! dh0 and the workspace are complex f32, and all arithmetic is f32. Each
+//! `T` output is rounded once: for a 16-bit `T` with several value tiles,
+//! the running sums of dq and dk over the tiles live in the workspace (f32)
+//! and the last tile rounds them.
 
 use cudarc::driver::{CudaFunction, CudaModule, CudaStream, DevicePtrMut, DeviceRepr, LaunchConfig, PushKernelArg};
 use num_complex::Complex;
@@ -19,7 +26,7 @@ use num_complex::Complex;
 use super::abi::{self, GateloopScanGradParams, GateloopScanParams};
 use super::launch::{self, GradBuffers, SeqParams, seq_strides, state_strides};
 use super::scan::{LaunchPlan, plan_with_warps, sm_count};
-use super::element::Dtype;
+use super::element::{Dtype, Element};
 use super::{DriverContext, Gpu, GpuError};
 use crate::cpu::scan::{MAX_WARPS, STEPS_PER_THREAD, ScanParams};
 use crate::cpu::scan_grad::ScanGradParams;
@@ -44,25 +51,30 @@ unsafe impl DeviceRepr for GateloopScanGradParams {}
 
 /// The kernels of `cuda/scan_grad.cu`.
 pub(crate) struct ScanGradKernels {
-    /// `gateloop_scan_grad_reduce_f32_v{1,2}`, indexed by log2(T).
-    reduce: Vec<CudaFunction>,
+    /// `gateloop_scan_grad_reduce_{dtype}_v{1,2}`, indexed by
+    /// [`Dtype::index`], then log2(T).
+    reduce: [Vec<CudaFunction>; 3],
     carry: CudaFunction,
-    /// `gateloop_scan_grad_f32_v{1,2}`, indexed by log2(T).
-    grad: Vec<CudaFunction>,
+    /// `gateloop_scan_grad_{dtype}_v{1,2}`, indexed likewise.
+    grad: [Vec<CudaFunction>; 3],
 }
 
 impl ScanGradKernels {
     pub(crate) fn load(module: &std::sync::Arc<CudaModule>) -> Result<Self, GpuError> {
-        let variants = |kind: &str| {
-            VALUE_TILES
-                .iter()
-                .map(|t| module.load_function(&format!("gateloop_scan_grad{kind}_f32_v{t}")))
-                .collect::<Result<Vec<_>, _>>()
+        let table = |kind: &str| -> Result<[Vec<CudaFunction>; 3], GpuError> {
+            let variants = |dtype: Dtype| {
+                VALUE_TILES
+                    .iter()
+                    .map(|t| module.load_function(&format!("gateloop_scan_grad{kind}_{}_v{t}", dtype.name())))
+                    .collect::<Result<Vec<_>, _>>()
+                    .doing("looking up gateloop_scan_grad{_reduce,}_{f32,f16,bf16}_v*")
+            };
+            Ok([variants(Dtype::F32)?, variants(Dtype::F16)?, variants(Dtype::Bf16)?])
         };
         Ok(ScanGradKernels {
-            reduce: variants("_reduce").doing("looking up gateloop_scan_grad_reduce_f32_v*")?,
+            reduce: table("_reduce")?,
             carry: module.load_function("gateloop_scan_grad_carry").doing("looking up gateloop_scan_grad_carry")?,
-            grad: variants("").doing("looking up gateloop_scan_grad_f32_v*")?,
+            grad: table("")?,
         })
     }
 }
@@ -81,8 +93,16 @@ pub struct GradLaunchPlan {
     pub reverse_reduce_grid: u32,
     /// Blocks of the gradient kernel: B·H · chunks.
     pub grad_grid: u32,
-    /// f32 elements of the workspace (0 with one chunk): the forward's
-    /// chunk_gate and chunk_state, then rev_gate and rev_state of the same sizes.
+    /// f32 offset in the workspace of the reverse half (rev_gate, rev_state):
+    /// the forward's `workspace_len` (0 with one chunk).
+    pub reverse_offset: usize,
+    /// f32 offset of dq's running sums over the value tiles (then dk's, each
+    /// B·L·H·K f32): only for a 16-bit dtype with more than one value tile.
+    pub accumulator_offset: Option<usize>,
+    /// f32 elements of the workspace: with more than one chunk the forward's
+    /// chunk_gate and chunk_state, then rev_gate and rev_state of the same
+    /// sizes; then the dq and dk running sums when `accumulator_offset` is
+    /// set. 0 when neither is needed.
     pub workspace_len: usize,
 }
 
@@ -99,14 +119,22 @@ impl GradLaunchPlan {
     }
 }
 
-/// Chooses the backward's geometry for `dims` on a GPU with `sm_count` SMs.
+/// Chooses the backward's geometry for `dims` on a GPU with `sm_count` SMs,
+/// for f32 inputs ([`plan_as`] with [`Dtype::F32`]: the geometry is the same
+/// for every element type, the workspace is not).
+pub fn plan(dims: &Dims, sm_count: usize) -> Result<GradLaunchPlan, InputError> {
+    plan_as(dims, Dtype::F32, sm_count)
+}
+
+/// Chooses the backward's geometry and workspace for `dims`, element type
+/// `dtype`, on a GPU with `sm_count` SMs.
 ///
 /// The gradient kernel has one block per (b, h, chunk) (its value tiles run
 /// in sequence, so that one thread owns every sum over V of its steps), so
 /// the warps are the largest of 4, 2, 1 that still give ≥ 2 such blocks per
 /// SM, and no more than L needs. T = 1 for V = 1, else 2 (the thread keeps
 /// h_{t−1} of its S steps and T columns in registers besides the forward's).
-pub fn plan(dims: &Dims, sm_count: usize) -> Result<GradLaunchPlan, InputError> {
+pub fn plan_as(dims: &Dims, dtype: Dtype, sm_count: usize) -> Result<GradLaunchPlan, InputError> {
     dims.validate()?;
     let d = dims;
     let per_warp = STEPS_PER_THREAD * LANES;
@@ -133,48 +161,60 @@ pub fn plan(dims: &Dims, sm_count: usize) -> Result<GradLaunchPlan, InputError> 
     let grad_grid = grid(bh.and_then(|x| x.checked_mul(nc)), "B·H·chunks")?;
     let reverse_reduce_grid =
         grid(bh.and_then(|x| x.checked_mul(tiles)).and_then(|x| x.checked_mul(nc - 1)), "B·H·value_tiles·(chunks - 1)")?;
-    let workspace_len = forward.workspace_len.checked_mul(2).ok_or_else(|| InputError::TooLarge {
+    let ws_error = || InputError::TooLarge {
         name: "workspace",
-        shape: format!("[2·B·H·chunks·K·(V + 1)·2] with {nc} chunks"),
+        shape: format!("[2·B·H·chunks·K·(V + 1)·2 + 2·B·L·H·K] with {nc} chunks"),
         limit: "usize::MAX".into(),
-    })?;
+    };
+    let reverse_offset = forward.workspace_len;
+    let checkpoints = reverse_offset.checked_mul(2).ok_or_else(ws_error)?;
+    let accumulator_offset = (dtype != Dtype::F32 && tiles > 1).then_some(checkpoints);
+    let workspace_len = match accumulator_offset {
+        Some(o) => d.qk_len().checked_mul(2).and_then(|a| a.checked_add(o)).ok_or_else(ws_error)?,
+        None => checkpoints,
+    };
     Ok(GradLaunchPlan {
         forward,
         value_tile: value_tile as u32,
         value_tiles: u32::try_from(tiles).map_err(|_| too_large("value_tiles"))?,
         reverse_reduce_grid,
         grad_grid,
+        reverse_offset,
+        accumulator_offset,
         workspace_len,
     })
 }
 
-/// The plan `backward_into` uses on `gpu` (its workspace size:
-/// [`GradLaunchPlan::workspace_len`] f32).
-pub fn plan_for(gpu: &Gpu, dims: &Dims) -> Result<GradLaunchPlan, GpuError> {
-    Ok(plan(dims, sm_count(gpu)?)?)
+/// The plan `backward_into` uses on `gpu` for element type `dtype` (its
+/// workspace size: [`GradLaunchPlan::workspace_len`] f32).
+pub fn plan_for(gpu: &Gpu, dims: &Dims, dtype: Dtype) -> Result<GradLaunchPlan, GpuError> {
+    Ok(plan_as(dims, dtype, sm_count(gpu)?)?)
 }
 
 /// Runs the backward on `stream` over device buffers, writing `grads`.
+/// `T` is the element type of q, k, v, dy and of dq, dk, dv; log_gate, h0,
+/// dh_final, dlog_gate and dh0 are complex f32 (interleaved pairs).
 /// Asynchronous: it enqueues up to five kernels and never synchronizes.
 ///
 /// `workspace` must hold at least [`GradLaunchPlan::workspace_len`] f32 of
-/// [`plan_for`]`(gpu, dims)` (overwritten; `None` is fine when that is 0).
+/// [`plan_for`]`(gpu, dims, T::DTYPE)` (overwritten; `None` is fine when
+/// that is 0).
 /// Checks on the host: dims, every buffer's length (the error names the
 /// argument), contexts, alignment of complex buffers. The gate's domain
 /// (Re ≤ 0) is the caller's responsibility, as for the forward. A `dh0`
 /// buffer is required when `inputs.h0` is given (and, given without h0, gets
 /// the gradient of the implicit zero initial state).
-pub fn backward_into<'a>(
+pub fn backward_into<'a, T: Element>(
     gpu: &Gpu,
     stream: &CudaStream,
     dims: &Dims,
-    inputs: DeviceInputs<'a>,
-    upstream: DeviceGradInputs<'a>,
-    grads: DeviceGrads<'a>,
+    inputs: DeviceInputs<'a, T>,
+    upstream: DeviceGradInputs<'a, T>,
+    grads: DeviceGrads<'a, T>,
     workspace: Option<&'a mut dyn DevicePtrMut<f32>>,
 ) -> Result<(), GpuError> {
     let d = dims;
-    let lp = plan_for(gpu, d)?;
+    let lp = plan_for(gpu, d, T::DTYPE)?;
     let buffers = GradBuffers { inputs, grad_in: upstream, grads, workspace };
     buffers.check(gpu, stream, d, lp.workspace_len, || {
         format!("at least {} f32 ({} chunks)", lp.workspace_len, lp.forward.num_chunks)
@@ -187,7 +227,7 @@ pub fn backward_into<'a>(
             chunk_len: fl.chunk_len as i64,
             num_chunks: fl.num_chunks as i64,
             value_tiles: fl.value_tiles as i64,
-            ..GateloopScanParams::for_dims(d, abi::GATELOOP_DTYPE_F32)?
+            ..GateloopScanParams::for_dims(d, T::DTYPE.abi())?
         },
         dy_strides: seq_strides(d, d.value_dim)?,
         dq_strides: seq_strides(d, d.key_dim)?,
@@ -211,34 +251,39 @@ pub fn backward_into<'a>(
     params.dv = ptrs.dv as usize as *mut std::ffi::c_void;
     params.dlog_gate = ptrs.dlog_gate as usize as *mut f32;
     params.dh0 = ptrs.dh0.map_or(std::ptr::null_mut(), |p| p as usize as *mut f32);
-    match ptrs.workspace {
-        Some(w) if lp.workspace_len > 0 => {
+    if let Some(w) = ptrs.workspace.filter(|_| lp.workspace_len > 0) {
+        let at = |offset: usize| (w as usize + 4 * offset) as *mut f32;
+        if fl.num_chunks > 1 {
             // Four 8-byte aligned parts: every part holds an even number of f32.
-            let half = fl.workspace_len;
-            params.fwd.chunk_gate = w as usize as *mut f32;
-            params.fwd.chunk_state = (w as usize + 4 * fl.state_offset(d)) as *mut f32;
-            params.rev_gate = (w as usize + 4 * half) as *mut f32;
-            params.rev_state = (w as usize + 4 * (half + fl.state_offset(d))) as *mut f32;
+            params.fwd.chunk_gate = at(0);
+            params.fwd.chunk_state = at(fl.state_offset(d));
+            params.rev_gate = at(lp.reverse_offset);
+            params.rev_state = at(lp.reverse_offset + fl.state_offset(d));
         }
-        _ => {}
+        if let Some(o) = lp.accumulator_offset {
+            params.dq_acc = at(o);
+            params.dk_acc = at(o + d.qk_len());
+        }
     }
 
     let block = (LANES as u32 * fl.warps, 1, 1);
     let kernels = &gpu.kernels;
-    let vi = lp.variant_index();
+    let (ti, vi) = (T::DTYPE.index(), lp.variant_index());
     if fl.num_chunks > 1 {
         let cfg = LaunchConfig { grid_dim: (fl.reduce_grid, 1, 1), block_dim: block, shared_mem_bytes: 0 };
-        let mut launch = stream.launch_builder(&kernels.scan_reduce[Dtype::F32.index()][fl.variant_index()]);
+        let mut launch = stream.launch_builder(&kernels.scan_reduce[ti][fl.variant_index()]);
         launch.arg(&params.fwd);
-        // SAFETY: the forward's gateloop_scan_reduce_f32_v{T} (T =
-        // fl.value_tile) takes one GateloopScanParams by value, which is
-        // what is pushed, with the forward's geometry for these dims
-        // (`plan_with_warps`): its pointers come from live buffers of this
-        // context whose lengths were checked (Buffers::check); y and h_final
-        // are null and never touched by this kernel; chunk_gate and
-        // chunk_state lie in the first half of a workspace of ≥
-        // lp.workspace_len f32, 8-byte aligned.
-        unsafe { launch.launch(cfg) }.doing("launching gateloop_scan_reduce_f32 (backward)")?;
+        // SAFETY: the forward's gateloop_scan_reduce_{E}_v{T} (E the element
+        // type of q, k, v: T::DTYPE picks the table row; T = fl.value_tile)
+        // takes one GateloopScanParams by value, which is what is pushed,
+        // with the forward's geometry for these dims (`plan_with_warps`):
+        // q, k, v are buffers of element type E (the launcher's T), log_gate
+        // and h0 complex f32, all live buffers of this context whose lengths
+        // were checked (GradBuffers::check); y and h_final are null and
+        // never touched by this kernel; chunk_gate and chunk_state (complex
+        // f32) lie in the first half of a workspace of ≥ lp.workspace_len
+        // f32, 8-byte aligned.
+        unsafe { launch.launch(cfg) }.doing("launching gateloop_scan_reduce (backward)")?;
         let carry_cfg = LaunchConfig {
             grid_dim: (fl.carry_grid, 1, 1),
             block_dim: (CARRY_BLOCK as u32, 1, 1),
@@ -252,16 +297,17 @@ pub fn backward_into<'a>(
         unsafe { launch.launch(carry_cfg) }.doing("launching gateloop_scan_carry (backward)")?;
 
         let cfg = LaunchConfig { grid_dim: (lp.reverse_reduce_grid, 1, 1), block_dim: block, shared_mem_bytes: 0 };
-        let mut launch = stream.launch_builder(&kernels.scan_grad.reduce[vi]);
+        let mut launch = stream.launch_builder(&kernels.scan_grad.reduce[ti][vi]);
         launch.arg(&params);
-        // SAFETY: gateloop_scan_grad_reduce_f32_v{T} (T = lp.value_tile)
-        // takes one GateloopScanGradParams by value, which is what is
-        // pushed; besides the checked inputs it reads dy (checked length
+        // SAFETY: gateloop_scan_grad_reduce_{E}_v{T} (E = T::DTYPE, the
+        // element type of q, k, v and dy; T = lp.value_tile) takes one
+        // GateloopScanGradParams by value, which is what is pushed; besides
+        // the checked inputs it reads dy (element type E, checked length
         // [B, L, H, V]) and writes rev_gate [B·H, chunks, K] and rev_state
-        // [B·H, chunks, K, V] (complex), the second half of the workspace.
-        // Block = 32·warps ≤ 256 = __launch_bounds__, grid as planned,
-        // static shared memory only.
-        unsafe { launch.launch(cfg) }.doing("launching gateloop_scan_grad_reduce_f32")?;
+        // [B·H, chunks, K, V] (complex f32) at lp.reverse_offset of the
+        // workspace, inside its checked length. Block = 32·warps ≤ 256 =
+        // __launch_bounds__, grid as planned, static shared memory only.
+        unsafe { launch.launch(cfg) }.doing("launching gateloop_scan_grad_reduce")?;
         let mut launch = stream.launch_builder(&kernels.scan_grad.carry);
         launch.arg(&params);
         // SAFETY: as for the reverse reduce; gateloop_scan_grad_carry reads
@@ -271,17 +317,21 @@ pub fn backward_into<'a>(
         unsafe { launch.launch(carry_cfg) }.doing("launching gateloop_scan_grad_carry")?;
     }
     let cfg = LaunchConfig { grid_dim: (lp.grad_grid, 1, 1), block_dim: block, shared_mem_bytes: 0 };
-    let mut launch = stream.launch_builder(&kernels.scan_grad.grad[vi]);
+    let mut launch = stream.launch_builder(&kernels.scan_grad.grad[ti][vi]);
     launch.arg(&params);
-    // SAFETY: as for the reverse reduce, with grid = B·H·chunks; it writes
-    // dq, dk [B, L, H, K], dv [B, L, H, V], dlog_gate (the gate's layout,
-    // complex) and dh0 (when non-null) [B, H, K, V] complex, all checked
-    // above; with chunks > 1 it reads the workspace completed by both carry
-    // kernels earlier on this stream, with one chunk it reads h0 and
-    // dh_final directly and never touches the (null) workspace pointers.
-    // Every buffer outlives the launch: borrowed until this function
-    // returns, and the guards record the launches on drop.
-    unsafe { launch.launch(cfg) }.doing("launching gateloop_scan_grad_f32")?;
+    // SAFETY: as for the reverse reduce (gateloop_scan_grad_{E}_v{T}), with
+    // grid = B·H·chunks; it writes dq, dk [B, L, H, K] and dv [B, L, H, V]
+    // of element type E, dlog_gate (the gate's layout) and dh0 (when
+    // non-null) [B, H, K, V] complex f32, all checked above; with chunks > 1
+    // it reads the workspace completed by both carry kernels earlier on this
+    // stream, with one chunk it reads h0 and dh_final directly and never
+    // touches the (null) checkpoint pointers. dq_acc and dk_acc (f32
+    // [B, L, H, K] each, at lp.accumulator_offset of the checked workspace)
+    // are set exactly when E is 16-bit with value_tiles > 1, the only case
+    // the kernel dereferences them. Every buffer outlives the launch:
+    // borrowed until this function returns, and the guards record the
+    // launches on drop.
+    unsafe { launch.launch(cfg) }.doing("launching gateloop_scan_grad")?;
     Ok(())
 }
 
@@ -295,8 +345,21 @@ pub fn backward_host(
     dy: &[f32],
     dh_final: Option<&[Complex<f32>]>,
 ) -> Result<Grads<f32>, GpuError> {
-    let workspace_len = |d: &Dims| Ok(plan_for(gpu, d)?.workspace_len);
-    launch::backward_host::<f32>(gpu, p, dy, dh_final, workspace_len, "synchronizing after the scan backward kernels", |s, d, i, g, o, w| {
+    backward_host_as::<f32>(gpu, p, dy, dh_final)
+}
+
+/// [`backward_host`] with q, k, v and dy rounded to `T` on the host
+/// (log_gate, h0, dh_final stay f32), dq, dk, dv computed in `T` and widened
+/// back to f32 (exactly). `dh0` is `Some` exactly when `p.h0` is. Checks the
+/// gate domain on the host.
+pub fn backward_host_as<T: Element>(
+    gpu: &Gpu,
+    p: &Problem<'_, f32>,
+    dy: &[f32],
+    dh_final: Option<&[Complex<f32>]>,
+) -> Result<Grads<f32>, GpuError> {
+    let workspace_len = |d: &Dims| Ok(plan_for(gpu, d, T::DTYPE)?.workspace_len);
+    launch::backward_host::<T>(gpu, p, dy, dh_final, workspace_len, "synchronizing after the scan backward kernels", |s, d, i, g, o, w| {
         backward_into(gpu, s, d, i, g, o, w)
     })
 }
@@ -324,6 +387,12 @@ mod tests {
         // One chunk: no workspace, only the gradient kernel.
         let p = plan(&dims(3, 200, 2, 5, 7, false), H200_SMS).unwrap();
         assert_eq!((p.forward.num_chunks, p.workspace_len, p.reverse_reduce_grid, p.grad_grid), (1, 0, 0, 6));
+        // In bf16 its 4 value tiles sum dq, dk in the workspace (f32).
+        let p = plan_as(&dims(3, 200, 2, 5, 7, false), Dtype::Bf16, H200_SMS).unwrap();
+        assert_eq!((p.value_tiles, p.accumulator_offset, p.workspace_len), (4, Some(0), 2 * 3 * 200 * 2 * 5));
+        // V = 2: one tile stores its sums directly.
+        let p = plan_as(&dims(3, 200, 2, 5, 2, false), Dtype::F16, H200_SMS).unwrap();
+        assert_eq!((p.value_tiles, p.accumulator_offset, p.workspace_len), (1, None, 0));
     }
 
     #[test]
@@ -340,6 +409,16 @@ mod tests {
                 assert!((p.forward.warps as usize - 1) * 256 < l, "{d:?} {p:?}");
                 assert_eq!(p.forward, plan_with_warps(&d, p.forward.warps as usize).unwrap());
                 assert_eq!(p.workspace_len, if nc > 1 { 4 * b * h * nc * k * (v + 1) } else { 0 });
+                assert_eq!((p.reverse_offset * 2, p.accumulator_offset), (p.workspace_len, None));
+                for dtype in [Dtype::F16, Dtype::Bf16] {
+                    // The same geometry; the dq, dk running sums after the
+                    // checkpoints with more than one value tile.
+                    let q = plan_as(&d, dtype, sms).unwrap();
+                    assert_eq!(GradLaunchPlan { accumulator_offset: None, workspace_len: p.workspace_len, ..q }, p);
+                    let acc = p.value_tiles > 1;
+                    assert_eq!(q.accumulator_offset, acc.then_some(p.workspace_len));
+                    assert_eq!(q.workspace_len, p.workspace_len + if acc { 2 * b * l * h * k } else { 0 });
+                }
             }
         }
     }

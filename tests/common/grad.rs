@@ -76,8 +76,13 @@ pub fn compare_grads<A: Copy + Into<f64>, B: Copy + Into<f64>>(ours: &Grads<A>, 
 /// relative precision left, so the max-abs bound is taken relative to the
 /// smallest normal f32, as if max|ref| were that large.
 pub fn within(e: &ErrorStats, rel: f64) -> bool {
+    within_bounds(e, rel, ABS_FRAC)
+}
+
+/// [`within`] with the max-abs fraction `abs_frac` instead of [`ABS_FRAC`].
+pub fn within_bounds(e: &ErrorStats, rel: f64, abs_frac: f64) -> bool {
     let smallest_normal = f64::from(f32::MIN_POSITIVE);
-    e.within(rel, ABS_FRAC) || (e.max_ref < smallest_normal && e.max_abs <= ABS_FRAC * smallest_normal)
+    e.within(rel, abs_frac) || (e.max_ref < smallest_normal && e.max_abs <= abs_frac * smallest_normal)
 }
 
 /// The worst (relative L2, max-abs / max|ref|) per gradient over a test's
@@ -90,13 +95,25 @@ impl Worst {
     /// Checks every gradient of `errors` (of case `label`) against the
     /// relative L2 bound `rel` and records them.
     pub fn check(&mut self, label: &str, errors: &[(&'static str, ErrorStats)], rel: f64) {
+        self.check_bounds(label, errors, |_| (rel, ABS_FRAC))
+    }
+
+    /// [`Worst::check`] with per-gradient bounds: `bounds(name)` is the
+    /// (relative L2, max-abs fraction) of gradient `name`.
+    pub fn check_bounds(
+        &mut self,
+        label: &str,
+        errors: &[(&'static str, ErrorStats)],
+        bounds: impl Fn(&str) -> (f64, f64),
+    ) {
         for (name, e) in errors {
             let i = NAMES.iter().position(|n| n == name).unwrap();
             if e.max_ref >= f64::from(f32::MIN_POSITIVE) {
                 self.0[i].0 = self.0[i].0.max(e.rel_l2);
                 self.0[i].1 = self.0[i].1.max(e.max_abs / e.max_ref);
             }
-            assert!(within(e, rel), "{label}: {name} {e:?} (bounds rel {rel:e}, abs {ABS_FRAC:e}·max|ref|)");
+            let (rel, abs) = bounds(name);
+            assert!(within_bounds(e, rel, abs), "{label}: {name} {e:?} (bounds rel {rel:e}, abs {abs:e}·max|ref|)");
         }
     }
 
