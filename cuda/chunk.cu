@@ -82,37 +82,14 @@ __device__ __forceinline__ void chunk_state(const GateloopChunkParams& p) {
     const Split<Op> kt = carve<Op>(at, kChunk, ld_slab<Op, kComplex>());
     float* staging = reinterpret_cast<float*>(at) + blk.warp * 256;
 
-    const int64_t key_dim = p.dims.key_dim;
-    const int64_t value_dim = p.dims.value_dim;
     const int last = blk.n - 1;
-    const int lane = blk.tid & 31;
-    constexpr int kWidth = slab_width<kComplex>();
-    // Warp → output tile of the slab: rows 16·rb (of kWidth), cols 16·cb.
-    const int rb = blk.warp / (kVTile / 16);
-    const int cb = blk.warp % (kVTile / 16);
-    const bool has_tile = rb < kWidth / 16;
 
     blk.template load_values<Op, kTerms>(vs);
-    for (int64_t d0 = 0; d0 < key_dim; d0 += kSlab) {
+    for (int64_t d0 = 0; d0 < p.dims.key_dim; d0 += kSlab) {
         if (d0 == 0 || !blk.per_head) blk.build_prefix(d0);
         blk.load_keys(blk.k, p.k_strides, d0, kraw);
         __syncthreads();
-        // K̃_m = k_m |E(last, m)| e^{i(θ_last − θ_m)}: [Re | Im] of 16 channels.
-        for (int i = blk.tid; i < kChunk * kSlab; i += kThreads) {
-            const int m = i / kSlab;
-            const int j = i - m * kSlab;
-            const int cl = blk.col(j);
-            const float w = blk.modulus(last, m, cl);
-            const float kk = kraw[i];
-            if (kComplex) {
-                const float cl_ = blk.cos_at(last, cl), sl = blk.sin_at(last, cl);
-                const float kc = kk * blk.cos_at(m, cl), ks = kk * blk.sin_at(m, cl);
-                kt.template put<kTerms>(m, j, w * fmaf(cl_, kc, sl * ks));
-                kt.template put<kTerms>(m, kSlab + j, w * fmaf(sl, kc, -(cl_ * ks)));
-            } else {
-                kt.template put<kTerms>(m, j, w * kk);
-            }
-        }
+        put_state_keys<Op, kTerms>(blk, kraw, kt);
         // A_c = E(last, −1), once per chunk (value tile 0).
         if (blk.vt == 0) {
             for (int j = blk.tid; j < blk.gate_cols(d0); j += kThreads) {
@@ -131,23 +108,7 @@ __device__ __forceinline__ void chunk_state(const GateloopChunkParams& p) {
             }
         }
         __syncthreads();
-        if (has_tile) {
-            Acc<Op> acc;
-            wmma::fill_fragment(acc, 0.f);
-            for (int kk = 0; kk < kChunk; kk += Op::kK) {
-                // A(i, k) = K̃[k][16·rb + i]: column-major with ld kt.ld.
-                mma_step<Op, kTerms, wmma::col_major, wmma::row_major>(
-                    acc, kt.hi_at(kk, 16 * rb), kt.lo_at(kk, 16 * rb), kt.ld, vs.hi_at(kk, 16 * cb),
-                    vs.lo_at(kk, 16 * cb), vs.ld);
-            }
-            drain<Op>(acc, staging, lane, [&](int r, int c, float x) {
-                const int wcol = 16 * rb + r;  // operand column: part · 16 + channel
-                const int part = wcol / kSlab;
-                const int64_t d = d0 + (wcol - part * kSlab);
-                const int64_t col = blk.v0 + 16 * cb + c;
-                if (d < key_dim && col < value_dim) p.ws_state[blk.ws_state_row(part * key_dim + d) + col] = x;
-            });
-        }
+        store_slab_gram<Op, kTerms>(blk, kt, vs, d0, staging, p.ws_state);
         __syncthreads();
     }
 }
@@ -266,15 +227,7 @@ __device__ __forceinline__ void chunk_output(const GateloopChunkParams& p) {
             st.template put<kTerms>(r, c, x);
         }
         __syncthreads();
-        // Inter-chunk rows Q̃_n = q_n |E(n, −1)| e^{iθ_n} as [Re, −Im].
-        for (int i = tid; i < kChunk * kSlab; i += kThreads) {
-            const int nn = i / kSlab;
-            const int j = i - nn * kSlab;
-            const int cl = blk.col(j);
-            const float wq = blk.modulus(nn, -1, cl) * qraw[i];
-            qe.template put<kTerms>(nn, j, wq * blk.cos_at(nn, cl));
-            if (kComplex) qe.template put<kTerms>(nn, kSlab + j, -(wq * blk.sin_at(nn, cl)));
-        }
+        put_inter_queries<Op, kTerms>(blk, qraw, qe);
         // Anchored queries of each pair (anchor r = last step of key sub-chunk j):
         // q̃_n = q_n |E(n, r)| e^{iθ_n} as [Re, −Im].
         for (int i = tid; i < kPairs * kSub * kSlab; i += kThreads) {

@@ -56,6 +56,24 @@ struct OpBf16 {
     __device__ __forceinline__ static float widen(storage x) { return __bfloat162float(x); }
 };
 
+// The operand type of each element type: f32 inputs → TF32, f16 → f16,
+// bf16 → bf16 (the forward's entry points name the same pairs; the backward's
+// kernels, templated on the element type only, look it up here).
+template <typename input_t>
+struct OpOf;
+template <>
+struct OpOf<float> {
+    using type = OpTf32;
+};
+template <>
+struct OpOf<__half> {
+    using type = OpF16;
+};
+template <>
+struct OpOf<__nv_bfloat16> {
+    using type = OpBf16;
+};
+
 // A split operand matrix in shared memory: hi and lo planes of `rows × ld`.
 template <class Op>
 struct Split {
@@ -297,15 +315,21 @@ struct Block {
         }
     }
 
-    // V tile (kChunk × kVTile) into a split operand, zero past the chunk / V.
+    // The block's value tile (kChunk × kVTile) of x (v or dy: V columns)
+    // into a split operand, zero past the chunk / V.
     template <class Op, int kTerms>
-    __device__ __forceinline__ void load_values(const Split<Op>& vs) const {
+    __device__ __forceinline__ void load_tile(const input_t* __restrict__ x, const GateloopSeqStrides& s,
+                                              const Split<Op>& xs) const {
         for (int i = tid; i < kChunk * kVTile; i += kThreads) {
             const int m = i / kVTile;
             const int c = i - m * kVTile;
-            const float x = (m < n && v0 + c < p.dims.value_dim) ? Tr::load(v, (t0 + m) * p.v_strides.time + v0 + c) : 0.f;
-            vs.template put<kTerms>(m, c, x);
+            const float e = (m < n && v0 + c < p.dims.value_dim) ? Tr::load(x, (t0 + m) * s.time + v0 + c) : 0.f;
+            xs.template put<kTerms>(m, c, e);
         }
+    }
+    template <class Op, int kTerms>
+    __device__ __forceinline__ void load_values(const Split<Op>& vs) const {
+        load_tile<Op, kTerms>(v, p.v_strides, vs);
     }
 
     // Workspace row `row` (of parts·K) of this chunk's state, at column 0.
@@ -385,6 +409,81 @@ __device__ __forceinline__ void drain(const Acc<Op>& acc, float* staging, int la
     __syncwarp();
     for (int e = lane; e < 256; e += 32) f(e >> 4, e & 15, staging[e]);
     __syncwarp();
+}
+
+// ---- slab operands and products shared by the forward and the backward ----------
+
+// Inter-chunk query rows of slab d0 (raw q in qraw [kChunk][kSlab]):
+// Q̃_n = q_n |E(n, −1)| e^{iθ_n} as [Re | −Im] (Re only for real gates) into
+// qe. The forward's y += Q̃ S_c; the backward's W_c = [Re Q̃ | −Im Q̃]ᵀ dY.
+template <class Op, int kTerms, typename input_t, bool kComplex>
+__device__ __forceinline__ void put_inter_queries(const Block<input_t, kComplex>& blk, const float* qraw,
+                                                  const Split<Op>& qe) {
+    for (int i = blk.tid; i < kChunk * kSlab; i += kThreads) {
+        const int nn = i / kSlab;
+        const int j = i - nn * kSlab;
+        const int cl = blk.col(j);
+        const float wq = blk.modulus(nn, -1, cl) * qraw[i];
+        qe.template put<kTerms>(nn, j, wq * blk.cos_at(nn, cl));
+        if (kComplex) qe.template put<kTerms>(nn, kSlab + j, -(wq * blk.sin_at(nn, cl)));
+    }
+}
+
+// State rows of slab d0 (raw k in kraw, zero past the chunk):
+// K̃_m = k_m |E(last, m)| e^{i(θ_last − θ_m)} as [Re | Im] into kt. The
+// forward's U_c = K̃ᵀ V; the backward's dv += [Re K̃ | Im K̃] [Re D; Im D].
+template <class Op, int kTerms, typename input_t, bool kComplex>
+__device__ __forceinline__ void put_state_keys(const Block<input_t, kComplex>& blk, const float* kraw,
+                                               const Split<Op>& kt) {
+    const int last = blk.n - 1;
+    for (int i = blk.tid; i < kChunk * kSlab; i += kThreads) {
+        const int m = i / kSlab;
+        const int j = i - m * kSlab;
+        const int cl = blk.col(j);
+        const float w = blk.modulus(last, m, cl);
+        const float kk = kraw[i];
+        if (kComplex) {
+            const float cl_ = blk.cos_at(last, cl), sl = blk.sin_at(last, cl);
+            const float kc = kk * blk.cos_at(m, cl), ks = kk * blk.sin_at(m, cl);
+            kt.template put<kTerms>(m, j, w * fmaf(cl_, kc, sl * ks));
+            kt.template put<kTerms>(m, kSlab + j, w * fmaf(sl, kc, -(cl_ * ks)));
+        } else {
+            kt.template put<kTerms>(m, j, w * kk);
+        }
+    }
+}
+
+// out[part·K + d0 + j][v0 + c] = Σ_m X[m][part·kSlab + j] Y[m][c] for the
+// slab's channels j (d0 + j < K) and the block's value tile: Xᵀ Y with X
+// (kChunk × slab_width) staged row-major [m][col] and read as the
+// column-major A = Xᵀ, Y (kChunk × kVTile) row-major, inner dimension
+// kChunk, into a planar workspace (rows part·K + d, Block::ws_state_row).
+// Warp w ↔ output tile (w / 4, w % 4): 2 × 4 tiles (complex: all 8 warps)
+// or 1 × 4 (real). The forward's U_c = K̃ᵀ V (ws_state); the backward's
+// W_c = [Re Q̃ | −Im Q̃]ᵀ dY (ws_adj). Call between barriers (X, Y staged).
+template <class Op, int kTerms, typename input_t, bool kComplex>
+__device__ __forceinline__ void store_slab_gram(const Block<input_t, kComplex>& blk, const Split<Op>& x,
+                                                const Split<Op>& y, int64_t d0, float* staging, float* out) {
+    constexpr int kWidth = slab_width<kComplex>();
+    const int rb = blk.warp / (kVTile / 16);
+    const int cb = blk.warp % (kVTile / 16);
+    if (rb >= kWidth / 16) return;
+    const int64_t key_dim = blk.p.dims.key_dim;
+    const int64_t value_dim = blk.p.dims.value_dim;
+    Acc<Op> acc;
+    wmma::fill_fragment(acc, 0.f);
+    for (int kk = 0; kk < kChunk; kk += Op::kK) {
+        // A(i, k) = X[k][16·rb + i]: column-major with ld x.ld.
+        mma_step<Op, kTerms, wmma::col_major, wmma::row_major>(acc, x.hi_at(kk, 16 * rb), x.lo_at(kk, 16 * rb), x.ld,
+                                                               y.hi_at(kk, 16 * cb), y.lo_at(kk, 16 * cb), y.ld);
+    }
+    drain<Op>(acc, staging, blk.tid & 31, [&](int r, int c, float e) {
+        const int wcol = 16 * rb + r;  // operand column: part · 16 + channel
+        const int part = wcol / kSlab;
+        const int64_t d = d0 + (wcol - part * kSlab);
+        const int64_t col = blk.v0 + 16 * cb + c;
+        if (d < key_dim && col < value_dim) out[blk.ws_state_row(part * key_dim + d) + col] = e;
+    });
 }
 
 }  // namespace chunk

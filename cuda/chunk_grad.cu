@@ -48,11 +48,12 @@ namespace chunk {
 
 constexpr int kLdPad = kVTile + 1;  // padded rows read column-wise across lanes
 constexpr int kAnchors = kSubs - 1; // key sub-chunks with an off-diagonal anchor
+// Split products of the backward's tensor-core operands: always three terms
+// ("exact"; the f32 backward's GPU tests demand rel L2 ≤ 1e-4).
+constexpr int kGradTerms = 3;
 
-// Shared-memory floats of each backward kernel (after the prefix tables).
-constexpr int kWFloats = kChunk * kSlab +        // q raw
-                         kChunk * 2 * kSlab +    // [Re Q̃ | −Im Q̃]
-                         kChunk * kVTile;        // dY tile
+// Shared-memory floats of the CUDA-core backward kernels (after the prefix
+// tables); grad_w's bytes are the forward state kernel's (state_smem_bytes).
 constexpr int kQkFloats = 2 * kChunk * kSlab +       // q, k raw
                           kChunk * kChunk +          // s = dY Vᵀ
                           kChunk * kAnchors * kSlab + // |E(n, r_j)|
@@ -69,7 +70,6 @@ constexpr int kDvFloats = 2 * kChunk * kSlab +       // q, k raw
                           2 * kSlab * kVTile +       // D slab tile
                           kChunk * kChunk +          // P
                           kChunk * kVTile;           // dY tile
-constexpr int kWSmem = prefix_bytes<true>() + 4 * kWFloats;
 constexpr int kQkSmem = prefix_bytes<true>() + 4 * kQkFloats;
 constexpr int kDvSmem = prefix_bytes<true>() + 4 * kDvFloats;
 
@@ -121,57 +121,28 @@ __device__ __forceinline__ float pair_modulus(const B& blk, const float* wa, con
 
 template <typename input_t>
 __device__ __forceinline__ void grad_w(const GateloopChunkGradParams& g) {
-    using Tr = InputTraits<input_t>;
+    using Op = typename OpOf<input_t>::type;
     extern __shared__ __align__(128) unsigned char smem[];
-    check_shared(g.w_shared_bytes, kWSmem);
+    // The forward state kernel's layout: raw q for raw k, dY for V, Q̃ for K̃.
+    check_shared(g.w_shared_bytes, state_smem_bytes<Op, true>());
     const GateloopChunkParams& p = g.fwd;
     Block<input_t, true> blk(p, smem);
-    float* qraw = reinterpret_cast<float*>(smem + prefix_bytes<true>());
-    float* qe = qraw + kChunk * kSlab;  // [kChunk][2·kSlab]
-    float* dyt = qe + kChunk * 2 * kSlab;  // [kChunk][kVTile]
-    const int64_t key_dim = p.dims.key_dim;
-    const int64_t value_dim = p.dims.value_dim;
-    const input_t* __restrict__ dy = seq_row<input_t>(g.dy, g.dy_strides, blk.b, blk.h);
-    for (int i = blk.tid; i < kChunk * kVTile; i += kThreads) {
-        const int n = i / kVTile;
-        const int c = i - n * kVTile;
-        dyt[i] = (n < blk.n && blk.v0 + c < value_dim) ? Tr::load(dy, (blk.t0 + n) * g.dy_strides.time + blk.v0 + c)
-                                                        : 0.f;
-    }
-    const int c = blk.tid % kVTile;
-    const int r0 = blk.tid / kVTile;
-    constexpr int kRows = 2 * kSlab / (kThreads / kVTile);  // 8 planar rows per thread
-    for (int64_t d0 = 0; d0 < key_dim; d0 += kSlab) {
+    unsigned char* at = smem + prefix_bytes<true>();
+    float* qraw = reinterpret_cast<float*>(at);
+    at += kChunk * kSlab * 4;
+    const Split<Op> dys = carve<Op>(at, kChunk, ld_tile<Op>());
+    // [Re Q̃ | −Im Q̃] [n][col] row-major, read as the column-major A = Q̃ᴴ.
+    const Split<Op> qe = carve<Op>(at, kChunk, ld_slab<Op, true>());
+    float* staging = reinterpret_cast<float*>(at) + blk.warp * 256;
+
+    blk.template load_tile<Op, kGradTerms>(seq_row<input_t>(g.dy, g.dy_strides, blk.b, blk.h), g.dy_strides, dys);
+    for (int64_t d0 = 0; d0 < p.dims.key_dim; d0 += kSlab) {
         if (d0 == 0 || !blk.per_head) blk.build_prefix(d0);  // ends with a barrier
         blk.load_keys(blk.q, p.q_strides, d0, qraw);
         __syncthreads();
-        // [Re Q̃ | −Im Q̃], Q̃_n = q_n |E(n, −1)| e^{iθ_n}: the forward's inter-chunk rows.
-        for (int i = blk.tid; i < kChunk * kSlab; i += kThreads) {
-            const int n = i / kSlab;
-            const int j = i - n * kSlab;
-            const int cl = blk.col(j);
-            const float wq = blk.modulus(n, -1, cl) * qraw[i];
-            qe[n * 2 * kSlab + j] = wq * blk.cos_at(n, cl);
-            qe[n * 2 * kSlab + kSlab + j] = -(wq * blk.sin_at(n, cl));
-        }
+        put_inter_queries<Op, kGradTerms>(blk, qraw, qe);
         __syncthreads();
-        float acc[kRows];
-#pragma unroll
-        for (int i = 0; i < kRows; ++i) acc[i] = 0.f;
-#pragma unroll 4
-        for (int n = 0; n < kChunk; ++n) {
-            const float y = dyt[n * kVTile + c];
-#pragma unroll
-            for (int i = 0; i < kRows; ++i) acc[i] = fmaf(qe[n * 2 * kSlab + r0 + 4 * i], y, acc[i]);
-        }
-        const int64_t col = blk.v0 + c;
-#pragma unroll
-        for (int i = 0; i < kRows; ++i) {
-            const int r = r0 + 4 * i;  // planar row: part · kSlab + j
-            const int part = r / kSlab;
-            const int64_t d = d0 + (r - part * kSlab);
-            if (d < key_dim && col < value_dim) g.ws_adj[blk.ws_state_row(part * key_dim + d) + col] = acc[i];
-        }
+        store_slab_gram<Op, kGradTerms>(blk, qe, dys, d0, staging, g.ws_adj);
         __syncthreads();  // qe, qraw and the prefix tables are rewritten by the next slab
     }
 }

@@ -65,19 +65,22 @@ pub use super::launch::{DeviceGradInputs, DeviceGrads, DeviceInputs};
 // kernels, whose launcher (`backward_into`) checks every buffer first.
 unsafe impl DeviceRepr for GateloopChunkGradParams {}
 
-/// Bytes of dynamic shared memory of the (grad_w, grad_qk, grad_dv) kernels:
-/// the layouts of `kWSmem`, `kQkSmem`, `kDvSmem` in cuda/chunk_grad.rs (the
-/// kernels trap if given less). The same for every element type (the
-/// backward stages f32).
-pub fn shared_bytes() -> (u32, u32, u32) {
+/// Bytes of dynamic shared memory of the (grad_w, grad_qk, grad_dv) kernels
+/// for element type `dtype`: the layouts in cuda/chunk_grad.cu (the kernels
+/// trap if given less). grad_w stages its tensor-core operands exactly as
+/// the forward's state kernel does (raw q, the dY tile and [Re Q̃ | −Im Q̃]
+/// split in the element's operand type, the warps' staging tiles), so it
+/// takes that kernel's bytes; grad_qk and grad_dv stage f32 (`kQkSmem`,
+/// `kDvSmem`).
+pub fn shared_bytes(dtype: Dtype) -> (u32, u32, u32) {
     let (c, s, t) = (chunk::CHUNK_LEN, KEY_SLAB, VALUE_TILE);
     let pad = t + 1;
     let anchors = c / chunk::SUB_CHUNK_LEN - 1;
     let prefix = chunk::prefix_bytes(Gates::Complex);
-    let w = c * s + c * 2 * s + c * t;
+    let w = chunk::shared_bytes(dtype, Gates::Complex).0;
     let qk = 2 * c * s + c * c + c * anchors * s + c * s + 2 * c * pad + 2 * 2 * s * pad + 2 * 2 * c * s + 2 * 2 * c + 2 * s + 2;
     let dv = 2 * c * s + c * anchors * s + c * s + c * 2 * s + 2 * s * t + c * c + c * t;
-    ((prefix + 4 * w) as u32, (prefix + 4 * qk) as u32, (prefix + 4 * dv) as u32)
+    (w, (prefix + 4 * qk) as u32, (prefix + 4 * dv) as u32)
 }
 
 /// The launch geometry and workspace of one backward call.
@@ -118,7 +121,7 @@ pub fn plan(dims: &Dims, dtype: Dtype) -> Result<GradPlan, InputError> {
     let adj_offset = forward.workspace_len;
     let sink_offset = nc.checked_mul(2 * state).and_then(|a| a.checked_add(adj_offset)).ok_or_else(ws_error)?;
     let workspace_len = sink_offset.checked_add(2 * state).ok_or_else(ws_error)?;
-    Ok(GradPlan { forward, qk_grid, adj_offset, sink_offset, workspace_len, shared_bytes: shared_bytes() })
+    Ok(GradPlan { forward, qk_grid, adj_offset, sink_offset, workspace_len, shared_bytes: shared_bytes(dtype) })
 }
 
 /// The backward kernels of one context: `[dtype]` for grad_w, grad_qk, grad_dv.
@@ -133,9 +136,9 @@ impl ChunkGradKernels {
     /// Looks up every entry point and raises each function's dynamic shared
     /// memory limit to what it needs, where the device allows it.
     pub(crate) fn load(module: &Arc<CudaModule>, max_shared: usize) -> Result<Self, GpuError> {
-        let (w_bytes, qk_bytes, dv_bytes) = shared_bytes();
         let mut tables: [Vec<CudaFunction>; 3] = Default::default();
         for dtype in Dtype::ALL {
+            let (w_bytes, qk_bytes, dv_bytes) = shared_bytes(dtype);
             for (table, kind, bytes) in [(0, "w", w_bytes), (1, "qk", qk_bytes), (2, "dv", dv_bytes)] {
                 let f = module
                     .load_function(&format!("gateloop_chunk_grad_{kind}_{}", dtype.name()))
@@ -328,14 +331,24 @@ mod tests {
 
     #[test]
     fn shared_memory_matches_the_kernel_layout() {
-        // By hand from cuda/chunk_grad.cu: prefix 20480; grad_w: q raw 4096,
-        // [Re Q̃ | −Im Q̃] 8192, dY tile 16384; grad_qk: q, k raw 8192, s 16384,
-        // anchors 12288 + 4096, dY, V tiles 2·64·65·4 = 33280, S_in, D tiles
-        // 2·32·65·4 = 16640, w', u 16384, head sums 1024, through 128 + 8;
-        // grad_dv: q, k raw 8192, anchors 16384, K̃ 8192, D tile 8192, P 16384, dY 16384.
-        assert_eq!(shared_bytes(), (49152, 20480 + 8192 + 16384 + 16384 + 33280 + 16640 + 16384 + 1024 + 136, 94208));
-        let (w, qk, dv) = shared_bytes();
-        assert!(w.max(qk).max(dv) <= 163 * 1024, "sm_80's opt-in limit");
+        // By hand from cuda/chunk_grad.cu: prefix 20480; grad_w (f32, TF32
+        // operands): q raw 4096, dY split 2·64·68·4 = 34816, [Re Q̃ | −Im Q̃]
+        // split 2·64·36·4 = 18432, staging 8·16·16·4 = 8192; grad_qk: q, k raw
+        // 8192, s 16384, anchors 12288 + 4096, dY, V tiles 2·64·65·4 = 33280,
+        // S_in, D tiles 2·32·65·4 = 16640, w', u 16384, head sums 1024,
+        // through 128 + 8; grad_dv: q, k raw 8192, anchors 16384, K̃ 8192, D
+        // tile 8192, P 16384, dY 16384.
+        let qk = 20480 + 8192 + 16384 + 16384 + 33280 + 16640 + 16384 + 1024 + 136;
+        assert_eq!(shared_bytes(Dtype::F32), (20480 + 4096 + 34816 + 18432 + 8192, qk, 94208));
+        // f16 / bf16 operands: dY split 2·64·72·2 = 18432, Q̃ split 2·64·40·2 = 10240.
+        for dtype in [Dtype::F16, Dtype::Bf16] {
+            assert_eq!(shared_bytes(dtype), (20480 + 4096 + 18432 + 10240 + 8192, qk, 94208));
+        }
+        for dtype in Dtype::ALL {
+            let (w, qk, dv) = shared_bytes(dtype);
+            assert!(w.max(qk).max(dv) <= 163 * 1024, "{dtype}: sm_80's opt-in limit");
+            assert!(w.is_multiple_of(128) && dv.is_multiple_of(128), "{dtype}: every carve a multiple of 128 bytes");
+        }
     }
 
     #[test]
