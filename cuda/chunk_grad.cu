@@ -9,7 +9,9 @@
 // Launches (one stream; the launcher is src/cuda/chunk_grad.rs):
 //   1a. the forward's gateloop_chunk_state (tensor cores): U_c, A_c.
 //   1b. grad_w, one block per (b, h, chunk, value tile of 64):
-//       W_c = [Re Q̃ | −Im Q̃]ᵀ dY (planar 2K × 64), Q̃_n = q_n E(n, −1).
+//       W_c = [Re Q̃ | −Im Q̃]ᵀ dY (planar 2K × 64), Q̃_n = q_n E(n, −1), per
+//       key slab a (2·16 × 64)·(64 × 64) tensor-core product: the state
+//       kernel's K̃ᵀ V with Q̃ for K̃ and dY for V (store_slab_gram).
 //   2a. the forward's gateloop_chunk_carry: U_c → S_in(c) (h_final to a sink).
 //   2b. grad_adjoint_carry, one thread per (b, h, key row, value column):
 //       D(last) = dh_final, D(c − 1) = conj(A_c) D(c) + W_c, W_c ← D(c); dh0.
@@ -20,9 +22,17 @@
 //       order, then one scan: deterministic, no atomics).
 //   3b. grad_dv, one block per (b, h, chunk, value tile of 64):
 //       dv = Pᵀ dY + [Re K̃ | Im K̃] [Re D; Im D], the scores P (causal,
-//       summed over every key slab) recomputed as in the forward.
-// The backward's own kernels (1b, 2b, 3a, 3b) use f32 CUDA-core FMAs (no
-// split tensor-core operands): the pairwise products carry f32 rounding only.
+//       summed over every key slab) recomputed exactly as the forward's
+//       output kernel forms them: it IS that kernel's pass (intra_pass in
+//       chunk_common.cuh) with kAdjoint, K̃ for Q̃, D for S, Pᵀ dY for P V.
+// Tensor cores: 1b and 3b multiply on tensor cores like the forward (f32
+// inputs TF32 m16n16k8, f16 / bf16 their own m16n16k16; OpOf picks the
+// operand type), always with three split products (kGradTerms: hi·hi +
+// hi·lo + lo·hi, the forward's "exact", ~21 bits for TF32): W_c's and dv's
+// products, the anchored off-diagonal score blocks (inner dimension 2·16 per
+// slab) and Pᵀ dY; only P's four diagonal 16 × 16 blocks are pairwise f32.
+// 2b is elementwise; 3a (dq, dk, the gate gradient) still uses f32 CUDA-core
+// FMAs: its pairwise products carry f32 rounding only.
 // Every modulus exponentiated is exp of a difference ≤ 0 inside one segment;
 // off-diagonal sub-chunk pairs use the factorisation
 // |E(n, m)| = |E(n, r)| |E(r, m)| at the anchor r (both factors ≤ 1, 0 across
@@ -32,12 +42,15 @@
 // every pair is pairwise, so an anchored pair applies both of its factors
 // |E(r, m)|, |E(n, r)| after s_nm q_n k_m (pair_modulus_factors).
 //
-// Thread ↔ data maps (256 threads):
-//   grad_w:  column c = tid % 64 of the value tile, planar rows tid / 64 + 4i.
+// Thread ↔ data maps (256 threads, 8 warps):
+//   grad_w:  warp w ↔ the 16 × 16 tile (w / 4, w % 4) of the slab's
+//            2·16 × 64 rows of W_c (one accumulator, drained through the
+//            warp's staging tile); operands staged by all threads.
 //   grad_qk: key channel d = tid % 16 of the slab, steps n = tid / 16 + 16i
 //            (i < 4) for dq, dk; s[n][m]: m = tid % 64, n = tid / 64 + 4i.
-//   grad_dv: column c = tid % 64, steps m = tid / 64 + 4i (i < 16); score
-//            P[n][m]: m = tid % 64, n = tid / 64 + 4i.
+//   grad_dv: warp w ↔ dv tiles (steps 16·(w / 2), columns 16·(2·(w % 2) + t),
+//            t < 2) and, w < 6, off-diagonal score block w; the diagonal
+//            score blocks thread-strided (the forward output kernel's map).
 // Shared memory is dynamic; its size is computed by the host with the same
 // layout (src/cuda/chunk_grad.rs: shared_bytes) and checked here (trap).
 
@@ -63,15 +76,7 @@ constexpr int kQkFloats = 2 * kChunk * kSlab +       // q, k raw
                           2 * 2 * kChunk * kSlab +   // w', u per (n, d), complex
                           2 * (2 * kChunk) +         // per-head w', u sums, complex
                           2 * kSlab + 2;             // through per channel, per-head through
-constexpr int kDvFloats = 2 * kChunk * kSlab +       // q, k raw
-                          kChunk * kAnchors * kSlab + // |E(n, r_j)|
-                          kChunk * kSlab +           // |E(r_m, m)|
-                          kChunk * 2 * kSlab +       // [Re K̃ | Im K̃]
-                          2 * kSlab * kVTile +       // D slab tile
-                          kChunk * kChunk +          // P
-                          kChunk * kVTile;           // dY tile
 constexpr int kQkSmem = prefix_bytes<true>() + 4 * kQkFloats;
-constexpr int kDvSmem = prefix_bytes<true>() + 4 * kDvFloats;
 
 // The anchor tables of one slab (after build_prefix, raw q, k loaded):
 // wa[(n·kAnchors + j)·kSlab + d] = |E(n, r_j)| for key sub-chunk j < sub(n)
@@ -106,15 +111,6 @@ __device__ __forceinline__ float2 pair_modulus_factors(const B& blk, const float
     const int j = m / kSub;
     if (j == n / kSub) return make_float2(blk.modulus(n, m, cl), 1.f);
     return make_float2(wa[(n * kAnchors + j) * kSlab + d], wk[m * kSlab + d]);
-}
-
-// |E(n, m)| for m < n: the product of pair_modulus_factors (exact inside a
-// sub-chunk, where the early factor is 1).
-template <class B>
-__device__ __forceinline__ float pair_modulus(const B& blk, const float* wa, const float* wk, int n, int m, int d,
-                                              int cl) {
-    const float2 f = pair_modulus_factors(blk, wa, wk, n, m, d, cl);
-    return f.x * f.y;
 }
 
 // ---- 1b. W_c = Σ_n conj(Q̃_n) dy_nᵀ ----------------------------------------------------
@@ -450,115 +446,20 @@ __device__ __forceinline__ void grad_qk(const GateloopChunkGradParams& g) {
 
 // ---- 3b. dv -----------------------------------------------------------------------
 
+// The forward output kernel's pass with kAdjoint (chunk_common.cuh:
+// intra_pass): the scores P recomputed exactly as the forward forms them
+// (anchored off-diagonal blocks as tensor-core products, diagonal blocks
+// pairwise), dv = [Re K̃ | Im K̃] [Re D; Im D] per slab and Pᵀ dY after the
+// last, on tensor cores. The output kernel's shared layout.
 template <typename input_t>
 __device__ __forceinline__ void grad_dv(const GateloopChunkGradParams& g) {
-    using Tr = InputTraits<input_t>;
+    using Op = typename OpOf<input_t>::type;
     extern __shared__ __align__(128) unsigned char smem[];
-    check_shared(g.dv_shared_bytes, kDvSmem);
-    const GateloopChunkParams& p = g.fwd;
-    Block<input_t, true> blk(p, smem);
-    float* f = reinterpret_cast<float*>(smem + prefix_bytes<true>());
-    float* qraw = f;
-    f += kChunk * kSlab;
-    float* kraw = f;
-    f += kChunk * kSlab;
-    float* wa = f;
-    f += kChunk * kAnchors * kSlab;
-    float* wk = f;
-    f += kChunk * kSlab;
-    float* kt = f;  // [kChunk][2·kSlab]: [Re K̃ | Im K̃]
-    f += kChunk * 2 * kSlab;
-    float* adj_t = f;  // [2·kSlab][kVTile]: D rows [Re | Im] of the slab, this tile
-    f += 2 * kSlab * kVTile;
-    float* ps = f;  // [kChunk][kChunk]: P[n][m]
-    f += kChunk * kChunk;
-    float* dyt = f;  // [kChunk][kVTile]
-
-    const int64_t key_dim = p.dims.key_dim;
-    const int64_t value_dim = p.dims.value_dim;
-    const int tid = blk.tid;
-    const int c = tid % kVTile;  // also the score column m
-    const int r0 = tid / kVTile;
-    const int last = blk.n - 1;
-    float dv[16];
-#pragma unroll
-    for (int i = 0; i < 16; ++i) dv[i] = 0.f;
-    // Each thread accumulates its own 16 scores in place (read by others only
-    // after the last slab's barrier); zeroed before build_prefix's barriers.
-#pragma unroll
-    for (int i = 0; i < 16; ++i) ps[(r0 + 4 * i) * kChunk + c] = 0.f;
-
-    for (int64_t d0 = 0; d0 < key_dim; d0 += kSlab) {
-        if (d0 == 0 || !blk.per_head) blk.build_prefix(d0);  // ends with a barrier
-        blk.load_keys(blk.q, p.q_strides, d0, qraw);
-        blk.load_keys(blk.k, p.k_strides, d0, kraw);
-        anchor_tables(blk, wa, wk);
-        for (int i = tid; i < 2 * kSlab * kVTile; i += kThreads) {
-            const int r = i / kVTile;
-            const int cc = i - r * kVTile;
-            const int part = r / kSlab;
-            const int64_t dd = d0 + (r - part * kSlab);
-            const int64_t col = blk.v0 + cc;
-            adj_t[i] = (dd < key_dim && col < value_dim) ? g.ws_adj[blk.ws_state_row(part * key_dim + dd) + col] : 0.f;
-        }
-        __syncthreads();
-        // K̃_m = k_m |E(last, m)| e^{i(θ_last − θ_m)} (the forward's state rows).
-        for (int i = tid; i < kChunk * kSlab; i += kThreads) {
-            const int m = i / kSlab;
-            const int j = i - m * kSlab;
-            const int cl = blk.col(j);
-            const float w = m < blk.n ? blk.modulus(last, m, cl) : 0.f;
-            const float cl_ = blk.cos_at(last, cl), sl = blk.sin_at(last, cl);
-            const float kc = kraw[i] * blk.cos_at(m, cl), ks = kraw[i] * blk.sin_at(m, cl);
-            kt[m * 2 * kSlab + j] = w * fmaf(cl_, kc, sl * ks);
-            kt[m * 2 * kSlab + kSlab + j] = w * fmaf(sl, kc, -(cl_ * ks));
-        }
-        // Scores P[n][m] (m = c ≤ n) += Σ_d q_nd k_md |E(n, m)| cos(θ_n − θ_m).
-#pragma unroll 1
-        for (int i = 0; i < 16; ++i) {
-            const int n = r0 + 4 * i;
-            const int m = c;
-            if (m > n) continue;
-            float acc = 0.f;
-#pragma unroll 4
-            for (int j = 0; j < kSlab; ++j) {
-                const int cl = blk.col(j);
-                const float e = m == n ? 1.f : pair_modulus(blk, wa, wk, n, m, j, cl);
-                const float cosd = fmaf(blk.cos_at(n, cl), blk.cos_at(m, cl), blk.sin_at(n, cl) * blk.sin_at(m, cl));
-                acc = fmaf(e * cosd, qraw[n * kSlab + j] * kraw[m * kSlab + j], acc);
-            }
-            ps[n * kChunk + m] += acc;
-        }
-        __syncthreads();
-        // dv[m][c] += Σ_j [Re K̃ | Im K̃]_mj [Re D; Im D]_jc.
-#pragma unroll 4
-        for (int j = 0; j < 2 * kSlab; ++j) {
-            const float x = adj_t[j * kVTile + c];
-#pragma unroll
-            for (int i = 0; i < 16; ++i) dv[i] = fmaf(kt[(r0 + 4 * i) * 2 * kSlab + j], x, dv[i]);
-        }
-        __syncthreads();  // every table is rewritten by the next slab
-    }
-    // dv += Pᵀ dY, the inner loop over n ≥ m.
-    const input_t* __restrict__ dy = seq_row<input_t>(g.dy, g.dy_strides, blk.b, blk.h);
-    for (int i = tid; i < kChunk * kVTile; i += kThreads) {
-        const int n = i / kVTile;
-        const int cc = i - n * kVTile;
-        dyt[i] = (n < blk.n && blk.v0 + cc < value_dim)
-                     ? Tr::load(dy, (blk.t0 + n) * g.dy_strides.time + blk.v0 + cc)
-                     : 0.f;
-    }
-    __syncthreads();
-    input_t* __restrict__ dv_out = seq_row_mut<input_t>(g.dv, g.dv_strides, blk.b, blk.h);
-    const int64_t col = blk.v0 + c;
-#pragma unroll
-    for (int i = 0; i < 16; ++i) {
-        const int m = r0 + 4 * i;
-        float acc = dv[i];
-#pragma unroll 4
-        for (int n = m; n < kChunk; ++n) acc = fmaf(ps[n * kChunk + m], dyt[n * kVTile + c], acc);
-        if (m < blk.n && col < value_dim) Tr::store(dv_out, (blk.t0 + m) * g.dv_strides.time + col, acc);
-    }
+    check_shared(g.dv_shared_bytes, output_smem_bytes<Op, true>());
+    Block<input_t, true> blk(g.fwd, smem);
+    intra_pass<Op, kGradTerms, true>(blk, smem, g.ws_adj, seq_row<input_t>(g.dy, g.dy_strides, blk.b, blk.h),
+                                     g.dy_strides, seq_row_mut<input_t>(g.dv, g.dv_strides, blk.b, blk.h),
+                                     g.dv_strides);
 }
 
 }  // namespace chunk

@@ -22,10 +22,16 @@
 //!    gradient; and `grad_dv`, one block per (b, h, chunk, value tile):
 //!    dv = Pᵀ dY + [Re K̃ | Im K̃]·[Re D; Im D].
 //!
-//! The backward's own kernels do their arithmetic in f32 on CUDA cores (no
-//! split tensor-core operands), so [`ChunkPrecision`] only selects the
-//! forward state kernel of step 1 (Fast: U_c from one TF32 / f16 / bf16
-//! product, about 1e-3 relative).
+//! `grad_w` and `grad_dv` multiply on tensor cores like the forward (TF32
+//! operands for f32 inputs, f16 / bf16 their own), always with three split
+//! products (the forward's Exact, ~21 bits for TF32): `grad_w` is the state
+//! kernel's product with [Re Q̃ | −Im Q̃] and dY for K̃ and V, and `grad_dv`
+//! runs the forward output kernel's pass (the scores P formed exactly as the
+//! forward forms them: anchored off-diagonal sub-chunk blocks on tensor
+//! cores, diagonal blocks pairwise) with K̃ D(c) + Pᵀ dY for Q̃ S_c + P V.
+//! `grad_qk` (dq, dk, the gate gradient) computes in f32 on CUDA cores.
+//! [`ChunkPrecision`] only selects the forward state kernel of step 1 (Fast:
+//! U_c from one TF32 / f16 / bf16 product, about 1e-3 relative).
 //!
 //! # Outputs, memory, determinism
 //!

@@ -80,15 +80,13 @@ static void shared_bytes_f32(bool complex, int32_t& state, int32_t& output) {
 }
 
 // src/cuda/chunk_grad.rs `shared_bytes` for f32: (grad_w, grad_qk, grad_dv);
-// grad_w takes the forward state kernel's (complex) layout.
+// grad_w and grad_dv take the forward state and output kernels' (complex) layouts.
 static void grad_shared_bytes(int32_t& w, int32_t& qk, int32_t& dv) {
     const int c = GATELOOP_CHUNK_LEN, s = GATELOOP_CHUNK_KEY_SLAB, t = GATELOOP_CHUNK_VALUE_TILE;
     const int pad = t + 1, anchors = c / GATELOOP_CHUNK_SUB_LEN - 1, prefix = 5 * c * s * 4;
-    int32_t output_unused = 0;
-    shared_bytes_f32(true, w, output_unused);
+    shared_bytes_f32(true, w, dv);
     qk = prefix + 4 * (2 * c * s + c * c + c * anchors * s + c * s + 2 * c * pad + 2 * 2 * s * pad + 2 * 2 * c * s +
                        2 * 2 * c + 2 * s + 2);
-    dv = prefix + 4 * (2 * c * s + c * anchors * s + c * s + c * 2 * s + 2 * s * t + c * c + c * t);
 }
 
 // A block with `bytes` of dynamic shared memory, NaN-poisoned first.
