@@ -58,20 +58,25 @@ struct OpBf16 {
 
 // The operand type of each element type: f32 inputs → TF32, f16 → f16,
 // bf16 → bf16 (the forward's entry points name the same pairs; the backward's
-// kernels, templated on the element type only, look it up here).
+// kernels, templated on the element type only, look it up here). kRawTerms:
+// the split products a product of two raw inputs needs for f32 accuracy (3
+// for f32 through TF32; 1 for f16 / bf16, exact in their own operand type).
 template <typename input_t>
 struct OpOf;
 template <>
 struct OpOf<float> {
     using type = OpTf32;
+    static constexpr int kRawTerms = 3;
 };
 template <>
 struct OpOf<__half> {
     using type = OpF16;
+    static constexpr int kRawTerms = 1;
 };
 template <>
 struct OpOf<__nv_bfloat16> {
     using type = OpBf16;
+    static constexpr int kRawTerms = 1;
 };
 
 // A split operand matrix in shared memory: hi and lo planes of `rows × ld`.
@@ -315,17 +320,23 @@ struct Block {
         }
     }
 
-    // The block's value tile (kChunk × kVTile) of x (v or dy: V columns)
+    // Value columns col0 .. col0 + kVTile − 1 of x (v or dy) over the chunk
     // into a split operand, zero past the chunk / V.
     template <class Op, int kTerms>
     __device__ __forceinline__ void load_tile(const input_t* __restrict__ x, const GateloopSeqStrides& s,
-                                              const Split<Op>& xs) const {
+                                              int64_t col0, const Split<Op>& xs) const {
         for (int i = tid; i < kChunk * kVTile; i += kThreads) {
             const int m = i / kVTile;
             const int c = i - m * kVTile;
-            const float e = (m < n && v0 + c < p.dims.value_dim) ? Tr::load(x, (t0 + m) * s.time + v0 + c) : 0.f;
+            const float e = (m < n && col0 + c < p.dims.value_dim) ? Tr::load(x, (t0 + m) * s.time + col0 + c) : 0.f;
             xs.template put<kTerms>(m, c, e);
         }
+    }
+    // The block's value tile (columns v0 ..).
+    template <class Op, int kTerms>
+    __device__ __forceinline__ void load_tile(const input_t* __restrict__ x, const GateloopSeqStrides& s,
+                                              const Split<Op>& xs) const {
+        load_tile<Op, kTerms>(x, s, v0, xs);
     }
     template <class Op, int kTerms>
     __device__ __forceinline__ void load_values(const Split<Op>& vs) const {

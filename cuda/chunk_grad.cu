@@ -16,7 +16,7 @@
 //   2b. grad_adjoint_carry, one thread per (b, h, key row, value column):
 //       D(last) = dh_final, D(c − 1) = conj(A_c) D(c) + W_c, W_c ← D(c); dh0.
 //   3a. grad_qk, one block per (b, h, chunk), looping over key slabs of 16:
-//       s = dY Vᵀ (64 × 64, once), then per slab the pre-phase accumulators
+//       s = dY Vᵀ (64 × 64, once, on tensor cores), then per slab the pre-phase accumulators
 //       of the CPU mirror, dq, dk and the gate gradient (per-head gates: the
 //       slabs' w', u and through terms summed in shared memory in slab
 //       order, then one scan: deterministic, no atomics).
@@ -31,8 +31,11 @@
 // hi·lo + lo·hi, the forward's "exact", ~21 bits for TF32): W_c's and dv's
 // products, the anchored off-diagonal score blocks (inner dimension 2·16 per
 // slab) and Pᵀ dY; only P's four diagonal 16 × 16 blocks are pairwise f32.
-// 2b is elementwise; 3a (dq, dk, the gate gradient) still uses f32 CUDA-core
-// FMAs: its pairwise products carry f32 rounding only.
+// 3a forms s = dY Vᵀ on tensor cores too (two raw inputs: three split
+// products for f32, one for f16 / bf16, exact in their own type); its
+// per-slab work (the pre-phase accumulators, the inter-chunk terms through
+// S_in and D, dq, dk, the gate gradient) still uses f32 CUDA-core FMAs: its
+// pairwise products carry f32 rounding only. 2b is elementwise.
 // Every modulus exponentiated is exp of a difference ≤ 0 inside one segment;
 // off-diagonal sub-chunk pairs use the factorisation
 // |E(n, m)| = |E(n, r)| |E(r, m)| at the anchor r (both factors ≤ 1, 0 across
@@ -46,8 +49,9 @@
 //   grad_w:  warp w ↔ the 16 × 16 tile (w / 4, w % 4) of the slab's
 //            2·16 × 64 rows of W_c (one accumulator, drained through the
 //            warp's staging tile); operands staged by all threads.
-//   grad_qk: key channel d = tid % 16 of the slab, steps n = tid / 16 + 16i
-//            (i < 4) for dq, dk; s[n][m]: m = tid % 64, n = tid / 64 + 4i.
+//   grad_qk: s = dY Vᵀ: warp w ↔ its tiles (w / 2, 2·(w % 2) + t), t < 2;
+//            then key channel d = tid % 16 of the slab, steps n = tid / 16 + 16i
+//            (i < 4) for dq, dk.
 //   grad_dv: warp w ↔ dv tiles (steps 16·(w / 2), columns 16·(2·(w % 2) + t),
 //            t < 2) and, w < 6, off-diagonal score block w; the diagonal
 //            score blocks thread-strided (the forward output kernel's map).
@@ -205,6 +209,8 @@ __device__ __forceinline__ void gate_scan(const B& blk, float2* w, float2* u, in
 template <typename input_t>
 __device__ __forceinline__ void grad_qk(const GateloopChunkGradParams& g) {
     using Tr = InputTraits<input_t>;
+    using Op = typename OpOf<input_t>::type;
+    constexpr int kRawTerms = OpOf<input_t>::kRawTerms;  // dY, V are raw inputs
     extern __shared__ __align__(128) unsigned char smem[];
     check_shared(g.qk_shared_bytes, kQkSmem);
     const GateloopChunkParams& p = g.fwd;
@@ -256,26 +262,43 @@ __device__ __forceinline__ void grad_qk(const GateloopChunkGradParams& g) {
         }
     };
 
-    // s = dY Vᵀ over every value tile (each thread 16 entries, fixed order).
+    // s = dY Vᵀ on tensor cores, over every value tile in order: warp w owns
+    // the 16 × 16 tiles (w / 2, 2·(w % 2) + t) of s, t < 2. dY and V are
+    // staged as split operands in the slab loop's buffers (wa .. upr, idle
+    // until the first slab's tables; build_prefix's barriers keep them until
+    // every warp is done) and the accumulators stored straight into ds.
     {
-        const int m = tid % kChunk;
-        const int n0 = tid / kChunk;
-        float acc[16];
-#pragma unroll
-        for (int i = 0; i < 16; ++i) acc[i] = 0.f;
+        unsigned char* at = reinterpret_cast<unsigned char*>(wa);
+        const Split<Op> dys = carve<Op>(at, kChunk, ld_tile<Op>());
+        // V [m][c] row-major, read as the column-major B = Vᵀ.
+        const Split<Op> vs = carve<Op>(at, kChunk, ld_tile<Op>());
+        static_assert(2 * split_bytes<Op>(kChunk, ld_tile<Op>()) <=
+                          4 * (kChunk * kAnchors * kSlab + kChunk * kSlab + 2 * kChunk * kLdPad +
+                               2 * 2 * kSlab * kLdPad + 2 * 2 * kChunk * kSlab),
+                      "dY and V fit in wa .. upr");
+        const int sr = blk.warp >> 1;
+        const int sc = (blk.warp & 1) * 2;
+        Acc<Op> sacc[2];
+        wmma::fill_fragment(sacc[0], 0.f);
+        wmma::fill_fragment(sacc[1], 0.f);
         for (int64_t v0 = 0; v0 < value_dim; v0 += kVTile) {
-            load_dy_v(v0);
+            blk.template load_tile<Op, kRawTerms>(dy, g.dy_strides, v0, dys);
+            blk.template load_tile<Op, kRawTerms>(blk.v, p.v_strides, v0, vs);
             __syncthreads();
-#pragma unroll 4
-            for (int c = 0; c < kVTile; ++c) {
-                const float x = vt[m * kLdPad + c];
+            for (int kk = 0; kk < kVTile; kk += Op::kK) {
 #pragma unroll
-                for (int i = 0; i < 16; ++i) acc[i] = fmaf(dyt[(n0 + 4 * i) * kLdPad + c], x, acc[i]);
+                for (int t = 0; t < 2; ++t) {
+                    mma_step<Op, kRawTerms, wmma::row_major, wmma::col_major>(
+                        sacc[t], dys.hi_at(16 * sr, kk), dys.lo_at(16 * sr, kk), dys.ld, vs.hi_at(16 * (sc + t), kk),
+                        vs.lo_at(16 * (sc + t), kk), vs.ld);
+                }
             }
-            __syncthreads();
+            __syncthreads();  // the next tile overwrites dY, V
         }
 #pragma unroll
-        for (int i = 0; i < 16; ++i) ds[(n0 + 4 * i) * kChunk + m] = acc[i];
+        for (int t = 0; t < 2; ++t) {
+            wmma::store_matrix_sync(ds + 16 * sr * kChunk + 16 * (sc + t), sacc[t], kChunk, wmma::mem_row_major);
+        }
     }
     for (int i = tid; i < kChunk; i += kThreads) {
         head_w[i] = make_float2(0.f, 0.f);
