@@ -362,6 +362,9 @@ template <class Op>
 __host__ __device__ constexpr int ld_tile() {
     return kVTile + Op::kPad;
 }
+__host__ __device__ constexpr int cmax(int a, int b) {
+    return a > b ? a : b;
+}
 // Bytes of a split (hi + lo) operand of `rows` rows of leading dimension ld.
 template <class Op>
 __host__ __device__ constexpr int split_bytes(int rows, int ld) {

@@ -32,10 +32,12 @@
 // products, the anchored off-diagonal score blocks (inner dimension 2·16 per
 // slab) and Pᵀ dY; only P's four diagonal 16 × 16 blocks are pairwise f32.
 // 3a forms s = dY Vᵀ on tensor cores too (two raw inputs: three split
-// products for f32, one for f16 / bf16, exact in their own type); its
-// per-slab work (the pre-phase accumulators, the inter-chunk terms through
-// S_in and D, dq, dk, the gate gradient) still uses f32 CUDA-core FMAs: its
-// pairwise products carry f32 rounding only. 2b is elementwise.
+// products for f32, one for f16 / bf16, exact in their own type), and per
+// slab the inter-chunk products S_in dy_n, D v_n (three split products);
+// its intra-chunk pairs (the pre-phase accumulators acc_q, acc_k and the
+// gate terms, each pair with its own anchored modulus, applied last for the
+// gate), dq, dk and the gate scans still use f32 CUDA-core FMAs. 2b is
+// elementwise.
 // Every modulus exponentiated is exp of a difference ≤ 0 inside one segment;
 // off-diagonal sub-chunk pairs use the factorisation
 // |E(n, m)| = |E(n, r)| |E(r, m)| at the anchor r (both factors ≤ 1, 0 across
@@ -50,8 +52,9 @@
 //            2·16 × 64 rows of W_c (one accumulator, drained through the
 //            warp's staging tile); operands staged by all threads.
 //   grad_qk: s = dY Vᵀ: warp w ↔ its tiles (w / 2, 2·(w % 2) + t), t < 2;
-//            then key channel d = tid % 16 of the slab, steps n = tid / 16 + 16i
-//            (i < 4) for dq, dk.
+//            per slab, X = dY S_inᵀ and Y = V Dᵀ: warp w ↔ tile (w / 2, w % 2)
+//            of each; the rest: key channel d = tid % 16 of the slab, steps
+//            n = tid / 16 + 16i (i < 4) for dq, dk.
 //   grad_dv: warp w ↔ dv tiles (steps 16·(w / 2), columns 16·(2·(w % 2) + t),
 //            t < 2) and, w < 6, off-diagonal score block w; the diagonal
 //            score blocks thread-strided (the forward output kernel's map).
@@ -63,24 +66,39 @@
 namespace gateloop {
 namespace chunk {
 
-constexpr int kLdPad = kVTile + 1;  // padded rows read column-wise across lanes
 constexpr int kAnchors = kSubs - 1; // key sub-chunks with an off-diagonal anchor
 // Split products of the backward's tensor-core operands: always three terms
 // ("exact"; the f32 backward's GPU tests demand rel L2 ≤ 1e-4).
 constexpr int kGradTerms = 3;
 
-// Shared-memory floats of the CUDA-core backward kernels (after the prefix
-// tables); grad_w's bytes are the forward state kernel's (state_smem_bytes).
-constexpr int kQkFloats = 2 * kChunk * kSlab +       // q, k raw
-                          kChunk * kChunk +          // s = dY Vᵀ
-                          kChunk * kAnchors * kSlab + // |E(n, r_j)|
-                          kChunk * kSlab +           // |E(r_m, m)|
-                          2 * kChunk * kLdPad +      // dY, V tiles
-                          2 * 2 * kSlab * kLdPad +   // S_in, D slab tiles
-                          2 * 2 * kChunk * kSlab +   // w', u per (n, d), complex
-                          2 * (2 * kChunk) +         // per-head w', u sums, complex
-                          2 * kSlab + 2;             // through per channel, per-head through
-constexpr int kQkSmem = prefix_bytes<true>() + 4 * kQkFloats;
+// grad_qk's shared memory (grad_w and grad_dv take the forward state and
+// output kernels' layouts). After the prefix tables: q, k raw and s (f32,
+// live throughout); then a union of the s phase (dY, V tiles as split
+// operands) and the slab phase (the anchor tables, then the inter-chunk
+// staging: dY, V, S_in, D over kInterCols value columns as split operands,
+// reused for the products X, Y in f32); then w', u, the per-head sums and
+// the through terms (f32, live across the slab loop). Every region but the
+// last two a multiple of 128 bytes. src/cuda/chunk_grad.rs: shared_bytes.
+constexpr int kInterCols = kVTile / 2;  // value columns per step of the inter-chunk products
+template <class Op>
+__host__ __device__ constexpr int ld_inter() {
+    return kInterCols + Op::kPad;
+}
+template <class Op>
+__host__ __device__ constexpr int qk_inter_bytes() {
+    return cmax(2 * split_bytes<Op>(kChunk, ld_inter<Op>()) + 2 * split_bytes<Op>(2 * kSlab, ld_inter<Op>()),
+                2 * kChunk * 2 * kSlab * 4);
+}
+constexpr int kAnchorBytes = 4 * (kChunk * kAnchors * kSlab + kChunk * kSlab);  // |E(n, r_j)|, |E(r_m, m)|
+template <class Op>
+__host__ __device__ constexpr int qk_union_bytes() {
+    return cmax(2 * split_bytes<Op>(kChunk, ld_tile<Op>()), kAnchorBytes + qk_inter_bytes<Op>());
+}
+template <class Op>
+__host__ __device__ constexpr int qk_smem_bytes() {
+    return prefix_bytes<true>() + 4 * (2 * kChunk * kSlab + kChunk * kChunk) + qk_union_bytes<Op>() +
+           4 * (2 * 2 * kChunk * kSlab + 2 * 2 * kChunk + 2 * kSlab + 2);
+}
 
 // The anchor tables of one slab (after build_prefix, raw q, k loaded):
 // wa[(n·kAnchors + j)·kSlab + d] = |E(n, r_j)| for key sub-chunk j < sub(n)
@@ -212,7 +230,7 @@ __device__ __forceinline__ void grad_qk(const GateloopChunkGradParams& g) {
     using Op = typename OpOf<input_t>::type;
     constexpr int kRawTerms = OpOf<input_t>::kRawTerms;  // dY, V are raw inputs
     extern __shared__ __align__(128) unsigned char smem[];
-    check_shared(g.qk_shared_bytes, kQkSmem);
+    check_shared(g.qk_shared_bytes, qk_smem_bytes<Op>());
     const GateloopChunkParams& p = g.fwd;
     Block<input_t, true> blk(p, smem, 1);
     float* f = reinterpret_cast<float*>(smem + prefix_bytes<true>());
@@ -222,18 +240,13 @@ __device__ __forceinline__ void grad_qk(const GateloopChunkGradParams& g) {
     f += kChunk * kSlab;
     float* ds = f;  // [kChunk][kChunk]: s_nm = dy_n · v_m
     f += kChunk * kChunk;
+    unsigned char* union_at = reinterpret_cast<unsigned char*>(f);  // the s phase | the slab phase
     float* wa = f;
     f += kChunk * kAnchors * kSlab;
     float* wk = f;
     f += kChunk * kSlab;
-    float* dyt = f;  // [kChunk][kLdPad]
-    f += kChunk * kLdPad;
-    float* vt = f;  // [kChunk][kLdPad]
-    f += kChunk * kLdPad;
-    float* sin_t = f;  // [2·kSlab][kLdPad]: S_in rows [Re | Im] of the slab
-    f += 2 * kSlab * kLdPad;
-    float* adj_t = f;  // [2·kSlab][kLdPad]: D rows [Re | Im] of the slab
-    f += 2 * kSlab * kLdPad;
+    unsigned char* inter = reinterpret_cast<unsigned char*>(f);  // qk_inter_bytes
+    f = reinterpret_cast<float*>(union_at + qk_union_bytes<Op>());
     float2* wpr = reinterpret_cast<float2*>(f);  // [kChunk][kSlab]: w'_n of channel d
     f += 2 * kChunk * kSlab;
     float2* upr = reinterpret_cast<float2*>(f);  // [kChunk][kSlab]: u_n of channel d
@@ -251,31 +264,17 @@ __device__ __forceinline__ void grad_qk(const GateloopChunkGradParams& g) {
     const int tid = blk.tid;
     const bool zero_first = blk.chunk == 0 && (p.flags & GATELOOP_FLAG_HAS_H0) == 0;
     const input_t* __restrict__ dy = seq_row<input_t>(g.dy, g.dy_strides, blk.b, blk.h);
-    // The chunk's (dY, V) tile of columns v0 .. v0 + 63, zero outside.
-    auto load_dy_v = [&](int64_t v0) {
-        for (int i = tid; i < kChunk * kVTile; i += kThreads) {
-            const int n = i / kVTile;
-            const int c = i - n * kVTile;
-            const bool in = n < blk.n && v0 + c < value_dim;
-            dyt[n * kLdPad + c] = in ? Tr::load(dy, (blk.t0 + n) * g.dy_strides.time + v0 + c) : 0.f;
-            vt[n * kLdPad + c] = in ? Tr::load(blk.v, (blk.t0 + n) * p.v_strides.time + v0 + c) : 0.f;
-        }
-    };
 
     // s = dY Vᵀ on tensor cores, over every value tile in order: warp w owns
     // the 16 × 16 tiles (w / 2, 2·(w % 2) + t) of s, t < 2. dY and V are
-    // staged as split operands in the slab loop's buffers (wa .. upr, idle
-    // until the first slab's tables; build_prefix's barriers keep them until
-    // every warp is done) and the accumulators stored straight into ds.
+    // staged as split operands in the union (the slab phase's buffers are
+    // idle until the first slab's tables; build_prefix's barriers keep them
+    // until every warp is done) and the accumulators stored straight into ds.
     {
-        unsigned char* at = reinterpret_cast<unsigned char*>(wa);
+        unsigned char* at = union_at;
         const Split<Op> dys = carve<Op>(at, kChunk, ld_tile<Op>());
         // V [m][c] row-major, read as the column-major B = Vᵀ.
         const Split<Op> vs = carve<Op>(at, kChunk, ld_tile<Op>());
-        static_assert(2 * split_bytes<Op>(kChunk, ld_tile<Op>()) <=
-                          4 * (kChunk * kAnchors * kSlab + kChunk * kSlab + 2 * kChunk * kLdPad +
-                               2 * 2 * kSlab * kLdPad + 2 * 2 * kChunk * kSlab),
-                      "dY and V fit in wa .. upr");
         const int sr = blk.warp >> 1;
         const int sc = (blk.warp & 1) * 2;
         Acc<Op> sacc[2];
@@ -363,41 +362,78 @@ __device__ __forceinline__ void grad_qk(const GateloopChunkGradParams& g) {
             gw[i] = make_float2(fmaf(cn, gqr, -(sn * gqi)) - fmaf(cn, gkr, sn * gki),
                                 fmaf(sn, gqr, cn * gqi) - fmaf(cn, gki, -(sn * gkr)));
         }
-        // Through the state: x = S_in dy_n, y = D v_n (inner: every value
-        // column), and Σ_j S_in conj(D) per channel (threads of nb = 0).
+        // Through the state on tensor cores: X = dY S_inᵀ (row n: x_n = S_in dy_n)
+        // and Y = V Dᵀ (y_n = D v_n), 64 × [Re | Im] of the slab's channels,
+        // inner dimension every value column in steps of kInterCols; warp w
+        // owns tile (w / 2, w % 2) of each. Σ_j S_in conj(D) per channel in
+        // f32 by the threads of nb = 0, straight from the workspace.
         float2 xs[4], ys[4];
-#pragma unroll
-        for (int i = 0; i < 4; ++i) xs[i] = ys[i] = make_float2(0.f, 0.f);
-        float2 thr = make_float2(0.f, 0.f);
-        for (int64_t v0 = 0; v0 < value_dim; v0 += kVTile) {
-            __syncthreads();  // the previous tile is consumed
-            load_dy_v(v0);
-            for (int i = tid; i < 2 * kSlab * kVTile; i += kThreads) {
-                const int r = i / kVTile;
-                const int c = i - r * kVTile;
-                const int part = r / kSlab;
-                const int64_t dd = d0 + (r - part * kSlab);
-                const bool in = dd < key_dim && v0 + c < value_dim;
-                const int64_t at = blk.ws_state_row(part * key_dim + dd) + v0 + c;
-                sin_t[r * kLdPad + c] = in ? p.ws_state[at] : 0.f;
-                adj_t[r * kLdPad + c] = in ? g.ws_adj[at] : 0.f;
-            }
-            __syncthreads();
-#pragma unroll 4
-            for (int c = 0; c < kVTile; ++c) {
-                const float sr = sin_t[d * kLdPad + c], si = sin_t[(kSlab + d) * kLdPad + c];
-                const float dr = adj_t[d * kLdPad + c], di = adj_t[(kSlab + d) * kLdPad + c];
-#pragma unroll
-                for (int i = 0; i < 4; ++i) {
-                    const int n = nb + 16 * i;
-                    const float y = dyt[n * kLdPad + c], x = vt[n * kLdPad + c];
-                    xs[i] = make_float2(fmaf(sr, y, xs[i].x), fmaf(si, y, xs[i].y));
-                    ys[i] = make_float2(fmaf(dr, x, ys[i].x), fmaf(di, x, ys[i].y));
+        {
+            unsigned char* at = inter;
+            const Split<Op> dyh = carve<Op>(at, kChunk, ld_inter<Op>());
+            const Split<Op> vh = carve<Op>(at, kChunk, ld_inter<Op>());
+            // S_in, D rows [j][c] row-major, read as the column-major B = S_inᵀ, Dᵀ.
+            const Split<Op> sh = carve<Op>(at, 2 * kSlab, ld_inter<Op>());
+            const Split<Op> dh = carve<Op>(at, 2 * kSlab, ld_inter<Op>());
+            const int xr = blk.warp >> 1;
+            const int xc = blk.warp & 1;
+            Acc<Op> xacc, yacc;
+            wmma::fill_fragment(xacc, 0.f);
+            wmma::fill_fragment(yacc, 0.f);
+            float2 thr = make_float2(0.f, 0.f);
+            for (int64_t v0 = 0; v0 < value_dim; v0 += kInterCols) {
+                __syncthreads();  // the previous step's operands are consumed
+                for (int i = tid; i < kChunk * kInterCols; i += kThreads) {
+                    const int n = i / kInterCols;
+                    const int c = i - n * kInterCols;
+                    const bool in = n < blk.n && v0 + c < value_dim;
+                    dyh.template put<kGradTerms>(n, c, in ? Tr::load(dy, (blk.t0 + n) * g.dy_strides.time + v0 + c) : 0.f);
+                    vh.template put<kGradTerms>(n, c, in ? Tr::load(blk.v, (blk.t0 + n) * p.v_strides.time + v0 + c) : 0.f);
                 }
-                if (nb == 0) thr = make_float2(fmaf(sr, dr, fmaf(si, di, thr.x)), fmaf(si, dr, fmaf(-sr, di, thr.y)));
+                for (int i = tid; i < 2 * kSlab * kInterCols; i += kThreads) {
+                    const int r = i / kInterCols;
+                    const int c = i - r * kInterCols;
+                    const int part = r / kSlab;
+                    const int64_t dd = d0 + (r - part * kSlab);
+                    const bool in = dd < key_dim && v0 + c < value_dim;
+                    const int64_t at_ = blk.ws_state_row(part * key_dim + dd) + v0 + c;
+                    sh.template put<kGradTerms>(r, c, in ? p.ws_state[at_] : 0.f);
+                    dh.template put<kGradTerms>(r, c, in ? g.ws_adj[at_] : 0.f);
+                }
+                if (nb == 0 && d0 + d < key_dim) {
+                    const int64_t re = blk.ws_state_row(d0 + d) + v0;
+                    const int64_t im = blk.ws_state_row(key_dim + d0 + d) + v0;
+                    const int cols = static_cast<int>(min(static_cast<int64_t>(kInterCols), value_dim - v0));
+                    for (int c = 0; c < cols; ++c) {
+                        const float sr = p.ws_state[re + c], si = p.ws_state[im + c];
+                        const float dr = g.ws_adj[re + c], di = g.ws_adj[im + c];
+                        thr = make_float2(fmaf(sr, dr, fmaf(si, di, thr.x)), fmaf(si, dr, fmaf(-sr, di, thr.y)));
+                    }
+                }
+                __syncthreads();
+                for (int kk = 0; kk < kInterCols; kk += Op::kK) {
+                    mma_step<Op, kGradTerms, wmma::row_major, wmma::col_major>(
+                        xacc, dyh.hi_at(16 * xr, kk), dyh.lo_at(16 * xr, kk), dyh.ld, sh.hi_at(16 * xc, kk),
+                        sh.lo_at(16 * xc, kk), sh.ld);
+                    mma_step<Op, kGradTerms, wmma::row_major, wmma::col_major>(
+                        yacc, vh.hi_at(16 * xr, kk), vh.lo_at(16 * xr, kk), vh.ld, dh.hi_at(16 * xc, kk),
+                        dh.lo_at(16 * xc, kk), dh.ld);
+                }
+            }
+            if (nb == 0) through[d] = thr;
+            __syncthreads();  // every warp is done with the operands: X, Y take their bytes
+            float* xy = reinterpret_cast<float*>(inter);  // X then Y, [kChunk][2·kSlab] each
+            wmma::store_matrix_sync(xy + 16 * xr * 2 * kSlab + 16 * xc, xacc, 2 * kSlab, wmma::mem_row_major);
+            wmma::store_matrix_sync(xy + kChunk * 2 * kSlab + 16 * xr * 2 * kSlab + 16 * xc, yacc, 2 * kSlab,
+                                    wmma::mem_row_major);
+            __syncthreads();
+#pragma unroll
+            for (int i = 0; i < 4; ++i) {
+                const int n = nb + 16 * i;
+                xs[i] = make_float2(xy[n * 2 * kSlab + d], xy[n * 2 * kSlab + kSlab + d]);
+                ys[i] = make_float2(xy[(kChunk + n) * 2 * kSlab + d], xy[(kChunk + n) * 2 * kSlab + kSlab + d]);
             }
         }
-        if (nb == 0) through[d] = thr;
         const int last = blk.n - 1;
         const float cl_last = blk.cos_at(last, cl), sl_last = blk.sin_at(last, cl);
 #pragma unroll

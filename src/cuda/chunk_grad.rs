@@ -75,18 +75,26 @@ unsafe impl DeviceRepr for GateloopChunkGradParams {}
 /// for element type `dtype`: the layouts in cuda/chunk_grad.cu (the kernels
 /// trap if given less). grad_w stages its tensor-core operands exactly as
 /// the forward's state kernel does (raw q, the dY tile and [Re Q̃ | −Im Q̃]
-/// split in the element's operand type, the warps' staging tiles), so it
-/// takes that kernel's bytes; grad_qk and grad_dv stage f32 (`kQkSmem`,
-/// `kDvSmem`).
+/// split in the element's operand type, the warps' staging tiles) and
+/// grad_dv runs the forward output kernel's pass (`intra_pass` in
+/// cuda/chunk_common.cuh), so they take those kernels' (complex) bytes;
+/// grad_qk's is `qk_smem_bytes`: q, k raw and s (f32), a union of the s
+/// phase (dY, V split) and the slab phase (anchor tables, then dY, V, S_in,
+/// D over 32 value columns split, reused for X, Y in f32), then w', u, the
+/// per-head sums and the through terms.
 pub fn shared_bytes(dtype: Dtype) -> (u32, u32, u32) {
     let (c, s, t) = (chunk::CHUNK_LEN, KEY_SLAB, VALUE_TILE);
-    let pad = t + 1;
+    let size = dtype.size_bytes();
+    let pad = if size == 4 { 4 } else { 8 };
+    let split = |rows: usize, ld: usize| 2 * rows * ld * size;
     let anchors = c / chunk::SUB_CHUNK_LEN - 1;
     let prefix = chunk::prefix_bytes(Gates::Complex);
-    let w = chunk::shared_bytes(dtype, Gates::Complex).0;
-    let qk = 2 * c * s + c * c + c * anchors * s + c * s + 2 * c * pad + 2 * 2 * s * pad + 2 * 2 * c * s + 2 * 2 * c + 2 * s + 2;
-    let dv = 2 * c * s + c * anchors * s + c * s + c * 2 * s + 2 * s * t + c * c + c * t;
-    (w, (prefix + 4 * qk) as u32, (prefix + 4 * dv) as u32)
+    let (w, dv) = chunk::shared_bytes(dtype, Gates::Complex);
+    let inter_cols = t / 2;
+    let inter = (2 * split(c, inter_cols + pad) + 2 * split(2 * s, inter_cols + pad)).max(2 * c * 2 * s * 4);
+    let union = (2 * split(c, t + pad)).max(4 * (c * anchors * s + c * s) + inter);
+    let qk = prefix + 4 * (2 * c * s + c * c) + union + 4 * (2 * 2 * c * s + 2 * 2 * c + 2 * s + 2);
+    (w, qk as u32, dv)
 }
 
 /// The launch geometry and workspace of one backward call.
@@ -340,15 +348,25 @@ mod tests {
         // By hand from cuda/chunk_grad.cu: prefix 20480; grad_w (f32, TF32
         // operands): q raw 4096, dY split 2·64·68·4 = 34816, [Re Q̃ | −Im Q̃]
         // split 2·64·36·4 = 18432, staging 8·16·16·4 = 8192; grad_qk: q, k raw
-        // 8192, s 16384, anchors 12288 + 4096, dY, V tiles 2·64·65·4 = 33280,
-        // S_in, D tiles 2·32·65·4 = 16640, w', u 16384, head sums 1024,
-        // through 128 + 8; grad_dv: q, k raw 8192, anchors 16384, K̃ 8192, D
-        // tile 8192, P 16384, dY 16384.
-        let qk = 20480 + 8192 + 16384 + 16384 + 33280 + 16640 + 16384 + 1024 + 136;
-        assert_eq!(shared_bytes(Dtype::F32), (20480 + 4096 + 34816 + 18432 + 8192, qk, 94208));
-        // f16 / bf16 operands: dY split 2·64·72·2 = 18432, Q̃ split 2·64·40·2 = 10240.
+        // 8192, s 16384, the union: max(s phase dY, V splits 2·34816 = 69632,
+        // anchors 12288 + 4096 + inter-chunk dY, V splits 2·2·64·36·4 = 36864
+        // and S_in, D splits 2·2·32·36·4 = 18432) = 71680, w', u 16384, head
+        // sums 1024, through 128 + 8; grad_dv (the output pass): q, k raw
+        // 8192, the slab phase's splits [Re K̃ | Im K̃] 2·64·36·4 = 18432, D
+        // slab 2·32·68·4 = 17408, anchored q̃ 2·96·36·4 = 27648, k̃
+        // 2·48·36·4 = 13824 (77312 > the final phase's P, dY splits
+        // 2·2·64·68·4 = 69632), diagonal scores 4096, staging 8192.
+        let qk = 20480 + 8192 + 16384 + 71680 + 16384 + 1024 + 136;
+        let dv = 20480 + 8192 + 18432 + 17408 + 27648 + 13824 + 4096 + 8192;
+        assert_eq!(shared_bytes(Dtype::F32), (20480 + 4096 + 34816 + 18432 + 8192, qk, dv));
+        // f16 / bf16 operands (row padding 8): grad_w's dY split 2·64·72·2 =
+        // 18432, Q̃ split 2·64·40·2 = 10240; grad_qk's union max(2·2·2·64·72
+        // = 36864, 16384 + 2·2·2·64·40 + 2·2·2·32·40 = 47104); grad_dv's slab
+        // phase 2·2·(64·40 + 32·72 + 96·40 + 48·40) = 42496 (> 2·2·2·64·72 = 36864).
         for dtype in [Dtype::F16, Dtype::Bf16] {
-            assert_eq!(shared_bytes(dtype), (20480 + 4096 + 18432 + 10240 + 8192, qk, 94208));
+            let qk = 20480 + 8192 + 16384 + 47104 + 16384 + 1024 + 136;
+            let dv = 20480 + 8192 + 42496 + 4096 + 8192;
+            assert_eq!(shared_bytes(dtype), (20480 + 4096 + 18432 + 10240 + 8192, qk, dv));
         }
         for dtype in Dtype::ALL {
             let (w, qk, dv) = shared_bytes(dtype);

@@ -20,6 +20,7 @@
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <algorithm>
 #include <fstream>
 #include <functional>
 #include <string>
@@ -83,10 +84,12 @@ static void shared_bytes_f32(bool complex, int32_t& state, int32_t& output) {
 // grad_w and grad_dv take the forward state and output kernels' (complex) layouts.
 static void grad_shared_bytes(int32_t& w, int32_t& qk, int32_t& dv) {
     const int c = GATELOOP_CHUNK_LEN, s = GATELOOP_CHUNK_KEY_SLAB, t = GATELOOP_CHUNK_VALUE_TILE;
-    const int pad = t + 1, anchors = c / GATELOOP_CHUNK_SUB_LEN - 1, prefix = 5 * c * s * 4;
+    const int size = 4, pad = 4, anchors = c / GATELOOP_CHUNK_SUB_LEN - 1, prefix = 5 * c * s * 4;
     shared_bytes_f32(true, w, dv);
-    qk = prefix + 4 * (2 * c * s + c * c + c * anchors * s + c * s + 2 * c * pad + 2 * 2 * s * pad + 2 * 2 * c * s +
-                       2 * 2 * c + 2 * s + 2);
+    auto split = [&](int rows, int ld) { return 2 * rows * ld * size; };
+    const int inter = std::max(2 * split(c, t / 2 + pad) + 2 * split(2 * s, t / 2 + pad), 2 * c * 2 * s * 4);
+    const int uni = std::max(2 * split(c, t + pad), 4 * (c * anchors * s + c * s) + inter);
+    qk = prefix + 4 * (2 * c * s + c * c) + uni + 4 * (2 * 2 * c * s + 2 * 2 * c + 2 * s + 2);
 }
 
 // A block with `bytes` of dynamic shared memory, NaN-poisoned first.
