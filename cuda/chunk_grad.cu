@@ -16,10 +16,11 @@
 //   2b. grad_adjoint_carry, one thread per (b, h, key row, value column):
 //       D(last) = dh_final, D(c − 1) = conj(A_c) D(c) + W_c, W_c ← D(c); dh0.
 //   3a. grad_qk, one block per (b, h, chunk), looping over key slabs of 16:
-//       s = dY Vᵀ (64 × 64, once, on tensor cores), then per slab the pre-phase accumulators
-//       of the CPU mirror, dq, dk and the gate gradient (per-head gates: the
-//       slabs' w', u and through terms summed in shared memory in slab
-//       order, then one scan: deterministic, no atomics).
+//       s = dY Vᵀ (64 × 64, once), then per slab the inter-chunk products
+//       S_in dy_n, D v_n, the pre-phase accumulators of the CPU mirror, dq,
+//       dk and the gate gradient (per-head gates: the slabs' w', u and
+//       through terms summed in shared memory in slab order, then one scan:
+//       deterministic, no atomics).
 //   3b. grad_dv, one block per (b, h, chunk, value tile of 64):
 //       dv = Pᵀ dY + [Re K̃ | Im K̃] [Re D; Im D], the scores P (causal,
 //       summed over every key slab) recomputed exactly as the forward's
