@@ -30,6 +30,8 @@
 //      q̃ (16 × 32) · k̃ᵀ (32 × 16) into score accumulators; the four diagonal
 //      blocks pairwise in f32 (each factor one exp of a direct difference).
 //      After the last slab P (64 × 64, causal) · V (64 × 64) on tensor cores.
+//      The pass is intra_pass in chunk_common.cuh: the backward's dv kernel
+//      runs it too (kAdjoint: K̃ D(c) + Pᵀ dY), so both form P identically.
 // Why this split: launches 1 and 3 are fully parallel over (b, h, chunk) —
 // B·H = 1 at L = 65536 still gives 1024 blocks per value tile — and the only
 // sequential part (2) touches K·V numbers per chunk. Launch 3 recomputes the
@@ -82,37 +84,14 @@ __device__ __forceinline__ void chunk_state(const GateloopChunkParams& p) {
     const Split<Op> kt = carve<Op>(at, kChunk, ld_slab<Op, kComplex>());
     float* staging = reinterpret_cast<float*>(at) + blk.warp * 256;
 
-    const int64_t key_dim = p.dims.key_dim;
-    const int64_t value_dim = p.dims.value_dim;
     const int last = blk.n - 1;
-    const int lane = blk.tid & 31;
-    constexpr int kWidth = slab_width<kComplex>();
-    // Warp → output tile of the slab: rows 16·rb (of kWidth), cols 16·cb.
-    const int rb = blk.warp / (kVTile / 16);
-    const int cb = blk.warp % (kVTile / 16);
-    const bool has_tile = rb < kWidth / 16;
 
     blk.template load_values<Op, kTerms>(vs);
-    for (int64_t d0 = 0; d0 < key_dim; d0 += kSlab) {
+    for (int64_t d0 = 0; d0 < p.dims.key_dim; d0 += kSlab) {
         if (d0 == 0 || !blk.per_head) blk.build_prefix(d0);
         blk.load_keys(blk.k, p.k_strides, d0, kraw);
         __syncthreads();
-        // K̃_m = k_m |E(last, m)| e^{i(θ_last − θ_m)}: [Re | Im] of 16 channels.
-        for (int i = blk.tid; i < kChunk * kSlab; i += kThreads) {
-            const int m = i / kSlab;
-            const int j = i - m * kSlab;
-            const int cl = blk.col(j);
-            const float w = blk.modulus(last, m, cl);
-            const float kk = kraw[i];
-            if (kComplex) {
-                const float cl_ = blk.cos_at(last, cl), sl = blk.sin_at(last, cl);
-                const float kc = kk * blk.cos_at(m, cl), ks = kk * blk.sin_at(m, cl);
-                kt.template put<kTerms>(m, j, w * fmaf(cl_, kc, sl * ks));
-                kt.template put<kTerms>(m, kSlab + j, w * fmaf(sl, kc, -(cl_ * ks)));
-            } else {
-                kt.template put<kTerms>(m, j, w * kk);
-            }
-        }
+        put_state_keys<Op, kTerms>(blk, kraw, kt);
         // A_c = E(last, −1), once per chunk (value tile 0).
         if (blk.vt == 0) {
             for (int j = blk.tid; j < blk.gate_cols(d0); j += kThreads) {
@@ -131,23 +110,7 @@ __device__ __forceinline__ void chunk_state(const GateloopChunkParams& p) {
             }
         }
         __syncthreads();
-        if (has_tile) {
-            Acc<Op> acc;
-            wmma::fill_fragment(acc, 0.f);
-            for (int kk = 0; kk < kChunk; kk += Op::kK) {
-                // A(i, k) = K̃[k][16·rb + i]: column-major with ld kt.ld.
-                mma_step<Op, kTerms, wmma::col_major, wmma::row_major>(
-                    acc, kt.hi_at(kk, 16 * rb), kt.lo_at(kk, 16 * rb), kt.ld, vs.hi_at(kk, 16 * cb),
-                    vs.lo_at(kk, 16 * cb), vs.ld);
-            }
-            drain<Op>(acc, staging, lane, [&](int r, int c, float x) {
-                const int wcol = 16 * rb + r;  // operand column: part · 16 + channel
-                const int part = wcol / kSlab;
-                const int64_t d = d0 + (wcol - part * kSlab);
-                const int64_t col = blk.v0 + 16 * cb + c;
-                if (d < key_dim && col < value_dim) p.ws_state[blk.ws_state_row(part * key_dim + d) + col] = x;
-            });
-        }
+        store_slab_gram<Op, kTerms>(blk, kt, vs, d0, staging, p.ws_state);
         __syncthreads();
     }
 }
@@ -192,194 +155,13 @@ __device__ __forceinline__ void chunk_carry(const GateloopChunkParams& p) {
 
 // ---- 3. outputs -------------------------------------------------------------------
 
-// Off-diagonal score block `pair` → (query sub-chunk i, key sub-chunk j), i > j:
-// 0:(1,0) 1:(2,0) 2:(3,0) 3:(2,1) 4:(3,1) 5:(3,2) — grouped by key sub-chunk.
-__device__ __forceinline__ int pair_query(int pair) {
-    return pair < 3 ? pair + 1 : (pair < 5 ? pair - 1 : 3);
-}
-__device__ __forceinline__ int pair_key(int pair) {
-    return pair < 3 ? 0 : (pair < 5 ? 1 : 2);
-}
-__device__ __forceinline__ int pair_of(int i, int j) {
-    return j == 0 ? i - 1 : (j == 1 ? i + 1 : 5);
-}
-
 template <typename input_t, class Op, bool kComplex, int kTerms>
 __device__ __forceinline__ void chunk_output(const GateloopChunkParams& p) {
-    using Tr = InputTraits<input_t>;
     extern __shared__ __align__(128) unsigned char smem[];
     check_shared(p.shared_bytes, output_smem_bytes<Op, kComplex>());
     Block<input_t, kComplex> blk(p, smem);
-    unsigned char* at = smem + prefix_bytes<kComplex>();
-    float* qraw = reinterpret_cast<float*>(at);
-    float* kraw = qraw + kChunk * kSlab;
-    at += 2 * kChunk * kSlab * 4;
-    unsigned char* union_at = at;
-    // Slab phase.
-    const Split<Op> qe = carve<Op>(at, kChunk, ld_slab<Op, kComplex>());
-    const Split<Op> st = carve<Op>(at, slab_width<kComplex>(), ld_tile<Op>());
-    const Split<Op> qa = carve<Op>(at, kPairs * kSub, ld_slab<Op, kComplex>());
-    // k̃ [m][col] row-major, read as the column-major B = k̃ᵀ.
-    const Split<Op> ka = carve<Op>(at, (kSubs - 1) * kSub, ld_slab<Op, kComplex>());
-    // Final phase (same bytes).
-    unsigned char* fin = union_at;
-    const Split<Op> ps = carve<Op>(fin, kChunk, ld_tile<Op>());
-    const Split<Op> vs = carve<Op>(fin, kChunk, ld_tile<Op>());
-    at = union_at + (output_slab_bytes<Op, kComplex>() > output_final_bytes<Op>() ? output_slab_bytes<Op, kComplex>()
-                                                                                 : output_final_bytes<Op>());
-    float* pdiag = reinterpret_cast<float*>(at);  // [kSubs][16][16]
-    at += kSubs * kSub * kSub * 4;
-    float* staging = reinterpret_cast<float*>(at) + blk.warp * 256;
-
-    const int64_t key_dim = p.dims.key_dim;
-    const int64_t value_dim = p.dims.value_dim;
-    const int tid = blk.tid;
-    const int lane = tid & 31;
-    constexpr int kWidth = slab_width<kComplex>();
-    // Warp → y tiles (row block yr, column blocks yc, yc + 1) and score block.
-    const int yr = blk.warp >> 1;
-    const int yc = (blk.warp & 1) * 2;
-    const int pair = blk.warp;  // < kPairs: owns that score block
-    const int sj = pair < kPairs ? pair_key(pair) : 0;
-
-    Acc<Op> yacc[2];
-    wmma::fill_fragment(yacc[0], 0.f);
-    wmma::fill_fragment(yacc[1], 0.f);
-    Acc<Op> sacc;
-    wmma::fill_fragment(sacc, 0.f);
-    for (int i = tid; i < kSubs * kSub * kSub; i += kThreads) pdiag[i] = 0.f;
-
-    for (int64_t d0 = 0; d0 < key_dim; d0 += kSlab) {
-        if (d0 == 0 || !blk.per_head) blk.build_prefix(d0);
-        blk.load_keys(blk.q, p.q_strides, d0, qraw);
-        blk.load_keys(blk.k, p.k_strides, d0, kraw);
-        // The state entering the chunk, rows [Re | Im] of the slab's channels.
-        for (int i = tid; i < kWidth * kVTile; i += kThreads) {
-            const int r = i / kVTile;
-            const int c = i - r * kVTile;
-            const int part = r / kSlab;
-            const int64_t d = d0 + (r - part * kSlab);
-            const int64_t col = blk.v0 + c;
-            const float x = (d < key_dim && col < value_dim)
-                                ? p.ws_state[blk.ws_state_row(part * key_dim + d) + col]
-                                : 0.f;
-            st.template put<kTerms>(r, c, x);
-        }
-        __syncthreads();
-        // Inter-chunk rows Q̃_n = q_n |E(n, −1)| e^{iθ_n} as [Re, −Im].
-        for (int i = tid; i < kChunk * kSlab; i += kThreads) {
-            const int nn = i / kSlab;
-            const int j = i - nn * kSlab;
-            const int cl = blk.col(j);
-            const float wq = blk.modulus(nn, -1, cl) * qraw[i];
-            qe.template put<kTerms>(nn, j, wq * blk.cos_at(nn, cl));
-            if (kComplex) qe.template put<kTerms>(nn, kSlab + j, -(wq * blk.sin_at(nn, cl)));
-        }
-        // Anchored queries of each pair (anchor r = last step of key sub-chunk j):
-        // q̃_n = q_n |E(n, r)| e^{iθ_n} as [Re, −Im].
-        for (int i = tid; i < kPairs * kSub * kSlab; i += kThreads) {
-            const int row = i / kSlab;  // pair · 16 + n − 16 i
-            const int j = i - row * kSlab;
-            const int pr = row / kSub;
-            const int nn = kSub * pair_query(pr) + (row - pr * kSub);
-            const int r = kSub * pair_key(pr) + kSub - 1;
-            const int cl = blk.col(j);
-            const float wq = blk.modulus(nn, r, cl) * qraw[nn * kSlab + j];
-            qa.template put<kTerms>(row, j, wq * blk.cos_at(nn, cl));
-            if (kComplex) qa.template put<kTerms>(row, kSlab + j, -(wq * blk.sin_at(nn, cl)));
-        }
-        // Anchored keys: k̃_m = k_m |E(r, m)| e^{−iθ_m} as [Re, Im].
-        for (int i = tid; i < (kSubs - 1) * kSub * kSlab; i += kThreads) {
-            const int m = i / kSlab;  // key sub-chunks 0 .. kSubs − 2
-            const int j = i - m * kSlab;
-            const int r = (m / kSub) * kSub + kSub - 1;
-            const int cl = blk.col(j);
-            const float wk = blk.modulus(r, m, cl) * kraw[i];
-            ka.template put<kTerms>(m, j, wk * blk.cos_at(m, cl));
-            if (kComplex) ka.template put<kTerms>(m, kSlab + j, -(wk * blk.sin_at(m, cl)));
-        }
-        // Diagonal blocks, pairwise: score_nm += Σ_d q_nd k_md Re E(n, m)_d.
-        for (int i = tid; i < kSubs * kSub * kSub; i += kThreads) {
-            const int sb = i / (kSub * kSub);
-            const int nn = sb * kSub + (i / kSub) % kSub;
-            const int m = sb * kSub + i % kSub;
-            if (m > nn) continue;
-            const int cols = blk.gate_cols(d0);
-            float acc = 0.f;
-            if (blk.per_head) {
-                float dot = 0.f;
-                for (int j = 0; j < kSlab; ++j) dot = fmaf(qraw[nn * kSlab + j], kraw[m * kSlab + j], dot);
-                const float cosd = fmaf(blk.cos_at(nn, 0), blk.cos_at(m, 0), blk.sin_at(nn, 0) * blk.sin_at(m, 0));
-                acc = blk.modulus(nn, m, 0) * cosd * dot;
-            } else {
-                for (int j = 0; j < cols; ++j) {
-                    const float qk = qraw[nn * kSlab + j] * kraw[m * kSlab + j];
-                    const float cosd = fmaf(blk.cos_at(nn, j), blk.cos_at(m, j), blk.sin_at(nn, j) * blk.sin_at(m, j));
-                    acc = fmaf(blk.modulus(nn, m, j) * cosd, qk, acc);
-                }
-            }
-            pdiag[i] += acc;
-        }
-        __syncthreads();
-        // y += Q̃ S (inner: this slab's kWidth), rows 16·yr, cols 16·yc, 16·(yc + 1).
-        for (int kk = 0; kk < kWidth; kk += Op::kK) {
-#pragma unroll
-            for (int t = 0; t < 2; ++t) {
-                mma_step<Op, kTerms, wmma::row_major, wmma::row_major>(
-                    yacc[t], qe.hi_at(16 * yr, kk), qe.lo_at(16 * yr, kk), qe.ld, st.hi_at(kk, 16 * (yc + t)),
-                    st.lo_at(kk, 16 * (yc + t)), st.ld);
-            }
-        }
-        // score block (si, sj) += q̃ (pair rows) · k̃ᵀ (key sub-chunk sj).
-        if (pair < kPairs) {
-            for (int kk = 0; kk < kWidth; kk += Op::kK) {
-                mma_step<Op, kTerms, wmma::row_major, wmma::col_major>(
-                    sacc, qa.hi_at(kSub * pair, kk), qa.lo_at(kSub * pair, kk), qa.ld, ka.hi_at(kSub * sj, kk),
-                    ka.lo_at(kSub * sj, kk), ka.ld);
-            }
-        }
-        __syncthreads();
-    }
-
-    // P (64 × 64, causal) into its split operand: the score blocks pass
-    // through the warps' staging tiles, the diagonal from pdiag, zeros above.
-    if (pair < kPairs) wmma::store_matrix_sync(staging, sacc, 16, wmma::mem_row_major);
-    __syncthreads();
-    float* staging0 = staging - blk.warp * 256;
-    for (int i = tid; i < kChunk * kChunk; i += kThreads) {
-        const int nn = i / kChunk;
-        const int m = i - nn * kChunk;
-        const int bi = nn / kSub, bj = m / kSub;
-        const int rr = nn - bi * kSub, cc = m - bj * kSub;
-        float x = 0.f;
-        if (bj == bi) {
-            x = cc <= rr ? pdiag[(bi * kSub + rr) * kSub + cc] : 0.f;
-        } else if (bj < bi) {
-            x = staging0[pair_of(bi, bj) * 256 + rr * 16 + cc];
-        }
-        ps.template put<kTerms>(nn, m, x);
-    }
-    blk.template load_values<Op, kTerms>(vs);
-    __syncthreads();
-    // y += P V, the inner loop stopping at the diagonal block.
-    for (int kk = 0; kk < kSub * (yr + 1); kk += Op::kK) {
-#pragma unroll
-        for (int t = 0; t < 2; ++t) {
-            mma_step<Op, kTerms, wmma::row_major, wmma::row_major>(yacc[t], ps.hi_at(16 * yr, kk), ps.lo_at(16 * yr, kk),
-                                                                   ps.ld, vs.hi_at(kk, 16 * (yc + t)),
-                                                                   vs.lo_at(kk, 16 * (yc + t)), vs.ld);
-        }
-    }
-    __syncthreads();  // the staging tiles held score blocks read by everyone
-    input_t* __restrict__ y = seq_row_mut<input_t>(p.y, p.y_strides, blk.b, blk.h);
-#pragma unroll
-    for (int t = 0; t < 2; ++t) {
-        drain<Op>(yacc[t], staging, lane, [&](int r, int c, float x) {
-            const int nn = 16 * yr + r;
-            const int64_t col = blk.v0 + 16 * (yc + t) + c;
-            if (nn < blk.n && col < value_dim) Tr::store(y, (blk.t0 + nn) * p.y_strides.time + col, x);
-        });
-    }
+    intra_pass<Op, kTerms, false>(blk, smem, p.ws_state, blk.v, p.v_strides,
+                                  seq_row_mut<input_t>(p.y, p.y_strides, blk.b, blk.h), p.y_strides);
 }
 
 }  // namespace chunk

@@ -56,6 +56,29 @@ struct OpBf16 {
     __device__ __forceinline__ static float widen(storage x) { return __bfloat162float(x); }
 };
 
+// The operand type of each element type: f32 inputs → TF32, f16 → f16,
+// bf16 → bf16 (the forward's entry points name the same pairs; the backward's
+// kernels, templated on the element type only, look it up here). kRawTerms:
+// the split products a product of two raw inputs needs for f32 accuracy (3
+// for f32 through TF32; 1 for f16 / bf16, exact in their own operand type).
+template <typename input_t>
+struct OpOf;
+template <>
+struct OpOf<float> {
+    using type = OpTf32;
+    static constexpr int kRawTerms = 3;
+};
+template <>
+struct OpOf<__half> {
+    using type = OpF16;
+    static constexpr int kRawTerms = 1;
+};
+template <>
+struct OpOf<__nv_bfloat16> {
+    using type = OpBf16;
+    static constexpr int kRawTerms = 1;
+};
+
 // A split operand matrix in shared memory: hi and lo planes of `rows × ld`.
 template <class Op>
 struct Split {
@@ -297,15 +320,27 @@ struct Block {
         }
     }
 
-    // V tile (kChunk × kVTile) into a split operand, zero past the chunk / V.
+    // Value columns col0 .. col0 + kVTile − 1 of x (v or dy) over the chunk
+    // into a split operand, zero past the chunk / V.
     template <class Op, int kTerms>
-    __device__ __forceinline__ void load_values(const Split<Op>& vs) const {
+    __device__ __forceinline__ void load_tile(const input_t* __restrict__ x, const GateloopSeqStrides& s,
+                                              int64_t col0, const Split<Op>& xs) const {
         for (int i = tid; i < kChunk * kVTile; i += kThreads) {
             const int m = i / kVTile;
             const int c = i - m * kVTile;
-            const float x = (m < n && v0 + c < p.dims.value_dim) ? Tr::load(v, (t0 + m) * p.v_strides.time + v0 + c) : 0.f;
-            vs.template put<kTerms>(m, c, x);
+            const float e = (m < n && col0 + c < p.dims.value_dim) ? Tr::load(x, (t0 + m) * s.time + col0 + c) : 0.f;
+            xs.template put<kTerms>(m, c, e);
         }
+    }
+    // The block's value tile (columns v0 ..).
+    template <class Op, int kTerms>
+    __device__ __forceinline__ void load_tile(const input_t* __restrict__ x, const GateloopSeqStrides& s,
+                                              const Split<Op>& xs) const {
+        load_tile<Op, kTerms>(x, s, v0, xs);
+    }
+    template <class Op, int kTerms>
+    __device__ __forceinline__ void load_values(const Split<Op>& vs) const {
+        load_tile<Op, kTerms>(v, p.v_strides, vs);
     }
 
     // Workspace row `row` (of parts·K) of this chunk's state, at column 0.
@@ -326,6 +361,9 @@ __host__ __device__ constexpr int ld_slab() {
 template <class Op>
 __host__ __device__ constexpr int ld_tile() {
     return kVTile + Op::kPad;
+}
+__host__ __device__ constexpr int cmax(int a, int b) {
+    return a > b ? a : b;
 }
 // Bytes of a split (hi + lo) operand of `rows` rows of leading dimension ld.
 template <class Op>
@@ -385,6 +423,301 @@ __device__ __forceinline__ void drain(const Acc<Op>& acc, float* staging, int la
     __syncwarp();
     for (int e = lane; e < 256; e += 32) f(e >> 4, e & 15, staging[e]);
     __syncwarp();
+}
+
+// ---- slab operands and products shared by the forward and the backward ----------
+
+// Inter-chunk query rows of slab d0 (raw q in qraw [kChunk][kSlab]):
+// Q̃_n = q_n |E(n, −1)| e^{iθ_n} as [Re | −Im] (Re only for real gates) into
+// qe. The forward's y += Q̃ S_c; the backward's W_c = [Re Q̃ | −Im Q̃]ᵀ dY.
+template <class Op, int kTerms, typename input_t, bool kComplex>
+__device__ __forceinline__ void put_inter_queries(const Block<input_t, kComplex>& blk, const float* qraw,
+                                                  const Split<Op>& qe) {
+    for (int i = blk.tid; i < kChunk * kSlab; i += kThreads) {
+        const int nn = i / kSlab;
+        const int j = i - nn * kSlab;
+        const int cl = blk.col(j);
+        const float wq = blk.modulus(nn, -1, cl) * qraw[i];
+        qe.template put<kTerms>(nn, j, wq * blk.cos_at(nn, cl));
+        if (kComplex) qe.template put<kTerms>(nn, kSlab + j, -(wq * blk.sin_at(nn, cl)));
+    }
+}
+
+// State rows of slab d0 (raw k in kraw, zero past the chunk):
+// K̃_m = k_m |E(last, m)| e^{i(θ_last − θ_m)} as [Re | Im] into kt. The
+// forward's U_c = K̃ᵀ V; the backward's dv += [Re K̃ | Im K̃] [Re D; Im D].
+template <class Op, int kTerms, typename input_t, bool kComplex>
+__device__ __forceinline__ void put_state_keys(const Block<input_t, kComplex>& blk, const float* kraw,
+                                               const Split<Op>& kt) {
+    const int last = blk.n - 1;
+    for (int i = blk.tid; i < kChunk * kSlab; i += kThreads) {
+        const int m = i / kSlab;
+        const int j = i - m * kSlab;
+        const int cl = blk.col(j);
+        const float w = blk.modulus(last, m, cl);
+        const float kk = kraw[i];
+        if (kComplex) {
+            const float cl_ = blk.cos_at(last, cl), sl = blk.sin_at(last, cl);
+            const float kc = kk * blk.cos_at(m, cl), ks = kk * blk.sin_at(m, cl);
+            kt.template put<kTerms>(m, j, w * fmaf(cl_, kc, sl * ks));
+            kt.template put<kTerms>(m, kSlab + j, w * fmaf(sl, kc, -(cl_ * ks)));
+        } else {
+            kt.template put<kTerms>(m, j, w * kk);
+        }
+    }
+}
+
+// out[part·K + d0 + j][v0 + c] = Σ_m X[m][part·kSlab + j] Y[m][c] for the
+// slab's channels j (d0 + j < K) and the block's value tile: Xᵀ Y with X
+// (kChunk × slab_width) staged row-major [m][col] and read as the
+// column-major A = Xᵀ, Y (kChunk × kVTile) row-major, inner dimension
+// kChunk, into a planar workspace (rows part·K + d, Block::ws_state_row).
+// Warp w ↔ output tile (w / 4, w % 4): 2 × 4 tiles (complex: all 8 warps)
+// or 1 × 4 (real). The forward's U_c = K̃ᵀ V (ws_state); the backward's
+// W_c = [Re Q̃ | −Im Q̃]ᵀ dY (ws_adj). Call between barriers (X, Y staged).
+template <class Op, int kTerms, typename input_t, bool kComplex>
+__device__ __forceinline__ void store_slab_gram(const Block<input_t, kComplex>& blk, const Split<Op>& x,
+                                                const Split<Op>& y, int64_t d0, float* staging, float* out) {
+    constexpr int kWidth = slab_width<kComplex>();
+    const int rb = blk.warp / (kVTile / 16);
+    const int cb = blk.warp % (kVTile / 16);
+    if (rb >= kWidth / 16) return;
+    const int64_t key_dim = blk.p.dims.key_dim;
+    const int64_t value_dim = blk.p.dims.value_dim;
+    Acc<Op> acc;
+    wmma::fill_fragment(acc, 0.f);
+    for (int kk = 0; kk < kChunk; kk += Op::kK) {
+        // A(i, k) = X[k][16·rb + i]: column-major with ld x.ld.
+        mma_step<Op, kTerms, wmma::col_major, wmma::row_major>(acc, x.hi_at(kk, 16 * rb), x.lo_at(kk, 16 * rb), x.ld,
+                                                               y.hi_at(kk, 16 * cb), y.lo_at(kk, 16 * cb), y.ld);
+    }
+    drain<Op>(acc, staging, blk.tid & 31, [&](int r, int c, float e) {
+        const int wcol = 16 * rb + r;  // operand column: part · 16 + channel
+        const int part = wcol / kSlab;
+        const int64_t d = d0 + (wcol - part * kSlab);
+        const int64_t col = blk.v0 + 16 * cb + c;
+        if (d < key_dim && col < value_dim) out[blk.ws_state_row(part * key_dim + d) + col] = e;
+    });
+}
+
+// ---- the intra-chunk pass: the forward's y, the backward's dv ---------------------
+
+// Off-diagonal score block `pair` → (query sub-chunk i, key sub-chunk j), i > j:
+// 0:(1,0) 1:(2,0) 2:(3,0) 3:(2,1) 4:(3,1) 5:(3,2) — grouped by key sub-chunk.
+__device__ __forceinline__ int pair_query(int pair) {
+    return pair < 3 ? pair + 1 : (pair < 5 ? pair - 1 : 3);
+}
+__device__ __forceinline__ int pair_key(int pair) {
+    return pair < 3 ? 0 : (pair < 5 ? 1 : 2);
+}
+__device__ __forceinline__ int pair_of(int i, int j) {
+    return j == 0 ? i - 1 : (j == 1 ? i + 1 : 5);
+}
+
+
+// One block (b, h, chunk, value tile) of the pass that forms the chunk's
+// causal scores P (summed over every key slab) and, kAdjoint = false, the
+// forward's output (launch 3 of cuda/chunk.cu)
+//   y  = Re(Q̃ S_c) + P V,        Q̃_n = q_n E(n, −1),  S_c from `state` = ws_state;
+// kAdjoint = true, the backward's value gradient (launch 3b of cuda/chunk_grad.cu)
+//   dv = Re(K̃ D(c)) + Pᵀ dY,     K̃_m = k_m E(last, m), D(c) from `state` = ws_adj.
+// `tile` (v or dy) is the value-side operand of the last product, `out` (y or
+// dv) the result, each a (b, h) sequence row with its strides. Per key slab:
+// X (64 × 2·16: [Re Q̃ | −Im Q̃] or [Re K̃ | Im K̃]) · state slab (2·16 × 64)
+// into the out accumulators; the six off-diagonal 16 × 16 score blocks
+// (query sub-chunk i > key sub-chunk j, anchor r = last step of j) as
+// q̃ (16 × 2·16) · k̃ᵀ (2·16 × 16) into score accumulators; the four diagonal
+// blocks pairwise in f32 (each factor one exp of a direct difference). After
+// the last slab P (64 × 64, causal) · V, or Pᵀ · dY, on tensor cores. Warps:
+// warp w owns out tiles (row block w / 2, column blocks 2·(w % 2) + {0, 1})
+// and, w < 6, score block w. Shared memory: output_smem_bytes<Op, kComplex>.
+template <class Op, int kTerms, bool kAdjoint, typename input_t, bool kComplex>
+__device__ __forceinline__ void intra_pass(Block<input_t, kComplex>& blk, unsigned char* smem, const float* state,
+                                           const input_t* __restrict__ tile, const GateloopSeqStrides& tile_strides,
+                                           input_t* __restrict__ out, const GateloopSeqStrides& out_strides) {
+    using Tr = InputTraits<input_t>;
+    static_assert(!kAdjoint || kComplex, "the backward takes complex gates");
+    unsigned char* at = smem + prefix_bytes<kComplex>();
+    float* qraw = reinterpret_cast<float*>(at);
+    float* kraw = qraw + kChunk * kSlab;
+    at += 2 * kChunk * kSlab * 4;
+    unsigned char* union_at = at;
+    // Slab phase.
+    const Split<Op> qe = carve<Op>(at, kChunk, ld_slab<Op, kComplex>());
+    const Split<Op> st = carve<Op>(at, slab_width<kComplex>(), ld_tile<Op>());
+    const Split<Op> qa = carve<Op>(at, kPairs * kSub, ld_slab<Op, kComplex>());
+    // k̃ [m][col] row-major, read as the column-major B = k̃ᵀ.
+    const Split<Op> ka = carve<Op>(at, (kSubs - 1) * kSub, ld_slab<Op, kComplex>());
+    // Final phase (same bytes).
+    unsigned char* fin = union_at;
+    const Split<Op> ps = carve<Op>(fin, kChunk, ld_tile<Op>());
+    const Split<Op> vs = carve<Op>(fin, kChunk, ld_tile<Op>());
+    at = union_at + (output_slab_bytes<Op, kComplex>() > output_final_bytes<Op>() ? output_slab_bytes<Op, kComplex>()
+                                                                                 : output_final_bytes<Op>());
+    float* pdiag = reinterpret_cast<float*>(at);  // [kSubs][16][16]
+    at += kSubs * kSub * kSub * 4;
+    float* staging = reinterpret_cast<float*>(at) + blk.warp * 256;
+
+    const GateloopChunkParams& p = blk.p;
+    const int64_t key_dim = p.dims.key_dim;
+    const int64_t value_dim = p.dims.value_dim;
+    const int tid = blk.tid;
+    const int lane = tid & 31;
+    constexpr int kWidth = slab_width<kComplex>();
+    // Warp → y tiles (row block yr, column blocks yc, yc + 1) and score block.
+    const int yr = blk.warp >> 1;
+    const int yc = (blk.warp & 1) * 2;
+    const int pair = blk.warp;  // < kPairs: owns that score block
+    const int sj = pair < kPairs ? pair_key(pair) : 0;
+
+    Acc<Op> yacc[2];
+    wmma::fill_fragment(yacc[0], 0.f);
+    wmma::fill_fragment(yacc[1], 0.f);
+    Acc<Op> sacc;
+    wmma::fill_fragment(sacc, 0.f);
+    for (int i = tid; i < kSubs * kSub * kSub; i += kThreads) pdiag[i] = 0.f;
+
+    for (int64_t d0 = 0; d0 < key_dim; d0 += kSlab) {
+        if (d0 == 0 || !blk.per_head) blk.build_prefix(d0);
+        blk.load_keys(blk.q, p.q_strides, d0, qraw);
+        blk.load_keys(blk.k, p.k_strides, d0, kraw);
+        // The state entering the chunk (S_c; D(c) when kAdjoint), rows [Re | Im]
+        // of the slab's channels.
+        for (int i = tid; i < kWidth * kVTile; i += kThreads) {
+            const int r = i / kVTile;
+            const int c = i - r * kVTile;
+            const int part = r / kSlab;
+            const int64_t d = d0 + (r - part * kSlab);
+            const int64_t col = blk.v0 + c;
+            const float x = (d < key_dim && col < value_dim)
+                                ? state[blk.ws_state_row(part * key_dim + d) + col]
+                                : 0.f;
+            st.template put<kTerms>(r, c, x);
+        }
+        __syncthreads();
+        // Inter-chunk rows: [Re Q̃ | −Im Q̃] (y), [Re K̃ | Im K̃] (dv).
+        if constexpr (kAdjoint) {
+            put_state_keys<Op, kTerms>(blk, kraw, qe);
+        } else {
+            put_inter_queries<Op, kTerms>(blk, qraw, qe);
+        }
+        // Anchored queries of each pair (anchor r = last step of key sub-chunk j):
+        // q̃_n = q_n |E(n, r)| e^{iθ_n} as [Re, −Im].
+        for (int i = tid; i < kPairs * kSub * kSlab; i += kThreads) {
+            const int row = i / kSlab;  // pair · 16 + n − 16 i
+            const int j = i - row * kSlab;
+            const int pr = row / kSub;
+            const int nn = kSub * pair_query(pr) + (row - pr * kSub);
+            const int r = kSub * pair_key(pr) + kSub - 1;
+            const int cl = blk.col(j);
+            const float wq = blk.modulus(nn, r, cl) * qraw[nn * kSlab + j];
+            qa.template put<kTerms>(row, j, wq * blk.cos_at(nn, cl));
+            if (kComplex) qa.template put<kTerms>(row, kSlab + j, -(wq * blk.sin_at(nn, cl)));
+        }
+        // Anchored keys: k̃_m = k_m |E(r, m)| e^{−iθ_m} as [Re, Im].
+        for (int i = tid; i < (kSubs - 1) * kSub * kSlab; i += kThreads) {
+            const int m = i / kSlab;  // key sub-chunks 0 .. kSubs − 2
+            const int j = i - m * kSlab;
+            const int r = (m / kSub) * kSub + kSub - 1;
+            const int cl = blk.col(j);
+            const float wk = blk.modulus(r, m, cl) * kraw[i];
+            ka.template put<kTerms>(m, j, wk * blk.cos_at(m, cl));
+            if (kComplex) ka.template put<kTerms>(m, kSlab + j, -(wk * blk.sin_at(m, cl)));
+        }
+        // Diagonal blocks, pairwise: score_nm += Σ_d q_nd k_md Re E(n, m)_d.
+        for (int i = tid; i < kSubs * kSub * kSub; i += kThreads) {
+            const int sb = i / (kSub * kSub);
+            const int nn = sb * kSub + (i / kSub) % kSub;
+            const int m = sb * kSub + i % kSub;
+            if (m > nn) continue;
+            const int cols = blk.gate_cols(d0);
+            float acc = 0.f;
+            if (blk.per_head) {
+                float dot = 0.f;
+                for (int j = 0; j < kSlab; ++j) dot = fmaf(qraw[nn * kSlab + j], kraw[m * kSlab + j], dot);
+                const float cosd = fmaf(blk.cos_at(nn, 0), blk.cos_at(m, 0), blk.sin_at(nn, 0) * blk.sin_at(m, 0));
+                acc = blk.modulus(nn, m, 0) * cosd * dot;
+            } else {
+                for (int j = 0; j < cols; ++j) {
+                    const float qk = qraw[nn * kSlab + j] * kraw[m * kSlab + j];
+                    const float cosd = fmaf(blk.cos_at(nn, j), blk.cos_at(m, j), blk.sin_at(nn, j) * blk.sin_at(m, j));
+                    acc = fmaf(blk.modulus(nn, m, j) * cosd, qk, acc);
+                }
+            }
+            pdiag[i] += acc;
+        }
+        __syncthreads();
+        // out += X S (inner: this slab's kWidth), rows 16·yr, cols 16·yc, 16·(yc + 1).
+        for (int kk = 0; kk < kWidth; kk += Op::kK) {
+#pragma unroll
+            for (int t = 0; t < 2; ++t) {
+                mma_step<Op, kTerms, wmma::row_major, wmma::row_major>(
+                    yacc[t], qe.hi_at(16 * yr, kk), qe.lo_at(16 * yr, kk), qe.ld, st.hi_at(kk, 16 * (yc + t)),
+                    st.lo_at(kk, 16 * (yc + t)), st.ld);
+            }
+        }
+        // score block (si, sj) += q̃ (pair rows) · k̃ᵀ (key sub-chunk sj).
+        if (pair < kPairs) {
+            for (int kk = 0; kk < kWidth; kk += Op::kK) {
+                mma_step<Op, kTerms, wmma::row_major, wmma::col_major>(
+                    sacc, qa.hi_at(kSub * pair, kk), qa.lo_at(kSub * pair, kk), qa.ld, ka.hi_at(kSub * sj, kk),
+                    ka.lo_at(kSub * sj, kk), ka.ld);
+            }
+        }
+        __syncthreads();
+    }
+
+    // P (64 × 64, causal) into its split operand: the score blocks pass
+    // through the warps' staging tiles, the diagonal from pdiag, zeros above.
+    if (pair < kPairs) wmma::store_matrix_sync(staging, sacc, 16, wmma::mem_row_major);
+    __syncthreads();
+    float* staging0 = staging - blk.warp * 256;
+    for (int i = tid; i < kChunk * kChunk; i += kThreads) {
+        const int nn = i / kChunk;
+        const int m = i - nn * kChunk;
+        const int bi = nn / kSub, bj = m / kSub;
+        const int rr = nn - bi * kSub, cc = m - bj * kSub;
+        float x = 0.f;
+        if (bj == bi) {
+            x = cc <= rr ? pdiag[(bi * kSub + rr) * kSub + cc] : 0.f;
+        } else if (bj < bi) {
+            x = staging0[pair_of(bi, bj) * 256 + rr * 16 + cc];
+        }
+        ps.template put<kTerms>(nn, m, x);
+    }
+    blk.template load_tile<Op, kTerms>(tile, tile_strides, vs);
+    __syncthreads();
+    if constexpr (kAdjoint) {
+        // dv += Pᵀ dY: A(m, n) = P[n][m] read column-major, the inner loop
+        // over n from the diagonal block on (P is causal: n ≥ m).
+        for (int kk = kSub * yr; kk < kChunk; kk += Op::kK) {
+#pragma unroll
+            for (int t = 0; t < 2; ++t) {
+                mma_step<Op, kTerms, wmma::col_major, wmma::row_major>(
+                    yacc[t], ps.hi_at(kk, 16 * yr), ps.lo_at(kk, 16 * yr), ps.ld, vs.hi_at(kk, 16 * (yc + t)),
+                    vs.lo_at(kk, 16 * (yc + t)), vs.ld);
+            }
+        }
+    } else {
+        // y += P V, the inner loop stopping at the diagonal block.
+        for (int kk = 0; kk < kSub * (yr + 1); kk += Op::kK) {
+    #pragma unroll
+            for (int t = 0; t < 2; ++t) {
+                mma_step<Op, kTerms, wmma::row_major, wmma::row_major>(yacc[t], ps.hi_at(16 * yr, kk), ps.lo_at(16 * yr, kk),
+                                                                       ps.ld, vs.hi_at(kk, 16 * (yc + t)),
+                                                                       vs.lo_at(kk, 16 * (yc + t)), vs.ld);
+            }
+        }
+    }
+    __syncthreads();  // the staging tiles held score blocks read by everyone
+#pragma unroll
+    for (int t = 0; t < 2; ++t) {
+        drain<Op>(yacc[t], staging, lane, [&](int r, int c, float x) {
+            const int nn = 16 * yr + r;
+            const int64_t col = blk.v0 + 16 * (yc + t) + c;
+            if (nn < blk.n && col < value_dim) Tr::store(out, (blk.t0 + nn) * out_strides.time + col, x);
+        });
+    }
 }
 
 }  // namespace chunk

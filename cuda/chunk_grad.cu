@@ -9,20 +9,36 @@
 // Launches (one stream; the launcher is src/cuda/chunk_grad.rs):
 //   1a. the forward's gateloop_chunk_state (tensor cores): U_c, A_c.
 //   1b. grad_w, one block per (b, h, chunk, value tile of 64):
-//       W_c = [Re Q̃ | −Im Q̃]ᵀ dY (planar 2K × 64), Q̃_n = q_n E(n, −1).
+//       W_c = [Re Q̃ | −Im Q̃]ᵀ dY (planar 2K × 64), Q̃_n = q_n E(n, −1), per
+//       key slab a (2·16 × 64)·(64 × 64) tensor-core product: the state
+//       kernel's K̃ᵀ V with Q̃ for K̃ and dY for V (store_slab_gram).
 //   2a. the forward's gateloop_chunk_carry: U_c → S_in(c) (h_final to a sink).
 //   2b. grad_adjoint_carry, one thread per (b, h, key row, value column):
 //       D(last) = dh_final, D(c − 1) = conj(A_c) D(c) + W_c, W_c ← D(c); dh0.
 //   3a. grad_qk, one block per (b, h, chunk), looping over key slabs of 16:
-//       s = dY Vᵀ (64 × 64, once), then per slab the pre-phase accumulators
-//       of the CPU mirror, dq, dk and the gate gradient (per-head gates: the
-//       slabs' w', u and through terms summed in shared memory in slab
-//       order, then one scan: deterministic, no atomics).
+//       s = dY Vᵀ (64 × 64, once), then per slab the inter-chunk products
+//       S_in dy_n, D v_n, the pre-phase accumulators of the CPU mirror, dq,
+//       dk and the gate gradient (per-head gates: the slabs' w', u and
+//       through terms summed in shared memory in slab order, then one scan:
+//       deterministic, no atomics).
 //   3b. grad_dv, one block per (b, h, chunk, value tile of 64):
 //       dv = Pᵀ dY + [Re K̃ | Im K̃] [Re D; Im D], the scores P (causal,
-//       summed over every key slab) recomputed as in the forward.
-// The backward's own kernels (1b, 2b, 3a, 3b) use f32 CUDA-core FMAs (no
-// split tensor-core operands): the pairwise products carry f32 rounding only.
+//       summed over every key slab) recomputed exactly as the forward's
+//       output kernel forms them: it IS that kernel's pass (intra_pass in
+//       chunk_common.cuh) with kAdjoint, K̃ for Q̃, D for S, Pᵀ dY for P V.
+// Tensor cores: 1b and 3b multiply on tensor cores like the forward (f32
+// inputs TF32 m16n16k8, f16 / bf16 their own m16n16k16; OpOf picks the
+// operand type), always with three split products (kGradTerms: hi·hi +
+// hi·lo + lo·hi, the forward's "exact", ~21 bits for TF32): W_c's and dv's
+// products, the anchored off-diagonal score blocks (inner dimension 2·16 per
+// slab) and Pᵀ dY; only P's four diagonal 16 × 16 blocks are pairwise f32.
+// 3a forms s = dY Vᵀ on tensor cores too (two raw inputs: three split
+// products for f32, one for f16 / bf16, exact in their own type), and per
+// slab the inter-chunk products S_in dy_n, D v_n (three split products);
+// its intra-chunk pairs (the pre-phase accumulators acc_q, acc_k and the
+// gate terms, each pair with its own anchored modulus, applied last for the
+// gate), dq, dk and the gate scans still use f32 CUDA-core FMAs. 2b is
+// elementwise.
 // Every modulus exponentiated is exp of a difference ≤ 0 inside one segment;
 // off-diagonal sub-chunk pairs use the factorisation
 // |E(n, m)| = |E(n, r)| |E(r, m)| at the anchor r (both factors ≤ 1, 0 across
@@ -32,12 +48,17 @@
 // every pair is pairwise, so an anchored pair applies both of its factors
 // |E(r, m)|, |E(n, r)| after s_nm q_n k_m (pair_modulus_factors).
 //
-// Thread ↔ data maps (256 threads):
-//   grad_w:  column c = tid % 64 of the value tile, planar rows tid / 64 + 4i.
-//   grad_qk: key channel d = tid % 16 of the slab, steps n = tid / 16 + 16i
-//            (i < 4) for dq, dk; s[n][m]: m = tid % 64, n = tid / 64 + 4i.
-//   grad_dv: column c = tid % 64, steps m = tid / 64 + 4i (i < 16); score
-//            P[n][m]: m = tid % 64, n = tid / 64 + 4i.
+// Thread ↔ data maps (256 threads, 8 warps):
+//   grad_w:  warp w ↔ the 16 × 16 tile (w / 4, w % 4) of the slab's
+//            2·16 × 64 rows of W_c (one accumulator, drained through the
+//            warp's staging tile); operands staged by all threads.
+//   grad_qk: s = dY Vᵀ: warp w ↔ its tiles (w / 2, 2·(w % 2) + t), t < 2;
+//            per slab, X = dY S_inᵀ and Y = V Dᵀ: warp w ↔ tile (w / 2, w % 2)
+//            of each; the rest: key channel d = tid % 16 of the slab, steps
+//            n = tid / 16 + 16i (i < 4) for dq, dk.
+//   grad_dv: warp w ↔ dv tiles (steps 16·(w / 2), columns 16·(2·(w % 2) + t),
+//            t < 2) and, w < 6, off-diagonal score block w; the diagonal
+//            score blocks thread-strided (the forward output kernel's map).
 // Shared memory is dynamic; its size is computed by the host with the same
 // layout (src/cuda/chunk_grad.rs: shared_bytes) and checked here (trap).
 
@@ -46,32 +67,39 @@
 namespace gateloop {
 namespace chunk {
 
-constexpr int kLdPad = kVTile + 1;  // padded rows read column-wise across lanes
 constexpr int kAnchors = kSubs - 1; // key sub-chunks with an off-diagonal anchor
+// Split products of the backward's tensor-core operands: always three terms
+// ("exact"; the f32 backward's GPU tests demand rel L2 ≤ 1e-4).
+constexpr int kGradTerms = 3;
 
-// Shared-memory floats of each backward kernel (after the prefix tables).
-constexpr int kWFloats = kChunk * kSlab +        // q raw
-                         kChunk * 2 * kSlab +    // [Re Q̃ | −Im Q̃]
-                         kChunk * kVTile;        // dY tile
-constexpr int kQkFloats = 2 * kChunk * kSlab +       // q, k raw
-                          kChunk * kChunk +          // s = dY Vᵀ
-                          kChunk * kAnchors * kSlab + // |E(n, r_j)|
-                          kChunk * kSlab +           // |E(r_m, m)|
-                          2 * kChunk * kLdPad +      // dY, V tiles
-                          2 * 2 * kSlab * kLdPad +   // S_in, D slab tiles
-                          2 * 2 * kChunk * kSlab +   // w', u per (n, d), complex
-                          2 * (2 * kChunk) +         // per-head w', u sums, complex
-                          2 * kSlab + 2;             // through per channel, per-head through
-constexpr int kDvFloats = 2 * kChunk * kSlab +       // q, k raw
-                          kChunk * kAnchors * kSlab + // |E(n, r_j)|
-                          kChunk * kSlab +           // |E(r_m, m)|
-                          kChunk * 2 * kSlab +       // [Re K̃ | Im K̃]
-                          2 * kSlab * kVTile +       // D slab tile
-                          kChunk * kChunk +          // P
-                          kChunk * kVTile;           // dY tile
-constexpr int kWSmem = prefix_bytes<true>() + 4 * kWFloats;
-constexpr int kQkSmem = prefix_bytes<true>() + 4 * kQkFloats;
-constexpr int kDvSmem = prefix_bytes<true>() + 4 * kDvFloats;
+// grad_qk's shared memory (grad_w and grad_dv take the forward state and
+// output kernels' layouts). After the prefix tables: q, k raw and s (f32,
+// live throughout); then a union of the s phase (dY, V tiles as split
+// operands) and the slab phase (the anchor tables, then the inter-chunk
+// staging: dY, V, S_in, D over kInterCols value columns as split operands,
+// reused for the products X, Y in f32); then w', u, the per-head sums and
+// the through terms (f32, live across the slab loop). Every region but the
+// last two a multiple of 128 bytes. src/cuda/chunk_grad.rs: shared_bytes.
+constexpr int kInterCols = kVTile / 2;  // value columns per step of the inter-chunk products
+template <class Op>
+__host__ __device__ constexpr int ld_inter() {
+    return kInterCols + Op::kPad;
+}
+template <class Op>
+__host__ __device__ constexpr int qk_inter_bytes() {
+    return cmax(2 * split_bytes<Op>(kChunk, ld_inter<Op>()) + 2 * split_bytes<Op>(2 * kSlab, ld_inter<Op>()),
+                2 * kChunk * 2 * kSlab * 4);
+}
+constexpr int kAnchorBytes = 4 * (kChunk * kAnchors * kSlab + kChunk * kSlab);  // |E(n, r_j)|, |E(r_m, m)|
+template <class Op>
+__host__ __device__ constexpr int qk_union_bytes() {
+    return cmax(2 * split_bytes<Op>(kChunk, ld_tile<Op>()), kAnchorBytes + qk_inter_bytes<Op>());
+}
+template <class Op>
+__host__ __device__ constexpr int qk_smem_bytes() {
+    return prefix_bytes<true>() + 4 * (2 * kChunk * kSlab + kChunk * kChunk) + qk_union_bytes<Op>() +
+           4 * (2 * 2 * kChunk * kSlab + 2 * 2 * kChunk + 2 * kSlab + 2);
+}
 
 // The anchor tables of one slab (after build_prefix, raw q, k loaded):
 // wa[(n·kAnchors + j)·kSlab + d] = |E(n, r_j)| for key sub-chunk j < sub(n)
@@ -108,70 +136,32 @@ __device__ __forceinline__ float2 pair_modulus_factors(const B& blk, const float
     return make_float2(wa[(n * kAnchors + j) * kSlab + d], wk[m * kSlab + d]);
 }
 
-// |E(n, m)| for m < n: the product of pair_modulus_factors (exact inside a
-// sub-chunk, where the early factor is 1).
-template <class B>
-__device__ __forceinline__ float pair_modulus(const B& blk, const float* wa, const float* wk, int n, int m, int d,
-                                              int cl) {
-    const float2 f = pair_modulus_factors(blk, wa, wk, n, m, d, cl);
-    return f.x * f.y;
-}
-
 // ---- 1b. W_c = Σ_n conj(Q̃_n) dy_nᵀ ----------------------------------------------------
 
 template <typename input_t>
 __device__ __forceinline__ void grad_w(const GateloopChunkGradParams& g) {
-    using Tr = InputTraits<input_t>;
+    using Op = typename OpOf<input_t>::type;
     extern __shared__ __align__(128) unsigned char smem[];
-    check_shared(g.w_shared_bytes, kWSmem);
+    // The forward state kernel's layout: raw q for raw k, dY for V, Q̃ for K̃.
+    check_shared(g.w_shared_bytes, state_smem_bytes<Op, true>());
     const GateloopChunkParams& p = g.fwd;
     Block<input_t, true> blk(p, smem);
-    float* qraw = reinterpret_cast<float*>(smem + prefix_bytes<true>());
-    float* qe = qraw + kChunk * kSlab;  // [kChunk][2·kSlab]
-    float* dyt = qe + kChunk * 2 * kSlab;  // [kChunk][kVTile]
-    const int64_t key_dim = p.dims.key_dim;
-    const int64_t value_dim = p.dims.value_dim;
-    const input_t* __restrict__ dy = seq_row<input_t>(g.dy, g.dy_strides, blk.b, blk.h);
-    for (int i = blk.tid; i < kChunk * kVTile; i += kThreads) {
-        const int n = i / kVTile;
-        const int c = i - n * kVTile;
-        dyt[i] = (n < blk.n && blk.v0 + c < value_dim) ? Tr::load(dy, (blk.t0 + n) * g.dy_strides.time + blk.v0 + c)
-                                                        : 0.f;
-    }
-    const int c = blk.tid % kVTile;
-    const int r0 = blk.tid / kVTile;
-    constexpr int kRows = 2 * kSlab / (kThreads / kVTile);  // 8 planar rows per thread
-    for (int64_t d0 = 0; d0 < key_dim; d0 += kSlab) {
+    unsigned char* at = smem + prefix_bytes<true>();
+    float* qraw = reinterpret_cast<float*>(at);
+    at += kChunk * kSlab * 4;
+    const Split<Op> dys = carve<Op>(at, kChunk, ld_tile<Op>());
+    // [Re Q̃ | −Im Q̃] [n][col] row-major, read as the column-major A = Q̃ᴴ.
+    const Split<Op> qe = carve<Op>(at, kChunk, ld_slab<Op, true>());
+    float* staging = reinterpret_cast<float*>(at) + blk.warp * 256;
+
+    blk.template load_tile<Op, kGradTerms>(seq_row<input_t>(g.dy, g.dy_strides, blk.b, blk.h), g.dy_strides, dys);
+    for (int64_t d0 = 0; d0 < p.dims.key_dim; d0 += kSlab) {
         if (d0 == 0 || !blk.per_head) blk.build_prefix(d0);  // ends with a barrier
         blk.load_keys(blk.q, p.q_strides, d0, qraw);
         __syncthreads();
-        // [Re Q̃ | −Im Q̃], Q̃_n = q_n |E(n, −1)| e^{iθ_n}: the forward's inter-chunk rows.
-        for (int i = blk.tid; i < kChunk * kSlab; i += kThreads) {
-            const int n = i / kSlab;
-            const int j = i - n * kSlab;
-            const int cl = blk.col(j);
-            const float wq = blk.modulus(n, -1, cl) * qraw[i];
-            qe[n * 2 * kSlab + j] = wq * blk.cos_at(n, cl);
-            qe[n * 2 * kSlab + kSlab + j] = -(wq * blk.sin_at(n, cl));
-        }
+        put_inter_queries<Op, kGradTerms>(blk, qraw, qe);
         __syncthreads();
-        float acc[kRows];
-#pragma unroll
-        for (int i = 0; i < kRows; ++i) acc[i] = 0.f;
-#pragma unroll 4
-        for (int n = 0; n < kChunk; ++n) {
-            const float y = dyt[n * kVTile + c];
-#pragma unroll
-            for (int i = 0; i < kRows; ++i) acc[i] = fmaf(qe[n * 2 * kSlab + r0 + 4 * i], y, acc[i]);
-        }
-        const int64_t col = blk.v0 + c;
-#pragma unroll
-        for (int i = 0; i < kRows; ++i) {
-            const int r = r0 + 4 * i;  // planar row: part · kSlab + j
-            const int part = r / kSlab;
-            const int64_t d = d0 + (r - part * kSlab);
-            if (d < key_dim && col < value_dim) g.ws_adj[blk.ws_state_row(part * key_dim + d) + col] = acc[i];
-        }
+        store_slab_gram<Op, kGradTerms>(blk, qe, dys, d0, staging, g.ws_adj);
         __syncthreads();  // qe, qraw and the prefix tables are rewritten by the next slab
     }
 }
@@ -238,8 +228,10 @@ __device__ __forceinline__ void gate_scan(const B& blk, float2* w, float2* u, in
 template <typename input_t>
 __device__ __forceinline__ void grad_qk(const GateloopChunkGradParams& g) {
     using Tr = InputTraits<input_t>;
+    using Op = typename OpOf<input_t>::type;
+    constexpr int kRawTerms = OpOf<input_t>::kRawTerms;  // dY, V are raw inputs
     extern __shared__ __align__(128) unsigned char smem[];
-    check_shared(g.qk_shared_bytes, kQkSmem);
+    check_shared(g.qk_shared_bytes, qk_smem_bytes<Op>());
     const GateloopChunkParams& p = g.fwd;
     Block<input_t, true> blk(p, smem, 1);
     float* f = reinterpret_cast<float*>(smem + prefix_bytes<true>());
@@ -249,18 +241,13 @@ __device__ __forceinline__ void grad_qk(const GateloopChunkGradParams& g) {
     f += kChunk * kSlab;
     float* ds = f;  // [kChunk][kChunk]: s_nm = dy_n · v_m
     f += kChunk * kChunk;
+    unsigned char* union_at = reinterpret_cast<unsigned char*>(f);  // the s phase | the slab phase
     float* wa = f;
     f += kChunk * kAnchors * kSlab;
     float* wk = f;
     f += kChunk * kSlab;
-    float* dyt = f;  // [kChunk][kLdPad]
-    f += kChunk * kLdPad;
-    float* vt = f;  // [kChunk][kLdPad]
-    f += kChunk * kLdPad;
-    float* sin_t = f;  // [2·kSlab][kLdPad]: S_in rows [Re | Im] of the slab
-    f += 2 * kSlab * kLdPad;
-    float* adj_t = f;  // [2·kSlab][kLdPad]: D rows [Re | Im] of the slab
-    f += 2 * kSlab * kLdPad;
+    unsigned char* inter = reinterpret_cast<unsigned char*>(f);  // qk_inter_bytes
+    f = reinterpret_cast<float*>(union_at + qk_union_bytes<Op>());
     float2* wpr = reinterpret_cast<float2*>(f);  // [kChunk][kSlab]: w'_n of channel d
     f += 2 * kChunk * kSlab;
     float2* upr = reinterpret_cast<float2*>(f);  // [kChunk][kSlab]: u_n of channel d
@@ -278,37 +265,40 @@ __device__ __forceinline__ void grad_qk(const GateloopChunkGradParams& g) {
     const int tid = blk.tid;
     const bool zero_first = blk.chunk == 0 && (p.flags & GATELOOP_FLAG_HAS_H0) == 0;
     const input_t* __restrict__ dy = seq_row<input_t>(g.dy, g.dy_strides, blk.b, blk.h);
-    // The chunk's (dY, V) tile of columns v0 .. v0 + 63, zero outside.
-    auto load_dy_v = [&](int64_t v0) {
-        for (int i = tid; i < kChunk * kVTile; i += kThreads) {
-            const int n = i / kVTile;
-            const int c = i - n * kVTile;
-            const bool in = n < blk.n && v0 + c < value_dim;
-            dyt[n * kLdPad + c] = in ? Tr::load(dy, (blk.t0 + n) * g.dy_strides.time + v0 + c) : 0.f;
-            vt[n * kLdPad + c] = in ? Tr::load(blk.v, (blk.t0 + n) * p.v_strides.time + v0 + c) : 0.f;
-        }
-    };
 
-    // s = dY Vᵀ over every value tile (each thread 16 entries, fixed order).
+    // s = dY Vᵀ on tensor cores, over every value tile in order: warp w owns
+    // the 16 × 16 tiles (w / 2, 2·(w % 2) + t) of s, t < 2. dY and V are
+    // staged as split operands in the union (the slab phase's buffers are
+    // idle until the first slab's tables; build_prefix's barriers keep them
+    // until every warp is done) and the accumulators stored straight into ds.
     {
-        const int m = tid % kChunk;
-        const int n0 = tid / kChunk;
-        float acc[16];
-#pragma unroll
-        for (int i = 0; i < 16; ++i) acc[i] = 0.f;
+        unsigned char* at = union_at;
+        const Split<Op> dys = carve<Op>(at, kChunk, ld_tile<Op>());
+        // V [m][c] row-major, read as the column-major B = Vᵀ.
+        const Split<Op> vs = carve<Op>(at, kChunk, ld_tile<Op>());
+        const int sr = blk.warp >> 1;
+        const int sc = (blk.warp & 1) * 2;
+        Acc<Op> sacc[2];
+        wmma::fill_fragment(sacc[0], 0.f);
+        wmma::fill_fragment(sacc[1], 0.f);
         for (int64_t v0 = 0; v0 < value_dim; v0 += kVTile) {
-            load_dy_v(v0);
+            blk.template load_tile<Op, kRawTerms>(dy, g.dy_strides, v0, dys);
+            blk.template load_tile<Op, kRawTerms>(blk.v, p.v_strides, v0, vs);
             __syncthreads();
-#pragma unroll 4
-            for (int c = 0; c < kVTile; ++c) {
-                const float x = vt[m * kLdPad + c];
+            for (int kk = 0; kk < kVTile; kk += Op::kK) {
 #pragma unroll
-                for (int i = 0; i < 16; ++i) acc[i] = fmaf(dyt[(n0 + 4 * i) * kLdPad + c], x, acc[i]);
+                for (int t = 0; t < 2; ++t) {
+                    mma_step<Op, kRawTerms, wmma::row_major, wmma::col_major>(
+                        sacc[t], dys.hi_at(16 * sr, kk), dys.lo_at(16 * sr, kk), dys.ld, vs.hi_at(16 * (sc + t), kk),
+                        vs.lo_at(16 * (sc + t), kk), vs.ld);
+                }
             }
-            __syncthreads();
+            __syncthreads();  // the next tile overwrites dY, V
         }
 #pragma unroll
-        for (int i = 0; i < 16; ++i) ds[(n0 + 4 * i) * kChunk + m] = acc[i];
+        for (int t = 0; t < 2; ++t) {
+            wmma::store_matrix_sync(ds + 16 * sr * kChunk + 16 * (sc + t), sacc[t], kChunk, wmma::mem_row_major);
+        }
     }
     for (int i = tid; i < kChunk; i += kThreads) {
         head_w[i] = make_float2(0.f, 0.f);
@@ -373,41 +363,78 @@ __device__ __forceinline__ void grad_qk(const GateloopChunkGradParams& g) {
             gw[i] = make_float2(fmaf(cn, gqr, -(sn * gqi)) - fmaf(cn, gkr, sn * gki),
                                 fmaf(sn, gqr, cn * gqi) - fmaf(cn, gki, -(sn * gkr)));
         }
-        // Through the state: x = S_in dy_n, y = D v_n (inner: every value
-        // column), and Σ_j S_in conj(D) per channel (threads of nb = 0).
+        // Through the state on tensor cores: X = dY S_inᵀ (row n: x_n = S_in dy_n)
+        // and Y = V Dᵀ (y_n = D v_n), 64 × [Re | Im] of the slab's channels,
+        // inner dimension every value column in steps of kInterCols; warp w
+        // owns tile (w / 2, w % 2) of each. Σ_j S_in conj(D) per channel in
+        // f32 by the threads of nb = 0, straight from the workspace.
         float2 xs[4], ys[4];
-#pragma unroll
-        for (int i = 0; i < 4; ++i) xs[i] = ys[i] = make_float2(0.f, 0.f);
-        float2 thr = make_float2(0.f, 0.f);
-        for (int64_t v0 = 0; v0 < value_dim; v0 += kVTile) {
-            __syncthreads();  // the previous tile is consumed
-            load_dy_v(v0);
-            for (int i = tid; i < 2 * kSlab * kVTile; i += kThreads) {
-                const int r = i / kVTile;
-                const int c = i - r * kVTile;
-                const int part = r / kSlab;
-                const int64_t dd = d0 + (r - part * kSlab);
-                const bool in = dd < key_dim && v0 + c < value_dim;
-                const int64_t at = blk.ws_state_row(part * key_dim + dd) + v0 + c;
-                sin_t[r * kLdPad + c] = in ? p.ws_state[at] : 0.f;
-                adj_t[r * kLdPad + c] = in ? g.ws_adj[at] : 0.f;
-            }
-            __syncthreads();
-#pragma unroll 4
-            for (int c = 0; c < kVTile; ++c) {
-                const float sr = sin_t[d * kLdPad + c], si = sin_t[(kSlab + d) * kLdPad + c];
-                const float dr = adj_t[d * kLdPad + c], di = adj_t[(kSlab + d) * kLdPad + c];
-#pragma unroll
-                for (int i = 0; i < 4; ++i) {
-                    const int n = nb + 16 * i;
-                    const float y = dyt[n * kLdPad + c], x = vt[n * kLdPad + c];
-                    xs[i] = make_float2(fmaf(sr, y, xs[i].x), fmaf(si, y, xs[i].y));
-                    ys[i] = make_float2(fmaf(dr, x, ys[i].x), fmaf(di, x, ys[i].y));
+        {
+            unsigned char* at = inter;
+            const Split<Op> dyh = carve<Op>(at, kChunk, ld_inter<Op>());
+            const Split<Op> vh = carve<Op>(at, kChunk, ld_inter<Op>());
+            // S_in, D rows [j][c] row-major, read as the column-major B = S_inᵀ, Dᵀ.
+            const Split<Op> sh = carve<Op>(at, 2 * kSlab, ld_inter<Op>());
+            const Split<Op> dh = carve<Op>(at, 2 * kSlab, ld_inter<Op>());
+            const int xr = blk.warp >> 1;
+            const int xc = blk.warp & 1;
+            Acc<Op> xacc, yacc;
+            wmma::fill_fragment(xacc, 0.f);
+            wmma::fill_fragment(yacc, 0.f);
+            float2 thr = make_float2(0.f, 0.f);
+            for (int64_t v0 = 0; v0 < value_dim; v0 += kInterCols) {
+                __syncthreads();  // the previous step's operands are consumed
+                for (int i = tid; i < kChunk * kInterCols; i += kThreads) {
+                    const int n = i / kInterCols;
+                    const int c = i - n * kInterCols;
+                    const bool in = n < blk.n && v0 + c < value_dim;
+                    dyh.template put<kGradTerms>(n, c, in ? Tr::load(dy, (blk.t0 + n) * g.dy_strides.time + v0 + c) : 0.f);
+                    vh.template put<kGradTerms>(n, c, in ? Tr::load(blk.v, (blk.t0 + n) * p.v_strides.time + v0 + c) : 0.f);
                 }
-                if (nb == 0) thr = make_float2(fmaf(sr, dr, fmaf(si, di, thr.x)), fmaf(si, dr, fmaf(-sr, di, thr.y)));
+                for (int i = tid; i < 2 * kSlab * kInterCols; i += kThreads) {
+                    const int r = i / kInterCols;
+                    const int c = i - r * kInterCols;
+                    const int part = r / kSlab;
+                    const int64_t dd = d0 + (r - part * kSlab);
+                    const bool in = dd < key_dim && v0 + c < value_dim;
+                    const int64_t at_ = blk.ws_state_row(part * key_dim + dd) + v0 + c;
+                    sh.template put<kGradTerms>(r, c, in ? p.ws_state[at_] : 0.f);
+                    dh.template put<kGradTerms>(r, c, in ? g.ws_adj[at_] : 0.f);
+                }
+                if (nb == 0 && d0 + d < key_dim) {
+                    const int64_t re = blk.ws_state_row(d0 + d) + v0;
+                    const int64_t im = blk.ws_state_row(key_dim + d0 + d) + v0;
+                    const int cols = static_cast<int>(min(static_cast<int64_t>(kInterCols), value_dim - v0));
+                    for (int c = 0; c < cols; ++c) {
+                        const float sr = p.ws_state[re + c], si = p.ws_state[im + c];
+                        const float dr = g.ws_adj[re + c], di = g.ws_adj[im + c];
+                        thr = make_float2(fmaf(sr, dr, fmaf(si, di, thr.x)), fmaf(si, dr, fmaf(-sr, di, thr.y)));
+                    }
+                }
+                __syncthreads();
+                for (int kk = 0; kk < kInterCols; kk += Op::kK) {
+                    mma_step<Op, kGradTerms, wmma::row_major, wmma::col_major>(
+                        xacc, dyh.hi_at(16 * xr, kk), dyh.lo_at(16 * xr, kk), dyh.ld, sh.hi_at(16 * xc, kk),
+                        sh.lo_at(16 * xc, kk), sh.ld);
+                    mma_step<Op, kGradTerms, wmma::row_major, wmma::col_major>(
+                        yacc, vh.hi_at(16 * xr, kk), vh.lo_at(16 * xr, kk), vh.ld, dh.hi_at(16 * xc, kk),
+                        dh.lo_at(16 * xc, kk), dh.ld);
+                }
+            }
+            if (nb == 0) through[d] = thr;
+            __syncthreads();  // every warp is done with the operands: X, Y take their bytes
+            float* xy = reinterpret_cast<float*>(inter);  // X then Y, [kChunk][2·kSlab] each
+            wmma::store_matrix_sync(xy + 16 * xr * 2 * kSlab + 16 * xc, xacc, 2 * kSlab, wmma::mem_row_major);
+            wmma::store_matrix_sync(xy + kChunk * 2 * kSlab + 16 * xr * 2 * kSlab + 16 * xc, yacc, 2 * kSlab,
+                                    wmma::mem_row_major);
+            __syncthreads();
+#pragma unroll
+            for (int i = 0; i < 4; ++i) {
+                const int n = nb + 16 * i;
+                xs[i] = make_float2(xy[n * 2 * kSlab + d], xy[n * 2 * kSlab + kSlab + d]);
+                ys[i] = make_float2(xy[(kChunk + n) * 2 * kSlab + d], xy[(kChunk + n) * 2 * kSlab + kSlab + d]);
             }
         }
-        if (nb == 0) through[d] = thr;
         const int last = blk.n - 1;
         const float cl_last = blk.cos_at(last, cl), sl_last = blk.sin_at(last, cl);
 #pragma unroll
@@ -479,115 +506,20 @@ __device__ __forceinline__ void grad_qk(const GateloopChunkGradParams& g) {
 
 // ---- 3b. dv -----------------------------------------------------------------------
 
+// The forward output kernel's pass with kAdjoint (chunk_common.cuh:
+// intra_pass): the scores P recomputed exactly as the forward forms them
+// (anchored off-diagonal blocks as tensor-core products, diagonal blocks
+// pairwise), dv = [Re K̃ | Im K̃] [Re D; Im D] per slab and Pᵀ dY after the
+// last, on tensor cores. The output kernel's shared layout.
 template <typename input_t>
 __device__ __forceinline__ void grad_dv(const GateloopChunkGradParams& g) {
-    using Tr = InputTraits<input_t>;
+    using Op = typename OpOf<input_t>::type;
     extern __shared__ __align__(128) unsigned char smem[];
-    check_shared(g.dv_shared_bytes, kDvSmem);
-    const GateloopChunkParams& p = g.fwd;
-    Block<input_t, true> blk(p, smem);
-    float* f = reinterpret_cast<float*>(smem + prefix_bytes<true>());
-    float* qraw = f;
-    f += kChunk * kSlab;
-    float* kraw = f;
-    f += kChunk * kSlab;
-    float* wa = f;
-    f += kChunk * kAnchors * kSlab;
-    float* wk = f;
-    f += kChunk * kSlab;
-    float* kt = f;  // [kChunk][2·kSlab]: [Re K̃ | Im K̃]
-    f += kChunk * 2 * kSlab;
-    float* adj_t = f;  // [2·kSlab][kVTile]: D rows [Re | Im] of the slab, this tile
-    f += 2 * kSlab * kVTile;
-    float* ps = f;  // [kChunk][kChunk]: P[n][m]
-    f += kChunk * kChunk;
-    float* dyt = f;  // [kChunk][kVTile]
-
-    const int64_t key_dim = p.dims.key_dim;
-    const int64_t value_dim = p.dims.value_dim;
-    const int tid = blk.tid;
-    const int c = tid % kVTile;  // also the score column m
-    const int r0 = tid / kVTile;
-    const int last = blk.n - 1;
-    float dv[16];
-#pragma unroll
-    for (int i = 0; i < 16; ++i) dv[i] = 0.f;
-    // Each thread accumulates its own 16 scores in place (read by others only
-    // after the last slab's barrier); zeroed before build_prefix's barriers.
-#pragma unroll
-    for (int i = 0; i < 16; ++i) ps[(r0 + 4 * i) * kChunk + c] = 0.f;
-
-    for (int64_t d0 = 0; d0 < key_dim; d0 += kSlab) {
-        if (d0 == 0 || !blk.per_head) blk.build_prefix(d0);  // ends with a barrier
-        blk.load_keys(blk.q, p.q_strides, d0, qraw);
-        blk.load_keys(blk.k, p.k_strides, d0, kraw);
-        anchor_tables(blk, wa, wk);
-        for (int i = tid; i < 2 * kSlab * kVTile; i += kThreads) {
-            const int r = i / kVTile;
-            const int cc = i - r * kVTile;
-            const int part = r / kSlab;
-            const int64_t dd = d0 + (r - part * kSlab);
-            const int64_t col = blk.v0 + cc;
-            adj_t[i] = (dd < key_dim && col < value_dim) ? g.ws_adj[blk.ws_state_row(part * key_dim + dd) + col] : 0.f;
-        }
-        __syncthreads();
-        // K̃_m = k_m |E(last, m)| e^{i(θ_last − θ_m)} (the forward's state rows).
-        for (int i = tid; i < kChunk * kSlab; i += kThreads) {
-            const int m = i / kSlab;
-            const int j = i - m * kSlab;
-            const int cl = blk.col(j);
-            const float w = m < blk.n ? blk.modulus(last, m, cl) : 0.f;
-            const float cl_ = blk.cos_at(last, cl), sl = blk.sin_at(last, cl);
-            const float kc = kraw[i] * blk.cos_at(m, cl), ks = kraw[i] * blk.sin_at(m, cl);
-            kt[m * 2 * kSlab + j] = w * fmaf(cl_, kc, sl * ks);
-            kt[m * 2 * kSlab + kSlab + j] = w * fmaf(sl, kc, -(cl_ * ks));
-        }
-        // Scores P[n][m] (m = c ≤ n) += Σ_d q_nd k_md |E(n, m)| cos(θ_n − θ_m).
-#pragma unroll 1
-        for (int i = 0; i < 16; ++i) {
-            const int n = r0 + 4 * i;
-            const int m = c;
-            if (m > n) continue;
-            float acc = 0.f;
-#pragma unroll 4
-            for (int j = 0; j < kSlab; ++j) {
-                const int cl = blk.col(j);
-                const float e = m == n ? 1.f : pair_modulus(blk, wa, wk, n, m, j, cl);
-                const float cosd = fmaf(blk.cos_at(n, cl), blk.cos_at(m, cl), blk.sin_at(n, cl) * blk.sin_at(m, cl));
-                acc = fmaf(e * cosd, qraw[n * kSlab + j] * kraw[m * kSlab + j], acc);
-            }
-            ps[n * kChunk + m] += acc;
-        }
-        __syncthreads();
-        // dv[m][c] += Σ_j [Re K̃ | Im K̃]_mj [Re D; Im D]_jc.
-#pragma unroll 4
-        for (int j = 0; j < 2 * kSlab; ++j) {
-            const float x = adj_t[j * kVTile + c];
-#pragma unroll
-            for (int i = 0; i < 16; ++i) dv[i] = fmaf(kt[(r0 + 4 * i) * 2 * kSlab + j], x, dv[i]);
-        }
-        __syncthreads();  // every table is rewritten by the next slab
-    }
-    // dv += Pᵀ dY, the inner loop over n ≥ m.
-    const input_t* __restrict__ dy = seq_row<input_t>(g.dy, g.dy_strides, blk.b, blk.h);
-    for (int i = tid; i < kChunk * kVTile; i += kThreads) {
-        const int n = i / kVTile;
-        const int cc = i - n * kVTile;
-        dyt[i] = (n < blk.n && blk.v0 + cc < value_dim)
-                     ? Tr::load(dy, (blk.t0 + n) * g.dy_strides.time + blk.v0 + cc)
-                     : 0.f;
-    }
-    __syncthreads();
-    input_t* __restrict__ dv_out = seq_row_mut<input_t>(g.dv, g.dv_strides, blk.b, blk.h);
-    const int64_t col = blk.v0 + c;
-#pragma unroll
-    for (int i = 0; i < 16; ++i) {
-        const int m = r0 + 4 * i;
-        float acc = dv[i];
-#pragma unroll 4
-        for (int n = m; n < kChunk; ++n) acc = fmaf(ps[n * kChunk + m], dyt[n * kVTile + c], acc);
-        if (m < blk.n && col < value_dim) Tr::store(dv_out, (blk.t0 + m) * g.dv_strides.time + col, acc);
-    }
+    check_shared(g.dv_shared_bytes, output_smem_bytes<Op, true>());
+    Block<input_t, true> blk(g.fwd, smem);
+    intra_pass<Op, kGradTerms, true>(blk, smem, g.ws_adj, seq_row<input_t>(g.dy, g.dy_strides, blk.b, blk.h),
+                                     g.dy_strides, seq_row_mut<input_t>(g.dv, g.dv_strides, blk.b, blk.h),
+                                     g.dv_strides);
 }
 
 }  // namespace chunk

@@ -18,7 +18,8 @@ mod dtype_support;
 
 use gateloop::cpu::chunked::{self, ChunkParams};
 use gateloop::cuda::Dtype;
-use gateloop::cuda::chunk::ChunkPrecision;
+use gateloop::cuda::chunk::{self, ChunkPrecision};
+use gateloop::cuda::chunk_grad;
 use gateloop::testing::{GateRegime, OwnedProblem, dims};
 use gateloop::{Complex, Dims, ErrorStats, Outputs, compare, compare_complex};
 
@@ -59,6 +60,12 @@ fn write_inputs(tag: &str, p: &OwnedProblem<f32>, gates: GateKind, precision: Ch
         ),
     )
     .unwrap();
+    // The host launchers' shared bytes (f32): the driver launches with them
+    // and checks them against the kernels' layout.
+    let chunk_gates = if complex { chunk::Gates::Complex } else { chunk::Gates::Real };
+    let (state, output) = chunk::shared_bytes(Dtype::F32, chunk_gates);
+    let (w, qk, dv) = chunk_grad::shared_bytes(Dtype::F32);
+    std::fs::write(dir.join("shared.txt"), format!("{state} {output} {w} {qk} {dv}")).unwrap();
     // Complex: interleaved (re, im); real: the real parts (Im is 0 there).
     let planes = |z: &[Complex<f32>]| if complex { flat(z) } else { z.iter().map(|z| z.re).collect() };
     write_f32_file(&dir.join("q.bin"), &p.q);

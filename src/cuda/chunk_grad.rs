@@ -22,10 +22,18 @@
 //!    gradient; and `grad_dv`, one block per (b, h, chunk, value tile):
 //!    dv = Pᵀ dY + [Re K̃ | Im K̃]·[Re D; Im D].
 //!
-//! The backward's own kernels do their arithmetic in f32 on CUDA cores (no
-//! split tensor-core operands), so [`ChunkPrecision`] only selects the
-//! forward state kernel of step 1 (Fast: U_c from one TF32 / f16 / bf16
-//! product, about 1e-3 relative).
+//! `grad_w` and `grad_dv` multiply on tensor cores like the forward (TF32
+//! operands for f32 inputs, f16 / bf16 their own), always with three split
+//! products (the forward's Exact, ~21 bits for TF32): `grad_w` is the state
+//! kernel's product with [Re Q̃ | −Im Q̃] and dY for K̃ and V, and `grad_dv`
+//! runs the forward output kernel's pass (the scores P formed exactly as the
+//! forward forms them: anchored off-diagonal sub-chunk blocks on tensor
+//! cores, diagonal blocks pairwise) with K̃ D(c) + Pᵀ dY for Q̃ S_c + P V.
+//! `grad_qk` forms s = dY Vᵀ and the inter-chunk products S_in dy_n, D v_n
+//! on tensor cores too; its intra-chunk pairs (each with its own anchored
+//! modulus), dq, dk and the gate scans compute in f32 on CUDA cores.
+//! [`ChunkPrecision`] only selects the forward state kernel of step 1 (Fast:
+//! U_c from one TF32 / f16 / bf16 product, about 1e-3 relative).
 //!
 //! # Outputs, memory, determinism
 //!
@@ -65,19 +73,30 @@ pub use super::launch::{DeviceGradInputs, DeviceGrads, DeviceInputs};
 // kernels, whose launcher (`backward_into`) checks every buffer first.
 unsafe impl DeviceRepr for GateloopChunkGradParams {}
 
-/// Bytes of dynamic shared memory of the (grad_w, grad_qk, grad_dv) kernels:
-/// the layouts of `kWSmem`, `kQkSmem`, `kDvSmem` in cuda/chunk_grad.rs (the
-/// kernels trap if given less). The same for every element type (the
-/// backward stages f32).
-pub fn shared_bytes() -> (u32, u32, u32) {
+/// Bytes of dynamic shared memory of the (grad_w, grad_qk, grad_dv) kernels
+/// for element type `dtype`: the layouts in cuda/chunk_grad.cu (the kernels
+/// trap if given less). grad_w stages its tensor-core operands exactly as
+/// the forward's state kernel does (raw q, the dY tile and [Re Q̃ | −Im Q̃]
+/// split in the element's operand type, the warps' staging tiles) and
+/// grad_dv runs the forward output kernel's pass (`intra_pass` in
+/// cuda/chunk_common.cuh), so they take those kernels' (complex) bytes;
+/// grad_qk's is `qk_smem_bytes`: q, k raw and s (f32), a union of the s
+/// phase (dY, V split) and the slab phase (anchor tables, then dY, V, S_in,
+/// D over 32 value columns split, reused for X, Y in f32), then w', u, the
+/// per-head sums and the through terms.
+pub fn shared_bytes(dtype: Dtype) -> (u32, u32, u32) {
     let (c, s, t) = (chunk::CHUNK_LEN, KEY_SLAB, VALUE_TILE);
-    let pad = t + 1;
+    let size = dtype.size_bytes();
+    let pad = if size == 4 { 4 } else { 8 };
+    let split = |rows: usize, ld: usize| 2 * rows * ld * size;
     let anchors = c / chunk::SUB_CHUNK_LEN - 1;
     let prefix = chunk::prefix_bytes(Gates::Complex);
-    let w = c * s + c * 2 * s + c * t;
-    let qk = 2 * c * s + c * c + c * anchors * s + c * s + 2 * c * pad + 2 * 2 * s * pad + 2 * 2 * c * s + 2 * 2 * c + 2 * s + 2;
-    let dv = 2 * c * s + c * anchors * s + c * s + c * 2 * s + 2 * s * t + c * c + c * t;
-    ((prefix + 4 * w) as u32, (prefix + 4 * qk) as u32, (prefix + 4 * dv) as u32)
+    let (w, dv) = chunk::shared_bytes(dtype, Gates::Complex);
+    let inter_cols = t / 2;
+    let inter = (2 * split(c, inter_cols + pad) + 2 * split(2 * s, inter_cols + pad)).max(2 * c * 2 * s * 4);
+    let union = (2 * split(c, t + pad)).max(4 * (c * anchors * s + c * s) + inter);
+    let qk = prefix + 4 * (2 * c * s + c * c) + union + 4 * (2 * 2 * c * s + 2 * 2 * c + 2 * s + 2);
+    (w, qk as u32, dv)
 }
 
 /// The launch geometry and workspace of one backward call.
@@ -118,7 +137,7 @@ pub fn plan(dims: &Dims, dtype: Dtype) -> Result<GradPlan, InputError> {
     let adj_offset = forward.workspace_len;
     let sink_offset = nc.checked_mul(2 * state).and_then(|a| a.checked_add(adj_offset)).ok_or_else(ws_error)?;
     let workspace_len = sink_offset.checked_add(2 * state).ok_or_else(ws_error)?;
-    Ok(GradPlan { forward, qk_grid, adj_offset, sink_offset, workspace_len, shared_bytes: shared_bytes() })
+    Ok(GradPlan { forward, qk_grid, adj_offset, sink_offset, workspace_len, shared_bytes: shared_bytes(dtype) })
 }
 
 /// The backward kernels of one context: `[dtype]` for grad_w, grad_qk, grad_dv.
@@ -133,9 +152,9 @@ impl ChunkGradKernels {
     /// Looks up every entry point and raises each function's dynamic shared
     /// memory limit to what it needs, where the device allows it.
     pub(crate) fn load(module: &Arc<CudaModule>, max_shared: usize) -> Result<Self, GpuError> {
-        let (w_bytes, qk_bytes, dv_bytes) = shared_bytes();
         let mut tables: [Vec<CudaFunction>; 3] = Default::default();
         for dtype in Dtype::ALL {
+            let (w_bytes, qk_bytes, dv_bytes) = shared_bytes(dtype);
             for (table, kind, bytes) in [(0, "w", w_bytes), (1, "qk", qk_bytes), (2, "dv", dv_bytes)] {
                 let f = module
                     .load_function(&format!("gateloop_chunk_grad_{kind}_{}", dtype.name()))
@@ -328,14 +347,34 @@ mod tests {
 
     #[test]
     fn shared_memory_matches_the_kernel_layout() {
-        // By hand from cuda/chunk_grad.cu: prefix 20480; grad_w: q raw 4096,
-        // [Re Q̃ | −Im Q̃] 8192, dY tile 16384; grad_qk: q, k raw 8192, s 16384,
-        // anchors 12288 + 4096, dY, V tiles 2·64·65·4 = 33280, S_in, D tiles
-        // 2·32·65·4 = 16640, w', u 16384, head sums 1024, through 128 + 8;
-        // grad_dv: q, k raw 8192, anchors 16384, K̃ 8192, D tile 8192, P 16384, dY 16384.
-        assert_eq!(shared_bytes(), (49152, 20480 + 8192 + 16384 + 16384 + 33280 + 16640 + 16384 + 1024 + 136, 94208));
-        let (w, qk, dv) = shared_bytes();
-        assert!(w.max(qk).max(dv) <= 163 * 1024, "sm_80's opt-in limit");
+        // By hand from cuda/chunk_grad.cu: prefix 20480; grad_w (f32, TF32
+        // operands): q raw 4096, dY split 2·64·68·4 = 34816, [Re Q̃ | −Im Q̃]
+        // split 2·64·36·4 = 18432, staging 8·16·16·4 = 8192; grad_qk: q, k raw
+        // 8192, s 16384, the union: max(s phase dY, V splits 2·34816 = 69632,
+        // anchors 12288 + 4096 + inter-chunk dY, V splits 2·2·64·36·4 = 36864
+        // and S_in, D splits 2·2·32·36·4 = 18432) = 71680, w', u 16384, head
+        // sums 1024, through 128 + 8; grad_dv (the output pass): q, k raw
+        // 8192, the slab phase's splits [Re K̃ | Im K̃] 2·64·36·4 = 18432, D
+        // slab 2·32·68·4 = 17408, anchored q̃ 2·96·36·4 = 27648, k̃
+        // 2·48·36·4 = 13824 (77312 > the final phase's P, dY splits
+        // 2·2·64·68·4 = 69632), diagonal scores 4096, staging 8192.
+        let qk = 20480 + 8192 + 16384 + 71680 + 16384 + 1024 + 136;
+        let dv = 20480 + 8192 + 18432 + 17408 + 27648 + 13824 + 4096 + 8192;
+        assert_eq!(shared_bytes(Dtype::F32), (20480 + 4096 + 34816 + 18432 + 8192, qk, dv));
+        // f16 / bf16 operands (row padding 8): grad_w's dY split 2·64·72·2 =
+        // 18432, Q̃ split 2·64·40·2 = 10240; grad_qk's union max(2·2·2·64·72
+        // = 36864, 16384 + 2·2·2·64·40 + 2·2·2·32·40 = 47104); grad_dv's slab
+        // phase 2·2·(64·40 + 32·72 + 96·40 + 48·40) = 42496 (> 2·2·2·64·72 = 36864).
+        for dtype in [Dtype::F16, Dtype::Bf16] {
+            let qk = 20480 + 8192 + 16384 + 47104 + 16384 + 1024 + 136;
+            let dv = 20480 + 8192 + 42496 + 4096 + 8192;
+            assert_eq!(shared_bytes(dtype), (20480 + 4096 + 18432 + 10240 + 8192, qk, dv));
+        }
+        for dtype in Dtype::ALL {
+            let (w, qk, dv) = shared_bytes(dtype);
+            assert!(w.max(qk).max(dv) <= 163 * 1024, "{dtype}: sm_80's opt-in limit");
+            assert!(w.is_multiple_of(128) && dv.is_multiple_of(128), "{dtype}: every carve a multiple of 128 bytes");
+        }
     }
 
     #[test]

@@ -8,6 +8,12 @@
 //   chunk_emu --backward DIR (backward; complex gates)
 //
 // DIR/dims.txt: B L H K V gate_dim has_h0 complex exact
+// DIR/shared.txt (optional): the host launchers' dynamic shared bytes for
+// f32 (src/cuda/chunk.rs and chunk_grad.rs `shared_bytes`): state output w
+// qk dv. When present the launches take those (a kernel given less traps,
+// one using more than it is given trips AddressSanitizer) and the driver
+// fails unless they equal its own layout sums below, so the host's numbers
+// are checked against the kernels, not only the driver's.
 // DIR/{q,k,v,log_gate}.bin and, with h0, h0.bin: raw little-endian f32,
 // contiguous [B, L, H, D] / [B, H, K, V]; log_gate and h0 complex (re, im
 // pairs) when `complex`, real otherwise. Forward: writes DIR/{y,h_final}.out
@@ -20,6 +26,7 @@
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <algorithm>
 #include <fstream>
 #include <functional>
 #include <string>
@@ -72,14 +79,16 @@ static void shared_bytes_f32(bool complex, int32_t& state, int32_t& output) {
     output = prefix + 2 * raw + (slab_phase > final_phase ? slab_phase : final_phase) + subs * sub * sub * 4 + staging;
 }
 
-// src/cuda/chunk_grad.rs `shared_bytes`: (grad_w, grad_qk, grad_dv).
+// src/cuda/chunk_grad.rs `shared_bytes` for f32: (grad_w, grad_qk, grad_dv);
+// grad_w and grad_dv take the forward state and output kernels' (complex) layouts.
 static void grad_shared_bytes(int32_t& w, int32_t& qk, int32_t& dv) {
     const int c = GATELOOP_CHUNK_LEN, s = GATELOOP_CHUNK_KEY_SLAB, t = GATELOOP_CHUNK_VALUE_TILE;
-    const int pad = t + 1, anchors = c / GATELOOP_CHUNK_SUB_LEN - 1, prefix = 5 * c * s * 4;
-    w = prefix + 4 * (c * s + c * 2 * s + c * t);
-    qk = prefix + 4 * (2 * c * s + c * c + c * anchors * s + c * s + 2 * c * pad + 2 * 2 * s * pad + 2 * 2 * c * s +
-                       2 * 2 * c + 2 * s + 2);
-    dv = prefix + 4 * (2 * c * s + c * anchors * s + c * s + c * 2 * s + 2 * s * t + c * c + c * t);
+    const int size = 4, pad = 4, anchors = c / GATELOOP_CHUNK_SUB_LEN - 1, prefix = 5 * c * s * 4;
+    shared_bytes_f32(true, w, dv);
+    auto split = [&](int rows, int ld) { return 2 * rows * ld * size; };
+    const int inter = std::max(2 * split(c, t / 2 + pad) + 2 * split(2 * s, t / 2 + pad), 2 * c * 2 * s * 4);
+    const int uni = std::max(2 * split(c, t + pad), 4 * (c * anchors * s + c * s) + inter);
+    qk = prefix + 4 * (2 * c * s + c * c) + uni + 4 * (2 * 2 * c * s + 2 * 2 * c + 2 * s + 2);
 }
 
 // A block with `bytes` of dynamic shared memory, NaN-poisoned first.
@@ -145,6 +154,25 @@ int main(int argc, char** argv) {
     p.num_chunks = nc;
     p.value_tiles = tiles;
     shared_bytes_f32(complex, p.state_shared_bytes, p.shared_bytes);
+    int32_t host[5] = {0, 0, 0, 0, 0};
+    std::ifstream sf(dir + "/shared.txt");
+    const bool has_host = static_cast<bool>(sf);
+    if (has_host && !(sf >> host[0] >> host[1] >> host[2] >> host[3] >> host[4])) {
+        std::fprintf(stderr, "bad shared.txt\n");
+        return 2;
+    }
+    // The host's size for one launch (when given), which must equal the driver's.
+    auto from_host = [&](int32_t& bytes, int i, const char* what) {
+        if (!has_host) return true;
+        if (host[i] != bytes) {
+            std::fprintf(stderr, "%s: the host launcher gives %d shared bytes, the kernel layout sums to %d\n", what,
+                         host[i], bytes);
+            return false;
+        }
+        bytes = host[i];
+        return true;
+    };
+    if (!from_host(p.state_shared_bytes, 0, "state") || !from_host(p.shared_bytes, 1, "output")) return 2;
 
     using Entry = void (*)(const GateloopChunkParams);
     const Entry state = complex ? (exact ? gateloop_chunk_state_f32_c_exact : gateloop_chunk_state_f32_c_fast)
@@ -181,6 +209,9 @@ int main(int argc, char** argv) {
         g.dh_final_strides = g.dh0_strides = GateloopStateStrides{H * K * V, K * V, V};
         g.grad_flags = (has_dhf ? GATELOOP_GRAD_FLAG_HAS_DH_FINAL : 0) | (has_h0 ? GATELOOP_GRAD_FLAG_HAS_DH0 : 0);
         grad_shared_bytes(g.w_shared_bytes, g.qk_shared_bytes, g.dv_shared_bytes);
+        if (!from_host(g.w_shared_bytes, 2, "grad_w") || !from_host(g.qk_shared_bytes, 3, "grad_qk") ||
+            !from_host(g.dv_shared_bytes, 4, "grad_dv"))
+            return 2;
         const unsigned qk_grid = static_cast<unsigned>(B * H * nc);
         emu_launch(grid, GATELOOP_CHUNK_THREADS, with_shared(state, g.fwd, g.fwd.state_shared_bytes));
         emu_launch(grid, GATELOOP_CHUNK_THREADS, with_shared(gateloop_chunk_grad_w_f32, g, g.w_shared_bytes));
