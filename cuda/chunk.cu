@@ -76,13 +76,12 @@ __device__ __forceinline__ void chunk_state(const GateloopChunkParams& p) {
     extern __shared__ __align__(128) unsigned char smem[];
     check_shared(p.state_shared_bytes, state_smem_bytes<Op, kComplex>());
     Block<input_t, kComplex> blk(p, smem);
-    unsigned char* at = smem + prefix_bytes<kComplex>();
-    float* kraw = reinterpret_cast<float*>(at);
-    at += kChunk * kSlab * 4;
-    const Split<Op> vs = carve<Op>(at, kChunk, ld_tile<Op>());
-    // K̃ [m][col] row-major, read as the column-major A = K̃ᵀ.
-    const Split<Op> kt = carve<Op>(at, kChunk, ld_slab<Op, kComplex>());
-    float* staging = reinterpret_cast<float*>(at) + blk.warp * 256;
+    // Raw k, the V tile, K̃ [m][col] (read as the column-major A = K̃ᵀ).
+    const StateSmem<Op, kComplex> sm(smem, blk.warp);
+    float* kraw = sm.raw;
+    const Split<Op>& vs = sm.tile;
+    const Split<Op>& kt = sm.slab;
+    float* staging = sm.staging;
 
     const int last = blk.n - 1;
 

@@ -410,6 +410,28 @@ __device__ __forceinline__ Split<Op> carve(unsigned char*& at, int rows, int ld)
     return s;
 }
 
+// The shared layout of the state kernel (cuda/chunk.cu: chunk_state) and of
+// the backward's grad_w, which runs the same product with other operands
+// (raw q for raw k, dY for V, [Re Q̃ | −Im Q̃] for K̃): after the prefix
+// tables, the raw key slab, the value-like tile (kChunk × kVTile), the slab
+// operand (kChunk × slab width, row-major, read as the column-major A of
+// the Gram product), then each warp's staging tile: state_smem_bytes.
+template <class Op, bool kComplex>
+struct StateSmem {
+    float* raw;
+    Split<Op> tile;
+    Split<Op> slab;
+    float* staging;
+    __device__ __forceinline__ StateSmem(unsigned char* smem, int warp) {
+        unsigned char* at = smem + prefix_bytes<kComplex>();
+        raw = reinterpret_cast<float*>(at);
+        at += kChunk * kSlab * 4;
+        tile = carve<Op>(at, kChunk, ld_tile<Op>());
+        slab = carve<Op>(at, kChunk, ld_slab<Op, kComplex>());
+        staging = reinterpret_cast<float*>(at) + warp * 256;
+    }
+};
+
 __device__ __forceinline__ void check_shared(int have, int need) {
     // The host computes the size from the same layout; a mismatch is a bug.
     if (have < need) __trap();

@@ -146,13 +146,12 @@ __device__ __forceinline__ void grad_w(const GateloopChunkGradParams& g) {
     check_shared(g.w_shared_bytes, state_smem_bytes<Op, true>());
     const GateloopChunkParams& p = g.fwd;
     Block<input_t, true> blk(p, smem);
-    unsigned char* at = smem + prefix_bytes<true>();
-    float* qraw = reinterpret_cast<float*>(at);
-    at += kChunk * kSlab * 4;
-    const Split<Op> dys = carve<Op>(at, kChunk, ld_tile<Op>());
-    // [Re Q̃ | −Im Q̃] [n][col] row-major, read as the column-major A = Q̃ᴴ.
-    const Split<Op> qe = carve<Op>(at, kChunk, ld_slab<Op, true>());
-    float* staging = reinterpret_cast<float*>(at) + blk.warp * 256;
+    // Raw q, the dY tile, [Re Q̃ | −Im Q̃] [n][col] (read as the column-major A = Q̃ᴴ).
+    const StateSmem<Op, true> sm(smem, blk.warp);
+    float* qraw = sm.raw;
+    const Split<Op>& dys = sm.tile;
+    const Split<Op>& qe = sm.slab;
+    float* staging = sm.staging;
 
     blk.template load_tile<Op, kGradTerms>(seq_row<input_t>(g.dy, g.dy_strides, blk.b, blk.h), g.dy_strides, dys);
     for (int64_t d0 = 0; d0 < p.dims.key_dim; d0 += kSlab) {
