@@ -206,12 +206,12 @@ fn underflowing_gates_are_resets() {
 // ---- the kernels themselves, on a CPU emulation of CUDA -------------------
 
 /// The emulator binary: `GATELOOP_ATTENTION_EMU`, or built here with
-/// `tests/kernel_emu/build_attention.sh` when g++ is available; `None` (with
+/// `tests/kernel_emu/build.sh attention` when g++ is available; `None` (with
 /// a notice) otherwise.
 fn emulator() -> Option<std::path::PathBuf> {
     use std::sync::OnceLock;
     static EMU: OnceLock<Option<std::path::PathBuf>> = OnceLock::new();
-    EMU.get_or_init(|| emu_support::kernel_emulator("build_attention.sh", "GATELOOP_ATTENTION_EMU", "gateloop_attention_emu"))
+    EMU.get_or_init(|| emu_support::kernel_emulator("attention", "GATELOOP_ATTENTION_EMU"))
         .clone()
 }
 

@@ -1,7 +1,7 @@
 //! The chunked forward's CUDA kernels (`cuda/chunk.cu`: state, carry,
 //! output) and the backward's (`cuda/chunk_grad.cu`: grad_w, adjoint carry,
 //! grad_qk, grad_dv), compiled unchanged for the CPU by
-//! `tests/kernel_emu/build_chunk.sh` (every thread of a block an OS thread,
+//! `tests/kernel_emu/build.sh chunk` (every thread of a block an OS thread,
 //! WMMA fragments emulated in f32, dynamic shared memory; outputs, workspace
 //! and shared memory NaN-poisoned) and launched as `cuda::chunk` /
 //! `cuda::chunk_grad` launch them, against the f64 reference (the GPU bounds
@@ -118,7 +118,7 @@ fn run_backward(emu: &std::path::Path, tag: usize, inp: &GradInputsF32) -> Grads
 fn emulator() -> Option<std::path::PathBuf> {
     use std::sync::OnceLock;
     static EMU: OnceLock<Option<std::path::PathBuf>> = OnceLock::new();
-    EMU.get_or_init(|| emu_support::kernel_emulator("build_chunk.sh", "GATELOOP_CHUNK_EMU", "gateloop_chunk_emu")).clone()
+    EMU.get_or_init(|| emu_support::kernel_emulator("chunk", "GATELOOP_CHUNK_EMU")).clone()
 }
 
 /// The problem with Im log_gate = Im h0 = 0 (a reset stays a reset).

@@ -1,7 +1,7 @@
 //! The fused-scan forward's CUDA kernels (`cuda/scan.cu`: reduce, carry,
 //! forward) and the recurrent kernel (`cuda/recurrent.cu`, as forward and as
 //! in-place decode), compiled unchanged for the CPU by
-//! `tests/kernel_emu/build.sh` / `build_recurrent.sh` (every thread of a
+//! `tests/kernel_emu/build.sh scan` / `build.sh recurrent` (every thread of a
 //! block an OS thread; outputs, workspace and dynamic shared memory
 //! NaN-poisoned) and launched as `cuda::scan::forward_into` /
 //! `cuda::recurrent::{forward_into, decode_into}` launch them, with the
@@ -40,16 +40,16 @@ use common::{ABS_FRAC, ALL_REGIMES_AND_UNDERFLOW, REL, assert_within, flat, unfl
 use emu_support::{kernel_emulator, read_f32_file, write_f32_file};
 
 /// An emulator binary, built once per test binary.
-fn emulator(which: &'static std::sync::OnceLock<Option<PathBuf>>, script: &str, env: &str, name: &str) -> Option<PathBuf> {
-    which.get_or_init(|| kernel_emulator(script, env, name)).clone()
+fn emulator(which: &'static std::sync::OnceLock<Option<PathBuf>>, kind: &str, env: &str) -> Option<PathBuf> {
+    which.get_or_init(|| kernel_emulator(kind, env)).clone()
 }
 static SCAN_EMU: std::sync::OnceLock<Option<PathBuf>> = std::sync::OnceLock::new();
 static RECURRENT_EMU: std::sync::OnceLock<Option<PathBuf>> = std::sync::OnceLock::new();
 fn scan_emulator() -> Option<PathBuf> {
-    emulator(&SCAN_EMU, "build.sh", "GATELOOP_SCAN_GRAD_EMU", "gateloop_scan_emu")
+    emulator(&SCAN_EMU, "scan", "GATELOOP_SCAN_GRAD_EMU")
 }
 fn recurrent_emulator() -> Option<PathBuf> {
-    emulator(&RECURRENT_EMU, "build_recurrent.sh", "GATELOOP_RECURRENT_EMU", "gateloop_recurrent_emu")
+    emulator(&RECURRENT_EMU, "recurrent", "GATELOOP_RECURRENT_EMU")
 }
 
 /// A fresh case directory holding `dims_line` as dims.txt and the inputs of

@@ -237,12 +237,12 @@ fn bad_inputs_are_typed_errors() {
 // ---- the kernels themselves, on a CPU emulation of CUDA -------------------
 
 /// The emulator binary: `GATELOOP_SCAN_GRAD_EMU`, or built here with
-/// `tests/kernel_emu/build.sh` when g++ is available; `None` (with a notice)
+/// `tests/kernel_emu/build.sh scan` when g++ is available; `None` (with a notice)
 /// otherwise.
 fn emulator() -> Option<std::path::PathBuf> {
     use std::sync::OnceLock;
     static EMU: OnceLock<Option<std::path::PathBuf>> = OnceLock::new();
-    EMU.get_or_init(|| emu_support::kernel_emulator("build.sh", "GATELOOP_SCAN_GRAD_EMU", "gateloop_scan_emu")).clone()
+    EMU.get_or_init(|| emu_support::kernel_emulator("scan", "GATELOOP_SCAN_GRAD_EMU")).clone()
 }
 
 /// Runs the backward's five kernels (`cuda/scan.cu`, `cuda/scan_grad.cu`,

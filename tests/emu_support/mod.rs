@@ -6,43 +6,58 @@
 #![allow(dead_code)]
 
 /// An emulator binary: the path in env var `env` when set, else built by
-/// `tests/kernel_emu/<script>` into cargo's per-target scratch directory as
-/// `name` + a hash of everything the build reads (the script, every file
-/// under tests/kernel_emu and cuda, `GATELOOP_EMU_ASAN`): test binaries and
-/// runs share a build until a source changes, instead of rebuilding it
-/// (~3–10 s each) and leaving a copy per process. Built under a private name
-/// and renamed into place, so concurrent builders never see a partial file.
-/// `None`, with a printed `SKIPPED` notice, when the build fails (no g++).
-pub fn kernel_emulator(script: &str, env: &str, name: &str) -> Option<std::path::PathBuf> {
+/// `tests/kernel_emu/build.sh <kind>` into cargo's per-target scratch
+/// directory as `gateloop_<kind>_emu` + a hash of everything the build reads
+/// (the build script, every source file under tests/kernel_emu and cuda,
+/// `GATELOOP_EMU_ASAN`, `kind`): test binaries and runs share a build until a
+/// source changes, instead of rebuilding it (~3–10 s each) and leaving a copy
+/// per process (a new build removes those of older sources). Built under a
+/// private name and renamed into place, so concurrent builders never see a
+/// partial file. `None`, with a printed
+/// `SKIPPED` notice, when the build fails (no g++).
+pub fn kernel_emulator(kind: &str, env: &str) -> Option<std::path::PathBuf> {
     if let Ok(p) = std::env::var(env) {
         return Some(p.into());
     }
     let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
     let dir = std::path::Path::new(env!("CARGO_TARGET_TMPDIR"));
-    let out = dir.join(format!("{name}_{:016x}", sources_hash(root, script)));
+    let name = format!("gateloop_{kind}_emu");
+    let out = dir.join(format!("{name}_{:016x}", sources_hash(root, kind)));
     if out.is_file() {
         return Some(out);
     }
     let partial = dir.join(format!("{name}_building_{}", std::process::id()));
     let status = std::process::Command::new("bash")
-        .arg(root.join("tests/kernel_emu").join(script))
+        .arg(root.join("tests/kernel_emu/build.sh"))
+        .arg(kind)
         .arg(&partial)
         .stdout(std::process::Stdio::null())
         .status();
     match status {
-        Ok(s) if s.success() && std::fs::rename(&partial, &out).is_ok() => Some(out),
+        Ok(s) if s.success() && std::fs::rename(&partial, &out).is_ok() => {
+            // Builds of older sources are dead weight now: remove them.
+            let stale = |p: &std::path::Path| {
+                p != out && p.file_name().and_then(|n| n.to_str()).is_some_and(|n| n.starts_with(&format!("{name}_")) && !n.contains("_building_"))
+            };
+            for e in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+                if stale(&e.path()) {
+                    let _ = std::fs::remove_file(e.path());
+                }
+            }
+            Some(out)
+        }
         other => {
             let _ = std::fs::remove_file(&partial);
-            eprintln!("SKIPPED (no kernel emulator): tests/kernel_emu/{script} failed: {other:?}");
+            eprintln!("SKIPPED (no kernel emulator): tests/kernel_emu/build.sh {kind} failed: {other:?}");
             None
         }
     }
 }
 
-/// A hash of the emulator build's inputs: `script`, the contents (by path)
+/// A hash of the emulator build's inputs: `kind`, the contents (by path)
 /// of every file but the docs (*.md) under tests/kernel_emu and cuda, and
 /// `GATELOOP_EMU_ASAN`.
-fn sources_hash(root: &std::path::Path, script: &str) -> u64 {
+fn sources_hash(root: &std::path::Path, kind: &str) -> u64 {
     use std::hash::{Hash, Hasher};
     fn files(dir: &std::path::Path, out: &mut Vec<std::path::PathBuf>) {
         for e in std::fs::read_dir(dir).into_iter().flatten().flatten() {
@@ -59,7 +74,7 @@ fn sources_hash(root: &std::path::Path, script: &str) -> u64 {
     files(&root.join("cuda"), &mut all);
     all.sort();
     let mut h = std::collections::hash_map::DefaultHasher::new();
-    script.hash(&mut h);
+    kind.hash(&mut h);
     std::env::var("GATELOOP_EMU_ASAN").ok().hash(&mut h);
     for p in all {
         p.strip_prefix(root).unwrap_or(&p).hash(&mut h);

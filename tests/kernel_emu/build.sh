@@ -1,15 +1,43 @@
 #!/usr/bin/env bash
-# Builds the CPU emulation of the fused-scan backward kernels (see emu.h and
-# driver.cpp) into $1 (default: target/scan_grad_emu). Needs g++ ≥ 11 (C++20).
+# Builds one CPU emulation of CUDA kernels: the kernel files compiled
+# UNCHANGED with g++ (emu.h force-included; see README.md) and linked with
+# their driver, which launches them as the Rust launcher does.
+#
+#   build.sh KIND [OUT]    KIND: scan | chunk | attention | recurrent
+#
+# OUT defaults to target/KIND_emu. Needs g++ ≥ 12 (C++20, _Float16).
+#
+# Flags: C++20, no FMA contraction (the kernels' fmaf calls are explicit, as
+# on the GPU), and AddressSanitizer when this g++ has it, so a kernel that
+# reads or writes outside a global buffer (the drivers allocate each one at
+# its exact size) or a static __shared__ array, or past its dynamic shared
+# bytes (the drivers poison the rest: emu_fill_shared), aborts with a report
+# instead of reading garbage — what compute-sanitizer's memcheck would say
+# on a GPU. GATELOOP_EMU_ASAN=0 turns it off. Kernels with dynamic shared
+# memory build with EMU_DYNAMIC_SHARED (emu.h).
 set -euo pipefail
 here="$(cd "$(dirname "$0")" && pwd)"
 root="$here/../.."
-out="${1:-$root/target/scan_grad_emu}"
+kind="${1:?usage: build.sh scan|chunk|attention|recurrent [OUT]}"
+out="${2:-$root/target/${kind}_emu}"
+case "$kind" in
+    scan) kernels=(scan scan_grad) driver=driver.cpp dynamic=0 ;;
+    chunk) kernels=(chunk chunk_grad) driver=chunk_driver.cpp dynamic=1 ;;
+    attention) kernels=(attention) driver=attention_driver.cpp dynamic=0 ;;
+    recurrent) kernels=(recurrent) driver=recurrent_driver.cpp dynamic=1 ;;
+    *) echo "build.sh: unknown kind '$kind' (scan, chunk, attention, recurrent)" >&2; exit 2 ;;
+esac
+flags=(-std=c++20 -O2 -pthread -ffp-contract=off -Wno-unknown-pragmas -I"$here/include" -I"$here" -I"$root/cuda")
+if [ "$dynamic" = 1 ]; then flags+=(-DEMU_DYNAMIC_SHARED); fi
+if [ "${GATELOOP_EMU_ASAN:-1}" != 0 ] && echo 'int main(){}' | g++ -fsanitize=address -x c++ - -o /dev/null 2>/dev/null; then
+    flags+=(-fsanitize=address -fno-omit-frame-pointer)
+fi
 mkdir -p "$(dirname "$out")"
-source "$here/flags.sh"
-flags=("${emu_flags[@]}")
-g++ "${flags[@]}" -x c++ -include "$here/emu.h" -c "$root/cuda/scan.cu" -o "$out.scan.o"
-g++ "${flags[@]}" -x c++ -include "$here/emu.h" -c "$root/cuda/scan_grad.cu" -o "$out.scan_grad.o"
-g++ "${flags[@]}" "$here/runtime.cpp" "$here/driver.cpp" "$out.scan.o" "$out.scan_grad.o" -o "$out"
-rm -f "$out.scan.o" "$out.scan_grad.o"
+objs=()
+for k in "${kernels[@]}"; do
+    g++ "${flags[@]}" -x c++ -include "$here/emu.h" -c "$root/cuda/$k.cu" -o "$out.$k.o"
+    objs+=("$out.$k.o")
+done
+g++ "${flags[@]}" "$here/runtime.cpp" "$here/$driver" "${objs[@]}" -o "$out"
+rm -f "${objs[@]}"
 echo "$out"
