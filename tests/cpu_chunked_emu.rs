@@ -6,18 +6,20 @@
 //! and shared memory NaN-poisoned) and launched as `cuda::chunk` /
 //! `cuda::chunk_grad` launch them, against the f64 reference (the GPU bounds
 //! of tests/gpu_chunked.rs, the f32 gradient bounds) and the CPU mirrors
-//! `cpu::chunked` / `cpu::chunked_grad`. Proves the kernels' indexing, tile
-//! maps, barriers, shared-memory carving and launch sequences without a GPU;
-//! not the tensor cores' accumulation order, the SFU's __sincosf or the
-//! memory model (see tests/kernel_emu/README.md). Skips (with a notice)
-//! without g++. Run with `--nocapture` for the measured differences.
+//! `cpu::chunked` / `cpu::chunked_grad`; the f16 and bf16 entry points on
+//! inputs rounded to the type, with the GPU tests' bounds. Proves the
+//! kernels' indexing, tile maps, barriers, shared-memory carving and launch
+//! sequences without a GPU, and their arithmetic up to the order of the
+//! tensor cores' accumulation; not the SFU's __sincosf or the memory model
+//! (see tests/kernel_emu/README.md). Skips (with a notice) without g++. Run
+//! with `--nocapture` for the measured differences.
 
 mod common;
 mod emu_support;
 mod dtype_support;
 
 use gateloop::cpu::chunked::{self, ChunkParams};
-use gateloop::cuda::Dtype;
+use gateloop::cuda::{Dtype, Element};
 use gateloop::cuda::chunk::{self, ChunkPrecision};
 use gateloop::cuda::chunk_grad;
 use gateloop::testing::{GateRegime, OwnedProblem, dims};
@@ -27,7 +29,7 @@ use common::grad::{GradCase, GradInputsF32, Worst as GradWorst, compare_grads};
 use common::{Case, REL, flat, unflat};
 use emu_support::{read_f32_file, write_f32_file};
 use gateloop::reference::grad::Grads;
-use dtype_support::chunk_bounds;
+use dtype_support::{ABS_FRAC_F32, REL_F32, chunk_bounds, rounded_to, y_bounds};
 
 /// Complex gates, or real gates (Im log_gate = Im h0 = 0, the kernels' `r`
 /// instantiation with real log_gate / h0 / h_final).
@@ -38,8 +40,9 @@ enum GateKind {
 }
 
 /// A fresh case directory holding dims.txt and the inputs of `p` in the
-/// driver's format (tests/kernel_emu/chunk_driver.cpp).
-fn write_inputs(tag: &str, p: &OwnedProblem<f32>, gates: GateKind, precision: ChunkPrecision) -> std::path::PathBuf {
+/// driver's format (tests/kernel_emu/chunk_driver.cpp), for the entry points
+/// of element type `t` (q, k, v representable in `t`).
+fn write_inputs(tag: &str, p: &OwnedProblem<f32>, gates: GateKind, precision: ChunkPrecision, t: Dtype) -> std::path::PathBuf {
     let d = p.dims;
     let dir = std::env::temp_dir().join(format!("gateloop_chunk_emu_case_{}_{tag}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
@@ -47,7 +50,7 @@ fn write_inputs(tag: &str, p: &OwnedProblem<f32>, gates: GateKind, precision: Ch
     std::fs::write(
         dir.join("dims.txt"),
         format!(
-            "{} {} {} {} {} {} {} {} {}",
+            "{} {} {} {} {} {} {} {} {} {}",
             d.batch,
             d.len,
             d.heads,
@@ -56,15 +59,16 @@ fn write_inputs(tag: &str, p: &OwnedProblem<f32>, gates: GateKind, precision: Ch
             d.gate_dim(),
             p.h0.is_some() as u8,
             complex as u8,
-            (precision == ChunkPrecision::Exact) as u8
+            (precision == ChunkPrecision::Exact) as u8,
+            t.abi()
         ),
     )
     .unwrap();
-    // The host launchers' shared bytes (f32): the driver launches with them
+    // The host launchers' shared bytes for `t`: the driver launches with them
     // and checks them against the kernels' layout.
     let chunk_gates = if complex { chunk::Gates::Complex } else { chunk::Gates::Real };
-    let (state, output) = chunk::shared_bytes(Dtype::F32, chunk_gates);
-    let (w, qk, dv) = chunk_grad::shared_bytes(Dtype::F32);
+    let (state, output) = chunk::shared_bytes(t, chunk_gates);
+    let (w, qk, dv) = chunk_grad::shared_bytes(t);
     std::fs::write(dir.join("shared.txt"), format!("{state} {output} {w} {qk} {dv}")).unwrap();
     // Complex: interleaved (re, im); real: the real parts (Im is 0 there).
     let planes = |z: &[Complex<f32>]| if complex { flat(z) } else { z.iter().map(|z| z.re).collect() };
@@ -84,9 +88,17 @@ fn run(emu: &std::path::Path, args: &[&str], dir: &std::path::Path) {
     assert!(status.success(), "{dir:?}: emulator failed: {status}");
 }
 
-/// Runs the three forward launches on the emulator; (y, h_final).
-fn run_forward(emu: &std::path::Path, tag: usize, p: &OwnedProblem<f32>, gates: GateKind, precision: ChunkPrecision) -> Outputs<f32> {
-    let dir = write_inputs(&format!("fwd{tag}"), p, gates, precision);
+/// Runs the three forward launches of element type `t` on the emulator;
+/// (y widened to f32, h_final).
+fn run_forward(
+    emu: &std::path::Path,
+    tag: usize,
+    p: &OwnedProblem<f32>,
+    gates: GateKind,
+    precision: ChunkPrecision,
+    t: Dtype,
+) -> Outputs<f32> {
+    let dir = write_inputs(&format!("fwd{tag}"), p, gates, precision, t);
     run(emu, &[], &dir);
     let hf = read_f32_file(&dir.join("h_final.out"));
     let h_final = if gates == GateKind::Complex { unflat(&hf) } else { hf.iter().map(|&x| Complex::new(x, 0.0)).collect() };
@@ -95,9 +107,10 @@ fn run_forward(emu: &std::path::Path, tag: usize, p: &OwnedProblem<f32>, gates: 
     Outputs { y, h_final }
 }
 
-/// Runs the six backward launches (forward precision Exact) on the emulator.
-fn run_backward(emu: &std::path::Path, tag: usize, inp: &GradInputsF32) -> Grads<f32> {
-    let dir = write_inputs(&format!("bwd{tag}"), &inp.p, GateKind::Complex, ChunkPrecision::Exact);
+/// Runs the six backward launches of element type `t` (forward precision
+/// Exact) on the emulator; dq, dk, dv widened to f32.
+fn run_backward(emu: &std::path::Path, tag: usize, inp: &GradInputsF32, t: Dtype) -> Grads<f32> {
+    let dir = write_inputs(&format!("bwd{tag}"), &inp.p, GateKind::Complex, ChunkPrecision::Exact, t);
     write_f32_file(&dir.join("dy.bin"), &inp.dy);
     if let Some(dhf) = &inp.dh_final {
         write_f32_file(&dir.join("dh_final.bin"), &flat(dhf));
@@ -174,7 +187,7 @@ fn chunk_kernels_emulated_match_reference_and_mirror() {
         let p64 = p64.rounded_to_f32();
         let want = gateloop::reference::recurrent::forward(&p64.view()).expect("reference");
         let p = p64.to_f32();
-        let got = run_forward(&emu, i, &p, gates, precision);
+        let got = run_forward(&emu, i, &p, gates, precision, Dtype::F32);
         let mirror = chunked::forward(&p.view(), &ChunkParams::default()).unwrap();
         let ((yr, ya), (hr, ha)) = chunk_bounds(Dtype::F32, precision);
         let ey = compare(&got.y, &want.y);
@@ -218,7 +231,7 @@ fn chunk_grad_kernels_emulated_match_reference_and_mirror() {
     let (mut vs_ref, mut vs_mirror) = (GradWorst::default(), GradWorst::default());
     for (i, c) in cases.iter().enumerate() {
         let inp = c.inputs();
-        let got = run_backward(&emu, i, &inp);
+        let got = run_backward(&emu, i, &inp, Dtype::F32);
         let mirror = gateloop::cpu::chunked_grad::backward(&inp.p.view(), &inp.dy, inp.dh_final.as_deref(), &ChunkParams::default()).unwrap();
         vs_ref.check(&format!("{c:?} (emulated kernels vs reference)"), &compare_grads(&got, &inp.reference()), REL);
         vs_mirror.check(&format!("{c:?} (emulated kernels vs mirror)"), &compare_grads(&got, &mirror), 2.0 * REL);
@@ -248,15 +261,171 @@ fn hard_decay_emulated_kernels_keep_short_differences() {
         let case = Case::new(d, regime, with_h0, 7200 + i as u64);
         let p64 = case.problem().rounded_to_f32();
         let want = gateloop::reference::recurrent::forward(&p64.view()).expect("reference");
-        let got = run_forward(&emu, 20 + i, &p64.to_f32(), GateKind::Complex, ChunkPrecision::Exact);
+        let got = run_forward(&emu, 20 + i, &p64.to_f32(), GateKind::Complex, ChunkPrecision::Exact, Dtype::F32);
         let (ey, eh) = (compare(&got.y, &want.y), compare_complex(&got.h_final, &want.h_final));
         eprintln!("{}: y {ey:?} h_final {eh:?}", case.label());
         common::assert_within(&case.label(), "y (emulated kernels, hard decay)", &ey, TIGHT, 10.0 * TIGHT);
         common::assert_within(&case.label(), "h_final (emulated kernels, hard decay)", &eh, TIGHT, 10.0 * TIGHT);
         let g = GradCase::new(d, regime, with_h0, true, 7300 + i as u64);
         let inp = g.inputs();
-        let got = run_backward(&emu, 30 + i, &inp);
+        let got = run_backward(&emu, 30 + i, &inp, Dtype::F32);
         worst.check(&format!("{g:?} (emulated backward, hard decay)"), &compare_grads(&got, &inp.reference()), TIGHT);
     }
     worst.report("emulated chunked backward, hard decay");
 }
+
+/// The f16 and bf16 entry points (operands of the input's own type: WMMA
+/// f16 / bf16 split products, cuda/chunk_common.cuh), forward and backward,
+/// on inputs (q, k, v, dy) rounded to the type, against the f64 reference
+/// on exactly those rounded inputs, with the bounds of the GPU tests:
+/// forward y and h_final within `dtype_support::chunk_bounds` (Exact and
+/// Fast; tests/gpu_chunked.rs); backward dq, dk, dv within
+/// `dtype_support::y_bounds` and dlog_gate, dh0 within the f32 bounds
+/// (relative L2 ≤ 1e-4, max-abs ≤ 1e-3·max|ref|; tests/gpu_chunked_grad.rs
+/// `half_types`). L = 150 (a partial chunk), K ∈ {5, 40}, V ∈ {7, 70}, both
+/// gate layouts, h0 and dh_final on and off, mixed, reset, large-phase and
+/// hard-decay gates. Every error is measured before any is asserted, so a
+/// failure reports all of them (`--nocapture` prints the worst per dtype).
+#[test]
+fn chunk_kernels_emulated_half_types() {
+    let Some(emu) = emulator() else { return };
+    let start = std::time::Instant::now();
+    let mut worst = Worst::default();
+    let mut failures = Vec::new();
+    half_types::<half::f16>(&emu, &mut worst, &mut failures);
+    half_types::<half::bf16>(&emu, &mut worst, &mut failures);
+    for (k, e) in &worst.0 {
+        let frac = e.max_abs / e.max_ref.max(f64::MIN_POSITIVE);
+        println!("worst {k}: rel L2 {:.2e}, max-abs/max|ref| {frac:.2e}", e.rel_l2);
+    }
+    println!("emulated chunked f16/bf16 forward and backward: {:.1} s", start.elapsed().as_secs_f64());
+    assert!(failures.is_empty(), "out of bounds:\n{}", failures.join("\n"));
+}
+
+/// The forward and backward cases of [`chunk_kernels_emulated_half_types`]
+/// in `T`: records every error in `worst` and every one out of its bounds in
+/// `failures`.
+fn half_types<T: Element>(emu: &std::path::Path, worst: &mut Worst, failures: &mut Vec<String>) {
+    use ChunkPrecision::{Exact, Fast};
+    use GateKind::{Complex as C, Real as R};
+    let t = T::DTYPE;
+    let mut check = |label: &str, what: &str, e: ErrorStats, (rel, abs): (f64, f64)| {
+        eprintln!("{label}: {what} {e:?}");
+        if !common::grad::within_bounds(&e, rel, abs) {
+            failures.push(format!("{label}: {what} {e:?} (bounds rel {rel:e}, abs {abs:e}·max|ref|)"));
+        }
+        worst.note(format!("{t} {what}"), e);
+    };
+    let forward: [(Dims, GateRegime, bool, GateKind, ChunkPrecision); 6] = [
+        (dims(1, 150, 1, 40, 7, true), GateRegime::Mixed, true, C, Exact),
+        (dims(1, 150, 1, 5, 7, true), GateRegime::Resets(0.05), false, C, Exact),
+        (dims(1, 150, 1, 40, 7, false), GateRegime::LargePhase(50.0), true, C, Exact),
+        (dims(1, 150, 1, 5, 70, true), GateRegime::HardDecay(0.5), true, C, Exact),
+        (dims(1, 150, 1, 40, 7, false), GateRegime::Resets(0.05), true, R, Exact),
+        (dims(1, 150, 1, 5, 70, false), GateRegime::Mixed, true, C, Fast),
+    ];
+    for (i, (d, regime, with_h0, gates, precision)) in forward.into_iter().enumerate() {
+        let case = Case::new(d, regime, with_h0, 7400 + 10 * i as u64 + u64::from(t.abi()));
+        let label = format!("{t} {} {gates:?} {precision:?}", case.label());
+        let mut p = case.problem();
+        if gates == GateKind::Real {
+            p = real_parts(p);
+        }
+        let p64 = rounded_to::<T>(&p);
+        let want = gateloop::reference::recurrent::forward(&p64.view()).expect("reference");
+        let got = run_forward(emu, 100 + 10 * t.abi() as usize + i, &p64.to_f32(), gates, precision, t);
+        let (yb, hb) = chunk_bounds(t, precision);
+        let p = precision.name();
+        check(&label, &format!("{p} y"), compare(&got.y, &want.y), yb);
+        check(&label, &format!("{p} h_final"), compare_complex(&got.h_final, &want.h_final), hb);
+    }
+    // Hard decay without h0: with h0, f16's dh0 fails its bound when the
+    // first gate decays hard (chunk_grad_f16_dh0_after_a_strong_first_gate).
+    let backward = [
+        GradCase::new(dims(1, 150, 1, 40, 7, false), GateRegime::Mixed, true, true, 7500),
+        GradCase::new(dims(1, 150, 1, 5, 7, true), GateRegime::Resets(0.05), false, true, 7501),
+        GradCase::new(dims(1, 150, 1, 5, 70, false), GateRegime::LargePhase(50.0), true, false, 7502),
+        GradCase::new(dims(1, 150, 1, 40, 7, true), GateRegime::HardDecay(0.5), false, true, 7503),
+    ];
+    for (i, c) in backward.iter().enumerate() {
+        let inp = rounded_grad_inputs::<T>(c);
+        let got = run_backward(emu, 100 + 10 * t.abi() as usize + i, &inp, t);
+        let label = format!("{t} {c:?}");
+        for (name, e) in compare_grads(&got, &inp.reference()) {
+            check(&label, name, e, grad_bounds(t, name));
+        }
+    }
+}
+
+/// What a `T` backward sees of case `c` (q, k, v and dy rounded to T;
+/// log_gate, h0, dh_final f32); its `reference()` runs on exactly that.
+fn rounded_grad_inputs<T: Element>(c: &GradCase) -> GradInputsF32 {
+    let inp = c.inputs();
+    let p = rounded_to::<T>(&inp.p.map(|x| x as f64)).to_f32();
+    let dy = inp.dy.iter().map(|&x| T::from_f32(x).to_f32()).collect();
+    GradInputsF32 { p, dy, dh_final: inp.dh_final }
+}
+
+/// The bounds of tests/gpu_chunked_grad.rs `half_types` for gradient `name`
+/// in `t`: dq, dk, dv (stored in `t`) `y_bounds`, dlog_gate and dh0 (f32)
+/// the f32 bounds.
+fn grad_bounds(t: Dtype, name: &str) -> (f64, f64) {
+    if ["dq", "dk", "dv"].contains(&name) { y_bounds(t) } else { (REL_F32, ABS_FRAC_F32) }
+}
+
+/// FAILS (ignored until the kernels change): f16 dh0 when the chunk's first
+/// gate decays hard. grad_w forms W_0 = Σ_n conj(Q̃_n) dy_nᵀ with the query
+/// operand Q̃_n = q_n |E(n, −1)| e^{iθ_n} (cuda/chunk_common.cuh
+/// `put_inter_queries`: the modulus from the chunk's start, the first gate
+/// a_0 included) narrowed to the operand type, hi + lo both in f16. f16's
+/// normal range ends at 6.1e-5 and its subnormals are spaced 2^-24: once lo
+/// is subnormal (|Q̃| below ~0.25) the split carries an absolute error up
+/// to 2^-25, a relative one of ~2^-25 / |Q̃|, over 1e-4 below |Q̃| ≈ 3e-4
+/// (|a_0| < e^-8 for |q| ≤ 1), and below 2^-25 (|a_0| < e^-17.3) every Q̃
+/// of the chunk rounds to 0. dh0 = W_0 + conj(A_0) D(0) is then W_0 alone
+/// (A_0, the whole chunk's decay, is ~0), so its relative error goes to 1.
+/// bf16 and TF32 have f32's exponent range and pass on the same cases (bf16
+/// dh0 ≤ 3e-6); dq, dk, dv, dlog_gate stay within bounds (the lost terms
+/// are small beside the others). Measured (2026-11-29, emulated), f16 dh0
+/// relative L2 against the f32 bound 1e-4 (max-abs ≈ 3.4e-8 ≈ 2^-25 in the
+/// second and third):
+///
+/// - HardDecay(0.5), per-head, Re g_0 = −22.6: 1.0 (dh0 = 0, max|ref|
+///   1.3e-10);
+/// - StrongDecay(40), per-head, Re g_0 = −11.4: 3.6e-3 (max|ref| 8.9e-6);
+/// - StrongDecay(10), per-head, Re g_0 = −7.8: 1.7e-4 (max|ref| 3.0e-4);
+/// - tests/gpu_chunked_grad.rs `half_types`' own 84 f16 cases (same seeds,
+///   upstream and rounding), replayed on the emulator: StrongDecay(40)
+///   seeds 7504 (L = 1) 0.34 and 7508 (L = 130) 0.44, Mixed seed 7608
+///   3.3e-3, all per-head with h0; the other 81 within bounds (dq, dk, dv
+///   ≤ 3.8e-4 against 5.9e-4, dlog_gate ≤ 1.2e-6, dh0 ≤ 8.8e-7). So that GPU
+///   test will fail on f16 dh0 as the kernels stand.
+///
+/// Remedy (kernels, not done here): scale each Q̃ row (and any other decayed
+/// 16-bit operand) by a power of two, exact in every type, and undo it in
+/// f32 after the product; or form f16 inputs' decayed operands as bf16
+/// splits.
+#[test]
+#[ignore = "f16 dh0 loses the first chunk's terms to f16 underflow; see the doc comment"]
+fn chunk_grad_f16_dh0_after_a_strong_first_gate() {
+    let Some(emu) = emulator() else { return };
+    let cases = [
+        GradCase::new(dims(1, 150, 1, 5, 70, true), GateRegime::HardDecay(0.5), true, false, 7503),
+        GradCase::new(dims(1, 150, 1, 5, 7, true), GateRegime::StrongDecay(40.0), true, true, 9955),
+        GradCase::new(dims(1, 150, 1, 5, 7, true), GateRegime::StrongDecay(10.0), true, true, 9957),
+    ];
+    let mut failures = Vec::new();
+    for (i, c) in cases.iter().enumerate() {
+        let inp = rounded_grad_inputs::<half::f16>(c);
+        let got = run_backward(&emu, 200 + i, &inp, Dtype::F16);
+        for (name, e) in compare_grads(&got, &inp.reference()) {
+            let (rel, abs) = grad_bounds(Dtype::F16, name);
+            println!("f16 {c:?} (Re g_0 = {}): {name} {e:?}", inp.p.log_gate[0].re);
+            if !common::grad::within_bounds(&e, rel, abs) {
+                failures.push(format!("{c:?}: {name} {e:?} (bounds rel {rel:e}, abs {abs:e}·max|ref|)"));
+            }
+        }
+    }
+    assert!(failures.is_empty(), "out of bounds:\n{}", failures.join("\n"));
+}
+

@@ -2,21 +2,26 @@
 // does: same params, workspace layout, grids, 256 threads, dynamic shared
 // bytes) or the chunked backward's six (as src/cuda/chunk_grad.rs
 // `backward_into` does) on the CPU emulation of cuda/chunk.cu and
-// cuda/chunk_grad.cu, f32 inputs.
+// cuda/chunk_grad.cu, in the element type dims.txt names.
 //
 //   chunk_emu DIR            (forward)
 //   chunk_emu --backward DIR (backward; complex gates)
 //
-// DIR/dims.txt: B L H K V gate_dim has_h0 complex exact
+// DIR/dims.txt: B L H K V gate_dim has_h0 complex exact dtype (dtype:
+// GATELOOP_DTYPE_* of q, k, v, y, dy, dq, dk, dv: the `_f32` / `_f16` /
+// `_bf16` entry points).
 // DIR/shared.txt (optional): the host launchers' dynamic shared bytes for
-// f32 (src/cuda/chunk.rs and chunk_grad.rs `shared_bytes`): state output w
-// qk dv. When present the launches take those (a kernel given less traps,
+// that dtype (src/cuda/chunk.rs and chunk_grad.rs `shared_bytes`): state
+// output w qk dv. When present the launches take those (a kernel given less traps,
 // one using more than it is given trips AddressSanitizer) and the driver
 // fails unless they equal its own layout sums below, so the host's numbers
 // are checked against the kernels, not only the driver's.
 // DIR/{q,k,v,log_gate}.bin and, with h0, h0.bin: raw little-endian f32,
 // contiguous [B, L, H, D] / [B, H, K, V]; log_gate and h0 complex (re, im
-// pairs) when `complex`, real otherwise. Forward: writes DIR/{y,h_final}.out
+// pairs) when `complex`, real otherwise; for f16 / bf16, q, k, v and dy must
+// already be representable in the type (converted exactly, else the driver
+// exits; driver_io.h `read_elems`), and y, dq, dk, dv are written widened to
+// f32. Forward: writes DIR/{y,h_final}.out
 // (h_final complex or real like h0). Backward: also reads DIR/dy.bin and,
 // when present, DIR/dh_final.bin (complex); writes DIR/{dq,dk,dv,dlog_gate}.out
 // and, with h0, DIR/dh0.out. Outputs, workspace and shared memory start as
@@ -47,27 +52,49 @@ alignas(128) unsigned char smem[kEmuSharedCapacity];
 }  // namespace gateloop::chunk
 
 extern "C" {
-void gateloop_chunk_state_f32_c_exact(const GateloopChunkParams p);
-void gateloop_chunk_state_f32_c_fast(const GateloopChunkParams p);
-void gateloop_chunk_state_f32_r_exact(const GateloopChunkParams p);
-void gateloop_chunk_state_f32_r_fast(const GateloopChunkParams p);
-void gateloop_chunk_output_f32_c_exact(const GateloopChunkParams p);
-void gateloop_chunk_output_f32_c_fast(const GateloopChunkParams p);
-void gateloop_chunk_output_f32_r_exact(const GateloopChunkParams p);
-void gateloop_chunk_output_f32_r_fast(const GateloopChunkParams p);
 void gateloop_chunk_carry_c(const GateloopChunkParams p);
 void gateloop_chunk_carry_r(const GateloopChunkParams p);
-void gateloop_chunk_grad_w_f32(const GateloopChunkGradParams g);
-void gateloop_chunk_grad_qk_f32(const GateloopChunkGradParams g);
-void gateloop_chunk_grad_dv_f32(const GateloopChunkGradParams g);
 void gateloop_chunk_grad_adjoint_carry(const GateloopChunkGradParams g);
 }
 
+// The entry points of one element type: state and output kernels indexed
+// [complex][exact], and the backward's grad_w, grad_qk, grad_dv.
+using Entry = void (*)(const GateloopChunkParams);
+using GradEntry = void (*)(const GateloopChunkGradParams);
+struct ChunkEntries {
+    Entry state[2][2], output[2][2];
+    GradEntry w, qk, dv;
+};
+#define CHUNK_ENTRIES(DTYPE)                                                                                      \
+    extern "C" {                                                                                                  \
+    void gateloop_chunk_state_##DTYPE##_c_exact(const GateloopChunkParams p);                                     \
+    void gateloop_chunk_state_##DTYPE##_c_fast(const GateloopChunkParams p);                                      \
+    void gateloop_chunk_state_##DTYPE##_r_exact(const GateloopChunkParams p);                                     \
+    void gateloop_chunk_state_##DTYPE##_r_fast(const GateloopChunkParams p);                                      \
+    void gateloop_chunk_output_##DTYPE##_c_exact(const GateloopChunkParams p);                                    \
+    void gateloop_chunk_output_##DTYPE##_c_fast(const GateloopChunkParams p);                                     \
+    void gateloop_chunk_output_##DTYPE##_r_exact(const GateloopChunkParams p);                                    \
+    void gateloop_chunk_output_##DTYPE##_r_fast(const GateloopChunkParams p);                                     \
+    void gateloop_chunk_grad_w_##DTYPE(const GateloopChunkGradParams g);                                          \
+    void gateloop_chunk_grad_qk_##DTYPE(const GateloopChunkGradParams g);                                         \
+    void gateloop_chunk_grad_dv_##DTYPE(const GateloopChunkGradParams g);                                         \
+    }                                                                                                             \
+    static const ChunkEntries chunk_##DTYPE = {                                                                   \
+        {{gateloop_chunk_state_##DTYPE##_r_fast, gateloop_chunk_state_##DTYPE##_r_exact},                          \
+         {gateloop_chunk_state_##DTYPE##_c_fast, gateloop_chunk_state_##DTYPE##_c_exact}},                         \
+        {{gateloop_chunk_output_##DTYPE##_r_fast, gateloop_chunk_output_##DTYPE##_r_exact},                        \
+         {gateloop_chunk_output_##DTYPE##_c_fast, gateloop_chunk_output_##DTYPE##_c_exact}},                       \
+        gateloop_chunk_grad_w_##DTYPE, gateloop_chunk_grad_qk_##DTYPE, gateloop_chunk_grad_dv_##DTYPE};
+CHUNK_ENTRIES(f32)
+CHUNK_ENTRIES(f16)
+CHUNK_ENTRIES(bf16)
 
-// src/cuda/chunk.rs `shared_bytes` for f32 operands (TF32: 4-byte storage,
-// row padding 4): (state kernel, output kernel).
-static void shared_bytes_f32(bool complex, int32_t& state, int32_t& output) {
-    const int s = 4, pad = 4, C = GATELOOP_CHUNK_LEN, slab = GATELOOP_CHUNK_KEY_SLAB, sub = GATELOOP_CHUNK_SUB_LEN;
+
+// src/cuda/chunk.rs `shared_bytes` for operands of `s` bytes (4: TF32 for
+// f32 inputs, row padding 4; 2: f16 / bf16, row padding 8): (state kernel,
+// output kernel).
+static void fwd_shared_bytes(int s, bool complex, int32_t& state, int32_t& output) {
+    const int pad = s == 4 ? 4 : 8, C = GATELOOP_CHUNK_LEN, slab = GATELOOP_CHUNK_KEY_SLAB, sub = GATELOOP_CHUNK_SUB_LEN;
     const int width = slab * (complex ? 2 : 1), ld_slab = width + pad, ld_tile = GATELOOP_CHUNK_VALUE_TILE + pad;
     auto split = [&](int rows, int ld) { return 2 * rows * ld * s; };
     const int prefix = (complex ? 5 : 3) * C * slab * 4, raw = C * slab * 4;
@@ -79,12 +106,13 @@ static void shared_bytes_f32(bool complex, int32_t& state, int32_t& output) {
     output = prefix + 2 * raw + (slab_phase > final_phase ? slab_phase : final_phase) + subs * sub * sub * 4 + staging;
 }
 
-// src/cuda/chunk_grad.rs `shared_bytes` for f32: (grad_w, grad_qk, grad_dv);
-// grad_w and grad_dv take the forward state and output kernels' (complex) layouts.
-static void grad_shared_bytes(int32_t& w, int32_t& qk, int32_t& dv) {
+// src/cuda/chunk_grad.rs `shared_bytes` for operands of `size` bytes:
+// (grad_w, grad_qk, grad_dv); grad_w and grad_dv take the forward state and
+// output kernels' (complex) layouts.
+static void grad_shared_bytes(int size, int32_t& w, int32_t& qk, int32_t& dv) {
     const int c = GATELOOP_CHUNK_LEN, s = GATELOOP_CHUNK_KEY_SLAB, t = GATELOOP_CHUNK_VALUE_TILE;
-    const int size = 4, pad = 4, anchors = c / GATELOOP_CHUNK_SUB_LEN - 1, prefix = 5 * c * s * 4;
-    shared_bytes_f32(true, w, dv);
+    const int pad = size == 4 ? 4 : 8, anchors = c / GATELOOP_CHUNK_SUB_LEN - 1, prefix = 5 * c * s * 4;
+    fwd_shared_bytes(size, true, w, dv);
     auto split = [&](int rows, int ld) { return 2 * rows * ld * size; };
     const int inter = std::max(2 * split(c, t / 2 + pad) + 2 * split(2 * s, t / 2 + pad), 2 * c * 2 * s * 4);
     const int uni = std::max(2 * split(c, t + pad), 4 * (c * anchors * s + c * s) + inter);
@@ -103,27 +131,20 @@ static std::function<void()> with_shared(void (*f)(const P), const P& p, int32_t
     };
 }
 
-int main(int argc, char** argv) {
-    const bool backward = argc == 3 && std::string(argv[1]) == "--backward";
-    if (argc != 2 && !backward) {
-        std::fprintf(stderr, "usage: %s [--backward] DIR\n", argv[0]);
-        return 2;
-    }
-    const std::string dir = argv[argc - 1];
-    std::ifstream df(dir + "/dims.txt");
-    int64_t B, L, H, K, V, G, has_h0, complex, exact;
-    if (!(df >> B >> L >> H >> K >> V >> G >> has_h0 >> complex >> exact) || (backward && !complex)) {
-        std::fprintf(stderr, "bad dims.txt (the backward takes complex gates only)\n");
-        return 2;
-    }
+// The launches with q, k, v, y (and dy, dq, dk, dv) of element type T
+// (`dtype`), operands of sizeof(T) bytes (TF32 for f32).
+template <class T>
+static int run(const std::string& dir, bool backward, int64_t B, int64_t L, int64_t H, int64_t K, int64_t V, int64_t G,
+               int64_t has_h0, int64_t complex, int64_t exact, uint32_t dtype, const ChunkEntries& e) {
     const int64_t parts = complex ? 2 : 1;
     const size_t qk = B * L * H * K, vn = B * L * H * V, gn = B * L * H * G, sn = B * H * K * V;
-    auto q = read_f32(dir + "/q.bin", qk), k = read_f32(dir + "/k.bin", qk), v = read_f32(dir + "/v.bin", vn);
+    auto q = read_elems<T>(dir + "/q.bin", qk), k = read_elems<T>(dir + "/k.bin", qk), v = read_elems<T>(dir + "/v.bin", vn);
     auto gate = read_f32(dir + "/log_gate.bin", parts * gn);
     std::vector<float> h0;
     if (has_h0) h0 = read_f32(dir + "/h0.bin", parts * sn);
     const float nan = std::nanf("");
-    std::vector<float> y(vn, nan), hf(parts * sn, nan);
+    std::vector<T> y = nan_elems<T>(vn);
+    std::vector<float> hf(parts * sn, nan);
 
     // src/cuda/chunk.rs `plan` and `launch`.
     const int64_t nc = (L + GATELOOP_CHUNK_LEN - 1) / GATELOOP_CHUNK_LEN;
@@ -150,10 +171,10 @@ int main(int argc, char** argv) {
     p.gate_strides = seq(L, H, G);
     p.h0_strides = p.h_final_strides = GateloopStateStrides{H * K * V, K * V, V};
     p.flags = (G == 1 ? GATELOOP_FLAG_PER_HEAD_GATE : 0) | (has_h0 ? GATELOOP_FLAG_HAS_H0 : 0);
-    p.dtype = GATELOOP_DTYPE_F32;
+    p.dtype = dtype;
     p.num_chunks = nc;
     p.value_tiles = tiles;
-    shared_bytes_f32(complex, p.state_shared_bytes, p.shared_bytes);
+    fwd_shared_bytes(sizeof(T), complex, p.state_shared_bytes, p.shared_bytes);
     int32_t host[5] = {0, 0, 0, 0, 0};
     std::ifstream sf(dir + "/shared.txt");
     const bool has_host = static_cast<bool>(sf);
@@ -174,22 +195,19 @@ int main(int argc, char** argv) {
     };
     if (!from_host(p.state_shared_bytes, 0, "state") || !from_host(p.shared_bytes, 1, "output")) return 2;
 
-    using Entry = void (*)(const GateloopChunkParams);
-    const Entry state = complex ? (exact ? gateloop_chunk_state_f32_c_exact : gateloop_chunk_state_f32_c_fast)
-                                : (exact ? gateloop_chunk_state_f32_r_exact : gateloop_chunk_state_f32_r_fast);
-    const Entry output = complex ? (exact ? gateloop_chunk_output_f32_c_exact : gateloop_chunk_output_f32_c_fast)
-                                 : (exact ? gateloop_chunk_output_f32_r_exact : gateloop_chunk_output_f32_r_fast);
+    const Entry state = e.state[complex != 0][exact != 0], output = e.output[complex != 0][exact != 0];
     const Entry carry = complex ? gateloop_chunk_carry_c : gateloop_chunk_carry_r;
     if (backward) {
         // src/cuda/chunk_grad.rs `plan`: ws_adj after the forward's
         // workspace, then the h_final sink.
         const int64_t adj_offset = workspace_len, sink_offset = adj_offset + nc * 2 * sn;
         ws.assign(sink_offset + 2 * sn, nan);
-        auto dy = read_f32(dir + "/dy.bin", vn);
+        auto dy = read_elems<T>(dir + "/dy.bin", vn);
         std::vector<float> dhf;
         const bool has_dhf = static_cast<bool>(std::ifstream(dir + "/dh_final.bin"));
         if (has_dhf) dhf = read_f32(dir + "/dh_final.bin", 2 * sn);
-        std::vector<float> dq(qk, nan), dk(qk, nan), dv(vn, nan), dg(2 * gn, nan), dh0(has_h0 ? 2 * sn : 0, nan);
+        std::vector<T> dq = nan_elems<T>(qk), dk = nan_elems<T>(qk), dv = nan_elems<T>(vn);
+        std::vector<float> dg(2 * gn, nan), dh0(has_h0 ? 2 * sn : 0, nan);
         GateloopChunkGradParams g{};
         g.fwd = p;
         g.fwd.ws_decay = ws.data();
@@ -208,20 +226,20 @@ int main(int argc, char** argv) {
         g.dgate_strides = seq(L, H, G);
         g.dh_final_strides = g.dh0_strides = GateloopStateStrides{H * K * V, K * V, V};
         g.grad_flags = (has_dhf ? GATELOOP_GRAD_FLAG_HAS_DH_FINAL : 0) | (has_h0 ? GATELOOP_GRAD_FLAG_HAS_DH0 : 0);
-        grad_shared_bytes(g.w_shared_bytes, g.qk_shared_bytes, g.dv_shared_bytes);
+        grad_shared_bytes(sizeof(T), g.w_shared_bytes, g.qk_shared_bytes, g.dv_shared_bytes);
         if (!from_host(g.w_shared_bytes, 2, "grad_w") || !from_host(g.qk_shared_bytes, 3, "grad_qk") ||
             !from_host(g.dv_shared_bytes, 4, "grad_dv"))
             return 2;
         const unsigned qk_grid = static_cast<unsigned>(B * H * nc);
         emu_launch(grid, GATELOOP_CHUNK_THREADS, with_shared(state, g.fwd, g.fwd.state_shared_bytes));
-        emu_launch(grid, GATELOOP_CHUNK_THREADS, with_shared(gateloop_chunk_grad_w_f32, g, g.w_shared_bytes));
+        emu_launch(grid, GATELOOP_CHUNK_THREADS, with_shared(e.w, g, g.w_shared_bytes));
         emu_launch(carry_grid, GATELOOP_CHUNK_CARRY_THREADS, [&] { carry(g.fwd); });
         emu_launch(carry_grid, GATELOOP_CHUNK_CARRY_THREADS, [&] { gateloop_chunk_grad_adjoint_carry(g); });
-        emu_launch(qk_grid, GATELOOP_CHUNK_THREADS, with_shared(gateloop_chunk_grad_qk_f32, g, g.qk_shared_bytes));
-        emu_launch(grid, GATELOOP_CHUNK_THREADS, with_shared(gateloop_chunk_grad_dv_f32, g, g.dv_shared_bytes));
-        write_f32(dir + "/dq.out", dq);
-        write_f32(dir + "/dk.out", dk);
-        write_f32(dir + "/dv.out", dv);
+        emu_launch(qk_grid, GATELOOP_CHUNK_THREADS, with_shared(e.qk, g, g.qk_shared_bytes));
+        emu_launch(grid, GATELOOP_CHUNK_THREADS, with_shared(e.dv, g, g.dv_shared_bytes));
+        write_widened(dir + "/dq.out", dq);
+        write_widened(dir + "/dk.out", dk);
+        write_widened(dir + "/dv.out", dv);
         write_f32(dir + "/dlog_gate.out", dg);
         if (has_h0) write_f32(dir + "/dh0.out", dh0);
         return 0;
@@ -230,7 +248,30 @@ int main(int argc, char** argv) {
     emu_launch(carry_grid, GATELOOP_CHUNK_CARRY_THREADS, [&] { carry(p); });
     emu_launch(grid, GATELOOP_CHUNK_THREADS, with_shared(output, p, p.shared_bytes));
 
-    write_f32(dir + "/y.out", y);
+    write_widened(dir + "/y.out", y);
     write_f32(dir + "/h_final.out", hf);
     return 0;
+}
+
+int main(int argc, char** argv) {
+    const bool backward = argc == 3 && std::string(argv[1]) == "--backward";
+    if (argc != 2 && !backward) {
+        std::fprintf(stderr, "usage: %s [--backward] DIR\n", argv[0]);
+        return 2;
+    }
+    const std::string dir = argv[argc - 1];
+    std::ifstream df(dir + "/dims.txt");
+    int64_t B, L, H, K, V, G, has_h0, complex, exact, dtype;
+    if (!(df >> B >> L >> H >> K >> V >> G >> has_h0 >> complex >> exact >> dtype) || (backward && !complex)) {
+        std::fprintf(stderr, "bad dims.txt (the backward takes complex gates only)\n");
+        return 2;
+    }
+    const uint32_t t = static_cast<uint32_t>(dtype);
+    switch (dtype) {
+        case GATELOOP_DTYPE_F32: return run<float>(dir, backward, B, L, H, K, V, G, has_h0, complex, exact, t, chunk_f32);
+        case GATELOOP_DTYPE_F16: return run<__half>(dir, backward, B, L, H, K, V, G, has_h0, complex, exact, t, chunk_f16);
+        case GATELOOP_DTYPE_BF16:
+            return run<__nv_bfloat16>(dir, backward, B, L, H, K, V, G, has_h0, complex, exact, t, chunk_bf16);
+        default: std::fprintf(stderr, "bad dtype %lld\n", static_cast<long long>(dtype)); return 2;
+    }
 }
