@@ -43,7 +43,9 @@
 // rewritten by 2, read by 3.
 //
 // Tensor cores (nvcuda::wmma, f32 accumulators): f32 inputs use m16n16k8
-// TF32 operands, f16 / bf16 inputs m16n16k16 operands of their own type.
+// TF32 operands, bf16 inputs m16n16k16 bf16 operands, f16 inputs bf16
+// operands when exact (f32's exponent range for the decayed rows and the
+// carried state; see OpOf in chunk_common.cuh) and f16 operands when fast.
 // Operands that are not exactly representable (the decayed q̃, k̃, Q̃, K̃, the
 // scores P, the carried state S, f32 inputs) are SPLIT, x = hi + lo with
 // hi = round(x), lo = round(x − hi) in the operand type, and
@@ -61,6 +63,8 @@
 // its size is computed by the host with the same layout (src/cuda/chunk.rs)
 // and passed in p.shared_bytes, which the kernel checks (a mismatch is a bug:
 // it traps rather than overrunning).
+
+#include <type_traits>
 
 #include "chunk_common.cuh"
 
@@ -182,15 +186,22 @@ __device__ __forceinline__ void chunk_output(const GateloopChunkParams& p) {
         gateloop::chunk::chunk_output<TYPE, gateloop::chunk::OP, CPLX, TERMS>(p);                         \
     }
 
-#define GATELOOP_CHUNK_DTYPE(DTYPE, TYPE, OP)                          \
-    GATELOOP_CHUNK_ENTRIES(DTYPE, TYPE, OP, c, true, exact, 3)         \
-    GATELOOP_CHUNK_ENTRIES(DTYPE, TYPE, OP, c, true, fast, 1)          \
-    GATELOOP_CHUNK_ENTRIES(DTYPE, TYPE, OP, r, false, exact, 3)        \
-    GATELOOP_CHUNK_ENTRIES(DTYPE, TYPE, OP, r, false, fast, 1)
+// EXACT_OP: OpOf<TYPE>::type (bf16 splits for f16 inputs: see OpOf);
+// FAST_OP: the input's own operand type.
+#define GATELOOP_CHUNK_DTYPE(DTYPE, TYPE, EXACT_OP, FAST_OP)                 \
+    GATELOOP_CHUNK_ENTRIES(DTYPE, TYPE, EXACT_OP, c, true, exact, 3)         \
+    GATELOOP_CHUNK_ENTRIES(DTYPE, TYPE, FAST_OP, c, true, fast, 1)           \
+    GATELOOP_CHUNK_ENTRIES(DTYPE, TYPE, EXACT_OP, r, false, exact, 3)        \
+    GATELOOP_CHUNK_ENTRIES(DTYPE, TYPE, FAST_OP, r, false, fast, 1)
 
-GATELOOP_CHUNK_DTYPE(f32, float, OpTf32)
-GATELOOP_CHUNK_DTYPE(f16, __half, OpF16)
-GATELOOP_CHUNK_DTYPE(bf16, __nv_bfloat16, OpBf16)
+GATELOOP_CHUNK_DTYPE(f32, float, OpTf32, OpTf32)
+GATELOOP_CHUNK_DTYPE(f16, __half, OpBf16, OpF16)
+GATELOOP_CHUNK_DTYPE(bf16, __nv_bfloat16, OpBf16, OpBf16)
+
+static_assert(std::is_same<gateloop::chunk::OpOf<float>::type, gateloop::chunk::OpTf32>::value &&
+                  std::is_same<gateloop::chunk::OpOf<__half>::type, gateloop::chunk::OpBf16>::value &&
+                  std::is_same<gateloop::chunk::OpOf<__nv_bfloat16>::type, gateloop::chunk::OpBf16>::value,
+              "the Exact entry points use OpOf's operand types (the backward's)");
 
 extern "C" __global__ void __launch_bounds__(GATELOOP_CHUNK_CARRY_THREADS)
     gateloop_chunk_carry_c(const GateloopChunkParams p) {

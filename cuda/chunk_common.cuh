@@ -56,11 +56,21 @@ struct OpBf16 {
     __device__ __forceinline__ static float widen(storage x) { return __bfloat162float(x); }
 };
 
-// The operand type of each element type: f32 inputs → TF32, f16 → f16,
-// bf16 → bf16 (the forward's entry points name the same pairs; the backward's
-// kernels, templated on the element type only, look it up here). kRawTerms:
-// the split products a product of two raw inputs needs for f32 accuracy (3
-// for f32 through TF32; 1 for f16 / bf16, exact in their own operand type).
+// The operand type of each element type's EXACT products (the forward's
+// Exact entry points name the same pairs; the backward, always exact and
+// templated on the element type only, looks it up here): f32 inputs → TF32,
+// bf16 → bf16, and f16 → bf16 too, not f16. Exact splits the operands that
+// are not inputs — decayed rows q|E(n, −1)|, k|E(last, m)|, the carried
+// states S, D — and those leave f16's range: a first gate of e^{−17} puts
+// every q|E(n, −1)| of a chunk below f16's smallest subnormal (the backward's
+// dh0 came out 0: tests/cpu_chunked_emu.rs), and a state of |a| = 1 over a
+// long sequence passes f16's 65504. bf16 has f32's exponent range; its split
+// hi + lo holds 16 significant bits (2^-17 relative, the f32 bounds' needs
+// with room), and an f16 input (11 bits) exactly. Fast keeps f16 operands
+// for f16 inputs (one product, fla's precision and range). kRawTerms: the
+// split products a product of two raw inputs needs for f32 accuracy (3 for
+// f32 through TF32 and for f16 through bf16, whose dropped lo·lo is below
+// 2^-18 relative; 1 for bf16, exact in its own type).
 template <typename input_t>
 struct OpOf;
 template <>
@@ -70,8 +80,8 @@ struct OpOf<float> {
 };
 template <>
 struct OpOf<__half> {
-    using type = OpF16;
-    static constexpr int kRawTerms = 1;
+    using type = OpBf16;
+    static constexpr int kRawTerms = 3;
 };
 template <>
 struct OpOf<__nv_bfloat16> {

@@ -27,13 +27,13 @@
 //       output kernel forms them: it IS that kernel's pass (intra_pass in
 //       chunk_common.cuh) with kAdjoint, K̃ for Q̃, D for S, Pᵀ dY for P V.
 // Tensor cores: 1b and 3b multiply on tensor cores like the forward (f32
-// inputs TF32 m16n16k8, f16 / bf16 their own m16n16k16; OpOf picks the
-// operand type), always with three split products (kGradTerms: hi·hi +
+// inputs TF32 m16n16k8, f16 and bf16 inputs bf16 m16n16k16; OpOf picks the
+// operand type and says why bf16 for f16), always with three split products (kGradTerms: hi·hi +
 // hi·lo + lo·hi, the forward's "exact", ~21 bits for TF32): W_c's and dv's
 // products, the anchored off-diagonal score blocks (inner dimension 2·16 per
 // slab) and Pᵀ dY; only P's four diagonal 16 × 16 blocks are pairwise f32.
 // 3a forms s = dY Vᵀ on tensor cores too (two raw inputs: three split
-// products for f32, one for f16 / bf16, exact in their own type), and per
+// products for f32 and f16, one for bf16, exact in its own type), and per
 // slab the inter-chunk products S_in dy_n, D v_n (three split products);
 // its intra-chunk pairs (the pre-phase accumulators acc_q, acc_k and the
 // gate terms, each pair with its own anchored modulus, applied last for the

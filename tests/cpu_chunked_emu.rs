@@ -373,40 +373,25 @@ fn grad_bounds(t: Dtype, name: &str) -> (f64, f64) {
     if ["dq", "dk", "dv"].contains(&name) { y_bounds(t) } else { (REL_F32, ABS_FRAC_F32) }
 }
 
-/// FAILS (ignored until the kernels change): f16 dh0 when the chunk's first
-/// gate decays hard. grad_w forms W_0 = Σ_n conj(Q̃_n) dy_nᵀ with the query
-/// operand Q̃_n = q_n |E(n, −1)| e^{iθ_n} (cuda/chunk_common.cuh
+/// FIXED (found by this test): f16 dh0 when the chunk's first gate decays
+/// hard. grad_w forms W_0 = Σ_n conj(Q̃_n) dy_nᵀ with the query operand
+/// Q̃_n = q_n |E(n, −1)| e^{iθ_n} (cuda/chunk_common.cuh
 /// `put_inter_queries`: the modulus from the chunk's start, the first gate
-/// a_0 included) narrowed to the operand type, hi + lo both in f16. f16's
-/// normal range ends at 6.1e-5 and its subnormals are spaced 2^-24: once lo
-/// is subnormal (|Q̃| below ~0.25) the split carries an absolute error up
-/// to 2^-25, a relative one of ~2^-25 / |Q̃|, over 1e-4 below |Q̃| ≈ 3e-4
-/// (|a_0| < e^-8 for |q| ≤ 1), and below 2^-25 (|a_0| < e^-17.3) every Q̃
-/// of the chunk rounds to 0. dh0 = W_0 + conj(A_0) D(0) is then W_0 alone
-/// (A_0, the whole chunk's decay, is ~0), so its relative error goes to 1.
-/// bf16 and TF32 have f32's exponent range and pass on the same cases (bf16
-/// dh0 ≤ 3e-6); dq, dk, dv, dlog_gate stay within bounds (the lost terms
-/// are small beside the others). Measured (2026-11-29, emulated), f16 dh0
-/// relative L2 against the f32 bound 1e-4 (max-abs ≈ 3.4e-8 ≈ 2^-25 in the
-/// second and third):
-///
-/// - HardDecay(0.5), per-head, Re g_0 = −22.6: 1.0 (dh0 = 0, max|ref|
-///   1.3e-10);
-/// - StrongDecay(40), per-head, Re g_0 = −11.4: 3.6e-3 (max|ref| 8.9e-6);
-/// - StrongDecay(10), per-head, Re g_0 = −7.8: 1.7e-4 (max|ref| 3.0e-4);
-/// - tests/gpu_chunked_grad.rs `half_types`' own 84 f16 cases (same seeds,
-///   upstream and rounding), replayed on the emulator: StrongDecay(40)
-///   seeds 7504 (L = 1) 0.34 and 7508 (L = 130) 0.44, Mixed seed 7608
-///   3.3e-3, all per-head with h0; the other 81 within bounds (dq, dk, dv
-///   ≤ 3.8e-4 against 5.9e-4, dlog_gate ≤ 1.2e-6, dh0 ≤ 8.8e-7). So that GPU
-///   test will fail on f16 dh0 as the kernels stand.
-///
-/// Remedy (kernels, not done here): scale each Q̃ row (and any other decayed
-/// 16-bit operand) by a power of two, exact in every type, and undo it in
-/// f32 after the product; or form f16 inputs' decayed operands as bf16
-/// splits.
+/// a_0 included) narrowed to the operand type as hi + lo. With f16
+/// operands (normal range down to 6.1e-5, subnormals spaced 2^-24) the
+/// split carried an absolute error up to 2^-25 once lo was subnormal, over
+/// 1e-4 relative below |Q̃| ≈ 3e-4 (|a_0| < e^-8 for |q| ≤ 1), and below
+/// 2^-25 (|a_0| < e^-17.3) every Q̃ of the chunk rounded to 0; dh0 =
+/// W_0 + conj(A_0) D(0) is then W_0 alone (A_0 ≈ 0), so its relative error
+/// went to 1. Measured before (2026-11-29, emulated), f16 dh0 relative L2
+/// against 1e-4: HardDecay(0.5), Re g_0 = −22.6: 1.0 (dh0 = 0);
+/// StrongDecay(40), Re g_0 = −11.4: 3.6e-3; StrongDecay(10), Re g_0 = −7.8:
+/// 1.7e-4; and tests/gpu_chunked_grad.rs `half_types`' own f16 cases,
+/// replayed here, failed 3 of 84 (seeds 7504, 7508, 7608, up to 0.44).
+/// The exact products of f16 inputs now take bf16 split operands (f32's
+/// exponent range; `OpOf<__half>` in chunk_common.cuh), and these cases
+/// measure dh0 ≤ 7.2e-6.
 #[test]
-#[ignore = "f16 dh0 loses the first chunk's terms to f16 underflow; see the doc comment"]
 fn chunk_grad_f16_dh0_after_a_strong_first_gate() {
     let Some(emu) = emulator() else { return };
     let cases = [
