@@ -58,24 +58,12 @@ static int run(const std::string& dir, int64_t B, int64_t L, int64_t H, int64_t 
     std::vector<float> ws(6 * n, nan);
 
     GateloopAttentionParams p{};
-    p.q = q.data();
-    p.k = k.data();
-    p.v = v.data();
-    p.log_gate = gate.data();
-    p.h0 = has_h0 ? h0.data() : nullptr;
-    p.y = y.data();
-    p.h_final = h_final.data();
+    bind_common(p, B, L, H, K, V, G, dtype, q.data(), k.data(), v.data(), gate.data(), has_h0 ? h0.data() : nullptr,
+                y.data(), h_final.data());
     p.ws_prefix = ws.data();
     p.ws_suffix = ws.data() + 2 * n;
     p.ws_reset = reinterpret_cast<int32_t*>(ws.data() + 4 * n);
     p.ws_prefix_lo = ws.data() + 5 * n;
-    p.dims = GateloopDims{B, L, H, K, V, G};
-    p.q_strides = p.k_strides = seq(L, H, K);
-    p.v_strides = p.y_strides = seq(L, H, V);
-    p.gate_strides = seq(L, H, G);
-    p.h0_strides = p.h_final_strides = GateloopStateStrides{H * K * V, K * V, V};
-    p.flags = (G == 1 ? GATELOOP_FLAG_PER_HEAD_GATE : 0) | (has_h0 ? GATELOOP_FLAG_HAS_H0 : 0);
-    p.dtype = dtype;
     p.num_tiles = div_ceil(L, GATELOOP_ATTENTION_TILE);
     p.value_tiles = div_ceil(V, GATELOOP_ATTENTION_VALUE_TILE);
     p.state_key_tiles = div_ceil(K, GATELOOP_ATTENTION_STATE_KEY_TILE);

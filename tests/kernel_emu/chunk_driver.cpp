@@ -156,22 +156,10 @@ static int run(const std::string& dir, bool backward, int64_t B, int64_t L, int6
     std::vector<float> ws(workspace_len, nan);
 
     GateloopChunkParams p{};
-    p.q = q.data();
-    p.k = k.data();
-    p.v = v.data();
-    p.log_gate = gate.data();
-    p.h0 = has_h0 ? h0.data() : nullptr;
-    p.y = y.data();
-    p.h_final = hf.data();
+    bind_common(p, B, L, H, K, V, G, dtype, q.data(), k.data(), v.data(), gate.data(), has_h0 ? h0.data() : nullptr,
+                y.data(), hf.data());
     p.ws_decay = ws.data();
     p.ws_state = ws.data() + decay_len;
-    p.dims = GateloopDims{B, L, H, K, V, G};
-    p.q_strides = p.k_strides = seq(L, H, K);
-    p.v_strides = p.y_strides = seq(L, H, V);
-    p.gate_strides = seq(L, H, G);
-    p.h0_strides = p.h_final_strides = GateloopStateStrides{H * K * V, K * V, V};
-    p.flags = (G == 1 ? GATELOOP_FLAG_PER_HEAD_GATE : 0) | (has_h0 ? GATELOOP_FLAG_HAS_H0 : 0);
-    p.dtype = dtype;
     p.num_chunks = nc;
     p.value_tiles = tiles;
     fwd_shared_bytes(sizeof(T), complex, p.state_shared_bytes, p.shared_bytes);

@@ -71,18 +71,8 @@ static GateloopScanParams forward_params(int64_t B, int64_t L, int64_t H, int64_
                                          const void* q, const void* k, const void* v, const float* gate, const float* h0,
                                          int64_t warps, int64_t tile) {
     GateloopScanParams f{};
-    f.q = q;
-    f.k = k;
-    f.v = v;
-    f.log_gate = gate;
-    f.h0 = h0;
-    f.dims = GateloopDims{B, L, H, K, V, G};
-    f.q_strides = f.k_strides = seq(L, H, K);
-    f.v_strides = f.y_strides = seq(L, H, V);
-    f.gate_strides = seq(L, H, G);
-    f.h0_strides = f.h_final_strides = GateloopStateStrides{H * K * V, K * V, V};
-    f.flags = (G == 1 ? GATELOOP_FLAG_PER_HEAD_GATE : 0) | (h0 ? GATELOOP_FLAG_HAS_H0 : 0);
-    f.dtype = dtype;
+    // y, h_final: set by the caller (the forward's outputs, or null in the backward's recompute).
+    bind_common(f, B, L, H, K, V, G, dtype, q, k, v, gate, h0, nullptr, nullptr);
     f.warps = static_cast<int32_t>(warps);
     f.value_tile = static_cast<int32_t>(tile);
     f.chunk_len = GATELOOP_SCAN_STEPS_PER_THREAD * 32 * warps;

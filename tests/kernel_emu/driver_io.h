@@ -89,3 +89,27 @@ static void write_widened(const std::string& path, const std::vector<T>& x) {
     write_f32(path, w);
 }
 static GateloopSeqStrides seq(int64_t L, int64_t H, int64_t D) { return GateloopSeqStrides{L * H * D, H * D, D}; }
+
+// What every Gateloop*Params has in common, as the launchers set it
+// (launch.rs: SeqParams::for_dims, then Buffers::bind): the buffers, dims,
+// contiguous strides, the gate-layout and h0 flags (h0 null: no HAS_H0),
+// the dtype. Each driver then sets its kernel's own fields.
+template <class P>
+static void bind_common(P& p, int64_t B, int64_t L, int64_t H, int64_t K, int64_t V, int64_t G, uint32_t dtype,
+                        const void* q, const void* k, const void* v, const float* gate, const float* h0, void* y,
+                        float* h_final) {
+    p.q = q;
+    p.k = k;
+    p.v = v;
+    p.log_gate = gate;
+    p.h0 = h0;
+    p.y = y;
+    p.h_final = h_final;
+    p.dims = GateloopDims{B, L, H, K, V, G};
+    p.q_strides = p.k_strides = seq(L, H, K);
+    p.v_strides = p.y_strides = seq(L, H, V);
+    p.gate_strides = seq(L, H, G);
+    p.h0_strides = p.h_final_strides = GateloopStateStrides{H * K * V, K * V, V};
+    p.flags = (G == 1 ? GATELOOP_FLAG_PER_HEAD_GATE : 0) | (h0 ? GATELOOP_FLAG_HAS_H0 : 0);
+    p.dtype = dtype;
+}

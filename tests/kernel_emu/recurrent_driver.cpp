@@ -84,21 +84,9 @@ static int run(const std::string& dir, bool decode, const Entry* entries) {
 
     // GateloopRecurrentParams::for_dims, then the plan and Buffers::bind.
     GateloopRecurrentParams p{};
-    p.q = q.data();
-    p.k = k.data();
-    p.v = v.data();
-    p.log_gate = gate.data();
-    p.h0 = has_h0 ? h0.data() : nullptr;
-    p.y = y.data();
-    p.h_final = hf.data();
-    p.dims = GateloopDims{B, L, H, K, V, G};
-    p.q_strides = p.k_strides = seq(L, H, K);
-    p.v_strides = p.y_strides = seq(L, H, V);
-    p.gate_strides = seq(L, H, G);
-    p.h0_strides = p.h_final_strides = GateloopStateStrides{H * K * V, K * V, V};
-    p.flags = (G == 1 ? GATELOOP_FLAG_PER_HEAD_GATE : 0) | (has_h0 ? GATELOOP_FLAG_HAS_H0 : 0) |
-              (decode ? GATELOOP_FLAG_STATE_IN_PLACE : 0);
-    p.dtype = static_cast<uint32_t>(dtype);
+    bind_common(p, B, L, H, K, V, G, static_cast<uint32_t>(dtype), q.data(), k.data(), v.data(), gate.data(),
+                has_h0 ? h0.data() : nullptr, y.data(), hf.data());
+    if (decode) p.flags |= GATELOOP_FLAG_STATE_IN_PLACE;
     p.key_groups = static_cast<int32_t>(groups);
     p.padded_key_dim = static_cast<int32_t>(padded);
     p.chunk_len = static_cast<int32_t>(chunk);
