@@ -15,7 +15,7 @@ mod dtype_support;
 mod emu_support;
 
 use common::{ABS_FRAC, Case, REL, assert_outputs, flat, regime_matrix, adversarial_regime_tests, unflat};
-use emu_support::{read_f32_file as read_f32, write_f32_file as write_f32};
+use emu_support::read_f32_file as read_f32;
 use gateloop::cpu::attention::{AttentionParams, forward, reduce_phase};
 use gateloop::cuda::{Dtype, Element};
 use gateloop::reference::{self, naive};
@@ -225,28 +225,7 @@ fn run_emulated(
     p: &gateloop::testing::OwnedProblem<f32>,
     dtype: Dtype,
 ) -> (Vec<f32>, Vec<Complex<f32>>) {
-    let d = case.dims;
-    let dir = std::env::temp_dir().join(format!("gateloop_attention_emu_{}_{}_{dtype:?}", std::process::id(), case.seed));
-    std::fs::create_dir_all(&dir).unwrap();
-    let dims_line = format!(
-        "{} {} {} {} {} {} {} {}",
-        d.batch,
-        d.len,
-        d.heads,
-        d.key_dim,
-        d.value_dim,
-        d.gate_dim(),
-        p.h0.is_some() as u8,
-        dtype.abi()
-    );
-    std::fs::write(dir.join("dims.txt"), dims_line).unwrap();
-    write_f32(&dir.join("q.bin"), &p.q);
-    write_f32(&dir.join("k.bin"), &p.k);
-    write_f32(&dir.join("v.bin"), &p.v);
-    write_f32(&dir.join("log_gate.bin"), &flat(&p.log_gate));
-    if let Some(h0) = &p.h0 {
-        write_f32(&dir.join("h0.bin"), &flat(h0));
-    }
+    let dir = emu_support::write_case(&format!("attention_{}_{dtype:?}", case.seed), p, &[dtype.abi().to_string()], false, &[]);
     let status = std::process::Command::new(emu).arg(&dir).status().unwrap();
     assert!(status.success(), "{}: emulator failed: {status}", case.label());
     let out = (read_f32(&dir.join("y.out")), unflat(&read_f32(&dir.join("h_final.out"))));

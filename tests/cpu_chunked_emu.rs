@@ -43,42 +43,16 @@ enum GateKind {
 /// driver's format (tests/kernel_emu/chunk_driver.cpp), for the entry points
 /// of element type `t` (q, k, v representable in `t`).
 fn write_inputs(tag: &str, p: &OwnedProblem<f32>, gates: GateKind, precision: ChunkPrecision, t: Dtype) -> std::path::PathBuf {
-    let d = p.dims;
-    let dir = std::env::temp_dir().join(format!("gateloop_chunk_emu_case_{}_{tag}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
     let complex = gates == GateKind::Complex;
-    std::fs::write(
-        dir.join("dims.txt"),
-        format!(
-            "{} {} {} {} {} {} {} {} {} {}",
-            d.batch,
-            d.len,
-            d.heads,
-            d.key_dim,
-            d.value_dim,
-            d.gate_dim(),
-            p.h0.is_some() as u8,
-            complex as u8,
-            (precision == ChunkPrecision::Exact) as u8,
-            t.abi()
-        ),
-    )
-    .unwrap();
+    let extra = [complex as u32, (precision == ChunkPrecision::Exact) as u32, t.abi()].map(|x| x.to_string());
+    // Complex: interleaved (re, im); real: the real parts (Im is 0 there).
+    let dir = emu_support::write_case(&format!("chunk_{tag}"), p, &extra, !complex, &[]);
     // The host launchers' shared bytes for `t`: the driver launches with them
     // and checks them against the kernels' layout.
     let chunk_gates = if complex { chunk::Gates::Complex } else { chunk::Gates::Real };
     let (state, output) = chunk::shared_bytes(t, chunk_gates);
     let (w, qk, dv) = chunk_grad::shared_bytes(t);
     std::fs::write(dir.join("shared.txt"), format!("{state} {output} {w} {qk} {dv}")).unwrap();
-    // Complex: interleaved (re, im); real: the real parts (Im is 0 there).
-    let planes = |z: &[Complex<f32>]| if complex { flat(z) } else { z.iter().map(|z| z.re).collect() };
-    write_f32_file(&dir.join("q.bin"), &p.q);
-    write_f32_file(&dir.join("k.bin"), &p.k);
-    write_f32_file(&dir.join("v.bin"), &p.v);
-    write_f32_file(&dir.join("log_gate.bin"), &planes(&p.log_gate));
-    if let Some(h0) = &p.h0 {
-        write_f32_file(&dir.join("h0.bin"), &planes(h0));
-    }
     dir
 }
 

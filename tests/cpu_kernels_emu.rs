@@ -37,7 +37,7 @@ use gateloop::testing::{GateRegime, OwnedProblem, dims, random_problem};
 use gateloop::{Complex, Dims, ErrorStats, Outputs, compare, compare_complex};
 
 use common::{ABS_FRAC, ALL_REGIMES_AND_UNDERFLOW, REL, assert_within, flat, unflat};
-use emu_support::{kernel_emulator, read_f32_file, write_f32_file};
+use emu_support::{kernel_emulator, read_f32_file, write_case};
 
 /// An emulator binary, built once per test binary.
 fn emulator(which: &'static std::sync::OnceLock<Option<PathBuf>>, kind: &str, env: &str) -> Option<PathBuf> {
@@ -52,25 +52,6 @@ fn recurrent_emulator() -> Option<PathBuf> {
     emulator(&RECURRENT_EMU, "recurrent", "GATELOOP_RECURRENT_EMU")
 }
 
-/// A fresh case directory holding `dims_line` as dims.txt and the inputs of
-/// `p` (and `extra` files) in the drivers' format.
-fn write_case(tag: &str, dims_line: String, p: &OwnedProblem<f32>, extra: &[(&str, Vec<f32>)]) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("gateloop_kernels_emu_{}_{tag}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    std::fs::write(dir.join("dims.txt"), dims_line).unwrap();
-    write_f32_file(&dir.join("q.bin"), &p.q);
-    write_f32_file(&dir.join("k.bin"), &p.k);
-    write_f32_file(&dir.join("v.bin"), &p.v);
-    write_f32_file(&dir.join("log_gate.bin"), &flat(&p.log_gate));
-    if let Some(h0) = &p.h0 {
-        write_f32_file(&dir.join("h0.bin"), &flat(h0));
-    }
-    for (name, x) in extra {
-        write_f32_file(&dir.join(name), x);
-    }
-    dir
-}
-
 /// Runs `emu` with `args` then `dir`; reads y.out and `state_file`, removes `dir`.
 fn run(emu: &Path, args: &[&str], dir: &Path, state_file: &str) -> Outputs<f32> {
     let status = std::process::Command::new(emu).args(args).arg(dir).status().unwrap();
@@ -80,16 +61,12 @@ fn run(emu: &Path, args: &[&str], dir: &Path, state_file: &str) -> Outputs<f32> 
     out
 }
 
-fn dims_prefix(d: &Dims, with_h0: bool) -> String {
-    format!("{} {} {} {} {} {} {}", d.batch, d.len, d.heads, d.key_dim, d.value_dim, d.gate_dim(), with_h0 as u8)
-}
-
 /// The scan forward's three launches (reduce, carry, forward; one chunk:
 /// forward only) with the geometry `lp`, q, k, v and y in `dtype` (q, k, v
 /// must be representable in it). Returns y (widened) and h_final.
 fn scan_emulated(emu: &Path, tag: &str, p: &OwnedProblem<f32>, lp: &scan::LaunchPlan, dtype: Dtype) -> Outputs<f32> {
-    let line = format!("{} {} {} {}", dims_prefix(&p.dims, p.h0.is_some()), dtype.abi(), lp.warps, lp.value_tile);
-    run(emu, &["--forward"], &write_case(tag, line, p, &[]), "h_final.out")
+    let extra = [dtype.abi().to_string(), lp.warps.to_string(), lp.value_tile.to_string()];
+    run(emu, &["--forward"], &write_case(tag, p, &extra, false, &[]), "h_final.out")
 }
 
 /// The recurrent kernel's launch with the plan of `cuda::recurrent::plan`:
@@ -98,18 +75,10 @@ fn scan_emulated(emu: &Path, tag: &str, p: &OwnedProblem<f32>, lp: &scan::Launch
 /// representable in `dtype`. Returns y (widened) and h_final / the new state.
 fn recurrent_emulated(emu: &Path, tag: &str, p: &OwnedProblem<f32>, dtype: Dtype, state: Option<&[Complex<f32>]>) -> Outputs<f32> {
     let lp = recurrent::plan(&p.dims).unwrap();
-    let line = format!(
-        "{} {} {} {} {} {}",
-        dims_prefix(&p.dims, p.h0.is_some()),
-        dtype.abi(),
-        lp.rows_per_thread,
-        lp.key_groups,
-        lp.chunk_len,
-        lp.shared_bytes
-    );
+    let extra = [dtype.abi(), lp.rows_per_thread, lp.key_groups, lp.chunk_len, lp.shared_bytes].map(|x| x.to_string());
     match state {
-        None => run(emu, &[], &write_case(tag, line, p, &[]), "h_final.out"),
-        Some(s) => run(emu, &["--decode"], &write_case(tag, line, p, &[("state.bin", flat(s))]), "state.out"),
+        None => run(emu, &[], &write_case(tag, p, &extra, false, &[]), "h_final.out"),
+        Some(s) => run(emu, &["--decode"], &write_case(tag, p, &extra, false, &[("state.bin", &flat(s))]), "state.out"),
     }
 }
 

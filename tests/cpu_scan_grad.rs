@@ -19,7 +19,7 @@ use gateloop::{Complex, Dims, InputError, Mode};
 
 use common::grad::{GradCase, Worst, compare_grads};
 use common::{ABS_FRAC, REL, flat, unflat};
-use emu_support::{read_f32_file as read_f32, write_f32_file as write_f32};
+use emu_support::read_f32_file as read_f32;
 
 /// The geometry the kernel runs for `d` (on the mirrored GPU).
 fn kernel_params(d: &Dims) -> ScanGradParams {
@@ -249,39 +249,14 @@ fn emulator() -> Option<std::path::PathBuf> {
 /// launched as `cuda::scan_grad::backward_into` does with the plan `lp`,
 /// outputs and workspace NaN-poisoned) on the emulator.
 fn run_emulated(emu: &std::path::Path, c: &GradCase, lp: &GradLaunchPlan, inp: &common::grad::GradInputsF32) -> Grads<f32> {
-    let d = c.dims;
-    let dir = std::env::temp_dir().join(format!("gateloop_emu_case_{}_{}", std::process::id(), c.seed));
-    std::fs::create_dir_all(&dir).unwrap();
     let p = &inp.p;
-    std::fs::write(
-        dir.join("dims.txt"),
-        format!(
-            "{} {} {} {} {} {} {} {} {} {} {}",
-            d.batch,
-            d.len,
-            d.heads,
-            d.key_dim,
-            d.value_dim,
-            d.gate_dim(),
-            p.h0.is_some() as u8,
-            inp.dh_final.is_some() as u8,
-            lp.forward.warps,
-            lp.forward.value_tile,
-            lp.value_tile
-        ),
-    )
-    .unwrap();
-    write_f32(&dir.join("q.bin"), &p.q);
-    write_f32(&dir.join("k.bin"), &p.k);
-    write_f32(&dir.join("v.bin"), &p.v);
-    write_f32(&dir.join("log_gate.bin"), &flat(&p.log_gate));
-    write_f32(&dir.join("dy.bin"), &inp.dy);
-    if let Some(h0) = &p.h0 {
-        write_f32(&dir.join("h0.bin"), &flat(h0));
+    let extra = [inp.dh_final.is_some() as u32, lp.forward.warps, lp.forward.value_tile, lp.value_tile].map(|x| x.to_string());
+    let dh_final = inp.dh_final.as_deref().map(flat);
+    let mut files: Vec<(&str, &[f32])> = vec![("dy.bin", &inp.dy)];
+    if let Some(dhf) = &dh_final {
+        files.push(("dh_final.bin", dhf));
     }
-    if let Some(dhf) = &inp.dh_final {
-        write_f32(&dir.join("dh_final.bin"), &flat(dhf));
-    }
+    let dir = emu_support::write_case(&format!("scan_grad_{}", c.seed), p, &extra, false, &files);
     let status = std::process::Command::new(emu).arg(&dir).status().unwrap();
     assert!(status.success(), "{c:?}: emulator failed: {status}");
     let out = Grads {

@@ -83,6 +83,43 @@ fn sources_hash(root: &std::path::Path, kind: &str) -> u64 {
     h.finish()
 }
 
+/// A fresh case directory for an emulator driver (tests/kernel_emu/*.cpp):
+/// dims.txt = "B L H K V gate_dim has_h0" followed by `extra_dims`, and the
+/// inputs q.bin, k.bin, v.bin, log_gate.bin, h0.bin (when given) of `p`,
+/// complex tensors interleaved (re, im) or, with `real_parts`, their real
+/// parts; then `files` as named. `tag` keeps concurrent cases apart.
+pub fn write_case(
+    tag: &str,
+    p: &gateloop::testing::OwnedProblem<f32>,
+    extra_dims: &[String],
+    real_parts: bool,
+    files: &[(&str, &[f32])],
+) -> std::path::PathBuf {
+    let d = p.dims;
+    let dir = std::env::temp_dir().join(format!("gateloop_emu_{}_{tag}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let mut line = format!("{} {} {} {} {} {} {}", d.batch, d.len, d.heads, d.key_dim, d.value_dim, d.gate_dim(), p.h0.is_some() as u8);
+    for x in extra_dims {
+        line.push(' ');
+        line.push_str(x);
+    }
+    std::fs::write(dir.join("dims.txt"), line).unwrap();
+    let planes = |z: &[gateloop::Complex<f32>]| -> Vec<f32> {
+        if real_parts { z.iter().map(|z| z.re).collect() } else { z.iter().flat_map(|z| [z.re, z.im]).collect() }
+    };
+    write_f32_file(&dir.join("q.bin"), &p.q);
+    write_f32_file(&dir.join("k.bin"), &p.k);
+    write_f32_file(&dir.join("v.bin"), &p.v);
+    write_f32_file(&dir.join("log_gate.bin"), &planes(&p.log_gate));
+    if let Some(h0) = &p.h0 {
+        write_f32_file(&dir.join("h0.bin"), &planes(h0));
+    }
+    for (name, x) in files {
+        write_f32_file(&dir.join(name), x);
+    }
+    dir
+}
+
 /// Writes raw little-endian f32 (the emulator drivers' input format).
 pub fn write_f32_file(path: &std::path::Path, x: &[f32]) {
     let bytes: Vec<u8> = x.iter().flat_map(|v| v.to_le_bytes()).collect();
