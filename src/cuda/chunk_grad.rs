@@ -58,7 +58,7 @@ use num_complex::Complex;
 use super::abi::{self, GateloopChunkGradParams, GateloopChunkParams};
 use super::chunk::{self, CARRY_THREADS, ChunkPrecision, Gates, KEY_SLAB, THREADS, VALUE_TILE};
 use super::element::{Dtype, Element};
-use super::launch::{self, GradBuffers, SeqParams, seq_strides, state_strides};
+use super::launch::{self, GradBuffers, GradParams, SeqParams};
 use super::{DriverContext, Gpu, GpuError};
 use crate::error::InputError;
 use crate::problem::{Dims, Problem};
@@ -229,13 +229,6 @@ pub fn backward_into<'a, T: Element>(
             state_shared_bytes: lp.state_shared_bytes as i32,
             ..GateloopChunkParams::for_dims(d, T::DTYPE.abi())?
         },
-        dy_strides: seq_strides(d, d.value_dim)?,
-        dq_strides: seq_strides(d, d.key_dim)?,
-        dk_strides: seq_strides(d, d.key_dim)?,
-        dv_strides: seq_strides(d, d.value_dim)?,
-        dgate_strides: seq_strides(d, d.gate_dim())?,
-        dh_final_strides: state_strides(d)?,
-        dh0_strides: state_strides(d)?,
         grad_flags: if has_dh_final { abi::GATELOOP_GRAD_FLAG_HAS_DH_FINAL } else { 0 }
             | if has_dh0 { abi::GATELOOP_GRAD_FLAG_HAS_DH0 } else { 0 },
         w_shared_bytes: w_bytes as i32,
@@ -243,8 +236,10 @@ pub fn backward_into<'a, T: Element>(
         dv_shared_bytes: dv_bytes as i32,
         ..Default::default()
     };
+    params.set_grad_strides(d)?;
     // Held until this function returns, after the launches.
     let (ptrs, _bound) = buffers.bind(stream, &mut params.fwd)?;
+    params.set_grad_pointers(&ptrs);
     // `check` refused a missing or short workspace (the plan's is never empty).
     let ws = ptrs.workspace.ok_or(InputError::Length {
         name: "workspace",
@@ -257,13 +252,6 @@ pub fn backward_into<'a, T: Element>(
     params.fwd.ws_state = at(lp.decay_len);
     params.fwd.h_final = at(gp.sink_offset);
     params.ws_adj = at(gp.adj_offset);
-    params.dy = ptrs.dy as usize as *const std::ffi::c_void;
-    params.dh_final = ptrs.dh_final.map_or(std::ptr::null(), |p| p as usize as *const f32);
-    params.dq = ptrs.dq as usize as *mut std::ffi::c_void;
-    params.dk = ptrs.dk as usize as *mut std::ffi::c_void;
-    params.dv = ptrs.dv as usize as *mut std::ffi::c_void;
-    params.dlog_gate = ptrs.dlog_gate as usize as *mut f32;
-    params.dh0 = ptrs.dh0.map_or(std::ptr::null_mut(), |p| p as usize as *mut f32);
 
     let fwd_index = chunk::table_index(T::DTYPE, Gates::Complex, precision);
     let dtype = T::DTYPE.index();

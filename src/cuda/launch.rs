@@ -11,8 +11,8 @@ use cudarc::driver::{CudaStream, DevicePtr, DevicePtrMut, DeviceRepr, DeviceSlic
 use num_complex::Complex;
 
 use super::abi::{
-    self, GateloopAttentionParams, GateloopChunkParams, GateloopDims, GateloopRecurrentParams, GateloopScanParams, GateloopSeqStrides,
-    GateloopStateStrides,
+    self, GateloopAttentionParams, GateloopChunkGradParams, GateloopChunkParams, GateloopDims, GateloopRecurrentParams,
+    GateloopScanGradParams, GateloopScanParams, GateloopSeqStrides, GateloopStateStrides,
 };
 use super::element::{Element, round_slice, widen_slice};
 use super::{DriverContext, Gpu, GpuError};
@@ -259,6 +259,44 @@ macro_rules! impl_seq_params {
 }
 
 impl_seq_params!(GateloopRecurrentParams, GateloopScanParams, GateloopAttentionParams, GateloopChunkParams);
+
+/// The gradient fields every backward parameter struct of
+/// `cuda/gateloop_abi.h` has (beyond its embedded forward struct).
+pub(crate) trait GradParams {
+    /// Contiguous strides of dy, dq, dk, dv, dlog_gate, dh_final and dh0 for `d`.
+    fn set_grad_strides(&mut self, d: &Dims) -> Result<(), InputError>;
+    /// The gradient buffers' addresses ([`GradBuffers::bind`]); an absent
+    /// dh_final or dh0 is NULL.
+    fn set_grad_pointers(&mut self, p: &GradPointers);
+}
+
+macro_rules! impl_grad_params {
+    ($($params:ty),+) => {$(
+        impl GradParams for $params {
+            fn set_grad_strides(&mut self, d: &Dims) -> Result<(), InputError> {
+                self.dy_strides = seq_strides(d, d.value_dim)?;
+                self.dq_strides = seq_strides(d, d.key_dim)?;
+                self.dk_strides = seq_strides(d, d.key_dim)?;
+                self.dv_strides = seq_strides(d, d.value_dim)?;
+                self.dgate_strides = seq_strides(d, d.gate_dim())?;
+                self.dh_final_strides = state_strides(d)?;
+                self.dh0_strides = state_strides(d)?;
+                Ok(())
+            }
+            fn set_grad_pointers(&mut self, p: &GradPointers) {
+                self.dy = p.dy as usize as *const c_void;
+                self.dh_final = p.dh_final.map_or(std::ptr::null(), |h| h as usize as *const f32);
+                self.dq = p.dq as usize as *mut c_void;
+                self.dk = p.dk as usize as *mut c_void;
+                self.dv = p.dv as usize as *mut c_void;
+                self.dlog_gate = p.dlog_gate as usize as *mut f32;
+                self.dh0 = p.dh0.map_or(std::ptr::null_mut(), |h| h as usize as *mut f32);
+            }
+        }
+    )+};
+}
+
+impl_grad_params!(GateloopChunkGradParams, GateloopScanGradParams);
 
 /// Lengths of the forward's inputs (log_gate and h0 complex or real f32).
 fn check_input_lens<T>(

@@ -24,7 +24,7 @@ use cudarc::driver::{CudaFunction, CudaModule, CudaStream, DevicePtrMut, DeviceR
 use num_complex::Complex;
 
 use super::abi::{self, GateloopScanGradParams, GateloopScanParams};
-use super::launch::{self, GradBuffers, SeqParams, seq_strides, state_strides};
+use super::launch::{self, GradBuffers, GradParams, SeqParams};
 use super::scan::{LaunchPlan, plan_with_warps, sm_count};
 use super::element::{Dtype, Element};
 use super::{DriverContext, Gpu, GpuError};
@@ -229,13 +229,6 @@ pub fn backward_into<'a, T: Element>(
             value_tiles: fl.value_tiles as i64,
             ..GateloopScanParams::for_dims(d, T::DTYPE.abi())?
         },
-        dy_strides: seq_strides(d, d.value_dim)?,
-        dq_strides: seq_strides(d, d.key_dim)?,
-        dk_strides: seq_strides(d, d.key_dim)?,
-        dv_strides: seq_strides(d, d.value_dim)?,
-        dgate_strides: seq_strides(d, d.gate_dim())?,
-        dh_final_strides: state_strides(d)?,
-        dh0_strides: state_strides(d)?,
         value_tile: lp.value_tile as i32,
         value_tiles: lp.value_tiles as i64,
         ..Default::default()
@@ -243,14 +236,9 @@ pub fn backward_into<'a, T: Element>(
     // Device addresses (q, k, v, log_gate, h0 and HAS_H0 into params.fwd);
     // the guards order this stream after earlier work on each buffer and
     // record these launches when dropped (at return).
+    params.set_grad_strides(d)?;
     let (ptrs, _bound) = buffers.bind(stream, &mut params.fwd)?;
-    params.dy = ptrs.dy as usize as *const std::ffi::c_void;
-    params.dh_final = ptrs.dh_final.map_or(std::ptr::null(), |p| p as usize as *const f32);
-    params.dq = ptrs.dq as usize as *mut std::ffi::c_void;
-    params.dk = ptrs.dk as usize as *mut std::ffi::c_void;
-    params.dv = ptrs.dv as usize as *mut std::ffi::c_void;
-    params.dlog_gate = ptrs.dlog_gate as usize as *mut f32;
-    params.dh0 = ptrs.dh0.map_or(std::ptr::null_mut(), |p| p as usize as *mut f32);
+    params.set_grad_pointers(&ptrs);
     if let Some(w) = ptrs.workspace.filter(|_| lp.workspace_len > 0) {
         let at = |offset: usize| (w as usize + 4 * offset) as *mut f32;
         if fl.num_chunks > 1 {
