@@ -21,7 +21,7 @@
 mod common;
 mod dtype_support;
 
-use common::{ALL_REGIMES, Case, assert_within, flat, gpu_or_skip, regime_matrix, shape_sweep, unflat, upload};
+use common::{ALL_REGIMES, Case, assert_within, flat, gpu_or_skip, regime_matrix, shape_sweep, upload};
 use dtype_support::{rounded_to, y_bounds};
 use gateloop::cpu::chunked::ChunkParams;
 use gateloop::cuda::chunk::ChunkPrecision;
@@ -60,40 +60,14 @@ fn rounded<T: Element>(p: &OwnedProblem<f64>, up: &Upstream) -> (OwnedProblem<f6
 fn run<T: Element>(gpu: &Gpu, p: &OwnedProblem<f64>, up: &Upstream, precision: ChunkPrecision) -> Grads<f32> {
     let p32 = p.to_f32();
     let d = p32.dims;
-    let s = gpu.context().new_stream().expect("stream");
-    let u = upload::<T>(&s, &p32);
-    let c32 = |z: &[Complex<f64>]| flat(&z.iter().map(|z| Complex::new(z.re as f32, z.im as f32)).collect::<Vec<_>>());
-    let h0 = p32.h0.as_ref().map(|h| s.clone_htod(&flat(h)).unwrap());
-    let dy = s.clone_htod(&up.dy.iter().map(|&x| T::from_f32(x as f32)).collect::<Vec<T>>()).unwrap();
-    let dhf = up.dh_final.as_ref().map(|h| s.clone_htod(&c32(h)).unwrap());
-    let mut dq = s.clone_htod(&vec![T::nan(); d.qk_len()]).unwrap();
-    let mut dk = s.clone_htod(&vec![T::nan(); d.qk_len()]).unwrap();
-    let mut dv = s.clone_htod(&vec![T::nan(); d.v_len()]).unwrap();
-    let mut dg = s.clone_htod(&vec![f32::NAN; 2 * d.gate_len()]).unwrap();
-    let mut dh0 = p32.h0.as_ref().map(|_| s.clone_htod(&vec![f32::NAN; 2 * d.state_len()]).unwrap());
+    let dy: Vec<f32> = up.dy.iter().map(|&x| x as f32).collect();
+    let dhf: Option<Vec<Complex<f32>>> =
+        up.dh_final.as_ref().map(|h| h.iter().map(|z| Complex::new(z.re as f32, z.im as f32)).collect());
     let lp = plan(&d, T::DTYPE).expect("plan");
-    let mut ws = s.clone_htod(&vec![f32::NAN; lp.workspace_len]).unwrap();
-    backward_into(
-        gpu,
-        &s,
-        &d,
-        DeviceInputs { q: &u.q, k: &u.k, v: &u.v, log_gate: &u.log_gate, h0: h0.as_ref().map(|h| h as _) },
-        DeviceGradInputs { dy: &dy, dh_final: dhf.as_ref().map(|h| h as _) },
-        DeviceGrads { dq: &mut dq, dk: &mut dk, dv: &mut dv, dlog_gate: &mut dg, dh0: dh0.as_mut().map(|h| h as _) },
-        Some(&mut ws),
-        precision,
-    )
-    .unwrap_or_else(|e| panic!("{} {d:?}: {e}", T::DTYPE));
-    let widen = |x: Vec<T>| x.into_iter().map(|x| x.to_f32()).collect::<Vec<f32>>();
-    let out = Grads {
-        dq: widen(s.clone_dtoh(&dq).unwrap()),
-        dk: widen(s.clone_dtoh(&dk).unwrap()),
-        dv: widen(s.clone_dtoh(&dv).unwrap()),
-        dlog_gate: unflat(&s.clone_dtoh(&dg).unwrap()),
-        dh0: dh0.map(|h| unflat(&s.clone_dtoh(&h).unwrap())),
-    };
-    s.synchronize().unwrap();
-    out
+    common::run_backward::<T>(gpu, &p32, &dy, dhf.as_deref(), lp.workspace_len, |s, d, i, u, g, w| {
+        backward_into(gpu, s, d, i, u, g, w, precision)
+    })
+    .unwrap_or_else(|e| panic!("{} {d:?}: {e}", T::DTYPE))
 }
 
 /// Every gradient of `got` against `want`: dq, dk, dv within `seq`,

@@ -24,7 +24,7 @@ mod common;
 mod dtype_support;
 
 use common::grad::{GradCase, GradInputsF32, Worst, compare_grads};
-use common::{ALL_REGIMES, flat, regime_matrix, unflat, upload};
+use common::{ALL_REGIMES, regime_matrix};
 use dtype_support::y_bounds;
 use gateloop::cpu::scan_grad;
 use gateloop::cuda::scan_grad::{
@@ -42,40 +42,12 @@ use half::{bf16, f16};
 /// poisoned with NaN; a dh0 buffer exactly when the problem has h0. dq, dk,
 /// dv come back widened to f32 (exactly).
 fn run_gpu<T: Element>(gpu: &Gpu, inp: &GradInputsF32) -> Grads<f32> {
-    let p = &inp.p;
-    let d = p.dims;
+    let d = inp.p.dims;
     let lp = plan_for(gpu, &d, T::DTYPE).expect("plan");
-    let s = gpu.context().new_stream().expect("stream");
-    let u = upload::<T>(&s, p);
-    let h0 = p.h0.as_ref().map(|h| s.clone_htod(&flat(h)).unwrap());
-    let dy = s.clone_htod(&inp.dy.iter().map(|&x| T::from_f32(x)).collect::<Vec<T>>()).unwrap();
-    let dhf = inp.dh_final.as_ref().map(|h| s.clone_htod(&flat(h)).unwrap());
-    let nan = |n: usize| s.clone_htod(&vec![f32::NAN; n]).unwrap();
-    let nan_t = |n: usize| s.clone_htod(&vec![T::nan(); n]).unwrap();
-    let (mut dq, mut dk, mut dv) = (nan_t(d.qk_len()), nan_t(d.qk_len()), nan_t(d.v_len()));
-    let mut dg = nan(2 * d.gate_len());
-    let mut dh0 = p.h0.as_ref().map(|_| nan(2 * d.state_len()));
-    let mut ws = (lp.workspace_len > 0).then(|| nan(lp.workspace_len));
-    backward_into(
-        gpu,
-        &s,
-        &d,
-        DeviceInputs { q: &u.q, k: &u.k, v: &u.v, log_gate: &u.log_gate, h0: h0.as_ref().map(|h| h as _) },
-        DeviceGradInputs { dy: &dy, dh_final: dhf.as_ref().map(|h| h as _) },
-        DeviceGrads { dq: &mut dq, dk: &mut dk, dv: &mut dv, dlog_gate: &mut dg, dh0: dh0.as_mut().map(|h| h as _) },
-        ws.as_mut().map(|w| w as _),
-    )
-    .unwrap_or_else(|e| panic!("{} {d:?}: {e}", T::DTYPE));
-    let widen = |x: Vec<T>| x.into_iter().map(|x| x.to_f32()).collect::<Vec<f32>>();
-    let out = Grads {
-        dq: widen(s.clone_dtoh(&dq).unwrap()),
-        dk: widen(s.clone_dtoh(&dk).unwrap()),
-        dv: widen(s.clone_dtoh(&dv).unwrap()),
-        dlog_gate: unflat(&s.clone_dtoh(&dg).unwrap()),
-        dh0: dh0.map(|h| unflat(&s.clone_dtoh(&h).unwrap())),
-    };
-    s.synchronize().unwrap();
-    out
+    common::run_backward::<T>(gpu, &inp.p, &inp.dy, inp.dh_final.as_deref(), lp.workspace_len, |s, d, i, u, g, w| {
+        backward_into(gpu, s, d, i, u, g, w)
+    })
+    .unwrap_or_else(|e| panic!("{} {d:?}: {e}", T::DTYPE))
 }
 
 /// `inp` with q, k, v and dy rounded to `T` (log_gate, h0 and dh_final stay

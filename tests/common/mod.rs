@@ -287,6 +287,59 @@ pub fn run_forward<T: Element>(
     Ok((y, unflat(&h_final)))
 }
 
+/// The backward twin of [`run_forward`]: uploads `p32` (q, k, v and `dy`
+/// converted to `T`, which must represent them; log_gate, h0, `dh_final`
+/// f32), poisons dq, dk, dv, dlog_gate, dh0 (when h0 is given) and a
+/// workspace of `workspace_len` f32 (none when 0) with NaN, calls `launch`,
+/// downloads (widened to f32) and synchronizes.
+pub fn run_backward<T: Element>(
+    gpu: &Gpu,
+    p32: &OwnedProblem<f32>,
+    dy: &[f32],
+    dh_final: Option<&[Complex<f32>]>,
+    workspace_len: usize,
+    launch: impl for<'a> FnOnce(
+        &'a CudaStream,
+        &'a Dims,
+        gateloop::cuda::chunk_grad::DeviceInputs<'a, T>,
+        gateloop::cuda::chunk_grad::DeviceGradInputs<'a, T>,
+        gateloop::cuda::chunk_grad::DeviceGrads<'a, T>,
+        Option<&'a mut dyn DevicePtrMut<f32>>,
+    ) -> Result<(), GpuError>,
+) -> Result<gateloop::reference::grad::Grads<f32>, GpuError> {
+    use gateloop::cuda::chunk_grad::{DeviceGradInputs, DeviceGrads, DeviceInputs};
+    let d = p32.dims;
+    let s = gpu.context().new_stream().expect("stream");
+    let u = upload::<T>(&s, p32);
+    let h0 = p32.h0.as_ref().map(|h| s.clone_htod(&flat(h)).unwrap());
+    let dy = s.clone_htod(&dy.iter().map(|&x| T::from_f32(x)).collect::<Vec<T>>()).unwrap();
+    let dhf = dh_final.map(|h| s.clone_htod(&flat(h)).unwrap());
+    let nan = |n: usize| s.clone_htod(&vec![f32::NAN; n]).unwrap();
+    let nan_t = |n: usize| s.clone_htod(&vec![T::nan(); n]).unwrap();
+    let (mut dq, mut dk, mut dv) = (nan_t(d.qk_len()), nan_t(d.qk_len()), nan_t(d.v_len()));
+    let mut dg = nan(2 * d.gate_len());
+    let mut dh0 = p32.h0.as_ref().map(|_| nan(2 * d.state_len()));
+    let mut ws = (workspace_len > 0).then(|| nan(workspace_len));
+    launch(
+        &s,
+        &d,
+        DeviceInputs { q: &u.q, k: &u.k, v: &u.v, log_gate: &u.log_gate, h0: h0.as_ref().map(|h| h as _) },
+        DeviceGradInputs { dy: &dy, dh_final: dhf.as_ref().map(|h| h as _) },
+        DeviceGrads { dq: &mut dq, dk: &mut dk, dv: &mut dv, dlog_gate: &mut dg, dh0: dh0.as_mut().map(|h| h as _) },
+        ws.as_mut().map(|w| w as _),
+    )?;
+    let widen = |x: Vec<T>| x.into_iter().map(|x| x.to_f32()).collect::<Vec<f32>>();
+    let out = gateloop::reference::grad::Grads {
+        dq: widen(s.clone_dtoh(&dq).unwrap()),
+        dk: widen(s.clone_dtoh(&dk).unwrap()),
+        dv: widen(s.clone_dtoh(&dv).unwrap()),
+        dlog_gate: unflat(&s.clone_dtoh(&dg).unwrap()),
+        dh0: dh0.map(|h| unflat(&s.clone_dtoh(&h).unwrap())),
+    };
+    s.synchronize().unwrap();
+    Ok(out)
+}
+
 /// Proptest's draw of a gate regime: every regime of
 /// [`GateRegime`], with random parameters where it has one.
 pub fn regime_strategy() -> impl proptest::strategy::Strategy<Value = GateRegime> {
