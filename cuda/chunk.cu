@@ -122,34 +122,25 @@ __device__ __forceinline__ void chunk_state(const GateloopChunkParams& p) {
 
 template <bool kComplex>
 __device__ __forceinline__ void chunk_carry(const GateloopChunkParams& p) {
-    const int64_t key_dim = p.dims.key_dim;
-    const int64_t value_dim = p.dims.value_dim;
-    const int64_t kv = key_dim * value_dim;
+    const int64_t kv = p.dims.key_dim * p.dims.value_dim;
     StateElement e;
     if (!state_element(p.dims, e)) return;
-    const int64_t bh = e.bh, row = e.row, col = e.col;
-    const BatchHead bhi = e.bhi;
     const int64_t nc = p.num_chunks;
-    const int64_t gd = p.dims.gate_dim;
-    const int64_t ch = gd == 1 ? 0 : row;
-    constexpr int kParts = kComplex ? 2 : 1;
     const bool has_h0 = (p.flags & GATELOOP_FLAG_HAS_H0) != 0;
-    const int64_t hi0 = state_index(p.h0_strides, bhi.b, bhi.h, row, col);
-    const int64_t hf = state_index(p.h_final_strides, bhi.b, bhi.h, row, col);
+    const int64_t hi0 = state_index(p.h0_strides, e.bhi.b, e.bhi.h, e.row, e.col);
+    const int64_t hf = state_index(p.h_final_strides, e.bhi.b, e.bhi.h, e.row, e.col);
     // Chunk c's rows: re at (c, row), im at (c, K + row).
-    const int64_t chunk_stride = kParts * kv;
-    float* re = p.ws_state + bh * nc * chunk_stride + row * value_dim + col;
-    const float* dec = p.ws_decay + (bh * nc * gd + ch) * kParts;
+    const CarrySlots cs = carry_slots<kComplex ? 2 : 1>(p, p.ws_state, e);
     if (kComplex) {
         const float2 s0 = has_h0 ? load_complex(p.h0, hi0) : make_float2(0.f, 0.f);
         reinterpret_cast<float2*>(p.h_final)[hf] =
-            carry_chunks<false>(re, re + kv, chunk_stride, dec, gd * 2, nc, s0);
+            carry_chunks<false>(cs.re, cs.re + kv, cs.chunk_stride, cs.dec, cs.dec_stride, nc, s0);
     } else {
         float s = has_h0 ? __ldg(p.h0 + hi0) : 0.f;
         for (int64_t c = 0; c < nc; ++c) {
-            const float a = dec[c * gd];
-            const float u = re[c * chunk_stride];
-            re[c * chunk_stride] = s;
+            const float a = cs.dec[c * cs.dec_stride];
+            const float u = cs.re[c * cs.chunk_stride];
+            cs.re[c * cs.chunk_stride] = s;
             s = fmaf(a, s, u);
         }
         p.h_final[hf] = s;

@@ -149,6 +149,31 @@ __device__ __forceinline__ float reduce_2pi(float x) {
 
 // ---- the carry over the chunks -------------------------------------------------
 
+// Where the carry of state element e finds its chunks: slot c of a
+// [B·H, num_chunks, kParts·K, V] workspace `ws` (the real part; the imaginary
+// part kv further) and the chunk's decay in ws_decay [B·H, num_chunks,
+// gate_dim, kParts] (channel 0 for a per-head gate). Shared by the forward
+// carry (ws_state) and the adjoint carry (ws_adj).
+struct CarrySlots {
+    float* re;
+    const float* dec;
+    int64_t chunk_stride;  // f32 between a chunk's slot and the next's
+    int64_t dec_stride;    // f32 between a chunk's decay and the next's
+};
+template <int kParts>
+__device__ __forceinline__ CarrySlots carry_slots(const GateloopChunkParams& p, float* ws, const StateElement& e) {
+    const int64_t kv = p.dims.key_dim * p.dims.value_dim;
+    const int64_t nc = p.num_chunks;
+    const int64_t gd = p.dims.gate_dim;
+    const int64_t ch = gd == 1 ? 0 : e.row;
+    CarrySlots s;
+    s.chunk_stride = kParts * kv;
+    s.re = ws + e.bh * nc * s.chunk_stride + e.row * p.dims.value_dim + e.col;
+    s.dec = p.ws_decay + (e.bh * nc * gd + ch) * kParts;
+    s.dec_stride = gd * kParts;
+    return s;
+}
+
 // The exclusive carry of one complex state element over a head's chunks:
 // launch 2 of the forward (cuda/chunk.cu, chunk_carry) and 2b of the backward
 // (cuda/chunk_grad.cu, grad_adjoint_carry). Visits c = 0 … nc − 1 (or

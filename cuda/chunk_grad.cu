@@ -169,26 +169,17 @@ __device__ __forceinline__ void grad_w(const GateloopChunkGradParams& g) {
 
 __device__ __forceinline__ void grad_adjoint_carry(const GateloopChunkGradParams& g) {
     const GateloopChunkParams& p = g.fwd;
-    const int64_t key_dim = p.dims.key_dim;
-    const int64_t value_dim = p.dims.value_dim;
-    const int64_t kv = key_dim * value_dim;
+    const int64_t kv = p.dims.key_dim * p.dims.value_dim;
     StateElement e;
     if (!state_element(p.dims, e)) return;
-    const int64_t bh = e.bh, row = e.row, col = e.col;
-    const BatchHead bhi = e.bhi;
-    const int64_t nc = p.num_chunks;
-    const int64_t gd = p.dims.gate_dim;
-    const int64_t ch = gd == 1 ? 0 : row;
-    const int64_t chunk_stride = 2 * kv;
-    float* re = g.ws_adj + bh * nc * chunk_stride + row * value_dim + col;
-    const float* dec = p.ws_decay + (bh * nc * gd + ch) * 2;
+    const CarrySlots cs = carry_slots<2>(p, g.ws_adj, e);
     const float2 d_last = (g.grad_flags & GATELOOP_GRAD_FLAG_HAS_DH_FINAL) != 0
-                              ? load_complex(g.dh_final, state_index(g.dh_final_strides, bhi.b, bhi.h, row, col))
+                              ? load_complex(g.dh_final, state_index(g.dh_final_strides, e.bhi.b, e.bhi.h, e.row, e.col))
                               : make_float2(0.f, 0.f);
     // D(c − 1) = conj(A_c) D(c) + W_c, each slot W_c replaced by D(c).
-    const float2 s = carry_chunks<true>(re, re + kv, chunk_stride, dec, gd * 2, nc, d_last);
+    const float2 s = carry_chunks<true>(cs.re, cs.re + kv, cs.chunk_stride, cs.dec, cs.dec_stride, p.num_chunks, d_last);
     if ((g.grad_flags & GATELOOP_GRAD_FLAG_HAS_DH0) != 0) {
-        reinterpret_cast<float2*>(g.dh0)[state_index(g.dh0_strides, bhi.b, bhi.h, row, col)] = s;
+        reinterpret_cast<float2*>(g.dh0)[state_index(g.dh0_strides, e.bhi.b, e.bhi.h, e.row, e.col)] = s;
     }
 }
 
