@@ -571,6 +571,37 @@ __device__ __forceinline__ int pair_of(int i, int j) {
     return j == 0 ? i - 1 : (j == 1 ? i + 1 : 5);
 }
 
+// The anchored rows of the six off-diagonal sub-chunk blocks of slab d0 (raw
+// q, k in qraw, kraw [kChunk][kSlab]; anchor r = last step of key sub-chunk
+// j): per pair (i, j), rows pair · 16 + (n − 16 i) of qa hold
+// q̃_n = q_n |E(n, r)| e^{iθ_n} as [Re | −Im]; rows m < 48 of ka hold
+// k̃_m = k_m |E(r, m)| e^{−iθ_m} as [Re | Im] (both factors ≤ 1, 0 across a
+// reset). The forward's scores P = q̃ k̃ᵀ off the diagonal (intra_pass); the
+// backward's dq (s k̃) and dk (sᵀ q̃) off the diagonal (grad_qk).
+template <class Op, int kTerms, typename input_t, bool kComplex>
+__device__ __forceinline__ void put_anchored_rows(const Block<input_t, kComplex>& blk, const float* qraw,
+                                                  const float* kraw, const Split<Op>& qa, const Split<Op>& ka) {
+    for (int i = blk.tid; i < kPairs * kSub * kSlab; i += kThreads) {
+        const int row = i / kSlab;  // pair · 16 + n − 16 i
+        const int j = i - row * kSlab;
+        const int pr = row / kSub;
+        const int nn = kSub * pair_query(pr) + (row - pr * kSub);
+        const int r = kSub * pair_key(pr) + kSub - 1;
+        const int cl = blk.col(j);
+        const float wq = blk.modulus(nn, r, cl) * qraw[nn * kSlab + j];
+        qa.template put<kTerms>(row, j, wq * blk.cos_at(nn, cl));
+        if (kComplex) qa.template put<kTerms>(row, kSlab + j, -(wq * blk.sin_at(nn, cl)));
+    }
+    for (int i = blk.tid; i < (kSubs - 1) * kSub * kSlab; i += kThreads) {
+        const int m = i / kSlab;  // key sub-chunks 0 .. kSubs − 2
+        const int j = i - m * kSlab;
+        const int r = (m / kSub) * kSub + kSub - 1;
+        const int cl = blk.col(j);
+        const float wk = blk.modulus(r, m, cl) * kraw[i];
+        ka.template put<kTerms>(m, j, wk * blk.cos_at(m, cl));
+        if (kComplex) ka.template put<kTerms>(m, kSlab + j, -(wk * blk.sin_at(m, cl)));
+    }
+}
 
 // One block (b, h, chunk, value tile) of the pass that forms the chunk's
 // causal scores P (summed over every key slab) and, kAdjoint = false, the
@@ -658,29 +689,7 @@ __device__ __forceinline__ void intra_pass(Block<input_t, kComplex>& blk, unsign
         } else {
             put_inter_queries<Op, kTerms>(blk, qraw, qe);
         }
-        // Anchored queries of each pair (anchor r = last step of key sub-chunk j):
-        // q̃_n = q_n |E(n, r)| e^{iθ_n} as [Re, −Im].
-        for (int i = tid; i < kPairs * kSub * kSlab; i += kThreads) {
-            const int row = i / kSlab;  // pair · 16 + n − 16 i
-            const int j = i - row * kSlab;
-            const int pr = row / kSub;
-            const int nn = kSub * pair_query(pr) + (row - pr * kSub);
-            const int r = kSub * pair_key(pr) + kSub - 1;
-            const int cl = blk.col(j);
-            const float wq = blk.modulus(nn, r, cl) * qraw[nn * kSlab + j];
-            qa.template put<kTerms>(row, j, wq * blk.cos_at(nn, cl));
-            if (kComplex) qa.template put<kTerms>(row, kSlab + j, -(wq * blk.sin_at(nn, cl)));
-        }
-        // Anchored keys: k̃_m = k_m |E(r, m)| e^{−iθ_m} as [Re, Im].
-        for (int i = tid; i < (kSubs - 1) * kSub * kSlab; i += kThreads) {
-            const int m = i / kSlab;  // key sub-chunks 0 .. kSubs − 2
-            const int j = i - m * kSlab;
-            const int r = (m / kSub) * kSub + kSub - 1;
-            const int cl = blk.col(j);
-            const float wk = blk.modulus(r, m, cl) * kraw[i];
-            ka.template put<kTerms>(m, j, wk * blk.cos_at(m, cl));
-            if (kComplex) ka.template put<kTerms>(m, kSlab + j, -(wk * blk.sin_at(m, cl)));
-        }
+        put_anchored_rows<Op, kTerms>(blk, qraw, kraw, qa, ka);
         // Diagonal blocks, pairwise: score_nm += Σ_d q_nd k_md Re E(n, m)_d.
         for (int i = tid; i < kSubs * kSub * kSub; i += kThreads) {
             const int sb = i / (kSub * kSub);

@@ -16,9 +16,11 @@
 //   2b. grad_adjoint_carry, one thread per (b, h, key row, value column):
 //       D(last) = dh_final, D(c − 1) = conj(A_c) D(c) + W_c, W_c ← D(c); dh0.
 //   3a. grad_qk, one block per (b, h, chunk), looping over key slabs of 16:
-//       s = dY Vᵀ (64 × 64, once), then per slab the inter-chunk products
-//       S_in dy_n, D v_n, the pre-phase accumulators of the CPU mirror, dq,
-//       dk and the gate gradient (per-head gates: the slabs' w', u and
+//       s = dY Vᵀ (64 × 64, once), then per slab the off-diagonal sub-chunk
+//       products s k̃, sᵀ q̃ on the forward's anchored rows, the diagonal
+//       sub-chunk pairs, the inter-chunk products S_in dy_n, D v_n, the
+//       pre-phase accumulators of the CPU mirror, dq, dk and the gate
+//       gradient (per-head gates: the slabs' w', u and
 //       through terms summed in shared memory in slab order, then one scan:
 //       deterministic, no atomics).
 //   3b. grad_dv, one block per (b, h, chunk, value tile of 64):
@@ -34,26 +36,29 @@
 // slab) and Pᵀ dY; only P's four diagonal 16 × 16 blocks are pairwise f32.
 // 3a forms s = dY Vᵀ on tensor cores too (two raw inputs: three split
 // products for f32 and f16, one for bf16, exact in its own type), and per
-// slab the inter-chunk products S_in dy_n, D v_n (three split products);
-// its intra-chunk pairs (the pre-phase accumulators acc_q, acc_k and the
-// gate terms, each pair with its own anchored modulus, applied last for the
-// gate), dq, dk and the gate scans still use f32 CUDA-core FMAs. 2b is
-// elementwise.
+// slab the off-diagonal sub-chunk blocks of the pre-phase accumulators
+// (acc_q: s_ij k̃_j, acc_k: s_ijᵀ q̃_ij, inner dimension 16 per pair, on
+// put_anchored_rows' operands) and the inter-chunk products S_in dy_n, D v_n
+// (three split products each); only the four diagonal 16 × 16 sub-chunk
+// blocks (pairs m < n, one exp each), dq, dk and the gate scans use f32
+// CUDA-core FMAs, as in the forward. 2b is elementwise.
 // Every modulus exponentiated is exp of a difference ≤ 0 inside one segment;
 // off-diagonal sub-chunk pairs use the factorisation
 // |E(n, m)| = |E(n, r)| |E(r, m)| at the anchor r (both factors ≤ 1, 0 across
 // a reset on either side), diagonal sub-chunk pairs one exp each.
 // The gate's terms (w', u) are formed apart from acc_q, acc_k with the modulus
-// multiplied LAST (the CPU module doc's "Gate terms: the modulus last"): here
-// every pair is pairwise, so an anchored pair applies both of its factors
-// |E(r, m)|, |E(n, r)| after s_nm q_n k_m (pair_modulus_factors).
+// multiplied LAST (the CPU module doc's "Gate terms: the modulus last"): a
+// diagonal pair applies |E(n, m)| after s_nm q_n k_m; an off-diagonal block
+// applies the factor the product left out (|E(n, r)| to q_n e^{iθ_n} X,
+// |E(r, m)| to k_m e^{−iθ_m} conj(Y)), the CPU mirror's order.
 //
 // Thread ↔ data maps (256 threads, 8 warps):
 //   grad_w:  warp w ↔ the 16 × 16 tile (w / 4, w % 4) of the slab's
 //            2·16 × 64 rows of W_c (one accumulator, drained through the
 //            warp's staging tile); operands staged by all threads.
 //   grad_qk: s = dY Vᵀ: warp w ↔ its tiles (w / 2, 2·(w % 2) + t), t < 2;
-//            per slab, X = dY S_inᵀ and Y = V Dᵀ: warp w ↔ tile (w / 2, w % 2)
+//            per slab, the off-diagonal products: offdiag_products' jobs;
+//            X = dY S_inᵀ and Y = V Dᵀ: warp w ↔ tile (w / 2, w % 2)
 //            of each; the rest: key channel d = tid % 16 of the slab, steps
 //            n = tid / 16 + 16i (i < 4) for dq, dk.
 //   grad_dv: warp w ↔ dv tiles (steps 16·(w / 2), columns 16·(2·(w % 2) + t),
@@ -67,7 +72,6 @@
 namespace gateloop {
 namespace chunk {
 
-constexpr int kAnchors = kSubs - 1; // key sub-chunks with an off-diagonal anchor
 // Split products of the backward's tensor-core operands: always three terms
 // ("exact"; the f32 backward's GPU tests demand rel L2 ≤ 1e-4).
 constexpr int kGradTerms = 3;
@@ -75,11 +79,13 @@ constexpr int kGradTerms = 3;
 // grad_qk's shared memory (grad_w and grad_dv take the forward state and
 // output kernels' layouts). After the prefix tables: q, k raw and s (f32,
 // live throughout); then a union of the s phase (dY, V tiles as split
-// operands) and the slab phase (the anchor tables, then the inter-chunk
-// staging: dY, V, S_in, D over kInterCols value columns as split operands,
-// reused for the products X, Y in f32); then w', u, the per-head sums and
-// the through terms (f32, live across the slab loop). Every region but the
-// last two a multiple of 128 bytes. src/cuda/chunk_grad.rs: shared_bytes.
+// operands) and, per slab, first the off-diagonal phase (the six s blocks,
+// the anchored q̃, k̃ as split operands, then their products X, Y in f32) and
+// then the inter-chunk phase (dY, V, S_in, D over kInterCols value columns
+// as split operands, reused for the products X, Y in f32); then w', u, the
+// per-head sums and the through terms (f32, live across the slab loop).
+// Every region but the last two a multiple of 128 bytes.
+// src/cuda/chunk_grad.rs: shared_bytes.
 constexpr int kInterCols = kVTile / 2;  // value columns per step of the inter-chunk products
 template <class Op>
 __host__ __device__ constexpr int ld_inter() {
@@ -90,10 +96,23 @@ __host__ __device__ constexpr int qk_inter_bytes() {
     return cmax(2 * split_bytes<Op>(kChunk, ld_inter<Op>()) + 2 * split_bytes<Op>(2 * kSlab, ld_inter<Op>()),
                 2 * kChunk * 2 * kSlab * 4);
 }
-constexpr int kAnchorBytes = 4 * (kChunk * kAnchors * kSlab + kChunk * kSlab);  // |E(n, r_j)|, |E(r_m, m)|
+// One 16 × 16 block of s per row of sub-chunks (row padding as the others).
+template <class Op>
+__host__ __device__ constexpr int ld_block() {
+    return kSub + Op::kPad;
+}
+// The off-diagonal phase: s blocks, q̃ per pair, k̃ per key sub-chunk
+// (put_anchored_rows' layout); X per pair and Y per key sub-chunk in f32.
+template <class Op>
+__host__ __device__ constexpr int qk_offdiag_bytes() {
+    return split_bytes<Op>(kPairs * kSub, ld_block<Op>()) + split_bytes<Op>(kPairs * kSub, ld_slab<Op, true>()) +
+           split_bytes<Op>((kSubs - 1) * kSub, ld_slab<Op, true>());
+}
+constexpr int kOffdiagOutBytes = 4 * (kPairs + kSubs - 1) * kSub * 2 * kSlab;
 template <class Op>
 __host__ __device__ constexpr int qk_union_bytes() {
-    return cmax(2 * split_bytes<Op>(kChunk, ld_tile<Op>()), kAnchorBytes + qk_inter_bytes<Op>());
+    return cmax(2 * split_bytes<Op>(kChunk, ld_tile<Op>()),
+                cmax(qk_inter_bytes<Op>(), cmax(qk_offdiag_bytes<Op>(), kOffdiagOutBytes)));
 }
 template <class Op>
 __host__ __device__ constexpr int qk_smem_bytes() {
@@ -101,39 +120,82 @@ __host__ __device__ constexpr int qk_smem_bytes() {
            4 * (2 * 2 * kChunk * kSlab + 2 * 2 * kChunk + 2 * kSlab + 2);
 }
 
-// The anchor tables of one slab (after build_prefix, raw q, k loaded):
-// wa[(n·kAnchors + j)·kSlab + d] = |E(n, r_j)| for key sub-chunk j < sub(n)
-// (else 0), wk[m·kSlab + d] = |E(r_m, m)| for m in sub-chunks 0 .. kSubs − 2,
-// r_j = 16 j + 15: the forward's anchored factors (cpu::chunked intra_scores).
-template <class B>
-__device__ __forceinline__ void anchor_tables(const B& blk, float* wa, float* wk) {
-    for (int i = blk.tid; i < kChunk * kAnchors * kSlab; i += kThreads) {
-        const int d = i % kSlab;
-        const int j = (i / kSlab) % kAnchors;
-        const int n = i / (kSlab * kAnchors);
-        wa[i] = j < n / kSub ? blk.modulus(n, kSub * j + kSub - 1, blk.col(d)) : 0.f;
+// The off-diagonal sub-chunk blocks of one slab on tensor cores, into f32
+// products in `out` (the offdiag phase's bytes, once every warp has read its
+// operands): per pair (i, j), X_ij = s_ij k̃_j (16 × [Re | Im] of the slab,
+// rows of query sub-chunk i: the pre-phase Σ_m s_nm k_m |E(r_j, m)| e^{−iθ_m});
+// per key sub-chunk j < 3, Y_j = Σ_{i > j} s_ijᵀ q̃_ij (16 × [Re | −Im], rows
+// of key sub-chunk j: the conjugate of Σ_n s_nm q_n |E(n, r_j)| e^{iθ_n}),
+// s_ij = s[16 i.., 16 j..]. The query-side factor |E(n, r_j)| of X and the
+// key-side factor |E(r_j, m)| of Y are applied by the caller (they differ per
+// channel, so they cannot ride in s). Jobs (16 × 16 output tile, 16 inner
+// steps per pair): Y(j, half) is 3 − j pairs and goes to warps 2j, 2j + 1;
+// the twelve X(pair, half) fill the rest (warps 2, 3 one; 4, 5 two; 6, 7
+// three): three pair-products per warp. Ends with a barrier.
+template <class Op, typename input_t>
+__device__ __forceinline__ void offdiag_products(const Block<input_t, true>& blk, const float* ds,
+                                                 const float* qraw, const float* kraw, unsigned char* at) {
+    unsigned char* const base = at;
+    const Split<Op> sb = carve<Op>(at, kPairs * kSub, ld_block<Op>());
+    const Split<Op> qa = carve<Op>(at, kPairs * kSub, ld_slab<Op, true>());
+    const Split<Op> ka = carve<Op>(at, (kSubs - 1) * kSub, ld_slab<Op, true>());
+    for (int i = blk.tid; i < kPairs * kSub * kSub; i += kThreads) {
+        const int pr = i / (kSub * kSub);
+        const int r = (i / kSub) % kSub;
+        const int c = i % kSub;
+        sb.template put<kGradTerms>(pr * kSub + r, c,
+                                    ds[(kSub * pair_query(pr) + r) * kChunk + kSub * pair_key(pr) + c]);
     }
-    for (int i = blk.tid; i < kChunk * kSlab; i += kThreads) {
-        const int d = i % kSlab;
-        const int m = i / kSlab;
-        const int j = m / kSub;
-        wk[i] = j < kAnchors ? blk.modulus(kSub * j + kSub - 1, m, blk.col(d)) : 0.f;
+    put_anchored_rows<Op, kGradTerms>(blk, qraw, kraw, qa, ka);
+    __syncthreads();
+    const int w = blk.warp;
+    const int ny = w < 2 * (kSubs - 1) ? 1 : 0;
+    const int g = (w - 2) / 2;  // w ≥ 2: X jobs x0 .. x0 + nx − 1
+    const int nx = w < 2 ? 0 : g + 1;
+    const int x0 = w < 2 ? 0 : (g + 1) * (g + (w - 2) % 2);
+    Acc<Op> acc[3];
+#pragma unroll
+    for (int t = 0; t < 3; ++t) {
+        wmma::fill_fragment(acc[t], 0.f);
+        if (t < ny) {
+            const int j = w >> 1;
+            const int half = w & 1;
+            for (int i = j + 1; i < kSubs; ++i) {
+                const int pr = pair_of(i, j);
+                // A(m, n) = s_ij[n][m]: the block read column-major.
+                for (int kk = 0; kk < kSub; kk += Op::kK) {
+                    mma_step<Op, kGradTerms, wmma::col_major, wmma::row_major>(
+                        acc[t], sb.hi_at(kSub * pr + kk, 0), sb.lo_at(kSub * pr + kk, 0), sb.ld,
+                        qa.hi_at(kSub * pr + kk, kSlab * half), qa.lo_at(kSub * pr + kk, kSlab * half), qa.ld);
+                }
+            }
+        } else if (t - ny < nx) {
+            const int x = x0 + t - ny;
+            const int pr = x >> 1;
+            const int half = x & 1;
+            const int km = kSub * pair_key(pr);
+            for (int kk = 0; kk < kSub; kk += Op::kK) {
+                mma_step<Op, kGradTerms, wmma::row_major, wmma::row_major>(
+                    acc[t], sb.hi_at(kSub * pr, kk), sb.lo_at(kSub * pr, kk), sb.ld, ka.hi_at(km + kk, kSlab * half),
+                    ka.lo_at(km + kk, kSlab * half), ka.ld);
+            }
+        }
     }
-}
-
-// |E(n, m)| for m < n of channel d (table column cl) as two factors (late,
-// early) whose product it is: (one exp, 1) inside a sub-chunk, the anchored
-// (|E(n, r)|, |E(r, m)|) across sub-chunks. A gate term applies them LAST,
-// one by one, to its product of normal-sized factors (s_nm q_n k_m): a
-// modulus in f32's subnormal range (or an anchored product of two small
-// factors) would otherwise be rounded to a few bits before q and k scale it
-// up (cpu::chunked_grad's module doc, "Gate terms: the modulus last").
-template <class B>
-__device__ __forceinline__ float2 pair_modulus_factors(const B& blk, const float* wa, const float* wk, int n, int m,
-                                                       int d, int cl) {
-    const int j = m / kSub;
-    if (j == n / kSub) return make_float2(blk.modulus(n, m, cl), 1.f);
-    return make_float2(wa[(n * kAnchors + j) * kSlab + d], wk[m * kSlab + d]);
+    __syncthreads();  // every warp has read its operands: X, Y take their bytes
+    float* xo = reinterpret_cast<float*>(base);
+    float* yo = xo + kPairs * kSub * 2 * kSlab;
+#pragma unroll
+    for (int t = 0; t < 3; ++t) {
+        if (t < ny) {
+            wmma::store_matrix_sync(yo + (w >> 1) * kSub * 2 * kSlab + kSlab * (w & 1), acc[t], 2 * kSlab,
+                                    wmma::mem_row_major);
+        } else if (t - ny < nx) {
+            const int x = x0 + t - ny;
+            wmma::store_matrix_sync(xo + (x >> 1) * kSub * 2 * kSlab + kSlab * (x & 1), acc[t], 2 * kSlab,
+                                    wmma::mem_row_major);
+        }
+    }
+    __syncthreads();
 }
 
 // ---- 1b. W_c = Σ_n conj(Q̃_n) dy_nᵀ ----------------------------------------------------
@@ -231,12 +293,8 @@ __device__ __forceinline__ void grad_qk(const GateloopChunkGradParams& g) {
     f += kChunk * kSlab;
     float* ds = f;  // [kChunk][kChunk]: s_nm = dy_n · v_m
     f += kChunk * kChunk;
-    unsigned char* union_at = reinterpret_cast<unsigned char*>(f);  // the s phase | the slab phase
-    float* wa = f;
-    f += kChunk * kAnchors * kSlab;
-    float* wk = f;
-    f += kChunk * kSlab;
-    unsigned char* inter = reinterpret_cast<unsigned char*>(f);  // qk_inter_bytes
+    // The s phase | per slab the off-diagonal phase, then the inter-chunk phase.
+    unsigned char* union_at = reinterpret_cast<unsigned char*>(f);
     f = reinterpret_cast<float*>(union_at + qk_union_bytes<Op>());
     float2* wpr = reinterpret_cast<float2*>(f);  // [kChunk][kSlab]: w'_n of channel d
     f += 2 * kChunk * kSlab;
@@ -308,38 +366,64 @@ __device__ __forceinline__ void grad_qk(const GateloopChunkGradParams& g) {
         if (d0 == 0 || !blk.per_head) blk.build_prefix(d0);  // ends with a barrier
         blk.load_keys(blk.q, p.q_strides, d0, qraw);
         blk.load_keys(blk.k, p.k_strides, d0, kraw);
-        anchor_tables(blk, wa, wk);
         __syncthreads();
+        offdiag_products<Op>(blk, ds, qraw, kraw, union_at);
+        const float* xo = reinterpret_cast<const float*>(union_at);  // X per pair [pair][16][Re | Im]
+        const float* yo = xo + kPairs * kSub * 2 * kSlab;            // Y per key sub-chunk [j][16][Re | −Im]
         const int cl = blk.col(d);
-        // Intra-chunk pairs m < n (the self pair apart): the pre-phase rows
-        // acc_q[n] = Σ_m s_nm |E(n, m)| k_m e^{−iθ_m}, acc_k[n] = Σ_{m > n} s_mn |E(m, n)| q_m e^{iθ_m},
-        // and their part of w'_n = q_n dq̂_n − k_n dk̂_n, pair by pair with the
-        // modulus applied last: gw = e^{iθ_n} Σ_m (s_nm q_n k_m)|E(n, m)| e^{−iθ_m}
-        //                          − e^{−iθ_n} Σ_{m > n} (s_mn q_m k_n)|E(m, n)| e^{iθ_m}.
+        // Row n = nb + 16 i (sub-chunk i, local row nb) of the pre-phase
+        // accumulators acc_q[n] = Σ_{m < n} s_nm |E(n, m)| k_m e^{−iθ_m},
+        // acc_k[n] = Σ_{m > n} s_mn |E(m, n)| q_m e^{iθ_m}, and their part of
+        // w'_n = q_n dq̂_n − k_n dk̂_n, every term with its modulus applied last
+        // (cpu::chunked_grad: off_diagonal_block, diagonal_blocks):
+        //   off the diagonal, from the products: acc_q[n] += |E(n, r_j)| X_ij[n],
+        //   w'_n += |E(n, r_j)|·(q_n e^{iθ_n} X_ij[n]) for j < i; acc_k[n] +=
+        //   |E(r_i, n)| conj(Y_i[n]), w'_n −= |E(r_i, n)|·(k_n e^{−iθ_n} conj(Y_i[n]));
+        //   inside sub-chunk i, pairwise: gw = e^{iθ_n} Σ_m (s_nm q_n k_m)|E(n, m)| e^{−iθ_m}
+        //                                    − e^{−iθ_n} Σ_{m > n} (s_mn q_m k_n)|E(m, n)| e^{iθ_m}.
         float2 aq[4], ak[4], ad[4], gw[4];
 #pragma unroll
         for (int i = 0; i < 4; ++i) {
-            const int n = nb + 16 * i;
+            const int n = nb + kSub * i;
             const float qn = qraw[n * kSlab + d], kn = kraw[n * kSlab + d];
-            float qr = 0.f, qi = 0.f, kr = 0.f, ki = 0.f, gqr = 0.f, gqi = 0.f, gkr = 0.f, gki = 0.f;
+            const float cn = blk.cos_at(n, cl), sn = blk.sin_at(n, cl);
+            const float qc = qn * cn, qs = qn * sn, kc = kn * cn, ks = kn * sn;
+            float2 oq = make_float2(0.f, 0.f), ok = make_float2(0.f, 0.f), og = make_float2(0.f, 0.f);
+            for (int j = 0; j < i; ++j) {
+                const float wq = blk.modulus(n, kSub * j + kSub - 1, cl);
+                const float* x = xo + (pair_of(i, j) * kSub + nb) * 2 * kSlab;
+                const float xr = x[d], xi = x[kSlab + d];
+                oq = make_float2(fmaf(wq, xr, oq.x), fmaf(wq, xi, oq.y));
+                og = make_float2(fmaf(wq, fmaf(qc, xr, -(qs * xi)), og.x), fmaf(wq, fmaf(qc, xi, qs * xr), og.y));
+            }
+            if (i < kSubs - 1) {
+                const float wk = blk.modulus(kSub * i + kSub - 1, n, cl);
+                const float* y = yo + (i * kSub + nb) * 2 * kSlab;
+                const float yr = y[d], yi = y[kSlab + d];
+                ok = make_float2(wk * yr, -(wk * yi));
+                og = make_float2(fmaf(-wk, fmaf(kc, yr, -(ks * yi)), og.x), fmaf(wk, fmaf(kc, yi, ks * yr), og.y));
+            }
+            float qr = oq.x, qi = oq.y, kr = ok.x, ki = ok.y, gqr = 0.f, gqi = 0.f, gkr = 0.f, gki = 0.f;
+            const int s0 = kSub * i;
 #pragma unroll 2
-            for (int m = 0; m < n; ++m) {
+            for (int m = s0; m < n; ++m) {
                 const float km = kraw[m * kSlab + d], snm = ds[n * kChunk + m];
-                const float2 e = pair_modulus_factors(blk, wa, wk, n, m, d, cl);
-                const float x = snm * (e.x * e.y) * km;
-                const float xg = ((snm * qn * km) * e.y) * e.x;
+                const float e = blk.modulus(n, m, cl);
+                const float x = snm * e * km;
+                const float xg = (snm * qn * km) * e;
                 const float cm = blk.cos_at(m, cl), sm = blk.sin_at(m, cl);
                 qr = fmaf(x, cm, qr);
                 qi = fmaf(-x, sm, qi);
                 gqr = fmaf(xg, cm, gqr);
                 gqi = fmaf(-xg, sm, gqi);
             }
+            const int s1 = min(s0 + kSub, blk.n);
 #pragma unroll 2
-            for (int m = n + 1; m < blk.n; ++m) {
+            for (int m = n + 1; m < s1; ++m) {
                 const float qm = qraw[m * kSlab + d], smn = ds[m * kChunk + n];
-                const float2 e = pair_modulus_factors(blk, wa, wk, m, n, d, cl);
-                const float x = smn * (e.x * e.y) * qm;
-                const float xg = ((smn * qm * kn) * e.y) * e.x;
+                const float e = blk.modulus(m, n, cl);
+                const float x = smn * e * qm;
+                const float xg = (smn * qm * kn) * e;
                 const float cm = blk.cos_at(m, cl), sm = blk.sin_at(m, cl);
                 kr = fmaf(x, cm, kr);
                 ki = fmaf(x, sm, ki);
@@ -348,10 +432,9 @@ __device__ __forceinline__ void grad_qk(const GateloopChunkGradParams& g) {
             }
             aq[i] = make_float2(qr, qi);
             ak[i] = make_float2(kr, ki);
-            const float cn = blk.cos_at(n, cl), sn = blk.sin_at(n, cl);
-            // e^{iθ_n} gq − e^{−iθ_n} gk
-            gw[i] = make_float2(fmaf(cn, gqr, -(sn * gqi)) - fmaf(cn, gkr, sn * gki),
-                                fmaf(sn, gqr, cn * gqi) - fmaf(cn, gki, -(sn * gkr)));
+            // og + e^{iθ_n} gq − e^{−iθ_n} gk
+            gw[i] = make_float2(og.x + (fmaf(cn, gqr, -(sn * gqi)) - fmaf(cn, gkr, sn * gki)),
+                                og.y + (fmaf(sn, gqr, cn * gqi) - fmaf(cn, gki, -(sn * gkr))));
         }
         // Through the state on tensor cores: X = dY S_inᵀ (row n: x_n = S_in dy_n)
         // and Y = V Dᵀ (y_n = D v_n), 64 × [Re | Im] of the slab's channels,
@@ -360,7 +443,7 @@ __device__ __forceinline__ void grad_qk(const GateloopChunkGradParams& g) {
         // f32 by the threads of nb = 0, straight from the workspace.
         float2 xs[4], ys[4];
         {
-            unsigned char* at = inter;
+            unsigned char* at = union_at;
             const Split<Op> dyh = carve<Op>(at, kChunk, ld_inter<Op>());
             const Split<Op> vh = carve<Op>(at, kChunk, ld_inter<Op>());
             // S_in, D rows [j][c] row-major, read as the column-major B = S_inᵀ, Dᵀ.
@@ -413,7 +496,7 @@ __device__ __forceinline__ void grad_qk(const GateloopChunkGradParams& g) {
             }
             if (nb == 0) through[d] = thr;
             __syncthreads();  // every warp is done with the operands: X, Y take their bytes
-            float* xy = reinterpret_cast<float*>(inter);  // X then Y, [kChunk][2·kSlab] each
+            float* xy = reinterpret_cast<float*>(union_at);  // X then Y, [kChunk][2·kSlab] each
             wmma::store_matrix_sync(xy + 16 * xr * 2 * kSlab + 16 * xc, xacc, 2 * kSlab, wmma::mem_row_major);
             wmma::store_matrix_sync(xy + kChunk * 2 * kSlab + 16 * xr * 2 * kSlab + 16 * xc, yacc, 2 * kSlab,
                                     wmma::mem_row_major);

@@ -81,20 +81,25 @@ unsafe impl DeviceRepr for GateloopChunkGradParams {}
 /// grad_dv runs the forward output kernel's pass (`intra_pass` in
 /// cuda/chunk_common.cuh), so they take those kernels' (complex) bytes;
 /// grad_qk's is `qk_smem_bytes`: q, k raw and s (f32), a union of the s
-/// phase (dY, V split) and the slab phase (anchor tables, then dY, V, S_in,
-/// D over 32 value columns split, reused for X, Y in f32), then w', u, the
-/// per-head sums and the through terms.
+/// phase (dY, V split), the off-diagonal phase (the six 16 × 16 blocks of s,
+/// the anchored q̃ per pair and k̃ per key sub-chunk split, reused for their
+/// products in f32) and the inter-chunk phase (dY, V, S_in, D over 32 value
+/// columns split, reused for X, Y in f32), then w', u, the per-head sums and
+/// the through terms.
 pub fn shared_bytes(dtype: Dtype) -> (u32, u32, u32) {
     let (c, s, t) = (chunk::CHUNK_LEN, KEY_SLAB, VALUE_TILE);
     let size = dtype.size_bytes();
     let pad = if size == 4 { 4 } else { 8 };
     let split = |rows: usize, ld: usize| 2 * rows * ld * size;
-    let anchors = c / chunk::SUB_CHUNK_LEN - 1;
+    let (sub, width) = (chunk::SUB_CHUNK_LEN, 2 * s);
+    let (pairs, key_subs) = (c / sub * (c / sub - 1) / 2, c / sub - 1);
     let prefix = chunk::prefix_bytes(Gates::Complex);
     let (w, dv) = chunk::shared_bytes(dtype, Gates::Complex);
     let inter_cols = t / 2;
     let inter = (2 * split(c, inter_cols + pad) + 2 * split(2 * s, inter_cols + pad)).max(2 * c * 2 * s * 4);
-    let union = (2 * split(c, t + pad)).max(4 * (c * anchors * s + c * s) + inter);
+    let offdiag = split(pairs * sub, sub + pad) + split(pairs * sub, width + pad) + split(key_subs * sub, width + pad);
+    let offdiag_out = 4 * (pairs + key_subs) * sub * width;
+    let union = (2 * split(c, t + pad)).max(inter).max(offdiag).max(offdiag_out);
     let qk = prefix + 4 * (2 * c * s + c * c) + union + 4 * (2 * 2 * c * s + 2 * 2 * c + 2 * s + 2);
     (w, qk as u32, dv)
 }
@@ -339,22 +344,26 @@ mod tests {
         // operands): q raw 4096, dY split 2·64·68·4 = 34816, [Re Q̃ | −Im Q̃]
         // split 2·64·36·4 = 18432, staging 8·16·16·4 = 8192; grad_qk: q, k raw
         // 8192, s 16384, the union: max(s phase dY, V splits 2·34816 = 69632,
-        // anchors 12288 + 4096 + inter-chunk dY, V splits 2·2·64·36·4 = 36864
-        // and S_in, D splits 2·2·32·36·4 = 18432) = 71680, w', u 16384, head
-        // sums 1024, through 128 + 8; grad_dv (the output pass): q, k raw
+        // off-diagonal phase s blocks 2·96·20·4 = 15360 + q̃ 2·96·36·4 = 27648
+        // + k̃ 2·48·36·4 = 13824 = 56832 (its products 4·9·16·32 = 18432),
+        // inter-chunk dY, V splits 2·2·64·36·4 = 36864 and S_in, D splits
+        // 2·2·32·36·4 = 18432) = 69632, w', u 16384, head sums 1024, through
+        // 128 + 8; grad_dv (the output pass): q, k raw
         // 8192, the slab phase's splits [Re K̃ | Im K̃] 2·64·36·4 = 18432, D
         // slab 2·32·68·4 = 17408, anchored q̃ 2·96·36·4 = 27648, k̃
         // 2·48·36·4 = 13824 (77312 > the final phase's P, dY splits
         // 2·2·64·68·4 = 69632), diagonal scores 4096, staging 8192.
-        let qk = 20480 + 8192 + 16384 + 71680 + 16384 + 1024 + 136;
+        let qk = 20480 + 8192 + 16384 + 69632 + 16384 + 1024 + 136;
         let dv = 20480 + 8192 + 18432 + 17408 + 27648 + 13824 + 4096 + 8192;
         assert_eq!(shared_bytes(Dtype::F32), (20480 + 4096 + 34816 + 18432 + 8192, qk, dv));
         // f16 / bf16 operands (row padding 8): grad_w's dY split 2·64·72·2 =
-        // 18432, Q̃ split 2·64·40·2 = 10240; grad_qk's union max(2·2·2·64·72
-        // = 36864, 16384 + 2·2·2·64·40 + 2·2·2·32·40 = 47104); grad_dv's slab
-        // phase 2·2·(64·40 + 32·72 + 96·40 + 48·40) = 42496 (> 2·2·2·64·72 = 36864).
+        // 18432, Q̃ split 2·64·40·2 = 10240; grad_qk's union max(s phase
+        // 2·2·2·64·72 = 36864, off-diagonal 2·2·(96·24 + 96·40 + 48·40) =
+        // 32256, its products 18432, inter-chunk 2·2·2·64·40 + 2·2·2·32·40 =
+        // 30720); grad_dv's slab phase 2·2·(64·40 + 32·72 + 96·40 + 48·40) =
+        // 42496 (> 2·2·2·64·72 = 36864).
         for dtype in [Dtype::F16, Dtype::Bf16] {
-            let qk = 20480 + 8192 + 16384 + 47104 + 16384 + 1024 + 136;
+            let qk = 20480 + 8192 + 16384 + 36864 + 16384 + 1024 + 136;
             let dv = 20480 + 8192 + 42496 + 4096 + 8192;
             assert_eq!(shared_bytes(dtype), (20480 + 4096 + 18432 + 10240 + 8192, qk, dv));
         }

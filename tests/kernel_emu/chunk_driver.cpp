@@ -111,11 +111,13 @@ static void fwd_shared_bytes(int s, bool complex, int32_t& state, int32_t& outpu
 // output kernels' (complex) layouts.
 static void grad_shared_bytes(int size, int32_t& w, int32_t& qk, int32_t& dv) {
     const int c = GATELOOP_CHUNK_LEN, s = GATELOOP_CHUNK_KEY_SLAB, t = GATELOOP_CHUNK_VALUE_TILE;
-    const int pad = size == 4 ? 4 : 8, anchors = c / GATELOOP_CHUNK_SUB_LEN - 1, prefix = 5 * c * s * 4;
+    const int pad = size == 4 ? 4 : 8, sub = GATELOOP_CHUNK_SUB_LEN, prefix = 5 * c * s * 4;
+    const int pairs = (c / sub) * (c / sub - 1) / 2, key_subs = c / sub - 1;
     fwd_shared_bytes(size, true, w, dv);
     auto split = [&](int rows, int ld) { return 2 * rows * ld * size; };
     const int inter = std::max(2 * split(c, t / 2 + pad) + 2 * split(2 * s, t / 2 + pad), 2 * c * 2 * s * 4);
-    const int uni = std::max(2 * split(c, t + pad), 4 * (c * anchors * s + c * s) + inter);
+    const int offdiag = split(pairs * sub, sub + pad) + split(pairs * sub, 2 * s + pad) + split(key_subs * sub, 2 * s + pad);
+    const int uni = std::max({2 * split(c, t + pad), inter, offdiag, 4 * (pairs + key_subs) * sub * 2 * s});
     qk = prefix + 4 * (2 * c * s + c * c) + uni + 4 * (2 * 2 * c * s + 2 * 2 * c + 2 * s + 2);
 }
 
