@@ -24,6 +24,9 @@ constexpr int kThreads = GATELOOP_CHUNK_THREADS;    // 256
 constexpr int kWarps = kThreads / 32;
 constexpr int kSubs = kChunk / kSub;                // 4 sub-chunks
 constexpr int kPairs = kSubs * (kSubs - 1) / 2;     // 6 off-diagonal blocks
+constexpr int kPrefixSeg = GATELOOP_CHUNK_PREFIX_SEG;  // 8 steps per prefix segment
+constexpr int kPrefixSegs = kChunk / kPrefixSeg;
+static_assert(kPrefixSegs * kSlab <= kThreads, "one thread per (prefix segment, channel)");
 static_assert(kChunk == 64 && kSub == 16 && kSlab == 16 && kVTile == 64 && kThreads == 256,
               "the warp ↔ tile maps below assume these sizes");
 static_assert(kPairs <= kWarps, "one warp per off-diagonal score block");
@@ -272,10 +275,25 @@ struct Block {
     // The prefix-table column of slab channel j.
     __device__ __forceinline__ int col(int j) const { return per_head ? 0 : j; }
 
+    // Joins the segment-local prefix at table index l to the final prefix at
+    // index c (the step before l's segment), in place: cpu::chunked's
+    // Scratch::join_prefix, same operations in the same order.
+    __device__ __forceinline__ void join_prefix(int c, int l) const {
+        if (rst[l] >= 0) return;  // a reset inside the segment: nothing carries over it
+        const float2 s = two_sum(gre[c], gre[l]);
+        glo[l] = (glo[c] + glo[l]) + s.y;
+        gre[l] = s.x;
+        if (kComplex) gsn[l] = reduce_2pi(gsn[c] + gsn[l]);
+        rst[l] = rst[c];
+    }
+
     // The segmented chunk-local prefix of gate channels d0 .. d0 + cols − 1:
-    // cpu::chunked::Scratch::build_prefix. Steps past the chunk's end get
-    // g = 0 (finite factors that only ever meet zero q, k, v). Ends with a
-    // barrier.
+    // cpu::chunked::Scratch::build_prefix (the same operations in the same
+    // order). Segments of kPrefixSeg steps are scanned from zero in
+    // parallel, then joined: a serial chain of 8 + 8 steps (each a TwoSum and
+    // a phase reduction) instead of 64, while every other thread of the block
+    // waits at the barrier. Steps past the chunk's end get g = 0 (finite factors that only
+    // ever meet zero q, k, v). Ends with a barrier.
     __device__ void build_prefix(int64_t d0) {
         const int cols = gate_cols(d0);
         // Stage the raw gates: Re into gre, Im into gsn.
@@ -298,11 +316,14 @@ struct Block {
             if (kComplex) gsn[i] = gi;
         }
         __syncthreads();
-        // One thread per channel walks the 64 steps.
-        for (int j = tid; j < cols; j += kThreads) {
+        // 1. One thread per (segment, channel) scans its kPrefixSeg steps from
+        //    zero (the walk of cpu::chunked::Scratch::build_prefix).
+        const int j = tid % kSlab;
+        const int seg = tid / kSlab;
+        if (seg < kPrefixSegs && j < cols) {
             float pre_re = 0.f, pre_lo = 0.f, pre_im = 0.f;
             int32_t pre_r = -1;
-            for (int t = 0; t < kChunk; ++t) {
+            for (int t = seg * kPrefixSeg; t < (seg + 1) * kPrefixSeg; ++t) {
                 const int i = t * kSlab + j;
                 const float gr = gre[i];
                 const bool keep = gr >= GATELOOP_RESET_LOG_GATE;
@@ -319,6 +340,19 @@ struct Block {
                 glo[i] = pre_lo;
                 rst[i] = pre_r;
             }
+        }
+        __syncthreads();
+        // 2. One thread per channel joins the segments' last steps in order.
+        for (int c = tid; c < cols; c += kThreads) {
+            for (int sg = 1; sg < kPrefixSegs; ++sg) {
+                join_prefix((sg * kPrefixSeg - 1) * kSlab + c, (sg * kPrefixSeg + kPrefixSeg - 1) * kSlab + c);
+            }
+        }
+        __syncthreads();
+        // 3. Every other step of segments ≥ 1 joins its segment's carry.
+        if (seg >= 1 && seg < kPrefixSegs && j < cols) {
+            const int carry = (seg * kPrefixSeg - 1) * kSlab + j;
+            for (int t = seg * kPrefixSeg; t < (seg + 1) * kPrefixSeg - 1; ++t) join_prefix(carry, t * kSlab + j);
         }
         __syncthreads();
         if (kComplex) {

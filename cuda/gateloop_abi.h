@@ -343,6 +343,10 @@ GATELOOP_ABI_ASSERT(sizeof(GateloopCheckParams) == 24, "GateloopCheckParams layo
  */
 #define GATELOOP_CHUNK_LEN 64
 #define GATELOOP_CHUNK_SUB_LEN 16
+/* Steps per segment of the chunk-local gate prefix (each segment scanned
+ * from zero, then joined to the carry of the segments before it: the
+ * kernels' build_prefix and cpu::chunked's, in the same order). */
+#define GATELOOP_CHUNK_PREFIX_SEG 8
 #define GATELOOP_CHUNK_KEY_SLAB 16
 #define GATELOOP_CHUNK_VALUE_TILE 64
 #define GATELOOP_CHUNK_THREADS 256

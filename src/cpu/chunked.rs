@@ -245,6 +245,8 @@ pub(crate) const MASKED: f32 = -1000.0;
 /// Below this Re(log_gate) a step is a reset: exp(g) is exactly 0 in f32
 /// (the kernels' constant, `GATELOOP_RESET_LOG_GATE` in cuda/gateloop_abi.h).
 const RESET_BELOW: f32 = crate::cuda::abi::GATELOOP_RESET_LOG_GATE as f32;
+/// Steps per segment of the chunk-local gate prefix (`Scratch::build_prefix`).
+pub(crate) const PREFIX_SEG: usize = crate::cuda::abi::GATELOOP_CHUNK_PREFIX_SEG as usize;
 
 #[inline(always)]
 fn select(c: bool, a: f32, b: f32) -> f32 {
@@ -609,7 +611,14 @@ impl Scratch {
         }
     }
 
-    /// Builds G, R and the phase table for steps `t0..t0+clen` of head (b, h).
+    /// Builds G, R and the phase table for steps `t0..t0+clen` of head (b, h),
+    /// in the kernels' order (cuda/chunk_common.cuh `build_prefix`): every
+    /// segment of [`PREFIX_SEG`] steps is scanned from zero (one GPU thread
+    /// per segment and channel), then each segment's last step is joined to
+    /// the carry of the segments before it, in order, and then every other
+    /// step to its segment's carry ([`Scratch::join_prefix`]). The serial
+    /// chain is 8 + 8 steps instead of 64; the values are those of a
+    /// sequential walk up to the association of the compensated sums.
     #[inline(always)]
     fn build_prefix<F: Arith>(&mut self, ctx: &Ctx<'_>, b: usize, h: usize, t0: usize, clen: usize) {
         let gd = ctx.gd;
@@ -622,21 +631,22 @@ impl Scratch {
                 *i = z.im;
             }
             let o = t * gd;
-            if t == 0 {
-                let (cur_re, cur_im, cur_rst) = (&mut self.gre[..gd], &mut self.gim[..gd], &mut self.rst[..gd]);
-                self.gre_lo[..gd].fill(0.0);
+            let ti = t as i32;
+            if t % PREFIX_SEG == 0 {
+                let (cur_re, cur_im, cur_rst) = (&mut self.gre[o..o + gd], &mut self.gim[o..o + gd], &mut self.rst[o..o + gd]);
+                self.gre_lo[o..o + gd].fill(0.0);
                 for ch in 0..gd {
                     let keep = g_re[ch] >= RESET_BELOW;
                     cur_re[ch] = if keep { g_re[ch] } else { 0.0 };
-                    cur_im[ch] = if keep { reduce_2pi::<F>(g_im[ch]) } else { 0.0 };
-                    cur_rst[ch] = if keep { -1 } else { 0 };
+                    // The walk's step from a zero phase (reduce(0 + reduce(g))), as the kernels take it.
+                    cur_im[ch] = if keep { reduce_2pi::<F>(reduce_2pi::<F>(g_im[ch])) } else { 0.0 };
+                    cur_rst[ch] = if keep { -1 } else { ti };
                 }
             } else {
                 let (prev_re, cur_re) = self.gre[o - gd..o + gd].split_at_mut(gd);
                 let (prev_lo, cur_lo) = self.gre_lo[o - gd..o + gd].split_at_mut(gd);
                 let (prev_im, cur_im) = self.gim[o - gd..o + gd].split_at_mut(gd);
                 let (prev_rst, cur_rst) = self.rst[o - gd..o + gd].split_at_mut(gd);
-                let ti = t as i32;
                 for ch in 0..gd {
                     let keep = g_re[ch] >= RESET_BELOW;
                     let (s_re, err) = two_sum(prev_re[ch], g_re[ch]);
@@ -649,9 +659,40 @@ impl Scratch {
                 }
             }
         }
+        let segs = clen.div_ceil(PREFIX_SEG);
+        for seg in 1..segs {
+            let last = (seg * PREFIX_SEG + PREFIX_SEG - 1).min(clen - 1);
+            self.join_prefix::<F>(gd, seg * PREFIX_SEG - 1, last);
+        }
+        for seg in 1..segs {
+            let last = (seg * PREFIX_SEG + PREFIX_SEG - 1).min(clen - 1);
+            for t in seg * PREFIX_SEG..last {
+                self.join_prefix::<F>(gd, seg * PREFIX_SEG - 1, t);
+            }
+        }
         let n = clen * gd;
         for ((c, s), &th) in self.pc[..n].iter_mut().zip(self.ps[..n].iter_mut()).zip(&self.gim[..n]) {
             (*s, *c) = sincos::<F>(th);
+        }
+    }
+
+    /// Joins step `t`'s segment-local prefix to the final prefix at `carry`
+    /// (the step before its segment), in place: unchanged after a reset
+    /// inside the segment; else the compensated sums joined by one TwoSum
+    /// (lo = (lo_carry + lo_t) + its error), the phases added and reduced, the
+    /// carry's reset index. The kernels' twin: `Block::join_prefix`.
+    #[inline(always)]
+    fn join_prefix<F: Arith>(&mut self, gd: usize, carry: usize, t: usize) {
+        let (c, o) = (carry * gd, t * gd);
+        for ch in 0..gd {
+            if self.rst[o + ch] >= 0 {
+                continue;
+            }
+            let (s, err) = two_sum(self.gre[c + ch], self.gre[o + ch]);
+            self.gre[o + ch] = s;
+            self.gre_lo[o + ch] = (self.gre_lo[c + ch] + self.gre_lo[o + ch]) + err;
+            self.gim[o + ch] = reduce_2pi::<F>(self.gim[c + ch] + self.gim[o + ch]);
+            self.rst[o + ch] = self.rst[c + ch];
         }
     }
 
