@@ -605,6 +605,17 @@ __device__ __forceinline__ int pair_of(int i, int j) {
     return j == 0 ? i - 1 : (j == 1 ? i + 1 : 5);
 }
 
+// The causal pairs (row r, column c ≤ r) of a 16 × 16 diagonal block, 136 of
+// them, numbered without a square root: rows f and 15 − f hold 17 pairs
+// together, so pair t is in fold f = t / 17, at (f, e) for e = t % 17 ≤ f,
+// else at (15 − f, e − f − 1).
+constexpr int kDiagPairs = kSub * (kSub + 1) / 2;
+__device__ __forceinline__ int2 diag_pair(int t) {
+    const int f = t / (kSub + 1);
+    const int e = t - f * (kSub + 1);
+    return e <= f ? make_int2(f, e) : make_int2(kSub - 1 - f, e - f - 1);
+}
+
 // The anchored rows of the six off-diagonal sub-chunk blocks of slab d0 (raw
 // q, k in qraw, kraw [kChunk][kSlab]; anchor r = last step of key sub-chunk
 // j): per pair (i, j), rows pair · 16 + (n − 16 i) of qa hold
@@ -724,12 +735,13 @@ __device__ __forceinline__ void intra_pass(Block<input_t, kComplex>& blk, unsign
             put_inter_queries<Op, kTerms>(blk, qraw, qe);
         }
         put_anchored_rows<Op, kTerms>(blk, qraw, kraw, qa, ka);
-        // Diagonal blocks, pairwise: score_nm += Σ_d q_nd k_md Re E(n, m)_d.
-        for (int i = tid; i < kSubs * kSub * kSub; i += kThreads) {
-            const int sb = i / (kSub * kSub);
-            const int nn = sb * kSub + (i / kSub) % kSub;
-            const int m = sb * kSub + i % kSub;
-            if (m > nn) continue;
+        // Diagonal blocks, pairwise: score_nm += Σ_d q_nd k_md Re E(n, m)_d,
+        // over the causal pairs only (diag_pair: no lane idles on m > n).
+        for (int i = tid; i < kSubs * kDiagPairs; i += kThreads) {
+            const int sb = i / kDiagPairs;
+            const int2 rc = diag_pair(i - sb * kDiagPairs);
+            const int nn = sb * kSub + rc.x;
+            const int m = sb * kSub + rc.y;
             const int cols = blk.gate_cols(d0);
             float acc = 0.f;
             if (blk.per_head) {
@@ -744,7 +756,7 @@ __device__ __forceinline__ void intra_pass(Block<input_t, kComplex>& blk, unsign
                     acc = fmaf(blk.modulus(nn, m, j) * cosd, qk, acc);
                 }
             }
-            pdiag[i] += acc;
+            pdiag[(sb * kSub + rc.x) * kSub + rc.y] += acc;
         }
         __syncthreads();
         // out += X S (inner: this slab's kWidth), rows 16·yr, cols 16·yc, 16·(yc + 1).

@@ -31,6 +31,10 @@ struct float2 {
     float x, y;
 };
 inline float2 make_float2(float x, float y) { return float2{x, y}; }
+struct int2 {
+    int x, y;
+};
+inline int2 make_int2(int x, int y) { return int2{x, y}; }
 struct float4 {
     float x, y, z, w;
 };
