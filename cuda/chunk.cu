@@ -167,27 +167,37 @@ __device__ __forceinline__ void chunk_output(const GateloopChunkParams& p) {
 // y; c = complex gates, r = real gates; exact = 3 split products, fast = 1.
 // gateloop_chunk_carry_{c,r}.
 
-#define GATELOOP_CHUNK_ENTRIES(DTYPE, TYPE, OP, GATE, CPLX, PREC, TERMS)                                  \
-    extern "C" __global__ void __launch_bounds__(gateloop::chunk::kThreads, 1)                             \
+// STATE_MIN, OUTPUT_MIN: the blocks per SM each kernel is compiled for (its
+// register cap: 2 → 128 registers a thread). 2 where two blocks fit an
+// H200 SM's shared memory (228 KB: all state kernels; the output kernels of
+// 16-bit inputs and of real f32 gates) and ptxas keeps the kernel within 128
+// registers without spilling on sm_80 and sm_90 (build.rs rejects spills);
+// 1 elsewhere. A second resident block runs while the first waits at a
+// barrier (the gate prefix, the operand staging).
+#define GATELOOP_CHUNK_ENTRIES(DTYPE, TYPE, OP, GATE, CPLX, PREC, TERMS, STATE_MIN, OUTPUT_MIN)           \
+    extern "C" __global__ void __launch_bounds__(gateloop::chunk::kThreads, STATE_MIN)                     \
         gateloop_chunk_state_##DTYPE##_##GATE##_##PREC(const GateloopChunkParams p) {                     \
         gateloop::chunk::chunk_state<TYPE, gateloop::chunk::OP, CPLX, TERMS>(p);                          \
     }                                                                                                     \
-    extern "C" __global__ void __launch_bounds__(gateloop::chunk::kThreads, 1)                             \
+    extern "C" __global__ void __launch_bounds__(gateloop::chunk::kThreads, OUTPUT_MIN)                    \
         gateloop_chunk_output_##DTYPE##_##GATE##_##PREC(const GateloopChunkParams p) {                    \
         gateloop::chunk::chunk_output<TYPE, gateloop::chunk::OP, CPLX, TERMS>(p);                         \
     }
 
-// EXACT_OP: OpOf<TYPE>::type (bf16 splits for f16 inputs: see OpOf);
-// FAST_OP: the input's own operand type.
-#define GATELOOP_CHUNK_DTYPE(DTYPE, TYPE, EXACT_OP, FAST_OP)                 \
-    GATELOOP_CHUNK_ENTRIES(DTYPE, TYPE, EXACT_OP, c, true, exact, 3)         \
-    GATELOOP_CHUNK_ENTRIES(DTYPE, TYPE, FAST_OP, c, true, fast, 1)           \
-    GATELOOP_CHUNK_ENTRIES(DTYPE, TYPE, EXACT_OP, r, false, exact, 3)        \
-    GATELOOP_CHUNK_ENTRIES(DTYPE, TYPE, FAST_OP, r, false, fast, 1)
-
-GATELOOP_CHUNK_DTYPE(f32, float, OpTf32, OpTf32)
-GATELOOP_CHUNK_DTYPE(f16, __half, OpBf16, OpF16)
-GATELOOP_CHUNK_DTYPE(bf16, __nv_bfloat16, OpBf16, OpBf16)
+// Exact entries take OpOf<TYPE>::type (bf16 splits for f16 inputs: see OpOf);
+// fast entries the input's own operand type.
+GATELOOP_CHUNK_ENTRIES(f32, float, OpTf32, c, true, exact, 3, 2, 1)
+GATELOOP_CHUNK_ENTRIES(f32, float, OpTf32, c, true, fast, 1, 2, 1)
+GATELOOP_CHUNK_ENTRIES(f32, float, OpTf32, r, false, exact, 3, 1, 1)  // 2 spills
+GATELOOP_CHUNK_ENTRIES(f32, float, OpTf32, r, false, fast, 1, 2, 2)
+GATELOOP_CHUNK_ENTRIES(f16, __half, OpBf16, c, true, exact, 3, 2, 2)
+GATELOOP_CHUNK_ENTRIES(f16, __half, OpF16, c, true, fast, 1, 2, 2)
+GATELOOP_CHUNK_ENTRIES(f16, __half, OpBf16, r, false, exact, 3, 2, 2)
+GATELOOP_CHUNK_ENTRIES(f16, __half, OpF16, r, false, fast, 1, 2, 2)
+GATELOOP_CHUNK_ENTRIES(bf16, __nv_bfloat16, OpBf16, c, true, exact, 3, 2, 2)
+GATELOOP_CHUNK_ENTRIES(bf16, __nv_bfloat16, OpBf16, c, true, fast, 1, 2, 2)
+GATELOOP_CHUNK_ENTRIES(bf16, __nv_bfloat16, OpBf16, r, false, exact, 3, 2, 2)
+GATELOOP_CHUNK_ENTRIES(bf16, __nv_bfloat16, OpBf16, r, false, fast, 1, 2, 1)  // output: 2 spills on sm_80
 
 static_assert(std::is_same<gateloop::chunk::OpOf<float>::type, gateloop::chunk::OpTf32>::value &&
                   std::is_same<gateloop::chunk::OpOf<__half>::type, gateloop::chunk::OpBf16>::value &&

@@ -603,7 +603,7 @@ __device__ __forceinline__ void grad_dv(const GateloopChunkGradParams& g) {
 // gateloop_chunk_grad_{w,qk,dv}_{dtype}: dtype of q, k, v, dy, dq, dk, dv.
 
 #define GATELOOP_CHUNK_GRAD_ENTRIES(DTYPE, TYPE)                                                            \
-    extern "C" __global__ void __launch_bounds__(gateloop::chunk::kThreads, 1)                               \
+    extern "C" __global__ void __launch_bounds__(gateloop::chunk::kThreads, 2)                               \
         gateloop_chunk_grad_w_##DTYPE(const GateloopChunkGradParams g) {                                    \
         gateloop::chunk::grad_w<TYPE>(g);                                                                   \
     }                                                                                                       \
