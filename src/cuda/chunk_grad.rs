@@ -29,9 +29,11 @@
 //! runs the forward output kernel's pass (the scores P formed exactly as the
 //! forward forms them: anchored off-diagonal sub-chunk blocks on tensor
 //! cores, diagonal blocks pairwise) with K̃ D(c) + Pᵀ dY for Q̃ S_c + P V.
-//! `grad_qk` forms s = dY Vᵀ and the inter-chunk products S_in dy_n, D v_n
-//! on tensor cores too; its intra-chunk pairs (each with its own anchored
-//! modulus), dq, dk and the gate scans compute in f32 on CUDA cores.
+//! `grad_qk` forms s = dY Vᵀ, the off-diagonal sub-chunk blocks of dq and dk
+//! (s k̃ and sᵀ q̃ on the forward's anchored rows, as `cpu::chunked_grad`
+//! does) and the inter-chunk products S_in dy_n, D v_n on tensor cores too;
+//! the four diagonal sub-chunk blocks (pairwise, one exp each), dq, dk and
+//! the gate scans compute in f32 on CUDA cores.
 //! [`ChunkPrecision`] only selects the forward state kernel of step 1 (Fast:
 //! U_c from one TF32 / f16 / bf16 product, about 1e-3 relative).
 //!
