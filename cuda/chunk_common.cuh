@@ -235,19 +235,24 @@ struct Block {
     // A grid of `value_tiles` value tiles per chunk (1: one block per chunk,
     // as the backward's dq/dk kernel launches).
     __device__ __forceinline__ Block(const GateloopChunkParams& params, unsigned char* smem, int64_t value_tiles)
+        : Block(params, smem, value_tiles, params.num_chunks, blockIdx.x) {}
+    // Block `index` of a grid of value tiles (fastest), `grid_chunks` chunks,
+    // then (b, h); grid_chunks = 1 for the kernels that walk the chunks
+    // (at_chunk).
+    __device__ __forceinline__ Block(const GateloopChunkParams& params, unsigned char* smem, int64_t value_tiles,
+                                     int64_t grid_chunks, int64_t index)
         : p(params) {
         tid = threadIdx.x;
         warp = tid >> 5;
-        int64_t blk = blockIdx.x;
+        int64_t blk = index;
         vt = split_index(blk, value_tiles);
-        chunk = split_index(blk, p.num_chunks);
+        chunk = split_index(blk, grid_chunks);
         bh = blk;
         const BatchHead bhi = batch_head(bh, p.dims.heads);
         b = bhi.b;
         h = bhi.h;
-        t0 = chunk * kChunk;
         v0 = vt * kVTile;
-        n = static_cast<int>(min(static_cast<int64_t>(kChunk), p.dims.len - t0));
+        at_chunk(chunk);
         per_head = p.dims.gate_dim == 1;
         q = seq_row<input_t>(p.q, p.q_strides, b, h);
         k = seq_row<input_t>(p.k, p.k_strides, b, h);
@@ -266,6 +271,13 @@ struct Block {
             gcs = gsn = nullptr;
         }
         rst = reinterpret_cast<int32_t*>(f);
+    }
+
+    // Moves the block to chunk c of its (b, h).
+    __device__ __forceinline__ void at_chunk(int64_t c) {
+        chunk = c;
+        t0 = c * kChunk;
+        n = static_cast<int>(min(static_cast<int64_t>(kChunk), p.dims.len - t0));
     }
 
     // Gate columns of the slab starting at channel d0 (1 for a per-head gate).
@@ -566,22 +578,34 @@ __device__ __forceinline__ void put_state_keys(const Block<input_t, kComplex>& b
 // Warp w ↔ output tile (w / 4, w % 4): 2 × 4 tiles (complex: all 8 warps)
 // or 1 × 4 (real). The forward's U_c = K̃ᵀ V (ws_state); the backward's
 // W_c = [Re Q̃ | −Im Q̃]ᵀ dY (ws_adj). Call between barriers (X, Y staged).
+// Warp w's tile (rb, cb) = (w / 4, w % 4) of Xᵀ Y (store_slab_gram's
+// product) into acc; false, acc untouched, for a warp without a tile (real
+// gates: two 16-row blocks fewer).
 template <class Op, int kTerms, typename input_t, bool kComplex>
-__device__ __forceinline__ void store_slab_gram(const Block<input_t, kComplex>& blk, const Split<Op>& x,
-                                                const Split<Op>& y, int64_t d0, float* staging, float* out) {
+__device__ __forceinline__ bool slab_gram(const Block<input_t, kComplex>& blk, const Split<Op>& x, const Split<Op>& y,
+                                          Acc<Op>& acc) {
     constexpr int kWidth = slab_width<kComplex>();
     const int rb = blk.warp / (kVTile / 16);
     const int cb = blk.warp % (kVTile / 16);
-    if (rb >= kWidth / 16) return;
-    const int64_t key_dim = blk.p.dims.key_dim;
-    const int64_t value_dim = blk.p.dims.value_dim;
-    Acc<Op> acc;
+    if (rb >= kWidth / 16) return false;
     wmma::fill_fragment(acc, 0.f);
     for (int kk = 0; kk < kChunk; kk += Op::kK) {
         // A(i, k) = X[k][16·rb + i]: column-major with ld x.ld.
         mma_step<Op, kTerms, wmma::col_major, wmma::row_major>(acc, x.hi_at(kk, 16 * rb), x.lo_at(kk, 16 * rb), x.ld,
                                                                y.hi_at(kk, 16 * cb), y.lo_at(kk, 16 * cb), y.ld);
     }
+    return true;
+}
+
+template <class Op, int kTerms, typename input_t, bool kComplex>
+__device__ __forceinline__ void store_slab_gram(const Block<input_t, kComplex>& blk, const Split<Op>& x,
+                                                const Split<Op>& y, int64_t d0, float* staging, float* out) {
+    Acc<Op> acc;
+    if (!slab_gram<Op, kTerms>(blk, x, y, acc)) return;
+    const int rb = blk.warp / (kVTile / 16);
+    const int cb = blk.warp % (kVTile / 16);
+    const int64_t key_dim = blk.p.dims.key_dim;
+    const int64_t value_dim = blk.p.dims.value_dim;
     drain<Op>(acc, staging, blk.tid & 31, [&](int r, int c, float e) {
         const int wcol = 16 * rb + r;  // operand column: part · 16 + channel
         const int part = wcol / kSlab;

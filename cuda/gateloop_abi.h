@@ -333,6 +333,12 @@ GATELOOP_ABI_ASSERT(sizeof(GateloopCheckParams) == 24, "GateloopCheckParams layo
  *      becomes the state entering chunk c; writes h_final.
  *   3. gateloop_chunk_output_{dtype}_{g}_{prec}: grid as 1, dynamic shared
  *      memory shared_bytes; writes y.
+ * Or 1 and 2 in one kernel, gateloop_chunk_state_seq_{dtype}_{g}_{prec}:
+ *   grid.x = B·H·value_tiles·ceil(K / CHUNK_KEY_SLAB) (key slab fastest, then
+ *   value tile, then (b, h)), dynamic shared memory state_shared_bytes (its
+ *   own layout's size); each block walks the chunks in order and writes what
+ *   1 and 2 write (ws_state[c] = the state entering chunk c, ws_decay,
+ *   h_final), bit for bit.
  * {g}: c = complex gates (log_gate, h0, h_final complex f32, parts = 2), r =
  * real gates (log_gate [B, L, H, gate_dim], h0 and h_final [B, H, K, V] REAL
  * f32, parts = 1; the strides then count f32 elements). {prec}: exact (3
@@ -381,7 +387,7 @@ typedef struct GateloopChunkParams {
     int64_t num_chunks;         /* ceil(L / CHUNK_LEN) */
     int64_t value_tiles;        /* ceil(V / CHUNK_VALUE_TILE) */
     int32_t shared_bytes;       /* dynamic shared memory of the output kernel */
-    int32_t state_shared_bytes; /* dynamic shared memory of the state kernel */
+    int32_t state_shared_bytes; /* dynamic shared memory of the state kernel (or of state_seq) */
 } GateloopChunkParams;
 GATELOOP_ABI_ASSERT(sizeof(GateloopChunkParams) == 72 + 48 + 5 * 24 + 2 * 24 + 8 + 2 * 8 + 8,
                     "GateloopChunkParams layout");

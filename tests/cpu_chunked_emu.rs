@@ -20,7 +20,7 @@ mod dtype_support;
 
 use gateloop::cpu::chunked::{self, ChunkParams};
 use gateloop::cuda::{Dtype, Element};
-use gateloop::cuda::chunk::{self, ChunkPrecision};
+use gateloop::cuda::chunk::{self, ChunkCarry, ChunkPrecision};
 use gateloop::cuda::chunk_grad;
 use gateloop::testing::{GateRegime, OwnedProblem, dims};
 use gateloop::{Complex, Dims, ErrorStats, Outputs, compare, compare_complex};
@@ -52,7 +52,8 @@ fn write_inputs(tag: &str, p: &OwnedProblem<f32>, gates: GateKind, precision: Ch
     let chunk_gates = if complex { chunk::Gates::Complex } else { chunk::Gates::Real };
     let (state, output) = chunk::shared_bytes(t, chunk_gates);
     let (w, qk, dv) = chunk_grad::shared_bytes(t);
-    std::fs::write(dir.join("shared.txt"), format!("{state} {output} {w} {qk} {dv}")).unwrap();
+    let seq = chunk::sequential_shared_bytes(t, chunk_gates);
+    std::fs::write(dir.join("shared.txt"), format!("{state} {output} {w} {qk} {dv} {seq}")).unwrap();
     dir
 }
 
@@ -72,8 +73,22 @@ fn run_forward(
     precision: ChunkPrecision,
     t: Dtype,
 ) -> Outputs<f32> {
-    let dir = write_inputs(&format!("fwd{tag}"), p, gates, precision, t);
-    run(emu, &[], &dir);
+    run_forward_with(emu, tag, p, gates, precision, t, ChunkCarry::Separate)
+}
+
+/// [`run_forward`] with a choice of carry: `Sequential` runs the two
+/// launches of `ChunkCarry::Sequential` (state_seq, output).
+fn run_forward_with(
+    emu: &std::path::Path,
+    tag: usize,
+    p: &OwnedProblem<f32>,
+    gates: GateKind,
+    precision: ChunkPrecision,
+    t: Dtype,
+    carry: ChunkCarry,
+) -> Outputs<f32> {
+    let dir = write_inputs(&format!("fwd{tag}_{}", carry.name()), p, gates, precision, t);
+    run(emu, if carry == ChunkCarry::Sequential { &["--sequential"] } else { &[] }, &dir);
     let hf = read_f32_file(&dir.join("h_final.out"));
     let h_final = if gates == GateKind::Complex { unflat(&hf) } else { hf.iter().map(|&x| Complex::new(x, 0.0)).collect() };
     let y = read_f32_file(&dir.join("y.out"));
@@ -183,6 +198,45 @@ fn chunk_kernels_emulated_match_reference_and_mirror() {
     }
     for (k, e) in &worst.0 {
         eprintln!("worst {k}: {e:?}");
+    }
+}
+
+/// `ChunkCarry::Sequential` (one launch walking the chunks per (b, h, value
+/// tile, key slab)) writes what the state and carry launches write, bit for
+/// bit: y and h_final equal to the last bit, over complex and real gates,
+/// Exact and Fast, f32 and bf16, with and without h0, both gate layouts,
+/// L ∈ {1, 130, 200} (partial chunks), K ∈ {5, 40} (partial slabs), V ∈
+/// {7, 70} (two value tiles), B·H = 2, resets, hard decay and phases ≫ 2π.
+#[test]
+fn sequential_carry_is_bitwise_the_separate_carry() {
+    let Some(emu) = emulator() else { return };
+    use ChunkPrecision::{Exact, Fast};
+    use GateKind::{Complex as C, Real as R};
+    let cases: [(Dims, GateRegime, bool, GateKind, ChunkPrecision, Dtype); 8] = [
+        (dims(1, 200, 2, 40, 70, false), GateRegime::Mixed, true, C, Exact, Dtype::F32),
+        (dims(2, 130, 1, 5, 7, true), GateRegime::Resets(0.05), true, C, Exact, Dtype::F32),
+        (dims(1, 1, 1, 40, 7, false), GateRegime::LargePhase(50.0), true, C, Exact, Dtype::F32),
+        (dims(1, 200, 1, 5, 70, false), GateRegime::HardDecay(0.5), false, C, Exact, Dtype::F32),
+        (dims(1, 130, 1, 40, 7, false), GateRegime::UnitModulus, false, C, Fast, Dtype::F32),
+        (dims(1, 200, 1, 40, 70, false), GateRegime::Resets(0.05), true, R, Exact, Dtype::F32),
+        (dims(2, 130, 1, 5, 7, true), GateRegime::Mixed, true, R, Fast, Dtype::F32),
+        (dims(1, 200, 1, 40, 70, false), GateRegime::Mixed, true, C, Exact, Dtype::Bf16),
+    ];
+    for (i, (d, regime, with_h0, gates, precision, t)) in cases.into_iter().enumerate() {
+        let case = Case::new(d, regime, with_h0, 7600 + i as u64);
+        let label = format!("{} {gates:?} {precision:?} {t}", case.label());
+        let mut p64 = case.problem();
+        if gates == GateKind::Real {
+            p64 = real_parts(p64);
+        }
+        let p = if t == Dtype::Bf16 { rounded_to::<half::bf16>(&p64) } else { p64.rounded_to_f32() }.to_f32();
+        let separate = run_forward_with(&emu, 60 + i, &p, gates, precision, t, ChunkCarry::Separate);
+        let sequential = run_forward_with(&emu, 60 + i, &p, gates, precision, t, ChunkCarry::Sequential);
+        let bits = |x: &[f32]| x.iter().map(|v| v.to_bits()).collect::<Vec<_>>();
+        let cbits = |x: &[Complex<f32>]| x.iter().flat_map(|v| [v.re.to_bits(), v.im.to_bits()]).collect::<Vec<_>>();
+        assert!(separate.y.iter().all(|v| v.is_finite()), "{label}: y finite");
+        assert_eq!(bits(&sequential.y), bits(&separate.y), "{label}: y");
+        assert_eq!(cbits(&sequential.h_final), cbits(&separate.h_final), "{label}: h_final");
     }
 }
 

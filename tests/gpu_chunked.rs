@@ -28,7 +28,7 @@ use common::{Case, adversarial_regime_tests, regime_matrix, regime_tests, run_fo
 use cudarc::driver::DevicePtrMut;
 use dtype_support::{chunk_bounds as bounds, rounded_to, widen};
 use gateloop::cuda::chunk::{
-    ChunkPrecision, DeviceInputs, DeviceOutputs, Gates, forward_host, forward_into, forward_real_host_as,
+    ChunkCarry, ChunkConfig, ChunkPrecision, DeviceInputs, DeviceOutputs, Gates, forward_host, forward_into, forward_real_host_as,
     forward_real_into, plan,
 };
 use gateloop::cuda::{Dtype, Element, Gpu, GpuError};
@@ -38,17 +38,18 @@ use half::{bf16, f16};
 
 /// Runs the complex-gate kernels in `T` on `p32` (representable in `T`)
 /// through `forward_into` on a fresh stream, outputs and workspace poisoned.
-fn run_complex<T: Element>(gpu: &Gpu, p32: &OwnedProblem<f32>, precision: ChunkPrecision) -> (Vec<T>, Vec<Complex<f32>>) {
+fn run_complex<T: Element>(gpu: &Gpu, p32: &OwnedProblem<f32>, config: impl Into<ChunkConfig>) -> (Vec<T>, Vec<Complex<f32>>) {
     let d = p32.dims;
+    let config = config.into();
     let lp = plan(&d, T::DTYPE, Gates::Complex).expect("plan");
-    run_forward::<T>(gpu, p32, lp.workspace_len, |s, d, i, o, ws| forward_into(gpu, s, d, i, o, ws, precision))
+    run_forward::<T>(gpu, p32, lp.workspace_len, |s, d, i, o, ws| forward_into(gpu, s, d, i, o, ws, config))
         .unwrap_or_else(|e| panic!("{} {d:?}: {e}", T::DTYPE))
 }
 
 /// Runs the real-gate kernels on the real parts of `p32`'s log_gate and h0
 /// (the imaginary parts must be 0), outputs and workspace poisoned; returns y
 /// and h_final (as complex numbers with Im = 0).
-fn run_real<T: Element>(gpu: &Gpu, p32: &OwnedProblem<f32>, precision: ChunkPrecision) -> (Vec<T>, Vec<Complex<f32>>) {
+fn run_real<T: Element>(gpu: &Gpu, p32: &OwnedProblem<f32>, config: impl Into<ChunkConfig>) -> (Vec<T>, Vec<Complex<f32>>) {
     let d = p32.dims;
     assert!(p32.log_gate.iter().all(|z| z.im == 0.0));
     let lp = plan(&d, T::DTYPE, Gates::Real).expect("plan");
@@ -67,7 +68,7 @@ fn run_real<T: Element>(gpu: &Gpu, p32: &OwnedProblem<f32>, precision: ChunkPrec
         DeviceInputs { q: &q, k: &k, v: &v, log_gate: &gate, h0: h0.as_ref().map(|h| h as _) },
         DeviceOutputs { y: &mut y, h_final: &mut h_final },
         Some(&mut ws as &mut dyn DevicePtrMut<f32>),
-        precision,
+        config,
     )
     .unwrap_or_else(|e| panic!("{} {d:?}: {e}", T::DTYPE));
     let y = s.clone_dtoh(&y).unwrap();
@@ -216,6 +217,68 @@ fn real_gates_match_the_reference() {
     for regime in [GateRegime::Random, GateRegime::Resets(0.05), GateRegime::Resets(1.0), GateRegime::UnitModulus, GateRegime::StrongDecay(40.0), GateRegime::Underflow] {
         regime_matrix(1, 2, &shapes, regime, seed, |c| check_in::<f32>(gpu, c, Gates::Real, ChunkPrecision::Exact, 1.0));
         seed += 100;
+    }
+}
+
+/// `ChunkCarry::Sequential` (one launch walking the chunks, the slab's state
+/// in shared memory) writes what the state and carry launches write, bit for
+/// bit, on the hardware as under emulation (tests/cpu_chunked_emu.rs): y and
+/// h_final of both carries equal to the last bit, each within the bounds of
+/// the reference, over f32 and bf16, complex (exact, fast) and real gates,
+/// partial chunks, slabs and value tiles, both gate layouts, with and
+/// without h0, and the benchmark's B8 L4096 H16 K = V = 64 (where `Auto`
+/// picks the sequential carry).
+#[test]
+fn sequential_carry_is_bitwise_the_separate_carry() {
+    let Some(gpu) = common::gpu_or_skip() else { return };
+    let shapes = [dims(2, 1000, 3, 64, 128, false), dims(1, 777, 2, 40, 70, true), dims(3, 65, 2, 5, 7, false), dims(8, 4096, 16, 64, 64, false)];
+    assert_eq!(plan(&shapes[3], Dtype::Bf16, Gates::Complex).unwrap().carry, ChunkCarry::Sequential);
+    let mut seed = 16_000;
+    for d in shapes {
+        // The big shape once (its inputs take seconds to draw and convert).
+        let big = d.len * d.batch * d.heads > 100_000;
+        let regimes = [GateRegime::Mixed, GateRegime::Resets(0.05), GateRegime::HardDecay(0.5)];
+        for regime in if big { &regimes[..1] } else { &regimes[..] } {
+            seed += 1;
+            let c = Case::new(d, *regime, seed % 2 == 0, seed);
+            for (gates, precision) in [(Gates::Complex, ChunkPrecision::Exact), (Gates::Complex, ChunkPrecision::Fast), (Gates::Real, ChunkPrecision::Exact)] {
+                if !big {
+                    check_carries::<f32>(gpu, c, gates, precision);
+                }
+                check_carries::<bf16>(gpu, c, gates, precision);
+            }
+        }
+    }
+}
+
+/// Both carries on one case: bitwise equal, and within the reference bounds
+/// (checked on problems small enough for the f64 reference's time).
+fn check_carries<T: Element>(gpu: &Gpu, case: Case, gates: Gates, precision: ChunkPrecision) {
+    let label = format!("{} {gates:?} {precision:?} {}", T::DTYPE, case.label());
+    let mut p = case.problem();
+    if gates == Gates::Real {
+        p = real_gates(&p);
+    }
+    let p64 = rounded_to::<T>(&p);
+    let p32 = p64.to_f32();
+    let run = |carry| {
+        let config = ChunkConfig { precision, carry };
+        match gates {
+            Gates::Complex => run_complex::<T>(gpu, &p32, config),
+            Gates::Real => run_real::<T>(gpu, &p32, config),
+        }
+    };
+    let (ys, hs) = run(ChunkCarry::Separate);
+    let (yq, hq) = run(ChunkCarry::Sequential);
+    let bits = |y: &[T]| y.iter().map(|x| x.to_f32().to_bits()).collect::<Vec<_>>();
+    let cbits = |h: &[Complex<f32>]| h.iter().flat_map(|z| [z.re.to_bits(), z.im.to_bits()]).collect::<Vec<_>>();
+    assert!(bits(&yq) == bits(&ys), "{label}: y differs between the carries");
+    assert!(cbits(&hq) == cbits(&hs), "{label}: h_final differs between the carries");
+    if p64.dims.len * p64.dims.batch * p64.dims.heads <= 100_000 {
+        let want = reference::recurrent::forward(&p64.view()).expect("reference");
+        let (yb, hb) = bounds(T::DTYPE, precision);
+        assert_within(&label, "y (sequential carry)", &compare(&widen(&yq), &want.y), yb);
+        assert_within(&label, "h_final (sequential carry)", &compare_complex(&hq, &want.h_final), hb);
     }
 }
 

@@ -40,7 +40,7 @@ use rayon::prelude::*;
 use serde_json::{Value, json};
 use thiserror::Error;
 
-use super::chunk::{self, ChunkPrecision, Gates};
+use super::chunk::{self, ChunkCarry, ChunkConfig, ChunkPrecision, Gates};
 use super::chunk_grad;
 use super::element::{Dtype, Element, round_slice};
 use super::recurrent::{self, DecodeInputs, DeviceInputs, DeviceOutputs};
@@ -232,7 +232,17 @@ pub fn registry() -> Vec<KernelEntry> {
             shapes: chunked_shapes,
             check: |d| chunk::plan(d, Dtype::F32, Gates::Complex).map(|_| ()),
             cost: |d, t| chunked_cost(d, t, Gates::Complex),
-            prepare: prepare_chunked::<false, false>,
+            prepare: prepare_chunked::<false, false, false>,
+        },
+        KernelEntry {
+            name: "chunked-separate",
+            about: "chunked forward, complex gates, exact, the separate carry forced (state, carry, output launches): \
+                    `chunked` picks its carry by the plan's rule; this row is the other choice",
+            dtypes: &Dtype::ALL,
+            shapes: chunked_shapes,
+            check: |d| chunk::plan(d, Dtype::F32, Gates::Complex).map(|_| ()),
+            cost: |d, t| chunked_cost_with(d, t, Gates::Complex, ChunkCarry::Separate),
+            prepare: prepare_chunked::<false, false, true>,
         },
         KernelEntry {
             name: "chunked-fast",
@@ -241,7 +251,7 @@ pub fn registry() -> Vec<KernelEntry> {
             shapes: chunked_shapes,
             check: |d| chunk::plan(d, Dtype::F32, Gates::Complex).map(|_| ()),
             cost: |d, t| chunked_cost(d, t, Gates::Complex),
-            prepare: prepare_chunked::<false, true>,
+            prepare: prepare_chunked::<false, true, false>,
         },
         KernelEntry {
             name: "chunked-real",
@@ -250,7 +260,7 @@ pub fn registry() -> Vec<KernelEntry> {
             shapes: chunked_shapes,
             check: |d| chunk::plan(d, Dtype::F32, Gates::Real).map(|_| ()),
             cost: |d, t| chunked_cost(d, t, Gates::Real),
-            prepare: prepare_chunked::<true, false>,
+            prepare: prepare_chunked::<true, false, false>,
         },
         KernelEntry {
             name: "scan-grad",
@@ -268,7 +278,7 @@ pub fn registry() -> Vec<KernelEntry> {
             shapes: chunked_shapes,
             check: |d| chunk::plan(d, Dtype::F32, Gates::Real).map(|_| ()),
             cost: |d, t| chunked_cost(d, t, Gates::Real),
-            prepare: prepare_chunked::<true, true>,
+            prepare: prepare_chunked::<true, true, false>,
         },
         KernelEntry {
             name: "chunked-grad",
@@ -411,29 +421,39 @@ impl<T: Element> BenchCase for RecurrentCase<'_, T> {
 /// causal scores ~C·pK (C/2 keys × 2pK), P·V ~C·V: 4pKV + C(pK + V); gate
 /// exps and sincos are not counted.
 pub fn chunked_cost(d: &Dims, t: Dtype, gates: Gates) -> Cost {
+    chunked_cost_with(d, t, gates, ChunkCarry::Auto)
+}
+
+/// [`chunked_cost`] with a choice of carry (it changes the traffic only).
+pub fn chunked_cost_with(d: &Dims, t: Dtype, gates: Gates, carry: ChunkCarry) -> Cost {
     let e = t.size_bytes() as f64;
     let p = gates.parts() as f64;
     let bytes = e * (2 * d.qk_len() + 2 * d.v_len()) as f64 + 4.0 * p * (d.gate_len() + d.state_len()) as f64;
     let (k, v, c) = (d.key_dim as f64, d.value_dim as f64, chunk::CHUNK_LEN as f64);
     let steps = (d.batch * d.len * d.heads) as f64;
-    Cost { bytes, flops: steps * (4.0 * p * k * v + c * (p * k + v)), traffic: chunked_traffic(d, t, gates, false) }
+    let traffic = chunked_traffic(d, t, gates, carry, false);
+    Cost { bytes, flops: steps * (4.0 * p * k * v + c * (p * k + v)), traffic }
 }
 
 /// The bytes the chunked launches move as written (no h0, no dh_final, as
 /// the bench runs them), e = element size, p = parts, per value tile of 64
 /// columns (vt = ⌈V/64⌉) where the grid re-reads a buffer per tile; ws =
 /// one chunk-state workspace (4p·B·H·⌈L/64⌉·K·V bytes), A = the decays.
-/// Forward: state (k·vt, v, log_gate·vt; writes ws, A), carry (ws read and
-/// written in place, A; h_final), output (q·vt, k·vt, v, log_gate·vt, ws;
-/// writes y). With `backward` the six launches of cuda/chunk_grad.cu: the
+/// Forward, with the carry `carry` resolves to ([`chunk::plan_with`]): the
+/// separate carry's state (k·vt, v, log_gate·vt; writes ws, A) and carry
+/// (ws read and written in place, A; h_final), or the sequential carry's one
+/// launch (k·vt, v, log_gate·vt; writes ws, A, h_final); then the output
+/// (q·vt, k·vt, v, log_gate·vt, ws; writes y). With `backward` the six
+/// launches of cuda/chunk_grad.cu (always the separate carry): the
 /// state kernel, grad_w (q·vt, dy, log_gate·vt; writes a second ws), the
 /// carry (plus an h_final sink), the adjoint carry (ws read and written, A),
 /// grad_qk (q, k, v, dy, log_gate, both ws; writes dq, dk, dlog_gate) and
 /// grad_dv (q·vt, k·vt, log_gate·vt, dy, the adjoint ws; writes dv).
-/// At B8 L4096 H16 K = V = 64 bf16 the forward moves ~3.7× its minimum:
-/// the four passes over ws (written, carried in place, read) are half of it
-/// and the second read of k and log_gate most of the rest.
-pub fn chunked_traffic(d: &Dims, t: Dtype, gates: Gates, backward: bool) -> f64 {
+/// At B8 L4096 H16 K = V = 64 bf16 the separate carry moves 3.75× the
+/// forward's minimum (the four passes over ws, written, carried in place
+/// and read, are half of it; the second read of k and log_gate the rest),
+/// the sequential carry 2.75×.
+pub fn chunked_traffic(d: &Dims, t: Dtype, gates: Gates, carry: ChunkCarry, backward: bool) -> f64 {
     let e = t.size_bytes() as f64;
     let p = gates.parts() as f64;
     let vt = d.value_dim.div_ceil(chunk::VALUE_TILE) as f64;
@@ -444,16 +464,18 @@ pub fn chunked_traffic(d: &Dims, t: Dtype, gates: Gates, backward: bool) -> f64 
     let decays = 4.0 * p * bh * nc * d.gate_dim() as f64;
     let h_final = 4.0 * p * d.state_len() as f64;
     let state = qk * vt + v + gate * vt + ws + decays;
-    let carry = 2.0 * ws + decays + h_final;
+    let carry_pass = 2.0 * ws + decays + h_final;
     if !backward {
         let output = 2.0 * qk * vt + v + gate * vt + ws + v;
-        return state + carry + output;
+        let sequential = chunk::plan_with(d, t, gates, carry).is_ok_and(|lp| lp.carry == ChunkCarry::Sequential);
+        let states = if sequential { state + h_final } else { state + carry_pass };
+        return states + output;
     }
     let grad_w = qk * vt + v + gate * vt + ws;
     let adjoint_carry = 2.0 * ws + decays;
     let grad_qk = 2.0 * qk + 2.0 * v + gate + 2.0 * ws + 2.0 * qk + gate;
     let grad_dv = 2.0 * qk * vt + gate * vt + v + ws + v;
-    state + grad_w + carry + adjoint_carry + grad_qk + grad_dv
+    state + grad_w + carry_pass + adjoint_carry + grad_qk + grad_dv
 }
 
 /// Chunked backward (complex gates, no h0, no dh_final). Bytes: read q, k,
@@ -467,7 +489,7 @@ pub fn chunked_grad_cost(d: &Dims, t: Dtype) -> Cost {
     let bytes = e * (4 * d.qk_len() + 3 * d.v_len()) as f64 + 16.0 * d.gate_len() as f64;
     let (k, v, c, p) = (d.key_dim as f64, d.value_dim as f64, chunk::CHUNK_LEN as f64, 2.0);
     let steps = (d.batch * d.len * d.heads) as f64;
-    let traffic = chunked_traffic(d, t, Gates::Complex, true);
+    let traffic = chunked_traffic(d, t, Gates::Complex, ChunkCarry::Separate, true);
     Cost { bytes, flops: steps * (10.0 * p * k * v + c * (3.0 * p * k + 2.0 * v)), traffic }
 }
 
@@ -533,7 +555,7 @@ type ForwardFn<T> = fn(
 ) -> Result<(), GpuError>;
 
 /// The chunked kernel for one gate kind (`REAL`) and precision (`FAST`).
-fn prepare_chunked<'g, const REAL: bool, const FAST: bool>(
+fn prepare_chunked<'g, const REAL: bool, const FAST: bool, const SEPARATE: bool>(
     gpu: &'g Gpu,
     dims: Dims,
     t: Dtype,
@@ -544,12 +566,21 @@ fn prepare_chunked<'g, const REAL: bool, const FAST: bool>(
     crate::with_element!(t, T => {
         let ws = chunk::plan(&dims, T::DTYPE, gates)?.workspace_len;
         let launch: ForwardFn<T> = if REAL {
-            |g, s, d, i, o, w| chunk::forward_real_into(g, s, d, i, o, w, if FAST { ChunkPrecision::Fast } else { ChunkPrecision::Exact })
+            |g, s, d, i, o, w| chunk::forward_real_into(g, s, d, i, o, w, chunked_config::<FAST, SEPARATE>())
         } else {
-            |g, s, d, i, o, w| chunk::forward_into(g, s, d, i, o, w, if FAST { ChunkPrecision::Fast } else { ChunkPrecision::Exact })
+            |g, s, d, i, o, w| chunk::forward_into(g, s, d, i, o, w, chunked_config::<FAST, SEPARATE>())
         };
         prepare_forward::<T>(gpu, dims, host, sets, gates, ws, launch)
     })
+}
+
+/// The chunked bench entries' configuration: fast or exact, the separate
+/// carry forced or the plan's choice.
+fn chunked_config<const FAST: bool, const SEPARATE: bool>() -> ChunkConfig {
+    ChunkConfig {
+        precision: if FAST { ChunkPrecision::Fast } else { ChunkPrecision::Exact },
+        carry: if SEPARATE { ChunkCarry::Separate } else { ChunkCarry::Auto },
+    }
 }
 
 /// One set of device buffers of a forward kernel with a workspace.
@@ -1306,13 +1337,18 @@ mod tests {
         let ws = 8.0 * (8 * 16 * 64 * 64 * 64) as f64;
         let (decays, h_final) = (8.0 * (8 * 16 * 64 * 64) as f64, 8.0 * (8 * 16 * 64 * 64) as f64);
         let (x, gate) = (2.0 * n, 8.0 * n);
-        let c = chunked_cost(&d, Dtype::Bf16, Gates::Complex);
+        let c = chunked_cost_with(&d, Dtype::Bf16, Gates::Complex, ChunkCarry::Separate);
         let state = x + x + gate + ws + decays;
         let carry = 2.0 * ws + decays + h_final;
         let output = 3.0 * x + gate + ws + x;
         assert_eq!(c.traffic, state + carry + output);
         let ratio = c.traffic / c.bytes;
-        assert!((3.6..3.8).contains(&ratio), "forward traffic / minimum = {ratio}");
+        assert!((3.74..3.76).contains(&ratio), "separate carry: forward traffic / minimum = {ratio}");
+        // The automatic carry is the sequential one here: U_c stays on chip.
+        let a = chunked_cost(&d, Dtype::Bf16, Gates::Complex);
+        assert_eq!(a.traffic, state + h_final + output);
+        let ratio = a.traffic / a.bytes;
+        assert!((2.74..2.76).contains(&ratio), "sequential carry: forward traffic / minimum = {ratio}");
         // The single-pass kernels move their minimum.
         let r = recurrent_cost(&d, Dtype::Bf16, false);
         assert_eq!(r.traffic, r.bytes);

@@ -18,6 +18,19 @@
 //!    `P V` (off-diagonal 16 × 16 score blocks as anchored GEMMs of inner
 //!    dimension 2K, diagonal blocks pairwise in f32), y written once.
 //!
+//! Or (1) and (2) as ONE launch ([`ChunkCarry::Sequential`]): one block per
+//! (b, h, value tile, key slab of 16) walks the chunks in order with its
+//! slab of the state in shared memory, writing the same workspace and
+//! h_final bit for bit (the emulated and GPU tests compare the carries to the
+//! last bit); U_c never makes the round trip through the workspace, which is
+//! half of the separate carry's workspace traffic, and k, v, log_gate are
+//! read once. [`ChunkCarry::Auto`] (what [`forward_into`] with a bare
+//! [`ChunkPrecision`] uses) takes it when that grid has at least
+//! [`SEQUENTIAL_MIN_BLOCKS`] blocks, i.e. when the GPU is full without the
+//! chunks' parallelism (B8 L4096 H16 K = 64: 512 blocks); the rule is a
+//! first guess until `gateloop bench` (`chunked` beside `chunked-separate`)
+//! has measured both on a GPU.
+//!
 //! Why: (1) and (3) are parallel over every chunk (B·H = 1 at L = 65536 gives
 //! 1024 blocks per value tile), and the only sequential work, (2), is K·V
 //! numbers per chunk. Launch 3 recomputes the chunk's gate prefix rather
@@ -143,6 +156,56 @@ impl Gates {
     }
 }
 
+/// How the chunk states travel across the chunks.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub enum ChunkCarry {
+    /// [`ChunkCarry::Sequential`] when its grid has at least
+    /// [`SEQUENTIAL_MIN_BLOCKS`] blocks (it fills the GPU without the
+    /// chunks' parallelism), else [`ChunkCarry::Separate`].
+    #[default]
+    Auto,
+    /// Two launches: the state kernel, one block per (b, h, chunk, value
+    /// tile), writes every U_c to the workspace; the carry kernel walks the
+    /// chunks per state element. Parallel over the chunks (B·H = 1 at
+    /// L = 65536 still gives 1024 blocks).
+    Separate,
+    /// One launch, one block per (b, h, value tile, key slab of 16), walking
+    /// the chunks with its slab of the state on chip: the same results bit
+    /// for bit, without U_c's round trip through the workspace (half the
+    /// forward's workspace traffic) or the second read of the inputs.
+    Sequential,
+}
+
+impl ChunkCarry {
+    /// `auto`, `separate` or `sequential`.
+    pub fn name(self) -> &'static str {
+        match self {
+            ChunkCarry::Auto => "auto",
+            ChunkCarry::Separate => "separate",
+            ChunkCarry::Sequential => "sequential",
+        }
+    }
+}
+
+/// [`ChunkCarry::Auto`] takes the sequential carry from this many blocks on:
+/// two per SM of an H200 (132 SMs). A first guess, to be set by measurement
+/// (`gateloop bench` times `chunked` (auto) beside `chunked-separate`).
+pub const SEQUENTIAL_MIN_BLOCKS: usize = 264;
+
+/// What a chunked forward call may choose: precision and carry. A
+/// [`ChunkPrecision`] converts into it with the automatic carry.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct ChunkConfig {
+    pub precision: ChunkPrecision,
+    pub carry: ChunkCarry,
+}
+
+impl From<ChunkPrecision> for ChunkConfig {
+    fn from(precision: ChunkPrecision) -> Self {
+        ChunkConfig { precision, carry: ChunkCarry::Auto }
+    }
+}
+
 /// Bytes of the chunk-local gate prefix tables every chunked kernel (forward
 /// and backward) puts first in its shared memory: Re G as a compensated pair,
 /// cos θ and sin θ when complex, the reset index; each `[CHUNK_LEN][KEY_SLAB]`
@@ -177,6 +240,13 @@ pub fn shared_bytes(dtype: Dtype, gates: Gates) -> (u32, u32) {
     (state as u32, output as u32)
 }
 
+/// Bytes of dynamic shared memory of the sequential state kernel
+/// (`seq_smem_bytes` in cuda/chunk.cu): the state kernel's layout, the
+/// slab's carried state (parts·16 × 64 f32) and its decays (16 complex).
+pub fn sequential_shared_bytes(dtype: Dtype, gates: Gates) -> u32 {
+    shared_bytes(dtype, gates).0 + (gates.parts() * KEY_SLAB * VALUE_TILE * 4 + KEY_SLAB * 8) as u32
+}
+
 /// The launch geometry of one chunked call.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct LaunchPlan {
@@ -196,11 +266,23 @@ pub struct LaunchPlan {
     pub state_shared_bytes: u32,
     /// Dynamic shared memory of the output kernel, bytes.
     pub output_shared_bytes: u32,
+    /// The carry this plan launches (never [`ChunkCarry::Auto`]).
+    pub carry: ChunkCarry,
+    /// Blocks of the sequential state kernel: B·H·value_tiles·⌈K/16⌉.
+    pub sequential_grid: u32,
+    /// Dynamic shared memory of the sequential state kernel, bytes.
+    pub sequential_shared_bytes: u32,
 }
 
 /// Chooses the launch geometry for `dims`, element type `dtype` and `gates`
-/// (K ≤ [`MAX_KEY_DIM`]; every grid ≤ 2^31 − 1).
+/// (K ≤ [`MAX_KEY_DIM`]; every grid ≤ 2^31 − 1), with the automatic carry.
 pub fn plan(dims: &Dims, dtype: Dtype, gates: Gates) -> Result<LaunchPlan, InputError> {
+    plan_with(dims, dtype, gates, ChunkCarry::Auto)
+}
+
+/// [`plan`] with a choice of carry ([`ChunkCarry::Auto`] resolved by
+/// [`SEQUENTIAL_MIN_BLOCKS`]). The workspace is the same for both carries.
+pub fn plan_with(dims: &Dims, dtype: Dtype, gates: Gates, carry: ChunkCarry) -> Result<LaunchPlan, InputError> {
     dims.validate()?;
     let d = dims;
     if d.key_dim > MAX_KEY_DIM {
@@ -235,6 +317,14 @@ pub fn plan(dims: &Dims, dtype: Dtype, gates: Gates) -> Result<LaunchPlan, Input
     let workspace_len =
         nc.checked_mul(p * state).and_then(|s| s.checked_add(decay_len)).ok_or_else(ws_error)?;
     let (state_shared_bytes, output_shared_bytes) = shared_bytes(dtype, gates);
+    let slabs = d.key_dim.div_ceil(KEY_SLAB);
+    let sequential_grid =
+        as_grid(bh.and_then(|x| x.checked_mul(tiles)).and_then(|x| x.checked_mul(slabs)), "B·H·value_tiles·key_slabs")?;
+    let carry = match carry {
+        ChunkCarry::Auto if sequential_grid as usize >= SEQUENTIAL_MIN_BLOCKS => ChunkCarry::Sequential,
+        ChunkCarry::Auto => ChunkCarry::Separate,
+        chosen => chosen,
+    };
     Ok(LaunchPlan {
         num_chunks: nc as u64,
         value_tiles: tiles as u32,
@@ -244,6 +334,9 @@ pub fn plan(dims: &Dims, dtype: Dtype, gates: Gates) -> Result<LaunchPlan, Input
         workspace_len,
         state_shared_bytes,
         output_shared_bytes,
+        carry,
+        sequential_grid,
+        sequential_shared_bytes: sequential_shared_bytes(dtype, gates),
     })
 }
 
@@ -252,6 +345,7 @@ pub fn plan(dims: &Dims, dtype: Dtype, gates: Gates) -> Result<LaunchPlan, Input
 pub(crate) struct ChunkKernels {
     /// The backward ([`super::chunk_grad`]) launches the state and carry kernels too.
     pub(super) state: Vec<CudaFunction>,
+    sequential: Vec<CudaFunction>,
     output: Vec<CudaFunction>,
     pub(super) carry: Vec<CudaFunction>,
     /// The device's opt-in shared memory per block (bytes).
@@ -270,17 +364,22 @@ impl ChunkKernels {
             .attribute(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN)
             .doing("querying the opt-in shared memory per block")?
             .max(0) as usize;
-        let (mut state, mut output) = (Vec::new(), Vec::new());
+        let (mut state, mut sequential, mut output) = (Vec::new(), Vec::new(), Vec::new());
         for dtype in Dtype::ALL {
             for gates in Gates::ALL {
                 let (state_bytes, output_bytes) = shared_bytes(dtype, gates);
+                let sequential_bytes = sequential_shared_bytes(dtype, gates);
                 for precision in ChunkPrecision::ALL {
                     let suffix = format!("{}_{}_{}", dtype.name(), gates.suffix(), precision.name());
                     debug_assert_eq!(state.len(), table_index(dtype, gates, precision));
-                    for (table, kind, bytes) in [(&mut state, "state", state_bytes), (&mut output, "output", output_bytes)] {
+                    for (table, kind, bytes) in [
+                        (&mut state, "state", state_bytes),
+                        (&mut sequential, "state_seq", sequential_bytes),
+                        (&mut output, "output", output_bytes),
+                    ] {
                         let f = module
                             .load_function(&format!("gateloop_chunk_{kind}_{suffix}"))
-                            .doing("looking up gateloop_chunk_{state,output}_*")?;
+                            .doing("looking up gateloop_chunk_{state,state_seq,output}_*")?;
                         if bytes as usize <= max_shared {
                             f.set_attribute(
                                 CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
@@ -298,7 +397,7 @@ impl ChunkKernels {
             .map(|g| module.load_function(&format!("gateloop_chunk_carry_{}", g.suffix())))
             .collect::<Result<Vec<_>, _>>()
             .doing("looking up gateloop_chunk_carry_{c,r}")?;
-        Ok(ChunkKernels { state, output, carry, max_shared })
+        Ok(ChunkKernels { state, sequential, output, carry, max_shared })
     }
 }
 
@@ -309,11 +408,13 @@ fn launch<T: Element>(
     d: &Dims,
     buffers: Buffers<'_, T>,
     gates: Gates,
-    precision: ChunkPrecision,
+    config: ChunkConfig,
 ) -> Result<(), GpuError> {
-    let lp = plan(d, T::DTYPE, gates)?;
+    let lp = plan_with(d, T::DTYPE, gates, config.carry)?;
+    let sequential = lp.carry == ChunkCarry::Sequential;
+    let state_bytes = if sequential { lp.sequential_shared_bytes } else { lp.state_shared_bytes };
     let kernels = &gpu.kernels.chunk;
-    let need = lp.output_shared_bytes.max(lp.state_shared_bytes) as usize;
+    let need = lp.output_shared_bytes.max(state_bytes) as usize;
     if need > kernels.max_shared {
         return Err(InputError::Param {
             name: "device",
@@ -327,7 +428,7 @@ fn launch<T: Element>(
         num_chunks: lp.num_chunks as i64,
         value_tiles: lp.value_tiles as i64,
         shared_bytes: lp.output_shared_bytes as i32,
-        state_shared_bytes: lp.state_shared_bytes as i32,
+        state_shared_bytes: state_bytes as i32,
         ..GateloopChunkParams::for_dims(d, T::DTYPE.abi())?
     };
     // Held until this function returns, after the launches.
@@ -336,19 +437,24 @@ fn launch<T: Element>(
     params.ws_decay = w as *mut f32;
     params.ws_state = (w + 4 * lp.decay_len) as *mut f32;
 
-    let i = table_index(T::DTYPE, gates, precision);
+    let i = table_index(T::DTYPE, gates, config.precision);
     let block = (THREADS, 1, 1);
-    let launches = [
-        (&kernels.state[i], lp.grid, block, lp.state_shared_bytes, "launching gateloop_chunk_state"),
-        (&kernels.carry[gates.index()], lp.carry_grid, (CARRY_THREADS, 1, 1), 0, "launching gateloop_chunk_carry"),
-        (&kernels.output[i], lp.grid, block, lp.output_shared_bytes, "launching gateloop_chunk_output"),
-    ];
+    let output = (&kernels.output[i], lp.grid, block, lp.output_shared_bytes, "launching gateloop_chunk_output");
+    let launches = if sequential {
+        vec![(&kernels.sequential[i], lp.sequential_grid, block, state_bytes, "launching gateloop_chunk_state_seq"), output]
+    } else {
+        vec![
+            (&kernels.state[i], lp.grid, block, state_bytes, "launching gateloop_chunk_state"),
+            (&kernels.carry[gates.index()], lp.carry_grid, (CARRY_THREADS, 1, 1), 0, "launching gateloop_chunk_carry"),
+            output,
+        ]
+    };
     for (func, grid, block_dim, shared_mem_bytes, doing) in launches {
         let cfg = LaunchConfig { grid_dim: (grid, 1, 1), block_dim, shared_mem_bytes };
         let mut launch = stream.launch_builder(func);
         launch.arg(&params);
-        // SAFETY: `func` is gateloop_chunk_{state,output}_{T}_{g}_{prec} or
-        // gateloop_chunk_carry_{g} for this element type T, gate kind g and
+        // SAFETY: `func` is gateloop_chunk_{state,state_seq,output}_{T}_{g}_{prec}
+        // or gateloop_chunk_carry_{g} for this element type T, gate kind g and
         // precision (table_index / gates.index()), whose only parameter is a
         // GateloopChunkParams by value, which is what is pushed. Every
         // pointer in it comes from a live buffer of this context whose
@@ -359,8 +465,9 @@ fn launch<T: Element>(
         // followed by ws_state (B·H·chunks·parts·K·V f32), exactly the
         // extents the kernels index; the state kernel writes both before the
         // carry kernel (after it on `stream`) reads and rewrites ws_state,
-        // before the output kernel reads it. h0 is null iff HAS_H0 is clear.
-        // The geometry is the one `plan` computed: blocks of 256 threads
+        // before the output kernel reads it (or state_seq writes what those
+        // two write, before the output kernel). h0 is null iff HAS_H0 is
+        // clear. The geometry is the one `plan_with` computed: blocks of 256 threads
         // (the __launch_bounds__), grids ≤ 2^31 − 1, dynamic shared memory
         // equal to the kernel's own layout size (passed in params and
         // checked by the kernel) and ≤ the function's limit raised at load
@@ -391,9 +498,9 @@ pub fn forward_into<T: Element>(
     inputs: DeviceInputs<'_, T>,
     out: DeviceOutputs<'_, T>,
     workspace: Option<&mut dyn DevicePtrMut<f32>>,
-    precision: ChunkPrecision,
+    config: impl Into<ChunkConfig>,
 ) -> Result<(), GpuError> {
-    launch(gpu, stream, dims, Buffers::forward(inputs, out, workspace), Gates::Complex, precision)
+    launch(gpu, stream, dims, Buffers::forward(inputs, out, workspace), Gates::Complex, config.into())
 }
 
 /// [`forward_into`] for REAL gates (gated linear attention): `inputs.log_gate`
@@ -407,10 +514,10 @@ pub fn forward_real_into<T: Element>(
     inputs: DeviceInputs<'_, T>,
     out: DeviceOutputs<'_, T>,
     workspace: Option<&mut dyn DevicePtrMut<f32>>,
-    precision: ChunkPrecision,
+    config: impl Into<ChunkConfig>,
 ) -> Result<(), GpuError> {
     let buffers = Buffers::forward(inputs, out, workspace).with_real_gates();
-    launch(gpu, stream, dims, buffers, Gates::Real, precision)
+    launch(gpu, stream, dims, buffers, Gates::Real, config.into())
 }
 
 /// Uploads `p`, runs the chunked kernels (f32, exact) on the Gpu's default
@@ -425,11 +532,12 @@ pub fn forward_host(gpu: &Gpu, p: &Problem<'_, f32>) -> Result<Outputs<f32>, Gpu
 pub fn forward_host_as<T: Element>(
     gpu: &Gpu,
     p: &Problem<'_, f32>,
-    precision: ChunkPrecision,
+    config: impl Into<ChunkConfig>,
 ) -> Result<Outputs<f32>, GpuError> {
+    let config = config.into();
     let workspace_len = |d: &Dims| Ok(plan(d, T::DTYPE, Gates::Complex)?.workspace_len);
     launch::forward_host::<T>(gpu, p, workspace_len, "synchronizing after the chunked kernels", |s, d, i, o, ws| {
-        forward_into(gpu, s, d, i, o, ws, precision)
+        forward_into(gpu, s, d, i, o, ws, config)
     })
 }
 
@@ -440,7 +548,7 @@ pub fn forward_host_as<T: Element>(
 pub fn forward_real_host_as<T: Element>(
     gpu: &Gpu,
     p: &Problem<'_, f32>,
-    precision: ChunkPrecision,
+    config: impl Into<ChunkConfig>,
 ) -> Result<Outputs<f32>, GpuError> {
     p.validate()?;
     p.check_gate()?;
@@ -475,7 +583,7 @@ pub fn forward_real_host_as<T: Element>(
         DeviceInputs { q: &q, k: &k, v: &v, log_gate: &log_gate, h0: h0.as_ref().map(|h| h as _) },
         DeviceOutputs { y: &mut y, h_final: &mut h_final },
         Some(&mut ws),
-        precision,
+        config,
     )?;
     let y = s.clone_dtoh(&y).doing("downloading y")?;
     let h_final = s.clone_dtoh(&h_final).doing("downloading h_final")?;

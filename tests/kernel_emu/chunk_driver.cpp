@@ -4,15 +4,16 @@
 // `backward_into` does) on the CPU emulation of cuda/chunk.cu and
 // cuda/chunk_grad.cu, in the element type dims.txt names.
 //
-//   chunk_emu DIR            (forward)
-//   chunk_emu --backward DIR (backward; complex gates)
+//   chunk_emu DIR              (forward: state, carry, output)
+//   chunk_emu --sequential DIR (forward: state_seq, output)
+//   chunk_emu --backward DIR   (backward; complex gates)
 //
 // DIR/dims.txt: B L H K V gate_dim has_h0 complex exact dtype (dtype:
 // GATELOOP_DTYPE_* of q, k, v, y, dy, dq, dk, dv: the `_f32` / `_f16` /
 // `_bf16` entry points).
 // DIR/shared.txt (optional): the host launchers' dynamic shared bytes for
-// that dtype (src/cuda/chunk.rs and chunk_grad.rs `shared_bytes`): state
-// output w qk dv. When present the launches take those (a kernel given less traps,
+// that dtype (src/cuda/chunk.rs and chunk_grad.rs `shared_bytes`,
+// chunk.rs `sequential_shared_bytes`): state output w qk dv state_seq. When present the launches take those (a kernel given less traps,
 // one using more than it is given trips AddressSanitizer) and the driver
 // fails unless they equal its own layout sums below, so the host's numbers
 // are checked against the kernels, not only the driver's.
@@ -62,7 +63,7 @@ void gateloop_chunk_grad_adjoint_carry(const GateloopChunkGradParams g);
 using Entry = void (*)(const GateloopChunkParams);
 using GradEntry = void (*)(const GateloopChunkGradParams);
 struct ChunkEntries {
-    Entry state[2][2], output[2][2];
+    Entry state[2][2], state_seq[2][2], output[2][2];
     GradEntry w, qk, dv;
 };
 #define CHUNK_ENTRIES(DTYPE)                                                                                      \
@@ -71,6 +72,10 @@ struct ChunkEntries {
     void gateloop_chunk_state_##DTYPE##_c_fast(const GateloopChunkParams p);                                      \
     void gateloop_chunk_state_##DTYPE##_r_exact(const GateloopChunkParams p);                                     \
     void gateloop_chunk_state_##DTYPE##_r_fast(const GateloopChunkParams p);                                      \
+    void gateloop_chunk_state_seq_##DTYPE##_c_exact(const GateloopChunkParams p);                                 \
+    void gateloop_chunk_state_seq_##DTYPE##_c_fast(const GateloopChunkParams p);                                  \
+    void gateloop_chunk_state_seq_##DTYPE##_r_exact(const GateloopChunkParams p);                                 \
+    void gateloop_chunk_state_seq_##DTYPE##_r_fast(const GateloopChunkParams p);                                  \
     void gateloop_chunk_output_##DTYPE##_c_exact(const GateloopChunkParams p);                                    \
     void gateloop_chunk_output_##DTYPE##_c_fast(const GateloopChunkParams p);                                     \
     void gateloop_chunk_output_##DTYPE##_r_exact(const GateloopChunkParams p);                                    \
@@ -82,6 +87,8 @@ struct ChunkEntries {
     static const ChunkEntries chunk_##DTYPE = {                                                                   \
         {{gateloop_chunk_state_##DTYPE##_r_fast, gateloop_chunk_state_##DTYPE##_r_exact},                          \
          {gateloop_chunk_state_##DTYPE##_c_fast, gateloop_chunk_state_##DTYPE##_c_exact}},                         \
+        {{gateloop_chunk_state_seq_##DTYPE##_r_fast, gateloop_chunk_state_seq_##DTYPE##_r_exact},                  \
+         {gateloop_chunk_state_seq_##DTYPE##_c_fast, gateloop_chunk_state_seq_##DTYPE##_c_exact}},                 \
         {{gateloop_chunk_output_##DTYPE##_r_fast, gateloop_chunk_output_##DTYPE##_r_exact},                        \
          {gateloop_chunk_output_##DTYPE##_c_fast, gateloop_chunk_output_##DTYPE##_c_exact}},                       \
         gateloop_chunk_grad_w_##DTYPE, gateloop_chunk_grad_qk_##DTYPE, gateloop_chunk_grad_dv_##DTYPE};
@@ -92,7 +99,11 @@ CHUNK_ENTRIES(bf16)
 
 // src/cuda/chunk.rs `shared_bytes` for operands of `s` bytes (4: TF32 for
 // f32 inputs, row padding 4; 2: f16 / bf16, row padding 8): (state kernel,
-// output kernel).
+// output kernel); `sequential_shared_bytes`: the state kernel's plus the
+// slab's carried state and decays.
+static int32_t seq_shared_bytes(int32_t state, bool complex) {
+    return state + (complex ? 2 : 1) * GATELOOP_CHUNK_KEY_SLAB * GATELOOP_CHUNK_VALUE_TILE * 4 + GATELOOP_CHUNK_KEY_SLAB * 8;
+}
 static void fwd_shared_bytes(int s, bool complex, int32_t& state, int32_t& output) {
     const int pad = s == 4 ? 4 : 8, C = GATELOOP_CHUNK_LEN, slab = GATELOOP_CHUNK_KEY_SLAB, sub = GATELOOP_CHUNK_SUB_LEN;
     const int width = slab * (complex ? 2 : 1), ld_slab = width + pad, ld_tile = GATELOOP_CHUNK_VALUE_TILE + pad;
@@ -136,7 +147,7 @@ static std::function<void()> with_shared(void (*f)(const P), const P& p, int32_t
 // The launches with q, k, v, y (and dy, dq, dk, dv) of element type T
 // (`dtype`), operands of sizeof(T) bytes (TF32 for f32).
 template <class T>
-static int run(const std::string& dir, bool backward, int64_t B, int64_t L, int64_t H, int64_t K, int64_t V, int64_t G,
+static int run(const std::string& dir, bool backward, bool sequential, int64_t B, int64_t L, int64_t H, int64_t K, int64_t V, int64_t G,
                int64_t has_h0, int64_t complex, int64_t exact, uint32_t dtype, const ChunkEntries& e) {
     const int64_t parts = complex ? 2 : 1;
     const size_t qk = B * L * H * K, vn = B * L * H * V, gn = B * L * H * G, sn = B * H * K * V;
@@ -165,10 +176,10 @@ static int run(const std::string& dir, bool backward, int64_t B, int64_t L, int6
     p.num_chunks = nc;
     p.value_tiles = tiles;
     fwd_shared_bytes(sizeof(T), complex, p.state_shared_bytes, p.shared_bytes);
-    int32_t host[5] = {0, 0, 0, 0, 0};
+    int32_t host[6] = {0, 0, 0, 0, 0, 0};
     std::ifstream sf(dir + "/shared.txt");
     const bool has_host = static_cast<bool>(sf);
-    if (has_host && !(sf >> host[0] >> host[1] >> host[2] >> host[3] >> host[4])) {
+    if (has_host && !(sf >> host[0] >> host[1] >> host[2] >> host[3] >> host[4] >> host[5])) {
         std::fprintf(stderr, "bad shared.txt\n");
         return 2;
     }
@@ -234,8 +245,18 @@ static int run(const std::string& dir, bool backward, int64_t B, int64_t L, int6
         if (has_h0) write_f32(dir + "/dh0.out", dh0);
         return 0;
     }
-    emu_launch(grid, GATELOOP_CHUNK_THREADS, with_shared(state, p, p.state_shared_bytes));
-    emu_launch(carry_grid, GATELOOP_CHUNK_CARRY_THREADS, [&] { carry(p); });
+    if (sequential) {
+        // src/cuda/chunk.rs `launch` with ChunkCarry::Sequential: one block
+        // per (b, h, value tile, key slab), its own shared size.
+        p.state_shared_bytes = seq_shared_bytes(p.state_shared_bytes, complex != 0);
+        if (!from_host(p.state_shared_bytes, 5, "state_seq")) return 2;
+        const unsigned seq_grid = static_cast<unsigned>(B * H * tiles * ((K + GATELOOP_CHUNK_KEY_SLAB - 1) / GATELOOP_CHUNK_KEY_SLAB));
+        const Entry state_seq = e.state_seq[complex != 0][exact != 0];
+        emu_launch(seq_grid, GATELOOP_CHUNK_THREADS, with_shared(state_seq, p, p.state_shared_bytes));
+    } else {
+        emu_launch(grid, GATELOOP_CHUNK_THREADS, with_shared(state, p, p.state_shared_bytes));
+        emu_launch(carry_grid, GATELOOP_CHUNK_CARRY_THREADS, [&] { carry(p); });
+    }
     emu_launch(grid, GATELOOP_CHUNK_THREADS, with_shared(output, p, p.shared_bytes));
 
     write_widened(dir + "/y.out", y);
@@ -245,8 +266,9 @@ static int run(const std::string& dir, bool backward, int64_t B, int64_t L, int6
 
 int main(int argc, char** argv) {
     const bool backward = argc == 3 && std::string(argv[1]) == "--backward";
-    if (argc != 2 && !backward) {
-        std::fprintf(stderr, "usage: %s [--backward] DIR\n", argv[0]);
+    const bool sequential = argc == 3 && std::string(argv[1]) == "--sequential";
+    if (argc != 2 && !backward && !sequential) {
+        std::fprintf(stderr, "usage: %s [--backward | --sequential] DIR\n", argv[0]);
         return 2;
     }
     const std::string dir = argv[argc - 1];
@@ -258,10 +280,10 @@ int main(int argc, char** argv) {
     }
     const uint32_t t = static_cast<uint32_t>(dtype);
     switch (dtype) {
-        case GATELOOP_DTYPE_F32: return run<float>(dir, backward, B, L, H, K, V, G, has_h0, complex, exact, t, chunk_f32);
-        case GATELOOP_DTYPE_F16: return run<__half>(dir, backward, B, L, H, K, V, G, has_h0, complex, exact, t, chunk_f16);
+        case GATELOOP_DTYPE_F32: return run<float>(dir, backward, sequential, B, L, H, K, V, G, has_h0, complex, exact, t, chunk_f32);
+        case GATELOOP_DTYPE_F16: return run<__half>(dir, backward, sequential, B, L, H, K, V, G, has_h0, complex, exact, t, chunk_f16);
         case GATELOOP_DTYPE_BF16:
-            return run<__nv_bfloat16>(dir, backward, B, L, H, K, V, G, has_h0, complex, exact, t, chunk_bf16);
+            return run<__nv_bfloat16>(dir, backward, sequential, B, L, H, K, V, G, has_h0, complex, exact, t, chunk_bf16);
         default: std::fprintf(stderr, "bad dtype %lld\n", static_cast<long long>(dtype)); return 2;
     }
 }
