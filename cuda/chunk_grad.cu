@@ -13,6 +13,8 @@
 //       key slab a (2·16 × 64)·(64 × 64) tensor-core product: the state
 //       kernel's K̃ᵀ V with Q̃ for K̃ and dY for V (store_slab_gram).
 //   2a. the forward's gateloop_chunk_carry: U_c → S_in(c) (h_final to a sink).
+//       (1a and 2a are one launch, the forward's gateloop_chunk_state_seq,
+//       when the forward's plan takes the sequential carry: same workspace.)
 //   2b. grad_adjoint_carry, one thread per (b, h, key row, value column):
 //       D(last) = dh_final, D(c − 1) = conj(A_c) D(c) + W_c, W_c ← D(c); dh0.
 //   3a. grad_qk, one block per (b, h, chunk), looping over key slabs of 16:

@@ -99,12 +99,18 @@ fn run_forward_with(
 /// Runs the six backward launches of element type `t` (forward precision
 /// Exact) on the emulator; dq, dk, dv widened to f32.
 fn run_backward(emu: &std::path::Path, tag: usize, inp: &GradInputsF32, t: Dtype) -> Grads<f32> {
-    let dir = write_inputs(&format!("bwd{tag}"), &inp.p, GateKind::Complex, ChunkPrecision::Exact, t);
+    run_backward_with(emu, tag, inp, t, ChunkCarry::Separate)
+}
+
+/// [`run_backward`] with a choice of carry for the forward part
+/// (`Sequential`: state_seq instead of the state and carry launches).
+fn run_backward_with(emu: &std::path::Path, tag: usize, inp: &GradInputsF32, t: Dtype, carry: ChunkCarry) -> Grads<f32> {
+    let dir = write_inputs(&format!("bwd{tag}_{}", carry.name()), &inp.p, GateKind::Complex, ChunkPrecision::Exact, t);
     write_f32_file(&dir.join("dy.bin"), &inp.dy);
     if let Some(dhf) = &inp.dh_final {
         write_f32_file(&dir.join("dh_final.bin"), &flat(dhf));
     }
-    run(emu, &["--backward"], &dir);
+    run(emu, if carry == ChunkCarry::Sequential { &["--backward", "--sequential"] } else { &["--backward"] }, &dir);
     let out = Grads {
         dq: read_f32_file(&dir.join("dq.out")),
         dk: read_f32_file(&dir.join("dk.out")),
@@ -237,6 +243,27 @@ fn sequential_carry_is_bitwise_the_separate_carry() {
         assert!(separate.y.iter().all(|v| v.is_finite()), "{label}: y finite");
         assert_eq!(bits(&sequential.y), bits(&separate.y), "{label}: y");
         assert_eq!(cbits(&sequential.h_final), cbits(&separate.h_final), "{label}: h_final");
+    }
+    // The backward with the forward part as state_seq: the decays and chunk
+    // states it leaves in the workspace are the separate carry's, so every
+    // gradient is too, to the last bit.
+    for (i, c) in [
+        GradCase::new(dims(1, 200, 2, 40, 70, false), GateRegime::Mixed, true, true, 7700),
+        GradCase::new(dims(2, 130, 1, 5, 7, true), GateRegime::Resets(0.05), false, true, 7701),
+    ]
+    .iter()
+    .enumerate()
+    {
+        let inp = c.inputs();
+        let separate = run_backward_with(&emu, 70 + i, &inp, Dtype::F32, ChunkCarry::Separate);
+        let sequential = run_backward_with(&emu, 70 + i, &inp, Dtype::F32, ChunkCarry::Sequential);
+        let bits = |x: &[f32]| x.iter().map(|v| v.to_bits()).collect::<Vec<_>>();
+        let cbits = |x: &[Complex<f32>]| x.iter().flat_map(|v| [v.re.to_bits(), v.im.to_bits()]).collect::<Vec<_>>();
+        assert_eq!(bits(&sequential.dq), bits(&separate.dq), "{c:?}: dq");
+        assert_eq!(bits(&sequential.dk), bits(&separate.dk), "{c:?}: dk");
+        assert_eq!(bits(&sequential.dv), bits(&separate.dv), "{c:?}: dv");
+        assert_eq!(cbits(&sequential.dlog_gate), cbits(&separate.dlog_gate), "{c:?}: dlog_gate");
+        assert_eq!(sequential.dh0.as_deref().map(cbits), separate.dh0.as_deref().map(cbits), "{c:?}: dh0");
     }
 }
 

@@ -443,10 +443,10 @@ pub fn chunked_cost_with(d: &Dims, t: Dtype, gates: Gates, carry: ChunkCarry) ->
 /// separate carry's state (k·vt, v, log_gate·vt; writes ws, A) and carry
 /// (ws read and written in place, A; h_final), or the sequential carry's one
 /// launch (k·vt, v, log_gate·vt; writes ws, A, h_final); then the output
-/// (q·vt, k·vt, v, log_gate·vt, ws; writes y). With `backward` the six
-/// launches of cuda/chunk_grad.cu (always the separate carry): the
-/// state kernel, grad_w (q·vt, dy, log_gate·vt; writes a second ws), the
-/// carry (plus an h_final sink), the adjoint carry (ws read and written, A),
+/// (q·vt, k·vt, v, log_gate·vt, ws; writes y). With `backward` the
+/// launches of cuda/chunk_grad.cu: the forward part as above (h_final to a
+/// sink), grad_w (q·vt, dy, log_gate·vt; writes a second ws), the adjoint
+/// carry (ws read and written, A),
 /// grad_qk (q, k, v, dy, log_gate, both ws; writes dq, dk, dlog_gate) and
 /// grad_dv (q·vt, k·vt, log_gate·vt, dy, the adjoint ws; writes dv).
 /// At B8 L4096 H16 K = V = 64 bf16 the separate carry moves 3.75× the
@@ -465,17 +465,17 @@ pub fn chunked_traffic(d: &Dims, t: Dtype, gates: Gates, carry: ChunkCarry, back
     let h_final = 4.0 * p * d.state_len() as f64;
     let state = qk * vt + v + gate * vt + ws + decays;
     let carry_pass = 2.0 * ws + decays + h_final;
+    let sequential = chunk::plan_with(d, t, gates, carry).is_ok_and(|lp| lp.carry == ChunkCarry::Sequential);
+    let states = if sequential { state + h_final } else { state + carry_pass };
     if !backward {
         let output = 2.0 * qk * vt + v + gate * vt + ws + v;
-        let sequential = chunk::plan_with(d, t, gates, carry).is_ok_and(|lp| lp.carry == ChunkCarry::Sequential);
-        let states = if sequential { state + h_final } else { state + carry_pass };
         return states + output;
     }
     let grad_w = qk * vt + v + gate * vt + ws;
     let adjoint_carry = 2.0 * ws + decays;
     let grad_qk = 2.0 * qk + 2.0 * v + gate + 2.0 * ws + 2.0 * qk + gate;
     let grad_dv = 2.0 * qk * vt + gate * vt + v + ws + v;
-    state + grad_w + carry_pass + adjoint_carry + grad_qk + grad_dv
+    states + grad_w + adjoint_carry + grad_qk + grad_dv
 }
 
 /// Chunked backward (complex gates, no h0, no dh_final). Bytes: read q, k,
@@ -489,7 +489,7 @@ pub fn chunked_grad_cost(d: &Dims, t: Dtype) -> Cost {
     let bytes = e * (4 * d.qk_len() + 3 * d.v_len()) as f64 + 16.0 * d.gate_len() as f64;
     let (k, v, c, p) = (d.key_dim as f64, d.value_dim as f64, chunk::CHUNK_LEN as f64, 2.0);
     let steps = (d.batch * d.len * d.heads) as f64;
-    let traffic = chunked_traffic(d, t, Gates::Complex, ChunkCarry::Separate, true);
+    let traffic = chunked_traffic(d, t, Gates::Complex, ChunkCarry::Auto, true);
     Cost { bytes, flops: steps * (10.0 * p * k * v + c * (3.0 * p * k + 2.0 * v)), traffic }
 }
 

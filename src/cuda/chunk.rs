@@ -345,7 +345,7 @@ pub fn plan_with(dims: &Dims, dtype: Dtype, gates: Gates, carry: ChunkCarry) -> 
 pub(crate) struct ChunkKernels {
     /// The backward ([`super::chunk_grad`]) launches the state and carry kernels too.
     pub(super) state: Vec<CudaFunction>,
-    sequential: Vec<CudaFunction>,
+    pub(super) sequential: Vec<CudaFunction>,
     output: Vec<CudaFunction>,
     pub(super) carry: Vec<CudaFunction>,
     /// The device's opt-in shared memory per block (bytes).

@@ -17,6 +17,9 @@
 //!    and `grad_adjoint_carry`, one thread per (b, h, key row, value
 //!    column): D(c − 1) = conj(A_c) D(c) + W_c from D(last) = dh_final,
 //!    W_c overwritten by D(c); dh0 = D(−1).
+//!    (The forward's `state` and `carry` are one launch, `state_seq`, when
+//!    the forward's plan takes [`chunk::ChunkCarry::Sequential`]: the same
+//!    workspace bit for bit, five launches in all.)
 //! 3. `grad_qk`, one block per (b, h, chunk), walking the key channels in
 //!    slabs of 16: s = dY Vᵀ once, then per slab dq, dk and the gate
 //!    gradient; and `grad_dv`, one block per (b, h, chunk, value tile):
@@ -58,7 +61,7 @@ use cudarc::driver::{CudaFunction, CudaModule, CudaStream, DeviceRepr, LaunchCon
 use num_complex::Complex;
 
 use super::abi::{self, GateloopChunkGradParams, GateloopChunkParams};
-use super::chunk::{self, CARRY_THREADS, ChunkPrecision, Gates, KEY_SLAB, THREADS, VALUE_TILE};
+use super::chunk::{self, ChunkCarry, CARRY_THREADS, ChunkPrecision, Gates, KEY_SLAB, THREADS, VALUE_TILE};
 use super::element::{Dtype, Element};
 use super::launch::{self, GradBuffers, GradParams, SeqParams};
 use super::{DriverContext, Gpu, GpuError};
@@ -213,7 +216,11 @@ pub fn backward_into<'a, T: Element>(
     let fwd_kernels = &gpu.kernels.chunk;
     let kernels = &gpu.kernels.chunk_grad;
     let (w_bytes, qk_bytes, dv_bytes) = gp.shared_bytes;
-    let need = w_bytes.max(qk_bytes).max(dv_bytes).max(lp.state_shared_bytes) as usize;
+    // The forward part (U_c, A_c, then S_in and h_final) as the forward's
+    // plan carries it: the state and carry launches, or state_seq alone.
+    let sequential = lp.carry == ChunkCarry::Sequential;
+    let state_bytes = if sequential { lp.sequential_shared_bytes } else { lp.state_shared_bytes };
+    let need = w_bytes.max(qk_bytes).max(dv_bytes).max(state_bytes) as usize;
     if need > fwd_kernels.max_shared {
         return Err(InputError::Param {
             name: "device",
@@ -233,7 +240,7 @@ pub fn backward_into<'a, T: Element>(
             num_chunks: lp.num_chunks as i64,
             value_tiles: lp.value_tiles as i64,
             shared_bytes: lp.output_shared_bytes as i32,
-            state_shared_bytes: lp.state_shared_bytes as i32,
+            state_shared_bytes: state_bytes as i32,
             ..GateloopChunkParams::for_dims(d, T::DTYPE.abi())?
         },
         grad_flags: if has_dh_final { abi::GATELOOP_GRAD_FLAG_HAS_DH_FINAL } else { 0 }
@@ -268,14 +275,24 @@ pub fn backward_into<'a, T: Element>(
         Fwd(&'p GateloopChunkParams),
         Grad(&'p GateloopChunkGradParams),
     }
-    let launches = [
-        (&fwd_kernels.state[fwd_index], lp.grid, block, lp.state_shared_bytes, Arg::Fwd(&params.fwd), "launching gateloop_chunk_state (backward)"),
-        (&kernels.w[dtype], lp.grid, block, w_bytes, Arg::Grad(&params), "launching gateloop_chunk_grad_w"),
-        (&fwd_kernels.carry[Gates::Complex.index()], lp.carry_grid, carry_block, 0, Arg::Fwd(&params.fwd), "launching gateloop_chunk_carry (backward)"),
+    let grad_w = (&kernels.w[dtype], lp.grid, block, w_bytes, Arg::Grad(&params), "launching gateloop_chunk_grad_w");
+    let mut launches = if sequential {
+        vec![
+            (&fwd_kernels.sequential[fwd_index], lp.sequential_grid, block, state_bytes, Arg::Fwd(&params.fwd), "launching gateloop_chunk_state_seq (backward)"),
+            grad_w,
+        ]
+    } else {
+        vec![
+            (&fwd_kernels.state[fwd_index], lp.grid, block, state_bytes, Arg::Fwd(&params.fwd), "launching gateloop_chunk_state (backward)"),
+            grad_w,
+            (&fwd_kernels.carry[Gates::Complex.index()], lp.carry_grid, carry_block, 0, Arg::Fwd(&params.fwd), "launching gateloop_chunk_carry (backward)"),
+        ]
+    };
+    launches.extend([
         (&kernels.adjoint_carry, lp.carry_grid, carry_block, 0, Arg::Grad(&params), "launching gateloop_chunk_grad_adjoint_carry"),
         (&kernels.qk[dtype], gp.qk_grid, block, qk_bytes, Arg::Grad(&params), "launching gateloop_chunk_grad_qk"),
         (&kernels.dv[dtype], lp.grid, block, dv_bytes, Arg::Grad(&params), "launching gateloop_chunk_grad_dv"),
-    ];
+    ]);
     for (func, grid, block_dim, shared_mem_bytes, arg, doing) in launches {
         let cfg = LaunchConfig { grid_dim: (grid, 1, 1), block_dim, shared_mem_bytes };
         let mut launch = stream.launch_builder(func);
@@ -284,8 +301,8 @@ pub fn backward_into<'a, T: Element>(
             Arg::Grad(p) => launch.arg(p),
         };
         // SAFETY: each `func` takes exactly the struct pushed: the forward's
-        // gateloop_chunk_state_{T}_c_{prec} and gateloop_chunk_carry_c a
-        // GateloopChunkParams (params.fwd), the gateloop_chunk_grad_* entries
+        // gateloop_chunk_state_{T}_c_{prec} and gateloop_chunk_carry_c, or
+        // gateloop_chunk_state_seq_{T}_c_{prec}, a GateloopChunkParams (params.fwd), the gateloop_chunk_grad_* entries
         // of this element type T a GateloopChunkGradParams, by value. Every
         // pointer comes from a live buffer of this context whose length was
         // checked above against the dims in the params (complex f32 for
@@ -294,7 +311,8 @@ pub fn backward_into<'a, T: Element>(
         // (decay_len), ws_state and ws_adj (B·H·chunks·2·K·V each) and the
         // h_final sink (2·B·H·K·V), exactly the extents the kernels index,
         // each written before it is read in stream order (state and grad_w,
-        // then the carries, then grad_qk and grad_dv). h0, dh_final, dh0 are
+        // then the carries, or state_seq and grad_w then the adjoint carry;
+        // then grad_qk and grad_dv). h0, dh_final, dh0 are
         // null iff their flag is clear. Geometry as `plan` computed: blocks
         // of the __launch_bounds__ sizes, grids ≤ 2^31 − 1, dynamic shared
         // memory equal to each kernel's own layout (checked by the kernel)

@@ -6,7 +6,10 @@
 //
 //   chunk_emu DIR              (forward: state, carry, output)
 //   chunk_emu --sequential DIR (forward: state_seq, output)
-//   chunk_emu --backward DIR   (backward; complex gates)
+//   chunk_emu --backward [--sequential] DIR
+//                              (backward, complex gates: state, grad_w, carry,
+//                              adjoint carry, grad_qk, grad_dv; state_seq for
+//                              state and carry)
 //
 // DIR/dims.txt: B L H K V gate_dim has_h0 complex exact dtype (dtype:
 // GATELOOP_DTYPE_* of q, k, v, y, dy, dq, dk, dv: the `_f32` / `_f16` /
@@ -197,6 +200,9 @@ static int run(const std::string& dir, bool backward, bool sequential, int64_t B
     if (!from_host(p.state_shared_bytes, 0, "state") || !from_host(p.shared_bytes, 1, "output")) return 2;
 
     const Entry state = e.state[complex != 0][exact != 0], output = e.output[complex != 0][exact != 0];
+    const Entry state_seq = e.state_seq[complex != 0][exact != 0];
+    const unsigned seq_grid =
+        static_cast<unsigned>(B * H * tiles * ((K + GATELOOP_CHUNK_KEY_SLAB - 1) / GATELOOP_CHUNK_KEY_SLAB));
     const Entry carry = complex ? gateloop_chunk_carry_c : gateloop_chunk_carry_r;
     if (backward) {
         // src/cuda/chunk_grad.rs `plan`: ws_adj after the forward's
@@ -232,9 +238,16 @@ static int run(const std::string& dir, bool backward, bool sequential, int64_t B
             !from_host(g.dv_shared_bytes, 4, "grad_dv"))
             return 2;
         const unsigned qk_grid = static_cast<unsigned>(B * H * nc);
-        emu_launch(grid, GATELOOP_CHUNK_THREADS, with_shared(state, g.fwd, g.fwd.state_shared_bytes));
-        emu_launch(grid, GATELOOP_CHUNK_THREADS, with_shared(e.w, g, g.w_shared_bytes));
-        emu_launch(carry_grid, GATELOOP_CHUNK_CARRY_THREADS, [&] { carry(g.fwd); });
+        if (sequential) {
+            g.fwd.state_shared_bytes = seq_shared_bytes(g.fwd.state_shared_bytes, true);
+            if (!from_host(g.fwd.state_shared_bytes, 5, "state_seq")) return 2;
+            emu_launch(seq_grid, GATELOOP_CHUNK_THREADS, with_shared(state_seq, g.fwd, g.fwd.state_shared_bytes));
+            emu_launch(grid, GATELOOP_CHUNK_THREADS, with_shared(e.w, g, g.w_shared_bytes));
+        } else {
+            emu_launch(grid, GATELOOP_CHUNK_THREADS, with_shared(state, g.fwd, g.fwd.state_shared_bytes));
+            emu_launch(grid, GATELOOP_CHUNK_THREADS, with_shared(e.w, g, g.w_shared_bytes));
+            emu_launch(carry_grid, GATELOOP_CHUNK_CARRY_THREADS, [&] { carry(g.fwd); });
+        }
         emu_launch(carry_grid, GATELOOP_CHUNK_CARRY_THREADS, [&] { gateloop_chunk_grad_adjoint_carry(g); });
         emu_launch(qk_grid, GATELOOP_CHUNK_THREADS, with_shared(e.qk, g, g.qk_shared_bytes));
         emu_launch(grid, GATELOOP_CHUNK_THREADS, with_shared(e.dv, g, g.dv_shared_bytes));
@@ -250,8 +263,6 @@ static int run(const std::string& dir, bool backward, bool sequential, int64_t B
         // per (b, h, value tile, key slab), its own shared size.
         p.state_shared_bytes = seq_shared_bytes(p.state_shared_bytes, complex != 0);
         if (!from_host(p.state_shared_bytes, 5, "state_seq")) return 2;
-        const unsigned seq_grid = static_cast<unsigned>(B * H * tiles * ((K + GATELOOP_CHUNK_KEY_SLAB - 1) / GATELOOP_CHUNK_KEY_SLAB));
-        const Entry state_seq = e.state_seq[complex != 0][exact != 0];
         emu_launch(seq_grid, GATELOOP_CHUNK_THREADS, with_shared(state_seq, p, p.state_shared_bytes));
     } else {
         emu_launch(grid, GATELOOP_CHUNK_THREADS, with_shared(state, p, p.state_shared_bytes));
@@ -265,10 +276,15 @@ static int run(const std::string& dir, bool backward, bool sequential, int64_t B
 }
 
 int main(int argc, char** argv) {
-    const bool backward = argc == 3 && std::string(argv[1]) == "--backward";
-    const bool sequential = argc == 3 && std::string(argv[1]) == "--sequential";
-    if (argc != 2 && !backward && !sequential) {
-        std::fprintf(stderr, "usage: %s [--backward | --sequential] DIR\n", argv[0]);
+    bool backward = false, sequential = false, bad = argc < 2;
+    for (int i = 1; i + 1 < argc; ++i) {
+        const std::string a = argv[i];
+        backward |= a == "--backward";
+        sequential |= a == "--sequential";
+        bad |= a != "--backward" && a != "--sequential";
+    }
+    if (bad) {
+        std::fprintf(stderr, "usage: %s [--backward] [--sequential] DIR\n", argv[0]);
         return 2;
     }
     const std::string dir = argv[argc - 1];
