@@ -24,7 +24,7 @@ mod dtype_support;
 use common::{ALL_REGIMES, Case, assert_within, flat, gpu_or_skip, regime_matrix, shape_sweep, upload};
 use dtype_support::{rounded_to, y_bounds};
 use gateloop::cpu::chunked::ChunkParams;
-use gateloop::cuda::chunk::ChunkPrecision;
+use gateloop::cuda::chunk::{self, ChunkCarry, ChunkPrecision, Gates};
 use gateloop::cuda::chunk_grad::{DeviceGradInputs, DeviceGrads, DeviceInputs, backward_into, plan};
 use gateloop::cuda::{Dtype, Element, Gpu};
 use gateloop::reference::grad::Grads;
@@ -184,6 +184,21 @@ fn l65536_unit_modulus() {
     for (seed, per_head) in [(31, false), (32, true)] {
         let case = Case::new(dims(1, 65536, 1, 16, 16, per_head), GateRegime::UnitModulus, true, seed);
         check_case::<f32>(gpu, &case, true, (1e-3, 1e-2));
+    }
+}
+
+/// A grid where the forward's plan takes the sequential carry (B·H·slabs ≥
+/// 264: the forward part is state_seq alone, five launches): every gradient
+/// within the f32 bounds, with and without h0 and dh_final, both gate
+/// layouts (the emulator shows it bitwise equal to the separate carry).
+#[test]
+fn sequential_forward_part() {
+    let Some(gpu) = gpu_or_skip() else { return };
+    for (i, per_head) in [false, true].into_iter().enumerate() {
+        let d = dims(8, 200, 16, 64, 64, per_head);
+        assert_eq!(chunk::plan(&d, Dtype::F32, Gates::Complex).unwrap().carry, ChunkCarry::Sequential);
+        let case = Case::new(d, GateRegime::Mixed, i == 0, 8400 + i as u64);
+        check_case::<f32>(gpu, &case, i == 1, STATE_BOUNDS);
     }
 }
 
