@@ -63,22 +63,10 @@ fn run(emu: &std::path::Path, args: &[&str], dir: &std::path::Path) {
     assert!(status.success(), "{dir:?}: emulator failed: {status}");
 }
 
-/// Runs the three forward launches of element type `t` on the emulator;
-/// (y widened to f32, h_final).
+/// Runs the forward's launches of element type `t` on the emulator: the
+/// three of `ChunkCarry::Separate` (state, carry, output) or the two of
+/// `Sequential` (state_seq, output); (y widened to f32, h_final).
 fn run_forward(
-    emu: &std::path::Path,
-    tag: usize,
-    p: &OwnedProblem<f32>,
-    gates: GateKind,
-    precision: ChunkPrecision,
-    t: Dtype,
-) -> Outputs<f32> {
-    run_forward_with(emu, tag, p, gates, precision, t, ChunkCarry::Separate)
-}
-
-/// [`run_forward`] with a choice of carry: `Sequential` runs the two
-/// launches of `ChunkCarry::Sequential` (state_seq, output).
-fn run_forward_with(
     emu: &std::path::Path,
     tag: usize,
     p: &OwnedProblem<f32>,
@@ -96,15 +84,10 @@ fn run_forward_with(
     Outputs { y, h_final }
 }
 
-/// Runs the six backward launches of element type `t` (forward precision
-/// Exact) on the emulator; dq, dk, dv widened to f32.
-fn run_backward(emu: &std::path::Path, tag: usize, inp: &GradInputsF32, t: Dtype) -> Grads<f32> {
-    run_backward_with(emu, tag, inp, t, ChunkCarry::Separate)
-}
-
-/// [`run_backward`] with a choice of carry for the forward part
-/// (`Sequential`: state_seq instead of the state and carry launches).
-fn run_backward_with(emu: &std::path::Path, tag: usize, inp: &GradInputsF32, t: Dtype, carry: ChunkCarry) -> Grads<f32> {
+/// Runs the backward's launches of element type `t` (forward precision
+/// Exact) on the emulator, the forward part with `carry` (`Sequential`:
+/// state_seq instead of the state and carry launches); dq, dk, dv widened to f32.
+fn run_backward(emu: &std::path::Path, tag: usize, inp: &GradInputsF32, t: Dtype, carry: ChunkCarry) -> Grads<f32> {
     let dir = write_inputs(&format!("bwd{tag}_{}", carry.name()), &inp.p, GateKind::Complex, ChunkPrecision::Exact, t);
     write_f32_file(&dir.join("dy.bin"), &inp.dy);
     if let Some(dhf) = &inp.dh_final {
@@ -182,7 +165,7 @@ fn chunk_kernels_emulated_match_reference_and_mirror() {
         let p64 = p64.rounded_to_f32();
         let want = gateloop::reference::recurrent::forward(&p64.view()).expect("reference");
         let p = p64.to_f32();
-        let got = run_forward(&emu, i, &p, gates, precision, Dtype::F32);
+        let got = run_forward(&emu, i, &p, gates, precision, Dtype::F32, ChunkCarry::Separate);
         let mirror = chunked::forward(&p.view(), &ChunkParams::default()).unwrap();
         let ((yr, ya), (hr, ha)) = chunk_bounds(Dtype::F32, precision);
         let ey = compare(&got.y, &want.y);
@@ -236,8 +219,8 @@ fn sequential_carry_is_bitwise_the_separate_carry() {
             p64 = real_parts(p64);
         }
         let p = if t == Dtype::Bf16 { rounded_to::<half::bf16>(&p64) } else { p64.rounded_to_f32() }.to_f32();
-        let separate = run_forward_with(&emu, 60 + i, &p, gates, precision, t, ChunkCarry::Separate);
-        let sequential = run_forward_with(&emu, 60 + i, &p, gates, precision, t, ChunkCarry::Sequential);
+        let separate = run_forward(&emu, 60 + i, &p, gates, precision, t, ChunkCarry::Separate);
+        let sequential = run_forward(&emu, 60 + i, &p, gates, precision, t, ChunkCarry::Sequential);
         let bits = |x: &[f32]| x.iter().map(|v| v.to_bits()).collect::<Vec<_>>();
         let cbits = |x: &[Complex<f32>]| x.iter().flat_map(|v| [v.re.to_bits(), v.im.to_bits()]).collect::<Vec<_>>();
         assert!(separate.y.iter().all(|v| v.is_finite()), "{label}: y finite");
@@ -255,8 +238,8 @@ fn sequential_carry_is_bitwise_the_separate_carry() {
     .enumerate()
     {
         let inp = c.inputs();
-        let separate = run_backward_with(&emu, 70 + i, &inp, Dtype::F32, ChunkCarry::Separate);
-        let sequential = run_backward_with(&emu, 70 + i, &inp, Dtype::F32, ChunkCarry::Sequential);
+        let separate = run_backward(&emu, 70 + i, &inp, Dtype::F32, ChunkCarry::Separate);
+        let sequential = run_backward(&emu, 70 + i, &inp, Dtype::F32, ChunkCarry::Sequential);
         let bits = |x: &[f32]| x.iter().map(|v| v.to_bits()).collect::<Vec<_>>();
         let cbits = |x: &[Complex<f32>]| x.iter().flat_map(|v| [v.re.to_bits(), v.im.to_bits()]).collect::<Vec<_>>();
         assert_eq!(bits(&sequential.dq), bits(&separate.dq), "{c:?}: dq");
@@ -286,7 +269,7 @@ fn chunk_grad_kernels_emulated_match_reference_and_mirror() {
     let (mut vs_ref, mut vs_mirror) = (GradWorst::default(), GradWorst::default());
     for (i, c) in cases.iter().enumerate() {
         let inp = c.inputs();
-        let got = run_backward(&emu, i, &inp, Dtype::F32);
+        let got = run_backward(&emu, i, &inp, Dtype::F32, ChunkCarry::Separate);
         let mirror = gateloop::cpu::chunked_grad::backward(&inp.p.view(), &inp.dy, inp.dh_final.as_deref(), &ChunkParams::default()).unwrap();
         vs_ref.check(&format!("{c:?} (emulated kernels vs reference)"), &compare_grads(&got, &inp.reference()), REL);
         vs_mirror.check(&format!("{c:?} (emulated kernels vs mirror)"), &compare_grads(&got, &mirror), 2.0 * REL);
@@ -316,14 +299,14 @@ fn hard_decay_emulated_kernels_keep_short_differences() {
         let case = Case::new(d, regime, with_h0, 7200 + i as u64);
         let p64 = case.problem().rounded_to_f32();
         let want = gateloop::reference::recurrent::forward(&p64.view()).expect("reference");
-        let got = run_forward(&emu, 20 + i, &p64.to_f32(), GateKind::Complex, ChunkPrecision::Exact, Dtype::F32);
+        let got = run_forward(&emu, 20 + i, &p64.to_f32(), GateKind::Complex, ChunkPrecision::Exact, Dtype::F32, ChunkCarry::Separate);
         let (ey, eh) = (compare(&got.y, &want.y), compare_complex(&got.h_final, &want.h_final));
         eprintln!("{}: y {ey:?} h_final {eh:?}", case.label());
         common::assert_within(&case.label(), "y (emulated kernels, hard decay)", &ey, TIGHT, 10.0 * TIGHT);
         common::assert_within(&case.label(), "h_final (emulated kernels, hard decay)", &eh, TIGHT, 10.0 * TIGHT);
         let g = GradCase::new(d, regime, with_h0, true, 7300 + i as u64);
         let inp = g.inputs();
-        let got = run_backward(&emu, 30 + i, &inp, Dtype::F32);
+        let got = run_backward(&emu, 30 + i, &inp, Dtype::F32, ChunkCarry::Separate);
         worst.check(&format!("{g:?} (emulated backward, hard decay)"), &compare_grads(&got, &inp.reference()), TIGHT);
     }
     worst.report("emulated chunked backward, hard decay");
@@ -388,7 +371,7 @@ fn half_types<T: Element>(emu: &std::path::Path, worst: &mut Worst, failures: &m
         }
         let p64 = rounded_to::<T>(&p);
         let want = gateloop::reference::recurrent::forward(&p64.view()).expect("reference");
-        let got = run_forward(emu, 100 + 10 * t.abi() as usize + i, &p64.to_f32(), gates, precision, t);
+        let got = run_forward(emu, 100 + 10 * t.abi() as usize + i, &p64.to_f32(), gates, precision, t, ChunkCarry::Separate);
         let (yb, hb) = chunk_bounds(t, precision);
         let p = precision.name();
         check(&label, &format!("{p} y"), compare(&got.y, &want.y), yb);
@@ -404,7 +387,7 @@ fn half_types<T: Element>(emu: &std::path::Path, worst: &mut Worst, failures: &m
     ];
     for (i, c) in backward.iter().enumerate() {
         let inp = rounded_grad_inputs::<T>(c);
-        let got = run_backward(emu, 100 + 10 * t.abi() as usize + i, &inp, t);
+        let got = run_backward(emu, 100 + 10 * t.abi() as usize + i, &inp, t, ChunkCarry::Separate);
         let label = format!("{t} {c:?}");
         for (name, e) in compare_grads(&got, &inp.reference()) {
             check(&label, name, e, grad_bounds(t, name));
@@ -457,7 +440,7 @@ fn chunk_grad_f16_dh0_after_a_strong_first_gate() {
     let mut failures = Vec::new();
     for (i, c) in cases.iter().enumerate() {
         let inp = rounded_grad_inputs::<half::f16>(c);
-        let got = run_backward(&emu, 200 + i, &inp, Dtype::F16);
+        let got = run_backward(&emu, 200 + i, &inp, Dtype::F16, ChunkCarry::Separate);
         for (name, e) in compare_grads(&got, &inp.reference()) {
             let (rel, abs) = grad_bounds(Dtype::F16, name);
             println!("f16 {c:?} (Re g_0 = {}): {name} {e:?}", inp.p.log_gate[0].re);

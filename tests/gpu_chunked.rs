@@ -378,7 +378,8 @@ fn fast_bounds_are_the_documented_ones() {
 /// The small case `bundle/run.sh` runs under compute-sanitizer memcheck and
 /// racecheck: three chunks (the last partial), K = 40 (a partial key slab),
 /// V = 70 (two value tiles, one partial), every dtype, complex gates exact
-/// with h0 and real gates fast, per-channel and per-head gates.
+/// with h0 and real gates fast, per-channel and per-head gates; both carries
+/// (the separate launches and state_seq).
 #[test]
 fn sanitizer_smoke() {
     let Some(gpu) = common::gpu_or_skip() else { return };
@@ -389,4 +390,7 @@ fn sanitizer_smoke() {
     check_in::<bf16>(gpu, case(d, 33_002), Gates::Real, ChunkPrecision::Fast, 1.0);
     let per_head = d.with_gate(gateloop::GateLayout::PerHead);
     check_in::<f32>(gpu, Case::new(per_head, GateRegime::Random, false, 33_003), Gates::Real, ChunkPrecision::Exact, 1.0);
+    // The sequential carry's kernel (state_seq) under memcheck and racecheck too.
+    check_carries::<f32>(gpu, case(d, 33_004), Gates::Complex, ChunkPrecision::Exact);
+    check_carries::<bf16>(gpu, Case::new(per_head, GateRegime::Resets(0.05), true, 33_005), Gates::Real, ChunkPrecision::Exact);
 }
