@@ -68,6 +68,22 @@ done
 want() { [[ " $steps " == *" $1 "* ]]; }
 export RUST_BACKTRACE=1
 
+# The binaries travel as one xz archive, binaries.tar.xz (eleven binaries
+# that each embed the same kernels: 58 MB as files, 6 MB packed): unpacked
+# here on first use, or into a temporary directory when this one is
+# read-only; tar -J, else python3's tarfile.
+bins=$here
+if [[ ! -x "$bins/bin/gateloop" && -f "$here/binaries.tar.xz" ]]; then
+    [[ -w "$here" ]] || bins=$(mktemp -d)
+    if ! tar -xJf "$here/binaries.tar.xz" -C "$bins" 2>/dev/null; then
+        python3 -c 'import sys, tarfile; tarfile.open(sys.argv[1]).extractall(sys.argv[2])' \
+            "$here/binaries.tar.xz" "$bins" || {
+            echo "run.sh: cannot unpack $here/binaries.tar.xz (needs tar with xz, or python3 with lzma)" >&2
+            exit 1
+        }
+    fi
+fi
+
 env_txt=$results/env.txt
 tests_log=$results/tests.log
 san_log=$results/sanitizer.log
@@ -139,9 +155,9 @@ timed_out() { [[ $1 == 124 || $1 == 137 ]]; }
     echo "----- nvidia-smi"
     timeout 20 nvidia-smi 2>&1 || echo "(nvidia-smi unavailable)"
     echo "----- ldd bin/gateloop"
-    ldd "$here/bin/gateloop" 2>&1
+    ldd "$bins/bin/gateloop" 2>&1
 } >>"$env_txt"
-run_step "binaries start" 20 "$env_txt" -- "$here/bin/gateloop" --version
+run_step "binaries start" 20 "$env_txt" -- "$bins/bin/gateloop" --version
 if ((not_run)); then
     record "binaries start" "NOT RUN" 0 "deadline reached"
 elif ((rc == 0)); then
@@ -151,7 +167,7 @@ else
 fi
 
 # ---- 2. GPU tests ----------------------------------------------------------
-for t in "$here"/tests/gpu_*; do
+for t in "$bins"/tests/gpu_*; do
     want tests || break
     name=$(basename "$t")
     run_step "test $name" 100 "$tests_log" -- "$t" --test-threads=8
@@ -186,7 +202,7 @@ fi
 # Every GPU test binary with a `sanitizer_smoke` test (decode, scan,
 # attention, chunked: each kernel family on a small case), under each tool.
 smokes=()
-for t in "$here"/tests/gpu_*; do
+for t in "$bins"/tests/gpu_*; do
     "$t" --list 2>/dev/null | grep -q '^sanitizer_smoke: test' && smokes+=("$t")
 done
 for tool in memcheck racecheck; do
@@ -223,7 +239,7 @@ done
 
 # ---- 4. benchmark ----------------------------------------------------------
 if want bench; then
-    run_step "bench" 180 "$bench_txt" -- "$here/bin/gateloop" bench --json "$bench_json"
+    run_step "bench" 180 "$bench_txt" -- "$bins/bin/gateloop" bench --json "$bench_json"
     if ((not_run)); then
         record "bench" "NOT RUN" 0 "deadline reached"
     elif timed_out "$rc"; then
@@ -266,7 +282,7 @@ if want peers; then
         lim=$(budget "$peers_budget_s")
         run_step "peers" "$peers_budget_s" "$peers_log" -- env PYTHONPATH="$site${PYTHONPATH:+:$PYTHONPATH}" \
             "$py" "$here/peers/peers.py" --out "$peers_dir" --budget-s "$((lim > 15 ? lim - 10 : 5))" \
-            --gateloop "$here/bin/gateloop"
+            --gateloop "$bins/bin/gateloop"
         counts=$("$py" -c '
 import collections, json, sys
 try:
@@ -304,7 +320,7 @@ if want fuzz; then
     : >"$fuzz_txt"
     fuzz_cases=${GATELOOP_FUZZ_CASES:-100000}
     lim=$(budget 100000)
-    run_step "fuzz" 100000 "$fuzz_txt" -- "$here/bin/gateloop" fuzz --device cuda --cases "$fuzz_cases" \
+    run_step "fuzz" 100000 "$fuzz_txt" -- "$bins/bin/gateloop" fuzz --device cuda --cases "$fuzz_cases" \
         --seed "${GATELOOP_FUZZ_SEED:-2026}" --max-len "${GATELOOP_FUZZ_MAX_LEN:-64}" \
         --targets "${GATELOOP_FUZZ_TARGETS:-forward,grad}" \
         --time-budget "$((lim > 20 ? lim - 15 : 5))" --out "$results/fuzz-failures" --max-failures 5
