@@ -80,24 +80,6 @@ using namespace nvcuda;
 
 // ---- 1. chunk state U_c and decay A_c -------------------------------------------
 
-// A_c = E(last, −1) of slab channel j (its gate column), written to ws_decay
-// once per chunk (the caller picks one value tile; a per-head gate's one
-// column by slab 0 only) and returned.
-template <typename input_t, bool kComplex>
-__device__ __forceinline__ float2 chunk_decay(const Block<input_t, kComplex>& blk, int64_t d0, int j, int last) {
-    const GateloopChunkParams& p = blk.p;
-    const int cl = blk.col(j);
-    const float w = blk.modulus(last, -1, cl);
-    const float2 a = kComplex ? make_float2(w * blk.cos_at(last, cl), w * blk.sin_at(last, cl)) : make_float2(w, 0.f);
-    const int64_t ch = blk.per_head ? 0 : d0 + j;
-    const int64_t at_ = ((blk.bh * p.num_chunks + blk.chunk) * p.dims.gate_dim + ch) * (kComplex ? 2 : 1);
-    if (d0 == 0 || !blk.per_head) {
-        p.ws_decay[at_] = a.x;
-        if (kComplex) p.ws_decay[at_ + 1] = a.y;
-    }
-    return a;
-}
-
 template <typename input_t, class Op, bool kComplex, int kTerms>
 __device__ __forceinline__ void chunk_state(const GateloopChunkParams& p) {
     extern __shared__ __align__(128) unsigned char smem[];
@@ -158,21 +140,12 @@ __device__ __forceinline__ void chunk_carry(const GateloopChunkParams& p) {
 
 // ---- 1 + 2 in one pass: the state and the carry, walking the chunks -------------
 
-// The dynamic shared memory of chunk_state_seq: the state kernel's layout,
-// then the slab's carried state S [kWidth][kVTile] and its decays [kSlab]
-// (src/cuda/chunk.rs: shared_bytes).
-template <class Op, bool kComplex>
-__host__ __device__ constexpr int seq_smem_bytes() {
-    return state_smem_bytes<Op, kComplex>() + slab_width<kComplex>() * kVTile * 4 + kSlab * 2 * 4;
-}
-
 // One block per (b, h, value tile, key slab) (slab fastest) walks the chunks
-// in order, the carried state of its slab (16 key rows × 64 value columns)
-// in shared memory: per chunk U_c (the state kernel's product, same operands
-// and order) and A_c, slot c of ws_state := S (the state entering chunk c),
-// S ← A_c ⊙ S + U_c (carry_chunks' step); h_final at the end. It writes
-// what launches 1 and 2 write, bit for bit (tests/cpu_chunked_emu.rs), in
-// one pass: U_c never goes through the workspace (its write, and the
+// in order (walk_chunks in chunk_common.cuh): per chunk U_c (the state
+// kernel's product, same operands and order) and A_c, slot c of ws_state :=
+// the state entering chunk c, S ← A_c ⊙ S + U_c; h_final at the end. It
+// writes what launches 1 and 2 write, bit for bit (tests/cpu_chunked_emu.rs),
+// in one pass: U_c never goes through the workspace (its write, and the
 // carry's read of it, are half the forward's workspace traffic), k, v and
 // log_gate are read once, at the price of the chunks' parallelism
 // (B·H·value_tiles·slabs blocks instead of B·H·chunks·value_tiles): the
@@ -181,95 +154,19 @@ template <typename input_t, class Op, bool kComplex, int kTerms>
 __device__ __forceinline__ void chunk_state_seq(const GateloopChunkParams& p) {
     extern __shared__ __align__(128) unsigned char smem[];
     check_shared(p.state_shared_bytes, seq_smem_bytes<Op, kComplex>());
-    int64_t idx = blockIdx.x;
-    const int64_t d0 = split_index(idx, (p.dims.key_dim + kSlab - 1) / kSlab) * kSlab;
-    Block<input_t, kComplex> blk(p, smem, p.value_tiles, 1, idx);
-    const StateSmem<Op, kComplex> sm(smem, blk.warp);
-    float* kraw = sm.raw;
-    const Split<Op>& vs = sm.tile;
-    const Split<Op>& kt = sm.slab;
-    float* ubuf = sm.staging - blk.warp * 256;  // [kWidth][kVTile]: U_c (every warp's tile)
-    float* st = reinterpret_cast<float*>(smem + state_smem_bytes<Op, kComplex>());  // [kWidth][kVTile]: S
-    float2* dec = reinterpret_cast<float2*>(st + slab_width<kComplex>() * kVTile);  // [kSlab]: A_c
-    const int64_t key_dim = p.dims.key_dim;
-    const int64_t value_dim = p.dims.value_dim;
     const bool has_h0 = (p.flags & GATELOOP_FLAG_HAS_H0) != 0;
-
-    // Slab element i: key row d0 + i / kVTile, value column v0 + i % kVTile.
-    auto element = [&](int i, int64_t& d, int64_t& col) {
-        d = d0 + i / kVTile;
-        col = blk.v0 + i % kVTile;
-        return d < key_dim && col < value_dim;
-    };
-    for (int i = blk.tid; i < kSlab * kVTile; i += kThreads) {
-        int64_t d, col;
-        float2 s = make_float2(0.f, 0.f);
-        if (element(i, d, col) && has_h0) {
-            const int64_t at_ = state_index(p.h0_strides, blk.b, blk.h, d, col);
-            s = kComplex ? load_complex(p.h0, at_) : make_float2(__ldg(p.h0 + at_), 0.f);
-        }
-        st[i] = s.x;
-        if (kComplex) st[kSlab * kVTile + i] = s.y;
-    }
-#pragma unroll 1
-    for (int64_t c = 0; c < p.num_chunks; ++c) {
-        blk.at_chunk(c);
-        blk.build_prefix(d0);  // ends with a barrier (the previous chunk's S update is complete)
-        blk.template load_values<Op, kTerms>(vs);
-        blk.load_keys(blk.k, p.k_strides, d0, kraw);
-        __syncthreads();
-        put_state_keys<Op, kTerms>(blk, kraw, kt);
-        if (blk.tid < kSlab) {
-            const int j = blk.tid;
-            // Every column's decay for the update; ws_decay (read by the
-            // backward) gets the gate's columns, from value tile 0.
-            if (blk.vt == 0 && j < blk.gate_cols(d0)) {
-                dec[j] = chunk_decay(blk, d0, j, blk.n - 1);
-            } else {
-                const int cl = blk.col(j);
-                const float w = blk.modulus(blk.n - 1, -1, cl);
-                dec[j] = make_float2(w * blk.cos_at(blk.n - 1, cl), w * blk.sin_at(blk.n - 1, cl));
+    walk_chunks<false, Op, kTerms, input_t, kComplex>(
+        p, smem, has_h0 ? p.h0 : nullptr, p.h0_strides, p.ws_state, p.h_final, p.h_final_strides,
+        [&](const Block<input_t, kComplex>& blk, const StateSmem<Op, kComplex>& sm, int64_t d0) {
+            // K̃ (put_state_keys) and V, A_c into ws_decay (value tile 0).
+            blk.template load_values<Op, kTerms>(sm.tile);
+            blk.load_keys(blk.k, p.k_strides, d0, sm.raw);
+            __syncthreads();
+            put_state_keys<Op, kTerms>(blk, sm.raw, sm.slab);
+            if (blk.vt == 0) {
+                for (int j = blk.tid; j < blk.gate_cols(d0); j += kThreads) chunk_decay(blk, d0, j, blk.n - 1);
             }
-        }
-        __syncthreads();
-        Acc<Op> acc;
-        if (slab_gram<Op, kTerms>(blk, kt, vs, acc)) {
-            const int rb = blk.warp / (kVTile / 16);
-            const int cb = blk.warp % (kVTile / 16);
-            wmma::store_matrix_sync(ubuf + 16 * rb * kVTile + 16 * cb, acc, kVTile, wmma::mem_row_major);
-        }
-        __syncthreads();
-        for (int i = blk.tid; i < kSlab * kVTile; i += kThreads) {
-            int64_t d, col;
-            const bool in = element(i, d, col);
-            const float2 s = make_float2(st[i], kComplex ? st[kSlab * kVTile + i] : 0.f);
-            if (in) {
-                p.ws_state[blk.ws_state_row(d) + col] = s.x;
-                if (kComplex) p.ws_state[blk.ws_state_row(key_dim + d) + col] = s.y;
-            }
-            const float2 a = dec[i / kVTile];
-            if (kComplex) {
-                const float2 x = apply(a, make_float2(ubuf[i], ubuf[kSlab * kVTile + i]), s);
-                st[i] = x.x;
-                st[kSlab * kVTile + i] = x.y;
-            } else {
-                st[i] = fmaf(a.x, s.x, ubuf[i]);
-            }
-        }
-        // (The next chunk's build_prefix ends with a barrier before ubuf,
-        // dec or st are touched again.)
-    }
-    __syncthreads();
-    for (int i = blk.tid; i < kSlab * kVTile; i += kThreads) {
-        int64_t d, col;
-        if (!element(i, d, col)) continue;
-        const int64_t at_ = state_index(p.h_final_strides, blk.b, blk.h, d, col);
-        if (kComplex) {
-            reinterpret_cast<float2*>(p.h_final)[at_] = make_float2(st[i], st[kSlab * kVTile + i]);
-        } else {
-            p.h_final[at_] = st[i];
-        }
-    }
+        });
 }
 
 // ---- 3. outputs -------------------------------------------------------------------

@@ -615,6 +615,132 @@ __device__ __forceinline__ void store_slab_gram(const Block<input_t, kComplex>& 
     });
 }
 
+// ---- the sequential carries: the chunks walked by one block ------------------------
+
+// A_c = E(last, −1) of slab channel j (its gate column), written to ws_decay
+// once per chunk (the caller picks one value tile; a per-head gate's one
+// column by slab 0 only) and returned.
+template <typename input_t, bool kComplex>
+__device__ __forceinline__ float2 chunk_decay(const Block<input_t, kComplex>& blk, int64_t d0, int j, int last) {
+    const GateloopChunkParams& p = blk.p;
+    const int cl = blk.col(j);
+    const float w = blk.modulus(last, -1, cl);
+    const float2 a = kComplex ? make_float2(w * blk.cos_at(last, cl), w * blk.sin_at(last, cl)) : make_float2(w, 0.f);
+    const int64_t ch = blk.per_head ? 0 : d0 + j;
+    const int64_t at_ = ((blk.bh * p.num_chunks + blk.chunk) * p.dims.gate_dim + ch) * (kComplex ? 2 : 1);
+    if (d0 == 0 || !blk.per_head) {
+        p.ws_decay[at_] = a.x;
+        if (kComplex) p.ws_decay[at_ + 1] = a.y;
+    }
+    return a;
+}
+
+// The dynamic shared memory of the sequential kernels: the state kernel's
+// layout (StateSmem), then the slab's carried state [kWidth][kVTile] and its
+// decays [kSlab] (src/cuda/chunk.rs: sequential_shared_bytes).
+template <class Op, bool kComplex>
+__host__ __device__ constexpr int seq_smem_bytes() {
+    return state_smem_bytes<Op, kComplex>() + slab_width<kComplex>() * kVTile * 4 + kSlab * 2 * 4;
+}
+
+// One block per (b, h, value tile, key slab of 16) (slab fastest) walks the
+// chunks — forward (c = 0 … nc − 1) or, kBackward, in reverse — with its
+// slab of a carried state S (16 key rows × 64 value columns) in shared
+// memory: per chunk `stage(blk, sm, d0)` stages the Gram operands (sm.slab
+// as X, sm.tile as Y, after build_prefix; it may end without a barrier),
+// X_c = Xᵀ Y is formed as store_slab_gram forms it, slot c of `slots`
+// (a [B·H, nc, parts·K, V] workspace) := S, then S ← a_c ⊙ S + X_c with
+// a_c = A_c = E(last, −1) (conj(A_c) when kBackward): carry_chunks' step, so
+// the slots and the final S are bit for bit those of the state (grad_w)
+// kernel followed by the carry (adjoint carry) kernel. S starts from `init`
+// (h0 or dh_final; null: 0) and ends in `fin` (h_final or dh0; null: not
+// written), both [B, H, K, V] with their strides. The forward's
+// chunk_state_seq (cuda/chunk.cu) and the backward's grad_w_seq
+// (cuda/chunk_grad.cu).
+template <bool kBackward, class Op, int kTerms, typename input_t, bool kComplex, class Stage>
+__device__ __forceinline__ void walk_chunks(const GateloopChunkParams& p, unsigned char* smem, const float* init,
+                                            const GateloopStateStrides& init_strides, float* slots, float* fin,
+                                            const GateloopStateStrides& fin_strides, Stage stage) {
+    int64_t idx = blockIdx.x;
+    const int64_t d0 = split_index(idx, (p.dims.key_dim + kSlab - 1) / kSlab) * kSlab;
+    Block<input_t, kComplex> blk(p, smem, p.value_tiles, 1, idx);
+    const StateSmem<Op, kComplex> sm(smem, blk.warp);
+    float* xbuf = sm.staging - blk.warp * 256;  // [kWidth][kVTile]: X_c (every warp's tile)
+    float* st = reinterpret_cast<float*>(smem + state_smem_bytes<Op, kComplex>());  // [kWidth][kVTile]: S
+    float2* dec = reinterpret_cast<float2*>(st + slab_width<kComplex>() * kVTile);  // [kSlab]: a_c
+    const int64_t key_dim = p.dims.key_dim;
+    const int64_t value_dim = p.dims.value_dim;
+
+    // Slab element i: key row d0 + i / kVTile, value column v0 + i % kVTile.
+    auto element = [&](int i, int64_t& d, int64_t& col) {
+        d = d0 + i / kVTile;
+        col = blk.v0 + i % kVTile;
+        return d < key_dim && col < value_dim;
+    };
+    for (int i = blk.tid; i < kSlab * kVTile; i += kThreads) {
+        int64_t d, col;
+        float2 s = make_float2(0.f, 0.f);
+        if (element(i, d, col) && init != nullptr) {
+            const int64_t at_ = state_index(init_strides, blk.b, blk.h, d, col);
+            s = kComplex ? load_complex(init, at_) : make_float2(__ldg(init + at_), 0.f);
+        }
+        st[i] = s.x;
+        if (kComplex) st[kSlab * kVTile + i] = s.y;
+    }
+#pragma unroll 1
+    for (int64_t i = 0; i < p.num_chunks; ++i) {
+        blk.at_chunk(kBackward ? p.num_chunks - 1 - i : i);
+        blk.build_prefix(d0);  // ends with a barrier (the previous chunk's update is complete)
+        stage(blk, sm, d0);
+        if (blk.tid < kSlab) {
+            const int cl = blk.col(blk.tid);
+            const int last = blk.n - 1;
+            const float w = blk.modulus(last, -1, cl);
+            const float im = w * blk.sin_at(last, cl);
+            dec[blk.tid] = make_float2(w * blk.cos_at(last, cl), kBackward ? -im : im);
+        }
+        __syncthreads();
+        Acc<Op> acc;
+        if (slab_gram<Op, kTerms>(blk, sm.slab, sm.tile, acc)) {
+            const int rb = blk.warp / (kVTile / 16);
+            const int cb = blk.warp % (kVTile / 16);
+            wmma::store_matrix_sync(xbuf + 16 * rb * kVTile + 16 * cb, acc, kVTile, wmma::mem_row_major);
+        }
+        __syncthreads();
+        for (int e = blk.tid; e < kSlab * kVTile; e += kThreads) {
+            int64_t d, col;
+            const bool in = element(e, d, col);
+            const float2 s = make_float2(st[e], kComplex ? st[kSlab * kVTile + e] : 0.f);
+            if (in) {
+                slots[blk.ws_state_row(d) + col] = s.x;
+                if (kComplex) slots[blk.ws_state_row(key_dim + d) + col] = s.y;
+            }
+            const float2 a = dec[e / kVTile];
+            if (kComplex) {
+                const float2 x = apply(a, make_float2(xbuf[e], xbuf[kSlab * kVTile + e]), s);
+                st[e] = x.x;
+                st[kSlab * kVTile + e] = x.y;
+            } else {
+                st[e] = fmaf(a.x, s.x, xbuf[e]);
+            }
+        }
+        // (The next chunk's build_prefix ends with a barrier before xbuf,
+        // dec or st are touched again.)
+    }
+    __syncthreads();
+    if (fin == nullptr) return;
+    for (int i = blk.tid; i < kSlab * kVTile; i += kThreads) {
+        int64_t d, col;
+        if (!element(i, d, col)) continue;
+        const int64_t at_ = state_index(fin_strides, blk.b, blk.h, d, col);
+        if (kComplex) {
+            reinterpret_cast<float2*>(fin)[at_] = make_float2(st[i], st[kSlab * kVTile + i]);
+        } else {
+            fin[at_] = st[i];
+        }
+    }
+}
+
 // ---- the intra-chunk pass: the forward's y, the backward's dv ---------------------
 
 // Off-diagonal score block `pair` → (query sub-chunk i, key sub-chunk j), i > j:

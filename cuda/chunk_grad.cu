@@ -13,8 +13,9 @@
 //       key slab a (2·16 × 64)·(64 × 64) tensor-core product: the state
 //       kernel's K̃ᵀ V with Q̃ for K̃ and dY for V (store_slab_gram).
 //   2a. the forward's gateloop_chunk_carry: U_c → S_in(c) (h_final to a sink).
-//       (1a and 2a are one launch, the forward's gateloop_chunk_state_seq,
-//       when the forward's plan takes the sequential carry: same workspace.)
+//       (With the forward plan's sequential carry, 1a and 2a are one launch,
+//       the forward's gateloop_chunk_state_seq, and 1b and 2b another,
+//       grad_w_seq: the same workspace bit for bit, four launches in all.)
 //   2b. grad_adjoint_carry, one thread per (b, h, key row, value column):
 //       D(last) = dh_final, D(c − 1) = conj(A_c) D(c) + W_c, W_c ← D(c); dh0.
 //   3a. grad_qk, one block per (b, h, chunk), looping over key slabs of 16:
@@ -227,6 +228,32 @@ __device__ __forceinline__ void grad_w(const GateloopChunkGradParams& g) {
         store_slab_gram<Op, kGradTerms>(blk, qe, dys, d0, staging, g.ws_adj);
         __syncthreads();  // qe, qraw and the prefix tables are rewritten by the next slab
     }
+}
+
+// 1b + 2b in one pass (the sequential carry): one block per (b, h, value
+// tile, key slab) walks the chunks in reverse (walk_chunks in
+// chunk_common.cuh) with its slab of D on chip: per chunk W_c (grad_w's
+// product, same operands and order), slot c of ws_adj := D(c), D(c − 1) =
+// conj(A_c) D(c) + W_c; dh0 at the end. Bit for bit what grad_w followed by
+// the adjoint carry writes; W_c never goes through the workspace.
+template <typename input_t>
+__device__ __forceinline__ void grad_w_seq(const GateloopChunkGradParams& g) {
+    using Op = typename OpOf<input_t>::type;
+    extern __shared__ __align__(128) unsigned char smem[];
+    check_shared(g.w_shared_bytes, seq_smem_bytes<Op, true>());
+    const GateloopChunkParams& p = g.fwd;
+    const bool has_dh_final = (g.grad_flags & GATELOOP_GRAD_FLAG_HAS_DH_FINAL) != 0;
+    const bool has_dh0 = (g.grad_flags & GATELOOP_GRAD_FLAG_HAS_DH0) != 0;
+    walk_chunks<true, Op, kGradTerms, input_t, true>(
+        p, smem, has_dh_final ? g.dh_final : nullptr, g.dh_final_strides, g.ws_adj, has_dh0 ? g.dh0 : nullptr,
+        g.dh0_strides, [&](const Block<input_t, true>& blk, const StateSmem<Op, true>& sm, int64_t d0) {
+            // [Re Q̃ | −Im Q̃] (put_inter_queries) and dY, as grad_w stages them.
+            blk.template load_tile<Op, kGradTerms>(seq_row<input_t>(g.dy, g.dy_strides, blk.b, blk.h), g.dy_strides,
+                                                   sm.tile);
+            blk.load_keys(blk.q, p.q_strides, d0, sm.raw);
+            __syncthreads();
+            put_inter_queries<Op, kGradTerms>(blk, sm.raw, sm.slab);
+        });
 }
 
 // ---- 2b. the adjoint carry ------------------------------------------------------------
@@ -608,6 +635,10 @@ __device__ __forceinline__ void grad_dv(const GateloopChunkGradParams& g) {
     extern "C" __global__ void __launch_bounds__(gateloop::chunk::kThreads, 2)                               \
         gateloop_chunk_grad_w_##DTYPE(const GateloopChunkGradParams g) {                                    \
         gateloop::chunk::grad_w<TYPE>(g);                                                                   \
+    }                                                                                                       \
+    extern "C" __global__ void __launch_bounds__(gateloop::chunk::kThreads, 1)                               \
+        gateloop_chunk_grad_w_seq_##DTYPE(const GateloopChunkGradParams g) {                                \
+        gateloop::chunk::grad_w_seq<TYPE>(g);                                                               \
     }                                                                                                       \
     extern "C" __global__ void __launch_bounds__(gateloop::chunk::kThreads, 1)                               \
         gateloop_chunk_grad_qk_##DTYPE(const GateloopChunkGradParams g) {                                   \

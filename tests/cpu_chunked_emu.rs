@@ -227,12 +227,14 @@ fn sequential_carry_is_bitwise_the_separate_carry() {
         assert_eq!(bits(&sequential.y), bits(&separate.y), "{label}: y");
         assert_eq!(cbits(&sequential.h_final), cbits(&separate.h_final), "{label}: h_final");
     }
-    // The backward with the forward part as state_seq: the decays and chunk
-    // states it leaves in the workspace are the separate carry's, so every
-    // gradient is too, to the last bit.
+    // The backward with the sequential carries (state_seq, grad_w_seq): the
+    // decays, chunk states and adjoints they leave in the workspace, and
+    // dh0, are the separate carries', so every gradient is too, to the last
+    // bit (with and without h0 and dh_final).
     for (i, c) in [
         GradCase::new(dims(1, 200, 2, 40, 70, false), GateRegime::Mixed, true, true, 7700),
         GradCase::new(dims(2, 130, 1, 5, 7, true), GateRegime::Resets(0.05), false, true, 7701),
+        GradCase::new(dims(1, 70, 1, 16, 65, false), GateRegime::HardDecay(0.5), true, false, 7702),
     ]
     .iter()
     .enumerate()

@@ -445,8 +445,9 @@ pub fn chunked_cost_with(d: &Dims, t: Dtype, gates: Gates, carry: ChunkCarry) ->
 /// launch (k·vt, v, log_gate·vt; writes ws, A, h_final); then the output
 /// (q·vt, k·vt, v, log_gate·vt, ws; writes y). With `backward` the
 /// launches of cuda/chunk_grad.cu: the forward part as above (h_final to a
-/// sink), grad_w (q·vt, dy, log_gate·vt; writes a second ws), the adjoint
-/// carry (ws read and written, A),
+/// sink), grad_w (q·vt, dy, log_gate·vt; writes a second ws) and the adjoint
+/// carry (ws read and written, A), or with the sequential carry grad_w_seq
+/// (grad_w's reads; writes the second ws once),
 /// grad_qk (q, k, v, dy, log_gate, both ws; writes dq, dk, dlog_gate) and
 /// grad_dv (q·vt, k·vt, log_gate·vt, dy, the adjoint ws; writes dv).
 /// At B8 L4096 H16 K = V = 64 bf16 the separate carry moves 3.75× the
@@ -475,7 +476,10 @@ pub fn chunked_traffic(d: &Dims, t: Dtype, gates: Gates, carry: ChunkCarry, back
     let adjoint_carry = 2.0 * ws + decays;
     let grad_qk = 2.0 * qk + 2.0 * v + gate + 2.0 * ws + 2.0 * qk + gate;
     let grad_dv = 2.0 * qk * vt + gate * vt + v + ws + v;
-    states + grad_w + adjoint_carry + grad_qk + grad_dv
+    // The sequential carry's grad_w_seq writes D where grad_w wrote W, and
+    // there is no adjoint carry pass.
+    let adjoints = if sequential { grad_w } else { grad_w + adjoint_carry };
+    states + adjoints + grad_qk + grad_dv
 }
 
 /// Chunked backward (complex gates, no h0, no dh_final). Bytes: read q, k,

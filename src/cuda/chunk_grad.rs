@@ -17,9 +17,11 @@
 //!    and `grad_adjoint_carry`, one thread per (b, h, key row, value
 //!    column): D(c − 1) = conj(A_c) D(c) + W_c from D(last) = dh_final,
 //!    W_c overwritten by D(c); dh0 = D(−1).
-//!    (The forward's `state` and `carry` are one launch, `state_seq`, when
-//!    the forward's plan takes [`chunk::ChunkCarry::Sequential`]: the same
-//!    workspace bit for bit, five launches in all.)
+//!    (When the forward's plan takes [`chunk::ChunkCarry::Sequential`], the
+//!    forward's `state` and `carry` are one launch, `state_seq`, and
+//!    `grad_w` and the adjoint carry another, `grad_w_seq` (walking the
+//!    chunks in reverse with D on chip): the same workspace bit for bit, four
+//!    launches in all.)
 //! 3. `grad_qk`, one block per (b, h, chunk), walking the key channels in
 //!    slabs of 16: s = dY Vᵀ once, then per slab dq, dk and the gate
 //!    gradient; and `grad_dv`, one block per (b, h, chunk, value tile):
@@ -153,6 +155,8 @@ pub fn plan(dims: &Dims, dtype: Dtype) -> Result<GradPlan, InputError> {
 /// The backward kernels of one context: `[dtype]` for grad_w, grad_qk, grad_dv.
 pub(crate) struct ChunkGradKernels {
     w: Vec<CudaFunction>,
+    /// grad_w and the adjoint carry in one walk (the sequential carry).
+    w_seq: Vec<CudaFunction>,
     qk: Vec<CudaFunction>,
     dv: Vec<CudaFunction>,
     adjoint_carry: CudaFunction,
@@ -162,10 +166,11 @@ impl ChunkGradKernels {
     /// Looks up every entry point and raises each function's dynamic shared
     /// memory limit to what it needs, where the device allows it.
     pub(crate) fn load(module: &Arc<CudaModule>, max_shared: usize) -> Result<Self, GpuError> {
-        let mut tables: [Vec<CudaFunction>; 3] = Default::default();
+        let mut tables: [Vec<CudaFunction>; 4] = Default::default();
         for dtype in Dtype::ALL {
             let (w_bytes, qk_bytes, dv_bytes) = shared_bytes(dtype);
-            for (table, kind, bytes) in [(0, "w", w_bytes), (1, "qk", qk_bytes), (2, "dv", dv_bytes)] {
+            let w_seq_bytes = chunk::sequential_shared_bytes(dtype, Gates::Complex);
+            for (table, kind, bytes) in [(0, "w", w_bytes), (1, "qk", qk_bytes), (2, "dv", dv_bytes), (3, "w_seq", w_seq_bytes)] {
                 let f = module
                     .load_function(&format!("gateloop_chunk_grad_{kind}_{}", dtype.name()))
                     .doing("looking up gateloop_chunk_grad_{w,qk,dv}_*")?;
@@ -177,11 +182,11 @@ impl ChunkGradKernels {
                 tables[table].push(f);
             }
         }
-        let [w, qk, dv] = tables;
+        let [w, qk, dv, w_seq] = tables;
         let adjoint_carry = module
             .load_function("gateloop_chunk_grad_adjoint_carry")
             .doing("looking up gateloop_chunk_grad_adjoint_carry")?;
-        Ok(ChunkGradKernels { w, qk, dv, adjoint_carry })
+        Ok(ChunkGradKernels { w, w_seq, qk, dv, adjoint_carry })
     }
 }
 
@@ -216,10 +221,12 @@ pub fn backward_into<'a, T: Element>(
     let fwd_kernels = &gpu.kernels.chunk;
     let kernels = &gpu.kernels.chunk_grad;
     let (w_bytes, qk_bytes, dv_bytes) = gp.shared_bytes;
-    // The forward part (U_c, A_c, then S_in and h_final) as the forward's
-    // plan carries it: the state and carry launches, or state_seq alone.
+    // The carries as the forward's plan takes them: the state, grad_w and
+    // both carry launches, or state_seq and grad_w_seq (each a walk over the
+    // chunks with the state on chip; the same workspace bit for bit).
     let sequential = lp.carry == ChunkCarry::Sequential;
     let state_bytes = if sequential { lp.sequential_shared_bytes } else { lp.state_shared_bytes };
+    let w_bytes = if sequential { lp.sequential_shared_bytes } else { w_bytes };
     let need = w_bytes.max(qk_bytes).max(dv_bytes).max(state_bytes) as usize;
     if need > fwd_kernels.max_shared {
         return Err(InputError::Param {
@@ -275,21 +282,20 @@ pub fn backward_into<'a, T: Element>(
         Fwd(&'p GateloopChunkParams),
         Grad(&'p GateloopChunkGradParams),
     }
-    let grad_w = (&kernels.w[dtype], lp.grid, block, w_bytes, Arg::Grad(&params), "launching gateloop_chunk_grad_w");
     let mut launches = if sequential {
         vec![
             (&fwd_kernels.sequential[fwd_index], lp.sequential_grid, block, state_bytes, Arg::Fwd(&params.fwd), "launching gateloop_chunk_state_seq (backward)"),
-            grad_w,
+            (&kernels.w_seq[dtype], lp.sequential_grid, block, w_bytes, Arg::Grad(&params), "launching gateloop_chunk_grad_w_seq"),
         ]
     } else {
         vec![
             (&fwd_kernels.state[fwd_index], lp.grid, block, state_bytes, Arg::Fwd(&params.fwd), "launching gateloop_chunk_state (backward)"),
-            grad_w,
+            (&kernels.w[dtype], lp.grid, block, w_bytes, Arg::Grad(&params), "launching gateloop_chunk_grad_w"),
             (&fwd_kernels.carry[Gates::Complex.index()], lp.carry_grid, carry_block, 0, Arg::Fwd(&params.fwd), "launching gateloop_chunk_carry (backward)"),
+            (&kernels.adjoint_carry, lp.carry_grid, carry_block, 0, Arg::Grad(&params), "launching gateloop_chunk_grad_adjoint_carry"),
         ]
     };
     launches.extend([
-        (&kernels.adjoint_carry, lp.carry_grid, carry_block, 0, Arg::Grad(&params), "launching gateloop_chunk_grad_adjoint_carry"),
         (&kernels.qk[dtype], gp.qk_grid, block, qk_bytes, Arg::Grad(&params), "launching gateloop_chunk_grad_qk"),
         (&kernels.dv[dtype], lp.grid, block, dv_bytes, Arg::Grad(&params), "launching gateloop_chunk_grad_dv"),
     ]);
@@ -311,8 +317,9 @@ pub fn backward_into<'a, T: Element>(
         // (decay_len), ws_state and ws_adj (B·H·chunks·2·K·V each) and the
         // h_final sink (2·B·H·K·V), exactly the extents the kernels index,
         // each written before it is read in stream order (state and grad_w,
-        // then the carries, or state_seq and grad_w then the adjoint carry;
-        // then grad_qk and grad_dv). h0, dh_final, dh0 are
+        // then the carries, or state_seq then grad_w_seq, which reads nothing
+        // the former writes but leaves the same slots; then grad_qk and
+        // grad_dv). h0, dh_final, dh0 are
         // null iff their flag is clear. Geometry as `plan` computed: blocks
         // of the __launch_bounds__ sizes, grids ≤ 2^31 − 1, dynamic shared
         // memory equal to each kernel's own layout (checked by the kernel)

@@ -8,8 +8,8 @@
 //   chunk_emu --sequential DIR (forward: state_seq, output)
 //   chunk_emu --backward [--sequential] DIR
 //                              (backward, complex gates: state, grad_w, carry,
-//                              adjoint carry, grad_qk, grad_dv; state_seq for
-//                              state and carry)
+//                              adjoint carry, grad_qk, grad_dv; state_seq and
+//                              grad_w_seq for the first four)
 //
 // DIR/dims.txt: B L H K V gate_dim has_h0 complex exact dtype (dtype:
 // GATELOOP_DTYPE_* of q, k, v, y, dy, dq, dk, dv: the `_f32` / `_f16` /
@@ -67,7 +67,7 @@ using Entry = void (*)(const GateloopChunkParams);
 using GradEntry = void (*)(const GateloopChunkGradParams);
 struct ChunkEntries {
     Entry state[2][2], state_seq[2][2], output[2][2];
-    GradEntry w, qk, dv;
+    GradEntry w, qk, dv, w_seq;
 };
 #define CHUNK_ENTRIES(DTYPE)                                                                                      \
     extern "C" {                                                                                                  \
@@ -86,6 +86,7 @@ struct ChunkEntries {
     void gateloop_chunk_grad_w_##DTYPE(const GateloopChunkGradParams g);                                          \
     void gateloop_chunk_grad_qk_##DTYPE(const GateloopChunkGradParams g);                                         \
     void gateloop_chunk_grad_dv_##DTYPE(const GateloopChunkGradParams g);                                         \
+    void gateloop_chunk_grad_w_seq_##DTYPE(const GateloopChunkGradParams g);                                      \
     }                                                                                                             \
     static const ChunkEntries chunk_##DTYPE = {                                                                   \
         {{gateloop_chunk_state_##DTYPE##_r_fast, gateloop_chunk_state_##DTYPE##_r_exact},                          \
@@ -94,7 +95,8 @@ struct ChunkEntries {
          {gateloop_chunk_state_seq_##DTYPE##_c_fast, gateloop_chunk_state_seq_##DTYPE##_c_exact}},                 \
         {{gateloop_chunk_output_##DTYPE##_r_fast, gateloop_chunk_output_##DTYPE##_r_exact},                        \
          {gateloop_chunk_output_##DTYPE##_c_fast, gateloop_chunk_output_##DTYPE##_c_exact}},                       \
-        gateloop_chunk_grad_w_##DTYPE, gateloop_chunk_grad_qk_##DTYPE, gateloop_chunk_grad_dv_##DTYPE};
+        gateloop_chunk_grad_w_##DTYPE, gateloop_chunk_grad_qk_##DTYPE, gateloop_chunk_grad_dv_##DTYPE,               \
+        gateloop_chunk_grad_w_seq_##DTYPE};
 CHUNK_ENTRIES(f32)
 CHUNK_ENTRIES(f16)
 CHUNK_ENTRIES(bf16)
@@ -239,16 +241,20 @@ static int run(const std::string& dir, bool backward, bool sequential, int64_t B
             return 2;
         const unsigned qk_grid = static_cast<unsigned>(B * H * nc);
         if (sequential) {
+            // state_seq and grad_w_seq (src/cuda/chunk_grad.rs with the
+            // forward plan's sequential carry), each its own shared size.
             g.fwd.state_shared_bytes = seq_shared_bytes(g.fwd.state_shared_bytes, true);
-            if (!from_host(g.fwd.state_shared_bytes, 5, "state_seq")) return 2;
+            g.w_shared_bytes = g.fwd.state_shared_bytes;
+            if (!from_host(g.fwd.state_shared_bytes, 5, "state_seq") || !from_host(g.w_shared_bytes, 5, "grad_w_seq"))
+                return 2;
             emu_launch(seq_grid, GATELOOP_CHUNK_THREADS, with_shared(state_seq, g.fwd, g.fwd.state_shared_bytes));
-            emu_launch(grid, GATELOOP_CHUNK_THREADS, with_shared(e.w, g, g.w_shared_bytes));
+            emu_launch(seq_grid, GATELOOP_CHUNK_THREADS, with_shared(e.w_seq, g, g.w_shared_bytes));
         } else {
             emu_launch(grid, GATELOOP_CHUNK_THREADS, with_shared(state, g.fwd, g.fwd.state_shared_bytes));
             emu_launch(grid, GATELOOP_CHUNK_THREADS, with_shared(e.w, g, g.w_shared_bytes));
             emu_launch(carry_grid, GATELOOP_CHUNK_CARRY_THREADS, [&] { carry(g.fwd); });
+            emu_launch(carry_grid, GATELOOP_CHUNK_CARRY_THREADS, [&] { gateloop_chunk_grad_adjoint_carry(g); });
         }
-        emu_launch(carry_grid, GATELOOP_CHUNK_CARRY_THREADS, [&] { gateloop_chunk_grad_adjoint_carry(g); });
         emu_launch(qk_grid, GATELOOP_CHUNK_THREADS, with_shared(e.qk, g, g.qk_shared_bytes));
         emu_launch(grid, GATELOOP_CHUNK_THREADS, with_shared(e.dv, g, g.dv_shared_bytes));
         write_widened(dir + "/dq.out", dq);
