@@ -203,6 +203,27 @@ fn chunked_grad_subnormal_gate_campaign_cases() {
     }
 }
 
+/// FIXED disagreement (gradient campaign seed 2028, case 74927, `gateloop
+/// fuzz --targets grad --modes chunked --dtypes f32 --seed 2028 --first-case
+/// 74927 --cases 1 --max-len 256`): L = 2, a subnormal q_1 = 7.6e-39 (the
+/// generator's subnormal sprinkle), k_0 = 3.4e-4, s_10 = dy_1·v_0 ≈ −5e3.
+/// dlog_gate_1 = conj(q_1 E(1, 0) k_0 s_10) ≈ 1.3e-38 came out 4.3e-4 off
+/// (relative to the bound's scale): the CPU backward's gate term formed
+/// q_1 k_0 ≈ 2.6e-42 first — three significant digits in f32's subnormal
+/// range — and s_10 scaled its rounding up. It now forms (s_10 q_1) k_0, as
+/// the kernels do: 1.4e-7. The earlier campaigns' worst chunked case (seed
+/// 7, 4.0e-5) was the same effect at a smaller amplification.
+#[test]
+fn chunked_grad_subnormal_q_times_small_k() {
+    use gateloop::fuzz::{run_campaign, FuzzConfig, Target};
+    let mut targets = [Target::cpu_grad(gateloop::Mode::Chunked, Precision::F32).unwrap()];
+    let cfg = FuzzConfig { cases: 1, first_case: 74927, seed: 2028, max_len: 256, out_dir: None, ..Default::default() };
+    let report = run_campaign(&cfg, &mut targets);
+    assert!(report.passed(), "{}", report.render());
+    let score = report.targets[0].worst_score;
+    assert!(score < 1e-6, "score {score:e}");
+}
+
 /// On the cases of [`chunked_grad_subnormal_gate_campaign_cases`] the f32
 /// adjoint recurrence passes the bound: it is attainable in f32.
 #[test]

@@ -120,7 +120,7 @@
 //! (`gate_term`), the way the f32 adjoint recurrence multiplies by a last:
 //!
 //! ```text
-//! diagonal pair (m < n):   t = |E(n, m)|·(s_nm Σ_d q_n e^{iθ_n} k_m e^{−iθ_m}),  w'_n += t, w'_m −= t
+//! diagonal pair (m < n):   t = |E(n, m)|·(Σ_d (s_nm q_n e^{iθ_n}) k_m e^{−iθ_m}),  w'_n += t, w'_m −= t
 //! anchored block (r):      w'_n += |E(n, r)|·Σ_d q_n e^{iθ_n} (s k̃)_n,  w'_m −= |E(r, m)|·Σ_d k_m e^{−iθ_m} conj(sᵀ q̃)_m
 //! through S_in:            w'_n += |E(n, −1)|·Σ_d q_n e^{iθ_n} (S_in dy_n)
 //! through D:               u_m  = |E(last, m)|·Σ_d k_m e^{−iθ_m} e^{iθ_last} conj(D v_m)
@@ -283,12 +283,17 @@ fn add_scaled_row<F: Arith>(w: &[f32], x: &[f32], acc: &mut [f32], sign: f32) {
 }
 
 /// One row's or pair's term of the gate gradient, its modulus multiplied LAST:
-/// `out[ch] = w[ch] · (scale · Σ_{d ∈ ch} (ac_d + i·sa·as_d)(xr_d + i·sx·xi_d))`
+/// `out[ch] = w[ch] · Σ_{d ∈ ch} (scale·(ac_d + i·sa·as_d))(xr_d + i·sx·xi_d)`
 /// (ch = d, or 0 for a per-head gate; `sa`, `sx` = ±1 pick a conjugate). The
 /// normal-sized factors (q, k, s_nm, the state products) multiply first, so
 /// a modulus |E| in f32's subnormal range rounds the finished term once
 /// (absolute error ≤ 2^-150 per component) instead of rounding a small
-/// intermediate to a few bits that q and k (≈ 1e3 each) then scale up.
+/// intermediate to a few bits that q and k (≈ 1e3 each) then scale up. For
+/// the same reason `scale` (a pair's s_nm) multiplies the `a` side (q e^{iθ})
+/// before the `x` side (k e^{−iθ}): a subnormal q times a small k formed
+/// first would sit deep in the subnormal range (1e-42: three digits) before
+/// s_nm ≈ 5e3 scaled its rounding up (fuzz seed 2028 case 74927:
+/// dlog_gate off by 4e-4; the kernels form (s_nm q_n) k_m, as here).
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
 fn gate_term<F: Arith>(
@@ -305,7 +310,7 @@ fn gate_term<F: Arith>(
     let kd = ac.len();
     let (as_, xr, xi) = (&as_[..kd], &xr[..kd], &xi[..kd]);
     let term = |d: usize| {
-        let (a_re, a_im, x_re, x_im) = (ac[d], sa * as_[d], xr[d], sx * xi[d]);
+        let (a_re, a_im, x_re, x_im) = (scale * ac[d], scale * (sa * as_[d]), xr[d], sx * xi[d]);
         (F::fma(a_re, x_re, -(a_im * x_im)), F::fma(a_re, x_im, a_im * x_re))
     };
     if w.len() == 1 {
@@ -327,11 +332,11 @@ fn gate_term<F: Arith>(
         }
         let fold = |x: [f32; 8], tail: f32| ((x[0] + x[4]) + (x[1] + x[5])) + ((x[2] + x[6]) + (x[3] + x[7])) + tail;
         let (re, im) = (fold(re, tail_re), fold(im, tail_im));
-        out[0] = Complex::new(w[0] * (scale * re), w[0] * (scale * im));
+        out[0] = Complex::new(w[0] * re, w[0] * im);
     } else {
         for (d, (o, &w)) in out[..kd].iter_mut().zip(&w[..kd]).enumerate() {
             let (tr, ti) = term(d);
-            *o = Complex::new(w * (scale * tr), w * (scale * ti));
+            *o = Complex::new(w * tr, w * ti);
         }
     }
 }
