@@ -313,7 +313,7 @@ GATELOOP_ABI_ASSERT(sizeof(GateloopAttentionParams) == 88 + 48 + 5 * 24 + 2 * 24
 #define GATELOOP_CHECK_RESULT_WORDS 3
 
 typedef struct GateloopCheckParams {
-    const float *log_gate; /* [n] complex f32 (interleaved, 8-byte aligned) */
+    const float *log_gate; /* n complex f32 (interleaved, 8-byte aligned) */
     int64_t *result;       /* [GATELOOP_CHECK_RESULT_WORDS] int64_t, see above */
     int64_t n;             /* complex elements of log_gate */
 } GateloopCheckParams;

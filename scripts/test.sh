@@ -20,3 +20,7 @@ else
 fi
 
 cargo test --release --all-targets "$@"
+
+# The API documentation builds without a warning (broken or ambiguous links,
+# links to private items): what `cargo doc` shows a user is checked too.
+RUSTDOCFLAGS="-D warnings" cargo doc --release --no-deps

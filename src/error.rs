@@ -1,5 +1,5 @@
 //! Error types, one enum per concern: bad inputs ([`InputError`]) and the GPU
-//! ([`GpuError`], in [`crate::cuda`]). File errors live in [`crate::io`].
+//! ([`crate::cuda::GpuError`], in [`crate::cuda`]). File errors live in [`crate::io`].
 
 use thiserror::Error;
 

@@ -218,7 +218,7 @@ impl<'a, T: Real> Problem<'a, T> {
     ///
     /// The API itself does not require finite q, k, v, h0: a NaN or ±∞
     /// propagates only to the outputs it touches. In the recurrent reference,
-    /// a non-finite v_t[j] or k_t[i] of head (b, h) enters h_t of that head
+    /// a non-finite v_t\[j\] or k_t\[i\] of head (b, h) enters h_t of that head
     /// (row i, or column j) and so y of that head at steps ≥ t (and its
     /// h_final, unless a reset clears it); a non-finite q_t reaches only
     /// y_t of that head. Other heads, other batch elements and earlier steps

@@ -21,8 +21,8 @@
 //! addition, so phases ≫ 2π per step lose nothing, and nothing is global (a
 //! global f32 cumulative phase at L = 65536 would have an ulp of ~0.01 rad).
 //! The real parts are kept as a compensated pair: the f32 running sum plus
-//! the running sum of each addition's exact rounding error ([`two_sum`]), and
-//! every difference is formed as [`re_diff`], (hi − hi) + (lo − lo). Without
+//! the running sum of each addition's exact rounding error (`two_sum`), and
+//! every difference is formed as `re_diff`, (hi − hi) + (lo − lo). Without
 //! it, gates decaying hard but above the reset threshold (Re g ≈ −20 … −104
 //! per step) drive |Re G| into the thousands, where the sum's ulp (~2.4e-4)
 //! stays in every short difference — a factor near 1 then carries ~1e-4
@@ -536,7 +536,7 @@ pub(crate) struct Scratch {
     /// Segmented chunk-local Σ Re g, `[t][channel]`, as the f32 running sum
     /// `gre` plus its compensation `gre_lo` (the running sum of every
     /// addition's exact rounding error, [`two_sum`]). Every difference is
-    /// formed as [`re_diff`]: after hard-decaying steps |Re G| reaches
+    /// formed as `re_diff`: after hard-decaying steps |Re G| reaches
     /// thousands (ulp ~2.4e-4), and a short difference — a factor near 1 —
     /// would otherwise carry that absolute error (1e-5 … 8e-5 relative on
     /// y and the gradients for `GateRegime::HardDecay`, ~1e-7 with it).

@@ -111,7 +111,7 @@
 //!
 //! w'_r = q_r dq̂_r − k_r dk̂_r is not formed from the accumulators acc_q,
 //! acc_k: a gate in f32's subnormal range (Re g ∈ (−103.3, −87.3)) makes
-//! |E(n, m)| subnormal, and acc_q[n] = Σ_m s_nm |E(n, m)| k_m … then holds a
+//! |E(n, m)| subnormal, and acc_q\[n\] = Σ_m s_nm |E(n, m)| k_m … then holds a
 //! subnormal rounded to a few bits (absolute error ~2^-150 per term) that
 //! q_n (and k_m) of ~1e3 scale up: dlog_gate was off by 0.1% to 100% on such
 //! gates while dq, dk (which nothing scales afterwards) were exact. So each

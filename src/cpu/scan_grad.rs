@@ -15,7 +15,7 @@
 //!
 //! (a_L = 1 makes δ_{L−1} = dh_final + q_{L−1}ᵀ dy_{L−1}, and steps past L are
 //! the identity, so the padding of the last chunk carries dh_final through
-//! unchanged). Its element at step t is (conj(a_{t+1}), q_t[k]·dy_t[v]), so it
+//! unchanged). Its element at step t is (conj(a_{t+1}), q_t\[k\]·dy_t\[v\]), so it
 //! is the forward scan's machinery ([`super::scan`]) on the time-reversed
 //! chunk: thread `threads − 1 − th` of the reversed chunk owns the steps of
 //! thread `th`, reversed. In the kernel that is a `__shfl_down_sync`
@@ -36,7 +36,7 @@
 //! # Launches (per (b, h); the kernel's chunks of `chunk_len = S · 32 · W` steps)
 //!
 //! 1. forward reduce + carry: the forward's own kernels
-//!    ([`super::scan::chunk_entering_states`]): the state entering every
+//!    (`cpu::scan`'s `chunk_entering_states`): the state entering every
 //!    chunk, the only forward states stored (`[chunks][K][V]`);
 //! 2. reverse reduce: the reverse aggregate (A, B) of every chunk but the
 //!    first (the block aggregate folds the warp aggregates from W − 1 down);

@@ -12,7 +12,7 @@
 //!   scan (same `forward_into` / `forward_host` pattern).
 //! - [`Element`] / [`Dtype`]: q, k, v and y in f32, f16 or bf16 (log_gate and
 //!   the state are always complex f32; arithmetic is f32).
-//! - [`bench`]: CUDA-event timing of every kernel in a registry against the
+//! - [`mod@bench`]: CUDA-event timing of every kernel in a registry against the
 //!   memory and arithmetic floors (`gateloop bench`).
 //! - [`attention`]: masked surrogate attention, O(L²), same calling pattern
 //!   as the scan (a caller-provided workspace).

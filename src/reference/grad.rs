@@ -34,12 +34,12 @@
 //! ## The derivation, per (b, h)
 //!
 //! Forward: h_t = a_t ⊙ h_{t−1} + k_tᵀ v_t with a_t = exp(g_t) broadcast along
-//! V, y_t[v] = Σ_k q_t[k]·Re h_t[k, v], h_{−1} = h0 (or 0), h_final = h_{L−1}.
+//! V, y_t\[v\] = Σ_k q_t\[k\]·Re h_t\[k, v\], h_{−1} = h0 (or 0), h_final = h_{L−1}.
 //!
 //! Let δ_t = ∂L/∂h_t (complex K×V, this convention) be the *total* gradient of
 //! h_t, through y_t, through h_{t+1} and (for t = L−1) through h_final. By the
 //! two rules, h_{t+1} = a_{t+1} h_t + … contributes conj(a_{t+1}) ⊙ δ_{t+1}, and
-//! y_t contributes the real q_t[k]·dy_t[v]:
+//! y_t contributes the real q_t\[k\]·dy_t\[v\]:
 //!
 //! ```text
 //! δ_{L−1} = dh_final + q_{L−1}ᵀ dy_{L−1}
