@@ -5,7 +5,7 @@
 //! log gates, reset rule, phase reduction, anchors and passes (see its module
 //! doc for the algebra and the kernel file for the mapping).
 //!
-//! # Structure: three launches on one stream
+//! # Structure: three launches on one stream (two with the sequential carry)
 //!
 //! 1. `state`: one block per (b, h, chunk, 64 value columns): the chunk's own
 //!    state `U_c = (K ⊙ E(last, ·))ᵀ V` (a tensor-core GEMM of inner
@@ -482,7 +482,8 @@ fn launch<T: Element>(
 /// Runs the chunked kernels (complex gates) on `stream` over device buffers,
 /// writing `out`. `T` is the element type of q, k, v and y; log_gate, h0
 /// and h_final are complex f32 (interleaved pairs). Asynchronous: it enqueues
-/// three kernels and never synchronizes.
+/// three kernels (two with the sequential carry; `config` is a
+/// [`ChunkPrecision`] or a [`ChunkConfig`]) and never synchronizes.
 ///
 /// `workspace` must hold at least [`LaunchPlan::workspace_len`] f32 of
 /// [`plan`]`(dims, T::DTYPE, Gates::Complex)` (overwritten; never 0, so never
