@@ -101,7 +101,9 @@ __device__ __forceinline__ void chunk_state(const GateloopChunkParams& p) {
         __syncthreads();
         put_state_keys<Op, kTerms>(blk, kraw, kt);
         if (blk.vt == 0) {
-            for (int j = blk.tid; j < blk.gate_cols(d0); j += kThreads) chunk_decay(blk, d0, j, last);
+            for (int j = blk.tid; j < blk.gate_cols(d0); j += kThreads) {
+                store_decay(blk, d0, j, chunk_decay(blk, j, last));
+            }
         }
         __syncthreads();
         store_slab_gram<Op, kTerms>(blk, kt, vs, d0, staging, p.ws_state);
@@ -158,14 +160,11 @@ __device__ __forceinline__ void chunk_state_seq(const GateloopChunkParams& p) {
     walk_chunks<false, Op, kTerms, input_t, kComplex>(
         p, smem, has_h0 ? p.h0 : nullptr, p.h0_strides, p.ws_state, p.h_final, p.h_final_strides,
         [&](const Block<input_t, kComplex>& blk, const StateSmem<Op, kComplex>& sm, int64_t d0) {
-            // K̃ (put_state_keys) and V, A_c into ws_decay (value tile 0).
+            // K̃ (put_state_keys) and V (the walk stores A_c to ws_decay).
             blk.template load_values<Op, kTerms>(sm.tile);
             blk.load_keys(blk.k, p.k_strides, d0, sm.raw);
             __syncthreads();
             put_state_keys<Op, kTerms>(blk, sm.raw, sm.slab);
-            if (blk.vt == 0) {
-                for (int j = blk.tid; j < blk.gate_cols(d0); j += kThreads) chunk_decay(blk, d0, j, blk.n - 1);
-            }
         });
 }
 

@@ -617,22 +617,24 @@ __device__ __forceinline__ void store_slab_gram(const Block<input_t, kComplex>& 
 
 // ---- the sequential carries: the chunks walked by one block ------------------------
 
-// A_c = E(last, −1) of slab channel j (its gate column), written to ws_decay
-// once per chunk (the caller picks one value tile; a per-head gate's one
-// column by slab 0 only) and returned.
+// A_c = E(last, −1) of slab channel j (its gate column).
 template <typename input_t, bool kComplex>
-__device__ __forceinline__ float2 chunk_decay(const Block<input_t, kComplex>& blk, int64_t d0, int j, int last) {
-    const GateloopChunkParams& p = blk.p;
+__device__ __forceinline__ float2 chunk_decay(const Block<input_t, kComplex>& blk, int j, int last) {
     const int cl = blk.col(j);
     const float w = blk.modulus(last, -1, cl);
-    const float2 a = kComplex ? make_float2(w * blk.cos_at(last, cl), w * blk.sin_at(last, cl)) : make_float2(w, 0.f);
+    return kComplex ? make_float2(w * blk.cos_at(last, cl), w * blk.sin_at(last, cl)) : make_float2(w, 0.f);
+}
+
+// Writes slab channel j's decay `a` to ws_decay (the caller picks one value
+// tile per chunk; a per-head gate's one column is written by slab 0 only).
+template <typename input_t, bool kComplex>
+__device__ __forceinline__ void store_decay(const Block<input_t, kComplex>& blk, int64_t d0, int j, float2 a) {
+    const GateloopChunkParams& p = blk.p;
+    if (d0 != 0 && blk.per_head) return;
     const int64_t ch = blk.per_head ? 0 : d0 + j;
     const int64_t at_ = ((blk.bh * p.num_chunks + blk.chunk) * p.dims.gate_dim + ch) * (kComplex ? 2 : 1);
-    if (d0 == 0 || !blk.per_head) {
-        p.ws_decay[at_] = a.x;
-        if (kComplex) p.ws_decay[at_ + 1] = a.y;
-    }
-    return a;
+    p.ws_decay[at_] = a.x;
+    if (kComplex) p.ws_decay[at_ + 1] = a.y;
 }
 
 // The dynamic shared memory of the sequential kernels: the state kernel's
@@ -650,7 +652,8 @@ __host__ __device__ constexpr int seq_smem_bytes() {
 // as X, sm.tile as Y, after build_prefix; it may end without a barrier),
 // X_c = Xᵀ Y is formed as store_slab_gram forms it, slot c of `slots`
 // (a [B·H, nc, parts·K, V] workspace) := S, then S ← a_c ⊙ S + X_c with
-// a_c = A_c = E(last, −1) (conj(A_c) when kBackward): carry_chunks' step, so
+// a_c = A_c = E(last, −1) (conj(A_c) when kBackward; the forward walk also
+// stores A_c to ws_decay, as the state kernel does): carry_chunks' step, so
 // the slots and the final S are bit for bit those of the state (grad_w)
 // kernel followed by the carry (adjoint carry) kernel. S starts from `init`
 // (h0 or dh_final; null: 0) and ends in `fin` (h_final or dh0; null: not
@@ -693,11 +696,10 @@ __device__ __forceinline__ void walk_chunks(const GateloopChunkParams& p, unsign
         blk.build_prefix(d0);  // ends with a barrier (the previous chunk's update is complete)
         stage(blk, sm, d0);
         if (blk.tid < kSlab) {
-            const int cl = blk.col(blk.tid);
-            const int last = blk.n - 1;
-            const float w = blk.modulus(last, -1, cl);
-            const float im = w * blk.sin_at(last, cl);
-            dec[blk.tid] = make_float2(w * blk.cos_at(last, cl), kBackward ? -im : im);
+            const int j = blk.tid;
+            const float2 a = chunk_decay(blk, j, blk.n - 1);
+            if (!kBackward && blk.vt == 0 && j < blk.gate_cols(d0)) store_decay(blk, d0, j, a);
+            dec[j] = kBackward ? make_float2(a.x, -a.y) : a;
         }
         __syncthreads();
         Acc<Op> acc;
