@@ -314,3 +314,35 @@ fn kernel_emulation_half_types() {
     all_cases::<half::f16>(&emu, &cases);
     all_cases::<half::bf16>(&emu, &cases);
 }
+
+/// Racecheck without a GPU: the three attention launches (several query
+/// tiles with a partial last one, K over several slabs, V over two value
+/// tiles, f32 and bf16, h0 on and off, hard decay and resets) on the
+/// ThreadSanitizer build of the emulator (tests/kernel_emu/build.sh,
+/// `GATELOOP_EMU_SANITIZER=thread`): two threads of a block touching one
+/// word with no barrier between them, one writing, fail the run (exit 66)
+/// as compute-sanitizer's racecheck would on a GPU. The f32 results must
+/// still equal the mirror's bit for bit, the bf16 y the mirror's rounded.
+#[test]
+fn kernel_emulation_is_race_free() {
+    use std::sync::OnceLock;
+    static EMU: OnceLock<Option<std::path::PathBuf>> = OnceLock::new();
+    let Some(emu) = EMU.get_or_init(|| emu_support::race_checking_emulator("attention")).clone() else { return };
+    let cases = [
+        (Case::new(dims(1, 150, 2, 40, 70, false), GateRegime::Mixed, true, 990), Dtype::F32),
+        (Case::new(dims(2, 130, 1, 5, 7, true), GateRegime::HardDecay(0.5), false, 991), Dtype::F32),
+        (Case::new(dims(1, 200, 1, 17, 33, true), GateRegime::Resets(0.05), true, 992), Dtype::Bf16),
+    ];
+    for (case, t) in cases {
+        let label = format!("{} {t:?} (race-checked emulated kernels)", case.label());
+        let p = if t == Dtype::Bf16 { dtype_support::rounded_to::<half::bf16>(&case.problem()) } else { case.problem().rounded_to_f32() }.to_f32();
+        let (y, h_final) = run_emulated(&emu, &case, &p, t);
+        let mirror = forward(&p.view(), &AttentionParams::default()).unwrap();
+        if t == Dtype::F32 {
+            assert_outputs(&format!("{label} vs the mirror"), &y, &h_final, &mirror, 0.0, 0.0);
+        } else {
+            dtype_support::assert_is_rounded_f32::<half::bf16>(&label, &y, &mirror.y);
+            assert!(flat(&h_final).iter().map(|x| x.to_bits()).eq(flat(&mirror.h_final).iter().map(|x| x.to_bits())), "{label}: h_final");
+        }
+    }
+}

@@ -454,3 +454,62 @@ fn chunk_grad_f16_dh0_after_a_strong_first_gate() {
     assert!(failures.is_empty(), "out of bounds:\n{}", failures.join("\n"));
 }
 
+
+/// Racecheck without a GPU: every chunked entry point's launches (forward
+/// with the separate and the sequential carry; backward with both; f32 and
+/// bf16 operands; complex Exact, complex Fast and real gates) on the
+/// ThreadSanitizer build of the emulator, where each thread of a block is
+/// an OS thread and each barrier a `std::barrier`. A shared or global word
+/// that two threads touch with no barrier between them, one of them
+/// writing, is a reported race and fails the run (exit 66), as
+/// compute-sanitizer's racecheck would on a GPU. Small shapes that still
+/// take every code path: partial chunks and sub-chunks (L = 130), three key
+/// slabs (K = 40), two value tiles (V = 70). The results must also be right
+/// (the GPU bounds), so a race that TSan misses but that changes a value
+/// still fails.
+#[test]
+fn chunk_kernels_race_free() {
+    use std::sync::OnceLock;
+    static EMU: OnceLock<Option<std::path::PathBuf>> = OnceLock::new();
+    let Some(emu) = EMU.get_or_init(|| emu_support::race_checking_emulator("chunk")).clone() else { return };
+    use ChunkPrecision::{Exact, Fast};
+    use GateKind::{Complex as C, Real as R};
+    let forward: [(Dims, GateRegime, bool, GateKind, ChunkPrecision, Dtype); 3] = [
+        (dims(1, 130, 1, 40, 70, false), GateRegime::Mixed, true, C, Exact, Dtype::F32),
+        (dims(1, 130, 1, 40, 70, true), GateRegime::Resets(0.05), false, R, Fast, Dtype::F32),
+        (dims(1, 130, 1, 40, 70, false), GateRegime::LargePhase(50.0), true, C, Fast, Dtype::Bf16),
+    ];
+    for (i, (d, regime, with_h0, gates, precision, t)) in forward.into_iter().enumerate() {
+        let case = Case::new(d, regime, with_h0, 7800 + i as u64);
+        let label = format!("{} {gates:?} {precision:?} {t} (race-checked)", case.label());
+        let mut p64 = case.problem();
+        if gates == GateKind::Real {
+            p64 = real_parts(p64);
+        }
+        let p64 = if t == Dtype::Bf16 { rounded_to::<half::bf16>(&p64) } else { p64.rounded_to_f32() };
+        let want = gateloop::reference::recurrent::forward(&p64.view()).expect("reference");
+        let ((yr, ya), (hr, ha)) = chunk_bounds(t, precision);
+        for carry in [ChunkCarry::Separate, ChunkCarry::Sequential] {
+            let got = run_forward(&emu, 300 + i, &p64.to_f32(), gates, precision, t, carry);
+            let what = |x: &str| format!("{x} ({} carry)", carry.name());
+            common::assert_within(&label, &what("y"), &compare(&got.y, &want.y), yr, ya);
+            common::assert_within(&label, &what("h_final"), &compare_complex(&got.h_final, &want.h_final), hr, ha);
+        }
+    }
+    let backward = [
+        (GradCase::new(dims(1, 130, 1, 40, 70, false), GateRegime::Mixed, true, true, 7810), Dtype::F32),
+        (GradCase::new(dims(1, 130, 1, 40, 70, true), GateRegime::HardDecay(0.5), false, true, 7811), Dtype::Bf16),
+    ];
+    for (i, (c, t)) in backward.iter().enumerate() {
+        let inp = if *t == Dtype::Bf16 { rounded_grad_inputs::<half::bf16>(c) } else { c.inputs() };
+        let want = inp.reference();
+        for carry in [ChunkCarry::Separate, ChunkCarry::Sequential] {
+            let got = run_backward(&emu, 310 + i, &inp, *t, carry);
+            let label = format!("{t} {c:?} ({} carry, race-checked)", carry.name());
+            for (name, e) in compare_grads(&got, &want) {
+                let (rel, abs) = grad_bounds(*t, name);
+                assert!(common::grad::within_bounds(&e, rel, abs), "{label}: {name} {e:?} (bounds rel {rel:e}, abs {abs:e}·max|ref|)");
+            }
+        }
+    }
+}

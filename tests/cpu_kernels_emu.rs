@@ -37,7 +37,7 @@ use gateloop::testing::{GateRegime, OwnedProblem, dims, random_problem};
 use gateloop::{Complex, Dims, ErrorStats, Outputs, compare, compare_complex};
 
 use common::{ABS_FRAC, ALL_REGIMES_AND_UNDERFLOW, REL, assert_within, flat, unflat};
-use emu_support::{kernel_emulator, read_f32_file, write_case};
+use emu_support::{kernel_emulator, race_checking_emulator, read_f32_file, write_case};
 
 /// An emulator binary, built once per test binary.
 fn emulator(which: &'static std::sync::OnceLock<Option<PathBuf>>, kind: &str, env: &str) -> Option<PathBuf> {
@@ -323,4 +323,66 @@ fn recurrent_decode_emulated_in_place_matches_one_call() {
         check_reference(&mut worst, &label, "decode", &Outputs { y, h_final: state }, &want, (REL, ABS_FRAC));
     }
     worst.report("recurrent decode (emulated)");
+}
+
+/// Racecheck without a GPU: the scan forward's launches (1, 2 and 4 warps
+/// per block, value tiles 1 and 2, one to three chunks, f32 and bf16) and
+/// the recurrent kernel (several key groups and staged time chunks, f32 and
+/// f16, forward and in-place decode) on the ThreadSanitizer builds of their
+/// emulators (tests/kernel_emu/build.sh, `GATELOOP_EMU_SANITIZER=thread`):
+/// two threads of a block touching one word with no barrier between them,
+/// one writing, fail the run (exit 66) as compute-sanitizer's racecheck
+/// would on a GPU. The results must also be right (the scan equal to the
+/// mirror bit for bit, the recurrent kernel within the reference's bounds).
+#[test]
+fn scan_and_recurrent_kernels_race_free() {
+    static SCAN: std::sync::OnceLock<Option<PathBuf>> = std::sync::OnceLock::new();
+    static RECURRENT: std::sync::OnceLock<Option<PathBuf>> = std::sync::OnceLock::new();
+    let scan_cases = [
+        (dims(1, 700, 1, 3, 1, false), GateRegime::Resets(0.05), true, 1, Dtype::F32),
+        (dims(1, 2100, 1, 2, 3, true), GateRegime::LargePhase(50.0), false, 1, Dtype::F32),
+        (dims(2, 300, 2, 5, 7, true), GateRegime::Mixed, true, MIRROR_SM_COUNT, Dtype::F32),
+        (dims(1, 600, 1, 2, 3, false), GateRegime::HardDecay(0.5), true, 1, Dtype::Bf16),
+    ];
+    if let Some(emu) = SCAN.get_or_init(|| race_checking_emulator("scan")).clone() {
+        let mut warps = BTreeSet::new();
+        for (i, (d, regime, with_h0, sms, t)) in scan_cases.into_iter().enumerate() {
+            let p64 = random_problem(d, regime, with_h0, 1300 + i as u64);
+            let p = if t == Dtype::Bf16 { dtype_support::rounded_to::<half::bf16>(&p64) } else { p64.rounded_to_f32() }.to_f32();
+            let lp = scan::plan(&d, sms).unwrap();
+            warps.insert(lp.warps);
+            let label = format!("{d:?} {regime:?} {t:?} {lp:?} (race-checked)");
+            let got = scan_emulated(&emu, &format!("scan_race{i}"), &p, &lp, t);
+            let mirror = scan_mirror::forward(&p.view(), &lp.scan_params()).unwrap();
+            assert!(complex_bits(&got.h_final) == complex_bits(&mirror.h_final), "{label}: h_final differs from the mirror");
+            if t == Dtype::F32 {
+                assert!(bits(&got.y) == bits(&mirror.y), "{label}: y differs from the mirror");
+            } else {
+                dtype_support::assert_is_rounded_f32::<half::bf16>(&label, &got.y, &mirror.y);
+            }
+        }
+        assert_eq!(warps.into_iter().collect::<Vec<_>>(), [1, 2, 4]);
+    }
+    let Some(emu) = RECURRENT.get_or_init(|| race_checking_emulator("recurrent")).clone() else { return };
+    let mut worst = Worst::default();
+    for (i, (d, t)) in [(dims(1, 130, 1, 16, 40, false), Dtype::F32), (dims(1, 150, 1, 130, 5, true), Dtype::F32), (dims(2, 90, 1, 12, 40, false), Dtype::F16)]
+        .into_iter()
+        .enumerate()
+    {
+        let p64 = random_problem(d, GateRegime::Mixed, true, 1400 + i as u64);
+        let p64 = if t == Dtype::F16 { dtype_support::rounded_to::<half::f16>(&p64) } else { p64.rounded_to_f32() };
+        let want = reference::recurrent::forward(&p64.view()).unwrap();
+        let label = format!("{d:?} {t:?} {:?} (race-checked)", recurrent::plan(&d).unwrap());
+        let got = recurrent_emulated(&emu, &format!("rec_race{i}"), &p64.to_f32(), t, None);
+        check_reference(&mut worst, &label, "recurrent", &got, &want, dtype_support::y_bounds(t));
+    }
+    // Decode: the state read and overwritten in place by the same block.
+    let d = dims(1, 70, 2, 16, 33, false);
+    let p64 = random_problem(d, GateRegime::Resets(0.05), true, 1410).rounded_to_f32();
+    let want = reference::recurrent::forward(&p64.view()).unwrap();
+    let mut p = p64.to_f32();
+    let h0 = p.h0.take().unwrap();
+    let got = recurrent_emulated(&emu, "dec_race", &p, Dtype::F32, Some(&h0));
+    check_reference(&mut worst, &format!("{d:?} decode (race-checked)"), "decode", &got, &want, (REL, ABS_FRAC));
+    worst.report("race-checked recurrent kernel");
 }

@@ -311,3 +311,35 @@ fn kernel_emulation_matches_the_mirror() {
     assert_eq!(warps_seen.into_iter().collect::<Vec<_>>(), [1, 2, 4]);
     worst.report("emulated kernels");
 }
+
+/// Racecheck without a GPU: the backward's five launches with 1, 2 and 4
+/// warps per block, several chunks, with and without h0 and dh_final, on the
+/// ThreadSanitizer build of the emulator (tests/kernel_emu/build.sh,
+/// `GATELOOP_EMU_SANITIZER=thread`): two threads of a block touching one
+/// word with no barrier between them, one writing, fail the run (exit 66)
+/// as compute-sanitizer's racecheck would on a GPU. The gradients must
+/// still equal the mirror's bit for bit.
+#[test]
+fn kernel_emulation_is_race_free() {
+    use std::sync::OnceLock;
+    static EMU: OnceLock<Option<std::path::PathBuf>> = OnceLock::new();
+    let Some(emu) = EMU.get_or_init(|| emu_support::race_checking_emulator("scan")).clone() else { return };
+    let cases = [
+        (GradCase::new(dims(1, 600, 1, 3, 4, true), GateRegime::Resets(0.05), true, true, 910), 1),
+        (GradCase::new(dims(1, 2100, 1, 2, 5, false), GateRegime::Mixed, false, true, 911), 1),
+        (GradCase::new(dims(2, 300, 2, 5, 7, true), GateRegime::LargePhase(50.0), true, false, 912), MIRROR_SM_COUNT),
+    ];
+    let mut warps_seen = std::collections::BTreeSet::new();
+    for (c, sms) in cases {
+        let inp = c.inputs();
+        let lp = plan(&c.dims, sms).unwrap();
+        let params = lp.grad_params();
+        warps_seen.insert(params.scan.warps);
+        let got = run_emulated(&emu, &c, &lp, &inp);
+        let mirror = scan_grad::backward(&inp.p.view(), &inp.dy, inp.dh_final.as_deref(), &params).unwrap();
+        for (name, e) in compare_grads(&got, &mirror) {
+            assert_eq!(e.max_abs, 0.0, "{c:?} {params:?}: {name} race-checked emulated kernels vs mirror {e:?}");
+        }
+    }
+    assert_eq!(warps_seen.into_iter().collect::<Vec<_>>(), [1, 2, 4]);
+}

@@ -5,23 +5,55 @@
 
 #![allow(dead_code)]
 
+/// What a kernel emulator build instruments (`tests/kernel_emu/build.sh`,
+/// `GATELOOP_EMU_SANITIZER`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Sanitizer {
+    /// AddressSanitizer, compute-sanitizer memcheck's counterpart: the
+    /// tests' default build (`GATELOOP_EMU_SANITIZER=none` in the
+    /// environment turns it off).
+    Address,
+    /// ThreadSanitizer, racecheck's counterpart: a shared or global word
+    /// touched by two threads of a block with no barrier between them, one
+    /// of them writing, makes the emulator exit 66 with the report.
+    Thread,
+}
+
 /// An emulator binary: the path in env var `env` when set, else built by
-/// `tests/kernel_emu/build.sh <kind>` into cargo's per-target scratch
-/// directory as `gateloop_<kind>_emu` + a hash of everything the build reads
-/// (the build script, every source file under tests/kernel_emu and cuda,
-/// `GATELOOP_EMU_ASAN`, `kind`): test binaries and runs share a build until a
-/// source changes, instead of rebuilding it (~3–10 s each) and leaving a copy
-/// per process (a new build removes those of older sources). Built under a
-/// private name and renamed into place, so concurrent builders never see a
-/// partial file. `None`, with a printed
-/// `SKIPPED` notice, when the build fails (no g++).
+/// `tests/kernel_emu/build.sh <kind>` (AddressSanitizer unless the
+/// environment says otherwise) into cargo's per-target scratch directory;
+/// see [`build_emulator`].
 pub fn kernel_emulator(kind: &str, env: &str) -> Option<std::path::PathBuf> {
-    if let Ok(p) = std::env::var(env) {
-        return Some(p.into());
+    match std::env::var(env) {
+        Ok(p) => Some(p.into()),
+        Err(_) => build_emulator(kind, Sanitizer::Address),
     }
+}
+
+/// The ThreadSanitizer build of emulator `kind` (the race checks).
+pub fn race_checking_emulator(kind: &str) -> Option<std::path::PathBuf> {
+    build_emulator(kind, Sanitizer::Thread)
+}
+
+/// Emulator `kind` built by `tests/kernel_emu/build.sh` into cargo's
+/// per-target scratch directory as `gateloop_<kind>_<sanitizer>_emu` + a hash
+/// of everything the build reads (the build script, every source file under
+/// tests/kernel_emu and cuda, the sanitizer, `kind`): test binaries and runs
+/// share a build until a source changes, instead of rebuilding it (~3–10 s
+/// each) and leaving a copy per process (a new build removes those of older
+/// sources). Built under a private name and renamed into place, so
+/// concurrent builders never see a partial file. `None`, with a printed
+/// `SKIPPED` notice, when the build fails (no g++, or no ThreadSanitizer).
+pub fn build_emulator(kind: &str, sanitizer: Sanitizer) -> Option<std::path::PathBuf> {
     let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
     let dir = std::path::Path::new(env!("CARGO_TARGET_TMPDIR"));
-    let name = format!("gateloop_{kind}_emu");
+    // The address build honours the caller's GATELOOP_EMU_SANITIZER (none:
+    // uninstrumented); the race build is ThreadSanitizer or nothing.
+    let flavour = match sanitizer {
+        Sanitizer::Address => std::env::var("GATELOOP_EMU_SANITIZER").unwrap_or_else(|_| "address".into()),
+        Sanitizer::Thread => "thread".into(),
+    };
+    let name = format!("gateloop_{kind}_{flavour}_emu");
     let out = dir.join(format!("{name}_{:016x}", sources_hash(root, kind)));
     if out.is_file() {
         return Some(out);
@@ -31,6 +63,7 @@ pub fn kernel_emulator(kind: &str, env: &str) -> Option<std::path::PathBuf> {
         .arg(root.join("tests/kernel_emu/build.sh"))
         .arg(kind)
         .arg(&partial)
+        .env("GATELOOP_EMU_SANITIZER", &flavour)
         .stdout(std::process::Stdio::null())
         .status();
     match status {
@@ -48,15 +81,15 @@ pub fn kernel_emulator(kind: &str, env: &str) -> Option<std::path::PathBuf> {
         }
         other => {
             let _ = std::fs::remove_file(&partial);
-            eprintln!("SKIPPED (no kernel emulator): tests/kernel_emu/build.sh {kind} failed: {other:?}");
+            eprintln!("SKIPPED (no kernel emulator): GATELOOP_EMU_SANITIZER={flavour} tests/kernel_emu/build.sh {kind} failed: {other:?}");
             None
         }
     }
 }
 
-/// A hash of the emulator build's inputs: `kind`, the contents (by path)
-/// of every file but the docs (*.md) under tests/kernel_emu and cuda, and
-/// `GATELOOP_EMU_ASAN`.
+/// A hash of the emulator build's inputs but the sanitizer (which names the
+/// file): `kind` and the contents (by path) of every file but the docs
+/// (*.md) under tests/kernel_emu and cuda.
 fn sources_hash(root: &std::path::Path, kind: &str) -> u64 {
     use std::hash::{Hash, Hasher};
     fn files(dir: &std::path::Path, out: &mut Vec<std::path::PathBuf>) {
@@ -75,7 +108,6 @@ fn sources_hash(root: &std::path::Path, kind: &str) -> u64 {
     all.sort();
     let mut h = std::collections::hash_map::DefaultHasher::new();
     kind.hash(&mut h);
-    std::env::var("GATELOOP_EMU_ASAN").ok().hash(&mut h);
     for p in all {
         p.strip_prefix(root).unwrap_or(&p).hash(&mut h);
         std::fs::read(&p).unwrap_or_default().hash(&mut h);

@@ -13,8 +13,13 @@
 # its exact size) or a static __shared__ array, or past its dynamic shared
 # bytes (the drivers poison the rest: emu_fill_shared), aborts with a report
 # instead of reading garbage — what compute-sanitizer's memcheck would say
-# on a GPU. GATELOOP_EMU_ASAN=0 turns it off. Kernels with dynamic shared
-# memory build with EMU_DYNAMIC_SHARED (emu.h).
+# on a GPU. GATELOOP_EMU_SANITIZER picks the instrumentation: address (the
+# default), thread (ThreadSanitizer: every thread of a block is an OS thread
+# and the barriers are std::barrier, so two threads touching the same shared
+# or global word with no barrier between them, one of them writing, is a
+# reported data race — what compute-sanitizer's racecheck says on a GPU;
+# the report makes the emulator exit 66), or none. Kernels with dynamic
+# shared memory build with EMU_DYNAMIC_SHARED (emu.h).
 set -euo pipefail
 here="$(cd "$(dirname "$0")" && pwd)"
 root="$here/../.."
@@ -29,9 +34,19 @@ case "$kind" in
 esac
 flags=(-std=c++20 -O2 -pthread -ffp-contract=off -Wno-unknown-pragmas -I"$here/include" -I"$here" -I"$root/cuda")
 if [ "$dynamic" = 1 ]; then flags+=(-DEMU_DYNAMIC_SHARED); fi
-if [ "${GATELOOP_EMU_ASAN:-1}" != 0 ] && echo 'int main(){}' | g++ -fsanitize=address -x c++ - -o /dev/null 2>/dev/null; then
-    flags+=(-fsanitize=address -fno-omit-frame-pointer)
-fi
+sanitizer="${GATELOOP_EMU_SANITIZER:-address}"
+case "$sanitizer" in
+    address)
+        # Optional: a g++ without ASan builds an uninstrumented emulator.
+        if echo 'int main(){}' | g++ -fsanitize=address -x c++ - -o /dev/null 2>/dev/null; then
+            flags+=(-fsanitize=address -fno-omit-frame-pointer)
+        fi
+        ;;
+    # Asked for by name, so no silent fallback: the build fails without it.
+    thread) flags+=(-fsanitize=thread -fno-omit-frame-pointer -g) ;;
+    none) ;;
+    *) echo "build.sh: unknown GATELOOP_EMU_SANITIZER '$sanitizer' (address, thread, none)" >&2; exit 2 ;;
+esac
 mkdir -p "$(dirname "$out")"
 objs=()
 for k in "${kernels[@]}"; do
