@@ -259,7 +259,10 @@ __device__ __forceinline__ void attention_y(const GateloopAttentionParams& p) {
 #pragma unroll
         for (int j = 0; j < 4; ++j) acc[i][j] = 0.f;
 
-    // Y += P·V_J with the score tile in registers; V_J starts at t0j.
+    // Y += P·V_J with the score tile in registers; V_J starts at t0j. Ends
+    // with ps and vs still being read: the caller's next barrier (the loop
+    // top's __syncthreads_or, or the h0 part's) comes before anything
+    // overwrites them or what aliases them (qs, ks, the diagonal's sums).
     auto score_times_v = [&](int64_t t0j, int nj) {
 #pragma unroll
         for (int i = 0; i < 4; ++i)
@@ -283,7 +286,6 @@ __device__ __forceinline__ void attention_y(const GateloopAttentionParams& p) {
                 for (int j = 0; j < 4; ++j) acc[i][j] = fmaf(a, bv[j], acc[i][j]);
             }
         }
-        __syncthreads();
     };
 
     // Stages [Re q̃, −Im q̃] of the query tile for channels d0.. into qs, with
@@ -397,7 +399,7 @@ __device__ __forceinline__ void attention_y(const GateloopAttentionParams& p) {
             slab_fma(qs, ks, ty, tx, sc);
             __syncthreads();
         }
-        // Δ += T_J (nobody reads s_delta again before the barrier at the top).
+        // Δ += T_J (other threads read s_delta only after score_times_v's barrier).
         for (int c = tid; c < gd; c += kThreads) {
             const float2 t = prefix_or_dead(p, wsb + (t0j + kTile - 1) * gd + c);
             s_delta[c] = cadd_reduced(s_delta[c], t);
@@ -407,7 +409,7 @@ __device__ __forceinline__ void attention_y(const GateloopAttentionParams& p) {
 
     // ---- h0: Y += [Re q̃, −Im q̃] · [Re h0; Im h0] with Δ = Σ_{P<I} T_P ------
     if (reached_start && (p.flags & GATELOOP_FLAG_HAS_H0) != 0) {
-        __syncthreads();  // the last Δ update
+        __syncthreads();  // score_times_v's reads of ps, vs end before stage_query writes qs, ks
         const float2* h0 = reinterpret_cast<const float2*>(p.h0) + state_index(p.h0_strides, b, h, 0, 0);
         for (int64_t d0 = 0; d0 < key_dim; d0 += kSlab) {
             const int ds = static_cast<int>(min(static_cast<int64_t>(kSlab), key_dim - d0));
@@ -514,7 +516,10 @@ __device__ __forceinline__ void attention_state(const GateloopAttentionParams& p
                 hi[i] = fmaf(kk.y, vv, hi[i]);
             }
         }
-        __syncthreads();
+        // No barrier here: Δ' is not read by this tile's product, and the
+        // next tile's staging (which reads Δ' and overwrites s_kt, s_v) waits
+        // at the loop top's __syncthreads_or, the h0 term below at the
+        // barrier after the loop.
         if (tid < kStateRows && k0 + tid < key_dim) {
             const int64_t c = per_head ? 0 : k0 + tid;
             s_delta[tid] = cadd_reduced(s_delta[tid], prefix_or_dead(p, wsb + (t0j + nj - 1) * gd + c));

@@ -533,6 +533,8 @@ __device__ __forceinline__ void drain(const Acc<Op>& acc, float* staging, int la
 // Inter-chunk query rows of slab d0 (raw q in qraw [kChunk][kSlab]):
 // Q̃_n = q_n |E(n, −1)| e^{iθ_n} as [Re | −Im] (Re only for real gates) into
 // qe. The forward's y += Q̃ S_c; the backward's W_c = [Re Q̃ | −Im Q̃]ᵀ dY.
+// Like put_state_keys, thread tid reads back only the qraw elements that
+// Block::load_keys stored from the same thread.
 template <class Op, int kTerms, typename input_t, bool kComplex>
 __device__ __forceinline__ void put_inter_queries(const Block<input_t, kComplex>& blk, const float* qraw,
                                                   const Split<Op>& qe) {
@@ -549,6 +551,9 @@ __device__ __forceinline__ void put_inter_queries(const Block<input_t, kComplex>
 // State rows of slab d0 (raw k in kraw, zero past the chunk):
 // K̃_m = k_m |E(last, m)| e^{i(θ_last − θ_m)} as [Re | Im] into kt. The
 // forward's U_c = K̃ᵀ V; the backward's dv += [Re K̃ | Im K̃] [Re D; Im D].
+// Thread tid reads kraw[i] for i = tid, tid + kThreads, …: the elements
+// Block::load_keys stored from the same thread, so a caller needs no
+// barrier between the two (the barrier audit, tests/kernel_emu/README.md).
 template <class Op, int kTerms, typename input_t, bool kComplex>
 __device__ __forceinline__ void put_state_keys(const Block<input_t, kComplex>& blk, const float* kraw,
                                                const Split<Op>& kt) {

@@ -222,8 +222,7 @@ __device__ __forceinline__ void grad_w(const GateloopChunkGradParams& g) {
     for (int64_t d0 = 0; d0 < p.dims.key_dim; d0 += kSlab) {
         if (d0 == 0 || !blk.per_head) blk.build_prefix(d0);  // ends with a barrier
         blk.load_keys(blk.q, p.q_strides, d0, qraw);
-        __syncthreads();
-        put_inter_queries<Op, kGradTerms>(blk, qraw, qe);
+        put_inter_queries<Op, kGradTerms>(blk, qraw, qe);  // own raw queries only: no barrier
         __syncthreads();
         store_slab_gram<Op, kGradTerms>(blk, qe, dys, d0, staging, g.ws_adj);
         __syncthreads();  // qe, qraw and the prefix tables are rewritten by the next slab
@@ -251,8 +250,7 @@ __device__ __forceinline__ void grad_w_seq(const GateloopChunkGradParams& g) {
             blk.template load_tile<Op, kGradTerms>(seq_row<input_t>(g.dy, g.dy_strides, blk.b, blk.h), g.dy_strides,
                                                    sm.tile);
             blk.load_keys(blk.q, p.q_strides, d0, sm.raw);
-            __syncthreads();
-            put_inter_queries<Op, kGradTerms>(blk, sm.raw, sm.slab);
+            put_inter_queries<Op, kGradTerms>(blk, sm.raw, sm.slab);  // own raw queries only: no barrier
         });
 }
 

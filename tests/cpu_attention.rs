@@ -317,7 +317,8 @@ fn kernel_emulation_half_types() {
 
 /// Racecheck without a GPU: the three attention launches (several query
 /// tiles with a partial last one, K over several slabs, V over two value
-/// tiles, f32 and bf16, h0 on and off, hard decay and resets) on the
+/// tiles, f32 and bf16, h0 on and off, hard decay, resets, and gates without
+/// resets so that every walk reaches h0) on the
 /// ThreadSanitizer build of the emulator (tests/kernel_emu/build.sh,
 /// `GATELOOP_EMU_SANITIZER=thread`): two threads of a block touching one
 /// word with no barrier between them, one writing, fail the run (exit 66)
@@ -332,6 +333,9 @@ fn kernel_emulation_is_race_free() {
         (Case::new(dims(1, 150, 2, 40, 70, false), GateRegime::Mixed, true, 990), Dtype::F32),
         (Case::new(dims(2, 130, 1, 5, 7, true), GateRegime::HardDecay(0.5), false, 991), Dtype::F32),
         (Case::new(dims(1, 200, 1, 17, 33, true), GateRegime::Resets(0.05), true, 992), Dtype::Bf16),
+        // No reset: every walk reaches the start, so h0's terms are read.
+        (Case::new(dims(1, 200, 1, 17, 33, true), GateRegime::LargePhase(50.0), true, 993), Dtype::Bf16),
+        (Case::new(dims(1, 130, 1, 40, 70, false), GateRegime::UnitModulus, true, 994), Dtype::F32),
     ];
     for (case, t) in cases {
         let label = format!("{} {t:?} (race-checked emulated kernels)", case.label());

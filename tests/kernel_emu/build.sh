@@ -18,8 +18,8 @@
 # and the barriers are std::barrier, so two threads touching the same shared
 # or global word with no barrier between them, one of them writing, is a
 # reported data race — what compute-sanitizer's racecheck says on a GPU;
-# the report makes the emulator exit 66), or none. Kernels with dynamic
-# shared memory build with EMU_DYNAMIC_SHARED (emu.h).
+# the report makes the emulator exit 66; blocks run last first), or none.
+# Kernels with dynamic shared memory build with EMU_DYNAMIC_SHARED (emu.h).
 set -euo pipefail
 here="$(cd "$(dirname "$0")" && pwd)"
 root="$here/../.."
@@ -43,7 +43,10 @@ case "$sanitizer" in
         fi
         ;;
     # Asked for by name, so no silent fallback: the build fails without it.
-    thread) flags+=(-fsanitize=thread -fno-omit-frame-pointer -g) ;;
+    # The race build also runs each grid's blocks last first (runtime.cpp
+    # EMU_REVERSE_BLOCKS): a block that reads what another block of the
+    # same launch writes then reads poison.
+    thread) flags+=(-fsanitize=thread -fno-omit-frame-pointer -g -DEMU_REVERSE_BLOCKS) ;;
     none) ;;
     *) echo "build.sh: unknown GATELOOP_EMU_SANITIZER '$sanitizer' (address, thread, none)" >&2; exit 2 ;;
 esac

@@ -47,11 +47,19 @@ float emu_shuffle(float v, int offset, bool up) {
 }
 
 // Runs `kernel` over grid × (block.x · block.y · block.z) threads, one
-// block at a time.
+// block at a time: in order, or with EMU_REVERSE_BLOCKS (the race-checking
+// build) last block first, so that a block depending on a lower-numbered
+// block of the same launch — which a GPU may run later, or at the same time
+// — reads poison instead of that block's results.
 void emu_launch(unsigned grid, EmuDim3 block_dim, const std::function<void()>& kernel) {
     blockDim = block_dim;
     const unsigned block = block_dim.x * block_dim.y * block_dim.z;
-    for (unsigned b = 0; b < grid; ++b) {
+    for (unsigned i = 0; i < grid; ++i) {
+#ifdef EMU_REVERSE_BLOCKS
+        const unsigned b = grid - 1 - i;
+#else
+        const unsigned b = i;
+#endif
         std::barrier<> bar(block);
         g_barrier = &bar;
         std::vector<std::unique_ptr<std::barrier<>>> warps;
