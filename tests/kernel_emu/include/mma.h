@@ -4,8 +4,8 @@
 // tile from memory, mma_sync computes the full product in f32 with one fmaf
 // per k in k order (the tensor core's internal order and rounding are not
 // modelled: products of TF32/f16/bf16 operands are exact in f32, only the
-// accumulation order differs), stores write lane-strided elements (every
-// lane holds the same tile, so the union is the whole tile, race-free).
+// accumulation order differs), each lane stores its share of the tile
+// (every lane holds the same tile, so the union is the whole tile).
 #pragma once
 #include <cstdint>
 #include <cstdio>
@@ -116,12 +116,21 @@ unsigned emu_lane();
 template <int M, int N, int K, class T>
 inline void store_matrix_sync(float* p, const fragment<accumulator, M, N, K, T>& f, unsigned ldm, layout_t layout) {
     emu_check_tile(p, ldm, sizeof(float), "store_matrix_sync");
-    emu_syncwarp();  // every lane has its fragment before any lane writes
-    for (int e = static_cast<int>(emu_lane()); e < M * N; e += 32) {
-        const int r = e / N, c = e % N;
-        p[layout == mem_row_major ? r * ldm + c : c * ldm + r] = f.x[e];
-    }
-    emu_syncwarp();  // the whole tile is in memory when any lane returns
+    // CUDA's contract: the call waits until every lane of the warp has
+    // arrived, then stores. Nothing orders the stores before a later read
+    // by another lane: a kernel that reads the tile back across lanes must
+    // __syncwarp() first (the race build reports it when it does not).
+    // Which lane stores which element is the hardware's business (the
+    // fragment layout is opaque); the emulator gives element (r, c) to lane
+    // 4·(r mod 8) + (c mod 8)/2, the accumulator layout of mma.sync's 16×8
+    // tiles, so that the natural lane-strided read-back (lane l reads
+    // elements l, l + 32, …) crosses lanes here as it does on the GPU.
+    static_assert(M % 8 == 0 && N % 8 == 0, "accumulator tiles of 8×8 blocks");
+    emu_syncwarp();
+    const int lane = static_cast<int>(emu_lane());
+    for (int r = 0; r < M; ++r)
+        for (int c = 0; c < N; ++c)
+            if (4 * (r % 8) + (c % 8) / 2 == lane) p[layout == mem_row_major ? r * ldm + c : c * ldm + r] = f.x[r * N + c];
 }
 
 // d = a · b + c, one fmaf per k in k order (d may alias c).
