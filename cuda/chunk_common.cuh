@@ -978,7 +978,9 @@ __device__ __forceinline__ void intra_pass(Block<input_t, kComplex>& blk, unsign
             }
         }
     }
-    __syncthreads();  // the staging tiles held score blocks read by everyone
+    // No barrier before draining into the staging tiles: their cross-warp
+    // reads (the score blocks, into ps) ended at the barrier after
+    // load_tile, and the products read ps and vs, which do not overlap them.
 #pragma unroll
     for (int t = 0; t < 2; ++t) {
         drain<Op>(yacc[t], staging, lane, [&](int r, int c, float x) {
