@@ -121,6 +121,20 @@ fn real_parts(mut p: OwnedProblem<f64>) -> OwnedProblem<f64> {
     p
 }
 
+/// The problem of `case` with `gates` (real: Im log_gate = Im h0 = 0), its
+/// q, k, v rounded to `t` (f32 or bf16).
+fn problem_for(case: &Case, gates: GateKind, t: Dtype) -> OwnedProblem<f64> {
+    let mut p64 = case.problem();
+    if gates == GateKind::Real {
+        p64 = real_parts(p64);
+    }
+    match t {
+        Dtype::Bf16 => rounded_to::<half::bf16>(&p64),
+        Dtype::F32 => p64.rounded_to_f32(),
+        other => panic!("problem_for: {other} not used here"),
+    }
+}
+
 /// The largest errors seen, per (precision, output, against what).
 #[derive(Default)]
 struct Worst(std::collections::BTreeMap<String, ErrorStats>);
@@ -214,11 +228,7 @@ fn sequential_carry_is_bitwise_the_separate_carry() {
     for (i, (d, regime, with_h0, gates, precision, t)) in cases.into_iter().enumerate() {
         let case = Case::new(d, regime, with_h0, 7600 + i as u64);
         let label = format!("{} {gates:?} {precision:?} {t}", case.label());
-        let mut p64 = case.problem();
-        if gates == GateKind::Real {
-            p64 = real_parts(p64);
-        }
-        let p = if t == Dtype::Bf16 { rounded_to::<half::bf16>(&p64) } else { p64.rounded_to_f32() }.to_f32();
+        let p = problem_for(&case, gates, t).to_f32();
         let separate = run_forward(&emu, 60 + i, &p, gates, precision, t, ChunkCarry::Separate);
         let sequential = run_forward(&emu, 60 + i, &p, gates, precision, t, ChunkCarry::Sequential);
         let bits = |x: &[f32]| x.iter().map(|v| v.to_bits()).collect::<Vec<_>>();
@@ -482,11 +492,7 @@ fn chunk_kernels_race_free() {
     for (i, (d, regime, with_h0, gates, precision, t)) in forward.into_iter().enumerate() {
         let case = Case::new(d, regime, with_h0, 7800 + i as u64);
         let label = format!("{} {gates:?} {precision:?} {t} (race-checked)", case.label());
-        let mut p64 = case.problem();
-        if gates == GateKind::Real {
-            p64 = real_parts(p64);
-        }
-        let p64 = if t == Dtype::Bf16 { rounded_to::<half::bf16>(&p64) } else { p64.rounded_to_f32() };
+        let p64 = problem_for(&case, gates, t);
         let want = gateloop::reference::recurrent::forward(&p64.view()).expect("reference");
         let ((yr, ya), (hr, ha)) = chunk_bounds(t, precision);
         for carry in [ChunkCarry::Separate, ChunkCarry::Sequential] {

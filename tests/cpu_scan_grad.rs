@@ -295,21 +295,34 @@ fn kernel_emulation_matches_the_mirror() {
         (GradCase::new(dims(1, 2100, 1, 2, 5, true), GateRegime::Mixed, true, true, 907), 1),
         (GradCase::new(dims(1, 2100, 1, 3, 1, false), GateRegime::Resets(0.05), false, true, 908), 1),
     ];
+    emulated_equal_mirror(&emu, &cases, |c, inp, got| {
+        worst.check(&format!("{c:?} (emulated kernels)"), &compare_grads(got, &inp.reference()), REL)
+    });
+    worst.report("emulated kernels");
+}
+
+/// Runs each (case, SM count of the plan) on emulator `emu`, requires every
+/// gradient to equal the CPU mirror's bit for bit and the cases to have
+/// taken 1, 2 and 4 warps per block; hands each case's gradients to `more`.
+fn emulated_equal_mirror(
+    emu: &std::path::Path,
+    cases: &[(GradCase, usize)],
+    mut more: impl FnMut(&GradCase, &common::grad::GradInputsF32, &Grads<f32>),
+) {
     let mut warps_seen = std::collections::BTreeSet::new();
     for (c, sms) in cases {
         let inp = c.inputs();
-        let lp = plan(&c.dims, sms).unwrap();
+        let lp = plan(&c.dims, *sms).unwrap();
         let params = lp.grad_params();
         warps_seen.insert(params.scan.warps);
-        let got = run_emulated(&emu, &c, &lp, &inp);
+        let got = run_emulated(emu, c, &lp, &inp);
         let mirror = scan_grad::backward(&inp.p.view(), &inp.dy, inp.dh_final.as_deref(), &params).unwrap();
         for (name, e) in compare_grads(&got, &mirror) {
             assert_eq!(e.max_abs, 0.0, "{c:?} {params:?}: {name} emulated kernels vs mirror {e:?}");
         }
-        worst.check(&format!("{c:?} (emulated kernels)"), &compare_grads(&got, &inp.reference()), REL);
+        more(c, &inp, &got);
     }
     assert_eq!(warps_seen.into_iter().collect::<Vec<_>>(), [1, 2, 4]);
-    worst.report("emulated kernels");
 }
 
 /// Racecheck without a GPU: the backward's five launches with 1, 2 and 4
@@ -329,17 +342,5 @@ fn kernel_emulation_is_race_free() {
         (GradCase::new(dims(1, 2100, 1, 2, 5, false), GateRegime::Mixed, false, true, 911), 1),
         (GradCase::new(dims(2, 300, 2, 5, 7, true), GateRegime::LargePhase(50.0), true, false, 912), MIRROR_SM_COUNT),
     ];
-    let mut warps_seen = std::collections::BTreeSet::new();
-    for (c, sms) in cases {
-        let inp = c.inputs();
-        let lp = plan(&c.dims, sms).unwrap();
-        let params = lp.grad_params();
-        warps_seen.insert(params.scan.warps);
-        let got = run_emulated(&emu, &c, &lp, &inp);
-        let mirror = scan_grad::backward(&inp.p.view(), &inp.dy, inp.dh_final.as_deref(), &params).unwrap();
-        for (name, e) in compare_grads(&got, &mirror) {
-            assert_eq!(e.max_abs, 0.0, "{c:?} {params:?}: {name} race-checked emulated kernels vs mirror {e:?}");
-        }
-    }
-    assert_eq!(warps_seen.into_iter().collect::<Vec<_>>(), [1, 2, 4]);
+    emulated_equal_mirror(&emu, &cases, |_, _, _| {});
 }
