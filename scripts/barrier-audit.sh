@@ -31,6 +31,7 @@ declare -A race_test=(
     [cpu_scan_grad]=kernel_emulation_is_race_free
     [cpu_attention]=kernel_emulation_is_race_free
     [cpu_chunked_emu]=chunk_kernels_race_free
+    [cpu_check_emu]=check_kernel_is_race_free
 )
 targets_of() {
     case "$(basename "$1")" in
@@ -39,6 +40,7 @@ targets_of() {
         scan.cu | scan.cuh) echo cpu_kernels_emu cpu_scan_grad ;;
         scan_grad.cu) echo cpu_scan_grad ;;
         chunk.cu | chunk_grad.cu | chunk_common.cuh) echo cpu_chunked_emu ;;
+        check.cu) echo cpu_check_emu ;;
         *) echo "${!race_test[@]}" ;;  # common.cuh: every kernel
     esac
 }
@@ -56,9 +58,7 @@ for line in open(sys.argv[1]):
         print(m["target"]["name"] + "\t" + m["executable"])' "$messages")
 
 # Every barrier call outside a comment, as file:line.
-# (cuda/check.cu, the device-side gate check, has no emulator: its
-# cross-block protocol is tested on a GPU, tests/gpu_check.rs.)
-sites=$(grep -nE '^[^/]*(__syncthreads|__syncwarp)\(\)' cuda/*.cu cuda/*.cuh | grep -v '^cuda/check\.cu:' | cut -d: -f1,2 | grep -E "$pattern" || true)
+sites=$(grep -nE '^[^/]*(__syncthreads|__syncwarp)\(\)' cuda/*.cu cuda/*.cuh | cut -d: -f1,2 | grep -E "$pattern" || true)
 [ -n "$sites" ] || { echo "barrier-audit: no barrier matches '$pattern'" >&2; exit 2; }
 for site in $sites; do
     file="${site%%:*}" line="${site##*:}"

@@ -36,10 +36,11 @@ const RESULT_WORDS: usize = abi::GATELOOP_CHECK_RESULT_WORDS as usize;
 // guarantees they are valid (see `log_gate`).
 unsafe impl DeviceRepr for GateloopCheckParams {}
 
-/// The grid of the check kernel for `n` complex elements: one thread per
-/// element up to [`abi::GATELOOP_CHECK_MAX_BLOCKS`] blocks, then a
-/// grid-stride loop (the result does not depend on the grid).
-fn grid(n: usize) -> u32 {
+/// The grid [`log_gate`] launches for `n` complex elements: one thread per
+/// element up to [`abi::GATELOOP_CHECK_MAX_BLOCKS`] blocks of
+/// [`abi::GATELOOP_CHECK_THREADS`], then a grid-stride loop (the result does
+/// not depend on the grid). Public for the kernel's CPU emulation test.
+pub fn grid(n: usize) -> u32 {
     u32::try_from(n.div_ceil(THREADS as usize)).unwrap_or(MAX_BLOCKS).clamp(1, MAX_BLOCKS)
 }
 

@@ -3,7 +3,7 @@
 # UNCHANGED with g++ (emu.h force-included; see README.md) and linked with
 # their driver, which launches them as the Rust launcher does.
 #
-#   build.sh KIND [OUT]    KIND: scan | chunk | attention | recurrent
+#   build.sh KIND [OUT]    KIND: scan | chunk | attention | recurrent | check
 #
 # OUT defaults to target/KIND_emu. Needs g++ ≥ 12 (C++20, _Float16).
 #
@@ -23,14 +23,15 @@
 set -euo pipefail
 here="$(cd "$(dirname "$0")" && pwd)"
 root="$here/../.."
-kind="${1:?usage: build.sh scan|chunk|attention|recurrent [OUT]}"
+kind="${1:?usage: build.sh scan|chunk|attention|recurrent|check [OUT]}"
 out="${2:-$root/target/${kind}_emu}"
 case "$kind" in
     scan) kernels=(scan scan_grad) driver=driver.cpp dynamic=0 ;;
     chunk) kernels=(chunk chunk_grad) driver=chunk_driver.cpp dynamic=1 ;;
     attention) kernels=(attention) driver=attention_driver.cpp dynamic=0 ;;
     recurrent) kernels=(recurrent) driver=recurrent_driver.cpp dynamic=1 ;;
-    *) echo "build.sh: unknown kind '$kind' (scan, chunk, attention, recurrent)" >&2; exit 2 ;;
+    check) kernels=(check) driver=check_driver.cpp dynamic=0 ;;
+    *) echo "build.sh: unknown kind '$kind' (scan, chunk, attention, recurrent, check)" >&2; exit 2 ;;
 esac
 flags=(-std=c++20 -O2 -pthread -ffp-contract=off -Wno-unknown-pragmas -I"$here/include" -I"$here" -I"$root/cuda")
 if [ "$dynamic" = 1 ]; then flags+=(-DEMU_DYNAMIC_SHARED); fi

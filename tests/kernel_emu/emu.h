@@ -6,6 +6,7 @@
 // block runs at a time). Arithmetic is the host's: fmaf is exact as on the
 // GPU; exp2f/sincosf come from glibc, as in the Rust mirror.
 #pragma once
+#include <atomic>
 #include <cmath>
 #include <cstdint>
 #include <cstdlib>
@@ -46,6 +47,7 @@ struct EmuDim3 {
 extern thread_local EmuDim3 threadIdx;
 extern thread_local EmuDim3 blockIdx;
 extern EmuDim3 blockDim;
+extern EmuDim3 gridDim;
 // The calling thread's index within its block, x fastest (CUDA's linear
 // thread id: warps are its consecutive runs of 32).
 inline unsigned emu_thread_rank() { return threadIdx.x + blockDim.x * (threadIdx.y + blockDim.y * threadIdx.z); }
@@ -69,8 +71,29 @@ inline T max(T a, T b) {
     return a < b ? b : a;
 }
 float emu_shuffle(float v, int src_lane_delta, bool up);
+long long emu_shuffle(long long v, int src_lane_delta, bool up);
 inline float __shfl_up_sync(unsigned, float v, int offset) { return emu_shuffle(v, offset, true); }
 inline float __shfl_down_sync(unsigned, float v, int offset) { return emu_shuffle(v, offset, false); }
+inline long long __shfl_down_sync(unsigned, long long v, int offset) { return emu_shuffle(v, offset, false); }
+// CUDA's global isnan / isinf (cuda/check.cu).
+using std::isinf;
+using std::isnan;
+// Device atomics as std::atomic_ref (seq_cst, which ThreadSanitizer sees):
+// cuda/check.cu's cross-block ticket. __threadfence orders a block's writes
+// before its later ones as seen by OTHER blocks; here blocks run one after
+// another (joined threads), so it has nothing to order and is only a
+// compiler barrier (ThreadSanitizer does not model thread fences).
+inline long long atomicMin(long long* p, long long v) {
+    std::atomic_ref<long long> a(*p);
+    long long old = a.load();
+    while (v < old && !a.compare_exchange_weak(old, v)) {
+    }
+    return old;
+}
+inline unsigned long long atomicAdd(unsigned long long* p, unsigned long long v) {
+    return std::atomic_ref<unsigned long long>(*p).fetch_add(v);
+}
+inline void __threadfence() { std::atomic_signal_fence(std::memory_order_seq_cst); }
 template <class T>
 inline T __ldg(const T* p) {
     return *p;

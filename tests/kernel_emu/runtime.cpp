@@ -11,6 +11,7 @@
 thread_local EmuDim3 threadIdx;
 thread_local EmuDim3 blockIdx;
 EmuDim3 blockDim;
+EmuDim3 gridDim;
 
 static std::barrier<>* g_barrier = nullptr;
 static float g_xchg[1024];
@@ -34,17 +35,22 @@ int __syncthreads_or(int predicate) {
     return any;
 }
 
-float emu_shuffle(float v, int offset, bool up) {
+// A shuffle through `xchg` (one slot per thread) between two block barriers.
+template <class T>
+static T shuffle_through(T* xchg, T v, int offset, bool up) {
     const unsigned tid = emu_thread_rank();
     const int lane = static_cast<int>(tid & 31);
-    g_xchg[tid] = v;
+    xchg[tid] = v;
     g_barrier->arrive_and_wait();
-    float r = v;
-    if (up && lane >= offset) r = g_xchg[tid - offset];
-    if (!up && lane + offset < 32) r = g_xchg[tid + offset];
+    T r = v;
+    if (up && lane >= offset) r = xchg[tid - offset];
+    if (!up && lane + offset < 32) r = xchg[tid + offset];
     g_barrier->arrive_and_wait();
     return r;
 }
+float emu_shuffle(float v, int offset, bool up) { return shuffle_through(g_xchg, v, offset, up); }
+static long long g_xchg64[1024];
+long long emu_shuffle(long long v, int offset, bool up) { return shuffle_through(g_xchg64, v, offset, up); }
 
 // Runs `kernel` over grid × (block.x · block.y · block.z) threads, one
 // block at a time: in order, or with EMU_REVERSE_BLOCKS (the race-checking
@@ -53,6 +59,7 @@ float emu_shuffle(float v, int offset, bool up) {
 // — reads poison instead of that block's results.
 void emu_launch(unsigned grid, EmuDim3 block_dim, const std::function<void()>& kernel) {
     blockDim = block_dim;
+    gridDim = EmuDim3{grid, 1, 1};
     const unsigned block = block_dim.x * block_dim.y * block_dim.z;
     for (unsigned i = 0; i < grid; ++i) {
 #ifdef EMU_REVERSE_BLOCKS
