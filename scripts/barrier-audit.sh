@@ -50,12 +50,7 @@ args=()
 for t in "${!race_test[@]}"; do args+=(--test "$t"); done
 cargo test --release --no-run --message-format=json "${args[@]}" >"$messages"
 declare -A bin
-while IFS=$'\t' read -r name exe; do bin[$name]="$exe"; done < <(python3 -c '
-import json, sys
-for line in open(sys.argv[1]):
-    m = json.loads(line)
-    if m.get("reason") == "compiler-artifact" and m.get("executable") and "test" in m["target"]["kind"]:
-        print(m["target"]["name"] + "\t" + m["executable"])' "$messages")
+while IFS=$'\t' read -r name exe; do bin[$name]="$exe"; done < <(bash scripts/test-executables.sh "$messages")
 
 # Every barrier call outside a comment, as file:line.
 sites=$(grep -nE '^[^/]*(__syncthreads|__syncwarp)\(\)' cuda/*.cu cuda/*.cuh | cut -d: -f1,2 | grep -E "$pattern" || true)

@@ -68,17 +68,7 @@ cargo test --release --no-run --message-format=json "${test_args[@]}" >"$message
 target_dir=$(cargo metadata --format-version 1 --no-deps | sed -n 's/.*"target_directory":"\([^"]*\)".*/\1/p')
 
 # "name<TAB>executable" of each test target built above.
-if command -v jq >/dev/null; then
-    pairs=$(jq -r 'select(.reason == "compiler-artifact" and .executable != null and .profile.test
-                          and (.target.kind | index("test"))) | "\(.target.name)\t\(.executable)"' "$messages")
-else
-    pairs=$(python3 -c '
-import json, sys
-for line in open(sys.argv[1]):
-    m = json.loads(line)
-    if m.get("reason") == "compiler-artifact" and m.get("executable") and m["profile"]["test"] and "test" in m["target"]["kind"]:
-        print(m["target"]["name"] + "\t" + m["executable"])' "$messages")
-fi
+pairs=$(bash "$(dirname "$0")/test-executables.sh" "$messages")
 
 rm -rf bundle
 mkdir -p bundle/bin bundle/tests

@@ -14,6 +14,7 @@
 //! (tests/gpu_check.rs); what runs here is the indexing, the grid-stride
 //! loop and the block reduction. Skips (with a notice) without g++.
 
+mod common;
 mod emu_support;
 
 use gateloop::Complex;
@@ -45,31 +46,17 @@ fn host_answer(gate: &[Complex<f32>]) -> (u64, (u32, u32)) {
     }
 }
 
-/// A clean gate buffer of `n` elements: decays, resets (Re = −inf, with a
-/// finite or extreme phase), Re = ±0, subnormal Re, large phases.
+/// A clean gate buffer of `n` elements: decays with large phases, and the
+/// domain's edges (`common::in_domain_extreme`: resets with finite or
+/// extreme phases, Re = ±0, subnormal Re).
 fn clean(n: usize) -> Vec<Complex<f32>> {
     (0..n)
-        .map(|i| match i % 6 {
-            0 => Complex::new(-0.25 - (i % 7) as f32, 3.0 * i as f32),
-            1 => Complex::new(f32::NEG_INFINITY, 0.5),
-            2 => Complex::new(f32::NEG_INFINITY, f32::MAX),
-            3 => Complex::new(-0.0, -f32::MAX),
-            4 => Complex::new(0.0, 0.0),
-            _ => Complex::new(-f32::MIN_POSITIVE / 8.0, 1e30),
+        .map(|i| {
+            let ordinary = Complex::new(-0.25 - (i % 7) as f32, 3.0 * i as f32);
+            if i % 6 == 0 { ordinary } else { common::in_domain_extreme(i % 6 - 1, ordinary) }
         })
         .collect()
 }
-
-/// One value of each way out of the domain.
-const BAD: [Complex<f32>; 7] = [
-    Complex::new(1e-30, 0.0),
-    Complex::new(f32::INFINITY, 0.0),
-    Complex::new(f32::NAN, 0.0),
-    Complex::new(-1.0, f32::NAN),
-    Complex::new(f32::NEG_INFINITY, f32::NAN),
-    Complex::new(-1.0, f32::INFINITY),
-    Complex::new(-1.0, f32::NEG_INFINITY),
-];
 
 /// Every case on `emu`: sizes from one partial block to several blocks, the
 /// launcher's grid and grids of 1 and 2 blocks (grid-stride rounds); clean
@@ -91,7 +78,7 @@ fn all_cases(emu: &std::path::Path, sizes: &[usize]) {
             }
         };
         check_one(&base, "clean");
-        for (k, bad) in BAD.into_iter().enumerate() {
+        for (k, (bad, _)) in common::bad_log_gates().into_iter().enumerate() {
             for at in [0, 255, 256, n - 1] {
                 if at < n {
                     let mut g = base.clone();
@@ -102,7 +89,7 @@ fn all_cases(emu: &std::path::Path, sizes: &[usize]) {
         }
         let mut g = base.clone();
         for (k, at) in [n - 1, n * 3 / 4, n / 2 + 1, n / 3, 3].into_iter().filter(|&at| at < n).enumerate() {
-            g[at] = BAD[k % BAD.len()];
+            g[at] = common::bad_log_gates()[k % 7].0;
         }
         check_one(&g, "several bad values");
     }

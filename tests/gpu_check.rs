@@ -15,7 +15,7 @@ mod common;
 use common::flat;
 use gateloop::cuda::{Gpu, GpuError, check};
 use gateloop::testing::{GateRegime, OwnedProblem, dims, random_problem};
-use gateloop::{Complex, Dims, InputError};
+use gateloop::{Dims, InputError};
 
 /// The device check of `p.log_gate` on a fresh stream.
 fn device_check(gpu: &Gpu, p: &OwnedProblem<f32>) -> Result<(), InputError> {
@@ -64,29 +64,10 @@ fn minus_infinity_and_extremes_pass() {
         let mut p = problem(d, GateRegime::Random, 7);
         let n = p.log_gate.len();
         for (i, g) in p.log_gate.iter_mut().enumerate() {
-            match i % 5 {
-                0 => *g = Complex::new(f32::NEG_INFINITY, g.im),
-                1 => *g = Complex::new(f32::NEG_INFINITY, f32::MAX),
-                2 => *g = Complex::new(-0.0, -f32::MAX),
-                3 => *g = Complex::new(0.0, 0.0),
-                _ => *g = Complex::new(-f32::MIN_POSITIVE / 8.0, 1e30), // subnormal Re
-            }
+            *g = common::in_domain_extreme(i, *g);
         }
         assert_eq!(agree(gpu, &p), Ok(()), "{d:?}: {n} elements of -inf / extremes");
     }
-}
-
-/// The bad values, each with the reason the host gives.
-fn bad_values() -> [(Complex<f32>, &'static str); 7] {
-    [
-        (Complex::new(1e-30, 0.0), "Re(log_gate) > 0"),
-        (Complex::new(f32::INFINITY, 0.0), "Re(log_gate) > 0"),
-        (Complex::new(f32::NAN, 0.0), "NaN"),
-        (Complex::new(-1.0, f32::NAN), "NaN"),
-        (Complex::new(f32::NEG_INFINITY, f32::NAN), "NaN"),
-        (Complex::new(-1.0, f32::INFINITY), "phase"),
-        (Complex::new(-1.0, f32::NEG_INFINITY), "phase"),
-    ]
 }
 
 #[test]
@@ -96,7 +77,7 @@ fn each_bad_value_is_reported_at_its_index() {
         let clean = problem(d, GateRegime::Resets(0.2), 200 + i as u64);
         let n = clean.log_gate.len();
         let positions = [0, 1, n / 2, n - 256.min(n - 1), n - 1];
-        for (bad, why) in bad_values() {
+        for (bad, why) in common::bad_log_gates() {
             for &at in &positions {
                 let mut p = clean.clone();
                 p.log_gate[at] = bad;
@@ -121,7 +102,7 @@ fn the_first_of_several_is_reported() {
         // Later indices first, in other blocks and other grid-stride rounds.
         let mut first = n;
         for (k, at) in [n - 1, n * 3 / 4, n / 2 + 1, n / 3, 3.min(n - 1)].into_iter().enumerate() {
-            let (bad, _) = bad_values()[k % 7];
+            let (bad, _) = common::bad_log_gates()[k % 7];
             p.log_gate[at] = bad;
             first = first.min(at);
             match agree(gpu, &p) {

@@ -220,6 +220,34 @@ where
 
 // ---- running a kernel ------------------------------------------------------
 
+/// Log gates inside the domain at its edges (the device check must pass
+/// them), by `k % 5`: a reset keeping `g`'s phase, a reset with the largest
+/// phase, Re = −0 with the most negative phase, 0, a subnormal Re with a
+/// phase of 1e30.
+pub fn in_domain_extreme(k: usize, g: Complex<f32>) -> Complex<f32> {
+    match k % 5 {
+        0 => Complex::new(f32::NEG_INFINITY, g.im),
+        1 => Complex::new(f32::NEG_INFINITY, f32::MAX),
+        2 => Complex::new(-0.0, -f32::MAX),
+        3 => Complex::new(0.0, 0.0),
+        _ => Complex::new(-f32::MIN_POSITIVE / 8.0, 1e30), // subnormal Re
+    }
+}
+
+/// One log gate of each way out of the domain, with the reason the host
+/// gives for it (`problem::log_gate_violation`).
+pub fn bad_log_gates() -> [(Complex<f32>, &'static str); 7] {
+    [
+        (Complex::new(1e-30, 0.0), "Re(log_gate) > 0"),
+        (Complex::new(f32::INFINITY, 0.0), "Re(log_gate) > 0"),
+        (Complex::new(f32::NAN, 0.0), "NaN"),
+        (Complex::new(-1.0, f32::NAN), "NaN"),
+        (Complex::new(f32::NEG_INFINITY, f32::NAN), "NaN"),
+        (Complex::new(-1.0, f32::INFINITY), "phase"),
+        (Complex::new(-1.0, f32::NEG_INFINITY), "phase"),
+    ]
+}
+
 /// Interleaved (re, im) f32 pairs.
 pub fn flat(z: &[Complex<f32>]) -> Vec<f32> {
     z.iter().flat_map(|c| [c.re, c.im]).collect()
