@@ -24,8 +24,7 @@ use gateloop::problem::log_gate_violation;
 /// (first index, bits of result[1] as (re, im), finished blocks) of one
 /// emulated launch on `gate` with `grid` blocks.
 fn run(emu: &std::path::Path, tag: &str, gate: &[Complex<f32>], grid: u32) -> (u64, (u32, u32), u64) {
-    let dir = std::env::temp_dir().join(format!("gateloop_check_emu_{}_{tag}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
+    let dir = emu_support::case_dir(&format!("check_{tag}"));
     std::fs::write(dir.join("dims.txt"), format!("{} {grid}", gate.len())).unwrap();
     let flat: Vec<f32> = gate.iter().flat_map(|g| [g.re, g.im]).collect();
     emu_support::write_f32_file(&dir.join("log_gate.bin"), &flat);

@@ -119,7 +119,7 @@ fn sources_hash(root: &std::path::Path, kind: &str) -> u64 {
 /// dims.txt = "B L H K V gate_dim has_h0" followed by `extra_dims`, and the
 /// inputs q.bin, k.bin, v.bin, log_gate.bin, h0.bin (when given) of `p`,
 /// complex tensors interleaved (re, im) or, with `real_parts`, their real
-/// parts; then `files` as named. `tag` keeps concurrent cases apart.
+/// parts; then `files` as named, in a directory of its own ([`case_dir`]).
 pub fn write_case(
     tag: &str,
     p: &gateloop::testing::OwnedProblem<f32>,
@@ -128,8 +128,7 @@ pub fn write_case(
     files: &[(&str, &[f32])],
 ) -> std::path::PathBuf {
     let d = p.dims;
-    let dir = std::env::temp_dir().join(format!("gateloop_emu_{}_{tag}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
+    let dir = case_dir(tag);
     let mut line = format!("{} {} {} {} {} {} {}", d.batch, d.len, d.heads, d.key_dim, d.value_dim, d.gate_dim(), p.h0.is_some() as u8);
     for x in extra_dims {
         line.push(' ');
@@ -149,6 +148,20 @@ pub fn write_case(
     for (name, x) in files {
         write_f32_file(&dir.join(name), x);
     }
+    dir
+}
+
+/// A new, empty directory for one emulator run, named by `tag`, the process
+/// and a per-process sequence number: the tests of one binary run on
+/// several threads at once, and two of them may use the same tag (the same
+/// seed and dtype, say) — each run must own its files, or one test's
+/// cleanup removes the other's outputs before it reads them.
+pub fn case_dir(tag: &str) -> std::path::PathBuf {
+    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let dir = std::env::temp_dir().join(format!("gateloop_emu_{}_{n}_{tag}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
     dir
 }
 
