@@ -58,7 +58,11 @@ pub fn build_emulator(kind: &str, sanitizer: Sanitizer) -> Option<std::path::Pat
     if out.is_file() {
         return Some(out);
     }
-    let partial = dir.join(format!("{name}_building_{}", std::process::id()));
+    // Private per build, not only per process: two threads of one test
+    // binary may build the same emulator at once.
+    static BUILDS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let build = BUILDS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let partial = dir.join(format!("{name}_building_{}_{build}", std::process::id()));
     let status = std::process::Command::new("bash")
         .arg(root.join("tests/kernel_emu/build.sh"))
         .arg(kind)
