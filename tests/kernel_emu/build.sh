@@ -42,6 +42,18 @@ case "$sanitizer" in
         if echo 'int main(){}' | g++ -fsanitize=address -x c++ - -o /dev/null 2>/dev/null; then
             flags+=(-fsanitize=address -fno-omit-frame-pointer)
         fi
+        # With UndefinedBehaviorSanitizer beside it when this g++ has it,
+        # fatal at the first report: its alignment check is the GPU's
+        # misaligned-address fault (emu.h gives float2/float4 CUDA's
+        # alignment), and a signed overflow or an out-of-range shift in an
+        # index is a wrong address on the GPU too. Without its null check:
+        # the linker rewrites the thread_local threadIdx's address add into
+        # a flag-less lea, and the check's branch then reads stale flags
+        # (a false "null pointer" report at -O2); a null access faults
+        # under ASan anyway.
+        if echo 'int main(){}' | g++ -fsanitize=undefined -x c++ - -o /dev/null 2>/dev/null; then
+            flags+=(-fsanitize=undefined -fno-sanitize=null -fno-sanitize-recover=all)
+        fi
         ;;
     # Asked for by name, so no silent fallback: the build fails without it.
     # The race build also runs each grid's blocks last first (runtime.cpp
