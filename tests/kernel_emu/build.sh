@@ -67,6 +67,16 @@ mkdir -p "$(dirname "$out")"
 objs=()
 for k in "${kernels[@]}"; do
     g++ "${flags[@]}" -x c++ -include "$here/emu.h" -c "$root/cuda/$k.cu" -o "$out.$k.o"
+    # Static __shared__ variables of kernel templates are COMDAT statics,
+    # for which g++ ignores emu.h's section attribute: move their sections
+    # (.bss._ZZN8gateloop…, the function-local statics of namespace
+    # gateloop, which in kernel code are __shared__ only) into that section,
+    # which emu_launch poisons before every block.
+    renames=()
+    while read -r sec; do
+        renames+=(--rename-section "$sec=emu_static_shared")
+    done < <(readelf -SW "$out.$k.o" | grep -oE '\.bss\._ZZN8gateloop[^ ]*' | sort -u)
+    if [ "${#renames[@]}" -gt 0 ]; then objcopy "${renames[@]}" "$out.$k.o"; fi
     objs+=("$out.$k.o")
 done
 g++ "${flags[@]}" "$here/runtime.cpp" "$here/$driver" "${objs[@]}" -o "$out"

@@ -16,15 +16,19 @@
 #define __host__
 #define __forceinline__ inline
 #define __launch_bounds__(...)
-// Static __shared__ arrays are statics (one block runs at a time). Kernels
-// with dynamic shared memory (cuda/chunk.cu: `extern __shared__ ... smem[]`)
-// are built with EMU_DYNAMIC_SHARED: __shared__ is then empty and the block-
-// scope extern declaration names a namespace-scope buffer the driver defines
-// (and poisons before every block).
+// Static __shared__ arrays are statics (one block runs at a time), all in
+// one linker section, which emu_launch (runtime.cpp) fills with 0xff bytes
+// (NaN as f32, −1 as an integer) before every block: the GPU promises
+// nothing about shared memory a block has not written, so a word read
+// before it is written must not see zeros or the previous block's values.
+// Kernels with dynamic shared memory (cuda/chunk.cu: `extern __shared__
+// ... smem[]`) are built with EMU_DYNAMIC_SHARED: __shared__ is then empty
+// and the block-scope extern declaration names a namespace-scope buffer the
+// driver defines (and poisons before every block).
 #ifdef EMU_DYNAMIC_SHARED
 #define __shared__
 #else
-#define __shared__ static
+#define __shared__ static __attribute__((section("emu_static_shared")))
 #endif
 #define __align__(n) __attribute__((aligned(n)))
 

@@ -52,6 +52,18 @@ float emu_shuffle(float v, int offset, bool up) { return shuffle_through(g_xchg,
 static long long g_xchg64[1024];
 long long emu_shuffle(long long v, int offset, bool up) { return shuffle_through(g_xchg64, v, offset, up); }
 
+// The kernels' static __shared__ variables (emu.h puts them in this
+// section; the linker defines its bounds, weakly: a build whose kernels
+// have none has no section). Filled with 0xff before each block through a
+// volatile pointer, uninstrumented: the section holds AddressSanitizer's
+// redzones between the variables, whose bytes nothing reads.
+extern "C" unsigned char __start_emu_static_shared[] __attribute__((weak));
+extern "C" unsigned char __stop_emu_static_shared[] __attribute__((weak));
+__attribute__((no_sanitize_address)) static void poison_static_shared() {
+    volatile unsigned char* p = __start_emu_static_shared;
+    for (; p != nullptr && p < __stop_emu_static_shared; ++p) *p = 0xff;
+}
+
 // Runs `kernel` over grid × (block.x · block.y · block.z) threads, one
 // block at a time: in order, or with EMU_REVERSE_BLOCKS (the race-checking
 // build) last block first, so that a block depending on a lower-numbered
@@ -67,6 +79,7 @@ void emu_launch(unsigned grid, EmuDim3 block_dim, const std::function<void()>& k
 #else
         const unsigned b = i;
 #endif
+        poison_static_shared();
         std::barrier<> bar(block);
         g_barrier = &bar;
         std::vector<std::unique_ptr<std::barrier<>>> warps;
