@@ -108,6 +108,20 @@ inline void load_matrix_sync(fragment<Use, M, N, K, T, L>& f, const S* p, unsign
     for (int r = 0; r < F::rows; ++r)
         for (int c = 0; c < F::cols; ++c)
             f.x[r * F::cols + c] = emu_widen<S>(std::is_same_v<L, col_major> ? p[c * ldm + r] : p[r * ldm + c]);
+    // A TF32 operand must hold TF32 values (__float_to_tf32): what the
+    // tensor core does with the low 13 bits of an f32 is not the emulator's
+    // full-precision product. A set low bit means a value the kernel did not
+    // round, or a word it never wrote (the poison is all ones).
+    if constexpr (std::is_same_v<T, precision::tf32>) {
+        for (float x : f.x) {
+            uint32_t u;
+            std::memcpy(&u, &x, 4);
+            if ((u & 0x1fffu) != 0) {
+                std::fprintf(stderr, "wmma::load_matrix_sync: a TF32 operand holds 0x%08x, not a TF32 value\n", u);
+                std::abort();
+            }
+        }
+    }
 }
 
 void emu_syncwarp();
