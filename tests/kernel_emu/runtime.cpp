@@ -1,7 +1,12 @@
 // The emulator's runtime: block launches, the barrier, shuffles.
 #include <barrier>
 #include <algorithm>
+#include <chrono>
+#include <condition_variable>
+#include <cstdio>
+#include <cstdlib>
 #include <functional>
+#include <mutex>
 #include <memory>
 #include <thread>
 #include <vector>
@@ -64,6 +69,18 @@ __attribute__((no_sanitize_address)) static void poison_static_shared() {
     for (; p != nullptr && p < __stop_emu_static_shared; ++p) *p = 0xff;
 }
 
+// How long one block may take before emu_launch calls it hung:
+// EMU_BLOCK_TIMEOUT_S, default 300 s: more than any whole emulated test
+// file takes (under 4 minutes), so only a block that cannot finish hits it.
+static std::chrono::seconds block_timeout() {
+    static const long long s = [] {
+        const char* e = std::getenv("EMU_BLOCK_TIMEOUT_S");
+        const long long v = e != nullptr ? std::atoll(e) : 0;
+        return v > 0 ? v : 300;
+    }();
+    return std::chrono::seconds(s);
+}
+
 // Runs `kernel` over grid × (block.x · block.y · block.z) threads, one
 // block at a time: in order, or with EMU_REVERSE_BLOCKS (the race-checking
 // build) last block first, so that a block depending on a lower-numbered
@@ -88,6 +105,9 @@ void emu_launch(unsigned grid, EmuDim3 block_dim, const std::function<void()>& k
             warps.push_back(std::make_unique<std::barrier<>>(std::min(32u, block - 32 * w)));
             g_warp_barriers.push_back(warps.back().get());
         }
+        std::mutex finished_mutex;
+        std::condition_variable finished_cv;
+        unsigned finished = 0;
         std::vector<std::thread> threads;
         threads.reserve(block);
         for (unsigned t = 0; t < block; ++t) {
@@ -95,7 +115,24 @@ void emu_launch(unsigned grid, EmuDim3 block_dim, const std::function<void()>& k
                 threadIdx = EmuDim3{t % block_dim.x, t / block_dim.x % block_dim.y, t / (block_dim.x * block_dim.y)};
                 blockIdx = EmuDim3{b, 0, 0};
                 kernel();
+                std::lock_guard<std::mutex> lock(finished_mutex);
+                if (++finished == block) finished_cv.notify_one();
             });
+        }
+        // A barrier or shuffle that some thread of the block never reaches
+        // (one in divergent code, or after a non-uniform early return)
+        // waits forever here, as it may hang a GPU: fail with what to look
+        // for instead of hanging the test run.
+        {
+            std::unique_lock<std::mutex> lock(finished_mutex);
+            if (!finished_cv.wait_for(lock, block_timeout(), [&] { return finished == block; })) {
+                std::fprintf(stderr,
+                             "emulator: block %u of %u: %u of %u threads finished after %lld s; the rest wait at a "
+                             "__syncthreads, __syncwarp or shuffle that not every thread of the block (or warp) "
+                             "reaches (EMU_BLOCK_TIMEOUT_S sets the limit)\n",
+                             b, grid, finished, block, static_cast<long long>(block_timeout().count()));
+                std::_Exit(67);
+            }
         }
         for (auto& th : threads) th.join();
     }
