@@ -60,9 +60,7 @@ pub fn build_emulator(kind: &str, sanitizer: Sanitizer) -> Option<std::path::Pat
     }
     // Private per build, not only per process: two threads of one test
     // binary may build the same emulator at once.
-    static BUILDS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
-    let build = BUILDS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-    let partial = dir.join(format!("{name}_building_{}_{build}", std::process::id()));
+    let partial = dir.join(format!("{name}_building_{}", unique_suffix()));
     let status = std::process::Command::new("bash")
         .arg(root.join("tests/kernel_emu/build.sh"))
         .arg(kind)
@@ -161,12 +159,17 @@ pub fn write_case(
 /// seed and dtype, say) — each run must own its files, or one test's
 /// cleanup removes the other's outputs before it reads them.
 pub fn case_dir(tag: &str) -> std::path::PathBuf {
-    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
-    let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-    let dir = std::env::temp_dir().join(format!("gateloop_emu_{}_{n}_{tag}", std::process::id()));
+    let dir = std::env::temp_dir().join(format!("gateloop_emu_{}_{tag}", unique_suffix()));
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).unwrap();
     dir
+}
+
+/// "<process id>_<sequence number>": a name part no other call, in this
+/// process or another one running now, returns.
+fn unique_suffix() -> String {
+    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    format!("{}_{}", std::process::id(), NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed))
 }
 
 /// Writes raw little-endian f32 (the emulator drivers' input format).
