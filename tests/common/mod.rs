@@ -46,6 +46,22 @@ pub fn gpu_or_skip() -> Option<&'static Gpu> {
     }
 }
 
+/// Whether the device is the CPU kernel emulator behind a fake CUDA driver
+/// (`scripts/emulated-device.sh` sets `GATELOOP_EMULATED_DEVICE=1`): tests
+/// then leave out the few cases that would take it hours (each says so),
+/// which the GPU bundle runs.
+pub fn emulated_device() -> bool {
+    std::env::var("GATELOOP_EMULATED_DEVICE").is_ok_and(|v| !v.is_empty() && v != "0")
+}
+
+/// Prints (to the process's stderr, as the skip notice) that `what` is left
+/// out on the emulated device.
+pub fn skipped_on_emulated_device(what: &str) {
+    let test = std::thread::current().name().unwrap_or("?").to_string();
+    let line = format!("SKIPPED on the emulated device (hours on the CPU; the GPU bundle runs it): {what} [{test}]\n");
+    let _ = std::io::stderr().write_all(line.as_bytes());
+}
+
 // ---- the test matrix -------------------------------------------------------
 
 use cudarc::driver::{CudaSlice, CudaStream, DevicePtrMut};
@@ -203,9 +219,15 @@ macro_rules! adversarial_regime_tests {
 #[allow(unused_imports)]
 pub(crate) use adversarial_regime_tests;
 
-/// Asserts that `e` is within (`rel`, `abs_frac`), naming the case and the output.
+/// Asserts that `e` is within (`rel`, `abs_frac`), naming the case and the
+/// output. A reference entirely below f32's normal range (a gradient that
+/// passes through e^−90 gates) is judged as the CPU tests judge it
+/// ([`grad::within_bounds`]): max-abs ≤ `abs_frac` · the smallest normal f32,
+/// since f32 has no relative precision left there. Found by the first run of
+/// the GPU tests (on the emulated device): the chunked backward's dh0 of
+/// 2.7e-42 at most came out 0, and the CPU mirror's was 6.8e-4 off relatively.
 pub fn assert_within(label: &str, what: &str, e: &ErrorStats, rel: f64, abs_frac: f64) {
-    assert!(e.within(rel, abs_frac), "{label}: {what} {e:?} (bounds: rel {rel:e}, abs_frac {abs_frac:e})");
+    assert!(grad::within_bounds(e, rel, abs_frac), "{label}: {what} {e:?} (bounds: rel {rel:e}, abs_frac {abs_frac:e})");
 }
 
 /// Compares y and h_final with `want` and asserts both within (`rel`, `abs_frac`).
