@@ -21,6 +21,16 @@ fi
 
 cargo test --release --all-targets "$@"
 
+# The GPU tests, the CLI's CUDA paths and the benchmark harness once more,
+# against a fake CUDA driver that runs every kernel on the CPU emulator
+# (tests/kernel_emu/cuda_driver.cpp): the Rust launchers end to end without a
+# GPU. GATELOOP_SKIP_EMULATED_DEVICE=1 leaves this step out (quick local runs).
+if [[ -z "${GATELOOP_SKIP_EMULATED_DEVICE:-}" || "${GATELOOP_SKIP_EMULATED_DEVICE}" == 0 ]]; then
+    bash scripts/emulated-device.sh
+else
+    echo "test.sh: GATELOOP_SKIP_EMULATED_DEVICE is set; the emulated-device run is SKIPPED"
+fi
+
 # The API documentation builds without a warning (broken or ambiguous links,
 # links to private items): what `cargo doc` shows a user is checked too.
 RUSTDOCFLAGS="-D warnings" cargo doc --release --no-deps

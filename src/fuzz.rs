@@ -1408,9 +1408,11 @@ impl FuzzReport {
             self.elapsed.as_secs_f64(),
             self.stopped_early.as_ref().map(|w| format!(", stopped early: {w}")).unwrap_or_default()
         );
+        // As wide as the longest label: CUDA labels carry the device's name.
+        let w = self.targets.iter().map(|t| t.label.chars().count()).max().unwrap_or(0).max(28);
         let _ = writeln!(
             s,
-            "{:<28} {:>8} {:>8} {:>8} {:>11} {:>9} {:>10} {:>9}",
+            "{:<w$} {:>8} {:>8} {:>8} {:>11} {:>9} {:>10} {:>9}",
             "target", "cases", "skipped", "failed", "worst score", "tol", "worst case", "time (s)"
         );
         for t in &self.targets {
@@ -1419,7 +1421,7 @@ impl FuzzReport {
             let case = t.worst_case.map(|c| c.to_string()).unwrap_or_else(|| "-".into());
             let _ = writeln!(
                 s,
-                "{:<28} {:>8} {:>8} {:>8} {:>11} {:>9} {:>10} {:>9.1}",
+                "{:<w$} {:>8} {:>8} {:>8} {:>11} {:>9} {:>10} {:>9.1}",
                 t.label, t.cases, t.skipped, t.failures, worst, tol, case, t.seconds
             );
         }

@@ -3,9 +3,14 @@
 # UNCHANGED with g++ (emu.h force-included; see README.md) and linked with
 # their driver, which launches them as the Rust launcher does.
 #
-#   build.sh KIND [OUT]    KIND: scan | chunk | attention | recurrent | check
+#   build.sh KIND [OUT]    KIND: scan | chunk | attention | recurrent | check | libcuda
 #
 # OUT defaults to target/KIND_emu. Needs g++ ≥ 12 (C++20, _Float16).
+# KIND libcuda builds a shared library instead, a fake CUDA driver
+# (cuda_driver.cpp) holding every kernel, for programs that load libcuda
+# (scripts/emulated-device.sh); OUT is then a directory, which receives
+# libcuda.so and libcuda.so.1. It is uninstrumented (GATELOOP_EMU_SANITIZER
+# is ignored): it is loaded into uninstrumented Rust test binaries.
 #
 # Flags: C++20, no FMA contraction (the kernels' fmaf calls are explicit, as
 # on the GPU), and AddressSanitizer when this g++ has it, so a kernel that
@@ -26,16 +31,31 @@ root="$here/../.."
 kind="${1:?usage: build.sh scan|chunk|attention|recurrent|check [OUT]}"
 out="${2:-$root/target/${kind}_emu}"
 case "$kind" in
-    scan) kernels=(scan scan_grad) driver=driver.cpp dynamic=0 ;;
-    chunk) kernels=(chunk chunk_grad) driver=chunk_driver.cpp dynamic=1 ;;
-    attention) kernels=(attention) driver=attention_driver.cpp dynamic=0 ;;
-    recurrent) kernels=(recurrent) driver=recurrent_driver.cpp dynamic=1 ;;
-    check) kernels=(check) driver=check_driver.cpp dynamic=0 ;;
-    *) echo "build.sh: unknown kind '$kind' (scan, chunk, attention, recurrent, check)" >&2; exit 2 ;;
+    scan) kernels=(scan scan_grad) driver=driver.cpp ;;
+    chunk) kernels=(chunk chunk_grad) driver=chunk_driver.cpp ;;
+    attention) kernels=(attention) driver=attention_driver.cpp ;;
+    recurrent) kernels=(recurrent) driver=recurrent_driver.cpp ;;
+    check) kernels=(check) driver=check_driver.cpp ;;
+    libcuda) kernels=(scan scan_grad chunk chunk_grad attention recurrent check) driver=cuda_driver.cpp ;;
+    *) echo "build.sh: unknown kind '$kind' (scan, chunk, attention, recurrent, check, libcuda)" >&2; exit 2 ;;
 esac
+# The kernels with a block-scope `extern __shared__` array (emu.h).
+dynamic_shared() { case "$1" in chunk | chunk_grad | recurrent) return 0 ;; *) return 1 ;; esac; }
 flags=(-std=c++20 -O2 -pthread -ffp-contract=off -Wno-unknown-pragmas -I"$here/include" -I"$here" -I"$root/cuda")
-if [ "$dynamic" = 1 ]; then flags+=(-DEMU_DYNAMIC_SHARED); fi
 sanitizer="${GATELOOP_EMU_SANITIZER:-address}"
+if [ "$kind" = libcuda ]; then
+    sanitizer=none
+    # initial-exec: threadIdx / blockIdx are read on every index computation,
+    # and the default model of a shared library calls __tls_get_addr each time.
+    # Fibers (runtime.cpp): a barrier is a few context switches, not a
+    # wake-up of every OS thread of the block.
+    flags+=(-fPIC -ftls-model=initial-exec -DEMU_FIBERS)
+fi
+# The kernels' fmaf as one instruction instead of a libm call, when this CPU
+# has it: the same correctly rounded result (-ffp-contract=off keeps the
+# compiler from fusing anything else), several times faster on the WMMA
+# emulation's inner products.
+if grep -qw fma /proc/cpuinfo 2>/dev/null; then flags+=(-mfma); fi
 case "$sanitizer" in
     address)
         # Optional: a g++ without ASan builds an uninstrumented emulator.
@@ -66,7 +86,26 @@ esac
 mkdir -p "$(dirname "$out")"
 objs=()
 for k in "${kernels[@]}"; do
-    g++ "${flags[@]}" -x c++ -include "$here/emu.h" -c "$root/cuda/$k.cu" -o "$out.$k.o"
+    kflags=("${flags[@]}")
+    if dynamic_shared "$k"; then kflags+=(-DEMU_DYNAMIC_SHARED); fi
+    src="$root/cuda/$k.cu"
+    if [ "$kind" = libcuda ]; then
+        # The fake driver finds kernels by name: compile the kernel file with
+        # one registration per entry point appended (emu_kernels.h), each
+        # with the thread count of its __launch_bounds__, listed from the
+        # preprocessed source (emu.h's EMU_LIST_ENTRIES keeps the bounds).
+        src="$out.$k.wrapper.cpp"
+        {
+            echo "#include \"$root/cuda/$k.cu\""
+            echo '#include "emu_kernels.h"'
+            g++ "${kflags[@]}" -DEMU_LIST_ENTRIES -E -x c++ -include "$here/emu.h" "$root/cuda/$k.cu" | tr '\n' ' ' |
+                grep -oE 'EMU_LAUNCH_BOUNDS *\( *[^,)]*[^)]*\) *gateloop_[a-z0-9_]+' |
+                sed -E 's/EMU_LAUNCH_BOUNDS *\( *([^,)]*[^,) ])[^)]*\) *(gateloop_[a-z0-9_]+)/EMU_REGISTER(\2, \1)/'
+        } > "$src"
+        if ! grep -q EMU_REGISTER "$src"; then echo "build.sh: no entry point found in cuda/$k.cu" >&2; exit 1; fi
+    fi
+    g++ "${kflags[@]}" -x c++ -include "$here/emu.h" -c "$src" -o "$out.$k.o"
+    if [ "$kind" = libcuda ]; then rm -f "$src"; fi
     # Static __shared__ variables of kernel templates are COMDAT statics,
     # for which g++ ignores emu.h's section attribute: move their sections
     # (.bss._ZZN8gateloop…, the function-local statics of namespace
@@ -79,6 +118,13 @@ for k in "${kernels[@]}"; do
     if [ "${#renames[@]}" -gt 0 ]; then objcopy "${renames[@]}" "$out.$k.o"; fi
     objs+=("$out.$k.o")
 done
-g++ "${flags[@]}" "$here/runtime.cpp" "$here/$driver" "${objs[@]}" -o "$out"
+if [ "$kind" = libcuda ]; then
+    mkdir -p "$out"
+    g++ "${flags[@]}" -shared -Wl,-soname,libcuda.so.1 -Wl,--no-undefined "$here/runtime.cpp" "$here/$driver" "${objs[@]}" \
+        -o "$out/libcuda.so"
+    ln -sf libcuda.so "$out/libcuda.so.1"
+else
+    g++ "${flags[@]}" "$here/runtime.cpp" "$here/$driver" "${objs[@]}" -o "$out"
+fi
 rm -f "${objs[@]}"
 echo "$out"

@@ -15,7 +15,14 @@
 #define __global__
 #define __host__
 #define __forceinline__ inline
+#ifdef EMU_LIST_ENTRIES
+// build.sh's listing of the entry points (preprocessing only): each
+// kernel's launch bounds stay visible before its name, so the fake CUDA
+// driver (cuda_driver.cpp) knows the most threads a block of it may have.
+#define __launch_bounds__(...) EMU_LAUNCH_BOUNDS(__VA_ARGS__)
+#else
 #define __launch_bounds__(...)
+#endif
 // Static __shared__ arrays are statics (one block runs at a time), all in
 // one linker section, which emu_launch (runtime.cpp) fills with 0xff bytes
 // (NaN as f32, −1 as an integer) before every block: the GPU promises
