@@ -47,10 +47,10 @@ export GATELOOP_REQUIRE_GPU=1
 # ones included (about a minute each here).
 export GATELOOP_EMULATED_DEVICE=1
 
-# Two test binaries at a time, each its own process with its own emulated
-# device (launches within one process run one at a time), each test binary
-# with two test threads (so the f64 references overlap the launches). Each
-# binary's output is printed when it ends.
+# As many test binaries at a time as there are cores (at most 4), each its
+# own process with its own emulated device (launches within one process run
+# one at a time), each with two test threads (so the f64 references overlap
+# the launches). Each binary's output is printed when it ends.
 logs="$out/logs"
 rm -rf "$logs"
 mkdir -p "$logs"
@@ -63,7 +63,13 @@ run_binary() {
     fi
     "$exe" --test-threads 2 >"$logs/$name.log" 2>&1
 }
-binaries=(gpu_chunked gpu_chunked_grad gpu_scan_grad gpu_scan gpu_concurrency gpu_dtypes gpu_attention gpu_check gpu_decode gpu_recurrent)
+# Every tests/gpu_*.rs binary, the longest-running ones started first.
+longest=(gpu_chunked gpu_chunked_grad gpu_scan_grad gpu_scan gpu_concurrency)
+mapfile -t all_gpu < <(awk -F'\t' '$1 ~ /^gpu_/ { print $1 }' <<<"$executables" | sort -u)
+binaries=("${longest[@]}")
+for name in "${all_gpu[@]}"; do
+    [[ " ${longest[*]} " == *" $name "* ]] || binaries+=("$name")
+done
 jobs_max=$(nproc 2>/dev/null || echo 2)
 ((jobs_max > 4)) && jobs_max=4
 failed=()

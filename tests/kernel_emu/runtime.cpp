@@ -72,6 +72,18 @@ __attribute__((no_sanitize_address)) static void poison_static_shared() {
     for (; p != nullptr && p < __stop_emu_static_shared; ++p) *p = 0xff;
 }
 
+// Thread `rank` of a block of `dim` (x fastest: the inverse of emu.h's
+// emu_thread_rank).
+static EmuDim3 thread_index(unsigned rank, EmuDim3 dim) {
+    return EmuDim3{rank % dim.x, rank / dim.x % dim.y, rank / (dim.x * dim.y)};
+}
+
+#ifndef EMU_FIBERS
+// ---- every thread of a block an OS thread ----------------------------------
+// (the emulator binaries of the tests: ThreadSanitizer sees the barriers'
+// happens-before edges between real threads, and AddressSanitizer knows
+// thread stacks)
+
 // How long one block may take before emu_launch calls it hung:
 // EMU_BLOCK_TIMEOUT_S, default 300 s: more than any whole emulated test
 // file takes (under 4 minutes), so only a block that cannot finish hits it.
@@ -83,12 +95,6 @@ static std::chrono::seconds block_timeout() {
     }();
     return std::chrono::seconds(s);
 }
-
-#ifndef EMU_FIBERS
-// ---- every thread of a block an OS thread ----------------------------------
-// (the emulator binaries of the tests: ThreadSanitizer sees the barriers'
-// happens-before edges between real threads, and AddressSanitizer knows
-// thread stacks)
 
 static std::barrier<>* g_barrier = nullptr;
 static std::vector<std::barrier<>*> g_warp_barriers;
@@ -120,8 +126,7 @@ static void worker(unsigned t) {
         seen = pool.generation;
         if (t >= pool.threads) continue;
         const std::function<void()>& kernel = *pool.kernel;
-        const EmuDim3 d = blockDim;
-        threadIdx = EmuDim3{t % d.x, t / d.x % d.y, t / (d.x * d.y)};
+        threadIdx = thread_index(t, blockDim);
         blockIdx = EmuDim3{pool.block, 0, 0};
         lock.unlock();
         kernel();
@@ -273,7 +278,6 @@ struct FiberBlock {
     FiberContext scheduler;
     std::vector<Fiber> fibers;  // stacks kept from block to block
     unsigned threads = 0;
-    unsigned block = 0;
     unsigned at_block_barrier = 0;
     std::vector<unsigned> at_warp_barrier;
     unsigned done = 0;
@@ -345,14 +349,13 @@ void emu_launch(unsigned grid, EmuDim3 block_dim, const std::function<void()>& k
     g_block.at_warp_barrier.assign((block + 31) / 32, 0);
     for (unsigned b = 0; b < grid; ++b) {
         poison_static_shared();
-        g_block.block = b;
         g_block.done = 0;
         g_block.at_block_barrier = 0;
         std::fill(g_block.at_warp_barrier.begin(), g_block.at_warp_barrier.end(), 0u);
         for (unsigned t = 0; t < block; ++t) {
             Fiber& f = g_block.fibers[t];
             fiber_start(&f.context, f.stack, kFiberStack, run_fiber, &g_block.scheduler);
-            f.thread = EmuDim3{t % block_dim.x, t / block_dim.x % block_dim.y, t / (block_dim.x * block_dim.y)};
+            f.thread = thread_index(t, block_dim);
             f.state = Fiber::Ready;
         }
         blockIdx = EmuDim3{b, 0, 0};
