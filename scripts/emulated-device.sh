@@ -9,9 +9,11 @@
 # memory sizes and attributes, workspaces, uploads and downloads, the typed
 # errors of the host checks, the tests' poisoning and bounds. The fake
 # driver checks what a GPU's driver checks at a launch (see its header) and
-# runs the kernels exactly as the kernel emulator tests do.
+# runs the kernels as the kernel emulator tests do, but with a GPU's
+# arithmetic errors at their documented worst (tests/kernel_emu/gpu_arith.h:
+# libm and SFU errors, fmad contraction, truncating tensor cores).
 #
-#     bash scripts/emulated-device.sh      # ~20 min on 2 cores
+#     bash scripts/emulated-device.sh      # ~25 min on 2 cores
 #
 # Needs the test binaries built with kernels (scripts/test.sh builds them;
 # this script runs `cargo test --release --no-run`, a no-op then) and g++.
@@ -19,8 +21,8 @@
 # emulator's, not a GPU's.
 #
 # Not covered here, by design: speed, and what only silicon shows (the
-# SFU's approximations, tensor-core accumulation order, the memory model
-# across blocks). tests/kernel_emu/README.md says what the emulator checks.
+# card's own rounding, beyond the model; the memory model across blocks).
+# tests/kernel_emu/README.md says what the emulator checks.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 

@@ -448,12 +448,14 @@ fn demo(d: Dims, seed: u64) -> Result<(), Failure> {
     }
 
     say!();
+    // As wide as the longest device label (a CUDA one carries the card's name).
+    let dw = rows.iter().map(|r| r.device.chars().count()).max().unwrap_or(0).max(12);
     say!(
-        "{:<10} {:<12} {:<9} {:>10} {:>12} {:>12} {:>14}",
+        "{:<10} {:<dw$} {:<9} {:>10} {:>12} {:>12} {:>14}",
         "mode", "device", "precision", "time (ms)", "y rel L2", "y max-abs", "h_final rel L2"
     );
     say!(
-        "{:<10} {:<12} {:<9} {:>10.1} {:>12} {:>12} {:>14}",
+        "{:<10} {:<dw$} {:<9} {:>10.1} {:>12} {:>12} {:>14}",
         "recurrent", "cpu", "f64", ref_ms, "(reference)", "", ""
     );
     for row in &rows {
@@ -462,11 +464,11 @@ fn demo(d: Dims, seed: u64) -> Result<(), Failure> {
                 let ey = compare(&out.y, &oracle.y);
                 let eh = compare_complex(&out.h_final, &oracle.h_final);
                 say!(
-                    "{:<10} {:<12} {:<9} {:>10.1} {:>12.2e} {:>12.2e} {:>14.2e}",
+                    "{:<10} {:<dw$} {:<9} {:>10.1} {:>12.2e} {:>12.2e} {:>14.2e}",
                     row.mode, row.device, row.precision, ms, ey.rel_l2, ey.max_abs, eh.rel_l2
                 );
             }
-            Err(why) => say!("{:<10} {:<12} {:<9} {why}", row.mode, row.device, row.precision),
+            Err(why) => say!("{:<10} {:<dw$} {:<9} {why}", row.mode, row.device, row.precision),
         }
     }
     if let Some(note) = gpu_note {

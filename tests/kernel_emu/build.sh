@@ -50,6 +50,17 @@ if [ "$kind" = libcuda ]; then
     # Fibers (runtime.cpp): a barrier is a few context switches, not a
     # wake-up of every OS thread of the block.
     flags+=(-fPIC -ftls-model=initial-exec -DEMU_FIBERS)
+    # The fake driver stands in for a GPU, so it computes like one at its
+    # documented worst (gpu_arith.h): library functions and the SFU off by
+    # their error bounds, tensor cores that truncate, and nvcc's default
+    # contraction of a·b + c into one fma (g++'s -ffp-contract=fast, which
+    # overrides the -ffp-contract=off above). GATELOOP_EMU_ARITH=exact keeps
+    # the mirrors' arithmetic instead (to tell a bound from a bug).
+    case "${GATELOOP_EMU_ARITH:-gpu}" in
+        gpu) flags+=(-DEMU_GPU_ARITH -ffp-contract=fast) ;;
+        exact) ;;
+        *) echo "build.sh: unknown GATELOOP_EMU_ARITH '$GATELOOP_EMU_ARITH' (gpu, exact)" >&2; exit 2 ;;
+    esac
 fi
 # The kernels' fmaf as one instruction instead of a libm call, when this CPU
 # has it: the same correctly rounded result (-ffp-contract=off keeps the

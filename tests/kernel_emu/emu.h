@@ -75,9 +75,13 @@ int __syncthreads_or(int predicate);
 // kernels do: warp-uniform control flow).
 void __syncwarp(unsigned mask = 0xffffffffu);
 [[noreturn]] inline void __trap() { std::abort(); }
+#ifdef EMU_GPU_ARITH
+#include "gpu_arith.h"
+#else
 // The SFU's __sincosf is approximate (abs. error ≤ 2^-21.4 on [-π, π]); the
 // emulator uses glibc's correctly rounded-ish sincosf, as the Rust mirror.
 inline void __sincosf(float x, float* s, float* c) { sincosf(x, s, c); }
+#endif
 template <class T>
 inline T min(T a, T b) {
     return b < a ? b : a;
