@@ -222,10 +222,12 @@ pub(crate) use adversarial_regime_tests;
 /// Asserts that `e` is within (`rel`, `abs_frac`), naming the case and the
 /// output. A reference entirely below f32's normal range (a gradient that
 /// passes through e^−90 gates) is judged as the CPU tests judge it
-/// ([`grad::within_bounds`]): max-abs ≤ `abs_frac` · the smallest normal f32,
-/// since f32 has no relative precision left there. Found by the first run of
-/// the GPU tests (on the emulated device): the chunked backward's dh0 of
-/// 2.7e-42 at most came out 0, and the CPU mirror's was 6.8e-4 off relatively.
+/// ([`grad::within_bounds`]): max-abs ≤ the smallest normal f32, since f32
+/// has no relative precision left there and flush-to-zero arithmetic gives 0.
+/// Found by the GPU tests on the emulated device: the chunked backward's dh0
+/// of 2.7e-42 at most came out 0 (the CPU mirror's was 6.8e-4 off
+/// relatively); with the emulated tensor cores flushing subnormals, a dh0 of
+/// 2.3e-41 came out 0.
 pub fn assert_within(label: &str, what: &str, e: &ErrorStats, rel: f64, abs_frac: f64) {
     assert!(grad::within_bounds(e, rel, abs_frac), "{label}: {what} {e:?} (bounds: rel {rel:e}, abs_frac {abs_frac:e})");
 }

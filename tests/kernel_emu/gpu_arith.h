@@ -7,7 +7,7 @@
 // as much as the CUDA C++ Programming Guide's accuracy tables allow, the
 // SFU's __sincosf by its absolute bound, nvcc's default fmad contraction is
 // g++'s -ffp-contract=fast (build.sh), and the tensor cores accumulate with
-// truncation (include/mma.h). A bound that survives this survives a GPU
+// truncation and flush subnormals (include/mma.h). A bound that survives this survives a GPU
 // whose errors are at most these; one that fails here would likely have
 // failed the first GPU run.
 //

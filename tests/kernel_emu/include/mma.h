@@ -7,6 +7,7 @@
 // driver's build, EMU_GPU_ARITH below), each lane stores its share of the tile
 // (every lane holds the same tile, so the union is the whole tile).
 #pragma once
+#include <cfloat>
 #include <cmath>
 #include <cstdint>
 #include <cstdio>
@@ -157,7 +158,9 @@ inline void store_matrix_sync(float* p, const fragment<accumulator, M, N, K, T>&
 // the accumulator: the products exact, every term cut TOWARD ZERO to a
 // multiple of the f32 ulp of the largest term (aligned with no guard bits),
 // the sum exact, then cut toward zero to f32. Truncation is biased: its
-// errors add up instead of cancelling, as they do on the card.
+// errors add up instead of cancelling, as they do on the card. Subnormal
+// operands and results are flushed to zero: whether the tensor cores keep
+// them is not documented, and flushing is the worse case.
 // 2^e for a normal double's exponent range, and the exponent of a normal
 // double (the terms here are products of f32 values: |x| ≥ 2^-298).
 inline double emu_pow2(int e) {
@@ -185,6 +188,7 @@ inline float emu_tensor_core_group(float c, const double* products, int n) {
     for (int i = 0; i < n; ++i) s += std::trunc(products[i] * inv) * ulp;  // multiples of ulp: exact
     float f = static_cast<float>(s);
     if (std::fabs(static_cast<double>(f)) > std::fabs(s)) f = std::nextafterf(f, 0.f);
+    if (std::fabs(f) < FLT_MIN) f = std::copysign(0.f, f);
     return f;
 }
 #endif
@@ -258,8 +262,9 @@ inline void mma_sync(fragment<accumulator, M, N, K, TC>& d, const fragment<matri
             float s = c.x[i * N + j];
             for (int k0 = 0; k0 < K; k0 += kGroup) {
                 double products[kGroup];  // 11 × 11 (or 8 × 8) significant bits: exact in double
+                auto ftz = [](float x) { return std::fabs(x) < FLT_MIN ? 0.f : x; };
                 for (int k = 0; k < kGroup; ++k)
-                    products[k] = static_cast<double>(a.x[i * K + k0 + k]) * static_cast<double>(b.x[(k0 + k) * N + j]);
+                    products[k] = static_cast<double>(ftz(a.x[i * K + k0 + k])) * static_cast<double>(ftz(b.x[(k0 + k) * N + j]));
                 s = emu_tensor_core_group(s, products, kGroup);
             }
             acc[i * N + j] = s;
