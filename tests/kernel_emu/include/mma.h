@@ -7,6 +7,7 @@
 // driver's build, EMU_GPU_ARITH below), each lane stores its share of the tile
 // (every lane holds the same tile, so the union is the whole tile).
 #pragma once
+#include <bit>
 #include <cfloat>
 #include <cmath>
 #include <cstdint>
@@ -151,6 +152,11 @@ inline void store_matrix_sync(float* p, const fragment<accumulator, M, N, K, T>&
 }
 
 #ifdef EMU_GPU_ARITH
+// 2^e for a normal double's exponent range, and the exponent of a normal
+// double (the terms here are products of f32 values: |x| ≥ 2^-298).
+inline double emu_pow2(int e) { return std::bit_cast<double>(static_cast<uint64_t>(e + 1023) << 52); }
+inline int emu_exponent(double x) { return static_cast<int>(std::bit_cast<uint64_t>(x) >> 52 & 0x7ff) - 1023; }
+
 // The fake CUDA driver's tensor core (tests/kernel_emu/gpu_arith.h): the
 // accumulation as measured on V100 and A100 (Fasi, Higham, Mikaitis and
 // Pranesh, "Numerical behavior of NVIDIA tensor cores", 2021), at its
@@ -161,19 +167,6 @@ inline void store_matrix_sync(float* p, const fragment<accumulator, M, N, K, T>&
 // errors add up instead of cancelling, as they do on the card. Subnormal
 // operands and results are flushed to zero: whether the tensor cores keep
 // them is not documented, and flushing is the worse case.
-// 2^e for a normal double's exponent range, and the exponent of a normal
-// double (the terms here are products of f32 values: |x| ≥ 2^-298).
-inline double emu_pow2(int e) {
-    const uint64_t u = static_cast<uint64_t>(e + 1023) << 52;
-    double d;
-    std::memcpy(&d, &u, 8);
-    return d;
-}
-inline int emu_exponent(double x) {
-    uint64_t u;
-    std::memcpy(&u, &x, 8);
-    return static_cast<int>(u >> 52 & 0x7ff) - 1023;
-}
 inline float emu_tensor_core_group(float c, const double* products, int n) {
     double amax = std::fabs(static_cast<double>(c)), plain = c;
     for (int i = 0; i < n; ++i) {
