@@ -10,7 +10,9 @@
 # (cuda_driver.cpp) holding every kernel, for programs that load libcuda
 # (scripts/emulated-device.sh); OUT is then a directory, which receives
 # libcuda.so and libcuda.so.1. It is uninstrumented (GATELOOP_EMU_SANITIZER
-# is ignored): it is loaded into uninstrumented Rust test binaries.
+# is ignored): it is loaded into uninstrumented Rust test binaries. It
+# computes like a GPU at its documented worst (gpu_arith.h), unless
+# GATELOOP_EMU_ARITH=exact.
 #
 # Flags: C++20, no FMA contraction (the kernels' fmaf calls are explicit, as
 # on the GPU), and AddressSanitizer when this g++ has it, so a kernel that
