@@ -165,8 +165,9 @@ inline int emu_exponent(double x) { return static_cast<int>(std::bit_cast<uint64
 // multiple of the f32 ulp of the largest term (aligned with no guard bits),
 // the sum exact, then cut toward zero to f32. Truncation is biased: its
 // errors add up instead of cancelling, as they do on the card. Subnormal
-// operands and results are flushed to zero: whether the tensor cores keep
-// them is not documented, and flushing is the worse case.
+// results are flushed to zero, as are subnormal operands (mma_sync): whether
+// the tensor cores keep them is not documented, and flushing is the worse
+// case.
 inline float emu_tensor_core_group(float c, const double* products, int n) {
     double amax = std::fabs(static_cast<double>(c)), plain = c;
     for (int i = 0; i < n; ++i) {
@@ -184,11 +185,10 @@ inline float emu_tensor_core_group(float c, const double* products, int n) {
     if (std::fabs(f) < FLT_MIN) f = std::copysign(0.f, f);
     return f;
 }
-#endif
 
-// The results of the last few hundred distinct products of one OS thread
-// (the fake driver runs a block's threads as fibers of one OS thread),
-// keyed by a hash of a sample of the operands and checked in full.
+// The products of the last distinct operands one OS thread multiplied (the
+// fake driver runs a block's threads as fibers of one OS thread), in slots
+// picked by a hash of a sample of the operands and matched in full.
 template <int NA, int NB, int NC>
 struct EmuMmaMemo {
     struct Entry {
@@ -197,41 +197,24 @@ struct EmuMmaMemo {
     };
     static constexpr size_t kSlots = 1024;
     std::vector<Entry> slots = std::vector<Entry>(kSlots);
-    static size_t slot(const float* a, const float* b, const float* c) {
+    Entry& slot(const float* a, const float* b, const float* c) {
         uint64_t h = 0xcbf29ce484222325ull;
         auto mix = [&h](const float* x, int n) {
-            for (int i = 0; i < n; i += 7) {
-                uint32_t u;
-                std::memcpy(&u, x + i, 4);
-                h = (h ^ u) * 0x100000001b3ull;
-            }
+            for (int i = 0; i < n; i += 7) h = (h ^ std::bit_cast<uint32_t>(x[i])) * 0x100000001b3ull;
         };
         mix(a, NA);
         mix(b, NB);
         mix(c, NC);
-        return static_cast<size_t>(h ^ h >> 29) % kSlots;
+        return slots[static_cast<size_t>(h ^ h >> 29) % kSlots];
     }
-    Entry* find(const float* a, const float* b, const float* c) {
-        Entry& e = slots[slot(a, b, c)];
-        // memcmp, not ==: a NaN operand (poison) must match itself.
-        const bool same = e.used && std::memcmp(e.a, a, sizeof e.a) == 0 && std::memcmp(e.b, b, sizeof e.b) == 0 &&
-                          std::memcmp(e.c, c, sizeof e.c) == 0;
-        return same ? &e : nullptr;
-    }
-    void put(const float* a, const float* b, const float* c, const float* d) {
-        Entry& e = slots[slot(a, b, c)];
-        e.used = true;
-        std::memcpy(e.a, a, sizeof e.a);
-        std::memcpy(e.b, b, sizeof e.b);
-        std::memcpy(e.c, c, sizeof e.c);
-        std::memcpy(e.d, d, sizeof e.d);
+    // Whether `e` holds the product of exactly these operands (memcmp, not
+    // ==: a NaN operand, the poison, must match itself).
+    static bool holds(const Entry& e, const float* a, const float* b, const float* c) {
+        return e.used && std::memcmp(e.a, a, sizeof e.a) == 0 && std::memcmp(e.b, b, sizeof e.b) == 0 &&
+               std::memcmp(e.c, c, sizeof e.c) == 0;
     }
 };
-template <int NA, int NB, int NC>
-EmuMmaMemo<NA, NB, NC>& emu_mma_memo() {
-    thread_local EmuMmaMemo<NA, NB, NC> memo;
-    return memo;
-}
+#endif
 
 // d = a · b + c (d may alias c): one fmaf per k in k order, or under
 // EMU_GPU_ARITH the tensor core's truncating groups.
@@ -243,27 +226,29 @@ inline void mma_sync(fragment<accumulator, M, N, K, TC>& d, const fragment<matri
     static_assert(K % kGroup == 0, "whole groups");
     // Every lane of the warp holds the whole tile and calls with the same
     // operands, one lane after the other: the 31 repeats come from a memo.
-    EmuMmaMemo<M * K, K * N, M * N>& memo = emu_mma_memo<M * K, K * N, M * N>();
-    typename EmuMmaMemo<M * K, K * N, M * N>::Entry* hit = memo.find(a.x, b.x, c.x);
-    if (hit != nullptr) {
-        std::memcpy(d.x, hit->d, sizeof d.x);
-        return;
-    }
-    float acc[M * N];
-    for (int i = 0; i < M; ++i)
-        for (int j = 0; j < N; ++j) {
-            float s = c.x[i * N + j];
-            for (int k0 = 0; k0 < K; k0 += kGroup) {
-                double products[kGroup];  // 11 × 11 (or 8 × 8) significant bits: exact in double
-                auto ftz = [](float x) { return std::fabs(x) < FLT_MIN ? 0.f : x; };
-                for (int k = 0; k < kGroup; ++k)
-                    products[k] = static_cast<double>(ftz(a.x[i * K + k0 + k])) * static_cast<double>(ftz(b.x[(k0 + k) * N + j]));
-                s = emu_tensor_core_group(s, products, kGroup);
+    thread_local EmuMmaMemo<M * K, K * N, M * N> memo;
+    auto& e = memo.slot(a.x, b.x, c.x);
+    if (!memo.holds(e, a.x, b.x, c.x)) {
+        e.used = true;
+        std::memcpy(e.a, a.x, sizeof e.a);
+        std::memcpy(e.b, b.x, sizeof e.b);
+        std::memcpy(e.c, c.x, sizeof e.c);
+        float af[M * K], bf[K * N];  // the operands, subnormals flushed
+        for (int i = 0; i < M * K; ++i) af[i] = std::fabs(a.x[i]) < FLT_MIN ? 0.f : a.x[i];
+        for (int i = 0; i < K * N; ++i) bf[i] = std::fabs(b.x[i]) < FLT_MIN ? 0.f : b.x[i];
+        for (int i = 0; i < M; ++i)
+            for (int j = 0; j < N; ++j) {
+                float s = c.x[i * N + j];
+                for (int k0 = 0; k0 < K; k0 += kGroup) {
+                    double products[kGroup];  // 11 × 11 (or 8 × 8) significant bits: exact in double
+                    for (int k = 0; k < kGroup; ++k)
+                        products[k] = static_cast<double>(af[i * K + k0 + k]) * static_cast<double>(bf[(k0 + k) * N + j]);
+                    s = emu_tensor_core_group(s, products, kGroup);
+                }
+                e.d[i * N + j] = s;
             }
-            acc[i * N + j] = s;
-        }
-    memo.put(a.x, b.x, c.x, acc);
-    std::memcpy(d.x, acc, sizeof d.x);
+    }
+    std::memcpy(d.x, e.d, sizeof d.x);
 #else
     for (int i = 0; i < M; ++i)
         for (int j = 0; j < N; ++j) {
