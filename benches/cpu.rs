@@ -8,16 +8,16 @@
 
 use std::time::Duration;
 
-use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
+use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
+use gateloop::Outputs;
 use gateloop::cpu::chunked::{self, ChunkParams};
 use gateloop::cpu::chunked_grad;
 use gateloop::cpu::scan_grad;
 use gateloop::cuda::scan_grad::plan as scan_grad_plan;
 use gateloop::dispatch::MIRROR_SM_COUNT;
-use gateloop::reference::grad::{GradInputs, Grads};
 use gateloop::reference;
-use gateloop::testing::{dims, random_problem, GateRegime};
-use gateloop::Outputs;
+use gateloop::reference::grad::{GradInputs, Grads};
+use gateloop::testing::{GateRegime, dims, random_problem};
 
 fn bench_case(c: &mut Criterion, name: &str, d: gateloop::Dims) {
     let p = random_problem(d, GateRegime::Random, true, 1).to_f32();

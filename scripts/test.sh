@@ -19,7 +19,21 @@ else
     echo "test.sh: libclang not found; bindgen regeneration check SKIPPED (the header-hash check in build.rs still runs)"
 fi
 
+# Formatting (rustfmt.toml) before anything is built: a failure here costs seconds.
+if cargo fmt --version >/dev/null 2>&1; then
+    cargo fmt --check
+else
+    echo "test.sh: rustfmt not installed; the formatting check is SKIPPED"
+fi
+
 cargo test --release --all-targets "$@"
+
+# Lints: clippy on every target, warnings as errors.
+if cargo clippy --version >/dev/null 2>&1; then
+    cargo clippy --release --all-targets -- -D warnings
+else
+    echo "test.sh: clippy not installed; the lint check is SKIPPED"
+fi
 
 # The GPU tests, the CLI's CUDA paths and the benchmark harness once more,
 # against a fake CUDA driver that runs every kernel on the CPU emulator

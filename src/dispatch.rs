@@ -24,7 +24,7 @@ use crate::error::InputError;
 use crate::problem::{Outputs, Problem, Real};
 use crate::reference::grad::Grads;
 use crate::reference::{self, RefMode};
-use crate::{cpu, Mode};
+use crate::{Mode, cpu};
 
 /// The SM count whose launch geometry the CPU mirrors follow (an H200's).
 pub const MIRROR_SM_COUNT: usize = 132;
@@ -58,7 +58,13 @@ pub fn cpu_f64(mode: Mode, p: &Problem<'_, f64>) -> Result<Outputs<f64>, InputEr
         Mode::Recurrent => RefMode::Recurrent,
         Mode::Scan => RefMode::Scan,
         Mode::Attention => RefMode::Attention,
-        Mode::Chunked => return Err(unavailable(mode, "chunked is the f32 fast path; f64 runs the reference modes", &CPU_F64_MODES)),
+        Mode::Chunked => {
+            return Err(unavailable(
+                mode,
+                "chunked is the f32 fast path; f64 runs the reference modes",
+                &CPU_F64_MODES,
+            ));
+        }
     };
     reference::forward(m, p)
 }

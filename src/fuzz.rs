@@ -185,22 +185,22 @@
 use std::fmt::{self, Write as _};
 use std::io::{IsTerminal, Write as _};
 use std::ops::Range;
-use std::rc::Rc;
 use std::path::{Path, PathBuf};
+use std::rc::Rc;
 use std::time::{Duration, Instant};
 
 use num_complex::Complex;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
-use crate::dispatch;
+use crate::Mode;
 use crate::cuda;
+use crate::dispatch;
 use crate::io::{self, Upstream};
 use crate::problem::{Dims, GateLayout, Outputs};
 use crate::reference;
 use crate::reference::grad::{GradInputs, Grads};
-use crate::testing::{random_problem, GateRegime, OwnedProblem};
-use crate::Mode;
+use crate::testing::{GateRegime, OwnedProblem, random_problem};
 
 /// Largest B·H·L·K·V of a drawn case (or `max_len`, if larger, so that
 /// L = max_len is always reachable with B = H = K = V = 1).
@@ -386,12 +386,14 @@ pub fn upstream_to_f32(up: &Upstream<f64>) -> Upstream<f32> {
 /// back to the adjoint recurrence in f32 (fuzzed once, as recurrent).
 fn cpu_grad_f32_run(mode: Mode) -> Option<GradRunFn> {
     match mode {
-        Mode::Recurrent | Mode::Scan | Mode::Chunked => Some(Box::new(move |p: &OwnedProblem<f64>, up: &Upstream<f64>| {
-            let up = upstream_to_f32(up);
-            dispatch::cpu_grad_f32(mode, &p.to_f32().view(), &up.dy, up.dh_final.as_deref())
-                .map(|g| widen_grads(&g))
-                .map_err(|e| e.to_string())
-        })),
+        Mode::Recurrent | Mode::Scan | Mode::Chunked => {
+            Some(Box::new(move |p: &OwnedProblem<f64>, up: &Upstream<f64>| {
+                let up = upstream_to_f32(up);
+                dispatch::cpu_grad_f32(mode, &p.to_f32().view(), &up.dy, up.dh_final.as_deref())
+                    .map(|g| widen_grads(&g))
+                    .map_err(|e| e.to_string())
+            }))
+        }
         Mode::Attention => None,
     }
 }
@@ -508,7 +510,11 @@ pub enum SetupError {
 
 /// The forward targets for a device, modes and precisions: [`select`] with
 /// [`Kind::Forward`] alone.
-pub fn targets(device: Device, modes: &[Mode], precisions: &[Precision]) -> Result<(Vec<Target>, Vec<String>), SetupError> {
+pub fn targets(
+    device: Device,
+    modes: &[Mode],
+    precisions: &[Precision],
+) -> Result<(Vec<Target>, Vec<String>), SetupError> {
     select(device, &[Kind::Forward], modes, precisions)
 }
 
@@ -541,9 +547,9 @@ pub fn select(
                     },
                     (Kind::Grad, None) => match Target::cpu_grad(m, pr) {
                         Some(t) => out.push(t),
-                        None if pr == Precision::F64 => notes.push(format!(
-                            "{what} is the oracle itself (the f64 adjoint recurrence): not fuzzed"
-                        )),
+                        None if pr == Precision::F64 => {
+                            notes.push(format!("{what} is the oracle itself (the f64 adjoint recurrence): not fuzzed"))
+                        }
                         None => notes.push(format!(
                             "{what} is the adjoint recurrence in f32 (the recurrent grad target): not fuzzed again"
                         )),
@@ -573,7 +579,11 @@ pub fn select(
         }
     }
     if out.is_empty() {
-        return Err(SetupError::Empty(if notes.is_empty() { "no modes or dtypes selected".into() } else { notes.join("; ") }));
+        return Err(SetupError::Empty(if notes.is_empty() {
+            "no modes or dtypes selected".into()
+        } else {
+            notes.join("; ")
+        }));
     }
     Ok((out, notes))
 }
@@ -613,8 +623,8 @@ fn mix(seed: u64, index: u64) -> u64 {
 
 const DIM_POOL: [usize; 18] = [1, 1, 2, 3, 4, 5, 7, 8, 11, 13, 16, 17, 31, 32, 33, 63, 64, 65];
 const LEN_POOL: [usize; 29] = [
-    1, 2, 3, 7, 15, 16, 17, 31, 32, 33, 63, 64, 65, 127, 128, 129, 255, 256, 257, 1023, 1024, 1025, 2047, 2048,
-    2049, 4095, 4096, 4097, 65537,
+    1, 2, 3, 7, 15, 16, 17, 31, 32, 33, 63, 64, 65, 127, 128, 129, 255, 256, 257, 1023, 1024, 1025, 2047, 2048, 2049,
+    4095, 4096, 4097, 65537,
 ];
 
 /// Draws case `index` of the campaign with `seed` (lengths up to `max_len`).
@@ -653,8 +663,11 @@ pub fn draw_case(seed: u64, index: u64, max_len: usize) -> CaseSpec {
         d[i] = d[i].div_ceil(2);
     }
     let per_head = rng.random_bool(0.3);
-    let dims = Dims::new(d[0], len, d[1], d[2], d[3])
-        .with_gate(if per_head { GateLayout::PerHead } else { GateLayout::PerChannel });
+    let dims = Dims::new(d[0], len, d[1], d[2], d[3]).with_gate(if per_head {
+        GateLayout::PerHead
+    } else {
+        GateLayout::PerChannel
+    });
     let regime = match rng.random_range(0..17) {
         0..=2 => GateRegime::Random,
         3..=5 => GateRegime::Resets([0.001, 0.05, 0.5, 1.0][rng.random_range(0..4)]),
@@ -711,7 +724,9 @@ impl CaseSpec {
         let d = self.dims;
         let dy = (0..d.v_len()).map(|_| self.dy_scale * rng.random_range(-1.0..1.0)).collect();
         let dh_final = self.dh_final_scale.map(|s| {
-            (0..d.state_len()).map(|_| Complex::new(s * rng.random_range(-1.0..1.0), s * rng.random_range(-1.0..1.0))).collect()
+            (0..d.state_len())
+                .map(|_| Complex::new(s * rng.random_range(-1.0..1.0), s * rng.random_range(-1.0..1.0)))
+                .collect()
         });
         Upstream { dy, dh_final }
     }
@@ -870,7 +885,13 @@ fn score_tensor(out: &[f64], reference: &[f64], r: &[f64], floor: f64, min_scale
         max_s = max_s.max(x.abs()).max(m);
     }
     if nan {
-        return TensorScore { e_l2: f64::NAN, e_max: f64::NAN, rel_l2: f64::NAN, norm_ref: den.sqrt(), norm_r: rr.sqrt() };
+        return TensorScore {
+            e_l2: f64::NAN,
+            e_max: f64::NAN,
+            rel_l2: f64::NAN,
+            norm_ref: den.sqrt(),
+            norm_r: rr.sqrt(),
+        };
     }
     let (num, den, rr) = (num.sqrt(), den.sqrt(), rr.sqrt());
     let scale = den.max(rr).max(min_scale);
@@ -1027,7 +1048,8 @@ impl GradOracle {
     /// scores NaN (fails).
     pub fn judge_with_floor(&self, g: &Grads<f64>, tol: f64, floor: f64) -> Verdict {
         let e = &self.grads;
-        let score = |out: &[f64], reference: &[f64], r: &[f64]| score_tensor(out, reference, r, floor, self.smallest_normal);
+        let score =
+            |out: &[f64], reference: &[f64], r: &[f64]| score_tensor(out, reference, r, floor, self.smallest_normal);
         let mut tensors = vec![
             ("dq", score(&g.dq, &e.dq, &self.r_dq)),
             ("dk", score(&g.dk, &e.dk, &self.r_dk)),
@@ -1446,13 +1468,8 @@ impl FuzzReport {
                 let _ = writeln!(s, "  {}", f.case.upstream_str());
             }
             let _ = writeln!(s, "  {}", f.why);
-            let _ = writeln!(
-                s,
-                "  shrunk in {} steps to {}: {}",
-                f.shrink_steps,
-                dims_str(&f.shrunk_dims),
-                f.shrunk_why
-            );
+            let _ =
+                writeln!(s, "  shrunk in {} steps to {}: {}", f.shrink_steps, dims_str(&f.shrunk_dims), f.shrunk_why);
             match &f.files {
                 Some(Ok(files)) => {
                     let _ = writeln!(s, "  input:    {}", files.input.display());
@@ -1554,10 +1571,8 @@ fn write_failure(
             match (out, f32_target) {
                 (Actual::Forward(out), false) => io::write_outputs(&a, d, out).map_err(e)?,
                 (Actual::Forward(out), true) => {
-                    let o32 = Outputs {
-                        y: out.y.iter().map(|&x| x as f32).collect(),
-                        h_final: narrow_complex(&out.h_final),
-                    };
+                    let o32 =
+                        Outputs { y: out.y.iter().map(|&x| x as f32).collect(), h_final: narrow_complex(&out.h_final) };
                     io::write_outputs(&a, d, &o32).map_err(e)?
                 }
                 (Actual::Grad(g), false) => io::write_grads(&a, d, g).map_err(e)?,
@@ -1584,7 +1599,11 @@ fn write_failure(
             shell_quote(&replay_output),
             target.mode.name()
         ),
-        format!("gateloop check {} {} --rtol {check_rtol:.3e}", shell_quote(&expected_path), shell_quote(&replay_output)),
+        format!(
+            "gateloop check {} {} --rtol {check_rtol:.3e}",
+            shell_quote(&expected_path),
+            shell_quote(&replay_output)
+        ),
     ];
     if let Some(a) = &actual {
         commands.push(format!(
@@ -1605,9 +1624,12 @@ fn affordable(target: &Target, d: &Dims) -> bool {
     let heads = d.batch.saturating_mul(d.heads);
     match target.mode {
         Mode::Attention => {
-            heads.saturating_mul(d.len).saturating_mul(d.len).saturating_mul(d.key_dim + d.value_dim) <= MAX_ATTENTION_WORK
+            heads.saturating_mul(d.len).saturating_mul(d.len).saturating_mul(d.key_dim + d.value_dim)
+                <= MAX_ATTENTION_WORK
         }
-        Mode::Scan => heads.saturating_mul(d.len).saturating_mul(d.key_dim).saturating_mul(d.value_dim) <= MAX_SCAN_ELEMENTS,
+        Mode::Scan => {
+            heads.saturating_mul(d.len).saturating_mul(d.key_dim).saturating_mul(d.value_dim) <= MAX_SCAN_ELEMENTS
+        }
         _ => true,
     }
 }
@@ -1880,7 +1902,8 @@ mod tests {
         let up = Upstream { dy: dy.to_vec(), dh_final: Some(vec![dhf]) };
         let o = GradOracle::new(&p, &up, Precision::F64).unwrap();
         let (a0, a1) = ((2.0 * g0.re).exp(), (2.0 * g1.re).exp()); // |a|²
-        let r_dg1 = (a1 * (a0 * h0.norm_sqr() + (k[0] * v[0]).powi(2)) * (dhf.norm_sqr() + (q[1] * dy[1]).powi(2))).sqrt();
+        let r_dg1 =
+            (a1 * (a0 * h0.norm_sqr() + (k[0] * v[0]).powi(2)) * (dhf.norm_sqr() + (q[1] * dy[1]).powi(2))).sqrt();
         let r_dh0 = (a0 * (a1 * dhf.norm_sqr() + a1 * (q[1] * dy[1]).powi(2) + (q[0] * dy[0]).powi(2))).sqrt();
         let close = |x: f64, y: f64| (x - y).abs() <= 1e-12 * y;
         assert!(close(o.r_dlog_gate[2], r_dg1) && close(o.r_dlog_gate[3], r_dg1), "{:?} vs {r_dg1}", o.r_dlog_gate);
@@ -1924,4 +1947,3 @@ mod tests {
         assert!(s.e_l2 > 0.02, "{s:?}");
     }
 }
-

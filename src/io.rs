@@ -95,9 +95,7 @@ pub enum FileError {
     },
 
     /// A required tensor is absent.
-    #[error(
-        "`{file}`: missing tensor `{name}` (required: q, k, v, log_gate; optional: h0; found: {found})"
-    )]
+    #[error("`{file}`: missing tensor `{name}` (required: q, k, v, log_gate; optional: h0; found: {found})")]
     MissingTensor {
         /// The file.
         file: String,
@@ -131,7 +129,9 @@ pub enum FileError {
 
     /// A tensor has a floating-point dtype that is planned but not yet
     /// supported as an input (F16, BF16).
-    #[error("`{file}`: tensor `{name}` has dtype {found}, which is not yet supported as an input; convert the file to F32 or F64")]
+    #[error(
+        "`{file}`: tensor `{name}` has dtype {found}, which is not yet supported as an input; convert the file to F32 or F64"
+    )]
     DtypeNotYetSupported {
         /// The file.
         file: String,
@@ -142,7 +142,9 @@ pub enum FileError {
     },
 
     /// Two tensors have different (accepted) dtypes.
-    #[error("`{file}`: tensor `{name}` is {found} but `{first}` is {first_dtype}; all tensors must have the same dtype")]
+    #[error(
+        "`{file}`: tensor `{name}` is {found} but `{first}` is {first_dtype}; all tensors must have the same dtype"
+    )]
     MixedDtypes {
         /// The file.
         file: String,
@@ -318,13 +320,12 @@ fn precheck(bytes: &[u8], file: &str) -> Result<(), FileError> {
         return Err(format_err(file, format!("{} bytes is too short for the 8-byte header length", bytes.len())));
     };
     let n = u64::from_le_bytes(*len_bytes);
-    let header = usize::try_from(n)
-        .ok()
-        .and_then(|n| rest.get(..n))
-        .ok_or_else(|| format_err(file, format!("header length {n} exceeds the {} bytes after it (truncated?)", rest.len())))?;
+    let header = usize::try_from(n).ok().and_then(|n| rest.get(..n)).ok_or_else(|| {
+        format_err(file, format!("header length {n} exceeds the {} bytes after it (truncated?)", rest.len()))
+    })?;
     let data_len = rest.len() - header.len();
-    let json: serde_json::Value = serde_json::from_slice(header)
-        .map_err(|e| format_err(file, format!("header is not valid JSON: {e}")))?;
+    let json: serde_json::Value =
+        serde_json::from_slice(header).map_err(|e| format_err(file, format!("header is not valid JSON: {e}")))?;
     let serde_json::Value::Object(entries) = json else {
         return Err(format_err(file, "header is not a JSON object"));
     };
@@ -342,7 +343,9 @@ fn precheck(bytes: &[u8], file: &str) -> Result<(), FileError> {
         if start > end || end > data_len as u64 {
             return Err(format_err(
                 file,
-                format!("tensor `{name}` declares bytes {start}..{end} but the file has {data_len} data bytes (truncated?)"),
+                format!(
+                    "tensor `{name}` declares bytes {start}..{end} but the file has {data_len} data bytes (truncated?)"
+                ),
             ));
         }
     }
@@ -477,7 +480,12 @@ impl DimTable {
             }
             let Some(slot) = axis.slot() else { continue };
             if value == 0 {
-                return Err(FileError::ZeroDim { file: file.to_string(), name, dim: axis.label(), actual: shape_str(shape) });
+                return Err(FileError::ZeroDim {
+                    file: file.to_string(),
+                    name,
+                    dim: axis.label(),
+                    actual: shape_str(shape),
+                });
             }
             if axis == Axis::Gate {
                 // 1 is a per-head gate unless K is 1 too (then both layouts agree).
@@ -491,7 +499,8 @@ impl DimTable {
             match self.slots[slot] {
                 None => self.slots[slot] = Some((value, name)),
                 Some((first_value, first)) if first_value != value => {
-                    let note = if axis == Axis::Gate { "; log_gate's 4th axis is K, or 1 for a per-head gate" } else { "" };
+                    let note =
+                        if axis == Axis::Gate { "; log_gate's 4th axis is K, or 1 for a per-head gate" } else { "" };
                     return Err(FileError::InconsistentDim {
                         file: file.to_string(),
                         dim,
@@ -695,7 +704,8 @@ pub fn parse_grad_problem(bytes: &[u8], file: &str) -> Result<LoadedGradProblem,
         let t = |x: f64| T::from(x).unwrap_or_else(T::nan);
         Upstream {
             dy: dy.into_iter().map(t).collect(),
-            dh_final: dh_final.map(|v| v.as_chunks::<2>().0.iter().map(|&[re, im]| Complex::new(t(re), t(im))).collect()),
+            dh_final: dh_final
+                .map(|v| v.as_chunks::<2>().0.iter().map(|&[re, im]| Complex::new(t(re), t(im))).collect()),
         }
     }
     Ok(match problem {
@@ -910,7 +920,7 @@ impl fmt::Display for LoadedProblem {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::testing::{dims, random_problem, GateRegime};
+    use crate::testing::{GateRegime, dims, random_problem};
     use rand::rngs::StdRng;
     use rand::{Rng, SeedableRng};
 
@@ -1006,7 +1016,10 @@ mod tests {
         let err = parse_problem(&problem_to_bytes(&bad.view()).unwrap(), "f.safetensors").unwrap_err();
         let msg = err.to_string();
         assert!(matches!(err, FileError::Value { .. }));
-        assert!(msg.contains("f.safetensors") && msg.contains("`log_gate` element 5") && msg.contains("Re(log_gate) > 0"), "{msg}");
+        assert!(
+            msg.contains("f.safetensors") && msg.contains("`log_gate` element 5") && msg.contains("Re(log_gate) > 0"),
+            "{msg}"
+        );
 
         let err = parse_problem(&header_file("{}", 0), "e").unwrap_err();
         assert!(err.to_string().contains("missing tensor `q`") && err.to_string().contains("found: none"), "{err}");

@@ -57,7 +57,7 @@ pub mod testing;
 
 pub use error::InputError;
 pub use num_complex::Complex;
-pub use problem::{compare, compare_complex, Dims, ErrorStats, GateLayout, Outputs, OutputsMut, Problem, Real};
+pub use problem::{Dims, ErrorStats, GateLayout, Outputs, OutputsMut, Problem, Real, compare, compare_complex};
 
 /// The ways to compute the operator.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]

@@ -21,8 +21,8 @@ macro_rules! say {
 
 use gateloop::io::{self, FileError, LoadedProblem};
 use gateloop::reference::{self, RefMode};
-use gateloop::testing::{random_problem, GateRegime, OwnedProblem};
-use gateloop::{compare, compare_complex, cuda, dispatch, fuzz, Dims, Mode, Outputs};
+use gateloop::testing::{GateRegime, OwnedProblem, random_problem};
+use gateloop::{Dims, Mode, Outputs, compare, compare_complex, cuda, dispatch, fuzz};
 
 #[derive(Parser)]
 #[command(name = "gateloop", version, about = "GateLoop (Katsch 2023): fully data-controlled linear recurrence")]
@@ -452,11 +452,23 @@ fn demo(d: Dims, seed: u64) -> Result<(), Failure> {
     let dw = rows.iter().map(|r| r.device.chars().count()).max().unwrap_or(0).max(12);
     say!(
         "{:<10} {:<dw$} {:<9} {:>10} {:>12} {:>12} {:>14}",
-        "mode", "device", "precision", "time (ms)", "y rel L2", "y max-abs", "h_final rel L2"
+        "mode",
+        "device",
+        "precision",
+        "time (ms)",
+        "y rel L2",
+        "y max-abs",
+        "h_final rel L2"
     );
     say!(
         "{:<10} {:<dw$} {:<9} {:>10.1} {:>12} {:>12} {:>14}",
-        "recurrent", "cpu", "f64", ref_ms, "(reference)", "", ""
+        "recurrent",
+        "cpu",
+        "f64",
+        ref_ms,
+        "(reference)",
+        "",
+        ""
     );
     for row in &rows {
         match &row.result {
@@ -465,7 +477,13 @@ fn demo(d: Dims, seed: u64) -> Result<(), Failure> {
                 let eh = compare_complex(&out.h_final, &oracle.h_final);
                 say!(
                     "{:<10} {:<dw$} {:<9} {:>10.1} {:>12.2e} {:>12.2e} {:>14.2e}",
-                    row.mode, row.device, row.precision, ms, ey.rel_l2, ey.max_abs, eh.rel_l2
+                    row.mode,
+                    row.device,
+                    row.precision,
+                    ms,
+                    ey.rel_l2,
+                    ey.max_abs,
+                    eh.rel_l2
                 );
             }
             Err(why) => say!("{:<10} {:<dw$} {:<9} {why}", row.mode, row.device, row.precision),
@@ -493,7 +511,13 @@ fn check(a: PathBuf, b: PathBuf, rtol: f64) -> Result<(), Failure> {
             continue;
         };
         if x.shape != y.shape {
-            problems.push(format!("tensor `{name}` has shape {:?} in `{}` but {:?} in `{}`", x.shape, a.display(), y.shape, b.display()));
+            problems.push(format!(
+                "tensor `{name}` has shape {:?} in `{}` but {:?} in `{}`",
+                x.shape,
+                a.display(),
+                y.shape,
+                b.display()
+            ));
             continue;
         }
         let e = compare(&y.data, &x.data);
@@ -584,7 +608,12 @@ fn bench(
         .iter()
         .filter(|r| !r.outputs_finite)
         .map(|r| format!("{} {} {}: non-finite output", r.kernel, r.dtype, bench::shape_str(&r.dims)))
-        .chain(report.failures.iter().map(|f| format!("{} {} {}: {}", f.kernel, f.dtype, bench::shape_str(&f.dims), f.error)))
+        .chain(
+            report
+                .failures
+                .iter()
+                .map(|f| format!("{} {} {}: {}", f.kernel, f.dtype, bench::shape_str(&f.dims), f.error)),
+        )
         .collect();
     if bad.is_empty() { Ok(()) } else { Err(Failure::Runtime(format!("bench failures:\n  {}", bad.join("\n  ")))) }
 }
@@ -614,7 +643,11 @@ fn fuzz_cmd(
     }
     let report = fuzz::run_campaign(&cfg, &mut targets);
     say!("{}", report.render());
-    if report.passed() { Ok(()) } else { Err(Failure::Runtime(format!("{} disagreement(s) found", report.failures.len()))) }
+    if report.passed() {
+        Ok(())
+    } else {
+        Err(Failure::Runtime(format!("{} disagreement(s) found", report.failures.len())))
+    }
 }
 
 fn main() -> ExitCode {
@@ -630,7 +663,19 @@ fn main() -> ExitCode {
         Command::Bench { json, kernels, dtypes, shapes, runs, warmup, seed, list } => {
             bench(json, kernels, dtypes, shapes, runs, warmup, seed, list)
         }
-        Command::Fuzz { cases, seed, first_case, device, modes, dtypes, max_len, targets, time_budget, out, max_failures } => {
+        Command::Fuzz {
+            cases,
+            seed,
+            first_case,
+            device,
+            modes,
+            dtypes,
+            max_len,
+            targets,
+            time_budget,
+            out,
+            max_failures,
+        } => {
             let device = match device {
                 Device::Cpu => fuzz::Device::Cpu,
                 Device::Cuda => fuzz::Device::Cuda,

@@ -239,7 +239,12 @@ impl<'a, T: Real> Problem<'a, T> {
         if let Some(h0) = self.h0
             && let Some(index) = h0.iter().position(|z| !z.re.is_finite() || !z.im.is_finite())
         {
-            return Err(InputError::Value { name: "h0", index, value: format!("{}", h0[index]), why: "must be finite" });
+            return Err(InputError::Value {
+                name: "h0",
+                index,
+                value: format!("{}", h0[index]),
+                why: "must be finite",
+            });
         }
         Ok(())
     }
@@ -270,7 +275,10 @@ pub struct Outputs<T> {
 impl<T: Real> Outputs<T> {
     /// Zero-filled outputs for `dims`.
     pub fn zeros(dims: &Dims) -> Self {
-        Outputs { y: vec![T::zero(); dims.v_len()], h_final: vec![Complex::new(T::zero(), T::zero()); dims.state_len()] }
+        Outputs {
+            y: vec![T::zero(); dims.v_len()],
+            h_final: vec![Complex::new(T::zero(), T::zero()); dims.state_len()],
+        }
     }
     /// Allocates the outputs of `p` (after checking its lengths, so a bad
     /// shape is an error, not a huge allocation) and fills them with `into`.
@@ -330,7 +338,10 @@ pub fn compare<A: Copy + Into<f64>, B: Copy + Into<f64>>(out: &[A], reference: &
 }
 
 /// Same as [`compare`] for complex tensors, as their interleaved reals.
-pub fn compare_complex<A: Copy + Into<f64>, B: Copy + Into<f64>>(out: &[Complex<A>], reference: &[Complex<B>]) -> ErrorStats {
+pub fn compare_complex<A: Copy + Into<f64>, B: Copy + Into<f64>>(
+    out: &[Complex<A>],
+    reference: &[Complex<B>],
+) -> ErrorStats {
     let o: Vec<f64> = out.iter().flat_map(|z| [z.re.into(), z.im.into()]).collect();
     let r: Vec<f64> = reference.iter().flat_map(|z| [z.re.into(), z.im.into()]).collect();
     compare(&o, &r)

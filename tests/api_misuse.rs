@@ -11,7 +11,7 @@
 use gateloop::cpu::chunked::{self, ChunkParams};
 use gateloop::reference::grad::{self, GradInputs, Grads};
 use gateloop::reference::{attention, recurrent, scan};
-use gateloop::testing::{dims, random_problem, GateRegime, OwnedProblem};
+use gateloop::testing::{GateRegime, OwnedProblem, dims, random_problem};
 use gateloop::{Complex, Dims, InputError, Outputs, OutputsMut, Problem};
 
 type Res = Result<(), InputError>;
@@ -22,8 +22,11 @@ fn all_entry_points(p64: &Problem<'_, f64>, p32: &Problem<'_, f32>) -> Vec<(&'st
     // Buffers sized for d when that fits in memory, else small (the call must
     // refuse the problem before touching them).
     let small = |n: Option<usize>| n.filter(|&n| n <= 1 << 20).unwrap_or(1);
-    let v_len = small(d.batch.checked_mul(d.len).and_then(|x| x.checked_mul(d.heads)).and_then(|x| x.checked_mul(d.value_dim)));
-    let s_len = small(d.batch.checked_mul(d.heads).and_then(|x| x.checked_mul(d.key_dim)).and_then(|x| x.checked_mul(d.value_dim)));
+    let v_len =
+        small(d.batch.checked_mul(d.len).and_then(|x| x.checked_mul(d.heads)).and_then(|x| x.checked_mul(d.value_dim)));
+    let s_len = small(
+        d.batch.checked_mul(d.heads).and_then(|x| x.checked_mul(d.key_dim)).and_then(|x| x.checked_mul(d.value_dim)),
+    );
     let mut y64 = vec![0.0f64; v_len];
     let mut h64 = vec![Complex::new(0.0f64, 0.0); s_len];
     let mut y32 = vec![0.0f32; v_len];
@@ -42,7 +45,10 @@ fn all_entry_points(p64: &Problem<'_, f64>, p32: &Problem<'_, f32>) -> Vec<(&'st
         ("recurrent::forward_into", recurrent::forward_into(p64, OutputsMut { y: &mut y64, h_final: &mut h64 })),
         ("scan::forward_into", scan::forward_into(p64, OutputsMut { y: &mut y64, h_final: &mut h64 })),
         ("attention::forward_into", attention::forward_into(p64, OutputsMut { y: &mut y64, h_final: &mut h64 })),
-        ("chunked::forward_into", chunked::forward_into(p32, &ChunkParams::default(), OutputsMut { y: &mut y32, h_final: &mut h32 })),
+        (
+            "chunked::forward_into",
+            chunked::forward_into(p32, &ChunkParams::default(), OutputsMut { y: &mut y32, h_final: &mut h32 }),
+        ),
         ("grad::backward", grad::backward(p64, &dy, None).map(|_| ())),
     ]
 }
@@ -154,7 +160,11 @@ fn wrong_output_lengths_are_refused() {
         assert!(is(attention::forward_into(&p.view(), OutputsMut { y: &mut y, h_final: &mut h })));
         let mut y = vec![0.0f32; y_len];
         let mut h = vec![Complex::new(0.0f32, 0.0); h_len];
-        assert!(is(chunked::forward_into(&p32.view(), &ChunkParams::default(), OutputsMut { y: &mut y, h_final: &mut h })));
+        assert!(is(chunked::forward_into(
+            &p32.view(),
+            &ChunkParams::default(),
+            OutputsMut { y: &mut y, h_final: &mut h }
+        )));
     }
 }
 
@@ -201,7 +211,12 @@ fn gates_outside_the_domain_are_refused() {
         let mut a = p.clone();
         a.log_gate[i + 3] = g;
         let b = a.to_f32();
-        expect_all(&a.view(), &b.view(), &format!("{g}"), |e| matches!(e, InputError::Value { name: "log_gate", index, .. } if *index == i + 3));
+        expect_all(
+            &a.view(),
+            &b.view(),
+            &format!("{g}"),
+            |e| matches!(e, InputError::Value { name: "log_gate", index, .. } if *index == i + 3),
+        );
     }
 }
 
@@ -244,7 +259,10 @@ fn non_finite_inputs_propagate_only_to_the_outputs_they_touch() {
                     let (got, want) = (&out.y[o..o + d.value_dim], &clean.y[o..o + d.value_dim]);
                     let touched = (b, h) == (b0, h0) && (t >= t0 && tensor != "q" || t == t0 && tensor == "q");
                     if touched {
-                        assert!(got.iter().any(|y| !y.is_finite()), "{tensor}={bad}: y[{b},{t},{h}] should be non-finite: {got:?}");
+                        assert!(
+                            got.iter().any(|y| !y.is_finite()),
+                            "{tensor}={bad}: y[{b},{t},{h}] should be non-finite: {got:?}"
+                        );
                     } else {
                         assert!(
                             got.iter().zip(want).all(|(a, b)| a.to_bits() == b.to_bits()),
@@ -254,9 +272,10 @@ fn non_finite_inputs_propagate_only_to_the_outputs_they_touch() {
                 }
                 let kv = d.key_dim * d.value_dim;
                 let s = (b * d.heads + h) * kv;
-                let same = out.h_final[s..s + kv].iter().zip(&clean.h_final[s..s + kv]).all(|(a, c)| {
-                    a.re.to_bits() == c.re.to_bits() && a.im.to_bits() == c.im.to_bits()
-                });
+                let same = out.h_final[s..s + kv]
+                    .iter()
+                    .zip(&clean.h_final[s..s + kv])
+                    .all(|(a, c)| a.re.to_bits() == c.re.to_bits() && a.im.to_bits() == c.im.to_bits());
                 // q never enters the state; k and v do (for their head only).
                 assert_eq!(same, (b, h) != (b0, h0) || tensor == "q", "{tensor}: h_final of ({b}, {h})");
             }
@@ -270,12 +289,15 @@ fn non_finite_inputs_propagate_only_to_the_outputs_they_touch() {
 /// tests/gpu_chunked.rs).
 #[test]
 fn chunked_cuda_plan_misuse_is_typed() {
-    use gateloop::cuda::chunk::{plan, ChunkPrecision, Gates};
     use gateloop::cuda::Dtype;
+    use gateloop::cuda::chunk::{ChunkPrecision, Gates, plan};
     assert_eq!(ChunkPrecision::default(), ChunkPrecision::Exact);
     for dtype in Dtype::ALL {
         for gates in Gates::ALL {
-            assert!(matches!(plan(&dims(1, 10, 1, 257, 4, false), dtype, gates), Err(InputError::Param { name: "key_dim", .. })));
+            assert!(matches!(
+                plan(&dims(1, 10, 1, 257, 4, false), dtype, gates),
+                Err(InputError::Param { name: "key_dim", .. })
+            ));
             assert!(plan(&dims(1, 10, 1, 256, 1000, false), dtype, gates).is_ok());
             for (i, name) in ["batch", "len", "heads", "key_dim", "value_dim"].into_iter().enumerate() {
                 let mut sizes = [2usize, 3, 2, 2, 2];
@@ -300,8 +322,8 @@ fn chunked_cuda_plan_misuse_is_typed() {
 /// that grows with the chunks, never with L·K·V.
 #[test]
 fn chunked_cuda_grad_plan_misuse_is_typed() {
-    use gateloop::cuda::chunk_grad::plan;
     use gateloop::cuda::Dtype;
+    use gateloop::cuda::chunk_grad::plan;
     for dtype in Dtype::ALL {
         assert!(matches!(plan(&dims(1, 10, 1, 257, 4, false), dtype), Err(InputError::Param { name: "key_dim", .. })));
         assert!(plan(&dims(1, 10, 1, 256, 1000, true), dtype).is_ok());

@@ -61,12 +61,7 @@ fn interleave(z: &[Complex<f64>]) -> Vec<f64> {
 /// Reads `y` and `h_final` from an output file, checking names, shapes and dtype.
 fn read_outputs(path: &Path, d: &Dims, dtype: Dtype) -> (TensorF64, TensorF64) {
     let mut t = io::read_tensors_f64(path).expect("read outputs");
-    assert_eq!(
-        t.len(),
-        2,
-        "outputs hold y and h_final only: {:?}",
-        t.keys().collect::<Vec<_>>()
-    );
+    assert_eq!(t.len(), 2, "outputs hold y and h_final only: {:?}", t.keys().collect::<Vec<_>>());
     let y = t.remove("y").expect("y");
     let h = t.remove("h_final").expect("h_final");
     assert_eq!(y.shape, d.v_shape().to_vec());
@@ -91,22 +86,12 @@ fn round_trip(tag: &str, p: &OwnedProblem<f64>) {
         assert!(o.status.success(), "{tag} f64 {mode}: {}", stderr(&o));
         assert!(stdout(&o).contains(mode), "summary line: {}", stdout(&o));
         let (y, h) = read_outputs(&output, &d, Dtype::F64);
-        let (ey, eh) = (
-            compare(&y.data, &oracle.y),
-            compare(&h.data, &interleave(&oracle.h_final)),
-        );
-        assert!(
-            ey.rel_l2 <= 1e-10 && eh.rel_l2 <= 1e-10,
-            "{tag} f64 {mode}: y {ey:?} h_final {eh:?}"
-        );
+        let (ey, eh) = (compare(&y.data, &oracle.y), compare(&h.data, &interleave(&oracle.h_final)));
+        assert!(ey.rel_l2 <= 1e-10 && eh.rel_l2 <= 1e-10, "{tag} f64 {mode}: y {ey:?} h_final {eh:?}");
     }
     let o = run_mode(&input, &dir.path("out64-chunked.safetensors"), "chunked");
     assert_eq!(o.status.code(), Some(2), "{tag}: chunked on F64 must be refused");
-    assert!(
-        stderr(&o).contains("f32") && stderr(&o).contains("recurrent"),
-        "{}",
-        stderr(&o)
-    );
+    assert!(stderr(&o).contains("f32") && stderr(&o).contains("recurrent"), "{}", stderr(&o));
 
     // f32: every CPU mode, against the f64 reference on the same rounded inputs, ≤ 1e-4.
     let p32 = p.to_f32();
@@ -118,51 +103,30 @@ fn round_trip(tag: &str, p: &OwnedProblem<f64>) {
         let o = run_mode(&input, &output, mode);
         assert!(o.status.success(), "{tag} f32 {mode}: {}", stderr(&o));
         let (y, h) = read_outputs(&output, &d, Dtype::F32);
-        let (ey, eh) = (
-            compare(&y.data, &oracle.y),
-            compare(&h.data, &interleave(&oracle.h_final)),
-        );
-        assert!(
-            ey.rel_l2 <= 1e-4 && eh.rel_l2 <= 1e-4,
-            "{tag} f32 {mode}: y {ey:?} h_final {eh:?}"
-        );
+        let (ey, eh) = (compare(&y.data, &oracle.y), compare(&h.data, &interleave(&oracle.h_final)));
+        assert!(ey.rel_l2 <= 1e-4 && eh.rel_l2 <= 1e-4, "{tag} f32 {mode}: y {ey:?} h_final {eh:?}");
     }
 }
 
 #[test]
 fn round_trip_random_with_h0() {
-    round_trip(
-        "random",
-        &random_problem(dims(2, 37, 3, 5, 4, false), GateRegime::Random, true, 1),
-    );
+    round_trip("random", &random_problem(dims(2, 37, 3, 5, 4, false), GateRegime::Random, true, 1));
 }
 
 #[test]
 fn round_trip_long_with_resets_without_h0() {
-    round_trip(
-        "resets",
-        &random_problem(dims(1, 1000, 2, 4, 3, false), GateRegime::Resets(0.02), false, 2),
-    );
+    round_trip("resets", &random_problem(dims(1, 1000, 2, 4, 3, false), GateRegime::Resets(0.02), false, 2));
 }
 
 #[test]
 fn round_trip_long_with_large_phases() {
-    round_trip(
-        "phase",
-        &random_problem(dims(1, 1000, 2, 4, 3, false), GateRegime::LargePhase(50.0), true, 3),
-    );
+    round_trip("phase", &random_problem(dims(1, 1000, 2, 4, 3, false), GateRegime::LargePhase(50.0), true, 3));
 }
 
 #[test]
 fn round_trip_per_head_gate() {
-    round_trip(
-        "perhead",
-        &random_problem(dims(2, 50, 2, 6, 5, true), GateRegime::Random, true, 4),
-    );
-    round_trip(
-        "perhead-noh0",
-        &random_problem(dims(1, 20, 3, 2, 2, true), GateRegime::Resets(0.1), false, 5),
-    );
+    round_trip("perhead", &random_problem(dims(2, 50, 2, 6, 5, true), GateRegime::Random, true, 4));
+    round_trip("perhead-noh0", &random_problem(dims(1, 20, 3, 2, 2, true), GateRegime::Resets(0.1), false, 5));
 }
 
 #[test]
@@ -174,10 +138,7 @@ fn default_mode_is_chunked_on_cpu() {
     let o = gateloop(&["run", "--input", s(&input), "--output", s(&dir.path("out.safetensors"))]);
     assert!(o.status.success(), "{}", stderr(&o));
     let line = stdout(&o);
-    assert!(
-        line.contains("chunked") && line.contains("cpu") && line.contains("L=10"),
-        "{line}"
-    );
+    assert!(line.contains("chunked") && line.contains("cpu") && line.contains("L=10"), "{line}");
 }
 
 #[test]
@@ -192,11 +153,7 @@ fn check_passes_on_identical_and_fails_on_different() {
 
     let o = gateloop(&["check", s(&a), s(&a)]);
     assert!(o.status.success(), "{}", stderr(&o));
-    assert!(
-        stdout(&o).contains("y") && stdout(&o).contains("h_final"),
-        "{}",
-        stdout(&o)
-    );
+    assert!(stdout(&o).contains("y") && stdout(&o).contains("h_final"), "{}", stdout(&o));
     // Two modes agree to rounding.
     let o = gateloop(&["check", s(&a), s(&b), "--rtol", "1e-10"]);
     assert!(o.status.success(), "{}{}", stdout(&o), stderr(&o));
@@ -210,31 +167,19 @@ fn check_passes_on_identical_and_fails_on_different() {
     assert!(run_mode(&input2, &c, "recurrent").status.success());
     let o = gateloop(&["check", s(&a), s(&c)]);
     assert_eq!(o.status.code(), Some(1));
-    assert!(
-        stderr(&o).contains("tensor `y`") && stderr(&o).contains("exceeds rtol"),
-        "{}",
-        stderr(&o)
-    );
+    assert!(stderr(&o).contains("tensor `y`") && stderr(&o).contains("exceeds rtol"), "{}", stderr(&o));
 
     // Different tensor names and shapes are reported.
     let o = gateloop(&["check", s(&a), s(&input)]);
     assert_eq!(o.status.code(), Some(1));
-    assert!(
-        stderr(&o).contains("tensor `q` is in") && stderr(&o).contains("tensor `y` is in"),
-        "{}",
-        stderr(&o)
-    );
+    assert!(stderr(&o).contains("tensor `q` is in") && stderr(&o).contains("tensor `y` is in"), "{}", stderr(&o));
     let small = random_problem(dims(1, 29, 2, 3, 3, false), GateRegime::Random, true, 7);
     let (in3, d) = (dir.path("in3.safetensors"), dir.path("d.safetensors"));
     io::write_problem(&in3, &small.view()).unwrap();
     assert!(run_mode(&in3, &d, "recurrent").status.success());
     let o = gateloop(&["check", s(&a), s(&d)]);
     assert_eq!(o.status.code(), Some(1));
-    assert!(
-        stderr(&o).contains("tensor `y` has shape [1, 30, 2, 3]"),
-        "{}",
-        stderr(&o)
-    );
+    assert!(stderr(&o).contains("tensor `y` has shape [1, 30, 2, 3]"), "{}", stderr(&o));
 
     // An unreadable file is bad input.
     let o = gateloop(&["check", s(&a), s(&dir.path("nope.safetensors"))]);
@@ -247,17 +192,9 @@ fn demo_runs_and_prints_a_table() {
     let o = gateloop(&["demo", "--len", "64", "--batch", "1", "--heads", "2"]);
     assert!(o.status.success(), "{}", stderr(&o));
     let out = stdout(&o);
-    for needle in [
-        "mode",
-        "time (ms)",
-        "y rel L2",
-        "h_final rel L2",
-        "chunked",
-        "recurrent",
-        "scan",
-        "attention",
-        "f64",
-    ] {
+    for needle in
+        ["mode", "time (ms)", "y rel L2", "h_final rel L2", "chunked", "recurrent", "scan", "attention", "f64"]
+    {
         assert!(out.contains(needle), "demo output lacks {needle:?}:\n{out}");
     }
     assert!(out.contains("GPU not used") || out.contains("cuda"), "{out}");
@@ -278,12 +215,7 @@ fn valid_raw() -> Raw {
         ("q", Dtype::F32, vec![b, l, h, k], f32_bytes(b * l * h * k, 0.5)),
         ("k", Dtype::F32, vec![b, l, h, k], f32_bytes(b * l * h * k, 0.25)),
         ("v", Dtype::F32, vec![b, l, h, v], f32_bytes(b * l * h * v, 1.0)),
-        (
-            "log_gate",
-            Dtype::F32,
-            vec![b, l, h, k, 2],
-            f32_bytes(b * l * h * k * 2, -0.1),
-        ),
+        ("log_gate", Dtype::F32, vec![b, l, h, k, 2], f32_bytes(b * l * h * k * 2, -0.1)),
         ("h0", Dtype::F32, vec![b, h, k, v, 2], f32_bytes(b * h * k * v * 2, 0.0)),
     ]
 }
@@ -308,12 +240,7 @@ fn expect_refused(dir: &TempDir, tag: &str, bytes: &[u8], needles: &[&str]) {
     let output = dir.path(&format!("{tag}-out.safetensors"));
     let o = run_mode(&input, &output, "recurrent");
     let err = stderr(&o);
-    assert_eq!(
-        o.status.code(),
-        Some(2),
-        "{tag}: exit status {:?}, stderr {err}",
-        o.status
-    );
+    assert_eq!(o.status.code(), Some(2), "{tag}: exit status {:?}, stderr {err}", o.status);
     assert!(err.starts_with("error: "), "{tag}: {err}");
     for n in needles {
         assert!(err.contains(n), "{tag}: message lacks {n:?}: {err}");
@@ -336,30 +263,14 @@ fn malformed_inputs_are_refused_with_a_named_reason() {
 
     let mut raw = valid_raw();
     raw.retain(|t| t.0 != "v");
-    expect_refused(
-        &dir,
-        "missing",
-        &to_bytes(&raw),
-        &["missing tensor `v`", "required: q, k, v, log_gate"],
-    );
+    expect_refused(&dir, "missing", &to_bytes(&raw), &["missing tensor `v`", "required: q, k, v, log_gate"]);
 
     let mut raw = valid_raw();
     set(&mut raw, "q", Dtype::F32, vec![3, 2, 4], f32_bytes(24, 0.5));
-    expect_refused(
-        &dir,
-        "rank",
-        &to_bytes(&raw),
-        &["tensor `q` has shape [3, 2, 4]", "expected [B, L, H, K]"],
-    );
+    expect_refused(&dir, "rank", &to_bytes(&raw), &["tensor `q` has shape [3, 2, 4]", "expected [B, L, H, K]"]);
 
     let mut raw = valid_raw();
-    set(
-        &mut raw,
-        "log_gate",
-        Dtype::F32,
-        vec![1, 3, 2, 4, 3],
-        f32_bytes(72, -0.1),
-    );
+    set(&mut raw, "log_gate", Dtype::F32, vec![1, 3, 2, 4, 3], f32_bytes(72, -0.1));
     expect_refused(
         &dir,
         "trailing",
@@ -369,21 +280,11 @@ fn malformed_inputs_are_refused_with_a_named_reason() {
 
     let mut raw = valid_raw();
     set(&mut raw, "k", Dtype::I32, vec![1, 3, 2, 4], vec![0; 96]);
-    expect_refused(
-        &dir,
-        "dtype",
-        &to_bytes(&raw),
-        &["tensor `k` has dtype I32", "F32 or F64"],
-    );
+    expect_refused(&dir, "dtype", &to_bytes(&raw), &["tensor `k` has dtype I32", "F32 or F64"]);
 
     let mut raw = valid_raw();
     set(&mut raw, "q", Dtype::F16, vec![1, 3, 2, 4], vec![0; 48]);
-    expect_refused(
-        &dir,
-        "f16",
-        &to_bytes(&raw),
-        &["tensor `q` has dtype F16", "not yet supported"],
-    );
+    expect_refused(&dir, "f16", &to_bytes(&raw), &["tensor `q` has dtype F16", "not yet supported"]);
 
     let mut raw = valid_raw();
     set(&mut raw, "v", Dtype::F64, vec![1, 3, 2, 2], vec![0; 96]);
@@ -392,28 +293,12 @@ fn malformed_inputs_are_refused_with_a_named_reason() {
     let mut raw = valid_raw();
     set(&mut raw, "q", Dtype::F32, vec![1, 3, 2, 8], f32_bytes(48, 0.5));
     set(&mut raw, "k", Dtype::F32, vec![1, 3, 2, 8], f32_bytes(48, 0.5));
-    set(
-        &mut raw,
-        "log_gate",
-        Dtype::F32,
-        vec![1, 3, 2, 7, 2],
-        f32_bytes(84, -0.1),
-    );
-    expect_refused(
-        &dir,
-        "inconsistent-k",
-        &to_bytes(&raw),
-        &["inconsistent K", "`q` says K=8", "`log_gate` says K=7"],
-    );
+    set(&mut raw, "log_gate", Dtype::F32, vec![1, 3, 2, 7, 2], f32_bytes(84, -0.1));
+    expect_refused(&dir, "inconsistent-k", &to_bytes(&raw), &["inconsistent K", "`q` says K=8", "`log_gate` says K=7"]);
 
     let mut raw = valid_raw();
     set(&mut raw, "v", Dtype::F32, vec![1, 4, 2, 2], f32_bytes(16, 1.0));
-    expect_refused(
-        &dir,
-        "inconsistent-l",
-        &to_bytes(&raw),
-        &["inconsistent L", "`q` says L=3", "`v` says L=4"],
-    );
+    expect_refused(&dir, "inconsistent-l", &to_bytes(&raw), &["inconsistent L", "`q` says L=3", "`v` says L=4"]);
 
     let mut raw = valid_raw();
     set(&mut raw, "q", Dtype::F32, vec![1, 0, 2, 4], vec![]);
@@ -424,34 +309,17 @@ fn malformed_inputs_are_refused_with_a_named_reason() {
     expect_refused(&dir, "unknown", &to_bytes(&raw), &["unknown tensor(s) `h_0`"]);
 
     let bytes = to_bytes(&valid_raw());
-    expect_refused(
-        &dir,
-        "truncated",
-        &bytes[..bytes.len() - 10],
-        &["not a valid safetensors file", "truncated"],
-    );
-    expect_refused(
-        &dir,
-        "truncated-header",
-        &bytes[..40],
-        &["not a valid safetensors file"],
-    );
+    expect_refused(&dir, "truncated", &bytes[..bytes.len() - 10], &["not a valid safetensors file", "truncated"]);
+    expect_refused(&dir, "truncated-header", &bytes[..40], &["not a valid safetensors file"]);
     expect_refused(&dir, "empty", &[], &["not a valid safetensors file"]);
-    let garbage: Vec<u8> = (0..1000u32)
-        .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
-        .collect();
+    let garbage: Vec<u8> = (0..1000u32).map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8).collect();
     expect_refused(&dir, "garbage", &garbage, &["not a valid safetensors file"]);
 
     let mut raw = valid_raw();
     let mut gate = f32_bytes(48, -0.1);
     gate[8..12].copy_from_slice(&0.5f32.to_le_bytes()); // element 1's real part
     set(&mut raw, "log_gate", Dtype::F32, vec![1, 3, 2, 4, 2], gate);
-    expect_refused(
-        &dir,
-        "positive-gate",
-        &to_bytes(&raw),
-        &["`log_gate` element 1", "Re(log_gate) > 0"],
-    );
+    expect_refused(&dir, "positive-gate", &to_bytes(&raw), &["`log_gate` element 1", "Re(log_gate) > 0"]);
 
     let mut raw = valid_raw();
     let mut v = f32_bytes(12, 1.0);
@@ -469,17 +337,9 @@ fn malformed_inputs_are_refused_with_a_named_reason() {
 #[test]
 fn usage_errors_exit_2() {
     let dir = TempDir::new("usage");
-    let o = run_mode(
-        &dir.path("missing.safetensors"),
-        &dir.path("out.safetensors"),
-        "recurrent",
-    );
+    let o = run_mode(&dir.path("missing.safetensors"), &dir.path("out.safetensors"), "recurrent");
     assert_eq!(o.status.code(), Some(2));
-    assert!(
-        stderr(&o).contains("cannot read") && stderr(&o).contains("missing.safetensors"),
-        "{}",
-        stderr(&o)
-    );
+    assert!(stderr(&o).contains("cannot read") && stderr(&o).contains("missing.safetensors"), "{}", stderr(&o));
 
     let o = gateloop(&["run", "--input", "x", "--output", "y", "--mode", "quadratic"]);
     assert_eq!(o.status.code(), Some(2));
@@ -503,17 +363,7 @@ fn cuda_device_errors_are_clear() {
     io::write_problem(&in32, &p.to_f32().view()).unwrap();
     let out = dir.path("out.safetensors");
 
-    let o = gateloop(&[
-        "run",
-        "-i",
-        s(&in64),
-        "-o",
-        s(&out),
-        "--mode",
-        "recurrent",
-        "--device",
-        "cuda",
-    ]);
+    let o = gateloop(&["run", "-i", s(&in64), "-o", s(&out), "--mode", "recurrent", "--device", "cuda"]);
     assert_eq!(o.status.code(), Some(2));
     assert!(stderr(&o).contains("F32 inputs only"), "{}", stderr(&o));
 

@@ -14,7 +14,7 @@ use gateloop::cpu::chunked_grad;
 use gateloop::io::{self, TensorF64};
 use gateloop::reference::grad::GradInputs;
 use gateloop::testing::OwnedProblem;
-use gateloop::{compare, Complex, Dims, GateLayout};
+use gateloop::{Complex, Dims, GateLayout, compare};
 
 const FIXTURES: [&str; 4] =
     ["jax_grad_l300_resets_phase50", "jax_grad_l129_per_head_gate", "jax_grad_l200_no_h0", "jax_grad_l1_k1_v1"];
@@ -37,8 +37,11 @@ fn gateloop(args: &[&str]) -> Output {
 fn load(t: &BTreeMap<String, TensorF64>) -> (OwnedProblem<f64>, Vec<f64>, Option<Vec<Complex<f64>>>) {
     let (qs, vs, gs) = (&t["q"].shape, &t["v"].shape, &t["log_gate"].shape);
     let per_head = gs[3] == 1 && qs[3] != 1;
-    let dims = Dims::new(qs[0], qs[1], qs[2], qs[3], vs[3])
-        .with_gate(if per_head { GateLayout::PerHead } else { GateLayout::PerChannel });
+    let dims = Dims::new(qs[0], qs[1], qs[2], qs[3], vs[3]).with_gate(if per_head {
+        GateLayout::PerHead
+    } else {
+        GateLayout::PerChannel
+    });
     let p = OwnedProblem {
         dims,
         q: t["q"].data.clone(),
@@ -53,7 +56,8 @@ fn load(t: &BTreeMap<String, TensorF64>) -> (OwnedProblem<f64>, Vec<f64>, Option
 #[test]
 fn grad_reproduces_jax_autodiff_float64_in_every_mode() {
     for name in FIXTURES {
-        let t = io::read_tensors_f64(format!("{}/tests/fixtures/{name}.safetensors", env!("CARGO_MANIFEST_DIR"))).unwrap();
+        let t =
+            io::read_tensors_f64(format!("{}/tests/fixtures/{name}.safetensors", env!("CARGO_MANIFEST_DIR"))).unwrap();
         let (p, dy, dh_final) = load(&t);
         let in64 = scratch(&format!("{name}.f64.safetensors"));
         io::write_grad_problem(&in64, &p.view(), &GradInputs { dy: &dy, dh_final: dh_final.as_deref() }).unwrap();
@@ -84,8 +88,8 @@ fn grad_reproduces_jax_autodiff_float64_in_every_mode() {
                 }
                 if *mode == "chunked" {
                     // `--mode chunked` on f32 runs the chunked backward itself.
-                    let ours = chunked_grad::backward(&p32.view(), &dy32, dh32.as_deref(), &ChunkParams::default())
-                        .unwrap();
+                    let ours =
+                        chunked_grad::backward(&p32.view(), &dy32, dh32.as_deref(), &ChunkParams::default()).unwrap();
                     let real = |x: &[f32]| -> Vec<f64> { x.iter().map(|&x| x as f64).collect() };
                     let flat = |z: &[Complex<f32>]| -> Vec<f64> {
                         z.iter().flat_map(|z| [z.re as f64, z.im as f64]).collect()
@@ -102,8 +106,9 @@ fn grad_reproduces_jax_autodiff_float64_in_every_mode() {
 
 #[test]
 fn grad_input_errors_name_the_tensor() {
-    let t = io::read_tensors_f64(format!("{}/tests/fixtures/jax_grad_l200_no_h0.safetensors", env!("CARGO_MANIFEST_DIR")))
-        .unwrap();
+    let t =
+        io::read_tensors_f64(format!("{}/tests/fixtures/jax_grad_l200_no_h0.safetensors", env!("CARGO_MANIFEST_DIR")))
+            .unwrap();
     let (p, dy, _) = load(&t);
     let out = scratch("err.grads.safetensors");
 
@@ -116,15 +121,11 @@ fn grad_input_errors_name_the_tensor() {
 
     // dy with the wrong V: written by hand (the crate's writer only writes
     // consistent files); the reader must name `dy` and V.
-    let narrow: Vec<u8> = dy
-        .chunks(p.dims.value_dim)
-        .flat_map(|c| c[..c.len() - 1].to_vec())
-        .flat_map(f64::to_le_bytes)
-        .collect();
+    let narrow: Vec<u8> =
+        dy.chunks(p.dims.value_dim).flat_map(|c| c[..c.len() - 1].to_vec()).flat_map(f64::to_le_bytes).collect();
     let plain_bytes = std::fs::read(&plain).unwrap();
     let st = safetensors::SafeTensors::deserialize(&plain_bytes).unwrap();
-    let mut views: Vec<(String, safetensors::tensor::TensorView<'_>)> =
-        st.tensors().into_iter().collect();
+    let mut views: Vec<(String, safetensors::tensor::TensorView<'_>)> = st.tensors().into_iter().collect();
     let mut shape = p.dims.v_shape().to_vec();
     shape[3] -= 1;
     views.push(("dy".into(), safetensors::tensor::TensorView::new(safetensors::Dtype::F64, shape, &narrow).unwrap()));

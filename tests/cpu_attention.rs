@@ -14,7 +14,7 @@ mod common;
 mod dtype_support;
 mod emu_support;
 
-use common::{ABS_FRAC, Case, REL, assert_outputs, flat, regime_matrix, adversarial_regime_tests, unflat};
+use common::{ABS_FRAC, Case, REL, adversarial_regime_tests, assert_outputs, flat, regime_matrix, unflat};
 use emu_support::read_f32_file as read_f32;
 use gateloop::cpu::attention::{AttentionParams, forward, reduce_phase};
 use gateloop::cuda::{Dtype, Element};
@@ -99,7 +99,12 @@ fn hard_decay_is_exact() {
             for per_head in [false, true] {
                 for with_h0 in [false, true] {
                     seed += 1;
-                    let case = Case::new(dims(1, len, 2, key_dim, value_dim, per_head), GateRegime::HardDecay(p), with_h0, seed);
+                    let case = Case::new(
+                        dims(1, len, 2, key_dim, value_dim, per_head),
+                        GateRegime::HardDecay(p),
+                        with_h0,
+                        seed,
+                    );
                     check_within(case, AttentionParams::default(), HARD_DECAY_REL, HARD_DECAY_ABS_FRAC);
                 }
             }
@@ -211,8 +216,7 @@ fn underflowing_gates_are_resets() {
 fn emulator() -> Option<std::path::PathBuf> {
     use std::sync::OnceLock;
     static EMU: OnceLock<Option<std::path::PathBuf>> = OnceLock::new();
-    EMU.get_or_init(|| emu_support::kernel_emulator("attention", "GATELOOP_ATTENTION_EMU"))
-        .clone()
+    EMU.get_or_init(|| emu_support::kernel_emulator("attention", "GATELOOP_ATTENTION_EMU")).clone()
 }
 
 /// Runs the three attention kernels (`cuda/attention.cu`, launched as
@@ -225,7 +229,13 @@ fn run_emulated(
     p: &gateloop::testing::OwnedProblem<f32>,
     dtype: Dtype,
 ) -> (Vec<f32>, Vec<Complex<f32>>) {
-    let dir = emu_support::write_case(&format!("attention_{}_{dtype:?}", case.seed), p, &[dtype.abi().to_string()], false, &[]);
+    let dir = emu_support::write_case(
+        &format!("attention_{}_{dtype:?}", case.seed),
+        p,
+        &[dtype.abi().to_string()],
+        false,
+        &[],
+    );
     let status = std::process::Command::new(emu).arg(&dir).status().unwrap();
     assert!(status.success(), "{}: emulator failed: {status}", case.label());
     let out = (read_f32(&dir.join("y.out")), unflat(&read_f32(&dir.join("h_final.out"))));
@@ -247,8 +257,16 @@ fn kernel_emulation_matches_the_mirror() {
     let Some(emu) = emulator() else { return };
     let cases = [
         (Case::new(dims(1, 150, 2, 40, 70, false), GateRegime::Mixed, true, 950), REL, ABS_FRAC),
-        (Case::new(dims(2, 130, 1, 5, 7, true), GateRegime::HardDecay(0.5), false, 951), HARD_DECAY_REL, HARD_DECAY_ABS_FRAC),
-        (Case::new(dims(1, 200, 1, 17, 33, false), GateRegime::HardDecay(0.95), true, 952), HARD_DECAY_REL, HARD_DECAY_ABS_FRAC),
+        (
+            Case::new(dims(2, 130, 1, 5, 7, true), GateRegime::HardDecay(0.5), false, 951),
+            HARD_DECAY_REL,
+            HARD_DECAY_ABS_FRAC,
+        ),
+        (
+            Case::new(dims(1, 200, 1, 17, 33, false), GateRegime::HardDecay(0.95), true, 952),
+            HARD_DECAY_REL,
+            HARD_DECAY_ABS_FRAC,
+        ),
         (Case::new(dims(1, 260, 1, 3, 2, false), GateRegime::StrongDecay(40.0), true, 953), REL, ABS_FRAC),
         (Case::new(dims(1, 1, 1, 2, 3, true), GateRegime::Resets(0.05), true, 954), REL, ABS_FRAC),
     ];
@@ -339,14 +357,22 @@ fn kernel_emulation_is_race_free() {
     ];
     for (case, t) in cases {
         let label = format!("{} {t:?} (race-checked emulated kernels)", case.label());
-        let p = if t == Dtype::Bf16 { dtype_support::rounded_to::<half::bf16>(&case.problem()) } else { case.problem().rounded_to_f32() }.to_f32();
+        let p = if t == Dtype::Bf16 {
+            dtype_support::rounded_to::<half::bf16>(&case.problem())
+        } else {
+            case.problem().rounded_to_f32()
+        }
+        .to_f32();
         let (y, h_final) = run_emulated(&emu, &case, &p, t);
         let mirror = forward(&p.view(), &AttentionParams::default()).unwrap();
         if t == Dtype::F32 {
             assert_outputs(&format!("{label} vs the mirror"), &y, &h_final, &mirror, 0.0, 0.0);
         } else {
             dtype_support::assert_is_rounded_f32::<half::bf16>(&label, &y, &mirror.y);
-            assert!(flat(&h_final).iter().map(|x| x.to_bits()).eq(flat(&mirror.h_final).iter().map(|x| x.to_bits())), "{label}: h_final");
+            assert!(
+                flat(&h_final).iter().map(|x| x.to_bits()).eq(flat(&mirror.h_final).iter().map(|x| x.to_bits())),
+                "{label}: h_final"
+            );
         }
     }
 }

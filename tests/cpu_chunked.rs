@@ -5,8 +5,8 @@ mod common;
 
 use gateloop::cpu::chunked::{self, ChunkParams};
 use gateloop::reference;
-use gateloop::testing::{dims, random_problem, GateRegime};
-use gateloop::{compare, compare_complex, Dims, ErrorStats, InputError, Outputs, Problem};
+use gateloop::testing::{GateRegime, dims, random_problem};
+use gateloop::{Dims, ErrorStats, InputError, Outputs, Problem, compare, compare_complex};
 use proptest::prelude::*;
 
 use common::{ABS_FRAC, REL, regime_strategy};
@@ -57,7 +57,14 @@ fn hard_decay_keeps_short_differences() {
     for p_hard in [0.2, 0.5, 0.8, 0.95] {
         for (len, per_head) in [(700, false), (1000, true), (65, false)] {
             seed += 1;
-            check_with(dims(2, len, 2, 16, 8, per_head), GateRegime::HardDecay(p_hard), seed % 2 == 0, seed, &ChunkParams::default(), 2e-6);
+            check_with(
+                dims(2, len, 2, 16, 8, per_head),
+                GateRegime::HardDecay(p_hard),
+                seed % 2 == 0,
+                seed,
+                &ChunkParams::default(),
+                2e-6,
+            );
         }
     }
 }

@@ -15,21 +15,21 @@
 //! with `--nocapture` for the measured differences.
 
 mod common;
-mod emu_support;
 mod dtype_support;
+mod emu_support;
 
 use gateloop::cpu::chunked::{self, ChunkParams};
-use gateloop::cuda::{Dtype, Element};
 use gateloop::cuda::chunk::{self, ChunkCarry, ChunkPrecision};
 use gateloop::cuda::chunk_grad;
+use gateloop::cuda::{Dtype, Element};
 use gateloop::testing::{GateRegime, OwnedProblem, dims};
 use gateloop::{Complex, Dims, ErrorStats, Outputs, compare, compare_complex};
 
 use common::grad::{GradCase, GradInputsF32, Worst as GradWorst, compare_grads};
 use common::{Case, REL, flat, unflat};
+use dtype_support::{ABS_FRAC_F32, REL_F32, chunk_bounds, rounded_to, y_bounds};
 use emu_support::{read_f32_file, write_f32_file};
 use gateloop::reference::grad::Grads;
-use dtype_support::{ABS_FRAC_F32, REL_F32, chunk_bounds, rounded_to, y_bounds};
 
 /// Complex gates, or real gates (Im log_gate = Im h0 = 0, the kernels' `r`
 /// instantiation with real log_gate / h0 / h_final).
@@ -42,7 +42,13 @@ enum GateKind {
 /// A fresh case directory holding dims.txt and the inputs of `p` in the
 /// driver's format (tests/kernel_emu/chunk_driver.cpp), for the entry points
 /// of element type `t` (q, k, v representable in `t`).
-fn write_inputs(tag: &str, p: &OwnedProblem<f32>, gates: GateKind, precision: ChunkPrecision, t: Dtype) -> std::path::PathBuf {
+fn write_inputs(
+    tag: &str,
+    p: &OwnedProblem<f32>,
+    gates: GateKind,
+    precision: ChunkPrecision,
+    t: Dtype,
+) -> std::path::PathBuf {
     let complex = gates == GateKind::Complex;
     let extra = [complex as u32, (precision == ChunkPrecision::Exact) as u32, t.abi()].map(|x| x.to_string());
     // Complex: interleaved (re, im); real: the real parts (Im is 0 there).
@@ -78,7 +84,8 @@ fn run_forward(
     let dir = write_inputs(&format!("fwd{tag}_{}", carry.name()), p, gates, precision, t);
     run(emu, if carry == ChunkCarry::Sequential { &["--sequential"] } else { &[] }, &dir);
     let hf = read_f32_file(&dir.join("h_final.out"));
-    let h_final = if gates == GateKind::Complex { unflat(&hf) } else { hf.iter().map(|&x| Complex::new(x, 0.0)).collect() };
+    let h_final =
+        if gates == GateKind::Complex { unflat(&hf) } else { hf.iter().map(|&x| Complex::new(x, 0.0)).collect() };
     let y = read_f32_file(&dir.join("y.out"));
     std::fs::remove_dir_all(&dir).unwrap();
     Outputs { y, h_final }
@@ -282,7 +289,13 @@ fn chunk_grad_kernels_emulated_match_reference_and_mirror() {
     for (i, c) in cases.iter().enumerate() {
         let inp = c.inputs();
         let got = run_backward(&emu, i, &inp, Dtype::F32, ChunkCarry::Separate);
-        let mirror = gateloop::cpu::chunked_grad::backward(&inp.p.view(), &inp.dy, inp.dh_final.as_deref(), &ChunkParams::default()).unwrap();
+        let mirror = gateloop::cpu::chunked_grad::backward(
+            &inp.p.view(),
+            &inp.dy,
+            inp.dh_final.as_deref(),
+            &ChunkParams::default(),
+        )
+        .unwrap();
         vs_ref.check(&format!("{c:?} (emulated kernels vs reference)"), &compare_grads(&got, &inp.reference()), REL);
         vs_mirror.check(&format!("{c:?} (emulated kernels vs mirror)"), &compare_grads(&got, &mirror), 2.0 * REL);
     }
@@ -302,16 +315,27 @@ fn hard_decay_emulated_kernels_keep_short_differences() {
     let Some(emu) = emulator() else { return };
     const TIGHT: f64 = 2e-6;
     let mut worst = GradWorst::default();
-    for (i, (d, p_hard, with_h0)) in
-        [(dims(1, 150, 1, 40, 7, false), 0.5, true), (dims(2, 150, 1, 5, 7, true), 0.8, false), (dims(1, 130, 1, 16, 70, false), 0.95, true)]
-            .into_iter()
-            .enumerate()
+    for (i, (d, p_hard, with_h0)) in [
+        (dims(1, 150, 1, 40, 7, false), 0.5, true),
+        (dims(2, 150, 1, 5, 7, true), 0.8, false),
+        (dims(1, 130, 1, 16, 70, false), 0.95, true),
+    ]
+    .into_iter()
+    .enumerate()
     {
         let regime = GateRegime::HardDecay(p_hard);
         let case = Case::new(d, regime, with_h0, 7200 + i as u64);
         let p64 = case.problem().rounded_to_f32();
         let want = gateloop::reference::recurrent::forward(&p64.view()).expect("reference");
-        let got = run_forward(&emu, 20 + i, &p64.to_f32(), GateKind::Complex, ChunkPrecision::Exact, Dtype::F32, ChunkCarry::Separate);
+        let got = run_forward(
+            &emu,
+            20 + i,
+            &p64.to_f32(),
+            GateKind::Complex,
+            ChunkPrecision::Exact,
+            Dtype::F32,
+            ChunkCarry::Separate,
+        );
         let (ey, eh) = (compare(&got.y, &want.y), compare_complex(&got.h_final, &want.h_final));
         eprintln!("{}: y {ey:?} h_final {eh:?}", case.label());
         common::assert_within(&case.label(), "y (emulated kernels, hard decay)", &ey, TIGHT, 10.0 * TIGHT);
@@ -383,7 +407,8 @@ fn half_types<T: Element>(emu: &std::path::Path, worst: &mut Worst, failures: &m
         }
         let p64 = rounded_to::<T>(&p);
         let want = gateloop::reference::recurrent::forward(&p64.view()).expect("reference");
-        let got = run_forward(emu, 100 + 10 * t.abi() as usize + i, &p64.to_f32(), gates, precision, t, ChunkCarry::Separate);
+        let got =
+            run_forward(emu, 100 + 10 * t.abi() as usize + i, &p64.to_f32(), gates, precision, t, ChunkCarry::Separate);
         let (yb, hb) = chunk_bounds(t, precision);
         let p = precision.name();
         check(&label, &format!("{p} y"), compare(&got.y, &want.y), yb);
@@ -464,7 +489,6 @@ fn chunk_grad_f16_dh0_after_a_strong_first_gate() {
     assert!(failures.is_empty(), "out of bounds:\n{}", failures.join("\n"));
 }
 
-
 /// Racecheck without a GPU: every chunked entry point's launches (forward
 /// with the separate and the sequential carry; backward with both; f32 and
 /// bf16 operands; complex Exact, complex Fast and real gates) on the
@@ -514,7 +538,10 @@ fn chunk_kernels_race_free() {
             let label = format!("{t} {c:?} ({} carry, race-checked)", carry.name());
             for (name, e) in compare_grads(&got, &want) {
                 let (rel, abs) = grad_bounds(*t, name);
-                assert!(common::grad::within_bounds(&e, rel, abs), "{label}: {name} {e:?} (bounds rel {rel:e}, abs {abs:e}·max|ref|)");
+                assert!(
+                    common::grad::within_bounds(&e, rel, abs),
+                    "{label}: {name} {e:?} (bounds rel {rel:e}, abs {abs:e}·max|ref|)"
+                );
             }
         }
     }

@@ -80,7 +80,6 @@ impl Worst {
     }
 }
 
-
 #[test]
 fn lengths_around_chunk_and_sub_chunk_boundaries() {
     let mut worst = Worst::default();
@@ -147,7 +146,10 @@ fn hard_decay_keeps_short_differences() {
     for p_hard in [0.2, 0.5, 0.8, 0.95] {
         for per_head in [false, true] {
             seed += 1;
-            worst.check_with(case(dims(2, 700, 2, 16, 8, per_head), GateRegime::HardDecay(p_hard), seed % 2 == 0, true, seed), 2e-6);
+            worst.check_with(
+                case(dims(2, 700, 2, 16, 8, per_head), GateRegime::HardDecay(p_hard), seed % 2 == 0, true, seed),
+                2e-6,
+            );
         }
     }
     worst.report("hard decay");

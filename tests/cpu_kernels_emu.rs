@@ -73,7 +73,13 @@ fn scan_emulated(emu: &Path, tag: &str, p: &OwnedProblem<f32>, lp: &scan::Launch
 /// forward_into (`state` None: h0 from `p`), or decode_into (`state`: the
 /// initial state, updated in place; `p` without h0). q, k, v must be
 /// representable in `dtype`. Returns y (widened) and h_final / the new state.
-fn recurrent_emulated(emu: &Path, tag: &str, p: &OwnedProblem<f32>, dtype: Dtype, state: Option<&[Complex<f32>]>) -> Outputs<f32> {
+fn recurrent_emulated(
+    emu: &Path,
+    tag: &str,
+    p: &OwnedProblem<f32>,
+    dtype: Dtype,
+    state: Option<&[Complex<f32>]>,
+) -> Outputs<f32> {
     let lp = recurrent::plan(&p.dims).unwrap();
     let extra = [dtype.abi(), lp.rows_per_thread, lp.key_groups, lp.chunk_len, lp.shared_bytes].map(|x| x.to_string());
     match state {
@@ -108,7 +114,14 @@ fn complex_bits(x: &[Complex<f32>]) -> Vec<u32> {
 }
 
 /// y and h_final of `got` against the f64 reference `want`, recorded under `kernel`.
-fn check_reference(worst: &mut Worst, label: &str, kernel: &str, got: &Outputs<f32>, want: &Outputs<f64>, y_bounds: (f64, f64)) {
+fn check_reference(
+    worst: &mut Worst,
+    label: &str,
+    kernel: &str,
+    got: &Outputs<f32>,
+    want: &Outputs<f64>,
+    y_bounds: (f64, f64),
+) {
     worst.check(label, &format!("{kernel} y vs f64 reference"), &compare(&got.y, &want.y), y_bounds.0, y_bounds.1);
     let e = compare_complex(&got.h_final, &want.h_final);
     worst.check(label, &format!("{kernel} h_final vs f64 reference"), &e, REL, ABS_FRAC);
@@ -148,7 +161,11 @@ fn scan_forward_kernels_emulated_match_mirror_and_reference() {
         chunks_seen.insert(lp.num_chunks.min(3));
         let got = scan_emulated(&emu, &format!("scan{i}"), &p, &lp, Dtype::F32);
         let mirror = scan_mirror::forward(&p.view(), &lp.scan_params()).unwrap();
-        assert!(bits(&got.y) == bits(&mirror.y), "{label}: emulated y differs from the mirror {:?}", compare(&got.y, &mirror.y));
+        assert!(
+            bits(&got.y) == bits(&mirror.y),
+            "{label}: emulated y differs from the mirror {:?}",
+            compare(&got.y, &mirror.y)
+        );
         assert!(
             complex_bits(&got.h_final) == complex_bits(&mirror.h_final),
             "{label}: emulated h_final differs from the mirror {:?}",
@@ -273,7 +290,14 @@ fn recurrent_kernel_emulated_half_types() {
         let want = reference::recurrent::forward(&p64.view()).unwrap();
         let label = format!("{d:?} {:?} seed={seed}", T::DTYPE);
         let got = recurrent_emulated(emu, &format!("half{seed}"), &p64.to_f32(), T::DTYPE, None);
-        check_reference(worst, &label, &format!("recurrent {:?}", T::DTYPE), &got, &want, dtype_support::y_bounds(T::DTYPE));
+        check_reference(
+            worst,
+            &label,
+            &format!("recurrent {:?}", T::DTYPE),
+            &got,
+            &want,
+            dtype_support::y_bounds(T::DTYPE),
+        );
     }
     case::<half::f16>(&emu, &mut worst, 3000);
     case::<half::bf16>(&emu, &mut worst, 3001);
@@ -348,13 +372,17 @@ fn scan_and_recurrent_kernels_race_free() {
         let mut warps = BTreeSet::new();
         for (i, (d, regime, with_h0, sms, t)) in scan_cases.into_iter().enumerate() {
             let p64 = random_problem(d, regime, with_h0, 1300 + i as u64);
-            let p = if t == Dtype::Bf16 { dtype_support::rounded_to::<half::bf16>(&p64) } else { p64.rounded_to_f32() }.to_f32();
+            let p = if t == Dtype::Bf16 { dtype_support::rounded_to::<half::bf16>(&p64) } else { p64.rounded_to_f32() }
+                .to_f32();
             let lp = scan::plan(&d, sms).unwrap();
             warps.insert(lp.warps);
             let label = format!("{d:?} {regime:?} {t:?} {lp:?} (race-checked)");
             let got = scan_emulated(&emu, &format!("scan_race{i}"), &p, &lp, t);
             let mirror = scan_mirror::forward(&p.view(), &lp.scan_params()).unwrap();
-            assert!(complex_bits(&got.h_final) == complex_bits(&mirror.h_final), "{label}: h_final differs from the mirror");
+            assert!(
+                complex_bits(&got.h_final) == complex_bits(&mirror.h_final),
+                "{label}: h_final differs from the mirror"
+            );
             if t == Dtype::F32 {
                 assert!(bits(&got.y) == bits(&mirror.y), "{label}: y differs from the mirror");
             } else {
@@ -365,9 +393,13 @@ fn scan_and_recurrent_kernels_race_free() {
     }
     let Some(emu) = RECURRENT.get_or_init(|| race_checking_emulator("recurrent")).clone() else { return };
     let mut worst = Worst::default();
-    for (i, (d, t)) in [(dims(1, 130, 1, 16, 40, false), Dtype::F32), (dims(1, 150, 1, 130, 5, true), Dtype::F32), (dims(2, 90, 1, 12, 40, false), Dtype::F16)]
-        .into_iter()
-        .enumerate()
+    for (i, (d, t)) in [
+        (dims(1, 130, 1, 16, 40, false), Dtype::F32),
+        (dims(1, 150, 1, 130, 5, true), Dtype::F32),
+        (dims(2, 90, 1, 12, 40, false), Dtype::F16),
+    ]
+    .into_iter()
+    .enumerate()
     {
         let p64 = random_problem(d, GateRegime::Mixed, true, 1400 + i as u64);
         let p64 = if t == Dtype::F16 { dtype_support::rounded_to::<half::f16>(&p64) } else { p64.rounded_to_f32() };

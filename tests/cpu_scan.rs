@@ -9,7 +9,7 @@
 
 mod common;
 
-use common::{ABS_FRAC, Case, REL, assert_outputs, regime_matrix, regime_tests, adversarial_regime_tests};
+use common::{ABS_FRAC, Case, REL, adversarial_regime_tests, assert_outputs, regime_matrix, regime_tests};
 use gateloop::cpu::scan::{self, MAX_WARPS, STEPS_PER_THREAD, ScanParams};
 use gateloop::testing::{GateRegime, dims, random_problem};
 use gateloop::{Complex, Dims, InputError, Outputs};

@@ -37,7 +37,6 @@ fn check_kernel(worst: &mut Worst, c: GradCase) {
     check(worst, c, kernel_params(&c.dims), REL)
 }
 
-
 /// L around one warp's and one chunk's steps (256 with one warp), and many
 /// chunks; both gate layouts; every h0 / dh_final combination.
 #[test]
@@ -57,7 +56,10 @@ fn lengths_around_chunk_boundaries() {
                     continue;
                 }
                 let regime = common::ALL_REGIMES_AND_UNDERFLOW[seed as usize % common::ALL_REGIMES_AND_UNDERFLOW.len()];
-                check_kernel(&mut worst, GradCase::new(dims(b, len, h, k, v, per_head), regime, with_h0, with_dhf, seed));
+                check_kernel(
+                    &mut worst,
+                    GradCase::new(dims(b, len, h, k, v, per_head), regime, with_h0, with_dhf, seed),
+                );
             }
         }
     }
@@ -73,7 +75,8 @@ fn key_and_value_dims() {
             seed += 1;
             let per_head = seed % 2 == 0;
             let len = if kd * vd >= 1024 { 300 } else { 600 };
-            let c = GradCase::new(dims(1, len, 1, kd, vd, per_head), GateRegime::Mixed, seed % 3 == 0, seed % 4 != 0, seed);
+            let c =
+                GradCase::new(dims(1, len, 1, kd, vd, per_head), GateRegime::Mixed, seed % 3 == 0, seed % 4 != 0, seed);
             check_kernel(&mut worst, c);
         }
     }
@@ -88,7 +91,10 @@ fn every_gate_regime_both_layouts() {
         for per_head in [false, true] {
             for (with_h0, with_dhf) in [(false, true), (true, false), (true, true), (false, false)] {
                 seed += 1;
-                check_kernel(&mut worst, GradCase::new(dims(2, 561, 2, 7, 6, per_head), regime, with_h0, with_dhf, seed));
+                check_kernel(
+                    &mut worst,
+                    GradCase::new(dims(2, 561, 2, 7, 6, per_head), regime, with_h0, with_dhf, seed),
+                );
             }
         }
     }
@@ -137,7 +143,10 @@ fn batch_times_heads() {
     for (b, h) in [(1, 1), (1, 2), (3, 1), (2, 2), (1, 5), (2, 3)] {
         for regime in [GateRegime::Resets(0.05), GateRegime::UnitModulus] {
             seed += 1;
-            check_kernel(&mut worst, GradCase::new(dims(b, 297, h, 9, 11, seed % 2 == 0), regime, seed % 3 != 0, true, seed));
+            check_kernel(
+                &mut worst,
+                GradCase::new(dims(b, 297, h, 9, 11, seed % 2 == 0), regime, seed % 3 != 0, true, seed),
+            );
         }
     }
     worst.report("batch x heads");
@@ -214,7 +223,10 @@ fn bad_inputs_are_typed_errors() {
         scan_grad::backward(&p.view(), &dy, None, &bad_params),
         Err(InputError::Param { name: "value_tile", .. })
     ));
-    assert!(matches!(scan_grad::backward(&p.view(), &dy[1..], None, &params), Err(InputError::Length { name: "dy", .. })));
+    assert!(matches!(
+        scan_grad::backward(&p.view(), &dy[1..], None, &params),
+        Err(InputError::Length { name: "dy", .. })
+    ));
     let short_dh = vec![Complex::new(0.0f32, 0.0); d.state_len() - 1];
     assert!(matches!(
         scan_grad::backward(&p.view(), &dy, Some(&short_dh), &params),
@@ -248,9 +260,15 @@ fn emulator() -> Option<std::path::PathBuf> {
 /// Runs the backward's five kernels (`cuda/scan.cu`, `cuda/scan_grad.cu`,
 /// launched as `cuda::scan_grad::backward_into` does with the plan `lp`,
 /// outputs and workspace NaN-poisoned) on the emulator.
-fn run_emulated(emu: &std::path::Path, c: &GradCase, lp: &GradLaunchPlan, inp: &common::grad::GradInputsF32) -> Grads<f32> {
+fn run_emulated(
+    emu: &std::path::Path,
+    c: &GradCase,
+    lp: &GradLaunchPlan,
+    inp: &common::grad::GradInputsF32,
+) -> Grads<f32> {
     let p = &inp.p;
-    let extra = [inp.dh_final.is_some() as u32, lp.forward.warps, lp.forward.value_tile, lp.value_tile].map(|x| x.to_string());
+    let extra =
+        [inp.dh_final.is_some() as u32, lp.forward.warps, lp.forward.value_tile, lp.value_tile].map(|x| x.to_string());
     let dh_final = inp.dh_final.as_deref().map(flat);
     let mut files: Vec<(&str, &[f32])> = vec![("dy.bin", &inp.dy)];
     if let Some(dhf) = &dh_final {

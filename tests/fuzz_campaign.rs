@@ -96,7 +96,13 @@ fn injected_fault_is_caught_shrunk_written_and_replayable() {
     };
     // The recorded failing output fails `check` (exit 1) ...
     let o = sh(&files.commands[2]);
-    assert_eq!(o.status.code(), Some(1), "{}{}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr));
+    assert_eq!(
+        o.status.code(),
+        Some(1),
+        "{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    );
     // ... and the binary's real chunked path, replayed with `run`, passes it:
     // the input file and the expected outputs are right.
     let o = sh(&files.commands[0]);
@@ -125,7 +131,11 @@ fn cli_usage_errors_exit_2() {
     if gateloop::cuda::Gpu::new(0).is_err() {
         let o = Command::new(BIN).args(["fuzz", "--cases", "1", "--device", "cuda"]).output().unwrap();
         assert_eq!(o.status.code(), Some(2));
-        assert!(String::from_utf8_lossy(&o.stderr).contains("cannot use the GPU"), "{}", String::from_utf8_lossy(&o.stderr));
+        assert!(
+            String::from_utf8_lossy(&o.stderr).contains("cannot use the GPU"),
+            "{}",
+            String::from_utf8_lossy(&o.stderr)
+        );
     }
     // Chunked in f64 alone is nothing to fuzz.
     let o = Command::new(BIN).args(["fuzz", "--cases", "1", "--modes", "chunked", "--dtypes", "f64"]).output().unwrap();
@@ -141,7 +151,10 @@ fn fixed_seed_gradient_campaign_finds_no_disagreement() {
     let (mut targets, notes) =
         fuzz::select(Device::Cpu, &[Kind::Grad], &Mode::ALL, &[Precision::F32, Precision::F64]).unwrap();
     let labels: Vec<&str> = targets.iter().map(|t| t.label.as_str()).collect();
-    assert!(labels.contains(&"chunked-f32-cpu-grad") && labels.contains(&"recurrent-f32-cpu-grad"), "{labels:?} {notes:?}");
+    assert!(
+        labels.contains(&"chunked-f32-cpu-grad") && labels.contains(&"recurrent-f32-cpu-grad"),
+        "{labels:?} {notes:?}"
+    );
     assert!(targets.iter().all(|t| t.kind() == Kind::Grad && t.precision == Precision::F32));
     let dir = temp_dir("grad-campaign");
     for (cases, max_len) in [(6000, 64), (300, 1024)] {
@@ -194,7 +207,10 @@ fn injected_gradient_fault_is_caught_shrunk_written_and_replayable() {
     assert!(rendered.contains("--targets grad --modes chunked --dtypes f32"), "{rendered}");
 
     // The case re-runs alone from (seed, index).
-    let again = fuzz::run_campaign(&FuzzConfig { cases: 1, first_case: f.case.index, out_dir: None, ..cfg.clone() }, &mut [target()]);
+    let again = fuzz::run_campaign(
+        &FuzzConfig { cases: 1, first_case: f.case.index, out_dir: None, ..cfg.clone() },
+        &mut [target()],
+    );
     assert_eq!(again.failures.len(), 1);
 
     let files = f.files.as_ref().expect("written").as_ref().expect("write ok");
@@ -207,7 +223,13 @@ fn injected_gradient_fault_is_caught_shrunk_written_and_replayable() {
     };
     // The recorded failing gradients fail `check` (exit 1) ...
     let o = sh(&files.commands[2]);
-    assert_eq!(o.status.code(), Some(1), "{}{}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr));
+    assert_eq!(
+        o.status.code(),
+        Some(1),
+        "{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    );
     // ... and the binary's real chunked backward, replayed with `grad`,
     // passes it: the input file (with dy, dh_final) and the expected
     // gradients are right.
@@ -238,7 +260,8 @@ fn gradient_bound_catches_small_deliberate_errors() {
     }
     let campaign = |run: fuzz::GradRunFn| {
         let mut t = [Target::custom_grad("perturbed", Mode::Chunked, Precision::F32, Device::Cpu, run)];
-        let cfg = FuzzConfig { cases: 300, seed: 9, max_len: 64, out_dir: None, shrink_budget: 20, ..Default::default() };
+        let cfg =
+            FuzzConfig { cases: 300, seed: 9, max_len: 64, out_dir: None, shrink_budget: 20, ..Default::default() };
         fuzz::run_campaign(&cfg, &mut t)
     };
     assert!(campaign(Box::new(perturbed(1e-6))).passed());

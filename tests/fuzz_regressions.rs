@@ -1,6 +1,6 @@
 //! Shrunk cases found by `gateloop fuzz`, kept as regression tests.
 
-use gateloop::fuzz::{tolerance, Oracle, Precision};
+use gateloop::fuzz::{Oracle, Precision, tolerance};
 use gateloop::reference::attention;
 use gateloop::testing::OwnedProblem;
 use gateloop::{Complex, Dims, Outputs};
@@ -71,7 +71,7 @@ fn large_phases_are_reduced_in_f32_attention() {
 /// to 0 and lost 10% of h_final; it now returns the subnormal, like f32's exp.
 #[test]
 fn chunked_keeps_subnormal_gates() {
-    use gateloop::cpu::chunked::{forward, ChunkParams};
+    use gateloop::cpu::chunked::{ChunkParams, forward};
     use gateloop::fuzz::underflow_floor;
     let p = OwnedProblem {
         dims: Dims::new(1, 2, 1, 1, 1),
@@ -117,12 +117,20 @@ fn subnormal_outputs_are_judged_with_the_underflow_floor() {
 /// The gradient campaign's verdict on the f32 backward of `mode` (chunked:
 /// the chunked backward; recurrent: the adjoint recurrence in f32) for a
 /// shrunk case, with the documented bound and floor.
-fn grad_verdict(mode: gateloop::Mode, p: &OwnedProblem<f64>, up: &gateloop::io::Upstream<f64>) -> gateloop::fuzz::Verdict {
-    use gateloop::fuzz::{grad_underflow_floor, upstream_to_f32, widen_grads, GradOracle};
+fn grad_verdict(
+    mode: gateloop::Mode,
+    p: &OwnedProblem<f64>,
+    up: &gateloop::io::Upstream<f64>,
+) -> gateloop::fuzz::Verdict {
+    use gateloop::fuzz::{GradOracle, grad_underflow_floor, upstream_to_f32, widen_grads};
     let oracle = GradOracle::new(p, up, Precision::F32).unwrap();
     let up32 = upstream_to_f32(up);
     let g = gateloop::dispatch::cpu_grad_f32(mode, &p.to_f32().view(), &up32.dy, up32.dh_final.as_deref()).unwrap();
-    oracle.judge_with_floor(&widen_grads(&g), tolerance(Precision::F32, p.dims.len), grad_underflow_floor(Precision::F32, &p.dims))
+    oracle.judge_with_floor(
+        &widen_grads(&g),
+        tolerance(Precision::F32, p.dims.len),
+        grad_underflow_floor(Precision::F32, &p.dims),
+    )
 }
 
 /// Gradient campaign seed 2026, case 8386 (`gateloop fuzz --targets grad
@@ -140,7 +148,10 @@ fn subnormal_gate_case() -> (OwnedProblem<f64>, gateloop::io::Upstream<f64>) {
         h0: None,
     }
     .rounded_to_f32();
-    let up = gateloop::io::Upstream { dy: [0.00282699941f64, 0.00395555096].map(|x| f64::from(x as f32)).to_vec(), dh_final: None };
+    let up = gateloop::io::Upstream {
+        dy: [0.00282699941f64, 0.00395555096].map(|x| f64::from(x as f32)).to_vec(),
+        dh_final: None,
+    };
     (p, up)
 }
 
@@ -190,7 +201,7 @@ fn chunked_grad_subnormal_gate_dlog_gate() {
 /// terms all four score ≤ 6.6e-8.
 #[test]
 fn chunked_grad_subnormal_gate_campaign_cases() {
-    use gateloop::fuzz::{run_campaign, FuzzConfig, Target};
+    use gateloop::fuzz::{FuzzConfig, Target, run_campaign};
     for (seed, case) in [(2026, 8386), (7, 43460), (7, 45905), (7, 69127)] {
         // Still the cases the campaigns found: the generator's later HardDecay
         // draw (made last) left them alone.
@@ -215,7 +226,7 @@ fn chunked_grad_subnormal_gate_campaign_cases() {
 /// 7, 4.0e-5) was the same effect at a smaller amplification.
 #[test]
 fn chunked_grad_subnormal_q_times_small_k() {
-    use gateloop::fuzz::{run_campaign, FuzzConfig, Target};
+    use gateloop::fuzz::{FuzzConfig, Target, run_campaign};
     let mut targets = [Target::cpu_grad(gateloop::Mode::Chunked, Precision::F32).unwrap()];
     let cfg = FuzzConfig { cases: 1, first_case: 74927, seed: 2028, max_len: 256, out_dir: None, ..Default::default() };
     let report = run_campaign(&cfg, &mut targets);
@@ -228,7 +239,7 @@ fn chunked_grad_subnormal_q_times_small_k() {
 /// adjoint recurrence passes the bound: it is attainable in f32.
 #[test]
 fn recurrent_f32_grad_passes_the_subnormal_gate_campaign_cases() {
-    use gateloop::fuzz::{run_campaign, FuzzConfig, Target};
+    use gateloop::fuzz::{FuzzConfig, Target, run_campaign};
     for (seed, case) in [(2026, 8386), (7, 43460), (7, 45905), (7, 69127)] {
         let mut targets = [Target::cpu_grad(gateloop::Mode::Recurrent, Precision::F32).unwrap()];
         let cfg = FuzzConfig { cases: 1, first_case: case, seed, max_len: 64, out_dir: None, ..Default::default() };
@@ -254,7 +265,7 @@ fn recurrent_f32_grad_passes_the_subnormal_gate_campaign_cases() {
 /// applied the modulus last, 12 of them failed (dlog_gate up to 4.6e-4).
 #[test]
 fn chunked_grad_subnormal_gate_sweep() {
-    use gateloop::testing::{dims, random_problem, GateRegime};
+    use gateloop::testing::{GateRegime, dims, random_problem};
     let (mut worst, mut failed, mut cases) = ((0f64, String::new()), Vec::new(), 0);
     let mut seed = 9000;
     for len in [2, 17, 20, 70, 130] {

@@ -8,7 +8,7 @@
 
 mod common;
 
-use common::{ABS_FRAC, Case, REL, assert_outputs, regime_matrix, adversarial_regime_tests, run_forward};
+use common::{ABS_FRAC, Case, REL, adversarial_regime_tests, assert_outputs, regime_matrix, run_forward};
 use gateloop::cuda::attention::{forward_host, forward_into, plan};
 use gateloop::cuda::{DeviceInputs, DeviceOutputs, Gpu, GpuError};
 use gateloop::testing::{GateRegime, dims, random_problem};

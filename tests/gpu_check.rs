@@ -43,7 +43,12 @@ fn problem(d: Dims, regime: GateRegime, seed: u64) -> OwnedProblem<f32> {
 /// Sizes: one partial block; several blocks; more than 1024 blocks × 256
 /// threads (grid-stride); per-head gates.
 fn shapes() -> [Dims; 4] {
-    [dims(1, 7, 1, 3, 2, false), dims(2, 100, 3, 17, 4, false), dims(1, 1100, 4, 64, 1, false), dims(3, 333, 5, 8, 2, true)]
+    [
+        dims(1, 7, 1, 3, 2, false),
+        dims(2, 100, 3, 17, 4, false),
+        dims(1, 1100, 4, 64, 1, false),
+        dims(3, 333, 5, 8, 2, true),
+    ]
 }
 
 #[test]

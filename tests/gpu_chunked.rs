@@ -28,8 +28,8 @@ use common::{Case, adversarial_regime_tests, regime_matrix, regime_tests, run_fo
 use cudarc::driver::DevicePtrMut;
 use dtype_support::{chunk_bounds as bounds, rounded_to, widen};
 use gateloop::cuda::chunk::{
-    ChunkCarry, ChunkConfig, ChunkPrecision, DeviceInputs, DeviceOutputs, Gates, forward_host, forward_into, forward_real_host_as,
-    forward_real_into, plan,
+    ChunkCarry, ChunkConfig, ChunkPrecision, DeviceInputs, DeviceOutputs, Gates, forward_host, forward_into,
+    forward_real_host_as, forward_real_into, plan,
 };
 use gateloop::cuda::{Dtype, Element, Gpu, GpuError};
 use gateloop::testing::{GateRegime, OwnedProblem, dims, random_problem};
@@ -38,7 +38,11 @@ use half::{bf16, f16};
 
 /// Runs the complex-gate kernels in `T` on `p32` (representable in `T`)
 /// through `forward_into` on a fresh stream, outputs and workspace poisoned.
-fn run_complex<T: Element>(gpu: &Gpu, p32: &OwnedProblem<f32>, config: impl Into<ChunkConfig>) -> (Vec<T>, Vec<Complex<f32>>) {
+fn run_complex<T: Element>(
+    gpu: &Gpu,
+    p32: &OwnedProblem<f32>,
+    config: impl Into<ChunkConfig>,
+) -> (Vec<T>, Vec<Complex<f32>>) {
     let d = p32.dims;
     let config = config.into();
     let lp = plan(&d, T::DTYPE, Gates::Complex).expect("plan");
@@ -49,12 +53,18 @@ fn run_complex<T: Element>(gpu: &Gpu, p32: &OwnedProblem<f32>, config: impl Into
 /// Runs the real-gate kernels on the real parts of `p32`'s log_gate and h0
 /// (the imaginary parts must be 0), outputs and workspace poisoned; returns y
 /// and h_final (as complex numbers with Im = 0).
-fn run_real<T: Element>(gpu: &Gpu, p32: &OwnedProblem<f32>, config: impl Into<ChunkConfig>) -> (Vec<T>, Vec<Complex<f32>>) {
+fn run_real<T: Element>(
+    gpu: &Gpu,
+    p32: &OwnedProblem<f32>,
+    config: impl Into<ChunkConfig>,
+) -> (Vec<T>, Vec<Complex<f32>>) {
     let d = p32.dims;
     assert!(p32.log_gate.iter().all(|z| z.im == 0.0));
     let lp = plan(&d, T::DTYPE, Gates::Real).expect("plan");
     let s = gpu.context().new_stream().expect("stream");
-    let up = |x: &[f32]| -> cudarc::driver::CudaSlice<T> { s.clone_htod(&x.iter().map(|&x| T::from_f32(x)).collect::<Vec<_>>()).unwrap() };
+    let up = |x: &[f32]| -> cudarc::driver::CudaSlice<T> {
+        s.clone_htod(&x.iter().map(|&x| T::from_f32(x)).collect::<Vec<_>>()).unwrap()
+    };
     let (q, k, v) = (up(&p32.q), up(&p32.k), up(&p32.v));
     let gate = s.clone_htod(&p32.log_gate.iter().map(|z| z.re).collect::<Vec<f32>>()).unwrap();
     let h0 = p32.h0.as_ref().map(|h| s.clone_htod(&h.iter().map(|z| z.re).collect::<Vec<f32>>()).unwrap());
@@ -169,10 +179,34 @@ fn hard_decay_keeps_short_differences() {
 fn long_sequence() {
     let Some(gpu) = common::gpu_or_skip() else { return };
     let exact = ChunkPrecision::Exact;
-    check_in::<f32>(gpu, Case::new(dims(1, 65536, 1, 4, 8, false), GateRegime::UnitModulus, true, 9000), Gates::Complex, exact, 10.0);
-    check_in::<f32>(gpu, Case::new(dims(1, 65536, 1, 3, 2, true), GateRegime::UnitModulus, false, 9001), Gates::Complex, exact, 10.0);
-    check_in::<f32>(gpu, Case::new(dims(1, 65536, 1, 64, 64, false), GateRegime::Mixed, true, 9002), Gates::Complex, exact, 1.0);
-    check_in::<f32>(gpu, Case::new(dims(1, 65536, 1, 16, 16, true), GateRegime::UnitModulus, true, 9003), Gates::Real, exact, 10.0);
+    check_in::<f32>(
+        gpu,
+        Case::new(dims(1, 65536, 1, 4, 8, false), GateRegime::UnitModulus, true, 9000),
+        Gates::Complex,
+        exact,
+        10.0,
+    );
+    check_in::<f32>(
+        gpu,
+        Case::new(dims(1, 65536, 1, 3, 2, true), GateRegime::UnitModulus, false, 9001),
+        Gates::Complex,
+        exact,
+        10.0,
+    );
+    check_in::<f32>(
+        gpu,
+        Case::new(dims(1, 65536, 1, 64, 64, false), GateRegime::Mixed, true, 9002),
+        Gates::Complex,
+        exact,
+        1.0,
+    );
+    check_in::<f32>(
+        gpu,
+        Case::new(dims(1, 65536, 1, 16, 16, true), GateRegime::UnitModulus, true, 9003),
+        Gates::Real,
+        exact,
+        10.0,
+    );
 }
 
 /// B·H from 1 to 256: the (b, h, chunk, value tile) decomposition of the grid.
@@ -191,7 +225,13 @@ fn batch_heads_sweep() {
 fn dtypes_and_precisions() {
     let Some(gpu) = common::gpu_or_skip() else { return };
     let mut seed = 10_000;
-    for regime in [GateRegime::Random, GateRegime::Resets(0.1), GateRegime::UnitModulus, GateRegime::LargePhase(50.0), GateRegime::Mixed] {
+    for regime in [
+        GateRegime::Random,
+        GateRegime::Resets(0.1),
+        GateRegime::UnitModulus,
+        GateRegime::LargePhase(50.0),
+        GateRegime::Mixed,
+    ] {
         for (len, k, v) in [(1, 5, 5), (200, 64, 33), (65, 128, 64), (1000, 16, 128)] {
             for per_head in [false, true] {
                 seed += 1;
@@ -214,8 +254,17 @@ fn real_gates_match_the_reference() {
     let Some(gpu) = common::gpu_or_skip() else { return };
     let shapes = [(1, 1, 1), (64, 5, 16), (65, 16, 5), (1000, 64, 64), (300, 128, 128)];
     let mut seed = 15_000;
-    for regime in [GateRegime::Random, GateRegime::Resets(0.05), GateRegime::Resets(1.0), GateRegime::UnitModulus, GateRegime::StrongDecay(40.0), GateRegime::Underflow] {
-        regime_matrix(1, 2, &shapes, regime, seed, |c| check_in::<f32>(gpu, c, Gates::Real, ChunkPrecision::Exact, 1.0));
+    for regime in [
+        GateRegime::Random,
+        GateRegime::Resets(0.05),
+        GateRegime::Resets(1.0),
+        GateRegime::UnitModulus,
+        GateRegime::StrongDecay(40.0),
+        GateRegime::Underflow,
+    ] {
+        regime_matrix(1, 2, &shapes, regime, seed, |c| {
+            check_in::<f32>(gpu, c, Gates::Real, ChunkPrecision::Exact, 1.0)
+        });
         seed += 100;
     }
 }
@@ -231,7 +280,12 @@ fn real_gates_match_the_reference() {
 #[test]
 fn sequential_carry_is_bitwise_the_separate_carry() {
     let Some(gpu) = common::gpu_or_skip() else { return };
-    let shapes = [dims(2, 1000, 3, 64, 128, false), dims(1, 777, 2, 40, 70, true), dims(3, 65, 2, 5, 7, false), dims(8, 4096, 16, 64, 64, false)];
+    let shapes = [
+        dims(2, 1000, 3, 64, 128, false),
+        dims(1, 777, 2, 40, 70, true),
+        dims(3, 65, 2, 5, 7, false),
+        dims(8, 4096, 16, 64, 64, false),
+    ];
     assert_eq!(plan(&shapes[3], Dtype::Bf16, Gates::Complex).unwrap().carry, ChunkCarry::Sequential);
     let mut seed = 16_000;
     for d in shapes {
@@ -245,7 +299,11 @@ fn sequential_carry_is_bitwise_the_separate_carry() {
         for regime in if big { &regimes[..1] } else { &regimes[..] } {
             seed += 1;
             let c = Case::new(d, *regime, seed % 2 == 0, seed);
-            for (gates, precision) in [(Gates::Complex, ChunkPrecision::Exact), (Gates::Complex, ChunkPrecision::Fast), (Gates::Real, ChunkPrecision::Exact)] {
+            for (gates, precision) in [
+                (Gates::Complex, ChunkPrecision::Exact),
+                (Gates::Complex, ChunkPrecision::Fast),
+                (Gates::Real, ChunkPrecision::Exact),
+            ] {
                 if !big {
                     check_carries::<f32>(gpu, c, gates, precision);
                 }
@@ -348,24 +406,66 @@ fn rejects_bad_buffers_naming_them() {
     };
     let exact = ChunkPrecision::Exact;
     let inputs = |q, g| DeviceInputs { q, k: &k, v: &v, log_gate: g, h0: None };
-    let e = forward_into(gpu, s, &d, inputs(&short, &gate), DeviceOutputs { y: &mut y, h_final: &mut h_final }, Some(&mut ws), exact);
+    let e = forward_into(
+        gpu,
+        s,
+        &d,
+        inputs(&short, &gate),
+        DeviceOutputs { y: &mut y, h_final: &mut h_final },
+        Some(&mut ws),
+        exact,
+    );
     assert_eq!(name_of(e.unwrap_err()), "q");
-    let e = forward_into(gpu, s, &d, inputs(&q, &gate), DeviceOutputs { y: &mut y, h_final: &mut h_final }, None, exact);
+    let e =
+        forward_into(gpu, s, &d, inputs(&q, &gate), DeviceOutputs { y: &mut y, h_final: &mut h_final }, None, exact);
     assert_eq!(name_of(e.unwrap_err()), "workspace");
-    let e = forward_into(gpu, s, &d, inputs(&q, &gate), DeviceOutputs { y: &mut y, h_final: &mut h_final }, Some(&mut small_ws), exact);
+    let e = forward_into(
+        gpu,
+        s,
+        &d,
+        inputs(&q, &gate),
+        DeviceOutputs { y: &mut y, h_final: &mut h_final },
+        Some(&mut small_ws),
+        exact,
+    );
     assert_eq!(name_of(e.unwrap_err()), "workspace");
     // The real-gate entry wants real (half-length) gates and states.
-    let e = forward_real_into(gpu, s, &d, inputs(&q, &gate), DeviceOutputs { y: &mut y, h_final: &mut h_final }, Some(&mut ws), exact);
+    let e = forward_real_into(
+        gpu,
+        s,
+        &d,
+        inputs(&q, &gate),
+        DeviceOutputs { y: &mut y, h_final: &mut h_final },
+        Some(&mut ws),
+        exact,
+    );
     assert_eq!(name_of(e.unwrap_err()), "log_gate");
     let real_gate = buf(d.gate_len());
-    let e = forward_real_into(gpu, s, &d, inputs(&q, &real_gate), DeviceOutputs { y: &mut y, h_final: &mut h_final }, Some(&mut ws), exact);
+    let e = forward_real_into(
+        gpu,
+        s,
+        &d,
+        inputs(&q, &real_gate),
+        DeviceOutputs { y: &mut y, h_final: &mut h_final },
+        Some(&mut ws),
+        exact,
+    );
     assert_eq!(name_of(e.unwrap_err()), "h_final");
     let big_k = dims(1, 10, 1, 257, 3, false);
     match plan(&big_k, Dtype::F32, Gates::Complex) {
         Err(InputError::Param { name: "key_dim", .. }) => {}
         other => panic!("{other:?}"),
     }
-    forward_into(gpu, s, &d, inputs(&q, &gate), DeviceOutputs { y: &mut y, h_final: &mut h_final }, Some(&mut ws), exact).unwrap();
+    forward_into(
+        gpu,
+        s,
+        &d,
+        inputs(&q, &gate),
+        DeviceOutputs { y: &mut y, h_final: &mut h_final },
+        Some(&mut ws),
+        exact,
+    )
+    .unwrap();
     s.synchronize().unwrap();
 }
 
@@ -393,8 +493,19 @@ fn sanitizer_smoke() {
     check_in::<f16>(gpu, case(d, 33_001), Gates::Complex, ChunkPrecision::Exact, 1.0);
     check_in::<bf16>(gpu, case(d, 33_002), Gates::Real, ChunkPrecision::Fast, 1.0);
     let per_head = d.with_gate(gateloop::GateLayout::PerHead);
-    check_in::<f32>(gpu, Case::new(per_head, GateRegime::Random, false, 33_003), Gates::Real, ChunkPrecision::Exact, 1.0);
+    check_in::<f32>(
+        gpu,
+        Case::new(per_head, GateRegime::Random, false, 33_003),
+        Gates::Real,
+        ChunkPrecision::Exact,
+        1.0,
+    );
     // The sequential carry's kernel (state_seq) under memcheck and racecheck too.
     check_carries::<f32>(gpu, case(d, 33_004), Gates::Complex, ChunkPrecision::Exact);
-    check_carries::<bf16>(gpu, Case::new(per_head, GateRegime::Resets(0.05), true, 33_005), Gates::Real, ChunkPrecision::Exact);
+    check_carries::<bf16>(
+        gpu,
+        Case::new(per_head, GateRegime::Resets(0.05), true, 33_005),
+        Gates::Real,
+        ChunkPrecision::Exact,
+    );
 }

@@ -298,13 +298,25 @@ fn misuse_is_a_typed_error() {
             &d,
             DeviceInputs { q: &u.q, k: &u.k, v: &u.v, log_gate: &u.log_gate, h0: Some(&h0) },
             DeviceGradInputs { dy: &dy, dh_final: None },
-            DeviceGrads { dq: &mut dq, dk: &mut dk, dv: &mut dv, dlog_gate: &mut dg, dh0: dh0_buf.as_mut().map(|h| h as _) },
+            DeviceGrads {
+                dq: &mut dq,
+                dk: &mut dk,
+                dv: &mut dv,
+                dlog_gate: &mut dg,
+                dh0: dh0_buf.as_mut().map(|h| h as _),
+            },
             Some(&mut ws),
             ChunkPrecision::Exact,
         )
     };
-    assert!(matches!(call(d.qk_len() - 1, true, lp.workspace_len), Err(GpuError::Input(InputError::Length { name: "dq", .. }))));
-    assert!(matches!(call(d.qk_len(), false, lp.workspace_len), Err(GpuError::Input(InputError::Param { name: "dh0", .. }))));
+    assert!(matches!(
+        call(d.qk_len() - 1, true, lp.workspace_len),
+        Err(GpuError::Input(InputError::Length { name: "dq", .. }))
+    ));
+    assert!(matches!(
+        call(d.qk_len(), false, lp.workspace_len),
+        Err(GpuError::Input(InputError::Param { name: "dh0", .. }))
+    ));
     assert!(matches!(
         call(d.qk_len(), true, lp.workspace_len - 1),
         Err(GpuError::Input(InputError::Length { name: "workspace", .. }))

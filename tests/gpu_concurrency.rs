@@ -32,10 +32,10 @@ use std::sync::{Arc, Mutex, MutexGuard};
 
 use common::{flat, upload};
 use cudarc::driver::{CudaSlice, CudaStream, DevicePtrMut};
+use gateloop::Dims;
 use gateloop::cuda::recurrent::{self, DecodeInputs};
 use gateloop::cuda::{DeviceInputs, DeviceOutputs, Element, Gpu, GpuError, attention, check, scan};
 use gateloop::testing::{GateRegime, OwnedProblem, dims, random_problem};
-use gateloop::Dims;
 use half::{bf16, f16};
 
 const THREADS: usize = 8;
@@ -59,8 +59,15 @@ enum Kind {
     Check,
 }
 
-const KINDS: [Kind; 7] =
-    [Kind::RecurrentF32, Kind::RecurrentF16, Kind::RecurrentBf16, Kind::Decode, Kind::Scan, Kind::Attention, Kind::Check];
+const KINDS: [Kind; 7] = [
+    Kind::RecurrentF32,
+    Kind::RecurrentF16,
+    Kind::RecurrentBf16,
+    Kind::Decode,
+    Kind::Scan,
+    Kind::Attention,
+    Kind::Check,
+];
 
 /// One kernel on one problem.
 struct Job {
@@ -98,7 +105,8 @@ fn thread_jobs(t: usize, small: bool) -> Vec<Job> {
     for rep in 0..PROBLEMS_PER_THREAD {
         let (b, h) = batch_heads[(t + rep) % 4];
         let len = if small { 100 + 37 * t + rep } else { lens[t] + 50 * rep };
-        let (k, v) = if small { (keys[(t + rep) % 8].min(32), values[t].min(32)) } else { (keys[(t + rep) % 8], values[t]) };
+        let (k, v) =
+            if small { (keys[(t + rep) % 8].min(32), values[t].min(32)) } else { (keys[(t + rep) % 8], values[t]) };
         let d = dims(b, len, h, k, v, t % 2 == 1);
         for (i, kind) in KINDS.into_iter().enumerate() {
             let seed = 90_000 + 1000 * t as u64 + 100 * rep as u64 + i as u64;
@@ -126,7 +134,12 @@ fn bits_of<T: Element>(s: &Arc<CudaStream>, ys: &[CudaSlice<T>], h: &CudaSlice<f
 
 /// The launch of a forward job: dims, inputs, outputs, workspace.
 type Launch<'a, T> = Box<
-    dyn FnOnce(&Dims, DeviceInputs<'_, T>, DeviceOutputs<'_, T>, Option<&mut dyn DevicePtrMut<f32>>) -> Result<(), GpuError>
+    dyn FnOnce(
+            &Dims,
+            DeviceInputs<'_, T>,
+            DeviceOutputs<'_, T>,
+            Option<&mut dyn DevicePtrMut<f32>>,
+        ) -> Result<(), GpuError>
         + 'a,
 >;
 
@@ -344,7 +357,9 @@ fn no_device_memory_leak_over_10000_launches() {
     }
     let after = settled_free_memory(gpu);
     let calls = rounds * calls_per_round;
-    eprintln!("leak check: {calls} launcher calls in {rounds} rounds; free device memory {before} B before, {after} B after");
+    eprintln!(
+        "leak check: {calls} launcher calls in {rounds} rounds; free device memory {before} B before, {after} B after"
+    );
     assert!(calls >= 10_000);
     assert_eq!(
         after,

@@ -95,7 +95,10 @@ fn check<T: Element>(gpu: &Gpu, d: Dims, regime: GateRegime, with_h0: bool, piec
 
     let (y1, h1) = forward_once::<T>(gpu, &p32);
     assert!(bits(&y) == bits(&y1), "{label}: decoded y differs from one forward_into");
-    assert!(flat(&state).iter().map(|x| x.to_bits()).eq(flat(&h1).iter().map(|x| x.to_bits())), "{label}: state differs from forward_into's h_final");
+    assert!(
+        flat(&state).iter().map(|x| x.to_bits()).eq(flat(&h1).iter().map(|x| x.to_bits())),
+        "{label}: state differs from forward_into's h_final"
+    );
 }
 
 fn check_all_types(gpu: &Gpu, d: Dims, regime: GateRegime, with_h0: bool, pieces: &[usize], seed: u64) {
@@ -113,7 +116,14 @@ fn pieces_of_mixed_lengths() {
         for per_head in [false, true] {
             for with_h0 in [false, true] {
                 seed += 1;
-                check_all_types(gpu, dims(2, 300, 3, key_dim, value_dim, per_head), GateRegime::Random, with_h0, &pieces, seed);
+                check_all_types(
+                    gpu,
+                    dims(2, 300, 3, key_dim, value_dim, per_head),
+                    GateRegime::Random,
+                    with_h0,
+                    &pieces,
+                    seed,
+                );
             }
         }
     }
@@ -131,7 +141,9 @@ fn one_step_at_a_time() {
 fn regimes_and_odd_sizes() {
     let Some(gpu) = common::gpu_or_skip() else { return };
     let mut seed = 22_000;
-    for regime in [GateRegime::UnitModulus, GateRegime::LargePhase(50.0), GateRegime::StrongDecay(30.0), GateRegime::Mixed] {
+    for regime in
+        [GateRegime::UnitModulus, GateRegime::LargePhase(50.0), GateRegime::StrongDecay(30.0), GateRegime::Mixed]
+    {
         seed += 1;
         check_all_types(gpu, dims(2, 130, 3, 129, 97, seed % 2 == 0), regime, true, &[3, 64, 63], seed);
     }

@@ -35,7 +35,11 @@ const KERNELS: [Kernel; 3] = [Kernel::Recurrent, Kernel::Scan, Kernel::Attention
 /// Runs `kernel` in `T` on `p32` (representable in `T`) through its
 /// `forward_into` on a fresh stream, outputs and workspace poisoned with NaN
 /// first; returns (y, h_final).
-fn run_kernel<T: Element>(gpu: &Gpu, kernel: Kernel, p32: &gateloop::testing::OwnedProblem<f32>) -> (Vec<T>, Vec<Complex<f32>>) {
+fn run_kernel<T: Element>(
+    gpu: &Gpu,
+    kernel: Kernel,
+    p32: &gateloop::testing::OwnedProblem<f32>,
+) -> (Vec<T>, Vec<Complex<f32>>) {
     let d = p32.dims;
     let got = match kernel {
         Kernel::Recurrent => run_forward::<T>(gpu, p32, 0, |s, d, i, o, _| recurrent::forward_into(gpu, s, d, i, o)),
@@ -161,7 +165,11 @@ fn forward_host_as_rounds_on_the_host() {
     let raw = random_problem(d, GateRegime::Mixed, true, 14_000);
     // forward_host_as gets unrounded f32 data and rounds q, k, v itself.
     let p32 = raw.to_f32();
-    fn one<T: Element>(gpu: &Gpu, raw: &gateloop::testing::OwnedProblem<f64>, p32: &gateloop::testing::OwnedProblem<f32>) {
+    fn one<T: Element>(
+        gpu: &Gpu,
+        raw: &gateloop::testing::OwnedProblem<f64>,
+        p32: &gateloop::testing::OwnedProblem<f32>,
+    ) {
         let want = reference::recurrent::forward(&rounded_to::<T>(raw).view()).unwrap();
         for (kernel, got) in [
             ("recurrent", recurrent::forward_host_as::<T>(gpu, &p32.view())),

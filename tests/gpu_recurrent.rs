@@ -30,7 +30,9 @@ fn check_case(gpu: &Gpu, case: Case) {
 #[test]
 fn shape_sweep() {
     let Some(gpu) = common::gpu_or_skip() else { return };
-    common::shape_sweep(&[1, 2, 63, 64, 65, 1000], &[1, 5, 16, 64, 128], &[1, 5, 16, 64, 128], 0, |c| check_case(gpu, c));
+    common::shape_sweep(&[1, 2, 63, 64, 65, 1000], &[1, 5, 16, 64, 128], &[1, 5, 16, 64, 128], 0, |c| {
+        check_case(gpu, c)
+    });
 }
 
 fn regime_cases(regime: GateRegime, seed: u64) {

@@ -10,7 +10,7 @@
 
 mod common;
 
-use common::{ABS_FRAC, Case, REL, assert_outputs, regime_matrix, regime_tests, adversarial_regime_tests, run_forward};
+use common::{ABS_FRAC, Case, REL, adversarial_regime_tests, assert_outputs, regime_matrix, regime_tests, run_forward};
 use gateloop::cpu;
 use gateloop::cuda::scan::{DeviceInputs, DeviceOutputs, forward_host, forward_into, plan_for};
 use gateloop::cuda::{Gpu, GpuError};
@@ -44,7 +44,9 @@ fn check_case(gpu: &Gpu, c: Case) {
 #[test]
 fn shape_sweep() {
     let Some(gpu) = common::gpu_or_skip() else { return };
-    common::shape_sweep(&[1, 2, 63, 64, 65, 1000, 4096], &[1, 5, 16, 64], &[1, 2, 5, 16, 64], 0, |c| check_case(gpu, c));
+    common::shape_sweep(&[1, 2, 63, 64, 65, 1000, 4096], &[1, 5, 16, 64], &[1, 2, 5, 16, 64], 0, |c| {
+        check_case(gpu, c)
+    });
 }
 
 fn regime_cases(regime: GateRegime, seed: u64) {
@@ -132,7 +134,8 @@ fn rejects_bad_buffers_naming_them() {
     assert_eq!(name_of(e.unwrap_err()), "q");
     let e = forward_into(gpu, s, &d, inputs(&q), DeviceOutputs { y: &mut y, h_final: &mut h_final }, None);
     assert_eq!(name_of(e.unwrap_err()), "workspace");
-    let e = forward_into(gpu, s, &d, inputs(&q), DeviceOutputs { y: &mut y, h_final: &mut h_final }, Some(&mut small_ws));
+    let e =
+        forward_into(gpu, s, &d, inputs(&q), DeviceOutputs { y: &mut y, h_final: &mut h_final }, Some(&mut small_ws));
     assert_eq!(name_of(e.unwrap_err()), "workspace");
     let mut short_h = buf(d.state_len());
     let e = forward_into(gpu, s, &d, inputs(&q), DeviceOutputs { y: &mut y, h_final: &mut short_h }, Some(&mut ws));

@@ -114,7 +114,11 @@ fn every_regime_layout_h0_dh_final() {
         for per_head in [false, true] {
             for (with_h0, with_dhf) in [(false, false), (true, true), (true, false), (false, true)] {
                 seed += 1;
-                check(gpu, &mut worst, GradCase::new(dims(2, 3001, 2, 7, 6, per_head), regime, with_h0, with_dhf, seed));
+                check(
+                    gpu,
+                    &mut worst,
+                    GradCase::new(dims(2, 3001, 2, 7, 6, per_head), regime, with_h0, with_dhf, seed),
+                );
             }
         }
     }
@@ -361,6 +365,14 @@ fn sanitizer_smoke() {
     check(gpu, &mut worst, GradCase::new(dims(1, 3001, 1, 5, 7, false), GateRegime::Mixed, true, true, 31_000));
     check(gpu, &mut worst, GradCase::new(dims(1, 200, 2, 3, 9, true), GateRegime::Random, false, true, 31_001));
     // 16-bit: the dq, dk running sums in the workspace, several chunks.
-    check_as::<f16>(gpu, &mut worst, GradCase::new(dims(1, 3001, 1, 5, 7, true), GateRegime::Mixed, true, true, 31_002));
-    check_as::<bf16>(gpu, &mut worst, GradCase::new(dims(1, 200, 2, 3, 9, false), GateRegime::Random, false, true, 31_003));
+    check_as::<f16>(
+        gpu,
+        &mut worst,
+        GradCase::new(dims(1, 3001, 1, 5, 7, true), GateRegime::Mixed, true, true, 31_002),
+    );
+    check_as::<bf16>(
+        gpu,
+        &mut worst,
+        GradCase::new(dims(1, 200, 2, 3, 9, false), GateRegime::Random, false, true, 31_003),
+    );
 }

@@ -10,7 +10,7 @@ use std::path::PathBuf;
 use std::process::Command;
 
 use gateloop::io::{self, TensorF64};
-use gateloop::{compare, Complex, Dims, GateLayout, Problem};
+use gateloop::{Complex, Dims, GateLayout, Problem, compare};
 
 const FIXTURES: [&str; 3] = ["jax_l1000_resets_phase50", "jax_l257_per_head_gate", "jax_l1_k1_v1"];
 
@@ -49,8 +49,11 @@ fn cli_reproduces_jax_float64_associative_scan() {
         let t = fixture(name);
         let (qs, vs, gs) = (&t["q"].shape, &t["v"].shape, &t["log_gate"].shape);
         let per_head = gs[3] == 1 && qs[3] != 1;
-        let dims = Dims::new(qs[0], qs[1], qs[2], qs[3], vs[3])
-            .with_gate(if per_head { GateLayout::PerHead } else { GateLayout::PerChannel });
+        let dims = Dims::new(qs[0], qs[1], qs[2], qs[3], vs[3]).with_gate(if per_head {
+            GateLayout::PerHead
+        } else {
+            GateLayout::PerChannel
+        });
         let gate = complex(&t["log_gate"].data);
         let h0 = t.get("h0").map(|h| complex(&h.data));
         let p = Problem::new(dims, &t["q"].data, &t["k"].data, &t["v"].data, &gate, h0.as_deref()).unwrap();
@@ -61,7 +64,10 @@ fn cli_reproduces_jax_float64_associative_scan() {
         for mode in ["recurrent", "scan", "attention"] {
             let (y, h) = run_cli(&in64, mode, &format!("{name}-f64"));
             let (ey_err, eh_err) = (compare(&y, ey), compare(&h, eh));
-            assert!(ey_err.within(1e-10, 1e-10) && eh_err.within(1e-10, 1e-10), "{name} f64 {mode}: y {ey_err:?} h_final {eh_err:?}");
+            assert!(
+                ey_err.within(1e-10, 1e-10) && eh_err.within(1e-10, 1e-10),
+                "{name} f64 {mode}: y {ey_err:?} h_final {eh_err:?}"
+            );
         }
 
         let p32 = gateloop::testing::OwnedProblem {
@@ -78,7 +84,10 @@ fn cli_reproduces_jax_float64_associative_scan() {
         for mode in ["recurrent", "scan", "attention", "chunked"] {
             let (y, h) = run_cli(&in32, mode, &format!("{name}-f32"));
             let (ey_err, eh_err) = (compare(&y, ey), compare(&h, eh));
-            assert!(ey_err.within(1e-4, 1e-3) && eh_err.within(1e-4, 1e-3), "{name} f32 {mode}: y {ey_err:?} h_final {eh_err:?}");
+            assert!(
+                ey_err.within(1e-4, 1e-3) && eh_err.within(1e-4, 1e-3),
+                "{name} f32 {mode}: y {ey_err:?} h_final {eh_err:?}"
+            );
         }
     }
 }

@@ -7,7 +7,7 @@ use std::path::PathBuf;
 
 use gateloop::reference::grad::{self, Grads};
 use gateloop::testing::OwnedProblem;
-use gateloop::{compare, compare_complex, Complex, Dims, ErrorStats, GateLayout};
+use gateloop::{Complex, Dims, ErrorStats, GateLayout, compare, compare_complex};
 use safetensors::{Dtype, SafeTensors};
 
 const FIXTURES: [&str; 4] =

@@ -26,8 +26,8 @@
 
 use gateloop::reference::grad::{self, GradInputs, Grads, GradsMut};
 use gateloop::reference::{self, RefMode};
-use gateloop::testing::{dims, random_problem, GateRegime, OwnedProblem};
-use gateloop::{compare, compare_complex, Complex, Dims, InputError, Outputs};
+use gateloop::testing::{GateRegime, OwnedProblem, dims, random_problem};
+use gateloop::{Complex, Dims, InputError, Outputs, compare, compare_complex};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 

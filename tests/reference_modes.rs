@@ -2,9 +2,9 @@
 
 mod common;
 
-use gateloop::reference::{self, naive, RefMode};
-use gateloop::testing::{dims, random_problem, GateRegime};
-use gateloop::{compare, compare_complex, Dims};
+use gateloop::reference::{self, RefMode, naive};
+use gateloop::testing::{GateRegime, dims, random_problem};
+use gateloop::{Dims, compare, compare_complex};
 
 fn agree(d: Dims, regime: GateRegime, with_h0: bool, seed: u64, modes: &[RefMode]) {
     let p = random_problem(d, regime, with_h0, seed);
@@ -72,6 +72,9 @@ fn naive_cumprod_form_fails_where_anchored_form_is_exact() {
     // In f64 the same failure arrives later, at L ≈ 1000.
     let p = random_problem(dims(1, 1500, 1, 2, 2, false), GateRegime::StrongDecay(2.0), false, 22);
     assert!(naive::surrogate_attention_cumprod(&p.view()).iter().any(|y| y.is_nan()));
-    let e = compare(&reference::attention::forward(&p.view()).unwrap().y, &reference::recurrent::forward(&p.view()).unwrap().y);
+    let e = compare(
+        &reference::attention::forward(&p.view()).unwrap().y,
+        &reference::recurrent::forward(&p.view()).unwrap().y,
+    );
     assert!(e.within(1e-12, 1e-12), "anchored f64 attention: {e:?}");
 }

@@ -9,8 +9,8 @@
 //! `#[ignore]`d: `cargo test --release --test stress -- --ignored`.
 
 use gateloop::cpu::chunked::{self, ChunkParams};
-use gateloop::fuzz::{tolerance, Oracle, Precision};
-use gateloop::testing::{dims, random_problem, GateRegime, OwnedProblem};
+use gateloop::fuzz::{Oracle, Precision, tolerance};
+use gateloop::testing::{GateRegime, OwnedProblem, dims, random_problem};
 use gateloop::{Complex, Outputs};
 
 const L: usize = 1 << 20;

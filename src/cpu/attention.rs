@@ -39,9 +39,9 @@ use num_complex::Complex;
 use rayon::prelude::*;
 
 use super::{re_diff, two_sum};
+use crate::cuda::abi::GATELOOP_RESET_LOG_GATE;
 use crate::error::InputError;
 use crate::problem::{Outputs, OutputsMut, Problem};
-use crate::cuda::abi::GATELOOP_RESET_LOG_GATE;
 
 /// Re(log_gate) below which a step is a reset in f32 (see the ABI header).
 const RESET_LOG_GATE: f32 = GATELOOP_RESET_LOG_GATE as f32;
@@ -107,7 +107,10 @@ impl TileSums {
         let mut ts = TileSums {
             prefix: vec![zero; len * gd],
             prefix_lo: vec![0.0; len * gd],
-            suffix: vec![zero; len * gd], reset: vec![-1; len * gd], gd };
+            suffix: vec![zero; len * gd],
+            reset: vec![-1; len * gd],
+            gd,
+        };
         // The kernel's load_log_gate: a reset-class step (exp(g) exactly 0 in
         // f32) reads as Re = −∞.
         let gate = |t: usize, c: usize| {
@@ -165,7 +168,11 @@ pub fn forward(p: &Problem<'_, f32>, params: &AttentionParams) -> Result<Outputs
 
 /// Tiled attention in f32 into caller buffers. Validates as the reference
 /// does (lengths, gate domain, output lengths) and `tile_len ≥ 1`.
-pub fn forward_into(p: &Problem<'_, f32>, params: &AttentionParams, out: OutputsMut<'_, f32>) -> Result<(), InputError> {
+pub fn forward_into(
+    p: &Problem<'_, f32>,
+    params: &AttentionParams,
+    out: OutputsMut<'_, f32>,
+) -> Result<(), InputError> {
     p.validate()?;
     p.check_gate()?;
     out.validate(&p.dims)?;
@@ -203,7 +210,15 @@ pub fn forward_into(p: &Problem<'_, f32>, params: &AttentionParams, out: Outputs
 }
 
 /// `[Re q̃, −Im q̃]` of the query tile with offset Δ, as `[n][2K]`.
-fn stage_query(p: &Problem<'_, f32>, ts: &TileSums, b: usize, h: usize, t0: usize, ni: usize, delta: &[Complex<f32>]) -> Vec<f32> {
+fn stage_query(
+    p: &Problem<'_, f32>,
+    ts: &TileSums,
+    b: usize,
+    h: usize,
+    t0: usize,
+    ni: usize,
+    delta: &[Complex<f32>],
+) -> Vec<f32> {
     let kd = p.dims.key_dim;
     let per_head = ts.gd == 1;
     let mut qt = vec![0.0f32; ni * 2 * kd];
@@ -222,7 +237,16 @@ fn stage_query(p: &Problem<'_, f32>, ts: &TileSums, b: usize, h: usize, t0: usiz
 
 /// acc[n][v] += Σ_m sc[n][m] v[m][v], m ascending (as the kernel's P·V).
 #[allow(clippy::too_many_arguments)]
-fn score_times_v(p: &Problem<'_, f32>, b: usize, h: usize, t0j: usize, nj: usize, tl: usize, sc: &[f32], acc: &mut [f32]) {
+fn score_times_v(
+    p: &Problem<'_, f32>,
+    b: usize,
+    h: usize,
+    t0j: usize,
+    nj: usize,
+    tl: usize,
+    sc: &[f32],
+    acc: &mut [f32],
+) {
     let vd = p.dims.value_dim;
     for (n, a_row) in acc.chunks_exact_mut(vd).enumerate() {
         for m in 0..nj {

@@ -189,11 +189,7 @@ fn choose_strategy(bh_count: usize, n_chunks: usize) -> Strategy {
     // Heads fill the threads evenly (every head has the same work), or there
     // are so many that the last round hardly matters.
     let enough = bh_count >= 4 * threads || (bh_count >= threads && bh_count.is_multiple_of(threads));
-    if n_chunks == 1 || enough {
-        Strategy::PerHead
-    } else {
-        Strategy::ThreePass
-    }
+    if n_chunks == 1 || enough { Strategy::PerHead } else { Strategy::ThreePass }
 }
 
 pub(crate) fn simd_available() -> Isa {
@@ -250,11 +246,7 @@ pub(crate) const PREFIX_SEG: usize = crate::cuda::abi::GATELOOP_CHUNK_PREFIX_SEG
 
 #[inline(always)]
 fn select(c: bool, a: f32, b: f32) -> f32 {
-    if c {
-        a
-    } else {
-        b
-    }
+    if c { a } else { b }
 }
 
 /// x − 2π·round(x / 2π) in f32 (Cody–Waite, 3-part 2π; accurate for
@@ -346,7 +338,7 @@ fn sincos<F: Arith>(x: f32) -> (f32, f32) {
 fn prefetch_rows<T>(x: &[T], stride: usize, rows: usize, row_len: usize, near: bool) {
     #[cfg(target_arch = "x86_64")]
     {
-        use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T0, _MM_HINT_T1};
+        use std::arch::x86_64::{_MM_HINT_T0, _MM_HINT_T1, _mm_prefetch};
         let bytes = row_len * std::mem::size_of::<T>();
         for r in 0..rows {
             let row = x[r * stride..r * stride + row_len].as_ptr() as *const i8;
@@ -633,7 +625,8 @@ impl Scratch {
             let o = t * gd;
             let ti = t as i32;
             if t % PREFIX_SEG == 0 {
-                let (cur_re, cur_im, cur_rst) = (&mut self.gre[o..o + gd], &mut self.gim[o..o + gd], &mut self.rst[o..o + gd]);
+                let (cur_re, cur_im, cur_rst) =
+                    (&mut self.gre[o..o + gd], &mut self.gim[o..o + gd], &mut self.rst[o..o + gd]);
                 self.gre_lo[o..o + gd].fill(0.0);
                 for ch in 0..gd {
                     let keep = g_re[ch] >= RESET_BELOW;
@@ -707,7 +700,9 @@ impl Scratch {
             (row(&self.gre, early as usize, gd), row(&self.gre_lo, early as usize, gd))
         };
         let e = early as i32;
-        for ((((w, &a), &al), (&b, &bl)), &r) in self.w[..gd].iter_mut().zip(l_re).zip(l_lo).zip(e_re.iter().zip(e_lo)).zip(l_rst) {
+        for ((((w, &a), &al), (&b, &bl)), &r) in
+            self.w[..gd].iter_mut().zip(l_re).zip(l_lo).zip(e_re.iter().zip(e_lo)).zip(l_rst)
+        {
             // A masked factor gets exponent MASKED: exp_nonpos returns exactly 0.
             *w = exp_nonpos::<F>(if r <= e { re_diff(a, al, b, bl) } else { MASKED });
         }
@@ -830,7 +825,14 @@ impl Scratch {
     /// Prefetches the chunk, builds G, R and the phase table for steps
     /// `t0..t0+clen` of head (b, h), and returns the phase-scaled q and k rows.
     #[inline(always)]
-    pub(crate) fn load_chunk<F: Arith>(&mut self, ctx: &Ctx<'_>, b: usize, h: usize, t0: usize, clen: usize) -> PhaseRows {
+    pub(crate) fn load_chunk<F: Arith>(
+        &mut self,
+        ctx: &Ctx<'_>,
+        b: usize,
+        h: usize,
+        t0: usize,
+        clen: usize,
+    ) -> PhaseRows {
         let (kd, gd) = (ctx.kd, ctx.gd);
         let p = ctx.p;
         let ks = ctx.heads * kd;
@@ -989,7 +991,20 @@ impl Scratch {
                     }
                 }
                 // scores[n][s0..s1] = [Re q̃, −Im q̃] · [Re k̃, Im k̃]ᵀ (inner 2K)
-                gemm::<F>(rows, cols, k2, &self.qa, k2, 1, &self.kat, cols, &mut sc[s1 * clen + s0..], clen, false, false);
+                gemm::<F>(
+                    rows,
+                    cols,
+                    k2,
+                    &self.qa,
+                    k2,
+                    1,
+                    &self.kat,
+                    cols,
+                    &mut sc[s1 * clen + s0..],
+                    clen,
+                    false,
+                    false,
+                );
                 on_block(self, s0, s1);
             }
             s0 = s1;
@@ -1409,7 +1424,7 @@ fn forward_impl(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::testing::{dims, random_problem, GateRegime};
+    use crate::testing::{GateRegime, dims, random_problem};
 
     #[test]
     fn exp_and_sincos_are_accurate() {

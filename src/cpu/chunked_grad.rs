@@ -473,7 +473,9 @@ fn diagonal_blocks<F: Arith>(
                 let x = ds[n * clen + m];
                 let (m_re, m_lo) = (row(&s.gre, m, gd), row(&s.gre_lo, m, gd));
                 let pairs = n_re.iter().zip(n_lo).zip(m_re.iter().zip(m_lo));
-                for (((w, e), ((&a, &al), (&b, &bl))), &rn) in wpair.iter_mut().zip(wmod.iter_mut()).zip(pairs).zip(n_rst) {
+                for (((w, e), ((&a, &al), (&b, &bl))), &rn) in
+                    wpair.iter_mut().zip(wmod.iter_mut()).zip(pairs).zip(n_rst)
+                {
                     *e = exp_nonpos::<F>(if rn <= m as i32 { re_diff(a, al, b, bl) } else { MASKED });
                     *w = x * *e;
                 }

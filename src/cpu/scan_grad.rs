@@ -309,7 +309,8 @@ impl Head<'_, '_> {
                     for tl in 0..tiles {
                         let cols = tl * tile..((tl + 1) * tile).min(vd);
                         let dy = &cd.dy[i * vd..(i + 1) * vd];
-                        let part = dy[cols.clone()].iter().zip(&hs[cols]).fold(0.0f32, |acc, (&y, x)| y.mul_add(x.re, acc));
+                        let part =
+                            dy[cols.clone()].iter().zip(&hs[cols]).fold(0.0f32, |acc, (&y, x)| y.mul_add(x.re, acc));
                         tile_sum(tl, &mut dq[i * kd + row], part);
                     }
                 }
@@ -391,8 +392,7 @@ fn head(p: &Problem<'_, f32>, g: &GradInputs<'_, f32>, gp: ScanGradParams, b: us
         let (ga, gb) = &aggs[c]; // chunk c + 1
         adj_enter[c] = (0..kv).map(|i| apply(ga[i / vd], gb[i], adj_enter[c + 1][i])).collect();
     }
-    let parts: Vec<ChunkGrads> =
-        (0..nc).into_par_iter().map(|c| hd.grads(c, &fwd_enter[c], &adj_enter[c])).collect();
+    let parts: Vec<ChunkGrads> = (0..nc).into_par_iter().map(|c| hd.grads(c, &fwd_enter[c], &adj_enter[c])).collect();
     let mut out = HeadGrads { dq: Vec::new(), dk: Vec::new(), dv: Vec::new(), dg: Vec::new(), dh0: Vec::new() };
     for part in parts {
         out.dq.extend_from_slice(&part.dq);

@@ -118,7 +118,10 @@ pub fn plan(dims: &Dims) -> Result<LaunchPlan, InputError> {
         .and_then(|n| n.checked_mul(WORKSPACE_WORDS_PER_ELEMENT))
         .ok_or_else(|| InputError::TooLarge {
             name: "workspace",
-            shape: format!("[{WORKSPACE_WORDS_PER_ELEMENT}·B·H·L·gate_dim] with B = {}, H = {}", dims.batch, dims.heads),
+            shape: format!(
+                "[{WORKSPACE_WORDS_PER_ELEMENT}·B·H·L·gate_dim] with B = {}, H = {}",
+                dims.batch, dims.heads
+            ),
             limit: "usize::MAX".into(),
         })?;
     Ok(LaunchPlan {

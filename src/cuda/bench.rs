@@ -135,7 +135,11 @@ impl HostInputs {
         };
         let mut log_gate = vec![0f32; 2 * dims.gate_len()];
         fill(&mut log_gate, seed ^ 4, |rng, i| {
-            if i % 2 == 0 { -rng.random_range(0.0f32..0.3) } else { rng.random_range(-std::f32::consts::PI..std::f32::consts::PI) }
+            if i % 2 == 0 {
+                -rng.random_range(0.0f32..0.3)
+            } else {
+                rng.random_range(-std::f32::consts::PI..std::f32::consts::PI)
+            }
         });
         HostInputs {
             dims,
@@ -159,8 +163,7 @@ pub trait BenchCase {
 }
 
 /// Prepares a case: `sets` device copies of the inputs for one dtype.
-pub type PrepareFn =
-    for<'g> fn(&'g Gpu, Dims, Dtype, &HostInputs, usize) -> Result<Box<dyn BenchCase + 'g>, GpuError>;
+pub type PrepareFn = for<'g> fn(&'g Gpu, Dims, Dtype, &HostInputs, usize) -> Result<Box<dyn BenchCase + 'g>, GpuError>;
 
 /// A benchmarked kernel.
 pub struct KernelEntry {
@@ -322,11 +325,7 @@ fn recurrent_shapes() -> Vec<Dims> {
 
 fn decode_shapes() -> Vec<Dims> {
     use GateLayout::{PerChannel, PerHead};
-    vec![
-        shape(8, 1, 16, 64, 64, PerChannel),
-        shape(64, 1, 32, 128, 128, PerHead),
-        shape(8, 16, 16, 64, 64, PerChannel),
-    ]
+    vec![shape(8, 1, 16, 64, 64, PerChannel), shape(64, 1, 32, 128, 128, PerHead), shape(8, 16, 16, 64, 64, PerChannel)]
 }
 
 /// Recurrent forward / decode. Bytes: q, k, v read and y written in the
@@ -398,7 +397,13 @@ impl<T: Element> BenchCase for RecurrentCase<'_, T> {
             recurrent::decode_into(self.gpu, s, &self.dims, inputs, &mut st.y, &mut st.state)
         } else {
             let inputs = DeviceInputs { q: &st.q, k: &st.k, v: &st.v, log_gate: &st.log_gate, h0: None };
-            recurrent::forward_into(self.gpu, s, &self.dims, inputs, DeviceOutputs { y: &mut st.y, h_final: &mut st.state })
+            recurrent::forward_into(
+                self.gpu,
+                s,
+                &self.dims,
+                inputs,
+                DeviceOutputs { y: &mut st.y, h_final: &mut st.state },
+            )
         }
     }
 
@@ -512,7 +517,10 @@ pub fn attention_cost(d: &Dims) -> Cost {
     let (l, k, v) = (d.len as f64, d.key_dim as f64, d.value_dim as f64);
     let pairs = l * (l + 1.0) / 2.0;
     let heads = (d.batch * d.heads) as f64;
-    Cost::single_pass(recurrent_cost(d, Dtype::F32, false).bytes, heads * (pairs * (4.0 * k + 2.0 * v) + 8.0 * l * k * v))
+    Cost::single_pass(
+        recurrent_cost(d, Dtype::F32, false).bytes,
+        heads * (pairs * (4.0 * k + 2.0 * v) + 8.0 * l * k * v),
+    )
 }
 
 /// The two shapes and fla's 4/2048/16/128 (B, L, H, K = V).
@@ -764,7 +772,9 @@ impl<T: Element> BenchCase for GradCase<'_, T> {
         };
         let ws = Some(&mut st.workspace as _);
         match self.backward {
-            Backward::Chunked { .. } => chunk_grad::backward_into(self.gpu, s, &self.dims, inputs, grad_in, grads, ws, exact),
+            Backward::Chunked { .. } => {
+                chunk_grad::backward_into(self.gpu, s, &self.dims, inputs, grad_in, grads, ws, exact)
+            }
             Backward::Scan => super::scan_grad::backward_into(self.gpu, s, &self.dims, inputs, grad_in, grads, ws),
         }
     }
@@ -805,7 +815,9 @@ impl DeviceInfo {
             capability: gpu.compute_capability(),
             sm_count: attr(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT, "querying the SM count")?,
             l2_bytes: attr(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_L2_CACHE_SIZE, "querying the L2 size")?,
-            clock_khz: ctx.attribute(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_CLOCK_RATE).map_or(0, |c| c.max(0) as usize),
+            clock_khz: ctx
+                .attribute(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_CLOCK_RATE)
+                .map_or(0, |c| c.max(0) as usize),
             total_memory: ctx.total_mem().doing("querying the memory size")?,
         })
     }
@@ -870,10 +882,7 @@ pub fn time_launches(
         let end = stream.record_event(timing).doing("recording an event")?;
         events.push((start, end));
     }
-    events
-        .iter()
-        .map(|(start, end)| start.elapsed_ms(end).map(f64::from).doing("reading an event time"))
-        .collect()
+    events.iter().map(|(start, end)| start.elapsed_ms(end).map(f64::from).doing("reading an event time")).collect()
 }
 
 /// Median of `xs` (sorted copy; the mean of the middle two for even lengths).
@@ -1162,8 +1171,24 @@ impl Report {
         let _ = writeln!(
             s,
             "{:<17} {:<5} {:>4} {:>6} {:>3} {:>4} {:>4} {:<7} {:>4} {:>10} {:>10} {:>8} {:>9} {:>10} {:>10} {:<6} {:>8} {:>11} check",
-            "kernel", "dtype", "B", "L", "H", "K", "V", "gate", "sets", "median_ms", "min_ms", "GB/s", "GFLOP/s",
-            "floor_mem", "floor_fp32", "bound", "of_floor", "traffic_mem"
+            "kernel",
+            "dtype",
+            "B",
+            "L",
+            "H",
+            "K",
+            "V",
+            "gate",
+            "sets",
+            "median_ms",
+            "min_ms",
+            "GB/s",
+            "GFLOP/s",
+            "floor_mem",
+            "floor_fp32",
+            "bound",
+            "of_floor",
+            "traffic_mem"
         );
         for r in &self.results {
             let g = &r.dims;

@@ -159,7 +159,8 @@ mod tests {
     fn the_host_classifier_is_the_kernel_predicate() {
         // log_gate_bad in cuda/check.cu: isnan(re) || isnan(im) || re > 0 || isinf(im).
         let bad = |g: Complex<f32>| g.re.is_nan() || g.im.is_nan() || g.re > 0.0 || g.im.is_infinite();
-        let values = [0.0, -0.0, 1e-45, -1e-45, 1.0, -1.0, f32::MAX, f32::MIN, f32::INFINITY, f32::NEG_INFINITY, f32::NAN];
+        let values =
+            [0.0, -0.0, 1e-45, -1e-45, 1.0, -1.0, f32::MAX, f32::MIN, f32::INFINITY, f32::NEG_INFINITY, f32::NAN];
         for re in values {
             for im in values {
                 let g = Complex::new(re, im);

@@ -303,7 +303,8 @@ pub fn plan_with(dims: &Dims, dtype: Dtype, gates: Gates, carry: ChunkCarry) -> 
     let as_grid = |x: Option<usize>, what: &str| {
         x.and_then(|g| u32::try_from(g).ok()).filter(|&g| g <= i32::MAX as u32).ok_or_else(|| too_large("grid", what))
     };
-    let grid = as_grid(bh.and_then(|x| x.checked_mul(nc)).and_then(|x| x.checked_mul(tiles)), "B·H·chunks·value_tiles")?;
+    let grid =
+        as_grid(bh.and_then(|x| x.checked_mul(nc)).and_then(|x| x.checked_mul(tiles)), "B·H·chunks·value_tiles")?;
     // B·H·K·V fits: validated.
     let state = d.batch * d.heads * d.key_dim * d.value_dim;
     let carry_grid = as_grid(Some(state.div_ceil(CARRY_THREADS as usize)), "B·H·K·V / 256")?;
@@ -313,9 +314,9 @@ pub fn plan_with(dims: &Dims, dtype: Dtype, gates: Gates, carry: ChunkCarry) -> 
         shape: format!("[B·H·chunks·{p}·(K·V + gate_dim)] with {nc} chunks"),
         limit: "usize::MAX".into(),
     };
-    let decay_len = bh.and_then(|x| x.checked_mul(nc)).and_then(|x| x.checked_mul(d.gate_dim() * p)).ok_or_else(ws_error)?;
-    let workspace_len =
-        nc.checked_mul(p * state).and_then(|s| s.checked_add(decay_len)).ok_or_else(ws_error)?;
+    let decay_len =
+        bh.and_then(|x| x.checked_mul(nc)).and_then(|x| x.checked_mul(d.gate_dim() * p)).ok_or_else(ws_error)?;
+    let workspace_len = nc.checked_mul(p * state).and_then(|s| s.checked_add(decay_len)).ok_or_else(ws_error)?;
     let (state_shared_bytes, output_shared_bytes) = shared_bytes(dtype, gates);
     let slabs = d.key_dim.div_ceil(KEY_SLAB);
     let sequential_grid =
@@ -423,7 +424,9 @@ fn launch<T: Element>(
         }
         .into());
     }
-    buffers.check(gpu, stream, d, lp.workspace_len, || format!("at least {} f32 ({} chunks)", lp.workspace_len, lp.num_chunks))?;
+    buffers.check(gpu, stream, d, lp.workspace_len, || {
+        format!("at least {} f32 ({} chunks)", lp.workspace_len, lp.num_chunks)
+    })?;
     let mut params = GateloopChunkParams {
         num_chunks: lp.num_chunks as i64,
         value_tiles: lp.value_tiles as i64,
@@ -441,7 +444,10 @@ fn launch<T: Element>(
     let block = (THREADS, 1, 1);
     let output = (&kernels.output[i], lp.grid, block, lp.output_shared_bytes, "launching gateloop_chunk_output");
     let launches = if sequential {
-        vec![(&kernels.sequential[i], lp.sequential_grid, block, state_bytes, "launching gateloop_chunk_state_seq"), output]
+        vec![
+            (&kernels.sequential[i], lp.sequential_grid, block, state_bytes, "launching gateloop_chunk_state_seq"),
+            output,
+        ]
     } else {
         vec![
             (&kernels.state[i], lp.grid, block, state_bytes, "launching gateloop_chunk_state"),
@@ -635,8 +641,14 @@ mod tests {
         assert_eq!((r.decay_len, r.workspace_len), (6 * 2, 6 * 2 + 6 * 2 * 5 * 65));
         let p = plan(&dims(1, 65536, 1, 64, 64, false), Dtype::F16, Gates::Complex).unwrap();
         assert_eq!((p.num_chunks, p.grid), (1024, 1024));
-        assert!(matches!(plan(&dims(1, 1, 1, 257, 1, false), Dtype::F32, Gates::Real), Err(InputError::Param { name: "key_dim", .. })));
-        assert!(matches!(plan(&dims(1, 0, 1, 1, 1, false), Dtype::F32, Gates::Real), Err(InputError::ZeroDim { name: "len" })));
+        assert!(matches!(
+            plan(&dims(1, 1, 1, 257, 1, false), Dtype::F32, Gates::Real),
+            Err(InputError::Param { name: "key_dim", .. })
+        ));
+        assert!(matches!(
+            plan(&dims(1, 0, 1, 1, 1, false), Dtype::F32, Gates::Real),
+            Err(InputError::ZeroDim { name: "len" })
+        ));
         assert!(matches!(
             plan(&dims(1 << 16, 1 << 16, 1 << 6, 1, 1, false), Dtype::F32, Gates::Complex),
             Err(InputError::TooLarge { .. })

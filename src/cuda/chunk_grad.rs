@@ -63,7 +63,7 @@ use cudarc::driver::{CudaFunction, CudaModule, CudaStream, DeviceRepr, LaunchCon
 use num_complex::Complex;
 
 use super::abi::{self, GateloopChunkGradParams, GateloopChunkParams};
-use super::chunk::{self, ChunkCarry, CARRY_THREADS, ChunkPrecision, Gates, KEY_SLAB, THREADS, VALUE_TILE};
+use super::chunk::{self, CARRY_THREADS, ChunkCarry, ChunkPrecision, Gates, KEY_SLAB, THREADS, VALUE_TILE};
 use super::element::{Dtype, Element};
 use super::launch::{self, GradBuffers, GradParams, SeqParams};
 use super::{DriverContext, Gpu, GpuError};
@@ -135,11 +135,12 @@ pub fn plan(dims: &Dims, dtype: Dtype) -> Result<GradPlan, InputError> {
     let d = dims;
     let nc = forward.num_chunks as usize;
     let bh = d.batch * d.heads; // fits: the forward's plan checked B·H·chunks
-    let qk_grid = u32::try_from(bh * nc).ok().filter(|&g| g <= i32::MAX as u32).ok_or_else(|| InputError::TooLarge {
-        name: "grid",
-        shape: format!("[B·H·chunks] = {bh}·{nc}"),
-        limit: "2^31 - 1 thread blocks".into(),
-    })?;
+    let qk_grid =
+        u32::try_from(bh * nc).ok().filter(|&g| g <= i32::MAX as u32).ok_or_else(|| InputError::TooLarge {
+            name: "grid",
+            shape: format!("[B·H·chunks] = {bh}·{nc}"),
+            limit: "2^31 - 1 thread blocks".into(),
+        })?;
     let state = d.batch * d.heads * d.key_dim * d.value_dim;
     let ws_error = || InputError::TooLarge {
         name: "workspace",
@@ -170,13 +171,18 @@ impl ChunkGradKernels {
         for dtype in Dtype::ALL {
             let (w_bytes, qk_bytes, dv_bytes) = shared_bytes(dtype);
             let w_seq_bytes = chunk::sequential_shared_bytes(dtype, Gates::Complex);
-            for (table, kind, bytes) in [(0, "w", w_bytes), (1, "qk", qk_bytes), (2, "dv", dv_bytes), (3, "w_seq", w_seq_bytes)] {
+            for (table, kind, bytes) in
+                [(0, "w", w_bytes), (1, "qk", qk_bytes), (2, "dv", dv_bytes), (3, "w_seq", w_seq_bytes)]
+            {
                 let f = module
                     .load_function(&format!("gateloop_chunk_grad_{kind}_{}", dtype.name()))
                     .doing("looking up gateloop_chunk_grad_{w,qk,dv}_*")?;
                 if bytes as usize <= max_shared {
-                    f.set_attribute(CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, bytes as i32)
-                        .doing("raising the chunked backward kernels' dynamic shared memory limit")?;
+                    f.set_attribute(
+                        CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                        bytes as i32,
+                    )
+                    .doing("raising the chunked backward kernels' dynamic shared memory limit")?;
                 }
                 debug_assert_eq!(tables[table].len(), dtype.index());
                 tables[table].push(f);
@@ -284,15 +290,50 @@ pub fn backward_into<'a, T: Element>(
     }
     let mut launches = if sequential {
         vec![
-            (&fwd_kernels.sequential[fwd_index], lp.sequential_grid, block, state_bytes, Arg::Fwd(&params.fwd), "launching gateloop_chunk_state_seq (backward)"),
-            (&kernels.w_seq[dtype], lp.sequential_grid, block, w_bytes, Arg::Grad(&params), "launching gateloop_chunk_grad_w_seq"),
+            (
+                &fwd_kernels.sequential[fwd_index],
+                lp.sequential_grid,
+                block,
+                state_bytes,
+                Arg::Fwd(&params.fwd),
+                "launching gateloop_chunk_state_seq (backward)",
+            ),
+            (
+                &kernels.w_seq[dtype],
+                lp.sequential_grid,
+                block,
+                w_bytes,
+                Arg::Grad(&params),
+                "launching gateloop_chunk_grad_w_seq",
+            ),
         ]
     } else {
         vec![
-            (&fwd_kernels.state[fwd_index], lp.grid, block, state_bytes, Arg::Fwd(&params.fwd), "launching gateloop_chunk_state (backward)"),
+            (
+                &fwd_kernels.state[fwd_index],
+                lp.grid,
+                block,
+                state_bytes,
+                Arg::Fwd(&params.fwd),
+                "launching gateloop_chunk_state (backward)",
+            ),
             (&kernels.w[dtype], lp.grid, block, w_bytes, Arg::Grad(&params), "launching gateloop_chunk_grad_w"),
-            (&fwd_kernels.carry[Gates::Complex.index()], lp.carry_grid, carry_block, 0, Arg::Fwd(&params.fwd), "launching gateloop_chunk_carry (backward)"),
-            (&kernels.adjoint_carry, lp.carry_grid, carry_block, 0, Arg::Grad(&params), "launching gateloop_chunk_grad_adjoint_carry"),
+            (
+                &fwd_kernels.carry[Gates::Complex.index()],
+                lp.carry_grid,
+                carry_block,
+                0,
+                Arg::Fwd(&params.fwd),
+                "launching gateloop_chunk_carry (backward)",
+            ),
+            (
+                &kernels.adjoint_carry,
+                lp.carry_grid,
+                carry_block,
+                0,
+                Arg::Grad(&params),
+                "launching gateloop_chunk_grad_adjoint_carry",
+            ),
         ]
     };
     launches.extend([
@@ -355,9 +396,15 @@ pub fn backward_host_as<T: Element>(
     precision: ChunkPrecision,
 ) -> Result<Grads<f32>, GpuError> {
     let workspace_len = |d: &Dims| Ok(plan(d, T::DTYPE)?.workspace_len);
-    launch::backward_host::<T>(gpu, p, dy, dh_final, workspace_len, "synchronizing after the chunked backward", |s, d, i, g, o, w| {
-        backward_into(gpu, s, d, i, g, o, w, precision)
-    })
+    launch::backward_host::<T>(
+        gpu,
+        p,
+        dy,
+        dh_final,
+        workspace_len,
+        "synchronizing after the chunked backward",
+        |s, d, i, g, o, w| backward_into(gpu, s, d, i, g, o, w, precision),
+    )
 }
 
 #[cfg(test)]
@@ -413,6 +460,9 @@ mod tests {
         assert_eq!(g.workspace_len, g.sink_offset + 2 * 6 * 5 * 65);
         // Every region starts at an even f32 (8-byte aligned complex pairs).
         assert!(f.decay_len.is_multiple_of(2) && g.adj_offset.is_multiple_of(2) && g.sink_offset.is_multiple_of(2));
-        assert!(matches!(plan(&dims(1, 1, 1, 257, 1, false), Dtype::F32), Err(InputError::Param { name: "key_dim", .. })));
+        assert!(matches!(
+            plan(&dims(1, 1, 1, 257, 1, false), Dtype::F32),
+            Err(InputError::Param { name: "key_dim", .. })
+        ));
     }
 }

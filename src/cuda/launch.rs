@@ -682,7 +682,13 @@ pub(crate) fn backward_host<T: Element>(
     let dh0 = dh0.map(|h| s.clone_dtoh(&h)).transpose().doing("downloading dh0")?;
     s.synchronize().doing(sync_doing)?;
     let unflat = |x: Vec<f32>| x.chunks_exact(2).map(|c| Complex::new(c[0], c[1])).collect::<Vec<_>>();
-    Ok(Grads { dq: widen_slice(&dq), dk: widen_slice(&dk), dv: widen_slice(&dv), dlog_gate: unflat(dg), dh0: dh0.map(unflat) })
+    Ok(Grads {
+        dq: widen_slice(&dq),
+        dk: widen_slice(&dk),
+        dv: widen_slice(&dv),
+        dlog_gate: unflat(dg),
+        dh0: dh0.map(unflat),
+    })
 }
 
 #[cfg(test)]
@@ -705,12 +711,18 @@ mod tests {
         let d = dims(2, 3, 4, 5, 6, true);
         let r = GateloopRecurrentParams::for_dims(&d, abi::GATELOOP_DTYPE_F16).unwrap();
         let s = GateloopScanParams::for_dims(&d, abi::GATELOOP_DTYPE_F32).unwrap();
-        assert_eq!((r.dims.batch, r.dims.len, r.dims.heads, r.dims.key_dim, r.dims.value_dim, r.dims.gate_dim), (2, 3, 4, 5, 6, 1));
+        assert_eq!(
+            (r.dims.batch, r.dims.len, r.dims.heads, r.dims.key_dim, r.dims.value_dim, r.dims.gate_dim),
+            (2, 3, 4, 5, 6, 1)
+        );
         assert_eq!((r.q_strides.batch, r.q_strides.time, r.q_strides.head), (3 * 4 * 5, 4 * 5, 5));
         assert_eq!((r.v_strides.batch, r.v_strides.time, r.v_strides.head), (3 * 4 * 6, 4 * 6, 6));
         assert_eq!((r.gate_strides.batch, r.gate_strides.time, r.gate_strides.head), (3 * 4, 4, 1));
         assert_eq!((r.h0_strides.batch, r.h0_strides.head, r.h0_strides.key), (4 * 5 * 6, 5 * 6, 6));
-        assert_eq!((r.flags, r.dtype, s.flags, s.dtype), (abi::GATELOOP_FLAG_PER_HEAD_GATE, 1, abi::GATELOOP_FLAG_PER_HEAD_GATE, 0));
+        assert_eq!(
+            (r.flags, r.dtype, s.flags, s.dtype),
+            (abi::GATELOOP_FLAG_PER_HEAD_GATE, 1, abi::GATELOOP_FLAG_PER_HEAD_GATE, 0)
+        );
         assert_eq!(s.h_final_strides.batch, r.h_final_strides.batch);
     }
 }

@@ -70,10 +70,10 @@ pub mod scan;
 pub mod scan_grad;
 
 pub use element::{Dtype, Element};
-pub use launch::{DeviceInputs, DeviceOutputs};
 /// Re-exported for [`with_element!`](crate::with_element) (`half::f16`, `half::bf16`).
 #[doc(hidden)]
 pub use half;
+pub use launch::{DeviceInputs, DeviceOutputs};
 
 mod kernels {
     include!(concat!(env!("OUT_DIR"), "/kernels.rs"));
@@ -189,12 +189,10 @@ impl Kernels {
         };
         // Ptx::from_binary hands the bytes to cuModuleLoadData, which accepts
         // a fatbin; the Vec copy gives the image heap (≥ 8-byte) alignment.
-        let module = ctx
-            .load_module(cudarc::nvrtc::Ptx::from_binary(fatbin("recurrent")?))
-            .doing(
-                "loading the recurrent kernels (the driver must support the CUDA version of the nvcc \
+        let module = ctx.load_module(cudarc::nvrtc::Ptx::from_binary(fatbin("recurrent")?)).doing(
+            "loading the recurrent kernels (the driver must support the CUDA version of the nvcc \
                  that built them; see gateloop::cuda::build_nvcc())",
-            )?;
+        )?;
         let variants = |dtype: Dtype| {
             recurrent::ROWS_PER_THREAD
                 .iter()
@@ -214,9 +212,16 @@ impl Kernels {
                 .collect::<Result<Vec<_>, _>>()
                 .doing("looking up gateloop_scan_{reduce,forward}_{f32,f16,bf16}_v*")
         };
-        let scan_reduce = [scan_variants("reduce", Dtype::F32)?, scan_variants("reduce", Dtype::F16)?, scan_variants("reduce", Dtype::Bf16)?];
-        let scan_forward =
-            [scan_variants("forward", Dtype::F32)?, scan_variants("forward", Dtype::F16)?, scan_variants("forward", Dtype::Bf16)?];
+        let scan_reduce = [
+            scan_variants("reduce", Dtype::F32)?,
+            scan_variants("reduce", Dtype::F16)?,
+            scan_variants("reduce", Dtype::Bf16)?,
+        ];
+        let scan_forward = [
+            scan_variants("forward", Dtype::F32)?,
+            scan_variants("forward", Dtype::F16)?,
+            scan_variants("forward", Dtype::Bf16)?,
+        ];
         let scan_carry = scan_module.load_function("gateloop_scan_carry").doing("looking up gateloop_scan_carry")?;
         let attention_module = ctx
             .load_module(cudarc::nvrtc::Ptx::from_binary(fatbin("attention")?))

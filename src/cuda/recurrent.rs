@@ -196,7 +196,12 @@ pub fn decode_into<T: Element>(
     state: &mut dyn DevicePtrMut<f32>,
 ) -> Result<(), GpuError> {
     let DecodeInputs { q, k, v, log_gate } = inputs;
-    launch(gpu, stream, dims, Buffers { q, k, v, log_gate, y, state: StateIo::InPlace(state), workspace: None, real_gates: false })
+    launch(
+        gpu,
+        stream,
+        dims,
+        Buffers { q, k, v, log_gate, y, state: StateIo::InPlace(state), workspace: None, real_gates: false },
+    )
 }
 
 /// Uploads `p`, runs the recurrent kernel on the Gpu's default stream,

@@ -119,7 +119,8 @@ pub fn plan(dims: &Dims, sm_count: usize) -> Result<LaunchPlan, InputError> {
     let bh = d.batch.checked_mul(d.heads);
     let per_warp = STEPS_PER_THREAD * LANES;
     let needed = d.len.div_ceil(per_warp);
-    let blocks = |w: usize| bh.and_then(|x| x.checked_mul(tiles)).and_then(|x| x.checked_mul(d.len.div_ceil(per_warp * w)));
+    let blocks =
+        |w: usize| bh.and_then(|x| x.checked_mul(tiles)).and_then(|x| x.checked_mul(d.len.div_ceil(per_warp * w)));
     let target = 2 * sm_count.max(1);
     let mut warps = 1;
     for w in [4usize, 2] {

@@ -24,9 +24,9 @@ use cudarc::driver::{CudaFunction, CudaModule, CudaStream, DevicePtrMut, DeviceR
 use num_complex::Complex;
 
 use super::abi::{self, GateloopScanGradParams, GateloopScanParams};
+use super::element::{Dtype, Element};
 use super::launch::{self, GradBuffers, GradParams, SeqParams};
 use super::scan::{LaunchPlan, plan_with_warps, sm_count};
-use super::element::{Dtype, Element};
 use super::{DriverContext, Gpu, GpuError};
 use crate::cpu::scan::{MAX_WARPS, STEPS_PER_THREAD, ScanParams};
 use crate::cpu::scan_grad::ScanGradParams;
@@ -143,7 +143,9 @@ pub fn plan_as(dims: &Dims, dtype: Dtype, sm_count: usize) -> Result<GradLaunchP
     let target = 2 * sm_count.max(1);
     let warps = [4usize, 2]
         .into_iter()
-        .find(|&w| w <= needed && bh.and_then(|x| x.checked_mul(d.len.div_ceil(per_warp * w))).is_some_and(|n| n >= target))
+        .find(|&w| {
+            w <= needed && bh.and_then(|x| x.checked_mul(d.len.div_ceil(per_warp * w))).is_some_and(|n| n >= target)
+        })
         .unwrap_or(1);
     debug_assert!(warps <= MAX_WARPS);
     let forward = plan_with_warps(d, warps)?;
@@ -159,8 +161,10 @@ pub fn plan_as(dims: &Dims, dtype: Dtype, sm_count: usize) -> Result<GradLaunchP
         n.and_then(|g| u32::try_from(g).ok()).filter(|&g| g <= i32::MAX as u32).ok_or_else(|| too_large(what))
     };
     let grad_grid = grid(bh.and_then(|x| x.checked_mul(nc)), "B·H·chunks")?;
-    let reverse_reduce_grid =
-        grid(bh.and_then(|x| x.checked_mul(tiles)).and_then(|x| x.checked_mul(nc - 1)), "B·H·value_tiles·(chunks - 1)")?;
+    let reverse_reduce_grid = grid(
+        bh.and_then(|x| x.checked_mul(tiles)).and_then(|x| x.checked_mul(nc - 1)),
+        "B·H·value_tiles·(chunks - 1)",
+    )?;
     let ws_error = || InputError::TooLarge {
         name: "workspace",
         shape: format!("[2·B·H·chunks·K·(V + 1)·2 + 2·B·L·H·K] with {nc} chunks"),
@@ -347,9 +351,15 @@ pub fn backward_host_as<T: Element>(
     dh_final: Option<&[Complex<f32>]>,
 ) -> Result<Grads<f32>, GpuError> {
     let workspace_len = |d: &Dims| Ok(plan_for(gpu, d, T::DTYPE)?.workspace_len);
-    launch::backward_host::<T>(gpu, p, dy, dh_final, workspace_len, "synchronizing after the scan backward kernels", |s, d, i, g, o, w| {
-        backward_into(gpu, s, d, i, g, o, w)
-    })
+    launch::backward_host::<T>(
+        gpu,
+        p,
+        dy,
+        dh_final,
+        workspace_len,
+        "synchronizing after the scan backward kernels",
+        |s, d, i, g, o, w| backward_into(gpu, s, d, i, g, o, w),
+    )
 }
 
 #[cfg(test)]

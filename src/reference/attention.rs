@@ -18,7 +18,7 @@
 use num_complex::Complex;
 use rayon::prelude::*;
 
-use super::{head_h0, per_head_into, HeadOutputs};
+use super::{HeadOutputs, head_h0, per_head_into};
 use crate::error::InputError;
 use crate::problem::{Outputs, OutputsMut, Problem, Real};
 

@@ -57,7 +57,10 @@ impl GradInputsF32 {
 }
 
 /// Every gradient of `ours` against `want` (dh0 when both have it).
-pub fn compare_grads<A: Copy + Into<f64>, B: Copy + Into<f64>>(ours: &Grads<A>, want: &Grads<B>) -> Vec<(&'static str, ErrorStats)> {
+pub fn compare_grads<A: Copy + Into<f64>, B: Copy + Into<f64>>(
+    ours: &Grads<A>,
+    want: &Grads<B>,
+) -> Vec<(&'static str, ErrorStats)> {
     let mut out = vec![
         ("dq", compare(&ours.dq, &want.dq)),
         ("dk", compare(&ours.dk, &want.dk)),

@@ -229,7 +229,10 @@ pub(crate) use adversarial_regime_tests;
 /// relatively); with the emulated tensor cores flushing subnormals, a dh0 of
 /// 2.3e-41 came out 0.
 pub fn assert_within(label: &str, what: &str, e: &ErrorStats, rel: f64, abs_frac: f64) {
-    assert!(grad::within_bounds(e, rel, abs_frac), "{label}: {what} {e:?} (bounds: rel {rel:e}, abs_frac {abs_frac:e})");
+    assert!(
+        grad::within_bounds(e, rel, abs_frac),
+        "{label}: {what} {e:?} (bounds: rel {rel:e}, abs_frac {abs_frac:e})"
+    );
 }
 
 /// Compares y and h_final with `want` and asserts both within (`rel`, `abs_frac`).

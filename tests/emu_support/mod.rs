@@ -72,7 +72,10 @@ pub fn build_emulator(kind: &str, sanitizer: Sanitizer) -> Option<std::path::Pat
         Ok(s) if s.success() && std::fs::rename(&partial, &out).is_ok() => {
             // Builds of older sources are dead weight now: remove them.
             let stale = |p: &std::path::Path| {
-                p != out && p.file_name().and_then(|n| n.to_str()).is_some_and(|n| n.starts_with(&format!("{name}_")) && !n.contains("_building_"))
+                p != out
+                    && p.file_name()
+                        .and_then(|n| n.to_str())
+                        .is_some_and(|n| n.starts_with(&format!("{name}_")) && !n.contains("_building_"))
             };
             for e in std::fs::read_dir(dir).into_iter().flatten().flatten() {
                 if stale(&e.path()) {
@@ -83,7 +86,9 @@ pub fn build_emulator(kind: &str, sanitizer: Sanitizer) -> Option<std::path::Pat
         }
         other => {
             let _ = std::fs::remove_file(&partial);
-            eprintln!("SKIPPED (no kernel emulator): GATELOOP_EMU_SANITIZER={flavour} tests/kernel_emu/build.sh {kind} failed: {other:?}");
+            eprintln!(
+                "SKIPPED (no kernel emulator): GATELOOP_EMU_SANITIZER={flavour} tests/kernel_emu/build.sh {kind} failed: {other:?}"
+            );
             None
         }
     }
@@ -131,7 +136,16 @@ pub fn write_case(
 ) -> std::path::PathBuf {
     let d = p.dims;
     let dir = case_dir(tag);
-    let mut line = format!("{} {} {} {} {} {} {}", d.batch, d.len, d.heads, d.key_dim, d.value_dim, d.gate_dim(), p.h0.is_some() as u8);
+    let mut line = format!(
+        "{} {} {} {} {} {} {}",
+        d.batch,
+        d.len,
+        d.heads,
+        d.key_dim,
+        d.value_dim,
+        d.gate_dim(),
+        p.h0.is_some() as u8
+    );
     for x in extra_dims {
         line.push(' ');
         line.push_str(x);
