@@ -3,7 +3,7 @@
 # scripts/gpu-bundle.sh). Needs an NVIDIA driver; no Rust, no network.
 #
 #     bash bundle/run.sh                  # the default steps (1-6 below)
-#     bash bundle/run.sh peers            # only some: any of tests sanitizer bench peers fuzz
+#     bash bundle/run.sh peers            # only some: any of tests sanitizer bench peers fuzz profile
 #     GATELOOP_BUNDLE_DEADLINE_S=560 bash bundle/run.sh fuzz   # the GPU fuzz campaign
 #
 # Steps, each under `timeout`, all under an overall deadline (default 450 s,
@@ -30,6 +30,15 @@
 #      (default 100000) cases of seed GATELOOP_FUZZ_SEED (default 2026), max
 #      length GATELOOP_FUZZ_MAX_LEN (default 64), stopping at the deadline;
 #      its summary table goes to fuzz.txt and failing cases to fuzz-failures/.
+#   profile: Nsight Compute (ncu, --clock-control none) on the kernels whose
+#      speed the issues' targets name (chunked bf16 and f32, chunked-real
+#      bf16, chunked-grad bf16 at B8 L4096 H16 K=V=64; scan f32 at B1
+#      L65536 H4): speed-of-light, occupancy, launch, warp-state, memory and
+#      compute sections of each launch, for the tuning that timings alone
+#      cannot direct. Into profile/: NAME.ncu-rep (open in Nsight Compute)
+#      and NAME.txt (the details page). SKIP when ncu is not installed or
+#      cannot read the counters (gVisor). GATELOOP_PROFILE_SHAPE=B,L,H,K,V
+#      replaces every case's shape (a rehearsal on the emulated device).
 #
 # GATELOOP_REQUIRE_GPU: defaults to 1 here. This runner exists to run on a GPU
 # machine, where a test that skips for want of a GPU means the GPU went
@@ -56,7 +65,7 @@ require=0
 deadline_s=${GATELOOP_BUNDLE_DEADLINE_S:-450}
 peers_budget_s=${GATELOOP_PEERS_BUDGET_S:-240}
 t_start=$(date +%s)
-all_steps="tests sanitizer bench peers fuzz"
+all_steps="tests sanitizer bench peers fuzz profile"
 default_steps="tests sanitizer bench peers"
 steps="${*:-$default_steps}"
 for s in $steps; do
@@ -311,6 +320,76 @@ print("peer cases: " + (", ".join("%d %s" % (n, s) for s, n in sorted(c.items())
             record "peers" FAIL "$dt" "exit $rc: $(tail -n 1 "$step_out" | cut -c1-160)"
         fi
         rm -rf "$site"
+    fi
+fi
+
+# ---- profile (opt-in) ------------------------------------------------------
+# Before fuzz when both are named: it is short, and what it records (hardware
+# counters) nothing else in the bundle can.
+if want profile; then
+    prof_dir=$results/profile
+    mkdir -p "$prof_dir"
+    prof_log=$prof_dir/profile.log
+    : >"$prof_log"
+    ncu=$(command -v ncu 2>/dev/null)
+    if [[ -z "$ncu" ]]; then
+        for c in /usr/local/cuda/bin/ncu /usr/local/cuda-*/bin/ncu /opt/nvidia/nsight-compute/*/ncu; do
+            if [[ -x "$c" ]]; then
+                ncu=$c
+                break
+            fi
+        done
+    fi
+    # name kernel dtype shape: every gateloop_* launch of one bench case
+    # (--runs 1 --warmup 0: the case's launches once; the fwd+bwd case has
+    # the most, nine).
+    cases=(
+        "chunked-bf16 chunked bf16 8,4096,16,64,64"
+        "chunked-f32 chunked f32 8,4096,16,64,64"
+        "chunked-real-bf16 chunked-real bf16 8,4096,16,64,64"
+        "chunked-grad-bf16 chunked-grad bf16 8,4096,16,64,64"
+        "scan-f32 scan f32 1,65536,4,64,64"
+    )
+    if [[ -z "$ncu" ]]; then
+        record "profile" SKIP 0 "ncu (Nsight Compute) not found"
+    else
+        profiled=0
+        prof_fail=""
+        prof_t0=$(date +%s)
+        for c in "${cases[@]}"; do
+            read -r name kernel dtype shape <<<"$c"
+            shape=${GATELOOP_PROFILE_SHAPE:-$shape}
+            run_step "profile $name" 90 "$prof_log" -- "$ncu" --clock-control none --target-processes all \
+                --kernel-name regex:'^gateloop_' --launch-count 12 \
+                --section SpeedOfLight --section Occupancy --section LaunchStats --section WarpStateStats \
+                --section MemoryWorkloadAnalysis --section ComputeWorkloadAnalysis --section SchedulerStats \
+                --export "$prof_dir/$name" --force-overwrite \
+                "$bins/bin/gateloop" bench --kernel "$kernel" --dtype "$dtype" --shape "$shape" --runs 1 --warmup 0
+            if ((not_run)); then
+                prof_fail="${prof_fail:+$prof_fail; }$name not run (deadline)"
+                break
+            fi
+            if ((rc == 0)) && [[ -f "$prof_dir/$name.ncu-rep" ]]; then
+                "$ncu" --import "$prof_dir/$name.ncu-rep" --page details >"$prof_dir/$name.txt" 2>&1
+                profiled=$((profiled + 1))
+            else
+                why=$(grep -m 1 -E '==ERROR==|error' "$step_out" | cut -c1-100)
+                timed_out "$rc" && why="timed out after ${dt}s"
+                prof_fail="${prof_fail:+$prof_fail; }$name exit $rc: $why"
+                # No counters (gVisor: "LibraryNotLoaded", ERR_NVGPUCTRPERM): the
+                # other cases would fail the same way.
+                grep -qE 'LibraryNotLoaded|ERR_NVGPUCTRPERM|not supported' "$step_out" && break
+            fi
+        done
+        launches=$(cat "$prof_dir"/*.txt 2>/dev/null | grep -cE '^  gateloop_')
+        prof_dt=$(($(date +%s) - prof_t0))
+        if ((profiled == ${#cases[@]})); then
+            record "profile" PASS "$prof_dt" "$profiled cases, $launches launches; profile/*.ncu-rep, *.txt"
+        elif ((profiled == 0)) && grep -qE 'LibraryNotLoaded|ERR_NVGPUCTRPERM' "$prof_log"; then
+            record "profile" SKIP "$prof_dt" "ncu cannot read the hardware counters here: $prof_fail"
+        else
+            record "profile" FAIL "$prof_dt" "$profiled of ${#cases[@]} cases; $prof_fail"
+        fi
     fi
 fi
 
