@@ -111,6 +111,13 @@ if ! grep -q '"gateloop kernel emulator (CPU)"' "$tmp/bench.json"; then
     echo "emulated-device: bench.json does not name the emulated device" >&2
     failed+=("gateloop bench (json)")
 fi
+# The tuning entry runs only when named (the bundle's carry step).
+cli bench --kernel chunked-sequential --kernel chunked-separate --dtype bf16 --shape 1,100,1,8,8 --runs 2 \
+    --warmup 1 --json "$tmp/carry.json"
+if ! grep -q '"chunked-sequential"' "$tmp/carry.json" || grep -q '"chunked-sequential"' "$tmp/bench.json"; then
+    echo "emulated-device: chunked-sequential must run when named and only then" >&2
+    failed+=("gateloop bench (tuning entry)")
+fi
 
 if ((${#failed[@]})); then
     echo "emulated-device: FAILED: ${failed[*]}" >&2

@@ -3,7 +3,7 @@
 # scripts/gpu-bundle.sh). Needs an NVIDIA driver; no Rust, no network.
 #
 #     bash bundle/run.sh                  # the default steps (1-6 below)
-#     bash bundle/run.sh peers            # only some: any of tests sanitizer bench peers fuzz profile
+#     bash bundle/run.sh peers            # only some: any of tests sanitizer bench peers carry profile fuzz
 #     GATELOOP_BUNDLE_DEADLINE_S=560 bash bundle/run.sh fuzz   # the GPU fuzz campaign
 #
 # Steps, each under `timeout`, all under an overall deadline (default 450 s,
@@ -30,6 +30,12 @@
 #      (default 100000) cases of seed GATELOOP_FUZZ_SEED (default 2026), max
 #      length GATELOOP_FUZZ_MAX_LEN (default 64), stopping at the deadline;
 #      its summary table goes to fuzz.txt and failing cases to fuzz-failures/.
+#   carry: `gateloop bench` of chunked-sequential against chunked-separate
+#      (bf16 and f32) over the sequential-grid sweep of 32 to 528 blocks
+#      (chunked-sequential's default shapes), into carry.json and carry.txt:
+#      what sets SEQUENTIAL_MIN_BLOCKS (src/cuda/chunk.rs); scripts/
+#      gpu-results.py reads it. GATELOOP_CARRY_SHAPES="B,L,H,K,V ..." replaces
+#      the sweep (a rehearsal on the emulated device).
 #   profile: Nsight Compute (ncu, --clock-control none) on the kernels whose
 #      speed the issues' targets name (chunked bf16 and f32, chunked-real
 #      bf16, chunked-grad bf16 at B8 L4096 H16 K=V=64; scan f32 at B1
@@ -65,7 +71,7 @@ require=0
 deadline_s=${GATELOOP_BUNDLE_DEADLINE_S:-450}
 peers_budget_s=${GATELOOP_PEERS_BUDGET_S:-240}
 t_start=$(date +%s)
-all_steps="tests sanitizer bench peers fuzz profile"
+all_steps="tests sanitizer bench peers carry profile fuzz"
 default_steps="tests sanitizer bench peers"
 steps="${*:-$default_steps}"
 for s in $steps; do
@@ -330,6 +336,41 @@ print("peer cases: " + (", ".join("%d %s" % (n, s) for s, n in sorted(c.items())
             record "peers" FAIL "$dt" "exit $rc: $(tail -n 1 "$step_out" | cut -c1-160)"
         fi
         rm -rf "$site"
+    fi
+fi
+
+# ---- carry sweep (opt-in) --------------------------------------------------
+if want carry; then
+    carry_txt=$results/carry.txt
+    : >"$carry_txt"
+    sweep=()
+    for s in $("$bins/bin/gateloop" bench --list 2>/dev/null |
+        awk '/^chunked-sequential /{on=1; next} /^[^ ]/{on=0} on && /B=/{print}' |
+        sed -E 's/.*B=([0-9]+) L=([0-9]+) H=([0-9]+) K=([0-9]+) V=([0-9]+) ([a-z]+).*/\1,\2,\3,\4,\5,\6/'); do
+        sweep+=(--shape "$s")
+    done
+    # GATELOOP_CARRY_SHAPES="B,L,H,K,V ...": other shapes (a rehearsal on the
+    # emulated device).
+    if [[ -n "${GATELOOP_CARRY_SHAPES:-}" ]]; then
+        sweep=()
+        for s in $GATELOOP_CARRY_SHAPES; do sweep+=(--shape "$s"); done
+    fi
+    if ((${#sweep[@]} == 0)); then
+        record "carry" FAIL 0 "no chunked-sequential shapes in \`gateloop bench --list\`"
+    else
+        run_step "carry" 120 "$carry_txt" -- "$bins/bin/gateloop" bench --json "$results/carry.json" \
+            --kernel chunked-sequential --kernel chunked-separate --dtype bf16 --dtype f32 "${sweep[@]}" --runs 20
+        if ((not_run)); then
+            record "carry" "NOT RUN" 0 "deadline reached"
+        elif timed_out "$rc"; then
+            record "carry" TIMEOUT "$dt" "see carry.txt"
+        elif ((rc == 0)); then
+            record "carry" PASS "$dt" "$((${#sweep[@]} / 2)) shapes; carry.json (scripts/gpu-results.py reads it)"
+        elif ((rc == 2)) && grep -q 'needs a GPU' "$step_out"; then
+            record "carry" "$([[ $require == 1 ]] && echo FAIL || echo SKIP)" "$dt" "no GPU (exit 2)"
+        else
+            record "carry" FAIL "$dt" "exit $rc: $(grep -m 1 '^error' "$step_out" | cut -c1-160)"
+        fi
     fi
 fi
 

@@ -12,6 +12,10 @@
 # (bundle/ is ignored by git, so it must be carried):
 #
 #     run(command="bash bundle/run.sh", carry=["bundle"], timeout_s=540)
+#     run(command="bash bundle/run.sh carry profile fuzz", carry=["bundle"], ...)
+#
+# and then, here, `python3 scripts/gpu-results.py <files_at>` files what came
+# back under benches/results/ with the targets' verdicts (verdict.md).
 #
 # The peer benchmark (benches/peers/, run by bundle/run.sh after `gateloop
 # bench`) is bundled as bundle/peers/ with the pure-Python wheels it needs on

@@ -563,7 +563,9 @@ fn bench(
     if list {
         for e in bench::registry() {
             let dts: Vec<&str> = e.dtypes.iter().map(|d| d.name()).collect();
-            say!("{:<17} {} [{}]", e.name, e.about, dts.join(", "));
+            // A tuning entry's line ends in `tuning` (peers.py skips those).
+            let tuning = if e.tuning { " tuning" } else { "" };
+            say!("{:<17} {} [{}]{tuning}", e.name, e.about, dts.join(", "));
             for d in (e.shapes)() {
                 say!("{:<17}   {}", "", bench::shape_str(&d));
             }

@@ -649,7 +649,10 @@ def find_gateloop(arg):
 
 
 def bench_list(gl):
-    """[(name, [dtypes])] from `gateloop bench --list`."""
+    """[(name, [dtypes])] from `gateloop bench --list`: the kernel lines end
+    in their dtype list; a tuning entry's (e.g. chunked-sequential) ends in
+    `tuning` after it and is left out: it measures a launcher's choice, not
+    a kernel a user calls."""
     r = subprocess.run([gl, "bench", "--list"], capture_output=True, text=True, timeout=30)
     out = []
     for line in r.stdout.splitlines():

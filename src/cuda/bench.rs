@@ -181,6 +181,10 @@ pub struct KernelEntry {
     pub cost: fn(&Dims, Dtype) -> Cost,
     /// Allocates the sets.
     pub prepare: PrepareFn,
+    /// A tuning measurement rather than a kernel a user calls: it runs only
+    /// when named (`--kernel`), never in the default run or the peer
+    /// benchmark.
+    pub tuning: bool,
 }
 
 /// Every benchmarked kernel. New kernels are appended here.
@@ -194,6 +198,7 @@ pub fn registry() -> Vec<KernelEntry> {
             check: |d| recurrent::plan(d).map(|_| ()),
             cost: |d, t| recurrent_cost(d, t, false),
             prepare: |gpu, d, t, host, sets| crate::with_element!(t, T => prepare_recurrent::<T>(gpu, d, host, sets, false)),
+            tuning: false,
         },
         KernelEntry {
             name: "recurrent-decode",
@@ -203,6 +208,7 @@ pub fn registry() -> Vec<KernelEntry> {
             check: |d| recurrent::plan(d).map(|_| ()),
             cost: |d, t| recurrent_cost(d, t, true),
             prepare: |gpu, d, t, host, sets| crate::with_element!(t, T => prepare_recurrent::<T>(gpu, d, host, sets, true)),
+            tuning: false,
         },
         KernelEntry {
             name: "scan",
@@ -215,6 +221,7 @@ pub fn registry() -> Vec<KernelEntry> {
                 let ws = scan::plan_for(gpu, &d)?.workspace_len;
                 crate::with_element!(t, T => prepare_forward::<T>(gpu, d, host, sets, Gates::Complex, ws, scan::forward_into::<T>))
             },
+            tuning: false,
         },
         KernelEntry {
             name: "attention",
@@ -227,6 +234,7 @@ pub fn registry() -> Vec<KernelEntry> {
                 let ws = attention::plan(&d)?.workspace_len;
                 crate::with_element!(t, T => prepare_forward::<T>(gpu, d, host, sets, Gates::Complex, ws, attention::forward_into::<T>))
             },
+            tuning: false,
         },
         KernelEntry {
             name: "chunked",
@@ -235,7 +243,8 @@ pub fn registry() -> Vec<KernelEntry> {
             shapes: chunked_shapes,
             check: |d| chunk::plan(d, Dtype::F32, Gates::Complex).map(|_| ()),
             cost: |d, t| chunked_cost(d, t, Gates::Complex),
-            prepare: prepare_chunked::<false, false, false>,
+            prepare: prepare_chunked::<false, false, CARRY_AUTO>,
+            tuning: false,
         },
         KernelEntry {
             name: "chunked-separate",
@@ -245,7 +254,8 @@ pub fn registry() -> Vec<KernelEntry> {
             shapes: chunked_shapes,
             check: |d| chunk::plan(d, Dtype::F32, Gates::Complex).map(|_| ()),
             cost: |d, t| chunked_cost_with(d, t, Gates::Complex, ChunkCarry::Separate),
-            prepare: prepare_chunked::<false, false, true>,
+            prepare: prepare_chunked::<false, false, CARRY_SEPARATE>,
+            tuning: false,
         },
         KernelEntry {
             name: "chunked-fast",
@@ -254,7 +264,8 @@ pub fn registry() -> Vec<KernelEntry> {
             shapes: chunked_shapes,
             check: |d| chunk::plan(d, Dtype::F32, Gates::Complex).map(|_| ()),
             cost: |d, t| chunked_cost(d, t, Gates::Complex),
-            prepare: prepare_chunked::<false, true, false>,
+            prepare: prepare_chunked::<false, true, CARRY_AUTO>,
+            tuning: false,
         },
         KernelEntry {
             name: "chunked-real",
@@ -263,7 +274,8 @@ pub fn registry() -> Vec<KernelEntry> {
             shapes: chunked_shapes,
             check: |d| chunk::plan(d, Dtype::F32, Gates::Real).map(|_| ()),
             cost: |d, t| chunked_cost(d, t, Gates::Real),
-            prepare: prepare_chunked::<true, false, false>,
+            prepare: prepare_chunked::<true, false, CARRY_AUTO>,
+            tuning: false,
         },
         KernelEntry {
             name: "scan-grad",
@@ -273,6 +285,7 @@ pub fn registry() -> Vec<KernelEntry> {
             check: |d| super::scan_grad::plan(d, 1).map(|_| ()),
             cost: scan_grad_cost,
             prepare: |gpu, d, t, host, sets| prepare_grad(gpu, d, t, host, sets, Backward::Scan),
+            tuning: false,
         },
         KernelEntry {
             name: "chunked-real-fast",
@@ -281,7 +294,8 @@ pub fn registry() -> Vec<KernelEntry> {
             shapes: chunked_shapes,
             check: |d| chunk::plan(d, Dtype::F32, Gates::Real).map(|_| ()),
             cost: |d, t| chunked_cost(d, t, Gates::Real),
-            prepare: prepare_chunked::<true, true, false>,
+            prepare: prepare_chunked::<true, true, CARRY_AUTO>,
+            tuning: false,
         },
         KernelEntry {
             name: "chunked-grad",
@@ -291,6 +305,7 @@ pub fn registry() -> Vec<KernelEntry> {
             check: |d| chunk_grad::plan(d, Dtype::F32).map(|_| ()),
             cost: chunked_grad_cost,
             prepare: |gpu, d, t, host, sets| prepare_grad(gpu, d, t, host, sets, Backward::Chunked { forward: false }),
+            tuning: false,
         },
         KernelEntry {
             name: "chunked-fwd-bwd",
@@ -304,6 +319,18 @@ pub fn registry() -> Vec<KernelEntry> {
                 Cost { bytes: f.bytes + b.bytes, flops: f.flops + b.flops, traffic: f.traffic + b.traffic }
             },
             prepare: |gpu, d, t, host, sets| prepare_grad(gpu, d, t, host, sets, Backward::Chunked { forward: true }),
+            tuning: false,
+        },
+        KernelEntry {
+            name: "chunked-sequential",
+            about: "chunked forward, complex gates, exact, the sequential carry forced; beside chunked-separate \
+                    over these shapes (sequential grid 32 to 528 blocks, B·H·L ≈ 2^19) it sets SEQUENTIAL_MIN_BLOCKS",
+            dtypes: &Dtype::ALL,
+            shapes: carry_sweep_shapes,
+            check: |d| chunk::plan(d, Dtype::F32, Gates::Complex).map(|_| ()),
+            cost: |d, t| chunked_cost_with(d, t, Gates::Complex, ChunkCarry::Sequential),
+            prepare: prepare_chunked::<false, false, CARRY_SEQUENTIAL>,
+            tuning: true,
         },
     ]
 }
@@ -533,6 +560,22 @@ fn chunked_shapes() -> Vec<Dims> {
     ]
 }
 
+/// The sweep of the carry choice (`chunked-sequential` against
+/// `chunked-separate`): K = V = 64, so the sequential grid is 4·B·H blocks
+/// (one value tile, four key slabs): 32, 64, 132, 264 and 528 blocks (an
+/// H200 has 132 SMs), with B·H·L ≈ 2^19 at every point so that the work is
+/// the same and only the parallelism of the carry changes.
+pub fn carry_sweep_shapes() -> Vec<Dims> {
+    use GateLayout::PerChannel;
+    vec![
+        shape(1, 65536, 8, 64, 64, PerChannel),
+        shape(1, 32768, 16, 64, 64, PerChannel),
+        shape(1, 15872, 33, 64, 64, PerChannel),
+        shape(2, 7936, 33, 64, 64, PerChannel),
+        shape(4, 3968, 33, 64, 64, PerChannel),
+    ]
+}
+
 /// The scan backward. Bytes: q, k, v, dy read and dq, dk, dv written in
 /// the element type, log_gate read and dlog_gate written (complex 8 bytes),
 /// dh_final read, once each. Flops per (b, t, h, k, v): the forward step
@@ -567,7 +610,13 @@ type ForwardFn<T> = fn(
 ) -> Result<(), GpuError>;
 
 /// The chunked kernel for one gate kind (`REAL`) and precision (`FAST`).
-fn prepare_chunked<'g, const REAL: bool, const FAST: bool, const SEPARATE: bool>(
+/// The carry a chunked bench entry takes (a const parameter of
+/// [`prepare_chunked`]): the plan's choice, or one forced.
+const CARRY_AUTO: u8 = 0;
+const CARRY_SEPARATE: u8 = 1;
+const CARRY_SEQUENTIAL: u8 = 2;
+
+fn prepare_chunked<'g, const REAL: bool, const FAST: bool, const CARRY: u8>(
     gpu: &'g Gpu,
     dims: Dims,
     t: Dtype,
@@ -578,20 +627,23 @@ fn prepare_chunked<'g, const REAL: bool, const FAST: bool, const SEPARATE: bool>
     crate::with_element!(t, T => {
         let ws = chunk::plan(&dims, T::DTYPE, gates)?.workspace_len;
         let launch: ForwardFn<T> = if REAL {
-            |g, s, d, i, o, w| chunk::forward_real_into(g, s, d, i, o, w, chunked_config::<FAST, SEPARATE>())
+            |g, s, d, i, o, w| chunk::forward_real_into(g, s, d, i, o, w, chunked_config::<FAST, CARRY>())
         } else {
-            |g, s, d, i, o, w| chunk::forward_into(g, s, d, i, o, w, chunked_config::<FAST, SEPARATE>())
+            |g, s, d, i, o, w| chunk::forward_into(g, s, d, i, o, w, chunked_config::<FAST, CARRY>())
         };
         prepare_forward::<T>(gpu, dims, host, sets, gates, ws, launch)
     })
 }
 
-/// The chunked bench entries' configuration: fast or exact, the separate
-/// carry forced or the plan's choice.
-fn chunked_config<const FAST: bool, const SEPARATE: bool>() -> ChunkConfig {
+/// The chunked bench entries' configuration: fast or exact, and the carry.
+fn chunked_config<const FAST: bool, const CARRY: u8>() -> ChunkConfig {
     ChunkConfig {
         precision: if FAST { ChunkPrecision::Fast } else { ChunkPrecision::Exact },
-        carry: if SEPARATE { ChunkCarry::Separate } else { ChunkCarry::Auto },
+        carry: match CARRY {
+            CARRY_SEPARATE => ChunkCarry::Separate,
+            CARRY_SEQUENTIAL => ChunkCarry::Sequential,
+            _ => ChunkCarry::Auto,
+        },
     }
 }
 
@@ -1037,6 +1089,12 @@ pub fn sets_for(bytes_per_set: f64, l2_bytes: usize, budget: usize) -> usize {
     want.clamp(MIN_SETS, MAX_SETS).min(fit).max(1)
 }
 
+/// The entries a run measures: those named, or with no name every kernel a
+/// user calls (the tuning entries only when named).
+fn selected<'a>(all: &'a [KernelEntry], names: &[String]) -> Vec<&'a KernelEntry> {
+    all.iter().filter(|e| if names.is_empty() { !e.tuning } else { names.iter().any(|n| n == e.name) }).collect()
+}
+
 /// Measures the ceilings, then every selected (kernel, shape, dtype).
 /// `progress` receives one line per step (for a log). A case that fails (out
 /// of memory, say) is recorded in `failures` and the run goes on.
@@ -1051,8 +1109,7 @@ pub fn run(gpu: &Gpu, opts: &BenchOptions, mut progress: impl FnMut(&str)) -> Re
             return Err(BenchError::UnknownKernel { name: name.clone(), available });
         }
     }
-    let entries: Vec<&KernelEntry> =
-        all.iter().filter(|e| opts.kernels.is_empty() || opts.kernels.iter().any(|n| n == e.name)).collect();
+    let entries = selected(&all, &opts.kernels);
     for e in &entries {
         for &t in &opts.dtypes {
             if !e.dtypes.contains(&t) {
@@ -1305,6 +1362,27 @@ mod tests {
         assert!(matches!(parse_shape("1,2,3,4,x"), Err(BenchError::BadShape { .. })));
         assert!(matches!(parse_shape("1,2,3,4,5,row"), Err(BenchError::BadShape { .. })));
         assert!(matches!(parse_shape("1,0,3,4,5"), Err(BenchError::Input(InputError::ZeroDim { name: "len" }))));
+    }
+
+    #[test]
+    fn tuning_entries_run_only_when_named() {
+        let all = registry();
+        let default: Vec<_> = selected(&all, &[]).iter().map(|e| e.name).collect();
+        assert!(default.contains(&"chunked") && default.contains(&"chunked-separate"));
+        assert!(!default.contains(&"chunked-sequential"));
+        assert_eq!(default.len(), all.len() - all.iter().filter(|e| e.tuning).count());
+        let named: Vec<_> = selected(&all, &["chunked-sequential".into()]).iter().map(|e| e.name).collect();
+        assert_eq!(named, ["chunked-sequential"]);
+        // The sweep's sequential grids: 32 to 528 blocks, the work equal within 0.1%.
+        let grids: Vec<u32> = carry_sweep_shapes()
+            .iter()
+            .map(|d| chunk::plan_with(d, Dtype::Bf16, Gates::Complex, ChunkCarry::Auto).unwrap().sequential_grid)
+            .collect();
+        assert_eq!(grids, [32, 64, 132, 264, 528]);
+        for d in carry_sweep_shapes() {
+            let work = (d.batch * d.heads * d.len) as f64;
+            assert!((work / (1u64 << 19) as f64 - 1.0).abs() < 1e-3, "{d:?}");
+        }
     }
 
     #[test]

@@ -188,8 +188,10 @@ impl ChunkCarry {
 }
 
 /// [`ChunkCarry::Auto`] takes the sequential carry from this many blocks on:
-/// two per SM of an H200 (132 SMs). A first guess, to be set by measurement
-/// (`gateloop bench` times `chunked` (auto) beside `chunked-separate`).
+/// two per SM of an H200 (132 SMs). A first guess, to be set by measurement:
+/// `gateloop bench --kernel chunked-sequential --kernel chunked-separate`
+/// over chunked-sequential's sweep of the grid (the GPU bundle's `carry`
+/// step), read by `scripts/gpu-results.py`.
 pub const SEQUENTIAL_MIN_BLOCKS: usize = 264;
 
 /// What a chunked forward call may choose: precision and carry. A

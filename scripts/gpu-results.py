@@ -1,0 +1,318 @@
+#!/usr/bin/env python3
+"""Files a GPU bundle run's results and reads the issues' targets off them.
+
+    python3 scripts/gpu-results.py RESULTS_DIR [--into benches/results] [--dry-run]
+
+RESULTS_DIR is what `bundle/run.sh` wrote ($OUT; with the device tool, the
+`files_at` folder of the run). The script copies what is worth keeping into
+benches/results/gpu-<date>-<card>/ (the date of the run from env.txt, the card
+from bench.json) and writes verdict.md there, which it also prints:
+
+- the bundle's steps and their status (summary.json);
+- issue 4's forward targets, from peers/peers.json: real gates bf16 ≥ 1.2×
+  faster than fla chunk_gla, complex gates ≤ 2× our real-gate time, ≥ 100×
+  faster than the JAX associative_scan formulation where it fits, and
+  B8 L4096 H16 K=V=64 within 2× of the HBM floor;
+- issue 5's target: forward+backward ≥ 1.2× faster than fla chunk_gla's;
+- the carry rule: chunked-sequential against chunked-separate over the
+  sweep of the sequential grid (carry.json), and the SEQUENTIAL_MIN_BLOCKS
+  (src/cuda/chunk.rs) it supports.
+
+Only the standard library; nothing here needs a GPU. Missing files make
+their sections say so rather than fail: a partial run is still filed.
+"""
+
+import argparse
+import json
+import os
+import re
+import shutil
+import sys
+
+# Files copied when present (relative to RESULTS_DIR), and the largest size
+# kept whole; a larger text file keeps its first and last parts.
+KEEP = [
+    "summary.txt", "summary.json", "env.txt", "bench.txt", "bench.json", "carry.txt", "carry.json",
+    "sanitizer.log", "tests.log", "fuzz.txt", "peers/peers.json", "peers/peers.md",
+]
+KEEP_GLOBS = [("profile", ".txt"), ("fuzz-failures", ""), ("profile", ".ncu-rep")]
+MAX_TEXT = 2 << 20
+MAX_BINARY = 8 << 20
+
+TARGET_SHAPE = (8, 4096, 16, 64, 64)
+
+
+def load_json(path):
+    try:
+        with open(path) as fh:
+            return json.load(fh)
+    except (OSError, ValueError):
+        return None
+
+
+def slug(text):
+    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-") or "unknown-gpu"
+
+
+def run_date(results):
+    try:
+        with open(os.path.join(results, "env.txt")) as fh:
+            for line in fh:
+                m = re.match(r"date: (\d{4}-\d{2}-\d{2})", line)
+                if m:
+                    return m.group(1)
+    except OSError:
+        pass
+    return None
+
+
+def card_name(bench, carry, peers):
+    for doc in (bench, carry, (peers or {}).get("ours")):
+        name = ((doc or {}).get("device") or {}).get("name")
+        if name:
+            return name
+    return (peers or {}).get("device_name")
+
+
+def copy_results(results, dest):
+    """Copies KEEP and KEEP_GLOBS into dest; returns the relative paths copied."""
+    copied = []
+
+    def put(rel):
+        src = os.path.join(results, rel)
+        if not os.path.isfile(src):
+            return
+        out = os.path.join(dest, rel)
+        os.makedirs(os.path.dirname(out), exist_ok=True)
+        size = os.path.getsize(src)
+        binary = not rel.endswith((".txt", ".log", ".json", ".md"))
+        if binary and size > MAX_BINARY:
+            return
+        if not binary and size > MAX_TEXT:
+            with open(src, "rb") as fh:
+                head = fh.read(MAX_TEXT // 2)
+                fh.seek(size - MAX_TEXT // 2)
+                tail = fh.read()
+            with open(out, "wb") as fh:
+                fh.write(head + f"\n[... {size - MAX_TEXT} bytes left out by gpu-results.py ...]\n".encode() + tail)
+        else:
+            shutil.copyfile(src, out)
+        copied.append(rel)
+
+    for rel in KEEP:
+        put(rel)
+    for folder, ext in KEEP_GLOBS:
+        d = os.path.join(results, folder)
+        if os.path.isdir(d):
+            for name in sorted(os.listdir(d)):
+                if name.endswith(ext):
+                    put(os.path.join(folder, name))
+    return copied
+
+
+def shape_key(s):
+    return ",".join(str(x) for x in s)
+
+
+def label(s):
+    B, L, H, K, V = s
+    return f"B{B} L{L} H{H} K=V={K}" if K == V else f"B{B} L{L} H{H} K={K} V={V}"
+
+
+def ours_best(peers, shape, column, dtype, gate, prefix=""):
+    """Ours' fastest kernel of a column at a shape (peers.py's rule: in f32
+    only the exact kernels, in 16-bit ones the fast ones too), among the
+    kernels whose name starts with `prefix`."""
+    rows = [r for r in peers["ours"]["results"] if r["shape_key"] == shape_key(shape) and r["column"] == column
+            and r["dtype"] == dtype and r.get("gate", "complex") == gate and r["kernel"].startswith(prefix)
+            and not (dtype == "f32" and r["kernel"].endswith("-fast"))]
+    return min(rows, key=lambda r: r["median_ms"]) if rows else None
+
+
+def peer_case(peers, peer, column, shape):
+    for c in peers["cases"]:
+        if c["peer"] == peer and c["column"] == column and tuple(c["shape"]) == tuple(shape):
+            return c
+    return None
+
+
+def fmt(ms):
+    return "—" if ms is None else (f"{ms:.3f} ms" if ms < 10 else f"{ms:.1f} ms")
+
+
+def verdict_cell(ok):
+    return {True: "met", False: "**missed**", None: "not measured"}[ok]
+
+
+def steps_section(summary):
+    L = ["## Bundle steps\n"]
+    if not summary:
+        return L + ["(no summary.json)\n"]
+    L.append(f"Verdict: **{summary.get('verdict')}** in {summary.get('total_s')} s "
+             f"(GATELOOP_REQUIRE_GPU={summary.get('require_gpu')}).\n")
+    L.append("| step | status | s | note |")
+    L.append("|---|---|---|---|")
+    for s in summary.get("steps", []):
+        note = s.get("note", "").replace("|", "\\|")
+        L.append(f"| {s['step']} | {s['status']} | {s['seconds']} | {note} |")
+    return L + [""]
+
+
+def targets_section(peers):
+    """Issue 4's forward targets and issue 5's fwd+bwd target, one row per
+    (target, shape)."""
+    L = ["## Targets (issues 4 and 5)\n"]
+    if not peers or not peers.get("ours", {}).get("results"):
+        return L + ["(no peers.json with our results: the peer step did not run or found no GPU)\n"]
+    L.append("| target | shape | measured | verdict |")
+    L.append("|---|---|---|---|")
+    shapes = [tuple(s) for s in peers.get("shapes", [])]
+    tally = {True: 0, False: 0, None: 0}
+
+    def row(target, shape, measured, ok):
+        tally[ok] += 1
+        L.append(f"| {target} | {label(shape)} | {measured} | {verdict_cell(ok)} |")
+
+    def ratio_row(target, shape, num, den, bound, above, what):
+        """num/den against bound (above: ratio ≥ bound is met)."""
+        if num is None or den is None:
+            row(target, shape, what, None)
+            return
+        r = num / den
+        row(target, shape, f"{r:.2f}× ({what})", r >= bound if above else r <= bound)
+
+    for s in shapes:
+        # 1. real gates, bf16: fla chunk_gla time / ours ≥ 1.2.
+        fla = peer_case(peers, "fla_chunk_gla", "fwd", s)
+        real = ours_best(peers, s, "fwd", "bf16", "real")
+        fla_ms = fla["median_ms"] if fla and fla.get("status") == "ok" else None
+        why = (f"fla {fmt(fla_ms)} / ours {fmt(real and real['median_ms'])} {real['kernel'] if real else ''}"
+               if fla_ms and real else f"fla {fla['status'] if fla else 'not run'}; ours {'ok' if real else 'none'}")
+        ratio_row("real bf16 ≥ 1.2× faster than fla chunk_gla", s, fla_ms, real and real["median_ms"], 1.2, True, why)
+        # 2. complex ≤ 2× real, bf16: the chunked kernel with each gate (the
+        # same algorithm; the complex state doubles its arithmetic).
+        cplx = ours_best(peers, s, "fwd", "bf16", "complex", "chunked")
+        creal = ours_best(peers, s, "fwd", "bf16", "real", "chunked")
+        why = (f"{cplx['kernel']} {fmt(cplx['median_ms'])} / {creal['kernel']} {fmt(creal['median_ms'])}"
+               if cplx and creal else "ours missing")
+        ratio_row("chunked complex ≤ 2× chunked real (bf16)", s, cplx and cplx["median_ms"],
+                  creal and creal["median_ms"], 2.0, False, why)
+        # 3. ≥ 100× faster than the JAX formulation, where it fits.
+        jax = peer_case(peers, "jax_assoc_scan", "fwd", s)
+        o32 = ours_best(peers, s, "fwd", "f32", "complex")
+        if jax and jax.get("status") == "OOM":
+            row("≥ 100× faster than JAX associative_scan", s, "JAX out of memory (the target applies where it fits)",
+                True)
+        else:
+            jax_ms = jax["median_ms"] if jax and jax.get("status") == "ok" else None
+            why = (f"JAX {fmt(jax_ms)} / ours {o32['kernel']} f32 {fmt(o32['median_ms'])}" if jax_ms and o32
+                   else f"JAX {jax['status'] if jax else 'not run'}")
+            ratio_row("≥ 100× faster than JAX associative_scan", s, jax_ms, o32 and o32["median_ms"], 100, True, why)
+        # issue 5: fwd+bwd ≥ 1.2× faster than fla chunk_gla fwd+bwd.
+        fla_fb = peer_case(peers, "fla_chunk_gla", "fwdbwd", s)
+        ofb = ours_best(peers, s, "fwdbwd", "bf16", "complex") or ours_best(peers, s, "fwdbwd", "f32", "complex")
+        fb_ms = fla_fb["median_ms"] if fla_fb and fla_fb.get("status") == "ok" else None
+        why = (f"fla {fmt(fb_ms)} / ours {ofb['kernel']} {ofb['dtype']} {fmt(ofb['median_ms'])} (complex gates)"
+               if fb_ms and ofb else f"fla {fla_fb['status'] if fla_fb else 'not run'}; ours {'ok' if ofb else 'none'}")
+        ratio_row("fwd+bwd ≥ 1.2× faster than fla chunk_gla (issue 5)", s, fb_ms, ofb and ofb["median_ms"], 1.2, True,
+                  why)
+    # 4. B8 L4096 H16 K=V=64 within 2× of the HBM floor: the best chunked forward.
+    rows = [r for r in peers["ours"]["results"] if r["shape_key"] == shape_key(TARGET_SHAPE)
+            and r["column"] == "fwd" and r["kernel"].startswith("chunked") and r.get("of_hbm_floor")]
+    if rows:
+        best = max(rows, key=lambda r: r["of_hbm_floor"])
+        row("within 2× of the HBM floor", TARGET_SHAPE,
+            f"{100 * best['of_hbm_floor']:.0f}% of the floor ({best['kernel']} {best['dtype']}, "
+            f"{fmt(best['median_ms'])})", best["of_hbm_floor"] >= 0.5)
+    else:
+        row("within 2× of the HBM floor", TARGET_SHAPE, "no chunked forward at this shape", None)
+    L.append(f"\n{tally[True]} met, {tally[False]} missed, {tally[None]} not measured. A missed target is listed in "
+             "the README with its gap and reason.\n")
+    return L
+
+
+def carry_rule(carry):
+    """(table lines, suggested SEQUENTIAL_MIN_BLOCKS or None, why)."""
+    L = ["## Carry rule (chunked-sequential against chunked-separate)\n"]
+    if not carry or not carry.get("results"):
+        return L + ["(no carry.json: `bash bundle/run.sh carry` did not run)\n"], None, "not measured"
+    by = {}
+    for r in carry["results"]:
+        sh = r["shape"]
+        d = (sh["batch"], sh["len"], sh["heads"], sh["key_dim"], sh["value_dim"])
+        by.setdefault((r["dtype"], d), {})[r["kernel"]] = r["median_ms"]
+    L.append("| dtype | shape | sequential grid | sequential | separate | sequential / separate |")
+    L.append("|---|---|---|---|---|---|")
+    wins = {}
+    for (dtype, d), t in sorted(by.items(), key=lambda kv: (kv[0][0], seq_grid(kv[0][1]))):
+        seq, sep = t.get("chunked-sequential"), t.get("chunked-separate")
+        g = seq_grid(d)
+        ratio = seq / sep if seq and sep else None
+        L.append(f"| {dtype} | {label(d)} | {g} | {fmt(seq)} | {fmt(sep)} | "
+                 f"{'—' if ratio is None else f'{ratio:.3f}'} |")
+        if ratio is not None:
+            wins.setdefault(dtype, []).append((g, ratio <= 1.0))
+    # Per dtype: the smallest grid from which the sequential carry wins at every
+    # larger grid of the sweep; the rule takes the largest over the dtypes.
+    thresholds = []
+    for dtype, pts in wins.items():
+        pts.sort()
+        t = None
+        for i, (g, _) in enumerate(pts):
+            if all(w for _, w in pts[i:]):
+                t = g
+                break
+        thresholds.append((dtype, t))
+    if not thresholds or any(t is None for _, t in thresholds):
+        never = [d for d, t in thresholds if t is None]
+        why = f"the sequential carry does not win at the sweep's largest grid for {', '.join(never) or 'any dtype'}"
+        L.append(f"\nSuggested: keep `ChunkCarry::Separate` for Auto, or measure larger grids ({why}).\n")
+        return L, None, why
+    best = max(t for _, t in thresholds)
+    why = "; ".join(f"{d}: sequential wins from {t} blocks on" for d, t in thresholds)
+    L.append(f"\nSuggested `SEQUENTIAL_MIN_BLOCKS = {best}` ({why}; src/cuda/chunk.rs has 264).\n")
+    return L, best, why
+
+
+def seq_grid(d):
+    """B·H·value_tiles·key_slabs (src/cuda/chunk.rs plan_with)."""
+    B, _, H, K, V = d
+    return B * H * -(-V // 64) * -(-K // 16)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("results", help="the bundle's results folder ($OUT of bundle/run.sh)")
+    ap.add_argument("--into", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "benches",
+                                                   "results"), help="where the dated folder goes")
+    ap.add_argument("--dry-run", action="store_true", help="print verdict.md, copy nothing")
+    a = ap.parse_args()
+    if not os.path.isdir(a.results):
+        sys.exit(f"gpu-results: no folder {a.results}")
+    summary = load_json(os.path.join(a.results, "summary.json"))
+    bench = load_json(os.path.join(a.results, "bench.json"))
+    carry = load_json(os.path.join(a.results, "carry.json"))
+    peers = load_json(os.path.join(a.results, "peers", "peers.json"))
+    date = run_date(a.results) or "undated"
+    card = card_name(bench, carry, peers) or "unknown GPU"
+    dest = os.path.normpath(os.path.join(a.into, f"gpu-{date}-{slug(card)}"))
+
+    L = [f"# GPU bundle results, {date}, {card}\n",
+         f"Filed by `scripts/gpu-results.py` from the bundle's output. Files beside this one: the bundle's own "
+         f"(summary, env, bench, carry, peers, fuzz, profile).\n"]
+    L += steps_section(summary)
+    L += targets_section(peers)
+    carry_lines, _, _ = carry_rule(carry)
+    L += carry_lines
+    text = "\n".join(L) + "\n"
+    if not a.dry_run:
+        os.makedirs(dest, exist_ok=True)
+        copied = copy_results(a.results, dest)
+        with open(os.path.join(dest, "verdict.md"), "w") as fh:
+            fh.write(text)
+        print(f"gpu-results: {len(copied)} files and verdict.md in {dest}", file=sys.stderr)
+    sys.stdout.write(text)
+
+
+if __name__ == "__main__":
+    main()

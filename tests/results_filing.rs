@@ -1,0 +1,111 @@
+//! `scripts/gpu-results.py`, the filing of a GPU bundle run, on a synthetic
+//! results folder: the targets' verdicts and the carry rule it reads off
+//! known times, and the files it copies. (Python's standard library only; the
+//! test command's machine has python3 for the nvcc wheels.)
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use serde_json::json;
+
+fn script() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/gpu-results.py")
+}
+
+fn write(path: &Path, text: &str) {
+    std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+    std::fs::write(path, text).unwrap();
+}
+
+fn bench_row(kernel: &str, dtype: &str, s: [usize; 5], ms: f64) -> serde_json::Value {
+    json!({"kernel": kernel, "dtype": dtype, "median_ms": ms,
+           "shape": {"batch": s[0], "len": s[1], "heads": s[2], "key_dim": s[3], "value_dim": s[4], "gate": "channel"}})
+}
+
+fn ours_row(kernel: &str, dtype: &str, s: [usize; 5], ms: f64, of_hbm: f64) -> serde_json::Value {
+    let column = if kernel.contains("fwd-bwd") { "fwdbwd" } else { "fwd" };
+    let gate = if kernel.contains("real") { "real" } else { "complex" };
+    json!({"kernel": kernel, "dtype": dtype, "shape": s, "shape_key": s.map(|x| x.to_string()).join(","),
+           "gate": gate, "column": column, "median_ms": ms, "of_hbm_floor": of_hbm})
+}
+
+fn case(peer: &str, column: &str, s: [usize; 5], status: &str, ms: f64) -> serde_json::Value {
+    json!({"id": format!("{peer}-{column}"), "peer": peer, "column": column, "shape": s, "status": status,
+           "median_ms": ms})
+}
+
+#[test]
+fn files_a_run_and_reads_the_targets_and_the_carry_rule() {
+    if Command::new("python3").arg("--version").output().is_err() {
+        println!("SKIPPED (no python3): scripts/gpu-results.py not run");
+        return;
+    }
+    let dir = std::env::temp_dir().join(format!("gateloop-results-filing-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let res = dir.join("results");
+    write(&res.join("env.txt"), "date: 2027-01-02T03:04:05Z\nhost: x\n");
+    let summary = json!({"schema": "gateloop-bundle/1", "verdict": "OK", "require_gpu": 1, "total_s": 400,
+        "steps": [{"step": "test gpu_scan", "status": "PASS", "seconds": 12, "note": "9 passed, 0 failed"}]});
+    write(&res.join("summary.json"), &summary.to_string());
+    let device = json!({"name": "NVIDIA H200"});
+    write(&res.join("bench.json"), &json!({"gpu": true, "device": device, "results": []}).to_string());
+    // The carry sweep: sequential loses below 132 blocks in bf16 and below 264
+    // in f32, wins from there on: the rule is the larger, 264.
+    let sweep = [[1, 65536, 8, 64, 64], [1, 32768, 16, 64, 64], [1, 15872, 33, 64, 64], [2, 7936, 33, 64, 64]];
+    let mut rows = Vec::new();
+    for (i, s) in sweep.iter().enumerate() {
+        rows.push(bench_row("chunked-separate", "bf16", *s, 1.0));
+        rows.push(bench_row("chunked-sequential", "bf16", *s, if i >= 2 { 0.9 } else { 1.1 }));
+        rows.push(bench_row("chunked-separate", "f32", *s, 2.0));
+        rows.push(bench_row("chunked-sequential", "f32", *s, if i >= 3 { 1.8 } else { 2.2 }));
+    }
+    write(&res.join("carry.json"), &json!({"gpu": true, "device": device, "results": rows}).to_string());
+    let s = [8, 4096, 16, 64, 64];
+    let peers = json!({
+        "shapes": [s],
+        "ours": {"status": "ok", "results": [
+            ours_row("chunked-real", "bf16", s, 1.0, 0.40),
+            ours_row("chunked", "bf16", s, 1.5, 0.55),
+            ours_row("chunked", "f32", s, 3.0, 0.30),
+            ours_row("chunked-fwd-bwd", "bf16", s, 5.0, 0.2),
+        ]},
+        "cases": [
+            case("fla_chunk_gla", "fwd", s, "ok", 1.5),
+            case("fla_chunk_gla", "fwdbwd", s, "ok", 5.5),
+            case("jax_assoc_scan", "fwd", s, "OOM", 0.0),
+        ],
+    });
+    write(&res.join("peers/peers.json"), &peers.to_string());
+    write(&res.join("profile/chunked-bf16.txt"), "  gateloop_chunk_state_bf16_c_exact\n");
+
+    let into = dir.join("into");
+    let out = Command::new("python3").arg(script()).arg(&res).arg("--into").arg(&into).output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{}\n{}", text, String::from_utf8_lossy(&out.stderr));
+    let line = |target: &str| {
+        text.lines()
+            .find(|l| l.starts_with(&format!("| {target}")))
+            .unwrap_or_else(|| panic!("no `{target}` in\n{text}"))
+    };
+    // fla 1.5 / ours real 1.0 = 1.50× ≥ 1.2.
+    assert!(line("real bf16").contains("1.50×") && line("real bf16").ends_with("| met |"), "{text}");
+    // chunked complex 1.5 / chunked real 1.0 = 1.50× ≤ 2.
+    assert!(line("chunked complex").contains("1.50×") && line("chunked complex").ends_with("| met |"), "{text}");
+    // JAX out of memory: met where it fits.
+    assert!(line("≥ 100×").contains("out of memory") && line("≥ 100×").ends_with("| met |"), "{text}");
+    // fwd+bwd: fla 5.5 / ours 5.0 = 1.10× < 1.2.
+    assert!(line("fwd+bwd").contains("1.10×") && line("fwd+bwd").ends_with("| **missed** |"), "{text}");
+    // The best chunked forward at B8 L4096 H16: 55% of the HBM floor.
+    assert!(line("within 2×").contains("55%") && line("within 2×").ends_with("| met |"), "{text}");
+    assert!(text.contains("4 met, 1 missed, 0 not measured"), "{text}");
+    assert!(text.contains("Suggested `SEQUENTIAL_MIN_BLOCKS = 264`"), "{text}");
+    assert!(text.contains("bf16: sequential wins from 132 blocks on"), "{text}");
+
+    let filed = into.join("gpu-2027-01-02-nvidia-h200");
+    for f in ["verdict.md", "summary.json", "carry.json", "bench.json", "env.txt", "peers/peers.json"] {
+        assert!(filed.join(f).is_file(), "{f} not filed");
+    }
+    assert!(filed.join("profile/chunked-bf16.txt").is_file());
+    assert_eq!(std::fs::read_to_string(filed.join("verdict.md")).unwrap(), text);
+    let _ = std::fs::remove_dir_all(&dir);
+}
