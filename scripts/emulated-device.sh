@@ -119,6 +119,12 @@ if ! grep -q '"chunked-sequential"' "$tmp/carry.json" || grep -q '"chunked-seque
     failed+=("gateloop bench (tuning entry)")
 fi
 
+# The API documentation's examples: the CUDA one launches the chunked
+# kernel on the device (GATELOOP_REQUIRE_GPU=1 makes its no-GPU branch an
+# error).
+echo "emulated-device: cargo test --doc"
+cargo test --release --doc || failed+=("doctests")
+
 if ((${#failed[@]})); then
     echo "emulated-device: FAILED: ${failed[*]}" >&2
     exit 1

@@ -27,6 +27,8 @@ else
 fi
 
 cargo test --release --all-targets "$@"
+# The examples in the API documentation (`--all-targets` leaves doctests out).
+cargo test --release --doc
 
 # Lints: clippy on every target, warnings as errors.
 if cargo clippy --version >/dev/null 2>&1; then

@@ -47,6 +47,63 @@
 //!
 //! A build without nvcc still compiles; [`Gpu::new`] then returns
 //! [`GpuError::NotBuilt`].
+//!
+//! ## Example
+//!
+//! The chunked kernel in bf16 on device buffers, on the Gpu's stream (any
+//! stream of its context works), with a workspace allocated once:
+//!
+//! ```
+//! use gateloop::Dims;
+//! use gateloop::cuda::chunk::{self, ChunkPrecision, Gates};
+//! use gateloop::cuda::half::bf16;
+//! use gateloop::cuda::{DeviceInputs, DeviceOutputs, Dtype, Gpu};
+//!
+//! # fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! let gpu = match Gpu::new(0) {
+//!     Ok(gpu) => gpu,
+//!     // No driver, no device, no kernels compiled, or an architecture not
+//!     // compiled: a typed error (GpuError), never a panic.
+//!     Err(e) => {
+//! #       // The test command's emulated device runs this example with a GPU required.
+//! #       if std::env::var_os("GATELOOP_REQUIRE_GPU").is_some_and(|v| v == "1") {
+//! #           return Err(e.into());
+//! #       }
+//!         eprintln!("no GPU: {e}");
+//!         return Ok(());
+//!     }
+//! };
+//! let dims = Dims::new(1, 300, 2, 16, 16); // B, L, H, K, V
+//! let stream = gpu.stream();
+//! let host = |n: usize, s: f32| -> Vec<bf16> { (0..n).map(|i| bf16::from_f32((0.3 * i as f32 + s).sin())).collect() };
+//! let q = stream.clone_htod(&host(dims.qk_len(), 0.0))?;
+//! let k = stream.clone_htod(&host(dims.qk_len(), 1.0))?;
+//! let v = stream.clone_htod(&host(dims.v_len(), 2.0))?;
+//! // Complex f32 as interleaved (re, im) pairs: Re log a ≤ 0.
+//! let gate: Vec<f32> = (0..dims.gate_len()).flat_map(|i| [-0.05, (0.7 * i as f32).sin()]).collect();
+//! let log_gate = stream.clone_htod(&gate)?;
+//!
+//! let mut y = stream.alloc_zeros::<bf16>(dims.v_len())?;
+//! let mut h_final = stream.alloc_zeros::<f32>(2 * dims.state_len())?;
+//! let plan = chunk::plan(&dims, Dtype::Bf16, Gates::Complex)?;
+//! let mut workspace = stream.alloc_zeros::<f32>(plan.workspace_len)?;
+//!
+//! // Enqueues the launches and returns; lengths, contexts and alignment were
+//! // checked on the host (a typed error naming the argument).
+//! chunk::forward_into::<bf16>(
+//!     &gpu,
+//!     stream,
+//!     &dims,
+//!     DeviceInputs { q: &q, k: &k, v: &v, log_gate: &log_gate, h0: None },
+//!     DeviceOutputs { y: &mut y, h_final: &mut h_final },
+//!     Some(&mut workspace),
+//!     ChunkPrecision::Exact,
+//! )?;
+//! let y = stream.clone_dtoh(&y)?; // waits for the kernels
+//! assert!(y.iter().all(|x| x.to_f32().is_finite()));
+//! # Ok(())
+//! # }
+//! ```
 
 use std::sync::Arc;
 
