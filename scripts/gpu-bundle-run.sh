@@ -160,6 +160,29 @@ run_step() {
 
 timed_out() { [[ $1 == 124 || $1 == 137 ]]; }
 
+# record_bench NAME LOG PASS_NOTE: records a `gateloop bench` step from
+# run_step's results: PASS with PASS_NOTE; no GPU (exit 2, "needs a GPU") a
+# FAIL when a GPU is required, else a SKIP; TIMEOUT; NOT RUN; or FAIL with
+# the first error line.
+record_bench() {
+    local name=$1 log=$2 pass_note=$3
+    if ((not_run)); then
+        record "$name" "NOT RUN" 0 "deadline reached"
+    elif timed_out "$rc"; then
+        record "$name" TIMEOUT "$dt" "see $log"
+    elif ((rc == 0)); then
+        record "$name" PASS "$dt" "$pass_note"
+    elif ((rc == 2)) && grep -q 'needs a GPU' "$step_out"; then
+        if ((require)); then
+            record "$name" FAIL "$dt" "no GPU: $(grep -m 1 'needs a GPU' "$step_out" | cut -c1-160)"
+        else
+            record "$name" SKIP "$dt" "no GPU (exit 2)"
+        fi
+    else
+        record "$name" FAIL "$dt" "exit $rc: $(grep -m 1 '^error' "$step_out" | cut -c1-160)"
+    fi
+}
+
 # ---- 1. environment --------------------------------------------------------
 {
     echo "date: $(date -u +%Y-%m-%dT%H:%M:%SZ)"
@@ -265,21 +288,7 @@ done
 # ---- 4. benchmark ----------------------------------------------------------
 if want bench; then
     run_step "bench" 180 "$bench_txt" -- "$bins/bin/gateloop" bench --json "$bench_json"
-    if ((not_run)); then
-        record "bench" "NOT RUN" 0 "deadline reached"
-    elif timed_out "$rc"; then
-        record "bench" TIMEOUT "$dt" "see bench.txt"
-    elif ((rc == 0)); then
-        record "bench" PASS "$dt" "$(grep -c '^recurrent' "$step_out") rows; bench.json"
-    elif ((rc == 2)) && grep -q 'needs a GPU' "$step_out"; then
-        if ((require)); then
-            record "bench" FAIL "$dt" "no GPU: $(grep -m 1 'needs a GPU' "$step_out" | cut -c1-160)"
-        else
-            record "bench" SKIP "$dt" "no GPU (exit 2)"
-        fi
-    else
-        record "bench" FAIL "$dt" "exit $rc: $(grep -m 1 '^error' "$step_out" | cut -c1-160)"
-    fi
+    record_bench "bench" bench.txt "$(grep -c '^recurrent' "$step_out") rows; bench.json"
 fi
 
 # ---- 5. peer benchmark -----------------------------------------------------
@@ -360,17 +369,7 @@ if want carry; then
     else
         run_step "carry" 120 "$carry_txt" -- "$bins/bin/gateloop" bench --json "$results/carry.json" \
             --kernel chunked-sequential --kernel chunked-separate --dtype bf16 --dtype f32 "${sweep[@]}" --runs 20
-        if ((not_run)); then
-            record "carry" "NOT RUN" 0 "deadline reached"
-        elif timed_out "$rc"; then
-            record "carry" TIMEOUT "$dt" "see carry.txt"
-        elif ((rc == 0)); then
-            record "carry" PASS "$dt" "$((${#sweep[@]} / 2)) shapes; carry.json (scripts/gpu-results.py reads it)"
-        elif ((rc == 2)) && grep -q 'needs a GPU' "$step_out"; then
-            record "carry" "$([[ $require == 1 ]] && echo FAIL || echo SKIP)" "$dt" "no GPU (exit 2)"
-        else
-            record "carry" FAIL "$dt" "exit $rc: $(grep -m 1 '^error' "$step_out" | cut -c1-160)"
-        fi
+        record_bench "carry" carry.txt "$((${#sweep[@]} / 2)) shapes; carry.json (scripts/gpu-results.py reads it)"
     fi
 fi
 
