@@ -160,27 +160,31 @@ run_step() {
 
 timed_out() { [[ $1 == 124 || $1 == 137 ]]; }
 
-# record_bench NAME LOG PASS_NOTE: records a `gateloop bench` step from
-# run_step's results: PASS with PASS_NOTE; no GPU (exit 2, "needs a GPU") a
-# FAIL when a GPU is required, else a SKIP; TIMEOUT; NOT RUN; or FAIL with
-# the first error line.
-record_bench() {
-    local name=$1 log=$2 pass_note=$3
+# record_cli NAME NO_GPU PASS_NOTE FAIL_NOTE TIMEOUT_NOTE: records a step that
+# ran a `gateloop` subcommand, from run_step's results: PASS with PASS_NOTE;
+# no GPU (exit 2 with the NO_GPU message) a FAIL when a GPU is required, else
+# a SKIP; TIMEOUT; NOT RUN; any other exit a FAIL with FAIL_NOTE.
+record_cli() {
+    local name=$1 no_gpu=$2 pass_note=$3 fail_note=$4 timeout_note=$5
     if ((not_run)); then
         record "$name" "NOT RUN" 0 "deadline reached"
     elif timed_out "$rc"; then
-        record "$name" TIMEOUT "$dt" "see $log"
+        record "$name" TIMEOUT "$dt" "$timeout_note"
     elif ((rc == 0)); then
         record "$name" PASS "$dt" "$pass_note"
-    elif ((rc == 2)) && grep -q 'needs a GPU' "$step_out"; then
+    elif ((rc == 2)) && grep -q "$no_gpu" "$step_out"; then
         if ((require)); then
-            record "$name" FAIL "$dt" "no GPU: $(grep -m 1 'needs a GPU' "$step_out" | cut -c1-160)"
+            record "$name" FAIL "$dt" "no GPU: $(grep -m 1 "$no_gpu" "$step_out" | cut -c1-160)"
         else
             record "$name" SKIP "$dt" "no GPU (exit 2)"
         fi
     else
-        record "$name" FAIL "$dt" "exit $rc: $(grep -m 1 '^error' "$step_out" | cut -c1-160)"
+        record "$name" FAIL "$dt" "exit $rc: $fail_note"
     fi
+}
+# record_bench NAME LOG PASS_NOTE: a `gateloop bench` step.
+record_bench() {
+    record_cli "$1" 'needs a GPU' "$3" "$(grep -m 1 '^error' "$step_out" | cut -c1-160)" "see $2"
 }
 
 # ---- 1. environment --------------------------------------------------------
@@ -454,17 +458,8 @@ if want fuzz; then
         --targets "${GATELOOP_FUZZ_TARGETS:-forward,grad}" \
         --time-budget "$((lim > 20 ? lim - 15 : 5))" --out "$results/fuzz-failures" --max-failures 5
     ran=$(grep -m 1 -oE '\([0-9]+ run\)' "$step_out" | tr -d '()')
-    if ((not_run)); then
-        record "fuzz" "NOT RUN" 0 "deadline reached"
-    elif timed_out "$rc"; then
-        record "fuzz" TIMEOUT "$dt" "${ran:-?}; see fuzz.txt"
-    elif ((rc == 0)); then
-        record "fuzz" PASS "$dt" "${ran:-?} of $fuzz_cases cases, no disagreement; fuzz.txt"
-    elif ((rc == 2)) && grep -q 'cannot use the GPU' "$step_out"; then
-        record "fuzz" "$([[ $require == 1 ]] && echo FAIL || echo SKIP)" "$dt" "no GPU (exit 2)"
-    else
-        record "fuzz" FAIL "$dt" "exit $rc: ${ran:-?}; disagreements in fuzz-failures/ (replay commands in fuzz.txt)"
-    fi
+    record_cli "fuzz" 'cannot use the GPU' "${ran:-?} of $fuzz_cases cases, no disagreement; fuzz.txt" \
+        "${ran:-?}; disagreements in fuzz-failures/ (replay commands in fuzz.txt)" "${ran:-?}; see fuzz.txt"
 fi
 
 # ---- 6. summary ------------------------------------------------------------
