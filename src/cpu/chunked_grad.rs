@@ -6,6 +6,41 @@
 //! fixes the convention: a complex input z = x + iy gets ∂L/∂x + i·∂L/∂y, and
 //! the loss is L = Σ dy ⊙ y + Σ Re(conj(dh_final) ⊙ h_final).
 //!
+//! # Example
+//!
+//! Every gradient of a problem with an initial state, against the f64
+//! adjoint recurrence on the same values:
+//!
+//! ```
+//! use gateloop::cpu::{chunked::ChunkParams, chunked_grad};
+//! use gateloop::{Complex, Dims, Problem, compare, compare_complex, reference};
+//!
+//! # fn main() -> Result<(), gateloop::InputError> {
+//! let dims = Dims::new(2, 300, 2, 8, 8);
+//! let wave = |n: usize, s: f32| -> Vec<f32> { (0..n).map(|i| (0.41 * i as f32 + s).sin()).collect() };
+//! let (q, k, v, dy) = (wave(dims.qk_len(), 0.0), wave(dims.qk_len(), 1.0), wave(dims.v_len(), 2.0), wave(dims.v_len(), 3.0));
+//! let log_gate: Vec<Complex<f32>> =
+//!     (0..dims.gate_len()).map(|i| Complex::new(-0.02 * (i % 5) as f32, (0.3 * i as f32).cos())).collect();
+//! let h0: Vec<Complex<f32>> = (0..dims.state_len()).map(|i| Complex::new(0.1, -0.05 * (i % 7) as f32)).collect();
+//!
+//! let p = Problem::new(dims, &q, &k, &v, &log_gate, Some(&h0))?;
+//! let grads = chunked_grad::backward(&p, &dy, None, &ChunkParams::default())?;
+//!
+//! let wide = |x: &[f32]| -> Vec<f64> { x.iter().map(|&x| x as f64).collect() };
+//! let widec = |x: &[Complex<f32>]| -> Vec<Complex<f64>> { x.iter().map(|z| Complex::new(z.re as f64, z.im as f64)).collect() };
+//! let (q64, k64, v64, dy64, g64, h064) = (wide(&q), wide(&k), wide(&v), wide(&dy), widec(&log_gate), widec(&h0));
+//! let p64 = Problem::new(dims, &q64, &k64, &v64, &g64, Some(&h064))?;
+//! let exact = reference::grad::backward(&p64, &dy64, None)?;
+//!
+//! assert!(compare(&grads.dq, &exact.dq).within(1e-4, 1e-3));
+//! assert!(compare(&grads.dk, &exact.dk).within(1e-4, 1e-3));
+//! assert!(compare(&grads.dv, &exact.dv).within(1e-4, 1e-3));
+//! assert!(compare_complex(&grads.dlog_gate, &exact.dlog_gate).within(1e-4, 1e-3));
+//! assert!(compare_complex(grads.dh0.as_deref().unwrap(), exact.dh0.as_deref().unwrap()).within(1e-4, 1e-3));
+//! # Ok(())
+//! # }
+//! ```
+//!
 //! # Derivation (per (b, h) and key channel d; the forward's notation)
 //!
 //! With E(n, m) = exp(G_n − G_m) for m ≤ n (0 across a reset; m = −1 is the

@@ -9,6 +9,70 @@
 //! launchers); log_gate and the state are complex f32 for every type.
 //! [`forward_into`] runs a sequence; [`decode_into`] advances a state buffer
 //! in place (decoding, any number of steps per call).
+//!
+//! # Example
+//!
+//! A prompt of 40 steps, then two decoding steps one at a time, against one
+//! pass over all 42:
+//!
+//! ```
+//! use gateloop::Dims;
+//! use gateloop::cuda::recurrent::{self, DecodeInputs};
+//! use gateloop::cuda::{DeviceInputs, DeviceOutputs, Gpu};
+//!
+//! # fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! let Ok(gpu) = Gpu::new(0) else {
+//! #   // The test command's emulated device runs this example with a GPU required.
+//! #   if std::env::var_os("GATELOOP_REQUIRE_GPU").is_some_and(|v| v == "1") {
+//! #       return Err("no GPU".into());
+//! #   }
+//!     return Ok(()); // no GPU here (Gpu::new says why)
+//! };
+//! let s = gpu.stream();
+//! let (b, h, kd, vd, prompt, total) = (1, 2, 8, 4, 40, 42);
+//! let all = Dims::new(b, total, h, kd, vd);
+//! let wave = |n: usize, p: f32| -> Vec<f32> { (0..n).map(|i| (0.29 * i as f32 + p).sin()).collect() };
+//! let (q, k, v) = (wave(all.qk_len(), 0.0), wave(all.qk_len(), 1.0), wave(all.v_len(), 2.0));
+//! let gate: Vec<f32> = (0..all.gate_len()).flat_map(|i| [-0.03, (0.5 * i as f32).sin()]).collect();
+//! // Steps t0..t1 of a [1, L, H, D] tensor (B = 1: contiguous).
+//! let steps = |x: &[f32], d: usize, t0: usize, t1: usize| x[t0 * h * d..t1 * h * d].to_vec();
+//!
+//! // One pass over all 42 steps.
+//! let mut y_all = s.alloc_zeros::<f32>(all.v_len())?;
+//! let mut h_all = s.alloc_zeros::<f32>(2 * all.state_len())?;
+//! let (dq, dk, dv, dg) = (s.clone_htod(&q)?, s.clone_htod(&k)?, s.clone_htod(&v)?, s.clone_htod(&gate)?);
+//! let inputs = DeviceInputs { q: &dq, k: &dk, v: &dv, log_gate: &dg, h0: None };
+//! recurrent::forward_into(&gpu, s, &all, inputs, DeviceOutputs { y: &mut y_all, h_final: &mut h_all })?;
+//!
+//! // The prompt, whose h_final becomes the decoding state.
+//! let pd = Dims::new(b, prompt, h, kd, vd);
+//! let (pq, pk, pv) = (steps(&q, kd, 0, prompt), steps(&k, kd, 0, prompt), steps(&v, vd, 0, prompt));
+//! let pg = steps(&gate, 2 * kd, 0, prompt);
+//! let (pq, pk, pv, pg) = (s.clone_htod(&pq)?, s.clone_htod(&pk)?, s.clone_htod(&pv)?, s.clone_htod(&pg)?);
+//! let mut y = s.alloc_zeros::<f32>(pd.v_len())?;
+//! let mut state = s.alloc_zeros::<f32>(2 * pd.state_len())?;
+//! let inputs = DeviceInputs { q: &pq, k: &pk, v: &pv, log_gate: &pg, h0: None };
+//! recurrent::forward_into(&gpu, s, &pd, inputs, DeviceOutputs { y: &mut y, h_final: &mut state })?;
+//!
+//! // Then one step per call, the state advanced in place.
+//! let one = Dims::new(b, 1, h, kd, vd);
+//! let mut y_step = s.alloc_zeros::<f32>(one.v_len())?;
+//! let mut decoded = Vec::new();
+//! for t in prompt..total {
+//!     let (sq, sk) = (s.clone_htod(&steps(&q, kd, t, t + 1))?, s.clone_htod(&steps(&k, kd, t, t + 1))?);
+//!     let (sv, sg) = (s.clone_htod(&steps(&v, vd, t, t + 1))?, s.clone_htod(&steps(&gate, 2 * kd, t, t + 1))?);
+//!     let inputs = DecodeInputs { q: &sq, k: &sk, v: &sv, log_gate: &sg };
+//!     recurrent::decode_into(&gpu, s, &one, inputs, &mut y_step, &mut state)?;
+//!     decoded.extend(s.clone_dtoh(&y_step)?);
+//! }
+//!
+//! // The same readouts and final state as the one pass.
+//! let y_all = s.clone_dtoh(&y_all)?;
+//! assert_eq!(decoded, y_all[prompt * h * vd..]);
+//! assert_eq!(s.clone_dtoh(&state)?, s.clone_dtoh(&h_all)?);
+//! # Ok(())
+//! # }
+//! ```
 
 use cudarc::driver::{CudaStream, DevicePtr, DevicePtrMut, LaunchConfig, PushKernelArg};
 
