@@ -160,6 +160,18 @@ run_step() {
 
 timed_out() { [[ $1 == 124 || $1 == 137 ]]; }
 
+# find_tool NAME PATH...: NAME on the PATH, else the first executable PATH
+# (the CUDA toolkit's and Nsight's usual places); empty when none.
+find_tool() {
+    local c
+    c=$(command -v "$1" 2>/dev/null) && { echo "$c"; return; }
+    shift
+    for c in "$@"; do
+        [[ -x "$c" ]] && { echo "$c"; return; }
+    done
+    return 0
+}
+
 # record_cli NAME NO_GPU PASS_NOTE FAIL_NOTE TIMEOUT_NOTE: records a step that
 # ran a `gateloop` subcommand, from run_step's results: PASS with PASS_NOTE;
 # no GPU (exit 2 with the NO_GPU message) a FAIL when a GPU is required, else
@@ -231,16 +243,8 @@ for t in "$bins"/tests/gpu_*; do
 done
 
 # ---- 3. compute-sanitizer --------------------------------------------------
-sanitizer=$(command -v compute-sanitizer 2>/dev/null)
-if [[ -z "$sanitizer" ]]; then
-    for c in /usr/local/cuda/bin/compute-sanitizer /usr/local/cuda-*/bin/compute-sanitizer \
-        /opt/nvidia/*/compute-sanitizer /opt/nvidia/compute-sanitizer/compute-sanitizer; do
-        if [[ -x "$c" ]]; then
-            sanitizer=$c
-            break
-        fi
-    done
-fi
+sanitizer=$(find_tool compute-sanitizer /usr/local/cuda/bin/compute-sanitizer /usr/local/cuda-*/bin/compute-sanitizer \
+    /opt/nvidia/*/compute-sanitizer /opt/nvidia/compute-sanitizer/compute-sanitizer)
 # Every GPU test binary with a `sanitizer_smoke` test (decode, scan,
 # attention, chunked: each kernel family on a small case), under each tool.
 smokes=()
@@ -385,15 +389,7 @@ if want profile; then
     mkdir -p "$prof_dir"
     prof_log=$prof_dir/profile.log
     : >"$prof_log"
-    ncu=$(command -v ncu 2>/dev/null)
-    if [[ -z "$ncu" ]]; then
-        for c in /usr/local/cuda/bin/ncu /usr/local/cuda-*/bin/ncu /opt/nvidia/nsight-compute/*/ncu; do
-            if [[ -x "$c" ]]; then
-                ncu=$c
-                break
-            fi
-        done
-    fi
+    ncu=$(find_tool ncu /usr/local/cuda/bin/ncu /usr/local/cuda-*/bin/ncu /opt/nvidia/nsight-compute/*/ncu)
     # name kernel dtype shape: every gateloop_* launch of one bench case
     # (--runs 1 --warmup 0: the case's launches once; the fwd+bwd case has
     # the most, nine).

@@ -232,10 +232,11 @@ def targets_section(peers):
 
 
 def carry_rule(carry):
-    """(table lines, suggested SEQUENTIAL_MIN_BLOCKS or None, why)."""
+    """The carry section's lines: the sweep's table and the
+    SEQUENTIAL_MIN_BLOCKS it supports."""
     L = ["## Carry rule (chunked-sequential against chunked-separate)\n"]
     if not carry or not carry.get("results"):
-        return L + ["(no carry.json: `bash bundle/run.sh carry` did not run)\n"], None, "not measured"
+        return L + ["(no carry.json: `bash bundle/run.sh carry` did not run)\n"]
     by = {}
     for r in carry["results"]:
         sh = r["shape"]
@@ -267,11 +268,11 @@ def carry_rule(carry):
         never = [d for d, t in thresholds if t is None]
         why = f"the sequential carry does not win at the sweep's largest grid for {', '.join(never) or 'any dtype'}"
         L.append(f"\nSuggested: keep `ChunkCarry::Separate` for Auto, or measure larger grids ({why}).\n")
-        return L, None, why
+        return L
     best = max(t for _, t in thresholds)
     why = "; ".join(f"{d}: sequential wins from {t} blocks on" for d, t in thresholds)
     L.append(f"\nSuggested `SEQUENTIAL_MIN_BLOCKS = {best}` ({why}; src/cuda/chunk.rs has 264).\n")
-    return L, best, why
+    return L
 
 
 def seq_grid(d):
@@ -302,8 +303,7 @@ def main():
          f"(summary, env, bench, carry, peers, fuzz, profile).\n"]
     L += steps_section(summary)
     L += targets_section(peers)
-    carry_lines, _, _ = carry_rule(carry)
-    L += carry_lines
+    L += carry_rule(carry)
     text = "\n".join(L) + "\n"
     if not a.dry_run:
         os.makedirs(dest, exist_ok=True)

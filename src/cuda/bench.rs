@@ -609,13 +609,14 @@ type ForwardFn<T> = fn(
     Option<&mut dyn DevicePtrMut<f32>>,
 ) -> Result<(), GpuError>;
 
-/// The chunked kernel for one gate kind (`REAL`) and precision (`FAST`).
-/// The carry a chunked bench entry takes (a const parameter of
-/// [`prepare_chunked`]): the plan's choice, or one forced.
+// The carry a chunked bench entry takes (the `CARRY` const parameter of
+// `prepare_chunked`; an enum cannot be one): the plan's choice, or one forced.
 const CARRY_AUTO: u8 = 0;
 const CARRY_SEPARATE: u8 = 1;
 const CARRY_SEQUENTIAL: u8 = 2;
 
+/// The chunked kernel for one gate kind (`REAL`), precision (`FAST`) and
+/// carry (`CARRY`).
 fn prepare_chunked<'g, const REAL: bool, const FAST: bool, const CARRY: u8>(
     gpu: &'g Gpu,
     dims: Dims,
