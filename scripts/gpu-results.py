@@ -29,6 +29,9 @@ import re
 import shutil
 import sys
 
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "benches", "peers"))
+import peers  # noqa: E402  (stdlib-only at import: its torch/JAX work runs in workers)
+
 # Files copied when present (relative to RESULTS_DIR), and the largest size
 # kept whole; a larger text file keeps its first and last parts.
 KEEP = [
@@ -66,12 +69,12 @@ def run_date(results):
     return None
 
 
-def card_name(bench, carry, peers):
-    for doc in (bench, carry, (peers or {}).get("ours")):
+def card_name(bench, carry, peers_doc):
+    for doc in (bench, carry, (peers_doc or {}).get("ours")):
         name = ((doc or {}).get("device") or {}).get("name")
         if name:
             return name
-    return (peers or {}).get("device_name")
+    return (peers_doc or {}).get("device_name")
 
 
 def copy_results(results, dest):
@@ -110,30 +113,17 @@ def copy_results(results, dest):
     return copied
 
 
-def shape_key(s):
-    return ",".join(str(x) for x in s)
-
-
 def label(s):
     B, L, H, K, V = s
     return f"B{B} L{L} H{H} K=V={K}" if K == V else f"B{B} L{L} H{H} K={K} V={V}"
 
 
-def ours_best(peers, shape, column, dtype, gate, prefix=""):
-    """Ours' fastest kernel of a column at a shape (peers.py's rule: in f32
-    only the exact kernels, in 16-bit ones the fast ones too), among the
-    kernels whose name starts with `prefix`."""
-    rows = [r for r in peers["ours"]["results"] if r["shape_key"] == shape_key(shape) and r["column"] == column
-            and r["dtype"] == dtype and r.get("gate", "complex") == gate and r["kernel"].startswith(prefix)
-            and not (dtype == "f32" and r["kernel"].endswith("-fast"))]
-    return min(rows, key=lambda r: r["median_ms"]) if rows else None
-
-
-def peer_case(peers, peer, column, shape):
-    for c in peers["cases"]:
-        if c["peer"] == peer and c["column"] == column and tuple(c["shape"]) == tuple(shape):
-            return c
-    return None
+def peers_report(doc):
+    """peers.py's own Report over a peers.json, for its lookups: ours_best
+    (ours' fastest kernel of a column, by its rule) and find (a peer case)."""
+    rep = peers.Report(None, doc)
+    rep.cases, rep.ours = doc["cases"], doc["ours"]
+    return rep
 
 
 def fmt(ms):
@@ -158,15 +148,16 @@ def steps_section(summary):
     return L + [""]
 
 
-def targets_section(peers):
+def targets_section(doc):
     """Issue 4's forward targets and issue 5's fwd+bwd target, one row per
     (target, shape)."""
     L = ["## Targets (issues 4 and 5)\n"]
-    if not peers or not peers.get("ours", {}).get("results"):
+    if not doc or not doc.get("ours", {}).get("results"):
         return L + ["(no peers.json with our results: the peer step did not run or found no GPU)\n"]
+    rep = peers_report(doc)
     L.append("| target | shape | measured | verdict |")
     L.append("|---|---|---|---|")
-    shapes = [tuple(s) for s in peers.get("shapes", [])]
+    shapes = [tuple(s) for s in doc.get("shapes", [])]
     tally = {True: 0, False: 0, None: 0}
 
     def row(target, shape, measured, ok):
@@ -183,23 +174,23 @@ def targets_section(peers):
 
     for s in shapes:
         # 1. real gates, bf16: fla chunk_gla time / ours ≥ 1.2.
-        fla = peer_case(peers, "fla_chunk_gla", "fwd", s)
-        real = ours_best(peers, s, "fwd", "bf16", "real")
+        fla = rep.find("fla_chunk_gla", "fwd", s)
+        real = rep.ours_best(s, "fwd", "bf16", "real")
         fla_ms = fla["median_ms"] if fla and fla.get("status") == "ok" else None
         why = (f"fla {fmt(fla_ms)} / ours {fmt(real and real['median_ms'])} {real['kernel'] if real else ''}"
                if fla_ms and real else f"fla {fla['status'] if fla else 'not run'}; ours {'ok' if real else 'none'}")
         ratio_row("real bf16 ≥ 1.2× faster than fla chunk_gla", s, fla_ms, real and real["median_ms"], 1.2, True, why)
         # 2. complex ≤ 2× real, bf16: the chunked kernel with each gate (the
         # same algorithm; the complex state doubles its arithmetic).
-        cplx = ours_best(peers, s, "fwd", "bf16", "complex", "chunked")
-        creal = ours_best(peers, s, "fwd", "bf16", "real", "chunked")
+        cplx = rep.ours_best(s, "fwd", "bf16", "complex", "chunked")
+        creal = rep.ours_best(s, "fwd", "bf16", "real", "chunked")
         why = (f"{cplx['kernel']} {fmt(cplx['median_ms'])} / {creal['kernel']} {fmt(creal['median_ms'])}"
                if cplx and creal else "ours missing")
         ratio_row("chunked complex ≤ 2× chunked real (bf16)", s, cplx and cplx["median_ms"],
                   creal and creal["median_ms"], 2.0, False, why)
         # 3. ≥ 100× faster than the JAX formulation, where it fits.
-        jax = peer_case(peers, "jax_assoc_scan", "fwd", s)
-        o32 = ours_best(peers, s, "fwd", "f32", "complex")
+        jax = rep.find("jax_assoc_scan", "fwd", s)
+        o32 = rep.ours_best(s, "fwd", "f32", "complex")
         if jax and jax.get("status") == "OOM":
             row("≥ 100× faster than JAX associative_scan", s, "JAX out of memory (the target applies where it fits)",
                 True)
@@ -209,15 +200,15 @@ def targets_section(peers):
                    else f"JAX {jax['status'] if jax else 'not run'}")
             ratio_row("≥ 100× faster than JAX associative_scan", s, jax_ms, o32 and o32["median_ms"], 100, True, why)
         # issue 5: fwd+bwd ≥ 1.2× faster than fla chunk_gla fwd+bwd.
-        fla_fb = peer_case(peers, "fla_chunk_gla", "fwdbwd", s)
-        ofb = ours_best(peers, s, "fwdbwd", "bf16", "complex") or ours_best(peers, s, "fwdbwd", "f32", "complex")
+        fla_fb = rep.find("fla_chunk_gla", "fwdbwd", s)
+        ofb = rep.ours_best(s, "fwdbwd", "bf16", "complex") or rep.ours_best(s, "fwdbwd", "f32", "complex")
         fb_ms = fla_fb["median_ms"] if fla_fb and fla_fb.get("status") == "ok" else None
         why = (f"fla {fmt(fb_ms)} / ours {ofb['kernel']} {ofb['dtype']} {fmt(ofb['median_ms'])} (complex gates)"
                if fb_ms and ofb else f"fla {fla_fb['status'] if fla_fb else 'not run'}; ours {'ok' if ofb else 'none'}")
         ratio_row("fwd+bwd ≥ 1.2× faster than fla chunk_gla (issue 5)", s, fb_ms, ofb and ofb["median_ms"], 1.2, True,
                   why)
     # 4. B8 L4096 H16 K=V=64 within 2× of the HBM floor: the best chunked forward.
-    rows = [r for r in peers["ours"]["results"] if r["shape_key"] == shape_key(TARGET_SHAPE)
+    rows = [r for r in doc["ours"]["results"] if r["shape_key"] == peers.shape_key(TARGET_SHAPE)
             and r["column"] == "fwd" and r["kernel"].startswith("chunked") and r.get("of_hbm_floor")]
     if rows:
         best = max(rows, key=lambda r: r["of_hbm_floor"])
@@ -293,16 +284,16 @@ def main():
     summary = load_json(os.path.join(a.results, "summary.json"))
     bench = load_json(os.path.join(a.results, "bench.json"))
     carry = load_json(os.path.join(a.results, "carry.json"))
-    peers = load_json(os.path.join(a.results, "peers", "peers.json"))
+    peers_doc = load_json(os.path.join(a.results, "peers", "peers.json"))
     date = run_date(a.results) or "undated"
-    card = card_name(bench, carry, peers) or "unknown GPU"
+    card = card_name(bench, carry, peers_doc) or "unknown GPU"
     dest = os.path.normpath(os.path.join(a.into, f"gpu-{date}-{slug(card)}"))
 
     L = [f"# GPU bundle results, {date}, {card}\n",
-         f"Filed by `scripts/gpu-results.py` from the bundle's output. Files beside this one: the bundle's own "
-         f"(summary, env, bench, carry, peers, fuzz, profile).\n"]
+         "Filed by `scripts/gpu-results.py` from the bundle's output. Files beside this one: the bundle's own "
+         "(summary, env, bench, carry, peers, fuzz, profile).\n"]
     L += steps_section(summary)
-    L += targets_section(peers)
+    L += targets_section(peers_doc)
     L += carry_rule(carry)
     text = "\n".join(L) + "\n"
     if not a.dry_run:

@@ -459,14 +459,15 @@ class Report:
         os.replace(tmp, os.path.join(self.out_dir, "peers.md"))
 
     # ours: the fastest kernel of a column at a shape in a dtype
-    def ours_best(self, shape, column, dtype, gate):
+    def ours_best(self, shape, column, dtype, gate, prefix=""):
         """Ours' fastest kernel of `column` at `shape` in `dtype` for `gate`
-        ("complex" or "real") gates. f32 compares only the exact kernels
-        (f32-level precision, like the complex64 formulations); 16-bit
-        dtypes also the `-fast` ones (one rounding of the tensor-core
-        operands, fla's own precision)."""
+        ("complex" or "real") gates, among those whose name starts with
+        `prefix`. f32 compares only the exact kernels (f32-level precision,
+        like the complex64 formulations); 16-bit dtypes also the `-fast`
+        ones (one rounding of the tensor-core operands, fla's own
+        precision)."""
         rows = [r for r in self.ours["results"] if r["shape_key"] == shape_key(shape) and r["column"] == column
-                and r["dtype"] == dtype and r.get("gate", "complex") == gate
+                and r["dtype"] == dtype and r.get("gate", "complex") == gate and r["kernel"].startswith(prefix)
                 and not (dtype == "f32" and r["kernel"].endswith("-fast"))]
         return min(rows, key=lambda r: r["median_ms"]) if rows else None
 
