@@ -118,6 +118,14 @@ if ! grep -q '"chunked-sequential"' "$tmp/carry.json" || grep -q '"chunked-seque
     echo "emulated-device: chunked-sequential must run when named and only then" >&2
     failed+=("gateloop bench (tuning entry)")
 fi
+# --time-budget: a spent budget starts no case, and the JSON lists them.
+cli bench --kernel scan --kernel chunked --dtype f32 --shape 1,100,1,8,8 --runs 2 --warmup 1 --time-budget 0 \
+    --json "$tmp/budget.json"
+if ! python3 -c 'import json, sys; d = json.load(open(sys.argv[1])); sys.exit(not (d["results"] == [] and
+        sorted(x["kernel"] for x in d["not_run"]) == ["chunked", "scan"]))' "$tmp/budget.json"; then
+    echo "emulated-device: bench --time-budget 0 must run no case and list both as not run" >&2
+    failed+=("gateloop bench (time budget)")
+fi
 
 # The API documentation's examples: the CUDA one launches the chunked
 # kernel on the device (GATELOOP_REQUIRE_GPU=1 makes its no-GPU branch an

@@ -46,6 +46,14 @@
 #      cannot read the counters (gVisor). GATELOOP_PROFILE_SHAPE=B,L,H,K,V
 #      replaces every case's shape (a rehearsal on the emulated device).
 #
+# Narrowing a run (a second run in what is left of a device lease):
+#   GATELOOP_TESTS="gpu_scan gpu_dtypes"   only these test binaries;
+#   GATELOOP_SANITIZER_TOOLS="memcheck"    default "memcheck racecheck";
+#   GATELOOP_BENCH_ARGS="--shape ... --dtype bf16"   appended to the bench;
+#   GATELOOP_PEERS_ARGS="--peers fla_chunk_gla --ours chunked-real ..."
+#                                          appended to peers/peers.py;
+#   GATELOOP_PROFILE_CASES="chunked-bf16"  only these profile cases.
+#
 # GATELOOP_REQUIRE_GPU: defaults to 1 here. This runner exists to run on a GPU
 # machine, where a test that skips for want of a GPU means the GPU went
 # unused: with 1 such a skip is a test failure and a bench without a GPU is a
@@ -53,8 +61,9 @@
 # e.g. to check the bundle itself): skipped steps are SKIP and do not fail
 # the run.
 #
-# Results go to $OUT when set (the device tool returns what is written
-# there), else ./results: env.txt, tests.log, sanitizer.log, bench.txt,
+# Results go to ./results, or packed into $OUT/results.tar.gz when $OUT is
+# set (the device tool returns what is written there; see pack below):
+# env.txt, tests.log, sanitizer.log, bench.txt,
 # bench.json, summary.txt, summary.json, and peers/ (peers.json, peers.md,
 # a log per peer worker, ours-bench-*.json/txt).
 #
@@ -64,7 +73,38 @@ set -uo pipefail
 
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 results=${OUT:-$PWD/results}
+# The device tool brings back at most 8 files from $OUT, two folders deep at
+# most, so with $OUT set the results are written to a working folder and
+# packed into $OUT/results.tar.gz (large Nsight reports apart, in
+# $OUT/profile-reps.tar.gz, each under the tool's 16 MiB a file), with
+# summary.txt beside them to read at once. Packed after every step, so a run
+# killed from outside still returns what it finished.
+# `python3 scripts/gpu-results.py` unpacks them.
+pack_to=""
+if [[ -n "${OUT:-}" ]]; then
+    pack_to=$OUT
+    mkdir -p "$pack_to"
+    results=$(mktemp -d)
+fi
 mkdir -p "$results"
+pack() { # [final]: packs $results into $pack_to (a no-op without $OUT)
+    [[ -n "$pack_to" ]] || return 0
+    # The Nsight reports travel inside results.tar.gz at the end when they
+    # are small (a file must stay under the tool's 16 MiB), else apart.
+    local reps_kb=0 exclude=(--exclude='*.ncu-rep')
+    if [[ ${1:-} == final ]] && compgen -G "$results/profile/*.ncu-rep" >/dev/null; then
+        reps_kb=$(du -skc "$results"/profile/*.ncu-rep | tail -n 1 | cut -f1)
+        if ((reps_kb < 12000)); then
+            exclude=()
+        else
+            tar -czf "$pack_to/profile-reps.tar.gz" -C "$results" profile --exclude='*.txt' --exclude='*.log' 2>/dev/null
+        fi
+    fi
+    tar -czf "$pack_to/results.tar.gz.part" -C "$results" "${exclude[@]}" . 2>/dev/null &&
+        mv -f "$pack_to/results.tar.gz.part" "$pack_to/results.tar.gz"
+    [[ -f "$results/summary.txt" ]] && cp -f "$results/summary.txt" "$pack_to/summary.txt"
+    return 0
+}
 export GATELOOP_REQUIRE_GPU="${GATELOOP_REQUIRE_GPU-1}"
 require=0
 [[ -n "$GATELOOP_REQUIRE_GPU" && "$GATELOOP_REQUIRE_GPU" != 0 ]] && require=1
@@ -119,6 +159,7 @@ record() { # name status seconds note
     seconds+=("$3")
     notes+=("$4")
     printf '[run.sh] %-36s %-8s %4ss  %s\n' "$1" "$2" "$3" "$4"
+    pack
 }
 
 # Seconds a step may take: its own limit, cut to what the deadline leaves
@@ -224,6 +265,7 @@ fi
 for t in "$bins"/tests/gpu_*; do
     want tests || break
     name=$(basename "$t")
+    [[ -z "${GATELOOP_TESTS:-}" || " $GATELOOP_TESTS " == *" $name "* ]] || continue
     run_step "test $name" 100 "$tests_log" -- "$t" --test-threads=8
     passed=$(grep -o '[0-9]* passed' "$step_out" | awk '{s += $1} END {print s + 0}')
     failed=$(grep -o '[0-9]* failed' "$step_out" | awk '{s += $1} END {print s + 0}')
@@ -252,7 +294,7 @@ for t in "$bins"/tests/gpu_*; do
     "$t" --list 2>/dev/null | grep -q '^sanitizer_smoke: test' && smokes+=("$t")
 done
 sanitizer_unsupported=0
-for tool in memcheck racecheck; do
+for tool in ${GATELOOP_SANITIZER_TOOLS:-memcheck racecheck}; do
     want sanitizer || break
     limit=40
     [[ $tool == racecheck ]] && limit=60
@@ -295,7 +337,12 @@ done
 
 # ---- 4. benchmark ----------------------------------------------------------
 if want bench; then
-    run_step "bench" 180 "$bench_txt" -- "$bins/bin/gateloop" bench --json "$bench_json"
+    # --time-budget: the bench stops starting cases in time to write its
+    # table and JSON of those it ran (a timeout would lose them all).
+    lim=$(budget 180)
+    # shellcheck disable=SC2086 # GATELOOP_BENCH_ARGS is split into arguments
+    run_step "bench" 180 "$bench_txt" -- "$bins/bin/gateloop" bench --json "$bench_json" \
+        --time-budget "$((lim > 50 ? lim - 30 : lim / 2))" ${GATELOOP_BENCH_ARGS:-}
     record_bench "bench" bench.txt "$(grep -c '^recurrent' "$step_out") rows; bench.json"
 fi
 
@@ -324,7 +371,7 @@ if want peers; then
         lim=$(budget "$peers_budget_s")
         run_step "peers" "$peers_budget_s" "$peers_log" -- env PYTHONPATH="$site${PYTHONPATH:+:$PYTHONPATH}" \
             "$py" "$here/peers/peers.py" --out "$peers_dir" --budget-s "$((lim > 15 ? lim - 10 : 5))" \
-            --gateloop "$bins/bin/gateloop"
+            --gateloop "$bins/bin/gateloop" ${GATELOOP_PEERS_ARGS:-}
         counts=$("$py" -c '
 import collections, json, sys
 try:
@@ -375,8 +422,9 @@ if want carry; then
     if ((${#sweep[@]} == 0)); then
         record "carry" FAIL 0 "no chunked-sequential shapes in \`gateloop bench --list\`"
     else
+        lim=$(budget 120)
         run_step "carry" 120 "$carry_txt" -- "$bins/bin/gateloop" bench --json "$results/carry.json" \
-            --kernel chunked-sequential --kernel chunked-separate --dtype bf16 --dtype f32 "${sweep[@]}" --runs 20
+            --time-budget "$((lim > 50 ? lim - 30 : lim / 2))" --kernel chunked-sequential --kernel chunked-separate --dtype bf16 --dtype f32 "${sweep[@]}" --runs 20
         record_bench "carry" carry.txt "$((${#sweep[@]} / 2)) shapes; carry.json (scripts/gpu-results.py reads it)"
     fi
 fi
@@ -400,6 +448,13 @@ if want profile; then
         "chunked-grad-bf16 chunked-grad bf16 8,4096,16,64,64"
         "scan-f32 scan f32 1,65536,4,64,64"
     )
+    if [[ -n "${GATELOOP_PROFILE_CASES:-}" ]]; then
+        wanted=()
+        for c in "${cases[@]}"; do
+            [[ " $GATELOOP_PROFILE_CASES " == *" ${c%% *} "* ]] && wanted+=("$c")
+        done
+        cases=("${wanted[@]}")
+    fi
     if [[ -z "$ncu" ]]; then
         record "profile" SKIP 0 "ncu (Nsight Compute) not found"
     else
@@ -506,5 +561,6 @@ json_escape() { sed -e 's/\\/\\\\/g' -e 's/"/\\"/g' -e 's/\t/ /g' | tr -d '\000-
     done
     echo "verdict: $verdict"
 } | tee "$results/summary.txt"
+pack final
 
 [[ $bad == 0 ]]

@@ -1,10 +1,18 @@
 #!/usr/bin/env python3
 """Files a GPU bundle run's results and reads the issues' targets off them.
 
-    python3 scripts/gpu-results.py RESULTS_DIR [--into benches/results] [--dry-run]
+    python3 scripts/gpu-results.py RESULTS [RESULTS...] [--into benches/results] [--dry-run]
 
-RESULTS_DIR is what `bundle/run.sh` wrote ($OUT; with the device tool, the
-`files_at` folder of the run). The script copies what is worth keeping into
+RESULTS is what `bundle/run.sh` wrote: its ./results folder, or with the
+device tool the `files_at` folder of the run, which holds results.tar.gz
+(and profile-reps.tar.gz) since the tool returns only 8 files; a tarball
+may also be named directly. Several runs (the default steps, then `carry
+profile fuzz`) are merged in order: the runs' logs (.txt, .log) are
+concatenated, each under a header naming its run; a JSON file a later run
+wrote non-empty replaces an earlier one; the runs' steps are listed
+together. Peer runs are not merged: each run's ratios were
+measured side by side in that run, so a later run's peers.json is filed as
+peers/peers-<n>.json (and .md) and read off in its own targets section. The script copies what is worth keeping into
 benches/results/gpu-<date>-<card>/ (the date of the run from env.txt, the card
 from bench.json) and writes verdict.md there, which it also prints:
 
@@ -28,6 +36,8 @@ import os
 import re
 import shutil
 import sys
+import tarfile
+import tempfile
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "benches", "peers"))
 import peers  # noqa: E402  (stdlib-only at import: its torch/JAX work runs in workers)
@@ -38,7 +48,7 @@ KEEP = [
     "summary.txt", "summary.json", "env.txt", "bench.txt", "bench.json", "carry.txt", "carry.json",
     "sanitizer.log", "tests.log", "fuzz.txt", "peers/peers.json", "peers/peers.md",
 ]
-KEEP_GLOBS = [("profile", ".txt"), ("fuzz-failures", ""), ("profile", ".ncu-rep")]
+KEEP_GLOBS = [("profile", ".txt"), ("fuzz-failures", ""), ("profile", ".ncu-rep"), ("peers", ".json"), ("peers", ".md")]
 MAX_TEXT = 2 << 20
 MAX_BINARY = 8 << 20
 
@@ -113,6 +123,72 @@ def copy_results(results, dest):
     return copied
 
 
+def unpack_run(src, into):
+    """One run's results into a folder: a folder as it is, or the tarballs
+    run.sh packs for the device tool (in it, or named directly)."""
+    if os.path.isfile(src):
+        tars = [src]
+    else:
+        tars = [os.path.join(src, t) for t in ("results.tar.gz", "profile-reps.tar.gz")
+                if os.path.isfile(os.path.join(src, t))]
+        if not tars:
+            shutil.copytree(src, into, dirs_exist_ok=True)
+            return
+    for t in tars:
+        with tarfile.open(t) as tf:
+            tf.extractall(into, filter="data")
+
+
+def merge_runs(sources, into):
+    """Merges several runs' results into `into` (see the module doc)."""
+    steps, verdicts, texts, total_s, require = [], [], [], 0, None
+    for i, src in enumerate(sources):
+        run = os.path.join(into, f".run{i}")
+        unpack_run(src, run)
+        summary = load_json(os.path.join(run, "summary.json"))
+        if summary:
+            steps += summary.get("steps", [])
+            verdicts.append(summary.get("verdict"))
+            total_s += summary.get("total_s") or 0
+            require = summary.get("require_gpu") if require is None else require
+        try:
+            with open(os.path.join(run, "summary.txt")) as fh:
+                texts.append(fh.read())
+        except OSError:
+            pass
+        for base, _, files in os.walk(run):
+            for name in files:
+                rel = os.path.relpath(os.path.join(base, name), run)
+                out = os.path.join(into, rel)
+                if rel in ("summary.json", "summary.txt"):
+                    continue
+                if rel in ("peers/peers.json", "peers/peers.md") and os.path.isfile(out) and os.path.getsize(out):
+                    stem, ext = os.path.splitext(rel)
+                    n = 2
+                    while os.path.exists(os.path.join(into, f"{stem}-{n}{ext}")):
+                        n += 1
+                    out = os.path.join(into, f"{stem}-{n}{ext}")
+                src = os.path.join(base, name)
+                os.makedirs(os.path.dirname(out), exist_ok=True)
+                if os.path.getsize(src) == 0:
+                    if not os.path.exists(out):
+                        shutil.copyfile(src, out)
+                elif name.endswith((".txt", ".log")):
+                    with open(out, "a") as dst, open(src) as fh:
+                        dst.write(f"######## run {i + 1} of the merge: {sources[i]}\n" + fh.read())
+                else:
+                    shutil.copyfile(src, out)
+        shutil.rmtree(run)
+    if verdicts:
+        verdict = "OK" if all(v == "OK" for v in verdicts) else "FAILED"
+        with open(os.path.join(into, "summary.json"), "w") as fh:
+            json.dump({"schema": "gateloop-bundle/1", "verdict": verdict, "require_gpu": require, "total_s": total_s,
+                       "runs": len(verdicts), "steps": steps}, fh, indent=2)
+    if texts:
+        with open(os.path.join(into, "summary.txt"), "w") as fh:
+            fh.write("\n".join(texts))
+
+
 def label(s):
     B, L, H, K, V = s
     return f"B{B} L{L} H{H} K=V={K}" if K == V else f"B{B} L{L} H{H} K={K} V={V}"
@@ -138,7 +214,8 @@ def steps_section(summary):
     L = ["## Bundle steps\n"]
     if not summary:
         return L + ["(no summary.json)\n"]
-    L.append(f"Verdict: **{summary.get('verdict')}** in {summary.get('total_s')} s "
+    runs = f" over {summary['runs']} runs" if summary.get("runs", 1) > 1 else ""
+    L.append(f"Verdict: **{summary.get('verdict')}** in {summary.get('total_s')} s{runs} "
              f"(GATELOOP_REQUIRE_GPU={summary.get('require_gpu')}).\n")
     L.append("| step | status | s | note |")
     L.append("|---|---|---|---|")
@@ -148,10 +225,21 @@ def steps_section(summary):
     return L + [""]
 
 
-def targets_section(doc):
+def peer_runs(results):
+    """[(name, doc)] of every peers run filed: peers.json, peers-2.json, ..."""
+    out = []
+    d = os.path.join(results, "peers")
+    names = sorted((n for n in os.listdir(d) if re.fullmatch(r"peers(-\d+)?\.json", n)),
+                   key=lambda n: int(re.sub(r"\D", "", n) or 1)) if os.path.isdir(d) else []
+    for n in names:
+        out.append((n, load_json(os.path.join(d, n))))
+    return out or [("peers.json", None)]
+
+
+def targets_section(doc, name="peers.json"):
     """Issue 4's forward targets and issue 5's fwd+bwd target, one row per
     (target, shape)."""
-    L = ["## Targets (issues 4 and 5)\n"]
+    L = [f"## Targets (issues 4 and 5), from {name}\n"]
     if not doc or not doc.get("ours", {}).get("results"):
         return L + ["(no peers.json with our results: the peer step did not run or found no GPU)\n"]
     rep = peers_report(doc)
@@ -262,8 +350,18 @@ def carry_rule(carry):
         return L
     best = max(t for _, t in thresholds)
     why = "; ".join(f"{d}: sequential wins from {t} blocks on" for d, t in thresholds)
-    L.append(f"\nSuggested `SEQUENTIAL_MIN_BLOCKS = {best}` ({why}; src/cuda/chunk.rs has 264).\n")
+    L.append(f"\nSuggested `SEQUENTIAL_MIN_BLOCKS = {best}` ({why}; src/cuda/chunk.rs has {current_min_blocks()}).\n")
     return L
+
+
+def current_min_blocks():
+    """SEQUENTIAL_MIN_BLOCKS as src/cuda/chunk.rs has it now."""
+    try:
+        with open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "src", "cuda", "chunk.rs")) as fh:
+            m = re.search(r"pub const SEQUENTIAL_MIN_BLOCKS: usize = (\d+);", fh.read())
+        return m.group(1) if m else "?"
+    except OSError:
+        return "?"
 
 
 def seq_grid(d):
@@ -274,13 +372,21 @@ def seq_grid(d):
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("results", help="the bundle's results folder ($OUT of bundle/run.sh)")
+    ap.add_argument("results", nargs="+", help="a bundle run's results: a folder, or its results.tar.gz")
     ap.add_argument("--into", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "benches",
                                                    "results"), help="where the dated folder goes")
     ap.add_argument("--dry-run", action="store_true", help="print verdict.md, copy nothing")
     a = ap.parse_args()
-    if not os.path.isdir(a.results):
-        sys.exit(f"gpu-results: no folder {a.results}")
+    for r in a.results:
+        if not os.path.exists(r):
+            sys.exit(f"gpu-results: no folder or file {r}")
+    with tempfile.TemporaryDirectory() as merged:
+        merge_runs(a.results, merged)
+        a.results = merged
+        file_results(a)
+
+
+def file_results(a):
     summary = load_json(os.path.join(a.results, "summary.json"))
     bench = load_json(os.path.join(a.results, "bench.json"))
     carry = load_json(os.path.join(a.results, "carry.json"))
@@ -293,7 +399,8 @@ def main():
          "Filed by `scripts/gpu-results.py` from the bundle's output. Files beside this one: the bundle's own "
          "(summary, env, bench, carry, peers, fuzz, profile).\n"]
     L += steps_section(summary)
-    L += targets_section(peers_doc)
+    for name, doc in peer_runs(a.results):
+        L += targets_section(doc, name)
     L += carry_rule(carry)
     text = "\n".join(L) + "\n"
     if not a.dry_run:

@@ -154,6 +154,10 @@ enum Command {
         /// Seed of the random inputs.
         #[arg(long, default_value_t = 0)]
         seed: u64,
+        /// Start no case after this many seconds; the cases left are listed
+        /// as not run (and the table and JSON of the rest still written).
+        #[arg(long)]
+        time_budget: Option<f64>,
         /// List the kernels and their default shapes, and exit.
         #[arg(long)]
         list: bool,
@@ -557,6 +561,7 @@ fn bench(
     runs: u32,
     warmup: u32,
     seed: u64,
+    time_budget: Option<f64>,
     list: bool,
 ) -> Result<(), Failure> {
     use cuda::bench;
@@ -574,7 +579,18 @@ fn bench(
     }
     let dtypes = dtypes.iter().map(|s| s.parse::<cuda::Dtype>()).collect::<Result<Vec<_>, _>>().map_err(input_err)?;
     let shapes = shapes.iter().map(|s| bench::parse_shape(s)).collect::<Result<Vec<_>, _>>().map_err(input_err)?;
-    let opts = bench::BenchOptions { kernels, dtypes, shapes, runs: runs as usize, warmup: warmup as usize, seed };
+    if let Some(b) = time_budget.filter(|b| !(b.is_finite() && *b >= 0.0)) {
+        return Err(Failure::Input(format!("--time-budget {b}: must be a number of seconds >= 0")));
+    }
+    let opts = bench::BenchOptions {
+        kernels,
+        dtypes,
+        shapes,
+        runs: runs as usize,
+        warmup: warmup as usize,
+        seed,
+        time_budget_s: time_budget,
+    };
     let write_json = |value: &serde_json::Value| -> Result<(), Failure> {
         if let Some(path) = &json {
             let text = serde_json::to_string_pretty(value).map_err(|e| Failure::Runtime(e.to_string()))?;
@@ -662,8 +678,8 @@ fn main() -> ExitCode {
         }
         Command::Check { a, b, rtol } => check(a, b, rtol),
         Command::Grad { input, output, mode, device } => grad(input, output, mode.mode(), device),
-        Command::Bench { json, kernels, dtypes, shapes, runs, warmup, seed, list } => {
-            bench(json, kernels, dtypes, shapes, runs, warmup, seed, list)
+        Command::Bench { json, kernels, dtypes, shapes, runs, warmup, seed, time_budget, list } => {
+            bench(json, kernels, dtypes, shapes, runs, warmup, seed, time_budget, list)
         }
         Command::Fuzz {
             cases,

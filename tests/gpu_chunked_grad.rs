@@ -187,18 +187,20 @@ fn l65536_unit_modulus() {
     }
 }
 
-/// A grid where the forward's plan takes the sequential carry (B·H·slabs ≥
-/// 264: the forward part is state_seq alone, five launches): every gradient
-/// within the f32 bounds, with and without h0 and dh_final, both gate
-/// layouts (the emulator shows it bitwise equal to the separate carry).
+/// A grid where the forward's plan takes the sequential carry (16-bit
+/// inputs, B·H·slabs ≥ 512: the forward part is state_seq alone, five
+/// launches): every gradient within the bounds, with and without h0 and
+/// dh_final, both gate layouts (the emulator shows it bitwise equal to the
+/// separate carry).
 #[test]
 fn sequential_forward_part() {
     let Some(gpu) = gpu_or_skip() else { return };
     for (i, per_head) in [false, true].into_iter().enumerate() {
         let d = dims(8, 200, 16, 64, 64, per_head);
-        assert_eq!(chunk::plan(&d, Dtype::F32, Gates::Complex).unwrap().carry, ChunkCarry::Sequential);
+        assert_eq!(chunk::plan(&d, Dtype::Bf16, Gates::Complex).unwrap().carry, ChunkCarry::Sequential);
+        assert_eq!(chunk::plan(&d, Dtype::F32, Gates::Complex).unwrap().carry, ChunkCarry::Separate);
         let case = Case::new(d, GateRegime::Mixed, i == 0, 8400 + i as u64);
-        check_case::<f32>(gpu, &case, i == 1, STATE_BOUNDS);
+        check_case::<bf16>(gpu, &case, i == 1, STATE_BOUNDS);
     }
 }
 

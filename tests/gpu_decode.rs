@@ -91,7 +91,7 @@ fn check<T: Element>(gpu: &Gpu, d: Dims, regime: GateRegime, with_h0: bool, piec
     let ey = compare(&widen(&y), &want.y);
     let eh = compare_complex(&state, &want.h_final);
     assert!(y_ok(t, &ey), "{label}: y {ey:?}");
-    assert!(state_ok(&eh), "{label}: state {eh:?}");
+    assert!(state_ok(&eh, 1.0), "{label}: state {eh:?}");
 
     let (y1, h1) = forward_once::<T>(gpu, &p32);
     assert!(bits(&y) == bits(&y1), "{label}: decoded y differs from one forward_into");

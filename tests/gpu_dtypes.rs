@@ -4,7 +4,8 @@
 //! the element type, log_gate and h0 to f32 (they are f32 for every type).
 //!
 //! Bounds (derivation in tests/dtype_support/mod.rs): h_final, f32 for every
-//! type, relative L2 ≤ 1e-4 and max-abs ≤ 1e-3 · max|ref| as for f32; y,
+//! type, relative L2 ≤ 1e-4 (the scan's growing past L = 4096 as L/4096, see
+//! common::rel_at_len) and max-abs ≤ 1e-3 · max|ref| as for f32; y,
 //! rounded once to the element type, relative L2 ≤ 1e-4 + u: 5.9e-4 for f16,
 //! 4.0e-3 for bf16. A second check is exact in kind: the f16/bf16 kernel's y
 //! is, element by element, the f32 kernel's y (same inputs) rounded to the
@@ -65,7 +66,10 @@ fn check<T: Element>(gpu: &Gpu, kernel: Kernel, d: Dims, regime: GateRegime, wit
     let ey = compare(&widen(&y), &want.y);
     let eh = compare_complex(&h_final, &want.h_final);
     assert!(y_ok(t, &ey), "{label}: y {ey:?}, bounds {:?}", y_bounds(t));
-    assert!(state_ok(&eh), "{label}: h_final {eh:?}");
+    // The scan's state is a chain of products: its bound grows with L past
+    // 4096 (common::rel_at_len); the other kernels keep 1e-4.
+    let rel_scale = if matches!(kernel, Kernel::Scan) { common::rel_at_len(1.0, d.len) } else { 1.0 };
+    assert!(state_ok(&eh, rel_scale), "{label}: h_final {eh:?}");
 }
 
 /// Every kernel in every type.
@@ -179,7 +183,7 @@ fn forward_host_as_rounds_on_the_host() {
             let got = got.unwrap();
             let (ey, eh) = (compare(&got.y, &want.y), compare_complex(&got.h_final, &want.h_final));
             assert!(y_ok(T::DTYPE, &ey), "{kernel} {}: y {ey:?}", T::DTYPE);
-            assert!(state_ok(&eh), "{kernel} {}: h_final {eh:?}", T::DTYPE);
+            assert!(state_ok(&eh, 1.0), "{kernel} {}: h_final {eh:?}", T::DTYPE);
         }
     }
     one::<f16>(gpu, &raw, &p32);

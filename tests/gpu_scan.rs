@@ -1,7 +1,8 @@
 //! The fused scan CUDA kernels (`cuda::scan`) against the f64 reference
 //! (`reference::recurrent`) on the same f32-rounded inputs, and against their
 //! CPU mirror (`cpu::scan`, same plan). Bounds: relative L2 ≤ 1e-4 and
-//! max-abs ≤ 1e-3 · max|ref| for y and h_final (1e-3 at L = 65536). Outputs
+//! max-abs ≤ 1e-3 · max|ref| for y and h_final; the relative bound grows
+//! as L/4096 past L = 4096 up to 1e-3 at L = 65536 (`common::rel_at_len`). Outputs
 //! are poisoned with NaN before each launch (and the workspace too), so an
 //! element the kernels forget fails the test.
 //!
@@ -10,7 +11,9 @@
 
 mod common;
 
-use common::{ABS_FRAC, Case, REL, adversarial_regime_tests, assert_outputs, regime_matrix, regime_tests, run_forward};
+use common::{
+    ABS_FRAC, Case, REL, adversarial_regime_tests, assert_outputs, regime_matrix, regime_tests, rel_at_len, run_forward,
+};
 use gateloop::cpu;
 use gateloop::cuda::scan::{DeviceInputs, DeviceOutputs, forward_host, forward_into, plan_for};
 use gateloop::cuda::{Gpu, GpuError};
@@ -33,8 +36,10 @@ fn check_with(gpu: &Gpu, d: Dims, regime: GateRegime, with_h0: bool, seed: u64, 
     assert_outputs(&case.label(), &y, &h_final, &want, rel, abs_frac);
 }
 
+/// At the bounds, the relative one grown with L past 4096
+/// (`common::rel_at_len`).
 fn check(gpu: &Gpu, d: Dims, regime: GateRegime, with_h0: bool, seed: u64) {
-    check_with(gpu, d, regime, with_h0, seed, REL, ABS_FRAC);
+    check_with(gpu, d, regime, with_h0, seed, rel_at_len(REL, d.len), ABS_FRAC);
 }
 
 fn check_case(gpu: &Gpu, c: Case) {

@@ -1,6 +1,7 @@
-//! `scripts/gpu-results.py`, the filing of a GPU bundle run, on a synthetic
-//! results folder: the targets' verdicts and the carry rule it reads off
-//! known times, and the files it copies. (Python's standard library only; the
+//! `scripts/gpu-results.py`, the filing of a GPU bundle run, on synthetic
+//! results: the targets' verdicts and the carry rule it reads off known
+//! times, the files it copies, and the merge of two runs (the first packed
+//! as the device tool returns it, results.tar.gz; the second a folder). (Python's standard library only; the
 //! test command's machine has python3 for the nvcc wheels.)
 
 use std::path::{Path, PathBuf};
@@ -42,8 +43,17 @@ fn files_a_run_and_reads_the_targets_and_the_carry_rule() {
     }
     let dir = std::env::temp_dir().join(format!("gateloop-results-filing-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
+    // Run 1, the default steps; run 2, `carry profile`, whose empty tests.log
+    // must not replace run 1's.
     let res = dir.join("results");
+    let res2 = dir.join("results2");
     write(&res.join("env.txt"), "date: 2027-01-02T03:04:05Z\nhost: x\n");
+    write(&res.join("tests.log"), "test result: ok. 9 passed\n");
+    write(&res2.join("env.txt"), "date: 2027-01-09T03:04:05Z\nhost: y\n");
+    write(&res2.join("tests.log"), "");
+    let summary2 = json!({"schema": "gateloop-bundle/1", "verdict": "OK", "require_gpu": 1, "total_s": 100,
+        "steps": [{"step": "carry", "status": "PASS", "seconds": 50, "note": "5 shapes"}]});
+    write(&res2.join("summary.json"), &summary2.to_string());
     let summary = json!({"schema": "gateloop-bundle/1", "verdict": "OK", "require_gpu": 1, "total_s": 400,
         "steps": [{"step": "test gpu_scan", "status": "PASS", "seconds": 12, "note": "9 passed, 0 failed"}]});
     write(&res.join("summary.json"), &summary.to_string());
@@ -59,7 +69,7 @@ fn files_a_run_and_reads_the_targets_and_the_carry_rule() {
         rows.push(bench_row("chunked-separate", "f32", *s, 2.0));
         rows.push(bench_row("chunked-sequential", "f32", *s, if i >= 3 { 1.8 } else { 2.2 }));
     }
-    write(&res.join("carry.json"), &json!({"gpu": true, "device": device, "results": rows}).to_string());
+    write(&res2.join("carry.json"), &json!({"gpu": true, "device": device, "results": rows}).to_string());
     let s = [8, 4096, 16, 64, 64];
     let peers = json!({
         "shapes": [s],
@@ -76,10 +86,19 @@ fn files_a_run_and_reads_the_targets_and_the_carry_rule() {
         ],
     });
     write(&res.join("peers/peers.json"), &peers.to_string());
-    write(&res.join("profile/chunked-bf16.txt"), "  gateloop_chunk_state_bf16_c_exact\n");
+    write(&res2.join("profile/chunked-bf16.txt"), "  gateloop_chunk_state_bf16_c_exact\n");
+
+    // Run 1 as the device tool returns it: results.tar.gz in the files folder.
+    let files = dir.join("files");
+    std::fs::create_dir_all(&files).unwrap();
+    let tar = Command::new("tar").arg("-czf").arg(files.join("results.tar.gz")).arg("-C").arg(&res).arg(".").status();
+    if !tar.is_ok_and(|s| s.success()) {
+        println!("SKIPPED (no tar): scripts/gpu-results.py not run");
+        return;
+    }
 
     let into = dir.join("into");
-    let out = Command::new("python3").arg(script()).arg(&res).arg("--into").arg(&into).output().unwrap();
+    let out = Command::new("python3").arg(script()).arg(&files).arg(&res2).arg("--into").arg(&into).output().unwrap();
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "{}\n{}", text, String::from_utf8_lossy(&out.stderr));
     let line = |target: &str| {
@@ -106,6 +125,14 @@ fn files_a_run_and_reads_the_targets_and_the_carry_rule() {
         assert!(filed.join(f).is_file(), "{f} not filed");
     }
     assert!(filed.join("profile/chunked-bf16.txt").is_file());
+    // The merge: run 1's log kept, both runs' steps listed.
+    let log = std::fs::read_to_string(filed.join("tests.log")).unwrap();
+    assert!(log.contains("test result: ok. 9 passed\n") && log.matches("######## run").count() == 1, "{log}");
+    let merged: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(filed.join("summary.json")).unwrap()).unwrap();
+    let steps: Vec<&str> = merged["steps"].as_array().unwrap().iter().map(|s| s["step"].as_str().unwrap()).collect();
+    assert_eq!(steps, ["test gpu_scan", "carry"]);
+    assert!(text.contains("| carry | PASS |"), "{text}");
     assert_eq!(std::fs::read_to_string(filed.join("verdict.md")).unwrap(), text);
     let _ = std::fs::remove_dir_all(&dir);
 }

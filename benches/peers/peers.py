@@ -80,7 +80,7 @@ WEIGHTS = {"fla_chunk_gla": 3.0, "fla_fused_recurrent_gla": 1.0, "torch_assoc_sc
 
 # Seconds: a worker's imports; one case (compile, autotune and timing); the
 # least budget worth starting a case with.
-WORKER_START_S = 90
+WORKER_START_S = int(os.environ.get("GATELOOP_PEERS_START_S", 90))
 CASE_LIMIT_S = int(os.environ.get("GATELOOP_PEERS_CASE_LIMIT_S", 120))
 MIN_CASE_S = 12
 
@@ -674,7 +674,7 @@ def ours_column(name):
     return "bwd" if any(w in name for w in ("bwd", "backward", "grad")) else "fwd"
 
 
-def run_ours(report, gl, shapes, deadline, out_dir, runs, tc):
+def run_ours(report, gl, shapes, deadline, out_dir, runs, tc, only=None):
     """Every kernel of `gateloop bench --list` through `gateloop bench --json`,
     one call per kernel over every shape (one call per shape when a kernel
     rejects one). Returns False when there is no GPU."""
@@ -684,6 +684,9 @@ def run_ours(report, gl, shapes, deadline, out_dir, runs, tc):
         report.write()
         return True
     kernels = bench_list(gl)
+    if only:
+        # --ours: a subset (a second run in what is left of a device lease)
+        kernels = [(n, d) for n, d in kernels if n in only]
     ours["kernels"] = [dict(name=n, dtypes=d, column=ours_column(n)) for n, d in kernels]
     if not any(ours_column(n) == "fwdbwd" for n, _ in kernels):
         ours["fwdbwd_note"] = "no forward+backward kernel in gateloop's bench registry (`gateloop bench --list`)"
@@ -958,7 +961,9 @@ def driver(args):
     say(f"results in {out_dir}; device {info.get('device_name') or 'none'}; budget {args.budget_s:.0f}s")
 
     gl = find_gateloop(args.gateloop)
-    have_gpu = run_ours(report, gl, shapes, deadline.share(0.4 * args.budget_s), out_dir, args.runs, tc)
+    only = args.ours.split(",") if args.ours else None
+    have_gpu = run_ours(report, gl, shapes, deadline.share(args.ours_share * args.budget_s), out_dir, args.runs, tc,
+                        only)
     no_gpu = device == "cuda" and not info.get("cuda")
     if no_gpu:
         reason = f"no GPU present (torch: {info.get('torch_error') or 'torch.cuda.is_available() is False'})"
@@ -985,8 +990,13 @@ def driver(args):
     weights = [WEIGHTS.get(p, 1.0) for p in by_peer]
     for i, (peer, cases) in enumerate(by_peer.items()):
         # smallest shapes first, forward before forward+backward at each, so
-        # a peer that runs out of its share loses its largest cases
-        cases.sort(key=lambda c: (state_bytes(c["shape"]), c["column"] != "fwd"))
+        # a peer that runs out of its share loses its largest cases; with
+        # --fwd-first every forward before any forward+backward (a short
+        # budget: fla compiles and autotunes its backward kernels apart)
+        if args.fwd_first:
+            cases.sort(key=lambda c: (c["column"] != "fwd", state_bytes(c["shape"])))
+        else:
+            cases.sort(key=lambda c: (state_bytes(c["shape"]), c["column"] != "fwd"))
         share = deadline.share(max(deadline.left(), 0) * weights[i] / sum(weights[i:]))
         run_worker(peer, cases, device, args.seed, share, report, out_dir, check_shape)
     report.write()
@@ -1100,6 +1110,9 @@ def main():
     ap.add_argument("--budget-s", type=float, default=300.0, help="time budget of the whole run, seconds")
     ap.add_argument("--shape", action="append", help="B,L,H,K,V (repeatable; default: the six of the README)")
     ap.add_argument("--peers", help="comma-separated subset of: " + ", ".join(sorted({p[0] for p in PEERS})))
+    ap.add_argument("--ours", help="comma-separated subset of `gateloop bench --list` to run (default: every kernel)")
+    ap.add_argument("--fwd-first", action="store_true", help="each peer's forwards before its forward+backwards")
+    ap.add_argument("--ours-share", type=float, default=0.4, help="the part of the budget ours may take (default 0.4)")
     ap.add_argument("--gateloop", help="the gateloop binary (default: the bundle's bin/, GATELOOP_BIN, target/)")
     ap.add_argument("--runs", type=int, default=20, help="timed launches per case of gateloop bench")
     ap.add_argument("--seed", type=int, default=0)

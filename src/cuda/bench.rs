@@ -990,11 +990,22 @@ pub struct BenchOptions {
     /// Untimed launches first.
     pub warmup: usize,
     pub seed: u64,
+    /// Seconds after which no further case is started (the ones left are
+    /// listed in `Report::not_run`); None: no limit.
+    pub time_budget_s: Option<f64>,
 }
 
 impl Default for BenchOptions {
     fn default() -> Self {
-        BenchOptions { kernels: Vec::new(), dtypes: Vec::new(), shapes: Vec::new(), runs: 30, warmup: 5, seed: 0 }
+        BenchOptions {
+            kernels: Vec::new(),
+            dtypes: Vec::new(),
+            shapes: Vec::new(),
+            runs: 30,
+            warmup: 5,
+            seed: 0,
+            time_budget_s: None,
+        }
     }
 }
 
@@ -1058,6 +1069,8 @@ pub struct Report {
     pub options: BenchOptions,
     pub results: Vec<BenchResult>,
     pub failures: Vec<BenchFailure>,
+    /// Cases not started because `time_budget_s` was spent.
+    pub not_run: Vec<(&'static str, Dtype, Dims)>,
 }
 
 /// `"8,4096,16,64,64"` (per-channel gate) or `"8,4096,16,64,64,head"`.
@@ -1132,12 +1145,23 @@ pub fn run(gpu: &Gpu, opts: &BenchOptions, mut progress: impl FnMut(&str)) -> Re
 
     let mut results = Vec::new();
     let mut failures = Vec::new();
+    let mut not_run = Vec::new();
+    let t0 = std::time::Instant::now();
+    let spent = || opts.time_budget_s.is_some_and(|b| t0.elapsed().as_secs_f64() >= b);
     for e in entries {
         let shapes = if opts.shapes.is_empty() { (e.shapes)() } else { opts.shapes.clone() };
         let dtypes: Vec<Dtype> = if opts.dtypes.is_empty() { e.dtypes.to_vec() } else { opts.dtypes.clone() };
         for dims in shapes {
+            if spent() {
+                not_run.extend(dtypes.iter().map(|&t| (e.name, t, dims)));
+                continue;
+            }
             let host = HostInputs::random(dims, opts.seed);
             for &dtype in &dtypes {
+                if spent() {
+                    not_run.push((e.name, dtype, dims));
+                    continue;
+                }
                 let cost = (e.cost)(&dims, dtype);
                 let sets = sets_for(cost.bytes, device.l2_bytes, budget);
                 progress(&format!("{} {dtype} {}: {sets} sets", e.name, shape_str(&dims)));
@@ -1175,7 +1199,14 @@ pub fn run(gpu: &Gpu, opts: &BenchOptions, mut progress: impl FnMut(&str)) -> Re
             }
         }
     }
-    Ok(Report { device, ceilings, options: opts.clone(), results, failures })
+    if !not_run.is_empty() {
+        progress(&format!(
+            "time budget of {:.0} s spent: {} cases not run",
+            opts.time_budget_s.unwrap_or(0.0),
+            not_run.len()
+        ));
+    }
+    Ok(Report { device, ceilings, options: opts.clone(), results, failures, not_run })
 }
 
 /// `B=8 L=4096 H=16 K=64 V=64 channel`
@@ -1278,6 +1309,9 @@ impl Report {
         for f in &self.failures {
             let _ = writeln!(s, "FAILED {} {} {}: {}", f.kernel, f.dtype, shape_str(&f.dims), f.error);
         }
+        for (kernel, dtype, d) in &self.not_run {
+            let _ = writeln!(s, "NOT RUN (--time-budget spent) {kernel} {dtype} {}", shape_str(d));
+        }
         s
     }
 
@@ -1313,6 +1347,7 @@ impl Report {
                 "runs": self.options.runs,
                 "warmup": self.options.warmup.max(1),
                 "seed": self.options.seed,
+                "time_budget_s": self.options.time_budget_s,
                 "rotate_l2_multiple": ROTATE_L2_MULTIPLE,
             },
             "results": self.results.iter().map(|r| json!({
@@ -1339,6 +1374,9 @@ impl Report {
             })).collect::<Vec<_>>(),
             "failures": self.failures.iter().map(|f| json!({
                 "kernel": f.kernel, "dtype": f.dtype.name(), "shape": dims(&f.dims), "error": f.error,
+            })).collect::<Vec<_>>(),
+            "not_run": self.not_run.iter().map(|(kernel, dtype, d)| json!({
+                "kernel": kernel, "dtype": dtype.name(), "shape": dims(d), "why": "--time-budget spent",
             })).collect::<Vec<_>>(),
         })
     }

@@ -25,11 +25,10 @@
 //! last bit); U_c never makes the round trip through the workspace, which is
 //! half of the separate carry's workspace traffic, and k, v, log_gate are
 //! read once. [`ChunkCarry::Auto`] (what [`forward_into`] with a bare
-//! [`ChunkPrecision`] uses) takes it when that grid has at least
-//! [`SEQUENTIAL_MIN_BLOCKS`] blocks, i.e. when the GPU is full without the
-//! chunks' parallelism (B8 L4096 H16 K = 64: 512 blocks); the rule is a
-//! first guess until `gateloop bench` (`chunked` beside `chunked-separate`)
-//! has measured both on a GPU.
+//! [`ChunkPrecision`] uses) takes it for 16-bit inputs when that grid has at
+//! least [`SEQUENTIAL_MIN_BLOCKS`] blocks, i.e. when the GPU is full without
+//! the chunks' parallelism (B8 L4096 H16 K = 64: 512 blocks), and never for
+//! f32: the rule measured on an H200 (see the constant).
 //!
 //! Why: (1) and (3) are parallel over every chunk (B·H = 1 at L = 65536 gives
 //! 1024 blocks per value tile), and the only sequential work, (2), is K·V
@@ -67,8 +66,8 @@
 //! function's limit, and a device whose opt-in limit is smaller gets a typed
 //! error.
 //!
-//! Not yet run on a GPU: the kernels compile spill-free for sm_80 and sm_90,
-//! and the tests (`tests/gpu_chunked.rs`) skip without a device.
+//! The kernels compile spill-free for sm_80 and sm_90; `tests/gpu_chunked.rs`
+//! passed on an H200 (2026-11-30) and skips without a device.
 
 use cudarc::driver::sys::{CUdevice_attribute, CUfunction_attribute};
 use std::sync::Arc;
@@ -159,9 +158,10 @@ impl Gates {
 /// How the chunk states travel across the chunks.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub enum ChunkCarry {
-    /// [`ChunkCarry::Sequential`] when its grid has at least
-    /// [`SEQUENTIAL_MIN_BLOCKS`] blocks (it fills the GPU without the
-    /// chunks' parallelism), else [`ChunkCarry::Separate`].
+    /// [`ChunkCarry::Sequential`] for 16-bit inputs when its grid has at
+    /// least [`SEQUENTIAL_MIN_BLOCKS`] blocks (it fills the GPU without the
+    /// chunks' parallelism), else [`ChunkCarry::Separate`] (f32 always:
+    /// measured slower sequential).
     #[default]
     Auto,
     /// Two launches: the state kernel, one block per (b, h, chunk, value
@@ -187,12 +187,16 @@ impl ChunkCarry {
     }
 }
 
-/// [`ChunkCarry::Auto`] takes the sequential carry from this many blocks on:
-/// two per SM of an H200 (132 SMs). A first guess, to be set by measurement:
-/// `gateloop bench --kernel chunked-sequential --kernel chunked-separate`
-/// over chunked-sequential's sweep of the grid (the GPU bundle's `carry`
-/// step), read by `scripts/gpu-results.py`.
-pub const SEQUENTIAL_MIN_BLOCKS: usize = 264;
+/// [`ChunkCarry::Auto`] takes the sequential carry from this many blocks on,
+/// for 16-bit inputs only. Measured on an H200 (2026-11-30,
+/// benches/results/gpu-2026-11-30-nvidia-h200/): at B8 L4096 H16 K = V = 64
+/// (512 blocks) the sequential carry took 5.51 ms against the separate
+/// carry's 5.87 in bf16 (0.94×) but 9.87 against 8.77 in f32 (1.13×); at 32
+/// blocks it took 2.3× the separate carry's time in bf16. So f32 keeps the
+/// separate carry, and 16-bit inputs take the sequential one from the one
+/// grid where it was seen to win (the carry sweep between 32 and 528 blocks
+/// ran out of its lease: `bash bundle/run.sh carry` refines this).
+pub const SEQUENTIAL_MIN_BLOCKS: usize = 512;
 
 /// What a chunked forward call may choose: precision and carry. A
 /// [`ChunkPrecision`] converts into it with the automatic carry.
@@ -282,8 +286,8 @@ pub fn plan(dims: &Dims, dtype: Dtype, gates: Gates) -> Result<LaunchPlan, Input
     plan_with(dims, dtype, gates, ChunkCarry::Auto)
 }
 
-/// [`plan`] with a choice of carry ([`ChunkCarry::Auto`] resolved by
-/// [`SEQUENTIAL_MIN_BLOCKS`]). The workspace is the same for both carries.
+/// [`plan`] with a choice of carry ([`ChunkCarry::Auto`] resolved by the
+/// dtype and [`SEQUENTIAL_MIN_BLOCKS`]). The workspace is the same for both carries.
 pub fn plan_with(dims: &Dims, dtype: Dtype, gates: Gates, carry: ChunkCarry) -> Result<LaunchPlan, InputError> {
     dims.validate()?;
     let d = dims;
@@ -324,7 +328,9 @@ pub fn plan_with(dims: &Dims, dtype: Dtype, gates: Gates, carry: ChunkCarry) -> 
     let sequential_grid =
         as_grid(bh.and_then(|x| x.checked_mul(tiles)).and_then(|x| x.checked_mul(slabs)), "B·H·value_tiles·key_slabs")?;
     let carry = match carry {
-        ChunkCarry::Auto if sequential_grid as usize >= SEQUENTIAL_MIN_BLOCKS => ChunkCarry::Sequential,
+        ChunkCarry::Auto if dtype != Dtype::F32 && sequential_grid as usize >= SEQUENTIAL_MIN_BLOCKS => {
+            ChunkCarry::Sequential
+        }
         ChunkCarry::Auto => ChunkCarry::Separate,
         chosen => chosen,
     };

@@ -46,9 +46,10 @@ pub fn y_ok(t: Dtype, e: &ErrorStats) -> bool {
     e.within(rel, abs)
 }
 
-/// Whether a state's errors are within the f32 bounds.
-pub fn state_ok(e: &ErrorStats) -> bool {
-    e.within(REL_F32, ABS_FRAC_F32)
+/// Whether a state's errors are within the f32 bounds, the relative one
+/// scaled by `rel_scale` (1 up to L = 4096; see `common::rel_at_len`).
+pub fn state_ok(e: &ErrorStats, rel_scale: f64) -> bool {
+    e.within(REL_F32 * rel_scale, ABS_FRAC_F32)
 }
 
 /// `p` with every input rounded to f32, then q, k, v rounded on to `T`
