@@ -38,10 +38,11 @@
 #      the sweep (a rehearsal on the emulated device).
 #   profile: Nsight Compute (ncu, --clock-control none) on the kernels whose
 #      speed the issues' targets name (chunked bf16 and f32, chunked-real
-#      bf16, chunked-grad bf16 at B8 L4096 H16 K=V=64; scan f32 at B1
-#      L65536 H4): speed-of-light, occupancy, launch, warp-state, memory and
-#      compute sections of each launch, for the tuning that timings alone
-#      cannot direct. Into profile/: NAME.ncu-rep (open in Nsight Compute)
+#      bf16, chunked-grad bf16 and recurrent bf16 at B8 L4096 H16 K=V=64;
+#      scan f32 at B1 L65536 H4): speed-of-light, occupancy, launch,
+#      warp-state, memory and compute sections of each launch, and the warp
+#      stalls per source line (SourceCounters; the kernels are built with
+#      -lineinfo), for the tuning that timings alone cannot direct. Into profile/: NAME.ncu-rep (open in Nsight Compute)
 #      and NAME.txt (the details page). SKIP when ncu is not installed or
 #      cannot read the counters (gVisor). GATELOOP_PROFILE_SHAPE=B,L,H,K,V
 #      replaces every case's shape (a rehearsal on the emulated device).
@@ -447,6 +448,7 @@ if want profile; then
         "chunked-real-bf16 chunked-real bf16 8,4096,16,64,64"
         "chunked-grad-bf16 chunked-grad bf16 8,4096,16,64,64"
         "scan-f32 scan f32 1,65536,4,64,64"
+        "recurrent-bf16 recurrent bf16 8,4096,16,64,64"
     )
     if [[ -n "${GATELOOP_PROFILE_CASES:-}" ]]; then
         wanted=()
@@ -468,6 +470,7 @@ if want profile; then
                 --kernel-name regex:'^gateloop_' --launch-count 12 \
                 --section SpeedOfLight --section Occupancy --section LaunchStats --section WarpStateStats \
                 --section MemoryWorkloadAnalysis --section ComputeWorkloadAnalysis --section SchedulerStats \
+                --section SourceCounters \
                 --export "$prof_dir/$name" --force-overwrite \
                 "$bins/bin/gateloop" bench --kernel "$kernel" --dtype "$dtype" --shape "$shape" --runs 1 --warmup 0
             if ((not_run)); then

@@ -39,6 +39,32 @@ fn unavailable(mode: Mode, why: &'static str, available: &[Mode]) -> InputError 
     InputError::Param { name: "mode", value: format!("{} (available: {})", mode.name(), names.join(", ")), why }
 }
 
+/// The recurrence's grid, B·H·⌈V/32⌉ blocks, from which [`fastest_cuda_mode`]
+/// takes it over the chunked kernel. Measured on an H200 (2026-11-30,
+/// benches/results/gpu-2026-11-30-nvidia-h200/): the recurrence costs
+/// about 0.55 µs per step at K = 64 (0.6 to 1.3 at K = 128) whatever its
+/// grid up to ~2 blocks per SM (it waits on each step's latency, not on the
+/// GPU's width),
+/// the chunked forward about 19 ns per (b, h, step) once its grid fills the
+/// GPU, so the recurrence wins from B·H ≈ 30 (K = V = 64). Seen: at 128
+/// blocks (B8 L1024 H8) the recurrence took 0.549 ms against the chunked
+/// kernel's 1.08 (f32) and 0.73 (bf16); at 256 to 384 blocks 2.3 to 4×
+/// faster; at 8 blocks (B1 L65536 H4) 33.5 ms against 5.7.
+pub const RECURRENT_MIN_BLOCKS: usize = 64;
+
+/// The fastest CUDA forward for `dims`, as measured: the recurrence when its
+/// grid has at least [`RECURRENT_MIN_BLOCKS`] blocks (and K fits its
+/// registers), else the chunked kernel (faster than the scan and the O(L²)
+/// attention at every shape measured). `gateloop run --mode auto`.
+pub fn fastest_cuda_mode(dims: &crate::Dims) -> Mode {
+    let blocks = dims.batch.saturating_mul(dims.heads).saturating_mul(dims.value_dim.div_ceil(32));
+    if blocks >= RECURRENT_MIN_BLOCKS && dims.key_dim <= cuda::recurrent::MAX_KEY_DIM {
+        Mode::Recurrent
+    } else {
+        Mode::Chunked
+    }
+}
+
 /// Modes with a CUDA backward.
 pub const CUDA_GRAD_MODES: [Mode; 2] = [Mode::Scan, Mode::Chunked];
 
@@ -146,5 +172,26 @@ pub fn cuda_grad(
         Mode::Scan => cuda::scan_grad::backward_host(gpu, p, dy, dh_final),
         Mode::Chunked => cuda::chunk_grad::backward_host(gpu, p, dy, dh_final),
         Mode::Recurrent | Mode::Attention => Err(cuda_grad_unavailable(mode).into()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::testing::dims;
+
+    /// The measured shapes land where the H200 put them (RECURRENT_MIN_BLOCKS).
+    #[test]
+    fn fastest_cuda_mode_follows_the_measurements() {
+        // The recurrence won: 128 blocks (B8 L1024 H8), 256 (B8 L4096 H16), 384 (B1 L8192 H96 K=V=128).
+        assert_eq!(fastest_cuda_mode(&dims(8, 1024, 8, 64, 64, false)), Mode::Recurrent);
+        assert_eq!(fastest_cuda_mode(&dims(8, 4096, 16, 64, 64, false)), Mode::Recurrent);
+        assert_eq!(fastest_cuda_mode(&dims(1, 8192, 96, 128, 128, false)), Mode::Recurrent);
+        // The chunked kernel won: 8 blocks (B1 L65536 H4).
+        assert_eq!(fastest_cuda_mode(&dims(1, 65536, 4, 64, 64, false)), Mode::Chunked);
+        // The threshold, and a key dimension the recurrence cannot hold.
+        assert_eq!(fastest_cuda_mode(&dims(1, 100, 32, 8, 64, true)), Mode::Recurrent);
+        assert_eq!(fastest_cuda_mode(&dims(1, 100, 31, 8, 64, true)), Mode::Chunked);
+        assert_eq!(fastest_cuda_mode(&dims(64, 100, 1, 512, 64, false)), Mode::Chunked);
     }
 }

@@ -47,7 +47,8 @@ enum Command {
         /// Output safetensors file (y, h_final).
         #[arg(long, short)]
         output: PathBuf,
-        /// How to compute (chunked is the f32 fast path).
+        /// How to compute (chunked is the f32 fast path; auto: the fastest
+        /// as measured, per device, precision and shape).
         #[arg(long, short, value_enum, default_value_t = CliMode::Chunked)]
         mode: CliMode,
         /// Where to compute (cuda: F32 inputs, recurrent mode).
@@ -223,16 +224,29 @@ enum CliMode {
     Scan,
     Attention,
     Chunked,
+    /// `run` only: the fastest mode as measured for the device, precision
+    /// and shape (cuda: dispatch::fastest_cuda_mode; cpu: chunked for F32,
+    /// recurrent for F64).
+    Auto,
 }
 
 impl CliMode {
-    fn mode(self) -> Mode {
+    /// The mode, or None for `auto` (resolved by `run` once the input is read).
+    fn mode(self) -> Option<Mode> {
         match self {
-            CliMode::Recurrent => Mode::Recurrent,
-            CliMode::Scan => Mode::Scan,
-            CliMode::Attention => Mode::Attention,
-            CliMode::Chunked => Mode::Chunked,
+            CliMode::Recurrent => Some(Mode::Recurrent),
+            CliMode::Scan => Some(Mode::Scan),
+            CliMode::Attention => Some(Mode::Attention),
+            CliMode::Chunked => Some(Mode::Chunked),
+            CliMode::Auto => None,
         }
+    }
+
+    /// The mode of a command that takes no `auto`.
+    fn fixed(self, command: &str) -> Result<Mode, Failure> {
+        self.mode().ok_or_else(|| {
+            Failure::Input(format!("--mode auto is for `gateloop run` only; `{command}` needs a mode named"))
+        })
     }
 }
 
@@ -294,12 +308,18 @@ fn median_timed<T>(repeat: u32, f: impl Fn() -> Result<T, Failure>) -> Result<(f
     Ok((times[times.len() / 2], out))
 }
 
-fn run(input: PathBuf, output: PathBuf, mode: Mode, device: Device, repeat: u32) -> Result<(), Failure> {
-    if device == Device::Cuda && !dispatch::CUDA_MODES.contains(&mode) {
+/// `mode` None: `--mode auto`, resolved from the input's precision and shape.
+fn run(input: PathBuf, output: PathBuf, mode: Option<Mode>, device: Device, repeat: u32) -> Result<(), Failure> {
+    if let Some(mode) = mode.filter(|m| device == Device::Cuda && !dispatch::CUDA_MODES.contains(m)) {
         return Err(input_err(dispatch::cuda_unavailable(mode)));
     }
     let problem = io::read_problem(&input)?;
     let dims = problem.dims();
+    let mode = mode.unwrap_or(match (&problem, device) {
+        (_, Device::Cuda) => dispatch::fastest_cuda_mode(&dims),
+        (LoadedProblem::F32(_), Device::Cpu) => Mode::Chunked,
+        (LoadedProblem::F64(_), Device::Cpu) => Mode::Recurrent,
+    });
     let (gpu_name, ms) = match (&problem, device) {
         (LoadedProblem::F64(_), Device::Cuda) => {
             return Err(Failure::Input(format!(
@@ -677,7 +697,9 @@ fn main() -> ExitCode {
             demo(Dims::new(batch, len, heads, key_dim, value_dim), seed)
         }
         Command::Check { a, b, rtol } => check(a, b, rtol),
-        Command::Grad { input, output, mode, device } => grad(input, output, mode.mode(), device),
+        Command::Grad { input, output, mode, device } => {
+            mode.fixed("grad").and_then(|m| grad(input, output, m, device))
+        }
         Command::Bench { json, kernels, dtypes, shapes, runs, warmup, seed, time_budget, list } => {
             bench(json, kernels, dtypes, shapes, runs, warmup, seed, time_budget, list)
         }
@@ -707,7 +729,7 @@ fn main() -> ExitCode {
                 .collect();
             kinds.sort();
             kinds.dedup();
-            let modes: Vec<Mode> = modes.into_iter().map(CliMode::mode).collect();
+            let modes: Result<Vec<Mode>, Failure> = modes.into_iter().map(|m| m.fixed("fuzz")).collect();
             let cfg = fuzz::FuzzConfig {
                 cases,
                 first_case,
@@ -719,7 +741,7 @@ fn main() -> ExitCode {
                 progress: true,
                 ..Default::default()
             };
-            fuzz_cmd(cfg, device, &kinds, &modes, &dtypes, time_budget)
+            modes.and_then(|modes| fuzz_cmd(cfg, device, &kinds, &modes, &dtypes, time_budget))
         }
     };
     match result {

@@ -141,6 +141,28 @@ fn default_mode_is_chunked_on_cpu() {
     assert!(line.contains("chunked") && line.contains("cpu") && line.contains("L=10"), "{line}");
 }
 
+/// `--mode auto` on the CPU: chunked for F32, the recurrence for F64; the
+/// commands that need a named mode refuse it.
+#[test]
+fn auto_mode_picks_by_precision_on_cpu() {
+    let dir = TempDir::new("auto");
+    let p = random_problem(dims(1, 10, 1, 3, 2, false), GateRegime::Random, true, 6);
+    for (name, f64_input, want) in [("in32", false, "chunked"), ("in64", true, "recurrent")] {
+        let input = dir.path(&format!("{name}.safetensors"));
+        if f64_input {
+            io::write_problem(&input, &p.view()).unwrap();
+        } else {
+            io::write_problem(&input, &p.to_f32().view()).unwrap();
+        }
+        let o = run_mode(&input, &dir.path("out.safetensors"), "auto");
+        assert!(o.status.success(), "{}", stderr(&o));
+        assert!(stdout(&o).starts_with(&format!("{want} on cpu")), "{}", stdout(&o));
+    }
+    let o = gateloop(&["grad", "-i", "x", "-o", "y", "--mode", "auto"]);
+    assert_eq!(o.status.code(), Some(2));
+    assert!(stderr(&o).contains("--mode auto is for `gateloop run` only"), "{}", stderr(&o));
+}
+
 #[test]
 fn check_passes_on_identical_and_fails_on_different() {
     let dir = TempDir::new("check");
