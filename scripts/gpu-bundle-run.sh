@@ -202,6 +202,15 @@ run_step() {
 
 timed_out() { [[ $1 == 124 || $1 == 137 ]]; }
 
+# bench_budget LIMIT_S: the --time-budget of a `gateloop bench` step of
+# LIMIT_S, so it stops starting cases in time to write its table and JSON of
+# those it ran (a timeout would lose them all).
+bench_budget() {
+    local lim
+    lim=$(budget "$1")
+    echo $((lim > 50 ? lim - 30 : lim / 2))
+}
+
 # find_tool NAME PATH...: NAME on the PATH, else the first executable PATH
 # (the CUDA toolkit's and Nsight's usual places); empty when none.
 find_tool() {
@@ -338,12 +347,9 @@ done
 
 # ---- 4. benchmark ----------------------------------------------------------
 if want bench; then
-    # --time-budget: the bench stops starting cases in time to write its
-    # table and JSON of those it ran (a timeout would lose them all).
-    lim=$(budget 180)
     # shellcheck disable=SC2086 # GATELOOP_BENCH_ARGS is split into arguments
     run_step "bench" 180 "$bench_txt" -- "$bins/bin/gateloop" bench --json "$bench_json" \
-        --time-budget "$((lim > 50 ? lim - 30 : lim / 2))" ${GATELOOP_BENCH_ARGS:-}
+        --time-budget "$(bench_budget 180)" ${GATELOOP_BENCH_ARGS:-}
     record_bench "bench" bench.txt "$(grep -c '^recurrent' "$step_out") rows; bench.json"
 fi
 
@@ -423,9 +429,8 @@ if want carry; then
     if ((${#sweep[@]} == 0)); then
         record "carry" FAIL 0 "no chunked-sequential shapes in \`gateloop bench --list\`"
     else
-        lim=$(budget 120)
         run_step "carry" 120 "$carry_txt" -- "$bins/bin/gateloop" bench --json "$results/carry.json" \
-            --time-budget "$((lim > 50 ? lim - 30 : lim / 2))" --kernel chunked-sequential --kernel chunked-separate --dtype bf16 --dtype f32 "${sweep[@]}" --runs 20
+            --time-budget "$(bench_budget 120)" --kernel chunked-sequential --kernel chunked-separate --dtype bf16 --dtype f32 "${sweep[@]}" --runs 20
         record_bench "carry" carry.txt "$((${#sweep[@]} / 2)) shapes; carry.json (scripts/gpu-results.py reads it)"
     fi
 fi

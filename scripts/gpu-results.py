@@ -46,7 +46,7 @@ import peers  # noqa: E402  (stdlib-only at import: its torch/JAX work runs in w
 # kept whole; a larger text file keeps its first and last parts.
 KEEP = [
     "summary.txt", "summary.json", "env.txt", "bench.txt", "bench.json", "carry.txt", "carry.json",
-    "sanitizer.log", "tests.log", "fuzz.txt", "peers/peers.json", "peers/peers.md",
+    "sanitizer.log", "tests.log", "fuzz.txt",
 ]
 KEEP_GLOBS = [("profile", ".txt"), ("fuzz-failures", ""), ("profile", ".ncu-rep"), ("peers", ".json"), ("peers", ".md")]
 MAX_TEXT = 2 << 20
@@ -382,30 +382,30 @@ def main():
             sys.exit(f"gpu-results: no folder or file {r}")
     with tempfile.TemporaryDirectory() as merged:
         merge_runs(a.results, merged)
-        a.results = merged
-        file_results(a)
+        file_results(merged, a.into, a.dry_run)
 
 
-def file_results(a):
-    summary = load_json(os.path.join(a.results, "summary.json"))
-    bench = load_json(os.path.join(a.results, "bench.json"))
-    carry = load_json(os.path.join(a.results, "carry.json"))
-    peers_doc = load_json(os.path.join(a.results, "peers", "peers.json"))
-    date = run_date(a.results) or "undated"
-    card = card_name(bench, carry, peers_doc) or "unknown GPU"
-    dest = os.path.normpath(os.path.join(a.into, f"gpu-{date}-{slug(card)}"))
+def file_results(results, into, dry_run):
+    """verdict.md for the (merged) results folder, and the copy into `into`."""
+    summary = load_json(os.path.join(results, "summary.json"))
+    bench = load_json(os.path.join(results, "bench.json"))
+    carry = load_json(os.path.join(results, "carry.json"))
+    runs = peer_runs(results)
+    date = run_date(results) or "undated"
+    card = card_name(bench, carry, runs[0][1]) or "unknown GPU"
+    dest = os.path.normpath(os.path.join(into, f"gpu-{date}-{slug(card)}"))
 
     L = [f"# GPU bundle results, {date}, {card}\n",
          "Filed by `scripts/gpu-results.py` from the bundle's output. Files beside this one: the bundle's own "
          "(summary, env, bench, carry, peers, fuzz, profile).\n"]
     L += steps_section(summary)
-    for name, doc in peer_runs(a.results):
+    for name, doc in runs:
         L += targets_section(doc, name)
     L += carry_rule(carry)
     text = "\n".join(L) + "\n"
-    if not a.dry_run:
+    if not dry_run:
         os.makedirs(dest, exist_ok=True)
-        copied = copy_results(a.results, dest)
+        copied = copy_results(results, dest)
         with open(os.path.join(dest, "verdict.md"), "w") as fh:
             fh.write(text)
         print(f"gpu-results: {len(copied)} files and verdict.md in {dest}", file=sys.stderr)

@@ -53,15 +53,14 @@ fn unavailable(mode: Mode, why: &'static str, available: &[Mode]) -> InputError 
 pub const RECURRENT_MIN_BLOCKS: usize = 64;
 
 /// The fastest CUDA forward for `dims`, as measured: the recurrence when its
-/// grid has at least [`RECURRENT_MIN_BLOCKS`] blocks (and K fits its
-/// registers), else the chunked kernel (faster than the scan and the O(L²)
-/// attention at every shape measured). `gateloop run --mode auto`.
+/// plan's grid has at least [`RECURRENT_MIN_BLOCKS`] blocks (and it has a
+/// plan: K fits its registers), else the chunked kernel (faster than the
+/// scan and the O(L²) attention at every shape measured). `gateloop run
+/// --mode auto`.
 pub fn fastest_cuda_mode(dims: &crate::Dims) -> Mode {
-    let blocks = dims.batch.saturating_mul(dims.heads).saturating_mul(dims.value_dim.div_ceil(32));
-    if blocks >= RECURRENT_MIN_BLOCKS && dims.key_dim <= cuda::recurrent::MAX_KEY_DIM {
-        Mode::Recurrent
-    } else {
-        Mode::Chunked
+    match cuda::recurrent::plan(dims) {
+        Ok(lp) if lp.grid as usize >= RECURRENT_MIN_BLOCKS => Mode::Recurrent,
+        _ => Mode::Chunked,
     }
 }
 
