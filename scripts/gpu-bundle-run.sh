@@ -53,6 +53,10 @@
 #   GATELOOP_BENCH_ARGS="--shape ... --dtype bf16"   appended to the bench;
 #   GATELOOP_PEERS_ARGS="--peers fla_chunk_gla --ours chunked-real ..."
 #                                          appended to peers/peers.py;
+#   GATELOOP_PEERS_FLA_TUNE=quick          fla's Triton autotune cut to one
+#                                          configuration per kernel (minutes
+#                                          less; its times then bound fla's
+#                                          from above: peers/fla_tune.py);
 #   GATELOOP_PROFILE_CASES="chunked-bf16"  only these profile cases.
 #
 # GATELOOP_REQUIRE_GPU: defaults to 1 here. This runner exists to run on a GPU

@@ -243,6 +243,9 @@ def targets_section(doc, name="peers.json"):
     if not doc or not doc.get("ours", {}).get("results"):
         return L + ["(no peers.json with our results: the peer step did not run or found no GPU)\n"]
     rep = peers_report(doc)
+    if doc.get("fla_tune") == "quick":
+        L.append("fla ran quick-tuned (one Triton configuration per kernel): a target against fla that this run "
+                 "misses is missed, one it meets stays not measured until fla's full autotune runs.\n")
     L.append("| target | shape | measured | verdict |")
     L.append("|---|---|---|---|")
     shapes = [tuple(s) for s in doc.get("shapes", [])]
@@ -252,13 +255,24 @@ def targets_section(doc, name="peers.json"):
         tally[ok] += 1
         L.append(f"| {target} | {label(shape)} | {measured} | {verdict_cell(ok)} |")
 
-    def ratio_row(target, shape, num, den, bound, above, what):
+    # fla quick-tuned (peers.py --fla-tune quick): its time is an upper
+    # bound on fla's, so a ratio over fla that misses a target holds, one
+    # that meets it does not yet (benches/peers/fla_tune.py).
+    fla_quick = doc.get("fla_tune") == "quick"
+
+    def ratio_row(target, shape, num, den, bound, above, what, num_is_fla=False):
         """num/den against bound (above: ratio ≥ bound is met)."""
         if num is None or den is None:
             row(target, shape, what, None)
             return
         r = num / den
-        row(target, shape, f"{r:.2f}× ({what})", r >= bound if above else r <= bound)
+        ok = r >= bound if above else r <= bound
+        if num_is_fla and fla_quick:
+            what += "; fla quick-tuned"
+            if ok:
+                what += ": met against its one configuration only, its full autotune not run"
+                ok = None
+        row(target, shape, f"{r:.2f}× ({what})", ok)
 
     for s in shapes:
         # 1. real gates, bf16: fla chunk_gla time / ours ≥ 1.2.
@@ -267,7 +281,8 @@ def targets_section(doc, name="peers.json"):
         fla_ms = fla["median_ms"] if fla and fla.get("status") == "ok" else None
         why = (f"fla {fmt(fla_ms)} / ours {fmt(real and real['median_ms'])} {real['kernel'] if real else ''}"
                if fla_ms and real else f"fla {fla['status'] if fla else 'not run'}; ours {'ok' if real else 'none'}")
-        ratio_row("real bf16 ≥ 1.2× faster than fla chunk_gla", s, fla_ms, real and real["median_ms"], 1.2, True, why)
+        ratio_row("real bf16 ≥ 1.2× faster than fla chunk_gla", s, fla_ms, real and real["median_ms"], 1.2, True, why,
+                  num_is_fla=True)
         # 2. complex ≤ 2× real, bf16: the chunked kernel with each gate (the
         # same algorithm; the complex state doubles its arithmetic).
         cplx = rep.ours_best(s, "fwd", "bf16", "complex", "chunked")
@@ -294,7 +309,7 @@ def targets_section(doc, name="peers.json"):
         why = (f"fla {fmt(fb_ms)} / ours {ofb['kernel']} {ofb['dtype']} {fmt(ofb['median_ms'])} (complex gates)"
                if fb_ms and ofb else f"fla {fla_fb['status'] if fla_fb else 'not run'}; ours {'ok' if ofb else 'none'}")
         ratio_row("fwd+bwd ≥ 1.2× faster than fla chunk_gla (issue 5)", s, fb_ms, ofb and ofb["median_ms"], 1.2, True,
-                  why)
+                  why, num_is_fla=True)
     # 4. B8 L4096 H16 K=V=64 within 2× of the HBM floor: the best chunked forward.
     rows = [r for r in doc["ours"]["results"] if r["shape_key"] == peers.shape_key(TARGET_SHAPE)
             and r["column"] == "fwd" and r["kernel"].startswith("chunked") and r.get("of_hbm_floor")]

@@ -235,6 +235,15 @@ class Worker:
             except Exception as e:  # noqa: BLE001 - any import failure means unavailable
                 self.unavailable = f"fla not importable: {type(e).__name__}: {e}"[:300]
                 return
+            # The driver's --fla-tune (fla_tune.py: why, and what a quick
+            # time means).
+            self.tune = os.environ.get("GATELOOP_PEERS_FLA_TUNE", "full")
+            if self.tune == "quick":
+                sys.path.insert(0, HERE)
+                from fla_tune import quick_tune_fla
+                self.tune_note = quick_tune_fla()
+            else:
+                self.tune_note = "autotune full (fla's own configurations)"
             if not torch.cuda.is_available():
                 self.unavailable = f"no CUDA GPU (fla {self.fla_version} imported; its Triton kernels need a GPU)"
         elif peer == "torch_assoc_scan":
@@ -378,6 +387,8 @@ class Worker:
                 call, grads, keep = self.forward_fn(inp, case["column"])
                 ms, method = time_torch(torch, call, self.device, grads)
             res.update(status="ok", median_ms=ms, method=method)
+            if self.peer.startswith("fla_"):
+                res["tune"] = self.tune
         except Exception as e:  # noqa: BLE001 - each case reports its own failure
             if is_oom(e):
                 res.update(status="OOM", note=f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}")
@@ -405,6 +416,8 @@ def worker_main(args):
     info = dict(unavailable=w.unavailable)
     if getattr(w, "fla_version", None):
         info["fla_version"] = w.fla_version
+    if getattr(w, "tune_note", None):
+        info["fla_tune"] = w.tune_note
     if w.unavailable is None and args.check_shape:
         try:
             info["check"] = w.check(tuple(int(x) for x in args.check_shape.split(",")))
@@ -534,10 +547,16 @@ class Report:
                  "(real gates, phase 0, bf16) against ours' fastest real-gate bf16 kernel. The complex bf16 column "
                  "shows what complex support costs over real gates (issue 4: at most 2×). "
                  "OOM: out of device memory; † see the notes.\n")
+        quick = m.get("fla_tune") == "quick"
+        fla_tag = " (quick-tuned)" if quick else ""
+        if quick:
+            L.append("fla ran with its Triton autotune cut to one configuration per kernel (`--fla-tune quick`, "
+                     "benches/peers/fla_tune.py): its times are upper bounds on fla's fully tuned times, so a ratio "
+                     "short of a target (or below 1: ours slower) holds against fla, one that meets it does not yet.\n")
         L.append("## Forward\n")
         L.append("| B, L, H, K=V | ours complex f32 (kernel; of HBM / TC floor) | ours complex bf16 | ours real bf16 "
-                 "| JAX associative_scan, complex64 | torch associative scan, complex64 | fla chunk_gla, bf16 "
-                 "| fla fused_recurrent_gla, bf16 |")
+                 "| JAX associative_scan, complex64 | torch associative scan, complex64 "
+                 f"| fla chunk_gla, bf16{fla_tag} | fla fused_recurrent_gla, bf16{fla_tag} |")
         L.append("|---|---|---|---|---|---|---|---|")
         for s in m["shapes"]:
             o32 = self.ours_best(s, "fwd", "f32", "complex")
@@ -550,7 +569,7 @@ class Report:
                      f"| {self.cell('fla_fused_recurrent_gla', 'fwd', s, r16)} |")
         L.append("\n## Forward + backward\n")
         L.append("(×) = time / fla chunk_gla fwd+bwd, the anchor (issue 5).\n")
-        L.append("| B, L, H, K=V | ours fwd+bwd | fla chunk_gla fwd+bwd, bf16 | torch associative scan "
+        L.append(f"| B, L, H, K=V | ours fwd+bwd | fla chunk_gla fwd+bwd, bf16{fla_tag} | torch associative scan "
                  "fwd+bwd, complex64 | JAX associative_scan fwd+bwd, complex64 |")
         L.append("|---|---|---|---|---|")
         for s in m["shapes"]:
@@ -955,7 +974,8 @@ def driver(args):
                 device_name=info.get("device_name"), probe=info, versions=info.get("versions", {}),
                 budget_s=args.budget_s, shapes=[list(s) for s in shapes], seed=args.seed,
                 tc_bf16_tflops=round(tc["bf16_flops"] / 1e12, 1) if tc else None, tc_basis=tc_basis,
-                fla_wheel=os.environ.get("GATELOOP_FLA_WHEEL"))
+                fla_wheel=os.environ.get("GATELOOP_FLA_WHEEL"), fla_tune=args.fla_tune)
+    os.environ["GATELOOP_PEERS_FLA_TUNE"] = args.fla_tune  # read by the fla workers
     report = Report(out_dir, meta)
     report.write()
     say(f"results in {out_dir}; device {info.get('device_name') or 'none'}; budget {args.budget_s:.0f}s")
@@ -1118,6 +1138,9 @@ def main():
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--cpu", action="store_true", help="run the materialized formulations on the CPU")
     ap.add_argument("--smoke", action="store_true", help="CPU cross-check, then the pipeline on CPU at tiny shapes")
+    ap.add_argument("--fla-tune", choices=("full", "quick"), default=os.environ.get("GATELOOP_PEERS_FLA_TUNE", "full"),
+                    help="fla's Triton autotune: full (its own configurations; default, or GATELOOP_PEERS_FLA_TUNE) "
+                         "or quick (one configuration per kernel: an upper bound on fla's time; fla_tune.py)")
     args = ap.parse_args()
     if args.smoke:
         fails = smoke_crosscheck(find_gateloop(args.gateloop))
