@@ -30,6 +30,8 @@ static_assert(kPrefixSegs * kSlab <= kThreads, "one thread per (prefix segment, 
 static_assert(kChunk == 64 && kSub == 16 && kSlab == 16 && kVTile == 64 && kThreads == 256,
               "the warp ↔ tile maps below assume these sizes");
 static_assert(kPairs <= kWarps, "one warp per off-diagonal score block");
+// Global loads in flight per thread while staging (staged, common.cuh).
+constexpr int kLoadBatch = 4;
 
 // ---- operand types -----------------------------------------------------------
 
@@ -309,24 +311,26 @@ struct Block {
     __device__ void build_prefix(int64_t d0) {
         const int cols = gate_cols(d0);
         // Stage the raw gates: Re into gre, Im into gsn.
-        for (int i = tid; i < kChunk * kSlab; i += kThreads) {
-            const int t = i / kSlab;
-            const int j = i - t * kSlab;
-            float gr = 0.f, gi = 0.f;
-            if (t < n && j < cols) {
-                const int64_t ch = per_head ? 0 : d0 + j;
-                if (kComplex) {
-                    const float2 g = load_complex(complex_seq_row(p.log_gate, p.gate_strides, b, h),
-                                                  (t0 + t) * p.gate_strides.time + ch);
-                    gr = g.x;
-                    gi = g.y;
-                } else {
-                    gr = __ldg(seq_row<float>(p.log_gate, p.gate_strides, b, h) + (t0 + t) * p.gate_strides.time + ch);
+        staged<kLoadBatch>(
+            tid, kChunk * kSlab, kThreads,
+            [&](int i) {
+                const int t = i / kSlab;
+                const int j = i - t * kSlab;
+                float2 g = make_float2(0.f, 0.f);
+                if (t < n && j < cols) {
+                    const int64_t at_ = (t0 + t) * p.gate_strides.time + (per_head ? 0 : d0 + j);
+                    if (kComplex) {
+                        g = load_complex(complex_seq_row(p.log_gate, p.gate_strides, b, h), at_);
+                    } else {
+                        g.x = __ldg(seq_row<float>(p.log_gate, p.gate_strides, b, h) + at_);
+                    }
                 }
-            }
-            gre[i] = gr;
-            if (kComplex) gsn[i] = gi;
-        }
+                return g;
+            },
+            [&](int i, float2 g) {
+                gre[i] = g.x;
+                if (kComplex) gsn[i] = g.y;
+            });
         __syncthreads();
         // 1. One thread per (segment, channel) scans its kPrefixSeg steps from
         //    zero (the walk of cpu::chunked::Scratch::build_prefix).
@@ -394,11 +398,14 @@ struct Block {
     // x (q or k) of slab d0 into xs [kChunk][kSlab] f32, zero past the chunk / K.
     __device__ __forceinline__ void load_keys(const input_t* __restrict__ x, const GateloopSeqStrides& s, int64_t d0,
                                               float* xs) const {
-        for (int i = tid; i < kChunk * kSlab; i += kThreads) {
-            const int t = i / kSlab;
-            const int j = i - t * kSlab;
-            xs[i] = (t < n && d0 + j < p.dims.key_dim) ? Tr::load(x, (t0 + t) * s.time + d0 + j) : 0.f;
-        }
+        staged<kLoadBatch>(
+            tid, kChunk * kSlab, kThreads,
+            [&](int i) {
+                const int t = i / kSlab;
+                const int j = i - t * kSlab;
+                return (t < n && d0 + j < p.dims.key_dim) ? Tr::load(x, (t0 + t) * s.time + d0 + j) : 0.f;
+            },
+            [&](int i, float e) { xs[i] = e; });
     }
 
     // Value columns col0 .. col0 + kVTile − 1 of x (v or dy) over the chunk
@@ -406,12 +413,14 @@ struct Block {
     template <class Op, int kTerms>
     __device__ __forceinline__ void load_tile(const input_t* __restrict__ x, const GateloopSeqStrides& s,
                                               int64_t col0, const Split<Op>& xs) const {
-        for (int i = tid; i < kChunk * kVTile; i += kThreads) {
-            const int m = i / kVTile;
-            const int c = i - m * kVTile;
-            const float e = (m < n && col0 + c < p.dims.value_dim) ? Tr::load(x, (t0 + m) * s.time + col0 + c) : 0.f;
-            xs.template put<kTerms>(m, c, e);
-        }
+        staged<kLoadBatch>(
+            tid, kChunk * kVTile, kThreads,
+            [&](int i) {
+                const int m = i / kVTile;
+                const int c = i - m * kVTile;
+                return (m < n && col0 + c < p.dims.value_dim) ? Tr::load(x, (t0 + m) * s.time + col0 + c) : 0.f;
+            },
+            [&](int i, float e) { xs.template put<kTerms>(i / kVTile, i % kVTile, e); });
     }
     // The block's value tile (columns v0 ..).
     template <class Op, int kTerms>
@@ -873,17 +882,17 @@ __device__ __forceinline__ void intra_pass(Block<input_t, kComplex>& blk, unsign
         blk.load_keys(blk.k, p.k_strides, d0, kraw);
         // The state entering the chunk (S_c; D(c) when kAdjoint), rows [Re | Im]
         // of the slab's channels.
-        for (int i = tid; i < kWidth * kVTile; i += kThreads) {
-            const int r = i / kVTile;
-            const int c = i - r * kVTile;
-            const int part = r / kSlab;
-            const int64_t d = d0 + (r - part * kSlab);
-            const int64_t col = blk.v0 + c;
-            const float x = (d < key_dim && col < value_dim)
-                                ? state[blk.ws_state_row(part * key_dim + d) + col]
-                                : 0.f;
-            st.template put<kTerms>(r, c, x);
-        }
+        staged<kLoadBatch>(
+            tid, kWidth * kVTile, kThreads,
+            [&](int i) {
+                const int r = i / kVTile;
+                const int c = i - r * kVTile;
+                const int part = r / kSlab;
+                const int64_t d = d0 + (r - part * kSlab);
+                const int64_t col = blk.v0 + c;
+                return (d < key_dim && col < value_dim) ? state[blk.ws_state_row(part * key_dim + d) + col] : 0.f;
+            },
+            [&](int i, float x) { st.template put<kTerms>(i / kVTile, i % kVTile, x); });
         __syncthreads();
         // Inter-chunk rows: [Re Q̃ | −Im Q̃] (y), [Re K̃ | Im K̃] (dv).
         if constexpr (kAdjoint) {

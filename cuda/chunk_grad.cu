@@ -484,23 +484,35 @@ __device__ __forceinline__ void grad_qk(const GateloopChunkGradParams& g) {
             float2 thr = make_float2(0.f, 0.f);
             for (int64_t v0 = 0; v0 < value_dim; v0 += kInterCols) {
                 __syncthreads();  // the previous step's operands are consumed
-                for (int i = tid; i < kChunk * kInterCols; i += kThreads) {
-                    const int n = i / kInterCols;
-                    const int c = i - n * kInterCols;
-                    const bool in = n < blk.n && v0 + c < value_dim;
-                    dyh.template put<kGradTerms>(n, c, in ? Tr::load(dy, (blk.t0 + n) * g.dy_strides.time + v0 + c) : 0.f);
-                    vh.template put<kGradTerms>(n, c, in ? Tr::load(blk.v, (blk.t0 + n) * p.v_strides.time + v0 + c) : 0.f);
-                }
-                for (int i = tid; i < 2 * kSlab * kInterCols; i += kThreads) {
-                    const int r = i / kInterCols;
-                    const int c = i - r * kInterCols;
-                    const int part = r / kSlab;
-                    const int64_t dd = d0 + (r - part * kSlab);
-                    const bool in = dd < key_dim && v0 + c < value_dim;
-                    const int64_t at_ = blk.ws_state_row(part * key_dim + dd) + v0 + c;
-                    sh.template put<kGradTerms>(r, c, in ? p.ws_state[at_] : 0.f);
-                    dh.template put<kGradTerms>(r, c, in ? g.ws_adj[at_] : 0.f);
-                }
+                // (dy, v) and (S_in, D) pairs, staged (common.cuh): loads in flight together.
+                staged<kLoadBatch>(
+                    tid, kChunk * kInterCols, kThreads,
+                    [&](int i) {
+                        const int n = i / kInterCols;
+                        const int c = i - n * kInterCols;
+                        if (n >= blk.n || v0 + c >= value_dim) return make_float2(0.f, 0.f);
+                        return make_float2(Tr::load(dy, (blk.t0 + n) * g.dy_strides.time + v0 + c),
+                                           Tr::load(blk.v, (blk.t0 + n) * p.v_strides.time + v0 + c));
+                    },
+                    [&](int i, float2 x) {
+                        dyh.template put<kGradTerms>(i / kInterCols, i % kInterCols, x.x);
+                        vh.template put<kGradTerms>(i / kInterCols, i % kInterCols, x.y);
+                    });
+                staged<kLoadBatch>(
+                    tid, 2 * kSlab * kInterCols, kThreads,
+                    [&](int i) {
+                        const int r = i / kInterCols;
+                        const int c = i - r * kInterCols;
+                        const int part = r / kSlab;
+                        const int64_t dd = d0 + (r - part * kSlab);
+                        if (dd >= key_dim || v0 + c >= value_dim) return make_float2(0.f, 0.f);
+                        const int64_t at_ = blk.ws_state_row(part * key_dim + dd) + v0 + c;
+                        return make_float2(p.ws_state[at_], g.ws_adj[at_]);
+                    },
+                    [&](int i, float2 x) {
+                        sh.template put<kGradTerms>(i / kInterCols, i % kInterCols, x.x);
+                        dh.template put<kGradTerms>(i / kInterCols, i % kInterCols, x.y);
+                    });
                 if (nb == 0 && d0 + d < key_dim) {
                     const int64_t re = blk.ws_state_row(d0 + d) + v0;
                     const int64_t im = blk.ws_state_row(key_dim + d0 + d) + v0;
