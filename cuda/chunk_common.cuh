@@ -395,17 +395,25 @@ struct Block {
     __device__ __forceinline__ float cos_at(int t, int cl) const { return kComplex ? gcs[t * kSlab + cl] : 1.f; }
     __device__ __forceinline__ float sin_at(int t, int cl) const { return kComplex ? gsn[t * kSlab + cl] : 0.f; }
 
+    // Columns col0 .. col0 + kWidth − 1 of x over the chunk, each (step,
+    // column, value) to put; zero past the chunk and from column `limit` on.
+    template <int kWidth, class Put>
+    __device__ __forceinline__ void load_rows(const input_t* __restrict__ x, const GateloopSeqStrides& s,
+                                              int64_t col0, int64_t limit, Put put) const {
+        staged<kLoadBatch>(
+            tid, kChunk * kWidth, kThreads,
+            [&](int i) {
+                const int t = i / kWidth;
+                const int c = i - t * kWidth;
+                return (t < n && col0 + c < limit) ? Tr::load(x, (t0 + t) * s.time + col0 + c) : 0.f;
+            },
+            [&](int i, float e) { put(i / kWidth, i % kWidth, e); });
+    }
+
     // x (q or k) of slab d0 into xs [kChunk][kSlab] f32, zero past the chunk / K.
     __device__ __forceinline__ void load_keys(const input_t* __restrict__ x, const GateloopSeqStrides& s, int64_t d0,
                                               float* xs) const {
-        staged<kLoadBatch>(
-            tid, kChunk * kSlab, kThreads,
-            [&](int i) {
-                const int t = i / kSlab;
-                const int j = i - t * kSlab;
-                return (t < n && d0 + j < p.dims.key_dim) ? Tr::load(x, (t0 + t) * s.time + d0 + j) : 0.f;
-            },
-            [&](int i, float e) { xs[i] = e; });
+        load_rows<kSlab>(x, s, d0, p.dims.key_dim, [&](int t, int j, float e) { xs[t * kSlab + j] = e; });
     }
 
     // Value columns col0 .. col0 + kVTile − 1 of x (v or dy) over the chunk
@@ -413,14 +421,8 @@ struct Block {
     template <class Op, int kTerms>
     __device__ __forceinline__ void load_tile(const input_t* __restrict__ x, const GateloopSeqStrides& s,
                                               int64_t col0, const Split<Op>& xs) const {
-        staged<kLoadBatch>(
-            tid, kChunk * kVTile, kThreads,
-            [&](int i) {
-                const int m = i / kVTile;
-                const int c = i - m * kVTile;
-                return (m < n && col0 + c < p.dims.value_dim) ? Tr::load(x, (t0 + m) * s.time + col0 + c) : 0.f;
-            },
-            [&](int i, float e) { xs.template put<kTerms>(i / kVTile, i % kVTile, e); });
+        load_rows<kVTile>(x, s, col0, p.dims.value_dim,
+                          [&](int m, int c, float e) { xs.template put<kTerms>(m, c, e); });
     }
     // The block's value tile (columns v0 ..).
     template <class Op, int kTerms>

@@ -16,9 +16,9 @@
 //      stores {Re a, Im a, k_t[k], q_t[k]} as one float4 per (t, k) in shared
 //      memory, and the tile's v_t columns; global loads are coalesced along
 //      the contiguous last dimension, and each thread issues kStageBatch
-//      independent loads before it uses one (one global round trip per
-//      batch, not per element: the H200 measured ~0.55 µs per step, the
-//      same with 1 and 2 blocks per SM, i.e. latency-bound);
+//      independent loads before it uses one (staged, common.cuh: one global
+//      round trip per batch, not per element; the H200 measured ~0.55 µs per
+//      step, the same with 1 and 2 blocks per SM, i.e. latency-bound);
 //   2. recur: every thread advances its R rows through the chunk; per step and
 //      row it reads one float4 that all 32 lanes of the warp share (a
 //      broadcast, no bank conflict), and accumulates its partial readout
@@ -125,54 +125,42 @@ __device__ __forceinline__ void recurrent_forward(const GateloopRecurrentParams&
         const int n = static_cast<int>(min(static_cast<int64_t>(chunk), len - t0));
 
         // 1. stage gates, k, q (padding rows are zero: a = 0, k = q = 0), then
-        // the tile's v: each thread loads kStageBatch elements into registers,
-        // then converts and stores them.
-        for (int base = tid; base < n * kp; base += kStageBatch * nthreads) {
-            float2 g[kStageBatch];
-            float kk[kStageBatch], qq[kStageBatch];
-#pragma unroll
-            for (int u = 0; u < kStageBatch; ++u) {
-                const int idx = base + u * nthreads;
+        // the tile's v, kStageBatch loads per thread in flight (staged).
+        struct Raw {
+            float2 g;
+            float k, q;
+            bool live;
+        };
+        staged<kStageBatch>(
+            tid, n * kp, nthreads,
+            [&](int idx) {
                 const int tt = idx / kp;
                 const int row = idx - tt * kp;
-                g[u] = make_float2(0.f, 0.f);
-                kk[u] = qq[u] = 0.f;
-                if (idx < n * kp && row < key_dim) {
+                Raw r{make_float2(0.f, 0.f), 0.f, 0.f, row < key_dim};
+                if (r.live) {
                     const int64_t t = t0 + tt;
-                    g[u] = load_complex(gate, t * p.gate_strides.time + (per_head_gate ? 0 : row));
-                    kk[u] = Tr::load(k, t * p.k_strides.time + row);
-                    qq[u] = Tr::load(q, t * p.q_strides.time + row);
+                    r.g = load_complex(gate, t * p.gate_strides.time + (per_head_gate ? 0 : row));
+                    r.k = Tr::load(k, t * p.k_strides.time + row);
+                    r.q = Tr::load(q, t * p.q_strides.time + row);
                 }
-            }
-#pragma unroll
-            for (int u = 0; u < kStageBatch; ++u) {
-                const int idx = base + u * nthreads;
-                const int row = idx % kp;
-                if (idx < n * kp) {
-                    float4 s = make_float4(0.f, 0.f, 0.f, 0.f);
-                    if (row < key_dim) {
-                        const float2 a = complex_gate(g[u]);
-                        s = make_float4(a.x, a.y, kk[u], qq[u]);
-                    }
-                    stage[idx] = s;
+                return r;
+            },
+            [&](int idx, const Raw& r) {
+                float4 s = make_float4(0.f, 0.f, 0.f, 0.f);
+                if (r.live) {
+                    const float2 a = complex_gate(r.g);
+                    s = make_float4(a.x, a.y, r.k, r.q);
                 }
-            }
-        }
-        for (int base = tid; base < n * kValueTile; base += kStageBatch * nthreads) {
-            float vv[kStageBatch];
-#pragma unroll
-            for (int u = 0; u < kStageBatch; ++u) {
-                const int idx = base + u * nthreads;
+                stage[idx] = s;
+            });
+        staged<kStageBatch>(
+            tid, n * kValueTile, nthreads,
+            [&](int idx) {
                 const int tt = idx / kValueTile;
                 const int64_t c = col0 + (idx - tt * kValueTile);
-                vv[u] = idx < n * kValueTile && c < value_dim ? Tr::load(v, (t0 + tt) * p.v_strides.time + c) : 0.f;
-            }
-#pragma unroll
-            for (int u = 0; u < kStageBatch; ++u) {
-                const int idx = base + u * nthreads;
-                if (idx < n * kValueTile) v_s[idx] = vv[u];
-            }
-        }
+                return c < value_dim ? Tr::load(v, (t0 + tt) * p.v_strides.time + c) : 0.f;
+            },
+            [&](int idx, float x) { v_s[idx] = x; });
         __syncthreads();
 
         // 2. recur through the chunk.

@@ -35,6 +35,23 @@ fn case(peer: &str, column: &str, s: [usize; 5], status: &str, ms: f64) -> serde
            "median_ms": ms})
 }
 
+/// A peers.json at shape `s`: ours real bf16 1.0 ms, complex bf16 1.5,
+/// fwd+bwd 5.0; fla chunk_gla forward 1.5, forward+backward 5.5.
+fn peer_run(s: [usize; 5]) -> serde_json::Value {
+    json!({
+        "shapes": [s],
+        "ours": {"status": "ok", "results": [
+            ours_row("chunked-real", "bf16", s, 1.0, 0.40),
+            ours_row("chunked", "bf16", s, 1.5, 0.55),
+            ours_row("chunked-fwd-bwd", "bf16", s, 5.0, 0.2),
+        ]},
+        "cases": [
+            case("fla_chunk_gla", "fwd", s, "ok", 1.5),
+            case("fla_chunk_gla", "fwdbwd", s, "ok", 5.5),
+        ],
+    })
+}
+
 #[test]
 fn files_a_run_and_reads_the_targets_and_the_carry_rule() {
     if Command::new("python3").arg("--version").output().is_err() {
@@ -71,20 +88,9 @@ fn files_a_run_and_reads_the_targets_and_the_carry_rule() {
     }
     write(&res2.join("carry.json"), &json!({"gpu": true, "device": device, "results": rows}).to_string());
     let s = [8, 4096, 16, 64, 64];
-    let peers = json!({
-        "shapes": [s],
-        "ours": {"status": "ok", "results": [
-            ours_row("chunked-real", "bf16", s, 1.0, 0.40),
-            ours_row("chunked", "bf16", s, 1.5, 0.55),
-            ours_row("chunked", "f32", s, 3.0, 0.30),
-            ours_row("chunked-fwd-bwd", "bf16", s, 5.0, 0.2),
-        ]},
-        "cases": [
-            case("fla_chunk_gla", "fwd", s, "ok", 1.5),
-            case("fla_chunk_gla", "fwdbwd", s, "ok", 5.5),
-            case("jax_assoc_scan", "fwd", s, "OOM", 0.0),
-        ],
-    });
+    let mut peers = peer_run(s);
+    peers["ours"]["results"].as_array_mut().unwrap().push(ours_row("chunked", "f32", s, 3.0, 0.30));
+    peers["cases"].as_array_mut().unwrap().push(case("jax_assoc_scan", "fwd", s, "OOM", 0.0));
     write(&res.join("peers/peers.json"), &peers.to_string());
     write(&res2.join("profile/chunked-bf16.txt"), "  gateloop_chunk_state_bf16_c_exact\n");
 
@@ -159,19 +165,8 @@ fn quick_tuned_fla_settles_only_the_misses() {
     let device = json!({"name": "NVIDIA H200"});
     write(&res.join("bench.json"), &json!({"gpu": true, "device": device, "results": []}).to_string());
     let s = [8, 4096, 16, 64, 64];
-    let peers = json!({
-        "shapes": [s],
-        "fla_tune": "quick",
-        "ours": {"status": "ok", "results": [
-            ours_row("chunked-real", "bf16", s, 1.0, 0.40),
-            ours_row("chunked", "bf16", s, 1.5, 0.55),
-            ours_row("chunked-fwd-bwd", "bf16", s, 5.0, 0.2),
-        ]},
-        "cases": [
-            case("fla_chunk_gla", "fwd", s, "ok", 1.5),
-            case("fla_chunk_gla", "fwdbwd", s, "ok", 5.5),
-        ],
-    });
+    let mut peers = peer_run(s);
+    peers["fla_tune"] = json!("quick");
     write(&res.join("peers/peers.json"), &peers.to_string());
     let into = dir.join("into");
     let out = Command::new("python3").arg(script()).arg(&res).arg("--into").arg(&into).output().unwrap();
