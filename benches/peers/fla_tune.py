@@ -70,18 +70,65 @@ def cut_autotune(modules, autotuner_cls, prefix="fla."):
     return len(seen), sum(seen.values()), sum(min(n, 1) for n in seen.values())
 
 
+def module_of(tuner):
+    """The Python module of the kernel an autotuner wraps (under its `.fn`
+    chain, past Triton's own wrapper classes), or ""."""
+    obj = getattr(tuner, "fn", None)
+    for _ in range(4):
+        if obj is None:
+            return ""
+        mod = getattr(obj, "__module__", None)
+        if isinstance(mod, str) and not mod.startswith("triton"):
+            return mod
+        obj = getattr(obj, "fn", None)
+    return ""
+
+
+def cut_on_run(autotuner_cls, prefix="fla."):
+    """Makes autotuner_cls.run cut a tuner of a `prefix` module to its one
+    configuration before its first run: the kernels of modules that fla
+    imports lazily, after cut_autotune walked sys.modules."""
+    original = autotuner_cls.run
+    if getattr(original, "_gateloop_cut", False):
+        return
+
+    def run(self, *args, **kwargs):
+        configs = getattr(self, "configs", None) or []
+        if len(configs) > 1 and module_of(self).startswith(prefix):
+            self.configs = [min(configs, key=config_rank)]
+        return original(self, *args, **kwargs)
+
+    run._gateloop_cut = True
+    autotuner_cls.run = run
+
+
 def quick_tune_fla():
     """cut_autotune over the fla modules imported so far (import
-    fla.ops.gla first); a one-line note for the report."""
+    fla.ops.gla first), and cut_on_run for those imported later; a
+    one-line note for the report."""
     from triton.runtime.autotuner import Autotuner
     kernels, before, after = cut_autotune(dict(sys.modules), Autotuner)
-    return f"autotune quick: {kernels} autotuned kernels cut from {before} configurations to {after}"
+    cut_on_run(Autotuner)
+    return (f"autotune quick: {kernels} autotuned kernels cut from {before} configurations to {after} "
+            f"(and any imported later, at their first run)")
 
 
 def self_test():
     class Tuner:  # stands in for triton.runtime.autotuner.Autotuner
-        def __init__(self, configs):
-            self.configs = configs
+        def __init__(self, configs, fn=None):
+            self.configs, self.fn = configs, fn
+
+        def run(self, *args, **kwargs):
+            return len(self.configs)
+
+    class Jit:  # triton.jit's JITFunction: the Python function under .fn
+        __module__ = "triton.runtime.jit"
+
+        def __init__(self, fn):
+            self.fn = fn
+
+    def kernel():
+        pass
 
     class Heuristics:  # triton.heuristics: the autotuner under .fn
         def __init__(self, fn):
@@ -117,6 +164,21 @@ def self_test():
         fails.append(f"kernel_one changed: {c.configs}")
     if len(untouched.configs) != len(grid):
         fails.append("a tuner outside fla was cut")
+    # A kernel of a module imported after the walk: cut at its first run;
+    # a kernel outside fla: left alone.
+    cut_on_run(Tuner)
+    cut_on_run(Tuner)  # idempotent
+    kernel.__module__ = "fla.ops.lazy"
+    late = Tuner(list(grid), Jit(kernel))
+    if late.run() != 1 or late.configs[0].num_warps != 4:
+        fails.append(f"late fla kernel ran with {late.configs}")
+
+    def other_kernel():
+        pass
+    other_kernel.__module__ = "torch.kernels"
+    foreign = Tuner(list(grid), Jit(other_kernel))
+    if foreign.run() != len(grid):
+        fails.append("a kernel outside fla was cut at its run")
     for f in fails:
         print(f"FAIL {f}")
     print("fla_tune self-test: " + ("ok" if not fails else f"{len(fails)} failure(s)"))
