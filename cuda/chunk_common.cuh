@@ -30,8 +30,6 @@ static_assert(kPrefixSegs * kSlab <= kThreads, "one thread per (prefix segment, 
 static_assert(kChunk == 64 && kSub == 16 && kSlab == 16 && kVTile == 64 && kThreads == 256,
               "the warp ↔ tile maps below assume these sizes");
 static_assert(kPairs <= kWarps, "one warp per off-diagonal score block");
-// Global loads in flight per thread while staging (staged, common.cuh).
-constexpr int kLoadBatch = 4;
 
 // ---- operand types -----------------------------------------------------------
 
@@ -311,7 +309,7 @@ struct Block {
     __device__ void build_prefix(int64_t d0) {
         const int cols = gate_cols(d0);
         // Stage the raw gates: Re into gre, Im into gsn.
-        staged<kLoadBatch>(
+        staged<kLoadsInFlight>(
             tid, kChunk * kSlab, kThreads,
             [&](int i) {
                 const int t = i / kSlab;
@@ -400,7 +398,7 @@ struct Block {
     template <int kWidth, class Put>
     __device__ __forceinline__ void load_rows(const input_t* __restrict__ x, const GateloopSeqStrides& s,
                                               int64_t col0, int64_t limit, Put put) const {
-        staged<kLoadBatch>(
+        staged<kLoadsInFlight>(
             tid, kChunk * kWidth, kThreads,
             [&](int i) {
                 const int t = i / kWidth;
@@ -884,7 +882,7 @@ __device__ __forceinline__ void intra_pass(Block<input_t, kComplex>& blk, unsign
         blk.load_keys(blk.k, p.k_strides, d0, kraw);
         // The state entering the chunk (S_c; D(c) when kAdjoint), rows [Re | Im]
         // of the slab's channels.
-        staged<kLoadBatch>(
+        staged<kLoadsInFlight>(
             tid, kWidth * kVTile, kThreads,
             [&](int i) {
                 const int r = i / kVTile;

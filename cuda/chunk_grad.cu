@@ -485,7 +485,7 @@ __device__ __forceinline__ void grad_qk(const GateloopChunkGradParams& g) {
             for (int64_t v0 = 0; v0 < value_dim; v0 += kInterCols) {
                 __syncthreads();  // the previous step's operands are consumed
                 // (dy, v) and (S_in, D) pairs, staged (common.cuh): loads in flight together.
-                staged<kLoadBatch>(
+                staged<kLoadsInFlight>(
                     tid, kChunk * kInterCols, kThreads,
                     [&](int i) {
                         const int n = i / kInterCols;
@@ -498,7 +498,7 @@ __device__ __forceinline__ void grad_qk(const GateloopChunkGradParams& g) {
                         dyh.template put<kGradTerms>(i / kInterCols, i % kInterCols, x.x);
                         vh.template put<kGradTerms>(i / kInterCols, i % kInterCols, x.y);
                     });
-                staged<kLoadBatch>(
+                staged<kLoadsInFlight>(
                     tid, 2 * kSlab * kInterCols, kThreads,
                     [&](int i) {
                         const int r = i / kInterCols;

@@ -116,10 +116,12 @@ __device__ __forceinline__ float re_diff(float late, float late_lo, float early,
 // every item of a batch (global loads issued back to back, into registers),
 // then put(i, value) for each. A loop that loads and stores one item per
 // iteration waits a whole global round trip per item: nvcc does not move a
-// guarded load above the previous item's store. Measured on the H200
-// (2026-11-30): the chunked output kernel's staging issued one LDG, waited,
-// stored, for each of its ~30 items per thread per key slab, the recurrence
-// likewise; both were latency-bound with DRAM 5-7% busy.
+// guarded load above the previous item's store: the sm_90 SASS of the
+// chunked output kernel (nvdisasm, 2026-11-30) issued one LDG, waited and
+// stored for each of its ~30 items per thread per key slab, the recurrence
+// likewise, and the H200 profiled both as latency-bound with DRAM 5-7% busy.
+// kLoadsInFlight: the batch the kernels use.
+constexpr int kLoadsInFlight = 4;
 template <int kBatch, class Fetch, class Put>
 __device__ __forceinline__ void staged(int first, int count, int stride, Fetch fetch, Put put) {
     using T = decltype(fetch(0));

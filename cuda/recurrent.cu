@@ -15,7 +15,7 @@
 //   1. stage: the block computes a_t[k] = exp(log_gate) once per (t, k) and
 //      stores {Re a, Im a, k_t[k], q_t[k]} as one float4 per (t, k) in shared
 //      memory, and the tile's v_t columns; global loads are coalesced along
-//      the contiguous last dimension, and each thread issues kStageBatch
+//      the contiguous last dimension, and each thread issues kLoadsInFlight
 //      independent loads before it uses one (staged, common.cuh: one global
 //      round trip per batch, not per element; the H200 measured ~0.55 µs per
 //      step, the same with 1 and 2 blocks per SM, i.e. latency-bound);
@@ -58,7 +58,6 @@ namespace gateloop {
 // ---- the kernel body -----------------------------------------------------
 
 constexpr int kValueTile = GATELOOP_RECURRENT_VALUE_TILE;
-constexpr int kStageBatch = 4;  // staging loads in flight per thread
 constexpr int kMaxThreads = GATELOOP_RECURRENT_VALUE_TILE * GATELOOP_RECURRENT_MAX_KEY_GROUPS;
 static_assert(kValueTile == 32, "one lane per column of the tile");
 
@@ -125,13 +124,13 @@ __device__ __forceinline__ void recurrent_forward(const GateloopRecurrentParams&
         const int n = static_cast<int>(min(static_cast<int64_t>(chunk), len - t0));
 
         // 1. stage gates, k, q (padding rows are zero: a = 0, k = q = 0), then
-        // the tile's v, kStageBatch loads per thread in flight (staged).
+        // the tile's v, kLoadsInFlight loads per thread in flight (staged).
         struct Raw {
             float2 g;
             float k, q;
             bool live;
         };
-        staged<kStageBatch>(
+        staged<kLoadsInFlight>(
             tid, n * kp, nthreads,
             [&](int idx) {
                 const int tt = idx / kp;
@@ -153,7 +152,7 @@ __device__ __forceinline__ void recurrent_forward(const GateloopRecurrentParams&
                 }
                 stage[idx] = s;
             });
-        staged<kStageBatch>(
+        staged<kLoadsInFlight>(
             tid, n * kValueTile, nthreads,
             [&](int idx) {
                 const int tt = idx / kValueTile;

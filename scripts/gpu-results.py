@@ -243,7 +243,11 @@ def targets_section(doc, name="peers.json"):
     if not doc or not doc.get("ours", {}).get("results"):
         return L + ["(no peers.json with our results: the peer step did not run or found no GPU)\n"]
     rep = peers_report(doc)
-    if doc.get("fla_tune") == "quick":
+    # fla quick-tuned (peers.py --fla-tune quick): its time is an upper
+    # bound on fla's, so a ratio over fla that misses a target holds, one
+    # that meets it does not yet (benches/peers/fla_tune.py).
+    fla_quick = doc.get("fla_tune") == "quick"
+    if fla_quick:
         L.append("fla ran quick-tuned (one Triton configuration per kernel): a target against fla that this run "
                  "misses is missed, one it meets stays not measured until fla's full autotune runs.\n")
     L.append("| target | shape | measured | verdict |")
@@ -254,11 +258,6 @@ def targets_section(doc, name="peers.json"):
     def row(target, shape, measured, ok):
         tally[ok] += 1
         L.append(f"| {target} | {label(shape)} | {measured} | {verdict_cell(ok)} |")
-
-    # fla quick-tuned (peers.py --fla-tune quick): its time is an upper
-    # bound on fla's, so a ratio over fla that misses a target holds, one
-    # that meets it does not yet (benches/peers/fla_tune.py).
-    fla_quick = doc.get("fla_tune") == "quick"
 
     def ratio_row(target, shape, num, den, bound, above, what, num_is_fla=False):
         """num/den against bound (above: ratio ≥ bound is met)."""

@@ -35,6 +35,19 @@ fn case(peer: &str, column: &str, s: [usize; 5], status: &str, ms: f64) -> serde
            "median_ms": ms})
 }
 
+/// gpu-results.py on `runs` (in order), filed under `into`: its stdout, the verdict.
+fn file_runs(runs: &[&Path], into: &Path) -> String {
+    let out = Command::new("python3").arg(script()).args(runs).arg("--into").arg(into).output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(out.status.success(), "{}\n{}", text, String::from_utf8_lossy(&out.stderr));
+    text
+}
+
+/// The verdict's row of `target` (the line that starts with `| target`).
+fn target_line<'a>(text: &'a str, target: &str) -> &'a str {
+    text.lines().find(|l| l.starts_with(&format!("| {target}"))).unwrap_or_else(|| panic!("no `{target}` in\n{text}"))
+}
+
 /// A peers.json at shape `s`: ours real bf16 1.0 ms, complex bf16 1.5,
 /// fwd+bwd 5.0; fla chunk_gla forward 1.5, forward+backward 5.5.
 fn peer_run(s: [usize; 5]) -> serde_json::Value {
@@ -104,14 +117,8 @@ fn files_a_run_and_reads_the_targets_and_the_carry_rule() {
     }
 
     let into = dir.join("into");
-    let out = Command::new("python3").arg(script()).arg(&files).arg(&res2).arg("--into").arg(&into).output().unwrap();
-    let text = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success(), "{}\n{}", text, String::from_utf8_lossy(&out.stderr));
-    let line = |target: &str| {
-        text.lines()
-            .find(|l| l.starts_with(&format!("| {target}")))
-            .unwrap_or_else(|| panic!("no `{target}` in\n{text}"))
-    };
+    let text = file_runs(&[&files, &res2], &into);
+    let line = |target: &str| target_line(&text, target);
     // fla 1.5 / ours real 1.0 = 1.50× ≥ 1.2.
     assert!(line("real bf16").contains("1.50×") && line("real bf16").ends_with("| met |"), "{text}");
     // chunked complex 1.5 / chunked real 1.0 = 1.50× ≤ 2.
@@ -169,14 +176,8 @@ fn quick_tuned_fla_settles_only_the_misses() {
     peers["fla_tune"] = json!("quick");
     write(&res.join("peers/peers.json"), &peers.to_string());
     let into = dir.join("into");
-    let out = Command::new("python3").arg(script()).arg(&res).arg("--into").arg(&into).output().unwrap();
-    let text = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success(), "{}\n{}", text, String::from_utf8_lossy(&out.stderr));
-    let line = |target: &str| {
-        text.lines()
-            .find(|l| l.starts_with(&format!("| {target}")))
-            .unwrap_or_else(|| panic!("no `{target}` in\n{text}"))
-    };
+    let text = file_runs(&[&res], &into);
+    let line = |target: &str| target_line(&text, target);
     // fla 1.5 / ours 1.0 = 1.50× ≥ 1.2, but against one configuration only.
     let real = line("real bf16");
     assert!(real.contains("1.50×") && real.contains("quick-tuned") && real.ends_with("| not measured |"), "{text}");
