@@ -210,6 +210,47 @@ __host__ __device__ constexpr int prefix_bytes() {
     return (kComplex ? 5 : 3) * kChunk * kSlab * 4;
 }
 
+// Thread tid's place in a tile of kWidth columns staged by the block
+// (stage_tile): column `col`, rows row0, row0 + kStep, … with kStep =
+// kThreads / kWidth.
+template <int kWidth>
+struct TileSlot {
+    static_assert(kThreads % kWidth == 0, "whole rows per pass of the block");
+    static constexpr int kStep = kThreads / kWidth;
+    int row0, col;
+    __device__ __forceinline__ explicit TileSlot(int tid)
+        : row0(static_cast<int>(static_cast<unsigned>(tid) / kWidth)),
+          col(static_cast<int>(static_cast<unsigned>(tid) % kWidth)) {}
+};
+
+// Stages a kRows × kWidth tile: thread `slot` takes items u = 0 … kRows /
+// kStep − 1, (row, col) = (slot.row0 + u·kStep, slot.col) — the items i =
+// row·kWidth + col = tid + u·kThreads of a flat loop over the tile, in the
+// same order — fetch(u, row, col) → value for kLoadsInFlight items, then
+// put(row, col, value) for each (staged_items). Callers compute the
+// thread's first address once and step it by u: see staged_items for why.
+// Visits thread `slot`'s items of a kRows × kWidth tile in shared memory:
+// f(u, row, col) for u = 0 … kRows / kStep − 1, (row, col) = (slot.row0 +
+// u·kStep, slot.col), unrolled: the items i = row·kWidth + col = tid +
+// u·kThreads of a flat loop, in its order, with the row's block (u) known
+// at compile time — for the 16-wide slabs, row / 16 = u.
+template <int kRows, int kWidth, class F>
+__device__ __forceinline__ void for_tile(const TileSlot<kWidth>& slot, F f) {
+    constexpr int kStep = TileSlot<kWidth>::kStep;
+    static_assert(kRows % kStep == 0, "whole passes of the block per tile");
+#pragma unroll
+    for (int u = 0; u < kRows / kStep; ++u) f(u, slot.row0 + u * kStep, slot.col);
+}
+
+template <int kRows, int kWidth, class Fetch, class Put>
+__device__ __forceinline__ void stage_tile(const TileSlot<kWidth>& slot, Fetch fetch, Put put) {
+    constexpr int kStep = TileSlot<kWidth>::kStep;
+    static_assert(kRows % kStep == 0, "whole passes of the block per tile");
+    staged_items<kRows / kStep, kLoadsInFlight>(
+        [&](int u) { return fetch(u, slot.row0 + u * kStep, slot.col); },
+        [&](int u, decltype(fetch(0, 0, 0)) x) { put(slot.row0 + u * kStep, slot.col, x); });
+}
+
 template <typename input_t, bool kComplex>
 struct Block {
     using Tr = InputTraits<input_t>;
@@ -309,26 +350,31 @@ struct Block {
     __device__ void build_prefix(int64_t d0) {
         const int cols = gate_cols(d0);
         // Stage the raw gates: Re into gre, Im into gsn.
-        staged<kLoadsInFlight>(
-            tid, kChunk * kSlab, kThreads,
-            [&](int i) {
-                const int t = i / kSlab;
-                const int j = i - t * kSlab;
-                float2 g = make_float2(0.f, 0.f);
-                if (t < n && j < cols) {
-                    const int64_t at_ = (t0 + t) * p.gate_strides.time + (per_head ? 0 : d0 + j);
-                    if (kComplex) {
-                        g = load_complex(complex_seq_row(p.log_gate, p.gate_strides, b, h), at_);
-                    } else {
-                        g.x = __ldg(seq_row<float>(p.log_gate, p.gate_strides, b, h) + at_);
+        {
+            const TileSlot<kSlab> slot(tid);
+            const bool col_in = slot.col < cols;
+            const int64_t step = opaque(TileSlot<kSlab>::kStep * p.gate_strides.time);
+            const int64_t first = opaque((t0 + slot.row0) * p.gate_strides.time + (per_head ? 0 : d0 + slot.col));
+            const float* row = kComplex ? complex_seq_row(p.log_gate, p.gate_strides, b, h)
+                                        : seq_row<float>(p.log_gate, p.gate_strides, b, h);
+            stage_tile<kChunk, kSlab>(
+                slot,
+                [&](int u, int t, int) {
+                    float2 g = make_float2(0.f, 0.f);
+                    if (col_in && t < n) {
+                        if (kComplex) {
+                            g = load_complex(row, first + u * step);
+                        } else {
+                            g.x = __ldg(row + first + u * step);
+                        }
                     }
-                }
-                return g;
-            },
-            [&](int i, float2 g) {
-                gre[i] = g.x;
-                if (kComplex) gsn[i] = g.y;
-            });
+                    return g;
+                },
+                [&](int t, int j, float2 g) {
+                    gre[t * kSlab + j] = g.x;
+                    if (kComplex) gsn[t * kSlab + j] = g.y;
+                });
+        }
         __syncthreads();
         // 1. One thread per (segment, channel) scans its kPrefixSeg steps from
         //    zero (the walk of cpu::chunked::Scratch::build_prefix).
@@ -384,11 +430,15 @@ struct Block {
 
     // |E(late, early)| of table column cl, early = −1 meaning "before the
     // chunk": 0 across a reset, else exp of a difference ≤ 0.
+    // Branch-free (a select, not a branch around the exp: resets are rare,
+    // so the exp is almost always taken, and the branch cost a
+    // reconvergence per call in the pairwise loops); the tables hold finite
+    // sums, so the exp across a reset is finite and discarded.
     __device__ __forceinline__ float modulus(int late, int early, int cl) const {
-        if (rst[late * kSlab + cl] > early) return 0.f;
         const float e = early < 0 ? 0.f : gre[early * kSlab + cl];
         const float e_lo = early < 0 ? 0.f : glo[early * kSlab + cl];
-        return expf(fminf(re_diff(gre[late * kSlab + cl], glo[late * kSlab + cl], e, e_lo), 0.f));
+        const float w = expf(fminf(re_diff(gre[late * kSlab + cl], glo[late * kSlab + cl], e, e_lo), 0.f));
+        return rst[late * kSlab + cl] > early ? 0.f : w;
     }
     __device__ __forceinline__ float cos_at(int t, int cl) const { return kComplex ? gcs[t * kSlab + cl] : 1.f; }
     __device__ __forceinline__ float sin_at(int t, int cl) const { return kComplex ? gsn[t * kSlab + cl] : 0.f; }
@@ -398,14 +448,12 @@ struct Block {
     template <int kWidth, class Put>
     __device__ __forceinline__ void load_rows(const input_t* __restrict__ x, const GateloopSeqStrides& s,
                                               int64_t col0, int64_t limit, Put put) const {
-        staged<kLoadsInFlight>(
-            tid, kChunk * kWidth, kThreads,
-            [&](int i) {
-                const int t = i / kWidth;
-                const int c = i - t * kWidth;
-                return (t < n && col0 + c < limit) ? Tr::load(x, (t0 + t) * s.time + col0 + c) : 0.f;
-            },
-            [&](int i, float e) { put(i / kWidth, i % kWidth, e); });
+        const TileSlot<kWidth> slot(tid);
+        const bool col_in = col0 + slot.col < limit;
+        const int64_t step = opaque(TileSlot<kWidth>::kStep * s.time);
+        const int64_t first = opaque((t0 + slot.row0) * s.time + col0 + slot.col);
+        stage_tile<kChunk, kWidth>(
+            slot, [&](int u, int t, int) { return (col_in && t < n) ? Tr::load(x, first + u * step) : 0.f; }, put);
     }
 
     // x (q or k) of slab d0 into xs [kChunk][kSlab] f32, zero past the chunk / K.
@@ -438,6 +486,37 @@ struct Block {
         return ((bh * p.num_chunks + chunk) * (kComplex ? 2 : 1) * p.dims.key_dim + row) * p.dims.value_dim;
     }
 };
+
+// Stages rows of slab d0 of a planar [.., parts·K, V] chunk workspace
+// (rows part·K + d, Block::ws_state_row; the carried states S_c, D(c)):
+// kParts parts of kSlab rows, value columns col0 … col0 + kCols − 1, tile
+// row part·kSlab + j ↔ workspace row part·K + d0 + j. fetch(at, live) →
+// value, `at` the item's workspace offset, live false past K or V (fetch
+// must then not read); put(row, col, value) (stage_tile). A thread's rows
+// stay in one part for kSlab / kStep items, so the part is known at compile
+// time.
+template <int kParts, int kCols, typename input_t, bool kComplex, class Fetch, class Put>
+__device__ __forceinline__ void stage_state_rows(const Block<input_t, kComplex>& blk, int64_t d0, int64_t col0,
+                                                 Fetch fetch, Put put) {
+    const TileSlot<kCols> slot(blk.tid);
+    constexpr int kStep = TileSlot<kCols>::kStep;
+    constexpr int kPerPart = kSlab / kStep;
+    static_assert(kPerPart * kStep == kSlab, "whole passes of the block per part");
+    const int64_t key_dim = blk.p.dims.key_dim;
+    const int64_t value_dim = blk.p.dims.value_dim;
+    const bool col_in = col0 + slot.col < value_dim;
+    const int64_t first = blk.ws_state_row(d0 + slot.row0) + col0 + slot.col;
+    const int64_t part_step = key_dim * value_dim;
+    const int64_t row_step = kStep * value_dim;
+    stage_tile<kParts * kSlab, kCols>(
+        slot,
+        [&](int u, int r, int) {
+            const int part = u / kPerPart;
+            const bool live = col_in && d0 + (r - part * kSlab) < key_dim;
+            return fetch(first + part * part_step + (u % kPerPart) * row_step, live);
+        },
+        put);
+}
 
 // Operand widths of one slab: [Re | Im] halves of 16 channels, or Re only.
 template <bool kComplex>
@@ -528,12 +607,22 @@ __device__ __forceinline__ void check_shared(int have, int need) {
 }
 
 // Stores a warp's 16 × 16 accumulator through its staging tile and hands
-// (row, col, value) to `f` for each element (lane-strided).
+// (k, row, col, value) to `f` for each of the lane's 8 elements: element k
+// is (row, col) = (drain_row0(lane) + kDrainRowStep·k, drain_col(lane)), so
+// a caller can compute the lane's first address once and step it by k.
+constexpr int kDrainRowStep = 2;
+__device__ __forceinline__ int drain_row0(int lane) { return lane >> 4; }
+__device__ __forceinline__ int drain_col(int lane) { return lane & 15; }
 template <class Op, class F>
 __device__ __forceinline__ void drain(const Acc<Op>& acc, float* staging, int lane, F f) {
     wmma::store_matrix_sync(staging, acc, 16, wmma::mem_row_major);
     __syncwarp();
-    for (int e = lane; e < 256; e += 32) f(e >> 4, e & 15, staging[e]);
+    const int r0 = drain_row0(lane), c = drain_col(lane);
+#pragma unroll
+    for (int k = 0; k < 16 / kDrainRowStep; ++k) {
+        const int r = r0 + kDrainRowStep * k;
+        f(k, r, c, staging[r * 16 + c]);
+    }
     __syncwarp();
 }
 
@@ -547,14 +636,12 @@ __device__ __forceinline__ void drain(const Acc<Op>& acc, float* staging, int la
 template <class Op, int kTerms, typename input_t, bool kComplex>
 __device__ __forceinline__ void put_inter_queries(const Block<input_t, kComplex>& blk, const float* qraw,
                                                   const Split<Op>& qe) {
-    for (int i = blk.tid; i < kChunk * kSlab; i += kThreads) {
-        const int nn = i / kSlab;
-        const int j = i - nn * kSlab;
+    for_tile<kChunk, kSlab>(TileSlot<kSlab>(blk.tid), [&](int, int nn, int j) {
         const int cl = blk.col(j);
-        const float wq = blk.modulus(nn, -1, cl) * qraw[i];
+        const float wq = blk.modulus(nn, -1, cl) * qraw[nn * kSlab + j];
         qe.template put<kTerms>(nn, j, wq * blk.cos_at(nn, cl));
         if (kComplex) qe.template put<kTerms>(nn, kSlab + j, -(wq * blk.sin_at(nn, cl)));
-    }
+    });
 }
 
 // State rows of slab d0 (raw k in kraw, zero past the chunk):
@@ -567,12 +654,10 @@ template <class Op, int kTerms, typename input_t, bool kComplex>
 __device__ __forceinline__ void put_state_keys(const Block<input_t, kComplex>& blk, const float* kraw,
                                                const Split<Op>& kt) {
     const int last = blk.n - 1;
-    for (int i = blk.tid; i < kChunk * kSlab; i += kThreads) {
-        const int m = i / kSlab;
-        const int j = i - m * kSlab;
+    for_tile<kChunk, kSlab>(TileSlot<kSlab>(blk.tid), [&](int, int m, int j) {
         const int cl = blk.col(j);
         const float w = blk.modulus(last, m, cl);
-        const float kk = kraw[i];
+        const float kk = kraw[m * kSlab + j];
         if (kComplex) {
             const float cl_ = blk.cos_at(last, cl), sl = blk.sin_at(last, cl);
             const float kc = kk * blk.cos_at(m, cl), ks = kk * blk.sin_at(m, cl);
@@ -581,7 +666,7 @@ __device__ __forceinline__ void put_state_keys(const Block<input_t, kComplex>& b
         } else {
             kt.template put<kTerms>(m, j, w * kk);
         }
-    }
+    });
 }
 
 // out[part·K + d0 + j][v0 + c] = Σ_m X[m][part·kSlab + j] Y[m][c] for the
@@ -620,12 +705,14 @@ __device__ __forceinline__ void store_slab_gram(const Block<input_t, kComplex>& 
     const int cb = blk.warp % (kVTile / 16);
     const int64_t key_dim = blk.p.dims.key_dim;
     const int64_t value_dim = blk.p.dims.value_dim;
-    drain<Op>(acc, staging, blk.tid & 31, [&](int r, int c, float e) {
-        const int wcol = 16 * rb + r;  // operand column: part · 16 + channel
-        const int part = wcol / kSlab;
-        const int64_t d = d0 + (wcol - part * kSlab);
-        const int64_t col = blk.v0 + 16 * cb + c;
-        if (d < key_dim && col < value_dim) out[blk.ws_state_row(part * key_dim + d) + col] = e;
+    // Accumulator row r is operand column 16·rb + r: part rb, channel d0 + r.
+    static_assert(kSlab == 16, "one part per 16-row accumulator");
+    const int lane = blk.tid & 31;
+    const int64_t col = blk.v0 + 16 * cb + drain_col(lane);
+    const int64_t first = opaque(blk.ws_state_row(rb * key_dim + d0 + drain_row0(lane)) + col);
+    const int64_t step = opaque(kDrainRowStep * value_dim);
+    drain<Op>(acc, staging, lane, [&](int k, int r, int, float e) {
+        if (d0 + r < key_dim && col < value_dim) out[first + k * step] = e;
     });
 }
 
@@ -723,21 +810,31 @@ __device__ __forceinline__ void walk_chunks(const GateloopChunkParams& p, unsign
             wmma::store_matrix_sync(xbuf + 16 * rb * kVTile + 16 * cb, acc, kVTile, wmma::mem_row_major);
         }
         __syncthreads();
-        for (int e = blk.tid; e < kSlab * kVTile; e += kThreads) {
-            int64_t d, col;
-            const bool in = element(e, d, col);
-            const float2 s = make_float2(st[e], kComplex ? st[kSlab * kVTile + e] : 0.f);
-            if (in) {
-                slots[blk.ws_state_row(d) + col] = s.x;
-                if (kComplex) slots[blk.ws_state_row(key_dim + d) + col] = s.y;
-            }
-            const float2 a = dec[e / kVTile];
-            if (kComplex) {
-                const float2 x = apply(a, make_float2(xbuf[e], xbuf[kSlab * kVTile + e]), s);
-                st[e] = x.x;
-                st[kSlab * kVTile + e] = x.y;
-            } else {
-                st[e] = fmaf(a.x, s.x, xbuf[e]);
+        {
+            // Thread slot: column v0 + col, key rows d0 + row0 + kStep·u.
+            const TileSlot<kVTile> slot(blk.tid);
+            constexpr int kStep = TileSlot<kVTile>::kStep;
+            const bool col_in = blk.v0 + slot.col < value_dim;
+            const int64_t first = blk.ws_state_row(d0 + slot.row0) + blk.v0 + slot.col;
+            const int64_t im = key_dim * value_dim;  // ws_state_row(K + d) − ws_state_row(d)
+            const int64_t row_step = kStep * value_dim;
+#pragma unroll
+            for (int u = 0; u < kSlab / kStep; ++u) {
+                const int r = slot.row0 + u * kStep;
+                const int e = r * kVTile + slot.col;
+                const float2 s = make_float2(st[e], kComplex ? st[kSlab * kVTile + e] : 0.f);
+                if (col_in && d0 + r < key_dim) {
+                    slots[first + u * row_step] = s.x;
+                    if (kComplex) slots[first + u * row_step + im] = s.y;
+                }
+                const float2 a = dec[r];
+                if (kComplex) {
+                    const float2 x = apply(a, make_float2(xbuf[e], xbuf[kSlab * kVTile + e]), s);
+                    st[e] = x.x;
+                    st[kSlab * kVTile + e] = x.y;
+                } else {
+                    st[e] = fmaf(a.x, s.x, xbuf[e]);
+                }
             }
         }
         // (The next chunk's build_prefix ends with a barrier before xbuf,
@@ -792,26 +889,25 @@ __device__ __forceinline__ int2 diag_pair(int t) {
 template <class Op, int kTerms, typename input_t, bool kComplex>
 __device__ __forceinline__ void put_anchored_rows(const Block<input_t, kComplex>& blk, const float* qraw,
                                                   const float* kraw, const Split<Op>& qa, const Split<Op>& ka) {
-    for (int i = blk.tid; i < kPairs * kSub * kSlab; i += kThreads) {
-        const int row = i / kSlab;  // pair · 16 + n − 16 i
-        const int j = i - row * kSlab;
-        const int pr = row / kSub;
+    // A 16-wide slab's row block is its item index (for_tile): row / 16 = u
+    // is the pair (qa) or the key sub-chunk (ka), known at compile time.
+    static_assert(TileSlot<kSlab>::kStep == kSub, "one sub-chunk row block per item");
+    const TileSlot<kSlab> slot(blk.tid);
+    for_tile<kPairs * kSub, kSlab>(slot, [&](int pr, int row, int j) {  // row = pair · 16 + n − 16 i
         const int nn = kSub * pair_query(pr) + (row - pr * kSub);
         const int r = kSub * pair_key(pr) + kSub - 1;
         const int cl = blk.col(j);
         const float wq = blk.modulus(nn, r, cl) * qraw[nn * kSlab + j];
         qa.template put<kTerms>(row, j, wq * blk.cos_at(nn, cl));
         if (kComplex) qa.template put<kTerms>(row, kSlab + j, -(wq * blk.sin_at(nn, cl)));
-    }
-    for (int i = blk.tid; i < (kSubs - 1) * kSub * kSlab; i += kThreads) {
-        const int m = i / kSlab;  // key sub-chunks 0 .. kSubs − 2
-        const int j = i - m * kSlab;
-        const int r = (m / kSub) * kSub + kSub - 1;
+    });
+    for_tile<(kSubs - 1) * kSub, kSlab>(slot, [&](int sub, int m, int j) {  // key sub-chunks 0 .. kSubs − 2
+        const int r = sub * kSub + kSub - 1;
         const int cl = blk.col(j);
-        const float wk = blk.modulus(r, m, cl) * kraw[i];
+        const float wk = blk.modulus(r, m, cl) * kraw[m * kSlab + j];
         ka.template put<kTerms>(m, j, wk * blk.cos_at(m, cl));
         if (kComplex) ka.template put<kTerms>(m, kSlab + j, -(wk * blk.sin_at(m, cl)));
-    }
+    });
 }
 
 // One block (b, h, chunk, value tile) of the pass that forms the chunk's
@@ -882,17 +978,9 @@ __device__ __forceinline__ void intra_pass(Block<input_t, kComplex>& blk, unsign
         blk.load_keys(blk.k, p.k_strides, d0, kraw);
         // The state entering the chunk (S_c; D(c) when kAdjoint), rows [Re | Im]
         // of the slab's channels.
-        staged<kLoadsInFlight>(
-            tid, kWidth * kVTile, kThreads,
-            [&](int i) {
-                const int r = i / kVTile;
-                const int c = i - r * kVTile;
-                const int part = r / kSlab;
-                const int64_t d = d0 + (r - part * kSlab);
-                const int64_t col = blk.v0 + c;
-                return (d < key_dim && col < value_dim) ? state[blk.ws_state_row(part * key_dim + d) + col] : 0.f;
-            },
-            [&](int i, float x) { st.template put<kTerms>(i / kVTile, i % kVTile, x); });
+        stage_state_rows<kComplex ? 2 : 1, kVTile>(
+            blk, d0, blk.v0, [&](int64_t at_, bool live) { return live ? state[at_] : 0.f; },
+            [&](int r, int c, float x) { st.template put<kTerms>(r, c, x); });
         __syncthreads();
         // Inter-chunk rows: [Re Q̃ | −Im Q̃] (y), [Re K̃ | Im K̃] (dv).
         if constexpr (kAdjoint) {
@@ -950,10 +1038,12 @@ __device__ __forceinline__ void intra_pass(Block<input_t, kComplex>& blk, unsign
     if (pair < kPairs) wmma::store_matrix_sync(staging, sacc, 16, wmma::mem_row_major);
     __syncthreads();
     float* staging0 = staging - blk.warp * 256;
-    for (int i = tid; i < kChunk * kChunk; i += kThreads) {
-        const int nn = i / kChunk;
-        const int m = i - nn * kChunk;
-        const int bi = nn / kSub, bj = m / kSub;
+    // Items u of row block bi = u / (kSub / kStep) (a thread's rows stay
+    // inside one 16-row block for kSub / kStep items).
+    constexpr int kStep = TileSlot<kChunk>::kStep;
+    static_assert(kSub % kStep == 0, "whole row blocks per item run");
+    for_tile<kChunk, kChunk>(TileSlot<kChunk>(tid), [&](int u, int nn, int m) {
+        const int bi = u / (kSub / kStep), bj = m / kSub;
         const int rr = nn - bi * kSub, cc = m - bj * kSub;
         float x = 0.f;
         if (bj == bi) {
@@ -962,7 +1052,7 @@ __device__ __forceinline__ void intra_pass(Block<input_t, kComplex>& blk, unsign
             x = staging0[pair_of(bi, bj) * 256 + rr * 16 + cc];
         }
         ps.template put<kTerms>(nn, m, x);
-    }
+    });
     blk.template load_tile<Op, kTerms>(tile, tile_strides, vs);
     __syncthreads();
     if constexpr (kAdjoint) {
@@ -992,10 +1082,11 @@ __device__ __forceinline__ void intra_pass(Block<input_t, kComplex>& blk, unsign
     // load_tile, and the products read ps and vs, which do not overlap them.
 #pragma unroll
     for (int t = 0; t < 2; ++t) {
-        drain<Op>(yacc[t], staging, lane, [&](int r, int c, float x) {
-            const int nn = 16 * yr + r;
-            const int64_t col = blk.v0 + 16 * (yc + t) + c;
-            if (nn < blk.n && col < value_dim) Tr::store(out, (blk.t0 + nn) * out_strides.time + col, x);
+        const int64_t col = blk.v0 + 16 * (yc + t) + drain_col(lane);
+        const int64_t first = opaque((blk.t0 + 16 * yr + drain_row0(lane)) * out_strides.time + col);
+        const int64_t step = opaque(kDrainRowStep * out_strides.time);
+        drain<Op>(yacc[t], staging, lane, [&](int k, int r, int, float x) {
+            if (16 * yr + r < blk.n && col < value_dim) Tr::store(out, first + k * step, x);
         });
     }
 }

@@ -484,34 +484,36 @@ __device__ __forceinline__ void grad_qk(const GateloopChunkGradParams& g) {
             float2 thr = make_float2(0.f, 0.f);
             for (int64_t v0 = 0; v0 < value_dim; v0 += kInterCols) {
                 __syncthreads();  // the previous step's operands are consumed
-                // (dy, v) and (S_in, D) pairs, staged (common.cuh): loads in flight together.
-                staged<kLoadsInFlight>(
-                    tid, kChunk * kInterCols, kThreads,
-                    [&](int i) {
-                        const int n = i / kInterCols;
-                        const int c = i - n * kInterCols;
-                        if (n >= blk.n || v0 + c >= value_dim) return make_float2(0.f, 0.f);
-                        return make_float2(Tr::load(dy, (blk.t0 + n) * g.dy_strides.time + v0 + c),
-                                           Tr::load(blk.v, (blk.t0 + n) * p.v_strides.time + v0 + c));
+                // (dy, v) and (S_in, D) pairs, staged (stage_tile): loads in
+                // flight together, addresses stepped from the thread's first.
+                const TileSlot<kInterCols> slot(tid);
+                constexpr int kStep = TileSlot<kInterCols>::kStep;
+                const bool col_in = v0 + slot.col < value_dim;
+                {
+                    const int64_t dy_first = opaque((blk.t0 + slot.row0) * g.dy_strides.time + v0 + slot.col);
+                    const int64_t v_first = opaque((blk.t0 + slot.row0) * p.v_strides.time + v0 + slot.col);
+                    const int64_t dy_step = opaque(kStep * g.dy_strides.time);
+                    const int64_t v_step = opaque(kStep * p.v_strides.time);
+                    stage_tile<kChunk, kInterCols>(
+                        slot,
+                        [&](int u, int n, int) {
+                            if (!col_in || n >= blk.n) return make_float2(0.f, 0.f);
+                            return make_float2(Tr::load(dy, dy_first + u * dy_step),
+                                               Tr::load(blk.v, v_first + u * v_step));
+                        },
+                        [&](int n, int c, float2 x) {
+                            dyh.template put<kGradTerms>(n, c, x.x);
+                            vh.template put<kGradTerms>(n, c, x.y);
+                        });
+                }
+                stage_state_rows<2, kInterCols>(
+                    blk, d0, v0,
+                    [&](int64_t at_, bool live) {
+                        return live ? make_float2(p.ws_state[at_], g.ws_adj[at_]) : make_float2(0.f, 0.f);
                     },
-                    [&](int i, float2 x) {
-                        dyh.template put<kGradTerms>(i / kInterCols, i % kInterCols, x.x);
-                        vh.template put<kGradTerms>(i / kInterCols, i % kInterCols, x.y);
-                    });
-                staged<kLoadsInFlight>(
-                    tid, 2 * kSlab * kInterCols, kThreads,
-                    [&](int i) {
-                        const int r = i / kInterCols;
-                        const int c = i - r * kInterCols;
-                        const int part = r / kSlab;
-                        const int64_t dd = d0 + (r - part * kSlab);
-                        if (dd >= key_dim || v0 + c >= value_dim) return make_float2(0.f, 0.f);
-                        const int64_t at_ = blk.ws_state_row(part * key_dim + dd) + v0 + c;
-                        return make_float2(p.ws_state[at_], g.ws_adj[at_]);
-                    },
-                    [&](int i, float2 x) {
-                        sh.template put<kGradTerms>(i / kInterCols, i % kInterCols, x.x);
-                        dh.template put<kGradTerms>(i / kInterCols, i % kInterCols, x.y);
+                    [&](int r, int c, float2 x) {
+                        sh.template put<kGradTerms>(r, c, x.x);
+                        dh.template put<kGradTerms>(r, c, x.y);
                     });
                 if (nb == 0 && d0 + d < key_dim) {
                     const int64_t re = blk.ws_state_row(d0 + d) + v0;

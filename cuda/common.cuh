@@ -112,35 +112,71 @@ __device__ __forceinline__ float re_diff(float late, float late_lo, float early,
 
 // ---- staging global memory ------------------------------------------------------
 
-// Items i = first, first + stride, … < count, kBatch at a time: fetch(i) for
-// every item of a batch (global loads issued back to back, into registers),
-// then put(i, value) for each. A loop that loads and stores one item per
-// iteration waits a whole global round trip per item: nvcc does not move a
-// guarded load above the previous item's store: the sm_90 SASS of the
-// chunked output kernel (nvdisasm, 2026-11-30) issued one LDG, waited and
+// kLoadsInFlight: the batch the kernels use. A loop that loads and stores
+// one item per iteration waits a whole global round trip per item: nvcc does
+// not move a guarded load above the previous item's store: the sm_90 SASS of
+// the chunked output kernel (nvdisasm, 2026-11-30) issued one LDG, waited and
 // stored for each of its ~30 items per thread per key slab, the recurrence
 // likewise, and the H200 profiled both as latency-bound with DRAM 5-7% busy.
-// kLoadsInFlight: the batch the kernels use.
 constexpr int kLoadsInFlight = 4;
+
+// Items base .. base + kBatch − 1 that satisfy live(u): fetch(u) for each
+// (global loads issued back to back, into registers), then put(u, value)
+// for each. The one batching step of staged and staged_items.
+template <int kBatch, class Live, class Fetch, class Put>
+__device__ __forceinline__ void stage_batch(int base, Live live, Fetch fetch, Put put) {
+    using T = decltype(fetch(0));
+    T x[kBatch];
+#pragma unroll
+    for (int u = 0; u < kBatch; ++u) {
+        if (live(base + u)) x[u] = fetch(base + u);
+    }
+#pragma unroll
+    for (int u = 0; u < kBatch; ++u) {
+        if (live(base + u)) put(base + u, x[u]);
+    }
+}
+
+// Items i = first, first + stride, … < count (a count known at run time),
+// kBatch at a time (stage_batch).
 template <int kBatch, class Fetch, class Put>
 __device__ __forceinline__ void staged(int first, int count, int stride, Fetch fetch, Put put) {
-    using T = decltype(fetch(0));
     for (int base = first; base < count; base += kBatch * stride) {
-        T x[kBatch];
+        stage_batch<kBatch>(
+            0, [&](int u) { return base + u * stride < count; }, [&](int u) { return fetch(base + u * stride); },
+            [&](int u, decltype(fetch(0)) x) { put(base + u * stride, x); });
+    }
+}
+
+// Items u = 0 … kItems − 1 of one thread (a count known at compile time),
+// kBatch at a time, fully unrolled: the callers index item u from a base
+// they compute once, so an item costs its load, its conversion and its
+// store, not the ~30 instructions of 64-bit index arithmetic, bounds tests
+// and branches the per-item flat index took (nvdisasm, sm_90: the H200's
+// instruction mix of the chunked kernels was ~60% integer and control
+// instructions, 2026-11-30 profile).
+template <int kItems, int kBatch, class Fetch, class Put>
+__device__ __forceinline__ void staged_items(Fetch fetch, Put put) {
 #pragma unroll
-        for (int u = 0; u < kBatch; ++u) {
-            const int i = base + u * stride;
-            if (i < count) x[u] = fetch(i);
-        }
-#pragma unroll
-        for (int u = 0; u < kBatch; ++u) {
-            const int i = base + u * stride;
-            if (i < count) put(i, x[u]);
-        }
+    for (int base = 0; base < kItems; base += kBatch) {
+        stage_batch<kBatch>(base, [](int u) { return u < kItems; }, fetch, put);
     }
 }
 
 // ---- index math ----------------------------------------------------------------
+
+// x, as a value the compiler cannot see through. A staging loop's address
+// of item u is first + u·step with step = kStep · stride; left visible, nvcc
+// re-derives it as (row + kStep·u) · stride, a 64-bit multiply per item
+// (three IMADs and the carries), instead of stepping a base by a
+// constant multiple (sm_90 SASS, nvdisasm 13.2). The emulator (g++, no
+// __CUDA_ARCH__) takes the value as it is.
+__device__ __forceinline__ int64_t opaque(int64_t x) {
+#ifdef __CUDA_ARCH__
+    asm("mov.b64 %0, %0;" : "+l"(x));
+#endif
+    return x;
+}
 
 // Peels the fastest-varying index of extent n off a flattened block index:
 // returns idx % n and leaves idx / n in idx.

@@ -42,8 +42,10 @@
 #      scan f32 at B1 L65536 H4): speed-of-light, occupancy, launch,
 #      warp-state, memory and compute sections of each launch, and the warp
 #      stalls per source line (SourceCounters; the kernels are built with
-#      -lineinfo), for the tuning that timings alone cannot direct. Into profile/: NAME.ncu-rep (open in Nsight Compute)
-#      and NAME.txt (the details page). SKIP when ncu is not installed or
+#      -lineinfo), for the tuning that timings alone cannot direct. Into profile/: NAME.ncu-rep (open in Nsight Compute),
+#      NAME.txt (the details page) and NAME.sass.csv (the source page: per
+#      SASS instruction, executions and stall samples; read here without
+#      ncu, as scripts/ncu-opcodes.py reads the report's opcode mix). SKIP when ncu is not installed or
 #      cannot read the counters (gVisor). GATELOOP_PROFILE_SHAPE=B,L,H,K,V
 #      replaces every case's shape (a rehearsal on the emulated device).
 #
@@ -488,6 +490,11 @@ if want profile; then
             fi
             if ((rc == 0)) && [[ -f "$prof_dir/$name.ncu-rep" ]]; then
                 "$ncu" --import "$prof_dir/$name.ncu-rep" --page details >"$prof_dir/$name.txt" 2>&1
+                # Per SASS instruction: executions and warp-stall samples, as
+                # text a machine without ncu reads (best effort: a flag an
+                # older ncu lacks only loses this file).
+                "$ncu" --import "$prof_dir/$name.ncu-rep" --page source --print-source sass --csv \
+                    >"$prof_dir/$name.sass.csv" 2>>"$prof_log" || rm -f "$prof_dir/$name.sass.csv"
                 profiled=$((profiled + 1))
             else
                 why=$(grep -m 1 -E '==ERROR==|error' "$step_out" | cut -c1-100)

@@ -187,3 +187,42 @@ fn quick_tuned_fla_settles_only_the_misses() {
     assert!(text.contains("fla ran quick-tuned"), "{text}");
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// `scripts/ncu-opcodes.py` on the committed H200 profile: the executed
+/// instruction mix it reads out of the report without Nsight Compute (the
+/// numbers the README quotes: 5.32e8 and 1.045e9 warp instructions, 54% and
+/// 46% integer/address).
+#[test]
+fn ncu_opcodes_reads_the_committed_profile() {
+    if Command::new("python3").arg("--version").output().is_err() {
+        println!("SKIPPED (no python3): scripts/ncu-opcodes.py not run");
+        return;
+    }
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let report = root.join("benches/results/gpu-2026-11-30-nvidia-h200/profile/chunked-bf16.ncu-rep");
+    let out =
+        Command::new("python3").arg(root.join("scripts/ncu-opcodes.py")).arg(&report).arg("--json").output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let launches: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let launches = launches.as_array().unwrap();
+    // Two launches of each kernel (the profile's two forward calls).
+    let names: Vec<&str> = launches.iter().map(|l| l["kernel"].as_str().unwrap()).collect();
+    assert_eq!(
+        names,
+        [
+            "gateloop_chunk_state_seq_bf16_c_exact",
+            "gateloop_chunk_output_bf16_c_exact",
+            "gateloop_chunk_state_seq_bf16_c_exact",
+            "gateloop_chunk_output_bf16_c_exact"
+        ]
+    );
+    for (launch, total, integer) in [(&launches[0], 5.322e8, 0.536), (&launches[1], 1.045e9, 0.463)] {
+        let t = launch["total"].as_f64().unwrap();
+        assert!((t / total - 1.0).abs() < 1e-3, "{launch}");
+        let share = launch["classes"]["integer/address"].as_f64().unwrap();
+        assert!((share - integer).abs() < 1e-3, "{share}");
+        let sum: f64 = launch["classes"].as_object().unwrap().values().map(|v| v.as_f64().unwrap()).sum();
+        assert!((sum - 1.0).abs() < 1e-9, "the classes partition the opcodes: {sum}");
+        assert!(launch["opcodes"]["HMMA"].as_f64().unwrap() > 0.0, "{launch}");
+    }
+}
