@@ -212,7 +212,10 @@ __host__ __device__ constexpr int prefix_bytes() {
 
 // Thread tid's place in a tile of kWidth columns staged by the block
 // (stage_tile): column `col`, rows row0, row0 + kStep, … with kStep =
-// kThreads / kWidth.
+// kThreads / kWidth. Every chunked kernel's block has kThreads threads, so
+// row0 < kStep: a thread's item u lies in row block u of any tile whose
+// blocks are kStep rows (the folds of for_tile's and stage_state_rows'
+// callers).
 template <int kWidth>
 struct TileSlot {
     static_assert(kThreads % kWidth == 0, "whole rows per pass of the block");
@@ -223,12 +226,6 @@ struct TileSlot {
           col(static_cast<int>(static_cast<unsigned>(tid) % kWidth)) {}
 };
 
-// Stages a kRows × kWidth tile: thread `slot` takes items u = 0 … kRows /
-// kStep − 1, (row, col) = (slot.row0 + u·kStep, slot.col) — the items i =
-// row·kWidth + col = tid + u·kThreads of a flat loop over the tile, in the
-// same order — fetch(u, row, col) → value for kLoadsInFlight items, then
-// put(row, col, value) for each (staged_items). Callers compute the
-// thread's first address once and step it by u: see staged_items for why.
 // Visits thread `slot`'s items of a kRows × kWidth tile in shared memory:
 // f(u, row, col) for u = 0 … kRows / kStep − 1, (row, col) = (slot.row0 +
 // u·kStep, slot.col), unrolled: the items i = row·kWidth + col = tid +
@@ -242,6 +239,12 @@ __device__ __forceinline__ void for_tile(const TileSlot<kWidth>& slot, F f) {
     for (int u = 0; u < kRows / kStep; ++u) f(u, slot.row0 + u * kStep, slot.col);
 }
 
+// Stages a kRows × kWidth tile: thread `slot` takes items u = 0 … kRows /
+// kStep − 1, (row, col) = (slot.row0 + u·kStep, slot.col) — the items i =
+// row·kWidth + col = tid + u·kThreads of a flat loop over the tile, in the
+// same order — fetch(u, row, col) → value for kLoadsInFlight items, then
+// put(row, col, value) for each (staged_items). Callers compute the
+// thread's first address once and step it by u: see staged_items for why.
 template <int kRows, int kWidth, class Fetch, class Put>
 __device__ __forceinline__ void stage_tile(const TileSlot<kWidth>& slot, Fetch fetch, Put put) {
     constexpr int kStep = TileSlot<kWidth>::kStep;
