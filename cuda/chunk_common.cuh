@@ -490,33 +490,51 @@ struct Block {
     }
 };
 
-// Stages rows of slab d0 of a planar [.., parts·K, V] chunk workspace
-// (rows part·K + d, Block::ws_state_row; the carried states S_c, D(c)):
-// kParts parts of kSlab rows, value columns col0 … col0 + kCols − 1, tile
-// row part·kSlab + j ↔ workspace row part·K + d0 + j. fetch(at, live) →
-// value, `at` the item's workspace offset, live false past K or V (fetch
-// must then not read); put(row, col, value) (stage_tile). A thread's rows
-// stay in one part for kSlab / kStep items, so the part is known at compile
-// time.
+// Thread `slot`'s elements of the rows of slab d0 in a planar [.., parts·K,
+// V] chunk workspace (rows part·K + d, Block::ws_state_row; the carried
+// states S_c, D(c)) at value columns col0 + slot.col: item i of part
+// `part` is workspace row part·K + d0 + slot.row0 + kStep·i, at offset
+// at(part, i), inside the workspace when live(i).
+template <int kCols>
+struct StateRows {
+    static constexpr int kStep = TileSlot<kCols>::kStep;
+    static constexpr int kPerPart = kSlab / kStep;  // items of a part
+    static_assert(kPerPart * kStep == kSlab, "whole passes of the block per part");
+    int64_t first, part_step, row_step, rows_left;
+    bool col_in;
+    int row0;
+    template <typename input_t, bool kComplex>
+    __device__ __forceinline__ StateRows(const Block<input_t, kComplex>& blk, const TileSlot<kCols>& slot, int64_t d0,
+                                         int64_t col0) {
+        const int64_t key_dim = blk.p.dims.key_dim;
+        const int64_t value_dim = blk.p.dims.value_dim;
+        col_in = col0 + slot.col < value_dim;
+        first = blk.ws_state_row(d0 + slot.row0) + col0 + slot.col;
+        part_step = key_dim * value_dim;
+        row_step = kStep * value_dim;
+        rows_left = key_dim - d0;
+        row0 = slot.row0;
+    }
+    __device__ __forceinline__ int64_t at(int part, int i) const { return first + part * part_step + i * row_step; }
+    __device__ __forceinline__ bool live(int i) const { return col_in && row0 + kStep * i < rows_left; }
+};
+
+// Stages those rows (StateRows), kParts parts of kSlab rows: tile row
+// part·kSlab + j ↔ workspace row part·K + d0 + j. fetch(at, live) → value,
+// `at` the item's workspace offset, live false past K or V (fetch must then
+// not read); put(row, col, value) (stage_tile). A thread's rows stay in one
+// part for kPerPart items, so the part is known at compile time.
 template <int kParts, int kCols, typename input_t, bool kComplex, class Fetch, class Put>
 __device__ __forceinline__ void stage_state_rows(const Block<input_t, kComplex>& blk, int64_t d0, int64_t col0,
                                                  Fetch fetch, Put put) {
     const TileSlot<kCols> slot(blk.tid);
-    constexpr int kStep = TileSlot<kCols>::kStep;
-    constexpr int kPerPart = kSlab / kStep;
-    static_assert(kPerPart * kStep == kSlab, "whole passes of the block per part");
-    const int64_t key_dim = blk.p.dims.key_dim;
-    const int64_t value_dim = blk.p.dims.value_dim;
-    const bool col_in = col0 + slot.col < value_dim;
-    const int64_t first = blk.ws_state_row(d0 + slot.row0) + col0 + slot.col;
-    const int64_t part_step = key_dim * value_dim;
-    const int64_t row_step = kStep * value_dim;
+    const StateRows<kCols> rows(blk, slot, d0, col0);
+    constexpr int kPerPart = StateRows<kCols>::kPerPart;
     stage_tile<kParts * kSlab, kCols>(
         slot,
-        [&](int u, int r, int) {
-            const int part = u / kPerPart;
-            const bool live = col_in && d0 + (r - part * kSlab) < key_dim;
-            return fetch(first + part * part_step + (u % kPerPart) * row_step, live);
+        [&](int u, int, int) {
+            const int i = u % kPerPart;
+            return fetch(rows.at(u / kPerPart, i), rows.live(i));
         },
         put);
 }
@@ -816,19 +834,13 @@ __device__ __forceinline__ void walk_chunks(const GateloopChunkParams& p, unsign
         {
             // Thread slot: column v0 + col, key rows d0 + row0 + kStep·u.
             const TileSlot<kVTile> slot(blk.tid);
-            constexpr int kStep = TileSlot<kVTile>::kStep;
-            const bool col_in = blk.v0 + slot.col < value_dim;
-            const int64_t first = blk.ws_state_row(d0 + slot.row0) + blk.v0 + slot.col;
-            const int64_t im = key_dim * value_dim;  // ws_state_row(K + d) − ws_state_row(d)
-            const int64_t row_step = kStep * value_dim;
-#pragma unroll
-            for (int u = 0; u < kSlab / kStep; ++u) {
-                const int r = slot.row0 + u * kStep;
-                const int e = r * kVTile + slot.col;
+            const StateRows<kVTile> rows(blk, slot, d0, blk.v0);
+            for_tile<kSlab, kVTile>(slot, [&](int u, int r, int c) {
+                const int e = r * kVTile + c;
                 const float2 s = make_float2(st[e], kComplex ? st[kSlab * kVTile + e] : 0.f);
-                if (col_in && d0 + r < key_dim) {
-                    slots[first + u * row_step] = s.x;
-                    if (kComplex) slots[first + u * row_step + im] = s.y;
+                if (rows.live(u)) {
+                    slots[rows.at(0, u)] = s.x;
+                    if (kComplex) slots[rows.at(1, u)] = s.y;
                 }
                 const float2 a = dec[r];
                 if (kComplex) {
@@ -838,7 +850,7 @@ __device__ __forceinline__ void walk_chunks(const GateloopChunkParams& p, unsign
                 } else {
                     st[e] = fmaf(a.x, s.x, xbuf[e]);
                 }
-            }
+            });
         }
         // (The next chunk's build_prefix ends with a barrier before xbuf,
         // dec or st are touched again.)
