@@ -360,6 +360,9 @@ __device__ __forceinline__ void grad_qk(const GateloopChunkGradParams& g) {
             blk.template load_tile<Op, kRawTerms>(dy, g.dy_strides, v0, dys);
             blk.template load_tile<Op, kRawTerms>(blk.v, p.v_strides, v0, vs);
             __syncthreads();
+            // Two inner steps at a time: fully unrolled, the f16 kernel's
+            // three split products held more fragments than 128 registers.
+#pragma unroll 2
             for (int kk = 0; kk < kVTile; kk += Op::kK) {
 #pragma unroll
                 for (int t = 0; t < 2; ++t) {
@@ -408,7 +411,12 @@ __device__ __forceinline__ void grad_qk(const GateloopChunkGradParams& g) {
         //   |E(r_i, n)| conj(Y_i[n]), w'_n −= |E(r_i, n)|·(k_n e^{−iθ_n} conj(Y_i[n]));
         //   inside sub-chunk i, pairwise: gw = e^{iθ_n} Σ_m (s_nm q_n k_m)|E(n, m)| e^{−iθ_m}
         //                                    − e^{−iθ_n} Σ_{m > n} (s_mn q_m k_n)|E(m, n)| e^{iθ_m}.
-        float2 aq[4], ak[4], ad[4], gw[4];
+        // acc_k and the gate term gw wait out the inter-chunk phase in this
+        // thread's own slots of upr and wpr (free until the slab's end, which
+        // overwrites them): 16 registers fewer live across that phase's
+        // staging and tensor-core products, part of what keeps the kernel
+        // within 128 without spilling (two blocks per SM).
+        float2 aq[4];
 #pragma unroll
         for (int i = 0; i < 4; ++i) {
             const int n = nb + kSub * i;
@@ -458,16 +466,18 @@ __device__ __forceinline__ void grad_qk(const GateloopChunkGradParams& g) {
                 gki = fmaf(xg, sm, gki);
             }
             aq[i] = make_float2(qr, qi);
-            ak[i] = make_float2(kr, ki);
+            upr[n * kSlab + d] = make_float2(kr, ki);
             // og + e^{iθ_n} gq − e^{−iθ_n} gk
-            gw[i] = make_float2(og.x + (fmaf(cn, gqr, -(sn * gqi)) - fmaf(cn, gkr, sn * gki)),
+            wpr[n * kSlab + d] = make_float2(og.x + (fmaf(cn, gqr, -(sn * gqi)) - fmaf(cn, gkr, sn * gki)),
                                 og.y + (fmaf(sn, gqr, cn * gqi) - fmaf(cn, gki, -(sn * gkr))));
         }
         // Through the state on tensor cores: X = dY S_inᵀ (row n: x_n = S_in dy_n)
         // and Y = V Dᵀ (y_n = D v_n), 64 × [Re | Im] of the slab's channels,
         // inner dimension every value column in steps of kInterCols; warp w
         // owns tile (w / 2, w % 2) of each. Σ_j S_in conj(D) per channel in
-        // f32 by the threads of nb = 0, straight from the workspace.
+        // f32 from the workspace values staged for those products: warp w
+        // sums channels w and w + 8 over the value columns (one per lane,
+        // then shuffles in a fixed order: deterministic).
         float2 xs[4], ys[4];
         {
             unsigned char* at = union_at;
@@ -481,13 +491,20 @@ __device__ __forceinline__ void grad_qk(const GateloopChunkGradParams& g) {
             Acc<Op> xacc, yacc;
             wmma::fill_fragment(xacc, 0.f);
             wmma::fill_fragment(yacc, 0.f);
-            float2 thr = make_float2(0.f, 0.f);
+            // Σ_c S_in conj(D) of the slot's channels (rows row0 + kStep·i of
+            // the slab) at its column, summed over the columns by the warp
+            // after the loop (the warp's lanes are the columns).
+            const TileSlot<kInterCols> slot(tid);
+            constexpr int kStep = TileSlot<kInterCols>::kStep;
+            constexpr int kChannels = StateRows<kInterCols>::kPerPart;  // a thread's channels
+            static_assert(kInterCols == 32 && kStep * kChannels == kSlab, "a warp's lanes are the columns of a slab's channels");
+            float2 thr[kChannels];
+#pragma unroll
+            for (int i = 0; i < kChannels; ++i) thr[i] = make_float2(0.f, 0.f);
             for (int64_t v0 = 0; v0 < value_dim; v0 += kInterCols) {
                 __syncthreads();  // the previous step's operands are consumed
                 // (dy, v) and (S_in, D) pairs, staged (stage_tile): loads in
                 // flight together, addresses stepped from the thread's first.
-                const TileSlot<kInterCols> slot(tid);
-                constexpr int kStep = TileSlot<kInterCols>::kStep;
                 const bool col_in = v0 + slot.col < value_dim;
                 {
                     const int64_t dy_first = opaque((blk.t0 + slot.row0) * g.dy_strides.time + v0 + slot.col);
@@ -506,25 +523,28 @@ __device__ __forceinline__ void grad_qk(const GateloopChunkGradParams& g) {
                             vh.template put<kGradTerms>(n, c, x.y);
                         });
                 }
-                stage_state_rows<2, kInterCols>(
-                    blk, d0, v0,
-                    [&](int64_t at_, bool live) {
-                        return live ? make_float2(p.ws_state[at_], g.ws_adj[at_]) : make_float2(0.f, 0.f);
+                // S_in and D of channel row0 + kStep·u at the slot's column,
+                // both parts (Re, Im) of each in one item: (Re S, Im S, Re D,
+                // Im D), tile rows (Re) u·kStep + row0 and kSlab + that (Im).
+                const StateRows<kInterCols> rows(blk, slot, d0, v0);
+                stage_tile<kSlab, kInterCols>(
+                    slot,
+                    [&](int u, int, int) {
+                        float4 x = make_float4(0.f, 0.f, 0.f, 0.f);
+                        if (rows.live(u)) {
+                            const int64_t re = rows.at(0, u), im = rows.at(1, u);
+                            x = make_float4(p.ws_state[re], p.ws_state[im], g.ws_adj[re], g.ws_adj[im]);
+                        }
+                        thr[u] = make_float2(fmaf(x.x, x.z, fmaf(x.y, x.w, thr[u].x)),
+                                             fmaf(x.y, x.z, fmaf(-x.x, x.w, thr[u].y)));
+                        return x;
                     },
-                    [&](int r, int c, float2 x) {
+                    [&](int r, int c, float4 x) {
                         sh.template put<kGradTerms>(r, c, x.x);
-                        dh.template put<kGradTerms>(r, c, x.y);
+                        sh.template put<kGradTerms>(kSlab + r, c, x.y);
+                        dh.template put<kGradTerms>(r, c, x.z);
+                        dh.template put<kGradTerms>(kSlab + r, c, x.w);
                     });
-                if (nb == 0 && d0 + d < key_dim) {
-                    const int64_t re = blk.ws_state_row(d0 + d) + v0;
-                    const int64_t im = blk.ws_state_row(key_dim + d0 + d) + v0;
-                    const int cols = static_cast<int>(min(static_cast<int64_t>(kInterCols), value_dim - v0));
-                    for (int c = 0; c < cols; ++c) {
-                        const float sr = p.ws_state[re + c], si = p.ws_state[im + c];
-                        const float dr = g.ws_adj[re + c], di = g.ws_adj[im + c];
-                        thr = make_float2(fmaf(sr, dr, fmaf(si, di, thr.x)), fmaf(si, dr, fmaf(-sr, di, thr.y)));
-                    }
-                }
                 __syncthreads();
                 for (int kk = 0; kk < kInterCols; kk += Op::kK) {
                     mma_step<Op, kGradTerms, wmma::row_major, wmma::col_major>(
@@ -535,7 +555,15 @@ __device__ __forceinline__ void grad_qk(const GateloopChunkGradParams& g) {
                         dh.lo_at(16 * xc, kk), dh.ld);
                 }
             }
-            if (nb == 0) through[d] = thr;
+#pragma unroll
+            for (int i = 0; i < kChannels; ++i) {
+#pragma unroll
+                for (int lanes = 16; lanes > 0; lanes >>= 1) {
+                    thr[i].x += __shfl_down_sync(0xffffffffu, thr[i].x, lanes);
+                    thr[i].y += __shfl_down_sync(0xffffffffu, thr[i].y, lanes);
+                }
+                if (slot.col == 0) through[slot.row0 + kStep * i] = thr[i];  // 0 past K
+            }
             __syncthreads();  // every warp is done with the operands: X, Y take their bytes
             float* xy = reinterpret_cast<float*>(union_at);  // X then Y, [kChunk][2·kSlab] each
             wmma::store_matrix_sync(xy + 16 * xr * 2 * kSlab + 16 * xc, xacc, 2 * kSlab, wmma::mem_row_major);
@@ -556,23 +584,24 @@ __device__ __forceinline__ void grad_qk(const GateloopChunkGradParams& g) {
             const int n = nb + 16 * i;
             // acc_q += |E(n, −1)| (S_in dy_n); acc_d = |E(last, n)| e^{iθ_last} conj(D v_n).
             const float wi = blk.modulus(n, -1, cl);
-            aq[i] = make_float2(fmaf(wi, xs[i].x, aq[i].x), fmaf(wi, xs[i].y, aq[i].y));
+            const float2 aqi = make_float2(fmaf(wi, xs[i].x, aq[i].x), fmaf(wi, xs[i].y, aq[i].y));
             const float wl = n < blk.n ? blk.modulus(last, n, cl) : 0.f;
             const float2 yd = make_float2(fmaf(cl_last, ys[i].x, sl_last * ys[i].y),
                                           fmaf(sl_last, ys[i].x, -(cl_last * ys[i].y)));
-            ad[i] = make_float2(wl * yd.x, wl * yd.y);
+            const float2 ad = make_float2(wl * yd.x, wl * yd.y);
             // dq̂ = e^{iθ} acc_q, dk̂ = e^{−iθ} acc_k, dk̂ᴰ = e^{−iθ} acc_d.
             const float cn = blk.cos_at(n, cl), sn = blk.sin_at(n, cl);
-            const float2 dqh = make_float2(fmaf(cn, aq[i].x, -(sn * aq[i].y)), fmaf(sn, aq[i].x, cn * aq[i].y));
-            const float2 dkh = make_float2(fmaf(cn, ak[i].x, sn * ak[i].y), fmaf(cn, ak[i].y, -(sn * ak[i].x)));
-            const float2 dkd = make_float2(fmaf(cn, ad[i].x, sn * ad[i].y), fmaf(cn, ad[i].y, -(sn * ad[i].x)));
+            const float2 dqh = make_float2(fmaf(cn, aqi.x, -(sn * aqi.y)), fmaf(sn, aqi.x, cn * aqi.y));
+            const float2 ak = upr[n * kSlab + d], gw = wpr[n * kSlab + d];
+            const float2 dkh = make_float2(fmaf(cn, ak.x, sn * ak.y), fmaf(cn, ak.y, -(sn * ak.x)));
+            const float2 dkd = make_float2(fmaf(cn, ad.x, sn * ad.y), fmaf(cn, ad.y, -(sn * ad.x)));
             const float qn = qraw[n * kSlab + d], kn = kraw[n * kSlab + d];
             // w'_n = q dq̂ − k dk̂ (self pair left out: it cancels exactly), u_n = k dk̂ᴰ,
             // each term's modulus applied last: w'_n = gw + |E(n, −1)|·(q_n e^{iθ_n} S_in dy_n),
             // u_n = |E(last, n)|·(k_n e^{−iθ_n} e^{iθ_last} conj(D v_n)).
             const float2 xq = make_float2(qn * fmaf(cn, xs[i].x, -(sn * xs[i].y)), qn * fmaf(sn, xs[i].x, cn * xs[i].y));
             const float2 xk = make_float2(kn * fmaf(cn, yd.x, sn * yd.y), kn * fmaf(cn, yd.y, -(sn * yd.x)));
-            wpr[n * kSlab + d] = make_float2(fmaf(wi, xq.x, gw[i].x), fmaf(wi, xq.y, gw[i].y));
+            wpr[n * kSlab + d] = make_float2(fmaf(wi, xq.x, gw.x), fmaf(wi, xq.y, gw.y));
             upr[n * kSlab + d] = make_float2(wl * xk.x, wl * xk.y);
             const float s_nn = ds[n * kChunk + n];
             const int64_t ch = d0 + d;
@@ -642,8 +671,20 @@ __device__ __forceinline__ void grad_dv(const GateloopChunkGradParams& g) {
 // ---- entry points -----------------------------------------------------------------
 //
 // gateloop_chunk_grad_{w,qk,dv}_{dtype}: dtype of q, k, v, dy, dq, dk, dv.
+//
+// QK_MIN, DV_MIN: the blocks per SM grad_qk and grad_dv are compiled for (2
+// caps a thread at 128 registers), by the forward's rule (cuda/chunk.cu): 2
+// where two blocks fit an H200 SM's shared memory and ptxas keeps the kernel
+// within 128 registers without spilling on sm_80 and sm_90 (build.rs
+// rejects spills); 1 elsewhere. For 16-bit inputs both are 2 (grad_qk
+// ~100 KB, grad_dv ~83 KB of shared memory): with one block per SM (8 warps)
+// every barrier of the block idled the SM — the gate prefix, the staging,
+// the per-channel gate scans. f32: grad_qk needs 132 KB (one block fits),
+// grad_dv spills 8 bytes at 128 registers. grad_w_seq walks the chunks with
+// one block per (b, h, value tile): a grid below the SM count at the shapes
+// it is picked for, so its cap buys nothing.
 
-#define GATELOOP_CHUNK_GRAD_ENTRIES(DTYPE, TYPE)                                                            \
+#define GATELOOP_CHUNK_GRAD_ENTRIES(DTYPE, TYPE, QK_MIN, DV_MIN)                                            \
     extern "C" __global__ void __launch_bounds__(gateloop::chunk::kThreads, 2)                               \
         gateloop_chunk_grad_w_##DTYPE(const GateloopChunkGradParams g) {                                    \
         gateloop::chunk::grad_w<TYPE>(g);                                                                   \
@@ -652,18 +693,18 @@ __device__ __forceinline__ void grad_dv(const GateloopChunkGradParams& g) {
         gateloop_chunk_grad_w_seq_##DTYPE(const GateloopChunkGradParams g) {                                \
         gateloop::chunk::grad_w_seq<TYPE>(g);                                                               \
     }                                                                                                       \
-    extern "C" __global__ void __launch_bounds__(gateloop::chunk::kThreads, 1)                               \
+    extern "C" __global__ void __launch_bounds__(gateloop::chunk::kThreads, QK_MIN)                          \
         gateloop_chunk_grad_qk_##DTYPE(const GateloopChunkGradParams g) {                                   \
         gateloop::chunk::grad_qk<TYPE>(g);                                                                  \
     }                                                                                                       \
-    extern "C" __global__ void __launch_bounds__(gateloop::chunk::kThreads, 1)                               \
+    extern "C" __global__ void __launch_bounds__(gateloop::chunk::kThreads, DV_MIN)                          \
         gateloop_chunk_grad_dv_##DTYPE(const GateloopChunkGradParams g) {                                   \
         gateloop::chunk::grad_dv<TYPE>(g);                                                                  \
     }
 
-GATELOOP_CHUNK_GRAD_ENTRIES(f32, float)
-GATELOOP_CHUNK_GRAD_ENTRIES(f16, __half)
-GATELOOP_CHUNK_GRAD_ENTRIES(bf16, __nv_bfloat16)
+GATELOOP_CHUNK_GRAD_ENTRIES(f32, float, 1, 1)
+GATELOOP_CHUNK_GRAD_ENTRIES(f16, __half, 2, 2)
+GATELOOP_CHUNK_GRAD_ENTRIES(bf16, __nv_bfloat16, 2, 2)
 
 extern "C" __global__ void __launch_bounds__(GATELOOP_CHUNK_CARRY_THREADS)
     gateloop_chunk_grad_adjoint_carry(const GateloopChunkGradParams g) {
