@@ -680,9 +680,10 @@ __device__ __forceinline__ void grad_dv(const GateloopChunkGradParams& g) {
 // ~100 KB, grad_dv ~83 KB of shared memory): with one block per SM (8 warps)
 // every barrier of the block idled the SM — the gate prefix, the staging,
 // the per-channel gate scans. f32: grad_qk needs 132 KB (one block fits),
-// grad_dv spills 8 bytes at 128 registers. grad_w_seq walks the chunks with
-// one block per (b, h, value tile): a grid below the SM count at the shapes
-// it is picked for, so its cap buys nothing.
+// grad_dv spills 8 bytes at 128 registers. grad_w is compiled for 2 at
+// every dtype, grad_w_seq for 1 like the forward's state_seq (whose walk it
+// shares; 113 registers for 16-bit inputs, so two of its blocks are resident
+// where their shared memory fits all the same).
 
 #define GATELOOP_CHUNK_GRAD_ENTRIES(DTYPE, TYPE, QK_MIN, DV_MIN)                                            \
     extern "C" __global__ void __launch_bounds__(gateloop::chunk::kThreads, 2)                               \
