@@ -90,6 +90,9 @@ constexpr int kGradTerms = 3;
 // Every region but the last two a multiple of 128 bytes.
 // src/cuda/chunk_grad.rs: shared_bytes.
 constexpr int kInterCols = kVTile / 2;  // value columns per step of the inter-chunk products
+// w' and u rows: one float2 per channel and a pad, so that a half-warp
+// reading one channel's 16 consecutive steps (gate_scan) hits 16 bank pairs.
+constexpr int kLdGate = kSlab + 1;
 template <class Op>
 __host__ __device__ constexpr int ld_inter() {
     return kInterCols + Op::kPad;
@@ -120,7 +123,7 @@ __host__ __device__ constexpr int qk_union_bytes() {
 template <class Op>
 __host__ __device__ constexpr int qk_smem_bytes() {
     return prefix_bytes<true>() + 4 * (2 * kChunk * kSlab + kChunk * kChunk) + qk_union_bytes<Op>() +
-           4 * (2 * 2 * kChunk * kSlab + 2 * 2 * kChunk + 2 * kSlab + 2);
+           4 * (2 * 2 * kChunk * kLdGate + 2 * 2 * kChunk + 2 * kSlab + 2);
 }
 
 // The off-diagonal sub-chunk blocks of one slab on tensor cores, into f32
@@ -275,32 +278,85 @@ __device__ __forceinline__ void grad_adjoint_carry(const GateloopChunkGradParams
 // ---- 3a. dq, dk and the gate gradient -------------------------------------------------
 
 // The gate gradient of one gate column over the chunk's first n steps
-// (cpu::chunked_grad launch3_chunk's last part): u (in place) becomes its
-// exclusive prefix sum from `start` = A ⊙ Σ_j S_in conj(D); then, backwards,
-// g_t = conj(Σ_{r ≥ t} w'_r + u_t), the running sum restarted at each reset
-// step (whose gradient is 0). `stride` separates consecutive steps in w, u.
+// (cpu::chunked_grad launch3_chunk's last part): g_t = conj(Σ_{t ≤ r < R} w'_r
+// + u_t^excl), R the first reset step after t (the running sum restarts at
+// each reset step, whose gradient is 0), u_t^excl = start + Σ_{r < t} u_r and
+// start = A ⊙ Σ_j S_in conj(D). Taken by the 16 lanes of a half-warp
+// (`lane` 0 … 15), the chunk's 64 steps as 4 rows of 16: step n = 16·e +
+// lane, so the half-warp reads 16 consecutive steps of the column at once
+// (conflict-free with GateScan's padded rows). Each row is scanned across
+// the lanes by shuffles (Hillis–Steele: the prefix of u forwards, the
+// reset-segmented suffix of w' backwards, as pairs (sum up to the first
+// reset, reset seen) combined (A, B) → (A.seen ? A.sum : A.sum + B.sum,
+// A.seen ∨ B.seen)), the rows joined through a carry. Every thread of the
+// block must call it (the shuffles are warp-wide, and the emulator's are
+// block-wide): write(n, g) is called for each step n < blk.n of the lane;
+// the caller drops what a dead column or half-warp computed. Replaces a
+// serial walk over the 64 steps by one thread per column while the block
+// waited at a barrier; a fixed order, so still deterministic.
+constexpr int kScanLanes = 16;
+constexpr int kScanRows = kChunk / kScanLanes;
+
+__device__ __forceinline__ float2 shfl_up2(float2 x, int lanes) {
+    return make_float2(__shfl_up_sync(0xffffffffu, x.x, lanes), __shfl_up_sync(0xffffffffu, x.y, lanes));
+}
+__device__ __forceinline__ float2 shfl_down2(float2 x, int lanes) {
+    return make_float2(__shfl_down_sync(0xffffffffu, x.x, lanes), __shfl_down_sync(0xffffffffu, x.y, lanes));
+}
+__device__ __forceinline__ float2 add2(float2 x, float2 y) {
+    return make_float2(x.x + y.x, x.y + y.y);
+}
+
 template <class B, class Write>
-__device__ __forceinline__ void gate_scan(const B& blk, float2* w, float2* u, int stride, float2 start, int cl,
-                                          bool zero_first, Write write) {
-    float2 run = start;
-    for (int n = 0; n < blk.n; ++n) {
-        const float2 x = u[n * stride];
-        u[n * stride] = run;
-        run = make_float2(run.x + x.x, run.y + x.y);
-    }
-    run = make_float2(0.f, 0.f);
-    for (int n = blk.n - 1; n >= 0; --n) {
-        float2 out;
-        if (blk.rst[n * kSlab + cl] == n) {
-            run = make_float2(0.f, 0.f);
-            out = run;
-        } else {
-            run = make_float2(run.x + w[n * stride].x, run.y + w[n * stride].y);
-            out = make_float2(run.x + u[n * stride].x, -(run.y + u[n * stride].y));
+__device__ __forceinline__ void gate_scan(const B& blk, const float2* w, const float2* u, int stride, float2 start,
+                                          int cl, bool zero_first, int lane, Write write) {
+    const float2 zero = make_float2(0.f, 0.f);
+    // Forwards: u^excl of the lane's step in each row.
+    float2 uex[kScanRows];
+    float2 carry = start;
+#pragma unroll
+    for (int e = 0; e < kScanRows; ++e) {
+        const int n = kScanLanes * e + lane;
+        const float2 x = n < blk.n ? u[n * stride] : zero;
+        float2 incl = x;
+#pragma unroll
+        for (int lanes = 1; lanes < kScanLanes; lanes <<= 1) {
+            const float2 y = shfl_up2(incl, lanes);
+            if (lane >= lanes) incl = add2(y, incl);
         }
-        // The very first step without h0 multiplies a zero state: exactly 0.
-        if (n == 0 && zero_first) out = make_float2(0.f, 0.f);
-        write(n, out);
+        const float2 before = shfl_up2(incl, 1);
+        uex[e] = lane == 0 ? carry : add2(carry, before);
+        carry = add2(carry, shfl_down2(incl, kScanLanes - 1 - lane));  // + the row's total (lane 15's)
+    }
+    // Backwards: the reset-segmented suffix of w', rows last to first.
+    float2 later = zero;  // the rows after this one: sum up to their first reset
+    bool later_reset = false;
+#pragma unroll
+    for (int e = kScanRows - 1; e >= 0; --e) {
+        const int n = kScanLanes * e + lane;
+        const bool live = n < blk.n;
+        const bool reset = live && blk.rst[n * kSlab + cl] == n;
+        float2 sum = live && !reset ? w[n * stride] : zero;
+        bool seen = reset;
+#pragma unroll
+        for (int lanes = 1; lanes < kScanLanes; lanes <<= 1) {
+            const float2 y = shfl_down2(sum, lanes);
+            const bool y_seen = __shfl_down_sync(0xffffffffu, seen ? 1.f : 0.f, lanes) != 0.f;
+            if (lane + lanes < kScanLanes) {
+                if (!seen) sum = add2(sum, y);
+                seen = seen || y_seen;
+            }
+        }
+        if (!seen) sum = add2(sum, later);
+        seen = seen || later_reset;
+        float2 g = make_float2(sum.x + uex[e].x, -(sum.y + uex[e].y));
+        // A reset step's gradient is 0; so is the very first step's without
+        // h0 (it multiplies a zero state).
+        if (reset || (n == 0 && zero_first)) g = zero;
+        if (live) write(n, g);
+        // The row's lane 0 holds the suffix from the row's first step on.
+        later = shfl_up2(sum, lane);
+        later_reset = __shfl_up_sync(0xffffffffu, seen ? 1.f : 0.f, lane) != 0.f;
     }
 }
 
@@ -323,10 +379,10 @@ __device__ __forceinline__ void grad_qk(const GateloopChunkGradParams& g) {
     // The s phase | per slab the off-diagonal phase, then the inter-chunk phase.
     unsigned char* union_at = reinterpret_cast<unsigned char*>(f);
     f = reinterpret_cast<float*>(union_at + qk_union_bytes<Op>());
-    float2* wpr = reinterpret_cast<float2*>(f);  // [kChunk][kSlab]: w'_n of channel d
-    f += 2 * kChunk * kSlab;
-    float2* upr = reinterpret_cast<float2*>(f);  // [kChunk][kSlab]: u_n of channel d
-    f += 2 * kChunk * kSlab;
+    float2* wpr = reinterpret_cast<float2*>(f);  // [kChunk][kLdGate]: w'_n of channel d
+    f += 2 * kChunk * kLdGate;
+    float2* upr = reinterpret_cast<float2*>(f);  // [kChunk][kLdGate]: u_n of channel d
+    f += 2 * kChunk * kLdGate;
     float2* head_w = reinterpret_cast<float2*>(f);  // [kChunk]: per-head sums over the channels
     f += 2 * kChunk;
     float2* head_u = reinterpret_cast<float2*>(f);  // [kChunk]
@@ -466,9 +522,9 @@ __device__ __forceinline__ void grad_qk(const GateloopChunkGradParams& g) {
                 gki = fmaf(xg, sm, gki);
             }
             aq[i] = make_float2(qr, qi);
-            upr[n * kSlab + d] = make_float2(kr, ki);
+            upr[n * kLdGate + d] = make_float2(kr, ki);
             // og + e^{iθ_n} gq − e^{−iθ_n} gk
-            wpr[n * kSlab + d] = make_float2(og.x + (fmaf(cn, gqr, -(sn * gqi)) - fmaf(cn, gkr, sn * gki)),
+            wpr[n * kLdGate + d] = make_float2(og.x + (fmaf(cn, gqr, -(sn * gqi)) - fmaf(cn, gkr, sn * gki)),
                                 og.y + (fmaf(sn, gqr, cn * gqi) - fmaf(cn, gki, -(sn * gkr))));
         }
         // Through the state on tensor cores: X = dY S_inᵀ (row n: x_n = S_in dy_n)
@@ -592,7 +648,7 @@ __device__ __forceinline__ void grad_qk(const GateloopChunkGradParams& g) {
             // dq̂ = e^{iθ} acc_q, dk̂ = e^{−iθ} acc_k, dk̂ᴰ = e^{−iθ} acc_d.
             const float cn = blk.cos_at(n, cl), sn = blk.sin_at(n, cl);
             const float2 dqh = make_float2(fmaf(cn, aqi.x, -(sn * aqi.y)), fmaf(sn, aqi.x, cn * aqi.y));
-            const float2 ak = upr[n * kSlab + d], gw = wpr[n * kSlab + d];
+            const float2 ak = upr[n * kLdGate + d], gw = wpr[n * kLdGate + d];
             const float2 dkh = make_float2(fmaf(cn, ak.x, sn * ak.y), fmaf(cn, ak.y, -(sn * ak.x)));
             const float2 dkd = make_float2(fmaf(cn, ad.x, sn * ad.y), fmaf(cn, ad.y, -(sn * ad.x)));
             const float qn = qraw[n * kSlab + d], kn = kraw[n * kSlab + d];
@@ -601,8 +657,8 @@ __device__ __forceinline__ void grad_qk(const GateloopChunkGradParams& g) {
             // u_n = |E(last, n)|·(k_n e^{−iθ_n} e^{iθ_last} conj(D v_n)).
             const float2 xq = make_float2(qn * fmaf(cn, xs[i].x, -(sn * xs[i].y)), qn * fmaf(sn, xs[i].x, cn * xs[i].y));
             const float2 xk = make_float2(kn * fmaf(cn, yd.x, sn * yd.y), kn * fmaf(cn, yd.y, -(sn * yd.x)));
-            wpr[n * kSlab + d] = make_float2(fmaf(wi, xq.x, gw.x), fmaf(wi, xq.y, gw.y));
-            upr[n * kSlab + d] = make_float2(wl * xk.x, wl * xk.y);
+            wpr[n * kLdGate + d] = make_float2(fmaf(wi, xq.x, gw.x), fmaf(wi, xq.y, gw.y));
+            upr[n * kLdGate + d] = make_float2(wl * xk.x, wl * xk.y);
             const float s_nn = ds[n * kChunk + n];
             const int64_t ch = d0 + d;
             if (n < blk.n && ch < key_dim) {
@@ -612,38 +668,40 @@ __device__ __forceinline__ void grad_qk(const GateloopChunkGradParams& g) {
         }
         __syncthreads();
         if (!blk.per_head) {
-            // One thread per channel: its own scan.
-            if (tid < kSlab && d0 + tid < key_dim) {
-                const int j = tid;
-                const float2 a = make_float2(dec[(d0 + j) * 2], dec[(d0 + j) * 2 + 1]);
-                gate_scan(blk, wpr + j, upr + j, kSlab, cmul(a, through[j]), j, zero_first, [&](int n, float2 x) {
-                    reinterpret_cast<float2*>(dgate)[(blk.t0 + n) * g.dgate_strides.time + d0 + j] = x;
-                });
-            }
+            // A half-warp per channel (gate_scan; every thread calls it).
+            const int j = tid / kScanLanes;
+            const bool live = d0 + j < key_dim;
+            const float2 a = live ? make_float2(dec[(d0 + j) * 2], dec[(d0 + j) * 2 + 1]) : make_float2(0.f, 0.f);
+            gate_scan(blk, wpr + j, upr + j, kLdGate, cmul(a, through[j]), j, zero_first, tid % kScanLanes,
+                      [&](int n, float2 x) {
+                          if (live) reinterpret_cast<float2*>(dgate)[(blk.t0 + n) * g.dgate_strides.time + d0 + j] = x;
+                      });
         } else {
             // Per-head gate: the channels' terms summed in a fixed order
             // (slab by slab, channel by channel).
             if (tid < kChunk) {
                 float2 sw = head_w[tid], su = head_u[tid];
                 for (int j = 0; j < kSlab; ++j) {
-                    sw = make_float2(sw.x + wpr[tid * kSlab + j].x, sw.y + wpr[tid * kSlab + j].y);
-                    su = make_float2(su.x + upr[tid * kSlab + j].x, su.y + upr[tid * kSlab + j].y);
+                    sw = add2(sw, wpr[tid * kLdGate + j]);
+                    su = add2(su, upr[tid * kLdGate + j]);
                 }
                 head_w[tid] = sw;
                 head_u[tid] = su;
             } else if (tid == kChunk) {
                 float2 t = head_through[0];
-                for (int j = 0; j < kSlab; ++j) t = make_float2(t.x + through[j].x, t.y + through[j].y);
+                for (int j = 0; j < kSlab; ++j) t = add2(t, through[j]);
                 head_through[0] = t;
             }
         }
         __syncthreads();  // wpr, upr, through, the tables are rewritten by the next slab
     }
-    if (blk.per_head && tid == 0) {
+    if (blk.per_head) {
+        // One column: every thread scans it (gate_scan), the first half-warp writes.
         const float2 a = make_float2(dec[0], dec[1]);
-        gate_scan(blk, head_w, head_u, 1, cmul(a, head_through[0]), 0, zero_first, [&](int n, float2 x) {
-            reinterpret_cast<float2*>(dgate)[(blk.t0 + n) * g.dgate_strides.time] = x;
-        });
+        gate_scan(blk, head_w, head_u, 1, cmul(a, head_through[0]), 0, zero_first, tid % kScanLanes,
+                  [&](int n, float2 x) {
+                      if (tid < kScanLanes) reinterpret_cast<float2*>(dgate)[(blk.t0 + n) * g.dgate_strides.time] = x;
+                  });
     }
 }
 

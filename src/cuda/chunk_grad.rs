@@ -108,7 +108,8 @@ pub fn shared_bytes(dtype: Dtype) -> (u32, u32, u32) {
     let offdiag = split(pairs * sub, sub + pad) + split(pairs * sub, width + pad) + split(key_subs * sub, width + pad);
     let offdiag_out = 4 * (pairs + key_subs) * sub * width;
     let union = (2 * split(c, t + pad)).max(inter).max(offdiag).max(offdiag_out);
-    let qk = prefix + 4 * (2 * c * s + c * c) + union + 4 * (2 * 2 * c * s + 2 * 2 * c + 2 * s + 2);
+    // w' and u rows padded by one complex (cuda/chunk_grad.cu: kLdGate).
+    let qk = prefix + 4 * (2 * c * s + c * c) + union + 4 * (2 * 2 * c * (s + 1) + 2 * 2 * c + 2 * s + 2);
     (w, qk as u32, dv)
 }
 
@@ -422,13 +423,13 @@ mod tests {
         // off-diagonal phase s blocks 2·96·20·4 = 15360 + q̃ 2·96·36·4 = 27648
         // + k̃ 2·48·36·4 = 13824 = 56832 (its products 4·9·16·32 = 18432),
         // inter-chunk dY, V splits 2·2·64·36·4 = 36864 and S_in, D splits
-        // 2·2·32·36·4 = 18432) = 69632, w', u 16384, head sums 1024, through
+        // 2·2·32·36·4 = 18432) = 69632, w', u 2·64·17·8 = 17408, head sums 1024, through
         // 128 + 8; grad_dv (the output pass): q, k raw
         // 8192, the slab phase's splits [Re K̃ | Im K̃] 2·64·36·4 = 18432, D
         // slab 2·32·68·4 = 17408, anchored q̃ 2·96·36·4 = 27648, k̃
         // 2·48·36·4 = 13824 (77312 > the final phase's P, dY splits
         // 2·2·64·68·4 = 69632), diagonal scores 4096, staging 8192.
-        let qk = 20480 + 8192 + 16384 + 69632 + 16384 + 1024 + 136;
+        let qk = 20480 + 8192 + 16384 + 69632 + 17408 + 1024 + 136;
         let dv = 20480 + 8192 + 18432 + 17408 + 27648 + 13824 + 4096 + 8192;
         assert_eq!(shared_bytes(Dtype::F32), (20480 + 4096 + 34816 + 18432 + 8192, qk, dv));
         // f16 / bf16 operands (row padding 8): grad_w's dY split 2·64·72·2 =
@@ -438,7 +439,7 @@ mod tests {
         // 30720); grad_dv's slab phase 2·2·(64·40 + 32·72 + 96·40 + 48·40) =
         // 42496 (> 2·2·2·64·72 = 36864).
         for dtype in [Dtype::F16, Dtype::Bf16] {
-            let qk = 20480 + 8192 + 16384 + 36864 + 16384 + 1024 + 136;
+            let qk = 20480 + 8192 + 16384 + 36864 + 17408 + 1024 + 136;
             let dv = 20480 + 8192 + 42496 + 4096 + 8192;
             assert_eq!(shared_bytes(dtype), (20480 + 4096 + 18432 + 10240 + 8192, qk, dv));
         }

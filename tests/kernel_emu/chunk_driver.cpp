@@ -134,7 +134,7 @@ static void grad_shared_bytes(int size, int32_t& w, int32_t& qk, int32_t& dv) {
     const int inter = std::max(2 * split(c, t / 2 + pad) + 2 * split(2 * s, t / 2 + pad), 2 * c * 2 * s * 4);
     const int offdiag = split(pairs * sub, sub + pad) + split(pairs * sub, 2 * s + pad) + split(key_subs * sub, 2 * s + pad);
     const int uni = std::max({2 * split(c, t + pad), inter, offdiag, 4 * (pairs + key_subs) * sub * 2 * s});
-    qk = prefix + 4 * (2 * c * s + c * c) + uni + 4 * (2 * 2 * c * s + 2 * 2 * c + 2 * s + 2);
+    qk = prefix + 4 * (2 * c * s + c * c) + uni + 4 * (2 * 2 * c * (s + 1) + 2 * 2 * c + 2 * s + 2);  // w', u rows padded
 }
 
 // A block with `bytes` of dynamic shared memory, NaN-poisoned first.
