@@ -114,7 +114,7 @@ GATELOOP_ABI_ASSERT(sizeof(GateloopStateStrides) == 24, "GateloopStateStrides la
  *   the entry point gateloop_recurrent_{dtype}_r{R}, dtype in {f32, f16,
  *   bf16} (of q, k, v, y), R in {1, 2, 4, 8, 16}
  *   (R ≤ GATELOOP_RECURRENT_MAX_ROWS), with R · key_groups == padded_key_dim
- *   ≥ key_dim; thread (lane, g) keeps state rows g + i · key_groups, i < R,
+ *   ≥ key_dim; thread (lane, g) keeps state rows g · R + i, i < R,
  *   of column 32 · tile + lane.
  */
 typedef struct GateloopRecurrentParams {

@@ -6,10 +6,13 @@
 //
 // Mapping. One thread block per (b, h, tile of 32 state columns). The block
 // is 32 × key_groups threads: lane = column of the tile, warp (threadIdx.y) =
-// key group g. Thread (g, lane) keeps the state rows k = g + i·key_groups,
-// i < R, of its column in registers (R is a template parameter so the state
-// arrays are fully unrolled register arrays; rows ≥ K are zero padding that
-// stays zero). Nothing but the outputs ever leaves the registers.
+// key group g. Thread (g, lane) keeps the state rows k = g·R + i, i < R, of
+// its column in registers (R is a template parameter so the state arrays are
+// fully unrolled register arrays; rows ≥ K are zero padding that stays
+// zero). Nothing but the outputs ever leaves the registers. A group's rows
+// are contiguous so that a step's R reads of the staged gates are one base
+// address plus constant offsets (interleaved rows, g + i·key_groups, cost an
+// address multiply per row and step).
 //
 // Time is processed in chunks of chunk_len steps. Per chunk:
 //   1. stage: the block computes a_t[k] = exp(log_gate) once per (t, k) and
@@ -43,7 +46,7 @@
 // Decode (GATELOOP_FLAG_STATE_IN_PLACE): the initial state is read from
 // h_final and the final state written back over it. Aliasing argument: thread
 // (lane, g) of block (b, h, tile) reads exactly the elements
-// (b, h, g + i·key_groups, 32·tile + lane), i < R, into registers before the
+// (b, h, g·R + i, 32·tile + lane), i < R, into registers before the
 // time loop, and writes exactly those elements after it; no other thread of
 // any block reads or writes them (blocks own disjoint (b, h, tile), threads of
 // a block disjoint (row, column)). So every element is read before it is
@@ -101,7 +104,7 @@ __device__ __forceinline__ void recurrent_forward(const GateloopRecurrentParams&
     float* __restrict__ v_s = reinterpret_cast<float*>(stage + chunk * kp);
     float* __restrict__ part_s = v_s + chunk * kValueTile;
 
-    // The state of rows group + i·key_groups, column col. In place (decode),
+    // The state of rows group·R + i, column col. In place (decode),
     // the initial state is h_final itself: see the aliasing argument at the
     // top; these are the same elements this thread writes at the end.
     float hr[R], hi[R];
@@ -111,7 +114,7 @@ __device__ __forceinline__ void recurrent_forward(const GateloopRecurrentParams&
     const GateloopStateStrides init_strides = in_place ? p.h_final_strides : p.h0_strides;
 #pragma unroll
     for (int i = 0; i < R; ++i) {
-        const int64_t row = group + i * key_groups;
+        const int64_t row = group * R + i;
         float2 s = make_float2(0.f, 0.f);
         if (has_init && col_ok && row < key_dim) {
             s = init[state_index(init_strides, b, h, row, col)];
@@ -165,11 +168,11 @@ __device__ __forceinline__ void recurrent_forward(const GateloopRecurrentParams&
         // 2. recur through the chunk.
         for (int tt = 0; tt < n; ++tt) {
             const float vv = v_s[tt * kValueTile + lane];
-            const float4* st = stage + tt * kp + group;
+            const float4* st = stage + tt * kp + group * R;
             float acc = 0.f;
 #pragma unroll
             for (int i = 0; i < R; ++i) {
-                const float4 s = st[i * key_groups];
+                const float4 s = st[i];
                 const float nr = fmaf(s.x, hr[i], fmaf(-s.y, hi[i], s.z * vv));
                 const float ni = fmaf(s.x, hi[i], s.y * hr[i]);
                 hr[i] = nr;
@@ -200,7 +203,7 @@ __device__ __forceinline__ void recurrent_forward(const GateloopRecurrentParams&
     float2* h_final = reinterpret_cast<float2*>(p.h_final);
 #pragma unroll
     for (int i = 0; i < R; ++i) {
-        const int64_t row = group + i * key_groups;
+        const int64_t row = group * R + i;
         if (col_ok && row < key_dim) {
             h_final[state_index(p.h_final_strides, b, h, row, col)] = make_float2(hr[i], hi[i]);
         }

@@ -101,7 +101,7 @@ const MAX_CHUNK: usize = 64;
 pub struct LaunchPlan {
     /// R: state rows per thread (the `_r{R}` entry point).
     pub rows_per_thread: u32,
-    /// Warps per block; each owns every key_groups-th row.
+    /// Warps per block; warp g owns the R consecutive rows g·R … g·R + R − 1.
     pub key_groups: u32,
     /// rows_per_thread · key_groups ≥ K (rows beyond K are zero padding).
     pub padded_key_dim: u32,
