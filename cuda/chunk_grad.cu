@@ -62,8 +62,10 @@
 //   grad_qk: s = dY Vᵀ: warp w ↔ its tiles (w / 2, 2·(w % 2) + t), t < 2;
 //            per slab, the off-diagonal products: offdiag_products' jobs;
 //            X = dY S_inᵀ and Y = V Dᵀ: warp w ↔ tile (w / 2, w % 2)
-//            of each; the rest: key channel d = tid % 16 of the slab, steps
-//            n = tid / 16 + 16i (i < 4) for dq, dk.
+//            of each, and Σ S_in conj(D) of channels w, w + 8 (lane ↔
+//            value column); the rest: key channel d = tid % 16 of the
+//            slab, steps n = tid / 16 + 16i (i < 4) for dq, dk; the gate
+//            scans: channel tid / 16, steps 16e + tid % 16 (e < 4).
 //   grad_dv: warp w ↔ dv tiles (steps 16·(w / 2), columns 16·(2·(w % 2) + t),
 //            t < 2) and, w < 6, off-diagonal score block w; the diagonal
 //            score blocks thread-strided (the forward output kernel's map).
