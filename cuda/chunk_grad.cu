@@ -286,7 +286,7 @@ __device__ __forceinline__ void grad_adjoint_carry(const GateloopChunkGradParams
 // start = A ⊙ Σ_j S_in conj(D). Taken by the 16 lanes of a half-warp
 // (`lane` 0 … 15), the chunk's 64 steps as 4 rows of 16: step n = 16·e +
 // lane, so the half-warp reads 16 consecutive steps of the column at once
-// (conflict-free with GateScan's padded rows). Each row is scanned across
+// (conflict-free with the rows padded to kLdGate). Each row is scanned across
 // the lanes by shuffles (Hillis–Steele: the prefix of u forwards, the
 // reset-segmented suffix of w' backwards, as pairs (sum up to the first
 // reset, reset seen) combined (A, B) → (A.seen ? A.sum : A.sum + B.sum,
@@ -616,10 +616,7 @@ __device__ __forceinline__ void grad_qk(const GateloopChunkGradParams& g) {
 #pragma unroll
             for (int i = 0; i < kChannels; ++i) {
 #pragma unroll
-                for (int lanes = 16; lanes > 0; lanes >>= 1) {
-                    thr[i].x += __shfl_down_sync(0xffffffffu, thr[i].x, lanes);
-                    thr[i].y += __shfl_down_sync(0xffffffffu, thr[i].y, lanes);
-                }
+                for (int lanes = 16; lanes > 0; lanes >>= 1) thr[i] = add2(thr[i], shfl_down2(thr[i], lanes));
                 if (slot.col == 0) through[slot.row0 + kStep * i] = thr[i];  // 0 past K
             }
             __syncthreads();  // every warp is done with the operands: X, Y take their bytes
@@ -739,7 +736,7 @@ __device__ __forceinline__ void grad_dv(const GateloopChunkGradParams& g) {
 // rejects spills); 1 elsewhere. For 16-bit inputs both are 2 (grad_qk
 // ~100 KB, grad_dv ~83 KB of shared memory): with one block per SM (8 warps)
 // every barrier of the block idled the SM — the gate prefix, the staging,
-// the per-channel gate scans. f32: grad_qk needs 132 KB (one block fits),
+// the per-channel gate scans. f32: grad_qk needs 133 KB (one block fits),
 // grad_dv spills 8 bytes at 128 registers. grad_w is compiled for 2 at
 // every dtype, grad_w_seq for 1 like the forward's state_seq (whose walk it
 // shares; 113 registers for 16-bit inputs, so two of its blocks are resident
