@@ -75,6 +75,11 @@
 #define GATELOOP_RECURRENT_MAX_KEY_GROUPS 16
 /* Largest number of state rows one recurrent thread keeps in registers. */
 #define GATELOOP_RECURRENT_MAX_ROWS 16
+/* The recurrent kernel's ahead staging (gateloop_recurrent_ahead_*): a
+ * thread holds the next time chunk's staging items in registers, at most this
+ * many (R < 16; R = 16: the _R16 one). */
+#define GATELOOP_RECURRENT_AHEAD_ITEMS 4
+#define GATELOOP_RECURRENT_AHEAD_ITEMS_R16 2
 
 /* The sizes of one problem. */
 typedef struct GateloopDims {
@@ -111,11 +116,16 @@ GATELOOP_ABI_ASSERT(sizeof(GateloopStateStrides) == 24, "GateloopStateStrides la
  *   block   = (GATELOOP_RECURRENT_VALUE_TILE, key_groups, 1);
  *   dynamic shared memory = chunk_len · (16 · padded_key_dim
  *                           + 4 · VALUE_TILE · (1 + key_groups)) bytes;
- *   the entry point gateloop_recurrent_{dtype}_r{R}, dtype in {f32, f16,
- *   bf16} (of q, k, v, y), R in {1, 2, 4, 8, 16}
+ *   the entry point gateloop_recurrent_{dtype}_r{R} (batched staging) or
+ *   gateloop_recurrent_ahead_{dtype}_r{R} (ahead staging), dtype in {f32,
+ *   f16, bf16} (of q, k, v, y), R in {1, 2, 4, 8, 16}
  *   (R ≤ GATELOOP_RECURRENT_MAX_ROWS), with R · key_groups == padded_key_dim
  *   ≥ key_dim; thread (lane, g) keeps state rows g · R + i, i < R,
- *   of column 32 · tile + lane.
+ *   of column 32 · tile + lane;
+ *   for gateloop_recurrent_ahead_{dtype}_r{R}, with A the ahead items
+ *   (GATELOOP_RECURRENT_AHEAD_ITEMS, _R16 for R = 16), also
+ *   chunk_len · R ≤ 32 · A and chunk_len ≤ key_groups · A (else the kernel
+ *   traps).
  */
 typedef struct GateloopRecurrentParams {
     /* Inputs (device pointers). */

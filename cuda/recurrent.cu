@@ -31,6 +31,17 @@
 //      writes y with coalesced stores.
 // Two __syncthreads per chunk; no atomics; every y element written once.
 //
+// That is the batched staging (gateloop_recurrent_*): a chunk's loads finish
+// before its recurrence starts, so each chunk waits out its global round
+// trips. The ahead staging (gateloop_recurrent_ahead_*, kAhead) issues the
+// NEXT chunk's loads into registers before step 2 and does step 1's
+// exponentials and stores after step 3, so the round trip overlaps the
+// recurrence; the barrier after those stores is the chunk's second. Same
+// arithmetic, same order: bit for bit the batched kernel's y and h_final.
+// Its registers hold at most kAheadItems items a thread (the plan shortens
+// the chunk to fit; the ABI header's bound), which costs up to 128
+// registers against the batched kernel's 64 at R = 8.
+//
 // The reduction over K is thus: over a thread's own rows in registers, then
 // over the key groups through shared memory, amortised over a whole chunk.
 //
@@ -64,7 +75,7 @@ constexpr int kValueTile = GATELOOP_RECURRENT_VALUE_TILE;
 constexpr int kMaxThreads = GATELOOP_RECURRENT_VALUE_TILE * GATELOOP_RECURRENT_MAX_KEY_GROUPS;
 static_assert(kValueTile == 32, "one lane per column of the tile");
 
-template <typename input_t, int R>
+template <typename input_t, int R, bool kAhead>
 __device__ __forceinline__ void recurrent_forward(const GateloopRecurrentParams& p) {
     using Tr = InputTraits<input_t>;
 
@@ -75,6 +86,10 @@ __device__ __forceinline__ void recurrent_forward(const GateloopRecurrentParams&
     const int chunk = p.chunk_len;
     const int tid = group * kValueTile + lane;
     const int nthreads = kValueTile * key_groups;
+    // Staging items of one chunk a thread holds in registers (kAhead).
+    constexpr int kAheadItems = R < 16 ? GATELOOP_RECURRENT_AHEAD_ITEMS : GATELOOP_RECURRENT_AHEAD_ITEMS_R16;
+    // The plan's promise (the ABI header); a plan that breaks it is a host bug.
+    if (kAhead && (chunk * R > kAheadItems * kValueTile || chunk > kAheadItems * key_groups)) __trap();
 
     // Block → (b, h, tile); 64-bit throughout.
     int64_t blk = blockIdx.x;
@@ -123,47 +138,97 @@ __device__ __forceinline__ void recurrent_forward(const GateloopRecurrentParams&
         hi[i] = s.y;
     }
 
+    // One staging item: gates, keys and queries of step t0 + idx / kp, row
+    // idx % kp; a padding row (≥ K) stages zeros (a = 0, k = q = 0).
+    struct Raw {
+        float2 g;
+        float k, q;
+        bool live;
+    };
+    auto fetch_gate = [&](int64_t t0, int idx) {
+        const int tt = idx / kp;
+        const int row = idx - tt * kp;
+        Raw r{make_float2(0.f, 0.f), 0.f, 0.f, row < key_dim};
+        if (r.live) {
+            const int64_t t = t0 + tt;
+            r.g = load_complex(gate, t * p.gate_strides.time + (per_head_gate ? 0 : row));
+            r.k = Tr::load(k, t * p.k_strides.time + row);
+            r.q = Tr::load(q, t * p.q_strides.time + row);
+        }
+        return r;
+    };
+    auto put_gate = [&](int idx, const Raw& r) {
+        float4 s = make_float4(0.f, 0.f, 0.f, 0.f);
+        if (r.live) {
+            const float2 a = complex_gate(r.g);
+            s = make_float4(a.x, a.y, r.k, r.q);
+        }
+        stage[idx] = s;
+    };
+    // One value item: column idx % 32 of the tile at step t0 + idx / 32.
+    auto fetch_value = [&](int64_t t0, int idx) {
+        const int tt = idx / kValueTile;
+        const int64_t c = col0 + (idx - tt * kValueTile);
+        return c < value_dim ? Tr::load(v, (t0 + tt) * p.v_strides.time + c) : 0.f;
+    };
+    auto put_value = [&](int idx, float x) { v_s[idx] = x; };
+
+    // kAhead: a thread's items of the next chunk (item u = flat index
+    // tid + u · nthreads), loaded before the current chunk's recurrence
+    // and stored after it; the plan keeps a chunk within kAheadItems items
+    // per thread (checked above).
+    Raw ahead_gate[kAhead ? kAheadItems : 1];
+    float ahead_value[kAhead ? kAheadItems : 1];
+    auto fetch_ahead = [&](int64_t t0, int n) {
+#pragma unroll
+        for (int u = 0; u < kAheadItems; ++u) {
+            const int idx = tid + u * nthreads;
+            if (idx < n * kp) ahead_gate[u] = fetch_gate(t0, idx);
+        }
+#pragma unroll
+        for (int u = 0; u < kAheadItems; ++u) {
+            const int idx = tid + u * nthreads;
+            if (idx < n * kValueTile) ahead_value[u] = fetch_value(t0, idx);
+        }
+    };
+    auto put_ahead = [&](int n) {
+#pragma unroll
+        for (int u = 0; u < kAheadItems; ++u) {
+            const int idx = tid + u * nthreads;
+            if (idx < n * kp) put_gate(idx, ahead_gate[u]);
+        }
+#pragma unroll
+        for (int u = 0; u < kAheadItems; ++u) {
+            const int idx = tid + u * nthreads;
+            if (idx < n * kValueTile) put_value(idx, ahead_value[u]);
+        }
+    };
+
+    if constexpr (kAhead) {
+        const int n = static_cast<int>(min(static_cast<int64_t>(chunk), len));
+        fetch_ahead(0, n);
+        put_ahead(n);
+        __syncthreads();
+    }
     for (int64_t t0 = 0; t0 < len; t0 += chunk) {
         const int n = static_cast<int>(min(static_cast<int64_t>(chunk), len - t0));
+        const int64_t t1 = t0 + chunk;
+        const int n_next = t1 < len ? static_cast<int>(min(static_cast<int64_t>(chunk), len - t1)) : 0;
 
-        // 1. stage gates, k, q (padding rows are zero: a = 0, k = q = 0), then
-        // the tile's v, kLoadsInFlight loads per thread in flight (staged).
-        struct Raw {
-            float2 g;
-            float k, q;
-            bool live;
-        };
-        staged<kLoadsInFlight>(
-            tid, n * kp, nthreads,
-            [&](int idx) {
-                const int tt = idx / kp;
-                const int row = idx - tt * kp;
-                Raw r{make_float2(0.f, 0.f), 0.f, 0.f, row < key_dim};
-                if (r.live) {
-                    const int64_t t = t0 + tt;
-                    r.g = load_complex(gate, t * p.gate_strides.time + (per_head_gate ? 0 : row));
-                    r.k = Tr::load(k, t * p.k_strides.time + row);
-                    r.q = Tr::load(q, t * p.q_strides.time + row);
-                }
-                return r;
-            },
-            [&](int idx, const Raw& r) {
-                float4 s = make_float4(0.f, 0.f, 0.f, 0.f);
-                if (r.live) {
-                    const float2 a = complex_gate(r.g);
-                    s = make_float4(a.x, a.y, r.k, r.q);
-                }
-                stage[idx] = s;
-            });
-        staged<kLoadsInFlight>(
-            tid, n * kValueTile, nthreads,
-            [&](int idx) {
-                const int tt = idx / kValueTile;
-                const int64_t c = col0 + (idx - tt * kValueTile);
-                return c < value_dim ? Tr::load(v, (t0 + tt) * p.v_strides.time + c) : 0.f;
-            },
-            [&](int idx, float x) { v_s[idx] = x; });
-        __syncthreads();
+        // 1. Batched: stage gates, k, q, then the tile's v, kLoadsInFlight
+        // loads per thread in flight (staged). Ahead: issue the next chunk's
+        // loads now (this chunk was staged at the end of the previous
+        // iteration), so that their round trip overlaps this chunk's
+        // recurrence.
+        if constexpr (kAhead) {
+            if (n_next > 0) fetch_ahead(t1, n_next);
+        } else {
+            staged<kLoadsInFlight>(
+                tid, n * kp, nthreads, [&](int idx) { return fetch_gate(t0, idx); }, put_gate);
+            staged<kLoadsInFlight>(
+                tid, n * kValueTile, nthreads, [&](int idx) { return fetch_value(t0, idx); }, put_value);
+            __syncthreads();
+        }
 
         // 2. recur through the chunk. Each step's reads and its store walk
         // pointers stepped by a constant (no per-step index arithmetic). Not
@@ -197,9 +262,10 @@ __device__ __forceinline__ void recurrent_forward(const GateloopRecurrentParams&
         }
         __syncthreads();
 
-        // 3. reduce over key groups, write y. (The next chunk's staging only
-        // touches stage/v_s, which nobody reads after the barrier above; the
-        // next partials are written after the next staging barrier.)
+        // 3. reduce over key groups, write y. (Batched: the next chunk's
+        // staging only touches stage/v_s, which nobody reads after the
+        // barrier above; the next partials are written after the next
+        // staging barrier.)
         for (int idx = tid; idx < n * kValueTile; idx += nthreads) {
             const int tt = idx / kValueTile;
             const int c = idx - tt * kValueTile;
@@ -209,6 +275,16 @@ __device__ __forceinline__ void recurrent_forward(const GateloopRecurrentParams&
                 float sum = 0.f;
                 for (int j = 0; j < key_groups; ++j) sum += ps[j * kValueTile];
                 Tr::store(y, (t0 + tt) * p.y_strides.time + cc, sum);
+            }
+        }
+
+        // 4. Ahead: stage the next chunk (stage and v_s: their last readers,
+        // step 2, passed the barrier above). The barrier after it also
+        // orders step 3's reads of part_s before the next step 2's writes.
+        if constexpr (kAhead) {
+            if (n_next > 0) {
+                put_ahead(n_next);
+                __syncthreads();
             }
         }
     }
@@ -226,23 +302,31 @@ __device__ __forceinline__ void recurrent_forward(const GateloopRecurrentParams&
 
 }  // namespace gateloop
 
-// ---- entry points: gateloop_recurrent_<dtype>_r<R> -----------------------
+// ---- entry points: gateloop_recurrent_[ahead_]<dtype>_r<R> ---------------
+//
+// gateloop_recurrent_{dtype}_r{R}: batched staging (load, stage, recur in
+// turn). gateloop_recurrent_ahead_{dtype}_r{R}: the next chunk's loads in
+// flight during each chunk's recurrence (RecurrentStaging::Ahead in
+// src/cuda/recurrent.rs).
 
-#define GATELOOP_RECURRENT_ENTRY(DTYPE, TYPE, R)                                              \
+#define GATELOOP_RECURRENT_ENTRY(NAME, DTYPE, TYPE, R, AHEAD)                                 \
     extern "C" __global__ void __launch_bounds__(gateloop::kMaxThreads)                       \
-        gateloop_recurrent_##DTYPE##_r##R(const GateloopRecurrentParams p) {                  \
-        gateloop::recurrent_forward<TYPE, R>(p);                                              \
+        gateloop_recurrent_##NAME##DTYPE##_r##R(const GateloopRecurrentParams p) {            \
+        gateloop::recurrent_forward<TYPE, R, AHEAD>(p);                                       \
     }
 
 static_assert(16 == GATELOOP_RECURRENT_MAX_ROWS, "one entry point per R in {1, 2, 4, 8, 16}");
 
-#define GATELOOP_RECURRENT_ENTRIES(DTYPE, TYPE)  \
-    GATELOOP_RECURRENT_ENTRY(DTYPE, TYPE, 1)    \
-    GATELOOP_RECURRENT_ENTRY(DTYPE, TYPE, 2)    \
-    GATELOOP_RECURRENT_ENTRY(DTYPE, TYPE, 4)    \
-    GATELOOP_RECURRENT_ENTRY(DTYPE, TYPE, 8)    \
-    GATELOOP_RECURRENT_ENTRY(DTYPE, TYPE, 16)
+#define GATELOOP_RECURRENT_ENTRIES(NAME, DTYPE, TYPE, AHEAD)  \
+    GATELOOP_RECURRENT_ENTRY(NAME, DTYPE, TYPE, 1, AHEAD)    \
+    GATELOOP_RECURRENT_ENTRY(NAME, DTYPE, TYPE, 2, AHEAD)    \
+    GATELOOP_RECURRENT_ENTRY(NAME, DTYPE, TYPE, 4, AHEAD)    \
+    GATELOOP_RECURRENT_ENTRY(NAME, DTYPE, TYPE, 8, AHEAD)    \
+    GATELOOP_RECURRENT_ENTRY(NAME, DTYPE, TYPE, 16, AHEAD)
 
-GATELOOP_RECURRENT_ENTRIES(f32, float)
-GATELOOP_RECURRENT_ENTRIES(f16, __half)
-GATELOOP_RECURRENT_ENTRIES(bf16, __nv_bfloat16)
+GATELOOP_RECURRENT_ENTRIES(, f32, float, false)
+GATELOOP_RECURRENT_ENTRIES(, f16, __half, false)
+GATELOOP_RECURRENT_ENTRIES(, bf16, __nv_bfloat16, false)
+GATELOOP_RECURRENT_ENTRIES(ahead_, f32, float, true)
+GATELOOP_RECURRENT_ENTRIES(ahead_, f16, __half, true)
+GATELOOP_RECURRENT_ENTRIES(ahead_, bf16, __nv_bfloat16, true)

@@ -30,6 +30,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 
 use gateloop::cpu::scan as scan_mirror;
+use gateloop::cuda::recurrent::RecurrentStaging::{self, Ahead, Batched};
 use gateloop::cuda::{Dtype, Element, recurrent, scan};
 use gateloop::dispatch::MIRROR_SM_COUNT;
 use gateloop::reference;
@@ -69,19 +70,22 @@ fn scan_emulated(emu: &Path, tag: &str, p: &OwnedProblem<f32>, lp: &scan::Launch
     run(emu, &["--forward"], &write_case(tag, p, &extra, false, &[]), "h_final.out")
 }
 
-/// The recurrent kernel's launch with the plan of `cuda::recurrent::plan`:
-/// forward_into (`state` None: h0 from `p`), or decode_into (`state`: the
-/// initial state, updated in place; `p` without h0). q, k, v must be
-/// representable in `dtype`. Returns y (widened) and h_final / the new state.
+/// The recurrent kernel's launch with the plan of
+/// `cuda::recurrent::plan_with(staging)`: forward_into (`state` None: h0 from
+/// `p`), or decode_into (`state`: the initial state, updated in place; `p`
+/// without h0). q, k, v must be representable in `dtype`. Returns y
+/// (widened) and h_final / the new state.
 fn recurrent_emulated(
     emu: &Path,
     tag: &str,
     p: &OwnedProblem<f32>,
     dtype: Dtype,
     state: Option<&[Complex<f32>]>,
+    staging: RecurrentStaging,
 ) -> Outputs<f32> {
-    let lp = recurrent::plan(&p.dims).unwrap();
-    let extra = [dtype.abi(), lp.rows_per_thread, lp.key_groups, lp.chunk_len, lp.shared_bytes].map(|x| x.to_string());
+    let lp = recurrent::plan_with(&p.dims, staging).unwrap();
+    let extra = [dtype.abi(), lp.rows_per_thread, lp.key_groups, lp.chunk_len, lp.shared_bytes, staging as u32]
+        .map(|x| x.to_string());
     match state {
         None => run(emu, &[], &write_case(tag, p, &extra, false, &[]), "h_final.out"),
         Some(s) => run(emu, &["--decode"], &write_case(tag, p, &extra, false, &[("state.bin", &flat(s))]), "state.out"),
@@ -104,6 +108,16 @@ impl Worst {
             println!("worst, {test}: {key}: rel L2 {rel:.2e}, max-abs/max|ref| {abs:.2e}");
         }
     }
+}
+
+/// y and h_final of two runs equal bit for bit.
+fn assert_same_bits(label: &str, got: &Outputs<f32>, want: &Outputs<f32>) {
+    assert!(bits(&got.y) == bits(&want.y), "{label}: y differs {:?}", compare(&got.y, &want.y));
+    assert!(
+        complex_bits(&got.h_final) == complex_bits(&want.h_final),
+        "{label}: h_final differs {:?}",
+        compare_complex(&got.h_final, &want.h_final)
+    );
 }
 
 fn bits(x: &[f32]) -> Vec<u32> {
@@ -239,7 +253,9 @@ fn scan_forward_kernels_emulated_half_types() {
 /// 4, 8, 16}, 1..9 key groups, one and several value tiles and staged time
 /// chunks (L = 1, L not a multiple of the chunk, L ≈ 5000), B·H > 1; against
 /// the f64 reference, and the f32 evaluation of the reference (the CPU path
-/// of the recurrent mode) for the record.
+/// of the recurrent mode) for the record. The ahead staging
+/// (`RecurrentStaging::Ahead`, other chunk lengths) gives the batched
+/// kernel's y and h_final bit for bit.
 #[test]
 fn recurrent_kernel_emulated_matches_reference() {
     let Some(emu) = recurrent_emulator() else { return };
@@ -268,10 +284,12 @@ fn recurrent_kernel_emulated_matches_reference() {
             let lp = recurrent::plan(&d).unwrap();
             variants.insert(lp.rows_per_thread);
             let label = format!("{d:?} {regime:?} h0={with_h0} seed={seed} {lp:?}");
-            let got = recurrent_emulated(&emu, &format!("rec{i}_{per_head}"), &p, Dtype::F32, None);
+            let got = recurrent_emulated(&emu, &format!("rec{i}_{per_head}"), &p, Dtype::F32, None, Batched);
             check_reference(&mut worst, &label, "recurrent", &got, &want, (REL, ABS_FRAC));
             let f32_path = reference::recurrent::forward(&p.view()).unwrap();
             worst.check(&label, "recurrent y vs the f32 reference", &compare(&got.y, &f32_path.y), REL, ABS_FRAC);
+            let ahead = recurrent_emulated(&emu, &format!("rec{i}_{per_head}_ahead"), &p, Dtype::F32, None, Ahead);
+            assert_same_bits(&label, &ahead, &got);
         }
     }
     assert_eq!(variants.into_iter().collect::<Vec<_>>(), [1, 2, 4, 8, 16]);
@@ -279,7 +297,8 @@ fn recurrent_kernel_emulated_matches_reference() {
 }
 
 /// The f16 and bf16 instantiations, one case each: q, k, v rounded to the
-/// type (the reference sees exactly those values), y rounded once at the end.
+/// type (the reference sees exactly those values), y rounded once at the end;
+/// the ahead staging bit for bit the batched one.
 #[test]
 fn recurrent_kernel_emulated_half_types() {
     let Some(emu) = recurrent_emulator() else { return };
@@ -289,7 +308,9 @@ fn recurrent_kernel_emulated_half_types() {
         let p64 = dtype_support::rounded_to::<T>(&random_problem(d, GateRegime::Mixed, true, seed));
         let want = reference::recurrent::forward(&p64.view()).unwrap();
         let label = format!("{d:?} {:?} seed={seed}", T::DTYPE);
-        let got = recurrent_emulated(emu, &format!("half{seed}"), &p64.to_f32(), T::DTYPE, None);
+        let got = recurrent_emulated(emu, &format!("half{seed}"), &p64.to_f32(), T::DTYPE, None, Batched);
+        let ahead = recurrent_emulated(emu, &format!("half{seed}_ahead"), &p64.to_f32(), T::DTYPE, None, Ahead);
+        assert_same_bits(&label, &ahead, &got);
         check_reference(
             worst,
             &label,
@@ -327,13 +348,13 @@ fn recurrent_decode_emulated_in_place_matches_one_call() {
         let label = format!("{d:?} {regime:?} random init={random_init} pieces={piece_lens:?} seed={seed}");
         // The one long call: forward_into with h0 = the initial state (none:
         // zero, as the zero state buffer of the decode).
-        let whole = recurrent_emulated(&emu, &format!("dec{i}_whole"), &p, Dtype::F32, None);
+        let whole = recurrent_emulated(&emu, &format!("dec{i}_whole"), &p, Dtype::F32, None, Batched);
         let mut state = p.h0.clone().unwrap_or_else(|| vec![Complex::new(0.0, 0.0); d.state_len()]);
         let mut y = vec![f32::NAN; d.v_len()];
         let mut t0 = 0;
         for (j, &n) in piece_lens.iter().enumerate() {
             let piece = p.steps(t0, n);
-            let out = recurrent_emulated(&emu, &format!("dec{i}_{j}"), &piece, Dtype::F32, Some(&state));
+            let out = recurrent_emulated(&emu, &format!("dec{i}_{j}"), &piece, Dtype::F32, Some(&state), Batched);
             dtype_support::put_window(&mut y, &d, d.value_dim, t0, n, &out.y);
             state = out.h_final;
             t0 += n;
@@ -352,7 +373,7 @@ fn recurrent_decode_emulated_in_place_matches_one_call() {
 /// Racecheck without a GPU: the scan forward's launches (1, 2 and 4 warps
 /// per block, value tiles 1 and 2, one to three chunks, f32 and bf16) and
 /// the recurrent kernel (several key groups and staged time chunks, f32 and
-/// f16, forward and in-place decode) on the ThreadSanitizer builds of their
+/// f16, both stagings, forward and in-place decode) on the ThreadSanitizer builds of their
 /// emulators (tests/kernel_emu/build.sh, `GATELOOP_EMU_SANITIZER=thread`):
 /// two threads of a block touching one word with no barrier between them,
 /// one writing, fail the run (exit 66) as compute-sanitizer's racecheck
@@ -404,9 +425,12 @@ fn scan_and_recurrent_kernels_race_free() {
         let p64 = random_problem(d, GateRegime::Mixed, true, 1400 + i as u64);
         let p64 = if t == Dtype::F16 { dtype_support::rounded_to::<half::f16>(&p64) } else { p64.rounded_to_f32() };
         let want = reference::recurrent::forward(&p64.view()).unwrap();
-        let label = format!("{d:?} {t:?} {:?} (race-checked)", recurrent::plan(&d).unwrap());
-        let got = recurrent_emulated(&emu, &format!("rec_race{i}"), &p64.to_f32(), t, None);
-        check_reference(&mut worst, &label, "recurrent", &got, &want, dtype_support::y_bounds(t));
+        for staging in [Batched, Ahead] {
+            let label = format!("{d:?} {t:?} {:?} (race-checked)", recurrent::plan_with(&d, staging).unwrap());
+            let got =
+                recurrent_emulated(&emu, &format!("rec_race{i}_{}", staging.name()), &p64.to_f32(), t, None, staging);
+            check_reference(&mut worst, &label, "recurrent", &got, &want, dtype_support::y_bounds(t));
+        }
     }
     // Decode: the state read and overwritten in place by the same block.
     let d = dims(1, 70, 2, 16, 33, false);
@@ -414,7 +438,7 @@ fn scan_and_recurrent_kernels_race_free() {
     let want = reference::recurrent::forward(&p64.view()).unwrap();
     let mut p = p64.to_f32();
     let h0 = p.h0.take().unwrap();
-    let got = recurrent_emulated(&emu, "dec_race", &p, Dtype::F32, Some(&h0));
+    let got = recurrent_emulated(&emu, "dec_race", &p, Dtype::F32, Some(&h0), Batched);
     check_reference(&mut worst, &format!("{d:?} decode (race-checked)"), "decode", &got, &want, (REL, ABS_FRAC));
     worst.report("race-checked recurrent kernel");
 }

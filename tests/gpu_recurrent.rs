@@ -9,7 +9,9 @@
 mod common;
 
 use common::{ABS_FRAC, Case, REL, assert_outputs, regime_matrix, regime_tests, run_forward};
-use gateloop::cuda::recurrent::{DeviceInputs, DeviceOutputs, forward_host, forward_into};
+use gateloop::cuda::recurrent::{
+    DeviceInputs, DeviceOutputs, RecurrentStaging, forward_host, forward_host_with, forward_into,
+};
 use gateloop::cuda::{Gpu, GpuError};
 use gateloop::testing::{GateRegime, dims};
 use gateloop::{Dims, InputError};
@@ -56,6 +58,44 @@ fn largest_key_dim_and_odd_sizes() {
     check(gpu, dims(1, 100, 2, 256, 40, false), GateRegime::Random, true, 6000);
     check(gpu, dims(3, 17, 5, 129, 97, true), GateRegime::Mixed, true, 6001);
     check(gpu, dims(1, 70, 1, 200, 1, false), GateRegime::Resets(0.1), false, 6002);
+}
+
+/// The ahead staging (the next chunk's loads in flight during each chunk's
+/// recurrence, shorter chunks) gives the batched kernel's y and h_final bit
+/// for bit, and both are within the bounds of the reference: every R
+/// (K = 1, 5, 16, 64, 130, 256), L = 1, L not a multiple of either chunk,
+/// f32 and bf16, resets, |a| = 1, phases ≫ 2π.
+#[test]
+fn ahead_staging_matches_batched_bit_for_bit() {
+    let Some(gpu) = common::gpu_or_skip() else { return };
+    let cases = [
+        (dims(1, 1, 1, 1, 1, false), GateRegime::Random),
+        (dims(2, 100, 2, 5, 7, true), GateRegime::Resets(0.2)),
+        (dims(1, 130, 1, 16, 40, false), GateRegime::UnitModulus),
+        (dims(2, 301, 3, 64, 64, false), GateRegime::LargePhase(50.0)),
+        (dims(1, 77, 1, 130, 33, true), GateRegime::Mixed),
+        (dims(1, 45, 1, 256, 5, false), GateRegime::StrongDecay(30.0)),
+    ];
+    for (i, (d, regime)) in cases.into_iter().enumerate() {
+        let case = Case::new(d, regime, i % 2 == 0, 7100 + i as u64);
+        let label = case.label();
+        let (p32, want) = case.with_reference();
+        let batched = forward_host_with::<f32>(gpu, &p32.view(), RecurrentStaging::Batched).unwrap();
+        let ahead = forward_host_with::<f32>(gpu, &p32.view(), RecurrentStaging::Ahead).unwrap();
+        assert_outputs(&label, &ahead.y, &ahead.h_final, &want, REL, ABS_FRAC);
+        assert!(ahead.y.iter().zip(&batched.y).all(|(a, b)| a.to_bits() == b.to_bits()), "{label}: y differs");
+        assert!(
+            ahead
+                .h_final
+                .iter()
+                .zip(&batched.h_final)
+                .all(|(a, b)| a.re.to_bits() == b.re.to_bits() && a.im.to_bits() == b.im.to_bits()),
+            "{label}: h_final differs"
+        );
+        let batched = forward_host_with::<half::bf16>(gpu, &p32.view(), RecurrentStaging::Batched).unwrap();
+        let ahead = forward_host_with::<half::bf16>(gpu, &p32.view(), RecurrentStaging::Ahead).unwrap();
+        assert!(ahead.y.iter().zip(&batched.y).all(|(a, b)| a.to_bits() == b.to_bits()), "{label} bf16: y differs");
+    }
 }
 
 #[test]

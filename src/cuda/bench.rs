@@ -43,7 +43,7 @@ use thiserror::Error;
 use super::chunk::{self, ChunkCarry, ChunkConfig, ChunkPrecision, Gates};
 use super::chunk_grad;
 use super::element::{Dtype, Element, round_slice};
-use super::recurrent::{self, DecodeInputs, DeviceInputs, DeviceOutputs};
+use super::recurrent::{self, DecodeInputs, DeviceInputs, DeviceOutputs, RecurrentStaging};
 use super::{DriverContext, Gpu, GpuError, attention, scan};
 use crate::error::InputError;
 use crate::problem::{Dims, GateLayout};
@@ -197,7 +197,18 @@ pub fn registry() -> Vec<KernelEntry> {
             shapes: recurrent_shapes,
             check: |d| recurrent::plan(d).map(|_| ()),
             cost: |d, t| recurrent_cost(d, t, false),
-            prepare: |gpu, d, t, host, sets| crate::with_element!(t, T => prepare_recurrent::<T>(gpu, d, host, sets, false)),
+            prepare: |gpu, d, t, host, sets| crate::with_element!(t, T => prepare_recurrent::<T>(gpu, d, host, sets, false, RecurrentStaging::Batched)),
+            tuning: false,
+        },
+        KernelEntry {
+            name: "recurrent-ahead",
+            about: "recurrent forward with the next chunk's loads in flight during each chunk's recurrence \
+                    (RecurrentStaging::Ahead; bit for bit recurrent's results)",
+            dtypes: &Dtype::ALL,
+            shapes: recurrent_shapes,
+            check: |d| recurrent::plan_with(d, RecurrentStaging::Ahead).map(|_| ()),
+            cost: |d, t| recurrent_cost(d, t, false),
+            prepare: |gpu, d, t, host, sets| crate::with_element!(t, T => prepare_recurrent::<T>(gpu, d, host, sets, false, RecurrentStaging::Ahead)),
             tuning: false,
         },
         KernelEntry {
@@ -207,7 +218,7 @@ pub fn registry() -> Vec<KernelEntry> {
             shapes: decode_shapes,
             check: |d| recurrent::plan(d).map(|_| ()),
             cost: |d, t| recurrent_cost(d, t, true),
-            prepare: |gpu, d, t, host, sets| crate::with_element!(t, T => prepare_recurrent::<T>(gpu, d, host, sets, true)),
+            prepare: |gpu, d, t, host, sets| crate::with_element!(t, T => prepare_recurrent::<T>(gpu, d, host, sets, true, RecurrentStaging::Batched)),
             tuning: false,
         },
         KernelEntry {
@@ -386,6 +397,8 @@ struct RecurrentCase<'g, T> {
     gpu: &'g Gpu,
     dims: Dims,
     decode: bool,
+    /// The forward's staging (decode: always the default).
+    staging: RecurrentStaging,
     sets: Vec<RecurrentSet<T>>,
 }
 
@@ -395,6 +408,7 @@ fn prepare_recurrent<'g, T: Element>(
     host: &HostInputs,
     sets: usize,
     decode: bool,
+    staging: RecurrentStaging,
 ) -> Result<Box<dyn BenchCase + 'g>, GpuError> {
     let s = gpu.stream();
     let (q, k, v) = (round_slice::<T>(&host.q), round_slice::<T>(&host.k), round_slice::<T>(&host.v));
@@ -412,7 +426,7 @@ fn prepare_recurrent<'g, T: Element>(
             })
         })
         .collect::<Result<Vec<_>, GpuError>>()?;
-    Ok(Box::new(RecurrentCase { gpu, dims, decode, sets }))
+    Ok(Box::new(RecurrentCase { gpu, dims, decode, staging, sets }))
 }
 
 impl<T: Element> BenchCase for RecurrentCase<'_, T> {
@@ -424,10 +438,11 @@ impl<T: Element> BenchCase for RecurrentCase<'_, T> {
             recurrent::decode_into(self.gpu, s, &self.dims, inputs, &mut st.y, &mut st.state)
         } else {
             let inputs = DeviceInputs { q: &st.q, k: &st.k, v: &st.v, log_gate: &st.log_gate, h0: None };
-            recurrent::forward_into(
+            recurrent::forward_into_with(
                 self.gpu,
                 s,
                 &self.dims,
+                self.staging,
                 inputs,
                 DeviceOutputs { y: &mut st.y, h_final: &mut st.state },
             )

@@ -96,6 +96,44 @@ const SHARED_BUDGET: usize = 48 * 1024;
 /// Most time steps staged at once.
 const MAX_CHUNK: usize = 64;
 
+/// How the recurrent kernel brings each time chunk of gates, keys, queries
+/// and values into shared memory.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub enum RecurrentStaging {
+    /// Load, stage, recur, in turn: a chunk's loads (a few per thread at a
+    /// time) complete before its recurrence starts. The kernel measured on an
+    /// H200 on 2026-11-30 (64 registers at R = 8: four resident 256-thread
+    /// blocks per SM).
+    #[default]
+    Batched,
+    /// Ahead: each chunk's recurrence runs while the next chunk's loads are
+    /// in flight (issued before it, held in registers, stored to shared
+    /// memory after it), so the global round trip overlaps the recurrence
+    /// instead of adding to it. Bitwise the same results as
+    /// [`RecurrentStaging::Batched`] (same arithmetic, same order). Costs
+    /// registers (up to 128 a thread: two resident 256-thread blocks per SM)
+    /// and shorter chunks (at most 4 staged items a thread:
+    /// chunk_len ≤ 128 / R and ≤ 4 · key_groups; R = 16: 2 items). Not yet
+    /// timed on a GPU: `gateloop bench` runs it as `recurrent-ahead`.
+    Ahead,
+}
+
+impl RecurrentStaging {
+    /// `batched` or `ahead`.
+    pub fn name(self) -> &'static str {
+        match self {
+            RecurrentStaging::Batched => "batched",
+            RecurrentStaging::Ahead => "ahead",
+        }
+    }
+
+    /// Staging items a thread of the `_ahead` kernel holds for R rows per
+    /// thread (the ABI's GATELOOP_RECURRENT_AHEAD_ITEMS{,_R16}).
+    fn ahead_items(rows: usize) -> usize {
+        (if rows < 16 { abi::GATELOOP_RECURRENT_AHEAD_ITEMS } else { abi::GATELOOP_RECURRENT_AHEAD_ITEMS_R16 }) as usize
+    }
+}
+
 /// The launch geometry of one recurrent call.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct LaunchPlan {
@@ -113,20 +151,30 @@ pub struct LaunchPlan {
     pub grid: u32,
     /// Dynamic shared memory per block, bytes.
     pub shared_bytes: u32,
+    /// Which kernel: `gateloop_recurrent_{dtype}_r{R}` (batched) or
+    /// `gateloop_recurrent_ahead_{dtype}_r{R}`.
+    pub staging: RecurrentStaging,
 }
 
 impl LaunchPlan {
+    /// The kernel's index in its dtype's table: staging, then log2(R).
     fn variant_index(&self) -> usize {
-        self.rows_per_thread.trailing_zeros() as usize
+        self.staging as usize * ROWS_PER_THREAD.len() + self.rows_per_thread.trailing_zeros() as usize
     }
 }
 
-/// Chooses the launch geometry for `dims`.
+/// Chooses the launch geometry for `dims` with the default staging.
 ///
 /// R aims at 8 rows per thread (fewer when K < 8) with as many warps as that
 /// needs, up to 16; above K = 128 R grows to 16. `chunk_len` is the most time
-/// steps whose staging fits in 48 KiB of shared memory (≤ 64, ≤ L).
+/// steps whose staging fits in 48 KiB of shared memory (≤ 64, ≤ L), and for
+/// [`RecurrentStaging::Ahead`] in the registers the kernel holds them in.
 pub fn plan(dims: &Dims) -> Result<LaunchPlan, InputError> {
+    plan_with(dims, RecurrentStaging::default())
+}
+
+/// [`plan`] with a choice of staging.
+pub fn plan_with(dims: &Dims, staging: RecurrentStaging) -> Result<LaunchPlan, InputError> {
     dims.validate()?;
     let k = dims.key_dim;
     if k > MAX_KEY_DIM {
@@ -142,7 +190,11 @@ pub fn plan(dims: &Dims) -> Result<LaunchPlan, InputError> {
     debug_assert!(ROWS_PER_THREAD.contains(&(rows as u32)) && groups <= max_groups);
     let padded = rows * groups;
     let per_step = 16 * padded + 4 * VALUE_TILE * (1 + groups);
-    let chunk = (SHARED_BUDGET / per_step).clamp(1, MAX_CHUNK).min(dims.len);
+    let mut chunk = (SHARED_BUDGET / per_step).clamp(1, MAX_CHUNK).min(dims.len);
+    if staging == RecurrentStaging::Ahead {
+        let items = RecurrentStaging::ahead_items(rows);
+        chunk = chunk.min(VALUE_TILE * items / rows).min(items * groups);
+    }
     let tiles = dims.value_dim.div_ceil(VALUE_TILE);
     let too_large = || InputError::TooLarge {
         name: "grid",
@@ -158,6 +210,7 @@ pub fn plan(dims: &Dims) -> Result<LaunchPlan, InputError> {
         value_tiles: u32::try_from(tiles).map_err(|_| too_large())?,
         grid: u32::try_from(grid).ok().filter(|&g| g <= i32::MAX as u32).ok_or_else(too_large)?,
         shared_bytes: (chunk * per_step) as u32,
+        staging,
     })
 }
 
@@ -176,8 +229,14 @@ pub struct DecodeInputs<'a, T = f32> {
 }
 
 /// Checks every argument on the host and enqueues one kernel on `stream`.
-fn launch<T: Element>(gpu: &Gpu, stream: &CudaStream, d: &Dims, buffers: Buffers<'_, T>) -> Result<(), GpuError> {
-    let lp = plan(d)?;
+fn launch<T: Element>(
+    gpu: &Gpu,
+    stream: &CudaStream,
+    d: &Dims,
+    staging: RecurrentStaging,
+    buffers: Buffers<'_, T>,
+) -> Result<(), GpuError> {
+    let lp = plan_with(d, staging)?;
     buffers.check(gpu, stream, d, 0, String::new)?;
     let mut params = GateloopRecurrentParams {
         key_groups: lp.key_groups as i32,
@@ -197,8 +256,10 @@ fn launch<T: Element>(gpu: &Gpu, stream: &CudaStream, d: &Dims, buffers: Buffers
     let func = &gpu.kernels.recurrent[T::DTYPE.index()][lp.variant_index()];
     let mut launch = stream.launch_builder(func);
     launch.arg(&params);
-    // SAFETY: `func` is gateloop_recurrent_{T}_r{R} with R = lp.rows_per_thread
-    // and {T} the element type of q, k, v, y (T::DTYPE picks the table row),
+    // SAFETY: `func` is gateloop_recurrent_{,ahead_}{T}_r{R} with
+    // R = lp.rows_per_thread, the staging lp.staging (whose chunk_len bounds
+    // `plan_with` applied) and {T} the element type of q, k, v, y (T::DTYPE
+    // picks the table row),
     // whose only parameter is a GateloopRecurrentParams by value, which is
     // what is pushed. Every pointer in it comes from a live buffer of this
     // context whose length was checked above against the dims in `params`
@@ -236,7 +297,19 @@ pub fn forward_into<T: Element>(
     inputs: DeviceInputs<'_, T>,
     out: DeviceOutputs<'_, T>,
 ) -> Result<(), GpuError> {
-    launch(gpu, stream, dims, Buffers::forward(inputs, out, None))
+    forward_into_with(gpu, stream, dims, RecurrentStaging::default(), inputs, out)
+}
+
+/// [`forward_into`] with a choice of staging (the same results bit for bit).
+pub fn forward_into_with<T: Element>(
+    gpu: &Gpu,
+    stream: &CudaStream,
+    dims: &Dims,
+    staging: RecurrentStaging,
+    inputs: DeviceInputs<'_, T>,
+    out: DeviceOutputs<'_, T>,
+) -> Result<(), GpuError> {
+    launch(gpu, stream, dims, staging, Buffers::forward(inputs, out, None))
 }
 
 /// Decoding: advances `state` (`[B, H, K, V]` complex f32, as interleaved f32
@@ -264,6 +337,7 @@ pub fn decode_into<T: Element>(
         gpu,
         stream,
         dims,
+        RecurrentStaging::default(),
         Buffers { q, k, v, log_gate, y, state: StateIo::InPlace(state), workspace: None, real_gates: false },
     )
 }
@@ -278,9 +352,18 @@ pub fn forward_host(gpu: &Gpu, p: &Problem<'_, f32>) -> Result<Outputs<f32>, Gpu
 /// (log_gate and h0 stay f32) and the kernel's `T` output `y` widened back to
 /// f32 (exactly).
 pub fn forward_host_as<T: Element>(gpu: &Gpu, p: &Problem<'_, f32>) -> Result<Outputs<f32>, GpuError> {
+    forward_host_with::<T>(gpu, p, RecurrentStaging::default())
+}
+
+/// [`forward_host_as`] with a choice of staging.
+pub fn forward_host_with<T: Element>(
+    gpu: &Gpu,
+    p: &Problem<'_, f32>,
+    staging: RecurrentStaging,
+) -> Result<Outputs<f32>, GpuError> {
     let no_workspace = |_: &Dims| Ok(0);
     launch::forward_host::<T>(gpu, p, no_workspace, "synchronizing after the recurrent kernel", |s, d, i, o, _| {
-        forward_into(gpu, s, d, i, o)
+        forward_into_with(gpu, s, d, staging, i, o)
     })
 }
 
@@ -291,9 +374,25 @@ mod tests {
 
     #[test]
     fn plan_covers_every_key_dim() {
-        for k in 1..=MAX_KEY_DIM {
+        for (k, staging) in
+            (1..=MAX_KEY_DIM).flat_map(|k| [(k, RecurrentStaging::Batched), (k, RecurrentStaging::Ahead)])
+        {
             for (l, v) in [(1, 1), (1000, 128), (3, 33)] {
-                let p = plan(&dims(2, l, 3, k, v, false)).unwrap();
+                let p = plan_with(&dims(2, l, 3, k, v, false), staging).unwrap();
+                assert_eq!(p.staging, staging);
+                if staging == RecurrentStaging::Ahead {
+                    // The kernel's registers hold one chunk's staging: the
+                    // ABI's bounds, else it traps.
+                    let items = if p.rows_per_thread < 16 { 4 } else { 2 };
+                    assert!(p.chunk_len * p.rows_per_thread <= 32 * items, "k={k}: {p:?}");
+                    assert!(p.chunk_len <= items * p.key_groups, "k={k}: {p:?}");
+                    let batched = plan(&dims(2, l, 3, k, v, false)).unwrap();
+                    assert_eq!(
+                        (p.rows_per_thread, p.key_groups, p.grid),
+                        (batched.rows_per_thread, batched.key_groups, batched.grid)
+                    );
+                    assert!(p.chunk_len <= batched.chunk_len);
+                }
                 assert!(ROWS_PER_THREAD.contains(&p.rows_per_thread), "k={k}: {p:?}");
                 assert!(p.key_groups >= 1 && p.key_groups <= 16, "k={k}: {p:?}");
                 assert_eq!(p.padded_key_dim, p.rows_per_thread * p.key_groups);
@@ -322,6 +421,14 @@ mod tests {
         assert_eq!((p.rows_per_thread, p.key_groups), (1, 1));
         let p = plan(&dims(1, 100, 1, 256, 1, true)).unwrap();
         assert_eq!((p.rows_per_thread, p.key_groups), (16, 16));
+        // Ahead at K = 64: 22 steps fit 48 KiB, 16 fit 4 items a thread.
+        assert_eq!(plan(&dims(8, 4096, 16, 64, 64, false)).unwrap().chunk_len, 22);
+        let p = plan_with(&dims(8, 4096, 16, 64, 64, false), RecurrentStaging::Ahead).unwrap();
+        assert_eq!((p.rows_per_thread, p.key_groups, p.chunk_len, p.variant_index()), (8, 8, 16, 8));
+        let p = plan_with(&dims(1, 100, 1, 5, 64, true), RecurrentStaging::Ahead).unwrap();
+        assert_eq!((p.rows_per_thread, p.key_groups, p.chunk_len), (8, 1, 4));
+        let p = plan_with(&dims(1, 100, 1, 256, 1, true), RecurrentStaging::Ahead).unwrap();
+        assert_eq!((p.rows_per_thread, p.key_groups, p.chunk_len, p.variant_index()), (16, 16, 4, 9));
     }
 
     #[test]

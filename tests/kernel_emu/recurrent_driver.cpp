@@ -5,9 +5,10 @@
 //   recurrent_emu DIR           (forward_into: h0 optional, h_final written)
 //   recurrent_emu --decode DIR  (decode_into: the state updated in place)
 //
-// DIR/dims.txt: B L H K V gate_dim has_h0 dtype rows_per_thread key_groups chunk_len shared_bytes
-// (the plan of src/cuda/recurrent.rs `plan`, checked here against the ABI's
-// formulas; dtype: GATELOOP_DTYPE_* of q, k, v, y). DIR/{q,k,v,log_gate}.bin,
+// DIR/dims.txt: B L H K V gate_dim has_h0 dtype rows_per_thread key_groups chunk_len shared_bytes staging
+// (the plan of src/cuda/recurrent.rs `plan_with`, checked here against the
+// ABI's formulas; dtype: GATELOOP_DTYPE_* of q, k, v, y; staging 0: the
+// batched kernel gateloop_recurrent_*, 1: gateloop_recurrent_ahead_*). DIR/{q,k,v,log_gate}.bin,
 // with h0 h0.bin, and for --decode state.bin: raw little-endian f32
 // (complex as pairs), contiguous [B, L, H, D] / [B, H, K, V]; for f16 / bf16
 // q, k, v must already be representable (converted exactly, else the driver
@@ -41,26 +42,32 @@ alignas(128) float4 smem[kEmuSharedCapacity / sizeof(float4)];
 }  // namespace gateloop
 
 using Entry = void (*)(const GateloopRecurrentParams);
-#define ENTRIES(DTYPE)                                                  \
-    extern "C" {                                                        \
-    void gateloop_recurrent_##DTYPE##_r1(const GateloopRecurrentParams p);  \
-    void gateloop_recurrent_##DTYPE##_r2(const GateloopRecurrentParams p);  \
-    void gateloop_recurrent_##DTYPE##_r4(const GateloopRecurrentParams p);  \
-    void gateloop_recurrent_##DTYPE##_r8(const GateloopRecurrentParams p);  \
-    void gateloop_recurrent_##DTYPE##_r16(const GateloopRecurrentParams p); \
-    }                                                                   \
-    static const Entry entries_##DTYPE[5] = {gateloop_recurrent_##DTYPE##_r1, gateloop_recurrent_##DTYPE##_r2,  \
-                                             gateloop_recurrent_##DTYPE##_r4, gateloop_recurrent_##DTYPE##_r8,  \
-                                             gateloop_recurrent_##DTYPE##_r16};
-ENTRIES(f32)
-ENTRIES(f16)
-ENTRIES(bf16)
+// entries_{,ahead_}DTYPE[log2 R].
+#define ENTRIES(NAME, DTYPE)                                                          \
+    extern "C" {                                                                      \
+    void gateloop_recurrent_##NAME##DTYPE##_r1(const GateloopRecurrentParams p);      \
+    void gateloop_recurrent_##NAME##DTYPE##_r2(const GateloopRecurrentParams p);      \
+    void gateloop_recurrent_##NAME##DTYPE##_r4(const GateloopRecurrentParams p);      \
+    void gateloop_recurrent_##NAME##DTYPE##_r8(const GateloopRecurrentParams p);      \
+    void gateloop_recurrent_##NAME##DTYPE##_r16(const GateloopRecurrentParams p);     \
+    }                                                                                 \
+    static const Entry entries_##NAME##DTYPE[5] = {                                   \
+        gateloop_recurrent_##NAME##DTYPE##_r1, gateloop_recurrent_##NAME##DTYPE##_r2, \
+        gateloop_recurrent_##NAME##DTYPE##_r4, gateloop_recurrent_##NAME##DTYPE##_r8, \
+        gateloop_recurrent_##NAME##DTYPE##_r16};
+ENTRIES(, f32)
+ENTRIES(, f16)
+ENTRIES(, bf16)
+ENTRIES(ahead_, f32)
+ENTRIES(ahead_, f16)
+ENTRIES(ahead_, bf16)
 
 template <class T>
-static int run(const std::string& dir, bool decode, const Entry* entries) {
+static int run(const std::string& dir, bool decode, const Entry* batched, const Entry* ahead) {
     std::ifstream df(dir + "/dims.txt");
-    int64_t B, L, H, K, V, G, has_h0, dtype, rows, groups, chunk, shared;
-    if (!(df >> B >> L >> H >> K >> V >> G >> has_h0 >> dtype >> rows >> groups >> chunk >> shared) || (decode && has_h0)) {
+    int64_t B, L, H, K, V, G, has_h0, dtype, rows, groups, chunk, shared, staging;
+    if (!(df >> B >> L >> H >> K >> V >> G >> has_h0 >> dtype >> rows >> groups >> chunk >> shared >> staging) ||
+        (decode && has_h0) || (staging != 0 && staging != 1)) {
         std::fprintf(stderr, "bad dims.txt (decode takes its initial state from state.bin, not h0)\n");
         return 2;
     }
@@ -72,6 +79,13 @@ static int run(const std::string& dir, bool decode, const Entry* entries) {
     if (ri == 5 || groups < 1 || groups > GATELOOP_RECURRENT_MAX_KEY_GROUPS || padded < K || chunk < 1 ||
         shared != chunk * per_step || static_cast<size_t>(shared) > gateloop::kEmuSharedCapacity) {
         std::fprintf(stderr, "plan outside the ABI's contract\n");
+        return 2;
+    }
+    // The ahead kernel's bound (past it the kernel traps: the launcher must
+    // not get there).
+    const int64_t items = rows < 16 ? GATELOOP_RECURRENT_AHEAD_ITEMS : GATELOOP_RECURRENT_AHEAD_ITEMS_R16;
+    if (staging == 1 && (chunk * rows > tile * items || chunk > groups * items)) {
+        std::fprintf(stderr, "ahead plan outside the ABI's contract\n");
         return 2;
     }
     const size_t qk = B * L * H * K, vn = B * L * H * V, gn = B * L * H * G, sn = B * H * K * V;
@@ -92,7 +106,7 @@ static int run(const std::string& dir, bool decode, const Entry* entries) {
     p.chunk_len = static_cast<int32_t>(chunk);
     p.value_tiles = static_cast<int32_t>((V + tile - 1) / tile);
 
-    const Entry f = entries[ri];
+    const Entry f = (staging == 1 ? ahead : batched)[ri];
     const unsigned grid = static_cast<unsigned>(B * H * p.value_tiles);
     emu_launch(grid, EmuDim3{static_cast<unsigned>(tile), static_cast<unsigned>(groups), 1}, [&] {
         if (emu_thread_rank() == 0) emu_fill_shared(gateloop::smem, gateloop::kEmuSharedCapacity, static_cast<size_t>(shared));
@@ -120,9 +134,9 @@ int main(int argc, char** argv) {
         return 2;
     }
     switch (dtype) {
-        case GATELOOP_DTYPE_F32: return run<float>(dir, decode, entries_f32);
-        case GATELOOP_DTYPE_F16: return run<__half>(dir, decode, entries_f16);
-        case GATELOOP_DTYPE_BF16: return run<__nv_bfloat16>(dir, decode, entries_bf16);
+        case GATELOOP_DTYPE_F32: return run<float>(dir, decode, entries_f32, entries_ahead_f32);
+        case GATELOOP_DTYPE_F16: return run<__half>(dir, decode, entries_f16, entries_ahead_f16);
+        case GATELOOP_DTYPE_BF16: return run<__nv_bfloat16>(dir, decode, entries_bf16, entries_ahead_bf16);
         default: std::fprintf(stderr, "bad dtype %lld\n", static_cast<long long>(dtype)); return 2;
     }
 }
