@@ -24,7 +24,10 @@ from bench.json) and writes verdict.md there, which it also prints:
 - issue 5's target: forward+backward ≥ 1.2× faster than fla chunk_gla's;
 - the carry rule: chunked-sequential against chunked-separate over the
   sweep of the sequential grid (carry.json), and the SEQUENTIAL_MIN_BLOCKS
-  (src/cuda/chunk.rs) it supports.
+  (src/cuda/chunk.rs) it supports;
+- the staging rule: recurrent-ahead against recurrent (bench.json, the same
+  run), and the RecurrentStaging default (src/cuda/recurrent.rs) it
+  supports.
 
 Only the standard library; nothing here needs a GPU. Missing files make
 their sections say so rather than fail: a partial run is still filed.
@@ -368,6 +371,54 @@ def carry_rule(carry):
     return L
 
 
+# Ahead must be this much faster (ahead / batched ≤ this) to count as a win:
+# the two kernels' medians of one run differ by noise of about a percent.
+STAGING_WIN = 0.97
+
+
+def staging_rule(bench):
+    """The staging section's lines: recurrent-ahead against recurrent (the
+    batched staging) per dtype and shape, from one bench run, and the
+    RecurrentStaging default they support."""
+    L = ["## Staging rule (recurrent-ahead against recurrent)\n"]
+    by = {}
+    for r in (bench or {}).get("results") or []:
+        if r.get("kernel") not in ("recurrent", "recurrent-ahead") or r.get("median_ms") is None:
+            continue
+        sh = r["shape"]
+        d = (sh["batch"], sh["len"], sh["heads"], sh["key_dim"], sh["value_dim"])
+        by.setdefault((r["dtype"], d, sh.get("gate", "channel")), {})[r["kernel"]] = r["median_ms"]
+    pairs = [(k, t["recurrent"], t["recurrent-ahead"]) for k, t in by.items()
+             if "recurrent" in t and "recurrent-ahead" in t]
+    if not pairs:
+        return L + ["(no bench.json with both recurrent and recurrent-ahead: not measured)\n"]
+    L.append("| dtype | shape | gate | grid | recurrent (batched) | recurrent-ahead | ahead / batched |")
+    L.append("|---|---|---|---|---|---|---|")
+    wins = []
+    for (dtype, d, gate), batched, ahead in sorted(pairs, key=lambda x: (x[0][0], recurrent_grid(x[0][1]), x[0][1])):
+        ratio = ahead / batched
+        wins.append(ratio <= STAGING_WIN)
+        L.append(f"| {dtype} | {label(d)} | {gate} | {recurrent_grid(d)} | {fmt(batched)} | {fmt(ahead)} | "
+                 f"{ratio:.3f} |")
+    n, won = len(wins), sum(wins)
+    if won == n:
+        L.append(f"\nSuggested: `RecurrentStaging::Ahead` as the default (faster by ≥ {1 - STAGING_WIN:.0%} in "
+                 f"all {n} cases).\n")
+    elif won == 0:
+        L.append(f"\nSuggested: keep `RecurrentStaging::Batched` as the default (ahead never faster by "
+                 f"≥ {1 - STAGING_WIN:.0%}, {n} cases).\n")
+    else:
+        L.append(f"\nMixed: ahead faster by ≥ {1 - STAGING_WIN:.0%} in {won} of {n} cases; a rule by grid "
+                 "(B·H·⌈V/32⌉ blocks) or K needs the rows above.\n")
+    return L
+
+
+def recurrent_grid(d):
+    """B·H·ceil(V/32) (src/cuda/recurrent.rs plan)."""
+    B, _, H, _, V = d
+    return B * H * -(-V // 32)
+
+
 def current_min_blocks():
     """SEQUENTIAL_MIN_BLOCKS as src/cuda/chunk.rs has it now."""
     try:
@@ -416,6 +467,7 @@ def file_results(results, into, dry_run):
     for name, doc in runs:
         L += targets_section(doc, name)
     L += carry_rule(carry)
+    L += staging_rule(bench)
     text = "\n".join(L) + "\n"
     if not dry_run:
         os.makedirs(dest, exist_ok=True)

@@ -1,6 +1,6 @@
 //! `scripts/gpu-results.py`, the filing of a GPU bundle run, on synthetic
-//! results: the targets' verdicts and the carry rule it reads off known
-//! times, the files it copies, and the merge of two runs (the first packed
+//! results: the targets' verdicts, the carry rule and the staging rule it
+//! reads off known times, the files it copies, and the merge of two runs (the first packed
 //! as the device tool returns it, results.tar.gz; the second a folder). (Python's standard library only; the
 //! test command's machine has python3 for the nvcc wheels.)
 
@@ -88,7 +88,16 @@ fn files_a_run_and_reads_the_targets_and_the_carry_rule() {
         "steps": [{"step": "test gpu_scan", "status": "PASS", "seconds": 12, "note": "9 passed, 0 failed"}]});
     write(&res.join("summary.json"), &summary.to_string());
     let device = json!({"name": "NVIDIA H200"});
-    write(&res.join("bench.json"), &json!({"gpu": true, "device": device, "results": []}).to_string());
+    // The staging: ahead 20% faster at B8 L4096 H16 (bf16), 1% (noise) at
+    // B1 L65536 H4: mixed.
+    let bench_rows = [
+        bench_row("recurrent", "bf16", [8, 4096, 16, 64, 64], 2.0),
+        bench_row("recurrent-ahead", "bf16", [8, 4096, 16, 64, 64], 1.6),
+        bench_row("recurrent", "bf16", [1, 65536, 4, 64, 64], 30.0),
+        bench_row("recurrent-ahead", "bf16", [1, 65536, 4, 64, 64], 29.7),
+        bench_row("chunked", "bf16", [1, 65536, 4, 64, 64], 4.0),
+    ];
+    write(&res.join("bench.json"), &json!({"gpu": true, "device": device, "results": bench_rows}).to_string());
     // The carry sweep: sequential loses below 132 blocks in bf16 and below 264
     // in f32, wins from there on: the rule is the larger, 264.
     let sweep = [[1, 65536, 8, 64, 64], [1, 32768, 16, 64, 64], [1, 15872, 33, 64, 64], [2, 7936, 33, 64, 64]];
@@ -132,6 +141,9 @@ fn files_a_run_and_reads_the_targets_and_the_carry_rule() {
     assert!(text.contains("4 met, 1 missed, 0 not measured"), "{text}");
     assert!(text.contains("Suggested `SEQUENTIAL_MIN_BLOCKS = 264`"), "{text}");
     assert!(text.contains("bf16: sequential wins from 132 blocks on"), "{text}");
+    assert!(text.contains("| bf16 | B8 L4096 H16 K=V=64 | channel | 256 | 2.000 ms | 1.600 ms | 0.800 |"), "{text}");
+    assert!(text.contains("| bf16 | B1 L65536 H4 K=V=64 | channel | 8 | 30.0 ms | 29.7 ms | 0.990 |"), "{text}");
+    assert!(text.contains("Mixed: ahead faster by ≥ 3% in 1 of 2 cases"), "{text}");
 
     let filed = into.join("gpu-2027-01-02-nvidia-h200");
     for f in ["verdict.md", "summary.json", "carry.json", "bench.json", "env.txt", "peers/peers.json"] {
@@ -170,7 +182,16 @@ fn quick_tuned_fla_settles_only_the_misses() {
     let res = dir.join("results");
     write(&res.join("env.txt"), "date: 2027-01-02T03:04:05Z\nhost: x\n");
     let device = json!({"name": "NVIDIA H200"});
-    write(&res.join("bench.json"), &json!({"gpu": true, "device": device, "results": []}).to_string());
+    // The staging: ahead 20% faster at B8 L4096 H16 (bf16), 1% (noise) at
+    // B1 L65536 H4: mixed.
+    let bench_rows = [
+        bench_row("recurrent", "bf16", [8, 4096, 16, 64, 64], 2.0),
+        bench_row("recurrent-ahead", "bf16", [8, 4096, 16, 64, 64], 1.6),
+        bench_row("recurrent", "bf16", [1, 65536, 4, 64, 64], 30.0),
+        bench_row("recurrent-ahead", "bf16", [1, 65536, 4, 64, 64], 29.7),
+        bench_row("chunked", "bf16", [1, 65536, 4, 64, 64], 4.0),
+    ];
+    write(&res.join("bench.json"), &json!({"gpu": true, "device": device, "results": bench_rows}).to_string());
     let s = [8, 4096, 16, 64, 64];
     let mut peers = peer_run(s);
     peers["fla_tune"] = json!("quick");
