@@ -14,7 +14,7 @@ use gateloop::cuda::recurrent::{
 };
 use gateloop::cuda::{Gpu, GpuError};
 use gateloop::testing::{GateRegime, dims};
-use gateloop::{Dims, InputError};
+use gateloop::{Complex, Dims, InputError, Outputs};
 
 /// Runs one case through `forward_into` on a fresh stream and checks it.
 fn check(gpu: &Gpu, d: Dims, regime: GateRegime, with_h0: bool, seed: u64) {
@@ -65,6 +65,14 @@ fn largest_key_dim_and_odd_sizes() {
 /// for bit, and both are within the bounds of the reference: every R
 /// (K = 1, 5, 16, 64, 130, 256), L = 1, L not a multiple of either chunk,
 /// f32 and bf16, resets, |a| = 1, phases ≫ 2π.
+/// y and h_final of two runs equal bit for bit (lengths included).
+fn assert_same_bits(label: &str, got: &Outputs<f32>, want: &Outputs<f32>) {
+    let bits = |x: &[f32]| x.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+    let cbits = |h: &[Complex<f32>]| h.iter().flat_map(|z| [z.re.to_bits(), z.im.to_bits()]).collect::<Vec<_>>();
+    assert!(bits(&got.y) == bits(&want.y), "{label}: y differs");
+    assert!(cbits(&got.h_final) == cbits(&want.h_final), "{label}: h_final differs");
+}
+
 #[test]
 fn ahead_staging_matches_batched_bit_for_bit() {
     let Some(gpu) = common::gpu_or_skip() else { return };
@@ -80,21 +88,12 @@ fn ahead_staging_matches_batched_bit_for_bit() {
         let case = Case::new(d, regime, i % 2 == 0, 7100 + i as u64);
         let label = case.label();
         let (p32, want) = case.with_reference();
-        let batched = forward_host_with::<f32>(gpu, &p32.view(), RecurrentStaging::Batched).unwrap();
-        let ahead = forward_host_with::<f32>(gpu, &p32.view(), RecurrentStaging::Ahead).unwrap();
+        let run = |staging| forward_host_with::<f32>(gpu, &p32.view(), staging).unwrap();
+        let ahead = run(RecurrentStaging::Ahead);
         assert_outputs(&label, &ahead.y, &ahead.h_final, &want, REL, ABS_FRAC);
-        assert!(ahead.y.iter().zip(&batched.y).all(|(a, b)| a.to_bits() == b.to_bits()), "{label}: y differs");
-        assert!(
-            ahead
-                .h_final
-                .iter()
-                .zip(&batched.h_final)
-                .all(|(a, b)| a.re.to_bits() == b.re.to_bits() && a.im.to_bits() == b.im.to_bits()),
-            "{label}: h_final differs"
-        );
-        let batched = forward_host_with::<half::bf16>(gpu, &p32.view(), RecurrentStaging::Batched).unwrap();
-        let ahead = forward_host_with::<half::bf16>(gpu, &p32.view(), RecurrentStaging::Ahead).unwrap();
-        assert!(ahead.y.iter().zip(&batched.y).all(|(a, b)| a.to_bits() == b.to_bits()), "{label} bf16: y differs");
+        assert_same_bits(&label, &ahead, &run(RecurrentStaging::Batched));
+        let run = |staging| forward_host_with::<half::bf16>(gpu, &p32.view(), staging).unwrap();
+        assert_same_bits(&format!("{label} bf16"), &run(RecurrentStaging::Ahead), &run(RecurrentStaging::Batched));
     }
 }
 
