@@ -546,3 +546,17 @@ fn chunk_kernels_race_free() {
         }
     }
 }
+
+/// The fake CUDA driver's tensor-core model (`tests/kernel_emu/include/mma.h`
+/// under EMU_GPU_ARITH: the truncating accumulation the emulated device's
+/// WMMA products use): its AVX2 path, which the fake driver runs, equals the
+/// scalar path it stands for, bit for bit, on random tiles and on tiles of
+/// special values (`tests/kernel_emu/tensor_core_check.cpp`).
+#[test]
+fn fake_driver_tensor_core_model_vector_path_is_the_scalar_path() {
+    let Some(check) = emu_support::build_emulator("tensor-core", emu_support::Sanitizer::Address) else { return };
+    let out = std::process::Command::new(&check).output().expect("run the tensor-core check");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    eprint!("{stdout}");
+    assert!(out.status.success(), "{stdout}{}", String::from_utf8_lossy(&out.stderr));
+}

@@ -3,7 +3,7 @@
 # UNCHANGED with g++ (emu.h force-included; see README.md) and linked with
 # their driver, which launches them as the Rust launcher does.
 #
-#   build.sh KIND [OUT]    KIND: scan | chunk | attention | recurrent | check | libcuda
+#   build.sh KIND [OUT]    KIND: scan | chunk | attention | recurrent | check | libcuda | tensor-core
 #
 # OUT defaults to target/KIND_emu. Needs g++ ≥ 12 (C++20, _Float16).
 # KIND libcuda builds a shared library instead, a fake CUDA driver
@@ -39,12 +39,16 @@ case "$kind" in
     recurrent) kernels=(recurrent) driver=recurrent_driver.cpp ;;
     check) kernels=(check) driver=check_driver.cpp ;;
     libcuda) kernels=(scan scan_grad chunk chunk_grad attention recurrent check) driver=cuda_driver.cpp ;;
-    *) echo "build.sh: unknown kind '$kind' (scan, chunk, attention, recurrent, check, libcuda)" >&2; exit 2 ;;
+    # No kernels: the fake driver's tensor-core model, its vector path
+    # against its scalar path (tensor_core_check.cpp).
+    tensor-core) kernels=() driver=tensor_core_check.cpp ;;
+    *) echo "build.sh: unknown kind '$kind' (scan, chunk, attention, recurrent, check, libcuda, tensor-core)" >&2; exit 2 ;;
 esac
 # The kernels with a block-scope `extern __shared__` array (emu.h).
 dynamic_shared() { case "$1" in chunk | chunk_grad | recurrent) return 0 ;; *) return 1 ;; esac; }
 flags=(-std=c++20 -O2 -pthread -ffp-contract=off -Wno-unknown-pragmas -I"$here/include" -I"$here" -I"$root/cuda")
 sanitizer="${GATELOOP_EMU_SANITIZER:-address}"
+if [ "$kind" = tensor-core ]; then flags+=(-DEMU_GPU_ARITH); fi
 if [ "$kind" = libcuda ]; then
     sanitizer=none
     # initial-exec: threadIdx / blockIdx are read on every index computation,
@@ -69,6 +73,9 @@ fi
 # compiler from fusing anything else), several times faster on the WMMA
 # emulation's inner products.
 if grep -qw fma /proc/cpuinfo 2>/dev/null; then flags+=(-mfma); fi
+# AVX2 for the fake driver's tensor-core model (include/mma.h: four outputs
+# per vector, the same values as its scalar loop).
+if grep -qw avx2 /proc/cpuinfo 2>/dev/null; then flags+=(-mavx2); fi
 case "$sanitizer" in
     address)
         # Optional: a g++ without ASan builds an uninstrumented emulator.
@@ -136,6 +143,8 @@ if [ "$kind" = libcuda ]; then
     g++ "${flags[@]}" -shared -Wl,-soname,libcuda.so.1 -Wl,--no-undefined "$here/runtime.cpp" "$here/$driver" "${objs[@]}" \
         -o "$out/libcuda.so"
     ln -sf libcuda.so "$out/libcuda.so.1"
+elif [ "$kind" = tensor-core ]; then
+    g++ "${flags[@]}" "$here/$driver" -o "$out"
 else
     g++ "${flags[@]}" "$here/runtime.cpp" "$here/$driver" "${objs[@]}" -o "$out"
 fi

@@ -16,6 +16,9 @@
 #include <cstring>
 #include <type_traits>
 #include <vector>
+#ifdef __AVX2__
+#include <immintrin.h>
+#endif
 
 #include "cuda_bf16.h"
 #include "cuda_fp16.h"
@@ -116,13 +119,18 @@ inline void load_matrix_sync(fragment<Use, M, N, K, T, L>& f, const S* p, unsign
     // tensor core does with the low 13 bits of an f32 is not the emulator's
     // full-precision product. A set low bit means a value the kernel did not
     // round, or a word it never wrote (the poison is all ones).
+    // (An OR over the tile first: a loop the compiler vectorizes, run by
+    // every lane of every load; the report's search only on a failure.)
     if constexpr (std::is_same_v<T, precision::tf32>) {
-        for (float x : f.x) {
-            uint32_t u;
-            std::memcpy(&u, &x, 4);
-            if ((u & 0x1fffu) != 0) {
-                std::fprintf(stderr, "wmma::load_matrix_sync: a TF32 operand holds 0x%08x, not a TF32 value\n", u);
-                std::abort();
+        uint32_t low = 0;
+        for (float x : f.x) low |= std::bit_cast<uint32_t>(x) & 0x1fffu;
+        if (low != 0) {
+            for (float x : f.x) {
+                const uint32_t u = std::bit_cast<uint32_t>(x);
+                if ((u & 0x1fffu) != 0) {
+                    std::fprintf(stderr, "wmma::load_matrix_sync: a TF32 operand holds 0x%08x, not a TF32 value\n", u);
+                    std::abort();
+                }
             }
         }
     }
@@ -186,6 +194,106 @@ inline float emu_tensor_core_group(float c, const double* products, int n) {
     return f;
 }
 
+#ifdef __AVX2__
+// d = a · b + c over a whole M×N tile, groups of G products: what
+// emu_tensor_core_group computes element by element, four elements per AVX2
+// vector (build.sh passes -mavx2 where the CPU has it). The same operations
+// on the same values: exact products, exact sums of multiples of one ulp,
+// truncation toward zero by rounding the scaled values, the cut to f32 as a
+// truncation of the scaled sum to 24 bits, the same comparisons as
+// selections. So the same floats, bit for bit (NaN signs aside, which no
+// compiler keeps: tests/kernel_emu/tensor_core_check.cpp compares the two).
+// About 4× faster than the scalar loop, which a miss of the memo below runs
+// once per distinct warp-wide product: the fake driver's chunked tests spent
+// most of their time there.
+template <int M, int N, int K, int G>
+inline void emu_tensor_core_tile_avx2(float* d, const float* a, const float* b, const float* c) {
+    static_assert(N % 4 == 0);
+    constexpr int V = N / 4;  // vectors per row, processed side by side (independent chains)
+    const __m256d sign = _mm256_set1_pd(-0.0);
+    const __m256i exp_mask = _mm256_set1_epi64x(0x7ff0000000000000ll);
+    const __m256i ulp_shift = _mm256_set1_epi64x(23ll << 52);
+    const __m256i inv_base = _mm256_set1_epi64x((2046ll + 23) << 52);
+    const __m256d flt_min = _mm256_set1_pd(FLT_MIN), flt_max = _mm256_set1_pd(FLT_MAX), dbl_max = _mm256_set1_pd(DBL_MAX);
+    const __m256d zero = _mm256_setzero_pd();
+    auto absv = [&](__m256d x) { return _mm256_andnot_pd(sign, x); };
+    auto trunc = [](__m256d x) { return _mm256_round_pd(x, _MM_FROUND_TO_ZERO | _MM_FROUND_NO_EXC); };
+    // 2^(e-23) and 2^(23-e) for x in [2^e, 2^(e+1)), from the exponent field
+    auto scales = [&](__m256d x, __m256d* ulp, __m256d* inv) {
+        const __m256i eb = _mm256_and_si256(_mm256_castpd_si256(x), exp_mask);
+        *ulp = _mm256_castsi256_pd(_mm256_sub_epi64(eb, ulp_shift));
+        *inv = _mm256_castsi256_pd(_mm256_sub_epi64(inv_base, eb));
+    };
+    __m256d bd[K][V];  // b widened once, not once per row
+    for (int k = 0; k < K; ++k)
+        for (int v = 0; v < V; ++v) bd[k][v] = _mm256_cvtps_pd(_mm_loadu_ps(b + k * N + 4 * v));
+    for (int i = 0; i < M; ++i) {
+        __m256d s[V];
+        for (int v = 0; v < V; ++v) s[v] = _mm256_cvtps_pd(_mm_loadu_ps(c + i * N + 4 * v));
+        for (int k0 = 0; k0 < K; k0 += G) {
+            __m256d p[G][V], amax[V], plain[V], ulp[V], inv[V], t[V];
+            for (int v = 0; v < V; ++v) { amax[v] = absv(s[v]); plain[v] = s[v]; }
+            for (int k = 0; k < G; ++k) {
+                const __m256d av = _mm256_set1_pd(a[i * K + k0 + k]);
+                for (int v = 0; v < V; ++v) {
+                    p[k][v] = _mm256_mul_pd(av, bd[k0 + k][v]);
+                    amax[v] = _mm256_max_pd(absv(p[k][v]), amax[v]);  // m > amax ? m : amax, NaN included
+                    plain[v] = _mm256_add_pd(plain[v], p[k][v]);
+                }
+            }
+            for (int v = 0; v < V; ++v) {
+                scales(amax[v], &ulp[v], &inv[v]);
+                t[v] = _mm256_mul_pd(trunc(_mm256_mul_pd(s[v], inv[v])), ulp[v]);
+            }
+            for (int k = 0; k < G; ++k)
+                for (int v = 0; v < V; ++v) t[v] = _mm256_add_pd(t[v], _mm256_mul_pd(trunc(_mm256_mul_pd(p[k][v], inv[v])), ulp[v]));
+            // t cut toward zero to 24 significant bits (an f32): subnormals
+            // flushed (t = 0 lands there too: its scales are finite nonsense,
+            // so f is a zero), overflow cut to ±FLT_MAX; then the special
+            // case, a non-finite sum or every term zero: the plain sum
+            // rounded to f32.
+            for (int v = 0; v < V; ++v) {
+                __m256d q, qinv;
+                scales(t[v], &q, &qinv);
+                __m256d f = _mm256_mul_pd(trunc(_mm256_mul_pd(t[v], qinv)), q);
+                const __m256d t_sign = _mm256_and_pd(t[v], sign);
+                f = _mm256_blendv_pd(f, t_sign, _mm256_cmp_pd(absv(f), flt_min, _CMP_LT_OQ));
+                f = _mm256_blendv_pd(f, _mm256_or_pd(flt_max, t_sign), _mm256_cmp_pd(absv(f), flt_max, _CMP_GT_OQ));
+                const __m256d special = _mm256_or_pd(_mm256_cmp_pd(absv(plain[v]), dbl_max, _CMP_NLE_UQ), _mm256_cmp_pd(amax[v], zero, _CMP_EQ_OQ));
+                s[v] = _mm256_blendv_pd(f, _mm256_cvtps_pd(_mm256_cvtpd_ps(plain[v])), special);
+            }
+        }
+        for (int v = 0; v < V; ++v) _mm_storeu_ps(d + i * N + 4 * v, _mm256_cvtpd_ps(s[v]));
+    }
+}
+#endif
+
+// The same, one element and one group at a time (emu_tensor_core_group):
+// the reference for the AVX2 path, and the path without AVX2.
+template <int M, int N, int K, int G>
+inline void emu_tensor_core_tile_scalar(float* d, const float* a, const float* b, const float* c) {
+    for (int i = 0; i < M; ++i)
+        for (int j = 0; j < N; ++j) {
+            float s = c[i * N + j];
+            for (int k0 = 0; k0 < K; k0 += G) {
+                double products[G];  // 11 × 11 (or 8 × 8) significant bits: exact in double
+                for (int k = 0; k < G; ++k)
+                    products[k] = static_cast<double>(a[i * K + k0 + k]) * static_cast<double>(b[(k0 + k) * N + j]);
+                s = emu_tensor_core_group(s, products, G);
+            }
+            d[i * N + j] = s;
+        }
+}
+
+template <int M, int N, int K, int G>
+inline void emu_tensor_core_tile(float* d, const float* a, const float* b, const float* c) {
+#ifdef __AVX2__
+    emu_tensor_core_tile_avx2<M, N, K, G>(d, a, b, c);
+#else
+    emu_tensor_core_tile_scalar<M, N, K, G>(d, a, b, c);
+#endif
+}
+
 // The products of the last distinct operands one OS thread multiplied (the
 // fake driver runs a block's threads as fibers of one OS thread), in slots
 // picked by a hash of a sample of the operands and matched in full.
@@ -198,14 +306,21 @@ struct EmuMmaMemo {
     static constexpr size_t kSlots = 1024;
     std::vector<Entry> slots = std::vector<Entry>(kSlots);
     Entry& slot(const float* a, const float* b, const float* c) {
-        uint64_t h = 0xcbf29ce484222325ull;
-        auto mix = [&h](const float* x, int n) {
-            for (int i = 0; i < n; i += 7) h = (h ^ std::bit_cast<uint32_t>(x[i])) * 0x100000001b3ull;
+        // A sum of the sampled words times odd constants: independent
+        // multiplies instead of one serial chain (a hit costs this and the
+        // memcmp of `holds`, 31 times per warp-wide product).
+        uint64_t h = 0;
+        uint64_t w = 0x9e3779b97f4a7c15ull;
+        auto mix = [&h, &w](const float* x, int n) {
+            for (int i = 0; i < n; i += 7, w += 0x6a09e667f3bcc90aull) h += (std::bit_cast<uint32_t>(x[i]) + 1ull) * (w | 1);
         };
         mix(a, NA);
         mix(b, NB);
         mix(c, NC);
-        return slots[static_cast<size_t>(h ^ h >> 29) % kSlots];
+        h ^= h >> 31;
+        h *= 0xbf58476d1ce4e5b9ull;
+        h ^= h >> 29;
+        return slots[static_cast<size_t>(h) % kSlots];
     }
     // Whether `e` holds the product of exactly these operands (memcmp, not
     // ==: a NaN operand, the poison, must match itself).
@@ -236,17 +351,7 @@ inline void mma_sync(fragment<accumulator, M, N, K, TC>& d, const fragment<matri
         float af[M * K], bf[K * N];  // the operands, subnormals flushed
         for (int i = 0; i < M * K; ++i) af[i] = std::fabs(a.x[i]) < FLT_MIN ? 0.f : a.x[i];
         for (int i = 0; i < K * N; ++i) bf[i] = std::fabs(b.x[i]) < FLT_MIN ? 0.f : b.x[i];
-        for (int i = 0; i < M; ++i)
-            for (int j = 0; j < N; ++j) {
-                float s = c.x[i * N + j];
-                for (int k0 = 0; k0 < K; k0 += kGroup) {
-                    double products[kGroup];  // 11 × 11 (or 8 × 8) significant bits: exact in double
-                    for (int k = 0; k < kGroup; ++k)
-                        products[k] = static_cast<double>(af[i * K + k0 + k]) * static_cast<double>(bf[(k0 + k) * N + j]);
-                    s = emu_tensor_core_group(s, products, kGroup);
-                }
-                e.d[i * N + j] = s;
-            }
+        emu_tensor_core_tile<M, N, K, kGroup>(e.d, af, bf, c.x);
     }
     std::memcpy(d.x, e.d, sizeof d.x);
 #else
