@@ -330,6 +330,34 @@ typedef struct GateloopCheckParams {
 GATELOOP_ABI_ASSERT(sizeof(GateloopCheckParams) == 24, "GateloopCheckParams layout");
 
 /*
+ * The self-test of the tensor-core fragment layouts (cuda/selftest.cu,
+ * cuda/mma.cuh; gateloop::cuda::selftest): one warp per trial (grid.x =
+ * trials, SELFTEST_MMA_THREADS threads), each computing D = A·B + C in
+ * SELFTEST_MMA_PRODUCTS ways from fragments built by the layout functions or
+ * loaded by ldmatrix:
+ *   0: bf16 m16n8k16, fragments from the layout functions;
+ *   1: f16 m16n8k16, likewise;
+ *   2: TF32 m16n8k8 on A's first 8 columns and B's first 8 rows;
+ *   3: bf16 m16n8k16, A by ldmatrix.x4 from a row-major 16×16 tile, B by
+ *      ldmatrix.x2.trans from a row-major 16×8 (k × n) tile;
+ *   4: f16 m16n8k16, A by ldmatrix.x4.trans from a column-major tile, B by
+ *      ldmatrix.x2 from an n-major (8 × 16) tile.
+ * Every tensor is row-major f32 per trial: a [trials, 16, 16], b [trials,
+ * 16, 8], c [trials, 16, 8] (values exact in bf16, f16 and TF32), d
+ * [trials, SELFTEST_MMA_PRODUCTS, 16, 8] (out, every element written).
+ */
+#define GATELOOP_SELFTEST_MMA_THREADS 32
+#define GATELOOP_SELFTEST_MMA_PRODUCTS 5
+
+typedef struct GateloopSelftestMmaParams {
+    const float *a;
+    const float *b;
+    const float *c;
+    float *d;
+} GateloopSelftestMmaParams;
+GATELOOP_ABI_ASSERT(sizeof(GateloopSelftestMmaParams) == 32, "GateloopSelftestMmaParams layout");
+
+/*
  * The chunked mode on tensor cores (cuda/chunk.cu; CPU mirror
  * src/cpu/chunked.rs): chunks of CHUNK_LEN steps, anchored sub-chunks of
  * CHUNK_SUB_LEN, key channels in slabs of CHUNK_KEY_SLAB, value tiles of

@@ -168,6 +168,17 @@ fn check_params_layout() {
 }
 
 #[test]
+fn selftest_params_layout() {
+    type P = GateloopSelftestMmaParams;
+    // Pinned in the header too (GATELOOP_ABI_ASSERT).
+    assert_eq!(size_of::<P>(), 32);
+    assert_eq!(align_of::<P>(), 8);
+    assert_eq!((offset_of!(P, a), offset_of!(P, b), offset_of!(P, c), offset_of!(P, d)), (0, 8, 16, 24));
+    assert_eq!(GATELOOP_SELFTEST_MMA_THREADS, 32);
+    assert_eq!(GATELOOP_SELFTEST_MMA_PRODUCTS, 5);
+}
+
+#[test]
 fn constants() {
     assert_eq!(GATELOOP_ABI_VERSION, 2);
     assert_eq!(GATELOOP_DTYPE_F32, 0);

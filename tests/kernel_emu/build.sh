@@ -38,7 +38,7 @@ case "$kind" in
     attention) kernels=(attention) driver=attention_driver.cpp ;;
     recurrent) kernels=(recurrent) driver=recurrent_driver.cpp ;;
     check) kernels=(check) driver=check_driver.cpp ;;
-    libcuda) kernels=(scan scan_grad chunk chunk_grad attention recurrent check) driver=cuda_driver.cpp ;;
+    libcuda) kernels=(scan scan_grad chunk chunk_grad attention recurrent check selftest) driver=cuda_driver.cpp ;;
     # No kernels: the fake driver's tensor-core model, its vector path
     # against its scalar path (tensor_core_check.cpp).
     tensor-core) kernels=() driver=tensor_core_check.cpp ;;

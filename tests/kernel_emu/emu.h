@@ -1,8 +1,9 @@
 // A CPU emulation of the CUDA features the scan kernels use, force-included
 // before cuda/*.cu by tests/kernel_emu/build.sh: every thread of a block is
 // an OS thread, __syncthreads is a std::barrier, warp shuffles exchange
-// through a per-block array between two barriers (the kernels shuffle in
-// block-uniform control flow only), __shared__ variables are statics (one
+// through per-block arrays, one block barrier each (two arrays taken in
+// turn: runtime.cpp; the kernels shuffle in block-uniform control flow
+// only), __shared__ variables are statics (one
 // block runs at a time). Arithmetic is the host's: fmaf is exact as on the
 // GPU; exp2f/sincosf come from glibc, as in the Rust mirror.
 #pragma once
@@ -11,6 +12,9 @@
 #include <cstdint>
 #include <cstdlib>
 
+// Kernel code that has an emulator path (cuda/mma.cuh's instructions)
+// takes it under this macro.
+#define GATELOOP_KERNEL_EMULATOR 1
 #define __device__
 #define __global__
 #define __host__

@@ -23,7 +23,6 @@ EmuDim3 gridDim;
 static void block_barrier();
 static void warp_barrier(unsigned warp);
 
-static float g_xchg[1024];
 
 void __syncwarp(unsigned) { warp_barrier(emu_thread_rank() / 32); }
 namespace nvcuda::wmma {
@@ -43,21 +42,33 @@ int __syncthreads_or(int predicate) {
     return any;
 }
 
-// A shuffle through `xchg` (one slot per thread) between two block barriers.
+// A shuffle: each thread writes its value to its slot of an exchange array,
+// one block barrier, then reads its source lane's slot. Two arrays per type,
+// taken in turn (the thread's shuffle count since its block began, mod 2,
+// the same on every thread: the kernels shuffle in block-uniform control
+// flow), so one barrier suffices: the next write to an array is two
+// shuffles later, behind the barrier of the shuffle in between, which every
+// reader of this one passes only after reading. (Two barriers per shuffle,
+// one array, cost twice the fiber switches: the scan tests spent most of
+// their time there.)
+static unsigned char g_shuffle_parity[1024];  // per thread; emu_launch clears it before each block
+static void reset_shuffles() { std::fill(std::begin(g_shuffle_parity), std::end(g_shuffle_parity), 0); }
 template <class T>
-static T shuffle_through(T* xchg, T v, int offset, bool up) {
+static T shuffle_through(T (&xchg)[2][1024], T v, int offset, bool up) {
     const unsigned tid = emu_thread_rank();
     const int lane = static_cast<int>(tid & 31);
-    xchg[tid] = v;
+    T* buf = xchg[g_shuffle_parity[tid]];
+    g_shuffle_parity[tid] ^= 1;
+    buf[tid] = v;
     block_barrier();
     T r = v;
-    if (up && lane >= offset) r = xchg[tid - offset];
-    if (!up && lane + offset < 32) r = xchg[tid + offset];
-    block_barrier();
+    if (up && lane >= offset) r = buf[tid - offset];
+    if (!up && lane + offset < 32) r = buf[tid + offset];
     return r;
 }
+static float g_xchg[2][1024];
 float emu_shuffle(float v, int offset, bool up) { return shuffle_through(g_xchg, v, offset, up); }
-static long long g_xchg64[1024];
+static long long g_xchg64[2][1024];
 long long emu_shuffle(long long v, int offset, bool up) { return shuffle_through(g_xchg64, v, offset, up); }
 
 // The kernels' static __shared__ variables (emu.h puts them in this
@@ -158,6 +169,7 @@ void emu_launch(unsigned grid, EmuDim3 block_dim, const std::function<void()>& k
         const unsigned b = i;
 #endif
         poison_static_shared();
+        reset_shuffles();
         std::barrier<> bar(block);
         g_barrier = &bar;
         std::vector<std::unique_ptr<std::barrier<>>> warps;
@@ -349,6 +361,7 @@ void emu_launch(unsigned grid, EmuDim3 block_dim, const std::function<void()>& k
     g_block.at_warp_barrier.assign((block + 31) / 32, 0);
     for (unsigned b = 0; b < grid; ++b) {
         poison_static_shared();
+        reset_shuffles();
         g_block.done = 0;
         g_block.at_block_barrier = 0;
         std::fill(g_block.at_warp_barrier.begin(), g_block.at_warp_barrier.end(), 0u);

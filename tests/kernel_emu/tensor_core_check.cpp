@@ -18,6 +18,7 @@
 #include <cstdlib>
 #include <random>
 
+#include "emu.h"  // what the kernels see first (build.sh force-includes it there)
 #include "mma.h"
 
 namespace {

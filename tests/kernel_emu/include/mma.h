@@ -366,3 +366,132 @@ inline void mma_sync(fragment<accumulator, M, N, K, TC>& d, const fragment<matri
 
 }  // namespace wmma
 }  // namespace nvcuda
+
+// ---- mma.sync and ldmatrix on register fragments (cuda/mma.cuh) -------------
+//
+// Unlike WMMA's, these fragments are the PTX ISA's documented layouts, and
+// each lane holds only its own registers, as on the card. An instruction is
+// warp-wide: each lane deposits its registers (or its row address) in its
+// warp's exchange slots, a warp barrier, then each lane computes its own
+// outputs from every lane's deposits, a warp barrier (no lane overwrites its
+// slots before all have read). Written from the ISA's tables, independently
+// of cuda/mma.cuh's layout functions; gateloop::cuda::selftest compares both
+// with a card. Arithmetic as the WMMA emulation's: fmaf in k order, or under
+// EMU_GPU_ARITH the truncating groups (8 products for 16-bit operands, 4 for
+// TF32) with subnormal operands flushed.
+namespace emu_mma {
+inline uint32_t g_regs[32][32][6];        // [warp][lane]: a0..a3, b0, b1
+inline const void* g_rows[32][32];         // [warp][lane]: ldmatrix row addresses
+inline unsigned warp_of() { return emu_thread_rank() / 32; }
+
+// A 16-bit operand (kind 0: bf16, 1: f16) as f32.
+inline float widen16(int kind, uint32_t bits16) {
+    if (kind == 0) return std::bit_cast<float>(bits16 << 16);
+    return static_cast<float>(std::bit_cast<_Float16>(static_cast<uint16_t>(bits16)));
+}
+// A TF32 operand register: an f32 whose low 13 bits are clear (the kernels
+// round with tf32_bits); anything else is a value the kernel did not round.
+inline float tf32_value(uint32_t u) {
+    if ((u & 0x1fffu) != 0) {
+        std::fprintf(stderr, "mma.sync .tf32: an operand register holds 0x%08x, not a TF32 value\n", u);
+        std::abort();
+    }
+    return std::bit_cast<float>(u);
+}
+
+// d[e] += Σ_k A(row_e, k) · B(k, col_e) for this lane's four accumulator
+// elements (row g + 8·(e/2), column 2t + e%2), K terms in groups of G.
+template <int K, int G, class A, class B>
+inline void accumulate(float* d, unsigned lane, A a_at, B b_at) {
+    const int g = static_cast<int>(lane / 4), t = static_cast<int>(lane % 4);
+    for (int e = 0; e < 4; ++e) {
+        const int row = g + 8 * (e / 2), col = 2 * t + e % 2;
+        float s = d[e];
+#ifdef EMU_GPU_ARITH
+        for (int k0 = 0; k0 < K; k0 += G) {
+            double products[G];
+            for (int k = 0; k < G; ++k) {
+                float x = a_at(row, k0 + k), y = b_at(k0 + k, col);
+                x = std::fabs(x) < FLT_MIN ? 0.f : x;
+                y = std::fabs(y) < FLT_MIN ? 0.f : y;
+                products[k] = static_cast<double>(x) * static_cast<double>(y);
+            }
+            s = nvcuda::wmma::emu_tensor_core_group(s, products, G);
+        }
+#else
+        (void)G;
+        for (int k = 0; k < K; ++k) s = fmaf(a_at(row, k), b_at(k, col), s);
+#endif
+        d[e] = s;
+    }
+}
+}  // namespace emu_mma
+
+// mma.sync.aligned.m16n8k16.row.col.f32.{bf16,f16}: d += A·B.
+inline void emu_mma_m16n8k16(int kind, float* d, const uint32_t* a, const uint32_t* b) {
+    using namespace emu_mma;
+    const unsigned warp = warp_of(), lane = emu_thread_rank() % 32;
+    for (int i = 0; i < 4; ++i) g_regs[warp][lane][i] = a[i];
+    for (int i = 0; i < 2; ++i) g_regs[warp][lane][4 + i] = b[i];
+    nvcuda::wmma::emu_syncwarp();
+    // A(r, c), 16×16: lane 4·(r mod 8) + (c mod 8)/2, register r/8 + 2·(c/8), half c mod 2.
+    auto a_at = [&](int r, int c) {
+        const uint32_t w = g_regs[warp][4 * (r % 8) + (c % 8) / 2][r / 8 + 2 * (c / 8)];
+        return widen16(kind, (c % 2) ? w >> 16 : w & 0xffffu);
+    };
+    // B(k, n), 16×8: lane 4·n + (k mod 8)/2, register k/8, half k mod 2.
+    auto b_at = [&](int k, int n) {
+        const uint32_t w = g_regs[warp][4 * n + (k % 8) / 2][4 + k / 8];
+        return widen16(kind, (k % 2) ? w >> 16 : w & 0xffffu);
+    };
+    float out[4] = {d[0], d[1], d[2], d[3]};
+    accumulate<16, 8>(out, lane, a_at, b_at);
+    nvcuda::wmma::emu_syncwarp();
+    for (int e = 0; e < 4; ++e) d[e] = out[e];
+}
+
+// mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32: d += A·B.
+inline void emu_mma_m16n8k8_tf32(float* d, const uint32_t* a, const uint32_t* b) {
+    using namespace emu_mma;
+    const unsigned warp = warp_of(), lane = emu_thread_rank() % 32;
+    for (int i = 0; i < 4; ++i) g_regs[warp][lane][i] = a[i];
+    for (int i = 0; i < 2; ++i) g_regs[warp][lane][4 + i] = b[i];
+    nvcuda::wmma::emu_syncwarp();
+    // A(r, c), 16×8: lane 4·(r mod 8) + c mod 4, register r/8 + 2·(c/4).
+    auto a_at = [&](int r, int c) { return tf32_value(g_regs[warp][4 * (r % 8) + c % 4][r / 8 + 2 * (c / 4)]); };
+    // B(k, n), 8×8: lane 4·n + k mod 4, register k/4.
+    auto b_at = [&](int k, int n) { return tf32_value(g_regs[warp][4 * n + k % 4][4 + k / 4]); };
+    float out[4] = {d[0], d[1], d[2], d[3]};
+    accumulate<8, 4>(out, lane, a_at, b_at);
+    nvcuda::wmma::emu_syncwarp();
+    for (int e = 0; e < 4; ++e) d[e] = out[e];
+}
+
+// ldmatrix.sync.aligned.m8n8.x{2,4}[.trans].shared.b16: lane 8j + r gives
+// row r of matrix j (16 bytes, 16-byte aligned); register j of lane l gets
+// row l/4, columns 2(l%4), 2(l%4)+1 of matrix j, or with .trans column l/4,
+// rows 2(l%4), 2(l%4)+1.
+inline void emu_ldmatrix(int count, bool trans, uint32_t* r, const void* row) {
+    using namespace emu_mma;
+    const unsigned warp = warp_of(), lane = emu_thread_rank() % 32;
+    if (reinterpret_cast<std::uintptr_t>(row) % 16 != 0 && lane < static_cast<unsigned>(8 * count)) {
+        std::fprintf(stderr, "ldmatrix: lane %u's row address is not 16-byte aligned\n", lane);
+        std::abort();
+    }
+    g_rows[warp][lane] = row;
+    nvcuda::wmma::emu_syncwarp();
+    auto element = [&](int matrix, int r8, int c8) {
+        uint16_t x;
+        std::memcpy(&x, static_cast<const char*>(g_rows[warp][8 * matrix + r8]) + 2 * c8, 2);
+        return static_cast<uint32_t>(x);
+    };
+    const int l = static_cast<int>(lane);
+    for (int j = 0; j < count; ++j) {
+        if (!trans) {
+            r[j] = element(j, l / 4, 2 * (l % 4)) | element(j, l / 4, 2 * (l % 4) + 1) << 16;
+        } else {
+            r[j] = element(j, 2 * (l % 4), l / 4) | element(j, 2 * (l % 4) + 1, l / 4) << 16;
+        }
+    }
+    nvcuda::wmma::emu_syncwarp();
+}
