@@ -268,21 +268,32 @@ inline void emu_tensor_core_tile_avx2(float* d, const float* a, const float* b, 
 }
 #endif
 
-// The same, one element and one group at a time (emu_tensor_core_group):
-// the reference for the AVX2 path, and the path without AVX2.
+// One output element of the model: c + Σ_k a_at(k) · b_at(k) over K terms
+// in groups of G (emu_tensor_core_group), subnormal operands flushed. The
+// element loop of the WMMA tiles and of the mma.sync emulation below.
+template <int K, int G, class A, class B>
+inline float emu_tensor_core_dot(float c, A a_at, B b_at) {
+    static_assert(K % G == 0, "whole groups");
+    for (int k0 = 0; k0 < K; k0 += G) {
+        double products[G];  // 11 × 11 (or 8 × 8) significant bits: exact in double
+        for (int k = 0; k < G; ++k) {
+            const float x = a_at(k0 + k), y = b_at(k0 + k);
+            products[k] = static_cast<double>(std::fabs(x) < FLT_MIN ? 0.f : x) *
+                          static_cast<double>(std::fabs(y) < FLT_MIN ? 0.f : y);
+        }
+        c = emu_tensor_core_group(c, products, G);
+    }
+    return c;
+}
+
+// The tile one element at a time: the reference for the AVX2 path, and the
+// path without AVX2 (its operands arrive flushed; flushing again is a no-op).
 template <int M, int N, int K, int G>
 inline void emu_tensor_core_tile_scalar(float* d, const float* a, const float* b, const float* c) {
     for (int i = 0; i < M; ++i)
-        for (int j = 0; j < N; ++j) {
-            float s = c[i * N + j];
-            for (int k0 = 0; k0 < K; k0 += G) {
-                double products[G];  // 11 × 11 (or 8 × 8) significant bits: exact in double
-                for (int k = 0; k < G; ++k)
-                    products[k] = static_cast<double>(a[i * K + k0 + k]) * static_cast<double>(b[(k0 + k) * N + j]);
-                s = emu_tensor_core_group(s, products, G);
-            }
-            d[i * N + j] = s;
-        }
+        for (int j = 0; j < N; ++j)
+            d[i * N + j] = emu_tensor_core_dot<K, G>(
+                c[i * N + j], [&](int k) { return a[i * K + k]; }, [&](int k) { return b[k * N + j]; });
 }
 
 template <int M, int N, int K, int G>
@@ -408,16 +419,8 @@ inline void accumulate(float* d, unsigned lane, A a_at, B b_at) {
         const int row = g + 8 * (e / 2), col = 2 * t + e % 2;
         float s = d[e];
 #ifdef EMU_GPU_ARITH
-        for (int k0 = 0; k0 < K; k0 += G) {
-            double products[G];
-            for (int k = 0; k < G; ++k) {
-                float x = a_at(row, k0 + k), y = b_at(k0 + k, col);
-                x = std::fabs(x) < FLT_MIN ? 0.f : x;
-                y = std::fabs(y) < FLT_MIN ? 0.f : y;
-                products[k] = static_cast<double>(x) * static_cast<double>(y);
-            }
-            s = nvcuda::wmma::emu_tensor_core_group(s, products, G);
-        }
+        s = nvcuda::wmma::emu_tensor_core_dot<K, G>(
+            s, [&](int k) { return a_at(row, k); }, [&](int k) { return b_at(k, col); });
 #else
         (void)G;
         for (int k = 0; k < K; ++k) s = fmaf(a_at(row, k), b_at(k, col), s);
