@@ -32,8 +32,11 @@ rm -rf "$out/lib"
 bash tests/kernel_emu/build.sh libcuda "$out/lib" >/dev/null
 echo "emulated-device: fake libcuda built in $out/lib"
 
-cargo test --release --no-run --message-format=json 2>/dev/null >"$out/messages.json"
-cargo build --release --bin gateloop 2>/dev/null
+# The features of the caller's build (scripts/test.sh exports them), so that
+# these are no-ops after it instead of a rebuild of the crate and kernels.
+read -ra features <<<"${GATELOOP_CARGO_FEATURES:-}"
+cargo test --release "${features[@]}" --no-run --message-format=json 2>/dev/null >"$out/messages.json"
+cargo build --release "${features[@]}" --bin gateloop 2>/dev/null
 executables=$(bash scripts/test-executables.sh "$out/messages.json")
 exe_of() { awk -F'\t' -v n="$1" '$1 == n { print $2 }' <<<"$executables" | tail -n 1; }
 
@@ -131,7 +134,7 @@ fi
 # kernel on the device (GATELOOP_REQUIRE_GPU=1 makes its no-GPU branch an
 # error).
 echo "emulated-device: cargo test --doc"
-cargo test --release --doc || failed+=("doctests")
+cargo test --release "${features[@]}" --doc || failed+=("doctests")
 
 if ((${#failed[@]})); then
     echo "emulated-device: FAILED: ${failed[*]}" >&2

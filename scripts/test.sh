@@ -11,15 +11,6 @@ export NVCC="$nvcc_path"
 export GATELOOP_REQUIRE_NVCC=1
 echo "test.sh: nvcc = $NVCC ($("$NVCC" --version | tail -n 1))"
 
-# The committed ABI bindings must match cuda/gateloop_abi.h. build.rs checks
-# the header's hash on every build; with libclang present, regenerate and diff.
-# libclang.so or libclang-N.so (not libclang-cpp, which bindgen cannot load).
-if ldconfig -p 2>/dev/null | grep -qE 'libclang(-[0-9.]+)?\.so'; then
-    cargo test --release --features bindgen --test abi
-else
-    echo "test.sh: libclang not found; bindgen regeneration check SKIPPED (the header-hash check in build.rs still runs)"
-fi
-
 # Formatting (rustfmt.toml) before anything is built: a failure here costs seconds.
 if cargo fmt --version >/dev/null 2>&1; then
     cargo fmt --check
@@ -27,13 +18,29 @@ else
     echo "test.sh: rustfmt not installed; the formatting check is SKIPPED"
 fi
 
-cargo test --release --all-targets "$@"
+# The committed ABI bindings must match cuda/gateloop_abi.h. build.rs checks
+# the header's hash on every build; with libclang present, the feature
+# `bindgen` also regenerates them and diffs (tests/abi.rs
+# bindgen_output_is_committed). Every cargo command here and in
+# emulated-device.sh takes the same features (GATELOOP_CARGO_FEATURES), so
+# one build of the crate and its kernels serves them all: a build with
+# other features reruns build.rs, which recompiles every kernel with nvcc.
+# libclang.so or libclang-N.so (not libclang-cpp, which bindgen cannot load).
+features=()
+if ldconfig -p 2>/dev/null | grep -qE 'libclang(-[0-9.]+)?\.so'; then
+    features=(--features bindgen)
+else
+    echo "test.sh: libclang not found; bindgen regeneration check SKIPPED (the header-hash check in build.rs still runs)"
+fi
+export GATELOOP_CARGO_FEATURES="${features[*]}"
+
+cargo test --release "${features[@]}" --all-targets "$@"
 # The examples in the API documentation (`--all-targets` leaves doctests out).
-cargo test --release --doc
+cargo test --release "${features[@]}" --doc
 
 # Lints: clippy on every target, warnings as errors.
 if cargo clippy --version >/dev/null 2>&1; then
-    cargo clippy --release --all-targets -- -D warnings
+    cargo clippy --release "${features[@]}" --all-targets -- -D warnings
 else
     echo "test.sh: clippy not installed; the lint check is SKIPPED"
 fi
@@ -50,4 +57,4 @@ fi
 
 # The API documentation builds without a warning (broken or ambiguous links,
 # links to private items): what `cargo doc` shows a user is checked too.
-RUSTDOCFLAGS="-D warnings" cargo doc --release --no-deps
+RUSTDOCFLAGS="-D warnings" cargo doc --release "${features[@]}" --no-deps
