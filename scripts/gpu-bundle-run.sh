@@ -3,7 +3,7 @@
 # scripts/gpu-bundle.sh). Needs an NVIDIA driver; no Rust, no network.
 #
 #     bash bundle/run.sh                  # the default steps (1-6 below)
-#     bash bundle/run.sh peers            # only some: any of tests sanitizer bench peers carry profile fuzz
+#     bash bundle/run.sh peers            # only some: any of warm tests sanitizer bench peers carry profile fuzz
 #     GATELOOP_BUNDLE_DEADLINE_S=560 bash bundle/run.sh fuzz   # the GPU fuzz campaign
 #
 # Steps, each under `timeout`, all under an overall deadline (default 450 s,
@@ -23,7 +23,20 @@
 #      that is left (at most GATELOOP_PEERS_BUDGET_S, default 240 s); the
 #      cases it has no time for are reported as skipped, with the reason;
 #   6. the bench table, the peers tables, then a summary table (printed last).
-# Opt-in step (named on the command line, not run by default):
+# Opt-in steps (named on the command line, not run by default):
+#   warm: the peers' compiles in the background of the steps that time
+#      nothing (tests, sanitizer): `peers/peers.py --compile-only` (each
+#      case called once, untimed; GATELOOP_WARM_ARGS, default `--peers
+#      fla_chunk_gla`, with GATELOOP_PEERS_FLA_TUNE, default quick here)
+#      fills Triton's and JAX's compile caches (TRITON_CACHE_DIR and
+#      JAX_COMPILATION_CACHE_DIR, below), which stay on the machine while it
+#      is held, so a peers step in a later call on the same machine starts
+#      timing at once: on 2026-11-30 fla's compiles took the whole of the
+#      peer step's share. Stopped (its workers with it) before the first
+#      step that times anything (bench, peers, carry, profile, fuzz), after
+#      waiting at most GATELOOP_WARM_WAIT_S (default 45) for it; at most
+#      GATELOOP_WARM_LIMIT_S (default 240) in all. Its report:
+#      peers-warm/peers.md (status and first-call seconds per case).
 #   fuzz: the GPU fuzz campaign of issue 6, `gateloop fuzz --device cuda`
 #      (every CUDA forward and backward against the f64 reference;
 #      GATELOOP_FUZZ_TARGETS, default forward,grad), GATELOOP_FUZZ_CASES
@@ -75,8 +88,9 @@
 # bench.json, summary.txt, summary.json, and peers/ (peers.json, peers.md,
 # a log per peer worker, ours-bench-*.json/txt).
 #
-# Exit status: 0 when every step PASSed or was SKIPped, else 1 (FAIL,
-# TIMEOUT, or NOT RUN because the deadline was reached).
+# Exit status: 0 when every step PASSed or was SKIPped (or, warm, STOPPED:
+# cut short before a timing step or at its limit, its compiles kept), else 1
+# (FAIL, TIMEOUT, or NOT RUN because the deadline was reached).
 set -uo pipefail
 
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
@@ -119,7 +133,7 @@ require=0
 deadline_s=${GATELOOP_BUNDLE_DEADLINE_S:-450}
 peers_budget_s=${GATELOOP_PEERS_BUDGET_S:-240}
 t_start=$(date +%s)
-all_steps="tests sanitizer bench peers carry profile fuzz"
+all_steps="warm tests sanitizer bench peers carry profile fuzz"
 default_steps="tests sanitizer bench peers"
 steps="${*:-$default_steps}"
 for s in $steps; do
@@ -130,6 +144,17 @@ for s in $steps; do
 done
 want() { [[ " $steps " == *" $1 "* ]]; }
 export RUST_BACKTRACE=1
+# The peers' compile caches, outside $results and the bundle (a device call
+# that carries bundle/ again replaces it): kept while the machine is.
+# Left to Triton's and JAX's defaults when the directory cannot be made
+# (Triton fails to compile into a cache it cannot write).
+cache_root=${XDG_CACHE_HOME:-${HOME:-/tmp}/.cache}/gateloop-bundle
+if [[ -z "${TRITON_CACHE_DIR:-}" ]] && mkdir -p "$cache_root/triton" 2>/dev/null; then
+    export TRITON_CACHE_DIR=$cache_root/triton
+fi
+if [[ -z "${JAX_COMPILATION_CACHE_DIR:-}" ]] && mkdir -p "$cache_root/jax" 2>/dev/null; then
+    export JAX_COMPILATION_CACHE_DIR=$cache_root/jax
+fi
 
 # The binaries travel as one xz archive, binaries.tar.xz (eleven binaries
 # that each embed the same kernels: 58 MB as files, 6 MB packed): unpacked
@@ -278,6 +303,94 @@ else
     record "binaries start" FAIL "$dt" "gateloop --version exit $rc: $(tail -n 1 "$step_out") (a glibc mismatch? see env.txt)"
 fi
 
+# ---- the peers' Python: one unpack of the pinned wheels ----------------------
+py=$(command -v python3 || command -v python)
+site=""
+wheel_note=""
+# peers_site LOG: the pinned wheels, checked and unpacked (pure Python: no pip
+# needed) into $site, once; wheel_note says what went wrong, if anything.
+peers_site() {
+    [[ -n "$site" ]] && return 0
+    site=$(mktemp -d)
+    if [[ -f "$here/peers/wheels/SHA256SUMS" ]] &&
+        (cd "$here/peers/wheels" && sha256sum --check --quiet SHA256SUMS) >>"$1" 2>&1; then
+        for w in "$here"/peers/wheels/*.whl; do
+            "$py" -m zipfile -e "$w" "$site" >>"$1" 2>&1 || wheel_note="cannot unpack $(basename "$w")"
+        done
+        GATELOOP_FLA_WHEEL="$(grep -h 'fla_core' "$here/peers/wheels/SHA256SUMS" | awk '{print $2 " sha256 " $1}')"
+        export GATELOOP_FLA_WHEEL
+    else
+        wheel_note="wheels missing or not matching SHA256SUMS (fla reported unavailable)"
+    fi
+}
+
+# ---- warm (opt-in): the peers' compiles, in the background -------------------
+warm_pid=""
+warm_dir=$results/peers-warm
+if want warm; then
+    mkdir -p "$warm_dir"
+    warm_log=$warm_dir/warm-run.log
+    : >"$warm_log"
+    if [[ -z "$py" ]]; then
+        record "warm" "$([[ $require == 1 ]] && echo FAIL || echo SKIP)" 0 "no python3 on this machine"
+    else
+        peers_site "$warm_log"
+        warm_lim=$(budget "${GATELOOP_WARM_LIMIT_S:-240}")
+        warm_t0=$(date +%s)
+        echo "===== warm: limit ${warm_lim}s; caches ${TRITON_CACHE_DIR:-the Triton default}, ${JAX_COMPILATION_CACHE_DIR:-none for JAX}" >>"$warm_log"
+        # shellcheck disable=SC2086 # GATELOOP_WARM_ARGS is split into arguments
+        timeout --kill-after=10 "$warm_lim" env PYTHONPATH="$site${PYTHONPATH:+:$PYTHONPATH}" \
+            GATELOOP_PEERS_FLA_TUNE="${GATELOOP_PEERS_FLA_TUNE:-quick}" \
+            "$py" "$here/peers/peers.py" --compile-only --out "$warm_dir" \
+            --budget-s "$((warm_lim > 15 ? warm_lim - 10 : 5))" ${GATELOOP_WARM_ARGS:---peers fla_chunk_gla} \
+            >>"$warm_log" 2>&1 &
+        warm_pid=$!
+    fi
+fi
+# warm_join WHY: before a step that times anything (or at the end), waits at
+# most GATELOOP_WARM_WAIT_S for the warm-up, stops it if still running
+# (SIGTERM: timeout passes it on, peers.py kills its workers), and records
+# the step.
+warm_join() {
+    [[ -n "$warm_pid" ]] || return 0
+    local waited=0 wait_s=${GATELOOP_WARM_WAIT_S:-45} rc_w stopped=""
+    while kill -0 "$warm_pid" 2>/dev/null && ((waited < wait_s)); do
+        sleep 1
+        waited=$((waited + 1))
+    done
+    if kill -0 "$warm_pid" 2>/dev/null; then
+        kill -TERM "$warm_pid" 2>/dev/null
+        stopped=" (stopped: $1)"
+    fi
+    wait "$warm_pid"
+    rc_w=$?
+    warm_pid=""
+    local dt_w=$(($(date +%s) - warm_t0)) counts
+    echo "===== warm: exit $rc_w after ${dt_w}s$stopped" >>"$warm_log"
+    counts=$("$py" -c '
+import collections, json, sys
+try:
+    d = json.load(open(sys.argv[1]))
+except Exception as e:
+    print(f"no peers.json ({type(e).__name__})"); sys.exit()
+c = collections.Counter(x["status"] for x in d["cases"])
+t = d.get("caches", {}).get("triton", {})
+print("cases: " + (", ".join("%d %s" % (n, s) for s, n in sorted(c.items())) or "none")
+      + "; triton cache had %s entries before" % t.get("entries", "?"))
+' "$warm_dir/peers.json" 2>&1 | tail -n 1)
+    local note="$counts$stopped${wheel_note:+; $wheel_note}; peers-warm/peers.md"
+    if ((rc_w == 0)); then
+        record "warm" PASS "$dt_w" "$note"
+    elif ((rc_w == 3)); then
+        record "warm" "$([[ $require == 1 ]] && echo FAIL || echo SKIP)" "$dt_w" "no GPU present; $note"
+    elif [[ -n "$stopped" ]] || timed_out "$rc_w"; then
+        # Cut short, by design: not a failure, and what it compiled is cached.
+        record "warm" STOPPED "$dt_w" "$note"
+    else
+        record "warm" FAIL "$dt_w" "exit $rc_w: $note"
+    fi
+}
+
 # ---- 2. GPU tests ----------------------------------------------------------
 for t in "$bins"/tests/gpu_*; do
     want tests || break
@@ -353,6 +466,10 @@ for tool in ${GATELOOP_SANITIZER_TOOLS:-memcheck racecheck}; do
 done
 
 # ---- 4. benchmark ----------------------------------------------------------
+# Every step from here on times something (or loads the GPU): the warm-up ends first.
+if want bench || want peers || want carry || want profile || want fuzz; then
+    warm_join "a timing step was next"
+fi
 if want bench; then
     # shellcheck disable=SC2086 # GATELOOP_BENCH_ARGS is split into arguments
     run_step "bench" 180 "$bench_txt" -- "$bins/bin/gateloop" bench --json "$bench_json" \
@@ -366,22 +483,10 @@ if want peers; then
     mkdir -p "$peers_dir"
     peers_log=$peers_dir/peers-run.log
     : >"$peers_log"
-    py=$(command -v python3 || command -v python)
     if [[ -z "$py" ]]; then
         record "peers" "$([[ $require == 1 ]] && echo FAIL || echo SKIP)" 0 "no python3 on this machine"
     else
-        # The pinned wheels, checked, unpacked (pure Python: no pip needed).
-        site=$(mktemp -d)
-        wheel_note=""
-        if [[ -f "$here/peers/wheels/SHA256SUMS" ]] &&
-            (cd "$here/peers/wheels" && sha256sum --check --quiet SHA256SUMS) >>"$peers_log" 2>&1; then
-            for w in "$here"/peers/wheels/*.whl; do
-                "$py" -m zipfile -e "$w" "$site" >>"$peers_log" 2>&1 || wheel_note="cannot unpack $(basename "$w")"
-            done
-            export GATELOOP_FLA_WHEEL="$(grep -h 'fla_core' "$here/peers/wheels/SHA256SUMS" | awk '{print $2 " sha256 " $1}')"
-        else
-            wheel_note="wheels missing or not matching SHA256SUMS (fla reported unavailable)"
-        fi
+        peers_site "$peers_log"
         lim=$(budget "$peers_budget_s")
         run_step "peers" "$peers_budget_s" "$peers_log" -- env PYTHONPATH="$site${PYTHONPATH:+:$PYTHONPATH}" \
             "$py" "$here/peers/peers.py" --out "$peers_dir" --budget-s "$((lim > 15 ? lim - 10 : 5))" \
@@ -413,7 +518,6 @@ print("peer cases: " + (", ".join("%d %s" % (n, s) for s, n in sorted(c.items())
         else
             record "peers" FAIL "$dt" "exit $rc: $(tail -n 1 "$step_out" | cut -c1-160)"
         fi
-        rm -rf "$site"
     fi
 fi
 
@@ -535,6 +639,8 @@ if want fuzz; then
 fi
 
 # ---- 6. summary ------------------------------------------------------------
+warm_join "the run ended"  # a run of warm with only untimed steps (or none) beside it
+[[ -n "$site" ]] && rm -rf "$site"
 total=$(($(date +%s) - t_start))
 bad=0
 for s in "${statuses[@]}"; do

@@ -51,7 +51,8 @@ KEEP = [
     "summary.txt", "summary.json", "env.txt", "bench.txt", "bench.json", "carry.txt", "carry.json",
     "sanitizer.log", "tests.log", "fuzz.txt",
 ]
-KEEP_GLOBS = [("profile", ".txt"), ("fuzz-failures", ""), ("profile", ".ncu-rep"), ("peers", ".json"), ("peers", ".md")]
+KEEP_GLOBS = [("profile", ".txt"), ("fuzz-failures", ""), ("profile", ".ncu-rep"), ("peers", ".json"), ("peers", ".md"),
+              ("peers-warm", ".md")]
 MAX_TEXT = 2 << 20
 MAX_BINARY = 8 << 20
 

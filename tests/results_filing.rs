@@ -238,3 +238,80 @@ fn ncu_opcodes_reads_the_committed_profile() {
         assert!(launch["opcodes"]["HMMA"].as_f64().unwrap() > 0.0, "{launch}");
     }
 }
+
+/// `peers.py --compile-only` (the bundle's `warm` step) on the CPU of this
+/// machine: ours is not run, the report says it is a compile-only run and
+/// records the compile caches it started with; and a driver stopped by
+/// SIGTERM (a step's timeout, or the bundle stopping the warm-up) kills its
+/// worker instead of leaving it on the GPU under the next step's timings.
+/// The worker runs against a stand-in `torch` module written here (the test
+/// command's machine has no torch), and hangs in its first case
+/// (GATELOOP_PEERS_INJECT).
+#[test]
+fn compile_only_run_reports_caches_and_sigterm_stops_the_workers() {
+    if Command::new("python3").arg("--version").output().is_err() {
+        println!("SKIPPED (no python3): benches/peers/peers.py not run");
+        return;
+    }
+    let peers = Path::new(env!("CARGO_MANIFEST_DIR")).join("benches/peers/peers.py");
+    let dir = std::env::temp_dir().join(format!("gateloop-peers-warm-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let cache = dir.join("triton-cache");
+    for k in 0..3 {
+        std::fs::create_dir_all(cache.join(format!("kernel{k}"))).unwrap();
+    }
+    let stub = dir.join("stub");
+    write(
+        &stub.join("torch/__init__.py"),
+        "__version__ = 'stand-in'\n\nclass cuda:\n    @staticmethod\n    def is_available():\n        return False\n\n    \
+         @staticmethod\n    def empty_cache():\n        pass\n\n    @staticmethod\n    def synchronize():\n        pass\n",
+    );
+    let run = |out: &Path, seed: &str| {
+        let mut c = Command::new("python3");
+        c.arg(&peers)
+            .args(["--cpu", "--compile-only", "--peers", "torch_assoc_scan", "--budget-s", "60", "--seed", seed])
+            .arg("--out")
+            .arg(out)
+            .env("TRITON_CACHE_DIR", &cache)
+            .env_remove("JAX_COMPILATION_CACHE_DIR")
+            .env("PYTHONPATH", &stub)
+            .env("GATELOOP_PEERS_INJECT", "torch_assoc_scan=hang");
+        c
+    };
+
+    // SIGTERM while the worker hangs in its first case.
+    let out = dir.join("stopped");
+    let seed = format!("{}", 900_000 + std::process::id() % 99_999);
+    let mut child = run(&out, &seed).stdout(std::process::Stdio::piped()).spawn().unwrap();
+    let worker_running = || {
+        let ps = Command::new("pgrep").args(["-f", &format!("peers.py worker .*--seed {seed}")]).output().unwrap();
+        !ps.stdout.is_empty()
+    };
+    // Ready: the driver has written the worker's READY into peers.json.
+    let t0 = std::time::Instant::now();
+    let ready = || std::fs::read_to_string(out.join("peers.json")).is_ok_and(|d| d.contains("\"torch_assoc_scan\": {"));
+    while !ready() && t0.elapsed().as_secs() < 60 {
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    assert!(ready() && worker_running(), "the worker never became ready");
+    std::thread::sleep(std::time::Duration::from_millis(500)); // into its (hanging) first case
+    let kill = Command::new("kill").args(["-TERM", &child.id().to_string()]).status().unwrap();
+    assert!(kill.success());
+    let status = child.wait().unwrap();
+    assert_eq!(status.code(), Some(143), "the driver exits 128 + SIGTERM");
+    let mut stdout = String::new();
+    std::io::Read::read_to_string(child.stdout.as_mut().unwrap(), &mut stdout).unwrap();
+    assert!(stdout.contains("stopped by signal 15; 1 worker(s) killed"), "{stdout}");
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    assert!(!worker_running(), "the worker outlived its driver");
+
+    // The report of the run so far: compile-only, the cache it started with.
+    let doc: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("peers.json")).unwrap()).unwrap();
+    assert_eq!(doc["compile_only"], json!(true));
+    assert_eq!(doc["caches"]["triton"]["entries"], json!(3));
+    assert_eq!(doc["ours"]["status"], json!("not run"));
+    let md = std::fs::read_to_string(out.join("peers.md")).unwrap();
+    assert!(md.contains("**Compile-only run**") && md.contains("triton 3 entries"), "{md}");
+    let _ = std::fs::remove_dir_all(&dir);
+}

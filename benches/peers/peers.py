@@ -23,10 +23,19 @@ Usage:
                      formulations checked against each other and against
                      gateloop's f64 reference (`gateloop run --mode recurrent`),
                      then the whole pipeline on CPU (fla and ours unavailable)
+  peers.py --compile-only --peers fla_chunk_gla [--shape ...]
+                     each peer case called once, untimed, ours not run: fills
+                     the compile caches (Triton's TRITON_CACHE_DIR, JAX's
+                     JAX_COMPILATION_CACHE_DIR) for a timed run later on the
+                     same machine, e.g. in the background of the bundle's
+                     tests (bundle/run.sh warm); a case's status is then
+                     `compiled` with first_call_s, its wall time
 
 Results (rewritten after every measurement, so a kill loses nothing done):
   DIR/peers.json     every case: status ok | OOM | unavailable | skipped |
-                     timeout | error | crashed, median_ms, note, checks
+                     timeout | error | crashed (| compiled), median_ms, note,
+                     checks; meta `caches`: the compile caches' entries at
+                     the start (a warm cache skips fla's compiles)
   DIR/peers.md       the dated tables (card name from torch.cuda.get_device_name)
   DIR/peers-*.log    each worker's stderr; DIR/ours-bench-*.{json,txt}
 
@@ -374,9 +383,24 @@ class Worker:
                 return res
         real = case["gate"] == "real"
         inp = make_inputs(torch, shape, self.seed, self.device, real_gate=real)
+        compile_only = os.environ.get("GATELOOP_PEERS_COMPILE_ONLY") == "1"
         try:
             if inject_oom:
                 raise RuntimeError("CUDA out of memory (injected by GATELOOP_PEERS_INJECT)")
+            if compile_only:
+                # One call (the compiles, Triton's or XLA's, and one run), no
+                # timing: what a later timed run of the case finds cached.
+                if self.peer == "jax_assoc_scan":
+                    call, keep = self.jax_fn(inp, case["column"])
+                else:
+                    call, _grads, keep = self.forward_fn(inp, case["column"])
+                t0 = time.perf_counter()
+                call()
+                self.sync()
+                res.update(status="compiled", first_call_s=round(time.perf_counter() - t0, 2))
+                if self.peer.startswith("fla_"):
+                    res["tune"] = self.tune
+                return res
             if self.peer == "jax_assoc_scan":
                 call, keep = self.jax_fn(inp, case["column"])
                 del inp
@@ -537,6 +561,19 @@ class Report:
         L.append(f"# GateLoop peer benchmark, {m['date']}, {m.get('device_name') or 'no GPU'}\n")
         L.append(f"Run by `benches/peers/peers.py` ({m.get('mode')}), {m.get('started')} to {now_utc()}. "
                  f"Versions: {', '.join(f'{k} {v}' for k, v in m.get('versions', {}).items())}.\n")
+        caches = m.get("caches") or {}
+        if caches:
+            L.append("Compile caches at the start: " + ", ".join(f"{k} {v['entries']} entries ({v['dir']})"
+                                                                for k, v in caches.items()) + ".\n")
+        if m.get("compile_only"):
+            L.append("**Compile-only run** (`--compile-only`): each case was called once, untimed, to fill the "
+                     "compile caches for a timed run on the same machine; nothing below is a time. Status and "
+                     "first-call seconds per case:\n")
+            for c in self.cases:
+                L.append(f"- {c['peer']} {c['column']} {shape_label(c['shape'])}: {c['status']}"
+                         + (f", first call {c['first_call_s']:.1f} s" if c.get("first_call_s") is not None else "")
+                         + (f" ({c['note'][:160]})" if c.get("note") else ""))
+            return "\n".join(L) + "\n"
         ceil = self.ours.get("ceilings") or {}
         if ceil:
             L.append(f"Ceilings (gateloop bench, same run): copy {ceil.get('copy_gb_per_s_measured', 0):.0f} GB/s "
@@ -848,6 +885,41 @@ def tc_peak(info):
             f"{sms} SMs × {per} bf16 flops/clock/SM × {mhz:.0f} MHz max SM clock")
 
 
+# The process groups of the running workers (each in its own session), so
+# that a driver stopped from outside (SIGTERM: a step's timeout, the bundle
+# ending a background warm-up) stops them too instead of leaving them on the
+# GPU under the next step's timings.
+LIVE_WORKERS = set()
+
+
+def stop_workers_and_exit(signum, _frame):
+    for pid in list(LIVE_WORKERS):
+        try:
+            os.killpg(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    say(f"stopped by signal {signum}; {len(LIVE_WORKERS)} worker(s) killed")
+    sys.exit(128 + signum)
+
+
+def cache_state():
+    """The compile caches a run can reuse: Triton's (TRITON_CACHE_DIR, else
+    ~/.triton/cache: one directory per compiled kernel) and JAX's persistent
+    cache (JAX_COMPILATION_CACHE_DIR, when set), with their entries now."""
+    out = {}
+    for name, env, default in (("triton", "TRITON_CACHE_DIR", os.path.join(os.path.expanduser("~"), ".triton", "cache")),
+                               ("jax", "JAX_COMPILATION_CACHE_DIR", None)):
+        d = os.environ.get(env) or default
+        if not d:
+            continue
+        try:
+            entries = len(os.listdir(d))
+        except OSError:
+            entries = 0
+        out[name] = dict(dir=d, entries=entries)
+    return out
+
+
 def run_worker(peer, cases, device, seed, deadline, report, out_dir, check_shape):
     """Runs `cases` of one peer in worker processes, restarting after a crash
     or a timeout until every case has a result or the budget is gone."""
@@ -869,6 +941,7 @@ def run_worker(peer, cases, device, seed, deadline, report, out_dir, check_shape
             cmd += ["--check-shape", shape_key(check_shape)]
         say(f"{peer}: worker for {len(pending)} case(s), {left:.0f}s of budget left")
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=log, text=True, start_new_session=True)
+        LIVE_WORKERS.add(proc.pid)
         lines = queue.Queue()
         threading.Thread(target=lambda: [lines.put(x) for x in proc.stdout] + [lines.put(None)], daemon=True).start()
 
@@ -891,6 +964,7 @@ def run_worker(peer, cases, device, seed, deadline, report, out_dir, check_shape
             except ProcessLookupError:
                 pass
             proc.wait()
+            LIVE_WORKERS.discard(proc.pid)
 
         current, t_case = None, time.monotonic()
         limit = min(WORKER_START_S + (60 if first and check_shape else 0), deadline.left())
@@ -965,6 +1039,7 @@ def driver(args):
         out_dir = os.path.join(os.getcwd(), "results", "peers")
     os.makedirs(out_dir, exist_ok=True)
     deadline = Deadline(args.budget_s)
+    signal.signal(signal.SIGTERM, stop_workers_and_exit)
     device = "cpu" if args.cpu else "cuda"
     shapes = [tuple(int(x) for x in s.split(",")) for s in args.shape] if args.shape else \
         (SMOKE_SHAPES if args.cpu else DEFAULT_SHAPES)
@@ -974,16 +1049,23 @@ def driver(args):
                 device_name=info.get("device_name"), probe=info, versions=info.get("versions", {}),
                 budget_s=args.budget_s, shapes=[list(s) for s in shapes], seed=args.seed,
                 tc_bf16_tflops=round(tc["bf16_flops"] / 1e12, 1) if tc else None, tc_basis=tc_basis,
-                fla_wheel=os.environ.get("GATELOOP_FLA_WHEEL"), fla_tune=args.fla_tune)
+                fla_wheel=os.environ.get("GATELOOP_FLA_WHEEL"), fla_tune=args.fla_tune,
+                compile_only=args.compile_only, caches=cache_state())
     os.environ["GATELOOP_PEERS_FLA_TUNE"] = args.fla_tune  # read by the fla workers
+    os.environ["GATELOOP_PEERS_COMPILE_ONLY"] = "1" if args.compile_only else "0"
     report = Report(out_dir, meta)
     report.write()
     say(f"results in {out_dir}; device {info.get('device_name') or 'none'}; budget {args.budget_s:.0f}s")
 
     gl = find_gateloop(args.gateloop)
     only = args.ours.split(",") if args.ours else None
-    have_gpu = run_ours(report, gl, shapes, deadline.share(args.ours_share * args.budget_s), out_dir, args.runs, tc,
-                        only)
+    if args.compile_only:
+        ours = report.ours
+        ours["status"], ours["note"] = "not run", "--compile-only (peers' compiles only)"
+        have_gpu = True
+    else:
+        have_gpu = run_ours(report, gl, shapes, deadline.share(args.ours_share * args.budget_s), out_dir, args.runs,
+                            tc, only)
     no_gpu = device == "cuda" and not info.get("cuda")
     if no_gpu:
         reason = f"no GPU present (torch: {info.get('torch_error') or 'torch.cuda.is_available() is False'})"
@@ -1138,6 +1220,9 @@ def main():
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--cpu", action="store_true", help="run the materialized formulations on the CPU")
     ap.add_argument("--smoke", action="store_true", help="CPU cross-check, then the pipeline on CPU at tiny shapes")
+    ap.add_argument("--compile-only", action="store_true",
+                    help="call each peer case once, untimed, and skip ours: fills the Triton and JAX compile caches "
+                         "for a timed run later on the same machine (bundle/run.sh warm)")
     ap.add_argument("--fla-tune", choices=("full", "quick"), default=os.environ.get("GATELOOP_PEERS_FLA_TUNE", "full"),
                     help="fla's Triton autotune: full (its own configurations; default, or GATELOOP_PEERS_FLA_TUNE) "
                          "or quick (one configuration per kernel: an upper bound on fla's time; fla_tune.py)")
