@@ -324,6 +324,25 @@ peers_site() {
     fi
 }
 
+# peers_counts PEERS_JSON: one line for a step's note: the cases by status,
+# ours' status and rows (when ours ran), the Triton cache's entries at the start.
+peers_counts() {
+    "$py" -c '
+import collections, json, sys
+try:
+    d = json.load(open(sys.argv[1]))
+except Exception as e:
+    print(f"no peers.json ({type(e).__name__})"); sys.exit()
+c = collections.Counter(x["status"] for x in d["cases"])
+ours = d["ours"]
+line = "peer cases: " + (", ".join("%d %s" % (n, s) for s, n in sorted(c.items())) or "none")
+if not d.get("compile_only"):
+    line += "; ours: %s (%d rows)" % (ours["status"], len(ours["results"]))
+line += "; Triton cache: %s entries at the start" % d.get("caches", {}).get("triton", {}).get("entries", "?")
+print(line)
+' "$1" 2>&1 | tail -n 1
+}
+
 # ---- warm (opt-in): the peers' compiles, in the background -------------------
 warm_pid=""
 warm_dir=$results/peers-warm
@@ -367,17 +386,7 @@ warm_join() {
     warm_pid=""
     local dt_w=$(($(date +%s) - warm_t0)) counts
     echo "===== warm: exit $rc_w after ${dt_w}s$stopped" >>"$warm_log"
-    counts=$("$py" -c '
-import collections, json, sys
-try:
-    d = json.load(open(sys.argv[1]))
-except Exception as e:
-    print(f"no peers.json ({type(e).__name__})"); sys.exit()
-c = collections.Counter(x["status"] for x in d["cases"])
-t = d.get("caches", {}).get("triton", {})
-print("cases: " + (", ".join("%d %s" % (n, s) for s, n in sorted(c.items())) or "none")
-      + "; triton cache had %s entries before" % t.get("entries", "?"))
-' "$warm_dir/peers.json" 2>&1 | tail -n 1)
+    counts=$(peers_counts "$warm_dir/peers.json")
     local note="$counts$stopped${wheel_note:+; $wheel_note}; peers-warm/peers.md"
     if ((rc_w == 0)); then
         record "warm" PASS "$dt_w" "$note"
@@ -491,17 +500,7 @@ if want peers; then
         run_step "peers" "$peers_budget_s" "$peers_log" -- env PYTHONPATH="$site${PYTHONPATH:+:$PYTHONPATH}" \
             "$py" "$here/peers/peers.py" --out "$peers_dir" --budget-s "$((lim > 15 ? lim - 10 : 5))" \
             --gateloop "$bins/bin/gateloop" ${GATELOOP_PEERS_ARGS:-}
-        counts=$("$py" -c '
-import collections, json, sys
-try:
-    d = json.load(open(sys.argv[1]))
-except Exception as e:
-    print(f"no peers.json ({type(e).__name__})"); sys.exit()
-c = collections.Counter(x["status"] for x in d["cases"])
-ours = d["ours"]
-print("peer cases: " + (", ".join("%d %s" % (n, s) for s, n in sorted(c.items())) or "none")
-      + "; ours: %s (%d rows)" % (ours["status"], len(ours["results"])))
-' "$peers_dir/peers.json" 2>&1 | tail -n 1)
+        counts=$(peers_counts "$peers_dir/peers.json")
         note="$counts${wheel_note:+; $wheel_note}"
         if ((not_run)); then
             record "peers" "NOT RUN" 0 "deadline reached"
