@@ -894,6 +894,40 @@ __device__ __forceinline__ int2 diag_pair(int t) {
     return e <= f ? make_int2(f, e) : make_int2(kSub - 1 - f, e - f - 1);
 }
 
+// The four diagonal 16 × 16 score blocks of slab d0, pairwise in f32 (raw
+// q, k in qraw, kraw [kChunk][kSlab]; the prefix tables of the slab):
+// pdiag[(16·sb + r)·16 + c] += Σ_d q_nd k_md Re E(n, m)_d for n = 16·sb + r,
+// m = 16·sb + c ≤ n, over the causal pairs only (diag_pair: no thread idles
+// on m > n), each pair by one thread of the block, in channel order. The
+// forward's and the backward's dv pass (intra_pass) and the forward's
+// register-fragment output pass (cuda/chunk_frag.cuh). Call between
+// barriers (qraw, kraw, the tables staged; pdiag not read by others).
+template <typename input_t, bool kComplex>
+__device__ __forceinline__ void add_diagonal_pairs(const Block<input_t, kComplex>& blk, const float* qraw,
+                                                   const float* kraw, int64_t d0, float* pdiag) {
+    for (int i = blk.tid; i < kSubs * kDiagPairs; i += kThreads) {
+        const int sb = i / kDiagPairs;
+        const int2 rc = diag_pair(i - sb * kDiagPairs);
+        const int nn = sb * kSub + rc.x;
+        const int m = sb * kSub + rc.y;
+        const int cols = blk.gate_cols(d0);
+        float acc = 0.f;
+        if (blk.per_head) {
+            float dot = 0.f;
+            for (int j = 0; j < kSlab; ++j) dot = fmaf(qraw[nn * kSlab + j], kraw[m * kSlab + j], dot);
+            const float cosd = fmaf(blk.cos_at(nn, 0), blk.cos_at(m, 0), blk.sin_at(nn, 0) * blk.sin_at(m, 0));
+            acc = blk.modulus(nn, m, 0) * cosd * dot;
+        } else {
+            for (int j = 0; j < cols; ++j) {
+                const float qk = qraw[nn * kSlab + j] * kraw[m * kSlab + j];
+                const float cosd = fmaf(blk.cos_at(nn, j), blk.cos_at(m, j), blk.sin_at(nn, j) * blk.sin_at(m, j));
+                acc = fmaf(blk.modulus(nn, m, j) * cosd, qk, acc);
+            }
+        }
+        pdiag[(sb * kSub + rc.x) * kSub + rc.y] += acc;
+    }
+}
+
 // The anchored rows of the six off-diagonal sub-chunk blocks of slab d0 (raw
 // q, k in qraw, kraw [kChunk][kSlab]; anchor r = last step of key sub-chunk
 // j): per pair (i, j), rows pair · 16 + (n − 16 i) of qa hold
@@ -1004,29 +1038,7 @@ __device__ __forceinline__ void intra_pass(Block<input_t, kComplex>& blk, unsign
             put_inter_queries<Op, kTerms>(blk, qraw, qe);
         }
         put_anchored_rows<Op, kTerms>(blk, qraw, kraw, qa, ka);
-        // Diagonal blocks, pairwise: score_nm += Σ_d q_nd k_md Re E(n, m)_d,
-        // over the causal pairs only (diag_pair: no lane idles on m > n).
-        for (int i = tid; i < kSubs * kDiagPairs; i += kThreads) {
-            const int sb = i / kDiagPairs;
-            const int2 rc = diag_pair(i - sb * kDiagPairs);
-            const int nn = sb * kSub + rc.x;
-            const int m = sb * kSub + rc.y;
-            const int cols = blk.gate_cols(d0);
-            float acc = 0.f;
-            if (blk.per_head) {
-                float dot = 0.f;
-                for (int j = 0; j < kSlab; ++j) dot = fmaf(qraw[nn * kSlab + j], kraw[m * kSlab + j], dot);
-                const float cosd = fmaf(blk.cos_at(nn, 0), blk.cos_at(m, 0), blk.sin_at(nn, 0) * blk.sin_at(m, 0));
-                acc = blk.modulus(nn, m, 0) * cosd * dot;
-            } else {
-                for (int j = 0; j < cols; ++j) {
-                    const float qk = qraw[nn * kSlab + j] * kraw[m * kSlab + j];
-                    const float cosd = fmaf(blk.cos_at(nn, j), blk.cos_at(m, j), blk.sin_at(nn, j) * blk.sin_at(m, j));
-                    acc = fmaf(blk.modulus(nn, m, j) * cosd, qk, acc);
-                }
-            }
-            pdiag[(sb * kSub + rc.x) * kSub + rc.y] += acc;
-        }
+        add_diagonal_pairs(blk, qraw, kraw, d0, pdiag);
         __syncthreads();
         // out += X S (inner: this slab's kWidth), rows 16·yr, cols 16·yc, 16·(yc + 1).
         for (int kk = 0; kk < kWidth; kk += Op::kK) {

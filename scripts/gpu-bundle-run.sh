@@ -51,7 +51,7 @@
 #      the sweep (a rehearsal on the emulated device).
 #   profile: Nsight Compute (ncu, --clock-control none) on the kernels whose
 #      speed the issues' targets name (chunked bf16 and f32, chunked-real
-#      bf16, chunked-grad bf16, recurrent and recurrent-ahead bf16 at B8
+#      bf16, chunked-frag bf16 (the register-fragment output), chunked-grad bf16, recurrent and recurrent-ahead bf16 at B8
 #      L4096 H16 K=V=64;
 #      scan f32 at B1 L65536 H4): speed-of-light, occupancy, launch,
 #      warp-state, memory and compute sections of each launch, and the warp
@@ -561,6 +561,7 @@ if want profile; then
         "chunked-bf16 chunked bf16 8,4096,16,64,64"
         "chunked-f32 chunked f32 8,4096,16,64,64"
         "chunked-real-bf16 chunked-real bf16 8,4096,16,64,64"
+        "chunked-frag-bf16 chunked-frag bf16 8,4096,16,64,64"
         "chunked-grad-bf16 chunked-grad bf16 8,4096,16,64,64"
         "scan-f32 scan f32 1,65536,4,64,64"
         "recurrent-bf16 recurrent bf16 8,4096,16,64,64"

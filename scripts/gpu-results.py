@@ -27,7 +27,10 @@ from bench.json) and writes verdict.md there, which it also prints:
   (src/cuda/chunk.rs) it supports;
 - the staging rule: recurrent-ahead against recurrent (bench.json, the same
   run), and the RecurrentStaging default (src/cuda/recurrent.rs) it
-  supports.
+  supports;
+- the output rule: chunked-frag against chunked and chunked-real-frag-fast
+  against chunked-real-fast (bench.json), and the ChunkOutput default
+  (src/cuda/chunk.rs) it supports for 16-bit inputs.
 
 Only the standard library; nothing here needs a GPU. Missing files make
 their sections say so rather than fail: a partial run is still filed.
@@ -377,41 +380,65 @@ def carry_rule(carry):
 STAGING_WIN = 0.97
 
 
-def staging_rule(bench):
-    """The staging section's lines: recurrent-ahead against recurrent (the
-    batched staging) per dtype and shape, from one bench run, and the
-    RecurrentStaging default they support."""
-    L = ["## Staging rule (recurrent-ahead against recurrent)\n"]
+def variant_rule(bench, title, pairs, suggest_variant, suggest_keep, grid=None):
+    """Lines of a section comparing a variant kernel with the default one it
+    stands beside, per dtype and shape, from one bench run: `pairs` is
+    [(default kernel, variant kernel)]; a case is a win when the variant
+    takes ≤ STAGING_WIN of the default's time; the suggestion follows from
+    all, none or some of the cases. `grid(d)`: a column of the launch's
+    blocks, when it says something."""
+    L = [f"## {title}\n"]
+    names = {k for pair in pairs for k in pair}
     by = {}
     for r in (bench or {}).get("results") or []:
-        if r.get("kernel") not in ("recurrent", "recurrent-ahead") or r.get("median_ms") is None:
+        if r.get("kernel") not in names or r.get("median_ms") is None:
             continue
         sh = r["shape"]
         d = (sh["batch"], sh["len"], sh["heads"], sh["key_dim"], sh["value_dim"])
         by.setdefault((r["dtype"], d, sh.get("gate", "channel")), {})[r["kernel"]] = r["median_ms"]
-    pairs = [(k, t["recurrent"], t["recurrent-ahead"]) for k, t in by.items()
-             if "recurrent" in t and "recurrent-ahead" in t]
-    if not pairs:
-        return L + ["(no bench.json with both recurrent and recurrent-ahead: not measured)\n"]
-    L.append("| dtype | shape | gate | grid | recurrent (batched) | recurrent-ahead | ahead / batched |")
-    L.append("|---|---|---|---|---|---|---|")
+    rows = [(k, base, var, t[base], t[var]) for k, t in by.items() for base, var in pairs if base in t and var in t]
+    if not rows:
+        both = " / ".join(f"{b} and {v}" for b, v in pairs)
+        return L + [f"(no bench.json with both {both}: not measured)\n"]
+    grid_head = " grid |" if grid else ""
+    L.append(f"| dtype | shape | gate |{grid_head} default | ms | variant | ms | variant / default |")
+    L.append("|---|---|---|" + ("---|" if grid else "") + "---|---|---|---|---|")
     wins = []
-    for (dtype, d, gate), batched, ahead in sorted(pairs, key=lambda x: (x[0][0], recurrent_grid(x[0][1]), x[0][1])):
-        ratio = ahead / batched
+    order = (lambda x: (x[0][0], grid(x[0][1]), x[0][1], x[1])) if grid else (lambda x: (x[0][0], x[0][1], x[1]))
+    for (dtype, d, gate), base, var, t_base, t_var in sorted(rows, key=order):
+        ratio = t_var / t_base
         wins.append(ratio <= STAGING_WIN)
-        L.append(f"| {dtype} | {label(d)} | {gate} | {recurrent_grid(d)} | {fmt(batched)} | {fmt(ahead)} | "
+        g = f" {grid(d)} |" if grid else ""
+        L.append(f"| {dtype} | {label(d)} | {gate} |{g} {base} | {fmt(t_base)} | {var} | {fmt(t_var)} | "
                  f"{ratio:.3f} |")
     n, won = len(wins), sum(wins)
     if won == n:
-        L.append(f"\nSuggested: `RecurrentStaging::Ahead` as the default (faster by ≥ {1 - STAGING_WIN:.0%} in "
+        L.append(f"\nSuggested: {suggest_variant} as the default (faster by ≥ {1 - STAGING_WIN:.0%} in "
                  f"all {n} cases).\n")
     elif won == 0:
-        L.append(f"\nSuggested: keep `RecurrentStaging::Batched` as the default (ahead never faster by "
+        L.append(f"\nSuggested: keep {suggest_keep} as the default (the variant never faster by "
                  f"≥ {1 - STAGING_WIN:.0%}, {n} cases).\n")
     else:
-        L.append(f"\nMixed: ahead faster by ≥ {1 - STAGING_WIN:.0%} in {won} of {n} cases; a rule by grid "
-                 "(B·H·⌈V/32⌉ blocks) or K needs the rows above.\n")
+        L.append(f"\nMixed: the variant faster by ≥ {1 - STAGING_WIN:.0%} in {won} of {n} cases; a rule by "
+                 "shape or dtype needs the rows above.\n")
     return L
+
+
+def staging_rule(bench):
+    """The staging section: recurrent-ahead against recurrent (the batched
+    staging), and the RecurrentStaging default they support."""
+    return variant_rule(bench, "Staging rule (recurrent-ahead against recurrent)", [("recurrent", "recurrent-ahead")],
+                        "`RecurrentStaging::Ahead`", "`RecurrentStaging::Batched`", grid=recurrent_grid)
+
+
+def output_rule(bench):
+    """The output section: the register-fragment output launch against the
+    staged one (chunked-frag against chunked, chunked-real-frag-fast against
+    chunked-real-fast), and the ChunkOutput default they support for 16-bit
+    inputs."""
+    return variant_rule(bench, "Output rule (register fragments against staged tiles)",
+                        [("chunked", "chunked-frag"), ("chunked-real-fast", "chunked-real-frag-fast")],
+                        "`ChunkOutput::Fragments` for f16 and bf16 inputs", "`ChunkOutput::Staged`")
 
 
 def recurrent_grid(d):
@@ -469,6 +496,7 @@ def file_results(results, into, dry_run):
         L += targets_section(doc, name)
     L += carry_rule(carry)
     L += staging_rule(bench)
+    L += output_rule(bench)
     text = "\n".join(L) + "\n"
     if not dry_run:
         os.makedirs(dest, exist_ok=True)

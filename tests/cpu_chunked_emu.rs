@@ -19,7 +19,7 @@ mod dtype_support;
 mod emu_support;
 
 use gateloop::cpu::chunked::{self, ChunkParams};
-use gateloop::cuda::chunk::{self, ChunkCarry, ChunkPrecision};
+use gateloop::cuda::chunk::{self, ChunkCarry, ChunkConfig, ChunkOutput, ChunkPrecision};
 use gateloop::cuda::chunk_grad;
 use gateloop::cuda::{Dtype, Element};
 use gateloop::testing::{GateRegime, OwnedProblem, dims};
@@ -59,7 +59,8 @@ fn write_inputs(
     let (state, output) = chunk::shared_bytes(t, chunk_gates);
     let (w, qk, dv) = chunk_grad::shared_bytes(t);
     let seq = chunk::sequential_shared_bytes(t, chunk_gates);
-    std::fs::write(dir.join("shared.txt"), format!("{state} {output} {w} {qk} {dv} {seq}")).unwrap();
+    let frag = chunk::fragment_output_shared_bytes(t, chunk_gates).unwrap_or(0);
+    std::fs::write(dir.join("shared.txt"), format!("{state} {output} {w} {qk} {dv} {seq} {frag}")).unwrap();
     dir
 }
 
@@ -81,8 +82,30 @@ fn run_forward(
     t: Dtype,
     carry: ChunkCarry,
 ) -> Outputs<f32> {
-    let dir = write_inputs(&format!("fwd{tag}_{}", carry.name()), p, gates, precision, t);
-    run(emu, if carry == ChunkCarry::Sequential { &["--sequential"] } else { &[] }, &dir);
+    run_forward_with(emu, tag, p, gates, precision, t, ChunkConfig { carry, ..ChunkConfig::default() })
+}
+
+/// [`run_forward`] with the output kernel of `config` too
+/// (`ChunkOutput::Fragments`: the driver's `--fragments`).
+fn run_forward_with(
+    emu: &std::path::Path,
+    tag: usize,
+    p: &OwnedProblem<f32>,
+    gates: GateKind,
+    precision: ChunkPrecision,
+    t: Dtype,
+    config: ChunkConfig,
+) -> Outputs<f32> {
+    let (carry, output) = (config.carry, config.output);
+    let dir = write_inputs(&format!("fwd{tag}_{}_{}", carry.name(), output.name()), p, gates, precision, t);
+    let mut args = Vec::new();
+    if output == ChunkOutput::Fragments {
+        args.push("--fragments");
+    }
+    if carry == ChunkCarry::Sequential {
+        args.push("--sequential");
+    }
+    run(emu, &args, &dir);
     let hf = read_f32_file(&dir.join("h_final.out"));
     let h_final =
         if gates == GateKind::Complex { unflat(&hf) } else { hf.iter().map(|&x| Complex::new(x, 0.0)).collect() };
@@ -129,7 +152,7 @@ fn real_parts(mut p: OwnedProblem<f64>) -> OwnedProblem<f64> {
 }
 
 /// The problem of `case` with `gates` (real: Im log_gate = Im h0 = 0), its
-/// q, k, v rounded to `t` (f32 or bf16).
+/// q, k, v rounded to `t`.
 fn problem_for(case: &Case, gates: GateKind, t: Dtype) -> OwnedProblem<f64> {
     let mut p64 = case.problem();
     if gates == GateKind::Real {
@@ -137,8 +160,8 @@ fn problem_for(case: &Case, gates: GateKind, t: Dtype) -> OwnedProblem<f64> {
     }
     match t {
         Dtype::Bf16 => rounded_to::<half::bf16>(&p64),
+        Dtype::F16 => rounded_to::<half::f16>(&p64),
         Dtype::F32 => p64.rounded_to_f32(),
-        other => panic!("problem_for: {other} not used here"),
     }
 }
 
@@ -414,6 +437,29 @@ fn half_types<T: Element>(emu: &std::path::Path, worst: &mut Worst, failures: &m
         check(&label, &format!("{p} y"), compare(&got.y, &want.y), yb);
         check(&label, &format!("{p} h_final"), compare_complex(&got.h_final, &want.h_final), hb);
     }
+    // The register-fragment output launch (ChunkOutput::Fragments), its
+    // bounds the staged launch's.
+    let fragments: [(Dims, GateRegime, bool, GateKind, ChunkPrecision); 3] = [
+        (dims(1, 150, 1, 40, 7, true), GateRegime::Mixed, true, C, Exact),
+        (dims(1, 150, 1, 40, 70, false), GateRegime::HardDecay(0.5), false, C, Fast),
+        (dims(1, 150, 1, 5, 70, false), GateRegime::Resets(0.05), true, R, Exact),
+    ];
+    for (i, (d, regime, with_h0, gates, precision)) in fragments.into_iter().enumerate() {
+        let case = Case::new(d, regime, with_h0, 7450 + 10 * i as u64 + u64::from(t.abi()));
+        let label = format!("{t} {} {gates:?} {precision:?} fragments", case.label());
+        let mut p = case.problem();
+        if gates == GateKind::Real {
+            p = real_parts(p);
+        }
+        let p64 = rounded_to::<T>(&p);
+        let want = gateloop::reference::recurrent::forward(&p64.view()).expect("reference");
+        let config = ChunkConfig { output: ChunkOutput::Fragments, ..ChunkConfig::default() };
+        let got = run_forward_with(emu, 150 + 10 * t.abi() as usize + i, &p64.to_f32(), gates, precision, t, config);
+        let (yb, hb) = chunk_bounds(t, precision);
+        let p = precision.name();
+        check(&label, &format!("fragments {p} y"), compare(&got.y, &want.y), yb);
+        check(&label, &format!("fragments {p} h_final"), compare_complex(&got.h_final, &want.h_final), hb);
+    }
     // Hard decay without h0: with h0, f16's dh0 fails its bound when the
     // first gate decays hard (chunk_grad_f16_dh0_after_a_strong_first_gate).
     let backward = [
@@ -525,6 +571,23 @@ fn chunk_kernels_race_free() {
             common::assert_within(&label, &what("y"), &compare(&got.y, &want.y), yr, ya);
             common::assert_within(&label, &what("h_final"), &compare_complex(&got.h_final, &want.h_final), hr, ha);
         }
+    }
+    // The register-fragment output launch (16-bit inputs): complex exact in
+    // f16, real fast in bf16.
+    let fragments: [(Dims, GateRegime, bool, GateKind, ChunkPrecision, Dtype); 2] = [
+        (dims(1, 130, 1, 40, 70, false), GateRegime::Mixed, true, C, Exact, Dtype::F16),
+        (dims(1, 130, 1, 40, 70, true), GateRegime::Resets(0.05), false, R, Fast, Dtype::Bf16),
+    ];
+    for (i, (d, regime, with_h0, gates, precision, t)) in fragments.into_iter().enumerate() {
+        let case = Case::new(d, regime, with_h0, 7820 + i as u64);
+        let label = format!("{} {gates:?} {precision:?} {t} fragments (race-checked)", case.label());
+        let p64 = problem_for(&case, gates, t);
+        let want = gateloop::reference::recurrent::forward(&p64.view()).expect("reference");
+        let ((yr, ya), (hr, ha)) = chunk_bounds(t, precision);
+        let config = ChunkConfig { output: ChunkOutput::Fragments, ..ChunkConfig::default() };
+        let got = run_forward_with(&emu, 320 + i, &p64.to_f32(), gates, precision, t, config);
+        common::assert_within(&label, "y", &compare(&got.y, &want.y), yr, ya);
+        common::assert_within(&label, "h_final", &compare_complex(&got.h_final, &want.h_final), hr, ha);
     }
     let backward = [
         (GradCase::new(dims(1, 130, 1, 40, 70, false), GateRegime::Mixed, true, true, 7810), Dtype::F32),

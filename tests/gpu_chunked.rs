@@ -28,8 +28,8 @@ use common::{Case, adversarial_regime_tests, regime_matrix, regime_tests, run_fo
 use cudarc::driver::DevicePtrMut;
 use dtype_support::{chunk_bounds as bounds, rounded_to, widen};
 use gateloop::cuda::chunk::{
-    ChunkCarry, ChunkConfig, ChunkPrecision, DeviceInputs, DeviceOutputs, Gates, forward_host, forward_into,
-    forward_real_host_as, forward_real_into, plan,
+    ChunkCarry, ChunkConfig, ChunkOutput, ChunkPrecision, DeviceInputs, DeviceOutputs, Gates, forward_host,
+    forward_into, forward_real_host_as, forward_real_into, plan,
 };
 use gateloop::cuda::{Dtype, Element, Gpu, GpuError};
 use gateloop::testing::{GateRegime, OwnedProblem, dims, random_problem};
@@ -109,8 +109,14 @@ fn assert_within(label: &str, what: &str, e: &ErrorStats, (rel, abs): (f64, f64)
 /// reference on exactly the inputs the kernel sees; the relative L2 bounds
 /// are multiplied by `rel_scale` (10 at L = 65536 with |a| = 1: 1e-3).
 fn check_in<T: Element>(gpu: &Gpu, case: Case, gates: Gates, precision: ChunkPrecision, rel_scale: f64) {
+    check_with::<T>(gpu, case, gates, precision.into(), rel_scale);
+}
+
+/// [`check_in`] with a whole [`ChunkConfig`] (the bounds are its precision's).
+fn check_with<T: Element>(gpu: &Gpu, case: Case, gates: Gates, config: ChunkConfig, rel_scale: f64) {
     let t = T::DTYPE;
-    let label = format!("{t} {gates:?} {precision:?} {}", case.label());
+    let precision = config.precision;
+    let label = format!("{t} {gates:?} {precision:?} {:?} {}", config.output, case.label());
     let mut p = case.problem();
     if gates == Gates::Real {
         p = real_gates(&p);
@@ -119,8 +125,8 @@ fn check_in<T: Element>(gpu: &Gpu, case: Case, gates: Gates, precision: ChunkPre
     let want = reference::recurrent::forward(&p64.view()).expect("reference");
     let p32 = p64.to_f32();
     let (y, h_final) = match gates {
-        Gates::Complex => run_complex::<T>(gpu, &p32, precision),
-        Gates::Real => run_real::<T>(gpu, &p32, precision),
+        Gates::Complex => run_complex::<T>(gpu, &p32, config),
+        Gates::Real => run_real::<T>(gpu, &p32, config),
     };
     let (yb, hb) = bounds(t, precision);
     let sc = |(r, a): (f64, f64)| (r * rel_scale, a);
@@ -264,6 +270,57 @@ fn dtypes_and_precisions() {
     }
 }
 
+/// The register-fragment output launch (`ChunkOutput::Fragments`, 16-bit
+/// inputs): the bounds of the staged launch, for complex and real gates,
+/// exact and fast, both gate layouts, with and without h0, chunks, key slabs
+/// and value tiles cut short (L = 1, 65, 130; K = 5, 20; V = 5, 33, 70), and
+/// the gate regimes that stress its one-anchor-per-sub-chunk off-diagonal
+/// products (resets, hard decay, |a| = 1, phases ≫ 2π); f32 inputs get a
+/// typed error naming the output kernel.
+#[test]
+fn fragment_output_matches_the_reference() {
+    let Some(gpu) = common::gpu_or_skip() else { return };
+    let mut seed = 17_000;
+    let mut shapes = vec![dims(2, 1, 3, 5, 5, false), dims(2, 200, 3, 64, 33, true), dims(1, 130, 2, 20, 70, false)];
+    if !common::emulated_device() {
+        shapes.push(dims(2, 1000, 3, 128, 128, false));
+    } else {
+        common::skipped_on_emulated_device("the L = 1000, K = V = 128 shape");
+    }
+    for regime in [
+        GateRegime::Mixed,
+        GateRegime::Resets(0.1),
+        GateRegime::HardDecay(0.5),
+        GateRegime::UnitModulus,
+        GateRegime::LargePhase(50.0),
+    ] {
+        for &d in &shapes {
+            seed += 1;
+            let c = Case::new(d, regime, seed % 2 == 0, seed);
+            for precision in ChunkPrecision::ALL {
+                for gates in Gates::ALL {
+                    let config = ChunkConfig { precision, output: ChunkOutput::Fragments, ..ChunkConfig::default() };
+                    check_with::<bf16>(gpu, c, gates, config, 1.0);
+                    check_with::<f16>(gpu, c, gates, config, 1.0);
+                }
+            }
+        }
+    }
+    // f32 inputs: no fragment kernel, a typed error before any launch.
+    let p32 = Case::new(dims(1, 70, 1, 8, 8, false), GateRegime::Random, false, 1).problem().to_f32();
+    let d = p32.dims;
+    let lp = plan(&d, Dtype::F32, Gates::Complex).unwrap();
+    assert!(lp.fragment_output_shared_bytes.is_none());
+    let config = ChunkConfig { output: ChunkOutput::Fragments, ..ChunkConfig::default() };
+    let err =
+        run_forward::<f32>(gpu, &p32, lp.workspace_len, |s, d, i, o, ws| forward_into(gpu, s, d, i, o, ws, config))
+            .expect_err("f32 with the fragment output kernel");
+    assert!(
+        matches!(&err, GpuError::Input(InputError::Param { name: "output", .. })),
+        "f32 with ChunkOutput::Fragments: {err}"
+    );
+}
+
 /// Real gates (gated linear attention) in every regime that has a real form.
 #[test]
 fn real_gates_match_the_reference() {
@@ -340,7 +397,7 @@ fn check_carries<T: Element>(gpu: &Gpu, case: Case, gates: Gates, precision: Chu
     let p64 = rounded_to::<T>(&p);
     let p32 = p64.to_f32();
     let run = |carry| {
-        let config = ChunkConfig { precision, carry };
+        let config = ChunkConfig { precision, carry, ..ChunkConfig::default() };
         match gates {
             Gates::Complex => run_complex::<T>(gpu, &p32, config),
             Gates::Real => run_real::<T>(gpu, &p32, config),

@@ -1,5 +1,5 @@
 //! `scripts/gpu-results.py`, the filing of a GPU bundle run, on synthetic
-//! results: the targets' verdicts, the carry rule and the staging rule it
+//! results: the targets' verdicts, the carry, staging and output rules it
 //! reads off known times, the files it copies, and the merge of two runs (the first packed
 //! as the device tool returns it, results.tar.gz; the second a folder). (Python's standard library only; the
 //! test command's machine has python3 for the nvcc wheels.)
@@ -96,6 +96,8 @@ fn files_a_run_and_reads_the_targets_and_the_carry_rule() {
         bench_row("recurrent", "bf16", [1, 65536, 4, 64, 64], 30.0),
         bench_row("recurrent-ahead", "bf16", [1, 65536, 4, 64, 64], 29.7),
         bench_row("chunked", "bf16", [1, 65536, 4, 64, 64], 4.0),
+        // The output rule: the fragment launch 25% faster in its one case.
+        bench_row("chunked-frag", "bf16", [1, 65536, 4, 64, 64], 3.0),
     ];
     write(&res.join("bench.json"), &json!({"gpu": true, "device": device, "results": bench_rows}).to_string());
     // The carry sweep: sequential loses below 132 blocks in bf16 and below 264
@@ -141,9 +143,15 @@ fn files_a_run_and_reads_the_targets_and_the_carry_rule() {
     assert!(text.contains("4 met, 1 missed, 0 not measured"), "{text}");
     assert!(text.contains("Suggested `SEQUENTIAL_MIN_BLOCKS = 264`"), "{text}");
     assert!(text.contains("bf16: sequential wins from 132 blocks on"), "{text}");
-    assert!(text.contains("| bf16 | B8 L4096 H16 K=V=64 | channel | 256 | 2.000 ms | 1.600 ms | 0.800 |"), "{text}");
-    assert!(text.contains("| bf16 | B1 L65536 H4 K=V=64 | channel | 8 | 30.0 ms | 29.7 ms | 0.990 |"), "{text}");
-    assert!(text.contains("Mixed: ahead faster by ≥ 3% in 1 of 2 cases"), "{text}");
+    let row =
+        "| bf16 | B8 L4096 H16 K=V=64 | channel | 256 | recurrent | 2.000 ms | recurrent-ahead | 1.600 ms | 0.800 |";
+    assert!(text.contains(row), "{text}");
+    let row = "| bf16 | B1 L65536 H4 K=V=64 | channel | 8 | recurrent | 30.0 ms | recurrent-ahead | 29.7 ms | 0.990 |";
+    assert!(text.contains(row), "{text}");
+    assert!(text.contains("Mixed: the variant faster by ≥ 3% in 1 of 2 cases"), "{text}");
+    let row = "| bf16 | B1 L65536 H4 K=V=64 | channel | chunked | 4.000 ms | chunked-frag | 3.000 ms | 0.750 |";
+    assert!(text.contains(row), "{text}");
+    assert!(text.contains("Suggested: `ChunkOutput::Fragments` for f16 and bf16 inputs as the default"), "{text}");
 
     let filed = into.join("gpu-2027-01-02-nvidia-h200");
     for f in ["verdict.md", "summary.json", "carry.json", "bench.json", "env.txt", "peers/peers.json"] {

@@ -40,7 +40,7 @@ use rayon::prelude::*;
 use serde_json::{Value, json};
 use thiserror::Error;
 
-use super::chunk::{self, ChunkCarry, ChunkConfig, ChunkPrecision, Gates};
+use super::chunk::{self, ChunkCarry, ChunkConfig, ChunkOutput, ChunkPrecision, Gates};
 use super::chunk_grad;
 use super::element::{Dtype, Element, round_slice};
 use super::recurrent::{self, DecodeInputs, DeviceInputs, DeviceOutputs, RecurrentStaging};
@@ -254,7 +254,7 @@ pub fn registry() -> Vec<KernelEntry> {
             shapes: chunked_shapes,
             check: |d| chunk::plan(d, Dtype::F32, Gates::Complex).map(|_| ()),
             cost: |d, t| chunked_cost(d, t, Gates::Complex),
-            prepare: prepare_chunked::<false, false, CARRY_AUTO>,
+            prepare: prepare_chunked::<false, false, CARRY_AUTO, false>,
             tuning: false,
         },
         KernelEntry {
@@ -265,7 +265,7 @@ pub fn registry() -> Vec<KernelEntry> {
             shapes: chunked_shapes,
             check: |d| chunk::plan(d, Dtype::F32, Gates::Complex).map(|_| ()),
             cost: |d, t| chunked_cost_with(d, t, Gates::Complex, ChunkCarry::Separate),
-            prepare: prepare_chunked::<false, false, CARRY_SEPARATE>,
+            prepare: prepare_chunked::<false, false, CARRY_SEPARATE, false>,
             tuning: false,
         },
         KernelEntry {
@@ -275,7 +275,7 @@ pub fn registry() -> Vec<KernelEntry> {
             shapes: chunked_shapes,
             check: |d| chunk::plan(d, Dtype::F32, Gates::Complex).map(|_| ()),
             cost: |d, t| chunked_cost(d, t, Gates::Complex),
-            prepare: prepare_chunked::<false, true, CARRY_AUTO>,
+            prepare: prepare_chunked::<false, true, CARRY_AUTO, false>,
             tuning: false,
         },
         KernelEntry {
@@ -285,7 +285,7 @@ pub fn registry() -> Vec<KernelEntry> {
             shapes: chunked_shapes,
             check: |d| chunk::plan(d, Dtype::F32, Gates::Real).map(|_| ()),
             cost: |d, t| chunked_cost(d, t, Gates::Real),
-            prepare: prepare_chunked::<true, false, CARRY_AUTO>,
+            prepare: prepare_chunked::<true, false, CARRY_AUTO, false>,
             tuning: false,
         },
         KernelEntry {
@@ -305,7 +305,7 @@ pub fn registry() -> Vec<KernelEntry> {
             shapes: chunked_shapes,
             check: |d| chunk::plan(d, Dtype::F32, Gates::Real).map(|_| ()),
             cost: |d, t| chunked_cost(d, t, Gates::Real),
-            prepare: prepare_chunked::<true, true, CARRY_AUTO>,
+            prepare: prepare_chunked::<true, true, CARRY_AUTO, false>,
             tuning: false,
         },
         KernelEntry {
@@ -333,6 +333,28 @@ pub fn registry() -> Vec<KernelEntry> {
             tuning: false,
         },
         KernelEntry {
+            name: "chunked-frag",
+            about: "chunked forward, complex gates, exact, the output launch on register fragments (mma.sync; \
+                    ChunkOutput::Fragments): beside `chunked`, whose output launch stages every operand",
+            dtypes: &[Dtype::F16, Dtype::Bf16],
+            shapes: chunked_shapes,
+            check: |d| chunk::plan(d, Dtype::Bf16, Gates::Complex).map(|_| ()),
+            cost: |d, t| chunked_cost(d, t, Gates::Complex),
+            prepare: prepare_chunked::<false, false, CARRY_AUTO, true>,
+            tuning: false,
+        },
+        KernelEntry {
+            name: "chunked-real-frag-fast",
+            about: "chunked forward, REAL gates, fast, the output launch on register fragments: beside \
+                    `chunked-real-fast` (fla chunk_gla's precision and gates)",
+            dtypes: &[Dtype::F16, Dtype::Bf16],
+            shapes: chunked_shapes,
+            check: |d| chunk::plan(d, Dtype::Bf16, Gates::Real).map(|_| ()),
+            cost: |d, t| chunked_cost(d, t, Gates::Real),
+            prepare: prepare_chunked::<true, true, CARRY_AUTO, true>,
+            tuning: false,
+        },
+        KernelEntry {
             name: "chunked-sequential",
             about: "chunked forward, complex gates, exact, the sequential carry forced; beside chunked-separate \
                     over these shapes (sequential grid 32 to 528 blocks, B·H·L ≈ 2^19) it sets SEQUENTIAL_MIN_BLOCKS",
@@ -340,7 +362,7 @@ pub fn registry() -> Vec<KernelEntry> {
             shapes: carry_sweep_shapes,
             check: |d| chunk::plan(d, Dtype::F32, Gates::Complex).map(|_| ()),
             cost: |d, t| chunked_cost_with(d, t, Gates::Complex, ChunkCarry::Sequential),
-            prepare: prepare_chunked::<false, false, CARRY_SEQUENTIAL>,
+            prepare: prepare_chunked::<false, false, CARRY_SEQUENTIAL, false>,
             tuning: true,
         },
     ]
@@ -630,9 +652,9 @@ const CARRY_AUTO: u8 = 0;
 const CARRY_SEPARATE: u8 = 1;
 const CARRY_SEQUENTIAL: u8 = 2;
 
-/// The chunked kernel for one gate kind (`REAL`), precision (`FAST`) and
-/// carry (`CARRY`).
-fn prepare_chunked<'g, const REAL: bool, const FAST: bool, const CARRY: u8>(
+/// The chunked kernel for one gate kind (`REAL`), precision (`FAST`), carry
+/// (`CARRY`) and output kernel (`FRAG`: [`ChunkOutput::Fragments`]).
+fn prepare_chunked<'g, const REAL: bool, const FAST: bool, const CARRY: u8, const FRAG: bool>(
     gpu: &'g Gpu,
     dims: Dims,
     t: Dtype,
@@ -643,16 +665,17 @@ fn prepare_chunked<'g, const REAL: bool, const FAST: bool, const CARRY: u8>(
     crate::with_element!(t, T => {
         let ws = chunk::plan(&dims, T::DTYPE, gates)?.workspace_len;
         let launch: ForwardFn<T> = if REAL {
-            |g, s, d, i, o, w| chunk::forward_real_into(g, s, d, i, o, w, chunked_config::<FAST, CARRY>())
+            |g, s, d, i, o, w| chunk::forward_real_into(g, s, d, i, o, w, chunked_config::<FAST, CARRY, FRAG>())
         } else {
-            |g, s, d, i, o, w| chunk::forward_into(g, s, d, i, o, w, chunked_config::<FAST, CARRY>())
+            |g, s, d, i, o, w| chunk::forward_into(g, s, d, i, o, w, chunked_config::<FAST, CARRY, FRAG>())
         };
         prepare_forward::<T>(gpu, dims, host, sets, gates, ws, launch)
     })
 }
 
-/// The chunked bench entries' configuration: fast or exact, and the carry.
-fn chunked_config<const FAST: bool, const CARRY: u8>() -> ChunkConfig {
+/// The chunked bench entries' configuration: fast or exact, the carry, the
+/// output kernel.
+fn chunked_config<const FAST: bool, const CARRY: u8, const FRAG: bool>() -> ChunkConfig {
     ChunkConfig {
         precision: if FAST { ChunkPrecision::Fast } else { ChunkPrecision::Exact },
         carry: match CARRY {
@@ -660,6 +683,7 @@ fn chunked_config<const FAST: bool, const CARRY: u8>() -> ChunkConfig {
             CARRY_SEQUENTIAL => ChunkCarry::Sequential,
             _ => ChunkCarry::Auto,
         },
+        output: if FRAG { ChunkOutput::Fragments } else { ChunkOutput::Staged },
     }
 }
 

@@ -198,17 +198,46 @@ impl ChunkCarry {
 /// ran out of its lease: `bash bundle/run.sh carry` refines this).
 pub const SEQUENTIAL_MIN_BLOCKS: usize = 512;
 
-/// What a chunked forward call may choose: precision and carry. A
-/// [`ChunkPrecision`] converts into it with the automatic carry.
+/// How the output launch forms its tensor-core operands.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub enum ChunkOutput {
+    /// WMMA tiles: every operand (the decayed query rows, the anchored
+    /// rows, the scores P, the state slab, V) staged through shared memory
+    /// as a split tile. Every dtype; the kernel measured on an H200.
+    #[default]
+    Staged,
+    /// Register fragments (mma.sync m16n8k16, `cuda/chunk_frag.cuh`): the
+    /// operands a warp owns (decayed and anchored rows, the scores P) built
+    /// in its registers, only the state slab and V staged; one anchor per
+    /// query sub-chunk. Within the same bounds as [`ChunkOutput::Staged`],
+    /// not bit for bit. f16 and bf16 inputs only (an f32 call is a typed
+    /// error); not yet timed on a GPU, so not the default.
+    Fragments,
+}
+
+impl ChunkOutput {
+    /// `staged` or `fragments`.
+    pub fn name(self) -> &'static str {
+        match self {
+            ChunkOutput::Staged => "staged",
+            ChunkOutput::Fragments => "fragments",
+        }
+    }
+}
+
+/// What a chunked forward call may choose: precision, carry and output
+/// kernel. A [`ChunkPrecision`] converts into it with the automatic carry
+/// and the staged output.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub struct ChunkConfig {
     pub precision: ChunkPrecision,
     pub carry: ChunkCarry,
+    pub output: ChunkOutput,
 }
 
 impl From<ChunkPrecision> for ChunkConfig {
     fn from(precision: ChunkPrecision) -> Self {
-        ChunkConfig { precision, carry: ChunkCarry::Auto }
+        ChunkConfig { precision, ..ChunkConfig::default() }
     }
 }
 
@@ -246,6 +275,28 @@ pub fn shared_bytes(dtype: Dtype, gates: Gates) -> (u32, u32) {
     (state as u32, output as u32)
 }
 
+/// Bytes of dynamic shared memory of the register-fragment output kernel
+/// ([`ChunkOutput::Fragments`], `frag_output_smem_bytes` in
+/// cuda/chunk_frag.cuh): the prefix tables, the raw q and k slabs, the state
+/// slab and the value tile as split 16-bit operands, the diagonal scores
+/// (4 × 16 × 16 f32) and the off-diagonal scores (48 × 52 f32). `None` for
+/// f32 inputs (the kernel takes 16-bit operands only).
+pub fn fragment_output_shared_bytes(dtype: Dtype, gates: Gates) -> Option<u32> {
+    if dtype == Dtype::F32 {
+        return None;
+    }
+    let split = |rows: usize| 2 * rows * (VALUE_TILE + 8) * 2;
+    let subs = CHUNK_LEN / SUB_CHUNK_LEN;
+    let off = (CHUNK_LEN - SUB_CHUNK_LEN) * (CHUNK_LEN - SUB_CHUNK_LEN + 4) * 4;
+    let bytes = prefix_bytes(gates)
+        + 2 * CHUNK_LEN * KEY_SLAB * 4
+        + split(KEY_SLAB * gates.parts())
+        + split(CHUNK_LEN)
+        + subs * SUB_CHUNK_LEN * SUB_CHUNK_LEN * 4
+        + off;
+    Some(bytes as u32)
+}
+
 /// Bytes of dynamic shared memory of the sequential state kernel
 /// (`seq_smem_bytes` in cuda/chunk.cu): the state kernel's layout, the
 /// slab's carried state (parts·16 × 64 f32) and its decays (16 complex).
@@ -272,6 +323,9 @@ pub struct LaunchPlan {
     pub state_shared_bytes: u32,
     /// Dynamic shared memory of the output kernel, bytes.
     pub output_shared_bytes: u32,
+    /// Dynamic shared memory of the register-fragment output kernel
+    /// ([`ChunkOutput::Fragments`]), bytes; `None` for f32 inputs.
+    pub fragment_output_shared_bytes: Option<u32>,
     /// The carry this plan launches (never [`ChunkCarry::Auto`]).
     pub carry: ChunkCarry,
     /// Blocks of the sequential state kernel: B·H·value_tiles·⌈K/16⌉.
@@ -343,6 +397,7 @@ pub fn plan_with(dims: &Dims, dtype: Dtype, gates: Gates, carry: ChunkCarry) -> 
         workspace_len,
         state_shared_bytes,
         output_shared_bytes,
+        fragment_output_shared_bytes: fragment_output_shared_bytes(dtype, gates),
         carry,
         sequential_grid,
         sequential_shared_bytes: sequential_shared_bytes(dtype, gates),
@@ -356,6 +411,8 @@ pub(crate) struct ChunkKernels {
     pub(super) state: Vec<CudaFunction>,
     pub(super) sequential: Vec<CudaFunction>,
     output: Vec<CudaFunction>,
+    /// `None` where there is no fragment kernel (f32).
+    output_fragments: Vec<Option<CudaFunction>>,
     pub(super) carry: Vec<CudaFunction>,
     /// The device's opt-in shared memory per block (bytes).
     pub(super) max_shared: usize,
@@ -373,7 +430,8 @@ impl ChunkKernels {
             .attribute(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN)
             .doing("querying the opt-in shared memory per block")?
             .max(0) as usize;
-        let (mut state, mut sequential, mut output) = (Vec::new(), Vec::new(), Vec::new());
+        let (mut state, mut sequential, mut output, mut output_fragments) =
+            (Vec::new(), Vec::new(), Vec::new(), Vec::new());
         for dtype in Dtype::ALL {
             for gates in Gates::ALL {
                 let (state_bytes, output_bytes) = shared_bytes(dtype, gates);
@@ -398,6 +456,22 @@ impl ChunkKernels {
                         }
                         table.push(f);
                     }
+                    output_fragments.push(match fragment_output_shared_bytes(dtype, gates) {
+                        None => None,
+                        Some(bytes) => {
+                            let f = module
+                                .load_function(&format!("gateloop_chunk_output_frag_{suffix}"))
+                                .doing("looking up gateloop_chunk_output_frag_*")?;
+                            if bytes as usize <= max_shared {
+                                f.set_attribute(
+                                    CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                                    bytes as i32,
+                                )
+                                .doing("raising the fragment output kernel's dynamic shared memory limit")?;
+                            }
+                            Some(f)
+                        }
+                    });
                 }
             }
         }
@@ -406,7 +480,7 @@ impl ChunkKernels {
             .map(|g| module.load_function(&format!("gateloop_chunk_carry_{}", g.suffix())))
             .collect::<Result<Vec<_>, _>>()
             .doing("looking up gateloop_chunk_carry_{c,r}")?;
-        Ok(ChunkKernels { state, sequential, output, carry, max_shared })
+        Ok(ChunkKernels { state, sequential, output, output_fragments, carry, max_shared })
     }
 }
 
@@ -423,7 +497,22 @@ fn launch<T: Element>(
     let sequential = lp.carry == ChunkCarry::Sequential;
     let state_bytes = if sequential { lp.sequential_shared_bytes } else { lp.state_shared_bytes };
     let kernels = &gpu.kernels.chunk;
-    let need = lp.output_shared_bytes.max(state_bytes) as usize;
+    let i = table_index(T::DTYPE, gates, config.precision);
+    let (output_kernel, output_bytes) = match config.output {
+        ChunkOutput::Staged => (&kernels.output[i], lp.output_shared_bytes),
+        ChunkOutput::Fragments => match (&kernels.output_fragments[i], lp.fragment_output_shared_bytes) {
+            (Some(f), Some(bytes)) => (f, bytes),
+            _ => {
+                return Err(InputError::Param {
+                    name: "output",
+                    value: format!("{:?} with {} inputs", config.output, T::DTYPE),
+                    why: "the register-fragment output kernel takes f16 or bf16 inputs (f32: ChunkOutput::Staged)",
+                }
+                .into());
+            }
+        },
+    };
+    let need = output_bytes.max(state_bytes) as usize;
     if need > kernels.max_shared {
         return Err(InputError::Param {
             name: "device",
@@ -438,7 +527,7 @@ fn launch<T: Element>(
     let mut params = GateloopChunkParams {
         num_chunks: lp.num_chunks as i64,
         value_tiles: lp.value_tiles as i64,
-        shared_bytes: lp.output_shared_bytes as i32,
+        shared_bytes: output_bytes as i32,
         state_shared_bytes: state_bytes as i32,
         ..GateloopChunkParams::for_dims(d, T::DTYPE.abi())?
     };
@@ -448,9 +537,8 @@ fn launch<T: Element>(
     params.ws_decay = w as *mut f32;
     params.ws_state = (w + 4 * lp.decay_len) as *mut f32;
 
-    let i = table_index(T::DTYPE, gates, config.precision);
     let block = (THREADS, 1, 1);
-    let output = (&kernels.output[i], lp.grid, block, lp.output_shared_bytes, "launching gateloop_chunk_output");
+    let output = (output_kernel, lp.grid, block, output_bytes, "launching gateloop_chunk_output");
     let launches = if sequential {
         vec![
             (&kernels.sequential[i], lp.sequential_grid, block, state_bytes, "launching gateloop_chunk_state_seq"),
@@ -467,7 +555,7 @@ fn launch<T: Element>(
         let cfg = LaunchConfig { grid_dim: (grid, 1, 1), block_dim, shared_mem_bytes };
         let mut launch = stream.launch_builder(func);
         launch.arg(&params);
-        // SAFETY: `func` is gateloop_chunk_{state,state_seq,output}_{T}_{g}_{prec}
+        // SAFETY: `func` is gateloop_chunk_{state,state_seq,output,output_frag}_{T}_{g}_{prec}
         // or gateloop_chunk_carry_{g} for this element type T, gate kind g and
         // precision (table_index / gates.index()), whose only parameter is a
         // GateloopChunkParams by value, which is what is pushed. Every
@@ -483,9 +571,10 @@ fn launch<T: Element>(
         // two write, before the output kernel). h0 is null iff HAS_H0 is
         // clear. The geometry is the one `plan_with` computed: blocks of 256 threads
         // (the __launch_bounds__), grids ≤ 2^31 − 1, dynamic shared memory
-        // equal to the kernel's own layout size (passed in params and
-        // checked by the kernel) and ≤ the function's limit raised at load
-        // (need ≤ max_shared was checked above). The buffers outlive the
+        // equal to the kernel's own layout size (the output launch's is the
+        // staged or the fragment kernel's, whichever `output_kernel` is;
+        // passed in params and checked by the kernel) and ≤ the function's
+        // limit raised at load (need ≤ max_shared was checked above). The buffers outlive the
         // launches: borrows are held until this function returns, and
         // cudarc's drop of a CudaSlice waits on the events the guards record.
         unsafe { launch.launch(cfg) }.doing(doing)?;
@@ -661,6 +750,22 @@ mod tests {
             plan(&dims(1 << 16, 1 << 16, 1 << 6, 1, 1, false), Dtype::F32, Gates::Complex),
             Err(InputError::TooLarge { .. })
         ));
+    }
+
+    #[test]
+    fn fragment_output_layout() {
+        // Prefix tables, raw q and k, S slab and V (split bf16/f16, rows of
+        // 64 + 8), diagonal and off-diagonal scores: frag_output_smem_bytes.
+        let off = 48 * 52 * 4;
+        let complex = 20480 + 8192 + 2 * 32 * 72 * 2 + 2 * 64 * 72 * 2 + 4096 + off;
+        let real = 12288 + 8192 + 2 * 16 * 72 * 2 + 2 * 64 * 72 * 2 + 4096 + off;
+        for dtype in [Dtype::F16, Dtype::Bf16] {
+            assert_eq!(fragment_output_shared_bytes(dtype, Gates::Complex), Some(complex));
+            assert_eq!(fragment_output_shared_bytes(dtype, Gates::Real), Some(real));
+        }
+        assert_eq!(fragment_output_shared_bytes(Dtype::F32, Gates::Complex), None);
+        // Two blocks fit an H200 SM (228 KB), and it is less than the staged kernel's.
+        assert!(2 * complex < 228 * 1024 && complex < shared_bytes(Dtype::Bf16, Gates::Complex).1);
     }
 
     #[test]

@@ -6,6 +6,9 @@
 //
 //   chunk_emu DIR              (forward: state, carry, output)
 //   chunk_emu --sequential DIR (forward: state_seq, output)
+//   chunk_emu --fragments [--sequential] DIR
+//                              (forward, f16 / bf16: the output launch on
+//                              register fragments, output_frag)
 //   chunk_emu --backward [--sequential] DIR
 //                              (backward, complex gates: state, grad_w, carry,
 //                              adjoint carry, grad_qk, grad_dv; state_seq and
@@ -16,7 +19,8 @@
 // `_bf16` entry points).
 // DIR/shared.txt (optional): the host launchers' dynamic shared bytes for
 // that dtype (src/cuda/chunk.rs and chunk_grad.rs `shared_bytes`,
-// chunk.rs `sequential_shared_bytes`): state output w qk dv state_seq. When present the launches take those (a kernel given less traps,
+// chunk.rs `sequential_shared_bytes`, `fragment_output_shared_bytes` (0 for
+// f32)): state output w qk dv state_seq output_frag. When present the launches take those (a kernel given less traps,
 // one using more than it is given trips AddressSanitizer) and the driver
 // fails unless they equal its own layout sums below, so the host's numbers
 // are checked against the kernels, not only the driver's.
@@ -101,6 +105,24 @@ CHUNK_ENTRIES(f32)
 CHUNK_ENTRIES(f16)
 CHUNK_ENTRIES(bf16)
 
+// The register-fragment output kernels (16-bit inputs), [complex][exact].
+using FragTable = Entry[2][2];
+#define FRAG_ENTRIES(DTYPE)                                                                                       \
+    extern "C" {                                                                                                  \
+    void gateloop_chunk_output_frag_##DTYPE##_c_exact(const GateloopChunkParams p);                               \
+    void gateloop_chunk_output_frag_##DTYPE##_c_fast(const GateloopChunkParams p);                                \
+    void gateloop_chunk_output_frag_##DTYPE##_r_exact(const GateloopChunkParams p);                               \
+    void gateloop_chunk_output_frag_##DTYPE##_r_fast(const GateloopChunkParams p);                                \
+    }                                                                                                             \
+    static const FragTable frag_##DTYPE = {                                                                       \
+        {gateloop_chunk_output_frag_##DTYPE##_r_fast, gateloop_chunk_output_frag_##DTYPE##_r_exact},               \
+        {gateloop_chunk_output_frag_##DTYPE##_c_fast, gateloop_chunk_output_frag_##DTYPE##_c_exact}};
+FRAG_ENTRIES(f16)
+FRAG_ENTRIES(bf16)
+// --fragments: the output launch takes these (null for f32: an error).
+static const FragTable* g_fragments = nullptr;
+static bool g_want_fragments = false;
+
 
 // src/cuda/chunk.rs `shared_bytes` for operands of `s` bytes (4: TF32 for
 // f32 inputs, row padding 4; 2: f16 / bf16, row padding 8): (state kernel,
@@ -120,6 +142,17 @@ static void fwd_shared_bytes(int s, bool complex, int32_t& state, int32_t& outpu
     const int slab_phase = split(C, ld_slab) + split(width, ld_tile) + split(pairs * sub, ld_slab) + split((subs - 1) * sub, ld_slab);
     const int final_phase = 2 * split(C, ld_tile);
     output = prefix + 2 * raw + (slab_phase > final_phase ? slab_phase : final_phase) + subs * sub * sub * 4 + staging;
+}
+
+// src/cuda/chunk.rs `fragment_output_shared_bytes` (16-bit operands):
+// cuda/chunk_frag.cuh `frag_output_smem_bytes`.
+static int32_t frag_shared_bytes(bool complex) {
+    const int C = GATELOOP_CHUNK_LEN, slab = GATELOOP_CHUNK_KEY_SLAB, sub = GATELOOP_CHUNK_SUB_LEN;
+    const int ld_tile = GATELOOP_CHUNK_VALUE_TILE + 8;
+    auto split = [&](int rows) { return 2 * rows * ld_tile * 2; };
+    const int prefix = (complex ? 5 : 3) * C * slab * 4, raw = C * slab * 4;
+    return prefix + 2 * raw + split(slab * (complex ? 2 : 1)) + split(C) + (C / sub) * sub * sub * 4 +
+           (C - sub) * (C - sub + 4) * 4;
 }
 
 // src/cuda/chunk_grad.rs `shared_bytes` for operands of `size` bytes:
@@ -181,10 +214,10 @@ static int run(const std::string& dir, bool backward, bool sequential, int64_t B
     p.num_chunks = nc;
     p.value_tiles = tiles;
     fwd_shared_bytes(sizeof(T), complex, p.state_shared_bytes, p.shared_bytes);
-    int32_t host[6] = {0, 0, 0, 0, 0, 0};
+    int32_t host[7] = {0, 0, 0, 0, 0, 0, 0};
     std::ifstream sf(dir + "/shared.txt");
     const bool has_host = static_cast<bool>(sf);
-    if (has_host && !(sf >> host[0] >> host[1] >> host[2] >> host[3] >> host[4] >> host[5])) {
+    if (has_host && !(sf >> host[0] >> host[1] >> host[2] >> host[3] >> host[4] >> host[5] >> host[6])) {
         std::fprintf(stderr, "bad shared.txt\n");
         return 2;
     }
@@ -201,7 +234,18 @@ static int run(const std::string& dir, bool backward, bool sequential, int64_t B
     };
     if (!from_host(p.state_shared_bytes, 0, "state") || !from_host(p.shared_bytes, 1, "output")) return 2;
 
-    const Entry state = e.state[complex != 0][exact != 0], output = e.output[complex != 0][exact != 0];
+    const Entry state = e.state[complex != 0][exact != 0];
+    Entry output = e.output[complex != 0][exact != 0];
+    if (g_want_fragments) {
+        // src/cuda/chunk.rs `launch` with ChunkOutput::Fragments.
+        if (g_fragments == nullptr || backward) {
+            std::fprintf(stderr, "--fragments: forward with f16 or bf16 inputs only\n");
+            return 2;
+        }
+        output = (*g_fragments)[complex != 0][exact != 0];
+        p.shared_bytes = frag_shared_bytes(complex != 0);
+        if (!from_host(p.shared_bytes, 6, "output_frag")) return 2;
+    }
     const Entry state_seq = e.state_seq[complex != 0][exact != 0];
     const unsigned seq_grid =
         static_cast<unsigned>(B * H * tiles * ((K + GATELOOP_CHUNK_KEY_SLAB - 1) / GATELOOP_CHUNK_KEY_SLAB));
@@ -287,10 +331,11 @@ int main(int argc, char** argv) {
         const std::string a = argv[i];
         backward |= a == "--backward";
         sequential |= a == "--sequential";
-        bad |= a != "--backward" && a != "--sequential";
+        g_want_fragments |= a == "--fragments";
+        bad |= a != "--backward" && a != "--sequential" && a != "--fragments";
     }
     if (bad) {
-        std::fprintf(stderr, "usage: %s [--backward] [--sequential] DIR\n", argv[0]);
+        std::fprintf(stderr, "usage: %s [--backward | --fragments] [--sequential] DIR\n", argv[0]);
         return 2;
     }
     const std::string dir = argv[argc - 1];
@@ -303,8 +348,11 @@ int main(int argc, char** argv) {
     const uint32_t t = static_cast<uint32_t>(dtype);
     switch (dtype) {
         case GATELOOP_DTYPE_F32: return run<float>(dir, backward, sequential, B, L, H, K, V, G, has_h0, complex, exact, t, chunk_f32);
-        case GATELOOP_DTYPE_F16: return run<__half>(dir, backward, sequential, B, L, H, K, V, G, has_h0, complex, exact, t, chunk_f16);
+        case GATELOOP_DTYPE_F16:
+            g_fragments = &frag_f16;
+            return run<__half>(dir, backward, sequential, B, L, H, K, V, G, has_h0, complex, exact, t, chunk_f16);
         case GATELOOP_DTYPE_BF16:
+            g_fragments = &frag_bf16;
             return run<__nv_bfloat16>(dir, backward, sequential, B, L, H, K, V, G, has_h0, complex, exact, t, chunk_bf16);
         default: std::fprintf(stderr, "bad dtype %lld\n", static_cast<long long>(dtype)); return 2;
     }
