@@ -430,6 +430,19 @@ impl ChunkKernels {
             .attribute(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN)
             .doing("querying the opt-in shared memory per block")?
             .max(0) as usize;
+        // Entry point `name`, its dynamic shared memory limit raised to
+        // `bytes` where the device allows it (a launch past the limit gets
+        // the launcher's typed error instead).
+        let load = |name: String, bytes: u32| -> Result<CudaFunction, GpuError> {
+            let f = module
+                .load_function(&name)
+                .doing("looking up gateloop_chunk_{state,state_seq,output,output_frag}_*")?;
+            if bytes as usize <= max_shared {
+                f.set_attribute(CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, bytes as i32)
+                    .doing("raising the chunked kernels' dynamic shared memory limit")?;
+            }
+            Ok(f)
+        };
         let (mut state, mut sequential, mut output, mut output_fragments) =
             (Vec::new(), Vec::new(), Vec::new(), Vec::new());
         for dtype in Dtype::ALL {
@@ -439,39 +452,15 @@ impl ChunkKernels {
                 for precision in ChunkPrecision::ALL {
                     let suffix = format!("{}_{}_{}", dtype.name(), gates.suffix(), precision.name());
                     debug_assert_eq!(state.len(), table_index(dtype, gates, precision));
-                    for (table, kind, bytes) in [
-                        (&mut state, "state", state_bytes),
-                        (&mut sequential, "state_seq", sequential_bytes),
-                        (&mut output, "output", output_bytes),
-                    ] {
-                        let f = module
-                            .load_function(&format!("gateloop_chunk_{kind}_{suffix}"))
-                            .doing("looking up gateloop_chunk_{state,state_seq,output}_*")?;
-                        if bytes as usize <= max_shared {
-                            f.set_attribute(
-                                CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
-                                bytes as i32,
-                            )
-                            .doing("raising the chunked kernels' dynamic shared memory limit")?;
-                        }
-                        table.push(f);
-                    }
-                    output_fragments.push(match fragment_output_shared_bytes(dtype, gates) {
-                        None => None,
-                        Some(bytes) => {
-                            let f = module
-                                .load_function(&format!("gateloop_chunk_output_frag_{suffix}"))
-                                .doing("looking up gateloop_chunk_output_frag_*")?;
-                            if bytes as usize <= max_shared {
-                                f.set_attribute(
-                                    CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
-                                    bytes as i32,
-                                )
-                                .doing("raising the fragment output kernel's dynamic shared memory limit")?;
-                            }
-                            Some(f)
-                        }
-                    });
+                    state.push(load(format!("gateloop_chunk_state_{suffix}"), state_bytes)?);
+                    sequential.push(load(format!("gateloop_chunk_state_seq_{suffix}"), sequential_bytes)?);
+                    output.push(load(format!("gateloop_chunk_output_{suffix}"), output_bytes)?);
+                    // f32 has no fragment kernel (None).
+                    output_fragments.push(
+                        fragment_output_shared_bytes(dtype, gates)
+                            .map(|bytes| load(format!("gateloop_chunk_output_frag_{suffix}"), bytes))
+                            .transpose()?,
+                    );
                 }
             }
         }
