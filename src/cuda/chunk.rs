@@ -30,6 +30,13 @@
 //! the chunks' parallelism (B8 L4096 H16 K = 64: 512 blocks), and never for
 //! f32: the rule measured on an H200 (see the constant).
 //!
+//! The output launch (3) has two kernels ([`ChunkOutput`] in
+//! [`ChunkConfig`]): the staged one (WMMA tiles, every operand through
+//! shared memory; the default, measured) and, for f16 and bf16 inputs, one
+//! on mma.sync register fragments (`cuda/chunk_frag.cuh`), which builds the
+//! operands each warp owns in its registers and stages only the state slab
+//! and V; same bounds, not bit for bit, not yet timed on a GPU.
+//!
 //! Why: (1) and (3) are parallel over every chunk (B·H = 1 at L = 65536 gives
 //! 1024 blocks per value tile), and the only sequential work, (2), is K·V
 //! numbers per chunk. Launch 3 recomputes the chunk's gate prefix rather
