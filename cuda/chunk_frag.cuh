@@ -8,11 +8,10 @@
 //
 //   the inter-chunk rows Q̃ = q E(n, −1) and the anchored off-diagonal rows
 //   q̃, k̃ go from the raw slabs (f32, shared) straight into A and B
-//   fragments; the scores P never leave the registers (the accumulator
-//   layout of two adjacent n8 tiles is the A layout of m16n8k16, so P's
-//   off-diagonal blocks feed P V as they are); only the operands every
-//   warp shares, the state slab S and the value tile V, are staged (split
-//   hi/lo in the operand type) and read with ldmatrix.trans.
+//   fragments; the scores P stay in accumulators over every key slab and
+//   pass through shared memory once, as f32, after the last one; the
+//   operands every warp reads, the state slab S and the value tile V, are
+//   staged (split hi/lo in the operand type) and read with ldmatrix.trans.
 //
 // Warp w owns query sub-chunk i = w / 2 (rows 16·i .. 16·i + 15 of the
 // chunk) and 32 of the tile's 64 value columns (c0 = 32·(w % 2)):
