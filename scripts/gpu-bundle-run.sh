@@ -25,7 +25,9 @@
 #   6. the bench table, the peers tables, then a summary table (printed last).
 # Opt-in steps (named on the command line, not run by default):
 #   warm: the peers' compiles in the background of the steps that time
-#      nothing (tests, sanitizer): `peers/peers.py --compile-only` (each
+#      nothing (the tests after gpu_concurrency, which runs first: its leak
+#      check reads the device's free memory; the sanitizer):
+#      `peers/peers.py --compile-only` (each
 #      case called once, untimed; GATELOOP_WARM_ARGS, default `--peers
 #      fla_chunk_gla`, with GATELOOP_PEERS_FLA_TUNE, default quick here)
 #      fills Triton's and JAX's compile caches (TRITON_CACHE_DIR and
@@ -344,9 +346,16 @@ print(line)
 }
 
 # ---- warm (opt-in): the peers' compiles, in the background -------------------
+# warm_start: starts it, once (called before the first GPU test that does not
+# read device-wide numbers, or after the tests: gpu_concurrency's leak check
+# compares the device's free memory before and after its launches, which
+# another process allocating on the GPU would change).
 warm_pid=""
+warm_started=0
 warm_dir=$results/peers-warm
-if want warm; then
+warm_start() {
+    want warm && ((warm_started == 0)) || return 0
+    warm_started=1
     mkdir -p "$warm_dir"
     warm_log=$warm_dir/warm-run.log
     : >"$warm_log"
@@ -365,7 +374,7 @@ if want warm; then
             >>"$warm_log" 2>&1 &
         warm_pid=$!
     fi
-fi
+}
 # warm_join WHY: before a step that times anything (or at the end), waits at
 # most GATELOOP_WARM_WAIT_S for the warm-up, stops it if still running
 # (SIGTERM: timeout passes it on, peers.py kills its workers), and records
@@ -401,10 +410,18 @@ warm_join() {
 }
 
 # ---- 2. GPU tests ----------------------------------------------------------
-for t in "$bins"/tests/gpu_*; do
+# gpu_concurrency first: its leak check reads the device's free memory, so it
+# runs before the warm-up (another process on the GPU) starts.
+test_bins=()
+for t in "$bins"/tests/gpu_concurrency "$bins"/tests/gpu_*; do
+    [[ -e "$t" ]] || continue
+    [[ " ${test_bins[*]} " == *" $t "* ]] || test_bins+=("$t")
+done
+for t in "${test_bins[@]}"; do
     want tests || break
     name=$(basename "$t")
     [[ -z "${GATELOOP_TESTS:-}" || " $GATELOOP_TESTS " == *" $name "* ]] || continue
+    [[ $name == gpu_concurrency ]] || warm_start
     run_step "test $name" 100 "$tests_log" -- "$t" --test-threads=8
     passed=$(grep -o '[0-9]* passed' "$step_out" | awk '{s += $1} END {print s + 0}')
     failed=$(grep -o '[0-9]* failed' "$step_out" | awk '{s += $1} END {print s + 0}')
@@ -422,6 +439,8 @@ for t in "$bins"/tests/gpu_*; do
         record "test $name" PASS "$dt" "$note"
     fi
 done
+
+warm_start  # no GPU tests ran (or only gpu_concurrency)
 
 # ---- 3. compute-sanitizer --------------------------------------------------
 sanitizer=$(find_tool compute-sanitizer /usr/local/cuda/bin/compute-sanitizer /usr/local/cuda-*/bin/compute-sanitizer \
