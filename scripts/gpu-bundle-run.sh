@@ -345,6 +345,19 @@ print(line)
 ' "$1" 2>&1 | tail -n 1
 }
 
+# python_step NAME LOG: starts a Python step's LOG; false, with the step
+# recorded (FAIL when a GPU is required, else SKIP), when there is no python3;
+# else true, the wheels unpacked (peers_site).
+python_step() {
+    : >"$2"
+    if [[ -z "$py" ]]; then
+        record "$1" "$([[ $require == 1 ]] && echo FAIL || echo SKIP)" 0 "no python3 on this machine"
+        return 1
+    fi
+    peers_site "$2"
+    return 0
+}
+
 # ---- warm (opt-in): the peers' compiles, in the background -------------------
 # warm_start: starts it, once (called before the first GPU test that does not
 # read device-wide numbers, or after the tests: gpu_concurrency's leak check
@@ -358,11 +371,7 @@ warm_start() {
     warm_started=1
     mkdir -p "$warm_dir"
     warm_log=$warm_dir/warm-run.log
-    : >"$warm_log"
-    if [[ -z "$py" ]]; then
-        record "warm" "$([[ $require == 1 ]] && echo FAIL || echo SKIP)" 0 "no python3 on this machine"
-    else
-        peers_site "$warm_log"
+    if python_step warm "$warm_log"; then
         warm_lim=$(budget "${GATELOOP_WARM_LIMIT_S:-240}")
         warm_t0=$(date +%s)
         echo "===== warm: limit ${warm_lim}s; caches ${TRITON_CACHE_DIR:-the Triton default}, ${JAX_COMPILATION_CACHE_DIR:-none for JAX}" >>"$warm_log"
@@ -510,11 +519,7 @@ peers_dir=$results/peers
 if want peers; then
     mkdir -p "$peers_dir"
     peers_log=$peers_dir/peers-run.log
-    : >"$peers_log"
-    if [[ -z "$py" ]]; then
-        record "peers" "$([[ $require == 1 ]] && echo FAIL || echo SKIP)" 0 "no python3 on this machine"
-    else
-        peers_site "$peers_log"
+    if python_step peers "$peers_log"; then
         lim=$(budget "$peers_budget_s")
         run_step "peers" "$peers_budget_s" "$peers_log" -- env PYTHONPATH="$site${PYTHONPATH:+:$PYTHONPATH}" \
             "$py" "$here/peers/peers.py" --out "$peers_dir" --budget-s "$((lim > 15 ? lim - 10 : 5))" \

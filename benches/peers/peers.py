@@ -387,30 +387,27 @@ class Worker:
         try:
             if inject_oom:
                 raise RuntimeError("CUDA out of memory (injected by GATELOOP_PEERS_INJECT)")
-            if compile_only:
-                # One call (the compiles, Triton's or XLA's, and one run), no
-                # timing: what a later timed run of the case finds cached.
-                if self.peer == "jax_assoc_scan":
-                    call, keep = self.jax_fn(inp, case["column"])
-                else:
-                    call, _grads, keep = self.forward_fn(inp, case["column"])
-                t0 = time.perf_counter()
-                call()
-                self.sync()
-                res.update(status="compiled", first_call_s=round(time.perf_counter() - t0, 2))
-                if self.peer.startswith("fla_"):
-                    res["tune"] = self.tune
-                return res
             if self.peer == "jax_assoc_scan":
                 call, keep = self.jax_fn(inp, case["column"])
                 del inp
                 self.free()
-                ms, method = wall_median(call, lambda: None)
-                method = "jax: " + method + " (block_until_ready), after a compiling call"
+                grads = None
             else:
                 call, grads, keep = self.forward_fn(inp, case["column"])
+            if compile_only:
+                # One call (the compiles, Triton's or XLA's, and one run), no
+                # timing: what a later timed run of the case finds cached.
+                t0 = time.perf_counter()
+                call()
+                self.sync()
+                res.update(status="compiled", first_call_s=round(time.perf_counter() - t0, 2))
+            elif self.peer == "jax_assoc_scan":
+                ms, method = wall_median(call, lambda: None)
+                res.update(status="ok", median_ms=ms,
+                           method="jax: " + method + " (block_until_ready), after a compiling call")
+            else:
                 ms, method = time_torch(torch, call, self.device, grads)
-            res.update(status="ok", median_ms=ms, method=method)
+                res.update(status="ok", median_ms=ms, method=method)
             if self.peer.startswith("fla_"):
                 res["tune"] = self.tune
         except Exception as e:  # noqa: BLE001 - each case reports its own failure
