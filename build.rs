@@ -57,12 +57,27 @@ fn main() {
         Some(nvcc) => {
             println!("cargo:rerun-if-changed={}", nvcc.display());
             let ccbin = env_var("NVCC_CCBIN");
-            let mut kernels = Vec::new();
-            for src in &sources {
-                let stem = src.file_stem().unwrap().to_string_lossy().into_owned();
-                let fatbin = out_dir.join(format!("{stem}.fatbin"));
-                compile(&nvcc, ccbin.as_deref(), src, &fatbin, &archs, &out_dir.join(format!("{stem}.ptxas.log")));
-                kernels.push((stem, fatbin));
+            let kernels: Vec<(String, PathBuf)> = sources
+                .iter()
+                .map(|src| {
+                    let stem = src.file_stem().unwrap().to_string_lossy().into_owned();
+                    let fatbin = out_dir.join(format!("{stem}.fatbin"));
+                    (stem, fatbin)
+                })
+                .collect();
+            let errors = run_parallel(sources.len(), |i| {
+                let (stem, fatbin) = &kernels[i];
+                compile(
+                    &nvcc,
+                    ccbin.as_deref(),
+                    &sources[i],
+                    fatbin,
+                    &archs,
+                    &out_dir.join(format!("{stem}.ptxas.log")),
+                )
+            });
+            if !errors.is_empty() {
+                fail(errors.join("\n\nerror: "));
             }
             generated_rust(Some(&nvcc), &archs, &kernels, "")
         }
@@ -187,7 +202,50 @@ fn find_nvcc() -> Option<PathBuf> {
     is_exe(&p).then_some(p)
 }
 
-fn compile(nvcc: &Path, ccbin: Option<&str>, src: &Path, out: &Path, archs: &[String], log: &Path) {
+/// Runs `job(0..n)` on as many threads as cargo gives this build (`NUM_JOBS`),
+/// each taking the next index when it is free; returns the jobs' errors in
+/// index order. An nvcc run is mostly one busy core (cicc, then ptxas per
+/// arch), and the kernels take about 9 minutes one after another on a
+/// 2-core machine: one nvcc per free job slot overlaps them.
+fn run_parallel(n: usize, job: impl Fn(usize) -> Result<(), String> + Sync) -> Vec<String> {
+    let threads = env::var("NUM_JOBS")
+        .ok()
+        .and_then(|j| j.parse::<usize>().ok())
+        .or_else(|| std::thread::available_parallelism().ok().map(|p| p.get()))
+        .unwrap_or(1)
+        .clamp(1, n.max(1));
+    let next = std::sync::atomic::AtomicUsize::new(0);
+    let errors = std::sync::Mutex::new(Vec::new());
+    std::thread::scope(|scope| {
+        for _ in 0..threads {
+            scope.spawn(|| {
+                loop {
+                    let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    if i >= n {
+                        break;
+                    }
+                    if let Err(e) = job(i) {
+                        errors.lock().unwrap().push((i, e));
+                    }
+                }
+            });
+        }
+    });
+    let mut errors = errors.into_inner().unwrap();
+    errors.sort();
+    errors.into_iter().map(|(_, e)| e).collect()
+}
+
+/// Compiles `src` to the fatbin `out`, writing ptxas's report to `log`; an
+/// error (nvcc failed, or a kernel spills) says why, with the command.
+fn compile(
+    nvcc: &Path,
+    ccbin: Option<&str>,
+    src: &Path,
+    out: &Path,
+    archs: &[String],
+    log: &Path,
+) -> Result<(), String> {
     let mut cmd = Command::new(nvcc);
     cmd.arg("--fatbin").args(["-O3", "-std=c++17", "-lineinfo", "-Xptxas", "-v", "-Icuda"]);
     // Compressed fatbins (the driver inflates them at module load): the
@@ -208,32 +266,33 @@ fn compile(nvcc: &Path, ccbin: Option<&str>, src: &Path, out: &Path, archs: &[St
     cmd.arg("-o").arg(out).arg(src);
 
     let shown = format!("{cmd:?}");
-    let output = cmd.output().unwrap_or_else(|e| fail(format!("cannot run nvcc: {e}\ncommand: {shown}")));
+    let output = cmd.output().map_err(|e| format!("cannot run nvcc: {e}\ncommand: {shown}"))?;
     let stderr = String::from_utf8_lossy(&output.stderr);
     let stdout = String::from_utf8_lossy(&output.stdout);
     if !output.status.success() {
-        fail(format!(
+        return Err(format!(
             "nvcc failed ({})\ncommand: {shown}\n--- stdout ---\n{stdout}\n--- stderr ---\n{stderr}",
             output.status
         ));
     }
     // ptxas -v reports on stderr (some versions on stdout): keep both.
     let report = format!("{stdout}{stderr}");
-    fs::write(log, &report).expect("write ptxas log");
+    fs::write(log, &report).map_err(|e| format!("cannot write {}: {e}", log.display()))?;
     let spills = find_spills(&report);
     if !spills.is_empty() {
-        fail(format!(
+        return Err(format!(
             "register spills in {} (the kernels must not spill):\n  {}\ncommand: {shown}\n--- ptxas report ---\n{report}",
             src.display(),
             spills.join("\n  ")
         ));
     }
     if !report.contains("spill stores") {
-        fail(format!(
+        return Err(format!(
             "no ptxas -v report in nvcc's output for {}; cannot check spills\ncommand: {shown}",
             src.display()
         ));
     }
+    Ok(())
 }
 
 /// Every function of a `ptxas -v` report that spills, as "function (arch): N/M bytes".

@@ -114,6 +114,9 @@ fn check_in<T: Element>(gpu: &Gpu, case: Case, gates: Gates, precision: ChunkPre
 
 /// [`check_in`] with a whole [`ChunkConfig`] (the bounds are its precision's).
 fn check_with<T: Element>(gpu: &Gpu, case: Case, gates: Gates, config: ChunkConfig, rel_scale: f64) {
+    if common::emulated_device_skips(&case.dims) {
+        return;
+    }
     let t = T::DTYPE;
     let precision = config.precision;
     let label = format!("{t} {gates:?} {precision:?} {:?} {}", config.output, case.label());
@@ -227,18 +230,9 @@ fn batch_heads_sweep() {
 }
 
 /// f16 and bf16 inputs (operands of their own type), exact and fast; f32 fast.
-///
-/// On the emulated device (its longest test: 480 launches at ~1.5 s each)
-/// each (regime, shape) runs with one gate layout, alternating, instead of
-/// both: every regime, shape, precision, gate kind and dtype still runs,
-/// each layout on half the shapes. The GPU runs the whole matrix.
 #[test]
 fn dtypes_and_precisions() {
     let Some(gpu) = common::gpu_or_skip() else { return };
-    let thin = common::emulated_device();
-    if thin {
-        common::skipped_on_emulated_device("one gate layout per (regime, shape) instead of both: half the matrix");
-    }
     let mut seed = 10_000;
     for regime in [
         GateRegime::Random,
@@ -250,13 +244,6 @@ fn dtypes_and_precisions() {
         for (len, k, v) in [(1, 5, 5), (200, 64, 33), (65, 128, 64), (1000, 16, 128)] {
             for per_head in [false, true] {
                 seed += 1;
-                // pair = 4 · regime index + shape index: the layout
-                // alternates over shapes and over regimes, so each shape
-                // runs both layouts, in different regimes.
-                let pair = (seed - 10_001) / 2;
-                if thin && per_head != ((pair + pair / 4) % 2 == 1) {
-                    continue;
-                }
                 let c = Case::new(dims(2, len, 3, k, v, per_head), regime, seed % 3 != 0, seed);
                 for precision in ChunkPrecision::ALL {
                     for gates in Gates::ALL {
@@ -281,12 +268,12 @@ fn dtypes_and_precisions() {
 fn fragment_output_matches_the_reference() {
     let Some(gpu) = common::gpu_or_skip() else { return };
     let mut seed = 17_000;
-    let mut shapes = vec![dims(2, 1, 3, 5, 5, false), dims(2, 200, 3, 64, 33, true), dims(1, 130, 2, 20, 70, false)];
-    if !common::emulated_device() {
-        shapes.push(dims(2, 1000, 3, 128, 128, false));
-    } else {
-        common::skipped_on_emulated_device("the L = 1000, K = V = 128 shape");
-    }
+    let shapes = [
+        dims(2, 1, 3, 5, 5, false),
+        dims(2, 200, 3, 64, 33, true),
+        dims(1, 130, 2, 20, 70, false),
+        dims(2, 1000, 3, 128, 128, false),
+    ];
     for regime in [
         GateRegime::Mixed,
         GateRegime::Resets(0.1),
@@ -364,10 +351,6 @@ fn sequential_carry_is_bitwise_the_separate_carry() {
     for d in shapes {
         // The big shape once (its inputs take seconds to draw and convert).
         let big = d.len * d.batch * d.heads > 100_000;
-        if big && common::emulated_device() {
-            common::skipped_on_emulated_device(&format!("{d:?}"));
-            continue;
-        }
         let regimes = [GateRegime::Mixed, GateRegime::Resets(0.05), GateRegime::HardDecay(0.5)];
         for regime in if big { &regimes[..1] } else { &regimes[..] } {
             seed += 1;
@@ -389,6 +372,9 @@ fn sequential_carry_is_bitwise_the_separate_carry() {
 /// Both carries on one case: bitwise equal, and within the reference bounds
 /// (checked on problems small enough for the f64 reference's time).
 fn check_carries<T: Element>(gpu: &Gpu, case: Case, gates: Gates, precision: ChunkPrecision) {
+    if common::emulated_device_skips(&case.dims) {
+        return;
+    }
     let label = format!("{} {gates:?} {precision:?} {}", T::DTYPE, case.label());
     let mut p = case.problem();
     if gates == Gates::Real {
@@ -426,6 +412,9 @@ fn matches_cpu_mirror() {
         .into_iter()
         .enumerate()
     {
+        if common::emulated_device_skips(&d) {
+            continue;
+        }
         let p32 = random_problem(d, GateRegime::Mixed, true, 9200 + i as u64).to_f32();
         let cpu = cpu::chunked::forward(&p32.view(), &Default::default()).unwrap();
         let (y, h_final) = run_complex::<f32>(gpu, &p32, ChunkPrecision::Exact);
@@ -439,6 +428,9 @@ fn matches_cpu_mirror() {
 fn forward_host_and_dispatch_match_reference() {
     let Some(gpu) = common::gpu_or_skip() else { return };
     for d in [dims(2, 300, 3, 64, 64, false), dims(1, 9000, 2, 16, 33, true)] {
+        if common::emulated_device_skips(&d) {
+            continue;
+        }
         let case = Case::new(d, GateRegime::Mixed, true, 7000);
         let (p32, want) = case.with_reference();
         let got = forward_host(gpu, &p32.view()).unwrap();

@@ -283,7 +283,15 @@ fn concurrent_launches_are_bit_identical_to_sequential() {
         }
     }
     let streams = new_streams(gpu);
-    for round in 0..3 {
+    // One concurrent round on the emulated device (its launches run one at a
+    // time anyway: what it checks is the launchers' stream handling).
+    let rounds = if common::emulated_device() {
+        common::skipped_on_emulated_device("concurrent rounds 2 and 3");
+        1
+    } else {
+        3
+    };
+    for round in 0..rounds {
         let got = run_concurrent(gpu, &streams, &jobs);
         for ((thread, outs), wants) in jobs.iter().zip(&got).zip(&want) {
             for ((job, bits), want) in thread.iter().zip(outs).zip(wants) {
@@ -351,7 +359,15 @@ fn no_device_memory_leak_over_10000_launches() {
     drop(warm);
     let before = settled_free_memory(gpu);
 
-    let rounds = 10_000usize.div_ceil(calls_per_round);
+    // 1000 calls on the emulated device: its free memory is its total less
+    // the live allocations' bytes, so one leaked buffer shows exactly.
+    let target_calls: usize = if common::emulated_device() {
+        common::skipped_on_emulated_device("launcher calls 1001 to 10000");
+        1000
+    } else {
+        10_000
+    };
+    let rounds = target_calls.div_ceil(calls_per_round);
     for _ in 0..rounds {
         drop(run_concurrent(gpu, &streams, &jobs));
     }
@@ -360,7 +376,7 @@ fn no_device_memory_leak_over_10000_launches() {
     eprintln!(
         "leak check: {calls} launcher calls in {rounds} rounds; free device memory {before} B before, {after} B after"
     );
-    assert!(calls >= 10_000);
+    assert!(calls >= target_calls);
     assert_eq!(
         after,
         before,

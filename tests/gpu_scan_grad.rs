@@ -73,6 +73,9 @@ fn grad_bounds(t: Dtype, name: &str) -> (f64, f64) {
 
 /// Case `c` in element type `T` against the f64 reference on the T-rounded inputs.
 fn check_as<T: Element>(gpu: &Gpu, worst: &mut Worst, c: GradCase) {
+    if common::emulated_device_skips(&c.dims) {
+        return;
+    }
     let inp = rounded::<T>(&c.inputs());
     let got = run_gpu::<T>(gpu, &inp);
     let label = format!("{} {c:?}", T::DTYPE);
@@ -80,6 +83,9 @@ fn check_as<T: Element>(gpu: &Gpu, worst: &mut Worst, c: GradCase) {
 }
 
 fn check_with(gpu: &Gpu, worst: &mut Worst, c: GradCase, rel: f64) {
+    if common::emulated_device_skips(&c.dims) {
+        return;
+    }
     let inp = c.inputs();
     let got = run_gpu::<f32>(gpu, &inp);
     worst.check(&format!("{c:?}"), &compare_grads(&got, &inp.reference()), rel);
@@ -163,6 +169,9 @@ fn matches_cpu_mirror() {
         .into_iter()
         .enumerate()
     {
+        if common::emulated_device_skips(&d) {
+            continue;
+        }
         let c = GradCase::new(d, GateRegime::Mixed, true, true, 400 + i as u64);
         let inp = c.inputs();
         let params = plan_for(gpu, &d, Dtype::F32).unwrap().grad_params();
@@ -179,6 +188,9 @@ fn matches_cpu_mirror() {
 fn deterministic() {
     let Some(gpu) = common::gpu_or_skip() else { return };
     for (i, d) in [dims(2, 5000, 3, 16, 33, true), dims(1, 20_000, 1, 8, 64, false)].into_iter().enumerate() {
+        if common::emulated_device_skips(&d) {
+            continue;
+        }
         let inp = GradCase::new(d, GateRegime::Mixed, true, true, 500 + i as u64).inputs();
         assert_eq!(run_gpu::<f32>(gpu, &inp), run_gpu::<f32>(gpu, &inp), "{d:?}");
         let inp = rounded::<bf16>(&inp);
@@ -270,6 +282,9 @@ fn half_types_equal_the_f32_kernel_rounded() {
         GradCase::new(dims(2, 300, 2, 4, 2, true), GateRegime::Mixed, true, true, 7803),
     ];
     for c in cases {
+        if common::emulated_device_skips(&c.dims) {
+            continue;
+        }
         assert_equals_f32_rounded::<f16>(gpu, c);
         assert_equals_f32_rounded::<bf16>(gpu, c);
     }

@@ -58,8 +58,73 @@ pub fn emulated_device() -> bool {
 /// out on the emulated device.
 pub fn skipped_on_emulated_device(what: &str) {
     let test = std::thread::current().name().unwrap_or("?").to_string();
-    let line = format!("SKIPPED on the emulated device (hours on the CPU; the GPU bundle runs it): {what} [{test}]\n");
+    let line =
+        format!("SKIPPED on the emulated device (too long on the CPU; the GPU bundle runs it): {what} [{test}]\n");
     let _ = std::io::stderr().write_all(line.as_bytes());
+}
+
+/// On the emulated device, a test runs about one case in this many of those
+/// under [`EMULATED_WORK_MAX`]: its first, then each with probability
+/// 1/this, drawn from a hash of the test's name and the case's number (the
+/// same cases on every run, and no aliasing with the loops of a test: every
+/// dtype, precision and gate kind of a matrix keeps some cases), so that the whole GPU suite runs in
+/// minutes on two cores instead of half an hour: the emulated device checks
+/// the launchers end to end, and each kernel's arithmetic is checked case by
+/// case by the kernel emulator tests (tests/cpu_*_emu.rs) and on a GPU.
+/// `GATELOOP_EMULATED_EVERY=1` runs every case (and lifts
+/// [`EMULATED_WORK_MAX`]).
+pub const EMULATED_EVERY: usize = 8;
+
+/// On the emulated device, the largest problem run, in B·H·L·K·V (a GPU runs
+/// the larger ones in a blink, the emulator in minutes each). L = 65536 with
+/// K = 4, V = 8 (2.1 M) is under it.
+pub const EMULATED_WORK_MAX: usize = 8_000_000;
+
+/// Whether the case of `d` is left out on the emulated device (see
+/// [`EMULATED_EVERY`], [`EMULATED_WORK_MAX`]): always false on a GPU. Call it
+/// once per case, before its reference is computed. Prints a notice the
+/// first time a test leaves a case out.
+pub fn emulated_device_skips(d: &Dims) -> bool {
+    use std::collections::HashMap;
+    use std::sync::Mutex;
+    if !emulated_device() {
+        return false;
+    }
+    let every =
+        std::env::var("GATELOOP_EMULATED_EVERY").ok().and_then(|v| v.parse::<usize>().ok()).unwrap_or(EMULATED_EVERY);
+    if every <= 1 {
+        return false;
+    }
+    // libtest runs each test on a thread named after it: count per name.
+    static SEEN: Mutex<Option<HashMap<String, (u64, bool)>>> = Mutex::new(None);
+    let test = std::thread::current().name().unwrap_or("?").to_string();
+    let mut seen = SEEN.lock().unwrap_or_else(|e| e.into_inner());
+    let (count, noticed) = seen.get_or_insert_with(HashMap::new).entry(test.clone()).or_insert((0, false));
+    let work = d.batch * d.heads * d.len * d.key_dim * d.value_dim;
+    // The cap first: the cases under it are counted, so a test whose first
+    // cases are large still runs its first small one.
+    let skip = work > EMULATED_WORK_MAX || {
+        let n = *count;
+        *count += 1;
+        // FNV-1a of the name, then splitmix64's finalizer of name + n.
+        let name =
+            test.bytes().fold(0xcbf2_9ce4_8422_2325_u64, |h, b| (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3));
+        let mut z = name.wrapping_add(n.wrapping_mul(0x9e37_79b9_7f4a_7c15));
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^= z >> 31;
+        n > 0 && !z.is_multiple_of(every as u64)
+    };
+    if skip && !*noticed {
+        *noticed = true;
+        let line = format!(
+            "SKIPPED on the emulated device: any case over {EMULATED_WORK_MAX} B·H·L·K·V, and about \
+             {} in {every} of the others (GATELOOP_EMULATED_EVERY=1 runs them; a GPU runs them all) [{test}]\n",
+            every - 1
+        );
+        let _ = std::io::stderr().write_all(line.as_bytes());
+    }
+    skip
 }
 
 // ---- the test matrix -------------------------------------------------------

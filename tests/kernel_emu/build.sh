@@ -104,9 +104,12 @@ case "$sanitizer" in
     *) echo "build.sh: unknown GATELOOP_EMU_SANITIZER '$sanitizer' (address, thread, none)" >&2; exit 2 ;;
 esac
 mkdir -p "$(dirname "$out")"
-objs=()
-for k in "${kernels[@]}"; do
-    kflags=("${flags[@]}")
+# One kernel file: compile it to $out.$k.o (run in the background, one job
+# per kernel file: the files compile independently, and the largest ones
+# take minutes each under the sanitizers).
+compile_kernel() {
+    local k=$1 src sec
+    local kflags=("${flags[@]}")
     if dynamic_shared "$k"; then kflags+=(-DEMU_DYNAMIC_SHARED); fi
     src="$root/cuda/$k.cu"
     if [ "$kind" = libcuda ]; then
@@ -131,13 +134,22 @@ for k in "${kernels[@]}"; do
     # (.bss._ZZN8gateloop…, the function-local statics of namespace
     # gateloop, which in kernel code are __shared__ only) into that section,
     # which emu_launch poisons before every block.
-    renames=()
+    local renames=()
     while read -r sec; do
         renames+=(--rename-section "$sec=emu_static_shared")
     done < <(readelf -SW "$out.$k.o" | grep -oE '\.bss\._ZZN8gateloop[^ ]*' | sort -u)
     if [ "${#renames[@]}" -gt 0 ]; then objcopy "${renames[@]}" "$out.$k.o"; fi
+}
+objs=()
+pids=()
+for k in "${kernels[@]}"; do
+    compile_kernel "$k" &
+    pids+=($!)
     objs+=("$out.$k.o")
 done
+failed=0
+for pid in "${pids[@]}"; do wait "$pid" || failed=1; done
+if [ "$failed" != 0 ]; then echo "build.sh: compiling a kernel file failed (its g++ error is above)" >&2; rm -f "${objs[@]}"; exit 1; fi
 if [ "$kind" = libcuda ]; then
     mkdir -p "$out"
     g++ "${flags[@]}" -shared -Wl,-soname,libcuda.so.1 -Wl,--no-undefined "$here/runtime.cpp" "$here/$driver" "${objs[@]}" \
