@@ -67,10 +67,11 @@ pub fn skipped_on_emulated_device(what: &str) {
 /// under [`EMULATED_WORK_MAX`]: its first, then each with probability
 /// 1/this, drawn from a hash of the test's name and the case's number (the
 /// same cases on every run, and no aliasing with the loops of a test: every
-/// dtype, precision and gate kind of a matrix keeps some cases), so that the whole GPU suite runs in
-/// minutes on two cores instead of half an hour: the emulated device checks
-/// the launchers end to end, and each kernel's arithmetic is checked case by
-/// case by the kernel emulator tests (tests/cpu_*_emu.rs) and on a GPU.
+/// dtype, precision and gate kind of a matrix keeps some cases), so that
+/// the whole GPU suite runs in minutes on two cores instead of half an
+/// hour: the emulated device checks the launchers end to end, and each
+/// kernel's arithmetic is checked case by case by the kernel emulator tests
+/// (tests/cpu_*_emu.rs) and on a GPU.
 /// `GATELOOP_EMULATED_EVERY=1` runs every case (and lifts
 /// [`EMULATED_WORK_MAX`]).
 pub const EMULATED_EVERY: usize = 8;
