@@ -13,7 +13,7 @@
 # arithmetic errors at their documented worst (tests/kernel_emu/gpu_arith.h:
 # libm and SFU errors, fmad contraction, truncating tensor cores).
 #
-#     bash scripts/emulated-device.sh      # ~10 min on 2 cores
+#     bash scripts/emulated-device.sh      # ~5 min on 2 cores (2026-12-02)
 #
 # Needs the test binaries built with kernels (scripts/test.sh builds them;
 # this script runs `cargo test --release --no-run`, a no-op then) and g++.

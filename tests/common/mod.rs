@@ -34,16 +34,25 @@ pub fn gpu_or_skip() -> Option<&'static Gpu> {
             if gpu_required() {
                 panic!("GATELOOP_REQUIRE_GPU is set but no GPU is usable: {reason}");
             }
-            // Straight to the process's stderr: the test harness captures
-            // eprintln!, which would hide the notice of a passing test.
-            // One write per line so parallel tests do not interleave; libtest
-            // names each test's thread after the test.
-            let test = std::thread::current().name().unwrap_or("?").to_string();
-            let line = format!("SKIPPED (no GPU): {reason} [{test}]\n");
-            let _ = std::io::stderr().write_all(line.as_bytes());
+            notice(&format!("SKIPPED (no GPU): {reason}"));
             None
         }
     }
+}
+
+/// The name of the running test: libtest runs each test on a thread named
+/// after it.
+fn test_name() -> String {
+    std::thread::current().name().unwrap_or("?").to_string()
+}
+
+/// Prints `text` and the running test's name as one line straight to the
+/// process's stderr: the test harness captures eprintln!, which would hide
+/// the notice of a passing test; one write per line, so that parallel tests
+/// do not interleave.
+fn notice(text: &str) {
+    let line = format!("{text} [{}]\n", test_name());
+    let _ = std::io::stderr().write_all(line.as_bytes());
 }
 
 /// Whether the device is the CPU kernel emulator behind a fake CUDA driver
@@ -57,10 +66,7 @@ pub fn emulated_device() -> bool {
 /// Prints (to the process's stderr, as the skip notice) that `what` is left
 /// out on the emulated device.
 pub fn skipped_on_emulated_device(what: &str) {
-    let test = std::thread::current().name().unwrap_or("?").to_string();
-    let line =
-        format!("SKIPPED on the emulated device (too long on the CPU; the GPU bundle runs it): {what} [{test}]\n");
-    let _ = std::io::stderr().write_all(line.as_bytes());
+    notice(&format!("SKIPPED on the emulated device (too long on the CPU; the GPU bundle runs it): {what}"));
 }
 
 /// On the emulated device, a test runs about one case in this many of those
@@ -86,7 +92,7 @@ pub const EMULATED_WORK_MAX: usize = 8_000_000;
 /// once per case, before its reference is computed. Prints a notice the
 /// first time a test leaves a case out.
 pub fn emulated_device_skips(d: &Dims) -> bool {
-    use std::collections::HashMap;
+    use std::collections::BTreeMap;
     use std::sync::Mutex;
     if !emulated_device() {
         return false;
@@ -96,11 +102,12 @@ pub fn emulated_device_skips(d: &Dims) -> bool {
     if every <= 1 {
         return false;
     }
-    // libtest runs each test on a thread named after it: count per name.
-    static SEEN: Mutex<Option<HashMap<String, (u64, bool)>>> = Mutex::new(None);
-    let test = std::thread::current().name().unwrap_or("?").to_string();
+    // Per test: the cases under the cap counted so far, and whether its
+    // notice is printed.
+    static SEEN: Mutex<BTreeMap<String, (u64, bool)>> = Mutex::new(BTreeMap::new());
+    let test = test_name();
     let mut seen = SEEN.lock().unwrap_or_else(|e| e.into_inner());
-    let (count, noticed) = seen.get_or_insert_with(HashMap::new).entry(test.clone()).or_insert((0, false));
+    let (count, noticed) = seen.entry(test.clone()).or_insert((0, false));
     let work = d.batch * d.heads * d.len * d.key_dim * d.value_dim;
     // The cap first: the cases under it are counted, so a test whose first
     // cases are large still runs its first small one.
@@ -118,12 +125,11 @@ pub fn emulated_device_skips(d: &Dims) -> bool {
     };
     if skip && !*noticed {
         *noticed = true;
-        let line = format!(
+        notice(&format!(
             "SKIPPED on the emulated device: any case over {EMULATED_WORK_MAX} B·H·L·K·V, and about \
-             {} in {every} of the others (GATELOOP_EMULATED_EVERY=1 runs them; a GPU runs them all) [{test}]\n",
+             {} in {every} of the others (GATELOOP_EMULATED_EVERY=1 runs them; a GPU runs them all)",
             every - 1
-        );
-        let _ = std::io::stderr().write_all(line.as_bytes());
+        ));
     }
     skip
 }
