@@ -65,7 +65,9 @@ for t in "${gpu_tests[@]}"; do
     test_args+=(--test "$t")
 done
 
-cargo build --release --bin gateloop >&2
+# No separate `cargo build --bin gateloop`: building the integration tests
+# builds the crate's binary too (target/release/gateloop), and a bin-only
+# build resolves features without the dev-dependencies, rebuilding the crate.
 messages=$(mktemp)
 trap 'rm -f "$messages"' EXIT
 cargo test --release --no-run --message-format=json "${test_args[@]}" >"$messages"
