@@ -164,8 +164,8 @@ __device__ __forceinline__ void chunk_state_seq(const GateloopChunkParams& p) {
         p, smem, has_h0 ? p.h0 : nullptr, p.h0_strides, p.ws_state, p.h_final, p.h_final_strides,
         [&](const Block<input_t, kComplex>& blk, const StateSmem<Op, kComplex>& sm, int64_t d0) {
             // K̃ (put_state_keys) and V (the walk stores A_c to ws_decay).
-            blk.template load_values<Op, kTerms>(sm.tile);
-            blk.load_keys(blk.k, p.k_strides, d0, sm.raw);
+            blk.template load_values<Op, kTerms, 1>(sm.tile);  // and the next chunk's into L2
+            blk.template load_keys<1>(blk.k, p.k_strides, d0, sm.raw);
             put_state_keys<Op, kTerms>(blk, sm.raw, sm.slab);  // own raw keys only: no barrier
         });
 }

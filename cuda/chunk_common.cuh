@@ -254,6 +254,21 @@ __device__ __forceinline__ void stage_tile(const TileSlot<kWidth>& slot, Fetch f
         [&](int u, decltype(fetch(0, 0, 0)) x) { put(slot.row0 + u * kStep, slot.col, x); });
 }
 
+// kAhead (the staging functions of Block): 0, or also prefetch into L2 what
+// the same call will read for the chunk kAhead chunks away (+1 the next, −1
+// the previous: a reverse walk), one chunk before it is read (prefetch_l2).
+// A thread's items of that chunk continue its items of this one: item u of
+// the next chunk is item u + kChunk / kStep of this arithmetic progression
+// (TileSlot), so the prefetch reuses the load's address. Only
+// the sequential walks (walk_chunks) take it: each of their blocks stages
+// chunk after chunk, its warps waiting on those loads 56% of the time
+// (H200 profile of the forward walk, 2026-11-30), where the chunk-parallel
+// kernels have other blocks to run. On sm_90 (and in the emulator) only
+// (kPrefetchAhead): there it costs the walks no register (sm_90 ptxas: 80
+// to 127 for the 16-bit kernels, as before, ±1), while sm_80's ptxas gives
+// them 128-145 instead of 105-141, one resident block per SM instead of two
+// (and spills when held to 128).
+
 template <typename input_t, bool kComplex>
 struct Block {
     using Tr = InputTraits<input_t>;
@@ -324,6 +339,15 @@ struct Block {
         n = static_cast<int>(min(static_cast<int64_t>(kChunk), p.dims.len - t0));
     }
 
+    // Steps of the chunk kAhead chunks from this one (kAhead = ±1; ≤ 0 where
+    // there is none).
+    template <int kAhead>
+    __device__ __forceinline__ int ahead_steps() const {
+        static_assert(kAhead >= -1 && kAhead <= 1, "the next or the previous chunk");
+        if (kAhead < 0) return t0 >= kChunk ? kChunk : 0;
+        return static_cast<int>(min(static_cast<int64_t>(kChunk), p.dims.len - t0 - kChunk));
+    }
+
     // Gate columns of the slab starting at channel d0 (1 for a per-head gate).
     __device__ __forceinline__ int gate_cols(int64_t d0) const {
         return per_head ? 1 : static_cast<int>(min(static_cast<int64_t>(kSlab), p.dims.key_dim - d0));
@@ -350,6 +374,7 @@ struct Block {
     // a phase reduction) instead of 64, while every other thread of the block
     // waits at the barrier. Steps past the chunk's end get g = 0 (finite factors that only
     // ever meet zero q, k, v). Ends with a barrier.
+    template <int kAhead = 0>
     __device__ void build_prefix(int64_t d0) {
         const int cols = gate_cols(d0);
         // Stage the raw gates: Re into gre, Im into gsn.
@@ -360,9 +385,16 @@ struct Block {
             const int64_t first = opaque((t0 + slot.row0) * p.gate_strides.time + (per_head ? 0 : d0 + slot.col));
             const float* row = kComplex ? complex_seq_row(p.log_gate, p.gate_strides, b, h)
                                         : seq_row<float>(p.log_gate, p.gate_strides, b, h);
+            const int ahead_n = ahead_steps<kAhead == 0 ? 1 : kAhead>();
             stage_tile<kChunk, kSlab>(
                 slot,
                 [&](int u, int t, int) {
+                    constexpr int kNext = kChunk / TileSlot<kSlab>::kStep;  // item u of the next chunk: u + kNext
+                    if (kAhead != 0 && kPrefetchAhead && col_in && t < ahead_n) {
+                        const int64_t at_ = first + (u + kAhead * kNext) * step;
+                        prefetch_l2(kComplex ? static_cast<const void*>(reinterpret_cast<const float2*>(row) + at_)
+                                             : static_cast<const void*>(row + at_));
+                    }
                     float2 g = make_float2(0.f, 0.f);
                     if (col_in && t < n) {
                         if (kComplex) {
@@ -448,40 +480,50 @@ struct Block {
 
     // Columns col0 .. col0 + kWidth − 1 of x over the chunk, each (step,
     // column, value) to put; zero past the chunk and from column `limit` on.
-    template <int kWidth, class Put>
+    template <int kWidth, int kAhead = 0, class Put>
     __device__ __forceinline__ void load_rows(const input_t* __restrict__ x, const GateloopSeqStrides& s,
                                               int64_t col0, int64_t limit, Put put) const {
         const TileSlot<kWidth> slot(tid);
         const bool col_in = col0 + slot.col < limit;
         const int64_t step = opaque(TileSlot<kWidth>::kStep * s.time);
         const int64_t first = opaque((t0 + slot.row0) * s.time + col0 + slot.col);
+        const int ahead_n = ahead_steps<kAhead == 0 ? 1 : kAhead>();
         stage_tile<kChunk, kWidth>(
-            slot, [&](int u, int t, int) { return (col_in && t < n) ? Tr::load(x, first + u * step) : 0.f; }, put);
+            slot,
+            [&](int u, int t, int) {
+                constexpr int kNext = kChunk / TileSlot<kWidth>::kStep;  // item u of the next chunk: u + kNext
+                if (kAhead != 0 && kPrefetchAhead && col_in && t < ahead_n) {
+                    prefetch_l2(x + first + (u + kAhead * kNext) * step);
+                }
+                return (col_in && t < n) ? Tr::load(x, first + u * step) : 0.f;
+            },
+            put);
     }
 
     // x (q or k) of slab d0 into xs [kChunk][kSlab] f32, zero past the chunk / K.
+    template <int kAhead = 0>
     __device__ __forceinline__ void load_keys(const input_t* __restrict__ x, const GateloopSeqStrides& s, int64_t d0,
                                               float* xs) const {
-        load_rows<kSlab>(x, s, d0, p.dims.key_dim, [&](int t, int j, float e) { xs[t * kSlab + j] = e; });
+        load_rows<kSlab, kAhead>(x, s, d0, p.dims.key_dim, [&](int t, int j, float e) { xs[t * kSlab + j] = e; });
     }
 
     // Value columns col0 .. col0 + kVTile − 1 of x (v or dy) over the chunk
     // into a split operand, zero past the chunk / V.
-    template <class Op, int kTerms>
+    template <class Op, int kTerms, int kAhead = 0>
     __device__ __forceinline__ void load_tile(const input_t* __restrict__ x, const GateloopSeqStrides& s,
                                               int64_t col0, const Split<Op>& xs) const {
-        load_rows<kVTile>(x, s, col0, p.dims.value_dim,
-                          [&](int m, int c, float e) { xs.template put<kTerms>(m, c, e); });
+        load_rows<kVTile, kAhead>(x, s, col0, p.dims.value_dim,
+                                  [&](int m, int c, float e) { xs.template put<kTerms>(m, c, e); });
     }
     // The block's value tile (columns v0 ..).
-    template <class Op, int kTerms>
+    template <class Op, int kTerms, int kAhead = 0>
     __device__ __forceinline__ void load_tile(const input_t* __restrict__ x, const GateloopSeqStrides& s,
                                               const Split<Op>& xs) const {
-        load_tile<Op, kTerms>(x, s, v0, xs);
+        load_tile<Op, kTerms, kAhead>(x, s, v0, xs);
     }
-    template <class Op, int kTerms>
+    template <class Op, int kTerms, int kAhead = 0>
     __device__ __forceinline__ void load_values(const Split<Op>& vs) const {
-        load_tile<Op, kTerms>(v, p.v_strides, vs);
+        load_tile<Op, kTerms, kAhead>(v, p.v_strides, vs);
     }
 
     // Workspace row `row` (of parts·K) of this chunk's state, at column 0.
@@ -815,7 +857,9 @@ __device__ __forceinline__ void walk_chunks(const GateloopChunkParams& p, unsign
 #pragma unroll 1
     for (int64_t i = 0; i < p.num_chunks; ++i) {
         blk.at_chunk(kBackward ? p.num_chunks - 1 - i : i);
-        blk.build_prefix(d0);  // ends with a barrier (the previous chunk's update is complete)
+        // Ends with a barrier (the previous chunk's update is complete);
+        // prefetches the gates of the chunk the walk visits next.
+        blk.template build_prefix<kBackward ? -1 : 1>(d0);
         stage(blk, sm, d0);
         if (blk.tid < kSlab) {
             const int j = blk.tid;

@@ -251,10 +251,11 @@ __device__ __forceinline__ void grad_w_seq(const GateloopChunkGradParams& g) {
     walk_chunks<true, Op, kGradTerms, input_t, true>(
         p, smem, has_dh_final ? g.dh_final : nullptr, g.dh_final_strides, g.ws_adj, has_dh0 ? g.dh0 : nullptr,
         g.dh0_strides, [&](const Block<input_t, true>& blk, const StateSmem<Op, true>& sm, int64_t d0) {
-            // [Re Q̃ | −Im Q̃] (put_inter_queries) and dY, as grad_w stages them.
-            blk.template load_tile<Op, kGradTerms>(seq_row<input_t>(g.dy, g.dy_strides, blk.b, blk.h), g.dy_strides,
-                                                   sm.tile);
-            blk.load_keys(blk.q, p.q_strides, d0, sm.raw);
+            // [Re Q̃ | −Im Q̃] (put_inter_queries) and dY, as grad_w stages them
+            // (and those of the chunk before, which the reverse walk visits next, into L2).
+            blk.template load_tile<Op, kGradTerms, -1>(seq_row<input_t>(g.dy, g.dy_strides, blk.b, blk.h),
+                                                         g.dy_strides, sm.tile);
+            blk.template load_keys<-1>(blk.q, p.q_strides, d0, sm.raw);
             put_inter_queries<Op, kGradTerms>(blk, sm.raw, sm.slab);  // own raw queries only: no barrier
         });
 }
