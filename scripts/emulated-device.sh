@@ -82,7 +82,7 @@ done
 # The CPUs this process may use: nproc, capped by a cgroup (v2) CPU quota,
 # which nproc does not read; more binaries than CPUs only slows each down.
 jobs_max=$(nproc 2>/dev/null || echo 2)
-if read -r quota period </sys/fs/cgroup/cpu.max 2>/dev/null && [[ "$quota" =~ ^[0-9]+$ && "$period" =~ ^[1-9][0-9]*$ ]]; then
+if [[ -r /sys/fs/cgroup/cpu.max ]] && read -r quota period </sys/fs/cgroup/cpu.max && [[ "$quota" =~ ^[0-9]+$ && "$period" =~ ^[1-9][0-9]*$ ]]; then
     quota_cpus=$(((quota + period - 1) / period))
     ((quota_cpus < jobs_max)) && jobs_max=$quota_cpus
 fi
