@@ -343,9 +343,22 @@ struct Block {
     // there is none).
     template <int kAhead>
     __device__ __forceinline__ int ahead_steps() const {
-        static_assert(kAhead >= -1 && kAhead <= 1, "the next or the previous chunk");
+        static_assert(kAhead == -1 || kAhead == 1, "the next or the previous chunk");
         if (kAhead < 0) return t0 >= kChunk ? kChunk : 0;
         return static_cast<int>(min(static_cast<int64_t>(kChunk), p.dims.len - t0 - kChunk));
+    }
+
+    // The kAhead prefetch of one staged item (see kAhead above): item u of
+    // a thread's TileSlot<kWidth> progression first + u·step over `base`, at
+    // chunk row t, its column inside the tensor when col_in. Nothing for
+    // kAhead = 0 or without kPrefetchAhead.
+    template <int kWidth, int kAhead, typename T>
+    __device__ __forceinline__ void prefetch_ahead(const T* base, int64_t first, int64_t step, int u, int t,
+                                                   bool col_in) const {
+        if constexpr (kAhead != 0 && kPrefetchAhead) {
+            constexpr int kNext = kChunk / TileSlot<kWidth>::kStep;  // item u of the next chunk: u + kNext
+            if (col_in && t < ahead_steps<kAhead>()) prefetch_l2(base + first + (u + kAhead * kNext) * step);
+        }
     }
 
     // Gate columns of the slab starting at channel d0 (1 for a per-head gate).
@@ -385,15 +398,13 @@ struct Block {
             const int64_t first = opaque((t0 + slot.row0) * p.gate_strides.time + (per_head ? 0 : d0 + slot.col));
             const float* row = kComplex ? complex_seq_row(p.log_gate, p.gate_strides, b, h)
                                         : seq_row<float>(p.log_gate, p.gate_strides, b, h);
-            const int ahead_n = ahead_steps<kAhead == 0 ? 1 : kAhead>();
             stage_tile<kChunk, kSlab>(
                 slot,
                 [&](int u, int t, int) {
-                    constexpr int kNext = kChunk / TileSlot<kSlab>::kStep;  // item u of the next chunk: u + kNext
-                    if (kAhead != 0 && kPrefetchAhead && col_in && t < ahead_n) {
-                        const int64_t at_ = first + (u + kAhead * kNext) * step;
-                        prefetch_l2(kComplex ? static_cast<const void*>(reinterpret_cast<const float2*>(row) + at_)
-                                             : static_cast<const void*>(row + at_));
+                    if (kComplex) {
+                        prefetch_ahead<kSlab, kAhead>(reinterpret_cast<const float2*>(row), first, step, u, t, col_in);
+                    } else {
+                        prefetch_ahead<kSlab, kAhead>(row, first, step, u, t, col_in);
                     }
                     float2 g = make_float2(0.f, 0.f);
                     if (col_in && t < n) {
@@ -487,14 +498,10 @@ struct Block {
         const bool col_in = col0 + slot.col < limit;
         const int64_t step = opaque(TileSlot<kWidth>::kStep * s.time);
         const int64_t first = opaque((t0 + slot.row0) * s.time + col0 + slot.col);
-        const int ahead_n = ahead_steps<kAhead == 0 ? 1 : kAhead>();
         stage_tile<kChunk, kWidth>(
             slot,
             [&](int u, int t, int) {
-                constexpr int kNext = kChunk / TileSlot<kWidth>::kStep;  // item u of the next chunk: u + kNext
-                if (kAhead != 0 && kPrefetchAhead && col_in && t < ahead_n) {
-                    prefetch_l2(x + first + (u + kAhead * kNext) * step);
-                }
+                prefetch_ahead<kWidth, kAhead>(x, first, step, u, t, col_in);
                 return (col_in && t < n) ? Tr::load(x, first + u * step) : 0.f;
             },
             put);
