@@ -127,19 +127,13 @@ __device__ __forceinline__ void chunk_carry(const GateloopChunkParams& p) {
     const int64_t hf = state_index(p.h_final_strides, e.bhi.b, e.bhi.h, e.row, e.col);
     // Chunk c's rows: re at (c, row), im at (c, K + row).
     const CarrySlots cs = carry_slots<kComplex ? 2 : 1>(p, p.ws_state, e);
+    float2 s0 = make_float2(0.f, 0.f);
+    if (has_h0) s0 = kComplex ? load_complex(p.h0, hi0) : make_float2(__ldg(p.h0 + hi0), 0.f);
+    const float2 s = carry_chunks<false, kComplex>(cs, kv, nc, s0);
     if (kComplex) {
-        const float2 s0 = has_h0 ? load_complex(p.h0, hi0) : make_float2(0.f, 0.f);
-        reinterpret_cast<float2*>(p.h_final)[hf] =
-            carry_chunks<false>(cs.re, cs.re + kv, cs.chunk_stride, cs.dec, cs.dec_stride, nc, s0);
+        reinterpret_cast<float2*>(p.h_final)[hf] = s;
     } else {
-        float s = has_h0 ? __ldg(p.h0 + hi0) : 0.f;
-        for (int64_t c = 0; c < nc; ++c) {
-            const float a = cs.dec[c * cs.dec_stride];
-            const float u = cs.re[c * cs.chunk_stride];
-            cs.re[c * cs.chunk_stride] = s;
-            s = fmaf(a, s, u);
-        }
-        p.h_final[hf] = s;
+        p.h_final[hf] = s.x;
     }
 }
 

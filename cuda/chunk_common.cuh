@@ -177,25 +177,34 @@ __device__ __forceinline__ CarrySlots carry_slots(const GateloopChunkParams& p, 
     return s;
 }
 
-// The exclusive carry of one complex state element over a head's chunks:
-// launch 2 of the forward (cuda/chunk.cu, chunk_carry) and 2b of the backward
+// The exclusive carry of one state element over a head's chunks: launch 2
+// of the forward (cuda/chunk.cu, chunk_carry) and 2b of the backward
 // (cuda/chunk_grad.cu, grad_adjoint_carry). Visits c = 0 … nc − 1 (or
-// nc − 1 … 0 when kBackward), replaces slot c (re[c·stride], im[c·stride]),
-// which holds the chunk's own term X_c, by the carried s, then
-// s ← a_c ⊙ s + X_c with a_c the chunk's decay at dec[c·dec_stride] (its
-// conjugate when kBackward: the adjoint runs the recurrence backwards).
-// Returns s after the last chunk visited (h_final, or dh0).
-template <bool kBackward>
-__device__ __forceinline__ float2 carry_chunks(float* re, float* im, int64_t stride, const float* dec,
-                                               int64_t dec_stride, int64_t nc, float2 s) {
+// nc − 1 … 0 when kBackward), replaces slot c of `cs` (the real part, and
+// the imaginary part kv further when kComplex), which holds the chunk's own
+// term X_c, by the carried s, then s ← a_c ⊙ s + X_c with a_c the chunk's
+// decay (its conjugate when kBackward: the adjoint runs the recurrence
+// backwards; real gates: one f32, s.y stays 0). Returns s after the last
+// chunk visited (h_final, or dh0). The walks (walk_chunks) take the same
+// step, so their slots match bit for bit.
+template <bool kBackward, bool kComplex>
+__device__ __forceinline__ float2 carry_chunks(const CarrySlots& cs, int64_t kv, int64_t nc, float2 s) {
+    float* re = cs.re;
     for (int64_t i = 0; i < nc; ++i) {
         const int64_t c = kBackward ? nc - 1 - i : i;
-        const float a_im = dec[c * dec_stride + 1];
-        const float2 a = make_float2(dec[c * dec_stride], kBackward ? -a_im : a_im);
-        const float2 x = make_float2(re[c * stride], im[c * stride]);
-        re[c * stride] = s.x;
-        im[c * stride] = s.y;
-        s = apply(a, x, s);
+        const float* dec = cs.dec + c * cs.dec_stride;
+        float* slot = re + c * cs.chunk_stride;
+        if constexpr (kComplex) {
+            const float2 a = make_float2(dec[0], kBackward ? -dec[1] : dec[1]);
+            const float2 x = make_float2(slot[0], slot[kv]);
+            slot[0] = s.x;
+            slot[kv] = s.y;
+            s = apply(a, x, s);
+        } else {
+            const float x = slot[0];
+            slot[0] = s.x;
+            s.x = fmaf(dec[0], s.x, x);
+        }
     }
     return s;
 }
@@ -1031,7 +1040,6 @@ __device__ __forceinline__ void intra_pass(Block<input_t, kComplex>& blk, unsign
                                            const input_t* __restrict__ tile, const GateloopSeqStrides& tile_strides,
                                            input_t* __restrict__ out, const GateloopSeqStrides& out_strides) {
     using Tr = InputTraits<input_t>;
-    static_assert(!kAdjoint || kComplex, "the backward takes complex gates");
     unsigned char* at = smem + prefix_bytes<kComplex>();
     float* qraw = reinterpret_cast<float*>(at);
     float* kraw = qraw + kChunk * kSlab;

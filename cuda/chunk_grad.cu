@@ -99,9 +99,10 @@ template <class Op>
 __host__ __device__ constexpr int ld_inter() {
     return kInterCols + Op::kPad;
 }
-template <class Op>
+template <class Op, bool kComplex>
 __host__ __device__ constexpr int qk_inter_bytes() {
-    return cmax(2 * split_bytes<Op>(kChunk, ld_inter<Op>()) + 2 * split_bytes<Op>(2 * kSlab, ld_inter<Op>()),
+    return cmax(2 * split_bytes<Op>(kChunk, ld_inter<Op>()) +
+                    2 * split_bytes<Op>(slab_width<kComplex>(), ld_inter<Op>()),
                 2 * kChunk * 2 * kSlab * 4);
 }
 // One 16 × 16 block of s per row of sub-chunks (row padding as the others).
@@ -111,20 +112,20 @@ __host__ __device__ constexpr int ld_block() {
 }
 // The off-diagonal phase: s blocks, q̃ per pair, k̃ per key sub-chunk
 // (put_anchored_rows' layout); X per pair and Y per key sub-chunk in f32.
-template <class Op>
+template <class Op, bool kComplex>
 __host__ __device__ constexpr int qk_offdiag_bytes() {
-    return split_bytes<Op>(kPairs * kSub, ld_block<Op>()) + split_bytes<Op>(kPairs * kSub, ld_slab<Op, true>()) +
-           split_bytes<Op>((kSubs - 1) * kSub, ld_slab<Op, true>());
+    return split_bytes<Op>(kPairs * kSub, ld_block<Op>()) + split_bytes<Op>(kPairs * kSub, ld_slab<Op, kComplex>()) +
+           split_bytes<Op>((kSubs - 1) * kSub, ld_slab<Op, kComplex>());
 }
 constexpr int kOffdiagOutBytes = 4 * (kPairs + kSubs - 1) * kSub * 2 * kSlab;
-template <class Op>
+template <class Op, bool kComplex>
 __host__ __device__ constexpr int qk_union_bytes() {
     return cmax(2 * split_bytes<Op>(kChunk, ld_tile<Op>()),
-                cmax(qk_inter_bytes<Op>(), cmax(qk_offdiag_bytes<Op>(), kOffdiagOutBytes)));
+                cmax(qk_inter_bytes<Op, kComplex>(), cmax(qk_offdiag_bytes<Op, kComplex>(), kOffdiagOutBytes)));
 }
-template <class Op>
+template <class Op, bool kComplex>
 __host__ __device__ constexpr int qk_smem_bytes() {
-    return prefix_bytes<true>() + 4 * (2 * kChunk * kSlab + kChunk * kChunk) + qk_union_bytes<Op>() +
+    return prefix_bytes<kComplex>() + 4 * (2 * kChunk * kSlab + kChunk * kChunk) + qk_union_bytes<Op, kComplex>() +
            4 * (2 * 2 * kChunk * kLdGate + 2 * 2 * kChunk + 2 * kSlab + 2);
 }
 
@@ -139,14 +140,16 @@ __host__ __device__ constexpr int qk_smem_bytes() {
 // channel, so they cannot ride in s). Jobs (16 × 16 output tile, 16 inner
 // steps per pair): Y(j, half) is 3 − j pairs and goes to warps 2j, 2j + 1;
 // the twelve X(pair, half) fill the rest (warps 2, 3 one; 4, 5 two; 6, 7
-// three): three pair-products per warp. Ends with a barrier.
-template <class Op, typename input_t>
-__device__ __forceinline__ void offdiag_products(const Block<input_t, true>& blk, const float* ds,
+// three): three pair-products per warp. Real gates (kComplex = false) have
+// no Im halves: the jobs with half = 1 are skipped (those f32 columns stay
+// unwritten and unread). Ends with a barrier.
+template <class Op, typename input_t, bool kComplex>
+__device__ __forceinline__ void offdiag_products(const Block<input_t, kComplex>& blk, const float* ds,
                                                  const float* qraw, const float* kraw, unsigned char* at) {
     unsigned char* const base = at;
     const Split<Op> sb = carve<Op>(at, kPairs * kSub, ld_block<Op>());
-    const Split<Op> qa = carve<Op>(at, kPairs * kSub, ld_slab<Op, true>());
-    const Split<Op> ka = carve<Op>(at, (kSubs - 1) * kSub, ld_slab<Op, true>());
+    const Split<Op> qa = carve<Op>(at, kPairs * kSub, ld_slab<Op, kComplex>());
+    const Split<Op> ka = carve<Op>(at, (kSubs - 1) * kSub, ld_slab<Op, kComplex>());
     for (int i = blk.tid; i < kPairs * kSub * kSub; i += kThreads) {
         const int pr = i / (kSub * kSub);
         const int r = (i / kSub) % kSub;
@@ -157,6 +160,8 @@ __device__ __forceinline__ void offdiag_products(const Block<input_t, true>& blk
     put_anchored_rows<Op, kGradTerms>(blk, qraw, kraw, qa, ka);
     __syncthreads();
     const int w = blk.warp;
+    // Jobs of an Im half exist with complex gates only.
+    const auto has_half = [](int half) { return kComplex || half == 0; };
     const int ny = w < 2 * (kSubs - 1) ? 1 : 0;
     const int g = (w - 2) / 2;  // w ≥ 2: X jobs x0 .. x0 + nx − 1
     const int nx = w < 2 ? 0 : g + 1;
@@ -168,7 +173,7 @@ __device__ __forceinline__ void offdiag_products(const Block<input_t, true>& blk
         if (t < ny) {
             const int j = w >> 1;
             const int half = w & 1;
-            for (int i = j + 1; i < kSubs; ++i) {
+            for (int i = j + 1; i < kSubs && has_half(half); ++i) {
                 const int pr = pair_of(i, j);
                 // A(m, n) = s_ij[n][m]: the block read column-major.
                 for (int kk = 0; kk < kSub; kk += Op::kK) {
@@ -182,7 +187,7 @@ __device__ __forceinline__ void offdiag_products(const Block<input_t, true>& blk
             const int pr = x >> 1;
             const int half = x & 1;
             const int km = kSub * pair_key(pr);
-            for (int kk = 0; kk < kSub; kk += Op::kK) {
+            for (int kk = 0; kk < kSub && has_half(half); kk += Op::kK) {
                 mma_step<Op, kGradTerms, wmma::row_major, wmma::row_major>(
                     acc[t], sb.hi_at(kSub * pr, kk), sb.lo_at(kSub * pr, kk), sb.ld, ka.hi_at(km + kk, kSlab * half),
                     ka.lo_at(km + kk, kSlab * half), ka.ld);
@@ -195,9 +200,11 @@ __device__ __forceinline__ void offdiag_products(const Block<input_t, true>& blk
 #pragma unroll
     for (int t = 0; t < 3; ++t) {
         if (t < ny) {
-            wmma::store_matrix_sync(yo + (w >> 1) * kSub * 2 * kSlab + kSlab * (w & 1), acc[t], 2 * kSlab,
-                                    wmma::mem_row_major);
-        } else if (t - ny < nx) {
+            if (has_half(w & 1)) {
+                wmma::store_matrix_sync(yo + (w >> 1) * kSub * 2 * kSlab + kSlab * (w & 1), acc[t], 2 * kSlab,
+                                        wmma::mem_row_major);
+            }
+        } else if (t - ny < nx && has_half((x0 + t - ny) & 1)) {
             const int x = x0 + t - ny;
             wmma::store_matrix_sync(xo + (x >> 1) * kSub * 2 * kSlab + kSlab * (x & 1), acc[t], 2 * kSlab,
                                     wmma::mem_row_major);
@@ -208,16 +215,16 @@ __device__ __forceinline__ void offdiag_products(const Block<input_t, true>& blk
 
 // ---- 1b. W_c = Σ_n conj(Q̃_n) dy_nᵀ ----------------------------------------------------
 
-template <typename input_t>
+template <typename input_t, bool kComplex>
 __device__ __forceinline__ void grad_w(const GateloopChunkGradParams& g) {
     using Op = typename OpOf<input_t>::type;
     extern __shared__ __align__(128) unsigned char smem[];
     // The forward state kernel's layout: raw q for raw k, dY for V, Q̃ for K̃.
-    check_shared(g.w_shared_bytes, state_smem_bytes<Op, true>());
+    check_shared(g.w_shared_bytes, state_smem_bytes<Op, kComplex>());
     const GateloopChunkParams& p = g.fwd;
-    Block<input_t, true> blk(p, smem);
+    Block<input_t, kComplex> blk(p, smem);
     // Raw q, the dY tile, [Re Q̃ | −Im Q̃] [n][col] (read as the column-major A = Q̃ᴴ).
-    const StateSmem<Op, true> sm(smem, blk.warp);
+    const StateSmem<Op, kComplex> sm(smem, blk.warp);
     float* qraw = sm.raw;
     const Split<Op>& dys = sm.tile;
     const Split<Op>& qe = sm.slab;
@@ -240,17 +247,17 @@ __device__ __forceinline__ void grad_w(const GateloopChunkGradParams& g) {
 // product, same operands and order), slot c of ws_adj := D(c), D(c − 1) =
 // conj(A_c) D(c) + W_c; dh0 at the end. Bit for bit what grad_w followed by
 // the adjoint carry writes; W_c never goes through the workspace.
-template <typename input_t>
+template <typename input_t, bool kComplex>
 __device__ __forceinline__ void grad_w_seq(const GateloopChunkGradParams& g) {
     using Op = typename OpOf<input_t>::type;
     extern __shared__ __align__(128) unsigned char smem[];
-    check_shared(g.w_shared_bytes, seq_smem_bytes<Op, true>());
+    check_shared(g.w_shared_bytes, seq_smem_bytes<Op, kComplex>());
     const GateloopChunkParams& p = g.fwd;
     const bool has_dh_final = (g.grad_flags & GATELOOP_GRAD_FLAG_HAS_DH_FINAL) != 0;
     const bool has_dh0 = (g.grad_flags & GATELOOP_GRAD_FLAG_HAS_DH0) != 0;
-    walk_chunks<true, Op, kGradTerms, input_t, true>(
+    walk_chunks<true, Op, kGradTerms, input_t, kComplex>(
         p, smem, has_dh_final ? g.dh_final : nullptr, g.dh_final_strides, g.ws_adj, has_dh0 ? g.dh0 : nullptr,
-        g.dh0_strides, [&](const Block<input_t, true>& blk, const StateSmem<Op, true>& sm, int64_t d0) {
+        g.dh0_strides, [&](const Block<input_t, kComplex>& blk, const StateSmem<Op, kComplex>& sm, int64_t d0) {
             // [Re Q̃ | −Im Q̃] (put_inter_queries) and dY, as grad_w stages them
             // (and those of the chunk before, which the reverse walk visits next, into L2).
             blk.template load_tile<Op, kGradTerms, -1>(seq_row<input_t>(g.dy, g.dy_strides, blk.b, blk.h),
@@ -262,19 +269,25 @@ __device__ __forceinline__ void grad_w_seq(const GateloopChunkGradParams& g) {
 
 // ---- 2b. the adjoint carry ------------------------------------------------------------
 
+template <bool kComplex>
 __device__ __forceinline__ void grad_adjoint_carry(const GateloopChunkGradParams& g) {
     const GateloopChunkParams& p = g.fwd;
-    const int64_t kv = p.dims.key_dim * p.dims.value_dim;
     StateElement e;
     if (!state_element(p.dims, e)) return;
-    const CarrySlots cs = carry_slots<2>(p, g.ws_adj, e);
-    const float2 d_last = (g.grad_flags & GATELOOP_GRAD_FLAG_HAS_DH_FINAL) != 0
-                              ? load_complex(g.dh_final, state_index(g.dh_final_strides, e.bhi.b, e.bhi.h, e.row, e.col))
-                              : make_float2(0.f, 0.f);
+    const CarrySlots cs = carry_slots<kComplex ? 2 : 1>(p, g.ws_adj, e);
+    const bool has_dh_final = (g.grad_flags & GATELOOP_GRAD_FLAG_HAS_DH_FINAL) != 0;
+    const int64_t at_last = state_index(g.dh_final_strides, e.bhi.b, e.bhi.h, e.row, e.col);
+    float2 d_last = make_float2(0.f, 0.f);
+    if (has_dh_final) d_last = kComplex ? load_complex(g.dh_final, at_last) : make_float2(__ldg(g.dh_final + at_last), 0.f);
     // D(c − 1) = conj(A_c) D(c) + W_c, each slot W_c replaced by D(c).
-    const float2 s = carry_chunks<true>(cs.re, cs.re + kv, cs.chunk_stride, cs.dec, cs.dec_stride, p.num_chunks, d_last);
+    const float2 s = carry_chunks<true, kComplex>(cs, p.dims.key_dim * p.dims.value_dim, p.num_chunks, d_last);
     if ((g.grad_flags & GATELOOP_GRAD_FLAG_HAS_DH0) != 0) {
-        reinterpret_cast<float2*>(g.dh0)[state_index(g.dh0_strides, e.bhi.b, e.bhi.h, e.row, e.col)] = s;
+        const int64_t at0 = state_index(g.dh0_strides, e.bhi.b, e.bhi.h, e.row, e.col);
+        if (kComplex) {
+            reinterpret_cast<float2*>(g.dh0)[at0] = s;
+        } else {
+            g.dh0[at0] = s.x;
+        }
     }
 }
 
@@ -363,16 +376,20 @@ __device__ __forceinline__ void gate_scan(const B& blk, const float2* w, const f
     }
 }
 
-template <typename input_t>
+template <typename input_t, bool kComplex>
 __device__ __forceinline__ void grad_qk(const GateloopChunkGradParams& g) {
     using Tr = InputTraits<input_t>;
     using Op = typename OpOf<input_t>::type;
     constexpr int kRawTerms = OpOf<input_t>::kRawTerms;  // dY, V are raw inputs
+    // Real gates: no Im parts (θ ≡ 0: cos_at 1, sin_at 0, the Im halves of the
+    // products never formed and read as 0), log_gate, dlog_gate and the
+    // states real f32.
+    constexpr int kParts = kComplex ? 2 : 1;
     extern __shared__ __align__(128) unsigned char smem[];
-    check_shared(g.qk_shared_bytes, qk_smem_bytes<Op>());
+    check_shared(g.qk_shared_bytes, qk_smem_bytes<Op, kComplex>());
     const GateloopChunkParams& p = g.fwd;
-    Block<input_t, true> blk(p, smem, 1);
-    float* f = reinterpret_cast<float*>(smem + prefix_bytes<true>());
+    Block<input_t, kComplex> blk(p, smem, 1);
+    float* f = reinterpret_cast<float*>(smem + prefix_bytes<kComplex>());
     float* qraw = f;
     f += kChunk * kSlab;
     float* kraw = f;
@@ -381,7 +398,7 @@ __device__ __forceinline__ void grad_qk(const GateloopChunkGradParams& g) {
     f += kChunk * kChunk;
     // The s phase | per slab the off-diagonal phase, then the inter-chunk phase.
     unsigned char* union_at = reinterpret_cast<unsigned char*>(f);
-    f = reinterpret_cast<float*>(union_at + qk_union_bytes<Op>());
+    f = reinterpret_cast<float*>(union_at + qk_union_bytes<Op, kComplex>());
     float2* wpr = reinterpret_cast<float2*>(f);  // [kChunk][kLdGate]: w'_n of channel d
     f += 2 * kChunk * kLdGate;
     float2* upr = reinterpret_cast<float2*>(f);  // [kChunk][kLdGate]: u_n of channel d
@@ -448,8 +465,19 @@ __device__ __forceinline__ void grad_qk(const GateloopChunkGradParams& g) {
     const int nb = tid / kSlab;  // rows nb + 16 i
     input_t* __restrict__ dq_out = seq_row_mut<input_t>(g.dq, g.dq_strides, blk.b, blk.h);
     input_t* __restrict__ dk_out = seq_row_mut<input_t>(g.dk, g.dk_strides, blk.b, blk.h);
-    float* dgate = g.dlog_gate + 2 * (blk.b * g.dgate_strides.batch + blk.h * g.dgate_strides.head);
-    const float* dec = p.ws_decay + (blk.bh * p.num_chunks + blk.chunk) * p.dims.gate_dim * 2;
+    float* dgate = g.dlog_gate + kParts * (blk.b * g.dgate_strides.batch + blk.h * g.dgate_strides.head);
+    const float* dec = p.ws_decay + (blk.bh * p.num_chunks + blk.chunk) * p.dims.gate_dim * kParts;
+    // The chunk's decay A_c of gate column ch, and the gradient x of a gate step.
+    const auto decay = [&](int64_t ch) {
+        return kComplex ? make_float2(dec[ch * 2], dec[ch * 2 + 1]) : make_float2(dec[ch], 0.f);
+    };
+    const auto put_dgate = [&](int64_t at_, float2 x) {
+        if (kComplex) {
+            reinterpret_cast<float2*>(dgate)[at_] = x;
+        } else {
+            dgate[at_] = x.x;
+        }
+    };
 
     for (int64_t d0 = 0; d0 < key_dim; d0 += kSlab) {
         if (d0 == 0 || !blk.per_head) blk.build_prefix(d0);  // ends with a barrier
@@ -486,14 +514,14 @@ __device__ __forceinline__ void grad_qk(const GateloopChunkGradParams& g) {
             for (int j = 0; j < i; ++j) {
                 const float wq = blk.modulus(n, kSub * j + kSub - 1, cl);
                 const float* x = xo + (pair_of(i, j) * kSub + nb) * 2 * kSlab;
-                const float xr = x[d], xi = x[kSlab + d];
+                const float xr = x[d], xi = kComplex ? x[kSlab + d] : 0.f;
                 oq = make_float2(fmaf(wq, xr, oq.x), fmaf(wq, xi, oq.y));
                 og = make_float2(fmaf(wq, fmaf(qc, xr, -(qs * xi)), og.x), fmaf(wq, fmaf(qc, xi, qs * xr), og.y));
             }
             if (i < kSubs - 1) {
                 const float wk = blk.modulus(kSub * i + kSub - 1, n, cl);
                 const float* y = yo + (i * kSub + nb) * 2 * kSlab;
-                const float yr = y[d], yi = y[kSlab + d];
+                const float yr = y[d], yi = kComplex ? y[kSlab + d] : 0.f;
                 ok = make_float2(wk * yr, -(wk * yi));
                 og = make_float2(fmaf(-wk, fmaf(kc, yr, -(ks * yi)), og.x), fmaf(wk, fmaf(kc, yi, ks * yr), og.y));
             }
@@ -543,10 +571,11 @@ __device__ __forceinline__ void grad_qk(const GateloopChunkGradParams& g) {
             const Split<Op> dyh = carve<Op>(at, kChunk, ld_inter<Op>());
             const Split<Op> vh = carve<Op>(at, kChunk, ld_inter<Op>());
             // S_in, D rows [j][c] row-major, read as the column-major B = S_inᵀ, Dᵀ.
-            const Split<Op> sh = carve<Op>(at, 2 * kSlab, ld_inter<Op>());
-            const Split<Op> dh = carve<Op>(at, 2 * kSlab, ld_inter<Op>());
+            const Split<Op> sh = carve<Op>(at, slab_width<kComplex>(), ld_inter<Op>());
+            const Split<Op> dh = carve<Op>(at, slab_width<kComplex>(), ld_inter<Op>());
             const int xr = blk.warp >> 1;
-            const int xc = blk.warp & 1;
+            const int xc = blk.warp & 1;  // the Re (0) or Im (1) tile: real gates have no Im
+            const bool x_live = kComplex || xc == 0;
             Acc<Op> xacc, yacc;
             wmma::fill_fragment(xacc, 0.f);
             wmma::fill_fragment(yacc, 0.f);
@@ -591,8 +620,13 @@ __device__ __forceinline__ void grad_qk(const GateloopChunkGradParams& g) {
                     [&](int u, int, int) {
                         float4 x = make_float4(0.f, 0.f, 0.f, 0.f);
                         if (rows.live(u)) {
-                            const int64_t re = rows.at(0, u), im = rows.at(1, u);
-                            x = make_float4(p.ws_state[re], p.ws_state[im], g.ws_adj[re], g.ws_adj[im]);
+                            const int64_t re = rows.at(0, u);
+                            if (kComplex) {
+                                const int64_t im = rows.at(1, u);
+                                x = make_float4(p.ws_state[re], p.ws_state[im], g.ws_adj[re], g.ws_adj[im]);
+                            } else {
+                                x = make_float4(p.ws_state[re], 0.f, g.ws_adj[re], 0.f);
+                            }
                         }
                         thr[u] = make_float2(fmaf(x.x, x.z, fmaf(x.y, x.w, thr[u].x)),
                                              fmaf(x.y, x.z, fmaf(-x.x, x.w, thr[u].y)));
@@ -600,12 +634,16 @@ __device__ __forceinline__ void grad_qk(const GateloopChunkGradParams& g) {
                     },
                     [&](int r, int c, float4 x) {
                         sh.template put<kGradTerms>(r, c, x.x);
-                        sh.template put<kGradTerms>(kSlab + r, c, x.y);
                         dh.template put<kGradTerms>(r, c, x.z);
-                        dh.template put<kGradTerms>(kSlab + r, c, x.w);
+                        if (kComplex) {
+                            sh.template put<kGradTerms>(kSlab + r, c, x.y);
+                            dh.template put<kGradTerms>(kSlab + r, c, x.w);
+                        }
                     });
                 __syncthreads();
-                for (int kk = 0; kk < kInterCols; kk += Op::kK) {
+                // x_live as the loop's bound: written as a condition of the loop,
+                // ptxas spilled 4 bytes in the real 16-bit kernels on sm_90.
+                for (int kk = 0; kk < (x_live ? kInterCols : 0); kk += Op::kK) {
                     mma_step<Op, kGradTerms, wmma::row_major, wmma::col_major>(
                         xacc, dyh.hi_at(16 * xr, kk), dyh.lo_at(16 * xr, kk), dyh.ld, sh.hi_at(16 * xc, kk),
                         sh.lo_at(16 * xc, kk), sh.ld);
@@ -622,15 +660,18 @@ __device__ __forceinline__ void grad_qk(const GateloopChunkGradParams& g) {
             }
             __syncthreads();  // every warp is done with the operands: X, Y take their bytes
             float* xy = reinterpret_cast<float*>(union_at);  // X then Y, [kChunk][2·kSlab] each
-            wmma::store_matrix_sync(xy + 16 * xr * 2 * kSlab + 16 * xc, xacc, 2 * kSlab, wmma::mem_row_major);
-            wmma::store_matrix_sync(xy + kChunk * 2 * kSlab + 16 * xr * 2 * kSlab + 16 * xc, yacc, 2 * kSlab,
-                                    wmma::mem_row_major);
+            if (x_live) {
+                wmma::store_matrix_sync(xy + 16 * xr * 2 * kSlab + 16 * xc, xacc, 2 * kSlab, wmma::mem_row_major);
+                wmma::store_matrix_sync(xy + kChunk * 2 * kSlab + 16 * xr * 2 * kSlab + 16 * xc, yacc, 2 * kSlab,
+                                        wmma::mem_row_major);
+            }
             __syncthreads();
+            const auto im_of = [&](const float* row) { return kComplex ? row[kSlab + d] : 0.f; };
 #pragma unroll
             for (int i = 0; i < 4; ++i) {
                 const int n = nb + 16 * i;
-                xs[i] = make_float2(xy[n * 2 * kSlab + d], xy[n * 2 * kSlab + kSlab + d]);
-                ys[i] = make_float2(xy[(kChunk + n) * 2 * kSlab + d], xy[(kChunk + n) * 2 * kSlab + kSlab + d]);
+                xs[i] = make_float2(xy[n * 2 * kSlab + d], im_of(xy + n * 2 * kSlab));
+                ys[i] = make_float2(xy[(kChunk + n) * 2 * kSlab + d], im_of(xy + (kChunk + n) * 2 * kSlab));
             }
         }
         const int last = blk.n - 1;
@@ -671,10 +712,10 @@ __device__ __forceinline__ void grad_qk(const GateloopChunkGradParams& g) {
             // A half-warp per channel (gate_scan; every thread calls it).
             const int j = tid / kScanLanes;
             const bool live = d0 + j < key_dim;
-            const float2 a = live ? make_float2(dec[(d0 + j) * 2], dec[(d0 + j) * 2 + 1]) : make_float2(0.f, 0.f);
+            const float2 a = live ? decay(d0 + j) : make_float2(0.f, 0.f);
             gate_scan(blk, wpr + j, upr + j, kLdGate, cmul(a, through[j]), j, zero_first, tid % kScanLanes,
                       [&](int n, float2 x) {
-                          if (live) reinterpret_cast<float2*>(dgate)[(blk.t0 + n) * g.dgate_strides.time + d0 + j] = x;
+                          if (live) put_dgate((blk.t0 + n) * g.dgate_strides.time + d0 + j, x);
                       });
         } else {
             // Per-head gate: the channels' terms summed in a fixed order
@@ -697,10 +738,9 @@ __device__ __forceinline__ void grad_qk(const GateloopChunkGradParams& g) {
     }
     if (blk.per_head) {
         // One column: every thread scans it (gate_scan), the first half-warp writes.
-        const float2 a = make_float2(dec[0], dec[1]);
-        gate_scan(blk, head_w, head_u, 1, cmul(a, head_through[0]), 0, zero_first, tid % kScanLanes,
+        gate_scan(blk, head_w, head_u, 1, cmul(decay(0), head_through[0]), 0, zero_first, tid % kScanLanes,
                   [&](int n, float2 x) {
-                      if (tid < kScanLanes) reinterpret_cast<float2*>(dgate)[(blk.t0 + n) * g.dgate_strides.time] = x;
+                      if (tid < kScanLanes) put_dgate((blk.t0 + n) * g.dgate_strides.time, x);
                   });
     }
 }
@@ -712,12 +752,12 @@ __device__ __forceinline__ void grad_qk(const GateloopChunkGradParams& g) {
 // (anchored off-diagonal blocks as tensor-core products, diagonal blocks
 // pairwise), dv = [Re K̃ | Im K̃] [Re D; Im D] per slab and Pᵀ dY after the
 // last, on tensor cores. The output kernel's shared layout.
-template <typename input_t>
+template <typename input_t, bool kComplex>
 __device__ __forceinline__ void grad_dv(const GateloopChunkGradParams& g) {
     using Op = typename OpOf<input_t>::type;
     extern __shared__ __align__(128) unsigned char smem[];
-    check_shared(g.dv_shared_bytes, output_smem_bytes<Op, true>());
-    Block<input_t, true> blk(g.fwd, smem);
+    check_shared(g.dv_shared_bytes, output_smem_bytes<Op, kComplex>());
+    Block<input_t, kComplex> blk(g.fwd, smem);
     intra_pass<Op, kGradTerms, true>(blk, smem, g.ws_adj, seq_row<input_t>(g.dy, g.dy_strides, blk.b, blk.h),
                                      g.dy_strides, seq_row_mut<input_t>(g.dv, g.dv_strides, blk.b, blk.h),
                                      g.dv_strides);
@@ -728,44 +768,55 @@ __device__ __forceinline__ void grad_dv(const GateloopChunkGradParams& g) {
 
 // ---- entry points -----------------------------------------------------------------
 //
-// gateloop_chunk_grad_{w,qk,dv}_{dtype}: dtype of q, k, v, dy, dq, dk, dv.
+// gateloop_chunk_grad_{w,w_seq,qk,dv}_{dtype}_{c,r}: dtype of q, k, v, dy,
+// dq, dk, dv; c = complex gates, r = real gates (gated linear attention:
+// log_gate, h0, dh_final, dlog_gate, dh0 real f32, the imaginary part
+// compiled out as in the forward's r kernels). gateloop_chunk_grad_adjoint_carry_{c,r}.
 //
 // QK_MIN, DV_MIN: the blocks per SM grad_qk and grad_dv are compiled for (2
 // caps a thread at 128 registers), by the forward's rule (cuda/chunk.cu): 2
 // where two blocks fit an H200 SM's shared memory and ptxas keeps the kernel
 // within 128 registers without spilling on sm_80 and sm_90 (build.rs
 // rejects spills); 1 elsewhere. For 16-bit inputs both are 2 (grad_qk
-// ~100 KB, grad_dv ~83 KB of shared memory): with one block per SM (8 warps)
+// ~100 KB, grad_dv ~83 KB of shared memory, complex): with one block per SM (8 warps)
 // every barrier of the block idled the SM — the gate prefix, the staging,
-// the per-channel gate scans. f32: grad_qk needs 133 KB (one block fits),
-// grad_dv spills 8 bytes at 128 registers. grad_w is compiled for 2 at
-// every dtype, grad_w_seq for 1 like the forward's state_seq (whose walk it
-// shares; 113 registers for 16-bit inputs, so two of its blocks are resident
-// where their shared memory fits all the same).
+// the per-channel gate scans. f32: grad_qk needs 133 KB (122 KB real: one
+// block fits), grad_dv spills 8 bytes at 128 registers. grad_w is compiled
+// for 2 at every dtype, grad_w_seq for 1 like the forward's state_seq (whose
+// walk it shares; 113 registers for 16-bit inputs, so two of its blocks are
+// resident where their shared memory fits all the same). Real gates take the
+// complex kernels' bounds (fewer registers and bytes).
 
-#define GATELOOP_CHUNK_GRAD_ENTRIES(DTYPE, TYPE, QK_MIN, DV_MIN)                                            \
+#define GATELOOP_CHUNK_GRAD_ENTRIES(DTYPE, TYPE, GATE, CPLX, QK_MIN, DV_MIN)                               \
     extern "C" __global__ void __launch_bounds__(gateloop::chunk::kThreads, 2)                               \
-        gateloop_chunk_grad_w_##DTYPE(const GateloopChunkGradParams g) {                                    \
-        gateloop::chunk::grad_w<TYPE>(g);                                                                   \
+        gateloop_chunk_grad_w_##DTYPE##_##GATE(const GateloopChunkGradParams g) {                           \
+        gateloop::chunk::grad_w<TYPE, CPLX>(g);                                                             \
     }                                                                                                       \
     extern "C" __global__ void __launch_bounds__(gateloop::chunk::kThreads, 1)                               \
-        gateloop_chunk_grad_w_seq_##DTYPE(const GateloopChunkGradParams g) {                                \
-        gateloop::chunk::grad_w_seq<TYPE>(g);                                                               \
+        gateloop_chunk_grad_w_seq_##DTYPE##_##GATE(const GateloopChunkGradParams g) {                       \
+        gateloop::chunk::grad_w_seq<TYPE, CPLX>(g);                                                         \
     }                                                                                                       \
     extern "C" __global__ void __launch_bounds__(gateloop::chunk::kThreads, QK_MIN)                          \
-        gateloop_chunk_grad_qk_##DTYPE(const GateloopChunkGradParams g) {                                   \
-        gateloop::chunk::grad_qk<TYPE>(g);                                                                  \
+        gateloop_chunk_grad_qk_##DTYPE##_##GATE(const GateloopChunkGradParams g) {                          \
+        gateloop::chunk::grad_qk<TYPE, CPLX>(g);                                                            \
     }                                                                                                       \
     extern "C" __global__ void __launch_bounds__(gateloop::chunk::kThreads, DV_MIN)                          \
-        gateloop_chunk_grad_dv_##DTYPE(const GateloopChunkGradParams g) {                                   \
-        gateloop::chunk::grad_dv<TYPE>(g);                                                                  \
+        gateloop_chunk_grad_dv_##DTYPE##_##GATE(const GateloopChunkGradParams g) {                          \
+        gateloop::chunk::grad_dv<TYPE, CPLX>(g);                                                            \
     }
 
-GATELOOP_CHUNK_GRAD_ENTRIES(f32, float, 1, 1)
-GATELOOP_CHUNK_GRAD_ENTRIES(f16, __half, 2, 2)
-GATELOOP_CHUNK_GRAD_ENTRIES(bf16, __nv_bfloat16, 2, 2)
+GATELOOP_CHUNK_GRAD_ENTRIES(f32, float, c, true, 1, 1)
+GATELOOP_CHUNK_GRAD_ENTRIES(f16, __half, c, true, 2, 2)
+GATELOOP_CHUNK_GRAD_ENTRIES(bf16, __nv_bfloat16, c, true, 2, 2)
+GATELOOP_CHUNK_GRAD_ENTRIES(f32, float, r, false, 1, 1)
+GATELOOP_CHUNK_GRAD_ENTRIES(f16, __half, r, false, 2, 2)
+GATELOOP_CHUNK_GRAD_ENTRIES(bf16, __nv_bfloat16, r, false, 2, 2)
 
 extern "C" __global__ void __launch_bounds__(GATELOOP_CHUNK_CARRY_THREADS)
-    gateloop_chunk_grad_adjoint_carry(const GateloopChunkGradParams g) {
-    gateloop::chunk::grad_adjoint_carry(g);
+    gateloop_chunk_grad_adjoint_carry_c(const GateloopChunkGradParams g) {
+    gateloop::chunk::grad_adjoint_carry<true>(g);
+}
+extern "C" __global__ void __launch_bounds__(GATELOOP_CHUNK_CARRY_THREADS)
+    gateloop_chunk_grad_adjoint_carry_r(const GateloopChunkGradParams g) {
+    gateloop::chunk::grad_adjoint_carry<false>(g);
 }

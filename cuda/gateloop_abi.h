@@ -432,24 +432,30 @@ GATELOOP_ABI_ASSERT(sizeof(GateloopChunkParams) == 72 + 48 + 5 * 24 + 2 * 24 + 8
 
 /*
  * The chunked BACKWARD (cuda/chunk_grad.cu; CPU mirror src/cpu/chunked_grad.rs),
- * complex gates. Gradients of L = Σ dy ⊙ y + Σ Re(conj(dh_final) ⊙ h_final).
+ * complex (g = c) or real (g = r: gated linear attention) gates. Gradients of
+ * L = Σ dy ⊙ y + Σ Re(conj(dh_final) ⊙ h_final).
  * Six kernels on one stream, every one taking GateloopChunkGradParams or the
  * embedded forward struct `fwd`:
- *   1a. gateloop_chunk_state_{dtype}_c_{prec} (the forward's, on fwd): U_c, A_c.
- *   1b. gateloop_chunk_grad_w_{dtype}: grid.x = B·H·num_chunks·value_tiles,
+ *   1a. gateloop_chunk_state_{dtype}_{g}_{prec} (the forward's, on fwd): U_c, A_c.
+ *   1b. gateloop_chunk_grad_w_{dtype}_{g}: grid.x = B·H·num_chunks·value_tiles,
  *       block CHUNK_THREADS, dynamic shared memory w_shared_bytes:
- *       W_c = Σ_n conj(Q̃_n) dy_nᵀ (planar 2K × V) into ws_adj.
- *   2a. gateloop_chunk_carry_c (the forward's, on fwd): S_in(c) over U_c;
+ *       W_c = Σ_n conj(Q̃_n) dy_nᵀ (planar parts·K × V) into ws_adj.
+ *   2a. gateloop_chunk_carry_{g} (the forward's, on fwd): S_in(c) over U_c;
  *       h_final into the workspace sink fwd.h_final.
- *   2b. gateloop_chunk_grad_adjoint_carry: grid.x = ceil(B·H·K·V /
+ *   2b. gateloop_chunk_grad_adjoint_carry_{g}: grid.x = ceil(B·H·K·V /
  *       CHUNK_CARRY_THREADS): D(c) over W_c (reverse, conj(A)); dh0.
- *   3a. gateloop_chunk_grad_qk_{dtype}: grid.x = B·H·num_chunks, dynamic
+ *   3a. gateloop_chunk_grad_qk_{dtype}_{g}: grid.x = B·H·num_chunks, dynamic
  *       shared memory qk_shared_bytes: dq, dk, dlog_gate.
- *   3b. gateloop_chunk_grad_dv_{dtype}: grid.x = B·H·num_chunks·value_tiles,
+ *   3b. gateloop_chunk_grad_dv_{dtype}_{g}: grid.x = B·H·num_chunks·value_tiles,
  *       dynamic shared memory dv_shared_bytes: dv.
- * dq, dk, dv have the input dtype; dlog_gate, dh_final, dh0 are complex f32.
- * ws_adj [B·H, num_chunks, 2·K, V] f32 (W_c, then the adjoint D(c) arriving
- * at the last step of chunk c from after it).
+ *   (With the forward plan's sequential carry, 1a + 2a are
+ *   gateloop_chunk_state_seq_{dtype}_{g}_{prec} and 1b + 2b
+ *   gateloop_chunk_grad_w_seq_{dtype}_{g}, one block per (b, h, value tile,
+ *   key slab), shared memory state_shared_bytes / w_shared_bytes.)
+ * dq, dk, dv have the input dtype; dlog_gate, dh_final, dh0 are complex f32
+ * (g = c) or f32 (g = r), like log_gate and h0.
+ * ws_adj [B·H, num_chunks, parts·K, V] f32 (W_c, then the adjoint D(c) arriving
+ * at the last step of chunk c from after it); parts = 2 (c) or 1 (r).
  */
 /* dh_final is present (otherwise NULL: the adjoint after the last step is 0). */
 #define GATELOOP_GRAD_FLAG_HAS_DH_FINAL 1u
@@ -459,13 +465,13 @@ GATELOOP_ABI_ASSERT(sizeof(GateloopChunkParams) == 72 + 48 + 5 * 24 + 2 * 24 + 8
 typedef struct GateloopChunkGradParams {
     GateloopChunkParams fwd;  /* inputs, fwd.ws_state = S_in(c), fwd.ws_decay = A_c */
     const void *dy;           /* [B, L, H, V] dtype */
-    const float *dh_final;    /* [B, H, K, V] complex f32, NULL unless HAS_DH_FINAL */
+    const float *dh_final;    /* [B, H, K, V] complex f32 (c) or f32 (r), NULL unless HAS_DH_FINAL */
     void *dq;                 /* [B, L, H, K] dtype */
     void *dk;                 /* [B, L, H, K] dtype */
     void *dv;                 /* [B, L, H, V] dtype */
-    float *dlog_gate;         /* [B, L, H, gate_dim] complex f32 */
-    float *dh0;               /* [B, H, K, V] complex f32, NULL unless HAS_DH0 */
-    float *ws_adj;            /* [B·H, num_chunks, 2·K, V] f32 */
+    float *dlog_gate;         /* [B, L, H, gate_dim] complex f32 (c) or f32 (r) */
+    float *dh0;               /* [B, H, K, V] complex f32 (c) or f32 (r), NULL unless HAS_DH0 */
+    float *ws_adj;            /* [B·H, num_chunks, parts·K, V] f32 */
     GateloopSeqStrides dy_strides;
     GateloopSeqStrides dq_strides;
     GateloopSeqStrides dk_strides;

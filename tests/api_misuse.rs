@@ -323,26 +323,28 @@ fn chunked_cuda_plan_misuse_is_typed() {
 #[test]
 fn chunked_cuda_grad_plan_misuse_is_typed() {
     use gateloop::cuda::Dtype;
+    use gateloop::cuda::chunk::Gates;
     use gateloop::cuda::chunk_grad::plan;
-    for dtype in Dtype::ALL {
-        assert!(matches!(plan(&dims(1, 10, 1, 257, 4, false), dtype), Err(InputError::Param { name: "key_dim", .. })));
-        assert!(plan(&dims(1, 10, 1, 256, 1000, true), dtype).is_ok());
+    for (dtype, gates) in Dtype::ALL.into_iter().flat_map(|t| Gates::ALL.map(|g| (t, g))) {
+        let bad_key = plan(&dims(1, 10, 1, 257, 4, false), dtype, gates);
+        assert!(matches!(bad_key, Err(InputError::Param { name: "key_dim", .. })));
+        assert!(plan(&dims(1, 10, 1, 256, 1000, true), dtype, gates).is_ok());
         for (i, name) in ["batch", "len", "heads", "key_dim", "value_dim"].into_iter().enumerate() {
             let mut sizes = [2usize, 3, 2, 2, 2];
             sizes[i] = 0;
             let d = Dims::new(sizes[0], sizes[1], sizes[2], sizes[3], sizes[4]);
-            assert!(matches!(plan(&d, dtype), Err(InputError::ZeroDim { name: n }) if n == name), "{name}");
+            assert!(matches!(plan(&d, dtype, gates), Err(InputError::ZeroDim { name: n }) if n == name), "{name}");
         }
         for d in [
             Dims::new(usize::MAX / 2 + 1, 2, 1, 1, 1),
             Dims::new(1 << 22, 1 << 22, 1 << 22, 1, 1),
             Dims::new(1 << 20, 1 << 16, 1 << 6, 1, 1),
         ] {
-            assert!(matches!(plan(&d, dtype), Err(InputError::TooLarge { .. })), "{d:?}");
+            assert!(matches!(plan(&d, dtype, gates), Err(InputError::TooLarge { .. })), "{d:?}");
         }
         // O(B·H·(L/64)·K·V): 64 steps per chunk, so 64× fewer state floats than L·K·V.
         let d = dims(1, 64 * 1024, 1, 64, 64, false);
-        let ws = plan(&d, dtype).unwrap().workspace_len;
-        assert!(ws <= 3 * 2 * 1024 * 64 * 64, "{ws}");
+        let ws = plan(&d, dtype, gates).unwrap().workspace_len;
+        assert!(ws <= 3 * gates.parts() * 1024 * 64 * 64, "{ws}");
     }
 }

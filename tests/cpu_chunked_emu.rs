@@ -57,7 +57,7 @@ fn write_inputs(
     // and checks them against the kernels' layout.
     let chunk_gates = if complex { chunk::Gates::Complex } else { chunk::Gates::Real };
     let (state, output) = chunk::shared_bytes(t, chunk_gates);
-    let (w, qk, dv) = chunk_grad::shared_bytes(t);
+    let (w, qk, dv) = chunk_grad::shared_bytes(t, chunk_gates);
     let seq = chunk::sequential_shared_bytes(t, chunk_gates);
     let frag = chunk::fragment_output_shared_bytes(t, chunk_gates).unwrap_or(0);
     std::fs::write(dir.join("shared.txt"), format!("{state} {output} {w} {qk} {dv} {seq} {frag}")).unwrap();
@@ -118,18 +118,35 @@ fn run_forward_with(
 /// Exact) on the emulator, the forward part with `carry` (`Sequential`:
 /// state_seq instead of the state and carry launches); dq, dk, dv widened to f32.
 fn run_backward(emu: &std::path::Path, tag: usize, inp: &GradInputsF32, t: Dtype, carry: ChunkCarry) -> Grads<f32> {
-    let dir = write_inputs(&format!("bwd{tag}_{}", carry.name()), &inp.p, GateKind::Complex, ChunkPrecision::Exact, t);
+    run_backward_gates(emu, tag, inp, t, carry, GateKind::Complex)
+}
+
+/// [`run_backward`] with complex or real `gates` (real: the `r` kernels on
+/// the real parts of log_gate, h0 and dh_final, which must be real; dlog_gate
+/// and dh0 come back with Im = 0).
+fn run_backward_gates(
+    emu: &std::path::Path,
+    tag: usize,
+    inp: &GradInputsF32,
+    t: Dtype,
+    carry: ChunkCarry,
+    gates: GateKind,
+) -> Grads<f32> {
+    let dir = write_inputs(&format!("bwd{tag}_{}_{gates:?}", carry.name()), &inp.p, gates, ChunkPrecision::Exact, t);
     write_f32_file(&dir.join("dy.bin"), &inp.dy);
+    let real = gates == GateKind::Real;
     if let Some(dhf) = &inp.dh_final {
-        write_f32_file(&dir.join("dh_final.bin"), &flat(dhf));
+        let file = if real { dhf.iter().map(|z| z.re).collect() } else { flat(dhf) };
+        write_f32_file(&dir.join("dh_final.bin"), &file);
     }
     run(emu, if carry == ChunkCarry::Sequential { &["--backward", "--sequential"] } else { &["--backward"] }, &dir);
+    let complex = |x: Vec<f32>| if real { x.into_iter().map(|re| Complex::new(re, 0.0)).collect() } else { unflat(&x) };
     let out = Grads {
         dq: read_f32_file(&dir.join("dq.out")),
         dk: read_f32_file(&dir.join("dk.out")),
         dv: read_f32_file(&dir.join("dv.out")),
-        dlog_gate: unflat(&read_f32_file(&dir.join("dlog_gate.out"))),
-        dh0: inp.p.h0.as_ref().map(|_| unflat(&read_f32_file(&dir.join("dh0.out")))),
+        dlog_gate: complex(read_f32_file(&dir.join("dlog_gate.out"))),
+        dh0: inp.p.h0.as_ref().map(|_| complex(read_f32_file(&dir.join("dh0.out")))),
     };
     std::fs::remove_dir_all(&dir).unwrap();
     out
@@ -271,19 +288,26 @@ fn sequential_carry_is_bitwise_the_separate_carry() {
     // decays, chunk states and adjoints they leave in the workspace, and
     // dh0, are the separate carries', so every gradient is too, to the last
     // bit (with and without h0 and dh_final).
-    for (i, c) in [
-        GradCase::new(dims(1, 200, 2, 40, 70, false), GateRegime::Mixed, true, true, 7700),
-        GradCase::new(dims(2, 130, 1, 5, 7, true), GateRegime::Resets(0.05), false, true, 7701),
-        GradCase::new(dims(1, 70, 1, 16, 65, false), GateRegime::HardDecay(0.5), true, false, 7702),
+    // Real gates (the `r` kernels) on the last two.
+    for (i, (c, gates)) in [
+        (GradCase::new(dims(1, 200, 2, 40, 70, false), GateRegime::Mixed, true, true, 7700), C),
+        (GradCase::new(dims(2, 130, 1, 5, 7, true), GateRegime::Resets(0.05), false, true, 7701), C),
+        (GradCase::new(dims(1, 70, 1, 16, 65, false), GateRegime::HardDecay(0.5), true, false, 7702), C),
+        (GradCase::new(dims(1, 200, 1, 40, 70, false), GateRegime::Resets(0.05), true, true, 7703), R),
+        (GradCase::new(dims(2, 130, 1, 5, 7, true), GateRegime::UnitModulus, true, false, 7704), R),
     ]
     .iter()
     .enumerate()
     {
-        let inp = c.inputs();
-        let separate = run_backward(&emu, 70 + i, &inp, Dtype::F32, ChunkCarry::Separate);
-        let sequential = run_backward(&emu, 70 + i, &inp, Dtype::F32, ChunkCarry::Sequential);
+        let inp = if *gates == R { c.inputs().real_gates() } else { c.inputs() };
+        let separate = run_backward_gates(&emu, 70 + i, &inp, Dtype::F32, ChunkCarry::Separate, *gates);
+        let sequential = run_backward_gates(&emu, 70 + i, &inp, Dtype::F32, ChunkCarry::Sequential, *gates);
         let bits = |x: &[f32]| x.iter().map(|v| v.to_bits()).collect::<Vec<_>>();
         let cbits = |x: &[Complex<f32>]| x.iter().flat_map(|v| [v.re.to_bits(), v.im.to_bits()]).collect::<Vec<_>>();
+        assert!(
+            separate.dlog_gate.iter().all(|z| z.re.is_finite() && (*gates == C || z.im == 0.0)),
+            "{c:?} {gates:?}: dlog_gate"
+        );
         assert_eq!(bits(&sequential.dq), bits(&separate.dq), "{c:?}: dq");
         assert_eq!(bits(&sequential.dk), bits(&separate.dk), "{c:?}: dk");
         assert_eq!(bits(&sequential.dv), bits(&separate.dv), "{c:?}: dv");
@@ -324,6 +348,20 @@ fn chunk_grad_kernels_emulated_match_reference_and_mirror() {
     }
     vs_ref.report("emulated chunked backward vs reference");
     vs_mirror.report("emulated chunked backward vs mirror");
+    // Real gates (the `r` kernels, gated linear attention) against the real
+    // parts of the reference's gradients at the same real inputs, every
+    // regime with a real form.
+    let mut vs_ref = GradWorst::default();
+    for (i, regime) in common::REAL_REGIMES.into_iter().enumerate() {
+        let per_head = i % 2 == 1;
+        let d = if i % 3 == 0 { dims(1, 150, 1, 40, 7, per_head) } else { dims(1, 130, 1, 5, 70, per_head) };
+        let c = GradCase::new(d, regime, i % 2 == 0, i % 3 != 1, 7150 + i as u64);
+        let inp = c.inputs().real_gates();
+        let got = run_backward_gates(&emu, 20 + i, &inp, Dtype::F32, ChunkCarry::Separate, GateKind::Real);
+        let want = common::grad::real_part_grads(inp.reference());
+        vs_ref.check(&format!("{c:?} real (emulated kernels vs reference)"), &compare_grads(&got, &want), REL);
+    }
+    vs_ref.report("emulated chunked backward, real gates, vs reference");
 }
 
 /// Hard-decaying gates just above the reset threshold (`HardDecay`): the
@@ -590,15 +628,26 @@ fn chunk_kernels_race_free() {
         common::assert_within(&label, "h_final", &compare_complex(&got.h_final, &want.h_final), hr, ha);
     }
     let backward = [
-        (GradCase::new(dims(1, 130, 1, 40, 70, false), GateRegime::Mixed, true, true, 7810), Dtype::F32),
-        (GradCase::new(dims(1, 130, 1, 40, 70, true), GateRegime::HardDecay(0.5), false, true, 7811), Dtype::Bf16),
+        (GradCase::new(dims(1, 130, 1, 40, 70, false), GateRegime::Mixed, true, true, 7810), Dtype::F32, C),
+        (GradCase::new(dims(1, 130, 1, 40, 70, true), GateRegime::HardDecay(0.5), false, true, 7811), Dtype::Bf16, C),
+        (GradCase::new(dims(1, 130, 1, 40, 70, false), GateRegime::Resets(0.05), true, true, 7812), Dtype::Bf16, R),
     ];
-    for (i, (c, t)) in backward.iter().enumerate() {
+    for (i, (c, t, gates)) in backward.iter().enumerate() {
         let inp = if *t == Dtype::Bf16 { rounded_grad_inputs::<half::bf16>(c) } else { c.inputs() };
-        let want = inp.reference();
+        let (inp, want) = match gates {
+            C => {
+                let want = inp.reference();
+                (inp, want)
+            }
+            R => {
+                let inp = inp.real_gates();
+                let want = common::grad::real_part_grads(inp.reference());
+                (inp, want)
+            }
+        };
         for carry in [ChunkCarry::Separate, ChunkCarry::Sequential] {
-            let got = run_backward(&emu, 310 + i, &inp, *t, carry);
-            let label = format!("{t} {c:?} ({} carry, race-checked)", carry.name());
+            let got = run_backward_gates(&emu, 310 + i, &inp, *t, carry, *gates);
+            let label = format!("{t} {gates:?} {c:?} ({} carry, race-checked)", carry.name());
             for (name, e) in compare_grads(&got, &want) {
                 let (rel, abs) = grad_bounds(*t, name);
                 assert!(

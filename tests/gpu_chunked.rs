@@ -87,20 +87,6 @@ fn run_real<T: Element>(
     (y, h_final.into_iter().map(|re| Complex::new(re, 0.0)).collect())
 }
 
-/// `p` with the imaginary parts of log_gate and h0 set to 0 (a real-gate problem).
-fn real_gates(p: &OwnedProblem<f64>) -> OwnedProblem<f64> {
-    let mut p = p.clone();
-    for z in &mut p.log_gate {
-        z.im = 0.0;
-    }
-    if let Some(h) = &mut p.h0 {
-        for z in h {
-            z.im = 0.0;
-        }
-    }
-    p
-}
-
 fn assert_within(label: &str, what: &str, e: &ErrorStats, (rel, abs): (f64, f64)) {
     assert!(e.within(rel, abs), "{label}: {what} {e:?} (bounds: rel {rel:e}, abs_frac {abs:e})");
 }
@@ -122,7 +108,7 @@ fn check_with<T: Element>(gpu: &Gpu, case: Case, gates: Gates, config: ChunkConf
     let label = format!("{t} {gates:?} {precision:?} {:?} {}", config.output, case.label());
     let mut p = case.problem();
     if gates == Gates::Real {
-        p = real_gates(&p);
+        p = common::real_gates(&p);
     }
     let p64 = rounded_to::<T>(&p);
     let want = reference::recurrent::forward(&p64.view()).expect("reference");
@@ -314,14 +300,7 @@ fn real_gates_match_the_reference() {
     let Some(gpu) = common::gpu_or_skip() else { return };
     let shapes = [(1, 1, 1), (64, 5, 16), (65, 16, 5), (1000, 64, 64), (300, 128, 128)];
     let mut seed = 15_000;
-    for regime in [
-        GateRegime::Random,
-        GateRegime::Resets(0.05),
-        GateRegime::Resets(1.0),
-        GateRegime::UnitModulus,
-        GateRegime::StrongDecay(40.0),
-        GateRegime::Underflow,
-    ] {
+    for regime in common::REAL_REGIMES {
         regime_matrix(1, 2, &shapes, regime, seed, |c| {
             check_in::<f32>(gpu, c, Gates::Real, ChunkPrecision::Exact, 1.0)
         });
@@ -378,7 +357,7 @@ fn check_carries<T: Element>(gpu: &Gpu, case: Case, gates: Gates, precision: Chu
     let label = format!("{} {gates:?} {precision:?} {}", T::DTYPE, case.label());
     let mut p = case.problem();
     if gates == Gates::Real {
-        p = real_gates(&p);
+        p = common::real_gates(&p);
     }
     let p64 = rounded_to::<T>(&p);
     let p32 = p64.to_f32();
@@ -440,7 +419,7 @@ fn forward_host_and_dispatch_match_reference() {
     }
     // The real-gate host convenience.
     let case = Case::new(dims(2, 300, 3, 16, 16, false), GateRegime::Resets(0.05), true, 7001);
-    let p64 = real_gates(&case.problem()).rounded_to_f32();
+    let p64 = common::real_gates(&case.problem()).rounded_to_f32();
     let want: Outputs<f64> = reference::recurrent::forward(&p64.view()).unwrap();
     let got = forward_real_host_as::<f32>(gpu, &p64.to_f32().view(), ChunkPrecision::Exact).unwrap();
     common::assert_outputs(&case.label(), &got.y, &got.h_final, &want, 1e-4, 1e-3);

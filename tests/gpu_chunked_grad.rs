@@ -14,7 +14,10 @@
 //! The kernels see q, k, v and dy rounded to T (log_gate, h0, dh_final f32);
 //! the reference runs on exactly those values. Every launch gets NaN-poisoned
 //! gradients and workspace, so an element the kernels forget fails the
-//! comparison. Without a usable GPU every test prints
+//! comparison. Real gates (`backward_real_into`, gated linear attention) are
+//! checked the same way against the reference run on the same real problem
+//! (log_gate, h0 and dh_final with Im = 0), whose gradients' real parts are
+//! the real-gate gradients. Without a usable GPU every test prints
 //! `SKIPPED (no GPU): <reason>` and passes (`GATELOOP_REQUIRE_GPU=1` makes
 //! that a failure).
 
@@ -25,7 +28,9 @@ use common::{ALL_REGIMES, Case, assert_within, flat, gpu_or_skip, regime_matrix,
 use dtype_support::{rounded_to, y_bounds};
 use gateloop::cpu::chunked::ChunkParams;
 use gateloop::cuda::chunk::{self, ChunkCarry, ChunkPrecision, Gates};
-use gateloop::cuda::chunk_grad::{DeviceGradInputs, DeviceGrads, DeviceInputs, backward_into, plan};
+use gateloop::cuda::chunk_grad::{
+    DeviceGradInputs, DeviceGrads, DeviceInputs, backward_into, backward_real_host_as, backward_real_into, plan,
+};
 use gateloop::cuda::{Dtype, Element, Gpu};
 use gateloop::reference::grad::Grads;
 use gateloop::testing::{GateRegime, OwnedProblem, dims, random_problem};
@@ -63,11 +68,52 @@ fn run<T: Element>(gpu: &Gpu, p: &OwnedProblem<f64>, up: &Upstream, precision: C
     let dy: Vec<f32> = up.dy.iter().map(|&x| x as f32).collect();
     let dhf: Option<Vec<Complex<f32>>> =
         up.dh_final.as_ref().map(|h| h.iter().map(|z| Complex::new(z.re as f32, z.im as f32)).collect());
-    let lp = plan(&d, T::DTYPE).expect("plan");
-    common::run_backward::<T>(gpu, &p32, &dy, dhf.as_deref(), lp.workspace_len, |s, d, i, u, g, w| {
+    let lp = plan(&d, T::DTYPE, Gates::Complex).expect("plan");
+    common::run_backward::<T>(gpu, &p32, &dy, dhf.as_deref(), lp.workspace_len, false, |s, d, i, u, g, w| {
         backward_into(gpu, s, d, i, u, g, w, precision)
     })
     .unwrap_or_else(|e| panic!("{} {d:?}: {e}", T::DTYPE))
+}
+
+/// [`run`] for real gates (`backward_real_into`, exact): `p`'s log_gate and
+/// h0 and `up`'s dh_final must be real; the real gradients come back as
+/// complex numbers with Im = 0.
+fn run_real<T: Element>(gpu: &Gpu, p: &OwnedProblem<f64>, up: &Upstream) -> Grads<f32> {
+    let p32 = p.to_f32();
+    let d = p32.dims;
+    let dy: Vec<f32> = up.dy.iter().map(|&x| x as f32).collect();
+    let dhf: Option<Vec<Complex<f32>>> =
+        up.dh_final.as_ref().map(|h| h.iter().map(|z| Complex::new(z.re as f32, z.im as f32)).collect());
+    let lp = plan(&d, T::DTYPE, Gates::Real).expect("plan");
+    common::run_backward::<T>(gpu, &p32, &dy, dhf.as_deref(), lp.workspace_len, true, |s, d, i, u, g, w| {
+        backward_real_into(gpu, s, d, i, u, g, w, ChunkPrecision::Exact)
+    })
+    .unwrap_or_else(|e| panic!("{} real {d:?}: {e}", T::DTYPE))
+}
+
+/// The real-gate problem of `case` and its upstream gradients (dh_final
+/// real when asked), and the reference gradients of the real gate and h0:
+/// the real parts of the complex reference's at those real inputs.
+fn real_case<T: Element>(case: &Case, with_dh_final: bool) -> (OwnedProblem<f64>, Upstream, Grads<f64>) {
+    let mut up = upstream(case.dims, with_dh_final, case.seed);
+    for z in up.dh_final.iter_mut().flatten() {
+        z.im = 0.0;
+    }
+    let (p, up) = rounded::<T>(&common::real_gates(&case.problem()), &up);
+    let want = reference::grad::backward(&p.view(), &up.dy, up.dh_final.as_deref()).expect("reference");
+    (p, up, common::grad::real_part_grads(want))
+}
+
+/// [`check_case`] for real gates.
+fn check_real_case<T: Element>(gpu: &Gpu, case: &Case, with_dh_final: bool, state: (f64, f64)) {
+    if common::emulated_device_skips(&case.dims) {
+        return;
+    }
+    let (p, up, want) = real_case::<T>(case, with_dh_final);
+    let got = run_real::<T>(gpu, &p, &up);
+    let seq = if T::DTYPE == Dtype::F32 { state } else { y_bounds(T::DTYPE) };
+    let label = format!("{} real {} dh_final={with_dh_final}", T::DTYPE, case.label());
+    assert_grads(&label, &got, &want, seq, state);
 }
 
 /// Every gradient of `got` against `want`: dq, dk, dv within `seq`,
@@ -279,6 +325,8 @@ fn sanitizer_smoke() {
         check_case::<f32>(gpu, &case, true, STATE_BOUNDS);
         check_case::<f16>(gpu, &case, true, STATE_BOUNDS);
         check_case::<bf16>(gpu, &case, true, STATE_BOUNDS);
+        check_real_case::<f32>(gpu, &case, true, STATE_BOUNDS);
+        check_real_case::<bf16>(gpu, &case, true, STATE_BOUNDS);
     }
 }
 
@@ -296,7 +344,7 @@ fn misuse_is_a_typed_error() {
     let u = upload::<f32>(&s, &p);
     let h0 = s.clone_htod(&flat(p.h0.as_ref().unwrap())).unwrap();
     let dy = s.clone_htod(&vec![1f32; d.v_len()]).unwrap();
-    let lp = plan(&d, Dtype::F32).unwrap();
+    let lp = plan(&d, Dtype::F32, Gates::Complex).unwrap();
     let call = |dq_len: usize, dh0: bool, ws_len: usize| {
         let mut dq = s.alloc_zeros::<f32>(dq_len).unwrap();
         let mut dk = s.alloc_zeros::<f32>(d.qk_len()).unwrap();
@@ -334,5 +382,112 @@ fn misuse_is_a_typed_error() {
         Err(GpuError::Input(InputError::Length { name: "workspace", .. }))
     ));
     call(d.qk_len(), true, lp.workspace_len).unwrap();
+    s.synchronize().unwrap();
+}
+
+/// Real gates (gated linear attention, `backward_real_into`): the shapes of
+/// `shapes_f32` (L ∈ {1, 2, 63, 64, 65, 1000}, K, V ∈ {1, 5, 16, 64, 128})
+/// and every gate regime that has a real form, both gate layouts, with and
+/// without h0 and dh_final, in f32.
+#[test]
+fn real_gates_f32() {
+    let Some(gpu) = gpu_or_skip() else { return };
+    let mut i = 0;
+    shape_sweep(&[1, 2, 63, 64, 65, 1000], &[1, 5, 16, 64, 128], &[1, 5, 16, 64, 128], 9100, |case| {
+        i += 1;
+        check_real_case::<f32>(gpu, &case, i % 2 == 1, STATE_BOUNDS);
+    });
+    let shapes = [(1, 3, 2), (65, 5, 7), (130, 16, 70), (300, 40, 9)];
+    for (r, regime) in common::REAL_REGIMES.into_iter().enumerate() {
+        let mut j = 0;
+        regime_matrix(1, 2, &shapes, regime, 9200 + 100 * r as u64, |case| {
+            j += 1;
+            check_real_case::<f32>(gpu, &case, j % 2 == 0, STATE_BOUNDS);
+        });
+    }
+}
+
+/// Real gates in f16 and bf16 (dq, dk, dv in the input type), on a grid
+/// where the forward's plan takes the sequential carry too (bf16, B·H = 512
+/// blocks: state_seq and grad_w_seq), and at L = 65536 with |a| = 1 (f32,
+/// ≤ 1e-3).
+#[test]
+fn real_gates_half_types_and_long() {
+    let Some(gpu) = gpu_or_skip() else { return };
+    let shapes = [(1, 3, 2), (130, 16, 70), (200, 33, 9)];
+    for (r, regime) in common::REAL_REGIMES.into_iter().enumerate() {
+        let mut j = 0;
+        regime_matrix(1, 2, &shapes, regime, 9800 + 100 * r as u64, |case| {
+            j += 1;
+            check_real_case::<f16>(gpu, &case, j % 2 == 0, STATE_BOUNDS);
+            check_real_case::<bf16>(gpu, &case, j % 2 == 1, STATE_BOUNDS);
+        });
+    }
+    let d = dims(8, 70, 64, 16, 8, true);
+    assert_eq!(chunk::plan(&d, Dtype::Bf16, Gates::Real).unwrap().carry, ChunkCarry::Sequential);
+    check_real_case::<bf16>(gpu, &Case::new(d, GateRegime::Mixed, true, 9900), true, STATE_BOUNDS);
+    let long = Case::new(dims(1, 65536, 1, 16, 16, false), GateRegime::UnitModulus, true, 9901);
+    check_real_case::<f32>(gpu, &long, true, (1e-3, 1e-2));
+}
+
+/// The real-gate host convenience equals the device entry bit for bit (and
+/// so is deterministic); complex data is refused, naming the tensor; the
+/// real entry takes real-length gate-side buffers only (a complex-length
+/// dlog_gate is a typed error naming it).
+#[test]
+fn real_gates_host_and_misuse() {
+    use gateloop::InputError;
+    use gateloop::cuda::GpuError;
+    let Some(gpu) = gpu_or_skip() else { return };
+    let case = Case::new(dims(2, 150, 2, 40, 70, false), GateRegime::Resets(0.05), true, 9950);
+    if !common::emulated_device_skips(&case.dims) {
+        let (p, up, _) = real_case::<f32>(&case, true);
+        let got = run_real::<f32>(gpu, &p, &up);
+        let p32 = p.to_f32();
+        let dy: Vec<f32> = up.dy.iter().map(|&x| x as f32).collect();
+        let dhf: Vec<Complex<f32>> =
+            up.dh_final.as_ref().unwrap().iter().map(|z| Complex::new(z.re as f32, 0.0)).collect();
+        let host = backward_real_host_as::<f32>(gpu, &p32.view(), &dy, Some(&dhf), ChunkPrecision::Exact).unwrap();
+        let bits = |x: &[f32]| x.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+        let cbits = |x: &[Complex<f32>]| x.iter().map(|z| (z.re.to_bits(), z.im.to_bits())).collect::<Vec<_>>();
+        assert_eq!(bits(&got.dq), bits(&host.dq));
+        assert_eq!(bits(&got.dk), bits(&host.dk));
+        assert_eq!(bits(&got.dv), bits(&host.dv));
+        assert_eq!(cbits(&got.dlog_gate), cbits(&host.dlog_gate));
+        assert_eq!(got.dh0.as_deref().map(cbits), host.dh0.as_deref().map(cbits));
+        // Complex data is refused by the real-gate convenience, naming the tensor.
+        let complex = case.problem().rounded_to_f32().to_f32();
+        match backward_real_host_as::<f32>(gpu, &complex.view(), &dy, None, ChunkPrecision::Exact) {
+            Err(GpuError::Input(InputError::Value { name: "log_gate", .. })) => {}
+            other => panic!("complex log_gate in the real-gate backward: {other:?}"),
+        }
+    }
+    let d = dims(1, 70, 1, 4, 6, false);
+    let p = random_problem(d, GateRegime::Random, false, 9960).to_f32();
+    let s = gpu.context().new_stream().unwrap();
+    let u = upload::<f32>(&s, &p);
+    let real_gate = s.clone_htod(&vec![-0.1f32; d.gate_len()]).unwrap();
+    let dy = s.clone_htod(&vec![1f32; d.v_len()]).unwrap();
+    let lp = plan(&d, Dtype::F32, Gates::Real).unwrap();
+    assert!(lp.workspace_len < plan(&d, Dtype::F32, Gates::Complex).unwrap().workspace_len);
+    let call = |gate_len: usize| {
+        let mut dq = s.alloc_zeros::<f32>(d.qk_len()).unwrap();
+        let mut dk = s.alloc_zeros::<f32>(d.qk_len()).unwrap();
+        let mut dv = s.alloc_zeros::<f32>(d.v_len()).unwrap();
+        let mut dg = s.alloc_zeros::<f32>(gate_len).unwrap();
+        let mut ws = s.alloc_zeros::<f32>(lp.workspace_len).unwrap();
+        backward_real_into(
+            gpu,
+            &s,
+            &d,
+            DeviceInputs { q: &u.q, k: &u.k, v: &u.v, log_gate: &real_gate, h0: None },
+            DeviceGradInputs { dy: &dy, dh_final: None },
+            DeviceGrads { dq: &mut dq, dk: &mut dk, dv: &mut dv, dlog_gate: &mut dg, dh0: None },
+            Some(&mut ws),
+            ChunkPrecision::Exact,
+        )
+    };
+    assert!(matches!(call(2 * d.gate_len()), Err(GpuError::Input(InputError::Length { name: "dlog_gate", .. }))));
+    call(d.gate_len()).unwrap();
     s.synchronize().unwrap();
 }

@@ -44,9 +44,15 @@ use half::{bf16, f16};
 fn run_gpu<T: Element>(gpu: &Gpu, inp: &GradInputsF32) -> Grads<f32> {
     let d = inp.p.dims;
     let lp = plan_for(gpu, &d, T::DTYPE).expect("plan");
-    common::run_backward::<T>(gpu, &inp.p, &inp.dy, inp.dh_final.as_deref(), lp.workspace_len, |s, d, i, u, g, w| {
-        backward_into(gpu, s, d, i, u, g, w)
-    })
+    common::run_backward::<T>(
+        gpu,
+        &inp.p,
+        &inp.dy,
+        inp.dh_final.as_deref(),
+        lp.workspace_len,
+        false,
+        |s, d, i, u, g, w| backward_into(gpu, s, d, i, u, g, w),
+    )
     .unwrap_or_else(|e| panic!("{} {d:?}: {e}", T::DTYPE))
 }
 

@@ -205,6 +205,14 @@ fn quick_tuned_fla_settles_only_the_misses() {
     let fb = line("fwd+bwd");
     assert!(fb.contains("1.10×") && fb.contains("quick-tuned") && fb.ends_with("| **missed** |"), "{text}");
     assert!(text.contains("fla ran quick-tuned"), "{text}");
+    // With a real-gate fwd+bwd (fla's own operator), that is the one compared:
+    // fla 5.5 / ours real 4.0 = 1.38×, met against quick-tuned fla only.
+    peers["ours"]["results"].as_array_mut().unwrap().push(ours_row("chunked-real-fwd-bwd", "bf16", s, 4.0, 0.25));
+    write(&res.join("peers/peers.json"), &peers.to_string());
+    let text = file_runs(&[&res], &dir.join("into-real"));
+    let fb = target_line(&text, "fwd+bwd");
+    assert!(fb.contains("1.38×") && fb.contains("chunked-real-fwd-bwd") && fb.contains("(real gates)"), "{text}");
+    assert!(fb.ends_with("| not measured |"), "{text}");
     let _ = std::fs::remove_dir_all(&dir);
 }
 

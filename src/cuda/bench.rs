@@ -313,9 +313,11 @@ pub fn registry() -> Vec<KernelEntry> {
             about: "chunked backward, complex gates, exact: dq, dk, dv, dlog_gate from dy (no h0, no dh_final)",
             dtypes: &Dtype::ALL,
             shapes: chunked_shapes,
-            check: |d| chunk_grad::plan(d, Dtype::F32).map(|_| ()),
-            cost: chunked_grad_cost,
-            prepare: |gpu, d, t, host, sets| prepare_grad(gpu, d, t, host, sets, Backward::Chunked { forward: false }),
+            check: |d| chunk_grad::plan(d, Dtype::F32, Gates::Complex).map(|_| ()),
+            cost: |d, t| chunked_grad_cost(d, t, Gates::Complex),
+            prepare: |gpu, d, t, host, sets| {
+                prepare_grad(gpu, d, t, host, sets, Backward::chunked(false, Gates::Complex))
+            },
             tuning: false,
         },
         KernelEntry {
@@ -324,12 +326,31 @@ pub fn registry() -> Vec<KernelEntry> {
                     column of the peer comparison)",
             dtypes: &Dtype::ALL,
             shapes: chunked_shapes,
-            check: |d| chunk_grad::plan(d, Dtype::F32).map(|_| ()),
-            cost: |d, t| {
-                let (f, b) = (chunked_cost(d, t, Gates::Complex), chunked_grad_cost(d, t));
-                Cost { bytes: f.bytes + b.bytes, flops: f.flops + b.flops, traffic: f.traffic + b.traffic }
+            check: |d| chunk_grad::plan(d, Dtype::F32, Gates::Complex).map(|_| ()),
+            cost: |d, t| chunked_fwd_bwd_cost(d, t, Gates::Complex),
+            prepare: |gpu, d, t, host, sets| {
+                prepare_grad(gpu, d, t, host, sets, Backward::chunked(true, Gates::Complex))
             },
-            prepare: |gpu, d, t, host, sets| prepare_grad(gpu, d, t, host, sets, Backward::Chunked { forward: true }),
+            tuning: false,
+        },
+        KernelEntry {
+            name: "chunked-real-grad",
+            about: "chunked backward, REAL gates (gated linear attention), exact: dq, dk, dv, dlog_gate from dy",
+            dtypes: &Dtype::ALL,
+            shapes: chunked_shapes,
+            check: |d| chunk_grad::plan(d, Dtype::F32, Gates::Real).map(|_| ()),
+            cost: |d, t| chunked_grad_cost(d, t, Gates::Real),
+            prepare: |gpu, d, t, host, sets| prepare_grad(gpu, d, t, host, sets, Backward::chunked(false, Gates::Real)),
+            tuning: false,
+        },
+        KernelEntry {
+            name: "chunked-real-fwd-bwd",
+            about: "chunked forward then backward, REAL gates, exact (fla chunk_gla's fwd+bwd, apples to apples)",
+            dtypes: &Dtype::ALL,
+            shapes: chunked_shapes,
+            check: |d| chunk_grad::plan(d, Dtype::F32, Gates::Real).map(|_| ()),
+            cost: |d, t| chunked_fwd_bwd_cost(d, t, Gates::Real),
+            prepare: |gpu, d, t, host, sets| prepare_grad(gpu, d, t, host, sets, Backward::chunked(true, Gates::Real)),
             tuning: false,
         },
         KernelEntry {
@@ -551,19 +572,27 @@ pub fn chunked_traffic(d: &Dims, t: Dtype, gates: Gates, carry: ChunkCarry, back
     states + adjoints + grad_qk + grad_dv
 }
 
-/// Chunked backward (complex gates, no h0, no dh_final). Bytes: read q, k,
-/// v, dy (element type) and log_gate (complex f32) once, write dq, dk, dv and
-/// dlog_gate once. Flops per (b, t, h), p = 2, C = 64, products counted once:
-/// five K·V products (U_c, W_c, S_in·dy, D·v, K̃·D: 10pKV), the causal
-/// pairs of s = dY Vᵀ and Pᵀ dY (2CV), the recomputed scores and the two
-/// pre-phase accumulators (3CpK); gate exps and sincos are not counted.
-pub fn chunked_grad_cost(d: &Dims, t: Dtype) -> Cost {
+/// Chunked backward (no h0, no dh_final). Bytes: read q, k, v, dy (element
+/// type) and log_gate (p f32) once, write dq, dk, dv and dlog_gate once.
+/// Flops per (b, t, h), p = 2 for complex gates (1 for real), C = 64,
+/// products counted once: five K·V products (U_c, W_c, S_in·dy, D·v, K̃·D:
+/// 10pKV), the causal pairs of s = dY Vᵀ and Pᵀ dY (2CV), the recomputed
+/// scores and the two pre-phase accumulators (3CpK); gate exps and sincos are
+/// not counted.
+pub fn chunked_grad_cost(d: &Dims, t: Dtype, gates: Gates) -> Cost {
     let e = t.size_bytes() as f64;
-    let bytes = e * (4 * d.qk_len() + 3 * d.v_len()) as f64 + 16.0 * d.gate_len() as f64;
-    let (k, v, c, p) = (d.key_dim as f64, d.value_dim as f64, chunk::CHUNK_LEN as f64, 2.0);
+    let p = gates.parts() as f64;
+    let bytes = e * (4 * d.qk_len() + 3 * d.v_len()) as f64 + 8.0 * p * d.gate_len() as f64;
+    let (k, v, c) = (d.key_dim as f64, d.value_dim as f64, chunk::CHUNK_LEN as f64);
     let steps = (d.batch * d.len * d.heads) as f64;
-    let traffic = chunked_traffic(d, t, Gates::Complex, ChunkCarry::Auto, true);
+    let traffic = chunked_traffic(d, t, gates, ChunkCarry::Auto, true);
     Cost { bytes, flops: steps * (10.0 * p * k * v + c * (3.0 * p * k + 2.0 * v)), traffic }
+}
+
+/// The chunked forward then backward: the sum of the two costs.
+fn chunked_fwd_bwd_cost(d: &Dims, t: Dtype, gates: Gates) -> Cost {
+    let (f, b) = (chunked_cost(d, t, gates), chunked_grad_cost(d, t, gates));
+    Cost { bytes: f.bytes + b.bytes, flops: f.flops + b.flops, traffic: f.traffic + b.traffic }
 }
 
 /// Scan: the bytes and flops of the recurrence ([`recurrent_cost`]), the
@@ -781,11 +810,24 @@ struct GradSet<T> {
 /// Which backward a [`GradCase`] runs.
 #[derive(Clone, Copy, Debug)]
 enum Backward {
-    /// The chunked backward, exact, complex gates, no dh_final; after the
-    /// chunked forward when `forward` (fwd+bwd).
-    Chunked { forward: bool },
+    /// The chunked backward, exact, complex or real gates, no dh_final; after
+    /// the chunked forward when `forward` (fwd+bwd).
+    Chunked { forward: bool, gates: Gates },
     /// The fused scan backward, with dh_final = the host's random state.
     Scan,
+}
+
+impl Backward {
+    fn chunked(forward: bool, gates: Gates) -> Self {
+        Backward::Chunked { forward, gates }
+    }
+    /// The gate kind of log_gate, h_final and dlog_gate.
+    fn gates(self) -> Gates {
+        match self {
+            Backward::Chunked { gates, .. } => gates,
+            Backward::Scan => Gates::Complex,
+        }
+    }
 }
 
 struct GradCase<'g, T> {
@@ -805,11 +847,17 @@ fn prepare_grad<'g>(
     sets: usize,
     backward: Backward,
 ) -> Result<Box<dyn BenchCase + 'g>, GpuError> {
-    let fwd = matches!(backward, Backward::Chunked { forward: true });
+    let fwd = matches!(backward, Backward::Chunked { forward: true, .. });
+    let parts = backward.gates().parts();
+    // Real gates: the real parts of the random complex ones.
+    let log_gate: Vec<f32> = match backward.gates() {
+        Gates::Complex => host.log_gate.clone(),
+        Gates::Real => host.log_gate.iter().step_by(2).copied().collect(),
+    };
     crate::with_element!(t, T => {
         let s = gpu.stream();
         let ws_len = match backward {
-            Backward::Chunked { .. } => chunk_grad::plan(&dims, T::DTYPE)?.workspace_len,
+            Backward::Chunked { gates, .. } => chunk_grad::plan(&dims, T::DTYPE, gates)?.workspace_len,
             Backward::Scan => super::scan_grad::plan_for(gpu, &dims, T::DTYPE)?.workspace_len,
         };
         let (q, k, v) = (round_slice::<T>(&host.q), round_slice::<T>(&host.k), round_slice::<T>(&host.v));
@@ -820,10 +868,10 @@ fn prepare_grad<'g>(
                     q: s.clone_htod(&q).doing("uploading q")?,
                     k: s.clone_htod(&k).doing("uploading k")?,
                     v: s.clone_htod(&v).doing("uploading v")?,
-                    log_gate: s.clone_htod(&host.log_gate).doing("uploading log_gate")?,
+                    log_gate: s.clone_htod(&log_gate).doing("uploading log_gate")?,
                     dy: s.clone_htod(&dy).doing("uploading dy")?,
                     y: s.alloc_zeros::<T>(if fwd { dims.v_len() } else { 1 }).doing("allocating y")?,
-                    h_final: s.alloc_zeros::<f32>(if fwd { 2 * dims.state_len() } else { 1 }).doing("allocating h_final")?,
+                    h_final: s.alloc_zeros::<f32>(if fwd { parts * dims.state_len() } else { 1 }).doing("allocating h_final")?,
                     dh_final: matches!(backward, Backward::Scan)
                         .then(|| s.clone_htod(&host.state))
                         .transpose()
@@ -831,7 +879,7 @@ fn prepare_grad<'g>(
                     dq: s.clone_htod(&vec![T::nan(); dims.qk_len()]).doing("allocating dq")?,
                     dk: s.clone_htod(&vec![T::nan(); dims.qk_len()]).doing("allocating dk")?,
                     dv: s.clone_htod(&vec![T::nan(); dims.v_len()]).doing("allocating dv")?,
-                    dlog_gate: s.clone_htod(&vec![f32::NAN; 2 * dims.gate_len()]).doing("allocating dlog_gate")?,
+                    dlog_gate: s.clone_htod(&vec![f32::NAN; parts * dims.gate_len()]).doing("allocating dlog_gate")?,
                     // At least one element: a zero-sized allocation is not a
                     // buffer (the scan's plan may need no workspace).
                     workspace: s.alloc_zeros::<f32>(ws_len.max(1)).doing("allocating the workspace")?,
@@ -847,11 +895,15 @@ impl<T: Element> BenchCase for GradCase<'_, T> {
         let st = &mut self.sets[set];
         let s = self.gpu.stream();
         let exact = ChunkPrecision::Exact;
-        if let Backward::Chunked { forward: true } = self.backward {
+        if let Backward::Chunked { forward: true, gates } = self.backward {
             // The forward's workspace is a prefix of the backward's.
             let inputs = DeviceInputs { q: &st.q, k: &st.k, v: &st.v, log_gate: &st.log_gate, h0: None };
             let out = DeviceOutputs { y: &mut st.y, h_final: &mut st.h_final };
-            chunk::forward_into(self.gpu, s, &self.dims, inputs, out, Some(&mut st.workspace), exact)?;
+            let ws = Some(&mut st.workspace as _);
+            match gates {
+                Gates::Complex => chunk::forward_into(self.gpu, s, &self.dims, inputs, out, ws, exact)?,
+                Gates::Real => chunk::forward_real_into(self.gpu, s, &self.dims, inputs, out, ws, exact)?,
+            }
         }
         let inputs = DeviceInputs { q: &st.q, k: &st.k, v: &st.v, log_gate: &st.log_gate, h0: None };
         let grad_in = chunk_grad::DeviceGradInputs { dy: &st.dy, dh_final: st.dh_final.as_ref().map(|h| h as _) };
@@ -864,8 +916,11 @@ impl<T: Element> BenchCase for GradCase<'_, T> {
         };
         let ws = Some(&mut st.workspace as _);
         match self.backward {
-            Backward::Chunked { .. } => {
+            Backward::Chunked { gates: Gates::Complex, .. } => {
                 chunk_grad::backward_into(self.gpu, s, &self.dims, inputs, grad_in, grads, ws, exact)
+            }
+            Backward::Chunked { gates: Gates::Real, .. } => {
+                chunk_grad::backward_real_into(self.gpu, s, &self.dims, inputs, grad_in, grads, ws, exact)
             }
             Backward::Scan => super::scan_grad::backward_into(self.gpu, s, &self.dims, inputs, grad_in, grads, ws),
         }
@@ -1537,7 +1592,7 @@ mod tests {
         // The single-pass kernels move their minimum.
         let r = recurrent_cost(&d, Dtype::Bf16, false);
         assert_eq!(r.traffic, r.bytes);
-        let g = chunked_grad_cost(&d, Dtype::Bf16);
+        let g = chunked_grad_cost(&d, Dtype::Bf16, Gates::Complex);
         assert!(g.traffic > g.bytes);
     }
 

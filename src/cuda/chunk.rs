@@ -80,10 +80,9 @@ use cudarc::driver::sys::{CUdevice_attribute, CUfunction_attribute};
 use std::sync::Arc;
 
 use cudarc::driver::{CudaContext, CudaFunction, CudaModule, CudaStream, DevicePtrMut, LaunchConfig, PushKernelArg};
-use num_complex::Complex;
 
 use super::abi::{self, GateloopChunkParams};
-use super::element::{Dtype, Element, round_slice, widen_slice};
+use super::element::{Dtype, Element};
 use super::launch::{self, Buffers, SeqParams};
 use super::{DriverContext, Gpu, GpuError};
 use crate::error::InputError;
@@ -634,11 +633,7 @@ pub fn forward_host_as<T: Element>(
     p: &Problem<'_, f32>,
     config: impl Into<ChunkConfig>,
 ) -> Result<Outputs<f32>, GpuError> {
-    let config = config.into();
-    let workspace_len = |d: &Dims| Ok(plan(d, T::DTYPE, Gates::Complex)?.workspace_len);
-    launch::forward_host::<T>(gpu, p, workspace_len, "synchronizing after the chunked kernels", |s, d, i, o, ws| {
-        forward_into(gpu, s, d, i, o, ws, config)
-    })
+    host_forward::<T>(gpu, p, Gates::Complex, config.into())
 }
 
 /// The real-gate kernels from host data: `p`'s log_gate and h0 must be real
@@ -650,45 +645,23 @@ pub fn forward_real_host_as<T: Element>(
     p: &Problem<'_, f32>,
     config: impl Into<ChunkConfig>,
 ) -> Result<Outputs<f32>, GpuError> {
-    p.validate()?;
-    p.check_gate()?;
-    let real_parts = |name: &'static str, z: &[Complex<f32>]| -> Result<Vec<f32>, InputError> {
-        match z.iter().position(|z| z.im != 0.0) {
-            Some(index) => Err(InputError::Value {
-                name,
-                index,
-                value: z[index].to_string(),
-                why: "the real-gate kernel takes real values (Im = 0)",
-            }),
-            None => Ok(z.iter().map(|z| z.re).collect()),
-        }
-    };
-    let gate = real_parts("log_gate", p.log_gate)?;
-    let h0 = p.h0.map(|h| real_parts("h0", h)).transpose()?;
-    let d = p.dims;
-    let lp = plan(&d, T::DTYPE, Gates::Real)?;
-    let s = gpu.stream();
-    let q = s.clone_htod(&round_slice::<T>(p.q)).doing("uploading q")?;
-    let k = s.clone_htod(&round_slice::<T>(p.k)).doing("uploading k")?;
-    let v = s.clone_htod(&round_slice::<T>(p.v)).doing("uploading v")?;
-    let log_gate = s.clone_htod(&gate).doing("uploading log_gate")?;
-    let h0 = h0.map(|h| s.clone_htod(&h)).transpose().doing("uploading h0")?;
-    let mut y = s.alloc_zeros::<T>(d.v_len()).doing("allocating y")?;
-    let mut h_final = s.alloc_zeros::<f32>(d.state_len()).doing("allocating h_final")?;
-    let mut ws = s.alloc_zeros::<f32>(lp.workspace_len).doing("allocating the workspace")?;
-    forward_real_into(
-        gpu,
-        s,
-        &d,
-        DeviceInputs { q: &q, k: &k, v: &v, log_gate: &log_gate, h0: h0.as_ref().map(|h| h as _) },
-        DeviceOutputs { y: &mut y, h_final: &mut h_final },
-        Some(&mut ws),
-        config,
-    )?;
-    let y = s.clone_dtoh(&y).doing("downloading y")?;
-    let h_final = s.clone_dtoh(&h_final).doing("downloading h_final")?;
-    s.synchronize().doing("synchronizing after the chunked kernels")?;
-    Ok(Outputs { y: widen_slice(&y), h_final: h_final.into_iter().map(|re| Complex::new(re, 0.0)).collect() })
+    host_forward::<T>(gpu, p, Gates::Real, config.into())
+}
+
+/// The body of [`forward_host_as`] and [`forward_real_host_as`].
+fn host_forward<T: Element>(
+    gpu: &Gpu,
+    p: &Problem<'_, f32>,
+    gates: Gates,
+    config: ChunkConfig,
+) -> Result<Outputs<f32>, GpuError> {
+    let real_gates = gates == Gates::Real;
+    let workspace_len = |d: &Dims| Ok(plan(d, T::DTYPE, gates)?.workspace_len);
+    let doing = "synchronizing after the chunked kernels";
+    launch::forward_host::<T>(gpu, p, real_gates, workspace_len, doing, |s, d, inputs, out, ws| {
+        let buffers = Buffers::forward(inputs, out, ws);
+        launch(gpu, s, d, if real_gates { buffers.with_real_gates() } else { buffers }, gates, config)
+    })
 }
 
 #[cfg(test)]

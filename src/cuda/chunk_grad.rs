@@ -1,6 +1,9 @@
-//! The chunked BACKWARD on the GPU (`cuda/chunk_grad.cu`, complex gates):
-//! the gradients of L = Σ dy ⊙ y + Σ Re(conj(dh_final) ⊙ h_final) with
-//! respect to q, k, v, log_gate and h0. The kernel twin of
+//! The chunked BACKWARD on the GPU (`cuda/chunk_grad.cu`): the gradients of
+//! L = Σ dy ⊙ y + Σ Re(conj(dh_final) ⊙ h_final) with respect to q, k, v,
+//! log_gate and h0, for complex gates ([`backward_into`]) and for real gates
+//! (gated linear attention, [`backward_real_into`]: the backward of
+//! [`chunk::forward_real_into`], the same kernels with the imaginary part
+//! compiled out, as the forward's real-gate kernels). The kernel twin of
 //! [`crate::cpu::chunked_grad`] (read its module doc for the derivation):
 //! the same chunks of 64, anchored sub-chunks of 16, segmented chunk-local
 //! gate prefix (shared with the forward through `cuda/chunk_common.cuh`),
@@ -45,17 +48,20 @@
 //! # Outputs, memory, determinism
 //!
 //! dq, dk, dv are written in the inputs' element type `T` (rounded once);
-//! dlog_gate and dh0 are complex f32. Memory beyond inputs and gradients:
-//! the workspace ([`GradPlan::workspace_len`]): the decays, S_in(c) and
-//! D(c) (8·B·H·⌈L/64⌉·K·V bytes each) and an h_final sink (8·B·H·K·V bytes):
+//! dlog_gate and dh0 are complex f32 (real f32 with real gates). Memory
+//! beyond inputs and gradients: the workspace ([`GradPlan::workspace_len`]):
+//! the decays, S_in(c) and D(c) (8·B·H·⌈L/64⌉·K·V bytes each, half that with
+//! real gates) and an h_final sink (8·B·H·K·V bytes, or 4):
 //! O(B·H·(L/64)·K·V), never O(L·K·V). No atomics: every output element is
 //! written by one thread, every sum has a fixed order (a per-head gate sums
 //! its K channels in a fixed order inside one block), so two runs are
 //! bitwise equal.
 //!
 //! The kernels compile spill-free for sm_80 and sm_90;
-//! `tests/gpu_chunked_grad.rs` passed on an H200 (2026-11-30) and skips
-//! without a device.
+//! `tests/gpu_chunked_grad.rs` passed on an H200 (2026-11-30, complex gates;
+//! the real-gate kernels came after and have run on the emulated device
+//! only, where they are within 4.6e-7 of the f64 reference in f32) and
+//! skips without a device.
 
 use cudarc::driver::sys::CUfunction_attribute;
 use std::sync::Arc;
@@ -87,26 +93,28 @@ unsafe impl DeviceRepr for GateloopChunkGradParams {}
 /// the forward's state kernel does (raw q, the dY tile and [Re Q̃ | −Im Q̃]
 /// split in the element's operand type, the warps' staging tiles) and
 /// grad_dv runs the forward output kernel's pass (`intra_pass` in
-/// cuda/chunk_common.cuh), so they take those kernels' (complex) bytes;
+/// cuda/chunk_common.cuh), so they take those kernels' bytes (of `gates`);
 /// grad_qk's is `qk_smem_bytes`: q, k raw and s (f32), a union of the s
 /// phase (dY, V split), the off-diagonal phase (the six 16 × 16 blocks of s,
 /// the anchored q̃ per pair and k̃ per key sub-chunk split, reused for their
 /// products in f32) and the inter-chunk phase (dY, V, S_in, D over 32 value
 /// columns split, reused for X, Y in f32), then w', u, the per-head sums and
-/// the through terms.
-pub fn shared_bytes(dtype: Dtype) -> (u32, u32, u32) {
+/// the through terms. Real `gates` take a real gate prefix and operand
+/// slabs of K̃ alone; grad_qk's f32 products keep their [Re | Im] layout.
+pub fn shared_bytes(dtype: Dtype, gates: Gates) -> (u32, u32, u32) {
     let (c, s, t) = (chunk::CHUNK_LEN, KEY_SLAB, VALUE_TILE);
     let size = dtype.size_bytes();
     let pad = if size == 4 { 4 } else { 8 };
     let split = |rows: usize, ld: usize| 2 * rows * ld * size;
-    let (sub, width) = (chunk::SUB_CHUNK_LEN, 2 * s);
+    // The slab's operand width (Re and Im, or Re), and the f32 products' (always both).
+    let (sub, width, out_width) = (chunk::SUB_CHUNK_LEN, gates.parts() * s, 2 * s);
     let (pairs, key_subs) = (c / sub * (c / sub - 1) / 2, c / sub - 1);
-    let prefix = chunk::prefix_bytes(Gates::Complex);
-    let (w, dv) = chunk::shared_bytes(dtype, Gates::Complex);
+    let prefix = chunk::prefix_bytes(gates);
+    let (w, dv) = chunk::shared_bytes(dtype, gates);
     let inter_cols = t / 2;
-    let inter = (2 * split(c, inter_cols + pad) + 2 * split(2 * s, inter_cols + pad)).max(2 * c * 2 * s * 4);
+    let inter = (2 * split(c, inter_cols + pad) + 2 * split(width, inter_cols + pad)).max(2 * c * out_width * 4);
     let offdiag = split(pairs * sub, sub + pad) + split(pairs * sub, width + pad) + split(key_subs * sub, width + pad);
-    let offdiag_out = 4 * (pairs + key_subs) * sub * width;
+    let offdiag_out = 4 * (pairs + key_subs) * sub * out_width;
     let union = (2 * split(c, t + pad)).max(inter).max(offdiag).max(offdiag_out);
     // w' and u rows padded by one complex (cuda/chunk_grad.cu: kLdGate).
     let qk = prefix + 4 * (2 * c * s + c * c) + union + 4 * (2 * 2 * c * (s + 1) + 2 * 2 * c + 2 * s + 2);
@@ -124,16 +132,18 @@ pub struct GradPlan {
     pub adj_offset: usize,
     /// f32 offset of the h_final sink.
     pub sink_offset: usize,
-    /// f32 of the workspace: the forward's, D (B·H·chunks·2·K·V), the sink (2·B·H·K·V).
+    /// f32 of the workspace: the forward's, D (B·H·chunks·parts·K·V), the
+    /// sink (parts·B·H·K·V); parts = 2 for complex gates, 1 for real.
     pub workspace_len: usize,
     /// Dynamic shared memory of grad_w, grad_qk, grad_dv (bytes).
     pub shared_bytes: (u32, u32, u32),
 }
 
-/// The geometry of the backward for `dims` and element type `dtype`
-/// (complex gates; K ≤ [`chunk::MAX_KEY_DIM`]; every grid ≤ 2^31 − 1).
-pub fn plan(dims: &Dims, dtype: Dtype) -> Result<GradPlan, InputError> {
-    let forward = chunk::plan(dims, dtype, Gates::Complex)?;
+/// The geometry of the backward for `dims`, element type `dtype` and
+/// complex or real `gates` (K ≤ [`chunk::MAX_KEY_DIM`]; every grid ≤ 2^31 − 1).
+pub fn plan(dims: &Dims, dtype: Dtype, gates: Gates) -> Result<GradPlan, InputError> {
+    let forward = chunk::plan(dims, dtype, gates)?;
+    let parts = gates.parts();
     let d = dims;
     let nc = forward.num_chunks as usize;
     let bh = d.batch * d.heads; // fits: the forward's plan checked B·H·chunks
@@ -146,23 +156,28 @@ pub fn plan(dims: &Dims, dtype: Dtype) -> Result<GradPlan, InputError> {
     let state = d.batch * d.heads * d.key_dim * d.value_dim;
     let ws_error = || InputError::TooLarge {
         name: "workspace",
-        shape: format!("[B·H·chunks·2·K·V] twice with {nc} chunks"),
+        shape: format!("[B·H·chunks·{parts}·K·V] twice with {nc} chunks"),
         limit: "usize::MAX".into(),
     };
     let adj_offset = forward.workspace_len;
-    let sink_offset = nc.checked_mul(2 * state).and_then(|a| a.checked_add(adj_offset)).ok_or_else(ws_error)?;
-    let workspace_len = sink_offset.checked_add(2 * state).ok_or_else(ws_error)?;
-    Ok(GradPlan { forward, qk_grid, adj_offset, sink_offset, workspace_len, shared_bytes: shared_bytes(dtype) })
+    let sink_offset = nc.checked_mul(parts * state).and_then(|a| a.checked_add(adj_offset)).ok_or_else(ws_error)?;
+    let workspace_len = sink_offset.checked_add(parts * state).ok_or_else(ws_error)?;
+    Ok(GradPlan { forward, qk_grid, adj_offset, sink_offset, workspace_len, shared_bytes: shared_bytes(dtype, gates) })
 }
 
-/// The backward kernels of one context: `[dtype]` for grad_w, grad_qk, grad_dv.
+/// The backward kernels of one context: `[kernel_index(dtype, gates)]` for
+/// grad_w, grad_qk, grad_dv, `[gates.index()]` for the adjoint carry.
 pub(crate) struct ChunkGradKernels {
     w: Vec<CudaFunction>,
     /// grad_w and the adjoint carry in one walk (the sequential carry).
     w_seq: Vec<CudaFunction>,
     qk: Vec<CudaFunction>,
     dv: Vec<CudaFunction>,
-    adjoint_carry: CudaFunction,
+    adjoint_carry: Vec<CudaFunction>,
+}
+
+fn kernel_index(dtype: Dtype, gates: Gates) -> usize {
+    dtype.index() * Gates::ALL.len() + gates.index()
 }
 
 impl ChunkGradKernels {
@@ -171,29 +186,33 @@ impl ChunkGradKernels {
     pub(crate) fn load(module: &Arc<CudaModule>, max_shared: usize) -> Result<Self, GpuError> {
         let mut tables: [Vec<CudaFunction>; 4] = Default::default();
         for dtype in Dtype::ALL {
-            let (w_bytes, qk_bytes, dv_bytes) = shared_bytes(dtype);
-            let w_seq_bytes = chunk::sequential_shared_bytes(dtype, Gates::Complex);
-            for (table, kind, bytes) in
-                [(0, "w", w_bytes), (1, "qk", qk_bytes), (2, "dv", dv_bytes), (3, "w_seq", w_seq_bytes)]
-            {
-                let f = module
-                    .load_function(&format!("gateloop_chunk_grad_{kind}_{}", dtype.name()))
-                    .doing("looking up gateloop_chunk_grad_{w,qk,dv}_*")?;
-                if bytes as usize <= max_shared {
-                    f.set_attribute(
-                        CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
-                        bytes as i32,
-                    )
-                    .doing("raising the chunked backward kernels' dynamic shared memory limit")?;
+            for gates in Gates::ALL {
+                let (w_bytes, qk_bytes, dv_bytes) = shared_bytes(dtype, gates);
+                let w_seq_bytes = chunk::sequential_shared_bytes(dtype, gates);
+                for (table, kind, bytes) in
+                    [(0, "w", w_bytes), (1, "qk", qk_bytes), (2, "dv", dv_bytes), (3, "w_seq", w_seq_bytes)]
+                {
+                    let f = module
+                        .load_function(&format!("gateloop_chunk_grad_{kind}_{}_{}", dtype.name(), gates.suffix()))
+                        .doing("looking up gateloop_chunk_grad_{w,qk,dv,w_seq}_*")?;
+                    if bytes as usize <= max_shared {
+                        f.set_attribute(
+                            CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                            bytes as i32,
+                        )
+                        .doing("raising the chunked backward kernels' dynamic shared memory limit")?;
+                    }
+                    debug_assert_eq!(tables[table].len(), kernel_index(dtype, gates));
+                    tables[table].push(f);
                 }
-                debug_assert_eq!(tables[table].len(), dtype.index());
-                tables[table].push(f);
             }
         }
         let [w, qk, dv, w_seq] = tables;
-        let adjoint_carry = module
-            .load_function("gateloop_chunk_grad_adjoint_carry")
-            .doing("looking up gateloop_chunk_grad_adjoint_carry")?;
+        let adjoint_carry = Gates::ALL
+            .iter()
+            .map(|g| module.load_function(&format!("gateloop_chunk_grad_adjoint_carry_{}", g.suffix())))
+            .collect::<Result<Vec<_>, _>>()
+            .doing("looking up gateloop_chunk_grad_adjoint_carry_*")?;
         Ok(ChunkGradKernels { w, w_seq, qk, dv, adjoint_carry })
     }
 }
@@ -223,8 +242,46 @@ pub fn backward_into<'a, T: Element>(
     workspace: Option<&'a mut dyn cudarc::driver::DevicePtrMut<f32>>,
     precision: ChunkPrecision,
 ) -> Result<(), GpuError> {
+    let buffers = GradBuffers { inputs, grad_in, grads: grads_out, workspace, real_gates: false };
+    launch_backward(gpu, stream, dims, buffers, Gates::Complex, precision)
+}
+
+/// [`backward_into`] for REAL gates (gated linear attention, the backward of
+/// [`chunk::forward_real_into`]): `inputs.log_gate` is `[B, L, H, K or 1]`
+/// real f32, `inputs.h0`, `grad_in.dh_final` and `grads_out.dh0` are
+/// `[B, H, K, V]` real f32 and `grads_out.dlog_gate` has log_gate's real
+/// layout (∂L/∂log_gate). The same launches with the imaginary part
+/// compiled out (`gateloop_chunk_grad_*_r`); the workspace is
+/// [`plan`]`(dims, T::DTYPE, Gates::Real)`'s.
+#[allow(clippy::too_many_arguments)]
+pub fn backward_real_into<'a, T: Element>(
+    gpu: &Gpu,
+    stream: &CudaStream,
+    dims: &Dims,
+    inputs: DeviceInputs<'a, T>,
+    grad_in: DeviceGradInputs<'a, T>,
+    grads_out: DeviceGrads<'a, T>,
+    workspace: Option<&'a mut dyn cudarc::driver::DevicePtrMut<f32>>,
+    precision: ChunkPrecision,
+) -> Result<(), GpuError> {
+    let buffers = GradBuffers { inputs, grad_in, grads: grads_out, workspace, real_gates: true };
+    launch_backward(gpu, stream, dims, buffers, Gates::Real, precision)
+}
+
+/// The body of [`backward_into`] and [`backward_real_into`]: `buffers`
+/// (complex or real gate-side tensors, as `gates` says) checked and bound,
+/// the launches enqueued.
+fn launch_backward<'a, T: Element>(
+    gpu: &Gpu,
+    stream: &CudaStream,
+    dims: &Dims,
+    buffers: GradBuffers<'a, T>,
+    gates: Gates,
+    precision: ChunkPrecision,
+) -> Result<(), GpuError> {
+    debug_assert_eq!(buffers.real_gates, gates == Gates::Real);
     let d = dims;
-    let gp = plan(d, T::DTYPE)?;
+    let gp = plan(d, T::DTYPE, gates)?;
     let lp = gp.forward;
     let fwd_kernels = &gpu.kernels.chunk;
     let kernels = &gpu.kernels.chunk_grad;
@@ -244,9 +301,8 @@ pub fn backward_into<'a, T: Element>(
         }
         .into());
     }
-    let has_dh_final = grad_in.dh_final.is_some();
-    let has_dh0 = grads_out.dh0.is_some();
-    let buffers = GradBuffers { inputs, grad_in, grads: grads_out, workspace };
+    let has_dh_final = buffers.grad_in.dh_final.is_some();
+    let has_dh0 = buffers.grads.dh0.is_some();
     buffers.check(gpu, stream, d, gp.workspace_len, || {
         format!("at least {} f32 ({} chunks)", gp.workspace_len, lp.num_chunks)
     })?;
@@ -282,8 +338,8 @@ pub fn backward_into<'a, T: Element>(
     params.fwd.h_final = at(gp.sink_offset);
     params.ws_adj = at(gp.adj_offset);
 
-    let fwd_index = chunk::table_index(T::DTYPE, Gates::Complex, precision);
-    let dtype = T::DTYPE.index();
+    let fwd_index = chunk::table_index(T::DTYPE, gates, precision);
+    let dtype = kernel_index(T::DTYPE, gates);
     let block = (THREADS, 1, 1);
     let carry_block = (CARRY_THREADS, 1, 1);
     enum Arg<'p> {
@@ -321,7 +377,7 @@ pub fn backward_into<'a, T: Element>(
             ),
             (&kernels.w[dtype], lp.grid, block, w_bytes, Arg::Grad(&params), "launching gateloop_chunk_grad_w"),
             (
-                &fwd_kernels.carry[Gates::Complex.index()],
+                &fwd_kernels.carry[gates.index()],
                 lp.carry_grid,
                 carry_block,
                 0,
@@ -329,7 +385,7 @@ pub fn backward_into<'a, T: Element>(
                 "launching gateloop_chunk_carry (backward)",
             ),
             (
-                &kernels.adjoint_carry,
+                &kernels.adjoint_carry[gates.index()],
                 lp.carry_grid,
                 carry_block,
                 0,
@@ -350,15 +406,18 @@ pub fn backward_into<'a, T: Element>(
             Arg::Grad(p) => launch.arg(p),
         };
         // SAFETY: each `func` takes exactly the struct pushed: the forward's
-        // gateloop_chunk_state_{T}_c_{prec} and gateloop_chunk_carry_c, or
-        // gateloop_chunk_state_seq_{T}_c_{prec}, a GateloopChunkParams (params.fwd), the gateloop_chunk_grad_* entries
-        // of this element type T a GateloopChunkGradParams, by value. Every
+        // gateloop_chunk_state_{T}_{g}_{prec} and gateloop_chunk_carry_{g}, or
+        // gateloop_chunk_state_seq_{T}_{g}_{prec}, a GateloopChunkParams
+        // (params.fwd), the gateloop_chunk_grad_*_{T}_{g} entries and
+        // gateloop_chunk_grad_adjoint_carry_{g} a GateloopChunkGradParams, by
+        // value, g the gate kind `gates` (kernel_index, table_index). Every
         // pointer comes from a live buffer of this context whose length was
         // checked above against the dims in the params (complex f32 for
-        // log_gate, h0, dh_final, dlog_gate, dh0; contiguous strides); the
+        // log_gate, h0, dh_final, dlog_gate, dh0 with complex gates, real f32
+        // with real ones, as the g entries read them; contiguous strides); the
         // workspace holds ≥ gp.workspace_len f32, carved as ws_decay
-        // (decay_len), ws_state and ws_adj (B·H·chunks·2·K·V each) and the
-        // h_final sink (2·B·H·K·V), exactly the extents the kernels index,
+        // (decay_len), ws_state and ws_adj (B·H·chunks·parts·K·V each) and the
+        // h_final sink (parts·B·H·K·V), exactly the extents the kernels index,
         // each written before it is read in stream order (state and grad_w,
         // then the carries, or state_seq then grad_w_seq, which reads nothing
         // the former writes but leaves the same slots; then grad_qk and
@@ -397,15 +456,50 @@ pub fn backward_host_as<T: Element>(
     dh_final: Option<&[Complex<f32>]>,
     precision: ChunkPrecision,
 ) -> Result<Grads<f32>, GpuError> {
-    let workspace_len = |d: &Dims| Ok(plan(d, T::DTYPE)?.workspace_len);
+    host_backward::<T>(gpu, p, dy, dh_final, Gates::Complex, precision)
+}
+
+/// The real-gate backward ([`backward_real_into`]) from host data: `p`'s
+/// log_gate and h0 and `dh_final` must be real (Im = 0 everywhere, else
+/// [`InputError::Value`]); their real parts are uploaded as real f32, q, k,
+/// v and dy rounded to `T`. Returns dq, dk, dv (widened to f32) and
+/// dlog_gate, dh0 as complex numbers with Im = 0: the gradients with
+/// respect to the real log gate and the real h0 (the real parts of the
+/// complex-gate gradients at the same real inputs). Synchronizes.
+pub fn backward_real_host_as<T: Element>(
+    gpu: &Gpu,
+    p: &Problem<'_, f32>,
+    dy: &[f32],
+    dh_final: Option<&[Complex<f32>]>,
+    precision: ChunkPrecision,
+) -> Result<Grads<f32>, GpuError> {
+    host_backward::<T>(gpu, p, dy, dh_final, Gates::Real, precision)
+}
+
+/// The body of [`backward_host_as`] and [`backward_real_host_as`].
+fn host_backward<T: Element>(
+    gpu: &Gpu,
+    p: &Problem<'_, f32>,
+    dy: &[f32],
+    dh_final: Option<&[Complex<f32>]>,
+    gates: Gates,
+    precision: ChunkPrecision,
+) -> Result<Grads<f32>, GpuError> {
+    let real_gates = gates == Gates::Real;
+    let workspace_len = |d: &Dims| Ok(plan(d, T::DTYPE, gates)?.workspace_len);
+    let doing = "synchronizing after the chunked backward";
     launch::backward_host::<T>(
         gpu,
         p,
         dy,
         dh_final,
+        real_gates,
         workspace_len,
-        "synchronizing after the chunked backward",
-        |s, d, i, g, o, w| backward_into(gpu, s, d, i, g, o, w, precision),
+        doing,
+        |s, d, inputs, grad_in, grads, w| {
+            let buffers = GradBuffers { inputs, grad_in, grads, workspace: w, real_gates };
+            launch_backward(gpu, s, d, buffers, gates, precision)
+        },
     )
 }
 
@@ -431,7 +525,7 @@ mod tests {
         // 2·2·64·68·4 = 69632), diagonal scores 4096, staging 8192.
         let qk = 20480 + 8192 + 16384 + 69632 + 17408 + 1024 + 136;
         let dv = 20480 + 8192 + 18432 + 17408 + 27648 + 13824 + 4096 + 8192;
-        assert_eq!(shared_bytes(Dtype::F32), (20480 + 4096 + 34816 + 18432 + 8192, qk, dv));
+        assert_eq!(shared_bytes(Dtype::F32, Gates::Complex), (20480 + 4096 + 34816 + 18432 + 8192, qk, dv));
         // f16 / bf16 operands (row padding 8): grad_w's dY split 2·64·72·2 =
         // 18432, Q̃ split 2·64·40·2 = 10240; grad_qk's union max(s phase
         // 2·2·2·64·72 = 36864, off-diagonal 2·2·(96·24 + 96·40 + 48·40) =
@@ -441,19 +535,41 @@ mod tests {
         for dtype in [Dtype::F16, Dtype::Bf16] {
             let qk = 20480 + 8192 + 16384 + 36864 + 17408 + 1024 + 136;
             let dv = 20480 + 8192 + 42496 + 4096 + 8192;
-            assert_eq!(shared_bytes(dtype), (20480 + 4096 + 18432 + 10240 + 8192, qk, dv));
+            assert_eq!(shared_bytes(dtype, Gates::Complex), (20480 + 4096 + 18432 + 10240 + 8192, qk, dv));
+        }
+        // Real gates: prefix 3·64·16·4 = 12288; grad_w and grad_dv the real
+        // forward kernels'; grad_qk's slab operands 16 wide (S_in, D splits
+        // of 16 rows, q̃ and k̃ of 16 columns) and its f32 products as wide
+        // as the complex kernel's. f32: union max(s phase 69632, inter-chunk
+        // 2·18432 + 2·2·16·36·4 = 46080, off-diagonal 15360 + 2·96·20·4 +
+        // 2·48·20·4 = 38400, products 18432) = 69632.
+        let tail = 17408 + 1024 + 136;
+        let (w, dv) = chunk::shared_bytes(Dtype::F32, Gates::Real);
+        assert_eq!(w, 12288 + 4096 + 34816 + 2 * 64 * 20 * 4 + 8192);
+        assert_eq!(shared_bytes(Dtype::F32, Gates::Real), (w, 12288 + 8192 + 16384 + 69632 + tail, dv));
+        // 16-bit: union max(s phase 36864, inter-chunk 2·2·2·64·40 +
+        // 2·2·2·16·40 = 25600, off-diagonal 2·2·(96·24 + 96·24 + 48·24) =
+        // 23040, products 18432) = 36864.
+        for dtype in [Dtype::F16, Dtype::Bf16] {
+            let (w, dv) = chunk::shared_bytes(dtype, Gates::Real);
+            assert_eq!(shared_bytes(dtype, Gates::Real), (w, 12288 + 8192 + 16384 + 36864 + tail, dv));
         }
         for dtype in Dtype::ALL {
-            let (w, qk, dv) = shared_bytes(dtype);
-            assert!(w.max(qk).max(dv) <= 163 * 1024, "{dtype}: sm_80's opt-in limit");
-            assert!(w.is_multiple_of(128) && dv.is_multiple_of(128), "{dtype}: every carve a multiple of 128 bytes");
+            for gates in Gates::ALL {
+                let (w, qk, dv) = shared_bytes(dtype, gates);
+                assert!(w.max(qk).max(dv) <= 163 * 1024, "{dtype} {gates:?}: sm_80's opt-in limit");
+                assert!(
+                    w.is_multiple_of(128) && dv.is_multiple_of(128),
+                    "{dtype} {gates:?}: every carve a multiple of 128 bytes"
+                );
+            }
         }
     }
 
     #[test]
     fn plan_examples() {
         let d = dims(2, 65, 3, 5, 65, false);
-        let g = plan(&d, Dtype::Bf16).unwrap();
+        let g = plan(&d, Dtype::Bf16, Gates::Complex).unwrap();
         let f = chunk::plan(&d, Dtype::Bf16, Gates::Complex).unwrap();
         assert_eq!(g.forward, f);
         assert_eq!(g.qk_grid, 6 * 2);
@@ -462,8 +578,14 @@ mod tests {
         assert_eq!(g.workspace_len, g.sink_offset + 2 * 6 * 5 * 65);
         // Every region starts at an even f32 (8-byte aligned complex pairs).
         assert!(f.decay_len.is_multiple_of(2) && g.adj_offset.is_multiple_of(2) && g.sink_offset.is_multiple_of(2));
+        // Real gates: one f32 per state element.
+        let r = plan(&d, Dtype::Bf16, Gates::Real).unwrap();
+        let fr = chunk::plan(&d, Dtype::Bf16, Gates::Real).unwrap();
+        assert_eq!(r.adj_offset, fr.workspace_len);
+        assert_eq!(r.sink_offset, fr.workspace_len + 6 * 2 * 5 * 65);
+        assert_eq!(r.workspace_len, r.sink_offset + 6 * 5 * 65);
         assert!(matches!(
-            plan(&dims(1, 1, 1, 257, 1, false), Dtype::F32),
+            plan(&dims(1, 1, 1, 257, 1, false), Dtype::F32, Gates::Complex),
             Err(InputError::Param { name: "key_dim", .. })
         ));
     }

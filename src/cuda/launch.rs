@@ -5,6 +5,7 @@
 //! tensor pointers), and the upload/download of the `forward_host`
 //! conveniences.
 
+use std::borrow::Cow;
 use std::ffi::c_void;
 
 use cudarc::driver::{CudaStream, DevicePtr, DevicePtrMut, DeviceRepr, DeviceSlice, SyncOnDrop};
@@ -340,17 +341,19 @@ fn check_input_contexts<T>(
 // ---- gradients (the backward kernels) --------------------------------------------
 
 /// Device upstream gradients of one backward call: `dy` in the inputs' type
-/// `T`, `dh_final` complex f32 (interleaved pairs, 8-byte aligned).
+/// `T`, `dh_final` complex f32 (interleaved pairs, 8-byte aligned; real f32
+/// for the real-gate backward, `chunk_grad::backward_real_into`).
 pub struct DeviceGradInputs<'a, T = f32> {
     /// ∂L/∂y, `[B, L, H, V]`
     pub dy: &'a dyn DevicePtr<T>,
-    /// ∂L/∂h_final, `[B, H, K, V]` complex f32, or none (zero)
+    /// ∂L/∂h_final, `[B, H, K, V]` complex f32 (real gates: f32), or none (zero)
     pub dh_final: Option<&'a dyn DevicePtr<f32>>,
 }
 
 /// Caller-owned device gradients of one backward call (every element is
 /// overwritten): dq, dk, dv in the inputs' type `T`, dlog_gate and dh0
-/// complex f32 (interleaved pairs, 8-byte aligned).
+/// complex f32 (interleaved pairs, 8-byte aligned; real f32 for the
+/// real-gate backward).
 pub struct DeviceGrads<'a, T = f32> {
     /// `[B, L, H, K]`
     pub dq: &'a mut dyn DevicePtrMut<T>,
@@ -358,9 +361,9 @@ pub struct DeviceGrads<'a, T = f32> {
     pub dk: &'a mut dyn DevicePtrMut<T>,
     /// `[B, L, H, V]`
     pub dv: &'a mut dyn DevicePtrMut<T>,
-    /// The layout of log_gate, complex f32
+    /// The layout of log_gate, complex f32 (real gates: f32)
     pub dlog_gate: &'a mut dyn DevicePtrMut<f32>,
-    /// `[B, H, K, V]` complex f32: required when the inputs have an h0 (the
+    /// `[B, H, K, V]` complex f32 (real gates: f32): required when the inputs have an h0 (the
     /// gradient of the implicit zero state when given without one)
     pub dh0: Option<&'a mut dyn DevicePtrMut<f32>>,
 }
@@ -373,6 +376,9 @@ pub(crate) struct GradBuffers<'a, T> {
     pub grads: DeviceGrads<'a, T>,
     /// f32 scratch; `None` only where the plan needs none.
     pub workspace: Option<&'a mut dyn DevicePtrMut<f32>>,
+    /// log_gate, h0, dh_final, dlog_gate and dh0 are real f32 (the chunked
+    /// backward's real-gate entry), not complex.
+    pub real_gates: bool,
 }
 
 /// The device addresses of a backward call's gradient buffers.
@@ -402,23 +408,24 @@ impl<'a, T> GradBuffers<'a, T> {
         ws_shape: impl FnOnce() -> String,
     ) -> Result<(), InputError> {
         let DeviceInputs { q, k, v, log_gate, h0 } = &self.inputs;
-        check_input_lens(d, *q, *k, *v, *log_gate, *h0, true)?;
+        let complex = !self.real_gates;
+        check_input_lens(d, *q, *k, *v, *log_gate, *h0, complex)?;
         check_len("dy", d.v_shape(), false, self.grad_in.dy.len())?;
         if let Some(dh) = self.grad_in.dh_final {
-            check_len("dh_final", d.state_shape(), true, dh.len())?;
+            check_len("dh_final", d.state_shape(), complex, dh.len())?;
         }
         let g = &self.grads;
         check_len("dq", d.qk_shape(), false, g.dq.len())?;
         check_len("dk", d.qk_shape(), false, g.dk.len())?;
         check_len("dv", d.v_shape(), false, g.dv.len())?;
-        check_len("dlog_gate", d.gate_shape(), true, g.dlog_gate.len())?;
+        check_len("dlog_gate", d.gate_shape(), complex, g.dlog_gate.len())?;
         match (&g.dh0, h0) {
-            (Some(dh0), _) => check_len("dh0", d.state_shape(), true, dh0.len())?,
+            (Some(dh0), _) => check_len("dh0", d.state_shape(), complex, dh0.len())?,
             (None, Some(_)) => {
                 return Err(InputError::Param {
                     name: "dh0",
                     value: "none".into(),
-                    why: "h0 was given, so its gradient needs a dh0 buffer ([B, H, K, V] complex f32)",
+                    why: "h0 was given, so its gradient needs a dh0 buffer ([B, H, K, V] f32, complex pairs for complex gates)",
                 });
             }
             (None, None) => {}
@@ -447,7 +454,8 @@ impl<'a, T> GradBuffers<'a, T> {
     }
 
     /// Takes every device address on `stream` (complex buffers and the
-    /// workspace checked 8-byte aligned), writes the inputs' pointers and the
+    /// workspace checked 8-byte aligned; real gate-side buffers need f32
+    /// alignment only), writes the inputs' pointers and the
     /// `HAS_H0` flag into the embedded forward struct `fwd` (y and h_final
     /// NULL: the caller points them where its kernels need), and returns the
     /// gradients'.
@@ -459,7 +467,7 @@ impl<'a, T> GradBuffers<'a, T> {
     where
         'a: 's,
     {
-        let GradBuffers { inputs, grad_in, grads, workspace } = self;
+        let GradBuffers { inputs, grad_in, grads, workspace, real_gates } = self;
         let mut guards = Vec::with_capacity(14);
         let mut ptr = |(p, guard): (u64, SyncOnDrop<'s>)| {
             guards.push(guard);
@@ -478,16 +486,17 @@ impl<'a, T> GradBuffers<'a, T> {
         let dlog_gate = ptr(grads.dlog_gate.device_ptr_mut(stream));
         let dh0 = grads.dh0.map(|h| ptr(h.device_ptr_mut(stream)));
         let workspace = workspace.map(|w| ptr(w.device_ptr_mut(stream)));
-        check_align("log_gate", log_gate)?;
+        let check_gate_align = |name, ptr| if real_gates { Ok(()) } else { check_align(name, ptr) };
+        check_gate_align("log_gate", log_gate)?;
         if let Some(h0) = h0 {
-            check_align("h0", h0)?;
+            check_gate_align("h0", h0)?;
         }
         if let Some(dh) = dh_final {
-            check_align("dh_final", dh)?;
+            check_gate_align("dh_final", dh)?;
         }
-        check_align("dlog_gate", dlog_gate)?;
+        check_gate_align("dlog_gate", dlog_gate)?;
         if let Some(dh0) = dh0 {
-            check_align("dh0", dh0)?;
+            check_gate_align("dh0", dh0)?;
         }
         if let Some(w) = workspace {
             check_align("workspace", w)?;
@@ -581,14 +590,48 @@ pub(crate) fn complex_as_f32(z: &[Complex<f32>]) -> &[f32] {
     unsafe { std::slice::from_raw_parts(z.as_ptr().cast::<f32>(), z.len() * 2) }
 }
 
+/// The real parts of `z`, which must be real (Im = 0 everywhere, else
+/// [`InputError::Value`] naming `name` and the first offending index): what
+/// the real-gate kernels' host entries upload.
+pub(crate) fn real_parts(name: &'static str, z: &[Complex<f32>]) -> Result<Vec<f32>, InputError> {
+    match z.iter().position(|z| z.im != 0.0) {
+        Some(index) => Err(InputError::Value {
+            name,
+            index,
+            value: z[index].to_string(),
+            why: "the real-gate kernel takes real values (Im = 0)",
+        }),
+        None => Ok(z.iter().map(|z| z.re).collect()),
+    }
+}
+
+/// A gate-side tensor (log_gate, a state, their gradients) as the kernels
+/// read it: interleaved (re, im) f32 pairs, or, for the real-gate kernels
+/// (`real`), the real parts, checked real.
+fn gate_side<'z>(name: &'static str, z: &'z [Complex<f32>], real: bool) -> Result<Cow<'z, [f32]>, InputError> {
+    Ok(if real { Cow::Owned(real_parts(name, z)?) } else { Cow::Borrowed(complex_as_f32(z)) })
+}
+
+/// The inverse of [`gate_side`]: f32 pairs, or real parts (Im = 0).
+fn from_gate_side(x: &[f32], real: bool) -> Vec<Complex<f32>> {
+    if real {
+        x.iter().map(|&re| Complex::new(re, 0.0)).collect()
+    } else {
+        x.chunks_exact(2).map(|c| Complex::new(c[0], c[1])).collect()
+    }
+}
+
 /// The body of every `forward_host`: validates `p` and its gate domain,
 /// uploads it to the Gpu's default stream (q, k, v rounded to `T`; log_gate
-/// and h0 complex f32), allocates y, h_final and a zeroed workspace of
+/// and h0 complex f32, or their real parts when `real_gates`, which must be
+/// real), allocates y, h_final and a zeroed workspace of
 /// `workspace_len(dims)` f32 (none when 0), runs `launch`, downloads the
-/// outputs (y widened to f32, exactly) and synchronizes.
+/// outputs (y widened to f32, exactly; a real h_final with Im = 0) and
+/// synchronizes.
 pub(crate) fn forward_host<T: Element>(
     gpu: &Gpu,
     p: &Problem<'_, f32>,
+    real_gates: bool,
     workspace_len: impl FnOnce(&Dims) -> Result<usize, GpuError>,
     sync_doing: &'static str,
     launch: impl FnOnce(
@@ -602,15 +645,17 @@ pub(crate) fn forward_host<T: Element>(
     p.validate()?;
     p.check_gate()?;
     let d = p.dims;
+    let (gate, h0) = (gate_side("log_gate", p.log_gate, real_gates)?, p.h0.map(|h| gate_side("h0", h, real_gates)));
+    let parts = if real_gates { 1 } else { 2 };
     let ws_len = workspace_len(&d)?;
     let s = gpu.stream();
     let q = s.clone_htod(&round_slice::<T>(p.q)).doing("uploading q")?;
     let k = s.clone_htod(&round_slice::<T>(p.k)).doing("uploading k")?;
     let v = s.clone_htod(&round_slice::<T>(p.v)).doing("uploading v")?;
-    let log_gate = s.clone_htod(complex_as_f32(p.log_gate)).doing("uploading log_gate")?;
-    let h0 = p.h0.map(|h| s.clone_htod(complex_as_f32(h))).transpose().doing("uploading h0")?;
+    let log_gate = s.clone_htod(&*gate).doing("uploading log_gate")?;
+    let h0 = h0.transpose()?.map(|h| s.clone_htod(&*h)).transpose().doing("uploading h0")?;
     let mut y = s.alloc_zeros::<T>(d.v_len()).doing("allocating y")?;
-    let mut h_final = s.alloc_zeros::<f32>(2 * d.state_len()).doing("allocating h_final")?;
+    let mut h_final = s.alloc_zeros::<f32>(parts * d.state_len()).doing("allocating h_final")?;
     let mut ws = (ws_len > 0).then(|| s.alloc_zeros::<f32>(ws_len)).transpose().doing("allocating the workspace")?;
     launch(
         s,
@@ -622,21 +667,24 @@ pub(crate) fn forward_host<T: Element>(
     let y = s.clone_dtoh(&y).doing("downloading y")?;
     let h_final = s.clone_dtoh(&h_final).doing("downloading h_final")?;
     s.synchronize().doing(sync_doing)?;
-    let h_final = h_final.chunks_exact(2).map(|c| Complex::new(c[0], c[1])).collect();
-    Ok(Outputs { y: widen_slice(&y), h_final })
+    Ok(Outputs { y: widen_slice(&y), h_final: from_gate_side(&h_final, real_gates) })
 }
 
 /// The body of every `backward_host`: validates `p`, its gate domain and the
 /// upstream gradients, uploads them to the Gpu's default stream (q, k, v, dy
-/// rounded to `T`; log_gate, h0, dh_final complex f32), allocates the
-/// gradients (dh0 exactly when `p.h0` is given) and a zeroed workspace of
+/// rounded to `T`; log_gate, h0, dh_final complex f32, or their real parts
+/// when `real_gates`, which must be real), allocates the gradients (dh0
+/// exactly when `p.h0` is given) and a zeroed workspace of
 /// `workspace_len(dims)` f32 (none when 0), runs `launch`, downloads the
-/// gradients (dq, dk, dv widened to f32, exactly) and synchronizes.
+/// gradients (dq, dk, dv widened to f32, exactly; real dlog_gate and dh0
+/// with Im = 0) and synchronizes.
+#[allow(clippy::too_many_arguments)]
 pub(crate) fn backward_host<T: Element>(
     gpu: &Gpu,
     p: &Problem<'_, f32>,
     dy: &[f32],
     dh_final: Option<&[Complex<f32>]>,
+    real_gates: bool,
     workspace_len: impl FnOnce(&Dims) -> Result<usize, GpuError>,
     sync_doing: &'static str,
     launch: impl for<'b> FnOnce(
@@ -652,20 +700,24 @@ pub(crate) fn backward_host<T: Element>(
     p.check_gate()?;
     let d = p.dims;
     GradInputs::new(&d, dy, dh_final)?;
+    let gate = gate_side("log_gate", p.log_gate, real_gates)?;
+    let h0 = p.h0.map(|h| gate_side("h0", h, real_gates)).transpose()?;
+    let dh_final = dh_final.map(|h| gate_side("dh_final", h, real_gates)).transpose()?;
+    let parts = if real_gates { 1 } else { 2 };
     let ws_len = workspace_len(&d)?;
     let s = gpu.stream();
     let q = s.clone_htod(&round_slice::<T>(p.q)).doing("uploading q")?;
     let k = s.clone_htod(&round_slice::<T>(p.k)).doing("uploading k")?;
     let v = s.clone_htod(&round_slice::<T>(p.v)).doing("uploading v")?;
-    let log_gate = s.clone_htod(complex_as_f32(p.log_gate)).doing("uploading log_gate")?;
-    let h0 = p.h0.map(|h| s.clone_htod(complex_as_f32(h))).transpose().doing("uploading h0")?;
+    let log_gate = s.clone_htod(&*gate).doing("uploading log_gate")?;
+    let h0 = h0.map(|h| s.clone_htod(&*h)).transpose().doing("uploading h0")?;
     let dy = s.clone_htod(&round_slice::<T>(dy)).doing("uploading dy")?;
-    let dhf = dh_final.map(|h| s.clone_htod(complex_as_f32(h))).transpose().doing("uploading dh_final")?;
+    let dhf = dh_final.map(|h| s.clone_htod(&*h)).transpose().doing("uploading dh_final")?;
     let mut dq = s.alloc_zeros::<T>(d.qk_len()).doing("allocating dq")?;
     let mut dk = s.alloc_zeros::<T>(d.qk_len()).doing("allocating dk")?;
     let mut dv = s.alloc_zeros::<T>(d.v_len()).doing("allocating dv")?;
-    let mut dg = s.alloc_zeros::<f32>(2 * d.gate_len()).doing("allocating dlog_gate")?;
-    let mut dh0 = p.h0.map(|_| s.alloc_zeros::<f32>(2 * d.state_len())).transpose().doing("allocating dh0")?;
+    let mut dg = s.alloc_zeros::<f32>(parts * d.gate_len()).doing("allocating dlog_gate")?;
+    let mut dh0 = p.h0.map(|_| s.alloc_zeros::<f32>(parts * d.state_len())).transpose().doing("allocating dh0")?;
     let mut ws = (ws_len > 0).then(|| s.alloc_zeros::<f32>(ws_len)).transpose().doing("allocating the workspace")?;
     launch(
         s,
@@ -681,13 +733,12 @@ pub(crate) fn backward_host<T: Element>(
     let dg = s.clone_dtoh(&dg).doing("downloading dlog_gate")?;
     let dh0 = dh0.map(|h| s.clone_dtoh(&h)).transpose().doing("downloading dh0")?;
     s.synchronize().doing(sync_doing)?;
-    let unflat = |x: Vec<f32>| x.chunks_exact(2).map(|c| Complex::new(c[0], c[1])).collect::<Vec<_>>();
     Ok(Grads {
         dq: widen_slice(&dq),
         dk: widen_slice(&dk),
         dv: widen_slice(&dv),
-        dlog_gate: unflat(dg),
-        dh0: dh0.map(unflat),
+        dlog_gate: from_gate_side(&dg, real_gates),
+        dh0: dh0.map(|h| from_gate_side(&h, real_gates)),
     })
 }
 

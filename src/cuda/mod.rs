@@ -19,8 +19,8 @@
 //! - [`chunk`]: the chunked mode on tensor cores (f32/f16/bf16, complex or
 //!   real gates, exact or fast precision), same calling pattern plus a
 //!   [`chunk::ChunkPrecision`].
-//! - [`chunk_grad`]: the chunked backward (complex gates, f32/f16/bf16): every
-//!   gradient, deterministic, workspace O(B·H·(L/64)·K·V).
+//! - [`chunk_grad`]: the chunked backward (complex or real gates,
+//!   f32/f16/bf16): every gradient, deterministic, workspace O(B·H·(L/64)·K·V).
 //! - [`check`]: the opt-in device-side value check of a log_gate buffer
 //!   (the one call that synchronizes its stream).
 //! - [`selftest`]: checks of the hardware contracts the kernels build on

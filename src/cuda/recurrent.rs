@@ -362,9 +362,14 @@ pub fn forward_host_with<T: Element>(
     staging: RecurrentStaging,
 ) -> Result<Outputs<f32>, GpuError> {
     let no_workspace = |_: &Dims| Ok(0);
-    launch::forward_host::<T>(gpu, p, no_workspace, "synchronizing after the recurrent kernel", |s, d, i, o, _| {
-        forward_into_with(gpu, s, d, staging, i, o)
-    })
+    launch::forward_host::<T>(
+        gpu,
+        p,
+        false,
+        no_workspace,
+        "synchronizing after the recurrent kernel",
+        |s, d, i, o, _| forward_into_with(gpu, s, d, staging, i, o),
+    )
 }
 
 #[cfg(test)]

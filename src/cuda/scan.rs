@@ -310,7 +310,7 @@ pub fn forward_host(gpu: &Gpu, p: &Problem<'_, f32>) -> Result<Outputs<f32>, Gpu
 /// f32 (exactly).
 pub fn forward_host_as<T: Element>(gpu: &Gpu, p: &Problem<'_, f32>) -> Result<Outputs<f32>, GpuError> {
     let workspace_len = |d: &Dims| Ok(plan_for(gpu, d)?.workspace_len);
-    launch::forward_host::<T>(gpu, p, workspace_len, "synchronizing after the scan kernels", |s, d, i, o, ws| {
+    launch::forward_host::<T>(gpu, p, false, workspace_len, "synchronizing after the scan kernels", |s, d, i, o, ws| {
         forward_into(gpu, s, d, i, o, ws)
     })
 }

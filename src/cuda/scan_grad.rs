@@ -219,7 +219,7 @@ pub fn backward_into<'a, T: Element>(
 ) -> Result<(), GpuError> {
     let d = dims;
     let lp = plan_for(gpu, d, T::DTYPE)?;
-    let buffers = GradBuffers { inputs, grad_in: upstream, grads, workspace };
+    let buffers = GradBuffers { inputs, grad_in: upstream, grads, workspace, real_gates: false };
     buffers.check(gpu, stream, d, lp.workspace_len, || {
         format!("at least {} f32 ({} chunks)", lp.workspace_len, lp.forward.num_chunks)
     })?;
@@ -356,6 +356,7 @@ pub fn backward_host_as<T: Element>(
         p,
         dy,
         dh_final,
+        false,
         workspace_len,
         "synchronizing after the scan backward kernels",
         |s, d, i, g, o, w| backward_into(gpu, s, d, i, g, o, w),

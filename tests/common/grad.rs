@@ -46,6 +46,15 @@ impl GradCase {
 }
 
 impl GradInputsF32 {
+    /// The real-gate form of these inputs: Im log_gate = Im h0 = Im
+    /// dh_final = 0 (a reset stays a reset).
+    pub fn real_gates(mut self) -> GradInputsF32 {
+        let zs =
+            self.p.log_gate.iter_mut().chain(self.p.h0.iter_mut().flatten()).chain(self.dh_final.iter_mut().flatten());
+        zs.for_each(|z| z.im = 0.0);
+        self
+    }
+
     /// The f64 reference backward on exactly these (f32) inputs.
     pub fn reference(&self) -> Grads<f64> {
         let p64 = self.p.map(|x| x as f64);
@@ -54,6 +63,14 @@ impl GradInputsF32 {
             self.dh_final.as_ref().map(|h| h.iter().map(|z| Complex::new(z.re as f64, z.im as f64)).collect());
         grad::backward(&p64.view(), &dy, dhf.as_deref()).unwrap()
     }
+}
+
+/// The gradients of a real gate and a real h0 from those of the complex
+/// reference at real inputs: their real parts (∂L/∂Re), Im set to 0 as the
+/// real-gate kernels' results carry it.
+pub fn real_part_grads(mut g: Grads<f64>) -> Grads<f64> {
+    g.dlog_gate.iter_mut().chain(g.dh0.iter_mut().flatten()).for_each(|z| z.im = 0.0);
+    g
 }
 
 /// Every gradient of `ours` against `want` (dh0 when both have it).

@@ -192,6 +192,19 @@ pub const ALL_REGIMES_AND_UNDERFLOW: [GateRegime; 9] = [
     GateRegime::HardDecay(0.5),
 ];
 
+/// The regimes that have a real form (the real-gate kernels' tests take
+/// their log gates with the phase set to 0): every one but the large phases
+/// and the mix, plus underflow and hard decay.
+pub const REAL_REGIMES: [GateRegime; 7] = [
+    GateRegime::Random,
+    GateRegime::Resets(0.05),
+    GateRegime::Resets(1.0),
+    GateRegime::UnitModulus,
+    GateRegime::StrongDecay(40.0),
+    GateRegime::Underflow,
+    GateRegime::HardDecay(0.5),
+];
+
 /// One case of a test matrix: a random problem of `dims` with gates drawn
 /// from `regime`, with or without h0, from `seed`.
 #[derive(Clone, Copy, Debug)]
@@ -424,17 +437,29 @@ pub fn run_forward<T: Element>(
     Ok((y, unflat(&h_final)))
 }
 
+/// `p` with the imaginary parts of log_gate and h0 set to 0 (a real-gate problem).
+pub fn real_gates(p: &OwnedProblem<f64>) -> OwnedProblem<f64> {
+    let mut p = p.clone();
+    for z in p.log_gate.iter_mut().chain(p.h0.iter_mut().flatten()) {
+        z.im = 0.0;
+    }
+    p
+}
+
 /// The backward twin of [`run_forward`]: uploads `p32` (q, k, v and `dy`
 /// converted to `T`, which must represent them; log_gate, h0, `dh_final`
-/// f32), poisons dq, dk, dv, dlog_gate, dh0 (when h0 is given) and a
-/// workspace of `workspace_len` f32 (none when 0) with NaN, calls `launch`,
-/// downloads (widened to f32) and synchronizes.
+/// complex f32, or, when `real_gates`, their real parts, whose imaginary
+/// parts must be 0), poisons dq, dk, dv, dlog_gate, dh0 (when h0 is given)
+/// and a workspace of `workspace_len` f32 (none when 0) with NaN, calls
+/// `launch`, downloads (widened to f32; real dlog_gate and dh0 as complex
+/// numbers with Im = 0) and synchronizes.
 pub fn run_backward<T: Element>(
     gpu: &Gpu,
     p32: &OwnedProblem<f32>,
     dy: &[f32],
     dh_final: Option<&[Complex<f32>]>,
     workspace_len: usize,
+    real_gates: bool,
     launch: impl for<'a> FnOnce(
         &'a CudaStream,
         &'a Dims,
@@ -448,30 +473,44 @@ pub fn run_backward<T: Element>(
     let d = p32.dims;
     let s = gpu.context().new_stream().expect("stream");
     let u = upload::<T>(&s, p32);
-    let h0 = p32.h0.as_ref().map(|h| s.clone_htod(&flat(h)).unwrap());
+    // The gate side as the kernels read it: interleaved pairs, or real parts.
+    let side = |z: &[Complex<f32>]| -> Vec<f32> {
+        if real_gates {
+            assert!(z.iter().all(|z| z.im == 0.0), "real gates take real values");
+            z.iter().map(|z| z.re).collect()
+        } else {
+            flat(z)
+        }
+    };
+    let parts = if real_gates { 1 } else { 2 };
+    let log_gate = s.clone_htod(&side(&p32.log_gate)).unwrap();
+    let h0 = p32.h0.as_ref().map(|h| s.clone_htod(&side(h)).unwrap());
     let dy = s.clone_htod(&dy.iter().map(|&x| T::from_f32(x)).collect::<Vec<T>>()).unwrap();
-    let dhf = dh_final.map(|h| s.clone_htod(&flat(h)).unwrap());
+    let dhf = dh_final.map(|h| s.clone_htod(&side(h)).unwrap());
     let nan = |n: usize| s.clone_htod(&vec![f32::NAN; n]).unwrap();
     let nan_t = |n: usize| s.clone_htod(&vec![T::nan(); n]).unwrap();
     let (mut dq, mut dk, mut dv) = (nan_t(d.qk_len()), nan_t(d.qk_len()), nan_t(d.v_len()));
-    let mut dg = nan(2 * d.gate_len());
-    let mut dh0 = p32.h0.as_ref().map(|_| nan(2 * d.state_len()));
+    let mut dg = nan(parts * d.gate_len());
+    let mut dh0 = p32.h0.as_ref().map(|_| nan(parts * d.state_len()));
     let mut ws = (workspace_len > 0).then(|| nan(workspace_len));
     launch(
         &s,
         &d,
-        DeviceInputs { q: &u.q, k: &u.k, v: &u.v, log_gate: &u.log_gate, h0: h0.as_ref().map(|h| h as _) },
+        DeviceInputs { q: &u.q, k: &u.k, v: &u.v, log_gate: &log_gate, h0: h0.as_ref().map(|h| h as _) },
         DeviceGradInputs { dy: &dy, dh_final: dhf.as_ref().map(|h| h as _) },
         DeviceGrads { dq: &mut dq, dk: &mut dk, dv: &mut dv, dlog_gate: &mut dg, dh0: dh0.as_mut().map(|h| h as _) },
         ws.as_mut().map(|w| w as _),
     )?;
     let widen = |x: Vec<T>| x.into_iter().map(|x| x.to_f32()).collect::<Vec<f32>>();
+    let complex = |x: Vec<f32>| {
+        if real_gates { x.into_iter().map(|re| Complex::new(re, 0.0)).collect() } else { unflat(&x) }
+    };
     let out = gateloop::reference::grad::Grads {
         dq: widen(s.clone_dtoh(&dq).unwrap()),
         dk: widen(s.clone_dtoh(&dk).unwrap()),
         dv: widen(s.clone_dtoh(&dv).unwrap()),
-        dlog_gate: unflat(&s.clone_dtoh(&dg).unwrap()),
-        dh0: dh0.map(|h| unflat(&s.clone_dtoh(&h).unwrap())),
+        dlog_gate: complex(s.clone_dtoh(&dg).unwrap()),
+        dh0: dh0.map(|h| complex(s.clone_dtoh(&h).unwrap())),
     };
     s.synchronize().unwrap();
     Ok(out)

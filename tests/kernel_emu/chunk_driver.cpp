@@ -62,16 +62,18 @@ alignas(128) unsigned char smem[kEmuSharedCapacity];
 extern "C" {
 void gateloop_chunk_carry_c(const GateloopChunkParams p);
 void gateloop_chunk_carry_r(const GateloopChunkParams p);
-void gateloop_chunk_grad_adjoint_carry(const GateloopChunkGradParams g);
+void gateloop_chunk_grad_adjoint_carry_c(const GateloopChunkGradParams g);
+void gateloop_chunk_grad_adjoint_carry_r(const GateloopChunkGradParams g);
 }
 
 // The entry points of one element type: state and output kernels indexed
-// [complex][exact], and the backward's grad_w, grad_qk, grad_dv.
+// [complex][exact], and the backward's grad_w, grad_qk, grad_dv, grad_w_seq
+// indexed [complex].
 using Entry = void (*)(const GateloopChunkParams);
 using GradEntry = void (*)(const GateloopChunkGradParams);
 struct ChunkEntries {
     Entry state[2][2], state_seq[2][2], output[2][2];
-    GradEntry w, qk, dv, w_seq;
+    GradEntry w[2], qk[2], dv[2], w_seq[2];
 };
 #define CHUNK_ENTRIES(DTYPE)                                                                                      \
     extern "C" {                                                                                                  \
@@ -87,10 +89,14 @@ struct ChunkEntries {
     void gateloop_chunk_output_##DTYPE##_c_fast(const GateloopChunkParams p);                                     \
     void gateloop_chunk_output_##DTYPE##_r_exact(const GateloopChunkParams p);                                    \
     void gateloop_chunk_output_##DTYPE##_r_fast(const GateloopChunkParams p);                                     \
-    void gateloop_chunk_grad_w_##DTYPE(const GateloopChunkGradParams g);                                          \
-    void gateloop_chunk_grad_qk_##DTYPE(const GateloopChunkGradParams g);                                         \
-    void gateloop_chunk_grad_dv_##DTYPE(const GateloopChunkGradParams g);                                         \
-    void gateloop_chunk_grad_w_seq_##DTYPE(const GateloopChunkGradParams g);                                      \
+    void gateloop_chunk_grad_w_##DTYPE##_c(const GateloopChunkGradParams g);                                      \
+    void gateloop_chunk_grad_qk_##DTYPE##_c(const GateloopChunkGradParams g);                                     \
+    void gateloop_chunk_grad_dv_##DTYPE##_c(const GateloopChunkGradParams g);                                     \
+    void gateloop_chunk_grad_w_seq_##DTYPE##_c(const GateloopChunkGradParams g);                                  \
+    void gateloop_chunk_grad_w_##DTYPE##_r(const GateloopChunkGradParams g);                                      \
+    void gateloop_chunk_grad_qk_##DTYPE##_r(const GateloopChunkGradParams g);                                     \
+    void gateloop_chunk_grad_dv_##DTYPE##_r(const GateloopChunkGradParams g);                                     \
+    void gateloop_chunk_grad_w_seq_##DTYPE##_r(const GateloopChunkGradParams g);                                  \
     }                                                                                                             \
     static const ChunkEntries chunk_##DTYPE = {                                                                   \
         {{gateloop_chunk_state_##DTYPE##_r_fast, gateloop_chunk_state_##DTYPE##_r_exact},                          \
@@ -99,8 +105,10 @@ struct ChunkEntries {
          {gateloop_chunk_state_seq_##DTYPE##_c_fast, gateloop_chunk_state_seq_##DTYPE##_c_exact}},                 \
         {{gateloop_chunk_output_##DTYPE##_r_fast, gateloop_chunk_output_##DTYPE##_r_exact},                        \
          {gateloop_chunk_output_##DTYPE##_c_fast, gateloop_chunk_output_##DTYPE##_c_exact}},                       \
-        gateloop_chunk_grad_w_##DTYPE, gateloop_chunk_grad_qk_##DTYPE, gateloop_chunk_grad_dv_##DTYPE,               \
-        gateloop_chunk_grad_w_seq_##DTYPE};
+        {gateloop_chunk_grad_w_##DTYPE##_r, gateloop_chunk_grad_w_##DTYPE##_c},                                     \
+        {gateloop_chunk_grad_qk_##DTYPE##_r, gateloop_chunk_grad_qk_##DTYPE##_c},                                   \
+        {gateloop_chunk_grad_dv_##DTYPE##_r, gateloop_chunk_grad_dv_##DTYPE##_c},                                   \
+        {gateloop_chunk_grad_w_seq_##DTYPE##_r, gateloop_chunk_grad_w_seq_##DTYPE##_c}};
 CHUNK_ENTRIES(f32)
 CHUNK_ENTRIES(f16)
 CHUNK_ENTRIES(bf16)
@@ -157,15 +165,16 @@ static int32_t frag_shared_bytes(bool complex) {
 
 // src/cuda/chunk_grad.rs `shared_bytes` for operands of `size` bytes:
 // (grad_w, grad_qk, grad_dv); grad_w and grad_dv take the forward state and
-// output kernels' (complex) layouts.
-static void grad_shared_bytes(int size, int32_t& w, int32_t& qk, int32_t& dv) {
+// output kernels' layouts (of the gate kind); grad_qk's slab operands are
+// `width` wide, its f32 products 2·16 either way.
+static void grad_shared_bytes(int size, bool complex, int32_t& w, int32_t& qk, int32_t& dv) {
     const int c = GATELOOP_CHUNK_LEN, s = GATELOOP_CHUNK_KEY_SLAB, t = GATELOOP_CHUNK_VALUE_TILE;
-    const int pad = size == 4 ? 4 : 8, sub = GATELOOP_CHUNK_SUB_LEN, prefix = 5 * c * s * 4;
-    const int pairs = (c / sub) * (c / sub - 1) / 2, key_subs = c / sub - 1;
-    fwd_shared_bytes(size, true, w, dv);
+    const int pad = size == 4 ? 4 : 8, sub = GATELOOP_CHUNK_SUB_LEN, prefix = (complex ? 5 : 3) * c * s * 4;
+    const int pairs = (c / sub) * (c / sub - 1) / 2, key_subs = c / sub - 1, width = (complex ? 2 : 1) * s;
+    fwd_shared_bytes(size, complex, w, dv);
     auto split = [&](int rows, int ld) { return 2 * rows * ld * size; };
-    const int inter = std::max(2 * split(c, t / 2 + pad) + 2 * split(2 * s, t / 2 + pad), 2 * c * 2 * s * 4);
-    const int offdiag = split(pairs * sub, sub + pad) + split(pairs * sub, 2 * s + pad) + split(key_subs * sub, 2 * s + pad);
+    const int inter = std::max(2 * split(c, t / 2 + pad) + 2 * split(width, t / 2 + pad), 2 * c * 2 * s * 4);
+    const int offdiag = split(pairs * sub, sub + pad) + split(pairs * sub, width + pad) + split(key_subs * sub, width + pad);
     const int uni = std::max({2 * split(c, t + pad), inter, offdiag, 4 * (pairs + key_subs) * sub * 2 * s});
     qk = prefix + 4 * (2 * c * s + c * c) + uni + 4 * (2 * 2 * c * (s + 1) + 2 * 2 * c + 2 * s + 2);  // w', u rows padded
 }
@@ -253,14 +262,14 @@ static int run(const std::string& dir, bool backward, bool sequential, int64_t B
     if (backward) {
         // src/cuda/chunk_grad.rs `plan`: ws_adj after the forward's
         // workspace, then the h_final sink.
-        const int64_t adj_offset = workspace_len, sink_offset = adj_offset + nc * 2 * sn;
-        ws.assign(sink_offset + 2 * sn, nan);
+        const int64_t adj_offset = workspace_len, sink_offset = adj_offset + nc * parts * sn;
+        ws.assign(sink_offset + parts * sn, nan);
         auto dy = read_elems<T>(dir + "/dy.bin", vn);
         std::vector<float> dhf;
         const bool has_dhf = static_cast<bool>(std::ifstream(dir + "/dh_final.bin"));
-        if (has_dhf) dhf = read_f32(dir + "/dh_final.bin", 2 * sn);
+        if (has_dhf) dhf = read_f32(dir + "/dh_final.bin", parts * sn);
         std::vector<T> dq = nan_elems<T>(qk), dk = nan_elems<T>(qk), dv = nan_elems<T>(vn);
-        std::vector<float> dg(2 * gn, nan), dh0(has_h0 ? 2 * sn : 0, nan);
+        std::vector<float> dg(parts * gn, nan), dh0(has_h0 ? parts * sn : 0, nan);
         GateloopChunkGradParams g{};
         g.fwd = p;
         g.fwd.ws_decay = ws.data();
@@ -279,7 +288,7 @@ static int run(const std::string& dir, bool backward, bool sequential, int64_t B
         g.dgate_strides = seq(L, H, G);
         g.dh_final_strides = g.dh0_strides = GateloopStateStrides{H * K * V, K * V, V};
         g.grad_flags = (has_dhf ? GATELOOP_GRAD_FLAG_HAS_DH_FINAL : 0) | (has_h0 ? GATELOOP_GRAD_FLAG_HAS_DH0 : 0);
-        grad_shared_bytes(sizeof(T), g.w_shared_bytes, g.qk_shared_bytes, g.dv_shared_bytes);
+        grad_shared_bytes(sizeof(T), complex != 0, g.w_shared_bytes, g.qk_shared_bytes, g.dv_shared_bytes);
         if (!from_host(g.w_shared_bytes, 2, "grad_w") || !from_host(g.qk_shared_bytes, 3, "grad_qk") ||
             !from_host(g.dv_shared_bytes, 4, "grad_dv"))
             return 2;
@@ -287,20 +296,21 @@ static int run(const std::string& dir, bool backward, bool sequential, int64_t B
         if (sequential) {
             // state_seq and grad_w_seq (src/cuda/chunk_grad.rs with the
             // forward plan's sequential carry), each its own shared size.
-            g.fwd.state_shared_bytes = seq_shared_bytes(g.fwd.state_shared_bytes, true);
+            g.fwd.state_shared_bytes = seq_shared_bytes(g.fwd.state_shared_bytes, complex != 0);
             g.w_shared_bytes = g.fwd.state_shared_bytes;
             if (!from_host(g.fwd.state_shared_bytes, 5, "state_seq") || !from_host(g.w_shared_bytes, 5, "grad_w_seq"))
                 return 2;
             emu_launch(seq_grid, GATELOOP_CHUNK_THREADS, with_shared(state_seq, g.fwd, g.fwd.state_shared_bytes));
-            emu_launch(seq_grid, GATELOOP_CHUNK_THREADS, with_shared(e.w_seq, g, g.w_shared_bytes));
+            emu_launch(seq_grid, GATELOOP_CHUNK_THREADS, with_shared(e.w_seq[complex != 0], g, g.w_shared_bytes));
         } else {
+            const GradEntry adjoint_carry = complex ? gateloop_chunk_grad_adjoint_carry_c : gateloop_chunk_grad_adjoint_carry_r;
             emu_launch(grid, GATELOOP_CHUNK_THREADS, with_shared(state, g.fwd, g.fwd.state_shared_bytes));
-            emu_launch(grid, GATELOOP_CHUNK_THREADS, with_shared(e.w, g, g.w_shared_bytes));
+            emu_launch(grid, GATELOOP_CHUNK_THREADS, with_shared(e.w[complex != 0], g, g.w_shared_bytes));
             emu_launch(carry_grid, GATELOOP_CHUNK_CARRY_THREADS, [&] { carry(g.fwd); });
-            emu_launch(carry_grid, GATELOOP_CHUNK_CARRY_THREADS, [&] { gateloop_chunk_grad_adjoint_carry(g); });
+            emu_launch(carry_grid, GATELOOP_CHUNK_CARRY_THREADS, [&] { adjoint_carry(g); });
         }
-        emu_launch(qk_grid, GATELOOP_CHUNK_THREADS, with_shared(e.qk, g, g.qk_shared_bytes));
-        emu_launch(grid, GATELOOP_CHUNK_THREADS, with_shared(e.dv, g, g.dv_shared_bytes));
+        emu_launch(qk_grid, GATELOOP_CHUNK_THREADS, with_shared(e.qk[complex != 0], g, g.qk_shared_bytes));
+        emu_launch(grid, GATELOOP_CHUNK_THREADS, with_shared(e.dv[complex != 0], g, g.dv_shared_bytes));
         write_widened(dir + "/dq.out", dq);
         write_widened(dir + "/dk.out", dk);
         write_widened(dir + "/dv.out", dv);
@@ -341,8 +351,8 @@ int main(int argc, char** argv) {
     const std::string dir = argv[argc - 1];
     std::ifstream df(dir + "/dims.txt");
     int64_t B, L, H, K, V, G, has_h0, complex, exact, dtype;
-    if (!(df >> B >> L >> H >> K >> V >> G >> has_h0 >> complex >> exact >> dtype) || (backward && !complex)) {
-        std::fprintf(stderr, "bad dims.txt (the backward takes complex gates only)\n");
+    if (!(df >> B >> L >> H >> K >> V >> G >> has_h0 >> complex >> exact >> dtype)) {
+        std::fprintf(stderr, "bad dims.txt\n");
         return 2;
     }
     const uint32_t t = static_cast<uint32_t>(dtype);
