@@ -63,32 +63,38 @@ fn rounded<T: Element>(p: &OwnedProblem<f64>, up: &Upstream) -> (OwnedProblem<f6
 /// inputs, poisons every gradient and the workspace with NaN, launches,
 /// downloads (widened to f32) and synchronizes.
 fn run<T: Element>(gpu: &Gpu, p: &OwnedProblem<f64>, up: &Upstream, precision: ChunkPrecision) -> Grads<f32> {
-    let p32 = p.to_f32();
-    let d = p32.dims;
-    let dy: Vec<f32> = up.dy.iter().map(|&x| x as f32).collect();
-    let dhf: Option<Vec<Complex<f32>>> =
-        up.dh_final.as_ref().map(|h| h.iter().map(|z| Complex::new(z.re as f32, z.im as f32)).collect());
-    let lp = plan(&d, T::DTYPE, Gates::Complex).expect("plan");
-    common::run_backward::<T>(gpu, &p32, &dy, dhf.as_deref(), lp.workspace_len, false, |s, d, i, u, g, w| {
-        backward_into(gpu, s, d, i, u, g, w, precision)
-    })
-    .unwrap_or_else(|e| panic!("{} {d:?}: {e}", T::DTYPE))
+    run_gates::<T>(gpu, p, up, precision, Gates::Complex)
 }
 
 /// [`run`] for real gates (`backward_real_into`, exact): `p`'s log_gate and
 /// h0 and `up`'s dh_final must be real; the real gradients come back as
 /// complex numbers with Im = 0.
 fn run_real<T: Element>(gpu: &Gpu, p: &OwnedProblem<f64>, up: &Upstream) -> Grads<f32> {
+    run_gates::<T>(gpu, p, up, ChunkPrecision::Exact, Gates::Real)
+}
+
+fn run_gates<T: Element>(
+    gpu: &Gpu,
+    p: &OwnedProblem<f64>,
+    up: &Upstream,
+    precision: ChunkPrecision,
+    gates: Gates,
+) -> Grads<f32> {
     let p32 = p.to_f32();
     let d = p32.dims;
     let dy: Vec<f32> = up.dy.iter().map(|&x| x as f32).collect();
     let dhf: Option<Vec<Complex<f32>>> =
         up.dh_final.as_ref().map(|h| h.iter().map(|z| Complex::new(z.re as f32, z.im as f32)).collect());
-    let lp = plan(&d, T::DTYPE, Gates::Real).expect("plan");
-    common::run_backward::<T>(gpu, &p32, &dy, dhf.as_deref(), lp.workspace_len, true, |s, d, i, u, g, w| {
-        backward_real_into(gpu, s, d, i, u, g, w, ChunkPrecision::Exact)
+    let lp = plan(&d, T::DTYPE, gates).expect("plan");
+    let real = gates == Gates::Real;
+    common::run_backward::<T>(gpu, &p32, &dy, dhf.as_deref(), lp.workspace_len, real, |s, d, i, u, g, w| {
+        if real {
+            backward_real_into(gpu, s, d, i, u, g, w, precision)
+        } else {
+            backward_into(gpu, s, d, i, u, g, w, precision)
+        }
     })
-    .unwrap_or_else(|e| panic!("{} real {d:?}: {e}", T::DTYPE))
+    .unwrap_or_else(|e| panic!("{} {gates:?} {d:?}: {e}", T::DTYPE))
 }
 
 /// The real-gate problem of `case` and its upstream gradients (dh_final
