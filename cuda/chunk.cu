@@ -127,14 +127,8 @@ __device__ __forceinline__ void chunk_carry(const GateloopChunkParams& p) {
     const int64_t hf = state_index(p.h_final_strides, e.bhi.b, e.bhi.h, e.row, e.col);
     // Chunk c's rows: re at (c, row), im at (c, K + row).
     const CarrySlots cs = carry_slots<kComplex ? 2 : 1>(p, p.ws_state, e);
-    float2 s0 = make_float2(0.f, 0.f);
-    if (has_h0) s0 = kComplex ? load_complex(p.h0, hi0) : make_float2(__ldg(p.h0 + hi0), 0.f);
-    const float2 s = carry_chunks<false, kComplex>(cs, kv, nc, s0);
-    if (kComplex) {
-        reinterpret_cast<float2*>(p.h_final)[hf] = s;
-    } else {
-        p.h_final[hf] = s.x;
-    }
+    const float2 s0 = has_h0 ? load_gate_side<kComplex>(p.h0, hi0) : make_float2(0.f, 0.f);
+    store_gate_side<kComplex>(p.h_final, hf, carry_chunks<false, kComplex>(cs, kv, nc, s0));
 }
 
 // ---- 1 + 2 in one pass: the state and the carry, walking the chunks -------------

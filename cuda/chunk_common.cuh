@@ -152,6 +152,22 @@ __device__ __forceinline__ float reduce_2pi(float x) {
 
 // ---- the carry over the chunks -------------------------------------------------
 
+// Element i of a gate-side f32 tensor (a state, its gradient, a log gate's
+// gradient, a decay): an interleaved complex pair, or with real gates one
+// f32 (Im reads as 0 and is not stored).
+template <bool kComplex>
+__device__ __forceinline__ float2 load_gate_side(const float* p, int64_t i) {
+    return kComplex ? load_complex(p, i) : make_float2(__ldg(p + i), 0.f);
+}
+template <bool kComplex>
+__device__ __forceinline__ void store_gate_side(float* p, int64_t i, float2 x) {
+    if constexpr (kComplex) {
+        reinterpret_cast<float2*>(p)[i] = x;
+    } else {
+        p[i] = x.x;
+    }
+}
+
 // Where the carry of state element e finds its chunks: slot c of a
 // [B·H, num_chunks, kParts·K, V] workspace `ws` (the real part; the imaginary
 // part kv further) and the chunk's decay in ws_decay [B·H, num_chunks,
@@ -865,7 +881,7 @@ __device__ __forceinline__ void walk_chunks(const GateloopChunkParams& p, unsign
         float2 s = make_float2(0.f, 0.f);
         if (element(i, d, col) && init != nullptr) {
             const int64_t at_ = state_index(init_strides, blk.b, blk.h, d, col);
-            s = kComplex ? load_complex(init, at_) : make_float2(__ldg(init + at_), 0.f);
+            s = load_gate_side<kComplex>(init, at_);
         }
         st[i] = s.x;
         if (kComplex) st[kSlab * kVTile + i] = s.y;
@@ -920,12 +936,8 @@ __device__ __forceinline__ void walk_chunks(const GateloopChunkParams& p, unsign
     for (int i = blk.tid; i < kSlab * kVTile; i += kThreads) {
         int64_t d, col;
         if (!element(i, d, col)) continue;
-        const int64_t at_ = state_index(fin_strides, blk.b, blk.h, d, col);
-        if (kComplex) {
-            reinterpret_cast<float2*>(fin)[at_] = make_float2(st[i], st[kSlab * kVTile + i]);
-        } else {
-            fin[at_] = st[i];
-        }
+        const float2 s = make_float2(st[i], kComplex ? st[kSlab * kVTile + i] : 0.f);
+        store_gate_side<kComplex>(fin, state_index(fin_strides, blk.b, blk.h, d, col), s);
     }
 }
 

@@ -275,19 +275,14 @@ __device__ __forceinline__ void grad_adjoint_carry(const GateloopChunkGradParams
     StateElement e;
     if (!state_element(p.dims, e)) return;
     const CarrySlots cs = carry_slots<kComplex ? 2 : 1>(p, g.ws_adj, e);
-    const bool has_dh_final = (g.grad_flags & GATELOOP_GRAD_FLAG_HAS_DH_FINAL) != 0;
-    const int64_t at_last = state_index(g.dh_final_strides, e.bhi.b, e.bhi.h, e.row, e.col);
-    float2 d_last = make_float2(0.f, 0.f);
-    if (has_dh_final) d_last = kComplex ? load_complex(g.dh_final, at_last) : make_float2(__ldg(g.dh_final + at_last), 0.f);
+    const float2 d_last = (g.grad_flags & GATELOOP_GRAD_FLAG_HAS_DH_FINAL) != 0
+                              ? load_gate_side<kComplex>(g.dh_final, state_index(g.dh_final_strides, e.bhi.b,
+                                                                                  e.bhi.h, e.row, e.col))
+                              : make_float2(0.f, 0.f);
     // D(c − 1) = conj(A_c) D(c) + W_c, each slot W_c replaced by D(c).
     const float2 s = carry_chunks<true, kComplex>(cs, p.dims.key_dim * p.dims.value_dim, p.num_chunks, d_last);
     if ((g.grad_flags & GATELOOP_GRAD_FLAG_HAS_DH0) != 0) {
-        const int64_t at0 = state_index(g.dh0_strides, e.bhi.b, e.bhi.h, e.row, e.col);
-        if (kComplex) {
-            reinterpret_cast<float2*>(g.dh0)[at0] = s;
-        } else {
-            g.dh0[at0] = s.x;
-        }
+        store_gate_side<kComplex>(g.dh0, state_index(g.dh0_strides, e.bhi.b, e.bhi.h, e.row, e.col), s);
     }
 }
 
@@ -467,17 +462,10 @@ __device__ __forceinline__ void grad_qk(const GateloopChunkGradParams& g) {
     input_t* __restrict__ dk_out = seq_row_mut<input_t>(g.dk, g.dk_strides, blk.b, blk.h);
     float* dgate = g.dlog_gate + kParts * (blk.b * g.dgate_strides.batch + blk.h * g.dgate_strides.head);
     const float* dec = p.ws_decay + (blk.bh * p.num_chunks + blk.chunk) * p.dims.gate_dim * kParts;
-    // The chunk's decay A_c of gate column ch, and the gradient x of a gate step.
-    const auto decay = [&](int64_t ch) {
-        return kComplex ? make_float2(dec[ch * 2], dec[ch * 2 + 1]) : make_float2(dec[ch], 0.f);
-    };
-    const auto put_dgate = [&](int64_t at_, float2 x) {
-        if (kComplex) {
-            reinterpret_cast<float2*>(dgate)[at_] = x;
-        } else {
-            dgate[at_] = x.x;
-        }
-    };
+    // The chunk's decay A_c of gate column ch. Plain loads: through the
+    // read-only path (load_gate_side's __ldg) sm_80's ptxas spilled 4 bytes in
+    // the 16-bit complex kernel.
+    const auto decay = [&](int64_t ch) { return make_float2(dec[ch * kParts], kComplex ? dec[ch * kParts + 1] : 0.f); };
 
     for (int64_t d0 = 0; d0 < key_dim; d0 += kSlab) {
         if (d0 == 0 || !blk.per_head) blk.build_prefix(d0);  // ends with a barrier
@@ -715,7 +703,7 @@ __device__ __forceinline__ void grad_qk(const GateloopChunkGradParams& g) {
             const float2 a = live ? decay(d0 + j) : make_float2(0.f, 0.f);
             gate_scan(blk, wpr + j, upr + j, kLdGate, cmul(a, through[j]), j, zero_first, tid % kScanLanes,
                       [&](int n, float2 x) {
-                          if (live) put_dgate((blk.t0 + n) * g.dgate_strides.time + d0 + j, x);
+                          if (live) store_gate_side<kComplex>(dgate, (blk.t0 + n) * g.dgate_strides.time + d0 + j, x);
                       });
         } else {
             // Per-head gate: the channels' terms summed in a fixed order
@@ -738,9 +726,10 @@ __device__ __forceinline__ void grad_qk(const GateloopChunkGradParams& g) {
     }
     if (blk.per_head) {
         // One column: every thread scans it (gate_scan), the first half-warp writes.
-        gate_scan(blk, head_w, head_u, 1, cmul(decay(0), head_through[0]), 0, zero_first, tid % kScanLanes,
+        gate_scan(blk, head_w, head_u, 1, cmul(decay(0), head_through[0]), 0, zero_first,
+                  tid % kScanLanes,
                   [&](int n, float2 x) {
-                      if (tid < kScanLanes) put_dgate((blk.t0 + n) * g.dgate_strides.time, x);
+                      if (tid < kScanLanes) store_gate_side<kComplex>(dgate, (blk.t0 + n) * g.dgate_strides.time, x);
                   });
     }
 }

@@ -126,6 +126,15 @@ fn fill(out: &mut [f32], seed: u64, f: impl Fn(&mut StdRng, usize) -> f32 + Sync
 }
 
 impl HostInputs {
+    /// log_gate as the `gates` kernels read it: the complex pairs, or (real
+    /// gates) the real parts of the random complex ones.
+    fn log_gate_for(&self, gates: Gates) -> Vec<f32> {
+        match gates {
+            Gates::Complex => self.log_gate.clone(),
+            Gates::Real => self.log_gate.iter().step_by(2).copied().collect(),
+        }
+    }
+
     /// Reproducible from `seed`; generated in parallel.
     pub fn random(dims: Dims, seed: u64) -> Self {
         let uniform = |n: usize, s: u64| {
@@ -746,11 +755,7 @@ fn prepare_forward<'g, T: Element>(
 ) -> Result<Box<dyn BenchCase + 'g>, GpuError> {
     let s = gpu.stream();
     let (q, k, v) = (round_slice::<T>(&host.q), round_slice::<T>(&host.k), round_slice::<T>(&host.v));
-    // Real gates: the real parts of the random complex ones.
-    let log_gate: Vec<f32> = match gates {
-        Gates::Complex => host.log_gate.clone(),
-        Gates::Real => host.log_gate.iter().step_by(2).copied().collect(),
-    };
+    let log_gate = host.log_gate_for(gates);
     let y_poison = vec![T::nan(); dims.v_len()];
     let h_poison = vec![f32::NAN; gates.parts() * dims.state_len()];
     let sets = (0..sets)
@@ -849,11 +854,7 @@ fn prepare_grad<'g>(
 ) -> Result<Box<dyn BenchCase + 'g>, GpuError> {
     let fwd = matches!(backward, Backward::Chunked { forward: true, .. });
     let parts = backward.gates().parts();
-    // Real gates: the real parts of the random complex ones.
-    let log_gate: Vec<f32> = match backward.gates() {
-        Gates::Complex => host.log_gate.clone(),
-        Gates::Real => host.log_gate.iter().step_by(2).copied().collect(),
-    };
+    let log_gate = host.log_gate_for(backward.gates());
     crate::with_element!(t, T => {
         let s = gpu.stream();
         let ws_len = match backward {

@@ -159,6 +159,10 @@ impl Gates {
     pub(super) fn index(self) -> usize {
         self as usize
     }
+    /// The kind a buffer set's `real_gates` flag says its gate side has.
+    pub(super) fn of(real_gates: bool) -> Gates {
+        if real_gates { Gates::Real } else { Gates::Complex }
+    }
 }
 
 /// How the chunk states travel across the chunks.
@@ -485,9 +489,9 @@ fn launch<T: Element>(
     stream: &CudaStream,
     d: &Dims,
     buffers: Buffers<'_, T>,
-    gates: Gates,
     config: ChunkConfig,
 ) -> Result<(), GpuError> {
+    let gates = Gates::of(buffers.real_gates);
     let lp = plan_with(d, T::DTYPE, gates, config.carry)?;
     let sequential = lp.carry == ChunkCarry::Sequential;
     let state_bytes = if sequential { lp.sequential_shared_bytes } else { lp.state_shared_bytes };
@@ -599,7 +603,7 @@ pub fn forward_into<T: Element>(
     workspace: Option<&mut dyn DevicePtrMut<f32>>,
     config: impl Into<ChunkConfig>,
 ) -> Result<(), GpuError> {
-    launch(gpu, stream, dims, Buffers::forward(inputs, out, workspace), Gates::Complex, config.into())
+    launch(gpu, stream, dims, Buffers::forward(inputs, out, workspace), config.into())
 }
 
 /// [`forward_into`] for REAL gates (gated linear attention): `inputs.log_gate`
@@ -616,7 +620,7 @@ pub fn forward_real_into<T: Element>(
     config: impl Into<ChunkConfig>,
 ) -> Result<(), GpuError> {
     let buffers = Buffers::forward(inputs, out, workspace).with_real_gates();
-    launch(gpu, stream, dims, buffers, Gates::Real, config.into())
+    launch(gpu, stream, dims, buffers, config.into())
 }
 
 /// Uploads `p`, runs the chunked kernels (f32, exact) on the Gpu's default
@@ -660,7 +664,7 @@ fn host_forward<T: Element>(
     let doing = "synchronizing after the chunked kernels";
     launch::forward_host::<T>(gpu, p, real_gates, workspace_len, doing, |s, d, inputs, out, ws| {
         let buffers = Buffers::forward(inputs, out, ws);
-        launch(gpu, s, d, if real_gates { buffers.with_real_gates() } else { buffers }, gates, config)
+        launch(gpu, s, d, if real_gates { buffers.with_real_gates() } else { buffers }, config)
     })
 }
 

@@ -243,7 +243,7 @@ pub fn backward_into<'a, T: Element>(
     precision: ChunkPrecision,
 ) -> Result<(), GpuError> {
     let buffers = GradBuffers { inputs, grad_in, grads: grads_out, workspace, real_gates: false };
-    launch_backward(gpu, stream, dims, buffers, Gates::Complex, precision)
+    launch_backward(gpu, stream, dims, buffers, precision)
 }
 
 /// [`backward_into`] for REAL gates (gated linear attention, the backward of
@@ -265,21 +265,20 @@ pub fn backward_real_into<'a, T: Element>(
     precision: ChunkPrecision,
 ) -> Result<(), GpuError> {
     let buffers = GradBuffers { inputs, grad_in, grads: grads_out, workspace, real_gates: true };
-    launch_backward(gpu, stream, dims, buffers, Gates::Real, precision)
+    launch_backward(gpu, stream, dims, buffers, precision)
 }
 
 /// The body of [`backward_into`] and [`backward_real_into`]: `buffers`
-/// (complex or real gate-side tensors, as `gates` says) checked and bound,
-/// the launches enqueued.
+/// (complex or real gate-side tensors, as its `real_gates` says) checked and
+/// bound, the launches enqueued.
 fn launch_backward<'a, T: Element>(
     gpu: &Gpu,
     stream: &CudaStream,
     dims: &Dims,
     buffers: GradBuffers<'a, T>,
-    gates: Gates,
     precision: ChunkPrecision,
 ) -> Result<(), GpuError> {
-    debug_assert_eq!(buffers.real_gates, gates == Gates::Real);
+    let gates = Gates::of(buffers.real_gates);
     let d = dims;
     let gp = plan(d, T::DTYPE, gates)?;
     let lp = gp.forward;
@@ -498,7 +497,7 @@ fn host_backward<T: Element>(
         doing,
         |s, d, inputs, grad_in, grads, w| {
             let buffers = GradBuffers { inputs, grad_in, grads, workspace: w, real_gates };
-            launch_backward(gpu, s, d, buffers, gates, precision)
+            launch_backward(gpu, s, d, buffers, precision)
         },
     )
 }
