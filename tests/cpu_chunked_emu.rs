@@ -159,21 +159,12 @@ fn emulator() -> Option<std::path::PathBuf> {
     EMU.get_or_init(|| emu_support::kernel_emulator("chunk", "GATELOOP_CHUNK_EMU")).clone()
 }
 
-/// The problem with Im log_gate = Im h0 = 0 (a reset stays a reset).
-fn real_parts(mut p: OwnedProblem<f64>) -> OwnedProblem<f64> {
-    p.log_gate.iter_mut().for_each(|g| g.im = 0.0);
-    if let Some(h0) = &mut p.h0 {
-        h0.iter_mut().for_each(|h| h.im = 0.0);
-    }
-    p
-}
-
 /// The problem of `case` with `gates` (real: Im log_gate = Im h0 = 0), its
 /// q, k, v rounded to `t`.
 fn problem_for(case: &Case, gates: GateKind, t: Dtype) -> OwnedProblem<f64> {
     let mut p64 = case.problem();
     if gates == GateKind::Real {
-        p64 = real_parts(p64);
+        p64 = common::real_gates(p64);
     }
     match t {
         Dtype::Bf16 => rounded_to::<half::bf16>(&p64),
@@ -221,7 +212,7 @@ fn chunk_kernels_emulated_match_reference_and_mirror() {
         let label = format!("{} {gates:?} {precision:?}", case.label());
         let mut p64 = case.problem();
         if gates == GateKind::Real {
-            p64 = real_parts(p64);
+            p64 = common::real_gates(p64);
         }
         let p64 = p64.rounded_to_f32();
         let want = gateloop::reference::recurrent::forward(&p64.view()).expect("reference");
@@ -464,7 +455,7 @@ fn half_types<T: Element>(emu: &std::path::Path, worst: &mut Worst, failures: &m
         let label = format!("{t} {} {gates:?} {precision:?}", case.label());
         let mut p = case.problem();
         if gates == GateKind::Real {
-            p = real_parts(p);
+            p = common::real_gates(p);
         }
         let p64 = rounded_to::<T>(&p);
         let want = gateloop::reference::recurrent::forward(&p64.view()).expect("reference");
@@ -487,7 +478,7 @@ fn half_types<T: Element>(emu: &std::path::Path, worst: &mut Worst, failures: &m
         let label = format!("{t} {} {gates:?} {precision:?} fragments", case.label());
         let mut p = case.problem();
         if gates == GateKind::Real {
-            p = real_parts(p);
+            p = common::real_gates(p);
         }
         let p64 = rounded_to::<T>(&p);
         let want = gateloop::reference::recurrent::forward(&p64.view()).expect("reference");

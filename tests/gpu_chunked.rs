@@ -108,7 +108,7 @@ fn check_with<T: Element>(gpu: &Gpu, case: Case, gates: Gates, config: ChunkConf
     let label = format!("{t} {gates:?} {precision:?} {:?} {}", config.output, case.label());
     let mut p = case.problem();
     if gates == Gates::Real {
-        p = common::real_gates(&p);
+        p = common::real_gates(p);
     }
     let p64 = rounded_to::<T>(&p);
     let want = reference::recurrent::forward(&p64.view()).expect("reference");
@@ -357,7 +357,7 @@ fn check_carries<T: Element>(gpu: &Gpu, case: Case, gates: Gates, precision: Chu
     let label = format!("{} {gates:?} {precision:?} {}", T::DTYPE, case.label());
     let mut p = case.problem();
     if gates == Gates::Real {
-        p = common::real_gates(&p);
+        p = common::real_gates(p);
     }
     let p64 = rounded_to::<T>(&p);
     let p32 = p64.to_f32();
@@ -419,7 +419,7 @@ fn forward_host_and_dispatch_match_reference() {
     }
     // The real-gate host convenience.
     let case = Case::new(dims(2, 300, 3, 16, 16, false), GateRegime::Resets(0.05), true, 7001);
-    let p64 = common::real_gates(&case.problem()).rounded_to_f32();
+    let p64 = common::real_gates(case.problem()).rounded_to_f32();
     let want: Outputs<f64> = reference::recurrent::forward(&p64.view()).unwrap();
     let got = forward_real_host_as::<f32>(gpu, &p64.to_f32().view(), ChunkPrecision::Exact).unwrap();
     common::assert_outputs(&case.label(), &got.y, &got.h_final, &want, 1e-4, 1e-3);

@@ -105,7 +105,7 @@ fn real_case<T: Element>(case: &Case, with_dh_final: bool) -> (OwnedProblem<f64>
     for z in up.dh_final.iter_mut().flatten() {
         z.im = 0.0;
     }
-    let (p, up) = rounded::<T>(&common::real_gates(&case.problem()), &up);
+    let (p, up) = rounded::<T>(&common::real_gates(case.problem()), &up);
     let want = reference::grad::backward(&p.view(), &up.dy, up.dh_final.as_deref()).expect("reference");
     (p, up, common::grad::real_part_grads(want))
 }

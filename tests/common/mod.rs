@@ -438,8 +438,7 @@ pub fn run_forward<T: Element>(
 }
 
 /// `p` with the imaginary parts of log_gate and h0 set to 0 (a real-gate problem).
-pub fn real_gates(p: &OwnedProblem<f64>) -> OwnedProblem<f64> {
-    let mut p = p.clone();
+pub fn real_gates(mut p: OwnedProblem<f64>) -> OwnedProblem<f64> {
     for z in p.log_gate.iter_mut().chain(p.h0.iter_mut().flatten()) {
         z.im = 0.0;
     }
@@ -483,7 +482,9 @@ pub fn run_backward<T: Element>(
         }
     };
     let parts = if real_gates { 1 } else { 2 };
-    let log_gate = s.clone_htod(&side(&p32.log_gate)).unwrap();
+    // (upload's complex log_gate serves complex gates.)
+    let real_gate = real_gates.then(|| s.clone_htod(&side(&p32.log_gate)).unwrap());
+    let log_gate = real_gate.as_ref().unwrap_or(&u.log_gate);
     let h0 = p32.h0.as_ref().map(|h| s.clone_htod(&side(h)).unwrap());
     let dy = s.clone_htod(&dy.iter().map(|&x| T::from_f32(x)).collect::<Vec<T>>()).unwrap();
     let dhf = dh_final.map(|h| s.clone_htod(&side(h)).unwrap());
@@ -496,7 +497,7 @@ pub fn run_backward<T: Element>(
     launch(
         &s,
         &d,
-        DeviceInputs { q: &u.q, k: &u.k, v: &u.v, log_gate: &log_gate, h0: h0.as_ref().map(|h| h as _) },
+        DeviceInputs { q: &u.q, k: &u.k, v: &u.v, log_gate, h0: h0.as_ref().map(|h| h as _) },
         DeviceGradInputs { dy: &dy, dh_final: dhf.as_ref().map(|h| h as _) },
         DeviceGrads { dq: &mut dq, dk: &mut dk, dv: &mut dv, dlog_gate: &mut dg, dh0: dh0.as_mut().map(|h| h as _) },
         ws.as_mut().map(|w| w as _),
