@@ -203,7 +203,7 @@ __device__ __forceinline__ void chunk_output(const GateloopChunkParams& p) {
 // fast entries the input's own operand type.
 GATELOOP_CHUNK_ENTRIES(f32, float, OpTf32, c, true, exact, 3, 2, 1)
 GATELOOP_CHUNK_ENTRIES(f32, float, OpTf32, c, true, fast, 1, 2, 1)
-GATELOOP_CHUNK_ENTRIES(f32, float, OpTf32, r, false, exact, 3, 1, 1)  // 2 spills
+GATELOOP_CHUNK_ENTRIES(f32, float, OpTf32, r, false, exact, 3, 2, 1)
 GATELOOP_CHUNK_ENTRIES(f32, float, OpTf32, r, false, fast, 1, 2, 2)
 GATELOOP_CHUNK_ENTRIES(f16, __half, OpBf16, c, true, exact, 3, 2, 2)
 GATELOOP_CHUNK_ENTRIES(f16, __half, OpF16, c, true, fast, 1, 2, 2)
@@ -212,7 +212,7 @@ GATELOOP_CHUNK_ENTRIES(f16, __half, OpF16, r, false, fast, 1, 2, 2)
 GATELOOP_CHUNK_ENTRIES(bf16, __nv_bfloat16, OpBf16, c, true, exact, 3, 2, 2)
 GATELOOP_CHUNK_ENTRIES(bf16, __nv_bfloat16, OpBf16, c, true, fast, 1, 2, 2)
 GATELOOP_CHUNK_ENTRIES(bf16, __nv_bfloat16, OpBf16, r, false, exact, 3, 2, 2)
-GATELOOP_CHUNK_ENTRIES(bf16, __nv_bfloat16, OpBf16, r, false, fast, 1, 2, 1)  // output: 2 spills on sm_80
+GATELOOP_CHUNK_ENTRIES(bf16, __nv_bfloat16, OpBf16, r, false, fast, 1, 2, 2)
 
 // gateloop_chunk_output_frag_{f16,bf16}_{c,r}_{exact,fast}: the output launch
 // on register fragments (cuda/chunk_frag.cuh), 16-bit inputs only (m16n8k16

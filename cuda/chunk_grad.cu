@@ -62,8 +62,9 @@
 //   grad_qk: s = dY Vᵀ: warp w ↔ its tiles (w / 2, 2·(w % 2) + t), t < 2;
 //            per slab, the off-diagonal products: offdiag_products' jobs;
 //            X = dY S_inᵀ and Y = V Dᵀ: warp w ↔ tile (w / 2, w % 2)
-//            of each, and Σ S_in conj(D) of channels w, w + 8 (lane ↔
-//            value column); the rest: key channel d = tid % 16 of the
+//            of each (real gates: warps 0–3 X, 4–7 Y, tile (w % 4, 0)),
+//            and Σ S_in conj(D) of channels w, w + 8 (lane ↔ value
+//            column); the rest: key channel d = tid % 16 of the
 //            slab, steps n = tid / 16 + 16i (i < 4) for dq, dk; the gate
 //            scans: channel tid / 16, steps 16e + tid % 16 (e < 4).
 //   grad_dv: warp w ↔ dv tiles (steps 16·(w / 2), columns 16·(2·(w % 2) + t),
@@ -548,8 +549,8 @@ __device__ __forceinline__ void grad_qk(const GateloopChunkGradParams& g) {
         }
         // Through the state on tensor cores: X = dY S_inᵀ (row n: x_n = S_in dy_n)
         // and Y = V Dᵀ (y_n = D v_n), 64 × [Re | Im] of the slab's channels,
-        // inner dimension every value column in steps of kInterCols; warp w
-        // owns tile (w / 2, w % 2) of each. Σ_j S_in conj(D) per channel in
+        // inner dimension every value column in steps of kInterCols (the
+        // warps' tiles: below). Σ_j S_in conj(D) per channel in
         // f32 from the workspace values staged for those products: warp w
         // sums channels w and w + 8 over the value columns (one per lane,
         // then shuffles in a fixed order: deterministic).
@@ -561,12 +562,16 @@ __device__ __forceinline__ void grad_qk(const GateloopChunkGradParams& g) {
             // S_in, D rows [j][c] row-major, read as the column-major B = S_inᵀ, Dᵀ.
             const Split<Op> sh = carve<Op>(at, slab_width<kComplex>(), ld_inter<Op>());
             const Split<Op> dh = carve<Op>(at, slab_width<kComplex>(), ld_inter<Op>());
-            const int xr = blk.warp >> 1;
-            const int xc = blk.warp & 1;  // the Re (0) or Im (1) tile: real gates have no Im
-            const bool x_live = kComplex || xc == 0;
+            // Complex: warp w ↔ tile (w / 2, w % 2) — the Re (0) or Im (1)
+            // columns — of both X and Y. Real gates have no Im tiles, so
+            // their 8 tiles go one to a warp: warps 0–3 X (rows 16·w), warps
+            // 4–7 Y (rows 16·(w − 4)), one accumulator each.
+            const int xr = kComplex ? blk.warp >> 1 : blk.warp & 3;
+            const int xc = kComplex ? blk.warp & 1 : 0;
+            const bool real_y = !kComplex && blk.warp >= 4;  // this warp forms Y (real gates)
             Acc<Op> xacc, yacc;
             wmma::fill_fragment(xacc, 0.f);
-            wmma::fill_fragment(yacc, 0.f);
+            if (kComplex) wmma::fill_fragment(yacc, 0.f);
             // Σ_c S_in conj(D) of the slot's channels (rows row0 + kStep·i of
             // the slab) at its column, summed over the columns by the warp
             // after the loop (the warp's lanes are the columns).
@@ -629,15 +634,28 @@ __device__ __forceinline__ void grad_qk(const GateloopChunkGradParams& g) {
                         }
                     });
                 __syncthreads();
-                // x_live as the loop's bound: written as a condition of the loop,
-                // ptxas spilled 4 bytes in the real 16-bit kernels on sm_90.
-                for (int kk = 0; kk < (x_live ? kInterCols : 0); kk += Op::kK) {
-                    mma_step<Op, kGradTerms, wmma::row_major, wmma::col_major>(
-                        xacc, dyh.hi_at(16 * xr, kk), dyh.lo_at(16 * xr, kk), dyh.ld, sh.hi_at(16 * xc, kk),
-                        sh.lo_at(16 * xc, kk), sh.ld);
-                    mma_step<Op, kGradTerms, wmma::row_major, wmma::col_major>(
-                        yacc, vh.hi_at(16 * xr, kk), vh.lo_at(16 * xr, kk), vh.ld, dh.hi_at(16 * xc, kk),
-                        dh.lo_at(16 * xc, kk), dh.ld);
+                if (kComplex) {
+                    for (int kk = 0; kk < kInterCols; kk += Op::kK) {
+                        mma_step<Op, kGradTerms, wmma::row_major, wmma::col_major>(
+                            xacc, dyh.hi_at(16 * xr, kk), dyh.lo_at(16 * xr, kk), dyh.ld, sh.hi_at(16 * xc, kk),
+                            sh.lo_at(16 * xc, kk), sh.ld);
+                        mma_step<Op, kGradTerms, wmma::row_major, wmma::col_major>(
+                            yacc, vh.hi_at(16 * xr, kk), vh.lo_at(16 * xr, kk), vh.ld, dh.hi_at(16 * xc, kk),
+                            dh.lo_at(16 * xc, kk), dh.ld);
+                    }
+                } else {
+                    // X = dY S_inᵀ or Y = V Dᵀ: the same product of other
+                    // operands, V and D at a fixed distance past dY and S_in
+                    // (carved in that order, same shapes): an offset, not a
+                    // second set of pointers (at 128 registers, those spilled).
+                    const int a_shift = real_y ? static_cast<int>(vh.hi - dyh.hi) : 0;
+                    const int b_shift = real_y ? static_cast<int>(dh.hi - sh.hi) : 0;
+#pragma unroll 1
+                    for (int kk = 0; kk < kInterCols; kk += Op::kK) {
+                        mma_step<Op, kGradTerms, wmma::row_major, wmma::col_major>(
+                            xacc, dyh.hi_at(16 * xr, kk) + a_shift, dyh.lo_at(16 * xr, kk) + a_shift, dyh.ld,
+                            sh.hi_at(0, kk) + b_shift, sh.lo_at(0, kk) + b_shift, sh.ld);
+                    }
                 }
             }
 #pragma unroll
@@ -648,9 +666,12 @@ __device__ __forceinline__ void grad_qk(const GateloopChunkGradParams& g) {
             }
             __syncthreads();  // every warp is done with the operands: X, Y take their bytes
             float* xy = reinterpret_cast<float*>(union_at);  // X then Y, [kChunk][2·kSlab] each
-            if (x_live) {
+            float* const y_at = xy + kChunk * 2 * kSlab;
+            if (kComplex) {
                 wmma::store_matrix_sync(xy + 16 * xr * 2 * kSlab + 16 * xc, xacc, 2 * kSlab, wmma::mem_row_major);
-                wmma::store_matrix_sync(xy + kChunk * 2 * kSlab + 16 * xr * 2 * kSlab + 16 * xc, yacc, 2 * kSlab,
+                wmma::store_matrix_sync(y_at + 16 * xr * 2 * kSlab + 16 * xc, yacc, 2 * kSlab, wmma::mem_row_major);
+            } else {
+                wmma::store_matrix_sync((real_y ? y_at : xy) + 16 * xr * 2 * kSlab, xacc, 2 * kSlab,
                                         wmma::mem_row_major);
             }
             __syncthreads();
