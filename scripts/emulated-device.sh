@@ -130,6 +130,16 @@ if ! grep -q '"gateloop kernel emulator (CPU)"' "$tmp/bench.json"; then
     echo "emulated-device: bench.json does not name the emulated device" >&2
     failed+=("gateloop bench (json)")
 fi
+# Each launch's time: the chunked row split into its launches (the separate
+# carry at this grid), a one-launch row not split.
+if ! python3 -c 'import json, sys; r = {x["kernel"]: x for x in json.load(open(sys.argv[1]))["results"]}
+want = ["gateloop_chunk_state", "gateloop_chunk_carry", "gateloop_chunk_output"]
+ph = r["chunked"]["phases"]
+sys.exit(not ([p["kernel"] for p in ph] == want and all(p["median_ms"] > 0 for p in ph)
+              and r["recurrent"]["phases"] == []))' "$tmp/bench.json"; then
+    echo "emulated-device: bench.json must split the chunked rows into their launches (phases)" >&2
+    failed+=("gateloop bench (phases)")
+fi
 # The tuning entry runs only when named (the bundle's carry step).
 cli bench --kernel chunked-sequential --kernel chunked-separate --dtype bf16 --shape 1,100,1,8,8 --runs 2 \
     --warmup 1 --json "$tmp/carry.json"

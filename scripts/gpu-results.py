@@ -30,7 +30,9 @@ from bench.json) and writes verdict.md there, which it also prints:
   supports;
 - the output rule: chunked-frag against chunked and chunked-real-frag-fast
   against chunked-real-fast (bench.json), and the ChunkOutput default
-  (src/cuda/chunk.rs) it supports for 16-bit inputs.
+  (src/cuda/chunk.rs) it supports for 16-bit inputs;
+- the launches: each bench row of several launches split into its
+  launches' median times (bench.json "phases"), where the time goes.
 
 Only the standard library; nothing here needs a GPU. Missing files make
 their sections say so rather than fail: a partial run is still filed.
@@ -444,6 +446,28 @@ def output_rule(bench):
                         "`ChunkOutput::Fragments` for f16 and bf16 inputs", "`ChunkOutput::Staged`")
 
 
+def launch_split(bench):
+    """The launches section: each bench row of more than one launch, its
+    launches' median times and shares (bench.json "phases"), the time the
+    next change should go after. Rows of the GPU runs before 2026-12-02
+    have none."""
+    L = ["## Launches (where each row's time goes)\n"]
+    rows = [r for r in (bench or {}).get("results") or [] if r.get("phases")]
+    if not rows:
+        return L + ["(no bench.json row with per-launch times: not measured)\n"]
+    L.append("| kernel | dtype | shape | gate | ms | launches: ms (share) |")
+    L.append("|---|---|---|---|---|---|")
+    for r in sorted(rows, key=lambda r: (r["kernel"], r["dtype"], r["shape"]["len"])):
+        sh = r["shape"]
+        d = (sh["batch"], sh["len"], sh["heads"], sh["key_dim"], sh["value_dim"])
+        total = sum(p["median_ms"] for p in r["phases"]) or 1.0
+        parts = ", ".join(f"{p['kernel'].removeprefix('gateloop_')} {fmt(p['median_ms'])} "
+                          f"({p['median_ms'] / total:.0%})" for p in r["phases"])
+        L.append(f"| {r['kernel']} | {r['dtype']} | {label(d)} | {sh.get('gate', 'channel')} | "
+                 f"{fmt(r['median_ms'])} | {parts} |")
+    return L + [""]
+
+
 def recurrent_grid(d):
     """B·H·ceil(V/32) (src/cuda/recurrent.rs plan)."""
     B, _, H, _, V = d
@@ -500,6 +524,7 @@ def file_results(results, into, dry_run):
     L += carry_rule(carry)
     L += staging_rule(bench)
     L += output_rule(bench)
+    L += launch_split(bench)
     text = "\n".join(L) + "\n"
     if not dry_run:
         os.makedirs(dest, exist_ok=True)

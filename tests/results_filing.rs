@@ -95,7 +95,14 @@ fn files_a_run_and_reads_the_targets_and_the_carry_rule() {
         bench_row("recurrent-ahead", "bf16", [8, 4096, 16, 64, 64], 1.6),
         bench_row("recurrent", "bf16", [1, 65536, 4, 64, 64], 30.0),
         bench_row("recurrent-ahead", "bf16", [1, 65536, 4, 64, 64], 29.7),
-        bench_row("chunked", "bf16", [1, 65536, 4, 64, 64], 4.0),
+        // The launches: state_seq and output of the chunked row (bench.json
+        // "phases").
+        {
+            let mut r = bench_row("chunked", "bf16", [1, 65536, 4, 64, 64], 4.0);
+            r["phases"] = json!([{"kernel": "gateloop_chunk_state_seq", "median_ms": 1.0},
+                                 {"kernel": "gateloop_chunk_output", "median_ms": 3.0}]);
+            r
+        },
         // The output rule: the fragment launch 25% faster in its one case.
         bench_row("chunked-frag", "bf16", [1, 65536, 4, 64, 64], 3.0),
     ];
@@ -152,6 +159,9 @@ fn files_a_run_and_reads_the_targets_and_the_carry_rule() {
     let row = "| bf16 | B1 L65536 H4 K=V=64 | channel | chunked | 4.000 ms | chunked-frag | 3.000 ms | 0.750 |";
     assert!(text.contains(row), "{text}");
     assert!(text.contains("Suggested: `ChunkOutput::Fragments` for f16 and bf16 inputs as the default"), "{text}");
+    let row = "| chunked | bf16 | B1 L65536 H4 K=V=64 | channel | 4.000 ms | chunk_state_seq 1.000 ms (25%), \
+               chunk_output 3.000 ms (75%) |";
+    assert!(text.contains(row), "{text}");
 
     let filed = into.join("gpu-2027-01-02-nvidia-h200");
     for f in ["verdict.md", "summary.json", "carry.json", "bench.json", "env.txt", "peers/peers.json"] {

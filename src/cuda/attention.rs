@@ -209,6 +209,7 @@ pub fn forward_into<T: Element>(
         // and cudarc's drop of a CudaSlice waits on the events the guards
         // record.
         unsafe { launch.launch(cfg) }.doing(doing)?;
+        super::phases::after_launch(stream, doing)?;
     }
     Ok(())
 }

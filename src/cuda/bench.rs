@@ -6,6 +6,9 @@
 //! - **Timing**: one pair of CUDA events around each launch on the Gpu's
 //!   stream, after `warmup` untimed launches; the reported time is the
 //!   median of `runs` (≥ 20 by default 30) launches, min and max alongside.
+//!   A row of several kernel launches also gets each launch's median
+//!   ([`BenchResult::phases`], from an event the launchers record after
+//!   each kernel while the bench times them: [`super::phases`]).
 //! - **Cache**: the inputs and outputs are allocated as several *sets* and
 //!   consecutive launches rotate through them, so that the sets together
 //!   exceed [`ROTATE_L2_MULTIPLE`] × the L2 size read off the device (H200:
@@ -33,7 +36,7 @@
 use std::sync::Arc;
 
 use cudarc::driver::sys::{CUdevice_attribute, CUevent_flags};
-use cudarc::driver::{CudaSlice, CudaStream, DevicePtrMut};
+use cudarc::driver::{CudaEvent, CudaSlice, CudaStream, DevicePtrMut};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use rayon::prelude::*;
@@ -43,6 +46,7 @@ use thiserror::Error;
 use super::chunk::{self, ChunkCarry, ChunkConfig, ChunkOutput, ChunkPrecision, Gates};
 use super::chunk_grad;
 use super::element::{Dtype, Element, round_slice};
+use super::phases::{self, Phase, phase_medians};
 use super::recurrent::{self, DecodeInputs, DeviceInputs, DeviceOutputs, RecurrentStaging};
 use super::{DriverContext, Gpu, GpuError, attention, scan};
 use crate::error::InputError;
@@ -1016,8 +1020,22 @@ pub fn time_launches(
     stream: &Arc<CudaStream>,
     warmup: usize,
     runs: usize,
-    mut f: impl FnMut(usize) -> Result<(), GpuError>,
+    f: impl FnMut(usize) -> Result<(), GpuError>,
 ) -> Result<Vec<f64>, GpuError> {
+    Ok(time_phased(stream, warmup, runs, f)?.0)
+}
+
+/// [`time_launches`], and the time of each kernel launch of `f` (the
+/// crate's launchers record an event after each: [`phases`]): None when `f`
+/// launches fewer than two kernels, or not the same ones every run. A run's
+/// end is the event recorded after its last launch (a run without launches,
+/// the copy, records its own), so a one-launch run adds no event.
+pub fn time_phased(
+    stream: &Arc<CudaStream>,
+    warmup: usize,
+    runs: usize,
+    mut f: impl FnMut(usize) -> Result<(), GpuError>,
+) -> Result<(Vec<f64>, Option<Vec<Phase>>), GpuError> {
     for i in 0..warmup {
         f(i)?;
     }
@@ -1026,11 +1044,27 @@ pub fn time_launches(
     let mut events = Vec::with_capacity(runs);
     for i in 0..runs {
         let start = stream.record_event(timing).doing("recording an event")?;
-        f(warmup + i)?;
-        let end = stream.record_event(timing).doing("recording an event")?;
-        events.push((start, end));
+        let (ran, launches) = phases::recorded(|| f(warmup + i));
+        ran?;
+        let end =
+            if launches.is_empty() { Some(stream.record_event(timing).doing("recording an event")?) } else { None };
+        events.push((start, launches, end));
     }
-    events.iter().map(|(start, end)| start.elapsed_ms(end).map(f64::from).doing("reading an event time")).collect()
+    let ms = |a: &CudaEvent, b: &CudaEvent| a.elapsed_ms(b).map(f64::from).doing("reading an event time");
+    let mut times = Vec::with_capacity(runs);
+    let mut per_run = Vec::with_capacity(runs);
+    for (start, launches, end) in &events {
+        let last = end.as_ref().or(launches.last().map(|(_, e)| e)).expect("an end event or a launch's");
+        times.push(ms(start, last)?);
+        let mut before = start;
+        let mut run = Vec::with_capacity(launches.len());
+        for (kernel, event) in launches {
+            run.push((*kernel, ms(before, event)?));
+            before = event;
+        }
+        per_run.push(run);
+    }
+    Ok((times, phase_medians(&per_run)))
 }
 
 /// Median of `xs` (sorted copy; the mean of the middle two for even lengths).
@@ -1130,6 +1164,10 @@ pub struct BenchResult {
     pub floor_traffic_ms: f64,
     /// Every output element of set 0 finite after the runs.
     pub outputs_finite: bool,
+    /// Each kernel launch's median time, in launch order, when the row
+    /// launches more than one ([`time_phased`]); empty otherwise. Their sum
+    /// is close to, not exactly, `median_ms` (medians of parts).
+    pub phases: Vec<Phase>,
 }
 
 impl BenchResult {
@@ -1262,7 +1300,8 @@ pub fn run(gpu: &Gpu, opts: &BenchOptions, mut progress: impl FnMut(&str)) -> Re
                 progress(&format!("{} {dtype} {}: {sets} sets", e.name, shape_str(&dims)));
                 let measured = (|| -> Result<BenchResult, GpuError> {
                     let mut case = (e.prepare)(gpu, dims, dtype, &host, sets)?;
-                    let times = time_launches(gpu.stream(), opts.warmup.max(1), opts.runs, |i| case.launch(i % sets))?;
+                    let (times, phases) =
+                        time_phased(gpu.stream(), opts.warmup.max(1), opts.runs, |i| case.launch(i % sets))?;
                     let outputs_finite = case.outputs_finite()?;
                     let median_ms = median(&times);
                     let secs = median_ms * 1e-3;
@@ -1282,6 +1321,7 @@ pub fn run(gpu: &Gpu, opts: &BenchOptions, mut progress: impl FnMut(&str)) -> Re
                         floor_flops_ms: cost.flops / (ceilings.peak_gflops * 1e9) * 1e3,
                         floor_traffic_ms: cost.traffic / (ceilings.copy_gbs * 1e9) * 1e3,
                         outputs_finite,
+                        phases: phases.unwrap_or_default(),
                     })
                 })();
                 match measured {
@@ -1400,6 +1440,14 @@ impl Report {
                 r.floor_traffic_ms,
                 if r.outputs_finite { "ok" } else { "NONFINITE" }
             );
+            if !r.phases.is_empty() {
+                let parts: Vec<String> = r
+                    .phases
+                    .iter()
+                    .map(|p| format!("{} {:.4}", p.kernel.trim_start_matches("gateloop_"), p.median_ms))
+                    .collect();
+                let _ = writeln!(s, "    launches (median ms): {}", parts.join(" + "));
+            }
         }
         for f in &self.failures {
             let _ = writeln!(s, "FAILED {} {} {}: {}", f.kernel, f.dtype, shape_str(&f.dims), f.error);
@@ -1466,6 +1514,7 @@ impl Report {
                 "bound": r.bound(),
                 "of_floor": r.of_floor(),
                 "outputs_finite": r.outputs_finite,
+                "phases": r.phases.iter().map(|p| json!({ "kernel": p.kernel, "median_ms": p.median_ms })).collect::<Vec<_>>(),
             })).collect::<Vec<_>>(),
             "failures": self.failures.iter().map(|f| json!({
                 "kernel": f.kernel, "dtype": f.dtype.name(), "shape": dims(&f.dims), "error": f.error,

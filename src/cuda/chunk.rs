@@ -577,6 +577,7 @@ fn launch<T: Element>(
         // launches: borrows are held until this function returns, and
         // cudarc's drop of a CudaSlice waits on the events the guards record.
         unsafe { launch.launch(cfg) }.doing(doing)?;
+        super::phases::after_launch(stream, doing)?;
     }
     Ok(())
 }

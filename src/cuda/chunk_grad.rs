@@ -428,6 +428,7 @@ fn launch_backward<'a, T: Element>(
         // The borrows (`_bound`) are held until this function returns, and
         // cudarc's drop of a CudaSlice waits on the events they record.
         unsafe { launch.launch(cfg) }.doing(doing)?;
+        super::phases::after_launch(stream, doing)?;
     }
     Ok(())
 }

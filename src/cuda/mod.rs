@@ -124,6 +124,7 @@ pub mod chunk;
 pub mod chunk_grad;
 pub mod element;
 mod launch;
+pub mod phases;
 pub mod recurrent;
 pub mod scan;
 pub mod scan_grad;

@@ -275,6 +275,7 @@ fn launch<T: Element>(
     // outlive the launch: their borrows are held until this function returns,
     // and cudarc's drop of a CudaSlice waits on the events the guards record.
     unsafe { launch.launch(cfg) }.doing("launching gateloop_recurrent")?;
+    super::phases::after_launch(stream, "launching gateloop_recurrent")?;
     Ok(())
 }
 

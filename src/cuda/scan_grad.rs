@@ -276,6 +276,7 @@ pub fn backward_into<'a, T: Element>(
         // f32) lie in the first half of a workspace of ≥ lp.workspace_len
         // f32, 8-byte aligned.
         unsafe { launch.launch(cfg) }.doing("launching gateloop_scan_reduce (backward)")?;
+        super::phases::after_launch(stream, "launching gateloop_scan_reduce (backward)")?;
         let carry_cfg = LaunchConfig {
             grid_dim: (fl.carry_grid, 1, 1),
             block_dim: (CARRY_BLOCK as u32, 1, 1),
@@ -287,6 +288,7 @@ pub fn backward_into<'a, T: Element>(
         // (when HAS_H0) and the workspace the reduce wrote (same stream),
         // one thread per (b, h, k, v), bounds-checked.
         unsafe { launch.launch(carry_cfg) }.doing("launching gateloop_scan_carry (backward)")?;
+        super::phases::after_launch(stream, "launching gateloop_scan_carry (backward)")?;
 
         let cfg = LaunchConfig { grid_dim: (lp.reverse_reduce_grid, 1, 1), block_dim: block, shared_mem_bytes: 0 };
         let mut launch = stream.launch_builder(&kernels.scan_grad.reduce[ti][vi]);
@@ -300,6 +302,7 @@ pub fn backward_into<'a, T: Element>(
         // workspace, inside its checked length. Block = 32·warps ≤ 256 =
         // __launch_bounds__, grid as planned, static shared memory only.
         unsafe { launch.launch(cfg) }.doing("launching gateloop_scan_grad_reduce")?;
+        super::phases::after_launch(stream, "launching gateloop_scan_grad_reduce")?;
         let mut launch = stream.launch_builder(&kernels.scan_grad.carry);
         launch.arg(&params);
         // SAFETY: as for the reverse reduce; gateloop_scan_grad_carry reads
@@ -307,6 +310,7 @@ pub fn backward_into<'a, T: Element>(
         // workspace the reverse reduce wrote (same stream), one thread per
         // (b, h, k, v) with grid · 256 ≥ B·H·K·V and a bounds check.
         unsafe { launch.launch(carry_cfg) }.doing("launching gateloop_scan_grad_carry")?;
+        super::phases::after_launch(stream, "launching gateloop_scan_grad_carry")?;
     }
     let cfg = LaunchConfig { grid_dim: (lp.grad_grid, 1, 1), block_dim: block, shared_mem_bytes: 0 };
     let mut launch = stream.launch_builder(&kernels.scan_grad.grad[ti][vi]);
@@ -324,6 +328,7 @@ pub fn backward_into<'a, T: Element>(
     // borrowed until this function returns, and the guards record the
     // launches on drop.
     unsafe { launch.launch(cfg) }.doing("launching gateloop_scan_grad")?;
+    super::phases::after_launch(stream, "launching gateloop_scan_grad")?;
     Ok(())
 }
 
