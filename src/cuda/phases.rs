@@ -3,8 +3,8 @@
 //! The chunked forward is two or three launches, its backward four to six,
 //! the scan up to three; a bench row times them together. Nsight Compute
 //! splits them, but only for the few cases a profile run can afford (and with
-//! its own clocks). Here every launcher calls [`after_launch`] once each of
-//! its kernels is enqueued; while the calling thread is inside [`recorded`]
+//! its own clocks). Here every launcher calls `after_launch` once each of
+//! its kernels is enqueued; while the calling thread is inside `recorded`
 //! (the bench), that records a CUDA event on the stream, named after the
 //! kernel, so each launch's time is the span between consecutive events. Any
 //! other caller pays one thread-local read per launch and nothing on the GPU.
