@@ -1297,6 +1297,8 @@ pub(crate) mod pool {
 pub(crate) struct SyncPtr(pub(crate) *mut f32);
 // SAFETY: used only for disjoint writes (see each use), within one call.
 unsafe impl Send for SyncPtr {}
+// SAFETY: as for Send: the tasks sharing one touch disjoint elements (a task
+// reads through it only elements it alone writes), so no two threads race.
 unsafe impl Sync for SyncPtr {}
 impl SyncPtr {
     #[inline(always)]

@@ -208,8 +208,7 @@ pub fn forward_into<T: Element>(
         // outlive the launches: borrows are held until this function returns,
         // and cudarc's drop of a CudaSlice waits on the events the guards
         // record.
-        unsafe { launch.launch(cfg) }.doing(doing)?;
-        super::phases::after_launch(stream, doing)?;
+        super::phases::launched(stream, unsafe { launch.launch(cfg) }, doing)?;
     }
     Ok(())
 }

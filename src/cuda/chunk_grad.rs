@@ -427,8 +427,7 @@ fn launch_backward<'a, T: Element>(
         // and ≤ the limit raised at load (need ≤ max_shared checked above).
         // The borrows (`_bound`) are held until this function returns, and
         // cudarc's drop of a CudaSlice waits on the events they record.
-        unsafe { launch.launch(cfg) }.doing(doing)?;
-        super::phases::after_launch(stream, doing)?;
+        super::phases::launched(stream, unsafe { launch.launch(cfg) }, doing)?;
     }
     Ok(())
 }

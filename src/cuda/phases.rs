@@ -3,8 +3,8 @@
 //! The chunked forward is two or three launches, its backward four to six,
 //! the scan up to three; a bench row times them together. Nsight Compute
 //! splits them, but only for the few cases a profile run can afford (and with
-//! its own clocks). Here every launcher calls `after_launch` once each of
-//! its kernels is enqueued; while the calling thread is inside `recorded`
+//! its own clocks). Here every launcher passes each launch's result to
+//! `launched`; while the calling thread is inside `recorded`
 //! (the bench), that records a CUDA event on the stream, named after the
 //! kernel, so each launch's time is the span between consecutive events. Any
 //! other caller pays one thread-local read per launch and nothing on the GPU.
@@ -15,7 +15,7 @@
 use std::cell::RefCell;
 
 use cudarc::driver::sys::CUevent_flags;
-use cudarc::driver::{CudaEvent, CudaStream};
+use cudarc::driver::{CudaEvent, CudaStream, DriverError};
 
 use super::{DriverContext, GpuError};
 
@@ -25,11 +25,17 @@ thread_local! {
     static RECORDING: RefCell<Option<Vec<(&'static str, CudaEvent)>>> = const { RefCell::new(None) };
 }
 
-/// Called by every launcher right after enqueuing `kernel` on `stream`
-/// (`label`: "launching <kernel>[ (what)]", the launch's error context; the
-/// phase is named by what follows "launching "). Records an event when the
-/// thread is inside [`recorded`], else does nothing.
-pub(crate) fn after_launch(stream: &CudaStream, label: &'static str) -> Result<(), GpuError> {
+/// What every launcher does with the result of enqueuing a kernel: maps a
+/// driver error to a [`GpuError`] naming the launch (`label`: "launching
+/// <kernel>[ (what)]"), then, when the thread is inside `recorded`, records an
+/// event on `stream` for the phase named by what follows "launching ". So each
+/// launch names itself once, for its error and for its timing.
+pub(crate) fn launched<T>(
+    stream: &CudaStream,
+    launch: Result<T, DriverError>,
+    label: &'static str,
+) -> Result<(), GpuError> {
+    launch.doing(label)?;
     RECORDING.with(|r| {
         let mut r = r.borrow_mut();
         match r.as_mut() {

@@ -272,8 +272,7 @@ pub fn forward_into<T: Element>(
         // the one `plan` computed for these dims. The buffers outlive the
         // launch (borrowed until this function returns; cudarc's drop of a
         // CudaSlice waits on the events the guards record).
-        unsafe { launch.launch(cfg) }.doing("launching gateloop_scan_reduce")?;
-        super::phases::after_launch(stream, "launching gateloop_scan_reduce")?;
+        super::phases::launched(stream, unsafe { launch.launch(cfg) }, "launching gateloop_scan_reduce")?;
 
         let cfg = LaunchConfig {
             grid_dim: (lp.carry_grid, 1, 1),
@@ -286,8 +285,7 @@ pub fn forward_into<T: Element>(
         // (when HAS_H0) and the workspace the reduce kernel wrote (same
         // stream, so ordered after it), one thread per (b, h, k, v) with
         // grid · 256 ≥ B·H·K·V and a bounds check for the rest.
-        unsafe { launch.launch(cfg) }.doing("launching gateloop_scan_carry")?;
-        super::phases::after_launch(stream, "launching gateloop_scan_carry")?;
+        super::phases::launched(stream, unsafe { launch.launch(cfg) }, "launching gateloop_scan_carry")?;
     }
     let cfg = LaunchConfig { grid_dim: (lp.forward_grid, 1, 1), block_dim: block, shared_mem_bytes: 0 };
     let mut launch = stream.launch_builder(&kernels.scan_forward[ti][vi]);
@@ -296,8 +294,7 @@ pub fn forward_into<T: Element>(
     // workspace (when chunks > 1) was completed by the carry kernel earlier
     // on this stream; with one chunk the kernel reads h0 (or nothing) and
     // never touches the (null) workspace pointers.
-    unsafe { launch.launch(cfg) }.doing("launching gateloop_scan_forward")?;
-    super::phases::after_launch(stream, "launching gateloop_scan_forward")?;
+    super::phases::launched(stream, unsafe { launch.launch(cfg) }, "launching gateloop_scan_forward")?;
     Ok(())
 }
 

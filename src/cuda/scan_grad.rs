@@ -275,8 +275,7 @@ pub fn backward_into<'a, T: Element>(
         // never touched by this kernel; chunk_gate and chunk_state (complex
         // f32) lie in the first half of a workspace of ≥ lp.workspace_len
         // f32, 8-byte aligned.
-        unsafe { launch.launch(cfg) }.doing("launching gateloop_scan_reduce (backward)")?;
-        super::phases::after_launch(stream, "launching gateloop_scan_reduce (backward)")?;
+        super::phases::launched(stream, unsafe { launch.launch(cfg) }, "launching gateloop_scan_reduce (backward)")?;
         let carry_cfg = LaunchConfig {
             grid_dim: (fl.carry_grid, 1, 1),
             block_dim: (CARRY_BLOCK as u32, 1, 1),
@@ -284,11 +283,14 @@ pub fn backward_into<'a, T: Element>(
         };
         let mut launch = stream.launch_builder(&kernels.scan_carry);
         launch.arg(&params.fwd);
-        // SAFETY: as for the reduce launch; gateloop_scan_carry reads h0
-        // (when HAS_H0) and the workspace the reduce wrote (same stream),
-        // one thread per (b, h, k, v), bounds-checked.
-        unsafe { launch.launch(carry_cfg) }.doing("launching gateloop_scan_carry (backward)")?;
-        super::phases::after_launch(stream, "launching gateloop_scan_carry (backward)")?;
+        super::phases::launched(
+            stream,
+            // SAFETY: as for the reduce launch; gateloop_scan_carry reads h0
+            // (when HAS_H0) and the workspace the reduce wrote (same stream),
+            // one thread per (b, h, k, v), bounds-checked.
+            unsafe { launch.launch(carry_cfg) },
+            "launching gateloop_scan_carry (backward)",
+        )?;
 
         let cfg = LaunchConfig { grid_dim: (lp.reverse_reduce_grid, 1, 1), block_dim: block, shared_mem_bytes: 0 };
         let mut launch = stream.launch_builder(&kernels.scan_grad.reduce[ti][vi]);
@@ -301,16 +303,14 @@ pub fn backward_into<'a, T: Element>(
         // [B·H, chunks, K, V] (complex f32) at lp.reverse_offset of the
         // workspace, inside its checked length. Block = 32·warps ≤ 256 =
         // __launch_bounds__, grid as planned, static shared memory only.
-        unsafe { launch.launch(cfg) }.doing("launching gateloop_scan_grad_reduce")?;
-        super::phases::after_launch(stream, "launching gateloop_scan_grad_reduce")?;
+        super::phases::launched(stream, unsafe { launch.launch(cfg) }, "launching gateloop_scan_grad_reduce")?;
         let mut launch = stream.launch_builder(&kernels.scan_grad.carry);
         launch.arg(&params);
         // SAFETY: as for the reverse reduce; gateloop_scan_grad_carry reads
         // dh_final (when non-null: checked length and alignment) and the
         // workspace the reverse reduce wrote (same stream), one thread per
         // (b, h, k, v) with grid · 256 ≥ B·H·K·V and a bounds check.
-        unsafe { launch.launch(carry_cfg) }.doing("launching gateloop_scan_grad_carry")?;
-        super::phases::after_launch(stream, "launching gateloop_scan_grad_carry")?;
+        super::phases::launched(stream, unsafe { launch.launch(carry_cfg) }, "launching gateloop_scan_grad_carry")?;
     }
     let cfg = LaunchConfig { grid_dim: (lp.grad_grid, 1, 1), block_dim: block, shared_mem_bytes: 0 };
     let mut launch = stream.launch_builder(&kernels.scan_grad.grad[ti][vi]);
@@ -327,8 +327,7 @@ pub fn backward_into<'a, T: Element>(
     // the kernel dereferences them. Every buffer outlives the launch:
     // borrowed until this function returns, and the guards record the
     // launches on drop.
-    unsafe { launch.launch(cfg) }.doing("launching gateloop_scan_grad")?;
-    super::phases::after_launch(stream, "launching gateloop_scan_grad")?;
+    super::phases::launched(stream, unsafe { launch.launch(cfg) }, "launching gateloop_scan_grad")?;
     Ok(())
 }
 
