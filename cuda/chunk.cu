@@ -178,19 +178,32 @@ __device__ __forceinline__ void chunk_output(const GateloopChunkParams& p) {
 // y; c = complex gates, r = real gates; exact = 3 split products, fast = 1.
 // gateloop_chunk_carry_{c,r}.
 
-// STATE_MIN, OUTPUT_MIN: the blocks per SM each kernel is compiled for (its
-// register cap: 2 → 128 registers a thread). 2 where two blocks fit an
-// H200 SM's shared memory (228 KB: all state kernels; the output kernels of
-// 16-bit inputs and of real f32 gates) and ptxas keeps the kernel within 128
-// registers without spilling on sm_80 and sm_90 (build.rs rejects spills);
-// 1 elsewhere. A second resident block runs while the first waits at a
-// barrier (the gate prefix, the operand staging).
-#define GATELOOP_CHUNK_ENTRIES(DTYPE, TYPE, OP, GATE, CPLX, PREC, TERMS, STATE_MIN, OUTPUT_MIN)           \
+// STATE_MIN, SEQ_MIN, OUTPUT_MIN: the blocks per SM each kernel is compiled
+// for (its register cap: 1 → 255 registers a thread, 2 → 128, 3 → 80,
+// 4 → 64). A second resident block runs while the first waits at a barrier
+// (the gate prefix, the operand staging, the walk's loads). For 16-bit
+// inputs: the most blocks that the kernel's shared memory lets an SM hold
+// (H200: 228 KB, A100: 164 KB; 1 KB more per block) where ptxas compiles it
+// spill-free under that cap (build.rs rejects spills), else the next count
+// below; GATELOOP_BY_ARCH where sm_80 and sm_90 differ. Shared memory, and
+// the counts on sm_90 (sm_80):
+//   state   complex 60 KB: 3 (2)   real 48 KB: 4 (2 exact, 3 fast)
+//   walk    complex 68 KB: fast 3 (1); exact 1 (1): it spills 8 bytes at 3,
+//           and at 1 takes 112 registers (sm_80: 107), two resident all the same
+//           real 52 KB: 4, f16 fast 3 (3, f16 fast 4)
+//   output  complex 82 KB: 2 (2)   real 68 KB: 3 (2)
+// (A count above what the arch's shared memory holds only caps registers:
+// where a cap of 4 compiles spill-free and 3 does not, 4 it is.) For the
+// walk the count is its grid's waves: at B8 L4096 H16 K = V = 64 its 512
+// blocks are two waves at 2 per SM of an H200's 132, one at 4 (real gates).
+// f32 kernels: 2 where two blocks fit and ptxas stays within 128 registers
+// spill-free on sm_80 and sm_90, else 1 (not re-examined for more).
+#define GATELOOP_CHUNK_ENTRIES(DTYPE, TYPE, OP, GATE, CPLX, PREC, TERMS, STATE_MIN, SEQ_MIN, OUTPUT_MIN)  \
     extern "C" __global__ void __launch_bounds__(gateloop::chunk::kThreads, STATE_MIN)                     \
         gateloop_chunk_state_##DTYPE##_##GATE##_##PREC(const GateloopChunkParams p) {                     \
         gateloop::chunk::chunk_state<TYPE, gateloop::chunk::OP, CPLX, TERMS>(p);                          \
     }                                                                                                     \
-    extern "C" __global__ void __launch_bounds__(gateloop::chunk::kThreads, 1)                             \
+    extern "C" __global__ void __launch_bounds__(gateloop::chunk::kThreads, SEQ_MIN)                       \
         gateloop_chunk_state_seq_##DTYPE##_##GATE##_##PREC(const GateloopChunkParams p) {                 \
         gateloop::chunk::chunk_state_seq<TYPE, gateloop::chunk::OP, CPLX, TERMS>(p);                      \
     }                                                                                                     \
@@ -201,18 +214,22 @@ __device__ __forceinline__ void chunk_output(const GateloopChunkParams& p) {
 
 // Exact entries take OpOf<TYPE>::type (bf16 splits for f16 inputs: see OpOf);
 // fast entries the input's own operand type.
-GATELOOP_CHUNK_ENTRIES(f32, float, OpTf32, c, true, exact, 3, 2, 1)
-GATELOOP_CHUNK_ENTRIES(f32, float, OpTf32, c, true, fast, 1, 2, 1)
-GATELOOP_CHUNK_ENTRIES(f32, float, OpTf32, r, false, exact, 3, 2, 1)
-GATELOOP_CHUNK_ENTRIES(f32, float, OpTf32, r, false, fast, 1, 2, 2)
-GATELOOP_CHUNK_ENTRIES(f16, __half, OpBf16, c, true, exact, 3, 2, 2)
-GATELOOP_CHUNK_ENTRIES(f16, __half, OpF16, c, true, fast, 1, 2, 2)
-GATELOOP_CHUNK_ENTRIES(f16, __half, OpBf16, r, false, exact, 3, 2, 2)
-GATELOOP_CHUNK_ENTRIES(f16, __half, OpF16, r, false, fast, 1, 2, 2)
-GATELOOP_CHUNK_ENTRIES(bf16, __nv_bfloat16, OpBf16, c, true, exact, 3, 2, 2)
-GATELOOP_CHUNK_ENTRIES(bf16, __nv_bfloat16, OpBf16, c, true, fast, 1, 2, 2)
-GATELOOP_CHUNK_ENTRIES(bf16, __nv_bfloat16, OpBf16, r, false, exact, 3, 2, 2)
-GATELOOP_CHUNK_ENTRIES(bf16, __nv_bfloat16, OpBf16, r, false, fast, 1, 2, 2)
+GATELOOP_CHUNK_ENTRIES(f32, float, OpTf32, c, true, exact, 3, 2, 1, 1)
+GATELOOP_CHUNK_ENTRIES(f32, float, OpTf32, c, true, fast, 1, 2, 1, 1)
+GATELOOP_CHUNK_ENTRIES(f32, float, OpTf32, r, false, exact, 3, 2, 1, 1)
+GATELOOP_CHUNK_ENTRIES(f32, float, OpTf32, r, false, fast, 1, 2, 1, 2)
+GATELOOP_CHUNK_ENTRIES(f16, __half, OpBf16, c, true, exact, 3, GATELOOP_BY_ARCH(2, 3), 1, 2)
+GATELOOP_CHUNK_ENTRIES(f16, __half, OpF16, c, true, fast, 1, GATELOOP_BY_ARCH(2, 3), GATELOOP_BY_ARCH(1, 3), 2)
+GATELOOP_CHUNK_ENTRIES(f16, __half, OpBf16, r, false, exact, 3, GATELOOP_BY_ARCH(2, 4), GATELOOP_BY_ARCH(3, 4),
+                       GATELOOP_BY_ARCH(2, 3))
+GATELOOP_CHUNK_ENTRIES(f16, __half, OpF16, r, false, fast, 1, GATELOOP_BY_ARCH(3, 4), GATELOOP_BY_ARCH(4, 3),
+                       GATELOOP_BY_ARCH(2, 3))
+GATELOOP_CHUNK_ENTRIES(bf16, __nv_bfloat16, OpBf16, c, true, exact, 3, GATELOOP_BY_ARCH(2, 3), 1, 2)
+GATELOOP_CHUNK_ENTRIES(bf16, __nv_bfloat16, OpBf16, c, true, fast, 1, GATELOOP_BY_ARCH(2, 3), GATELOOP_BY_ARCH(1, 3), 2)
+GATELOOP_CHUNK_ENTRIES(bf16, __nv_bfloat16, OpBf16, r, false, exact, 3, GATELOOP_BY_ARCH(2, 4),
+                       GATELOOP_BY_ARCH(3, 4), GATELOOP_BY_ARCH(2, 3))
+GATELOOP_CHUNK_ENTRIES(bf16, __nv_bfloat16, OpBf16, r, false, fast, 1, GATELOOP_BY_ARCH(3, 4),
+                       GATELOOP_BY_ARCH(3, 4), GATELOOP_BY_ARCH(2, 3))
 
 // gateloop_chunk_output_frag_{f16,bf16}_{c,r}_{exact,fast}: the output launch
 // on register fragments (cuda/chunk_frag.cuh), 16-bit inputs only (m16n8k16

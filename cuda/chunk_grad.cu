@@ -783,26 +783,27 @@ __device__ __forceinline__ void grad_dv(const GateloopChunkGradParams& g) {
 // log_gate, h0, dh_final, dlog_gate, dh0 real f32, the imaginary part
 // compiled out as in the forward's r kernels). gateloop_chunk_grad_adjoint_carry_{c,r}.
 //
-// QK_MIN, DV_MIN: the blocks per SM grad_qk and grad_dv are compiled for (2
-// caps a thread at 128 registers), by the forward's rule (cuda/chunk.cu): 2
-// where two blocks fit an H200 SM's shared memory and ptxas keeps the kernel
-// within 128 registers without spilling on sm_80 and sm_90 (build.rs
-// rejects spills); 1 elsewhere. For 16-bit inputs both are 2 (grad_qk
-// ~100 KB, grad_dv ~83 KB of shared memory, complex): with one block per SM (8 warps)
-// every barrier of the block idled the SM — the gate prefix, the staging,
-// the per-channel gate scans. f32: grad_qk needs 133 KB (122 KB real: one
-// block fits), grad_dv spills 8 bytes at 128 registers. grad_w is compiled
-// for 2 at every dtype, grad_w_seq for 1 like the forward's state_seq (whose
-// walk it shares; 113 registers for 16-bit inputs, so two of its blocks are
-// resident where their shared memory fits all the same). Real gates take the
-// complex kernels' bounds (fewer registers and bytes).
+// W_MIN, SEQ_MIN, QK_MIN, DV_MIN: the blocks per SM grad_w, grad_w_seq,
+// grad_qk and grad_dv are compiled for, by the forward's rule (cuda/chunk.cu):
+// for 16-bit inputs the most blocks their shared memory lets an SM hold where
+// ptxas compiles them spill-free under that register cap, else the next
+// count below. grad_w and grad_w_seq have the layouts of the forward's state
+// kernel and walk (complex 60 and 68 KB, real 48 and 52 KB): on sm_90
+// grad_w 3 (real: 4 spills 4 bytes), grad_w_seq 3 complex and 4 real; on
+// sm_80 grad_w 2 (real: 3 and 4 spill), grad_w_seq 1 complex (113 registers:
+// two resident) and 3 real. grad_qk and grad_dv 2 (~100 KB and ~83 KB,
+// complex, 128 registers): with one block per SM (8 warps) every barrier of
+// the block idled the SM — the gate prefix, the staging, the per-channel gate
+// scans; real gates take the same (fewer bytes, not enough fewer for 3).
+// f32: grad_w 2, grad_w_seq 1, grad_qk 1 (133 KB; 122 KB real), grad_dv 1
+// (spills 8 bytes at 128 registers).
 
-#define GATELOOP_CHUNK_GRAD_ENTRIES(DTYPE, TYPE, GATE, CPLX, QK_MIN, DV_MIN)                               \
-    extern "C" __global__ void __launch_bounds__(gateloop::chunk::kThreads, 2)                               \
+#define GATELOOP_CHUNK_GRAD_ENTRIES(DTYPE, TYPE, GATE, CPLX, W_MIN, SEQ_MIN, QK_MIN, DV_MIN)              \
+    extern "C" __global__ void __launch_bounds__(gateloop::chunk::kThreads, W_MIN)                           \
         gateloop_chunk_grad_w_##DTYPE##_##GATE(const GateloopChunkGradParams g) {                           \
         gateloop::chunk::grad_w<TYPE, CPLX>(g);                                                             \
     }                                                                                                       \
-    extern "C" __global__ void __launch_bounds__(gateloop::chunk::kThreads, 1)                               \
+    extern "C" __global__ void __launch_bounds__(gateloop::chunk::kThreads, SEQ_MIN)                         \
         gateloop_chunk_grad_w_seq_##DTYPE##_##GATE(const GateloopChunkGradParams g) {                       \
         gateloop::chunk::grad_w_seq<TYPE, CPLX>(g);                                                         \
     }                                                                                                       \
@@ -815,12 +816,12 @@ __device__ __forceinline__ void grad_dv(const GateloopChunkGradParams& g) {
         gateloop::chunk::grad_dv<TYPE, CPLX>(g);                                                            \
     }
 
-GATELOOP_CHUNK_GRAD_ENTRIES(f32, float, c, true, 1, 1)
-GATELOOP_CHUNK_GRAD_ENTRIES(f16, __half, c, true, 2, 2)
-GATELOOP_CHUNK_GRAD_ENTRIES(bf16, __nv_bfloat16, c, true, 2, 2)
-GATELOOP_CHUNK_GRAD_ENTRIES(f32, float, r, false, 1, 1)
-GATELOOP_CHUNK_GRAD_ENTRIES(f16, __half, r, false, 2, 2)
-GATELOOP_CHUNK_GRAD_ENTRIES(bf16, __nv_bfloat16, r, false, 2, 2)
+GATELOOP_CHUNK_GRAD_ENTRIES(f32, float, c, true, 2, 1, 1, 1)
+GATELOOP_CHUNK_GRAD_ENTRIES(f16, __half, c, true, GATELOOP_BY_ARCH(2, 3), GATELOOP_BY_ARCH(1, 3), 2, 2)
+GATELOOP_CHUNK_GRAD_ENTRIES(bf16, __nv_bfloat16, c, true, GATELOOP_BY_ARCH(2, 3), GATELOOP_BY_ARCH(1, 3), 2, 2)
+GATELOOP_CHUNK_GRAD_ENTRIES(f32, float, r, false, 2, 1, 1, 1)
+GATELOOP_CHUNK_GRAD_ENTRIES(f16, __half, r, false, GATELOOP_BY_ARCH(2, 3), GATELOOP_BY_ARCH(3, 4), 2, 2)
+GATELOOP_CHUNK_GRAD_ENTRIES(bf16, __nv_bfloat16, r, false, GATELOOP_BY_ARCH(2, 3), GATELOOP_BY_ARCH(3, 4), 2, 2)
 
 extern "C" __global__ void __launch_bounds__(GATELOOP_CHUNK_CARRY_THREADS)
     gateloop_chunk_grad_adjoint_carry_c(const GateloopChunkGradParams g) {

@@ -186,6 +186,19 @@ constexpr bool kPrefetchAhead = true;
 constexpr bool kPrefetchAhead = false;
 #endif
 
+// GATELOOP_BY_ARCH(sm80, sm90): a launch bound's blocks per SM that differs
+// by arch: the first for sm_80 … sm_89 (164 KB of shared memory per SM, and
+// no L2 prefetch in the walks), the second for sm_90 and newer (228 KB) and
+// for the host pass, which ignores it. ptxas's register allocation under a
+// cap differs by arch: each pair is the largest count that the kernel's
+// shared memory allows on that arch and ptxas compiles without spilling
+// (build.rs rejects spills), or the next below it that does.
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 900
+#define GATELOOP_BY_ARCH(sm80, sm90) sm80
+#else
+#define GATELOOP_BY_ARCH(sm80, sm90) sm90
+#endif
+
 // ---- index math ----------------------------------------------------------------
 
 // x, as a value the compiler cannot see through. A staging loop's address
