@@ -645,11 +645,17 @@ __device__ __forceinline__ void grad_qk(const GateloopChunkGradParams& g) {
                     }
                 } else {
                     // X = dY S_inᵀ or Y = V Dᵀ: the same product of other
-                    // operands, V and D at a fixed distance past dY and S_in
-                    // (carved in that order, same shapes): an offset, not a
-                    // second set of pointers (at 128 registers, those spilled).
-                    const int a_shift = real_y ? static_cast<int>(vh.hi - dyh.hi) : 0;
-                    const int b_shift = real_y ? static_cast<int>(dh.hi - sh.hi) : 0;
+                    // operands, V and D one split operand past dY and S_in
+                    // (carved just above in that order, each pair with one
+                    // shape, so carve's own step is the distance of both
+                    // planes): an offset, not a second set of pointers (at
+                    // 128 registers, those spilled).
+                    using S = typename Op::storage;
+                    constexpr int kPastDy = split_bytes<Op>(kChunk, ld_inter<Op>()) / static_cast<int>(sizeof(S));
+                    constexpr int kPastS =
+                        split_bytes<Op>(slab_width<kComplex>(), ld_inter<Op>()) / static_cast<int>(sizeof(S));
+                    const int a_shift = real_y ? kPastDy : 0;
+                    const int b_shift = real_y ? kPastS : 0;
 #pragma unroll 1
                     for (int kk = 0; kk < kInterCols; kk += Op::kK) {
                         mma_step<Op, kGradTerms, wmma::row_major, wmma::col_major>(
