@@ -797,10 +797,11 @@ __device__ __forceinline__ void grad_dv(const GateloopChunkGradParams& g) {
 // kernel and walk (complex 60 and 68 KB, real 48 and 52 KB): on sm_90
 // grad_w 3 (real: 4 spills 4 bytes), grad_w_seq 3 complex and 4 real; on
 // sm_80 grad_w 2 (real: 3 and 4 spill), grad_w_seq 1 complex (113 registers:
-// two resident) and 3 real. grad_qk and grad_dv 2 (~100 KB and ~83 KB,
-// complex, 128 registers): with one block per SM (8 warps) every barrier of
-// the block idled the SM — the gate prefix, the staging, the per-channel gate
-// scans; real gates take the same (fewer bytes, not enough fewer for 3).
+// two resident) and 3 real. grad_qk 2 (98 KB complex, 90 KB real) and grad_dv
+// 2 (the forward output kernel's layout: 82 KB complex; real 68 KB, so 3 on
+// sm_90, 72 registers): with one block per SM (8 warps) every barrier of the
+// block idled the SM — the gate prefix, the staging, the per-channel gate
+// scans.
 // f32: grad_w 2, grad_w_seq 1, grad_qk 1 (133 KB; 122 KB real), grad_dv 1
 // (spills 8 bytes at 128 registers).
 
@@ -826,8 +827,10 @@ GATELOOP_CHUNK_GRAD_ENTRIES(f32, float, c, true, 2, 1, 1, 1)
 GATELOOP_CHUNK_GRAD_ENTRIES(f16, __half, c, true, GATELOOP_BY_ARCH(2, 3), GATELOOP_BY_ARCH(1, 3), 2, 2)
 GATELOOP_CHUNK_GRAD_ENTRIES(bf16, __nv_bfloat16, c, true, GATELOOP_BY_ARCH(2, 3), GATELOOP_BY_ARCH(1, 3), 2, 2)
 GATELOOP_CHUNK_GRAD_ENTRIES(f32, float, r, false, 2, 1, 1, 1)
-GATELOOP_CHUNK_GRAD_ENTRIES(f16, __half, r, false, GATELOOP_BY_ARCH(2, 3), GATELOOP_BY_ARCH(3, 4), 2, 2)
-GATELOOP_CHUNK_GRAD_ENTRIES(bf16, __nv_bfloat16, r, false, GATELOOP_BY_ARCH(2, 3), GATELOOP_BY_ARCH(3, 4), 2, 2)
+GATELOOP_CHUNK_GRAD_ENTRIES(f16, __half, r, false, GATELOOP_BY_ARCH(2, 3), GATELOOP_BY_ARCH(3, 4), 2,
+                            GATELOOP_BY_ARCH(2, 3))
+GATELOOP_CHUNK_GRAD_ENTRIES(bf16, __nv_bfloat16, r, false, GATELOOP_BY_ARCH(2, 3), GATELOOP_BY_ARCH(3, 4), 2,
+                            GATELOOP_BY_ARCH(2, 3))
 
 extern "C" __global__ void __launch_bounds__(GATELOOP_CHUNK_CARRY_THREADS)
     gateloop_chunk_grad_adjoint_carry_c(const GateloopChunkGradParams g) {

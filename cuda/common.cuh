@@ -187,12 +187,13 @@ constexpr bool kPrefetchAhead = false;
 #endif
 
 // GATELOOP_BY_ARCH(sm80, sm90): a launch bound's blocks per SM that differs
-// by arch: the first for sm_80 … sm_89 (164 KB of shared memory per SM, and
-// no L2 prefetch in the walks), the second for sm_90 and newer (228 KB) and
-// for the host pass, which ignores it. ptxas's register allocation under a
-// cap differs by arch: each pair is the largest count that the kernel's
-// shared memory allows on that arch and ptxas compiles without spilling
-// (build.rs rejects spills), or the next below it that does.
+// by arch: the first below sm_90 (written for an A100's 164 KB of shared
+// memory per SM, and walks without the L2 prefetch; sm_86 and sm_89 hold
+// 100 KB, where the count only caps registers), the second for sm_90 and
+// newer (228 KB) and for the host pass, which ignores it. ptxas allocates
+// registers under a cap differently per arch, so a count that compiles
+// spill-free on one may spill on the other (the entry tables in chunk.cu and
+// chunk_grad.cu say which count each kernel takes, and why).
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 900
 #define GATELOOP_BY_ARCH(sm80, sm90) sm80
 #else
