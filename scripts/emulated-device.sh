@@ -130,14 +130,19 @@ if ! grep -q '"gateloop kernel emulator (CPU)"' "$tmp/bench.json"; then
     echo "emulated-device: bench.json does not name the emulated device" >&2
     failed+=("gateloop bench (json)")
 fi
-# Each launch's time: the chunked row split into its launches (the separate
-# carry at this grid), a one-launch row not split.
+# Each launch's time and geometry: the chunked row split into its launches
+# (the separate carry at this grid), a one-launch row its one launch; each
+# with its grid and the blocks an SM holds (the fake driver's occupancy: the
+# shared-memory and thread limits).
 if ! python3 -c 'import json, sys; r = {x["kernel"]: x for x in json.load(open(sys.argv[1]))["results"]}
 want = ["gateloop_chunk_state", "gateloop_chunk_carry", "gateloop_chunk_output"]
 ph = r["chunked"]["phases"]
+one = r["recurrent"]["phases"]
 sys.exit(not ([p["kernel"] for p in ph] == want and all(p["median_ms"] > 0 for p in ph)
-              and r["recurrent"]["phases"] == []))' "$tmp/bench.json"; then
-    echo "emulated-device: bench.json must split the chunked rows into their launches (phases)" >&2
+              and [p["kernel"] for p in one] == ["gateloop_recurrent"]
+              and all(p["blocks"] >= 1 and p["block_threads"] >= 32 and p["resident_per_sm"] >= 1
+                      and p["waves"] > 0 for p in ph + one)))' "$tmp/bench.json"; then
+    echo "emulated-device: bench.json must split each row into its launches with their geometry (phases)" >&2
     failed+=("gateloop bench (phases)")
 fi
 # The tuning entry runs only when named (the bundle's carry step).

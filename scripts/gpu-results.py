@@ -446,11 +446,20 @@ def output_rule(bench):
                         "`ChunkOutput::Fragments` for f16 and bf16 inputs", "`ChunkOutput::Staged`")
 
 
+def residency(phase):
+    """`; 4/SM, 0.97 waves` from a phase's geometry (bench.json rows since
+    2026-12-02, later: the driver's occupancy calculator), or nothing."""
+    if phase.get("resident_per_sm") is None:
+        return ""
+    waves = phase.get("waves")
+    return f"; {phase['resident_per_sm']}/SM" + (f", {waves:.2f} waves" if waves is not None else "")
+
+
 def launch_split(bench):
     """The launches section: each bench row of more than one launch, its
-    launches' median times and shares (bench.json "phases"), the time the
-    next change should go after. Rows of the GPU runs before 2026-12-02
-    have none."""
+    launches' median times and shares (bench.json "phases") with the blocks
+    one SM held and the grid's waves, the time the next change should go
+    after. Rows of the GPU runs before 2026-12-02 have none."""
     L = ["## Launches (where each row's time goes)\n"]
     rows = [r for r in (bench or {}).get("results") or [] if r.get("phases")]
     if not rows:
@@ -462,7 +471,7 @@ def launch_split(bench):
         d = (sh["batch"], sh["len"], sh["heads"], sh["key_dim"], sh["value_dim"])
         total = sum(p["median_ms"] for p in r["phases"]) or 1.0
         parts = ", ".join(f"{p['kernel'].removeprefix('gateloop_')} {fmt(p['median_ms'])} "
-                          f"({p['median_ms'] / total:.0%})" for p in r["phases"])
+                          f"({p['median_ms'] / total:.0%}{residency(p)})" for p in r["phases"])
         L.append(f"| {r['kernel']} | {r['dtype']} | {label(d)} | {sh.get('gate', 'channel')} | "
                  f"{fmt(r['median_ms'])} | {parts} |")
     return L + [""]

@@ -96,11 +96,14 @@ fn files_a_run_and_reads_the_targets_and_the_carry_rule() {
         bench_row("recurrent", "bf16", [1, 65536, 4, 64, 64], 30.0),
         bench_row("recurrent-ahead", "bf16", [1, 65536, 4, 64, 64], 29.7),
         // The launches: state_seq and output of the chunked row (bench.json
-        // "phases").
+        // "phases"), the output's with its residency (rows from 2026-12-02,
+        // later) and the state's without (earlier rows).
         {
             let mut r = bench_row("chunked", "bf16", [1, 65536, 4, 64, 64], 4.0);
             r["phases"] = json!([{"kernel": "gateloop_chunk_state_seq", "median_ms": 1.0},
-                                 {"kernel": "gateloop_chunk_output", "median_ms": 3.0}]);
+                                 {"kernel": "gateloop_chunk_output", "median_ms": 3.0, "blocks": 4096,
+                                  "block_threads": 256, "shared_bytes": 83456, "resident_per_sm": 2,
+                                  "waves": 15.515}]);
             r
         },
         // The output rule: the fragment launch 25% faster in its one case.
@@ -160,7 +163,7 @@ fn files_a_run_and_reads_the_targets_and_the_carry_rule() {
     assert!(text.contains(row), "{text}");
     assert!(text.contains("Suggested: `ChunkOutput::Fragments` for f16 and bf16 inputs as the default"), "{text}");
     let row = "| chunked | bf16 | B1 L65536 H4 K=V=64 | channel | 4.000 ms | chunk_state_seq 1.000 ms (25%), \
-               chunk_output 3.000 ms (75%) |";
+               chunk_output 3.000 ms (75%; 2/SM, 15.52 waves) |";
     assert!(text.contains(row), "{text}");
 
     let filed = into.join("gpu-2027-01-02-nvidia-h200");

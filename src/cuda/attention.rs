@@ -14,6 +14,7 @@ use cudarc::driver::{CudaFunction, CudaModule, CudaStream, DevicePtrMut, LaunchC
 use super::abi::{self, GateloopAttentionParams};
 use super::element::{Dtype, Element};
 use super::launch::{self, Buffers, SeqParams};
+use super::phases::launched;
 use super::{DriverContext, Gpu, GpuError};
 use crate::error::InputError;
 use crate::problem::{Dims, Outputs, Problem};
@@ -208,7 +209,7 @@ pub fn forward_into<T: Element>(
         // outlive the launches: borrows are held until this function returns,
         // and cudarc's drop of a CudaSlice waits on the events the guards
         // record.
-        super::phases::launched(stream, unsafe { launch.launch(cfg) }, doing)?;
+        launched(stream, func, cfg, unsafe { launch.launch(cfg) }, doing)?;
     }
     Ok(())
 }

@@ -46,7 +46,7 @@ use thiserror::Error;
 use super::chunk::{self, ChunkCarry, ChunkConfig, ChunkOutput, ChunkPrecision, Gates};
 use super::chunk_grad;
 use super::element::{Dtype, Element, round_slice};
-use super::phases::{self, Phase, phase_medians};
+use super::phases::{self, Geometry, Phase, phase_medians};
 use super::recurrent::{self, DecodeInputs, DeviceInputs, DeviceOutputs, RecurrentStaging};
 use super::{DriverContext, Gpu, GpuError, attention, scan};
 use crate::error::InputError;
@@ -1054,17 +1054,27 @@ pub fn time_phased(
     let mut times = Vec::with_capacity(runs);
     let mut per_run = Vec::with_capacity(runs);
     for (start, launches, end) in &events {
-        let last = end.as_ref().or(launches.last().map(|(_, e)| e)).expect("an end event or a launch's");
+        let last = end.as_ref().or(launches.last().map(|l| &l.event)).expect("an end event or a launch's");
         times.push(ms(start, last)?);
         let mut before = start;
         let mut run = Vec::with_capacity(launches.len());
-        for (kernel, event) in launches {
-            run.push((*kernel, ms(before, event)?));
-            before = event;
+        for l in launches {
+            run.push((l.kernel, ms(before, &l.event)?));
+            before = &l.event;
         }
         per_run.push(run);
     }
-    Ok((times, phase_medians(&per_run)))
+    // Each phase's geometry from the first run's launches (phase_medians
+    // checked that every run made the same ones), asked after the timing.
+    let phases = phase_medians(&per_run).map(|mut phases| {
+        if let Some((_, launches, _)) = events.first() {
+            for (phase, launch) in phases.iter_mut().zip(launches) {
+                phase.geometry = Some(Geometry::of(launch));
+            }
+        }
+        phases
+    });
+    Ok((times, phases))
 }
 
 /// Median of `xs` (sorted copy; the mean of the middle two for even lengths).
@@ -1353,6 +1363,16 @@ pub fn shape_str(d: &Dims) -> String {
     format!("B={} L={} H={} K={} V={} {gate}", d.batch, d.len, d.heads, d.key_dim, d.value_dim)
 }
 
+/// `512x256, 53376 B smem, 4/SM, 0.970 waves`: a launch's grid and block,
+/// its dynamic shared memory, the blocks one SM holds (the driver's
+/// occupancy calculator; `?/SM` when it did not say) and how many rounds of
+/// `sm_count` SMs the grid takes.
+pub fn geometry_str(g: &Geometry, sm_count: usize) -> String {
+    let resident = g.resident_per_sm.map_or("?".to_string(), |n| n.to_string());
+    let waves = g.waves(sm_count).map_or(String::new(), |w| format!(", {w:.3} waves"));
+    format!("{}x{}, {} B smem, {resident}/SM{waves}", g.blocks, g.block_threads, g.shared_bytes)
+}
+
 impl Report {
     /// The human-readable report: a header with the device and ceilings, one
     /// row per (kernel, dtype, shape), then the failures.
@@ -1444,7 +1464,13 @@ impl Report {
                 let parts: Vec<String> = r
                     .phases
                     .iter()
-                    .map(|p| format!("{} {:.4}", p.kernel.trim_start_matches("gateloop_"), p.median_ms))
+                    .map(|p| {
+                        let name = p.kernel.trim_start_matches("gateloop_");
+                        match &p.geometry {
+                            Some(g) => format!("{name} {:.4} [{}]", p.median_ms, geometry_str(g, d.sm_count)),
+                            None => format!("{name} {:.4}", p.median_ms),
+                        }
+                    })
                     .collect();
                 let _ = writeln!(s, "    launches (median ms): {}", parts.join(" + "));
             }
@@ -1514,7 +1540,17 @@ impl Report {
                 "bound": r.bound(),
                 "of_floor": r.of_floor(),
                 "outputs_finite": r.outputs_finite,
-                "phases": r.phases.iter().map(|p| json!({ "kernel": p.kernel, "median_ms": p.median_ms })).collect::<Vec<_>>(),
+                "phases": r.phases.iter().map(|p| {
+                    let mut phase = json!({ "kernel": p.kernel, "median_ms": p.median_ms });
+                    if let Some(g) = &p.geometry {
+                        phase["blocks"] = json!(g.blocks);
+                        phase["block_threads"] = json!(g.block_threads);
+                        phase["shared_bytes"] = json!(g.shared_bytes);
+                        phase["resident_per_sm"] = json!(g.resident_per_sm);
+                        phase["waves"] = json!(g.waves(d.sm_count));
+                    }
+                    phase
+                }).collect::<Vec<_>>(),
             })).collect::<Vec<_>>(),
             "failures": self.failures.iter().map(|f| json!({
                 "kernel": f.kernel, "dtype": f.dtype.name(), "shape": dims(&f.dims), "error": f.error,

@@ -84,6 +84,7 @@ use cudarc::driver::{CudaContext, CudaFunction, CudaModule, CudaStream, DevicePt
 use super::abi::{self, GateloopChunkParams};
 use super::element::{Dtype, Element};
 use super::launch::{self, Buffers, SeqParams};
+use super::phases::launched;
 use super::{DriverContext, Gpu, GpuError};
 use crate::error::InputError;
 use crate::problem::{Dims, Outputs, Problem};
@@ -576,7 +577,7 @@ fn launch<T: Element>(
         // limit raised at load (need ≤ max_shared was checked above). The buffers outlive the
         // launches: borrows are held until this function returns, and
         // cudarc's drop of a CudaSlice waits on the events the guards record.
-        super::phases::launched(stream, unsafe { launch.launch(cfg) }, doing)?;
+        launched(stream, func, cfg, unsafe { launch.launch(cfg) }, doing)?;
     }
     Ok(())
 }

@@ -73,6 +73,7 @@ use super::abi::{self, GateloopChunkGradParams, GateloopChunkParams};
 use super::chunk::{self, CARRY_THREADS, ChunkCarry, ChunkPrecision, Gates, KEY_SLAB, THREADS, VALUE_TILE};
 use super::element::{Dtype, Element};
 use super::launch::{self, GradBuffers, GradParams, SeqParams};
+use super::phases::launched;
 use super::{DriverContext, Gpu, GpuError};
 use crate::error::InputError;
 use crate::problem::{Dims, Problem};
@@ -427,7 +428,7 @@ fn launch_backward<'a, T: Element>(
         // and ≤ the limit raised at load (need ≤ max_shared checked above).
         // The borrows (`_bound`) are held until this function returns, and
         // cudarc's drop of a CudaSlice waits on the events they record.
-        super::phases::launched(stream, unsafe { launch.launch(cfg) }, doing)?;
+        launched(stream, func, cfg, unsafe { launch.launch(cfg) }, doing)?;
     }
     Ok(())
 }

@@ -79,6 +79,7 @@ use cudarc::driver::{CudaStream, DevicePtr, DevicePtrMut, LaunchConfig, PushKern
 use super::abi::{self, GateloopRecurrentParams};
 use super::element::Element;
 use super::launch::{self, Buffers, SeqParams, StateIo};
+use super::phases::launched;
 use super::{Gpu, GpuError};
 use crate::error::InputError;
 use crate::problem::{Dims, Outputs, Problem};
@@ -274,7 +275,7 @@ fn launch<T: Element>(
     // grid ≤ 2^31 − 1) is the one `plan` computed for these dims. The buffers
     // outlive the launch: their borrows are held until this function returns,
     // and cudarc's drop of a CudaSlice waits on the events the guards record.
-    super::phases::launched(stream, unsafe { launch.launch(cfg) }, "launching gateloop_recurrent")?;
+    launched(stream, func, cfg, unsafe { launch.launch(cfg) }, "launching gateloop_recurrent")?;
     Ok(())
 }
 

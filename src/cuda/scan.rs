@@ -18,6 +18,7 @@ use cudarc::driver::{CudaStream, DevicePtrMut, LaunchConfig, PushKernelArg};
 use super::abi::{self, GateloopScanParams};
 use super::element::Element;
 use super::launch::{self, Buffers, SeqParams};
+use super::phases::launched;
 use super::{DriverContext, Gpu, GpuError};
 use crate::cpu::scan::{MAX_WARPS, STEPS_PER_THREAD, ScanParams};
 use crate::error::InputError;
@@ -256,7 +257,8 @@ pub fn forward_into<T: Element>(
     let (ti, vi) = (T::DTYPE.index(), lp.variant_index());
     if lp.num_chunks > 1 {
         let cfg = LaunchConfig { grid_dim: (lp.reduce_grid, 1, 1), block_dim: block, shared_mem_bytes: 0 };
-        let mut launch = stream.launch_builder(&kernels.scan_reduce[ti][vi]);
+        let kernel = &kernels.scan_reduce[ti][vi];
+        let mut launch = stream.launch_builder(kernel);
         launch.arg(&params);
         // SAFETY: gateloop_scan_reduce_{E}_v{T} (E the element type of q, k,
         // v, y: T::DTYPE picks the table row; T = lp.value_tile) takes one
@@ -272,29 +274,31 @@ pub fn forward_into<T: Element>(
         // the one `plan` computed for these dims. The buffers outlive the
         // launch (borrowed until this function returns; cudarc's drop of a
         // CudaSlice waits on the events the guards record).
-        super::phases::launched(stream, unsafe { launch.launch(cfg) }, "launching gateloop_scan_reduce")?;
+        launched(stream, kernel, cfg, unsafe { launch.launch(cfg) }, "launching gateloop_scan_reduce")?;
 
         let cfg = LaunchConfig {
             grid_dim: (lp.carry_grid, 1, 1),
             block_dim: (CARRY_BLOCK as u32, 1, 1),
             shared_mem_bytes: 0,
         };
-        let mut launch = stream.launch_builder(&kernels.scan_carry);
+        let kernel = &kernels.scan_carry;
+        let mut launch = stream.launch_builder(kernel);
         launch.arg(&params);
         // SAFETY: as for the reduce launch; gateloop_scan_carry reads h0
         // (when HAS_H0) and the workspace the reduce kernel wrote (same
         // stream, so ordered after it), one thread per (b, h, k, v) with
         // grid · 256 ≥ B·H·K·V and a bounds check for the rest.
-        super::phases::launched(stream, unsafe { launch.launch(cfg) }, "launching gateloop_scan_carry")?;
+        launched(stream, kernel, cfg, unsafe { launch.launch(cfg) }, "launching gateloop_scan_carry")?;
     }
     let cfg = LaunchConfig { grid_dim: (lp.forward_grid, 1, 1), block_dim: block, shared_mem_bytes: 0 };
-    let mut launch = stream.launch_builder(&kernels.scan_forward[ti][vi]);
+    let kernel = &kernels.scan_forward[ti][vi];
+    let mut launch = stream.launch_builder(kernel);
     launch.arg(&params);
     // SAFETY: as for the reduce launch, with grid = B·H·tiles·chunks; the
     // workspace (when chunks > 1) was completed by the carry kernel earlier
     // on this stream; with one chunk the kernel reads h0 (or nothing) and
     // never touches the (null) workspace pointers.
-    super::phases::launched(stream, unsafe { launch.launch(cfg) }, "launching gateloop_scan_forward")?;
+    launched(stream, kernel, cfg, unsafe { launch.launch(cfg) }, "launching gateloop_scan_forward")?;
     Ok(())
 }
 

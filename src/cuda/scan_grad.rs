@@ -26,6 +26,7 @@ use num_complex::Complex;
 use super::abi::{self, GateloopScanGradParams, GateloopScanParams};
 use super::element::{Dtype, Element};
 use super::launch::{self, GradBuffers, GradParams, SeqParams};
+use super::phases::launched;
 use super::scan::{LaunchPlan, plan_with_warps, sm_count};
 use super::{DriverContext, Gpu, GpuError};
 use crate::cpu::scan::{MAX_WARPS, STEPS_PER_THREAD, ScanParams};
@@ -263,7 +264,8 @@ pub fn backward_into<'a, T: Element>(
     let (ti, vi) = (T::DTYPE.index(), lp.variant_index());
     if fl.num_chunks > 1 {
         let cfg = LaunchConfig { grid_dim: (fl.reduce_grid, 1, 1), block_dim: block, shared_mem_bytes: 0 };
-        let mut launch = stream.launch_builder(&kernels.scan_reduce[ti][fl.variant_index()]);
+        let kernel = &kernels.scan_reduce[ti][fl.variant_index()];
+        let mut launch = stream.launch_builder(kernel);
         launch.arg(&params.fwd);
         // SAFETY: the forward's gateloop_scan_reduce_{E}_v{T} (E the element
         // type of q, k, v: T::DTYPE picks the table row; T = fl.value_tile)
@@ -275,16 +277,19 @@ pub fn backward_into<'a, T: Element>(
         // never touched by this kernel; chunk_gate and chunk_state (complex
         // f32) lie in the first half of a workspace of ≥ lp.workspace_len
         // f32, 8-byte aligned.
-        super::phases::launched(stream, unsafe { launch.launch(cfg) }, "launching gateloop_scan_reduce (backward)")?;
+        launched(stream, kernel, cfg, unsafe { launch.launch(cfg) }, "launching gateloop_scan_reduce (backward)")?;
         let carry_cfg = LaunchConfig {
             grid_dim: (fl.carry_grid, 1, 1),
             block_dim: (CARRY_BLOCK as u32, 1, 1),
             shared_mem_bytes: 0,
         };
-        let mut launch = stream.launch_builder(&kernels.scan_carry);
+        let kernel = &kernels.scan_carry;
+        let mut launch = stream.launch_builder(kernel);
         launch.arg(&params.fwd);
-        super::phases::launched(
+        launched(
             stream,
+            kernel,
+            carry_cfg,
             // SAFETY: as for the reduce launch; gateloop_scan_carry reads h0
             // (when HAS_H0) and the workspace the reduce wrote (same stream),
             // one thread per (b, h, k, v), bounds-checked.
@@ -293,7 +298,8 @@ pub fn backward_into<'a, T: Element>(
         )?;
 
         let cfg = LaunchConfig { grid_dim: (lp.reverse_reduce_grid, 1, 1), block_dim: block, shared_mem_bytes: 0 };
-        let mut launch = stream.launch_builder(&kernels.scan_grad.reduce[ti][vi]);
+        let kernel = &kernels.scan_grad.reduce[ti][vi];
+        let mut launch = stream.launch_builder(kernel);
         launch.arg(&params);
         // SAFETY: gateloop_scan_grad_reduce_{E}_v{T} (E = T::DTYPE, the
         // element type of q, k, v and dy; T = lp.value_tile) takes one
@@ -303,17 +309,19 @@ pub fn backward_into<'a, T: Element>(
         // [B·H, chunks, K, V] (complex f32) at lp.reverse_offset of the
         // workspace, inside its checked length. Block = 32·warps ≤ 256 =
         // __launch_bounds__, grid as planned, static shared memory only.
-        super::phases::launched(stream, unsafe { launch.launch(cfg) }, "launching gateloop_scan_grad_reduce")?;
-        let mut launch = stream.launch_builder(&kernels.scan_grad.carry);
+        launched(stream, kernel, cfg, unsafe { launch.launch(cfg) }, "launching gateloop_scan_grad_reduce")?;
+        let kernel = &kernels.scan_grad.carry;
+        let mut launch = stream.launch_builder(kernel);
         launch.arg(&params);
         // SAFETY: as for the reverse reduce; gateloop_scan_grad_carry reads
         // dh_final (when non-null: checked length and alignment) and the
         // workspace the reverse reduce wrote (same stream), one thread per
         // (b, h, k, v) with grid · 256 ≥ B·H·K·V and a bounds check.
-        super::phases::launched(stream, unsafe { launch.launch(carry_cfg) }, "launching gateloop_scan_grad_carry")?;
+        launched(stream, kernel, carry_cfg, unsafe { launch.launch(carry_cfg) }, "launching gateloop_scan_grad_carry")?;
     }
     let cfg = LaunchConfig { grid_dim: (lp.grad_grid, 1, 1), block_dim: block, shared_mem_bytes: 0 };
-    let mut launch = stream.launch_builder(&kernels.scan_grad.grad[ti][vi]);
+    let kernel = &kernels.scan_grad.grad[ti][vi];
+    let mut launch = stream.launch_builder(kernel);
     launch.arg(&params);
     // SAFETY: as for the reverse reduce (gateloop_scan_grad_{E}_v{T}), with
     // grid = B·H·chunks; it writes dq, dk [B, L, H, K] and dv [B, L, H, V]
@@ -327,7 +335,7 @@ pub fn backward_into<'a, T: Element>(
     // the kernel dereferences them. Every buffer outlives the launch:
     // borrowed until this function returns, and the guards record the
     // launches on drop.
-    super::phases::launched(stream, unsafe { launch.launch(cfg) }, "launching gateloop_scan_grad")?;
+    launched(stream, kernel, cfg, unsafe { launch.launch(cfg) }, "launching gateloop_scan_grad")?;
     Ok(())
 }
 

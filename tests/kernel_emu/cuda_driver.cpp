@@ -35,6 +35,7 @@
 #include <sys/mman.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <chrono>
 #include <cstdint>
 #include <cstdio>
@@ -479,6 +480,27 @@ CUresult cuFuncSetAttribute(CUfunction f, int attribute, int value) {
     return CUDA_SUCCESS;
 }
 CUresult cuFuncSetCacheConfig(CUfunction, int) { return CUDA_SUCCESS; }
+// Resident blocks per SM, as an H100 / H200 SM limits them: 2048 threads,
+// 32 blocks, 228 KiB of shared memory with 1 KiB reserved per block. Registers
+// are not modelled (the emulator does not know a kernel's register count; a
+// GPU's driver counts them too), so this is an upper bound of the card's
+// answer. A block larger than the kernel's __launch_bounds__ holds 0.
+CUresult cuOccupancyMaxActiveBlocksPerMultiprocessorWithFlags(int* blocks, CUfunction f, int block_size,
+                                                             size_t dynamic_shared, unsigned) {
+    if (blocks == nullptr || f == nullptr || block_size <= 0) return CUDA_ERROR_INVALID_VALUE;
+    constexpr long kSmThreads = 2048, kSmBlocks = 32, kSmShared = 233472, kReservedPerBlock = 1024;
+    if (static_cast<unsigned>(block_size) > f->kernel->max_threads) {
+        *blocks = 0;
+        return CUDA_SUCCESS;
+    }
+    long n = std::min(kSmThreads / block_size, kSmBlocks);
+    n = std::min(n, kSmShared / (static_cast<long>(dynamic_shared) + kReservedPerBlock));
+    *blocks = static_cast<int>(n);
+    return CUDA_SUCCESS;
+}
+CUresult cuOccupancyMaxActiveBlocksPerMultiprocessor(int* blocks, CUfunction f, int block_size, size_t dynamic_shared) {
+    return cuOccupancyMaxActiveBlocksPerMultiprocessorWithFlags(blocks, f, block_size, dynamic_shared, 0);
+}
 
 CUresult cuLaunchKernel(CUfunction f, unsigned gx, unsigned gy, unsigned gz, unsigned bx, unsigned by, unsigned bz,
                         unsigned shared_bytes, CUstream, void** params, void** extra) {
