@@ -123,6 +123,17 @@ cli() {
 }
 tmp=$(mktemp -d)
 trap 'rm -rf "$tmp"' EXIT
+# run and grad on files, through the device: the CLI tests that run
+# `--device cuda` (f32, F16 and BF16 files), which must not skip here.
+cli_test() {
+    local binary=$1 exe
+    shift
+    exe=$(exe_of "$binary")
+    echo "emulated-device: $binary $*"
+    if [[ -z "$exe" ]] || ! "$exe" --test-threads 2 "$@"; then failed+=("$binary $*"); fi
+}
+cli_test cli --exact half_inputs_run_in_their_dtype cuda_device_errors_are_clear
+cli_test cli_grad --exact half_grad_files_run_in_their_dtype grad_input_errors_name_the_tensor
 cli demo --batch 1 --len 200 --heads 2 --key-dim 8 --value-dim 8
 cli fuzz --device cuda --targets forward,grad --cases 30 --max-len 40 --seed 7
 cli bench --shape 1,100,1,8,8 --runs 2 --warmup 1 --json "$tmp/bench.json"

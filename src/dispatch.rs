@@ -16,11 +16,14 @@
 //! | scan | [`reference::grad`] | [`cpu::scan_grad`] (the scan backward kernel's mirror) | [`cuda::scan_grad`] |
 //! | chunked | [`reference::grad`] | [`cpu::chunked_grad`] (the chunked backward) | [`cuda::chunk_grad`] (its kernel twin) |
 
+use half::{bf16, f16};
+
 use crate::cpu::attention::AttentionParams;
 use crate::cpu::chunked::ChunkParams;
 use crate::cpu::scan::ScanParams;
-use crate::cuda::{self, Gpu, GpuError};
+use crate::cuda::{self, Element, Gpu, GpuError};
 use crate::error::InputError;
+use crate::io::HalfDtype;
 use crate::problem::{Outputs, Problem, Real};
 use crate::reference::grad::Grads;
 use crate::reference::{self, RefMode};
@@ -112,11 +115,27 @@ pub fn cpu_f32(mode: Mode, p: &Problem<'_, f32>) -> Result<Outputs<f32>, InputEr
 
 /// The CUDA kernel of `mode`, from host buffers (uploads, runs, downloads).
 pub fn cuda_f32(gpu: &Gpu, mode: Mode, p: &Problem<'_, f32>) -> Result<Outputs<f32>, GpuError> {
+    cuda_as::<f32>(gpu, mode, p)
+}
+
+/// [`cuda_f32`] with q, k, v in `T` (rounded on the host: exact for values
+/// read from a file of that dtype) and y computed in `T`, widened back to
+/// f32 exactly; log_gate and h0 stay f32. The chunked kernel runs its
+/// default [`cuda::chunk::ChunkConfig`] (exact products).
+pub fn cuda_as<T: Element>(gpu: &Gpu, mode: Mode, p: &Problem<'_, f32>) -> Result<Outputs<f32>, GpuError> {
     match mode {
-        Mode::Recurrent => cuda::recurrent::forward_host(gpu, p),
-        Mode::Scan => cuda::scan::forward_host(gpu, p),
-        Mode::Attention => cuda::attention::forward_host(gpu, p),
-        Mode::Chunked => cuda::chunk::forward_host(gpu, p),
+        Mode::Recurrent => cuda::recurrent::forward_host_as::<T>(gpu, p),
+        Mode::Scan => cuda::scan::forward_host_as::<T>(gpu, p),
+        Mode::Attention => cuda::attention::forward_host_as::<T>(gpu, p),
+        Mode::Chunked => cuda::chunk::forward_host_as::<T>(gpu, p, cuda::chunk::ChunkConfig::default()),
+    }
+}
+
+/// [`cuda_as`] for a file's 16-bit element dtype.
+pub fn cuda_half(gpu: &Gpu, mode: Mode, half: HalfDtype, p: &Problem<'_, f32>) -> Result<Outputs<f32>, GpuError> {
+    match half {
+        HalfDtype::F16 => cuda_as::<f16>(gpu, mode, p),
+        HalfDtype::Bf16 => cuda_as::<bf16>(gpu, mode, p),
     }
 }
 
@@ -167,10 +186,41 @@ pub fn cuda_grad(
     dy: &[f32],
     dh_final: Option<&[num_complex::Complex<f32>]>,
 ) -> Result<Grads<f32>, GpuError> {
+    cuda_grad_as::<f32>(gpu, mode, p, dy, dh_final)
+}
+
+/// [`cuda_grad`] with q, k, v and dy in `T` (rounded on the host: exact for
+/// values read from a file of that dtype), dq, dk, dv computed in `T` and
+/// widened back to f32 exactly; log_gate, h0, dh_final, dlog_gate and dh0
+/// in f32.
+pub fn cuda_grad_as<T: Element>(
+    gpu: &Gpu,
+    mode: Mode,
+    p: &Problem<'_, f32>,
+    dy: &[f32],
+    dh_final: Option<&[num_complex::Complex<f32>]>,
+) -> Result<Grads<f32>, GpuError> {
     match mode {
-        Mode::Scan => cuda::scan_grad::backward_host(gpu, p, dy, dh_final),
-        Mode::Chunked => cuda::chunk_grad::backward_host(gpu, p, dy, dh_final),
+        Mode::Scan => cuda::scan_grad::backward_host_as::<T>(gpu, p, dy, dh_final),
+        Mode::Chunked => {
+            cuda::chunk_grad::backward_host_as::<T>(gpu, p, dy, dh_final, cuda::chunk::ChunkPrecision::Exact)
+        }
         Mode::Recurrent | Mode::Attention => Err(cuda_grad_unavailable(mode).into()),
+    }
+}
+
+/// [`cuda_grad_as`] for a file's 16-bit element dtype.
+pub fn cuda_grad_half(
+    gpu: &Gpu,
+    mode: Mode,
+    half: HalfDtype,
+    p: &Problem<'_, f32>,
+    dy: &[f32],
+    dh_final: Option<&[num_complex::Complex<f32>]>,
+) -> Result<Grads<f32>, GpuError> {
+    match half {
+        HalfDtype::F16 => cuda_grad_as::<f16>(gpu, mode, p, dy, dh_final),
+        HalfDtype::Bf16 => cuda_grad_as::<bf16>(gpu, mode, p, dy, dh_final),
     }
 }
 

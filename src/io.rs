@@ -5,15 +5,18 @@
 //!
 //! | tensor     | shape                                  | dtype      |
 //! |------------|----------------------------------------|------------|
-//! | `q`, `k`   | `[B, L, H, K]`                         | F32 or F64 |
-//! | `v`        | `[B, L, H, V]`                         | same       |
-//! | `log_gate` | `[B, L, H, K, 2]` or `[B, L, H, 1, 2]` (per-head gate) | same |
-//! | `h0` (optional) | `[B, H, K, V, 2]`                 | same       |
+//! | `q`, `k`   | `[B, L, H, K]`                         | F32, F64, F16 or BF16 |
+//! | `v`        | `[B, L, H, V]`                         | q's        |
+//! | `log_gate` | `[B, L, H, K, 2]` or `[B, L, H, 1, 2]` (per-head gate) | q's, or F32 when q is F16/BF16 |
+//! | `h0` (optional) | `[B, H, K, V, 2]`                 | as log_gate |
 //!
-//! Complex tensors carry a trailing dimension of 2, `(re, im)`. All tensors
-//! of a file have the same dtype, which picks the precision of a run. F16 and
-//! BF16 inputs are recognised and refused with
-//! [`FileError::DtypeNotYetSupported`].
+//! Complex tensors carry a trailing dimension of 2, `(re, im)`. q's dtype,
+//! the file's *element* dtype, picks the precision of a run. An F32 or F64
+//! file has every tensor in that dtype. An F16 or BF16 file
+//! ([`LoadedProblem::Half`]) holds q, k, v in it, and log_gate and h0 in F32
+//! (what the kernels take: a 16-bit log gate would lose the phase of a long
+//! sequence) or in the same 16-bit dtype; every value is widened exactly to
+//! f32.
 //!
 //! **Unknown tensors are an error** ([`FileError::UnknownTensors`]): a
 //! misspelt optional tensor (`h_0` for `h0`) would otherwise be silently
@@ -25,7 +28,8 @@
 //! ## Output files
 //!
 //! `y` `[B, L, H, V]` and `h_final` `[B, H, K, V, 2]`, in the input's dtype
-//! ([`write_outputs`]).
+//! ([`write_outputs`]); for an F16 or BF16 input, y in that dtype and
+//! h_final in F32, the state's precision ([`write_outputs_half`]).
 //!
 //! ## Robustness
 //!
@@ -54,8 +58,12 @@ use crate::testing::OwnedProblem;
 pub const REQUIRED: [&str; 4] = ["q", "k", "v", "log_gate"];
 /// The tensors an input file may hold.
 pub const OPTIONAL: [&str; 1] = ["h0"];
-/// The dtypes an input file may use (all its tensors the same).
-pub const ACCEPTED_DTYPES: &str = "F32 or F64 (all tensors the same dtype)";
+/// The complex tensors of input files (trailing 2): beside a 16-bit q they
+/// may be F32, the precision the kernels take them in.
+const COMPLEX: [&str; 3] = ["log_gate", "h0", "dh_final"];
+/// The dtypes an input file may use.
+pub const ACCEPTED_DTYPES: &str =
+    "F32, F64, F16 or BF16 (q, k, v, dy the same; log_gate, h0, dh_final q's dtype, or F32 when it is F16/BF16)";
 /// The most complex elements the state `[B, H, K, V]` (the outputs'
 /// `h_final`) may have: 2³² (64 GiB in f64). The file does not back this
 /// size, so it is bounded to keep a crafted header from asking for an
@@ -127,35 +135,23 @@ pub enum FileError {
         accepted: &'static str,
     },
 
-    /// A tensor has a floating-point dtype that is planned but not yet
-    /// supported as an input (F16, BF16).
-    #[error(
-        "`{file}`: tensor `{name}` has dtype {found}, which is not yet supported as an input; convert the file to F32 or F64"
-    )]
-    DtypeNotYetSupported {
-        /// The file.
-        file: String,
-        /// The tensor.
-        name: String,
-        /// Its dtype.
-        found: String,
-    },
-
-    /// Two tensors have different (accepted) dtypes.
-    #[error(
-        "`{file}`: tensor `{name}` is {found} but `{first}` is {first_dtype}; all tensors must have the same dtype"
-    )]
+    /// Two tensors have dtypes that do not go together: an element tensor
+    /// (k, v, dy) not in q's dtype, or a complex one (log_gate, h0,
+    /// dh_final) neither in q's dtype nor F32 beside a 16-bit q.
+    #[error("`{file}`: tensor `{name}` is {found:?} but `{first}` is {first_dtype:?}; {rule}")]
     MixedDtypes {
         /// The file.
         file: String,
         /// The tensor that differs.
         name: String,
         /// Its dtype.
-        found: String,
+        found: Dtype,
         /// The tensor that set the dtype.
         first: &'static str,
         /// That tensor's dtype.
-        first_dtype: String,
+        first_dtype: Dtype,
+        /// What the dtypes of the tensor must be.
+        rule: &'static str,
     },
 
     /// A tensor has the wrong rank, or a fixed dimension (the trailing 2 of a
@@ -257,6 +253,59 @@ impl FileReal for f64 {
     }
 }
 
+/// A 16-bit float dtype of a file's q, k, v (and dy; of y, dq, dk, dv
+/// written for it).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum HalfDtype {
+    /// IEEE half precision (`half::f16`).
+    F16,
+    /// bfloat16 (`half::bf16`).
+    Bf16,
+}
+
+impl HalfDtype {
+    /// The safetensors dtype.
+    pub fn dtype(self) -> Dtype {
+        match self {
+            HalfDtype::F16 => Dtype::F16,
+            HalfDtype::Bf16 => Dtype::BF16,
+        }
+    }
+    /// `"f16"` or `"bf16"`.
+    pub fn name(self) -> &'static str {
+        match self {
+            HalfDtype::F16 => "f16",
+            HalfDtype::Bf16 => "bf16",
+        }
+    }
+    /// `x` rounded to nearest (even), widened back to f32 (exact): the value
+    /// a tensor of this dtype holds for `x`.
+    pub fn round(self, x: f32) -> f32 {
+        match self {
+            HalfDtype::F16 => half::f16::from_f32(x).to_f32(),
+            HalfDtype::Bf16 => half::bf16::from_f32(x).to_f32(),
+        }
+    }
+    fn of(d: Dtype) -> Option<HalfDtype> {
+        match d {
+            Dtype::F16 => Some(HalfDtype::F16),
+            Dtype::BF16 => Some(HalfDtype::Bf16),
+            _ => None,
+        }
+    }
+    /// The little-endian bytes of `xs` rounded to this dtype.
+    fn bytes(self, xs: &[f32]) -> Vec<u8> {
+        let mut out = Vec::with_capacity(2 * xs.len());
+        for &x in xs {
+            out.extend_from_slice(&match self {
+                HalfDtype::F16 => half::f16::from_f32(x).to_le_bytes(),
+                HalfDtype::Bf16 => half::bf16::from_f32(x).to_le_bytes(),
+            });
+        }
+        out
+    }
+}
+
 /// A problem read from a file, in the file's precision.
 #[derive(Clone, Debug)]
 pub enum LoadedProblem {
@@ -264,28 +313,34 @@ pub enum LoadedProblem {
     F32(OwnedProblem<f32>),
     /// The file is F64.
     F64(OwnedProblem<f64>),
+    /// q, k, v are F16 or BF16 (the `HalfDtype`), widened exactly to f32,
+    /// as are log_gate and h0 (F32 in the file, or the same 16-bit dtype).
+    /// It runs in f32 (the CUDA kernels on the 16-bit values), and y is
+    /// written in the 16-bit dtype.
+    Half(HalfDtype, OwnedProblem<f32>),
 }
 
 impl LoadedProblem {
     /// The problem's sizes.
     pub fn dims(&self) -> Dims {
         match self {
-            LoadedProblem::F32(p) => p.dims,
+            LoadedProblem::F32(p) | LoadedProblem::Half(_, p) => p.dims,
             LoadedProblem::F64(p) => p.dims,
         }
     }
     /// Whether the file holds `h0`.
     pub fn has_h0(&self) -> bool {
         match self {
-            LoadedProblem::F32(p) => p.h0.is_some(),
+            LoadedProblem::F32(p) | LoadedProblem::Half(_, p) => p.h0.is_some(),
             LoadedProblem::F64(p) => p.h0.is_some(),
         }
     }
-    /// `"f32"` or `"f64"`.
+    /// `"f32"`, `"f64"`, `"f16"` or `"bf16"`: the file's element dtype.
     pub fn precision(&self) -> &'static str {
         match self {
             LoadedProblem::F32(_) => "f32",
             LoadedProblem::F64(_) => "f64",
+            LoadedProblem::Half(h, _) => h.name(),
         }
     }
 }
@@ -541,7 +596,7 @@ pub fn parse_problem(bytes: &[u8], file: &str) -> Result<LoadedProblem, FileErro
 }
 
 /// Extra tensors of a file beyond the problem's, decoded as f64 by name
-/// (their dtype is the problem's, so the conversion is exact).
+/// (from any accepted dtype, exactly).
 type Extras = BTreeMap<&'static str, Vec<f64>>;
 
 /// Parses a problem plus the tensors `extra_required` and `extra_optional`
@@ -578,39 +633,36 @@ fn parse_with(
         }
     }
 
-    let mut first: Option<(&'static str, Dtype)> = None;
+    // q (required, so present) sets the element dtype; k, v, dy must match
+    // it, and log_gate, h0, dh_final too, or be F32 beside a 16-bit q.
+    let element = views.iter().find(|(n, _)| *n == "q").map_or(Dtype::F32, |(_, v)| v.dtype());
     for (name, view) in &views {
         let dtype = view.dtype();
-        match dtype {
-            Dtype::F32 | Dtype::F64 => {}
-            Dtype::F16 | Dtype::BF16 => {
-                return Err(FileError::DtypeNotYetSupported {
-                    file: file.to_string(),
-                    name: name.to_string(),
-                    found: dtype_name(dtype),
-                });
-            }
-            _ => {
-                return Err(FileError::Dtype {
-                    file: file.to_string(),
-                    name: name.to_string(),
-                    found: dtype_name(dtype),
-                    accepted: ACCEPTED_DTYPES,
-                });
-            }
+        if !matches!(dtype, Dtype::F32 | Dtype::F64 | Dtype::F16 | Dtype::BF16) {
+            return Err(FileError::Dtype {
+                file: file.to_string(),
+                name: name.to_string(),
+                found: dtype_name(dtype),
+                accepted: ACCEPTED_DTYPES,
+            });
         }
-        match first {
-            None => first = Some((name, dtype)),
-            Some((first, first_dtype)) if first_dtype != dtype => {
-                return Err(FileError::MixedDtypes {
-                    file: file.to_string(),
-                    name: name.to_string(),
-                    found: dtype_name(dtype),
-                    first,
-                    first_dtype: dtype_name(first_dtype),
-                });
-            }
-            Some(_) => {}
+        let complex = COMPLEX.contains(name);
+        let fits = dtype == element || (complex && dtype == Dtype::F32 && HalfDtype::of(element).is_some());
+        if !fits {
+            return Err(FileError::MixedDtypes {
+                file: file.to_string(),
+                name: name.to_string(),
+                found: dtype,
+                first: "q",
+                first_dtype: element,
+                rule: if !complex {
+                    "q, k, v and dy must have the same dtype"
+                } else if HalfDtype::of(element).is_some() {
+                    "log_gate, h0 and dh_final must be F32 or q's dtype"
+                } else {
+                    "log_gate, h0 and dh_final must have q's dtype"
+                },
+            });
         }
     }
 
@@ -642,21 +694,34 @@ fn parse_with(
 
     let data = |name: &str| views.iter().find(|(n, _)| *n == name).map(|(_, v)| v.data());
     let req = |name: &'static str| data(name).ok_or_else(|| format_err(file, format!("tensor `{name}` vanished")));
-    let f64_file = first.map(|(_, d)| d) == Some(Dtype::F64);
-    let loaded = if f64_file {
-        let p = assemble(dims, &req, data("h0"), |b| decode_f64(b).collect())?;
+    // Each tensor decoded by its own dtype: every accepted one widens
+    // exactly into the run's precision (f64 for an F64 file, else f32).
+    let dtype_of = |name: &str| views.iter().find(|(n, _)| *n == name).map(|(_, v)| v.dtype());
+    let widen = |name: &str, bytes: &[u8]| -> Vec<f64> {
+        match dtype_of(name) {
+            Some(Dtype::F64) => decode_f64(bytes).collect(),
+            Some(Dtype::F16) => decode_f16(bytes).collect(),
+            Some(Dtype::BF16) => decode_bf16(bytes).collect(),
+            _ => decode_f32(bytes).map(f64::from).collect(),
+        }
+    };
+    let loaded = if element == Dtype::F64 {
+        let p = assemble(dims, &req, data("h0"), |name, b| widen(name, b))?;
         check_values(&p, file)?;
         LoadedProblem::F64(p)
     } else {
-        let p = assemble(dims, &req, data("h0"), |b| decode_f32(b).collect())?;
+        // f32 holds every F32, F16 and BF16 value exactly.
+        let p = assemble(dims, &req, data("h0"), |name, b| widen(name, b).into_iter().map(|x| x as f32).collect())?;
         check_values(&p, file)?;
-        LoadedProblem::F32(p)
+        match HalfDtype::of(element) {
+            Some(h) => LoadedProblem::Half(h, p),
+            None => LoadedProblem::F32(p),
+        }
     };
     let mut extras = Extras::new();
     for &name in extra_required.iter().chain(extra_optional) {
         if let Some(bytes) = data(name) {
-            let values: Vec<f64> =
-                if f64_file { decode_f64(bytes).collect() } else { decode_f32(bytes).map(f64::from).collect() };
+            let values = widen(name, bytes);
             if let Some(index) = values.iter().position(|x| !x.is_finite()) {
                 let source =
                     InputError::Value { name, index, value: format!("{}", values[index]), why: "must be finite" };
@@ -685,10 +750,14 @@ pub enum LoadedGradProblem {
     F32(OwnedProblem<f32>, Upstream<f32>),
     /// The file is F64.
     F64(OwnedProblem<f64>, Upstream<f64>),
+    /// q, k, v and dy are F16 or BF16, widened exactly to f32 (as in
+    /// [`LoadedProblem::Half`]; dh_final F32 or the same 16-bit dtype).
+    Half(HalfDtype, OwnedProblem<f32>, Upstream<f32>),
 }
 
-/// Reads a `grad` input file: an input file plus `dy` `[B, L, H, V]` and
-/// optional `dh_final` `[B, H, K, V, 2]`, same dtype, same checks.
+/// Reads a `grad` input file: an input file plus `dy` `[B, L, H, V]` (q's
+/// dtype) and optional `dh_final` `[B, H, K, V, 2]` (as log_gate), same
+/// checks.
 pub fn read_grad_problem(path: impl AsRef<Path>) -> Result<LoadedGradProblem, FileError> {
     let path = path.as_ref();
     let bytes = read_bytes(path)?;
@@ -711,25 +780,27 @@ pub fn parse_grad_problem(bytes: &[u8], file: &str) -> Result<LoadedGradProblem,
     Ok(match problem {
         LoadedProblem::F32(p) => LoadedGradProblem::F32(p, upstream(dy, dh_final)),
         LoadedProblem::F64(p) => LoadedGradProblem::F64(p, upstream(dy, dh_final)),
+        LoadedProblem::Half(h, p) => LoadedGradProblem::Half(h, p, upstream(dy, dh_final)),
     })
 }
 
+/// `decode(name, bytes)`: the tensor's values in `T`.
 fn assemble<'b, T: Real>(
     dims: Dims,
     req: &dyn Fn(&'static str) -> Result<&'b [u8], FileError>,
     h0: Option<&[u8]>,
-    decode: impl Fn(&[u8]) -> Vec<T>,
+    decode: impl Fn(&str, &[u8]) -> Vec<T>,
 ) -> Result<OwnedProblem<T>, FileError> {
     let complex = |xs: Vec<T>| -> Vec<Complex<T>> {
         xs.as_chunks::<2>().0.iter().map(|&[re, im]| Complex::new(re, im)).collect()
     };
     Ok(OwnedProblem {
         dims,
-        q: decode(req("q")?),
-        k: decode(req("k")?),
-        v: decode(req("v")?),
-        log_gate: complex(decode(req("log_gate")?)),
-        h0: h0.map(|b| complex(decode(b))),
+        q: decode("q", req("q")?),
+        k: decode("k", req("k")?),
+        v: decode("v", req("v")?),
+        log_gate: complex(decode("log_gate", req("log_gate")?)),
+        h0: h0.map(|b| complex(decode("h0", b))),
     })
 }
 
@@ -886,6 +957,79 @@ pub fn write_grads<T: FileReal>(path: impl AsRef<Path>, dims: &Dims, g: &Grads<T
     write(path.as_ref(), &t)
 }
 
+/// A problem of f32 values as an F16 or BF16 input file: q, k, v rounded
+/// to `half`, log_gate and h0 in F32 (the layout [`read_problem`] reads as
+/// [`LoadedProblem::Half`]).
+fn problem_tensors_half(p: &Problem<'_, f32>, half: HalfDtype) -> Tensors {
+    let mut t = problem_tensors(p);
+    for (name, dtype, _, bytes) in &mut t {
+        let values = match *name {
+            "q" => p.q,
+            "k" => p.k,
+            "v" => p.v,
+            _ => continue,
+        };
+        *dtype = half.dtype();
+        *bytes = half.bytes(values);
+    }
+    t
+}
+
+/// Writes an F16 or BF16 input file (read back as [`LoadedProblem::Half`]): q, k, v
+/// rounded to `half` (to nearest even), log_gate and h0 in F32.
+pub fn write_problem_half(path: impl AsRef<Path>, p: &Problem<'_, f32>, half: HalfDtype) -> Result<(), FileError> {
+    write(path.as_ref(), &problem_tensors_half(p, half))
+}
+
+/// Writes an F16 or BF16 `grad` input file: [`write_problem_half`]'s
+/// tensors, `dy` rounded to `half`, `dh_final` in F32.
+pub fn write_grad_problem_half(
+    path: impl AsRef<Path>,
+    p: &Problem<'_, f32>,
+    upstream: &GradInputs<'_, f32>,
+    half: HalfDtype,
+) -> Result<(), FileError> {
+    let d = &p.dims;
+    let mut t = problem_tensors_half(p, half);
+    t.push(("dy", half.dtype(), d.v_shape().to_vec(), half.bytes(upstream.dy)));
+    if let Some(dh) = upstream.dh_final {
+        t.push(("dh_final", Dtype::F32, with2(d.state_shape()), complexes(dh)));
+    }
+    write(path.as_ref(), &t)
+}
+
+/// Writes the gradients of an F16 or BF16 input: `dq`, `dk`, `dv` rounded to
+/// `half` (to nearest even; the CUDA kernels' already are), `dlog_gate` and
+/// `dh0` in F32 (the precision of log_gate and h0 in the kernels).
+pub fn write_grads_half(path: impl AsRef<Path>, dims: &Dims, g: &Grads<f32>, half: HalfDtype) -> Result<(), FileError> {
+    let mut t: Tensors = vec![
+        ("dq", half.dtype(), dims.qk_shape().to_vec(), half.bytes(&g.dq)),
+        ("dk", half.dtype(), dims.qk_shape().to_vec(), half.bytes(&g.dk)),
+        ("dv", half.dtype(), dims.v_shape().to_vec(), half.bytes(&g.dv)),
+        ("dlog_gate", Dtype::F32, with2(dims.gate_shape()), complexes(&g.dlog_gate)),
+    ];
+    if let Some(dh0) = &g.dh0 {
+        t.push(("dh0", Dtype::F32, with2(dims.state_shape()), complexes(dh0)));
+    }
+    write(path.as_ref(), &t)
+}
+
+/// Writes the outputs of an F16 or BF16 input: `y` rounded to `half` (to
+/// nearest even; the CUDA kernels' already is), `h_final` in F32, the
+/// state's precision (a continuation from it loses nothing).
+pub fn write_outputs_half(
+    path: impl AsRef<Path>,
+    dims: &Dims,
+    out: &Outputs<f32>,
+    half: HalfDtype,
+) -> Result<(), FileError> {
+    let t: Tensors = vec![
+        ("y", half.dtype(), dims.v_shape().to_vec(), half.bytes(&out.y)),
+        ("h_final", Dtype::F32, with2(dims.state_shape()), complexes(&out.h_final)),
+    ];
+    write(path.as_ref(), &t)
+}
+
 /// Writes the outputs `y` `[B, L, H, V]` and `h_final` `[B, H, K, V, 2]`.
 pub fn write_outputs<T: FileReal>(path: impl AsRef<Path>, dims: &Dims, out: &Outputs<T>) -> Result<(), FileError> {
     write(path.as_ref(), &output_tensors(dims, out))
@@ -940,6 +1084,21 @@ mod tests {
                 let LoadedProblem::F32(back) = parse_problem(&bytes, "mem").unwrap() else { panic!("not F32") };
                 assert_eq!((back.dims, &back.q, &back.log_gate, &back.h0), (p32.dims, &p32.q, &p32.log_gate, &p32.h0));
             }
+        }
+    }
+
+    #[test]
+    fn half_problems_read_back_as_the_rounded_values() {
+        let p = random_problem(dims(2, 9, 3, 4, 5, false), GateRegime::Resets(0.2), true, 7).to_f32();
+        for half in [HalfDtype::F16, HalfDtype::Bf16] {
+            let bytes = serialize(&problem_tensors_half(&p.view(), half), "mem").unwrap();
+            let LoadedProblem::Half(h, back) = parse_problem(&bytes, "mem").unwrap() else { panic!("not 16-bit") };
+            assert_eq!(h, half);
+            let rounded = |xs: &[f32]| xs.iter().map(|&x| half.round(x)).collect::<Vec<_>>();
+            assert_eq!((&back.q, &back.k, &back.v), (&rounded(&p.q), &rounded(&p.k), &rounded(&p.v)));
+            // The gate and h0 travel in F32: bit for bit.
+            assert_eq!((&back.log_gate, &back.h0), (&p.log_gate, &p.h0));
+            assert!(back.q.iter().zip(&p.q).any(|(a, b)| a != b), "{half:?} rounded nothing");
         }
     }
 

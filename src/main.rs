@@ -317,13 +317,13 @@ fn run(input: PathBuf, output: PathBuf, mode: Option<Mode>, device: Device, repe
     let dims = problem.dims();
     let mode = mode.unwrap_or(match (&problem, device) {
         (_, Device::Cuda) => dispatch::fastest_cuda_mode(&dims),
-        (LoadedProblem::F32(_), Device::Cpu) => Mode::Chunked,
+        (LoadedProblem::F32(_) | LoadedProblem::Half(..), Device::Cpu) => Mode::Chunked,
         (LoadedProblem::F64(_), Device::Cpu) => Mode::Recurrent,
     });
     let (gpu_name, ms) = match (&problem, device) {
         (LoadedProblem::F64(_), Device::Cuda) => {
             return Err(Failure::Input(format!(
-                "`{}` is F64 but the cuda device runs F32 inputs only; use --device cpu, or convert the input to F32",
+                "`{}` is F64 but the cuda device runs F32, F16 and BF16 inputs only; use --device cpu, or convert the input to F32",
                 input.display()
             )));
         }
@@ -341,6 +341,21 @@ fn run(input: PathBuf, output: PathBuf, mode: Option<Mode>, device: Device, repe
             let gpu = cuda::Gpu::new(0).map_err(|e| Failure::Runtime(format!("cannot use the GPU: {e}")))?;
             let (ms, out) = median_timed(repeat, || dispatch::cuda_f32(&gpu, mode, &p.view()).map_err(gpu_err))?;
             io::write_outputs(&output, &dims, &out)?;
+            (Some(gpu.name()), ms)
+        }
+        // 16-bit q, k, v: the f32 implementation on their exact f32 values,
+        // y rounded to the file's dtype on the way out ...
+        (LoadedProblem::Half(half, p), Device::Cpu) => {
+            let (ms, out) = median_timed(repeat, || dispatch::cpu_f32(mode, &p.view()).map_err(input_err))?;
+            io::write_outputs_half(&output, &dims, &out, *half)?;
+            (None, ms)
+        }
+        // ... or the kernels in that dtype, whose y is already rounded.
+        (LoadedProblem::Half(half, p), Device::Cuda) => {
+            let gpu = cuda::Gpu::new(0).map_err(|e| Failure::Runtime(format!("cannot use the GPU: {e}")))?;
+            let (ms, out) =
+                median_timed(repeat, || dispatch::cuda_half(&gpu, mode, *half, &p.view()).map_err(gpu_err))?;
+            io::write_outputs_half(&output, &dims, &out, *half)?;
             (Some(gpu.name()), ms)
         }
     };
@@ -364,7 +379,7 @@ fn grad(input: PathBuf, output: PathBuf, mode: Mode, device: Device) -> Result<(
     let (dims, precision, on) = match (&loaded, device) {
         (io::LoadedGradProblem::F64(..), Device::Cuda) => {
             return Err(Failure::Input(format!(
-                "`{}` is F64 but the cuda device runs F32 inputs only; use --device cpu, or convert the input to F32",
+                "`{}` is F64 but the cuda device runs F32, F16 and BF16 inputs only; use --device cpu, or convert the input to F32",
                 input.display()
             )));
         }
@@ -383,6 +398,20 @@ fn grad(input: PathBuf, output: PathBuf, mode: Mode, device: Device) -> Result<(
             let g = dispatch::cuda_grad(&gpu, mode, &p.view(), &up.dy, up.dh_final.as_deref()).map_err(gpu_err)?;
             io::write_grads(&output, &p.dims, &g)?;
             (p.dims, "f32", format!("cuda ({})", gpu.name()))
+        }
+        // As in `run`: f32 on the CPU, dq, dk, dv rounded on the way out;
+        // the kernels in the file's dtype on the GPU.
+        (io::LoadedGradProblem::Half(half, p, up), Device::Cpu) => {
+            let g = dispatch::cpu_grad_f32(mode, &p.view(), &up.dy, up.dh_final.as_deref()).map_err(input_err)?;
+            io::write_grads_half(&output, &p.dims, &g, *half)?;
+            (p.dims, half.name(), "cpu".to_string())
+        }
+        (io::LoadedGradProblem::Half(half, p, up), Device::Cuda) => {
+            let gpu = cuda::Gpu::new(0).map_err(|e| Failure::Runtime(format!("cannot use the GPU: {e}")))?;
+            let g = dispatch::cuda_grad_half(&gpu, mode, *half, &p.view(), &up.dy, up.dh_final.as_deref())
+                .map_err(gpu_err)?;
+            io::write_grads_half(&output, &p.dims, &g, *half)?;
+            (p.dims, half.name(), format!("cuda ({})", gpu.name()))
         }
     };
     say!(

@@ -1,6 +1,8 @@
 //! The `gateloop` binary end to end: `run` round trips against the in-process
 //! reference, `check`, `demo`, and the error messages on malformed inputs.
 
+mod common;
+
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -250,6 +252,24 @@ fn to_bytes(raw: &Raw) -> Vec<u8> {
     safetensors::serialize(views, None).expect("serialize")
 }
 
+/// `x` in a 16-bit dtype (F16 or BF16), rounded to nearest: its bytes and
+/// its value.
+fn half_of(dtype: Dtype, x: f32) -> ([u8; 2], f64) {
+    match dtype {
+        Dtype::F16 => (half::f16::from_f32(x).to_le_bytes(), half::f16::from_f32(x).to_f64()),
+        Dtype::BF16 => (half::bf16::from_f32(x).to_le_bytes(), half::bf16::from_f32(x).to_f64()),
+        _ => panic!("{dtype:?} is not a 16-bit float"),
+    }
+}
+
+/// Converts the F32 tensors `names` of `raw` to the 16-bit `dtype`.
+fn to_half(raw: &mut Raw, names: &[&str], dtype: Dtype) {
+    for t in raw.iter_mut().filter(|t| names.contains(&t.0)) {
+        let values: Vec<f32> = t.3.as_chunks::<4>().0.iter().map(|c| f32::from_le_bytes(*c)).collect();
+        (t.1, t.3) = (dtype, values.into_iter().flat_map(|x| half_of(dtype, x).0).collect());
+    }
+}
+
 fn set(raw: &mut Raw, name: &str, dtype: Dtype, shape: Vec<usize>, bytes: Vec<u8>) {
     let t = raw.iter_mut().find(|t| t.0 == name).expect("tensor");
     (t.1, t.2, t.3) = (dtype, shape, bytes);
@@ -277,6 +297,30 @@ fn the_valid_raw_problem_runs() {
     std::fs::write(&input, to_bytes(&valid_raw())).unwrap();
     let o = run_mode(&input, &dir.path("out.safetensors"), "recurrent");
     assert!(o.status.success(), "{}", stderr(&o));
+
+    // Every tensor in one 16-bit dtype, log_gate and h0 included, runs too
+    // (the values are 0.5, 0.25, 1, −0.1 and 0, converted to that dtype).
+    for dtype in [Dtype::F16, Dtype::BF16] {
+        let mut raw = valid_raw();
+        to_half(&mut raw, &["q", "k", "v", "log_gate", "h0"], dtype);
+        std::fs::write(&input, to_bytes(&raw)).unwrap();
+        let out = dir.path("out-half.safetensors");
+        let o = run_mode(&input, &out, "recurrent");
+        assert!(o.status.success(), "{dtype:?}: {}", stderr(&o));
+        let t = io::read_tensors_f64(&out).unwrap();
+        assert_eq!((t["y"].dtype, t["h_final"].dtype), (dtype, Dtype::F32));
+        // By hand: h0 = 0, k·v = 0.25 per step, a = e^{g + ig} (both parts
+        // of log_gate hold the dtype's −0.1), so h_3 = 0.25·(1 + a + a²) in
+        // every element and y_3 = Re Σ_K q·h_3 = 4·0.5·Re h_3, rounded to
+        // the dtype.
+        let g = half_of(dtype, -0.1).1;
+        let a = Complex::new(g, g).exp();
+        let h3 = (Complex::new(1.0, 0.0) + a + a * a) * 0.25;
+        let (h, y) = (&t["h_final"].data, &t["y"].data);
+        assert!(h.chunks(2).all(|z| (Complex::new(z[0], z[1]) - h3).norm() <= 1e-6), "{dtype:?}: {h:?} vs {h3}");
+        // y [1, 3, 2, 2]: the last step's four values.
+        assert!(y[8..].iter().all(|&y| (y - 2.0 * h3.re).abs() <= 2f64.powi(-8) * 2.0 * h3.re), "{dtype:?}: {y:?}");
+    }
 }
 
 #[test]
@@ -302,15 +346,53 @@ fn malformed_inputs_are_refused_with_a_named_reason() {
 
     let mut raw = valid_raw();
     set(&mut raw, "k", Dtype::I32, vec![1, 3, 2, 4], vec![0; 96]);
-    expect_refused(&dir, "dtype", &to_bytes(&raw), &["tensor `k` has dtype I32", "F32 or F64"]);
+    expect_refused(&dir, "dtype", &to_bytes(&raw), &["tensor `k` has dtype I32", "F32, F64, F16 or BF16"]);
 
+    // q sets the element dtype: k, v must follow it; log_gate and h0 too,
+    // or be F32 beside a 16-bit q (`half_inputs_run_in_their_dtype`).
     let mut raw = valid_raw();
     set(&mut raw, "q", Dtype::F16, vec![1, 3, 2, 4], vec![0; 48]);
-    expect_refused(&dir, "f16", &to_bytes(&raw), &["tensor `q` has dtype F16", "not yet supported"]);
+    expect_refused(
+        &dir,
+        "f16-q-only",
+        &to_bytes(&raw),
+        &["tensor `k` is F32 but `q` is F16", "q, k, v and dy must have the same dtype"],
+    );
 
     let mut raw = valid_raw();
     set(&mut raw, "v", Dtype::F64, vec![1, 3, 2, 2], vec![0; 96]);
-    expect_refused(&dir, "mixed", &to_bytes(&raw), &["tensor `v` is F64 but `q` is F32"]);
+    expect_refused(
+        &dir,
+        "mixed",
+        &to_bytes(&raw),
+        &["tensor `v` is F64 but `q` is F32", "q, k, v and dy must have the same dtype"],
+    );
+
+    let mut raw = valid_raw();
+    set(&mut raw, "h0", Dtype::BF16, vec![1, 2, 4, 2, 2], vec![0; 64]);
+    expect_refused(
+        &dir,
+        "f32-bf16-h0",
+        &to_bytes(&raw),
+        &["tensor `h0` is BF16 but `q` is F32", "must have q's dtype"],
+    );
+
+    let mut raw = valid_raw();
+    to_half(&mut raw, &["q", "k", "v"], Dtype::BF16);
+    set(&mut raw, "log_gate", Dtype::F64, vec![1, 3, 2, 4, 2], vec![0; 384]);
+    expect_refused(
+        &dir,
+        "bf16-f64-gate",
+        &to_bytes(&raw),
+        &["tensor `log_gate` is F64 but `q` is BF16", "must be F32 or q's dtype"],
+    );
+
+    // A 16-bit infinity is refused like an f32 one (the values are checked
+    // after widening).
+    let mut raw = valid_raw();
+    to_half(&mut raw, &["q", "k", "v"], Dtype::F16);
+    raw.iter_mut().find(|t| t.0 == "k").unwrap().3[6..8].copy_from_slice(&half::f16::INFINITY.to_le_bytes());
+    expect_refused(&dir, "f16-inf", &to_bytes(&raw), &["`k`", "element 3", "finite"]);
 
     let mut raw = valid_raw();
     set(&mut raw, "q", Dtype::F32, vec![1, 3, 2, 8], f32_bytes(48, 0.5));
@@ -387,7 +469,7 @@ fn cuda_device_errors_are_clear() {
 
     let o = gateloop(&["run", "-i", s(&in64), "-o", s(&out), "--mode", "recurrent", "--device", "cuda"]);
     assert_eq!(o.status.code(), Some(2));
-    assert!(stderr(&o).contains("F32 inputs only"), "{}", stderr(&o));
+    assert!(stderr(&o).contains("F32, F16 and BF16 inputs only"), "{}", stderr(&o));
 
     // Works where a GPU is available; otherwise a runtime error saying why.
     // Every mode has a CUDA kernel (chunked included).
@@ -399,8 +481,54 @@ fn cuda_device_errors_are_clear() {
             assert!(compare(&y.data, &oracle.y).rel_l2 <= 1e-4);
             assert!(compare(&h.data, &interleave(&oracle.h_final)).rel_l2 <= 1e-4);
         } else {
-            assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
-            assert!(stderr(&o).contains("cannot use the GPU"), "{}", stderr(&o));
+            common::cli_cuda_skipped(&format!("run --mode {mode} --device cuda"), &o);
+        }
+    }
+}
+
+/// F16 and BF16 input files (q, k, v in the 16-bit dtype, log_gate and h0
+/// F32): every mode on the CPU (f32 on the exact widened values) and, where
+/// a GPU is, on the device (the kernels in that dtype), y written in the
+/// file's dtype and h_final in F32. Against the f64 reference on the values
+/// the file holds: y within the dtype's rounding (unit roundoff u: 2⁻¹¹ for
+/// f16, 2⁻⁸ for bf16) plus f32 accumulation, h_final within f32's. L = 70
+/// is no multiple of a chunk; resets and h0 included.
+#[test]
+fn half_inputs_run_in_their_dtype() {
+    let dir = TempDir::new("half");
+    let p = random_problem(dims(2, 70, 2, 8, 5, false), GateRegime::Mixed, true, 21).to_f32();
+    let out = dir.path("out.safetensors");
+    for (half, unit_roundoff) in [(io::HalfDtype::F16, 2f64.powi(-11)), (io::HalfDtype::Bf16, 2f64.powi(-8))] {
+        let input = dir.path(&format!("in-{}.safetensors", half.name()));
+        io::write_problem_half(&input, &p.view(), half).unwrap();
+        // What the file holds: q, k, v rounded to the dtype, the rest as is.
+        let mut held = p.clone();
+        for x in held.q.iter_mut().chain(held.k.iter_mut()).chain(held.v.iter_mut()) {
+            *x = half.round(*x);
+        }
+        let oracle = reference::forward::<f64>(RefMode::Recurrent, &held.map(f64::from).view()).unwrap();
+        for device in ["cpu", "cuda"] {
+            for mode in ["recurrent", "scan", "attention", "chunked"] {
+                let tag = format!("{} {device} {mode}", half.name());
+                let o = gateloop(&["run", "-i", s(&input), "-o", s(&out), "--mode", mode, "--device", device]);
+                if device == "cuda" && !o.status.success() {
+                    common::cli_cuda_skipped(&tag, &o);
+                    continue;
+                }
+                assert!(o.status.success(), "{tag}: {}", stderr(&o));
+                assert!(stdout(&o).contains(&format!("{} B=2 L=70", half.name())), "{tag}: {}", stdout(&o));
+                let mut t = io::read_tensors_f64(&out).unwrap();
+                let (y, h) = (t.remove("y").unwrap(), t.remove("h_final").unwrap());
+                assert_eq!((y.dtype, h.dtype), (half.dtype(), Dtype::F32), "{tag}");
+                assert_eq!(y.shape, p.dims.v_shape().to_vec(), "{tag}");
+                // Each y element is the f32 value rounded once (relative
+                // error ≤ u/2), the f32 values within the f32 bounds (1e-4
+                // relative L2, 1e-3·max|ref| max-abs) of the reference.
+                let ey = compare(&y.data, &oracle.y);
+                assert!(ey.within(unit_roundoff / 2.0 + 1e-4, unit_roundoff / 2.0 + 1e-3), "{tag}: y {ey:?}");
+                let eh = compare(&h.data, &interleave(&oracle.h_final));
+                assert!(eh.within(1e-4, 1e-3), "{tag}: h_final {eh:?}");
+            }
         }
     }
 }

@@ -25,7 +25,9 @@ pub fn load_problem(data: &[u8]) -> bool {
     // must accept the problem.
     let result = match &problem {
         LoadedProblem::F64(p) => recurrent::forward(&p.view()).map(|o| o.y.len()),
-        LoadedProblem::F32(p) => recurrent::forward(&p.map(f64::from).view()).map(|o| o.y.len()),
+        LoadedProblem::F32(p) | LoadedProblem::Half(_, p) => {
+            recurrent::forward(&p.map(f64::from).view()).map(|o| o.y.len())
+        }
     };
     match result {
         Ok(n) => assert_eq!(n, d.v_len()),

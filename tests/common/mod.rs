@@ -40,6 +40,18 @@ pub fn gpu_or_skip() -> Option<&'static Gpu> {
     }
 }
 
+/// A `gateloop ... --device cuda` run of the command line that failed:
+/// passes, printing the skip notice, when it failed because no GPU is usable
+/// (exit 1, "cannot use the GPU"); any other failure, or that one under
+/// `GATELOOP_REQUIRE_GPU=1`, fails the test, naming `what`.
+pub fn cli_cuda_skipped(what: &str, o: &std::process::Output) {
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(1), "{what}: {err}");
+    assert!(err.contains("cannot use the GPU"), "{what}: {err}");
+    assert!(!gpu_required(), "GATELOOP_REQUIRE_GPU is set but {what} could not use the GPU: {err}");
+    notice(&format!("SKIPPED (no GPU): {what}"));
+}
+
 /// The name of the running test: libtest runs each test on a thread named
 /// after it.
 fn test_name() -> String {
