@@ -31,7 +31,9 @@
 //!
 //! Every selected [`Target`] runs the case and is compared with its oracle
 //! on *the inputs the target saw*: f64 targets get the drawn problem, f32
-//! targets its f32 rounding and the oracle the same rounded values. A
+//! targets its f32 rounding, bf16 targets (the CUDA kernels in bf16,
+//! `--dtypes bf16`) that with q, k, v and dy rounded on to bf16, and the
+//! oracle the same rounded values. A
 //! **forward** target ([`Kind::Forward`]) is compared with the f64 recurrent
 //! reference ([`crate::reference::recurrent`]); a **gradient** target
 //! ([`Kind::Grad`], `gateloop fuzz --targets grad`) with the f64 adjoint
@@ -196,7 +198,7 @@ use rand::{Rng, SeedableRng};
 use crate::Mode;
 use crate::cuda;
 use crate::dispatch;
-use crate::io::{self, Upstream};
+use crate::io::{self, HalfDtype, Upstream};
 use crate::problem::{Dims, GateLayout, Outputs};
 use crate::reference;
 use crate::reference::grad::{GradInputs, Grads};
@@ -217,25 +219,36 @@ pub const MAX_ABS_FACTOR: f64 = 10.0;
 pub enum Precision {
     F32,
     F64,
+    /// The CUDA kernels' bf16 inputs: q, k, v (and dy) rounded to bf16,
+    /// log_gate, h0 (and dh_final) to f32, computed in f32, y (and dq, dk,
+    /// dv) stored in bf16. (f16 is not fuzzed: the drawn value scales,
+    /// 10^±3 and their products, leave its range; the GPU tests cover it.)
+    Bf16,
 }
 
 impl Precision {
-    /// `"f32"` or `"f64"`.
+    /// `"f32"`, `"f64"` or `"bf16"`.
     pub fn name(self) -> &'static str {
         match self {
             Precision::F32 => "f32",
             Precision::F64 => "f64",
+            Precision::Bf16 => "bf16",
         }
     }
-    /// Parses `f32` or `f64`.
+    /// Parses `f32`, `f64` or `bf16`.
     pub fn parse(s: &str) -> Option<Precision> {
         match s.trim().to_ascii_lowercase().as_str() {
             "f32" => Some(Precision::F32),
             "f64" => Some(Precision::F64),
+            "bf16" => Some(Precision::Bf16),
             _ => None,
         }
     }
 }
+
+/// bf16's unit roundoff 2⁻⁸ (8 significant bits): the relative error of one
+/// rounding to bf16, the store of each bf16 output element.
+const BF16_UNIT_ROUNDOFF: f64 = 1.0 / 256.0;
 
 /// Where a target computes.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -260,6 +273,9 @@ pub fn tolerance(precision: Precision, len: usize) -> f64 {
     match precision {
         Precision::F64 => 1e-10,
         Precision::F32 => (1e-4 * (len as f64 / 4096.0).sqrt().max(1.0)).min(1e-3),
+        // f32 arithmetic, and each output rounded once to bf16: relative
+        // error ≤ u per element, so ≤ u in e_l2 and e_max alike.
+        Precision::Bf16 => tolerance(Precision::F32, len) + BF16_UNIT_ROUNDOFF,
     }
 }
 
@@ -282,6 +298,8 @@ fn subnormal_spacing(precision: Precision) -> f64 {
     match precision {
         Precision::F64 => f64::from_bits(1),            // 2^-1074
         Precision::F32 => f64::from(f32::from_bits(1)), // 2^-149
+        // f32 arithmetic stored in bf16, whose subnormals are coarser.
+        Precision::Bf16 => f64::from(half::bf16::from_bits(1).to_f32()), // 2^-133
     }
 }
 
@@ -398,18 +416,45 @@ fn cpu_grad_f32_run(mode: Mode) -> Option<GradRunFn> {
     }
 }
 
-/// The CUDA backward of `mode`, as a gradient run function; `None` where
-/// there is none ([`dispatch::CUDA_GRAD_MODES`]).
-fn cuda_grad_run(gpu: &Rc<cuda::Gpu>, mode: Mode) -> Option<GradRunFn> {
+/// The element type the CUDA kernels run a precision's inputs in: f32
+/// (`None`) or a 16-bit type; `Err(())` for f64, which they do not take.
+fn cuda_element(precision: Precision) -> Result<Option<HalfDtype>, ()> {
+    match precision {
+        Precision::F32 => Ok(None),
+        Precision::Bf16 => Ok(Some(HalfDtype::Bf16)),
+        Precision::F64 => Err(()),
+    }
+}
+
+/// The CUDA forward of `mode` in `half` (or f32), as a run function.
+fn cuda_run(gpu: &Rc<cuda::Gpu>, mode: Mode, half: Option<HalfDtype>) -> RunFn {
+    let gpu = Rc::clone(gpu);
+    Box::new(move |p: &OwnedProblem<f64>| {
+        let p = p.to_f32();
+        match half {
+            None => dispatch::cuda_f32(&gpu, mode, &p.view()),
+            Some(h) => dispatch::cuda_half(&gpu, mode, h, &p.view()),
+        }
+        .map(widen)
+        .map_err(|e| e.to_string())
+    })
+}
+
+/// The CUDA backward of `mode` in `half` (or f32), as a gradient run
+/// function; `None` where there is none ([`dispatch::CUDA_GRAD_MODES`]).
+fn cuda_grad_run(gpu: &Rc<cuda::Gpu>, mode: Mode, half: Option<HalfDtype>) -> Option<GradRunFn> {
     if !dispatch::CUDA_GRAD_MODES.contains(&mode) {
         return None;
     }
     let gpu = Rc::clone(gpu);
     Some(Box::new(move |p: &OwnedProblem<f64>, up: &Upstream<f64>| {
-        let up = upstream_to_f32(up);
-        dispatch::cuda_grad(&gpu, mode, &p.to_f32().view(), &up.dy, up.dh_final.as_deref())
-            .map(|g| widen_grads(&g))
-            .map_err(|e| e.to_string())
+        let (up, p) = (upstream_to_f32(up), p.to_f32());
+        match half {
+            None => dispatch::cuda_grad(&gpu, mode, &p.view(), &up.dy, up.dh_final.as_deref()),
+            Some(h) => dispatch::cuda_grad_half(&gpu, mode, h, &p.view(), &up.dy, up.dh_final.as_deref()),
+        }
+        .map(|g| widen_grads(&g))
+        .map_err(|e| e.to_string())
     }))
 }
 
@@ -453,6 +498,8 @@ impl Target {
             Precision::F32 => Box::new(move |p: &OwnedProblem<f64>| {
                 dispatch::cpu_f32(mode, &p.to_f32().view()).map(widen).map_err(|e| e.to_string())
             }),
+            // The CPU runs bf16 values in f32: the f32 target.
+            Precision::Bf16 => return None,
         };
         Some(Target { mode, precision, device: Device::Cpu, label, imp: Implementation::Forward(run) })
     }
@@ -539,6 +586,10 @@ pub fn select(
         for &m in modes {
             for &pr in precisions {
                 let what = format!("{} {} {} on {}", kind.name(), m.name(), pr.name(), device.name());
+                if gpu.is_none() && pr == Precision::Bf16 {
+                    notes.push(format!("{what}: the CPU computes bf16 inputs in f32 (the f32 targets): skipped"));
+                    continue;
+                }
                 match (kind, &gpu) {
                     (Kind::Forward, None) => match Target::cpu(m, pr) {
                         Some(t) => out.push(t),
@@ -554,25 +605,26 @@ pub fn select(
                             "{what} is the adjoint recurrence in f32 (the recurrent grad target): not fuzzed again"
                         )),
                     },
-                    (Kind::Forward, Some(gpu)) => {
-                        if !dispatch::CUDA_MODES.contains(&m) || pr != Precision::F32 {
-                            notes.push(format!("{what} is not available: skipped"));
-                            continue;
+                    (Kind::Forward, Some(gpu)) => match cuda_element(pr) {
+                        Ok(half) if dispatch::CUDA_MODES.contains(&m) => {
+                            let label = format!("{}-{}-cuda ({})", m.name(), pr.name(), gpu.name());
+                            out.push(Target {
+                                mode: m,
+                                precision: pr,
+                                device,
+                                label,
+                                imp: Implementation::Forward(cuda_run(gpu, m, half)),
+                            });
                         }
-                        let name = gpu.name();
-                        let gpu = Rc::clone(gpu);
-                        let run = move |p: &OwnedProblem<f64>| {
-                            dispatch::cuda_f32(&gpu, m, &p.to_f32().view()).map(widen).map_err(|e| e.to_string())
-                        };
-                        let label = format!("{}-f32-cuda ({name})", m.name());
-                        out.push(Target::custom(label, m, Precision::F32, Device::Cuda, run));
-                    }
-                    (Kind::Grad, Some(gpu)) => match cuda_grad_run(gpu, m) {
-                        Some(run) if pr == Precision::F32 => {
-                            let label = format!("{}-f32-cuda-grad ({})", m.name(), gpu.name());
+                        _ => notes.push(format!("{what} is not available: skipped")),
+                    },
+                    (Kind::Grad, Some(gpu)) => match cuda_element(pr).ok().and_then(|half| cuda_grad_run(gpu, m, half))
+                    {
+                        Some(run) => {
+                            let label = format!("{}-{}-cuda-grad ({})", m.name(), pr.name(), gpu.name());
                             out.push(Target { mode: m, precision: pr, device, label, imp: Implementation::Grad(run) });
                         }
-                        _ => notes.push(format!("{what}: no CUDA backward: skipped")),
+                        None => notes.push(format!("{what}: no CUDA backward: skipped")),
                     },
                 }
             }
@@ -956,7 +1008,8 @@ pub struct Oracle {
 fn smallest_normal(precision: Precision) -> f64 {
     match precision {
         Precision::F64 => f64::MIN_POSITIVE,
-        Precision::F32 => f64::from(f32::MIN_POSITIVE),
+        // bf16 has f32's exponent range.
+        Precision::F32 | Precision::Bf16 => f64::from(f32::MIN_POSITIVE),
     }
 }
 
@@ -1246,17 +1299,25 @@ fn evaluate(target: &mut Target, x: &Input, expected: &Expected) -> Outcome {
 }
 
 /// The input a target sees: the f32 rounding (of the problem and the
-/// upstream gradients) for f32 targets.
+/// upstream gradients) for f32 targets; for bf16 targets that, with q, k, v
+/// and dy rounded on to bf16 (what a bf16 file of them holds).
 fn for_precision(x: &Input, precision: Precision) -> Input {
+    let r = |v: f64| v as f32 as f64;
+    let f32_input = || Input {
+        p: x.p.rounded_to_f32(),
+        up: Upstream {
+            dy: x.up.dy.iter().map(|&v| r(v)).collect(),
+            dh_final: x.up.dh_final.as_ref().map(|d| d.iter().map(|z| Complex::new(r(z.re), r(z.im))).collect()),
+        },
+    };
     match precision {
         Precision::F64 => x.clone(),
-        Precision::F32 => {
-            let r = |v: f64| v as f32 as f64;
-            let up = Upstream {
-                dy: x.up.dy.iter().map(|&v| r(v)).collect(),
-                dh_final: x.up.dh_final.as_ref().map(|d| d.iter().map(|z| Complex::new(r(z.re), r(z.im))).collect()),
-            };
-            Input { p: x.p.rounded_to_f32(), up }
+        Precision::F32 => f32_input(),
+        Precision::Bf16 => {
+            let mut x = f32_input();
+            let b = |v: &mut f64| *v = f64::from(HalfDtype::Bf16.round(*v as f32));
+            x.p.q.iter_mut().chain(x.p.k.iter_mut()).chain(x.p.v.iter_mut()).chain(x.up.dy.iter_mut()).for_each(b);
+            x
         }
     }
 }
@@ -1449,7 +1510,7 @@ impl FuzzReport {
         }
         let _ = writeln!(
             s,
-            "bound: score = max(‖out−ref‖/max(‖ref‖,‖R‖), max|out−ref|/(10·max(|ref|,R))) ≤ tol; tol f64 1e-10, f32 min(1e-3, 1e-4·max(1, √(L/4096)))"
+            "bound: score = max(‖out−ref‖/max(‖ref‖,‖R‖), max|out−ref|/(10·max(|ref|,R))) ≤ tol; tol f64 1e-10, f32 min(1e-3, 1e-4·max(1, √(L/4096))), bf16 the f32 tol + 2⁻⁸ (outputs stored in bf16)"
         );
         if self.targets.iter().any(|t| t.kind == Kind::Grad) {
             let _ = writeln!(
@@ -1542,22 +1603,31 @@ fn write_failure(
     let (input, expected_path, replay_output) = (path("input"), path("expected"), path("replay"));
     let e = |e: io::FileError| e.to_string();
     let (p, d) = (&x.p, &x.p.dims);
-    let f32_target = target.precision == Precision::F32;
-    // The input, in the target's precision, and the oracle's result in f64.
+    // f32 and bf16 targets' inputs and outputs are f32 values (exactly).
+    let f32_target = target.precision != Precision::F64;
+    let half = (target.precision == Precision::Bf16).then_some(HalfDtype::Bf16);
+    // The input, in the target's precision (a bf16 file for a bf16 target,
+    // which `gateloop run` replays with the bf16 kernels), and the oracle's
+    // result in f64.
     match expected {
         Expected::Forward(oracle) => {
-            if f32_target {
-                io::write_problem(&input, &p.to_f32().view()).map_err(e)?;
-            } else {
-                io::write_problem(&input, &p.view()).map_err(e)?;
+            match half {
+                Some(h) => io::write_problem_half(&input, &p.to_f32().view(), h),
+                None if f32_target => io::write_problem(&input, &p.to_f32().view()),
+                None => io::write_problem(&input, &p.view()),
             }
+            .map_err(e)?;
             io::write_outputs(&expected_path, d, &oracle.out).map_err(e)?;
         }
         Expected::Grad(oracle) => {
             if f32_target {
                 let up = upstream_to_f32(&x.up);
                 let up = GradInputs { dy: &up.dy, dh_final: up.dh_final.as_deref() };
-                io::write_grad_problem(&input, &p.to_f32().view(), &up).map_err(e)?;
+                match half {
+                    Some(h) => io::write_grad_problem_half(&input, &p.to_f32().view(), &up, h),
+                    None => io::write_grad_problem(&input, &p.to_f32().view(), &up),
+                }
+                .map_err(e)?;
             } else {
                 let up = GradInputs { dy: &x.up.dy, dh_final: x.up.dh_final.as_deref() };
                 io::write_grad_problem(&input, &p.view(), &up).map_err(e)?;
@@ -1573,10 +1643,18 @@ fn write_failure(
                 (Actual::Forward(out), true) => {
                     let o32 =
                         Outputs { y: out.y.iter().map(|&x| x as f32).collect(), h_final: narrow_complex(&out.h_final) };
-                    io::write_outputs(&a, d, &o32).map_err(e)?
+                    match half {
+                        Some(h) => io::write_outputs_half(&a, d, &o32, h),
+                        None => io::write_outputs(&a, d, &o32),
+                    }
+                    .map_err(e)?
                 }
                 (Actual::Grad(g), false) => io::write_grads(&a, d, g).map_err(e)?,
-                (Actual::Grad(g), true) => io::write_grads(&a, d, &narrow_grads(g)).map_err(e)?,
+                (Actual::Grad(g), true) => match half {
+                    Some(h) => io::write_grads_half(&a, d, &narrow_grads(g), h),
+                    None => io::write_grads(&a, d, &narrow_grads(g)),
+                }
+                .map_err(e)?,
             }
             Some(a)
         }
@@ -1715,7 +1793,7 @@ pub fn run_campaign(cfg: &FuzzConfig, targets: &mut [Target]) -> FuzzReport {
         let index = cfg.first_case + n;
         let case = draw_case(cfg.seed, index, cfg.max_len);
         let drawn = Input { p: case.problem(), up: case.upstream() };
-        let inputs: Vec<(Precision, Input)> = [Precision::F64, Precision::F32]
+        let inputs: Vec<(Precision, Input)> = [Precision::F64, Precision::F32, Precision::Bf16]
             .into_iter()
             .filter(|pr| needed.iter().any(|(p, _)| p == pr))
             .map(|pr| (pr, for_precision(&drawn, pr)))
@@ -1821,6 +1899,28 @@ mod tests {
         assert_eq!(tolerance(Precision::F32, 4096), 1e-4);
         assert!((tolerance(Precision::F32, 4 * 4096) - 2e-4).abs() < 1e-12);
         assert_eq!(tolerance(Precision::F32, 1 << 20), 1e-3);
+        // bf16: f32's, plus one rounding of each output to bf16 (2⁻⁸).
+        assert_eq!(tolerance(Precision::Bf16, 1), 1e-4 + 1.0 / 256.0);
+        assert_eq!(Precision::parse("BF16"), Some(Precision::Bf16));
+    }
+
+    #[test]
+    fn bf16_targets_see_bf16_elements_and_f32_gates() {
+        let case = draw_case(5, 3, 64);
+        let drawn = Input { p: case.problem(), up: case.upstream() };
+        let (x32, x16) = (for_precision(&drawn, Precision::F32), for_precision(&drawn, Precision::Bf16));
+        let bf16 = |v: f64| f64::from(HalfDtype::Bf16.round(v as f32));
+        for (a, b) in [(&x16.p.q, &x32.p.q), (&x16.p.k, &x32.p.k), (&x16.p.v, &x32.p.v), (&x16.up.dy, &x32.up.dy)] {
+            assert!(a.iter().zip(b).all(|(&a, &b)| a == bf16(b)));
+        }
+        assert!(x16.p.q.iter().zip(&x32.p.q).any(|(a, b)| a != b), "nothing rounded");
+        assert_eq!((&x16.p.log_gate, &x16.p.h0), (&x32.p.log_gate, &x32.p.h0));
+        assert_eq!(x16.up.dh_final, x32.up.dh_final);
+        // Only the CUDA kernels take bf16: on the CPU it is the f32 target.
+        let Err(SetupError::Empty(why)) = select(Device::Cpu, &[Kind::Forward], &Mode::ALL, &[Precision::Bf16]) else {
+            panic!("bf16 on the CPU selected a target")
+        };
+        assert!(why.contains("computes bf16 inputs in f32"), "{why}");
     }
 
     #[test]

@@ -190,7 +190,8 @@ enum Command {
         /// Modes to fuzz, comma-separated.
         #[arg(long, value_enum, value_delimiter = ',', default_value = "recurrent,scan,attention,chunked")]
         modes: Vec<CliMode>,
-        /// Precisions to fuzz, comma-separated (f32, f64).
+        /// Precisions to fuzz, comma-separated (f32, f64; bf16: the CUDA
+        /// kernels in bf16, with --device cuda).
         #[arg(long, value_delimiter = ',', default_value = "f32,f64")]
         dtypes: Vec<String>,
         /// Longest sequence length drawn.
@@ -697,7 +698,9 @@ fn fuzz_cmd(
 ) -> Result<(), Failure> {
     let precisions = dtypes
         .iter()
-        .map(|d| fuzz::Precision::parse(d).ok_or_else(|| Failure::Input(format!("--dtypes: `{d}` is not f32 or f64"))))
+        .map(|d| {
+            fuzz::Precision::parse(d).ok_or_else(|| Failure::Input(format!("--dtypes: `{d}` is not f32, f64 or bf16")))
+        })
         .collect::<Result<Vec<_>, _>>()?;
     if let Some(s) = budget {
         let d = std::time::Duration::try_from_secs_f64(s)

@@ -122,6 +122,47 @@ fn injected_fault_is_caught_shrunk_written_and_replayable() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
+/// A bf16 target's failure files hold what it saw: q, k, v in BF16, log_gate
+/// and h0 in F32, its output y in BF16; `gateloop run` replays the input
+/// file as bf16 (here on the CPU, which computes it in f32) and that replay
+/// passes `check` against the expected outputs, while the recorded failing
+/// output does not.
+#[test]
+fn bf16_failure_files_are_bf16_and_replay() {
+    let wrong = |p: &OwnedProblem<f64>| -> Result<Outputs<f64>, String> {
+        let mut p = p.clone();
+        if p.dims.key_dim > 2 {
+            p.h0 = None;
+        }
+        reference::recurrent::forward(&p.view()).map_err(|e| e.to_string())
+    };
+    let target = || Target::custom("wrong-chunked-bf16", Mode::Chunked, Precision::Bf16, Device::Cpu, wrong);
+    let dir = temp_dir("injected-bf16");
+    let cfg = FuzzConfig { cases: 500, seed: 3, max_len: 300, out_dir: Some(dir.clone()), ..Default::default() };
+    let report = fuzz::run_campaign(&cfg, &mut [target()]);
+    assert_eq!(report.failures.len(), 1, "{}", report.render());
+    let files = report.failures[0].files.as_ref().expect("written").as_ref().expect("write ok");
+    let input = gateloop::io::read_tensors_f64(&files.input).unwrap();
+    let dtypes: Vec<_> = ["q", "k", "v", "log_gate", "h0"].iter().map(|n| input[*n].dtype).collect();
+    use safetensors::Dtype::{BF16, F32};
+    assert_eq!(dtypes, [BF16, BF16, BF16, F32, F32]);
+    let sh = |cmd: &str| {
+        let cmd = cmd.split('#').next().unwrap_or(cmd).replacen("gateloop", BIN, 1);
+        Command::new("sh").arg("-c").arg(&cmd).output().expect("sh")
+    };
+    let text = |o: &std::process::Output| {
+        format!("{}{}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr))
+    };
+    let o = sh(&files.commands[2]);
+    assert_eq!(o.status.code(), Some(1), "{}", text(&o));
+    let o = sh(&files.commands[0]);
+    assert!(o.status.success(), "{}", text(&o));
+    assert_eq!(gateloop::io::read_tensors_f64(&files.replay_output).unwrap()["y"].dtype, BF16);
+    let o = sh(&files.commands[1]);
+    assert!(o.status.success(), "{}", text(&o));
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
 #[test]
 fn cli_usage_errors_exit_2() {
     let o = Command::new(BIN).args(["fuzz", "--cases", "1", "--dtypes", "f16"]).output().unwrap();
