@@ -452,12 +452,16 @@ fn demo(d: Dims, seed: u64) -> Result<(), Failure> {
     if state > io::MAX_STATE_ELEMENTS || d.v_len().max(d.qk_len()) > io::MAX_STATE_ELEMENTS {
         return Err(Failure::Input(format!("{} is too large for a demo", dims_str(&d))));
     }
-    // Random gates with rare resets; the f64 reference sees exactly the
-    // f32-rounded inputs the f32 modes see.
-    let p64: OwnedProblem<f64> = random_problem(d, GateRegime::Resets(0.001), true, seed).rounded_to_f32();
-    let p32 = p64.to_f32();
+    // Random gates with rare resets; q, k, v rounded to bf16 values (exact
+    // in f32), the rest to f32, so the f32 modes and the bf16 kernels see
+    // the same inputs, and the f64 reference sees exactly those.
+    let mut p32 = random_problem(d, GateRegime::Resets(0.001), true, seed).to_f32();
+    for x in p32.q.iter_mut().chain(p32.k.iter_mut()).chain(p32.v.iter_mut()) {
+        *x = io::HalfDtype::Bf16.round(*x);
+    }
+    let p64: OwnedProblem<f64> = p32.map(f64::from);
     say!(
-        "gateloop demo: {} (per-channel gate, random with rare resets, h0 given), seed {seed}, {} threads",
+        "gateloop demo: {} (per-channel gate, random with rare resets, h0 given; q, k, v bf16 values), seed {seed}, {} threads",
         dims_str(&d),
         rayon::current_num_threads()
     );
@@ -488,14 +492,21 @@ fn demo(d: Dims, seed: u64) -> Result<(), Failure> {
     let mut gpu_note = None;
     match cuda::Gpu::new(0) {
         Ok(gpu) => {
+            // Each kernel with f32 and with bf16 q, k, v (y stored in bf16:
+            // its error is about bf16's rounding, 2⁻⁹ relative on average).
             for mode in dispatch::CUDA_MODES {
-                let (ms, out) = timed(|| dispatch::cuda_f32(&gpu, mode, &p32.view()));
-                rows.push(Row {
-                    mode: mode.name(),
-                    device: format!("cuda ({})", gpu.name()),
-                    precision: "f32",
-                    result: out.map(|o| (ms, o)).map_err(|e| e.to_string()),
-                });
+                for precision in ["f32", "bf16"] {
+                    let (ms, out) = timed(|| match precision {
+                        "f32" => dispatch::cuda_f32(&gpu, mode, &p32.view()),
+                        _ => dispatch::cuda_half(&gpu, mode, io::HalfDtype::Bf16, &p32.view()),
+                    });
+                    rows.push(Row {
+                        mode: mode.name(),
+                        device: format!("cuda ({})", gpu.name()),
+                        precision,
+                        result: out.map(|o| (ms, o)).map_err(|e| e.to_string()),
+                    });
+                }
             }
         }
         Err(e) => gpu_note = Some(format!("GPU not used: {e}")),
