@@ -15,12 +15,20 @@
 //! | recurrent, attention | [`reference::grad`] (the oracle) | [`reference::grad`] in f32 | — |
 //! | scan | [`reference::grad`] | [`cpu::scan_grad`] (the scan backward kernel's mirror) | [`cuda::scan_grad`] |
 //! | chunked | [`reference::grad`] | [`cpu::chunked_grad`] (the chunked backward) | [`cuda::chunk_grad`] (its kernel twin) |
+//!
+//! The CUDA columns take q, k, v (and dy) in f32, f16 or bf16 ([`cuda_as`],
+//! [`cuda_grad_as`]). On CUDA, chunked runs the real-gate kernels (gated
+//! linear attention: half the products) when the gates are real: every
+//! Im log_gate and Im h0 exactly 0, and for the backward every Im dh_final
+//! too ([`real_gates`]). At such inputs their results are the complex
+//! kernels' (Im h_final, Im dlog_gate and Im dh0 are 0), to the same bounds.
 
 use half::{bf16, f16};
 
 use crate::cpu::attention::AttentionParams;
 use crate::cpu::chunked::ChunkParams;
 use crate::cpu::scan::ScanParams;
+use crate::cuda::chunk::ChunkPrecision;
 use crate::cuda::{self, Element, Gpu, GpuError};
 use crate::error::InputError;
 use crate::io::HalfDtype;
@@ -118,16 +126,27 @@ pub fn cuda_f32(gpu: &Gpu, mode: Mode, p: &Problem<'_, f32>) -> Result<Outputs<f
     cuda_as::<f32>(gpu, mode, p)
 }
 
+/// Whether the gates are real: every Im log_gate, Im h0 and Im dh_final
+/// (those given) exactly 0, so the real-gate chunked kernels compute the
+/// same function.
+pub fn real_gates(p: &Problem<'_, f32>, dh_final: Option<&[num_complex::Complex<f32>]>) -> bool {
+    let real = |z: &[num_complex::Complex<f32>]| z.iter().all(|z| z.im == 0.0);
+    real(p.log_gate) && p.h0.is_none_or(real) && dh_final.is_none_or(real)
+}
+
 /// [`cuda_f32`] with q, k, v in `T` (rounded on the host: exact for values
 /// read from a file of that dtype) and y computed in `T`, widened back to
-/// f32 exactly; log_gate and h0 stay f32. The chunked kernel runs its
-/// default [`cuda::chunk::ChunkConfig`] (exact products).
+/// f32 exactly; log_gate and h0 stay f32. The chunked kernels run their
+/// default [`cuda::chunk::ChunkConfig`] (exact products), the real-gate ones
+/// when [`real_gates`].
 pub fn cuda_as<T: Element>(gpu: &Gpu, mode: Mode, p: &Problem<'_, f32>) -> Result<Outputs<f32>, GpuError> {
+    let config = cuda::chunk::ChunkConfig::default();
     match mode {
         Mode::Recurrent => cuda::recurrent::forward_host_as::<T>(gpu, p),
         Mode::Scan => cuda::scan::forward_host_as::<T>(gpu, p),
         Mode::Attention => cuda::attention::forward_host_as::<T>(gpu, p),
-        Mode::Chunked => cuda::chunk::forward_host_as::<T>(gpu, p, cuda::chunk::ChunkConfig::default()),
+        Mode::Chunked if real_gates(p, None) => cuda::chunk::forward_real_host_as::<T>(gpu, p, config),
+        Mode::Chunked => cuda::chunk::forward_host_as::<T>(gpu, p, config),
     }
 }
 
@@ -192,7 +211,9 @@ pub fn cuda_grad(
 /// [`cuda_grad`] with q, k, v and dy in `T` (rounded on the host: exact for
 /// values read from a file of that dtype), dq, dk, dv computed in `T` and
 /// widened back to f32 exactly; log_gate, h0, dh_final, dlog_gate and dh0
-/// in f32.
+/// in f32. Chunked runs the real-gate backward when [`real_gates`] (with
+/// dh_final: an imaginary dh_final makes ∂L/∂Im g nonzero even for real
+/// gates, which only the complex backward computes).
 pub fn cuda_grad_as<T: Element>(
     gpu: &Gpu,
     mode: Mode,
@@ -202,9 +223,10 @@ pub fn cuda_grad_as<T: Element>(
 ) -> Result<Grads<f32>, GpuError> {
     match mode {
         Mode::Scan => cuda::scan_grad::backward_host_as::<T>(gpu, p, dy, dh_final),
-        Mode::Chunked => {
-            cuda::chunk_grad::backward_host_as::<T>(gpu, p, dy, dh_final, cuda::chunk::ChunkPrecision::Exact)
+        Mode::Chunked if real_gates(p, dh_final) => {
+            cuda::chunk_grad::backward_real_host_as::<T>(gpu, p, dy, dh_final, ChunkPrecision::Exact)
         }
+        Mode::Chunked => cuda::chunk_grad::backward_host_as::<T>(gpu, p, dy, dh_final, ChunkPrecision::Exact),
         Mode::Recurrent | Mode::Attention => Err(cuda_grad_unavailable(mode).into()),
     }
 }
@@ -228,6 +250,32 @@ pub fn cuda_grad_half(
 mod tests {
     use super::*;
     use crate::testing::dims;
+
+    /// Real gates: every Im of log_gate, h0 and dh_final (those given) is 0
+    /// (−0 too); one imaginary part anywhere makes them complex.
+    #[test]
+    fn real_gates_are_exactly_real() {
+        use num_complex::Complex;
+        let d = dims(1, 3, 1, 2, 1, false);
+        let (q, v) = (vec![1.0f32; 6], vec![1.0f32; 3]);
+        let mut gate = vec![Complex::new(-0.5f32, 0.0); 6];
+        gate[1].im = -0.0;
+        let mut h0 = vec![Complex::new(1.0f32, 0.0); 2];
+        let p = |gate: &[Complex<f32>], h0: &[Complex<f32>]| -> bool {
+            let p = Problem { dims: d, q: &q, k: &q, v: &v, log_gate: gate, h0: Some(h0) };
+            real_gates(&p, None)
+        };
+        assert!(p(&gate, &h0));
+        h0[1].im = 1e-30;
+        assert!(!p(&gate, &h0));
+        h0[1].im = 0.0;
+        gate[5].im = 1e-7;
+        assert!(!p(&gate, &h0));
+        gate[5].im = 0.0;
+        let pr = Problem { dims: d, q: &q, k: &q, v: &v, log_gate: &gate, h0: None };
+        assert!(real_gates(&pr, Some(&[Complex::new(2.0, 0.0); 2])));
+        assert!(!real_gates(&pr, Some(&[Complex::new(2.0, 0.5); 2])));
+    }
 
     /// The measured shapes land where the H200 put them (RECURRENT_MIN_BLOCKS).
     #[test]

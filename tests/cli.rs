@@ -492,42 +492,50 @@ fn cuda_device_errors_are_clear() {
 /// file's dtype and h_final in F32. Against the f64 reference on the values
 /// the file holds: y within the dtype's rounding (unit roundoff u: 2⁻¹¹ for
 /// f16, 2⁻⁸ for bf16) plus f32 accumulation, h_final within f32's. L = 70
-/// is no multiple of a chunk; resets and h0 included.
+/// is no multiple of a chunk; resets and h0 included; complex and real gates.
 #[test]
 fn half_inputs_run_in_their_dtype() {
     let dir = TempDir::new("half");
-    let p = random_problem(dims(2, 70, 2, 8, 5, false), GateRegime::Mixed, true, 21).to_f32();
+    let complex = random_problem(dims(2, 70, 2, 8, 5, false), GateRegime::Mixed, true, 21).to_f32();
+    // Real gates and h0 (Im = 0): `--mode chunked` on cuda takes the
+    // real-gate kernels (dispatch::real_gates).
+    let mut real = complex.clone();
+    for z in real.log_gate.iter_mut().chain(real.h0.iter_mut().flatten()) {
+        z.im = 0.0;
+    }
     let out = dir.path("out.safetensors");
-    for (half, unit_roundoff) in [(io::HalfDtype::F16, 2f64.powi(-11)), (io::HalfDtype::Bf16, 2f64.powi(-8))] {
-        let input = dir.path(&format!("in-{}.safetensors", half.name()));
-        io::write_problem_half(&input, &p.view(), half).unwrap();
-        // What the file holds: q, k, v rounded to the dtype, the rest as is.
-        let mut held = p.clone();
-        for x in held.q.iter_mut().chain(held.k.iter_mut()).chain(held.v.iter_mut()) {
-            *x = half.round(*x);
-        }
-        let oracle = reference::forward::<f64>(RefMode::Recurrent, &held.map(f64::from).view()).unwrap();
-        for device in ["cpu", "cuda"] {
-            for mode in ["recurrent", "scan", "attention", "chunked"] {
-                let tag = format!("{} {device} {mode}", half.name());
-                let o = gateloop(&["run", "-i", s(&input), "-o", s(&out), "--mode", mode, "--device", device]);
-                if device == "cuda" && !o.status.success() {
-                    common::cli_cuda_skipped(&tag, &o);
-                    continue;
+    for (p, gates) in [(&complex, "complex"), (&real, "real")] {
+        for (half, unit_roundoff) in [(io::HalfDtype::F16, 2f64.powi(-11)), (io::HalfDtype::Bf16, 2f64.powi(-8))] {
+            let input = dir.path(&format!("in-{}-{gates}.safetensors", half.name()));
+            io::write_problem_half(&input, &p.view(), half).unwrap();
+            // What the file holds: q, k, v rounded to the dtype, the rest as is.
+            let mut held = p.clone();
+            for x in held.q.iter_mut().chain(held.k.iter_mut()).chain(held.v.iter_mut()) {
+                *x = half.round(*x);
+            }
+            let oracle = reference::forward::<f64>(RefMode::Recurrent, &held.map(f64::from).view()).unwrap();
+            for device in ["cpu", "cuda"] {
+                for mode in ["recurrent", "scan", "attention", "chunked"] {
+                    let tag = format!("{} {gates} {device} {mode}", half.name());
+                    let o = gateloop(&["run", "-i", s(&input), "-o", s(&out), "--mode", mode, "--device", device]);
+                    if device == "cuda" && !o.status.success() {
+                        common::cli_cuda_skipped(&tag, &o);
+                        continue;
+                    }
+                    assert!(o.status.success(), "{tag}: {}", stderr(&o));
+                    assert!(stdout(&o).contains(&format!("{} B=2 L=70", half.name())), "{tag}: {}", stdout(&o));
+                    let mut t = io::read_tensors_f64(&out).unwrap();
+                    let (y, h) = (t.remove("y").unwrap(), t.remove("h_final").unwrap());
+                    assert_eq!((y.dtype, h.dtype), (half.dtype(), Dtype::F32), "{tag}");
+                    assert_eq!(y.shape, p.dims.v_shape().to_vec(), "{tag}");
+                    // Each y element is the f32 value rounded once (relative
+                    // error ≤ u), the f32 values within the f32 bounds (1e-4
+                    // relative L2, 1e-3·max|ref| max-abs) of the reference.
+                    let ey = compare(&y.data, &oracle.y);
+                    assert!(ey.within(unit_roundoff + 1e-4, unit_roundoff + 1e-3), "{tag}: y {ey:?}");
+                    let eh = compare(&h.data, &interleave(&oracle.h_final));
+                    assert!(eh.within(1e-4, 1e-3), "{tag}: h_final {eh:?}");
                 }
-                assert!(o.status.success(), "{tag}: {}", stderr(&o));
-                assert!(stdout(&o).contains(&format!("{} B=2 L=70", half.name())), "{tag}: {}", stdout(&o));
-                let mut t = io::read_tensors_f64(&out).unwrap();
-                let (y, h) = (t.remove("y").unwrap(), t.remove("h_final").unwrap());
-                assert_eq!((y.dtype, h.dtype), (half.dtype(), Dtype::F32), "{tag}");
-                assert_eq!(y.shape, p.dims.v_shape().to_vec(), "{tag}");
-                // Each y element is the f32 value rounded once (relative
-                // error ≤ u), the f32 values within the f32 bounds (1e-4
-                // relative L2, 1e-3·max|ref| max-abs) of the reference.
-                let ey = compare(&y.data, &oracle.y);
-                assert!(ey.within(unit_roundoff + 1e-4, unit_roundoff + 1e-3), "{tag}: y {ey:?}");
-                let eh = compare(&h.data, &interleave(&oracle.h_final));
-                assert!(eh.within(1e-4, 1e-3), "{tag}: h_final {eh:?}");
             }
         }
     }

@@ -186,52 +186,69 @@ fn half_grad_files_run_in_their_dtype() {
     use gateloop::testing::{GateRegime, dims, random_problem};
     use rand::{Rng, SeedableRng};
 
-    let p = random_problem(dims(1, 70, 2, 8, 5, false), GateRegime::Mixed, true, 33).to_f32();
+    let complex = random_problem(dims(1, 70, 2, 8, 5, false), GateRegime::Mixed, true, 33).to_f32();
     let mut rng = rand::rngs::StdRng::seed_from_u64(34);
-    let dy: Vec<f32> = (0..p.dims.v_len()).map(|_| rng.random_range(-1.0f32..1.0)).collect();
-    let dh_final: Vec<Complex<f32>> = (0..p.dims.state_len())
+    let dy: Vec<f32> = (0..complex.dims.v_len()).map(|_| rng.random_range(-1.0f32..1.0)).collect();
+    let dh_final: Vec<Complex<f32>> = (0..complex.dims.state_len())
         .map(|_| Complex::new(rng.random_range(-1.0f32..1.0), rng.random_range(-1.0f32..1.0)))
         .collect();
     let out = scratch("half-grads.safetensors");
-    for (half, unit_roundoff) in [(io::HalfDtype::F16, 2f64.powi(-11)), (io::HalfDtype::Bf16, 2f64.powi(-8))] {
-        let input = scratch(&format!("half-grad-{}.safetensors", half.name()));
-        let upstream = GradInputs { dy: &dy, dh_final: Some(&dh_final) };
-        io::write_grad_problem_half(&input, &p.view(), &upstream, half).unwrap();
-        // What the file holds: q, k, v, dy rounded to the dtype.
-        let mut held = p.clone();
-        for x in held.q.iter_mut().chain(held.k.iter_mut()).chain(held.v.iter_mut()) {
-            *x = half.round(*x);
-        }
-        let held_dy: Vec<f64> = dy.iter().map(|&x| f64::from(half.round(x))).collect();
-        let dh64: Vec<Complex<f64>> = dh_final.iter().map(|z| Complex::new(z.re.into(), z.im.into())).collect();
-        let oracle = gateloop::reference::grad::backward(&held.map(f64::from).view(), &held_dy, Some(&dh64)).unwrap();
-        let runs = [("cpu", "recurrent"), ("cpu", "scan"), ("cpu", "chunked"), ("cuda", "scan"), ("cuda", "chunked")];
-        for (device, mode) in runs {
-            let tag = format!("{} {device} {mode}", half.name());
-            let (i, o) = (input.to_str().unwrap(), out.to_str().unwrap());
-            let run = gateloop(&["grad", "-i", i, "-o", o, "--mode", mode, "--device", device]);
-            let err = String::from_utf8_lossy(&run.stderr);
-            if device == "cuda" && !run.status.success() {
-                common::cli_cuda_skipped(&tag, &run);
-                continue;
+    // Real gates and h0 (Im = 0): with a real dh_final the cuda chunked
+    // backward takes the real-gate kernels (dispatch::real_gates); with a
+    // complex one (∂L/∂Im g ≠ 0 then) the complex kernels.
+    let mut real = complex.clone();
+    for z in real.log_gate.iter_mut().chain(real.h0.iter_mut().flatten()) {
+        z.im = 0.0;
+    }
+    let real_dh: Vec<Complex<f32>> = dh_final.iter().map(|z| Complex::new(z.re, 0.0)).collect();
+    let cases =
+        [(&complex, &dh_final, "complex"), (&real, &real_dh, "real"), (&real, &dh_final, "real, complex dh_final")];
+    for (c, (p, dh_final, gates)) in cases.into_iter().enumerate() {
+        for (half, unit_roundoff) in [(io::HalfDtype::F16, 2f64.powi(-11)), (io::HalfDtype::Bf16, 2f64.powi(-8))] {
+            let input = scratch(&format!("half-grad-{}-{c}.safetensors", half.name()));
+            let upstream = GradInputs { dy: &dy, dh_final: Some(dh_final) };
+            io::write_grad_problem_half(&input, &p.view(), &upstream, half).unwrap();
+            // What the file holds: q, k, v, dy rounded to the dtype.
+            let mut held = p.clone();
+            for x in held.q.iter_mut().chain(held.k.iter_mut()).chain(held.v.iter_mut()) {
+                *x = half.round(*x);
             }
-            assert!(run.status.success(), "{tag}: {err}");
-            let t = io::read_tensors_f64(&out).unwrap();
-            for (name, dtype) in [("dq", half.dtype()), ("dk", half.dtype()), ("dv", half.dtype())] {
-                assert_eq!(t[name].dtype, dtype, "{tag}: {name}");
+            let held_dy: Vec<f64> = dy.iter().map(|&x| f64::from(half.round(x))).collect();
+            let dh64: Vec<Complex<f64>> = dh_final.iter().map(|z| Complex::new(z.re.into(), z.im.into())).collect();
+            let oracle =
+                gateloop::reference::grad::backward(&held.map(f64::from).view(), &held_dy, Some(&dh64)).unwrap();
+            // Real gates: ∂L/∂Im g is 0 exactly when dh_final is real.
+            let im_dlog_gate = oracle.dlog_gate.iter().map(|z| z.im.abs()).fold(0.0, f64::max);
+            assert_eq!(im_dlog_gate > 1e-3, gates != "real", "{gates}: max |Im dlog_gate| {im_dlog_gate}");
+            let runs =
+                [("cpu", "recurrent"), ("cpu", "scan"), ("cpu", "chunked"), ("cuda", "scan"), ("cuda", "chunked")];
+            for (device, mode) in runs {
+                let tag = format!("{} {gates} {device} {mode}", half.name());
+                let (i, o) = (input.to_str().unwrap(), out.to_str().unwrap());
+                let run = gateloop(&["grad", "-i", i, "-o", o, "--mode", mode, "--device", device]);
+                let err = String::from_utf8_lossy(&run.stderr);
+                if device == "cuda" && !run.status.success() {
+                    common::cli_cuda_skipped(&tag, &run);
+                    continue;
+                }
+                assert!(run.status.success(), "{tag}: {err}");
+                let t = io::read_tensors_f64(&out).unwrap();
+                for (name, dtype) in [("dq", half.dtype()), ("dk", half.dtype()), ("dv", half.dtype())] {
+                    assert_eq!(t[name].dtype, dtype, "{tag}: {name}");
+                }
+                assert_eq!((t["dlog_gate"].dtype, t["dh0"].dtype), (safetensors::Dtype::F32, safetensors::Dtype::F32));
+                let (rel, abs) = if device == "cpu" { (1e-4, 1e-3) } else { (5e-3, 5e-3) };
+                let rounded = (unit_roundoff + rel, unit_roundoff + abs);
+                for (name, want) in [("dq", &oracle.dq), ("dk", &oracle.dk), ("dv", &oracle.dv)] {
+                    let e = compare(&t[name].data, want);
+                    assert!(e.within(rounded.0, rounded.1), "{tag}: {name} {e:?}");
+                }
+                let flat = |z: &[Complex<f64>]| -> Vec<f64> { z.iter().flat_map(|c| [c.re, c.im]).collect() };
+                let e = compare(&t["dlog_gate"].data, &flat(&oracle.dlog_gate));
+                assert!(e.within(rel, abs), "{tag}: dlog_gate {e:?}");
+                let e = compare(&t["dh0"].data, &flat(oracle.dh0.as_ref().unwrap()));
+                assert!(e.within(rel, abs), "{tag}: dh0 {e:?}");
             }
-            assert_eq!((t["dlog_gate"].dtype, t["dh0"].dtype), (safetensors::Dtype::F32, safetensors::Dtype::F32));
-            let (rel, abs) = if device == "cpu" { (1e-4, 1e-3) } else { (5e-3, 5e-3) };
-            let rounded = (unit_roundoff + rel, unit_roundoff + abs);
-            for (name, want) in [("dq", &oracle.dq), ("dk", &oracle.dk), ("dv", &oracle.dv)] {
-                let e = compare(&t[name].data, want);
-                assert!(e.within(rounded.0, rounded.1), "{tag}: {name} {e:?}");
-            }
-            let flat = |z: &[Complex<f64>]| -> Vec<f64> { z.iter().flat_map(|c| [c.re, c.im]).collect() };
-            let e = compare(&t["dlog_gate"].data, &flat(&oracle.dlog_gate));
-            assert!(e.within(rel, abs), "{tag}: dlog_gate {e:?}");
-            let e = compare(&t["dh0"].data, &flat(oracle.dh0.as_ref().unwrap()));
-            assert!(e.within(rel, abs), "{tag}: dh0 {e:?}");
         }
     }
 }
