@@ -50,17 +50,22 @@ fn fixed_seed_campaign_finds_no_disagreement() {
     assert!(!dir.exists(), "nothing is written without a disagreement");
 }
 
+/// The injected fault of the tests below: `p` without its h0 when K > 2.
+fn forget_h0_above_k2(p: &OwnedProblem<f64>) -> OwnedProblem<f64> {
+    let mut p = p.clone();
+    if p.dims.key_dim > 2 {
+        p.h0 = None;
+    }
+    p
+}
+
 /// A chunked f32 that forgets h0 whenever K > 2: caught, shrunk to the
 /// smallest such case (K = 3 stays because halving K to 1 or 2 makes it pass),
 /// written, and replayable.
 #[test]
 fn injected_fault_is_caught_shrunk_written_and_replayable() {
     let wrong = |p: &OwnedProblem<f64>| -> Result<Outputs<f64>, String> {
-        let mut p = p.clone();
-        if p.dims.key_dim > 2 {
-            p.h0 = None;
-        }
-        reference::recurrent::forward(&p.to_f32().view())
+        reference::recurrent::forward(&forget_h0_above_k2(p).to_f32().view())
             .map(|o| Outputs {
                 y: o.y.iter().map(|&x| f64::from(x)).collect(),
                 h_final: o.h_final.iter().map(|z| gateloop::Complex::new(f64::from(z.re), f64::from(z.im))).collect(),
@@ -130,11 +135,7 @@ fn injected_fault_is_caught_shrunk_written_and_replayable() {
 #[test]
 fn bf16_failure_files_are_bf16_and_replay() {
     let wrong = |p: &OwnedProblem<f64>| -> Result<Outputs<f64>, String> {
-        let mut p = p.clone();
-        if p.dims.key_dim > 2 {
-            p.h0 = None;
-        }
-        reference::recurrent::forward(&p.view()).map_err(|e| e.to_string())
+        reference::recurrent::forward(&forget_h0_above_k2(p).view()).map_err(|e| e.to_string())
     };
     let target = || Target::custom("wrong-chunked-bf16", Mode::Chunked, Precision::Bf16, Device::Cpu, wrong);
     let dir = temp_dir("injected-bf16");
