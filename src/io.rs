@@ -695,7 +695,9 @@ fn parse_with(
     let data = |name: &str| views.iter().find(|(n, _)| *n == name).map(|(_, v)| v.data());
     let req = |name: &'static str| data(name).ok_or_else(|| format_err(file, format!("tensor `{name}` vanished")));
     // Each tensor decoded by its own dtype: every accepted one widens
-    // exactly into the run's precision (f64 for an F64 file, else f32).
+    // exactly into the run's precision (f64 for an F64 file, else f32,
+    // which holds every F32, F16 and BF16 value; decoded straight to it, so
+    // a large file costs no f64 copy).
     let dtype_of = |name: &str| views.iter().find(|(n, _)| *n == name).map(|(_, v)| v.dtype());
     let widen = |name: &str, bytes: &[u8]| -> Vec<f64> {
         match dtype_of(name) {
@@ -705,13 +707,23 @@ fn parse_with(
             _ => decode_f32(bytes).map(f64::from).collect(),
         }
     };
+    let widen_f32 = |name: &str, bytes: &[u8]| -> Vec<f32> {
+        match dtype_of(name) {
+            Some(Dtype::F16) => {
+                bytes.as_chunks::<2>().0.iter().map(|c| half::f16::from_le_bytes(*c).to_f32()).collect()
+            }
+            Some(Dtype::BF16) => {
+                bytes.as_chunks::<2>().0.iter().map(|c| half::bf16::from_le_bytes(*c).to_f32()).collect()
+            }
+            _ => decode_f32(bytes).collect(),
+        }
+    };
     let loaded = if element == Dtype::F64 {
         let p = assemble(dims, &req, data("h0"), |name, b| widen(name, b))?;
         check_values(&p, file)?;
         LoadedProblem::F64(p)
     } else {
-        // f32 holds every F32, F16 and BF16 value exactly.
-        let p = assemble(dims, &req, data("h0"), |name, b| widen(name, b).into_iter().map(|x| x as f32).collect())?;
+        let p = assemble(dims, &req, data("h0"), widen_f32)?;
         check_values(&p, file)?;
         match HalfDtype::of(element) {
             Some(h) => LoadedProblem::Half(h, p),
