@@ -23,15 +23,12 @@
 //! too ([`real_gates`]). At such inputs their results are the complex
 //! kernels' (Im h_final, Im dlog_gate and Im dh0 are 0), to the same bounds.
 
-use half::{bf16, f16};
-
 use crate::cpu::attention::AttentionParams;
 use crate::cpu::chunked::ChunkParams;
 use crate::cpu::scan::ScanParams;
 use crate::cuda::chunk::ChunkPrecision;
 use crate::cuda::{self, Element, Gpu, GpuError};
 use crate::error::InputError;
-use crate::io::HalfDtype;
 use crate::problem::{Outputs, Problem, Real};
 use crate::reference::grad::Grads;
 use crate::reference::{self, RefMode};
@@ -150,12 +147,10 @@ pub fn cuda_as<T: Element>(gpu: &Gpu, mode: Mode, p: &Problem<'_, f32>) -> Resul
     }
 }
 
-/// [`cuda_as`] for a file's 16-bit element dtype.
-pub fn cuda_half(gpu: &Gpu, mode: Mode, half: HalfDtype, p: &Problem<'_, f32>) -> Result<Outputs<f32>, GpuError> {
-    match half {
-        HalfDtype::F16 => cuda_as::<f16>(gpu, mode, p),
-        HalfDtype::Bf16 => cuda_as::<bf16>(gpu, mode, p),
-    }
+/// [`cuda_as`] in the element type of a runtime [`cuda::Dtype`] (a file's,
+/// a fuzz target's).
+pub fn cuda_in(gpu: &Gpu, mode: Mode, dtype: cuda::Dtype, p: &Problem<'_, f32>) -> Result<Outputs<f32>, GpuError> {
+    crate::with_element!(dtype, T => cuda_as::<T>(gpu, mode, p))
 }
 
 /// The gradient on the CPU, in `T`'s precision, of the function every mode
@@ -231,19 +226,16 @@ pub fn cuda_grad_as<T: Element>(
     }
 }
 
-/// [`cuda_grad_as`] for a file's 16-bit element dtype.
-pub fn cuda_grad_half(
+/// [`cuda_grad_as`] in the element type of a runtime [`cuda::Dtype`].
+pub fn cuda_grad_in(
     gpu: &Gpu,
     mode: Mode,
-    half: HalfDtype,
+    dtype: cuda::Dtype,
     p: &Problem<'_, f32>,
     dy: &[f32],
     dh_final: Option<&[num_complex::Complex<f32>]>,
 ) -> Result<Grads<f32>, GpuError> {
-    match half {
-        HalfDtype::F16 => cuda_grad_as::<f16>(gpu, mode, p, dy, dh_final),
-        HalfDtype::Bf16 => cuda_grad_as::<bf16>(gpu, mode, p, dy, dh_final),
-    }
+    crate::with_element!(dtype, T => cuda_grad_as::<T>(gpu, mode, p, dy, dh_final))
 }
 
 #[cfg(test)]

@@ -416,45 +416,36 @@ fn cpu_grad_f32_run(mode: Mode) -> Option<GradRunFn> {
     }
 }
 
-/// The element type the CUDA kernels run a precision's inputs in: f32
-/// (`None`) or a 16-bit type; `Err(())` for f64, which they do not take.
-fn cuda_element(precision: Precision) -> Result<Option<HalfDtype>, ()> {
+/// The element type the CUDA kernels run a precision's inputs in; `None`
+/// for f64, which they do not take.
+fn cuda_element(precision: Precision) -> Option<cuda::Dtype> {
     match precision {
-        Precision::F32 => Ok(None),
-        Precision::Bf16 => Ok(Some(HalfDtype::Bf16)),
-        Precision::F64 => Err(()),
+        Precision::F32 => Some(cuda::Dtype::F32),
+        Precision::Bf16 => Some(cuda::Dtype::Bf16),
+        Precision::F64 => None,
     }
 }
 
-/// The CUDA forward of `mode` in `half` (or f32), as a run function.
-fn cuda_run(gpu: &Rc<cuda::Gpu>, mode: Mode, half: Option<HalfDtype>) -> RunFn {
+/// The CUDA forward of `mode` in `dtype`, as a run function.
+fn cuda_run(gpu: &Rc<cuda::Gpu>, mode: Mode, dtype: cuda::Dtype) -> RunFn {
     let gpu = Rc::clone(gpu);
     Box::new(move |p: &OwnedProblem<f64>| {
-        let p = p.to_f32();
-        match half {
-            None => dispatch::cuda_f32(&gpu, mode, &p.view()),
-            Some(h) => dispatch::cuda_half(&gpu, mode, h, &p.view()),
-        }
-        .map(widen)
-        .map_err(|e| e.to_string())
+        dispatch::cuda_in(&gpu, mode, dtype, &p.to_f32().view()).map(widen).map_err(|e| e.to_string())
     })
 }
 
-/// The CUDA backward of `mode` in `half` (or f32), as a gradient run
-/// function; `None` where there is none ([`dispatch::CUDA_GRAD_MODES`]).
-fn cuda_grad_run(gpu: &Rc<cuda::Gpu>, mode: Mode, half: Option<HalfDtype>) -> Option<GradRunFn> {
+/// The CUDA backward of `mode` in `dtype`, as a gradient run function;
+/// `None` where there is none ([`dispatch::CUDA_GRAD_MODES`]).
+fn cuda_grad_run(gpu: &Rc<cuda::Gpu>, mode: Mode, dtype: cuda::Dtype) -> Option<GradRunFn> {
     if !dispatch::CUDA_GRAD_MODES.contains(&mode) {
         return None;
     }
     let gpu = Rc::clone(gpu);
     Some(Box::new(move |p: &OwnedProblem<f64>, up: &Upstream<f64>| {
-        let (up, p) = (upstream_to_f32(up), p.to_f32());
-        match half {
-            None => dispatch::cuda_grad(&gpu, mode, &p.view(), &up.dy, up.dh_final.as_deref()),
-            Some(h) => dispatch::cuda_grad_half(&gpu, mode, h, &p.view(), &up.dy, up.dh_final.as_deref()),
-        }
-        .map(|g| widen_grads(&g))
-        .map_err(|e| e.to_string())
+        let up = upstream_to_f32(up);
+        dispatch::cuda_grad_in(&gpu, mode, dtype, &p.to_f32().view(), &up.dy, up.dh_final.as_deref())
+            .map(|g| widen_grads(&g))
+            .map_err(|e| e.to_string())
     }))
 }
 
@@ -606,20 +597,19 @@ pub fn select(
                         )),
                     },
                     (Kind::Forward, Some(gpu)) => match cuda_element(pr) {
-                        Ok(half) if dispatch::CUDA_MODES.contains(&m) => {
+                        Some(dtype) if dispatch::CUDA_MODES.contains(&m) => {
                             let label = format!("{}-{}-cuda ({})", m.name(), pr.name(), gpu.name());
                             out.push(Target {
                                 mode: m,
                                 precision: pr,
                                 device,
                                 label,
-                                imp: Implementation::Forward(cuda_run(gpu, m, half)),
+                                imp: Implementation::Forward(cuda_run(gpu, m, dtype)),
                             });
                         }
                         _ => notes.push(format!("{what} is not available: skipped")),
                     },
-                    (Kind::Grad, Some(gpu)) => match cuda_element(pr).ok().and_then(|half| cuda_grad_run(gpu, m, half))
-                    {
+                    (Kind::Grad, Some(gpu)) => match cuda_element(pr).and_then(|dtype| cuda_grad_run(gpu, m, dtype)) {
                         Some(run) => {
                             let label = format!("{}-{}-cuda-grad ({})", m.name(), pr.name(), gpu.name());
                             out.push(Target { mode: m, precision: pr, device, label, imp: Implementation::Grad(run) });
@@ -1314,10 +1304,10 @@ fn for_precision(x: &Input, precision: Precision) -> Input {
         Precision::F64 => x.clone(),
         Precision::F32 => f32_input(),
         Precision::Bf16 => {
-            let mut x = f32_input();
-            let b = |v: &mut f64| *v = f64::from(HalfDtype::Bf16.round(*v as f32));
-            x.p.q.iter_mut().chain(x.p.k.iter_mut()).chain(x.p.v.iter_mut()).chain(x.up.dy.iter_mut()).for_each(b);
-            x
+            let Input { p, mut up } = f32_input();
+            let b = |v: f64| f64::from(HalfDtype::Bf16.round(v as f32));
+            up.dy.iter_mut().for_each(|v| *v = b(*v));
+            Input { p: p.map_qkv(b), up }
         }
     }
 }

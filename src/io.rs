@@ -49,6 +49,7 @@ use num_complex::Complex;
 use safetensors::tensor::{Dtype, SafeTensorError, SafeTensors, TensorView};
 use thiserror::Error;
 
+use crate::cuda::{self, Element};
 use crate::error::InputError;
 use crate::problem::{Dims, GateLayout, Outputs, Problem, Real};
 use crate::reference::grad::{GradInputs, Grads};
@@ -271,20 +272,22 @@ impl HalfDtype {
             HalfDtype::Bf16 => Dtype::BF16,
         }
     }
+    /// The kernels' element type of this dtype (its name, unit roundoff,
+    /// and [`with_element!`](crate::with_element) to run a kernel in it).
+    pub fn element(self) -> cuda::Dtype {
+        match self {
+            HalfDtype::F16 => cuda::Dtype::F16,
+            HalfDtype::Bf16 => cuda::Dtype::Bf16,
+        }
+    }
     /// `"f16"` or `"bf16"`.
     pub fn name(self) -> &'static str {
-        match self {
-            HalfDtype::F16 => "f16",
-            HalfDtype::Bf16 => "bf16",
-        }
+        self.element().name()
     }
     /// `x` rounded to nearest (even), widened back to f32 (exact): the value
     /// a tensor of this dtype holds for `x`.
     pub fn round(self, x: f32) -> f32 {
-        match self {
-            HalfDtype::F16 => half::f16::from_f32(x).to_f32(),
-            HalfDtype::Bf16 => half::bf16::from_f32(x).to_f32(),
-        }
+        crate::with_element!(self.element(), T => T::from_f32(x).to_f32())
     }
     fn of(d: Dtype) -> Option<HalfDtype> {
         match d {
@@ -428,11 +431,11 @@ fn decode_f32(data: &[u8]) -> impl Iterator<Item = f32> + '_ {
 fn decode_f64(data: &[u8]) -> impl Iterator<Item = f64> + '_ {
     data.as_chunks::<8>().0.iter().map(|c| f64::from_le_bytes(*c))
 }
-fn decode_f16(data: &[u8]) -> impl Iterator<Item = f64> + '_ {
-    data.as_chunks::<2>().0.iter().map(|c| half::f16::from_le_bytes(*c).to_f64())
+fn decode_f16(data: &[u8]) -> impl Iterator<Item = f32> + '_ {
+    data.as_chunks::<2>().0.iter().map(|c| half::f16::from_le_bytes(*c).to_f32())
 }
-fn decode_bf16(data: &[u8]) -> impl Iterator<Item = f64> + '_ {
-    data.as_chunks::<2>().0.iter().map(|c| half::bf16::from_le_bytes(*c).to_f64())
+fn decode_bf16(data: &[u8]) -> impl Iterator<Item = f32> + '_ {
+    data.as_chunks::<2>().0.iter().map(|c| half::bf16::from_le_bytes(*c).to_f32())
 }
 
 fn shape_str(shape: &[usize]) -> String {
@@ -699,23 +702,17 @@ fn parse_with(
     // which holds every F32, F16 and BF16 value; decoded straight to it, so
     // a large file costs no f64 copy).
     let dtype_of = |name: &str| views.iter().find(|(n, _)| *n == name).map(|(_, v)| v.dtype());
+    let widen_f32 = |name: &str, bytes: &[u8]| -> Vec<f32> {
+        match dtype_of(name) {
+            Some(Dtype::F16) => decode_f16(bytes).collect(),
+            Some(Dtype::BF16) => decode_bf16(bytes).collect(),
+            _ => decode_f32(bytes).collect(),
+        }
+    };
     let widen = |name: &str, bytes: &[u8]| -> Vec<f64> {
         match dtype_of(name) {
             Some(Dtype::F64) => decode_f64(bytes).collect(),
-            Some(Dtype::F16) => decode_f16(bytes).collect(),
-            Some(Dtype::BF16) => decode_bf16(bytes).collect(),
-            _ => decode_f32(bytes).map(f64::from).collect(),
-        }
-    };
-    let widen_f32 = |name: &str, bytes: &[u8]| -> Vec<f32> {
-        match dtype_of(name) {
-            Some(Dtype::F16) => {
-                bytes.as_chunks::<2>().0.iter().map(|c| half::f16::from_le_bytes(*c).to_f32()).collect()
-            }
-            Some(Dtype::BF16) => {
-                bytes.as_chunks::<2>().0.iter().map(|c| half::bf16::from_le_bytes(*c).to_f32()).collect()
-            }
-            _ => decode_f32(bytes).collect(),
+            _ => widen_f32(name, bytes).into_iter().map(f64::from).collect(),
         }
     };
     let loaded = if element == Dtype::F64 {
@@ -839,8 +836,8 @@ pub fn parse_tensors_f64(bytes: &[u8], file: &str) -> Result<BTreeMap<String, Te
         let data: Vec<f64> = match view.dtype() {
             Dtype::F64 => decode_f64(bytes).collect(),
             Dtype::F32 => decode_f32(bytes).map(f64::from).collect(),
-            Dtype::F16 => decode_f16(bytes).collect(),
-            Dtype::BF16 => decode_bf16(bytes).collect(),
+            Dtype::F16 => decode_f16(bytes).map(f64::from).collect(),
+            Dtype::BF16 => decode_bf16(bytes).map(f64::from).collect(),
             other => {
                 return Err(FileError::Dtype {
                     file: file.to_string(),

@@ -355,7 +355,7 @@ fn run(input: PathBuf, output: PathBuf, mode: Option<Mode>, device: Device, repe
         (LoadedProblem::Half(half, p), Device::Cuda) => {
             let gpu = cuda::Gpu::new(0).map_err(|e| Failure::Runtime(format!("cannot use the GPU: {e}")))?;
             let (ms, out) =
-                median_timed(repeat, || dispatch::cuda_half(&gpu, mode, *half, &p.view()).map_err(gpu_err))?;
+                median_timed(repeat, || dispatch::cuda_in(&gpu, mode, half.element(), &p.view()).map_err(gpu_err))?;
             io::write_outputs_half(&output, &dims, &out, *half)?;
             (Some(gpu.name()), ms)
         }
@@ -409,7 +409,7 @@ fn grad(input: PathBuf, output: PathBuf, mode: Mode, device: Device) -> Result<(
         }
         (io::LoadedGradProblem::Half(half, p, up), Device::Cuda) => {
             let gpu = cuda::Gpu::new(0).map_err(|e| Failure::Runtime(format!("cannot use the GPU: {e}")))?;
-            let g = dispatch::cuda_grad_half(&gpu, mode, *half, &p.view(), &up.dy, up.dh_final.as_deref())
+            let g = dispatch::cuda_grad_in(&gpu, mode, half.element(), &p.view(), &up.dy, up.dh_final.as_deref())
                 .map_err(gpu_err)?;
             io::write_grads_half(&output, &p.dims, &g, *half)?;
             (p.dims, half.name(), format!("cuda ({})", gpu.name()))
@@ -455,10 +455,8 @@ fn demo(d: Dims, seed: u64) -> Result<(), Failure> {
     // Random gates with rare resets; q, k, v rounded to bf16 values (exact
     // in f32), the rest to f32, so the f32 modes and the bf16 kernels see
     // the same inputs, and the f64 reference sees exactly those.
-    let mut p32 = random_problem(d, GateRegime::Resets(0.001), true, seed).to_f32();
-    for x in p32.q.iter_mut().chain(p32.k.iter_mut()).chain(p32.v.iter_mut()) {
-        *x = io::HalfDtype::Bf16.round(*x);
-    }
+    let p32 =
+        random_problem(d, GateRegime::Resets(0.001), true, seed).to_f32().map_qkv(|x| io::HalfDtype::Bf16.round(x));
     let p64: OwnedProblem<f64> = p32.map(f64::from);
     say!(
         "gateloop demo: {} (per-channel gate, random with rare resets, h0 given; q, k, v bf16 values), seed {seed}, {} threads",
@@ -495,15 +493,12 @@ fn demo(d: Dims, seed: u64) -> Result<(), Failure> {
             // Each kernel with f32 and with bf16 q, k, v (y stored in bf16:
             // its error is about bf16's rounding, 2⁻⁹ relative on average).
             for mode in dispatch::CUDA_MODES {
-                for precision in ["f32", "bf16"] {
-                    let (ms, out) = timed(|| match precision {
-                        "f32" => dispatch::cuda_f32(&gpu, mode, &p32.view()),
-                        _ => dispatch::cuda_half(&gpu, mode, io::HalfDtype::Bf16, &p32.view()),
-                    });
+                for dtype in [cuda::Dtype::F32, cuda::Dtype::Bf16] {
+                    let (ms, out) = timed(|| dispatch::cuda_in(&gpu, mode, dtype, &p32.view()));
                     rows.push(Row {
                         mode: mode.name(),
                         device: format!("cuda ({})", gpu.name()),
-                        precision,
+                        precision: dtype.name(),
                         result: out.map(|o| (ms, o)).map_err(|e| e.to_string()),
                     });
                 }

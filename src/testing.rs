@@ -91,6 +91,14 @@ impl<T: Real> OwnedProblem<T> {
             h0: self.h0.as_ref().map(|h| h.iter().map(c).collect()),
         }
     }
+
+    /// `f` applied to q, k and v only (log_gate and h0 unchanged): the
+    /// inputs a kernel with a narrower element type than its gates sees.
+    pub fn map_qkv(&self, f: impl Fn(T) -> T) -> OwnedProblem<T> {
+        let m = |x: &[T]| -> Vec<T> { x.iter().map(|&x| f(x)).collect() };
+        let (log_gate, h0) = (self.log_gate.clone(), self.h0.clone());
+        OwnedProblem { dims: self.dims, q: m(&self.q), k: m(&self.k), v: m(&self.v), log_gate, h0 }
+    }
 }
 
 impl OwnedProblem<f64> {

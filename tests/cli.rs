@@ -505,14 +505,13 @@ fn half_inputs_run_in_their_dtype() {
     }
     let out = dir.path("out.safetensors");
     for (p, gates) in [(&complex, "complex"), (&real, "real")] {
-        for (half, unit_roundoff) in [(io::HalfDtype::F16, 2f64.powi(-11)), (io::HalfDtype::Bf16, 2f64.powi(-8))] {
+        for half in [io::HalfDtype::F16, io::HalfDtype::Bf16] {
+            // 2⁻¹¹ for f16, 2⁻⁸ for bf16.
+            let unit_roundoff = half.element().unit_roundoff();
             let input = dir.path(&format!("in-{}-{gates}.safetensors", half.name()));
             io::write_problem_half(&input, &p.view(), half).unwrap();
             // What the file holds: q, k, v rounded to the dtype, the rest as is.
-            let mut held = p.clone();
-            for x in held.q.iter_mut().chain(held.k.iter_mut()).chain(held.v.iter_mut()) {
-                *x = half.round(*x);
-            }
+            let held = p.map_qkv(|x| half.round(x));
             let oracle = reference::forward::<f64>(RefMode::Recurrent, &held.map(f64::from).view()).unwrap();
             for device in ["cpu", "cuda"] {
                 for mode in ["recurrent", "scan", "attention", "chunked"] {

@@ -204,15 +204,14 @@ fn half_grad_files_run_in_their_dtype() {
     let cases =
         [(&complex, &dh_final, "complex"), (&real, &real_dh, "real"), (&real, &dh_final, "real, complex dh_final")];
     for (c, (p, dh_final, gates)) in cases.into_iter().enumerate() {
-        for (half, unit_roundoff) in [(io::HalfDtype::F16, 2f64.powi(-11)), (io::HalfDtype::Bf16, 2f64.powi(-8))] {
+        for half in [io::HalfDtype::F16, io::HalfDtype::Bf16] {
+            // 2⁻¹¹ for f16, 2⁻⁸ for bf16.
+            let unit_roundoff = half.element().unit_roundoff();
             let input = scratch(&format!("half-grad-{}-{c}.safetensors", half.name()));
             let upstream = GradInputs { dy: &dy, dh_final: Some(dh_final) };
             io::write_grad_problem_half(&input, &p.view(), &upstream, half).unwrap();
             // What the file holds: q, k, v, dy rounded to the dtype.
-            let mut held = p.clone();
-            for x in held.q.iter_mut().chain(held.k.iter_mut()).chain(held.v.iter_mut()) {
-                *x = half.round(*x);
-            }
+            let held = p.map_qkv(|x| half.round(x));
             let held_dy: Vec<f64> = dy.iter().map(|&x| f64::from(half.round(x))).collect();
             let dh64: Vec<Complex<f64>> = dh_final.iter().map(|z| Complex::new(z.re.into(), z.im.into())).collect();
             let oracle =

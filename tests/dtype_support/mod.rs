@@ -55,9 +55,7 @@ pub fn state_ok(e: &ErrorStats, rel_scale: f64) -> bool {
 /// `p` with every input rounded to f32, then q, k, v rounded on to `T`
 /// (log_gate and h0 stay f32): exactly what a `T` kernel sees, in f64.
 pub fn rounded_to<T: Element>(p: &OwnedProblem<f64>) -> OwnedProblem<f64> {
-    let p = p.rounded_to_f32();
-    let r = |x: &[f64]| -> Vec<f64> { x.iter().map(|&x| T::from_f32(x as f32).to_f32() as f64).collect() };
-    OwnedProblem { q: r(&p.q), k: r(&p.k), v: r(&p.v), ..p }
+    p.rounded_to_f32().map_qkv(|x| f64::from(T::from_f32(x as f32).to_f32()))
 }
 
 /// Writes `[B, n, H, dim]` `piece` into rows [t0, t0 + n) of `[B, L, H, dim]` `x`.
