@@ -555,4 +555,69 @@ typedef struct GateloopScanGradParams {
 GATELOOP_ABI_ASSERT(sizeof(GateloopScanGradParams) == sizeof(GateloopScanParams) + 11 * 8 + 5 * 24 + 2 * 24 + 16,
                     "GateloopScanGradParams layout");
 
+/*
+ * The recurrent mode's backward (cuda/recurrent_grad.cu): the adjoint
+ * recurrence δ̃_t = a_{t+1} ⊙ δ̃_{t+1} + q_tᵀ dy_t (δ̃ = conj δ, δ̃_L =
+ * conj(dh_final), a_L = 1) on the forward kernel's mapping, and the gate
+ * gradient per segment of GATELOOP_RECURRENT_GRAD_SEGMENT steps from the
+ * states at its ends (the file's header derives it). Three launches on one
+ * stream:
+ *   gateloop_recurrent_grad_fwd_{dtype}_r{R}, then
+ *   gateloop_recurrent_grad_bwd_{dtype}_r{R}: the geometry of
+ *     GateloopRecurrentParams `fwd` (grid B·H·value_tiles, block (32,
+ *     key_groups), R ∈ {1, 2, 4, 8} rows a thread, so K ≤ 128), with
+ *     chunk_len a power of two dividing the segment and dynamic shared
+ *     memory chunk_len · (16 · padded_key_dim + 4 · VALUE_TILE · (2 +
+ *     key_groups)) bytes; fwd.y and fwd.h_final NULL;
+ *   gateloop_recurrent_grad_gate_{dtype}: grid.x = B·H · segments (segment
+ *     fastest), block GATE_BLOCK (≥ K): one thread per key row; dynamic
+ *     shared memory GATE_SHARED_BYTES.
+ * Workspaces (device pointers into one f32 buffer):
+ *   checkpoints [B·H, segments, K, V] complex: the state after each
+ *     segment's last step (written by _fwd);
+ *   adjoints [B·H, segments, K, V] complex: δ̃ at each segment's last step
+ *     (written by _bwd);
+ *   partial_dq, partial_dk [value_tiles, B·H, L, K] f32: dq_t, dk_t summed
+ *     over each value tile's columns (by _fwd, _bwd).
+ * q, k, v, dy, dq, dk, dv have the element type fwd.dtype; log_gate, h0,
+ * dh_final, dlog_gate, dh0 complex f32. dh_final NULL: zero. dh0 NULL: not
+ * written.
+ */
+#define GATELOOP_RECURRENT_GRAD_SEGMENT 64
+#define GATELOOP_RECURRENT_GRAD_GATE_BLOCK 128
+/* Dynamic shared memory of the gate launch, bytes. */
+#define GATELOOP_RECURRENT_GRAD_GATE_SHARED_BYTES 21760
+
+typedef struct GateloopRecurrentGradParams {
+    /* The forward's inputs and geometry. */
+    GateloopRecurrentParams fwd;
+    /* Upstream gradients (device pointers). */
+    const void *dy;          /* [B, L, H, V] dtype */
+    const float *dh_final;   /* [B, H, K, V] complex f32, or NULL (zero) */
+    /* Gradients (device pointers). */
+    void *dq;                /* [B, L, H, K] dtype */
+    void *dk;                /* [B, L, H, K] dtype */
+    void *dv;                /* [B, L, H, V] dtype */
+    float *dlog_gate;        /* [B, L, H, gate_dim] complex f32 */
+    float *dh0;              /* [B, H, K, V] complex f32, or NULL (not written) */
+    /* Workspaces (device pointers). */
+    float *checkpoints;
+    float *adjoints;
+    float *partial_dq;
+    float *partial_dk;
+
+    GateloopSeqStrides dy_strides;
+    GateloopSeqStrides dq_strides;
+    GateloopSeqStrides dk_strides;
+    GateloopSeqStrides dv_strides;
+    GateloopSeqStrides dgate_strides;
+    GateloopStateStrides dh_final_strides;
+    GateloopStateStrides dh0_strides;
+
+    int64_t segments;        /* ceil(L / GATELOOP_RECURRENT_GRAD_SEGMENT) */
+} GateloopRecurrentGradParams;
+GATELOOP_ABI_ASSERT(sizeof(GateloopRecurrentGradParams) ==
+                        sizeof(GateloopRecurrentParams) + 11 * 8 + 5 * 24 + 2 * 24 + 8,
+                    "GateloopRecurrentGradParams layout");
+
 #endif /* GATELOOP_ABI_H */

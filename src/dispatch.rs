@@ -73,7 +73,7 @@ pub fn fastest_cuda_mode(dims: &crate::Dims) -> Mode {
 }
 
 /// Modes with a CUDA backward.
-pub const CUDA_GRAD_MODES: [Mode; 2] = [Mode::Scan, Mode::Chunked];
+pub const CUDA_GRAD_MODES: [Mode; 3] = [Mode::Recurrent, Mode::Scan, Mode::Chunked];
 
 /// The error `grad --device cuda` gives for a mode without a backward kernel.
 pub fn cuda_grad_unavailable(mode: Mode) -> InputError {
@@ -191,7 +191,8 @@ pub fn cpu_grad_f32(
 
 /// The CUDA backward of `mode` from host buffers (uploads, runs, downloads):
 /// the chunked backward ([`cuda::chunk_grad`], f32, exact) for
-/// [`Mode::Chunked`]; a typed error ([`cuda_grad_unavailable`]) for the
+/// [`Mode::Chunked`], the recurrent one ([`cuda::recurrent_grad`], K ≤ 128)
+/// for [`Mode::Recurrent`], the scan's for [`Mode::Scan`]; a typed error ([`cuda_grad_unavailable`]) for the
 /// modes without a backward kernel. `dh0` is `Some` exactly when `p.h0` is.
 pub fn cuda_grad(
     gpu: &Gpu,
@@ -217,12 +218,13 @@ pub fn cuda_grad_as<T: Element>(
     dh_final: Option<&[num_complex::Complex<f32>]>,
 ) -> Result<Grads<f32>, GpuError> {
     match mode {
+        Mode::Recurrent => cuda::recurrent_grad::backward_host_as::<T>(gpu, p, dy, dh_final),
         Mode::Scan => cuda::scan_grad::backward_host_as::<T>(gpu, p, dy, dh_final),
         Mode::Chunked if real_gates(p, dh_final) => {
             cuda::chunk_grad::backward_real_host_as::<T>(gpu, p, dy, dh_final, ChunkPrecision::Exact)
         }
         Mode::Chunked => cuda::chunk_grad::backward_host_as::<T>(gpu, p, dy, dh_final, ChunkPrecision::Exact),
-        Mode::Recurrent | Mode::Attention => Err(cuda_grad_unavailable(mode).into()),
+        Mode::Attention => Err(cuda_grad_unavailable(mode).into()),
     }
 }
 

@@ -65,11 +65,12 @@ enum Command {
     /// [B,H,K,V,2]; the output holds `dq`, `dk`, `dv`, `dlog_gate` (trailing
     /// 2) and, when h0 was given, `dh0` (trailing 2), the gradients of
     /// L = Σ dy·y + Σ (Re dh_final·Re h_final + Im dh_final·Im h_final) with
-    /// respect to each input's real view. The dtype picks the precision. Every
-    /// mode runs the adjoint recurrence (the exact gradient of all modes),
-    /// except `--mode chunked` on f32 input, which runs the chunked f32
-    /// backward (`--device cuda`: its CUDA kernels, f32 input and chunked
-    /// mode only); exit 2 on bad input or usage, 1 on a runtime failure.
+    /// respect to each input's real view. The dtype picks the precision. On
+    /// the CPU every mode runs the adjoint recurrence (the exact gradient of
+    /// all modes), except `--mode chunked` on f32 input, which runs the
+    /// chunked f32 backward; `--device cuda` runs the mode's CUDA backward
+    /// (recurrent, scan, chunked; F32, F16 or BF16 input); exit 2 on bad
+    /// input or usage, 1 on a runtime failure.
     Grad {
         /// Input safetensors file (forward tensors, dy, optional dh_final).
         #[arg(long, short)]
@@ -82,7 +83,7 @@ enum Command {
         /// chunked backward for chunked on f32 input).
         #[arg(long, short, value_enum, default_value_t = CliMode::Recurrent)]
         mode: CliMode,
-        /// Where to compute (cuda: F32 inputs, chunked mode).
+        /// Where to compute (cuda: F32, F16 or BF16 inputs; recurrent (K <= 128), scan or chunked mode).
         #[arg(long, short, value_enum, default_value_t = Device::Cpu)]
         device: Device,
     },

@@ -148,10 +148,20 @@ fn grad_input_errors_name_the_tensor() {
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(err.contains("`dy`") && err.contains("finite"), "{err}");
 
-    // The CUDA backward: recurrent mode has none (typed error, exit 2); an F64
+    // The CUDA backward: attention mode has none (typed error, exit 2); an F64
     // file is refused (exit 2); chunked on f32 runs where a GPU is, else a
     // runtime error saying why (exit 1).
-    let o = gateloop(&["grad", "-i", nan.to_str().unwrap(), "-o", out.to_str().unwrap(), "--device", "cuda"]);
+    let o = gateloop(&[
+        "grad",
+        "-i",
+        nan.to_str().unwrap(),
+        "-o",
+        out.to_str().unwrap(),
+        "--mode",
+        "attention",
+        "--device",
+        "cuda",
+    ]);
     assert_eq!(o.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&o.stderr).contains("no CUDA backward for this mode yet"));
     let run_cuda = |input: &std::path::Path| {
@@ -219,8 +229,14 @@ fn half_grad_files_run_in_their_dtype() {
             // Real gates: ∂L/∂Im g is 0 exactly when dh_final is real.
             let im_dlog_gate = oracle.dlog_gate.iter().map(|z| z.im.abs()).fold(0.0, f64::max);
             assert_eq!(im_dlog_gate > 1e-3, gates != "real", "{gates}: max |Im dlog_gate| {im_dlog_gate}");
-            let runs =
-                [("cpu", "recurrent"), ("cpu", "scan"), ("cpu", "chunked"), ("cuda", "scan"), ("cuda", "chunked")];
+            let runs = [
+                ("cpu", "recurrent"),
+                ("cpu", "scan"),
+                ("cpu", "chunked"),
+                ("cuda", "recurrent"),
+                ("cuda", "scan"),
+                ("cuda", "chunked"),
+            ];
             for (device, mode) in runs {
                 let tag = format!("{} {gates} {device} {mode}", half.name());
                 let (i, o) = (input.to_str().unwrap(), out.to_str().unwrap());

@@ -23,7 +23,9 @@
 mod common;
 mod dtype_support;
 
-use common::grad::{GradCase, GradInputsF32, Worst, compare_grads};
+use common::grad::{
+    GradCase, GradInputsF32, Worst, assert_equals_f32_rounded, check_case, check_case_as, compare_grads,
+};
 use common::{ALL_REGIMES, regime_matrix};
 use dtype_support::y_bounds;
 use gateloop::cpu::scan_grad;
@@ -32,7 +34,7 @@ use gateloop::cuda::scan_grad::{
 };
 use gateloop::cuda::{Dtype, Element, Gpu, GpuError};
 use gateloop::reference::grad::Grads;
-use gateloop::testing::{GateRegime, OwnedProblem, dims};
+use gateloop::testing::{GateRegime, dims};
 use gateloop::{Dims, InputError};
 use half::{bf16, f16};
 
@@ -56,18 +58,6 @@ fn run_gpu<T: Element>(gpu: &Gpu, inp: &GradInputsF32) -> Grads<f32> {
     .unwrap_or_else(|e| panic!("{} {d:?}: {e}", T::DTYPE))
 }
 
-/// `inp` with q, k, v and dy rounded to `T` (log_gate, h0 and dh_final stay
-/// f32): exactly what a `T` kernel sees.
-fn rounded<T: Element>(inp: &GradInputsF32) -> GradInputsF32 {
-    let r = |x: &[f32]| x.iter().map(|&x| T::from_f32(x).to_f32()).collect::<Vec<f32>>();
-    let p = &inp.p;
-    GradInputsF32 {
-        p: OwnedProblem { q: r(&p.q), k: r(&p.k), v: r(&p.v), ..p.clone() },
-        dy: r(&inp.dy),
-        dh_final: inp.dh_final.clone(),
-    }
-}
-
 /// (relative L2, max-abs fraction) of gradient `name` in element type `t`:
 /// dq, dk, dv as y (rounded once to t), dlog_gate and dh0 the f32 bounds.
 fn grad_bounds(t: Dtype, name: &str) -> (f64, f64) {
@@ -79,22 +69,11 @@ fn grad_bounds(t: Dtype, name: &str) -> (f64, f64) {
 
 /// Case `c` in element type `T` against the f64 reference on the T-rounded inputs.
 fn check_as<T: Element>(gpu: &Gpu, worst: &mut Worst, c: GradCase) {
-    if common::emulated_device_skips(&c.dims) {
-        return;
-    }
-    let inp = rounded::<T>(&c.inputs());
-    let got = run_gpu::<T>(gpu, &inp);
-    let label = format!("{} {c:?}", T::DTYPE);
-    worst.check_bounds(&label, &compare_grads(&got, &inp.reference()), |name| grad_bounds(T::DTYPE, name));
+    check_case_as::<T>(worst, c, |inp| run_gpu::<T>(gpu, inp), |name| grad_bounds(T::DTYPE, name));
 }
 
 fn check_with(gpu: &Gpu, worst: &mut Worst, c: GradCase, rel: f64) {
-    if common::emulated_device_skips(&c.dims) {
-        return;
-    }
-    let inp = c.inputs();
-    let got = run_gpu::<f32>(gpu, &inp);
-    worst.check(&format!("{c:?}"), &compare_grads(&got, &inp.reference()), rel);
+    check_case(worst, c, rel, |inp| run_gpu::<f32>(gpu, inp));
 }
 
 fn check(gpu: &Gpu, worst: &mut Worst, c: GradCase) {
@@ -199,7 +178,7 @@ fn deterministic() {
         }
         let inp = GradCase::new(d, GateRegime::Mixed, true, true, 500 + i as u64).inputs();
         assert_eq!(run_gpu::<f32>(gpu, &inp), run_gpu::<f32>(gpu, &inp), "{d:?}");
-        let inp = rounded::<bf16>(&inp);
+        let inp = inp.rounded::<bf16>();
         assert_eq!(run_gpu::<bf16>(gpu, &inp), run_gpu::<bf16>(gpu, &inp), "bf16 {d:?}");
     }
 }
@@ -261,23 +240,6 @@ fn half_types_lengths_and_dims() {
     wb16.report("bf16 lengths x dims");
 }
 
-/// The `T` kernels do the f32 kernels' arithmetic in the same order on the
-/// same (T-representable) inputs: dq, dk, dv are exactly the f32 kernels'
-/// rounded once to T, dlog_gate and dh0 are bitwise the f32 kernels'.
-fn assert_equals_f32_rounded<T: Element>(gpu: &Gpu, c: GradCase) {
-    let inp = rounded::<T>(&c.inputs());
-    let want = run_gpu::<f32>(gpu, &inp);
-    let got = run_gpu::<T>(gpu, &inp);
-    let bits = |x: &[f32]| x.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
-    let rounded_bits = |x: &[f32]| x.iter().map(|&x| T::from_f32(x).to_f32().to_bits()).collect::<Vec<_>>();
-    let label = format!("{} {c:?}", T::DTYPE);
-    assert_eq!(bits(&got.dq), rounded_bits(&want.dq), "{label}: dq");
-    assert_eq!(bits(&got.dk), rounded_bits(&want.dk), "{label}: dk");
-    assert_eq!(bits(&got.dv), rounded_bits(&want.dv), "{label}: dv");
-    assert_eq!(got.dlog_gate, want.dlog_gate, "{label}: dlog_gate");
-    assert_eq!(got.dh0, want.dh0, "{label}: dh0");
-}
-
 #[test]
 fn half_types_equal_the_f32_kernel_rounded() {
     let Some(gpu) = common::gpu_or_skip() else { return };
@@ -291,8 +253,8 @@ fn half_types_equal_the_f32_kernel_rounded() {
         if common::emulated_device_skips(&c.dims) {
             continue;
         }
-        assert_equals_f32_rounded::<f16>(gpu, c);
-        assert_equals_f32_rounded::<bf16>(gpu, c);
+        assert_equals_f32_rounded::<f16>(c, |i| run_gpu::<f32>(gpu, i), |i| run_gpu::<f16>(gpu, i));
+        assert_equals_f32_rounded::<bf16>(c, |i| run_gpu::<f32>(gpu, i), |i| run_gpu::<bf16>(gpu, i));
     }
 }
 
@@ -303,10 +265,10 @@ fn backward_host_as_half_types() {
     let Some(gpu) = common::gpu_or_skip() else { return };
     let mut worst = Worst::default();
     let c = GradCase::new(dims(1, 9000, 2, 16, 33, false), GateRegime::Mixed, true, true, 7700);
-    let inp = rounded::<bf16>(&c.inputs());
+    let inp = c.inputs().rounded::<bf16>();
     let got = backward_host_as::<bf16>(gpu, &inp.p.view(), &inp.dy, inp.dh_final.as_deref()).unwrap();
     worst.check_bounds(&format!("bf16 {c:?}"), &compare_grads(&got, &inp.reference()), |n| grad_bounds(Dtype::Bf16, n));
-    let inp = rounded::<f16>(&c.inputs());
+    let inp = c.inputs().rounded::<f16>();
     let got = backward_host_as::<f16>(gpu, &inp.p.view(), &inp.dy, inp.dh_final.as_deref()).unwrap();
     worst.check_bounds(&format!("f16 {c:?}"), &compare_grads(&got, &inp.reference()), |n| grad_bounds(Dtype::F16, n));
 }

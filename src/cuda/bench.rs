@@ -312,6 +312,32 @@ pub fn registry() -> Vec<KernelEntry> {
             tuning: false,
         },
         KernelEntry {
+            name: "recurrent-grad",
+            about: "recurrent backward (fused-recurrent: two sweeps on the forward's mapping, K <= 128), complex \
+                    gates: dq, dk, dv, dlog_gate from dy",
+            dtypes: &Dtype::ALL,
+            shapes: chunked_shapes,
+            check: |d| super::recurrent_grad::plan(d).map(|_| ()),
+            cost: recurrent_grad_cost,
+            prepare: |gpu, d, t, host, sets| {
+                prepare_grad(gpu, d, t, host, sets, Backward::Recurrent { forward: false })
+            },
+            tuning: false,
+        },
+        KernelEntry {
+            name: "recurrent-fwd-bwd",
+            about: "recurrent forward then its backward, complex gates: y, h_final, then every gradient",
+            dtypes: &Dtype::ALL,
+            shapes: chunked_shapes,
+            check: |d| super::recurrent_grad::plan(d).map(|_| ()),
+            cost: |d, t| {
+                let (f, b) = (recurrent_cost(d, t, false), recurrent_grad_cost(d, t));
+                Cost { bytes: f.bytes + b.bytes, flops: f.flops + b.flops, traffic: f.traffic + b.traffic }
+            },
+            prepare: |gpu, d, t, host, sets| prepare_grad(gpu, d, t, host, sets, Backward::Recurrent { forward: true }),
+            tuning: false,
+        },
+        KernelEntry {
             name: "chunked-real-fast",
             about: "chunked forward on tensor cores, REAL gates, fast (1 product)",
             dtypes: &Dtype::ALL,
@@ -661,6 +687,15 @@ pub fn carry_sweep_shapes() -> Vec<Dims> {
 /// recomputed (8), the adjoint step conj(a)·δ + q·dy (9), dq, dk and dv (2
 /// each), the gate's conj(h)·δ (8): 31; the gate's exp/sincos is not
 /// counted, nor the chunk-level passes.
+/// The recurrent backward: the scan backward's bytes (each input and
+/// gradient once, [`scan_grad_cost`]); flops: the two sweeps' recurrences
+/// and per-row products (~24 per (b, t, h, k, v)); the gate launch's
+/// per-segment sums are O(64·K + 64²) per step and not counted.
+pub fn recurrent_grad_cost(d: &Dims, t: Dtype) -> Cost {
+    let flops = 24.0 * (d.batch * d.len * d.heads * d.key_dim * d.value_dim) as f64;
+    Cost::single_pass(scan_grad_cost(d, t).bytes, flops)
+}
+
 pub fn scan_grad_cost(d: &Dims, t: Dtype) -> Cost {
     let e = t.size_bytes() as f64;
     let bytes = e * (4 * d.qk_len() + 3 * d.v_len()) as f64 + 16.0 * d.gate_len() as f64 + 8.0 * d.state_len() as f64;
@@ -824,6 +859,9 @@ enum Backward {
     Chunked { forward: bool, gates: Gates },
     /// The fused scan backward, with dh_final = the host's random state.
     Scan,
+    /// The recurrent backward, no dh_final; after the recurrent forward when
+    /// `forward` (fwd+bwd).
+    Recurrent { forward: bool },
 }
 
 impl Backward {
@@ -834,7 +872,7 @@ impl Backward {
     fn gates(self) -> Gates {
         match self {
             Backward::Chunked { gates, .. } => gates,
-            Backward::Scan => Gates::Complex,
+            Backward::Scan | Backward::Recurrent { .. } => Gates::Complex,
         }
     }
 }
@@ -856,7 +894,7 @@ fn prepare_grad<'g>(
     sets: usize,
     backward: Backward,
 ) -> Result<Box<dyn BenchCase + 'g>, GpuError> {
-    let fwd = matches!(backward, Backward::Chunked { forward: true, .. });
+    let fwd = matches!(backward, Backward::Chunked { forward: true, .. } | Backward::Recurrent { forward: true });
     let parts = backward.gates().parts();
     let log_gate = host.log_gate_for(backward.gates());
     crate::with_element!(t, T => {
@@ -864,6 +902,7 @@ fn prepare_grad<'g>(
         let ws_len = match backward {
             Backward::Chunked { gates, .. } => chunk_grad::plan(&dims, T::DTYPE, gates)?.workspace_len,
             Backward::Scan => super::scan_grad::plan_for(gpu, &dims, T::DTYPE)?.workspace_len,
+            Backward::Recurrent { .. } => super::recurrent_grad::plan(&dims)?.workspace_len,
         };
         let (q, k, v) = (round_slice::<T>(&host.q), round_slice::<T>(&host.k), round_slice::<T>(&host.v));
         let dy: Vec<T> = v.iter().rev().copied().collect();
@@ -900,6 +939,11 @@ impl<T: Element> BenchCase for GradCase<'_, T> {
         let st = &mut self.sets[set];
         let s = self.gpu.stream();
         let exact = ChunkPrecision::Exact;
+        if let Backward::Recurrent { forward: true } = self.backward {
+            let inputs = DeviceInputs { q: &st.q, k: &st.k, v: &st.v, log_gate: &st.log_gate, h0: None };
+            let out = DeviceOutputs { y: &mut st.y, h_final: &mut st.h_final };
+            recurrent::forward_into(self.gpu, s, &self.dims, inputs, out)?;
+        }
         if let Backward::Chunked { forward: true, gates } = self.backward {
             // The forward's workspace is a prefix of the backward's.
             let inputs = DeviceInputs { q: &st.q, k: &st.k, v: &st.v, log_gate: &st.log_gate, h0: None };
@@ -919,15 +963,20 @@ impl<T: Element> BenchCase for GradCase<'_, T> {
             dlog_gate: &mut st.dlog_gate,
             dh0: None,
         };
-        let ws = Some(&mut st.workspace as _);
+        let ws = &mut st.workspace;
         match self.backward {
             Backward::Chunked { gates: Gates::Complex, .. } => {
-                chunk_grad::backward_into(self.gpu, s, &self.dims, inputs, grad_in, grads, ws, exact)
+                chunk_grad::backward_into(self.gpu, s, &self.dims, inputs, grad_in, grads, Some(ws), exact)
             }
             Backward::Chunked { gates: Gates::Real, .. } => {
-                chunk_grad::backward_real_into(self.gpu, s, &self.dims, inputs, grad_in, grads, ws, exact)
+                chunk_grad::backward_real_into(self.gpu, s, &self.dims, inputs, grad_in, grads, Some(ws), exact)
             }
-            Backward::Scan => super::scan_grad::backward_into(self.gpu, s, &self.dims, inputs, grad_in, grads, ws),
+            Backward::Scan => {
+                super::scan_grad::backward_into(self.gpu, s, &self.dims, inputs, grad_in, grads, Some(ws))
+            }
+            Backward::Recurrent { .. } => {
+                super::recurrent_grad::backward_into(self.gpu, s, &self.dims, inputs, grad_in, grads, ws)
+            }
         }
     }
 

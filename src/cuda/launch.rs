@@ -12,8 +12,9 @@ use cudarc::driver::{CudaStream, DevicePtr, DevicePtrMut, DeviceRepr, DeviceSlic
 use num_complex::Complex;
 
 use super::abi::{
-    self, GateloopAttentionParams, GateloopChunkGradParams, GateloopChunkParams, GateloopDims, GateloopRecurrentParams,
-    GateloopScanGradParams, GateloopScanParams, GateloopSeqStrides, GateloopStateStrides,
+    self, GateloopAttentionParams, GateloopChunkGradParams, GateloopChunkParams, GateloopDims,
+    GateloopRecurrentGradParams, GateloopRecurrentParams, GateloopScanGradParams, GateloopScanParams,
+    GateloopSeqStrides, GateloopStateStrides,
 };
 use super::element::{Element, round_slice, widen_slice};
 use super::{DriverContext, Gpu, GpuError};
@@ -297,7 +298,7 @@ macro_rules! impl_grad_params {
     )+};
 }
 
-impl_grad_params!(GateloopChunkGradParams, GateloopScanGradParams);
+impl_grad_params!(GateloopChunkGradParams, GateloopScanGradParams, GateloopRecurrentGradParams);
 
 /// Lengths of the forward's inputs (log_gate and h0 complex or real f32).
 fn check_input_lens<T>(

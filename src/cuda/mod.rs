@@ -8,6 +8,9 @@
 //!   on a caller's stream and never synchronizes, `forward_host` is the
 //!   synchronous upload/launch/download convenience, `decode_into` advances a
 //!   state buffer in place by T ≥ 1 steps.
+//! - [`recurrent_grad`]: the recurrent mode's backward (the fused-recurrent
+//!   backward: two sweeps on the forward's mapping, K ≤ 128), deterministic,
+//!   workspace O(B·H·(L/64)·K·V).
 //! - [`scan`]: the paper's parallel mode, a fused time-parallel associative
 //!   scan (same `forward_into` / `forward_host` pattern).
 //! - [`Element`] / [`Dtype`]: q, k, v and y in f32, f16 or bf16 (log_gate and
@@ -126,6 +129,7 @@ pub mod element;
 mod launch;
 pub mod phases;
 pub mod recurrent;
+pub mod recurrent_grad;
 pub mod scan;
 pub mod scan_grad;
 pub mod selftest;
@@ -238,6 +242,9 @@ struct Kernels {
     /// `gateloop_scan_grad_*` ([`scan_grad`]).
     scan_grad: scan_grad::ScanGradKernels,
     _scan_grad_module: Arc<CudaModule>,
+    /// `gateloop_recurrent_grad_*` ([`recurrent_grad`]).
+    recurrent_grad: recurrent_grad::RecurrentGradKernels,
+    _recurrent_grad_module: Arc<CudaModule>,
     /// `gateloop_selftest_mma` ([`selftest`]).
     selftest_mma: CudaFunction,
     _selftest_module: Arc<CudaModule>,
@@ -318,6 +325,10 @@ impl Kernels {
             .load_module(cudarc::nvrtc::Ptx::from_binary(fatbin("scan_grad")?))
             .doing("loading the scan backward kernels (see gateloop::cuda::build_nvcc())")?;
         let scan_grad = scan_grad::ScanGradKernels::load(&scan_grad_module)?;
+        let recurrent_grad_module = ctx
+            .load_module(cudarc::nvrtc::Ptx::from_binary(fatbin("recurrent_grad")?))
+            .doing("loading the recurrent backward kernels (see gateloop::cuda::build_nvcc())")?;
+        let recurrent_grad = recurrent_grad::RecurrentGradKernels::load(&recurrent_grad_module)?;
         let selftest_module = ctx
             .load_module(cudarc::nvrtc::Ptx::from_binary(fatbin("selftest")?))
             .doing("loading the self-test kernels (see gateloop::cuda::build_nvcc())")?;
@@ -340,6 +351,8 @@ impl Kernels {
             _chunk_grad_module: chunk_grad_module,
             scan_grad,
             _scan_grad_module: scan_grad_module,
+            recurrent_grad,
+            _recurrent_grad_module: recurrent_grad_module,
             selftest_mma,
             _selftest_module: selftest_module,
         })

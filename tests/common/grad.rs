@@ -55,6 +55,18 @@ impl GradInputsF32 {
         self
     }
 
+    /// These inputs with q, k, v and dy rounded to `T` (log_gate, h0 and
+    /// dh_final stay f32): exactly what a `T` kernel sees.
+    pub fn rounded<T: gateloop::cuda::Element>(&self) -> GradInputsF32 {
+        let r = |x: &[f32]| x.iter().map(|&x| T::from_f32(x).to_f32()).collect::<Vec<f32>>();
+        let p = &self.p;
+        GradInputsF32 {
+            p: OwnedProblem { q: r(&p.q), k: r(&p.k), v: r(&p.v), ..p.clone() },
+            dy: r(&self.dy),
+            dh_final: self.dh_final.clone(),
+        }
+    }
+
     /// The f64 reference backward on exactly these (f32) inputs.
     pub fn reference(&self) -> Grads<f64> {
         let p64 = self.p.map(|x| x as f64);
@@ -162,4 +174,54 @@ pub fn assert_resets_have_zero_gradient(log_gate: &[Complex<f32>], dlog_gate: &[
         assert!(dg.re.is_finite() && dg.im.is_finite());
     }
     resets
+}
+
+/// Case `c` through a backward kernel in element type `T` (`run` on the
+/// T-rounded inputs) against the f64 reference on those inputs, with
+/// `bounds(name)` per gradient; left out where the emulated device leaves it
+/// out.
+pub fn check_case_as<T: gateloop::cuda::Element>(
+    worst: &mut Worst,
+    c: GradCase,
+    run: impl FnOnce(&GradInputsF32) -> Grads<f32>,
+    bounds: impl Fn(&str) -> (f64, f64),
+) {
+    if super::emulated_device_skips(&c.dims) {
+        return;
+    }
+    let inp = c.inputs().rounded::<T>();
+    let got = run(&inp);
+    worst.check_bounds(&format!("{} {c:?}", T::DTYPE), &compare_grads(&got, &inp.reference()), bounds);
+}
+
+/// Case `c` through an f32 backward kernel (`run`) against the f64
+/// reference, relative L2 bound `rel`; left out where the emulated device
+/// leaves it out.
+pub fn check_case(worst: &mut Worst, c: GradCase, rel: f64, run: impl FnOnce(&GradInputsF32) -> Grads<f32>) {
+    if super::emulated_device_skips(&c.dims) {
+        return;
+    }
+    let inp = c.inputs();
+    let got = run(&inp);
+    worst.check(&format!("{c:?}"), &compare_grads(&got, &inp.reference()), rel);
+}
+
+/// A `T` backward kernel does its f32 twin's arithmetic in the same order on
+/// the same (T-representable) inputs: dq, dk, dv are exactly the f32
+/// kernel's rounded once to T, dlog_gate and dh0 bitwise the f32 kernel's.
+pub fn assert_equals_f32_rounded<T: gateloop::cuda::Element>(
+    c: GradCase,
+    run_f32: impl FnOnce(&GradInputsF32) -> Grads<f32>,
+    run_t: impl FnOnce(&GradInputsF32) -> Grads<f32>,
+) {
+    let inp = c.inputs().rounded::<T>();
+    let (want, got) = (run_f32(&inp), run_t(&inp));
+    let bits = |x: &[f32]| x.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+    let rounded_bits = |x: &[f32]| x.iter().map(|&x| T::from_f32(x).to_f32().to_bits()).collect::<Vec<_>>();
+    let label = format!("{} {c:?}", T::DTYPE);
+    assert_eq!(bits(&got.dq), rounded_bits(&want.dq), "{label}: dq");
+    assert_eq!(bits(&got.dk), rounded_bits(&want.dk), "{label}: dk");
+    assert_eq!(bits(&got.dv), rounded_bits(&want.dv), "{label}: dv");
+    assert_eq!(got.dlog_gate, want.dlog_gate, "{label}: dlog_gate");
+    assert_eq!(got.dh0, want.dh0, "{label}: dh0");
 }

@@ -38,14 +38,14 @@ case "$kind" in
     attention) kernels=(attention) driver=attention_driver.cpp ;;
     recurrent) kernels=(recurrent) driver=recurrent_driver.cpp ;;
     check) kernels=(check) driver=check_driver.cpp ;;
-    libcuda) kernels=(scan scan_grad chunk chunk_grad attention recurrent check selftest) driver=cuda_driver.cpp ;;
+    libcuda) kernels=(scan scan_grad chunk chunk_grad attention recurrent recurrent_grad check selftest) driver=cuda_driver.cpp ;;
     # No kernels: the fake driver's tensor-core model, its vector path
     # against its scalar path (tensor_core_check.cpp).
     tensor-core) kernels=() driver=tensor_core_check.cpp ;;
     *) echo "build.sh: unknown kind '$kind' (scan, chunk, attention, recurrent, check, libcuda, tensor-core)" >&2; exit 2 ;;
 esac
 # The kernels with a block-scope `extern __shared__` array (emu.h).
-dynamic_shared() { case "$1" in chunk | chunk_grad | recurrent) return 0 ;; *) return 1 ;; esac; }
+dynamic_shared() { case "$1" in chunk | chunk_grad | recurrent | recurrent_grad) return 0 ;; *) return 1 ;; esac; }
 flags=(-std=c++20 -O2 -pthread -ffp-contract=off -Wno-unknown-pragmas -I"$here/include" -I"$here" -I"$root/cuda")
 sanitizer="${GATELOOP_EMU_SANITIZER:-address}"
 if [ "$kind" = tensor-core ]; then flags+=(-DEMU_GPU_ARITH); fi

@@ -99,6 +99,8 @@ long long emu_shuffle(long long v, int src_lane_delta, bool up);
 inline float __shfl_up_sync(unsigned, float v, int offset) { return emu_shuffle(v, offset, true); }
 inline float __shfl_down_sync(unsigned, float v, int offset) { return emu_shuffle(v, offset, false); }
 inline long long __shfl_down_sync(unsigned, long long v, int offset) { return emu_shuffle(v, offset, false); }
+float emu_shuffle_xor(float v, int lane_mask);
+inline float __shfl_xor_sync(unsigned, float v, int lane_mask) { return emu_shuffle_xor(v, lane_mask); }
 // CUDA's global isnan / isinf (cuda/check.cu).
 using std::isinf;
 using std::isnan;

@@ -68,6 +68,15 @@ static T shuffle_through(T (&xchg)[2][1024], T v, int offset, bool up) {
 }
 static float g_xchg[2][1024];
 float emu_shuffle(float v, int offset, bool up) { return shuffle_through(g_xchg, v, offset, up); }
+// __shfl_xor_sync: the same exchange, from lane (lane ^ mask) of the warp.
+float emu_shuffle_xor(float v, int lane_mask) {
+    const unsigned tid = emu_thread_rank();
+    float* buf = g_xchg[g_shuffle_parity[tid]];
+    g_shuffle_parity[tid] ^= 1;
+    buf[tid] = v;
+    block_barrier();
+    return buf[tid ^ static_cast<unsigned>(lane_mask & 31)];
+}
 static long long g_xchg64[2][1024];
 long long emu_shuffle(long long v, int offset, bool up) { return shuffle_through(g_xchg64, v, offset, up); }
 

@@ -1,0 +1,647 @@
+// The backward of the recurrent mode on the GPU: the adjoint recurrence run
+// backwards in time on the forward kernel's mapping (src/reference/grad.rs
+// derives it; this file only maps it onto threads).
+//
+// Per (b, h), with δ̃_t = conj(∂L/∂h_t) (so that it recurs with a, not conj a):
+//   δ̃_L       = conj(dh_final) (0 when absent),  a_L = 1
+//   δ̃_t       = a_{t+1} ⊙ δ̃_{t+1} + q_tᵀ dy_t
+//   dq_t[k]   = Σ_v dy_t[v] Re h_t[k, v]
+//   dk_t[k]   = Σ_v v_t[v] Re δ̃_t[k, v]
+//   dv_t[v]   = Σ_k k_t[k] Re δ̃_t[k, v]
+//   dg_t[k]   = conj(e_t[k]),  e_t = a_t Σ_v h_{t−1} δ̃_t
+//   dh0       = conj(a_0) ⊙ conj(δ̃_0)
+// The gate term pairs h_{t−1} with δ̃_t, which no single sweep has at the
+// same step. The identity e_t = Σ_v h_t δ̃_t − k_t Σ_v v_t δ̃_t would give it
+// from one sum per sweep, but it cancels: at a strongly decaying step
+// (|a_t| ≪ 1) both sides are O(|k v δ|) and e_t is O(|a_t|), so its f32
+// rounding swamps it (the fuzzer's per-element bound failed on 13 of 400
+// cases). Instead, per segment of 64 steps t0 … t1, with h_s = h_{t0−1} (the
+// state entering it) and d_e = δ̃_{t1}, expanding both factors inside the
+// segment (A(i, j) = a_i ⋯ a_j, 1 when j < i; every factor has modulus ≤ 1):
+//   e_t = A(t0, t1) I                                   I   = Σ_v h_s d_e
+//       + A(t, t1) Σ_{s<t} A(s+1, t−1) k_s X_s          X_s = Σ_v v_s d_e
+//       + A(t0, t−1) Σ_{t≤u<t1} A(t, u) q_u Y_u         Y_u = Σ_v h_s dy_u
+//       + Σ_{s<t≤u<t1} A(s+1, u) k_s q_u Z_su           Z_su = Σ_v v_s dy_u
+// (s, u in the segment): sums of products whose every factor is a product
+// of gates, with no cancellation beyond the exact sum's own. The sums over v
+// are small products per segment, and the time sums are recurrences that
+// only multiply by gates (grad_gate below).
+//
+// Three launches on one stream (GateloopRecurrentGradParams):
+//   1. gateloop_recurrent_grad_fwd_{dtype}_r{R}: the forward recurrence
+//      (the forward kernel's block mapping and arithmetic): dq_t over the
+//      block's value tile into partial_dq, and the state after every
+//      segment's last step into checkpoints;
+//   2. gateloop_recurrent_grad_bwd_{dtype}_r{R}: the adjoint recurrence,
+//      backwards over the same time chunks: dv (summed over the key groups
+//      through shared memory, as the forward's y), dk_t over the tile into
+//      partial_dk, δ̃ at every segment's last step into adjoints, and δ_0
+//      into dh0;
+//   3. gateloop_recurrent_grad_gate_{dtype}: one block per (b, h, segment),
+//      one thread per key row: sums the value tiles' dq, dk in order, forms
+//      Z, X, Y, I from v, dy and the two checkpoints, the gate gradient by
+//      the expansion above, and dh0 = conj(a_0) δ_0.
+// Sums over a warp's 32 value columns are shuffle reductions (lane_sums);
+// every sum has a fixed order and every output one writer: deterministic,
+// no atomics. Memory beyond inputs and gradients: the two checkpoint sets
+// (2 · B·H·⌈L/64⌉·K·V complex) and the dq, dk partials (2 · ⌈V/32⌉ ·
+// B·H·L·K f32): O(B·H·(L/64)·K·V), never O(L·K·V).
+//
+// q, k, v, dy and dq, dk, dv have the input type (f32, f16 or bf16);
+// log_gate, h0, dh_final, dlog_gate, dh0 and every workspace are complex f32
+// (the partials f32), and all arithmetic is f32 (each T output rounded once).
+
+#include "common.cuh"
+
+namespace gateloop {
+
+// The block's dynamic shared memory, declared where cuda/recurrent.cu
+// declares it (namespace gateloop, float4): the CPU emulator's drivers
+// define that one symbol for both files.
+__device__ __forceinline__ float4* recurrent_dynamic_shared() {
+    extern __shared__ float4 smem[];
+    return smem;
+}
+
+namespace recurrent_grad {
+
+constexpr int kTile = GATELOOP_RECURRENT_VALUE_TILE;
+constexpr int kSegment = GATELOOP_RECURRENT_GRAD_SEGMENT;
+static_assert(kTile == 32, "one lane per column of the tile");
+
+__host__ __device__ constexpr int log2_of(int n) { return n <= 1 ? 0 : 1 + log2_of(n / 2); }
+
+// Sums each of the kN values x[j] (kN a power of two ≤ 32) over the warp's
+// 32 lanes, as a reduce-scatter: at each lane-bit from 16 down, every lane
+// keeps one half of its values and adds its partner's copy of that half
+// (kN/2 shuffles), until one value is left, which the remaining bits sum.
+// 31 shuffles for kN = 32 instead of 32 · 5. On return x[0] of lane l is
+// the full sum of value l >> (5 − log2 kN), the same bits in every lane that
+// holds it. All 32 lanes must call it (warp-uniform control flow).
+template <int kN, int kOffset>
+__device__ __forceinline__ void lane_sums_from(float* x, int lane) {
+    if constexpr (kN > 1) {
+        constexpr int kHalf = kN / 2;
+        const bool upper = (lane & kOffset) != 0;
+#pragma unroll
+        for (int j = 0; j < kHalf; ++j) {
+            const float send = upper ? x[j] : x[j + kHalf];
+            const float keep = upper ? x[j + kHalf] : x[j];
+            x[j] = keep + __shfl_xor_sync(0xffffffffu, send, kOffset);
+        }
+        if constexpr (kOffset > 1) lane_sums_from<kHalf, kOffset / 2>(x, lane);
+    } else {
+        x[0] += __shfl_xor_sync(0xffffffffu, x[0], kOffset);
+        if constexpr (kOffset > 1) lane_sums_from<1, kOffset / 2>(x, lane);
+    }
+}
+
+// lane_sums_from over all five lane bits; returns which value this lane
+// holds, or −1 for the lanes that hold a copy another lane stores.
+template <int kN>
+__device__ __forceinline__ int lane_sums(float (&x)[kN], int lane) {
+    static_assert(kN >= 1 && kN <= 32 && (kN & (kN - 1)) == 0, "a power of two up to the warp");
+    lane_sums_from<kN, 16>(x, lane);
+    constexpr int kShift = 5 - log2_of(kN);
+    return (lane & ((1 << kShift) - 1)) == 0 ? lane >> kShift : -1;
+}
+
+// Stores the lane's share of the kRows sums over the warp (state rows
+// row0 … row0 + kRows − 1) into a [.., K] f32 row `out` (rows ≥ K are
+// padding: not stored).
+template <int kRows>
+__device__ __forceinline__ void store_row_sums(float (&x)[kRows], int lane, int row0, int64_t key_dim, float* out) {
+    const int j = lane_sums(x, lane);
+    if (j >= 0 && row0 + j < key_dim) out[row0 + j] = x[0];
+}
+
+// What both sweeps share: the block's (b, h, value tile), its rows and
+// shared-memory layout, and the staging of one time chunk.
+template <typename input_t, int R>
+struct Sweep {
+    using Tr = InputTraits<input_t>;
+    const GateloopRecurrentGradParams& g;
+    const GateloopRecurrentParams& p;
+    int lane, group, key_groups, kp, chunk, tid, nthreads;
+    int64_t tile, bh, b, h, col0, col, key_dim, value_dim, len;
+    bool col_ok, per_head_gate;
+    const input_t* __restrict__ q;
+    const input_t* __restrict__ k;
+    const input_t* __restrict__ v;
+    const input_t* __restrict__ dy;
+    const float* __restrict__ gate;
+    // Shared memory: [chunk][kp] float4 (per sweep), then [chunk][32] v and
+    // dy, then [chunk][key_groups][32] partial sums over the rows (the
+    // backward sweep's dv).
+    float4* stage;
+    float* v_s;
+    float* dy_s;
+    float* part_s;
+
+    __device__ __forceinline__ Sweep(const GateloopRecurrentGradParams& params, float4* smem)
+        : g(params), p(params.fwd) {
+        lane = threadIdx.x;
+        group = threadIdx.y;
+        key_groups = p.key_groups;
+        kp = p.padded_key_dim;
+        chunk = p.chunk_len;
+        tid = group * kTile + lane;
+        nthreads = kTile * key_groups;
+        int64_t blk = blockIdx.x;
+        tile = split_index(blk, p.value_tiles);
+        bh = blk;
+        const BatchHead bhi = batch_head(bh, p.dims.heads);
+        b = bhi.b;
+        h = bhi.h;
+        key_dim = p.dims.key_dim;
+        value_dim = p.dims.value_dim;
+        len = p.dims.len;
+        per_head_gate = p.dims.gate_dim == 1;
+        col0 = tile * kTile;
+        col = col0 + lane;
+        col_ok = col < value_dim;
+        q = seq_row<input_t>(p.q, p.q_strides, b, h);
+        k = seq_row<input_t>(p.k, p.k_strides, b, h);
+        v = seq_row<input_t>(p.v, p.v_strides, b, h);
+        dy = seq_row<input_t>(g.dy, g.dy_strides, b, h);
+        gate = complex_seq_row(p.log_gate, p.gate_strides, b, h);
+        stage = smem;
+        v_s = reinterpret_cast<float*>(stage + chunk * kp);
+        dy_s = v_s + chunk * kTile;
+        part_s = dy_s + chunk * kTile;
+    }
+
+    // One staged row item: a log gate, and two inputs of the row.
+    struct RowRaw {
+        float2 log_gate;
+        float x, y;
+    };
+
+    // Stages steps t0 .. t0 + n − 1: per (step, row) {a, x, y} from the
+    // RowRaw that row_raw(t, row) loads for a live row (a padding row
+    // stages zeros: log gate −inf), the gate exponentiated after the batch's
+    // loads; per (step, column) v and dy. kLoadsInFlight items a thread at a
+    // time.
+    template <class RowLoad>
+    __device__ __forceinline__ void stage_chunk(int64_t t0, int n, RowLoad row_raw) const {
+        staged<kLoadsInFlight>(
+            tid, n * kp, nthreads,
+            [&](int idx) {
+                const int tt = idx / kp;
+                const int row = idx - tt * kp;
+                return row < key_dim ? row_raw(t0 + tt, row) : RowRaw{make_float2(-INFINITY, 0.f), 0.f, 0.f};
+            },
+            [&](int idx, const RowRaw& r) {
+                const float2 a = complex_gate(r.log_gate);
+                stage[idx] = make_float4(a.x, a.y, r.x, r.y);
+            });
+        staged<kLoadsInFlight>(
+            tid, n * kTile, nthreads,
+            [&](int idx) {
+                const int tt = idx / kTile;
+                const int64_t c = col0 + (idx - tt * kTile);
+                const int64_t t = t0 + tt;
+                return c < value_dim ? make_float2(Tr::load(v, t * p.v_strides.time + c),
+                                                   Tr::load(dy, t * g.dy_strides.time + c))
+                                     : make_float2(0.f, 0.f);
+            },
+            [&](int idx, float2 x) {
+                v_s[idx] = x.x;
+                dy_s[idx] = x.y;
+            });
+    }
+
+    // The log gate of step t, state row `row`.
+    __device__ __forceinline__ float2 log_gate_at(int64_t t, int row) const {
+        return load_log_gate(gate, t * p.gate_strides.time + (per_head_gate ? 0 : row));
+    }
+
+    // Whether step t is the last of its segment (or of the sequence).
+    __device__ __forceinline__ bool segment_end(int64_t t) const { return (t + 1) % kSegment == 0 || t == len - 1; }
+    // Element (row, col) of segment s of a [B·H, segments, K, V] complex
+    // workspace (the checkpoints, the adjoints).
+    __device__ __forceinline__ int64_t checkpoint_at(int64_t s, int row) const {
+        return ((bh * g.segments + s) * key_dim + row) * value_dim + col;
+    }
+    // Row t of this tile's partial sums ([value_tiles, B·H, L, K] f32).
+    __device__ __forceinline__ float* partial_row(float* base, int64_t t) const {
+        return base + ((tile * p.dims.batch * p.dims.heads + bh) * len + t) * key_dim;
+    }
+};
+
+// ---- 1. the forward sweep ------------------------------------------------------
+
+template <typename input_t, int R>
+__device__ __forceinline__ void grad_forward(const GateloopRecurrentGradParams& g) {
+    using Tr = InputTraits<input_t>;
+    const Sweep<input_t, R> w(g, recurrent_dynamic_shared());
+    const GateloopRecurrentParams& p = g.fwd;
+
+    float hr[R], hi[R];
+    const bool has_h0 = (p.flags & GATELOOP_FLAG_HAS_H0) != 0;
+    const float2* h0 = reinterpret_cast<const float2*>(p.h0);
+#pragma unroll
+    for (int i = 0; i < R; ++i) {
+        const int row = w.group * R + i;
+        float2 s = make_float2(0.f, 0.f);
+        if (has_h0 && w.col_ok && row < w.key_dim) s = h0[state_index(p.h0_strides, w.b, w.h, row, w.col)];
+        hr[i] = s.x;
+        hi[i] = s.y;
+    }
+
+    float2* ck = reinterpret_cast<float2*>(g.checkpoints);
+    for (int64_t t0 = 0; t0 < w.len; t0 += w.chunk) {
+        const int n = static_cast<int>(min(static_cast<int64_t>(w.chunk), w.len - t0));
+        // {a_t, k_t}: the forward kernel's step.
+        w.stage_chunk(t0, n, [&](int64_t t, int row) {
+            return typename Sweep<input_t, R>::RowRaw{w.log_gate_at(t, row), Tr::load(w.k, t * p.k_strides.time + row),
+                                                      0.f};
+        });
+        __syncthreads();
+
+        const float4* st = w.stage + w.group * R;
+        float* out = w.partial_row(g.partial_dq, t0);
+#pragma unroll 1
+        for (int tt = 0; tt < n; ++tt) {
+            const float vv = w.v_s[tt * kTile + w.lane];
+            const float dd = w.dy_s[tt * kTile + w.lane];
+            float x[R];
+#pragma unroll
+            for (int i = 0; i < R; ++i) {
+                const float4 s = st[i];
+                const float nr = fmaf(s.x, hr[i], fmaf(-s.y, hi[i], s.z * vv));
+                const float ni = fmaf(s.x, hi[i], s.y * hr[i]);
+                hr[i] = nr;
+                hi[i] = ni;
+                x[i] = dd * nr;
+            }
+            store_row_sums<R>(x, w.lane, w.group * R, w.key_dim, out);
+            st += w.kp;
+            out += w.key_dim;
+        }
+
+        // Chunks divide the segment (the plan's chunk_len | 64), so a
+        // segment ends at a chunk's last step.
+        const int64_t last = t0 + n - 1;
+        if (w.segment_end(last) && w.col_ok) {
+#pragma unroll
+            for (int i = 0; i < R; ++i) {
+                const int row = w.group * R + i;
+                if (row < w.key_dim) ck[w.checkpoint_at(last / kSegment, row)] = make_float2(hr[i], hi[i]);
+            }
+        }
+        __syncthreads();  // the stage's readers are done before the next chunk's staging
+    }
+}
+
+// ---- 2. the backward sweep ------------------------------------------------------
+
+template <typename input_t, int R>
+__device__ __forceinline__ void grad_backward(const GateloopRecurrentGradParams& g) {
+    using Tr = InputTraits<input_t>;
+    const Sweep<input_t, R> w(g, recurrent_dynamic_shared());
+    const GateloopRecurrentParams& p = g.fwd;
+
+    // δ̃ = conj(δ) of rows group·R + i, column col: conj(dh_final) at t = L.
+    float dr[R], di[R];
+    const float2* dh_final = reinterpret_cast<const float2*>(g.dh_final);
+#pragma unroll
+    for (int i = 0; i < R; ++i) {
+        const int row = w.group * R + i;
+        float2 s = make_float2(0.f, 0.f);
+        if (dh_final != nullptr && w.col_ok && row < w.key_dim) {
+            s = dh_final[state_index(g.dh_final_strides, w.b, w.h, row, w.col)];
+        }
+        dr[i] = s.x;
+        di[i] = -s.y;
+    }
+
+    float2* adj = reinterpret_cast<float2*>(g.adjoints);
+    input_t* dv = seq_row_mut<input_t>(g.dv, g.dv_strides, w.b, w.h);
+    const int part_step = w.key_groups * kTile;
+    const int64_t chunks = (w.len + w.chunk - 1) / w.chunk;
+    for (int64_t c = chunks - 1; c >= 0; --c) {
+        const int64_t t0 = c * w.chunk;
+        const int n = static_cast<int>(min(static_cast<int64_t>(w.chunk), w.len - t0));
+        // {a_{t+1}, k_t, q_t}: the step from δ̃_{t+1} to δ̃_t (a_L = 1).
+        w.stage_chunk(t0, n, [&](int64_t t, int row) {
+            // log a_L = 0: a_L = 1 exactly.
+            return typename Sweep<input_t, R>::RowRaw{
+                t + 1 < w.len ? w.log_gate_at(t + 1, row) : make_float2(0.f, 0.f),
+                Tr::load(w.k, t * p.k_strides.time + row), Tr::load(w.q, t * p.q_strides.time + row)};
+        });
+        __syncthreads();
+
+        const float4* st = w.stage + (n - 1) * w.kp + w.group * R;
+        float* part_t = w.part_s + (n - 1) * part_step + w.group * kTile + w.lane;
+        const int64_t last = t0 + n - 1;
+        float* out = w.partial_row(g.partial_dk, last);
+        // Step tt: δ̃_{t0+tt} from δ̃_{t0+tt+1}, its dv partial and dk_t.
+        auto step = [&](int tt) {
+            const float vv = w.v_s[tt * kTile + w.lane];
+            const float dd = w.dy_s[tt * kTile + w.lane];
+            float x[R];
+            float acc = 0.f;
+#pragma unroll
+            for (int i = 0; i < R; ++i) {
+                const float4 s = st[i];
+                const float nr = fmaf(s.x, dr[i], fmaf(-s.y, di[i], s.w * dd));
+                const float ni = fmaf(s.x, di[i], s.y * dr[i]);
+                dr[i] = nr;
+                di[i] = ni;
+                acc = fmaf(s.z, nr, acc);
+                x[i] = vv * nr;
+            }
+            *part_t = acc;
+            store_row_sums<R>(x, w.lane, w.group * R, w.key_dim, out);
+            st -= w.kp;
+            part_t -= part_step;
+            out -= w.key_dim;
+        };
+        step(n - 1);
+        // δ̃ at a segment's last step (a chunk's last: chunk_len | 64): the
+        // d_e of the segment's gate gradient.
+        if (w.segment_end(last) && w.col_ok) {
+#pragma unroll
+            for (int i = 0; i < R; ++i) {
+                const int row = w.group * R + i;
+                if (row < w.key_dim) adj[w.checkpoint_at(last / kSegment, row)] = make_float2(dr[i], di[i]);
+            }
+        }
+#pragma unroll 1
+        for (int tt = n - 2; tt >= 0; --tt) step(tt);
+        __syncthreads();
+
+        // dv over the key groups (the forward's y reduction).
+        for (int idx = w.tid; idx < n * kTile; idx += w.nthreads) {
+            const int tt = idx / kTile;
+            const int cl = idx - tt * kTile;
+            const int64_t cc = w.col0 + cl;
+            if (cc < w.value_dim) {
+                const float* ps = w.part_s + tt * part_step + cl;
+                float sum = 0.f;
+                for (int j = 0; j < w.key_groups; ++j) sum += ps[j * kTile];
+                Tr::store(dv, (t0 + tt) * g.dv_strides.time + cc, sum);
+            }
+        }
+        // The next chunk's staging writes stage, v_s and dy_s, whose last
+        // readers passed the barrier above; part_s is next written after the
+        // next staging barrier, which this loop's readers reach first.
+    }
+
+    // δ_0 = conj(δ̃_0) into dh0; the gate launch multiplies it by conj(a_0).
+    if (g.dh0 != nullptr && w.col_ok) {
+        float2* dh0 = reinterpret_cast<float2*>(g.dh0);
+#pragma unroll
+        for (int i = 0; i < R; ++i) {
+            const int row = w.group * R + i;
+            if (row < w.key_dim) dh0[state_index(g.dh0_strides, w.b, w.h, row, w.col)] = make_float2(dr[i], -di[i]);
+        }
+    }
+}
+
+// ---- 3. dq, dk, the gate gradient and dh0 ------------------------------------------
+
+constexpr int kGateBlock = GATELOOP_RECURRENT_GRAD_GATE_BLOCK;
+static_assert(kGateBlock >= 128, "one thread per key row (the launcher's K ≤ 128)");
+// Value columns of h_s and d_e a thread holds in registers at once.
+constexpr int kVChunk = 8;
+static_assert(GATELOOP_RECURRENT_GRAD_GATE_SHARED_BYTES ==
+                  4 * (kSegment * (kSegment + 1) + 2 * kSegment * kVChunk) + 8 * kGateBlock,
+              "the gate launch's dynamic shared memory");
+
+// One block per (b, h, segment), thread `row` per key row: dq, dk (the value
+// tiles' partials summed in order), dlog_gate by the expansion in the
+// header (per-head gates: the rows' e_t summed in row order), dh0.
+template <typename input_t>
+__device__ __forceinline__ void grad_gate(const GateloopRecurrentGradParams& g) {
+    using Tr = InputTraits<input_t>;
+    const GateloopRecurrentParams& p = g.fwd;
+    // Dynamic shared memory (the file's one declaration, as the sweeps'):
+    // Z_su = Σ_v v_s dy_u (s < u), the staged v and dy columns, and the
+    // per-head gate's row sums.
+    float* base = reinterpret_cast<float*>(recurrent_dynamic_shared());
+    auto z = reinterpret_cast<float (*)[kSegment + 1]>(base);
+    auto vs = reinterpret_cast<float (*)[kVChunk]>(base + kSegment * (kSegment + 1));
+    auto dys = vs + kSegment;
+    float2* red = reinterpret_cast<float2*>(base + kSegment * (kSegment + 1) + 2 * kSegment * kVChunk);
+
+    const int tid = threadIdx.x;
+    int64_t blk = blockIdx.x;
+    const int64_t seg = split_index(blk, g.segments);
+    const int64_t bh = blk;
+    const BatchHead bhi = batch_head(bh, p.dims.heads);
+    const int64_t key_dim = p.dims.key_dim, value_dim = p.dims.value_dim, len = p.dims.len;
+    const int64_t t0 = seg * kSegment;
+    const int n = static_cast<int>(min(static_cast<int64_t>(kSegment), len - t0));
+    const bool per_head = p.dims.gate_dim == 1;
+    const bool live = tid < key_dim;
+    const int row = live ? tid : 0;  // a thread past K computes row 0's values and stores none
+    const bool has_h0 = (p.flags & GATELOOP_FLAG_HAS_H0) != 0;
+    const input_t* q = seq_row<input_t>(p.q, p.q_strides, bhi.b, bhi.h);
+    const input_t* k = seq_row<input_t>(p.k, p.k_strides, bhi.b, bhi.h);
+    const input_t* v = seq_row<input_t>(p.v, p.v_strides, bhi.b, bhi.h);
+    const input_t* dy = seq_row<input_t>(g.dy, g.dy_strides, bhi.b, bhi.h);
+    const float* gate = complex_seq_row(p.log_gate, p.gate_strides, bhi.b, bhi.h);
+    // h_s: the state entering the segment (none: 0); d_e: δ̃ at its last step.
+    const float2* ck = reinterpret_cast<const float2*>(g.checkpoints);
+    const float2* hs_row = seg > 0  ? ck + ((bh * g.segments + seg - 1) * key_dim + row) * value_dim
+                           : has_h0 ? reinterpret_cast<const float2*>(p.h0) +
+                                          state_index(p.h0_strides, bhi.b, bhi.h, row, 0)
+                                    : nullptr;
+    const float2* de_row = reinterpret_cast<const float2*>(g.adjoints) + ((bh * g.segments + seg) * key_dim + row) * value_dim;
+
+    // X_s = Σ_v v_s d_e, Y_u = Σ_v h_s dy_u, I = Σ_v h_s d_e (this row), and
+    // Z (the block's), over the value columns kVChunk at a time.
+    float2 X[kSegment], Y[kSegment];
+    for (int t = 0; t < n; ++t) X[t] = Y[t] = make_float2(0.f, 0.f);
+    float2 I = make_float2(0.f, 0.f);
+    for (int64_t v0 = 0; v0 < value_dim; v0 += kVChunk) {
+        const int width = static_cast<int>(min(static_cast<int64_t>(kVChunk), value_dim - v0));
+        __syncthreads();  // the previous columns' readers are done
+        for (int idx = tid; idx < n * kVChunk; idx += kGateBlock) {
+            const int t = idx / kVChunk, j = idx - (idx / kVChunk) * kVChunk;
+            const bool in = j < width;
+            vs[t][j] = in ? Tr::load(v, (t0 + t) * p.v_strides.time + v0 + j) : 0.f;
+            dys[t][j] = in ? Tr::load(dy, (t0 + t) * g.dy_strides.time + v0 + j) : 0.f;
+        }
+        __syncthreads();
+        for (int idx = tid; idx < n * n; idx += kGateBlock) {
+            const int s = idx / n, u = idx - (idx / n) * n;
+            if (s < u) {
+                float acc = v0 == 0 ? 0.f : z[s][u];
+#pragma unroll
+                for (int j = 0; j < kVChunk; ++j) acc = fmaf(vs[s][j], dys[u][j], acc);
+                z[s][u] = acc;
+            }
+        }
+        float2 hj[kVChunk], ej[kVChunk];
+#pragma unroll
+        for (int j = 0; j < kVChunk; ++j) {
+            const bool in = j < width;
+            hj[j] = in && hs_row != nullptr ? hs_row[v0 + j] : make_float2(0.f, 0.f);
+            ej[j] = in ? de_row[v0 + j] : make_float2(0.f, 0.f);
+            const float2 c = cmul(hj[j], ej[j]);
+            I.x += c.x;
+            I.y += c.y;
+        }
+        for (int t = 0; t < n; ++t) {
+            float2 x = X[t], y = Y[t];
+#pragma unroll
+            for (int j = 0; j < kVChunk; ++j) {
+                x = make_float2(fmaf(vs[t][j], ej[j].x, x.x), fmaf(vs[t][j], ej[j].y, x.y));
+                y = make_float2(fmaf(dys[t][j], hj[j].x, y.x), fmaf(dys[t][j], hj[j].y, y.y));
+            }
+            X[t] = x;
+            Y[t] = y;
+        }
+    }
+    __syncthreads();  // z complete
+
+    // The segment's gates and this row's q, k.
+    float2 A[kSegment];
+    float qv[kSegment], kv[kSegment];
+    for (int t = 0; t < n; ++t) {
+        const int64_t tt = t0 + t;
+        A[t] = complex_gate(load_log_gate(gate, tt * p.gate_strides.time + (per_head ? 0 : row)));
+        qv[t] = Tr::load(q, tt * p.q_strides.time + row);
+        kv[t] = Tr::load(k, tt * p.k_strides.time + row);
+    }
+    // Backwards: S_t = Σ_{t≤u<t1} A(t, u) q_u Y_u = a_t (q_t Y_t + S_{t+1}),
+    // AT_t = A(t, t1).
+    float2 S[kSegment], AT[kSegment];
+    S[n - 1] = make_float2(0.f, 0.f);
+    AT[n - 1] = A[n - 1];
+    for (int t = n - 2; t >= 0; --t) {
+        S[t] = cmul(A[t], make_float2(fmaf(qv[t], Y[t].x, S[t + 1].x), fmaf(qv[t], Y[t].y, S[t + 1].y)));
+        AT[t] = cmul(A[t], AT[t + 1]);
+    }
+    const float2 term1 = cmul(AT[0], I);
+    // Forwards: R_t = Σ_{s<t} A(s+1, t−1) k_s X_s, Af = A(t0, t−1), and
+    // F(u) = Σ_{s<t} A(s+1, t) k_s Z_su for u ≥ t (term 4: Σ_u q_u A(t+1, u) F(u)).
+    float2 F[kSegment];
+    for (int u = 0; u < n; ++u) F[u] = make_float2(0.f, 0.f);
+    float2 R = make_float2(0.f, 0.f), Af = make_float2(1.f, 0.f);
+    float2* E = Y;  // e_t, over Y_t (read only by the backward loop above)
+    for (int t = 0; t < n; ++t) {
+        float2 e4 = make_float2(0.f, 0.f), P = make_float2(1.f, 0.f);
+        for (int u = t; u < n - 1; ++u) {
+            const float2 c = cmul(P, F[u]);
+            e4 = make_float2(fmaf(qv[u], c.x, e4.x), fmaf(qv[u], c.y, e4.y));
+            P = cmul(P, A[u + 1]);
+        }
+        const float2 e2 = cmul(AT[t], R), e3 = cmul(Af, S[t]);
+        E[t] = make_float2(((term1.x + e2.x) + e3.x) + e4.x, ((term1.y + e2.y) + e3.y) + e4.y);
+        R = cmul(A[t], R);
+        R = make_float2(fmaf(kv[t], X[t].x, R.x), fmaf(kv[t], X[t].y, R.y));
+        Af = cmul(Af, A[t]);
+        if (t + 1 < n) {
+            for (int u = t + 1; u < n - 1; ++u) {
+                F[u] = cmul(A[t + 1], make_float2(fmaf(kv[t], z[t][u], F[u].x), F[u].y));
+            }
+        }
+    }
+
+    // dq, dk: the value tiles' partials, in tile order.
+    const int64_t bhs = p.dims.batch * p.dims.heads;
+    const int64_t tile_stride = bhs * len * key_dim;
+    input_t* dq = seq_row_mut<input_t>(g.dq, g.dq_strides, bhi.b, bhi.h);
+    input_t* dk = seq_row_mut<input_t>(g.dk, g.dk_strides, bhi.b, bhi.h);
+    if (live) {
+        for (int t = 0; t < n; ++t) {
+            const int64_t at = (bh * len + t0 + t) * key_dim + row;
+            float sq = 0.f, sk = 0.f;
+            for (int64_t u = 0; u < p.value_tiles; ++u) {
+                sq += g.partial_dq[u * tile_stride + at];
+                sk += g.partial_dk[u * tile_stride + at];
+            }
+            Tr::store(dq, (t0 + t) * g.dq_strides.time + row, sq);
+            Tr::store(dk, (t0 + t) * g.dk_strides.time + row, sk);
+        }
+    }
+    // dlog_gate = conj(e); 0 at a reset (a = 0: e is 0 there, and the
+    // reference defines it so).
+    float* dg = g.dlog_gate + 2 * (bhi.b * g.dgate_strides.batch + bhi.h * g.dgate_strides.head);
+    auto put_gate = [&](int t, int col, float2 e) {
+        const int64_t tt = t0 + t;
+        const bool reset = gate[2 * (tt * p.gate_strides.time + col)] < GATELOOP_RESET_LOG_GATE;
+        dg[2 * (tt * g.dgate_strides.time + col)] = reset ? 0.f : e.x;
+        dg[2 * (tt * g.dgate_strides.time + col) + 1] = reset ? 0.f : -e.y;
+    };
+    if (!per_head) {
+        if (live) {
+            for (int t = 0; t < n; ++t) put_gate(t, row, E[t]);
+        }
+    } else {
+        for (int t = 0; t < n; ++t) {
+            red[tid] = live ? E[t] : make_float2(0.f, 0.f);
+            __syncthreads();
+            if (tid == 0) {
+                float2 sum = make_float2(0.f, 0.f);
+                for (int r = 0; r < key_dim; ++r) {
+                    sum.x += red[r].x;
+                    sum.y += red[r].y;
+                }
+                put_gate(t, 0, sum);
+            }
+            __syncthreads();
+        }
+    }
+    // dh0 = conj(a_0) δ_0 (the backward sweep left δ_0 there).
+    if (seg == 0 && g.dh0 != nullptr && live) {
+        const float2 ca0 = make_float2(A[0].x, -A[0].y);
+        float2* d = reinterpret_cast<float2*>(g.dh0) + state_index(g.dh0_strides, bhi.b, bhi.h, row, 0);
+        for (int64_t col = 0; col < value_dim; ++col) d[col] = cmul(ca0, d[col]);
+    }
+}
+
+}  // namespace recurrent_grad
+}  // namespace gateloop
+
+// ---- entry points ---------------------------------------------------------------
+//
+// gateloop_recurrent_grad_{fwd,bwd}_{dtype}_r{R}: the two sweeps, the forward
+// kernel's geometry (grid B·H·⌈V/32⌉, block 32 × key_groups, R rows a
+// thread); gateloop_recurrent_grad_gate_{dtype}: 1-D, one thread per
+// (b, h, segment, gate column).
+
+// Launch bounds: R ≥ 8, up to 16 key groups (512 threads: at most 128
+// registers); R < 8, one key group, where __launch_bounds__(32) left sm_90's
+// ptxas at 64 registers with spills, so the cap is explicit. The gate
+// launch likewise. R = 16 (K > 128) is not compiled: its backward sweep
+// spills under 512 threads' 128 registers (the launcher refuses K > 128).
+#define GATELOOP_RECURRENT_GRAD_SWEEPS(DTYPE, TYPE, R, BOUNDS)                                       \
+    extern "C" __global__ void BOUNDS gateloop_recurrent_grad_fwd_##DTYPE##_r##R(                    \
+        const GateloopRecurrentGradParams p) {                                                       \
+        gateloop::recurrent_grad::grad_forward<TYPE, R>(p);                                          \
+    }                                                                                                \
+    extern "C" __global__ void BOUNDS gateloop_recurrent_grad_bwd_##DTYPE##_r##R(                    \
+        const GateloopRecurrentGradParams p) {                                                       \
+        gateloop::recurrent_grad::grad_backward<TYPE, R>(p);                                         \
+    }
+
+// The register cap as __maxnreg__ (which excludes __launch_bounds__); the
+// CPU emulator's fake driver reads a kernel's thread limit from its launch
+// bounds instead, so it sees those.
+#ifdef GATELOOP_KERNEL_EMULATOR
+#define GATELOOP_REGISTER_CAP(threads, registers) __launch_bounds__(threads)
+#else
+#define GATELOOP_REGISTER_CAP(threads, registers) __maxnreg__(registers)
+#endif
+#define GATELOOP_ONE_GROUP GATELOOP_REGISTER_CAP(GATELOOP_RECURRENT_VALUE_TILE, 128)
+#define GATELOOP_KEY_GROUPS __launch_bounds__(GATELOOP_RECURRENT_VALUE_TILE * GATELOOP_RECURRENT_MAX_KEY_GROUPS)
+
+#define GATELOOP_RECURRENT_GRAD_ENTRIES(DTYPE, TYPE)                                                 \
+    GATELOOP_RECURRENT_GRAD_SWEEPS(DTYPE, TYPE, 1, GATELOOP_ONE_GROUP)                               \
+    GATELOOP_RECURRENT_GRAD_SWEEPS(DTYPE, TYPE, 2, GATELOOP_ONE_GROUP)                               \
+    GATELOOP_RECURRENT_GRAD_SWEEPS(DTYPE, TYPE, 4, GATELOOP_ONE_GROUP)                               \
+    GATELOOP_RECURRENT_GRAD_SWEEPS(DTYPE, TYPE, 8, GATELOOP_KEY_GROUPS)                              \
+    extern "C" __global__ void GATELOOP_REGISTER_CAP(GATELOOP_RECURRENT_GRAD_GATE_BLOCK, 128)        \
+        gateloop_recurrent_grad_gate_##DTYPE(                                                        \
+        const GateloopRecurrentGradParams p) {                                                       \
+        gateloop::recurrent_grad::grad_gate<TYPE>(p);                                                \
+    }
+
+GATELOOP_RECURRENT_GRAD_ENTRIES(f32, float)
+GATELOOP_RECURRENT_GRAD_ENTRIES(f16, __half)
+GATELOOP_RECURRENT_GRAD_ENTRIES(bf16, __nv_bfloat16)
