@@ -88,6 +88,17 @@ __device__ __forceinline__ float2 apply(float2 a, float2 b, float2 h) {
     return make_float2(fmaf(a.x, h.x, fmaf(-a.y, h.y, b.x)), fmaf(a.x, h.y, fmaf(a.y, h.x, b.y)));
 }
 
+// One state element through one step of the recurrence, h ← a·h + inc with
+// a real increment inc (k·v forward, q·dy in the adjoint): the recurrent
+// kernels' step, one definition for all of them (cuda/recurrent.cu,
+// cuda/recurrent_grad.cu).
+__device__ __forceinline__ void recur(float a_re, float a_im, float& re, float& im, float inc) {
+    const float nr = fmaf(a_re, re, fmaf(-a_im, im, inc));
+    const float ni = fmaf(a_re, im, a_im * re);
+    re = nr;
+    im = ni;
+}
+
 // ---- compensated sums ------------------------------------------------------------
 
 // a + b as the f32 sum and its exact rounding error (Knuth's TwoSum, no

@@ -248,11 +248,8 @@ __device__ __forceinline__ void recurrent_forward(const GateloopRecurrentParams&
 #pragma unroll
                 for (int i = 0; i < R; ++i) {
                     const float4 s = st[i];
-                    const float nr = fmaf(s.x, hr[i], fmaf(-s.y, hi[i], s.z * vv));
-                    const float ni = fmaf(s.x, hi[i], s.y * hr[i]);
-                    hr[i] = nr;
-                    hi[i] = ni;
-                    acc = fmaf(s.w, nr, acc);
+                    recur(s.x, s.y, hr[i], hi[i], s.z * vv);
+                    acc = fmaf(s.w, hr[i], acc);
                 }
                 *part_t = acc;
                 v_t += kValueTile;

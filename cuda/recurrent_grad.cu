@@ -269,11 +269,8 @@ __device__ __forceinline__ void grad_forward(const GateloopRecurrentGradParams& 
 #pragma unroll
             for (int i = 0; i < R; ++i) {
                 const float4 s = st[i];
-                const float nr = fmaf(s.x, hr[i], fmaf(-s.y, hi[i], s.z * vv));
-                const float ni = fmaf(s.x, hi[i], s.y * hr[i]);
-                hr[i] = nr;
-                hi[i] = ni;
-                x[i] = dd * nr;
+                recur(s.x, s.y, hr[i], hi[i], s.z * vv);
+                x[i] = dd * hr[i];
             }
             store_row_sums<R>(x, w.lane, w.group * R, w.key_dim, out);
             st += w.kp;
@@ -345,12 +342,9 @@ __device__ __forceinline__ void grad_backward(const GateloopRecurrentGradParams&
 #pragma unroll
             for (int i = 0; i < R; ++i) {
                 const float4 s = st[i];
-                const float nr = fmaf(s.x, dr[i], fmaf(-s.y, di[i], s.w * dd));
-                const float ni = fmaf(s.x, di[i], s.y * dr[i]);
-                dr[i] = nr;
-                di[i] = ni;
-                acc = fmaf(s.z, nr, acc);
-                x[i] = vv * nr;
+                recur(s.x, s.y, dr[i], di[i], s.w * dd);
+                acc = fmaf(s.z, dr[i], acc);
+                x[i] = vv * dr[i];
             }
             *part_t = acc;
             store_row_sums<R>(x, w.lane, w.group * R, w.key_dim, out);
