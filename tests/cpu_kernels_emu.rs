@@ -15,7 +15,12 @@
 //!   the f32 kernel's y rounded to the type and h_final to its h_final;
 //! - recurrent: within those bounds of the f64 reference (f16 / bf16: the
 //!   bounds of `dtype_support::y_bounds`); decode in pieces (of 1 step and
-//!   longer) equal to one forward call bit for bit, state and y.
+//!   longer) equal to one forward call bit for bit, state and y;
+//! - the recurrent backward (`cuda/recurrent_grad.cu`, its three launches as
+//!   `cuda::recurrent_grad::backward_into` runs them): every gradient within
+//!   the f32 bounds of the f64 reference backward (dq, dk, dv in f16 / bf16
+//!   plus their one rounding), under AddressSanitizer and race-free under
+//!   ThreadSanitizer.
 //!
 //! Proves the kernels' indexing, shuffles, barriers, shared-memory carving
 //! and launch sequences without a GPU; not the SFU's accuracy or the memory
@@ -31,12 +36,13 @@ use std::path::{Path, PathBuf};
 
 use gateloop::cpu::scan as scan_mirror;
 use gateloop::cuda::recurrent::RecurrentStaging::{self, Ahead, Batched};
-use gateloop::cuda::{Dtype, Element, recurrent, scan};
+use gateloop::cuda::{Dtype, Element, recurrent, recurrent_grad, scan};
 use gateloop::dispatch::MIRROR_SM_COUNT;
-use gateloop::reference;
+use gateloop::reference::{self, grad::Grads};
 use gateloop::testing::{GateRegime, OwnedProblem, dims, random_problem};
 use gateloop::{Complex, Dims, ErrorStats, Outputs, compare, compare_complex};
 
+use common::grad::{self, GradInputsF32};
 use common::{ABS_FRAC, ALL_REGIMES_AND_UNDERFLOW, REL, assert_within, flat, unflat};
 use emu_support::{kernel_emulator, race_checking_emulator, read_f32_file, write_case};
 
@@ -46,6 +52,8 @@ fn emulator(which: &'static std::sync::OnceLock<Option<PathBuf>>, kind: &str, en
 }
 static SCAN_EMU: std::sync::OnceLock<Option<PathBuf>> = std::sync::OnceLock::new();
 static RECURRENT_EMU: std::sync::OnceLock<Option<PathBuf>> = std::sync::OnceLock::new();
+/// The recurrent kernels' ThreadSanitizer build, shared by the race tests.
+static RECURRENT_RACE_EMU: std::sync::OnceLock<Option<PathBuf>> = std::sync::OnceLock::new();
 fn scan_emulator() -> Option<PathBuf> {
     emulator(&SCAN_EMU, "scan", "GATELOOP_SCAN_GRAD_EMU")
 }
@@ -90,6 +98,96 @@ fn recurrent_emulated(
         None => run(emu, &[], &write_case(tag, p, &extra, false, &[]), "h_final.out"),
         Some(s) => run(emu, &["--decode"], &write_case(tag, p, &extra, false, &[("state.bin", &flat(s))]), "state.out"),
     }
+}
+
+/// The recurrent backward's three launches with the plan of
+/// `cuda::recurrent_grad::plan`, q, k, v, dy and dq, dk, dv in `dtype` (the
+/// inputs must be representable in it). Returns every gradient (dq, dk, dv
+/// widened; dh0 when the problem has h0).
+fn recurrent_grad_emulated(emu: &Path, tag: &str, inp: &GradInputsF32, dtype: Dtype) -> Grads<f32> {
+    let p = &inp.p;
+    let lp = recurrent_grad::plan(&p.dims).unwrap();
+    let sp = &lp.sweep;
+    let extra = [
+        dtype.abi() as usize,
+        sp.rows_per_thread as usize,
+        sp.key_groups as usize,
+        sp.chunk_len as usize,
+        sp.shared_bytes as usize,
+        lp.segments,
+        inp.dh_final.is_some() as usize,
+    ]
+    .map(|x| x.to_string());
+    let dhf = inp.dh_final.as_deref().map(flat);
+    let mut files: Vec<(&str, &[f32])> = vec![("dy.bin", &inp.dy)];
+    if let Some(h) = &dhf {
+        files.push(("dh_final.bin", h));
+    }
+    let dir = write_case(tag, p, &extra, false, &files);
+    let status = std::process::Command::new(emu).arg("--grad").arg(&dir).status().unwrap();
+    assert!(status.success(), "{dir:?}: emulator failed: {status}");
+    let read = |name: &str| read_f32_file(&dir.join(name));
+    let g = Grads {
+        dq: read("dq.out"),
+        dk: read("dk.out"),
+        dv: read("dv.out"),
+        dlog_gate: unflat(&read("dlog_gate.out")),
+        dh0: p.h0.is_some().then(|| unflat(&read("dh0.out"))),
+    };
+    std::fs::remove_dir_all(&dir).unwrap();
+    g
+}
+
+/// The recurrent backward against the f64 reference backward on the same
+/// (rounded) inputs, under AddressSanitizer (`race` false) or
+/// ThreadSanitizer: every rows-per-thread variant, segments and time chunks
+/// with partial last ones, value tiles, both gate layouts, h0 and dh_final,
+/// the regimes that stress the gate gradient (resets, |a| = 1, strong and
+/// hard decay, underflow, phases ≫ 2π), f32 and 16-bit.
+fn recurrent_grad_cases(emu: &Path, race: bool) {
+    let mut worst = grad::Worst::default();
+    let cases: &[(Dims, GateRegime, Dtype)] = if race {
+        &[
+            (dims(1, 130, 1, 16, 40, false), GateRegime::Mixed, Dtype::F32),
+            (dims(2, 70, 1, 3, 9, true), GateRegime::StrongDecay(40.0), Dtype::Bf16),
+        ]
+    } else {
+        &[
+            (dims(1, 1, 2, 3, 2, false), GateRegime::StrongDecay(40.0), Dtype::F32),
+            (dims(1, 65, 1, 1, 1, true), GateRegime::Resets(0.1), Dtype::F32),
+            (dims(2, 200, 2, 2, 33, false), GateRegime::UnitModulus, Dtype::F32),
+            (dims(1, 300, 1, 4, 7, true), GateRegime::LargePhase(50.0), Dtype::F32),
+            (dims(1, 129, 2, 64, 64, false), GateRegime::HardDecay(0.5), Dtype::F32),
+            (dims(1, 100, 1, 128, 5, false), GateRegime::Underflow, Dtype::F32),
+            (dims(1, 150, 2, 12, 40, true), GateRegime::Mixed, Dtype::F16),
+            (dims(2, 77, 1, 9, 33, false), GateRegime::StrongDecay(30.0), Dtype::Bf16),
+        ]
+    };
+    for (i, &(d, regime, t)) in cases.iter().enumerate() {
+        let c = grad::GradCase::new(d, regime, i % 2 == 0, i % 3 != 1, 1500 + i as u64);
+        let inp = gateloop::with_element!(t, T => c.inputs().rounded::<T>());
+        let got = recurrent_grad_emulated(emu, &format!("rgrad{i}_{race}"), &inp, t);
+        let label =
+            format!("{c:?} {t:?} {:?}{}", recurrent_grad::plan(&d).unwrap(), if race { " (race-checked)" } else { "" });
+        let y = dtype_support::y_bounds(t);
+        worst.check_bounds(&label, &grad::compare_grads(&got, &inp.reference()), |name| match name {
+            "dq" | "dk" | "dv" => y,
+            _ => (REL, ABS_FRAC),
+        });
+    }
+    worst.report(if race { "race-checked recurrent backward" } else { "recurrent backward" });
+}
+
+#[test]
+fn recurrent_backward_emulated_matches_reference() {
+    let Some(emu) = recurrent_emulator() else { return };
+    recurrent_grad_cases(&emu, false);
+}
+
+#[test]
+fn recurrent_backward_race_free() {
+    let Some(emu) = RECURRENT_RACE_EMU.get_or_init(|| race_checking_emulator("recurrent")).clone() else { return };
+    recurrent_grad_cases(&emu, true);
 }
 
 /// The largest errors seen, per (kernel, output, against what).
@@ -378,7 +476,6 @@ fn recurrent_decode_emulated_in_place_matches_one_call() {
 #[test]
 fn scan_and_recurrent_kernels_race_free() {
     static SCAN: std::sync::OnceLock<Option<PathBuf>> = std::sync::OnceLock::new();
-    static RECURRENT: std::sync::OnceLock<Option<PathBuf>> = std::sync::OnceLock::new();
     let scan_cases = [
         (dims(1, 700, 1, 3, 1, false), GateRegime::Resets(0.05), true, 1, Dtype::F32),
         (dims(1, 2100, 1, 2, 3, true), GateRegime::LargePhase(50.0), false, 1, Dtype::F32),
@@ -408,7 +505,7 @@ fn scan_and_recurrent_kernels_race_free() {
         }
         assert_eq!(warps.into_iter().collect::<Vec<_>>(), [1, 2, 4]);
     }
-    let Some(emu) = RECURRENT.get_or_init(|| race_checking_emulator("recurrent")).clone() else { return };
+    let Some(emu) = RECURRENT_RACE_EMU.get_or_init(|| race_checking_emulator("recurrent")).clone() else { return };
     let mut worst = Worst::default();
     for (i, (d, t)) in [
         (dims(1, 130, 1, 16, 40, false), Dtype::F32),

@@ -36,7 +36,7 @@ case "$kind" in
     scan) kernels=(scan scan_grad) driver=driver.cpp ;;
     chunk) kernels=(chunk chunk_grad) driver=chunk_driver.cpp ;;
     attention) kernels=(attention) driver=attention_driver.cpp ;;
-    recurrent) kernels=(recurrent) driver=recurrent_driver.cpp ;;
+    recurrent) kernels=(recurrent recurrent_grad) driver=recurrent_driver.cpp ;;
     check) kernels=(check) driver=check_driver.cpp ;;
     libcuda) kernels=(scan scan_grad chunk chunk_grad attention recurrent recurrent_grad check selftest) driver=cuda_driver.cpp ;;
     # No kernels: the fake driver's tensor-core model, its vector path
