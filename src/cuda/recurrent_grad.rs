@@ -109,12 +109,16 @@ impl GradLaunchPlan {
     fn variant_index(&self) -> usize {
         self.sweep.rows_per_thread.trailing_zeros() as usize
     }
-    /// f32 offsets of (checkpoints, adjoints, partial_dq, partial_dk, end).
-    fn offsets(&self, d: &Dims) -> [usize; 5] {
-        let bh = d.batch * d.heads;
-        let checkpoints = 2 * bh * self.segments * d.key_dim * d.value_dim;
-        let partial = self.sweep.value_tiles as usize * bh * d.len * d.key_dim;
-        [0, checkpoints, 2 * checkpoints, 2 * checkpoints + partial, 2 * checkpoints + 2 * partial]
+    /// f32 offsets of (checkpoints, adjoints, partial_dq, partial_dk, end);
+    /// None when they overflow `usize`.
+    fn offsets(&self, d: &Dims) -> Option<[usize; 5]> {
+        let bh = d.batch.checked_mul(d.heads)?;
+        let checkpoints =
+            [bh, self.segments, d.key_dim, d.value_dim].into_iter().try_fold(2usize, usize::checked_mul)?;
+        let partial =
+            [bh, d.len, d.key_dim].into_iter().try_fold(self.sweep.value_tiles as usize, usize::checked_mul)?;
+        let two_ck = checkpoints.checked_mul(2)?;
+        Some([0, checkpoints, two_ck, two_ck.checked_add(partial)?, two_ck.checked_add(partial.checked_mul(2)?)?])
     }
 }
 
@@ -122,7 +126,7 @@ impl GradLaunchPlan {
 /// groups (K ≤ 128), time chunks of the largest power of two ≤ 64 whose
 /// staging fits 48 KiB.
 pub fn plan(dims: &Dims) -> Result<GradLaunchPlan, InputError> {
-    let forward = recurrent::plan_with(dims, RecurrentStaging::Batched)?;
+    dims.validate()?;
     if dims.key_dim > MAX_KEY_DIM {
         return Err(InputError::Param {
             name: "key_dim",
@@ -130,6 +134,7 @@ pub fn plan(dims: &Dims) -> Result<GradLaunchPlan, InputError> {
             why: "the recurrent GPU backward supports key_dim <= 128 (the chunked backward takes up to 256)",
         });
     }
+    let forward = recurrent::plan_with(dims, RecurrentStaging::Batched)?;
     let groups = forward.key_groups as usize;
     let per_step = 16 * forward.padded_key_dim as usize + 4 * VALUE_TILE * (2 + groups);
     let fit = (SHARED_BUDGET / per_step).clamp(1, SEGMENT);
@@ -147,7 +152,11 @@ pub fn plan(dims: &Dims) -> Result<GradLaunchPlan, InputError> {
         )?;
     let sweep = recurrent::LaunchPlan { chunk_len: chunk as u32, shared_bytes: (chunk * per_step) as u32, ..forward };
     let mut p = GradLaunchPlan { sweep, segments, gate_grid, workspace_len: 0 };
-    p.workspace_len = p.offsets(dims)[4];
+    p.workspace_len = p.offsets(dims).ok_or_else(|| InputError::TooLarge {
+        name: "workspace",
+        shape: format!("2·(B·H·⌈L/64⌉·K·V complex) + 2·(⌈V/32⌉·B·H·L·K) f32 for {dims:?}"),
+        limit: "usize::MAX f32".into(),
+    })?[4];
     Ok(p)
 }
 
@@ -199,7 +208,8 @@ pub fn backward_into<'a, T: Element>(
     let w = ptrs.workspace.expect("bound with a workspace");
     // Four parts of the checked workspace (the complex ones at even offsets:
     // 8-byte aligned).
-    let [ck, adj, pdq, pdk, _] = lp.offsets(d).map(|o| (w as usize + 4 * o) as *mut f32);
+    let offsets = lp.offsets(d).expect("`plan` checked the workspace's size");
+    let [ck, adj, pdq, pdk, _] = offsets.map(|o| (w as usize + 4 * o) as *mut f32);
     (params.checkpoints, params.adjoints, params.partial_dq, params.partial_dk) = (ck, adj, pdq, pdk);
 
     let kernels = &gpu.kernels.recurrent_grad;
@@ -322,7 +332,7 @@ mod tests {
                 assert_eq!(p.segments, l.div_ceil(64));
                 assert_eq!(p.gate_grid as usize, 6 * p.segments);
                 assert!(k <= GATE_BLOCK);
-                let o = p.offsets(&d);
+                let o = p.offsets(&d).unwrap();
                 assert!(o[..3].iter().all(|x| x % 2 == 0) && o.windows(2).all(|w| w[0] < w[1]));
                 assert_eq!(p.workspace_len, o[4]);
             }
@@ -331,7 +341,9 @@ mod tests {
 
     #[test]
     fn plan_rejects() {
-        assert!(matches!(plan(&dims(1, 5, 1, 129, 1, false)), Err(InputError::Param { name: "key_dim", .. })));
+        for k in [129, 257, 1000] {
+            assert!(matches!(plan(&dims(1, 5, 1, k, 1, false)), Err(InputError::Param { name: "key_dim", .. })));
+        }
         assert!(matches!(plan(&dims(1, 0, 1, 1, 1, false)), Err(InputError::ZeroDim { name: "len" })));
     }
 }
