@@ -23,10 +23,11 @@
 mod common;
 mod dtype_support;
 
+use common::ALL_REGIMES;
 use common::grad::{
-    GradCase, GradInputsF32, Worst, assert_equals_f32_rounded, check_case, check_case_as, compare_grads,
+    GradCase, GradInputsF32, Worst, assert_deterministic, assert_equals_f32_rounded, check_case, check_case_as,
+    compare_grads, half_type_regimes,
 };
-use common::{ALL_REGIMES, regime_matrix};
 use dtype_support::y_bounds;
 use gateloop::cpu::scan_grad;
 use gateloop::cuda::scan_grad::{
@@ -173,13 +174,7 @@ fn matches_cpu_mirror() {
 fn deterministic() {
     let Some(gpu) = common::gpu_or_skip() else { return };
     for (i, d) in [dims(2, 5000, 3, 16, 33, true), dims(1, 20_000, 1, 8, 64, false)].into_iter().enumerate() {
-        if common::emulated_device_skips(&d) {
-            continue;
-        }
-        let inp = GradCase::new(d, GateRegime::Mixed, true, true, 500 + i as u64).inputs();
-        assert_eq!(run_gpu::<f32>(gpu, &inp), run_gpu::<f32>(gpu, &inp), "{d:?}");
-        let inp = inp.rounded::<bf16>();
-        assert_eq!(run_gpu::<bf16>(gpu, &inp), run_gpu::<bf16>(gpu, &inp), "bf16 {d:?}");
+        assert_deterministic(d, 500 + i as u64, |inp| run_gpu::<f32>(gpu, inp), |inp| run_gpu::<bf16>(gpu, inp));
     }
 }
 
@@ -204,15 +199,10 @@ fn half_types() {
     let Some(gpu) = common::gpu_or_skip() else { return };
     let shapes = [(1, 3, 2), (130, 16, 70), (200, 33, 9), (3001, 5, 7)];
     let (mut w16, mut wb16) = (Worst::default(), Worst::default());
-    for (i, regime) in ALL_REGIMES.into_iter().enumerate() {
-        let mut j = 0;
-        regime_matrix(1, 2, &shapes, regime, 7000 + 100 * i as u64, |case| {
-            j += 1;
-            let c = |with_dhf: bool| GradCase::new(case.dims, case.regime, case.with_h0, with_dhf, case.seed);
-            check_as::<f16>(gpu, &mut w16, c(j % 2 == 0));
-            check_as::<bf16>(gpu, &mut wb16, c(j % 2 == 1));
-        });
-    }
+    half_type_regimes(&shapes, |c16, cb16| {
+        check_as::<f16>(gpu, &mut w16, c16);
+        check_as::<bf16>(gpu, &mut wb16, cb16);
+    });
     w16.report("f16 regimes");
     wb16.report("bf16 regimes");
 }

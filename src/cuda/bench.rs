@@ -103,6 +103,12 @@ impl Cost {
     pub fn single_pass(bytes: f64, flops: f64) -> Cost {
         Cost { bytes, flops, traffic: bytes }
     }
+
+    /// The cost of running `self`'s launches, then `next`'s (a forward
+    /// then its backward): each count summed.
+    pub fn then(self, next: Cost) -> Cost {
+        Cost { bytes: self.bytes + next.bytes, flops: self.flops + next.flops, traffic: self.traffic + next.traffic }
+    }
 }
 
 /// Random host inputs of one shape in the operator's layout, shared by every
@@ -330,10 +336,7 @@ pub fn registry() -> Vec<KernelEntry> {
             dtypes: &Dtype::ALL,
             shapes: chunked_shapes,
             check: |d| super::recurrent_grad::plan(d).map(|_| ()),
-            cost: |d, t| {
-                let (f, b) = (recurrent_cost(d, t, false), recurrent_grad_cost(d, t));
-                Cost { bytes: f.bytes + b.bytes, flops: f.flops + b.flops, traffic: f.traffic + b.traffic }
-            },
+            cost: |d, t| recurrent_cost(d, t, false).then(recurrent_grad_cost(d, t)),
             prepare: |gpu, d, t, host, sets| prepare_grad(gpu, d, t, host, sets, Backward::Recurrent { forward: true }),
             tuning: false,
         },
@@ -630,8 +633,7 @@ pub fn chunked_grad_cost(d: &Dims, t: Dtype, gates: Gates) -> Cost {
 
 /// The chunked forward then backward: the sum of the two costs.
 fn chunked_fwd_bwd_cost(d: &Dims, t: Dtype, gates: Gates) -> Cost {
-    let (f, b) = (chunked_cost(d, t, gates), chunked_grad_cost(d, t, gates));
-    Cost { bytes: f.bytes + b.bytes, flops: f.flops + b.flops, traffic: f.traffic + b.traffic }
+    chunked_cost(d, t, gates).then(chunked_grad_cost(d, t, gates))
 }
 
 /// Scan: the bytes and flops of the recurrence ([`recurrent_cost`]), the

@@ -225,3 +225,36 @@ pub fn assert_equals_f32_rounded<T: gateloop::cuda::Element>(
     assert_eq!(got.dlog_gate, want.dlog_gate, "{label}: dlog_gate");
     assert_eq!(got.dh0, want.dh0, "{label}: dh0");
 }
+
+/// No atomics, a fixed order of every sum: two runs of a backward kernel on
+/// case `(d, Mixed gates, h0, dh_final, seed)` agree bit for bit, in f32
+/// (`run_f32`) and in bf16 (`run_bf16`, on the bf16-rounded inputs); left
+/// out where the emulated device leaves it out.
+pub fn assert_deterministic(
+    d: Dims,
+    seed: u64,
+    run_f32: impl Fn(&GradInputsF32) -> Grads<f32>,
+    run_bf16: impl Fn(&GradInputsF32) -> Grads<f32>,
+) {
+    if super::emulated_device_skips(&d) {
+        return;
+    }
+    let inp = GradCase::new(d, GateRegime::Mixed, true, true, seed).inputs();
+    assert_eq!(run_f32(&inp), run_f32(&inp), "{d:?}");
+    let inp = inp.rounded::<half::bf16>();
+    assert_eq!(run_bf16(&inp), run_bf16(&inp), "bf16 {d:?}");
+}
+
+/// Every regime of [`super::ALL_REGIMES`] over `shapes` ([`super::regime_matrix`]),
+/// each case once in f16 and once in bf16 (`check(f16 case, bf16 case)`),
+/// dh_final on alternate ones.
+pub fn half_type_regimes(shapes: &[(usize, usize, usize)], mut check: impl FnMut(GradCase, GradCase)) {
+    for (i, regime) in super::ALL_REGIMES.into_iter().enumerate() {
+        let mut j = 0;
+        super::regime_matrix(1, 2, shapes, regime, 7000 + 100 * i as u64, |case| {
+            j += 1;
+            let c = |with_dhf: bool| GradCase::new(case.dims, case.regime, case.with_h0, with_dhf, case.seed);
+            check(c(j % 2 == 0), c(j % 2 == 1));
+        });
+    }
+}
