@@ -17,7 +17,12 @@
 //       the forward's gateloop_chunk_state_seq, and 1b and 2b another,
 //       grad_w_seq: the same workspace bit for bit, four launches in all.)
 //   2b. grad_adjoint_carry, one thread per (b, h, key row, value column):
-//       D(last) = dh_final, D(c − 1) = conj(A_c) D(c) + W_c, W_c ← D(c); dh0.
+//       D(last) = dh_final, D(c − 1) = conj(A_c) D(c) + W_c, W_c ← D(c).
+//   2c. grad_dh0 (when dh0 is asked for), one thread per state element:
+//       dh0 = D(−1), the carry's last step taken again (over what the carry
+//       wrote there) on CUDA cores from
+//       D(0) and chunk 0's inputs (W_0's tensor-core operands can be f32
+//       subnormals that a tensor core may flush: see grad_dh0).
 //   3a. grad_qk, one block per (b, h, chunk), looping over key slabs of 16:
 //       s = dY Vᵀ (64 × 64, once), then per slab the off-diagonal sub-chunk
 //       products s k̃, sᵀ q̃ on the forward's anchored rows, the diagonal
@@ -246,8 +251,10 @@ __device__ __forceinline__ void grad_w(const GateloopChunkGradParams& g) {
 // tile, key slab) walks the chunks in reverse (walk_chunks in
 // chunk_common.cuh) with its slab of D on chip: per chunk W_c (grad_w's
 // product, same operands and order), slot c of ws_adj := D(c), D(c − 1) =
-// conj(A_c) D(c) + W_c; dh0 at the end. Bit for bit what grad_w followed by
-// the adjoint carry writes; W_c never goes through the workspace.
+// conj(A_c) D(c) + W_c; dh0 at the end (which grad_dh0, next on the stream,
+// writes again). Bit for bit what grad_w followed by the adjoint carry
+// writes; W_c never goes through the workspace. (Not writing dh0 here made
+// ptxas spill this kernel at its register cap.)
 template <typename input_t, bool kComplex>
 __device__ __forceinline__ void grad_w_seq(const GateloopChunkGradParams& g) {
     using Op = typename OpOf<input_t>::type;
@@ -280,11 +287,80 @@ __device__ __forceinline__ void grad_adjoint_carry(const GateloopChunkGradParams
                               ? load_gate_side<kComplex>(g.dh_final, state_index(g.dh_final_strides, e.bhi.b,
                                                                                   e.bhi.h, e.row, e.col))
                               : make_float2(0.f, 0.f);
-    // D(c − 1) = conj(A_c) D(c) + W_c, each slot W_c replaced by D(c).
+    // D(c − 1) = conj(A_c) D(c) + W_c, each slot W_c replaced by D(c); the
+    // last, D(−1), is dh0 with W_0 from the tensor cores, written as
+    // grad_w_seq writes it and written again by grad_dh0, next on the stream.
     const float2 s = carry_chunks<true, kComplex>(cs, p.dims.key_dim * p.dims.value_dim, p.num_chunks, d_last);
     if ((g.grad_flags & GATELOOP_GRAD_FLAG_HAS_DH0) != 0) {
         store_gate_side<kComplex>(g.dh0, state_index(g.dh0_strides, e.bhi.b, e.bhi.h, e.row, e.col), s);
     }
+}
+
+// ---- 2c. dh0 ---------------------------------------------------------------------------
+
+// dh0 = D(−1) = conj(A_0) D(0) + W_0, W_0 = Σ_{n < n_0} conj(q_n E(n, −1)) dy_n
+// (n_0 = min(L, 64)), one thread per state element, from slot 0 of ws_adj
+// (D(0), which both carries leave there) and chunk 0's inputs, on CUDA cores.
+// Why not the carry's own last step: every term of dh0 carries the first
+// gate a_0, and where |a_0| is tiny (a strongly decaying or underflowing
+// first step, e^-90 ≈ 8e-40) W_0's tensor-core operand q_n E(n, −1) is an
+// f32 subnormal, which a tensor core may flush to zero (whether they keep
+// subnormal operands is not documented; the emulator flushes them, the
+// worse case), while dh0, that operand times q·dy, is a normal number:
+// `gateloop fuzz --device cuda --targets grad` (seed 2032, case 33, L = 1:
+// dh0 = 0 for 3.4e-37; case 281, Underflow gates) in f32, f16 and bf16.
+// Here E(n, −1) = a_0 ⋯ a_n is a running product P_n = P_{n−1} a_n
+// (multiply-only: relative error ~n·u at any magnitude, no exp of a long
+// sum), held as P · 2^ex with |P| ≥ 2^−64 (rescaled by 2^64 exactly when it
+// falls below), and the power of two is applied last, to conj(P) q_n dy_n
+// and to conj(P) D(0) (ldexpf): nothing before the last rounding is
+// subnormal unless dh0's term itself is. A reset (Re g below
+// GATELOOP_RESET_LOG_GATE: a = 0) zeroes P, every later term and A_0. The
+// cost: K·V threads of ≤ 64 steps, one exp and sincos each, once per head.
+template <typename input_t, bool kComplex>
+__device__ __forceinline__ void grad_dh0(const GateloopChunkGradParams& g) {
+    using Tr = InputTraits<input_t>;
+    const GateloopChunkParams& p = g.fwd;
+    StateElement e;
+    if (!state_element(p.dims, e)) return;
+    const int64_t b = e.bhi.b, h = e.bhi.h;
+    const int64_t ch = p.dims.gate_dim == 1 ? 0 : e.row;
+    const float* __restrict__ gate =
+        kComplex ? complex_seq_row(p.log_gate, p.gate_strides, b, h) : seq_row<float>(p.log_gate, p.gate_strides, b, h);
+    const input_t* __restrict__ q = seq_row<input_t>(p.q, p.q_strides, b, h);
+    const input_t* __restrict__ dy = seq_row<input_t>(g.dy, g.dy_strides, b, h);
+    const int n0 = static_cast<int>(min(static_cast<int64_t>(kChunk), p.dims.len));
+    constexpr float kLog2e = 1.4426950408889634f;
+    float2 pr = make_float2(1.f, 0.f);  // E(n, −1) = pr · 2^ex
+    int ex = 0;
+    float2 w = make_float2(0.f, 0.f);  // W_0
+    for (int n = 0; n < n0; ++n) {
+        const int64_t gi = n * p.gate_strides.time + ch;
+        float2 a;
+        if constexpr (kComplex) {
+            a = complex_gate(load_log_gate(gate, gi));
+        } else {
+            const float lg = __ldg(gate + gi);
+            a = make_float2(lg < GATELOOP_RESET_LOG_GATE ? 0.f : exp2f(lg * kLog2e), 0.f);
+        }
+        pr = cmul(pr, a);
+        if (pr.x == 0.f && pr.y == 0.f) break;  // a reset: this and every later term, and A_0, are 0
+        while (fmaxf(fabsf(pr.x), fabsf(pr.y)) < 0x1p-64f) {
+            pr = make_float2(pr.x * 0x1p64f, pr.y * 0x1p64f);
+            ex -= 64;
+        }
+        const float s = Tr::load(q, n * p.q_strides.time + e.row) * Tr::load(dy, n * g.dy_strides.time + e.col);
+        w.x += ldexpf(pr.x * s, ex);
+        w.y += ldexpf(-pr.y * s, ex);
+    }
+    // conj(A_0) D(0), A_0 = E(n_0 − 1, −1) (0 after a reset, where the loop
+    // left pr = 0).
+    const int64_t kv = p.dims.key_dim * p.dims.value_dim;
+    const CarrySlots cs = carry_slots<kComplex ? 2 : 1>(p, g.ws_adj, e);
+    const float2 d = make_float2(cs.re[0], kComplex ? cs.re[kv] : 0.f);
+    const float2 ad = make_float2(fmaf(pr.x, d.x, pr.y * d.y), fmaf(pr.x, d.y, -(pr.y * d.x)));
+    const float2 dh0 = make_float2(ldexpf(ad.x, ex) + w.x, ldexpf(ad.y, ex) + w.y);
+    store_gate_side<kComplex>(g.dh0, state_index(g.dh0_strides, b, h, e.row, e.col), dh0);
 }
 
 // ---- 3a. dq, dk and the gate gradient -------------------------------------------------
@@ -787,7 +863,8 @@ __device__ __forceinline__ void grad_dv(const GateloopChunkGradParams& g) {
 // gateloop_chunk_grad_{w,w_seq,qk,dv}_{dtype}_{c,r}: dtype of q, k, v, dy,
 // dq, dk, dv; c = complex gates, r = real gates (gated linear attention:
 // log_gate, h0, dh_final, dlog_gate, dh0 real f32, the imaginary part
-// compiled out as in the forward's r kernels). gateloop_chunk_grad_adjoint_carry_{c,r}.
+// compiled out as in the forward's r kernels). gateloop_chunk_grad_adjoint_carry_{c,r}
+// and gateloop_chunk_grad_dh0_{dtype}_{c,r} (below).
 //
 // W_MIN, SEQ_MIN, QK_MIN, DV_MIN: the blocks per SM grad_w, grad_w_seq,
 // grad_qk and grad_dv are compiled for, by the forward's rule (cuda/chunk.cu):
@@ -840,3 +917,16 @@ extern "C" __global__ void __launch_bounds__(GATELOOP_CHUNK_CARRY_THREADS)
     gateloop_chunk_grad_adjoint_carry_r(const GateloopChunkGradParams g) {
     gateloop::chunk::grad_adjoint_carry<false>(g);
 }
+
+// gateloop_chunk_grad_dh0_{dtype}_{c,r}: dtype of q and dy.
+#define GATELOOP_CHUNK_GRAD_DH0_ENTRY(DTYPE, TYPE, GATE, CPLX)                       \
+    extern "C" __global__ void __launch_bounds__(GATELOOP_CHUNK_CARRY_THREADS)       \
+        gateloop_chunk_grad_dh0_##DTYPE##_##GATE(const GateloopChunkGradParams g) {  \
+        gateloop::chunk::grad_dh0<TYPE, CPLX>(g);                                    \
+    }
+GATELOOP_CHUNK_GRAD_DH0_ENTRY(f32, float, c, true)
+GATELOOP_CHUNK_GRAD_DH0_ENTRY(f16, __half, c, true)
+GATELOOP_CHUNK_GRAD_DH0_ENTRY(bf16, __nv_bfloat16, c, true)
+GATELOOP_CHUNK_GRAD_DH0_ENTRY(f32, float, r, false)
+GATELOOP_CHUNK_GRAD_DH0_ENTRY(f16, __half, r, false)
+GATELOOP_CHUNK_GRAD_DH0_ENTRY(bf16, __nv_bfloat16, r, false)

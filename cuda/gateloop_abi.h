@@ -434,7 +434,7 @@ GATELOOP_ABI_ASSERT(sizeof(GateloopChunkParams) == 72 + 48 + 5 * 24 + 2 * 24 + 8
  * The chunked BACKWARD (cuda/chunk_grad.cu; CPU mirror src/cpu/chunked_grad.rs),
  * complex (g = c) or real (g = r: gated linear attention) gates. Gradients of
  * L = Σ dy ⊙ y + Σ Re(conj(dh_final) ⊙ h_final).
- * Six kernels on one stream, every one taking GateloopChunkGradParams or the
+ * Six kernels (seven with dh0) on one stream, every one taking GateloopChunkGradParams or the
  * embedded forward struct `fwd`:
  *   1a. gateloop_chunk_state_{dtype}_{g}_{prec} (the forward's, on fwd): U_c, A_c.
  *   1b. gateloop_chunk_grad_w_{dtype}_{g}: grid.x = B·H·num_chunks·value_tiles,
@@ -443,7 +443,10 @@ GATELOOP_ABI_ASSERT(sizeof(GateloopChunkParams) == 72 + 48 + 5 * 24 + 2 * 24 + 8
  *   2a. gateloop_chunk_carry_{g} (the forward's, on fwd): S_in(c) over U_c;
  *       h_final into the workspace sink fwd.h_final.
  *   2b. gateloop_chunk_grad_adjoint_carry_{g}: grid.x = ceil(B·H·K·V /
- *       CHUNK_CARRY_THREADS): D(c) over W_c (reverse, conj(A)); dh0.
+ *       CHUNK_CARRY_THREADS): D(c) over W_c (reverse, conj(A)).
+ *   2c. gateloop_chunk_grad_dh0_{dtype}_{g} (only with HAS_DH0): the same
+ *       grid and block: dh0 = conj(A_0) D(0) + W_0 from slot 0 of ws_adj and
+ *       chunk 0's inputs, on CUDA cores.
  *   3a. gateloop_chunk_grad_qk_{dtype}_{g}: grid.x = B·H·num_chunks, dynamic
  *       shared memory qk_shared_bytes: dq, dk, dlog_gate.
  *   3b. gateloop_chunk_grad_dv_{dtype}_{g}: grid.x = B·H·num_chunks·value_tiles,
@@ -459,7 +462,7 @@ GATELOOP_ABI_ASSERT(sizeof(GateloopChunkParams) == 72 + 48 + 5 * 24 + 2 * 24 + 8
  */
 /* dh_final is present (otherwise NULL: the adjoint after the last step is 0). */
 #define GATELOOP_GRAD_FLAG_HAS_DH_FINAL 1u
-/* dh0 is written (requires fwd.flags & HAS_H0; otherwise NULL). */
+/* dh0 is written, by gateloop_chunk_grad_dh0 (otherwise NULL). */
 #define GATELOOP_GRAD_FLAG_HAS_DH0 2u
 
 typedef struct GateloopChunkGradParams {

@@ -135,7 +135,7 @@ cli_test() {
 cli_test cli --exact half_inputs_run_in_their_dtype cuda_device_errors_are_clear
 cli_test cli_grad --exact half_grad_files_run_in_their_dtype grad_input_errors_name_the_tensor
 cli demo --batch 1 --len 200 --heads 2 --key-dim 8 --value-dim 8
-cli fuzz --device cuda --targets forward,grad --dtypes f32,bf16 --cases 30 --max-len 40 --seed 7
+cli fuzz --device cuda --targets forward,grad --dtypes f32,bf16,f16 --cases 30 --max-len 40 --seed 7
 cli bench --shape 1,100,1,8,8 --runs 2 --warmup 1 --json "$tmp/bench.json"
 if ! grep -q '"gateloop kernel emulator (CPU)"' "$tmp/bench.json"; then
     echo "emulated-device: bench.json does not name the emulated device" >&2

@@ -32,8 +32,12 @@
 //! Every selected [`Target`] runs the case and is compared with its oracle
 //! on *the inputs the target saw*: f64 targets get the drawn problem, f32
 //! targets its f32 rounding, bf16 targets (the CUDA kernels in bf16,
-//! `--dtypes bf16`) that with q, k, v and dy rounded on to bf16, and the
-//! oracle the same rounded values. A
+//! `--dtypes bf16`) that with q, k, v and dy rounded on to bf16, f16 targets
+//! (`--dtypes f16`) that with q, k, v and dy each first multiplied by the
+//! power of two that brings its largest magnitude into (1/2, 1] (h0 by k's
+//! and v's, dh_final by q's and dy's: the drawn problem times constants;
+//! and all four by one more 2^−j if an output would leave f16's range,
+//! [`Precision::F16`]), and the oracle the same rounded values. A
 //! **forward** target ([`Kind::Forward`]) is compared with the f64 recurrent
 //! reference ([`crate::reference::recurrent`]); a **gradient** target
 //! ([`Kind::Grad`], `gateloop fuzz --targets grad`) with the f64 adjoint
@@ -78,6 +82,7 @@
 //! ```text
 //! f64: tol = 1e-10
 //! f32: tol = min(1e-3, 1e-4 · max(1, √(L / 4096)))
+//! bf16, f16: the f32 tol + 2⁻⁸, 2⁻¹¹ (each output stored once in that type)
 //! ```
 //!
 //! (1e-4 up to L = 4096, growing like √L beyond — the random-walk growth of
@@ -91,7 +96,10 @@
 //! spacing times a bound on the operations behind one output element, before
 //! it enters e_l2 and e_max. The floor is ~1e-38 at the largest f32 cases and
 //! is invisible wherever the outputs are normal numbers (found necessary by
-//! the 1M-case campaign: k·v products in the subnormal range).
+//! the 1M-case campaign: k·v products in the subnormal range). f16 targets
+//! compute in f32 (f32's η) and store y (dq, dk, dv) in f16, whose own
+//! subnormal spacing 2⁻²⁴ is added to the floor of those tensors alone
+//! ([`store_floor`]).
 //!
 //! ## The gradient bound
 //!
@@ -221,27 +229,50 @@ pub enum Precision {
     F64,
     /// The CUDA kernels' bf16 inputs: q, k, v (and dy) rounded to bf16,
     /// log_gate, h0 (and dh_final) to f32, computed in f32, y (and dq, dk,
-    /// dv) stored in bf16. (f16 is not fuzzed: the drawn value scales,
-    /// 10^±3 and their products, leave its range; the GPU tests cover it.)
+    /// dv) stored in bf16.
     Bf16,
+    /// The CUDA kernels' f16 inputs: the f32 problem with q, k, v and dy
+    /// each rescaled by a power of two to a largest magnitude in (1/2, 1]
+    /// (h0 by k's and v's factors, dh_final by q's and dy's, so the
+    /// problem is the drawn one times constants and keeps its structure),
+    /// all four by a further 2^−j where the f64 reference's largest y, dq,
+    /// dk or dv would exceed 2^14, then q, k, v, dy rounded to f16; computed
+    /// in f32, y (and dq, dk, dv) stored in f16. The rescaling is what
+    /// f16's range (6.1e-5 to 65504 for normal numbers) needs: the drawn
+    /// scales, 10^±3 and their products, would overflow or flush it, which
+    /// tests the draw, not the kernels (seed 2032, case 2, before the 2^−j:
+    /// a dv of 3e6).
+    F16,
 }
 
 impl Precision {
-    /// `"f32"`, `"f64"` or `"bf16"`.
+    /// `"f32"`, `"f64"`, `"bf16"` or `"f16"`.
     pub fn name(self) -> &'static str {
         match self {
             Precision::F32 => "f32",
             Precision::F64 => "f64",
             Precision::Bf16 => "bf16",
+            Precision::F16 => "f16",
         }
     }
-    /// Parses `f32`, `f64` or `bf16`.
+    /// Parses `f32`, `f64`, `bf16` or `f16`.
     pub fn parse(s: &str) -> Option<Precision> {
         match s.trim().to_ascii_lowercase().as_str() {
             "f32" => Some(Precision::F32),
             "f64" => Some(Precision::F64),
             "bf16" => Some(Precision::Bf16),
+            "f16" => Some(Precision::F16),
             _ => None,
+        }
+    }
+
+    /// The 16-bit type the CUDA kernels take q, k, v (and dy) in and store
+    /// y (and dq, dk, dv) in; `None` for f32 and f64.
+    pub fn half(self) -> Option<HalfDtype> {
+        match self {
+            Precision::Bf16 => Some(HalfDtype::Bf16),
+            Precision::F16 => Some(HalfDtype::F16),
+            Precision::F32 | Precision::F64 => None,
         }
     }
 }
@@ -249,6 +280,13 @@ impl Precision {
 /// bf16's unit roundoff 2⁻⁸ (8 significant bits): the relative error of one
 /// rounding to bf16, the store of each bf16 output element.
 const BF16_UNIT_ROUNDOFF: f64 = 1.0 / 256.0;
+
+/// f16's unit roundoff 2⁻¹¹ (11 significant bits).
+const F16_UNIT_ROUNDOFF: f64 = 1.0 / 2048.0;
+
+/// The spacing of f16's subnormal numbers, 2⁻²⁴: the absolute error of one
+/// rounding to f16 below its smallest normal number 2⁻¹⁴ (≤ half of it).
+const F16_SUBNORMAL_SPACING: f64 = 1.0 / 16_777_216.0;
 
 /// Where a target computes.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -276,6 +314,8 @@ pub fn tolerance(precision: Precision, len: usize) -> f64 {
         // f32 arithmetic, and each output rounded once to bf16: relative
         // error ≤ u per element, so ≤ u in e_l2 and e_max alike.
         Precision::Bf16 => tolerance(Precision::F32, len) + BF16_UNIT_ROUNDOFF,
+        // The same with f16's roundoff.
+        Precision::F16 => tolerance(Precision::F32, len) + F16_UNIT_ROUNDOFF,
     }
 }
 
@@ -293,11 +333,26 @@ pub fn grad_underflow_floor(precision: Precision, dims: &Dims) -> f64 {
     4.0 * subnormal_spacing(precision) * (l * (k + v + 1.0) + 1.0)
 }
 
+/// What the floor of a tensor stored in the 16-bit input type (y; dq, dk,
+/// dv) adds to [`underflow_floor`] or [`grad_underflow_floor`]: f16's
+/// subnormal spacing 2⁻²⁴ for f16 (one store, whose absolute error below
+/// 2⁻¹⁴ is at most half of it; the arithmetic is f32's, and the f32 tensors
+/// h_final, dlog_gate, dh0 keep f32's floor: a floor of 2⁻²⁴ on them would
+/// pass any h_final whose elements are all below it), 0 otherwise (bf16's
+/// floor takes bf16's spacing 2⁻¹³³ for every tensor: it covers its store).
+pub fn store_floor(precision: Precision) -> f64 {
+    match precision {
+        Precision::F16 => F16_SUBNORMAL_SPACING,
+        Precision::F32 | Precision::F64 | Precision::Bf16 => 0.0,
+    }
+}
+
 /// η: the spacing of the subnormal numbers of a precision.
 fn subnormal_spacing(precision: Precision) -> f64 {
     match precision {
-        Precision::F64 => f64::from_bits(1),            // 2^-1074
-        Precision::F32 => f64::from(f32::from_bits(1)), // 2^-149
+        Precision::F64 => f64::from_bits(1), // 2^-1074
+        // f16 inputs are computed in f32 ([`store_floor`] adds the store).
+        Precision::F32 | Precision::F16 => f64::from(f32::from_bits(1)), // 2^-149
         // f32 arithmetic stored in bf16, whose subnormals are coarser.
         Precision::Bf16 => f64::from(half::bf16::from_bits(1).to_f32()), // 2^-133
     }
@@ -422,6 +477,7 @@ fn cuda_element(precision: Precision) -> Option<cuda::Dtype> {
     match precision {
         Precision::F32 => Some(cuda::Dtype::F32),
         Precision::Bf16 => Some(cuda::Dtype::Bf16),
+        Precision::F16 => Some(cuda::Dtype::F16),
         Precision::F64 => None,
     }
 }
@@ -489,8 +545,8 @@ impl Target {
             Precision::F32 => Box::new(move |p: &OwnedProblem<f64>| {
                 dispatch::cpu_f32(mode, &p.to_f32().view()).map(widen).map_err(|e| e.to_string())
             }),
-            // The CPU runs bf16 values in f32: the f32 target.
-            Precision::Bf16 => return None,
+            // The CPU runs 16-bit values in f32: the f32 target.
+            Precision::Bf16 | Precision::F16 => return None,
         };
         Some(Target { mode, precision, device: Device::Cpu, label, imp: Implementation::Forward(run) })
     }
@@ -577,8 +633,8 @@ pub fn select(
         for &m in modes {
             for &pr in precisions {
                 let what = format!("{} {} {} on {}", kind.name(), m.name(), pr.name(), device.name());
-                if gpu.is_none() && pr == Precision::Bf16 {
-                    notes.push(format!("{what}: the CPU computes bf16 inputs in f32 (the f32 targets): skipped"));
+                if gpu.is_none() && pr.half().is_some() {
+                    notes.push(format!("{what}: the CPU computes 16-bit inputs in f32 (the f32 targets): skipped"));
                     continue;
                 }
                 match (kind, &gpu) {
@@ -998,8 +1054,9 @@ pub struct Oracle {
 fn smallest_normal(precision: Precision) -> f64 {
     match precision {
         Precision::F64 => f64::MIN_POSITIVE,
-        // bf16 has f32's exponent range.
-        Precision::F32 | Precision::Bf16 => f64::from(f32::MIN_POSITIVE),
+        // bf16 has f32's exponent range; f16 inputs are computed in f32, and
+        // its stores' subnormals are [`store_floor`]'s.
+        Precision::F32 | Precision::Bf16 | Precision::F16 => f64::from(f32::MIN_POSITIVE),
     }
 }
 
@@ -1022,8 +1079,15 @@ impl Oracle {
     /// Judges `out` with tolerance `tol`, each element's error first reduced
     /// by `floor` ([`underflow_floor`]).
     pub fn judge_with_floor(&self, out: &Outputs<f64>, tol: f64, floor: f64) -> Judgement {
+        self.judge_with_floors(out, tol, floor, floor)
+    }
+
+    /// [`Oracle::judge_with_floor`] with y's floor apart: `stored_floor`
+    /// for y, which the kernels store in the 16-bit input type (the floor
+    /// plus [`store_floor`]), `floor` for h_final (f32 for every input type).
+    pub fn judge_with_floors(&self, out: &Outputs<f64>, tol: f64, floor: f64, stored_floor: f64) -> Judgement {
         Judgement {
-            y: score_tensor(&out.y, &self.out.y, &self.r_y, floor, f64::MIN_POSITIVE),
+            y: score_tensor(&out.y, &self.out.y, &self.r_y, stored_floor, f64::MIN_POSITIVE),
             h_final: score_tensor(
                 &interleave(&out.h_final),
                 &interleave(&self.out.h_final),
@@ -1090,13 +1154,23 @@ impl GradOracle {
     /// `floor` ([`grad_underflow_floor`]). A dh0 present on one side only
     /// scores NaN (fails).
     pub fn judge_with_floor(&self, g: &Grads<f64>, tol: f64, floor: f64) -> Verdict {
+        self.judge_with_floors(g, tol, floor, floor)
+    }
+
+    /// [`GradOracle::judge_with_floor`] with `stored_floor` for dq, dk and
+    /// dv, which the kernels store in the 16-bit input type (the floor plus
+    /// [`store_floor`]), `floor` for dlog_gate and dh0 (f32).
+    pub fn judge_with_floors(&self, g: &Grads<f64>, tol: f64, floor: f64, stored_floor: f64) -> Verdict {
         let e = &self.grads;
-        let score =
-            |out: &[f64], reference: &[f64], r: &[f64]| score_tensor(out, reference, r, floor, self.smallest_normal);
+        let with_floor = |out: &[f64], reference: &[f64], r: &[f64], floor: f64| {
+            score_tensor(out, reference, r, floor, self.smallest_normal)
+        };
+        let stored = |out: &[f64], reference: &[f64], r: &[f64]| with_floor(out, reference, r, stored_floor);
+        let score = |out: &[f64], reference: &[f64], r: &[f64]| with_floor(out, reference, r, floor);
         let mut tensors = vec![
-            ("dq", score(&g.dq, &e.dq, &self.r_dq)),
-            ("dk", score(&g.dk, &e.dk, &self.r_dk)),
-            ("dv", score(&g.dv, &e.dv, &self.r_dv)),
+            ("dq", stored(&g.dq, &e.dq, &self.r_dq)),
+            ("dk", stored(&g.dk, &e.dk, &self.r_dk)),
+            ("dv", stored(&g.dv, &e.dv, &self.r_dv)),
             ("dlog_gate", score(&interleave(&g.dlog_gate), &interleave(&e.dlog_gate), &self.r_dlog_gate)),
         ];
         if g.dh0.is_some() || e.dh0.is_some() {
@@ -1264,7 +1338,8 @@ fn evaluate(target: &mut Target, x: &Input, expected: &Expected) -> Outcome {
                     ));
                 }
                 let floor = underflow_floor(target.precision, &x.p.dims);
-                (oracle.judge_with_floor(&out, tol, floor).verdict(), Actual::Forward(out))
+                let stored = floor + store_floor(target.precision);
+                (oracle.judge_with_floors(&out, tol, floor, stored).verdict(), Actual::Forward(out))
             }
             Err(e) => return fail(format!("refused a valid problem: {e}")),
         },
@@ -1274,7 +1349,8 @@ fn evaluate(target: &mut Target, x: &Input, expected: &Expected) -> Outcome {
                     return fail(why);
                 }
                 let floor = grad_underflow_floor(target.precision, &x.p.dims);
-                (oracle.judge_with_floor(&g, tol, floor), Actual::Grad(g))
+                let stored = floor + store_floor(target.precision);
+                (oracle.judge_with_floors(&g, tol, floor, stored), Actual::Grad(g))
             }
             Err(e) => return fail(format!("refused a valid problem: {e}")),
         },
@@ -1309,7 +1385,76 @@ fn for_precision(x: &Input, precision: Precision) -> Input {
             up.dy.iter_mut().for_each(|v| *v = b(*v));
             Input { p: p.map_qkv(b), up }
         }
+        Precision::F16 => {
+            let Input { p, up } = f32_input();
+            let unit = [unit_scale(&p.q), unit_scale(&p.k), unit_scale(&p.v), unit_scale(&up.dy)];
+            // Every output of the unit-scaled problem within F16_OUTPUT_MAX:
+            // y, dq, dk, dv are products of three of the four factors, so
+            // one more 2^-j on each divides them by 2^3j.
+            let unit_out = max_half_output(&scaled_problem(&p, &up, unit, None));
+            // (A problem the reference refuses keeps j = 0: its oracle refuses it too.)
+            let j = if unit_out.is_finite() && unit_out > F16_OUTPUT_MAX {
+                ((unit_out / F16_OUTPUT_MAX).log2() / 3.0).ceil() as i32
+            } else {
+                0
+            };
+            let f16 = |v: f64| f64::from(HalfDtype::F16.round(v as f32));
+            scaled_problem(&p, &up, unit.map(|s| s * 2f64.powi(-j)), Some(&f16))
+        }
     }
+}
+
+/// The largest magnitude an f16 target's outputs stored in f16 may have: a
+/// quarter of f16's largest finite number 65504 (the kernels' f32 result
+/// differs from the reference's by rounding only; the margin is for that).
+const F16_OUTPUT_MAX: f64 = 16384.0;
+
+/// `p` and `up` with q, k, v, dy multiplied by `[sq, sk, sv, sdy]` (powers
+/// of two) and then rounded by `round`, h0 by sk·sv and dh_final by sq·sdy
+/// (they enter the state beside k·v and the adjoint beside q·dy: the
+/// problem keeps its balance) and rounded to f32 again (a value that left
+/// f32's normal range).
+fn scaled_problem(
+    p: &OwnedProblem<f64>,
+    up: &Upstream<f64>,
+    [sq, sk, sv, sdy]: [f64; 4],
+    round: Option<&dyn Fn(f64) -> f64>,
+) -> Input {
+    let real = |x: &[f64], s: f64| -> Vec<f64> { x.iter().map(|v| round.map_or(v * s, |r| r(v * s))).collect() };
+    let r = |v: f64| v as f32 as f64;
+    let complex = |x: &[Complex<f64>], s: f64| -> Vec<Complex<f64>> {
+        x.iter().map(|z| Complex::new(r(z.re * s), r(z.im * s))).collect()
+    };
+    Input {
+        p: OwnedProblem {
+            dims: p.dims,
+            q: real(&p.q, sq),
+            k: real(&p.k, sk),
+            v: real(&p.v, sv),
+            log_gate: p.log_gate.clone(),
+            h0: p.h0.as_deref().map(|h| complex(h, sk * sv)),
+        },
+        up: Upstream { dy: real(&up.dy, sdy), dh_final: up.dh_final.as_deref().map(|d| complex(d, sq * sdy)) },
+    }
+}
+
+/// The largest magnitude of y, dq, dk, dv (the outputs the kernels store
+/// in the 16-bit input type) by the f64 reference; infinity if it refuses.
+fn max_half_output(x: &Input) -> f64 {
+    let max = |v: &[f64]| v.iter().fold(0.0f64, |m, x| m.max(x.abs()));
+    let view = x.p.view();
+    let y = reference::recurrent::forward(&view).map_or(f64::INFINITY, |o| max(&o.y));
+    let g = reference::grad::backward(&view, &x.up.dy, x.up.dh_final.as_deref())
+        .map_or(f64::INFINITY, |g| max(&g.dq).max(max(&g.dk)).max(max(&g.dv)));
+    y.max(g)
+}
+
+/// The power of two that brings the largest magnitude of `x` into (1/2, 1]
+/// (1 for an all-zero `x`): exact in f64, and in f32 wherever the result
+/// stays a normal number.
+fn unit_scale(x: &[f64]) -> f64 {
+    let m = x.iter().fold(0.0f64, |m, v| m.max(v.abs()));
+    if m == 0.0 || !m.is_finite() { 1.0 } else { 2f64.powi(-(m.log2().ceil() as i32)) }
 }
 
 /// Shrinks a failing input (already in the target's precision), at most
@@ -1500,7 +1645,7 @@ impl FuzzReport {
         }
         let _ = writeln!(
             s,
-            "bound: score = max(‖out−ref‖/max(‖ref‖,‖R‖), max|out−ref|/(10·max(|ref|,R))) ≤ tol; tol f64 1e-10, f32 min(1e-3, 1e-4·max(1, √(L/4096))), bf16 the f32 tol + 2⁻⁸ (outputs stored in bf16)"
+            "bound: score = max(‖out−ref‖/max(‖ref‖,‖R‖), max|out−ref|/(10·max(|ref|,R))) ≤ tol; tol f64 1e-10, f32 min(1e-3, 1e-4·max(1, √(L/4096))), bf16 and f16 the f32 tol + 2⁻⁸ and 2⁻¹¹ (outputs stored in them; f16 y, dq, dk, dv errors first reduced by its subnormal spacing 2⁻²⁴)"
         );
         if self.targets.iter().any(|t| t.kind == Kind::Grad) {
             let _ = writeln!(
@@ -1593,9 +1738,9 @@ fn write_failure(
     let (input, expected_path, replay_output) = (path("input"), path("expected"), path("replay"));
     let e = |e: io::FileError| e.to_string();
     let (p, d) = (&x.p, &x.p.dims);
-    // f32 and bf16 targets' inputs and outputs are f32 values (exactly).
+    // f32, bf16 and f16 targets' inputs and outputs are f32 values (exactly).
     let f32_target = target.precision != Precision::F64;
-    let half = (target.precision == Precision::Bf16).then_some(HalfDtype::Bf16);
+    let half = target.precision.half();
     // The input, in the target's precision (a bf16 file for a bf16 target,
     // which `gateloop run` replays with the bf16 kernels), and the oracle's
     // result in f64.
@@ -1783,7 +1928,7 @@ pub fn run_campaign(cfg: &FuzzConfig, targets: &mut [Target]) -> FuzzReport {
         let index = cfg.first_case + n;
         let case = draw_case(cfg.seed, index, cfg.max_len);
         let drawn = Input { p: case.problem(), up: case.upstream() };
-        let inputs: Vec<(Precision, Input)> = [Precision::F64, Precision::F32, Precision::Bf16]
+        let inputs: Vec<(Precision, Input)> = [Precision::F64, Precision::F32, Precision::Bf16, Precision::F16]
             .into_iter()
             .filter(|pr| needed.iter().any(|(p, _)| p == pr))
             .map(|pr| (pr, for_precision(&drawn, pr)))
@@ -1892,6 +2037,11 @@ mod tests {
         // bf16: f32's, plus one rounding of each output to bf16 (2⁻⁸).
         assert_eq!(tolerance(Precision::Bf16, 1), 1e-4 + 1.0 / 256.0);
         assert_eq!(Precision::parse("BF16"), Some(Precision::Bf16));
+        // f16: f32's, plus one rounding of each output to f16 (2⁻¹¹).
+        assert_eq!(tolerance(Precision::F16, 1), 1e-4 + 1.0 / 2048.0);
+        assert_eq!(Precision::parse("f16"), Some(Precision::F16));
+        assert_eq!(Precision::F16.half(), Some(HalfDtype::F16));
+        assert_eq!((Precision::F32.half(), Precision::F64.half()), (None, None));
     }
 
     #[test]
@@ -1910,7 +2060,93 @@ mod tests {
         let Err(SetupError::Empty(why)) = select(Device::Cpu, &[Kind::Forward], &Mode::ALL, &[Precision::Bf16]) else {
             panic!("bf16 on the CPU selected a target")
         };
-        assert!(why.contains("computes bf16 inputs in f32"), "{why}");
+        assert!(why.contains("computes 16-bit inputs in f32"), "{why}");
+    }
+
+    #[test]
+    fn f16_targets_see_a_rescaled_problem_of_f16_elements() {
+        // Cases whose q, k, v are drawn at scales f16 cannot hold (10^±3),
+        // with h0 and dh_final, so every scaling is exercised; case 2 of
+        // seed 2032 (its first f16 campaign) has a dv of 3e6 at unit scale.
+        let (mut seen_big, mut seen_small, mut seen_shifted) = (false, false, false);
+        let cases = (0..200).map(|i| draw_case(11, i, 64)).chain([draw_case(2032, 2, 256)]);
+        for case in cases {
+            if !case.with_h0 && case.dh_final_scale.is_none() {
+                continue;
+            }
+            let drawn = Input { p: case.problem(), up: case.upstream() };
+            let (x32, x16) = (for_precision(&drawn, Precision::F32), for_precision(&drawn, Precision::F16));
+            let f16 = |v: f64| f64::from(HalfDtype::F16.round(v as f32));
+            let mut factors = Vec::new();
+            let mut shift = None;
+            for (a, b) in [(&x16.p.q, &x32.p.q), (&x16.p.k, &x32.p.k), (&x16.p.v, &x32.p.v), (&x16.up.dy, &x32.up.dy)] {
+                // f16 values, each the f32 value times one power of two,
+                // rounded once: unit_scale's, times a 2^-j common to all four.
+                assert!(a.iter().all(|&x| x == f16(x)));
+                let max = a.iter().fold(0.0f64, |m, x| m.max(x.abs()));
+                let j = -(max.log2().ceil());
+                assert!(shift.is_none_or(|s| s == j), "one shift for all four");
+                shift = Some(j);
+                let s = unit_scale(b) * 2f64.powf(-j);
+                assert!(a.iter().zip(b).all(|(&a, &b)| a == f16(b * s)));
+                factors.push(s);
+            }
+            seen_shifted |= shift.unwrap() > 0.0;
+            seen_big |= case.scales.iter().any(|&s| s > 100.0);
+            seen_small |= case.scales.iter().any(|&s| s < 0.01);
+            assert!(max_half_output(&x16) <= F16_OUTPUT_MAX * 1.01, "case {}", case.index);
+            let [sq, sk, sv, sdy] = factors[..] else { unreachable!() };
+            // The gates as drawn; h0 and dh_final scaled like k·v and q·dy.
+            assert_eq!(x16.p.log_gate, x32.p.log_gate);
+            let scaled = |a: Option<&Vec<Complex<f64>>>, b: Option<&Vec<Complex<f64>>>, s: f64| match (a, b) {
+                (Some(a), Some(b)) => a.iter().zip(b).all(|(a, b)| {
+                    let z = b * s;
+                    a.re == z.re as f32 as f64 && a.im == z.im as f32 as f64
+                }),
+                (a, b) => a.is_none() && b.is_none(),
+            };
+            assert!(scaled(x16.p.h0.as_ref(), x32.p.h0.as_ref(), sk * sv));
+            assert!(scaled(x16.up.dh_final.as_ref(), x32.up.dh_final.as_ref(), sq * sdy));
+        }
+        assert!(seen_shifted, "no case needed its outputs brought into f16's range");
+        assert!(seen_big && seen_small, "no case drawn at scales outside f16's range");
+        // f16 is a CUDA precision; the CPU's is f32.
+        let Err(SetupError::Empty(why)) = select(Device::Cpu, &[Kind::Grad], &Mode::ALL, &[Precision::F16]) else {
+            panic!("f16 on the CPU selected a target")
+        };
+        assert!(why.contains("computes 16-bit inputs in f32"), "{why}");
+        assert_eq!(unit_scale(&[0.0, -0.0]), 1.0);
+        assert_eq!((unit_scale(&[3.0, -4.0]), unit_scale(&[-5.0])), (0.25, 0.125));
+        assert_eq!(unit_scale(&[1.0]), 1.0);
+    }
+
+    #[test]
+    fn f16_store_floor_is_for_the_stored_tensors_only() {
+        // y ≈ 1e-9 and h_final ≈ 1e-6, both below f16's smallest normal 2⁻¹⁴.
+        let d = Dims::new(1, 1, 1, 1, 1);
+        let p = OwnedProblem {
+            dims: d,
+            q: vec![1e-3],
+            k: vec![1e-3],
+            v: vec![1e-3],
+            log_gate: vec![Complex::new(-1.0, 0.0)],
+            h0: Some(vec![Complex::new(1e-12, 0.0)]),
+        };
+        let o = Oracle::new(&p, Precision::F16).unwrap();
+        let floor = underflow_floor(Precision::F16, &d);
+        let stored = floor + store_floor(Precision::F16);
+        let half_spacing = F16_SUBNORMAL_SPACING / 2.0;
+        // y off by half a subnormal spacing of f16 (an f16 store's worst):
+        // 30× y itself, forgiven by the store floor alone.
+        let mut out = o.out.clone();
+        out.y[0] += half_spacing;
+        assert!(o.judge_with_floors(&out, 1e-4, floor, stored).pass());
+        assert!(!o.judge_with_floors(&out, 1e-4, floor, floor).pass());
+        // The same error in h_final, which no input type stores in f16, fails.
+        let mut out = o.out.clone();
+        out.h_final[0] += Complex::new(half_spacing, 0.0);
+        assert!(!o.judge_with_floors(&out, 1e-4, floor, stored).pass());
+        assert_eq!((store_floor(Precision::F32), store_floor(Precision::Bf16)), (0.0, 0.0));
     }
 
     #[test]

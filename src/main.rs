@@ -191,8 +191,9 @@ enum Command {
         /// Modes to fuzz, comma-separated.
         #[arg(long, value_enum, value_delimiter = ',', default_value = "recurrent,scan,attention,chunked")]
         modes: Vec<CliMode>,
-        /// Precisions to fuzz, comma-separated (f32, f64; bf16: the CUDA
-        /// kernels in bf16, with --device cuda).
+        /// Precisions to fuzz, comma-separated (f32, f64; bf16, f16: the
+        /// CUDA kernels in that type, with --device cuda; f16 rescales q, k,
+        /// v and dy by powers of two into its range).
         #[arg(long, value_delimiter = ',', default_value = "f32,f64")]
         dtypes: Vec<String>,
         /// Longest sequence length drawn.
@@ -706,7 +707,8 @@ fn fuzz_cmd(
     let precisions = dtypes
         .iter()
         .map(|d| {
-            fuzz::Precision::parse(d).ok_or_else(|| Failure::Input(format!("--dtypes: `{d}` is not f32, f64 or bf16")))
+            fuzz::Precision::parse(d)
+                .ok_or_else(|| Failure::Input(format!("--dtypes: `{d}` is not f32, f64, bf16 or f16")))
         })
         .collect::<Result<Vec<_>, _>>()?;
     if let Some(s) = budget {

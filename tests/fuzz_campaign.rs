@@ -127,26 +127,26 @@ fn injected_fault_is_caught_shrunk_written_and_replayable() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
-/// A bf16 target's failure files hold what it saw: q, k, v in BF16, log_gate
-/// and h0 in F32, its output y in BF16; `gateloop run` replays the input
-/// file as bf16 (here on the CPU, which computes it in f32) and that replay
-/// passes `check` against the expected outputs, while the recorded failing
-/// output does not.
-#[test]
-fn bf16_failure_files_are_bf16_and_replay() {
+/// A 16-bit target's failure files hold what it saw: q, k, v in that type
+/// (BF16 or F16), log_gate and h0 in F32, its output y in that type;
+/// `gateloop run` replays the input file in it (here on the CPU, which
+/// computes it in f32) and that replay passes `check` against the expected
+/// outputs, while the recorded failing output does not.
+fn half_failure_files_are_half_and_replay(precision: Precision, dtype: safetensors::Dtype) {
     let wrong = |p: &OwnedProblem<f64>| -> Result<Outputs<f64>, String> {
         reference::recurrent::forward(&forget_h0_above_k2(p).view()).map_err(|e| e.to_string())
     };
-    let target = || Target::custom("wrong-chunked-bf16", Mode::Chunked, Precision::Bf16, Device::Cpu, wrong);
-    let dir = temp_dir("injected-bf16");
+    let label = format!("wrong-chunked-{}", precision.name());
+    let target = || Target::custom(label.clone(), Mode::Chunked, precision, Device::Cpu, wrong);
+    let dir = temp_dir(&format!("injected-{}", precision.name()));
     let cfg = FuzzConfig { cases: 500, seed: 3, max_len: 300, out_dir: Some(dir.clone()), ..Default::default() };
     let report = fuzz::run_campaign(&cfg, &mut [target()]);
     assert_eq!(report.failures.len(), 1, "{}", report.render());
     let files = report.failures[0].files.as_ref().expect("written").as_ref().expect("write ok");
     let input = gateloop::io::read_tensors_f64(&files.input).unwrap();
     let dtypes: Vec<_> = ["q", "k", "v", "log_gate", "h0"].iter().map(|n| input[*n].dtype).collect();
-    use safetensors::Dtype::{BF16, F32};
-    assert_eq!(dtypes, [BF16, BF16, BF16, F32, F32]);
+    use safetensors::Dtype::F32;
+    assert_eq!(dtypes, [dtype, dtype, dtype, F32, F32]);
     let sh = |cmd: &str| {
         let cmd = cmd.split('#').next().unwrap_or(cmd).replacen("gateloop", BIN, 1);
         Command::new("sh").arg("-c").arg(&cmd).output().expect("sh")
@@ -158,17 +158,31 @@ fn bf16_failure_files_are_bf16_and_replay() {
     assert_eq!(o.status.code(), Some(1), "{}", text(&o));
     let o = sh(&files.commands[0]);
     assert!(o.status.success(), "{}", text(&o));
-    assert_eq!(gateloop::io::read_tensors_f64(&files.replay_output).unwrap()["y"].dtype, BF16);
+    assert_eq!(gateloop::io::read_tensors_f64(&files.replay_output).unwrap()["y"].dtype, dtype);
     let o = sh(&files.commands[1]);
     assert!(o.status.success(), "{}", text(&o));
     let _ = std::fs::remove_dir_all(&dir);
 }
 
 #[test]
+fn bf16_failure_files_are_bf16_and_replay() {
+    half_failure_files_are_half_and_replay(Precision::Bf16, safetensors::Dtype::BF16);
+}
+
+#[test]
+fn f16_failure_files_are_f16_and_replay() {
+    half_failure_files_are_half_and_replay(Precision::F16, safetensors::Dtype::F16);
+}
+
+#[test]
 fn cli_usage_errors_exit_2() {
-    let o = Command::new(BIN).args(["fuzz", "--cases", "1", "--dtypes", "f16"]).output().unwrap();
+    let o = Command::new(BIN).args(["fuzz", "--cases", "1", "--dtypes", "f8"]).output().unwrap();
     assert_eq!(o.status.code(), Some(2));
-    assert!(String::from_utf8_lossy(&o.stderr).contains("f16"));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("`f8` is not f32, f64, bf16 or f16"));
+    // f16 and bf16 are the CUDA kernels' types: on the CPU nothing to fuzz.
+    let o = Command::new(BIN).args(["fuzz", "--cases", "1", "--dtypes", "f16,bf16"]).output().unwrap();
+    assert_eq!(o.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("computes 16-bit inputs in f32"));
     // This build's GPU layer (a stub, or no driver here) cannot be used: exit 2 with a message.
     if gateloop::cuda::Gpu::new(0).is_err() {
         let o = Command::new(BIN).args(["fuzz", "--cases", "1", "--device", "cuda"]).output().unwrap();

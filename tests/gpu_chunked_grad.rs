@@ -39,6 +39,7 @@ use half::{bf16, f16};
 
 /// Upstream gradients of a case: dy `[B, L, H, V]` and, when asked,
 /// dh_final, random (never zero), from their own seed.
+#[derive(Clone)]
 struct Upstream {
     dy: Vec<f64>,
     dh_final: Option<Vec<Complex<f64>>>,
@@ -213,6 +214,80 @@ fn hard_decay_keeps_short_differences() {
             j += 1;
             check_case::<f32>(gpu, &case, j % 2 == 0, (5e-6, 1e-3));
         });
+    }
+}
+
+/// dh0 when the first gates' product is an f32 subnormal (found by the
+/// emulated `gateloop fuzz --device cuda --targets grad`, seed 2032, cases
+/// 33 and 281: dh0 = 0 against 3.4e-37 in f32, f16 and bf16). Every term of
+/// dh0 carries E(n, −1) = a_0 ⋯ a_n; with Re g_0 = −90.26 or −88
+/// (|a_0| = 6.4e-40, 6.1e-39), the tensor-core operand q_n E(n, −1) of W_0
+/// (or its low split part) is subnormal (flushed on the emulated device, as
+/// a tensor core may), while dh0 = Σ conj(q_n E(n, −1)) dy_n + conj(A_0) D(0),
+/// with q ×500 and dy ×100 (f16: ×20, ×5, within its range), is a normal
+/// number. dh0 now comes from grad_dh0 on CUDA cores (its power
+/// of two applied last): every gradient within the usual bounds, complex
+/// and real gates, one chunk and several, both carries.
+#[test]
+fn dh0_after_a_subnormal_first_gate() {
+    let Some(gpu) = gpu_or_skip() else { return };
+    let first_gates: [&[f64]; 2] = [&[-90.26], &[-88.0, -0.5]];
+    let shapes = [
+        dims(1, 1, 1, 1, 1, true),
+        dims(2, 37, 2, 5, 7, false),
+        dims(1, 130, 1, 16, 70, true),
+        // The sequential carry for bf16 (B·H·slabs ≥ 512).
+        dims(8, 70, 64, 16, 8, true),
+    ];
+    for (i, d) in shapes.into_iter().enumerate() {
+        for (j, first) in first_gates.iter().enumerate() {
+            let seed = 9300 + 10 * i as u64 + j as u64;
+            let mut p = Case::new(d, GateRegime::Random, true, seed).problem();
+            // The first steps' gates, every batch element, head and channel.
+            let (b_len, l, h_len, g) = (d.batch, d.len, d.heads, d.gate_dim());
+            for b in 0..b_len {
+                for (t, &re) in first.iter().enumerate().take(l) {
+                    for h in 0..h_len {
+                        for c in 0..g {
+                            p.log_gate[((b * l + t) * h_len + h) * g + c].re = re;
+                        }
+                    }
+                }
+            }
+            let up = upstream(d, j == 1, seed);
+            let label = format!("{d:?} first gates {first:?}");
+            let check = |name: &str, got: &Grads<f32>, want: &Grads<f64>, seq: (f64, f64)| {
+                assert_grads(&format!("{name} {label}"), got, want, seq, STATE_BOUNDS);
+                let (a, b) = (got.dh0.as_ref().unwrap(), want.dh0.as_ref().unwrap());
+                let max = b.iter().fold(0.0f64, |m, z| m.max(z.norm()));
+                assert!(max > 1.2e-38 && max < 1e-30, "{name} {label}: |dh0| ≤ {max:e}, not the case meant");
+                assert!(a.iter().any(|z| z.norm() > 0.0), "{name} {label}: dh0 = 0");
+            };
+            if common::emulated_device_skips(&d) {
+                continue;
+            }
+            macro_rules! complex_and_real {
+                ($t:ty, $q_scale:expr, $dy_scale:expr) => {{
+                    let mut p = p.clone();
+                    p.q.iter_mut().for_each(|x| *x *= $q_scale);
+                    let mut up = up.clone();
+                    up.dy.iter_mut().for_each(|x| *x *= $dy_scale);
+                    let (pt, ut) = rounded::<$t>(&p, &up);
+                    let want = reference::grad::backward(&pt.view(), &ut.dy, ut.dh_final.as_deref()).unwrap();
+                    let seq = if <$t>::DTYPE == Dtype::F32 { STATE_BOUNDS } else { y_bounds(<$t>::DTYPE) };
+                    check(<$t>::DTYPE.name(), &run::<$t>(gpu, &pt, &ut, ChunkPrecision::Exact), &want, seq);
+                    let mut ur = ut.clone();
+                    ur.dh_final.iter_mut().flatten().for_each(|z| z.im = 0.0);
+                    let pr = common::real_gates(pt.clone());
+                    let want = reference::grad::backward(&pr.view(), &ur.dy, ur.dh_final.as_deref()).unwrap();
+                    let want = common::grad::real_part_grads(want);
+                    check(&format!("{} real", <$t>::DTYPE.name()), &run_real::<$t>(gpu, &pr, &ur), &want, seq);
+                }};
+            }
+            complex_and_real!(f32, 500.0, 100.0);
+            complex_and_real!(f16, 20.0, 5.0);
+            complex_and_real!(bf16, 500.0, 100.0);
+        }
     }
 }
 

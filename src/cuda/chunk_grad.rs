@@ -11,7 +11,7 @@
 //! (w', u and the through term, which avoids the cancellation of the
 //! chunk-end state term).
 //!
-//! # Structure: six launches on one stream
+//! # Structure: six launches on one stream (seven with dh0)
 //!
 //! 1. the forward's `state` kernel ([`super::chunk`], tensor cores, at the
 //!    requested [`ChunkPrecision`]): U_c and A_c; and `grad_w`, one block per
@@ -19,12 +19,18 @@
 //! 2. the forward's `carry` (U_c → S_in(c); h_final into a workspace sink)
 //!    and `grad_adjoint_carry`, one thread per (b, h, key row, value
 //!    column): D(c − 1) = conj(A_c) D(c) + W_c from D(last) = dh_final,
-//!    W_c overwritten by D(c); dh0 = D(−1).
+//!    W_c overwritten by D(c). Then, when dh0 is asked for, `grad_dh0`, one
+//!    thread per state element: dh0 = D(−1) = conj(A_0) D(0) + W_0 again on
+//!    CUDA cores, from D(0) and chunk 0's inputs (a running product of the
+//!    gates, its power of two applied last), because W_0's tensor-core
+//!    operands q_n E(n, −1) are f32 subnormals where the first gate is
+//!    (e^−90), which a tensor core may flush while dh0 itself is a normal
+//!    number (found by `gateloop fuzz --device cuda`; see the kernel).
 //!    (When the forward's plan takes [`chunk::ChunkCarry::Sequential`], the
 //!    forward's `state` and `carry` are one launch, `state_seq`, and
 //!    `grad_w` and the adjoint carry another, `grad_w_seq` (walking the
 //!    chunks in reverse with D on chip): the same workspace bit for bit, four
-//!    launches in all.)
+//!    launches in all, five with dh0.)
 //! 3. `grad_qk`, one block per (b, h, chunk), walking the key channels in
 //!    slabs of 16: s = dY Vᵀ once, then per slab dq, dk and the gate
 //!    gradient; and `grad_dv`, one block per (b, h, chunk, value tile):
@@ -175,6 +181,8 @@ pub(crate) struct ChunkGradKernels {
     qk: Vec<CudaFunction>,
     dv: Vec<CudaFunction>,
     adjoint_carry: Vec<CudaFunction>,
+    /// dh0 from D(0) on CUDA cores, per (dtype, gates).
+    dh0: Vec<CudaFunction>,
 }
 
 fn kernel_index(dtype: Dtype, gates: Gates) -> usize {
@@ -185,18 +193,22 @@ impl ChunkGradKernels {
     /// Looks up every entry point and raises each function's dynamic shared
     /// memory limit to what it needs, where the device allows it.
     pub(crate) fn load(module: &Arc<CudaModule>, max_shared: usize) -> Result<Self, GpuError> {
-        let mut tables: [Vec<CudaFunction>; 4] = Default::default();
+        let mut tables: [Vec<CudaFunction>; 5] = Default::default();
         for dtype in Dtype::ALL {
             for gates in Gates::ALL {
                 let (w_bytes, qk_bytes, dv_bytes) = shared_bytes(dtype, gates);
                 let w_seq_bytes = chunk::sequential_shared_bytes(dtype, gates);
-                for (table, kind, bytes) in
-                    [(0, "w", w_bytes), (1, "qk", qk_bytes), (2, "dv", dv_bytes), (3, "w_seq", w_seq_bytes)]
-                {
+                for (table, kind, bytes) in [
+                    (0, "w", w_bytes),
+                    (1, "qk", qk_bytes),
+                    (2, "dv", dv_bytes),
+                    (3, "w_seq", w_seq_bytes),
+                    (4, "dh0", 0),
+                ] {
                     let f = module
                         .load_function(&format!("gateloop_chunk_grad_{kind}_{}_{}", dtype.name(), gates.suffix()))
-                        .doing("looking up gateloop_chunk_grad_{w,qk,dv,w_seq}_*")?;
-                    if bytes as usize <= max_shared {
+                        .doing("looking up gateloop_chunk_grad_{w,qk,dv,w_seq,dh0}_*")?;
+                    if bytes > 0 && bytes as usize <= max_shared {
                         f.set_attribute(
                             CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
                             bytes as i32,
@@ -208,20 +220,20 @@ impl ChunkGradKernels {
                 }
             }
         }
-        let [w, qk, dv, w_seq] = tables;
+        let [w, qk, dv, w_seq, dh0] = tables;
         let adjoint_carry = Gates::ALL
             .iter()
             .map(|g| module.load_function(&format!("gateloop_chunk_grad_adjoint_carry_{}", g.suffix())))
             .collect::<Result<Vec<_>, _>>()
             .doing("looking up gateloop_chunk_grad_adjoint_carry_*")?;
-        Ok(ChunkGradKernels { w, w_seq, qk, dv, adjoint_carry })
+        Ok(ChunkGradKernels { w, w_seq, qk, dv, adjoint_carry, dh0 })
     }
 }
 
 /// Runs the chunked backward (complex gates) on `stream` over device
 /// buffers, writing `grads_out`. `T` is the element type of q, k, v, dy and
 /// of dq, dk, dv; log_gate, h0, dh_final, dlog_gate and dh0 are complex f32
-/// (interleaved pairs). Asynchronous: it enqueues six kernels and never
+/// (interleaved pairs). Asynchronous: it enqueues six kernels (seven with dh0; four and five with the sequential carry) and never
 /// synchronizes.
 ///
 /// `workspace` must hold at least [`GradPlan::workspace_len`] f32 of
@@ -394,6 +406,16 @@ fn launch_backward<'a, T: Element>(
             ),
         ]
     };
+    if has_dh0 {
+        launches.push((
+            &kernels.dh0[dtype],
+            lp.carry_grid,
+            carry_block,
+            0,
+            Arg::Grad(&params),
+            "launching gateloop_chunk_grad_dh0",
+        ));
+    }
     launches.extend([
         (&kernels.qk[dtype], gp.qk_grid, block, qk_bytes, Arg::Grad(&params), "launching gateloop_chunk_grad_qk"),
         (&kernels.dv[dtype], lp.grid, block, dv_bytes, Arg::Grad(&params), "launching gateloop_chunk_grad_dv"),
@@ -420,8 +442,9 @@ fn launch_backward<'a, T: Element>(
         // h_final sink (parts·B·H·K·V), exactly the extents the kernels index,
         // each written before it is read in stream order (state and grad_w,
         // then the carries, or state_seq then grad_w_seq, which reads nothing
-        // the former writes but leaves the same slots; then grad_qk and
-        // grad_dv). h0, dh_final, dh0 are
+        // the former writes but leaves the same slots; then grad_dh0, which
+        // reads slot 0 of ws_adj, the inputs and writes dh0 only; then grad_qk
+        // and grad_dv). h0, dh_final, dh0 are
         // null iff their flag is clear. Geometry as `plan` computed: blocks
         // of the __launch_bounds__ sizes, grids ≤ 2^31 − 1, dynamic shared
         // memory equal to each kernel's own layout (checked by the kernel)

@@ -73,7 +73,7 @@ using Entry = void (*)(const GateloopChunkParams);
 using GradEntry = void (*)(const GateloopChunkGradParams);
 struct ChunkEntries {
     Entry state[2][2], state_seq[2][2], output[2][2];
-    GradEntry w[2], qk[2], dv[2], w_seq[2];
+    GradEntry w[2], qk[2], dv[2], w_seq[2], dh0[2];
 };
 #define CHUNK_ENTRIES(DTYPE)                                                                                      \
     extern "C" {                                                                                                  \
@@ -97,6 +97,8 @@ struct ChunkEntries {
     void gateloop_chunk_grad_qk_##DTYPE##_r(const GateloopChunkGradParams g);                                     \
     void gateloop_chunk_grad_dv_##DTYPE##_r(const GateloopChunkGradParams g);                                     \
     void gateloop_chunk_grad_w_seq_##DTYPE##_r(const GateloopChunkGradParams g);                                  \
+    void gateloop_chunk_grad_dh0_##DTYPE##_c(const GateloopChunkGradParams g);                                    \
+    void gateloop_chunk_grad_dh0_##DTYPE##_r(const GateloopChunkGradParams g);                                    \
     }                                                                                                             \
     static const ChunkEntries chunk_##DTYPE = {                                                                   \
         {{gateloop_chunk_state_##DTYPE##_r_fast, gateloop_chunk_state_##DTYPE##_r_exact},                          \
@@ -108,7 +110,8 @@ struct ChunkEntries {
         {gateloop_chunk_grad_w_##DTYPE##_r, gateloop_chunk_grad_w_##DTYPE##_c},                                     \
         {gateloop_chunk_grad_qk_##DTYPE##_r, gateloop_chunk_grad_qk_##DTYPE##_c},                                   \
         {gateloop_chunk_grad_dv_##DTYPE##_r, gateloop_chunk_grad_dv_##DTYPE##_c},                                   \
-        {gateloop_chunk_grad_w_seq_##DTYPE##_r, gateloop_chunk_grad_w_seq_##DTYPE##_c}};
+        {gateloop_chunk_grad_w_seq_##DTYPE##_r, gateloop_chunk_grad_w_seq_##DTYPE##_c},                             \
+        {gateloop_chunk_grad_dh0_##DTYPE##_r, gateloop_chunk_grad_dh0_##DTYPE##_c}};
 CHUNK_ENTRIES(f32)
 CHUNK_ENTRIES(f16)
 CHUNK_ENTRIES(bf16)
@@ -309,6 +312,8 @@ static int run(const std::string& dir, bool backward, bool sequential, int64_t B
             emu_launch(carry_grid, GATELOOP_CHUNK_CARRY_THREADS, [&] { carry(g.fwd); });
             emu_launch(carry_grid, GATELOOP_CHUNK_CARRY_THREADS, [&] { adjoint_carry(g); });
         }
+        // dh0 again from D(0) on CUDA cores (src/cuda/chunk_grad.rs, after either carry).
+        if (has_h0) emu_launch(carry_grid, GATELOOP_CHUNK_CARRY_THREADS, [&] { e.dh0[complex != 0](g); });
         emu_launch(qk_grid, GATELOOP_CHUNK_THREADS, with_shared(e.qk[complex != 0], g, g.qk_shared_bytes));
         emu_launch(grid, GATELOOP_CHUNK_THREADS, with_shared(e.dv[complex != 0], g, g.dv_shared_bytes));
         write_widened(dir + "/dq.out", dq);
