@@ -42,7 +42,7 @@
 #   fuzz: the GPU fuzz campaign of issue 6, `gateloop fuzz --device cuda`
 #      (every CUDA forward and backward against the f64 reference;
 #      GATELOOP_FUZZ_TARGETS, default forward,grad; GATELOOP_FUZZ_DTYPES,
-#      default f32,bf16: the kernels in f32 and in bf16), GATELOOP_FUZZ_CASES
+#      default f32,bf16,f16: the kernels in each input type), GATELOOP_FUZZ_CASES
 #      (default 100000) cases of seed GATELOOP_FUZZ_SEED (default 2026), max
 #      length GATELOOP_FUZZ_MAX_LEN (default 64), stopping at the deadline;
 #      its summary table goes to fuzz.txt and failing cases to fuzz-failures/.
@@ -656,7 +656,7 @@ if want fuzz; then
     lim=$(budget 100000)
     run_step "fuzz" 100000 "$fuzz_txt" -- "$bins/bin/gateloop" fuzz --device cuda --cases "$fuzz_cases" \
         --seed "${GATELOOP_FUZZ_SEED:-2026}" --max-len "${GATELOOP_FUZZ_MAX_LEN:-64}" \
-        --targets "${GATELOOP_FUZZ_TARGETS:-forward,grad}" --dtypes "${GATELOOP_FUZZ_DTYPES:-f32,bf16}" \
+        --targets "${GATELOOP_FUZZ_TARGETS:-forward,grad}" --dtypes "${GATELOOP_FUZZ_DTYPES:-f32,bf16,f16}" \
         --time-budget "$((lim > 20 ? lim - 15 : 5))" --out "$results/fuzz-failures" --max-failures 5
     ran=$(grep -m 1 -oE '\([0-9]+ run\)' "$step_out" | tr -d '()')
     record_cli "fuzz" 'cannot use the GPU' "${ran:-?} of $fuzz_cases cases, no disagreement; fuzz.txt" \
