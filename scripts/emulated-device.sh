@@ -132,8 +132,11 @@ cli_test() {
     echo "emulated-device: $binary $*"
     if [[ -z "$exe" ]] || ! "$exe" --test-threads 2 "$@"; then failed+=("$binary $*"); fi
 }
-cli_test cli --exact half_inputs_run_in_their_dtype cuda_device_errors_are_clear
-cli_test cli_grad --exact half_grad_files_run_in_their_dtype grad_input_errors_name_the_tensor
+cli_test cli --exact half_inputs_run_in_their_dtype cuda_device_errors_are_clear \
+    kernel_variants_run_where_they_exist_and_are_refused_elsewhere
+cli_test cli_grad --exact half_grad_files_run_in_their_dtype grad_input_errors_name_the_tensor \
+    grad_variants_are_the_default_bit_for_bit_or_refused
+cli_test fuzz_campaign --exact variant_failures_name_and_replay_their_variant
 cli demo --batch 1 --len 200 --heads 2 --key-dim 8 --value-dim 8
 cli fuzz --device cuda --targets forward,grad --dtypes f32,bf16,f16 --cases 30 --max-len 40 --seed 7
 cli bench --shape 1,100,1,8,8 --runs 2 --warmup 1 --json "$tmp/bench.json"
@@ -162,6 +165,22 @@ cli bench --kernel chunked-sequential --kernel chunked-separate --dtype bf16 --s
 if ! grep -q '"chunked-sequential"' "$tmp/carry.json" || grep -q '"chunked-sequential"' "$tmp/bench.json"; then
     echo "emulated-device: chunked-sequential must run when named and only then" >&2
     failed+=("gateloop bench (tuning entry)")
+fi
+# --dtype filters each kernel's dtypes (the GPU plan's bench step names f32
+# and bf16 for every kernel, and the fragment kernels have no f32); a named
+# kernel left with none is a usage error (exit 2).
+cli bench --kernel chunked-frag --kernel recurrent --dtype f32 --dtype bf16 --shape 1,100,1,8,8 --runs 2 \
+    --warmup 1 --json "$tmp/filter.json"
+if ! python3 -c 'import json, sys; d = json.load(open(sys.argv[1]))
+sys.exit(not sorted((x["kernel"], x["dtype"]) for x in d["results"]) ==
+         [("chunked-frag", "bf16"), ("recurrent", "bf16"), ("recurrent", "f32")])' "$tmp/filter.json"; then
+    echo "emulated-device: bench --dtype must filter each kernel's dtypes" >&2
+    failed+=("gateloop bench (dtype filter)")
+fi
+"$bin" bench --kernel chunked-frag --dtype f32 --shape 1,100,1,8,8 --runs 2 >/dev/null 2>&1 && rc=0 || rc=$?
+if [[ $rc != 2 ]]; then
+    echo "emulated-device: bench of a named kernel in none of its dtypes must exit 2 (got $rc)" >&2
+    failed+=("gateloop bench (no dtype)")
 fi
 # --time-budget: a spent budget starts no case, and the JSON lists them.
 cli bench --kernel scan --kernel chunked --dtype f32 --shape 1,100,1,8,8 --runs 2 --warmup 1 --time-budget 0 \

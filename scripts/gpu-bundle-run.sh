@@ -42,7 +42,9 @@
 #   fuzz: the GPU fuzz campaign of issue 6, `gateloop fuzz --device cuda`
 #      (every CUDA forward and backward against the f64 reference;
 #      GATELOOP_FUZZ_TARGETS, default forward,grad; GATELOOP_FUZZ_DTYPES,
-#      default f32,bf16,f16: the kernels in each input type), GATELOOP_FUZZ_CASES
+#      default f32,bf16,f16: the kernels in each input type; every kernel
+#      variant beside each default: the chunked sequential carry and fragment
+#      output, the recurrent ahead staging), GATELOOP_FUZZ_CASES
 #      (default 100000) cases of seed GATELOOP_FUZZ_SEED (default 2026), max
 #      length GATELOOP_FUZZ_MAX_LEN (default 64), stopping at the deadline;
 #      its summary table goes to fuzz.txt and failing cases to fuzz-failures/.

@@ -22,6 +22,11 @@
 //! Im log_gate and Im h0 exactly 0, and for the backward every Im dh_final
 //! too ([`real_gates`]). At such inputs their results are the complex
 //! kernels' (Im h_final, Im dlog_gate and Im dh0 are 0), to the same bounds.
+//!
+//! A CUDA mode may also run a kernel [`Variant`] (the chunked sequential
+//! carry or register-fragment output, the recurrent ahead staging:
+//! [`cuda_variant_as`], [`cuda_grad_variant_as`]), the same function to the
+//! same bounds; `run --variant`, `grad --variant` and `fuzz` take them.
 
 use crate::cpu::attention::AttentionParams;
 use crate::cpu::chunked::ChunkParams;
@@ -69,6 +74,87 @@ pub fn fastest_cuda_mode(dims: &crate::Dims) -> Mode {
     match cuda::recurrent::plan(dims) {
         Ok(lp) if lp.grid as usize >= RECURRENT_MIN_BLOCKS => Mode::Recurrent,
         _ => Mode::Chunked,
+    }
+}
+
+/// A CUDA kernel variant of a mode: the launch choices beside each mode's
+/// default ([`cuda::chunk::ChunkConfig`]'s carry and output,
+/// [`cuda::recurrent::RecurrentStaging`]) that compute the same function to
+/// the same bounds, so `run`, `grad` and `fuzz` can each take one and every
+/// one is fuzzed against the reference, not only the default.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Variant {
+    /// What the mode runs unless told otherwise (chunked: the automatic
+    /// carry, the staged output; recurrent: the batched staging).
+    #[default]
+    Default,
+    /// Chunked, forward and backward: the sequential carry forced
+    /// ([`cuda::chunk::ChunkCarry::Sequential`]: `state_seq`, and in the
+    /// backward `grad_w_seq`), which the automatic carry takes only from
+    /// [`cuda::chunk::SEQUENTIAL_MIN_BLOCKS`] blocks on, for 16-bit inputs.
+    Sequential,
+    /// Chunked forward, f16 and bf16 inputs: the register-fragment output
+    /// launch ([`cuda::chunk::ChunkOutput::Fragments`]).
+    Fragments,
+    /// Recurrent forward: the ahead staging
+    /// ([`cuda::recurrent::RecurrentStaging::Ahead`]).
+    Ahead,
+}
+
+impl Variant {
+    pub const ALL: [Variant; 4] = [Variant::Default, Variant::Sequential, Variant::Fragments, Variant::Ahead];
+
+    /// The command-line name.
+    pub fn name(self) -> &'static str {
+        match self {
+            Variant::Default => "default",
+            Variant::Sequential => "sequential",
+            Variant::Fragments => "fragments",
+            Variant::Ahead => "ahead",
+        }
+    }
+
+    /// The variant named `s` (as [`Variant::name`] spells it).
+    pub fn parse(s: &str) -> Option<Variant> {
+        Variant::ALL.into_iter().find(|v| v.name() == s)
+    }
+
+    /// Whether this variant exists for `mode`'s CUDA forward (`grad` false)
+    /// or backward (`grad` true) in `dtype`. [`Variant::Default`] exists
+    /// wherever the mode has a kernel.
+    pub fn applies(self, mode: Mode, dtype: cuda::Dtype, grad: bool) -> bool {
+        match self {
+            Variant::Default => true,
+            Variant::Sequential => mode == Mode::Chunked,
+            Variant::Fragments => mode == Mode::Chunked && !grad && dtype != cuda::Dtype::F32,
+            Variant::Ahead => mode == Mode::Recurrent && !grad,
+        }
+    }
+
+    /// The typed error for a variant that does not exist where it was asked for.
+    pub fn unavailable(self, mode: Mode, dtype: cuda::Dtype, grad: bool) -> InputError {
+        let what = if grad { "backward" } else { "forward" };
+        let names: Vec<&str> = Variant::ALL.iter().filter(|v| v.applies(mode, dtype, grad)).map(|v| v.name()).collect();
+        InputError::Param {
+            name: "variant",
+            value: format!(
+                "{} for the {} {what} in {dtype} (available: {})",
+                self.name(),
+                mode.name(),
+                names.join(", ")
+            ),
+            why: "sequential is chunked's (forward and backward), fragments the chunked forward's for f16/bf16, ahead the recurrent forward's",
+        }
+    }
+
+    /// The chunked kernels' configuration this variant asks for (exact products).
+    fn chunk_config(self) -> cuda::chunk::ChunkConfig {
+        use cuda::chunk::{ChunkCarry, ChunkConfig, ChunkOutput};
+        match self {
+            Variant::Sequential => ChunkConfig { carry: ChunkCarry::Sequential, ..ChunkConfig::default() },
+            Variant::Fragments => ChunkConfig { output: ChunkOutput::Fragments, ..ChunkConfig::default() },
+            Variant::Default | Variant::Ahead => ChunkConfig::default(),
+        }
     }
 }
 
@@ -137,8 +223,25 @@ pub fn real_gates(p: &Problem<'_, f32>, dh_final: Option<&[num_complex::Complex<
 /// default [`cuda::chunk::ChunkConfig`] (exact products), the real-gate ones
 /// when [`real_gates`].
 pub fn cuda_as<T: Element>(gpu: &Gpu, mode: Mode, p: &Problem<'_, f32>) -> Result<Outputs<f32>, GpuError> {
-    let config = cuda::chunk::ChunkConfig::default();
+    cuda_variant_as::<T>(gpu, mode, Variant::Default, p)
+}
+
+/// [`cuda_as`] with a kernel [`Variant`] (a typed error where it does not
+/// apply: [`Variant::applies`]).
+pub fn cuda_variant_as<T: Element>(
+    gpu: &Gpu,
+    mode: Mode,
+    variant: Variant,
+    p: &Problem<'_, f32>,
+) -> Result<Outputs<f32>, GpuError> {
+    if !variant.applies(mode, T::DTYPE, false) {
+        return Err(variant.unavailable(mode, T::DTYPE, false).into());
+    }
+    let config = variant.chunk_config();
     match mode {
+        Mode::Recurrent if variant == Variant::Ahead => {
+            cuda::recurrent::forward_host_with::<T>(gpu, p, cuda::recurrent::RecurrentStaging::Ahead)
+        }
         Mode::Recurrent => cuda::recurrent::forward_host_as::<T>(gpu, p),
         Mode::Scan => cuda::scan::forward_host_as::<T>(gpu, p),
         Mode::Attention => cuda::attention::forward_host_as::<T>(gpu, p),
@@ -150,7 +253,18 @@ pub fn cuda_as<T: Element>(gpu: &Gpu, mode: Mode, p: &Problem<'_, f32>) -> Resul
 /// [`cuda_as`] in the element type of a runtime [`cuda::Dtype`] (a file's,
 /// a fuzz target's).
 pub fn cuda_in(gpu: &Gpu, mode: Mode, dtype: cuda::Dtype, p: &Problem<'_, f32>) -> Result<Outputs<f32>, GpuError> {
-    crate::with_element!(dtype, T => cuda_as::<T>(gpu, mode, p))
+    cuda_variant_in(gpu, mode, Variant::Default, dtype, p)
+}
+
+/// [`cuda_variant_as`] in the element type of a runtime [`cuda::Dtype`].
+pub fn cuda_variant_in(
+    gpu: &Gpu,
+    mode: Mode,
+    variant: Variant,
+    dtype: cuda::Dtype,
+    p: &Problem<'_, f32>,
+) -> Result<Outputs<f32>, GpuError> {
+    crate::with_element!(dtype, T => cuda_variant_as::<T>(gpu, mode, variant, p))
 }
 
 /// The gradient on the CPU, in `T`'s precision, of the function every mode
@@ -217,13 +331,33 @@ pub fn cuda_grad_as<T: Element>(
     dy: &[f32],
     dh_final: Option<&[num_complex::Complex<f32>]>,
 ) -> Result<Grads<f32>, GpuError> {
+    cuda_grad_variant_as::<T>(gpu, mode, Variant::Default, p, dy, dh_final)
+}
+
+/// [`cuda_grad_as`] with a kernel [`Variant`] (a typed error where it does
+/// not apply: [`Variant::applies`]).
+pub fn cuda_grad_variant_as<T: Element>(
+    gpu: &Gpu,
+    mode: Mode,
+    variant: Variant,
+    p: &Problem<'_, f32>,
+    dy: &[f32],
+    dh_final: Option<&[num_complex::Complex<f32>]>,
+) -> Result<Grads<f32>, GpuError> {
+    if mode == Mode::Attention {
+        return Err(cuda_grad_unavailable(mode).into());
+    }
+    if !variant.applies(mode, T::DTYPE, true) {
+        return Err(variant.unavailable(mode, T::DTYPE, true).into());
+    }
+    let config = cuda::chunk::ChunkConfig { precision: ChunkPrecision::Exact, ..variant.chunk_config() };
     match mode {
         Mode::Recurrent => cuda::recurrent_grad::backward_host_as::<T>(gpu, p, dy, dh_final),
         Mode::Scan => cuda::scan_grad::backward_host_as::<T>(gpu, p, dy, dh_final),
         Mode::Chunked if real_gates(p, dh_final) => {
-            cuda::chunk_grad::backward_real_host_as::<T>(gpu, p, dy, dh_final, ChunkPrecision::Exact)
+            cuda::chunk_grad::backward_real_host_as::<T>(gpu, p, dy, dh_final, config)
         }
-        Mode::Chunked => cuda::chunk_grad::backward_host_as::<T>(gpu, p, dy, dh_final, ChunkPrecision::Exact),
+        Mode::Chunked => cuda::chunk_grad::backward_host_as::<T>(gpu, p, dy, dh_final, config),
         Mode::Attention => Err(cuda_grad_unavailable(mode).into()),
     }
 }
@@ -237,13 +371,53 @@ pub fn cuda_grad_in(
     dy: &[f32],
     dh_final: Option<&[num_complex::Complex<f32>]>,
 ) -> Result<Grads<f32>, GpuError> {
-    crate::with_element!(dtype, T => cuda_grad_as::<T>(gpu, mode, p, dy, dh_final))
+    cuda_grad_variant_in(gpu, mode, Variant::Default, dtype, p, dy, dh_final)
+}
+
+/// [`cuda_grad_variant_as`] in the element type of a runtime [`cuda::Dtype`].
+pub fn cuda_grad_variant_in(
+    gpu: &Gpu,
+    mode: Mode,
+    variant: Variant,
+    dtype: cuda::Dtype,
+    p: &Problem<'_, f32>,
+    dy: &[f32],
+    dh_final: Option<&[num_complex::Complex<f32>]>,
+) -> Result<Grads<f32>, GpuError> {
+    crate::with_element!(dtype, T => cuda_grad_variant_as::<T>(gpu, mode, variant, p, dy, dh_final))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::testing::dims;
+
+    /// Where each kernel variant exists: sequential for chunked forward and
+    /// backward in every dtype, fragments for the chunked forward in 16 bits,
+    /// ahead for the recurrent forward; names round-trip.
+    #[test]
+    fn variants_exist_where_their_kernels_do() {
+        use cuda::Dtype;
+        for v in Variant::ALL {
+            assert_eq!(Variant::parse(v.name()), Some(v));
+            for m in crate::Mode::ALL {
+                for t in Dtype::ALL {
+                    for grad in [false, true] {
+                        let want = match v {
+                            Variant::Default => true,
+                            Variant::Sequential => m == Mode::Chunked,
+                            Variant::Fragments => m == Mode::Chunked && !grad && t != Dtype::F32,
+                            Variant::Ahead => m == Mode::Recurrent && !grad,
+                        };
+                        assert_eq!(v.applies(m, t, grad), want, "{} {} {t} grad={grad}", v.name(), m.name());
+                    }
+                }
+            }
+        }
+        assert_eq!(Variant::parse("staged"), None);
+        let e = Variant::Fragments.unavailable(Mode::Chunked, Dtype::F32, false).to_string();
+        assert!(e.contains("fragments for the chunked forward in f32 (available: default, sequential)"), "{e}");
+    }
 
     /// Real gates: every Im of log_gate, h0 and dh_final (those given) is 0
     /// (−0 too); one imaginary part anywhere makes them complex.

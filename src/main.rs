@@ -58,6 +58,12 @@ enum Command {
         /// written once). For timing; file I/O is never timed.
         #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..))]
         repeat: u32,
+        /// The CUDA kernel variant (cuda only): sequential (chunked: the
+        /// sequential carry), fragments (chunked, F16/BF16: the
+        /// register-fragment output launch), ahead (recurrent: the ahead
+        /// staging). Same function, same bounds as the default.
+        #[arg(long, value_enum, default_value_t = CliVariant::Default)]
+        variant: CliVariant,
     },
     /// Gradients of the operator for an input file with upstream gradients.
     ///
@@ -86,6 +92,10 @@ enum Command {
         /// Where to compute (cuda: F32, F16 or BF16 inputs; recurrent (K <= 128), scan or chunked mode).
         #[arg(long, short, value_enum, default_value_t = Device::Cpu)]
         device: Device,
+        /// The CUDA kernel variant (cuda only): sequential (chunked: the
+        /// sequential carry, state_seq and grad_w_seq).
+        #[arg(long, value_enum, default_value_t = CliVariant::Default)]
+        variant: CliVariant,
     },
     /// Run every available mode on a random problem.
     ///
@@ -212,6 +222,11 @@ enum Command {
         /// Stop after this many disagreements.
         #[arg(long, default_value_t = 1)]
         max_failures: usize,
+        /// CUDA kernel variants to fuzz beside each mode's default,
+        /// comma-separated (default, sequential, fragments, ahead); by default
+        /// every variant where it applies (`--device cuda`).
+        #[arg(long, value_enum, value_delimiter = ',')]
+        variants: Vec<CliVariant>,
     },
 }
 
@@ -250,6 +265,38 @@ impl CliMode {
         self.mode().ok_or_else(|| {
             Failure::Input(format!("--mode auto is for `gateloop run` only; `{command}` needs a mode named"))
         })
+    }
+}
+
+/// `dispatch::Variant` on the command line.
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum CliVariant {
+    Default,
+    Sequential,
+    Fragments,
+    Ahead,
+}
+
+impl CliVariant {
+    fn variant(self) -> dispatch::Variant {
+        match self {
+            CliVariant::Default => dispatch::Variant::Default,
+            CliVariant::Sequential => dispatch::Variant::Sequential,
+            CliVariant::Fragments => dispatch::Variant::Fragments,
+            CliVariant::Ahead => dispatch::Variant::Ahead,
+        }
+    }
+
+    /// The variant of a `run` or `grad` on `device`: a kernel variant is
+    /// the GPU's (the CPU runs each mode's one implementation).
+    fn on(self, device: Device) -> Result<dispatch::Variant, Failure> {
+        match (self.variant(), device) {
+            (v, Device::Cpu) if v != dispatch::Variant::Default => Err(Failure::Input(format!(
+                "--variant {}: a CUDA kernel variant; use --device cuda (the CPU runs one implementation per mode)",
+                v.name()
+            ))),
+            (v, _) => Ok(v),
+        }
     }
 }
 
@@ -312,7 +359,14 @@ fn median_timed<T>(repeat: u32, f: impl Fn() -> Result<T, Failure>) -> Result<(f
 }
 
 /// `mode` None: `--mode auto`, resolved from the input's precision and shape.
-fn run(input: PathBuf, output: PathBuf, mode: Option<Mode>, device: Device, repeat: u32) -> Result<(), Failure> {
+fn run(
+    input: PathBuf,
+    output: PathBuf,
+    mode: Option<Mode>,
+    device: Device,
+    variant: dispatch::Variant,
+    repeat: u32,
+) -> Result<(), Failure> {
     if let Some(mode) = mode.filter(|m| device == Device::Cuda && !dispatch::CUDA_MODES.contains(m)) {
         return Err(input_err(dispatch::cuda_unavailable(mode)));
     }
@@ -323,6 +377,16 @@ fn run(input: PathBuf, output: PathBuf, mode: Option<Mode>, device: Device, repe
         (LoadedProblem::F32(_) | LoadedProblem::Half(..), Device::Cpu) => Mode::Chunked,
         (LoadedProblem::F64(_), Device::Cpu) => Mode::Recurrent,
     });
+    // A variant that does not exist for this mode and dtype: exit 2 before
+    // the GPU is opened (the dispatch refuses it too).
+    let dtype = match &problem {
+        LoadedProblem::F32(_) => Some(cuda::Dtype::F32),
+        LoadedProblem::Half(half, _) => Some(half.element()),
+        LoadedProblem::F64(_) => None,
+    };
+    if let Some(dtype) = dtype.filter(|&t| !variant.applies(mode, t, false)) {
+        return Err(input_err(variant.unavailable(mode, dtype, false)));
+    }
     let (gpu_name, ms) = match (&problem, device) {
         (LoadedProblem::F64(_), Device::Cuda) => {
             return Err(Failure::Input(format!(
@@ -342,7 +406,9 @@ fn run(input: PathBuf, output: PathBuf, mode: Option<Mode>, device: Device, repe
         }
         (LoadedProblem::F32(p), Device::Cuda) => {
             let gpu = cuda::Gpu::new(0).map_err(|e| Failure::Runtime(format!("cannot use the GPU: {e}")))?;
-            let (ms, out) = median_timed(repeat, || dispatch::cuda_f32(&gpu, mode, &p.view()).map_err(gpu_err))?;
+            let (ms, out) = median_timed(repeat, || {
+                dispatch::cuda_variant_in(&gpu, mode, variant, cuda::Dtype::F32, &p.view()).map_err(gpu_err)
+            })?;
             io::write_outputs(&output, &dims, &out)?;
             (Some(gpu.name()), ms)
         }
@@ -356,8 +422,9 @@ fn run(input: PathBuf, output: PathBuf, mode: Option<Mode>, device: Device, repe
         // ... or the kernels in that dtype, whose y is already rounded.
         (LoadedProblem::Half(half, p), Device::Cuda) => {
             let gpu = cuda::Gpu::new(0).map_err(|e| Failure::Runtime(format!("cannot use the GPU: {e}")))?;
-            let (ms, out) =
-                median_timed(repeat, || dispatch::cuda_in(&gpu, mode, half.element(), &p.view()).map_err(gpu_err))?;
+            let (ms, out) = median_timed(repeat, || {
+                dispatch::cuda_variant_in(&gpu, mode, variant, half.element(), &p.view()).map_err(gpu_err)
+            })?;
             io::write_outputs_half(&output, &dims, &out, *half)?;
             (Some(gpu.name()), ms)
         }
@@ -367,17 +434,35 @@ fn run(input: PathBuf, output: PathBuf, mode: Option<Mode>, device: Device, repe
         _ => device.name().to_string(),
     };
     let runs = if repeat > 1 { format!(" (median of {repeat} runs)") } else { String::new() };
-    say!("{} on {on}, {problem}: {ms:.3} ms{runs} median_ms={ms:.4} -> {}", mode.name(), output.display());
+    let what = match variant {
+        dispatch::Variant::Default => mode.name().to_string(),
+        v => format!("{} ({})", mode.name(), v.name()),
+    };
+    say!("{what} on {on}, {problem}: {ms:.3} ms{runs} median_ms={ms:.4} -> {}", output.display());
     Ok(())
 }
 
 // ------------------------------------------------------------------- grad --
 
-fn grad(input: PathBuf, output: PathBuf, mode: Mode, device: Device) -> Result<(), Failure> {
+fn grad(
+    input: PathBuf,
+    output: PathBuf,
+    mode: Mode,
+    device: Device,
+    variant: dispatch::Variant,
+) -> Result<(), Failure> {
     if device == Device::Cuda && !dispatch::CUDA_GRAD_MODES.contains(&mode) {
         return Err(input_err(dispatch::cuda_grad_unavailable(mode)));
     }
     let loaded = io::read_grad_problem(&input)?;
+    let dtype = match &loaded {
+        io::LoadedGradProblem::F32(..) => Some(cuda::Dtype::F32),
+        io::LoadedGradProblem::Half(half, ..) => Some(half.element()),
+        io::LoadedGradProblem::F64(..) => None,
+    };
+    if let Some(dtype) = dtype.filter(|&t| !variant.applies(mode, t, true)) {
+        return Err(input_err(variant.unavailable(mode, dtype, true)));
+    }
     let start = Instant::now();
     let (dims, precision, on) = match (&loaded, device) {
         (io::LoadedGradProblem::F64(..), Device::Cuda) => {
@@ -398,7 +483,16 @@ fn grad(input: PathBuf, output: PathBuf, mode: Mode, device: Device) -> Result<(
         }
         (io::LoadedGradProblem::F32(p, up), Device::Cuda) => {
             let gpu = cuda::Gpu::new(0).map_err(|e| Failure::Runtime(format!("cannot use the GPU: {e}")))?;
-            let g = dispatch::cuda_grad(&gpu, mode, &p.view(), &up.dy, up.dh_final.as_deref()).map_err(gpu_err)?;
+            let g = dispatch::cuda_grad_variant_in(
+                &gpu,
+                mode,
+                variant,
+                cuda::Dtype::F32,
+                &p.view(),
+                &up.dy,
+                up.dh_final.as_deref(),
+            )
+            .map_err(gpu_err)?;
             io::write_grads(&output, &p.dims, &g)?;
             (p.dims, "f32", format!("cuda ({})", gpu.name()))
         }
@@ -411,8 +505,16 @@ fn grad(input: PathBuf, output: PathBuf, mode: Mode, device: Device) -> Result<(
         }
         (io::LoadedGradProblem::Half(half, p, up), Device::Cuda) => {
             let gpu = cuda::Gpu::new(0).map_err(|e| Failure::Runtime(format!("cannot use the GPU: {e}")))?;
-            let g = dispatch::cuda_grad_in(&gpu, mode, half.element(), &p.view(), &up.dy, up.dh_final.as_deref())
-                .map_err(gpu_err)?;
+            let g = dispatch::cuda_grad_variant_in(
+                &gpu,
+                mode,
+                variant,
+                half.element(),
+                &p.view(),
+                &up.dy,
+                up.dh_final.as_deref(),
+            )
+            .map_err(gpu_err)?;
             io::write_grads_half(&output, &p.dims, &g, *half)?;
             (p.dims, half.name(), format!("cuda ({})", gpu.name()))
         }
@@ -699,7 +801,7 @@ fn bench(
 fn fuzz_cmd(
     mut cfg: fuzz::FuzzConfig,
     device: fuzz::Device,
-    kinds: &[fuzz::Kind],
+    selection: fuzz::Selection<'_>,
     modes: &[Mode],
     dtypes: &[String],
     budget: Option<f64>,
@@ -716,7 +818,7 @@ fn fuzz_cmd(
             .map_err(|_| Failure::Input(format!("--time-budget {s}: must be a number of seconds >= 0")))?;
         cfg.time_budget = Some(d);
     }
-    let (mut targets, notes) = fuzz::select(device, kinds, modes, &precisions).map_err(input_err)?;
+    let (mut targets, notes) = fuzz::select_with(device, selection, modes, &precisions).map_err(input_err)?;
     for note in notes {
         say!("note: {note}");
     }
@@ -733,13 +835,15 @@ fn main() -> ExitCode {
     use std::io::Write as _;
     let cli = Cli::parse();
     let result = match cli.command {
-        Command::Run { input, output, mode, device, repeat } => run(input, output, mode.mode(), device, repeat),
+        Command::Run { input, output, mode, device, repeat, variant } => {
+            variant.on(device).and_then(|v| run(input, output, mode.mode(), device, v, repeat))
+        }
         Command::Demo { batch, len, heads, key_dim, value_dim, seed } => {
             demo(Dims::new(batch, len, heads, key_dim, value_dim), seed)
         }
         Command::Check { a, b, rtol } => check(a, b, rtol),
-        Command::Grad { input, output, mode, device } => {
-            mode.fixed("grad").and_then(|m| grad(input, output, m, device))
+        Command::Grad { input, output, mode, device, variant } => {
+            mode.fixed("grad").and_then(|m| variant.on(device).and_then(|v| grad(input, output, m, device, v)))
         }
         Command::Bench { json, kernels, dtypes, shapes, runs, warmup, seed, time_budget, list } => {
             bench(json, kernels, dtypes, shapes, runs, warmup, seed, time_budget, list)
@@ -756,7 +860,9 @@ fn main() -> ExitCode {
             time_budget,
             out,
             max_failures,
+            variants,
         } => {
+            let variants: Vec<dispatch::Variant> = variants.into_iter().map(CliVariant::variant).collect();
             let device = match device {
                 Device::Cpu => fuzz::Device::Cpu,
                 Device::Cuda => fuzz::Device::Cuda,
@@ -782,7 +888,9 @@ fn main() -> ExitCode {
                 progress: true,
                 ..Default::default()
             };
-            modes.and_then(|modes| fuzz_cmd(cfg, device, &kinds, &modes, &dtypes, time_budget))
+            let selection =
+                fuzz::Selection { kinds: &kinds, variants: (!variants.is_empty()).then_some(&variants[..]) };
+            modes.and_then(|modes| fuzz_cmd(cfg, device, selection, &modes, &dtypes, time_budget))
         }
     };
     match result {

@@ -486,6 +486,52 @@ fn cuda_device_errors_are_clear() {
     }
 }
 
+/// `--variant`: a CUDA kernel variant is refused on the CPU and where it
+/// does not exist for the mode and dtype (exit 2, naming the ones that do,
+/// before any GPU is opened); where a GPU is, each variant that exists
+/// matches the f64 reference like the default (L = 70: two chunks, the
+/// second cut short; resets and h0).
+#[test]
+fn kernel_variants_run_where_they_exist_and_are_refused_elsewhere() {
+    let dir = TempDir::new("variant");
+    let p = random_problem(dims(2, 70, 2, 8, 5, false), GateRegime::Resets(0.1), true, 31);
+    let in32 = dir.path("in32.safetensors");
+    io::write_problem(&in32, &p.to_f32().view()).unwrap();
+    let out = dir.path("out.safetensors");
+    let run = |mode: &str, device: &str, variant: &str| {
+        gateloop(&["run", "-i", s(&in32), "-o", s(&out), "--mode", mode, "--device", device, "--variant", variant])
+    };
+    let o = run("chunked", "cpu", "sequential");
+    assert_eq!(o.status.code(), Some(2));
+    assert!(stderr(&o).contains("--variant sequential: a CUDA kernel variant"), "{}", stderr(&o));
+    for (mode, variant, available) in [
+        ("scan", "ahead", "available: default)"),
+        ("recurrent", "sequential", "available: default, ahead)"),
+        // The fragment output kernel takes 16-bit inputs only.
+        ("chunked", "fragments", "available: default, sequential)"),
+    ] {
+        let o = run(mode, "cuda", variant);
+        assert_eq!(o.status.code(), Some(2), "{mode} {variant}: {}", stderr(&o));
+        assert!(
+            stderr(&o).contains(&format!("{variant} for the {mode} forward in f32 ({available}")),
+            "{}",
+            stderr(&o)
+        );
+    }
+    let oracle = reference::forward::<f64>(RefMode::Recurrent, &p.rounded_to_f32().view()).unwrap();
+    for (mode, variant) in [("chunked", "sequential"), ("recurrent", "ahead"), ("chunked", "default")] {
+        let o = run(mode, "cuda", variant);
+        if o.status.success() {
+            assert!(variant == "default" || stdout(&o).contains(&format!("{mode} ({variant})")), "{}", stdout(&o));
+            let (y, h) = read_outputs(&out, &p.dims, Dtype::F32);
+            assert!(compare(&y.data, &oracle.y).rel_l2 <= 1e-4, "{mode} {variant}");
+            assert!(compare(&h.data, &interleave(&oracle.h_final)).rel_l2 <= 1e-4, "{mode} {variant}");
+        } else {
+            common::cli_cuda_skipped(&format!("run --mode {mode} --device cuda --variant {variant}"), &o);
+        }
+    }
+}
+
 /// F16 and BF16 input files (q, k, v in the 16-bit dtype, log_gate and h0
 /// F32): every mode on the CPU (f32 on the exact widened values) and, where
 /// a GPU is, on the device (the kernels in that dtype), y written in the

@@ -267,3 +267,51 @@ fn half_grad_files_run_in_their_dtype() {
         }
     }
 }
+
+/// `grad --variant`: the backward's one variant, `sequential` (the chunked
+/// backward with the sequential carry: state_seq and grad_w_seq), gives the
+/// default's gradients bit for bit where a GPU is (the carries write the
+/// same workspace); a forward-only variant, or one on the CPU, exits 2
+/// naming what exists.
+#[test]
+fn grad_variants_are_the_default_bit_for_bit_or_refused() {
+    let t = io::read_tensors_f64(format!("{}/tests/fixtures/{}.safetensors", env!("CARGO_MANIFEST_DIR"), FIXTURES[0]))
+        .unwrap();
+    let (p, dy, dh_final) = load(&t);
+    let p32 = p.to_f32();
+    let dy32: Vec<f32> = dy.iter().map(|&x| x as f32).collect();
+    let dhf32: Option<Vec<Complex<f32>>> =
+        dh_final.as_ref().map(|h| h.iter().map(|z| Complex::new(z.re as f32, z.im as f32)).collect());
+    let input = scratch("variant32.safetensors");
+    io::write_grad_problem(&input, &p32.view(), &GradInputs { dy: &dy32, dh_final: dhf32.as_deref() }).unwrap();
+    let (default_out, sequential_out) = (scratch("variant-default.safetensors"), scratch("variant-seq.safetensors"));
+    let grad = |out: &PathBuf, device: &str, mode: &str, variant: &str| {
+        let (i, o) = (input.to_str().unwrap(), out.to_str().unwrap());
+        gateloop(&["grad", "-i", i, "-o", o, "--mode", mode, "--device", device, "--variant", variant])
+    };
+    let o = grad(&sequential_out, "cpu", "chunked", "sequential");
+    assert_eq!(o.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("a CUDA kernel variant"));
+    for (mode, variant, available) in [
+        ("chunked", "fragments", "default, sequential"),
+        ("recurrent", "ahead", "default"),
+        ("scan", "sequential", "default"),
+    ] {
+        let o = grad(&sequential_out, "cuda", mode, variant);
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert_eq!(o.status.code(), Some(2), "{mode} {variant}: {err}");
+        assert!(err.contains(&format!("{variant} for the {mode} backward in f32 (available: {available})")), "{err}");
+    }
+    let o = grad(&default_out, "cuda", "chunked", "default");
+    if !o.status.success() {
+        common::cli_cuda_skipped("grad --mode chunked --device cuda", &o);
+        return;
+    }
+    let o = grad(&sequential_out, "cuda", "chunked", "sequential");
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let (a, b) = (io::read_tensors_f64(&default_out).unwrap(), io::read_tensors_f64(&sequential_out).unwrap());
+    assert_eq!(a.keys().collect::<Vec<_>>(), b.keys().collect::<Vec<_>>());
+    for (name, x) in &a {
+        assert!(x.data.iter().zip(&b[name].data).all(|(u, v)| u.to_bits() == v.to_bits()), "{name} differs");
+    }
+}

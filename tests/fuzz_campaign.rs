@@ -5,6 +5,8 @@
 //! and written to files that `gateloop run` (or `gateloop grad`) +
 //! `gateloop check` replay.
 
+mod common;
+
 use std::path::PathBuf;
 use std::process::Command;
 use std::time::Duration;
@@ -172,6 +174,40 @@ fn bf16_failure_files_are_bf16_and_replay() {
 #[test]
 fn f16_failure_files_are_f16_and_replay() {
     half_failure_files_are_half_and_replay(Precision::F16, safetensors::Dtype::F16);
+}
+
+/// A kernel variant's failure is filed under its name and replayed with it:
+/// `gateloop run --device cuda --variant sequential` (which, where a GPU is,
+/// passes `check` against the expected outputs, while the recorded failing
+/// output does not).
+#[test]
+fn variant_failures_name_and_replay_their_variant() {
+    let wrong = |p: &OwnedProblem<f64>| -> Result<Outputs<f64>, String> {
+        reference::recurrent::forward(&forget_h0_above_k2(p).view()).map_err(|e| e.to_string())
+    };
+    let target = Target::custom("wrong-chunked-sequential", Mode::Chunked, Precision::F32, Device::Cuda, wrong)
+        .with_variant(fuzz::Variant::Sequential);
+    let dir = temp_dir("injected-variant");
+    let cfg = FuzzConfig { cases: 500, seed: 3, max_len: 300, out_dir: Some(dir.clone()), ..Default::default() };
+    let report = fuzz::run_campaign(&cfg, &mut [target]);
+    assert_eq!(report.failures.len(), 1, "{}", report.render());
+    let files = report.failures[0].files.as_ref().expect("written").as_ref().expect("write ok");
+    let stem = files.input.file_name().unwrap().to_string_lossy().to_string();
+    assert!(stem.contains("-chunked-sequential-f32-cuda."), "{stem}");
+    assert!(files.commands[0].contains("--mode chunked --device cuda --variant sequential"), "{:?}", files.commands);
+    let sh = |cmd: &str| {
+        let cmd = cmd.split('#').next().unwrap_or(cmd).replacen("gateloop", BIN, 1);
+        Command::new("sh").arg("-c").arg(&cmd).output().expect("sh")
+    };
+    let o = sh(&files.commands[0]);
+    if o.status.success() {
+        let o = sh(&files.commands[1]);
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stdout));
+        assert_eq!(sh(&files.commands[2]).status.code(), Some(1));
+    } else {
+        common::cli_cuda_skipped("the replay of a chunked/sequential failure", &o);
+    }
+    let _ = std::fs::remove_dir_all(&dir);
 }
 
 #[test]

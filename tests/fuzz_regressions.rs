@@ -340,3 +340,51 @@ fn subnormal_gate_times_large_state_is_judged_at_the_gates_resolution() {
         assert!(j.pass(), "{mode:?}: {j:?}");
     }
 }
+
+/// Seed 2033, case 453 (emulated CUDA, 2026-12-03), shrunk to L = 1 with a
+/// reset gate: h_final = k·v and y = q·k·v with v = 5.4e-39, a subnormal
+/// f32, which the chunked kernels' tensor cores read as 0 (h_final and y
+/// came out 0: 100% off). Tensor-core targets (CUDA chunked) may flush
+/// subnormal inputs: such a target passes where the oracle of the input with
+/// them set to 0 accepts it, and only there; CPU targets are judged on the
+/// input as given.
+#[test]
+fn tensor_core_targets_may_read_subnormal_inputs_as_zero() {
+    use gateloop::fuzz::{self, Device, FuzzConfig, Target};
+    use gateloop::{Mode, reference};
+    // What a kernel that flushes subnormal operands computes: the f32
+    // recurrence on the input with every |x| < 2^-126 in q, k, v, h0 set to 0.
+    let flushing = |p: &OwnedProblem<f64>| -> Result<Outputs<f64>, String> {
+        let flush = |x: &f64| if x.abs() < f64::from(f32::MIN_POSITIVE) { 0.0 } else { *x };
+        let mut f = p.clone();
+        for xs in [&mut f.q, &mut f.k, &mut f.v] {
+            xs.iter_mut().for_each(|x| *x = flush(x));
+        }
+        if let Some(h) = f.h0.as_mut() {
+            h.iter_mut().for_each(|z| *z = Complex::new(flush(&z.re), flush(&z.im)));
+        }
+        reference::recurrent::forward(&f.to_f32().view()).map(widen).map_err(|e| e.to_string())
+    };
+    let cfg = FuzzConfig { cases: 1, first_case: 453, seed: 2033, max_len: 600, ..Default::default() };
+    let case = fuzz::draw_case(2033, 453, 600);
+    assert!(case.subnormals, "{case}");
+    let run = |device: Device| {
+        let t = Target::custom("flushing-chunked", Mode::Chunked, Precision::F32, device, flushing);
+        assert_eq!(t.flushes_subnormal_inputs(), device == Device::Cuda);
+        fuzz::run_campaign(&cfg, &mut [t])
+    };
+    let cuda = run(Device::Cuda);
+    assert!(cuda.passed(), "{}", cuda.render());
+    let cpu = run(Device::Cpu);
+    assert_eq!(cpu.failures.len(), 1, "{}", cpu.render());
+    // The allowance is the flush alone: a flushing target that is otherwise
+    // wrong (y scaled by 1 + 1e-3) still fails on the CUDA side.
+    let wrong = move |p: &OwnedProblem<f64>| {
+        flushing(p).map(|mut o| {
+            o.y.iter_mut().for_each(|y| *y *= 1.001);
+            o
+        })
+    };
+    let t = Target::custom("wrong-flushing-chunked", Mode::Chunked, Precision::F32, Device::Cuda, wrong);
+    assert_eq!(fuzz::run_campaign(&cfg, &mut [t]).failures.len(), 1);
+}

@@ -74,8 +74,8 @@ pub enum BenchError {
     UnknownKernel { name: String, available: String },
     #[error("`--shape {spec}`: {why} (expected B,L,H,K,V or B,L,H,K,V,head)")]
     BadShape { spec: String, why: String },
-    #[error("kernel `{kernel}` has no {dtype} variant")]
-    UnsupportedDtype { kernel: &'static str, dtype: Dtype },
+    #[error("kernel `{kernel}` has none of the dtypes asked for ({asked}; it runs {has})")]
+    UnsupportedDtype { kernel: &'static str, asked: String, has: String },
     #[error("{what} must be at least {min}, got {value}")]
     TooFew { what: &'static str, min: usize, value: usize },
 }
@@ -1318,11 +1318,16 @@ pub fn run(gpu: &Gpu, opts: &BenchOptions, mut progress: impl FnMut(&str)) -> Re
         }
     }
     let entries = selected(&all, &opts.kernels);
+    let names = |ts: &[Dtype]| ts.iter().map(|t| t.name()).collect::<Vec<_>>().join(", ");
     for e in &entries {
-        for &t in &opts.dtypes {
-            if !e.dtypes.contains(&t) {
-                return Err(BenchError::UnsupportedDtype { kernel: e.name, dtype: t });
-            }
+        // `--dtype` filters each kernel's dtypes (the fragment kernels have
+        // no f32, say); a kernel named with `--kernel` that keeps none is an error.
+        if !opts.kernels.is_empty() && !opts.dtypes.is_empty() && !opts.dtypes.iter().any(|t| e.dtypes.contains(t)) {
+            return Err(BenchError::UnsupportedDtype {
+                kernel: e.name,
+                asked: names(&opts.dtypes),
+                has: names(e.dtypes),
+            });
         }
         for d in &opts.shapes {
             (e.check)(d)?;
@@ -1344,7 +1349,18 @@ pub fn run(gpu: &Gpu, opts: &BenchOptions, mut progress: impl FnMut(&str)) -> Re
     let spent = || opts.time_budget_s.is_some_and(|b| t0.elapsed().as_secs_f64() >= b);
     for e in entries {
         let shapes = if opts.shapes.is_empty() { (e.shapes)() } else { opts.shapes.clone() };
-        let dtypes: Vec<Dtype> = if opts.dtypes.is_empty() { e.dtypes.to_vec() } else { opts.dtypes.clone() };
+        let dtypes: Vec<Dtype> = if opts.dtypes.is_empty() {
+            e.dtypes.to_vec()
+        } else {
+            let (kept, dropped): (Vec<Dtype>, Vec<Dtype>) = opts.dtypes.iter().partition(|t| e.dtypes.contains(t));
+            if !dropped.is_empty() {
+                progress(&format!("{}: no {} variant, not run in it", e.name, names(&dropped)));
+            }
+            kept
+        };
+        if dtypes.is_empty() {
+            continue;
+        }
         for dims in shapes {
             if spent() {
                 not_run.extend(dtypes.iter().map(|&t| (e.name, t, dims)));

@@ -76,7 +76,9 @@ use cudarc::driver::{CudaFunction, CudaModule, CudaStream, DeviceRepr, LaunchCon
 use num_complex::Complex;
 
 use super::abi::{self, GateloopChunkGradParams, GateloopChunkParams};
-use super::chunk::{self, CARRY_THREADS, ChunkCarry, ChunkPrecision, Gates, KEY_SLAB, THREADS, VALUE_TILE};
+use super::chunk::{
+    self, CARRY_THREADS, ChunkCarry, ChunkConfig, ChunkPrecision, Gates, KEY_SLAB, THREADS, VALUE_TILE,
+};
 use super::element::{Dtype, Element};
 use super::launch::{self, GradBuffers, GradParams, SeqParams};
 use super::phases::launched;
@@ -149,7 +151,14 @@ pub struct GradPlan {
 /// The geometry of the backward for `dims`, element type `dtype` and
 /// complex or real `gates` (K ≤ [`chunk::MAX_KEY_DIM`]; every grid ≤ 2^31 − 1).
 pub fn plan(dims: &Dims, dtype: Dtype, gates: Gates) -> Result<GradPlan, InputError> {
-    let forward = chunk::plan(dims, dtype, gates)?;
+    plan_with(dims, dtype, gates, ChunkCarry::Auto)
+}
+
+/// [`plan`] with a choice of carry (the forward's [`chunk::plan_with`]:
+/// [`ChunkCarry::Sequential`] makes the backward's first two launches
+/// `state_seq` and `grad_w_seq`). The workspace is the same for both carries.
+pub fn plan_with(dims: &Dims, dtype: Dtype, gates: Gates, carry: ChunkCarry) -> Result<GradPlan, InputError> {
+    let forward = chunk::plan_with(dims, dtype, gates, carry)?;
     let parts = gates.parts();
     let d = dims;
     let nc = forward.num_chunks as usize;
@@ -236,8 +245,13 @@ impl ChunkGradKernels {
 /// (interleaved pairs). Asynchronous: it enqueues six kernels (seven with dh0; four and five with the sequential carry) and never
 /// synchronizes.
 ///
-/// `workspace` must hold at least [`GradPlan::workspace_len`] f32 of
-/// [`plan`]`(dims, T::DTYPE)` (overwritten). `grads_out.dh0` is required
+/// `config`: a [`ChunkPrecision`] (the forward state kernel's products; the
+/// automatic carry) or a [`ChunkConfig`], whose `carry` picks the forward
+/// plan's carry as [`chunk::plan_with`] does (so [`ChunkCarry::Sequential`]
+/// forces `state_seq` and `grad_w_seq`); its `output` is unused (the
+/// backward runs no output launch). `workspace` must hold at least
+/// [`GradPlan::workspace_len`] f32 of [`plan`]`(dims, T::DTYPE)` (the same
+/// for every carry; overwritten). `grads_out.dh0` is required
 /// when `inputs.h0` is given (and, given without h0, receives the gradient
 /// of the implicit zero initial state). Checks on the host: dims (K ≤ 256),
 /// every buffer's length (the error names the argument), the dh0 rule,
@@ -253,10 +267,10 @@ pub fn backward_into<'a, T: Element>(
     grad_in: DeviceGradInputs<'a, T>,
     grads_out: DeviceGrads<'a, T>,
     workspace: Option<&'a mut dyn cudarc::driver::DevicePtrMut<f32>>,
-    precision: ChunkPrecision,
+    config: impl Into<ChunkConfig>,
 ) -> Result<(), GpuError> {
     let buffers = GradBuffers { inputs, grad_in, grads: grads_out, workspace, real_gates: false };
-    launch_backward(gpu, stream, dims, buffers, precision)
+    launch_backward(gpu, stream, dims, buffers, config.into())
 }
 
 /// [`backward_into`] for REAL gates (gated linear attention, the backward of
@@ -275,10 +289,10 @@ pub fn backward_real_into<'a, T: Element>(
     grad_in: DeviceGradInputs<'a, T>,
     grads_out: DeviceGrads<'a, T>,
     workspace: Option<&'a mut dyn cudarc::driver::DevicePtrMut<f32>>,
-    precision: ChunkPrecision,
+    config: impl Into<ChunkConfig>,
 ) -> Result<(), GpuError> {
     let buffers = GradBuffers { inputs, grad_in, grads: grads_out, workspace, real_gates: true };
-    launch_backward(gpu, stream, dims, buffers, precision)
+    launch_backward(gpu, stream, dims, buffers, config.into())
 }
 
 /// The body of [`backward_into`] and [`backward_real_into`]: `buffers`
@@ -289,11 +303,12 @@ fn launch_backward<'a, T: Element>(
     stream: &CudaStream,
     dims: &Dims,
     buffers: GradBuffers<'a, T>,
-    precision: ChunkPrecision,
+    config: ChunkConfig,
 ) -> Result<(), GpuError> {
     let gates = Gates::of(buffers.real_gates);
     let d = dims;
-    let gp = plan(d, T::DTYPE, gates)?;
+    let precision = config.precision;
+    let gp = plan_with(d, T::DTYPE, gates, config.carry)?;
     let lp = gp.forward;
     let fwd_kernels = &gpu.kernels.chunk;
     let kernels = &gpu.kernels.chunk_grad;
@@ -470,16 +485,16 @@ pub fn backward_host(
 /// [`backward_host`] with q, k, v and dy rounded to `T` on the host
 /// (log_gate, h0, dh_final stay f32), dq, dk, dv computed in `T` and widened
 /// back to f32 (exactly), and a choice of precision for the forward state
-/// kernel. `dh0` is `Some` exactly when `p.h0` is. Checks the gate domain on
+/// kernel and of carry (`config`, as [`backward_into`]'s). `dh0` is `Some` exactly when `p.h0` is. Checks the gate domain on
 /// the host.
 pub fn backward_host_as<T: Element>(
     gpu: &Gpu,
     p: &Problem<'_, f32>,
     dy: &[f32],
     dh_final: Option<&[Complex<f32>]>,
-    precision: ChunkPrecision,
+    config: impl Into<ChunkConfig>,
 ) -> Result<Grads<f32>, GpuError> {
-    host_backward::<T>(gpu, p, dy, dh_final, Gates::Complex, precision)
+    host_backward::<T>(gpu, p, dy, dh_final, Gates::Complex, config.into())
 }
 
 /// The real-gate backward ([`backward_real_into`]) from host data: `p`'s
@@ -494,9 +509,9 @@ pub fn backward_real_host_as<T: Element>(
     p: &Problem<'_, f32>,
     dy: &[f32],
     dh_final: Option<&[Complex<f32>]>,
-    precision: ChunkPrecision,
+    config: impl Into<ChunkConfig>,
 ) -> Result<Grads<f32>, GpuError> {
-    host_backward::<T>(gpu, p, dy, dh_final, Gates::Real, precision)
+    host_backward::<T>(gpu, p, dy, dh_final, Gates::Real, config.into())
 }
 
 /// The body of [`backward_host_as`] and [`backward_real_host_as`].
@@ -506,10 +521,10 @@ fn host_backward<T: Element>(
     dy: &[f32],
     dh_final: Option<&[Complex<f32>]>,
     gates: Gates,
-    precision: ChunkPrecision,
+    config: ChunkConfig,
 ) -> Result<Grads<f32>, GpuError> {
     let real_gates = gates == Gates::Real;
-    let workspace_len = |d: &Dims| Ok(plan(d, T::DTYPE, gates)?.workspace_len);
+    let workspace_len = |d: &Dims| Ok(plan_with(d, T::DTYPE, gates, config.carry)?.workspace_len);
     let doing = "synchronizing after the chunked backward";
     launch::backward_host::<T>(
         gpu,
@@ -521,7 +536,7 @@ fn host_backward<T: Element>(
         doing,
         |s, d, inputs, grad_in, grads, w| {
             let buffers = GradBuffers { inputs, grad_in, grads, workspace: w, real_gates };
-            launch_backward(gpu, s, d, buffers, precision)
+            launch_backward(gpu, s, d, buffers, config)
         },
     )
 }
