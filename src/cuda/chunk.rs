@@ -59,6 +59,14 @@
 //! operands have f16's range: decayed q̃, k̃, the scores and the carried
 //! state must stay below 65504 in magnitude (use bf16 or f32 otherwise).
 //!
+//! Subnormal inputs: q, k, v (and dy in the backward, h0 and dh_final as
+//! they enter the carried state) are tensor-core operands, which the GPU
+//! may read as 0 below f32's smallest normal 2⁻¹²⁶; a result that depends
+//! on such an input alone is then 0 (`gateloop fuzz` judges these kernels
+//! accordingly: [`crate::fuzz`], "Subnormal inputs and tensor cores"). The
+//! recurrent, scan and attention kernels compute in f32 on CUDA cores and
+//! keep them.
+//!
 //! # Real gates
 //!
 //! [`forward_real_into`] is the same code path with the imaginary part
