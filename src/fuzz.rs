@@ -187,7 +187,8 @@
 //! subnormal inputs is judged again, on its same output, against the oracle
 //! of that case with every subnormal q, k, v, h0, dy, dh_final element set
 //! to 0 (`Input::subnormal_inputs_flushed`), and passes if that one
-//! accepts it: the allowance is the flush and nothing else
+//! accepts it, a pass the report counts per target ([`TargetSummary`]'s
+//! `flushed`, a line under the table): the allowance is the flush and nothing else
 //! (`tests/fuzz_regressions.rs`). Every other target is judged on the input
 //! as given.
 //!
@@ -562,14 +563,7 @@ impl Target {
         device: Device,
         run: impl FnMut(&OwnedProblem<f64>) -> Result<Outputs<f64>, String> + 'static,
     ) -> Target {
-        Target {
-            mode,
-            precision,
-            device,
-            variant: Variant::Default,
-            label: label.into(),
-            imp: Implementation::Forward(Box::new(run)),
-        }
+        Target::default_variant(label.into(), mode, precision, device, Implementation::Forward(Box::new(run)))
     }
 
     /// A gradient target with an arbitrary implementation (see [`Target::custom`]);
@@ -581,14 +575,12 @@ impl Target {
         device: Device,
         run: impl FnMut(&OwnedProblem<f64>, &Upstream<f64>) -> Result<Grads<f64>, String> + 'static,
     ) -> Target {
-        Target {
-            mode,
-            precision,
-            device,
-            variant: Variant::Default,
-            label: label.into(),
-            imp: Implementation::Grad(Box::new(run)),
-        }
+        Target::default_variant(label.into(), mode, precision, device, Implementation::Grad(Box::new(run)))
+    }
+
+    /// A target of the default kernel variant (every CPU target, and custom ones).
+    fn default_variant(label: String, mode: Mode, precision: Precision, device: Device, imp: Implementation) -> Target {
+        Target { mode, precision, device, variant: Variant::Default, label, imp }
     }
 
     /// The CPU implementation of `mode` in `precision`: the reference modes
@@ -608,14 +600,7 @@ impl Target {
             // The CPU runs 16-bit values in f32: the f32 target.
             Precision::Bf16 | Precision::F16 => return None,
         };
-        Some(Target {
-            mode,
-            precision,
-            device: Device::Cpu,
-            variant: Variant::Default,
-            label,
-            imp: Implementation::Forward(run),
-        })
+        Some(Target::default_variant(label, mode, precision, Device::Cpu, Implementation::Forward(run)))
     }
 
     /// The CPU backward of `mode` in f32 ([`dispatch::cpu_grad_f32`]): the
@@ -628,14 +613,7 @@ impl Target {
         }
         let run = cpu_grad_f32_run(mode)?;
         let label = target_label(mode, Variant::Default, precision, Device::Cpu, Kind::Grad, None);
-        Some(Target {
-            mode,
-            precision,
-            device: Device::Cpu,
-            variant: Variant::Default,
-            label,
-            imp: Implementation::Grad(run),
-        })
+        Some(Target::default_variant(label, mode, precision, Device::Cpu, Implementation::Grad(run)))
     }
 
     /// This target as kernel `variant` (`gateloop run --variant` or `gateloop
@@ -1502,19 +1480,20 @@ fn grad_shape_error(g: &Grads<f64>, x: &Input) -> Option<String> {
 /// [`evaluate`], and for a target that may flush subnormal inputs
 /// ([`Target::flushes_subnormal_inputs`]) that fails on an input with some,
 /// [`evaluate`] against the oracle of the input with them set to 0 (the
-/// target still runs on `x`): a pass there is a pass.
-fn evaluate_flushing(target: &mut Target, x: &Input, expected: &Expected) -> Outcome {
+/// target still runs on `x`): a pass there is a pass, and the flag says it
+/// was one.
+fn evaluate_flushing(target: &mut Target, x: &Input, expected: &Expected) -> (Outcome, bool) {
     let outcome = evaluate(target, x, expected);
     if !matches!(outcome, Outcome::Fail { .. }) || !target.flushes_subnormal_inputs() {
-        return outcome;
+        return (outcome, false);
     }
-    let Some(flushed) = x.subnormal_inputs_flushed() else { return outcome };
+    let Some(flushed) = x.subnormal_inputs_flushed() else { return (outcome, false) };
     match Expected::new(target.kind(), target.precision, &flushed) {
         Ok(fe) => match evaluate(target, x, &fe) {
-            pass @ Outcome::Pass(_) => pass,
-            Outcome::Fail { .. } => outcome,
+            pass @ Outcome::Pass(_) => (pass, true),
+            Outcome::Fail { .. } => (outcome, false),
         },
-        Err(_) => outcome,
+        Err(_) => (outcome, false),
     }
 }
 
@@ -1749,6 +1728,9 @@ pub struct TargetSummary {
     pub worst_score: f64,
     pub worst_tol: f64,
     pub worst_case: Option<u64>,
+    /// Cases passed only against the oracle with subnormal inputs set to 0
+    /// (tensor-core targets: [`Target::flushes_subnormal_inputs`]).
+    pub flushed: u64,
     /// Seconds spent in this target.
     pub seconds: f64,
 }
@@ -1844,6 +1826,15 @@ impl FuzzReport {
             s,
             "bound: score = max(‖out−ref‖/max(‖ref‖,‖R‖), max|out−ref|/(10·max(|ref|,R))) ≤ tol; tol f64 1e-10, f32 min(1e-3, 1e-4·max(1, √(L/4096))), bf16 and f16 the f32 tol + 2⁻⁸ and 2⁻¹¹ (outputs stored in them; f16 y, dq, dk, dv errors first reduced by its subnormal spacing 2⁻²⁴)"
         );
+        let flushed: Vec<String> =
+            self.targets.iter().filter(|t| t.flushed > 0).map(|t| format!("{} {}", t.label, t.flushed)).collect();
+        if !flushed.is_empty() {
+            let _ = writeln!(
+                s,
+                "passed only with subnormal inputs read as 0 (tensor-core targets; the oracle of the case with them set to 0): {}",
+                flushed.join(", ")
+            );
+        }
         if self.targets.iter().any(|t| t.kind == Kind::Grad) {
             let _ = writeln!(
                 s,
@@ -2113,6 +2104,7 @@ pub fn run_campaign(cfg: &FuzzConfig, targets: &mut [Target]) -> FuzzReport {
             worst_score: 0.0,
             worst_tol: 0.0,
             worst_case: None,
+            flushed: 0,
             seconds: 0.0,
         })
         .collect();
@@ -2158,7 +2150,11 @@ pub fn run_campaign(cfg: &FuzzConfig, targets: &mut [Target]) -> FuzzReport {
             };
             let t0 = Instant::now();
             let outcome = match expected {
-                Ok(expected) => evaluate_flushing(t, x, expected),
+                Ok(expected) => {
+                    let (outcome, flushed) = evaluate_flushing(t, x, expected);
+                    summary.flushed += u64::from(flushed);
+                    outcome
+                }
                 Err(e) => Outcome::Fail { verdict: None, actual: None, why: e.clone() },
             };
             summary.cases += 1;
@@ -2180,7 +2176,7 @@ pub fn run_campaign(cfg: &FuzzConfig, targets: &mut [Target]) -> FuzzReport {
                     summary.worst_case = Some(index);
                     let (small, steps) = shrink(t, x, cfg.shrink_budget);
                     let (shrunk_why, files) = match Expected::new(kind, t.precision, &small) {
-                        Ok(se) => match evaluate_flushing(t, &small, &se) {
+                        Ok(se) => match evaluate_flushing(t, &small, &se).0 {
                             Outcome::Fail { verdict, actual, why } => {
                                 let files = cfg.out_dir.as_ref().map(|dir| {
                                     write_failure(dir, t, &case, &small, &se, verdict.as_ref(), actual.as_ref())

@@ -375,6 +375,9 @@ fn tensor_core_targets_may_read_subnormal_inputs_as_zero() {
     };
     let cuda = run(Device::Cuda);
     assert!(cuda.passed(), "{}", cuda.render());
+    // Counted and said: a pass under the allowance is not a silent one.
+    assert_eq!(cuda.targets[0].flushed, 1);
+    assert!(cuda.render().contains("passed only with subnormal inputs read as 0"), "{}", cuda.render());
     let cpu = run(Device::Cpu);
     assert_eq!(cpu.failures.len(), 1, "{}", cpu.render());
     // The allowance is the flush alone: a flushing target that is otherwise
