@@ -365,7 +365,7 @@ fn tensor_core_targets_may_read_subnormal_inputs_as_zero() {
         }
         reference::recurrent::forward(&f.to_f32().view()).map(widen).map_err(|e| e.to_string())
     };
-    let cfg = FuzzConfig { cases: 1, first_case: 453, seed: 2033, max_len: 600, ..Default::default() };
+    let cfg = FuzzConfig { cases: 1, first_case: 453, seed: 2033, max_len: 600, out_dir: None, ..Default::default() };
     let case = fuzz::draw_case(2033, 453, 600);
     assert!(case.subnormals, "{case}");
     let run = |device: Device| {
