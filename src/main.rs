@@ -537,7 +537,8 @@ const ATTENTION_MAX_LEN: usize = 4096;
 const ATTENTION_MAX_WORK: usize = 1 << 29;
 
 struct Row {
-    mode: &'static str,
+    /// The mode, with the kernel variant after a slash where not the default.
+    mode: String,
     device: String,
     precision: &'static str,
     result: Result<(f64, Outputs<f32>), String>,
@@ -588,19 +589,27 @@ fn demo(d: Dims, seed: u64) -> Result<(), Failure> {
                 out.map(|o| (ms, o)).map_err(|e| e.to_string())
             }
         };
-        rows.push(Row { mode: mode.name(), device: "cpu".into(), precision: "f32", result });
+        rows.push(Row { mode: mode.name().into(), device: "cpu".into(), precision: "f32", result });
     }
 
     let mut gpu_note = None;
     match cuda::Gpu::new(0) {
         Ok(gpu) => {
-            // Each kernel with f32 and with bf16 q, k, v (y stored in bf16:
-            // its error is about bf16's rounding, 2⁻⁹ relative on average).
+            // Each kernel, and each of its variants, with f32 and with bf16
+            // q, k, v (y stored in bf16: its error is about bf16's rounding,
+            // 2⁻⁹ relative on average).
             for mode in dispatch::CUDA_MODES {
-                for dtype in [cuda::Dtype::F32, cuda::Dtype::Bf16] {
-                    let (ms, out) = timed(|| dispatch::cuda_in(&gpu, mode, dtype, &p32.view()));
+                let pairs = dispatch::Variant::ALL
+                    .into_iter()
+                    .flat_map(|v| [cuda::Dtype::F32, cuda::Dtype::Bf16].map(|t| (v, t)))
+                    .filter(|&(v, t)| v.applies(mode, t, false));
+                for (variant, dtype) in pairs {
+                    let (ms, out) = timed(|| dispatch::cuda_variant_in(&gpu, mode, variant, dtype, &p32.view()));
                     rows.push(Row {
-                        mode: mode.name(),
+                        mode: match variant {
+                            dispatch::Variant::Default => mode.name().into(),
+                            v => format!("{}/{}", mode.name(), v.name()),
+                        },
                         device: format!("cuda ({})", gpu.name()),
                         precision: dtype.name(),
                         result: out.map(|o| (ms, o)).map_err(|e| e.to_string()),
@@ -614,8 +623,10 @@ fn demo(d: Dims, seed: u64) -> Result<(), Failure> {
     say!();
     // As wide as the longest device label (a CUDA one carries the card's name).
     let dw = rows.iter().map(|r| r.device.chars().count()).max().unwrap_or(0).max(12);
+    // And as wide as the longest mode label (`chunked/sequential`).
+    let mw = rows.iter().map(|r| r.mode.chars().count()).max().unwrap_or(0).max(10);
     say!(
-        "{:<10} {:<dw$} {:<9} {:>10} {:>12} {:>12} {:>14}",
+        "{:<mw$} {:<dw$} {:<9} {:>10} {:>12} {:>12} {:>14}",
         "mode",
         "device",
         "precision",
@@ -625,7 +636,7 @@ fn demo(d: Dims, seed: u64) -> Result<(), Failure> {
         "h_final rel L2"
     );
     say!(
-        "{:<10} {:<dw$} {:<9} {:>10.1} {:>12} {:>12} {:>14}",
+        "{:<mw$} {:<dw$} {:<9} {:>10.1} {:>12} {:>12} {:>14}",
         "recurrent",
         "cpu",
         "f64",
@@ -640,7 +651,7 @@ fn demo(d: Dims, seed: u64) -> Result<(), Failure> {
                 let ey = compare(&out.y, &oracle.y);
                 let eh = compare_complex(&out.h_final, &oracle.h_final);
                 say!(
-                    "{:<10} {:<dw$} {:<9} {:>10.1} {:>12.2e} {:>12.2e} {:>14.2e}",
+                    "{:<mw$} {:<dw$} {:<9} {:>10.1} {:>12.2e} {:>12.2e} {:>14.2e}",
                     row.mode,
                     row.device,
                     row.precision,
@@ -650,7 +661,7 @@ fn demo(d: Dims, seed: u64) -> Result<(), Failure> {
                     eh.rel_l2
                 );
             }
-            Err(why) => say!("{:<10} {:<dw$} {:<9} {why}", row.mode, row.device, row.precision),
+            Err(why) => say!("{:<mw$} {:<dw$} {:<9} {why}", row.mode, row.device, row.precision),
         }
     }
     if let Some(note) = gpu_note {

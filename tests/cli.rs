@@ -222,6 +222,12 @@ fn demo_runs_and_prints_a_table() {
         assert!(out.contains(needle), "demo output lacks {needle:?}:\n{out}");
     }
     assert!(out.contains("GPU not used") || out.contains("cuda"), "{out}");
+    // Where a GPU is, each kernel variant has its own rows.
+    if out.contains("cuda") {
+        for needle in ["chunked/sequential", "chunked/fragments", "recurrent/ahead"] {
+            assert!(out.contains(needle), "demo output lacks {needle:?}:\n{out}");
+        }
+    }
 }
 
 // ------------------------------------------------------ malformed inputs --
