@@ -250,13 +250,8 @@ pub fn cuda_variant_as<T: Element>(
     }
 }
 
-/// [`cuda_as`] in the element type of a runtime [`cuda::Dtype`] (a file's,
-/// a fuzz target's).
-pub fn cuda_in(gpu: &Gpu, mode: Mode, dtype: cuda::Dtype, p: &Problem<'_, f32>) -> Result<Outputs<f32>, GpuError> {
-    cuda_variant_in(gpu, mode, Variant::Default, dtype, p)
-}
-
-/// [`cuda_variant_as`] in the element type of a runtime [`cuda::Dtype`].
+/// [`cuda_variant_as`] in the element type of a runtime [`cuda::Dtype`] (a
+/// file's, a fuzz target's; [`Variant::Default`] for the mode's default).
 pub fn cuda_variant_in(
     gpu: &Gpu,
     mode: Mode,
@@ -362,19 +357,8 @@ pub fn cuda_grad_variant_as<T: Element>(
     }
 }
 
-/// [`cuda_grad_as`] in the element type of a runtime [`cuda::Dtype`].
-pub fn cuda_grad_in(
-    gpu: &Gpu,
-    mode: Mode,
-    dtype: cuda::Dtype,
-    p: &Problem<'_, f32>,
-    dy: &[f32],
-    dh_final: Option<&[num_complex::Complex<f32>]>,
-) -> Result<Grads<f32>, GpuError> {
-    cuda_grad_variant_in(gpu, mode, Variant::Default, dtype, p, dy, dh_final)
-}
-
-/// [`cuda_grad_variant_as`] in the element type of a runtime [`cuda::Dtype`].
+/// [`cuda_grad_variant_as`] in the element type of a runtime [`cuda::Dtype`]
+/// ([`Variant::Default`] for the mode's default).
 pub fn cuda_grad_variant_in(
     gpu: &Gpu,
     mode: Mode,

@@ -518,19 +518,16 @@ fn cuda_run(gpu: &Rc<cuda::Gpu>, mode: Mode, variant: Variant, dtype: cuda::Dtyp
     })
 }
 
-/// The CUDA backward of `mode` (kernel `variant`) in `dtype`, as a gradient
-/// run function; `None` where there is none ([`dispatch::CUDA_GRAD_MODES`]).
-fn cuda_grad_run(gpu: &Rc<cuda::Gpu>, mode: Mode, variant: Variant, dtype: cuda::Dtype) -> Option<GradRunFn> {
-    if !dispatch::CUDA_GRAD_MODES.contains(&mode) {
-        return None;
-    }
+/// The CUDA backward of `mode` (kernel `variant`, one of
+/// [`dispatch::CUDA_GRAD_MODES`]) in `dtype`, as a gradient run function.
+fn cuda_grad_run(gpu: &Rc<cuda::Gpu>, mode: Mode, variant: Variant, dtype: cuda::Dtype) -> GradRunFn {
     let gpu = Rc::clone(gpu);
-    Some(Box::new(move |p: &OwnedProblem<f64>, up: &Upstream<f64>| {
+    Box::new(move |p: &OwnedProblem<f64>, up: &Upstream<f64>| {
         let up = upstream_to_f32(up);
         dispatch::cuda_grad_variant_in(&gpu, mode, variant, dtype, &p.to_f32().view(), &up.dy, up.dh_final.as_deref())
             .map(|g| widen_grads(&g))
             .map_err(|e| e.to_string())
-    }))
+    })
 }
 
 /// A target's label: `{mode}[/{variant}]-{precision}-{device}[-grad]`, with
@@ -786,10 +783,7 @@ pub fn select_with(
                     }
                     let label = target_label(m, v, pr, device, kind, Some(&gpu.name()));
                     let imp = if grad {
-                        match cuda_grad_run(gpu, m, v, dtype) {
-                            Some(run) => Implementation::Grad(run),
-                            None => continue, // checked above: CUDA_GRAD_MODES
-                        }
+                        Implementation::Grad(cuda_grad_run(gpu, m, v, dtype))
                     } else {
                         Implementation::Forward(cuda_run(gpu, m, v, dtype))
                     };

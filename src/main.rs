@@ -62,8 +62,8 @@ enum Command {
         /// sequential carry), fragments (chunked, F16/BF16: the
         /// register-fragment output launch), ahead (recurrent: the ahead
         /// staging). Same function, same bounds as the default.
-        #[arg(long, value_enum, default_value_t = CliVariant::Default)]
-        variant: CliVariant,
+        #[arg(long, value_parser = parse_variant, default_value = "default")]
+        variant: dispatch::Variant,
     },
     /// Gradients of the operator for an input file with upstream gradients.
     ///
@@ -94,8 +94,8 @@ enum Command {
         device: Device,
         /// The CUDA kernel variant (cuda only): sequential (chunked: the
         /// sequential carry, state_seq and grad_w_seq).
-        #[arg(long, value_enum, default_value_t = CliVariant::Default)]
-        variant: CliVariant,
+        #[arg(long, value_parser = parse_variant, default_value = "default")]
+        variant: dispatch::Variant,
     },
     /// Run every available mode on a random problem.
     ///
@@ -225,8 +225,8 @@ enum Command {
         /// CUDA kernel variants to fuzz beside each mode's default,
         /// comma-separated (default, sequential, fragments, ahead); by default
         /// every variant where it applies (`--device cuda`).
-        #[arg(long, value_enum, value_delimiter = ',')]
-        variants: Vec<CliVariant>,
+        #[arg(long, value_parser = parse_variant, value_delimiter = ',')]
+        variants: Vec<dispatch::Variant>,
     },
 }
 
@@ -268,35 +268,23 @@ impl CliMode {
     }
 }
 
-/// `dispatch::Variant` on the command line.
-#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
-enum CliVariant {
-    Default,
-    Sequential,
-    Fragments,
-    Ahead,
+/// `--variant`, `--variants`: a [`dispatch::Variant`] by its name.
+fn parse_variant(s: &str) -> Result<dispatch::Variant, String> {
+    dispatch::Variant::parse(s).ok_or_else(|| {
+        let names: Vec<&str> = dispatch::Variant::ALL.iter().map(|v| v.name()).collect();
+        format!("`{s}` is not one of {}", names.join(", "))
+    })
 }
 
-impl CliVariant {
-    fn variant(self) -> dispatch::Variant {
-        match self {
-            CliVariant::Default => dispatch::Variant::Default,
-            CliVariant::Sequential => dispatch::Variant::Sequential,
-            CliVariant::Fragments => dispatch::Variant::Fragments,
-            CliVariant::Ahead => dispatch::Variant::Ahead,
-        }
-    }
-
-    /// The variant of a `run` or `grad` on `device`: a kernel variant is
-    /// the GPU's (the CPU runs each mode's one implementation).
-    fn on(self, device: Device) -> Result<dispatch::Variant, Failure> {
-        match (self.variant(), device) {
-            (v, Device::Cpu) if v != dispatch::Variant::Default => Err(Failure::Input(format!(
-                "--variant {}: a CUDA kernel variant; use --device cuda (the CPU runs one implementation per mode)",
-                v.name()
-            ))),
-            (v, _) => Ok(v),
-        }
+/// The variant of a `run` or `grad` on `device`: a kernel variant is the
+/// GPU's (the CPU runs each mode's one implementation).
+fn variant_on(variant: dispatch::Variant, device: Device) -> Result<dispatch::Variant, Failure> {
+    match (variant, device) {
+        (v, Device::Cpu) if v != dispatch::Variant::Default => Err(Failure::Input(format!(
+            "--variant {}: a CUDA kernel variant; use --device cuda (the CPU runs one implementation per mode)",
+            v.name()
+        ))),
+        (v, _) => Ok(v),
     }
 }
 
@@ -847,14 +835,14 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Run { input, output, mode, device, repeat, variant } => {
-            variant.on(device).and_then(|v| run(input, output, mode.mode(), device, v, repeat))
+            variant_on(variant, device).and_then(|v| run(input, output, mode.mode(), device, v, repeat))
         }
         Command::Demo { batch, len, heads, key_dim, value_dim, seed } => {
             demo(Dims::new(batch, len, heads, key_dim, value_dim), seed)
         }
         Command::Check { a, b, rtol } => check(a, b, rtol),
         Command::Grad { input, output, mode, device, variant } => {
-            mode.fixed("grad").and_then(|m| variant.on(device).and_then(|v| grad(input, output, m, device, v)))
+            mode.fixed("grad").and_then(|m| variant_on(variant, device).and_then(|v| grad(input, output, m, device, v)))
         }
         Command::Bench { json, kernels, dtypes, shapes, runs, warmup, seed, time_budget, list } => {
             bench(json, kernels, dtypes, shapes, runs, warmup, seed, time_budget, list)
@@ -873,7 +861,6 @@ fn main() -> ExitCode {
             max_failures,
             variants,
         } => {
-            let variants: Vec<dispatch::Variant> = variants.into_iter().map(CliVariant::variant).collect();
             let device = match device {
                 Device::Cpu => fuzz::Device::Cpu,
                 Device::Cuda => fuzz::Device::Cuda,
