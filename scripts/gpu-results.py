@@ -28,6 +28,8 @@ from bench.json) and writes verdict.md there, which it also prints:
 - the staging rule: recurrent-ahead against recurrent (bench.json, the same
   run), and the RecurrentStaging default (src/cuda/recurrent.rs) it
   supports;
+- the rows rule: recurrent-rows4 against recurrent (the same run), and the
+  RecurrentRows default (src/cuda/recurrent.rs) it supports;
 - the output rule: chunked-frag against chunked and chunked-real-frag-fast
   against chunked-real-fast (bench.json), and the ChunkOutput default
   (src/cuda/chunk.rs) it supports for 16-bit inputs;
@@ -436,6 +438,14 @@ def staging_rule(bench):
                         "`RecurrentStaging::Ahead`", "`RecurrentStaging::Batched`", grid=recurrent_grid)
 
 
+def rows_rule(bench):
+    """The rows section: recurrent-rows4 (four state rows a thread, twice
+    the warps a block at K = 64) against recurrent (eight), and the
+    RecurrentRows default they support."""
+    return variant_rule(bench, "Rows rule (recurrent-rows4 against recurrent)", [("recurrent", "recurrent-rows4")],
+                        "`RecurrentRows::Four`", "`RecurrentRows::Eight`", grid=recurrent_grid)
+
+
 def output_rule(bench):
     """The output section: the register-fragment output launch against the
     staged one (chunked-frag against chunked, chunked-real-frag-fast against
@@ -532,6 +542,7 @@ def file_results(results, into, dry_run):
         L += targets_section(doc, name)
     L += carry_rule(carry)
     L += staging_rule(bench)
+    L += rows_rule(bench)
     L += output_rule(bench)
     L += launch_split(bench)
     text = "\n".join(L) + "\n"

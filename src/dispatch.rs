@@ -24,7 +24,8 @@
 //! kernels' (Im h_final, Im dlog_gate and Im dh0 are 0), to the same bounds.
 //!
 //! A CUDA mode may also run a kernel [`Variant`] (the chunked sequential
-//! carry or register-fragment output, the recurrent ahead staging:
+//! carry or register-fragment output, the recurrent ahead staging or four
+//! rows a thread:
 //! [`cuda_variant_as`], [`cuda_grad_variant_as`]), the same function to the
 //! same bounds; `run --variant`, `grad --variant` and `fuzz` take them.
 
@@ -79,7 +80,7 @@ pub fn fastest_cuda_mode(dims: &crate::Dims) -> Mode {
 
 /// A CUDA kernel variant of a mode: the launch choices beside each mode's
 /// default ([`cuda::chunk::ChunkConfig`]'s carry and output,
-/// [`cuda::recurrent::RecurrentStaging`]) that compute the same function to
+/// [`cuda::recurrent::RecurrentConfig`]'s staging and rows) that compute the same function to
 /// the same bounds, so `run`, `grad` and `fuzz` can each take one and every
 /// one is fuzzed against the reference, not only the default.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -99,10 +100,14 @@ pub enum Variant {
     /// Recurrent forward: the ahead staging
     /// ([`cuda::recurrent::RecurrentStaging::Ahead`]).
     Ahead,
+    /// Recurrent forward: four state rows a thread, twice the warps a block
+    /// at K = 64 ([`cuda::recurrent::RecurrentRows::Four`]).
+    Rows4,
 }
 
 impl Variant {
-    pub const ALL: [Variant; 4] = [Variant::Default, Variant::Sequential, Variant::Fragments, Variant::Ahead];
+    pub const ALL: [Variant; 5] =
+        [Variant::Default, Variant::Sequential, Variant::Fragments, Variant::Ahead, Variant::Rows4];
 
     /// The command-line name.
     pub fn name(self) -> &'static str {
@@ -111,6 +116,7 @@ impl Variant {
             Variant::Sequential => "sequential",
             Variant::Fragments => "fragments",
             Variant::Ahead => "ahead",
+            Variant::Rows4 => "rows4",
         }
     }
 
@@ -127,7 +133,7 @@ impl Variant {
             Variant::Default => true,
             Variant::Sequential => mode == Mode::Chunked,
             Variant::Fragments => mode == Mode::Chunked && !grad && dtype != cuda::Dtype::F32,
-            Variant::Ahead => mode == Mode::Recurrent && !grad,
+            Variant::Ahead | Variant::Rows4 => mode == Mode::Recurrent && !grad,
         }
     }
 
@@ -143,7 +149,7 @@ impl Variant {
                 mode.name(),
                 names.join(", ")
             ),
-            why: "sequential is chunked's (forward and backward), fragments the chunked forward's for f16/bf16, ahead the recurrent forward's",
+            why: "sequential is chunked's (forward and backward), fragments the chunked forward's for f16/bf16, ahead and rows4 the recurrent forward's",
         }
     }
 
@@ -153,7 +159,17 @@ impl Variant {
         match self {
             Variant::Sequential => ChunkConfig { carry: ChunkCarry::Sequential, ..ChunkConfig::default() },
             Variant::Fragments => ChunkConfig { output: ChunkOutput::Fragments, ..ChunkConfig::default() },
-            Variant::Default | Variant::Ahead => ChunkConfig::default(),
+            Variant::Default | Variant::Ahead | Variant::Rows4 => ChunkConfig::default(),
+        }
+    }
+
+    /// The recurrent kernel's configuration this variant asks for.
+    fn recurrent_config(self) -> cuda::recurrent::RecurrentConfig {
+        use cuda::recurrent::{RecurrentConfig, RecurrentRows, RecurrentStaging};
+        match self {
+            Variant::Ahead => RecurrentStaging::Ahead.into(),
+            Variant::Rows4 => RecurrentRows::Four.into(),
+            Variant::Default | Variant::Sequential | Variant::Fragments => RecurrentConfig::default(),
         }
     }
 }
@@ -239,10 +255,7 @@ pub fn cuda_variant_as<T: Element>(
     }
     let config = variant.chunk_config();
     match mode {
-        Mode::Recurrent if variant == Variant::Ahead => {
-            cuda::recurrent::forward_host_with::<T>(gpu, p, cuda::recurrent::RecurrentStaging::Ahead)
-        }
-        Mode::Recurrent => cuda::recurrent::forward_host_as::<T>(gpu, p),
+        Mode::Recurrent => cuda::recurrent::forward_host_with::<T>(gpu, p, variant.recurrent_config()),
         Mode::Scan => cuda::scan::forward_host_as::<T>(gpu, p),
         Mode::Attention => cuda::attention::forward_host_as::<T>(gpu, p),
         Mode::Chunked if real_gates(p, None) => cuda::chunk::forward_real_host_as::<T>(gpu, p, config),
@@ -378,7 +391,7 @@ mod tests {
 
     /// Where each kernel variant exists: sequential for chunked forward and
     /// backward in every dtype, fragments for the chunked forward in 16 bits,
-    /// ahead for the recurrent forward; names round-trip.
+    /// ahead and rows4 for the recurrent forward; names round-trip.
     #[test]
     fn variants_exist_where_their_kernels_do() {
         use cuda::Dtype;
@@ -391,7 +404,7 @@ mod tests {
                             Variant::Default => true,
                             Variant::Sequential => m == Mode::Chunked,
                             Variant::Fragments => m == Mode::Chunked && !grad && t != Dtype::F32,
-                            Variant::Ahead => m == Mode::Recurrent && !grad,
+                            Variant::Ahead | Variant::Rows4 => m == Mode::Recurrent && !grad,
                         };
                         assert_eq!(v.applies(m, t, grad), want, "{} {} {t} grad={grad}", v.name(), m.name());
                     }

@@ -46,7 +46,8 @@
 //!
 //! On `--device cuda` each mode's kernel **variants** ([`Variant`]: the
 //! chunked sequential carry, forward and backward; the chunked register-
-//! fragment output, f16/bf16; the recurrent ahead staging) are targets of
+//! fragment output, f16/bf16; the recurrent ahead staging and four rows a
+//! thread) are targets of
 //! their own beside the default (`chunked/sequential-bf16-cuda`, ...), so
 //! the launch choices the automatic rules take only at large grids are
 //! fuzzed at every size. `--variants` narrows them; a variant's failure

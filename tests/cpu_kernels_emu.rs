@@ -35,7 +35,9 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 
 use gateloop::cpu::scan as scan_mirror;
-use gateloop::cuda::recurrent::RecurrentStaging::{self, Ahead, Batched};
+use gateloop::cuda::recurrent::RecurrentConfig;
+use gateloop::cuda::recurrent::RecurrentRows::Four;
+use gateloop::cuda::recurrent::RecurrentStaging::{Ahead, Batched};
 use gateloop::cuda::{Dtype, Element, recurrent, recurrent_grad, scan};
 use gateloop::dispatch::MIRROR_SM_COUNT;
 use gateloop::reference::{self, grad::Grads};
@@ -79,7 +81,7 @@ fn scan_emulated(emu: &Path, tag: &str, p: &OwnedProblem<f32>, lp: &scan::Launch
 }
 
 /// The recurrent kernel's launch with the plan of
-/// `cuda::recurrent::plan_with(staging)`: forward_into (`state` None: h0 from
+/// `cuda::recurrent::plan_with(config)`: forward_into (`state` None: h0 from
 /// `p`), or decode_into (`state`: the initial state, updated in place; `p`
 /// without h0). q, k, v must be representable in `dtype`. Returns y
 /// (widened) and h_final / the new state.
@@ -89,10 +91,10 @@ fn recurrent_emulated(
     p: &OwnedProblem<f32>,
     dtype: Dtype,
     state: Option<&[Complex<f32>]>,
-    staging: RecurrentStaging,
+    config: impl Into<RecurrentConfig>,
 ) -> Outputs<f32> {
-    let lp = recurrent::plan_with(&p.dims, staging).unwrap();
-    let extra = [dtype.abi(), lp.rows_per_thread, lp.key_groups, lp.chunk_len, lp.shared_bytes, staging as u32]
+    let lp = recurrent::plan_with(&p.dims, config).unwrap();
+    let extra = [dtype.abi(), lp.rows_per_thread, lp.key_groups, lp.chunk_len, lp.shared_bytes, lp.staging as u32]
         .map(|x| x.to_string());
     match state {
         None => run(emu, &[], &write_case(tag, p, &extra, false, &[]), "h_final.out"),
@@ -353,7 +355,9 @@ fn scan_forward_kernels_emulated_half_types() {
 /// the f64 reference, and the f32 evaluation of the reference (the CPU path
 /// of the recurrent mode) for the record. The ahead staging
 /// (`RecurrentStaging::Ahead`, other chunk lengths) gives the batched
-/// kernel's y and h_final bit for bit.
+/// kernel's y and h_final bit for bit; four rows a thread
+/// (`RecurrentRows::Four`: more key groups, shorter chunks) the same bounds,
+/// and the same bits where it gives the same R.
 #[test]
 fn recurrent_kernel_emulated_matches_reference() {
     let Some(emu) = recurrent_emulator() else { return };
@@ -371,6 +375,7 @@ fn recurrent_kernel_emulated_matches_reference() {
         (1, 150, 3, 2, 1),
     ];
     let mut variants = BTreeSet::new();
+    let mut rows_changed = 0;
     for (i, ((b, l, h, k, v), regime)) in shapes.into_iter().zip(ALL_REGIMES_AND_UNDERFLOW).enumerate() {
         for per_head in [false, true] {
             let with_h0 = (i + per_head as usize).is_multiple_of(2);
@@ -388,8 +393,20 @@ fn recurrent_kernel_emulated_matches_reference() {
             worst.check(&label, "recurrent y vs the f32 reference", &compare(&got.y, &f32_path.y), REL, ABS_FRAC);
             let ahead = recurrent_emulated(&emu, &format!("rec{i}_{per_head}_ahead"), &p, Dtype::F32, None, Ahead);
             assert_same_bits(&label, &ahead, &got);
+            let four_plan = recurrent::plan_with(&d, Four).unwrap();
+            variants.insert(four_plan.rows_per_thread);
+            let four = recurrent_emulated(&emu, &format!("rec{i}_{per_head}_four"), &p, Dtype::F32, None, Four);
+            let four_label = format!("{d:?} {regime:?} h0={with_h0} seed={seed} {four_plan:?}");
+            check_reference(&mut worst, &four_label, "recurrent, four rows", &four, &want, (REL, ABS_FRAC));
+            if four_plan.rows_per_thread == lp.rows_per_thread {
+                assert_same_bits(&four_label, &four, &got);
+            } else {
+                rows_changed += 1;
+            }
         }
     }
+    // Most shapes take another R with four rows a thread (K = 130 and 256 do not).
+    assert!(rows_changed >= 10, "{rows_changed}");
     assert_eq!(variants.into_iter().collect::<Vec<_>>(), [1, 2, 4, 8, 16]);
     worst.report("recurrent kernel (emulated)");
 }
@@ -409,6 +426,15 @@ fn recurrent_kernel_emulated_half_types() {
         let got = recurrent_emulated(emu, &format!("half{seed}"), &p64.to_f32(), T::DTYPE, None, Batched);
         let ahead = recurrent_emulated(emu, &format!("half{seed}_ahead"), &p64.to_f32(), T::DTYPE, None, Ahead);
         assert_same_bits(&label, &ahead, &got);
+        let four = recurrent_emulated(emu, &format!("half{seed}_four"), &p64.to_f32(), T::DTYPE, None, Four);
+        check_reference(
+            worst,
+            &format!("{label} four rows"),
+            &format!("recurrent {:?}", T::DTYPE),
+            &four,
+            &want,
+            dtype_support::y_bounds(T::DTYPE),
+        );
         check_reference(
             worst,
             &label,
@@ -518,10 +544,11 @@ fn scan_and_recurrent_kernels_race_free() {
         let p64 = random_problem(d, GateRegime::Mixed, true, 1400 + i as u64);
         let p64 = if t == Dtype::F16 { dtype_support::rounded_to::<half::f16>(&p64) } else { p64.rounded_to_f32() };
         let want = reference::recurrent::forward(&p64.view()).unwrap();
-        for staging in [Batched, Ahead] {
-            let label = format!("{d:?} {t:?} {:?} (race-checked)", recurrent::plan_with(&d, staging).unwrap());
-            let got =
-                recurrent_emulated(&emu, &format!("rec_race{i}_{}", staging.name()), &p64.to_f32(), t, None, staging);
+        let configs = [Batched.into(), Ahead.into(), Four.into(), RecurrentConfig { staging: Ahead, rows: Four }];
+        for (j, config) in configs.into_iter().enumerate() {
+            let config: RecurrentConfig = config;
+            let label = format!("{d:?} {t:?} {:?} (race-checked)", recurrent::plan_with(&d, config).unwrap());
+            let got = recurrent_emulated(&emu, &format!("rec_race{i}_{j}"), &p64.to_f32(), t, None, config);
             check_reference(&mut worst, &label, "recurrent", &got, &want, dtype_support::y_bounds(t));
         }
     }

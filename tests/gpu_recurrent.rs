@@ -10,7 +10,8 @@ mod common;
 
 use common::{ABS_FRAC, Case, REL, assert_outputs, regime_matrix, regime_tests, run_forward};
 use gateloop::cuda::recurrent::{
-    DeviceInputs, DeviceOutputs, RecurrentStaging, forward_host, forward_host_with, forward_into,
+    self, DeviceInputs, DeviceOutputs, RecurrentConfig, RecurrentRows, RecurrentStaging, forward_host,
+    forward_host_with, forward_into, forward_into_with,
 };
 use gateloop::cuda::{Gpu, GpuError};
 use gateloop::testing::{GateRegime, dims};
@@ -97,6 +98,47 @@ fn ahead_staging_matches_batched_bit_for_bit() {
         assert_same_bits(&label, &ahead, &run(RecurrentStaging::Batched));
         let run = |staging| forward_host_with::<half::bf16>(gpu, &p32.view(), staging).unwrap();
         assert_same_bits(&format!("{label} bf16"), &run(RecurrentStaging::Ahead), &run(RecurrentStaging::Batched));
+    }
+}
+
+/// Four state rows a thread (`RecurrentRows::Four`: at K = 64 sixteen
+/// warps a block instead of eight, 15-step chunks, the readout summed over
+/// 16 key groups) is within the reference's bounds (outputs poisoned), with
+/// either staging (bit for bit each other), in f32 and bf16; where it gives
+/// the default's R (K = 1, 130) it is the default bit for bit. L = 1, L not a
+/// multiple of a chunk, resets, |a| = 1, phases ≫ 2π.
+#[test]
+fn four_rows_a_thread_match_the_reference() {
+    let Some(gpu) = common::gpu_or_skip() else { return };
+    let cases = [
+        (dims(1, 1, 1, 1, 1, false), GateRegime::Random),
+        (dims(2, 100, 2, 5, 7, true), GateRegime::Resets(0.2)),
+        (dims(1, 130, 1, 16, 40, false), GateRegime::UnitModulus),
+        (dims(2, 301, 3, 64, 64, false), GateRegime::LargePhase(50.0)),
+        (dims(1, 77, 1, 130, 33, true), GateRegime::Mixed),
+        (dims(1, 200, 2, 40, 70, false), GateRegime::StrongDecay(30.0)),
+    ];
+    let four = RecurrentRows::Four;
+    let ahead_four = RecurrentConfig { staging: RecurrentStaging::Ahead, rows: four };
+    for (i, (d, regime)) in cases.into_iter().enumerate() {
+        let case = Case::new(d, regime, i % 2 == 1, 7200 + i as u64);
+        let plan = recurrent::plan_with(&d, four).unwrap();
+        let label = format!("{} {plan:?}", case.label());
+        let (p32, want) = case.with_reference();
+        let (y, h_final) = run_forward::<f32>(gpu, &p32, 0, |s, d, i, o, _| forward_into_with(gpu, s, d, four, i, o))
+            .unwrap_or_else(|e| panic!("{label}: {e}"));
+        assert_outputs(&label, &y, &h_final, &want, REL, ABS_FRAC);
+        let got = Outputs { y, h_final };
+        assert_same_bits(
+            &format!("{label} ahead"),
+            &forward_host_with::<f32>(gpu, &p32.view(), ahead_four).unwrap(),
+            &got,
+        );
+        if plan.rows_per_thread == recurrent::plan(&d).unwrap().rows_per_thread {
+            assert_same_bits(&format!("{label} default"), &forward_host(gpu, &p32.view()).unwrap(), &got);
+        }
+        let run = |config: RecurrentConfig| forward_host_with::<half::bf16>(gpu, &p32.view(), config).unwrap();
+        assert_same_bits(&format!("{label} bf16"), &run(ahead_four), &run(four.into()));
     }
 }
 

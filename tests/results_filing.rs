@@ -95,6 +95,10 @@ fn files_a_run_and_reads_the_targets_and_the_carry_rule() {
         bench_row("recurrent-ahead", "bf16", [8, 4096, 16, 64, 64], 1.6),
         bench_row("recurrent", "bf16", [1, 65536, 4, 64, 64], 30.0),
         bench_row("recurrent-ahead", "bf16", [1, 65536, 4, 64, 64], 29.7),
+        // The rows: four rows a thread 30% faster at B8 L4096 H16 and 10% at
+        // B1 L65536 H4: a win in both.
+        bench_row("recurrent-rows4", "bf16", [8, 4096, 16, 64, 64], 1.4),
+        bench_row("recurrent-rows4", "bf16", [1, 65536, 4, 64, 64], 27.0),
         // The launches: state_seq and output of the chunked row (bench.json
         // "phases"), the output's with its residency (rows from 2026-12-02,
         // later) and the state's without (earlier rows).
@@ -159,6 +163,11 @@ fn files_a_run_and_reads_the_targets_and_the_carry_rule() {
     let row = "| bf16 | B1 L65536 H4 K=V=64 | channel | 8 | recurrent | 30.0 ms | recurrent-ahead | 29.7 ms | 0.990 |";
     assert!(text.contains(row), "{text}");
     assert!(text.contains("Mixed: the variant faster by ≥ 3% in 1 of 2 cases"), "{text}");
+    let row =
+        "| bf16 | B8 L4096 H16 K=V=64 | channel | 256 | recurrent | 2.000 ms | recurrent-rows4 | 1.400 ms | 0.700 |";
+    assert!(text.contains(row), "{text}");
+    assert!(text.contains("## Rows rule (recurrent-rows4 against recurrent)"), "{text}");
+    assert!(text.contains("Suggested: `RecurrentRows::Four` as the default (faster by ≥ 3% in all 2 cases)"), "{text}");
     let row = "| bf16 | B1 L65536 H4 K=V=64 | channel | chunked | 4.000 ms | chunked-frag | 3.000 ms | 0.750 |";
     assert!(text.contains(row), "{text}");
     assert!(text.contains("Suggested: `ChunkOutput::Fragments` for f16 and bf16 inputs as the default"), "{text}");

@@ -47,7 +47,9 @@ use super::chunk::{self, ChunkCarry, ChunkConfig, ChunkOutput, ChunkPrecision, G
 use super::chunk_grad;
 use super::element::{Dtype, Element, round_slice};
 use super::phases::{self, Geometry, Phase, phase_medians};
-use super::recurrent::{self, DecodeInputs, DeviceInputs, DeviceOutputs, RecurrentStaging};
+use super::recurrent::{
+    self, DecodeInputs, DeviceInputs, DeviceOutputs, RecurrentConfig, RecurrentRows, RecurrentStaging,
+};
 use super::{DriverContext, Gpu, GpuError, attention, scan};
 use crate::error::InputError;
 use crate::problem::{Dims, GateLayout};
@@ -216,7 +218,7 @@ pub fn registry() -> Vec<KernelEntry> {
             shapes: recurrent_shapes,
             check: |d| recurrent::plan(d).map(|_| ()),
             cost: |d, t| recurrent_cost(d, t, false),
-            prepare: |gpu, d, t, host, sets| crate::with_element!(t, T => prepare_recurrent::<T>(gpu, d, host, sets, false, RecurrentStaging::Batched)),
+            prepare: |gpu, d, t, host, sets| crate::with_element!(t, T => prepare_recurrent::<T>(gpu, d, host, sets, false, RecurrentConfig::default())),
             tuning: false,
         },
         KernelEntry {
@@ -227,7 +229,19 @@ pub fn registry() -> Vec<KernelEntry> {
             shapes: recurrent_shapes,
             check: |d| recurrent::plan_with(d, RecurrentStaging::Ahead).map(|_| ()),
             cost: |d, t| recurrent_cost(d, t, false),
-            prepare: |gpu, d, t, host, sets| crate::with_element!(t, T => prepare_recurrent::<T>(gpu, d, host, sets, false, RecurrentStaging::Ahead)),
+            prepare: |gpu, d, t, host, sets| crate::with_element!(t, T => prepare_recurrent::<T>(gpu, d, host, sets, false, RecurrentStaging::Ahead.into())),
+            tuning: false,
+        },
+        KernelEntry {
+            name: "recurrent-rows4",
+            about: "recurrent forward with four state rows a thread (RecurrentRows::Four: at K = 64 sixteen \
+                    warps a block instead of eight, twice the resident warps where the grid fills the SMs \
+                    twice; the same bounds)",
+            dtypes: &Dtype::ALL,
+            shapes: recurrent_shapes,
+            check: |d| recurrent::plan_with(d, RecurrentRows::Four).map(|_| ()),
+            cost: |d, t| recurrent_cost(d, t, false),
+            prepare: |gpu, d, t, host, sets| crate::with_element!(t, T => prepare_recurrent::<T>(gpu, d, host, sets, false, RecurrentRows::Four.into())),
             tuning: false,
         },
         KernelEntry {
@@ -237,7 +251,7 @@ pub fn registry() -> Vec<KernelEntry> {
             shapes: decode_shapes,
             check: |d| recurrent::plan(d).map(|_| ()),
             cost: |d, t| recurrent_cost(d, t, true),
-            prepare: |gpu, d, t, host, sets| crate::with_element!(t, T => prepare_recurrent::<T>(gpu, d, host, sets, true, RecurrentStaging::Batched)),
+            prepare: |gpu, d, t, host, sets| crate::with_element!(t, T => prepare_recurrent::<T>(gpu, d, host, sets, true, RecurrentConfig::default())),
             tuning: false,
         },
         KernelEntry {
@@ -482,8 +496,8 @@ struct RecurrentCase<'g, T> {
     gpu: &'g Gpu,
     dims: Dims,
     decode: bool,
-    /// The forward's staging (decode: always the default).
-    staging: RecurrentStaging,
+    /// The forward's staging and rows (decode: always the default).
+    config: RecurrentConfig,
     sets: Vec<RecurrentSet<T>>,
 }
 
@@ -493,7 +507,7 @@ fn prepare_recurrent<'g, T: Element>(
     host: &HostInputs,
     sets: usize,
     decode: bool,
-    staging: RecurrentStaging,
+    config: RecurrentConfig,
 ) -> Result<Box<dyn BenchCase + 'g>, GpuError> {
     let s = gpu.stream();
     let (q, k, v) = (round_slice::<T>(&host.q), round_slice::<T>(&host.k), round_slice::<T>(&host.v));
@@ -511,7 +525,7 @@ fn prepare_recurrent<'g, T: Element>(
             })
         })
         .collect::<Result<Vec<_>, GpuError>>()?;
-    Ok(Box::new(RecurrentCase { gpu, dims, decode, staging, sets }))
+    Ok(Box::new(RecurrentCase { gpu, dims, decode, config, sets }))
 }
 
 impl<T: Element> BenchCase for RecurrentCase<'_, T> {
@@ -527,7 +541,7 @@ impl<T: Element> BenchCase for RecurrentCase<'_, T> {
                 self.gpu,
                 s,
                 &self.dims,
-                self.staging,
+                self.config,
                 inputs,
                 DeviceOutputs { y: &mut st.y, h_final: &mut st.state },
             )

@@ -119,6 +119,74 @@ pub enum RecurrentStaging {
     Ahead,
 }
 
+/// How many state rows each thread of the recurrent kernel keeps, which sets
+/// the warps a block has for the same state: the rows per thread the plan
+/// aims at (fewer when K is smaller; more when K would need more than 16
+/// warps, so both choices give R = 8 at K = 128 and R = 16 at K = 256).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub enum RecurrentRows {
+    /// Aim at 8 rows a thread (K = 64: 8 warps a block, 256 threads). The
+    /// geometry measured on an H200 on 2026-11-30.
+    #[default]
+    Eight,
+    /// Aim at 4 rows a thread (K = 64: 16 warps a block, 512 threads): twice
+    /// the warps for the same state, each with half the work a step, and a
+    /// chunk's staging spread over twice the threads (fewer round trips
+    /// each), for shorter chunks (the partial readouts of 16 key groups take
+    /// more of the 48 KiB: 15 steps at K = 64 instead of 22) and a reduction
+    /// over 16 partials instead of 8. On an H200 the batched kernel measured
+    /// ~0.55 µs a step whether 1 or 2 blocks shared an SM, i.e. latency-bound
+    /// with issue slots to spare (16 resident warps per SM at B8 L4096 H16
+    /// K = V = 64, whose 256 blocks fill the 132 SMs twice): this doubles
+    /// the warps resident there (the R = 4 kernel takes 63 registers: two
+    /// 512-thread blocks per SM). Not yet timed on a GPU: `gateloop bench`
+    /// runs it as `recurrent-rows4`. Bitwise the same results as
+    /// [`RecurrentRows::Eight`] wherever both give the same R; elsewhere
+    /// another order of the sums over K, within the same bounds.
+    Four,
+}
+
+impl RecurrentRows {
+    /// `eight` or `four`.
+    pub fn name(self) -> &'static str {
+        match self {
+            RecurrentRows::Eight => "eight",
+            RecurrentRows::Four => "four",
+        }
+    }
+
+    fn aim(self) -> usize {
+        match self {
+            RecurrentRows::Eight => 8,
+            RecurrentRows::Four => 4,
+        }
+    }
+}
+
+/// The recurrent kernel's launch choices: the staging and the rows per
+/// thread. Every choice computes the same function to the same bounds. A
+/// bare [`RecurrentStaging`] or [`RecurrentRows`] converts into it (the
+/// other field at its default).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct RecurrentConfig {
+    /// How each time chunk is staged.
+    pub staging: RecurrentStaging,
+    /// The rows per thread the plan aims at.
+    pub rows: RecurrentRows,
+}
+
+impl From<RecurrentStaging> for RecurrentConfig {
+    fn from(staging: RecurrentStaging) -> Self {
+        RecurrentConfig { staging, ..RecurrentConfig::default() }
+    }
+}
+
+impl From<RecurrentRows> for RecurrentConfig {
+    fn from(rows: RecurrentRows) -> Self {
+        RecurrentConfig { rows, ..RecurrentConfig::default() }
+    }
+}
+
 impl RecurrentStaging {
     /// `batched` or `ahead`.
     pub fn name(self) -> &'static str {
@@ -155,6 +223,9 @@ pub struct LaunchPlan {
     /// Which kernel: `gateloop_recurrent_{dtype}_r{R}` (batched) or
     /// `gateloop_recurrent_ahead_{dtype}_r{R}`.
     pub staging: RecurrentStaging,
+    /// The rows per thread the plan aimed at (`rows_per_thread` is what it
+    /// gave).
+    pub rows: RecurrentRows,
 }
 
 impl LaunchPlan {
@@ -164,18 +235,21 @@ impl LaunchPlan {
     }
 }
 
-/// Chooses the launch geometry for `dims` with the default staging.
+/// Chooses the launch geometry for `dims` with the default staging and rows.
 ///
-/// R aims at 8 rows per thread (fewer when K < 8) with as many warps as that
-/// needs, up to 16; above K = 128 R grows to 16. `chunk_len` is the most time
+/// R aims at 8 rows per thread (fewer when K < 8; [`RecurrentRows::Four`]:
+/// 4, fewer when K < 4) with as many warps as that needs, up to 16; above
+/// K = 16·aim R grows (K = 256: R = 16). `chunk_len` is the most time
 /// steps whose staging fits in 48 KiB of shared memory (≤ 64, ≤ L), and for
 /// [`RecurrentStaging::Ahead`] in the registers the kernel holds them in.
 pub fn plan(dims: &Dims) -> Result<LaunchPlan, InputError> {
     plan_with(dims, RecurrentStaging::default())
 }
 
-/// [`plan`] with a choice of staging.
-pub fn plan_with(dims: &Dims, staging: RecurrentStaging) -> Result<LaunchPlan, InputError> {
+/// [`plan`] with a choice of staging and rows per thread (a
+/// [`RecurrentConfig`], or a bare [`RecurrentStaging`] or [`RecurrentRows`]).
+pub fn plan_with(dims: &Dims, config: impl Into<RecurrentConfig>) -> Result<LaunchPlan, InputError> {
+    let RecurrentConfig { staging, rows: aim } = config.into();
     dims.validate()?;
     let k = dims.key_dim;
     if k > MAX_KEY_DIM {
@@ -186,7 +260,7 @@ pub fn plan_with(dims: &Dims, staging: RecurrentStaging) -> Result<LaunchPlan, I
         });
     }
     let max_groups = abi::GATELOOP_RECURRENT_MAX_KEY_GROUPS as usize;
-    let rows = k.div_ceil(max_groups).next_power_of_two().max(k.next_power_of_two().min(8));
+    let rows = k.div_ceil(max_groups).next_power_of_two().max(k.next_power_of_two().min(aim.aim()));
     let groups = k.div_ceil(rows);
     debug_assert!(ROWS_PER_THREAD.contains(&(rows as u32)) && groups <= max_groups);
     let padded = rows * groups;
@@ -212,6 +286,7 @@ pub fn plan_with(dims: &Dims, staging: RecurrentStaging) -> Result<LaunchPlan, I
         grid: u32::try_from(grid).ok().filter(|&g| g <= i32::MAX as u32).ok_or_else(too_large)?,
         shared_bytes: (chunk * per_step) as u32,
         staging,
+        rows: aim,
     })
 }
 
@@ -234,10 +309,10 @@ fn launch<T: Element>(
     gpu: &Gpu,
     stream: &CudaStream,
     d: &Dims,
-    staging: RecurrentStaging,
+    config: RecurrentConfig,
     buffers: Buffers<'_, T>,
 ) -> Result<(), GpuError> {
-    let lp = plan_with(d, staging)?;
+    let lp = plan_with(d, config)?;
     buffers.check(gpu, stream, d, 0, String::new)?;
     let mut params = GateloopRecurrentParams {
         key_groups: lp.key_groups as i32,
@@ -298,19 +373,21 @@ pub fn forward_into<T: Element>(
     inputs: DeviceInputs<'_, T>,
     out: DeviceOutputs<'_, T>,
 ) -> Result<(), GpuError> {
-    forward_into_with(gpu, stream, dims, RecurrentStaging::default(), inputs, out)
+    forward_into_with(gpu, stream, dims, RecurrentConfig::default(), inputs, out)
 }
 
-/// [`forward_into`] with a choice of staging (the same results bit for bit).
+/// [`forward_into`] with a choice of staging and rows per thread (a
+/// [`RecurrentConfig`], or a bare [`RecurrentStaging`] or [`RecurrentRows`]):
+/// the same function to the same bounds (the staging: the same bits).
 pub fn forward_into_with<T: Element>(
     gpu: &Gpu,
     stream: &CudaStream,
     dims: &Dims,
-    staging: RecurrentStaging,
+    config: impl Into<RecurrentConfig>,
     inputs: DeviceInputs<'_, T>,
     out: DeviceOutputs<'_, T>,
 ) -> Result<(), GpuError> {
-    launch(gpu, stream, dims, staging, Buffers::forward(inputs, out, None))
+    launch(gpu, stream, dims, config.into(), Buffers::forward(inputs, out, None))
 }
 
 /// Decoding: advances `state` (`[B, H, K, V]` complex f32, as interleaved f32
@@ -338,7 +415,7 @@ pub fn decode_into<T: Element>(
         gpu,
         stream,
         dims,
-        RecurrentStaging::default(),
+        RecurrentConfig::default(),
         Buffers { q, k, v, log_gate, y, state: StateIo::InPlace(state), workspace: None, real_gates: false },
     )
 }
@@ -353,15 +430,16 @@ pub fn forward_host(gpu: &Gpu, p: &Problem<'_, f32>) -> Result<Outputs<f32>, Gpu
 /// (log_gate and h0 stay f32) and the kernel's `T` output `y` widened back to
 /// f32 (exactly).
 pub fn forward_host_as<T: Element>(gpu: &Gpu, p: &Problem<'_, f32>) -> Result<Outputs<f32>, GpuError> {
-    forward_host_with::<T>(gpu, p, RecurrentStaging::default())
+    forward_host_with::<T>(gpu, p, RecurrentConfig::default())
 }
 
-/// [`forward_host_as`] with a choice of staging.
+/// [`forward_host_as`] with a choice of staging and rows per thread.
 pub fn forward_host_with<T: Element>(
     gpu: &Gpu,
     p: &Problem<'_, f32>,
-    staging: RecurrentStaging,
+    config: impl Into<RecurrentConfig>,
 ) -> Result<Outputs<f32>, GpuError> {
+    let config = config.into();
     let no_workspace = |_: &Dims| Ok(0);
     launch::forward_host::<T>(
         gpu,
@@ -369,7 +447,7 @@ pub fn forward_host_with<T: Element>(
         false,
         no_workspace,
         "synchronizing after the recurrent kernel",
-        |s, d, i, o, _| forward_into_with(gpu, s, d, staging, i, o),
+        |s, d, i, o, _| forward_into_with(gpu, s, d, config, i, o),
     )
 }
 
@@ -380,19 +458,29 @@ mod tests {
 
     #[test]
     fn plan_covers_every_key_dim() {
-        for (k, staging) in
-            (1..=MAX_KEY_DIM).flat_map(|k| [(k, RecurrentStaging::Batched), (k, RecurrentStaging::Ahead)])
-        {
+        let configs = [RecurrentStaging::Batched, RecurrentStaging::Ahead].into_iter().flat_map(|staging| {
+            [RecurrentRows::Eight, RecurrentRows::Four].map(|rows| RecurrentConfig { staging, rows })
+        });
+        for (k, config) in (1..=MAX_KEY_DIM).flat_map(|k| configs.clone().map(move |c| (k, c))) {
+            let RecurrentConfig { staging, rows } = config;
             for (l, v) in [(1, 1), (1000, 128), (3, 33)] {
-                let p = plan_with(&dims(2, l, 3, k, v, false), staging).unwrap();
-                assert_eq!(p.staging, staging);
+                let p = plan_with(&dims(2, l, 3, k, v, false), config).unwrap();
+                assert_eq!((p.staging, p.rows), (staging, rows));
+                // R: the aim, at most K rounded up, at least what 16 warps need.
+                let aim = if rows == RecurrentRows::Four { 4 } else { 8 };
+                let r = (k.next_power_of_two().min(aim)).max(k.div_ceil(16).next_power_of_two());
+                assert_eq!(p.rows_per_thread as usize, r, "k={k}: {p:?}");
                 if staging == RecurrentStaging::Ahead {
                     // The kernel's registers hold one chunk's staging: the
                     // ABI's bounds, else it traps.
                     let items = if p.rows_per_thread < 16 { 4 } else { 2 };
                     assert!(p.chunk_len * p.rows_per_thread <= 32 * items, "k={k}: {p:?}");
                     assert!(p.chunk_len <= items * p.key_groups, "k={k}: {p:?}");
-                    let batched = plan(&dims(2, l, 3, k, v, false)).unwrap();
+                    let batched = plan_with(
+                        &dims(2, l, 3, k, v, false),
+                        RecurrentConfig { staging: RecurrentStaging::Batched, rows },
+                    )
+                    .unwrap();
                     assert_eq!(
                         (p.rows_per_thread, p.key_groups, p.grid),
                         (batched.rows_per_thread, batched.key_groups, batched.grid)
@@ -435,6 +523,17 @@ mod tests {
         assert_eq!((p.rows_per_thread, p.key_groups, p.chunk_len), (8, 1, 4));
         let p = plan_with(&dims(1, 100, 1, 256, 1, true), RecurrentStaging::Ahead).unwrap();
         assert_eq!((p.rows_per_thread, p.key_groups, p.chunk_len, p.variant_index()), (16, 16, 4, 9));
+        // Four rows a thread: K = 64 on 16 warps (512 threads), 15 steps in
+        // 48 KiB; K = 128 stays at 8 rows (16 warps already), K = 5 on 2 warps.
+        let p = plan_with(&dims(8, 4096, 16, 64, 64, false), RecurrentRows::Four).unwrap();
+        assert_eq!((p.rows_per_thread, p.key_groups, p.chunk_len, p.grid), (4, 16, 15, 256));
+        let p = plan_with(&dims(1, 100, 1, 128, 64, false), RecurrentRows::Four).unwrap();
+        assert_eq!((p.rows_per_thread, p.key_groups), (8, 16));
+        let p = plan_with(&dims(1, 100, 1, 5, 64, true), RecurrentRows::Four).unwrap();
+        assert_eq!((p.rows_per_thread, p.key_groups, p.padded_key_dim), (4, 2, 8));
+        let config = RecurrentConfig { staging: RecurrentStaging::Ahead, rows: RecurrentRows::Four };
+        let p = plan_with(&dims(8, 4096, 16, 64, 64, false), config).unwrap();
+        assert_eq!((p.rows_per_thread, p.key_groups, p.chunk_len, p.variant_index()), (4, 16, 15, 7));
     }
 
     #[test]
