@@ -203,23 +203,56 @@ __device__ __forceinline__ CarrySlots carry_slots(const GateloopChunkParams& p, 
 // backwards; real gates: one f32, s.y stays 0). Returns s after the last
 // chunk visited (h_final, or dh0). The walks (walk_chunks) take the same
 // step, so their slots match bit for bit.
+//
+// Latency: the chain through s is one complex FMA a chunk, but each chunk's
+// a_c and X_c come from global memory, and nvcc cannot move a chunk's loads
+// above the previous chunk's stores into the same workspace (it cannot tell
+// that slot c + 1 is not slot c), so written as one loop each chunk waited
+// out a full round trip: about 0.3 ms over the 1024 chunks of L = 65536,
+// with the few warps that B·H·K·V threads give at B1 H4 (the separate
+// carry's grids) unable to hide it. So a thread keeps the next
+// kCarryAhead chunks' (a_c, X_c) in registers, loaded kCarryAhead chunks
+// before their turn (after the stores of the chunk kCarryAhead earlier in
+// program order, to other addresses: slot c + kCarryAhead is not slot c, and
+// the decays are another workspace region). The same operations in the same
+// order: the values are those of the one-loop form.
+constexpr int kCarryAhead = 8;
 template <bool kBackward, bool kComplex>
 __device__ __forceinline__ float2 carry_chunks(const CarrySlots& cs, int64_t kv, int64_t nc, float2 s) {
-    float* re = cs.re;
-    for (int64_t i = 0; i < nc; ++i) {
-        const int64_t c = kBackward ? nc - 1 - i : i;
-        const float* dec = cs.dec + c * cs.dec_stride;
-        float* slot = re + c * cs.chunk_stride;
+    float2 a[kCarryAhead], x[kCarryAhead];
+    auto slot_of = [&](int64_t i) { return cs.re + (kBackward ? nc - 1 - i : i) * cs.chunk_stride; };
+    // Visit i's decay and term (nothing past the last chunk: no read outside
+    // the workspace).
+    auto fetch = [&](int64_t i, float2& ai, float2& xi) {
+        if (i >= nc) return;
+        const float* dec = cs.dec + (kBackward ? nc - 1 - i : i) * cs.dec_stride;
+        const float* slot = slot_of(i);
         if constexpr (kComplex) {
-            const float2 a = make_float2(dec[0], kBackward ? -dec[1] : dec[1]);
-            const float2 x = make_float2(slot[0], slot[kv]);
-            slot[0] = s.x;
-            slot[kv] = s.y;
-            s = apply(a, x, s);
+            ai = make_float2(dec[0], kBackward ? -dec[1] : dec[1]);
+            xi = make_float2(slot[0], slot[kv]);
         } else {
-            const float x = slot[0];
-            slot[0] = s.x;
-            s.x = fmaf(dec[0], s.x, x);
+            ai = make_float2(dec[0], 0.f);
+            xi = make_float2(slot[0], 0.f);
+        }
+    };
+#pragma unroll
+    for (int j = 0; j < kCarryAhead; ++j) fetch(j, a[j], x[j]);
+    for (int64_t i0 = 0; i0 < nc; i0 += kCarryAhead) {
+#pragma unroll
+        for (int j = 0; j < kCarryAhead; ++j) {
+            const int64_t i = i0 + j;
+            if (i < nc) {
+                float* slot = slot_of(i);
+                if constexpr (kComplex) {
+                    slot[0] = s.x;
+                    slot[kv] = s.y;
+                    s = apply(a[j], x[j], s);
+                } else {
+                    slot[0] = s.x;
+                    s.x = fmaf(a[j].x, s.x, x[j].x);
+                }
+                fetch(i + kCarryAhead, a[j], x[j]);
+            }
         }
     }
     return s;
