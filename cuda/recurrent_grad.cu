@@ -429,8 +429,14 @@ __device__ __forceinline__ void grad_gate(const GateloopRecurrentGradParams& g) 
     const int64_t t0 = seg * kSegment;
     const int n = static_cast<int>(min(static_cast<int64_t>(kSegment), len - t0));
     const bool per_head = p.dims.gate_dim == 1;
+    // A thread past K (the block is kGateBlock threads for every K ≤ 128)
+    // stages and sums Z with the others and meets every barrier, but skips
+    // the per-row sums and recurrences: its warps would otherwise redo row
+    // 0's, the launch's heaviest work (its 64-step arrays live in local
+    // memory), for nothing: at K = 64 half the block's threads. (It points
+    // at row 0, whose addresses are valid, and stores nothing.)
     const bool live = tid < key_dim;
-    const int row = live ? tid : 0;  // a thread past K computes row 0's values and stores none
+    const int row = live ? tid : 0;
     const bool has_h0 = (p.flags & GATELOOP_FLAG_HAS_H0) != 0;
     const input_t* q = seq_row<input_t>(p.q, p.q_strides, bhi.b, bhi.h);
     const input_t* k = seq_row<input_t>(p.k, p.k_strides, bhi.b, bhi.h);
@@ -469,6 +475,7 @@ __device__ __forceinline__ void grad_gate(const GateloopRecurrentGradParams& g) 
                 z[s][u] = acc;
             }
         }
+        if (!live) continue;  // the next iteration's first barrier, or the one below
         float2 hj[kVChunk], ej[kVChunk];
 #pragma unroll
         for (int j = 0; j < kVChunk; ++j) {
@@ -492,49 +499,51 @@ __device__ __forceinline__ void grad_gate(const GateloopRecurrentGradParams& g) 
     }
     __syncthreads();  // z complete
 
-    // The segment's gates and this row's q, k.
+    // The segment's gates and this row's q, k; then e_t into E (over Y).
     float2 A[kSegment];
-    float qv[kSegment], kv[kSegment];
-    for (int t = 0; t < n; ++t) {
-        const int64_t tt = t0 + t;
-        A[t] = complex_gate(load_log_gate(gate, tt * p.gate_strides.time + (per_head ? 0 : row)));
-        qv[t] = Tr::load(q, tt * p.q_strides.time + row);
-        kv[t] = Tr::load(k, tt * p.k_strides.time + row);
-    }
-    // Backwards: S_t = Σ_{t≤u<t1} A(t, u) q_u Y_u = a_t (q_t Y_t + S_{t+1}),
-    // AT_t = A(t, t1).
-    float2 S[kSegment], AT[kSegment];
-    S[n - 1] = make_float2(0.f, 0.f);
-    AT[n - 1] = A[n - 1];
-    for (int t = n - 2; t >= 0; --t) {
-        S[t] = cmul(A[t], make_float2(fmaf(qv[t], Y[t].x, S[t + 1].x), fmaf(qv[t], Y[t].y, S[t + 1].y)));
-        AT[t] = cmul(A[t], AT[t + 1]);
-    }
-    const float2 term1 = cmul(AT[0], I);
-    // Forwards: R_t = Σ_{s<t} A(s+1, t−1) k_s X_s, Af = A(t0, t−1), and
-    // F(u) = Σ_{s<t} A(s+1, t) k_s Z_su for u ≥ t (term 4: Σ_u q_u A(t+1, u) F(u)).
-    float2 F[kSegment];
-    for (int u = 0; u < n; ++u) F[u] = make_float2(0.f, 0.f);
-    float2 R = make_float2(0.f, 0.f), Af = make_float2(1.f, 0.f);
-    float2* E = Y;  // e_t, over Y_t (read only by the backward loop above)
-    for (int t = 0; t < n; ++t) {
-        float2 e4 = make_float2(0.f, 0.f), P = make_float2(1.f, 0.f);
-        for (int u = t; u < n - 1; ++u) {
-            const float2 c = cmul(P, F[u]);
-            e4 = make_float2(fmaf(qv[u], c.x, e4.x), fmaf(qv[u], c.y, e4.y));
-            P = cmul(P, A[u + 1]);
+    float2* E = Y;  // e_t, over Y_t (read only by the backward loop below)
+    if (live) {
+        float qv[kSegment], kv[kSegment];
+        for (int t = 0; t < n; ++t) {
+            const int64_t tt = t0 + t;
+            A[t] = complex_gate(load_log_gate(gate, tt * p.gate_strides.time + (per_head ? 0 : row)));
+            qv[t] = Tr::load(q, tt * p.q_strides.time + row);
+            kv[t] = Tr::load(k, tt * p.k_strides.time + row);
         }
-        const float2 e2 = cmul(AT[t], R), e3 = cmul(Af, S[t]);
-        E[t] = make_float2(((term1.x + e2.x) + e3.x) + e4.x, ((term1.y + e2.y) + e3.y) + e4.y);
-        R = cmul(A[t], R);
-        R = make_float2(fmaf(kv[t], X[t].x, R.x), fmaf(kv[t], X[t].y, R.y));
-        Af = cmul(Af, A[t]);
-        if (t + 1 < n) {
-            for (int u = t + 1; u < n - 1; ++u) {
-                F[u] = cmul(A[t + 1], make_float2(fmaf(kv[t], z[t][u], F[u].x), F[u].y));
+        // Backwards: S_t = Σ_{t≤u<t1} A(t, u) q_u Y_u = a_t (q_t Y_t + S_{t+1}),
+        // AT_t = A(t, t1).
+        float2 S[kSegment], AT[kSegment];
+        S[n - 1] = make_float2(0.f, 0.f);
+        AT[n - 1] = A[n - 1];
+        for (int t = n - 2; t >= 0; --t) {
+            S[t] = cmul(A[t], make_float2(fmaf(qv[t], Y[t].x, S[t + 1].x), fmaf(qv[t], Y[t].y, S[t + 1].y)));
+            AT[t] = cmul(A[t], AT[t + 1]);
+        }
+        const float2 term1 = cmul(AT[0], I);
+        // Forwards: R_t = Σ_{s<t} A(s+1, t−1) k_s X_s, Af = A(t0, t−1), and
+        // F(u) = Σ_{s<t} A(s+1, t) k_s Z_su for u ≥ t (term 4: Σ_u q_u A(t+1, u) F(u)).
+        float2 F[kSegment];
+        for (int u = 0; u < n; ++u) F[u] = make_float2(0.f, 0.f);
+        float2 R = make_float2(0.f, 0.f), Af = make_float2(1.f, 0.f);
+        for (int t = 0; t < n; ++t) {
+            float2 e4 = make_float2(0.f, 0.f), P = make_float2(1.f, 0.f);
+            for (int u = t; u < n - 1; ++u) {
+                const float2 c = cmul(P, F[u]);
+                e4 = make_float2(fmaf(qv[u], c.x, e4.x), fmaf(qv[u], c.y, e4.y));
+                P = cmul(P, A[u + 1]);
+            }
+            const float2 e2 = cmul(AT[t], R), e3 = cmul(Af, S[t]);
+            E[t] = make_float2(((term1.x + e2.x) + e3.x) + e4.x, ((term1.y + e2.y) + e3.y) + e4.y);
+            R = cmul(A[t], R);
+            R = make_float2(fmaf(kv[t], X[t].x, R.x), fmaf(kv[t], X[t].y, R.y));
+            Af = cmul(Af, A[t]);
+            if (t + 1 < n) {
+                for (int u = t + 1; u < n - 1; ++u) {
+                    F[u] = cmul(A[t + 1], make_float2(fmaf(kv[t], z[t][u], F[u].x), F[u].y));
+                }
             }
         }
-    }
+    }  // live
 
     // dq, dk: the value tiles' partials, in tile order.
     const int64_t bhs = p.dims.batch * p.dims.heads;

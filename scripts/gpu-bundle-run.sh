@@ -57,7 +57,7 @@
 #   profile: Nsight Compute (ncu, --clock-control none) on the kernels whose
 #      speed the issues' targets name (chunked bf16 and f32, chunked-real
 #      bf16, chunked-frag bf16 (the register-fragment output), chunked-grad bf16, recurrent, recurrent-ahead and
-#      recurrent-rows4 bf16 at B8
+#      recurrent-rows4 bf16, recurrent-grad bf16 at B8
 #      L4096 H16 K=V=64;
 #      scan f32 at B1 L65536 H4): speed-of-light, occupancy, launch,
 #      warp-state, memory and compute sections of each launch, and the warp
@@ -595,6 +595,7 @@ if want profile; then
         "recurrent-bf16 recurrent bf16 8,4096,16,64,64"
         "recurrent-ahead-bf16 recurrent-ahead bf16 8,4096,16,64,64"
         "recurrent-rows4-bf16 recurrent-rows4 bf16 8,4096,16,64,64"
+        "recurrent-grad-bf16 recurrent-grad bf16 8,4096,16,64,64"
     )
     if [[ -n "${GATELOOP_PROFILE_CASES:-}" ]]; then
         wanted=()
