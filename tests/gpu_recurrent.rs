@@ -64,11 +64,6 @@ fn largest_key_dim_and_odd_sizes() {
     check(gpu, dims(1, 70, 1, 200, 1, false), GateRegime::Resets(0.1), false, 6002);
 }
 
-/// The ahead staging (the next chunk's loads in flight during each chunk's
-/// recurrence, shorter chunks) gives the batched kernel's y and h_final bit
-/// for bit, and both are within the bounds of the reference: every R
-/// (K = 1, 5, 16, 64, 130, 256), L = 1, L not a multiple of either chunk,
-/// f32 and bf16, resets, |a| = 1, phases ≫ 2π.
 /// y and h_final of two runs equal bit for bit (lengths included).
 fn assert_same_bits(label: &str, got: &Outputs<f32>, want: &Outputs<f32>) {
     let bits = |x: &[f32]| x.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
@@ -77,18 +72,29 @@ fn assert_same_bits(label: &str, got: &Outputs<f32>, want: &Outputs<f32>) {
     assert!(cbits(&got.h_final) == cbits(&want.h_final), "{label}: h_final differs");
 }
 
-#[test]
-fn ahead_staging_matches_batched_bit_for_bit() {
-    let Some(gpu) = common::gpu_or_skip() else { return };
-    let cases = [
+/// The cases of the launch-choice tests below: every R of either plan
+/// (K = 1, 5, 16, 40, 64, 130, 256), L = 1, L not a multiple of any chunk,
+/// one and several value tiles, both gate layouts, resets, |a| = 1, phases
+/// ≫ 2π, strong decay.
+fn launch_choice_cases() -> [(Dims, GateRegime); 7] {
+    [
         (dims(1, 1, 1, 1, 1, false), GateRegime::Random),
         (dims(2, 100, 2, 5, 7, true), GateRegime::Resets(0.2)),
         (dims(1, 130, 1, 16, 40, false), GateRegime::UnitModulus),
         (dims(2, 301, 3, 64, 64, false), GateRegime::LargePhase(50.0)),
         (dims(1, 77, 1, 130, 33, true), GateRegime::Mixed),
         (dims(1, 45, 1, 256, 5, false), GateRegime::StrongDecay(30.0)),
-    ];
-    for (i, (d, regime)) in cases.into_iter().enumerate() {
+        (dims(1, 200, 2, 40, 70, false), GateRegime::Resets(0.05)),
+    ]
+}
+
+/// The ahead staging (the next chunk's loads in flight during each chunk's
+/// recurrence, shorter chunks) gives the batched kernel's y and h_final bit
+/// for bit, and both are within the bounds of the reference, f32 and bf16.
+#[test]
+fn ahead_staging_matches_batched_bit_for_bit() {
+    let Some(gpu) = common::gpu_or_skip() else { return };
+    for (i, (d, regime)) in launch_choice_cases().into_iter().enumerate() {
         let case = Case::new(d, regime, i % 2 == 0, 7100 + i as u64);
         let label = case.label();
         let (p32, want) = case.with_reference();
@@ -105,22 +111,13 @@ fn ahead_staging_matches_batched_bit_for_bit() {
 /// warps a block instead of eight, 15-step chunks, the readout summed over
 /// 16 key groups) is within the reference's bounds (outputs poisoned), with
 /// either staging (bit for bit each other), in f32 and bf16; where it gives
-/// the default's R (K = 1, 130) it is the default bit for bit. L = 1, L not a
-/// multiple of a chunk, resets, |a| = 1, phases ≫ 2π.
+/// the default's R (K = 1, 130, 256) it is the default bit for bit.
 #[test]
 fn four_rows_a_thread_match_the_reference() {
     let Some(gpu) = common::gpu_or_skip() else { return };
-    let cases = [
-        (dims(1, 1, 1, 1, 1, false), GateRegime::Random),
-        (dims(2, 100, 2, 5, 7, true), GateRegime::Resets(0.2)),
-        (dims(1, 130, 1, 16, 40, false), GateRegime::UnitModulus),
-        (dims(2, 301, 3, 64, 64, false), GateRegime::LargePhase(50.0)),
-        (dims(1, 77, 1, 130, 33, true), GateRegime::Mixed),
-        (dims(1, 200, 2, 40, 70, false), GateRegime::StrongDecay(30.0)),
-    ];
     let four = RecurrentRows::Four;
     let ahead_four = RecurrentConfig { staging: RecurrentStaging::Ahead, rows: four };
-    for (i, (d, regime)) in cases.into_iter().enumerate() {
+    for (i, (d, regime)) in launch_choice_cases().into_iter().enumerate() {
         let case = Case::new(d, regime, i % 2 == 1, 7200 + i as u64);
         let plan = recurrent::plan_with(&d, four).unwrap();
         let label = format!("{} {plan:?}", case.label());
