@@ -220,12 +220,14 @@ constexpr int kCarryAhead = 8;
 template <bool kBackward, bool kComplex>
 __device__ __forceinline__ float2 carry_chunks(const CarrySlots& cs, int64_t kv, int64_t nc, float2 s) {
     float2 a[kCarryAhead], x[kCarryAhead];
-    auto slot_of = [&](int64_t i) { return cs.re + (kBackward ? nc - 1 - i : i) * cs.chunk_stride; };
+    // Visit i is chunk c (the reverse order when kBackward).
+    auto chunk_of = [&](int64_t i) { return kBackward ? nc - 1 - i : i; };
+    auto slot_of = [&](int64_t i) { return cs.re + chunk_of(i) * cs.chunk_stride; };
     // Visit i's decay and term (nothing past the last chunk: no read outside
     // the workspace).
     auto fetch = [&](int64_t i, float2& ai, float2& xi) {
         if (i >= nc) return;
-        const float* dec = cs.dec + (kBackward ? nc - 1 - i : i) * cs.dec_stride;
+        const float* dec = cs.dec + chunk_of(i) * cs.dec_stride;
         const float* slot = slot_of(i);
         if constexpr (kComplex) {
             ai = make_float2(dec[0], kBackward ? -dec[1] : dec[1]);

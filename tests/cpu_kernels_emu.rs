@@ -544,11 +544,12 @@ fn scan_and_recurrent_kernels_race_free() {
         let p64 = random_problem(d, GateRegime::Mixed, true, 1400 + i as u64);
         let p64 = if t == Dtype::F16 { dtype_support::rounded_to::<half::f16>(&p64) } else { p64.rounded_to_f32() };
         let want = reference::recurrent::forward(&p64.view()).unwrap();
-        let configs = [Batched.into(), Ahead.into(), Four.into(), RecurrentConfig { staging: Ahead, rows: Four }];
-        for (j, config) in configs.into_iter().enumerate() {
-            let config: RecurrentConfig = config;
+        let configs: [RecurrentConfig; 4] =
+            [Batched.into(), Ahead.into(), Four.into(), RecurrentConfig { staging: Ahead, rows: Four }];
+        for config in configs {
             let label = format!("{d:?} {t:?} {:?} (race-checked)", recurrent::plan_with(&d, config).unwrap());
-            let got = recurrent_emulated(&emu, &format!("rec_race{i}_{j}"), &p64.to_f32(), t, None, config);
+            let tag = format!("rec_race{i}_{}_{}", config.staging.name(), config.rows.name());
+            let got = recurrent_emulated(&emu, &tag, &p64.to_f32(), t, None, config);
             check_reference(&mut worst, &label, "recurrent", &got, &want, dtype_support::y_bounds(t));
         }
     }
