@@ -399,7 +399,9 @@ __device__ __forceinline__ void grad_backward(const GateloopRecurrentGradParams&
 constexpr int kGateBlock = GATELOOP_RECURRENT_GRAD_GATE_BLOCK;
 static_assert(kGateBlock >= 128, "one thread per key row (the launcher's K ≤ 128)");
 // Value columns of h_s and d_e a thread holds in registers at once.
-constexpr int kVChunk = 8;
+constexpr int kVChunk = 16;
+// Steps of term 4 that share one pass over the segment (grad_gate).
+constexpr int kTermSteps = 8;
 static_assert(GATELOOP_RECURRENT_GRAD_GATE_SHARED_BYTES ==
                   4 * (kSegment * (kSegment + 1) + 2 * kSegment * kVChunk) + 8 * kGateBlock,
               "the gate launch's dynamic shared memory");
@@ -522,24 +524,61 @@ __device__ __forceinline__ void grad_gate(const GateloopRecurrentGradParams& g) 
         const float2 term1 = cmul(AT[0], I);
         // Forwards: R_t = Σ_{s<t} A(s+1, t−1) k_s X_s, Af = A(t0, t−1), and
         // F(u) = Σ_{s<t} A(s+1, t) k_s Z_su for u ≥ t (term 4: Σ_u q_u A(t+1, u) F(u)).
+        // Term 4 is the launch's O(64²) work a row, and F, q and the gates
+        // are arrays in local memory: kTermSteps steps t share one pass over
+        // u, each F(u) loaded once and carried through the steps' updates in
+        // a register (stored once, where a later step reads it), q_u and
+        // a_{u+1} loaded once for all of them. Each sum, product and update
+        // is the one-step-at-a-time loop's, in its order: the same bits.
         float2 F[kSegment];
         for (int u = 0; u < n; ++u) F[u] = make_float2(0.f, 0.f);
         float2 R = make_float2(0.f, 0.f), Af = make_float2(1.f, 0.f);
-        for (int t = 0; t < n; ++t) {
-            float2 e4 = make_float2(0.f, 0.f), P = make_float2(1.f, 0.f);
-            for (int u = t; u < n - 1; ++u) {
-                const float2 c = cmul(P, F[u]);
-                e4 = make_float2(fmaf(qv[u], c.x, e4.x), fmaf(qv[u], c.y, e4.y));
-                P = cmul(P, A[u + 1]);
+        for (int t0b = 0; t0b < n; t0b += kTermSteps) {
+            // Per step t = t0b + i: e4 = Σ_{t≤u<n−1} q_u A(t+1, u) F_t(u),
+            // P = A(t+1, u) as u advances, and the step's update of F,
+            // F_{t+1}(u) = a_{t+1} (k_t Z_tu + F_t(u)) for u > t.
+            float2 e4[kTermSteps], P[kTermSteps], a_next[kTermSteps];
+            float k_t[kTermSteps];
+#pragma unroll
+            for (int i = 0; i < kTermSteps; ++i) {
+                const int t = t0b + i;
+                e4[i] = make_float2(0.f, 0.f);
+                P[i] = make_float2(1.f, 0.f);
+                a_next[i] = t + 1 < n ? A[t + 1] : make_float2(0.f, 0.f);
+                k_t[i] = t < n ? kv[t] : 0.f;
             }
-            const float2 e2 = cmul(AT[t], R), e3 = cmul(Af, S[t]);
-            E[t] = make_float2(((term1.x + e2.x) + e3.x) + e4.x, ((term1.y + e2.y) + e3.y) + e4.y);
-            R = cmul(A[t], R);
-            R = make_float2(fmaf(kv[t], X[t].x, R.x), fmaf(kv[t], X[t].y, R.y));
-            Af = cmul(Af, A[t]);
-            if (t + 1 < n) {
-                for (int u = t + 1; u < n - 1; ++u) {
-                    F[u] = cmul(A[t + 1], make_float2(fmaf(kv[t], z[t][u], F[u].x), F[u].y));
+            // u's local loads are issued one u ahead (nothing in the pass
+            // writes F(u + 1) before it is read), so each pass waits on
+            // local memory once, not once a u.
+            float2 f_ahead = make_float2(0.f, 0.f), a_ahead = make_float2(0.f, 0.f);
+            float q_ahead = 0.f;
+            if (t0b < n - 1) f_ahead = F[t0b], q_ahead = qv[t0b], a_ahead = A[t0b + 1];
+            for (int u = t0b; u < n - 1; ++u) {
+                float2 f = f_ahead;  // F_{t0b}(u)
+                const float qu = q_ahead;
+                const float2 au = a_ahead;
+                if (u + 1 < n - 1) f_ahead = F[u + 1], q_ahead = qv[u + 1], a_ahead = A[u + 2];
+#pragma unroll
+                for (int i = 0; i < kTermSteps; ++i) {
+                    const int t = t0b + i;
+                    if (u >= t) {  // f is F_t(u): the steps before t updated it
+                        const float2 c = cmul(P[i], f);
+                        e4[i] = make_float2(fmaf(qu, c.x, e4[i].x), fmaf(qu, c.y, e4[i].y));
+                        P[i] = cmul(P[i], au);
+                        if (u > t) f = cmul(a_next[i], make_float2(fmaf(k_t[i], z[t][u], f.x), f.y));
+                    }
+                }
+                if (u >= t0b + kTermSteps) F[u] = f;  // read by the next steps
+            }
+#pragma unroll
+            for (int i = 0; i < kTermSteps; ++i) {
+                const int t = t0b + i;
+                if (t < n) {
+                    const float2 e2 = cmul(AT[t], R), e3 = cmul(Af, S[t]);
+                    E[t] = make_float2(((term1.x + e2.x) + e3.x) + e4[i].x, ((term1.y + e2.y) + e3.y) + e4[i].y);
+                    R = cmul(A[t], R);
+                    R = make_float2(fmaf(kv[t], X[t].x, R.x), fmaf(kv[t], X[t].y, R.y));
+                    Af = cmul(Af, A[t]);
                 }
             }
         }
