@@ -589,7 +589,7 @@ GATELOOP_ABI_ASSERT(sizeof(GateloopScanGradParams) == sizeof(GateloopScanParams)
 #define GATELOOP_RECURRENT_GRAD_SEGMENT 64
 #define GATELOOP_RECURRENT_GRAD_GATE_BLOCK 128
 /* Dynamic shared memory of the gate launch, bytes. */
-#define GATELOOP_RECURRENT_GRAD_GATE_SHARED_BYTES 25856
+#define GATELOOP_RECURRENT_GRAD_GATE_SHARED_BYTES 24832
 
 typedef struct GateloopRecurrentGradParams {
     /* The forward's inputs and geometry. */

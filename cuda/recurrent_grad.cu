@@ -402,9 +402,13 @@ static_assert(kGateBlock >= 128, "one thread per key row (the launcher's K ≤ 1
 constexpr int kVChunk = 16;
 // Steps of term 4 that share one pass over the segment (grad_gate).
 constexpr int kTermSteps = 8;
-static_assert(GATELOOP_RECURRENT_GRAD_GATE_SHARED_BYTES ==
-                  4 * (kSegment * (kSegment + 1) + 2 * kSegment * kVChunk) + 8 * kGateBlock,
+// Steps whose per-head gate sums over the rows run at once, one thread each.
+constexpr int kSumSteps = 16;
+static_assert(GATELOOP_RECURRENT_GRAD_GATE_SHARED_BYTES == 4 * (kSegment * (kSegment + 1) + 2 * kSegment * kVChunk),
               "the gate launch's dynamic shared memory");
+// The per-head sums' table (a padded row of kGateBlock + 1 per step, so
+// the kSumSteps summing threads read distinct banks) lies over Z.
+static_assert(8 * kSumSteps * (kGateBlock + 1) <= 4 * kSegment * (kSegment + 1), "the row sums fit over Z");
 
 // One block per (b, h, segment), thread `row` per key row: dq, dk (the value
 // tiles' partials summed in order), dlog_gate by the expansion in the
@@ -414,13 +418,13 @@ __device__ __forceinline__ void grad_gate(const GateloopRecurrentGradParams& g) 
     using Tr = InputTraits<input_t>;
     const GateloopRecurrentParams& p = g.fwd;
     // Dynamic shared memory (the file's one declaration, as the sweeps'):
-    // Z_su = Σ_v v_s dy_u (s < u), the staged v and dy columns, and the
-    // per-head gate's row sums.
+    // Z_su = Σ_v v_s dy_u (s < u), then the staged v and dy columns; the
+    // per-head gate's rows of e_t, once Z is read, over Z.
     float* base = reinterpret_cast<float*>(recurrent_dynamic_shared());
     auto z = reinterpret_cast<float (*)[kSegment + 1]>(base);
     auto vs = reinterpret_cast<float (*)[kVChunk]>(base + kSegment * (kSegment + 1));
     auto dys = vs + kSegment;
-    float2* red = reinterpret_cast<float2*>(base + kSegment * (kSegment + 1) + 2 * kSegment * kVChunk);
+    auto rows_e = reinterpret_cast<float2 (*)[kGateBlock + 1]>(base);
 
     const int tid = threadIdx.x;
     int64_t blk = blockIdx.x;
@@ -615,18 +619,25 @@ __device__ __forceinline__ void grad_gate(const GateloopRecurrentGradParams& g) 
             for (int t = 0; t < n; ++t) put_gate(t, row, E[t]);
         }
     } else {
-        for (int t = 0; t < n; ++t) {
-            red[tid] = live ? E[t] : make_float2(0.f, 0.f);
-            __syncthreads();
-            if (tid == 0) {
-                float2 sum = make_float2(0.f, 0.f);
-                for (int r = 0; r < key_dim; ++r) {
-                    sum.x += red[r].x;
-                    sum.y += red[r].y;
-                }
-                put_gate(t, 0, sum);
+        // Per-head gate: e_t summed over the rows in row order. The rows
+        // write kSumSteps steps' e_t into a table, then thread j sums step
+        // j's column: kSumSteps chains at once instead of one thread
+        // summing every step in turn between two barriers.
+        for (int tb = 0; tb < n; tb += kSumSteps) {
+            __syncthreads();  // Z's last readers (term 4), or the previous steps' summing threads, are done
+#pragma unroll
+            for (int i = 0; i < kSumSteps; ++i) {
+                rows_e[i][tid] = live && tb + i < n ? E[tb + i] : make_float2(0.f, 0.f);
             }
             __syncthreads();
+            if (tid < kSumSteps && tb + tid < n) {
+                float2 sum = make_float2(0.f, 0.f);
+                for (int r = 0; r < key_dim; ++r) {
+                    sum.x += rows_e[tid][r].x;
+                    sum.y += rows_e[tid][r].y;
+                }
+                put_gate(tb + tid, 0, sum);
+            }
         }
     }
     // dh0 = conj(a_0) δ_0 (the backward sweep left δ_0 there).
