@@ -34,7 +34,7 @@
 //! targets its f32 rounding, bf16 targets (the CUDA kernels in bf16,
 //! `--dtypes bf16`) that with q, k, v and dy rounded on to bf16, f16 targets
 //! (`--dtypes f16`) that with q, k, v and dy each first multiplied by the
-//! power of two that brings its largest magnitude into (1/2, 1] (h0 by k's
+//! power of two (≤ 2³²) that brings its largest magnitude into (1/2, 1] (h0 by k's
 //! and v's, dh_final by q's and dy's: the drawn problem times constants;
 //! and all four by one more 2^−j if an output would leave f16's range,
 //! [`Precision::F16`]), and the oracle the same rounded values. A
@@ -1621,11 +1621,21 @@ fn max_half_output(x: &Input) -> f64 {
 
 /// The power of two that brings the largest magnitude of `x` into (1/2, 1]
 /// (1 for an all-zero `x`): exact in f64, and in f32 wherever the result
-/// stays a normal number.
+/// stays a normal number. At most [`UNIT_SCALE_MAX`]: a tensor whose every
+/// element is below 2⁻³² (a subnormal sprinkle over a tensor of a few
+/// elements) is scaled by 2³² and stays small.
 fn unit_scale(x: &[f64]) -> f64 {
     let m = x.iter().fold(0.0f64, |m, v| m.max(v.abs()));
-    if m == 0.0 || !m.is_finite() { 1.0 } else { 2f64.powi(-(m.log2().ceil() as i32)) }
+    if m == 0.0 || !m.is_finite() { 1.0 } else { 2f64.powi(-(m.log2().ceil() as i32)).min(UNIT_SCALE_MAX) }
 }
+
+/// The largest factor [`unit_scale`] gives. h0 is scaled by two of them
+/// (k's and v's) and dh_final by two (q's and dy's), then rounded to f32:
+/// uncapped, seed 2038's case 2501 (B = L = H = V = 1, its one v element a
+/// subnormal) scaled v by 2¹³⁰ and h0 past f32's range to ±inf, and every
+/// f16 target "failed" on the infinite input. With 2³², h0 and dh_final
+/// (drawn below 10⁶ in magnitude) stay below 10²⁶.
+const UNIT_SCALE_MAX: f64 = 4294967296.0;
 
 /// Shrinks a failing input (already in the target's precision), at most
 /// `budget` evaluations. Returns the smallest failing input found.
@@ -2316,6 +2326,22 @@ mod tests {
         assert_eq!(unit_scale(&[0.0, -0.0]), 1.0);
         assert_eq!((unit_scale(&[3.0, -4.0]), unit_scale(&[-5.0])), (0.25, 0.125));
         assert_eq!(unit_scale(&[1.0]), 1.0);
+        assert_eq!(unit_scale(&[1e-40, -3e-41]), UNIT_SCALE_MAX);
+    }
+
+    #[test]
+    fn f16_inputs_stay_finite_when_a_tensor_is_all_subnormal() {
+        // Seed 2038, case 2501 (--max-len 1000): B = L = H = V = 1, h0 given,
+        // a subnormal sprinkle that took v's one element. Its f16 input had
+        // h0 = (inf, inf) before unit_scale was capped.
+        let case = draw_case(2038, 2501, 1000);
+        assert!(case.subnormals && case.with_h0 && case.dims.value_dim == 1, "{case:?}");
+        let x = for_precision(&Input { p: case.problem(), up: case.upstream() }, Precision::F16);
+        let finite = |v: &[f64]| v.iter().all(|x| x.is_finite());
+        let finite_c =
+            |z: Option<&Vec<Complex<f64>>>| z.is_none_or(|z| z.iter().all(|z| z.re.is_finite() && z.im.is_finite()));
+        assert!(finite(&x.p.q) && finite(&x.p.k) && finite(&x.p.v) && finite(&x.up.dy));
+        assert!(finite_c(x.p.h0.as_ref()) && finite_c(x.up.dh_final.as_ref()), "{:?} {:?}", x.p.h0, x.up.dh_final);
     }
 
     #[test]
