@@ -68,11 +68,17 @@ __device__ __forceinline__ float2 load_log_gate(const float* __restrict__ p, int
     return g;
 }
 
+// |a| = e^{Re log_gate} as 2^(Re · log2 e): a reset (−inf) gives 0 exactly.
+// A real gate's a (phase ≡ 0) is this alone.
+__device__ __forceinline__ float gate_modulus(float log_gate_re) {
+    constexpr float kLog2e = 1.4426950408889634f;
+    return exp2f(log_gate_re * kLog2e);
+}
+
 // exp of a complex log gate: a = 2^(Re·log2 e) · (cos Im, sin Im).
 // Re = −inf → exactly (±0, ±0) (Im is finite).
 __device__ __forceinline__ float2 complex_gate(float2 log_gate) {
-    constexpr float kLog2e = 1.4426950408889634f;
-    const float mag = exp2f(log_gate.x * kLog2e);
+    const float mag = gate_modulus(log_gate.x);
     float s, c;
     sincosf(log_gate.y, &s, &c);
     return make_float2(mag * c, mag * s);

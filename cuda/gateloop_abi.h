@@ -126,6 +126,9 @@ GATELOOP_ABI_ASSERT(sizeof(GateloopStateStrides) == 24, "GateloopStateStrides la
  *   (GATELOOP_RECURRENT_AHEAD_ITEMS, _R16 for R = 16), also
  *   chunk_len · R ≤ 32 · A and chunk_len ≤ key_groups · A (else the kernel
  *   traps).
+ * gateloop_recurrent_real_{dtype}_r{R} and gateloop_recurrent_real_ahead_
+ * {dtype}_r{R} take the same parameters and geometry with real gates:
+ * log_gate, h0 and h_final real f32 (their strides count f32 elements).
  */
 typedef struct GateloopRecurrentParams {
     /* Inputs (device pointers). */

@@ -48,6 +48,14 @@
 // The complex gate: a = 2^(Re·log2 e) · (cos Im, sin Im). A reset,
 // Re = −inf, gives exp2f(−inf) = 0 exactly, so a = (±0, ±0) and h_t = k_tᵀv_t.
 //
+// Real gates (kComplex = false, the gateloop_recurrent_real_* entries; gated
+// linear attention): log_gate, h0 and h_final are real f32, a = 2^(g·log2 e),
+// and the state is real, R registers a thread instead of 2R; one fmaf a row
+// and step where the complex step takes three, and no sincos in the staging.
+// The stage keeps its float4 layout (Im a = 0), so the plan is the complex
+// one. On the same real gates the complex kernel's steps reduce to exactly
+// these operations (its Im parts stay 0), so both give the same bits.
+//
 // Input types: q, k, v and y have the input type (f32, f16 or bf16; the
 // InputTraits<T> hook converts loads/stores, rounding y to nearest even);
 // log_gate, the state (h0, h_final) and all arithmetic and accumulation are
@@ -75,7 +83,7 @@ constexpr int kValueTile = GATELOOP_RECURRENT_VALUE_TILE;
 constexpr int kMaxThreads = GATELOOP_RECURRENT_VALUE_TILE * GATELOOP_RECURRENT_MAX_KEY_GROUPS;
 static_assert(kValueTile == 32, "one lane per column of the tile");
 
-template <typename input_t, int R, bool kAhead>
+template <typename input_t, int R, bool kAhead, bool kComplex>
 __device__ __forceinline__ void recurrent_forward(const GateloopRecurrentParams& p) {
     using Tr = InputTraits<input_t>;
 
@@ -108,8 +116,9 @@ __device__ __forceinline__ void recurrent_forward(const GateloopRecurrentParams&
     const input_t* __restrict__ q = seq_row<input_t>(p.q, p.q_strides, b, h);
     const input_t* __restrict__ k = seq_row<input_t>(p.k, p.k_strides, b, h);
     const input_t* __restrict__ v = seq_row<input_t>(p.v, p.v_strides, b, h);
-    // log_gate is complex f32 for every input type.
-    const float* __restrict__ gate = complex_seq_row(p.log_gate, p.gate_strides, b, h);
+    // log_gate is complex f32 for every input type (real f32: !kComplex).
+    const float* __restrict__ gate =
+        kComplex ? complex_seq_row(p.log_gate, p.gate_strides, b, h) : seq_row<float>(p.log_gate, p.gate_strides, b, h);
     input_t* __restrict__ y = seq_row_mut<input_t>(p.y, p.y_strides, b, h);
 
     // Shared memory: [chunk][kp] float4 {Re a, Im a, k, q}, then [chunk][32]
@@ -125,17 +134,18 @@ __device__ __forceinline__ void recurrent_forward(const GateloopRecurrentParams&
     float hr[R], hi[R];
     const bool in_place = (p.flags & GATELOOP_FLAG_STATE_IN_PLACE) != 0;
     const bool has_init = in_place || (p.flags & GATELOOP_FLAG_HAS_H0) != 0;
-    const float2* init = reinterpret_cast<const float2*>(in_place ? p.h_final : p.h0);
+    const float* init = static_cast<const float*>(in_place ? p.h_final : p.h0);
     const GateloopStateStrides init_strides = in_place ? p.h_final_strides : p.h0_strides;
 #pragma unroll
     for (int i = 0; i < R; ++i) {
         const int64_t row = group * R + i;
         float2 s = make_float2(0.f, 0.f);
         if (has_init && col_ok && row < key_dim) {
-            s = init[state_index(init_strides, b, h, row, col)];
+            const int64_t at = state_index(init_strides, b, h, row, col);
+            s = kComplex ? reinterpret_cast<const float2*>(init)[at] : make_float2(init[at], 0.f);
         }
         hr[i] = s.x;
-        hi[i] = s.y;
+        hi[i] = s.y;  // real gates: 0, and never read
     }
 
     // One staging item: gates, keys and queries of step t0 + idx / kp, row
@@ -151,7 +161,8 @@ __device__ __forceinline__ void recurrent_forward(const GateloopRecurrentParams&
         Raw r{make_float2(0.f, 0.f), 0.f, 0.f, row < key_dim};
         if (r.live) {
             const int64_t t = t0 + tt;
-            r.g = load_complex(gate, t * p.gate_strides.time + (per_head_gate ? 0 : row));
+            const int64_t at = t * p.gate_strides.time + (per_head_gate ? 0 : row);
+            r.g = kComplex ? load_complex(gate, at) : make_float2(__ldg(gate + at), 0.f);
             r.k = Tr::load(k, t * p.k_strides.time + row);
             r.q = Tr::load(q, t * p.q_strides.time + row);
         }
@@ -160,7 +171,7 @@ __device__ __forceinline__ void recurrent_forward(const GateloopRecurrentParams&
     auto put_gate = [&](int idx, const Raw& r) {
         float4 s = make_float4(0.f, 0.f, 0.f, 0.f);
         if (r.live) {
-            const float2 a = complex_gate(r.g);
+            const float2 a = kComplex ? complex_gate(r.g) : make_float2(gate_modulus(r.g.x), 0.f);
             s = make_float4(a.x, a.y, r.k, r.q);
         }
         stage[idx] = s;
@@ -248,7 +259,13 @@ __device__ __forceinline__ void recurrent_forward(const GateloopRecurrentParams&
 #pragma unroll
                 for (int i = 0; i < R; ++i) {
                     const float4 s = st[i];
-                    recur(s.x, s.y, hr[i], hi[i], s.z * vv);
+                    // Real gates: the complex step with Im a = Im h = 0
+                    // (the same bits as the complex kernel's on such gates).
+                    if constexpr (kComplex) {
+                        recur(s.x, s.y, hr[i], hi[i], s.z * vv);
+                    } else {
+                        hr[i] = fmaf(s.x, hr[i], s.z * vv);
+                    }
                     acc = fmaf(s.w, hr[i], acc);
                 }
                 *part_t = acc;
@@ -287,43 +304,56 @@ __device__ __forceinline__ void recurrent_forward(const GateloopRecurrentParams&
     }
 
     // h_final (in place: the elements read above, by this same thread).
-    float2* h_final = reinterpret_cast<float2*>(p.h_final);
+    float* h_final = static_cast<float*>(p.h_final);
 #pragma unroll
     for (int i = 0; i < R; ++i) {
         const int64_t row = group * R + i;
         if (col_ok && row < key_dim) {
-            h_final[state_index(p.h_final_strides, b, h, row, col)] = make_float2(hr[i], hi[i]);
+            const int64_t at = state_index(p.h_final_strides, b, h, row, col);
+            if constexpr (kComplex) {
+                reinterpret_cast<float2*>(h_final)[at] = make_float2(hr[i], hi[i]);
+            } else {
+                h_final[at] = hr[i];
+            }
         }
     }
 }
 
 }  // namespace gateloop
 
-// ---- entry points: gateloop_recurrent_[ahead_]<dtype>_r<R> ---------------
+// ---- entry points: gateloop_recurrent_[real_][ahead_]<dtype>_r<R> --------
 //
 // gateloop_recurrent_{dtype}_r{R}: batched staging (load, stage, recur in
 // turn). gateloop_recurrent_ahead_{dtype}_r{R}: the next chunk's loads in
 // flight during each chunk's recurrence (RecurrentStaging::Ahead in
-// src/cuda/recurrent.rs).
+// src/cuda/recurrent.rs). gateloop_recurrent_real_{,ahead_}{dtype}_r{R}: the
+// same with real gates (gated linear attention: log_gate, h0, h_final real
+// f32; recurrent::forward_real_into).
 
-#define GATELOOP_RECURRENT_ENTRY(NAME, DTYPE, TYPE, R, AHEAD)                                 \
+#define GATELOOP_RECURRENT_ENTRY(NAME, DTYPE, TYPE, R, AHEAD, COMPLEX)                        \
     extern "C" __global__ void __launch_bounds__(gateloop::kMaxThreads)                       \
         gateloop_recurrent_##NAME##DTYPE##_r##R(const GateloopRecurrentParams p) {            \
-        gateloop::recurrent_forward<TYPE, R, AHEAD>(p);                                       \
+        gateloop::recurrent_forward<TYPE, R, AHEAD, COMPLEX>(p);                              \
     }
 
 static_assert(16 == GATELOOP_RECURRENT_MAX_ROWS, "one entry point per R in {1, 2, 4, 8, 16}");
 
-#define GATELOOP_RECURRENT_ENTRIES(NAME, DTYPE, TYPE, AHEAD)  \
-    GATELOOP_RECURRENT_ENTRY(NAME, DTYPE, TYPE, 1, AHEAD)    \
-    GATELOOP_RECURRENT_ENTRY(NAME, DTYPE, TYPE, 2, AHEAD)    \
-    GATELOOP_RECURRENT_ENTRY(NAME, DTYPE, TYPE, 4, AHEAD)    \
-    GATELOOP_RECURRENT_ENTRY(NAME, DTYPE, TYPE, 8, AHEAD)    \
-    GATELOOP_RECURRENT_ENTRY(NAME, DTYPE, TYPE, 16, AHEAD)
+#define GATELOOP_RECURRENT_ENTRIES(NAME, DTYPE, TYPE, AHEAD, COMPLEX)  \
+    GATELOOP_RECURRENT_ENTRY(NAME, DTYPE, TYPE, 1, AHEAD, COMPLEX)    \
+    GATELOOP_RECURRENT_ENTRY(NAME, DTYPE, TYPE, 2, AHEAD, COMPLEX)    \
+    GATELOOP_RECURRENT_ENTRY(NAME, DTYPE, TYPE, 4, AHEAD, COMPLEX)    \
+    GATELOOP_RECURRENT_ENTRY(NAME, DTYPE, TYPE, 8, AHEAD, COMPLEX)    \
+    GATELOOP_RECURRENT_ENTRY(NAME, DTYPE, TYPE, 16, AHEAD, COMPLEX)
 
-GATELOOP_RECURRENT_ENTRIES(, f32, float, false)
-GATELOOP_RECURRENT_ENTRIES(, f16, __half, false)
-GATELOOP_RECURRENT_ENTRIES(, bf16, __nv_bfloat16, false)
-GATELOOP_RECURRENT_ENTRIES(ahead_, f32, float, true)
-GATELOOP_RECURRENT_ENTRIES(ahead_, f16, __half, true)
-GATELOOP_RECURRENT_ENTRIES(ahead_, bf16, __nv_bfloat16, true)
+GATELOOP_RECURRENT_ENTRIES(, f32, float, false, true)
+GATELOOP_RECURRENT_ENTRIES(, f16, __half, false, true)
+GATELOOP_RECURRENT_ENTRIES(, bf16, __nv_bfloat16, false, true)
+GATELOOP_RECURRENT_ENTRIES(ahead_, f32, float, true, true)
+GATELOOP_RECURRENT_ENTRIES(ahead_, f16, __half, true, true)
+GATELOOP_RECURRENT_ENTRIES(ahead_, bf16, __nv_bfloat16, true, true)
+GATELOOP_RECURRENT_ENTRIES(real_, f32, float, false, false)
+GATELOOP_RECURRENT_ENTRIES(real_, f16, __half, false, false)
+GATELOOP_RECURRENT_ENTRIES(real_, bf16, __nv_bfloat16, false, false)
+GATELOOP_RECURRENT_ENTRIES(real_ahead_, f32, float, true, false)
+GATELOOP_RECURRENT_ENTRIES(real_ahead_, f16, __half, true, false)
+GATELOOP_RECURRENT_ENTRIES(real_ahead_, bf16, __nv_bfloat16, true, false)

@@ -226,8 +226,8 @@ pub fn cuda_f32(gpu: &Gpu, mode: Mode, p: &Problem<'_, f32>) -> Result<Outputs<f
 }
 
 /// Whether the gates are real: every Im log_gate, Im h0 and Im dh_final
-/// (those given) exactly 0, so the real-gate chunked kernels compute the
-/// same function.
+/// (those given) exactly 0, so the real-gate recurrent and chunked kernels
+/// compute the same function.
 pub fn real_gates(p: &Problem<'_, f32>, dh_final: Option<&[num_complex::Complex<f32>]>) -> bool {
     let real = |z: &[num_complex::Complex<f32>]| z.iter().all(|z| z.im == 0.0);
     real(p.log_gate) && p.h0.is_none_or(real) && dh_final.is_none_or(real)
@@ -236,8 +236,8 @@ pub fn real_gates(p: &Problem<'_, f32>, dh_final: Option<&[num_complex::Complex<
 /// [`cuda_f32`] with q, k, v in `T` (rounded on the host: exact for values
 /// read from a file of that dtype) and y computed in `T`, widened back to
 /// f32 exactly; log_gate and h0 stay f32. The chunked kernels run their
-/// default [`cuda::chunk::ChunkConfig`] (exact products), the real-gate ones
-/// when [`real_gates`].
+/// default [`cuda::chunk::ChunkConfig`] (exact products); the recurrent and
+/// chunked modes run their real-gate kernels when [`real_gates`].
 pub fn cuda_as<T: Element>(gpu: &Gpu, mode: Mode, p: &Problem<'_, f32>) -> Result<Outputs<f32>, GpuError> {
     cuda_variant_as::<T>(gpu, mode, Variant::Default, p)
 }
@@ -255,6 +255,9 @@ pub fn cuda_variant_as<T: Element>(
     }
     let config = variant.chunk_config();
     match mode {
+        Mode::Recurrent if real_gates(p, None) => {
+            cuda::recurrent::forward_real_host_with::<T>(gpu, p, variant.recurrent_config())
+        }
         Mode::Recurrent => cuda::recurrent::forward_host_with::<T>(gpu, p, variant.recurrent_config()),
         Mode::Scan => cuda::scan::forward_host_as::<T>(gpu, p),
         Mode::Attention => cuda::attention::forward_host_as::<T>(gpu, p),

@@ -11,11 +11,12 @@ mod common;
 use common::{ABS_FRAC, Case, REL, assert_outputs, regime_matrix, regime_tests, run_forward};
 use gateloop::cuda::recurrent::{
     self, DeviceInputs, DeviceOutputs, RecurrentConfig, RecurrentRows, RecurrentStaging, forward_host,
-    forward_host_with, forward_into, forward_into_with,
+    forward_host_with, forward_into, forward_into_with, forward_real_host_as, forward_real_host_with,
+    forward_real_into_with,
 };
-use gateloop::cuda::{Gpu, GpuError};
-use gateloop::testing::{GateRegime, dims};
-use gateloop::{Complex, Dims, InputError, Outputs};
+use gateloop::cuda::{Element, Gpu, GpuError};
+use gateloop::testing::{GateRegime, OwnedProblem, dims};
+use gateloop::{Complex, Dims, InputError, Mode, Outputs, reference};
 
 /// Runs one case through `forward_into` on a fresh stream and checks it.
 fn check(gpu: &Gpu, d: Dims, regime: GateRegime, with_h0: bool, seed: u64) {
@@ -137,6 +138,106 @@ fn four_rows_a_thread_match_the_reference() {
         let run = |config: RecurrentConfig| forward_host_with::<half::bf16>(gpu, &p32.view(), config).unwrap();
         assert_same_bits(&format!("{label} bf16"), &run(ahead_four), &run(four.into()));
     }
+}
+
+/// Runs the real-gate kernel (`forward_real_into_with`) on the real parts of
+/// `p32`'s log_gate and h0 (their imaginary parts must be 0), y and h_final
+/// poisoned with NaN; returns y widened and h_final as complex with Im = 0.
+fn run_real<T: Element>(gpu: &Gpu, p32: &OwnedProblem<f32>, config: RecurrentConfig) -> Outputs<f32> {
+    let d = p32.dims;
+    assert!(p32.log_gate.iter().chain(p32.h0.iter().flatten()).all(|z| z.im == 0.0));
+    let s = gpu.context().new_stream().expect("stream");
+    let up = |x: &[f32]| s.clone_htod(&x.iter().map(|&x| T::from_f32(x)).collect::<Vec<T>>()).unwrap();
+    let re = |z: &[Complex<f32>]| s.clone_htod(&z.iter().map(|z| z.re).collect::<Vec<f32>>()).unwrap();
+    let (q, k, v, gate) = (up(&p32.q), up(&p32.k), up(&p32.v), re(&p32.log_gate));
+    let h0 = p32.h0.as_deref().map(re);
+    let mut y = s.clone_htod(&vec![T::nan(); d.v_len()]).unwrap();
+    let mut h_final = s.clone_htod(&vec![f32::NAN; d.state_len()]).unwrap();
+    let inputs = DeviceInputs { q: &q, k: &k, v: &v, log_gate: &gate, h0: h0.as_ref().map(|h| h as _) };
+    forward_real_into_with(gpu, &s, &d, config, inputs, DeviceOutputs { y: &mut y, h_final: &mut h_final })
+        .unwrap_or_else(|e| panic!("{} {d:?} {config:?}: {e}", T::DTYPE));
+    let (y, h_final) = (s.clone_dtoh(&y).unwrap(), s.clone_dtoh(&h_final).unwrap());
+    s.synchronize().unwrap();
+    Outputs {
+        y: y.iter().map(|x| x.to_f32()).collect(),
+        h_final: h_final.iter().map(|&re| Complex::new(re, 0.0)).collect(),
+    }
+}
+
+/// Real gates (gated linear attention, `forward_real_into`): in every regime
+/// that has a real form, every R of the plans (K = 1 to 256), L = 1 and L
+/// not a multiple of any chunk, both gate layouts, with and without h0, and
+/// every launch choice: within the reference's bounds (f32), and the same
+/// bits as the complex kernel on the same gates with phase 0 (f32 and bf16).
+#[test]
+fn real_gates_match_the_reference_and_the_complex_kernel() {
+    let Some(gpu) = common::gpu_or_skip() else { return };
+    let (ahead, four) = (RecurrentStaging::Ahead, RecurrentRows::Four);
+    let configs =
+        [RecurrentConfig::default(), ahead.into(), four.into(), RecurrentConfig { staging: ahead, rows: four }];
+    let shapes = [(1, 1, 1), (100, 5, 7), (130, 16, 40), (301, 64, 64), (77, 130, 33), (45, 256, 5)];
+    for (i, (regime, &(l, k, v))) in common::REAL_REGIMES.iter().cycle().zip(shapes.iter().cycle()).take(9).enumerate()
+    {
+        let d = dims(1 + i % 2, l, 1 + i % 3, k, v, i % 2 == 1);
+        if common::emulated_device_skips(&d) {
+            continue;
+        }
+        let case = Case::new(d, *regime, i % 3 != 1, 7300 + i as u64);
+        let p64 = common::real_gates(case.problem()).rounded_to_f32();
+        let want = reference::recurrent::forward(&p64.view()).expect("reference");
+        let p32 = p64.to_f32();
+        for config in configs {
+            let label = format!("{} {config:?} {:?}", case.label(), recurrent::plan_with(&d, config).unwrap());
+            let got = run_real::<f32>(gpu, &p32, config);
+            assert_outputs(&label, &got.y, &got.h_final, &want, REL, ABS_FRAC);
+            assert_same_bits(&label, &got, &forward_host_with::<f32>(gpu, &p32.view(), config).unwrap());
+            // q, k, v rounded to bf16 on the host by both calls.
+            let complex = forward_host_with::<half::bf16>(gpu, &p32.view(), config).unwrap();
+            assert_same_bits(&format!("{label} bf16"), &run_real::<half::bf16>(gpu, &p32, config), &complex);
+        }
+    }
+}
+
+/// The real-gate conveniences: the host call and `dispatch` (which takes the
+/// real kernel for real gates) against the reference; complex data refused
+/// by the real-gate host call, naming the tensor; the device call wants real
+/// (half-length) gates and states.
+#[test]
+fn real_gate_conveniences_and_errors() {
+    let Some(gpu) = common::gpu_or_skip() else { return };
+    let case = Case::new(dims(2, 300, 3, 16, 16, false), GateRegime::Resets(0.05), true, 7400);
+    let p64 = common::real_gates(case.problem()).rounded_to_f32();
+    let want: Outputs<f64> = reference::recurrent::forward(&p64.view()).unwrap();
+    let p32 = p64.to_f32();
+    let got = forward_real_host_as::<f32>(gpu, &p32.view()).unwrap();
+    assert_outputs(&case.label(), &got.y, &got.h_final, &want, REL, ABS_FRAC);
+    let four = forward_real_host_with::<f32>(gpu, &p32.view(), RecurrentRows::Four).unwrap();
+    assert_outputs(&format!("{} four rows", case.label()), &four.y, &four.h_final, &want, REL, ABS_FRAC);
+    let via = gateloop::dispatch::cuda_f32(gpu, Mode::Recurrent, &p32.view()).unwrap();
+    assert_same_bits(&case.label(), &via, &got);
+    match forward_real_host_as::<f32>(gpu, &case.problem().to_f32().view()) {
+        Err(GpuError::Input(InputError::Value { name: "log_gate", .. })) => {}
+        other => panic!("expected a log_gate value error, got {other:?}"),
+    }
+    let d = p32.dims;
+    let s = gpu.stream();
+    let buf = |n: usize| s.alloc_zeros::<f32>(n).unwrap();
+    let (q, k, v) = (buf(d.qk_len()), buf(d.qk_len()), buf(d.v_len()));
+    let (complex_gate, real_gate) = (buf(2 * d.gate_len()), buf(d.gate_len()));
+    let (mut y, mut complex_state) = (buf(d.v_len()), buf(2 * d.state_len()));
+    let name_of = |e: GpuError| match e {
+        GpuError::Input(InputError::Length { name, .. }) => name,
+        other => panic!("expected a length error, got {other}"),
+    };
+    let inputs = |g| DeviceInputs { q: &q, k: &k, v: &v, log_gate: g, h0: None };
+    let config = RecurrentConfig::default();
+    let out = DeviceOutputs { y: &mut y, h_final: &mut complex_state };
+    assert_eq!(
+        name_of(forward_real_into_with(gpu, s, &d, config, inputs(&complex_gate), out).unwrap_err()),
+        "log_gate"
+    );
+    let out = DeviceOutputs { y: &mut y, h_final: &mut complex_state };
+    assert_eq!(name_of(forward_real_into_with(gpu, s, &d, config, inputs(&real_gate), out).unwrap_err()), "h_final");
 }
 
 #[test]

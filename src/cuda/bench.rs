@@ -217,8 +217,8 @@ pub fn registry() -> Vec<KernelEntry> {
             dtypes: &Dtype::ALL,
             shapes: recurrent_shapes,
             check: |d| recurrent::plan(d).map(|_| ()),
-            cost: |d, t| recurrent_cost(d, t, false),
-            prepare: |gpu, d, t, host, sets| crate::with_element!(t, T => prepare_recurrent::<T>(gpu, d, host, sets, false, RecurrentConfig::default())),
+            cost: |d, t| recurrent_cost(d, t, false, Gates::Complex),
+            prepare: |gpu, d, t, host, sets| crate::with_element!(t, T => prepare_recurrent::<T>(gpu, d, host, sets, false, RecurrentConfig::default(), Gates::Complex)),
             tuning: false,
         },
         KernelEntry {
@@ -228,8 +228,8 @@ pub fn registry() -> Vec<KernelEntry> {
             dtypes: &Dtype::ALL,
             shapes: recurrent_shapes,
             check: |d| recurrent::plan_with(d, RecurrentStaging::Ahead).map(|_| ()),
-            cost: |d, t| recurrent_cost(d, t, false),
-            prepare: |gpu, d, t, host, sets| crate::with_element!(t, T => prepare_recurrent::<T>(gpu, d, host, sets, false, RecurrentStaging::Ahead.into())),
+            cost: |d, t| recurrent_cost(d, t, false, Gates::Complex),
+            prepare: |gpu, d, t, host, sets| crate::with_element!(t, T => prepare_recurrent::<T>(gpu, d, host, sets, false, RecurrentStaging::Ahead.into(), Gates::Complex)),
             tuning: false,
         },
         KernelEntry {
@@ -240,8 +240,19 @@ pub fn registry() -> Vec<KernelEntry> {
             dtypes: &Dtype::ALL,
             shapes: recurrent_shapes,
             check: |d| recurrent::plan_with(d, RecurrentRows::Four).map(|_| ()),
-            cost: |d, t| recurrent_cost(d, t, false),
-            prepare: |gpu, d, t, host, sets| crate::with_element!(t, T => prepare_recurrent::<T>(gpu, d, host, sets, false, RecurrentRows::Four.into())),
+            cost: |d, t| recurrent_cost(d, t, false, Gates::Complex),
+            prepare: |gpu, d, t, host, sets| crate::with_element!(t, T => prepare_recurrent::<T>(gpu, d, host, sets, false, RecurrentRows::Four.into(), Gates::Complex)),
+            tuning: false,
+        },
+        KernelEntry {
+            name: "recurrent-real",
+            about: "recurrent forward, REAL gates (gated linear attention: a real state, one fmaf a row and \
+                    step, no sincos; the same bits as recurrent on real gates)",
+            dtypes: &Dtype::ALL,
+            shapes: recurrent_shapes,
+            check: |d| recurrent::plan(d).map(|_| ()),
+            cost: |d, t| recurrent_cost(d, t, false, Gates::Real),
+            prepare: |gpu, d, t, host, sets| crate::with_element!(t, T => prepare_recurrent::<T>(gpu, d, host, sets, false, RecurrentConfig::default(), Gates::Real)),
             tuning: false,
         },
         KernelEntry {
@@ -250,8 +261,8 @@ pub fn registry() -> Vec<KernelEntry> {
             dtypes: &Dtype::ALL,
             shapes: decode_shapes,
             check: |d| recurrent::plan(d).map(|_| ()),
-            cost: |d, t| recurrent_cost(d, t, true),
-            prepare: |gpu, d, t, host, sets| crate::with_element!(t, T => prepare_recurrent::<T>(gpu, d, host, sets, true, RecurrentConfig::default())),
+            cost: |d, t| recurrent_cost(d, t, true, Gates::Complex),
+            prepare: |gpu, d, t, host, sets| crate::with_element!(t, T => prepare_recurrent::<T>(gpu, d, host, sets, true, RecurrentConfig::default(), Gates::Complex)),
             tuning: false,
         },
         KernelEntry {
@@ -260,7 +271,7 @@ pub fn registry() -> Vec<KernelEntry> {
             dtypes: &Dtype::ALL,
             shapes: recurrent_shapes,
             check: |d| scan::plan(d, 1).map(|_| ()),
-            cost: |d, t| recurrent_cost(d, t, false),
+            cost: |d, t| recurrent_cost(d, t, false, Gates::Complex),
             prepare: |gpu, d, t, host, sets| {
                 let ws = scan::plan_for(gpu, &d)?.workspace_len;
                 crate::with_element!(t, T => prepare_forward::<T>(gpu, d, host, sets, Gates::Complex, ws, scan::forward_into::<T>))
@@ -350,7 +361,7 @@ pub fn registry() -> Vec<KernelEntry> {
             dtypes: &Dtype::ALL,
             shapes: chunked_shapes,
             check: |d| super::recurrent_grad::plan(d).map(|_| ()),
-            cost: |d, t| recurrent_cost(d, t, false).then(recurrent_grad_cost(d, t)),
+            cost: |d, t| recurrent_cost(d, t, false, Gates::Complex).then(recurrent_grad_cost(d, t)),
             prepare: |gpu, d, t, host, sets| prepare_grad(gpu, d, t, host, sets, Backward::Recurrent { forward: true }),
             tuning: false,
         },
@@ -466,18 +477,21 @@ fn decode_shapes() -> Vec<Dims> {
 }
 
 /// Recurrent forward / decode. Bytes: q, k, v read and y written in the
-/// element type; log_gate read as complex f32 (8 bytes); the state read (h0,
-/// decode only) and written (h_final) as complex f32. Flops per (b, t, h, k,
-/// v): the complex update a·h + k·v (complex multiply 6, k·v 1, add 1) and the
-/// readout q·Re h (FMA 2): 10; the gate's exp/sincos per (b, t, h, gate
-/// channel) is not counted.
-pub fn recurrent_cost(d: &Dims, t: Dtype, reads_state: bool) -> Cost {
+/// element type; log_gate read as complex f32 (8 bytes; real gates 4); the
+/// state read (h0, decode only) and written (h_final) as complex f32 (real:
+/// f32). Flops per (b, t, h, k, v): the complex update a·h + k·v (complex
+/// multiply 6, k·v 1, add 1) and the readout q·Re h (FMA 2): 10; real gates
+/// 1 + 1 + 1 + 2 = 5; the gate's exp/sincos per (b, t, h, gate channel) is
+/// not counted.
+pub fn recurrent_cost(d: &Dims, t: Dtype, reads_state: bool, gates: Gates) -> Cost {
     let e = t.size_bytes() as f64;
-    let state = 8.0 * d.state_len() as f64;
+    let p = gates.parts() as f64;
+    let state = 4.0 * p * d.state_len() as f64;
     let bytes = e * (2 * d.qk_len() + 2 * d.v_len()) as f64
-        + 8.0 * d.gate_len() as f64
+        + 4.0 * p * d.gate_len() as f64
         + state * if reads_state { 2.0 } else { 1.0 };
-    let flops = 10.0 * (d.batch * d.len * d.heads * d.key_dim * d.value_dim) as f64;
+    let per_element = if gates == Gates::Real { 5.0 } else { 10.0 };
+    let flops = per_element * (d.batch * d.len * d.heads * d.key_dim * d.value_dim) as f64;
     Cost::single_pass(bytes, flops)
 }
 
@@ -498,6 +512,8 @@ struct RecurrentCase<'g, T> {
     decode: bool,
     /// The forward's staging and rows (decode: always the default).
     config: RecurrentConfig,
+    /// Complex, or real (the forward only: `forward_real_into_with`).
+    gates: Gates,
     sets: Vec<RecurrentSet<T>>,
 }
 
@@ -508,24 +524,27 @@ fn prepare_recurrent<'g, T: Element>(
     sets: usize,
     decode: bool,
     config: RecurrentConfig,
+    gates: Gates,
 ) -> Result<Box<dyn BenchCase + 'g>, GpuError> {
     let s = gpu.stream();
     let (q, k, v) = (round_slice::<T>(&host.q), round_slice::<T>(&host.k), round_slice::<T>(&host.v));
     let y_poison = vec![T::nan(); dims.v_len()];
-    let state_init = if decode { host.state.clone() } else { vec![f32::NAN; host.state.len()] };
+    let log_gate = host.log_gate_for(gates);
+    let state_len = gates.parts() * dims.state_len();
+    let state_init = if decode { host.state.clone() } else { vec![f32::NAN; state_len] };
     let sets = (0..sets)
         .map(|_| {
             Ok(RecurrentSet {
                 q: s.clone_htod(&q).doing("uploading q")?,
                 k: s.clone_htod(&k).doing("uploading k")?,
                 v: s.clone_htod(&v).doing("uploading v")?,
-                log_gate: s.clone_htod(&host.log_gate).doing("uploading log_gate")?,
+                log_gate: s.clone_htod(&log_gate).doing("uploading log_gate")?,
                 y: s.clone_htod(&y_poison).doing("allocating y")?,
                 state: s.clone_htod(&state_init).doing("allocating the state")?,
             })
         })
         .collect::<Result<Vec<_>, GpuError>>()?;
-    Ok(Box::new(RecurrentCase { gpu, dims, decode, config, sets }))
+    Ok(Box::new(RecurrentCase { gpu, dims, decode, config, gates, sets }))
 }
 
 impl<T: Element> BenchCase for RecurrentCase<'_, T> {
@@ -537,14 +556,11 @@ impl<T: Element> BenchCase for RecurrentCase<'_, T> {
             recurrent::decode_into(self.gpu, s, &self.dims, inputs, &mut st.y, &mut st.state)
         } else {
             let inputs = DeviceInputs { q: &st.q, k: &st.k, v: &st.v, log_gate: &st.log_gate, h0: None };
-            recurrent::forward_into_with(
-                self.gpu,
-                s,
-                &self.dims,
-                self.config,
-                inputs,
-                DeviceOutputs { y: &mut st.y, h_final: &mut st.state },
-            )
+            let out = DeviceOutputs { y: &mut st.y, h_final: &mut st.state };
+            match self.gates {
+                Gates::Complex => recurrent::forward_into_with(self.gpu, s, &self.dims, self.config, inputs, out),
+                Gates::Real => recurrent::forward_real_into_with(self.gpu, s, &self.dims, self.config, inputs, out),
+            }
         }
     }
 
@@ -666,7 +682,7 @@ pub fn attention_cost(d: &Dims) -> Cost {
     let pairs = l * (l + 1.0) / 2.0;
     let heads = (d.batch * d.heads) as f64;
     Cost::single_pass(
-        recurrent_cost(d, Dtype::F32, false).bytes,
+        recurrent_cost(d, Dtype::F32, false, Gates::Complex).bytes,
         heads * (pairs * (4.0 * k + 2.0 * v) + 8.0 * l * k * v),
     )
 }
@@ -1711,13 +1727,17 @@ mod tests {
     #[test]
     fn recurrent_cost_counts() {
         let d = Dims::new(8, 4096, 16, 64, 64);
-        let c = recurrent_cost(&d, Dtype::F32, false);
+        let c = recurrent_cost(&d, Dtype::F32, false, Gates::Complex);
         let n = (8 * 4096 * 16 * 64) as f64;
         // q, k, v, y in f32, the gate complex f32, h_final written
         assert_eq!(c.bytes, 4.0 * 4.0 * n + 8.0 * n + 8.0 * (8 * 16 * 64 * 64) as f64);
         assert_eq!(c.flops, 10.0 * n * 64.0);
-        let h = recurrent_cost(&d, Dtype::Bf16, true);
+        let h = recurrent_cost(&d, Dtype::Bf16, true, Gates::Complex);
         assert_eq!(h.bytes, 2.0 * 4.0 * n + 8.0 * n + 16.0 * (8 * 16 * 64 * 64) as f64);
+        // Real gates: the gate and h_final in f32, half the flops.
+        let r = recurrent_cost(&d, Dtype::Bf16, false, Gates::Real);
+        assert_eq!(r.bytes, 2.0 * 4.0 * n + 4.0 * n + 4.0 * (8 * 16 * 64 * 64) as f64);
+        assert_eq!(r.flops, 5.0 * n * 64.0);
     }
 
     #[test]
@@ -1757,7 +1777,7 @@ mod tests {
         let ratio = a.traffic / a.bytes;
         assert!((2.74..2.76).contains(&ratio), "sequential carry: forward traffic / minimum = {ratio}");
         // The single-pass kernels move their minimum.
-        let r = recurrent_cost(&d, Dtype::Bf16, false);
+        let r = recurrent_cost(&d, Dtype::Bf16, false, Gates::Complex);
         assert_eq!(r.traffic, r.bytes);
         let g = chunked_grad_cost(&d, Dtype::Bf16, Gates::Complex);
         assert!(g.traffic > g.bytes);

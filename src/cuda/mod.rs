@@ -215,9 +215,10 @@ pub fn arch_covers(sass: &[&str], ptx: u32, major: i32, minor: i32) -> bool {
 
 /// The kernels of one context, loaded once when the [`Gpu`] is opened.
 struct Kernels {
-    /// `gateloop_recurrent_{,ahead_}{dtype}_r{1,2,4,8,16}`: indexed by
-    /// [`Dtype::index`], then the staging ([`recurrent::RecurrentStaging`]
-    /// as usize) · 5 + log2(R).
+    /// `gateloop_recurrent_{,ahead_,real_,real_ahead_}{dtype}_r{1,2,4,8,16}`:
+    /// indexed by [`Dtype::index`], then (2 · real + the staging
+    /// ([`recurrent::RecurrentStaging`] as usize)) · 5 + log2(R)
+    /// (`recurrent::kernel_names`).
     recurrent: [Vec<CudaFunction>; 3],
     _recurrent_module: Arc<CudaModule>,
     /// `gateloop_scan_reduce_{dtype}_v{1,2,4}`: indexed by [`Dtype::index`],
@@ -266,16 +267,11 @@ impl Kernels {
                  that built them; see gateloop::cuda::build_nvcc())",
         )?;
         let variants = |dtype: Dtype| {
-            ["", "ahead_"]
+            recurrent::kernel_names(dtype.name())
                 .iter()
-                .flat_map(|staging| {
-                    recurrent::ROWS_PER_THREAD
-                        .iter()
-                        .map(move |r| format!("gateloop_recurrent_{staging}{}_r{r}", dtype.name()))
-                })
-                .map(|name| module.load_function(&name))
+                .map(|name| module.load_function(name))
                 .collect::<Result<Vec<_>, _>>()
-                .doing("looking up gateloop_recurrent_{,ahead_}{f32,f16,bf16}_r*")
+                .doing("looking up gateloop_recurrent_{,real_}{,ahead_}{f32,f16,bf16}_r*")
         };
         let recurrent = [variants(Dtype::F32)?, variants(Dtype::F16)?, variants(Dtype::Bf16)?];
         debug_assert!(Dtype::ALL.iter().enumerate().all(|(i, d)| d.index() == i));

@@ -8,7 +8,10 @@
 //! q, k, v and y are f32, f16 or bf16 (the [`Element`] type parameter of the
 //! launchers); log_gate and the state are complex f32 for every type.
 //! [`forward_into`] runs a sequence; [`decode_into`] advances a state buffer
-//! in place (decoding, any number of steps per call).
+//! in place (decoding, any number of steps per call). [`forward_real_into`]
+//! is the same recurrence with real gates (gated linear attention: log_gate
+//! and the state real f32, half the state registers and a third of the
+//! arithmetic a step): on real gates the complex kernel gives the same bits.
 //!
 //! # Example
 //!
@@ -229,10 +232,22 @@ pub struct LaunchPlan {
 }
 
 impl LaunchPlan {
-    /// The kernel's index in its dtype's table: staging, then log2(R).
-    fn variant_index(&self) -> usize {
-        self.staging as usize * ROWS_PER_THREAD.len() + self.rows_per_thread.trailing_zeros() as usize
+    /// The kernel's index in its dtype's table: the gates (complex, then
+    /// real), the staging, then log2(R); the table's names are
+    /// [`kernel_name`]'s.
+    fn variant_index(&self, real_gates: bool) -> usize {
+        ((real_gates as usize * 2 + self.staging as usize) * ROWS_PER_THREAD.len())
+            + self.rows_per_thread.trailing_zeros() as usize
     }
+}
+
+/// Entry points of one dtype, in the order of [`LaunchPlan`]'s table index:
+/// `gateloop_recurrent_{,ahead_,real_,real_ahead_}{dtype}_r{1,2,4,8,16}`.
+pub(crate) fn kernel_names(dtype: &str) -> Vec<String> {
+    ["", "ahead_", "real_", "real_ahead_"]
+        .iter()
+        .flat_map(|kind| ROWS_PER_THREAD.iter().map(move |r| format!("gateloop_recurrent_{kind}{dtype}_r{r}")))
+        .collect()
 }
 
 /// Chooses the launch geometry for `dims` with the default staging and rows.
@@ -314,6 +329,7 @@ fn launch<T: Element>(
 ) -> Result<(), GpuError> {
     let lp = plan_with(d, config)?;
     buffers.check(gpu, stream, d, 0, String::new)?;
+    let real_gates = buffers.real_gates;
     let mut params = GateloopRecurrentParams {
         key_groups: lp.key_groups as i32,
         padded_key_dim: lp.padded_key_dim as i32,
@@ -329,19 +345,22 @@ fn launch<T: Element>(
         block_dim: (VALUE_TILE as u32, lp.key_groups, 1),
         shared_mem_bytes: lp.shared_bytes,
     };
-    let func = &gpu.kernels.recurrent[T::DTYPE.index()][lp.variant_index()];
+    let func = &gpu.kernels.recurrent[T::DTYPE.index()][lp.variant_index(real_gates)];
     let mut launch = stream.launch_builder(func);
     launch.arg(&params);
-    // SAFETY: `func` is gateloop_recurrent_{,ahead_}{T}_r{R} with
+    // SAFETY: `func` is gateloop_recurrent_{,real_}{,ahead_}{T}_r{R} with
     // R = lp.rows_per_thread, the staging lp.staging (whose chunk_len bounds
-    // `plan_with` applied) and {T} the element type of q, k, v, y (T::DTYPE
-    // picks the table row),
+    // `plan_with` applied), `real_` exactly when the buffers were checked as
+    // real (`buffers.real_gates`), and {T} the element type of q, k, v, y
+    // (T::DTYPE picks the table row),
     // whose only parameter is a GateloopRecurrentParams by value, which is
     // what is pushed. Every pointer in it comes from a live buffer of this
     // context whose length was checked above against the dims in `params`
     // (the kernel reads/writes exactly those extents with the contiguous
     // strides set above, in elements of T for q, k, v, y and of complex f32
-    // for log_gate and the state); complex buffers are 8-byte aligned; h0 is
+    // for log_gate and the state, real f32 for the real_ kernels, which
+    // read f32 elements: 4-byte alignment suffices); complex buffers are
+    // 8-byte aligned; h0 is
     // null iff HAS_H0 is clear, and with STATE_IN_PLACE h0 is null and
     // h_final is the single state buffer, which the kernel reads and then
     // writes element by element from the same thread (see cuda/recurrent.cu),
@@ -388,6 +407,35 @@ pub fn forward_into_with<T: Element>(
     out: DeviceOutputs<'_, T>,
 ) -> Result<(), GpuError> {
     launch(gpu, stream, dims, config.into(), Buffers::forward(inputs, out, None))
+}
+
+/// [`forward_into`] with real gates (gated linear attention: the phase ≡ 0,
+/// compiled out): `inputs.log_gate` is `[B, L, H, K or 1]` real f32 (≤ 0;
+/// −∞ a reset), `inputs.h0` and `out.h_final` are `[B, H, K, V]` real f32.
+/// The same geometry and order of operations as the complex kernel, whose
+/// imaginary parts stay 0 on such gates: the same bits as [`forward_into`]
+/// on the complex gates (g, 0) and state (h0, 0), for half the state
+/// registers, one fmaf a row and step instead of three, and no sincos.
+pub fn forward_real_into<T: Element>(
+    gpu: &Gpu,
+    stream: &CudaStream,
+    dims: &Dims,
+    inputs: DeviceInputs<'_, T>,
+    out: DeviceOutputs<'_, T>,
+) -> Result<(), GpuError> {
+    forward_real_into_with(gpu, stream, dims, RecurrentConfig::default(), inputs, out)
+}
+
+/// [`forward_real_into`] with a choice of staging and rows per thread.
+pub fn forward_real_into_with<T: Element>(
+    gpu: &Gpu,
+    stream: &CudaStream,
+    dims: &Dims,
+    config: impl Into<RecurrentConfig>,
+    inputs: DeviceInputs<'_, T>,
+    out: DeviceOutputs<'_, T>,
+) -> Result<(), GpuError> {
+    launch(gpu, stream, dims, config.into(), Buffers::forward(inputs, out, None).with_real_gates())
 }
 
 /// Decoding: advances `state` (`[B, H, K, V]` complex f32, as interleaved f32
@@ -439,15 +487,44 @@ pub fn forward_host_with<T: Element>(
     p: &Problem<'_, f32>,
     config: impl Into<RecurrentConfig>,
 ) -> Result<Outputs<f32>, GpuError> {
-    let config = config.into();
+    host_with::<T>(gpu, p, config.into(), false)
+}
+
+/// The real-gate kernel ([`forward_real_into`]) from host data: `p`'s
+/// log_gate and h0 must be real (Im = 0 everywhere, else
+/// [`InputError::Value`]); their real parts are uploaded as real f32, q, k,
+/// v rounded to `T`. Returns y (widened to f32) and h_final (Im = 0).
+pub fn forward_real_host_as<T: Element>(gpu: &Gpu, p: &Problem<'_, f32>) -> Result<Outputs<f32>, GpuError> {
+    forward_real_host_with::<T>(gpu, p, RecurrentConfig::default())
+}
+
+/// [`forward_real_host_as`] with a choice of staging and rows per thread.
+pub fn forward_real_host_with<T: Element>(
+    gpu: &Gpu,
+    p: &Problem<'_, f32>,
+    config: impl Into<RecurrentConfig>,
+) -> Result<Outputs<f32>, GpuError> {
+    host_with::<T>(gpu, p, config.into(), true)
+}
+
+/// The body of the `forward_host` family.
+fn host_with<T: Element>(
+    gpu: &Gpu,
+    p: &Problem<'_, f32>,
+    config: RecurrentConfig,
+    real_gates: bool,
+) -> Result<Outputs<f32>, GpuError> {
     let no_workspace = |_: &Dims| Ok(0);
     launch::forward_host::<T>(
         gpu,
         p,
-        false,
+        real_gates,
         no_workspace,
         "synchronizing after the recurrent kernel",
-        |s, d, i, o, _| forward_into_with(gpu, s, d, config, i, o),
+        |s, d, i, o, _| {
+            let buffers = Buffers::forward(i, o, None);
+            launch(gpu, s, d, config, if real_gates { buffers.with_real_gates() } else { buffers })
+        },
     )
 }
 
@@ -518,11 +595,11 @@ mod tests {
         // Ahead at K = 64: 22 steps fit 48 KiB, 16 fit 4 items a thread.
         assert_eq!(plan(&dims(8, 4096, 16, 64, 64, false)).unwrap().chunk_len, 22);
         let p = plan_with(&dims(8, 4096, 16, 64, 64, false), RecurrentStaging::Ahead).unwrap();
-        assert_eq!((p.rows_per_thread, p.key_groups, p.chunk_len, p.variant_index()), (8, 8, 16, 8));
+        assert_eq!((p.rows_per_thread, p.key_groups, p.chunk_len, p.variant_index(false)), (8, 8, 16, 8));
         let p = plan_with(&dims(1, 100, 1, 5, 64, true), RecurrentStaging::Ahead).unwrap();
         assert_eq!((p.rows_per_thread, p.key_groups, p.chunk_len), (8, 1, 4));
         let p = plan_with(&dims(1, 100, 1, 256, 1, true), RecurrentStaging::Ahead).unwrap();
-        assert_eq!((p.rows_per_thread, p.key_groups, p.chunk_len, p.variant_index()), (16, 16, 4, 9));
+        assert_eq!((p.rows_per_thread, p.key_groups, p.chunk_len, p.variant_index(false)), (16, 16, 4, 9));
         // Four rows a thread: K = 64 on 16 warps (512 threads), 15 steps in
         // 48 KiB; K = 128 stays at 8 rows (16 warps already), K = 5 on 2 warps.
         let p = plan_with(&dims(8, 4096, 16, 64, 64, false), RecurrentRows::Four).unwrap();
@@ -533,7 +610,28 @@ mod tests {
         assert_eq!((p.rows_per_thread, p.key_groups, p.padded_key_dim), (4, 2, 8));
         let config = RecurrentConfig { staging: RecurrentStaging::Ahead, rows: RecurrentRows::Four };
         let p = plan_with(&dims(8, 4096, 16, 64, 64, false), config).unwrap();
-        assert_eq!((p.rows_per_thread, p.key_groups, p.chunk_len, p.variant_index()), (4, 16, 15, 7));
+        assert_eq!((p.rows_per_thread, p.key_groups, p.chunk_len, p.variant_index(false)), (4, 16, 15, 7));
+    }
+
+    #[test]
+    fn kernel_table_order() {
+        // The table index of every (gates, staging, R) names its entry point.
+        let names = kernel_names("bf16");
+        assert_eq!(names.len(), 4 * ROWS_PER_THREAD.len());
+        for real in [false, true] {
+            for staging in [RecurrentStaging::Batched, RecurrentStaging::Ahead] {
+                for k in [1, 3, 8, 64, 200] {
+                    let p = plan_with(&dims(1, 9, 1, k, 4, false), staging).unwrap();
+                    let kind = format!(
+                        "{}{}",
+                        if real { "real_" } else { "" },
+                        if staging == RecurrentStaging::Ahead { "ahead_" } else { "" }
+                    );
+                    let want = format!("gateloop_recurrent_{kind}bf16_r{}", p.rows_per_thread);
+                    assert_eq!(names[p.variant_index(real)], want);
+                }
+            }
+        }
     }
 
     #[test]
