@@ -256,7 +256,7 @@ pub fn cuda_variant_as<T: Element>(
     let config = variant.chunk_config();
     match mode {
         Mode::Recurrent if real_gates(p, None) => {
-            cuda::recurrent::forward_real_host_with::<T>(gpu, p, variant.recurrent_config())
+            cuda::recurrent::forward_real_host_as::<T>(gpu, p, variant.recurrent_config())
         }
         Mode::Recurrent => cuda::recurrent::forward_host_with::<T>(gpu, p, variant.recurrent_config()),
         Mode::Scan => cuda::scan::forward_host_as::<T>(gpu, p),

@@ -11,8 +11,7 @@ mod common;
 use common::{ABS_FRAC, Case, REL, assert_outputs, regime_matrix, regime_tests, run_forward};
 use gateloop::cuda::recurrent::{
     self, DeviceInputs, DeviceOutputs, RecurrentConfig, RecurrentRows, RecurrentStaging, forward_host,
-    forward_host_with, forward_into, forward_into_with, forward_real_host_as, forward_real_host_with,
-    forward_real_into_with,
+    forward_host_with, forward_into, forward_into_with, forward_real_host_as, forward_real_into,
 };
 use gateloop::cuda::{Element, Gpu, GpuError};
 use gateloop::testing::{GateRegime, OwnedProblem, dims};
@@ -140,7 +139,7 @@ fn four_rows_a_thread_match_the_reference() {
     }
 }
 
-/// Runs the real-gate kernel (`forward_real_into_with`) on the real parts of
+/// Runs the real-gate kernel (`forward_real_into`) on the real parts of
 /// `p32`'s log_gate and h0 (their imaginary parts must be 0), y and h_final
 /// poisoned with NaN; returns y widened and h_final as complex with Im = 0.
 fn run_real<T: Element>(gpu: &Gpu, p32: &OwnedProblem<f32>, config: RecurrentConfig) -> Outputs<f32> {
@@ -154,7 +153,7 @@ fn run_real<T: Element>(gpu: &Gpu, p32: &OwnedProblem<f32>, config: RecurrentCon
     let mut y = s.clone_htod(&vec![T::nan(); d.v_len()]).unwrap();
     let mut h_final = s.clone_htod(&vec![f32::NAN; d.state_len()]).unwrap();
     let inputs = DeviceInputs { q: &q, k: &k, v: &v, log_gate: &gate, h0: h0.as_ref().map(|h| h as _) };
-    forward_real_into_with(gpu, &s, &d, config, inputs, DeviceOutputs { y: &mut y, h_final: &mut h_final })
+    forward_real_into(gpu, &s, &d, config, inputs, DeviceOutputs { y: &mut y, h_final: &mut h_final })
         .unwrap_or_else(|e| panic!("{} {d:?} {config:?}: {e}", T::DTYPE));
     let (y, h_final) = (s.clone_dtoh(&y).unwrap(), s.clone_dtoh(&h_final).unwrap());
     s.synchronize().unwrap();
@@ -209,13 +208,13 @@ fn real_gate_conveniences_and_errors() {
     let p64 = common::real_gates(case.problem()).rounded_to_f32();
     let want: Outputs<f64> = reference::recurrent::forward(&p64.view()).unwrap();
     let p32 = p64.to_f32();
-    let got = forward_real_host_as::<f32>(gpu, &p32.view()).unwrap();
+    let got = forward_real_host_as::<f32>(gpu, &p32.view(), RecurrentConfig::default()).unwrap();
     assert_outputs(&case.label(), &got.y, &got.h_final, &want, REL, ABS_FRAC);
-    let four = forward_real_host_with::<f32>(gpu, &p32.view(), RecurrentRows::Four).unwrap();
+    let four = forward_real_host_as::<f32>(gpu, &p32.view(), RecurrentRows::Four).unwrap();
     assert_outputs(&format!("{} four rows", case.label()), &four.y, &four.h_final, &want, REL, ABS_FRAC);
     let via = gateloop::dispatch::cuda_f32(gpu, Mode::Recurrent, &p32.view()).unwrap();
     assert_same_bits(&case.label(), &via, &got);
-    match forward_real_host_as::<f32>(gpu, &case.problem().to_f32().view()) {
+    match forward_real_host_as::<f32>(gpu, &case.problem().to_f32().view(), RecurrentConfig::default()) {
         Err(GpuError::Input(InputError::Value { name: "log_gate", .. })) => {}
         other => panic!("expected a log_gate value error, got {other:?}"),
     }
@@ -232,12 +231,9 @@ fn real_gate_conveniences_and_errors() {
     let inputs = |g| DeviceInputs { q: &q, k: &k, v: &v, log_gate: g, h0: None };
     let config = RecurrentConfig::default();
     let out = DeviceOutputs { y: &mut y, h_final: &mut complex_state };
-    assert_eq!(
-        name_of(forward_real_into_with(gpu, s, &d, config, inputs(&complex_gate), out).unwrap_err()),
-        "log_gate"
-    );
+    assert_eq!(name_of(forward_real_into(gpu, s, &d, config, inputs(&complex_gate), out).unwrap_err()), "log_gate");
     let out = DeviceOutputs { y: &mut y, h_final: &mut complex_state };
-    assert_eq!(name_of(forward_real_into_with(gpu, s, &d, config, inputs(&real_gate), out).unwrap_err()), "h_final");
+    assert_eq!(name_of(forward_real_into(gpu, s, &d, config, inputs(&real_gate), out).unwrap_err()), "h_final");
 }
 
 #[test]

@@ -512,7 +512,7 @@ struct RecurrentCase<'g, T> {
     decode: bool,
     /// The forward's staging and rows (decode: always the default).
     config: RecurrentConfig,
-    /// Complex, or real (the forward only: `forward_real_into_with`).
+    /// Complex, or real (the forward only: `forward_real_into`).
     gates: Gates,
     sets: Vec<RecurrentSet<T>>,
 }
@@ -559,7 +559,7 @@ impl<T: Element> BenchCase for RecurrentCase<'_, T> {
             let out = DeviceOutputs { y: &mut st.y, h_final: &mut st.state };
             match self.gates {
                 Gates::Complex => recurrent::forward_into_with(self.gpu, s, &self.dims, self.config, inputs, out),
-                Gates::Real => recurrent::forward_real_into_with(self.gpu, s, &self.dims, self.config, inputs, out),
+                Gates::Real => recurrent::forward_real_into(self.gpu, s, &self.dims, self.config, inputs, out),
             }
         }
     }

@@ -416,18 +416,10 @@ pub fn forward_into_with<T: Element>(
 /// imaginary parts stay 0 on such gates: the same bits as [`forward_into`]
 /// on the complex gates (g, 0) and state (h0, 0), for half the state
 /// registers, one fmaf a row and step instead of three, and no sincos.
+/// Takes the launch choices as [`forward_into_with`] does
+/// (`RecurrentConfig::default()` for the default), as
+/// `chunk::forward_real_into` takes its config.
 pub fn forward_real_into<T: Element>(
-    gpu: &Gpu,
-    stream: &CudaStream,
-    dims: &Dims,
-    inputs: DeviceInputs<'_, T>,
-    out: DeviceOutputs<'_, T>,
-) -> Result<(), GpuError> {
-    forward_real_into_with(gpu, stream, dims, RecurrentConfig::default(), inputs, out)
-}
-
-/// [`forward_real_into`] with a choice of staging and rows per thread.
-pub fn forward_real_into_with<T: Element>(
     gpu: &Gpu,
     stream: &CudaStream,
     dims: &Dims,
@@ -493,13 +485,9 @@ pub fn forward_host_with<T: Element>(
 /// The real-gate kernel ([`forward_real_into`]) from host data: `p`'s
 /// log_gate and h0 must be real (Im = 0 everywhere, else
 /// [`InputError::Value`]); their real parts are uploaded as real f32, q, k,
-/// v rounded to `T`. Returns y (widened to f32) and h_final (Im = 0).
-pub fn forward_real_host_as<T: Element>(gpu: &Gpu, p: &Problem<'_, f32>) -> Result<Outputs<f32>, GpuError> {
-    forward_real_host_with::<T>(gpu, p, RecurrentConfig::default())
-}
-
-/// [`forward_real_host_as`] with a choice of staging and rows per thread.
-pub fn forward_real_host_with<T: Element>(
+/// v rounded to `T`, with the launch choices `config`. Returns y (widened to
+/// f32) and h_final (Im = 0).
+pub fn forward_real_host_as<T: Element>(
     gpu: &Gpu,
     p: &Problem<'_, f32>,
     config: impl Into<RecurrentConfig>,
