@@ -23,26 +23,33 @@ mod dtype_support;
 
 use common::{flat, run_forward, unflat, upload};
 use dtype_support::{put_window, rounded_to, state_ok, widen, y_ok};
-use gateloop::cuda::recurrent::{DecodeInputs, decode_into, forward_into};
+use gateloop::cuda::recurrent::{DecodeInputs, decode_into, decode_real_into, forward_into};
 use gateloop::cuda::{Element, Gpu, GpuError};
 use gateloop::testing::{GateRegime, OwnedProblem, dims, random_problem};
 use gateloop::{Complex, Dims, InputError, compare, compare_complex, reference};
 use half::{bf16, f16};
 
-/// Feeds `p32` to `decode_into` in pieces of the given lengths (summing to
-/// L), starting from `init` (or zeros); returns (y [B, L, H, V], final state).
+/// Feeds `p32` to `decode_into` (`real`: `decode_real_into`, on the real
+/// parts of the gates and the state, whose imaginary parts must be 0) in
+/// pieces of the given lengths (summing to L), starting from `init` (or
+/// zeros); returns (y [B, L, H, V], final state).
 fn decode_in_pieces<T: Element>(
     gpu: &Gpu,
     p32: &OwnedProblem<f32>,
     init: Option<&[Complex<f32>]>,
     pieces: &[usize],
+    real: bool,
 ) -> (Vec<T>, Vec<Complex<f32>>) {
     let d = p32.dims;
     assert_eq!(pieces.iter().sum::<usize>(), d.len, "pieces must cover the sequence");
     let s = gpu.context().new_stream().expect("stream");
+    let re = |z: &[Complex<f32>]| -> Vec<f32> {
+        assert!(z.iter().all(|z| z.im == 0.0), "real gates and state");
+        z.iter().map(|z| z.re).collect()
+    };
     let mut state = match init {
-        Some(h) => s.clone_htod(&flat(h)).unwrap(),
-        None => s.alloc_zeros::<f32>(2 * d.state_len()).unwrap(),
+        Some(h) => s.clone_htod(&if real { re(h) } else { flat(h) }).unwrap(),
+        None => s.alloc_zeros::<f32>(if real { 1 } else { 2 } * d.state_len()).unwrap(),
     };
     let mut y_all = vec![T::nan(); d.v_len()];
     let mut t0 = 0;
@@ -50,16 +57,12 @@ fn decode_in_pieces<T: Element>(
         let piece = p32.steps(t0, n);
         let dn = piece.dims;
         let u = upload::<T>(&s, &piece);
+        let real_gate = real.then(|| s.clone_htod(&re(&piece.log_gate)).unwrap());
         let mut y = s.clone_htod(&vec![T::nan(); dn.v_len()]).unwrap();
-        decode_into(
-            gpu,
-            &s,
-            &dn,
-            DecodeInputs { q: &u.q, k: &u.k, v: &u.v, log_gate: &u.log_gate },
-            &mut y,
-            &mut state,
-        )
-        .unwrap_or_else(|e| panic!("{} {dn:?} at t0={t0}: {e}", T::DTYPE));
+        let inputs = DecodeInputs { q: &u.q, k: &u.k, v: &u.v, log_gate: real_gate.as_ref().unwrap_or(&u.log_gate) };
+        let decode = if real { decode_real_into::<T> } else { decode_into::<T> };
+        decode(gpu, &s, &dn, inputs, &mut y, &mut state)
+            .unwrap_or_else(|e| panic!("{} {dn:?} at t0={t0}: {e}", T::DTYPE));
         let y = s.clone_dtoh(&y).unwrap();
         s.synchronize().unwrap();
         put_window(&mut y_all, &d, d.value_dim, t0, n, &y);
@@ -67,7 +70,7 @@ fn decode_in_pieces<T: Element>(
     }
     let state = s.clone_dtoh(&state).unwrap();
     s.synchronize().unwrap();
-    (y_all, unflat(&state))
+    (y_all, if real { state.iter().map(|&re| Complex::new(re, 0.0)).collect() } else { unflat(&state) })
 }
 
 /// One `forward_into` over the whole sequence (h0 = `p32.h0`).
@@ -86,7 +89,7 @@ fn check<T: Element>(gpu: &Gpu, d: Dims, regime: GateRegime, with_h0: bool, piec
     let want = reference::recurrent::forward(&p64.view()).expect("reference");
     let p32 = p64.to_f32();
     let init = p32.h0.as_deref();
-    let (y, state) = decode_in_pieces::<T>(gpu, &p32, init, pieces);
+    let (y, state) = decode_in_pieces::<T>(gpu, &p32, init, pieces, false);
 
     let ey = compare(&widen(&y), &want.y);
     let eh = compare_complex(&state, &want.h_final);
@@ -127,6 +130,49 @@ fn pieces_of_mixed_lengths() {
             }
         }
     }
+}
+
+/// Real gates (`decode_real_into`): the pieces give bit for bit what the
+/// complex decode gives on the same gates with phase 0 (which `check` ties
+/// to the reference and to one forward pass), in f32 and bf16, both gate
+/// layouts, with and without an initial state, resets among the gates.
+#[test]
+fn real_gates_decode_bit_for_bit_as_complex() {
+    let Some(gpu) = common::gpu_or_skip() else { return };
+    let pieces = [1, 2, 64, 65, 1, 100, 67]; // 300 steps
+    let shapes = [(64, 64, false, true), (16, 5, true, false), (128, 33, false, true)];
+    for (i, (key_dim, value_dim, per_head, with_h0)) in shapes.into_iter().enumerate() {
+        let d = dims(2, 300, 3, key_dim, value_dim, per_head);
+        let p = common::real_gates(random_problem(d, GateRegime::Resets(0.05), with_h0, 21_000 + i as u64));
+        fn same<T: Element>(gpu: &Gpu, p: &OwnedProblem<f64>, pieces: &[usize]) {
+            let p32 = rounded_to::<T>(p).to_f32();
+            let init = p32.h0.as_deref();
+            let (y, h) = decode_in_pieces::<T>(gpu, &p32, init, pieces, true);
+            let (yc, hc) = decode_in_pieces::<T>(gpu, &p32, init, pieces, false);
+            let label = format!("{} {:?}", T::DTYPE, p32.dims);
+            assert!(bits(&y) == bits(&yc), "{label}: real y differs from the complex decode's");
+            assert!(flat(&h).iter().map(|x| x.to_bits()).eq(flat(&hc).iter().map(|x| x.to_bits())), "{label}: state");
+        }
+        same::<f32>(gpu, &p, &pieces);
+        same::<bf16>(gpu, &p, &pieces);
+    }
+    // The real entry wants real (half-length) gates and state, and names them.
+    let d = dims(1, 3, 2, 4, 5, false);
+    let s = gpu.stream();
+    let buf = |n: usize| s.alloc_zeros::<f32>(n).unwrap();
+    let (q, k, v, mut y) = (buf(d.qk_len()), buf(d.qk_len()), buf(d.v_len()), buf(d.v_len()));
+    let (real_gate, complex_gate) = (buf(d.gate_len()), buf(2 * d.gate_len()));
+    let (mut real_state, mut complex_state) = (buf(d.state_len()), buf(2 * d.state_len()));
+    let name_of = |e: GpuError| match e {
+        GpuError::Input(InputError::Length { name, .. }) => name,
+        other => panic!("expected a length error, got {other}"),
+    };
+    let inputs = |g| DecodeInputs { q: &q, k: &k, v: &v, log_gate: g };
+    let e = decode_real_into(gpu, s, &d, inputs(&complex_gate), &mut y, &mut real_state).unwrap_err();
+    assert_eq!(name_of(e), "log_gate");
+    let e = decode_real_into(gpu, s, &d, inputs(&real_gate), &mut y, &mut complex_state).unwrap_err();
+    assert_eq!(name_of(e), "state");
+    decode_real_into(gpu, s, &d, inputs(&real_gate), &mut y, &mut real_state).unwrap();
 }
 
 #[test]

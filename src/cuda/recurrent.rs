@@ -315,7 +315,8 @@ pub struct DecodeInputs<'a, T = f32> {
     pub k: &'a dyn DevicePtr<T>,
     /// `[B, T, H, V]`
     pub v: &'a dyn DevicePtr<T>,
-    /// `[B, T, H, K]` or `[B, T, H, 1]` complex f32
+    /// `[B, T, H, K]` or `[B, T, H, 1]` complex f32 (real f32 for
+    /// [`decode_real_into`])
     pub log_gate: &'a dyn DevicePtr<f32>,
 }
 
@@ -450,13 +451,43 @@ pub fn decode_into<T: Element>(
     y: &mut dyn DevicePtrMut<T>,
     state: &mut dyn DevicePtrMut<f32>,
 ) -> Result<(), GpuError> {
+    decode(gpu, stream, dims, inputs, y, state, false)
+}
+
+/// [`decode_into`] with real gates: `inputs.log_gate` is `[B, T, H, K or
+/// 1]` real f32 and `state` `[B, H, K, V]` real f32, advanced in place by
+/// the real-gate kernel ([`forward_real_into`]'s): chained calls equal one
+/// [`forward_real_into`] over the concatenated steps, bit for bit on one
+/// device, as the complex ones do.
+pub fn decode_real_into<T: Element>(
+    gpu: &Gpu,
+    stream: &CudaStream,
+    dims: &Dims,
+    inputs: DecodeInputs<'_, T>,
+    y: &mut dyn DevicePtrMut<T>,
+    state: &mut dyn DevicePtrMut<f32>,
+) -> Result<(), GpuError> {
+    decode(gpu, stream, dims, inputs, y, state, true)
+}
+
+/// The body of [`decode_into`] and [`decode_real_into`].
+fn decode<T: Element>(
+    gpu: &Gpu,
+    stream: &CudaStream,
+    dims: &Dims,
+    inputs: DecodeInputs<'_, T>,
+    y: &mut dyn DevicePtrMut<T>,
+    state: &mut dyn DevicePtrMut<f32>,
+    real_gates: bool,
+) -> Result<(), GpuError> {
     let DecodeInputs { q, k, v, log_gate } = inputs;
+    let state = StateIo::InPlace(state);
     launch(
         gpu,
         stream,
         dims,
         RecurrentConfig::default(),
-        Buffers { q, k, v, log_gate, y, state: StateIo::InPlace(state), workspace: None, real_gates: false },
+        Buffers { q, k, v, log_gate, y, state, workspace: None, real_gates },
     )
 }
 
