@@ -1309,6 +1309,19 @@ struct Input {
     up: Upstream<f64>,
 }
 
+impl Input {
+    /// The same input with the imaginary parts of log_gate, h0 and dh_final
+    /// set to 0: a real-gate problem (gated linear attention), whose
+    /// forward and backward `dispatch` runs on the real-gate kernels.
+    fn with_real_gates(mut self) -> Input {
+        let zs = self.p.log_gate.iter_mut().chain(self.p.h0.iter_mut().flatten());
+        for z in zs.chain(self.up.dh_final.iter_mut().flatten()) {
+            z.im = 0.0;
+        }
+        self
+    }
+}
+
 /// The smallest normal f32 (and bf16, TF32) number, 2⁻¹²⁶: tensor-core
 /// operands below it may be read as 0.
 const F32_MIN_NORMAL: f64 = f32::MIN_POSITIVE as f64;
@@ -1696,6 +1709,10 @@ pub struct FuzzConfig {
     /// Show a progress line on stderr (only drawn when stderr is a terminal;
     /// otherwise one line a minute).
     pub progress: bool,
+    /// Every case with real gates: the drawn log_gate, h0 and dh_final with
+    /// their imaginary parts set to 0 (the rest of the case as drawn), so
+    /// that the targets run their real-gate kernels where they have them.
+    pub real_gates: bool,
 }
 
 impl Default for FuzzConfig {
@@ -1710,6 +1727,7 @@ impl Default for FuzzConfig {
             max_failures: 1,
             shrink_budget: 200,
             progress: false,
+            real_gates: false,
         }
     }
 }
@@ -1789,6 +1807,8 @@ pub struct FuzzReport {
     pub elapsed: Duration,
     /// Why the campaign stopped before its last case, if it did.
     pub stopped_early: Option<String>,
+    /// The cases' gates were made real ([`FuzzConfig::real_gates`]).
+    pub real_gates: bool,
 }
 
 impl FuzzReport {
@@ -1800,10 +1820,12 @@ impl FuzzReport {
     /// The summary table and, per failure, its files and replay commands.
     pub fn render(&self) -> String {
         let mut s = String::new();
+        let real_flag = if self.real_gates { " --real-gates" } else { "" };
         let _ = writeln!(
             s,
-            "fuzz: seed {}, cases {}..{} ({} run) in {:.1} s{}",
+            "fuzz: seed {}{}, cases {}..{} ({} run) in {:.1} s{}",
             self.seed,
+            if self.real_gates { ", real gates" } else { "" },
             self.first_case,
             self.first_case + self.cases_run,
             self.cases_run,
@@ -1848,8 +1870,8 @@ impl FuzzReport {
         }
         let _ = writeln!(
             s,
-            "replay case i: gateloop fuzz --seed {} --first-case i --cases 1 --max-len {} (with the same --targets/--modes/--dtypes/--variants)",
-            self.seed, self.max_len
+            "replay case i: gateloop fuzz --seed {} --first-case i --cases 1 --max-len {}{} (with the same --targets/--modes/--dtypes/--variants)",
+            self.seed, self.max_len, real_flag
         );
         for f in &self.failures {
             let _ = writeln!(s, "\nDISAGREEMENT: {} on {}", f.target, f.case);
@@ -1882,10 +1904,11 @@ impl FuzzReport {
             }
             let _ = writeln!(
                 s,
-                "  re-run this case: gateloop fuzz --seed {} --first-case {} --cases 1 --max-len {} --targets {} --modes {} --dtypes {}{}",
+                "  re-run this case: gateloop fuzz --seed {} --first-case {} --cases 1 --max-len {}{} --targets {} --modes {} --dtypes {}{}",
                 f.case.seed,
                 f.case.index,
                 self.max_len,
+                real_flag,
                 f.kind.name(),
                 f.mode.name(),
                 f.precision.name(),
@@ -2131,6 +2154,7 @@ pub fn run_campaign(cfg: &FuzzConfig, targets: &mut [Target]) -> FuzzReport {
         let index = cfg.first_case + n;
         let case = draw_case(cfg.seed, index, cfg.max_len);
         let drawn = Input { p: case.problem(), up: case.upstream() };
+        let drawn = if cfg.real_gates { drawn.with_real_gates() } else { drawn };
         let inputs: Vec<(Precision, Input)> = [Precision::F64, Precision::F32, Precision::Bf16, Precision::F16]
             .into_iter()
             .filter(|pr| needed.iter().any(|(p, _)| p == pr))
@@ -2228,6 +2252,7 @@ pub fn run_campaign(cfg: &FuzzConfig, targets: &mut [Target]) -> FuzzReport {
         failures,
         elapsed: start.elapsed(),
         stopped_early,
+        real_gates: cfg.real_gates,
     }
 }
 

@@ -228,6 +228,12 @@ enum Command {
         /// every variant where it applies (`--device cuda`).
         #[arg(long, value_parser = parse_variant, value_delimiter = ',')]
         variants: Vec<dispatch::Variant>,
+        /// Make every case's gates real (phase 0: Im log_gate, h0 and
+        /// dh_final set to 0), so the CUDA targets run their real-gate
+        /// kernels where they have them (chunked forward and backward,
+        /// recurrent forward).
+        #[arg(long)]
+        real_gates: bool,
     },
 }
 
@@ -861,6 +867,7 @@ fn main() -> ExitCode {
             out,
             max_failures,
             variants,
+            real_gates,
         } => {
             let device = match device {
                 Device::Cpu => fuzz::Device::Cpu,
@@ -885,6 +892,7 @@ fn main() -> ExitCode {
                 out_dir: Some(out),
                 max_failures,
                 progress: true,
+                real_gates,
                 ..Default::default()
             };
             let selection =

@@ -397,3 +397,36 @@ fn gradient_bound_catches_small_deliberate_errors() {
     let v = o.judge(&g, 1e-4);
     assert!(!v.pass() && v.tensor("dlog_gate").unwrap().score() > 1e-4, "{v:?}");
 }
+
+/// `--real-gates`: every case's log_gate and h0 reach the targets with
+/// Im = 0 (a target that refuses a nonzero phase passes every case; without
+/// the setting the same target is caught on the first case with a phase),
+/// the report says so, and its replay lines carry the flag; the CLI takes it.
+#[test]
+fn real_gate_campaigns_give_the_targets_real_gates() {
+    let real_only = |p: &OwnedProblem<f64>| -> Result<Outputs<f64>, String> {
+        let phases = p.log_gate.iter().chain(p.h0.iter().flatten()).any(|z| z.im != 0.0);
+        let o = reference::recurrent::forward(&p.view()).map_err(|e| e.to_string())?;
+        // A wrong answer (y doubled) wherever a phase arrives.
+        Ok(if phases { Outputs { y: o.y.iter().map(|y| 2.0 * y).collect(), ..o } } else { o })
+    };
+    let target = || Target::custom("real-only", Mode::Recurrent, Precision::F64, Device::Cpu, real_only);
+    let cfg = FuzzConfig { cases: 60, seed: 7, max_len: 100, out_dir: None, real_gates: true, ..Default::default() };
+    let report = fuzz::run_campaign(&cfg, &mut [target()]);
+    assert!(report.passed(), "{}", report.render());
+    let text = report.render();
+    assert!(text.starts_with("fuzz: seed 7, real gates, cases 0..60"), "{text}");
+    assert!(text.contains("--max-len 100 --real-gates (with the same"), "{text}");
+    let complex = fuzz::run_campaign(&FuzzConfig { real_gates: false, ..cfg }, &mut [target()]);
+    assert_eq!(complex.failures.len(), 1, "{}", complex.render());
+    assert!(complex.render().contains("re-run this case") && !complex.render().contains("--real-gates"));
+
+    let o = Command::new(BIN)
+        .args(["fuzz", "--cases", "10", "--seed", "5", "--max-len", "64", "--modes", "chunked,recurrent"])
+        .args(["--dtypes", "f32", "--real-gates"])
+        .output()
+        .unwrap();
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert!(o.status.success(), "{out}{}", String::from_utf8_lossy(&o.stderr));
+    assert!(out.contains("real gates") && out.contains("chunked-f32-cpu"), "{out}");
+}
