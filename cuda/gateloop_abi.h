@@ -587,7 +587,10 @@ GATELOOP_ABI_ASSERT(sizeof(GateloopScanGradParams) == sizeof(GateloopScanParams)
  *     over each value tile's columns (by _fwd, _bwd).
  * q, k, v, dy, dq, dk, dv have the element type fwd.dtype; log_gate, h0,
  * dh_final, dlog_gate, dh0 complex f32. dh_final NULL: zero. dh0 NULL: not
- * written.
+ * written. gateloop_recurrent_grad_real_{fwd,bwd}_{dtype}_r{R} and
+ * gateloop_recurrent_grad_real_gate_{dtype}: the same launches with real
+ * gates, log_gate, h0, dh_final, dlog_gate and dh0 real f32 (the
+ * workspaces as above, complex with Im = 0).
  */
 #define GATELOOP_RECURRENT_GRAD_SEGMENT 64
 #define GATELOOP_RECURRENT_GRAD_GATE_BLOCK 128

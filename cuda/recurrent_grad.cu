@@ -47,6 +47,13 @@
 // (2 · B·H·⌈L/64⌉·K·V complex) and the dq, dk partials (2 · ⌈V/32⌉ ·
 // B·H·L·K f32): O(B·H·(L/64)·K·V), never O(L·K·V).
 //
+// Real gates (kComplex = false, the gateloop_recurrent_grad_real_* entries;
+// recurrent_grad::backward_real_into): log_gate, h0, dh_final, dlog_gate and
+// dh0 are real f32; the sweeps step a real state and adjoint (the complex
+// steps at Im a = Im h = 0), the checkpoints and adjoints keep their
+// complex layout with Im = 0, and the gate launch runs the expansion above
+// on gates of phase 0 and writes Re e (∂L/∂Im g is 0 at real inputs).
+//
 // q, k, v, dy and dq, dk, dv have the input type (f32, f16 or bf16);
 // log_gate, h0, dh_final, dlog_gate, dh0 and every workspace are complex f32
 // (the partials f32), and all arithmetic is f32 (each T output rounded once).
@@ -115,9 +122,39 @@ __device__ __forceinline__ void store_row_sums(float (&x)[kRows], int lane, int 
     if (j >= 0 && row0 + j < key_dim) out[row0 + j] = x[0];
 }
 
+// Log gate i of a complex (kComplex) or real f32 gate row, resets mapped to
+// Re = −inf as load_log_gate does; a real gate reads as (g, 0).
+template <bool kComplex>
+__device__ __forceinline__ float2 log_gate_side(const float* __restrict__ row, int64_t i) {
+    if constexpr (kComplex) {
+        return load_log_gate(row, i);
+    } else {
+        const float g = __ldg(row + i);
+        return make_float2(g < GATELOOP_RESET_LOG_GATE ? -INFINITY : g, 0.f);
+    }
+}
+
+// a = exp(log gate): complex, or its modulus alone for a real gate (the
+// complex formula's value at phase 0, exactly).
+template <bool kComplex>
+__device__ __forceinline__ float2 gate_of(float2 log_gate) {
+    return kComplex ? complex_gate(log_gate) : make_float2(gate_modulus(log_gate.x), 0.f);
+}
+
+// A state-side element (h0, dh_final) of a complex or real f32 tensor; a
+// real one reads as (x, 0).
+template <bool kComplex>
+__device__ __forceinline__ float2 state_side(const void* base, int64_t i) {
+    if constexpr (kComplex) {
+        return static_cast<const float2*>(base)[i];
+    } else {
+        return make_float2(static_cast<const float*>(base)[i], 0.f);
+    }
+}
+
 // What both sweeps share: the block's (b, h, value tile), its rows and
 // shared-memory layout, and the staging of one time chunk.
-template <typename input_t, int R>
+template <typename input_t, int R, bool kComplex>
 struct Sweep {
     using Tr = InputTraits<input_t>;
     const GateloopRecurrentGradParams& g;
@@ -164,7 +201,8 @@ struct Sweep {
         k = seq_row<input_t>(p.k, p.k_strides, b, h);
         v = seq_row<input_t>(p.v, p.v_strides, b, h);
         dy = seq_row<input_t>(g.dy, g.dy_strides, b, h);
-        gate = complex_seq_row(p.log_gate, p.gate_strides, b, h);
+        gate = kComplex ? complex_seq_row(p.log_gate, p.gate_strides, b, h)
+                        : seq_row<float>(p.log_gate, p.gate_strides, b, h);
         stage = smem;
         v_s = reinterpret_cast<float*>(stage + chunk * kp);
         dy_s = v_s + chunk * kTile;
@@ -192,7 +230,7 @@ struct Sweep {
                 return row < key_dim ? row_raw(t0 + tt, row) : RowRaw{make_float2(-INFINITY, 0.f), 0.f, 0.f};
             },
             [&](int idx, const RowRaw& r) {
-                const float2 a = complex_gate(r.log_gate);
+                const float2 a = gate_of<kComplex>(r.log_gate);
                 stage[idx] = make_float4(a.x, a.y, r.x, r.y);
             });
         staged<kLoadsInFlight>(
@@ -213,7 +251,7 @@ struct Sweep {
 
     // The log gate of step t, state row `row`.
     __device__ __forceinline__ float2 log_gate_at(int64_t t, int row) const {
-        return load_log_gate(gate, t * p.gate_strides.time + (per_head_gate ? 0 : row));
+        return log_gate_side<kComplex>(gate, t * p.gate_strides.time + (per_head_gate ? 0 : row));
     }
 
     // Whether step t is the last of its segment (or of the sequence).
@@ -231,20 +269,22 @@ struct Sweep {
 
 // ---- 1. the forward sweep ------------------------------------------------------
 
-template <typename input_t, int R>
+template <typename input_t, int R, bool kComplex>
 __device__ __forceinline__ void grad_forward(const GateloopRecurrentGradParams& g) {
     using Tr = InputTraits<input_t>;
-    const Sweep<input_t, R> w(g, recurrent_dynamic_shared());
+    using W = Sweep<input_t, R, kComplex>;
+    const W w(g, recurrent_dynamic_shared());
     const GateloopRecurrentParams& p = g.fwd;
 
-    float hr[R], hi[R];
+    float hr[R], hi[R];  // real gates: hi unused (the real step below)
     const bool has_h0 = (p.flags & GATELOOP_FLAG_HAS_H0) != 0;
-    const float2* h0 = reinterpret_cast<const float2*>(p.h0);
 #pragma unroll
     for (int i = 0; i < R; ++i) {
         const int row = w.group * R + i;
         float2 s = make_float2(0.f, 0.f);
-        if (has_h0 && w.col_ok && row < w.key_dim) s = h0[state_index(p.h0_strides, w.b, w.h, row, w.col)];
+        if (has_h0 && w.col_ok && row < w.key_dim) {
+            s = state_side<kComplex>(p.h0, state_index(p.h0_strides, w.b, w.h, row, w.col));
+        }
         hr[i] = s.x;
         hi[i] = s.y;
     }
@@ -254,8 +294,7 @@ __device__ __forceinline__ void grad_forward(const GateloopRecurrentGradParams& 
         const int n = static_cast<int>(min(static_cast<int64_t>(w.chunk), w.len - t0));
         // {a_t, k_t}: the forward kernel's step.
         w.stage_chunk(t0, n, [&](int64_t t, int row) {
-            return typename Sweep<input_t, R>::RowRaw{w.log_gate_at(t, row), Tr::load(w.k, t * p.k_strides.time + row),
-                                                      0.f};
+            return typename W::RowRaw{w.log_gate_at(t, row), Tr::load(w.k, t * p.k_strides.time + row), 0.f};
         });
         __syncthreads();
 
@@ -269,7 +308,13 @@ __device__ __forceinline__ void grad_forward(const GateloopRecurrentGradParams& 
 #pragma unroll
             for (int i = 0; i < R; ++i) {
                 const float4 s = st[i];
-                recur(s.x, s.y, hr[i], hi[i], s.z * vv);
+                // Real gates: the complex step at Im a = Im h = 0 (the
+                // same values; its zero Im parts may differ in sign).
+                if constexpr (kComplex) {
+                    recur(s.x, s.y, hr[i], hi[i], s.z * vv);
+                } else {
+                    hr[i] = fmaf(s.x, hr[i], s.z * vv);
+                }
                 x[i] = dd * hr[i];
             }
             store_row_sums<R>(x, w.lane, w.group * R, w.key_dim, out);
@@ -284,7 +329,9 @@ __device__ __forceinline__ void grad_forward(const GateloopRecurrentGradParams& 
 #pragma unroll
             for (int i = 0; i < R; ++i) {
                 const int row = w.group * R + i;
-                if (row < w.key_dim) ck[w.checkpoint_at(last / kSegment, row)] = make_float2(hr[i], hi[i]);
+                if (row < w.key_dim) {
+                    ck[w.checkpoint_at(last / kSegment, row)] = make_float2(hr[i], kComplex ? hi[i] : 0.f);
+                }
             }
         }
         __syncthreads();  // the stage's readers are done before the next chunk's staging
@@ -293,21 +340,21 @@ __device__ __forceinline__ void grad_forward(const GateloopRecurrentGradParams& 
 
 // ---- 2. the backward sweep ------------------------------------------------------
 
-template <typename input_t, int R>
+template <typename input_t, int R, bool kComplex>
 __device__ __forceinline__ void grad_backward(const GateloopRecurrentGradParams& g) {
     using Tr = InputTraits<input_t>;
-    const Sweep<input_t, R> w(g, recurrent_dynamic_shared());
+    using W = Sweep<input_t, R, kComplex>;
+    const W w(g, recurrent_dynamic_shared());
     const GateloopRecurrentParams& p = g.fwd;
 
     // δ̃ = conj(δ) of rows group·R + i, column col: conj(dh_final) at t = L.
-    float dr[R], di[R];
-    const float2* dh_final = reinterpret_cast<const float2*>(g.dh_final);
+    float dr[R], di[R];  // real gates: di unused
 #pragma unroll
     for (int i = 0; i < R; ++i) {
         const int row = w.group * R + i;
         float2 s = make_float2(0.f, 0.f);
-        if (dh_final != nullptr && w.col_ok && row < w.key_dim) {
-            s = dh_final[state_index(g.dh_final_strides, w.b, w.h, row, w.col)];
+        if (g.dh_final != nullptr && w.col_ok && row < w.key_dim) {
+            s = state_side<kComplex>(g.dh_final, state_index(g.dh_final_strides, w.b, w.h, row, w.col));
         }
         dr[i] = s.x;
         di[i] = -s.y;
@@ -323,7 +370,7 @@ __device__ __forceinline__ void grad_backward(const GateloopRecurrentGradParams&
         // {a_{t+1}, k_t, q_t}: the step from δ̃_{t+1} to δ̃_t (a_L = 1).
         w.stage_chunk(t0, n, [&](int64_t t, int row) {
             // log a_L = 0: a_L = 1 exactly.
-            return typename Sweep<input_t, R>::RowRaw{
+            return typename W::RowRaw{
                 t + 1 < w.len ? w.log_gate_at(t + 1, row) : make_float2(0.f, 0.f),
                 Tr::load(w.k, t * p.k_strides.time + row), Tr::load(w.q, t * p.q_strides.time + row)};
         });
@@ -342,7 +389,11 @@ __device__ __forceinline__ void grad_backward(const GateloopRecurrentGradParams&
 #pragma unroll
             for (int i = 0; i < R; ++i) {
                 const float4 s = st[i];
-                recur(s.x, s.y, dr[i], di[i], s.w * dd);
+                if constexpr (kComplex) {
+                    recur(s.x, s.y, dr[i], di[i], s.w * dd);
+                } else {
+                    dr[i] = fmaf(s.x, dr[i], s.w * dd);
+                }
                 acc = fmaf(s.z, dr[i], acc);
                 x[i] = vv * dr[i];
             }
@@ -359,7 +410,9 @@ __device__ __forceinline__ void grad_backward(const GateloopRecurrentGradParams&
 #pragma unroll
             for (int i = 0; i < R; ++i) {
                 const int row = w.group * R + i;
-                if (row < w.key_dim) adj[w.checkpoint_at(last / kSegment, row)] = make_float2(dr[i], di[i]);
+                if (row < w.key_dim) {
+                    adj[w.checkpoint_at(last / kSegment, row)] = make_float2(dr[i], kComplex ? di[i] : 0.f);
+                }
             }
         }
 #pragma unroll 1
@@ -385,11 +438,17 @@ __device__ __forceinline__ void grad_backward(const GateloopRecurrentGradParams&
 
     // δ_0 = conj(δ̃_0) into dh0; the gate launch multiplies it by conj(a_0).
     if (g.dh0 != nullptr && w.col_ok) {
-        float2* dh0 = reinterpret_cast<float2*>(g.dh0);
 #pragma unroll
         for (int i = 0; i < R; ++i) {
             const int row = w.group * R + i;
-            if (row < w.key_dim) dh0[state_index(g.dh0_strides, w.b, w.h, row, w.col)] = make_float2(dr[i], -di[i]);
+            if (row < w.key_dim) {
+                const int64_t at = state_index(g.dh0_strides, w.b, w.h, row, w.col);
+                if constexpr (kComplex) {
+                    reinterpret_cast<float2*>(g.dh0)[at] = make_float2(dr[i], -di[i]);
+                } else {
+                    g.dh0[at] = dr[i];
+                }
+            }
         }
     }
 }
@@ -413,7 +472,7 @@ static_assert(8 * kSumSteps * (kGateBlock + 1) <= 4 * kSegment * (kSegment + 1),
 // One block per (b, h, segment), thread `row` per key row: dq, dk (the value
 // tiles' partials summed in order), dlog_gate by the expansion in the
 // header (per-head gates: the rows' e_t summed in row order), dh0.
-template <typename input_t>
+template <typename input_t, bool kComplex>
 __device__ __forceinline__ void grad_gate(const GateloopRecurrentGradParams& g) {
     using Tr = InputTraits<input_t>;
     const GateloopRecurrentParams& p = g.fwd;
@@ -448,13 +507,16 @@ __device__ __forceinline__ void grad_gate(const GateloopRecurrentGradParams& g) 
     const input_t* k = seq_row<input_t>(p.k, p.k_strides, bhi.b, bhi.h);
     const input_t* v = seq_row<input_t>(p.v, p.v_strides, bhi.b, bhi.h);
     const input_t* dy = seq_row<input_t>(g.dy, g.dy_strides, bhi.b, bhi.h);
-    const float* gate = complex_seq_row(p.log_gate, p.gate_strides, bhi.b, bhi.h);
+    const float* gate = kComplex ? complex_seq_row(p.log_gate, p.gate_strides, bhi.b, bhi.h)
+                                 : seq_row<float>(p.log_gate, p.gate_strides, bhi.b, bhi.h);
     // h_s: the state entering the segment (none: 0); d_e: δ̃ at its last step.
     const float2* ck = reinterpret_cast<const float2*>(g.checkpoints);
-    const float2* hs_row = seg > 0  ? ck + ((bh * g.segments + seg - 1) * key_dim + row) * value_dim
-                           : has_h0 ? reinterpret_cast<const float2*>(p.h0) +
-                                          state_index(p.h0_strides, bhi.b, bhi.h, row, 0)
-                                    : nullptr;
+    // (the checkpoints are complex for either gate kind; h0 is real with
+    // real gates: hs_at reads both)
+    const float2* hs_row = seg > 0 ? ck + ((bh * g.segments + seg - 1) * key_dim + row) * value_dim : nullptr;
+    const int64_t h0_row = state_index(p.h0_strides, bhi.b, bhi.h, row, 0);
+    const bool has_hs = seg > 0 || has_h0;
+    auto hs_at = [&](int64_t col) { return seg > 0 ? hs_row[col] : state_side<kComplex>(p.h0, h0_row + col); };
     const float2* de_row = reinterpret_cast<const float2*>(g.adjoints) + ((bh * g.segments + seg) * key_dim + row) * value_dim;
 
     // X_s = Σ_v v_s d_e, Y_u = Σ_v h_s dy_u, I = Σ_v h_s d_e (this row), and
@@ -486,7 +548,7 @@ __device__ __forceinline__ void grad_gate(const GateloopRecurrentGradParams& g) 
 #pragma unroll
         for (int j = 0; j < kVChunk; ++j) {
             const bool in = j < width;
-            hj[j] = in && hs_row != nullptr ? hs_row[v0 + j] : make_float2(0.f, 0.f);
+            hj[j] = in && has_hs ? hs_at(v0 + j) : make_float2(0.f, 0.f);
             ej[j] = in ? de_row[v0 + j] : make_float2(0.f, 0.f);
             const float2 c = cmul(hj[j], ej[j]);
             I.x += c.x;
@@ -512,7 +574,7 @@ __device__ __forceinline__ void grad_gate(const GateloopRecurrentGradParams& g) 
         float qv[kSegment], kv[kSegment];
         for (int t = 0; t < n; ++t) {
             const int64_t tt = t0 + t;
-            A[t] = complex_gate(load_log_gate(gate, tt * p.gate_strides.time + (per_head ? 0 : row)));
+            A[t] = gate_of<kComplex>(log_gate_side<kComplex>(gate, tt * p.gate_strides.time + (per_head ? 0 : row)));
             qv[t] = Tr::load(q, tt * p.q_strides.time + row);
             kv[t] = Tr::load(k, tt * p.k_strides.time + row);
         }
@@ -607,12 +669,14 @@ __device__ __forceinline__ void grad_gate(const GateloopRecurrentGradParams& g) 
     }
     // dlog_gate = conj(e); 0 at a reset (a = 0: e is 0 there, and the
     // reference defines it so).
-    float* dg = g.dlog_gate + 2 * (bhi.b * g.dgate_strides.batch + bhi.h * g.dgate_strides.head);
+    // Real gates: dlog_gate is real, Re e alone (Im e is 0).
+    constexpr int kParts = kComplex ? 2 : 1;
+    float* dg = g.dlog_gate + kParts * (bhi.b * g.dgate_strides.batch + bhi.h * g.dgate_strides.head);
     auto put_gate = [&](int t, int col, float2 e) {
         const int64_t tt = t0 + t;
-        const bool reset = gate[2 * (tt * p.gate_strides.time + col)] < GATELOOP_RESET_LOG_GATE;
-        dg[2 * (tt * g.dgate_strides.time + col)] = reset ? 0.f : e.x;
-        dg[2 * (tt * g.dgate_strides.time + col) + 1] = reset ? 0.f : -e.y;
+        const bool reset = gate[kParts * (tt * p.gate_strides.time + col)] < GATELOOP_RESET_LOG_GATE;
+        dg[kParts * (tt * g.dgate_strides.time + col)] = reset ? 0.f : e.x;
+        if (kComplex) dg[2 * (tt * g.dgate_strides.time + col) + 1] = reset ? 0.f : -e.y;
     };
     if (!per_head) {
         if (live) {
@@ -642,9 +706,15 @@ __device__ __forceinline__ void grad_gate(const GateloopRecurrentGradParams& g) 
     }
     // dh0 = conj(a_0) δ_0 (the backward sweep left δ_0 there).
     if (seg == 0 && g.dh0 != nullptr && live) {
-        const float2 ca0 = make_float2(A[0].x, -A[0].y);
-        float2* d = reinterpret_cast<float2*>(g.dh0) + state_index(g.dh0_strides, bhi.b, bhi.h, row, 0);
-        for (int64_t col = 0; col < value_dim; ++col) d[col] = cmul(ca0, d[col]);
+        const int64_t at = state_index(g.dh0_strides, bhi.b, bhi.h, row, 0);
+        if constexpr (kComplex) {
+            const float2 ca0 = make_float2(A[0].x, -A[0].y);
+            float2* d = reinterpret_cast<float2*>(g.dh0) + at;
+            for (int64_t col = 0; col < value_dim; ++col) d[col] = cmul(ca0, d[col]);
+        } else {
+            float* d = g.dh0 + at;
+            for (int64_t col = 0; col < value_dim; ++col) d[col] *= A[0].x;
+        }
     }
 }
 
@@ -663,14 +733,14 @@ __device__ __forceinline__ void grad_gate(const GateloopRecurrentGradParams& g) 
 // ptxas at 64 registers with spills, so the cap is explicit. The gate
 // launch likewise. R = 16 (K > 128) is not compiled: its backward sweep
 // spills under 512 threads' 128 registers (the launcher refuses K > 128).
-#define GATELOOP_RECURRENT_GRAD_SWEEPS(DTYPE, TYPE, R, BOUNDS)                                       \
-    extern "C" __global__ void BOUNDS gateloop_recurrent_grad_fwd_##DTYPE##_r##R(                    \
+#define GATELOOP_RECURRENT_GRAD_SWEEPS(NAME, DTYPE, TYPE, R, BOUNDS, COMPLEX)                        \
+    extern "C" __global__ void BOUNDS gateloop_recurrent_grad_##NAME##fwd_##DTYPE##_r##R(            \
         const GateloopRecurrentGradParams p) {                                                       \
-        gateloop::recurrent_grad::grad_forward<TYPE, R>(p);                                          \
+        gateloop::recurrent_grad::grad_forward<TYPE, R, COMPLEX>(p);                                 \
     }                                                                                                \
-    extern "C" __global__ void BOUNDS gateloop_recurrent_grad_bwd_##DTYPE##_r##R(                    \
+    extern "C" __global__ void BOUNDS gateloop_recurrent_grad_##NAME##bwd_##DTYPE##_r##R(            \
         const GateloopRecurrentGradParams p) {                                                       \
-        gateloop::recurrent_grad::grad_backward<TYPE, R>(p);                                         \
+        gateloop::recurrent_grad::grad_backward<TYPE, R, COMPLEX>(p);                                \
     }
 
 // The register cap as __maxnreg__ (which excludes __launch_bounds__); the
@@ -684,17 +754,22 @@ __device__ __forceinline__ void grad_gate(const GateloopRecurrentGradParams& g) 
 #define GATELOOP_ONE_GROUP GATELOOP_REGISTER_CAP(GATELOOP_RECURRENT_VALUE_TILE, 128)
 #define GATELOOP_KEY_GROUPS __launch_bounds__(GATELOOP_RECURRENT_VALUE_TILE * GATELOOP_RECURRENT_MAX_KEY_GROUPS)
 
-#define GATELOOP_RECURRENT_GRAD_ENTRIES(DTYPE, TYPE)                                                 \
-    GATELOOP_RECURRENT_GRAD_SWEEPS(DTYPE, TYPE, 1, GATELOOP_ONE_GROUP)                               \
-    GATELOOP_RECURRENT_GRAD_SWEEPS(DTYPE, TYPE, 2, GATELOOP_ONE_GROUP)                               \
-    GATELOOP_RECURRENT_GRAD_SWEEPS(DTYPE, TYPE, 4, GATELOOP_ONE_GROUP)                               \
-    GATELOOP_RECURRENT_GRAD_SWEEPS(DTYPE, TYPE, 8, GATELOOP_KEY_GROUPS)                              \
+#define GATELOOP_RECURRENT_GRAD_ENTRIES(NAME, DTYPE, TYPE, COMPLEX)                                  \
+    GATELOOP_RECURRENT_GRAD_SWEEPS(NAME, DTYPE, TYPE, 1, GATELOOP_ONE_GROUP, COMPLEX)                \
+    GATELOOP_RECURRENT_GRAD_SWEEPS(NAME, DTYPE, TYPE, 2, GATELOOP_ONE_GROUP, COMPLEX)                \
+    GATELOOP_RECURRENT_GRAD_SWEEPS(NAME, DTYPE, TYPE, 4, GATELOOP_ONE_GROUP, COMPLEX)                \
+    GATELOOP_RECURRENT_GRAD_SWEEPS(NAME, DTYPE, TYPE, 8, GATELOOP_KEY_GROUPS, COMPLEX)               \
     extern "C" __global__ void GATELOOP_REGISTER_CAP(GATELOOP_RECURRENT_GRAD_GATE_BLOCK, 128)        \
-        gateloop_recurrent_grad_gate_##DTYPE(                                                        \
+        gateloop_recurrent_grad_##NAME##gate_##DTYPE(                                                \
         const GateloopRecurrentGradParams p) {                                                       \
-        gateloop::recurrent_grad::grad_gate<TYPE>(p);                                                \
+        gateloop::recurrent_grad::grad_gate<TYPE, COMPLEX>(p);                                       \
     }
 
-GATELOOP_RECURRENT_GRAD_ENTRIES(f32, float)
-GATELOOP_RECURRENT_GRAD_ENTRIES(f16, __half)
-GATELOOP_RECURRENT_GRAD_ENTRIES(bf16, __nv_bfloat16)
+GATELOOP_RECURRENT_GRAD_ENTRIES(, f32, float, true)
+GATELOOP_RECURRENT_GRAD_ENTRIES(, f16, __half, true)
+GATELOOP_RECURRENT_GRAD_ENTRIES(, bf16, __nv_bfloat16, true)
+// Real gates (recurrent_grad::backward_real_into): log_gate, h0, dh_final,
+// dlog_gate and dh0 real f32; the workspace as for complex gates.
+GATELOOP_RECURRENT_GRAD_ENTRIES(real_, f32, float, false)
+GATELOOP_RECURRENT_GRAD_ENTRIES(real_, f16, __half, false)
+GATELOOP_RECURRENT_GRAD_ENTRIES(real_, bf16, __nv_bfloat16, false)

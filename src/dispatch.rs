@@ -332,9 +332,9 @@ pub fn cuda_grad(
 /// [`cuda_grad`] with q, k, v and dy in `T` (rounded on the host: exact for
 /// values read from a file of that dtype), dq, dk, dv computed in `T` and
 /// widened back to f32 exactly; log_gate, h0, dh_final, dlog_gate and dh0
-/// in f32. Chunked runs the real-gate backward when [`real_gates`] (with
-/// dh_final: an imaginary dh_final makes ∂L/∂Im g nonzero even for real
-/// gates, which only the complex backward computes).
+/// in f32. Chunked and recurrent run the real-gate backward when
+/// [`real_gates`] (with dh_final: an imaginary dh_final makes ∂L/∂Im g
+/// nonzero even for real gates, which only the complex backward computes).
 pub fn cuda_grad_as<T: Element>(
     gpu: &Gpu,
     mode: Mode,
@@ -363,6 +363,9 @@ pub fn cuda_grad_variant_as<T: Element>(
     }
     let config = cuda::chunk::ChunkConfig { precision: ChunkPrecision::Exact, ..variant.chunk_config() };
     match mode {
+        Mode::Recurrent if real_gates(p, dh_final) => {
+            cuda::recurrent_grad::backward_real_host_as::<T>(gpu, p, dy, dh_final)
+        }
         Mode::Recurrent => cuda::recurrent_grad::backward_host_as::<T>(gpu, p, dy, dh_final),
         Mode::Scan => cuda::scan_grad::backward_host_as::<T>(gpu, p, dy, dh_final),
         Mode::Chunked if real_gates(p, dh_final) => {

@@ -27,7 +27,8 @@ use common::grad::{
 };
 use dtype_support::y_bounds;
 use gateloop::cuda::recurrent_grad::{
-    DeviceGradInputs, DeviceGrads, DeviceInputs, MAX_KEY_DIM, backward_host, backward_host_as, backward_into, plan,
+    DeviceGradInputs, DeviceGrads, DeviceInputs, MAX_KEY_DIM, backward_host, backward_host_as, backward_into,
+    backward_real_host_as, backward_real_into, plan,
 };
 use gateloop::cuda::{Dtype, Element, Gpu, GpuError};
 use gateloop::reference::grad::Grads;
@@ -38,6 +39,12 @@ use half::{bf16, f16};
 /// One `backward_into` call in element type `T` on a fresh stream, every
 /// gradient and the workspace poisoned with NaN (common::run_backward).
 fn run_gpu<T: Element>(gpu: &Gpu, inp: &GradInputsF32) -> Grads<f32> {
+    run_gpu_gates::<T>(gpu, inp, false)
+}
+
+/// [`run_gpu`], or with `real`, `backward_real_into` on the real parts of
+/// the gate-side inputs (whose imaginary parts must be 0).
+fn run_gpu_gates<T: Element>(gpu: &Gpu, inp: &GradInputsF32, real: bool) -> Grads<f32> {
     let d = inp.p.dims;
     let lp = plan(&d).expect("plan");
     common::run_backward::<T>(
@@ -46,10 +53,13 @@ fn run_gpu<T: Element>(gpu: &Gpu, inp: &GradInputsF32) -> Grads<f32> {
         &inp.dy,
         inp.dh_final.as_deref(),
         lp.workspace_len,
-        false,
-        |s, d, i, u, g, w| backward_into(gpu, s, d, i, u, g, w.expect("a workspace")),
+        real,
+        |s, d, i, u, g, w| {
+            let w = w.expect("a workspace");
+            if real { backward_real_into(gpu, s, d, i, u, g, w) } else { backward_into(gpu, s, d, i, u, g, w) }
+        },
     )
-    .unwrap_or_else(|e| panic!("{} {d:?}: {e}", T::DTYPE))
+    .unwrap_or_else(|e| panic!("{} {d:?} real={real}: {e}", T::DTYPE))
 }
 
 fn grad_bounds(t: Dtype, name: &str) -> (f64, f64) {
@@ -265,4 +275,71 @@ fn sanitizer_smoke() {
         &mut worst,
         GradCase::new(dims(1, 130, 2, 9, 9, false), GateRegime::Mixed, true, true, 31_003),
     );
+}
+
+/// Real gates (`backward_real_into`, the backward of the real-gate
+/// recurrence): in every regime with a real form, both gate layouts, with
+/// and without h0 and dh_final, every R (K = 1 to 128), f32 and bf16, the
+/// gradients equal the complex kernels' on the same gates (phase 0) as
+/// real numbers (dlog_gate and dh0 their real parts; ∂L/∂Im g is 0 there),
+/// and in f32 they are within the bounds of the real parts of the
+/// reference's. The host convenience and `dispatch` give the same; complex
+/// data is refused by the real-gate convenience, naming the tensor.
+#[test]
+fn real_gates_equal_the_complex_kernels() {
+    let Some(gpu) = common::gpu_or_skip() else { return };
+    let mut worst = Worst::default();
+    let shapes = [(1, 1, 1), (65, 5, 7), (130, 16, 40), (200, 64, 64), (77, 128, 33), (64, 2, 70)];
+    let cases = common::REAL_REGIMES.iter().cycle().zip(shapes.iter().cycle()).take(10).enumerate();
+    for (i, (&regime, &(l, k, v))) in cases {
+        let d = dims(1 + i % 2, l, 1 + i % 3, k, v, i % 2 == 1);
+        if common::emulated_device_skips(&d) {
+            continue;
+        }
+        let c = GradCase::new(d, regime, i % 3 != 1, i % 2 == 0, 8800 + i as u64);
+        let inp = c.inputs().real_gates();
+        let label = format!("{c:?}");
+        let want = common::grad::real_part_grads(inp.reference());
+        let real = run_gpu_gates::<f32>(gpu, &inp, true);
+        worst.check_bounds(&label, &compare_grads(&real, &want), |name| grad_bounds(Dtype::F32, name));
+        assert_same_values(&label, &real, &run_gpu_gates::<f32>(gpu, &inp, false));
+        let inp16 = inp.rounded::<bf16>();
+        let real16 = run_gpu_gates::<bf16>(gpu, &inp16, true);
+        assert_same_values(&format!("{label} bf16"), &real16, &run_gpu_gates::<bf16>(gpu, &inp16, false));
+        if i == 3 {
+            let host = backward_real_host_as::<f32>(gpu, &inp.p.view(), &inp.dy, inp.dh_final.as_deref()).unwrap();
+            assert_same_values(&format!("{label} host"), &host, &real);
+            let via = gateloop::dispatch::cuda_grad(
+                gpu,
+                gateloop::Mode::Recurrent,
+                &inp.p.view(),
+                &inp.dy,
+                inp.dh_final.as_deref(),
+            )
+            .unwrap();
+            assert_same_values(&format!("{label} dispatch"), &via, &real);
+        }
+    }
+    worst.report("real gates");
+    let c = GradCase::new(dims(1, 70, 1, 4, 6, false), GateRegime::Random, true, false, 8900);
+    let inp = c.inputs();
+    match backward_real_host_as::<f32>(gpu, &inp.p.view(), &inp.dy, None) {
+        Err(GpuError::Input(InputError::Value { name: "log_gate", .. })) => {}
+        other => panic!("complex log_gate in the real-gate backward: {other:?}"),
+    }
+}
+
+/// Every gradient of `got` equal to `want`'s as real numbers (`==`: the
+/// signs of zeros may differ), dlog_gate and dh0 with Im 0 in `got`.
+fn assert_same_values(label: &str, got: &Grads<f32>, want: &Grads<f32>) {
+    assert!(got.dq == want.dq, "{label}: dq differs");
+    assert!(got.dk == want.dk, "{label}: dk differs");
+    assert!(got.dv == want.dv, "{label}: dv differs");
+    let re = |z: &[gateloop::Complex<f32>]| z.iter().map(|z| z.re).collect::<Vec<f32>>();
+    let im_zero = |z: &[gateloop::Complex<f32>]| z.iter().all(|z| z.im == 0.0);
+    assert!(re(&got.dlog_gate) == re(&want.dlog_gate) && im_zero(&got.dlog_gate), "{label}: dlog_gate differs");
+    assert_eq!(got.dh0.is_some(), want.dh0.is_some(), "{label}");
+    if let (Some(g), Some(w)) = (&got.dh0, &want.dh0) {
+        assert!(re(g) == re(w) && im_zero(g), "{label}: dh0 differs");
+    }
 }

@@ -351,7 +351,7 @@ pub fn registry() -> Vec<KernelEntry> {
             check: |d| super::recurrent_grad::plan(d).map(|_| ()),
             cost: recurrent_grad_cost,
             prepare: |gpu, d, t, host, sets| {
-                prepare_grad(gpu, d, t, host, sets, Backward::Recurrent { forward: false })
+                prepare_grad(gpu, d, t, host, sets, Backward::Recurrent { forward: false, gates: Gates::Complex })
             },
             tuning: false,
         },
@@ -362,7 +362,34 @@ pub fn registry() -> Vec<KernelEntry> {
             shapes: chunked_shapes,
             check: |d| super::recurrent_grad::plan(d).map(|_| ()),
             cost: |d, t| recurrent_cost(d, t, false, Gates::Complex).then(recurrent_grad_cost(d, t)),
-            prepare: |gpu, d, t, host, sets| prepare_grad(gpu, d, t, host, sets, Backward::Recurrent { forward: true }),
+            prepare: |gpu, d, t, host, sets| {
+                prepare_grad(gpu, d, t, host, sets, Backward::Recurrent { forward: true, gates: Gates::Complex })
+            },
+            tuning: false,
+        },
+        KernelEntry {
+            name: "recurrent-real-grad",
+            about: "recurrent backward, REAL gates (real sweeps, the gate launch's expansion at phase 0): dq, dk, \
+                    dv, dlog_gate from dy",
+            dtypes: &Dtype::ALL,
+            shapes: chunked_shapes,
+            check: |d| super::recurrent_grad::plan(d).map(|_| ()),
+            cost: recurrent_grad_cost,
+            prepare: |gpu, d, t, host, sets| {
+                prepare_grad(gpu, d, t, host, sets, Backward::Recurrent { forward: false, gates: Gates::Real })
+            },
+            tuning: false,
+        },
+        KernelEntry {
+            name: "recurrent-real-fwd-bwd",
+            about: "recurrent forward then its backward, REAL gates (gated linear attention, fla's operator)",
+            dtypes: &Dtype::ALL,
+            shapes: chunked_shapes,
+            check: |d| super::recurrent_grad::plan(d).map(|_| ()),
+            cost: |d, t| recurrent_cost(d, t, false, Gates::Real).then(recurrent_grad_cost(d, t)),
+            prepare: |gpu, d, t, host, sets| {
+                prepare_grad(gpu, d, t, host, sets, Backward::Recurrent { forward: true, gates: Gates::Real })
+            },
             tuning: false,
         },
         KernelEntry {
@@ -722,7 +749,9 @@ pub fn carry_sweep_shapes() -> Vec<Dims> {
 /// The recurrent backward: the scan backward's bytes (each input and
 /// gradient once, [`scan_grad_cost`]); flops: the two sweeps' recurrences
 /// and per-row products (~24 per (b, t, h, k, v)); the gate launch's
-/// per-segment sums are O(64·K + 64²) per step and not counted.
+/// per-segment sums are O(64·K + 64²) per step and not counted. Real gates
+/// (`recurrent-real-grad`) take the same count: an upper bound (their gate
+/// side is half the bytes, their sweeps' steps a third of the flops).
 pub fn recurrent_grad_cost(d: &Dims, t: Dtype) -> Cost {
     let flops = 24.0 * (d.batch * d.len * d.heads * d.key_dim * d.value_dim) as f64;
     Cost::single_pass(scan_grad_cost(d, t).bytes, flops)
@@ -891,9 +920,9 @@ enum Backward {
     Chunked { forward: bool, gates: Gates },
     /// The fused scan backward, with dh_final = the host's random state.
     Scan,
-    /// The recurrent backward, no dh_final; after the recurrent forward when
-    /// `forward` (fwd+bwd).
-    Recurrent { forward: bool },
+    /// The recurrent backward, complex or real gates, no dh_final; after the
+    /// recurrent forward when `forward` (fwd+bwd).
+    Recurrent { forward: bool, gates: Gates },
 }
 
 impl Backward {
@@ -903,8 +932,8 @@ impl Backward {
     /// The gate kind of log_gate, h_final and dlog_gate.
     fn gates(self) -> Gates {
         match self {
-            Backward::Chunked { gates, .. } => gates,
-            Backward::Scan | Backward::Recurrent { .. } => Gates::Complex,
+            Backward::Chunked { gates, .. } | Backward::Recurrent { gates, .. } => gates,
+            Backward::Scan => Gates::Complex,
         }
     }
 }
@@ -926,7 +955,7 @@ fn prepare_grad<'g>(
     sets: usize,
     backward: Backward,
 ) -> Result<Box<dyn BenchCase + 'g>, GpuError> {
-    let fwd = matches!(backward, Backward::Chunked { forward: true, .. } | Backward::Recurrent { forward: true });
+    let fwd = matches!(backward, Backward::Chunked { forward: true, .. } | Backward::Recurrent { forward: true, .. });
     let parts = backward.gates().parts();
     let log_gate = host.log_gate_for(backward.gates());
     crate::with_element!(t, T => {
@@ -971,10 +1000,15 @@ impl<T: Element> BenchCase for GradCase<'_, T> {
         let st = &mut self.sets[set];
         let s = self.gpu.stream();
         let exact = ChunkPrecision::Exact;
-        if let Backward::Recurrent { forward: true } = self.backward {
+        if let Backward::Recurrent { forward: true, gates } = self.backward {
             let inputs = DeviceInputs { q: &st.q, k: &st.k, v: &st.v, log_gate: &st.log_gate, h0: None };
             let out = DeviceOutputs { y: &mut st.y, h_final: &mut st.h_final };
-            recurrent::forward_into(self.gpu, s, &self.dims, inputs, out)?;
+            match gates {
+                Gates::Complex => recurrent::forward_into(self.gpu, s, &self.dims, inputs, out)?,
+                Gates::Real => {
+                    recurrent::forward_real_into(self.gpu, s, &self.dims, RecurrentConfig::default(), inputs, out)?
+                }
+            }
         }
         if let Backward::Chunked { forward: true, gates } = self.backward {
             // The forward's workspace is a prefix of the backward's.
@@ -1006,8 +1040,11 @@ impl<T: Element> BenchCase for GradCase<'_, T> {
             Backward::Scan => {
                 super::scan_grad::backward_into(self.gpu, s, &self.dims, inputs, grad_in, grads, Some(ws))
             }
-            Backward::Recurrent { .. } => {
+            Backward::Recurrent { gates: Gates::Complex, .. } => {
                 super::recurrent_grad::backward_into(self.gpu, s, &self.dims, inputs, grad_in, grads, ws)
+            }
+            Backward::Recurrent { gates: Gates::Real, .. } => {
+                super::recurrent_grad::backward_real_into(self.gpu, s, &self.dims, inputs, grad_in, grads, ws)
             }
         }
     }

@@ -57,33 +57,45 @@ unsafe impl DeviceRepr for GateloopRecurrentGradParams {}
 
 /// The kernels of `cuda/recurrent_grad.cu`, indexed by [`Dtype::index`],
 /// then log2(R).
+/// `gateloop_recurrent_grad_{,real_}{fwd,bwd}_{dtype}_r{R}` and
+/// `gateloop_recurrent_grad_{,real_}gate_{dtype}`, indexed by the gates
+/// (complex 0, real 1), then [`Dtype::index`], then log2(R).
 pub(crate) struct RecurrentGradKernels {
-    forward: [Vec<CudaFunction>; 3],
-    backward: [Vec<CudaFunction>; 3],
-    gate: [CudaFunction; 3],
+    forward: [[Vec<CudaFunction>; 3]; 2],
+    backward: [[Vec<CudaFunction>; 3]; 2],
+    gate: [[CudaFunction; 3]; 2],
 }
 
 impl RecurrentGradKernels {
     pub(crate) fn load(module: &std::sync::Arc<CudaModule>) -> Result<Self, GpuError> {
-        let sweeps = |kind: &str| -> Result<[Vec<CudaFunction>; 3], GpuError> {
-            let variants = |dtype: Dtype| {
+        let per_dtype = |name: &dyn Fn(Dtype) -> Result<Vec<CudaFunction>, GpuError>| -> Result<_, GpuError> {
+            Ok([name(Dtype::F32)?, name(Dtype::F16)?, name(Dtype::Bf16)?])
+        };
+        let sweeps = |real: &str, kind: &str| {
+            per_dtype(&|dtype: Dtype| {
                 ROWS_PER_THREAD
                     .iter()
-                    .map(|r| module.load_function(&format!("gateloop_recurrent_grad_{kind}_{}_r{r}", dtype.name())))
+                    .map(|r| {
+                        module.load_function(&format!("gateloop_recurrent_grad_{real}{kind}_{}_r{r}", dtype.name()))
+                    })
                     .collect::<Result<Vec<_>, _>>()
-                    .doing("looking up gateloop_recurrent_grad_{fwd,bwd}_{f32,f16,bf16}_r*")
-            };
-            Ok([variants(Dtype::F32)?, variants(Dtype::F16)?, variants(Dtype::Bf16)?])
+                    .doing("looking up gateloop_recurrent_grad_{,real_}{fwd,bwd}_{f32,f16,bf16}_r*")
+            })
         };
-        let gate = |dtype: Dtype| {
-            module
-                .load_function(&format!("gateloop_recurrent_grad_gate_{}", dtype.name()))
-                .doing("looking up gateloop_recurrent_grad_gate_{f32,f16,bf16}")
+        let gates = |real: &str| -> Result<[CudaFunction; 3], GpuError> {
+            let [a, b, c] = per_dtype(&|dtype: Dtype| {
+                let f = module
+                    .load_function(&format!("gateloop_recurrent_grad_{real}gate_{}", dtype.name()))
+                    .doing("looking up gateloop_recurrent_grad_{,real_}gate_{f32,f16,bf16}")?;
+                Ok(vec![f])
+            })?
+            .map(|mut v| v.pop().expect("one"));
+            Ok([a, b, c])
         };
         Ok(RecurrentGradKernels {
-            forward: sweeps("fwd")?,
-            backward: sweeps("bwd")?,
-            gate: [gate(Dtype::F32)?, gate(Dtype::F16)?, gate(Dtype::Bf16)?],
+            forward: [sweeps("", "fwd")?, sweeps("real_", "fwd")?],
+            backward: [sweeps("", "bwd")?, sweeps("real_", "bwd")?],
+            gate: [gates("")?, gates("real_")?],
         })
     }
 }
@@ -181,9 +193,41 @@ pub fn backward_into<'a, T: Element>(
     grads: DeviceGrads<'a, T>,
     workspace: &'a mut dyn DevicePtrMut<f32>,
 ) -> Result<(), GpuError> {
-    let d = dims;
-    let lp = plan(d)?;
     let buffers = GradBuffers { inputs, grad_in: upstream, grads, workspace: Some(workspace), real_gates: false };
+    launch_backward(gpu, stream, dims, buffers)
+}
+
+/// [`backward_into`] with real gates (gated linear attention), the backward
+/// of [`recurrent::forward_real_into`]: log_gate, h0, dh_final, dlog_gate
+/// and dh0 are real f32 (`[B, L, H, K or 1]`, `[B, H, K, V]`); the same
+/// plan and workspace. The sweeps step a real state and adjoint; the gate
+/// launch runs the complex expansion on gates of phase 0. Its gradients
+/// equal [`backward_into`]'s on those gates as real numbers (the Im parts
+/// the complex sweeps carry are zeros, whose signs may differ).
+pub fn backward_real_into<'a, T: Element>(
+    gpu: &Gpu,
+    stream: &CudaStream,
+    dims: &Dims,
+    inputs: DeviceInputs<'a, T>,
+    upstream: DeviceGradInputs<'a, T>,
+    grads: DeviceGrads<'a, T>,
+    workspace: &'a mut dyn DevicePtrMut<f32>,
+) -> Result<(), GpuError> {
+    let buffers = GradBuffers { inputs, grad_in: upstream, grads, workspace: Some(workspace), real_gates: true };
+    launch_backward(gpu, stream, dims, buffers)
+}
+
+/// The body of [`backward_into`] and [`backward_real_into`]: `buffers`
+/// (complex or real gate-side tensors, as its `real_gates` says) checked and
+/// bound, the three launches enqueued.
+fn launch_backward<T: Element>(
+    gpu: &Gpu,
+    stream: &CudaStream,
+    d: &Dims,
+    buffers: GradBuffers<'_, T>,
+) -> Result<(), GpuError> {
+    let lp = plan(d)?;
+    let real = usize::from(buffers.real_gates);
     buffers.check(gpu, stream, d, lp.workspace_len, || {
         format!("at least {} f32 ({} segments of {SEGMENT} steps)", lp.workspace_len, lp.segments)
     })?;
@@ -219,27 +263,29 @@ pub fn backward_into<'a, T: Element>(
         block_dim: (VALUE_TILE as u32, sp.key_groups, 1),
         shared_mem_bytes: sp.shared_bytes,
     };
-    let kernel = &kernels.forward[ti][vi];
+    let kernel = &kernels.forward[real][ti][vi];
     let mut launch = stream.launch_builder(kernel);
     launch.arg(&params);
-    // SAFETY: gateloop_recurrent_grad_fwd_{E}_r{R} (E = T::DTYPE, the element
+    // SAFETY: gateloop_recurrent_grad_{,real_}fwd_{E}_r{R} (real_ exactly
+    // when the buffers were checked as real: `real`; E = T::DTYPE, the element
     // type of q, k, v, dy: T::DTYPE picks the table row; R =
     // sp.rows_per_thread ≤ 8, the column) takes one GateloopRecurrentGradParams
     // by value, which is what is pushed. Its inputs are live buffers of this
     // context with the lengths GradBuffers::check verified for `d` (q, k, v,
-    // dy in E, log_gate and h0 complex f32, 8-byte aligned); it writes
+    // dy in E, log_gate and h0 complex f32, 8-byte aligned, or real f32 for
+    // the real_ kernels, which read f32 elements of them); it writes
     // partial_dq and the checkpoints, inside the workspace of ≥
     // lp.workspace_len f32 (offsets from `plan`). Geometry:
     // block 32 × key_groups (≤ 512 threads with R = 8, one warp with R < 8:
     // the entry's bounds), chunk_len | 64 and shared memory ≤ 48 KiB as
     // `plan` computed, grid B·H·⌈V/32⌉ < 2^31.
     launched(stream, kernel, sweep_cfg, unsafe { launch.launch(sweep_cfg) }, "launching gateloop_recurrent_grad_fwd")?;
-    let kernel = &kernels.backward[ti][vi];
+    let kernel = &kernels.backward[real][ti][vi];
     let mut launch = stream.launch_builder(kernel);
     launch.arg(&params);
-    // SAFETY: as for the forward sweep (gateloop_recurrent_grad_bwd_{E}_r{R},
+    // SAFETY: as for the forward sweep (gateloop_recurrent_grad_{,real_}bwd_{E}_r{R},
     // the same geometry); it also reads dh_final (when non-null: checked
-    // length, 8-byte aligned), and writes dv (E, checked length), partial_dk
+    // length, complex 8-byte aligned or real), and writes dv (E, checked length), partial_dk
     // and the adjoints (workspace) and, when non-null, dh0 (checked length).
     launched(stream, kernel, sweep_cfg, unsafe { launch.launch(sweep_cfg) }, "launching gateloop_recurrent_grad_bwd")?;
     let cfg = LaunchConfig {
@@ -247,10 +293,11 @@ pub fn backward_into<'a, T: Element>(
         block_dim: (GATE_BLOCK as u32, 1, 1),
         shared_mem_bytes: abi::GATELOOP_RECURRENT_GRAD_GATE_SHARED_BYTES,
     };
-    let kernel = &kernels.gate[ti];
+    let kernel = &kernels.gate[real][ti];
     let mut launch = stream.launch_builder(kernel);
     launch.arg(&params);
-    // SAFETY: gateloop_recurrent_grad_gate_{E} takes the same struct; one
+    // SAFETY: gateloop_recurrent_grad_{,real_}gate_{E} takes the same struct
+    // (real_ with `real`: dlog_gate, dh0 and h0 read and written as f32); one
     // block per (b, h, segment) (grid = B·H·segments, `plan`), one thread per
     // key row (K ≤ 128 = its block; the threads past K store nothing), the
     // ABI's GATE_SHARED_BYTES of dynamic shared memory (< 48 KiB); it reads q, k, v, dy, log_gate, h0 and the
@@ -285,16 +332,45 @@ pub fn backward_host_as<T: Element>(
     dy: &[f32],
     dh_final: Option<&[Complex<f32>]>,
 ) -> Result<Grads<f32>, GpuError> {
+    host_backward::<T>(gpu, p, dy, dh_final, false)
+}
+
+/// [`backward_real_into`] from host data: `p`'s log_gate and h0 and
+/// `dh_final` must be real (Im = 0 everywhere, else [`InputError::Value`]);
+/// their real parts are uploaded as real f32, q, k, v, dy rounded to `T`.
+/// Returns the gradients with dlog_gate and dh0 as complex numbers with
+/// Im = 0.
+pub fn backward_real_host_as<T: Element>(
+    gpu: &Gpu,
+    p: &Problem<'_, f32>,
+    dy: &[f32],
+    dh_final: Option<&[Complex<f32>]>,
+) -> Result<Grads<f32>, GpuError> {
+    host_backward::<T>(gpu, p, dy, dh_final, true)
+}
+
+/// The body of [`backward_host_as`] and [`backward_real_host_as`].
+fn host_backward<T: Element>(
+    gpu: &Gpu,
+    p: &Problem<'_, f32>,
+    dy: &[f32],
+    dh_final: Option<&[Complex<f32>]>,
+    real_gates: bool,
+) -> Result<Grads<f32>, GpuError> {
     let workspace_len = |d: &Dims| Ok(plan(d)?.workspace_len);
     launch::backward_host::<T>(
         gpu,
         p,
         dy,
         dh_final,
-        false,
+        real_gates,
         workspace_len,
         "synchronizing after the recurrent backward kernels",
-        |s, d, i, g, o, w| backward_into(gpu, s, d, i, g, o, w.expect("a workspace: its length is never 0")),
+        |s, d, i, g, o, w| {
+            let w = w.expect("a workspace: its length is never 0");
+            let buffers = GradBuffers { inputs: i, grad_in: g, grads: o, workspace: Some(w), real_gates };
+            launch_backward(gpu, s, d, buffers)
+        },
     )
 }
 
