@@ -152,22 +152,6 @@ __device__ __forceinline__ float reduce_2pi(float x) {
 
 // ---- the carry over the chunks -------------------------------------------------
 
-// Element i of a gate-side f32 tensor (a state, its gradient, a log gate's
-// gradient, a decay): an interleaved complex pair, or with real gates one
-// f32 (Im reads as 0 and is not stored).
-template <bool kComplex>
-__device__ __forceinline__ float2 load_gate_side(const float* p, int64_t i) {
-    return kComplex ? load_complex(p, i) : make_float2(__ldg(p + i), 0.f);
-}
-template <bool kComplex>
-__device__ __forceinline__ void store_gate_side(float* p, int64_t i, float2 x) {
-    if constexpr (kComplex) {
-        reinterpret_cast<float2*>(p)[i] = x;
-    } else {
-        p[i] = x.x;
-    }
-}
-
 // Where the carry of state element e finds its chunks: slot c of a
 // [B·H, num_chunks, kParts·K, V] workspace `ws` (the real part; the imaginary
 // part kv further) and the chunk's decay in ws_decay [B·H, num_chunks,

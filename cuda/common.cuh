@@ -84,6 +84,29 @@ __device__ __forceinline__ float2 complex_gate(float2 log_gate) {
     return make_float2(mag * c, mag * s);
 }
 
+// a = exp(log gate) for complex gates (kComplex), or its modulus alone for
+// a real gate: the complex formula's value at phase 0, exactly.
+template <bool kComplex>
+__device__ __forceinline__ float2 gate_of(float2 log_gate) {
+    return kComplex ? complex_gate(log_gate) : make_float2(gate_modulus(log_gate.x), 0.f);
+}
+
+// Element i of a gate-side f32 tensor (a state, its gradient, a log gate's
+// gradient, a decay): an interleaved complex pair, or with real gates one
+// f32 (Im reads as 0 and is not stored).
+template <bool kComplex>
+__device__ __forceinline__ float2 load_gate_side(const float* p, int64_t i) {
+    return kComplex ? load_complex(p, i) : make_float2(__ldg(p + i), 0.f);
+}
+template <bool kComplex>
+__device__ __forceinline__ void store_gate_side(float* p, int64_t i, float2 x) {
+    if constexpr (kComplex) {
+        reinterpret_cast<float2*>(p)[i] = x;
+    } else {
+        p[i] = x.x;
+    }
+}
+
 // x · y (explicit fmaf: the rounding is pinned, src/cpu/scan.rs mirrors it).
 __device__ __forceinline__ float2 cmul(float2 x, float2 y) {
     return make_float2(fmaf(x.x, y.x, -(x.y * y.y)), fmaf(x.x, y.y, x.y * y.x));

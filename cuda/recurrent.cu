@@ -141,6 +141,8 @@ __device__ __forceinline__ void recurrent_forward(const GateloopRecurrentParams&
         const int64_t row = group * R + i;
         float2 s = make_float2(0.f, 0.f);
         if (has_init && col_ok && row < key_dim) {
+            // Plain loads, not load_gate_side's __ldg: in place, this
+            // thread overwrites the element at the end (see the top).
             const int64_t at = state_index(init_strides, b, h, row, col);
             s = kComplex ? reinterpret_cast<const float2*>(init)[at] : make_float2(init[at], 0.f);
         }
@@ -162,7 +164,7 @@ __device__ __forceinline__ void recurrent_forward(const GateloopRecurrentParams&
         if (r.live) {
             const int64_t t = t0 + tt;
             const int64_t at = t * p.gate_strides.time + (per_head_gate ? 0 : row);
-            r.g = kComplex ? load_complex(gate, at) : make_float2(__ldg(gate + at), 0.f);
+            r.g = load_gate_side<kComplex>(gate, at);
             r.k = Tr::load(k, t * p.k_strides.time + row);
             r.q = Tr::load(q, t * p.q_strides.time + row);
         }
@@ -171,7 +173,7 @@ __device__ __forceinline__ void recurrent_forward(const GateloopRecurrentParams&
     auto put_gate = [&](int idx, const Raw& r) {
         float4 s = make_float4(0.f, 0.f, 0.f, 0.f);
         if (r.live) {
-            const float2 a = kComplex ? complex_gate(r.g) : make_float2(gate_modulus(r.g.x), 0.f);
+            const float2 a = gate_of<kComplex>(r.g);
             s = make_float4(a.x, a.y, r.k, r.q);
         }
         stage[idx] = s;
@@ -304,17 +306,12 @@ __device__ __forceinline__ void recurrent_forward(const GateloopRecurrentParams&
     }
 
     // h_final (in place: the elements read above, by this same thread).
-    float* h_final = static_cast<float*>(p.h_final);
 #pragma unroll
     for (int i = 0; i < R; ++i) {
         const int64_t row = group * R + i;
         if (col_ok && row < key_dim) {
-            const int64_t at = state_index(p.h_final_strides, b, h, row, col);
-            if constexpr (kComplex) {
-                reinterpret_cast<float2*>(h_final)[at] = make_float2(hr[i], hi[i]);
-            } else {
-                h_final[at] = hr[i];
-            }
+            store_gate_side<kComplex>(p.h_final, state_index(p.h_final_strides, b, h, row, col),
+                                      make_float2(hr[i], hi[i]));
         }
     }
 }

@@ -134,24 +134,6 @@ __device__ __forceinline__ float2 log_gate_side(const float* __restrict__ row, i
     }
 }
 
-// a = exp(log gate): complex, or its modulus alone for a real gate (the
-// complex formula's value at phase 0, exactly).
-template <bool kComplex>
-__device__ __forceinline__ float2 gate_of(float2 log_gate) {
-    return kComplex ? complex_gate(log_gate) : make_float2(gate_modulus(log_gate.x), 0.f);
-}
-
-// A state-side element (h0, dh_final) of a complex or real f32 tensor; a
-// real one reads as (x, 0).
-template <bool kComplex>
-__device__ __forceinline__ float2 state_side(const void* base, int64_t i) {
-    if constexpr (kComplex) {
-        return static_cast<const float2*>(base)[i];
-    } else {
-        return make_float2(static_cast<const float*>(base)[i], 0.f);
-    }
-}
-
 // What both sweeps share: the block's (b, h, value tile), its rows and
 // shared-memory layout, and the staging of one time chunk.
 template <typename input_t, int R, bool kComplex>
@@ -283,7 +265,7 @@ __device__ __forceinline__ void grad_forward(const GateloopRecurrentGradParams& 
         const int row = w.group * R + i;
         float2 s = make_float2(0.f, 0.f);
         if (has_h0 && w.col_ok && row < w.key_dim) {
-            s = state_side<kComplex>(p.h0, state_index(p.h0_strides, w.b, w.h, row, w.col));
+            s = load_gate_side<kComplex>(p.h0, state_index(p.h0_strides, w.b, w.h, row, w.col));
         }
         hr[i] = s.x;
         hi[i] = s.y;
@@ -354,7 +336,7 @@ __device__ __forceinline__ void grad_backward(const GateloopRecurrentGradParams&
         const int row = w.group * R + i;
         float2 s = make_float2(0.f, 0.f);
         if (g.dh_final != nullptr && w.col_ok && row < w.key_dim) {
-            s = state_side<kComplex>(g.dh_final, state_index(g.dh_final_strides, w.b, w.h, row, w.col));
+            s = load_gate_side<kComplex>(g.dh_final, state_index(g.dh_final_strides, w.b, w.h, row, w.col));
         }
         dr[i] = s.x;
         di[i] = -s.y;
@@ -442,12 +424,8 @@ __device__ __forceinline__ void grad_backward(const GateloopRecurrentGradParams&
         for (int i = 0; i < R; ++i) {
             const int row = w.group * R + i;
             if (row < w.key_dim) {
-                const int64_t at = state_index(g.dh0_strides, w.b, w.h, row, w.col);
-                if constexpr (kComplex) {
-                    reinterpret_cast<float2*>(g.dh0)[at] = make_float2(dr[i], -di[i]);
-                } else {
-                    g.dh0[at] = dr[i];
-                }
+                store_gate_side<kComplex>(g.dh0, state_index(g.dh0_strides, w.b, w.h, row, w.col),
+                                          make_float2(dr[i], -di[i]));
             }
         }
     }
@@ -516,7 +494,7 @@ __device__ __forceinline__ void grad_gate(const GateloopRecurrentGradParams& g) 
     const float2* hs_row = seg > 0 ? ck + ((bh * g.segments + seg - 1) * key_dim + row) * value_dim : nullptr;
     const int64_t h0_row = state_index(p.h0_strides, bhi.b, bhi.h, row, 0);
     const bool has_hs = seg > 0 || has_h0;
-    auto hs_at = [&](int64_t col) { return seg > 0 ? hs_row[col] : state_side<kComplex>(p.h0, h0_row + col); };
+    auto hs_at = [&](int64_t col) { return seg > 0 ? hs_row[col] : load_gate_side<kComplex>(p.h0, h0_row + col); };
     const float2* de_row = reinterpret_cast<const float2*>(g.adjoints) + ((bh * g.segments + seg) * key_dim + row) * value_dim;
 
     // X_s = Σ_v v_s d_e, Y_u = Σ_v h_s dy_u, I = Σ_v h_s d_e (this row), and
@@ -671,12 +649,12 @@ __device__ __forceinline__ void grad_gate(const GateloopRecurrentGradParams& g) 
     // reference defines it so).
     // Real gates: dlog_gate is real, Re e alone (Im e is 0).
     constexpr int kParts = kComplex ? 2 : 1;
-    float* dg = g.dlog_gate + kParts * (bhi.b * g.dgate_strides.batch + bhi.h * g.dgate_strides.head);
+    const int64_t dg0 = bhi.b * g.dgate_strides.batch + bhi.h * g.dgate_strides.head;
     auto put_gate = [&](int t, int col, float2 e) {
         const int64_t tt = t0 + t;
         const bool reset = gate[kParts * (tt * p.gate_strides.time + col)] < GATELOOP_RESET_LOG_GATE;
-        dg[kParts * (tt * g.dgate_strides.time + col)] = reset ? 0.f : e.x;
-        if (kComplex) dg[2 * (tt * g.dgate_strides.time + col) + 1] = reset ? 0.f : -e.y;
+        const float2 conj_e = reset ? make_float2(0.f, 0.f) : make_float2(e.x, -e.y);
+        store_gate_side<kComplex>(g.dlog_gate, dg0 + tt * g.dgate_strides.time + col, conj_e);
     };
     if (!per_head) {
         if (live) {

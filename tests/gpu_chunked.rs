@@ -25,7 +25,6 @@ mod common;
 mod dtype_support;
 
 use common::{Case, adversarial_regime_tests, regime_matrix, regime_tests, run_forward};
-use cudarc::driver::DevicePtrMut;
 use dtype_support::{chunk_bounds as bounds, rounded_to, widen};
 use gateloop::cuda::chunk::{
     ChunkCarry, ChunkConfig, ChunkOutput, ChunkPrecision, DeviceInputs, DeviceOutputs, Gates, forward_host,
@@ -59,32 +58,11 @@ fn run_real<T: Element>(
     config: impl Into<ChunkConfig>,
 ) -> (Vec<T>, Vec<Complex<f32>>) {
     let d = p32.dims;
-    assert!(p32.log_gate.iter().all(|z| z.im == 0.0));
     let lp = plan(&d, T::DTYPE, Gates::Real).expect("plan");
-    let s = gpu.context().new_stream().expect("stream");
-    let up = |x: &[f32]| -> cudarc::driver::CudaSlice<T> {
-        s.clone_htod(&x.iter().map(|&x| T::from_f32(x)).collect::<Vec<_>>()).unwrap()
-    };
-    let (q, k, v) = (up(&p32.q), up(&p32.k), up(&p32.v));
-    let gate = s.clone_htod(&p32.log_gate.iter().map(|z| z.re).collect::<Vec<f32>>()).unwrap();
-    let h0 = p32.h0.as_ref().map(|h| s.clone_htod(&h.iter().map(|z| z.re).collect::<Vec<f32>>()).unwrap());
-    let mut y = s.clone_htod(&vec![T::nan(); d.v_len()]).unwrap();
-    let mut h_final = s.clone_htod(&vec![f32::NAN; d.state_len()]).unwrap();
-    let mut ws = s.clone_htod(&vec![f32::NAN; lp.workspace_len]).unwrap();
-    forward_real_into(
-        gpu,
-        &s,
-        &d,
-        DeviceInputs { q: &q, k: &k, v: &v, log_gate: &gate, h0: h0.as_ref().map(|h| h as _) },
-        DeviceOutputs { y: &mut y, h_final: &mut h_final },
-        Some(&mut ws as &mut dyn DevicePtrMut<f32>),
-        config,
-    )
-    .unwrap_or_else(|e| panic!("{} {d:?}: {e}", T::DTYPE));
-    let y = s.clone_dtoh(&y).unwrap();
-    let h_final = s.clone_dtoh(&h_final).unwrap();
-    s.synchronize().unwrap();
-    (y, h_final.into_iter().map(|re| Complex::new(re, 0.0)).collect())
+    common::run_forward_gates::<T>(gpu, p32, lp.workspace_len, true, |s, d, i, o, ws| {
+        forward_real_into(gpu, s, d, i, o, ws, config)
+    })
+    .unwrap_or_else(|e| panic!("{} {d:?}: {e}", T::DTYPE))
 }
 
 fn assert_within(label: &str, what: &str, e: &ErrorStats, (rel, abs): (f64, f64)) {

@@ -21,7 +21,7 @@
 mod common;
 mod dtype_support;
 
-use common::{flat, run_forward, unflat, upload};
+use common::{flat, run_forward, upload};
 use dtype_support::{put_window, rounded_to, state_ok, widen, y_ok};
 use gateloop::cuda::recurrent::{DecodeInputs, decode_into, decode_real_into, forward_into};
 use gateloop::cuda::{Element, Gpu, GpuError};
@@ -43,12 +43,8 @@ fn decode_in_pieces<T: Element>(
     let d = p32.dims;
     assert_eq!(pieces.iter().sum::<usize>(), d.len, "pieces must cover the sequence");
     let s = gpu.context().new_stream().expect("stream");
-    let re = |z: &[Complex<f32>]| -> Vec<f32> {
-        assert!(z.iter().all(|z| z.im == 0.0), "real gates and state");
-        z.iter().map(|z| z.re).collect()
-    };
     let mut state = match init {
-        Some(h) => s.clone_htod(&if real { re(h) } else { flat(h) }).unwrap(),
+        Some(h) => s.clone_htod(&common::gate_side(h, real)).unwrap(),
         None => s.alloc_zeros::<f32>(if real { 1 } else { 2 } * d.state_len()).unwrap(),
     };
     let mut y_all = vec![T::nan(); d.v_len()];
@@ -57,7 +53,7 @@ fn decode_in_pieces<T: Element>(
         let piece = p32.steps(t0, n);
         let dn = piece.dims;
         let u = upload::<T>(&s, &piece);
-        let real_gate = real.then(|| s.clone_htod(&re(&piece.log_gate)).unwrap());
+        let real_gate = real.then(|| s.clone_htod(&common::gate_side(&piece.log_gate, true)).unwrap());
         let mut y = s.clone_htod(&vec![T::nan(); dn.v_len()]).unwrap();
         let inputs = DecodeInputs { q: &u.q, k: &u.k, v: &u.v, log_gate: real_gate.as_ref().unwrap_or(&u.log_gate) };
         let decode = if real { decode_real_into::<T> } else { decode_into::<T> };
@@ -70,7 +66,7 @@ fn decode_in_pieces<T: Element>(
     }
     let state = s.clone_dtoh(&state).unwrap();
     s.synchronize().unwrap();
-    (y_all, if real { state.iter().map(|&re| Complex::new(re, 0.0)).collect() } else { unflat(&state) })
+    (y_all, common::from_gate_side(&state, real))
 }
 
 /// One `forward_into` over the whole sequence (h0 = `p32.h0`).

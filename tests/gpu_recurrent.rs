@@ -143,24 +143,10 @@ fn four_rows_a_thread_match_the_reference() {
 /// `p32`'s log_gate and h0 (their imaginary parts must be 0), y and h_final
 /// poisoned with NaN; returns y widened and h_final as complex with Im = 0.
 fn run_real<T: Element>(gpu: &Gpu, p32: &OwnedProblem<f32>, config: RecurrentConfig) -> Outputs<f32> {
-    let d = p32.dims;
-    assert!(p32.log_gate.iter().chain(p32.h0.iter().flatten()).all(|z| z.im == 0.0));
-    let s = gpu.context().new_stream().expect("stream");
-    let up = |x: &[f32]| s.clone_htod(&x.iter().map(|&x| T::from_f32(x)).collect::<Vec<T>>()).unwrap();
-    let re = |z: &[Complex<f32>]| s.clone_htod(&z.iter().map(|z| z.re).collect::<Vec<f32>>()).unwrap();
-    let (q, k, v, gate) = (up(&p32.q), up(&p32.k), up(&p32.v), re(&p32.log_gate));
-    let h0 = p32.h0.as_deref().map(re);
-    let mut y = s.clone_htod(&vec![T::nan(); d.v_len()]).unwrap();
-    let mut h_final = s.clone_htod(&vec![f32::NAN; d.state_len()]).unwrap();
-    let inputs = DeviceInputs { q: &q, k: &k, v: &v, log_gate: &gate, h0: h0.as_ref().map(|h| h as _) };
-    forward_real_into(gpu, &s, &d, config, inputs, DeviceOutputs { y: &mut y, h_final: &mut h_final })
-        .unwrap_or_else(|e| panic!("{} {d:?} {config:?}: {e}", T::DTYPE));
-    let (y, h_final) = (s.clone_dtoh(&y).unwrap(), s.clone_dtoh(&h_final).unwrap());
-    s.synchronize().unwrap();
-    Outputs {
-        y: y.iter().map(|x| x.to_f32()).collect(),
-        h_final: h_final.iter().map(|&re| Complex::new(re, 0.0)).collect(),
-    }
+    let (y, h_final) =
+        common::run_forward_gates::<T>(gpu, p32, 0, true, |s, d, i, o, _| forward_real_into(gpu, s, d, config, i, o))
+            .unwrap_or_else(|e| panic!("{} {:?} {config:?}: {e}", T::DTYPE, p32.dims));
+    Outputs { y: y.iter().map(|x| x.to_f32()).collect(), h_final }
 }
 
 /// Real gates (gated linear attention, `forward_real_into`): in every regime

@@ -584,10 +584,7 @@ impl<T: Element> BenchCase for RecurrentCase<'_, T> {
         } else {
             let inputs = DeviceInputs { q: &st.q, k: &st.k, v: &st.v, log_gate: &st.log_gate, h0: None };
             let out = DeviceOutputs { y: &mut st.y, h_final: &mut st.state };
-            match self.gates {
-                Gates::Complex => recurrent::forward_into_with(self.gpu, s, &self.dims, self.config, inputs, out),
-                Gates::Real => recurrent::forward_real_into(self.gpu, s, &self.dims, self.config, inputs, out),
-            }
+            recurrent::forward_into_gates(self.gpu, s, &self.dims, self.config, self.gates, inputs, out)
         }
     }
 
@@ -1003,12 +1000,7 @@ impl<T: Element> BenchCase for GradCase<'_, T> {
         if let Backward::Recurrent { forward: true, gates } = self.backward {
             let inputs = DeviceInputs { q: &st.q, k: &st.k, v: &st.v, log_gate: &st.log_gate, h0: None };
             let out = DeviceOutputs { y: &mut st.y, h_final: &mut st.h_final };
-            match gates {
-                Gates::Complex => recurrent::forward_into(self.gpu, s, &self.dims, inputs, out)?,
-                Gates::Real => {
-                    recurrent::forward_real_into(self.gpu, s, &self.dims, RecurrentConfig::default(), inputs, out)?
-                }
-            }
+            recurrent::forward_into_gates(self.gpu, s, &self.dims, RecurrentConfig::default(), gates, inputs, out)?;
         }
         if let Backward::Chunked { forward: true, gates } = self.backward {
             // The forward's workspace is a prefix of the backward's.

@@ -80,6 +80,7 @@
 use cudarc::driver::{CudaStream, DevicePtr, DevicePtrMut, LaunchConfig, PushKernelArg};
 
 use super::abi::{self, GateloopRecurrentParams};
+use super::chunk::Gates;
 use super::element::Element;
 use super::launch::{self, Buffers, SeqParams, StateIo};
 use super::phases::launched;
@@ -234,7 +235,7 @@ pub struct LaunchPlan {
 impl LaunchPlan {
     /// The kernel's index in its dtype's table: the gates (complex, then
     /// real), the staging, then log2(R); the table's names are
-    /// [`kernel_name`]'s.
+    /// [`kernel_names`]'s.
     fn variant_index(&self, real_gates: bool) -> usize {
         ((real_gates as usize * 2 + self.staging as usize) * ROWS_PER_THREAD.len())
             + self.rows_per_thread.trailing_zeros() as usize
@@ -407,7 +408,7 @@ pub fn forward_into_with<T: Element>(
     inputs: DeviceInputs<'_, T>,
     out: DeviceOutputs<'_, T>,
 ) -> Result<(), GpuError> {
-    launch(gpu, stream, dims, config.into(), Buffers::forward(inputs, out, None))
+    forward_into_gates(gpu, stream, dims, config.into(), Gates::Complex, inputs, out)
 }
 
 /// [`forward_into`] with real gates (gated linear attention: the phase ≡ 0,
@@ -428,7 +429,23 @@ pub fn forward_real_into<T: Element>(
     inputs: DeviceInputs<'_, T>,
     out: DeviceOutputs<'_, T>,
 ) -> Result<(), GpuError> {
-    launch(gpu, stream, dims, config.into(), Buffers::forward(inputs, out, None).with_real_gates())
+    forward_into_gates(gpu, stream, dims, config.into(), Gates::Real, inputs, out)
+}
+
+/// [`forward_into_with`] (complex gates) or [`forward_real_into`] (real), as
+/// `gates` says: the one body of both, for the callers that choose at run
+/// time (the host conveniences, the bench).
+pub(crate) fn forward_into_gates<T: Element>(
+    gpu: &Gpu,
+    stream: &CudaStream,
+    dims: &Dims,
+    config: RecurrentConfig,
+    gates: Gates,
+    inputs: DeviceInputs<'_, T>,
+    out: DeviceOutputs<'_, T>,
+) -> Result<(), GpuError> {
+    let buffers = Buffers::forward(inputs, out, None);
+    launch(gpu, stream, dims, config, if gates == Gates::Real { buffers.with_real_gates() } else { buffers })
 }
 
 /// Decoding: advances `state` (`[B, H, K, V]` complex f32, as interleaved f32
@@ -510,7 +527,7 @@ pub fn forward_host_with<T: Element>(
     p: &Problem<'_, f32>,
     config: impl Into<RecurrentConfig>,
 ) -> Result<Outputs<f32>, GpuError> {
-    host_with::<T>(gpu, p, config.into(), false)
+    host_with::<T>(gpu, p, config.into(), Gates::Complex)
 }
 
 /// The real-gate kernel ([`forward_real_into`]) from host data: `p`'s
@@ -523,7 +540,7 @@ pub fn forward_real_host_as<T: Element>(
     p: &Problem<'_, f32>,
     config: impl Into<RecurrentConfig>,
 ) -> Result<Outputs<f32>, GpuError> {
-    host_with::<T>(gpu, p, config.into(), true)
+    host_with::<T>(gpu, p, config.into(), Gates::Real)
 }
 
 /// The body of the `forward_host` family.
@@ -531,19 +548,16 @@ fn host_with<T: Element>(
     gpu: &Gpu,
     p: &Problem<'_, f32>,
     config: RecurrentConfig,
-    real_gates: bool,
+    gates: Gates,
 ) -> Result<Outputs<f32>, GpuError> {
     let no_workspace = |_: &Dims| Ok(0);
     launch::forward_host::<T>(
         gpu,
         p,
-        real_gates,
+        gates == Gates::Real,
         no_workspace,
         "synchronizing after the recurrent kernel",
-        |s, d, i, o, _| {
-            let buffers = Buffers::forward(i, o, None);
-            launch(gpu, s, d, config, if real_gates { buffers.with_real_gates() } else { buffers })
-        },
+        |s, d, i, o, _| forward_into_gates(gpu, s, d, config, gates, i, o),
     )
 }
 

@@ -55,8 +55,7 @@ const SHARED_BUDGET: usize = 48 * 1024;
 // (`backward_into`) guarantees they are valid.
 unsafe impl DeviceRepr for GateloopRecurrentGradParams {}
 
-/// The kernels of `cuda/recurrent_grad.cu`, indexed by [`Dtype::index`],
-/// then log2(R).
+/// The kernels of `cuda/recurrent_grad.cu`:
 /// `gateloop_recurrent_grad_{,real_}{fwd,bwd}_{dtype}_r{R}` and
 /// `gateloop_recurrent_grad_{,real_}gate_{dtype}`, indexed by the gates
 /// (complex 0, real 1), then [`Dtype::index`], then log2(R).
@@ -68,11 +67,11 @@ pub(crate) struct RecurrentGradKernels {
 
 impl RecurrentGradKernels {
     pub(crate) fn load(module: &std::sync::Arc<CudaModule>) -> Result<Self, GpuError> {
-        let per_dtype = |name: &dyn Fn(Dtype) -> Result<Vec<CudaFunction>, GpuError>| -> Result<_, GpuError> {
-            Ok([name(Dtype::F32)?, name(Dtype::F16)?, name(Dtype::Bf16)?])
-        };
+        fn per_dtype<X>(load: impl Fn(Dtype) -> Result<X, GpuError>) -> Result<[X; 3], GpuError> {
+            Ok([load(Dtype::F32)?, load(Dtype::F16)?, load(Dtype::Bf16)?])
+        }
         let sweeps = |real: &str, kind: &str| {
-            per_dtype(&|dtype: Dtype| {
+            per_dtype(|dtype: Dtype| {
                 ROWS_PER_THREAD
                     .iter()
                     .map(|r| {
@@ -82,15 +81,12 @@ impl RecurrentGradKernels {
                     .doing("looking up gateloop_recurrent_grad_{,real_}{fwd,bwd}_{f32,f16,bf16}_r*")
             })
         };
-        let gates = |real: &str| -> Result<[CudaFunction; 3], GpuError> {
-            let [a, b, c] = per_dtype(&|dtype: Dtype| {
-                let f = module
+        let gates = |real: &str| {
+            per_dtype(|dtype: Dtype| {
+                module
                     .load_function(&format!("gateloop_recurrent_grad_{real}gate_{}", dtype.name()))
-                    .doing("looking up gateloop_recurrent_grad_{,real_}gate_{f32,f16,bf16}")?;
-                Ok(vec![f])
-            })?
-            .map(|mut v| v.pop().expect("one"));
-            Ok([a, b, c])
+                    .doing("looking up gateloop_recurrent_grad_{,real_}gate_{f32,f16,bf16}")
+            })
         };
         Ok(RecurrentGradKernels {
             forward: [sweeps("", "fwd")?, sweeps("real_", "fwd")?],

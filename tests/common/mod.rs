@@ -429,24 +429,62 @@ pub fn run_forward<T: Element>(
         Option<&mut dyn DevicePtrMut<f32>>,
     ) -> Result<(), GpuError>,
 ) -> Result<(Vec<T>, Vec<Complex<f32>>), GpuError> {
+    run_forward_gates(gpu, p32, workspace_len, false, launch)
+}
+
+/// The gate side (log_gate, a state) as the kernels read it: interleaved
+/// pairs, or with `real_gates` the real parts (the imaginary parts must be 0).
+pub fn gate_side(z: &[Complex<f32>], real_gates: bool) -> Vec<f32> {
+    if real_gates {
+        assert!(z.iter().all(|z| z.im == 0.0), "real gates take real values");
+        z.iter().map(|z| z.re).collect()
+    } else {
+        flat(z)
+    }
+}
+
+/// The inverse of [`gate_side`]: complex numbers (Im = 0 for real gates).
+pub fn from_gate_side(x: &[f32], real_gates: bool) -> Vec<Complex<f32>> {
+    if real_gates { x.iter().map(|&re| Complex::new(re, 0.0)).collect() } else { unflat(x) }
+}
+
+/// [`run_forward`], with `real_gates` on the real parts of `p32`'s log_gate
+/// and h0 (see [`gate_side`]) and a real h_final (returned with Im = 0).
+pub fn run_forward_gates<T: Element>(
+    gpu: &Gpu,
+    p32: &OwnedProblem<f32>,
+    workspace_len: usize,
+    real_gates: bool,
+    launch: impl FnOnce(
+        &CudaStream,
+        &Dims,
+        DeviceInputs<'_, T>,
+        DeviceOutputs<'_, T>,
+        Option<&mut dyn DevicePtrMut<f32>>,
+    ) -> Result<(), GpuError>,
+) -> Result<(Vec<T>, Vec<Complex<f32>>), GpuError> {
     let d = p32.dims;
     let s = gpu.context().new_stream().expect("stream");
     let u = upload::<T>(&s, p32);
-    let h0 = p32.h0.as_ref().map(|h| s.clone_htod(&flat(h)).unwrap());
+    // (upload's complex log_gate serves complex gates.)
+    let real_gate = real_gates.then(|| s.clone_htod(&gate_side(&p32.log_gate, true)).unwrap());
+    let log_gate = real_gate.as_ref().unwrap_or(&u.log_gate);
+    let h0 = p32.h0.as_ref().map(|h| s.clone_htod(&gate_side(h, real_gates)).unwrap());
+    let parts = if real_gates { 1 } else { 2 };
     let mut y = s.clone_htod(&vec![T::nan(); d.v_len()]).unwrap();
-    let mut h_final = s.clone_htod(&vec![f32::NAN; 2 * d.state_len()]).unwrap();
+    let mut h_final = s.clone_htod(&vec![f32::NAN; parts * d.state_len()]).unwrap();
     let mut ws = (workspace_len > 0).then(|| s.clone_htod(&vec![f32::NAN; workspace_len]).unwrap());
     launch(
         &s,
         &d,
-        DeviceInputs { q: &u.q, k: &u.k, v: &u.v, log_gate: &u.log_gate, h0: h0.as_ref().map(|h| h as _) },
+        DeviceInputs { q: &u.q, k: &u.k, v: &u.v, log_gate, h0: h0.as_ref().map(|h| h as _) },
         DeviceOutputs { y: &mut y, h_final: &mut h_final },
         ws.as_mut().map(|w| w as _),
     )?;
     let y = s.clone_dtoh(&y).unwrap();
     let h_final = s.clone_dtoh(&h_final).unwrap();
     s.synchronize().unwrap();
-    Ok((y, unflat(&h_final)))
+    Ok((y, from_gate_side(&h_final, real_gates)))
 }
 
 /// `p` with the imaginary parts of log_gate and h0 set to 0 (a real-gate problem).
@@ -484,15 +522,7 @@ pub fn run_backward<T: Element>(
     let d = p32.dims;
     let s = gpu.context().new_stream().expect("stream");
     let u = upload::<T>(&s, p32);
-    // The gate side as the kernels read it: interleaved pairs, or real parts.
-    let side = |z: &[Complex<f32>]| -> Vec<f32> {
-        if real_gates {
-            assert!(z.iter().all(|z| z.im == 0.0), "real gates take real values");
-            z.iter().map(|z| z.re).collect()
-        } else {
-            flat(z)
-        }
-    };
+    let side = |z: &[Complex<f32>]| gate_side(z, real_gates);
     let parts = if real_gates { 1 } else { 2 };
     // (upload's complex log_gate serves complex gates.)
     let real_gate = real_gates.then(|| s.clone_htod(&side(&p32.log_gate)).unwrap());
@@ -515,9 +545,7 @@ pub fn run_backward<T: Element>(
         ws.as_mut().map(|w| w as _),
     )?;
     let widen = |x: Vec<T>| x.into_iter().map(|x| x.to_f32()).collect::<Vec<f32>>();
-    let complex = |x: Vec<f32>| {
-        if real_gates { x.into_iter().map(|re| Complex::new(re, 0.0)).collect() } else { unflat(&x) }
-    };
+    let complex = |x: Vec<f32>| from_gate_side(&x, real_gates);
     let out = gateloop::reference::grad::Grads {
         dq: widen(s.clone_dtoh(&dq).unwrap()),
         dk: widen(s.clone_dtoh(&dk).unwrap()),
