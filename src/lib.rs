@@ -38,6 +38,8 @@
 //!
 //! [`fuzz`] checks every implementation against the f64 recurrent reference
 //! on random adversarial problems (`gateloop fuzz`).
+//! [`packing`] runs variable-length sequences packed into one batch row
+//! (fla's `cu_seqlens`) through every mode, by reset gates at their starts.
 //!
 //! ## Example
 //!
@@ -95,6 +97,7 @@ pub mod dispatch;
 pub mod error;
 pub mod fuzz;
 pub mod io;
+pub mod packing;
 pub mod problem;
 pub mod reference;
 pub mod testing;

@@ -127,6 +127,7 @@ pub mod chunk;
 pub mod chunk_grad;
 pub mod element;
 mod launch;
+pub mod packing;
 pub mod phases;
 pub mod recurrent;
 pub mod recurrent_grad;

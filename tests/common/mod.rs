@@ -12,6 +12,7 @@
 #![allow(dead_code)]
 
 pub mod grad;
+pub mod packed;
 
 use std::io::Write as _;
 use std::sync::OnceLock;
