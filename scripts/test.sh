@@ -58,3 +58,6 @@ fi
 # The API documentation builds without a warning (broken or ambiguous links,
 # links to private items): what `cargo doc` shows a user is checked too.
 RUSTDOCFLAGS="-D warnings" cargo doc --release "${features[@]}" --no-deps
+# And the internals' documentation (private items): the same link and HTML
+# checks, for the comments a contributor reads.
+RUSTDOCFLAGS="-D warnings" cargo doc --release "${features[@]}" --no-deps --document-private-items

@@ -235,7 +235,7 @@ fn stage_query(
     qt
 }
 
-/// acc[n][v] += Σ_m sc[n][m] v[m][v], m ascending (as the kernel's P·V).
+/// `acc[n][v] += Σ_m sc[n][m] v[m][v]`, m ascending (as the kernel's P·V).
 #[allow(clippy::too_many_arguments)]
 fn score_times_v(
     p: &Problem<'_, f32>,

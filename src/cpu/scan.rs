@@ -114,7 +114,7 @@ pub(crate) fn step(a: C32, kv: f32, h: C32) -> C32 {
     apply(a, C32::new(kv, 0.0), h)
 }
 
-/// `earlier • later` into `later`: (A, B[V]) with one A for all columns.
+/// `earlier • later` into `later`: (A, `B[V]`) with one A for all columns.
 #[inline(always)]
 pub(crate) fn combine_into(earlier_a: C32, earlier_b: &[C32], later_a: &mut C32, later_b: &mut [C32]) {
     for (lb, &eb) in later_b.iter_mut().zip(earlier_b) {
@@ -311,7 +311,7 @@ impl Block<'_, '_> {
         RowScan { a, kk, scan }
     }
 
-    /// The reduce kernel for one chunk: (A[k], B[k][v]).
+    /// The reduce kernel for one chunk: (`A[k]`, `B[k][v]`).
     fn reduce(&self, chunk: usize) -> (Vec<C32>, Vec<C32>) {
         #[cfg(target_arch = "x86_64")]
         if std::is_x86_feature_detected!("fma") {

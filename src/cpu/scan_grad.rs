@@ -216,7 +216,7 @@ impl Head<'_, '_> {
         block_scan(&a_rev, &q_rev, &cd.dy_rev, cd.threads, cd.s_len, self.p.dims.value_dim)
     }
 
-    /// Launch 2 for one chunk: its reverse aggregate (A[k], B[k][v]).
+    /// Launch 2 for one chunk: its reverse aggregate (`A[k]`, `B[k][v]`).
     fn reverse_reduce(&self, chunk: usize) -> (Vec<C32>, Vec<C32>) {
         #[cfg(target_arch = "x86_64")]
         if std::is_x86_feature_detected!("fma") {

@@ -42,7 +42,7 @@ thread_local! {
 
 /// What every launcher does with the result of enqueuing a kernel: maps a
 /// driver error to a [`GpuError`] naming the launch (`label`: "launching
-/// <kernel>[ (what)]"), then, when the thread is inside `recorded`, records an
+/// KERNEL[ (WHAT)]"), then, when the thread is inside `recorded`, records an
 /// event on `stream` for the phase named by what follows "launching ", with
 /// `function` and `config` (what `launch` was enqueued with). So each launch
 /// names itself once, for its error and for its timing.
