@@ -9,6 +9,7 @@
 //! | `v`        | `[B, L, H, V]`                         | q's        |
 //! | `log_gate` | `[B, L, H, K, 2]` or `[B, L, H, 1, 2]` (per-head gate) | q's, or F32 when q is F16/BF16 |
 //! | `h0` (optional) | `[B, H, K, V, 2]`                 | as log_gate |
+//! | `cu_seqlens` (optional) | `[N + 1]`                  | I64 or I32 |
 //!
 //! Complex tensors carry a trailing dimension of 2, `(re, im)`. q's dtype,
 //! the file's *element* dtype, picks the precision of a run. An F32 or F64
@@ -24,6 +25,16 @@
 //!
 //! Values are checked with [`Problem::check_all_finite`]: Re(log_gate) ≤ 0
 //! (−∞ allowed, a reset), finite phases, finite q, k, v and h0.
+//!
+//! `cu_seqlens` says that the file holds N variable-length sequences packed
+//! into one batch row (B = 1), sequence i at steps `cu_seqlens[i] ..
+//! cu_seqlens[i + 1]` (fla's convention): the reader writes a reset gate at
+//! the first step of every sequence but the first
+//! ([`crate::packing::reset_sequence_starts`]), so every mode computes each
+//! sequence as if it ran alone; h0 is the first sequence's initial state,
+//! h_final the last one's final state. Offsets that are not 0 first, L
+//! last and strictly increasing, or B > 1, are a [`FileError::Value`]
+//! naming the offset.
 //!
 //! ## Output files
 //!
@@ -59,6 +70,9 @@ use crate::testing::OwnedProblem;
 pub const REQUIRED: [&str; 4] = ["q", "k", "v", "log_gate"];
 /// The tensors an input file may hold.
 pub const OPTIONAL: [&str; 1] = ["h0"];
+/// The optional tensor of sequence offsets (see the module docs): integers,
+/// read apart from the problem's floating-point tensors.
+pub const CU_SEQLENS: &str = "cu_seqlens";
 /// The complex tensors of input files (trailing 2): beside a 16-bit q they
 /// may be F32, the precision the kernels take them in.
 const COMPLEX: [&str; 3] = ["log_gate", "h0", "dh_final"];
@@ -617,7 +631,7 @@ fn parse_with(
     let optional: Vec<&'static str> = OPTIONAL.iter().chain(extra_optional).copied().collect();
 
     let mut unknown: Vec<&str> =
-        names.iter().copied().filter(|n| !required.contains(n) && !optional.contains(n)).collect();
+        names.iter().copied().filter(|n| !required.contains(n) && !optional.contains(n) && *n != CU_SEQLENS).collect();
     unknown.sort_unstable();
     let mut found: Vec<&str> = names.clone();
     found.sort_unstable();
@@ -715,13 +729,15 @@ fn parse_with(
             _ => widen_f32(name, bytes).into_iter().map(f64::from).collect(),
         }
     };
+    let cu_seqlens = st.tensor(CU_SEQLENS).ok().map(|view| read_offsets(&view, file)).transpose()?;
+    let cu_seqlens = cu_seqlens.as_deref();
     let loaded = if element == Dtype::F64 {
         let p = assemble(dims, &req, data("h0"), |name, b| widen(name, b))?;
-        check_values(&p, file)?;
+        let p = packed(check_values(p, file)?, cu_seqlens, file)?;
         LoadedProblem::F64(p)
     } else {
         let p = assemble(dims, &req, data("h0"), widen_f32)?;
-        check_values(&p, file)?;
+        let p = packed(check_values(p, file)?, cu_seqlens, file)?;
         match HalfDtype::of(element) {
             Some(h) => LoadedProblem::Half(h, p),
             None => LoadedProblem::F32(p),
@@ -813,10 +829,60 @@ fn assemble<'b, T: Real>(
     })
 }
 
-fn check_values<T: Real>(p: &OwnedProblem<T>, file: &str) -> Result<(), FileError> {
+fn check_values<T: Real>(p: OwnedProblem<T>, file: &str) -> Result<OwnedProblem<T>, FileError> {
     let view = p.view();
     view.validate().map_err(|source| FileError::Value { file: file.to_string(), source })?;
-    view.check_all_finite().map_err(|source| FileError::Value { file: file.to_string(), source })
+    view.check_all_finite().map_err(|source| FileError::Value { file: file.to_string(), source })?;
+    Ok(p)
+}
+
+/// The offsets of a `cu_seqlens` tensor: rank 1, I64 or I32, none negative
+/// (their order and range are checked against the problem by [`packed`]).
+fn read_offsets(view: &TensorView<'_>, file: &str) -> Result<Vec<usize>, FileError> {
+    let values: Vec<i64> = match view.dtype() {
+        Dtype::I64 => view.data().chunks_exact(8).map(|b| i64::from_le_bytes(b.try_into().unwrap())).collect(),
+        Dtype::I32 => view.data().chunks_exact(4).map(|b| i32::from_le_bytes(b.try_into().unwrap()).into()).collect(),
+        other => {
+            return Err(FileError::Dtype {
+                file: file.to_string(),
+                name: CU_SEQLENS.to_string(),
+                found: dtype_name(other),
+                accepted: "I64 or I32 (sequence offsets)",
+            });
+        }
+    };
+    if view.shape().len() != 1 {
+        return Err(FileError::Shape {
+            file: file.to_string(),
+            name: CU_SEQLENS,
+            expected: "[N + 1] (the offsets of N sequences, 0 first, L last)".into(),
+            actual: shape_str(view.shape()),
+        });
+    }
+    values
+        .iter()
+        .enumerate()
+        .map(|(index, &x)| {
+            usize::try_from(x).map_err(|_| FileError::Value {
+                file: file.to_string(),
+                source: InputError::Value { name: CU_SEQLENS, index, value: x.to_string(), why: "offsets are ≥ 0" },
+            })
+        })
+        .collect()
+}
+
+/// `p` with reset gates at the starts of the sequences `cu_seqlens` packs
+/// (unchanged without it).
+fn packed<T: Real>(
+    mut p: OwnedProblem<T>,
+    cu_seqlens: Option<&[usize]>,
+    file: &str,
+) -> Result<OwnedProblem<T>, FileError> {
+    if let Some(cu) = cu_seqlens {
+        crate::packing::reset_sequence_starts(&p.dims, cu, &mut p.log_gate)
+            .map_err(|source| FileError::Value { file: file.to_string(), source })?;
+    }
+    Ok(p)
 }
 
 /// Reads every tensor of a safetensors file as f64, by name. Accepts F32,

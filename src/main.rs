@@ -38,8 +38,11 @@ enum Command {
     /// Exit 2 on bad input or usage, 1 on a runtime failure.
     ///
     /// The input holds q, k [B,L,H,K], v [B,L,H,V], log_gate [B,L,H,K,2] or
-    /// [B,L,H,1,2], optional h0 [B,H,K,V,2], all F32 or F64; its dtype picks
-    /// the precision (and the output's dtype).
+    /// [B,L,H,1,2], optional h0 [B,H,K,V,2], in F32, F64, F16 or BF16
+    /// (log_gate and h0 may be F32 beside 16-bit q, k, v); q's dtype picks
+    /// the precision (and the output's dtype). An optional `cu_seqlens`
+    /// [N+1] (I64 or I32) packs N sequences into one batch row (B = 1),
+    /// each computed as if alone (reset gates at their starts).
     Run {
         /// Input safetensors file.
         #[arg(long, short)]
@@ -51,7 +54,8 @@ enum Command {
         /// as measured, per device, precision and shape).
         #[arg(long, short, value_enum, default_value_t = CliMode::Chunked)]
         mode: CliMode,
-        /// Where to compute (cuda: F32 inputs, recurrent mode).
+        /// Where to compute (cuda: the mode's CUDA kernel, F32, F16 or BF16
+        /// inputs).
         #[arg(long, short, value_enum, default_value_t = Device::Cpu)]
         device: Device,
         /// Compute this many times and report the median time (the output is

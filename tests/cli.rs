@@ -637,3 +637,99 @@ fn fuzz_targets_select_forward_and_gradient_checks() {
     assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
     assert!(stderr(&o).contains("oracle"), "{}", stderr(&o));
 }
+
+/// `cu_seqlens` (I64 or I32, `[N + 1]`) in an input file packs N sequences
+/// into its one batch row: `run` computes each as if it ran alone (the f64
+/// recurrence: exactly the sequences' own outputs; h_final the last
+/// one's), and `grad` likewise (dq of each sequence its own); bad offsets
+/// are refused with exit 2, naming the tensor and the offset.
+#[test]
+fn cu_seqlens_packs_sequences_that_run_as_if_alone() {
+    let dir = TempDir::new("packed");
+    let lens = [5, 1, 9];
+    let parts: Vec<OwnedProblem<f64>> = lens
+        .iter()
+        .enumerate()
+        .map(|(i, &l)| random_problem(dims(1, l, 2, 3, 2, false), GateRegime::UnitModulus, i == 0, 8100 + i as u64))
+        .collect();
+    let cat = |f: &dyn Fn(&OwnedProblem<f64>) -> Vec<f64>| -> Vec<f64> { parts.iter().flat_map(f).collect() };
+    let d = dims(1, 15, 2, 3, 2, false);
+    let bytes = |x: &[f64]| -> Vec<u8> { x.iter().flat_map(|v| v.to_le_bytes()).collect() };
+    let gates = cat(&|p| interleave(&p.log_gate));
+    let mut raw: Raw = vec![
+        ("q", Dtype::F64, d.qk_shape().to_vec(), bytes(&cat(&|p| p.q.clone()))),
+        ("k", Dtype::F64, d.qk_shape().to_vec(), bytes(&cat(&|p| p.k.clone()))),
+        ("v", Dtype::F64, d.v_shape().to_vec(), bytes(&cat(&|p| p.v.clone()))),
+        ("log_gate", Dtype::F64, vec![1, 15, 2, 3, 2], bytes(&gates)),
+        ("h0", Dtype::F64, vec![1, 2, 3, 2, 2], bytes(&interleave(parts[0].h0.as_ref().unwrap()))),
+        ("cu_seqlens", Dtype::I64, vec![4], [0i64, 5, 6, 15].iter().flat_map(|x| x.to_le_bytes()).collect()),
+    ];
+    let input = dir.path("packed.safetensors");
+    std::fs::write(&input, to_bytes(&raw)).unwrap();
+    let output = dir.path("packed-out.safetensors");
+    let o = run_mode(&input, &output, "recurrent");
+    assert!(o.status.success(), "{}", stderr(&o));
+    let (y, h) = read_outputs(&output, &d, Dtype::F64);
+    let alone: Vec<_> = parts.iter().map(|p| reference::recurrent::forward(&p.view()).unwrap()).collect();
+    assert_eq!(y.data, alone.iter().flat_map(|o| o.y.clone()).collect::<Vec<f64>>());
+    assert_eq!(h.data, interleave(&alone[2].h_final));
+    // Without cu_seqlens the state crosses the boundaries (|a| = 1).
+    let unpacked: Raw = raw.iter().filter(|t| t.0 != "cu_seqlens").cloned().collect();
+    std::fs::write(&input, to_bytes(&unpacked)).unwrap();
+    assert!(run_mode(&input, &output, "recurrent").status.success());
+    assert_ne!(read_outputs(&output, &d, Dtype::F64).0.data, y.data);
+
+    // grad: dq of the packed file is the sequences' own, concatenated.
+    let dy: Vec<f64> = (0..d.v_len()).map(|i| (i as f64 * 0.7).sin()).collect();
+    let mut grad_raw = raw.clone();
+    grad_raw.push(("dy", Dtype::F64, d.v_shape().to_vec(), bytes(&dy)));
+    std::fs::write(&input, to_bytes(&grad_raw)).unwrap();
+    let o = gateloop(&["grad", "--input", s(&input), "--output", s(&output), "--mode", "recurrent"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let dq = io::read_tensors_f64(&output).unwrap().remove("dq").unwrap().data;
+    let mut t0 = 0;
+    let mut want = Vec::new();
+    for p in &parts {
+        let n = p.dims.v_len();
+        want.extend(reference::grad::backward(&p.view(), &dy[t0..t0 + n], None).unwrap().dq);
+        t0 += n;
+    }
+    assert_eq!(dq, want);
+
+    // Refused: offsets that miss L, decrease, are negative, of another
+    // dtype or rank; a file with two batch rows.
+    let i64s = |x: &[i64]| -> Vec<u8> { x.iter().flat_map(|x| x.to_le_bytes()).collect() };
+    type Refusal = (&'static str, Dtype, Vec<usize>, Vec<u8>, &'static [&'static str]);
+    let cases: [Refusal; 6] = [
+        ("short", Dtype::I64, vec![3], i64s(&[0, 5, 14]), &["cu_seqlens", "element 2", "the last offset must be L"]),
+        ("order", Dtype::I64, vec![4], i64s(&[0, 6, 5, 15]), &["cu_seqlens", "element 2", "increase strictly"]),
+        ("negative", Dtype::I64, vec![3], i64s(&[0, -5, 15]), &["cu_seqlens", "element 1", "≥ 0"]),
+        ("float", Dtype::F32, vec![2], f32_bytes(2, 0.0), &["cu_seqlens", "F32", "I64 or I32"]),
+        (
+            "rank",
+            Dtype::I32,
+            vec![1, 2],
+            [0i32, 15].iter().flat_map(|x| x.to_le_bytes()).collect(),
+            &["cu_seqlens", "[1, 2]"],
+        ),
+        (
+            "i32",
+            Dtype::I32,
+            vec![2],
+            [0i32, 14].iter().flat_map(|x| x.to_le_bytes()).collect(),
+            &["the last offset must be L"],
+        ),
+    ];
+    for (tag, dtype, shape, b, needles) in cases {
+        set(&mut raw, "cu_seqlens", dtype, shape, b);
+        expect_refused(&dir, tag, &to_bytes(&raw), needles);
+    }
+    let mut batched = valid_raw();
+    batched.push(("cu_seqlens", Dtype::I32, vec![2], [0i32, 3].iter().flat_map(|x| x.to_le_bytes()).collect()));
+    for t in batched.iter_mut().filter(|t| t.0 != "cu_seqlens") {
+        let n = t.3.len();
+        t.3 = t.3.iter().cycle().take(2 * n).copied().collect();
+        t.2[0] = 2; // B
+    }
+    expect_refused(&dir, "batched", &to_bytes(&batched), &["batch", "B = 1"]);
+}
