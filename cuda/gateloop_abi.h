@@ -73,6 +73,9 @@
 #define GATELOOP_RECURRENT_VALUE_TILE 32
 /* Most warps (key groups) in one recurrent thread block. */
 #define GATELOOP_RECURRENT_MAX_KEY_GROUPS 16
+/* Dynamic shared memory of a recurrent block beyond its chunk's staging:
+ * the block's sequence, its first step and length (two int64). */
+#define GATELOOP_RECURRENT_SEQUENCE_BYTES 16
 /* Largest number of state rows one recurrent thread keeps in registers. */
 #define GATELOOP_RECURRENT_MAX_ROWS 16
 /* The recurrent kernel's ahead staging (gateloop_recurrent_ahead_*): a
@@ -115,7 +118,8 @@ GATELOOP_ABI_ASSERT(sizeof(GateloopStateStrides) == 24, "GateloopStateStrides la
  *   grid.x  = B · H · ceil(V / GATELOOP_RECURRENT_VALUE_TILE), flattened;
  *   block   = (GATELOOP_RECURRENT_VALUE_TILE, key_groups, 1);
  *   dynamic shared memory = chunk_len · (16 · padded_key_dim
- *                           + 4 · VALUE_TILE · (1 + key_groups)) bytes;
+ *                           + 4 · VALUE_TILE · (1 + key_groups))
+ *                           + GATELOOP_RECURRENT_SEQUENCE_BYTES bytes;
  *   the entry point gateloop_recurrent_{dtype}_r{R} (batched staging) or
  *   gateloop_recurrent_ahead_{dtype}_r{R} (ahead staging), dtype in {f32,
  *   f16, bf16} (of q, k, v, y), R in {1, 2, 4, 8, 16}
@@ -129,6 +133,14 @@ GATELOOP_ABI_ASSERT(sizeof(GateloopStateStrides) == 24, "GateloopStateStrides la
  * gateloop_recurrent_real_{dtype}_r{R} and gateloop_recurrent_real_ahead_
  * {dtype}_r{R} take the same parameters and geometry with real gates:
  * log_gate, h0 and h_final real f32 (their strides count f32 elements).
+ *
+ * Packed variable-length sequences (cu_seqlens non-NULL; NULL otherwise, and
+ * always in the backward's embedded `fwd`): dims.batch = N sequences, packed
+ * along time into batch row 0 of q, k, v, log_gate and y ([1, dims.len, H,
+ * D]); sequence b is the steps from offset b to offset b + 1 of
+ * cu_seqlens in that row (the host checked that the N + 1 offsets rise
+ * strictly from 0 to dims.len), starts from state b of h0 (or 0) and ends in
+ * state b of h_final ([N, H, K, V]).
  */
 typedef struct GateloopRecurrentParams {
     /* Inputs (device pointers). */
@@ -140,6 +152,7 @@ typedef struct GateloopRecurrentParams {
     /* Outputs (device pointers). */
     void *y;              /* [B, L, H, V] dtype */
     float *h_final;       /* [B, H, K, V] complex f32 (and the initial state if STATE_IN_PLACE) */
+    const int64_t *cu_seqlens; /* [B + 1] step offsets of packed sequences, or NULL (above) */
 
     GateloopDims dims;
     GateloopSeqStrides q_strides;
@@ -157,7 +170,7 @@ typedef struct GateloopRecurrentParams {
     int32_t chunk_len;       /* time steps staged in shared memory at once, ≥ 1 */
     int32_t value_tiles;     /* ceil(V / VALUE_TILE) */
 } GateloopRecurrentParams;
-GATELOOP_ABI_ASSERT(sizeof(GateloopRecurrentParams) == 56 + 48 + 5 * 24 + 2 * 24 + 24,
+GATELOOP_ABI_ASSERT(sizeof(GateloopRecurrentParams) == 64 + 48 + 5 * 24 + 2 * 24 + 24,
                     "GateloopRecurrentParams layout");
 
 /*

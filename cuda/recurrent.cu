@@ -107,23 +107,42 @@ __device__ __forceinline__ void recurrent_forward(const GateloopRecurrentParams&
 
     const int64_t key_dim = p.dims.key_dim;
     const int64_t value_dim = p.dims.value_dim;
-    const int64_t len = p.dims.len;
     const bool per_head_gate = p.dims.gate_dim == 1;
     const int64_t col0 = tile * kValueTile;
     const int64_t col = col0 + lane;
     const bool col_ok = col < value_dim;
 
-    const input_t* __restrict__ q = seq_row<input_t>(p.q, p.q_strides, b, h);
-    const input_t* __restrict__ k = seq_row<input_t>(p.k, p.k_strides, b, h);
-    const input_t* __restrict__ v = seq_row<input_t>(p.v, p.v_strides, b, h);
+    // The block's sequence: batch row b, steps 0 .. L; or packed (the ABI
+    // header), sequence b = steps first .. first + len of batch row 0, whose
+    // rows below start at step `first` (the state stays indexed by b).
+    // Its first step and length are kept in shared memory (the last
+    // GATELOOP_RECURRENT_SEQUENCE_BYTES of the block's, after the partial
+    // readouts below) and read where needed (the compiler reloads them after
+    // each barrier), so they cost no register across the recurrence (held
+    // in registers, they made ptxas spill).
+    extern __shared__ float4 smem[];
+    int64_t* seq_s =
+        reinterpret_cast<int64_t*>(reinterpret_cast<float*>(smem + chunk * kp) + chunk * kValueTile * (1 + key_groups));
+    const int64_t& seq_first_s = seq_s[0];
+    const int64_t& seq_len_s = seq_s[1];
+    const bool packed = p.cu_seqlens != nullptr;
+    if (tid == 0) {
+        seq_s[0] = packed ? p.cu_seqlens[b] : 0;
+        seq_s[1] = packed ? p.cu_seqlens[b + 1] - p.cu_seqlens[b] : p.dims.len;
+    }
+    __syncthreads();
+    const int64_t seq_b = packed ? 0 : b;
+    const input_t* __restrict__ q = seq_row<input_t>(p.q, p.q_strides, seq_b, h);
+    const input_t* __restrict__ k = seq_row<input_t>(p.k, p.k_strides, seq_b, h);
+    const input_t* __restrict__ v = seq_row<input_t>(p.v, p.v_strides, seq_b, h);
     // log_gate is complex f32 for every input type (real f32: !kComplex).
     const float* __restrict__ gate =
-        kComplex ? complex_seq_row(p.log_gate, p.gate_strides, b, h) : seq_row<float>(p.log_gate, p.gate_strides, b, h);
-    input_t* __restrict__ y = seq_row_mut<input_t>(p.y, p.y_strides, b, h);
+        kComplex ? complex_seq_row(p.log_gate, p.gate_strides, seq_b, h) : seq_row<float>(p.log_gate, p.gate_strides, seq_b, h);
+    input_t* __restrict__ y = seq_row_mut<input_t>(p.y, p.y_strides, seq_b, h);
 
     // Shared memory: [chunk][kp] float4 {Re a, Im a, k, q}, then [chunk][32]
-    // v, then [chunk][key_groups][32] partial readouts.
-    extern __shared__ float4 smem[];
+    // v, then [chunk][key_groups][32] partial readouts, then the sequence
+    // (above).
     float4* __restrict__ stage = smem;
     float* __restrict__ v_s = reinterpret_cast<float*>(stage + chunk * kp);
     float* __restrict__ part_s = v_s + chunk * kValueTile;
@@ -162,7 +181,7 @@ __device__ __forceinline__ void recurrent_forward(const GateloopRecurrentParams&
         const int row = idx - tt * kp;
         Raw r{make_float2(0.f, 0.f), 0.f, 0.f, row < key_dim};
         if (r.live) {
-            const int64_t t = t0 + tt;
+            const int64_t t = seq_first_s + t0 + tt;
             const int64_t at = t * p.gate_strides.time + (per_head_gate ? 0 : row);
             r.g = load_gate_side<kComplex>(gate, at);
             r.k = Tr::load(k, t * p.k_strides.time + row);
@@ -182,7 +201,7 @@ __device__ __forceinline__ void recurrent_forward(const GateloopRecurrentParams&
     auto fetch_value = [&](int64_t t0, int idx) {
         const int tt = idx / kValueTile;
         const int64_t c = col0 + (idx - tt * kValueTile);
-        return c < value_dim ? Tr::load(v, (t0 + tt) * p.v_strides.time + c) : 0.f;
+        return c < value_dim ? Tr::load(v, (seq_first_s + t0 + tt) * p.v_strides.time + c) : 0.f;
     };
     auto put_value = [&](int idx, float x) { v_s[idx] = x; };
 
@@ -218,12 +237,13 @@ __device__ __forceinline__ void recurrent_forward(const GateloopRecurrentParams&
     };
 
     if constexpr (kAhead) {
-        const int n = static_cast<int>(min(static_cast<int64_t>(chunk), len));
+        const int n = static_cast<int>(min(static_cast<int64_t>(chunk), seq_len_s));
         fetch_ahead(0, n);
         put_ahead(n);
         __syncthreads();
     }
-    for (int64_t t0 = 0; t0 < len; t0 += chunk) {
+    for (int64_t t0 = 0; t0 < seq_len_s; t0 += chunk) {
+        const int64_t len = seq_len_s;
         const int n = static_cast<int>(min(static_cast<int64_t>(chunk), len - t0));
         const int64_t t1 = t0 + chunk;
         const int n_next = t1 < len ? static_cast<int>(min(static_cast<int64_t>(chunk), len - t1)) : 0;
@@ -290,7 +310,7 @@ __device__ __forceinline__ void recurrent_forward(const GateloopRecurrentParams&
                 const float* ps = part_s + tt * key_groups * kValueTile + c;
                 float sum = 0.f;
                 for (int j = 0; j < key_groups; ++j) sum += ps[j * kValueTile];
-                Tr::store(y, (t0 + tt) * p.y_strides.time + cc, sum);
+                Tr::store(y, (seq_first_s + t0 + tt) * p.y_strides.time + cc, sum);
             }
         }
 

@@ -19,12 +19,15 @@
 //! computed for those steps are overwritten (they multiply the state a
 //! sequence starts from, which is zero when it runs alone).
 //!
-//! What packing does not give: per-sequence initial and final states. `h0`
-//! is the first sequence's initial state, `h_final` the last sequence's
-//! final state (`dh0` and `dh_final` likewise); the states of the others
-//! start at zero and are not returned. For a per-sequence state, run the
-//! sequences as separate problems (or decode each from its own state:
-//! [`crate::cuda::recurrent::decode_into`]).
+//! What resets do not give: per-sequence initial and final states. `h0` is
+//! the first sequence's initial state, `h_final` the last sequence's final
+//! state (`dh0` and `dh_final` likewise); the states of the others start at
+//! zero and are not returned. For a state per sequence (prefilling a batch
+//! of prompts, then decoding each), the recurrent kernel takes the offsets
+//! itself: [`crate::cuda::recurrent::forward_varlen_into`] runs every
+//! sequence from its own h0 to its own h_final in one launch, and
+//! [`crate::cuda::recurrent::decode_into`] with one batch row per sequence
+//! continues them.
 //!
 //! ```
 //! use gateloop::cpu::chunked::{self, ChunkParams};

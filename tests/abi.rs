@@ -30,7 +30,7 @@ fn shared_structs_layout() {
 fn recurrent_params_layout() {
     type P = GateloopRecurrentParams;
     // Pinned in the header too (GATELOOP_ABI_ASSERT), for nvcc and the C compiler.
-    assert_eq!(size_of::<P>(), 296);
+    assert_eq!(size_of::<P>(), 304);
     assert_eq!(align_of::<P>(), 8);
     assert_eq!(offset_of!(P, q), 0);
     assert_eq!(offset_of!(P, k), 8);
@@ -39,20 +39,21 @@ fn recurrent_params_layout() {
     assert_eq!(offset_of!(P, h0), 32);
     assert_eq!(offset_of!(P, y), 40);
     assert_eq!(offset_of!(P, h_final), 48);
-    assert_eq!(offset_of!(P, dims), 56);
-    assert_eq!(offset_of!(P, q_strides), 104);
-    assert_eq!(offset_of!(P, k_strides), 128);
-    assert_eq!(offset_of!(P, v_strides), 152);
-    assert_eq!(offset_of!(P, gate_strides), 176);
-    assert_eq!(offset_of!(P, y_strides), 200);
-    assert_eq!(offset_of!(P, h0_strides), 224);
-    assert_eq!(offset_of!(P, h_final_strides), 248);
-    assert_eq!(offset_of!(P, flags), 272);
-    assert_eq!(offset_of!(P, dtype), 276);
-    assert_eq!(offset_of!(P, key_groups), 280);
-    assert_eq!(offset_of!(P, padded_key_dim), 284);
-    assert_eq!(offset_of!(P, chunk_len), 288);
-    assert_eq!(offset_of!(P, value_tiles), 292);
+    assert_eq!(offset_of!(P, cu_seqlens), 56);
+    assert_eq!(offset_of!(P, dims), 64);
+    assert_eq!(offset_of!(P, q_strides), 112);
+    assert_eq!(offset_of!(P, k_strides), 136);
+    assert_eq!(offset_of!(P, v_strides), 160);
+    assert_eq!(offset_of!(P, gate_strides), 184);
+    assert_eq!(offset_of!(P, y_strides), 208);
+    assert_eq!(offset_of!(P, h0_strides), 232);
+    assert_eq!(offset_of!(P, h_final_strides), 256);
+    assert_eq!(offset_of!(P, flags), 280);
+    assert_eq!(offset_of!(P, dtype), 284);
+    assert_eq!(offset_of!(P, key_groups), 288);
+    assert_eq!(offset_of!(P, padded_key_dim), 292);
+    assert_eq!(offset_of!(P, chunk_len), 296);
+    assert_eq!(offset_of!(P, value_tiles), 300);
 }
 
 #[test]

@@ -139,3 +139,221 @@ fn resets_written_on_the_device_equal_the_host_ones() {
         assert_eq!(stream.clone_dtoh(&buf).unwrap(), common::flat(&gates), "a refused call wrote");
     }
 }
+
+/// The recurrent kernel over packed sequences, each with its own state
+/// (`recurrent::forward_varlen_into`, `forward_varlen_real_into`): one
+/// launch gives every sequence's y and h_final bit for bit as the kernel on
+/// that sequence alone (h0[i] its initial state), for complex and real
+/// gates, f32 and bf16, every launch choice; within the f64 reference's
+/// bounds; and decoding continues every sequence from its state. Bad offsets
+/// and states sized for one sequence are refused, naming them.
+#[test]
+fn varlen_recurrence_equals_each_sequence_alone() {
+    let Some(gpu) = common::gpu_or_skip() else { return };
+    varlen::<f32>(gpu);
+    varlen::<bf16>(gpu);
+}
+
+fn varlen<T: Element>(gpu: &Gpu) {
+    use gateloop::cuda::recurrent::{self, RecurrentConfig, RecurrentRows, RecurrentStaging};
+    use gateloop::cuda::{DeviceInputs, DeviceOutputs};
+    use gateloop::testing::random_problem;
+    let s = gpu.context().new_stream().unwrap();
+    let configs =
+        [RecurrentConfig::default(), RecurrentConfig { staging: RecurrentStaging::Ahead, rows: RecurrentRows::Four }];
+    let (lens, heads, kd, vd) = ([1usize, 63, 64, 65, 130, 17], 2, 8, 40);
+    for (case, (per_head, real)) in [(false, false), (true, false), (false, true), (true, true)].into_iter().enumerate()
+    {
+        let regime = if real { GateRegime::StrongDecay(40.0) } else { GateRegime::LargePhase(50.0) };
+        // Each sequence with DECODE more steps, decoded after the prefill.
+        const DECODE: usize = 2;
+        let extended: Vec<_> = lens
+            .iter()
+            .enumerate()
+            .map(|(i, &l)| {
+                let p = random_problem(
+                    dims(1, l + DECODE, heads, kd, vd, per_head),
+                    regime,
+                    true,
+                    9400 + 10 * case as u64 + i as u64,
+                );
+                let p = if real { common::real_gates(p) } else { p };
+                dtype_support::rounded_to::<T>(&p).map(|x| x as f32)
+            })
+            .collect();
+        let parts: Vec<_> = extended
+            .iter()
+            .zip(lens)
+            .map(|(p, l)| gateloop::testing::OwnedProblem { h0: p.h0.clone(), ..p.steps(0, l) })
+            .collect();
+        let cu: Vec<usize> = std::iter::once(0)
+            .chain(lens.iter().scan(0, |e, l| {
+                *e += l;
+                Some(*e)
+            }))
+            .collect();
+        let n = lens.len();
+        let d = dims(1, cu[n], heads, kd, vd, per_head);
+        let cat = |f: &dyn Fn(&gateloop::testing::OwnedProblem<f32>) -> Vec<f32>| -> Vec<f32> {
+            parts.iter().flat_map(f).collect()
+        };
+        let to_t = |x: Vec<f32>| -> Vec<T> { x.into_iter().map(T::from_f32).collect() };
+        let q = s.clone_htod(&to_t(cat(&|p| p.q.clone()))).unwrap();
+        let k = s.clone_htod(&to_t(cat(&|p| p.k.clone()))).unwrap();
+        let v = s.clone_htod(&to_t(cat(&|p| p.v.clone()))).unwrap();
+        let g = s.clone_htod(&cat(&|p| common::gate_side(&p.log_gate, real))).unwrap();
+        let h0 = s.clone_htod(&cat(&|p| common::gate_side(p.h0.as_ref().unwrap(), real))).unwrap();
+        let state_floats = if real { 1 } else { 2 } * n * heads * kd * vd;
+        for config in configs {
+            let label = format!("{} per_head={per_head} real={real} {config:?}", T::DTYPE);
+            let mut y = s.clone_htod(&vec![T::nan(); d.v_len()]).unwrap();
+            let mut h = s.clone_htod(&vec![f32::NAN; state_floats]).unwrap();
+            let inputs = DeviceInputs { q: &q, k: &k, v: &v, log_gate: &g, h0: Some(&h0) };
+            let out = DeviceOutputs { y: &mut y, h_final: &mut h };
+            let run = if real { recurrent::forward_varlen_real_into::<T> } else { recurrent::forward_varlen_into::<T> };
+            run(gpu, &s, &d, &cu, config, inputs, out).unwrap_or_else(|e| panic!("{label}: {e}"));
+            let y: Vec<f32> = s.clone_dtoh(&y).unwrap().into_iter().map(|x| x.to_f32()).collect();
+            let h = common::from_gate_side(&s.clone_dtoh(&h).unwrap(), real);
+            // Each sequence alone through the same kernel: the same bits.
+            let (mut y_alone, mut h_alone) = (Vec::new(), Vec::new());
+            for p in &parts {
+                let o = if real {
+                    recurrent::forward_real_host_as::<T>(gpu, &p.view(), config)
+                } else {
+                    recurrent::forward_host_with::<T>(gpu, &p.view(), config)
+                }
+                .unwrap();
+                y_alone.extend(o.y);
+                h_alone.extend(o.h_final);
+            }
+            let bits = |x: &[f32]| x.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+            assert_eq!(bits(&y), bits(&y_alone), "{label}: y");
+            assert_eq!(h, h_alone, "{label}: h_final");
+            // And the reference, sequence by sequence.
+            let want: Vec<_> = parts
+                .iter()
+                .map(|p| gateloop::reference::recurrent::forward(&p.map(f64::from).view()).unwrap())
+                .collect();
+            let y_ref: Vec<f64> = want.iter().flat_map(|o| o.y.clone()).collect();
+            let h_ref: Vec<Complex<f64>> = want.iter().flat_map(|o| o.h_final.clone()).collect();
+            let (yb, _) = (y_bounds(T::DTYPE), ());
+            common::assert_within(&label, "y", &gateloop::compare(&y, &y_ref), yb.0, yb.1);
+            common::assert_within(&label, "h_final", &gateloop::compare_complex(&h, &h_ref), REL, ABS_FRAC);
+        }
+        // Decoding continues every sequence from its state: DECODE steps of
+        // all N at once (B = N), the same bits as the kernel over each whole
+        // extended sequence.
+        let mut state =
+            s.clone_htod(&common::gate_side(&h_of(gpu, &s, &d, &cu, real, &q, &k, &v, &g, &h0), real)).unwrap();
+        let steps: Vec<_> = extended.iter().zip(lens).map(|(p, l)| p.steps(l, DECODE)).collect();
+        let dd = dims(n, DECODE, heads, kd, vd, per_head);
+        let cat_steps = |f: &dyn Fn(&gateloop::testing::OwnedProblem<f32>) -> Vec<f32>| -> Vec<f32> {
+            steps.iter().flat_map(f).collect()
+        };
+        let (dq, dk, dv) = (
+            s.clone_htod(&to_t(cat_steps(&|p| p.q.clone()))).unwrap(),
+            s.clone_htod(&to_t(cat_steps(&|p| p.k.clone()))).unwrap(),
+            s.clone_htod(&to_t(cat_steps(&|p| p.v.clone()))).unwrap(),
+        );
+        let dg = s.clone_htod(&cat_steps(&|p| common::gate_side(&p.log_gate, real))).unwrap();
+        let mut y = s.clone_htod(&vec![T::nan(); dd.v_len()]).unwrap();
+        let inputs = recurrent::DecodeInputs { q: &dq, k: &dk, v: &dv, log_gate: &dg };
+        if real {
+            recurrent::decode_real_into::<T>(gpu, &s, &dd, inputs, &mut y, &mut state).unwrap();
+        } else {
+            recurrent::decode_into::<T>(gpu, &s, &dd, inputs, &mut y, &mut state).unwrap();
+        }
+        let y: Vec<f32> = s.clone_dtoh(&y).unwrap().into_iter().map(|x| x.to_f32()).collect();
+        let row = heads * vd * DECODE;
+        for (i, (p, l)) in extended.iter().zip(lens).enumerate() {
+            let whole = if real {
+                recurrent::forward_real_host_as::<T>(gpu, &p.view(), RecurrentConfig::default())
+            } else {
+                recurrent::forward_host_with::<T>(gpu, &p.view(), RecurrentConfig::default())
+            }
+            .unwrap();
+            let tail = &whole.y[l * heads * vd..];
+            let bits = |x: &[f32]| x.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+            assert_eq!(bits(&y[i * row..(i + 1) * row]), bits(tail), "{} real={real}: decoded sequence {i}", T::DTYPE);
+        }
+        // Refused, naming what is wrong: offsets that miss L; a state sized
+        // for one sequence; y sized for N rows.
+        let mut y = s.clone_htod(&vec![T::nan(); d.v_len()]).unwrap();
+        let mut h = s.clone_htod(&vec![f32::NAN; state_floats]).unwrap();
+        let mut short_h = s.clone_htod(&vec![f32::NAN; state_floats / n]).unwrap();
+        let mut long_y = s.clone_htod(&vec![T::nan(); n * d.v_len()]).unwrap();
+        let run = if real { recurrent::forward_varlen_real_into::<T> } else { recurrent::forward_varlen_into::<T> };
+        let inputs = || DeviceInputs { q: &q, k: &k, v: &v, log_gate: &g, h0: Some(&h0) };
+        let mut bad_cu = cu.clone();
+        bad_cu[n] -= 1;
+        let errors = [
+            run(
+                gpu,
+                &s,
+                &d,
+                &bad_cu,
+                RecurrentConfig::default(),
+                inputs(),
+                DeviceOutputs { y: &mut y, h_final: &mut h },
+            ),
+            run(
+                gpu,
+                &s,
+                &d,
+                &cu,
+                RecurrentConfig::default(),
+                inputs(),
+                DeviceOutputs { y: &mut y, h_final: &mut short_h },
+            ),
+            run(
+                gpu,
+                &s,
+                &d,
+                &cu,
+                RecurrentConfig::default(),
+                inputs(),
+                DeviceOutputs { y: &mut long_y, h_final: &mut h },
+            ),
+        ];
+        assert!(
+            matches!(errors[0], Err(GpuError::Input(InputError::Value { name: "cu_seqlens", .. }))),
+            "{:?}",
+            errors[0]
+        );
+        assert!(
+            matches!(errors[1], Err(GpuError::Input(InputError::Length { name: "h_final", .. }))),
+            "{:?}",
+            errors[1]
+        );
+        assert!(matches!(errors[2], Err(GpuError::Input(InputError::Length { name: "y", .. }))), "{:?}", errors[2]);
+        assert!(s.clone_dtoh(&y).unwrap().iter().all(|x| x.to_f32().is_nan()), "a refused call wrote y");
+    }
+}
+
+/// The states after `forward_varlen_into` (or the real one) with the default
+/// launch choices: `[N, H, K, V]` (Im = 0 for real gates).
+#[allow(clippy::too_many_arguments)]
+fn h_of<T: Element>(
+    gpu: &Gpu,
+    s: &std::sync::Arc<cudarc::driver::CudaStream>,
+    d: &gateloop::Dims,
+    cu: &[usize],
+    real: bool,
+    q: &cudarc::driver::CudaSlice<T>,
+    k: &cudarc::driver::CudaSlice<T>,
+    v: &cudarc::driver::CudaSlice<T>,
+    g: &cudarc::driver::CudaSlice<f32>,
+    h0: &cudarc::driver::CudaSlice<f32>,
+) -> Vec<Complex<f32>> {
+    use gateloop::cuda::recurrent::{self, RecurrentConfig};
+    use gateloop::cuda::{DeviceInputs, DeviceOutputs};
+    let n = cu.len() - 1;
+    let floats = if real { 1 } else { 2 } * n * d.heads * d.key_dim * d.value_dim;
+    let mut y = s.clone_htod(&vec![T::nan(); d.v_len()]).unwrap();
+    let mut h = s.clone_htod(&vec![f32::NAN; floats]).unwrap();
+    let inputs = DeviceInputs { q, k, v, log_gate: g, h0: Some(h0) };
+    let out = DeviceOutputs { y: &mut y, h_final: &mut h };
+    let run = if real { recurrent::forward_varlen_real_into::<T> } else { recurrent::forward_varlen_into::<T> };
+    run(gpu, s, d, cu, RecurrentConfig::default(), inputs, out).unwrap();
+    common::from_gate_side(&s.clone_dtoh(&h).unwrap(), real)
+}

@@ -68,6 +68,10 @@ pub(crate) struct Buffers<'a, T> {
     /// log_gate, h0, h_final are real f32 (the chunked kernel's real-gate
     /// entry), not complex.
     pub real_gates: bool,
+    /// Packed sequences (the recurrent kernel's `cu_seqlens`): q, k, v,
+    /// log_gate and y are one batch row `[1, L, H, *]`, the states `[B, H,
+    /// K, V]` with B = `d.batch` sequences.
+    pub packed: bool,
 }
 
 /// The device addresses of one call, and the guards that order `stream`
@@ -89,7 +93,7 @@ impl<'a, T> Buffers<'a, T> {
         let DeviceInputs { q, k, v, log_gate, h0 } = inputs;
         let state = StateIo::Separate { h0, h_final: out.h_final };
         let workspace = workspace.map(|w| -> &'a mut dyn DevicePtrMut<f32> { w });
-        Buffers { q, k, v, log_gate, y: out.y, state, workspace, real_gates: false }
+        Buffers { q, k, v, log_gate, y: out.y, state, workspace, real_gates: false, packed: false }
     }
 
     /// The same buffers with log_gate, h0 and h_final read as real f32.
@@ -98,7 +102,8 @@ impl<'a, T> Buffers<'a, T> {
     }
 
     /// Checks on the host, in this order: every buffer's length against `d`
-    /// (the error names the argument), the workspace's length (at least
+    /// (packed: the sequence tensors' against one batch row of `d`; the error
+    /// names the argument), the workspace's length (at least
     /// `ws_len` f32; `ws_shape` describes it in the error), that `stream` and
     /// every buffer belong to the Gpu's context.
     pub fn check(
@@ -114,8 +119,9 @@ impl<'a, T> Buffers<'a, T> {
             StateIo::Separate { h0, .. } => *h0,
             StateIo::InPlace(_) => None,
         };
-        check_input_lens(d, self.q, self.k, self.v, self.log_gate, h0, complex)?;
-        check_len("y", d.v_shape(), false, self.y.len())?;
+        let seq = if self.packed { Dims { batch: 1, ..*d } } else { *d };
+        check_input_lens(&seq, d, self.q, self.k, self.v, self.log_gate, h0, complex)?;
+        check_len("y", seq.v_shape(), false, self.y.len())?;
         match &self.state {
             StateIo::Separate { h_final, .. } => check_len("h_final", d.state_shape(), complex, h_final.len())?,
             StateIo::InPlace(s) => check_len("state", d.state_shape(), complex, s.len())?,
@@ -154,7 +160,7 @@ impl<'a, T> Buffers<'a, T> {
     where
         'a: 's,
     {
-        let Buffers { q, k, v, log_gate, y, state, workspace, real_gates } = self;
+        let Buffers { q, k, v, log_gate, y, state, workspace, real_gates, packed: _ } = self;
         // Complex buffers are read as 8-byte pairs; real ones need f32 alignment only.
         let check_gate_align = |name, ptr| if real_gates { Ok(()) } else { check_align(name, ptr) };
         let mut guards = Vec::with_capacity(8);
@@ -300,9 +306,13 @@ macro_rules! impl_grad_params {
 
 impl_grad_params!(GateloopChunkGradParams, GateloopScanGradParams, GateloopRecurrentGradParams);
 
-/// Lengths of the forward's inputs (log_gate and h0 complex or real f32).
+/// Lengths of the forward's inputs (log_gate and h0 complex or real f32):
+/// q, k, v, log_gate of `seq`'s shapes, h0 of `state`'s (the same dims
+/// unless packed).
+#[allow(clippy::too_many_arguments)]
 fn check_input_lens<T>(
-    d: &Dims,
+    seq: &Dims,
+    state: &Dims,
     q: &dyn DevicePtr<T>,
     k: &dyn DevicePtr<T>,
     v: &dyn DevicePtr<T>,
@@ -310,12 +320,12 @@ fn check_input_lens<T>(
     h0: Option<&dyn DevicePtr<f32>>,
     complex: bool,
 ) -> Result<(), InputError> {
-    check_len("q", d.qk_shape(), false, q.len())?;
-    check_len("k", d.qk_shape(), false, k.len())?;
-    check_len("v", d.v_shape(), false, v.len())?;
-    check_len("log_gate", d.gate_shape(), complex, log_gate.len())?;
+    check_len("q", seq.qk_shape(), false, q.len())?;
+    check_len("k", seq.qk_shape(), false, k.len())?;
+    check_len("v", seq.v_shape(), false, v.len())?;
+    check_len("log_gate", seq.gate_shape(), complex, log_gate.len())?;
     if let Some(h0) = h0 {
-        check_len("h0", d.state_shape(), complex, h0.len())?;
+        check_len("h0", state.state_shape(), complex, h0.len())?;
     }
     Ok(())
 }
@@ -410,7 +420,7 @@ impl<'a, T> GradBuffers<'a, T> {
     ) -> Result<(), InputError> {
         let DeviceInputs { q, k, v, log_gate, h0 } = &self.inputs;
         let complex = !self.real_gates;
-        check_input_lens(d, *q, *k, *v, *log_gate, *h0, complex)?;
+        check_input_lens(d, d, *q, *k, *v, *log_gate, *h0, complex)?;
         check_len("dy", d.v_shape(), false, self.grad_in.dy.len())?;
         if let Some(dh) = self.grad_in.dh_final {
             check_len("dh_final", d.state_shape(), complex, dh.len())?;

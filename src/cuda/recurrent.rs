@@ -12,6 +12,8 @@
 //! is the same recurrence with real gates (gated linear attention: log_gate
 //! and the state real f32, half the state registers and a third of the
 //! arithmetic a step): on real gates the complex kernel gives the same bits.
+//! [`forward_varlen_into`] runs variable-length sequences packed into one
+//! batch row (fla's `cu_seqlens`), each from its own h0 to its own h_final.
 //!
 //! # Example
 //!
@@ -77,6 +79,8 @@
 //! # }
 //! ```
 
+use std::sync::Arc;
+
 use cudarc::driver::{CudaStream, DevicePtr, DevicePtrMut, LaunchConfig, PushKernelArg};
 
 use super::abi::{self, GateloopRecurrentParams};
@@ -84,7 +88,7 @@ use super::chunk::Gates;
 use super::element::Element;
 use super::launch::{self, Buffers, SeqParams, StateIo};
 use super::phases::launched;
-use super::{Gpu, GpuError};
+use super::{DriverContext, Gpu, GpuError};
 use crate::error::InputError;
 use crate::problem::{Dims, Outputs, Problem};
 
@@ -281,7 +285,8 @@ pub fn plan_with(dims: &Dims, config: impl Into<RecurrentConfig>) -> Result<Laun
     debug_assert!(ROWS_PER_THREAD.contains(&(rows as u32)) && groups <= max_groups);
     let padded = rows * groups;
     let per_step = 16 * padded + 4 * VALUE_TILE * (1 + groups);
-    let mut chunk = (SHARED_BUDGET / per_step).clamp(1, MAX_CHUNK).min(dims.len);
+    let sequence_bytes = abi::GATELOOP_RECURRENT_SEQUENCE_BYTES as usize;
+    let mut chunk = ((SHARED_BUDGET - sequence_bytes) / per_step).clamp(1, MAX_CHUNK).min(dims.len);
     if staging == RecurrentStaging::Ahead {
         let items = RecurrentStaging::ahead_items(rows);
         chunk = chunk.min(VALUE_TILE * items / rows).min(items * groups);
@@ -300,7 +305,7 @@ pub fn plan_with(dims: &Dims, config: impl Into<RecurrentConfig>) -> Result<Laun
         chunk_len: chunk as u32,
         value_tiles: u32::try_from(tiles).map_err(|_| too_large())?,
         grid: u32::try_from(grid).ok().filter(|&g| g <= i32::MAX as u32).ok_or_else(too_large)?,
-        shared_bytes: (chunk * per_step) as u32,
+        shared_bytes: (chunk * per_step + sequence_bytes) as u32,
         staging,
         rows: aim,
     })
@@ -322,21 +327,26 @@ pub struct DecodeInputs<'a, T = f32> {
 }
 
 /// Checks every argument on the host and enqueues one kernel on `stream`.
+/// `cu_seqlens`: for packed buffers (`buffers.packed`), the device address
+/// of the `d.batch + 1` offsets, checked on the host ([`forward_varlen_into`]).
 fn launch<T: Element>(
     gpu: &Gpu,
     stream: &CudaStream,
     d: &Dims,
     config: RecurrentConfig,
     buffers: Buffers<'_, T>,
+    cu_seqlens: Option<u64>,
 ) -> Result<(), GpuError> {
     let lp = plan_with(d, config)?;
     buffers.check(gpu, stream, d, 0, String::new)?;
+    debug_assert_eq!(buffers.packed, cu_seqlens.is_some());
     let real_gates = buffers.real_gates;
     let mut params = GateloopRecurrentParams {
         key_groups: lp.key_groups as i32,
         padded_key_dim: lp.padded_key_dim as i32,
         chunk_len: lp.chunk_len as i32,
         value_tiles: lp.value_tiles as i32,
+        cu_seqlens: cu_seqlens.map_or(std::ptr::null(), |p| p as usize as *const i64),
         ..GateloopRecurrentParams::for_dims(d, T::DTYPE.abi())?
     };
     // Held until this function returns, after the launch.
@@ -363,7 +373,10 @@ fn launch<T: Element>(
     // for log_gate and the state, real f32 for the real_ kernels, which
     // read f32 elements: 4-byte alignment suffices); complex buffers are
     // 8-byte aligned; h0 is
-    // null iff HAS_H0 is clear, and with STATE_IN_PLACE h0 is null and
+    // null iff HAS_H0 is clear; packed, cu_seqlens holds d.batch + 1
+    // offsets that the caller checked to rise strictly from 0 to d.len, so
+    // every sequence's steps lie inside the one batch row q, k, v, log_gate
+    // and y were checked to hold; and with STATE_IN_PLACE h0 is null and
     // h_final is the single state buffer, which the kernel reads and then
     // writes element by element from the same thread (see cuda/recurrent.cu),
     // so the in-place update is race free. The geometry (block = 32 ×
@@ -445,7 +458,75 @@ pub(crate) fn forward_into_gates<T: Element>(
     out: DeviceOutputs<'_, T>,
 ) -> Result<(), GpuError> {
     let buffers = Buffers::forward(inputs, out, None);
-    launch(gpu, stream, dims, config, if gates == Gates::Real { buffers.with_real_gates() } else { buffers })
+    launch(gpu, stream, dims, config, if gates == Gates::Real { buffers.with_real_gates() } else { buffers }, None)
+}
+
+/// Packed variable-length sequences (fla's `cu_seqlens`), each with its own
+/// state, in one launch: `dims` is the packed problem (`dims.batch` = 1;
+/// q, k, v, log_gate and y `[1, L, H, *]`) and `cu_seqlens` its N + 1
+/// offsets (sequence i is steps `cu_seqlens[i] .. cu_seqlens[i + 1]`; 0
+/// first, L last, strictly increasing: [`crate::packing::sequence_starts`]);
+/// `inputs.h0` (optional) and `out.h_final` are `[N, H, K, V]` complex f32:
+/// sequence i starts from h0\[i\] (or 0) and ends in h_final\[i\]. So a
+/// batch of prompts of different lengths is prefilled in one call, and
+/// [`decode_into`] with `dims.batch` = N continues every one from its
+/// state. The blocks run (sequence, head, value tile), each its sequence
+/// only: y and h_final\[i\] equal [`forward_into_with`] on sequence i alone,
+/// bit for bit (no reset gate needed, unlike [`crate::packing`]).
+///
+/// The offsets are checked on the host and uploaded on `stream` (one small
+/// allocation a call); the other checks and the asynchrony are
+/// [`forward_into`]'s.
+pub fn forward_varlen_into<T: Element>(
+    gpu: &Gpu,
+    stream: &Arc<CudaStream>,
+    dims: &Dims,
+    cu_seqlens: &[usize],
+    config: impl Into<RecurrentConfig>,
+    inputs: DeviceInputs<'_, T>,
+    out: DeviceOutputs<'_, T>,
+) -> Result<(), GpuError> {
+    varlen(gpu, stream, dims, cu_seqlens, config.into(), Gates::Complex, inputs, out)
+}
+
+/// [`forward_varlen_into`] with real gates ([`forward_real_into`]'s
+/// layouts: log_gate `[1, L, H, K or 1]`, h0 and h_final `[N, H, K, V]`
+/// real f32).
+pub fn forward_varlen_real_into<T: Element>(
+    gpu: &Gpu,
+    stream: &Arc<CudaStream>,
+    dims: &Dims,
+    cu_seqlens: &[usize],
+    config: impl Into<RecurrentConfig>,
+    inputs: DeviceInputs<'_, T>,
+    out: DeviceOutputs<'_, T>,
+) -> Result<(), GpuError> {
+    varlen(gpu, stream, dims, cu_seqlens, config.into(), Gates::Real, inputs, out)
+}
+
+/// The body of [`forward_varlen_into`] and [`forward_varlen_real_into`].
+#[allow(clippy::too_many_arguments)]
+fn varlen<T: Element>(
+    gpu: &Gpu,
+    stream: &Arc<CudaStream>,
+    dims: &Dims,
+    cu_seqlens: &[usize],
+    config: RecurrentConfig,
+    gates: Gates,
+    inputs: DeviceInputs<'_, T>,
+    out: DeviceOutputs<'_, T>,
+) -> Result<(), GpuError> {
+    crate::packing::sequence_starts(dims, cu_seqlens)?;
+    // The launch's dims: one block row per sequence; its states [N, H, K, V].
+    let d = Dims { batch: cu_seqlens.len() - 1, ..*dims };
+    launch::check_stream(gpu, stream)?;
+    let offsets: Vec<i64> = cu_seqlens.iter().map(|&x| launch::i64_of("cu_seqlens", x)).collect::<Result<_, _>>()?;
+    let offsets = stream.clone_htod(&offsets).doing("uploading cu_seqlens")?;
+    // Held until after the launch (the kernel reads the offsets); the
+    // buffer's drop frees it in stream order after the launch.
+    let (ptr, _guard) = offsets.device_ptr(stream);
+    let buffers = Buffers { packed: true, real_gates: gates == Gates::Real, ..Buffers::forward(inputs, out, None) };
+    launch(gpu, stream, &d, config, buffers, Some(ptr))
 }
 
 /// Decoding: advances `state` (`[B, H, K, V]` complex f32, as interleaved f32
@@ -504,7 +585,8 @@ fn decode<T: Element>(
         stream,
         dims,
         RecurrentConfig::default(),
-        Buffers { q, k, v, log_gate, y, state, workspace: None, real_gates },
+        Buffers { q, k, v, log_gate, y, state, workspace: None, real_gates, packed: false },
+        None,
     )
 }
 
@@ -606,7 +688,7 @@ mod tests {
                 assert!(p.chunk_len >= 1 && p.chunk_len as usize <= l.min(MAX_CHUNK));
                 assert!(p.shared_bytes as usize <= SHARED_BUDGET);
                 let per_step = 16 * p.padded_key_dim + 4 * 32 * (1 + p.key_groups);
-                assert_eq!(p.shared_bytes, p.chunk_len * per_step);
+                assert_eq!(p.shared_bytes, p.chunk_len * per_step + 16);
                 assert_eq!(p.value_tiles as usize, v.div_ceil(32));
                 assert_eq!(p.grid, 6 * p.value_tiles);
             }

@@ -80,7 +80,8 @@ static int run(const std::string& dir, bool decode, const Entry* batched, const 
     int ri = 0;
     while (ri < 5 && (int64_t{1} << ri) != rows) ++ri;
     if (ri == 5 || groups < 1 || groups > GATELOOP_RECURRENT_MAX_KEY_GROUPS || padded < K || chunk < 1 ||
-        shared != chunk * per_step || static_cast<size_t>(shared) > gateloop::kEmuSharedCapacity) {
+        shared != chunk * per_step + GATELOOP_RECURRENT_SEQUENCE_BYTES ||
+        static_cast<size_t>(shared) > gateloop::kEmuSharedCapacity) {
         std::fprintf(stderr, "plan outside the ABI's contract\n");
         return 2;
     }
