@@ -286,35 +286,11 @@ fn varlen<T: Element>(gpu: &Gpu) {
         let inputs = || DeviceInputs { q: &q, k: &k, v: &v, log_gate: &g, h0: Some(&h0) };
         let mut bad_cu = cu.clone();
         bad_cu[n] -= 1;
-        let errors = [
-            run(
-                gpu,
-                &s,
-                &d,
-                &bad_cu,
-                RecurrentConfig::default(),
-                inputs(),
-                DeviceOutputs { y: &mut y, h_final: &mut h },
-            ),
-            run(
-                gpu,
-                &s,
-                &d,
-                &cu,
-                RecurrentConfig::default(),
-                inputs(),
-                DeviceOutputs { y: &mut y, h_final: &mut short_h },
-            ),
-            run(
-                gpu,
-                &s,
-                &d,
-                &cu,
-                RecurrentConfig::default(),
-                inputs(),
-                DeviceOutputs { y: &mut long_y, h_final: &mut h },
-            ),
-        ];
+        let refused = |cu: &[usize], y: &mut cudarc::driver::CudaSlice<T>, h: &mut cudarc::driver::CudaSlice<f32>| {
+            run(gpu, &s, &d, cu, RecurrentConfig::default(), inputs(), DeviceOutputs { y, h_final: h })
+        };
+        let errors =
+            [refused(&bad_cu, &mut y, &mut h), refused(&cu, &mut y, &mut short_h), refused(&cu, &mut long_y, &mut h)];
         assert!(
             matches!(errors[0], Err(GpuError::Input(InputError::Value { name: "cu_seqlens", .. }))),
             "{:?}",
