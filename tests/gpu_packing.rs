@@ -17,7 +17,7 @@ mod common;
 mod dtype_support;
 
 use common::grad::{GradInputsF32, Worst, compare_grads, real_part_grads};
-use common::packed::{LENGTHS, Packed};
+use common::packed::{LENGTHS, Packed, concat, offsets};
 use common::{ABS_FRAC, REL};
 use dtype_support::{chunk_bounds, y_bounds};
 use gateloop::cuda::chunk::ChunkPrecision;
@@ -186,24 +186,18 @@ fn varlen<T: Element>(gpu: &Gpu) {
             .zip(lens)
             .map(|(p, l)| gateloop::testing::OwnedProblem { h0: p.h0.clone(), ..p.steps(0, l) })
             .collect();
-        let cu: Vec<usize> = std::iter::once(0)
-            .chain(lens.iter().scan(0, |e, l| {
-                *e += l;
-                Some(*e)
-            }))
-            .collect();
+        let cu = offsets(&lens);
         let n = lens.len();
         let d = dims(1, cu[n], heads, kd, vd, per_head);
-        let cat = |f: &dyn Fn(&gateloop::testing::OwnedProblem<f32>) -> Vec<f32>| -> Vec<f32> {
-            parts.iter().flat_map(f).collect()
-        };
         let to_t = |x: Vec<f32>| -> Vec<T> { x.into_iter().map(T::from_f32).collect() };
-        let q = s.clone_htod(&to_t(cat(&|p| p.q.clone()))).unwrap();
-        let k = s.clone_htod(&to_t(cat(&|p| p.k.clone()))).unwrap();
-        let v = s.clone_htod(&to_t(cat(&|p| p.v.clone()))).unwrap();
-        let g = s.clone_htod(&cat(&|p| common::gate_side(&p.log_gate, real))).unwrap();
-        let h0 = s.clone_htod(&cat(&|p| common::gate_side(p.h0.as_ref().unwrap(), real))).unwrap();
+        let q = s.clone_htod(&to_t(concat(&parts, |p| p.q.clone()))).unwrap();
+        let k = s.clone_htod(&to_t(concat(&parts, |p| p.k.clone()))).unwrap();
+        let v = s.clone_htod(&to_t(concat(&parts, |p| p.v.clone()))).unwrap();
+        let g = s.clone_htod(&concat(&parts, |p| common::gate_side(&p.log_gate, real))).unwrap();
+        let h0 = s.clone_htod(&concat(&parts, |p| common::gate_side(p.h0.as_ref().unwrap(), real))).unwrap();
         let state_floats = if real { 1 } else { 2 } * n * heads * kd * vd;
+        // The states the default launch leaves, which decoding continues below.
+        let mut default_state = None;
         for config in configs {
             let label = format!("{} per_head={per_head} real={real} {config:?}", T::DTYPE);
             let mut y = s.clone_htod(&vec![T::nan(); d.v_len()]).unwrap();
@@ -213,7 +207,11 @@ fn varlen<T: Element>(gpu: &Gpu) {
             let run = if real { recurrent::forward_varlen_real_into::<T> } else { recurrent::forward_varlen_into::<T> };
             run(gpu, &s, &d, &cu, config, inputs, out).unwrap_or_else(|e| panic!("{label}: {e}"));
             let y: Vec<f32> = s.clone_dtoh(&y).unwrap().into_iter().map(|x| x.to_f32()).collect();
-            let h = common::from_gate_side(&s.clone_dtoh(&h).unwrap(), real);
+            let h_dev = h;
+            let h = common::from_gate_side(&s.clone_dtoh(&h_dev).unwrap(), real);
+            if config == RecurrentConfig::default() {
+                default_state = Some(h_dev);
+            }
             // Each sequence alone through the same kernel: the same bits.
             let (mut y_alone, mut h_alone) = (Vec::new(), Vec::new());
             for p in &parts {
@@ -236,26 +234,22 @@ fn varlen<T: Element>(gpu: &Gpu) {
                 .collect();
             let y_ref: Vec<f64> = want.iter().flat_map(|o| o.y.clone()).collect();
             let h_ref: Vec<Complex<f64>> = want.iter().flat_map(|o| o.h_final.clone()).collect();
-            let (yb, _) = (y_bounds(T::DTYPE), ());
+            let yb = y_bounds(T::DTYPE);
             common::assert_within(&label, "y", &gateloop::compare(&y, &y_ref), yb.0, yb.1);
             common::assert_within(&label, "h_final", &gateloop::compare_complex(&h, &h_ref), REL, ABS_FRAC);
         }
         // Decoding continues every sequence from its state: DECODE steps of
         // all N at once (B = N), the same bits as the kernel over each whole
         // extended sequence.
-        let mut state =
-            s.clone_htod(&common::gate_side(&h_of(gpu, &s, &d, &cu, real, &q, &k, &v, &g, &h0), real)).unwrap();
+        let mut state = default_state.expect("the default launch ran");
         let steps: Vec<_> = extended.iter().zip(lens).map(|(p, l)| p.steps(l, DECODE)).collect();
         let dd = dims(n, DECODE, heads, kd, vd, per_head);
-        let cat_steps = |f: &dyn Fn(&gateloop::testing::OwnedProblem<f32>) -> Vec<f32>| -> Vec<f32> {
-            steps.iter().flat_map(f).collect()
-        };
         let (dq, dk, dv) = (
-            s.clone_htod(&to_t(cat_steps(&|p| p.q.clone()))).unwrap(),
-            s.clone_htod(&to_t(cat_steps(&|p| p.k.clone()))).unwrap(),
-            s.clone_htod(&to_t(cat_steps(&|p| p.v.clone()))).unwrap(),
+            s.clone_htod(&to_t(concat(&steps, |p| p.q.clone()))).unwrap(),
+            s.clone_htod(&to_t(concat(&steps, |p| p.k.clone()))).unwrap(),
+            s.clone_htod(&to_t(concat(&steps, |p| p.v.clone()))).unwrap(),
         );
-        let dg = s.clone_htod(&cat_steps(&|p| common::gate_side(&p.log_gate, real))).unwrap();
+        let dg = s.clone_htod(&concat(&steps, |p| common::gate_side(&p.log_gate, real))).unwrap();
         let mut y = s.clone_htod(&vec![T::nan(); dd.v_len()]).unwrap();
         let inputs = recurrent::DecodeInputs { q: &dq, k: &dk, v: &dv, log_gate: &dg };
         if real {
@@ -304,32 +298,4 @@ fn varlen<T: Element>(gpu: &Gpu) {
         assert!(matches!(errors[2], Err(GpuError::Input(InputError::Length { name: "y", .. }))), "{:?}", errors[2]);
         assert!(s.clone_dtoh(&y).unwrap().iter().all(|x| x.to_f32().is_nan()), "a refused call wrote y");
     }
-}
-
-/// The states after `forward_varlen_into` (or the real one) with the default
-/// launch choices: `[N, H, K, V]` (Im = 0 for real gates).
-#[allow(clippy::too_many_arguments)]
-fn h_of<T: Element>(
-    gpu: &Gpu,
-    s: &std::sync::Arc<cudarc::driver::CudaStream>,
-    d: &gateloop::Dims,
-    cu: &[usize],
-    real: bool,
-    q: &cudarc::driver::CudaSlice<T>,
-    k: &cudarc::driver::CudaSlice<T>,
-    v: &cudarc::driver::CudaSlice<T>,
-    g: &cudarc::driver::CudaSlice<f32>,
-    h0: &cudarc::driver::CudaSlice<f32>,
-) -> Vec<Complex<f32>> {
-    use gateloop::cuda::recurrent::{self, RecurrentConfig};
-    use gateloop::cuda::{DeviceInputs, DeviceOutputs};
-    let n = cu.len() - 1;
-    let floats = if real { 1 } else { 2 } * n * d.heads * d.key_dim * d.value_dim;
-    let mut y = s.clone_htod(&vec![T::nan(); d.v_len()]).unwrap();
-    let mut h = s.clone_htod(&vec![f32::NAN; floats]).unwrap();
-    let inputs = DeviceInputs { q, k, v, log_gate: g, h0: Some(h0) };
-    let out = DeviceOutputs { y: &mut y, h_final: &mut h };
-    let run = if real { recurrent::forward_varlen_real_into::<T> } else { recurrent::forward_varlen_into::<T> };
-    run(gpu, s, d, cu, RecurrentConfig::default(), inputs, out).unwrap();
-    common::from_gate_side(&s.clone_dtoh(&h).unwrap(), real)
 }

@@ -327,8 +327,9 @@ pub struct DecodeInputs<'a, T = f32> {
 }
 
 /// Checks every argument on the host and enqueues one kernel on `stream`.
-/// `cu_seqlens`: for packed buffers (`buffers.packed`), the device address
-/// of the `d.batch + 1` offsets, checked on the host ([`forward_varlen_into`]).
+/// `cu_seqlens`: for packed sequences, the device address of the
+/// `d.batch + 1` offsets, checked on the host ([`forward_varlen_into`]); the
+/// buffers are then checked as packed (`Buffers::packed`).
 fn launch<T: Element>(
     gpu: &Gpu,
     stream: &CudaStream,
@@ -338,8 +339,8 @@ fn launch<T: Element>(
     cu_seqlens: Option<u64>,
 ) -> Result<(), GpuError> {
     let lp = plan_with(d, config)?;
+    let buffers = Buffers { packed: cu_seqlens.is_some(), ..buffers };
     buffers.check(gpu, stream, d, 0, String::new)?;
-    debug_assert_eq!(buffers.packed, cu_seqlens.is_some());
     let real_gates = buffers.real_gates;
     let mut params = GateloopRecurrentParams {
         key_groups: lp.key_groups as i32,
@@ -519,13 +520,14 @@ fn varlen<T: Element>(
     crate::packing::sequence_starts(dims, cu_seqlens)?;
     // The launch's dims: one block row per sequence; its states [N, H, K, V].
     let d = Dims { batch: cu_seqlens.len() - 1, ..*dims };
+    // The stream before the upload on it; `launch` checks the buffers.
     launch::check_stream(gpu, stream)?;
     let offsets: Vec<i64> = cu_seqlens.iter().map(|&x| launch::i64_of("cu_seqlens", x)).collect::<Result<_, _>>()?;
     let offsets = stream.clone_htod(&offsets).doing("uploading cu_seqlens")?;
     // Held until after the launch (the kernel reads the offsets); the
     // buffer's drop frees it in stream order after the launch.
     let (ptr, _guard) = offsets.device_ptr(stream);
-    let buffers = Buffers { packed: true, real_gates: gates == Gates::Real, ..Buffers::forward(inputs, out, None) };
+    let buffers = Buffers { real_gates: gates == Gates::Real, ..Buffers::forward(inputs, out, None) };
     launch(gpu, stream, &d, config, buffers, Some(ptr))
 }
 

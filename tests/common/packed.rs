@@ -43,12 +43,7 @@ impl Packed {
                 GradCase::new(d, regime, with_h0 && i == 0, with_dh_final && i == last, seed + i as u64).inputs()
             })
             .collect();
-        let cu_seqlens: Vec<usize> = std::iter::once(0)
-            .chain(lens.iter().scan(0, |end, len| {
-                *end += len;
-                Some(*end)
-            }))
-            .collect();
+        let cu_seqlens = offsets(lens);
         let cat = |f: &dyn Fn(&GradInputsF32) -> &[f32]| parts.iter().flat_map(|p| f(p).to_vec()).collect::<Vec<f32>>();
         let d = dims(1, *cu_seqlens.last().unwrap(), heads, key_dim, value_dim, per_head_gate);
         let mut log_gate: Vec<Complex<f32>> = parts.iter().flat_map(|p| p.p.log_gate.clone()).collect();
@@ -97,6 +92,22 @@ impl Packed {
             dh0: gs[0].dh0.clone(),
         }
     }
+}
+
+/// fla's `cu_seqlens` of sequences of lengths `lens`: 0, then the running sums.
+pub fn offsets(lens: &[usize]) -> Vec<usize> {
+    std::iter::once(0)
+        .chain(lens.iter().scan(0, |end, len| {
+            *end += len;
+            Some(*end)
+        }))
+        .collect()
+}
+
+/// `field` of every problem of `parts`, concatenated (B = 1 problems: along
+/// time).
+pub fn concat<T>(parts: &[OwnedProblem<f32>], field: impl Fn(&OwnedProblem<f32>) -> Vec<T>) -> Vec<T> {
+    parts.iter().flat_map(field).collect()
 }
 
 /// The packings the tests run: sequence lengths around the kernels' tile
