@@ -33,6 +33,8 @@ from bench.json) and writes verdict.md there, which it also prints:
 - the output rule: chunked-frag against chunked and chunked-real-frag-fast
   against chunked-real-fast (bench.json), and the ChunkOutput default
   (src/cuda/chunk.rs) it supports for 16-bit inputs;
+- the packed sequences: recurrent-varlen against recurrent (the same run),
+  what the packed path costs;
 - the launches: each bench row of several launches split into its
   launches' median times (bench.json "phases"), where the time goes.
 
@@ -395,29 +397,11 @@ def variant_rule(bench, title, pairs, suggest_variant, suggest_keep, grid=None):
     all, none or some of the cases. `grid(d)`: a column of the launch's
     blocks, when it says something."""
     L = [f"## {title}\n"]
-    names = {k for pair in pairs for k in pair}
-    by = {}
-    for r in (bench or {}).get("results") or []:
-        if r.get("kernel") not in names or r.get("median_ms") is None:
-            continue
-        sh = r["shape"]
-        d = (sh["batch"], sh["len"], sh["heads"], sh["key_dim"], sh["value_dim"])
-        by.setdefault((r["dtype"], d, sh.get("gate", "channel")), {})[r["kernel"]] = r["median_ms"]
-    rows = [(k, base, var, t[base], t[var]) for k, t in by.items() for base, var in pairs if base in t and var in t]
-    if not rows:
-        both = " / ".join(f"{b} and {v}" for b, v in pairs)
-        return L + [f"(no bench.json with both {both}: not measured)\n"]
-    grid_head = " grid |" if grid else ""
-    L.append(f"| dtype | shape | gate |{grid_head} default | ms | variant | ms | variant / default |")
-    L.append("|---|---|---|" + ("---|" if grid else "") + "---|---|---|---|---|")
-    wins = []
-    order = (lambda x: (x[0][0], grid(x[0][1]), x[0][1], x[1])) if grid else (lambda x: (x[0][0], x[0][1], x[1]))
-    for (dtype, d, gate), base, var, t_base, t_var in sorted(rows, key=order):
-        ratio = t_var / t_base
-        wins.append(ratio <= STAGING_WIN)
-        g = f" {grid(d)} |" if grid else ""
-        L.append(f"| {dtype} | {label(d)} | {gate} |{g} {base} | {fmt(t_base)} | {var} | {fmt(t_var)} | "
-                 f"{ratio:.3f} |")
+    table, ratios = variant_table(bench, pairs, grid)
+    L += table
+    if not ratios:
+        return L
+    wins = [ratio <= STAGING_WIN for ratio in ratios]
     n, won = len(wins), sum(wins)
     if won == n:
         L.append(f"\nSuggested: {suggest_variant} as the default (faster by ≥ {1 - STAGING_WIN:.0%} in "
@@ -429,6 +413,37 @@ def variant_rule(bench, title, pairs, suggest_variant, suggest_keep, grid=None):
         L.append(f"\nMixed: the variant faster by ≥ {1 - STAGING_WIN:.0%} in {won} of {n} cases; a rule by "
                  "shape or dtype needs the rows above.\n")
     return L
+
+
+def variant_table(bench, pairs, grid=None):
+    """The table of variant_rule: (lines, the variant / default ratio of
+    each row); lines saying "not measured" and no ratios when no dtype and
+    shape has both kernels of a pair."""
+    L = []
+    names = {k for pair in pairs for k in pair}
+    by = {}
+    for r in (bench or {}).get("results") or []:
+        if r.get("kernel") not in names or r.get("median_ms") is None:
+            continue
+        sh = r["shape"]
+        d = (sh["batch"], sh["len"], sh["heads"], sh["key_dim"], sh["value_dim"])
+        by.setdefault((r["dtype"], d, sh.get("gate", "channel")), {})[r["kernel"]] = r["median_ms"]
+    rows = [(k, base, var, t[base], t[var]) for k, t in by.items() for base, var in pairs if base in t and var in t]
+    if not rows:
+        both = " / ".join(f"{b} and {v}" for b, v in pairs)
+        return L + [f"(no bench.json with both {both}: not measured)\n"], []
+    grid_head = " grid |" if grid else ""
+    L.append(f"| dtype | shape | gate |{grid_head} default | ms | variant | ms | variant / default |")
+    L.append("|---|---|---|" + ("---|" if grid else "") + "---|---|---|---|---|")
+    ratios = []
+    order = (lambda x: (x[0][0], grid(x[0][1]), x[0][1], x[1])) if grid else (lambda x: (x[0][0], x[0][1], x[1]))
+    for (dtype, d, gate), base, var, t_base, t_var in sorted(rows, key=order):
+        ratio = t_var / t_base
+        ratios.append(ratio)
+        g = f" {grid(d)} |" if grid else ""
+        L.append(f"| {dtype} | {label(d)} | {gate} |{g} {base} | {fmt(t_base)} | {var} | {fmt(t_var)} | "
+                 f"{ratio:.3f} |")
+    return L, ratios
 
 
 def staging_rule(bench):
@@ -454,6 +469,25 @@ def output_rule(bench):
     return variant_rule(bench, "Output rule (register fragments against staged tiles)",
                         [("chunked", "chunked-frag"), ("chunked-real-fast", "chunked-real-frag-fast")],
                         "`ChunkOutput::Fragments` for f16 and bf16 inputs", "`ChunkOutput::Staged`")
+
+
+def packed_cost(bench):
+    """The packed section: recurrent-varlen (the B sequences packed into one
+    row, forward_varlen_into, the same problem and bits) against recurrent;
+    what packing costs, not a default to choose."""
+    L = ["## Packed sequences (recurrent-varlen against recurrent)\n"]
+    table, ratios = variant_table(bench, [("recurrent", "recurrent-varlen")], grid=recurrent_grid)
+    L += table
+    if ratios:
+        worst = max(ratios)
+        if worst <= 1 / STAGING_WIN:
+            L.append(f"\nThe packed path costs nothing measurable (at most {worst:.3f}× recurrent, within "
+                     f"the {1 / STAGING_WIN - 1:.0%} of noise, {len(ratios)} cases).\n")
+        else:
+            L.append(f"\nThe packed path costs up to {worst:.3f}× recurrent ({sum(r > 1 / STAGING_WIN for r in ratios)} "
+                     f"of {len(ratios)} cases beyond the {1 / STAGING_WIN - 1:.0%} of noise): the offsets' "
+                     "upload and the per-block sequence read, worth a look.\n")
+    return L
 
 
 def residency(phase):
@@ -544,6 +578,7 @@ def file_results(results, into, dry_run):
     L += staging_rule(bench)
     L += rows_rule(bench)
     L += output_rule(bench)
+    L += packed_cost(bench)
     L += launch_split(bench)
     text = "\n".join(L) + "\n"
     if not dry_run:

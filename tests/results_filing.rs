@@ -1,6 +1,6 @@
 //! `scripts/gpu-results.py`, the filing of a GPU bundle run, on synthetic
-//! results: the targets' verdicts, the carry, staging and output rules it
-//! reads off known times, the files it copies, and the merge of two runs (the first packed
+//! results: the targets' verdicts, the carry, staging, rows and output rules
+//! and the packed path's cost it reads off known times, the files it copies, and the merge of two runs (the first packed
 //! as the device tool returns it, results.tar.gz; the second a folder). (Python's standard library only; the
 //! test command's machine has python3 for the nvcc wheels.)
 
@@ -99,6 +99,10 @@ fn files_a_run_and_reads_the_targets_and_the_carry_rule() {
         // B1 L65536 H4: a win in both.
         bench_row("recurrent-rows4", "bf16", [8, 4096, 16, 64, 64], 1.4),
         bench_row("recurrent-rows4", "bf16", [1, 65536, 4, 64, 64], 27.0),
+        // The packed path: 1% slower (noise) at B8 L4096 H16, 10% at B1
+        // L65536 H4: it costs up to 1.100x, one case beyond noise.
+        bench_row("recurrent-varlen", "bf16", [8, 4096, 16, 64, 64], 2.02),
+        bench_row("recurrent-varlen", "bf16", [1, 65536, 4, 64, 64], 33.0),
         // The launches: state_seq and output of the chunked row (bench.json
         // "phases"), the output's with its residency (rows from 2026-12-02,
         // later) and the state's without (earlier rows).
@@ -168,6 +172,14 @@ fn files_a_run_and_reads_the_targets_and_the_carry_rule() {
     assert!(text.contains(row), "{text}");
     assert!(text.contains("## Rows rule (recurrent-rows4 against recurrent)"), "{text}");
     assert!(text.contains("Suggested: `RecurrentRows::Four` as the default (faster by ≥ 3% in all 2 cases)"), "{text}");
+    assert!(text.contains("## Packed sequences (recurrent-varlen against recurrent)"), "{text}");
+    let row =
+        "| bf16 | B8 L4096 H16 K=V=64 | channel | 256 | recurrent | 2.000 ms | recurrent-varlen | 2.020 ms | 1.010 |";
+    assert!(text.contains(row), "{text}");
+    assert!(
+        text.contains("The packed path costs up to 1.100× recurrent (1 of 2 cases beyond the 3% of noise)"),
+        "{text}"
+    );
     let row = "| bf16 | B1 L65536 H4 K=V=64 | channel | chunked | 4.000 ms | chunked-frag | 3.000 ms | 0.750 |";
     assert!(text.contains(row), "{text}");
     assert!(text.contains("Suggested: `ChunkOutput::Fragments` for f16 and bf16 inputs as the default"), "{text}");

@@ -218,7 +218,7 @@ pub fn registry() -> Vec<KernelEntry> {
             shapes: recurrent_shapes,
             check: |d| recurrent::plan(d).map(|_| ()),
             cost: |d, t| recurrent_cost(d, t, false, Gates::Complex),
-            prepare: |gpu, d, t, host, sets| crate::with_element!(t, T => prepare_recurrent::<T>(gpu, d, host, sets, false, RecurrentConfig::default(), Gates::Complex)),
+            prepare: |gpu, d, t, host, sets| crate::with_element!(t, T => prepare_recurrent::<T>(gpu, d, host, sets, RecurrentRun::Forward, RecurrentConfig::default(), Gates::Complex)),
             tuning: false,
         },
         KernelEntry {
@@ -229,7 +229,7 @@ pub fn registry() -> Vec<KernelEntry> {
             shapes: recurrent_shapes,
             check: |d| recurrent::plan_with(d, RecurrentStaging::Ahead).map(|_| ()),
             cost: |d, t| recurrent_cost(d, t, false, Gates::Complex),
-            prepare: |gpu, d, t, host, sets| crate::with_element!(t, T => prepare_recurrent::<T>(gpu, d, host, sets, false, RecurrentStaging::Ahead.into(), Gates::Complex)),
+            prepare: |gpu, d, t, host, sets| crate::with_element!(t, T => prepare_recurrent::<T>(gpu, d, host, sets, RecurrentRun::Forward, RecurrentStaging::Ahead.into(), Gates::Complex)),
             tuning: false,
         },
         KernelEntry {
@@ -241,7 +241,7 @@ pub fn registry() -> Vec<KernelEntry> {
             shapes: recurrent_shapes,
             check: |d| recurrent::plan_with(d, RecurrentRows::Four).map(|_| ()),
             cost: |d, t| recurrent_cost(d, t, false, Gates::Complex),
-            prepare: |gpu, d, t, host, sets| crate::with_element!(t, T => prepare_recurrent::<T>(gpu, d, host, sets, false, RecurrentRows::Four.into(), Gates::Complex)),
+            prepare: |gpu, d, t, host, sets| crate::with_element!(t, T => prepare_recurrent::<T>(gpu, d, host, sets, RecurrentRun::Forward, RecurrentRows::Four.into(), Gates::Complex)),
             tuning: false,
         },
         KernelEntry {
@@ -252,7 +252,19 @@ pub fn registry() -> Vec<KernelEntry> {
             shapes: recurrent_shapes,
             check: |d| recurrent::plan(d).map(|_| ()),
             cost: |d, t| recurrent_cost(d, t, false, Gates::Real),
-            prepare: |gpu, d, t, host, sets| crate::with_element!(t, T => prepare_recurrent::<T>(gpu, d, host, sets, false, RecurrentConfig::default(), Gates::Real)),
+            prepare: |gpu, d, t, host, sets| crate::with_element!(t, T => prepare_recurrent::<T>(gpu, d, host, sets, RecurrentRun::Forward, RecurrentConfig::default(), Gates::Real)),
+            tuning: false,
+        },
+        KernelEntry {
+            name: "recurrent-varlen",
+            about: "recurrent forward of the B sequences packed into one row (forward_varlen_into, cu_seqlens \
+                    = 0, L, .., B·L; the offsets uploaded each call): recurrent's problem and bits through the \
+                    packed path",
+            dtypes: &[Dtype::F32, Dtype::Bf16],
+            shapes: varlen_shapes,
+            check: |d| recurrent::plan(d).map(|_| ()),
+            cost: |d, t| recurrent_cost(d, t, false, Gates::Complex),
+            prepare: |gpu, d, t, host, sets| crate::with_element!(t, T => prepare_recurrent::<T>(gpu, d, host, sets, RecurrentRun::Packed, RecurrentConfig::default(), Gates::Complex)),
             tuning: false,
         },
         KernelEntry {
@@ -262,7 +274,7 @@ pub fn registry() -> Vec<KernelEntry> {
             shapes: decode_shapes,
             check: |d| recurrent::plan(d).map(|_| ()),
             cost: |d, t| recurrent_cost(d, t, true, Gates::Complex),
-            prepare: |gpu, d, t, host, sets| crate::with_element!(t, T => prepare_recurrent::<T>(gpu, d, host, sets, true, RecurrentConfig::default(), Gates::Complex)),
+            prepare: |gpu, d, t, host, sets| crate::with_element!(t, T => prepare_recurrent::<T>(gpu, d, host, sets, RecurrentRun::Decode, RecurrentConfig::default(), Gates::Complex)),
             tuning: false,
         },
         KernelEntry {
@@ -498,6 +510,13 @@ fn recurrent_shapes() -> Vec<Dims> {
     ]
 }
 
+/// Shapes with several sequences to pack (B > 1), equal lengths, so that
+/// each row compares with `recurrent`'s at the same shape.
+fn varlen_shapes() -> Vec<Dims> {
+    use GateLayout::{PerChannel, PerHead};
+    vec![shape(8, 4096, 16, 64, 64, PerChannel), shape(32, 1024, 32, 32, 32, PerHead)]
+}
+
 fn decode_shapes() -> Vec<Dims> {
     use GateLayout::{PerChannel, PerHead};
     vec![shape(8, 1, 16, 64, 64, PerChannel), shape(64, 1, 32, 128, 128, PerHead), shape(8, 16, 16, 64, 64, PerChannel)]
@@ -533,10 +552,23 @@ struct RecurrentSet<T> {
     state: CudaSlice<f32>,
 }
 
+/// What a recurrent bench case launches.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum RecurrentRun {
+    /// `forward_into_gates` from a zero state.
+    Forward,
+    /// `decode_into` on a random state.
+    Decode,
+    /// `forward_varlen_into` with the B sequences packed into one row: the
+    /// `[B, L, H, *]` buffers read as `[1, B·L, H, *]`, the same memory, and
+    /// h_final `[B, H, K, V]` either way.
+    Packed,
+}
+
 struct RecurrentCase<'g, T> {
     gpu: &'g Gpu,
     dims: Dims,
-    decode: bool,
+    run: RecurrentRun,
     /// The forward's staging and rows (decode: always the default).
     config: RecurrentConfig,
     /// Complex, or real (the forward only: `forward_real_into`).
@@ -549,7 +581,7 @@ fn prepare_recurrent<'g, T: Element>(
     dims: Dims,
     host: &HostInputs,
     sets: usize,
-    decode: bool,
+    run: RecurrentRun,
     config: RecurrentConfig,
     gates: Gates,
 ) -> Result<Box<dyn BenchCase + 'g>, GpuError> {
@@ -558,7 +590,7 @@ fn prepare_recurrent<'g, T: Element>(
     let y_poison = vec![T::nan(); dims.v_len()];
     let log_gate = host.log_gate_for(gates);
     let state_len = gates.parts() * dims.state_len();
-    let state_init = if decode { host.state.clone() } else { vec![f32::NAN; state_len] };
+    let state_init = if run == RecurrentRun::Decode { host.state.clone() } else { vec![f32::NAN; state_len] };
     let sets = (0..sets)
         .map(|_| {
             Ok(RecurrentSet {
@@ -571,21 +603,33 @@ fn prepare_recurrent<'g, T: Element>(
             })
         })
         .collect::<Result<Vec<_>, GpuError>>()?;
-    Ok(Box::new(RecurrentCase { gpu, dims, decode, config, gates, sets }))
+    Ok(Box::new(RecurrentCase { gpu, dims, run, config, gates, sets }))
 }
 
 impl<T: Element> BenchCase for RecurrentCase<'_, T> {
     fn launch(&mut self, set: usize) -> Result<(), GpuError> {
         let st = &mut self.sets[set];
         let s = self.gpu.stream();
-        if self.decode {
+        let d = &self.dims;
+        if self.run == RecurrentRun::Decode {
             let inputs = DecodeInputs { q: &st.q, k: &st.k, v: &st.v, log_gate: &st.log_gate };
-            recurrent::decode_into(self.gpu, s, &self.dims, inputs, &mut st.y, &mut st.state)
-        } else {
-            let inputs = DeviceInputs { q: &st.q, k: &st.k, v: &st.v, log_gate: &st.log_gate, h0: None };
-            let out = DeviceOutputs { y: &mut st.y, h_final: &mut st.state };
-            recurrent::forward_into_gates(self.gpu, s, &self.dims, self.config, self.gates, inputs, out)
+            return recurrent::decode_into(self.gpu, s, d, inputs, &mut st.y, &mut st.state);
         }
+        let inputs = DeviceInputs { q: &st.q, k: &st.k, v: &st.v, log_gate: &st.log_gate, h0: None };
+        let out = DeviceOutputs { y: &mut st.y, h_final: &mut st.state };
+        if self.run == RecurrentRun::Packed {
+            let packed = Dims { batch: 1, len: d.batch * d.len, ..*d };
+            let cu_seqlens: Vec<usize> = (0..=d.batch).map(|i| i * d.len).collect();
+            return match self.gates {
+                Gates::Complex => {
+                    recurrent::forward_varlen_into(self.gpu, s, &packed, &cu_seqlens, self.config, inputs, out)
+                }
+                Gates::Real => {
+                    recurrent::forward_varlen_real_into(self.gpu, s, &packed, &cu_seqlens, self.config, inputs, out)
+                }
+            };
+        }
+        recurrent::forward_into_gates(self.gpu, s, d, self.config, self.gates, inputs, out)
     }
 
     fn outputs_finite(&mut self) -> Result<bool, GpuError> {
