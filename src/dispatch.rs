@@ -80,7 +80,8 @@ pub fn fastest_cuda_mode(dims: &crate::Dims) -> Mode {
 
 /// A CUDA kernel variant of a mode: the launch choices beside each mode's
 /// default ([`cuda::chunk::ChunkConfig`]'s carry and output,
-/// [`cuda::recurrent::RecurrentConfig`]'s staging and rows) that compute the same function to
+/// [`cuda::recurrent::RecurrentConfig`]'s staging and rows, the recurrence's
+/// packed launch) that compute the same function to
 /// the same bounds, so `run`, `grad` and `fuzz` can each take one and every
 /// one is fuzzed against the reference, not only the default.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -103,11 +104,15 @@ pub enum Variant {
     /// Recurrent forward: four state rows a thread, twice the warps a block
     /// at K = 64 ([`cuda::recurrent::RecurrentRows::Four`]).
     Rows4,
+    /// Recurrent forward through the packed launch: the B batch rows as B
+    /// packed sequences in one row ([`cuda::recurrent::forward_packed_host_as`],
+    /// `forward_varlen_into`'s path), the batched launch's answer bit for bit.
+    Packed,
 }
 
 impl Variant {
-    pub const ALL: [Variant; 5] =
-        [Variant::Default, Variant::Sequential, Variant::Fragments, Variant::Ahead, Variant::Rows4];
+    pub const ALL: [Variant; 6] =
+        [Variant::Default, Variant::Sequential, Variant::Fragments, Variant::Ahead, Variant::Rows4, Variant::Packed];
 
     /// The command-line name.
     pub fn name(self) -> &'static str {
@@ -117,6 +122,7 @@ impl Variant {
             Variant::Fragments => "fragments",
             Variant::Ahead => "ahead",
             Variant::Rows4 => "rows4",
+            Variant::Packed => "packed",
         }
     }
 
@@ -133,7 +139,7 @@ impl Variant {
             Variant::Default => true,
             Variant::Sequential => mode == Mode::Chunked,
             Variant::Fragments => mode == Mode::Chunked && !grad && dtype != cuda::Dtype::F32,
-            Variant::Ahead | Variant::Rows4 => mode == Mode::Recurrent && !grad,
+            Variant::Ahead | Variant::Rows4 | Variant::Packed => mode == Mode::Recurrent && !grad,
         }
     }
 
@@ -149,7 +155,7 @@ impl Variant {
                 mode.name(),
                 names.join(", ")
             ),
-            why: "sequential is chunked's (forward and backward), fragments the chunked forward's for f16/bf16, ahead and rows4 the recurrent forward's",
+            why: "sequential is chunked's (forward and backward), fragments the chunked forward's for f16/bf16, ahead, rows4 and packed the recurrent forward's",
         }
     }
 
@@ -159,7 +165,7 @@ impl Variant {
         match self {
             Variant::Sequential => ChunkConfig { carry: ChunkCarry::Sequential, ..ChunkConfig::default() },
             Variant::Fragments => ChunkConfig { output: ChunkOutput::Fragments, ..ChunkConfig::default() },
-            Variant::Default | Variant::Ahead | Variant::Rows4 => ChunkConfig::default(),
+            Variant::Default | Variant::Ahead | Variant::Rows4 | Variant::Packed => ChunkConfig::default(),
         }
     }
 
@@ -169,7 +175,7 @@ impl Variant {
         match self {
             Variant::Ahead => RecurrentStaging::Ahead.into(),
             Variant::Rows4 => RecurrentRows::Four.into(),
-            Variant::Default | Variant::Sequential | Variant::Fragments => RecurrentConfig::default(),
+            Variant::Default | Variant::Sequential | Variant::Fragments | Variant::Packed => RecurrentConfig::default(),
         }
     }
 }
@@ -255,6 +261,10 @@ pub fn cuda_variant_as<T: Element>(
     }
     let config = variant.chunk_config();
     match mode {
+        Mode::Recurrent if variant == Variant::Packed => {
+            let gates = if real_gates(p, None) { cuda::chunk::Gates::Real } else { cuda::chunk::Gates::Complex };
+            cuda::recurrent::forward_packed_host_as::<T>(gpu, p, variant.recurrent_config(), gates)
+        }
         Mode::Recurrent if real_gates(p, None) => {
             cuda::recurrent::forward_real_host_as::<T>(gpu, p, variant.recurrent_config())
         }
@@ -397,7 +407,7 @@ mod tests {
 
     /// Where each kernel variant exists: sequential for chunked forward and
     /// backward in every dtype, fragments for the chunked forward in 16 bits,
-    /// ahead and rows4 for the recurrent forward; names round-trip.
+    /// ahead, rows4 and packed for the recurrent forward; names round-trip.
     #[test]
     fn variants_exist_where_their_kernels_do() {
         use cuda::Dtype;
@@ -410,7 +420,7 @@ mod tests {
                             Variant::Default => true,
                             Variant::Sequential => m == Mode::Chunked,
                             Variant::Fragments => m == Mode::Chunked && !grad && t != Dtype::F32,
-                            Variant::Ahead | Variant::Rows4 => m == Mode::Recurrent && !grad,
+                            Variant::Ahead | Variant::Rows4 | Variant::Packed => m == Mode::Recurrent && !grad,
                         };
                         assert_eq!(v.applies(m, t, grad), want, "{} {} {t} grad={grad}", v.name(), m.name());
                     }

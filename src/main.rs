@@ -65,8 +65,9 @@ enum Command {
         /// The CUDA kernel variant (cuda only): sequential (chunked: the
         /// sequential carry), fragments (chunked, F16/BF16: the
         /// register-fragment output launch), ahead (recurrent: the ahead
-        /// staging), rows4 (recurrent: four state rows a thread). Same
-        /// function, same bounds as the default.
+        /// staging), rows4 (recurrent: four state rows a thread), packed
+        /// (recurrent: the B rows as packed sequences, the cu_seqlens
+        /// launch). Same function, same bounds as the default.
         #[arg(long, value_parser = parse_variant, default_value = "default")]
         variant: dispatch::Variant,
     },
@@ -228,7 +229,8 @@ enum Command {
         #[arg(long, default_value_t = 1)]
         max_failures: usize,
         /// CUDA kernel variants to fuzz beside each mode's default,
-        /// comma-separated (default, sequential, fragments, ahead, rows4); by default
+        /// comma-separated (default, sequential, fragments, ahead, rows4,
+        /// packed); by default
         /// every variant where it applies (`--device cuda`).
         #[arg(long, value_parser = parse_variant, value_delimiter = ',')]
         variants: Vec<dispatch::Variant>,

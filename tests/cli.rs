@@ -224,7 +224,9 @@ fn demo_runs_and_prints_a_table() {
     assert!(out.contains("GPU not used") || out.contains("cuda"), "{out}");
     // Where a GPU is, each kernel variant has its own rows.
     if !out.contains("GPU not used") {
-        for needle in ["chunked/sequential", "chunked/fragments", "recurrent/ahead", "recurrent/rows4"] {
+        for needle in
+            ["chunked/sequential", "chunked/fragments", "recurrent/ahead", "recurrent/rows4", "recurrent/packed"]
+        {
             assert!(out.contains(needle), "demo output lacks {needle:?}:\n{out}");
         }
     }
@@ -512,7 +514,7 @@ fn kernel_variants_run_where_they_exist_and_are_refused_elsewhere() {
     assert!(stderr(&o).contains("--variant sequential: a CUDA kernel variant"), "{}", stderr(&o));
     for (mode, variant, available) in [
         ("scan", "ahead", "available: default)"),
-        ("recurrent", "sequential", "available: default, ahead, rows4)"),
+        ("recurrent", "sequential", "available: default, ahead, rows4, packed)"),
         // The fragment output kernel takes 16-bit inputs only.
         ("chunked", "fragments", "available: default, sequential)"),
     ] {
@@ -525,9 +527,13 @@ fn kernel_variants_run_where_they_exist_and_are_refused_elsewhere() {
         );
     }
     let oracle = reference::forward::<f64>(RefMode::Recurrent, &p.rounded_to_f32().view()).unwrap();
-    for (mode, variant) in
-        [("chunked", "sequential"), ("recurrent", "ahead"), ("recurrent", "rows4"), ("chunked", "default")]
-    {
+    for (mode, variant) in [
+        ("chunked", "sequential"),
+        ("recurrent", "ahead"),
+        ("recurrent", "rows4"),
+        ("recurrent", "packed"),
+        ("chunked", "default"),
+    ] {
         let o = run(mode, "cuda", variant);
         if o.status.success() {
             assert!(variant == "default" || stdout(&o).contains(&format!("{mode} ({variant})")), "{}", stdout(&o));

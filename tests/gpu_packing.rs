@@ -8,7 +8,9 @@
 //! dv: the f32 bounds plus one rounding to T; h_final, dlog_gate, dh0: the
 //! f32 bounds, relative L2 ≤ 1e-4, max-abs ≤ 1e-3 · max|ref|). Resets written
 //! on the device equal those written on the host, bit for bit, and bad
-//! arguments are refused before anything is written.
+//! arguments are refused before anything is written. The recurrence's
+//! packed launch (a state per sequence) equals each sequence alone and,
+//! as `dispatch::Variant::Packed`, the batched launch, bit for bit.
 //!
 //! Without a usable GPU every test prints `SKIPPED (no GPU): <reason>` and
 //! passes (`GATELOOP_REQUIRE_GPU=1` makes that a failure).
@@ -297,5 +299,45 @@ fn varlen<T: Element>(gpu: &Gpu) {
         );
         assert!(matches!(errors[2], Err(GpuError::Input(InputError::Length { name: "y", .. }))), "{:?}", errors[2]);
         assert!(s.clone_dtoh(&y).unwrap().iter().all(|x| x.to_f32().is_nan()), "a refused call wrote y");
+    }
+}
+
+/// `dispatch::Variant::Packed` (the B batch rows as B packed sequences,
+/// `forward_varlen_into`'s launch, which the fuzzer runs as a target) gives
+/// the batched launch's y and h_final bit for bit: B = 3 rows of L steps,
+/// L around the tile and chunk lengths, complex and real gates, per-channel
+/// and per-head, with and without h0, f32 and bf16.
+#[test]
+fn packed_variant_equals_the_batched_launch() {
+    let Some(gpu) = common::gpu_or_skip() else { return };
+    packed_variant::<f32>(gpu);
+    packed_variant::<bf16>(gpu);
+}
+
+fn packed_variant<T: Element>(gpu: &Gpu) {
+    use dispatch::Variant;
+    let bits = |x: &[f32]| x.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+    let cases = [(1, GateRegime::Mixed), (65, GateRegime::Resets(0.1)), (130, GateRegime::LargePhase(50.0))];
+    for (i, (len, regime)) in cases.into_iter().enumerate() {
+        for (j, (per_head, with_h0, real)) in
+            [(false, true, false), (true, false, false), (false, false, true), (true, true, true)]
+                .into_iter()
+                .enumerate()
+        {
+            let seed = 9500 + 10 * i as u64 + j as u64;
+            let p = gateloop::testing::random_problem(dims(3, len, 2, 8, 40, per_head), regime, with_h0, seed);
+            let p = if real { common::real_gates(p) } else { p };
+            let p = dtype_support::rounded_to::<T>(&p).map(|x| x as f32);
+            let label = format!("{} L={len} {regime:?} per_head={per_head} h0={with_h0} real={real}", T::DTYPE);
+            let run = |v| dispatch::cuda_variant_as::<T>(gpu, Mode::Recurrent, v, &p.view());
+            let (batched, packed) = (run(Variant::Default).unwrap(), run(Variant::Packed).unwrap());
+            assert!(bits(&packed.y) == bits(&batched.y), "{label}: y differs from the batched launch's");
+            let flat = |h: &[Complex<f32>]| h.iter().flat_map(|z| [z.re, z.im]).collect::<Vec<_>>();
+            assert!(
+                bits(&flat(&packed.h_final)) == bits(&flat(&batched.h_final)),
+                "{label}: h_final differs from the batched launch's"
+            );
+            assert!(packed.y.iter().all(|x| x.is_finite()), "{label}: y not finite");
+        }
     }
 }

@@ -627,6 +627,33 @@ pub fn forward_real_host_as<T: Element>(
     host_with::<T>(gpu, p, config.into(), Gates::Real)
 }
 
+/// [`forward_host_with`] (or, with real gates, [`forward_real_host_as`])
+/// through the packed launch: `p`'s B batch rows run as B packed sequences
+/// of `p.dims.len` steps, [`forward_varlen_into`] on the same buffers read
+/// as `[1, B·L, H, *]` with cu_seqlens 0, L, .., B·L (h0 and h_final
+/// `[B, H, K, V]` either way). Its answer is the batched launch's, bit for
+/// bit: this is how the packed path meets every input the other paths
+/// meet (`dispatch::Variant::Packed`, which the fuzzer runs).
+pub fn forward_packed_host_as<T: Element>(
+    gpu: &Gpu,
+    p: &Problem<'_, f32>,
+    config: impl Into<RecurrentConfig>,
+    gates: Gates,
+) -> Result<Outputs<f32>, GpuError> {
+    let config = config.into();
+    let no_workspace = |_: &Dims| Ok(0);
+    launch::forward_host::<T>(gpu, p, gates == Gates::Real, no_workspace, SYNC_DOING, |_, d, i, o, _| {
+        let packed = Dims { batch: 1, len: d.batch * d.len, ..*d };
+        let cu_seqlens: Vec<usize> = (0..=d.batch).map(|b| b * d.len).collect();
+        // forward_host launches on the Gpu's stream, which `varlen` takes
+        // as its Arc.
+        varlen(gpu, gpu.stream(), &packed, &cu_seqlens, config, gates, i, o)
+    })
+}
+
+/// What the host paths' synchronization is doing, for its error.
+const SYNC_DOING: &str = "synchronizing after the recurrent kernel";
+
 /// The body of the `forward_host` family.
 fn host_with<T: Element>(
     gpu: &Gpu,
@@ -635,14 +662,9 @@ fn host_with<T: Element>(
     gates: Gates,
 ) -> Result<Outputs<f32>, GpuError> {
     let no_workspace = |_: &Dims| Ok(0);
-    launch::forward_host::<T>(
-        gpu,
-        p,
-        gates == Gates::Real,
-        no_workspace,
-        "synchronizing after the recurrent kernel",
-        |s, d, i, o, _| forward_into_gates(gpu, s, d, config, gates, i, o),
-    )
+    launch::forward_host::<T>(gpu, p, gates == Gates::Real, no_workspace, SYNC_DOING, |s, d, i, o, _| {
+        forward_into_gates(gpu, s, d, config, gates, i, o)
+    })
 }
 
 #[cfg(test)]
