@@ -341,3 +341,95 @@ fn packed_variant<T: Element>(gpu: &Gpu) {
         }
     }
 }
+
+/// Drawn packings through the recurrence's packed launch: 1 to 6 sequences
+/// of 1 to 200 steps (a one-step sequence in about one draw in five), 1 to
+/// 3 heads, K from 1 to MAX_KEY_DIM, V from 1 to 65, every gate regime,
+/// per-channel or per-head, complex or real, with or without h0, every
+/// launch choice, f32 and bf16: y and h_final bit for bit the kernel's on
+/// each sequence alone.
+#[test]
+fn drawn_packings_equal_each_sequence_alone() {
+    let Some(gpu) = common::gpu_or_skip() else { return };
+    drawn_packings::<f32>(gpu, 9600);
+    drawn_packings::<bf16>(gpu, 9700);
+}
+
+fn drawn_packings<T: Element>(gpu: &Gpu, seed: u64) {
+    use gateloop::cuda::recurrent::{self, MAX_KEY_DIM, RecurrentConfig, RecurrentRows, RecurrentStaging};
+    use gateloop::cuda::{DeviceInputs, DeviceOutputs};
+    use gateloop::testing::random_problem;
+    use rand::rngs::StdRng;
+    use rand::{Rng, SeedableRng};
+    let mut rng = StdRng::seed_from_u64(seed);
+    let s = gpu.context().new_stream().unwrap();
+    let regimes = [
+        GateRegime::Random,
+        GateRegime::Resets(0.2),
+        GateRegime::UnitModulus,
+        GateRegime::LargePhase(50.0),
+        GateRegime::StrongDecay(40.0),
+        GateRegime::Mixed,
+    ];
+    let bits = |x: &[f32]| x.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+    for draw in 0..16 {
+        let n = rng.random_range(1..=6usize);
+        let lens: Vec<usize> =
+            (0..n).map(|_| if rng.random_bool(0.2) { 1 } else { rng.random_range(1..=200) }).collect();
+        let heads = rng.random_range(1..=3usize);
+        let kd = [1, 5, 8, 16, 33, 64, MAX_KEY_DIM][rng.random_range(0..7usize)];
+        let vd = [1, 7, 32, 40, 64, 65][rng.random_range(0..6usize)];
+        let (per_head, real, with_h0) = (rng.random_bool(0.5), rng.random_bool(0.5), rng.random_bool(0.5));
+        let regime = regimes[rng.random_range(0..regimes.len())];
+        let staging = if rng.random_bool(0.5) { RecurrentStaging::Ahead } else { RecurrentStaging::Batched };
+        let rows = if rng.random_bool(0.5) { RecurrentRows::Four } else { RecurrentRows::Eight };
+        let config = RecurrentConfig { staging, rows };
+        let label = format!(
+            "{} draw {draw}: lens {lens:?} H={heads} K={kd} V={vd} per_head={per_head} real={real} h0={with_h0} \
+             {regime:?} {config:?}",
+            T::DTYPE
+        );
+        let parts: Vec<_> = lens
+            .iter()
+            .enumerate()
+            .map(|(i, &l)| {
+                let p =
+                    random_problem(dims(1, l, heads, kd, vd, per_head), regime, with_h0, seed + 100 * draw + i as u64);
+                let p = if real { common::real_gates(p) } else { p };
+                dtype_support::rounded_to::<T>(&p).map(|x| x as f32)
+            })
+            .collect();
+        let cu = offsets(&lens);
+        let d = dims(1, cu[n], heads, kd, vd, per_head);
+        let to_t = |x: Vec<f32>| -> Vec<T> { x.into_iter().map(T::from_f32).collect() };
+        let q = s.clone_htod(&to_t(concat(&parts, |p| p.q.clone()))).unwrap();
+        let k = s.clone_htod(&to_t(concat(&parts, |p| p.k.clone()))).unwrap();
+        let v = s.clone_htod(&to_t(concat(&parts, |p| p.v.clone()))).unwrap();
+        let g = s.clone_htod(&concat(&parts, |p| common::gate_side(&p.log_gate, real))).unwrap();
+        let h0 = with_h0.then(|| s.clone_htod(&concat(&parts, |p| common::gate_side(p.h0.as_ref().unwrap(), real))));
+        let h0 = h0.transpose().unwrap();
+        let mut y = s.clone_htod(&vec![T::nan(); d.v_len()]).unwrap();
+        let mut h = s.clone_htod(&vec![f32::NAN; if real { 1 } else { 2 } * n * heads * kd * vd]).unwrap();
+        let inputs = DeviceInputs { q: &q, k: &k, v: &v, log_gate: &g, h0: h0.as_ref().map(|h| h as _) };
+        let out = DeviceOutputs { y: &mut y, h_final: &mut h };
+        let run = if real { recurrent::forward_varlen_real_into::<T> } else { recurrent::forward_varlen_into::<T> };
+        run(gpu, &s, &d, &cu, config, inputs, out).unwrap_or_else(|e| panic!("{label}: {e}"));
+        let y: Vec<f32> = s.clone_dtoh(&y).unwrap().into_iter().map(|x| x.to_f32()).collect();
+        let h = common::from_gate_side(&s.clone_dtoh(&h).unwrap(), real);
+        let (mut y_alone, mut h_alone) = (Vec::new(), Vec::new());
+        for p in &parts {
+            let o = if real {
+                recurrent::forward_real_host_as::<T>(gpu, &p.view(), config)
+            } else {
+                recurrent::forward_host_with::<T>(gpu, &p.view(), config)
+            }
+            .unwrap_or_else(|e| panic!("{label}: alone: {e}"));
+            y_alone.extend(o.y);
+            h_alone.extend(o.h_final);
+        }
+        assert!(bits(&y) == bits(&y_alone), "{label}: y differs from the sequences alone");
+        let flat = |h: &[Complex<f32>]| h.iter().flat_map(|z| [z.re, z.im]).collect::<Vec<_>>();
+        assert!(bits(&flat(&h)) == bits(&flat(&h_alone)), "{label}: h_final differs from the sequences alone");
+        assert!(y.iter().all(|x| x.is_finite()), "{label}: y not finite");
+    }
+}
