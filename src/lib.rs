@@ -39,7 +39,8 @@
 //! [`fuzz`] checks every implementation against the f64 recurrent reference
 //! on random adversarial problems (`gateloop fuzz`).
 //! [`packing`] runs variable-length sequences packed into one batch row
-//! (fla's `cu_seqlens`) through every mode, by reset gates at their starts.
+//! (fla's `cu_seqlens`) through every mode, by reset gates at their starts,
+//! or each from its own state ([`packing::forward_varlen`]).
 //!
 //! ## Example
 //!

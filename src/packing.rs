@@ -23,11 +23,15 @@
 //! the first sequence's initial state, `h_final` the last sequence's final
 //! state (`dh0` and `dh_final` likewise); the states of the others start at
 //! zero and are not returned. For a state per sequence (prefilling a batch
-//! of prompts, then decoding each), the recurrent kernel takes the offsets
+//! of prompts, then decoding each; fla's `initial_state` and `final_state`
+//! `[N, H, K, V]` with `cu_seqlens`), the recurrent kernel takes the offsets
 //! itself: [`crate::cuda::recurrent::forward_varlen_into`] runs every
 //! sequence from its own h0 to its own h_final in one launch, and
 //! [`crate::cuda::recurrent::decode_into`] with one batch row per sequence
-//! continues them.
+//! continues them. On the host, [`forward_varlen`] and [`backward_varlen`]
+//! do the same with any mode (the f64 reference, the CPU chunked path, a
+//! CUDA host launcher), one run per sequence, views into the packed
+//! buffers.
 //!
 //! ```
 //! use gateloop::cpu::chunked::{self, ChunkParams};
@@ -60,7 +64,8 @@
 use num_complex::Complex;
 
 use crate::error::InputError;
-use crate::problem::{Dims, Real};
+use crate::problem::{Dims, Outputs, Problem, Real};
+use crate::reference::grad::Grads;
 
 /// Checks `cu_seqlens` against `dims`: a packed problem has one batch row
 /// (`dims.batch == 1`), and the offsets start at 0, increase strictly (no
@@ -132,6 +137,141 @@ fn write_resets<G: Copy>(dims: &Dims, cu_seqlens: &[usize], log_gate: &mut [G], 
 /// in the `[1, L, H, K or 1]` layout.
 pub(crate) fn gates_per_step(dims: &Dims) -> usize {
     dims.heads * dims.gate_dim()
+}
+
+/// Sequence `i` of a packed problem as a problem of its own: views into
+/// `p`'s buffers (no copy), steps `cu_seqlens[i] .. cu_seqlens[i + 1]`,
+/// starting from `h0` (`[1, H, K, V]`) or from zero. `p.h0` is not used
+/// (a packed problem's initial states are per sequence). `cu_seqlens` must
+/// have passed [`sequence_starts`] for `p.dims`.
+fn sequence<'a, T: Real>(
+    p: &Problem<'a, T>,
+    cu_seqlens: &[usize],
+    i: usize,
+    h0: Option<&'a [Complex<T>]>,
+) -> Result<Problem<'a, T>, InputError> {
+    let d = &p.dims;
+    let (t0, t1) = (cu_seqlens[i], cu_seqlens[i + 1]);
+    let (qk, v, g) = (d.heads * d.key_dim, d.heads * d.value_dim, gates_per_step(d));
+    let dims = Dims { len: t1 - t0, ..*d };
+    Problem::new(
+        dims,
+        &p.q[t0 * qk..t1 * qk],
+        &p.k[t0 * qk..t1 * qk],
+        &p.v[t0 * v..t1 * v],
+        &p.log_gate[t0 * g..t1 * g],
+        h0,
+    )
+}
+
+/// State `i` of `[N, H, K, V]` states (`state` = H·K·V elements each).
+fn nth<C>(states: Option<&[C]>, i: usize, state: usize) -> Option<&[C]> {
+    states.map(|s| &s[i * state..(i + 1) * state])
+}
+
+/// The checks shared by [`forward_varlen`] and [`backward_varlen`]: `p` is
+/// a valid packed problem without an h0 of its own, `cu_seqlens` its
+/// offsets, `h0` (when given) N states. Returns N.
+fn check_varlen<T: Real>(
+    p: &Problem<'_, T>,
+    cu_seqlens: &[usize],
+    h0: Option<&[Complex<T>]>,
+) -> Result<usize, InputError> {
+    p.validate()?;
+    sequence_starts(&p.dims, cu_seqlens)?;
+    if p.h0.is_some() {
+        return Err(InputError::Param {
+            name: "h0",
+            value: "in the packed problem".into(),
+            why: "packed sequences start from a state each: pass them, [N, H, K, V], as `h0`",
+        });
+    }
+    let n = cu_seqlens.len() - 1;
+    let states = Dims { batch: n, ..p.dims };
+    if let Some(h0) = h0 {
+        states.check_len("h0", states.state_shape(), h0.len())?;
+    }
+    Ok(n)
+}
+
+/// Packed variable-length sequences, each from its own state: every
+/// sequence of `p` (`[1, L, H, *]`, no h0 of its own; offsets
+/// `cu_seqlens`) run alone by `forward` (any mode's host function: the f64
+/// reference, the CPU chunked path, a CUDA `*_host*` launcher), sequence i
+/// from `h0[i]` (`[N, H, K, V]`) or from zero. Returns y `[1, L, H, V]`
+/// (the sequences' y in order) and h_final `[N, H, K, V]`, each
+/// sequence's own. The host twin of
+/// [`crate::cuda::recurrent::forward_varlen_into`], which does the same in
+/// one launch; unlike resets ([`reset_sequence_starts`]) it returns every
+/// sequence's state. Everything is checked before `forward` first runs.
+pub fn forward_varlen<T: Real, E: From<InputError>>(
+    p: &Problem<'_, T>,
+    cu_seqlens: &[usize],
+    h0: Option<&[Complex<T>]>,
+    mut forward: impl FnMut(&Problem<'_, T>) -> Result<Outputs<T>, E>,
+) -> Result<Outputs<T>, E> {
+    let n = check_varlen(p, cu_seqlens, h0)?;
+    let state = p.dims.heads * p.dims.key_dim * p.dims.value_dim;
+    let mut out = Outputs { y: Vec::with_capacity(p.v.len()), h_final: Vec::with_capacity(n * state) };
+    for i in 0..n {
+        let o = forward(&sequence(p, cu_seqlens, i, nth(h0, i, state))?)?;
+        out.y.extend(o.y);
+        out.h_final.extend(o.h_final);
+    }
+    Ok(out)
+}
+
+/// The gradients of [`forward_varlen`]: `dy` `[1, L, H, V]` and
+/// `dh_final` (optional) `[N, H, K, V]` split by sequence and each
+/// sequence's gradients computed alone by `backward` (any mode's host
+/// backward: `dispatch::cpu_grad`, the CPU chunked backward, a CUDA
+/// `backward_host*`), sequence i from `h0[i]`. Returns dq, dk, dv, dlog_gate
+/// in the packed layout and, when `h0` is given, dh0 `[N, H, K, V]`.
+pub fn backward_varlen<T: Real, E: From<InputError>>(
+    p: &Problem<'_, T>,
+    cu_seqlens: &[usize],
+    h0: Option<&[Complex<T>]>,
+    dy: &[T],
+    dh_final: Option<&[Complex<T>]>,
+    mut backward: impl FnMut(&Problem<'_, T>, &[T], Option<&[Complex<T>]>) -> Result<Grads<T>, E>,
+) -> Result<Grads<T>, E> {
+    let n = check_varlen(p, cu_seqlens, h0)?;
+    let d = &p.dims;
+    d.check_len("dy", d.v_shape(), dy.len())?;
+    let states = Dims { batch: n, ..*d };
+    if let Some(dh) = dh_final {
+        states.check_len("dh_final", states.state_shape(), dh.len())?;
+    }
+    let (state, v) = (d.heads * d.key_dim * d.value_dim, d.heads * d.value_dim);
+    let mut g = Grads {
+        dq: Vec::with_capacity(p.q.len()),
+        dk: Vec::with_capacity(p.k.len()),
+        dv: Vec::with_capacity(p.v.len()),
+        dlog_gate: Vec::with_capacity(p.log_gate.len()),
+        dh0: h0.map(|_| Vec::with_capacity(n * state)),
+    };
+    for i in 0..n {
+        let (t0, t1) = (cu_seqlens[i], cu_seqlens[i + 1]);
+        let gi =
+            backward(&sequence(p, cu_seqlens, i, nth(h0, i, state))?, &dy[t0 * v..t1 * v], nth(dh_final, i, state))?;
+        g.dq.extend(gi.dq);
+        g.dk.extend(gi.dk);
+        g.dv.extend(gi.dv);
+        g.dlog_gate.extend(gi.dlog_gate);
+        if let Some(dh0) = &mut g.dh0 {
+            // A backward returns dh0 exactly when its problem has an h0.
+            let Some(di) = gi.dh0 else {
+                return Err(InputError::Param {
+                    name: "backward",
+                    value: "no dh0".into(),
+                    why: "the backward must return dh0 for a problem with h0",
+                }
+                .into());
+            };
+            dh0.extend(di);
+        }
+    }
+    Ok(g)
 }
 
 #[cfg(test)]
