@@ -204,6 +204,27 @@ fn check_varlen<T: Real>(
 /// [`crate::cuda::recurrent::forward_varlen_into`], which does the same in
 /// one launch; unlike resets ([`reset_sequence_starts`]) it returns every
 /// sequence's state. Everything is checked before `forward` first runs.
+///
+/// ```
+/// use gateloop::cpu::chunked::{self, ChunkParams};
+/// use gateloop::{Complex, Dims, Problem, compare_complex, packing, reference};
+///
+/// # fn main() -> Result<(), gateloop::InputError> {
+/// // Three prompts of 50, 7 and 80 steps, 2 heads, K = 8, V = 4, each with
+/// // its own initial state.
+/// let (cu_seqlens, d) = ([0, 50, 57, 137], Dims::new(1, 137, 2, 8, 4));
+/// let wave = |n: usize, f: f32| -> Vec<f32> { (0..n).map(|i| (f * i as f32).sin()).collect() };
+/// let (q, k, v) = (wave(d.qk_len(), 0.37), wave(d.qk_len(), 0.71), wave(d.v_len(), 0.13));
+/// let log_gate: Vec<Complex<f32>> = (0..d.gate_len()).map(|i| Complex::new(-0.05 * (i % 4) as f32, 0.3)).collect();
+/// let h0: Vec<Complex<f32>> = (0..3 * 2 * 8 * 4).map(|i| Complex::new(0.01 * (i % 7) as f32, -0.02)).collect();
+/// let p = Problem::new(d, &q, &k, &v, &log_gate, None)?;
+/// let fast = packing::forward_varlen(&p, &cu_seqlens, Some(&h0), |s| chunked::forward(s, &ChunkParams::default()))?;
+/// let recurrent = packing::forward_varlen(&p, &cu_seqlens, Some(&h0), reference::recurrent::forward)?;
+/// assert_eq!(fast.h_final.len(), 3 * 2 * 8 * 4); // [N, H, K, V]: every prompt's state
+/// assert!(compare_complex(&fast.h_final, &recurrent.h_final).rel_l2 < 1e-5);
+/// # Ok(())
+/// # }
+/// ```
 pub fn forward_varlen<T: Real, E: From<InputError>>(
     p: &Problem<'_, T>,
     cu_seqlens: &[usize],
