@@ -133,7 +133,8 @@ cli_test() {
     if [[ -z "$exe" ]] || ! "$exe" --test-threads 2 "$@"; then failed+=("$binary $*"); fi
 }
 cli_test cli --exact half_inputs_run_in_their_dtype cuda_device_errors_are_clear \
-    kernel_variants_run_where_they_exist_and_are_refused_elsewhere demo_runs_and_prints_a_table
+    kernel_variants_run_where_they_exist_and_are_refused_elsewhere demo_runs_and_prints_a_table \
+    cu_seqlens_packs_sequences_that_run_as_if_alone
 cli_test cli_grad --exact half_grad_files_run_in_their_dtype grad_input_errors_name_the_tensor \
     grad_variants_are_the_default_bit_for_bit_or_refused
 cli_test fuzz_campaign --exact variant_failures_name_and_replay_their_variant

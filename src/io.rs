@@ -8,7 +8,7 @@
 //! | `q`, `k`   | `[B, L, H, K]`                         | F32, F64, F16 or BF16 |
 //! | `v`        | `[B, L, H, V]`                         | q's        |
 //! | `log_gate` | `[B, L, H, K, 2]` or `[B, L, H, 1, 2]` (per-head gate) | q's, or F32 when q is F16/BF16 |
-//! | `h0` (optional) | `[B, H, K, V, 2]`                 | as log_gate |
+//! | `h0` (optional) | `[B, H, K, V, 2]`; with `cu_seqlens` `[N, H, K, V, 2]` | as log_gate |
 //! | `cu_seqlens` (optional) | `[N + 1]`                  | I64 or I32 |
 //!
 //! Complex tensors carry a trailing dimension of 2, `(re, im)`. q's dtype,
@@ -28,17 +28,21 @@
 //!
 //! `cu_seqlens` says that the file holds N variable-length sequences packed
 //! into one batch row (B = 1), sequence i at steps `cu_seqlens[i] ..
-//! cu_seqlens[i + 1]` (fla's convention): the reader writes a reset gate at
-//! the first step of every sequence but the first
-//! ([`crate::packing::reset_sequence_starts`]), so every mode computes each
-//! sequence as if it ran alone; h0 is the first sequence's initial state,
-//! h_final the last one's final state. Offsets that are not 0 first, L
+//! cu_seqlens[i + 1]`, each with its own state, as fla's `cu_seqlens`,
+//! `initial_state` and `final_state`: h0 (optional) is `[N, H, K, V, 2]`,
+//! sequence i's initial state, and the outputs' h_final `[N, H, K, V, 2]`
+//! each sequence's final state (a `grad` file's dh_final and the written
+//! dh0 likewise). The reader returns the offsets and h0 as a [`Packing`]
+//! beside the problem, and [`Packing::forward`] / [`Packing::backward`]
+//! run every sequence alone from its own state, in any mode
+//! ([`crate::packing::forward_varlen`]). Offsets that are not 0 first, L
 //! last and strictly increasing, or B > 1, are a [`FileError::Value`]
-//! naming the offset.
+//! naming the offset; states not N of them a [`FileError::Shape`].
 //!
 //! ## Output files
 //!
-//! `y` `[B, L, H, V]` and `h_final` `[B, H, K, V, 2]`, in the input's dtype
+//! `y` `[B, L, H, V]` and `h_final` `[B, H, K, V, 2]` (`[N, H, K, V, 2]`
+//! for packed sequences), in the input's dtype
 //! ([`write_outputs`]); for an F16 or BF16 input, y in that dtype and
 //! h_final in F32, the state's precision ([`write_outputs_half`]).
 //!
@@ -468,6 +472,9 @@ enum Axis {
     Gate,
     /// The trailing (re, im) axis of a complex tensor.
     Two,
+    /// The packed sequences of a file with `cu_seqlens`: a state's first
+    /// axis there (fla's `[N, H, K, V]` initial and final states).
+    N,
 }
 
 impl Axis {
@@ -480,6 +487,7 @@ impl Axis {
             Axis::V => "V",
             Axis::Gate => "K or 1",
             Axis::Two => "2",
+            Axis::N => "N",
         }
     }
     fn slot(self) -> Option<usize> {
@@ -489,20 +497,22 @@ impl Axis {
             Axis::H => Some(2),
             Axis::K | Axis::Gate => Some(3),
             Axis::V => Some(4),
-            Axis::Two => None,
+            Axis::Two | Axis::N => None,
         }
     }
 }
 
-/// The expected layout of each input tensor.
-fn layout(name: &str) -> &'static [Axis] {
+/// The expected layout of each input tensor; `packed`: the file holds
+/// `cu_seqlens`, so the states are one a sequence.
+fn layout(name: &str, packed: bool) -> &'static [Axis] {
     use Axis::*;
     match name {
         "q" | "k" => &[B, L, H, K],
         "v" => &[B, L, H, V],
         "log_gate" => &[B, L, H, Gate, Two],
         "dy" => &[B, L, H, V],
-        _ => &[B, H, K, V, Two], // h0, dh_final
+        _ if packed => &[N, H, K, V, Two], // h0, dh_final (parse_with's `is_state`), one a sequence
+        _ => &[B, H, K, V, Two],           // h0, dh_final
     }
 }
 
@@ -511,6 +521,8 @@ fn layout(name: &str) -> &'static [Axis] {
 struct DimTable {
     slots: [Option<(usize, &'static str)>; 5],
     per_head_gate: bool,
+    /// N, for a file with `cu_seqlens` (its length − 1).
+    sequences: Option<usize>,
 }
 
 impl DimTable {
@@ -521,6 +533,7 @@ impl DimTable {
             .map(|a| match a {
                 Axis::Two => Some("2".to_string()),
                 Axis::Gate => self.slots[3].map(|(k, _)| format!("{k} or 1")),
+                Axis::N => self.sequences.map(|n| n.to_string()),
                 a => a.slot().and_then(|s| self.slots[s]).map(|(v, _)| v.to_string()),
             })
             .collect();
@@ -533,7 +546,7 @@ impl DimTable {
 
     /// Checks `shape` of tensor `name` against its layout and binds its dims.
     fn bind(&mut self, file: &str, name: &'static str, shape: &[usize]) -> Result<(), FileError> {
-        let axes = layout(name);
+        let axes = layout(name, self.sequences.is_some());
         let shape_err = |table: &DimTable| FileError::Shape {
             file: file.to_string(),
             name,
@@ -544,8 +557,9 @@ impl DimTable {
             return Err(shape_err(self));
         }
         for (&axis, &value) in axes.iter().zip(shape) {
-            if axis == Axis::Two {
-                if value != 2 {
+            if axis == Axis::Two || axis == Axis::N {
+                let want = if axis == Axis::Two { Some(2) } else { self.sequences };
+                if Some(value) != want {
                     return Err(shape_err(self));
                 }
                 continue;
@@ -600,16 +614,82 @@ fn dtype_name(d: Dtype) -> String {
     format!("{d:?}")
 }
 
-/// Reads an input file (see the [module docs](self) for its layout).
-pub fn read_problem(path: impl AsRef<Path>) -> Result<LoadedProblem, FileError> {
+/// A file's packed sequences (`cu_seqlens`, see the [module docs](self)):
+/// the offsets, checked against the problem, and the sequences' initial
+/// states. The problem beside it has no h0 of its own; run it with
+/// [`Packing::forward`] (and [`Packing::backward`]), which give every
+/// sequence its own run from its own state.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Packing {
+    /// N + 1 offsets: sequence i is steps `cu_seqlens[i] .. cu_seqlens[i + 1]`.
+    pub cu_seqlens: Vec<usize>,
+    /// `[N, H, K, V]` complex, the file's h0 widened exactly to f64; zero
+    /// states when absent.
+    pub h0: Option<Vec<Complex<f64>>>,
+}
+
+impl Packing {
+    /// N, the number of sequences.
+    pub fn sequences(&self) -> usize {
+        self.cu_seqlens.len() - 1
+    }
+
+    /// h0 in `T` (exact for values read from a file of that precision).
+    fn h0_as<T: Real>(&self) -> Option<Vec<Complex<T>>> {
+        let t = |x: f64| T::from(x).unwrap_or_else(T::nan);
+        self.h0.as_ref().map(|h| h.iter().map(|z| Complex::new(t(z.re), t(z.im))).collect())
+    }
+
+    /// `forward` on `p` as the file asks: on the whole problem without
+    /// packing, else on each sequence alone from its own h0
+    /// ([`crate::packing::forward_varlen`]: y `[1, L, H, V]`, h_final
+    /// `[N, H, K, V]`).
+    pub fn forward<T: Real, E: From<InputError>>(
+        packing: Option<&Packing>,
+        p: &OwnedProblem<T>,
+        mut forward: impl FnMut(&Problem<'_, T>) -> Result<Outputs<T>, E>,
+    ) -> Result<Outputs<T>, E> {
+        match packing {
+            None => forward(&p.view()),
+            Some(pk) => crate::packing::forward_varlen(&p.view(), &pk.cu_seqlens, pk.h0_as::<T>().as_deref(), forward),
+        }
+    }
+
+    /// The gradients as the file asks ([`Packing::forward`]'s, through
+    /// [`crate::packing::backward_varlen`] when packed: `dh_final` and the
+    /// returned dh0 `[N, H, K, V]`).
+    pub fn backward<T: Real, E: From<InputError>>(
+        packing: Option<&Packing>,
+        p: &OwnedProblem<T>,
+        upstream: &Upstream<T>,
+        mut backward: impl FnMut(&Problem<'_, T>, &[T], Option<&[Complex<T>]>) -> Result<Grads<T>, E>,
+    ) -> Result<Grads<T>, E> {
+        let dh_final = upstream.dh_final.as_deref();
+        match packing {
+            None => backward(&p.view(), &upstream.dy, dh_final),
+            Some(pk) => crate::packing::backward_varlen(
+                &p.view(),
+                &pk.cu_seqlens,
+                pk.h0_as::<T>().as_deref(),
+                &upstream.dy,
+                dh_final,
+                backward,
+            ),
+        }
+    }
+}
+
+/// Reads an input file (see the [module docs](self) for its layout): the
+/// problem and, for a file with `cu_seqlens`, its [`Packing`].
+pub fn read_problem(path: impl AsRef<Path>) -> Result<(LoadedProblem, Option<Packing>), FileError> {
     let path = path.as_ref();
     let bytes = read_bytes(path)?;
     parse_problem(&bytes, &path.display().to_string())
 }
 
 /// Parses the bytes of an input file; `file` names it in error messages.
-pub fn parse_problem(bytes: &[u8], file: &str) -> Result<LoadedProblem, FileError> {
-    parse_with(bytes, file, &[], &[]).map(|(p, _)| p)
+pub fn parse_problem(bytes: &[u8], file: &str) -> Result<(LoadedProblem, Option<Packing>), FileError> {
+    parse_with(bytes, file, &[], &[]).map(|(p, _, packing)| (p, packing))
 }
 
 /// Extra tensors of a file beyond the problem's, decoded as f64 by name
@@ -624,7 +704,7 @@ fn parse_with(
     file: &str,
     extra_required: &[&'static str],
     extra_optional: &[&'static str],
-) -> Result<(LoadedProblem, Extras), FileError> {
+) -> Result<(LoadedProblem, Extras, Option<Packing>), FileError> {
     let st = parse(bytes, file)?;
     let names = st.names();
     let required: Vec<&'static str> = REQUIRED.iter().chain(extra_required).copied().collect();
@@ -683,8 +763,21 @@ fn parse_with(
         }
     }
 
-    let mut table = DimTable::default();
-    for (name, view) in &views {
+    // cu_seqlens first: with it the states are one a sequence ([N, ...]).
+    let cu_seqlens = st.tensor(CU_SEQLENS).ok().map(|view| read_offsets(&view, file)).transpose()?;
+    let mut table =
+        DimTable { sequences: cu_seqlens.as_ref().map(|cu| cu.len().saturating_sub(1)), ..DimTable::default() };
+    // The states last: a packed file's offsets are checked against the
+    // problem first (a wrong offset is the cause when N states mismatch).
+    let is_state = |name: &str| matches!(name, "h0" | "dh_final");
+    for (name, view) in views.iter().filter(|(n, _)| !is_state(n)) {
+        table.bind(file, name, view.shape())?;
+    }
+    if let (Some(cu), Some(dims)) = (&cu_seqlens, table.dims()) {
+        crate::packing::sequence_starts(&dims, cu)
+            .map_err(|source| FileError::Value { file: file.to_string(), source })?;
+    }
+    for (name, view) in views.iter().filter(|(n, _)| is_state(n)) {
         table.bind(file, name, view.shape())?;
     }
 
@@ -695,7 +788,10 @@ fn parse_with(
 
     // Every axis of B, L, H, K, V is bound by q and v, which are required.
     let dims = table.dims().ok_or_else(|| format_err(file, "cannot determine the dimensions"))?;
-    let state = [dims.batch, dims.heads, dims.key_dim, dims.value_dim];
+    // The outputs' states: B of them, or N packed sequences (at most L,
+    // which the file's bytes do not bound by a state's size).
+    let states = dims.batch.max(table.sequences.unwrap_or(0));
+    let state = [states, dims.heads, dims.key_dim, dims.value_dim];
     let elements = state.iter().try_fold(1usize, |a, &d| a.checked_mul(d)).unwrap_or(usize::MAX);
     if elements > MAX_STATE_ELEMENTS {
         return Err(FileError::TooLarge {
@@ -729,15 +825,27 @@ fn parse_with(
             _ => widen_f32(name, bytes).into_iter().map(f64::from).collect(),
         }
     };
-    let cu_seqlens = st.tensor(CU_SEQLENS).ok().map(|view| read_offsets(&view, file)).transpose()?;
-    let cu_seqlens = cu_seqlens.as_deref();
+    // Packed: the offsets checked against the problem, and h0 (one state a
+    // sequence) kept beside it rather than in it.
+    let packing = match cu_seqlens {
+        Some(cu_seqlens) => {
+            // (The offsets were checked against `dims` above.)
+            let h0 = data("h0").map(|b| widen("h0", b));
+            if let Some(index) = h0.as_ref().and_then(|h| h.iter().position(|x| !x.is_finite())) {
+                let value = format!("{}", h0.as_ref().unwrap()[index]);
+                let source = InputError::Value { name: "h0", index: index / 2, value, why: "must be finite" };
+                return Err(FileError::Value { file: file.to_string(), source });
+            }
+            let h0 = h0.map(|h| h.as_chunks::<2>().0.iter().map(|&[re, im]| Complex::new(re, im)).collect());
+            Some(Packing { cu_seqlens, h0 })
+        }
+        None => None,
+    };
+    let h0 = if packing.is_some() { None } else { data("h0") };
     let loaded = if element == Dtype::F64 {
-        let p = assemble(dims, &req, data("h0"), |name, b| widen(name, b))?;
-        let p = packed(check_values(p, file)?, cu_seqlens, file)?;
-        LoadedProblem::F64(p)
+        LoadedProblem::F64(check_values(assemble(dims, &req, h0, |name, b| widen(name, b))?, file)?)
     } else {
-        let p = assemble(dims, &req, data("h0"), widen_f32)?;
-        let p = packed(check_values(p, file)?, cu_seqlens, file)?;
+        let p = check_values(assemble(dims, &req, h0, widen_f32)?, file)?;
         match HalfDtype::of(element) {
             Some(h) => LoadedProblem::Half(h, p),
             None => LoadedProblem::F32(p),
@@ -755,7 +863,7 @@ fn parse_with(
             extras.insert(name, values);
         }
     }
-    Ok((loaded, extras))
+    Ok((loaded, extras, packing))
 }
 
 /// The upstream gradients of a `grad` input file.
@@ -763,7 +871,8 @@ fn parse_with(
 pub struct Upstream<T> {
     /// `dy` `[B, L, H, V]`.
     pub dy: Vec<T>,
-    /// `dh_final` `[B, H, K, V]` complex, when the file holds it.
+    /// `dh_final` `[B, H, K, V]` (packed sequences: `[N, H, K, V]`)
+    /// complex, when the file holds it.
     pub dh_final: Option<Vec<Complex<T>>>,
 }
 
@@ -783,15 +892,15 @@ pub enum LoadedGradProblem {
 /// Reads a `grad` input file: an input file plus `dy` `[B, L, H, V]` (q's
 /// dtype) and optional `dh_final` `[B, H, K, V, 2]` (as log_gate), same
 /// checks.
-pub fn read_grad_problem(path: impl AsRef<Path>) -> Result<LoadedGradProblem, FileError> {
+pub fn read_grad_problem(path: impl AsRef<Path>) -> Result<(LoadedGradProblem, Option<Packing>), FileError> {
     let path = path.as_ref();
     let bytes = read_bytes(path)?;
     parse_grad_problem(&bytes, &path.display().to_string())
 }
 
 /// Parses the bytes of a `grad` input file (see [`read_grad_problem`]).
-pub fn parse_grad_problem(bytes: &[u8], file: &str) -> Result<LoadedGradProblem, FileError> {
-    let (problem, mut extras) = parse_with(bytes, file, &["dy"], &["dh_final"])?;
+pub fn parse_grad_problem(bytes: &[u8], file: &str) -> Result<(LoadedGradProblem, Option<Packing>), FileError> {
+    let (problem, mut extras, packing) = parse_with(bytes, file, &["dy"], &["dh_final"])?;
     let dy = extras.remove("dy").ok_or_else(|| format_err(file, "tensor `dy` vanished"))?;
     let dh_final = extras.remove("dh_final");
     fn upstream<T: Real>(dy: Vec<f64>, dh_final: Option<Vec<f64>>) -> Upstream<T> {
@@ -802,11 +911,12 @@ pub fn parse_grad_problem(bytes: &[u8], file: &str) -> Result<LoadedGradProblem,
                 .map(|v| v.as_chunks::<2>().0.iter().map(|&[re, im]| Complex::new(t(re), t(im))).collect()),
         }
     }
-    Ok(match problem {
+    let loaded = match problem {
         LoadedProblem::F32(p) => LoadedGradProblem::F32(p, upstream(dy, dh_final)),
         LoadedProblem::F64(p) => LoadedGradProblem::F64(p, upstream(dy, dh_final)),
         LoadedProblem::Half(h, p) => LoadedGradProblem::Half(h, p, upstream(dy, dh_final)),
-    })
+    };
+    Ok((loaded, packing))
 }
 
 /// `decode(name, bytes)`: the tensor's values in `T`.
@@ -837,7 +947,8 @@ fn check_values<T: Real>(p: OwnedProblem<T>, file: &str) -> Result<OwnedProblem<
 }
 
 /// The offsets of a `cu_seqlens` tensor: rank 1, I64 or I32, none negative
-/// (their order and range are checked against the problem by [`packed`]).
+/// (their order and range are checked against the problem by
+/// [`crate::packing::sequence_starts`]).
 fn read_offsets(view: &TensorView<'_>, file: &str) -> Result<Vec<usize>, FileError> {
     let values: Vec<i64> = match view.dtype() {
         Dtype::I64 => view.data().chunks_exact(8).map(|b| i64::from_le_bytes(b.try_into().unwrap())).collect(),
@@ -869,20 +980,6 @@ fn read_offsets(view: &TensorView<'_>, file: &str) -> Result<Vec<usize>, FileErr
             })
         })
         .collect()
-}
-
-/// `p` with reset gates at the starts of the sequences `cu_seqlens` packs
-/// (unchanged without it).
-fn packed<T: Real>(
-    mut p: OwnedProblem<T>,
-    cu_seqlens: Option<&[usize]>,
-    file: &str,
-) -> Result<OwnedProblem<T>, FileError> {
-    if let Some(cu) = cu_seqlens {
-        crate::packing::reset_sequence_starts(&p.dims, cu, &mut p.log_gate)
-            .map_err(|source| FileError::Value { file: file.to_string(), source })?;
-    }
-    Ok(p)
 }
 
 /// Reads every tensor of a safetensors file as f64, by name. Accepts F32,
@@ -985,8 +1082,15 @@ fn problem_tensors<T: FileReal>(p: &Problem<'_, T>) -> Tensors {
 fn output_tensors<T: FileReal>(dims: &Dims, out: &Outputs<T>) -> Tensors {
     vec![
         ("y", T::DTYPE, dims.v_shape().to_vec(), reals(&out.y)),
-        ("h_final", T::DTYPE, with2(dims.state_shape()), complexes(&out.h_final)),
+        ("h_final", T::DTYPE, with2(states_shape(dims, out.h_final.len())), complexes(&out.h_final)),
     ]
+}
+
+/// The shape of `len` states of `dims`' heads: `[B, H, K, V]`, or
+/// `[N, H, K, V]` for N packed sequences ([`Packing`]): N = len / (H·K·V).
+fn states_shape(dims: &Dims, len: usize) -> [usize; 4] {
+    let one = dims.heads * dims.key_dim * dims.value_dim;
+    [len / one.max(1), dims.heads, dims.key_dim, dims.value_dim]
 }
 
 /// Serializes a problem as an input file (the layout [`read_problem`] reads).
@@ -1027,7 +1131,7 @@ pub fn write_grads<T: FileReal>(path: impl AsRef<Path>, dims: &Dims, g: &Grads<T
         ("dlog_gate", T::DTYPE, with2(dims.gate_shape()), complexes(&g.dlog_gate)),
     ];
     if let Some(dh0) = &g.dh0 {
-        t.push(("dh0", T::DTYPE, with2(dims.state_shape()), complexes(dh0)));
+        t.push(("dh0", T::DTYPE, with2(states_shape(dims, dh0.len())), complexes(dh0)));
     }
     write(path.as_ref(), &t)
 }
@@ -1084,7 +1188,7 @@ pub fn write_grads_half(path: impl AsRef<Path>, dims: &Dims, g: &Grads<f32>, hal
         ("dlog_gate", Dtype::F32, with2(dims.gate_shape()), complexes(&g.dlog_gate)),
     ];
     if let Some(dh0) = &g.dh0 {
-        t.push(("dh0", Dtype::F32, with2(dims.state_shape()), complexes(dh0)));
+        t.push(("dh0", Dtype::F32, with2(states_shape(dims, dh0.len())), complexes(dh0)));
     }
     write(path.as_ref(), &t)
 }
@@ -1100,7 +1204,7 @@ pub fn write_outputs_half(
 ) -> Result<(), FileError> {
     let t: Tensors = vec![
         ("y", half.dtype(), dims.v_shape().to_vec(), half.bytes(&out.y)),
-        ("h_final", Dtype::F32, with2(dims.state_shape()), complexes(&out.h_final)),
+        ("h_final", Dtype::F32, with2(states_shape(dims, out.h_final.len())), complexes(&out.h_final)),
     ];
     write(path.as_ref(), &t)
 }
@@ -1149,14 +1253,14 @@ mod tests {
             for with_h0 in [false, true] {
                 let p = random_problem(dims(2, 9, 3, 4, 5, per_head), GateRegime::Resets(0.2), with_h0, i as u64);
                 let bytes = problem_to_bytes(&p.view()).unwrap();
-                let LoadedProblem::F64(back) = parse_problem(&bytes, "mem").unwrap() else { panic!("not F64") };
+                let LoadedProblem::F64(back) = parse_problem(&bytes, "mem").unwrap().0 else { panic!("not F64") };
                 assert_eq!(back.dims, p.dims);
                 assert_eq!((&back.q, &back.k, &back.v), (&p.q, &p.k, &p.v));
                 assert_eq!((&back.log_gate, &back.h0), (&p.log_gate, &p.h0));
 
                 let p32 = p.to_f32();
                 let bytes = problem_to_bytes(&p32.view()).unwrap();
-                let LoadedProblem::F32(back) = parse_problem(&bytes, "mem").unwrap() else { panic!("not F32") };
+                let LoadedProblem::F32(back) = parse_problem(&bytes, "mem").unwrap().0 else { panic!("not F32") };
                 assert_eq!((back.dims, &back.q, &back.log_gate, &back.h0), (p32.dims, &p32.q, &p32.log_gate, &p32.h0));
             }
         }
@@ -1167,7 +1271,7 @@ mod tests {
         let p = random_problem(dims(2, 9, 3, 4, 5, false), GateRegime::Resets(0.2), true, 7).to_f32();
         for half in [HalfDtype::F16, HalfDtype::Bf16] {
             let bytes = serialize(&problem_tensors_half(&p.view(), half), "mem").unwrap();
-            let LoadedProblem::Half(h, back) = parse_problem(&bytes, "mem").unwrap() else { panic!("not 16-bit") };
+            let LoadedProblem::Half(h, back) = parse_problem(&bytes, "mem").unwrap().0 else { panic!("not 16-bit") };
             assert_eq!(h, half);
             let rounded = |xs: &[f32]| xs.iter().map(|&x| half.round(x)).collect::<Vec<_>>();
             assert_eq!((&back.q, &back.k, &back.v), (&rounded(&p.q), &rounded(&p.k), &rounded(&p.v)));
@@ -1193,7 +1297,7 @@ mod tests {
     fn k_of_one_with_a_gate_of_one_is_per_channel() {
         let p = random_problem(dims(1, 4, 2, 1, 3, false), GateRegime::Random, false, 0);
         let bytes = problem_to_bytes(&p.view()).unwrap();
-        assert_eq!(parse_problem(&bytes, "mem").unwrap().dims().gate, GateLayout::PerChannel);
+        assert_eq!(parse_problem(&bytes, "mem").unwrap().0.dims().gate, GateLayout::PerChannel);
     }
 
     fn header_file(header: &str, data_len: usize) -> Vec<u8> {

@@ -19,7 +19,7 @@ macro_rules! say {
     }};
 }
 
-use gateloop::io::{self, FileError, LoadedProblem};
+use gateloop::io::{self, FileError, LoadedProblem, Packing};
 use gateloop::reference::{self, RefMode};
 use gateloop::testing::{GateRegime, OwnedProblem, random_problem};
 use gateloop::{Dims, Mode, Outputs, compare, compare_complex, cuda, dispatch, fuzz};
@@ -42,7 +42,8 @@ enum Command {
     /// (log_gate and h0 may be F32 beside 16-bit q, k, v); q's dtype picks
     /// the precision (and the output's dtype). An optional `cu_seqlens`
     /// [N+1] (I64 or I32) packs N sequences into one batch row (B = 1),
-    /// each computed as if alone (reset gates at their starts).
+    /// each computed alone from its own state (fla's cu_seqlens): h0 and
+    /// the written h_final are then [N,H,K,V,2] (grad: dh_final, dh0 too).
     Run {
         /// Input safetensors file.
         #[arg(long, short)]
@@ -371,7 +372,8 @@ fn run(
     if let Some(mode) = mode.filter(|m| device == Device::Cuda && !dispatch::CUDA_MODES.contains(m)) {
         return Err(input_err(dispatch::cuda_unavailable(mode)));
     }
-    let problem = io::read_problem(&input)?;
+    let (problem, packing) = io::read_problem(&input)?;
+    let packing = packing.as_ref();
     let dims = problem.dims();
     let mode = mode.unwrap_or(match (&problem, device) {
         (_, Device::Cuda) => dispatch::fastest_cuda_mode(&dims),
@@ -396,19 +398,24 @@ fn run(
             )));
         }
         (LoadedProblem::F64(p), Device::Cpu) => {
-            let (ms, out) = median_timed(repeat, || dispatch::cpu_f64(mode, &p.view()).map_err(input_err))?;
+            let (ms, out) = median_timed(repeat, || {
+                Packing::forward(packing, p, |s| dispatch::cpu_f64(mode, s)).map_err(input_err)
+            })?;
             io::write_outputs(&output, &dims, &out)?;
             (None, ms)
         }
         (LoadedProblem::F32(p), Device::Cpu) => {
-            let (ms, out) = median_timed(repeat, || dispatch::cpu_f32(mode, &p.view()).map_err(input_err))?;
+            let (ms, out) = median_timed(repeat, || {
+                Packing::forward(packing, p, |s| dispatch::cpu_f32(mode, s)).map_err(input_err)
+            })?;
             io::write_outputs(&output, &dims, &out)?;
             (None, ms)
         }
         (LoadedProblem::F32(p), Device::Cuda) => {
             let gpu = cuda::Gpu::new(0).map_err(|e| Failure::Runtime(format!("cannot use the GPU: {e}")))?;
             let (ms, out) = median_timed(repeat, || {
-                dispatch::cuda_variant_in(&gpu, mode, variant, cuda::Dtype::F32, &p.view()).map_err(gpu_err)
+                Packing::forward(packing, p, |s| dispatch::cuda_variant_in(&gpu, mode, variant, cuda::Dtype::F32, s))
+                    .map_err(gpu_err)
             })?;
             io::write_outputs(&output, &dims, &out)?;
             (Some(gpu.name()), ms)
@@ -416,7 +423,9 @@ fn run(
         // 16-bit q, k, v: the f32 implementation on their exact f32 values,
         // y rounded to the file's dtype on the way out ...
         (LoadedProblem::Half(half, p), Device::Cpu) => {
-            let (ms, out) = median_timed(repeat, || dispatch::cpu_f32(mode, &p.view()).map_err(input_err))?;
+            let (ms, out) = median_timed(repeat, || {
+                Packing::forward(packing, p, |s| dispatch::cpu_f32(mode, s)).map_err(input_err)
+            })?;
             io::write_outputs_half(&output, &dims, &out, *half)?;
             (None, ms)
         }
@@ -424,7 +433,8 @@ fn run(
         (LoadedProblem::Half(half, p), Device::Cuda) => {
             let gpu = cuda::Gpu::new(0).map_err(|e| Failure::Runtime(format!("cannot use the GPU: {e}")))?;
             let (ms, out) = median_timed(repeat, || {
-                dispatch::cuda_variant_in(&gpu, mode, variant, half.element(), &p.view()).map_err(gpu_err)
+                Packing::forward(packing, p, |s| dispatch::cuda_variant_in(&gpu, mode, variant, half.element(), s))
+                    .map_err(gpu_err)
             })?;
             io::write_outputs_half(&output, &dims, &out, *half)?;
             (Some(gpu.name()), ms)
@@ -439,7 +449,8 @@ fn run(
         dispatch::Variant::Default => mode.name().to_string(),
         v => format!("{} ({})", mode.name(), v.name()),
     };
-    say!("{what} on {on}, {problem}: {ms:.3} ms{runs} median_ms={ms:.4} -> {}", output.display());
+    let packed = packing.map_or(String::new(), |pk| format!(" ({} packed sequences)", pk.sequences()));
+    say!("{what} on {on}, {problem}{packed}: {ms:.3} ms{runs} median_ms={ms:.4} -> {}", output.display());
     Ok(())
 }
 
@@ -455,7 +466,8 @@ fn grad(
     if device == Device::Cuda && !dispatch::CUDA_GRAD_MODES.contains(&mode) {
         return Err(input_err(dispatch::cuda_grad_unavailable(mode)));
     }
-    let loaded = io::read_grad_problem(&input)?;
+    let (loaded, packing) = io::read_grad_problem(&input)?;
+    let packing = packing.as_ref();
     let dtype = match &loaded {
         io::LoadedGradProblem::F32(..) => Some(cuda::Dtype::F32),
         io::LoadedGradProblem::Half(half, ..) => Some(half.element()),
@@ -473,26 +485,22 @@ fn grad(
             )));
         }
         (io::LoadedGradProblem::F64(p, up), Device::Cpu) => {
-            let g = dispatch::cpu_grad(mode, &p.view(), &up.dy, up.dh_final.as_deref()).map_err(input_err)?;
+            let g = Packing::backward(packing, p, up, |s, dy, dh| dispatch::cpu_grad(mode, s, dy, dh))
+                .map_err(input_err)?;
             io::write_grads(&output, &p.dims, &g)?;
             (p.dims, "f64", "cpu".to_string())
         }
         (io::LoadedGradProblem::F32(p, up), Device::Cpu) => {
-            let g = dispatch::cpu_grad_f32(mode, &p.view(), &up.dy, up.dh_final.as_deref()).map_err(input_err)?;
+            let g = Packing::backward(packing, p, up, |s, dy, dh| dispatch::cpu_grad_f32(mode, s, dy, dh))
+                .map_err(input_err)?;
             io::write_grads(&output, &p.dims, &g)?;
             (p.dims, "f32", "cpu".to_string())
         }
         (io::LoadedGradProblem::F32(p, up), Device::Cuda) => {
             let gpu = cuda::Gpu::new(0).map_err(|e| Failure::Runtime(format!("cannot use the GPU: {e}")))?;
-            let g = dispatch::cuda_grad_variant_in(
-                &gpu,
-                mode,
-                variant,
-                cuda::Dtype::F32,
-                &p.view(),
-                &up.dy,
-                up.dh_final.as_deref(),
-            )
+            let g = Packing::backward(packing, p, up, |s, dy, dh| {
+                dispatch::cuda_grad_variant_in(&gpu, mode, variant, cuda::Dtype::F32, s, dy, dh)
+            })
             .map_err(gpu_err)?;
             io::write_grads(&output, &p.dims, &g)?;
             (p.dims, "f32", format!("cuda ({})", gpu.name()))
@@ -500,21 +508,16 @@ fn grad(
         // As in `run`: f32 on the CPU, dq, dk, dv rounded on the way out;
         // the kernels in the file's dtype on the GPU.
         (io::LoadedGradProblem::Half(half, p, up), Device::Cpu) => {
-            let g = dispatch::cpu_grad_f32(mode, &p.view(), &up.dy, up.dh_final.as_deref()).map_err(input_err)?;
+            let g = Packing::backward(packing, p, up, |s, dy, dh| dispatch::cpu_grad_f32(mode, s, dy, dh))
+                .map_err(input_err)?;
             io::write_grads_half(&output, &p.dims, &g, *half)?;
             (p.dims, half.name(), "cpu".to_string())
         }
         (io::LoadedGradProblem::Half(half, p, up), Device::Cuda) => {
             let gpu = cuda::Gpu::new(0).map_err(|e| Failure::Runtime(format!("cannot use the GPU: {e}")))?;
-            let g = dispatch::cuda_grad_variant_in(
-                &gpu,
-                mode,
-                variant,
-                half.element(),
-                &p.view(),
-                &up.dy,
-                up.dh_final.as_deref(),
-            )
+            let g = Packing::backward(packing, p, up, |s, dy, dh| {
+                dispatch::cuda_grad_variant_in(&gpu, mode, variant, half.element(), s, dy, dh)
+            })
             .map_err(gpu_err)?;
             io::write_grads_half(&output, &p.dims, &g, *half)?;
             (p.dims, half.name(), format!("cuda ({})", gpu.name()))

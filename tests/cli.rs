@@ -645,10 +645,12 @@ fn fuzz_targets_select_forward_and_gradient_checks() {
 }
 
 /// `cu_seqlens` (I64 or I32, `[N + 1]`) in an input file packs N sequences
-/// into its one batch row: `run` computes each as if it ran alone (the f64
-/// recurrence: exactly the sequences' own outputs; h_final the last
-/// one's), and `grad` likewise (dq of each sequence its own); bad offsets
-/// are refused with exit 2, naming the tensor and the offset.
+/// into its one batch row, each with its own state (fla's convention): `run`
+/// computes each alone from its h0 (`[N, H, K, V, 2]`; the f64 recurrence:
+/// exactly the sequences' own outputs, h_final `[N, H, K, V, 2]` every
+/// one's), and `grad` likewise (dq each sequence's own, with its dh_final;
+/// dh0 `[N, H, K, V, 2]`); states not N of them, bad offsets are refused
+/// with exit 2, naming the tensor and the offset.
 #[test]
 fn cu_seqlens_packs_sequences_that_run_as_if_alone() {
     let dir = TempDir::new("packed");
@@ -656,18 +658,19 @@ fn cu_seqlens_packs_sequences_that_run_as_if_alone() {
     let parts: Vec<OwnedProblem<f64>> = lens
         .iter()
         .enumerate()
-        .map(|(i, &l)| random_problem(dims(1, l, 2, 3, 2, false), GateRegime::UnitModulus, i == 0, 8100 + i as u64))
+        .map(|(i, &l)| random_problem(dims(1, l, 2, 3, 2, false), GateRegime::UnitModulus, true, 8100 + i as u64))
         .collect();
     let cat = |f: &dyn Fn(&OwnedProblem<f64>) -> Vec<f64>| -> Vec<f64> { parts.iter().flat_map(f).collect() };
     let d = dims(1, 15, 2, 3, 2, false);
     let bytes = |x: &[f64]| -> Vec<u8> { x.iter().flat_map(|v| v.to_le_bytes()).collect() };
     let gates = cat(&|p| interleave(&p.log_gate));
+    let h0 = cat(&|p| interleave(p.h0.as_ref().unwrap()));
     let mut raw: Raw = vec![
         ("q", Dtype::F64, d.qk_shape().to_vec(), bytes(&cat(&|p| p.q.clone()))),
         ("k", Dtype::F64, d.qk_shape().to_vec(), bytes(&cat(&|p| p.k.clone()))),
         ("v", Dtype::F64, d.v_shape().to_vec(), bytes(&cat(&|p| p.v.clone()))),
         ("log_gate", Dtype::F64, vec![1, 15, 2, 3, 2], bytes(&gates)),
-        ("h0", Dtype::F64, vec![1, 2, 3, 2, 2], bytes(&interleave(parts[0].h0.as_ref().unwrap()))),
+        ("h0", Dtype::F64, vec![3, 2, 3, 2, 2], bytes(&h0)),
         ("cu_seqlens", Dtype::I64, vec![4], [0i64, 5, 6, 15].iter().flat_map(|x| x.to_le_bytes()).collect()),
     ];
     let input = dir.path("packed.safetensors");
@@ -675,32 +678,85 @@ fn cu_seqlens_packs_sequences_that_run_as_if_alone() {
     let output = dir.path("packed-out.safetensors");
     let o = run_mode(&input, &output, "recurrent");
     assert!(o.status.success(), "{}", stderr(&o));
-    let (y, h) = read_outputs(&output, &d, Dtype::F64);
+    assert!(stdout(&o).contains("3 packed sequences"), "{}", stdout(&o));
+    let mut out = io::read_tensors_f64(&output).unwrap();
+    let (y, h) = (out.remove("y").unwrap(), out.remove("h_final").unwrap());
     let alone: Vec<_> = parts.iter().map(|p| reference::recurrent::forward(&p.view()).unwrap()).collect();
     assert_eq!(y.data, alone.iter().flat_map(|o| o.y.clone()).collect::<Vec<f64>>());
-    assert_eq!(h.data, interleave(&alone[2].h_final));
-    // Without cu_seqlens the state crosses the boundaries (|a| = 1).
-    let unpacked: Raw = raw.iter().filter(|t| t.0 != "cu_seqlens").cloned().collect();
+    assert_eq!(h.shape, [3, 2, 3, 2, 2]);
+    assert_eq!(h.data, alone.iter().flat_map(|o| interleave(&o.h_final)).collect::<Vec<f64>>());
+    // Without cu_seqlens (and its h0) the state crosses the boundaries (|a| = 1).
+    let unpacked: Raw = raw.iter().filter(|t| t.0 != "cu_seqlens" && t.0 != "h0").cloned().collect();
     std::fs::write(&input, to_bytes(&unpacked)).unwrap();
     assert!(run_mode(&input, &output, "recurrent").status.success());
-    assert_ne!(read_outputs(&output, &d, Dtype::F64).0.data, y.data);
+    assert_ne!(io::read_tensors_f64(&output).unwrap().remove("y").unwrap().data, y.data);
 
-    // grad: dq of the packed file is the sequences' own, concatenated.
+    // grad: dq of the packed file is the sequences' own, each with its own
+    // dh_final, concatenated; dh0 every sequence's.
     let dy: Vec<f64> = (0..d.v_len()).map(|i| (i as f64 * 0.7).sin()).collect();
+    let dh_final: Vec<f64> = (0..h0.len()).map(|i| (i as f64 * 0.3).cos()).collect();
     let mut grad_raw = raw.clone();
     grad_raw.push(("dy", Dtype::F64, d.v_shape().to_vec(), bytes(&dy)));
+    grad_raw.push(("dh_final", Dtype::F64, vec![3, 2, 3, 2, 2], bytes(&dh_final)));
     std::fs::write(&input, to_bytes(&grad_raw)).unwrap();
     let o = gateloop(&["grad", "--input", s(&input), "--output", s(&output), "--mode", "recurrent"]);
     assert!(o.status.success(), "{}", stderr(&o));
-    let dq = io::read_tensors_f64(&output).unwrap().remove("dq").unwrap().data;
-    let mut t0 = 0;
-    let mut want = Vec::new();
-    for p in &parts {
+    let mut grads = io::read_tensors_f64(&output).unwrap();
+    let (dq, dh0) = (grads.remove("dq").unwrap().data, grads.remove("dh0").unwrap());
+    let (mut t0, mut want, mut want_dh0) = (0, Vec::new(), Vec::new());
+    let state = 2 * 3 * 2;
+    for (i, p) in parts.iter().enumerate() {
         let n = p.dims.v_len();
-        want.extend(reference::grad::backward(&p.view(), &dy[t0..t0 + n], None).unwrap().dq);
+        let dh: Vec<Complex<f64>> =
+            dh_final[2 * i * state..2 * (i + 1) * state].chunks(2).map(|c| Complex::new(c[0], c[1])).collect();
+        let g = reference::grad::backward(&p.view(), &dy[t0..t0 + n], Some(&dh)).unwrap();
+        want.extend(g.dq);
+        want_dh0.extend(interleave(&g.dh0.unwrap()));
         t0 += n;
     }
     assert_eq!(dq, want);
+    assert_eq!(dh0.shape, [3, 2, 3, 2, 2]);
+    assert_eq!(dh0.data, want_dh0);
+
+    // The same file in F32 through the CUDA kernels (recurrent and chunked,
+    // a launch per sequence from its own state), and the f32 CPU chunked
+    // path: within the f32 bounds of the sequences' own f64 runs.
+    let f32s = |x: &[u8]| -> Vec<u8> {
+        x.chunks(8).flat_map(|c| (f64::from_le_bytes(c.try_into().unwrap()) as f32).to_le_bytes()).collect()
+    };
+    let raw32: Raw = raw
+        .iter()
+        .map(|(n, t, shape, b)| {
+            if *t == Dtype::F64 { (*n, Dtype::F32, shape.clone(), f32s(b)) } else { (*n, *t, shape.clone(), b.clone()) }
+        })
+        .collect();
+    std::fs::write(&input, to_bytes(&raw32)).unwrap();
+    let want_y: Vec<f64> = alone.iter().flat_map(|o| o.y.clone()).collect();
+    for (mode, device) in [("recurrent", "cuda"), ("chunked", "cuda"), ("chunked", "cpu")] {
+        let o = gateloop(&["run", "-i", s(&input), "-o", s(&output), "--mode", mode, "--device", device]);
+        if !o.status.success() && device == "cuda" {
+            common::cli_cuda_skipped(&format!("run --mode {mode} --device cuda (packed)"), &o);
+            continue;
+        }
+        assert!(o.status.success(), "{mode} {device}: {}", stderr(&o));
+        let mut out = io::read_tensors_f64(&output).unwrap();
+        let (y32, h32) = (out.remove("y").unwrap(), out.remove("h_final").unwrap());
+        assert_eq!(h32.shape, [3, 2, 3, 2, 2], "{mode} {device}");
+        assert!(compare(&y32.data, &want_y).rel_l2 <= 1e-4, "{mode} {device}: y");
+        assert!(compare(&h32.data, &h.data).rel_l2 <= 1e-4, "{mode} {device}: h_final");
+    }
+
+    // Refused: states that are not one a sequence (h0 for one sequence, a
+    // dh_final for one).
+    let mut one_h0 = raw.clone();
+    set(&mut one_h0, "h0", Dtype::F64, vec![1, 2, 3, 2, 2], bytes(&h0[..2 * state]));
+    expect_refused(&dir, "one-h0", &to_bytes(&one_h0), &["h0", "[N, H, K, V, 2] = [3, 2, 3, 2, 2]", "[1, 2, 3, 2, 2]"]);
+    let mut one_dh = grad_raw.clone();
+    set(&mut one_dh, "dh_final", Dtype::F64, vec![1, 2, 3, 2, 2], bytes(&dh_final[..2 * state]));
+    std::fs::write(&input, to_bytes(&one_dh)).unwrap();
+    let o = gateloop(&["grad", "--input", s(&input), "--output", s(&output), "--mode", "recurrent"]);
+    assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
+    assert!(stderr(&o).contains("dh_final") && stderr(&o).contains("[N, H, K, V, 2]"), "{}", stderr(&o));
 
     // Refused: offsets that miss L, decrease, are negative, of another
     // dtype or rank; a file with two batch rows.
