@@ -191,12 +191,8 @@ fn varlen<T: Element>(gpu: &Gpu) {
         let cu = offsets(&lens);
         let n = lens.len();
         let d = dims(1, cu[n], heads, kd, vd, per_head);
-        let to_t = |x: Vec<f32>| -> Vec<T> { x.into_iter().map(T::from_f32).collect() };
-        let q = s.clone_htod(&to_t(concat(&parts, |p| p.q.clone()))).unwrap();
-        let k = s.clone_htod(&to_t(concat(&parts, |p| p.k.clone()))).unwrap();
-        let v = s.clone_htod(&to_t(concat(&parts, |p| p.v.clone()))).unwrap();
-        let g = s.clone_htod(&concat(&parts, |p| common::gate_side(&p.log_gate, real))).unwrap();
-        let h0 = s.clone_htod(&concat(&parts, |p| common::gate_side(p.h0.as_ref().unwrap(), real))).unwrap();
+        let DevicePacked { q, k, v, g, h0 } = DevicePacked::<T>::upload(&s, &parts, real);
+        let h0 = h0.expect("every part has an h0");
         let state_floats = if real { 1 } else { 2 } * n * heads * kd * vd;
         // The states the default launch leaves, which decoding continues below.
         let mut default_state = None;
@@ -215,17 +211,7 @@ fn varlen<T: Element>(gpu: &Gpu) {
                 default_state = Some(h_dev);
             }
             // Each sequence alone through the same kernel: the same bits.
-            let (mut y_alone, mut h_alone) = (Vec::new(), Vec::new());
-            for p in &parts {
-                let o = if real {
-                    recurrent::forward_real_host_as::<T>(gpu, &p.view(), config)
-                } else {
-                    recurrent::forward_host_with::<T>(gpu, &p.view(), config)
-                }
-                .unwrap();
-                y_alone.extend(o.y);
-                h_alone.extend(o.h_final);
-            }
+            let gateloop::Outputs { y: y_alone, h_final: h_alone } = alone::<T>(gpu, &parts, config, real, &label);
             let bits = |x: &[f32]| x.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
             assert_eq!(bits(&y), bits(&y_alone), "{label}: y");
             assert_eq!(h, h_alone, "{label}: h_final");
@@ -246,12 +232,8 @@ fn varlen<T: Element>(gpu: &Gpu) {
         let mut state = default_state.expect("the default launch ran");
         let steps: Vec<_> = extended.iter().zip(lens).map(|(p, l)| p.steps(l, DECODE)).collect();
         let dd = dims(n, DECODE, heads, kd, vd, per_head);
-        let (dq, dk, dv) = (
-            s.clone_htod(&to_t(concat(&steps, |p| p.q.clone()))).unwrap(),
-            s.clone_htod(&to_t(concat(&steps, |p| p.k.clone()))).unwrap(),
-            s.clone_htod(&to_t(concat(&steps, |p| p.v.clone()))).unwrap(),
-        );
-        let dg = s.clone_htod(&concat(&steps, |p| common::gate_side(&p.log_gate, real))).unwrap();
+        // (The steps' q, k, v, gates packed one row per sequence: [N, DECODE, H, *].)
+        let DevicePacked { q: dq, k: dk, v: dv, g: dg, .. } = DevicePacked::<T>::upload(&s, &steps, real);
         let mut y = s.clone_htod(&vec![T::nan(); dd.v_len()]).unwrap();
         let inputs = recurrent::DecodeInputs { q: &dq, k: &dk, v: &dv, log_gate: &dg };
         if real {
@@ -401,13 +383,7 @@ fn drawn_packings<T: Element>(gpu: &Gpu, seed: u64) {
             .collect();
         let cu = offsets(&lens);
         let d = dims(1, cu[n], heads, kd, vd, per_head);
-        let to_t = |x: Vec<f32>| -> Vec<T> { x.into_iter().map(T::from_f32).collect() };
-        let q = s.clone_htod(&to_t(concat(&parts, |p| p.q.clone()))).unwrap();
-        let k = s.clone_htod(&to_t(concat(&parts, |p| p.k.clone()))).unwrap();
-        let v = s.clone_htod(&to_t(concat(&parts, |p| p.v.clone()))).unwrap();
-        let g = s.clone_htod(&concat(&parts, |p| common::gate_side(&p.log_gate, real))).unwrap();
-        let h0 = with_h0.then(|| s.clone_htod(&concat(&parts, |p| common::gate_side(p.h0.as_ref().unwrap(), real))));
-        let h0 = h0.transpose().unwrap();
+        let DevicePacked { q, k, v, g, h0 } = DevicePacked::<T>::upload(&s, &parts, real);
         let mut y = s.clone_htod(&vec![T::nan(); d.v_len()]).unwrap();
         let mut h = s.clone_htod(&vec![f32::NAN; if real { 1 } else { 2 } * n * heads * kd * vd]).unwrap();
         let inputs = DeviceInputs { q: &q, k: &k, v: &v, log_gate: &g, h0: h0.as_ref().map(|h| h as _) };
@@ -416,20 +392,63 @@ fn drawn_packings<T: Element>(gpu: &Gpu, seed: u64) {
         run(gpu, &s, &d, &cu, config, inputs, out).unwrap_or_else(|e| panic!("{label}: {e}"));
         let y: Vec<f32> = s.clone_dtoh(&y).unwrap().into_iter().map(|x| x.to_f32()).collect();
         let h = common::from_gate_side(&s.clone_dtoh(&h).unwrap(), real);
-        let (mut y_alone, mut h_alone) = (Vec::new(), Vec::new());
-        for p in &parts {
-            let o = if real {
-                recurrent::forward_real_host_as::<T>(gpu, &p.view(), config)
-            } else {
-                recurrent::forward_host_with::<T>(gpu, &p.view(), config)
-            }
-            .unwrap_or_else(|e| panic!("{label}: alone: {e}"));
-            y_alone.extend(o.y);
-            h_alone.extend(o.h_final);
-        }
+        let gateloop::Outputs { y: y_alone, h_final: h_alone } = alone::<T>(gpu, &parts, config, real, &label);
         assert!(bits(&y) == bits(&y_alone), "{label}: y differs from the sequences alone");
         let flat = |h: &[Complex<f32>]| h.iter().flat_map(|z| [z.re, z.im]).collect::<Vec<_>>();
         assert!(bits(&flat(&h)) == bits(&flat(&h_alone)), "{label}: h_final differs from the sequences alone");
         assert!(y.iter().all(|x| x.is_finite()), "{label}: y not finite");
     }
+}
+
+/// Packed sequences on the device: `parts` (one row each, values already
+/// rounded to `T`) concatenated along time, q, k, v in `T`, log_gate and
+/// h0 (when the parts have one) on the kernels' gate side.
+struct DevicePacked<T> {
+    q: cudarc::driver::CudaSlice<T>,
+    k: cudarc::driver::CudaSlice<T>,
+    v: cudarc::driver::CudaSlice<T>,
+    g: cudarc::driver::CudaSlice<f32>,
+    h0: Option<cudarc::driver::CudaSlice<f32>>,
+}
+
+impl<T: Element> DevicePacked<T> {
+    fn upload(
+        s: &std::sync::Arc<cudarc::driver::CudaStream>,
+        parts: &[gateloop::testing::OwnedProblem<f32>],
+        real: bool,
+    ) -> Self {
+        let to_t = |x: Vec<f32>| -> Vec<T> { x.into_iter().map(T::from_f32).collect() };
+        let h0 = parts[0].h0.is_some().then(|| concat(parts, |p| common::gate_side(p.h0.as_ref().unwrap(), real)));
+        DevicePacked {
+            q: s.clone_htod(&to_t(concat(parts, |p| p.q.clone()))).unwrap(),
+            k: s.clone_htod(&to_t(concat(parts, |p| p.k.clone()))).unwrap(),
+            v: s.clone_htod(&to_t(concat(parts, |p| p.v.clone()))).unwrap(),
+            g: s.clone_htod(&concat(parts, |p| common::gate_side(&p.log_gate, real))).unwrap(),
+            h0: h0.map(|h| s.clone_htod(&h).unwrap()),
+        }
+    }
+}
+
+/// Every sequence of `parts` alone through the recurrent kernel (`config`,
+/// the real-gate one when `real`): y concatenated, h_final stacked `[N, H, K, V]`.
+fn alone<T: Element>(
+    gpu: &Gpu,
+    parts: &[gateloop::testing::OwnedProblem<f32>],
+    config: gateloop::cuda::recurrent::RecurrentConfig,
+    real: bool,
+    label: &str,
+) -> gateloop::Outputs<f32> {
+    use gateloop::cuda::recurrent;
+    let (mut y, mut h_final) = (Vec::new(), Vec::new());
+    for p in parts {
+        let o = if real {
+            recurrent::forward_real_host_as::<T>(gpu, &p.view(), config)
+        } else {
+            recurrent::forward_host_with::<T>(gpu, &p.view(), config)
+        }
+        .unwrap_or_else(|e| panic!("{label}: alone: {e}"));
+        y.extend(o.y);
+        h_final.extend(o.h_final);
+    }
+    gateloop::Outputs { y, h_final }
 }
