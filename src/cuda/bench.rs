@@ -618,16 +618,7 @@ impl<T: Element> BenchCase for RecurrentCase<'_, T> {
         let inputs = DeviceInputs { q: &st.q, k: &st.k, v: &st.v, log_gate: &st.log_gate, h0: None };
         let out = DeviceOutputs { y: &mut st.y, h_final: &mut st.state };
         if self.run == RecurrentRun::Packed {
-            let packed = Dims { batch: 1, len: d.batch * d.len, ..*d };
-            let cu_seqlens: Vec<usize> = (0..=d.batch).map(|i| i * d.len).collect();
-            return match self.gates {
-                Gates::Complex => {
-                    recurrent::forward_varlen_into(self.gpu, s, &packed, &cu_seqlens, self.config, inputs, out)
-                }
-                Gates::Real => {
-                    recurrent::forward_varlen_real_into(self.gpu, s, &packed, &cu_seqlens, self.config, inputs, out)
-                }
-            };
+            return recurrent::forward_rows_packed_into(self.gpu, s, d, self.config, self.gates, inputs, out);
         }
         recurrent::forward_into_gates(self.gpu, s, d, self.config, self.gates, inputs, out)
     }

@@ -643,12 +643,29 @@ pub fn forward_packed_host_as<T: Element>(
     let config = config.into();
     let no_workspace = |_: &Dims| Ok(0);
     launch::forward_host::<T>(gpu, p, gates == Gates::Real, no_workspace, SYNC_DOING, |_, d, i, o, _| {
-        let packed = Dims { batch: 1, len: d.batch * d.len, ..*d };
-        let cu_seqlens: Vec<usize> = (0..=d.batch).map(|b| b * d.len).collect();
         // forward_host launches on the Gpu's stream, which `varlen` takes
         // as its Arc.
-        varlen(gpu, gpu.stream(), &packed, &cu_seqlens, config, gates, i, o)
+        forward_rows_packed_into(gpu, gpu.stream(), d, config, gates, i, o)
     })
+}
+
+/// The `[B, L, H, *]` problem `dims` through the packed launch: its B
+/// batch rows as B packed sequences of L steps, the same buffers read as
+/// `[1, B·L, H, *]` with cu_seqlens 0, L, .., B·L (h0 and h_final `[B, H,
+/// K, V]` either way); [`forward_into_gates`]'s answer, bit for bit.
+/// [`forward_packed_host_as`] and the bench's `recurrent-varlen` run it.
+pub(crate) fn forward_rows_packed_into<T: Element>(
+    gpu: &Gpu,
+    stream: &Arc<CudaStream>,
+    dims: &Dims,
+    config: RecurrentConfig,
+    gates: Gates,
+    inputs: DeviceInputs<'_, T>,
+    out: DeviceOutputs<'_, T>,
+) -> Result<(), GpuError> {
+    let packed = Dims { batch: 1, len: dims.batch * dims.len, ..*dims };
+    let cu_seqlens: Vec<usize> = (0..=dims.batch).map(|b| b * dims.len).collect();
+    varlen(gpu, stream, &packed, &cu_seqlens, config, gates, inputs, out)
 }
 
 /// What the host paths' synchronization is doing, for its error.
