@@ -636,8 +636,7 @@ impl Packing {
 
     /// h0 in `T` (exact for values read from a file of that precision).
     fn h0_as<T: Real>(&self) -> Option<Vec<Complex<T>>> {
-        let t = |x: f64| T::from(x).unwrap_or_else(T::nan);
-        self.h0.as_ref().map(|h| h.iter().map(|z| Complex::new(t(z.re), t(z.im))).collect())
+        self.h0.as_ref().map(|h| h.iter().map(|z| Complex::new(narrowed(z.re), narrowed(z.im))).collect())
     }
 
     /// `forward` on `p` as the file asks: on the whole problem without
@@ -831,13 +830,11 @@ fn parse_with(
         Some(cu_seqlens) => {
             // (The offsets were checked against `dims` above.)
             let h0 = data("h0").map(|b| widen("h0", b));
-            if let Some(index) = h0.as_ref().and_then(|h| h.iter().position(|x| !x.is_finite())) {
-                let value = format!("{}", h0.as_ref().unwrap()[index]);
-                let source = InputError::Value { name: "h0", index: index / 2, value, why: "must be finite" };
-                return Err(FileError::Value { file: file.to_string(), source });
+            if let Some(h0) = &h0 {
+                // Indexed by complex element, as the problem's own h0 check.
+                check_finite(file, "h0", h0, 2)?;
             }
-            let h0 = h0.map(|h| h.as_chunks::<2>().0.iter().map(|&[re, im]| Complex::new(re, im)).collect());
-            Some(Packing { cu_seqlens, h0 })
+            Some(Packing { cu_seqlens, h0: h0.map(|h| complex_pairs(&h)) })
         }
         None => None,
     };
@@ -855,15 +852,34 @@ fn parse_with(
     for &name in extra_required.iter().chain(extra_optional) {
         if let Some(bytes) = data(name) {
             let values = widen(name, bytes);
-            if let Some(index) = values.iter().position(|x| !x.is_finite()) {
-                let source =
-                    InputError::Value { name, index, value: format!("{}", values[index]), why: "must be finite" };
-                return Err(FileError::Value { file: file.to_string(), source });
-            }
+            check_finite(file, name, &values, 1)?;
             extras.insert(name, values);
         }
     }
     Ok((loaded, extras, packing))
+}
+
+/// A [`FileError::Value`] naming the first value of tensor `name` that is
+/// not finite, by its index in elements of `per_element` values.
+fn check_finite(file: &str, name: &'static str, values: &[f64], per_element: usize) -> Result<(), FileError> {
+    match values.iter().position(|x| !x.is_finite()) {
+        Some(i) => {
+            let value = format!("{}", values[i]);
+            let source = InputError::Value { name, index: i / per_element, value, why: "must be finite" };
+            Err(FileError::Value { file: file.to_string(), source })
+        }
+        None => Ok(()),
+    }
+}
+
+/// Interleaved (re, im) pairs as complex numbers.
+fn complex_pairs<T: Copy>(xs: &[T]) -> Vec<Complex<T>> {
+    xs.as_chunks::<2>().0.iter().map(|&[re, im]| Complex::new(re, im)).collect()
+}
+
+/// `x` in `T` (exact for values read from a file of `T`'s precision).
+fn narrowed<T: Real>(x: f64) -> T {
+    T::from(x).unwrap_or_else(T::nan)
 }
 
 /// The upstream gradients of a `grad` input file.
@@ -904,11 +920,9 @@ pub fn parse_grad_problem(bytes: &[u8], file: &str) -> Result<(LoadedGradProblem
     let dy = extras.remove("dy").ok_or_else(|| format_err(file, "tensor `dy` vanished"))?;
     let dh_final = extras.remove("dh_final");
     fn upstream<T: Real>(dy: Vec<f64>, dh_final: Option<Vec<f64>>) -> Upstream<T> {
-        let t = |x: f64| T::from(x).unwrap_or_else(T::nan);
         Upstream {
-            dy: dy.into_iter().map(t).collect(),
-            dh_final: dh_final
-                .map(|v| v.as_chunks::<2>().0.iter().map(|&[re, im]| Complex::new(t(re), t(im))).collect()),
+            dy: dy.into_iter().map(narrowed).collect(),
+            dh_final: dh_final.map(|v| v.into_iter().map(narrowed).collect::<Vec<T>>()).map(|v| complex_pairs(&v)),
         }
     }
     let loaded = match problem {
@@ -926,9 +940,7 @@ fn assemble<'b, T: Real>(
     h0: Option<&[u8]>,
     decode: impl Fn(&str, &[u8]) -> Vec<T>,
 ) -> Result<OwnedProblem<T>, FileError> {
-    let complex = |xs: Vec<T>| -> Vec<Complex<T>> {
-        xs.as_chunks::<2>().0.iter().map(|&[re, im]| Complex::new(re, im)).collect()
-    };
+    let complex = |xs: Vec<T>| complex_pairs(&xs);
     Ok(OwnedProblem {
         dims,
         q: decode("q", req("q")?),
