@@ -288,6 +288,48 @@ pub fn cuda_variant_in(
     crate::with_element!(dtype, T => cuda_variant_as::<T>(gpu, mode, variant, p))
 }
 
+/// Packed sequences each from its own state ([`crate::packing::forward_varlen`]'s
+/// contract: `p` `[1, L, H, *]` without h0, offsets `cu_seqlens`, `h0`
+/// `[N, H, K, V]`; y `[1, L, H, V]`, h_final `[N, H, K, V]`) on the GPU with
+/// `mode`'s kernel in `T`: the recurrent mode in one launch
+/// ([`cuda::recurrent::forward_varlen_host_as`], real-gate kernel when the
+/// gates and states are real), the others one host run per sequence
+/// ([`cuda_variant_as`] on each). The same answer either way: the recurrent
+/// kernel computes a packed sequence bit for bit as it computes it alone.
+pub fn cuda_varlen_as<T: Element>(
+    gpu: &Gpu,
+    mode: Mode,
+    variant: Variant,
+    p: &Problem<'_, f32>,
+    cu_seqlens: &[usize],
+    h0: Option<&[num_complex::Complex<f32>]>,
+) -> Result<Outputs<f32>, GpuError> {
+    if !variant.applies(mode, T::DTYPE, false) {
+        return Err(variant.unavailable(mode, T::DTYPE, false).into());
+    }
+    match mode {
+        Mode::Recurrent => {
+            let real = real_gates(p, None) && h0.is_none_or(|h| h.iter().all(|z| z.im == 0.0));
+            let gates = if real { cuda::chunk::Gates::Real } else { cuda::chunk::Gates::Complex };
+            cuda::recurrent::forward_varlen_host_as::<T>(gpu, p, cu_seqlens, h0, variant.recurrent_config(), gates)
+        }
+        _ => crate::packing::forward_varlen(p, cu_seqlens, h0, |s| cuda_variant_as::<T>(gpu, mode, variant, s)),
+    }
+}
+
+/// [`cuda_varlen_as`] in the element type of a runtime [`cuda::Dtype`].
+pub fn cuda_varlen_in(
+    gpu: &Gpu,
+    mode: Mode,
+    variant: Variant,
+    dtype: cuda::Dtype,
+    p: &Problem<'_, f32>,
+    cu_seqlens: &[usize],
+    h0: Option<&[num_complex::Complex<f32>]>,
+) -> Result<Outputs<f32>, GpuError> {
+    crate::with_element!(dtype, T => cuda_varlen_as::<T>(gpu, mode, variant, p, cu_seqlens, h0))
+}
+
 /// The gradient on the CPU, in `T`'s precision, of the function every mode
 /// computes: the adjoint recurrence ([`reference::grad::backward`]), for
 /// every mode (f64 has no chunked path; in f32 [`cpu_grad_f32`] runs the

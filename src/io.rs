@@ -35,7 +35,8 @@
 //! dh0 likewise). The reader returns the offsets and h0 as a [`Packing`]
 //! beside the problem, and [`Packing::forward`] / [`Packing::backward`]
 //! run every sequence alone from its own state, in any mode
-//! ([`crate::packing::forward_varlen`]). Offsets that are not 0 first, L
+//! ([`crate::packing::forward_varlen`]; on the GPU the CLI runs the
+//! recurrent mode's sequences in one launch, `dispatch::cuda_varlen_as`). Offsets that are not 0 first, L
 //! last and strictly increasing, or B > 1, are a [`FileError::Value`]
 //! naming the offset; states not N of them a [`FileError::Shape`].
 //!
@@ -616,49 +617,71 @@ fn dtype_name(d: Dtype) -> String {
 
 /// A file's packed sequences (`cu_seqlens`, see the [module docs](self)):
 /// the offsets, checked against the problem, and the sequences' initial
-/// states. The problem beside it has no h0 of its own; run it with
-/// [`Packing::forward`] (and [`Packing::backward`]), which give every
+/// states, in f64 as read ([`Packing::in_precision`] gives them in the
+/// problem's precision, once, before a timed run). The problem beside it
+/// has no h0 of its own; run it with [`Packing::forward`] (or
+/// [`Packing::forward_with`], and [`Packing::backward`]), which give every
 /// sequence its own run from its own state.
 #[derive(Clone, Debug, PartialEq)]
-pub struct Packing {
+pub struct Packing<T = f64> {
     /// N + 1 offsets: sequence i is steps `cu_seqlens[i] .. cu_seqlens[i + 1]`.
     pub cu_seqlens: Vec<usize>,
-    /// `[N, H, K, V]` complex, the file's h0 widened exactly to f64; zero
-    /// states when absent.
-    pub h0: Option<Vec<Complex<f64>>>,
+    /// `[N, H, K, V]` complex (read from the file: widened exactly to f64);
+    /// zero states when absent.
+    pub h0: Option<Vec<Complex<T>>>,
 }
 
-impl Packing {
+impl Packing<f64> {
+    /// The same packing with h0 in `T` (exact for values read from a file of
+    /// that precision).
+    pub fn in_precision<T: Real>(&self) -> Packing<T> {
+        let h0 = self.h0.as_ref().map(|h| h.iter().map(|z| Complex::new(narrowed(z.re), narrowed(z.im))).collect());
+        Packing { cu_seqlens: self.cu_seqlens.clone(), h0 }
+    }
+}
+
+impl<T: Real> Packing<T> {
     /// N, the number of sequences.
     pub fn sequences(&self) -> usize {
         self.cu_seqlens.len() - 1
-    }
-
-    /// h0 in `T` (exact for values read from a file of that precision).
-    fn h0_as<T: Real>(&self) -> Option<Vec<Complex<T>>> {
-        self.h0.as_ref().map(|h| h.iter().map(|z| Complex::new(narrowed(z.re), narrowed(z.im))).collect())
     }
 
     /// `forward` on `p` as the file asks: on the whole problem without
     /// packing, else on each sequence alone from its own h0
     /// ([`crate::packing::forward_varlen`]: y `[1, L, H, V]`, h_final
     /// `[N, H, K, V]`).
-    pub fn forward<T: Real, E: From<InputError>>(
-        packing: Option<&Packing>,
+    pub fn forward<E: From<InputError>>(
+        packing: Option<&Packing<T>>,
         p: &OwnedProblem<T>,
         mut forward: impl FnMut(&Problem<'_, T>) -> Result<Outputs<T>, E>,
     ) -> Result<Outputs<T>, E> {
         match packing {
             None => forward(&p.view()),
-            Some(pk) => crate::packing::forward_varlen(&p.view(), &pk.cu_seqlens, pk.h0_as::<T>().as_deref(), forward),
+            Some(pk) => crate::packing::forward_varlen(&p.view(), &pk.cu_seqlens, pk.h0.as_deref(), forward),
+        }
+    }
+
+    /// [`Packing::forward`] with a packed run of its own: `whole` on the
+    /// problem without packing, else `packed(p, cu_seqlens, h0)` with
+    /// [`crate::packing::forward_varlen`]'s contract (a launcher that runs
+    /// every sequence at once: `dispatch::cuda_varlen_in`).
+    pub fn forward_with<E>(
+        packing: Option<&Packing<T>>,
+        p: &OwnedProblem<T>,
+        whole: impl FnOnce(&Problem<'_, T>) -> Result<Outputs<T>, E>,
+        packed: impl FnOnce(&Problem<'_, T>, &[usize], Option<&[Complex<T>]>) -> Result<Outputs<T>, E>,
+    ) -> Result<Outputs<T>, E> {
+        match packing {
+            None => whole(&p.view()),
+            Some(pk) => packed(&p.view(), &pk.cu_seqlens, pk.h0.as_deref()),
         }
     }
 
     /// The gradients as the file asks ([`Packing::forward`]'s, through
     /// [`crate::packing::backward_varlen`] when packed: `dh_final` and the
     /// returned dh0 `[N, H, K, V]`).
-    pub fn backward<T: Real, E: From<InputError>>(
-        packing: Option<&Packing>,
+    pub fn backward<E: From<InputError>>(
+        packing: Option<&Packing<T>>,
         p: &OwnedProblem<T>,
         upstream: &Upstream<T>,
         mut backward: impl FnMut(&Problem<'_, T>, &[T], Option<&[Complex<T>]>) -> Result<Grads<T>, E>,
@@ -669,7 +692,7 @@ impl Packing {
             Some(pk) => crate::packing::backward_varlen(
                 &p.view(),
                 &pk.cu_seqlens,
-                pk.h0_as::<T>().as_deref(),
+                pk.h0.as_deref(),
                 &upstream.dy,
                 dh_final,
                 backward,

@@ -360,6 +360,24 @@ fn median_timed<T>(repeat: u32, f: impl Fn() -> Result<T, Failure>) -> Result<(f
     Ok((times[times.len() / 2], out))
 }
 
+/// A file's forward on the GPU: the whole problem, or its packed sequences
+/// each from its own state (the recurrent mode in one launch).
+fn cuda_forward(
+    gpu: &cuda::Gpu,
+    mode: Mode,
+    variant: dispatch::Variant,
+    dtype: cuda::Dtype,
+    p: &OwnedProblem<f32>,
+    packing: Option<&Packing<f32>>,
+) -> Result<Outputs<f32>, cuda::GpuError> {
+    Packing::forward_with(
+        packing,
+        p,
+        |s| dispatch::cuda_variant_in(gpu, mode, variant, dtype, s),
+        |s, cu_seqlens, h0| dispatch::cuda_varlen_in(gpu, mode, variant, dtype, s, cu_seqlens, h0),
+    )
+}
+
 /// `mode` None: `--mode auto`, resolved from the input's precision and shape.
 fn run(
     input: PathBuf,
@@ -373,7 +391,8 @@ fn run(
         return Err(input_err(dispatch::cuda_unavailable(mode)));
     }
     let (problem, packing) = io::read_problem(&input)?;
-    let packing = packing.as_ref();
+    // The states in the run's precision once, outside the timed runs.
+    let (packing64, packing32) = (packing.as_ref(), packing.as_ref().map(Packing::in_precision::<f32>));
     let dims = problem.dims();
     let mode = mode.unwrap_or(match (&problem, device) {
         (_, Device::Cuda) => dispatch::fastest_cuda_mode(&dims),
@@ -399,14 +418,14 @@ fn run(
         }
         (LoadedProblem::F64(p), Device::Cpu) => {
             let (ms, out) = median_timed(repeat, || {
-                Packing::forward(packing, p, |s| dispatch::cpu_f64(mode, s)).map_err(input_err)
+                Packing::forward(packing64, p, |s| dispatch::cpu_f64(mode, s)).map_err(input_err)
             })?;
             io::write_outputs(&output, &dims, &out)?;
             (None, ms)
         }
         (LoadedProblem::F32(p), Device::Cpu) => {
             let (ms, out) = median_timed(repeat, || {
-                Packing::forward(packing, p, |s| dispatch::cpu_f32(mode, s)).map_err(input_err)
+                Packing::forward(packing32.as_ref(), p, |s| dispatch::cpu_f32(mode, s)).map_err(input_err)
             })?;
             io::write_outputs(&output, &dims, &out)?;
             (None, ms)
@@ -414,8 +433,7 @@ fn run(
         (LoadedProblem::F32(p), Device::Cuda) => {
             let gpu = cuda::Gpu::new(0).map_err(|e| Failure::Runtime(format!("cannot use the GPU: {e}")))?;
             let (ms, out) = median_timed(repeat, || {
-                Packing::forward(packing, p, |s| dispatch::cuda_variant_in(&gpu, mode, variant, cuda::Dtype::F32, s))
-                    .map_err(gpu_err)
+                cuda_forward(&gpu, mode, variant, cuda::Dtype::F32, p, packing32.as_ref()).map_err(gpu_err)
             })?;
             io::write_outputs(&output, &dims, &out)?;
             (Some(gpu.name()), ms)
@@ -424,7 +442,7 @@ fn run(
         // y rounded to the file's dtype on the way out ...
         (LoadedProblem::Half(half, p), Device::Cpu) => {
             let (ms, out) = median_timed(repeat, || {
-                Packing::forward(packing, p, |s| dispatch::cpu_f32(mode, s)).map_err(input_err)
+                Packing::forward(packing32.as_ref(), p, |s| dispatch::cpu_f32(mode, s)).map_err(input_err)
             })?;
             io::write_outputs_half(&output, &dims, &out, *half)?;
             (None, ms)
@@ -433,8 +451,7 @@ fn run(
         (LoadedProblem::Half(half, p), Device::Cuda) => {
             let gpu = cuda::Gpu::new(0).map_err(|e| Failure::Runtime(format!("cannot use the GPU: {e}")))?;
             let (ms, out) = median_timed(repeat, || {
-                Packing::forward(packing, p, |s| dispatch::cuda_variant_in(&gpu, mode, variant, half.element(), s))
-                    .map_err(gpu_err)
+                cuda_forward(&gpu, mode, variant, half.element(), p, packing32.as_ref()).map_err(gpu_err)
             })?;
             io::write_outputs_half(&output, &dims, &out, *half)?;
             (Some(gpu.name()), ms)
@@ -449,7 +466,7 @@ fn run(
         dispatch::Variant::Default => mode.name().to_string(),
         v => format!("{} ({})", mode.name(), v.name()),
     };
-    let packed = packing.map_or(String::new(), |pk| format!(" ({} packed sequences)", pk.sequences()));
+    let packed = packing64.map_or(String::new(), |pk| format!(" ({} packed sequences)", pk.sequences()));
     say!("{what} on {on}, {problem}{packed}: {ms:.3} ms{runs} median_ms={ms:.4} -> {}", output.display());
     Ok(())
 }
@@ -467,7 +484,7 @@ fn grad(
         return Err(input_err(dispatch::cuda_grad_unavailable(mode)));
     }
     let (loaded, packing) = io::read_grad_problem(&input)?;
-    let packing = packing.as_ref();
+    let (packing64, packing32) = (packing.as_ref(), packing.as_ref().map(Packing::in_precision::<f32>));
     let dtype = match &loaded {
         io::LoadedGradProblem::F32(..) => Some(cuda::Dtype::F32),
         io::LoadedGradProblem::Half(half, ..) => Some(half.element()),
@@ -485,20 +502,20 @@ fn grad(
             )));
         }
         (io::LoadedGradProblem::F64(p, up), Device::Cpu) => {
-            let g = Packing::backward(packing, p, up, |s, dy, dh| dispatch::cpu_grad(mode, s, dy, dh))
+            let g = Packing::backward(packing64, p, up, |s, dy, dh| dispatch::cpu_grad(mode, s, dy, dh))
                 .map_err(input_err)?;
             io::write_grads(&output, &p.dims, &g)?;
             (p.dims, "f64", "cpu".to_string())
         }
         (io::LoadedGradProblem::F32(p, up), Device::Cpu) => {
-            let g = Packing::backward(packing, p, up, |s, dy, dh| dispatch::cpu_grad_f32(mode, s, dy, dh))
+            let g = Packing::backward(packing32.as_ref(), p, up, |s, dy, dh| dispatch::cpu_grad_f32(mode, s, dy, dh))
                 .map_err(input_err)?;
             io::write_grads(&output, &p.dims, &g)?;
             (p.dims, "f32", "cpu".to_string())
         }
         (io::LoadedGradProblem::F32(p, up), Device::Cuda) => {
             let gpu = cuda::Gpu::new(0).map_err(|e| Failure::Runtime(format!("cannot use the GPU: {e}")))?;
-            let g = Packing::backward(packing, p, up, |s, dy, dh| {
+            let g = Packing::backward(packing32.as_ref(), p, up, |s, dy, dh| {
                 dispatch::cuda_grad_variant_in(&gpu, mode, variant, cuda::Dtype::F32, s, dy, dh)
             })
             .map_err(gpu_err)?;
@@ -508,14 +525,14 @@ fn grad(
         // As in `run`: f32 on the CPU, dq, dk, dv rounded on the way out;
         // the kernels in the file's dtype on the GPU.
         (io::LoadedGradProblem::Half(half, p, up), Device::Cpu) => {
-            let g = Packing::backward(packing, p, up, |s, dy, dh| dispatch::cpu_grad_f32(mode, s, dy, dh))
+            let g = Packing::backward(packing32.as_ref(), p, up, |s, dy, dh| dispatch::cpu_grad_f32(mode, s, dy, dh))
                 .map_err(input_err)?;
             io::write_grads_half(&output, &p.dims, &g, *half)?;
             (p.dims, half.name(), "cpu".to_string())
         }
         (io::LoadedGradProblem::Half(half, p, up), Device::Cuda) => {
             let gpu = cuda::Gpu::new(0).map_err(|e| Failure::Runtime(format!("cannot use the GPU: {e}")))?;
-            let g = Packing::backward(packing, p, up, |s, dy, dh| {
+            let g = Packing::backward(packing32.as_ref(), p, up, |s, dy, dh| {
                 dispatch::cuda_grad_variant_in(&gpu, mode, variant, half.element(), s, dy, dh)
             })
             .map_err(gpu_err)?;

@@ -172,7 +172,7 @@ fn nth<C>(states: Option<&[C]>, i: usize, state: usize) -> Option<&[C]> {
 /// The checks shared by [`forward_varlen`] and [`backward_varlen`]: `p` is
 /// a valid packed problem without an h0 of its own, `cu_seqlens` its
 /// offsets, `h0` (when given) N states. Returns N.
-fn check_varlen<T: Real>(
+pub(crate) fn check_varlen<T: Real>(
     p: &Problem<'_, T>,
     cu_seqlens: &[usize],
     h0: Option<&[Complex<T>]>,

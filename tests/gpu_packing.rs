@@ -9,8 +9,10 @@
 //! f32 bounds, relative L2 ≤ 1e-4, max-abs ≤ 1e-3 · max|ref|). Resets written
 //! on the device equal those written on the host, bit for bit, and bad
 //! arguments are refused before anything is written. The recurrence's
-//! packed launch (a state per sequence) equals each sequence alone and,
-//! as `dispatch::Variant::Packed`, the batched launch, bit for bit.
+//! packed launch (a state per sequence) equals each sequence alone (on
+//! device buffers, and from host data through `dispatch::cuda_varlen_as`,
+//! the CLI's path for packed files) and, as `dispatch::Variant::Packed`,
+//! the batched launch, bit for bit.
 //!
 //! Without a usable GPU every test prints `SKIPPED (no GPU): <reason>` and
 //! passes (`GATELOOP_REQUIRE_GPU=1` makes that a failure).
@@ -22,7 +24,7 @@ use common::grad::{GradInputsF32, Worst, compare_grads, real_part_grads};
 use common::packed::{LENGTHS, Packed, concat, offsets};
 use common::{ABS_FRAC, REL};
 use dtype_support::{chunk_bounds, y_bounds};
-use gateloop::cuda::chunk::ChunkPrecision;
+use gateloop::cuda::chunk::{ChunkPrecision, Gates};
 use gateloop::cuda::{Element, Gpu, GpuError, packing};
 use gateloop::testing::{GateRegime, dims};
 use gateloop::{Complex, InputError, Mode, dispatch};
@@ -397,7 +399,114 @@ fn drawn_packings<T: Element>(gpu: &Gpu, seed: u64) {
         let flat = |h: &[Complex<f32>]| h.iter().flat_map(|z| [z.re, z.im]).collect::<Vec<_>>();
         assert!(bits(&flat(&h)) == bits(&flat(&h_alone)), "{label}: h_final differs from the sequences alone");
         assert!(y.iter().all(|x| x.is_finite()), "{label}: y not finite");
+        // From host data (the CLI's packed files): the same launch, the same bits.
+        let host = packed_host(&parts, with_h0, |p, h0| {
+            let gates = if real { Gates::Real } else { Gates::Complex };
+            recurrent::forward_varlen_host_as::<T>(gpu, p, &cu, h0, config, gates)
+        })
+        .unwrap_or_else(|e| panic!("{label}: host: {e}"));
+        assert!(bits(&host.y) == bits(&y_alone), "{label}: host y differs from the sequences alone");
+        assert!(bits(&flat(&host.h_final)) == bits(&flat(&h_alone)), "{label}: host h_final differs");
     }
+}
+
+/// `parts` packed on the host (`[1, L, H, *]`, no h0) and their states
+/// (`[N, H, K, V]`, when `with_h0`), handed to `run`.
+fn packed_host<R>(
+    parts: &[gateloop::testing::OwnedProblem<f32>],
+    with_h0: bool,
+    run: impl FnOnce(&gateloop::Problem<'_, f32>, Option<&[Complex<f32>]>) -> R,
+) -> R {
+    let lens: Vec<usize> = parts.iter().map(|p| p.dims.len).collect();
+    let d = gateloop::Dims { batch: 1, len: lens.iter().sum(), ..parts[0].dims };
+    let (q, k, v) = (concat(parts, |p| p.q.clone()), concat(parts, |p| p.k.clone()), concat(parts, |p| p.v.clone()));
+    let log_gate = concat(parts, |p| p.log_gate.clone());
+    let h0 = with_h0.then(|| concat(parts, |p| p.h0.clone().expect("every part has an h0")));
+    run(&gateloop::Problem { dims: d, q: &q, k: &k, v: &v, log_gate: &log_gate, h0: None }, h0.as_deref())
+}
+
+/// `dispatch::cuda_varlen_as`, the CLI's GPU path for packed files: the
+/// recurrent mode in one launch, the default launch's bits on each sequence
+/// alone (the real-gate kernel when gates and states are real; the complex
+/// one when only the states are complex); the chunked mode one run per
+/// sequence, the same bits as each alone. A packed problem that carries an
+/// h0 of its own, or states for the wrong N, is refused by name.
+#[test]
+fn dispatched_varlen_equals_each_sequence_alone() {
+    let Some(gpu) = common::gpu_or_skip() else { return };
+    dispatched_varlen::<f32>(gpu);
+    dispatched_varlen::<bf16>(gpu);
+}
+
+fn dispatched_varlen<T: Element>(gpu: &Gpu) {
+    use dispatch::Variant;
+    use gateloop::cuda::recurrent::RecurrentConfig;
+    use gateloop::testing::random_problem;
+    let lens = [70usize, 1, 64, 23];
+    let bits = |x: &[f32]| x.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+    let flat = |h: &[Complex<f32>]| h.iter().flat_map(|z| [z.re, z.im]).collect::<Vec<_>>();
+    // (real gates, complex states): real gates with complex states run the complex kernel.
+    for (case, (real, complex_states)) in [(false, false), (true, false), (true, true)].into_iter().enumerate() {
+        let parts: Vec<_> = lens
+            .iter()
+            .enumerate()
+            .map(|(i, &l)| {
+                let p = random_problem(
+                    dims(1, l, 2, 8, 40, false),
+                    GateRegime::Mixed,
+                    true,
+                    9800 + 10 * case as u64 + i as u64,
+                );
+                let mut p = if real { common::real_gates(p) } else { p };
+                if complex_states {
+                    p.h0 = random_problem(dims(1, 1, 2, 8, 40, false), GateRegime::Random, true, 9890 + i as u64).h0;
+                }
+                dtype_support::rounded_to::<T>(&p).map(|x| x as f32)
+            })
+            .collect();
+        let label = format!("{} real={real} complex_states={complex_states}", T::DTYPE);
+        let cu = offsets(&lens);
+        let kernel_real = real && !complex_states;
+        let want = alone::<T>(gpu, &parts, RecurrentConfig::default(), kernel_real, &label);
+        let got = packed_host(&parts, true, |p, h0| {
+            dispatch::cuda_varlen_as::<T>(gpu, Mode::Recurrent, Variant::Default, p, &cu, h0)
+        })
+        .unwrap_or_else(|e| panic!("{label}: {e}"));
+        assert!(bits(&got.y) == bits(&want.y), "{label}: recurrent y differs from the sequences alone");
+        assert!(bits(&flat(&got.h_final)) == bits(&flat(&want.h_final)), "{label}: recurrent h_final differs");
+        let chunked = packed_host(&parts, true, |p, h0| {
+            dispatch::cuda_varlen_as::<T>(gpu, Mode::Chunked, Variant::Default, p, &cu, h0)
+        })
+        .unwrap_or_else(|e| panic!("{label}: chunked: {e}"));
+        let (mut y, mut h_final) = (Vec::new(), Vec::new());
+        for p in &parts {
+            let o = dispatch::cuda_as::<T>(gpu, Mode::Chunked, &p.view()).unwrap();
+            y.extend(o.y);
+            h_final.extend(o.h_final);
+        }
+        assert!(bits(&chunked.y) == bits(&y), "{label}: chunked y differs from the sequences alone");
+        assert!(bits(&flat(&chunked.h_final)) == bits(&flat(&h_final)), "{label}: chunked h_final differs");
+    }
+    // Refusals, by name: the packed problem's own h0; states for N − 1 sequences.
+    let parts: Vec<_> = lens
+        .iter()
+        .enumerate()
+        .map(|(i, &l)| {
+            random_problem(dims(1, l, 2, 8, 40, false), GateRegime::Mixed, true, 9900 + i as u64).map(|x| x as f32)
+        })
+        .collect();
+    let cu = offsets(&lens);
+    let own_h0 = packed_host(&parts, true, |p, h0| {
+        let h = h0.unwrap();
+        let with_own = gateloop::Problem { h0: Some(&h[..h.len() / lens.len()]), ..*p };
+        dispatch::cuda_varlen_as::<T>(gpu, Mode::Recurrent, Variant::Default, &with_own, &cu, None)
+    });
+    assert!(matches!(own_h0, Err(GpuError::Input(InputError::Param { name: "h0", .. }))), "{own_h0:?}");
+    let short = packed_host(&parts, true, |p, h0| {
+        let h = h0.unwrap();
+        dispatch::cuda_varlen_as::<T>(gpu, Mode::Recurrent, Variant::Default, p, &cu, Some(&h[..h.len() - 1]))
+    });
+    assert!(matches!(short, Err(GpuError::Input(InputError::Length { name: "h0", .. }))), "{short:?}");
 }
 
 /// Packed sequences on the device: `parts` (one row each, values already

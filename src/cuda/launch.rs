@@ -653,10 +653,44 @@ pub(crate) fn forward_host<T: Element>(
         Option<&mut dyn DevicePtrMut<f32>>,
     ) -> Result<(), GpuError>,
 ) -> Result<Outputs<f32>, GpuError> {
+    forward_host_states(gpu, p, HostStates::Batch, real_gates, workspace_len, sync_doing, launch)
+}
+
+/// The states a [`forward_host_states`] run starts from and returns.
+#[derive(Clone, Copy)]
+pub(crate) enum HostStates<'a> {
+    /// The problem's own: `p.h0` and h_final `[B, H, K, V]`.
+    Batch,
+    /// Packed sequences' (`p` has one batch row and no h0 of its own, checked
+    /// by the caller: [`crate::packing::check_varlen`]): h0 and h_final
+    /// `[sequences, H, K, V]`.
+    Packed { sequences: usize, h0: Option<&'a [Complex<f32>]> },
+}
+
+/// [`forward_host`] with the states of `states`: the body of both.
+pub(crate) fn forward_host_states<T: Element>(
+    gpu: &Gpu,
+    p: &Problem<'_, f32>,
+    states: HostStates<'_>,
+    real_gates: bool,
+    workspace_len: impl FnOnce(&Dims) -> Result<usize, GpuError>,
+    sync_doing: &'static str,
+    launch: impl FnOnce(
+        &CudaStream,
+        &Dims,
+        DeviceInputs<'_, T>,
+        DeviceOutputs<'_, T>,
+        Option<&mut dyn DevicePtrMut<f32>>,
+    ) -> Result<(), GpuError>,
+) -> Result<Outputs<f32>, GpuError> {
     p.validate()?;
     p.check_gate()?;
     let d = p.dims;
-    let (gate, h0) = (gate_side("log_gate", p.log_gate, real_gates)?, p.h0.map(|h| gate_side("h0", h, real_gates)));
+    let (h0, state_len) = match states {
+        HostStates::Batch => (p.h0, d.state_len()),
+        HostStates::Packed { sequences, h0 } => (h0, Dims { batch: sequences, ..d }.state_len()),
+    };
+    let (gate, h0) = (gate_side("log_gate", p.log_gate, real_gates)?, h0.map(|h| gate_side("h0", h, real_gates)));
     let parts = if real_gates { 1 } else { 2 };
     let ws_len = workspace_len(&d)?;
     let s = gpu.stream();
@@ -666,7 +700,7 @@ pub(crate) fn forward_host<T: Element>(
     let log_gate = s.clone_htod(&*gate).doing("uploading log_gate")?;
     let h0 = h0.transpose()?.map(|h| s.clone_htod(&*h)).transpose().doing("uploading h0")?;
     let mut y = s.alloc_zeros::<T>(d.v_len()).doing("allocating y")?;
-    let mut h_final = s.alloc_zeros::<f32>(parts * d.state_len()).doing("allocating h_final")?;
+    let mut h_final = s.alloc_zeros::<f32>(parts * state_len).doing("allocating h_final")?;
     let mut ws = (ws_len > 0).then(|| s.alloc_zeros::<f32>(ws_len)).transpose().doing("allocating the workspace")?;
     launch(
         s,

@@ -82,6 +82,7 @@
 use std::sync::Arc;
 
 use cudarc::driver::{CudaStream, DevicePtr, DevicePtrMut, LaunchConfig, PushKernelArg};
+use num_complex::Complex;
 
 use super::abi::{self, GateloopRecurrentParams};
 use super::chunk::Gates;
@@ -646,6 +647,33 @@ pub fn forward_packed_host_as<T: Element>(
         // forward_host launches on the Gpu's stream, which `varlen` takes
         // as its Arc.
         forward_rows_packed_into(gpu, gpu.stream(), d, config, gates, i, o)
+    })
+}
+
+/// Packed sequences from host data in one launch: `p` is `[1, L, H, *]`
+/// with no h0 of its own, sequence i is steps `cu_seqlens[i] ..
+/// cu_seqlens[i + 1]` and starts from state i of `h0` (`[N, H, K, V]`, or
+/// zero); returns y `[1, L, H, V]` (widened to f32) and h_final `[N, H, K,
+/// V]`. [`crate::packing::forward_varlen`]'s answer with this kernel run on
+/// each sequence alone, bit for bit, in one launch instead of N (the CLI's
+/// packed files take it). `gates`: [`Gates::Real`] needs real log_gate and
+/// h0 (else [`InputError::Value`]). Everything is checked before the upload.
+pub fn forward_varlen_host_as<T: Element>(
+    gpu: &Gpu,
+    p: &Problem<'_, f32>,
+    cu_seqlens: &[usize],
+    h0: Option<&[Complex<f32>]>,
+    config: impl Into<RecurrentConfig>,
+    gates: Gates,
+) -> Result<Outputs<f32>, GpuError> {
+    let config = config.into();
+    let sequences = crate::packing::check_varlen(p, cu_seqlens, h0)?;
+    let states = launch::HostStates::Packed { sequences, h0 };
+    let no_workspace = |_: &Dims| Ok(0);
+    launch::forward_host_states::<T>(gpu, p, states, gates == Gates::Real, no_workspace, SYNC_DOING, |_, d, i, o, _| {
+        // forward_host_states launches on the Gpu's stream, which `varlen`
+        // takes as its Arc.
+        varlen(gpu, gpu.stream(), d, cu_seqlens, config, gates, i, o)
     })
 }
 
