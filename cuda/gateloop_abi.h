@@ -134,8 +134,8 @@ GATELOOP_ABI_ASSERT(sizeof(GateloopStateStrides) == 24, "GateloopStateStrides la
  * {dtype}_r{R} take the same parameters and geometry with real gates:
  * log_gate, h0 and h_final real f32 (their strides count f32 elements).
  *
- * Packed variable-length sequences (cu_seqlens non-NULL; NULL otherwise, and
- * always in the backward's embedded `fwd`): dims.batch = N sequences, packed
+ * Packed variable-length sequences (cu_seqlens non-NULL; NULL otherwise; the
+ * backward's embedded `fwd` takes it too, below): dims.batch = N sequences, packed
  * along time into batch row 0 of q, k, v, log_gate and y ([1, dims.len, H,
  * D]); sequence b is the steps from offset b to offset b + 1 of
  * cu_seqlens in that row (the host checked that the N + 1 offsets rise
@@ -587,7 +587,9 @@ GATELOOP_ABI_ASSERT(sizeof(GateloopScanGradParams) == sizeof(GateloopScanParams)
  *     key_groups), R ∈ {1, 2, 4, 8} rows a thread, so K ≤ 128), with
  *     chunk_len a power of two dividing the segment and dynamic shared
  *     memory chunk_len · (16 · padded_key_dim + 4 · VALUE_TILE · (2 +
- *     key_groups)) bytes; fwd.y and fwd.h_final NULL;
+ *     key_groups)) + GATELOOP_RECURRENT_GRAD_SEQUENCE_BYTES bytes (above 48
+ *     KiB where the staging fills them: the launcher raises the limit);
+ *     fwd.y and fwd.h_final NULL;
  *   gateloop_recurrent_grad_gate_{dtype}: grid.x = B·H · segments (segment
  *     fastest), block GATE_BLOCK (≥ K): one thread per key row; dynamic
  *     shared memory GATE_SHARED_BYTES.
@@ -604,8 +606,21 @@ GATELOOP_ABI_ASSERT(sizeof(GateloopScanGradParams) == sizeof(GateloopScanParams)
  * gateloop_recurrent_grad_real_gate_{dtype}: the same launches with real
  * gates, log_gate, h0, dh_final, dlog_gate and dh0 real f32 (the
  * workspaces as above, complex with Im = 0).
+ * Packed sequences (fwd.cu_seqlens non-NULL, the forward's convention:
+ * dims.batch = N, q, k, v, log_gate, dy, dq, dk, dv, dlog_gate one batch
+ * row of dims.len steps; h0, dh_final, dh0 [N, H, K, V]): each sequence's
+ * segments count from its first step; the workspaces have H rows instead
+ * of B·H: checkpoints and adjoints [H, segments, K, V] with segments =
+ * floor(L / 64) + N, sequence b's from slot floor(cu[b] / 64) + b (no two
+ * sequences share a slot), partials [value_tiles, H, L, K] at the packed
+ * steps; the gate launch's grid is H · segments, a block whose slot lies
+ * past its sequence's segments returning at once.
  */
 #define GATELOOP_RECURRENT_GRAD_SEGMENT 64
+/* Dynamic shared memory of a sweep block beyond its staging: the block's
+ * sequence (first and end step, first checkpoint, first partial row: four
+ * int64), batched or packed. */
+#define GATELOOP_RECURRENT_GRAD_SEQUENCE_BYTES 32
 #define GATELOOP_RECURRENT_GRAD_GATE_BLOCK 128
 /* Dynamic shared memory of the gate launch, bytes. */
 #define GATELOOP_RECURRENT_GRAD_GATE_SHARED_BYTES 24832
@@ -636,7 +651,7 @@ typedef struct GateloopRecurrentGradParams {
     GateloopStateStrides dh_final_strides;
     GateloopStateStrides dh0_strides;
 
-    int64_t segments;        /* ceil(L / GATELOOP_RECURRENT_GRAD_SEGMENT) */
+    int64_t segments;        /* ceil(L / GATELOOP_RECURRENT_GRAD_SEGMENT); packed: floor(L / 64) + N (above) */
 } GateloopRecurrentGradParams;
 GATELOOP_ABI_ASSERT(sizeof(GateloopRecurrentGradParams) ==
                         sizeof(GateloopRecurrentParams) + 11 * 8 + 5 * 24 + 2 * 24 + 8,

@@ -47,6 +47,14 @@
 // (2 · B·H·⌈L/64⌉·K·V complex) and the dq, dk partials (2 · ⌈V/32⌉ ·
 // B·H·L·K f32): O(B·H·(L/64)·K·V), never O(L·K·V).
 //
+// Packed sequences (fwd.cu_seqlens, recurrent_grad::backward_varlen_into;
+// the ABI header): block row b of the sweeps is sequence b, its steps
+// indexed in the packed row from its first step (GradSeq), its segments
+// counted from there; the checkpoints of a head's sequences share one row
+// of ⌊L/64⌋ + N slots, and the gate launch's block (h, slot) finds its
+// sequence by a binary search over the slot bases (an empty slot returns).
+// Each sequence's arithmetic is the batched kernels' on it alone.
+//
 // Real gates (kComplex = false, the gateloop_recurrent_grad_real_* entries;
 // recurrent_grad::backward_real_into): log_gate, h0, dh_final, dlog_gate and
 // dh0 are real f32; the sweeps step a real state and adjoint (the complex
@@ -134,6 +142,49 @@ __device__ __forceinline__ float2 log_gate_side(const float* __restrict__ row, i
     }
 }
 
+// Where the sequence of a (b, h) lives: batch row b, steps 0 .. L, and
+// rows b·H + h of the [B·H, segments, K, V] checkpoints and of the
+// [value_tiles, B·H, L, K] partials; or, packed (fwd.cu_seqlens, the ABI
+// header), sequence b = steps cu[b] .. cu[b + 1] of batch row 0, and head
+// h's rows of [H, segments, K, V] checkpoints from slot ⌊cu[b] / 64⌋ + b
+// (packed_segment_base) and of [value_tiles, H, L, K] partials from step
+// cu[b]. Its states (h0, dh_final, dh0) are state b either way. Every row
+// pointer starts at the sequence's first step, so the sweeps and the gate
+// launch index steps 0 .. len − 1 of one sequence as in the batched case.
+struct GradSeq {
+    int64_t row_b;  // the batch row of its steps (0 when packed)
+    int64_t first;  // its first step in that row
+    int64_t len;    // its steps
+    int64_t ws_row; // its row of the checkpoints and partials: b·H + h, or h
+    int64_t seg0;   // its first checkpoint slot in that row
+};
+
+// Packed sequence b's first checkpoint slot. It needs ⌈len_b / 64⌉ ≤
+// ⌊len_b / 64⌋ + 1 slots, and the next sequence's base is ⌊cu[b + 1] / 64⌋ −
+// ⌊cu[b] / 64⌋ + 1 ≥ ⌊len_b / 64⌋ + 1 further, so no two sequences share a
+// slot; the last ends by ⌊L / 64⌋ + N, the plan's `segments` when packed.
+__device__ __forceinline__ int64_t packed_segment_base(const int64_t* cu, int64_t b) {
+    return cu[b] / kSegment + b;
+}
+
+__device__ __forceinline__ GradSeq grad_seq(const GateloopRecurrentParams& p, int64_t b, int64_t h) {
+    if (p.cu_seqlens == nullptr) return GradSeq{b, 0, p.dims.len, b * p.dims.heads + h, 0};
+    const int64_t first = p.cu_seqlens[b];
+    return GradSeq{0, first, p.cu_seqlens[b + 1] - first, h, packed_segment_base(p.cu_seqlens, b)};
+}
+
+// Rows of the [value_tiles, rows, L, K] partial sums: B·H, or H when packed.
+__device__ __forceinline__ int64_t partial_rows(const GateloopRecurrentParams& p) {
+    return p.cu_seqlens == nullptr ? p.dims.batch * p.dims.heads : p.dims.heads;
+}
+
+// The (row_b, h) row of a [B, L, H, D] tensor from the sequence's first
+// step (complex f32 rows: `parts` = 2 f32 an element).
+template <typename T, int kParts = 1>
+__device__ __forceinline__ T* seq_steps(T* base, const GateloopSeqStrides& s, const GradSeq& sq, int64_t h) {
+    return base + kParts * (sq.row_b * s.batch + h * s.head + sq.first * s.time);
+}
+
 // What both sweeps share: the block's (b, h, value tile), its rows and
 // shared-memory layout, and the staging of one time chunk.
 template <typename input_t, int R, bool kComplex>
@@ -142,7 +193,7 @@ struct Sweep {
     const GateloopRecurrentGradParams& g;
     const GateloopRecurrentParams& p;
     int lane, group, key_groups, kp, chunk, tid, nthreads;
-    int64_t tile, bh, b, h, col0, col, key_dim, value_dim, len;
+    int64_t tile, b, h, col0, col, key_dim, value_dim;
     bool col_ok, per_head_gate;
     const input_t* __restrict__ q;
     const input_t* __restrict__ k;
@@ -151,7 +202,7 @@ struct Sweep {
     const float* __restrict__ gate;
     // Shared memory: [chunk][kp] float4 (per sweep), then [chunk][32] v and
     // dy, then [chunk][key_groups][32] partial sums over the rows (the
-    // backward sweep's dv).
+    // backward sweep's dv), then the sequence (sequence_s).
     float4* stage;
     float* v_s;
     float* dy_s;
@@ -168,28 +219,57 @@ struct Sweep {
         nthreads = kTile * key_groups;
         int64_t blk = blockIdx.x;
         tile = split_index(blk, p.value_tiles);
-        bh = blk;
-        const BatchHead bhi = batch_head(bh, p.dims.heads);
+        const BatchHead bhi = batch_head(blk, p.dims.heads);
         b = bhi.b;
         h = bhi.h;
         key_dim = p.dims.key_dim;
         value_dim = p.dims.value_dim;
-        len = p.dims.len;
         per_head_gate = p.dims.gate_dim == 1;
         col0 = tile * kTile;
         col = col0 + lane;
         col_ok = col < value_dim;
-        q = seq_row<input_t>(p.q, p.q_strides, b, h);
-        k = seq_row<input_t>(p.k, p.k_strides, b, h);
-        v = seq_row<input_t>(p.v, p.v_strides, b, h);
-        dy = seq_row<input_t>(g.dy, g.dy_strides, b, h);
-        gate = kComplex ? complex_seq_row(p.log_gate, p.gate_strides, b, h)
-                        : seq_row<float>(p.log_gate, p.gate_strides, b, h);
+        const int64_t rb = row_b();
+        q = seq_row<input_t>(p.q, p.q_strides, rb, h);
+        k = seq_row<input_t>(p.k, p.k_strides, rb, h);
+        v = seq_row<input_t>(p.v, p.v_strides, rb, h);
+        dy = seq_row<input_t>(g.dy, g.dy_strides, rb, h);
+        gate = kComplex ? complex_seq_row(p.log_gate, p.gate_strides, rb, h)
+                        : seq_row<float>(p.log_gate, p.gate_strides, rb, h);
         stage = smem;
         v_s = reinterpret_cast<float*>(stage + chunk * kp);
         dy_s = v_s + chunk * kTile;
         part_s = dy_s + chunk * kTile;
+        if (tid == 0) {
+            const GradSeq sq = grad_seq(p, b, h);
+            volatile int64_t* ss = sequence_s();
+            ss[0] = sq.first;
+            ss[1] = sq.first + sq.len;
+            ss[2] = sq.ws_row * g.segments + sq.seg0;
+            ss[3] = (tile * partial_rows(p) + sq.ws_row) * p.dims.len * key_dim;
+        }
+        __syncthreads();  // sequence_s
     }
+
+    // The block's sequence (GradSeq) as the sweeps use it. The sweeps
+    // index the steps of its batch row (row_b: the row pointers above are
+    // arithmetic on the block's index, as in the batched case), from
+    // first() to end(), chunks and segments counted from first(); its first
+    // checkpoint ck0() = ws_row · segments + seg0, its rows of the partials
+    // from part0() = (tile · rows + ws_row) · L · K. Kept in the
+    // GATELOOP_RECURRENT_GRAD_SEQUENCE_BYTES after the staging
+    // (sequence_s), batched or packed alike, and read (volatile) at each
+    // use, so they cost no register across the sweep: held in registers
+    // (loads when packed), with the row pointers offset by the first step,
+    // or chosen by a branch on the packing at each use, or read once and
+    // kept (a plain shared read), they made a sweep spill at R = 8.
+    __device__ __forceinline__ volatile int64_t* sequence_s() const {
+        return reinterpret_cast<volatile int64_t*>(part_s + chunk * key_groups * kTile);
+    }
+    __device__ __forceinline__ int64_t first() const { return sequence_s()[0]; }
+    __device__ __forceinline__ int64_t end() const { return sequence_s()[1]; }
+    __device__ __forceinline__ int64_t ck0() const { return sequence_s()[2]; }
+    __device__ __forceinline__ int64_t part0() const { return sequence_s()[3]; }
+    __device__ __forceinline__ int64_t row_b() const { return p.cu_seqlens == nullptr ? b : 0; }
 
     // One staged row item: a log gate, and two inputs of the row.
     struct RowRaw {
@@ -237,15 +317,18 @@ struct Sweep {
     }
 
     // Whether step t is the last of its segment (or of the sequence).
-    __device__ __forceinline__ bool segment_end(int64_t t) const { return (t + 1) % kSegment == 0 || t == len - 1; }
-    // Element (row, col) of segment s of a [B·H, segments, K, V] complex
-    // workspace (the checkpoints, the adjoints).
+    __device__ __forceinline__ bool segment_end(int64_t t) const { return (t - first() + 1) % kSegment == 0 || t == end() - 1; }
+    // The sequence's segment of step t.
+    __device__ __forceinline__ int64_t segment_of(int64_t t) const { return (t - first()) / kSegment; }
+    // Element (row, col) of the sequence's segment s in a [rows, segments,
+    // K, V] complex workspace (the checkpoints, the adjoints; GradSeq).
     __device__ __forceinline__ int64_t checkpoint_at(int64_t s, int row) const {
-        return ((bh * g.segments + s) * key_dim + row) * value_dim + col;
+        return ((ck0() + s) * key_dim + row) * value_dim + col;
     }
-    // Row t of this tile's partial sums ([value_tiles, B·H, L, K] f32).
+    // Step t of the row in this tile's partial sums ([value_tiles, rows, L,
+    // K] f32).
     __device__ __forceinline__ float* partial_row(float* base, int64_t t) const {
-        return base + ((tile * p.dims.batch * p.dims.heads + bh) * len + t) * key_dim;
+        return base + part0() + t * key_dim;
     }
 };
 
@@ -272,8 +355,8 @@ __device__ __forceinline__ void grad_forward(const GateloopRecurrentGradParams& 
     }
 
     float2* ck = reinterpret_cast<float2*>(g.checkpoints);
-    for (int64_t t0 = 0; t0 < w.len; t0 += w.chunk) {
-        const int n = static_cast<int>(min(static_cast<int64_t>(w.chunk), w.len - t0));
+    for (int64_t t0 = w.first(); t0 < w.end(); t0 += w.chunk) {
+        const int n = static_cast<int>(min(static_cast<int64_t>(w.chunk), w.end() - t0));
         // {a_t, k_t}: the forward kernel's step.
         w.stage_chunk(t0, n, [&](int64_t t, int row) {
             return typename W::RowRaw{w.log_gate_at(t, row), Tr::load(w.k, t * p.k_strides.time + row), 0.f};
@@ -312,7 +395,7 @@ __device__ __forceinline__ void grad_forward(const GateloopRecurrentGradParams& 
             for (int i = 0; i < R; ++i) {
                 const int row = w.group * R + i;
                 if (row < w.key_dim) {
-                    ck[w.checkpoint_at(last / kSegment, row)] = make_float2(hr[i], kComplex ? hi[i] : 0.f);
+                    ck[w.checkpoint_at(w.segment_of(last), row)] = make_float2(hr[i], kComplex ? hi[i] : 0.f);
                 }
             }
         }
@@ -343,17 +426,17 @@ __device__ __forceinline__ void grad_backward(const GateloopRecurrentGradParams&
     }
 
     float2* adj = reinterpret_cast<float2*>(g.adjoints);
-    input_t* dv = seq_row_mut<input_t>(g.dv, g.dv_strides, w.b, w.h);
+    input_t* dv = seq_row_mut<input_t>(g.dv, g.dv_strides, w.row_b(), w.h);
     const int part_step = w.key_groups * kTile;
-    const int64_t chunks = (w.len + w.chunk - 1) / w.chunk;
+    const int64_t chunks = (w.end() - w.first() + w.chunk - 1) / w.chunk;
     for (int64_t c = chunks - 1; c >= 0; --c) {
-        const int64_t t0 = c * w.chunk;
-        const int n = static_cast<int>(min(static_cast<int64_t>(w.chunk), w.len - t0));
+        const int64_t t0 = w.first() + c * w.chunk;
+        const int n = static_cast<int>(min(static_cast<int64_t>(w.chunk), w.end() - t0));
         // {a_{t+1}, k_t, q_t}: the step from δ̃_{t+1} to δ̃_t (a_L = 1).
         w.stage_chunk(t0, n, [&](int64_t t, int row) {
             // log a_L = 0: a_L = 1 exactly.
             return typename W::RowRaw{
-                t + 1 < w.len ? w.log_gate_at(t + 1, row) : make_float2(0.f, 0.f),
+                t + 1 < w.end() ? w.log_gate_at(t + 1, row) : make_float2(0.f, 0.f),
                 Tr::load(w.k, t * p.k_strides.time + row), Tr::load(w.q, t * p.q_strides.time + row)};
         });
         __syncthreads();
@@ -393,7 +476,7 @@ __device__ __forceinline__ void grad_backward(const GateloopRecurrentGradParams&
             for (int i = 0; i < R; ++i) {
                 const int row = w.group * R + i;
                 if (row < w.key_dim) {
-                    adj[w.checkpoint_at(last / kSegment, row)] = make_float2(dr[i], kComplex ? di[i] : 0.f);
+                    adj[w.checkpoint_at(w.segment_of(last), row)] = make_float2(dr[i], kComplex ? di[i] : 0.f);
                 }
             }
         }
@@ -465,11 +548,28 @@ __device__ __forceinline__ void grad_gate(const GateloopRecurrentGradParams& g) 
 
     const int tid = threadIdx.x;
     int64_t blk = blockIdx.x;
-    const int64_t seg = split_index(blk, g.segments);
-    const int64_t bh = blk;
-    const BatchHead bhi = batch_head(bh, p.dims.heads);
-    const int64_t key_dim = p.dims.key_dim, value_dim = p.dims.value_dim, len = p.dims.len;
+    // Block (b·H + h, segment), or packed (h, slot): sequence b's segment
+    // slot − base(b), for the b whose slots hold it; a slot past its
+    // sequence's end is empty (GradSeq), its block returns here, before any
+    // barrier, as a whole.
+    const int64_t slot = split_index(blk, g.segments);
+    BatchHead bhi;
+    int64_t seg = slot;
+    if (p.cu_seqlens == nullptr) {
+        bhi = batch_head(blk, p.dims.heads);
+    } else {
+        int64_t lo = 0, hi = p.dims.batch - 1;  // the last b with base(b) ≤ slot
+        while (lo < hi) {
+            const int64_t mid = (lo + hi + 1) / 2;
+            if (packed_segment_base(p.cu_seqlens, mid) <= slot) lo = mid; else hi = mid - 1;
+        }
+        bhi = BatchHead{lo, blk};
+        seg = slot - packed_segment_base(p.cu_seqlens, lo);
+    }
+    const GradSeq sq = grad_seq(p, bhi.b, bhi.h);
+    const int64_t key_dim = p.dims.key_dim, value_dim = p.dims.value_dim, len = sq.len;
     const int64_t t0 = seg * kSegment;
+    if (t0 >= len) return;
     const int n = static_cast<int>(min(static_cast<int64_t>(kSegment), len - t0));
     const bool per_head = p.dims.gate_dim == 1;
     // A thread past K (the block is kGateBlock threads for every K ≤ 128)
@@ -481,21 +581,21 @@ __device__ __forceinline__ void grad_gate(const GateloopRecurrentGradParams& g) 
     const bool live = tid < key_dim;
     const int row = live ? tid : 0;
     const bool has_h0 = (p.flags & GATELOOP_FLAG_HAS_H0) != 0;
-    const input_t* q = seq_row<input_t>(p.q, p.q_strides, bhi.b, bhi.h);
-    const input_t* k = seq_row<input_t>(p.k, p.k_strides, bhi.b, bhi.h);
-    const input_t* v = seq_row<input_t>(p.v, p.v_strides, bhi.b, bhi.h);
-    const input_t* dy = seq_row<input_t>(g.dy, g.dy_strides, bhi.b, bhi.h);
-    const float* gate = kComplex ? complex_seq_row(p.log_gate, p.gate_strides, bhi.b, bhi.h)
-                                 : seq_row<float>(p.log_gate, p.gate_strides, bhi.b, bhi.h);
+    const input_t* q = seq_steps(static_cast<const input_t*>(p.q), p.q_strides, sq, bhi.h);
+    const input_t* k = seq_steps(static_cast<const input_t*>(p.k), p.k_strides, sq, bhi.h);
+    const input_t* v = seq_steps(static_cast<const input_t*>(p.v), p.v_strides, sq, bhi.h);
+    const input_t* dy = seq_steps(static_cast<const input_t*>(g.dy), g.dy_strides, sq, bhi.h);
+    const float* gate = seq_steps<const float, kComplex ? 2 : 1>(p.log_gate, p.gate_strides, sq, bhi.h);
+    const int64_t ck0 = sq.ws_row * g.segments + sq.seg0;  // the sequence's first checkpoint
     // h_s: the state entering the segment (none: 0); d_e: δ̃ at its last step.
     const float2* ck = reinterpret_cast<const float2*>(g.checkpoints);
     // (the checkpoints are complex for either gate kind; h0 is real with
     // real gates: hs_at reads both)
-    const float2* hs_row = seg > 0 ? ck + ((bh * g.segments + seg - 1) * key_dim + row) * value_dim : nullptr;
+    const float2* hs_row = seg > 0 ? ck + ((ck0 + seg - 1) * key_dim + row) * value_dim : nullptr;
     const int64_t h0_row = state_index(p.h0_strides, bhi.b, bhi.h, row, 0);
     const bool has_hs = seg > 0 || has_h0;
     auto hs_at = [&](int64_t col) { return seg > 0 ? hs_row[col] : load_gate_side<kComplex>(p.h0, h0_row + col); };
-    const float2* de_row = reinterpret_cast<const float2*>(g.adjoints) + ((bh * g.segments + seg) * key_dim + row) * value_dim;
+    const float2* de_row = reinterpret_cast<const float2*>(g.adjoints) + ((ck0 + seg) * key_dim + row) * value_dim;
 
     // X_s = Σ_v v_s d_e, Y_u = Σ_v h_s dy_u, I = Σ_v h_s d_e (this row), and
     // Z (the block's), over the value columns kVChunk at a time.
@@ -629,13 +729,12 @@ __device__ __forceinline__ void grad_gate(const GateloopRecurrentGradParams& g) 
     }  // live
 
     // dq, dk: the value tiles' partials, in tile order.
-    const int64_t bhs = p.dims.batch * p.dims.heads;
-    const int64_t tile_stride = bhs * len * key_dim;
-    input_t* dq = seq_row_mut<input_t>(g.dq, g.dq_strides, bhi.b, bhi.h);
-    input_t* dk = seq_row_mut<input_t>(g.dk, g.dk_strides, bhi.b, bhi.h);
+    const int64_t tile_stride = partial_rows(p) * p.dims.len * key_dim;
+    input_t* dq = seq_steps(static_cast<input_t*>(g.dq), g.dq_strides, sq, bhi.h);
+    input_t* dk = seq_steps(static_cast<input_t*>(g.dk), g.dk_strides, sq, bhi.h);
     if (live) {
         for (int t = 0; t < n; ++t) {
-            const int64_t at = (bh * len + t0 + t) * key_dim + row;
+            const int64_t at = (sq.ws_row * p.dims.len + sq.first + t0 + t) * key_dim + row;
             float sq = 0.f, sk = 0.f;
             for (int64_t u = 0; u < p.value_tiles; ++u) {
                 sq += g.partial_dq[u * tile_stride + at];
@@ -649,7 +748,7 @@ __device__ __forceinline__ void grad_gate(const GateloopRecurrentGradParams& g) 
     // reference defines it so).
     // Real gates: dlog_gate is real, Re e alone (Im e is 0).
     constexpr int kParts = kComplex ? 2 : 1;
-    const int64_t dg0 = bhi.b * g.dgate_strides.batch + bhi.h * g.dgate_strides.head;
+    const int64_t dg0 = sq.row_b * g.dgate_strides.batch + bhi.h * g.dgate_strides.head + sq.first * g.dgate_strides.time;
     auto put_gate = [&](int t, int col, float2 e) {
         const int64_t tt = t0 + t;
         const bool reset = gate[kParts * (tt * p.gate_strides.time + col)] < GATELOOP_RESET_LOG_GATE;

@@ -104,9 +104,11 @@ pub enum Variant {
     /// Recurrent forward: four state rows a thread, twice the warps a block
     /// at K = 64 ([`cuda::recurrent::RecurrentRows::Four`]).
     Rows4,
-    /// Recurrent forward through the packed launch: the B batch rows as B
-    /// packed sequences in one row ([`cuda::recurrent::forward_packed_host_as`],
-    /// `forward_varlen_into`'s path), the batched launch's answer bit for bit.
+    /// Recurrent forward and backward through the packed launches: the B
+    /// batch rows as B packed sequences in one row
+    /// ([`cuda::recurrent::forward_packed_host_as`], `forward_varlen_into`'s
+    /// path; [`cuda::recurrent_grad::backward_packed_host_as`],
+    /// `backward_varlen_into`'s), the batched launches' answers bit for bit.
     Packed,
 }
 
@@ -139,7 +141,8 @@ impl Variant {
             Variant::Default => true,
             Variant::Sequential => mode == Mode::Chunked,
             Variant::Fragments => mode == Mode::Chunked && !grad && dtype != cuda::Dtype::F32,
-            Variant::Ahead | Variant::Rows4 | Variant::Packed => mode == Mode::Recurrent && !grad,
+            Variant::Ahead | Variant::Rows4 => mode == Mode::Recurrent && !grad,
+            Variant::Packed => mode == Mode::Recurrent,
         }
     }
 
@@ -155,7 +158,7 @@ impl Variant {
                 mode.name(),
                 names.join(", ")
             ),
-            why: "sequential is chunked's (forward and backward), fragments the chunked forward's for f16/bf16, ahead, rows4 and packed the recurrent forward's",
+            why: "sequential is chunked's (forward and backward), fragments the chunked forward's for f16/bf16, ahead and rows4 the recurrent forward's, packed the recurrent forward's and backward's",
         }
     }
 
@@ -415,6 +418,10 @@ pub fn cuda_grad_variant_as<T: Element>(
     }
     let config = cuda::chunk::ChunkConfig { precision: ChunkPrecision::Exact, ..variant.chunk_config() };
     match mode {
+        Mode::Recurrent if variant == Variant::Packed => {
+            let gates = if real_gates(p, dh_final) { cuda::chunk::Gates::Real } else { cuda::chunk::Gates::Complex };
+            cuda::recurrent_grad::backward_packed_host_as::<T>(gpu, p, dy, dh_final, gates)
+        }
         Mode::Recurrent if real_gates(p, dh_final) => {
             cuda::recurrent_grad::backward_real_host_as::<T>(gpu, p, dy, dh_final)
         }
@@ -426,6 +433,60 @@ pub fn cuda_grad_variant_as<T: Element>(
         Mode::Chunked => cuda::chunk_grad::backward_host_as::<T>(gpu, p, dy, dh_final, config),
         Mode::Attention => Err(cuda_grad_unavailable(mode).into()),
     }
+}
+
+/// The gradients of packed sequences each from its own state
+/// ([`crate::packing::backward_varlen`]'s contract: `p` `[1, L, H, *]`
+/// without h0, `h0` and `dh_final` `[N, H, K, V]`; dh0 `[N, H, K, V]`) on
+/// the GPU with `mode`'s backward in `T`: the recurrent mode in one launch
+/// of each kernel ([`cuda::recurrent_grad::backward_varlen_host_as`], the
+/// real-gate kernels when gates, states and dh_final are real), the others
+/// one host run per sequence ([`cuda_grad_variant_as`] on each). The same
+/// gradients either way: the recurrent backward computes a packed sequence
+/// bit for bit as it computes it alone.
+#[allow(clippy::too_many_arguments)]
+pub fn cuda_grad_varlen_as<T: Element>(
+    gpu: &Gpu,
+    mode: Mode,
+    variant: Variant,
+    p: &Problem<'_, f32>,
+    cu_seqlens: &[usize],
+    h0: Option<&[num_complex::Complex<f32>]>,
+    dy: &[f32],
+    dh_final: Option<&[num_complex::Complex<f32>]>,
+) -> Result<Grads<f32>, GpuError> {
+    if mode == Mode::Attention {
+        return Err(cuda_grad_unavailable(mode).into());
+    }
+    if !variant.applies(mode, T::DTYPE, true) {
+        return Err(variant.unavailable(mode, T::DTYPE, true).into());
+    }
+    match mode {
+        Mode::Recurrent => {
+            let real = real_gates(p, dh_final) && h0.is_none_or(|h| h.iter().all(|z| z.im == 0.0));
+            let gates = if real { cuda::chunk::Gates::Real } else { cuda::chunk::Gates::Complex };
+            cuda::recurrent_grad::backward_varlen_host_as::<T>(gpu, p, cu_seqlens, h0, dy, dh_final, gates)
+        }
+        _ => crate::packing::backward_varlen(p, cu_seqlens, h0, dy, dh_final, |s, dy, dh| {
+            cuda_grad_variant_as::<T>(gpu, mode, variant, s, dy, dh)
+        }),
+    }
+}
+
+/// [`cuda_grad_varlen_as`] in the element type of a runtime [`cuda::Dtype`].
+#[allow(clippy::too_many_arguments)]
+pub fn cuda_grad_varlen_in(
+    gpu: &Gpu,
+    mode: Mode,
+    variant: Variant,
+    dtype: cuda::Dtype,
+    p: &Problem<'_, f32>,
+    cu_seqlens: &[usize],
+    h0: Option<&[num_complex::Complex<f32>]>,
+    dy: &[f32],
+    dh_final: Option<&[num_complex::Complex<f32>]>,
+) -> Result<Grads<f32>, GpuError> {
+    crate::with_element!(dtype, T => cuda_grad_varlen_as::<T>(gpu, mode, variant, p, cu_seqlens, h0, dy, dh_final))
 }
 
 /// [`cuda_grad_variant_as`] in the element type of a runtime [`cuda::Dtype`]
@@ -449,7 +510,8 @@ mod tests {
 
     /// Where each kernel variant exists: sequential for chunked forward and
     /// backward in every dtype, fragments for the chunked forward in 16 bits,
-    /// ahead, rows4 and packed for the recurrent forward; names round-trip.
+    /// ahead and rows4 for the recurrent forward, packed for its forward and
+    /// backward; names round-trip.
     #[test]
     fn variants_exist_where_their_kernels_do() {
         use cuda::Dtype;
@@ -462,7 +524,8 @@ mod tests {
                             Variant::Default => true,
                             Variant::Sequential => m == Mode::Chunked,
                             Variant::Fragments => m == Mode::Chunked && !grad && t != Dtype::F32,
-                            Variant::Ahead | Variant::Rows4 | Variant::Packed => m == Mode::Recurrent && !grad,
+                            Variant::Ahead | Variant::Rows4 => m == Mode::Recurrent && !grad,
+                            Variant::Packed => m == Mode::Recurrent,
                         };
                         assert_eq!(v.applies(m, t, grad), want, "{} {} {t} grad={grad}", v.name(), m.name());
                     }

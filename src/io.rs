@@ -677,6 +677,31 @@ impl<T: Real> Packing<T> {
         }
     }
 
+    /// [`Packing::backward`] with a packed run of its own: `whole(p, dy,
+    /// dh_final)` without packing, else `packed(p, cu_seqlens, h0, dy,
+    /// dh_final)` with [`crate::packing::backward_varlen`]'s contract (a
+    /// launcher that runs every sequence at once:
+    /// `dispatch::cuda_grad_varlen_in`).
+    pub fn backward_with<E>(
+        packing: Option<&Packing<T>>,
+        p: &OwnedProblem<T>,
+        upstream: &Upstream<T>,
+        whole: impl FnOnce(&Problem<'_, T>, &[T], Option<&[Complex<T>]>) -> Result<Grads<T>, E>,
+        packed: impl FnOnce(
+            &Problem<'_, T>,
+            &[usize],
+            Option<&[Complex<T>]>,
+            &[T],
+            Option<&[Complex<T>]>,
+        ) -> Result<Grads<T>, E>,
+    ) -> Result<Grads<T>, E> {
+        let dh_final = upstream.dh_final.as_deref();
+        match packing {
+            None => whole(&p.view(), &upstream.dy, dh_final),
+            Some(pk) => packed(&p.view(), &pk.cu_seqlens, pk.h0.as_deref(), &upstream.dy, dh_final),
+        }
+    }
+
     /// The gradients as the file asks ([`Packing::forward`]'s, through
     /// [`crate::packing::backward_varlen`] when packed: `dh_final` and the
     /// returned dh0 `[N, H, K, V]`).

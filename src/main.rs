@@ -515,10 +515,7 @@ fn grad(
         }
         (io::LoadedGradProblem::F32(p, up), Device::Cuda) => {
             let gpu = cuda::Gpu::new(0).map_err(|e| Failure::Runtime(format!("cannot use the GPU: {e}")))?;
-            let g = Packing::backward(packing32.as_ref(), p, up, |s, dy, dh| {
-                dispatch::cuda_grad_variant_in(&gpu, mode, variant, cuda::Dtype::F32, s, dy, dh)
-            })
-            .map_err(gpu_err)?;
+            let g = cuda_grad(&gpu, mode, variant, cuda::Dtype::F32, p, up, packing32.as_ref()).map_err(gpu_err)?;
             io::write_grads(&output, &p.dims, &g)?;
             (p.dims, "f32", format!("cuda ({})", gpu.name()))
         }
@@ -532,10 +529,7 @@ fn grad(
         }
         (io::LoadedGradProblem::Half(half, p, up), Device::Cuda) => {
             let gpu = cuda::Gpu::new(0).map_err(|e| Failure::Runtime(format!("cannot use the GPU: {e}")))?;
-            let g = Packing::backward(packing32.as_ref(), p, up, |s, dy, dh| {
-                dispatch::cuda_grad_variant_in(&gpu, mode, variant, half.element(), s, dy, dh)
-            })
-            .map_err(gpu_err)?;
+            let g = cuda_grad(&gpu, mode, variant, half.element(), p, up, packing32.as_ref()).map_err(gpu_err)?;
             io::write_grads_half(&output, &p.dims, &g, *half)?;
             (p.dims, half.name(), format!("cuda ({})", gpu.name()))
         }
@@ -548,6 +542,27 @@ fn grad(
         output.display()
     );
     Ok(())
+}
+
+/// A grad file's gradients on the GPU: the whole problem's, or its packed
+/// sequences' each from its own state (the recurrent mode in one launch of
+/// each kernel).
+fn cuda_grad(
+    gpu: &cuda::Gpu,
+    mode: Mode,
+    variant: dispatch::Variant,
+    dtype: cuda::Dtype,
+    p: &OwnedProblem<f32>,
+    upstream: &io::Upstream<f32>,
+    packing: Option<&Packing<f32>>,
+) -> Result<gateloop::reference::grad::Grads<f32>, cuda::GpuError> {
+    Packing::backward_with(
+        packing,
+        p,
+        upstream,
+        |s, dy, dh| dispatch::cuda_grad_variant_in(gpu, mode, variant, dtype, s, dy, dh),
+        |s, cu_seqlens, h0, dy, dh| dispatch::cuda_grad_varlen_in(gpu, mode, variant, dtype, s, cu_seqlens, h0, dy, dh),
+    )
 }
 
 // ------------------------------------------------------------------- demo --

@@ -26,9 +26,10 @@
 //! of prompts, then decoding each; fla's `initial_state` and `final_state`
 //! `[N, H, K, V]` with `cu_seqlens`), the recurrent kernel takes the offsets
 //! itself: [`crate::cuda::recurrent::forward_varlen_into`] runs every
-//! sequence from its own h0 to its own h_final in one launch, and
+//! sequence from its own h0 to its own h_final in one launch,
 //! [`crate::cuda::recurrent::decode_into`] with one batch row per sequence
-//! continues them. On the host, [`forward_varlen`] and [`backward_varlen`]
+//! continues them, and [`crate::cuda::recurrent_grad::backward_varlen_into`]
+//! is the backward (every sequence's dh0 from its own dh_final). On the host, [`forward_varlen`] and [`backward_varlen`]
 //! do the same with any mode (the f64 reference, the CPU chunked path, a
 //! CUDA host launcher), one run per sequence, views into the packed
 //! buffers.

@@ -718,8 +718,8 @@ fn cu_seqlens_packs_sequences_that_run_as_if_alone() {
     assert_eq!(dh0.shape, [3, 2, 3, 2, 2]);
     assert_eq!(dh0.data, want_dh0);
 
-    // The same file in F32 through the CUDA kernels (recurrent and chunked,
-    // a launch per sequence from its own state), and the f32 CPU chunked
+    // The same file in F32 through the CUDA kernels (recurrent in one
+    // launch, chunked a launch per sequence, each from its own state), and the f32 CPU chunked
     // path: within the f32 bounds of the sequences' own f64 runs.
     let f32s = |x: &[u8]| -> Vec<u8> {
         x.chunks(8).flat_map(|c| (f64::from_le_bytes(c.try_into().unwrap()) as f32).to_le_bytes()).collect()
@@ -744,6 +744,28 @@ fn cu_seqlens_packs_sequences_that_run_as_if_alone() {
         assert_eq!(h32.shape, [3, 2, 3, 2, 2], "{mode} {device}");
         assert!(compare(&y32.data, &want_y).rel_l2 <= 1e-4, "{mode} {device}: y");
         assert!(compare(&h32.data, &h.data).rel_l2 <= 1e-4, "{mode} {device}: h_final");
+    }
+    // And its gradients (the recurrent backward packed in one launch of
+    // each kernel, the chunked one a run per sequence): dq and dh0 within
+    // the f32 bounds of the f64 ones above.
+    let grad32: Raw = grad_raw
+        .iter()
+        .map(|(n, t, shape, b)| {
+            if *t == Dtype::F64 { (*n, Dtype::F32, shape.clone(), f32s(b)) } else { (*n, *t, shape.clone(), b.clone()) }
+        })
+        .collect();
+    std::fs::write(&input, to_bytes(&grad32)).unwrap();
+    for mode in ["recurrent", "chunked"] {
+        let o = gateloop(&["grad", "-i", s(&input), "-o", s(&output), "--mode", mode, "--device", "cuda"]);
+        if !o.status.success() {
+            common::cli_cuda_skipped(&format!("grad --mode {mode} --device cuda (packed)"), &o);
+            continue;
+        }
+        let mut out = io::read_tensors_f64(&output).unwrap();
+        let (dq32, dh0_32) = (out.remove("dq").unwrap(), out.remove("dh0").unwrap());
+        assert_eq!(dh0_32.shape, [3, 2, 3, 2, 2], "grad {mode}");
+        assert!(compare(&dq32.data, &want).rel_l2 <= 1e-4, "grad {mode}: dq");
+        assert!(compare(&dh0_32.data, &want_dh0).rel_l2 <= 1e-4, "grad {mode}: dh0");
     }
 
     // Refused: states that are not one a sequence (h0 for one sequence, a

@@ -268,11 +268,11 @@ fn half_grad_files_run_in_their_dtype() {
     }
 }
 
-/// `grad --variant`: the backward's one variant, `sequential` (the chunked
-/// backward with the sequential carry: state_seq and grad_w_seq), gives the
-/// default's gradients bit for bit where a GPU is (the carries write the
-/// same workspace); a forward-only variant, or one on the CPU, exits 2
-/// naming what exists.
+/// `grad --variant`: the backward's variants, `sequential` (the chunked
+/// backward with the sequential carry: state_seq and grad_w_seq) and
+/// `packed` (the recurrent backward's B rows as B packed sequences), give
+/// the default's gradients bit for bit where a GPU is; a forward-only
+/// variant, or one on the CPU, exits 2 naming what exists.
 #[test]
 fn grad_variants_are_the_default_bit_for_bit_or_refused() {
     let t = io::read_tensors_f64(format!("{}/tests/fixtures/{}.safetensors", env!("CARGO_MANIFEST_DIR"), FIXTURES[0]))
@@ -294,7 +294,7 @@ fn grad_variants_are_the_default_bit_for_bit_or_refused() {
     assert!(String::from_utf8_lossy(&o.stderr).contains("a CUDA kernel variant"));
     for (mode, variant, available) in [
         ("chunked", "fragments", "default, sequential"),
-        ("recurrent", "ahead", "default"),
+        ("recurrent", "ahead", "default, packed"),
         ("scan", "sequential", "default"),
     ] {
         let o = grad(&sequential_out, "cuda", mode, variant);
@@ -307,11 +307,23 @@ fn grad_variants_are_the_default_bit_for_bit_or_refused() {
         common::cli_cuda_skipped("grad --mode chunked --device cuda", &o);
         return;
     }
+    let same = |a: &PathBuf, b: &PathBuf, what: &str| {
+        let (a, b) = (io::read_tensors_f64(a).unwrap(), io::read_tensors_f64(b).unwrap());
+        assert_eq!(a.keys().collect::<Vec<_>>(), b.keys().collect::<Vec<_>>(), "{what}");
+        for (name, x) in &a {
+            assert!(
+                x.data.iter().zip(&b[name].data).all(|(u, v)| u.to_bits() == v.to_bits()),
+                "{what}: {name} differs"
+            );
+        }
+    };
     let o = grad(&sequential_out, "cuda", "chunked", "sequential");
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    let (a, b) = (io::read_tensors_f64(&default_out).unwrap(), io::read_tensors_f64(&sequential_out).unwrap());
-    assert_eq!(a.keys().collect::<Vec<_>>(), b.keys().collect::<Vec<_>>());
-    for (name, x) in &a {
-        assert!(x.data.iter().zip(&b[name].data).all(|(u, v)| u.to_bits() == v.to_bits()), "{name} differs");
+    same(&default_out, &sequential_out, "chunked sequential");
+    for variant in ["default", "packed"] {
+        let out = if variant == "default" { &default_out } else { &sequential_out };
+        let o = grad(out, "cuda", "recurrent", variant);
+        assert!(o.status.success(), "recurrent {variant}: {}", String::from_utf8_lossy(&o.stderr));
     }
+    same(&default_out, &sequential_out, "recurrent packed");
 }

@@ -287,8 +287,9 @@ fn varlen<T: Element>(gpu: &Gpu) {
 }
 
 /// `dispatch::Variant::Packed` (the B batch rows as B packed sequences,
-/// `forward_varlen_into`'s launch, which the fuzzer runs as a target) gives
-/// the batched launch's y and h_final bit for bit: B = 3 rows of L steps,
+/// `forward_varlen_into`'s launch and `backward_varlen_into`'s, which the
+/// fuzzer runs as targets) gives the batched launch's y and h_final, and
+/// the batched backward's gradients, bit for bit: B = 3 rows of L steps,
 /// L around the tile and chunk lengths, complex and real gates, per-channel
 /// and per-head, with and without h0, f32 and bf16.
 #[test]
@@ -322,6 +323,24 @@ fn packed_variant<T: Element>(gpu: &Gpu) {
                 "{label}: h_final differs from the batched launch's"
             );
             assert!(packed.y.iter().all(|x| x.is_finite()), "{label}: y not finite");
+            // The backward too (backward_varlen_into's launches).
+            let dy: Vec<f32> = (0..p.dims.v_len()).map(|i| T::from_f32((0.37 * i as f32).sin()).to_f32()).collect();
+            let dh_final: Vec<Complex<f32>> = (0..p.dims.state_len())
+                .map(|i| Complex::new((0.11 * i as f32).cos(), if real { 0.0 } else { (0.23 * i as f32).sin() }))
+                .collect();
+            let grad =
+                |v| dispatch::cuda_grad_variant_as::<T>(gpu, Mode::Recurrent, v, &p.view(), &dy, Some(&dh_final));
+            let (batched, packed) = (grad(Variant::Default).unwrap(), grad(Variant::Packed).unwrap());
+            for (name, a, b) in
+                [("dq", &packed.dq, &batched.dq), ("dk", &packed.dk, &batched.dk), ("dv", &packed.dv, &batched.dv)]
+            {
+                assert!(bits(a) == bits(b), "{label}: {name} differs from the batched backward's");
+            }
+            assert!(bits(&flat(&packed.dlog_gate)) == bits(&flat(&batched.dlog_gate)), "{label}: dlog_gate differs");
+            assert_eq!(packed.dh0.is_some(), with_h0, "{label}: dh0 exactly with h0");
+            if let (Some(a), Some(b)) = (&packed.dh0, &batched.dh0) {
+                assert!(bits(&flat(a)) == bits(&flat(b)), "{label}: dh0 differs from the batched backward's");
+            }
         }
     }
 }
@@ -560,4 +579,269 @@ fn alone<T: Element>(
         h_final.extend(o.h_final);
     }
     gateloop::Outputs { y, h_final }
+}
+
+/// The recurrent backward's packed launch (`recurrent_grad::backward_varlen_into`,
+/// a state per sequence): drawn packings (1–5 sequences of 1–200 steps, so
+/// one to four segments of 64 and boundaries anywhere inside them, K up to
+/// 128, V up to 65, every gate regime, per-head or not, real or complex,
+/// with or without h0 and dh_final), f32 and bf16, gradients into poisoned
+/// buffers: dq, dk, dv, dlog_gate and dh0 bit for bit the backward's on
+/// each sequence alone; through `dispatch::cuda_grad_varlen_as` (the CLI's
+/// path for packed grad files) too. Bad offsets, states for the wrong N and
+/// a short workspace are refused by name, nothing written.
+#[test]
+fn varlen_backward_equals_each_sequence_alone() {
+    let Some(gpu) = common::gpu_or_skip() else { return };
+    varlen_backward::<f32>(gpu, 9950);
+    varlen_backward::<bf16>(gpu, 9960);
+}
+
+fn varlen_backward<T: Element>(gpu: &Gpu, seed: u64) {
+    use dispatch::Variant;
+    use gateloop::cuda::recurrent_grad::{self, MAX_KEY_DIM};
+    use gateloop::cuda::recurrent_grad::{DeviceGradInputs, DeviceGrads, DeviceInputs};
+    use gateloop::testing::random_problem;
+    use rand::rngs::StdRng;
+    use rand::{Rng, SeedableRng};
+    let mut rng = StdRng::seed_from_u64(seed);
+    let s = gpu.context().new_stream().unwrap();
+    let regimes = [
+        GateRegime::Random,
+        GateRegime::Resets(0.2),
+        GateRegime::UnitModulus,
+        GateRegime::LargePhase(50.0),
+        GateRegime::StrongDecay(40.0),
+        GateRegime::Mixed,
+    ];
+    let bits = |x: &[f32]| x.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+    let cbits = |x: &[Complex<f32>]| x.iter().flat_map(|z| [z.re.to_bits(), z.im.to_bits()]).collect::<Vec<_>>();
+    let to_t = |x: &[f32]| -> Vec<T> { x.iter().map(|&x| T::from_f32(x)).collect() };
+    let wave = |n: usize, seed: u64| -> Vec<f32> {
+        let mut r = StdRng::seed_from_u64(seed);
+        (0..n).map(|_| r.random_range(-1.0f32..1.0)).collect()
+    };
+    for draw in 0..12u64 {
+        let n = rng.random_range(1..=5usize);
+        let lens: Vec<usize> =
+            (0..n).map(|_| if rng.random_bool(0.2) { 1 } else { rng.random_range(1..=200) }).collect();
+        let heads = rng.random_range(1..=3usize);
+        let kd = [1, 5, 8, 16, 33, 64, MAX_KEY_DIM][rng.random_range(0..7usize)];
+        let vd = [1, 7, 32, 40, 65][rng.random_range(0..5usize)];
+        let (per_head, real) = (rng.random_bool(0.5), rng.random_bool(0.5));
+        let (with_h0, with_dhf) = (rng.random_bool(0.5), rng.random_bool(0.5));
+        let regime = regimes[rng.random_range(0..regimes.len())];
+        let label = format!(
+            "{} draw {draw}: lens {lens:?} H={heads} K={kd} V={vd} per_head={per_head} real={real} h0={with_h0} \
+             dh_final={with_dhf} {regime:?}",
+            T::DTYPE
+        );
+        let parts: Vec<_> = lens
+            .iter()
+            .enumerate()
+            .map(|(i, &l)| {
+                let p =
+                    random_problem(dims(1, l, heads, kd, vd, per_head), regime, with_h0, seed + 100 * draw + i as u64);
+                let p = if real { common::real_gates(p) } else { p };
+                dtype_support::rounded_to::<T>(&p).map(|x| x as f32)
+            })
+            .collect();
+        // Upstream gradients per sequence: dy rounded to T, dh_final real
+        // for real gates.
+        let state = heads * kd * vd;
+        let dys: Vec<Vec<f32>> = parts
+            .iter()
+            .enumerate()
+            .map(|(i, p)| {
+                to_t(&wave(p.dims.v_len(), seed + 7000 + 100 * draw + i as u64)).iter().map(|x| x.to_f32()).collect()
+            })
+            .collect();
+        let dhfs: Vec<Vec<Complex<f32>>> = (0..n)
+            .map(|i| {
+                let re = wave(state, seed + 8000 + 100 * draw + i as u64);
+                let im = wave(state, seed + 9000 + 100 * draw + i as u64);
+                re.iter().zip(im).map(|(&r, m)| Complex::new(r, if real { 0.0 } else { m })).collect()
+            })
+            .collect();
+        let dh_final = |i: usize| with_dhf.then(|| dhfs[i].as_slice());
+        // Each sequence alone.
+        let alone: Vec<_> = parts
+            .iter()
+            .enumerate()
+            .map(|(i, p)| {
+                let run = if real {
+                    recurrent_grad::backward_real_host_as::<T>
+                } else {
+                    recurrent_grad::backward_host_as::<T>
+                };
+                run(gpu, &p.view(), &dys[i], dh_final(i)).unwrap_or_else(|e| panic!("{label}: alone {i}: {e}"))
+            })
+            .collect();
+        let cat = |f: &dyn Fn(&gateloop::reference::grad::Grads<f32>) -> Vec<f32>| -> Vec<f32> {
+            alone.iter().flat_map(f).collect()
+        };
+        let want_dq = cat(&|g| g.dq.clone());
+        let want_dk = cat(&|g| g.dk.clone());
+        let want_dv = cat(&|g| g.dv.clone());
+        let want_dg: Vec<Complex<f32>> = alone.iter().flat_map(|g| g.dlog_gate.clone()).collect();
+        let want_dh0: Vec<Complex<f32>> = alone.iter().flat_map(|g| g.dh0.clone().unwrap_or_default()).collect();
+
+        // On device buffers, outputs poisoned.
+        let cu = offsets(&lens);
+        let d = dims(1, cu[n], heads, kd, vd, per_head);
+        let DevicePacked { q, k, v, g, h0 } = DevicePacked::<T>::upload(&s, &parts, real);
+        let dy: Vec<f32> = dys.concat();
+        let dy_dev = s.clone_htod(&to_t(&dy)).unwrap();
+        let dhf_all: Vec<Complex<f32>> = dhfs.concat();
+        let dhf_dev = with_dhf.then(|| s.clone_htod(&common::gate_side(&dhf_all, real)).unwrap());
+        let parts_f = if real { 1 } else { 2 };
+        let mut dq = s.clone_htod(&vec![T::nan(); d.qk_len()]).unwrap();
+        let mut dk = s.clone_htod(&vec![T::nan(); d.qk_len()]).unwrap();
+        let mut dv = s.clone_htod(&vec![T::nan(); d.v_len()]).unwrap();
+        let mut dg = s.clone_htod(&vec![f32::NAN; parts_f * d.gate_len()]).unwrap();
+        let mut dh0 = with_h0.then(|| s.clone_htod(&vec![f32::NAN; parts_f * n * state]).unwrap());
+        let ws_len = recurrent_grad::plan_varlen(&d, &cu).unwrap().workspace_len;
+        let mut ws = s.clone_htod(&vec![f32::NAN; ws_len]).unwrap();
+        let run = if real {
+            recurrent_grad::backward_varlen_real_into::<T>
+        } else {
+            recurrent_grad::backward_varlen_into::<T>
+        };
+        run(
+            gpu,
+            &s,
+            &d,
+            &cu,
+            DeviceInputs { q: &q, k: &k, v: &v, log_gate: &g, h0: h0.as_ref().map(|h| h as _) },
+            DeviceGradInputs { dy: &dy_dev, dh_final: dhf_dev.as_ref().map(|h| h as _) },
+            DeviceGrads {
+                dq: &mut dq,
+                dk: &mut dk,
+                dv: &mut dv,
+                dlog_gate: &mut dg,
+                dh0: dh0.as_mut().map(|h| h as _),
+            },
+            &mut ws,
+        )
+        .unwrap_or_else(|e| panic!("{label}: {e}"));
+        let widen = |x: Vec<T>| -> Vec<f32> { x.into_iter().map(|x| x.to_f32()).collect() };
+        assert!(
+            bits(&widen(s.clone_dtoh(&dq).unwrap())) == bits(&want_dq),
+            "{label}: dq differs from the sequences alone"
+        );
+        assert!(bits(&widen(s.clone_dtoh(&dk).unwrap())) == bits(&want_dk), "{label}: dk differs");
+        assert!(bits(&widen(s.clone_dtoh(&dv).unwrap())) == bits(&want_dv), "{label}: dv differs");
+        let got_dg = common::from_gate_side(&s.clone_dtoh(&dg).unwrap(), real);
+        assert!(cbits(&got_dg) == cbits(&want_dg), "{label}: dlog_gate differs");
+        if let Some(dh0) = &dh0 {
+            let got = common::from_gate_side(&s.clone_dtoh(dh0).unwrap(), real);
+            assert!(cbits(&got) == cbits(&want_dh0), "{label}: dh0 differs");
+        }
+
+        // From host data, through dispatch (real kernels when everything is real).
+        let got = packed_host(&parts, with_h0, |p, h0| {
+            dispatch::cuda_grad_varlen_as::<T>(
+                gpu,
+                Mode::Recurrent,
+                Variant::Default,
+                p,
+                &cu,
+                h0,
+                &dy,
+                with_dhf.then_some(dhf_all.as_slice()),
+            )
+        })
+        .unwrap_or_else(|e| panic!("{label}: dispatch: {e}"));
+        assert!(bits(&got.dq) == bits(&want_dq) && bits(&got.dk) == bits(&want_dk), "{label}: dispatch dq, dk differ");
+        assert!(
+            bits(&got.dv) == bits(&want_dv) && cbits(&got.dlog_gate) == cbits(&want_dg),
+            "{label}: dispatch dv, dlog_gate differ"
+        );
+        assert_eq!(got.dh0.is_some(), with_h0, "{label}: dispatch dh0 exactly with h0");
+        if let Some(dh0) = &got.dh0 {
+            assert!(cbits(dh0) == cbits(&want_dh0), "{label}: dispatch dh0 differs");
+        }
+
+        // Refused, by name, nothing written: offsets that miss L; dh0 for one
+        // sequence too few; a workspace one f32 short.
+        if draw == 0 {
+            let mut bad_cu = cu.clone();
+            bad_cu[n] += 1;
+            let mut dq2 = s.clone_htod(&vec![T::nan(); d.qk_len()]).unwrap();
+            let mut dk2 = s.clone_htod(&vec![T::nan(); d.qk_len()]).unwrap();
+            let mut dv2 = s.clone_htod(&vec![T::nan(); d.v_len()]).unwrap();
+            let mut dg2 = s.clone_htod(&vec![f32::NAN; parts_f * d.gate_len()]).unwrap();
+            let h0_all = s.clone_htod(&vec![0.0f32; parts_f * n * state]).unwrap();
+            let mut dh0_short = s.clone_htod(&vec![f32::NAN; parts_f * (n - 1).max(1) * state - parts_f]).unwrap();
+            let mut short_ws = s.clone_htod(&vec![f32::NAN; ws_len - 1]).unwrap();
+            let mut cases: Vec<(&str, Result<(), GpuError>)> = Vec::new();
+            let inputs = |with_h0: bool| DeviceInputs {
+                q: &q,
+                k: &k,
+                v: &v,
+                log_gate: &g,
+                h0: with_h0.then_some(&h0_all as &dyn cudarc::driver::DevicePtr<f32>),
+            };
+            let upstream = || DeviceGradInputs { dy: &dy_dev, dh_final: None };
+            cases.push((
+                "cu_seqlens",
+                run(
+                    gpu,
+                    &s,
+                    &d,
+                    &bad_cu,
+                    inputs(false),
+                    upstream(),
+                    DeviceGrads { dq: &mut dq2, dk: &mut dk2, dv: &mut dv2, dlog_gate: &mut dg2, dh0: None },
+                    &mut ws,
+                ),
+            ));
+            cases.push((
+                "dh0",
+                run(
+                    gpu,
+                    &s,
+                    &d,
+                    &cu,
+                    inputs(true),
+                    upstream(),
+                    DeviceGrads {
+                        dq: &mut dq2,
+                        dk: &mut dk2,
+                        dv: &mut dv2,
+                        dlog_gate: &mut dg2,
+                        dh0: Some(&mut dh0_short),
+                    },
+                    &mut ws,
+                ),
+            ));
+            cases.push((
+                "workspace",
+                run(
+                    gpu,
+                    &s,
+                    &d,
+                    &cu,
+                    inputs(false),
+                    upstream(),
+                    DeviceGrads { dq: &mut dq2, dk: &mut dk2, dv: &mut dv2, dlog_gate: &mut dg2, dh0: None },
+                    &mut short_ws,
+                ),
+            ));
+            for (name, r) in cases {
+                let named = match &r {
+                    Err(GpuError::Input(
+                        InputError::Value { name: got, .. } | InputError::Length { name: got, .. },
+                    )) => *got == name,
+                    _ => false,
+                };
+                assert!(named, "{label}: expected a refusal naming {name}: {r:?}");
+            }
+            assert!(
+                s.clone_dtoh(&dq2).unwrap().iter().all(|x| x.to_f32().is_nan()),
+                "{label}: a refused call wrote dq"
+            );
+            assert!(s.clone_dtoh(&dg2).unwrap().iter().all(|x| x.is_nan()), "{label}: a refused call wrote dlog_gate");
+        }
+    }
 }

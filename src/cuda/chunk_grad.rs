@@ -269,7 +269,7 @@ pub fn backward_into<'a, T: Element>(
     workspace: Option<&'a mut dyn cudarc::driver::DevicePtrMut<f32>>,
     config: impl Into<ChunkConfig>,
 ) -> Result<(), GpuError> {
-    let buffers = GradBuffers { inputs, grad_in, grads: grads_out, workspace, real_gates: false };
+    let buffers = GradBuffers { inputs, grad_in, grads: grads_out, workspace, real_gates: false, packed: false };
     launch_backward(gpu, stream, dims, buffers, config.into())
 }
 
@@ -291,7 +291,7 @@ pub fn backward_real_into<'a, T: Element>(
     workspace: Option<&'a mut dyn cudarc::driver::DevicePtrMut<f32>>,
     config: impl Into<ChunkConfig>,
 ) -> Result<(), GpuError> {
-    let buffers = GradBuffers { inputs, grad_in, grads: grads_out, workspace, real_gates: true };
+    let buffers = GradBuffers { inputs, grad_in, grads: grads_out, workspace, real_gates: true, packed: false };
     launch_backward(gpu, stream, dims, buffers, config.into())
 }
 
@@ -535,7 +535,7 @@ fn host_backward<T: Element>(
         workspace_len,
         doing,
         |s, d, inputs, grad_in, grads, w| {
-            let buffers = GradBuffers { inputs, grad_in, grads, workspace: w, real_gates };
+            let buffers = GradBuffers { inputs, grad_in, grads, workspace: w, real_gates, packed: false };
             launch_backward(gpu, s, d, buffers, config)
         },
     )

@@ -20,7 +20,7 @@ use super::element::{Element, round_slice, widen_slice};
 use super::{DriverContext, Gpu, GpuError};
 use crate::error::InputError;
 use crate::problem::{Dims, GateLayout, Outputs, Problem};
-use crate::reference::grad::{GradInputs, Grads};
+use crate::reference::grad::Grads;
 
 /// Device inputs of one call. q, k, v are `T` (f32, f16 or bf16; scan and
 /// attention: f32); the complex tensors (`log_gate`, `h0`) are complex f32
@@ -390,6 +390,10 @@ pub(crate) struct GradBuffers<'a, T> {
     /// log_gate, h0, dh_final, dlog_gate and dh0 are real f32 (the chunked
     /// backward's real-gate entry), not complex.
     pub real_gates: bool,
+    /// Packed sequences (the recurrent backward's `cu_seqlens`): q, k, v,
+    /// log_gate, dy and their gradients are one batch row `[1, L, H, *]`,
+    /// h0, dh_final and dh0 `[B, H, K, V]` with B = `d.batch` sequences.
+    pub packed: bool,
 }
 
 /// The device addresses of a backward call's gradient buffers.
@@ -420,16 +424,17 @@ impl<'a, T> GradBuffers<'a, T> {
     ) -> Result<(), InputError> {
         let DeviceInputs { q, k, v, log_gate, h0 } = &self.inputs;
         let complex = !self.real_gates;
-        check_input_lens(d, d, *q, *k, *v, *log_gate, *h0, complex)?;
-        check_len("dy", d.v_shape(), false, self.grad_in.dy.len())?;
+        let seq = if self.packed { Dims { batch: 1, ..*d } } else { *d };
+        check_input_lens(&seq, d, *q, *k, *v, *log_gate, *h0, complex)?;
+        check_len("dy", seq.v_shape(), false, self.grad_in.dy.len())?;
         if let Some(dh) = self.grad_in.dh_final {
             check_len("dh_final", d.state_shape(), complex, dh.len())?;
         }
         let g = &self.grads;
-        check_len("dq", d.qk_shape(), false, g.dq.len())?;
-        check_len("dk", d.qk_shape(), false, g.dk.len())?;
-        check_len("dv", d.v_shape(), false, g.dv.len())?;
-        check_len("dlog_gate", d.gate_shape(), complex, g.dlog_gate.len())?;
+        check_len("dq", seq.qk_shape(), false, g.dq.len())?;
+        check_len("dk", seq.qk_shape(), false, g.dk.len())?;
+        check_len("dv", seq.v_shape(), false, g.dv.len())?;
+        check_len("dlog_gate", seq.gate_shape(), complex, g.dlog_gate.len())?;
         match (&g.dh0, h0) {
             (Some(dh0), _) => check_len("dh0", d.state_shape(), complex, dh0.len())?,
             (None, Some(_)) => {
@@ -478,7 +483,7 @@ impl<'a, T> GradBuffers<'a, T> {
     where
         'a: 's,
     {
-        let GradBuffers { inputs, grad_in, grads, workspace, real_gates } = self;
+        let GradBuffers { inputs, grad_in, grads, workspace, real_gates, packed: _ } = self;
         let mut guards = Vec::with_capacity(14);
         let mut ptr = |(p, guard): (u64, SyncOnDrop<'s>)| {
             guards.push(guard);
@@ -741,12 +746,44 @@ pub(crate) fn backward_host<T: Element>(
         Option<&'b mut dyn DevicePtrMut<f32>>,
     ) -> Result<(), GpuError>,
 ) -> Result<Grads<f32>, GpuError> {
+    let states = HostStates::Batch;
+    backward_host_states(gpu, p, states, dy, dh_final, real_gates, workspace_len, sync_doing, launch)
+}
+
+/// [`backward_host`] with the states of `states` (packed: h0, dh_final and
+/// the returned dh0 `[sequences, H, K, V]`): the body of both.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn backward_host_states<T: Element>(
+    gpu: &Gpu,
+    p: &Problem<'_, f32>,
+    states: HostStates<'_>,
+    dy: &[f32],
+    dh_final: Option<&[Complex<f32>]>,
+    real_gates: bool,
+    workspace_len: impl FnOnce(&Dims) -> Result<usize, GpuError>,
+    sync_doing: &'static str,
+    launch: impl for<'b> FnOnce(
+        &CudaStream,
+        &Dims,
+        DeviceInputs<'b, T>,
+        DeviceGradInputs<'b, T>,
+        DeviceGrads<'b, T>,
+        Option<&'b mut dyn DevicePtrMut<f32>>,
+    ) -> Result<(), GpuError>,
+) -> Result<Grads<f32>, GpuError> {
     p.validate()?;
     p.check_gate()?;
     let d = p.dims;
-    GradInputs::new(&d, dy, dh_final)?;
+    let (h0, state_dims) = match states {
+        HostStates::Batch => (p.h0, d),
+        HostStates::Packed { sequences, h0 } => (h0, Dims { batch: sequences, ..d }),
+    };
+    d.check_len("dy", d.v_shape(), dy.len())?;
+    if let Some(dh) = dh_final {
+        state_dims.check_len("dh_final", state_dims.state_shape(), dh.len())?;
+    }
     let gate = gate_side("log_gate", p.log_gate, real_gates)?;
-    let h0 = p.h0.map(|h| gate_side("h0", h, real_gates)).transpose()?;
+    let h0 = h0.map(|h| gate_side("h0", h, real_gates)).transpose()?;
     let dh_final = dh_final.map(|h| gate_side("dh_final", h, real_gates)).transpose()?;
     let parts = if real_gates { 1 } else { 2 };
     let ws_len = workspace_len(&d)?;
@@ -762,7 +799,8 @@ pub(crate) fn backward_host<T: Element>(
     let mut dk = s.alloc_zeros::<T>(d.qk_len()).doing("allocating dk")?;
     let mut dv = s.alloc_zeros::<T>(d.v_len()).doing("allocating dv")?;
     let mut dg = s.alloc_zeros::<f32>(parts * d.gate_len()).doing("allocating dlog_gate")?;
-    let mut dh0 = p.h0.map(|_| s.alloc_zeros::<f32>(parts * d.state_len())).transpose().doing("allocating dh0")?;
+    let dh0_len = parts * state_dims.state_len();
+    let mut dh0 = h0.as_ref().map(|_| s.alloc_zeros::<f32>(dh0_len)).transpose().doing("allocating dh0")?;
     let mut ws = (ws_len > 0).then(|| s.alloc_zeros::<f32>(ws_len)).transpose().doing("allocating the workspace")?;
     launch(
         s,

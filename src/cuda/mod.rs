@@ -325,7 +325,7 @@ impl Kernels {
         let recurrent_grad_module = ctx
             .load_module(cudarc::nvrtc::Ptx::from_binary(fatbin("recurrent_grad")?))
             .doing("loading the recurrent backward kernels (see gateloop::cuda::build_nvcc())")?;
-        let recurrent_grad = recurrent_grad::RecurrentGradKernels::load(&recurrent_grad_module)?;
+        let recurrent_grad = recurrent_grad::RecurrentGradKernels::load(ctx, &recurrent_grad_module)?;
         let selftest_module = ctx
             .load_module(cudarc::nvrtc::Ptx::from_binary(fatbin("selftest")?))
             .doing("loading the self-test kernels (see gateloop::cuda::build_nvcc())")?;

@@ -14,14 +14,26 @@
 //! order: deterministic, no atomics. Memory beyond inputs and gradients:
 //! [`GradLaunchPlan::workspace_len`] f32, O(B·H·(L/64)·K·V).
 //!
+//! Packed sequences ([`backward_varlen_into`], the backward of
+//! [`recurrent::forward_varlen_into`]): one sweep block row per sequence,
+//! its segments counted from its first step, the checkpoints of a head's
+//! sequences in one row of ⌊L/64⌋ + N slots ([`plan_varlen`]); each
+//! sequence's gradients bit for bit its own backward's.
+//!
 //! q, k, v, dy and dq, dk, dv have the element type `T` of
 //! [`backward_into`] (f32, f16 or bf16); log_gate, h0, dh_final, dlog_gate,
 //! dh0 and the workspace are complex f32, and all arithmetic is f32. K ≤ 128.
 
-use cudarc::driver::{CudaFunction, CudaModule, CudaStream, DevicePtrMut, DeviceRepr, LaunchConfig, PushKernelArg};
+use std::sync::Arc;
+
+use cudarc::driver::sys::{CUdevice_attribute, CUfunction_attribute};
+use cudarc::driver::{
+    CudaContext, CudaFunction, CudaModule, CudaStream, DevicePtr, DevicePtrMut, DeviceRepr, LaunchConfig, PushKernelArg,
+};
 use num_complex::Complex;
 
 use super::abi::{self, GateloopRecurrentGradParams, GateloopRecurrentParams};
+use super::chunk::Gates;
 use super::element::{Dtype, Element};
 use super::launch::{self, GradBuffers, GradParams, SeqParams};
 use super::phases::launched;
@@ -43,9 +55,14 @@ pub const MAX_KEY_DIM: usize = 8 * abi::GATELOOP_RECURRENT_MAX_KEY_GROUPS as usi
 pub const SEGMENT: usize = abi::GATELOOP_RECURRENT_GRAD_SEGMENT as usize;
 const VALUE_TILE: usize = abi::GATELOOP_RECURRENT_VALUE_TILE as usize;
 const GATE_BLOCK: usize = abi::GATELOOP_RECURRENT_GRAD_GATE_BLOCK as usize;
-/// Dynamic shared memory of a sweep stays within the 48 KiB every device
-/// grants without an opt-in.
+/// A sweep's chunk staging stays within the 48 KiB every device grants
+/// without an opt-in ...
 const SHARED_BUDGET: usize = 48 * 1024;
+/// ... and its sequence (GATELOOP_RECURRENT_GRAD_SEQUENCE_BYTES) comes on
+/// top: the sweeps' dynamic shared memory limit, raised at load (the
+/// staging of K = 9..16 fills the 48 KiB exactly; sm_80 and sm_90 allow
+/// far more).
+const SWEEP_SHARED_LIMIT: usize = SHARED_BUDGET + abi::GATELOOP_RECURRENT_GRAD_SEQUENCE_BYTES as usize;
 
 // SAFETY: the bindgen mirror (#[repr(C)]) of the C struct the kernels take by
 // value; its layout is pinned on both sides (the header's static_assert,
@@ -66,19 +83,35 @@ pub(crate) struct RecurrentGradKernels {
 }
 
 impl RecurrentGradKernels {
-    pub(crate) fn load(module: &std::sync::Arc<CudaModule>) -> Result<Self, GpuError> {
+    /// Looks up every entry point and raises the sweeps' dynamic shared
+    /// memory limit to [`SWEEP_SHARED_LIMIT`] where the device allows it.
+    pub(crate) fn load(ctx: &Arc<CudaContext>, module: &Arc<CudaModule>) -> Result<Self, GpuError> {
         fn per_dtype<X>(load: impl Fn(Dtype) -> Result<X, GpuError>) -> Result<[X; 3], GpuError> {
             Ok([load(Dtype::F32)?, load(Dtype::F16)?, load(Dtype::Bf16)?])
         }
+        let max_shared = ctx
+            .attribute(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN)
+            .doing("querying the opt-in shared memory per block")?
+            .max(0) as usize;
+        let sweep = |name: String| -> Result<CudaFunction, GpuError> {
+            let f = module.load_function(&name).doing("looking up gateloop_recurrent_grad_{,real_}{fwd,bwd}_*_r*")?;
+            // (Where the device does not allow it, a launch past 48 KiB gets
+            // the driver's error.)
+            if SWEEP_SHARED_LIMIT <= max_shared {
+                f.set_attribute(
+                    CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                    SWEEP_SHARED_LIMIT as i32,
+                )
+                .doing("raising the recurrent backward sweeps' dynamic shared memory limit")?;
+            }
+            Ok(f)
+        };
         let sweeps = |real: &str, kind: &str| {
             per_dtype(|dtype: Dtype| {
                 ROWS_PER_THREAD
                     .iter()
-                    .map(|r| {
-                        module.load_function(&format!("gateloop_recurrent_grad_{real}{kind}_{}_r{r}", dtype.name()))
-                    })
+                    .map(|r| sweep(format!("gateloop_recurrent_grad_{real}{kind}_{}_r{r}", dtype.name())))
                     .collect::<Result<Vec<_>, _>>()
-                    .doing("looking up gateloop_recurrent_grad_{,real_}{fwd,bwd}_{f32,f16,bf16}_r*")
             })
         };
         let gates = |real: &str| {
@@ -103,10 +136,15 @@ pub struct GradLaunchPlan {
     /// `chunk_len` a power of two dividing [`SEGMENT`] and the shared memory
     /// of the sweeps' staging.
     pub sweep: recurrent::LaunchPlan,
-    /// ⌈L / 64⌉.
+    /// Checkpoint slots a workspace row holds: ⌈L / 64⌉; packed (see
+    /// [`plan_varlen`]) ⌊L / 64⌋ + N, every sequence's segments from slot
+    /// ⌊cu_seqlens\[i\] / 64⌋ + i.
     pub segments: usize,
-    /// Blocks of the gate launch, one per (b, h, segment) (128 threads
-    /// each: one per key row).
+    /// Rows of the checkpoints and partial sums: B·H, or H when packed
+    /// (the sequences of a head share its row).
+    pub workspace_rows: usize,
+    /// Blocks of the gate launch, one per (workspace row, slot) (128
+    /// threads each: one per key row; an empty slot's block returns).
     pub gate_grid: u32,
     /// f32 of the workspace: the state and adjoint checkpoints, then the dq
     /// and dk partial sums.
@@ -120,11 +158,11 @@ impl GradLaunchPlan {
     /// f32 offsets of (checkpoints, adjoints, partial_dq, partial_dk, end);
     /// None when they overflow `usize`.
     fn offsets(&self, d: &Dims) -> Option<[usize; 5]> {
-        let bh = d.batch.checked_mul(d.heads)?;
+        let rows = self.workspace_rows;
         let checkpoints =
-            [bh, self.segments, d.key_dim, d.value_dim].into_iter().try_fold(2usize, usize::checked_mul)?;
+            [rows, self.segments, d.key_dim, d.value_dim].into_iter().try_fold(2usize, usize::checked_mul)?;
         let partial =
-            [bh, d.len, d.key_dim].into_iter().try_fold(self.sweep.value_tiles as usize, usize::checked_mul)?;
+            [rows, d.len, d.key_dim].into_iter().try_fold(self.sweep.value_tiles as usize, usize::checked_mul)?;
         let two_ck = checkpoints.checked_mul(2)?;
         Some([0, checkpoints, two_ck, two_ck.checked_add(partial)?, two_ck.checked_add(partial.checked_mul(2)?)?])
     }
@@ -134,6 +172,25 @@ impl GradLaunchPlan {
 /// groups (K ≤ 128), time chunks of the largest power of two ≤ 64 whose
 /// staging fits 48 KiB.
 pub fn plan(dims: &Dims) -> Result<GradLaunchPlan, InputError> {
+    plan_rows(dims, false)
+}
+
+/// The geometry of the packed backward ([`backward_varlen_into`]): `dims`
+/// the packed problem's (`[1, L, H, *]`), `cu_seqlens` its N + 1 offsets
+/// (checked: [`crate::packing::sequence_starts`]). The sweeps run one block
+/// row per sequence ([`plan`] of N rows of L steps); the checkpoints of a
+/// head's sequences share one row of ⌊L / 64⌋ + N slots, sequence i's
+/// segments from slot ⌊cu_seqlens\[i\] / 64⌋ + i (apart by at least its
+/// ⌈len / 64⌉), and the partial sums one row of L steps, so the workspace
+/// is O(H·(L/64 + N)·K·V), about the batched one's for the same steps.
+pub fn plan_varlen(dims: &Dims, cu_seqlens: &[usize]) -> Result<GradLaunchPlan, InputError> {
+    crate::packing::sequence_starts(dims, cu_seqlens)?;
+    plan_rows(&Dims { batch: cu_seqlens.len() - 1, ..*dims }, true)
+}
+
+/// The body of [`plan`] and [`plan_varlen`] (`dims.batch` = N sequences when
+/// `packed`).
+fn plan_rows(dims: &Dims, packed: bool) -> Result<GradLaunchPlan, InputError> {
     dims.validate()?;
     if dims.key_dim > MAX_KEY_DIM {
         return Err(InputError::Param {
@@ -145,24 +202,37 @@ pub fn plan(dims: &Dims) -> Result<GradLaunchPlan, InputError> {
     let forward = recurrent::plan_with(dims, RecurrentStaging::Batched)?;
     let groups = forward.key_groups as usize;
     let per_step = 16 * forward.padded_key_dim as usize + 4 * VALUE_TILE * (2 + groups);
+    // The chunk from the staging alone; the sequence after it (see
+    // SWEEP_SHARED_LIMIT).
+    let sequence_bytes = abi::GATELOOP_RECURRENT_GRAD_SEQUENCE_BYTES as usize;
     let fit = (SHARED_BUDGET / per_step).clamp(1, SEGMENT);
     let chunk = 1usize << fit.ilog2();
     debug_assert!(SEGMENT.is_multiple_of(chunk));
-    let segments = dims.len.div_ceil(SEGMENT);
-    let bh = dims.batch * dims.heads;
-    let gate_grid =
-        bh.checked_mul(segments).and_then(|g| u32::try_from(g).ok()).filter(|&g| g <= i32::MAX as u32).ok_or_else(
-            || InputError::TooLarge {
-                name: "grid",
-                shape: format!("[B·H·⌈L/64⌉] = [{bh}·{segments}]"),
-                limit: "2^31 - 1 thread blocks".into(),
-            },
-        )?;
-    let sweep = recurrent::LaunchPlan { chunk_len: chunk as u32, shared_bytes: (chunk * per_step) as u32, ..forward };
-    let mut p = GradLaunchPlan { sweep, segments, gate_grid, workspace_len: 0 };
+    // (packed: dims.len is the packed row's L, dims.batch the N sequences)
+    let (segments, workspace_rows) = if packed {
+        (dims.len / SEGMENT + dims.batch, dims.heads)
+    } else {
+        (dims.len.div_ceil(SEGMENT), dims.batch * dims.heads)
+    };
+    let rows_name = if packed { "H·(⌊L/64⌋ + N)" } else { "B·H·⌈L/64⌉" };
+    let gate_grid = workspace_rows
+        .checked_mul(segments)
+        .and_then(|g| u32::try_from(g).ok())
+        .filter(|&g| g <= i32::MAX as u32)
+        .ok_or_else(|| InputError::TooLarge {
+            name: "grid",
+            shape: format!("[{rows_name}] = [{workspace_rows}·{segments}]"),
+            limit: "2^31 - 1 thread blocks".into(),
+        })?;
+    let sweep = recurrent::LaunchPlan {
+        chunk_len: chunk as u32,
+        shared_bytes: (chunk * per_step + sequence_bytes) as u32,
+        ..forward
+    };
+    let mut p = GradLaunchPlan { sweep, segments, workspace_rows, gate_grid, workspace_len: 0 };
     p.workspace_len = p.offsets(dims).ok_or_else(|| InputError::TooLarge {
         name: "workspace",
-        shape: format!("2·(B·H·⌈L/64⌉·K·V complex) + 2·(⌈V/32⌉·B·H·L·K) f32 for {dims:?}"),
+        shape: format!("2·({rows_name}·K·V complex) + 2·(⌈V/32⌉·{workspace_rows}·L·K) f32 for {dims:?}"),
         limit: "usize::MAX f32".into(),
     })?[4];
     Ok(p)
@@ -189,8 +259,9 @@ pub fn backward_into<'a, T: Element>(
     grads: DeviceGrads<'a, T>,
     workspace: &'a mut dyn DevicePtrMut<f32>,
 ) -> Result<(), GpuError> {
-    let buffers = GradBuffers { inputs, grad_in: upstream, grads, workspace: Some(workspace), real_gates: false };
-    launch_backward(gpu, stream, dims, buffers)
+    let buffers =
+        GradBuffers { inputs, grad_in: upstream, grads, workspace: Some(workspace), real_gates: false, packed: false };
+    launch_backward(gpu, stream, dims, plan(dims)?, buffers, None)
 }
 
 /// [`backward_into`] with real gates (gated linear attention), the backward
@@ -209,24 +280,97 @@ pub fn backward_real_into<'a, T: Element>(
     grads: DeviceGrads<'a, T>,
     workspace: &'a mut dyn DevicePtrMut<f32>,
 ) -> Result<(), GpuError> {
-    let buffers = GradBuffers { inputs, grad_in: upstream, grads, workspace: Some(workspace), real_gates: true };
-    launch_backward(gpu, stream, dims, buffers)
+    let buffers =
+        GradBuffers { inputs, grad_in: upstream, grads, workspace: Some(workspace), real_gates: true, packed: false };
+    launch_backward(gpu, stream, dims, plan(dims)?, buffers, None)
 }
 
-/// The body of [`backward_into`] and [`backward_real_into`]: `buffers`
-/// (complex or real gate-side tensors, as its `real_gates` says) checked and
-/// bound, the three launches enqueued.
+/// The backward of [`recurrent::forward_varlen_into`]: packed sequences,
+/// sequence i the steps `cu_seqlens[i] .. cu_seqlens[i + 1]` of the one
+/// batch row of q, k, v, log_gate, dy (`dims` = `[1, L, H, *]`) and of the
+/// gradients dq, dk, dv, dlog_gate written there; h0, dh_final and dh0
+/// `[N, H, K, V]`, state i sequence i's. Every sequence's gradients are
+/// [`backward_into`]'s on that sequence alone, bit for bit (the same
+/// blocks, chunks and segments, counted from its first step), in one
+/// launch of each kernel. `workspace`: at least
+/// [`plan_varlen`]`(dims, cu_seqlens).workspace_len` f32. The offsets are
+/// checked (they start at 0, rise strictly, end at L), then every buffer,
+/// before anything is queued; then they are uploaded on `stream` (freed in
+/// stream order after the launches).
+#[allow(clippy::too_many_arguments)]
+pub fn backward_varlen_into<'a, T: Element>(
+    gpu: &Gpu,
+    stream: &Arc<CudaStream>,
+    dims: &Dims,
+    cu_seqlens: &[usize],
+    inputs: DeviceInputs<'a, T>,
+    upstream: DeviceGradInputs<'a, T>,
+    grads: DeviceGrads<'a, T>,
+    workspace: &'a mut dyn DevicePtrMut<f32>,
+) -> Result<(), GpuError> {
+    let buffers =
+        GradBuffers { inputs, grad_in: upstream, grads, workspace: Some(workspace), real_gates: false, packed: true };
+    varlen_backward(gpu, stream, dims, cu_seqlens, buffers)
+}
+
+/// [`backward_varlen_into`] with real gates ([`backward_real_into`]'s
+/// layouts: log_gate, h0, dh_final, dlog_gate, dh0 real f32).
+#[allow(clippy::too_many_arguments)]
+pub fn backward_varlen_real_into<'a, T: Element>(
+    gpu: &Gpu,
+    stream: &Arc<CudaStream>,
+    dims: &Dims,
+    cu_seqlens: &[usize],
+    inputs: DeviceInputs<'a, T>,
+    upstream: DeviceGradInputs<'a, T>,
+    grads: DeviceGrads<'a, T>,
+    workspace: &'a mut dyn DevicePtrMut<f32>,
+) -> Result<(), GpuError> {
+    let buffers =
+        GradBuffers { inputs, grad_in: upstream, grads, workspace: Some(workspace), real_gates: true, packed: true };
+    varlen_backward(gpu, stream, dims, cu_seqlens, buffers)
+}
+
+/// The body of [`backward_varlen_into`] and [`backward_varlen_real_into`]
+/// (`buffers.packed`): the launch's dims have one block row per sequence.
+fn varlen_backward<T: Element>(
+    gpu: &Gpu,
+    stream: &Arc<CudaStream>,
+    dims: &Dims,
+    cu_seqlens: &[usize],
+    buffers: GradBuffers<'_, T>,
+) -> Result<(), GpuError> {
+    let lp = plan_varlen(dims, cu_seqlens)?;
+    let d = Dims { batch: cu_seqlens.len() - 1, ..*dims };
+    // Every buffer before the upload (launch_backward checks them again).
+    buffers.check(gpu, stream, &d, lp.workspace_len, || workspace_shape(&lp))?;
+    let offsets: Vec<i64> = cu_seqlens.iter().map(|&x| launch::i64_of("cu_seqlens", x)).collect::<Result<_, _>>()?;
+    let offsets = stream.clone_htod(&offsets).doing("uploading cu_seqlens")?;
+    // Held until after the launches (the kernels read the offsets); the
+    // buffer's drop frees it in stream order after them.
+    let (ptr, _guard) = offsets.device_ptr(stream);
+    launch_backward(gpu, stream, &d, lp, buffers, Some(ptr))
+}
+
+/// The workspace a plan needs, for the length error.
+fn workspace_shape(lp: &GradLaunchPlan) -> String {
+    format!("at least {} f32 ({} segments of {SEGMENT} steps)", lp.workspace_len, lp.segments)
+}
+
+/// The body of every backward: `buffers` (complex or real gate-side
+/// tensors, as its `real_gates` says; packed sequences when `cu_seqlens`,
+/// their device offsets, is given, `d.batch` of them) checked against the
+/// plan `lp` of `d` and bound, the three launches enqueued.
 fn launch_backward<T: Element>(
     gpu: &Gpu,
     stream: &CudaStream,
     d: &Dims,
+    lp: GradLaunchPlan,
     buffers: GradBuffers<'_, T>,
+    cu_seqlens: Option<u64>,
 ) -> Result<(), GpuError> {
-    let lp = plan(d)?;
     let real = usize::from(buffers.real_gates);
-    buffers.check(gpu, stream, d, lp.workspace_len, || {
-        format!("at least {} f32 ({} segments of {SEGMENT} steps)", lp.workspace_len, lp.segments)
-    })?;
+    buffers.check(gpu, stream, d, lp.workspace_len, || workspace_shape(&lp))?;
     let sp = &lp.sweep;
     let mut params = GateloopRecurrentGradParams {
         fwd: GateloopRecurrentParams {
@@ -234,6 +378,7 @@ fn launch_backward<T: Element>(
             padded_key_dim: sp.padded_key_dim as i32,
             chunk_len: sp.chunk_len as i32,
             value_tiles: sp.value_tiles as i32,
+            cu_seqlens: cu_seqlens.map_or(std::ptr::null(), |p| p as usize as *const i64),
             ..GateloopRecurrentParams::for_dims(d, T::DTYPE.abi())?
         },
         segments: lp.segments as i64,
@@ -364,10 +509,70 @@ fn host_backward<T: Element>(
         "synchronizing after the recurrent backward kernels",
         |s, d, i, g, o, w| {
             let w = w.expect("a workspace: its length is never 0");
-            let buffers = GradBuffers { inputs: i, grad_in: g, grads: o, workspace: Some(w), real_gates };
-            launch_backward(gpu, s, d, buffers)
+            let buffers =
+                GradBuffers { inputs: i, grad_in: g, grads: o, workspace: Some(w), real_gates, packed: false };
+            launch_backward(gpu, s, d, plan(d)?, buffers, None)
         },
     )
+}
+
+/// [`backward_varlen_into`] from host data: `p` is the packed problem
+/// (`[1, L, H, *]`, no h0 of its own; [`crate::packing::backward_varlen`]'s
+/// contract), `h0` and `dh_final` `[N, H, K, V]`; returns dq, dk, dv,
+/// dlog_gate in the packed layout and, when `h0` is given, dh0 `[N, H, K,
+/// V]`. `gates`: [`Gates::Real`] runs [`backward_varlen_real_into`] and
+/// needs real log_gate, h0 and dh_final (else [`InputError::Value`]).
+/// Everything is checked before the upload.
+pub fn backward_varlen_host_as<T: Element>(
+    gpu: &Gpu,
+    p: &Problem<'_, f32>,
+    cu_seqlens: &[usize],
+    h0: Option<&[Complex<f32>]>,
+    dy: &[f32],
+    dh_final: Option<&[Complex<f32>]>,
+    gates: Gates,
+) -> Result<Grads<f32>, GpuError> {
+    let sequences = crate::packing::check_varlen(p, cu_seqlens, h0)?;
+    let real_gates = gates == Gates::Real;
+    let workspace_len = |d: &Dims| Ok(plan_varlen(d, cu_seqlens)?.workspace_len);
+    launch::backward_host_states::<T>(
+        gpu,
+        p,
+        launch::HostStates::Packed { sequences, h0 },
+        dy,
+        dh_final,
+        real_gates,
+        workspace_len,
+        "synchronizing after the recurrent backward kernels",
+        |_, d, i, g, o, w| {
+            let w = w.expect("a workspace: its length is never 0");
+            let buffers = GradBuffers { inputs: i, grad_in: g, grads: o, workspace: Some(w), real_gates, packed: true };
+            // backward_host_states runs on the Gpu's stream, which the
+            // upload of the offsets takes as its Arc.
+            varlen_backward(gpu, gpu.stream(), d, cu_seqlens, buffers)
+        },
+    )
+}
+
+/// [`backward_host_as`] (or, with real gates, [`backward_real_host_as`])
+/// through the packed launches: `p`'s B batch rows as B packed sequences
+/// of `p.dims.len` steps, [`backward_varlen_host_as`] on the same data read
+/// as `[1, B·L, H, *]` with cu_seqlens 0, L, .., B·L (h0, dh_final and dh0
+/// `[B, H, K, V]` either way). The batched backward's gradients, bit for
+/// bit: so the packed path meets every input the others meet
+/// (`dispatch::Variant::Packed`, which the fuzzer runs).
+pub fn backward_packed_host_as<T: Element>(
+    gpu: &Gpu,
+    p: &Problem<'_, f32>,
+    dy: &[f32],
+    dh_final: Option<&[Complex<f32>]>,
+    gates: Gates,
+) -> Result<Grads<f32>, GpuError> {
+    p.validate()?;
+    let d = p.dims;
+    let rows = Problem { dims: Dims { batch: 1, len: d.batch * d.len, ..d }, h0: None, ..*p };
+    let cu_seqlens: Vec<usize> = (0..=d.batch).map(|b| b * d.len).collect();
+    backward_varlen_host_as::<T>(gpu, &rows, &cu_seqlens, p.h0, dy, dh_final, gates)
 }
 
 #[cfg(test)]
@@ -398,7 +603,10 @@ mod tests {
                 let p = plan(&d).unwrap();
                 let c = p.sweep.chunk_len as usize;
                 assert!(c.is_power_of_two() && SEGMENT.is_multiple_of(c), "{p:?}");
-                assert!(p.sweep.shared_bytes as usize <= SHARED_BUDGET);
+                // The staging within 48 KiB, the sequence above it, within the raised limit.
+                let sequence = abi::GATELOOP_RECURRENT_GRAD_SEQUENCE_BYTES as usize;
+                assert!(p.sweep.shared_bytes as usize - sequence <= SHARED_BUDGET);
+                assert!(p.sweep.shared_bytes as usize <= SWEEP_SHARED_LIMIT);
                 assert!(ROWS_PER_THREAD.contains(&p.sweep.rows_per_thread));
                 assert!(p.sweep.rows_per_thread == 8 || p.sweep.key_groups == 1, "one warp below 8 rows: {p:?}");
                 assert_eq!(p.segments, l.div_ceil(64));
@@ -409,6 +617,40 @@ mod tests {
                 assert_eq!(p.workspace_len, o[4]);
             }
         }
+    }
+
+    /// Packed: one sweep row per sequence, H workspace rows of ⌊L/64⌋ + N
+    /// slots; every sequence's slots (from ⌊cu_i / 64⌋ + i, ⌈len_i / 64⌉ of
+    /// them) inside its head's row and apart from the others'.
+    #[test]
+    fn varlen_plan_slots_never_overlap() {
+        let d = dims(1, 300, 3, 16, 40, false);
+        let cu = [0, 1, 64, 65, 200, 263, 300];
+        let p = plan_varlen(&d, &cu).unwrap();
+        let n = cu.len() - 1;
+        assert_eq!((p.segments, p.workspace_rows, p.gate_grid), (300 / 64 + n, 3, 3 * (300 / 64 + n) as u32));
+        assert_eq!(p.sweep.grid, plan(&dims(n, 300, 3, 16, 40, false)).unwrap().sweep.grid);
+        for lens in [vec![1usize; 200], vec![64, 64, 64], vec![63, 65, 1, 127, 129], vec![1000], vec![1, 999]] {
+            let cu: Vec<usize> =
+                std::iter::once(0).chain(lens.iter().scan(0, |e, l| Some(*e + l).inspect(|x| *e = *x))).collect();
+            let l = *cu.last().unwrap();
+            let p = plan_varlen(&dims(1, l, 2, 8, 8, true), &cu).unwrap();
+            let mut used = vec![false; p.segments];
+            for (i, len) in lens.iter().enumerate() {
+                let base = cu[i] / SEGMENT + i;
+                for (slot, u) in used.iter_mut().enumerate().skip(base).take(len.div_ceil(SEGMENT)) {
+                    assert!(!std::mem::replace(u, true), "{lens:?}: slot {slot} twice");
+                }
+                assert!(base + len.div_ceil(SEGMENT) <= p.segments, "{lens:?}: sequence {i} past the row");
+            }
+            // Two checkpoint sets of H rows, then the partials of H rows of L steps.
+            assert_eq!(p.workspace_len, 2 * (2 * 2 * p.segments * 8 * 8) + 2 * (2 * l * 8));
+        }
+        assert!(matches!(plan_varlen(&d, &[0, 300, 300]), Err(InputError::Value { name: "cu_seqlens", .. })));
+        assert!(matches!(
+            plan_varlen(&dims(2, 300, 3, 16, 40, false), &cu),
+            Err(InputError::Param { name: "batch", .. })
+        ));
     }
 
     #[test]

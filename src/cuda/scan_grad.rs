@@ -220,7 +220,7 @@ pub fn backward_into<'a, T: Element>(
 ) -> Result<(), GpuError> {
     let d = dims;
     let lp = plan_for(gpu, d, T::DTYPE)?;
-    let buffers = GradBuffers { inputs, grad_in: upstream, grads, workspace, real_gates: false };
+    let buffers = GradBuffers { inputs, grad_in: upstream, grads, workspace, real_gates: false, packed: false };
     buffers.check(gpu, stream, d, lp.workspace_len, || {
         format!("at least {} f32 ({} chunks)", lp.workspace_len, lp.forward.num_chunks)
     })?;

@@ -37,10 +37,12 @@ void emu_launch(unsigned grid, EmuDim3 block, const std::function<void()>& kerne
 
 // The dynamic shared memory of cuda/recurrent.cu's block-scope
 // `extern __shared__ float4 smem[]` (namespace gateloop). One block runs at a
-// time; it is poisoned before each block. 48 KiB: src/cuda/recurrent.rs
-// SHARED_BUDGET, the most the launcher ever asks for.
+// time; it is poisoned before each block. 48 KiB (src/cuda/recurrent.rs
+// SHARED_BUDGET) plus the backward sweeps' sequence above their staging
+// (src/cuda/recurrent_grad.rs SWEEP_SHARED_LIMIT), the most the launchers
+// ever ask for.
 namespace gateloop {
-constexpr size_t kEmuSharedCapacity = 48 * 1024;
+constexpr size_t kEmuSharedCapacity = 48 * 1024 + GATELOOP_RECURRENT_GRAD_SEQUENCE_BYTES;
 alignas(128) float4 smem[kEmuSharedCapacity / sizeof(float4)];
 }  // namespace gateloop
 
@@ -169,7 +171,8 @@ static int run_grad(const std::string& dir, const GradEntry* fwd, const GradEntr
     while (ri < 4 && (int64_t{1} << ri) != rows) ++ri;
     if (ri == 4 || groups < 1 || groups > GATELOOP_RECURRENT_MAX_KEY_GROUPS || (rows < 8 && groups != 1) ||
         padded < K || K > GATELOOP_RECURRENT_GRAD_GATE_BLOCK || chunk < 1 || seg % chunk != 0 ||
-        shared != chunk * per_step || static_cast<size_t>(shared) > gateloop::kEmuSharedCapacity ||
+        shared != chunk * per_step + GATELOOP_RECURRENT_GRAD_SEQUENCE_BYTES ||
+        static_cast<size_t>(shared) > gateloop::kEmuSharedCapacity ||
         segments != (L + seg - 1) / seg) {
         std::fprintf(stderr, "plan outside the ABI's contract\n");
         return 2;
