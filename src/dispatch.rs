@@ -238,8 +238,35 @@ pub fn cuda_f32(gpu: &Gpu, mode: Mode, p: &Problem<'_, f32>) -> Result<Outputs<f
 /// (those given) exactly 0, so the real-gate recurrent and chunked kernels
 /// compute the same function.
 pub fn real_gates(p: &Problem<'_, f32>, dh_final: Option<&[num_complex::Complex<f32>]>) -> bool {
+    real_gates_with(p, p.h0, dh_final)
+}
+
+/// [`real_gates`] with the initial states `h0` (packed sequences' `[N, H,
+/// K, V]`; `p`'s own h0 is then absent).
+fn real_gates_with(
+    p: &Problem<'_, f32>,
+    h0: Option<&[num_complex::Complex<f32>]>,
+    dh_final: Option<&[num_complex::Complex<f32>]>,
+) -> bool {
     let real = |z: &[num_complex::Complex<f32>]| z.iter().all(|z| z.im == 0.0);
-    real(p.log_gate) && p.h0.is_none_or(real) && dh_final.is_none_or(real)
+    real(p.log_gate) && h0.is_none_or(real) && dh_final.is_none_or(real)
+}
+
+/// The kernels' gates: real ([`cuda::chunk::Gates::Real`]) when `real`.
+fn gates(real: bool) -> cuda::chunk::Gates {
+    if real { cuda::chunk::Gates::Real } else { cuda::chunk::Gates::Complex }
+}
+
+/// The checks every CUDA backward entry makes: the mode has a backward
+/// kernel and `variant` exists for it in `T`.
+fn check_grad_variant<T: Element>(mode: Mode, variant: Variant) -> Result<(), GpuError> {
+    if mode == Mode::Attention {
+        return Err(cuda_grad_unavailable(mode).into());
+    }
+    if !variant.applies(mode, T::DTYPE, true) {
+        return Err(variant.unavailable(mode, T::DTYPE, true).into());
+    }
+    Ok(())
 }
 
 /// [`cuda_f32`] with q, k, v in `T` (rounded on the host: exact for values
@@ -265,8 +292,7 @@ pub fn cuda_variant_as<T: Element>(
     let config = variant.chunk_config();
     match mode {
         Mode::Recurrent if variant == Variant::Packed => {
-            let gates = if real_gates(p, None) { cuda::chunk::Gates::Real } else { cuda::chunk::Gates::Complex };
-            cuda::recurrent::forward_packed_host_as::<T>(gpu, p, variant.recurrent_config(), gates)
+            cuda::recurrent::forward_packed_host_as::<T>(gpu, p, variant.recurrent_config(), gates(real_gates(p, None)))
         }
         Mode::Recurrent if real_gates(p, None) => {
             cuda::recurrent::forward_real_host_as::<T>(gpu, p, variant.recurrent_config())
@@ -312,8 +338,7 @@ pub fn cuda_varlen_as<T: Element>(
     }
     match mode {
         Mode::Recurrent => {
-            let real = real_gates(p, None) && h0.is_none_or(|h| h.iter().all(|z| z.im == 0.0));
-            let gates = if real { cuda::chunk::Gates::Real } else { cuda::chunk::Gates::Complex };
+            let gates = gates(real_gates_with(p, h0, None));
             cuda::recurrent::forward_varlen_host_as::<T>(gpu, p, cu_seqlens, h0, variant.recurrent_config(), gates)
         }
         _ => crate::packing::forward_varlen(p, cu_seqlens, h0, |s| cuda_variant_as::<T>(gpu, mode, variant, s)),
@@ -410,17 +435,11 @@ pub fn cuda_grad_variant_as<T: Element>(
     dy: &[f32],
     dh_final: Option<&[num_complex::Complex<f32>]>,
 ) -> Result<Grads<f32>, GpuError> {
-    if mode == Mode::Attention {
-        return Err(cuda_grad_unavailable(mode).into());
-    }
-    if !variant.applies(mode, T::DTYPE, true) {
-        return Err(variant.unavailable(mode, T::DTYPE, true).into());
-    }
+    check_grad_variant::<T>(mode, variant)?;
     let config = cuda::chunk::ChunkConfig { precision: ChunkPrecision::Exact, ..variant.chunk_config() };
     match mode {
         Mode::Recurrent if variant == Variant::Packed => {
-            let gates = if real_gates(p, dh_final) { cuda::chunk::Gates::Real } else { cuda::chunk::Gates::Complex };
-            cuda::recurrent_grad::backward_packed_host_as::<T>(gpu, p, dy, dh_final, gates)
+            cuda::recurrent_grad::backward_packed_host_as::<T>(gpu, p, dy, dh_final, gates(real_gates(p, dh_final)))
         }
         Mode::Recurrent if real_gates(p, dh_final) => {
             cuda::recurrent_grad::backward_real_host_as::<T>(gpu, p, dy, dh_final)
@@ -455,16 +474,10 @@ pub fn cuda_grad_varlen_as<T: Element>(
     dy: &[f32],
     dh_final: Option<&[num_complex::Complex<f32>]>,
 ) -> Result<Grads<f32>, GpuError> {
-    if mode == Mode::Attention {
-        return Err(cuda_grad_unavailable(mode).into());
-    }
-    if !variant.applies(mode, T::DTYPE, true) {
-        return Err(variant.unavailable(mode, T::DTYPE, true).into());
-    }
+    check_grad_variant::<T>(mode, variant)?;
     match mode {
         Mode::Recurrent => {
-            let real = real_gates(p, dh_final) && h0.is_none_or(|h| h.iter().all(|z| z.im == 0.0));
-            let gates = if real { cuda::chunk::Gates::Real } else { cuda::chunk::Gates::Complex };
+            let gates = gates(real_gates_with(p, h0, dh_final));
             cuda::recurrent_grad::backward_varlen_host_as::<T>(gpu, p, cu_seqlens, h0, dy, dh_final, gates)
         }
         _ => crate::packing::backward_varlen(p, cu_seqlens, h0, dy, dh_final, |s, dy, dh| {

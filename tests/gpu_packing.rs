@@ -361,29 +361,15 @@ fn drawn_packings_equal_each_sequence_alone() {
 fn drawn_packings<T: Element>(gpu: &Gpu, seed: u64) {
     use gateloop::cuda::recurrent::{self, MAX_KEY_DIM, RecurrentConfig, RecurrentRows, RecurrentStaging};
     use gateloop::cuda::{DeviceInputs, DeviceOutputs};
-    use gateloop::testing::random_problem;
     use rand::rngs::StdRng;
     use rand::{Rng, SeedableRng};
     let mut rng = StdRng::seed_from_u64(seed);
     let s = gpu.context().new_stream().unwrap();
-    let regimes = [
-        GateRegime::Random,
-        GateRegime::Resets(0.2),
-        GateRegime::UnitModulus,
-        GateRegime::LargePhase(50.0),
-        GateRegime::StrongDecay(40.0),
-        GateRegime::Mixed,
-    ];
     let bits = |x: &[f32]| x.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
     for draw in 0..16 {
-        let n = rng.random_range(1..=6usize);
-        let lens: Vec<usize> =
-            (0..n).map(|_| if rng.random_bool(0.2) { 1 } else { rng.random_range(1..=200) }).collect();
-        let heads = rng.random_range(1..=3usize);
-        let kd = [1, 5, 8, 16, 33, 64, MAX_KEY_DIM][rng.random_range(0..7usize)];
-        let vd = [1, 7, 32, 40, 64, 65][rng.random_range(0..6usize)];
-        let (per_head, real, with_h0) = (rng.random_bool(0.5), rng.random_bool(0.5), rng.random_bool(0.5));
-        let regime = regimes[rng.random_range(0..regimes.len())];
+        let dr = DrawnPacking::draw(&mut rng, 6, MAX_KEY_DIM, &[1, 7, 32, 40, 64, 65]);
+        let DrawnPacking { ref lens, heads, kd, vd, per_head, real, with_h0, regime } = dr;
+        let n = lens.len();
         let staging = if rng.random_bool(0.5) { RecurrentStaging::Ahead } else { RecurrentStaging::Batched };
         let rows = if rng.random_bool(0.5) { RecurrentRows::Four } else { RecurrentRows::Eight };
         let config = RecurrentConfig { staging, rows };
@@ -392,17 +378,8 @@ fn drawn_packings<T: Element>(gpu: &Gpu, seed: u64) {
              {regime:?} {config:?}",
             T::DTYPE
         );
-        let parts: Vec<_> = lens
-            .iter()
-            .enumerate()
-            .map(|(i, &l)| {
-                let p =
-                    random_problem(dims(1, l, heads, kd, vd, per_head), regime, with_h0, seed + 100 * draw + i as u64);
-                let p = if real { common::real_gates(p) } else { p };
-                dtype_support::rounded_to::<T>(&p).map(|x| x as f32)
-            })
-            .collect();
-        let cu = offsets(&lens);
+        let parts = dr.parts::<T>(seed + 100 * draw);
+        let cu = offsets(lens);
         let d = dims(1, cu[n], heads, kd, vd, per_head);
         let DevicePacked { q, k, v, g, h0 } = DevicePacked::<T>::upload(&s, &parts, real);
         let mut y = s.clone_htod(&vec![T::nan(); d.v_len()]).unwrap();
@@ -528,6 +505,58 @@ fn dispatched_varlen<T: Element>(gpu: &Gpu) {
     assert!(matches!(short, Err(GpuError::Input(InputError::Length { name: "h0", .. }))), "{short:?}");
 }
 
+/// A drawn packing's geometry and gates: 1 to `max_sequences` sequences of
+/// 1 to 200 steps (one step in about one draw in five), 1 to 3 heads, K
+/// from 1 to `max_key`, V from `values`, per-head
+/// or per-channel, real or complex, h0 or not, one of six gate regimes.
+struct DrawnPacking {
+    lens: Vec<usize>,
+    heads: usize,
+    kd: usize,
+    vd: usize,
+    per_head: bool,
+    real: bool,
+    with_h0: bool,
+    regime: GateRegime,
+}
+
+impl DrawnPacking {
+    fn draw(rng: &mut rand::rngs::StdRng, max_sequences: usize, max_key: usize, values: &[usize]) -> Self {
+        use rand::Rng;
+        let regimes = [
+            GateRegime::Random,
+            GateRegime::Resets(0.2),
+            GateRegime::UnitModulus,
+            GateRegime::LargePhase(50.0),
+            GateRegime::StrongDecay(40.0),
+            GateRegime::Mixed,
+        ];
+        let n = rng.random_range(1..=max_sequences);
+        let lens = (0..n).map(|_| if rng.random_bool(0.2) { 1 } else { rng.random_range(1..=200) }).collect();
+        let heads = rng.random_range(1..=3usize);
+        let kd = [1, 5, 8, 16, 33, 64, max_key][rng.random_range(0..7usize)];
+        let vd = values[rng.random_range(0..values.len())];
+        let (per_head, real, with_h0) = (rng.random_bool(0.5), rng.random_bool(0.5), rng.random_bool(0.5));
+        let regime = regimes[rng.random_range(0..regimes.len())];
+        DrawnPacking { lens, heads, kd, vd, per_head, real, with_h0, regime }
+    }
+
+    /// Its sequences (sequence i from seed `seed + i`), values rounded to `T`.
+    fn parts<T: Element>(&self, seed: u64) -> Vec<gateloop::testing::OwnedProblem<f32>> {
+        let DrawnPacking { heads, kd, vd, per_head, real, with_h0, regime, .. } = *self;
+        self.lens
+            .iter()
+            .enumerate()
+            .map(|(i, &l)| {
+                let d = dims(1, l, heads, kd, vd, per_head);
+                let p = gateloop::testing::random_problem(d, regime, with_h0, seed + i as u64);
+                let p = if real { common::real_gates(p) } else { p };
+                dtype_support::rounded_to::<T>(&p).map(|x| x as f32)
+            })
+            .collect()
+    }
+}
+
 /// Packed sequences on the device: `parts` (one row each, values already
 /// rounded to `T`) concatenated along time, q, k, v in `T`, log_gate and
 /// h0 (when the parts have one) on the kernels' gate side.
@@ -601,19 +630,10 @@ fn varlen_backward<T: Element>(gpu: &Gpu, seed: u64) {
     use dispatch::Variant;
     use gateloop::cuda::recurrent_grad::{self, MAX_KEY_DIM};
     use gateloop::cuda::recurrent_grad::{DeviceGradInputs, DeviceGrads, DeviceInputs};
-    use gateloop::testing::random_problem;
     use rand::rngs::StdRng;
     use rand::{Rng, SeedableRng};
     let mut rng = StdRng::seed_from_u64(seed);
     let s = gpu.context().new_stream().unwrap();
-    let regimes = [
-        GateRegime::Random,
-        GateRegime::Resets(0.2),
-        GateRegime::UnitModulus,
-        GateRegime::LargePhase(50.0),
-        GateRegime::StrongDecay(40.0),
-        GateRegime::Mixed,
-    ];
     let bits = |x: &[f32]| x.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
     let cbits = |x: &[Complex<f32>]| x.iter().flat_map(|z| [z.re.to_bits(), z.im.to_bits()]).collect::<Vec<_>>();
     let to_t = |x: &[f32]| -> Vec<T> { x.iter().map(|&x| T::from_f32(x)).collect() };
@@ -622,30 +642,16 @@ fn varlen_backward<T: Element>(gpu: &Gpu, seed: u64) {
         (0..n).map(|_| r.random_range(-1.0f32..1.0)).collect()
     };
     for draw in 0..12u64 {
-        let n = rng.random_range(1..=5usize);
-        let lens: Vec<usize> =
-            (0..n).map(|_| if rng.random_bool(0.2) { 1 } else { rng.random_range(1..=200) }).collect();
-        let heads = rng.random_range(1..=3usize);
-        let kd = [1, 5, 8, 16, 33, 64, MAX_KEY_DIM][rng.random_range(0..7usize)];
-        let vd = [1, 7, 32, 40, 65][rng.random_range(0..5usize)];
-        let (per_head, real) = (rng.random_bool(0.5), rng.random_bool(0.5));
-        let (with_h0, with_dhf) = (rng.random_bool(0.5), rng.random_bool(0.5));
-        let regime = regimes[rng.random_range(0..regimes.len())];
+        let dr = DrawnPacking::draw(&mut rng, 5, MAX_KEY_DIM, &[1, 7, 32, 40, 65]);
+        let DrawnPacking { ref lens, heads, kd, vd, per_head, real, with_h0, regime } = dr;
+        let n = lens.len();
+        let with_dhf = rng.random_bool(0.5);
         let label = format!(
             "{} draw {draw}: lens {lens:?} H={heads} K={kd} V={vd} per_head={per_head} real={real} h0={with_h0} \
              dh_final={with_dhf} {regime:?}",
             T::DTYPE
         );
-        let parts: Vec<_> = lens
-            .iter()
-            .enumerate()
-            .map(|(i, &l)| {
-                let p =
-                    random_problem(dims(1, l, heads, kd, vd, per_head), regime, with_h0, seed + 100 * draw + i as u64);
-                let p = if real { common::real_gates(p) } else { p };
-                dtype_support::rounded_to::<T>(&p).map(|x| x as f32)
-            })
-            .collect();
+        let parts = dr.parts::<T>(seed + 100 * draw);
         // Upstream gradients per sequence: dy rounded to T, dh_final real
         // for real gates.
         let state = heads * kd * vd;
@@ -687,7 +693,7 @@ fn varlen_backward<T: Element>(gpu: &Gpu, seed: u64) {
         let want_dh0: Vec<Complex<f32>> = alone.iter().flat_map(|g| g.dh0.clone().unwrap_or_default()).collect();
 
         // On device buffers, outputs poisoned.
-        let cu = offsets(&lens);
+        let cu = offsets(lens);
         let d = dims(1, cu[n], heads, kd, vd, per_head);
         let DevicePacked { q, k, v, g, h0 } = DevicePacked::<T>::upload(&s, &parts, real);
         let dy: Vec<f32> = dys.concat();
