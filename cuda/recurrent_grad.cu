@@ -148,9 +148,10 @@ __device__ __forceinline__ float2 log_gate_side(const float* __restrict__ row, i
 // header), sequence b = steps cu[b] .. cu[b + 1] of batch row 0, and head
 // h's rows of [H, segments, K, V] checkpoints from slot ⌊cu[b] / 64⌋ + b
 // (packed_segment_base) and of [value_tiles, H, L, K] partials from step
-// cu[b]. Its states (h0, dh_final, dh0) are state b either way. Every row
-// pointer starts at the sequence's first step, so the sweeps and the gate
-// launch index steps 0 .. len − 1 of one sequence as in the batched case.
+// cu[b]. Its states (h0, dh_final, dh0) are state b either way. The gate
+// launch's row pointers start at the sequence's first step (seq_steps), so
+// it indexes steps 0 .. len − 1 as in the batched case; the sweeps index
+// the steps first .. end of the batch row (Sweep::first, Sweep::end).
 struct GradSeq {
     int64_t row_b;  // the batch row of its steps (0 when packed)
     int64_t first;  // its first step in that row
