@@ -101,6 +101,16 @@ pub fn sequence_starts<'c>(dims: &Dims, cu_seqlens: &'c [usize]) -> Result<&'c [
     Ok(&cu_seqlens[1..cu_seqlens.len() - 1])
 }
 
+/// A batched problem's B rows of L steps read as B packed sequences: the
+/// packed dims `[1, B·L, H, *]` (the same buffers, the same memory order)
+/// and cu_seqlens 0, L, .., B·L. The recurrent kernels' packed variants
+/// (`dispatch::Variant::Packed`, the bench's `recurrent-varlen`) run a
+/// batch through their packed launches this way.
+pub(crate) fn rows_as_sequences(dims: &Dims) -> (Dims, Vec<usize>) {
+    let packed = Dims { batch: 1, len: dims.batch * dims.len, ..*dims };
+    (packed, (0..=dims.batch).map(|b| b * dims.len).collect())
+}
+
 /// Writes a reset gate (−∞ + 0i) for every head and channel at the first
 /// step of every sequence but the first, into a packed complex `log_gate`
 /// `[1, L, H, K or 1]`. Validates everything before writing anything.

@@ -672,6 +672,17 @@ pub(crate) enum HostStates<'a> {
     Packed { sequences: usize, h0: Option<&'a [Complex<f32>]> },
 }
 
+impl<'a> HostStates<'a> {
+    /// The initial states of a run of `p` and the dims of its states
+    /// (`p.dims`, or N sequences' of them).
+    fn of(self, p: &Problem<'a, f32>) -> (Option<&'a [Complex<f32>]>, Dims) {
+        match self {
+            HostStates::Batch => (p.h0, p.dims),
+            HostStates::Packed { sequences, h0 } => (h0, Dims { batch: sequences, ..p.dims }),
+        }
+    }
+}
+
 /// [`forward_host`] with the states of `states`: the body of both.
 pub(crate) fn forward_host_states<T: Element>(
     gpu: &Gpu,
@@ -691,10 +702,7 @@ pub(crate) fn forward_host_states<T: Element>(
     p.validate()?;
     p.check_gate()?;
     let d = p.dims;
-    let (h0, state_len) = match states {
-        HostStates::Batch => (p.h0, d.state_len()),
-        HostStates::Packed { sequences, h0 } => (h0, Dims { batch: sequences, ..d }.state_len()),
-    };
+    let (h0, state_dims) = states.of(p);
     let (gate, h0) = (gate_side("log_gate", p.log_gate, real_gates)?, h0.map(|h| gate_side("h0", h, real_gates)));
     let parts = if real_gates { 1 } else { 2 };
     let ws_len = workspace_len(&d)?;
@@ -705,7 +713,7 @@ pub(crate) fn forward_host_states<T: Element>(
     let log_gate = s.clone_htod(&*gate).doing("uploading log_gate")?;
     let h0 = h0.transpose()?.map(|h| s.clone_htod(&*h)).transpose().doing("uploading h0")?;
     let mut y = s.alloc_zeros::<T>(d.v_len()).doing("allocating y")?;
-    let mut h_final = s.alloc_zeros::<f32>(parts * state_len).doing("allocating h_final")?;
+    let mut h_final = s.alloc_zeros::<f32>(parts * state_dims.state_len()).doing("allocating h_final")?;
     let mut ws = (ws_len > 0).then(|| s.alloc_zeros::<f32>(ws_len)).transpose().doing("allocating the workspace")?;
     launch(
         s,
@@ -774,10 +782,7 @@ pub(crate) fn backward_host_states<T: Element>(
     p.validate()?;
     p.check_gate()?;
     let d = p.dims;
-    let (h0, state_dims) = match states {
-        HostStates::Batch => (p.h0, d),
-        HostStates::Packed { sequences, h0 } => (h0, Dims { batch: sequences, ..d }),
-    };
+    let (h0, state_dims) = states.of(p);
     d.check_len("dy", d.v_shape(), dy.len())?;
     if let Some(dh) = dh_final {
         state_dims.check_len("dh_final", state_dims.state_shape(), dh.len())?;

@@ -691,8 +691,7 @@ pub(crate) fn forward_rows_packed_into<T: Element>(
     inputs: DeviceInputs<'_, T>,
     out: DeviceOutputs<'_, T>,
 ) -> Result<(), GpuError> {
-    let packed = Dims { batch: 1, len: dims.batch * dims.len, ..*dims };
-    let cu_seqlens: Vec<usize> = (0..=dims.batch).map(|b| b * dims.len).collect();
+    let (packed, cu_seqlens) = crate::packing::rows_as_sequences(dims);
     varlen(gpu, stream, &packed, &cu_seqlens, config, gates, inputs, out)
 }
 

@@ -569,9 +569,8 @@ pub fn backward_packed_host_as<T: Element>(
     gates: Gates,
 ) -> Result<Grads<f32>, GpuError> {
     p.validate()?;
-    let d = p.dims;
-    let rows = Problem { dims: Dims { batch: 1, len: d.batch * d.len, ..d }, h0: None, ..*p };
-    let cu_seqlens: Vec<usize> = (0..=d.batch).map(|b| b * d.len).collect();
+    let (dims, cu_seqlens) = crate::packing::rows_as_sequences(&p.dims);
+    let rows = Problem { dims, h0: None, ..*p };
     backward_varlen_host_as::<T>(gpu, &rows, &cu_seqlens, p.h0, dy, dh_final, gates)
 }
 
