@@ -86,6 +86,10 @@ __device__ __forceinline__ void chunk_state(const GateloopChunkParams& p) {
     extern __shared__ __align__(128) unsigned char smem[];
     check_shared(p.state_shared_bytes, state_smem_bytes<Op, kComplex>());
     Block<input_t, kComplex> blk(p, smem);
+    if (p.cu_seqlens != nullptr) {
+        blk.at_packed_slot();
+        if (blk.n <= 0) return;  // an empty slot: the whole block, before any barrier
+    }
     // Raw k, the V tile, K̃ [m][col] (read as the column-major A = K̃ᵀ).
     const StateSmem<Op, kComplex> sm(smem, blk.warp);
     float* kraw = sm.raw;
@@ -116,17 +120,28 @@ __device__ __forceinline__ void chunk_state(const GateloopChunkParams& p) {
 
 // ---- 2. carry over the chunks -------------------------------------------------------
 
-template <bool kComplex>
+// kPacked (gateloop_chunk_carry_packed_*, p.cu_seqlens): e.bhi.b is the
+// sequence, its chunks in head h's row from its first slot. A kernel of its
+// own rather than a branch here: the branch took the batched carry from 95
+// to 124 registers (real gates 66 to 107, sm_90), a block fewer per SM for
+// a kernel that hides its loads' latency with resident warps.
+template <bool kComplex, bool kPacked>
 __device__ __forceinline__ void chunk_carry(const GateloopChunkParams& p) {
     const int64_t kv = p.dims.key_dim * p.dims.value_dim;
     StateElement e;
     if (!state_element(p.dims, e)) return;
-    const int64_t nc = p.num_chunks;
+    int64_t nc = p.num_chunks;
     const bool has_h0 = (p.flags & GATELOOP_FLAG_HAS_H0) != 0;
     const int64_t hi0 = state_index(p.h0_strides, e.bhi.b, e.bhi.h, e.row, e.col);
     const int64_t hf = state_index(p.h_final_strides, e.bhi.b, e.bhi.h, e.row, e.col);
-    // Chunk c's rows: re at (c, row), im at (c, K + row).
-    const CarrySlots cs = carry_slots<kComplex ? 2 : 1>(p, p.ws_state, e);
+    // Chunk c's rows: re at (c, row), im at (c, K + row), from e's row of slots.
+    int64_t first_slot = e.bh * nc;
+    if (kPacked) {
+        const int64_t* cu = p.cu_seqlens;
+        first_slot = e.bhi.h * nc + packed_slot_base<kChunk>(cu, e.bhi.b);
+        nc = (cu[e.bhi.b + 1] - cu[e.bhi.b] + kChunk - 1) / kChunk;
+    }
+    const CarrySlots cs = carry_slots<kComplex ? 2 : 1>(p, p.ws_state, e, first_slot);
     const float2 s0 = has_h0 ? load_gate_side<kComplex>(p.h0, hi0) : make_float2(0.f, 0.f);
     store_gate_side<kComplex>(p.h_final, hf, carry_chunks<false, kComplex>(cs, kv, nc, s0));
 }
@@ -165,6 +180,10 @@ __device__ __forceinline__ void chunk_output(const GateloopChunkParams& p) {
     extern __shared__ __align__(128) unsigned char smem[];
     check_shared(p.shared_bytes, output_smem_bytes<Op, kComplex>());
     Block<input_t, kComplex> blk(p, smem);
+    if (p.cu_seqlens != nullptr) {
+        blk.at_packed_slot();
+        if (blk.n <= 0) return;  // an empty slot: the whole block, before any barrier
+    }
     intra_pass<Op, kTerms, false>(blk, smem, p.ws_state, blk.v, p.v_strides,
                                   seq_row_mut<input_t>(p.y, p.y_strides, blk.b, blk.h), p.y_strides);
 }
@@ -255,11 +274,18 @@ static_assert(std::is_same<gateloop::chunk::OpOf<float>::type, gateloop::chunk::
                   std::is_same<gateloop::chunk::OpOf<__nv_bfloat16>::type, gateloop::chunk::OpBf16>::value,
               "the Exact entry points use OpOf's operand types (the backward's)");
 
-extern "C" __global__ void __launch_bounds__(GATELOOP_CHUNK_CARRY_THREADS)
-    gateloop_chunk_carry_c(const GateloopChunkParams p) {
-    gateloop::chunk::chunk_carry<true>(p);
-}
-extern "C" __global__ void __launch_bounds__(GATELOOP_CHUNK_CARRY_THREADS)
-    gateloop_chunk_carry_r(const GateloopChunkParams p) {
-    gateloop::chunk::chunk_carry<false>(p);
-}
+// gateloop_chunk_carry_{c,r}, and gateloop_chunk_carry_packed_{c,r} for
+// packed sequences (p.cu_seqlens non-NULL). BOUNDS: the __launch_bounds__
+// arguments. The packed carry's loop bound is its sequence's, no longer
+// the constant num_chunks, and unbounded it took 156 registers (sm_90), one
+// block an SM: 2 blocks an SM cap it at 128, spill-free on sm_80 and sm_90.
+// (The batched carry keeps its bounds as they were: written as (256, 1)
+// ptxas gave it 109 registers instead of 95.)
+#define GATELOOP_CHUNK_CARRY_ENTRY(NAME, CPLX, PACKED, BOUNDS)                   \
+    extern "C" __global__ void __launch_bounds__ BOUNDS NAME(const GateloopChunkParams p) { \
+        gateloop::chunk::chunk_carry<CPLX, PACKED>(p);                           \
+    }
+GATELOOP_CHUNK_CARRY_ENTRY(gateloop_chunk_carry_c, true, false, (GATELOOP_CHUNK_CARRY_THREADS))
+GATELOOP_CHUNK_CARRY_ENTRY(gateloop_chunk_carry_r, false, false, (GATELOOP_CHUNK_CARRY_THREADS))
+GATELOOP_CHUNK_CARRY_ENTRY(gateloop_chunk_carry_packed_c, true, true, (GATELOOP_CHUNK_CARRY_THREADS, 2))
+GATELOOP_CHUNK_CARRY_ENTRY(gateloop_chunk_carry_packed_r, false, true, (GATELOOP_CHUNK_CARRY_THREADS, 2))

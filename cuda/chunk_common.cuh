@@ -155,8 +155,10 @@ __device__ __forceinline__ float reduce_2pi(float x) {
 // Where the carry of state element e finds its chunks: slot c of a
 // [B·H, num_chunks, kParts·K, V] workspace `ws` (the real part; the imaginary
 // part kv further) and the chunk's decay in ws_decay [B·H, num_chunks,
-// gate_dim, kParts] (channel 0 for a per-head gate). Shared by the forward
-// carry (ws_state) and the adjoint carry (ws_adj).
+// gate_dim, kParts] (channel 0 for a per-head gate), counted from slot
+// `first_slot` of the workspace (e.bh · num_chunks; packed sequences: their
+// head's row, from the sequence's first slot). Shared by the forward carry
+// (ws_state) and the adjoint carry (ws_adj).
 struct CarrySlots {
     float* re;
     const float* dec;
@@ -164,17 +166,21 @@ struct CarrySlots {
     int64_t dec_stride;    // f32 between a chunk's decay and the next's
 };
 template <int kParts>
-__device__ __forceinline__ CarrySlots carry_slots(const GateloopChunkParams& p, float* ws, const StateElement& e) {
+__device__ __forceinline__ CarrySlots carry_slots(const GateloopChunkParams& p, float* ws, const StateElement& e,
+                                                  int64_t first_slot) {
     const int64_t kv = p.dims.key_dim * p.dims.value_dim;
-    const int64_t nc = p.num_chunks;
     const int64_t gd = p.dims.gate_dim;
     const int64_t ch = gd == 1 ? 0 : e.row;
     CarrySlots s;
     s.chunk_stride = kParts * kv;
-    s.re = ws + e.bh * nc * s.chunk_stride + e.row * p.dims.value_dim + e.col;
-    s.dec = p.ws_decay + (e.bh * nc * gd + ch) * kParts;
+    s.re = ws + first_slot * s.chunk_stride + e.row * p.dims.value_dim + e.col;
+    s.dec = p.ws_decay + (first_slot * gd + ch) * kParts;
     s.dec_stride = gd * kParts;
     return s;
+}
+template <int kParts>
+__device__ __forceinline__ CarrySlots carry_slots(const GateloopChunkParams& p, float* ws, const StateElement& e) {
+    return carry_slots<kParts>(p, ws, e, e.bh * p.num_chunks);
 }
 
 // The exclusive carry of one state element over a head's chunks: launch 2
@@ -383,8 +389,24 @@ struct Block {
         n = static_cast<int>(min(static_cast<int64_t>(kChunk), p.dims.len - t0));
     }
 
+    // Packed sequences (p.cu_seqlens, the ABI header; the forward's state
+    // and output grids only): moves the block from slot `chunk` of its
+    // head's row to the chunk of the sequence whose slots hold it, t0 and
+    // n counted from the sequence's first step (n = 0: an empty slot, past
+    // the sequence's chunks; its block returns). The rest is already the
+    // packed layout's: the grid's (b, h) index runs over the H heads, so
+    // b = 0 (the one batch row: the row pointers) and bh = h, whose
+    // workspace row the (bh, chunk) slot indexes.
+    __device__ __forceinline__ void at_packed_slot() {
+        const int64_t* cu = p.cu_seqlens;
+        const int64_t s = packed_sequence_of<kChunk>(cu, p.dims.batch, chunk);
+        const int64_t end = cu[s + 1];
+        t0 = cu[s] + (chunk - packed_slot_base<kChunk>(cu, s)) * kChunk;
+        n = t0 < end ? static_cast<int>(min(static_cast<int64_t>(kChunk), end - t0)) : 0;
+    }
+
     // Steps of the chunk kAhead chunks from this one (kAhead = ±1; ≤ 0 where
-    // there is none).
+    // there is none; the walks only, which run batched).
     template <int kAhead>
     __device__ __forceinline__ int ahead_steps() const {
         static_assert(kAhead == -1 || kAhead == 1, "the next or the previous chunk");

@@ -271,6 +271,31 @@ __device__ __forceinline__ BatchHead batch_head(int64_t bh, int64_t heads) {
     return BatchHead{bh / heads, bh % heads};
 }
 
+// Packed variable-length sequences (cu_seqlens, the ABI header) cut into
+// slots of kSlotLen steps per head (the recurrent backward's checkpoint
+// segments, the chunked forward's chunks), each sequence's slots counted
+// from its first step: sequence b's first slot is ⌊cu[b] / kSlotLen⌋ + b.
+// It needs ⌈len_b / kSlotLen⌉ ≤ ⌊len_b / kSlotLen⌋ + 1 slots, and the next
+// sequence's base is ⌊cu[b + 1] / kSlotLen⌋ − ⌊cu[b] / kSlotLen⌋ + 1 ≥
+// ⌊len_b / kSlotLen⌋ + 1 further, so no two sequences share a slot; the
+// last ends by ⌊L / kSlotLen⌋ + N slots (the plans' count when packed).
+template <int kSlotLen>
+__device__ __forceinline__ int64_t packed_slot_base(const int64_t* cu, int64_t b) {
+    return cu[b] / kSlotLen + b;
+}
+// The sequence of N whose slots hold `slot`: the last b with base(b) ≤ slot
+// (a binary search; the slot may lie past that sequence's last step: an
+// empty slot, which the caller recognizes).
+template <int kSlotLen>
+__device__ __forceinline__ int64_t packed_sequence_of(const int64_t* cu, int64_t sequences, int64_t slot) {
+    int64_t lo = 0, hi = sequences - 1;
+    while (lo < hi) {
+        const int64_t mid = (lo + hi + 1) / 2;
+        if (packed_slot_base<kSlotLen>(cu, mid) <= slot) lo = mid; else hi = mid - 1;
+    }
+    return lo;
+}
+
 // The state element [bh][row][col] of a [B·H, K, V] state that thread
 // (blockIdx.x, threadIdx.x) of a one-thread-per-element launch owns (the
 // carry kernels of scan, chunked and their backwards); false past the end.

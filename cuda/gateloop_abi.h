@@ -400,6 +400,22 @@ GATELOOP_ABI_ASSERT(sizeof(GateloopSelftestMmaParams) == 32, "GateloopSelftestMm
  * Workspaces (f32, contiguous):
  *   ws_decay [B·H, num_chunks, gate_dim, parts], ws_state [B·H, num_chunks, parts·K, V].
  * key_dim ≤ CHUNK_MAX_KEY_DIM.
+ *
+ * Packed variable-length sequences (cu_seqlens non-NULL, the forward only;
+ * the backward's embedded `fwd` has it NULL): dims.batch = N sequences packed
+ * along time into batch row 0 of q, k, v, log_gate and y ([1, dims.len, H,
+ * D]; sequence b is steps cu_seqlens[b] .. cu_seqlens[b + 1], the host
+ * checked that the offsets rise strictly from 0 to dims.len), starting from
+ * state b of h0 (or 0) and ending in state b of h_final ([N, H, K, V]). Its
+ * chunks start at its first step; chunk c of sequence b is slot
+ * ⌊cu_seqlens[b] / CHUNK_LEN⌋ + b + c of head h's row of the workspaces
+ * (packed_slot_base in cuda/common.cuh: no two sequences share a slot), so
+ * num_chunks = ⌊dims.len / CHUNK_LEN⌋ + N slots and the workspaces are
+ * [H, num_chunks, ...]. The state and output grids run (h, slot, value
+ * tile): a slot past its sequence's last chunk is an empty block, which
+ * returns; the carry, gateloop_chunk_carry_packed_{g} (same grid), runs
+ * (b, h, key row, value column) as batched, b the sequence.
+ * gateloop_chunk_state_seq takes batched problems only.
  */
 #define GATELOOP_CHUNK_LEN 64
 #define GATELOOP_CHUNK_SUB_LEN 16
@@ -426,6 +442,7 @@ typedef struct GateloopChunkParams {
     /* Workspaces (device pointers). */
     float *ws_decay;      /* [B·H, num_chunks, gate_dim, parts] f32 */
     float *ws_state;      /* [B·H, num_chunks, parts·K, V] f32 */
+    const int64_t *cu_seqlens; /* [B + 1] step offsets of packed sequences, or NULL (above) */
 
     GateloopDims dims;
     GateloopSeqStrides q_strides;
@@ -443,7 +460,7 @@ typedef struct GateloopChunkParams {
     int32_t shared_bytes;       /* dynamic shared memory of the output kernel */
     int32_t state_shared_bytes; /* dynamic shared memory of the state kernel (or of state_seq) */
 } GateloopChunkParams;
-GATELOOP_ABI_ASSERT(sizeof(GateloopChunkParams) == 72 + 48 + 5 * 24 + 2 * 24 + 8 + 2 * 8 + 8,
+GATELOOP_ABI_ASSERT(sizeof(GateloopChunkParams) == 80 + 48 + 5 * 24 + 2 * 24 + 8 + 2 * 8 + 8,
                     "GateloopChunkParams layout");
 
 /*
@@ -503,7 +520,7 @@ typedef struct GateloopChunkGradParams {
     int32_t qk_shared_bytes;   /* dynamic shared memory of grad_qk */
     int32_t dv_shared_bytes;   /* dynamic shared memory of grad_dv */
 } GateloopChunkGradParams;
-GATELOOP_ABI_ASSERT(sizeof(GateloopChunkGradParams) == 320 + 8 * 8 + 5 * 24 + 2 * 24 + 16,
+GATELOOP_ABI_ASSERT(sizeof(GateloopChunkGradParams) == 328 + 8 * 8 + 5 * 24 + 2 * 24 + 16,
                     "GateloopChunkGradParams layout");
 
 /*

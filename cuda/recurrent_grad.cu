@@ -160,12 +160,11 @@ struct GradSeq {
     int64_t seg0;   // its first checkpoint slot in that row
 };
 
-// Packed sequence b's first checkpoint slot. It needs ⌈len_b / 64⌉ ≤
-// ⌊len_b / 64⌋ + 1 slots, and the next sequence's base is ⌊cu[b + 1] / 64⌋ −
-// ⌊cu[b] / 64⌋ + 1 ≥ ⌊len_b / 64⌋ + 1 further, so no two sequences share a
-// slot; the last ends by ⌊L / 64⌋ + N, the plan's `segments` when packed.
+// Packed sequence b's first checkpoint slot (packed_slot_base in common.cuh:
+// no two sequences share a slot; ⌊L / 64⌋ + N slots, the plan's `segments`
+// when packed).
 __device__ __forceinline__ int64_t packed_segment_base(const int64_t* cu, int64_t b) {
-    return cu[b] / kSegment + b;
+    return packed_slot_base<kSegment>(cu, b);
 }
 
 __device__ __forceinline__ GradSeq grad_seq(const GateloopRecurrentParams& p, int64_t b, int64_t h) {
@@ -559,13 +558,9 @@ __device__ __forceinline__ void grad_gate(const GateloopRecurrentGradParams& g) 
     if (p.cu_seqlens == nullptr) {
         bhi = batch_head(blk, p.dims.heads);
     } else {
-        int64_t lo = 0, hi = p.dims.batch - 1;  // the last b with base(b) ≤ slot
-        while (lo < hi) {
-            const int64_t mid = (lo + hi + 1) / 2;
-            if (packed_segment_base(p.cu_seqlens, mid) <= slot) lo = mid; else hi = mid - 1;
-        }
-        bhi = BatchHead{lo, blk};
-        seg = slot - packed_segment_base(p.cu_seqlens, lo);
+        const int64_t b = packed_sequence_of<kSegment>(p.cu_seqlens, p.dims.batch, slot);
+        bhi = BatchHead{b, blk};
+        seg = slot - packed_segment_base(p.cu_seqlens, b);
     }
     const GradSeq sq = grad_seq(p, bhi.b, bhi.h);
     const int64_t key_dim = p.dims.key_dim, value_dim = p.dims.value_dim, len = sq.len;

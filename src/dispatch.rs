@@ -104,11 +104,12 @@ pub enum Variant {
     /// Recurrent forward: four state rows a thread, twice the warps a block
     /// at K = 64 ([`cuda::recurrent::RecurrentRows::Four`]).
     Rows4,
-    /// Recurrent forward and backward through the packed launches: the B
-    /// batch rows as B packed sequences in one row
+    /// Recurrent forward and backward, chunked forward, through the packed
+    /// launches: the B batch rows as B packed sequences in one row
     /// ([`cuda::recurrent::forward_packed_host_as`], `forward_varlen_into`'s
     /// path; [`cuda::recurrent_grad::backward_packed_host_as`],
-    /// `backward_varlen_into`'s), the batched launches' answers bit for bit.
+    /// `backward_varlen_into`'s; [`cuda::chunk::forward_packed_host_as`]),
+    /// the batched launches' answers bit for bit.
     Packed,
 }
 
@@ -142,7 +143,7 @@ impl Variant {
             Variant::Sequential => mode == Mode::Chunked,
             Variant::Fragments => mode == Mode::Chunked && !grad && dtype != cuda::Dtype::F32,
             Variant::Ahead | Variant::Rows4 => mode == Mode::Recurrent && !grad,
-            Variant::Packed => mode == Mode::Recurrent,
+            Variant::Packed => mode == Mode::Recurrent || (mode == Mode::Chunked && !grad),
         }
     }
 
@@ -158,7 +159,7 @@ impl Variant {
                 mode.name(),
                 names.join(", ")
             ),
-            why: "sequential is chunked's (forward and backward), fragments the chunked forward's for f16/bf16, ahead and rows4 the recurrent forward's, packed the recurrent forward's and backward's",
+            why: "sequential is chunked's (forward and backward), fragments the chunked forward's for f16/bf16, ahead and rows4 the recurrent forward's, packed the recurrent forward's and backward's and the chunked forward's",
         }
     }
 
@@ -300,6 +301,9 @@ pub fn cuda_variant_as<T: Element>(
         Mode::Recurrent => cuda::recurrent::forward_host_with::<T>(gpu, p, variant.recurrent_config()),
         Mode::Scan => cuda::scan::forward_host_as::<T>(gpu, p),
         Mode::Attention => cuda::attention::forward_host_as::<T>(gpu, p),
+        Mode::Chunked if variant == Variant::Packed => {
+            cuda::chunk::forward_packed_host_as::<T>(gpu, p, config, gates(real_gates(p, None)))
+        }
         Mode::Chunked if real_gates(p, None) => cuda::chunk::forward_real_host_as::<T>(gpu, p, config),
         Mode::Chunked => cuda::chunk::forward_host_as::<T>(gpu, p, config),
     }
@@ -322,9 +326,12 @@ pub fn cuda_variant_in(
 /// `[N, H, K, V]`; y `[1, L, H, V]`, h_final `[N, H, K, V]`) on the GPU with
 /// `mode`'s kernel in `T`: the recurrent mode in one launch
 /// ([`cuda::recurrent::forward_varlen_host_as`], real-gate kernel when the
-/// gates and states are real), the others one host run per sequence
-/// ([`cuda_variant_as`] on each). The same answer either way: the recurrent
-/// kernel computes a packed sequence bit for bit as it computes it alone.
+/// gates and states are real), the chunked mode in one launch of each of its
+/// kernels ([`cuda::chunk::forward_varlen_host_as`]; its `sequential`
+/// variant, whose walking kernel runs batched problems only, one run per
+/// sequence), the others one host run per sequence ([`cuda_variant_as`] on
+/// each). The same answer either way: the recurrent and chunked kernels
+/// compute a packed sequence bit for bit as they compute it alone.
 pub fn cuda_varlen_as<T: Element>(
     gpu: &Gpu,
     mode: Mode,
@@ -340,6 +347,10 @@ pub fn cuda_varlen_as<T: Element>(
         Mode::Recurrent => {
             let gates = gates(real_gates_with(p, h0, None));
             cuda::recurrent::forward_varlen_host_as::<T>(gpu, p, cu_seqlens, h0, variant.recurrent_config(), gates)
+        }
+        Mode::Chunked if variant != Variant::Sequential => {
+            let gates = gates(real_gates_with(p, h0, None));
+            cuda::chunk::forward_varlen_host_as::<T>(gpu, p, cu_seqlens, h0, variant.chunk_config(), gates)
         }
         _ => crate::packing::forward_varlen(p, cu_seqlens, h0, |s| cuda_variant_as::<T>(gpu, mode, variant, s)),
     }
@@ -524,7 +535,7 @@ mod tests {
     /// Where each kernel variant exists: sequential for chunked forward and
     /// backward in every dtype, fragments for the chunked forward in 16 bits,
     /// ahead and rows4 for the recurrent forward, packed for its forward and
-    /// backward; names round-trip.
+    /// backward and the chunked forward; names round-trip.
     #[test]
     fn variants_exist_where_their_kernels_do() {
         use cuda::Dtype;
@@ -538,7 +549,7 @@ mod tests {
                             Variant::Sequential => m == Mode::Chunked,
                             Variant::Fragments => m == Mode::Chunked && !grad && t != Dtype::F32,
                             Variant::Ahead | Variant::Rows4 => m == Mode::Recurrent && !grad,
-                            Variant::Packed => m == Mode::Recurrent,
+                            Variant::Packed => m == Mode::Recurrent || (m == Mode::Chunked && !grad),
                         };
                         assert_eq!(v.applies(m, t, grad), want, "{} {} {t} grad={grad}", v.name(), m.name());
                     }
@@ -547,7 +558,7 @@ mod tests {
         }
         assert_eq!(Variant::parse("staged"), None);
         let e = Variant::Fragments.unavailable(Mode::Chunked, Dtype::F32, false).to_string();
-        assert!(e.contains("fragments for the chunked forward in f32 (available: default, sequential)"), "{e}");
+        assert!(e.contains("fragments for the chunked forward in f32 (available: default, sequential, packed)"), "{e}");
     }
 
     /// Real gates: every Im of log_gate, h0 and dh_final (those given) is 0

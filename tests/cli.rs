@@ -516,7 +516,7 @@ fn kernel_variants_run_where_they_exist_and_are_refused_elsewhere() {
         ("scan", "ahead", "available: default)"),
         ("recurrent", "sequential", "available: default, ahead, rows4, packed)"),
         // The fragment output kernel takes 16-bit inputs only.
-        ("chunked", "fragments", "available: default, sequential)"),
+        ("chunked", "fragments", "available: default, sequential, packed)"),
     ] {
         let o = run(mode, "cuda", variant);
         assert_eq!(o.status.code(), Some(2), "{mode} {variant}: {}", stderr(&o));
@@ -532,6 +532,7 @@ fn kernel_variants_run_where_they_exist_and_are_refused_elsewhere() {
         ("recurrent", "ahead"),
         ("recurrent", "rows4"),
         ("recurrent", "packed"),
+        ("chunked", "packed"),
         ("chunked", "default"),
     ] {
         let o = run(mode, "cuda", variant);

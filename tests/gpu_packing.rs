@@ -9,10 +9,11 @@
 //! f32 bounds, relative L2 ≤ 1e-4, max-abs ≤ 1e-3 · max|ref|). Resets written
 //! on the device equal those written on the host, bit for bit, and bad
 //! arguments are refused before anything is written. The recurrence's
-//! packed launch (a state per sequence) equals each sequence alone (on
-//! device buffers, and from host data through `dispatch::cuda_varlen_as`,
-//! the CLI's path for packed files) and, as `dispatch::Variant::Packed`,
-//! the batched launch, bit for bit.
+//! packed launches (a state per sequence: the recurrent forward and
+//! backward, the chunked forward) equal each sequence alone (on device
+//! buffers, and from host data through `dispatch::cuda_varlen_as`, the
+//! CLI's path for packed files) and, as `dispatch::Variant::Packed`, the
+//! batched launches, bit for bit.
 //!
 //! Without a usable GPU every test prints `SKIPPED (no GPU): <reason>` and
 //! passes (`GATELOOP_REQUIRE_GPU=1` makes that a failure).
@@ -287,8 +288,9 @@ fn varlen<T: Element>(gpu: &Gpu) {
 }
 
 /// `dispatch::Variant::Packed` (the B batch rows as B packed sequences,
-/// `forward_varlen_into`'s launch and `backward_varlen_into`'s, which the
-/// fuzzer runs as targets) gives the batched launch's y and h_final, and
+/// the recurrent `forward_varlen_into`'s launch and `backward_varlen_into`'s,
+/// the chunked `forward_varlen_into`'s, which the fuzzer runs as targets)
+/// gives the batched launches' y and h_final, and
 /// the batched backward's gradients, bit for bit: B = 3 rows of L steps,
 /// L around the tile and chunk lengths, complex and real gates, per-channel
 /// and per-head, with and without h0, f32 and bf16.
@@ -314,15 +316,18 @@ fn packed_variant<T: Element>(gpu: &Gpu) {
             let p = if real { common::real_gates(p) } else { p };
             let p = dtype_support::rounded_to::<T>(&p).map(|x| x as f32);
             let label = format!("{} L={len} {regime:?} per_head={per_head} h0={with_h0} real={real}", T::DTYPE);
-            let run = |v| dispatch::cuda_variant_as::<T>(gpu, Mode::Recurrent, v, &p.view());
-            let (batched, packed) = (run(Variant::Default).unwrap(), run(Variant::Packed).unwrap());
-            assert!(bits(&packed.y) == bits(&batched.y), "{label}: y differs from the batched launch's");
             let flat = |h: &[Complex<f32>]| h.iter().flat_map(|z| [z.re, z.im]).collect::<Vec<_>>();
-            assert!(
-                bits(&flat(&packed.h_final)) == bits(&flat(&batched.h_final)),
-                "{label}: h_final differs from the batched launch's"
-            );
-            assert!(packed.y.iter().all(|x| x.is_finite()), "{label}: y not finite");
+            // The recurrent and the chunked forward.
+            for mode in [Mode::Recurrent, Mode::Chunked] {
+                let run = |v| dispatch::cuda_variant_as::<T>(gpu, mode, v, &p.view());
+                let (batched, packed) = (run(Variant::Default).unwrap(), run(Variant::Packed).unwrap());
+                assert!(bits(&packed.y) == bits(&batched.y), "{label} {mode:?}: y differs from the batched launch's");
+                assert!(
+                    bits(&flat(&packed.h_final)) == bits(&flat(&batched.h_final)),
+                    "{label} {mode:?}: h_final differs from the batched launch's"
+                );
+                assert!(packed.y.iter().all(|x| x.is_finite()), "{label} {mode:?}: y not finite");
+            }
             // The backward too (backward_varlen_into's launches).
             let dy: Vec<f32> = (0..p.dims.v_len()).map(|i| T::from_f32((0.37 * i as f32).sin()).to_f32()).collect();
             let dh_final: Vec<Complex<f32>> = (0..p.dims.state_len())
@@ -424,8 +429,8 @@ fn packed_host<R>(
 /// `dispatch::cuda_varlen_as`, the CLI's GPU path for packed files: the
 /// recurrent mode in one launch, the default launch's bits on each sequence
 /// alone (the real-gate kernel when gates and states are real; the complex
-/// one when only the states are complex); the chunked mode one run per
-/// sequence, the same bits as each alone. A packed problem that carries an
+/// one when only the states are complex); the chunked mode in one launch of
+/// each kernel too, the same bits as each alone. A packed problem that carries an
 /// h0 of its own, or states for the wrong N, is refused by name.
 #[test]
 fn dispatched_varlen_equals_each_sequence_alone() {
@@ -848,6 +853,178 @@ fn varlen_backward<T: Element>(gpu: &Gpu, seed: u64) {
                 "{label}: a refused call wrote dq"
             );
             assert!(s.clone_dtoh(&dg2).unwrap().iter().all(|x| x.is_nan()), "{label}: a refused call wrote dlog_gate");
+        }
+    }
+}
+
+/// The chunked forward's packed launch (`chunk::forward_varlen_into`, a
+/// state per sequence, every sequence's chunks from its first step): drawn
+/// packings (1–5 sequences of 1–200 steps, so one to four chunks of 64 and
+/// boundaries anywhere inside them, K up to 64, V up to 65, every gate
+/// regime, per-head or not, real or complex, with or without h0), f32 and
+/// bf16, every launch choice it takes (exact and fast products, the separate
+/// carry, the staged output and, for bf16, the register-fragment one), into
+/// NaN-poisoned y, h_final and workspace: y and h_final bit for bit the
+/// chunked forward's on each sequence alone with the same choices, and
+/// within the chunked bounds of the f64 reference; from host data
+/// (`forward_varlen_host_as`, the CLI's path) too. Bad offsets, the
+/// sequential carry, a state for the wrong N and a short workspace are
+/// refused by name, nothing written.
+#[test]
+fn chunked_varlen_equals_each_sequence_alone() {
+    let Some(gpu) = common::gpu_or_skip() else { return };
+    chunked_varlen::<f32>(gpu, 9970);
+    chunked_varlen::<bf16>(gpu, 9980);
+}
+
+fn chunked_varlen<T: Element>(gpu: &Gpu, seed: u64) {
+    use gateloop::cuda::chunk::{self, ChunkCarry, ChunkConfig, ChunkOutput};
+    use gateloop::cuda::{DeviceInputs, DeviceOutputs, Dtype};
+    use rand::rngs::StdRng;
+    use rand::{Rng, SeedableRng};
+    let mut rng = StdRng::seed_from_u64(seed);
+    let s = gpu.context().new_stream().unwrap();
+    let bits = |x: &[f32]| x.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+    let flat = |h: &[Complex<f32>]| h.iter().flat_map(|z| [z.re, z.im]).collect::<Vec<_>>();
+    for draw in 0..10u64 {
+        let dr = DrawnPacking::draw(&mut rng, 5, 64, &[1, 7, 40, 65]);
+        let DrawnPacking { ref lens, heads, kd, vd, per_head, real, with_h0, regime } = dr;
+        let n = lens.len();
+        let precision = if rng.random_bool(0.5) { ChunkPrecision::Fast } else { ChunkPrecision::Exact };
+        let carry = if rng.random_bool(0.5) { ChunkCarry::Separate } else { ChunkCarry::Auto };
+        let output =
+            if T::DTYPE != Dtype::F32 && rng.random_bool(0.5) { ChunkOutput::Fragments } else { ChunkOutput::Staged };
+        let config = ChunkConfig { precision, carry, output };
+        let gates = if real { Gates::Real } else { Gates::Complex };
+        let label = format!(
+            "{} draw {draw}: lens {lens:?} H={heads} K={kd} V={vd} per_head={per_head} real={real} h0={with_h0} \
+             {regime:?} {config:?}",
+            T::DTYPE
+        );
+        let parts = dr.parts::<T>(seed + 100 * draw);
+        let cu = offsets(lens);
+        let d = dims(1, cu[n], heads, kd, vd, per_head);
+        let DevicePacked { q, k, v, g, h0 } = DevicePacked::<T>::upload(&s, &parts, real);
+        let state_floats = if real { 1 } else { 2 } * n * heads * kd * vd;
+        let ws_len = chunk::plan_varlen(&d, &cu, T::DTYPE, gates, carry).unwrap().workspace_len;
+        let mut y = s.clone_htod(&vec![T::nan(); d.v_len()]).unwrap();
+        let mut h = s.clone_htod(&vec![f32::NAN; state_floats]).unwrap();
+        let mut ws = s.clone_htod(&vec![f32::NAN; ws_len]).unwrap();
+        let run = if real { chunk::forward_varlen_real_into::<T> } else { chunk::forward_varlen_into::<T> };
+        let inputs = || DeviceInputs { q: &q, k: &k, v: &v, log_gate: &g, h0: h0.as_ref().map(|h| h as _) };
+        run(gpu, &s, &d, &cu, inputs(), DeviceOutputs { y: &mut y, h_final: &mut h }, Some(&mut ws), config)
+            .unwrap_or_else(|e| panic!("{label}: {e}"));
+        let y: Vec<f32> = s.clone_dtoh(&y).unwrap().into_iter().map(|x| x.to_f32()).collect();
+        let h = common::from_gate_side(&s.clone_dtoh(&h).unwrap(), real);
+
+        // Each sequence alone, the same choices: the same bits.
+        let (mut y_alone, mut h_alone) = (Vec::new(), Vec::new());
+        for (i, p) in parts.iter().enumerate() {
+            let o = if real {
+                chunk::forward_real_host_as::<T>(gpu, &p.view(), config)
+            } else {
+                chunk::forward_host_as::<T>(gpu, &p.view(), config)
+            }
+            .unwrap_or_else(|e| panic!("{label}: alone {i}: {e}"));
+            y_alone.extend(o.y);
+            h_alone.extend(o.h_final);
+        }
+        assert!(bits(&y) == bits(&y_alone), "{label}: y differs from the sequences alone");
+        assert!(bits(&flat(&h)) == bits(&flat(&h_alone)), "{label}: h_final differs from the sequences alone");
+        // And the reference, sequence by sequence.
+        let want: Vec<_> =
+            parts.iter().map(|p| gateloop::reference::recurrent::forward(&p.map(f64::from).view()).unwrap()).collect();
+        let y_ref: Vec<f64> = want.iter().flat_map(|o| o.y.clone()).collect();
+        let h_ref: Vec<Complex<f64>> = want.iter().flat_map(|o| o.h_final.clone()).collect();
+        let (yb, hb) = chunk_bounds(T::DTYPE, precision);
+        common::assert_within(&label, "y", &gateloop::compare(&y, &y_ref), yb.0, yb.1);
+        common::assert_within(&label, "h_final", &gateloop::compare_complex(&h, &h_ref), hb.0, hb.1);
+
+        // From host data: the same launches, the same bits.
+        let host =
+            packed_host(&parts, with_h0, |p, h0| chunk::forward_varlen_host_as::<T>(gpu, p, &cu, h0, config, gates))
+                .unwrap_or_else(|e| panic!("{label}: host: {e}"));
+        assert!(bits(&host.y) == bits(&y_alone), "{label}: host y differs from the sequences alone");
+        assert!(bits(&flat(&host.h_final)) == bits(&flat(&h_alone)), "{label}: host h_final differs");
+
+        // Refused, by name, nothing written: offsets that miss L; the
+        // sequential carry; h_final for one sequence too few; a workspace
+        // one f32 short.
+        if draw < 2 {
+            let mut bad_cu = cu.clone();
+            bad_cu[n] += 1;
+            let mut y2 = s.clone_htod(&vec![T::nan(); d.v_len()]).unwrap();
+            let mut h2 = s.clone_htod(&vec![f32::NAN; state_floats]).unwrap();
+            let mut short_h = s.clone_htod(&vec![f32::NAN; state_floats / n * (n - 1)]).unwrap();
+            let mut short_ws = s.clone_htod(&vec![f32::NAN; ws_len - 1]).unwrap();
+            let sequential = ChunkConfig { carry: ChunkCarry::Sequential, ..config };
+            let cases = [
+                (
+                    "cu_seqlens",
+                    run(
+                        gpu,
+                        &s,
+                        &d,
+                        &bad_cu,
+                        inputs(),
+                        DeviceOutputs { y: &mut y2, h_final: &mut h2 },
+                        Some(&mut ws),
+                        config,
+                    ),
+                ),
+                (
+                    "carry",
+                    run(
+                        gpu,
+                        &s,
+                        &d,
+                        &cu,
+                        inputs(),
+                        DeviceOutputs { y: &mut y2, h_final: &mut h2 },
+                        Some(&mut ws),
+                        sequential,
+                    ),
+                ),
+                (
+                    "h_final",
+                    run(
+                        gpu,
+                        &s,
+                        &d,
+                        &cu,
+                        inputs(),
+                        DeviceOutputs { y: &mut y2, h_final: &mut short_h },
+                        Some(&mut ws),
+                        config,
+                    ),
+                ),
+                (
+                    "workspace",
+                    run(
+                        gpu,
+                        &s,
+                        &d,
+                        &cu,
+                        inputs(),
+                        DeviceOutputs { y: &mut y2, h_final: &mut h2 },
+                        Some(&mut short_ws),
+                        config,
+                    ),
+                ),
+            ];
+            for (name, r) in cases {
+                let named = match &r {
+                    Err(GpuError::Input(
+                        InputError::Value { name: got, .. }
+                        | InputError::Length { name: got, .. }
+                        | InputError::Param { name: got, .. },
+                    )) => *got == name,
+                    _ => false,
+                };
+                assert!(named, "{label}: expected a refusal naming {name}: {r:?}");
+            }
+            assert!(s.clone_dtoh(&y2).unwrap().iter().all(|x| x.to_f32().is_nan()), "{label}: a refused call wrote y");
+            assert!(s.clone_dtoh(&h2).unwrap().iter().all(|x| x.is_nan()), "{label}: a refused call wrote h_final");
         }
     }
 }

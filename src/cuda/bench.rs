@@ -482,6 +482,27 @@ pub fn registry() -> Vec<KernelEntry> {
             tuning: false,
         },
         KernelEntry {
+            name: "chunked-varlen",
+            about: "chunked forward, complex gates, exact, of the B sequences packed into one row \
+                    (forward_varlen_into, cu_seqlens = 0, L, .., B·L; the offsets uploaded each call; the \
+                    separate carry, the packed launch's): chunked's problem and bits through the packed path",
+            dtypes: &[Dtype::F32, Dtype::Bf16],
+            shapes: varlen_shapes,
+            check: |d| chunk::rows_packed_plan(d, Dtype::F32, Gates::Complex, ChunkCarry::Auto).map(|_| ()),
+            cost: |d, t| chunked_cost_with(d, t, Gates::Complex, ChunkCarry::Separate),
+            prepare: |gpu, d, t, host, sets| {
+                crate::with_element!(t, T => {
+                    let ws = chunk::rows_packed_plan(&d, T::DTYPE, Gates::Complex, ChunkCarry::Auto)?.workspace_len;
+                    let launch: ForwardFn<T> = |g, _s, d, i, o, w| {
+                        // The bench launches on the Gpu's stream (ForwardCase), which the packed launch takes as its Arc.
+                        chunk::forward_rows_packed_into(g, g.stream(), d, i, o, w, ChunkConfig::default(), Gates::Complex)
+                    };
+                    prepare_forward::<T>(gpu, d, host, sets, Gates::Complex, ws, launch)
+                })
+            },
+            tuning: false,
+        },
+        KernelEntry {
             name: "chunked-sequential",
             about: "chunked forward, complex gates, exact, the sequential carry forced; beside chunked-separate \
                     over these shapes (sequential grid 32 to 528 blocks, B·H·L ≈ 2^19) it sets SEQUENTIAL_MIN_BLOCKS",

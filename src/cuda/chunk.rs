@@ -74,6 +74,18 @@
 //! h0 / h_final `[B, H, K, V]` are REAL f32 (half the bytes), the GEMMs have
 //! inner dimension K.
 //!
+//! # Packed sequences
+//!
+//! [`forward_varlen_into`] (and [`forward_varlen_real_into`]) runs packed
+//! variable-length sequences (fla's `cu_seqlens`) each from its own h0 to
+//! its own h_final, one launch of each kernel: every sequence's chunks start
+//! at its first step, so no chunk straddles two sequences and each is
+//! computed as it is alone, bit for bit. A head's sequences share one row of
+//! ⌊L/64⌋ + N chunk slots ([`plan_varlen`]); the state and output blocks
+//! find their sequence by a binary search over the slot bases, the carry
+//! (`gateloop_chunk_carry_packed_*`) walks each sequence's slots. The
+//! sequential carry's walking kernel runs batched problems only.
+//!
 //! Limits: key_dim ≤ [`MAX_KEY_DIM`] (the blocks walk the key channels in
 //! slabs of 16, so the bound only caps a block's serial work); any value_dim
 //! (tiles of 64 columns). Shared memory per block is above the 48 KiB
@@ -87,7 +99,9 @@
 use cudarc::driver::sys::{CUdevice_attribute, CUfunction_attribute};
 use std::sync::Arc;
 
-use cudarc::driver::{CudaContext, CudaFunction, CudaModule, CudaStream, DevicePtrMut, LaunchConfig, PushKernelArg};
+use cudarc::driver::{
+    CudaContext, CudaFunction, CudaModule, CudaStream, DevicePtr, DevicePtrMut, LaunchConfig, PushKernelArg,
+};
 
 use super::abi::{self, GateloopChunkParams};
 use super::element::{Dtype, Element};
@@ -326,17 +340,21 @@ pub fn sequential_shared_bytes(dtype: Dtype, gates: Gates) -> u32 {
 /// The launch geometry of one chunked call.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct LaunchPlan {
-    /// ceil(L / 64).
+    /// ceil(L / 64); packed ([`plan_varlen`]): the ⌊L / 64⌋ + N chunk
+    /// slots of a head's sequences.
     pub num_chunks: u64,
     /// ceil(V / 64).
     pub value_tiles: u32,
-    /// Blocks of the state and output kernels: B·H·num_chunks·value_tiles.
+    /// Blocks of the state and output kernels: B·H·num_chunks·value_tiles
+    /// (packed: H·num_chunks·value_tiles).
     pub grid: u32,
     /// Blocks of the carry kernel: ceil(B·H·K·V / 256).
     pub carry_grid: u32,
-    /// f32 of the decays: B·H·num_chunks·gate_dim·parts (first in the workspace).
+    /// f32 of the decays: B·H·num_chunks·gate_dim·parts (first in the
+    /// workspace; packed: H·num_chunks·gate_dim·parts).
     pub decay_len: usize,
-    /// f32 of the workspace: decay_len + B·H·num_chunks·parts·K·V.
+    /// f32 of the workspace: decay_len + B·H·num_chunks·parts·K·V (packed:
+    /// H·num_chunks·parts·K·V).
     pub workspace_len: usize,
     /// Dynamic shared memory of the state kernel, bytes.
     pub state_shared_bytes: u32,
@@ -347,7 +365,8 @@ pub struct LaunchPlan {
     pub fragment_output_shared_bytes: Option<u32>,
     /// The carry this plan launches (never [`ChunkCarry::Auto`]).
     pub carry: ChunkCarry,
-    /// Blocks of the sequential state kernel: B·H·value_tiles·⌈K/16⌉.
+    /// Blocks of the sequential state kernel: B·H·value_tiles·⌈K/16⌉
+    /// (packed: B = N sequences).
     pub sequential_grid: u32,
     /// Dynamic shared memory of the sequential state kernel, bytes.
     pub sequential_shared_bytes: u32,
@@ -362,6 +381,42 @@ pub fn plan(dims: &Dims, dtype: Dtype, gates: Gates) -> Result<LaunchPlan, Input
 /// [`plan`] with a choice of carry ([`ChunkCarry::Auto`] resolved by the
 /// dtype and [`SEQUENTIAL_MIN_BLOCKS`]). The workspace is the same for both carries.
 pub fn plan_with(dims: &Dims, dtype: Dtype, gates: Gates, carry: ChunkCarry) -> Result<LaunchPlan, InputError> {
+    plan_rows(dims, dtype, gates, carry, false)
+}
+
+/// The geometry of the packed forward ([`forward_varlen_into`]) with a
+/// choice of carry: `dims` the packed problem's (`[1, L, H, *]`),
+/// `cu_seqlens` its N + 1 offsets (checked:
+/// [`crate::packing::sequence_starts`]). Every sequence's chunks start at
+/// its first step; a head's sequences share one row of ⌊L / 64⌋ + N chunk
+/// slots, sequence i's from slot ⌊cu_seqlens\[i\] / 64⌋ + i (apart by at
+/// least its ⌈len / 64⌉ chunks), so the workspace is O(H·(L/64 + N)·K·V),
+/// about the batched one's for the same steps. The state and output
+/// launches run one block per (head, slot, value tile), an empty slot's
+/// block returning at once; the carry one thread per (sequence, head, key
+/// row, value column). The carry is the separate one ([`ChunkCarry::Auto`]
+/// resolves to it; [`ChunkCarry::Sequential`] is refused): the walking
+/// kernel runs batched problems only (the same bits either way).
+pub fn plan_varlen(
+    dims: &Dims,
+    cu_seqlens: &[usize],
+    dtype: Dtype,
+    gates: Gates,
+    carry: ChunkCarry,
+) -> Result<LaunchPlan, InputError> {
+    crate::packing::sequence_starts(dims, cu_seqlens)?;
+    plan_rows(&Dims { batch: cu_seqlens.len() - 1, ..*dims }, dtype, gates, carry, true)
+}
+
+/// The body of [`plan_with`] and [`plan_varlen`] (`dims.batch` = N
+/// sequences, `dims.len` the packed row's steps when `packed`).
+fn plan_rows(
+    dims: &Dims,
+    dtype: Dtype,
+    gates: Gates,
+    carry: ChunkCarry,
+    packed: bool,
+) -> Result<LaunchPlan, InputError> {
     dims.validate()?;
     let d = dims;
     if d.key_dim > MAX_KEY_DIM {
@@ -371,7 +426,13 @@ pub fn plan_with(dims: &Dims, dtype: Dtype, gates: Gates, carry: ChunkCarry) -> 
             why: "the chunked GPU kernel supports key_dim <= 256",
         });
     }
-    let nc = d.len.div_ceil(CHUNK_LEN);
+    // Chunks (or, packed, chunk slots) of a workspace row, and its rows:
+    // (b, h), or packed a head's sequences in one row.
+    let (nc, rows) = if packed {
+        (d.len / CHUNK_LEN + d.batch, Some(d.heads))
+    } else {
+        (d.len.div_ceil(CHUNK_LEN), d.batch.checked_mul(d.heads))
+    };
     let tiles = d.value_dim.div_ceil(VALUE_TILE);
     let bh = d.batch.checked_mul(d.heads);
     let too_large = |name: &'static str, what: &str| InputError::TooLarge {
@@ -383,7 +444,7 @@ pub fn plan_with(dims: &Dims, dtype: Dtype, gates: Gates, carry: ChunkCarry) -> 
         x.and_then(|g| u32::try_from(g).ok()).filter(|&g| g <= i32::MAX as u32).ok_or_else(|| too_large("grid", what))
     };
     let grid =
-        as_grid(bh.and_then(|x| x.checked_mul(nc)).and_then(|x| x.checked_mul(tiles)), "B·H·chunks·value_tiles")?;
+        as_grid(rows.and_then(|x| x.checked_mul(nc)).and_then(|x| x.checked_mul(tiles)), "B·H·chunks·value_tiles")?;
     // B·H·K·V fits: validated.
     let state = d.batch * d.heads * d.key_dim * d.value_dim;
     let carry_grid = as_grid(Some(state.div_ceil(CARRY_THREADS as usize)), "B·H·K·V / 256")?;
@@ -393,15 +454,25 @@ pub fn plan_with(dims: &Dims, dtype: Dtype, gates: Gates, carry: ChunkCarry) -> 
         shape: format!("[B·H·chunks·{p}·(K·V + gate_dim)] with {nc} chunks"),
         limit: "usize::MAX".into(),
     };
-    let decay_len =
-        bh.and_then(|x| x.checked_mul(nc)).and_then(|x| x.checked_mul(d.gate_dim() * p)).ok_or_else(ws_error)?;
-    let workspace_len = nc.checked_mul(p * state).and_then(|s| s.checked_add(decay_len)).ok_or_else(ws_error)?;
+    let slots = rows.and_then(|x| x.checked_mul(nc));
+    let decay_len = slots.and_then(|x| x.checked_mul(d.gate_dim() * p)).ok_or_else(ws_error)?;
+    let workspace_len = slots
+        .and_then(|x| x.checked_mul(p * d.key_dim * d.value_dim))
+        .and_then(|s| s.checked_add(decay_len))
+        .ok_or_else(ws_error)?;
     let (state_shared_bytes, output_shared_bytes) = shared_bytes(dtype, gates);
     let slabs = d.key_dim.div_ceil(KEY_SLAB);
     let sequential_grid =
         as_grid(bh.and_then(|x| x.checked_mul(tiles)).and_then(|x| x.checked_mul(slabs)), "B·H·value_tiles·key_slabs")?;
     let carry = match carry {
-        ChunkCarry::Auto if dtype != Dtype::F32 && sequential_grid as usize >= SEQUENTIAL_MIN_BLOCKS => {
+        ChunkCarry::Sequential if packed => {
+            return Err(InputError::Param {
+                name: "carry",
+                value: "sequential, with packed sequences".into(),
+                why: "packed sequences take the separate carry (ChunkCarry::Auto or Separate): the walking kernel runs batched problems only",
+            });
+        }
+        ChunkCarry::Auto if !packed && dtype != Dtype::F32 && sequential_grid as usize >= SEQUENTIAL_MIN_BLOCKS => {
             ChunkCarry::Sequential
         }
         ChunkCarry::Auto => ChunkCarry::Separate,
@@ -433,6 +504,8 @@ pub(crate) struct ChunkKernels {
     /// `None` where there is no fragment kernel (f32).
     output_fragments: Vec<Option<CudaFunction>>,
     pub(super) carry: Vec<CudaFunction>,
+    /// The carry of packed sequences, `[gates]` (a kernel of its own: see cuda/chunk.cu).
+    carry_packed: Vec<CudaFunction>,
     /// The device's opt-in shared memory per block (bytes).
     pub(super) max_shared: usize,
 }
@@ -488,20 +561,31 @@ impl ChunkKernels {
             .map(|g| module.load_function(&format!("gateloop_chunk_carry_{}", g.suffix())))
             .collect::<Result<Vec<_>, _>>()
             .doing("looking up gateloop_chunk_carry_{c,r}")?;
-        Ok(ChunkKernels { state, sequential, output, output_fragments, carry, max_shared })
+        let carry_packed = Gates::ALL
+            .iter()
+            .map(|g| module.load_function(&format!("gateloop_chunk_carry_packed_{}", g.suffix())))
+            .collect::<Result<Vec<_>, _>>()
+            .doing("looking up gateloop_chunk_carry_packed_{c,r}")?;
+        Ok(ChunkKernels { state, sequential, output, output_fragments, carry, carry_packed, max_shared })
     }
 }
 
 /// Checks every argument on the host and enqueues the three kernels.
+/// `cu_seqlens`: for packed sequences (`d.batch` = N of them), the device
+/// address of the N + 1 offsets, checked on the host ([`forward_varlen_into`]);
+/// the buffers are then checked as packed (`Buffers::packed`).
 fn launch<T: Element>(
     gpu: &Gpu,
     stream: &CudaStream,
     d: &Dims,
     buffers: Buffers<'_, T>,
     config: ChunkConfig,
+    cu_seqlens: Option<u64>,
 ) -> Result<(), GpuError> {
     let gates = Gates::of(buffers.real_gates);
-    let lp = plan_with(d, T::DTYPE, gates, config.carry)?;
+    let packed = cu_seqlens.is_some();
+    let buffers = Buffers { packed, ..buffers };
+    let lp = plan_rows(d, T::DTYPE, gates, config.carry, packed)?;
     let sequential = lp.carry == ChunkCarry::Sequential;
     let state_bytes = if sequential { lp.sequential_shared_bytes } else { lp.state_shared_bytes };
     let kernels = &gpu.kernels.chunk;
@@ -537,6 +621,7 @@ fn launch<T: Element>(
         value_tiles: lp.value_tiles as i64,
         shared_bytes: output_bytes as i32,
         state_shared_bytes: state_bytes as i32,
+        cu_seqlens: cu_seqlens.map_or(std::ptr::null(), |p| p as usize as *const i64),
         ..GateloopChunkParams::for_dims(d, T::DTYPE.abi())?
     };
     // Held until this function returns, after the launches.
@@ -555,7 +640,13 @@ fn launch<T: Element>(
     } else {
         vec![
             (&kernels.state[i], lp.grid, block, state_bytes, "launching gateloop_chunk_state"),
-            (&kernels.carry[gates.index()], lp.carry_grid, (CARRY_THREADS, 1, 1), 0, "launching gateloop_chunk_carry"),
+            (
+                if packed { &kernels.carry_packed[gates.index()] } else { &kernels.carry[gates.index()] },
+                lp.carry_grid,
+                (CARRY_THREADS, 1, 1),
+                0,
+                "launching gateloop_chunk_carry",
+            ),
             output,
         ]
     };
@@ -564,7 +655,8 @@ fn launch<T: Element>(
         let mut launch = stream.launch_builder(func);
         launch.arg(&params);
         // SAFETY: `func` is gateloop_chunk_{state,state_seq,output,output_frag}_{T}_{g}_{prec}
-        // or gateloop_chunk_carry_{g} for this element type T, gate kind g and
+        // or gateloop_chunk_carry_{,packed_}{g} (packed_ exactly when cu_seqlens is
+        // set) for this element type T, gate kind g and
         // precision (table_index / gates.index()), whose only parameter is a
         // GateloopChunkParams by value, which is what is pushed. Every
         // pointer in it comes from a live buffer of this context whose
@@ -573,7 +665,12 @@ fn launch<T: Element>(
         // entry point reads them; contiguous strides set by for_dims); the
         // workspace holds ≥ lp.workspace_len f32 = ws_decay (decay_len f32)
         // followed by ws_state (B·H·chunks·parts·K·V f32), exactly the
-        // extents the kernels index; the state kernel writes both before the
+        // extents the kernels index (packed: cu_seqlens holds d.batch + 1
+        // offsets the caller checked to rise strictly from 0 to d.len, so
+        // every sequence's steps lie in the one batch row the sequence
+        // tensors were checked to hold, and its chunk slots, from
+        // ⌊cu_i / 64⌋ + i, lie inside the plan's ⌊L / 64⌋ + N per head);
+        // the state kernel writes both before the
         // carry kernel (after it on `stream`) reads and rewrites ws_state,
         // before the output kernel reads it (or state_seq writes what those
         // two write, before the output kernel). h0 is null iff HAS_H0 is
@@ -612,7 +709,7 @@ pub fn forward_into<T: Element>(
     workspace: Option<&mut dyn DevicePtrMut<f32>>,
     config: impl Into<ChunkConfig>,
 ) -> Result<(), GpuError> {
-    launch(gpu, stream, dims, Buffers::forward(inputs, out, workspace), config.into())
+    launch(gpu, stream, dims, Buffers::forward(inputs, out, workspace), config.into(), None)
 }
 
 /// [`forward_into`] for REAL gates (gated linear attention): `inputs.log_gate`
@@ -629,7 +726,77 @@ pub fn forward_real_into<T: Element>(
     config: impl Into<ChunkConfig>,
 ) -> Result<(), GpuError> {
     let buffers = Buffers::forward(inputs, out, workspace).with_real_gates();
-    launch(gpu, stream, dims, buffers, config.into())
+    launch(gpu, stream, dims, buffers, config.into(), None)
+}
+
+/// Packed variable-length sequences (fla's `cu_seqlens`), each with its own
+/// state: `dims` is the packed problem (`dims.batch` = 1; q, k, v, log_gate
+/// and y `[1, L, H, *]`) and `cu_seqlens` its N + 1 offsets (sequence i is
+/// steps `cu_seqlens[i] .. cu_seqlens[i + 1]`; 0 first, L last, strictly
+/// increasing: [`crate::packing::sequence_starts`]); `inputs.h0` (optional)
+/// and `out.h_final` are `[N, H, K, V]` complex f32. Every sequence's chunks
+/// start at its first step, so y and h_final\[i\] are [`forward_into`] on
+/// sequence i alone with the same `config`, bit for bit, from one launch of
+/// each kernel (no reset gate needed, unlike [`crate::packing`]).
+///
+/// `workspace` must hold at least [`LaunchPlan::workspace_len`] f32 of
+/// [`plan_varlen`]`(dims, cu_seqlens, T::DTYPE, Gates::Complex, config.carry)`.
+/// The offsets are checked on the host and uploaded on `stream` (one small
+/// allocation a call); the other checks and the asynchrony are
+/// [`forward_into`]'s.
+#[allow(clippy::too_many_arguments)]
+pub fn forward_varlen_into<T: Element>(
+    gpu: &Gpu,
+    stream: &Arc<CudaStream>,
+    dims: &Dims,
+    cu_seqlens: &[usize],
+    inputs: DeviceInputs<'_, T>,
+    out: DeviceOutputs<'_, T>,
+    workspace: Option<&mut dyn DevicePtrMut<f32>>,
+    config: impl Into<ChunkConfig>,
+) -> Result<(), GpuError> {
+    let buffers = Buffers::forward(inputs, out, workspace);
+    varlen(gpu, stream, dims, cu_seqlens, buffers, config.into())
+}
+
+/// [`forward_varlen_into`] with real gates ([`forward_real_into`]'s layouts:
+/// log_gate `[1, L, H, K or 1]`, h0 and h_final `[N, H, K, V]` real f32;
+/// the workspace [`plan_varlen`]'s with [`Gates::Real`]).
+#[allow(clippy::too_many_arguments)]
+pub fn forward_varlen_real_into<T: Element>(
+    gpu: &Gpu,
+    stream: &Arc<CudaStream>,
+    dims: &Dims,
+    cu_seqlens: &[usize],
+    inputs: DeviceInputs<'_, T>,
+    out: DeviceOutputs<'_, T>,
+    workspace: Option<&mut dyn DevicePtrMut<f32>>,
+    config: impl Into<ChunkConfig>,
+) -> Result<(), GpuError> {
+    let buffers = Buffers::forward(inputs, out, workspace).with_real_gates();
+    varlen(gpu, stream, dims, cu_seqlens, buffers, config.into())
+}
+
+/// The body of [`forward_varlen_into`] and [`forward_varlen_real_into`]:
+/// checks the offsets, uploads them, launches.
+fn varlen<T: Element>(
+    gpu: &Gpu,
+    stream: &Arc<CudaStream>,
+    dims: &Dims,
+    cu_seqlens: &[usize],
+    buffers: Buffers<'_, T>,
+    config: ChunkConfig,
+) -> Result<(), GpuError> {
+    crate::packing::sequence_starts(dims, cu_seqlens)?;
+    // The launch's dims: N sequences; its states [N, H, K, V].
+    let d = Dims { batch: cu_seqlens.len() - 1, ..*dims };
+    // The stream before the upload on it; `launch` checks the buffers.
+    launch::check_stream(gpu, stream)?;
+    let offsets = launch::upload_offsets(stream, cu_seqlens)?;
+    // Held until after the launches (the kernels read the offsets); the
+    // buffer's drop frees it in stream order after them.
+    let (ptr, _guard) = offsets.device_ptr(stream);
+    launch(gpu, stream, &d, buffers, config, Some(ptr))
 }
 
 /// Uploads `p`, runs the chunked kernels (f32, exact) on the Gpu's default
@@ -669,13 +836,109 @@ fn host_forward<T: Element>(
     config: ChunkConfig,
 ) -> Result<Outputs<f32>, GpuError> {
     let real_gates = gates == Gates::Real;
-    let workspace_len = |d: &Dims| Ok(plan(d, T::DTYPE, gates)?.workspace_len);
-    let doing = "synchronizing after the chunked kernels";
-    launch::forward_host::<T>(gpu, p, real_gates, workspace_len, doing, |s, d, inputs, out, ws| {
-        let buffers = Buffers::forward(inputs, out, ws);
-        launch(gpu, s, d, if real_gates { buffers.with_real_gates() } else { buffers }, config)
+    let workspace_len = |d: &Dims| Ok(plan_with(d, T::DTYPE, gates, config.carry)?.workspace_len);
+    launch::forward_host::<T>(gpu, p, real_gates, workspace_len, SYNC_DOING, |s, d, inputs, out, ws| {
+        launch(gpu, s, d, with_gates(Buffers::forward(inputs, out, ws), gates), config, None)
     })
 }
+
+/// Packed sequences from host data, one launch of each kernel: `p` is
+/// `[1, L, H, *]` with no h0 of its own, sequence i is steps
+/// `cu_seqlens[i] .. cu_seqlens[i + 1]` and starts from state i of `h0`
+/// (`[N, H, K, V]`, or zero); returns y `[1, L, H, V]` (widened to f32) and
+/// h_final `[N, H, K, V]`. [`crate::packing::forward_varlen`]'s answer with
+/// [`forward_host_as`] on each sequence alone (same `config`), bit for bit
+/// (the CLI's packed files take it). `gates`: [`Gates::Real`] needs real
+/// log_gate and h0 (else [`InputError::Value`]). Everything is checked
+/// before the upload.
+pub fn forward_varlen_host_as<T: Element>(
+    gpu: &Gpu,
+    p: &Problem<'_, f32>,
+    cu_seqlens: &[usize],
+    h0: Option<&[num_complex::Complex<f32>]>,
+    config: impl Into<ChunkConfig>,
+    gates: Gates,
+) -> Result<Outputs<f32>, GpuError> {
+    let config = config.into();
+    let sequences = crate::packing::check_varlen(p, cu_seqlens, h0)?;
+    let states = launch::HostStates::Packed { sequences, h0 };
+    let workspace_len = |d: &Dims| Ok(plan_varlen(d, cu_seqlens, T::DTYPE, gates, config.carry)?.workspace_len);
+    launch::forward_host_states::<T>(
+        gpu,
+        p,
+        states,
+        gates == Gates::Real,
+        workspace_len,
+        SYNC_DOING,
+        |_, d, i, o, w| {
+            // forward_host_states launches on the Gpu's stream, which `varlen`
+            // takes as its Arc.
+            varlen(gpu, gpu.stream(), d, cu_seqlens, with_gates(Buffers::forward(i, o, w), gates), config)
+        },
+    )
+}
+
+/// [`forward_host_as`] (or, with real gates, [`forward_real_host_as`])
+/// through the packed launch: `p`'s B batch rows run as B packed sequences
+/// of `p.dims.len` steps, [`forward_varlen_into`] on the same buffers read
+/// as `[1, B·L, H, *]` with cu_seqlens 0, L, .., B·L (h0 and h_final
+/// `[B, H, K, V]` either way). Its answer is the batched launch's, bit for
+/// bit: so the packed path meets every input the other paths meet
+/// (`dispatch::Variant::Packed`, which the fuzzer runs).
+pub fn forward_packed_host_as<T: Element>(
+    gpu: &Gpu,
+    p: &Problem<'_, f32>,
+    config: impl Into<ChunkConfig>,
+    gates: Gates,
+) -> Result<Outputs<f32>, GpuError> {
+    let config = config.into();
+    let workspace_len = |d: &Dims| Ok(rows_packed_plan(d, T::DTYPE, gates, config.carry)?.workspace_len);
+    launch::forward_host::<T>(gpu, p, gates == Gates::Real, workspace_len, SYNC_DOING, |_, d, i, o, w| {
+        // forward_host launches on the Gpu's stream, which `varlen` takes as its Arc.
+        forward_rows_packed_into(gpu, gpu.stream(), d, i, o, w, config, gates)
+    })
+}
+
+/// The plan of the `[B, L, H, *]` problem `dims` through the packed launch
+/// ([`forward_rows_packed_into`]).
+pub(crate) fn rows_packed_plan(
+    dims: &Dims,
+    dtype: Dtype,
+    gates: Gates,
+    carry: ChunkCarry,
+) -> Result<LaunchPlan, InputError> {
+    let (packed, cu_seqlens) = crate::packing::rows_as_sequences(dims);
+    plan_varlen(&packed, &cu_seqlens, dtype, gates, carry)
+}
+
+/// The `[B, L, H, *]` problem `dims` through the packed launch: its B batch
+/// rows as B packed sequences of L steps, the same buffers read as
+/// `[1, B·L, H, *]` with cu_seqlens 0, L, .., B·L (h0 and h_final `[B, H,
+/// K, V]` either way; the workspace [`rows_packed_plan`]'s); the batched
+/// launch's answer, bit for bit. [`forward_packed_host_as`] and the bench's
+/// `chunked-varlen` run it.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn forward_rows_packed_into<T: Element>(
+    gpu: &Gpu,
+    stream: &Arc<CudaStream>,
+    dims: &Dims,
+    inputs: DeviceInputs<'_, T>,
+    out: DeviceOutputs<'_, T>,
+    workspace: Option<&mut dyn DevicePtrMut<f32>>,
+    config: ChunkConfig,
+    gates: Gates,
+) -> Result<(), GpuError> {
+    let (packed, cu_seqlens) = crate::packing::rows_as_sequences(dims);
+    varlen(gpu, stream, &packed, &cu_seqlens, with_gates(Buffers::forward(inputs, out, workspace), gates), config)
+}
+
+/// `buffers` with `gates`' gate side.
+fn with_gates<T>(buffers: Buffers<'_, T>, gates: Gates) -> Buffers<'_, T> {
+    if gates == Gates::Real { buffers.with_real_gates() } else { buffers }
+}
+
+/// What the host paths' synchronization is doing, for its error.
+const SYNC_DOING: &str = "synchronizing after the chunked kernels";
 
 #[cfg(test)]
 mod tests {
@@ -732,6 +995,47 @@ mod tests {
             plan(&dims(1 << 16, 1 << 16, 1 << 6, 1, 1, false), Dtype::F32, Gates::Complex),
             Err(InputError::TooLarge { .. })
         ));
+    }
+
+    /// Packed: ⌊L / 64⌋ + N chunk slots a head, sequence i's chunks from slot
+    /// ⌊cu_i / 64⌋ + i (the kernels' packed_slot_base), no two sequences
+    /// sharing one and the last inside the row; workspace rows and the
+    /// state and output grids per head, the carry per sequence; the
+    /// sequential carry refused, Auto resolved to the separate one.
+    #[test]
+    fn plan_varlen_gives_each_sequence_its_own_slots() {
+        let cu = [0usize, 70, 71, 135, 263, 300];
+        let n = cu.len() - 1;
+        let d = dims(1, 300, 3, 5, 65, false);
+        let p = plan_varlen(&d, &cu, Dtype::Bf16, Gates::Complex, ChunkCarry::Auto).unwrap();
+        let slots = 300 / 64 + n;
+        assert_eq!((p.num_chunks, p.value_tiles, p.grid), (slots as u64, 2, (3 * slots * 2) as u32));
+        assert_eq!(p.carry, ChunkCarry::Separate);
+        assert_eq!(p.carry_grid, (n * 3 * 5 * 65usize).div_ceil(256) as u32);
+        assert_eq!(p.decay_len, 3 * slots * 5 * 2);
+        assert_eq!(p.workspace_len, p.decay_len + 3 * slots * 2 * 5 * 65);
+        let mut used = vec![false; slots];
+        for i in 0..n {
+            let chunks = (cu[i + 1] - cu[i]).div_ceil(CHUNK_LEN);
+            for c in 0..chunks {
+                let slot = cu[i] / CHUNK_LEN + i + c;
+                assert!(slot < slots && !used[slot], "sequence {i} chunk {c}: slot {slot}");
+                used[slot] = true;
+            }
+        }
+        assert!(matches!(
+            plan_varlen(&d, &cu, Dtype::Bf16, Gates::Complex, ChunkCarry::Sequential),
+            Err(InputError::Param { name: "carry", .. })
+        ));
+        assert!(matches!(
+            plan_varlen(&d, &[0, 70, 299], Dtype::F32, Gates::Real, ChunkCarry::Auto),
+            Err(InputError::Value { name: "cu_seqlens", .. })
+        ));
+        // B rows of 128 steps as B sequences: their 2 chunks each, and one
+        // empty slot a sequence (its ⌊L / 64⌋ + 1 slots).
+        let b = dims(4, 128, 2, 8, 8, false);
+        let rows = rows_packed_plan(&b, Dtype::F32, Gates::Complex, ChunkCarry::Auto).unwrap();
+        assert_eq!(rows.num_chunks, (4 * 128 / 64 + 4) as u64);
     }
 
     #[test]

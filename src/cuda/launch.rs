@@ -7,8 +7,9 @@
 
 use std::borrow::Cow;
 use std::ffi::c_void;
+use std::sync::Arc;
 
-use cudarc::driver::{CudaStream, DevicePtr, DevicePtrMut, DeviceRepr, DeviceSlice, SyncOnDrop};
+use cudarc::driver::{CudaSlice, CudaStream, DevicePtr, DevicePtrMut, DeviceRepr, DeviceSlice, SyncOnDrop};
 use num_complex::Complex;
 
 use super::abi::{
@@ -566,6 +567,14 @@ pub(crate) fn check_align(name: &'static str, ptr: u64) -> Result<(), InputError
         });
     }
     Ok(())
+}
+
+/// Packed sequences' offsets (checked by the caller:
+/// [`crate::packing::sequence_starts`]) as the kernels read them, `int64_t`
+/// on the device, uploaded on `stream` (whose context the caller checked).
+pub(crate) fn upload_offsets(stream: &Arc<CudaStream>, cu_seqlens: &[usize]) -> Result<CudaSlice<i64>, GpuError> {
+    let offsets: Vec<i64> = cu_seqlens.iter().map(|&x| i64_of("cu_seqlens", x)).collect::<Result<_, _>>()?;
+    stream.clone_htod(&offsets).doing("uploading cu_seqlens")
 }
 
 pub(crate) fn i64_of(name: &'static str, x: usize) -> Result<i64, InputError> {

@@ -89,7 +89,7 @@ use super::chunk::Gates;
 use super::element::Element;
 use super::launch::{self, Buffers, SeqParams, StateIo};
 use super::phases::launched;
-use super::{DriverContext, Gpu, GpuError};
+use super::{Gpu, GpuError};
 use crate::error::InputError;
 use crate::problem::{Dims, Outputs, Problem};
 
@@ -523,8 +523,7 @@ fn varlen<T: Element>(
     let d = Dims { batch: cu_seqlens.len() - 1, ..*dims };
     // The stream before the upload on it; `launch` checks the buffers.
     launch::check_stream(gpu, stream)?;
-    let offsets: Vec<i64> = cu_seqlens.iter().map(|&x| launch::i64_of("cu_seqlens", x)).collect::<Result<_, _>>()?;
-    let offsets = stream.clone_htod(&offsets).doing("uploading cu_seqlens")?;
+    let offsets = launch::upload_offsets(stream, cu_seqlens)?;
     // Held until after the launch (the kernel reads the offsets); the
     // buffer's drop frees it in stream order after the launch.
     let (ptr, _guard) = offsets.device_ptr(stream);

@@ -344,8 +344,7 @@ fn varlen_backward<T: Element>(
     let d = Dims { batch: cu_seqlens.len() - 1, ..*dims };
     // Every buffer before the upload (launch_backward checks them again).
     buffers.check(gpu, stream, &d, lp.workspace_len, || workspace_shape(&lp))?;
-    let offsets: Vec<i64> = cu_seqlens.iter().map(|&x| launch::i64_of("cu_seqlens", x)).collect::<Result<_, _>>()?;
-    let offsets = stream.clone_htod(&offsets).doing("uploading cu_seqlens")?;
+    let offsets = launch::upload_offsets(stream, cu_seqlens)?;
     // Held until after the launches (the kernels read the offsets); the
     // buffer's drop frees it in stream order after them.
     let (ptr, _guard) = offsets.device_ptr(stream);
