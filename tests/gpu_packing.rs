@@ -219,12 +219,7 @@ fn varlen<T: Element>(gpu: &Gpu) {
             assert_eq!(bits(&y), bits(&y_alone), "{label}: y");
             assert_eq!(h, h_alone, "{label}: h_final");
             // And the reference, sequence by sequence.
-            let want: Vec<_> = parts
-                .iter()
-                .map(|p| gateloop::reference::recurrent::forward(&p.map(f64::from).view()).unwrap())
-                .collect();
-            let y_ref: Vec<f64> = want.iter().flat_map(|o| o.y.clone()).collect();
-            let h_ref: Vec<Complex<f64>> = want.iter().flat_map(|o| o.h_final.clone()).collect();
+            let (y_ref, h_ref) = reference_alone(&parts);
             let yb = y_bounds(T::DTYPE);
             common::assert_within(&label, "y", &gateloop::compare(&y, &y_ref), yb.0, yb.1);
             common::assert_within(&label, "h_final", &gateloop::compare_complex(&h, &h_ref), REL, ABS_FRAC);
@@ -370,19 +365,14 @@ fn drawn_packings<T: Element>(gpu: &Gpu, seed: u64) {
     use rand::{Rng, SeedableRng};
     let mut rng = StdRng::seed_from_u64(seed);
     let s = gpu.context().new_stream().unwrap();
-    let bits = |x: &[f32]| x.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
     for draw in 0..16 {
         let dr = DrawnPacking::draw(&mut rng, 6, MAX_KEY_DIM, &[1, 7, 32, 40, 64, 65]);
-        let DrawnPacking { ref lens, heads, kd, vd, per_head, real, with_h0, regime } = dr;
+        let DrawnPacking { ref lens, heads, kd, vd, per_head, real, with_h0, .. } = dr;
         let n = lens.len();
         let staging = if rng.random_bool(0.5) { RecurrentStaging::Ahead } else { RecurrentStaging::Batched };
         let rows = if rng.random_bool(0.5) { RecurrentRows::Four } else { RecurrentRows::Eight };
         let config = RecurrentConfig { staging, rows };
-        let label = format!(
-            "{} draw {draw}: lens {lens:?} H={heads} K={kd} V={vd} per_head={per_head} real={real} h0={with_h0} \
-             {regime:?} {config:?}",
-            T::DTYPE
-        );
+        let label = dr.label::<T>(draw, &config);
         let parts = dr.parts::<T>(seed + 100 * draw);
         let cu = offsets(lens);
         let d = dims(1, cu[n], heads, kd, vd, per_head);
@@ -393,21 +383,17 @@ fn drawn_packings<T: Element>(gpu: &Gpu, seed: u64) {
         let out = DeviceOutputs { y: &mut y, h_final: &mut h };
         let run = if real { recurrent::forward_varlen_real_into::<T> } else { recurrent::forward_varlen_into::<T> };
         run(gpu, &s, &d, &cu, config, inputs, out).unwrap_or_else(|e| panic!("{label}: {e}"));
-        let y: Vec<f32> = s.clone_dtoh(&y).unwrap().into_iter().map(|x| x.to_f32()).collect();
-        let h = common::from_gate_side(&s.clone_dtoh(&h).unwrap(), real);
-        let gateloop::Outputs { y: y_alone, h_final: h_alone } = alone::<T>(gpu, &parts, config, real, &label);
-        assert!(bits(&y) == bits(&y_alone), "{label}: y differs from the sequences alone");
-        let flat = |h: &[Complex<f32>]| h.iter().flat_map(|z| [z.re, z.im]).collect::<Vec<_>>();
-        assert!(bits(&flat(&h)) == bits(&flat(&h_alone)), "{label}: h_final differs from the sequences alone");
-        assert!(y.iter().all(|x| x.is_finite()), "{label}: y not finite");
+        let got = download(&s, &y, &h, real);
+        let want = alone::<T>(gpu, &parts, config, real, &label);
+        assert_same_bits(&label, "the packed launch's", &got, &want);
+        assert!(got.y.iter().all(|x| x.is_finite()), "{label}: y not finite");
         // From host data (the CLI's packed files): the same launch, the same bits.
         let host = packed_host(&parts, with_h0, |p, h0| {
             let gates = if real { Gates::Real } else { Gates::Complex };
             recurrent::forward_varlen_host_as::<T>(gpu, p, &cu, h0, config, gates)
         })
         .unwrap_or_else(|e| panic!("{label}: host: {e}"));
-        assert!(bits(&host.y) == bits(&y_alone), "{label}: host y differs from the sequences alone");
-        assert!(bits(&flat(&host.h_final)) == bits(&flat(&h_alone)), "{label}: host h_final differs");
+        assert_same_bits(&label, "host", &host, &want);
     }
 }
 
@@ -510,6 +496,35 @@ fn dispatched_varlen<T: Element>(gpu: &Gpu) {
     assert!(matches!(short, Err(GpuError::Input(InputError::Length { name: "h0", .. }))), "{short:?}");
 }
 
+/// Asserts that `got` has `want`'s y and h_final to the last bit (`what`: whose).
+fn assert_same_bits(label: &str, what: &str, got: &gateloop::Outputs<f32>, want: &gateloop::Outputs<f32>) {
+    let bits = |x: &[f32]| x.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+    let cbits = |x: &[Complex<f32>]| x.iter().flat_map(|z| [z.re.to_bits(), z.im.to_bits()]).collect::<Vec<_>>();
+    assert!(bits(&got.y) == bits(&want.y), "{label}: {what} y differs from the sequences alone");
+    assert!(cbits(&got.h_final) == cbits(&want.h_final), "{label}: {what} h_final differs from the sequences alone");
+}
+
+/// A packed launch's y (in `T`) and h_final (on the gate side: real f32
+/// when `real`) downloaded, y widened to f32.
+fn download<T: Element>(
+    s: &std::sync::Arc<cudarc::driver::CudaStream>,
+    y: &cudarc::driver::CudaSlice<T>,
+    h_final: &cudarc::driver::CudaSlice<f32>,
+    real: bool,
+) -> gateloop::Outputs<f32> {
+    gateloop::Outputs {
+        y: s.clone_dtoh(y).unwrap().into_iter().map(|x| x.to_f32()).collect(),
+        h_final: common::from_gate_side(&s.clone_dtoh(h_final).unwrap(), real),
+    }
+}
+
+/// The f64 recurrence on each of `parts` alone: y concatenated, h_final stacked.
+fn reference_alone(parts: &[gateloop::testing::OwnedProblem<f32>]) -> (Vec<f64>, Vec<Complex<f64>>) {
+    let want: Vec<_> =
+        parts.iter().map(|p| gateloop::reference::recurrent::forward(&p.map(f64::from).view()).unwrap()).collect();
+    (want.iter().flat_map(|o| o.y.clone()).collect(), want.iter().flat_map(|o| o.h_final.clone()).collect())
+}
+
 /// A drawn packing's geometry and gates: 1 to `max_sequences` sequences of
 /// 1 to 200 steps (one step in about one draw in five), 1 to 3 heads, K
 /// from 1 to `max_key`, V from `values`, per-head
@@ -544,6 +559,16 @@ impl DrawnPacking {
         let (per_head, real, with_h0) = (rng.random_bool(0.5), rng.random_bool(0.5), rng.random_bool(0.5));
         let regime = regimes[rng.random_range(0..regimes.len())];
         DrawnPacking { lens, heads, kd, vd, per_head, real, with_h0, regime }
+    }
+
+    /// The failure label of draw `draw` in `T` with the launch choices `config`.
+    fn label<T: Element>(&self, draw: u64, config: &dyn std::fmt::Debug) -> String {
+        let DrawnPacking { ref lens, heads, kd, vd, per_head, real, with_h0, regime } = *self;
+        format!(
+            "{} draw {draw}: lens {lens:?} H={heads} K={kd} V={vd} per_head={per_head} real={real} h0={with_h0} \
+             {regime:?} {config:?}",
+            T::DTYPE
+        )
     }
 
     /// Its sequences (sequence i from seed `seed + i`), values rounded to `T`.
@@ -884,11 +909,9 @@ fn chunked_varlen<T: Element>(gpu: &Gpu, seed: u64) {
     use rand::{Rng, SeedableRng};
     let mut rng = StdRng::seed_from_u64(seed);
     let s = gpu.context().new_stream().unwrap();
-    let bits = |x: &[f32]| x.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
-    let flat = |h: &[Complex<f32>]| h.iter().flat_map(|z| [z.re, z.im]).collect::<Vec<_>>();
     for draw in 0..10u64 {
         let dr = DrawnPacking::draw(&mut rng, 5, 64, &[1, 7, 40, 65]);
-        let DrawnPacking { ref lens, heads, kd, vd, per_head, real, with_h0, regime } = dr;
+        let DrawnPacking { ref lens, heads, kd, vd, per_head, real, with_h0, .. } = dr;
         let n = lens.len();
         let precision = if rng.random_bool(0.5) { ChunkPrecision::Fast } else { ChunkPrecision::Exact };
         let carry = if rng.random_bool(0.5) { ChunkCarry::Separate } else { ChunkCarry::Auto };
@@ -896,11 +919,7 @@ fn chunked_varlen<T: Element>(gpu: &Gpu, seed: u64) {
             if T::DTYPE != Dtype::F32 && rng.random_bool(0.5) { ChunkOutput::Fragments } else { ChunkOutput::Staged };
         let config = ChunkConfig { precision, carry, output };
         let gates = if real { Gates::Real } else { Gates::Complex };
-        let label = format!(
-            "{} draw {draw}: lens {lens:?} H={heads} K={kd} V={vd} per_head={per_head} real={real} h0={with_h0} \
-             {regime:?} {config:?}",
-            T::DTYPE
-        );
+        let label = dr.label::<T>(draw, &config);
         let parts = dr.parts::<T>(seed + 100 * draw);
         let cu = offsets(lens);
         let d = dims(1, cu[n], heads, kd, vd, per_head);
@@ -914,11 +933,10 @@ fn chunked_varlen<T: Element>(gpu: &Gpu, seed: u64) {
         let inputs = || DeviceInputs { q: &q, k: &k, v: &v, log_gate: &g, h0: h0.as_ref().map(|h| h as _) };
         run(gpu, &s, &d, &cu, inputs(), DeviceOutputs { y: &mut y, h_final: &mut h }, Some(&mut ws), config)
             .unwrap_or_else(|e| panic!("{label}: {e}"));
-        let y: Vec<f32> = s.clone_dtoh(&y).unwrap().into_iter().map(|x| x.to_f32()).collect();
-        let h = common::from_gate_side(&s.clone_dtoh(&h).unwrap(), real);
+        let got = download(&s, &y, &h, real);
 
         // Each sequence alone, the same choices: the same bits.
-        let (mut y_alone, mut h_alone) = (Vec::new(), Vec::new());
+        let mut want = gateloop::Outputs { y: Vec::new(), h_final: Vec::new() };
         for (i, p) in parts.iter().enumerate() {
             let o = if real {
                 chunk::forward_real_host_as::<T>(gpu, &p.view(), config)
@@ -926,26 +944,21 @@ fn chunked_varlen<T: Element>(gpu: &Gpu, seed: u64) {
                 chunk::forward_host_as::<T>(gpu, &p.view(), config)
             }
             .unwrap_or_else(|e| panic!("{label}: alone {i}: {e}"));
-            y_alone.extend(o.y);
-            h_alone.extend(o.h_final);
+            want.y.extend(o.y);
+            want.h_final.extend(o.h_final);
         }
-        assert!(bits(&y) == bits(&y_alone), "{label}: y differs from the sequences alone");
-        assert!(bits(&flat(&h)) == bits(&flat(&h_alone)), "{label}: h_final differs from the sequences alone");
+        assert_same_bits(&label, "the packed launch's", &got, &want);
         // And the reference, sequence by sequence.
-        let want: Vec<_> =
-            parts.iter().map(|p| gateloop::reference::recurrent::forward(&p.map(f64::from).view()).unwrap()).collect();
-        let y_ref: Vec<f64> = want.iter().flat_map(|o| o.y.clone()).collect();
-        let h_ref: Vec<Complex<f64>> = want.iter().flat_map(|o| o.h_final.clone()).collect();
+        let (y_ref, h_ref) = reference_alone(&parts);
         let (yb, hb) = chunk_bounds(T::DTYPE, precision);
-        common::assert_within(&label, "y", &gateloop::compare(&y, &y_ref), yb.0, yb.1);
-        common::assert_within(&label, "h_final", &gateloop::compare_complex(&h, &h_ref), hb.0, hb.1);
+        common::assert_within(&label, "y", &gateloop::compare(&got.y, &y_ref), yb.0, yb.1);
+        common::assert_within(&label, "h_final", &gateloop::compare_complex(&got.h_final, &h_ref), hb.0, hb.1);
 
         // From host data: the same launches, the same bits.
         let host =
             packed_host(&parts, with_h0, |p, h0| chunk::forward_varlen_host_as::<T>(gpu, p, &cu, h0, config, gates))
                 .unwrap_or_else(|e| panic!("{label}: host: {e}"));
-        assert!(bits(&host.y) == bits(&y_alone), "{label}: host y differs from the sequences alone");
-        assert!(bits(&flat(&host.h_final)) == bits(&flat(&h_alone)), "{label}: host h_final differs");
+        assert_same_bits(&label, "host", &host, &want);
 
         // Refused, by name, nothing written: offsets that miss L; the
         // sequential carry; h_final for one sequence too few; a workspace

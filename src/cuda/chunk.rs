@@ -99,9 +99,7 @@
 use cudarc::driver::sys::{CUdevice_attribute, CUfunction_attribute};
 use std::sync::Arc;
 
-use cudarc::driver::{
-    CudaContext, CudaFunction, CudaModule, CudaStream, DevicePtr, DevicePtrMut, LaunchConfig, PushKernelArg,
-};
+use cudarc::driver::{CudaContext, CudaFunction, CudaModule, CudaStream, DevicePtrMut, LaunchConfig, PushKernelArg};
 
 use super::abi::{self, GateloopChunkParams};
 use super::element::{Dtype, Element};
@@ -777,8 +775,7 @@ pub fn forward_varlen_real_into<T: Element>(
     varlen(gpu, stream, dims, cu_seqlens, buffers, config.into())
 }
 
-/// The body of [`forward_varlen_into`] and [`forward_varlen_real_into`]:
-/// checks the offsets, uploads them, launches.
+/// The body of [`forward_varlen_into`] and [`forward_varlen_real_into`].
 fn varlen<T: Element>(
     gpu: &Gpu,
     stream: &Arc<CudaStream>,
@@ -787,16 +784,8 @@ fn varlen<T: Element>(
     buffers: Buffers<'_, T>,
     config: ChunkConfig,
 ) -> Result<(), GpuError> {
-    crate::packing::sequence_starts(dims, cu_seqlens)?;
-    // The launch's dims: N sequences; its states [N, H, K, V].
-    let d = Dims { batch: cu_seqlens.len() - 1, ..*dims };
-    // The stream before the upload on it; `launch` checks the buffers.
-    launch::check_stream(gpu, stream)?;
-    let offsets = launch::upload_offsets(stream, cu_seqlens)?;
-    // Held until after the launches (the kernels read the offsets); the
-    // buffer's drop frees it in stream order after them.
-    let (ptr, _guard) = offsets.device_ptr(stream);
-    launch(gpu, stream, &d, buffers, config, Some(ptr))
+    // `launch` checks the buffers against the launch's dims.
+    launch::with_offsets(gpu, stream, dims, cu_seqlens, |d, ptr| launch(gpu, stream, d, buffers, config, Some(ptr)))
 }
 
 /// Uploads `p`, runs the chunked kernels (f32, exact) on the Gpu's default

@@ -569,12 +569,28 @@ pub(crate) fn check_align(name: &'static str, ptr: u64) -> Result<(), InputError
     Ok(())
 }
 
-/// Packed sequences' offsets (checked by the caller:
-/// [`crate::packing::sequence_starts`]) as the kernels read them, `int64_t`
-/// on the device, uploaded on `stream` (whose context the caller checked).
-pub(crate) fn upload_offsets(stream: &Arc<CudaStream>, cu_seqlens: &[usize]) -> Result<CudaSlice<i64>, GpuError> {
+/// A packed launch's common part: checks `cu_seqlens` against the packed
+/// problem `dims` ([`crate::packing::sequence_starts`]) and `stream`'s
+/// context, uploads the offsets on `stream` as the kernels read them
+/// (`int64_t`), and runs `launch` with the launch's dims (`dims.batch` = N
+/// sequences, its states `[N, H, K, V]`) and the offsets' device address,
+/// which stays valid until `launch` returns (the upload's drop frees it in
+/// stream order after the launches). The recurrent forward and backward's
+/// and the chunked forward's `_varlen_` entries.
+pub(crate) fn with_offsets<R>(
+    gpu: &Gpu,
+    stream: &Arc<CudaStream>,
+    dims: &Dims,
+    cu_seqlens: &[usize],
+    launch: impl FnOnce(&Dims, u64) -> Result<R, GpuError>,
+) -> Result<R, GpuError> {
+    crate::packing::sequence_starts(dims, cu_seqlens)?;
+    let d = Dims { batch: cu_seqlens.len() - 1, ..*dims };
+    check_stream(gpu, stream)?;
     let offsets: Vec<i64> = cu_seqlens.iter().map(|&x| i64_of("cu_seqlens", x)).collect::<Result<_, _>>()?;
-    stream.clone_htod(&offsets).doing("uploading cu_seqlens")
+    let offsets: CudaSlice<i64> = stream.clone_htod(&offsets).doing("uploading cu_seqlens")?;
+    let (ptr, _guard) = offsets.device_ptr(stream);
+    launch(&d, ptr)
 }
 
 pub(crate) fn i64_of(name: &'static str, x: usize) -> Result<i64, InputError> {

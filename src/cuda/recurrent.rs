@@ -518,17 +518,10 @@ fn varlen<T: Element>(
     inputs: DeviceInputs<'_, T>,
     out: DeviceOutputs<'_, T>,
 ) -> Result<(), GpuError> {
-    crate::packing::sequence_starts(dims, cu_seqlens)?;
-    // The launch's dims: one block row per sequence; its states [N, H, K, V].
-    let d = Dims { batch: cu_seqlens.len() - 1, ..*dims };
-    // The stream before the upload on it; `launch` checks the buffers.
-    launch::check_stream(gpu, stream)?;
-    let offsets = launch::upload_offsets(stream, cu_seqlens)?;
-    // Held until after the launch (the kernel reads the offsets); the
-    // buffer's drop frees it in stream order after the launch.
-    let (ptr, _guard) = offsets.device_ptr(stream);
     let buffers = Buffers { real_gates: gates == Gates::Real, ..Buffers::forward(inputs, out, None) };
-    launch(gpu, stream, &d, config, buffers, Some(ptr))
+    // The launch's dims: one block row per sequence (`launch` checks the
+    // buffers against them).
+    launch::with_offsets(gpu, stream, dims, cu_seqlens, |d, ptr| launch(gpu, stream, d, config, buffers, Some(ptr)))
 }
 
 /// Decoding: advances `state` (`[B, H, K, V]` complex f32, as interleaved f32

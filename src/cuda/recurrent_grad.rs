@@ -28,7 +28,7 @@ use std::sync::Arc;
 
 use cudarc::driver::sys::{CUdevice_attribute, CUfunction_attribute};
 use cudarc::driver::{
-    CudaContext, CudaFunction, CudaModule, CudaStream, DevicePtr, DevicePtrMut, DeviceRepr, LaunchConfig, PushKernelArg,
+    CudaContext, CudaFunction, CudaModule, CudaStream, DevicePtrMut, DeviceRepr, LaunchConfig, PushKernelArg,
 };
 use num_complex::Complex;
 
@@ -344,11 +344,9 @@ fn varlen_backward<T: Element>(
     let d = Dims { batch: cu_seqlens.len() - 1, ..*dims };
     // Every buffer before the upload (launch_backward checks them again).
     buffers.check(gpu, stream, &d, lp.workspace_len, || workspace_shape(&lp))?;
-    let offsets = launch::upload_offsets(stream, cu_seqlens)?;
-    // Held until after the launches (the kernels read the offsets); the
-    // buffer's drop frees it in stream order after them.
-    let (ptr, _guard) = offsets.device_ptr(stream);
-    launch_backward(gpu, stream, &d, lp, buffers, Some(ptr))
+    launch::with_offsets(gpu, stream, dims, cu_seqlens, |d, ptr| {
+        launch_backward(gpu, stream, d, lp, buffers, Some(ptr))
+    })
 }
 
 /// The workspace a plan needs, for the length error.
