@@ -643,7 +643,7 @@ fn launch<T: Element>(
                 lp.carry_grid,
                 (CARRY_THREADS, 1, 1),
                 0,
-                "launching gateloop_chunk_carry",
+                if packed { "launching gateloop_chunk_carry_packed" } else { "launching gateloop_chunk_carry" },
             ),
             output,
         ]
