@@ -114,22 +114,23 @@ fn attention_params_layout() {
 fn chunk_params_layout() {
     type P = GateloopChunkParams;
     // Pinned in the header too (GATELOOP_ABI_ASSERT).
-    assert_eq!(size_of::<P>(), 320);
+    assert_eq!(size_of::<P>(), 328);
     assert_eq!(align_of::<P>(), 8);
     assert_eq!(offset_of!(P, q), 0);
     assert_eq!(offset_of!(P, h_final), 48);
     assert_eq!(offset_of!(P, ws_decay), 56);
     assert_eq!(offset_of!(P, ws_state), 64);
-    assert_eq!(offset_of!(P, dims), 72);
-    assert_eq!(offset_of!(P, q_strides), 120);
-    assert_eq!(offset_of!(P, gate_strides), 192);
-    assert_eq!(offset_of!(P, h_final_strides), 264);
-    assert_eq!(offset_of!(P, flags), 288);
-    assert_eq!(offset_of!(P, dtype), 292);
-    assert_eq!(offset_of!(P, num_chunks), 296);
-    assert_eq!(offset_of!(P, value_tiles), 304);
-    assert_eq!(offset_of!(P, shared_bytes), 312);
-    assert_eq!(offset_of!(P, state_shared_bytes), 316);
+    assert_eq!(offset_of!(P, cu_seqlens), 72);
+    assert_eq!(offset_of!(P, dims), 80);
+    assert_eq!(offset_of!(P, q_strides), 128);
+    assert_eq!(offset_of!(P, gate_strides), 200);
+    assert_eq!(offset_of!(P, h_final_strides), 272);
+    assert_eq!(offset_of!(P, flags), 296);
+    assert_eq!(offset_of!(P, dtype), 300);
+    assert_eq!(offset_of!(P, num_chunks), 304);
+    assert_eq!(offset_of!(P, value_tiles), 312);
+    assert_eq!(offset_of!(P, shared_bytes), 320);
+    assert_eq!(offset_of!(P, state_shared_bytes), 324);
     assert_eq!(GATELOOP_CHUNK_LEN, 64);
     assert_eq!(GATELOOP_CHUNK_SUB_LEN, 16);
     assert_eq!(GATELOOP_CHUNK_MAX_KEY_DIM, 256);
@@ -140,17 +141,17 @@ fn chunk_grad_params_layout() {
     type P = GateloopChunkGradParams;
     // Pinned in the header too (GATELOOP_ABI_ASSERT): the forward struct,
     // eight pointers, seven stride structs, four 4-byte fields.
-    assert_eq!(size_of::<P>(), 568);
+    assert_eq!(size_of::<P>(), 576);
     assert_eq!(align_of::<P>(), 8);
     assert_eq!(offset_of!(P, fwd), 0);
-    assert_eq!(offset_of!(P, dy), 320);
-    assert_eq!(offset_of!(P, dh0), 368);
-    assert_eq!(offset_of!(P, ws_adj), 376);
-    assert_eq!(offset_of!(P, dy_strides), 384);
-    assert_eq!(offset_of!(P, dgate_strides), 480);
-    assert_eq!(offset_of!(P, dh0_strides), 528);
-    assert_eq!(offset_of!(P, grad_flags), 552);
-    assert_eq!(offset_of!(P, dv_shared_bytes), 564);
+    assert_eq!(offset_of!(P, dy), 328);
+    assert_eq!(offset_of!(P, dh0), 376);
+    assert_eq!(offset_of!(P, ws_adj), 384);
+    assert_eq!(offset_of!(P, dy_strides), 392);
+    assert_eq!(offset_of!(P, dgate_strides), 488);
+    assert_eq!(offset_of!(P, dh0_strides), 536);
+    assert_eq!(offset_of!(P, grad_flags), 560);
+    assert_eq!(offset_of!(P, dv_shared_bytes), 572);
     assert_eq!((GATELOOP_GRAD_FLAG_HAS_DH_FINAL, GATELOOP_GRAD_FLAG_HAS_DH0), (1, 2));
 }
 
