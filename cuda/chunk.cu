@@ -86,10 +86,7 @@ __device__ __forceinline__ void chunk_state(const GateloopChunkParams& p) {
     extern __shared__ __align__(128) unsigned char smem[];
     check_shared(p.state_shared_bytes, state_smem_bytes<Op, kComplex>());
     Block<input_t, kComplex> blk(p, smem);
-    if (p.cu_seqlens != nullptr) {
-        blk.at_packed_slot();
-        if (blk.n <= 0) return;  // an empty slot: the whole block, before any barrier
-    }
+    if (!blk.has_chunk()) return;  // an empty packed slot: the whole block, before any barrier
     // Raw k, the V tile, K̃ [m][col] (read as the column-major A = K̃ᵀ).
     const StateSmem<Op, kComplex> sm(smem, blk.warp);
     float* kraw = sm.raw;
@@ -180,10 +177,7 @@ __device__ __forceinline__ void chunk_output(const GateloopChunkParams& p) {
     extern __shared__ __align__(128) unsigned char smem[];
     check_shared(p.shared_bytes, output_smem_bytes<Op, kComplex>());
     Block<input_t, kComplex> blk(p, smem);
-    if (p.cu_seqlens != nullptr) {
-        blk.at_packed_slot();
-        if (blk.n <= 0) return;  // an empty slot: the whole block, before any barrier
-    }
+    if (!blk.has_chunk()) return;  // an empty packed slot: the whole block, before any barrier
     intra_pass<Op, kTerms, false>(blk, smem, p.ws_state, blk.v, p.v_strides,
                                   seq_row_mut<input_t>(p.y, p.y_strides, blk.b, blk.h), p.y_strides);
 }

@@ -389,20 +389,23 @@ struct Block {
         n = static_cast<int>(min(static_cast<int64_t>(kChunk), p.dims.len - t0));
     }
 
-    // Packed sequences (p.cu_seqlens, the ABI header; the forward's state
-    // and output grids only): moves the block from slot `chunk` of its
-    // head's row to the chunk of the sequence whose slots hold it, t0 and
-    // n counted from the sequence's first step (n = 0: an empty slot, past
-    // the sequence's chunks; its block returns). The rest is already the
-    // packed layout's: the grid's (b, h) index runs over the H heads, so
-    // b = 0 (the one batch row: the row pointers) and bh = h, whose
-    // workspace row the (bh, chunk) slot indexes.
-    __device__ __forceinline__ void at_packed_slot() {
+    // Whether the block of a per-chunk grid has a chunk to work on (the
+    // forward's state and output kernels call it first): batched, always.
+    // Packed (p.cu_seqlens, the ABI header), it first moves the block from
+    // slot `chunk` of its head's row to the chunk of the sequence whose
+    // slots hold it, t0 and n counted from the sequence's first step; none
+    // when the slot lies past that sequence's chunks (n = 0). The rest is
+    // already the packed layout's: the grid's (b, h) index runs over the H
+    // heads, so b = 0 (the one batch row: the row pointers) and bh = h,
+    // whose workspace row the (bh, chunk) slot indexes.
+    __device__ __forceinline__ bool has_chunk() {
         const int64_t* cu = p.cu_seqlens;
+        if (cu == nullptr) return true;
         const int64_t s = packed_sequence_of<kChunk>(cu, p.dims.batch, chunk);
         const int64_t end = cu[s + 1];
         t0 = cu[s] + (chunk - packed_slot_base<kChunk>(cu, s)) * kChunk;
         n = t0 < end ? static_cast<int>(min(static_cast<int64_t>(kChunk), end - t0)) : 0;
+        return n > 0;
     }
 
     // Steps of the chunk kAhead chunks from this one (kAhead = ±1; ≤ 0 where

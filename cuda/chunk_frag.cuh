@@ -138,10 +138,7 @@ __device__ __forceinline__ void chunk_output_frag(const GateloopChunkParams& p) 
     extern __shared__ __align__(128) unsigned char smem[];
     check_shared(p.shared_bytes, frag_output_smem_bytes<Op, kComplex>());
     Block<input_t, kComplex> blk(p, smem);
-    if (p.cu_seqlens != nullptr) {
-        blk.at_packed_slot();
-        if (blk.n <= 0) return;  // an empty slot: the whole block, before any barrier
-    }
+    if (!blk.has_chunk()) return;  // an empty packed slot: the whole block, before any barrier
     constexpr int kWidth = slab_width<kComplex>();
     constexpr int kSteps = kWidth / 16;  // k-steps of a slab: [Re | Im] or Re
     unsigned char* at = smem + prefix_bytes<kComplex>();

@@ -147,8 +147,9 @@ __device__ __forceinline__ float2 log_gate_side(const float* __restrict__ row, i
 // [value_tiles, B·H, L, K] partials; or, packed (fwd.cu_seqlens, the ABI
 // header), sequence b = steps cu[b] .. cu[b + 1] of batch row 0, and head
 // h's rows of [H, segments, K, V] checkpoints from slot ⌊cu[b] / 64⌋ + b
-// (packed_segment_base) and of [value_tiles, H, L, K] partials from step
-// cu[b]. Its states (h0, dh_final, dh0) are state b either way. The gate
+// (packed_slot_base in common.cuh: no two sequences share a slot; ⌊L / 64⌋
+// + N slots, the plan's `segments` when packed) and of [value_tiles, H, L,
+// K] partials from step cu[b]. Its states (h0, dh_final, dh0) are state b either way. The gate
 // launch's row pointers start at the sequence's first step (seq_steps), so
 // it indexes steps 0 .. len − 1 as in the batched case; the sweeps index
 // the steps first .. end of the batch row (Sweep::first, Sweep::end).
@@ -160,17 +161,10 @@ struct GradSeq {
     int64_t seg0;   // its first checkpoint slot in that row
 };
 
-// Packed sequence b's first checkpoint slot (packed_slot_base in common.cuh:
-// no two sequences share a slot; ⌊L / 64⌋ + N slots, the plan's `segments`
-// when packed).
-__device__ __forceinline__ int64_t packed_segment_base(const int64_t* cu, int64_t b) {
-    return packed_slot_base<kSegment>(cu, b);
-}
-
 __device__ __forceinline__ GradSeq grad_seq(const GateloopRecurrentParams& p, int64_t b, int64_t h) {
     if (p.cu_seqlens == nullptr) return GradSeq{b, 0, p.dims.len, b * p.dims.heads + h, 0};
     const int64_t first = p.cu_seqlens[b];
-    return GradSeq{0, first, p.cu_seqlens[b + 1] - first, h, packed_segment_base(p.cu_seqlens, b)};
+    return GradSeq{0, first, p.cu_seqlens[b + 1] - first, h, packed_slot_base<kSegment>(p.cu_seqlens, b)};
 }
 
 // Rows of the [value_tiles, rows, L, K] partial sums: B·H, or H when packed.
@@ -560,7 +554,7 @@ __device__ __forceinline__ void grad_gate(const GateloopRecurrentGradParams& g) 
     } else {
         const int64_t b = packed_sequence_of<kSegment>(p.cu_seqlens, p.dims.batch, slot);
         bhi = BatchHead{b, blk};
-        seg = slot - packed_segment_base(p.cu_seqlens, b);
+        seg = slot - packed_slot_base<kSegment>(p.cu_seqlens, b);
     }
     const GradSeq sq = grad_seq(p, bhi.b, bhi.h);
     const int64_t key_dim = p.dims.key_dim, value_dim = p.dims.value_dim, len = sq.len;
