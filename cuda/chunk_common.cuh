@@ -408,6 +408,16 @@ struct Block {
         return n > 0;
     }
 
+    // Whether the block's chunk (after has_chunk) is the first of its
+    // sequence: chunk 0, or packed the chunk starting at its sequence's first
+    // step (the backward's gate gradient at a sequence's first step is 0
+    // without h0).
+    __device__ __forceinline__ bool first_chunk() const {
+        const int64_t* cu = p.cu_seqlens;
+        if (cu == nullptr) return chunk == 0;
+        return t0 == cu[packed_sequence_of<kChunk>(cu, p.dims.batch, chunk)];
+    }
+
     // Steps of the chunk kAhead chunks from this one (kAhead = ±1; ≤ 0 where
     // there is none; the walks only, which run batched).
     template <int kAhead>

@@ -229,6 +229,7 @@ __device__ __forceinline__ void grad_w(const GateloopChunkGradParams& g) {
     check_shared(g.w_shared_bytes, state_smem_bytes<Op, kComplex>());
     const GateloopChunkParams& p = g.fwd;
     Block<input_t, kComplex> blk(p, smem);
+    if (!blk.has_chunk()) return;  // an empty packed slot: the whole block, before any barrier
     // Raw q, the dY tile, [Re Q̃ | −Im Q̃] [n][col] (read as the column-major A = Q̃ᴴ).
     const StateSmem<Op, kComplex> sm(smem, blk.warp);
     float* qraw = sm.raw;
@@ -277,12 +278,22 @@ __device__ __forceinline__ void grad_w_seq(const GateloopChunkGradParams& g) {
 
 // ---- 2b. the adjoint carry ------------------------------------------------------------
 
-template <bool kComplex>
+// kPacked (gateloop_chunk_grad_adjoint_carry_packed_*, fwd.cu_seqlens): e.bhi.b
+// is the sequence, its chunks in head h's row from its first slot (the
+// forward's chunk_carry<kPacked>, and a kernel of its own for the same reason).
+template <bool kComplex, bool kPacked>
 __device__ __forceinline__ void grad_adjoint_carry(const GateloopChunkGradParams& g) {
     const GateloopChunkParams& p = g.fwd;
     StateElement e;
     if (!state_element(p.dims, e)) return;
-    const CarrySlots cs = carry_slots<kComplex ? 2 : 1>(p, g.ws_adj, e);
+    int64_t nc = p.num_chunks;
+    int64_t first_slot = e.bh * nc;
+    if (kPacked) {
+        const int64_t* cu = p.cu_seqlens;
+        first_slot = e.bhi.h * nc + packed_slot_base<kChunk>(cu, e.bhi.b);
+        nc = (cu[e.bhi.b + 1] - cu[e.bhi.b] + kChunk - 1) / kChunk;
+    }
+    const CarrySlots cs = carry_slots<kComplex ? 2 : 1>(p, g.ws_adj, e, first_slot);
     const float2 d_last = (g.grad_flags & GATELOOP_GRAD_FLAG_HAS_DH_FINAL) != 0
                               ? load_gate_side<kComplex>(g.dh_final, state_index(g.dh_final_strides, e.bhi.b,
                                                                                   e.bhi.h, e.row, e.col))
@@ -290,7 +301,7 @@ __device__ __forceinline__ void grad_adjoint_carry(const GateloopChunkGradParams
     // D(c − 1) = conj(A_c) D(c) + W_c, each slot W_c replaced by D(c); the
     // last, D(−1), is dh0 with W_0 from the tensor cores, written as
     // grad_w_seq writes it and written again by grad_dh0, next on the stream.
-    const float2 s = carry_chunks<true, kComplex>(cs, p.dims.key_dim * p.dims.value_dim, p.num_chunks, d_last);
+    const float2 s = carry_chunks<true, kComplex>(cs, p.dims.key_dim * p.dims.value_dim, nc, d_last);
     if ((g.grad_flags & GATELOOP_GRAD_FLAG_HAS_DH0) != 0) {
         store_gate_side<kComplex>(g.dh0, state_index(g.dh0_strides, e.bhi.b, e.bhi.h, e.row, e.col), s);
     }
@@ -317,6 +328,10 @@ __device__ __forceinline__ void grad_adjoint_carry(const GateloopChunkGradParams
 // subnormal unless dh0's term itself is. A reset (Re g below
 // GATELOOP_RESET_LOG_GATE: a = 0) zeroes P, every later term and A_0. The
 // cost: K·V threads of ≤ 64 steps, one exp and sincos each, once per head.
+// Packed sequences (fwd.cu_seqlens): b is the sequence, its steps from
+// cu_seqlens[b] in the one batch row, D(0) in its first slot of head h's row
+// (a branch here, not a kernel of its own: this launch is K·V threads per
+// head once, its registers no bound on anything).
 template <typename input_t, bool kComplex>
 __device__ __forceinline__ void grad_dh0(const GateloopChunkGradParams& g) {
     using Tr = InputTraits<input_t>;
@@ -324,12 +339,22 @@ __device__ __forceinline__ void grad_dh0(const GateloopChunkGradParams& g) {
     StateElement e;
     if (!state_element(p.dims, e)) return;
     const int64_t b = e.bhi.b, h = e.bhi.h;
+    // The sequence's batch row, first step, steps and first workspace slot.
+    int64_t row_b = b, first = 0, len = p.dims.len, first_slot = e.bh * p.num_chunks;
+    if (const int64_t* cu = p.cu_seqlens) {
+        row_b = 0;
+        first = cu[b];
+        len = cu[b + 1] - first;
+        first_slot = h * p.num_chunks + packed_slot_base<kChunk>(cu, b);
+    }
     const int64_t ch = p.dims.gate_dim == 1 ? 0 : e.row;
     const float* __restrict__ gate =
-        kComplex ? complex_seq_row(p.log_gate, p.gate_strides, b, h) : seq_row<float>(p.log_gate, p.gate_strides, b, h);
-    const input_t* __restrict__ q = seq_row<input_t>(p.q, p.q_strides, b, h);
-    const input_t* __restrict__ dy = seq_row<input_t>(g.dy, g.dy_strides, b, h);
-    const int n0 = static_cast<int>(min(static_cast<int64_t>(kChunk), p.dims.len));
+        (kComplex ? complex_seq_row(p.log_gate, p.gate_strides, row_b, h)
+                  : seq_row<float>(p.log_gate, p.gate_strides, row_b, h)) +
+        (kComplex ? 2 : 1) * first * p.gate_strides.time;
+    const input_t* __restrict__ q = seq_row<input_t>(p.q, p.q_strides, row_b, h) + first * p.q_strides.time;
+    const input_t* __restrict__ dy = seq_row<input_t>(g.dy, g.dy_strides, row_b, h) + first * g.dy_strides.time;
+    const int n0 = static_cast<int>(min(static_cast<int64_t>(kChunk), len));
     constexpr float kLog2e = 1.4426950408889634f;
     float2 pr = make_float2(1.f, 0.f);  // E(n, −1) = pr · 2^ex
     int ex = 0;
@@ -356,7 +381,7 @@ __device__ __forceinline__ void grad_dh0(const GateloopChunkGradParams& g) {
     // conj(A_0) D(0), A_0 = E(n_0 − 1, −1) (0 after a reset, where the loop
     // left pr = 0).
     const int64_t kv = p.dims.key_dim * p.dims.value_dim;
-    const CarrySlots cs = carry_slots<kComplex ? 2 : 1>(p, g.ws_adj, e);
+    const CarrySlots cs = carry_slots<kComplex ? 2 : 1>(p, g.ws_adj, e, first_slot);
     const float2 d = make_float2(cs.re[0], kComplex ? cs.re[kv] : 0.f);
     const float2 ad = make_float2(fmaf(pr.x, d.x, pr.y * d.y), fmaf(pr.x, d.y, -(pr.y * d.x)));
     const float2 dh0 = make_float2(ldexpf(ad.x, ex) + w.x, ldexpf(ad.y, ex) + w.y);
@@ -461,6 +486,7 @@ __device__ __forceinline__ void grad_qk(const GateloopChunkGradParams& g) {
     check_shared(g.qk_shared_bytes, qk_smem_bytes<Op, kComplex>());
     const GateloopChunkParams& p = g.fwd;
     Block<input_t, kComplex> blk(p, smem, 1);
+    if (!blk.has_chunk()) return;  // an empty packed slot: the whole block, before any barrier
     float* f = reinterpret_cast<float*>(smem + prefix_bytes<kComplex>());
     float* qraw = f;
     f += kChunk * kSlab;
@@ -486,7 +512,7 @@ __device__ __forceinline__ void grad_qk(const GateloopChunkGradParams& g) {
     const int64_t key_dim = p.dims.key_dim;
     const int64_t value_dim = p.dims.value_dim;
     const int tid = blk.tid;
-    const bool zero_first = blk.chunk == 0 && (p.flags & GATELOOP_FLAG_HAS_H0) == 0;
+    const bool zero_first = blk.first_chunk() && (p.flags & GATELOOP_FLAG_HAS_H0) == 0;
     const input_t* __restrict__ dy = seq_row<input_t>(g.dy, g.dy_strides, blk.b, blk.h);
 
     // s = dY Vᵀ on tensor cores, over every value tile in order: warp w owns
@@ -850,6 +876,7 @@ __device__ __forceinline__ void grad_dv(const GateloopChunkGradParams& g) {
     extern __shared__ __align__(128) unsigned char smem[];
     check_shared(g.dv_shared_bytes, output_smem_bytes<Op, kComplex>());
     Block<input_t, kComplex> blk(g.fwd, smem);
+    if (!blk.has_chunk()) return;  // an empty packed slot: the whole block, before any barrier
     intra_pass<Op, kGradTerms, true>(blk, smem, g.ws_adj, seq_row<input_t>(g.dy, g.dy_strides, blk.b, blk.h),
                                      g.dy_strides, seq_row_mut<input_t>(g.dv, g.dv_strides, blk.b, blk.h),
                                      g.dv_strides);
@@ -909,14 +936,19 @@ GATELOOP_CHUNK_GRAD_ENTRIES(f16, __half, r, false, GATELOOP_BY_ARCH(2, 3), GATEL
 GATELOOP_CHUNK_GRAD_ENTRIES(bf16, __nv_bfloat16, r, false, GATELOOP_BY_ARCH(2, 3), GATELOOP_BY_ARCH(3, 4), 2,
                             GATELOOP_BY_ARCH(2, 3))
 
-extern "C" __global__ void __launch_bounds__(GATELOOP_CHUNK_CARRY_THREADS)
-    gateloop_chunk_grad_adjoint_carry_c(const GateloopChunkGradParams g) {
-    gateloop::chunk::grad_adjoint_carry<true>(g);
-}
-extern "C" __global__ void __launch_bounds__(GATELOOP_CHUNK_CARRY_THREADS)
-    gateloop_chunk_grad_adjoint_carry_r(const GateloopChunkGradParams g) {
-    gateloop::chunk::grad_adjoint_carry<false>(g);
-}
+// gateloop_chunk_grad_adjoint_carry_{c,r}, and
+// gateloop_chunk_grad_adjoint_carry_packed_{c,r} for packed sequences
+// (fwd.cu_seqlens non-NULL; the bounds of the forward's packed carry).
+#define GATELOOP_CHUNK_ADJOINT_CARRY_ENTRY(NAME, CPLX, PACKED, BOUNDS)        \
+    extern "C" __global__ void __launch_bounds__ BOUNDS NAME(const GateloopChunkGradParams g) { \
+        gateloop::chunk::grad_adjoint_carry<CPLX, PACKED>(g);                  \
+    }
+GATELOOP_CHUNK_ADJOINT_CARRY_ENTRY(gateloop_chunk_grad_adjoint_carry_c, true, false, (GATELOOP_CHUNK_CARRY_THREADS))
+GATELOOP_CHUNK_ADJOINT_CARRY_ENTRY(gateloop_chunk_grad_adjoint_carry_r, false, false, (GATELOOP_CHUNK_CARRY_THREADS))
+GATELOOP_CHUNK_ADJOINT_CARRY_ENTRY(gateloop_chunk_grad_adjoint_carry_packed_c, true, true,
+                                   (GATELOOP_CHUNK_CARRY_THREADS, 2))
+GATELOOP_CHUNK_ADJOINT_CARRY_ENTRY(gateloop_chunk_grad_adjoint_carry_packed_r, false, true,
+                                   (GATELOOP_CHUNK_CARRY_THREADS, 2))
 
 // gateloop_chunk_grad_dh0_{dtype}_{c,r}: dtype of q and dy.
 #define GATELOOP_CHUNK_GRAD_DH0_ENTRY(DTYPE, TYPE, GATE, CPLX)                       \

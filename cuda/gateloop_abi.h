@@ -401,8 +401,8 @@ GATELOOP_ABI_ASSERT(sizeof(GateloopSelftestMmaParams) == 32, "GateloopSelftestMm
  *   ws_decay [B·H, num_chunks, gate_dim, parts], ws_state [B·H, num_chunks, parts·K, V].
  * key_dim ≤ CHUNK_MAX_KEY_DIM.
  *
- * Packed variable-length sequences (cu_seqlens non-NULL, the forward only;
- * the backward's embedded `fwd` has it NULL): dims.batch = N sequences packed
+ * Packed variable-length sequences (cu_seqlens non-NULL; the backward's
+ * embedded `fwd` takes it too, below): dims.batch = N sequences packed
  * along time into batch row 0 of q, k, v, log_gate and y ([1, dims.len, H,
  * D]; sequence b is steps cu_seqlens[b] .. cu_seqlens[b + 1], the host
  * checked that the offsets rise strictly from 0 to dims.len), starting from
@@ -492,6 +492,15 @@ GATELOOP_ABI_ASSERT(sizeof(GateloopChunkParams) == 80 + 48 + 5 * 24 + 2 * 24 + 8
  * (g = c) or f32 (g = r), like log_gate and h0.
  * ws_adj [B·H, num_chunks, parts·K, V] f32 (W_c, then the adjoint D(c) arriving
  * at the last step of chunk c from after it); parts = 2 (c) or 1 (r).
+ * Packed sequences (fwd.cu_seqlens non-NULL): the forward's packed layout
+ * (above: fwd.dims.batch = N, the inputs, dy and the gradients dq, dk, dv,
+ * dlog_gate in batch row 0, h0, dh_final, dh0 and the sink [N, H, K, V], the
+ * workspaces and ws_adj [H, num_chunks slots, ...]); grad_w, grad_qk and
+ * grad_dv run (h, slot[, value tile]), an empty slot's block returning; 2a
+ * and 2b are gateloop_chunk_carry_packed_{g} and
+ * gateloop_chunk_grad_adjoint_carry_packed_{g} (each sequence's own slots;
+ * the same grids), 2c reads each sequence's first chunk and slot. The
+ * walking kernels (state_seq, grad_w_seq) take batched problems only.
  */
 /* dh_final is present (otherwise NULL: the adjoint after the last step is 0). */
 #define GATELOOP_GRAD_FLAG_HAS_DH_FINAL 1u

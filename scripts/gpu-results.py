@@ -34,8 +34,8 @@ from bench.json) and writes verdict.md there, which it also prints:
   against chunked-real-fast (bench.json), and the ChunkOutput default
   (src/cuda/chunk.rs) it supports for 16-bit inputs;
 - the packed sequences: recurrent-varlen against recurrent, chunked-varlen
-  against chunked-separate (the same run),
-  what the packed path costs;
+  against chunked-separate, chunked-grad-varlen against chunked-grad (the
+  same run), what the packed path costs;
 - the launches: each bench row of several launches split into its
   launches' median times (bench.json "phases"), where the time goes.
 
@@ -475,14 +475,18 @@ def output_rule(bench):
 def packed_cost(bench):
     """The packed section: recurrent-varlen (the B sequences packed into one
     row, forward_varlen_into, the same problem and bits) against recurrent,
-    and chunked-varlen against chunked-separate (the packed chunked launch
-    takes the separate carry); what packing costs, not a default to choose."""
+    chunked-varlen against chunked-separate (the packed chunked launch
+    takes the separate carry) and chunked-grad-varlen against chunked-grad
+    (f32); what packing costs, not a default to choose."""
     L = ["## Packed sequences (recurrent-varlen against recurrent)\n"]
     table, ratios = variant_table(bench, [("recurrent", "recurrent-varlen")], grid=recurrent_grid)
     L += table
     chunked, chunked_ratios = variant_table(bench, [("chunked-separate", "chunked-varlen")])
     L += ["\nThe chunked forward's packed launch (chunked-varlen against chunked-separate):\n\n"] + chunked
-    ratios = ratios + chunked_ratios
+    grad, grad_ratios = variant_table(bench, [("chunked-grad", "chunked-grad-varlen")])
+    L += ["\nThe chunked backward's packed launches (chunked-grad-varlen against chunked-grad, f32: both the "
+          "separate carry):\n\n"] + grad
+    ratios = ratios + chunked_ratios + grad_ratios
     if ratios:
         worst = max(ratios)
         if worst <= 1 / STAGING_WIN:

@@ -104,12 +104,13 @@ pub enum Variant {
     /// Recurrent forward: four state rows a thread, twice the warps a block
     /// at K = 64 ([`cuda::recurrent::RecurrentRows::Four`]).
     Rows4,
-    /// Recurrent forward and backward, chunked forward, through the packed
+    /// Recurrent and chunked forward and backward through the packed
     /// launches: the B batch rows as B packed sequences in one row
     /// ([`cuda::recurrent::forward_packed_host_as`], `forward_varlen_into`'s
     /// path; [`cuda::recurrent_grad::backward_packed_host_as`],
-    /// `backward_varlen_into`'s; [`cuda::chunk::forward_packed_host_as`]),
-    /// the batched launches' answers bit for bit.
+    /// `backward_varlen_into`'s; [`cuda::chunk::forward_packed_host_as`],
+    /// [`cuda::chunk_grad::backward_packed_host_as`]), the batched launches'
+    /// answers bit for bit.
     Packed,
 }
 
@@ -143,7 +144,7 @@ impl Variant {
             Variant::Sequential => mode == Mode::Chunked,
             Variant::Fragments => mode == Mode::Chunked && !grad && dtype != cuda::Dtype::F32,
             Variant::Ahead | Variant::Rows4 => mode == Mode::Recurrent && !grad,
-            Variant::Packed => mode == Mode::Recurrent || (mode == Mode::Chunked && !grad),
+            Variant::Packed => mode == Mode::Recurrent || mode == Mode::Chunked,
         }
     }
 
@@ -457,6 +458,9 @@ pub fn cuda_grad_variant_as<T: Element>(
         }
         Mode::Recurrent => cuda::recurrent_grad::backward_host_as::<T>(gpu, p, dy, dh_final),
         Mode::Scan => cuda::scan_grad::backward_host_as::<T>(gpu, p, dy, dh_final),
+        Mode::Chunked if variant == Variant::Packed => {
+            cuda::chunk_grad::backward_packed_host_as::<T>(gpu, p, dy, dh_final, config, gates(real_gates(p, dh_final)))
+        }
         Mode::Chunked if real_gates(p, dh_final) => {
             cuda::chunk_grad::backward_real_host_as::<T>(gpu, p, dy, dh_final, config)
         }
@@ -470,10 +474,13 @@ pub fn cuda_grad_variant_as<T: Element>(
 /// without h0, `h0` and `dh_final` `[N, H, K, V]`; dh0 `[N, H, K, V]`) on
 /// the GPU with `mode`'s backward in `T`: the recurrent mode in one launch
 /// of each kernel ([`cuda::recurrent_grad::backward_varlen_host_as`], the
-/// real-gate kernels when gates, states and dh_final are real), the others
-/// one host run per sequence ([`cuda_grad_variant_as`] on each). The same
-/// gradients either way: the recurrent backward computes a packed sequence
-/// bit for bit as it computes it alone.
+/// real-gate kernels when gates, states and dh_final are real), the chunked
+/// mode too ([`cuda::chunk_grad::backward_varlen_host_as`], exact products;
+/// its `sequential` variant, whose walking kernels run batched problems
+/// only, one run per sequence), the others one host run per sequence
+/// ([`cuda_grad_variant_as`] on each). The same gradients either way: the
+/// recurrent and chunked backwards compute a packed sequence bit for bit as
+/// they compute it alone.
 #[allow(clippy::too_many_arguments)]
 pub fn cuda_grad_varlen_as<T: Element>(
     gpu: &Gpu,
@@ -490,6 +497,11 @@ pub fn cuda_grad_varlen_as<T: Element>(
         Mode::Recurrent => {
             let gates = gates(real_gates_with(p, h0, dh_final));
             cuda::recurrent_grad::backward_varlen_host_as::<T>(gpu, p, cu_seqlens, h0, dy, dh_final, gates)
+        }
+        Mode::Chunked if variant != Variant::Sequential => {
+            let gates = gates(real_gates_with(p, h0, dh_final));
+            let config = cuda::chunk::ChunkConfig { precision: ChunkPrecision::Exact, ..variant.chunk_config() };
+            cuda::chunk_grad::backward_varlen_host_as::<T>(gpu, p, cu_seqlens, h0, dy, dh_final, config, gates)
         }
         _ => crate::packing::backward_varlen(p, cu_seqlens, h0, dy, dh_final, |s, dy, dh| {
             cuda_grad_variant_as::<T>(gpu, mode, variant, s, dy, dh)
@@ -549,7 +561,7 @@ mod tests {
                             Variant::Sequential => m == Mode::Chunked,
                             Variant::Fragments => m == Mode::Chunked && !grad && t != Dtype::F32,
                             Variant::Ahead | Variant::Rows4 => m == Mode::Recurrent && !grad,
-                            Variant::Packed => m == Mode::Recurrent || (m == Mode::Chunked && !grad),
+                            Variant::Packed => m == Mode::Recurrent || m == Mode::Chunked,
                         };
                         assert_eq!(v.applies(m, t, grad), want, "{} {} {t} grad={grad}", v.name(), m.name());
                     }

@@ -30,8 +30,9 @@
 //! [`crate::cuda::recurrent::decode_into`] with one batch row per sequence
 //! continues them, and [`crate::cuda::recurrent_grad::backward_varlen_into`]
 //! is the backward (every sequence's dh0 from its own dh_final); the chunked
-//! kernels too, forward only: [`crate::cuda::chunk::forward_varlen_into`]
-//! (every sequence's chunks from its first step). On the host, [`forward_varlen`] and [`backward_varlen`]
+//! kernels too: [`crate::cuda::chunk::forward_varlen_into`] and
+//! [`crate::cuda::chunk_grad::backward_varlen_into`] (every sequence's
+//! chunks from its first step). On the host, [`forward_varlen`] and [`backward_varlen`]
 //! do the same with any mode (the f64 reference, the CPU chunked path, a
 //! CUDA host launcher), one run per sequence, views into the packed
 //! buffers.

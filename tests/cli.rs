@@ -746,8 +746,8 @@ fn cu_seqlens_packs_sequences_that_run_as_if_alone() {
         assert!(compare(&y32.data, &want_y).rel_l2 <= 1e-4, "{mode} {device}: y");
         assert!(compare(&h32.data, &h.data).rel_l2 <= 1e-4, "{mode} {device}: h_final");
     }
-    // And its gradients (the recurrent backward packed in one launch of
-    // each kernel, the chunked one a run per sequence): dq and dh0 within
+    // And its gradients (the recurrent and chunked backwards packed in one
+    // launch of each kernel): dq and dh0 within
     // the f32 bounds of the f64 ones above.
     let grad32: Raw = grad_raw
         .iter()

@@ -9,8 +9,8 @@
 //! f32 bounds, relative L2 ≤ 1e-4, max-abs ≤ 1e-3 · max|ref|). Resets written
 //! on the device equal those written on the host, bit for bit, and bad
 //! arguments are refused before anything is written. The recurrence's
-//! packed launches (a state per sequence: the recurrent forward and
-//! backward, the chunked forward) equal each sequence alone (on device
+//! packed launches (a state per sequence: the recurrent and chunked
+//! forwards and backwards) equal each sequence alone (on device
 //! buffers, and from host data through `dispatch::cuda_varlen_as`, the
 //! CLI's path for packed files) and, as `dispatch::Variant::Packed`, the
 //! batched launches, bit for bit.
@@ -283,10 +283,10 @@ fn varlen<T: Element>(gpu: &Gpu) {
 }
 
 /// `dispatch::Variant::Packed` (the B batch rows as B packed sequences,
-/// the recurrent `forward_varlen_into`'s launch and `backward_varlen_into`'s,
-/// the chunked `forward_varlen_into`'s, which the fuzzer runs as targets)
-/// gives the batched launches' y and h_final, and
-/// the batched backward's gradients, bit for bit: B = 3 rows of L steps,
+/// the recurrent and chunked `forward_varlen_into`'s launches and
+/// `backward_varlen_into`'s, which the fuzzer runs as targets) gives the
+/// batched launches' y and h_final, and the batched backwards' gradients,
+/// bit for bit: B = 3 rows of L steps,
 /// L around the tile and chunk lengths, complex and real gates, per-channel
 /// and per-head, with and without h0, f32 and bf16.
 #[test]
@@ -323,23 +323,28 @@ fn packed_variant<T: Element>(gpu: &Gpu) {
                 );
                 assert!(packed.y.iter().all(|x| x.is_finite()), "{label} {mode:?}: y not finite");
             }
-            // The backward too (backward_varlen_into's launches).
+            // The backwards too (each backward_varlen_into's launches).
             let dy: Vec<f32> = (0..p.dims.v_len()).map(|i| T::from_f32((0.37 * i as f32).sin()).to_f32()).collect();
             let dh_final: Vec<Complex<f32>> = (0..p.dims.state_len())
                 .map(|i| Complex::new((0.11 * i as f32).cos(), if real { 0.0 } else { (0.23 * i as f32).sin() }))
                 .collect();
-            let grad =
-                |v| dispatch::cuda_grad_variant_as::<T>(gpu, Mode::Recurrent, v, &p.view(), &dy, Some(&dh_final));
-            let (batched, packed) = (grad(Variant::Default).unwrap(), grad(Variant::Packed).unwrap());
-            for (name, a, b) in
-                [("dq", &packed.dq, &batched.dq), ("dk", &packed.dk, &batched.dk), ("dv", &packed.dv, &batched.dv)]
-            {
-                assert!(bits(a) == bits(b), "{label}: {name} differs from the batched backward's");
-            }
-            assert!(bits(&flat(&packed.dlog_gate)) == bits(&flat(&batched.dlog_gate)), "{label}: dlog_gate differs");
-            assert_eq!(packed.dh0.is_some(), with_h0, "{label}: dh0 exactly with h0");
-            if let (Some(a), Some(b)) = (&packed.dh0, &batched.dh0) {
-                assert!(bits(&flat(a)) == bits(&flat(b)), "{label}: dh0 differs from the batched backward's");
+            for mode in [Mode::Recurrent, Mode::Chunked] {
+                let label = format!("{label} {mode:?} backward");
+                let grad = |v| dispatch::cuda_grad_variant_as::<T>(gpu, mode, v, &p.view(), &dy, Some(&dh_final));
+                let (batched, packed) = (grad(Variant::Default).unwrap(), grad(Variant::Packed).unwrap());
+                for (name, a, b) in
+                    [("dq", &packed.dq, &batched.dq), ("dk", &packed.dk, &batched.dk), ("dv", &packed.dv, &batched.dv)]
+                {
+                    assert!(bits(a) == bits(b), "{label}: {name} differs from the batched backward's");
+                }
+                assert!(
+                    bits(&flat(&packed.dlog_gate)) == bits(&flat(&batched.dlog_gate)),
+                    "{label}: dlog_gate differs"
+                );
+                assert_eq!(packed.dh0.is_some(), with_h0, "{label}: dh0 exactly with h0");
+                if let (Some(a), Some(b)) = (&packed.dh0, &batched.dh0) {
+                    assert!(bits(&flat(a)) == bits(&flat(b)), "{label}: dh0 differs from the batched backward's");
+                }
             }
         }
     }
@@ -652,14 +657,30 @@ fn alone<T: Element>(
 #[test]
 fn varlen_backward_equals_each_sequence_alone() {
     let Some(gpu) = common::gpu_or_skip() else { return };
-    varlen_backward::<f32>(gpu, 9950);
-    varlen_backward::<bf16>(gpu, 9960);
+    varlen_backward::<f32>(gpu, 9950, Mode::Recurrent, 12);
+    varlen_backward::<bf16>(gpu, 9960, Mode::Recurrent, 12);
 }
 
-fn varlen_backward<T: Element>(gpu: &Gpu, seed: u64) {
+/// The chunked backward's packed launch (`chunk_grad::backward_varlen_into`,
+/// every sequence's chunks from its first step): the test above (K up to
+/// 64), each draw with exact or fast state products and the separate or
+/// automatic carry, every sequence's gradients bit for bit the chunked
+/// backward's on it alone with the same choices; the sequential carry
+/// refused by name too.
+#[test]
+fn chunked_varlen_backward_equals_each_sequence_alone() {
+    let Some(gpu) = common::gpu_or_skip() else { return };
+    varlen_backward::<f32>(gpu, 9990, Mode::Chunked, 8);
+    varlen_backward::<bf16>(gpu, 10000, Mode::Chunked, 8);
+}
+
+/// `draws` drawn packings through `mode`'s packed backward (recurrent or
+/// chunked).
+fn varlen_backward<T: Element>(gpu: &Gpu, seed: u64, mode: Mode, draws: u64) {
     use dispatch::Variant;
-    use gateloop::cuda::recurrent_grad::{self, MAX_KEY_DIM};
+    use gateloop::cuda::chunk::{ChunkCarry, ChunkConfig};
     use gateloop::cuda::recurrent_grad::{DeviceGradInputs, DeviceGrads, DeviceInputs};
+    use gateloop::cuda::{chunk_grad, recurrent_grad};
     use rand::rngs::StdRng;
     use rand::{Rng, SeedableRng};
     let mut rng = StdRng::seed_from_u64(seed);
@@ -671,15 +692,23 @@ fn varlen_backward<T: Element>(gpu: &Gpu, seed: u64) {
         let mut r = StdRng::seed_from_u64(seed);
         (0..n).map(|_| r.random_range(-1.0f32..1.0)).collect()
     };
-    for draw in 0..12u64 {
-        let dr = DrawnPacking::draw(&mut rng, 5, MAX_KEY_DIM, &[1, 7, 32, 40, 65]);
+    let chunked = mode == Mode::Chunked;
+    let max_key = if chunked { 64 } else { recurrent_grad::MAX_KEY_DIM };
+    for draw in 0..draws {
+        let dr = DrawnPacking::draw(&mut rng, 5, max_key, &[1, 7, 32, 40, 65]);
         let DrawnPacking { ref lens, heads, kd, vd, per_head, real, with_h0, regime } = dr;
         let n = lens.len();
         let with_dhf = rng.random_bool(0.5);
+        // The chunked backward's choices (the recurrent one has none).
+        let precision = if rng.random_bool(0.5) { ChunkPrecision::Fast } else { ChunkPrecision::Exact };
+        let carry = if rng.random_bool(0.5) { ChunkCarry::Separate } else { ChunkCarry::Auto };
+        let config = ChunkConfig { precision, carry, ..ChunkConfig::default() };
+        let gates = if real { Gates::Real } else { Gates::Complex };
         let label = format!(
-            "{} draw {draw}: lens {lens:?} H={heads} K={kd} V={vd} per_head={per_head} real={real} h0={with_h0} \
-             dh_final={with_dhf} {regime:?}",
-            T::DTYPE
+            "{} {mode:?} draw {draw}: lens {lens:?} H={heads} K={kd} V={vd} per_head={per_head} real={real} \
+             h0={with_h0} dh_final={with_dhf} {regime:?}{}",
+            T::DTYPE,
+            if chunked { format!(" {precision:?} {carry:?}") } else { String::new() }
         );
         let parts = dr.parts::<T>(seed + 100 * draw);
         // Upstream gradients per sequence: dy rounded to T, dh_final real
@@ -705,12 +734,14 @@ fn varlen_backward<T: Element>(gpu: &Gpu, seed: u64) {
             .iter()
             .enumerate()
             .map(|(i, p)| {
-                let run = if real {
-                    recurrent_grad::backward_real_host_as::<T>
-                } else {
-                    recurrent_grad::backward_host_as::<T>
-                };
-                run(gpu, &p.view(), &dys[i], dh_final(i)).unwrap_or_else(|e| panic!("{label}: alone {i}: {e}"))
+                let (p, dy, dhf) = (&p.view(), &dys[i], dh_final(i));
+                match (chunked, real) {
+                    (true, true) => chunk_grad::backward_real_host_as::<T>(gpu, p, dy, dhf, config),
+                    (true, false) => chunk_grad::backward_host_as::<T>(gpu, p, dy, dhf, config),
+                    (false, true) => recurrent_grad::backward_real_host_as::<T>(gpu, p, dy, dhf),
+                    (false, false) => recurrent_grad::backward_host_as::<T>(gpu, p, dy, dhf),
+                }
+                .unwrap_or_else(|e| panic!("{label}: alone {i}: {e}"))
             })
             .collect();
         let cat = |f: &dyn Fn(&gateloop::reference::grad::Grads<f32>) -> Vec<f32>| -> Vec<f32> {
@@ -736,16 +767,17 @@ fn varlen_backward<T: Element>(gpu: &Gpu, seed: u64) {
         let mut dv = s.clone_htod(&vec![T::nan(); d.v_len()]).unwrap();
         let mut dg = s.clone_htod(&vec![f32::NAN; parts_f * d.gate_len()]).unwrap();
         let mut dh0 = with_h0.then(|| s.clone_htod(&vec![f32::NAN; parts_f * n * state]).unwrap());
-        let ws_len = recurrent_grad::plan_varlen(&d, &cu).unwrap().workspace_len;
-        let mut ws = s.clone_htod(&vec![f32::NAN; ws_len]).unwrap();
-        let run = if real {
-            recurrent_grad::backward_varlen_real_into::<T>
+        let ws_len = if chunked {
+            chunk_grad::plan_varlen(&d, &cu, T::DTYPE, gates, carry).unwrap().workspace_len
         } else {
-            recurrent_grad::backward_varlen_into::<T>
+            recurrent_grad::plan_varlen(&d, &cu).unwrap().workspace_len
         };
-        run(
+        let mut ws = s.clone_htod(&vec![f32::NAN; ws_len]).unwrap();
+        packed_backward(
             gpu,
             &s,
+            mode,
+            real,
             &d,
             &cu,
             DeviceInputs { q: &q, k: &k, v: &v, log_gate: &g, h0: h0.as_ref().map(|h| h as _) },
@@ -758,6 +790,7 @@ fn varlen_backward<T: Element>(gpu: &Gpu, seed: u64) {
                 dh0: dh0.as_mut().map(|h| h as _),
             },
             &mut ws,
+            config,
         )
         .unwrap_or_else(|e| panic!("{label}: {e}"));
         let widen = |x: Vec<T>| -> Vec<f32> { x.into_iter().map(|x| x.to_f32()).collect() };
@@ -774,32 +807,40 @@ fn varlen_backward<T: Element>(gpu: &Gpu, seed: u64) {
             assert!(cbits(&got) == cbits(&want_dh0), "{label}: dh0 differs");
         }
 
-        // From host data, through dispatch (real kernels when everything is real).
-        let got = packed_host(&parts, with_h0, |p, h0| {
-            dispatch::cuda_grad_varlen_as::<T>(
-                gpu,
-                Mode::Recurrent,
-                Variant::Default,
-                p,
-                &cu,
-                h0,
-                &dy,
-                with_dhf.then_some(dhf_all.as_slice()),
-            )
-        })
-        .unwrap_or_else(|e| panic!("{label}: dispatch: {e}"));
-        assert!(bits(&got.dq) == bits(&want_dq) && bits(&got.dk) == bits(&want_dk), "{label}: dispatch dq, dk differ");
-        assert!(
-            bits(&got.dv) == bits(&want_dv) && cbits(&got.dlog_gate) == cbits(&want_dg),
-            "{label}: dispatch dv, dlog_gate differ"
-        );
-        assert_eq!(got.dh0.is_some(), with_h0, "{label}: dispatch dh0 exactly with h0");
-        if let Some(dh0) = &got.dh0 {
-            assert!(cbits(dh0) == cbits(&want_dh0), "{label}: dispatch dh0 differs");
+        // From host data, through dispatch (real kernels when everything is
+        // real; dispatch's chunked backward takes the exact products).
+        let dispatched = !chunked || precision == ChunkPrecision::Exact;
+        if dispatched {
+            let got = packed_host(&parts, with_h0, |p, h0| {
+                dispatch::cuda_grad_varlen_as::<T>(
+                    gpu,
+                    mode,
+                    Variant::Default,
+                    p,
+                    &cu,
+                    h0,
+                    &dy,
+                    with_dhf.then_some(dhf_all.as_slice()),
+                )
+            })
+            .unwrap_or_else(|e| panic!("{label}: dispatch: {e}"));
+            assert!(
+                bits(&got.dq) == bits(&want_dq) && bits(&got.dk) == bits(&want_dk),
+                "{label}: dispatch dq, dk differ"
+            );
+            assert!(
+                bits(&got.dv) == bits(&want_dv) && cbits(&got.dlog_gate) == cbits(&want_dg),
+                "{label}: dispatch dv, dlog_gate differ"
+            );
+            assert_eq!(got.dh0.is_some(), with_h0, "{label}: dispatch dh0 exactly with h0");
+            if let Some(dh0) = &got.dh0 {
+                assert!(cbits(dh0) == cbits(&want_dh0), "{label}: dispatch dh0 differs");
+            }
         }
 
         // Refused, by name, nothing written: offsets that miss L; dh0 for one
-        // sequence too few; a workspace one f32 short.
+        // sequence too few; a workspace one f32 short; (chunked) the
+        // sequential carry.
         if draw == 0 {
             let mut bad_cu = cu.clone();
             bad_cu[n] += 1;
@@ -821,22 +862,27 @@ fn varlen_backward<T: Element>(gpu: &Gpu, seed: u64) {
             let upstream = || DeviceGradInputs { dy: &dy_dev, dh_final: None };
             cases.push((
                 "cu_seqlens",
-                run(
+                packed_backward(
                     gpu,
                     &s,
+                    mode,
+                    real,
                     &d,
                     &bad_cu,
                     inputs(false),
                     upstream(),
                     DeviceGrads { dq: &mut dq2, dk: &mut dk2, dv: &mut dv2, dlog_gate: &mut dg2, dh0: None },
                     &mut ws,
+                    config,
                 ),
             ));
             cases.push((
                 "dh0",
-                run(
+                packed_backward(
                     gpu,
                     &s,
+                    mode,
+                    real,
                     &d,
                     &cu,
                     inputs(true),
@@ -849,25 +895,49 @@ fn varlen_backward<T: Element>(gpu: &Gpu, seed: u64) {
                         dh0: Some(&mut dh0_short),
                     },
                     &mut ws,
+                    config,
                 ),
             ));
             cases.push((
                 "workspace",
-                run(
+                packed_backward(
                     gpu,
                     &s,
+                    mode,
+                    real,
                     &d,
                     &cu,
                     inputs(false),
                     upstream(),
                     DeviceGrads { dq: &mut dq2, dk: &mut dk2, dv: &mut dv2, dlog_gate: &mut dg2, dh0: None },
                     &mut short_ws,
+                    config,
                 ),
             ));
+            if chunked {
+                cases.push((
+                    "carry",
+                    packed_backward(
+                        gpu,
+                        &s,
+                        mode,
+                        real,
+                        &d,
+                        &cu,
+                        inputs(false),
+                        upstream(),
+                        DeviceGrads { dq: &mut dq2, dk: &mut dk2, dv: &mut dv2, dlog_gate: &mut dg2, dh0: None },
+                        &mut ws,
+                        ChunkConfig { carry: ChunkCarry::Sequential, ..config },
+                    ),
+                ));
+            }
             for (name, r) in cases {
                 let named = match &r {
                     Err(GpuError::Input(
-                        InputError::Value { name: got, .. } | InputError::Length { name: got, .. },
+                        InputError::Value { name: got, .. }
+                        | InputError::Length { name: got, .. }
+                        | InputError::Param { name: got, .. },
                     )) => *got == name,
                     _ => false,
                 };
@@ -879,6 +949,36 @@ fn varlen_backward<T: Element>(gpu: &Gpu, seed: u64) {
             );
             assert!(s.clone_dtoh(&dg2).unwrap().iter().all(|x| x.is_nan()), "{label}: a refused call wrote dlog_gate");
         }
+    }
+}
+
+/// `mode`'s packed backward on device buffers (`recurrent_grad::` or
+/// `chunk_grad::backward_varlen_into`, or their real-gate twins when
+/// `real`); `config` is the chunked backward's (the recurrent one has none).
+#[allow(clippy::too_many_arguments)]
+fn packed_backward<'a, T: Element>(
+    gpu: &Gpu,
+    s: &std::sync::Arc<cudarc::driver::CudaStream>,
+    mode: Mode,
+    real: bool,
+    d: &gateloop::Dims,
+    cu: &[usize],
+    inputs: gateloop::cuda::DeviceInputs<'a, T>,
+    upstream: gateloop::cuda::recurrent_grad::DeviceGradInputs<'a, T>,
+    grads: gateloop::cuda::recurrent_grad::DeviceGrads<'a, T>,
+    ws: &'a mut cudarc::driver::CudaSlice<f32>,
+    config: gateloop::cuda::chunk::ChunkConfig,
+) -> Result<(), GpuError> {
+    use gateloop::cuda::{chunk_grad, recurrent_grad};
+    match (mode, real) {
+        (Mode::Chunked, true) => {
+            chunk_grad::backward_varlen_real_into(gpu, s, d, cu, inputs, upstream, grads, Some(ws), config)
+        }
+        (Mode::Chunked, false) => {
+            chunk_grad::backward_varlen_into(gpu, s, d, cu, inputs, upstream, grads, Some(ws), config)
+        }
+        (_, true) => recurrent_grad::backward_varlen_real_into(gpu, s, d, cu, inputs, upstream, grads, ws),
+        (_, false) => recurrent_grad::backward_varlen_into(gpu, s, d, cu, inputs, upstream, grads, ws),
     }
 }
 

@@ -503,6 +503,28 @@ pub fn registry() -> Vec<KernelEntry> {
             tuning: false,
         },
         KernelEntry {
+            name: "chunked-grad-varlen",
+            about: "chunked backward, complex gates, exact, of the B sequences packed into one row \
+                    (backward_varlen_into, cu_seqlens = 0, L, .., B·L; the offsets uploaded each call; the \
+                    separate carry): chunked-grad's problem and bits through the packed path (f32, where \
+                    chunked-grad takes the separate carry too)",
+            dtypes: &[Dtype::F32],
+            shapes: chunked_shapes,
+            check: |d| chunk_grad::rows_packed_plan(d, Dtype::F32, Gates::Complex, ChunkCarry::Auto).map(|_| ()),
+            cost: |d, t| chunked_grad_cost(d, t, Gates::Complex),
+            prepare: |gpu, d, t, host, sets| {
+                prepare_grad(
+                    gpu,
+                    d,
+                    t,
+                    host,
+                    sets,
+                    Backward::Chunked { forward: false, gates: Gates::Complex, packed: true },
+                )
+            },
+            tuning: false,
+        },
+        KernelEntry {
             name: "chunked-sequential",
             about: "chunked forward, complex gates, exact, the sequential carry forced; beside chunked-separate \
                     over these shapes (sequential grid 32 to 528 blocks, B·H·L ≈ 2^19) it sets SEQUENTIAL_MIN_BLOCKS",
@@ -969,8 +991,10 @@ struct GradSet<T> {
 #[derive(Clone, Copy, Debug)]
 enum Backward {
     /// The chunked backward, exact, complex or real gates, no dh_final; after
-    /// the chunked forward when `forward` (fwd+bwd).
-    Chunked { forward: bool, gates: Gates },
+    /// the chunked forward when `forward` (fwd+bwd); through the packed
+    /// launches when `packed` (the B rows as B sequences:
+    /// `chunk_grad::backward_rows_packed_into`, backward only).
+    Chunked { forward: bool, gates: Gates, packed: bool },
     /// The fused scan backward, with dh_final = the host's random state.
     Scan,
     /// The recurrent backward, complex or real gates, no dh_final; after the
@@ -980,7 +1004,7 @@ enum Backward {
 
 impl Backward {
     fn chunked(forward: bool, gates: Gates) -> Self {
-        Backward::Chunked { forward, gates }
+        Backward::Chunked { forward, gates, packed: false }
     }
     /// The gate kind of log_gate, h_final and dlog_gate.
     fn gates(self) -> Gates {
@@ -1014,6 +1038,9 @@ fn prepare_grad<'g>(
     crate::with_element!(t, T => {
         let s = gpu.stream();
         let ws_len = match backward {
+            Backward::Chunked { gates, packed: true, .. } => {
+                chunk_grad::rows_packed_plan(&dims, T::DTYPE, gates, ChunkCarry::Auto)?.workspace_len
+            }
             Backward::Chunked { gates, .. } => chunk_grad::plan(&dims, T::DTYPE, gates)?.workspace_len,
             Backward::Scan => super::scan_grad::plan_for(gpu, &dims, T::DTYPE)?.workspace_len,
             Backward::Recurrent { .. } => super::recurrent_grad::plan(&dims)?.workspace_len,
@@ -1058,7 +1085,7 @@ impl<T: Element> BenchCase for GradCase<'_, T> {
             let out = DeviceOutputs { y: &mut st.y, h_final: &mut st.h_final };
             recurrent::forward_into_gates(self.gpu, s, &self.dims, RecurrentConfig::default(), gates, inputs, out)?;
         }
-        if let Backward::Chunked { forward: true, gates } = self.backward {
+        if let Backward::Chunked { forward: true, gates, .. } = self.backward {
             // The forward's workspace is a prefix of the backward's.
             let inputs = DeviceInputs { q: &st.q, k: &st.k, v: &st.v, log_gate: &st.log_gate, h0: None };
             let out = DeviceOutputs { y: &mut st.y, h_final: &mut st.h_final };
@@ -1079,6 +1106,20 @@ impl<T: Element> BenchCase for GradCase<'_, T> {
         };
         let ws = &mut st.workspace;
         match self.backward {
+            Backward::Chunked { gates, packed: true, .. } => {
+                let config = ChunkConfig::from(exact);
+                chunk_grad::backward_rows_packed_into(
+                    self.gpu,
+                    s,
+                    &self.dims,
+                    inputs,
+                    grad_in,
+                    grads,
+                    Some(ws),
+                    config,
+                    gates,
+                )
+            }
             Backward::Chunked { gates: Gates::Complex, .. } => {
                 chunk_grad::backward_into(self.gpu, s, &self.dims, inputs, grad_in, grads, Some(ws), exact)
             }

@@ -407,8 +407,9 @@ pub fn plan_varlen(
 }
 
 /// The body of [`plan_with`] and [`plan_varlen`] (`dims.batch` = N
-/// sequences, `dims.len` the packed row's steps when `packed`).
-fn plan_rows(
+/// sequences, `dims.len` the packed row's steps when `packed`; the
+/// backward's [`super::chunk_grad::plan_varlen`] takes it too).
+pub(super) fn plan_rows(
     dims: &Dims,
     dtype: Dtype,
     gates: Gates,
@@ -503,7 +504,7 @@ pub(crate) struct ChunkKernels {
     output_fragments: Vec<Option<CudaFunction>>,
     pub(super) carry: Vec<CudaFunction>,
     /// The carry of packed sequences, `[gates]` (a kernel of its own: see cuda/chunk.cu).
-    carry_packed: Vec<CudaFunction>,
+    pub(super) carry_packed: Vec<CudaFunction>,
     /// The device's opt-in shared memory per block (bytes).
     pub(super) max_shared: usize,
 }

@@ -51,6 +51,23 @@
 //! [`ChunkPrecision`] only selects the forward state kernel of step 1 (Fast:
 //! U_c from one TF32 / f16 / bf16 product, about 1e-3 relative).
 //!
+//! # Packed sequences
+//!
+//! [`backward_varlen_into`] (and [`backward_varlen_real_into`]) is the
+//! backward of [`chunk::forward_varlen_into`]: N sequences packed along
+//! time in one batch row, each with its own h0, dh_final and dh0, in one
+//! launch of each kernel. The forward's packed layout ([`plan_varlen`]):
+//! every sequence's chunks start at its first step, a head's sequences
+//! share one row of ⌊L/64⌋ + N chunk slots (decays, S_in(c) and D(c)
+//! alike); `grad_w`, `grad_qk` and `grad_dv` run one block per (head, slot
+//! [, value tile]) and find their sequence in their prologue (an empty
+//! slot's block returns); the carries are the packed ones
+//! (`gateloop_chunk_carry_packed_*`, `gateloop_chunk_grad_adjoint_carry_packed_*`),
+//! one thread per (sequence, head, key row, value column), and `grad_dh0`
+//! reads each sequence's first chunk. Every sequence's gradients are the
+//! backward's on it alone, bit for bit. The walking kernels run batched
+//! problems only, so the packed launch takes the separate carry.
+//!
 //! # Outputs, memory, determinism
 //!
 //! dq, dk, dv are written in the inputs' element type `T` (rounded once);
@@ -135,7 +152,7 @@ pub fn shared_bytes(dtype: Dtype, gates: Gates) -> (u32, u32, u32) {
 pub struct GradPlan {
     /// The forward's plan (its state and carry kernels run first).
     pub forward: chunk::LaunchPlan,
-    /// Blocks of grad_qk: B·H·num_chunks.
+    /// Blocks of grad_qk: B·H·num_chunks (packed: H·num_chunks slots).
     pub qk_grid: u32,
     /// f32 offset of D(c) (after the forward's decays and states).
     pub adj_offset: usize,
@@ -143,6 +160,7 @@ pub struct GradPlan {
     pub sink_offset: usize,
     /// f32 of the workspace: the forward's, D (B·H·chunks·parts·K·V), the
     /// sink (parts·B·H·K·V); parts = 2 for complex gates, 1 for real.
+    /// Packed ([`plan_varlen`]): D over H·slots, the sink N·H states.
     pub workspace_len: usize,
     /// Dynamic shared memory of grad_w, grad_qk, grad_dv (bytes).
     pub shared_bytes: (u32, u32, u32),
@@ -158,25 +176,58 @@ pub fn plan(dims: &Dims, dtype: Dtype, gates: Gates) -> Result<GradPlan, InputEr
 /// [`ChunkCarry::Sequential`] makes the backward's first two launches
 /// `state_seq` and `grad_w_seq`). The workspace is the same for both carries.
 pub fn plan_with(dims: &Dims, dtype: Dtype, gates: Gates, carry: ChunkCarry) -> Result<GradPlan, InputError> {
-    let forward = chunk::plan_with(dims, dtype, gates, carry)?;
+    plan_rows(dims, dtype, gates, carry, false)
+}
+
+/// The geometry of the packed backward ([`backward_varlen_into`]): `dims`
+/// the packed problem's (`[1, L, H, *]`), `cu_seqlens` its N + 1 offsets
+/// (checked: [`crate::packing::sequence_starts`]). The forward's packed
+/// layout ([`chunk::plan_varlen`]): a head's sequences share one row of
+/// ⌊L / 64⌋ + N chunk slots, sequence i's from slot ⌊cu_seqlens\[i\] / 64⌋ + i,
+/// for the decays, S_in(c) and D(c) alike; the per-chunk launches run one
+/// block per (head, slot[, value tile]), an empty slot's returning at once;
+/// the carries one thread per (sequence, head, key row, value column). The
+/// carry is the separate one ([`ChunkCarry::Auto`] resolves to it,
+/// [`ChunkCarry::Sequential`] is refused): the walking kernels run batched
+/// problems only.
+pub fn plan_varlen(
+    dims: &Dims,
+    cu_seqlens: &[usize],
+    dtype: Dtype,
+    gates: Gates,
+    carry: ChunkCarry,
+) -> Result<GradPlan, InputError> {
+    crate::packing::sequence_starts(dims, cu_seqlens)?;
+    plan_rows(&Dims { batch: cu_seqlens.len() - 1, ..*dims }, dtype, gates, carry, true)
+}
+
+/// The body of [`plan_with`] and [`plan_varlen`] (`dims.batch` = N
+/// sequences, `dims.len` the packed row's steps when `packed`).
+fn plan_rows(dims: &Dims, dtype: Dtype, gates: Gates, carry: ChunkCarry, packed: bool) -> Result<GradPlan, InputError> {
+    let forward = chunk::plan_rows(dims, dtype, gates, carry, packed)?;
     let parts = gates.parts();
     let d = dims;
     let nc = forward.num_chunks as usize;
-    let bh = d.batch * d.heads; // fits: the forward's plan checked B·H·chunks
+    // Workspace rows: (b, h), or packed a head's sequences in one row. Fits:
+    // the forward's plan checked rows·chunks·value_tiles.
+    let rows = if packed { d.heads } else { d.batch * d.heads };
     let qk_grid =
-        u32::try_from(bh * nc).ok().filter(|&g| g <= i32::MAX as u32).ok_or_else(|| InputError::TooLarge {
+        u32::try_from(rows * nc).ok().filter(|&g| g <= i32::MAX as u32).ok_or_else(|| InputError::TooLarge {
             name: "grid",
-            shape: format!("[B·H·chunks] = {bh}·{nc}"),
+            shape: format!("[rows·chunks] = {rows}·{nc}"),
             limit: "2^31 - 1 thread blocks".into(),
         })?;
-    let state = d.batch * d.heads * d.key_dim * d.value_dim;
+    let state = d.key_dim * d.value_dim;
     let ws_error = || InputError::TooLarge {
         name: "workspace",
-        shape: format!("[B·H·chunks·{parts}·K·V] twice with {nc} chunks"),
+        shape: format!("[rows·chunks·{parts}·K·V] twice with {rows} rows of {nc} chunks"),
         limit: "usize::MAX".into(),
     };
     let adj_offset = forward.workspace_len;
-    let sink_offset = nc.checked_mul(parts * state).and_then(|a| a.checked_add(adj_offset)).ok_or_else(ws_error)?;
+    let sink_offset =
+        (rows * nc).checked_mul(parts * state).and_then(|a| a.checked_add(adj_offset)).ok_or_else(ws_error)?;
+    // The h_final sink: one state per (b, h), packed per (sequence, h).
+    let state = d.batch * d.heads * state;
     let workspace_len = sink_offset.checked_add(parts * state).ok_or_else(ws_error)?;
     Ok(GradPlan { forward, qk_grid, adj_offset, sink_offset, workspace_len, shared_bytes: shared_bytes(dtype, gates) })
 }
@@ -190,6 +241,9 @@ pub(crate) struct ChunkGradKernels {
     qk: Vec<CudaFunction>,
     dv: Vec<CudaFunction>,
     adjoint_carry: Vec<CudaFunction>,
+    /// The adjoint carry of packed sequences, `[gates]` (a kernel of its own,
+    /// as the forward's packed carry).
+    adjoint_carry_packed: Vec<CudaFunction>,
     /// dh0 from D(0) on CUDA cores, per (dtype, gates).
     dh0: Vec<CudaFunction>,
 }
@@ -230,12 +284,16 @@ impl ChunkGradKernels {
             }
         }
         let [w, qk, dv, w_seq, dh0] = tables;
-        let adjoint_carry = Gates::ALL
-            .iter()
-            .map(|g| module.load_function(&format!("gateloop_chunk_grad_adjoint_carry_{}", g.suffix())))
-            .collect::<Result<Vec<_>, _>>()
-            .doing("looking up gateloop_chunk_grad_adjoint_carry_*")?;
-        Ok(ChunkGradKernels { w, w_seq, qk, dv, adjoint_carry, dh0 })
+        let carries = |prefix: &str| {
+            Gates::ALL
+                .iter()
+                .map(|g| module.load_function(&format!("{prefix}{}", g.suffix())))
+                .collect::<Result<Vec<_>, _>>()
+                .doing("looking up gateloop_chunk_grad_adjoint_carry_{,packed_}*")
+        };
+        let adjoint_carry = carries("gateloop_chunk_grad_adjoint_carry_")?;
+        let adjoint_carry_packed = carries("gateloop_chunk_grad_adjoint_carry_packed_")?;
+        Ok(ChunkGradKernels { w, w_seq, qk, dv, adjoint_carry, adjoint_carry_packed, dh0 })
     }
 }
 
@@ -270,7 +328,7 @@ pub fn backward_into<'a, T: Element>(
     config: impl Into<ChunkConfig>,
 ) -> Result<(), GpuError> {
     let buffers = GradBuffers { inputs, grad_in, grads: grads_out, workspace, real_gates: false, packed: false };
-    launch_backward(gpu, stream, dims, buffers, config.into())
+    launch_backward(gpu, stream, dims, buffers, config.into(), None)
 }
 
 /// [`backward_into`] for REAL gates (gated linear attention, the backward of
@@ -292,23 +350,90 @@ pub fn backward_real_into<'a, T: Element>(
     config: impl Into<ChunkConfig>,
 ) -> Result<(), GpuError> {
     let buffers = GradBuffers { inputs, grad_in, grads: grads_out, workspace, real_gates: true, packed: false };
-    launch_backward(gpu, stream, dims, buffers, config.into())
+    launch_backward(gpu, stream, dims, buffers, config.into(), None)
 }
 
-/// The body of [`backward_into`] and [`backward_real_into`]: `buffers`
-/// (complex or real gate-side tensors, as its `real_gates` says) checked and
-/// bound, the launches enqueued.
+/// The backward of [`chunk::forward_varlen_into`]: packed sequences,
+/// sequence i the steps `cu_seqlens[i] .. cu_seqlens[i + 1]` of the one
+/// batch row of q, k, v, log_gate, dy (`dims` = `[1, L, H, *]`) and of the
+/// gradients dq, dk, dv, dlog_gate written there; h0, dh_final and dh0
+/// `[N, H, K, V]`, state i sequence i's. Every sequence's gradients are
+/// [`backward_into`]'s on that sequence alone with the same `config`, bit
+/// for bit (its chunks start at its first step), in one launch of each
+/// kernel (the separate carry: [`plan_varlen`]). `workspace`: at least
+/// [`plan_varlen`]`(dims, cu_seqlens, T::DTYPE, Gates::Complex,
+/// config.carry).workspace_len` f32. The offsets are checked on the host and
+/// uploaded on `stream` (one small allocation a call); the other checks and
+/// the asynchrony are [`backward_into`]'s.
+#[allow(clippy::too_many_arguments)]
+pub fn backward_varlen_into<'a, T: Element>(
+    gpu: &Gpu,
+    stream: &Arc<CudaStream>,
+    dims: &Dims,
+    cu_seqlens: &[usize],
+    inputs: DeviceInputs<'a, T>,
+    grad_in: DeviceGradInputs<'a, T>,
+    grads_out: DeviceGrads<'a, T>,
+    workspace: Option<&'a mut dyn cudarc::driver::DevicePtrMut<f32>>,
+    config: impl Into<ChunkConfig>,
+) -> Result<(), GpuError> {
+    let buffers = GradBuffers { inputs, grad_in, grads: grads_out, workspace, real_gates: false, packed: true };
+    varlen_backward(gpu, stream, dims, cu_seqlens, buffers, config.into())
+}
+
+/// [`backward_varlen_into`] with real gates ([`backward_real_into`]'s
+/// layouts: log_gate, h0, dh_final, dlog_gate, dh0 real f32; the workspace
+/// [`plan_varlen`]'s with [`Gates::Real`]).
+#[allow(clippy::too_many_arguments)]
+pub fn backward_varlen_real_into<'a, T: Element>(
+    gpu: &Gpu,
+    stream: &Arc<CudaStream>,
+    dims: &Dims,
+    cu_seqlens: &[usize],
+    inputs: DeviceInputs<'a, T>,
+    grad_in: DeviceGradInputs<'a, T>,
+    grads_out: DeviceGrads<'a, T>,
+    workspace: Option<&'a mut dyn cudarc::driver::DevicePtrMut<f32>>,
+    config: impl Into<ChunkConfig>,
+) -> Result<(), GpuError> {
+    let buffers = GradBuffers { inputs, grad_in, grads: grads_out, workspace, real_gates: true, packed: true };
+    varlen_backward(gpu, stream, dims, cu_seqlens, buffers, config.into())
+}
+
+/// The body of [`backward_varlen_into`] and [`backward_varlen_real_into`]
+/// (`launch_backward` checks the buffers against the launch's dims).
+fn varlen_backward<T: Element>(
+    gpu: &Gpu,
+    stream: &Arc<CudaStream>,
+    dims: &Dims,
+    cu_seqlens: &[usize],
+    buffers: GradBuffers<'_, T>,
+    config: ChunkConfig,
+) -> Result<(), GpuError> {
+    launch::with_offsets(gpu, stream, dims, cu_seqlens, |d, ptr| {
+        launch_backward(gpu, stream, d, buffers, config, Some(ptr))
+    })
+}
+
+/// The body of every backward: `buffers` (complex or real gate-side
+/// tensors, as its `real_gates` says) checked and bound, the launches
+/// enqueued. `cu_seqlens`: for packed sequences (`d.batch` = N of them), the
+/// device address of the N + 1 offsets, checked on the host
+/// ([`backward_varlen_into`]); the buffers are then checked as packed.
 fn launch_backward<'a, T: Element>(
     gpu: &Gpu,
     stream: &CudaStream,
     dims: &Dims,
     buffers: GradBuffers<'a, T>,
     config: ChunkConfig,
+    cu_seqlens: Option<u64>,
 ) -> Result<(), GpuError> {
     let gates = Gates::of(buffers.real_gates);
+    let packed = cu_seqlens.is_some();
+    let buffers = GradBuffers { packed, ..buffers };
     let d = dims;
     let precision = config.precision;
-    let gp = plan_with(d, T::DTYPE, gates, config.carry)?;
+    let gp = plan_rows(d, T::DTYPE, gates, config.carry, packed)?;
     let lp = gp.forward;
     let fwd_kernels = &gpu.kernels.chunk;
     let kernels = &gpu.kernels.chunk_grad;
@@ -339,6 +464,7 @@ fn launch_backward<'a, T: Element>(
             value_tiles: lp.value_tiles as i64,
             shared_bytes: lp.output_shared_bytes as i32,
             state_shared_bytes: state_bytes as i32,
+            cu_seqlens: cu_seqlens.map_or(std::ptr::null(), |p| p as usize as *const i64),
             ..GateloopChunkParams::for_dims(d, T::DTYPE.abi())?
         },
         grad_flags: if has_dh_final { abi::GATELOOP_GRAD_FLAG_HAS_DH_FINAL } else { 0 }
@@ -403,22 +529,44 @@ fn launch_backward<'a, T: Element>(
                 "launching gateloop_chunk_state (backward)",
             ),
             (&kernels.w[dtype], lp.grid, block, w_bytes, Arg::Grad(&params), "launching gateloop_chunk_grad_w"),
-            (
-                &fwd_kernels.carry[gates.index()],
-                lp.carry_grid,
-                carry_block,
-                0,
-                Arg::Fwd(&params.fwd),
-                "launching gateloop_chunk_carry (backward)",
-            ),
-            (
-                &kernels.adjoint_carry[gates.index()],
-                lp.carry_grid,
-                carry_block,
-                0,
-                Arg::Grad(&params),
-                "launching gateloop_chunk_grad_adjoint_carry",
-            ),
+            if packed {
+                (
+                    &fwd_kernels.carry_packed[gates.index()],
+                    lp.carry_grid,
+                    carry_block,
+                    0,
+                    Arg::Fwd(&params.fwd),
+                    "launching gateloop_chunk_carry_packed (backward)",
+                )
+            } else {
+                (
+                    &fwd_kernels.carry[gates.index()],
+                    lp.carry_grid,
+                    carry_block,
+                    0,
+                    Arg::Fwd(&params.fwd),
+                    "launching gateloop_chunk_carry (backward)",
+                )
+            },
+            if packed {
+                (
+                    &kernels.adjoint_carry_packed[gates.index()],
+                    lp.carry_grid,
+                    carry_block,
+                    0,
+                    Arg::Grad(&params),
+                    "launching gateloop_chunk_grad_adjoint_carry_packed",
+                )
+            } else {
+                (
+                    &kernels.adjoint_carry[gates.index()],
+                    lp.carry_grid,
+                    carry_block,
+                    0,
+                    Arg::Grad(&params),
+                    "launching gateloop_chunk_grad_adjoint_carry",
+                )
+            },
         ]
     };
     if has_dh0 {
@@ -443,17 +591,22 @@ fn launch_backward<'a, T: Element>(
             Arg::Grad(p) => launch.arg(p),
         };
         // SAFETY: each `func` takes exactly the struct pushed: the forward's
-        // gateloop_chunk_state_{T}_{g}_{prec} and gateloop_chunk_carry_{g}, or
+        // gateloop_chunk_state_{T}_{g}_{prec} and gateloop_chunk_carry_{,packed_}{g}, or
         // gateloop_chunk_state_seq_{T}_{g}_{prec}, a GateloopChunkParams
         // (params.fwd), the gateloop_chunk_grad_*_{T}_{g} entries and
-        // gateloop_chunk_grad_adjoint_carry_{g} a GateloopChunkGradParams, by
-        // value, g the gate kind `gates` (kernel_index, table_index). Every
+        // gateloop_chunk_grad_adjoint_carry_{,packed_}{g} a GateloopChunkGradParams, by
+        // value, g the gate kind `gates` (kernel_index, table_index; packed_
+        // exactly when cu_seqlens is set: then it holds d.batch + 1 offsets the
+        // caller checked to rise strictly from 0 to d.len, so every
+        // sequence's steps lie in the one batch row the sequence tensors were
+        // checked to hold (`buffers.packed`), and its chunk slots, from
+        // ⌊cu_i / 64⌋ + i, inside the plan's ⌊L / 64⌋ + N per head). Every
         // pointer comes from a live buffer of this context whose length was
         // checked above against the dims in the params (complex f32 for
         // log_gate, h0, dh_final, dlog_gate, dh0 with complex gates, real f32
         // with real ones, as the g entries read them; contiguous strides); the
         // workspace holds ≥ gp.workspace_len f32, carved as ws_decay
-        // (decay_len), ws_state and ws_adj (B·H·chunks·parts·K·V each) and the
+        // (decay_len), ws_state and ws_adj (rows·chunks·parts·K·V each, rows B·H or packed H) and the
         // h_final sink (parts·B·H·K·V), exactly the extents the kernels index,
         // each written before it is read in stream order (state and grad_w,
         // then the carries, or state_seq then grad_w_seq, which reads nothing
@@ -536,9 +689,110 @@ fn host_backward<T: Element>(
         doing,
         |s, d, inputs, grad_in, grads, w| {
             let buffers = GradBuffers { inputs, grad_in, grads, workspace: w, real_gates, packed: false };
-            launch_backward(gpu, s, d, buffers, config)
+            launch_backward(gpu, s, d, buffers, config, None)
         },
     )
+}
+
+/// [`backward_varlen_into`] from host data: `p` is the packed problem
+/// (`[1, L, H, *]`, no h0 of its own; [`crate::packing::backward_varlen`]'s
+/// contract), `h0` and `dh_final` `[N, H, K, V]`; returns dq, dk, dv
+/// (widened to f32), dlog_gate in the packed layout and, when `h0` is
+/// given, dh0 `[N, H, K, V]`: [`crate::packing::backward_varlen`]'s answer
+/// with [`backward_host_as`] on each sequence alone (same `config`), bit for
+/// bit. `gates`: [`Gates::Real`] runs [`backward_varlen_real_into`] and needs
+/// real log_gate, h0 and dh_final (else [`InputError::Value`]). Everything
+/// is checked before the upload.
+#[allow(clippy::too_many_arguments)]
+pub fn backward_varlen_host_as<T: Element>(
+    gpu: &Gpu,
+    p: &Problem<'_, f32>,
+    cu_seqlens: &[usize],
+    h0: Option<&[Complex<f32>]>,
+    dy: &[f32],
+    dh_final: Option<&[Complex<f32>]>,
+    config: impl Into<ChunkConfig>,
+    gates: Gates,
+) -> Result<Grads<f32>, GpuError> {
+    let config = config.into();
+    let sequences = crate::packing::check_varlen(p, cu_seqlens, h0)?;
+    let real_gates = gates == Gates::Real;
+    let workspace_len = |d: &Dims| Ok(plan_varlen(d, cu_seqlens, T::DTYPE, gates, config.carry)?.workspace_len);
+    launch::backward_host_states::<T>(
+        gpu,
+        p,
+        launch::HostStates::Packed { sequences, h0 },
+        dy,
+        dh_final,
+        real_gates,
+        workspace_len,
+        "synchronizing after the chunked backward",
+        |_, d, inputs, grad_in, grads, w| {
+            let buffers = GradBuffers { inputs, grad_in, grads, workspace: w, real_gates, packed: true };
+            // backward_host_states runs on the Gpu's stream, which the
+            // upload of the offsets takes as its Arc.
+            varlen_backward(gpu, gpu.stream(), d, cu_seqlens, buffers, config)
+        },
+    )
+}
+
+/// [`backward_host_as`] (or, with real gates, [`backward_real_host_as`])
+/// through the packed launches: `p`'s B batch rows as B packed sequences of
+/// `p.dims.len` steps ([`backward_rows_packed_into`]; h0, dh_final and dh0
+/// `[B, H, K, V]` either way). The batched backward's gradients, bit for
+/// bit: so the packed path meets every input the others meet
+/// (`dispatch::Variant::Packed`, which the fuzzer runs).
+pub fn backward_packed_host_as<T: Element>(
+    gpu: &Gpu,
+    p: &Problem<'_, f32>,
+    dy: &[f32],
+    dh_final: Option<&[Complex<f32>]>,
+    config: impl Into<ChunkConfig>,
+    gates: Gates,
+) -> Result<Grads<f32>, GpuError> {
+    let config = config.into();
+    let workspace_len = |d: &Dims| Ok(rows_packed_plan(d, T::DTYPE, gates, config.carry)?.workspace_len);
+    let doing = "synchronizing after the chunked backward";
+    launch::backward_host::<T>(gpu, p, dy, dh_final, gates == Gates::Real, workspace_len, doing, |_, d, i, g, o, w| {
+        // backward_host launches on the Gpu's stream, which the upload of the
+        // offsets takes as its Arc.
+        backward_rows_packed_into(gpu, gpu.stream(), d, i, g, o, w, config, gates)
+    })
+}
+
+/// The plan of the `[B, L, H, *]` problem `dims` through the packed launches
+/// ([`backward_rows_packed_into`]).
+pub(crate) fn rows_packed_plan(
+    dims: &Dims,
+    dtype: Dtype,
+    gates: Gates,
+    carry: ChunkCarry,
+) -> Result<GradPlan, InputError> {
+    let (packed, cu_seqlens) = crate::packing::rows_as_sequences(dims);
+    plan_varlen(&packed, &cu_seqlens, dtype, gates, carry)
+}
+
+/// The backward of the `[B, L, H, *]` problem `dims` through the packed
+/// launches: its B batch rows as B packed sequences of L steps, the same
+/// buffers read as `[1, B·L, H, *]` with cu_seqlens 0, L, .., B·L (h0,
+/// dh_final and dh0 `[B, H, K, V]` either way; the workspace
+/// [`rows_packed_plan`]'s); the batched backward's gradients, bit for bit.
+/// [`backward_packed_host_as`] and the bench's `chunked-grad-varlen` run it.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn backward_rows_packed_into<'a, T: Element>(
+    gpu: &Gpu,
+    stream: &Arc<CudaStream>,
+    dims: &Dims,
+    inputs: DeviceInputs<'a, T>,
+    grad_in: DeviceGradInputs<'a, T>,
+    grads: DeviceGrads<'a, T>,
+    workspace: Option<&'a mut dyn cudarc::driver::DevicePtrMut<f32>>,
+    config: ChunkConfig,
+    gates: Gates,
+) -> Result<(), GpuError> {
+    let (packed, cu_seqlens) = crate::packing::rows_as_sequences(dims);
+    let buffers = GradBuffers { inputs, grad_in, grads, workspace, real_gates: gates == Gates::Real, packed: true };
+    varlen_backward(gpu, stream, &packed, &cu_seqlens, buffers, config)
 }
 
 #[cfg(test)]
@@ -626,5 +880,36 @@ mod tests {
             plan(&dims(1, 1, 1, 257, 1, false), Dtype::F32, Gates::Complex),
             Err(InputError::Param { name: "key_dim", .. })
         ));
+    }
+
+    #[test]
+    fn plan_varlen_takes_the_forwards_slots() {
+        // 5 sequences in 300 steps, 3 heads: the forward's packed plan
+        // (⌊300/64⌋ + 5 slots a head), D over the same slots, the sink one
+        // state per (sequence, head).
+        let cu = [0usize, 70, 71, 135, 263, 300];
+        let d = dims(1, 300, 3, 5, 65, false);
+        let g = plan_varlen(&d, &cu, Dtype::Bf16, Gates::Complex, ChunkCarry::Auto).unwrap();
+        let f = chunk::plan_varlen(&d, &cu, Dtype::Bf16, Gates::Complex, ChunkCarry::Auto).unwrap();
+        let slots = 300 / 64 + 5;
+        assert_eq!(g.forward, f);
+        assert_eq!(g.qk_grid, (3 * slots) as u32);
+        assert_eq!(g.adj_offset, f.workspace_len);
+        assert_eq!(g.sink_offset, f.workspace_len + 3 * slots * 2 * 5 * 65);
+        assert_eq!(g.workspace_len, g.sink_offset + 2 * 5 * 3 * 5 * 65);
+        assert!(matches!(
+            plan_varlen(&d, &cu, Dtype::Bf16, Gates::Real, ChunkCarry::Sequential),
+            Err(InputError::Param { name: "carry", .. })
+        ));
+        assert!(matches!(
+            plan_varlen(&d, &[0, 70, 301], Dtype::F32, Gates::Complex, ChunkCarry::Auto),
+            Err(InputError::Value { name: "cu_seqlens", .. })
+        ));
+        // B rows as B sequences: the forward's rows plan, real gates.
+        let b = dims(4, 128, 2, 8, 8, true);
+        let r = rows_packed_plan(&b, Dtype::F32, Gates::Real, ChunkCarry::Auto).unwrap();
+        let slots = 4 * 128 / 64 + 4;
+        assert_eq!(r.forward, chunk::rows_packed_plan(&b, Dtype::F32, Gates::Real, ChunkCarry::Auto).unwrap());
+        assert_eq!(r.workspace_len, r.forward.workspace_len + 2 * slots * 64 + 4 * 2 * 64);
     }
 }
