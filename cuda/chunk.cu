@@ -127,20 +127,14 @@ __device__ __forceinline__ void chunk_carry(const GateloopChunkParams& p) {
     const int64_t kv = p.dims.key_dim * p.dims.value_dim;
     StateElement e;
     if (!state_element(p.dims, e)) return;
-    int64_t nc = p.num_chunks;
     const bool has_h0 = (p.flags & GATELOOP_FLAG_HAS_H0) != 0;
     const int64_t hi0 = state_index(p.h0_strides, e.bhi.b, e.bhi.h, e.row, e.col);
     const int64_t hf = state_index(p.h_final_strides, e.bhi.b, e.bhi.h, e.row, e.col);
     // Chunk c's rows: re at (c, row), im at (c, K + row), from e's row of slots.
-    int64_t first_slot = e.bh * nc;
-    if (kPacked) {
-        const int64_t* cu = p.cu_seqlens;
-        first_slot = e.bhi.h * nc + packed_slot_base<kChunk>(cu, e.bhi.b);
-        nc = (cu[e.bhi.b + 1] - cu[e.bhi.b] + kChunk - 1) / kChunk;
-    }
-    const CarrySlots cs = carry_slots<kComplex ? 2 : 1>(p, p.ws_state, e, first_slot);
+    const CarryRow row = carry_row<kPacked>(p, e);
+    const CarrySlots cs = carry_slots<kComplex ? 2 : 1>(p, p.ws_state, e, row.first_slot);
     const float2 s0 = has_h0 ? load_gate_side<kComplex>(p.h0, hi0) : make_float2(0.f, 0.f);
-    store_gate_side<kComplex>(p.h_final, hf, carry_chunks<false, kComplex>(cs, kv, nc, s0));
+    store_gate_side<kComplex>(p.h_final, hf, carry_chunks<false, kComplex>(cs, kv, row.chunks, s0));
 }
 
 // ---- 1 + 2 in one pass: the state and the carry, walking the chunks -------------

@@ -156,9 +156,9 @@ __device__ __forceinline__ float reduce_2pi(float x) {
 // [B·H, num_chunks, kParts·K, V] workspace `ws` (the real part; the imaginary
 // part kv further) and the chunk's decay in ws_decay [B·H, num_chunks,
 // gate_dim, kParts] (channel 0 for a per-head gate), counted from slot
-// `first_slot` of the workspace (e.bh · num_chunks; packed sequences: their
-// head's row, from the sequence's first slot). Shared by the forward carry
-// (ws_state) and the adjoint carry (ws_adj).
+// `first_slot` of the workspace (carry_row, below: e.bh · num_chunks; packed
+// sequences: their head's row, from the sequence's first slot). Shared by the
+// forward carry (ws_state) and the adjoint carry (ws_adj).
 struct CarrySlots {
     float* re;
     const float* dec;
@@ -178,9 +178,21 @@ __device__ __forceinline__ CarrySlots carry_slots(const GateloopChunkParams& p, 
     s.dec_stride = gd * kParts;
     return s;
 }
-template <int kParts>
-__device__ __forceinline__ CarrySlots carry_slots(const GateloopChunkParams& p, float* ws, const StateElement& e) {
-    return carry_slots<kParts>(p, ws, e, e.bh * p.num_chunks);
+
+// The chunks state element e's carry walks: from slot e.bh · num_chunks, all
+// num_chunks of them; kPacked (p.cu_seqlens), e.bhi.b is the sequence, its
+// ⌈len / kChunk⌉ chunks from its first slot in head h's row. The forward's
+// carry (chunk_carry) and the backward's adjoint carry (grad_adjoint_carry).
+struct CarryRow {
+    int64_t first_slot;
+    int64_t chunks;
+};
+template <bool kPacked>
+__device__ __forceinline__ CarryRow carry_row(const GateloopChunkParams& p, const StateElement& e) {
+    if (!kPacked) return {e.bh * p.num_chunks, p.num_chunks};
+    const int64_t* cu = p.cu_seqlens;
+    return {e.bhi.h * p.num_chunks + packed_slot_base<kChunk>(cu, e.bhi.b),
+            (cu[e.bhi.b + 1] - cu[e.bhi.b] + kChunk - 1) / kChunk};
 }
 
 // The exclusive carry of one state element over a head's chunks: launch 2

@@ -286,14 +286,8 @@ __device__ __forceinline__ void grad_adjoint_carry(const GateloopChunkGradParams
     const GateloopChunkParams& p = g.fwd;
     StateElement e;
     if (!state_element(p.dims, e)) return;
-    int64_t nc = p.num_chunks;
-    int64_t first_slot = e.bh * nc;
-    if (kPacked) {
-        const int64_t* cu = p.cu_seqlens;
-        first_slot = e.bhi.h * nc + packed_slot_base<kChunk>(cu, e.bhi.b);
-        nc = (cu[e.bhi.b + 1] - cu[e.bhi.b] + kChunk - 1) / kChunk;
-    }
-    const CarrySlots cs = carry_slots<kComplex ? 2 : 1>(p, g.ws_adj, e, first_slot);
+    const CarryRow row = carry_row<kPacked>(p, e);
+    const CarrySlots cs = carry_slots<kComplex ? 2 : 1>(p, g.ws_adj, e, row.first_slot);
     const float2 d_last = (g.grad_flags & GATELOOP_GRAD_FLAG_HAS_DH_FINAL) != 0
                               ? load_gate_side<kComplex>(g.dh_final, state_index(g.dh_final_strides, e.bhi.b,
                                                                                   e.bhi.h, e.row, e.col))
@@ -301,7 +295,7 @@ __device__ __forceinline__ void grad_adjoint_carry(const GateloopChunkGradParams
     // D(c − 1) = conj(A_c) D(c) + W_c, each slot W_c replaced by D(c); the
     // last, D(−1), is dh0 with W_0 from the tensor cores, written as
     // grad_w_seq writes it and written again by grad_dh0, next on the stream.
-    const float2 s = carry_chunks<true, kComplex>(cs, p.dims.key_dim * p.dims.value_dim, nc, d_last);
+    const float2 s = carry_chunks<true, kComplex>(cs, p.dims.key_dim * p.dims.value_dim, row.chunks, d_last);
     if ((g.grad_flags & GATELOOP_GRAD_FLAG_HAS_DH0) != 0) {
         store_gate_side<kComplex>(g.dh0, state_index(g.dh0_strides, e.bhi.b, e.bhi.h, e.row, e.col), s);
     }

@@ -546,8 +546,8 @@ mod tests {
 
     /// Where each kernel variant exists: sequential for chunked forward and
     /// backward in every dtype, fragments for the chunked forward in 16 bits,
-    /// ahead and rows4 for the recurrent forward, packed for its forward and
-    /// backward and the chunked forward; names round-trip.
+    /// ahead and rows4 for the recurrent forward, packed for the recurrent
+    /// and chunked forward and backward; names round-trip.
     #[test]
     fn variants_exist_where_their_kernels_do() {
         use cuda::Dtype;

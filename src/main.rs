@@ -67,8 +67,8 @@ enum Command {
         /// sequential carry), fragments (chunked, F16/BF16: the
         /// register-fragment output launch), ahead (recurrent: the ahead
         /// staging), rows4 (recurrent: four state rows a thread), packed
-        /// (recurrent: the B rows as packed sequences, the cu_seqlens
-        /// launch). Same function, same bounds as the default.
+        /// (recurrent, chunked: the B rows as packed sequences, the
+        /// cu_seqlens launches). Same function, same bounds as the default.
         #[arg(long, value_parser = parse_variant, default_value = "default")]
         variant: dispatch::Variant,
     },
@@ -100,7 +100,9 @@ enum Command {
         #[arg(long, short, value_enum, default_value_t = Device::Cpu)]
         device: Device,
         /// The CUDA kernel variant (cuda only): sequential (chunked: the
-        /// sequential carry, state_seq and grad_w_seq).
+        /// sequential carry, state_seq and grad_w_seq), packed (recurrent,
+        /// chunked: the B rows as packed sequences, the cu_seqlens
+        /// launches). Same function, same bounds as the default.
         #[arg(long, value_parser = parse_variant, default_value = "default")]
         variant: dispatch::Variant,
     },
@@ -361,7 +363,8 @@ fn median_timed<T>(repeat: u32, f: impl Fn() -> Result<T, Failure>) -> Result<(f
 }
 
 /// A file's forward on the GPU: the whole problem, or its packed sequences
-/// each from its own state (the recurrent mode in one launch).
+/// each from its own state (the recurrent mode in one launch, the chunked
+/// mode in one launch of each kernel).
 fn cuda_forward(
     gpu: &cuda::Gpu,
     mode: Mode,
@@ -545,8 +548,8 @@ fn grad(
 }
 
 /// A grad file's gradients on the GPU: the whole problem's, or its packed
-/// sequences' each from its own state (the recurrent mode in one launch of
-/// each kernel).
+/// sequences' each from its own state (the recurrent and chunked modes in
+/// one launch of each kernel).
 fn cuda_grad(
     gpu: &cuda::Gpu,
     mode: Mode,

@@ -293,7 +293,7 @@ fn grad_variants_are_the_default_bit_for_bit_or_refused() {
     assert_eq!(o.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&o.stderr).contains("a CUDA kernel variant"));
     for (mode, variant, available) in [
-        ("chunked", "fragments", "default, sequential"),
+        ("chunked", "fragments", "default, sequential, packed"),
         ("recurrent", "ahead", "default, packed"),
         ("scan", "sequential", "default"),
     ] {

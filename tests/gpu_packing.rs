@@ -851,7 +851,6 @@ fn varlen_backward<T: Element>(gpu: &Gpu, seed: u64, mode: Mode, draws: u64) {
             let h0_all = s.clone_htod(&vec![0.0f32; parts_f * n * state]).unwrap();
             let mut dh0_short = s.clone_htod(&vec![f32::NAN; parts_f * (n - 1).max(1) * state - parts_f]).unwrap();
             let mut short_ws = s.clone_htod(&vec![f32::NAN; ws_len - 1]).unwrap();
-            let mut cases: Vec<(&str, Result<(), GpuError>)> = Vec::new();
             let inputs = |with_h0: bool| DeviceInputs {
                 q: &q,
                 k: &k,
@@ -859,77 +858,28 @@ fn varlen_backward<T: Element>(gpu: &Gpu, seed: u64, mode: Mode, draws: u64) {
                 log_gate: &g,
                 h0: with_h0.then_some(&h0_all as &dyn cudarc::driver::DevicePtr<f32>),
             };
-            let upstream = || DeviceGradInputs { dy: &dy_dev, dh_final: None };
-            cases.push((
-                "cu_seqlens",
-                packed_backward(
-                    gpu,
-                    &s,
-                    mode,
-                    real,
-                    &d,
-                    &bad_cu,
-                    inputs(false),
-                    upstream(),
-                    DeviceGrads { dq: &mut dq2, dk: &mut dk2, dv: &mut dv2, dlog_gate: &mut dg2, dh0: None },
-                    &mut ws,
-                    config,
-                ),
-            ));
-            cases.push((
-                "dh0",
-                packed_backward(
-                    gpu,
-                    &s,
-                    mode,
-                    real,
-                    &d,
-                    &cu,
-                    inputs(true),
-                    upstream(),
-                    DeviceGrads {
-                        dq: &mut dq2,
-                        dk: &mut dk2,
-                        dv: &mut dv2,
-                        dlog_gate: &mut dg2,
-                        dh0: Some(&mut dh0_short),
-                    },
-                    &mut ws,
-                    config,
-                ),
-            ));
-            cases.push((
-                "workspace",
-                packed_backward(
-                    gpu,
-                    &s,
-                    mode,
-                    real,
-                    &d,
-                    &cu,
-                    inputs(false),
-                    upstream(),
-                    DeviceGrads { dq: &mut dq2, dk: &mut dk2, dv: &mut dv2, dlog_gate: &mut dg2, dh0: None },
-                    &mut short_ws,
-                    config,
-                ),
-            ));
+            // One refused call: offsets `cu`, h0 (and the short dh0) when
+            // `short_dh0`, workspace `ws`, `config`.
+            let mut call = |cu: &[usize], short_dh0: bool, ws: &mut cudarc::driver::CudaSlice<f32>, config| {
+                let grads = DeviceGrads {
+                    dq: &mut dq2,
+                    dk: &mut dk2,
+                    dv: &mut dv2,
+                    dlog_gate: &mut dg2,
+                    dh0: short_dh0.then_some(&mut dh0_short as _),
+                };
+                let upstream = DeviceGradInputs { dy: &dy_dev, dh_final: None };
+                packed_backward(gpu, &s, mode, real, &d, cu, inputs(short_dh0), upstream, grads, ws, config)
+            };
+            let mut cases = vec![
+                ("cu_seqlens", call(&bad_cu, false, &mut ws, config)),
+                ("dh0", call(&cu, true, &mut ws, config)),
+                ("workspace", call(&cu, false, &mut short_ws, config)),
+            ];
             if chunked {
                 cases.push((
                     "carry",
-                    packed_backward(
-                        gpu,
-                        &s,
-                        mode,
-                        real,
-                        &d,
-                        &cu,
-                        inputs(false),
-                        upstream(),
-                        DeviceGrads { dq: &mut dq2, dk: &mut dk2, dv: &mut dv2, dlog_gate: &mut dg2, dh0: None },
-                        &mut ws,
-                        ChunkConfig { carry: ChunkCarry::Sequential, ..config },
-                    ),
+                    call(&cu, false, &mut ws, ChunkConfig { carry: ChunkCarry::Sequential, ..config }),
                 ));
             }
             for (name, r) in cases {

@@ -738,7 +738,8 @@ pub fn backward_varlen_host_as<T: Element>(
 
 /// [`backward_host_as`] (or, with real gates, [`backward_real_host_as`])
 /// through the packed launches: `p`'s B batch rows as B packed sequences of
-/// `p.dims.len` steps ([`backward_rows_packed_into`]; h0, dh_final and dh0
+/// `p.dims.len` steps, [`backward_varlen_into`] on the same buffers read as
+/// `[1, B·L, H, *]` with cu_seqlens 0, L, .., B·L (h0, dh_final and dh0
 /// `[B, H, K, V]` either way). The batched backward's gradients, bit for
 /// bit: so the packed path meets every input the others meet
 /// (`dispatch::Variant::Packed`, which the fuzzer runs).
