@@ -333,13 +333,14 @@ __device__ __forceinline__ void grad_dh0(const GateloopChunkGradParams& g) {
     StateElement e;
     if (!state_element(p.dims, e)) return;
     const int64_t b = e.bhi.b, h = e.bhi.h;
-    // The sequence's batch row, first step, steps and first workspace slot.
-    int64_t row_b = b, first = 0, len = p.dims.len, first_slot = e.bh * p.num_chunks;
+    // The sequence's batch row, first step, steps and first workspace slot
+    // (the carries' carry_row).
+    int64_t row_b = b, first = 0, len = p.dims.len, first_slot = carry_row<false>(p, e).first_slot;
     if (const int64_t* cu = p.cu_seqlens) {
         row_b = 0;
         first = cu[b];
         len = cu[b + 1] - first;
-        first_slot = h * p.num_chunks + packed_slot_base<kChunk>(cu, b);
+        first_slot = carry_row<true>(p, e).first_slot;
     }
     const int64_t ch = p.dims.gate_dim == 1 ? 0 : e.row;
     const float* __restrict__ gate =

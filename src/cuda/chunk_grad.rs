@@ -499,6 +499,23 @@ fn launch_backward<'a, T: Element>(
         Fwd(&'p GateloopChunkParams),
         Grad(&'p GateloopChunkGradParams),
     }
+    // The carries of packed sequences are kernels of their own.
+    let g = gates.index();
+    let (carry, carry_doing, adjoint_carry, adjoint_doing) = if packed {
+        (
+            &fwd_kernels.carry_packed[g],
+            "launching gateloop_chunk_carry_packed (backward)",
+            &kernels.adjoint_carry_packed[g],
+            "launching gateloop_chunk_grad_adjoint_carry_packed",
+        )
+    } else {
+        (
+            &fwd_kernels.carry[g],
+            "launching gateloop_chunk_carry (backward)",
+            &kernels.adjoint_carry[g],
+            "launching gateloop_chunk_grad_adjoint_carry",
+        )
+    };
     let mut launches = if sequential {
         vec![
             (
@@ -529,44 +546,8 @@ fn launch_backward<'a, T: Element>(
                 "launching gateloop_chunk_state (backward)",
             ),
             (&kernels.w[dtype], lp.grid, block, w_bytes, Arg::Grad(&params), "launching gateloop_chunk_grad_w"),
-            if packed {
-                (
-                    &fwd_kernels.carry_packed[gates.index()],
-                    lp.carry_grid,
-                    carry_block,
-                    0,
-                    Arg::Fwd(&params.fwd),
-                    "launching gateloop_chunk_carry_packed (backward)",
-                )
-            } else {
-                (
-                    &fwd_kernels.carry[gates.index()],
-                    lp.carry_grid,
-                    carry_block,
-                    0,
-                    Arg::Fwd(&params.fwd),
-                    "launching gateloop_chunk_carry (backward)",
-                )
-            },
-            if packed {
-                (
-                    &kernels.adjoint_carry_packed[gates.index()],
-                    lp.carry_grid,
-                    carry_block,
-                    0,
-                    Arg::Grad(&params),
-                    "launching gateloop_chunk_grad_adjoint_carry_packed",
-                )
-            } else {
-                (
-                    &kernels.adjoint_carry[gates.index()],
-                    lp.carry_grid,
-                    carry_block,
-                    0,
-                    Arg::Grad(&params),
-                    "launching gateloop_chunk_grad_adjoint_carry",
-                )
-            },
+            (carry, lp.carry_grid, carry_block, 0, Arg::Fwd(&params.fwd), carry_doing),
+            (adjoint_carry, lp.carry_grid, carry_block, 0, Arg::Grad(&params), adjoint_doing),
         ]
     };
     if has_dh0 {
@@ -678,7 +659,6 @@ fn host_backward<T: Element>(
 ) -> Result<Grads<f32>, GpuError> {
     let real_gates = gates == Gates::Real;
     let workspace_len = |d: &Dims| Ok(plan_with(d, T::DTYPE, gates, config.carry)?.workspace_len);
-    let doing = "synchronizing after the chunked backward";
     launch::backward_host::<T>(
         gpu,
         p,
@@ -686,7 +666,7 @@ fn host_backward<T: Element>(
         dh_final,
         real_gates,
         workspace_len,
-        doing,
+        SYNC_DOING,
         |s, d, inputs, grad_in, grads, w| {
             let buffers = GradBuffers { inputs, grad_in, grads, workspace: w, real_gates, packed: false };
             launch_backward(gpu, s, d, buffers, config, None)
@@ -726,7 +706,7 @@ pub fn backward_varlen_host_as<T: Element>(
         dh_final,
         real_gates,
         workspace_len,
-        "synchronizing after the chunked backward",
+        SYNC_DOING,
         |_, d, inputs, grad_in, grads, w| {
             let buffers = GradBuffers { inputs, grad_in, grads, workspace: w, real_gates, packed: true };
             // backward_host_states runs on the Gpu's stream, which the
@@ -753,12 +733,20 @@ pub fn backward_packed_host_as<T: Element>(
 ) -> Result<Grads<f32>, GpuError> {
     let config = config.into();
     let workspace_len = |d: &Dims| Ok(rows_packed_plan(d, T::DTYPE, gates, config.carry)?.workspace_len);
-    let doing = "synchronizing after the chunked backward";
-    launch::backward_host::<T>(gpu, p, dy, dh_final, gates == Gates::Real, workspace_len, doing, |_, d, i, g, o, w| {
-        // backward_host launches on the Gpu's stream, which the upload of the
-        // offsets takes as its Arc.
-        backward_rows_packed_into(gpu, gpu.stream(), d, i, g, o, w, config, gates)
-    })
+    launch::backward_host::<T>(
+        gpu,
+        p,
+        dy,
+        dh_final,
+        gates == Gates::Real,
+        workspace_len,
+        SYNC_DOING,
+        |_, d, i, g, o, w| {
+            // backward_host launches on the Gpu's stream, which the upload of the
+            // offsets takes as its Arc.
+            backward_rows_packed_into(gpu, gpu.stream(), d, i, g, o, w, config, gates)
+        },
+    )
 }
 
 /// The plan of the `[B, L, H, *]` problem `dims` through the packed launches
@@ -795,6 +783,9 @@ pub(crate) fn backward_rows_packed_into<'a, T: Element>(
     let buffers = GradBuffers { inputs, grad_in, grads, workspace, real_gates: gates == Gates::Real, packed: true };
     varlen_backward(gpu, stream, &packed, &cu_seqlens, buffers, config)
 }
+
+/// What the host paths' synchronization is doing, for its error.
+const SYNC_DOING: &str = "synchronizing after the chunked backward";
 
 #[cfg(test)]
 mod tests {
