@@ -22,6 +22,8 @@ from bench.json) and writes verdict.md there, which it also prints:
   faster than the JAX associative_scan formulation where it fits, and
   B8 L4096 H16 K=V=64 within 2× of the HBM floor;
 - issue 5's target: forward+backward ≥ 1.2× faster than fla chunk_gla's;
+- with several peer runs (the GPU plan's calls split issue 4's six shapes),
+  every target at every shape over them all: the last run that settled it;
 - the carry rule: chunked-sequential against chunked-separate over the
   sweep of the sequential grid (carry.json), and the SEQUENTIAL_MIN_BLOCKS
   (src/cuda/chunk.rs) it supports;
@@ -252,10 +254,12 @@ def peer_runs(results):
 
 def targets_section(doc, name="peers.json"):
     """Issue 4's forward targets and issue 5's fwd+bwd target, one row per
-    (target, shape)."""
+    (target, shape): the section's lines, and its rows as (target, shape,
+    measured, ok) for the section over every run (targets_overall)."""
     L = [f"## Targets (issues 4 and 5), from {name}\n"]
+    rows = []
     if not doc or not doc.get("ours", {}).get("results"):
-        return L + ["(no peers.json with our results: the peer step did not run or found no GPU)\n"]
+        return L + ["(no peers.json with our results: the peer step did not run or found no GPU)\n"], rows
     rep = peers_report(doc)
     # fla quick-tuned (peers.py --fla-tune quick): its time is an upper
     # bound on fla's, so a ratio over fla that misses a target holds, one
@@ -271,6 +275,7 @@ def targets_section(doc, name="peers.json"):
 
     def row(target, shape, measured, ok):
         tally[ok] += 1
+        rows.append((target, tuple(shape), measured, ok))
         L.append(f"| {target} | {label(shape)} | {measured} | {verdict_cell(ok)} |")
 
     def ratio_row(target, shape, num, den, bound, above, what, num_is_fla=False):
@@ -327,10 +332,10 @@ def targets_section(doc, name="peers.json"):
         ratio_row("fwd+bwd ≥ 1.2× faster than fla chunk_gla (issue 5)", s, fb_ms, ofb and ofb["median_ms"], 1.2, True,
                   why, num_is_fla=True)
     # 4. B8 L4096 H16 K=V=64 within 2× of the HBM floor: the best chunked forward.
-    rows = [r for r in doc["ours"]["results"] if r["shape_key"] == peers.shape_key(TARGET_SHAPE)
-            and r["column"] == "fwd" and r["kernel"].startswith("chunked") and r.get("of_hbm_floor")]
-    if rows:
-        best = max(rows, key=lambda r: r["of_hbm_floor"])
+    chunked = [r for r in doc["ours"]["results"] if r["shape_key"] == peers.shape_key(TARGET_SHAPE)
+               and r["column"] == "fwd" and r["kernel"].startswith("chunked") and r.get("of_hbm_floor")]
+    if chunked:
+        best = max(chunked, key=lambda r: r["of_hbm_floor"])
         row("within 2× of the HBM floor", TARGET_SHAPE,
             f"{100 * best['of_hbm_floor']:.0f}% of the floor ({best['kernel']} {best['dtype']}, "
             f"{fmt(best['median_ms'])})", best["of_hbm_floor"] >= 0.5)
@@ -338,6 +343,43 @@ def targets_section(doc, name="peers.json"):
         row("within 2× of the HBM floor", TARGET_SHAPE, "no chunked forward at this shape", None)
     L.append(f"\n{tally[True]} met, {tally[False]} missed, {tally[None]} not measured. A missed target is listed in "
              "the README with its gap and reason.\n")
+    return L, rows
+
+
+def targets_overall(per_run):
+    """Every target at every shape issue 4 names (peers.DEFAULT_SHAPES, then
+    any other shape a run measured), over the peer runs [(name, rows)]: the
+    verdict of the last run that settled it (met or missed; a later run, as
+    fla's full autotune after its quick one, supersedes an earlier), else
+    not measured. The table that says what is left of issues 4 and 5 when
+    the runs split the shapes between them (the GPU plan's two calls)."""
+    if sum(1 for _, rows in per_run if rows) < 2:
+        return []  # one run: its own section is the whole answer
+    targets, shapes = [], list(peers.DEFAULT_SHAPES)
+    for _, rows in per_run:
+        for target, shape, _, _ in rows:
+            if target not in targets:
+                targets.append(target)
+            if shape not in shapes:
+                shapes.append(shape)
+    L = ["## Targets over every peer run\n",
+         "Each target at each shape from the last run that settled it (met or missed), else not measured: "
+         "the runs' ratios are each measured side by side in one run, never across runs.\n",
+         "| target | shape | measured | verdict | run |", "|---|---|---|---|---|"]
+    tally = {True: 0, False: 0, None: 0}
+    for target in targets:
+        for shape in shapes:
+            found = [(name, measured, ok) for name, rows in per_run
+                     for t, sh, measured, ok in rows if t == target and sh == shape]
+            if not found:
+                if target == "within 2× of the HBM floor":
+                    continue  # one shape only (TARGET_SHAPE)
+                found = [("—", "not run at this shape", None)]
+            settled = [f for f in found if f[2] is not None]
+            name, measured, ok = (settled or found)[-1]
+            tally[ok] += 1
+            L.append(f"| {target} | {label(shape)} | {measured} | {verdict_cell(ok)} | {name} |")
+    L.append(f"\nOver every run: {tally[True]} met, {tally[False]} missed, {tally[None]} not measured.\n")
     return L
 
 
@@ -581,8 +623,12 @@ def file_results(results, into, dry_run):
          "Filed by `scripts/gpu-results.py` from the bundle's output. Files beside this one: the bundle's own "
          "(summary, env, bench, carry, peers, fuzz, profile).\n"]
     L += steps_section(summary)
+    per_run = []
     for name, doc in runs:
-        L += targets_section(doc, name)
+        lines, rows = targets_section(doc, name)
+        L += lines
+        per_run.append((name, rows))
+    L += targets_overall(per_run)
     L += carry_rule(carry)
     L += staging_rule(bench)
     L += rows_rule(bench)

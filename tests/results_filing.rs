@@ -1,5 +1,5 @@
 //! `scripts/gpu-results.py`, the filing of a GPU bundle run, on synthetic
-//! results: the targets' verdicts, the carry, staging, rows and output rules
+//! results: the targets' verdicts (per peer run, and over every run), the carry, staging, rows and output rules
 //! and the packed path's cost it reads off known times, the files it copies, and the merge of two runs (the first packed
 //! as the device tool returns it, results.tar.gz; the second a folder). (Python's standard library only; the
 //! test command's machine has python3 for the nvcc wheels.)
@@ -247,6 +247,69 @@ fn quick_tuned_fla_settles_only_the_misses() {
     let fb = target_line(&text, "fwd+bwd");
     assert!(fb.contains("1.38×") && fb.contains("chunked-real-fwd-bwd") && fb.contains("(real gates)"), "{text}");
     assert!(fb.ends_with("| not measured |"), "{text}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// Peer runs that split issue 4's shapes between them (the GPU plan's two
+/// calls), and a third that times fla fully tuned where the first had it
+/// quick-tuned: the section over every run takes each (target, shape) from
+/// the last run that settled it, lists the shapes no run measured as not
+/// measured, and never mixes two runs in one ratio.
+#[test]
+fn targets_over_every_run_take_the_last_run_that_settled_each() {
+    if Command::new("python3").arg("--version").output().is_err() {
+        println!("SKIPPED (no python3): scripts/gpu-results.py not run");
+        return;
+    }
+    let dir = std::env::temp_dir().join(format!("gateloop-results-overall-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let (s1, s2) = ([8, 4096, 16, 64, 64], [8, 1024, 8, 64, 64]);
+    let device = json!({"name": "NVIDIA H200"});
+    let run = |name: &str, peers: serde_json::Value| {
+        let res = dir.join(name);
+        write(&res.join("env.txt"), "date: 2027-01-02T03:04:05Z\nhost: x\n");
+        write(&res.join("bench.json"), &json!({"gpu": true, "device": device, "results": []}).to_string());
+        write(&res.join("peers/peers.json"), &peers.to_string());
+        res
+    };
+    // Run 1 at s1, fla quick-tuned: real bf16 1.50x (met against its one
+    // configuration: not measured), fwd+bwd 1.10x (missed).
+    let mut quick = peer_run(s1);
+    quick["fla_tune"] = json!("quick");
+    let r1 = run("r1", quick);
+    // Run 2 at s2, fla fully tuned: real bf16 1.50x, met.
+    let r2 = run("r2", peer_run(s2));
+    // Run 3 at s1, fla fully tuned and faster: 0.9 / 1.0 = 0.90x, missed.
+    let mut full = peer_run(s1);
+    full["cases"][0]["median_ms"] = json!(0.9);
+    let r3 = run("r3", full);
+    let text = file_runs(&[&r1, &r2, &r3], &dir.join("into"));
+    let overall =
+        text.split("## Targets over every peer run").nth(1).unwrap_or_else(|| panic!("no section in\n{text}"));
+    let line = |target: &str, shape: &str| {
+        overall
+            .lines()
+            .find(|l| l.starts_with(&format!("| {target}")) && l.contains(&format!("| {shape} |")))
+            .unwrap_or_else(|| panic!("no `{target}` at {shape} in\n{overall}"))
+    };
+    let real1 = line("real bf16", "B8 L4096 H16 K=V=64");
+    assert!(real1.contains("0.90×") && real1.ends_with("| **missed** | peers-3.json |"), "{overall}");
+    let real2 = line("real bf16", "B8 L1024 H8 K=V=64");
+    assert!(real2.contains("1.50×") && real2.ends_with("| met | peers-2.json |"), "{overall}");
+    // fwd+bwd at s1: missed in runs 1 and 3, the last one named.
+    assert!(line("fwd+bwd", "B8 L4096 H16 K=V=64").ends_with("| **missed** | peers-3.json |"), "{overall}");
+    // A shape of issue 4 that no run measured.
+    let none = line("real bf16", "B1 L8192 H96 K=V=128");
+    assert!(none.contains("not run at this shape") && none.ends_with("| not measured | — |"), "{overall}");
+    // The HBM-floor target at its one shape only.
+    assert_eq!(overall.lines().filter(|l| l.starts_with("| within 2×")).count(), 1, "{overall}");
+    // 4 targets × 6 shapes + 1: met = complex ≤ 2× at s1 and s2, real at s2,
+    // HBM floor (0.55 of the floor ≥ 0.5); missed = real at s1, fwd+bwd at s1
+    // and s2 (1.10×), JAX not run -> not measured.
+    assert!(overall.contains("Over every run: 4 met, 3 missed, 18 not measured."), "{overall}");
+    // One run alone: no such section.
+    let alone = file_runs(&[&r2], &dir.join("into-alone"));
+    assert!(!alone.contains("## Targets over every peer run"), "{alone}");
     let _ = std::fs::remove_dir_all(&dir);
 }
 
