@@ -574,6 +574,16 @@ struct Block {
     __device__ __forceinline__ float modulus(int late, int early, int cl) const {
         const float e = early < 0 ? 0.f : gre[early * kSlab + cl];
         const float e_lo = early < 0 ? 0.f : glo[early * kSlab + cl];
+        return modulus_of(late, early, cl, e, e_lo);
+    }
+    // modulus for an early step of the chunk (early ≥ 0, as in every
+    // pairwise and anchored product): the same value, its table reads
+    // unguarded, so nvcc issues one LDS.128 for four consecutive channels
+    // where the guarded read was one predicated LDS a channel.
+    __device__ __forceinline__ float modulus_within(int late, int early, int cl) const {
+        return modulus_of(late, early, cl, gre[early * kSlab + cl], glo[early * kSlab + cl]);
+    }
+    __device__ __forceinline__ float modulus_of(int late, int early, int cl, float e, float e_lo) const {
         const float w = expf(fminf(re_diff(gre[late * kSlab + cl], glo[late * kSlab + cl], e, e_lo), 0.f));
         return rst[late * kSlab + cl] > early ? 0.f : w;
     }
@@ -817,7 +827,7 @@ __device__ __forceinline__ void put_state_keys(const Block<input_t, kComplex>& b
     const int last = blk.n - 1;
     for_tile<kChunk, kSlab>(TileSlot<kSlab>(blk.tid), [&](int, int m, int j) {
         const int cl = blk.col(j);
-        const float w = blk.modulus(last, m, cl);
+        const float w = blk.modulus_within(last, m, cl);
         const float kk = kraw[m * kSlab + j];
         if (kComplex) {
             const float cl_ = blk.cos_at(last, cl), sl = blk.sin_at(last, cl);
@@ -1054,12 +1064,12 @@ __device__ __forceinline__ void add_diagonal_pairs(const Block<input_t, kComplex
             float dot = 0.f;
             for (int j = 0; j < kSlab; ++j) dot = fmaf(qraw[nn * kSlab + j], kraw[m * kSlab + j], dot);
             const float cosd = fmaf(blk.cos_at(nn, 0), blk.cos_at(m, 0), blk.sin_at(nn, 0) * blk.sin_at(m, 0));
-            acc = blk.modulus(nn, m, 0) * cosd * dot;
+            acc = blk.modulus_within(nn, m, 0) * cosd * dot;
         } else {
             for (int j = 0; j < cols; ++j) {
                 const float qk = qraw[nn * kSlab + j] * kraw[m * kSlab + j];
                 const float cosd = fmaf(blk.cos_at(nn, j), blk.cos_at(m, j), blk.sin_at(nn, j) * blk.sin_at(m, j));
-                acc = fmaf(blk.modulus(nn, m, j) * cosd, qk, acc);
+                acc = fmaf(blk.modulus_within(nn, m, j) * cosd, qk, acc);
             }
         }
         pdiag[(sb * kSub + rc.x) * kSub + rc.y] += acc;
@@ -1084,14 +1094,14 @@ __device__ __forceinline__ void put_anchored_rows(const Block<input_t, kComplex>
         const int nn = kSub * pair_query(pr) + (row - pr * kSub);
         const int r = kSub * pair_key(pr) + kSub - 1;
         const int cl = blk.col(j);
-        const float wq = blk.modulus(nn, r, cl) * qraw[nn * kSlab + j];
+        const float wq = blk.modulus_within(nn, r, cl) * qraw[nn * kSlab + j];
         qa.template put<kTerms>(row, j, wq * blk.cos_at(nn, cl));
         if (kComplex) qa.template put<kTerms>(row, kSlab + j, -(wq * blk.sin_at(nn, cl)));
     });
     for_tile<(kSubs - 1) * kSub, kSlab>(slot, [&](int sub, int m, int j) {  // key sub-chunks 0 .. kSubs − 2
         const int r = sub * kSub + kSub - 1;
         const int cl = blk.col(j);
-        const float wk = blk.modulus(r, m, cl) * kraw[m * kSlab + j];
+        const float wk = blk.modulus_within(r, m, cl) * kraw[m * kSlab + j];
         ka.template put<kTerms>(m, j, wk * blk.cos_at(m, cl));
         if (kComplex) ka.template put<kTerms>(m, kSlab + j, -(wk * blk.sin_at(m, cl)));
     });

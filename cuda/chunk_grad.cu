@@ -598,14 +598,14 @@ __device__ __forceinline__ void grad_qk(const GateloopChunkGradParams& g) {
             const float qc = qn * cn, qs = qn * sn, kc = kn * cn, ks = kn * sn;
             float2 oq = make_float2(0.f, 0.f), ok = make_float2(0.f, 0.f), og = make_float2(0.f, 0.f);
             for (int j = 0; j < i; ++j) {
-                const float wq = blk.modulus(n, kSub * j + kSub - 1, cl);
+                const float wq = blk.modulus_within(n, kSub * j + kSub - 1, cl);
                 const float* x = xo + (pair_of(i, j) * kSub + nb) * 2 * kSlab;
                 const float xr = x[d], xi = kComplex ? x[kSlab + d] : 0.f;
                 oq = make_float2(fmaf(wq, xr, oq.x), fmaf(wq, xi, oq.y));
                 og = make_float2(fmaf(wq, fmaf(qc, xr, -(qs * xi)), og.x), fmaf(wq, fmaf(qc, xi, qs * xr), og.y));
             }
             if (i < kSubs - 1) {
-                const float wk = blk.modulus(kSub * i + kSub - 1, n, cl);
+                const float wk = blk.modulus_within(kSub * i + kSub - 1, n, cl);
                 const float* y = yo + (i * kSub + nb) * 2 * kSlab;
                 const float yr = y[d], yi = kComplex ? y[kSlab + d] : 0.f;
                 ok = make_float2(wk * yr, -(wk * yi));
@@ -616,7 +616,7 @@ __device__ __forceinline__ void grad_qk(const GateloopChunkGradParams& g) {
 #pragma unroll 2
             for (int m = s0; m < n; ++m) {
                 const float km = kraw[m * kSlab + d], snm = ds[n * kChunk + m];
-                const float e = blk.modulus(n, m, cl);
+                const float e = blk.modulus_within(n, m, cl);
                 const float x = snm * e * km;
                 const float xg = (snm * qn * km) * e;
                 const float cm = blk.cos_at(m, cl), sm = blk.sin_at(m, cl);
@@ -629,7 +629,7 @@ __device__ __forceinline__ void grad_qk(const GateloopChunkGradParams& g) {
 #pragma unroll 2
             for (int m = n + 1; m < s1; ++m) {
                 const float qm = qraw[m * kSlab + d], smn = ds[m * kChunk + n];
-                const float e = blk.modulus(m, n, cl);
+                const float e = blk.modulus_within(m, n, cl);
                 const float x = smn * e * qm;
                 const float xg = (smn * qm * kn) * e;
                 const float cm = blk.cos_at(m, cl), sm = blk.sin_at(m, cl);
@@ -794,7 +794,7 @@ __device__ __forceinline__ void grad_qk(const GateloopChunkGradParams& g) {
             // acc_q += |E(n, −1)| (S_in dy_n); acc_d = |E(last, n)| e^{iθ_last} conj(D v_n).
             const float wi = blk.modulus(n, -1, cl);
             const float2 aqi = make_float2(fmaf(wi, xs[i].x, aq[i].x), fmaf(wi, xs[i].y, aq[i].y));
-            const float wl = n < blk.n ? blk.modulus(last, n, cl) : 0.f;
+            const float wl = n < blk.n ? blk.modulus_within(last, n, cl) : 0.f;
             const float2 yd = make_float2(fmaf(cl_last, ys[i].x, sl_last * ys[i].y),
                                           fmaf(sl_last, ys[i].x, -(cl_last * ys[i].y)));
             const float2 ad = make_float2(wl * yd.x, wl * yd.y);
