@@ -13,6 +13,15 @@ fn script() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/gpu-results.py")
 }
 
+/// Whether python3 runs here; if not, says that `script` was skipped.
+fn have_python(script: &str) -> bool {
+    let ok = Command::new("python3").arg("--version").output().is_ok();
+    if !ok {
+        println!("SKIPPED (no python3): {script} not run");
+    }
+    ok
+}
+
 fn write(path: &Path, text: &str) {
     std::fs::create_dir_all(path.parent().unwrap()).unwrap();
     std::fs::write(path, text).unwrap();
@@ -67,8 +76,7 @@ fn peer_run(s: [usize; 5]) -> serde_json::Value {
 
 #[test]
 fn files_a_run_and_reads_the_targets_and_the_carry_rule() {
-    if Command::new("python3").arg("--version").output().is_err() {
-        println!("SKIPPED (no python3): scripts/gpu-results.py not run");
+    if !have_python("scripts/gpu-results.py") {
         return;
     }
     let dir = std::env::temp_dir().join(format!("gateloop-results-filing-{}", std::process::id()));
@@ -210,8 +218,7 @@ fn files_a_run_and_reads_the_targets_and_the_carry_rule() {
 /// choice of the one configuration per kernel (`fla_tune.py --self-test`).
 #[test]
 fn quick_tuned_fla_settles_only_the_misses() {
-    if Command::new("python3").arg("--version").output().is_err() {
-        println!("SKIPPED (no python3): scripts/gpu-results.py not run");
+    if !have_python("scripts/gpu-results.py") {
         return;
     }
     let tune = Path::new(env!("CARGO_MANIFEST_DIR")).join("benches/peers/fla_tune.py");
@@ -257,8 +264,7 @@ fn quick_tuned_fla_settles_only_the_misses() {
 /// measured, and never mixes two runs in one ratio.
 #[test]
 fn targets_over_every_run_take_the_last_run_that_settled_each() {
-    if Command::new("python3").arg("--version").output().is_err() {
-        println!("SKIPPED (no python3): scripts/gpu-results.py not run");
+    if !have_python("scripts/gpu-results.py") {
         return;
     }
     let dir = std::env::temp_dir().join(format!("gateloop-results-overall-{}", std::process::id()));
@@ -319,8 +325,7 @@ fn targets_over_every_run_take_the_last_run_that_settled_each() {
 /// 46% integer/address).
 #[test]
 fn ncu_opcodes_reads_the_committed_profile() {
-    if Command::new("python3").arg("--version").output().is_err() {
-        println!("SKIPPED (no python3): scripts/ncu-opcodes.py not run");
+    if !have_python("scripts/ncu-opcodes.py") {
         return;
     }
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
@@ -362,8 +367,7 @@ fn ncu_opcodes_reads_the_committed_profile() {
 /// (GATELOOP_PEERS_INJECT).
 #[test]
 fn compile_only_run_reports_caches_and_sigterm_stops_the_workers() {
-    if Command::new("python3").arg("--version").output().is_err() {
-        println!("SKIPPED (no python3): benches/peers/peers.py not run");
+    if !have_python("benches/peers/peers.py") {
         return;
     }
     let peers = Path::new(env!("CARGO_MANIFEST_DIR")).join("benches/peers/peers.py");
