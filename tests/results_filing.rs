@@ -22,6 +22,13 @@ fn have_python(script: &str) -> bool {
     ok
 }
 
+/// A fresh temporary folder of this process named `name`.
+fn scratch(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    dir
+}
+
 fn write(path: &Path, text: &str) {
     std::fs::create_dir_all(path.parent().unwrap()).unwrap();
     std::fs::write(path, text).unwrap();
@@ -79,8 +86,7 @@ fn files_a_run_and_reads_the_targets_and_the_carry_rule() {
     if !have_python("scripts/gpu-results.py") {
         return;
     }
-    let dir = std::env::temp_dir().join(format!("gateloop-results-filing-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
+    let dir = scratch("gateloop-results-filing");
     // Run 1, the default steps; run 2, `carry profile`, whose empty tests.log
     // must not replace run 1's.
     let res = dir.join("results");
@@ -226,8 +232,7 @@ fn quick_tuned_fla_settles_only_the_misses() {
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success() && text.contains("fla_tune self-test: ok"), "{text}");
 
-    let dir = std::env::temp_dir().join(format!("gateloop-results-quick-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
+    let dir = scratch("gateloop-results-quick");
     let res = dir.join("results");
     write(&res.join("env.txt"), "date: 2027-01-02T03:04:05Z\nhost: x\n");
     let device = json!({"name": "NVIDIA H200"});
@@ -267,8 +272,7 @@ fn targets_over_every_run_take_the_last_run_that_settled_each() {
     if !have_python("scripts/gpu-results.py") {
         return;
     }
-    let dir = std::env::temp_dir().join(format!("gateloop-results-overall-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
+    let dir = scratch("gateloop-results-overall");
     let (s1, s2) = ([8, 4096, 16, 64, 64], [8, 1024, 8, 64, 64]);
     let device = json!({"name": "NVIDIA H200"});
     let run = |name: &str, peers: serde_json::Value| {
@@ -371,8 +375,7 @@ fn compile_only_run_reports_caches_and_sigterm_stops_the_workers() {
         return;
     }
     let peers = Path::new(env!("CARGO_MANIFEST_DIR")).join("benches/peers/peers.py");
-    let dir = std::env::temp_dir().join(format!("gateloop-peers-warm-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
+    let dir = scratch("gateloop-peers-warm");
     let cache = dir.join("triton-cache");
     for k in 0..3 {
         std::fs::create_dir_all(cache.join(format!("kernel{k}"))).unwrap();
