@@ -2,7 +2,7 @@
 // fragment loads from shared memory (ldmatrix): the primitives of kernels
 // that keep their operands in registers instead of staging every WMMA tile
 // through shared memory (the chunked output kernel spends its time there:
-// README, "Speed"). Unlike WMMA, whose fragment layout is opaque, these
+// docs/speed-log.md). Unlike WMMA, whose fragment layout is opaque, these
 // layouts are the PTX ISA's ("Matrix fragments for mma.m16n8k16 /
 // mma.m16n8k8"), so a kernel can build fragments from values it already
 // holds, and the layout functions below are the one place that spells them.

@@ -158,7 +158,7 @@
 //!   allow max-abs ≤ 1e-3·N there, 10× more). Seed 1, case 10204 (an error
 //!   of 1e-42 on such a dlog_gate) passes with this at 8.5e-5; seed 2026,
 //!   case 8386 did not until the chunked backward formed each gate term with
-//!   its modulus |E| multiplied last (it now scores 4e-8; see the README and
+//!   its modulus |E| multiplied last (it now scores 4e-8; see docs/verification.md and
 //!   `tests/fuzz_regressions.rs`): the floor is attained by an f32 backward
 //!   that rounds a subnormal only as its last factor, and it is no excuse for
 //!   one that rounds a subnormal intermediate which q and k then scale up.

@@ -325,8 +325,8 @@ fn targets_over_every_run_take_the_last_run_that_settled_each() {
 
 /// `scripts/ncu-opcodes.py` on the committed H200 profile: the executed
 /// instruction mix it reads out of the report without Nsight Compute (the
-/// numbers the README quotes: 5.32e8 and 1.045e9 warp instructions, 54% and
-/// 46% integer/address).
+/// numbers docs/speed-log.md quotes in item 2: 5.3e8 and 1.0e9 warp instructions, 54%
+/// and 46% integer/address).
 #[test]
 fn ncu_opcodes_reads_the_committed_profile() {
     if !have_python("scripts/ncu-opcodes.py") {

@@ -688,7 +688,7 @@ class Deadline:
 
     def why(self):
         return (f"time budget: {max(self.left(), 0):.0f}s left of this part's {self.budget_s:.0f}s, under the "
-                f"{MIN_CASE_S}s a case needs at least (see the README: how the budget is shared)")
+                f"{MIN_CASE_S}s a case needs at least (see benches/peers/README.md: the time budget)")
 
 
 def find_gateloop(arg):
@@ -1207,7 +1207,7 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", help="results directory (default: $OUT/peers, else ./results/peers)")
     ap.add_argument("--budget-s", type=float, default=300.0, help="time budget of the whole run, seconds")
-    ap.add_argument("--shape", action="append", help="B,L,H,K,V (repeatable; default: the six of the README)")
+    ap.add_argument("--shape", action="append", help="B,L,H,K,V (repeatable; default: issue 4's six shapes)")
     ap.add_argument("--peers", help="comma-separated subset of: " + ", ".join(sorted({p[0] for p in PEERS})))
     ap.add_argument("--ours", help="comma-separated subset of `gateloop bench --list` to run (default: every kernel)")
     ap.add_argument("--fwd-first", action="store_true", help="each peer's forwards before its forward+backwards")
