@@ -115,6 +115,7 @@ pub enum Variant {
 }
 
 impl Variant {
+    /// Every variant, the default first.
     pub const ALL: [Variant; 6] =
         [Variant::Default, Variant::Sequential, Variant::Fragments, Variant::Ahead, Variant::Rows4, Variant::Packed];
 

@@ -253,7 +253,11 @@ pub const MAX_ABS_FACTOR: f64 = 10.0;
 /// The precision a target computes in.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum Precision {
+    /// q, k, v, log_gate, h0 (and dy, dh_final) rounded to f32, results in
+    /// f32.
     F32,
+    /// The drawn problem as is, results in f64 (CPU only: the CUDA kernels
+    /// take no f64).
     F64,
     /// The CUDA kernels' bf16 inputs: q, k, v (and dy) rounded to bf16,
     /// log_gate, h0 (and dh_final) to f32, computed in f32, y (and dq, dk,
@@ -319,7 +323,9 @@ const F16_SUBNORMAL_SPACING: f64 = 1.0 / 16_777_216.0;
 /// Where a target computes.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum Device {
+    /// The CPU implementations of this crate.
     Cpu,
+    /// The CUDA kernels, on GPU 0.
     Cuda,
 }
 
@@ -401,7 +407,10 @@ pub type GradRunFn = Box<dyn FnMut(&OwnedProblem<f64>, &Upstream<f64>) -> Result
 /// dv, dlog_gate, dh0).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum Kind {
+    /// y and h_final from the problem, judged against [`Oracle`].
     Forward,
+    /// dq, dk, dv, dlog_gate (and dh0) from the problem and the upstream
+    /// dy, dh_final, judged against [`GradOracle`].
     Grad,
 }
 
@@ -813,8 +822,11 @@ pub struct CaseSpec {
     pub seed: u64,
     /// The case index.
     pub index: u64,
+    /// B, L, H, K, V and the gate layout.
     pub dims: Dims,
+    /// How log_gate is drawn.
     pub regime: GateRegime,
+    /// Whether the problem has an h0 (else the state starts at zero).
     pub with_h0: bool,
     /// Scales of q, k, v (h0 is scaled by k·v).
     pub scales: [f64; 3],
@@ -994,8 +1006,9 @@ pub struct TensorScore {
     pub e_max: f64,
     /// Plain relative L2 ‖out − ref‖₂ / ‖ref‖₂ (what `gateloop check` reports).
     pub rel_l2: f64,
-    /// ‖ref‖₂ and ‖R‖₂.
+    /// ‖ref‖₂.
     pub norm_ref: f64,
+    /// ‖R‖₂.
     pub norm_r: f64,
 }
 
@@ -1015,6 +1028,8 @@ pub struct Verdict {
     /// (`y`, `h_final`) for a forward target; (`dq`, `dk`, `dv`,
     /// `dlog_gate`[, `dh0`]) for a gradient target.
     pub tensors: Vec<(&'static str, TensorScore)>,
+    /// The tolerance every score is held to (in a campaign, [`tolerance`]
+    /// of the target's precision and L).
     pub tol: f64,
 }
 
@@ -1060,8 +1075,11 @@ impl Verdict {
 /// The verdict on one run of a forward target.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct Judgement {
+    /// The score of y.
     pub y: TensorScore,
+    /// The score of h_final, over its interleaved reals.
     pub h_final: TensorScore,
+    /// The tolerance both scores are held to.
     pub tol: f64,
 }
 
@@ -1159,6 +1177,7 @@ fn roots(x: &[f64]) -> Vec<f64> {
 /// The oracle's outputs and the magnitudes R of a problem (see the module docs).
 #[derive(Clone, Debug)]
 pub struct Oracle {
+    /// y and h_final of the f64 recurrent reference on the problem.
     pub out: Outputs<f64>,
     /// R_y, `[B, L, H, V]`.
     pub r_y: Vec<f64>,
@@ -1223,10 +1242,14 @@ impl Oracle {
 /// squared-magnitude problem and upstream).
 #[derive(Clone, Debug)]
 pub struct GradOracle {
+    /// dq, dk, dv, dlog_gate (and dh0) of the f64 adjoint recurrence on the
+    /// problem and upstream.
     pub grads: Grads<f64>,
-    /// R of dq, dk `[B, L, H, K]`, dv `[B, L, H, V]`.
+    /// R of dq, `[B, L, H, K]`.
     pub r_dq: Vec<f64>,
+    /// R of dk, `[B, L, H, K]`.
     pub r_dk: Vec<f64>,
+    /// R of dv, `[B, L, H, V]`.
     pub r_dv: Vec<f64>,
     /// R of each real of dlog_gate (interleaved, log_gate's layout).
     pub r_dlog_gate: Vec<f64>,
@@ -1652,7 +1675,8 @@ fn unit_scale(x: &[f64]) -> f64 {
 const UNIT_SCALE_MAX: f64 = 4294967296.0;
 
 /// Shrinks a failing input (already in the target's precision), at most
-/// `budget` evaluations. Returns the smallest failing input found.
+/// `budget` evaluations, each judged like the case ([`evaluate_flushing`]).
+/// Returns the smallest failing input found.
 fn shrink(target: &mut Target, x: &Input, budget: usize) -> (Input, usize) {
     let d = x.p.dims;
     let kind = target.kind();
@@ -1676,7 +1700,10 @@ fn shrink(target: &mut Target, x: &Input, budget: usize) -> (Input, usize) {
             evals += 1;
             let sub = sub_input(x, &c);
             let Ok(expected) = Expected::new(kind, target.precision, &sub) else { continue };
-            if matches!(evaluate(target, &sub, &expected), Outcome::Fail { .. }) {
+            // Judged as the campaign judged the case (with the subnormal
+            // allowance of a tensor-core target): a piece that fails only
+            // because its subnormal inputs were read as 0 is not a failure.
+            if matches!(evaluate_flushing(target, &sub, &expected).0, Outcome::Fail { .. }) {
                 region = c;
                 steps += 1;
                 continue 'outer;
@@ -1696,6 +1723,8 @@ pub struct FuzzConfig {
     pub cases: u64,
     /// Index of the first case (to replay case i: first_case = i, cases = 1).
     pub first_case: u64,
+    /// The campaign seed: with a case's index and `max_len`, all that case
+    /// is drawn from ([`draw_case`]).
     pub seed: u64,
     /// Longest sequence drawn.
     pub max_len: usize,
@@ -1703,7 +1732,8 @@ pub struct FuzzConfig {
     pub time_budget: Option<Duration>,
     /// Where failing cases are written; `None` writes nothing.
     pub out_dir: Option<PathBuf>,
-    /// Stop after this many disagreements (each shrunk and written).
+    /// Stop after this many disagreements (each shrunk and written); 0 is
+    /// taken as 1.
     pub max_failures: usize,
     /// Evaluations the shrinker may spend per failure.
     pub shrink_budget: usize,
@@ -1736,21 +1766,33 @@ impl Default for FuzzConfig {
 /// Per-target totals.
 #[derive(Clone, Debug, PartialEq)]
 pub struct TargetSummary {
+    /// The target's label.
     pub label: String,
+    /// Forward or gradient.
     pub kind: Kind,
+    /// The target's mode.
     pub mode: Mode,
+    /// The precision the target computes in.
     pub precision: Precision,
+    /// Where the target computes.
     pub device: Device,
     /// Cases run and judged.
     pub cases: u64,
     /// Cases skipped as too expensive for the mode (attention O(L²), scan memory).
     pub skipped: u64,
+    /// Cases that failed: a score over the tolerance (or NaN), outputs of the
+    /// wrong shape, or a refusal by the target or its oracle.
     pub failures: u64,
-    /// Worst score / tolerance ratio seen (NaN-free cases), with its score,
-    /// tolerance and case index.
+    /// Worst score / tolerance ratio seen: the largest over the passed
+    /// cases, ∞ once a case has failed.
     pub worst_ratio: f64,
+    /// The score of [`worst_case`](Self::worst_case); NaN for a failure that
+    /// scored NaN or has no score (a refusal, outputs of the wrong shape).
     pub worst_score: f64,
+    /// The tolerance of [`worst_case`](Self::worst_case).
     pub worst_tol: f64,
+    /// The index of the case with the worst ratio (once a case has failed,
+    /// the last failure); `None` while no case has run.
     pub worst_case: Option<u64>,
     /// Cases passed only against the oracle with subnormal inputs set to 0
     /// (tensor-core targets: [`Target::flushes_subnormal_inputs`]).
@@ -1762,8 +1804,14 @@ pub struct TargetSummary {
 /// The files and commands of one written failure.
 #[derive(Clone, Debug, PartialEq)]
 pub struct FailureFiles {
+    /// `<stem>.input.safetensors`: the shrunk case's input in the target's
+    /// precision (for a gradient target, a `gateloop grad` file).
     pub input: PathBuf,
+    /// `<stem>.expected.safetensors`: the f64 oracle's outputs (or
+    /// gradients) on that input.
     pub expected: PathBuf,
+    /// `<stem>.actual.safetensors`: what the target produced; `None` when it
+    /// produced nothing to compare (a refusal, outputs of the wrong shape).
     pub actual: Option<PathBuf>,
     /// Where the replay's `gateloop run` writes.
     pub replay_output: PathBuf,
@@ -1776,19 +1824,29 @@ pub struct FailureFiles {
 /// One disagreement.
 #[derive(Clone, Debug)]
 pub struct FuzzFailure {
+    /// The failing target's label.
     pub target: String,
-    /// The failing target's kind, mode, precision, device and kernel variant.
+    /// The failing target's kind.
     pub kind: Kind,
+    /// The failing target's mode.
     pub mode: Mode,
+    /// The failing target's precision.
     pub precision: Precision,
+    /// The failing target's device.
     pub device: Device,
+    /// The failing target's kernel variant (`gateloop run --variant`).
     pub variant: Variant,
+    /// The case as drawn, before shrinking.
     pub case: CaseSpec,
     /// Why the original case failed.
     pub why: String,
-    /// The shrunk problem's dims and why it fails.
+    /// The shrunk problem's dims.
     pub shrunk_dims: Dims,
+    /// Why the shrunk case fails, or why it could not be judged again (it
+    /// passed when re-run, or the oracle refused it).
     pub shrunk_why: String,
+    /// Shrink steps taken, each to a smaller region on which the target
+    /// still failed.
     pub shrink_steps: usize,
     /// Written files (None without an out dir, or with the write error).
     pub files: Option<Result<FailureFiles, String>>,
@@ -1797,14 +1855,20 @@ pub struct FuzzFailure {
 /// A campaign's result.
 #[derive(Clone, Debug)]
 pub struct FuzzReport {
+    /// The campaign seed.
     pub seed: u64,
     /// The campaign's longest sequence (part of a case's identity).
     pub max_len: usize,
+    /// Index of the first case.
     pub first_case: u64,
     /// Cases run (all targets).
     pub cases_run: u64,
+    /// Per-target totals, in the order of the targets run.
     pub targets: Vec<TargetSummary>,
+    /// The disagreements, in the order found; the campaign stops at
+    /// max(`max_failures`, 1) of them.
     pub failures: Vec<FuzzFailure>,
+    /// Wall time of the campaign, shrinking and writing included.
     pub elapsed: Duration,
     /// Why the campaign stopped before its last case, if it did.
     pub stopped_early: Option<String>,

@@ -159,6 +159,7 @@ pub fn log_gate_error<T: Real>(index: usize, g: Complex<T>) -> Option<InputError
 /// Borrowed inputs of one forward call.
 #[derive(Clone, Copy, Debug)]
 pub struct Problem<'a, T> {
+    /// The shape, and the gate layout (per channel or per head).
     pub dims: Dims,
     /// `[B, L, H, K]`
     pub q: &'a [T],
@@ -268,7 +269,9 @@ impl<'a, T: Real> Problem<'a, T> {
 /// Owned outputs: `y` `[B, L, H, V]` and `h_final` `[B, H, K, V]` complex.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Outputs<T> {
+    /// `[B, L, H, V]`: y_t = Re(q_t h_t).
     pub y: Vec<T>,
+    /// `[B, H, K, V]` complex: the state after the last step, h_{L−1}.
     pub h_final: Vec<Complex<T>>,
 }
 

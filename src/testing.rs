@@ -38,11 +38,18 @@ pub enum GateRegime {
 /// An owned problem (see [`Problem`] for the layout).
 #[derive(Clone, Debug)]
 pub struct OwnedProblem<T> {
+    /// The shape, and the gate layout (per channel or per head).
     pub dims: Dims,
+    /// `[B, L, H, K]`
     pub q: Vec<T>,
+    /// `[B, L, H, K]`
     pub k: Vec<T>,
+    /// `[B, L, H, V]`
     pub v: Vec<T>,
+    /// `[B, L, H, K]` (per channel) or `[B, L, H, 1]` (per head) complex:
+    /// a = exp(log_gate).
     pub log_gate: Vec<Complex<T>>,
+    /// `[B, H, K, V]` complex initial state; `None` starts from zero.
     pub h0: Option<Vec<Complex<T>>>,
 }
 

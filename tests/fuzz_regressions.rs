@@ -391,3 +391,39 @@ fn tensor_core_targets_may_read_subnormal_inputs_as_zero() {
     let t = Target::custom("wrong-flushing-chunked", Mode::Chunked, Precision::F32, Device::Cuda, wrong);
     assert_eq!(fuzz::run_campaign(&cfg, &mut [t]).failures.len(), 1);
 }
+
+/// The shrinker judges its candidates as the campaign judged the case: for a
+/// tensor-core target, with the subnormal-input allowance. Judged without
+/// it, a target that is wrong only from L = 6 on (here: y scaled by
+/// 1 + 1e-3) shrank case 453 (L = 11) past its failing L = 6 half to a
+/// piece whose only "failure" was the flush of its subnormal v, which the
+/// final judgement (with the allowance) then passed: the report said
+/// "passes when re-run (nondeterministic?)" and wrote no replay files for a
+/// real disagreement.
+#[test]
+fn the_shrinker_keeps_the_subnormal_allowance() {
+    use gateloop::fuzz::{self, Device, FuzzConfig, Target};
+    use gateloop::{Mode, reference};
+    let wrong_from_two_steps = |p: &OwnedProblem<f64>| -> Result<Outputs<f64>, String> {
+        let flush = |x: &f64| if x.abs() < f64::from(f32::MIN_POSITIVE) { 0.0 } else { *x };
+        let mut f = p.clone();
+        for xs in [&mut f.q, &mut f.k, &mut f.v] {
+            xs.iter_mut().for_each(|x| *x = flush(x));
+        }
+        if let Some(h) = f.h0.as_mut() {
+            h.iter_mut().for_each(|z| *z = Complex::new(flush(&z.re), flush(&z.im)));
+        }
+        let mut out = reference::recurrent::forward(&f.to_f32().view()).map(widen).map_err(|e| e.to_string())?;
+        if p.dims.len >= 6 {
+            out.y.iter_mut().for_each(|y| *y *= 1.001);
+        }
+        Ok(out)
+    };
+    let cfg = FuzzConfig { cases: 1, first_case: 453, seed: 2033, max_len: 600, out_dir: None, ..Default::default() };
+    let t = Target::custom("wrong-flushing-chunked", Mode::Chunked, Precision::F32, Device::Cuda, wrong_from_two_steps);
+    let report = fuzz::run_campaign(&cfg, &mut [t]);
+    assert_eq!(report.failures.len(), 1, "{}", report.render());
+    let f = &report.failures[0];
+    assert!(!f.shrunk_why.contains("passes when re-run"), "{}", report.render());
+    assert!(f.shrunk_dims.len >= 6, "shrunk to {:?}: {}", f.shrunk_dims, report.render());
+}

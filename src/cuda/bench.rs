@@ -68,18 +68,52 @@ pub const H200_DATASHEET: &str = "H200 SXM datasheet: HBM3e 4.8 TB/s, FP32 (non-
 /// Errors of a benchmark run.
 #[derive(Debug, Error)]
 pub enum BenchError {
+    /// A CUDA call outside the cases failed: querying the device or its free
+    /// memory, or measuring the copy bandwidth. A case that fails is not
+    /// this error but a [`BenchFailure`] in the report.
     #[error(transparent)]
     Gpu(#[from] GpuError),
+    /// A shape that is invalid ([`parse_shape`]) or that a selected kernel
+    /// does not run (its `check`).
     #[error(transparent)]
     Input(#[from] InputError),
+    /// `--kernel` named no entry of the [`registry`].
     #[error("unknown kernel `{name}` (available: {available})")]
-    UnknownKernel { name: String, available: String },
+    UnknownKernel {
+        /// The name given.
+        name: String,
+        /// Every entry's name, comma-separated.
+        available: String,
+    },
+    /// A `--shape` argument that [`parse_shape`] cannot read; sizes that it
+    /// reads but that are invalid are [`BenchError::Input`].
     #[error("`--shape {spec}`: {why} (expected B,L,H,K,V or B,L,H,K,V,head)")]
-    BadShape { spec: String, why: String },
+    BadShape {
+        /// The argument as given.
+        spec: String,
+        /// What is wrong with it.
+        why: String,
+    },
+    /// A kernel named with `--kernel` runs none of the `--dtype` element types.
     #[error("kernel `{kernel}` has none of the dtypes asked for ({asked}; it runs {has})")]
-    UnsupportedDtype { kernel: &'static str, asked: String, has: String },
+    UnsupportedDtype {
+        /// The kernel's name.
+        kernel: &'static str,
+        /// The element types asked for, comma-separated.
+        asked: String,
+        /// The element types the kernel runs, comma-separated.
+        has: String,
+    },
+    /// An option below its minimum (`--runs` 0).
     #[error("{what} must be at least {min}, got {value}")]
-    TooFew { what: &'static str, min: usize, value: usize },
+    TooFew {
+        /// The option, as on the command line.
+        what: &'static str,
+        /// The least value allowed.
+        min: usize,
+        /// The value given.
+        value: usize,
+    },
 }
 
 /// The fewest bytes one call must move, the bytes its launches move as
@@ -114,13 +148,18 @@ impl Cost {
 }
 
 /// Random host inputs of one shape in the operator's layout, shared by every
-/// kernel and dtype of that shape: q, k, v uniform in (−1, 1) as f32,
-/// log_gate with Re ∈ [−0.3, 0], Im ∈ (−π, π) and a state uniform in the unit
-/// square, both complex f32 as interleaved pairs.
+/// kernel and dtype of that shape: q, k, v uniform in [−1, 1) as f32,
+/// log_gate with Re ∈ (−0.3, 0], Im ∈ [−π, π) and a state with re and im
+/// uniform in [−1, 1), both complex f32 as interleaved pairs.
 pub struct HostInputs {
+    /// The shape the arrays are laid out for.
     pub dims: Dims,
+    /// Queries, `[B, L, H, K]` (each case rounds them to its element type).
     pub q: Vec<f32>,
+    /// Keys, `[B, L, H, K]`, rounded like `q`.
     pub k: Vec<f32>,
+    /// Values, `[B, L, H, V]`, rounded like `q` (the backward's dy is them
+    /// reversed).
     pub v: Vec<f32>,
     /// `[B, L, H, gate_dim]` complex, interleaved.
     pub log_gate: Vec<f32>,
@@ -283,6 +322,11 @@ pub fn registry() -> Vec<KernelEntry> {
             dtypes: &Dtype::ALL,
             shapes: recurrent_shapes,
             check: |d| scan::plan(d, 1).map(|_| ()),
+            // The recurrence's bytes and flops, the operator's minimum; the
+            // time-parallel scan does about twice that arithmetic (it
+            // composes gates as well as states) and round-trips its
+            // chunk-boundary carries through the workspace, both overhead
+            // over this floor.
             cost: |d, t| recurrent_cost(d, t, false, Gates::Complex),
             prepare: |gpu, d, t, host, sets| {
                 let ws = scan::plan_for(gpu, &d)?.workspace_len;
@@ -296,7 +340,7 @@ pub fn registry() -> Vec<KernelEntry> {
             dtypes: &Dtype::ALL,
             shapes: attention_shapes,
             check: |d| attention::plan(d).map(|_| ()),
-            cost: |d, _t| attention_cost(d),
+            cost: attention_cost,
             prepare: |gpu, d, t, host, sets| {
                 let ws = attention::plan(&d)?.workspace_len;
                 crate::with_element!(t, T => prepare_forward::<T>(gpu, d, host, sets, Gates::Complex, ws, attention::forward_into::<T>))
@@ -768,23 +812,17 @@ fn chunked_fwd_bwd_cost(d: &Dims, t: Dtype, gates: Gates) -> Cost {
     chunked_cost(d, t, gates).then(chunked_grad_cost(d, t, gates))
 }
 
-/// Scan: the bytes and flops of the recurrence ([`recurrent_cost`]), the
-/// operator's minimum; the time-parallel scan does about twice that
-/// arithmetic (it composes gates as well as states) and round-trips its
-/// chunk-boundary carries through the workspace, both overhead over this
-/// floor.
-///
-/// Attention. Bytes: as the recurrence's (each input read once, y and
-/// h_final written once). Flops per (b, h): every causal pair (n ≥ m) costs
+/// Attention. Bytes: as the recurrence's in element type `t` (each input
+/// read once, y and h_final written once). Flops per (b, h): every causal pair (n ≥ m) costs
 /// the score over the 2K real/imaginary products (4K) and its share of
 /// P·V (2V); h_final adds the decayed kᵀv of every step (8KV); gate exps and
 /// sincos are not counted.
-pub fn attention_cost(d: &Dims) -> Cost {
+pub fn attention_cost(d: &Dims, t: Dtype) -> Cost {
     let (l, k, v) = (d.len as f64, d.key_dim as f64, d.value_dim as f64);
     let pairs = l * (l + 1.0) / 2.0;
     let heads = (d.batch * d.heads) as f64;
     Cost::single_pass(
-        recurrent_cost(d, Dtype::F32, false, Gates::Complex).bytes,
+        recurrent_cost(d, t, false, Gates::Complex).bytes,
         heads * (pairs * (4.0 * k + 2.0 * v) + 8.0 * l * k * v),
     )
 }
@@ -815,23 +853,24 @@ pub fn carry_sweep_shapes() -> Vec<Dims> {
     ]
 }
 
-/// The scan backward. Bytes: q, k, v, dy read and dq, dk, dv written in
-/// the element type, log_gate read and dlog_gate written (complex 8 bytes),
-/// dh_final read, once each. Flops per (b, t, h, k, v): the forward step
-/// recomputed (8), the adjoint step conj(a)·δ + q·dy (9), dq, dk and dv (2
-/// each), the gate's conj(h)·δ (8): 31; the gate's exp/sincos is not
-/// counted, nor the chunk-level passes.
 /// The recurrent backward: the scan backward's bytes (each input and
-/// gradient once, [`scan_grad_cost`]); flops: the two sweeps' recurrences
+/// gradient once, [`scan_grad_cost`]) but dh_final's, which its bench rows
+/// do not pass; flops: the two sweeps' recurrences
 /// and per-row products (~24 per (b, t, h, k, v)); the gate launch's
 /// per-segment sums are O(64·K + 64²) per step and not counted. Real gates
 /// (`recurrent-real-grad`) take the same count: an upper bound (their gate
 /// side is half the bytes, their sweeps' steps a third of the flops).
 pub fn recurrent_grad_cost(d: &Dims, t: Dtype) -> Cost {
     let flops = 24.0 * (d.batch * d.len * d.heads * d.key_dim * d.value_dim) as f64;
-    Cost::single_pass(scan_grad_cost(d, t).bytes, flops)
+    Cost::single_pass(scan_grad_cost(d, t).bytes - 8.0 * d.state_len() as f64, flops)
 }
 
+/// The scan backward. Bytes: q, k, v, dy read and dq, dk, dv written in
+/// the element type, log_gate read and dlog_gate written (complex 8 bytes),
+/// dh_final read, once each. Flops per (b, t, h, k, v): the forward step
+/// recomputed (8), the adjoint step conj(a)·δ + q·dy (9), dq, dk and dv (2
+/// each), the gate's conj(h)·δ (8): 31; the gate's exp/sincos is not
+/// counted, nor the chunk-level passes.
 pub fn scan_grad_cost(d: &Dims, t: Dtype) -> Cost {
     let e = t.size_bytes() as f64;
     let bytes = e * (4 * d.qk_len() + 3 * d.v_len()) as f64 + 16.0 * d.gate_len() as f64 + 8.0 * d.state_len() as f64;
@@ -1154,16 +1193,23 @@ impl<T: Element> BenchCase for GradCase<'_, T> {
 /// What the device offers, read off it.
 #[derive(Clone, Debug)]
 pub struct DeviceInfo {
+    /// The device's name, as the driver reports it.
     pub name: String,
+    /// Compute capability, (major, minor).
     pub capability: (i32, i32),
+    /// Streaming multiprocessors.
     pub sm_count: usize,
+    /// L2 cache size, bytes.
     pub l2_bytes: usize,
     /// Maximum SM clock (kHz), 0 if the driver did not say.
     pub clock_khz: usize,
+    /// Device memory, bytes: all of it, not what is free.
     pub total_memory: usize,
 }
 
 impl DeviceInfo {
+    /// Reads these off `gpu`'s device. A failed query is an error, except the
+    /// clock's, which leaves `clock_khz` 0.
     pub fn query(gpu: &Gpu) -> Result<Self, GpuError> {
         let ctx = gpu.context();
         let attr = |a: CUdevice_attribute, what: &'static str| -> Result<usize, GpuError> {
@@ -1216,7 +1262,11 @@ pub struct Ceilings {
     pub copy_gbs: f64,
     /// Bytes of each of the two copy buffers.
     pub copy_bytes: usize,
+    /// FP32 (non-tensor) peak, GFLOP/s ([`DeviceInfo::fp32_peak`]).
     pub peak_gflops: f64,
+    /// How `peak_gflops` was obtained: the product it is, or, for a device
+    /// whose lanes or clock are unknown, that the H200's datasheet figure was
+    /// assumed.
     pub peak_basis: String,
 }
 
@@ -1233,8 +1283,9 @@ pub fn time_launches(
 }
 
 /// [`time_launches`], and the time of each kernel launch of `f` (the
-/// crate's launchers record an event after each: [`phases`]): None when `f`
-/// launches fewer than two kernels, or not the same ones every run. A run's
+/// crate's launchers record an event after each: [`phases`]): one phase for
+/// a one-launch row (its geometry is still worth printing), None when `f`
+/// launches no kernel, or not the same ones every run. A run's
 /// end is the event recorded after its last launch (a run without launches,
 /// the copy, records its own), so a one-launch run adds no event.
 pub fn time_phased(
@@ -1335,6 +1386,8 @@ pub struct BenchOptions {
     pub runs: usize,
     /// Untimed launches first.
     pub warmup: usize,
+    /// Seed of the random host inputs ([`HostInputs::random`]), the same for
+    /// every shape.
     pub seed: u64,
     /// Seconds after which no further case is started (the ones left are
     /// listed in `Report::not_run`); None: no limit.
@@ -1358,15 +1411,24 @@ impl Default for BenchOptions {
 /// The measurement of one (kernel, dtype, shape).
 #[derive(Clone, Debug)]
 pub struct BenchResult {
+    /// The registry entry's name.
     pub kernel: &'static str,
+    /// The element type it ran in.
     pub dtype: Dtype,
+    /// The problem shape.
     pub dims: Dims,
+    /// Buffer sets the launches rotated through ([`sets_for`]).
     pub sets: usize,
-    /// Per-launch times, ms, in launch order.
+    /// The time of each timed call (all of its launches), ms, in order.
     pub times_ms: Vec<f64>,
+    /// Median of `times_ms`, ms.
     pub median_ms: f64,
+    /// Fastest of `times_ms`, ms.
     pub min_ms: f64,
+    /// Slowest of `times_ms`, ms.
     pub max_ms: f64,
+    /// One call's minimum bytes, flops and traffic as written (the entry's
+    /// `cost`).
     pub cost: Cost,
     /// cost.bytes / median time.
     pub gbs: f64,
@@ -1381,9 +1443,10 @@ pub struct BenchResult {
     pub floor_traffic_ms: f64,
     /// Every output element of set 0 finite after the runs.
     pub outputs_finite: bool,
-    /// Each kernel launch's median time, in launch order, when the row
-    /// launches more than one ([`time_phased`]); empty otherwise. Their sum
-    /// is close to, not exactly, `median_ms` (medians of parts).
+    /// Each kernel launch's median time, in launch order ([`time_phased`]):
+    /// one for a one-launch row; empty when the row launched no kernel or
+    /// not the same ones every run. Their sum is close to, not exactly,
+    /// `median_ms` (medians of parts).
     pub phases: Vec<Phase>,
 }
 
@@ -1405,19 +1468,30 @@ impl BenchResult {
 /// A case that could not be measured.
 #[derive(Clone, Debug)]
 pub struct BenchFailure {
+    /// The registry entry's name.
     pub kernel: &'static str,
+    /// The element type.
     pub dtype: Dtype,
+    /// The problem shape.
     pub dims: Dims,
+    /// The message of the error that stopped it: in preparing the sets,
+    /// launching and timing, or reading the outputs back.
     pub error: String,
 }
 
 /// Everything one `gateloop bench` measured.
 #[derive(Clone, Debug)]
 pub struct Report {
+    /// The device measured on.
     pub device: DeviceInfo,
+    /// The copy bandwidth and FP32 peak the floors were computed from.
     pub ceilings: Ceilings,
+    /// The options of the run, as given (a `warmup` of 0 still ran one
+    /// warm-up launch).
     pub options: BenchOptions,
+    /// One per measured (kernel, dtype, shape), in the order run.
     pub results: Vec<BenchResult>,
+    /// The cases that could not be measured, in the order run.
     pub failures: Vec<BenchFailure>,
     /// Cases not started because `time_budget_s` was spent.
     pub not_run: Vec<(&'static str, Dtype, Dims)>,
@@ -1864,6 +1938,20 @@ mod tests {
         let r = recurrent_cost(&d, Dtype::Bf16, false, Gates::Real);
         assert_eq!(r.bytes, 2.0 * 4.0 * n + 4.0 * n + 4.0 * (8 * 16 * 64 * 64) as f64);
         assert_eq!(r.flops, 5.0 * n * 64.0);
+    }
+
+    /// Attention and the recurrent backward move their own element type's
+    /// bytes (attention's were counted in f32 for every dtype), and the
+    /// recurrent backward's rows pass no dh_final.
+    #[test]
+    fn attention_and_recurrent_grad_bytes_follow_the_rows() {
+        let d = Dims::new(8, 4096, 16, 64, 64);
+        for t in Dtype::ALL {
+            assert_eq!(attention_cost(&d, t).bytes, recurrent_cost(&d, t, false, Gates::Complex).bytes, "{t:?}");
+            let dh_final = 8.0 * d.state_len() as f64;
+            assert_eq!(recurrent_grad_cost(&d, t).bytes, scan_grad_cost(&d, t).bytes - dh_final, "{t:?}");
+        }
+        assert!(attention_cost(&d, Dtype::Bf16).bytes < attention_cost(&d, Dtype::F32).bytes);
     }
 
     #[test]

@@ -261,8 +261,13 @@ impl ChunkOutput {
 /// and the staged output.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub struct ChunkConfig {
+    /// Three split tensor-core products (Exact, the default) or one (Fast).
     pub precision: ChunkPrecision,
+    /// How the state passes between chunks: a separate carry launch or the
+    /// sequential walk (Auto picks by dtype and grid).
     pub carry: ChunkCarry,
+    /// How the output launch builds its operands: staged WMMA tiles (the
+    /// default) or mma.sync register fragments (16-bit inputs only).
     pub output: ChunkOutput,
 }
 

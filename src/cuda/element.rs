@@ -18,8 +18,11 @@ use super::abi;
 /// The element type of q, k, v and y, as a value.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum Dtype {
+    /// `f32`.
     F32,
+    /// IEEE half precision, `half::f16`.
     F16,
+    /// bfloat16, `half::bf16`.
     Bf16,
 }
 

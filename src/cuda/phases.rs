@@ -101,6 +101,8 @@ pub struct Phase {
     /// `gateloop_chunk_state_seq` (and what the launch is for, where one
     /// kernel serves two: `gateloop_chunk_carry (backward)`).
     pub kernel: String,
+    /// Median over the timed runs of the span from the event before the
+    /// launch (the run's start, or the previous launch's) to its own, ms.
     pub median_ms: f64,
     /// The launch's shape and residency (the first timed run's; the runs of
     /// a row launch the same kernels on same-sized buffers). None where the
@@ -113,6 +115,7 @@ pub struct Phase {
 pub struct Geometry {
     /// Blocks in the grid.
     pub blocks: u64,
+    /// Threads per block.
     pub block_threads: u32,
     /// Dynamic shared memory per block, bytes.
     pub shared_bytes: u32,

@@ -48,10 +48,15 @@ unsafe impl DeviceRepr for GateloopSelftestMmaParams {}
 /// One wrong element of a product.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct MmaMismatch {
+    /// Which trial (input draw) of the product.
     pub trial: usize,
+    /// Row of the 16 × 8 result.
     pub row: usize,
+    /// Column of the 16 × 8 result.
     pub col: usize,
+    /// What the device's product gave.
     pub got: f32,
+    /// The exact product (small integers, so exact in f32).
     pub want: f32,
 }
 
@@ -64,12 +69,14 @@ pub struct MmaProductCheck {
     pub elements: usize,
     /// Elements that differ from the exact product.
     pub wrong: usize,
+    /// The first element that differs, if any.
     pub first_wrong: Option<MmaMismatch>,
 }
 
 /// What [`mma_fragments`] found.
 #[derive(Clone, Debug, PartialEq)]
 pub struct MmaFragmentCheck {
+    /// One check per product of [`MMA_PRODUCTS`], in that order.
     pub products: Vec<MmaProductCheck>,
 }
 

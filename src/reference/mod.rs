@@ -68,8 +68,11 @@ pub(crate) fn head_h0<T: Real>(p: &Problem<'_, T>, b: usize, h: usize) -> Vec<Co
 /// The three modes of the reference.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum RefMode {
+    /// [`recurrent`]: the sequential loop, the oracle.
     Recurrent,
+    /// [`scan`]: the paper's parallel associative scan.
     Scan,
+    /// [`attention`]: masked surrogate attention, O(L²).
     Attention,
 }
 

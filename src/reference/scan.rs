@@ -19,7 +19,9 @@ use crate::problem::{Outputs, OutputsMut, Problem, Real};
 /// One scan element: the gate accumulated so far and the state contribution.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct Elem<T> {
+    /// The product of the gates a_t over the element's steps.
     pub a: Complex<T>,
+    /// The state those steps build from a zero state.
     pub b: Complex<T>,
 }
 
