@@ -341,6 +341,20 @@ fn subnormal_gate_times_large_state_is_judged_at_the_gates_resolution() {
     }
 }
 
+/// What a kernel that flushes subnormal operands computes: the f32
+/// recurrence on the input with every |x| < 2^-126 in q, k, v, h0 set to 0.
+fn flushing_recurrence(p: &OwnedProblem<f64>) -> Result<Outputs<f64>, String> {
+    let flush = |x: &f64| if x.abs() < f64::from(f32::MIN_POSITIVE) { 0.0 } else { *x };
+    let mut f = p.clone();
+    for xs in [&mut f.q, &mut f.k, &mut f.v] {
+        xs.iter_mut().for_each(|x| *x = flush(x));
+    }
+    if let Some(h) = f.h0.as_mut() {
+        h.iter_mut().for_each(|z| *z = Complex::new(flush(&z.re), flush(&z.im)));
+    }
+    gateloop::reference::recurrent::forward(&f.to_f32().view()).map(widen).map_err(|e| e.to_string())
+}
+
 /// Seed 2033, case 453 (emulated CUDA, 2026-12-03), shrunk to L = 1 with a
 /// reset gate: h_final = k·v and y = q·k·v with v = 5.4e-39, a subnormal
 /// f32, which the chunked kernels' tensor cores read as 0 (h_final and y
@@ -350,21 +364,9 @@ fn subnormal_gate_times_large_state_is_judged_at_the_gates_resolution() {
 /// input as given.
 #[test]
 fn tensor_core_targets_may_read_subnormal_inputs_as_zero() {
+    use gateloop::Mode;
     use gateloop::fuzz::{self, Device, FuzzConfig, Target};
-    use gateloop::{Mode, reference};
-    // What a kernel that flushes subnormal operands computes: the f32
-    // recurrence on the input with every |x| < 2^-126 in q, k, v, h0 set to 0.
-    let flushing = |p: &OwnedProblem<f64>| -> Result<Outputs<f64>, String> {
-        let flush = |x: &f64| if x.abs() < f64::from(f32::MIN_POSITIVE) { 0.0 } else { *x };
-        let mut f = p.clone();
-        for xs in [&mut f.q, &mut f.k, &mut f.v] {
-            xs.iter_mut().for_each(|x| *x = flush(x));
-        }
-        if let Some(h) = f.h0.as_mut() {
-            h.iter_mut().for_each(|z| *z = Complex::new(flush(&z.re), flush(&z.im)));
-        }
-        reference::recurrent::forward(&f.to_f32().view()).map(widen).map_err(|e| e.to_string())
-    };
+    let flushing = flushing_recurrence;
     let cfg = FuzzConfig { cases: 1, first_case: 453, seed: 2033, max_len: 600, out_dir: None, ..Default::default() };
     let case = fuzz::draw_case(2033, 453, 600);
     assert!(case.subnormals, "{case}");
@@ -402,25 +404,17 @@ fn tensor_core_targets_may_read_subnormal_inputs_as_zero() {
 /// real disagreement.
 #[test]
 fn the_shrinker_keeps_the_subnormal_allowance() {
+    use gateloop::Mode;
     use gateloop::fuzz::{self, Device, FuzzConfig, Target};
-    use gateloop::{Mode, reference};
-    let wrong_from_two_steps = |p: &OwnedProblem<f64>| -> Result<Outputs<f64>, String> {
-        let flush = |x: &f64| if x.abs() < f64::from(f32::MIN_POSITIVE) { 0.0 } else { *x };
-        let mut f = p.clone();
-        for xs in [&mut f.q, &mut f.k, &mut f.v] {
-            xs.iter_mut().for_each(|x| *x = flush(x));
-        }
-        if let Some(h) = f.h0.as_mut() {
-            h.iter_mut().for_each(|z| *z = Complex::new(flush(&z.re), flush(&z.im)));
-        }
-        let mut out = reference::recurrent::forward(&f.to_f32().view()).map(widen).map_err(|e| e.to_string())?;
+    let wrong_from_six_steps = |p: &OwnedProblem<f64>| -> Result<Outputs<f64>, String> {
+        let mut out = flushing_recurrence(p)?;
         if p.dims.len >= 6 {
             out.y.iter_mut().for_each(|y| *y *= 1.001);
         }
         Ok(out)
     };
     let cfg = FuzzConfig { cases: 1, first_case: 453, seed: 2033, max_len: 600, out_dir: None, ..Default::default() };
-    let t = Target::custom("wrong-flushing-chunked", Mode::Chunked, Precision::F32, Device::Cuda, wrong_from_two_steps);
+    let t = Target::custom("wrong-flushing-chunked", Mode::Chunked, Precision::F32, Device::Cuda, wrong_from_six_steps);
     let report = fuzz::run_campaign(&cfg, &mut [t]);
     assert_eq!(report.failures.len(), 1, "{}", report.render());
     let f = &report.failures[0];
