@@ -366,12 +366,11 @@ fn flushing_recurrence(p: &OwnedProblem<f64>) -> Result<Outputs<f64>, String> {
 fn tensor_core_targets_may_read_subnormal_inputs_as_zero() {
     use gateloop::Mode;
     use gateloop::fuzz::{self, Device, FuzzConfig, Target};
-    let flushing = flushing_recurrence;
     let cfg = FuzzConfig { cases: 1, first_case: 453, seed: 2033, max_len: 600, out_dir: None, ..Default::default() };
     let case = fuzz::draw_case(2033, 453, 600);
     assert!(case.subnormals, "{case}");
     let run = |device: Device| {
-        let t = Target::custom("flushing-chunked", Mode::Chunked, Precision::F32, device, flushing);
+        let t = Target::custom("flushing-chunked", Mode::Chunked, Precision::F32, device, flushing_recurrence);
         assert_eq!(t.flushes_subnormal_inputs(), device == Device::Cuda);
         fuzz::run_campaign(&cfg, &mut [t])
     };
@@ -385,7 +384,7 @@ fn tensor_core_targets_may_read_subnormal_inputs_as_zero() {
     // The allowance is the flush alone: a flushing target that is otherwise
     // wrong (y scaled by 1 + 1e-3) still fails on the CUDA side.
     let wrong = move |p: &OwnedProblem<f64>| {
-        flushing(p).map(|mut o| {
+        flushing_recurrence(p).map(|mut o| {
             o.y.iter_mut().for_each(|y| *y *= 1.001);
             o
         })

@@ -853,27 +853,34 @@ pub fn carry_sweep_shapes() -> Vec<Dims> {
     ]
 }
 
-/// The recurrent backward: the scan backward's bytes (each input and
-/// gradient once, [`scan_grad_cost`]) but dh_final's, which its bench rows
-/// do not pass; flops: the two sweeps' recurrences
+/// The recurrent backward: the scan backward's bytes ([`scan_grad_cost`])
+/// but dh_final's, which its bench rows do not pass (`grad_bytes`); flops: the two sweeps' recurrences
 /// and per-row products (~24 per (b, t, h, k, v)); the gate launch's
 /// per-segment sums are O(64·K + 64²) per step and not counted. Real gates
 /// (`recurrent-real-grad`) take the same count: an upper bound (their gate
 /// side is half the bytes, their sweeps' steps a third of the flops).
 pub fn recurrent_grad_cost(d: &Dims, t: Dtype) -> Cost {
     let flops = 24.0 * (d.batch * d.len * d.heads * d.key_dim * d.value_dim) as f64;
-    Cost::single_pass(scan_grad_cost(d, t).bytes - 8.0 * d.state_len() as f64, flops)
+    Cost::single_pass(grad_bytes(d, t, false), flops)
+}
+
+/// The bytes of a backward that reads q, k, v, dy and writes dq, dk, dv in
+/// the element type, reads log_gate and writes dlog_gate (complex, 8 bytes),
+/// and reads dh_final (complex) when `reads_dh_final`, each once.
+fn grad_bytes(d: &Dims, t: Dtype, reads_dh_final: bool) -> f64 {
+    let e = t.size_bytes() as f64;
+    let dh_final = if reads_dh_final { 8.0 * d.state_len() as f64 } else { 0.0 };
+    e * (4 * d.qk_len() + 3 * d.v_len()) as f64 + 16.0 * d.gate_len() as f64 + dh_final
 }
 
 /// The scan backward. Bytes: q, k, v, dy read and dq, dk, dv written in
 /// the element type, log_gate read and dlog_gate written (complex 8 bytes),
-/// dh_final read, once each. Flops per (b, t, h, k, v): the forward step
-/// recomputed (8), the adjoint step conj(a)·δ + q·dy (9), dq, dk and dv (2
+/// dh_final read, once each (`grad_bytes`). Flops per (b, t, h, k, v): the
+/// forward step recomputed (8), the adjoint step conj(a)·δ + q·dy (9), dq, dk and dv (2
 /// each), the gate's conj(h)·δ (8): 31; the gate's exp/sincos is not
 /// counted, nor the chunk-level passes.
 pub fn scan_grad_cost(d: &Dims, t: Dtype) -> Cost {
-    let e = t.size_bytes() as f64;
-    let bytes = e * (4 * d.qk_len() + 3 * d.v_len()) as f64 + 16.0 * d.gate_len() as f64 + 8.0 * d.state_len() as f64;
+    let bytes = grad_bytes(d, t, true);
     let flops = 31.0 * (d.batch * d.len * d.heads * d.key_dim * d.value_dim) as f64;
     Cost::single_pass(bytes, flops)
 }
