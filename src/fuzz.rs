@@ -1861,7 +1861,9 @@ pub struct FuzzReport {
     pub max_len: usize,
     /// Index of the first case.
     pub first_case: u64,
-    /// Cases run (all targets).
+    /// Cases run: every target ran each of them, but the last one when the
+    /// campaign stopped at [`FuzzConfig::max_failures`] in the middle of it (the targets
+    /// after the failing one did not run that case).
     pub cases_run: u64,
     /// Per-target totals, in the order of the targets run.
     pub targets: Vec<TargetSummary>,
