@@ -12,7 +12,8 @@
 //!
 //! | mode | cpu f64 | cpu f32 | cuda f32 |
 //! |---|---|---|---|
-//! | recurrent, attention | [`reference::grad`] (the oracle) | [`reference::grad`] in f32 | — |
+//! | recurrent | [`reference::grad`] (the oracle) | [`reference::grad`] in f32 | [`cuda::recurrent_grad`] |
+//! | attention | [`reference::grad`] | [`reference::grad`] in f32 | — |
 //! | scan | [`reference::grad`] | [`cpu::scan_grad`] (the scan backward kernel's mirror) | [`cuda::scan_grad`] |
 //! | chunked | [`reference::grad`] | [`cpu::chunked_grad`] (the chunked backward) | [`cuda::chunk_grad`] (its kernel twin) |
 //!

@@ -50,6 +50,15 @@
 //! one stream, or with its own synchronization), and `forward_into` is
 //! allocation-free. The `forward_host` conveniences allocate it.
 //!
+//! Buffers of a caller's own context: a "buffer on the Gpu's context" means
+//! the same driver context, not the same `Arc`. cudarc's
+//! `CudaContext::new(ordinal)` retains the device's primary context, the
+//! one [`Gpu::new`] retains (as does a CUDA runtime or candle's CUDA device
+//! built on cudarc 0.19), so streams and buffers a cudarc user already holds
+//! go to the `_into` launchers as they are, without copies; a non-primary
+//! context or another device is refused with a typed error naming the
+//! buffer (`tests/gpu_interop.rs`: the same bits as the Gpu's own stream).
+//!
 //! A build without nvcc still compiles; [`Gpu::new`] then returns
 //! [`GpuError::NotBuilt`].
 //!
