@@ -4,7 +4,8 @@
 //! handle. So streams and buffers of the caller's own `Arc<CudaContext>` are
 //! accepted by the `_into` launchers without copies, and give the same bits
 //! as the Gpu's own stream: the chunked forward and backward in bf16 and the
-//! recurrent forward in f32 here, every buffer poisoned before the launch.
+//! recurrent forward in f32 here, every buffer poisoned before the launch;
+//! and `Gpu::with_context` loads the kernels into the caller's context.
 //!
 //! Without a usable GPU every test prints `SKIPPED (no GPU): <reason>` and
 //! passes (`GATELOOP_REQUIRE_GPU=1` makes that a failure).
@@ -139,4 +140,19 @@ fn the_recurrence_takes_the_callers_buffers() {
     assert_eq!(bits(&download(&s, &y)), bits(&own.y), "y");
     assert_eq!(bits(&download(&s, &h_final)), bits(&flat(&own.h_final)), "h_final");
     s.synchronize().unwrap();
+}
+
+#[test]
+fn a_gpu_made_from_the_callers_context_runs_in_it() {
+    let Some(shared) = common::gpu_or_skip() else { return };
+    let ctx = callers_context(shared.ordinal());
+    let gpu = gateloop::cuda::Gpu::with_context(ctx.clone()).expect("the kernels loaded into the caller's context");
+    assert!(Arc::ptr_eq(gpu.context(), &ctx), "the Gpu holds the caller's Arc");
+    assert_eq!(gpu.name(), shared.name());
+    assert_eq!(gpu.compute_capability(), shared.compute_capability());
+    let p = problem(9);
+    let mine = chunk::forward_host_as::<bf16>(&gpu, &p.view(), ChunkPrecision::Exact).unwrap();
+    let theirs = chunk::forward_host_as::<bf16>(shared, &p.view(), ChunkPrecision::Exact).unwrap();
+    assert_eq!(bits(&mine.y), bits(&theirs.y), "y");
+    assert_eq!(bits(&flat(&mine.h_final)), bits(&flat(&theirs.h_final)), "h_final");
 }

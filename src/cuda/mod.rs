@@ -55,9 +55,11 @@
 //! `CudaContext::new(ordinal)` retains the device's primary context, the
 //! one [`Gpu::new`] retains (as does a CUDA runtime or candle's CUDA device
 //! built on cudarc 0.19), so streams and buffers a cudarc user already holds
-//! go to the `_into` launchers as they are, without copies; a non-primary
-//! context or another device is refused with a typed error naming the
-//! buffer (`tests/gpu_interop.rs`: the same bits as the Gpu's own stream).
+//! go to the `_into` launchers as they are, without copies
+//! (`tests/gpu_interop.rs`: the same bits as the Gpu's own stream). A buffer
+//! of another context (a non-primary one, another device) is refused with a
+//! typed error naming it; [`Gpu::with_context`] loads the kernels into a
+//! context of the caller's choosing, primary or not.
 //!
 //! A build without nvcc still compiles; [`Gpu::new`] then returns
 //! [`GpuError::NotBuilt`].
@@ -177,7 +179,7 @@ pub enum GpuError {
          ({compiled}) can run on; rebuild with GATELOOP_CUDA_ARCHS including {major}{minor}"
     )]
     UnsupportedDevice {
-        /// The device's ordinal, as passed to [`Gpu::new`].
+        /// The device's ordinal (as passed to [`Gpu::new`]).
         ordinal: usize,
         /// The device's name, as the driver reports it.
         name: String,
@@ -420,10 +422,21 @@ impl Gpu {
         if !kernels::BUILT {
             return Err(GpuError::NotBuilt(kernels::NOT_BUILT_REASON.to_string()));
         }
-        let ctx = CudaContext::new(ordinal).doing("creating the CUDA context")?;
+        Gpu::with_context(CudaContext::new(ordinal).doing("creating the CUDA context")?)
+    }
+
+    /// Loads the kernels into a context the caller already holds, primary or
+    /// not (`CudaContext::new_non_primary`, for instance): checks that
+    /// kernels were built and cover its device. The launchers then take
+    /// buffers and streams of that context only ([`Gpu::context`]).
+    pub fn with_context(ctx: Arc<CudaContext>) -> Result<Gpu, GpuError> {
+        if !kernels::BUILT {
+            return Err(GpuError::NotBuilt(kernels::NOT_BUILT_REASON.to_string()));
+        }
         let name = ctx.name().doing("querying the device name")?;
         let (major, minor) = ctx.compute_capability().doing("querying the compute capability")?;
         if !arch_covers(kernels::SASS_ARCHS, kernels::PTX_ARCH, major, minor) {
+            let ordinal = ctx.ordinal();
             return Err(GpuError::UnsupportedDevice { ordinal, name, major, minor, compiled: compiled_targets() });
         }
         let kernels = Kernels::load(&ctx)?;
