@@ -49,6 +49,40 @@ fn callers_context(ordinal: usize) -> Arc<CudaContext> {
     CudaContext::new(ordinal).expect("the caller's own context")
 }
 
+/// `p`'s inputs uploaded on a new stream of the caller's own context, q, k
+/// and v as `T`.
+struct OnCallersStream<T> {
+    s: Arc<CudaStream>,
+    q: CudaSlice<T>,
+    k: CudaSlice<T>,
+    v: CudaSlice<T>,
+    log_gate: CudaSlice<f32>,
+    h0: CudaSlice<f32>,
+}
+
+impl<T: Element> OnCallersStream<T> {
+    fn new(ordinal: usize, p: &OwnedProblem<f32>) -> Self {
+        let s = callers_context(ordinal).new_stream().unwrap();
+        OnCallersStream {
+            q: upload(&s, &p.q),
+            k: upload(&s, &p.k),
+            v: upload(&s, &p.v),
+            log_gate: s.clone_htod(&flat(&p.log_gate)).unwrap(),
+            h0: s.clone_htod(&flat(p.h0.as_ref().unwrap())).unwrap(),
+            s,
+        }
+    }
+
+    fn inputs(&self) -> DeviceInputs<'_, T> {
+        DeviceInputs { q: &self.q, k: &self.k, v: &self.v, log_gate: &self.log_gate, h0: Some(&self.h0) }
+    }
+
+    /// A buffer of n NaNs (of `U`) on the stream.
+    fn nan<U: Element>(&self, n: usize) -> CudaSlice<U> {
+        self.s.clone_htod(&vec![U::nan(); n]).unwrap()
+    }
+}
+
 #[test]
 fn a_callers_own_primary_context_is_the_gpus() {
     let Some(gpu) = common::gpu_or_skip() else { return };
@@ -62,45 +96,38 @@ fn chunked_forward_and_backward_take_the_callers_buffers() {
     let Some(gpu) = common::gpu_or_skip() else { return };
     let p = problem(7);
     let d = p.dims;
-    let ctx = callers_context(gpu.ordinal());
-    let s = ctx.new_stream().unwrap();
-
-    let q = upload::<bf16>(&s, &p.q);
-    let k = upload::<bf16>(&s, &p.k);
-    let v = upload::<bf16>(&s, &p.v);
-    let log_gate = s.clone_htod(&flat(&p.log_gate)).unwrap();
-    let h0 = s.clone_htod(&flat(p.h0.as_ref().unwrap())).unwrap();
-    let inputs = || DeviceInputs { q: &q, k: &k, v: &v, log_gate: &log_gate, h0: Some(&h0) };
-    let nan = |n: usize| s.clone_htod(&vec![f32::NAN; n]).unwrap();
-    let nan_bf16 = |n: usize| s.clone_htod(&vec![bf16::NAN; n]).unwrap();
+    let c = OnCallersStream::<bf16>::new(gpu.ordinal(), &p);
+    let s = &c.s;
+    let nan = |n: usize| c.nan::<f32>(n);
+    let nan_bf16 = |n: usize| c.nan::<bf16>(n);
 
     let mut y = nan_bf16(d.v_len());
     let mut h_final = nan(2 * d.state_len());
     let mut ws = nan(chunk::plan(&d, Dtype::Bf16, Gates::Complex).unwrap().workspace_len);
     chunk::forward_into::<bf16>(
         gpu,
-        &s,
+        s,
         &d,
-        inputs(),
+        c.inputs(),
         DeviceOutputs { y: &mut y, h_final: &mut h_final },
         Some(&mut ws),
         ChunkPrecision::Exact,
     )
     .unwrap();
     let own = chunk::forward_host_as::<bf16>(gpu, &p.view(), ChunkPrecision::Exact).unwrap();
-    assert_eq!(bits(&download(&s, &y)), bits(&own.y), "y");
-    assert_eq!(bits(&download(&s, &h_final)), bits(&flat(&own.h_final)), "h_final");
+    assert_eq!(bits(&download(s, &y)), bits(&own.y), "y");
+    assert_eq!(bits(&download(s, &h_final)), bits(&flat(&own.h_final)), "h_final");
 
     let dy_host: Vec<f32> = (0..d.v_len()).map(|i| bf16::from_f32((0.37 * i as f32).sin()).to_f32()).collect();
-    let dy = upload::<bf16>(&s, &dy_host);
+    let dy = upload::<bf16>(s, &dy_host);
     let (mut dq, mut dk, mut dv) = (nan_bf16(d.qk_len()), nan_bf16(d.qk_len()), nan_bf16(d.v_len()));
     let (mut dg, mut dh0) = (nan(2 * d.gate_len()), nan(2 * d.state_len()));
     let mut ws = nan(chunk_grad::plan(&d, Dtype::Bf16, Gates::Complex).unwrap().workspace_len);
     chunk_grad::backward_into::<bf16>(
         gpu,
-        &s,
+        s,
         &d,
-        inputs(),
+        c.inputs(),
         DeviceGradInputs { dy: &dy, dh_final: None },
         DeviceGrads { dq: &mut dq, dk: &mut dk, dv: &mut dv, dlog_gate: &mut dg, dh0: Some(&mut dh0) },
         Some(&mut ws),
@@ -108,11 +135,11 @@ fn chunked_forward_and_backward_take_the_callers_buffers() {
     )
     .unwrap();
     let own = chunk_grad::backward_host_as::<bf16>(gpu, &p.view(), &dy_host, None, ChunkPrecision::Exact).unwrap();
-    assert_eq!(bits(&download(&s, &dq)), bits(&own.dq), "dq");
-    assert_eq!(bits(&download(&s, &dk)), bits(&own.dk), "dk");
-    assert_eq!(bits(&download(&s, &dv)), bits(&own.dv), "dv");
-    assert_eq!(bits(&download(&s, &dg)), bits(&flat(&own.dlog_gate)), "dlog_gate");
-    assert_eq!(bits(&download(&s, &dh0)), bits(&flat(own.dh0.as_ref().unwrap())), "dh0");
+    assert_eq!(bits(&download(s, &dq)), bits(&own.dq), "dq");
+    assert_eq!(bits(&download(s, &dk)), bits(&own.dk), "dk");
+    assert_eq!(bits(&download(s, &dv)), bits(&own.dv), "dv");
+    assert_eq!(bits(&download(s, &dg)), bits(&flat(&own.dlog_gate)), "dlog_gate");
+    assert_eq!(bits(&download(s, &dh0)), bits(&flat(own.dh0.as_ref().unwrap())), "dh0");
     s.synchronize().unwrap();
 }
 
@@ -121,24 +148,14 @@ fn the_recurrence_takes_the_callers_buffers() {
     let Some(gpu) = common::gpu_or_skip() else { return };
     let p = problem(8);
     let d = p.dims;
-    let ctx = callers_context(gpu.ordinal());
-    let s = ctx.new_stream().unwrap();
-    let (q, k, v) = (upload::<f32>(&s, &p.q), upload::<f32>(&s, &p.k), upload::<f32>(&s, &p.v));
-    let log_gate = s.clone_htod(&flat(&p.log_gate)).unwrap();
-    let h0 = s.clone_htod(&flat(p.h0.as_ref().unwrap())).unwrap();
-    let mut y = s.clone_htod(&vec![f32::NAN; d.v_len()]).unwrap();
-    let mut h_final = s.clone_htod(&vec![f32::NAN; 2 * d.state_len()]).unwrap();
-    recurrent::forward_into::<f32>(
-        gpu,
-        &s,
-        &d,
-        DeviceInputs { q: &q, k: &k, v: &v, log_gate: &log_gate, h0: Some(&h0) },
-        DeviceOutputs { y: &mut y, h_final: &mut h_final },
-    )
-    .unwrap();
+    let c = OnCallersStream::<f32>::new(gpu.ordinal(), &p);
+    let s = &c.s;
+    let mut y = c.nan::<f32>(d.v_len());
+    let mut h_final = c.nan::<f32>(2 * d.state_len());
+    recurrent::forward_into::<f32>(gpu, s, &d, c.inputs(), DeviceOutputs { y: &mut y, h_final: &mut h_final }).unwrap();
     let own = recurrent::forward_host(gpu, &p.view()).unwrap();
-    assert_eq!(bits(&download(&s, &y)), bits(&own.y), "y");
-    assert_eq!(bits(&download(&s, &h_final)), bits(&flat(&own.h_final)), "h_final");
+    assert_eq!(bits(&download(s, &y)), bits(&own.y), "y");
+    assert_eq!(bits(&download(s, &h_final)), bits(&flat(&own.h_final)), "h_final");
     s.synchronize().unwrap();
 }
 
