@@ -133,7 +133,7 @@ done <benches/peers/wheels.sha256
 
 # The binaries as one xz archive (run.sh unpacks it): they all embed the same
 # kernels, which a solid archive with a dictionary larger than one binary
-# stores once (58 MB as files, about 6 MB packed; the device tool carries at
+# stores once (116 MB as files, about 10 MB packed on 2026-12-04; the device tool carries at
 # most 64 MiB).
 if command -v xz >/dev/null; then
     tar -cf - -C bundle bin tests | xz -9 -T2 --lzma2=dict=64MiB >bundle/binaries.tar.xz
