@@ -31,10 +31,6 @@ fn problem(seed: u64) -> OwnedProblem<f32> {
     p.map_qkv(|x| f64::from(bf16::from_f64(x).to_f32())).to_f32()
 }
 
-fn upload<T: Element>(s: &Arc<CudaStream>, x: &[f32]) -> CudaSlice<T> {
-    s.clone_htod(&x.iter().map(|&x| T::from_f32(x)).collect::<Vec<T>>()).unwrap()
-}
-
 fn download<T: Element>(s: &Arc<CudaStream>, x: &CudaSlice<T>) -> Vec<f32> {
     s.clone_dtoh(x).unwrap().into_iter().map(|x| x.to_f32()).collect()
 }
@@ -50,31 +46,23 @@ fn callers_context(ordinal: usize) -> Arc<CudaContext> {
 }
 
 /// `p`'s inputs uploaded on a new stream of the caller's own context, q, k
-/// and v as `T`.
+/// and v as `T` (`common::upload`), and its h0.
 struct OnCallersStream<T> {
     s: Arc<CudaStream>,
-    q: CudaSlice<T>,
-    k: CudaSlice<T>,
-    v: CudaSlice<T>,
-    log_gate: CudaSlice<f32>,
+    u: common::Uploaded<T>,
     h0: CudaSlice<f32>,
 }
 
 impl<T: Element> OnCallersStream<T> {
     fn new(ordinal: usize, p: &OwnedProblem<f32>) -> Self {
         let s = callers_context(ordinal).new_stream().unwrap();
-        OnCallersStream {
-            q: upload(&s, &p.q),
-            k: upload(&s, &p.k),
-            v: upload(&s, &p.v),
-            log_gate: s.clone_htod(&flat(&p.log_gate)).unwrap(),
-            h0: s.clone_htod(&flat(p.h0.as_ref().unwrap())).unwrap(),
-            s,
-        }
+        let (u, h0) = (common::upload(&s, p), s.clone_htod(&flat(p.h0.as_ref().unwrap())).unwrap());
+        OnCallersStream { s, u, h0 }
     }
 
     fn inputs(&self) -> DeviceInputs<'_, T> {
-        DeviceInputs { q: &self.q, k: &self.k, v: &self.v, log_gate: &self.log_gate, h0: Some(&self.h0) }
+        let u = &self.u;
+        DeviceInputs { q: &u.q, k: &u.k, v: &u.v, log_gate: &u.log_gate, h0: Some(&self.h0) }
     }
 
     /// A buffer of n NaNs (of `U`) on the stream.
@@ -118,8 +106,9 @@ fn chunked_forward_and_backward_take_the_callers_buffers() {
     assert_eq!(bits(&download(s, &y)), bits(&own.y), "y");
     assert_eq!(bits(&download(s, &h_final)), bits(&flat(&own.h_final)), "h_final");
 
-    let dy_host: Vec<f32> = (0..d.v_len()).map(|i| bf16::from_f32((0.37 * i as f32).sin()).to_f32()).collect();
-    let dy = upload::<bf16>(s, &dy_host);
+    let dy_bf16: Vec<bf16> = (0..d.v_len()).map(|i| bf16::from_f32((0.37 * i as f32).sin())).collect();
+    let dy_host: Vec<f32> = dy_bf16.iter().map(|x| x.to_f32()).collect();
+    let dy = s.clone_htod(&dy_bf16).unwrap();
     let (mut dq, mut dk, mut dv) = (nan_bf16(d.qk_len()), nan_bf16(d.qk_len()), nan_bf16(d.v_len()));
     let (mut dg, mut dh0) = (nan(2 * d.gate_len()), nan(2 * d.state_len()));
     let mut ws = nan(chunk_grad::plan(&d, Dtype::Bf16, Gates::Complex).unwrap().workspace_len);
