@@ -10,9 +10,11 @@ may also be named directly. Several runs (the default steps, then `carry
 profile fuzz`) are merged in order: the runs' logs (.txt, .log) are
 concatenated, each under a header naming its run; a JSON file a later run
 wrote non-empty replaces an earlier one; the runs' steps are listed
-together. Peer runs are not merged: each run's ratios were
+together. Peer and bench runs are not merged: each run's ratios were
 measured side by side in that run, so a later run's peers.json is filed as
-peers/peers-<n>.json (and .md) and read off in its own targets section. The script copies what is worth keeping into
+peers/peers-<n>.json (and .md) and read off in its own targets section, and
+a later run's bench.json as bench-<n>.json, each bench section (the rules,
+the launches) written once per bench run that has its rows. The script copies what is worth keeping into
 benches/results/gpu-<date>-<card>/ (the date of the run from env.txt, the card
 from bench.json) and writes verdict.md there, which it also prints:
 
@@ -27,9 +29,10 @@ from bench.json) and writes verdict.md there, which it also prints:
 - the carry rule: chunked-sequential against chunked-separate over the
   sweep of the sequential grid (carry.json), and the SEQUENTIAL_MIN_BLOCKS
   (src/cuda/chunk.rs) it supports;
-- the staging rule: recurrent-ahead against recurrent (bench.json, the same
-  run), and the RecurrentStaging default (src/cuda/recurrent.rs) it
-  supports;
+- the staging rule: recurrent-ahead against recurrent-batched (bench.json,
+  the same run; "recurrent" runs the default, RecurrentStaging::Auto, which
+  chooses between them by the grid's rounds of the SMs since 2026-12-04),
+  and the staging it supports (src/cuda/recurrent.rs);
 - the rows rule: recurrent-rows4 against recurrent (the same run), and the
   RecurrentRows default (src/cuda/recurrent.rs) it supports;
 - the output rule: chunked-frag against chunked and chunked-real-frag-fast
@@ -65,6 +68,9 @@ KEEP = [
 ]
 KEEP_GLOBS = [("profile", ".txt"), ("fuzz-failures", ""), ("profile", ".ncu-rep"), ("peers", ".json"), ("peers", ".md"),
               ("peers-warm", ".md")]
+# Files whose numbers are compared within one run only (ratios side by side):
+# a later run's is filed beside the first as NAME-<n>.json (.md), not over it.
+PER_RUN = ("peers/peers.json", "peers/peers.md", "bench.json")
 MAX_TEXT = 2 << 20
 MAX_BINARY = 8 << 20
 
@@ -132,6 +138,9 @@ def copy_results(results, dest):
 
     for rel in KEEP:
         put(rel)
+    for name in sorted(os.listdir(results)):
+        if re.fullmatch(r"bench-\d+\.json", name):
+            put(name)
     for folder, ext in KEEP_GLOBS:
         d = os.path.join(results, folder)
         if os.path.isdir(d):
@@ -180,7 +189,7 @@ def merge_runs(sources, into):
                 out = os.path.join(into, rel)
                 if rel in ("summary.json", "summary.txt"):
                     continue
-                if rel in ("peers/peers.json", "peers/peers.md") and os.path.isfile(out) and os.path.getsize(out):
+                if rel in PER_RUN and os.path.isfile(out) and os.path.getsize(out):
                     stem, ext = os.path.splitext(rel)
                     n = 2
                     while os.path.exists(os.path.join(into, f"{stem}-{n}{ext}")):
@@ -243,15 +252,34 @@ def steps_section(summary):
     return L + [""]
 
 
+def filed_runs(d, stem):
+    """[(name, doc)] of every run's STEM.json in folder d: STEM.json,
+    STEM-2.json, ... in the order of the runs (merge_runs, PER_RUN)."""
+    names = sorted((n for n in os.listdir(d) if re.fullmatch(stem + r"(-\d+)?\.json", n)),
+                   key=lambda n: int(re.sub(r"\D", "", n) or 1)) if os.path.isdir(d) else []
+    return [(n, load_json(os.path.join(d, n))) for n in names] or [(f"{stem}.json", None)]
+
+
 def peer_runs(results):
     """[(name, doc)] of every peers run filed: peers.json, peers-2.json, ..."""
-    out = []
-    d = os.path.join(results, "peers")
-    names = sorted((n for n in os.listdir(d) if re.fullmatch(r"peers(-\d+)?\.json", n)),
-                   key=lambda n: int(re.sub(r"\D", "", n) or 1)) if os.path.isdir(d) else []
-    for n in names:
-        out.append((n, load_json(os.path.join(d, n))))
-    return out or [("peers.json", None)]
+    return filed_runs(os.path.join(results, "peers"), "peers")
+
+
+def bench_sections(bench_runs, sections):
+    """The sections read off bench.json, each from one bench run (its ratios
+    are side by side in that run). With several runs, each section is
+    written once per run that has its rows, titled with the run's file; a
+    section no run has rows for is written once, saying so."""
+    L = []
+    for section in sections:
+        if len(bench_runs) == 1:
+            L += section(bench_runs[0][1])
+            continue
+        parts = [(name, section(doc)) for name, doc in bench_runs]
+        measured = [(name, lines) for name, lines in parts if not any(x.startswith("(no bench.json") for x in lines)]
+        for name, lines in measured or parts[:1]:
+            L += [f"{lines[0].rstrip()} ({name})\n"] + lines[1:]
+    return L
 
 
 def targets_section(doc, name="peers.json"):
@@ -492,10 +520,12 @@ def variant_table(bench, pairs, grid=None):
 
 
 def staging_rule(bench):
-    """The staging section: recurrent-ahead against recurrent (the batched
-    staging), and the RecurrentStaging default they support."""
-    return variant_rule(bench, "Staging rule (recurrent-ahead against recurrent)", [("recurrent", "recurrent-ahead")],
-                        "`RecurrentStaging::Ahead`", "`RecurrentStaging::Batched`", grid=recurrent_grid)
+    """The staging section: recurrent-ahead against recurrent-batched (each
+    staging forced), and the staging they support."""
+    return variant_rule(bench, "Staging rule (recurrent-ahead against recurrent-batched)",
+                        [("recurrent-batched", "recurrent-ahead")],
+                        "`RecurrentStaging::Ahead` (`Auto` takes it wherever it needs no more rounds of the SMs)",
+                        "`RecurrentStaging::Batched`", grid=recurrent_grid)
 
 
 def rows_rule(bench):
@@ -614,7 +644,8 @@ def main():
 def file_results(results, into, dry_run):
     """verdict.md for the (merged) results folder, and the copy into `into`."""
     summary = load_json(os.path.join(results, "summary.json"))
-    bench = load_json(os.path.join(results, "bench.json"))
+    benches = filed_runs(results, "bench")
+    bench = benches[0][1]
     carry = load_json(os.path.join(results, "carry.json"))
     runs = peer_runs(results)
     date = run_date(results) or "undated"
@@ -632,11 +663,7 @@ def file_results(results, into, dry_run):
         per_run.append((name, rows))
     L += targets_overall(per_run)
     L += carry_rule(carry)
-    L += staging_rule(bench)
-    L += rows_rule(bench)
-    L += output_rule(bench)
-    L += packed_cost(bench)
-    L += launch_split(bench)
+    L += bench_sections(benches, [staging_rule, rows_rule, output_rule, packed_cost, launch_split])
     text = "\n".join(L) + "\n"
     if not dry_run:
         os.makedirs(dest, exist_ok=True)

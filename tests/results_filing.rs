@@ -106,8 +106,10 @@ fn files_a_run_and_reads_the_targets_and_the_carry_rule() {
     // B1 L65536 H4: mixed.
     let bench_rows = [
         bench_row("recurrent", "bf16", [8, 4096, 16, 64, 64], 2.0),
+        bench_row("recurrent-batched", "bf16", [8, 4096, 16, 64, 64], 2.0),
         bench_row("recurrent-ahead", "bf16", [8, 4096, 16, 64, 64], 1.6),
         bench_row("recurrent", "bf16", [1, 65536, 4, 64, 64], 30.0),
+        bench_row("recurrent-batched", "bf16", [1, 65536, 4, 64, 64], 30.0),
         bench_row("recurrent-ahead", "bf16", [1, 65536, 4, 64, 64], 29.7),
         // The rows: four rows a thread 30% faster at B8 L4096 H16 and 10% at
         // B1 L65536 H4: a win in both.
@@ -175,10 +177,9 @@ fn files_a_run_and_reads_the_targets_and_the_carry_rule() {
     assert!(text.contains("4 met, 1 missed, 0 not measured"), "{text}");
     assert!(text.contains("Suggested `SEQUENTIAL_MIN_BLOCKS = 264`"), "{text}");
     assert!(text.contains("bf16: sequential wins from 132 blocks on"), "{text}");
-    let row =
-        "| bf16 | B8 L4096 H16 K=V=64 | channel | 256 | recurrent | 2.000 ms | recurrent-ahead | 1.600 ms | 0.800 |";
+    let row = "| bf16 | B8 L4096 H16 K=V=64 | channel | 256 | recurrent-batched | 2.000 ms | recurrent-ahead | 1.600 ms | 0.800 |";
     assert!(text.contains(row), "{text}");
-    let row = "| bf16 | B1 L65536 H4 K=V=64 | channel | 8 | recurrent | 30.0 ms | recurrent-ahead | 29.7 ms | 0.990 |";
+    let row = "| bf16 | B1 L65536 H4 K=V=64 | channel | 8 | recurrent-batched | 30.0 ms | recurrent-ahead | 29.7 ms | 0.990 |";
     assert!(text.contains(row), "{text}");
     assert!(text.contains("Mixed: the variant faster by ≥ 3% in 1 of 2 cases"), "{text}");
     let row =
@@ -320,6 +321,71 @@ fn targets_over_every_run_take_the_last_run_that_settled_each() {
     // One run alone: no such section.
     let alone = file_runs(&[&r2], &dir.join("into-alone"));
     assert!(!alone.contains("## Targets over every peer run"), "{alone}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// Two runs that each wrote a bench.json (2026-12-04: a first call's bench
+/// at K = 64, a third's at K = 128): the later one is filed beside the first
+/// as bench-2.json, not over it, and each bench section is read off each run
+/// that has its rows, titled with the run's file; a section neither run has
+/// rows for is written once.
+#[test]
+fn a_later_bench_run_is_filed_beside_the_first() {
+    if !have_python("scripts/gpu-results.py") {
+        return;
+    }
+    let dir = scratch("gateloop-results-two-benches");
+    let device = json!({"name": "NVIDIA H200"});
+    let (s1, s2) = ([8, 4096, 16, 64, 64], [4, 2048, 16, 128, 128]);
+    let run = |name: &str, rows: Vec<serde_json::Value>| {
+        let res = dir.join(name);
+        write(&res.join("env.txt"), "date: 2027-01-02T03:04:05Z\nhost: x\n");
+        write(&res.join("bench.json"), &json!({"gpu": true, "device": device, "results": rows}).to_string());
+        res
+    };
+    let with_phases = |kernel: &str, s: [usize; 5], ms: f64| {
+        let mut r = bench_row(kernel, "bf16", s, ms);
+        r["phases"] = json!([{"kernel": "gateloop_chunk_state_seq", "median_ms": ms / 4.0},
+                             {"kernel": "gateloop_chunk_output", "median_ms": ms * 3.0 / 4.0}]);
+        r
+    };
+    // Run 1: the staging pair at s1 and a chunked row; run 2: a chunked-real
+    // row at s2, no staging pair.
+    let r1 = run(
+        "r1",
+        vec![
+            bench_row("recurrent", "bf16", s1, 2.0),
+            bench_row("recurrent-batched", "bf16", s1, 2.0),
+            bench_row("recurrent-ahead", "bf16", s1, 1.6),
+            with_phases("chunked", s1, 4.0),
+        ],
+    );
+    let r2 = run("r2", vec![with_phases("chunked-real-fast", s2, 2.0)]);
+    let into = dir.join("into");
+    let text = file_runs(&[&r1, &r2], &into);
+    let filed = into.join("gpu-2027-01-02-nvidia-h200");
+    for (f, kernel) in [("bench.json", "recurrent-ahead"), ("bench-2.json", "chunked-real-fast")] {
+        let doc = std::fs::read_to_string(filed.join(f)).unwrap_or_else(|_| panic!("{f} not filed"));
+        assert!(doc.contains(kernel), "{f}: {doc}");
+    }
+    // The staging rule from run 1 alone; no staging section for run 2.
+    assert!(text.contains("## Staging rule (recurrent-ahead against recurrent-batched) (bench.json)"), "{text}");
+    assert!(!text.contains("(recurrent-ahead against recurrent-batched) (bench-2.json)"), "{text}");
+    // The launches of each run, each under its own title.
+    let launches = |name: &str| {
+        text.split(&format!("## Launches (where each row's time goes) ({name})"))
+            .nth(1)
+            .unwrap_or_else(|| panic!("no launches of {name} in\n{text}"))
+            .split("\n## ")
+            .next()
+            .unwrap()
+            .to_string()
+    };
+    assert!(launches("bench.json").contains("| chunked | bf16 | B8 L4096 H16 K=V=64 |"), "{text}");
+    assert!(launches("bench-2.json").contains("| chunked-real-fast | bf16 | B4 L2048 H16 K=V=128 |"), "{text}");
+    // Neither run has the rows pair: one section saying so.
+    assert_eq!(text.matches("## Rows rule").count(), 1, "{text}");
+    assert!(text.contains("(no bench.json with both recurrent and recurrent-rows4: not measured)"), "{text}");
     let _ = std::fs::remove_dir_all(&dir);
 }
 
