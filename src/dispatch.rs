@@ -25,8 +25,8 @@
 //! kernels' (Im h_final, Im dlog_gate and Im dh0 are 0), to the same bounds.
 //!
 //! A CUDA mode may also run a kernel [`Variant`] (the chunked sequential
-//! carry or register-fragment output, the recurrent ahead staging or four
-//! rows a thread:
+//! carry or register-fragment output, the recurrent ahead or batched
+//! staging or four rows a thread:
 //! [`cuda_variant_as`], [`cuda_grad_variant_as`]), the same function to the
 //! same bounds; `run --variant`, `grad --variant` and `fuzz` take them.
 
@@ -88,7 +88,7 @@ pub fn fastest_cuda_mode(dims: &crate::Dims) -> Mode {
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum Variant {
     /// What the mode runs unless told otherwise (chunked: the automatic
-    /// carry, the staged output; recurrent: the batched staging).
+    /// carry, the staged output; recurrent: the automatic staging).
     #[default]
     Default,
     /// Chunked, forward and backward: the sequential carry forced
@@ -99,9 +99,13 @@ pub enum Variant {
     /// Chunked forward, f16 and bf16 inputs: the register-fragment output
     /// launch ([`cuda::chunk::ChunkOutput::Fragments`]).
     Fragments,
-    /// Recurrent forward: the ahead staging
+    /// Recurrent forward: the ahead staging forced
     /// ([`cuda::recurrent::RecurrentStaging::Ahead`]).
     Ahead,
+    /// Recurrent forward: the batched staging forced
+    /// ([`cuda::recurrent::RecurrentStaging::Batched`]), which the automatic
+    /// staging takes only where Ahead would need more rounds of the SMs.
+    Batched,
     /// Recurrent forward: four state rows a thread, twice the warps a block
     /// at K = 64 ([`cuda::recurrent::RecurrentRows::Four`]).
     Rows4,
@@ -117,8 +121,15 @@ pub enum Variant {
 
 impl Variant {
     /// Every variant, the default first.
-    pub const ALL: [Variant; 6] =
-        [Variant::Default, Variant::Sequential, Variant::Fragments, Variant::Ahead, Variant::Rows4, Variant::Packed];
+    pub const ALL: [Variant; 7] = [
+        Variant::Default,
+        Variant::Sequential,
+        Variant::Fragments,
+        Variant::Ahead,
+        Variant::Batched,
+        Variant::Rows4,
+        Variant::Packed,
+    ];
 
     /// The command-line name.
     pub fn name(self) -> &'static str {
@@ -127,6 +138,7 @@ impl Variant {
             Variant::Sequential => "sequential",
             Variant::Fragments => "fragments",
             Variant::Ahead => "ahead",
+            Variant::Batched => "batched",
             Variant::Rows4 => "rows4",
             Variant::Packed => "packed",
         }
@@ -145,7 +157,7 @@ impl Variant {
             Variant::Default => true,
             Variant::Sequential => mode == Mode::Chunked,
             Variant::Fragments => mode == Mode::Chunked && !grad && dtype != cuda::Dtype::F32,
-            Variant::Ahead | Variant::Rows4 => mode == Mode::Recurrent && !grad,
+            Variant::Ahead | Variant::Batched | Variant::Rows4 => mode == Mode::Recurrent && !grad,
             Variant::Packed => mode == Mode::Recurrent || mode == Mode::Chunked,
         }
     }
@@ -162,7 +174,7 @@ impl Variant {
                 mode.name(),
                 names.join(", ")
             ),
-            why: "sequential is chunked's (forward and backward), fragments the chunked forward's for f16/bf16, ahead and rows4 the recurrent forward's, packed the recurrent forward's and backward's and the chunked forward's",
+            why: "sequential is chunked's (forward and backward), fragments the chunked forward's for f16/bf16, ahead, batched and rows4 the recurrent forward's, packed the recurrent forward's and backward's and the chunked forward's",
         }
     }
 
@@ -172,7 +184,9 @@ impl Variant {
         match self {
             Variant::Sequential => ChunkConfig { carry: ChunkCarry::Sequential, ..ChunkConfig::default() },
             Variant::Fragments => ChunkConfig { output: ChunkOutput::Fragments, ..ChunkConfig::default() },
-            Variant::Default | Variant::Ahead | Variant::Rows4 | Variant::Packed => ChunkConfig::default(),
+            Variant::Default | Variant::Ahead | Variant::Batched | Variant::Rows4 | Variant::Packed => {
+                ChunkConfig::default()
+            }
         }
     }
 
@@ -181,6 +195,7 @@ impl Variant {
         use cuda::recurrent::{RecurrentConfig, RecurrentRows, RecurrentStaging};
         match self {
             Variant::Ahead => RecurrentStaging::Ahead.into(),
+            Variant::Batched => RecurrentStaging::Batched.into(),
             Variant::Rows4 => RecurrentRows::Four.into(),
             Variant::Default | Variant::Sequential | Variant::Fragments | Variant::Packed => RecurrentConfig::default(),
         }
@@ -562,7 +577,7 @@ mod tests {
                             Variant::Default => true,
                             Variant::Sequential => m == Mode::Chunked,
                             Variant::Fragments => m == Mode::Chunked && !grad && t != Dtype::F32,
-                            Variant::Ahead | Variant::Rows4 => m == Mode::Recurrent && !grad,
+                            Variant::Ahead | Variant::Batched | Variant::Rows4 => m == Mode::Recurrent && !grad,
                             Variant::Packed => m == Mode::Recurrent || m == Mode::Chunked,
                         };
                         assert_eq!(v.applies(m, t, grad), want, "{} {} {t} grad={grad}", v.name(), m.name());

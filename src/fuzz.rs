@@ -46,8 +46,8 @@
 //!
 //! On `--device cuda` each mode's kernel **variants** ([`Variant`]: the
 //! chunked sequential carry, forward and backward; the chunked register-
-//! fragment output, f16/bf16; the recurrent ahead staging and four rows a
-//! thread; the recurrent and chunked packed launches, forward and backward,
+//! fragment output, f16/bf16; the recurrent ahead and batched stagings and
+//! four rows a thread; the recurrent and chunked packed launches, forward and backward,
 //! the B rows as B sequences) are targets of
 //! their own beside the default (`chunked/sequential-bf16-cuda`, ...), so
 //! the launch choices the automatic rules take only at large grids are

@@ -65,8 +65,8 @@ enum Command {
         repeat: u32,
         /// The CUDA kernel variant (cuda only): sequential (chunked: the
         /// sequential carry), fragments (chunked, F16/BF16: the
-        /// register-fragment output launch), ahead (recurrent: the ahead
-        /// staging), rows4 (recurrent: four state rows a thread), packed
+        /// register-fragment output launch), ahead and batched (recurrent:
+        /// the ahead or batched staging forced), rows4 (recurrent: four state rows a thread), packed
         /// (recurrent, chunked: the B rows as packed sequences, the
         /// cu_seqlens launches). Same function, same bounds as the default.
         #[arg(long, value_parser = parse_variant, default_value = "default")]
@@ -232,7 +232,7 @@ enum Command {
         #[arg(long, default_value_t = 1)]
         max_failures: usize,
         /// CUDA kernel variants to fuzz beside each mode's default,
-        /// comma-separated (default, sequential, fragments, ahead, rows4,
+        /// comma-separated (default, sequential, fragments, ahead, batched, rows4,
         /// packed); by default
         /// every variant where it applies (`--device cuda`).
         #[arg(long, value_parser = parse_variant, value_delimiter = ',')]

@@ -514,7 +514,7 @@ fn kernel_variants_run_where_they_exist_and_are_refused_elsewhere() {
     assert!(stderr(&o).contains("--variant sequential: a CUDA kernel variant"), "{}", stderr(&o));
     for (mode, variant, available) in [
         ("scan", "ahead", "available: default)"),
-        ("recurrent", "sequential", "available: default, ahead, rows4, packed)"),
+        ("recurrent", "sequential", "available: default, ahead, batched, rows4, packed)"),
         // The fragment output kernel takes 16-bit inputs only.
         ("chunked", "fragments", "available: default, sequential, packed)"),
     ] {
@@ -530,6 +530,7 @@ fn kernel_variants_run_where_they_exist_and_are_refused_elsewhere() {
     for (mode, variant) in [
         ("chunked", "sequential"),
         ("recurrent", "ahead"),
+        ("recurrent", "batched"),
         ("recurrent", "rows4"),
         ("recurrent", "packed"),
         ("chunked", "packed"),

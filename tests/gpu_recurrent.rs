@@ -9,11 +9,12 @@
 mod common;
 
 use common::{ABS_FRAC, Case, REL, assert_outputs, regime_matrix, regime_tests, run_forward};
+use gateloop::cuda::chunk::Gates;
 use gateloop::cuda::recurrent::{
     self, DeviceInputs, DeviceOutputs, RecurrentConfig, RecurrentRows, RecurrentStaging, forward_host,
     forward_host_with, forward_into, forward_into_with, forward_real_host_as, forward_real_into,
 };
-use gateloop::cuda::{Element, Gpu, GpuError};
+use gateloop::cuda::{Dtype, Element, Gpu, GpuError};
 use gateloop::testing::{GateRegime, OwnedProblem, dims};
 use gateloop::{Complex, Dims, InputError, Mode, Outputs, reference};
 
@@ -107,6 +108,36 @@ fn ahead_staging_matches_batched_bit_for_bit() {
     }
 }
 
+/// The default staging (`RecurrentStaging::Auto`) decides on the device:
+/// the plan a launch takes is Batched's or Ahead's, never Auto, and its
+/// outputs are both stagings' bits (the rule itself:
+/// `RecurrentStaging::auto_choice`'s unit test).
+#[test]
+fn auto_staging_decides_by_rounds_and_gives_the_same_bits() {
+    let Some(gpu) = common::gpu_or_skip() else { return };
+    let sm_count = gateloop::cuda::scan::sm_count(gpu).unwrap() as u64;
+    for (i, (d, regime)) in launch_choice_cases().into_iter().enumerate().take(3) {
+        let on = recurrent::plan_on(gpu, &d, RecurrentConfig::default(), Dtype::F32, Gates::Complex).unwrap();
+        let forced = |staging| recurrent::plan_on(gpu, &d, staging, Dtype::F32, Gates::Complex).unwrap();
+        let (batched, ahead) = (forced(RecurrentStaging::Batched), forced(RecurrentStaging::Ahead));
+        assert!(on == batched || on == ahead, "{d:?}: {on:?}");
+        // Forced stagings are planned as asked.
+        assert_eq!((batched.staging, ahead.staging), (RecurrentStaging::Batched, RecurrentStaging::Ahead));
+        // These grids (at most a few dozen blocks) fit one round of any
+        // GPU's SMs at one block each: Auto takes Ahead wherever the driver
+        // says both kernels can be resident.
+        assert!(u64::from(on.grid) <= sm_count || on.staging == RecurrentStaging::Ahead, "{d:?}: {on:?}");
+        let case = Case::new(d, regime, i % 2 == 0, 7150 + i as u64);
+        let (p32, _) = case.with_reference();
+        let default = forward_host(gpu, &p32.view()).unwrap();
+        assert_same_bits(
+            &case.label(),
+            &default,
+            &forward_host_with::<f32>(gpu, &p32.view(), batched.staging).unwrap(),
+        );
+    }
+}
+
 /// Four state rows a thread (`RecurrentRows::Four`: at K = 64 sixteen
 /// warps a block instead of eight, 15-step chunks, the readout summed over
 /// 16 key groups) is within the reference's bounds (outputs poisoned), with
@@ -115,8 +146,8 @@ fn ahead_staging_matches_batched_bit_for_bit() {
 #[test]
 fn four_rows_a_thread_match_the_reference() {
     let Some(gpu) = common::gpu_or_skip() else { return };
-    let four = RecurrentRows::Four;
-    let ahead_four = RecurrentConfig { staging: RecurrentStaging::Ahead, rows: four };
+    let four = RecurrentConfig { staging: RecurrentStaging::Batched, rows: RecurrentRows::Four };
+    let ahead_four = RecurrentConfig { staging: RecurrentStaging::Ahead, rows: RecurrentRows::Four };
     for (i, (d, regime)) in launch_choice_cases().into_iter().enumerate() {
         let case = Case::new(d, regime, i % 2 == 1, 7200 + i as u64);
         let plan = recurrent::plan_with(&d, four).unwrap();
@@ -135,7 +166,7 @@ fn four_rows_a_thread_match_the_reference() {
             assert_same_bits(&format!("{label} default"), &forward_host(gpu, &p32.view()).unwrap(), &got);
         }
         let run = |config: RecurrentConfig| forward_host_with::<half::bf16>(gpu, &p32.view(), config).unwrap();
-        assert_same_bits(&format!("{label} bf16"), &run(ahead_four), &run(four.into()));
+        assert_same_bits(&format!("{label} bf16"), &run(ahead_four), &run(four));
     }
 }
 
@@ -157,9 +188,14 @@ fn run_real<T: Element>(gpu: &Gpu, p32: &OwnedProblem<f32>, config: RecurrentCon
 #[test]
 fn real_gates_match_the_reference_and_the_complex_kernel() {
     let Some(gpu) = common::gpu_or_skip() else { return };
-    let (ahead, four) = (RecurrentStaging::Ahead, RecurrentRows::Four);
-    let configs =
-        [RecurrentConfig::default(), ahead.into(), four.into(), RecurrentConfig { staging: ahead, rows: four }];
+    let (ahead, batched, four) = (RecurrentStaging::Ahead, RecurrentStaging::Batched, RecurrentRows::Four);
+    let configs = [
+        RecurrentConfig::default(),
+        batched.into(),
+        ahead.into(),
+        RecurrentConfig { staging: batched, rows: four },
+        RecurrentConfig { staging: ahead, rows: four },
+    ];
     let shapes = [(1, 1, 1), (100, 5, 7), (130, 16, 40), (301, 64, 64), (77, 130, 33), (45, 256, 5)];
     for (i, (regime, &(l, k, v))) in common::REAL_REGIMES.iter().cycle().zip(shapes.iter().cycle()).take(9).enumerate()
     {

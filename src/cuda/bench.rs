@@ -261,9 +261,21 @@ pub fn registry() -> Vec<KernelEntry> {
             tuning: false,
         },
         KernelEntry {
+            name: "recurrent-batched",
+            about: "recurrent forward with each chunk's loads done before its recurrence \
+                    (RecurrentStaging::Batched forced, the staging until 2026-12-04, which the default's Auto \
+                    takes only where Ahead needs more rounds of the SMs; bit for bit recurrent's results)",
+            dtypes: &Dtype::ALL,
+            shapes: recurrent_shapes,
+            check: |d| recurrent::plan_with(d, RecurrentStaging::Batched).map(|_| ()),
+            cost: |d, t| recurrent_cost(d, t, false, Gates::Complex),
+            prepare: |gpu, d, t, host, sets| crate::with_element!(t, T => prepare_recurrent::<T>(gpu, d, host, sets, RecurrentRun::Forward, RecurrentStaging::Batched.into(), Gates::Complex)),
+            tuning: false,
+        },
+        KernelEntry {
             name: "recurrent-ahead",
             about: "recurrent forward with the next chunk's loads in flight during each chunk's recurrence \
-                    (RecurrentStaging::Ahead; bit for bit recurrent's results)",
+                    (RecurrentStaging::Ahead forced; bit for bit recurrent's results)",
             dtypes: &Dtype::ALL,
             shapes: recurrent_shapes,
             check: |d| recurrent::plan_with(d, RecurrentStaging::Ahead).map(|_| ()),

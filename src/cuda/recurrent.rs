@@ -86,7 +86,7 @@ use num_complex::Complex;
 
 use super::abi::{self, GateloopRecurrentParams};
 use super::chunk::Gates;
-use super::element::Element;
+use super::element::{Dtype, Element};
 use super::launch::{self, Buffers, SeqParams, StateIo};
 use super::phases::launched;
 use super::{Gpu, GpuError};
@@ -107,14 +107,13 @@ const SHARED_BUDGET: usize = 48 * 1024;
 const MAX_CHUNK: usize = 64;
 
 /// How the recurrent kernel brings each time chunk of gates, keys, queries
-/// and values into shared memory.
+/// and values into shared memory. Every staging gives the same bits.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub enum RecurrentStaging {
     /// Load, stage, recur, in turn: a chunk's loads (a few per thread at a
     /// time) complete before its recurrence starts. The kernel measured on an
     /// H200 on 2026-11-30 (64 registers at R = 8: four resident 256-thread
     /// blocks per SM).
-    #[default]
     Batched,
     /// Ahead: each chunk's recurrence runs while the next chunk's loads are
     /// in flight (issued before it, held in registers, stored to shared
@@ -123,9 +122,22 @@ pub enum RecurrentStaging {
     /// [`RecurrentStaging::Batched`] (same arithmetic, same order). Costs
     /// registers (up to 128 a thread: two resident 256-thread blocks per SM)
     /// and shorter chunks (at most 4 staged items a thread:
-    /// chunk_len ≤ 128 / R and ≤ 4 · key_groups; R = 16: 2 items). Not yet
-    /// timed on a GPU: `gateloop bench` runs it as `recurrent-ahead`.
+    /// chunk_len ≤ 128 / R and ≤ 4 · key_groups; R = 16: 2 items). On an
+    /// H200 on 2026-12-04 (K = V = 64, both grids one round of the SMs) it
+    /// took 0.68× to 0.84× of Batched's time
+    /// (`benches/results/gpu-2026-12-04-nvidia-h200/verdict.md`).
     Ahead,
+    /// The default: [`RecurrentStaging::Ahead`] where its grid takes no
+    /// more rounds of the device's SMs than [`RecurrentStaging::Batched`]'s
+    /// (the driver's occupancy calculator for each kernel at this launch's
+    /// block and shared memory), else Batched. Ahead holds half the blocks
+    /// an SM (its registers), so on a grid that Batched runs in one round
+    /// and Ahead in two, each step's latency would be paid twice; that case
+    /// is inferred from the residency, not yet timed. Decided at each launch
+    /// on its device ([`plan_on`]); [`plan`] and [`plan_with`], which have
+    /// no device, plan it as Batched.
+    #[default]
+    Auto,
 }
 
 /// How many state rows each thread of the recurrent kernel keeps, which sets
@@ -148,8 +160,12 @@ pub enum RecurrentRows {
     /// with issue slots to spare (16 resident warps per SM at B8 L4096 H16
     /// K = V = 64, whose 256 blocks fill the 132 SMs twice): this doubles
     /// the warps resident there (the R = 4 kernel takes 63 registers: two
-    /// 512-thread blocks per SM). Not yet timed on a GPU: `gateloop bench`
-    /// runs it as `recurrent-rows4`. Bitwise the same results as
+    /// 512-thread blocks per SM). On an H200 on 2026-12-04 (with the
+    /// batched staging, K = V = 64) it took 0.73× (bf16) and 0.85× (f32)
+    /// of Eight's time at B1 L65536 H4, 0.90× (bf16) and 1.06× (f32) at B8
+    /// L4096 H16: mixed, so not the default; with the ahead staging it is
+    /// not yet timed (`gateloop bench` runs it as `recurrent-rows4`, with
+    /// the default staging). Bitwise the same results as
     /// [`RecurrentRows::Eight`] wherever both give the same R; elsewhere
     /// another order of the sums over K, within the same bounds.
     Four,
@@ -202,6 +218,20 @@ impl RecurrentStaging {
         match self {
             RecurrentStaging::Batched => "batched",
             RecurrentStaging::Ahead => "ahead",
+            RecurrentStaging::Auto => "auto",
+        }
+    }
+
+    /// Auto's rule: Ahead when a grid of `grid` blocks takes no more rounds
+    /// of `sm_count` SMs holding `ahead_per_sm` blocks each than holding
+    /// `batched_per_sm` (the occupancy calculator's answers; 0 where it
+    /// gave none, which keeps Batched).
+    pub fn auto_choice(grid: u64, sm_count: u64, batched_per_sm: u32, ahead_per_sm: u32) -> RecurrentStaging {
+        let rounds = |per_sm: u32| grid.div_ceil(u64::from(per_sm) * sm_count.max(1));
+        if batched_per_sm > 0 && ahead_per_sm > 0 && rounds(ahead_per_sm) <= rounds(batched_per_sm) {
+            RecurrentStaging::Ahead
+        } else {
+            RecurrentStaging::Batched
         }
     }
 
@@ -230,7 +260,8 @@ pub struct LaunchPlan {
     /// Dynamic shared memory per block, bytes.
     pub shared_bytes: u32,
     /// Which kernel: `gateloop_recurrent_{dtype}_r{R}` (batched) or
-    /// `gateloop_recurrent_ahead_{dtype}_r{R}`.
+    /// `gateloop_recurrent_ahead_{dtype}_r{R}`; never
+    /// [`RecurrentStaging::Auto`], which the plan decides.
     pub staging: RecurrentStaging,
     /// The rows per thread the plan aimed at (`rows_per_thread` is what it
     /// gave).
@@ -256,7 +287,9 @@ pub(crate) fn kernel_names(dtype: &str) -> Vec<String> {
         .collect()
 }
 
-/// Chooses the launch geometry for `dims` with the default staging and rows.
+/// Chooses the launch geometry for `dims` with the default staging and rows,
+/// without a device: [`RecurrentStaging::Auto`] planned as Batched
+/// ([`plan_on`] decides it as a launch does).
 ///
 /// R aims at 8 rows per thread (fewer when K < 8; [`RecurrentRows::Four`]:
 /// 4, fewer when K < 4) with as many warps as that needs, up to 16; above
@@ -271,6 +304,7 @@ pub fn plan(dims: &Dims) -> Result<LaunchPlan, InputError> {
 /// [`RecurrentConfig`], or a bare [`RecurrentStaging`] or [`RecurrentRows`]).
 pub fn plan_with(dims: &Dims, config: impl Into<RecurrentConfig>) -> Result<LaunchPlan, InputError> {
     let RecurrentConfig { staging, rows: aim } = config.into();
+    let staging = if staging == RecurrentStaging::Auto { RecurrentStaging::Batched } else { staging };
     dims.validate()?;
     let k = dims.key_dim;
     if k > MAX_KEY_DIM {
@@ -312,6 +346,37 @@ pub fn plan_with(dims: &Dims, config: impl Into<RecurrentConfig>) -> Result<Laun
     })
 }
 
+/// The plan a launch on `gpu` takes for `dims`, `dtype` and `gates`:
+/// [`plan_with`], with [`RecurrentStaging::Auto`] decided on the device
+/// ([`RecurrentStaging::auto_choice`] over the SM count and each kernel's
+/// residency at its block and shared memory).
+pub fn plan_on(
+    gpu: &Gpu,
+    dims: &Dims,
+    config: impl Into<RecurrentConfig>,
+    dtype: Dtype,
+    gates: Gates,
+) -> Result<LaunchPlan, GpuError> {
+    let config = config.into();
+    let batched = plan_with(dims, config)?;
+    if config.staging != RecurrentStaging::Auto {
+        return Ok(batched);
+    }
+    let ahead = plan_with(dims, RecurrentConfig { staging: RecurrentStaging::Ahead, ..config })?;
+    let per_sm = |lp: &LaunchPlan| {
+        let func = &gpu.kernels.recurrent[dtype.index()][lp.variant_index(gates == Gates::Real)];
+        // A driver that cannot say keeps Batched (0), the kernel measured
+        // first, rather than failing the launch.
+        func.occupancy_max_active_blocks_per_multiprocessor(32 * lp.key_groups, lp.shared_bytes as usize, None)
+            .unwrap_or(0)
+    };
+    let sm_count = super::scan::sm_count(gpu)? as u64;
+    Ok(match RecurrentStaging::auto_choice(u64::from(batched.grid), sm_count, per_sm(&batched), per_sm(&ahead)) {
+        RecurrentStaging::Ahead => ahead,
+        _ => batched,
+    })
+}
+
 /// Device inputs of one decode call: `T` steps of a `[B, T, H, *]` problem
 /// (the `len` of the dims given to [`decode_into`]). Same types as
 /// [`DeviceInputs`]; the initial state is the state buffer itself.
@@ -339,10 +404,11 @@ fn launch<T: Element>(
     buffers: Buffers<'_, T>,
     cu_seqlens: Option<u64>,
 ) -> Result<(), GpuError> {
-    let lp = plan_with(d, config)?;
+    let real_gates = buffers.real_gates;
+    let gates = if real_gates { Gates::Real } else { Gates::Complex };
+    let lp = plan_on(gpu, d, config, T::DTYPE, gates)?;
     let buffers = Buffers { packed: cu_seqlens.is_some(), ..buffers };
     buffers.check(gpu, stream, d, 0, String::new)?;
-    let real_gates = buffers.real_gates;
     let mut params = GateloopRecurrentParams {
         key_groups: lp.key_groups as i32,
         padded_key_dim: lp.padded_key_dim as i32,
@@ -575,11 +641,13 @@ fn decode<T: Element>(
 ) -> Result<(), GpuError> {
     let DecodeInputs { q, k, v, log_gate } = inputs;
     let state = StateIo::InPlace(state);
+    // A few steps a call: nothing for Ahead to overlap, and no occupancy
+    // queries on the per-token path.
     launch(
         gpu,
         stream,
         dims,
-        RecurrentConfig::default(),
+        RecurrentStaging::Batched.into(),
         Buffers { q, k, v, log_gate, y, state, workspace: None, real_gates, packed: false },
         None,
     )
@@ -753,6 +821,37 @@ mod tests {
                 assert_eq!(p.grid, 6 * p.value_tiles);
             }
         }
+    }
+
+    #[test]
+    fn auto_staging_takes_ahead_where_it_needs_no_more_rounds() {
+        use RecurrentStaging::{Ahead, Batched};
+        // H200 (132 SMs), K = V = 64: Batched 4 blocks an SM, Ahead 2 (its
+        // registers). B8 H16 (256 blocks) and B1 H4 (8): one round each,
+        // Ahead (measured 0.68x to 0.84x of Batched, 2026-12-04).
+        assert_eq!(RecurrentStaging::auto_choice(256, 132, 4, 2), Ahead);
+        assert_eq!(RecurrentStaging::auto_choice(8, 132, 4, 2), Ahead);
+        // 512 blocks: one round of Batched, two of Ahead.
+        assert_eq!(RecurrentStaging::auto_choice(512, 132, 4, 2), Batched);
+        // 1056 blocks: two rounds of Batched, four of Ahead.
+        assert_eq!(RecurrentStaging::auto_choice(1056, 132, 4, 2), Batched);
+        // K = 128 (512-thread blocks): Batched 2, Ahead 1. B4 H16 (256
+        // blocks) needs one round of Batched, two of Ahead; B1 H96 (384)
+        // two and three; 132 blocks one each.
+        assert_eq!(RecurrentStaging::auto_choice(256, 132, 2, 1), Batched);
+        assert_eq!(RecurrentStaging::auto_choice(384, 132, 2, 1), Batched);
+        assert_eq!(RecurrentStaging::auto_choice(132, 132, 2, 1), Ahead);
+        // Equal residency: Ahead always.
+        assert_eq!(RecurrentStaging::auto_choice(10_000, 132, 2, 2), Ahead);
+        // A driver that gave no residency keeps Batched.
+        assert_eq!(RecurrentStaging::auto_choice(8, 132, 4, 0), Batched);
+        assert_eq!(RecurrentStaging::auto_choice(8, 132, 0, 2), Batched);
+        // No SM count (0) counts as one SM, not a division by zero.
+        assert_eq!(RecurrentStaging::auto_choice(8, 0, 4, 2), Batched);
+        assert_eq!(RecurrentStaging::auto_choice(2, 0, 4, 2), Ahead);
+        // plan and plan_with, without a device, plan Auto as Batched.
+        let d = dims(8, 4096, 16, 64, 64, false);
+        assert_eq!(plan(&d).unwrap(), plan_with(&d, RecurrentStaging::Batched).unwrap());
     }
 
     #[test]
