@@ -826,29 +826,38 @@ mod tests {
     #[test]
     fn auto_staging_takes_ahead_where_it_needs_no_more_rounds() {
         use RecurrentStaging::{Ahead, Batched};
-        // H200 (132 SMs), K = V = 64: Batched 4 blocks an SM, Ahead 2 (its
-        // registers). B8 H16 (256 blocks) and B1 H4 (8): one round each,
-        // Ahead (measured 0.68x to 0.84x of Batched, 2026-12-04).
-        assert_eq!(RecurrentStaging::auto_choice(256, 132, 4, 2), Ahead);
-        assert_eq!(RecurrentStaging::auto_choice(8, 132, 4, 2), Ahead);
-        // 512 blocks: one round of Batched, two of Ahead.
-        assert_eq!(RecurrentStaging::auto_choice(512, 132, 4, 2), Batched);
-        // 1056 blocks: two rounds of Batched, four of Ahead.
-        assert_eq!(RecurrentStaging::auto_choice(1056, 132, 4, 2), Batched);
-        // K = 128 (512-thread blocks): Batched 2, Ahead 1. B4 H16 (256
-        // blocks) needs one round of Batched, two of Ahead; B1 H96 (384)
-        // two and three; 132 blocks one each.
-        assert_eq!(RecurrentStaging::auto_choice(256, 132, 2, 1), Batched);
-        assert_eq!(RecurrentStaging::auto_choice(384, 132, 2, 1), Batched);
-        assert_eq!(RecurrentStaging::auto_choice(132, 132, 2, 1), Ahead);
-        // Equal residency: Ahead always.
-        assert_eq!(RecurrentStaging::auto_choice(10_000, 132, 2, 2), Ahead);
-        // A driver that gave no residency keeps Batched.
-        assert_eq!(RecurrentStaging::auto_choice(8, 132, 4, 0), Batched);
-        assert_eq!(RecurrentStaging::auto_choice(8, 132, 0, 2), Batched);
-        // No SM count (0) counts as one SM, not a division by zero.
-        assert_eq!(RecurrentStaging::auto_choice(8, 0, 4, 2), Batched);
-        assert_eq!(RecurrentStaging::auto_choice(2, 0, 4, 2), Ahead);
+        // (grid, SMs, Batched's blocks an SM, Ahead's, the choice)
+        let cases = [
+            // H200 (132 SMs), K = V = 64: Batched 4 blocks an SM, Ahead 2
+            // (its registers). B8 H16 (256 blocks) and B1 H4 (8): one round
+            // each, Ahead (measured 0.68x to 0.84x of Batched, 2026-12-04).
+            (256, 132, 4, 2, Ahead),
+            (8, 132, 4, 2, Ahead),
+            // 512 blocks: one round of Batched, two of Ahead; 1056: two, four.
+            (512, 132, 4, 2, Batched),
+            (1056, 132, 4, 2, Batched),
+            // K = 128 (512-thread blocks): Batched 2, Ahead 1. B4 H16 (256
+            // blocks): one round of Batched, two of Ahead; B1 H96 (384): two
+            // and three; 132 blocks: one each.
+            (256, 132, 2, 1, Batched),
+            (384, 132, 2, 1, Batched),
+            (132, 132, 2, 1, Ahead),
+            // Equal residency: Ahead always.
+            (10_000, 132, 2, 2, Ahead),
+            // A driver that gave no residency keeps Batched.
+            (8, 132, 4, 0, Batched),
+            (8, 132, 0, 2, Batched),
+            // No SM count (0) counts as one SM, not a division by zero.
+            (8, 0, 4, 2, Batched),
+            (2, 0, 4, 2, Ahead),
+        ];
+        for (grid, sms, batched, ahead, want) in cases {
+            assert_eq!(
+                RecurrentStaging::auto_choice(grid, sms, batched, ahead),
+                want,
+                "{grid} {sms} {batched} {ahead}"
+            );
+        }
         // plan and plan_with, without a device, plan Auto as Batched.
         let d = dims(8, 4096, 16, 64, 64, false);
         assert_eq!(plan(&d).unwrap(), plan_with(&d, RecurrentStaging::Batched).unwrap());
