@@ -170,7 +170,7 @@ template <typename input_t, class Op, bool kComplex, int kTerms>
 __device__ __forceinline__ void chunk_output(const GateloopChunkParams& p) {
     extern __shared__ __align__(128) unsigned char smem[];
     check_shared(p.shared_bytes, output_smem_bytes<Op, kComplex>());
-    Block<input_t, kComplex> blk(p, smem);
+    Block<input_t, kComplex, kPrefixLd> blk(p, smem);
     if (!blk.has_chunk()) return;  // an empty packed slot: the whole block, before any barrier
     intra_pass<Op, kTerms, false>(blk, smem, p.ws_state, blk.v, p.v_strides,
                                   seq_row_mut<input_t>(p.y, p.y_strides, blk.b, blk.h), p.y_strides);

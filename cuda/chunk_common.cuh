@@ -31,6 +31,20 @@ static_assert(kChunk == 64 && kSub == 16 && kSlab == 16 && kVTile == 64 && kThre
               "the warp ↔ tile maps below assume these sizes");
 static_assert(kPairs <= kWarps, "one warp per off-diagonal score block");
 
+// Row stride (f32) of the gate prefix tables and raw q, k rows in the
+// kernels with pairwise loops (Block's kLd): kSlab channels and 4 of
+// padding. Why: the pairwise loops read one 16-byte channel group (LDS.128)
+// of eight consecutive rows per quarter-warp; 64-byte rows put those eight
+// reads on two of the eight 16-byte bank groups, a 4-way conflict. On the
+// H200 (2026-12-04 profile) such reads were 44% to 57% of the output and
+// dv launches' shared-memory wavefronts, in launches bound by the
+// L1/shared pipe (80% to 88% busy). 80-byte rows put any eight consecutive
+// rows on eight groups (5·t mod 8). 25% more table bytes, in the kernels
+// that read them so (Block's kLd; src/cuda/chunk.rs: prefix_bytes).
+constexpr int kPrefixLd = GATELOOP_CHUNK_PREFIX_LD;
+static_assert(kPrefixLd >= kSlab && kPrefixLd % 4 == 0 && (kPrefixLd / 4) % 2 == 1,
+              "whole 16-byte rows, an odd number of 16-byte groups");
+
 // ---- operand types -----------------------------------------------------------
 
 // TF32: f32 storage rounded to 10 explicit mantissa bits; m16n16k8.
@@ -266,10 +280,12 @@ __device__ __forceinline__ float2 carry_chunks(const CarrySlots& cs, int64_t kv,
 
 // Shared-memory bytes of the prefix tables: Re G as a compensated pair (running
 // sum, rounding-error sum), (cos θ, sin θ when complex) as f32 and the reset
-// index as i32, each [kChunk][kSlab]. src/cuda/chunk.rs: prefix_bytes.
-template <bool kComplex>
+// index as i32, each [kChunk][kLd]: rows of kSlab entries, or kPrefixLd in
+// the kernels with pairwise loops (Block's kLd). src/cuda/chunk.rs:
+// prefix_bytes.
+template <bool kComplex, int kLd = kSlab>
 __host__ __device__ constexpr int prefix_bytes() {
-    return (kComplex ? 5 : 3) * kChunk * kSlab * 4;
+    return (kComplex ? 5 : 3) * kChunk * kLd * 4;
 }
 
 // Thread tid's place in a tile of kWidth columns staged by the block
@@ -331,9 +347,18 @@ __device__ __forceinline__ void stage_tile(const TileSlot<kWidth>& slot, Fetch f
 // them 128-145 instead of 105-141, one resident block per SM instead of two
 // (and spills when held to 128).
 
-template <typename input_t, bool kComplex>
+template <typename input_t, bool kComplex, int kLd = kSlab>
 struct Block {
     using Tr = InputTraits<input_t>;
+    // Row stride of the block's [kChunk][kSlab] f32 tables, the gate
+    // prefix tables and the raw q and k rows (load_keys): kPrefixLd in the
+    // kernels whose pairwise loops read them across rows (the output and dv
+    // launches, grad_qk), where it costs no resident block; kSlab in the
+    // others (the state kernels and walks read them along rows, sit at
+    // their register limits, and the padding cost them spills).
+    static_assert(kLd == kSlab || kLd == kPrefixLd, "plain or padded rows");
+    // Entry (step t, channel j) of one of those tables.
+    __device__ __forceinline__ static constexpr int at(int t, int j) { return t * kLd + j; }
     const GateloopChunkParams& p;
     int tid, warp;
     int64_t bh, b, h, chunk, vt, t0, v0;
@@ -342,7 +367,8 @@ struct Block {
     const input_t* __restrict__ q;
     const input_t* __restrict__ k;
     const input_t* __restrict__ v;
-    // Prefix tables [kChunk][kSlab] (per-head gates use column 0). Re G is
+    // Prefix tables [kChunk][kLd], entry (t, j) at at(t, j) (per-head gates
+    // use column 0). Re G is
     // gre + glo: after hard-decaying steps |Re G| reaches thousands, where an
     // f32 running sum's ulp (~2.4e-4) would stay in every short difference.
     float* gre;
@@ -380,14 +406,14 @@ struct Block {
         v = seq_row<input_t>(p.v, p.v_strides, b, h);
         float* f = reinterpret_cast<float*>(smem);
         gre = f;
-        f += kChunk * kSlab;
+        f += kChunk * kLd;
         glo = f;
-        f += kChunk * kSlab;
+        f += kChunk * kLd;
         if (kComplex) {
             gcs = f;
-            f += kChunk * kSlab;
+            f += kChunk * kLd;
             gsn = f;
-            f += kChunk * kSlab;
+            f += kChunk * kLd;
         } else {
             gcs = gsn = nullptr;
         }
@@ -508,8 +534,8 @@ struct Block {
                     return g;
                 },
                 [&](int t, int j, float2 g) {
-                    gre[t * kSlab + j] = g.x;
-                    if (kComplex) gsn[t * kSlab + j] = g.y;
+                    gre[at(t, j)] = g.x;
+                    if (kComplex) gsn[at(t, j)] = g.y;
                 });
         }
         __syncthreads();
@@ -521,7 +547,7 @@ struct Block {
             float pre_re = 0.f, pre_lo = 0.f, pre_im = 0.f;
             int32_t pre_r = -1;
             for (int t = seg * kPrefixSeg; t < (seg + 1) * kPrefixSeg; ++t) {
-                const int i = t * kSlab + j;
+                const int i = at(t, j);
                 const float gr = gre[i];
                 const bool keep = gr >= GATELOOP_RESET_LOG_GATE;
                 const float2 s_re = two_sum(pre_re, gr);
@@ -542,20 +568,21 @@ struct Block {
         // 2. One thread per channel joins the segments' last steps in order.
         for (int c = tid; c < cols; c += kThreads) {
             for (int sg = 1; sg < kPrefixSegs; ++sg) {
-                join_prefix((sg * kPrefixSeg - 1) * kSlab + c, (sg * kPrefixSeg + kPrefixSeg - 1) * kSlab + c);
+                join_prefix(at(sg * kPrefixSeg - 1, c), at(sg * kPrefixSeg + kPrefixSeg - 1, c));
             }
         }
         __syncthreads();
         // 3. Every other step of segments ≥ 1 joins its segment's carry.
         if (seg >= 1 && seg < kPrefixSegs && j < cols) {
-            const int carry = (seg * kPrefixSeg - 1) * kSlab + j;
-            for (int t = seg * kPrefixSeg; t < (seg + 1) * kPrefixSeg - 1; ++t) join_prefix(carry, t * kSlab + j);
+            const int carry = at(seg * kPrefixSeg - 1, j);
+            for (int t = seg * kPrefixSeg; t < (seg + 1) * kPrefixSeg - 1; ++t) join_prefix(carry, at(t, j));
         }
         __syncthreads();
         if (kComplex) {
             // θ ∈ [−π, π] (reduced above): the SFU's sin/cos have an absolute
             // error ≤ 2^−21.4 there, and no slow-path argument reduction.
-            for (int i = tid; i < kChunk * kSlab; i += kThreads) {
+            for (int e = tid; e < kChunk * kSlab; e += kThreads) {
+                const int i = kLd == kSlab ? e : at(e / kSlab, e % kSlab);
                 float s, c;
                 __sincosf(gsn[i], &s, &c);
                 gcs[i] = c;
@@ -572,8 +599,8 @@ struct Block {
     // reconvergence per call in the pairwise loops); the tables hold finite
     // sums, so the exp across a reset is finite and discarded.
     __device__ __forceinline__ float modulus(int late, int early, int cl) const {
-        const float e = early < 0 ? 0.f : gre[early * kSlab + cl];
-        const float e_lo = early < 0 ? 0.f : glo[early * kSlab + cl];
+        const float e = early < 0 ? 0.f : gre[at(early, cl)];
+        const float e_lo = early < 0 ? 0.f : glo[at(early, cl)];
         return modulus_of(late, early, cl, e, e_lo);
     }
     // modulus for an early step of the chunk (early ≥ 0, as in every
@@ -581,14 +608,14 @@ struct Block {
     // unguarded, so nvcc issues one LDS.128 for four consecutive channels
     // where the guarded read was one predicated LDS a channel.
     __device__ __forceinline__ float modulus_within(int late, int early, int cl) const {
-        return modulus_of(late, early, cl, gre[early * kSlab + cl], glo[early * kSlab + cl]);
+        return modulus_of(late, early, cl, gre[at(early, cl)], glo[at(early, cl)]);
     }
     __device__ __forceinline__ float modulus_of(int late, int early, int cl, float e, float e_lo) const {
-        const float w = expf(fminf(re_diff(gre[late * kSlab + cl], glo[late * kSlab + cl], e, e_lo), 0.f));
-        return rst[late * kSlab + cl] > early ? 0.f : w;
+        const float w = expf(fminf(re_diff(gre[at(late, cl)], glo[at(late, cl)], e, e_lo), 0.f));
+        return rst[at(late, cl)] > early ? 0.f : w;
     }
-    __device__ __forceinline__ float cos_at(int t, int cl) const { return kComplex ? gcs[t * kSlab + cl] : 1.f; }
-    __device__ __forceinline__ float sin_at(int t, int cl) const { return kComplex ? gsn[t * kSlab + cl] : 0.f; }
+    __device__ __forceinline__ float cos_at(int t, int cl) const { return kComplex ? gcs[at(t, cl)] : 1.f; }
+    __device__ __forceinline__ float sin_at(int t, int cl) const { return kComplex ? gsn[at(t, cl)] : 0.f; }
 
     // Columns col0 .. col0 + kWidth − 1 of x over the chunk, each (step,
     // column, value) to put; zero past the chunk and from column `limit` on.
@@ -608,11 +635,12 @@ struct Block {
             put);
     }
 
-    // x (q or k) of slab d0 into xs [kChunk][kSlab] f32, zero past the chunk / K.
+    // x (q or k) of slab d0 into xs [kChunk][kLd] f32 (entry (t, j) at
+    // at(t, j)), zero past the chunk / K.
     template <int kAhead = 0>
     __device__ __forceinline__ void load_keys(const input_t* __restrict__ x, const GateloopSeqStrides& s, int64_t d0,
                                               float* xs) const {
-        load_rows<kSlab, kAhead>(x, s, d0, p.dims.key_dim, [&](int t, int j, float e) { xs[t * kSlab + j] = e; });
+        load_rows<kSlab, kAhead>(x, s, d0, p.dims.key_dim, [&](int t, int j, float e) { xs[at(t, j)] = e; });
     }
 
     // Value columns col0 .. col0 + kVTile − 1 of x (v or dy) over the chunk
@@ -653,8 +681,8 @@ struct StateRows {
     int64_t first, part_step, row_step, rows_left;
     bool col_in;
     int row0;
-    template <typename input_t, bool kComplex>
-    __device__ __forceinline__ StateRows(const Block<input_t, kComplex>& blk, const TileSlot<kCols>& slot, int64_t d0,
+    template <typename input_t, bool kComplex, int kLd>
+    __device__ __forceinline__ StateRows(const Block<input_t, kComplex, kLd>& blk, const TileSlot<kCols>& slot, int64_t d0,
                                          int64_t col0) {
         const int64_t key_dim = blk.p.dims.key_dim;
         const int64_t value_dim = blk.p.dims.value_dim;
@@ -674,8 +702,8 @@ struct StateRows {
 // `at` the item's workspace offset, live false past K or V (fetch must then
 // not read); put(row, col, value) (stage_tile). A thread's rows stay in one
 // part for kPerPart items, so the part is known at compile time.
-template <int kParts, int kCols, typename input_t, bool kComplex, class Fetch, class Put>
-__device__ __forceinline__ void stage_state_rows(const Block<input_t, kComplex>& blk, int64_t d0, int64_t col0,
+template <int kParts, int kCols, typename input_t, bool kComplex, int kLd, class Fetch, class Put>
+__device__ __forceinline__ void stage_state_rows(const Block<input_t, kComplex, kLd>& blk, int64_t d0, int64_t col0,
                                                  Fetch fetch, Put put) {
     const TileSlot<kCols> slot(blk.tid);
     const StateRows<kCols> rows(blk, slot, d0, col0);
@@ -732,7 +760,7 @@ __host__ __device__ constexpr int output_final_bytes() {
 }
 template <class Op, bool kComplex>
 __host__ __device__ constexpr int output_smem_bytes() {
-    return prefix_bytes<kComplex>() + 2 * kChunk * kSlab * 4 +
+    return prefix_bytes<kComplex, kPrefixLd>() + 2 * kChunk * kPrefixLd * 4 +
            (output_slab_bytes<Op, kComplex>() > output_final_bytes<Op>() ? output_slab_bytes<Op, kComplex>()
                                                                          : output_final_bytes<Op>()) +
            kSubs * kSub * kSub * 4 + kStagingBytes;
@@ -804,12 +832,12 @@ __device__ __forceinline__ void drain(const Acc<Op>& acc, float* staging, int la
 // qe. The forward's y += Q̃ S_c; the backward's W_c = [Re Q̃ | −Im Q̃]ᵀ dY.
 // Like put_state_keys, thread tid reads back only the qraw elements that
 // Block::load_keys stored from the same thread.
-template <class Op, int kTerms, typename input_t, bool kComplex>
-__device__ __forceinline__ void put_inter_queries(const Block<input_t, kComplex>& blk, const float* qraw,
+template <class Op, int kTerms, typename input_t, bool kComplex, int kLd>
+__device__ __forceinline__ void put_inter_queries(const Block<input_t, kComplex, kLd>& blk, const float* qraw,
                                                   const Split<Op>& qe) {
     for_tile<kChunk, kSlab>(TileSlot<kSlab>(blk.tid), [&](int, int nn, int j) {
         const int cl = blk.col(j);
-        const float wq = blk.modulus(nn, -1, cl) * qraw[nn * kSlab + j];
+        const float wq = blk.modulus(nn, -1, cl) * qraw[blk.at(nn, j)];
         qe.template put<kTerms>(nn, j, wq * blk.cos_at(nn, cl));
         if (kComplex) qe.template put<kTerms>(nn, kSlab + j, -(wq * blk.sin_at(nn, cl)));
     });
@@ -818,17 +846,17 @@ __device__ __forceinline__ void put_inter_queries(const Block<input_t, kComplex>
 // State rows of slab d0 (raw k in kraw, zero past the chunk):
 // K̃_m = k_m |E(last, m)| e^{i(θ_last − θ_m)} as [Re | Im] into kt. The
 // forward's U_c = K̃ᵀ V; the backward's dv += [Re K̃ | Im K̃] [Re D; Im D].
-// Thread tid reads kraw[i] for i = tid, tid + kThreads, …: the elements
-// Block::load_keys stored from the same thread, so a caller needs no
+// Thread tid reads the kraw entries (for_tile's (m, j), at blk.at(m, j))
+// that Block::load_keys stored from the same thread, so a caller needs no
 // barrier between the two (the barrier audit, tests/kernel_emu/README.md).
-template <class Op, int kTerms, typename input_t, bool kComplex>
-__device__ __forceinline__ void put_state_keys(const Block<input_t, kComplex>& blk, const float* kraw,
+template <class Op, int kTerms, typename input_t, bool kComplex, int kLd>
+__device__ __forceinline__ void put_state_keys(const Block<input_t, kComplex, kLd>& blk, const float* kraw,
                                                const Split<Op>& kt) {
     const int last = blk.n - 1;
     for_tile<kChunk, kSlab>(TileSlot<kSlab>(blk.tid), [&](int, int m, int j) {
         const int cl = blk.col(j);
         const float w = blk.modulus_within(last, m, cl);
-        const float kk = kraw[m * kSlab + j];
+        const float kk = kraw[blk.at(m, j)];
         if (kComplex) {
             const float cl_ = blk.cos_at(last, cl), sl = blk.sin_at(last, cl);
             const float kc = kk * blk.cos_at(m, cl), ks = kk * blk.sin_at(m, cl);
@@ -851,8 +879,8 @@ __device__ __forceinline__ void put_state_keys(const Block<input_t, kComplex>& b
 // Warp w's tile (rb, cb) = (w / 4, w % 4) of Xᵀ Y (store_slab_gram's
 // product) into acc; false, acc untouched, for a warp without a tile (real
 // gates: two 16-row blocks fewer).
-template <class Op, int kTerms, typename input_t, bool kComplex>
-__device__ __forceinline__ bool slab_gram(const Block<input_t, kComplex>& blk, const Split<Op>& x, const Split<Op>& y,
+template <class Op, int kTerms, typename input_t, bool kComplex, int kLd>
+__device__ __forceinline__ bool slab_gram(const Block<input_t, kComplex, kLd>& blk, const Split<Op>& x, const Split<Op>& y,
                                           Acc<Op>& acc) {
     constexpr int kWidth = slab_width<kComplex>();
     const int rb = blk.warp / (kVTile / 16);
@@ -867,8 +895,8 @@ __device__ __forceinline__ bool slab_gram(const Block<input_t, kComplex>& blk, c
     return true;
 }
 
-template <class Op, int kTerms, typename input_t, bool kComplex>
-__device__ __forceinline__ void store_slab_gram(const Block<input_t, kComplex>& blk, const Split<Op>& x,
+template <class Op, int kTerms, typename input_t, bool kComplex, int kLd>
+__device__ __forceinline__ void store_slab_gram(const Block<input_t, kComplex, kLd>& blk, const Split<Op>& x,
                                                 const Split<Op>& y, int64_t d0, float* staging, float* out) {
     Acc<Op> acc;
     if (!slab_gram<Op, kTerms>(blk, x, y, acc)) return;
@@ -890,8 +918,8 @@ __device__ __forceinline__ void store_slab_gram(const Block<input_t, kComplex>& 
 // ---- the sequential carries: the chunks walked by one block ------------------------
 
 // A_c = E(last, −1) of slab channel j (its gate column).
-template <typename input_t, bool kComplex>
-__device__ __forceinline__ float2 chunk_decay(const Block<input_t, kComplex>& blk, int j, int last) {
+template <typename input_t, bool kComplex, int kLd>
+__device__ __forceinline__ float2 chunk_decay(const Block<input_t, kComplex, kLd>& blk, int j, int last) {
     const int cl = blk.col(j);
     const float w = blk.modulus(last, -1, cl);
     return kComplex ? make_float2(w * blk.cos_at(last, cl), w * blk.sin_at(last, cl)) : make_float2(w, 0.f);
@@ -899,8 +927,8 @@ __device__ __forceinline__ float2 chunk_decay(const Block<input_t, kComplex>& bl
 
 // Writes slab channel j's decay `a` to ws_decay (the caller picks one value
 // tile per chunk; a per-head gate's one column is written by slab 0 only).
-template <typename input_t, bool kComplex>
-__device__ __forceinline__ void store_decay(const Block<input_t, kComplex>& blk, int64_t d0, int j, float2 a) {
+template <typename input_t, bool kComplex, int kLd>
+__device__ __forceinline__ void store_decay(const Block<input_t, kComplex, kLd>& blk, int64_t d0, int j, float2 a) {
     const GateloopChunkParams& p = blk.p;
     if (d0 != 0 && blk.per_head) return;
     const int64_t ch = blk.per_head ? 0 : d0 + j;
@@ -1050,8 +1078,8 @@ __device__ __forceinline__ int2 diag_pair(int t) {
 // forward's and the backward's dv pass (intra_pass) and the forward's
 // register-fragment output pass (cuda/chunk_frag.cuh). Call between
 // barriers (qraw, kraw, the tables staged; pdiag not read by others).
-template <typename input_t, bool kComplex>
-__device__ __forceinline__ void add_diagonal_pairs(const Block<input_t, kComplex>& blk, const float* qraw,
+template <typename input_t, bool kComplex, int kLd>
+__device__ __forceinline__ void add_diagonal_pairs(const Block<input_t, kComplex, kLd>& blk, const float* qraw,
                                                    const float* kraw, int64_t d0, float* pdiag) {
     for (int i = blk.tid; i < kSubs * kDiagPairs; i += kThreads) {
         const int sb = i / kDiagPairs;
@@ -1062,12 +1090,12 @@ __device__ __forceinline__ void add_diagonal_pairs(const Block<input_t, kComplex
         float acc = 0.f;
         if (blk.per_head) {
             float dot = 0.f;
-            for (int j = 0; j < kSlab; ++j) dot = fmaf(qraw[nn * kSlab + j], kraw[m * kSlab + j], dot);
+            for (int j = 0; j < kSlab; ++j) dot = fmaf(qraw[blk.at(nn, j)], kraw[blk.at(m, j)], dot);
             const float cosd = fmaf(blk.cos_at(nn, 0), blk.cos_at(m, 0), blk.sin_at(nn, 0) * blk.sin_at(m, 0));
             acc = blk.modulus_within(nn, m, 0) * cosd * dot;
         } else {
             for (int j = 0; j < cols; ++j) {
-                const float qk = qraw[nn * kSlab + j] * kraw[m * kSlab + j];
+                const float qk = qraw[blk.at(nn, j)] * kraw[blk.at(m, j)];
                 const float cosd = fmaf(blk.cos_at(nn, j), blk.cos_at(m, j), blk.sin_at(nn, j) * blk.sin_at(m, j));
                 acc = fmaf(blk.modulus_within(nn, m, j) * cosd, qk, acc);
             }
@@ -1083,8 +1111,8 @@ __device__ __forceinline__ void add_diagonal_pairs(const Block<input_t, kComplex
 // k̃_m = k_m |E(r, m)| e^{−iθ_m} as [Re | Im] (both factors ≤ 1, 0 across a
 // reset). The forward's scores P = q̃ k̃ᵀ off the diagonal (intra_pass); the
 // backward's dq (s k̃) and dk (sᵀ q̃) off the diagonal (grad_qk).
-template <class Op, int kTerms, typename input_t, bool kComplex>
-__device__ __forceinline__ void put_anchored_rows(const Block<input_t, kComplex>& blk, const float* qraw,
+template <class Op, int kTerms, typename input_t, bool kComplex, int kLd>
+__device__ __forceinline__ void put_anchored_rows(const Block<input_t, kComplex, kLd>& blk, const float* qraw,
                                                   const float* kraw, const Split<Op>& qa, const Split<Op>& ka) {
     // A 16-wide slab's row block is its item index (for_tile): row / 16 = u
     // is the pair (qa) or the key sub-chunk (ka), known at compile time.
@@ -1094,14 +1122,14 @@ __device__ __forceinline__ void put_anchored_rows(const Block<input_t, kComplex>
         const int nn = kSub * pair_query(pr) + (row - pr * kSub);
         const int r = kSub * pair_key(pr) + kSub - 1;
         const int cl = blk.col(j);
-        const float wq = blk.modulus_within(nn, r, cl) * qraw[nn * kSlab + j];
+        const float wq = blk.modulus_within(nn, r, cl) * qraw[blk.at(nn, j)];
         qa.template put<kTerms>(row, j, wq * blk.cos_at(nn, cl));
         if (kComplex) qa.template put<kTerms>(row, kSlab + j, -(wq * blk.sin_at(nn, cl)));
     });
     for_tile<(kSubs - 1) * kSub, kSlab>(slot, [&](int sub, int m, int j) {  // key sub-chunks 0 .. kSubs − 2
         const int r = sub * kSub + kSub - 1;
         const int cl = blk.col(j);
-        const float wk = blk.modulus_within(r, m, cl) * kraw[m * kSlab + j];
+        const float wk = blk.modulus_within(r, m, cl) * kraw[blk.at(m, j)];
         ka.template put<kTerms>(m, j, wk * blk.cos_at(m, cl));
         if (kComplex) ka.template put<kTerms>(m, kSlab + j, -(wk * blk.sin_at(m, cl)));
     });
@@ -1123,15 +1151,15 @@ __device__ __forceinline__ void put_anchored_rows(const Block<input_t, kComplex>
 // the last slab P (64 × 64, causal) · V, or Pᵀ · dY, on tensor cores. Warps:
 // warp w owns out tiles (row block w / 2, column blocks 2·(w % 2) + {0, 1})
 // and, w < 6, score block w. Shared memory: output_smem_bytes<Op, kComplex>.
-template <class Op, int kTerms, bool kAdjoint, typename input_t, bool kComplex>
-__device__ __forceinline__ void intra_pass(Block<input_t, kComplex>& blk, unsigned char* smem, const float* state,
+template <class Op, int kTerms, bool kAdjoint, typename input_t, bool kComplex, int kLd>
+__device__ __forceinline__ void intra_pass(Block<input_t, kComplex, kLd>& blk, unsigned char* smem, const float* state,
                                            const input_t* __restrict__ tile, const GateloopSeqStrides& tile_strides,
                                            input_t* __restrict__ out, const GateloopSeqStrides& out_strides) {
     using Tr = InputTraits<input_t>;
-    unsigned char* at = smem + prefix_bytes<kComplex>();
+    unsigned char* at = smem + prefix_bytes<kComplex, kLd>();
     float* qraw = reinterpret_cast<float*>(at);
-    float* kraw = qraw + kChunk * kSlab;
-    at += 2 * kChunk * kSlab * 4;
+    float* kraw = qraw + kChunk * kLd;
+    at += 2 * kChunk * kLd * 4;
     unsigned char* union_at = at;
     // Slab phase.
     const Split<Op> qe = carve<Op>(at, kChunk, ld_slab<Op, kComplex>());

@@ -131,7 +131,7 @@ __host__ __device__ constexpr int qk_union_bytes() {
 }
 template <class Op, bool kComplex>
 __host__ __device__ constexpr int qk_smem_bytes() {
-    return prefix_bytes<kComplex>() + 4 * (2 * kChunk * kSlab + kChunk * kChunk) + qk_union_bytes<Op, kComplex>() +
+    return prefix_bytes<kComplex, kPrefixLd>() + 4 * (2 * kChunk * kPrefixLd + kChunk * kChunk) + qk_union_bytes<Op, kComplex>() +
            4 * (2 * 2 * kChunk * kLdGate + 2 * 2 * kChunk + 2 * kSlab + 2);
 }
 
@@ -149,8 +149,8 @@ __host__ __device__ constexpr int qk_smem_bytes() {
 // three): three pair-products per warp. Real gates (kComplex = false) have
 // no Im halves: the jobs with half = 1 are skipped (those f32 columns stay
 // unwritten and unread). Ends with a barrier.
-template <class Op, typename input_t, bool kComplex>
-__device__ __forceinline__ void offdiag_products(const Block<input_t, kComplex>& blk, const float* ds,
+template <class Op, typename input_t, bool kComplex, int kLd>
+__device__ __forceinline__ void offdiag_products(const Block<input_t, kComplex, kLd>& blk, const float* ds,
                                                  const float* qraw, const float* kraw, unsigned char* at) {
     unsigned char* const base = at;
     const Split<Op> sb = carve<Op>(at, kPairs * kSub, ld_block<Op>());
@@ -443,7 +443,7 @@ __device__ __forceinline__ void gate_scan(const B& blk, const float2* w, const f
     for (int e = kScanRows - 1; e >= 0; --e) {
         const int n = kScanLanes * e + lane;
         const bool live = n < blk.n;
-        const bool reset = live && blk.rst[n * kSlab + cl] == n;
+        const bool reset = live && blk.rst[blk.at(n, cl)] == n;
         float2 sum = live && !reset ? w[n * stride] : zero;
         bool seen = reset;
 #pragma unroll
@@ -480,13 +480,13 @@ __device__ __forceinline__ void grad_qk(const GateloopChunkGradParams& g) {
     extern __shared__ __align__(128) unsigned char smem[];
     check_shared(g.qk_shared_bytes, qk_smem_bytes<Op, kComplex>());
     const GateloopChunkParams& p = g.fwd;
-    Block<input_t, kComplex> blk(p, smem, 1);
+    Block<input_t, kComplex, kPrefixLd> blk(p, smem, 1);
     if (!blk.has_chunk()) return;  // an empty packed slot: the whole block, before any barrier
-    float* f = reinterpret_cast<float*>(smem + prefix_bytes<kComplex>());
+    float* f = reinterpret_cast<float*>(smem + prefix_bytes<kComplex, kPrefixLd>());
     float* qraw = f;
-    f += kChunk * kSlab;
+    f += kChunk * kPrefixLd;
     float* kraw = f;
-    f += kChunk * kSlab;
+    f += kChunk * kPrefixLd;
     float* ds = f;  // [kChunk][kChunk]: s_nm = dy_n · v_m
     f += kChunk * kChunk;
     // The s phase | per slab the off-diagonal phase, then the inter-chunk phase.
@@ -593,7 +593,7 @@ __device__ __forceinline__ void grad_qk(const GateloopChunkGradParams& g) {
 #pragma unroll
         for (int i = 0; i < 4; ++i) {
             const int n = nb + kSub * i;
-            const float qn = qraw[n * kSlab + d], kn = kraw[n * kSlab + d];
+            const float qn = qraw[blk.at(n, d)], kn = kraw[blk.at(n, d)];
             const float cn = blk.cos_at(n, cl), sn = blk.sin_at(n, cl);
             const float qc = qn * cn, qs = qn * sn, kc = kn * cn, ks = kn * sn;
             float2 oq = make_float2(0.f, 0.f), ok = make_float2(0.f, 0.f), og = make_float2(0.f, 0.f);
@@ -615,7 +615,7 @@ __device__ __forceinline__ void grad_qk(const GateloopChunkGradParams& g) {
             const int s0 = kSub * i;
 #pragma unroll 2
             for (int m = s0; m < n; ++m) {
-                const float km = kraw[m * kSlab + d], snm = ds[n * kChunk + m];
+                const float km = kraw[blk.at(m, d)], snm = ds[n * kChunk + m];
                 const float e = blk.modulus_within(n, m, cl);
                 const float x = snm * e * km;
                 const float xg = (snm * qn * km) * e;
@@ -628,7 +628,7 @@ __device__ __forceinline__ void grad_qk(const GateloopChunkGradParams& g) {
             const int s1 = min(s0 + kSub, blk.n);
 #pragma unroll 2
             for (int m = n + 1; m < s1; ++m) {
-                const float qm = qraw[m * kSlab + d], smn = ds[m * kChunk + n];
+                const float qm = qraw[blk.at(m, d)], smn = ds[m * kChunk + n];
                 const float e = blk.modulus_within(m, n, cl);
                 const float x = smn * e * qm;
                 const float xg = (smn * qm * kn) * e;
@@ -804,7 +804,7 @@ __device__ __forceinline__ void grad_qk(const GateloopChunkGradParams& g) {
             const float2 ak = upr[n * kLdGate + d], gw = wpr[n * kLdGate + d];
             const float2 dkh = make_float2(fmaf(cn, ak.x, sn * ak.y), fmaf(cn, ak.y, -(sn * ak.x)));
             const float2 dkd = make_float2(fmaf(cn, ad.x, sn * ad.y), fmaf(cn, ad.y, -(sn * ad.x)));
-            const float qn = qraw[n * kSlab + d], kn = kraw[n * kSlab + d];
+            const float qn = qraw[blk.at(n, d)], kn = kraw[blk.at(n, d)];
             // w'_n = q dq̂ − k dk̂ (self pair left out: it cancels exactly), u_n = k dk̂ᴰ,
             // each term's modulus applied last: w'_n = gw + |E(n, −1)|·(q_n e^{iθ_n} S_in dy_n),
             // u_n = |E(last, n)|·(k_n e^{−iθ_n} e^{iθ_last} conj(D v_n)).
@@ -870,7 +870,7 @@ __device__ __forceinline__ void grad_dv(const GateloopChunkGradParams& g) {
     using Op = typename OpOf<input_t>::type;
     extern __shared__ __align__(128) unsigned char smem[];
     check_shared(g.dv_shared_bytes, output_smem_bytes<Op, kComplex>());
-    Block<input_t, kComplex> blk(g.fwd, smem);
+    Block<input_t, kComplex, kPrefixLd> blk(g.fwd, smem);
     if (!blk.has_chunk()) return;  // an empty packed slot: the whole block, before any barrier
     intra_pass<Op, kGradTerms, true>(blk, smem, g.ws_adj, seq_row<input_t>(g.dy, g.dy_strides, blk.b, blk.h),
                                      g.dy_strides, seq_row_mut<input_t>(g.dv, g.dv_strides, blk.b, blk.h),

@@ -424,6 +424,11 @@ GATELOOP_ABI_ASSERT(sizeof(GateloopSelftestMmaParams) == 32, "GateloopSelftestMm
  * kernels' build_prefix and cpu::chunked's, in the same order). */
 #define GATELOOP_CHUNK_PREFIX_SEG 8
 #define GATELOOP_CHUNK_KEY_SLAB 16
+/* Row stride, in 4-byte entries, of the gate prefix tables in the chunked
+ * kernels' shared memory: KEY_SLAB channels and 4 of padding, so that the
+ * pairwise loops' 16-byte reads of eight consecutive rows fall on eight
+ * bank groups (cuda/chunk_common.cuh, kPrefixLd). */
+#define GATELOOP_CHUNK_PREFIX_LD 20
 #define GATELOOP_CHUNK_VALUE_TILE 64
 #define GATELOOP_CHUNK_THREADS 256
 #define GATELOOP_CHUNK_CARRY_THREADS 256

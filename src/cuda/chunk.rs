@@ -283,11 +283,15 @@ impl From<ChunkPrecision> for ChunkConfig {
 
 /// Bytes of the chunk-local gate prefix tables every chunked kernel (forward
 /// and backward) puts first in its shared memory: Re G as a compensated pair,
-/// cos θ and sin θ when complex, the reset index; each `[CHUNK_LEN][KEY_SLAB]`
-/// of 4 bytes (`prefix_bytes` in cuda/chunk_common.cuh).
-pub(crate) fn prefix_bytes(gates: Gates) -> usize {
+/// cos θ and sin θ when complex, the reset index; each `[CHUNK_LEN]` rows of
+/// `KEY_SLAB` 4-byte entries, or with `padded` (the output and dv launches,
+/// grad_qk: their pairwise loops read the tables across rows)
+/// `GATELOOP_CHUNK_PREFIX_LD`, the rest of a row padding against shared-memory
+/// bank conflicts (`prefix_bytes` in cuda/chunk_common.cuh, Block's kLd).
+pub(crate) fn prefix_bytes(gates: Gates, padded: bool) -> usize {
     let tables = if gates == Gates::Complex { 5 } else { 3 };
-    tables * CHUNK_LEN * KEY_SLAB * 4
+    let row = if padded { abi::GATELOOP_CHUNK_PREFIX_LD as usize } else { KEY_SLAB };
+    tables * CHUNK_LEN * row * 4
 }
 
 /// Bytes of dynamic shared memory of the (state, output) kernels for operand
@@ -300,18 +304,22 @@ pub fn shared_bytes(dtype: Dtype, gates: Gates) -> (u32, u32) {
     let width = KEY_SLAB * gates.parts();
     let (ld_slab, ld_tile) = (width + pad, VALUE_TILE + pad);
     let split = |rows: usize, ld: usize| 2 * rows * ld * s;
-    let prefix = prefix_bytes(gates);
     let raw = CHUNK_LEN * KEY_SLAB * 4;
     let staging = (THREADS as usize / 32) * 16 * 16 * 4;
     let subs = CHUNK_LEN / SUB_CHUNK_LEN;
     let pairs = subs * (subs - 1) / 2;
-    let state = prefix + raw + split(CHUNK_LEN, ld_tile) + split(CHUNK_LEN, ld_slab) + staging;
+    let state = prefix_bytes(gates, false) + raw + split(CHUNK_LEN, ld_tile) + split(CHUNK_LEN, ld_slab) + staging;
     let slab_phase = split(CHUNK_LEN, ld_slab)
         + split(width, ld_tile)
         + split(pairs * SUB_CHUNK_LEN, ld_slab)
         + split((subs - 1) * SUB_CHUNK_LEN, ld_slab);
     let final_phase = 2 * split(CHUNK_LEN, ld_tile);
-    let output = prefix + 2 * raw + slab_phase.max(final_phase) + subs * SUB_CHUNK_LEN * SUB_CHUNK_LEN * 4 + staging;
+    let padded_raw = CHUNK_LEN * abi::GATELOOP_CHUNK_PREFIX_LD as usize * 4;
+    let output = prefix_bytes(gates, true)
+        + 2 * padded_raw
+        + slab_phase.max(final_phase)
+        + subs * SUB_CHUNK_LEN * SUB_CHUNK_LEN * 4
+        + staging;
     (state as u32, output as u32)
 }
 
@@ -328,7 +336,7 @@ pub fn fragment_output_shared_bytes(dtype: Dtype, gates: Gates) -> Option<u32> {
     let split = |rows: usize| 2 * rows * (VALUE_TILE + 8) * 2;
     let subs = CHUNK_LEN / SUB_CHUNK_LEN;
     let off = (CHUNK_LEN - SUB_CHUNK_LEN) * (CHUNK_LEN - SUB_CHUNK_LEN + 4) * 4;
-    let bytes = prefix_bytes(gates)
+    let bytes = prefix_bytes(gates, false)
         + 2 * CHUNK_LEN * KEY_SLAB * 4
         + split(KEY_SLAB * gates.parts())
         + split(CHUNK_LEN)
@@ -950,17 +958,19 @@ mod tests {
         // 5·64·16·4 = 20480, raw k 4096, V split 2·64·68·4 = 34816, K̃ split
         // 2·64·36·4 = 18432, staging 8192.
         assert_eq!(shared_bytes(Dtype::F32, Gates::Complex).0, 20480 + 4096 + 34816 + 18432 + 8192);
-        // Output: prefix 20480, raw q, k 8192, slab phase 2·4·(64·36 + 32·68
-        // + 96·36 + 48·36) = 77312 (> final phase 2·2·64·68·4 = 69632),
-        // diagonal scores 4096, staging 8192.
-        assert_eq!(shared_bytes(Dtype::F32, Gates::Complex).1, 20480 + 8192 + 77312 + 4096 + 8192);
-        // Every instantiation (state, output), bytes.
-        assert_eq!(shared_bytes(Dtype::F32, Gates::Complex), (86016, 118272));
-        assert_eq!(shared_bytes(Dtype::F32, Gates::Real), (69632, 102400));
-        assert_eq!(shared_bytes(Dtype::F16, Gates::Complex), (61440, 83456));
-        assert_eq!(shared_bytes(Dtype::Bf16, Gates::Complex), (61440, 83456));
-        assert_eq!(shared_bytes(Dtype::F16, Gates::Real), (49152, 69632));
-        assert_eq!(shared_bytes(Dtype::Bf16, Gates::Real), (49152, 69632));
+        // Output: prefix with padded rows 5·64·20·4 = 25600, raw q, k in
+        // padded rows 2·64·20·4 = 10240,
+        // slab phase 2·4·(64·36 + 32·68 + 96·36 + 48·36) = 77312 (> final
+        // phase 2·2·64·68·4 = 69632), diagonal scores 4096, staging 8192.
+        assert_eq!(shared_bytes(Dtype::F32, Gates::Complex).1, 25600 + 10240 + 77312 + 4096 + 8192);
+        // Every instantiation (state, output), bytes: the output's padded
+        // rows 7168 (complex) or 5120 (real) more than before 2026-12-04.
+        assert_eq!(shared_bytes(Dtype::F32, Gates::Complex), (86016, 125440));
+        assert_eq!(shared_bytes(Dtype::F32, Gates::Real), (69632, 107520));
+        assert_eq!(shared_bytes(Dtype::F16, Gates::Complex), (61440, 90624));
+        assert_eq!(shared_bytes(Dtype::Bf16, Gates::Complex), (61440, 90624));
+        assert_eq!(shared_bytes(Dtype::F16, Gates::Real), (49152, 74752));
+        assert_eq!(shared_bytes(Dtype::Bf16, Gates::Real), (49152, 74752));
         for dtype in Dtype::ALL {
             for gates in Gates::ALL {
                 let (a, b) = shared_bytes(dtype, gates);

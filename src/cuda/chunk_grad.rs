@@ -135,7 +135,7 @@ pub fn shared_bytes(dtype: Dtype, gates: Gates) -> (u32, u32, u32) {
     // The slab's operand width (Re and Im, or Re), and the f32 products' (always both).
     let (sub, width, out_width) = (chunk::SUB_CHUNK_LEN, gates.parts() * s, 2 * s);
     let (pairs, key_subs) = (c / sub * (c / sub - 1) / 2, c / sub - 1);
-    let prefix = chunk::prefix_bytes(gates);
+    let prefix = chunk::prefix_bytes(gates, true);
     let (w, dv) = chunk::shared_bytes(dtype, gates);
     let inter_cols = t / 2;
     let inter = (2 * split(c, inter_cols + pad) + 2 * split(width, inter_cols + pad)).max(2 * c * out_width * 4);
@@ -143,7 +143,9 @@ pub fn shared_bytes(dtype: Dtype, gates: Gates) -> (u32, u32, u32) {
     let offdiag_out = 4 * (pairs + key_subs) * sub * out_width;
     let union = (2 * split(c, t + pad)).max(inter).max(offdiag).max(offdiag_out);
     // w' and u rows padded by one complex (cuda/chunk_grad.cu: kLdGate).
-    let qk = prefix + 4 * (2 * c * s + c * c) + union + 4 * (2 * 2 * c * (s + 1) + 2 * 2 * c + 2 * s + 2);
+    // The prefix tables and raw q, k rows in padded rows (Block's kLd).
+    let ld = abi::GATELOOP_CHUNK_PREFIX_LD as usize;
+    let qk = prefix + 4 * (2 * c * ld + c * c) + union + 4 * (2 * 2 * c * (s + 1) + 2 * 2 * c + 2 * s + 2);
     (w, qk as u32, dv)
 }
 
@@ -794,7 +796,9 @@ mod tests {
 
     #[test]
     fn shared_memory_matches_the_kernel_layout() {
-        // By hand from cuda/chunk_grad.cu: prefix 20480; grad_w (f32, TF32
+        // By hand from cuda/chunk_grad.cu: prefix 20480 (grad_w), 25600 with
+        // the padded rows of grad_qk and grad_dv (their raw q, k 2·64·20·4 =
+        // 10240, also padded); grad_w (f32, TF32
         // operands): q raw 4096, dY split 2·64·68·4 = 34816, [Re Q̃ | −Im Q̃]
         // split 2·64·36·4 = 18432, staging 8·16·16·4 = 8192; grad_qk: q, k raw
         // 8192, s 16384, the union: max(s phase dY, V splits 2·34816 = 69632,
@@ -807,8 +811,8 @@ mod tests {
         // slab 2·32·68·4 = 17408, anchored q̃ 2·96·36·4 = 27648, k̃
         // 2·48·36·4 = 13824 (77312 > the final phase's P, dY splits
         // 2·2·64·68·4 = 69632), diagonal scores 4096, staging 8192.
-        let qk = 20480 + 8192 + 16384 + 69632 + 17408 + 1024 + 136;
-        let dv = 20480 + 8192 + 18432 + 17408 + 27648 + 13824 + 4096 + 8192;
+        let qk = 25600 + 10240 + 16384 + 69632 + 17408 + 1024 + 136;
+        let dv = 25600 + 10240 + 18432 + 17408 + 27648 + 13824 + 4096 + 8192;
         assert_eq!(shared_bytes(Dtype::F32, Gates::Complex), (20480 + 4096 + 34816 + 18432 + 8192, qk, dv));
         // f16 / bf16 operands (row padding 8): grad_w's dY split 2·64·72·2 =
         // 18432, Q̃ split 2·64·40·2 = 10240; grad_qk's union max(s phase
@@ -817,11 +821,12 @@ mod tests {
         // 30720); grad_dv's slab phase 2·2·(64·40 + 32·72 + 96·40 + 48·40) =
         // 42496 (> 2·2·2·64·72 = 36864).
         for dtype in [Dtype::F16, Dtype::Bf16] {
-            let qk = 20480 + 8192 + 16384 + 36864 + 17408 + 1024 + 136;
-            let dv = 20480 + 8192 + 42496 + 4096 + 8192;
+            let qk = 25600 + 10240 + 16384 + 36864 + 17408 + 1024 + 136;
+            let dv = 25600 + 10240 + 42496 + 4096 + 8192;
             assert_eq!(shared_bytes(dtype, Gates::Complex), (20480 + 4096 + 18432 + 10240 + 8192, qk, dv));
         }
-        // Real gates: prefix 3·64·16·4 = 12288; grad_w and grad_dv the real
+        // Real gates: prefix 3·64·16·4 = 12288 (grad_qk's padded 3·64·20·4 =
+        // 15360); grad_w and grad_dv the real
         // forward kernels'; grad_qk's slab operands 16 wide (S_in, D splits
         // of 16 rows, q̃ and k̃ of 16 columns) and its f32 products as wide
         // as the complex kernel's. f32: union max(s phase 69632, inter-chunk
@@ -830,13 +835,13 @@ mod tests {
         let tail = 17408 + 1024 + 136;
         let (w, dv) = chunk::shared_bytes(Dtype::F32, Gates::Real);
         assert_eq!(w, 12288 + 4096 + 34816 + 2 * 64 * 20 * 4 + 8192);
-        assert_eq!(shared_bytes(Dtype::F32, Gates::Real), (w, 12288 + 8192 + 16384 + 69632 + tail, dv));
+        assert_eq!(shared_bytes(Dtype::F32, Gates::Real), (w, 15360 + 10240 + 16384 + 69632 + tail, dv));
         // 16-bit: union max(s phase 36864, inter-chunk 2·2·2·64·40 +
         // 2·2·2·16·40 = 25600, off-diagonal 2·2·(96·24 + 96·24 + 48·24) =
         // 23040, products 18432) = 36864.
         for dtype in [Dtype::F16, Dtype::Bf16] {
             let (w, dv) = chunk::shared_bytes(dtype, Gates::Real);
-            assert_eq!(shared_bytes(dtype, Gates::Real), (w, 12288 + 8192 + 16384 + 36864 + tail, dv));
+            assert_eq!(shared_bytes(dtype, Gates::Real), (w, 15360 + 10240 + 16384 + 36864 + tail, dv));
         }
         for dtype in Dtype::ALL {
             for gates in Gates::ALL {

@@ -137,8 +137,10 @@ static bool g_want_fragments = false;
 
 // src/cuda/chunk.rs `shared_bytes` for operands of `s` bytes (4: TF32 for
 // f32 inputs, row padding 4; 2: f16 / bf16, row padding 8): (state kernel,
-// output kernel); `sequential_shared_bytes`: the state kernel's plus the
-// slab's carried state and decays.
+// output kernel; the output's prefix tables and raw q, k in rows of
+// GATELOOP_CHUNK_PREFIX_LD entries, the state's of KEY_SLAB);
+// `sequential_shared_bytes`: the state kernel's plus the slab's carried
+// state and decays.
 static int32_t seq_shared_bytes(int32_t state, bool complex) {
     return state + (complex ? 2 : 1) * GATELOOP_CHUNK_KEY_SLAB * GATELOOP_CHUNK_VALUE_TILE * 4 + GATELOOP_CHUNK_KEY_SLAB * 8;
 }
@@ -147,12 +149,13 @@ static void fwd_shared_bytes(int s, bool complex, int32_t& state, int32_t& outpu
     const int width = slab * (complex ? 2 : 1), ld_slab = width + pad, ld_tile = GATELOOP_CHUNK_VALUE_TILE + pad;
     auto split = [&](int rows, int ld) { return 2 * rows * ld * s; };
     const int prefix = (complex ? 5 : 3) * C * slab * 4, raw = C * slab * 4;
+    const int padded = (complex ? 5 : 3) * C * GATELOOP_CHUNK_PREFIX_LD * 4, padded_raw = C * GATELOOP_CHUNK_PREFIX_LD * 4;
     const int staging = (GATELOOP_CHUNK_THREADS / 32) * 16 * 16 * 4;
     const int subs = C / sub, pairs = subs * (subs - 1) / 2;
     state = prefix + raw + split(C, ld_tile) + split(C, ld_slab) + staging;
     const int slab_phase = split(C, ld_slab) + split(width, ld_tile) + split(pairs * sub, ld_slab) + split((subs - 1) * sub, ld_slab);
     const int final_phase = 2 * split(C, ld_tile);
-    output = prefix + 2 * raw + (slab_phase > final_phase ? slab_phase : final_phase) + subs * sub * sub * 4 + staging;
+    output = padded + 2 * padded_raw + (slab_phase > final_phase ? slab_phase : final_phase) + subs * sub * sub * 4 + staging;
 }
 
 // src/cuda/chunk.rs `fragment_output_shared_bytes` (16-bit operands):
@@ -172,14 +175,16 @@ static int32_t frag_shared_bytes(bool complex) {
 // `width` wide, its f32 products 2·16 either way.
 static void grad_shared_bytes(int size, bool complex, int32_t& w, int32_t& qk, int32_t& dv) {
     const int c = GATELOOP_CHUNK_LEN, s = GATELOOP_CHUNK_KEY_SLAB, t = GATELOOP_CHUNK_VALUE_TILE;
-    const int pad = size == 4 ? 4 : 8, sub = GATELOOP_CHUNK_SUB_LEN, prefix = (complex ? 5 : 3) * c * s * 4;
+    // grad_qk's prefix tables and raw q, k in padded rows, as the output's.
+    const int pad = size == 4 ? 4 : 8, sub = GATELOOP_CHUNK_SUB_LEN, ld = GATELOOP_CHUNK_PREFIX_LD;
+    const int prefix = (complex ? 5 : 3) * c * ld * 4;
     const int pairs = (c / sub) * (c / sub - 1) / 2, key_subs = c / sub - 1, width = (complex ? 2 : 1) * s;
     fwd_shared_bytes(size, complex, w, dv);
     auto split = [&](int rows, int ld) { return 2 * rows * ld * size; };
     const int inter = std::max(2 * split(c, t / 2 + pad) + 2 * split(width, t / 2 + pad), 2 * c * 2 * s * 4);
     const int offdiag = split(pairs * sub, sub + pad) + split(pairs * sub, width + pad) + split(key_subs * sub, width + pad);
     const int uni = std::max({2 * split(c, t + pad), inter, offdiag, 4 * (pairs + key_subs) * sub * 2 * s});
-    qk = prefix + 4 * (2 * c * s + c * c) + uni + 4 * (2 * 2 * c * (s + 1) + 2 * 2 * c + 2 * s + 2);  // w', u rows padded
+    qk = prefix + 4 * (2 * c * ld + c * c) + uni + 4 * (2 * 2 * c * (s + 1) + 2 * 2 * c + 2 * s + 2);  // w', u rows padded
 }
 
 // A block with `bytes` of dynamic shared memory, NaN-poisoned first.
