@@ -44,6 +44,9 @@ from bench.json) and writes verdict.md there, which it also prints:
 - the launches: each bench row of several launches split into its
   launches' median times (bench.json "phases"), where the time goes.
 
+Each profile case's per-instruction page (profile/NAME.sass.csv) is filed
+as its digest, profile/NAME.sass-digest.txt (scripts/sass-digest.py).
+
 Only the standard library; nothing here needs a GPU. Missing files make
 their sections say so rather than fail: a partial run is still filed.
 """
@@ -59,6 +62,16 @@ import tempfile
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "benches", "peers"))
 import peers  # noqa: E402  (stdlib-only at import: its torch/JAX work runs in workers)
+
+
+def _sass_digest():
+    """scripts/sass-digest.py as a module (its name has a hyphen)."""
+    import importlib.util
+    spec = importlib.util.spec_from_file_location(
+        "sass_digest", os.path.join(os.path.dirname(os.path.abspath(__file__)), "sass-digest.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 # Files copied when present (relative to RESULTS_DIR), and the largest size
 # kept whole; a larger text file keeps its first and last parts.
@@ -138,6 +151,18 @@ def copy_results(results, dest):
 
     for rel in KEEP:
         put(rel)
+    # The per-instruction pages (profile/NAME.sass.csv, megabytes each) are
+    # not kept; their digest is (scripts/sass-digest.py): stalls and excess
+    # shared wavefronts per instruction, what found speed-log item 20.
+    prof = os.path.join(results, "profile")
+    if os.path.isdir(prof):
+        for name in sorted(os.listdir(prof)):
+            if name.endswith(".sass.csv"):
+                rel = os.path.join("profile", name[:-len(".sass.csv")] + ".sass-digest.txt")
+                os.makedirs(os.path.join(dest, "profile"), exist_ok=True)
+                with open(os.path.join(dest, rel), "w") as fh:
+                    fh.write(_sass_digest().digest(os.path.join(prof, name), 8))
+                copied.append(rel)
     for name in sorted(os.listdir(results)):
         if re.fullmatch(r"bench-\d+\.json", name):
             put(name)

@@ -151,6 +151,16 @@ fn files_a_run_and_reads_the_targets_and_the_carry_rule() {
     peers["cases"].as_array_mut().unwrap().push(case("jax_assoc_scan", "fwd", s, "OOM", 0.0));
     write(&res.join("peers/peers.json"), &peers.to_string());
     write(&res2.join("profile/chunked-bf16.txt"), "  gateloop_chunk_state_bf16_c_exact\n");
+    // Its per-instruction page: one kernel, two instructions, one of them a
+    // shared load at 4x its ideal wavefronts.
+    write(
+        &res2.join("profile/chunked-bf16.sass.csv"),
+        "\"Kernel Name\",\"gateloop_chunk_output_bf16_c_exact\",\n\
+         \"Address\",\"Source\",\"Warp Stall Sampling (All Samples)\",\"Instructions Executed\",\
+         \"L1 Wavefronts Shared\",\"L1 Wavefronts Shared Ideal\",\"L1 Wavefronts Shared Excessive\",\"stall_short_sb\"\n\
+         \"0x10\",\"LDS.128 R4, [R46]\",\"900\",\"100\",\"400\",\"100\",\"300\",\"600\"\n\
+         \"0x20\",\"FADD R4, R4, R5\",\"100\",\"100\",\"0\",\"0\",\"0\",\"50\"\n",
+    );
 
     // Run 1 as the device tool returns it: results.tar.gz in the files folder.
     let files = dir.join("files");
@@ -207,6 +217,13 @@ fn files_a_run_and_reads_the_targets_and_the_carry_rule() {
         assert!(filed.join(f).is_file(), "{f} not filed");
     }
     assert!(filed.join("profile/chunked-bf16.txt").is_file());
+    // The page itself is not kept; its digest is, with the excess named.
+    assert!(!filed.join("profile/chunked-bf16.sass.csv").exists());
+    let digest = std::fs::read_to_string(filed.join("profile/chunked-bf16.sass-digest.txt")).unwrap();
+    assert!(digest.contains("== gateloop_chunk_output_bf16_c_exact: 2 instructions, 200 executed"), "{digest}");
+    assert!(digest.contains("shared wavefronts 400, ideal 100, excess 300 (75% excess)"), "{digest}");
+    assert!(digest.contains("warp-stall samples 1000: short_sb 65%"), "{digest}");
+    assert!(digest.contains("        300         400  LDS.128 R4, [R46]"), "{digest}");
     // The merge: run 1's log kept, both runs' steps listed.
     let log = std::fs::read_to_string(filed.join("tests.log")).unwrap();
     assert!(log.contains("test result: ok. 9 passed\n") && log.matches("######## run").count() == 1, "{log}");
