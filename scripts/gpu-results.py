@@ -155,17 +155,17 @@ def copy_results(results, dest):
     # not kept; their digest is (scripts/sass-digest.py): stalls and excess
     # shared wavefronts per instruction, what found speed-log item 20.
     prof = os.path.join(results, "profile")
-    if os.path.isdir(prof):
-        for name in sorted(os.listdir(prof)):
-            if name.endswith(".sass.csv"):
-                rel = os.path.join("profile", name[:-len(".sass.csv")] + ".sass-digest.txt")
-                os.makedirs(os.path.join(dest, "profile"), exist_ok=True)
-                with open(os.path.join(dest, rel), "w") as fh:
-                    fh.write(_sass_digest().digest(os.path.join(prof, name), 8))
-                copied.append(rel)
-    for name in sorted(os.listdir(results)):
-        if re.fullmatch(r"bench-\d+\.json", name):
-            put(name)
+    pages = sorted(n for n in os.listdir(prof) if n.endswith(".sass.csv")) if os.path.isdir(prof) else []
+    if pages:
+        sass_digest = _sass_digest()
+        os.makedirs(os.path.join(dest, "profile"), exist_ok=True)
+        for name in pages:
+            rel = os.path.join("profile", name[:-len(".sass.csv")] + ".sass-digest.txt")
+            with open(os.path.join(dest, rel), "w") as fh:
+                fh.write(sass_digest.digest(os.path.join(prof, name), 8))
+            copied.append(rel)
+    for name in run_files(results, "bench")[1:]:
+        put(name)
     for folder, ext in KEEP_GLOBS:
         d = os.path.join(results, folder)
         if os.path.isdir(d):
@@ -277,12 +277,16 @@ def steps_section(summary):
     return L + [""]
 
 
-def filed_runs(d, stem):
-    """[(name, doc)] of every run's STEM.json in folder d: STEM.json,
+def run_files(d, stem):
+    """The names of every run's STEM.json in folder d: STEM.json,
     STEM-2.json, ... in the order of the runs (merge_runs, PER_RUN)."""
-    names = sorted((n for n in os.listdir(d) if re.fullmatch(stem + r"(-\d+)?\.json", n)),
-                   key=lambda n: int(re.sub(r"\D", "", n) or 1)) if os.path.isdir(d) else []
-    return [(n, load_json(os.path.join(d, n))) for n in names] or [(f"{stem}.json", None)]
+    return sorted((n for n in os.listdir(d) if re.fullmatch(stem + r"(-\d+)?\.json", n)),
+                  key=lambda n: int(re.sub(r"\D", "", n) or 1)) if os.path.isdir(d) else []
+
+
+def filed_runs(d, stem):
+    """[(name, doc)] of every run's STEM.json in folder d (run_files)."""
+    return [(n, load_json(os.path.join(d, n))) for n in run_files(d, stem)] or [(f"{stem}.json", None)]
 
 
 def peer_runs(results):

@@ -290,8 +290,16 @@ impl From<ChunkPrecision> for ChunkConfig {
 /// bank conflicts (`prefix_bytes` in cuda/chunk_common.cuh, Block's kLd).
 pub(crate) fn prefix_bytes(gates: Gates, padded: bool) -> usize {
     let tables = if gates == Gates::Complex { 5 } else { 3 };
+    tables * slab_table_bytes(padded)
+}
+
+/// Bytes of one `[CHUNK_LEN][KEY_SLAB]` f32 table of a chunked kernel (a
+/// prefix table, the raw q or k rows): rows of `KEY_SLAB` entries, or with
+/// `padded` of `GATELOOP_CHUNK_PREFIX_LD` (Block's kLd in
+/// cuda/chunk_common.cuh).
+pub(crate) fn slab_table_bytes(padded: bool) -> usize {
     let row = if padded { abi::GATELOOP_CHUNK_PREFIX_LD as usize } else { KEY_SLAB };
-    tables * CHUNK_LEN * row * 4
+    CHUNK_LEN * row * 4
 }
 
 /// Bytes of dynamic shared memory of the (state, output) kernels for operand
@@ -304,7 +312,7 @@ pub fn shared_bytes(dtype: Dtype, gates: Gates) -> (u32, u32) {
     let width = KEY_SLAB * gates.parts();
     let (ld_slab, ld_tile) = (width + pad, VALUE_TILE + pad);
     let split = |rows: usize, ld: usize| 2 * rows * ld * s;
-    let raw = CHUNK_LEN * KEY_SLAB * 4;
+    let raw = slab_table_bytes(false);
     let staging = (THREADS as usize / 32) * 16 * 16 * 4;
     let subs = CHUNK_LEN / SUB_CHUNK_LEN;
     let pairs = subs * (subs - 1) / 2;
@@ -314,9 +322,8 @@ pub fn shared_bytes(dtype: Dtype, gates: Gates) -> (u32, u32) {
         + split(pairs * SUB_CHUNK_LEN, ld_slab)
         + split((subs - 1) * SUB_CHUNK_LEN, ld_slab);
     let final_phase = 2 * split(CHUNK_LEN, ld_tile);
-    let padded_raw = CHUNK_LEN * abi::GATELOOP_CHUNK_PREFIX_LD as usize * 4;
     let output = prefix_bytes(gates, true)
-        + 2 * padded_raw
+        + 2 * slab_table_bytes(true)
         + slab_phase.max(final_phase)
         + subs * SUB_CHUNK_LEN * SUB_CHUNK_LEN * 4
         + staging;
@@ -337,7 +344,7 @@ pub fn fragment_output_shared_bytes(dtype: Dtype, gates: Gates) -> Option<u32> {
     let subs = CHUNK_LEN / SUB_CHUNK_LEN;
     let off = (CHUNK_LEN - SUB_CHUNK_LEN) * (CHUNK_LEN - SUB_CHUNK_LEN + 4) * 4;
     let bytes = prefix_bytes(gates, false)
-        + 2 * CHUNK_LEN * KEY_SLAB * 4
+        + 2 * slab_table_bytes(false)
         + split(KEY_SLAB * gates.parts())
         + split(CHUNK_LEN)
         + subs * SUB_CHUNK_LEN * SUB_CHUNK_LEN * 4

@@ -143,9 +143,12 @@ pub fn shared_bytes(dtype: Dtype, gates: Gates) -> (u32, u32, u32) {
     let offdiag_out = 4 * (pairs + key_subs) * sub * out_width;
     let union = (2 * split(c, t + pad)).max(inter).max(offdiag).max(offdiag_out);
     // w' and u rows padded by one complex (cuda/chunk_grad.cu: kLdGate).
-    // The prefix tables and raw q, k rows in padded rows (Block's kLd).
-    let ld = abi::GATELOOP_CHUNK_PREFIX_LD as usize;
-    let qk = prefix + 4 * (2 * c * ld + c * c) + union + 4 * (2 * 2 * c * (s + 1) + 2 * 2 * c + 2 * s + 2);
+    // The prefix tables and raw q, k in padded rows (Block's kLd).
+    let qk = prefix
+        + 2 * chunk::slab_table_bytes(true)
+        + 4 * c * c
+        + union
+        + 4 * (2 * 2 * c * (s + 1) + 2 * 2 * c + 2 * s + 2);
     (w, qk as u32, dv)
 }
 

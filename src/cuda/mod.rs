@@ -395,6 +395,9 @@ pub struct Gpu {
     stream: Arc<CudaStream>,
     name: String,
     capability: (i32, i32),
+    /// Queried once here: the scan's and the recurrence's plans read it at
+    /// every launch.
+    sm_count: usize,
     kernels: Kernels,
 }
 
@@ -439,9 +442,13 @@ impl Gpu {
             let ordinal = ctx.ordinal();
             return Err(GpuError::UnsupportedDevice { ordinal, name, major, minor, compiled: compiled_targets() });
         }
+        let sm_count = ctx
+            .attribute(cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)
+            .doing("querying the SM count")?
+            .max(1) as usize;
         let kernels = Kernels::load(&ctx)?;
         let stream = ctx.default_stream();
-        Ok(Gpu { ctx, stream, name, capability: (major, minor), kernels })
+        Ok(Gpu { ctx, stream, name, capability: (major, minor), sm_count, kernels })
     }
 
     /// The device's name.

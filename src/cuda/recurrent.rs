@@ -358,10 +358,10 @@ pub fn plan_on(
     gates: Gates,
 ) -> Result<LaunchPlan, GpuError> {
     let config = config.into();
-    let batched = plan_with(dims, config)?;
     if config.staging != RecurrentStaging::Auto {
-        return Ok(batched);
+        return Ok(plan_with(dims, config)?);
     }
+    let batched = plan_with(dims, RecurrentConfig { staging: RecurrentStaging::Batched, ..config })?;
     let ahead = plan_with(dims, RecurrentConfig { staging: RecurrentStaging::Ahead, ..config })?;
     let per_sm = |lp: &LaunchPlan| {
         let func = &gpu.kernels.recurrent[dtype.index()][lp.variant_index(gates == Gates::Real)];

@@ -12,14 +12,13 @@
 //! when the recurrent kernel is the better choice. [`crate::cpu::scan`] is
 //! the CPU mirror of the algorithm (same chunks, same combination order).
 
-use cudarc::driver::sys::CUdevice_attribute;
 use cudarc::driver::{CudaStream, DevicePtrMut, LaunchConfig, PushKernelArg};
 
 use super::abi::{self, GateloopScanParams};
 use super::element::Element;
 use super::launch::{self, Buffers, SeqParams};
 use super::phases::launched;
-use super::{DriverContext, Gpu, GpuError};
+use super::{Gpu, GpuError};
 use crate::cpu::scan::{MAX_WARPS, STEPS_PER_THREAD, ScanParams};
 use crate::error::InputError;
 use crate::problem::{Dims, Outputs, Problem};
@@ -195,13 +194,9 @@ pub(crate) fn plan_with_warps(dims: &Dims, warps: usize) -> Result<LaunchPlan, I
     })
 }
 
-/// The number of SMs of `gpu`'s device.
+/// The number of SMs of `gpu`'s device (queried when the Gpu was created).
 pub fn sm_count(gpu: &Gpu) -> Result<usize, GpuError> {
-    let n = gpu
-        .context()
-        .attribute(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)
-        .doing("querying the SM count")?;
-    Ok(n.max(1) as usize)
+    Ok(gpu.sm_count)
 }
 
 /// The plan `forward_into` uses on `gpu` (its workspace size:
