@@ -126,7 +126,9 @@ fn auto_staging_decides_by_rounds_and_gives_the_same_bits() {
         // These grids (at most a few dozen blocks) fit one round of any
         // GPU's SMs at one block each: Auto takes Ahead wherever the driver
         // says both kernels can be resident.
-        assert!(u64::from(on.grid) <= sm_count || on.staging == RecurrentStaging::Ahead, "{d:?}: {on:?}");
+        if u64::from(on.grid) <= sm_count {
+            assert_eq!(on.staging, RecurrentStaging::Ahead, "{d:?}: {on:?}");
+        }
         let case = Case::new(d, regime, i % 2 == 0, 7150 + i as u64);
         let (p32, _) = case.with_reference();
         let default = forward_host(gpu, &p32.view()).unwrap();
