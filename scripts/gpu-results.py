@@ -33,6 +33,10 @@ from bench.json) and writes verdict.md there, which it also prints:
   the same run; "recurrent" runs the default, RecurrentStaging::Auto, which
   chooses between them by the grid's rounds of the SMs since 2026-12-04),
   and the staging it supports (src/cuda/recurrent.rs);
+- the real carry rule: chunked-real-separate against chunked-real (the
+  same run; chunked-real takes the sequential walk for 16-bit inputs from
+  SEQUENTIAL_MIN_BLOCKS on, complex gates the separate carry since
+  2026-12-04), and the real-gate carry it supports (src/cuda/chunk.rs);
 - the rows rule: recurrent-rows4 against recurrent (the same run), and the
   RecurrentRows default (src/cuda/recurrent.rs) it supports;
 - the output rule: chunked-frag against chunked and chunked-real-frag-fast
@@ -557,6 +561,17 @@ def staging_rule(bench):
                         "`RecurrentStaging::Batched`", grid=recurrent_grid)
 
 
+def real_carry_rule(bench):
+    """The real-gate carry section: chunked-real-separate (the separate
+    carry forced) against chunked-real (the automatic carry: the sequential
+    walk for 16-bit inputs from SEQUENTIAL_MIN_BLOCKS on; f32 rows run the
+    separate carry on both sides), and the real-gate rule they support."""
+    return variant_rule(bench, "Real-gate carry rule (chunked-real-separate against chunked-real)",
+                        [("chunked-real", "chunked-real-separate")],
+                        "`ChunkCarry::Separate` for real gates too (`Auto`: the separate carry always)",
+                        "the sequential walk for real gates from `SEQUENTIAL_MIN_BLOCKS` on")
+
+
 def rows_rule(bench):
     """The rows section: recurrent-rows4 (four state rows a thread, twice
     the warps a block at K = 64) against recurrent (eight), and the
@@ -692,7 +707,7 @@ def file_results(results, into, dry_run):
         per_run.append((name, rows))
     L += targets_overall(per_run)
     L += carry_rule(carry)
-    L += bench_sections(benches, [staging_rule, rows_rule, output_rule, packed_cost, launch_split])
+    L += bench_sections(benches, [staging_rule, real_carry_rule, rows_rule, output_rule, packed_cost, launch_split])
     text = "\n".join(L) + "\n"
     if not dry_run:
         os.makedirs(dest, exist_ok=True)

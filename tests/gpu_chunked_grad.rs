@@ -27,9 +27,10 @@ mod dtype_support;
 use common::{ALL_REGIMES, Case, assert_within, flat, gpu_or_skip, regime_matrix, shape_sweep, upload};
 use dtype_support::{rounded_to, y_bounds};
 use gateloop::cpu::chunked::ChunkParams;
-use gateloop::cuda::chunk::{self, ChunkCarry, ChunkPrecision, Gates};
+use gateloop::cuda::chunk::{self, ChunkCarry, ChunkConfig, ChunkPrecision, Gates};
 use gateloop::cuda::chunk_grad::{
     DeviceGradInputs, DeviceGrads, DeviceInputs, backward_into, backward_real_host_as, backward_real_into, plan,
+    plan_with,
 };
 use gateloop::cuda::{Dtype, Element, Gpu};
 use gateloop::reference::grad::Grads;
@@ -64,21 +65,21 @@ fn rounded<T: Element>(p: &OwnedProblem<f64>, up: &Upstream) -> (OwnedProblem<f6
 /// inputs, poisons every gradient and the workspace with NaN, launches,
 /// downloads (widened to f32) and synchronizes.
 fn run<T: Element>(gpu: &Gpu, p: &OwnedProblem<f64>, up: &Upstream, precision: ChunkPrecision) -> Grads<f32> {
-    run_gates::<T>(gpu, p, up, precision, Gates::Complex)
+    run_gates::<T>(gpu, p, up, precision.into(), Gates::Complex)
 }
 
 /// [`run`] for real gates (`backward_real_into`, exact): `p`'s log_gate and
 /// h0 and `up`'s dh_final must be real; the real gradients come back as
 /// complex numbers with Im = 0.
 fn run_real<T: Element>(gpu: &Gpu, p: &OwnedProblem<f64>, up: &Upstream) -> Grads<f32> {
-    run_gates::<T>(gpu, p, up, ChunkPrecision::Exact, Gates::Real)
+    run_gates::<T>(gpu, p, up, ChunkPrecision::Exact.into(), Gates::Real)
 }
 
 fn run_gates<T: Element>(
     gpu: &Gpu,
     p: &OwnedProblem<f64>,
     up: &Upstream,
-    precision: ChunkPrecision,
+    config: ChunkConfig,
     gates: Gates,
 ) -> Grads<f32> {
     let p32 = p.to_f32();
@@ -86,13 +87,13 @@ fn run_gates<T: Element>(
     let dy: Vec<f32> = up.dy.iter().map(|&x| x as f32).collect();
     let dhf: Option<Vec<Complex<f32>>> =
         up.dh_final.as_ref().map(|h| h.iter().map(|z| Complex::new(z.re as f32, z.im as f32)).collect());
-    let lp = plan(&d, T::DTYPE, gates).expect("plan");
+    let lp = plan_with(&d, T::DTYPE, gates, config.carry).expect("plan");
     let real = gates == Gates::Real;
     common::run_backward::<T>(gpu, &p32, &dy, dhf.as_deref(), lp.workspace_len, real, |s, d, i, u, g, w| {
         if real {
-            backward_real_into(gpu, s, d, i, u, g, w, precision)
+            backward_real_into(gpu, s, d, i, u, g, w, config)
         } else {
-            backward_into(gpu, s, d, i, u, g, w, precision)
+            backward_into(gpu, s, d, i, u, g, w, config)
         }
     })
     .unwrap_or_else(|e| panic!("{} {gates:?} {d:?}: {e}", T::DTYPE))
@@ -147,13 +148,19 @@ const STATE_BOUNDS: (f64, f64) = (1e-4, 1e-3);
 
 /// Runs `case` (with dh_final when asked) in `T` against the f64 reference.
 fn check_case<T: Element>(gpu: &Gpu, case: &Case, with_dh_final: bool, state: (f64, f64)) {
+    check_case_carry::<T>(gpu, case, with_dh_final, state, ChunkCarry::Auto)
+}
+
+/// [`check_case`] with the forward part's carry chosen.
+fn check_case_carry<T: Element>(gpu: &Gpu, case: &Case, with_dh_final: bool, state: (f64, f64), carry: ChunkCarry) {
     if common::emulated_device_skips(&case.dims) {
         return;
     }
     let up = upstream(case.dims, with_dh_final, case.seed);
     let (p, up) = rounded::<T>(&case.problem(), &up);
     let want = reference::grad::backward(&p.view(), &up.dy, up.dh_final.as_deref()).expect("reference");
-    let got = run::<T>(gpu, &p, &up, ChunkPrecision::Exact);
+    let config = ChunkConfig { carry, ..ChunkConfig::default() };
+    let got = run_gates::<T>(gpu, &p, &up, config, Gates::Complex);
     let seq = if T::DTYPE == Dtype::F32 { state } else { y_bounds(T::DTYPE) };
     let label = format!("{} {} dh_final={with_dh_final}", T::DTYPE, case.label());
     assert_grads(&label, &got, &want, seq, state);
@@ -317,21 +324,22 @@ fn l65536_unit_modulus() {
     }
 }
 
-/// A grid where the forward's plan takes the sequential carry (16-bit
+/// A grid where the forward's plan can take the sequential carry (16-bit
 /// inputs, B·H·slabs ≥ 512: the forward part is state_seq alone, five
-/// launches): every gradient within the bounds, with and without h0 and
-/// dh_final, both gate layouts (the emulator shows it bitwise equal to the
-/// separate carry).
+/// launches; `Auto` takes it for real gates, and complex gates force it):
+/// every gradient within the bounds, with and without h0 and dh_final, both
+/// gate layouts (the emulator shows it bitwise equal to the separate carry).
 #[test]
 fn sequential_forward_part() {
     let Some(gpu) = gpu_or_skip() else { return };
     // The second shape is the emulated device's (under its work cap):
     // B·H = 512 blocks of one slab and one value tile, two chunks.
     for (i, d) in [dims(8, 200, 16, 64, 64, false), dims(8, 70, 64, 16, 8, true)].into_iter().enumerate() {
-        assert_eq!(chunk::plan(&d, Dtype::Bf16, Gates::Complex).unwrap().carry, ChunkCarry::Sequential);
+        assert_eq!(chunk::plan(&d, Dtype::Bf16, Gates::Real).unwrap().carry, ChunkCarry::Sequential);
+        assert_eq!(chunk::plan(&d, Dtype::Bf16, Gates::Complex).unwrap().carry, ChunkCarry::Separate);
         assert_eq!(chunk::plan(&d, Dtype::F32, Gates::Complex).unwrap().carry, ChunkCarry::Separate);
         let case = Case::new(d, GateRegime::Mixed, i == 0, 8400 + i as u64);
-        check_case::<bf16>(gpu, &case, i == 1, STATE_BOUNDS);
+        check_case_carry::<bf16>(gpu, &case, i == 1, STATE_BOUNDS, ChunkCarry::Sequential);
     }
 }
 

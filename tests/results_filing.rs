@@ -366,14 +366,16 @@ fn a_later_bench_run_is_filed_beside_the_first() {
                              {"kernel": "gateloop_chunk_output", "median_ms": ms * 3.0 / 4.0}]);
         r
     };
-    // Run 1: the staging pair at s1 and a chunked row; run 2: a chunked-real
-    // row at s2, no staging pair.
+    // Run 1: the staging pair and the real-gate carry pair at s1 and a
+    // chunked row; run 2: a chunked-real row at s2, no staging pair.
     let r1 = run(
         "r1",
         vec![
             bench_row("recurrent", "bf16", s1, 2.0),
             bench_row("recurrent-batched", "bf16", s1, 2.0),
             bench_row("recurrent-ahead", "bf16", s1, 1.6),
+            bench_row("chunked-real", "bf16", s1, 1.9),
+            bench_row("chunked-real-separate", "bf16", s1, 1.5),
             with_phases("chunked", s1, 4.0),
         ],
     );
@@ -388,6 +390,13 @@ fn a_later_bench_run_is_filed_beside_the_first() {
     // The staging rule from run 1 alone; no staging section for run 2.
     assert!(text.contains("## Staging rule (recurrent-ahead against recurrent-batched) (bench.json)"), "{text}");
     assert!(!text.contains("(recurrent-ahead against recurrent-batched) (bench-2.json)"), "{text}");
+    // The real-gate carry rule: the separate carry 0.79× of the walk's time.
+    let carry = text
+        .split("## Real-gate carry rule (chunked-real-separate against chunked-real) (bench.json)")
+        .nth(1)
+        .unwrap_or_else(|| panic!("no real-gate carry section in\n{text}"));
+    assert!(carry.contains("| chunked-real | 1.9") && carry.contains("| 0.789 |"), "{carry}");
+    assert!(carry.contains("Suggested: `ChunkCarry::Separate` for real gates too"), "{carry}");
     // The launches of each run, each under its own title.
     let launches = |name: &str| {
         text.split(&format!("## Launches (where each row's time goes) ({name})"))

@@ -372,7 +372,7 @@ pub fn registry() -> Vec<KernelEntry> {
         KernelEntry {
             name: "chunked-separate",
             about: "chunked forward, complex gates, exact, the separate carry forced (state, carry, output launches): \
-                    `chunked` picks its carry by the plan's rule; this row is the other choice",
+                    what `chunked` runs since 2026-12-04 (the plan's rule), and the packed launch's baseline",
             dtypes: &Dtype::ALL,
             shapes: chunked_shapes,
             check: |d| chunk::plan(d, Dtype::F32, Gates::Complex).map(|_| ()),
@@ -398,6 +398,17 @@ pub fn registry() -> Vec<KernelEntry> {
             check: |d| chunk::plan(d, Dtype::F32, Gates::Real).map(|_| ()),
             cost: |d, t| chunked_cost(d, t, Gates::Real),
             prepare: prepare_chunked::<true, false, CARRY_AUTO, false>,
+            tuning: false,
+        },
+        KernelEntry {
+            name: "chunked-real-separate",
+            about: "chunked forward, REAL gates, exact, the separate carry forced: `chunked-real` takes the \
+                    sequential walk for 16-bit inputs from 512 blocks on; this row is the other choice",
+            dtypes: &Dtype::ALL,
+            shapes: chunked_shapes,
+            check: |d| chunk::plan(d, Dtype::F32, Gates::Real).map(|_| ()),
+            cost: |d, t| chunked_cost_with(d, t, Gates::Real, ChunkCarry::Separate),
+            prepare: prepare_chunked::<true, false, CARRY_SEPARATE, false>,
             tuning: false,
         },
         KernelEntry {
@@ -2004,11 +2015,13 @@ mod tests {
         assert_eq!(c.traffic, state + carry + output);
         let ratio = c.traffic / c.bytes;
         assert!((3.74..3.76).contains(&ratio), "separate carry: forward traffic / minimum = {ratio}");
-        // The automatic carry is the sequential one here: U_c stays on chip.
-        let a = chunked_cost(&d, Dtype::Bf16, Gates::Complex);
+        // The sequential carry (automatic here for real gates only): U_c
+        // stays on chip.
+        let a = chunked_cost_with(&d, Dtype::Bf16, Gates::Complex, ChunkCarry::Sequential);
         assert_eq!(a.traffic, state + h_final + output);
         let ratio = a.traffic / a.bytes;
         assert!((2.74..2.76).contains(&ratio), "sequential carry: forward traffic / minimum = {ratio}");
+        assert_eq!(chunked_cost(&d, Dtype::Bf16, Gates::Complex).traffic, c.traffic, "complex: the separate carry");
         // The single-pass kernels move their minimum.
         let r = recurrent_cost(&d, Dtype::Bf16, false, Gates::Complex);
         assert_eq!(r.traffic, r.bytes);

@@ -25,10 +25,11 @@
 //! last bit); U_c never makes the round trip through the workspace, which is
 //! half of the separate carry's workspace traffic, and k, v, log_gate are
 //! read once. [`ChunkCarry::Auto`] (what [`forward_into`] with a bare
-//! [`ChunkPrecision`] uses) takes it for 16-bit inputs when that grid has at
-//! least [`SEQUENTIAL_MIN_BLOCKS`] blocks, i.e. when the GPU is full without
-//! the chunks' parallelism (B8 L4096 H16 K = 64: 512 blocks), and never for
-//! f32: the rule measured on an H200 (see the constant).
+//! [`ChunkPrecision`] uses) takes it for real gates and 16-bit inputs when
+//! that grid has at least [`SEQUENTIAL_MIN_BLOCKS`] blocks, i.e. when the
+//! GPU is full without the chunks' parallelism (B8 L4096 H16 K = 64: 512
+//! blocks), and never for complex gates or f32: the rule measured on an
+//! H200 (see the constant).
 //!
 //! The output launch (3) has two kernels ([`ChunkOutput`] in
 //! [`ChunkConfig`]): the staged one (WMMA tiles, every operand through
@@ -190,10 +191,10 @@ impl Gates {
 /// How the chunk states travel across the chunks.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub enum ChunkCarry {
-    /// [`ChunkCarry::Sequential`] for 16-bit inputs when its grid has at
-    /// least [`SEQUENTIAL_MIN_BLOCKS`] blocks (it fills the GPU without the
-    /// chunks' parallelism), else [`ChunkCarry::Separate`] (f32 always:
-    /// measured slower sequential).
+    /// [`ChunkCarry::Sequential`] for real gates and 16-bit inputs when its
+    /// grid has at least [`SEQUENTIAL_MIN_BLOCKS`] blocks (it fills the GPU
+    /// without the chunks' parallelism), else [`ChunkCarry::Separate`]
+    /// (complex gates and f32 always: measured slower sequential).
     #[default]
     Auto,
     /// Two launches: the state kernel, one block per (b, h, chunk, value
@@ -220,7 +221,7 @@ impl ChunkCarry {
 }
 
 /// [`ChunkCarry::Auto`] takes the sequential carry from this many blocks on,
-/// for 16-bit inputs only. Measured on an H200 (2026-11-30,
+/// for real gates and 16-bit inputs only. Measured on an H200 (2026-11-30,
 /// benches/results/gpu-2026-11-30-nvidia-h200/): at B8 L4096 H16 K = V = 64
 /// (512 blocks) the sequential carry took 5.51 ms against the separate
 /// carry's 5.87 in bf16 (0.94×) but 9.87 against 8.77 in f32 (1.13×); at 32
@@ -228,6 +229,19 @@ impl ChunkCarry {
 /// separate carry, and 16-bit inputs take the sequential one from the one
 /// grid where it was seen to win (the carry sweep between 32 and 528 blocks
 /// ran out of its lease: `bash bundle/run.sh carry` refines this).
+///
+/// Then measured again on the same H200 (2026-12-04,
+/// benches/results/gpu-2026-12-04-nvidia-h200/bench.json), after the
+/// speed log's nineteen changes, which sped the state kernel up more than
+/// the walk: complex gates, bf16, exact, at the same 512 blocks, the
+/// sequential walk took 1.306 ms against the separate carry's 0.925 (state
+/// 0.638 + carry 0.287), the forward 3.40 against 3.02 ms (1.13×). So
+/// complex gates keep the separate carry at every grid. Real gates keep
+/// this rule: their walk runs four blocks an SM, one round of an H200's
+/// SMs at 512 blocks (the complex exact walk two rounds at two), and took
+/// 0.632 ms, while their separate carry was not timed at 16 bits (from
+/// that run's other rows, about 0.4 ms of state kernel and the real
+/// carry's 0.171: even). The bench's `chunked-real-separate` times it.
 pub const SEQUENTIAL_MIN_BLOCKS: usize = 512;
 
 /// How the output launch forms its tensor-core operands.
@@ -401,7 +415,7 @@ pub fn plan(dims: &Dims, dtype: Dtype, gates: Gates) -> Result<LaunchPlan, Input
 }
 
 /// [`plan`] with a choice of carry ([`ChunkCarry::Auto`] resolved by the
-/// dtype and [`SEQUENTIAL_MIN_BLOCKS`]). The workspace is the same for both carries.
+/// gates, the dtype and [`SEQUENTIAL_MIN_BLOCKS`]). The workspace is the same for both carries.
 pub fn plan_with(dims: &Dims, dtype: Dtype, gates: Gates, carry: ChunkCarry) -> Result<LaunchPlan, InputError> {
     plan_rows(dims, dtype, gates, carry, false)
 }
@@ -495,7 +509,12 @@ pub(super) fn plan_rows(
                 why: "packed sequences take the separate carry (ChunkCarry::Auto or Separate): the walking kernel runs batched problems only",
             });
         }
-        ChunkCarry::Auto if !packed && dtype != Dtype::F32 && sequential_grid as usize >= SEQUENTIAL_MIN_BLOCKS => {
+        ChunkCarry::Auto
+            if !packed
+                && gates == Gates::Real
+                && dtype != Dtype::F32
+                && sequential_grid as usize >= SEQUENTIAL_MIN_BLOCKS =>
+        {
             ChunkCarry::Sequential
         }
         ChunkCarry::Auto => ChunkCarry::Separate,
