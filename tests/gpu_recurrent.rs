@@ -121,6 +121,9 @@ fn auto_staging_decides_by_rounds_and_gives_the_same_bits() {
         let forced = |staging| recurrent::plan_on(gpu, &d, staging, Dtype::F32, Gates::Complex).unwrap();
         let (batched, ahead) = (forced(RecurrentStaging::Batched), forced(RecurrentStaging::Ahead));
         assert!(on == batched || on == ahead, "{d:?}: {on:?}");
+        // The second choice reads the Gpu's cached residencies: the same plan.
+        let again = recurrent::plan_on(gpu, &d, RecurrentConfig::default(), Dtype::F32, Gates::Complex).unwrap();
+        assert_eq!(again, on, "{d:?}");
         // Forced stagings are planned as asked.
         assert_eq!((batched.staging, ahead.staging), (RecurrentStaging::Batched, RecurrentStaging::Ahead));
         // These grids (at most a few dozen blocks) fit one round of any

@@ -399,6 +399,11 @@ pub struct Gpu {
     /// every launch.
     sm_count: usize,
     kernels: Kernels,
+    /// Blocks per SM of the recurrent kernels, by (dtype, kernel variant,
+    /// block threads, dynamic shared bytes): the driver's occupancy
+    /// calculator, asked once per key. The recurrence's automatic staging
+    /// (`recurrent::plan_on`) compares two of them at every launch.
+    recurrent_residency: std::sync::Mutex<std::collections::HashMap<(usize, usize, u32, u32), u32>>,
 }
 
 impl std::fmt::Debug for Gpu {
@@ -448,7 +453,38 @@ impl Gpu {
             .max(1) as usize;
         let kernels = Kernels::load(&ctx)?;
         let stream = ctx.default_stream();
-        Ok(Gpu { ctx, stream, name, capability: (major, minor), sm_count, kernels })
+        Ok(Gpu {
+            ctx,
+            stream,
+            name,
+            capability: (major, minor),
+            sm_count,
+            kernels,
+            recurrent_residency: Default::default(),
+        })
+    }
+
+    /// Blocks of recurrent kernel `variant` (of `dtype`) an SM holds at
+    /// `threads` a block and `shared` bytes of dynamic shared memory: the
+    /// driver's occupancy calculator, cached per key (the answer is the
+    /// device's and the kernel's, fixed for the Gpu's life). A driver that
+    /// cannot say gives 0, not cached.
+    pub(crate) fn recurrent_blocks_per_sm(&self, dtype: Dtype, variant: usize, threads: u32, shared: u32) -> u32 {
+        let key = (dtype.index(), variant, threads, shared);
+        // A poisoned lock only means another thread panicked mid-insert of
+        // a plain integer: the map is still sound.
+        let cached = self.recurrent_residency.lock().unwrap_or_else(|e| e.into_inner()).get(&key).copied();
+        if let Some(blocks) = cached {
+            return blocks;
+        }
+        let func = &self.kernels.recurrent[dtype.index()][variant];
+        match func.occupancy_max_active_blocks_per_multiprocessor(threads, shared as usize, None) {
+            Ok(blocks) => {
+                self.recurrent_residency.lock().unwrap_or_else(|e| e.into_inner()).insert(key, blocks);
+                blocks
+            }
+            Err(_) => 0,
+        }
     }
 
     /// The device's name.

@@ -363,12 +363,10 @@ pub fn plan_on(
     }
     let batched = plan_with(dims, RecurrentConfig { staging: RecurrentStaging::Batched, ..config })?;
     let ahead = plan_with(dims, RecurrentConfig { staging: RecurrentStaging::Ahead, ..config })?;
+    // A driver that cannot say (0) keeps Batched, the kernel measured
+    // first, rather than failing the launch.
     let per_sm = |lp: &LaunchPlan| {
-        let func = &gpu.kernels.recurrent[dtype.index()][lp.variant_index(gates == Gates::Real)];
-        // A driver that cannot say keeps Batched (0), the kernel measured
-        // first, rather than failing the launch.
-        func.occupancy_max_active_blocks_per_multiprocessor(32 * lp.key_groups, lp.shared_bytes as usize, None)
-            .unwrap_or(0)
+        gpu.recurrent_blocks_per_sm(dtype, lp.variant_index(gates == Gates::Real), 32 * lp.key_groups, lp.shared_bytes)
     };
     let sm_count = super::scan::sm_count(gpu)? as u64;
     Ok(match RecurrentStaging::auto_choice(u64::from(batched.grid), sm_count, per_sm(&batched), per_sm(&ahead)) {
