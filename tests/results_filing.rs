@@ -341,6 +341,22 @@ fn targets_over_every_run_take_the_last_run_that_settled_each() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
+/// scripts/smem-bank-model.py reproduces the numbers the speed log quotes
+/// for the diagonal pairs' mappings (wavefronts per slab: the kernel's loop
+/// 2308 with 64-byte rows and 840 with 80-byte ones, the remapping not kept
+/// 1312 and 688 with the latter).
+#[test]
+fn bank_model_reproduces_the_speed_log() {
+    if !have_python("scripts/smem-bank-model.py") {
+        return;
+    }
+    let out = Command::new("python3").arg("scripts/smem-bank-model.py").output().expect("python3 runs");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("| 16 | 2308 | 3856 | 1648 |"), "{text}");
+    assert!(text.contains("| 20 | 840 | 1312 | 688 |"), "{text}");
+}
+
 /// Two runs that each wrote a bench.json (2026-12-04: a first call's bench
 /// at K = 64, a third's at K = 128): the later one is filed beside the first
 /// as bench-2.json, not over it, and each bench section is read off each run

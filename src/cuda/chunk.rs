@@ -238,7 +238,8 @@ impl ChunkCarry {
 /// 0.638 + carry 0.287), the forward 3.40 against 3.02 ms (1.13×). So
 /// complex gates keep the separate carry at every grid. Real gates keep
 /// this rule: their walk runs four blocks an SM, one round of an H200's
-/// SMs at 512 blocks (the complex exact walk two rounds at two), and took
+/// SMs at 512 blocks (the complex exact walk runs two an SM: two rounds),
+/// and took
 /// 0.632 ms, while their separate carry was not timed at 16 bits (from
 /// that run's other rows, about 0.4 ms of state kernel and the real
 /// carry's 0.171: even). The bench's `chunked-real-separate` times it.
@@ -1030,6 +1031,26 @@ mod tests {
             plan(&dims(1 << 16, 1 << 16, 1 << 6, 1, 1, false), Dtype::F32, Gates::Complex),
             Err(InputError::TooLarge { .. })
         ));
+    }
+
+    /// ChunkCarry::Auto: the sequential walk for real gates and 16-bit
+    /// inputs from SEQUENTIAL_MIN_BLOCKS blocks on (B·H·value tiles·key
+    /// slabs), the separate carry for complex gates (2026-12-04), for f32
+    /// and below the threshold; a forced carry as asked.
+    #[test]
+    fn automatic_carry_rule() {
+        let big = dims(8, 4096, 16, 64, 64, false); // 8·16·1·4 = 512 blocks
+        let small = dims(8, 4096, 16, 48, 64, false); // 8·16·1·3 = 384 blocks
+        let carry = |d: &Dims, t, g| plan(d, t, g).unwrap().carry;
+        for t in [Dtype::Bf16, Dtype::F16] {
+            assert_eq!(plan(&big, t, Gates::Real).unwrap().sequential_grid, 512);
+            assert_eq!(carry(&big, t, Gates::Real), ChunkCarry::Sequential);
+            assert_eq!(carry(&big, t, Gates::Complex), ChunkCarry::Separate);
+            assert_eq!(carry(&small, t, Gates::Real), ChunkCarry::Separate);
+        }
+        assert_eq!(carry(&big, Dtype::F32, Gates::Real), ChunkCarry::Separate);
+        let forced = plan_with(&big, Dtype::Bf16, Gates::Complex, ChunkCarry::Sequential).unwrap();
+        assert_eq!(forced.carry, ChunkCarry::Sequential);
     }
 
     /// Packed: ⌊L / 64⌋ + N chunk slots a head, sequence i's chunks from slot
