@@ -22,6 +22,9 @@
 //   2. gateloop_chunk_carry_*: one thread per (b, h, key row, value column),
 //      sequential over the chunks: S ← A S + U, overwriting U_c with S_c (the
 //      state ENTERING chunk c), then h_final. Short: num_chunks FMAs each.
+//      With few threads and many chunks (B·H small, L long) in segments
+//      of chunks, each a thread (p.carry_segments, chunk_common.cuh "the
+//      carry in segments"): gateloop_chunk_carry_segments_* first.
 //   3. gateloop_chunk_output_*: one block per (b, h, chunk, value tile):
 //      y = Q̃ S_c (inter, inner dim 2K) + P V (intra, inner dim 64), written
 //      once. Per key slab: Q̃ (64 × 32) · S slab (32 × 64) into the y
@@ -122,11 +125,21 @@ __device__ __forceinline__ void chunk_state(const GateloopChunkParams& p) {
 // own rather than a branch here: the branch took the batched carry from 95
 // to 124 registers (real gates 66 to 107, sm_90), a block fewer per SM for
 // a kernel that hides its loads' latency with resident warps.
-template <bool kComplex, bool kPacked>
+// kSums: the segmented carry's first launch instead (batched only): the
+// segments' local sums and decay products (grid.y = carry_segments − 1, the
+// last segment's not needed).
+template <bool kComplex, bool kPacked, bool kSums = false>
 __device__ __forceinline__ void chunk_carry(const GateloopChunkParams& p) {
     const int64_t kv = p.dims.key_dim * p.dims.value_dim;
     StateElement e;
     if (!state_element(p.dims, e)) return;
+    if constexpr (kSums) {
+        static_assert(!kPacked, "packed sequences keep one walk each");
+        const CarryRow row = carry_row<false>(p, e);
+        carry_segment_sums<false, kComplex>(p, carry_slots<kComplex ? 2 : 1>(p, p.ws_state, e, row.first_slot), kv,
+                                            row.chunks);
+        return;
+    }
     const bool has_h0 = (p.flags & GATELOOP_FLAG_HAS_H0) != 0;
     const int64_t hi0 = state_index(p.h0_strides, e.bhi.b, e.bhi.h, e.row, e.col);
     const int64_t hf = state_index(p.h_final_strides, e.bhi.b, e.bhi.h, e.row, e.col);
@@ -134,8 +147,19 @@ __device__ __forceinline__ void chunk_carry(const GateloopChunkParams& p) {
     const CarryRow row = carry_row<kPacked>(p, e);
     const CarrySlots cs = carry_slots<kComplex ? 2 : 1>(p, p.ws_state, e, row.first_slot);
     const float2 s0 = has_h0 ? load_gate_side<kComplex>(p.h0, hi0) : make_float2(0.f, 0.f);
-    store_gate_side<kComplex>(p.h_final, hf, carry_chunks<false, kComplex>(cs, kv, row.chunks, s0));
+    // Segmented (batched only): segment blockIdx.y of carry_segments
+    // (chunk_common.cuh, "the carry in segments"), after
+    // gateloop_chunk_carry_segments_* on the stream. One call of
+    // carry_chunks either way: two inlined copies took the complex carry
+    // from 95 to 174 registers (sm_90), one block an SM instead of two.
+    const bool segmented = !kPacked && p.carry_segments > 1;
+    const int64_t g = segmented ? static_cast<int64_t>(blockIdx.y) : 0;
+    const CarrySegment sg = segmented ? carry_segment(row.chunks, p.carry_segments, g) : CarrySegment{0, row.chunks};
+    const float2 s_in = segmented ? carry_into_segment<kComplex>(p, g, s0) : s0;
+    const float2 s = carry_chunks<false, kComplex>(cs, kv, row.chunks, s_in, sg.lo, sg.hi);
+    if (!segmented || g == p.carry_segments - 1) store_gate_side<kComplex>(p.h_final, hf, s);
 }
+
 
 // ---- 1 + 2 in one pass: the state and the carry, walking the chunks -------------
 
@@ -267,13 +291,25 @@ static_assert(std::is_same<gateloop::chunk::OpOf<float>::type, gateloop::chunk::
 // arguments. The packed carry's loop bound is its sequence's, no longer
 // the constant num_chunks, and unbounded it took 156 registers (sm_90), one
 // block an SM: 2 blocks an SM cap it at 128, spill-free on sm_80 and sm_90.
-// (The batched carry keeps its bounds as they were: written as (256, 1)
-// ptxas gave it 109 registers instead of 95.)
+// The batched carry likewise since it runs in segments (a visit range in
+// place of the constant num_chunks): unbounded it took 174 registers
+// (complex, sm_90; it had 95), at 2 blocks an SM 79 (complex) and 112 to 128
+// (real: it had 66; at 3 it spills), spill-free on sm_80 and sm_90; the
+// backward's adjoint carries the same (complex 188 unbounded, had 175: 71
+// to 77 now).
 #define GATELOOP_CHUNK_CARRY_ENTRY(NAME, CPLX, PACKED, BOUNDS)                   \
     extern "C" __global__ void __launch_bounds__ BOUNDS NAME(const GateloopChunkParams p) { \
         gateloop::chunk::chunk_carry<CPLX, PACKED>(p);                           \
     }
-GATELOOP_CHUNK_CARRY_ENTRY(gateloop_chunk_carry_c, true, false, (GATELOOP_CHUNK_CARRY_THREADS))
-GATELOOP_CHUNK_CARRY_ENTRY(gateloop_chunk_carry_r, false, false, (GATELOOP_CHUNK_CARRY_THREADS))
+GATELOOP_CHUNK_CARRY_ENTRY(gateloop_chunk_carry_c, true, false, (GATELOOP_CHUNK_CARRY_THREADS, 2))
+GATELOOP_CHUNK_CARRY_ENTRY(gateloop_chunk_carry_r, false, false, (GATELOOP_CHUNK_CARRY_THREADS, 2))
 GATELOOP_CHUNK_CARRY_ENTRY(gateloop_chunk_carry_packed_c, true, true, (GATELOOP_CHUNK_CARRY_THREADS, 2))
 GATELOOP_CHUNK_CARRY_ENTRY(gateloop_chunk_carry_packed_r, false, true, (GATELOOP_CHUNK_CARRY_THREADS, 2))
+
+// gateloop_chunk_carry_segments_{c,r}: the segmented carry's first launch.
+#define GATELOOP_CHUNK_CARRY_SEGMENTS_ENTRY(NAME, CPLX)                                          \
+    extern "C" __global__ void __launch_bounds__(GATELOOP_CHUNK_CARRY_THREADS) NAME(const GateloopChunkParams p) { \
+        gateloop::chunk::chunk_carry<CPLX, false, true>(p);                                        \
+    }
+GATELOOP_CHUNK_CARRY_SEGMENTS_ENTRY(gateloop_chunk_carry_segments_c, true)
+GATELOOP_CHUNK_CARRY_SEGMENTS_ENTRY(gateloop_chunk_carry_segments_r, false)

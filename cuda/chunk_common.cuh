@@ -232,17 +232,22 @@ __device__ __forceinline__ CarryRow carry_row(const GateloopChunkParams& p, cons
 // program order, to other addresses: slot c + kCarryAhead is not slot c, and
 // the decays are another workspace region). The same operations in the same
 // order: the values are those of the one-loop form.
+//
+// Visits lo .. hi − 1 only (of the nc; hi < 0: all of them) when the carry
+// runs in segments (carry_into_segment below).
 constexpr int kCarryAhead = 8;
 template <bool kBackward, bool kComplex>
-__device__ __forceinline__ float2 carry_chunks(const CarrySlots& cs, int64_t kv, int64_t nc, float2 s) {
+__device__ __forceinline__ float2 carry_chunks(const CarrySlots& cs, int64_t kv, int64_t nc, float2 s,
+                                               int64_t lo = 0, int64_t hi = -1) {
+    if (hi < 0) hi = nc;
     float2 a[kCarryAhead], x[kCarryAhead];
     // Visit i is chunk c (the reverse order when kBackward).
     auto chunk_of = [&](int64_t i) { return kBackward ? nc - 1 - i : i; };
     auto slot_of = [&](int64_t i) { return cs.re + chunk_of(i) * cs.chunk_stride; };
-    // Visit i's decay and term (nothing past the last chunk: no read outside
+    // Visit i's decay and term (nothing past the last visit: no read outside
     // the workspace).
     auto fetch = [&](int64_t i, float2& ai, float2& xi) {
-        if (i >= nc) return;
+        if (i >= hi) return;
         const float* dec = cs.dec + chunk_of(i) * cs.dec_stride;
         const float* slot = slot_of(i);
         if constexpr (kComplex) {
@@ -254,12 +259,12 @@ __device__ __forceinline__ float2 carry_chunks(const CarrySlots& cs, int64_t kv,
         }
     };
 #pragma unroll
-    for (int j = 0; j < kCarryAhead; ++j) fetch(j, a[j], x[j]);
-    for (int64_t i0 = 0; i0 < nc; i0 += kCarryAhead) {
+    for (int j = 0; j < kCarryAhead; ++j) fetch(lo + j, a[j], x[j]);
+    for (int64_t i0 = lo; i0 < hi; i0 += kCarryAhead) {
 #pragma unroll
         for (int j = 0; j < kCarryAhead; ++j) {
             const int64_t i = i0 + j;
-            if (i < nc) {
+            if (i < hi) {
                 float* slot = slot_of(i);
                 if constexpr (kComplex) {
                     slot[0] = s.x;
@@ -271,6 +276,98 @@ __device__ __forceinline__ float2 carry_chunks(const CarrySlots& cs, int64_t kv,
                 }
                 fetch(i + kCarryAhead, a[j], x[j]);
             }
+        }
+    }
+    return s;
+}
+
+// ---- the carry in segments ---------------------------------------------------------
+
+// Where B·H = 1 to 4 heads meet L = 65536 (1024 chunks), the carry's
+// B·H·K·V threads (64 blocks at K = V = 64) each walk 1024 chunks: on an
+// H200 0.41 to 0.49 ms of a 1.2 to 1.9 ms forward (2026-12-04), and as much
+// again twice in the backward. With p.carry_segments = S > 1 (the host's
+// plan: batched problems whose carry has few threads and many chunks) the
+// visits split into S segments of ceil(nc / S): carry_segment_sums writes
+// each segment's local sum (from a zero state, the carry's own step) and its
+// decay product (the segment's decays multiplied in visit order), one
+// thread per (element, segment); then each (element, segment) thread of the
+// carry starts from the state carried over the segments before it
+// (carry_into_segment: s ← P_j s + s_j, the carry's step with the segment's
+// product for a decay) and walks its segment as carry_chunks walks all the
+// chunks. The states entering a segment differ from the one-walk carry's
+// by rounding (a product of decays, then one step, in place of one step a
+// chunk): the kernels' bounds against the reference, not bit for bit; a
+// single segment (S ≤ 1, every plan with enough threads or few chunks) is
+// the one walk, bit for bit. Every factor is a decay, |a| ≤ 1: their
+// products shrink, never divide.
+struct CarrySegment {
+    int64_t lo, hi;  // visits lo .. hi − 1
+};
+__device__ __forceinline__ CarrySegment carry_segment(int64_t nc, int64_t segments, int64_t g) {
+    const int64_t len = (nc + segments - 1) / segments;
+    const int64_t lo = g * len;
+    return {lo, lo + len < nc ? lo + len : nc};
+}
+// Entry (segment g, element idx) of p.ws_carry_segments: the local sum
+// (part 0), the decay product (part 1), each a (re, im) pair.
+__device__ __forceinline__ float* carry_segment_entry(const GateloopChunkParams& p, int part, int64_t g,
+                                                      int64_t idx) {
+    const int64_t elements = p.dims.batch * p.dims.heads * p.dims.key_dim * p.dims.value_dim;
+    return p.ws_carry_segments + 2 * ((part * p.carry_segments + g) * elements + idx);
+}
+// The state element's thread index in the carry's grid (state_element's).
+__device__ __forceinline__ int64_t carry_thread() {
+    return static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+}
+// Segment blockIdx.y's local sum and decay product of the element the thread
+// carries (visits in carry_chunks' order: reversed, decays conjugated, when
+// kBackward).
+template <bool kBackward, bool kComplex>
+__device__ __forceinline__ void carry_segment_sums(const GateloopChunkParams& p, const CarrySlots& cs, int64_t kv,
+                                                   int64_t nc) {
+    const int64_t g = blockIdx.y;
+    const CarrySegment sg = carry_segment(nc, p.carry_segments, g);
+    float2 s = make_float2(0.f, 0.f), prod = make_float2(1.f, 0.f);
+    // No stores in this loop: nvcc issues the unrolled visits' loads ahead.
+#pragma unroll 4
+    for (int64_t i = sg.lo; i < sg.hi; ++i) {
+        const int64_t c = kBackward ? nc - 1 - i : i;
+        const float* dec = cs.dec + c * cs.dec_stride;
+        const float* slot = cs.re + c * cs.chunk_stride;
+        if constexpr (kComplex) {
+            const float2 a = make_float2(dec[0], kBackward ? -dec[1] : dec[1]);
+            s = apply(a, make_float2(slot[0], slot[kv]), s);
+            prod = cmul(a, prod);
+        } else {
+            s.x = fmaf(dec[0], s.x, slot[0]);
+            prod.x = dec[0] * prod.x;
+        }
+    }
+    const int64_t idx = carry_thread();
+    float* sum = carry_segment_entry(p, 0, g, idx);
+    float* dp = carry_segment_entry(p, 1, g, idx);
+    sum[0] = s.x;
+    sum[1] = s.y;
+    dp[0] = prod.x;
+    dp[1] = prod.y;
+}
+// The state entering segment g of the thread's element: s0 carried over
+// segments 0 .. g − 1 by their sums and products.
+template <bool kComplex>
+__device__ __forceinline__ float2 carry_into_segment(const GateloopChunkParams& p, int64_t g, float2 s0) {
+    const int64_t idx = carry_thread();
+    float2 s = s0;
+    // No stores: the unrolled segments' loads go ahead of the chain (they
+    // are L2 hits: S·B·H·K·V·16 bytes, 8 MB at B1 H4 K = V = 64, S = 32).
+#pragma unroll 4
+    for (int64_t j = 0; j < g; ++j) {
+        const float* sum = carry_segment_entry(p, 0, j, idx);
+        const float* dp = carry_segment_entry(p, 1, j, idx);
+        if constexpr (kComplex) {
+            s = apply(make_float2(dp[0], dp[1]), make_float2(sum[0], sum[1]), s);
+        } else {
+            s.x = fmaf(dp[0], s.x, sum[0]);
         }
     }
     return s;

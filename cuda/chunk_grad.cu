@@ -281,13 +281,20 @@ __device__ __forceinline__ void grad_w_seq(const GateloopChunkGradParams& g) {
 // kPacked (gateloop_chunk_grad_adjoint_carry_packed_*, fwd.cu_seqlens): e.bhi.b
 // is the sequence, its chunks in head h's row from its first slot (the
 // forward's chunk_carry<kPacked>, and a kernel of its own for the same reason).
-template <bool kComplex, bool kPacked>
+// kSums: the segmented carry's first launch instead (batched only): the
+// segments' local sums and decay products (grid.y = carry_segments − 1).
+template <bool kComplex, bool kPacked, bool kSums = false>
 __device__ __forceinline__ void grad_adjoint_carry(const GateloopChunkGradParams& g) {
     const GateloopChunkParams& p = g.fwd;
     StateElement e;
     if (!state_element(p.dims, e)) return;
     const CarryRow row = carry_row<kPacked>(p, e);
     const CarrySlots cs = carry_slots<kComplex ? 2 : 1>(p, g.ws_adj, e, row.first_slot);
+    if constexpr (kSums) {
+        static_assert(!kPacked, "packed sequences keep one walk each");
+        carry_segment_sums<true, kComplex>(p, cs, p.dims.key_dim * p.dims.value_dim, row.chunks);
+        return;
+    }
     const float2 d_last = (g.grad_flags & GATELOOP_GRAD_FLAG_HAS_DH_FINAL) != 0
                               ? load_gate_side<kComplex>(g.dh_final, state_index(g.dh_final_strides, e.bhi.b,
                                                                                   e.bhi.h, e.row, e.col))
@@ -295,11 +302,20 @@ __device__ __forceinline__ void grad_adjoint_carry(const GateloopChunkGradParams
     // D(c − 1) = conj(A_c) D(c) + W_c, each slot W_c replaced by D(c); the
     // last, D(−1), is dh0 with W_0 from the tensor cores, written as
     // grad_w_seq writes it and written again by grad_dh0, next on the stream.
-    const float2 s = carry_chunks<true, kComplex>(cs, p.dims.key_dim * p.dims.value_dim, row.chunks, d_last);
-    if ((g.grad_flags & GATELOOP_GRAD_FLAG_HAS_DH0) != 0) {
+    const int64_t kv = p.dims.key_dim * p.dims.value_dim;
+    // Segmented (batched only; chunk_common.cuh, "the carry in segments"):
+    // segment blockIdx.y of the reversed visits, after
+    // gateloop_chunk_grad_adjoint_carry_segments_* on the stream.
+    const bool segmented = !kPacked && p.carry_segments > 1;
+    const int64_t seg = segmented ? static_cast<int64_t>(blockIdx.y) : 0;
+    const CarrySegment sg = segmented ? carry_segment(row.chunks, p.carry_segments, seg) : CarrySegment{0, row.chunks};
+    const float2 d_in = segmented ? carry_into_segment<kComplex>(p, seg, d_last) : d_last;
+    const float2 s = carry_chunks<true, kComplex>(cs, kv, row.chunks, d_in, sg.lo, sg.hi);
+    if ((g.grad_flags & GATELOOP_GRAD_FLAG_HAS_DH0) != 0 && (!segmented || seg == p.carry_segments - 1)) {
         store_gate_side<kComplex>(g.dh0, state_index(g.dh0_strides, e.bhi.b, e.bhi.h, e.row, e.col), s);
     }
 }
+
 
 // ---- 2c. dh0 ---------------------------------------------------------------------------
 
@@ -938,12 +954,21 @@ GATELOOP_CHUNK_GRAD_ENTRIES(bf16, __nv_bfloat16, r, false, GATELOOP_BY_ARCH(2, 3
     extern "C" __global__ void __launch_bounds__ BOUNDS NAME(const GateloopChunkGradParams g) { \
         gateloop::chunk::grad_adjoint_carry<CPLX, PACKED>(g);                  \
     }
-GATELOOP_CHUNK_ADJOINT_CARRY_ENTRY(gateloop_chunk_grad_adjoint_carry_c, true, false, (GATELOOP_CHUNK_CARRY_THREADS))
-GATELOOP_CHUNK_ADJOINT_CARRY_ENTRY(gateloop_chunk_grad_adjoint_carry_r, false, false, (GATELOOP_CHUNK_CARRY_THREADS))
+GATELOOP_CHUNK_ADJOINT_CARRY_ENTRY(gateloop_chunk_grad_adjoint_carry_c, true, false, (GATELOOP_CHUNK_CARRY_THREADS, 2))
+GATELOOP_CHUNK_ADJOINT_CARRY_ENTRY(gateloop_chunk_grad_adjoint_carry_r, false, false, (GATELOOP_CHUNK_CARRY_THREADS, 2))
 GATELOOP_CHUNK_ADJOINT_CARRY_ENTRY(gateloop_chunk_grad_adjoint_carry_packed_c, true, true,
                                    (GATELOOP_CHUNK_CARRY_THREADS, 2))
 GATELOOP_CHUNK_ADJOINT_CARRY_ENTRY(gateloop_chunk_grad_adjoint_carry_packed_r, false, true,
                                    (GATELOOP_CHUNK_CARRY_THREADS, 2))
+
+// gateloop_chunk_grad_adjoint_carry_segments_{c,r}: the segmented adjoint
+// carry's first launch (fwd.carry_segments > 1, batched problems).
+#define GATELOOP_CHUNK_ADJOINT_SEGMENTS_ENTRY(NAME, CPLX)                                                  \
+    extern "C" __global__ void __launch_bounds__(GATELOOP_CHUNK_CARRY_THREADS) NAME(const GateloopChunkGradParams g) { \
+        gateloop::chunk::grad_adjoint_carry<CPLX, false, true>(g);                                           \
+    }
+GATELOOP_CHUNK_ADJOINT_SEGMENTS_ENTRY(gateloop_chunk_grad_adjoint_carry_segments_c, true)
+GATELOOP_CHUNK_ADJOINT_SEGMENTS_ENTRY(gateloop_chunk_grad_adjoint_carry_segments_r, false)
 
 // gateloop_chunk_grad_dh0_{dtype}_{c,r}: dtype of q and dy.
 #define GATELOOP_CHUNK_GRAD_DH0_ENTRY(DTYPE, TYPE, GATE, CPLX)                       \

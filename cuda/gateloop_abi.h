@@ -384,7 +384,9 @@ GATELOOP_ABI_ASSERT(sizeof(GateloopSelftestMmaParams) == 32, "GateloopSelftestMm
  *      into ws_state and A_c into ws_decay.
  *   2. gateloop_chunk_carry_{g}: grid.x = ceil(B·H·K·V / CHUNK_CARRY_THREADS),
  *      block = CHUNK_CARRY_THREADS; S ← A S + U over the chunks, ws_state[c]
- *      becomes the state entering chunk c; writes h_final.
+ *      becomes the state entering chunk c; writes h_final. With
+ *      carry_segments S > 1 (below), grid.y = S, after
+ *      gateloop_chunk_carry_segments_{g} (grid (grid.x, S − 1)).
  *   3. gateloop_chunk_output_{dtype}_{g}_{prec}: grid as 1, dynamic shared
  *      memory shared_bytes; writes y.
  * Or 1 and 2 in one kernel, gateloop_chunk_state_seq_{dtype}_{g}_{prec}:
@@ -464,8 +466,19 @@ typedef struct GateloopChunkParams {
     int64_t value_tiles;        /* ceil(V / CHUNK_VALUE_TILE) */
     int32_t shared_bytes;       /* dynamic shared memory of the output kernel */
     int32_t state_shared_bytes; /* dynamic shared memory of the state kernel (or of state_seq) */
+    /* The separate carry in segments of chunks (batched problems only; 0 or
+     * 1: one segment, the carry as described above). With S > 1 segments of
+     * ceil(num_chunks / S) chunks: gateloop_chunk_carry_segments_{g}
+     * (grid (carry blocks, S − 1)) writes each segment's local sum (from a
+     * zero state) and its decay product into ws_carry_segments, then the
+     * carry (grid (carry blocks, S)) starts segment s from the state carried
+     * over segments 0 .. s − 1 through those; the backward's adjoint carry
+     * likewise (gateloop_chunk_grad_adjoint_carry_segments_{g}, its chunks
+     * in reverse). */
+    int64_t carry_segments;
+    float *ws_carry_segments;   /* [2 (sum, decay product), S, B·H·K·V, 2] f32, NULL unless S > 1 */
 } GateloopChunkParams;
-GATELOOP_ABI_ASSERT(sizeof(GateloopChunkParams) == 80 + 48 + 5 * 24 + 2 * 24 + 8 + 2 * 8 + 8,
+GATELOOP_ABI_ASSERT(sizeof(GateloopChunkParams) == 80 + 48 + 5 * 24 + 2 * 24 + 8 + 2 * 8 + 8 + 16,
                     "GateloopChunkParams layout");
 
 /*
@@ -481,7 +494,10 @@ GATELOOP_ABI_ASSERT(sizeof(GateloopChunkParams) == 80 + 48 + 5 * 24 + 2 * 24 + 8
  *   2a. gateloop_chunk_carry_{g} (the forward's, on fwd): S_in(c) over U_c;
  *       h_final into the workspace sink fwd.h_final.
  *   2b. gateloop_chunk_grad_adjoint_carry_{g}: grid.x = ceil(B·H·K·V /
- *       CHUNK_CARRY_THREADS): D(c) over W_c (reverse, conj(A)).
+ *       CHUNK_CARRY_THREADS): D(c) over W_c (reverse, conj(A)). With
+ *       fwd.carry_segments S > 1, grid.y = S, after
+ *       gateloop_chunk_grad_adjoint_carry_segments_{g} (grid (grid.x, S − 1));
+ *       2a likewise after gateloop_chunk_carry_segments_{g}.
  *   2c. gateloop_chunk_grad_dh0_{dtype}_{g} (only with HAS_DH0): the same
  *       grid and block: dh0 = conj(A_0) D(0) + W_0 from slot 0 of ws_adj and
  *       chunk 0's inputs, on CUDA cores.
@@ -534,7 +550,7 @@ typedef struct GateloopChunkGradParams {
     int32_t qk_shared_bytes;   /* dynamic shared memory of grad_qk */
     int32_t dv_shared_bytes;   /* dynamic shared memory of grad_dv */
 } GateloopChunkGradParams;
-GATELOOP_ABI_ASSERT(sizeof(GateloopChunkGradParams) == 328 + 8 * 8 + 5 * 24 + 2 * 24 + 16,
+GATELOOP_ABI_ASSERT(sizeof(GateloopChunkGradParams) == 328 + 16 + 8 * 8 + 5 * 24 + 2 * 24 + 16,
                     "GateloopChunkGradParams layout");
 
 /*

@@ -114,7 +114,7 @@ fn attention_params_layout() {
 fn chunk_params_layout() {
     type P = GateloopChunkParams;
     // Pinned in the header too (GATELOOP_ABI_ASSERT).
-    assert_eq!(size_of::<P>(), 328);
+    assert_eq!(size_of::<P>(), 344);
     assert_eq!(align_of::<P>(), 8);
     assert_eq!(offset_of!(P, q), 0);
     assert_eq!(offset_of!(P, h_final), 48);
@@ -131,6 +131,8 @@ fn chunk_params_layout() {
     assert_eq!(offset_of!(P, value_tiles), 312);
     assert_eq!(offset_of!(P, shared_bytes), 320);
     assert_eq!(offset_of!(P, state_shared_bytes), 324);
+    assert_eq!(offset_of!(P, carry_segments), 328);
+    assert_eq!(offset_of!(P, ws_carry_segments), 336);
     assert_eq!(GATELOOP_CHUNK_LEN, 64);
     assert_eq!(GATELOOP_CHUNK_SUB_LEN, 16);
     assert_eq!(GATELOOP_CHUNK_MAX_KEY_DIM, 256);
@@ -141,17 +143,17 @@ fn chunk_grad_params_layout() {
     type P = GateloopChunkGradParams;
     // Pinned in the header too (GATELOOP_ABI_ASSERT): the forward struct,
     // eight pointers, seven stride structs, four 4-byte fields.
-    assert_eq!(size_of::<P>(), 576);
+    assert_eq!(size_of::<P>(), 592);
     assert_eq!(align_of::<P>(), 8);
     assert_eq!(offset_of!(P, fwd), 0);
-    assert_eq!(offset_of!(P, dy), 328);
-    assert_eq!(offset_of!(P, dh0), 376);
-    assert_eq!(offset_of!(P, ws_adj), 384);
-    assert_eq!(offset_of!(P, dy_strides), 392);
-    assert_eq!(offset_of!(P, dgate_strides), 488);
-    assert_eq!(offset_of!(P, dh0_strides), 536);
-    assert_eq!(offset_of!(P, grad_flags), 560);
-    assert_eq!(offset_of!(P, dv_shared_bytes), 572);
+    assert_eq!(offset_of!(P, dy), 344);
+    assert_eq!(offset_of!(P, dh0), 392);
+    assert_eq!(offset_of!(P, ws_adj), 400);
+    assert_eq!(offset_of!(P, dy_strides), 408);
+    assert_eq!(offset_of!(P, dgate_strides), 504);
+    assert_eq!(offset_of!(P, dh0_strides), 552);
+    assert_eq!(offset_of!(P, grad_flags), 576);
+    assert_eq!(offset_of!(P, dv_shared_bytes), 588);
     assert_eq!((GATELOOP_GRAD_FLAG_HAS_DH_FINAL, GATELOOP_GRAD_FLAG_HAS_DH0), (1, 2));
 }
 

@@ -335,19 +335,9 @@ fn check_carries<T: Element>(gpu: &Gpu, case: Case, gates: Gates, precision: Chu
         return;
     }
     let label = format!("{} {gates:?} {precision:?} {}", T::DTYPE, case.label());
-    let mut p = case.problem();
-    if gates == Gates::Real {
-        p = common::real_gates(p);
-    }
-    let p64 = rounded_to::<T>(&p);
-    let p32 = p64.to_f32();
-    let run = |carry| {
-        let config = ChunkConfig { precision, carry, ..ChunkConfig::default() };
-        match gates {
-            Gates::Complex => run_complex::<T>(gpu, &p32, config),
-            Gates::Real => run_real::<T>(gpu, &p32, config),
-        }
-    };
+    let p64 = carry_problem::<T>(case, gates);
+    let run =
+        |carry| run_gates::<T>(gpu, &p64.to_f32(), gates, ChunkConfig { precision, carry, ..ChunkConfig::default() });
     let (ys, hs) = run(ChunkCarry::Separate);
     let (yq, hq) = run(ChunkCarry::Sequential);
     let bits = |y: &[T]| y.iter().map(|x| x.to_f32().to_bits()).collect::<Vec<_>>();
@@ -359,6 +349,73 @@ fn check_carries<T: Element>(gpu: &Gpu, case: Case, gates: Gates, precision: Chu
         let (yb, hb) = bounds(T::DTYPE, precision);
         assert_within(&label, "y (sequential carry)", &compare(&widen(&yq), &want.y), yb);
         assert_within(&label, "h_final (sequential carry)", &compare_complex(&hq, &want.h_final), hb);
+    }
+}
+
+/// The separate carry in segments (a batched problem of few state elements
+/// and many chunks: `LaunchPlan::carry_segments` > 1, two carry launches):
+/// y and h_final within the reference bounds (outputs and workspace
+/// poisoned), and in f32 within 1e-5 of the one walk's (the sequential
+/// carry's, which the segments change only by rounding), over complex and
+/// real gates, f32 and bf16, with and without h0, resets, |a| = 1 and
+/// phases, segments of unequal length (4100 steps: 65 chunks in 4).
+#[test]
+fn segmented_carry_matches_the_reference() {
+    let Some(gpu) = common::gpu_or_skip() else { return };
+    let cases = [
+        (dims(1, 2048, 1, 4, 4, false), GateRegime::Mixed, 2),
+        (dims(2, 4100, 1, 3, 5, true), GateRegime::Resets(0.05), 4),
+        (dims(1, 8192, 2, 8, 8, false), GateRegime::UnitModulus, 8),
+    ];
+    for (i, (d, regime, segments)) in cases.into_iter().enumerate() {
+        for gates in Gates::ALL {
+            let lp = plan(&d, Dtype::F32, gates).unwrap();
+            assert_eq!((lp.carry, lp.carry_segments), (ChunkCarry::Separate, segments), "{d:?} {gates:?}");
+        }
+        let case = Case::new(d, regime, i % 2 == 0, 16_500 + i as u64);
+        for gates in Gates::ALL {
+            check_segmented::<f32>(gpu, case, gates);
+        }
+        check_segmented::<bf16>(gpu, case, Gates::Complex);
+    }
+}
+
+/// `case`'s problem with complex or real gates, rounded to `T` (what the
+/// kernels see, and the reference's inputs).
+fn carry_problem<T: Element>(case: Case, gates: Gates) -> OwnedProblem<f64> {
+    let p = case.problem();
+    rounded_to::<T>(&if gates == Gates::Real { common::real_gates(p) } else { p })
+}
+
+/// [`run_complex`] or [`run_real`] by `gates`.
+fn run_gates<T: Element>(
+    gpu: &Gpu,
+    p32: &OwnedProblem<f32>,
+    gates: Gates,
+    config: ChunkConfig,
+) -> (Vec<T>, Vec<Complex<f32>>) {
+    match gates {
+        Gates::Complex => run_complex::<T>(gpu, p32, config),
+        Gates::Real => run_real::<T>(gpu, p32, config),
+    }
+}
+
+fn check_segmented<T: Element>(gpu: &Gpu, case: Case, gates: Gates) {
+    if common::emulated_device_skips(&case.dims) {
+        return;
+    }
+    let label = format!("{} {gates:?} {} (segmented carry)", T::DTYPE, case.label());
+    let p64 = carry_problem::<T>(case, gates);
+    let run = |carry| run_gates::<T>(gpu, &p64.to_f32(), gates, ChunkConfig { carry, ..ChunkConfig::default() });
+    let (ys, hs) = run(ChunkCarry::Separate);
+    let want = reference::recurrent::forward(&p64.view()).expect("reference");
+    let (yb, hb) = bounds(T::DTYPE, ChunkPrecision::Exact);
+    assert_within(&label, "y", &compare(&widen(&ys), &want.y), yb);
+    assert_within(&label, "h_final", &compare_complex(&hs, &want.h_final), hb);
+    if T::DTYPE == Dtype::F32 {
+        let (yq, hq) = run(ChunkCarry::Sequential);
+        assert_within(&label, "y against the one walk", &compare(&widen(&ys), &widen(&yq)), (1e-5, 1e-5));
+        assert_within(&label, "h_final against the one walk", &compare_complex(&hs, &hq), (1e-5, 1e-5));
     }
 }
 

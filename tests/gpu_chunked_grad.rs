@@ -343,6 +343,26 @@ fn sequential_forward_part() {
     }
 }
 
+/// The carries in segments (`LaunchPlan::carry_segments` > 1: few state
+/// elements, many chunks; the forward carry and the adjoint carry each in
+/// two launches): every gradient within the bounds, complex and real gates,
+/// with h0 (dh0 from the adjoint carry's last segment, and grad_dh0) and
+/// dh_final, resets and |a| = 1.
+#[test]
+fn segmented_carries() {
+    let Some(gpu) = gpu_or_skip() else { return };
+    let cases =
+        [(dims(1, 2048, 1, 4, 4, false), GateRegime::Mixed), (dims(2, 4100, 1, 3, 5, true), GateRegime::Resets(0.05))];
+    for (i, (d, regime)) in cases.into_iter().enumerate() {
+        assert!(chunk::plan(&d, Dtype::F32, Gates::Complex).unwrap().carry_segments > 1, "{d:?}");
+        let case = Case::new(d, regime, true, 8600 + i as u64);
+        check_case::<f32>(gpu, &case, i == 0, STATE_BOUNDS);
+        check_real_case::<f32>(gpu, &case, i == 1, STATE_BOUNDS);
+    }
+    let unit = Case::new(dims(1, 4096, 2, 8, 8, false), GateRegime::UnitModulus, true, 8610);
+    check_case::<bf16>(gpu, &unit, true, STATE_BOUNDS);
+}
+
 /// The kernels and their CPU mirror on the same f32 inputs: each is within
 /// 1e-4 of the reference, so within 2e-4 of each other.
 #[test]

@@ -796,15 +796,24 @@ pub fn chunked_traffic(d: &Dims, t: Dtype, gates: Gates, carry: ChunkCarry, back
     let decays = 4.0 * p * bh * nc * d.gate_dim() as f64;
     let h_final = 4.0 * p * d.state_len() as f64;
     let state = qk * vt + v + gate * vt + ws + decays;
-    let carry_pass = 2.0 * ws + decays + h_final;
-    let sequential = chunk::plan_with(d, t, gates, carry).is_ok_and(|lp| lp.carry == ChunkCarry::Sequential);
+    let plan = chunk::plan_with(d, t, gates, carry).ok();
+    let sequential = plan.is_some_and(|lp| lp.carry == ChunkCarry::Sequential);
+    // The carry in S segments reads the chunk states and decays once more
+    // (the segments' sums) and writes and reads 4 f32 an element a segment.
+    let segments = plan.map_or(1, |lp| lp.carry_segments) as f64;
+    let segment_pass = if segments > 1.0 {
+        ws + decays + 2.0 * 4.0 * 4.0 * segments * (bh * (d.key_dim * d.value_dim) as f64)
+    } else {
+        0.0
+    };
+    let carry_pass = 2.0 * ws + decays + h_final + segment_pass;
     let states = if sequential { state + h_final } else { state + carry_pass };
     if !backward {
         let output = 2.0 * qk * vt + v + gate * vt + ws + v;
         return states + output;
     }
     let grad_w = qk * vt + v + gate * vt + ws;
-    let adjoint_carry = 2.0 * ws + decays;
+    let adjoint_carry = 2.0 * ws + decays + segment_pass;
     let grad_qk = 2.0 * qk + 2.0 * v + gate + 2.0 * ws + 2.0 * qk + gate;
     let grad_dv = 2.0 * qk * vt + gate * vt + v + ws + v;
     // The sequential carry's grad_w_seq writes D where grad_w wrote W, and

@@ -245,6 +245,37 @@ impl ChunkCarry {
 /// carry's 0.171: even). The bench's `chunked-real-separate` times it.
 pub const SEQUENTIAL_MIN_BLOCKS: usize = 512;
 
+/// The separate carry runs in segments only when each would walk at least
+/// this many chunks.
+pub const CARRY_SEGMENT_MIN_CHUNKS: usize = 16;
+/// ... and when its B·H·K·V threads are fewer than this: it then takes as
+/// many segments as bring them to it (at most ⌊chunks / 16⌋).
+pub const CARRY_SEGMENT_THREADS: usize = 1 << 19;
+
+/// Segments of chunks the separate carry of a batched problem runs in, for
+/// `chunks` chunks and `elements` = B·H·K·V state elements (one carry thread
+/// each). The carry is a chain over the chunks per element: at B1 H4 L65536
+/// K = V = 64 its 16384 threads (64 blocks) each walk 1024 chunks, 0.41 to
+/// 0.49 ms of a 1.2 to 1.9 ms forward on an H200 (2026-12-04), with two
+/// thirds of the SMs idle. In S segments a first launch sums each segment
+/// from a zero state (S − 1 of them, in parallel), and the carry's S·B·H·K·V
+/// threads each start their segment from the state carried over the ones
+/// before (`cuda/chunk_common.cuh`, "the carry in segments"): chains of
+/// ⌈chunks / S⌉ + S steps instead of chunks. 1 (the one walk, bit for bit
+/// the sequential carry's) where the threads already number
+/// [`CARRY_SEGMENT_THREADS`] or segments would be shorter than
+/// [`CARRY_SEGMENT_MIN_CHUNKS`]: every problem of fewer than 2048 steps.
+pub fn carry_segments(chunks: usize, elements: usize) -> usize {
+    if elements == 0 || elements >= CARRY_SEGMENT_THREADS {
+        return 1;
+    }
+    let want = CARRY_SEGMENT_THREADS.div_ceil(elements);
+    let most = chunks / CARRY_SEGMENT_MIN_CHUNKS;
+    let s = want.min(most).max(1);
+    // No empty segment: the kernels' segments are ⌈chunks / s⌉ long.
+    chunks.div_ceil(chunks.div_ceil(s))
+}
+
 /// How the output launch forms its tensor-core operands.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub enum ChunkOutput {
@@ -385,13 +416,24 @@ pub struct LaunchPlan {
     /// Blocks of the state and output kernels: B·H·num_chunks·value_tiles
     /// (packed: H·num_chunks·value_tiles).
     pub grid: u32,
-    /// Blocks of the carry kernel: ceil(B·H·K·V / 256).
+    /// Blocks of the carry kernel: ceil(B·H·K·V / 256) (times
+    /// `carry_segments` along grid.y).
     pub carry_grid: u32,
+    /// Segments of chunks the separate carry runs in ([`carry_segments`];
+    /// 1: the one walk over every chunk).
+    pub carry_segments: u32,
+    /// Where the segments' sums and decay products start in the workspace
+    /// (f32; 4·S·B·H·K·V of them, after the chunk states, S the separate
+    /// carry's segments: there with either carry, so that the workspace is
+    /// the same for both).
+    pub segments_offset: usize,
     /// f32 of the decays: B·H·num_chunks·gate_dim·parts (first in the
     /// workspace; packed: H·num_chunks·gate_dim·parts).
     pub decay_len: usize,
     /// f32 of the workspace: decay_len + B·H·num_chunks·parts·K·V (packed:
-    /// H·num_chunks·parts·K·V).
+    /// H·num_chunks·parts·K·V), + 4·S·B·H·K·V where the separate carry runs
+    /// in S > 1 segments ([`carry_segments`]; whichever carry this plan
+    /// takes).
     pub workspace_len: usize,
     /// Dynamic shared memory of the state kernel, bytes.
     pub state_shared_bytes: u32,
@@ -521,11 +563,25 @@ pub(super) fn plan_rows(
         ChunkCarry::Auto => ChunkCarry::Separate,
         chosen => chosen,
     };
+    // The separate carry of a batched problem in segments (packed sequences
+    // keep one walk each: their carries are kernels of their own). The
+    // workspace has the segments' room whatever the carry, so that one
+    // workspace serves every carry of the problem.
+    let separate_segments = if packed { 1 } else { carry_segments(nc, state) };
+    let segments = if carry == ChunkCarry::Sequential { 1 } else { separate_segments };
+    let segments_offset = workspace_len;
+    let workspace_len = if separate_segments > 1 {
+        separate_segments.checked_mul(4 * state).and_then(|s| s.checked_add(workspace_len)).ok_or_else(ws_error)?
+    } else {
+        workspace_len
+    };
     Ok(LaunchPlan {
         num_chunks: nc as u64,
         value_tiles: tiles as u32,
         grid,
         carry_grid,
+        carry_segments: segments as u32,
+        segments_offset,
         decay_len,
         workspace_len,
         state_shared_bytes,
@@ -549,6 +605,9 @@ pub(crate) struct ChunkKernels {
     pub(super) carry: Vec<CudaFunction>,
     /// The carry of packed sequences, `[gates]` (a kernel of its own: see cuda/chunk.cu).
     pub(super) carry_packed: Vec<CudaFunction>,
+    /// The segmented carry's first launch, `[gates]`: the segments' sums
+    /// and decay products ([`carry_segments`]).
+    pub(super) carry_segments: Vec<CudaFunction>,
     /// The device's opt-in shared memory per block (bytes).
     pub(super) max_shared: usize,
 }
@@ -609,7 +668,21 @@ impl ChunkKernels {
             .map(|g| module.load_function(&format!("gateloop_chunk_carry_packed_{}", g.suffix())))
             .collect::<Result<Vec<_>, _>>()
             .doing("looking up gateloop_chunk_carry_packed_{c,r}")?;
-        Ok(ChunkKernels { state, sequential, output, output_fragments, carry, carry_packed, max_shared })
+        let carry_segments = Gates::ALL
+            .iter()
+            .map(|g| module.load_function(&format!("gateloop_chunk_carry_segments_{}", g.suffix())))
+            .collect::<Result<Vec<_>, _>>()
+            .doing("looking up gateloop_chunk_carry_segments_{c,r}")?;
+        Ok(ChunkKernels {
+            state,
+            sequential,
+            output,
+            output_fragments,
+            carry,
+            carry_packed,
+            carry_segments,
+            max_shared,
+        })
     }
 }
 
@@ -672,34 +745,55 @@ fn launch<T: Element>(
     let w = bound.workspace.expect("checked: the workspace is never empty") as usize;
     params.ws_decay = w as *mut f32;
     params.ws_state = (w + 4 * lp.decay_len) as *mut f32;
+    let segments = lp.carry_segments;
+    if segments > 1 {
+        params.carry_segments = i64::from(segments);
+        params.ws_carry_segments = (w + 4 * lp.segments_offset) as *mut f32;
+    }
 
     let block = (THREADS, 1, 1);
-    let output = (output_kernel, lp.grid, block, output_bytes, "launching gateloop_chunk_output");
-    let launches = if sequential {
+    let carry_block = (CARRY_THREADS, 1, 1);
+    let output = (output_kernel, (lp.grid, 1), block, output_bytes, "launching gateloop_chunk_output");
+    let mut launches = if sequential {
         vec![
-            (&kernels.sequential[i], lp.sequential_grid, block, state_bytes, "launching gateloop_chunk_state_seq"),
+            (&kernels.sequential[i], (lp.sequential_grid, 1), block, state_bytes, "launching gateloop_chunk_state_seq"),
             output,
         ]
     } else {
         vec![
-            (&kernels.state[i], lp.grid, block, state_bytes, "launching gateloop_chunk_state"),
+            (&kernels.state[i], (lp.grid, 1), block, state_bytes, "launching gateloop_chunk_state"),
             (
                 if packed { &kernels.carry_packed[gates.index()] } else { &kernels.carry[gates.index()] },
-                lp.carry_grid,
-                (CARRY_THREADS, 1, 1),
+                (lp.carry_grid, segments),
+                carry_block,
                 0,
                 if packed { "launching gateloop_chunk_carry_packed" } else { "launching gateloop_chunk_carry" },
             ),
             output,
         ]
     };
-    for (func, grid, block_dim, shared_mem_bytes, doing) in launches {
-        let cfg = LaunchConfig { grid_dim: (grid, 1, 1), block_dim, shared_mem_bytes };
+    if segments > 1 {
+        let sums = (
+            &kernels.carry_segments[gates.index()],
+            (lp.carry_grid, segments - 1),
+            carry_block,
+            0,
+            "launching gateloop_chunk_carry_segments",
+        );
+        launches.insert(1, sums);
+    }
+    for (func, (grid, grid_y), block_dim, shared_mem_bytes, doing) in launches {
+        let cfg = LaunchConfig { grid_dim: (grid, grid_y, 1), block_dim, shared_mem_bytes };
         let mut launch = stream.launch_builder(func);
         launch.arg(&params);
         // SAFETY: `func` is gateloop_chunk_{state,state_seq,output,output_frag}_{T}_{g}_{prec}
-        // or gateloop_chunk_carry_{,packed_}{g} (packed_ exactly when cu_seqlens is
-        // set) for this element type T, gate kind g and
+        // or gateloop_chunk_carry_{,packed_,segments_}{g} (packed_ exactly when cu_seqlens is
+        // set; segments_ only when the plan's carry_segments S > 1, with
+        // grid.y = S − 1, the carry's grid.y = S, as the kernels index the
+        // segments, and ws_carry_segments then points at the plan's
+        // 4·S·B·H·K·V f32 from segments_offset, inside the checked
+        // workspace, written by the segments launch before the carry, next
+        // on `stream`, reads them) for this element type T, gate kind g and
         // precision (table_index / gates.index()), whose only parameter is a
         // GateloopChunkParams by value, which is what is pushed. Every
         // pointer in it comes from a live buffer of this context whose
@@ -1031,6 +1125,39 @@ mod tests {
             plan(&dims(1 << 16, 1 << 16, 1 << 6, 1, 1, false), Dtype::F32, Gates::Complex),
             Err(InputError::TooLarge { .. })
         ));
+    }
+
+    /// The carry's segments: as many as bring the threads to 2^19, at most
+    /// one per 16 chunks, none empty; one segment for every problem that
+    /// fills the GPU or has fewer than 32 chunks; the workspace grows by
+    /// 4·S·B·H·K·V f32 after the chunk states; the packed and sequential
+    /// carries never segment.
+    #[test]
+    fn carry_segments_rule() {
+        assert_eq!(carry_segments(1024, 4 * 64 * 64), 32); // B1 H4 L65536 K = V = 64
+        assert_eq!(carry_segments(1024, 16 * 16), 64); // B1 H1 L65536 K = V = 16
+        assert_eq!(carry_segments(64, 8 * 16 * 64 * 64), 1); // B8 H16 L4096: 2^19 threads
+        assert_eq!(carry_segments(16, 2 * 3 * 64 * 128), 1);
+        assert_eq!(carry_segments(31, 16), 1);
+        assert_eq!(carry_segments(32, 16), 2);
+        // 65 chunks: 4 segments of 17, the last 14 (⌈65 / 4⌉ = 17, and
+        // ⌈65 / 17⌉ = 4: none empty).
+        assert_eq!(carry_segments(65, 30), 4);
+        assert_eq!(carry_segments(100, 1), 6); // ⌈100 / 6⌉ = 17, ⌈100 / 17⌉ = 6
+        let d = dims(1, 65536, 4, 64, 64, false);
+        let p = plan(&d, Dtype::Bf16, Gates::Real).unwrap();
+        let state = 4 * 64 * 64;
+        assert_eq!((p.carry, p.carry_segments), (ChunkCarry::Separate, 32));
+        assert_eq!(p.segments_offset, p.decay_len + 1024 * state); // real gates: one part
+        assert_eq!(p.workspace_len, p.segments_offset + 4 * 32 * state);
+        // The sequential carry: no segments, the same workspace.
+        let walk = plan_with(&d, Dtype::Bf16, Gates::Real, ChunkCarry::Sequential).unwrap();
+        assert_eq!((walk.carry_segments, walk.workspace_len), (1, p.workspace_len));
+        let one = plan(&dims(8, 4096, 16, 64, 64, false), Dtype::F32, Gates::Complex).unwrap();
+        assert_eq!((one.carry_segments, one.workspace_len), (1, one.segments_offset));
+        let cu = [0, 65536];
+        let packed = plan_varlen(&dims(1, 65536, 4, 64, 64, false), &cu, Dtype::F32, Gates::Complex, ChunkCarry::Auto);
+        assert_eq!(packed.unwrap().carry_segments, 1);
     }
 
     /// ChunkCarry::Auto: the sequential walk for real gates and 16-bit

@@ -249,6 +249,8 @@ pub(crate) struct ChunkGradKernels {
     /// The adjoint carry of packed sequences, `[gates]` (a kernel of its own,
     /// as the forward's packed carry).
     adjoint_carry_packed: Vec<CudaFunction>,
+    /// The segmented adjoint carry's first launch, `[gates]`.
+    adjoint_carry_segments: Vec<CudaFunction>,
     /// dh0 from D(0) on CUDA cores, per (dtype, gates).
     dh0: Vec<CudaFunction>,
 }
@@ -298,7 +300,8 @@ impl ChunkGradKernels {
         };
         let adjoint_carry = carries("gateloop_chunk_grad_adjoint_carry_")?;
         let adjoint_carry_packed = carries("gateloop_chunk_grad_adjoint_carry_packed_")?;
-        Ok(ChunkGradKernels { w, w_seq, qk, dv, adjoint_carry, adjoint_carry_packed, dh0 })
+        let adjoint_carry_segments = carries("gateloop_chunk_grad_adjoint_carry_segments_")?;
+        Ok(ChunkGradKernels { w, w_seq, qk, dv, adjoint_carry, adjoint_carry_packed, adjoint_carry_segments, dh0 })
     }
 }
 
@@ -495,6 +498,11 @@ fn launch_backward<'a, T: Element>(
     params.fwd.ws_state = at(lp.decay_len);
     params.fwd.h_final = at(gp.sink_offset);
     params.ws_adj = at(gp.adj_offset);
+    let segments = lp.carry_segments;
+    if segments > 1 {
+        params.fwd.carry_segments = i64::from(segments);
+        params.fwd.ws_carry_segments = at(lp.segments_offset);
+    }
 
     let fwd_index = chunk::table_index(T::DTYPE, gates, precision);
     let dtype = kernel_index(T::DTYPE, gates);
@@ -525,7 +533,7 @@ fn launch_backward<'a, T: Element>(
         vec![
             (
                 &fwd_kernels.sequential[fwd_index],
-                lp.sequential_grid,
+                (lp.sequential_grid, 1),
                 block,
                 state_bytes,
                 Arg::Fwd(&params.fwd),
@@ -533,7 +541,7 @@ fn launch_backward<'a, T: Element>(
             ),
             (
                 &kernels.w_seq[dtype],
-                lp.sequential_grid,
+                (lp.sequential_grid, 1),
                 block,
                 w_bytes,
                 Arg::Grad(&params),
@@ -544,21 +552,48 @@ fn launch_backward<'a, T: Element>(
         vec![
             (
                 &fwd_kernels.state[fwd_index],
-                lp.grid,
+                (lp.grid, 1),
                 block,
                 state_bytes,
                 Arg::Fwd(&params.fwd),
                 "launching gateloop_chunk_state (backward)",
             ),
-            (&kernels.w[dtype], lp.grid, block, w_bytes, Arg::Grad(&params), "launching gateloop_chunk_grad_w"),
-            (carry, lp.carry_grid, carry_block, 0, Arg::Fwd(&params.fwd), carry_doing),
-            (adjoint_carry, lp.carry_grid, carry_block, 0, Arg::Grad(&params), adjoint_doing),
+            (&kernels.w[dtype], (lp.grid, 1), block, w_bytes, Arg::Grad(&params), "launching gateloop_chunk_grad_w"),
+            (carry, (lp.carry_grid, segments), carry_block, 0, Arg::Fwd(&params.fwd), carry_doing),
+            (adjoint_carry, (lp.carry_grid, segments), carry_block, 0, Arg::Grad(&params), adjoint_doing),
         ]
     };
+    if segments > 1 {
+        // Each carry's segment sums first (chunk_common.cuh, "the carry in
+        // segments"): the forward carry at 2, the adjoint carry at 4.
+        let g = gates.index();
+        launches.insert(
+            2,
+            (
+                &fwd_kernels.carry_segments[g],
+                (lp.carry_grid, segments - 1),
+                carry_block,
+                0,
+                Arg::Fwd(&params.fwd),
+                "launching gateloop_chunk_carry_segments (backward)",
+            ),
+        );
+        launches.insert(
+            4,
+            (
+                &kernels.adjoint_carry_segments[g],
+                (lp.carry_grid, segments - 1),
+                carry_block,
+                0,
+                Arg::Grad(&params),
+                "launching gateloop_chunk_grad_adjoint_carry_segments",
+            ),
+        );
+    }
     if has_dh0 {
         launches.push((
             &kernels.dh0[dtype],
-            lp.carry_grid,
+            (lp.carry_grid, 1),
             carry_block,
             0,
             Arg::Grad(&params),
@@ -566,21 +601,21 @@ fn launch_backward<'a, T: Element>(
         ));
     }
     launches.extend([
-        (&kernels.qk[dtype], gp.qk_grid, block, qk_bytes, Arg::Grad(&params), "launching gateloop_chunk_grad_qk"),
-        (&kernels.dv[dtype], lp.grid, block, dv_bytes, Arg::Grad(&params), "launching gateloop_chunk_grad_dv"),
+        (&kernels.qk[dtype], (gp.qk_grid, 1), block, qk_bytes, Arg::Grad(&params), "launching gateloop_chunk_grad_qk"),
+        (&kernels.dv[dtype], (lp.grid, 1), block, dv_bytes, Arg::Grad(&params), "launching gateloop_chunk_grad_dv"),
     ]);
-    for (func, grid, block_dim, shared_mem_bytes, arg, doing) in launches {
-        let cfg = LaunchConfig { grid_dim: (grid, 1, 1), block_dim, shared_mem_bytes };
+    for (func, (grid, grid_y), block_dim, shared_mem_bytes, arg, doing) in launches {
+        let cfg = LaunchConfig { grid_dim: (grid, grid_y, 1), block_dim, shared_mem_bytes };
         let mut launch = stream.launch_builder(func);
         match arg {
             Arg::Fwd(p) => launch.arg(p),
             Arg::Grad(p) => launch.arg(p),
         };
         // SAFETY: each `func` takes exactly the struct pushed: the forward's
-        // gateloop_chunk_state_{T}_{g}_{prec} and gateloop_chunk_carry_{,packed_}{g}, or
+        // gateloop_chunk_state_{T}_{g}_{prec} and gateloop_chunk_carry_{,packed_,segments_}{g}, or
         // gateloop_chunk_state_seq_{T}_{g}_{prec}, a GateloopChunkParams
         // (params.fwd), the gateloop_chunk_grad_*_{T}_{g} entries and
-        // gateloop_chunk_grad_adjoint_carry_{,packed_}{g} a GateloopChunkGradParams, by
+        // gateloop_chunk_grad_adjoint_carry_{,packed_,segments_}{g} a GateloopChunkGradParams, by
         // value, g the gate kind `gates` (kernel_index, table_index; packed_
         // exactly when cu_seqlens is set: then it holds d.batch + 1 offsets the
         // caller checked to rise strictly from 0 to d.len, so every
@@ -593,7 +628,12 @@ fn launch_backward<'a, T: Element>(
         // with real ones, as the g entries read them; contiguous strides); the
         // workspace holds ≥ gp.workspace_len f32, carved as ws_decay
         // (decay_len), ws_state and ws_adj (rows·chunks·parts·K·V each, rows B·H or packed H) and the
-        // h_final sink (parts·B·H·K·V), exactly the extents the kernels index,
+        // h_final sink (parts·B·H·K·V), and when the plan's carry_segments S >
+        // 1 (batched, separate carry: both segments_ launches present, grid.y
+        // S − 1, the carries' S, as the kernels index them) the segments'
+        // 4·S·B·H·K·V f32 at segments_offset inside the forward's part (each
+        // segments_ launch writes them before its carry reads them, next on
+        // the stream), exactly the extents the kernels index,
         // each written before it is read in stream order (state and grad_w,
         // then the carries, or state_seq then grad_w_seq, which reads nothing
         // the former writes but leaves the same slots; then grad_dh0, which

@@ -523,7 +523,7 @@ CUresult cuLaunchKernel(CUfunction f, unsigned gx, unsigned gy, unsigned gz, uns
                     who + std::to_string(threads) + " threads per block > its __launch_bounds__ (" +
                         std::to_string(f->kernel->max_threads) + ")");
     }
-    if (gy != 1 || gz != 1) return fail(CUDA_ERROR_NOT_SUPPORTED, call, who + "the emulator runs 1-D grids only");
+    if (gz != 1) return fail(CUDA_ERROR_NOT_SUPPORTED, call, who + "the emulator runs 1-D and 2-D grids only");
     if (static_cast<int>(shared_bytes) > f->max_dynamic_shared || shared_bytes > static_cast<unsigned>(kOptinShared)) {
         return fail(CUDA_ERROR_INVALID_VALUE, call,
                     who + std::to_string(shared_bytes) + " bytes of dynamic shared memory > the function's limit " +
@@ -537,14 +537,22 @@ CUresult cuLaunchKernel(CUfunction f, unsigned gx, unsigned gy, unsigned gz, uns
     std::memcpy(param.data(), params[0], param.size());
     const EmuKernel* kernel = f->kernel;
     std::lock_guard<std::mutex> lock(g_lock);
-    emu_launch(gx, EmuDim3{bx, by, bz}, [&] {
-        if (emu_thread_rank() == 0) {
-            std::memset(gateloop::smem, 0xff, shared_bytes);
-            std::memset(gateloop::chunk::smem, 0xff, shared_bytes);
-        }
-        __syncthreads();
-        kernel->run(param.data());
-    });
+    // A 2-D grid as gy rows of gx blocks, in order (a row of a GPU's grid
+    // may run before, after or beside another: the kernels must not care).
+    emu_grid_rows = gy;
+    for (unsigned row = 0; row < gy; ++row) {
+        emu_grid_row = row;
+        emu_launch(gx, EmuDim3{bx, by, bz}, [&] {
+            if (emu_thread_rank() == 0) {
+                std::memset(gateloop::smem, 0xff, shared_bytes);
+                std::memset(gateloop::chunk::smem, 0xff, shared_bytes);
+            }
+            __syncthreads();
+            kernel->run(param.data());
+        });
+    }
+    emu_grid_row = 0;
+    emu_grid_rows = 1;
     const std::string overwritten = overwritten_canaries();
     if (!overwritten.empty()) {
         return fail(CUDA_ERROR_ILLEGAL_ADDRESS, call, who + "wrote past the end of a buffer:" + overwritten);

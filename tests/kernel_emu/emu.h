@@ -68,6 +68,10 @@ extern thread_local EmuDim3 threadIdx;
 extern thread_local EmuDim3 blockIdx;
 extern EmuDim3 blockDim;
 extern EmuDim3 gridDim;
+// The row of a 2-D grid an emu_launch runs (blockIdx.y), of emu_grid_rows
+// (gridDim.y): the fake driver runs a grid (gx, gy) as gy launches of gx
+// blocks, rows in order (cuLaunchKernel).
+extern unsigned emu_grid_row, emu_grid_rows;
 // The calling thread's index within its block, x fastest (CUDA's linear
 // thread id: warps are its consecutive runs of 32).
 inline unsigned emu_thread_rank() { return threadIdx.x + blockDim.x * (threadIdx.y + blockDim.y * threadIdx.z); }

@@ -17,6 +17,7 @@ thread_local EmuDim3 threadIdx;
 thread_local EmuDim3 blockIdx;
 EmuDim3 blockDim;
 EmuDim3 gridDim;
+unsigned emu_grid_row = 0, emu_grid_rows = 1;
 
 // The two barriers, by execution model (below): every thread of the block,
 // and every thread of warp `warp`.
@@ -147,7 +148,7 @@ static void worker(unsigned t) {
         if (t >= pool.threads) continue;
         const std::function<void()>& kernel = *pool.kernel;
         threadIdx = thread_index(t, blockDim);
-        blockIdx = EmuDim3{pool.block, 0, 0};
+        blockIdx = EmuDim3{pool.block, emu_grid_row, 0};
         lock.unlock();
         kernel();
         lock.lock();
@@ -162,7 +163,7 @@ static void worker(unsigned t) {
 // — reads poison instead of that block's results. One launch at a time.
 void emu_launch(unsigned grid, EmuDim3 block_dim, const std::function<void()>& kernel) {
     blockDim = block_dim;
-    gridDim = EmuDim3{grid, 1, 1};
+    gridDim = EmuDim3{grid, emu_grid_rows, 1};
     const unsigned block = block_dim.x * block_dim.y * block_dim.z;
     {
         std::lock_guard<std::mutex> lock(pool.m);
@@ -351,7 +352,7 @@ static void warp_barrier(unsigned warp) {
 // block at a time, in order. One launch at a time.
 void emu_launch(unsigned grid, EmuDim3 block_dim, const std::function<void()>& kernel) {
     blockDim = block_dim;
-    gridDim = EmuDim3{grid, 1, 1};
+    gridDim = EmuDim3{grid, emu_grid_rows, 1};
     const unsigned block = block_dim.x * block_dim.y * block_dim.z;
     const size_t page = 4096;
     while (g_block.fibers.size() < block) {
@@ -380,7 +381,7 @@ void emu_launch(unsigned grid, EmuDim3 block_dim, const std::function<void()>& k
             f.thread = thread_index(t, block_dim);
             f.state = Fiber::Ready;
         }
-        blockIdx = EmuDim3{b, 0, 0};
+        blockIdx = EmuDim3{b, emu_grid_row, 0};
         while (g_block.done < block) {
             bool ran = false;
             for (unsigned t = 0; t < block; ++t) {
