@@ -152,14 +152,10 @@ __device__ __forceinline__ void chunk_carry(const GateloopChunkParams& p) {
     // gateloop_chunk_carry_segments_* on the stream. One call of
     // carry_chunks either way: two inlined copies took the complex carry
     // from 95 to 174 registers (sm_90), one block an SM instead of two.
-    const bool segmented = !kPacked && p.carry_segments > 1;
-    const int64_t g = segmented ? static_cast<int64_t>(blockIdx.y) : 0;
-    const CarrySegment sg = segmented ? carry_segment(row.chunks, p.carry_segments, g) : CarrySegment{0, row.chunks};
-    const float2 s_in = segmented ? carry_into_segment<kComplex>(p, g, s0) : s0;
-    const float2 s = carry_chunks<false, kComplex>(cs, kv, row.chunks, s_in, sg.lo, sg.hi);
-    if (!segmented || g == p.carry_segments - 1) store_gate_side<kComplex>(p.h_final, hf, s);
+    const CarryWalk w = carry_walk<kComplex, kPacked>(p, row.chunks, s0);
+    const float2 s = carry_chunks<false, kComplex>(cs, kv, row.chunks, w.s_in, w.visits.lo, w.visits.hi);
+    if (w.last) store_gate_side<kComplex>(p.h_final, hf, s);
 }
-
 
 // ---- 1 + 2 in one pass: the state and the carry, walking the chunks -------------
 

@@ -316,10 +316,6 @@ __device__ __forceinline__ float* carry_segment_entry(const GateloopChunkParams&
     const int64_t elements = p.dims.batch * p.dims.heads * p.dims.key_dim * p.dims.value_dim;
     return p.ws_carry_segments + 2 * ((part * p.carry_segments + g) * elements + idx);
 }
-// The state element's thread index in the carry's grid (state_element's).
-__device__ __forceinline__ int64_t carry_thread() {
-    return static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-}
 // Segment blockIdx.y's local sum and decay product of the element the thread
 // carries (visits in carry_chunks' order: reversed, decays conjugated, when
 // kBackward).
@@ -344,7 +340,7 @@ __device__ __forceinline__ void carry_segment_sums(const GateloopChunkParams& p,
             prod.x = dec[0] * prod.x;
         }
     }
-    const int64_t idx = carry_thread();
+    const int64_t idx = state_thread();
     float* sum = carry_segment_entry(p, 0, g, idx);
     float* dp = carry_segment_entry(p, 1, g, idx);
     sum[0] = s.x;
@@ -356,7 +352,7 @@ __device__ __forceinline__ void carry_segment_sums(const GateloopChunkParams& p,
 // segments 0 .. g − 1 by their sums and products.
 template <bool kComplex>
 __device__ __forceinline__ float2 carry_into_segment(const GateloopChunkParams& p, int64_t g, float2 s0) {
-    const int64_t idx = carry_thread();
+    const int64_t idx = state_thread();
     float2 s = s0;
     // No stores: the unrolled segments' loads go ahead of the chain (they
     // are L2 hits: S·B·H·K·V·16 bytes, 8 MB at B1 H4 K = V = 64, S = 32).
@@ -371,6 +367,23 @@ __device__ __forceinline__ float2 carry_into_segment(const GateloopChunkParams& 
         }
     }
     return s;
+}
+
+// What one carry thread walks (the forward's chunk_carry, the adjoint
+// grad_adjoint_carry): every visit from s0, or, segmented (batched,
+// p.carry_segments > 1), segment blockIdx.y's from the state carried into
+// it; `last`: whether its walk ends the carry (its state is h_final, dh0).
+struct CarryWalk {
+    CarrySegment visits;
+    float2 s_in;
+    bool last;
+};
+template <bool kComplex, bool kPacked>
+__device__ __forceinline__ CarryWalk carry_walk(const GateloopChunkParams& p, int64_t nc, float2 s0) {
+    const bool segmented = !kPacked && p.carry_segments > 1;
+    if (!segmented) return {{0, nc}, s0, true};
+    const int64_t g = blockIdx.y;
+    return {carry_segment(nc, p.carry_segments, g), carry_into_segment<kComplex>(p, g, s0), g == p.carry_segments - 1};
 }
 
 // ---- per-block context and the chunk-local gate prefix ------------------------

@@ -306,16 +306,12 @@ __device__ __forceinline__ void grad_adjoint_carry(const GateloopChunkGradParams
     // Segmented (batched only; chunk_common.cuh, "the carry in segments"):
     // segment blockIdx.y of the reversed visits, after
     // gateloop_chunk_grad_adjoint_carry_segments_* on the stream.
-    const bool segmented = !kPacked && p.carry_segments > 1;
-    const int64_t seg = segmented ? static_cast<int64_t>(blockIdx.y) : 0;
-    const CarrySegment sg = segmented ? carry_segment(row.chunks, p.carry_segments, seg) : CarrySegment{0, row.chunks};
-    const float2 d_in = segmented ? carry_into_segment<kComplex>(p, seg, d_last) : d_last;
-    const float2 s = carry_chunks<true, kComplex>(cs, kv, row.chunks, d_in, sg.lo, sg.hi);
-    if ((g.grad_flags & GATELOOP_GRAD_FLAG_HAS_DH0) != 0 && (!segmented || seg == p.carry_segments - 1)) {
+    const CarryWalk w = carry_walk<kComplex, kPacked>(p, row.chunks, d_last);
+    const float2 s = carry_chunks<true, kComplex>(cs, kv, row.chunks, w.s_in, w.visits.lo, w.visits.hi);
+    if ((g.grad_flags & GATELOOP_GRAD_FLAG_HAS_DH0) != 0 && w.last) {
         store_gate_side<kComplex>(g.dh0, state_index(g.dh0_strides, e.bhi.b, e.bhi.h, e.row, e.col), s);
     }
 }
-
 
 // ---- 2c. dh0 ---------------------------------------------------------------------------
 

@@ -303,9 +303,14 @@ struct StateElement {
     int64_t bh, row, col;
     BatchHead bhi;
 };
+// The state element of the thread, B·H·K·V in order, by grid.x (grid.y,
+// where a launch has one, splits the element's work: the carry's segments).
+__device__ __forceinline__ int64_t state_thread() {
+    return static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+}
 __device__ __forceinline__ bool state_element(const GateloopDims& d, StateElement& e) {
     const int64_t kv = d.key_dim * d.value_dim;
-    const int64_t idx = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+    const int64_t idx = state_thread();
     if (idx >= d.batch * d.heads * kv) return false;
     e.bh = idx / kv;
     e.row = (idx - e.bh * kv) / d.value_dim;

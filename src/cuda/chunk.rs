@@ -451,6 +451,18 @@ pub struct LaunchPlan {
     pub sequential_shared_bytes: u32,
 }
 
+impl LaunchPlan {
+    /// Points `params` at the carry's segments in the workspace at device
+    /// address `workspace`, where this plan runs the carry in segments (the
+    /// forward's launch and the backward's).
+    pub(super) fn bind_segments(&self, params: &mut GateloopChunkParams, workspace: usize) {
+        if self.carry_segments > 1 {
+            params.carry_segments = i64::from(self.carry_segments);
+            params.ws_carry_segments = (workspace + 4 * self.segments_offset) as *mut f32;
+        }
+    }
+}
+
 /// Chooses the launch geometry for `dims`, element type `dtype` and `gates`
 /// (K ≤ [`MAX_KEY_DIM`]; every grid ≤ 2^31 − 1), with the automatic carry.
 pub fn plan(dims: &Dims, dtype: Dtype, gates: Gates) -> Result<LaunchPlan, InputError> {
@@ -745,11 +757,8 @@ fn launch<T: Element>(
     let w = bound.workspace.expect("checked: the workspace is never empty") as usize;
     params.ws_decay = w as *mut f32;
     params.ws_state = (w + 4 * lp.decay_len) as *mut f32;
+    lp.bind_segments(&mut params, w);
     let segments = lp.carry_segments;
-    if segments > 1 {
-        params.carry_segments = i64::from(segments);
-        params.ws_carry_segments = (w + 4 * lp.segments_offset) as *mut f32;
-    }
 
     let block = (THREADS, 1, 1);
     let carry_block = (CARRY_THREADS, 1, 1);

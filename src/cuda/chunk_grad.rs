@@ -498,11 +498,8 @@ fn launch_backward<'a, T: Element>(
     params.fwd.ws_state = at(lp.decay_len);
     params.fwd.h_final = at(gp.sink_offset);
     params.ws_adj = at(gp.adj_offset);
+    lp.bind_segments(&mut params.fwd, ws as usize);
     let segments = lp.carry_segments;
-    if segments > 1 {
-        params.fwd.carry_segments = i64::from(segments);
-        params.fwd.ws_carry_segments = at(lp.segments_offset);
-    }
 
     let fwd_index = chunk::table_index(T::DTYPE, gates, precision);
     let dtype = kernel_index(T::DTYPE, gates);
