@@ -35,6 +35,10 @@
 //      After the last slab P (64 × 64, causal) · V (64 × 64) on tensor cores.
 //      The pass is intra_pass in chunk_common.cuh: the backward's dv kernel
 //      runs it too (kAdjoint: K̃ D(c) + Pᵀ dY), so both form P identically.
+//      Where V > 64, gateloop_chunk_output_wide_*: one block per (b, h,
+//      chunk, 128 value columns), the scores (every slab's q, k rows,
+//      anchored rows, diagonal pairs) formed once for both 64-column halves
+//      instead of once per half's block; bit for bit the narrow launch.
 // Or 1 and 2 as one launch, gateloop_chunk_state_seq_* (chunk_state_seq
 // below): one block per (b, h, value tile, key slab) walks the chunks, the
 // state of its slab on chip; same workspace, same bits, no U_c round trip.
@@ -186,14 +190,19 @@ __device__ __forceinline__ void chunk_state_seq(const GateloopChunkParams& p) {
 
 // ---- 3. outputs -------------------------------------------------------------------
 
-template <typename input_t, class Op, bool kComplex, int kTerms>
+// kCols: value columns a block (kVTile, p.value_tiles of them; or
+// kWideCols, the wide launch, ⌈V / kWideCols⌉ blocks a chunk, which forms
+// each chunk's scores once for 128 columns: intra_pass).
+template <typename input_t, class Op, bool kComplex, int kTerms, int kCols = kVTile>
 __device__ __forceinline__ void chunk_output(const GateloopChunkParams& p) {
     extern __shared__ __align__(128) unsigned char smem[];
-    check_shared(p.shared_bytes, output_smem_bytes<Op, kComplex>());
-    Block<input_t, kComplex, kPrefixLd> blk(p, smem);
+    check_shared(p.shared_bytes, output_smem_bytes<Op, kComplex, kCols>());
+    const int64_t tiles = kCols == kVTile ? p.value_tiles : (p.dims.value_dim + kCols - 1) / kCols;
+    Block<input_t, kComplex, kPrefixLd> blk(p, smem, tiles);
+    blk.v0 = blk.vt * kCols;
     if (!blk.has_chunk()) return;  // an empty packed slot: the whole block, before any barrier
-    intra_pass<Op, kTerms, false>(blk, smem, p.ws_state, blk.v, p.v_strides,
-                                  seq_row_mut<input_t>(p.y, p.y_strides, blk.b, blk.h), p.y_strides);
+    intra_pass<Op, kTerms, false, kCols>(blk, smem, p.ws_state, blk.v, p.v_strides,
+                                         seq_row_mut<input_t>(p.y, p.y_strides, blk.b, blk.h), p.y_strides);
 }
 
 }  // namespace chunk
@@ -220,12 +229,18 @@ __device__ __forceinline__ void chunk_output(const GateloopChunkParams& p) {
 //           real 52 KB: 4, f16 fast 3 (3, f16 fast 4)
 //   output  complex 82 KB: 2 (2)   real 68 KB: 3 (2)
 // (A count above what the arch's shared memory holds only caps registers:
-// where a cap of 4 compiles spill-free and 3 does not, 4 it is.) For the
+// where a cap of 4 compiles spill-free and 3 does not, 4 it is.)
+// WIDE_MIN: the wide output launch's, the same as OUTPUT_MIN: its four
+// accumulators a warp fit the same caps spill-free (sm_90 real 16-bit 72 →
+// 80 registers at 3 an SM; complex 120-128 at 2; f32 real fast 96 → 128 at
+// 2, the rest 168 at 1), in the same shared memory for real gates (its V
+// passes in halves through the narrow final phase's bytes) and 8 KB more
+// for complex (98816 B: still 2 an SM on sm_90). For the
 // walk the count is its grid's waves: at B8 L4096 H16 K = V = 64 its 512
 // blocks are two waves at 2 per SM of an H200's 132, one at 4 (real gates).
 // f32 kernels: 2 where two blocks fit and ptxas stays within 128 registers
 // spill-free on sm_80 and sm_90, else 1 (not re-examined for more).
-#define GATELOOP_CHUNK_ENTRIES(DTYPE, TYPE, OP, GATE, CPLX, PREC, TERMS, STATE_MIN, SEQ_MIN, OUTPUT_MIN)  \
+#define GATELOOP_CHUNK_ENTRIES(DTYPE, TYPE, OP, GATE, CPLX, PREC, TERMS, STATE_MIN, SEQ_MIN, OUTPUT_MIN, WIDE_MIN) \
     extern "C" __global__ void __launch_bounds__(gateloop::chunk::kThreads, STATE_MIN)                     \
         gateloop_chunk_state_##DTYPE##_##GATE##_##PREC(const GateloopChunkParams p) {                     \
         gateloop::chunk::chunk_state<TYPE, gateloop::chunk::OP, CPLX, TERMS>(p);                          \
@@ -237,26 +252,31 @@ __device__ __forceinline__ void chunk_output(const GateloopChunkParams& p) {
     extern "C" __global__ void __launch_bounds__(gateloop::chunk::kThreads, OUTPUT_MIN)                    \
         gateloop_chunk_output_##DTYPE##_##GATE##_##PREC(const GateloopChunkParams p) {                    \
         gateloop::chunk::chunk_output<TYPE, gateloop::chunk::OP, CPLX, TERMS>(p);                         \
+    }                                                                                                     \
+    extern "C" __global__ void __launch_bounds__(gateloop::chunk::kThreads, WIDE_MIN)                      \
+        gateloop_chunk_output_wide_##DTYPE##_##GATE##_##PREC(const GateloopChunkParams p) {               \
+        gateloop::chunk::chunk_output<TYPE, gateloop::chunk::OP, CPLX, TERMS, gateloop::chunk::kWideCols>(p); \
     }
 
 // Exact entries take OpOf<TYPE>::type (bf16 splits for f16 inputs: see OpOf);
 // fast entries the input's own operand type.
-GATELOOP_CHUNK_ENTRIES(f32, float, OpTf32, c, true, exact, 3, 2, 1, 1)
-GATELOOP_CHUNK_ENTRIES(f32, float, OpTf32, c, true, fast, 1, 2, 1, 1)
-GATELOOP_CHUNK_ENTRIES(f32, float, OpTf32, r, false, exact, 3, 2, 1, 1)
-GATELOOP_CHUNK_ENTRIES(f32, float, OpTf32, r, false, fast, 1, 2, 1, 2)
-GATELOOP_CHUNK_ENTRIES(f16, __half, OpBf16, c, true, exact, 3, GATELOOP_BY_ARCH(2, 3), 1, 2)
-GATELOOP_CHUNK_ENTRIES(f16, __half, OpF16, c, true, fast, 1, GATELOOP_BY_ARCH(2, 3), GATELOOP_BY_ARCH(1, 3), 2)
-GATELOOP_CHUNK_ENTRIES(f16, __half, OpBf16, r, false, exact, 3, GATELOOP_BY_ARCH(2, 4), GATELOOP_BY_ARCH(3, 4),
-                       GATELOOP_BY_ARCH(2, 3))
-GATELOOP_CHUNK_ENTRIES(f16, __half, OpF16, r, false, fast, 1, GATELOOP_BY_ARCH(3, 4), GATELOOP_BY_ARCH(4, 3),
-                       GATELOOP_BY_ARCH(2, 3))
-GATELOOP_CHUNK_ENTRIES(bf16, __nv_bfloat16, OpBf16, c, true, exact, 3, GATELOOP_BY_ARCH(2, 3), 1, 2)
-GATELOOP_CHUNK_ENTRIES(bf16, __nv_bfloat16, OpBf16, c, true, fast, 1, GATELOOP_BY_ARCH(2, 3), GATELOOP_BY_ARCH(1, 3), 2)
-GATELOOP_CHUNK_ENTRIES(bf16, __nv_bfloat16, OpBf16, r, false, exact, 3, GATELOOP_BY_ARCH(2, 4),
-                       GATELOOP_BY_ARCH(3, 4), GATELOOP_BY_ARCH(2, 3))
-GATELOOP_CHUNK_ENTRIES(bf16, __nv_bfloat16, OpBf16, r, false, fast, 1, GATELOOP_BY_ARCH(3, 4),
-                       GATELOOP_BY_ARCH(3, 4), GATELOOP_BY_ARCH(2, 3))
+GATELOOP_CHUNK_ENTRIES(f32, float, OpTf32, c, true, exact, 3, 2, 1, 1, 1)
+GATELOOP_CHUNK_ENTRIES(f32, float, OpTf32, c, true, fast, 1, 2, 1, 1, 1)
+GATELOOP_CHUNK_ENTRIES(f32, float, OpTf32, r, false, exact, 3, 2, 1, 1, 1)
+GATELOOP_CHUNK_ENTRIES(f32, float, OpTf32, r, false, fast, 1, 2, 1, 2, 2)
+GATELOOP_CHUNK_ENTRIES(f16, __half, OpBf16, c, true, exact, 3, GATELOOP_BY_ARCH(2, 3), 1, 2, 2)
+GATELOOP_CHUNK_ENTRIES(f16, __half, OpF16, c, true, fast, 1, GATELOOP_BY_ARCH(2, 3), GATELOOP_BY_ARCH(1, 3), 2, 2)
+GATELOOP_CHUNK_ENTRIES(f16, __half, OpBf16, r, false, exact, 3,
+                       GATELOOP_BY_ARCH(2, 4), GATELOOP_BY_ARCH(3, 4), GATELOOP_BY_ARCH(2, 3), GATELOOP_BY_ARCH(2, 3))
+GATELOOP_CHUNK_ENTRIES(f16, __half, OpF16, r, false, fast, 1,
+                       GATELOOP_BY_ARCH(3, 4), GATELOOP_BY_ARCH(4, 3), GATELOOP_BY_ARCH(2, 3), GATELOOP_BY_ARCH(2, 3))
+GATELOOP_CHUNK_ENTRIES(bf16, __nv_bfloat16, OpBf16, c, true, exact, 3, GATELOOP_BY_ARCH(2, 3), 1, 2, 2)
+GATELOOP_CHUNK_ENTRIES(bf16, __nv_bfloat16, OpBf16, c, true, fast, 1,
+                       GATELOOP_BY_ARCH(2, 3), GATELOOP_BY_ARCH(1, 3), 2, 2)
+GATELOOP_CHUNK_ENTRIES(bf16, __nv_bfloat16, OpBf16, r, false, exact, 3,
+                       GATELOOP_BY_ARCH(2, 4), GATELOOP_BY_ARCH(3, 4), GATELOOP_BY_ARCH(2, 3), GATELOOP_BY_ARCH(2, 3))
+GATELOOP_CHUNK_ENTRIES(bf16, __nv_bfloat16, OpBf16, r, false, fast, 1,
+                       GATELOOP_BY_ARCH(3, 4), GATELOOP_BY_ARCH(3, 4), GATELOOP_BY_ARCH(2, 3), GATELOOP_BY_ARCH(2, 3))
 
 // gateloop_chunk_output_frag_{f16,bf16}_{c,r}_{exact,fast}: the output launch
 // on register fragments (cuda/chunk_frag.cuh), 16-bit inputs only (m16n8k16

@@ -20,6 +20,7 @@ constexpr int kChunk = GATELOOP_CHUNK_LEN;          // 64 steps
 constexpr int kSub = GATELOOP_CHUNK_SUB_LEN;        // 16 steps
 constexpr int kSlab = GATELOOP_CHUNK_KEY_SLAB;      // 16 key channels per slab
 constexpr int kVTile = GATELOOP_CHUNK_VALUE_TILE;   // 64 value columns per block
+constexpr int kWideCols = GATELOOP_CHUNK_WIDE_TILE;  // 128: the wide output blocks'
 constexpr int kThreads = GATELOOP_CHUNK_THREADS;    // 256
 constexpr int kWarps = kThreads / 32;
 constexpr int kSubs = kChunk / kSub;                // 4 sub-chunks
@@ -27,7 +28,7 @@ constexpr int kPairs = kSubs * (kSubs - 1) / 2;     // 6 off-diagonal blocks
 constexpr int kPrefixSeg = GATELOOP_CHUNK_PREFIX_SEG;  // 8 steps per prefix segment
 constexpr int kPrefixSegs = kChunk / kPrefixSeg;
 static_assert(kPrefixSegs * kSlab <= kThreads, "one thread per (prefix segment, channel)");
-static_assert(kChunk == 64 && kSub == 16 && kSlab == 16 && kVTile == 64 && kThreads == 256,
+static_assert(kChunk == 64 && kSub == 16 && kSlab == 16 && kVTile == 64 && kWideCols == 2 * kVTile && kThreads == 256,
               "the warp ↔ tile maps below assume these sizes");
 static_assert(kPairs <= kWarps, "one warp per off-diagonal score block");
 
@@ -836,9 +837,11 @@ template <class Op, bool kComplex>
 __host__ __device__ constexpr int ld_slab() {
     return slab_width<kComplex>() + Op::kPad;
 }
-template <class Op>
+// Leading dimension of a tile of kCols value columns (kVTile, or the wide
+// output launch's kWideCols for the state slab it stages).
+template <class Op, int kCols = kVTile>
 __host__ __device__ constexpr int ld_tile() {
-    return kVTile + Op::kPad;
+    return kCols + Op::kPad;
 }
 __host__ __device__ constexpr int cmax(int a, int b) {
     return a > b ? a : b;
@@ -857,23 +860,28 @@ __host__ __device__ constexpr int state_smem_bytes() {
     return prefix_bytes<kComplex>() + kChunk * kSlab * 4 + split_bytes<Op>(kChunk, ld_tile<Op>()) +
            split_bytes<Op>(kChunk, ld_slab<Op, kComplex>()) + kStagingBytes;
 }
-template <class Op, bool kComplex>
+template <class Op, bool kComplex, int kCols = kVTile>
 __host__ __device__ constexpr int output_slab_bytes() {
-    return split_bytes<Op>(kChunk, ld_slab<Op, kComplex>()) +            // Q̃
-           split_bytes<Op>(slab_width<kComplex>(), ld_tile<Op>()) +      // S slab
+    return split_bytes<Op>(kChunk, ld_slab<Op, kComplex>()) +              // Q̃
+           split_bytes<Op>(slab_width<kComplex>(), ld_tile<Op, kCols>()) + // S slab
            split_bytes<Op>(kPairs * kSub, ld_slab<Op, kComplex>()) +     // q̃ per pair
            split_bytes<Op>((kSubs - 1) * kSub, ld_slab<Op, kComplex>()); // k̃ per key sub-chunk
 }
+// The final phase's P and one kVTile of V (a wide block stages its V in
+// kVTile halves, one after the other, in the same bytes).
 template <class Op>
 __host__ __device__ constexpr int output_final_bytes() {
     return split_bytes<Op>(kChunk, ld_tile<Op>()) + split_bytes<Op>(kChunk, ld_tile<Op>());  // P, V
 }
-template <class Op, bool kComplex>
+template <class Op, bool kComplex, int kCols = kVTile>
+__host__ __device__ constexpr int output_union_bytes() {
+    return cmax(output_slab_bytes<Op, kComplex, kCols>(), output_final_bytes<Op>());
+}
+// kCols: the block's value columns (kVTile, or kWideCols: intra_pass).
+template <class Op, bool kComplex, int kCols = kVTile>
 __host__ __device__ constexpr int output_smem_bytes() {
     return prefix_bytes<kComplex, kPrefixLd>() + 2 * kChunk * kPrefixLd * 4 +
-           (output_slab_bytes<Op, kComplex>() > output_final_bytes<Op>() ? output_slab_bytes<Op, kComplex>()
-                                                                         : output_final_bytes<Op>()) +
-           kSubs * kSub * kSub * 4 + kStagingBytes;
+           output_union_bytes<Op, kComplex, kCols>() + kSubs * kSub * kSub * 4 + kStagingBytes;
 }
 
 // Carves split operands off a bump pointer.
@@ -1245,26 +1253,35 @@ __device__ __forceinline__ void put_anchored_rows(const Block<input_t, kComplex,
     });
 }
 
-// One block (b, h, chunk, value tile) of the pass that forms the chunk's
-// causal scores P (summed over every key slab) and, kAdjoint = false, the
-// forward's output (launch 3 of cuda/chunk.cu)
+// One block (b, h, chunk, value tile of kCols columns) of the pass that
+// forms the chunk's causal scores P (summed over every key slab) and,
+// kAdjoint = false, the forward's output (launch 3 of cuda/chunk.cu)
 //   y  = Re(Q̃ S_c) + P V,        Q̃_n = q_n E(n, −1),  S_c from `state` = ws_state;
 // kAdjoint = true, the backward's value gradient (launch 3b of cuda/chunk_grad.cu)
 //   dv = Re(K̃ D(c)) + Pᵀ dY,     K̃_m = k_m E(last, m), D(c) from `state` = ws_adj.
 // `tile` (v or dy) is the value-side operand of the last product, `out` (y or
 // dv) the result, each a (b, h) sequence row with its strides. Per key slab:
-// X (64 × 2·16: [Re Q̃ | −Im Q̃] or [Re K̃ | Im K̃]) · state slab (2·16 × 64)
+// X (64 × 2·16: [Re Q̃ | −Im Q̃] or [Re K̃ | Im K̃]) · state slab (2·16 × kCols)
 // into the out accumulators; the six off-diagonal 16 × 16 score blocks
 // (query sub-chunk i > key sub-chunk j, anchor r = last step of j) as
 // q̃ (16 × 2·16) · k̃ᵀ (2·16 × 16) into score accumulators; the four diagonal
 // blocks pairwise in f32 (each factor one exp of a direct difference). After
-// the last slab P (64 × 64, causal) · V, or Pᵀ · dY, on tensor cores. Warps:
-// warp w owns out tiles (row block w / 2, column blocks 2·(w % 2) + {0, 1})
-// and, w < 6, score block w. Shared memory: output_smem_bytes<Op, kComplex>.
-template <class Op, int kTerms, bool kAdjoint, typename input_t, bool kComplex, int kLd>
+// the last slab P (64 × 64, causal) · V, or Pᵀ · dY, on tensor cores, V in
+// halves of kVTile columns through the same bytes. Warps: warp w owns, in
+// each half h of kVTile columns, out tiles (row block w / 2, column blocks
+// 4h + 2·(w % 2) + {0, 1}) (accumulators 2h, 2h + 1) and, w < 6, score
+// block w. kCols = kWideCols: the scores (every slab's q, k rows, anchored
+// rows, diagonal pairs: most of the pass's work) are formed once for 128
+// columns, where two kVTile blocks each formed them. Every element's
+// operations and their order are the same for either kCols: bit for bit.
+// Shared memory: output_smem_bytes<Op, kComplex, kCols>.
+template <class Op, int kTerms, bool kAdjoint, int kCols = kVTile, typename input_t, bool kComplex, int kLd>
 __device__ __forceinline__ void intra_pass(Block<input_t, kComplex, kLd>& blk, unsigned char* smem, const float* state,
                                            const input_t* __restrict__ tile, const GateloopSeqStrides& tile_strides,
                                            input_t* __restrict__ out, const GateloopSeqStrides& out_strides) {
+    static_assert(kCols == kVTile || kCols == kWideCols, "one or two halves");
+    constexpr int kHalves = kCols / kVTile;
+    constexpr int kOut = 2 * kHalves;  // accumulators a warp
     using Tr = InputTraits<input_t>;
     unsigned char* at = smem + prefix_bytes<kComplex, kLd>();
     float* qraw = reinterpret_cast<float*>(at);
@@ -1273,7 +1290,7 @@ __device__ __forceinline__ void intra_pass(Block<input_t, kComplex, kLd>& blk, u
     unsigned char* union_at = at;
     // Slab phase.
     const Split<Op> qe = carve<Op>(at, kChunk, ld_slab<Op, kComplex>());
-    const Split<Op> st = carve<Op>(at, slab_width<kComplex>(), ld_tile<Op>());
+    const Split<Op> st = carve<Op>(at, slab_width<kComplex>(), ld_tile<Op, kCols>());
     const Split<Op> qa = carve<Op>(at, kPairs * kSub, ld_slab<Op, kComplex>());
     // k̃ [m][col] row-major, read as the column-major B = k̃ᵀ.
     const Split<Op> ka = carve<Op>(at, (kSubs - 1) * kSub, ld_slab<Op, kComplex>());
@@ -1281,8 +1298,7 @@ __device__ __forceinline__ void intra_pass(Block<input_t, kComplex, kLd>& blk, u
     unsigned char* fin = union_at;
     const Split<Op> ps = carve<Op>(fin, kChunk, ld_tile<Op>());
     const Split<Op> vs = carve<Op>(fin, kChunk, ld_tile<Op>());
-    at = union_at + (output_slab_bytes<Op, kComplex>() > output_final_bytes<Op>() ? output_slab_bytes<Op, kComplex>()
-                                                                                 : output_final_bytes<Op>());
+    at = union_at + output_union_bytes<Op, kComplex, kCols>();
     float* pdiag = reinterpret_cast<float*>(at);  // [kSubs][16][16]
     at += kSubs * kSub * kSub * 4;
     float* staging = reinterpret_cast<float*>(at) + blk.warp * 256;
@@ -1293,15 +1309,18 @@ __device__ __forceinline__ void intra_pass(Block<input_t, kComplex, kLd>& blk, u
     const int tid = blk.tid;
     const int lane = tid & 31;
     constexpr int kWidth = slab_width<kComplex>();
-    // Warp → y tiles (row block yr, column blocks yc, yc + 1) and score block.
+    // Warp → out tiles (row block yr; in half h, column blocks 4h + yc + {0, 1})
+    // and score block.
     const int yr = blk.warp >> 1;
     const int yc = (blk.warp & 1) * 2;
     const int pair = blk.warp;  // < kPairs: owns that score block
     const int sj = pair < kPairs ? pair_key(pair) : 0;
+    // Accumulator a's column block: half a / 2, column block yc + a % 2.
+    const auto ycol = [&](int a) { return (kVTile / 16) * (a >> 1) + yc + (a & 1); };
 
-    Acc<Op> yacc[2];
-    wmma::fill_fragment(yacc[0], 0.f);
-    wmma::fill_fragment(yacc[1], 0.f);
+    Acc<Op> yacc[kOut];
+#pragma unroll
+    for (int a = 0; a < kOut; ++a) wmma::fill_fragment(yacc[a], 0.f);
     Acc<Op> sacc;
     wmma::fill_fragment(sacc, 0.f);
     for (int i = tid; i < kSubs * kSub * kSub; i += kThreads) pdiag[i] = 0.f;
@@ -1312,7 +1331,7 @@ __device__ __forceinline__ void intra_pass(Block<input_t, kComplex, kLd>& blk, u
         blk.load_keys(blk.k, p.k_strides, d0, kraw);
         // The state entering the chunk (S_c; D(c) when kAdjoint), rows [Re | Im]
         // of the slab's channels.
-        stage_state_rows<kComplex ? 2 : 1, kVTile>(
+        stage_state_rows<kComplex ? 2 : 1, kCols>(
             blk, d0, blk.v0, [&](int64_t at_, bool live) { return live ? state[at_] : 0.f; },
             [&](int r, int c, float x) { st.template put<kTerms>(r, c, x); });
         __syncthreads();
@@ -1325,13 +1344,13 @@ __device__ __forceinline__ void intra_pass(Block<input_t, kComplex, kLd>& blk, u
         put_anchored_rows<Op, kTerms>(blk, qraw, kraw, qa, ka);
         add_diagonal_pairs(blk, qraw, kraw, d0, pdiag);
         __syncthreads();
-        // out += X S (inner: this slab's kWidth), rows 16·yr, cols 16·yc, 16·(yc + 1).
+        // out += X S (inner: this slab's kWidth), rows 16·yr, the warp's column blocks.
         for (int kk = 0; kk < kWidth; kk += Op::kK) {
 #pragma unroll
-            for (int t = 0; t < 2; ++t) {
+            for (int a = 0; a < kOut; ++a) {
                 mma_step<Op, kTerms, wmma::row_major, wmma::row_major>(
-                    yacc[t], qe.hi_at(16 * yr, kk), qe.lo_at(16 * yr, kk), qe.ld, st.hi_at(kk, 16 * (yc + t)),
-                    st.lo_at(kk, 16 * (yc + t)), st.ld);
+                    yacc[a], qe.hi_at(16 * yr, kk), qe.lo_at(16 * yr, kk), qe.ld, st.hi_at(kk, 16 * ycol(a)),
+                    st.lo_at(kk, 16 * ycol(a)), st.ld);
             }
         }
         // score block (si, sj) += q̃ (pair rows) · k̃ᵀ (key sub-chunk sj).
@@ -1365,39 +1384,45 @@ __device__ __forceinline__ void intra_pass(Block<input_t, kComplex, kLd>& blk, u
         }
         ps.template put<kTerms>(nn, m, x);
     });
-    blk.template load_tile<Op, kTerms>(tile, tile_strides, vs);
-    __syncthreads();
-    if constexpr (kAdjoint) {
-        // dv += Pᵀ dY: A(m, n) = P[n][m] read column-major, the inner loop
-        // over n from the diagonal block on (P is causal: n ≥ m).
-        for (int kk = kSub * yr; kk < kChunk; kk += Op::kK) {
 #pragma unroll
-            for (int t = 0; t < 2; ++t) {
-                mma_step<Op, kTerms, wmma::col_major, wmma::row_major>(
-                    yacc[t], ps.hi_at(kk, 16 * yr), ps.lo_at(kk, 16 * yr), ps.ld, vs.hi_at(kk, 16 * (yc + t)),
-                    vs.lo_at(kk, 16 * (yc + t)), vs.ld);
+    for (int h = 0; h < kHalves; ++h) {
+        // Half h of the tile into vs; half h − 1's products, its readers, done.
+        if (h > 0) __syncthreads();
+        blk.template load_tile<Op, kTerms>(tile, tile_strides, blk.v0 + h * kVTile, vs);
+        __syncthreads();
+        if constexpr (kAdjoint) {
+            // dv += Pᵀ dY: A(m, n) = P[n][m] read column-major, the inner loop
+            // over n from the diagonal block on (P is causal: n ≥ m).
+            for (int kk = kSub * yr; kk < kChunk; kk += Op::kK) {
+#pragma unroll
+                for (int t = 0; t < 2; ++t) {
+                    mma_step<Op, kTerms, wmma::col_major, wmma::row_major>(
+                        yacc[2 * h + t], ps.hi_at(kk, 16 * yr), ps.lo_at(kk, 16 * yr), ps.ld,
+                        vs.hi_at(kk, 16 * (yc + t)), vs.lo_at(kk, 16 * (yc + t)), vs.ld);
+                }
             }
-        }
-    } else {
-        // y += P V, the inner loop stopping at the diagonal block.
-        for (int kk = 0; kk < kSub * (yr + 1); kk += Op::kK) {
-    #pragma unroll
-            for (int t = 0; t < 2; ++t) {
-                mma_step<Op, kTerms, wmma::row_major, wmma::row_major>(yacc[t], ps.hi_at(16 * yr, kk), ps.lo_at(16 * yr, kk),
-                                                                       ps.ld, vs.hi_at(kk, 16 * (yc + t)),
-                                                                       vs.lo_at(kk, 16 * (yc + t)), vs.ld);
+        } else {
+            // y += P V, the inner loop stopping at the diagonal block.
+            for (int kk = 0; kk < kSub * (yr + 1); kk += Op::kK) {
+#pragma unroll
+                for (int t = 0; t < 2; ++t) {
+                    mma_step<Op, kTerms, wmma::row_major, wmma::row_major>(
+                        yacc[2 * h + t], ps.hi_at(16 * yr, kk), ps.lo_at(16 * yr, kk), ps.ld,
+                        vs.hi_at(kk, 16 * (yc + t)), vs.lo_at(kk, 16 * (yc + t)), vs.ld);
+                }
             }
         }
     }
     // No barrier before draining into the staging tiles: their cross-warp
-    // reads (the score blocks, into ps) ended at the barrier after
-    // load_tile, and the products read ps and vs, which do not overlap them.
+    // reads (the score blocks, into ps) ended at the barrier after the
+    // first load_tile, and the products read ps and vs, which do not
+    // overlap them.
 #pragma unroll
-    for (int t = 0; t < 2; ++t) {
-        const int64_t col = blk.v0 + 16 * (yc + t) + drain_col(lane);
+    for (int a = 0; a < kOut; ++a) {
+        const int64_t col = blk.v0 + 16 * ycol(a) + drain_col(lane);
         const int64_t first = opaque((blk.t0 + 16 * yr + drain_row0(lane)) * out_strides.time + col);
         const int64_t step = opaque(kDrainRowStep * out_strides.time);
-        drain<Op>(yacc[t], staging, lane, [&](int k, int r, int, float x) {
+        drain<Op>(yacc[a], staging, lane, [&](int k, int r, int, float x) {
             if (16 * yr + r < blk.n && col < value_dim) Tr::store(out, first + k * step, x);
         });
     }

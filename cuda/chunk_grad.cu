@@ -876,17 +876,22 @@ __device__ __forceinline__ void grad_qk(const GateloopChunkGradParams& g) {
 // intra_pass): the scores P recomputed exactly as the forward forms them
 // (anchored off-diagonal blocks as tensor-core products, diagonal blocks
 // pairwise), dv = [Re K̃ | Im K̃] [Re D; Im D] per slab and Pᵀ dY after the
-// last, on tensor cores. The output kernel's shared layout.
-template <typename input_t, bool kComplex>
+// last, on tensor cores. The output kernel's shared layout, and its kCols:
+// kWideCols for the wide launch (gateloop_chunk_grad_dv_wide_*, V > 64),
+// each chunk's scores formed once for 128 columns of dv.
+template <typename input_t, bool kComplex, int kCols = kVTile>
 __device__ __forceinline__ void grad_dv(const GateloopChunkGradParams& g) {
     using Op = typename OpOf<input_t>::type;
     extern __shared__ __align__(128) unsigned char smem[];
-    check_shared(g.dv_shared_bytes, output_smem_bytes<Op, kComplex>());
-    Block<input_t, kComplex, kPrefixLd> blk(g.fwd, smem);
+    check_shared(g.dv_shared_bytes, output_smem_bytes<Op, kComplex, kCols>());
+    const GateloopChunkParams& p = g.fwd;
+    const int64_t tiles = kCols == kVTile ? p.value_tiles : (p.dims.value_dim + kCols - 1) / kCols;
+    Block<input_t, kComplex, kPrefixLd> blk(p, smem, tiles);
+    blk.v0 = blk.vt * kCols;
     if (!blk.has_chunk()) return;  // an empty packed slot: the whole block, before any barrier
-    intra_pass<Op, kGradTerms, true>(blk, smem, g.ws_adj, seq_row<input_t>(g.dy, g.dy_strides, blk.b, blk.h),
-                                     g.dy_strides, seq_row_mut<input_t>(g.dv, g.dv_strides, blk.b, blk.h),
-                                     g.dv_strides);
+    intra_pass<Op, kGradTerms, true, kCols>(blk, smem, g.ws_adj, seq_row<input_t>(g.dy, g.dy_strides, blk.b, blk.h),
+                                            g.dy_strides, seq_row_mut<input_t>(g.dv, g.dv_strides, blk.b, blk.h),
+                                            g.dv_strides);
 }
 
 }  // namespace chunk
@@ -942,6 +947,21 @@ GATELOOP_CHUNK_GRAD_ENTRIES(f16, __half, r, false, GATELOOP_BY_ARCH(2, 3), GATEL
                             GATELOOP_BY_ARCH(2, 3))
 GATELOOP_CHUNK_GRAD_ENTRIES(bf16, __nv_bfloat16, r, false, GATELOOP_BY_ARCH(2, 3), GATELOOP_BY_ARCH(3, 4), 2,
                             GATELOOP_BY_ARCH(2, 3))
+
+// gateloop_chunk_grad_dv_wide_{dtype}_r: grad_dv over 128 value columns a
+// block (V > 64), real gates only. MIN as grad_dv's (sm_90: 80 registers
+// at 3 an SM, 16-bit; f32 168 at 1), spill-free on sm_80 and sm_90, in
+// grad_dv's shared bytes. The complex wide dv spills 16 bytes at grad_dv's
+// 2 blocks an SM (sm_90, 128 registers), and at 1 it would halve the
+// resident warps: complex gates keep the narrow launch.
+#define GATELOOP_CHUNK_GRAD_DV_WIDE_ENTRY(DTYPE, TYPE, MIN)                                                 \
+    extern "C" __global__ void __launch_bounds__(gateloop::chunk::kThreads, MIN)                             \
+        gateloop_chunk_grad_dv_wide_##DTYPE##_r(const GateloopChunkGradParams g) {                          \
+        gateloop::chunk::grad_dv<TYPE, false, gateloop::chunk::kWideCols>(g);                               \
+    }
+GATELOOP_CHUNK_GRAD_DV_WIDE_ENTRY(f32, float, 1)
+GATELOOP_CHUNK_GRAD_DV_WIDE_ENTRY(f16, __half, GATELOOP_BY_ARCH(2, 3))
+GATELOOP_CHUNK_GRAD_DV_WIDE_ENTRY(bf16, __nv_bfloat16, GATELOOP_BY_ARCH(2, 3))
 
 // gateloop_chunk_grad_adjoint_carry_{c,r}, and
 // gateloop_chunk_grad_adjoint_carry_packed_{c,r} for packed sequences

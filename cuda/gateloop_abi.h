@@ -432,6 +432,10 @@ GATELOOP_ABI_ASSERT(sizeof(GateloopSelftestMmaParams) == 32, "GateloopSelftestMm
  * bank groups (cuda/chunk_common.cuh, kPrefixLd). */
 #define GATELOOP_CHUNK_PREFIX_LD 20
 #define GATELOOP_CHUNK_VALUE_TILE 64
+/* Value columns per block of the wide output launches
+ * (gateloop_chunk_output_wide_*): two VALUE_TILEs, whose blocks would
+ * each form the same chunk scores, in one block that forms them once. */
+#define GATELOOP_CHUNK_WIDE_TILE 128
 #define GATELOOP_CHUNK_THREADS 256
 #define GATELOOP_CHUNK_CARRY_THREADS 256
 #define GATELOOP_CHUNK_MAX_KEY_DIM 256

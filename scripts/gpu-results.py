@@ -495,15 +495,16 @@ def carry_rule(carry):
 STAGING_WIN = 0.97
 
 
-def variant_rule(bench, title, pairs, suggest_variant, suggest_keep, grid=None):
+def variant_rule(bench, title, pairs, suggest_variant, suggest_keep, grid=None, only=None):
     """Lines of a section comparing a variant kernel with the default one it
     stands beside, per dtype and shape, from one bench run: `pairs` is
     [(default kernel, variant kernel)]; a case is a win when the variant
     takes ≤ STAGING_WIN of the default's time; the suggestion follows from
     all, none or some of the cases. `grid(d)`: a column of the launch's
-    blocks, when it says something."""
+    blocks, when it says something. `only(d)`: the shapes (B, L, H, K, V)
+    where the two differ, when not all do."""
     L = [f"## {title}\n"]
-    table, ratios = variant_table(bench, pairs, grid)
+    table, ratios = variant_table(bench, pairs, grid, only)
     L += table
     if not ratios:
         return L
@@ -521,10 +522,10 @@ def variant_rule(bench, title, pairs, suggest_variant, suggest_keep, grid=None):
     return L
 
 
-def variant_table(bench, pairs, grid=None):
+def variant_table(bench, pairs, grid=None, only=None):
     """The table of variant_rule: (lines, the variant / default ratio of
     each row); lines saying "not measured" and no ratios when no dtype and
-    shape has both kernels of a pair."""
+    shape (of those `only` keeps) has both kernels of a pair."""
     L = []
     names = {k for pair in pairs for k in pair}
     by = {}
@@ -533,6 +534,8 @@ def variant_table(bench, pairs, grid=None):
             continue
         sh = r["shape"]
         d = (sh["batch"], sh["len"], sh["heads"], sh["key_dim"], sh["value_dim"])
+        if only is not None and not only(d):
+            continue
         by.setdefault((r["dtype"], d, sh.get("gate", "channel")), {})[r["kernel"]] = r["median_ms"]
     rows = [(k, base, var, t[base], t[var]) for k, t in by.items() for base, var in pairs if base in t and var in t]
     if not rows:
@@ -588,6 +591,18 @@ def output_rule(bench):
     return variant_rule(bench, "Output rule (register fragments against staged tiles)",
                         [("chunked", "chunked-frag"), ("chunked-real-fast", "chunked-real-frag-fast")],
                         "`ChunkOutput::Fragments` for f16 and bf16 inputs", "`ChunkOutput::Staged`")
+
+
+def wide_rule(bench):
+    """The output blocks' section: chunked-real-fast (the staged output
+    launch in blocks of 128 value columns where V > 64) against
+    chunked-real-fast-narrow (blocks of 64 at every V), at V > 64 only
+    (below, both run the same kernel), and the ChunkOutput::Staged rule
+    they support."""
+    return variant_rule(bench, "Output blocks (64 value columns against 128, V > 64)",
+                        [("chunked-real-fast", "chunked-real-fast-narrow")],
+                        "`ChunkOutput::StagedNarrow` (blocks of 64 columns at every V)",
+                        "`ChunkOutput::Staged` (blocks of 128 columns where V > 64)", only=lambda d: d[4] > 64)
 
 
 def packed_cost(bench):
@@ -707,7 +722,8 @@ def file_results(results, into, dry_run):
         per_run.append((name, rows))
     L += targets_overall(per_run)
     L += carry_rule(carry)
-    L += bench_sections(benches, [staging_rule, real_carry_rule, rows_rule, output_rule, packed_cost, launch_split])
+    L += bench_sections(benches, [staging_rule, real_carry_rule, rows_rule, output_rule, wide_rule, packed_cost,
+                                  launch_split])
     text = "\n".join(L) + "\n"
     if not dry_run:
         os.makedirs(dest, exist_ok=True)

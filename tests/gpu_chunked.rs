@@ -331,25 +331,95 @@ fn sequential_carry_is_bitwise_the_separate_carry() {
 /// Both carries on one case: bitwise equal, and within the reference bounds
 /// (checked on problems small enough for the f64 reference's time).
 fn check_carries<T: Element>(gpu: &Gpu, case: Case, gates: Gates, precision: ChunkPrecision) {
+    let with = |carry| ChunkConfig { precision, carry, ..ChunkConfig::default() };
+    check_bitwise::<T>(gpu, case, gates, [with(ChunkCarry::Separate), with(ChunkCarry::Sequential)], "the carries");
+}
+
+/// `case` in `T` through two launch configurations (`[a, b]`, outputs and
+/// workspace poisoned for each): y and h_final equal to the last bit, and
+/// b's within the reference bounds of its precision (on problems of at
+/// most 100 000 steps, for the f64 reference's time).
+fn check_bitwise<T: Element>(gpu: &Gpu, case: Case, gates: Gates, [a, b]: [ChunkConfig; 2], what: &str) {
     if common::emulated_device_skips(&case.dims) {
         return;
     }
+    let precision = b.precision;
     let label = format!("{} {gates:?} {precision:?} {}", T::DTYPE, case.label());
     let p64 = carry_problem::<T>(case, gates);
-    let run =
-        |carry| run_gates::<T>(gpu, &p64.to_f32(), gates, ChunkConfig { precision, carry, ..ChunkConfig::default() });
-    let (ys, hs) = run(ChunkCarry::Separate);
-    let (yq, hq) = run(ChunkCarry::Sequential);
+    let (ya, ha) = run_gates::<T>(gpu, &p64.to_f32(), gates, a);
+    let (yb, hb) = run_gates::<T>(gpu, &p64.to_f32(), gates, b);
     let bits = |y: &[T]| y.iter().map(|x| x.to_f32().to_bits()).collect::<Vec<_>>();
     let cbits = |h: &[Complex<f32>]| h.iter().flat_map(|z| [z.re.to_bits(), z.im.to_bits()]).collect::<Vec<_>>();
-    assert!(bits(&yq) == bits(&ys), "{label}: y differs between the carries");
-    assert!(cbits(&hq) == cbits(&hs), "{label}: h_final differs between the carries");
+    assert!(bits(&yb) == bits(&ya), "{label}: y differs between {what}");
+    assert!(cbits(&hb) == cbits(&ha), "{label}: h_final differs between {what}");
     if p64.dims.len * p64.dims.batch * p64.dims.heads <= 100_000 {
         let want = reference::recurrent::forward(&p64.view()).expect("reference");
-        let (yb, hb) = bounds(T::DTYPE, precision);
-        assert_within(&label, "y (sequential carry)", &compare(&widen(&yq), &want.y), yb);
-        assert_within(&label, "h_final (sequential carry)", &compare_complex(&hq, &want.h_final), hb);
+        let (y_bound, h_bound) = bounds(T::DTYPE, precision);
+        assert_within(&label, &format!("y ({b:?})"), &compare(&widen(&yb), &want.y), y_bound);
+        assert_within(&label, &format!("h_final ({b:?})"), &compare_complex(&hb, &want.h_final), h_bound);
     }
+}
+
+/// The wide output launch (`ChunkOutput::Staged` where V > 64: one block
+/// per 128 value columns, the chunk's scores formed once for both halves)
+/// writes what the narrow one (`ChunkOutput::StagedNarrow`, a block per 64
+/// columns) writes, bit for bit, and within the reference's bounds: every
+/// dtype, complex (exact, fast) and real gates (exact, fast), with and
+/// without h0, both gate layouts, V with a part-filled wide block (65, 70,
+/// 130, 200) or none (128, 256), K cut short (5, 20, 40), 16 and 128,
+/// partial chunks, resets, hard decay, |a| = 1 and phases ≫ 2π; outputs and
+/// workspace poisoned for each launch.
+#[test]
+fn wide_output_is_bitwise_the_narrow_output() {
+    let Some(gpu) = common::gpu_or_skip() else { return };
+    let shapes = [
+        dims(2, 130, 2, 5, 70, true),
+        dims(1, 200, 3, 40, 128, false),
+        dims(2, 65, 1, 128, 130, false),
+        dims(1, 1, 2, 16, 65, false),
+        dims(1, 300, 1, 40, 200, true),
+        dims(1, 100, 1, 20, 256, false),
+    ];
+    for d in shapes {
+        let lp = plan(&d, Dtype::F32, Gates::Complex).unwrap();
+        assert_eq!(lp.wide_grid as usize, d.batch * d.heads * d.len.div_ceil(64) * d.value_dim.div_ceil(128));
+    }
+    let regimes = [
+        GateRegime::Mixed,
+        GateRegime::Resets(0.1),
+        GateRegime::HardDecay(0.5),
+        GateRegime::UnitModulus,
+        GateRegime::LargePhase(50.0),
+    ];
+    let mut seed = 18_000;
+    for (i, &d) in shapes.iter().enumerate() {
+        for (j, regime) in regimes.iter().enumerate() {
+            // Every regime at the first two shapes, one each after.
+            if i >= 2 && j != i % regimes.len() {
+                continue;
+            }
+            seed += 1;
+            let c = Case::new(d, *regime, seed % 2 == 0, seed);
+            for gates in Gates::ALL {
+                for precision in ChunkPrecision::ALL {
+                    check_outputs::<f32>(gpu, c, gates, precision);
+                    check_outputs::<bf16>(gpu, c, gates, precision);
+                    check_outputs::<f16>(gpu, c, gates, precision);
+                }
+            }
+        }
+    }
+}
+
+fn check_outputs<T: Element>(gpu: &Gpu, case: Case, gates: Gates, precision: ChunkPrecision) {
+    let with = |output| ChunkConfig { precision, output, ..ChunkConfig::default() };
+    check_bitwise::<T>(
+        gpu,
+        case,
+        gates,
+        [with(ChunkOutput::StagedNarrow), with(ChunkOutput::Staged)],
+        "the narrow and the wide output launch",
+    );
 }
 
 /// The separate carry in segments (a batched problem of few state elements

@@ -393,9 +393,15 @@ fn a_later_bench_run_is_filed_beside_the_first() {
             bench_row("chunked-real", "bf16", s1, 1.9),
             bench_row("chunked-real-separate", "bf16", s1, 1.5),
             with_phases("chunked", s1, 4.0),
+            // V = 64: the output blocks' pair runs one kernel, left out.
+            bench_row("chunked-real-fast", "f32", s1, 1.0),
+            bench_row("chunked-real-fast-narrow", "f32", s1, 1.0),
         ],
     );
-    let r2 = run("r2", vec![with_phases("chunked-real-fast", s2, 2.0)]);
+    let r2 = run(
+        "r2",
+        vec![with_phases("chunked-real-fast", s2, 2.0), bench_row("chunked-real-fast-narrow", "bf16", s2, 3.0)],
+    );
     let into = dir.join("into");
     let text = file_runs(&[&r1, &r2], &into);
     let filed = into.join("gpu-2027-01-02-nvidia-h200");
@@ -425,6 +431,15 @@ fn a_later_bench_run_is_filed_beside_the_first() {
     };
     assert!(launches("bench.json").contains("| chunked | bf16 | B8 L4096 H16 K=V=64 |"), "{text}");
     assert!(launches("bench-2.json").contains("| chunked-real-fast | bf16 | B4 L2048 H16 K=V=128 |"), "{text}");
+    // The output blocks: run 2's V = 128 pair (narrow 1.5× the wide), run
+    // 1's V = 64 pair not a case.
+    let blocks = text
+        .split("## Output blocks (64 value columns against 128, V > 64) (bench-2.json)")
+        .nth(1)
+        .unwrap_or_else(|| panic!("no output blocks section in\n{text}"));
+    assert!(blocks.contains("| chunked-real-fast-narrow | 3.000 ms | 1.500 |"), "{blocks}");
+    assert!(blocks.contains("Suggested: keep `ChunkOutput::Staged` (blocks of 128 columns where V > 64)"), "{blocks}");
+    assert!(!text.contains("## Output blocks (64 value columns against 128, V > 64) (bench.json)"), "{text}");
     // Neither run has the rows pair: one section saying so.
     assert_eq!(text.matches("## Rows rule").count(), 1, "{text}");
     assert!(text.contains("(no bench.json with both recurrent and recurrent-rows4: not measured)"), "{text}");

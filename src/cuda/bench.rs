@@ -366,7 +366,7 @@ pub fn registry() -> Vec<KernelEntry> {
             shapes: chunked_shapes,
             check: |d| chunk::plan(d, Dtype::F32, Gates::Complex).map(|_| ()),
             cost: |d, t| chunked_cost(d, t, Gates::Complex),
-            prepare: prepare_chunked::<false, false, CARRY_AUTO, false>,
+            prepare: prepare_chunked::<false, false, CARRY_AUTO, OUTPUT_STAGED>,
             tuning: false,
         },
         KernelEntry {
@@ -377,7 +377,7 @@ pub fn registry() -> Vec<KernelEntry> {
             shapes: chunked_shapes,
             check: |d| chunk::plan(d, Dtype::F32, Gates::Complex).map(|_| ()),
             cost: |d, t| chunked_cost_with(d, t, Gates::Complex, ChunkCarry::Separate),
-            prepare: prepare_chunked::<false, false, CARRY_SEPARATE, false>,
+            prepare: prepare_chunked::<false, false, CARRY_SEPARATE, OUTPUT_STAGED>,
             tuning: false,
         },
         KernelEntry {
@@ -387,7 +387,7 @@ pub fn registry() -> Vec<KernelEntry> {
             shapes: chunked_shapes,
             check: |d| chunk::plan(d, Dtype::F32, Gates::Complex).map(|_| ()),
             cost: |d, t| chunked_cost(d, t, Gates::Complex),
-            prepare: prepare_chunked::<false, true, CARRY_AUTO, false>,
+            prepare: prepare_chunked::<false, true, CARRY_AUTO, OUTPUT_STAGED>,
             tuning: false,
         },
         KernelEntry {
@@ -397,7 +397,7 @@ pub fn registry() -> Vec<KernelEntry> {
             shapes: chunked_shapes,
             check: |d| chunk::plan(d, Dtype::F32, Gates::Real).map(|_| ()),
             cost: |d, t| chunked_cost(d, t, Gates::Real),
-            prepare: prepare_chunked::<true, false, CARRY_AUTO, false>,
+            prepare: prepare_chunked::<true, false, CARRY_AUTO, OUTPUT_STAGED>,
             tuning: false,
         },
         KernelEntry {
@@ -408,7 +408,7 @@ pub fn registry() -> Vec<KernelEntry> {
             shapes: chunked_shapes,
             check: |d| chunk::plan(d, Dtype::F32, Gates::Real).map(|_| ()),
             cost: |d, t| chunked_cost_with(d, t, Gates::Real, ChunkCarry::Separate),
-            prepare: prepare_chunked::<true, false, CARRY_SEPARATE, false>,
+            prepare: prepare_chunked::<true, false, CARRY_SEPARATE, OUTPUT_STAGED>,
             tuning: false,
         },
         KernelEntry {
@@ -478,7 +478,19 @@ pub fn registry() -> Vec<KernelEntry> {
             shapes: chunked_shapes,
             check: |d| chunk::plan(d, Dtype::F32, Gates::Real).map(|_| ()),
             cost: |d, t| chunked_cost(d, t, Gates::Real),
-            prepare: prepare_chunked::<true, true, CARRY_AUTO, false>,
+            prepare: prepare_chunked::<true, true, CARRY_AUTO, OUTPUT_STAGED>,
+            tuning: false,
+        },
+        KernelEntry {
+            name: "chunked-real-fast-narrow",
+            about: "chunked forward, REAL gates, fast, the staged output launch in blocks of 64 value columns \
+                    (ChunkOutput::StagedNarrow): beside `chunked-real-fast`, whose output blocks take 128 \
+                    columns where V > 64 and form each chunk's scores once for both halves",
+            dtypes: &[Dtype::F32, Dtype::Bf16],
+            shapes: chunked_shapes,
+            check: |d| chunk::plan(d, Dtype::F32, Gates::Real).map(|_| ()),
+            cost: |d, t| chunked_cost(d, t, Gates::Real),
+            prepare: prepare_chunked::<true, true, CARRY_AUTO, OUTPUT_NARROW>,
             tuning: false,
         },
         KernelEntry {
@@ -534,7 +546,7 @@ pub fn registry() -> Vec<KernelEntry> {
             shapes: chunked_shapes,
             check: |d| chunk::plan(d, Dtype::Bf16, Gates::Complex).map(|_| ()),
             cost: |d, t| chunked_cost(d, t, Gates::Complex),
-            prepare: prepare_chunked::<false, false, CARRY_AUTO, true>,
+            prepare: prepare_chunked::<false, false, CARRY_AUTO, OUTPUT_FRAGMENTS>,
             tuning: false,
         },
         KernelEntry {
@@ -545,7 +557,7 @@ pub fn registry() -> Vec<KernelEntry> {
             shapes: chunked_shapes,
             check: |d| chunk::plan(d, Dtype::Bf16, Gates::Real).map(|_| ()),
             cost: |d, t| chunked_cost(d, t, Gates::Real),
-            prepare: prepare_chunked::<true, true, CARRY_AUTO, true>,
+            prepare: prepare_chunked::<true, true, CARRY_AUTO, OUTPUT_FRAGMENTS>,
             tuning: false,
         },
         KernelEntry {
@@ -599,7 +611,7 @@ pub fn registry() -> Vec<KernelEntry> {
             shapes: carry_sweep_shapes,
             check: |d| chunk::plan(d, Dtype::F32, Gates::Complex).map(|_| ()),
             cost: |d, t| chunked_cost_with(d, t, Gates::Complex, ChunkCarry::Sequential),
-            prepare: prepare_chunked::<false, false, CARRY_SEQUENTIAL, false>,
+            prepare: prepare_chunked::<false, false, CARRY_SEQUENTIAL, OUTPUT_STAGED>,
             tuning: true,
         },
     ]
@@ -780,7 +792,10 @@ pub fn chunked_cost_with(d: &Dims, t: Dtype, gates: Gates, carry: ChunkCarry) ->
 /// carry (ws read and written, A), or with the sequential carry grad_w_seq
 /// (grad_w's reads; writes the second ws once),
 /// grad_qk (q, k, v, dy, log_gate, both ws; writes dq, dk, dlog_gate) and
-/// grad_dv (q·vt, k·vt, log_gate·vt, dy, the adjoint ws; writes dv).
+/// grad_dv (q·vt, k·vt, log_gate·vt, dy, the adjoint ws; writes dv). The
+/// output launch (`ChunkOutput::Staged`) and, for real gates, grad_dv read
+/// q, k and log_gate once per 128 value columns where V > 64 (their wide
+/// kernels): ot = ⌈V/128⌉ in place of vt there.
 /// At B8 L4096 H16 K = V = 64 bf16 the separate carry moves 3.75× the
 /// forward's minimum (the four passes over ws, written, carried in place
 /// and read, are half of it; the second read of k and log_gate the rest),
@@ -789,6 +804,9 @@ pub fn chunked_traffic(d: &Dims, t: Dtype, gates: Gates, carry: ChunkCarry, back
     let e = t.size_bytes() as f64;
     let p = gates.parts() as f64;
     let vt = d.value_dim.div_ceil(chunk::VALUE_TILE) as f64;
+    // The wide output blocks' tiles (V > 64; at V ≤ 64 one either way).
+    let ot = d.value_dim.div_ceil(chunk::WIDE_TILE) as f64;
+    let dv_tiles = if gates == Gates::Real { ot } else { vt };
     let nc = d.len.div_ceil(chunk::CHUNK_LEN) as f64;
     let bh = (d.batch * d.heads) as f64;
     let (qk, v, gate) = (e * d.qk_len() as f64, e * d.v_len() as f64, 4.0 * p * d.gate_len() as f64);
@@ -801,21 +819,18 @@ pub fn chunked_traffic(d: &Dims, t: Dtype, gates: Gates, carry: ChunkCarry, back
     // The carry in S segments reads the chunk states and decays once more
     // (the segments' sums) and writes and reads 4 f32 an element a segment.
     let segments = plan.map_or(1, |lp| lp.carry_segments) as f64;
-    let segment_pass = if segments > 1.0 {
-        ws + decays + 2.0 * 4.0 * 4.0 * segments * (bh * (d.key_dim * d.value_dim) as f64)
-    } else {
-        0.0
-    };
+    let segment_pass =
+        if segments > 1.0 { ws + decays + 2.0 * 4.0 * 4.0 * segments * d.state_len() as f64 } else { 0.0 };
     let carry_pass = 2.0 * ws + decays + h_final + segment_pass;
     let states = if sequential { state + h_final } else { state + carry_pass };
     if !backward {
-        let output = 2.0 * qk * vt + v + gate * vt + ws + v;
+        let output = 2.0 * qk * ot + v + gate * ot + ws + v;
         return states + output;
     }
     let grad_w = qk * vt + v + gate * vt + ws;
     let adjoint_carry = 2.0 * ws + decays + segment_pass;
     let grad_qk = 2.0 * qk + 2.0 * v + gate + 2.0 * ws + 2.0 * qk + gate;
-    let grad_dv = 2.0 * qk * vt + gate * vt + v + ws + v;
+    let grad_dv = 2.0 * qk * dv_tiles + gate * dv_tiles + v + ws + v;
     // The sequential carry's grad_w_seq writes D where grad_w wrote W, and
     // there is no adjoint carry pass.
     let adjoints = if sequential { grad_w } else { grad_w + adjoint_carry };
@@ -943,9 +958,15 @@ const CARRY_AUTO: u8 = 0;
 const CARRY_SEPARATE: u8 = 1;
 const CARRY_SEQUENTIAL: u8 = 2;
 
+// The output kernel a chunked bench entry takes (`OUTPUT` of
+// `prepare_chunked`).
+const OUTPUT_STAGED: u8 = 0;
+const OUTPUT_NARROW: u8 = 1;
+const OUTPUT_FRAGMENTS: u8 = 2;
+
 /// The chunked kernel for one gate kind (`REAL`), precision (`FAST`), carry
-/// (`CARRY`) and output kernel (`FRAG`: [`ChunkOutput::Fragments`]).
-fn prepare_chunked<'g, const REAL: bool, const FAST: bool, const CARRY: u8, const FRAG: bool>(
+/// (`CARRY`) and output kernel (`OUTPUT`: [`ChunkOutput`]).
+fn prepare_chunked<'g, const REAL: bool, const FAST: bool, const CARRY: u8, const OUTPUT: u8>(
     gpu: &'g Gpu,
     dims: Dims,
     t: Dtype,
@@ -956,9 +977,9 @@ fn prepare_chunked<'g, const REAL: bool, const FAST: bool, const CARRY: u8, cons
     crate::with_element!(t, T => {
         let ws = chunk::plan(&dims, T::DTYPE, gates)?.workspace_len;
         let launch: ForwardFn<T> = if REAL {
-            |g, s, d, i, o, w| chunk::forward_real_into(g, s, d, i, o, w, chunked_config::<FAST, CARRY, FRAG>())
+            |g, s, d, i, o, w| chunk::forward_real_into(g, s, d, i, o, w, chunked_config::<FAST, CARRY, OUTPUT>())
         } else {
-            |g, s, d, i, o, w| chunk::forward_into(g, s, d, i, o, w, chunked_config::<FAST, CARRY, FRAG>())
+            |g, s, d, i, o, w| chunk::forward_into(g, s, d, i, o, w, chunked_config::<FAST, CARRY, OUTPUT>())
         };
         prepare_forward::<T>(gpu, dims, host, sets, gates, ws, launch)
     })
@@ -966,7 +987,7 @@ fn prepare_chunked<'g, const REAL: bool, const FAST: bool, const CARRY: u8, cons
 
 /// The chunked bench entries' configuration: fast or exact, the carry, the
 /// output kernel.
-fn chunked_config<const FAST: bool, const CARRY: u8, const FRAG: bool>() -> ChunkConfig {
+fn chunked_config<const FAST: bool, const CARRY: u8, const OUTPUT: u8>() -> ChunkConfig {
     ChunkConfig {
         precision: if FAST { ChunkPrecision::Fast } else { ChunkPrecision::Exact },
         carry: match CARRY {
@@ -974,7 +995,11 @@ fn chunked_config<const FAST: bool, const CARRY: u8, const FRAG: bool>() -> Chun
             CARRY_SEQUENTIAL => ChunkCarry::Sequential,
             _ => ChunkCarry::Auto,
         },
-        output: if FRAG { ChunkOutput::Fragments } else { ChunkOutput::Staged },
+        output: match OUTPUT {
+            OUTPUT_NARROW => ChunkOutput::StagedNarrow,
+            OUTPUT_FRAGMENTS => ChunkOutput::Fragments,
+            _ => ChunkOutput::Staged,
+        },
     }
 }
 
@@ -2010,17 +2035,25 @@ mod tests {
 
     #[test]
     fn chunked_traffic_counts() {
-        // B8 L4096 H16 K = V = 64 bf16, complex per-channel gates: n elements
-        // of q (and of k, v, y), ws = 8 bytes per chunk-state element.
+        // The forward's (state, carry, output) bytes by hand for [B, L, H, K
+        // = V] in bf16 with p parts (2 complex, 1 real): n elements of q (and
+        // of k, v, y), ws = 4p bytes per chunk-state element; the state
+        // launch reads k and log_gate per value tile of 64 (`vt`), the
+        // output launch q, k and log_gate per block of its columns (`ot`).
+        let by_hand = |[b, l, h, kv]: [usize; 4], p: usize, vt: f64, ot: f64| {
+            let n = (b * l * h * kv) as f64;
+            let ws = (4 * p * b * h * l.div_ceil(64) * kv * kv) as f64;
+            let (decays, h_final) = ((4 * p * b * h * l.div_ceil(64) * kv) as f64, (4 * p * b * h * kv * kv) as f64);
+            let (x, gate) = (2.0 * n, 4.0 * p as f64 * n);
+            let state = vt * x + x + vt * gate + ws + decays;
+            let carry = 2.0 * ws + decays + h_final;
+            let output = 2.0 * ot * x + x + ot * gate + ws + x;
+            (state, carry, output, h_final)
+        };
+        // B8 L4096 H16 K = V = 64, complex per-channel gates.
         let d = Dims::new(8, 4096, 16, 64, 64);
-        let n = (8 * 4096 * 16 * 64) as f64;
-        let ws = 8.0 * (8 * 16 * 64 * 64 * 64) as f64;
-        let (decays, h_final) = (8.0 * (8 * 16 * 64 * 64) as f64, 8.0 * (8 * 16 * 64 * 64) as f64);
-        let (x, gate) = (2.0 * n, 8.0 * n);
+        let (state, carry, output, h_final) = by_hand([8, 4096, 16, 64], 2, 1.0, 1.0);
         let c = chunked_cost_with(&d, Dtype::Bf16, Gates::Complex, ChunkCarry::Separate);
-        let state = x + x + gate + ws + decays;
-        let carry = 2.0 * ws + decays + h_final;
-        let output = 3.0 * x + gate + ws + x;
         assert_eq!(c.traffic, state + carry + output);
         let ratio = c.traffic / c.bytes;
         assert!((3.74..3.76).contains(&ratio), "separate carry: forward traffic / minimum = {ratio}");
@@ -2036,6 +2069,12 @@ mod tests {
         assert_eq!(r.traffic, r.bytes);
         let g = chunked_grad_cost(&d, Dtype::Bf16, Gates::Complex);
         assert!(g.traffic > g.bytes);
+        // V = 128, real gates, the separate carry: two value tiles for the
+        // state launch, one wide block's reads for the output launch.
+        let d = Dims::new(4, 2048, 16, 128, 128);
+        let (state, carry, output, _) = by_hand([4, 2048, 16, 128], 1, 2.0, 1.0);
+        let c = chunked_cost_with(&d, Dtype::Bf16, Gates::Real, ChunkCarry::Separate);
+        assert_eq!(c.traffic, state + carry + output);
     }
 
     #[test]

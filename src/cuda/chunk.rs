@@ -16,7 +16,10 @@
 //! 3. `output`: one block per (b, h, chunk, value tile): the inter-chunk
 //!    term `Re((Q ⊙ e^G) S_c)` (inner dimension 2K) and the intra-chunk term
 //!    `P V` (off-diagonal 16 × 16 score blocks as anchored GEMMs of inner
-//!    dimension 2K, diagonal blocks pairwise in f32), y written once.
+//!    dimension 2K, diagonal blocks pairwise in f32), y written once. Where
+//!    V > 64 a block takes 128 value columns (`output_wide`), so that each
+//!    chunk's scores P, most of the launch's work, are formed once, not once
+//!    per 64 columns.
 //!
 //! Or (1) and (2) as ONE launch ([`ChunkCarry::Sequential`]): one block per
 //! (b, h, value tile, key slab of 16) walks the chunks in order with its
@@ -33,7 +36,8 @@
 //!
 //! The output launch (3) has two kernels ([`ChunkOutput`] in
 //! [`ChunkConfig`]): the staged one (WMMA tiles, every operand through
-//! shared memory; the default, measured) and, for f16 and bf16 inputs, one
+//! shared memory; the default, measured; in blocks of 128 value columns
+//! where V > 64, or of 64 at every V with [`ChunkOutput::StagedNarrow`]) and, for f16 and bf16 inputs, one
 //! on mma.sync register fragments (`cuda/chunk_frag.cuh`), which builds the
 //! operands each warp owns in its registers and stages only the state slab
 //! and V; same bounds, not bit for bit, and on an H200 (2026-12-04) 8% to
@@ -124,6 +128,8 @@ pub const SUB_CHUNK_LEN: usize = abi::GATELOOP_CHUNK_SUB_LEN as usize;
 pub const MAX_KEY_DIM: usize = abi::GATELOOP_CHUNK_MAX_KEY_DIM as usize;
 pub(super) const KEY_SLAB: usize = abi::GATELOOP_CHUNK_KEY_SLAB as usize;
 pub(super) const VALUE_TILE: usize = abi::GATELOOP_CHUNK_VALUE_TILE as usize;
+/// Value columns a block of the wide output launch takes (two value tiles).
+pub(super) const WIDE_TILE: usize = abi::GATELOOP_CHUNK_WIDE_TILE as usize;
 pub(super) const THREADS: u32 = abi::GATELOOP_CHUNK_THREADS;
 pub(super) const CARRY_THREADS: u32 = abi::GATELOOP_CHUNK_CARRY_THREADS;
 
@@ -281,9 +287,20 @@ pub fn carry_segments(chunks: usize, elements: usize) -> usize {
 pub enum ChunkOutput {
     /// WMMA tiles: every operand (the decayed query rows, the anchored
     /// rows, the scores P, the state slab, V) staged through shared memory
-    /// as a split tile. Every dtype; the kernel measured on an H200.
+    /// as a split tile. Every dtype. Where V > 64, one block per 128 value
+    /// columns (`gateloop_chunk_output_wide_*`): a chunk's scores P (every
+    /// key slab's q and k rows, anchored rows and diagonal pairs, most of the
+    /// launch's work) are formed once for both 64-column halves, where
+    /// [`ChunkOutput::StagedNarrow`]'s two blocks each form them; the same
+    /// shared memory and, on sm_90, the same blocks an SM (speed log item
+    /// 23); bit for bit the narrow launch's.
     #[default]
     Staged,
+    /// [`ChunkOutput::Staged`] in blocks of 64 value columns at every V (the
+    /// staged launch as measured on an H200 on 2026-12-04): at V = 128 two
+    /// blocks a chunk, each forming the same scores. Kept for the bench's
+    /// side-by-side (`chunked-real-narrow` against `chunked-real`).
+    StagedNarrow,
     /// Register fragments (mma.sync m16n8k16, `cuda/chunk_frag.cuh`): the
     /// operands a warp owns (decayed and anchored rows, the scores P) built
     /// in its registers, only the state slab and V staged; one anchor per
@@ -297,10 +314,11 @@ pub enum ChunkOutput {
 }
 
 impl ChunkOutput {
-    /// `staged` or `fragments`.
+    /// `staged`, `staged-narrow` or `fragments`.
     pub fn name(self) -> &'static str {
         match self {
             ChunkOutput::Staged => "staged",
+            ChunkOutput::StagedNarrow => "staged-narrow",
             ChunkOutput::Fragments => "fragments",
         }
     }
@@ -353,6 +371,20 @@ pub(crate) fn slab_table_bytes(padded: bool) -> usize {
 /// The same layout as `state_smem_bytes` / `output_smem_bytes` in
 /// cuda/chunk.cu (the kernels trap if given less).
 pub fn shared_bytes(dtype: Dtype, gates: Gates) -> (u32, u32) {
+    shared_bytes_cols(dtype, gates, VALUE_TILE)
+}
+
+/// Bytes of dynamic shared memory of the wide output kernel
+/// (`output_smem_bytes<Op, kComplex, kWideCols>` in cuda/chunk_common.cuh):
+/// the output kernel's layout with a state slab of 128 columns (its V
+/// passes in halves of 64 through the same bytes as the narrow one's).
+pub fn wide_output_shared_bytes(dtype: Dtype, gates: Gates) -> u32 {
+    shared_bytes_cols(dtype, gates, WIDE_TILE).1
+}
+
+/// [`shared_bytes`] for an output block of `cols` value columns (its state
+/// slab's width; the state kernel's layout does not depend on it).
+fn shared_bytes_cols(dtype: Dtype, gates: Gates, cols: usize) -> (u32, u32) {
     let s = dtype.size_bytes();
     let pad = if s == 4 { 4 } else { 8 };
     let width = KEY_SLAB * gates.parts();
@@ -364,7 +396,7 @@ pub fn shared_bytes(dtype: Dtype, gates: Gates) -> (u32, u32) {
     let pairs = subs * (subs - 1) / 2;
     let state = prefix_bytes(gates, false) + raw + split(CHUNK_LEN, ld_tile) + split(CHUNK_LEN, ld_slab) + staging;
     let slab_phase = split(CHUNK_LEN, ld_slab)
-        + split(width, ld_tile)
+        + split(width, cols + pad)
         + split(pairs * SUB_CHUNK_LEN, ld_slab)
         + split((subs - 1) * SUB_CHUNK_LEN, ld_slab);
     let final_phase = 2 * split(CHUNK_LEN, ld_tile);
@@ -416,6 +448,9 @@ pub struct LaunchPlan {
     /// Blocks of the state and output kernels: B·H·num_chunks·value_tiles
     /// (packed: H·num_chunks·value_tiles).
     pub grid: u32,
+    /// Blocks of the wide output kernel ([`ChunkOutput::Staged`] where
+    /// V > 64): B·H·num_chunks·⌈V / 128⌉ (packed: H·num_chunks·⌈V / 128⌉).
+    pub wide_grid: u32,
     /// Blocks of the carry kernel: ceil(B·H·K·V / 256) (times
     /// `carry_segments` along grid.y).
     pub carry_grid: u32,
@@ -439,6 +474,8 @@ pub struct LaunchPlan {
     pub state_shared_bytes: u32,
     /// Dynamic shared memory of the output kernel, bytes.
     pub output_shared_bytes: u32,
+    /// Dynamic shared memory of the wide output kernel, bytes.
+    pub wide_output_shared_bytes: u32,
     /// Dynamic shared memory of the register-fragment output kernel
     /// ([`ChunkOutput::Fragments`]), bytes; `None` for f32 inputs.
     pub fragment_output_shared_bytes: Option<u32>,
@@ -537,6 +574,8 @@ pub(super) fn plan_rows(
     };
     let grid =
         as_grid(rows.and_then(|x| x.checked_mul(nc)).and_then(|x| x.checked_mul(tiles)), "B·H·chunks·value_tiles")?;
+    // Never more blocks than `grid`.
+    let wide_grid = (rows.unwrap_or(0) * nc * d.value_dim.div_ceil(WIDE_TILE)) as u32;
     // B·H·K·V fits: validated.
     let state = d.batch * d.heads * d.key_dim * d.value_dim;
     let carry_grid = as_grid(Some(state.div_ceil(CARRY_THREADS as usize)), "B·H·K·V / 256")?;
@@ -591,6 +630,7 @@ pub(super) fn plan_rows(
         num_chunks: nc as u64,
         value_tiles: tiles as u32,
         grid,
+        wide_grid,
         carry_grid,
         carry_segments: segments as u32,
         segments_offset,
@@ -598,6 +638,7 @@ pub(super) fn plan_rows(
         workspace_len,
         state_shared_bytes,
         output_shared_bytes,
+        wide_output_shared_bytes: wide_output_shared_bytes(dtype, gates),
         fragment_output_shared_bytes: fragment_output_shared_bytes(dtype, gates),
         carry,
         sequential_grid,
@@ -612,6 +653,8 @@ pub(crate) struct ChunkKernels {
     pub(super) state: Vec<CudaFunction>,
     pub(super) sequential: Vec<CudaFunction>,
     output: Vec<CudaFunction>,
+    /// The wide output kernels (128 value columns a block).
+    output_wide: Vec<CudaFunction>,
     /// `None` where there is no fragment kernel (f32).
     output_fragments: Vec<Option<CudaFunction>>,
     pub(super) carry: Vec<CudaFunction>,
@@ -642,25 +685,27 @@ impl ChunkKernels {
         let load = |name: String, bytes: u32| -> Result<CudaFunction, GpuError> {
             let f = module
                 .load_function(&name)
-                .doing("looking up gateloop_chunk_{state,state_seq,output,output_frag}_*")?;
+                .doing("looking up gateloop_chunk_{state,state_seq,output,output_wide,output_frag}_*")?;
             if bytes as usize <= max_shared {
                 f.set_attribute(CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, bytes as i32)
                     .doing("raising the chunked kernels' dynamic shared memory limit")?;
             }
             Ok(f)
         };
-        let (mut state, mut sequential, mut output, mut output_fragments) =
-            (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+        let (mut state, mut sequential, mut output, mut output_wide, mut output_fragments) =
+            (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
         for dtype in Dtype::ALL {
             for gates in Gates::ALL {
                 let (state_bytes, output_bytes) = shared_bytes(dtype, gates);
                 let sequential_bytes = sequential_shared_bytes(dtype, gates);
+                let wide_bytes = wide_output_shared_bytes(dtype, gates);
                 for precision in ChunkPrecision::ALL {
                     let suffix = format!("{}_{}_{}", dtype.name(), gates.suffix(), precision.name());
                     debug_assert_eq!(state.len(), table_index(dtype, gates, precision));
                     state.push(load(format!("gateloop_chunk_state_{suffix}"), state_bytes)?);
                     sequential.push(load(format!("gateloop_chunk_state_seq_{suffix}"), sequential_bytes)?);
                     output.push(load(format!("gateloop_chunk_output_{suffix}"), output_bytes)?);
+                    output_wide.push(load(format!("gateloop_chunk_output_wide_{suffix}"), wide_bytes)?);
                     // f32 has no fragment kernel (None).
                     output_fragments.push(
                         fragment_output_shared_bytes(dtype, gates)
@@ -689,6 +734,7 @@ impl ChunkKernels {
             state,
             sequential,
             output,
+            output_wide,
             output_fragments,
             carry,
             carry_packed,
@@ -718,10 +764,18 @@ fn launch<T: Element>(
     let state_bytes = if sequential { lp.sequential_shared_bytes } else { lp.state_shared_bytes };
     let kernels = &gpu.kernels.chunk;
     let i = table_index(T::DTYPE, gates, config.precision);
-    let (output_kernel, output_bytes) = match config.output {
-        ChunkOutput::Staged => (&kernels.output[i], lp.output_shared_bytes),
+    const OUTPUT: &str = "launching gateloop_chunk_output";
+    let (output_kernel, output_grid, output_bytes, output_label) = match config.output {
+        // More than one value tile: the wide blocks, each forming its
+        // chunk's scores once for 128 columns.
+        ChunkOutput::Staged if lp.value_tiles > 1 => {
+            (&kernels.output_wide[i], lp.wide_grid, lp.wide_output_shared_bytes, "launching gateloop_chunk_output_wide")
+        }
+        ChunkOutput::Staged | ChunkOutput::StagedNarrow => {
+            (&kernels.output[i], lp.grid, lp.output_shared_bytes, OUTPUT)
+        }
         ChunkOutput::Fragments => match (&kernels.output_fragments[i], lp.fragment_output_shared_bytes) {
-            (Some(f), Some(bytes)) => (f, bytes),
+            (Some(f), Some(bytes)) => (f, lp.grid, bytes, OUTPUT),
             _ => {
                 return Err(InputError::Param {
                     name: "output",
@@ -762,7 +816,7 @@ fn launch<T: Element>(
 
     let block = (THREADS, 1, 1);
     let carry_block = (CARRY_THREADS, 1, 1);
-    let output = (output_kernel, (lp.grid, 1), block, output_bytes, "launching gateloop_chunk_output");
+    let output = (output_kernel, (output_grid, 1), block, output_bytes, output_label);
     let mut launches = if sequential {
         vec![
             (&kernels.sequential[i], (lp.sequential_grid, 1), block, state_bytes, "launching gateloop_chunk_state_seq"),
@@ -795,7 +849,7 @@ fn launch<T: Element>(
         let cfg = LaunchConfig { grid_dim: (grid, grid_y, 1), block_dim, shared_mem_bytes };
         let mut launch = stream.launch_builder(func);
         launch.arg(&params);
-        // SAFETY: `func` is gateloop_chunk_{state,state_seq,output,output_frag}_{T}_{g}_{prec}
+        // SAFETY: `func` is gateloop_chunk_{state,state_seq,output,output_wide,output_frag}_{T}_{g}_{prec}
         // or gateloop_chunk_carry_{,packed_,segments_}{g} (packed_ exactly when cu_seqlens is
         // set; segments_ only when the plan's carry_segments S > 1, with
         // grid.y = S − 1, the carry's grid.y = S, as the kernels index the
@@ -823,8 +877,10 @@ fn launch<T: Element>(
         // clear. The geometry is the one `plan_with` computed: blocks of 256 threads
         // (the __launch_bounds__), grids ≤ 2^31 − 1, dynamic shared memory
         // equal to the kernel's own layout size (the output launch's is the
-        // staged or the fragment kernel's, whichever `output_kernel` is;
-        // passed in params and checked by the kernel) and ≤ the function's
+        // staged, wide or fragment kernel's, whichever `output_kernel` is,
+        // with its grid: the wide kernel's B·H·chunks·⌈V / 128⌉ blocks are
+        // the tiles it computes from dims.value_dim; passed in params and
+        // checked by the kernel) and ≤ the function's
         // limit raised at load (need ≤ max_shared was checked above). The buffers outlive the
         // launches: borrows are held until this function returns, and
         // cudarc's drop of a CudaSlice waits on the events the guards record.
@@ -1101,12 +1157,24 @@ mod tests {
         assert_eq!(shared_bytes(Dtype::Bf16, Gates::Complex), (61440, 90624));
         assert_eq!(shared_bytes(Dtype::F16, Gates::Real), (49152, 74752));
         assert_eq!(shared_bytes(Dtype::Bf16, Gates::Real), (49152, 74752));
+        // The wide output: a state slab of 128 columns (complex f32: 2·32·132·4
+        // = 33792 in place of 17408), V in halves through the narrow final
+        // phase's bytes. Real gates' slab phase stays under the final phase
+        // (the same bytes as the narrow launch, and three blocks an SM on
+        // sm_90); complex 16-bit keeps two an SM (2 · 98816 ≤ 227 KiB).
+        assert_eq!(wide_output_shared_bytes(Dtype::F32, Gates::Complex), 125440 - 17408 + 33792);
+        assert_eq!(wide_output_shared_bytes(Dtype::F32, Gates::Real), 107520);
+        assert_eq!(wide_output_shared_bytes(Dtype::Bf16, Gates::Complex), 98816);
+        assert_eq!(wide_output_shared_bytes(Dtype::F16, Gates::Complex), 98816);
+        assert_eq!(wide_output_shared_bytes(Dtype::Bf16, Gates::Real), 74752);
+        assert_eq!(wide_output_shared_bytes(Dtype::F16, Gates::Real), 74752);
         for dtype in Dtype::ALL {
             for gates in Gates::ALL {
                 let (a, b) = shared_bytes(dtype, gates);
+                let w = wide_output_shared_bytes(dtype, gates);
                 // Every carve is a multiple of 128 bytes, and sm_80's opt-in limit (163 KiB) holds.
-                assert!(a.is_multiple_of(128) && b.is_multiple_of(128), "{dtype} {gates:?}");
-                assert!(a.max(b) <= 163 * 1024, "{dtype} {gates:?}: {a} {b}");
+                assert!(a.is_multiple_of(128) && b.is_multiple_of(128) && w.is_multiple_of(128), "{dtype} {gates:?}");
+                assert!(a.max(b).max(w) <= 163 * 1024, "{dtype} {gates:?}: {a} {b} {w}");
             }
         }
     }
@@ -1167,6 +1235,20 @@ mod tests {
         let cu = [0, 65536];
         let packed = plan_varlen(&dims(1, 65536, 4, 64, 64, false), &cu, Dtype::F32, Gates::Complex, ChunkCarry::Auto);
         assert_eq!(packed.unwrap().carry_segments, 1);
+    }
+
+    /// The wide output launch's grid: one block per 128 value columns of
+    /// each chunk (half the narrow grid's blocks at V = 128, and a
+    /// part-filled block at V = 70 or 200).
+    #[test]
+    fn wide_output_grid() {
+        for (v, tiles, wide) in [(1, 1, 1), (64, 1, 1), (65, 2, 1), (70, 2, 1), (128, 2, 1), (200, 4, 2), (256, 4, 2)] {
+            let d = dims(2, 130, 3, 16, v, false);
+            let lp = plan(&d, Dtype::Bf16, Gates::Real).unwrap();
+            assert_eq!(lp.value_tiles, tiles, "V = {v}");
+            assert_eq!(lp.grid, 2 * 3 * 3 * tiles, "V = {v}");
+            assert_eq!(lp.wide_grid, 2 * 3 * 3 * wide, "V = {v}");
+        }
     }
 
     /// ChunkCarry::Auto: the sequential walk for real gates and 16-bit

@@ -167,8 +167,17 @@ pub struct GradPlan {
     /// sink (parts·B·H·K·V); parts = 2 for complex gates, 1 for real.
     /// Packed ([`plan_varlen`]): D over H·slots, the sink N·H states.
     pub workspace_len: usize,
-    /// Dynamic shared memory of grad_w, grad_qk, grad_dv (bytes).
+    /// Dynamic shared memory of grad_w, grad_qk, grad_dv (bytes; grad_dv's
+    /// the wide kernel's when `dv_wide`).
     pub shared_bytes: (u32, u32, u32),
+    /// Whether grad_dv runs its wide kernel, one block per 128 value columns
+    /// (each chunk's scores formed once for both 64-column halves, as the
+    /// forward's wide output launch): real gates with V > 64. Complex gates
+    /// keep 64 columns a block (their wide kernel would spill at two blocks
+    /// an SM: cuda/chunk_grad.cu).
+    pub dv_wide: bool,
+    /// Blocks of grad_dv: the forward's `grid`, or `wide_grid` when `dv_wide`.
+    pub dv_grid: u32,
 }
 
 /// The geometry of the backward for `dims`, element type `dtype` and
@@ -234,7 +243,19 @@ fn plan_rows(dims: &Dims, dtype: Dtype, gates: Gates, carry: ChunkCarry, packed:
     // The h_final sink: one state per (b, h), packed per (sequence, h).
     let state = d.batch * d.heads * state;
     let workspace_len = sink_offset.checked_add(parts * state).ok_or_else(ws_error)?;
-    Ok(GradPlan { forward, qk_grid, adj_offset, sink_offset, workspace_len, shared_bytes: shared_bytes(dtype, gates) })
+    let dv_wide = gates == Gates::Real && forward.value_tiles > 1;
+    let (w_bytes, qk_bytes, dv_bytes) = shared_bytes(dtype, gates);
+    let dv_bytes = if dv_wide { chunk::wide_output_shared_bytes(dtype, gates) } else { dv_bytes };
+    Ok(GradPlan {
+        forward,
+        qk_grid,
+        adj_offset,
+        sink_offset,
+        workspace_len,
+        shared_bytes: (w_bytes, qk_bytes, dv_bytes),
+        dv_wide,
+        dv_grid: if dv_wide { forward.wide_grid } else { forward.grid },
+    })
 }
 
 /// The backward kernels of one context: `[kernel_index(dtype, gates)]` for
@@ -245,6 +266,9 @@ pub(crate) struct ChunkGradKernels {
     w_seq: Vec<CudaFunction>,
     qk: Vec<CudaFunction>,
     dv: Vec<CudaFunction>,
+    /// grad_dv over 128 value columns a block, real gates only (`None` for
+    /// complex: [`GradPlan::dv_wide`]).
+    dv_wide: Vec<Option<CudaFunction>>,
     adjoint_carry: Vec<CudaFunction>,
     /// The adjoint carry of packed sequences, `[gates]` (a kernel of its own,
     /// as the forward's packed carry).
@@ -291,6 +315,28 @@ impl ChunkGradKernels {
             }
         }
         let [w, qk, dv, w_seq, dh0] = tables;
+        let mut dv_wide = Vec::new();
+        for dtype in Dtype::ALL {
+            for gates in Gates::ALL {
+                debug_assert_eq!(dv_wide.len(), kernel_index(dtype, gates));
+                if gates == Gates::Complex {
+                    dv_wide.push(None);
+                    continue;
+                }
+                let f = module
+                    .load_function(&format!("gateloop_chunk_grad_dv_wide_{}_r", dtype.name()))
+                    .doing("looking up gateloop_chunk_grad_dv_wide_*")?;
+                let bytes = chunk::wide_output_shared_bytes(dtype, gates);
+                if bytes as usize <= max_shared {
+                    f.set_attribute(
+                        CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                        bytes as i32,
+                    )
+                    .doing("raising the chunked backward kernels' dynamic shared memory limit")?;
+                }
+                dv_wide.push(Some(f));
+            }
+        }
         let carries = |prefix: &str| {
             Gates::ALL
                 .iter()
@@ -301,7 +347,17 @@ impl ChunkGradKernels {
         let adjoint_carry = carries("gateloop_chunk_grad_adjoint_carry_")?;
         let adjoint_carry_packed = carries("gateloop_chunk_grad_adjoint_carry_packed_")?;
         let adjoint_carry_segments = carries("gateloop_chunk_grad_adjoint_carry_segments_")?;
-        Ok(ChunkGradKernels { w, w_seq, qk, dv, adjoint_carry, adjoint_carry_packed, adjoint_carry_segments, dh0 })
+        Ok(ChunkGradKernels {
+            w,
+            w_seq,
+            qk,
+            dv,
+            dv_wide,
+            adjoint_carry,
+            adjoint_carry_packed,
+            adjoint_carry_segments,
+            dh0,
+        })
     }
 }
 
@@ -546,7 +602,10 @@ fn launch_backward<'a, T: Element>(
             ),
         ]
     } else {
-        vec![
+        // In segments (S > 1), each carry's segment sums come first
+        // (chunk_common.cuh, "the carry in segments").
+        let sums = segments > 1;
+        let mut v = vec![
             (
                 &fwd_kernels.state[fwd_index],
                 (lp.grid, 1),
@@ -556,37 +615,31 @@ fn launch_backward<'a, T: Element>(
                 "launching gateloop_chunk_state (backward)",
             ),
             (&kernels.w[dtype], (lp.grid, 1), block, w_bytes, Arg::Grad(&params), "launching gateloop_chunk_grad_w"),
-            (carry, (lp.carry_grid, segments), carry_block, 0, Arg::Fwd(&params.fwd), carry_doing),
-            (adjoint_carry, (lp.carry_grid, segments), carry_block, 0, Arg::Grad(&params), adjoint_doing),
-        ]
-    };
-    if segments > 1 {
-        // Each carry's segment sums first (chunk_common.cuh, "the carry in
-        // segments"): the forward carry at 2, the adjoint carry at 4.
-        let g = gates.index();
-        launches.insert(
-            2,
-            (
+        ];
+        if sums {
+            v.push((
                 &fwd_kernels.carry_segments[g],
                 (lp.carry_grid, segments - 1),
                 carry_block,
                 0,
                 Arg::Fwd(&params.fwd),
                 "launching gateloop_chunk_carry_segments (backward)",
-            ),
-        );
-        launches.insert(
-            4,
-            (
+            ));
+        }
+        v.push((carry, (lp.carry_grid, segments), carry_block, 0, Arg::Fwd(&params.fwd), carry_doing));
+        if sums {
+            v.push((
                 &kernels.adjoint_carry_segments[g],
                 (lp.carry_grid, segments - 1),
                 carry_block,
                 0,
                 Arg::Grad(&params),
                 "launching gateloop_chunk_grad_adjoint_carry_segments",
-            ),
-        );
-    }
+            ));
+        }
+        v.push((adjoint_carry, (lp.carry_grid, segments), carry_block, 0, Arg::Grad(&params), adjoint_doing));
+        v
+    };
     if has_dh0 {
         launches.push((
             &kernels.dh0[dtype],
@@ -597,9 +650,14 @@ fn launch_backward<'a, T: Element>(
             "launching gateloop_chunk_grad_dh0",
         ));
     }
+    let (dv_kernel, dv_label) = match (gp.dv_wide, &kernels.dv_wide[dtype]) {
+        (true, Some(f)) => (f, "launching gateloop_chunk_grad_dv_wide"),
+        (false, _) => (&kernels.dv[dtype], "launching gateloop_chunk_grad_dv"),
+        (true, None) => unreachable!("GradPlan::dv_wide is for real gates, which have a wide dv kernel"),
+    };
     launches.extend([
         (&kernels.qk[dtype], (gp.qk_grid, 1), block, qk_bytes, Arg::Grad(&params), "launching gateloop_chunk_grad_qk"),
-        (&kernels.dv[dtype], (lp.grid, 1), block, dv_bytes, Arg::Grad(&params), "launching gateloop_chunk_grad_dv"),
+        (dv_kernel, (gp.dv_grid, 1), block, dv_bytes, Arg::Grad(&params), dv_label),
     ]);
     for (func, (grid, grid_y), block_dim, shared_mem_bytes, arg, doing) in launches {
         let cfg = LaunchConfig { grid_dim: (grid, grid_y, 1), block_dim, shared_mem_bytes };
@@ -637,7 +695,10 @@ fn launch_backward<'a, T: Element>(
         // reads slot 0 of ws_adj, the inputs and writes dh0 only; then grad_qk
         // and grad_dv). h0, dh_final, dh0 are
         // null iff their flag is clear. Geometry as `plan` computed: blocks
-        // of the __launch_bounds__ sizes, grids ≤ 2^31 − 1, dynamic shared
+        // of the __launch_bounds__ sizes, grids ≤ 2^31 − 1 (grad_dv's the
+        // wide kernel's B·H·chunks·⌈V / 128⌉ exactly when it is
+        // gateloop_chunk_grad_dv_wide_{T}_r, whose tiles it computes from
+        // dims.value_dim the same way), dynamic shared
         // memory equal to each kernel's own layout (checked by the kernel)
         // and ≤ the limit raised at load (need ≤ max_shared checked above).
         // The borrows (`_bound`) are held until this function returns, and
@@ -833,6 +894,31 @@ const SYNC_DOING: &str = "synchronizing after the chunked backward";
 mod tests {
     use super::*;
     use crate::testing::dims;
+
+    /// grad_dv's wide launch: real gates with more than one value tile of
+    /// 64; its grid the forward's wide grid, its bytes the wide layout's.
+    #[test]
+    fn wide_dv_rule() {
+        for (v, gates, wide) in [
+            (64, Gates::Real, false),
+            (65, Gates::Real, true),
+            (128, Gates::Real, true),
+            (128, Gates::Complex, false),
+            (200, Gates::Complex, false),
+        ] {
+            for dtype in Dtype::ALL {
+                let gp = plan(&dims(1, 200, 2, 40, v, false), dtype, gates).unwrap();
+                assert_eq!(gp.dv_wide, wide, "V = {v} {gates:?} {dtype}");
+                let lp = gp.forward;
+                let (grid, bytes) = if wide {
+                    (lp.wide_grid, chunk::wide_output_shared_bytes(dtype, gates))
+                } else {
+                    (lp.grid, shared_bytes(dtype, gates).2)
+                };
+                assert_eq!((gp.dv_grid, gp.shared_bytes.2), (grid, bytes), "V = {v} {gates:?} {dtype}");
+            }
+        }
+    }
 
     #[test]
     fn shared_memory_matches_the_kernel_layout() {
