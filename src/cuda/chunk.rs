@@ -37,10 +37,10 @@
 //! The output launch (3) has two kernels ([`ChunkOutput`] in
 //! [`ChunkConfig`]): the staged one (WMMA tiles, every operand through
 //! shared memory; the default, measured; in blocks of 128 value columns
-//! where V > 64, or of 64 at every V with [`ChunkOutput::StagedNarrow`]) and, for f16 and bf16 inputs, one
-//! on mma.sync register fragments (`cuda/chunk_frag.cuh`), which builds the
-//! operands each warp owns in its registers and stages only the state slab
-//! and V; same bounds, not bit for bit, and on an H200 (2026-12-04) 8% to
+//! where V > 64, or of 64 at every V with [`ChunkOutput::StagedNarrow`])
+//! and, for f16 and bf16 inputs, one on mma.sync register fragments
+//! (`cuda/chunk_frag.cuh`), which builds the operands each warp owns in its
+//! registers and stages only the state slab and V; same bounds, not bit for bit, and on an H200 (2026-12-04) 8% to
 //! 9% slower than the staged one (its L1/shared pipe as busy, 88%).
 //!
 //! Why: (1) and (3) are parallel over every chunk (B·H = 1 at L = 65536 gives
@@ -299,7 +299,7 @@ pub enum ChunkOutput {
     /// [`ChunkOutput::Staged`] in blocks of 64 value columns at every V (the
     /// staged launch as measured on an H200 on 2026-12-04): at V = 128 two
     /// blocks a chunk, each forming the same scores. Kept for the bench's
-    /// side-by-side (`chunked-real-narrow` against `chunked-real`).
+    /// side by side (`chunked-real-fast-narrow` against `chunked-real-fast`).
     StagedNarrow,
     /// Register fragments (mma.sync m16n8k16, `cuda/chunk_frag.cuh`): the
     /// operands a warp owns (decayed and anchored rows, the scores P) built
