@@ -231,11 +231,13 @@ __device__ __forceinline__ void chunk_output(const GateloopChunkParams& p) {
 // (A count above what the arch's shared memory holds only caps registers:
 // where a cap of 4 compiles spill-free and 3 does not, 4 it is.)
 // WIDE_MIN: the wide output launch's, the same as OUTPUT_MIN: its four
-// accumulators a warp fit the same caps spill-free (sm_90 real 16-bit 72 →
-// 80 registers at 3 an SM; complex 120-128 at 2; f32 real fast 96 → 128 at
-// 2, the rest 168 at 1), in the same shared memory for real gates (its V
-// passes in halves through the narrow final phase's bytes) and 8 KB more
-// for complex (98816 B: still 2 an SM on sm_90). For the
+// accumulators a warp fit the same caps spill-free (sm_90: real 16-bit 80
+// registers at 3 an SM, complex 123-128 at 2, f32 real 128 at 2, f32
+// complex 128-168 at 1, its 139 KB), in the same shared memory for real
+// gates (its V passes in halves through the narrow final phase's bytes)
+// and 8 KB more for complex (98816 B: still 2 an SM on sm_90); f32 real
+// exact at 1 on sm_80 (8 bytes spilled at 2, which its 105 KB do not fit
+// there). For the
 // walk the count is its grid's waves: at B8 L4096 H16 K = V = 64 its 512
 // blocks are two waves at 2 per SM of an H200's 132, one at 4 (real gates).
 // f32 kernels: 2 where two blocks fit and ptxas stays within 128 registers
@@ -262,7 +264,7 @@ __device__ __forceinline__ void chunk_output(const GateloopChunkParams& p) {
 // fast entries the input's own operand type.
 GATELOOP_CHUNK_ENTRIES(f32, float, OpTf32, c, true, exact, 3, 2, 1, 1, 1)
 GATELOOP_CHUNK_ENTRIES(f32, float, OpTf32, c, true, fast, 1, 2, 1, 1, 1)
-GATELOOP_CHUNK_ENTRIES(f32, float, OpTf32, r, false, exact, 3, 2, 1, 1, 1)
+GATELOOP_CHUNK_ENTRIES(f32, float, OpTf32, r, false, exact, 3, 2, 1, 1, GATELOOP_BY_ARCH(1, 2))
 GATELOOP_CHUNK_ENTRIES(f32, float, OpTf32, r, false, fast, 1, 2, 1, 2, 2)
 GATELOOP_CHUNK_ENTRIES(f16, __half, OpBf16, c, true, exact, 3, GATELOOP_BY_ARCH(2, 3), 1, 2, 2)
 GATELOOP_CHUNK_ENTRIES(f16, __half, OpF16, c, true, fast, 1, GATELOOP_BY_ARCH(2, 3), GATELOOP_BY_ARCH(1, 3), 2, 2)

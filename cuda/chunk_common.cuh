@@ -1345,6 +1345,12 @@ __device__ __forceinline__ void intra_pass(Block<input_t, kComplex, kLd>& blk, u
         add_diagonal_pairs(blk, qraw, kraw, d0, pdiag);
         __syncthreads();
         // out += X S (inner: this slab's kWidth), rows 16·yr, the warp's column blocks.
+        // Not unrolled (1 to 4 steps): unrolled, the wide launch's four
+        // accumulators took the complex dv kernel past 128 registers (16
+        // bytes spilled, sm_90); rolled, every kernel of this pass is at or
+        // below its registers before the wide launch (f32 complex output
+        // 234 → 194), the same operations in the same order.
+#pragma unroll 1
         for (int kk = 0; kk < kWidth; kk += Op::kK) {
 #pragma unroll
             for (int a = 0; a < kOut; ++a) {

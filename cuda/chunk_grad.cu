@@ -919,7 +919,8 @@ __device__ __forceinline__ void grad_dv(const GateloopChunkGradParams& g) {
 // block idled the SM — the gate prefix, the staging, the per-channel gate
 // scans.
 // f32: grad_w 2, grad_w_seq 1, grad_qk 1 (133 KB; 122 KB real), grad_dv 1
-// (spills 8 bytes at 128 registers).
+// (it spilled 8 bytes at 128 registers; since intra_pass's inter-chunk loop
+// is rolled, 112 real and 194 complex registers at 1).
 
 #define GATELOOP_CHUNK_GRAD_ENTRIES(DTYPE, TYPE, GATE, CPLX, W_MIN, SEQ_MIN, QK_MIN, DV_MIN)              \
     extern "C" __global__ void __launch_bounds__(gateloop::chunk::kThreads, W_MIN)                           \
@@ -948,20 +949,23 @@ GATELOOP_CHUNK_GRAD_ENTRIES(f16, __half, r, false, GATELOOP_BY_ARCH(2, 3), GATEL
 GATELOOP_CHUNK_GRAD_ENTRIES(bf16, __nv_bfloat16, r, false, GATELOOP_BY_ARCH(2, 3), GATELOOP_BY_ARCH(3, 4), 2,
                             GATELOOP_BY_ARCH(2, 3))
 
-// gateloop_chunk_grad_dv_wide_{dtype}_r: grad_dv over 128 value columns a
-// block (V > 64), real gates only. MIN as grad_dv's (sm_90: 80 registers
-// at 3 an SM, 16-bit; f32 168 at 1), spill-free on sm_80 and sm_90, in
-// grad_dv's shared bytes. The complex wide dv spills 16 bytes at grad_dv's
-// 2 blocks an SM (sm_90, 128 registers), and at 1 it would halve the
-// resident warps: complex gates keep the narrow launch.
-#define GATELOOP_CHUNK_GRAD_DV_WIDE_ENTRY(DTYPE, TYPE, MIN)                                                 \
+// gateloop_chunk_grad_dv_wide_{dtype}_{c,r}: grad_dv over 128 value
+// columns a block (V > 64). MIN as grad_dv's, spill-free on sm_80 and
+// sm_90 (sm_90: real 16-bit 80 registers at 3 an SM, complex 124 at 2; f32
+// complex 168 at 1, f32 real 128 at 2, 1 on sm_80, which its 105 KB do not
+// fit twice), in grad_dv's shared bytes for real gates and the forward's
+// wide output's for complex (98816 B in 16 bits: still 2 an SM).
+#define GATELOOP_CHUNK_GRAD_DV_WIDE_ENTRY(DTYPE, TYPE, GATE, CPLX, MIN)                                      \
     extern "C" __global__ void __launch_bounds__(gateloop::chunk::kThreads, MIN)                             \
-        gateloop_chunk_grad_dv_wide_##DTYPE##_r(const GateloopChunkGradParams g) {                          \
-        gateloop::chunk::grad_dv<TYPE, false, gateloop::chunk::kWideCols>(g);                               \
+        gateloop_chunk_grad_dv_wide_##DTYPE##_##GATE(const GateloopChunkGradParams g) {                     \
+        gateloop::chunk::grad_dv<TYPE, CPLX, gateloop::chunk::kWideCols>(g);                                \
     }
-GATELOOP_CHUNK_GRAD_DV_WIDE_ENTRY(f32, float, 1)
-GATELOOP_CHUNK_GRAD_DV_WIDE_ENTRY(f16, __half, GATELOOP_BY_ARCH(2, 3))
-GATELOOP_CHUNK_GRAD_DV_WIDE_ENTRY(bf16, __nv_bfloat16, GATELOOP_BY_ARCH(2, 3))
+GATELOOP_CHUNK_GRAD_DV_WIDE_ENTRY(f32, float, c, true, 1)
+GATELOOP_CHUNK_GRAD_DV_WIDE_ENTRY(f16, __half, c, true, 2)
+GATELOOP_CHUNK_GRAD_DV_WIDE_ENTRY(bf16, __nv_bfloat16, c, true, 2)
+GATELOOP_CHUNK_GRAD_DV_WIDE_ENTRY(f32, float, r, false, GATELOOP_BY_ARCH(1, 2))
+GATELOOP_CHUNK_GRAD_DV_WIDE_ENTRY(f16, __half, r, false, GATELOOP_BY_ARCH(2, 3))
+GATELOOP_CHUNK_GRAD_DV_WIDE_ENTRY(bf16, __nv_bfloat16, r, false, GATELOOP_BY_ARCH(2, 3))
 
 // gateloop_chunk_grad_adjoint_carry_{c,r}, and
 // gateloop_chunk_grad_adjoint_carry_packed_{c,r} for packed sequences

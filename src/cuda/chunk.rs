@@ -291,9 +291,9 @@ pub enum ChunkOutput {
     /// columns (`gateloop_chunk_output_wide_*`): a chunk's scores P (every
     /// key slab's q and k rows, anchored rows and diagonal pairs, most of the
     /// launch's work) are formed once for both 64-column halves, where
-    /// [`ChunkOutput::StagedNarrow`]'s two blocks each form them; the same
-    /// shared memory and, on sm_90, the same blocks an SM (speed log item
-    /// 23); bit for bit the narrow launch's.
+    /// [`ChunkOutput::StagedNarrow`]'s two blocks each form them; on sm_90
+    /// the same blocks an SM (the same shared memory for real gates; speed
+    /// log item 23); bit for bit the narrow launch's.
     #[default]
     Staged,
     /// [`ChunkOutput::Staged`] in blocks of 64 value columns at every V (the

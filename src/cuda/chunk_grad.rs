@@ -172,9 +172,7 @@ pub struct GradPlan {
     pub shared_bytes: (u32, u32, u32),
     /// Whether grad_dv runs its wide kernel, one block per 128 value columns
     /// (each chunk's scores formed once for both 64-column halves, as the
-    /// forward's wide output launch): real gates with V > 64. Complex gates
-    /// keep 64 columns a block (their wide kernel would spill at two blocks
-    /// an SM: cuda/chunk_grad.cu).
+    /// forward's wide output launch): where V > 64.
     pub dv_wide: bool,
     /// Blocks of grad_dv: the forward's `grid`, or `wide_grid` when `dv_wide`.
     pub dv_grid: u32,
@@ -243,7 +241,7 @@ fn plan_rows(dims: &Dims, dtype: Dtype, gates: Gates, carry: ChunkCarry, packed:
     // The h_final sink: one state per (b, h), packed per (sequence, h).
     let state = d.batch * d.heads * state;
     let workspace_len = sink_offset.checked_add(parts * state).ok_or_else(ws_error)?;
-    let dv_wide = gates == Gates::Real && forward.value_tiles > 1;
+    let dv_wide = forward.value_tiles > 1;
     let (w_bytes, qk_bytes, dv_bytes) = shared_bytes(dtype, gates);
     let dv_bytes = if dv_wide { chunk::wide_output_shared_bytes(dtype, gates) } else { dv_bytes };
     Ok(GradPlan {
@@ -266,9 +264,8 @@ pub(crate) struct ChunkGradKernels {
     w_seq: Vec<CudaFunction>,
     qk: Vec<CudaFunction>,
     dv: Vec<CudaFunction>,
-    /// grad_dv over 128 value columns a block, real gates only (`None` for
-    /// complex: [`GradPlan::dv_wide`]).
-    dv_wide: Vec<Option<CudaFunction>>,
+    /// grad_dv over 128 value columns a block ([`GradPlan::dv_wide`]).
+    dv_wide: Vec<CudaFunction>,
     adjoint_carry: Vec<CudaFunction>,
     /// The adjoint carry of packed sequences, `[gates]` (a kernel of its own,
     /// as the forward's packed carry).
@@ -287,21 +284,23 @@ impl ChunkGradKernels {
     /// Looks up every entry point and raises each function's dynamic shared
     /// memory limit to what it needs, where the device allows it.
     pub(crate) fn load(module: &Arc<CudaModule>, max_shared: usize) -> Result<Self, GpuError> {
-        let mut tables: [Vec<CudaFunction>; 5] = Default::default();
+        let mut tables: [Vec<CudaFunction>; 6] = Default::default();
         for dtype in Dtype::ALL {
             for gates in Gates::ALL {
                 let (w_bytes, qk_bytes, dv_bytes) = shared_bytes(dtype, gates);
                 let w_seq_bytes = chunk::sequential_shared_bytes(dtype, gates);
+                let dv_wide_bytes = chunk::wide_output_shared_bytes(dtype, gates);
                 for (table, kind, bytes) in [
                     (0, "w", w_bytes),
                     (1, "qk", qk_bytes),
                     (2, "dv", dv_bytes),
                     (3, "w_seq", w_seq_bytes),
                     (4, "dh0", 0),
+                    (5, "dv_wide", dv_wide_bytes),
                 ] {
                     let f = module
                         .load_function(&format!("gateloop_chunk_grad_{kind}_{}_{}", dtype.name(), gates.suffix()))
-                        .doing("looking up gateloop_chunk_grad_{w,qk,dv,w_seq,dh0}_*")?;
+                        .doing("looking up gateloop_chunk_grad_{w,qk,dv,w_seq,dh0,dv_wide}_*")?;
                     if bytes > 0 && bytes as usize <= max_shared {
                         f.set_attribute(
                             CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
@@ -314,29 +313,7 @@ impl ChunkGradKernels {
                 }
             }
         }
-        let [w, qk, dv, w_seq, dh0] = tables;
-        let mut dv_wide = Vec::new();
-        for dtype in Dtype::ALL {
-            for gates in Gates::ALL {
-                debug_assert_eq!(dv_wide.len(), kernel_index(dtype, gates));
-                if gates == Gates::Complex {
-                    dv_wide.push(None);
-                    continue;
-                }
-                let f = module
-                    .load_function(&format!("gateloop_chunk_grad_dv_wide_{}_r", dtype.name()))
-                    .doing("looking up gateloop_chunk_grad_dv_wide_*")?;
-                let bytes = chunk::wide_output_shared_bytes(dtype, gates);
-                if bytes as usize <= max_shared {
-                    f.set_attribute(
-                        CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
-                        bytes as i32,
-                    )
-                    .doing("raising the chunked backward kernels' dynamic shared memory limit")?;
-                }
-                dv_wide.push(Some(f));
-            }
-        }
+        let [w, qk, dv, w_seq, dh0, dv_wide] = tables;
         let carries = |prefix: &str| {
             Gates::ALL
                 .iter()
@@ -650,10 +627,10 @@ fn launch_backward<'a, T: Element>(
             "launching gateloop_chunk_grad_dh0",
         ));
     }
-    let (dv_kernel, dv_label) = match (gp.dv_wide, &kernels.dv_wide[dtype]) {
-        (true, Some(f)) => (f, "launching gateloop_chunk_grad_dv_wide"),
-        (false, _) => (&kernels.dv[dtype], "launching gateloop_chunk_grad_dv"),
-        (true, None) => unreachable!("GradPlan::dv_wide is for real gates, which have a wide dv kernel"),
+    let (dv_kernel, dv_label) = if gp.dv_wide {
+        (&kernels.dv_wide[dtype], "launching gateloop_chunk_grad_dv_wide")
+    } else {
+        (&kernels.dv[dtype], "launching gateloop_chunk_grad_dv")
     };
     launches.extend([
         (&kernels.qk[dtype], (gp.qk_grid, 1), block, qk_bytes, Arg::Grad(&params), "launching gateloop_chunk_grad_qk"),
@@ -697,7 +674,7 @@ fn launch_backward<'a, T: Element>(
         // null iff their flag is clear. Geometry as `plan` computed: blocks
         // of the __launch_bounds__ sizes, grids ≤ 2^31 − 1 (grad_dv's the
         // wide kernel's B·H·chunks·⌈V / 128⌉ exactly when it is
-        // gateloop_chunk_grad_dv_wide_{T}_r, whose tiles it computes from
+        // gateloop_chunk_grad_dv_wide_{T}_{g}, whose tiles it computes from
         // dims.value_dim the same way), dynamic shared
         // memory equal to each kernel's own layout (checked by the kernel)
         // and ≤ the limit raised at load (need ≤ max_shared checked above).
@@ -895,16 +872,17 @@ mod tests {
     use super::*;
     use crate::testing::dims;
 
-    /// grad_dv's wide launch: real gates with more than one value tile of
-    /// 64; its grid the forward's wide grid, its bytes the wide layout's.
+    /// grad_dv's wide launch: more than one value tile of 64; its grid the
+    /// forward's wide grid, its bytes the wide layout's.
     #[test]
     fn wide_dv_rule() {
         for (v, gates, wide) in [
             (64, Gates::Real, false),
             (65, Gates::Real, true),
             (128, Gates::Real, true),
-            (128, Gates::Complex, false),
-            (200, Gates::Complex, false),
+            (64, Gates::Complex, false),
+            (128, Gates::Complex, true),
+            (200, Gates::Complex, true),
         ] {
             for dtype in Dtype::ALL {
                 let gp = plan(&dims(1, 200, 2, 40, v, false), dtype, gates).unwrap();
