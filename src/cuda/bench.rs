@@ -793,7 +793,7 @@ pub fn chunked_cost_with(d: &Dims, t: Dtype, gates: Gates, carry: ChunkCarry) ->
 /// (grad_w's reads; writes the second ws once),
 /// grad_qk (q, k, v, dy, log_gate, both ws; writes dq, dk, dlog_gate) and
 /// grad_dv (q·vt, k·vt, log_gate·vt, dy, the adjoint ws; writes dv). The
-/// output launch (`ChunkOutput::Staged`) and, for real gates, grad_dv read
+/// output launch (`ChunkOutput::Staged`) and grad_dv read
 /// q, k and log_gate once per 128 value columns where V > 64 (their wide
 /// kernels): ot = ⌈V/128⌉ in place of vt there.
 /// At B8 L4096 H16 K = V = 64 bf16 the separate carry moves 3.75× the
@@ -806,7 +806,6 @@ pub fn chunked_traffic(d: &Dims, t: Dtype, gates: Gates, carry: ChunkCarry, back
     let vt = d.value_dim.div_ceil(chunk::VALUE_TILE) as f64;
     // The wide output blocks' tiles (V > 64; at V ≤ 64 one either way).
     let ot = d.value_dim.div_ceil(chunk::WIDE_TILE) as f64;
-    let dv_tiles = if gates == Gates::Real { ot } else { vt };
     let nc = d.len.div_ceil(chunk::CHUNK_LEN) as f64;
     let bh = (d.batch * d.heads) as f64;
     let (qk, v, gate) = (e * d.qk_len() as f64, e * d.v_len() as f64, 4.0 * p * d.gate_len() as f64);
@@ -830,7 +829,7 @@ pub fn chunked_traffic(d: &Dims, t: Dtype, gates: Gates, carry: ChunkCarry, back
     let grad_w = qk * vt + v + gate * vt + ws;
     let adjoint_carry = 2.0 * ws + decays + segment_pass;
     let grad_qk = 2.0 * qk + 2.0 * v + gate + 2.0 * ws + 2.0 * qk + gate;
-    let grad_dv = 2.0 * qk * dv_tiles + gate * dv_tiles + v + ws + v;
+    let grad_dv = 2.0 * qk * ot + gate * ot + v + ws + v;
     // The sequential carry's grad_w_seq writes D where grad_w wrote W, and
     // there is no adjoint carry pass.
     let adjoints = if sequential { grad_w } else { grad_w + adjoint_carry };
