@@ -197,9 +197,7 @@ template <typename input_t, class Op, bool kComplex, int kTerms, int kCols = kVT
 __device__ __forceinline__ void chunk_output(const GateloopChunkParams& p) {
     extern __shared__ __align__(128) unsigned char smem[];
     check_shared(p.shared_bytes, output_smem_bytes<Op, kComplex, kCols>());
-    const int64_t tiles = kCols == kVTile ? p.value_tiles : (p.dims.value_dim + kCols - 1) / kCols;
-    Block<input_t, kComplex, kPrefixLd> blk(p, smem, tiles);
-    blk.v0 = blk.vt * kCols;
+    auto blk = Block<input_t, kComplex, kPrefixLd>::of_tiles(p, smem, kCols);
     if (!blk.has_chunk()) return;  // an empty packed slot: the whole block, before any barrier
     intra_pass<Op, kTerms, false, kCols>(blk, smem, p.ws_state, blk.v, p.v_strides,
                                          seq_row_mut<input_t>(p.y, p.y_strides, blk.b, blk.h), p.y_strides);

@@ -494,11 +494,20 @@ struct Block {
     // as the backward's dq/dk kernel launches).
     __device__ __forceinline__ Block(const GateloopChunkParams& params, unsigned char* smem, int64_t value_tiles)
         : Block(params, smem, value_tiles, params.num_chunks, blockIdx.x) {}
-    // Block `index` of a grid of value tiles (fastest), `grid_chunks` chunks,
-    // then (b, h); grid_chunks = 1 for the kernels that walk the chunks
-    // (at_chunk).
+    // A per-chunk grid of tiles of `tile_cols` value columns: kVTile
+    // (p.value_tiles of them), or kWideCols, the wide launches' ⌈V / 128⌉
+    // (intra_pass's kCols).
+    __device__ __forceinline__ static Block of_tiles(const GateloopChunkParams& params, unsigned char* smem,
+                                                     int tile_cols) {
+        const int64_t tiles =
+            tile_cols == kVTile ? params.value_tiles : (params.dims.value_dim + tile_cols - 1) / tile_cols;
+        return Block(params, smem, tiles, params.num_chunks, blockIdx.x, tile_cols);
+    }
+    // Block `index` of a grid of value tiles of `tile_cols` columns
+    // (fastest), `grid_chunks` chunks, then (b, h); grid_chunks = 1 for the
+    // kernels that walk the chunks (at_chunk).
     __device__ __forceinline__ Block(const GateloopChunkParams& params, unsigned char* smem, int64_t value_tiles,
-                                     int64_t grid_chunks, int64_t index)
+                                     int64_t grid_chunks, int64_t index, int tile_cols = kVTile)
         : p(params) {
         tid = threadIdx.x;
         warp = tid >> 5;
@@ -509,7 +518,7 @@ struct Block {
         const BatchHead bhi = batch_head(bh, p.dims.heads);
         b = bhi.b;
         h = bhi.h;
-        v0 = vt * kVTile;
+        v0 = vt * tile_cols;
         at_chunk(chunk);
         per_head = p.dims.gate_dim == 1;
         q = seq_row<input_t>(p.q, p.q_strides, b, h);

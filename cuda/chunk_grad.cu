@@ -884,10 +884,7 @@ __device__ __forceinline__ void grad_dv(const GateloopChunkGradParams& g) {
     using Op = typename OpOf<input_t>::type;
     extern __shared__ __align__(128) unsigned char smem[];
     check_shared(g.dv_shared_bytes, output_smem_bytes<Op, kComplex, kCols>());
-    const GateloopChunkParams& p = g.fwd;
-    const int64_t tiles = kCols == kVTile ? p.value_tiles : (p.dims.value_dim + kCols - 1) / kCols;
-    Block<input_t, kComplex, kPrefixLd> blk(p, smem, tiles);
-    blk.v0 = blk.vt * kCols;
+    auto blk = Block<input_t, kComplex, kPrefixLd>::of_tiles(g.fwd, smem, kCols);
     if (!blk.has_chunk()) return;  // an empty packed slot: the whole block, before any barrier
     intra_pass<Op, kGradTerms, true, kCols>(blk, smem, g.ws_adj, seq_row<input_t>(g.dy, g.dy_strides, blk.b, blk.h),
                                             g.dy_strides, seq_row_mut<input_t>(g.dv, g.dv_strides, blk.b, blk.h),

@@ -489,6 +489,19 @@ pub struct LaunchPlan {
 }
 
 impl LaunchPlan {
+    /// The staged output launch's (the default `ChunkOutput::Staged`'s, and
+    /// the backward's dv launch, which runs its pass) kernel, blocks and
+    /// dynamic shared memory: `(true, wide_grid, wide_output_shared_bytes)`,
+    /// the wide kernel, where V > 64 (more than one value tile), else
+    /// `(false, grid, output_shared_bytes)`.
+    pub fn staged_output(&self) -> (bool, u32, u32) {
+        if self.value_tiles > 1 {
+            (true, self.wide_grid, self.wide_output_shared_bytes)
+        } else {
+            (false, self.grid, self.output_shared_bytes)
+        }
+    }
+
     /// Points `params` at the carry's segments in the workspace at device
     /// address `workspace`, where this plan runs the carry in segments (the
     /// forward's launch and the backward's).
@@ -766,14 +779,13 @@ fn launch<T: Element>(
     let i = table_index(T::DTYPE, gates, config.precision);
     const OUTPUT: &str = "launching gateloop_chunk_output";
     let (output_kernel, output_grid, output_bytes, output_label) = match config.output {
-        // More than one value tile: the wide blocks, each forming its
-        // chunk's scores once for 128 columns.
-        ChunkOutput::Staged if lp.value_tiles > 1 => {
-            (&kernels.output_wide[i], lp.wide_grid, lp.wide_output_shared_bytes, "launching gateloop_chunk_output_wide")
-        }
-        ChunkOutput::Staged | ChunkOutput::StagedNarrow => {
-            (&kernels.output[i], lp.grid, lp.output_shared_bytes, OUTPUT)
-        }
+        // Where V > 64 the wide blocks, each forming its chunk's scores once
+        // for 128 columns.
+        ChunkOutput::Staged => match lp.staged_output() {
+            (true, grid, bytes) => (&kernels.output_wide[i], grid, bytes, "launching gateloop_chunk_output_wide"),
+            (false, grid, bytes) => (&kernels.output[i], grid, bytes, OUTPUT),
+        },
+        ChunkOutput::StagedNarrow => (&kernels.output[i], lp.grid, lp.output_shared_bytes, OUTPUT),
         ChunkOutput::Fragments => match (&kernels.output_fragments[i], lp.fragment_output_shared_bytes) {
             (Some(f), Some(bytes)) => (f, lp.grid, bytes, OUTPUT),
             _ => {

@@ -241,9 +241,9 @@ fn plan_rows(dims: &Dims, dtype: Dtype, gates: Gates, carry: ChunkCarry, packed:
     // The h_final sink: one state per (b, h), packed per (sequence, h).
     let state = d.batch * d.heads * state;
     let workspace_len = sink_offset.checked_add(parts * state).ok_or_else(ws_error)?;
-    let dv_wide = forward.value_tiles > 1;
-    let (w_bytes, qk_bytes, dv_bytes) = shared_bytes(dtype, gates);
-    let dv_bytes = if dv_wide { chunk::wide_output_shared_bytes(dtype, gates) } else { dv_bytes };
+    // grad_dv runs the output launch's pass: the staged output's kernel choice.
+    let (dv_wide, dv_grid, dv_bytes) = forward.staged_output();
+    let (w_bytes, qk_bytes, _) = shared_bytes(dtype, gates);
     Ok(GradPlan {
         forward,
         qk_grid,
@@ -252,7 +252,7 @@ fn plan_rows(dims: &Dims, dtype: Dtype, gates: Gates, carry: ChunkCarry, packed:
         workspace_len,
         shared_bytes: (w_bytes, qk_bytes, dv_bytes),
         dv_wide,
-        dv_grid: if dv_wide { forward.wide_grid } else { forward.grid },
+        dv_grid,
     })
 }
 
