@@ -281,19 +281,22 @@ GATELOOP_CHUNK_ENTRIES(bf16, __nv_bfloat16, OpBf16, r, false, fast, 1,
 // gateloop_chunk_output_frag_{f16,bf16}_{c,r}_{exact,fast}: the output launch
 // on register fragments (cuda/chunk_frag.cuh), 16-bit inputs only (m16n8k16
 // operands), the same operand types as the staged entries. MIN: blocks per SM
-// (2: 128 registers, spill-free on sm_80 and sm_90; ~60 KB of shared memory).
+// (2: 128 registers, spill-free on sm_80 and sm_90; ~60 KB of shared memory),
+// except the complex entries on sm_80, whose 128 spilled (4 bytes Exact once
+// the factors took the SFU's exp, sfu_exp_nonpos; 64 Fast once the diagonal
+// blocks took the cross rows, add_diagonal_cross): one block an SM there.
 #define GATELOOP_CHUNK_FRAG_ENTRY(DTYPE, TYPE, OP, GATE, CPLX, PREC, TERMS, MIN)                        \
     extern "C" __global__ void __launch_bounds__(gateloop::chunk::kThreads, MIN)                        \
         gateloop_chunk_output_frag_##DTYPE##_##GATE##_##PREC(const GateloopChunkParams p) {             \
         gateloop::chunk::chunk_output_frag<TYPE, gateloop::chunk::OP, CPLX, TERMS>(p);                  \
     }
 
-GATELOOP_CHUNK_FRAG_ENTRY(f16, __half, OpBf16, c, true, exact, 3, 2)
-GATELOOP_CHUNK_FRAG_ENTRY(f16, __half, OpF16, c, true, fast, 1, 2)
+GATELOOP_CHUNK_FRAG_ENTRY(f16, __half, OpBf16, c, true, exact, 3, GATELOOP_BY_ARCH(1, 2))
+GATELOOP_CHUNK_FRAG_ENTRY(f16, __half, OpF16, c, true, fast, 1, GATELOOP_BY_ARCH(1, 2))
 GATELOOP_CHUNK_FRAG_ENTRY(f16, __half, OpBf16, r, false, exact, 3, 2)
 GATELOOP_CHUNK_FRAG_ENTRY(f16, __half, OpF16, r, false, fast, 1, 2)
-GATELOOP_CHUNK_FRAG_ENTRY(bf16, __nv_bfloat16, OpBf16, c, true, exact, 3, 2)
-GATELOOP_CHUNK_FRAG_ENTRY(bf16, __nv_bfloat16, OpBf16, c, true, fast, 1, 2)
+GATELOOP_CHUNK_FRAG_ENTRY(bf16, __nv_bfloat16, OpBf16, c, true, exact, 3, GATELOOP_BY_ARCH(1, 2))
+GATELOOP_CHUNK_FRAG_ENTRY(bf16, __nv_bfloat16, OpBf16, c, true, fast, 1, GATELOOP_BY_ARCH(1, 2))
 GATELOOP_CHUNK_FRAG_ENTRY(bf16, __nv_bfloat16, OpBf16, r, false, exact, 3, 2)
 GATELOOP_CHUNK_FRAG_ENTRY(bf16, __nv_bfloat16, OpBf16, r, false, fast, 1, 2)
 

@@ -731,7 +731,7 @@ struct Block {
         return modulus_of(late, early, cl, gre[at(early, cl)], glo[at(early, cl)]);
     }
     __device__ __forceinline__ float modulus_of(int late, int early, int cl, float e, float e_lo) const {
-        const float w = expf(fminf(re_diff(gre[at(late, cl)], glo[at(late, cl)], e, e_lo), 0.f));
+        const float w = sfu_exp_nonpos(fminf(re_diff(gre[at(late, cl)], glo[at(late, cl)], e, e_lo), 0.f));
         return rst[at(late, cl)] > early ? 0.f : w;
     }
     __device__ __forceinline__ float cos_at(int t, int cl) const { return kComplex ? gcs[at(t, cl)] : 1.f; }
@@ -1186,49 +1186,153 @@ __device__ __forceinline__ int pair_of(int i, int j) {
     return j == 0 ? i - 1 : (j == 1 ? i + 1 : 5);
 }
 
-// The causal pairs (row r, column c ≤ r) of a 16 × 16 diagonal block, 136 of
-// them, numbered without a square root: rows f and 15 − f hold 17 pairs
-// together, so pair t is in fold f = t / 17, at (f, e) for e = t % 17 ≤ f,
-// else at (15 − f, e − f − 1).
-constexpr int kDiagPairs = kSub * (kSub + 1) / 2;
-__device__ __forceinline__ int2 diag_pair(int t) {
-    const int f = t / (kSub + 1);
-    const int e = t - f * (kSub + 1);
-    return e <= f ? make_int2(f, e) : make_int2(kSub - 1 - f, e - f - 1);
+// The diagonal 16 × 16 score blocks are formed in halves of kPiece = 8
+// steps: the causal pairs inside each half pairwise (each factor one exp of
+// a direct difference), and the 8 × 8 block between them (query steps 8 ..
+// 15 of the sub-chunk against key steps 0 .. 7) as anchored products at the
+// first half's last step r: q_n |E(n, r)| e^{iθ_n} · k_m |E(r, m)| e^{−iθ_m},
+// both factors ≤ 1, 0 across a reset, as the off-diagonal sub-chunk blocks
+// are formed (put_anchored_rows). Why: pairwise, a sub-chunk's 136 pairs
+// take an exp and seven table reads per pair and channel (the diagonal
+// pairs were about 45% of the output launch's instructions per slab); the
+// halves take 2 × 36 pairs, and the block between them 16 rows of factors
+// (an exp each) and 64 products of 16 (32 complex) FMAs. Per slab the 288
+// pairs and the 256 cross products are one and about one per thread, where
+// the 544 pairs were three for a warp and two for the others.
+constexpr int kPiece = kSub / 2;
+constexpr int kPieces = kChunk / kPiece;
+constexpr int kPiecePairs = kPiece * (kPiece + 1) / 2;  // 36
+constexpr int kCrossRows = kSubs * kPiece;              // 32 anchored query rows, 32 key rows
+static_assert(kSubs * kPiece * kPiece == kThreads, "one cross product per thread");
+
+// The causal pairs (row r, column c ≤ r) of a kPiece × kPiece block, 36 of
+// them, numbered without a square root: rows f and 7 − f hold 9 pairs
+// together, so pair t is in fold f = t / 9, at (f, e) for e = t % 9 ≤ f,
+// else at (7 − f, e − f − 1).
+__device__ __forceinline__ int2 piece_pair(int t) {
+    const int f = t / (kPiece + 1);
+    const int e = t - f * (kPiece + 1);
+    return e <= f ? make_int2(f, e) : make_int2(kPiece - 1 - f, e - f - 1);
 }
 
-// The four diagonal 16 × 16 score blocks of slab d0, pairwise in f32 (raw
-// q, k in qraw, kraw [kChunk][kSlab]; the prefix tables of the slab):
+// The cross rows' scratch (f32, kCrossRows query rows then kCrossRows key
+// rows, each [Re | −Im] or [Re | Im] of the slab's channels, Re only for
+// real gates): rows of kPrefixLd (real: 80 bytes, so the eight key rows a
+// quarter-warp reads at one column fall in eight 16-byte bank groups) or,
+// complex, of 2·kSlab with the 16-byte group XOR-swizzled by the row (8
+// groups a row: the same, in 8 KB). cross_scratch_bytes: what the caller
+// lends (intra_pass: the warps' staging tiles, idle in the slab loop).
+template <bool kComplex>
+__host__ __device__ constexpr int cross_ld() {
+    return kComplex ? 2 * kSlab : kPrefixLd;
+}
+template <bool kComplex>
+__host__ __device__ constexpr int cross_scratch_bytes() {
+    return 2 * kCrossRows * cross_ld<kComplex>() * 4;
+}
+static_assert(cross_scratch_bytes<true>() <= kStagingBytes && cross_scratch_bytes<false>() <= kStagingBytes,
+              "the cross rows fit the staging tiles");
+// Entry (row, 16-byte group g) of the cross scratch.
+template <bool kComplex>
+__device__ __forceinline__ int cross_at(int row, int g) {
+    return row * cross_ld<kComplex>() + 4 * (kComplex ? (g ^ (row & 7)) : g);
+}
+
+// The diagonal 16 × 16 score blocks of slab d0, first part (raw q, k in
+// qraw, kraw [kChunk][kSlab]; the prefix tables of the slab):
 // pdiag[(16·sb + r)·16 + c] += Σ_d q_nd k_md Re E(n, m)_d for n = 16·sb + r,
-// m = 16·sb + c ≤ n, over the causal pairs only (diag_pair: no thread idles
-// on m > n), each pair by one thread of the block, in channel order. The
-// forward's and the backward's dv pass (intra_pass) and the forward's
+// m = 16·sb + c ≤ n inside one half (r, c < 8 or r, c ≥ 8), pairwise, each
+// pair by one thread of the block, in channel order; and the cross rows
+// into `scratch` (cross_scratch_bytes) for add_diagonal_cross. The forward's
+// and the backward's dv pass (intra_pass) and the forward's
 // register-fragment output pass (cuda/chunk_frag.cuh). Call between
-// barriers (qraw, kraw, the tables staged; pdiag not read by others).
+// barriers (qraw, kraw, the tables staged; pdiag's diagonal-half elements
+// and the scratch not read by others), and add_diagonal_cross after the
+// next barrier.
 template <typename input_t, bool kComplex, int kLd>
 __device__ __forceinline__ void add_diagonal_pairs(const Block<input_t, kComplex, kLd>& blk, const float* qraw,
-                                                   const float* kraw, int64_t d0, float* pdiag) {
-    for (int i = blk.tid; i < kSubs * kDiagPairs; i += kThreads) {
-        const int sb = i / kDiagPairs;
-        const int2 rc = diag_pair(i - sb * kDiagPairs);
-        const int nn = sb * kSub + rc.x;
-        const int m = sb * kSub + rc.y;
+                                                   const float* kraw, int64_t d0, float* pdiag, float* scratch) {
+    // The cross rows: row i < 32 is query step 16·(i / 8) + 8 + i % 8, row
+    // 32 + i key step 16·(i / 8) + i % 8, anchor 16·(i / 8) + 7 (for_tile's
+    // row blocks of 16: u = 0, 1 the query rows, 2, 3 the key rows).
+    static_assert(TileSlot<kSlab>::kStep == 16 && 2 * kCrossRows == 64, "four row blocks of 16");
+    for_tile<2 * kCrossRows, kSlab>(TileSlot<kSlab>(blk.tid), [&](int u, int row, int j) {
+        const bool query = u < 2;
+        const int i = query ? row : row - kCrossRows;
+        const int anchor = kSub * (i / kPiece) + kPiece - 1;
+        const int step = kSub * (i / kPiece) + (query ? kPiece : 0) + i % kPiece;
+        const int cl = blk.col(j);
+        const float w = query ? blk.modulus_within(step, anchor, cl) * qraw[blk.at(step, j)]
+                              : blk.modulus_within(anchor, step, cl) * kraw[blk.at(step, j)];
+        float* r = scratch + (query ? 0 : kCrossRows * cross_ld<kComplex>());
+        r[cross_at<kComplex>(i, j >> 2) + (j & 3)] = w * blk.cos_at(step, cl);
+        if (kComplex) r[cross_at<kComplex>(i, (kSlab + j) >> 2) + (j & 3)] = -(w * blk.sin_at(step, cl));
+    });
+    for (int i = blk.tid; i < kPieces * kPiecePairs; i += kThreads) {
+        const int pc = i / kPiecePairs;
+        const int2 rc = piece_pair(i - pc * kPiecePairs);
+        const int nn = pc * kPiece + rc.x;
+        const int m = pc * kPiece + rc.y;
+        const int sb = pc / 2;
+        const int r16 = nn - sb * kSub, c16 = m - sb * kSub;
         const int cols = blk.gate_cols(d0);
         float acc = 0.f;
+        // Re e^{i(θ_n − θ_m)} = cos θ_n cos θ_m + sin θ_n sin θ_m; real gates
+        // skip it (nvcc does not fold the fmaf of the tables' constant 1 and
+        // 0, and multiplied every factor by the 1 it returns).
+        auto phase = [&](float w, int cl) {
+            if constexpr (!kComplex) return w;
+            return w * fmaf(blk.cos_at(nn, cl), blk.cos_at(m, cl), blk.sin_at(nn, cl) * blk.sin_at(m, cl));
+        };
         if (blk.per_head) {
             float dot = 0.f;
             for (int j = 0; j < kSlab; ++j) dot = fmaf(qraw[blk.at(nn, j)], kraw[blk.at(m, j)], dot);
-            const float cosd = fmaf(blk.cos_at(nn, 0), blk.cos_at(m, 0), blk.sin_at(nn, 0) * blk.sin_at(m, 0));
-            acc = blk.modulus_within(nn, m, 0) * cosd * dot;
+            acc = phase(blk.modulus_within(nn, m, 0), 0) * dot;
         } else {
-            for (int j = 0; j < cols; ++j) {
+            auto channel = [&](int j) {
                 const float qk = qraw[blk.at(nn, j)] * kraw[blk.at(m, j)];
-                const float cosd = fmaf(blk.cos_at(nn, j), blk.cos_at(m, j), blk.sin_at(nn, j) * blk.sin_at(m, j));
-                acc = fmaf(blk.modulus_within(nn, m, j) * cosd, qk, acc);
+                acc = fmaf(phase(blk.modulus_within(nn, m, j), j), qk, acc);
+            };
+            // A whole slab (every slab where K is a multiple of 16) in
+            // passes of four channels without a remainder (unroll 4; a full
+            // unroll spilled in six kernels); the same operations in the
+            // same order.
+            if (cols == kSlab) {
+#pragma unroll 4
+                for (int j = 0; j < kSlab; ++j) channel(j);
+            } else {
+                for (int j = 0; j < cols; ++j) channel(j);
             }
         }
-        pdiag[(sb * kSub + rc.x) * kSub + rc.y] += acc;
+        pdiag[(sb * kSub + r16) * kSub + c16] += acc;
     }
+}
+
+// The diagonal blocks' second part: thread tid's element (query step
+// 16·sb + 8 + r, key step 16·sb + c), sb = tid / 64, r = tid / 8 % 8,
+// c = tid % 8, of the 8 × 8 block between the halves: pdiag += Σ over the
+// slab's [Re | Im] columns of the cross rows' products (add_diagonal_pairs
+// staged them), in column order. Call after the barrier that follows
+// add_diagonal_pairs, and before the barrier that ends the slab (the next
+// slab's add_diagonal_pairs overwrites the scratch).
+template <bool kComplex>
+__device__ __forceinline__ void add_diagonal_cross(int tid, const float* scratch, float* pdiag) {
+    const int sb = tid / (kPiece * kPiece);
+    const int r = tid / kPiece % kPiece;
+    const int c = tid % kPiece;
+    const int qi = sb * kPiece + r, ki = sb * kPiece + c;
+    const float* krows = scratch + kCrossRows * cross_ld<kComplex>();
+    float acc = 0.f;
+#pragma unroll
+    for (int g = 0; g < slab_width<kComplex>() / 4; ++g) {
+        const float4 x = *reinterpret_cast<const float4*>(scratch + cross_at<kComplex>(qi, g));
+        const float4 y = *reinterpret_cast<const float4*>(krows + cross_at<kComplex>(ki, g));
+        acc = fmaf(x.x, y.x, acc);
+        acc = fmaf(x.y, y.y, acc);
+        acc = fmaf(x.z, y.z, acc);
+        acc = fmaf(x.w, y.w, acc);
+    }
+    pdiag[(sb * kSub + kPiece + r) * kSub + c] += acc;
 }
 
 // The anchored rows of the six off-diagonal sub-chunk blocks of slab d0 (raw
@@ -1310,7 +1414,10 @@ __device__ __forceinline__ void intra_pass(Block<input_t, kComplex, kLd>& blk, u
     at = union_at + output_union_bytes<Op, kComplex, kCols>();
     float* pdiag = reinterpret_cast<float*>(at);  // [kSubs][16][16]
     at += kSubs * kSub * kSub * 4;
-    float* staging = reinterpret_cast<float*>(at) + blk.warp * 256;
+    // The warps' staging tiles: the diagonal blocks' cross rows in the slab
+    // loop (add_diagonal_pairs), the score blocks and the drain after it.
+    float* cross = reinterpret_cast<float*>(at);
+    float* staging = cross + blk.warp * 256;
 
     const GateloopChunkParams& p = blk.p;
     const int64_t key_dim = p.dims.key_dim;
@@ -1351,8 +1458,9 @@ __device__ __forceinline__ void intra_pass(Block<input_t, kComplex, kLd>& blk, u
             put_inter_queries<Op, kTerms>(blk, qraw, qe);
         }
         put_anchored_rows<Op, kTerms>(blk, qraw, kraw, qa, ka);
-        add_diagonal_pairs(blk, qraw, kraw, d0, pdiag);
+        add_diagonal_pairs(blk, qraw, kraw, d0, pdiag, cross);
         __syncthreads();
+        add_diagonal_cross<kComplex>(tid, cross, pdiag);
         // out += X S (inner: this slab's kWidth), rows 16·yr, the warp's column blocks.
         // Not unrolled (1 to 4 steps): unrolled, the wide launch's four
         // accumulators took the complex dv kernel past 128 registers (16
@@ -1383,7 +1491,7 @@ __device__ __forceinline__ void intra_pass(Block<input_t, kComplex, kLd>& blk, u
     // through the warps' staging tiles, the diagonal from pdiag, zeros above.
     if (pair < kPairs) wmma::store_matrix_sync(staging, sacc, 16, wmma::mem_row_major);
     __syncthreads();
-    float* staging0 = staging - blk.warp * 256;
+    float* staging0 = cross;
     // Items u of row block bi = u / (kSub / kStep) (a thread's rows stay
     // inside one 16-row block for kSub / kStep items).
     constexpr int kStep = TileSlot<kChunk>::kStep;

@@ -26,7 +26,8 @@
 // accumulator tiles a warp, which keeps sm_80's 128 registers spill-free)
 // and hand them to each other through shared memory after the last slab
 // (both need all of P_i for their own value columns). The diagonal blocks
-// are the staged pass's (add_diagonal_pairs, every thread of the block).
+// are the staged pass's (add_diagonal_pairs and add_diagonal_cross, every
+// thread of the block).
 // After the last slab P's A fragments are read from those two tables.
 //
 // Precision: as the staged pass's, kTerms = 3 (exact: operands split
@@ -149,6 +150,7 @@ __device__ __forceinline__ void chunk_output_frag(const GateloopChunkParams& p) 
     const Split<Op> vs = carve<Op>(at, kChunk, ld_tile<Op>());
     float* pdiag = reinterpret_cast<float*>(at);  // [kSubs][16][16]
     float* poff = pdiag + kSubs * kSub * kSub;    // [kOffRows][kOffLd]
+    static_assert(cross_scratch_bytes<kComplex>() <= kOffRows * kOffLd * 4, "the cross rows fit poff");
 
     const int64_t key_dim = p.dims.key_dim;
     const int lane = blk.tid & 31;
@@ -252,7 +254,10 @@ __device__ __forceinline__ void chunk_output_frag(const GateloopChunkParams& p) 
                 for (int ks = 0; ks < kSteps; ++ks) frag::mma_split<Op, kTerms>(sacc[u], qa[ks], kb[ks]);
             }
         }
-        add_diagonal_pairs(blk, qraw, kraw, d0, pdiag);
+        // The cross rows in poff, idle until the slab loop ends.
+        add_diagonal_pairs(blk, qraw, kraw, d0, pdiag, poff);
+        __syncthreads();
+        add_diagonal_cross<kComplex>(blk.tid, poff, pdiag);
         __syncthreads();
     }
 

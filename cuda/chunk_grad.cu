@@ -362,7 +362,6 @@ __device__ __forceinline__ void grad_dh0(const GateloopChunkGradParams& g) {
     const input_t* __restrict__ q = seq_row<input_t>(p.q, p.q_strides, row_b, h) + first * p.q_strides.time;
     const input_t* __restrict__ dy = seq_row<input_t>(g.dy, g.dy_strides, row_b, h) + first * g.dy_strides.time;
     const int n0 = static_cast<int>(min(static_cast<int64_t>(kChunk), len));
-    constexpr float kLog2e = 1.4426950408889634f;
     float2 pr = make_float2(1.f, 0.f);  // E(n, −1) = pr · 2^ex
     int ex = 0;
     float2 w = make_float2(0.f, 0.f);  // W_0
@@ -633,9 +632,13 @@ __device__ __forceinline__ void grad_qk(const GateloopChunkGradParams& g) {
                 const float xg = (snm * qn * km) * e;
                 const float cm = blk.cos_at(m, cl), sm = blk.sin_at(m, cl);
                 qr = fmaf(x, cm, qr);
-                qi = fmaf(-x, sm, qi);
                 gqr = fmaf(xg, cm, gqr);
-                gqi = fmaf(-xg, sm, gqi);
+                // Real gates: sin ≡ 0, and nvcc keeps fmaf(x, 0, y) (not y for
+                // an infinite x): two FFMAs of the loop's ~16 a pair.
+                if constexpr (kComplex) {
+                    qi = fmaf(-x, sm, qi);
+                    gqi = fmaf(-xg, sm, gqi);
+                }
             }
             const int s1 = min(s0 + kSub, blk.n);
 #pragma unroll 2
@@ -646,9 +649,11 @@ __device__ __forceinline__ void grad_qk(const GateloopChunkGradParams& g) {
                 const float xg = (smn * qm * kn) * e;
                 const float cm = blk.cos_at(m, cl), sm = blk.sin_at(m, cl);
                 kr = fmaf(x, cm, kr);
-                ki = fmaf(x, sm, ki);
                 gkr = fmaf(xg, cm, gkr);
-                gki = fmaf(xg, sm, gki);
+                if constexpr (kComplex) {
+                    ki = fmaf(x, sm, ki);
+                    gki = fmaf(xg, sm, gki);
+                }
             }
             aq[i] = make_float2(qr, qi);
             upr[n * kLdGate + d] = make_float2(kr, ki);

@@ -68,11 +68,41 @@ __device__ __forceinline__ float2 load_log_gate(const float* __restrict__ p, int
     return g;
 }
 
+constexpr float kLog2e = 1.4426950408889634f;
+
 // |a| = e^{Re log_gate} as 2^(Re · log2 e): a reset (−inf) gives 0 exactly.
 // A real gate's a (phase ≡ 0) is this alone.
 __device__ __forceinline__ float gate_modulus(float log_gate_re) {
-    constexpr float kLog2e = 1.4426950408889634f;
     return exp2f(log_gate_re * kLog2e);
+}
+
+// e^x for x ≤ 0 on the SFU: (2^(x·log2 e / 2))², the half power by PTX
+// ex2.approx.ftz.f32. Three instructions (FMUL, MUFU.EX2, FMUL), where expf
+// is eight (a Cody–Waite reduction, the SFU, a scale: sm_90 SASS, nvdisasm
+// 13.x) and exp2f five (its subnormal-result fix-up, predicated). The
+// chunked kernels' pairwise and anchored factors |E(late, early)| are one
+// such exp each: about a fifth of the 2026-12-04 output launch's
+// instructions. Why the square: the half power stays normal down to
+// x·log2 e = −252, so results in f32's subnormal range (a gate of
+// e^{−90} before the chunk: tests/gpu_chunked_grad.rs,
+// dh0_after_a_subnormal_first_gate) keep their value, where the ftz
+// instruction alone flushed them to 0. Accuracy: the SFU's 2 ulp (exp2f's
+// documented bound; exp2f is this instruction) doubled by the square, plus
+// the product's rounding, a relative 2^-24 of x·log2 e, that is |x|·2^-24
+// relative in the result, at most 2^-24/e of the largest factor (x = −1):
+// about 4 ulp in all, against expf's 2. The emulator (no __CUDA_ARCH__)
+// takes exp2f (the fake driver's, perturbed) for the half power, flushed
+// alike.
+__device__ __forceinline__ float sfu_exp_nonpos(float x) {
+    const float half = x * (0.5f * kLog2e);
+#ifdef __CUDA_ARCH__
+    float r;
+    asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(r) : "f"(half));
+#else
+    float r = exp2f(half);
+    if (r < 0x1p-126f) r = 0.f;
+#endif
+    return r * r;
 }
 
 // exp of a complex log gate: a = 2^(Re·log2 e) · (cos Im, sin Im).
