@@ -62,9 +62,12 @@
 //!   i.e. ONE real GEMM with inner dimension 2K,
 //!   `[Re q̃, −Im q̃] (rows after j × 2K) · [Re k̃, Im k̃]ᵀ (2K × S)`, for all
 //!   later queries against sub-chunk j at once;
-//! - diagonal sub-chunks, pairwise (m ≤ n): `score_nm = Σ_d exp(Re G_nd −
-//!   Re G_md) · (qc_n kc_m + qs_n ks_m)_d` = `Σ_d q_nd k_md Re E(n, m)_d`,
-//!   each modulus exponent a direct difference;
+//! - diagonal sub-chunks in two halves: inside a half pairwise (m ≤ n):
+//!   `score_nm = Σ_d exp(Re G_nd − Re G_md) · (qc_n kc_m + qs_n ks_m)_d` =
+//!   `Σ_d q_nd k_md Re E(n, m)_d`, each modulus exponent a direct
+//!   difference; the second half's queries against the first half's keys
+//!   anchored at the first half's last step, as the off-diagonal blocks
+//!   (every factor ≤ 1);
 //! - `y = P V` with the block lower-triangular score matrix P (C × C), a GEMM
 //!   whose inner loop stops at the diagonal.
 //!
@@ -935,14 +938,18 @@ impl Scratch {
         let mut s0 = 0;
         while s0 < clen {
             let s1 = (s0 + sub).min(clen);
-            // Diagonal sub-chunk: pairwise, each modulus a direct difference
+            // Diagonal sub-chunk, in halves (the kernels' add_diagonal_pairs
+            // and add_diagonal_cross): the second half starts at h1. Inside
+            // a half pairwise, each modulus a direct difference
             // exp(Re G_n − Re G_m); the unit phases e^{iθ_n}, e^{−iθ_m} are
             // folded into (qc, qs) and (kc, ks).
+            let h1 = (s0 + (sub / 2).max(1)).min(s1);
             for n in s0..s1 {
+                let lo = if n < h1 { s0 } else { h1 };
                 let srow = &mut sc[n * clen..n * clen + clen];
                 if gd == 1 {
                     let qn = &q[n * ks..n * ks + kd];
-                    for m in s0..=n {
+                    for m in lo..=n {
                         let w = exp_nonpos::<F>(if self.rst[n] <= m as i32 {
                             re_diff(self.gre[n], self.gre_lo[n], self.gre[m], self.gre_lo[m])
                         } else {
@@ -953,7 +960,7 @@ impl Scratch {
                     }
                 } else {
                     let n_rst = &self.rst[n * gd..][..kd];
-                    for (m, sv) in srow.iter_mut().enumerate().take(n + 1).skip(s0) {
+                    for (m, sv) in srow.iter_mut().enumerate().take(n + 1).skip(lo) {
                         *sv = diag_score::<F>(
                             (row(&self.gre, n, gd), row(&self.gre_lo, n, gd)),
                             (row(&self.gre, m, gd), row(&self.gre_lo, m, gd)),
@@ -965,6 +972,29 @@ impl Scratch {
                             row(&r.ks, m, kd),
                             &mut self.tmp,
                         );
+                    }
+                }
+            }
+            // The second half's queries against the first half's keys,
+            // anchored at the first half's last step r (every factor ≤ 1):
+            // [Re q̃, −Im q̃] · [Re k̃, Im k̃] in the scratch rows the
+            // off-diagonal block below fills after.
+            if h1 < s1 {
+                let anchor = h1 as isize - 1;
+                for n in h1..s1 {
+                    self.modulus_row::<F>(gd, n, anchor);
+                    let o = (n - h1) * k2;
+                    scaled_row(&self.w[..gd], row(&r.qc, n, kd), row(&r.qs, n, kd), &mut self.qa[o..o + k2]);
+                }
+                for m in s0..h1 {
+                    self.modulus_row::<F>(gd, anchor as usize, m as isize);
+                    let o = (m - s0) * k2;
+                    scaled_row(&self.w[..gd], row(&r.kc, m, kd), row(&r.ks, m, kd), &mut self.ka[o..o + k2]);
+                }
+                for n in h1..s1 {
+                    let qrow = &self.qa[(n - h1) * k2..][..k2];
+                    for m in s0..h1 {
+                        sc[n * clen + m] = dot::<F>(qrow, &self.ka[(m - s0) * k2..][..k2]);
                     }
                 }
             }
