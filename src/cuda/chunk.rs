@@ -40,8 +40,9 @@
 //! where V > 64, or of 64 at every V with [`ChunkOutput::StagedNarrow`])
 //! and, for f16 and bf16 inputs, one on mma.sync register fragments
 //! (`cuda/chunk_frag.cuh`), which builds the operands each warp owns in its
-//! registers and stages only the state slab and V; same bounds, not bit for bit, and on an H200 (2026-12-04) 8% to
-//! 9% slower than the staged one (its L1/shared pipe as busy, 88%).
+//! registers and stages only the state slab and V; same bounds, not bit for
+//! bit, and on an H200 (2026-12-04) 8% to 9% slower than the staged one (its
+//! L1/shared pipe as busy, 88%).
 //!
 //! Why: (1) and (3) are parallel over every chunk (B·H = 1 at L = 65536 gives
 //! 1024 blocks per value tile), and the only sequential work, (2), is K·V
