@@ -736,6 +736,13 @@ struct Block {
     }
     __device__ __forceinline__ float cos_at(int t, int cl) const { return kComplex ? gcs[at(t, cl)] : 1.f; }
     __device__ __forceinline__ float sin_at(int t, int cl) const { return kComplex ? gsn[at(t, cl)] : 0.f; }
+    // The entry pair of every decayed or anchored operand row: w = |E|·x at
+    // step t gives (w cos θ_t, −(w sin θ_t)), which is [Re | Im] of
+    // x |E| e^{−iθ_t} (a key row) and [Re | −Im] of x |E| e^{iθ_t} (a query
+    // row); real gates (w, 0).
+    __device__ __forceinline__ float2 phased(float w, int t, int cl) const {
+        return make_float2(w * cos_at(t, cl), kComplex ? -(w * sin_at(t, cl)) : 0.f);
+    }
 
     // Columns col0 .. col0 + kWidth − 1 of x over the chunk, each (step,
     // column, value) to put; zero past the chunk and from column `limit` on.
@@ -964,9 +971,9 @@ __device__ __forceinline__ void put_inter_queries(const Block<input_t, kComplex,
                                                   const Split<Op>& qe) {
     for_tile<kChunk, kSlab>(TileSlot<kSlab>(blk.tid), [&](int, int nn, int j) {
         const int cl = blk.col(j);
-        const float wq = blk.modulus(nn, -1, cl) * qraw[blk.at(nn, j)];
-        qe.template put<kTerms>(nn, j, wq * blk.cos_at(nn, cl));
-        if (kComplex) qe.template put<kTerms>(nn, kSlab + j, -(wq * blk.sin_at(nn, cl)));
+        const float2 x = blk.phased(blk.modulus(nn, -1, cl) * qraw[blk.at(nn, j)], nn, cl);
+        qe.template put<kTerms>(nn, j, x.x);
+        if (kComplex) qe.template put<kTerms>(nn, kSlab + j, x.y);
     });
 }
 
@@ -1238,12 +1245,42 @@ __device__ __forceinline__ int cross_at(int row, int g) {
     return row * cross_ld<kComplex>() + 4 * (kComplex ? (g ^ (row & 7)) : g);
 }
 
+// The cross rows of slab d0 into `scratch` (cross_scratch_bytes; raw q, k
+// in qraw, kraw [kChunk][kSlab], the prefix tables of the slab): query row
+// i < 32 is step n = 16·(i / 8) + 8 + i % 8 as [Re q̃ | −Im q̃],
+// q̃ = q_n |E(n, a)| e^{iθ_n}; key row i (from kCrossRows on) is step
+// m = 16·(i / 8) + i % 8 as [Re k̃ | Im k̃], k̃ = k_m |E(a, m)| e^{−iθ_m}; the
+// anchor a = 16·(i / 8) + 7 is the first half's last step (both factors
+// ≤ 1, 0 across a reset; the entry of row i, channel j at
+// cross_at(i, j / 4) + j % 4, its Im part at cross_at(i, (16 + j) / 4) + j % 4).
+// The forward's diagonal blocks (add_diagonal_cross) and the backward's
+// dq, dk (grad_qk) take their 8 × 8 blocks between the halves from them.
+template <typename input_t, bool kComplex, int kLd>
+__device__ __forceinline__ void put_cross_rows(const Block<input_t, kComplex, kLd>& blk, const float* qraw,
+                                               const float* kraw, float* scratch) {
+    // for_tile's row blocks of 16: u = 0, 1 the query rows, 2, 3 the key rows.
+    static_assert(TileSlot<kSlab>::kStep == 16 && 2 * kCrossRows == 64, "four row blocks of 16");
+    for_tile<2 * kCrossRows, kSlab>(TileSlot<kSlab>(blk.tid), [&](int u, int row, int j) {
+        const bool query = u < 2;
+        const int i = query ? row : row - kCrossRows;
+        const int anchor = kSub * (i / kPiece) + kPiece - 1;
+        const int step = kSub * (i / kPiece) + (query ? kPiece : 0) + i % kPiece;
+        const int cl = blk.col(j);
+        const float2 x = blk.phased(query ? blk.modulus_within(step, anchor, cl) * qraw[blk.at(step, j)]
+                                          : blk.modulus_within(anchor, step, cl) * kraw[blk.at(step, j)],
+                                    step, cl);
+        float* r = scratch + (query ? 0 : kCrossRows * cross_ld<kComplex>());
+        r[cross_at<kComplex>(i, j >> 2) + (j & 3)] = x.x;
+        if (kComplex) r[cross_at<kComplex>(i, (kSlab + j) >> 2) + (j & 3)] = x.y;
+    });
+}
+
 // The diagonal 16 × 16 score blocks of slab d0, first part (raw q, k in
 // qraw, kraw [kChunk][kSlab]; the prefix tables of the slab):
 // pdiag[(16·sb + r)·16 + c] += Σ_d q_nd k_md Re E(n, m)_d for n = 16·sb + r,
 // m = 16·sb + c ≤ n inside one half (r, c < 8 or r, c ≥ 8), pairwise, each
 // pair by one thread of the block, in channel order; and the cross rows
-// into `scratch` (cross_scratch_bytes) for add_diagonal_cross. The forward's
+// into `scratch` (put_cross_rows) for add_diagonal_cross. The forward's
 // and the backward's dv pass (intra_pass) and the forward's
 // register-fragment output pass (cuda/chunk_frag.cuh). Call between
 // barriers (qraw, kraw, the tables staged; pdiag's diagonal-half elements
@@ -1252,22 +1289,7 @@ __device__ __forceinline__ int cross_at(int row, int g) {
 template <typename input_t, bool kComplex, int kLd>
 __device__ __forceinline__ void add_diagonal_pairs(const Block<input_t, kComplex, kLd>& blk, const float* qraw,
                                                    const float* kraw, int64_t d0, float* pdiag, float* scratch) {
-    // The cross rows: row i < 32 is query step 16·(i / 8) + 8 + i % 8, row
-    // 32 + i key step 16·(i / 8) + i % 8, anchor 16·(i / 8) + 7 (for_tile's
-    // row blocks of 16: u = 0, 1 the query rows, 2, 3 the key rows).
-    static_assert(TileSlot<kSlab>::kStep == 16 && 2 * kCrossRows == 64, "four row blocks of 16");
-    for_tile<2 * kCrossRows, kSlab>(TileSlot<kSlab>(blk.tid), [&](int u, int row, int j) {
-        const bool query = u < 2;
-        const int i = query ? row : row - kCrossRows;
-        const int anchor = kSub * (i / kPiece) + kPiece - 1;
-        const int step = kSub * (i / kPiece) + (query ? kPiece : 0) + i % kPiece;
-        const int cl = blk.col(j);
-        const float w = query ? blk.modulus_within(step, anchor, cl) * qraw[blk.at(step, j)]
-                              : blk.modulus_within(anchor, step, cl) * kraw[blk.at(step, j)];
-        float* r = scratch + (query ? 0 : kCrossRows * cross_ld<kComplex>());
-        r[cross_at<kComplex>(i, j >> 2) + (j & 3)] = w * blk.cos_at(step, cl);
-        if (kComplex) r[cross_at<kComplex>(i, (kSlab + j) >> 2) + (j & 3)] = -(w * blk.sin_at(step, cl));
-    });
+    put_cross_rows(blk, qraw, kraw, scratch);
     for (int i = blk.tid; i < kPieces * kPiecePairs; i += kThreads) {
         const int pc = i / kPiecePairs;
         const int2 rc = piece_pair(i - pc * kPiecePairs);
@@ -1353,16 +1375,16 @@ __device__ __forceinline__ void put_anchored_rows(const Block<input_t, kComplex,
         const int nn = kSub * pair_query(pr) + (row - pr * kSub);
         const int r = kSub * pair_key(pr) + kSub - 1;
         const int cl = blk.col(j);
-        const float wq = blk.modulus_within(nn, r, cl) * qraw[blk.at(nn, j)];
-        qa.template put<kTerms>(row, j, wq * blk.cos_at(nn, cl));
-        if (kComplex) qa.template put<kTerms>(row, kSlab + j, -(wq * blk.sin_at(nn, cl)));
+        const float2 x = blk.phased(blk.modulus_within(nn, r, cl) * qraw[blk.at(nn, j)], nn, cl);
+        qa.template put<kTerms>(row, j, x.x);
+        if (kComplex) qa.template put<kTerms>(row, kSlab + j, x.y);
     });
     for_tile<(kSubs - 1) * kSub, kSlab>(slot, [&](int sub, int m, int j) {  // key sub-chunks 0 .. kSubs − 2
         const int r = sub * kSub + kSub - 1;
         const int cl = blk.col(j);
-        const float wk = blk.modulus_within(r, m, cl) * kraw[blk.at(m, j)];
-        ka.template put<kTerms>(m, j, wk * blk.cos_at(m, cl));
-        if (kComplex) ka.template put<kTerms>(m, kSlab + j, -(wk * blk.sin_at(m, cl)));
+        const float2 x = blk.phased(blk.modulus_within(r, m, cl) * kraw[blk.at(m, j)], m, cl);
+        ka.template put<kTerms>(m, j, x.x);
+        if (kComplex) ka.template put<kTerms>(m, kSlab + j, x.y);
     });
 }
 

@@ -200,9 +200,9 @@ __device__ __forceinline__ void chunk_output_frag(const GateloopChunkParams& p) 
                 for (int ci = 0; ci < 4; ++ci) {
                     const int j = 2 * t4 + (ci & 1) + 8 * (ci >> 1);
                     const int cl = blk.col(j);
-                    const float w = blk.modulus(nn, early, cl) * qraw[blk.at(nn, j)];
-                    re[ri][ci] = w * blk.cos_at(nn, cl);
-                    im[ri][ci] = -(w * blk.sin_at(nn, cl));
+                    const float2 x = blk.phased(blk.modulus(nn, early, cl) * qraw[blk.at(nn, j)], nn, cl);
+                    re[ri][ci] = x.x;
+                    im[ri][ci] = x.y;
                 }
             }
             frag::put_a<Op, kTerms>(re, a[0]);
@@ -240,9 +240,9 @@ __device__ __forceinline__ void chunk_output_frag(const GateloopChunkParams& p) 
                 for (int e = 0; e < 4; ++e) {
                     const int j = 2 * t4 + (e & 1) + 8 * (e >> 1);
                     const int cl = blk.col(j);
-                    const float w = blk.modulus_within(anchor, m, cl) * kraw[blk.at(m, j)];
-                    re[e] = w * blk.cos_at(m, cl);
-                    im[e] = -(w * blk.sin_at(m, cl));
+                    const float2 x = blk.phased(blk.modulus_within(anchor, m, cl) * kraw[blk.at(m, j)], m, cl);
+                    re[e] = x.x;
+                    im[e] = x.y;
                 }
                 frag::B16 kb[kSteps];
 #pragma unroll

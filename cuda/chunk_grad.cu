@@ -26,7 +26,8 @@
 //   3a. grad_qk, one block per (b, h, chunk), looping over key slabs of 16:
 //       s = dY Vᵀ (64 × 64, once), then per slab the off-diagonal sub-chunk
 //       products s k̃, sᵀ q̃ on the forward's anchored rows, the diagonal
-//       sub-chunk pairs, the inter-chunk products S_in dy_n, D v_n, the
+//       sub-chunks in halves (pairs inside, the cross rows between), the
+//       inter-chunk products S_in dy_n, D v_n, the
 //       pre-phase accumulators of the CPU mirror, dq, dk and the gate
 //       gradient (per-head gates: the slabs' w', u and
 //       through terms summed in shared memory in slab order, then one scan:
@@ -41,19 +42,23 @@
 // operand type and says why bf16 for f16), always with three split products (kGradTerms: hi·hi +
 // hi·lo + lo·hi, the forward's "exact", ~21 bits for TF32): W_c's and dv's
 // products, the anchored off-diagonal score blocks (inner dimension 2·16 per
-// slab) and Pᵀ dY; only P's four diagonal 16 × 16 blocks are pairwise f32.
+// slab) and Pᵀ dY; only P's four diagonal 16 × 16 blocks are f32 on CUDA
+// cores (in halves: pairwise inside, the cross rows between).
 // 3a forms s = dY Vᵀ on tensor cores too (two raw inputs: three split
 // products for f32 and f16, one for bf16, exact in its own type), and per
 // slab the off-diagonal sub-chunk blocks of the pre-phase accumulators
 // (acc_q: s_ij k̃_j, acc_k: s_ijᵀ q̃_ij, inner dimension 16 per pair, on
 // put_anchored_rows' operands) and the inter-chunk products S_in dy_n, D v_n
 // (three split products each); only the four diagonal 16 × 16 sub-chunk
-// blocks (pairs m < n, one exp each), dq, dk and the gate scans use f32
-// CUDA-core FMAs, as in the forward. 2b is elementwise.
+// blocks (in the forward's halves of 8 steps: pairs m < n inside a half,
+// one exp each, and the 8 × 8 block between the halves on the forward's
+// cross rows), dq, dk and the gate scans use f32 CUDA-core FMAs, as in the
+// forward. 2b is elementwise.
 // Every modulus exponentiated is exp of a difference ≤ 0 inside one segment;
-// off-diagonal sub-chunk pairs use the factorisation
-// |E(n, m)| = |E(n, r)| |E(r, m)| at the anchor r (both factors ≤ 1, 0 across
-// a reset on either side), diagonal sub-chunk pairs one exp each.
+// off-diagonal sub-chunk pairs (and those between the halves of a diagonal
+// sub-chunk) use the factorisation |E(n, m)| = |E(n, r)| |E(r, m)| at the
+// anchor r (both factors ≤ 1, 0 across a reset on either side), the pairs
+// inside a half one exp each.
 // The gate's terms (w', u) are formed apart from acc_q, acc_k with the modulus
 // multiplied LAST (the CPU module doc's "Gate terms: the modulus last"): a
 // diagonal pair applies |E(n, m)| after s_nm q_n k_m; an off-diagonal block
@@ -91,7 +96,8 @@ constexpr int kGradTerms = 3;
 // output kernels' layouts). After the prefix tables: q, k raw and s (f32,
 // live throughout); then a union of the s phase (dY, V tiles as split
 // operands) and, per slab, first the off-diagonal phase (the six s blocks,
-// the anchored q̃, k̃ as split operands, then their products X, Y in f32) and
+// the anchored q̃, k̃ as split operands, then their products X, Y and the
+// diagonal sub-chunks' cross rows in f32) and
 // then the inter-chunk phase (dY, V, S_in, D over kInterCols value columns
 // as split operands, reused for the products X, Y in f32); then w', u, the
 // per-head sums and the through terms (f32, live across the slab loop).
@@ -123,11 +129,13 @@ __host__ __device__ constexpr int qk_offdiag_bytes() {
     return split_bytes<Op>(kPairs * kSub, ld_block<Op>()) + split_bytes<Op>(kPairs * kSub, ld_slab<Op, kComplex>()) +
            split_bytes<Op>((kSubs - 1) * kSub, ld_slab<Op, kComplex>());
 }
+// X, Y, then the diagonal sub-chunks' cross rows (put_cross_rows).
 constexpr int kOffdiagOutBytes = 4 * (kPairs + kSubs - 1) * kSub * 2 * kSlab;
 template <class Op, bool kComplex>
 __host__ __device__ constexpr int qk_union_bytes() {
     return cmax(2 * split_bytes<Op>(kChunk, ld_tile<Op>()),
-                cmax(qk_inter_bytes<Op, kComplex>(), cmax(qk_offdiag_bytes<Op, kComplex>(), kOffdiagOutBytes)));
+                cmax(qk_inter_bytes<Op, kComplex>(),
+                     cmax(qk_offdiag_bytes<Op, kComplex>(), kOffdiagOutBytes + cross_scratch_bytes<kComplex>())));
 }
 template <class Op, bool kComplex>
 __host__ __device__ constexpr int qk_smem_bytes() {
@@ -148,7 +156,10 @@ __host__ __device__ constexpr int qk_smem_bytes() {
 // the twelve X(pair, half) fill the rest (warps 2, 3 one; 4, 5 two; 6, 7
 // three): three pair-products per warp. Real gates (kComplex = false) have
 // no Im halves: the jobs with half = 1 are skipped (those f32 columns stay
-// unwritten and unread). Ends with a barrier.
+// unwritten and unread). With X and Y, the diagonal sub-chunks' cross rows
+// (put_cross_rows, the forward's) into `cross`, past them
+// (kOffdiagOutBytes on: the operands' bytes, free once they are read).
+// Ends with a barrier.
 template <class Op, typename input_t, bool kComplex, int kLd>
 __device__ __forceinline__ void offdiag_products(const Block<input_t, kComplex, kLd>& blk, const float* ds,
                                                  const float* qraw, const float* kraw, unsigned char* at) {
@@ -216,6 +227,7 @@ __device__ __forceinline__ void offdiag_products(const Block<input_t, kComplex, 
                                     wmma::mem_row_major);
         }
     }
+    put_cross_rows(blk, qraw, kraw, reinterpret_cast<float*>(base + kOffdiagOutBytes));
     __syncthreads();
 }
 
@@ -593,13 +605,24 @@ __device__ __forceinline__ void grad_qk(const GateloopChunkGradParams& g) {
         //   off the diagonal, from the products: acc_q[n] += |E(n, r_j)| X_ij[n],
         //   w'_n += |E(n, r_j)|·(q_n e^{iθ_n} X_ij[n]) for j < i; acc_k[n] +=
         //   |E(r_i, n)| conj(Y_i[n]), w'_n −= |E(r_i, n)|·(k_n e^{−iθ_n} conj(Y_i[n]));
-        //   inside sub-chunk i, pairwise: gw = e^{iθ_n} Σ_m (s_nm q_n k_m)|E(n, m)| e^{−iθ_m}
-        //                                    − e^{−iθ_n} Σ_{m > n} (s_mn q_m k_n)|E(m, n)| e^{iθ_m}.
+        //   sub-chunk i in the forward's halves of kPiece steps
+        //   (add_diagonal_pairs): the 8 × 8 block between the halves from
+        //   the cross rows (put_cross_rows, anchor a = the first half's last
+        //   step) as one more anchored block: a second-half row takes
+        //   X = Σ_m s_nm k̃_m over the first half's steps and |E(n, a)|, a
+        //   first-half row Y = Σ_m s_mn [Re q̃_m | −Im q̃_m] over the second
+        //   half's and |E(a, n)| (warps 0–3 hold first-half rows, 4–7
+        //   second-half ones: no divergence);
+        //   inside the row's half, pairwise: gw = e^{iθ_n} Σ_m (s_nm q_n k_m)|E(n, m)| e^{−iθ_m}
+        //                                      − e^{−iθ_n} Σ_{m > n} (s_mn q_m k_n)|E(m, n)| e^{iθ_m}.
         // acc_k and the gate term gw wait out the inter-chunk phase in this
         // thread's own slots of upr and wpr (free until the slab's end, which
         // overwrites them): 16 registers fewer live across that phase's
         // staging and tensor-core products, part of what keeps the kernel
         // within 128 without spilling (two blocks per SM).
+        const bool second = nb >= kPiece;
+        const float* const cross =
+            reinterpret_cast<const float*>(union_at + kOffdiagOutBytes) + (second ? kCrossRows * cross_ld<kComplex>() : 0);
         float2 aq[4];
 #pragma unroll
         for (int i = 0; i < 4; ++i) {
@@ -608,24 +631,65 @@ __device__ __forceinline__ void grad_qk(const GateloopChunkGradParams& g) {
             const float cn = blk.cos_at(n, cl), sn = blk.sin_at(n, cl);
             const float qc = qn * cn, qs = qn * sn, kc = kn * cn, ks = kn * sn;
             float2 oq = make_float2(0.f, 0.f), ok = make_float2(0.f, 0.f), og = make_float2(0.f, 0.f);
+            // An anchored block's product (X = s k̃ read (xr, xi), or
+            // Y = sᵀ [Re q̃ | −Im q̃] read (yr, yi)) and the factor w it left
+            // out. Real gates: no Im parts (nvcc keeps fmaf(w, 0, y), and the
+            // products by the constant sin 0).
+            const auto add_q = [&](float w, float xr, float xi) {
+                if constexpr (kComplex) {
+                    oq = make_float2(fmaf(w, xr, oq.x), fmaf(w, xi, oq.y));
+                    og = make_float2(fmaf(w, fmaf(qc, xr, -(qs * xi)), og.x), fmaf(w, fmaf(qc, xi, qs * xr), og.y));
+                } else {
+                    oq.x = fmaf(w, xr, oq.x);
+                    og.x = fmaf(w, qc * xr, og.x);
+                }
+            };
+            const auto add_k = [&](float w, float yr, float yi) {
+                if constexpr (kComplex) {
+                    ok = make_float2(fmaf(w, yr, ok.x), fmaf(-w, yi, ok.y));
+                    og = make_float2(fmaf(-w, fmaf(kc, yr, -(ks * yi)), og.x), fmaf(w, fmaf(kc, yi, ks * yr), og.y));
+                } else {
+                    ok.x = fmaf(w, yr, ok.x);
+                    og.x = fmaf(-w, kc * yr, og.x);
+                }
+            };
             for (int j = 0; j < i; ++j) {
-                const float wq = blk.modulus_within(n, kSub * j + kSub - 1, cl);
                 const float* x = xo + (pair_of(i, j) * kSub + nb) * 2 * kSlab;
-                const float xr = x[d], xi = kComplex ? x[kSlab + d] : 0.f;
-                oq = make_float2(fmaf(wq, xr, oq.x), fmaf(wq, xi, oq.y));
-                og = make_float2(fmaf(wq, fmaf(qc, xr, -(qs * xi)), og.x), fmaf(wq, fmaf(qc, xi, qs * xr), og.y));
+                add_q(blk.modulus_within(n, kSub * j + kSub - 1, cl), x[d], kComplex ? x[kSlab + d] : 0.f);
             }
             if (i < kSubs - 1) {
-                const float wk = blk.modulus_within(kSub * i + kSub - 1, n, cl);
                 const float* y = yo + (i * kSub + nb) * 2 * kSlab;
-                const float yr = y[d], yi = kComplex ? y[kSlab + d] : 0.f;
-                ok = make_float2(wk * yr, -(wk * yi));
-                og = make_float2(fmaf(-wk, fmaf(kc, yr, -(ks * yi)), og.x), fmaf(wk, fmaf(kc, yi, ks * yr), og.y));
+                add_k(blk.modulus_within(kSub * i + kSub - 1, n, cl), y[d], kComplex ? y[kSlab + d] : 0.f);
+            }
+            {
+                // Σ over the other half's steps m (cross rows kPiece·i + c) of
+                // s[n][m] (second half: s_at = row n of s, step 1) or s[m][n]
+                // (column n, step kChunk) times the row's entry.
+                const auto cross_sum = [&](const float* s_at, int step) {
+                    float xr = 0.f, xi = 0.f;
+#pragma unroll
+                    for (int c = 0; c < kPiece; ++c) {
+                        const float smn = s_at[c * step];
+                        const int row = kPiece * i + c;
+                        xr = fmaf(smn, cross[cross_at<kComplex>(row, d >> 2) + (d & 3)], xr);
+                        if (kComplex) xi = fmaf(smn, cross[cross_at<kComplex>(row, (kSlab + d) >> 2) + (d & 3)], xi);
+                    }
+                    return make_float2(xr, xi);
+                };
+                const int anchor = kSub * i + kPiece - 1;
+                if (second) {
+                    const float2 x = cross_sum(ds + n * kChunk + kSub * i, 1);
+                    add_q(blk.modulus_within(n, anchor, cl), x.x, x.y);
+                } else {
+                    const float2 y = cross_sum(ds + (kSub * i + kPiece) * kChunk + n, kChunk);
+                    add_k(blk.modulus_within(anchor, n, cl), y.x, y.y);
+                }
             }
             float qr = oq.x, qi = oq.y, kr = ok.x, ki = ok.y, gqr = 0.f, gqi = 0.f, gkr = 0.f, gki = 0.f;
-            const int s0 = kSub * i;
+            // The row's half: steps h0 .. h0 + kPiece − 1.
+            const int h0 = kSub * i + (second ? kPiece : 0);
 #pragma unroll 2
-            for (int m = s0; m < n; ++m) {
+            for (int m = h0; m < n; ++m) {
                 const float km = kraw[blk.at(m, d)], snm = ds[n * kChunk + m];
                 const float e = blk.modulus_within(n, m, cl);
                 const float x = snm * e * km;
@@ -640,9 +704,9 @@ __device__ __forceinline__ void grad_qk(const GateloopChunkGradParams& g) {
                     gqi = fmaf(-xg, sm, gqi);
                 }
             }
-            const int s1 = min(s0 + kSub, blk.n);
+            const int h1 = min(h0 + kPiece, blk.n);
 #pragma unroll 2
-            for (int m = n + 1; m < s1; ++m) {
+            for (int m = n + 1; m < h1; ++m) {
                 const float qm = qraw[blk.at(m, d)], smn = ds[m * kChunk + n];
                 const float e = blk.modulus_within(m, n, cl);
                 const float x = smn * e * qm;
@@ -657,9 +721,13 @@ __device__ __forceinline__ void grad_qk(const GateloopChunkGradParams& g) {
             }
             aq[i] = make_float2(qr, qi);
             upr[n * kLdGate + d] = make_float2(kr, ki);
-            // og + e^{iθ_n} gq − e^{−iθ_n} gk
-            wpr[n * kLdGate + d] = make_float2(og.x + (fmaf(cn, gqr, -(sn * gqi)) - fmaf(cn, gkr, sn * gki)),
-                                og.y + (fmaf(sn, gqr, cn * gqi) - fmaf(cn, gki, -(sn * gkr))));
+            // og + e^{iθ_n} gq − e^{−iθ_n} gk (real gates: og + gq − gk).
+            if constexpr (kComplex) {
+                wpr[n * kLdGate + d] = make_float2(og.x + (fmaf(cn, gqr, -(sn * gqi)) - fmaf(cn, gkr, sn * gki)),
+                                                   og.y + (fmaf(sn, gqr, cn * gqi) - fmaf(cn, gki, -(sn * gkr))));
+            } else {
+                wpr[n * kLdGate + d] = make_float2(og.x + (gqr - gkr), 0.f);
+            }
         }
         // Through the state on tensor cores: X = dY S_inᵀ (row n: x_n = S_in dy_n)
         // and Y = V Dᵀ (y_n = D v_n), 64 × [Re | Im] of the slab's channels,
@@ -810,30 +878,42 @@ __device__ __forceinline__ void grad_qk(const GateloopChunkGradParams& g) {
             const int n = nb + 16 * i;
             // acc_q += |E(n, −1)| (S_in dy_n); acc_d = |E(last, n)| e^{iθ_last} conj(D v_n).
             const float wi = blk.modulus(n, -1, cl);
-            const float2 aqi = make_float2(fmaf(wi, xs[i].x, aq[i].x), fmaf(wi, xs[i].y, aq[i].y));
             const float wl = n < blk.n ? blk.modulus_within(last, n, cl) : 0.f;
-            const float2 yd = make_float2(fmaf(cl_last, ys[i].x, sl_last * ys[i].y),
-                                          fmaf(sl_last, ys[i].x, -(cl_last * ys[i].y)));
-            const float2 ad = make_float2(wl * yd.x, wl * yd.y);
-            // dq̂ = e^{iθ} acc_q, dk̂ = e^{−iθ} acc_k, dk̂ᴰ = e^{−iθ} acc_d.
-            const float cn = blk.cos_at(n, cl), sn = blk.sin_at(n, cl);
-            const float2 dqh = make_float2(fmaf(cn, aqi.x, -(sn * aqi.y)), fmaf(sn, aqi.x, cn * aqi.y));
-            const float2 ak = upr[n * kLdGate + d], gw = wpr[n * kLdGate + d];
-            const float2 dkh = make_float2(fmaf(cn, ak.x, sn * ak.y), fmaf(cn, ak.y, -(sn * ak.x)));
-            const float2 dkd = make_float2(fmaf(cn, ad.x, sn * ad.y), fmaf(cn, ad.y, -(sn * ad.x)));
             const float qn = qraw[blk.at(n, d)], kn = kraw[blk.at(n, d)];
-            // w'_n = q dq̂ − k dk̂ (self pair left out: it cancels exactly), u_n = k dk̂ᴰ,
-            // each term's modulus applied last: w'_n = gw + |E(n, −1)|·(q_n e^{iθ_n} S_in dy_n),
-            // u_n = |E(last, n)|·(k_n e^{−iθ_n} e^{iθ_last} conj(D v_n)).
-            const float2 xq = make_float2(qn * fmaf(cn, xs[i].x, -(sn * xs[i].y)), qn * fmaf(sn, xs[i].x, cn * xs[i].y));
-            const float2 xk = make_float2(kn * fmaf(cn, yd.x, sn * yd.y), kn * fmaf(cn, yd.y, -(sn * yd.x)));
-            wpr[n * kLdGate + d] = make_float2(fmaf(wi, xq.x, gw.x), fmaf(wi, xq.y, gw.y));
-            upr[n * kLdGate + d] = make_float2(wl * xk.x, wl * xk.y);
+            const float2 ak = upr[n * kLdGate + d], gw = wpr[n * kLdGate + d];
+            // dq = Re dq̂, dk = Re (dk̂ + dk̂ᴰ), before the self pair's terms.
+            float dq, dk;
+            if constexpr (kComplex) {
+                const float2 aqi = make_float2(fmaf(wi, xs[i].x, aq[i].x), fmaf(wi, xs[i].y, aq[i].y));
+                const float2 yd = make_float2(fmaf(cl_last, ys[i].x, sl_last * ys[i].y),
+                                              fmaf(sl_last, ys[i].x, -(cl_last * ys[i].y)));
+                const float2 ad = make_float2(wl * yd.x, wl * yd.y);
+                // dq̂ = e^{iθ} acc_q, dk̂ = e^{−iθ} acc_k, dk̂ᴰ = e^{−iθ} acc_d.
+                const float cn = blk.cos_at(n, cl), sn = blk.sin_at(n, cl);
+                dq = fmaf(cn, aqi.x, -(sn * aqi.y));
+                dk = fmaf(cn, ak.x, sn * ak.y) + fmaf(cn, ad.x, sn * ad.y);
+                // w'_n = q dq̂ − k dk̂ (self pair left out: it cancels exactly), u_n = k dk̂ᴰ,
+                // each term's modulus applied last: w'_n = gw + |E(n, −1)|·(q_n e^{iθ_n} S_in dy_n),
+                // u_n = |E(last, n)|·(k_n e^{−iθ_n} e^{iθ_last} conj(D v_n)).
+                const float2 xq =
+                    make_float2(qn * fmaf(cn, xs[i].x, -(sn * xs[i].y)), qn * fmaf(sn, xs[i].x, cn * xs[i].y));
+                const float2 xk = make_float2(kn * fmaf(cn, yd.x, sn * yd.y), kn * fmaf(cn, yd.y, -(sn * yd.x)));
+                wpr[n * kLdGate + d] = make_float2(fmaf(wi, xq.x, gw.x), fmaf(wi, xq.y, gw.y));
+                upr[n * kLdGate + d] = make_float2(wl * xk.x, wl * xk.y);
+            } else {
+                // Real gates (θ ≡ 0): the same values from the real parts
+                // alone (nvcc folds neither the products by the tables'
+                // constant 0 nor the fmaf by their 1).
+                dq = fmaf(wi, xs[i].x, aq[i].x);
+                dk = ak.x + wl * ys[i].x;
+                wpr[n * kLdGate + d] = make_float2(fmaf(wi, qn * xs[i].x, gw.x), 0.f);
+                upr[n * kLdGate + d] = make_float2(wl * (kn * ys[i].x), 0.f);
+            }
             const float s_nn = ds[n * kChunk + n];
             const int64_t ch = d0 + d;
             if (n < blk.n && ch < key_dim) {
-                Tr::store(dq_out, (blk.t0 + n) * g.dq_strides.time + ch, fmaf(kn, s_nn, dqh.x));
-                Tr::store(dk_out, (blk.t0 + n) * g.dk_strides.time + ch, fmaf(qn, s_nn, dkh.x + dkd.x));
+                Tr::store(dq_out, (blk.t0 + n) * g.dq_strides.time + ch, fmaf(kn, s_nn, dq));
+                Tr::store(dk_out, (blk.t0 + n) * g.dk_strides.time + ch, fmaf(qn, s_nn, dk));
             }
         }
         __syncthreads();

@@ -914,12 +914,15 @@ impl Scratch {
     /// lower-triangular, zero above the diagonal) of the chunk loaded by
     /// [`Scratch::load_chunk`]; `q`, `k` start at the chunk's first row.
     ///
-    /// After the off-diagonal block of key sub-chunk `s0..s1` is computed,
-    /// `on_block(self, s0, s1)` runs with the block's anchored rows in the
-    /// scratch (anchor r = s1 − 1): `qa` rows `n − s1` for n ≥ s1 hold
-    /// `[Re q̃ | −Im q̃]`, q̃_n = q_n |E(n, r)| e^{iθ_n}, with the moduli in
-    /// `wq` (`[n − s1][gd]`); `ka` rows `m − s0` hold `[Re k̃ | Im k̃]`,
-    /// k̃_m = k_m |E(r, m)| e^{−iθ_m}, with the moduli in `wk` (`[m − s0][gd]`).
+    /// After each anchored block, keys `s0..s1` against queries `s1..e`, is
+    /// computed, `on_block(self, s0, s1, e)` runs with the block's anchored
+    /// rows in the scratch (anchor r = s1 − 1): `qa` rows `n − s1` for
+    /// s1 ≤ n < e hold `[Re q̃ | −Im q̃]`, q̃_n = q_n |E(n, r)| e^{iθ_n}, with
+    /// the moduli in `wq` (`[n − s1][gd]`); `ka` rows `m − s0` hold
+    /// `[Re k̃ | Im k̃]`, k̃_m = k_m |E(r, m)| e^{−iθ_m}, with the moduli in
+    /// `wk` (`[m − s0][gd]`). The blocks: each diagonal sub-chunk's second
+    /// half against its first (s1 = h1, e = the sub-chunk's end), then each
+    /// key sub-chunk against every later query (e = clen).
     #[inline(always)]
     #[allow(clippy::too_many_arguments)]
     pub(crate) fn intra_scores<F: Arith>(
@@ -930,7 +933,7 @@ impl Scratch {
         clen: usize,
         r: &PhaseRows,
         sc: &mut [f32],
-        mut on_block: impl FnMut(&Scratch, usize, usize),
+        mut on_block: impl FnMut(&Scratch, usize, usize, usize),
     ) {
         let (kd, gd, sub) = (ctx.kd, ctx.gd, ctx.sub);
         let (k2, ks) = (2 * kd, ctx.heads * kd);
@@ -983,12 +986,14 @@ impl Scratch {
                 let anchor = h1 as isize - 1;
                 for n in h1..s1 {
                     self.modulus_row::<F>(gd, n, anchor);
-                    let o = (n - h1) * k2;
+                    let (o, i) = ((n - h1) * k2, n - h1);
+                    self.wq[i * gd..(i + 1) * gd].copy_from_slice(&self.w[..gd]);
                     scaled_row(&self.w[..gd], row(&r.qc, n, kd), row(&r.qs, n, kd), &mut self.qa[o..o + k2]);
                 }
                 for m in s0..h1 {
                     self.modulus_row::<F>(gd, anchor as usize, m as isize);
-                    let o = (m - s0) * k2;
+                    let (o, i) = ((m - s0) * k2, m - s0);
+                    self.wk[i * gd..(i + 1) * gd].copy_from_slice(&self.w[..gd]);
                     scaled_row(&self.w[..gd], row(&r.kc, m, kd), row(&r.ks, m, kd), &mut self.ka[o..o + k2]);
                 }
                 for n in h1..s1 {
@@ -997,6 +1002,7 @@ impl Scratch {
                         sc[n * clen + m] = dot::<F>(qrow, &self.ka[(m - s0) * k2..][..k2]);
                     }
                 }
+                on_block(self, s0, h1, s1);
             }
             // Later queries against this key sub-chunk, anchored at its last
             // step r: q̃_n = q_n |E(n, r)| e^{iθ_n}, k̃_m = k_m |E(r, m)| e^{−iθ_m}.
@@ -1035,7 +1041,7 @@ impl Scratch {
                     false,
                     false,
                 );
-                on_block(self, s0, s1);
+                on_block(self, s0, s1, clen);
             }
             s0 = s1;
         }
@@ -1078,7 +1084,7 @@ fn pass1_chunk<F: Arith>(
     }
 
     let mut sc = std::mem::take(&mut s.scores);
-    s.intra_scores::<F>(ctx, q, k, clen, &r, &mut sc, |_, _, _| {});
+    s.intra_scores::<F>(ctx, q, k, clen, &r, &mut sc, |_, _, _, _| {});
     // y = P · V (causal: row n stops at inner index n).
     gemm::<F>(clen, vd, clen, &sc, clen, 1, v, vs, &mut s.yblk[..clen * vd], vd, true, false);
     s.scores = sc;

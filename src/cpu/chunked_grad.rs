@@ -123,11 +123,15 @@
 //!      `acc_k[m] += |E(r, m)| · conj((sᵀ · [Re q̃ | −Im q̃])_m)`, two real
 //!      GEMMs of inner dimension = the sub-chunk or the later rows, on the
 //!      forward's anchored rows q̃, k̃ (the unit phases folded in);
-//!    - diagonal sub-chunks pairwise (m < n): `acc_q[n] += s_nm |E(n, m)| k_m e^{−iθ_m}`,
+//!    - diagonal sub-chunks in the forward's two halves: inside a half
+//!      pairwise (m < n): `acc_q[n] += s_nm |E(n, m)| k_m e^{−iθ_m}`,
 //!      `acc_k[m] += s_nm |E(n, m)| q_n e^{iθ_n}`, each modulus one `exp` of
-//!      a direct difference ≤ 0. The self pair (E(n, n) = 1) adds the real
-//!      `k_n s_nn` to dq_n and `q_n s_nn` to dk_n only: its terms in w_n
-//!      cancel exactly, so they are left out instead of cancelled in rounding;
+//!      a direct difference ≤ 0; the second half's rows against the first
+//!      half's as one more anchored block (anchor: the first half's last
+//!      step, the forward's rows), as above. The self pair (E(n, n) = 1)
+//!      adds the real `k_n s_nn` to dq_n and `q_n s_nn` to dk_n only: its
+//!      terms in w_n cancel exactly, so they are left out instead of
+//!      cancelled in rounding;
 //!    - inter-chunk: `acc_q[n] += |E(n, −1)| (S_in dy_n)` (GEMM dY · S_inᵀ,
 //!      inner V) and `acc_d[m] = |E(last, m)| e^{iθ_last} conj(D v_m)`
 //!      (GEMM V · Dᵀ, inner V; kept apart from acc_k for the gate);
@@ -426,9 +430,11 @@ fn launch1_chunk<F: Arith>(
     s.restore(r);
 }
 
-/// The off-diagonal block of key sub-chunk `s0..s1` (anchored rows in `s`,
-/// see `Scratch::intra_scores`): `acc_q[n] += |E(n, r)| Σ_m s_nm k̃_m` for the
-/// later rows n, `acc_k[m] += |E(r, m)| conj(Σ_n s_nm [Re q̃_n | −Im q̃_n])`,
+/// One anchored block, keys `s0..s1` against queries `s1..e` (anchored rows
+/// in `s`, see `Scratch::intra_scores`; an off-diagonal key sub-chunk against
+/// every later row, or a diagonal sub-chunk's first half against its second):
+/// `acc_q[n] += |E(n, r)| Σ_m s_nm k̃_m` for the query rows n,
+/// `acc_k[m] += |E(r, m)| conj(Σ_n s_nm [Re q̃_n | −Im q̃_n])`,
 /// and their gate terms `wg[n] += |E(n, r)|·(q_n e^{iθ_n} · (s k̃)_n)`,
 /// `wg[m] −= |E(r, m)|·(k_m e^{−iθ_m} · conj(sᵀ q̃)_m)` (the part of
 /// w_r = q_r dq̂_r − k_r dk̂_r from this block, the modulus applied last).
@@ -442,6 +448,7 @@ fn off_diagonal_block<F: Arith>(
     clen: usize,
     s0: usize,
     s1: usize,
+    e: usize,
     ds: &[f32],
     acc_q: &mut [f32],
     acc_k: &mut [f32],
@@ -450,7 +457,7 @@ fn off_diagonal_block<F: Arith>(
     gterm: &mut [Complex<f32>],
 ) {
     let k2 = 2 * kd;
-    let (rows, cols) = (clen - s1, s1 - s0);
+    let (rows, cols) = (e - s1, s1 - s0);
     let block = &ds[s1 * clen + s0..];
     gemm::<F>(rows, k2, cols, block, clen, 1, &s.ka, k2, prod, k2, false, false);
     for i in 0..rows {
@@ -473,7 +480,9 @@ fn off_diagonal_block<F: Arith>(
     }
 }
 
-/// The diagonal sub-chunks, pairwise (m < n in one sub-chunk):
+/// The diagonal sub-chunks' pairs, pairwise (m < n in one half of a
+/// sub-chunk, the halves of [`Scratch::intra_scores`]; the block between the
+/// halves is an anchored block, `off_diagonal_block`):
 /// `acc_q[n] += s_nm |E(n, m)| (kc − i ks)_m`, `acc_k[m] += s_nm |E(n, m)| (qc + i qs)_n`,
 /// and the pair's gate term t = |E(n, m)|·(s_nm Σ_d (qc + i qs)_n (kc − i ks)_m)
 /// (the modulus last) as `wg[n] += t`, `wg[m] −= t`.
@@ -501,10 +510,11 @@ fn diagonal_blocks<F: Arith>(
     let mut s0 = 0;
     while s0 < clen {
         let s1 = (s0 + sub).min(clen);
+        let h1 = (s0 + (sub / 2).max(1)).min(s1);
         for n in s0..s1 {
             let (n_re, n_lo, n_rst) = (row(&s.gre, n, gd), row(&s.gre_lo, n, gd), &s.rst[n * gd..(n + 1) * gd]);
             let (qcn, qsn) = (row(&r.qc, n, kd), row(&r.qs, n, kd));
-            for m in s0..n {
+            for m in (if n < h1 { s0 } else { h1 })..n {
                 let x = ds[n * clen + m];
                 let (m_re, m_lo) = (row(&s.gre, m, gd), row(&s.gre_lo, m, gd));
                 let pairs = n_re.iter().zip(n_lo).zip(m_re.iter().zip(m_lo));
@@ -589,8 +599,8 @@ fn launch3_chunk<F: Arith>(
     {
         let (ds, acc_q, acc_k, prod) = (&gs.ds, &mut gs.acc_q, &mut gs.acc_k, &mut gs.prod);
         let (wg, gterm) = (&mut gs.wg, &mut gs.gterm);
-        s.intra_scores::<F>(ctx, q, k, clen, &r, &mut sc, |s, s0, s1| {
-            off_diagonal_block::<F>(s, &r, kd, gd, clen, s0, s1, ds, acc_q, acc_k, prod, wg, gterm)
+        s.intra_scores::<F>(ctx, q, k, clen, &r, &mut sc, |s, s0, s1, e| {
+            off_diagonal_block::<F>(s, &r, kd, gd, clen, s0, s1, e, ds, acc_q, acc_k, prod, wg, gterm)
         });
     }
     let pair_scratch = (&mut gs.wpair[..], &mut gs.wmod[..], &mut gs.gterm[..]);

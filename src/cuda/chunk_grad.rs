@@ -123,7 +123,7 @@ unsafe impl DeviceRepr for GateloopChunkGradParams {}
 /// grad_qk's is `qk_smem_bytes`: q, k raw and s (f32), a union of the s
 /// phase (dY, V split), the off-diagonal phase (the six 16 × 16 blocks of s,
 /// the anchored q̃ per pair and k̃ per key sub-chunk split, reused for their
-/// products in f32) and the inter-chunk phase (dY, V, S_in, D over 32 value
+/// products in f32 and the diagonal sub-chunks' cross rows) and the inter-chunk phase (dY, V, S_in, D over 32 value
 /// columns split, reused for X, Y in f32), then w', u, the per-head sums and
 /// the through terms. Real `gates` take a real gate prefix and operand
 /// slabs of K̃ alone; grad_qk's f32 products keep their [Re | Im] layout.
@@ -140,7 +140,11 @@ pub fn shared_bytes(dtype: Dtype, gates: Gates) -> (u32, u32, u32) {
     let inter_cols = t / 2;
     let inter = (2 * split(c, inter_cols + pad) + 2 * split(width, inter_cols + pad)).max(2 * c * out_width * 4);
     let offdiag = split(pairs * sub, sub + pad) + split(pairs * sub, width + pad) + split(key_subs * sub, width + pad);
-    let offdiag_out = 4 * (pairs + key_subs) * sub * out_width;
+    // Its products X, Y (f32), then the diagonal sub-chunks' cross rows: 32
+    // query and 32 key rows, complex [Re | Im] of the slab, real padded to
+    // the prefix row (cuda/chunk_common.cuh: cross_scratch_bytes).
+    let cross_ld = if gates == Gates::Complex { 2 * s } else { abi::GATELOOP_CHUNK_PREFIX_LD as usize };
+    let offdiag_out = 4 * (pairs + key_subs) * sub * out_width + 2 * (c / 2) * cross_ld * 4;
     let union = (2 * split(c, t + pad)).max(inter).max(offdiag).max(offdiag_out);
     // w' and u rows padded by one complex (cuda/chunk_grad.cu: kLdGate).
     // The prefix tables and raw q, k in padded rows (Block's kLd).
@@ -907,7 +911,8 @@ mod tests {
         // split 2·64·36·4 = 18432, staging 8·16·16·4 = 8192; grad_qk: q, k raw
         // 8192, s 16384, the union: max(s phase dY, V splits 2·34816 = 69632,
         // off-diagonal phase s blocks 2·96·20·4 = 15360 + q̃ 2·96·36·4 = 27648
-        // + k̃ 2·48·36·4 = 13824 = 56832 (its products 4·9·16·32 = 18432),
+        // + k̃ 2·48·36·4 = 13824 = 56832 (its products 4·9·16·32 = 18432
+        // and cross rows 2·32·32·4 = 8192),
         // inter-chunk dY, V splits 2·2·64·36·4 = 36864 and S_in, D splits
         // 2·2·32·36·4 = 18432) = 69632, w', u 2·64·17·8 = 17408, head sums 1024, through
         // 128 + 8; grad_dv (the output pass): q, k raw
@@ -921,7 +926,7 @@ mod tests {
         // f16 / bf16 operands (row padding 8): grad_w's dY split 2·64·72·2 =
         // 18432, Q̃ split 2·64·40·2 = 10240; grad_qk's union max(s phase
         // 2·2·2·64·72 = 36864, off-diagonal 2·2·(96·24 + 96·40 + 48·40) =
-        // 32256, its products 18432, inter-chunk 2·2·2·64·40 + 2·2·2·32·40 =
+        // 32256, its products and cross rows 26624, inter-chunk 2·2·2·64·40 + 2·2·2·32·40 =
         // 30720); grad_dv's slab phase 2·2·(64·40 + 32·72 + 96·40 + 48·40) =
         // 42496 (> 2·2·2·64·72 = 36864).
         for dtype in [Dtype::F16, Dtype::Bf16] {
@@ -935,14 +940,15 @@ mod tests {
         // of 16 rows, q̃ and k̃ of 16 columns) and its f32 products as wide
         // as the complex kernel's. f32: union max(s phase 69632, inter-chunk
         // 2·18432 + 2·2·16·36·4 = 46080, off-diagonal 15360 + 2·96·20·4 +
-        // 2·48·20·4 = 38400, products 18432) = 69632.
+        // 2·48·20·4 = 38400, products 18432 and cross rows 2·32·20·4 =
+        // 5120) = 69632.
         let tail = 17408 + 1024 + 136;
         let (w, dv) = chunk::shared_bytes(Dtype::F32, Gates::Real);
         assert_eq!(w, 12288 + 4096 + 34816 + 2 * 64 * 20 * 4 + 8192);
         assert_eq!(shared_bytes(Dtype::F32, Gates::Real), (w, 15360 + 10240 + 16384 + 69632 + tail, dv));
         // 16-bit: union max(s phase 36864, inter-chunk 2·2·2·64·40 +
         // 2·2·2·16·40 = 25600, off-diagonal 2·2·(96·24 + 96·24 + 48·24) =
-        // 23040, products 18432) = 36864.
+        // 23040, products and cross rows 23552) = 36864.
         for dtype in [Dtype::F16, Dtype::Bf16] {
             let (w, dv) = chunk::shared_bytes(dtype, Gates::Real);
             assert_eq!(shared_bytes(dtype, Gates::Real), (w, 15360 + 10240 + 16384 + 36864 + tail, dv));
