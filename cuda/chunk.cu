@@ -63,6 +63,9 @@
 // hi = round(x), lo = round(x − hi) in the operand type, and
 //   a·b ≈ hi_a·hi_b + hi_a·lo_b + lo_a·hi_b      (kTerms = 3, "exact")
 // or a·b ≈ hi_a·hi_b                             (kTerms = 1, "fast").
+// A raw input tile (V; dY in the backward) of bf16 inputs is exact in bf16
+// operands (lo = 0): it is staged and multiplied as hi alone, so its products
+// take two terms where exact takes three (raw_tile_terms; the same sums).
 // Exact keeps ~2× the operand precision (3xTF32: ~21 bits; f16: ~22 bits,
 // but f16's range: operands must stay below 65504 in magnitude, and values
 // below 6e-5 lose relative precision to subnormals; bf16: ~16 bits).
@@ -103,7 +106,7 @@ __device__ __forceinline__ void chunk_state(const GateloopChunkParams& p) {
 
     const int last = blk.n - 1;
 
-    blk.template load_values<Op, kTerms>(vs);
+    blk.template load_values<Op, raw_tile_terms<input_t, kTerms>()>(vs);
     for (int64_t d0 = 0; d0 < p.dims.key_dim; d0 += kSlab) {
         if (d0 == 0 || !blk.per_head) blk.build_prefix(d0);
         // No barrier between these two: each thread reads back only the
@@ -182,7 +185,7 @@ __device__ __forceinline__ void chunk_state_seq(const GateloopChunkParams& p) {
         p, smem, has_h0 ? p.h0 : nullptr, p.h0_strides, p.ws_state, p.h_final, p.h_final_strides,
         [&](const Block<input_t, kComplex>& blk, const StateSmem<Op, kComplex>& sm, int64_t d0) {
             // K̃ (put_state_keys) and V (the walk stores A_c to ws_decay).
-            blk.template load_values<Op, kTerms, 1>(sm.tile);  // and the next chunk's into L2
+            blk.template load_values<Op, raw_tile_terms<input_t, kTerms>(), 1>(sm.tile);  // and the next chunk's into L2
             blk.template load_keys<1>(blk.k, p.k_strides, d0, sm.raw);
             put_state_keys<Op, kTerms>(blk, sm.raw, sm.slab);  // own raw keys only: no barrier
         });

@@ -106,6 +106,16 @@ struct OpOf<__nv_bfloat16> {
     using type = OpBf16;
     static constexpr int kRawTerms = 1;
 };
+// The split terms of a raw input tile (v or dy) in a product with a split
+// operand of kTerms: a bf16 input is exact in a bf16 operand (its lo plane
+// would be 0), so that plane is neither staged nor multiplied (the products
+// dropped are exact zeros: the same sums bit for bit); f32 and f16 inputs
+// take kTerms. Stage such a tile with these terms and multiply it with
+// mma_split_step's term count for its side.
+template <typename input_t, int kTerms>
+__host__ __device__ constexpr int raw_tile_terms() {
+    return OpOf<input_t>::kRawTerms == 1 ? 1 : kTerms;
+}
 
 // A split operand matrix in shared memory: hi and lo planes of `rows × ld`.
 template <class Op>
@@ -128,18 +138,28 @@ template <class Op>
 using Acc = wmma::fragment<wmma::accumulator, 16, 16, Op::kK, float>;
 
 // acc += A · B for one k-step (16 × kK times kK × 16), split operands: the
-// small cross terms first, then hi·hi. A(i, k) at a.hi_at(...) with layout LA.
-template <class Op, int kTerms, class LA, class LB>
-__device__ __forceinline__ void mma_step(Acc<Op>& acc, const typename Op::storage* a_hi,
-                                         const typename Op::storage* a_lo, int lda,
-                                         const typename Op::storage* b_hi, const typename Op::storage* b_lo,
-                                         int ldb) {
+// small cross terms first (lo_A·hi_B, hi_A·lo_B), then hi·hi. A(i, k) at
+// a.hi_at(...) with layout LA. kTermsA, kTermsB: 3 for a split side, 1 for
+// a side taken as exact (its lo plane not read; raw_tile_terms), whose
+// cross term is left out (with both 3: "exact"; both 1: "fast").
+template <class Op, int kTermsA, int kTermsB, class LA, class LB>
+__device__ __forceinline__ void mma_split_step(Acc<Op>& acc, const typename Op::storage* a_hi,
+                                               const typename Op::storage* a_lo, int lda,
+                                               const typename Op::storage* b_hi, const typename Op::storage* b_lo,
+                                               int ldb) {
     wmma::fragment<wmma::matrix_a, 16, 16, Op::kK, typename Op::elem, LA> a;
     wmma::fragment<wmma::matrix_b, 16, 16, Op::kK, typename Op::elem, LB> b;
-    if (kTerms == 3) {
+    if constexpr (kTermsA == 3) {
         wmma::load_matrix_sync(a, a_lo, lda);
         wmma::load_matrix_sync(b, b_hi, ldb);
         wmma::mma_sync(acc, a, b, acc);
+        wmma::load_matrix_sync(a, a_hi, lda);
+        if constexpr (kTermsB == 3) {
+            wmma::load_matrix_sync(b, b_lo, ldb);
+            wmma::mma_sync(acc, a, b, acc);
+            wmma::load_matrix_sync(b, b_hi, ldb);
+        }
+    } else if constexpr (kTermsB == 3) {
         wmma::load_matrix_sync(a, a_hi, lda);
         wmma::load_matrix_sync(b, b_lo, ldb);
         wmma::mma_sync(acc, a, b, acc);
@@ -149,6 +169,14 @@ __device__ __forceinline__ void mma_step(Acc<Op>& acc, const typename Op::storag
         wmma::load_matrix_sync(b, b_hi, ldb);
     }
     wmma::mma_sync(acc, a, b, acc);
+}
+// Both sides with kTerms.
+template <class Op, int kTerms, class LA, class LB>
+__device__ __forceinline__ void mma_step(Acc<Op>& acc, const typename Op::storage* a_hi,
+                                         const typename Op::storage* a_lo, int lda,
+                                         const typename Op::storage* b_hi, const typename Op::storage* b_lo,
+                                         int ldb) {
+    mma_split_step<Op, kTerms, kTerms, LA, LB>(acc, a_hi, a_lo, lda, b_hi, b_lo, ldb);
 }
 
 // ---- scalar helpers (mirrors of src/cpu/chunked.rs) ---------------------------
@@ -1013,7 +1041,7 @@ __device__ __forceinline__ void put_state_keys(const Block<input_t, kComplex, kL
 // Warp w's tile (rb, cb) = (w / 4, w % 4) of Xᵀ Y (store_slab_gram's
 // product) into acc; false, acc untouched, for a warp without a tile (real
 // gates: two 16-row blocks fewer).
-template <class Op, int kTerms, typename input_t, bool kComplex, int kLd>
+template <class Op, int kTerms, bool kRolled = true, typename input_t, bool kComplex, int kLd>
 __device__ __forceinline__ bool slab_gram(const Block<input_t, kComplex, kLd>& blk, const Split<Op>& x, const Split<Op>& y,
                                           Acc<Op>& acc) {
     constexpr int kWidth = slab_width<kComplex>();
@@ -1021,10 +1049,20 @@ __device__ __forceinline__ bool slab_gram(const Block<input_t, kComplex, kLd>& b
     const int cb = blk.warp % (kVTile / 16);
     if (rb >= kWidth / 16) return false;
     wmma::fill_fragment(acc, 0.f);
-    for (int kk = 0; kk < kChunk; kk += Op::kK) {
-        // A(i, k) = X[k][16·rb + i]: column-major with ld x.ld.
-        mma_step<Op, kTerms, wmma::col_major, wmma::row_major>(acc, x.hi_at(kk, 16 * rb), x.lo_at(kk, 16 * rb), x.ld,
-                                                               y.hi_at(kk, 16 * cb), y.lo_at(kk, 16 * cb), y.ld);
+    // A(i, k) = X[k][16·rb + i]: column-major with ld x.ld.
+    constexpr int kTermsY = raw_tile_terms<input_t, kTerms>();
+    const auto step = [&](int kk) {
+        mma_split_step<Op, kTerms, kTermsY, wmma::col_major, wmma::row_major>(
+            acc, x.hi_at(kk, 16 * rb), x.lo_at(kk, 16 * rb), x.ld, y.hi_at(kk, 16 * cb), y.lo_at(kk, 16 * cb), y.ld);
+    };
+    if constexpr (kTermsY < kTerms && kRolled) {
+        // Not unrolled (kRolled): unrolled, ptxas held the steps' fragments
+        // at once and spilled at grad_w's and the backward walk's register
+        // caps; rolled, at the forward walk's (sm_80), which unrolls.
+#pragma unroll 1
+        for (int kk = 0; kk < kChunk; kk += Op::kK) step(kk);
+    } else {
+        for (int kk = 0; kk < kChunk; kk += Op::kK) step(kk);
     }
     return true;
 }
@@ -1139,7 +1177,7 @@ __device__ __forceinline__ void walk_chunks(const GateloopChunkParams& p, unsign
         }
         __syncthreads();
         Acc<Op> acc;
-        if (slab_gram<Op, kTerms>(blk, sm.slab, sm.tile, acc)) {
+        if (slab_gram<Op, kTerms, kBackward>(blk, sm.slab, sm.tile, acc)) {
             const int rb = blk.warp / (kVTile / 16);
             const int cb = blk.warp % (kVTile / 16);
             wmma::store_matrix_sync(xbuf + 16 * rb * kVTile + 16 * cb, acc, kVTile, wmma::mem_row_major);
@@ -1533,7 +1571,7 @@ __device__ __forceinline__ void intra_pass(Block<input_t, kComplex, kLd>& blk, u
     for (int h = 0; h < kHalves; ++h) {
         // Half h of the tile into vs; half h − 1's products, its readers, done.
         if (h > 0) __syncthreads();
-        blk.template load_tile<Op, kTerms>(tile, tile_strides, blk.v0 + h * kVTile, vs);
+        blk.template load_tile<Op, raw_tile_terms<input_t, kTerms>()>(tile, tile_strides, blk.v0 + h * kVTile, vs);
         __syncthreads();
         if constexpr (kAdjoint) {
             // dv += Pᵀ dY: A(m, n) = P[n][m] read column-major, the inner loop
@@ -1541,7 +1579,7 @@ __device__ __forceinline__ void intra_pass(Block<input_t, kComplex, kLd>& blk, u
             for (int kk = kSub * yr; kk < kChunk; kk += Op::kK) {
 #pragma unroll
                 for (int t = 0; t < 2; ++t) {
-                    mma_step<Op, kTerms, wmma::col_major, wmma::row_major>(
+                    mma_split_step<Op, kTerms, raw_tile_terms<input_t, kTerms>(), wmma::col_major, wmma::row_major>(
                         yacc[2 * h + t], ps.hi_at(kk, 16 * yr), ps.lo_at(kk, 16 * yr), ps.ld,
                         vs.hi_at(kk, 16 * (yc + t)), vs.lo_at(kk, 16 * (yc + t)), vs.ld);
                 }
@@ -1551,7 +1589,7 @@ __device__ __forceinline__ void intra_pass(Block<input_t, kComplex, kLd>& blk, u
             for (int kk = 0; kk < kSub * (yr + 1); kk += Op::kK) {
 #pragma unroll
                 for (int t = 0; t < 2; ++t) {
-                    mma_step<Op, kTerms, wmma::row_major, wmma::row_major>(
+                    mma_split_step<Op, kTerms, raw_tile_terms<input_t, kTerms>(), wmma::row_major, wmma::row_major>(
                         yacc[2 * h + t], ps.hi_at(16 * yr, kk), ps.lo_at(16 * yr, kk), ps.ld,
                         vs.hi_at(kk, 16 * (yc + t)), vs.lo_at(kk, 16 * (yc + t)), vs.ld);
                 }

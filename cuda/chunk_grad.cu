@@ -249,7 +249,8 @@ __device__ __forceinline__ void grad_w(const GateloopChunkGradParams& g) {
     const Split<Op>& qe = sm.slab;
     float* staging = sm.staging;
 
-    blk.template load_tile<Op, kGradTerms>(seq_row<input_t>(g.dy, g.dy_strides, blk.b, blk.h), g.dy_strides, dys);
+    blk.template load_tile<Op, raw_tile_terms<input_t, kGradTerms>()>(seq_row<input_t>(g.dy, g.dy_strides, blk.b, blk.h),
+                                                                     g.dy_strides, dys);
     for (int64_t d0 = 0; d0 < p.dims.key_dim; d0 += kSlab) {
         if (d0 == 0 || !blk.per_head) blk.build_prefix(d0);  // ends with a barrier
         blk.load_keys(blk.q, p.q_strides, d0, qraw);
@@ -281,8 +282,8 @@ __device__ __forceinline__ void grad_w_seq(const GateloopChunkGradParams& g) {
         g.dh0_strides, [&](const Block<input_t, kComplex>& blk, const StateSmem<Op, kComplex>& sm, int64_t d0) {
             // [Re Q̃ | −Im Q̃] (put_inter_queries) and dY, as grad_w stages them
             // (and those of the chunk before, which the reverse walk visits next, into L2).
-            blk.template load_tile<Op, kGradTerms, -1>(seq_row<input_t>(g.dy, g.dy_strides, blk.b, blk.h),
-                                                         g.dy_strides, sm.tile);
+            blk.template load_tile<Op, raw_tile_terms<input_t, kGradTerms>(), -1>(
+                seq_row<input_t>(g.dy, g.dy_strides, blk.b, blk.h), g.dy_strides, sm.tile);
             blk.template load_keys<-1>(blk.q, p.q_strides, d0, sm.raw);
             put_inter_queries<Op, kGradTerms>(blk, sm.raw, sm.slab);  // own raw queries only: no barrier
         });
@@ -496,6 +497,8 @@ __device__ __forceinline__ void grad_qk(const GateloopChunkGradParams& g) {
     using Tr = InputTraits<input_t>;
     using Op = typename OpOf<input_t>::type;
     constexpr int kRawTerms = OpOf<input_t>::kRawTerms;  // dY, V are raw inputs
+    // dY, V in the inter-chunk products against S_in, D (split, kGradTerms).
+    constexpr int kTileTerms = raw_tile_terms<input_t, kGradTerms>();
     // Real gates: no Im parts (θ ≡ 0: cos_at 1, sin_at 0, the Im halves of the
     // products never formed and read as 0), log_gate, dlog_gate and the
     // states real f32.
@@ -601,7 +604,7 @@ __device__ __forceinline__ void grad_qk(const GateloopChunkGradParams& g) {
         // accumulators acc_q[n] = Σ_{m < n} s_nm |E(n, m)| k_m e^{−iθ_m},
         // acc_k[n] = Σ_{m > n} s_mn |E(m, n)| q_m e^{iθ_m}, and their part of
         // w'_n = q_n dq̂_n − k_n dk̂_n, every term with its modulus applied last
-        // (cpu::chunked_grad: off_diagonal_block, diagonal_blocks):
+        // (cpu::chunked_grad: anchored_block, diagonal_blocks):
         //   off the diagonal, from the products: acc_q[n] += |E(n, r_j)| X_ij[n],
         //   w'_n += |E(n, r_j)|·(q_n e^{iθ_n} X_ij[n]) for j < i; acc_k[n] +=
         //   |E(r_i, n)| conj(Y_i[n]), w'_n −= |E(r_i, n)|·(k_n e^{−iθ_n} conj(Y_i[n]));
@@ -782,8 +785,8 @@ __device__ __forceinline__ void grad_qk(const GateloopChunkGradParams& g) {
                                                Tr::load(blk.v, v_first + u * v_step));
                         },
                         [&](int n, int c, float2 x) {
-                            dyh.template put<kGradTerms>(n, c, x.x);
-                            vh.template put<kGradTerms>(n, c, x.y);
+                            dyh.template put<kTileTerms>(n, c, x.x);
+                            vh.template put<kTileTerms>(n, c, x.y);
                         });
                 }
                 // S_in and D of channel row0 + kStep·u at the slot's column,
@@ -818,10 +821,10 @@ __device__ __forceinline__ void grad_qk(const GateloopChunkGradParams& g) {
                 __syncthreads();
                 if (kComplex) {
                     for (int kk = 0; kk < kInterCols; kk += Op::kK) {
-                        mma_step<Op, kGradTerms, wmma::row_major, wmma::col_major>(
+                        mma_split_step<Op, kTileTerms, kGradTerms, wmma::row_major, wmma::col_major>(
                             xacc, dyh.hi_at(16 * xr, kk), dyh.lo_at(16 * xr, kk), dyh.ld, sh.hi_at(16 * xc, kk),
                             sh.lo_at(16 * xc, kk), sh.ld);
-                        mma_step<Op, kGradTerms, wmma::row_major, wmma::col_major>(
+                        mma_split_step<Op, kTileTerms, kGradTerms, wmma::row_major, wmma::col_major>(
                             yacc, vh.hi_at(16 * xr, kk), vh.lo_at(16 * xr, kk), vh.ld, dh.hi_at(16 * xc, kk),
                             dh.lo_at(16 * xc, kk), dh.ld);
                     }
@@ -840,7 +843,7 @@ __device__ __forceinline__ void grad_qk(const GateloopChunkGradParams& g) {
                     const int b_shift = real_y ? kPastS : 0;
 #pragma unroll 1
                     for (int kk = 0; kk < kInterCols; kk += Op::kK) {
-                        mma_step<Op, kGradTerms, wmma::row_major, wmma::col_major>(
+                        mma_split_step<Op, kTileTerms, kGradTerms, wmma::row_major, wmma::col_major>(
                             xacc, dyh.hi_at(16 * xr, kk) + a_shift, dyh.lo_at(16 * xr, kk) + a_shift, dyh.ld,
                             sh.hi_at(0, kk) + b_shift, sh.lo_at(0, kk) + b_shift, sh.ld);
                     }

@@ -440,7 +440,7 @@ fn launch1_chunk<F: Arith>(
 /// w_r = q_r dq̂_r − k_r dk̂_r from this block, the modulus applied last).
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
-fn off_diagonal_block<F: Arith>(
+fn anchored_block<F: Arith>(
     s: &Scratch,
     r: &PhaseRows,
     kd: usize,
@@ -482,7 +482,7 @@ fn off_diagonal_block<F: Arith>(
 
 /// The diagonal sub-chunks' pairs, pairwise (m < n in one half of a
 /// sub-chunk, the halves of [`Scratch::intra_scores`]; the block between the
-/// halves is an anchored block, `off_diagonal_block`):
+/// halves is formed by `anchored_block`):
 /// `acc_q[n] += s_nm |E(n, m)| (kc − i ks)_m`, `acc_k[m] += s_nm |E(n, m)| (qc + i qs)_n`,
 /// and the pair's gate term t = |E(n, m)|·(s_nm Σ_d (qc + i qs)_n (kc − i ks)_m)
 /// (the modulus last) as `wg[n] += t`, `wg[m] −= t`.
@@ -600,7 +600,7 @@ fn launch3_chunk<F: Arith>(
         let (ds, acc_q, acc_k, prod) = (&gs.ds, &mut gs.acc_q, &mut gs.acc_k, &mut gs.prod);
         let (wg, gterm) = (&mut gs.wg, &mut gs.gterm);
         s.intra_scores::<F>(ctx, q, k, clen, &r, &mut sc, |s, s0, s1, e| {
-            off_diagonal_block::<F>(s, &r, kd, gd, clen, s0, s1, e, ds, acc_q, acc_k, prod, wg, gterm)
+            anchored_block::<F>(s, &r, kd, gd, clen, s0, s1, e, ds, acc_q, acc_k, prod, wg, gterm)
         });
     }
     let pair_scratch = (&mut gs.wpair[..], &mut gs.wmod[..], &mut gs.gterm[..]);
