@@ -385,7 +385,7 @@ __device__ __forceinline__ void grad_dh0(const GateloopChunkGradParams& g) {
             a = complex_gate(load_log_gate(gate, gi));
         } else {
             const float lg = __ldg(gate + gi);
-            a = make_float2(lg < GATELOOP_RESET_LOG_GATE ? 0.f : exp2f(lg * kLog2e), 0.f);
+            a = make_float2(lg < GATELOOP_RESET_LOG_GATE ? 0.f : gate_modulus(lg), 0.f);
         }
         pr = cmul(pr, a);
         if (pr.x == 0.f && pr.y == 0.f) break;  // a reset: this and every later term, and A_0, are 0

@@ -910,6 +910,28 @@ impl Scratch {
         }
     }
 
+    /// The anchored rows of one block, keys `s0..s1` against queries
+    /// `s1..e`, anchor r = s1 − 1 (every factor ≤ 1): `qa` rows `n − s1`
+    /// `[Re q̃ | −Im q̃]`, q̃_n = q_n |E(n, r)| e^{iθ_n}, moduli in `wq`;
+    /// `ka` rows `m − s0` `[Re k̃ | Im k̃]`, k̃_m = k_m |E(r, m)| e^{−iθ_m},
+    /// moduli in `wk` (see [`Scratch::intra_scores`]).
+    #[inline(always)]
+    fn anchored_rows<F: Arith>(&mut self, kd: usize, gd: usize, r: &PhaseRows, s0: usize, s1: usize, e: usize) {
+        let (k2, anchor) = (2 * kd, s1 - 1);
+        for n in s1..e {
+            self.modulus_row::<F>(gd, n, anchor as isize);
+            let (o, i) = ((n - s1) * k2, n - s1);
+            self.wq[i * gd..(i + 1) * gd].copy_from_slice(&self.w[..gd]);
+            scaled_row(&self.w[..gd], row(&r.qc, n, kd), row(&r.qs, n, kd), &mut self.qa[o..o + k2]);
+        }
+        for m in s0..s1 {
+            self.modulus_row::<F>(gd, anchor, m as isize);
+            let (o, i) = ((m - s0) * k2, m - s0);
+            self.wk[i * gd..(i + 1) * gd].copy_from_slice(&self.w[..gd]);
+            scaled_row(&self.w[..gd], row(&r.kc, m, kd), row(&r.ks, m, kd), &mut self.ka[o..o + k2]);
+        }
+    }
+
     /// The intra-chunk scores P (clen × clen, row stride clen, block
     /// lower-triangular, zero above the diagonal) of the chunk loaded by
     /// [`Scratch::load_chunk`]; `q`, `k` start at the chunk's first row.
@@ -983,19 +1005,7 @@ impl Scratch {
             // [Re q̃, −Im q̃] · [Re k̃, Im k̃] in the scratch rows the
             // off-diagonal block below fills after.
             if h1 < s1 {
-                let anchor = h1 as isize - 1;
-                for n in h1..s1 {
-                    self.modulus_row::<F>(gd, n, anchor);
-                    let (o, i) = ((n - h1) * k2, n - h1);
-                    self.wq[i * gd..(i + 1) * gd].copy_from_slice(&self.w[..gd]);
-                    scaled_row(&self.w[..gd], row(&r.qc, n, kd), row(&r.qs, n, kd), &mut self.qa[o..o + k2]);
-                }
-                for m in s0..h1 {
-                    self.modulus_row::<F>(gd, anchor as usize, m as isize);
-                    let (o, i) = ((m - s0) * k2, m - s0);
-                    self.wk[i * gd..(i + 1) * gd].copy_from_slice(&self.w[..gd]);
-                    scaled_row(&self.w[..gd], row(&r.kc, m, kd), row(&r.ks, m, kd), &mut self.ka[o..o + k2]);
-                }
+                self.anchored_rows::<F>(kd, gd, r, s0, h1, s1);
                 for n in h1..s1 {
                     let qrow = &self.qa[(n - h1) * k2..][..k2];
                     for m in s0..h1 {
@@ -1007,20 +1017,8 @@ impl Scratch {
             // Later queries against this key sub-chunk, anchored at its last
             // step r: q̃_n = q_n |E(n, r)| e^{iθ_n}, k̃_m = k_m |E(r, m)| e^{−iθ_m}.
             if s1 < clen {
-                let anchor = s1 - 1;
                 let (rows, cols) = (clen - s1, s1 - s0);
-                for n in s1..clen {
-                    self.modulus_row::<F>(gd, n, anchor as isize);
-                    let (o, i) = ((n - s1) * k2, n - s1);
-                    self.wq[i * gd..(i + 1) * gd].copy_from_slice(&self.w[..gd]);
-                    scaled_row(&self.w[..gd], row(&r.qc, n, kd), row(&r.qs, n, kd), &mut self.qa[o..o + k2]);
-                }
-                for m in s0..s1 {
-                    self.modulus_row::<F>(gd, anchor, m as isize);
-                    let (o, i) = ((m - s0) * k2, m - s0);
-                    self.wk[i * gd..(i + 1) * gd].copy_from_slice(&self.w[..gd]);
-                    scaled_row(&self.w[..gd], row(&r.kc, m, kd), row(&r.ks, m, kd), &mut self.ka[o..o + k2]);
-                }
+                self.anchored_rows::<F>(kd, gd, r, s0, s1, clen);
                 for (i, krow_a) in self.ka[..cols * k2].chunks_exact(k2).enumerate() {
                     for (dd, &x) in krow_a.iter().enumerate() {
                         self.kat[dd * cols + i] = x;
