@@ -9,6 +9,8 @@
 
 #include <mma.h>
 
+#include <type_traits>
+
 #include "common.cuh"
 
 namespace gateloop {
@@ -133,6 +135,16 @@ struct Split {
     __device__ __forceinline__ const typename Op::storage* hi_at(int r, int c) const { return hi + r * ld + c; }
     __device__ __forceinline__ const typename Op::storage* lo_at(int r, int c) const { return lo + r * ld + c; }
 };
+
+// Whether a raw input tile of input_t staged with kTerms is its own hi
+// plane, as loaded: one term of the input's own 16-bit type (bf16 into bf16
+// operands, and f16 into f16 ones, Fast; not f32 into TF32, which rounds).
+// Block::load_tile stages such tiles 16 bytes at a time, as they came: the
+// bits put<1> stores (narrow(widen(x)) = x), a NaN's payload aside.
+template <typename input_t, class Op, int kTerms>
+__host__ __device__ constexpr bool stored_as_loaded() {
+    return sizeof(input_t) == 2 && kTerms == 1 && std::is_same<typename Op::storage, input_t>::value;
+}
 
 template <class Op>
 using Acc = wmma::fragment<wmma::accumulator, 16, 16, Op::kK, float>;
@@ -791,7 +803,8 @@ struct Block {
     }
 
     // x (q or k) of slab d0 into xs [kChunk][kLd] f32 (entry (t, j) at
-    // at(t, j)), zero past the chunk / K.
+    // at(t, j)), zero past the chunk / K. (An element a load: 16-byte
+    // groups, a quarter of the loads, made ptxas spill four kernels.)
     template <int kAhead = 0>
     __device__ __forceinline__ void load_keys(const input_t* __restrict__ x, const GateloopSeqStrides& s, int64_t d0,
                                               float* xs) const {
@@ -799,10 +812,21 @@ struct Block {
     }
 
     // Value columns col0 .. col0 + kVTile − 1 of x (v or dy) over the chunk
-    // into a split operand, zero past the chunk / V.
+    // into a split operand, zero past the chunk / V: a tile stored as loaded
+    // (bf16 inputs, f16 Fast) 16 bytes a load where the rows allow it
+    // (vector_rows), else an element a load. (Vector loads of the f16 tiles
+    // that Exact splits into bf16 hi and lo made ptxas spill their walks.)
     template <class Op, int kTerms, int kAhead = 0>
     __device__ __forceinline__ void load_tile(const input_t* __restrict__ x, const GateloopSeqStrides& s,
                                               int64_t col0, const Split<Op>& xs) const {
+        if constexpr (stored_as_loaded<input_t, Op, kTerms>()) {
+            if (vector_rows(x, s, col0, p.dims.value_dim)) {
+                load_groups<kVTile, kAhead>(x, s, col0, p.dims.value_dim, [&](int t, int c, uint4 w) {
+                    *reinterpret_cast<uint4*>(xs.hi + t * xs.ld + c) = w;
+                });
+                return;
+            }
+        }
         load_rows<kVTile, kAhead>(x, s, col0, p.dims.value_dim,
                                   [&](int m, int c, float e) { xs.template put<kTerms>(m, c, e); });
     }
@@ -815,6 +839,49 @@ struct Block {
     template <class Op, int kTerms, int kAhead = 0>
     __device__ __forceinline__ void load_values(const Split<Op>& vs) const {
         load_tile<Op, kTerms, kAhead>(v, p.v_strides, vs);
+    }
+    // Whether x's columns col0 .. can be staged in 16-byte groups
+    // (load_groups): 16-bit inputs whose rows there start 16-byte aligned
+    // (x + col0 and the time stride, so every step's row) in a tensor of
+    // `limit` columns, a multiple of 8 (a group is inside it or wholly
+    // past it). The same on every thread.
+    __device__ __forceinline__ bool vector_rows(const input_t* x, const GateloopSeqStrides& s, int64_t col0,
+                                                int64_t limit) const {
+        const uintptr_t bytes = reinterpret_cast<uintptr_t>(x + col0) | static_cast<uintptr_t>(s.time * 2);
+        return sizeof(input_t) == 2 && (bytes & 15) == 0 && limit % 8 == 0;
+    }
+    // Columns col0 .. col0 + kWidth − 1 of x over the chunk in groups of
+    // eight 16-bit elements, put(step, column, group) for each (zero past the
+    // chunk and from column `limit` on): thread tid takes group tid % (kWidth
+    // / 8) of rows tid / (kWidth / 8) + kPass·u, a 16-byte load each (the
+    // value tile: 2 a thread, where an element a load took 16, each with its
+    // 64-bit address), all in flight, then the puts. kAhead (the walks): the
+    // threads of a row's first and last group prefetch the row of the chunk
+    // kAhead away, every line of its ≤ 128 bytes (2 a thread at most, where
+    // the elementwise staging took 16).
+    template <int kWidth, int kAhead, class Put>
+    __device__ __forceinline__ void load_groups(const input_t* __restrict__ x, const GateloopSeqStrides& s,
+                                                int64_t col0, int64_t limit, Put put) const {
+        static_assert(sizeof(input_t) == 2 && kWidth % 8 == 0, "groups of eight 16-bit elements");
+        constexpr int kGroups = kWidth / 8;        // 16-byte groups of a row
+        constexpr int kPass = kThreads / kGroups;  // rows a pass of the block
+        constexpr int kItems = kChunk / kPass;     // rows a thread
+        static_assert(kItems * kPass == kChunk, "whole passes of the block per chunk");
+        const int g = tid % kGroups;
+        const int r0 = tid / kGroups;
+        const bool col_in = col0 + 8 * g < limit;
+        const uint4* first = reinterpret_cast<const uint4*>(x + opaque((t0 + r0) * s.time + col0 + 8 * g));
+        const int64_t step = opaque(kPass * s.time / 8);  // uint4s from one of the thread's rows to the next
+        if constexpr (kAhead != 0 && kPrefetchAhead) {
+#pragma unroll
+            for (int u = 0; u < kItems; ++u) {
+                const bool live = col_in && (g == 0 || g == kGroups - 1) && r0 + kPass * u < ahead_steps<kAhead>();
+                prefetch_l2_if(first + (live ? u + kAhead * kItems : 0) * step, live);
+            }
+        }
+        staged_items<kItems, kItems>(
+            [&](int u) { return (col_in && r0 + kPass * u < n) ? __ldg(first + u * step) : make_uint4(0u, 0u, 0u, 0u); },
+            [&](int u, uint4 w) { put(r0 + kPass * u, 8 * g, w); });
     }
 
     // Workspace row `row` (of parts·K) of this chunk's state, at column 0.

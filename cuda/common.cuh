@@ -250,6 +250,16 @@ __device__ __forceinline__ void prefetch_l2(const void* a) {
     (void)*static_cast<const volatile unsigned char*>(a);
 #endif
 }
+// prefetch_l2 where `live`, as a predicated instruction (no branch).
+__device__ __forceinline__ void prefetch_l2_if(const void* a, bool live) {
+#ifdef __CUDA_ARCH__
+    asm volatile(
+        "{\n\t.reg .pred p;\n\tsetp.ne.b32 p, %1, 0;\n\t@p prefetch.global.L2 [%0];\n\t}" ::"l"(a),
+        "r"(static_cast<int>(live)));
+#else
+    if (live) (void)*static_cast<const volatile unsigned char*>(a);
+#endif
+}
 #if !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 900
 constexpr bool kPrefetchAhead = true;
 #else

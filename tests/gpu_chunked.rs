@@ -411,6 +411,66 @@ fn wide_output_is_bitwise_the_narrow_output() {
     }
 }
 
+/// A 16-bit value tile whose rows all start 16-byte aligned (V a multiple of
+/// 8) is staged 16 bytes a load where it is its own operand (bf16 inputs,
+/// f16 Fast: Block::load_tile's vector staging), any other an element a
+/// load: the same bits. Each case runs with v as uploaded (aligned) and one
+/// element into its buffer (every row misaligned: the elementwise staging),
+/// bf16 and f16, complex and real gates, Exact and Fast, the separate and the
+/// sequential carry (whose walk stages V too), the narrow (V = 64) and the
+/// wide (V = 128) output launch, K cut short, partial chunks, resets; outputs
+/// and workspace poisoned, and the aligned run within the reference's bounds.
+#[test]
+fn vector_staging_is_bitwise_the_elementwise_staging() {
+    let Some(gpu) = common::gpu_or_skip() else { return };
+    let shapes = [dims(1, 200, 2, 40, 64, true), dims(2, 130, 1, 16, 128, false)];
+    let mut seed = 19_000;
+    for d in shapes {
+        for regime in [GateRegime::Mixed, GateRegime::Resets(0.1)] {
+            seed += 1;
+            let case = Case::new(d, regime, seed % 2 == 0, seed);
+            for gates in Gates::ALL {
+                for precision in ChunkPrecision::ALL {
+                    for carry in [ChunkCarry::Separate, ChunkCarry::Sequential] {
+                        let config = ChunkConfig { precision, carry, ..ChunkConfig::default() };
+                        check_v_offset::<bf16>(gpu, case, gates, config);
+                        check_v_offset::<f16>(gpu, case, gates, config);
+                    }
+                }
+            }
+        }
+    }
+}
+
+fn check_v_offset<T: Element>(gpu: &Gpu, case: Case, gates: Gates, config: ChunkConfig) {
+    if common::emulated_device_skips(&case.dims) {
+        return;
+    }
+    let label = format!("{} {gates:?} {config:?} {}", T::DTYPE, case.label());
+    let p64 = carry_problem::<T>(case, gates);
+    let p32 = p64.to_f32();
+    let lp = plan(&p32.dims, T::DTYPE, gates).expect("plan");
+    let run = |v_offset| {
+        common::run_forward_v_at::<T>(gpu, &p32, lp.workspace_len, gates == Gates::Real, v_offset, |s, d, i, o, ws| {
+            match gates {
+                Gates::Complex => forward_into(gpu, s, d, i, o, ws, config),
+                Gates::Real => forward_real_into(gpu, s, d, i, o, ws, config),
+            }
+        })
+        .unwrap_or_else(|e| panic!("{label}: {e}"))
+    };
+    let (ya, ha) = run(0);
+    let (yb, hb) = run(1);
+    let bits = |y: &[T]| y.iter().map(|x| x.to_f32().to_bits()).collect::<Vec<_>>();
+    let cbits = |h: &[Complex<f32>]| h.iter().flat_map(|z| [z.re.to_bits(), z.im.to_bits()]).collect::<Vec<_>>();
+    assert!(bits(&yb) == bits(&ya), "{label}: y differs between aligned and misaligned v");
+    assert!(cbits(&hb) == cbits(&ha), "{label}: h_final differs between aligned and misaligned v");
+    let want = reference::recurrent::forward(&p64.view()).expect("reference");
+    let (y_bound, h_bound) = bounds(T::DTYPE, config.precision);
+    assert_within(&label, "y", &compare(&widen(&ya), &want.y), y_bound);
+    assert_within(&label, "h_final", &compare_complex(&ha, &want.h_final), h_bound);
+}
+
 fn check_outputs<T: Element>(gpu: &Gpu, case: Case, gates: Gates, precision: ChunkPrecision) {
     let with = |output| ChunkConfig { precision, output, ..ChunkConfig::default() };
     check_bitwise::<T>(

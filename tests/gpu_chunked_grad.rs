@@ -82,6 +82,18 @@ fn run_gates<T: Element>(
     config: ChunkConfig,
     gates: Gates,
 ) -> Grads<f32> {
+    run_gates_at::<T>(gpu, p, up, config, gates, 0)
+}
+
+/// [`run_gates`] with v and dy `offset` elements into their buffers.
+fn run_gates_at<T: Element>(
+    gpu: &Gpu,
+    p: &OwnedProblem<f64>,
+    up: &Upstream,
+    config: ChunkConfig,
+    gates: Gates,
+    offset: usize,
+) -> Grads<f32> {
     let p32 = p.to_f32();
     let d = p32.dims;
     let dy: Vec<f32> = up.dy.iter().map(|&x| x as f32).collect();
@@ -89,7 +101,7 @@ fn run_gates<T: Element>(
         up.dh_final.as_ref().map(|h| h.iter().map(|z| Complex::new(z.re as f32, z.im as f32)).collect());
     let lp = plan_with(&d, T::DTYPE, gates, config.carry).expect("plan");
     let real = gates == Gates::Real;
-    common::run_backward::<T>(gpu, &p32, &dy, dhf.as_deref(), lp.workspace_len, real, |s, d, i, u, g, w| {
+    common::run_backward_at::<T>(gpu, &p32, &dy, dhf.as_deref(), lp.workspace_len, real, offset, |s, d, i, u, g, w| {
         if real {
             backward_real_into(gpu, s, d, i, u, g, w, config)
         } else {
@@ -420,6 +432,49 @@ fn deterministic() {
         assert_eq!(bits(&a.dv), bits(&b.dv));
         assert_eq!(cbits(&a.dlog_gate), cbits(&b.dlog_gate));
         assert_eq!(a.dh0.as_deref().map(cbits), b.dh0.as_deref().map(cbits));
+    }
+}
+
+/// bf16 dY and V tiles whose rows all start 16-byte aligned are staged 16
+/// bytes a load (Block::load_tile's vector staging: grad_w and its walk,
+/// the dv launch, grad_qk's s = dY Vᵀ), others an element a load: the same
+/// bits. Each case runs with v and dy as uploaded and one element into their
+/// buffers (misaligned), complex and real gates, the separate and the
+/// sequential carry, V = 64 and 128 (the wide dv launch), K cut short,
+/// partial chunks, h0 and dh_final, resets; the aligned run within the
+/// reference's bounds.
+#[test]
+fn vector_staging_is_bitwise_the_elementwise_staging() {
+    let Some(gpu) = gpu_or_skip() else { return };
+    let shapes = [dims(1, 200, 2, 40, 64, true), dims(2, 130, 1, 16, 128, false)];
+    for (i, d) in shapes.into_iter().enumerate() {
+        let case = Case::new(d, GateRegime::Resets(0.1), i == 0, 8300 + i as u64);
+        if common::emulated_device_skips(&case.dims) {
+            continue;
+        }
+        for gates in Gates::ALL {
+            let (p, up, want) = if gates == Gates::Real {
+                real_case::<bf16>(&case, true)
+            } else {
+                let (p, up) = rounded::<bf16>(&case.problem(), &upstream(case.dims, true, case.seed));
+                let want = reference::grad::backward(&p.view(), &up.dy, up.dh_final.as_deref()).expect("reference");
+                (p, up, want)
+            };
+            for carry in [ChunkCarry::Separate, ChunkCarry::Sequential] {
+                let config = ChunkConfig { carry, ..ChunkConfig::default() };
+                let a = run_gates_at::<bf16>(gpu, &p, &up, config, gates, 0);
+                let b = run_gates_at::<bf16>(gpu, &p, &up, config, gates, 1);
+                let label = format!("bf16 {gates:?} {carry:?} {}", case.label());
+                let bits = |x: &[f32]| x.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+                let cbits = |x: &[Complex<f32>]| x.iter().map(|z| (z.re.to_bits(), z.im.to_bits())).collect::<Vec<_>>();
+                assert!(bits(&a.dq) == bits(&b.dq), "{label}: dq differs between aligned and misaligned v, dy");
+                assert!(bits(&a.dk) == bits(&b.dk), "{label}: dk differs between aligned and misaligned v, dy");
+                assert!(bits(&a.dv) == bits(&b.dv), "{label}: dv differs between aligned and misaligned v, dy");
+                assert!(cbits(&a.dlog_gate) == cbits(&b.dlog_gate), "{label}: dlog_gate differs");
+                assert!(a.dh0.as_deref().map(cbits) == b.dh0.as_deref().map(cbits), "{label}: dh0 differs");
+                assert_grads(&label, &a, &want, y_bounds(Dtype::Bf16), STATE_BOUNDS);
+            }
+        }
     }
 }
 

@@ -393,6 +393,14 @@ pub fn unflat(v: &[f32]) -> Vec<Complex<f32>> {
     v.chunks_exact(2).map(|c| Complex::new(c[0], c[1])).collect()
 }
 
+/// `x` as `T` on the device, `offset` elements into its buffer (after
+/// NaNs, which a kernel reading before its tensor would carry into its
+/// output).
+pub fn offset_copy<T: Element>(s: &std::sync::Arc<CudaStream>, x: &[f32], offset: usize) -> CudaSlice<T> {
+    let host: Vec<T> = std::iter::repeat_n(T::nan(), offset).chain(x.iter().map(|&x| T::from_f32(x))).collect();
+    s.clone_htod(&host).unwrap()
+}
+
 /// q, k, v (as `T`) and log_gate (complex f32) on the device.
 pub struct Uploaded<T> {
     pub q: CudaSlice<T>,
@@ -464,9 +472,31 @@ pub fn run_forward_gates<T: Element>(
         Option<&mut dyn DevicePtrMut<f32>>,
     ) -> Result<(), GpuError>,
 ) -> Result<(Vec<T>, Vec<Complex<f32>>), GpuError> {
+    run_forward_v_at(gpu, p32, workspace_len, real_gates, 0, launch)
+}
+
+/// [`run_forward_gates`] with v `v_offset` elements into its device buffer
+/// (1: every row of a 16-bit v off 16-byte alignment, which the chunked
+/// kernels' vector staging needs).
+pub fn run_forward_v_at<T: Element>(
+    gpu: &Gpu,
+    p32: &OwnedProblem<f32>,
+    workspace_len: usize,
+    real_gates: bool,
+    v_offset: usize,
+    launch: impl FnOnce(
+        &CudaStream,
+        &Dims,
+        DeviceInputs<'_, T>,
+        DeviceOutputs<'_, T>,
+        Option<&mut dyn DevicePtrMut<f32>>,
+    ) -> Result<(), GpuError>,
+) -> Result<(Vec<T>, Vec<Complex<f32>>), GpuError> {
     let d = p32.dims;
     let s = gpu.context().new_stream().expect("stream");
     let u = upload::<T>(&s, p32);
+    let v_at = offset_copy(&s, &p32.v, v_offset);
+    let v = v_at.slice(v_offset..);
     // (upload's complex log_gate serves complex gates.)
     let real_gate = real_gates.then(|| s.clone_htod(&gate_side(&p32.log_gate, true)).unwrap());
     let log_gate = real_gate.as_ref().unwrap_or(&u.log_gate);
@@ -478,7 +508,7 @@ pub fn run_forward_gates<T: Element>(
     launch(
         &s,
         &d,
-        DeviceInputs { q: &u.q, k: &u.k, v: &u.v, log_gate, h0: h0.as_ref().map(|h| h as _) },
+        DeviceInputs { q: &u.q, k: &u.k, v: &v, log_gate, h0: h0.as_ref().map(|h| h as _) },
         DeviceOutputs { y: &mut y, h_final: &mut h_final },
         ws.as_mut().map(|w| w as _),
     )?;
@@ -519,17 +549,43 @@ pub fn run_backward<T: Element>(
         Option<&'a mut dyn DevicePtrMut<f32>>,
     ) -> Result<(), GpuError>,
 ) -> Result<gateloop::reference::grad::Grads<f32>, GpuError> {
+    run_backward_at(gpu, p32, dy, dh_final, workspace_len, real_gates, 0, launch)
+}
+
+/// [`run_backward`] with v and dy `offset` elements into their device
+/// buffers (as [`run_forward_v_at`]).
+#[allow(clippy::too_many_arguments)]
+pub fn run_backward_at<T: Element>(
+    gpu: &Gpu,
+    p32: &OwnedProblem<f32>,
+    dy: &[f32],
+    dh_final: Option<&[Complex<f32>]>,
+    workspace_len: usize,
+    real_gates: bool,
+    offset: usize,
+    launch: impl for<'a> FnOnce(
+        &'a CudaStream,
+        &'a Dims,
+        gateloop::cuda::chunk_grad::DeviceInputs<'a, T>,
+        gateloop::cuda::chunk_grad::DeviceGradInputs<'a, T>,
+        gateloop::cuda::chunk_grad::DeviceGrads<'a, T>,
+        Option<&'a mut dyn DevicePtrMut<f32>>,
+    ) -> Result<(), GpuError>,
+) -> Result<gateloop::reference::grad::Grads<f32>, GpuError> {
     use gateloop::cuda::chunk_grad::{DeviceGradInputs, DeviceGrads, DeviceInputs};
     let d = p32.dims;
     let s = gpu.context().new_stream().expect("stream");
     let u = upload::<T>(&s, p32);
+    let v_at = offset_copy(&s, &p32.v, offset);
+    let v = v_at.slice(offset..);
     let side = |z: &[Complex<f32>]| gate_side(z, real_gates);
     let parts = if real_gates { 1 } else { 2 };
     // (upload's complex log_gate serves complex gates.)
     let real_gate = real_gates.then(|| s.clone_htod(&side(&p32.log_gate)).unwrap());
     let log_gate = real_gate.as_ref().unwrap_or(&u.log_gate);
     let h0 = p32.h0.as_ref().map(|h| s.clone_htod(&side(h)).unwrap());
-    let dy = s.clone_htod(&dy.iter().map(|&x| T::from_f32(x)).collect::<Vec<T>>()).unwrap();
+    let dy_at = offset_copy::<T>(&s, dy, offset);
+    let dy = dy_at.slice(offset..);
     let dhf = dh_final.map(|h| s.clone_htod(&side(h)).unwrap());
     let nan = |n: usize| s.clone_htod(&vec![f32::NAN; n]).unwrap();
     let nan_t = |n: usize| s.clone_htod(&vec![T::nan(); n]).unwrap();
@@ -540,7 +596,7 @@ pub fn run_backward<T: Element>(
     launch(
         &s,
         &d,
-        DeviceInputs { q: &u.q, k: &u.k, v: &u.v, log_gate, h0: h0.as_ref().map(|h| h as _) },
+        DeviceInputs { q: &u.q, k: &u.k, v: &v, log_gate, h0: h0.as_ref().map(|h| h as _) },
         DeviceGradInputs { dy: &dy, dh_final: dhf.as_ref().map(|h| h as _) },
         DeviceGrads { dq: &mut dq, dk: &mut dk, dv: &mut dv, dlog_gate: &mut dg, dh0: dh0.as_mut().map(|h| h as _) },
         ws.as_mut().map(|w| w as _),
