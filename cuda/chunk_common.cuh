@@ -12,6 +12,7 @@
 #include <type_traits>
 
 #include "common.cuh"
+#include "mma.cuh"
 
 namespace gateloop {
 namespace chunk {
@@ -131,6 +132,12 @@ struct Split {
         const typename Op::storage h = Op::narrow(x);
         hi[r * ld + c] = h;
         if (kTerms == 3) lo[r * ld + c] = Op::narrow(x - Op::widen(h));
+    }
+    // Elements (r, c .. c + 7) := eight values in w as loaded, hi alone (a
+    // tile stored as loaded: stored_as_loaded; 16-byte aligned).
+    __device__ __forceinline__ void put_group(int r, int c, uint4 w) const {
+        static_assert(sizeof(typename Op::storage) == 2, "eight 16-bit elements");
+        *reinterpret_cast<uint4*>(hi + r * ld + c) = w;
     }
     __device__ __forceinline__ const typename Op::storage* hi_at(int r, int c) const { return hi + r * ld + c; }
     __device__ __forceinline__ const typename Op::storage* lo_at(int r, int c) const { return lo + r * ld + c; }
@@ -821,9 +828,8 @@ struct Block {
                                               int64_t col0, const Split<Op>& xs) const {
         if constexpr (stored_as_loaded<input_t, Op, kTerms>()) {
             if (vector_rows(x, s, col0, p.dims.value_dim)) {
-                load_groups<kVTile, kAhead>(x, s, col0, p.dims.value_dim, [&](int t, int c, uint4 w) {
-                    *reinterpret_cast<uint4*>(xs.hi + t * xs.ld + c) = w;
-                });
+                load_groups<kVTile, kAhead>(x, s, col0, p.dims.value_dim,
+                                            [&](int t, int c, uint4 w) { xs.put_group(t, c, w); });
                 return;
             }
         }
@@ -880,7 +886,9 @@ struct Block {
             }
         }
         staged_items<kItems, kItems>(
-            [&](int u) { return (col_in && r0 + kPass * u < n) ? __ldg(first + u * step) : make_uint4(0u, 0u, 0u, 0u); },
+            [&](int u) {
+                return (col_in && r0 + kPass * u < n) ? __ldg(first + u * step) : make_uint4(0u, 0u, 0u, 0u);
+            },
             [&](int u, uint4 w) { put(r0 + kPass * u, 8 * g, w); });
     }
 
@@ -1051,6 +1059,21 @@ __device__ __forceinline__ void drain(const Acc<Op>& acc, float* staging, int la
         const int r = r0 + kDrainRowStep * k;
         f(k, r, c, staging[r * 16 + c]);
     }
+    __syncwarp();
+}
+
+// drain for 16-bit outputs stored 16 bytes at a time: hands (row, col, x)
+// to `f` for the lane's one group of 8 consecutive elements, (row, col) =
+// (lane / 2, 8·(lane % 2)), x[i] the element at col + i.
+template <class Op, class F>
+__device__ __forceinline__ void drain_group(const Acc<Op>& acc, float* staging, int lane, F f) {
+    wmma::store_matrix_sync(staging, acc, 16, wmma::mem_row_major);
+    __syncwarp();
+    const int r = lane >> 1, c = 8 * (lane & 1);
+    const float4 a = *reinterpret_cast<const float4*>(staging + r * 16 + c);
+    const float4 b = *reinterpret_cast<const float4*>(staging + r * 16 + c + 4);
+    const float x[8] = {a.x, a.y, a.z, a.w, b.x, b.y, b.z, b.w};
+    f(r, c, x);
     __syncwarp();
 }
 
@@ -1667,6 +1690,30 @@ __device__ __forceinline__ void intra_pass(Block<input_t, kComplex, kLd>& blk, u
     // reads (the score blocks, into ps) ended at the barrier after the
     // first load_tile, and the products read ps and vs, which do not
     // overlap them.
+    //
+    // 16-bit outputs whose rows start 16-byte aligned: a lane's 8 elements
+    // of a tile in one 16-byte store, where the elementwise drain took 8
+    // (each with its 64-bit address); the same values. Not in the wide
+    // complex launches on sm_80, which sit at 128 registers there and
+    // spilled 8 bytes with it.
+    constexpr bool kGroupDrain =
+        sizeof(input_t) == 2 && !(kComplex && kCols == kWideCols && GATELOOP_BY_ARCH(true, false));
+    if constexpr (kGroupDrain) {
+        if (blk.vector_rows(out, out_strides, blk.v0, value_dim)) {
+#pragma unroll
+            for (int a = 0; a < kOut; ++a) {
+                drain_group<Op>(yacc[a], staging, lane, [&](int r, int c, const float (&x)[8]) {
+                    const int64_t col = blk.v0 + 16 * ycol(a) + c;
+                    if (16 * yr + r >= blk.n || col >= value_dim) return;
+                    // (mma::pack2 rounds as Tr::store does.)
+                    const uint4 w = make_uint4(mma::pack2<input_t>(x[0], x[1]), mma::pack2<input_t>(x[2], x[3]),
+                                               mma::pack2<input_t>(x[4], x[5]), mma::pack2<input_t>(x[6], x[7]));
+                    *reinterpret_cast<uint4*>(out + (blk.t0 + 16 * yr + r) * out_strides.time + col) = w;
+                });
+            }
+            return;
+        }
+    }
 #pragma unroll
     for (int a = 0; a < kOut; ++a) {
         const int64_t col = blk.v0 + 16 * ycol(a) + drain_col(lane);

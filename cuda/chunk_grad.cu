@@ -771,8 +771,8 @@ __device__ __forceinline__ void grad_qk(const GateloopChunkGradParams& g) {
                 __syncthreads();  // the previous step's operands are consumed
                 // (dy, v) and (S_in, D) pairs, staged (stage_tile): loads in
                 // flight together, addresses stepped from the thread's first.
-                const bool col_in = v0 + slot.col < value_dim;
-                {
+                const auto stage_each = [&] {
+                    const bool col_in = v0 + slot.col < value_dim;
                     const int64_t dy_first = opaque((blk.t0 + slot.row0) * g.dy_strides.time + v0 + slot.col);
                     const int64_t v_first = opaque((blk.t0 + slot.row0) * p.v_strides.time + v0 + slot.col);
                     const int64_t dy_step = opaque(kStep * g.dy_strides.time);
@@ -788,6 +788,21 @@ __device__ __forceinline__ void grad_qk(const GateloopChunkGradParams& g) {
                             dyh.template put<kTileTerms>(n, c, x.x);
                             vh.template put<kTileTerms>(n, c, x.y);
                         });
+                };
+                if constexpr (stored_as_loaded<input_t, Op, kTileTerms>()) {
+                    // bf16: both tiles as they came, 16 bytes a load, where
+                    // their rows are aligned (Block::load_groups).
+                    if (blk.vector_rows(dy, g.dy_strides, v0, value_dim) &&
+                        blk.vector_rows(blk.v, p.v_strides, v0, value_dim)) {
+                        blk.template load_groups<kInterCols, 0>(dy, g.dy_strides, v0, value_dim,
+                                                                [&](int t, int c, uint4 w) { dyh.put_group(t, c, w); });
+                        blk.template load_groups<kInterCols, 0>(blk.v, p.v_strides, v0, value_dim,
+                                                                [&](int t, int c, uint4 w) { vh.put_group(t, c, w); });
+                    } else {
+                        stage_each();
+                    }
+                } else {
+                    stage_each();
                 }
                 // S_in and D of channel row0 + kStep·u at the slot's column,
                 // both parts (Re, Im) of each in one item: (Re S, Im S, Re D,

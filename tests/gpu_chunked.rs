@@ -59,7 +59,7 @@ fn run_real<T: Element>(
 ) -> (Vec<T>, Vec<Complex<f32>>) {
     let d = p32.dims;
     let lp = plan(&d, T::DTYPE, Gates::Real).expect("plan");
-    common::run_forward_gates::<T>(gpu, p32, lp.workspace_len, true, |s, d, i, o, ws| {
+    common::run_forward_gates::<T>(gpu, p32, lp.workspace_len, true, 0, |s, d, i, o, ws| {
         forward_real_into(gpu, s, d, i, o, ws, config)
     })
     .unwrap_or_else(|e| panic!("{} {d:?}: {e}", T::DTYPE))
@@ -413,13 +413,15 @@ fn wide_output_is_bitwise_the_narrow_output() {
 
 /// A 16-bit value tile whose rows all start 16-byte aligned (V a multiple of
 /// 8) is staged 16 bytes a load where it is its own operand (bf16 inputs,
-/// f16 Fast: Block::load_tile's vector staging), any other an element a
-/// load: the same bits. Each case runs with v as uploaded (aligned) and one
-/// element into its buffer (every row misaligned: the elementwise staging),
-/// bf16 and f16, complex and real gates, Exact and Fast, the separate and the
-/// sequential carry (whose walk stages V too), the narrow (V = 64) and the
-/// wide (V = 128) output launch, K cut short, partial chunks, resets; outputs
-/// and workspace poisoned, and the aligned run within the reference's bounds.
+/// f16 Fast: Block::load_tile's vector staging), and y is stored 16 bytes a
+/// store (intra_pass's grouped drain), any other an element at a time: the
+/// same bits. Each case runs with v and y as allocated (aligned) and one
+/// element into their buffers (every row misaligned: the elementwise paths,
+/// and y's element before the tensor must stay unwritten), bf16 and f16,
+/// complex and real gates, Exact and Fast, the separate and the sequential
+/// carry (whose walk stages V too), the narrow (V = 64) and the wide
+/// (V = 128) output launch, K cut short, partial chunks, resets; outputs and
+/// workspace poisoned, and the aligned run within the reference's bounds.
 #[test]
 fn vector_staging_is_bitwise_the_elementwise_staging() {
     let Some(gpu) = common::gpu_or_skip() else { return };
@@ -433,8 +435,8 @@ fn vector_staging_is_bitwise_the_elementwise_staging() {
                 for precision in ChunkPrecision::ALL {
                     for carry in [ChunkCarry::Separate, ChunkCarry::Sequential] {
                         let config = ChunkConfig { precision, carry, ..ChunkConfig::default() };
-                        check_v_offset::<bf16>(gpu, case, gates, config);
-                        check_v_offset::<f16>(gpu, case, gates, config);
+                        check_offset::<bf16>(gpu, case, gates, config);
+                        check_offset::<f16>(gpu, case, gates, config);
                     }
                 }
             }
@@ -442,7 +444,7 @@ fn vector_staging_is_bitwise_the_elementwise_staging() {
     }
 }
 
-fn check_v_offset<T: Element>(gpu: &Gpu, case: Case, gates: Gates, config: ChunkConfig) {
+fn check_offset<T: Element>(gpu: &Gpu, case: Case, gates: Gates, config: ChunkConfig) {
     if common::emulated_device_skips(&case.dims) {
         return;
     }
@@ -450,8 +452,8 @@ fn check_v_offset<T: Element>(gpu: &Gpu, case: Case, gates: Gates, config: Chunk
     let p64 = carry_problem::<T>(case, gates);
     let p32 = p64.to_f32();
     let lp = plan(&p32.dims, T::DTYPE, gates).expect("plan");
-    let run = |v_offset| {
-        common::run_forward_v_at::<T>(gpu, &p32, lp.workspace_len, gates == Gates::Real, v_offset, |s, d, i, o, ws| {
+    let run = |offset| {
+        common::run_forward_gates::<T>(gpu, &p32, lp.workspace_len, gates == Gates::Real, offset, |s, d, i, o, ws| {
             match gates {
                 Gates::Complex => forward_into(gpu, s, d, i, o, ws, config),
                 Gates::Real => forward_real_into(gpu, s, d, i, o, ws, config),
@@ -463,8 +465,8 @@ fn check_v_offset<T: Element>(gpu: &Gpu, case: Case, gates: Gates, config: Chunk
     let (yb, hb) = run(1);
     let bits = |y: &[T]| y.iter().map(|x| x.to_f32().to_bits()).collect::<Vec<_>>();
     let cbits = |h: &[Complex<f32>]| h.iter().flat_map(|z| [z.re.to_bits(), z.im.to_bits()]).collect::<Vec<_>>();
-    assert!(bits(&yb) == bits(&ya), "{label}: y differs between aligned and misaligned v");
-    assert!(cbits(&hb) == cbits(&ha), "{label}: h_final differs between aligned and misaligned v");
+    assert!(bits(&yb) == bits(&ya), "{label}: y differs between aligned and misaligned v, y");
+    assert!(cbits(&hb) == cbits(&ha), "{label}: h_final differs between aligned and misaligned v, y");
     let want = reference::recurrent::forward(&p64.view()).expect("reference");
     let (y_bound, h_bound) = bounds(T::DTYPE, config.precision);
     assert_within(&label, "y", &compare(&widen(&ya), &want.y), y_bound);

@@ -65,28 +65,19 @@ fn rounded<T: Element>(p: &OwnedProblem<f64>, up: &Upstream) -> (OwnedProblem<f6
 /// inputs, poisons every gradient and the workspace with NaN, launches,
 /// downloads (widened to f32) and synchronizes.
 fn run<T: Element>(gpu: &Gpu, p: &OwnedProblem<f64>, up: &Upstream, precision: ChunkPrecision) -> Grads<f32> {
-    run_gates::<T>(gpu, p, up, precision.into(), Gates::Complex)
+    run_gates::<T>(gpu, p, up, precision.into(), Gates::Complex, 0)
 }
 
 /// [`run`] for real gates (`backward_real_into`, exact): `p`'s log_gate and
 /// h0 and `up`'s dh_final must be real; the real gradients come back as
 /// complex numbers with Im = 0.
 fn run_real<T: Element>(gpu: &Gpu, p: &OwnedProblem<f64>, up: &Upstream) -> Grads<f32> {
-    run_gates::<T>(gpu, p, up, ChunkPrecision::Exact.into(), Gates::Real)
+    run_gates::<T>(gpu, p, up, ChunkPrecision::Exact.into(), Gates::Real, 0)
 }
 
+/// [`run`] at `config` and `gates`, v, dy and dv `offset` elements into
+/// their buffers (common::run_backward).
 fn run_gates<T: Element>(
-    gpu: &Gpu,
-    p: &OwnedProblem<f64>,
-    up: &Upstream,
-    config: ChunkConfig,
-    gates: Gates,
-) -> Grads<f32> {
-    run_gates_at::<T>(gpu, p, up, config, gates, 0)
-}
-
-/// [`run_gates`] with v and dy `offset` elements into their buffers.
-fn run_gates_at<T: Element>(
     gpu: &Gpu,
     p: &OwnedProblem<f64>,
     up: &Upstream,
@@ -101,7 +92,7 @@ fn run_gates_at<T: Element>(
         up.dh_final.as_ref().map(|h| h.iter().map(|z| Complex::new(z.re as f32, z.im as f32)).collect());
     let lp = plan_with(&d, T::DTYPE, gates, config.carry).expect("plan");
     let real = gates == Gates::Real;
-    common::run_backward_at::<T>(gpu, &p32, &dy, dhf.as_deref(), lp.workspace_len, real, offset, |s, d, i, u, g, w| {
+    common::run_backward::<T>(gpu, &p32, &dy, dhf.as_deref(), lp.workspace_len, real, offset, |s, d, i, u, g, w| {
         if real {
             backward_real_into(gpu, s, d, i, u, g, w, config)
         } else {
@@ -172,7 +163,7 @@ fn check_case_carry<T: Element>(gpu: &Gpu, case: &Case, with_dh_final: bool, sta
     let (p, up) = rounded::<T>(&case.problem(), &up);
     let want = reference::grad::backward(&p.view(), &up.dy, up.dh_final.as_deref()).expect("reference");
     let config = ChunkConfig { carry, ..ChunkConfig::default() };
-    let got = run_gates::<T>(gpu, &p, &up, config, Gates::Complex);
+    let got = run_gates::<T>(gpu, &p, &up, config, Gates::Complex, 0);
     let seq = if T::DTYPE == Dtype::F32 { state } else { y_bounds(T::DTYPE) };
     let label = format!("{} {} dh_final={with_dh_final}", T::DTYPE, case.label());
     assert_grads(&label, &got, &want, seq, state);
@@ -437,12 +428,14 @@ fn deterministic() {
 
 /// bf16 dY and V tiles whose rows all start 16-byte aligned are staged 16
 /// bytes a load (Block::load_tile's vector staging: grad_w and its walk,
-/// the dv launch, grad_qk's s = dY Vᵀ), others an element a load: the same
-/// bits. Each case runs with v and dy as uploaded and one element into their
-/// buffers (misaligned), complex and real gates, the separate and the
-/// sequential carry, V = 64 and 128 (the wide dv launch), K cut short,
-/// partial chunks, h0 and dh_final, resets; the aligned run within the
-/// reference's bounds.
+/// the dv launch, grad_qk's s = dY Vᵀ and its inter-chunk products) and dv
+/// stored 16 bytes a store (the dv launch's grouped drain), others an
+/// element at a time: the same bits. Each case runs with v, dy and dv as
+/// allocated and one element into their buffers (misaligned; dv's element
+/// before the tensor must stay unwritten), complex and real gates, the
+/// separate and the sequential carry, V = 64 and 128 (the wide dv launch),
+/// K cut short, partial chunks, h0 and dh_final, resets; the aligned run
+/// within the reference's bounds.
 #[test]
 fn vector_staging_is_bitwise_the_elementwise_staging() {
     let Some(gpu) = gpu_or_skip() else { return };
@@ -462,14 +455,14 @@ fn vector_staging_is_bitwise_the_elementwise_staging() {
             };
             for carry in [ChunkCarry::Separate, ChunkCarry::Sequential] {
                 let config = ChunkConfig { carry, ..ChunkConfig::default() };
-                let a = run_gates_at::<bf16>(gpu, &p, &up, config, gates, 0);
-                let b = run_gates_at::<bf16>(gpu, &p, &up, config, gates, 1);
+                let a = run_gates::<bf16>(gpu, &p, &up, config, gates, 0);
+                let b = run_gates::<bf16>(gpu, &p, &up, config, gates, 1);
                 let label = format!("bf16 {gates:?} {carry:?} {}", case.label());
                 let bits = |x: &[f32]| x.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
                 let cbits = |x: &[Complex<f32>]| x.iter().map(|z| (z.re.to_bits(), z.im.to_bits())).collect::<Vec<_>>();
-                assert!(bits(&a.dq) == bits(&b.dq), "{label}: dq differs between aligned and misaligned v, dy");
-                assert!(bits(&a.dk) == bits(&b.dk), "{label}: dk differs between aligned and misaligned v, dy");
-                assert!(bits(&a.dv) == bits(&b.dv), "{label}: dv differs between aligned and misaligned v, dy");
+                assert!(bits(&a.dq) == bits(&b.dq), "{label}: dq differs between aligned and misaligned v, dy, dv");
+                assert!(bits(&a.dk) == bits(&b.dk), "{label}: dk differs between aligned and misaligned v, dy, dv");
+                assert!(bits(&a.dv) == bits(&b.dv), "{label}: dv differs between aligned and misaligned v, dy, dv");
                 assert!(cbits(&a.dlog_gate) == cbits(&b.dlog_gate), "{label}: dlog_gate differs");
                 assert!(a.dh0.as_deref().map(cbits) == b.dh0.as_deref().map(cbits), "{label}: dh0 differs");
                 assert_grads(&label, &a, &want, y_bounds(Dtype::Bf16), STATE_BOUNDS);

@@ -179,9 +179,10 @@ fn four_rows_a_thread_match_the_reference() {
 /// `p32`'s log_gate and h0 (their imaginary parts must be 0), y and h_final
 /// poisoned with NaN; returns y widened and h_final as complex with Im = 0.
 fn run_real<T: Element>(gpu: &Gpu, p32: &OwnedProblem<f32>, config: RecurrentConfig) -> Outputs<f32> {
-    let (y, h_final) =
-        common::run_forward_gates::<T>(gpu, p32, 0, true, |s, d, i, o, _| forward_real_into(gpu, s, d, config, i, o))
-            .unwrap_or_else(|e| panic!("{} {:?} {config:?}: {e}", T::DTYPE, p32.dims));
+    let (y, h_final) = common::run_forward_gates::<T>(gpu, p32, 0, true, 0, |s, d, i, o, _| {
+        forward_real_into(gpu, s, d, config, i, o)
+    })
+    .unwrap_or_else(|e| panic!("{} {:?} {config:?}: {e}", T::DTYPE, p32.dims));
     Outputs { y: y.iter().map(|x| x.to_f32()).collect(), h_final }
 }
 

@@ -54,6 +54,7 @@ fn run_gpu_gates<T: Element>(gpu: &Gpu, inp: &GradInputsF32, real: bool) -> Grad
         inp.dh_final.as_deref(),
         lp.workspace_len,
         real,
+        0,
         |s, d, i, u, g, w| {
             let w = w.expect("a workspace");
             if real { backward_real_into(gpu, s, d, i, u, g, w) } else { backward_into(gpu, s, d, i, u, g, w) }

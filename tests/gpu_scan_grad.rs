@@ -54,6 +54,7 @@ fn run_gpu<T: Element>(gpu: &Gpu, inp: &GradInputsF32) -> Grads<f32> {
         inp.dh_final.as_deref(),
         lp.workspace_len,
         false,
+        0,
         |s, d, i, u, g, w| backward_into(gpu, s, d, i, u, g, w),
     )
     .unwrap_or_else(|e| panic!("{} {d:?}: {e}", T::DTYPE))

@@ -438,7 +438,7 @@ pub fn run_forward<T: Element>(
         Option<&mut dyn DevicePtrMut<f32>>,
     ) -> Result<(), GpuError>,
 ) -> Result<(Vec<T>, Vec<Complex<f32>>), GpuError> {
-    run_forward_gates(gpu, p32, workspace_len, false, launch)
+    run_forward_gates(gpu, p32, workspace_len, false, 0, launch)
 }
 
 /// The gate side (log_gate, a state) as the kernels read it: interleaved
@@ -459,31 +459,16 @@ pub fn from_gate_side(x: &[f32], real_gates: bool) -> Vec<Complex<f32>> {
 
 /// [`run_forward`], with `real_gates` on the real parts of `p32`'s log_gate
 /// and h0 (see [`gate_side`]) and a real h_final (returned with Im = 0).
+/// v and y lie `offset` elements into their device buffers (1: every row of
+/// a 16-bit tensor off the 16-byte alignment that the chunked kernels'
+/// vector loads and stores need; 0 elsewhere); y's elements before its
+/// tensor must come back unwritten.
 pub fn run_forward_gates<T: Element>(
     gpu: &Gpu,
     p32: &OwnedProblem<f32>,
     workspace_len: usize,
     real_gates: bool,
-    launch: impl FnOnce(
-        &CudaStream,
-        &Dims,
-        DeviceInputs<'_, T>,
-        DeviceOutputs<'_, T>,
-        Option<&mut dyn DevicePtrMut<f32>>,
-    ) -> Result<(), GpuError>,
-) -> Result<(Vec<T>, Vec<Complex<f32>>), GpuError> {
-    run_forward_v_at(gpu, p32, workspace_len, real_gates, 0, launch)
-}
-
-/// [`run_forward_gates`] with v `v_offset` elements into its device buffer
-/// (1: every row of a 16-bit v off 16-byte alignment, which the chunked
-/// kernels' vector staging needs).
-pub fn run_forward_v_at<T: Element>(
-    gpu: &Gpu,
-    p32: &OwnedProblem<f32>,
-    workspace_len: usize,
-    real_gates: bool,
-    v_offset: usize,
+    offset: usize,
     launch: impl FnOnce(
         &CudaStream,
         &Dims,
@@ -495,14 +480,15 @@ pub fn run_forward_v_at<T: Element>(
     let d = p32.dims;
     let s = gpu.context().new_stream().expect("stream");
     let u = upload::<T>(&s, p32);
-    let v_at = offset_copy(&s, &p32.v, v_offset);
-    let v = v_at.slice(v_offset..);
+    let v_at = offset_copy(&s, &p32.v, offset);
+    let v = v_at.slice(offset..);
     // (upload's complex log_gate serves complex gates.)
     let real_gate = real_gates.then(|| s.clone_htod(&gate_side(&p32.log_gate, true)).unwrap());
     let log_gate = real_gate.as_ref().unwrap_or(&u.log_gate);
     let h0 = p32.h0.as_ref().map(|h| s.clone_htod(&gate_side(h, real_gates)).unwrap());
     let parts = if real_gates { 1 } else { 2 };
-    let mut y = s.clone_htod(&vec![T::nan(); d.v_len()]).unwrap();
+    let mut y_at = s.clone_htod(&vec![T::nan(); offset + d.v_len()]).unwrap();
+    let mut y = y_at.slice_mut(offset..);
     let mut h_final = s.clone_htod(&vec![f32::NAN; parts * d.state_len()]).unwrap();
     let mut ws = (workspace_len > 0).then(|| s.clone_htod(&vec![f32::NAN; workspace_len]).unwrap());
     launch(
@@ -512,9 +498,11 @@ pub fn run_forward_v_at<T: Element>(
         DeviceOutputs { y: &mut y, h_final: &mut h_final },
         ws.as_mut().map(|w| w as _),
     )?;
-    let y = s.clone_dtoh(&y).unwrap();
+    let mut y = s.clone_dtoh(&y_at).unwrap();
     let h_final = s.clone_dtoh(&h_final).unwrap();
     s.synchronize().unwrap();
+    let before: Vec<T> = y.drain(..offset).collect();
+    assert!(before.iter().all(|x| x.to_f32().is_nan()), "y: an element before the tensor was written");
     Ok((y, from_gate_side(&h_final, real_gates)))
 }
 
@@ -533,29 +521,10 @@ pub fn real_gates(mut p: OwnedProblem<f64>) -> OwnedProblem<f64> {
 /// and a workspace of `workspace_len` f32 (none when 0) with NaN, calls
 /// `launch`, downloads (widened to f32; real dlog_gate and dh0 as complex
 /// numbers with Im = 0) and synchronizes.
-pub fn run_backward<T: Element>(
-    gpu: &Gpu,
-    p32: &OwnedProblem<f32>,
-    dy: &[f32],
-    dh_final: Option<&[Complex<f32>]>,
-    workspace_len: usize,
-    real_gates: bool,
-    launch: impl for<'a> FnOnce(
-        &'a CudaStream,
-        &'a Dims,
-        gateloop::cuda::chunk_grad::DeviceInputs<'a, T>,
-        gateloop::cuda::chunk_grad::DeviceGradInputs<'a, T>,
-        gateloop::cuda::chunk_grad::DeviceGrads<'a, T>,
-        Option<&'a mut dyn DevicePtrMut<f32>>,
-    ) -> Result<(), GpuError>,
-) -> Result<gateloop::reference::grad::Grads<f32>, GpuError> {
-    run_backward_at(gpu, p32, dy, dh_final, workspace_len, real_gates, 0, launch)
-}
-
-/// [`run_backward`] with v and dy `offset` elements into their device
-/// buffers (as [`run_forward_v_at`]).
+/// v, dy and dv lie `offset` elements into their device buffers (as in
+/// [`run_forward_gates`]).
 #[allow(clippy::too_many_arguments)]
-pub fn run_backward_at<T: Element>(
+pub fn run_backward<T: Element>(
     gpu: &Gpu,
     p32: &OwnedProblem<f32>,
     dy: &[f32],
@@ -589,7 +558,8 @@ pub fn run_backward_at<T: Element>(
     let dhf = dh_final.map(|h| s.clone_htod(&side(h)).unwrap());
     let nan = |n: usize| s.clone_htod(&vec![f32::NAN; n]).unwrap();
     let nan_t = |n: usize| s.clone_htod(&vec![T::nan(); n]).unwrap();
-    let (mut dq, mut dk, mut dv) = (nan_t(d.qk_len()), nan_t(d.qk_len()), nan_t(d.v_len()));
+    let (mut dq, mut dk, mut dv_at) = (nan_t(d.qk_len()), nan_t(d.qk_len()), nan_t(offset + d.v_len()));
+    let mut dv = dv_at.slice_mut(offset..);
     let mut dg = nan(parts * d.gate_len());
     let mut dh0 = p32.h0.as_ref().map(|_| nan(parts * d.state_len()));
     let mut ws = (workspace_len > 0).then(|| nan(workspace_len));
@@ -606,7 +576,12 @@ pub fn run_backward_at<T: Element>(
     let out = gateloop::reference::grad::Grads {
         dq: widen(s.clone_dtoh(&dq).unwrap()),
         dk: widen(s.clone_dtoh(&dk).unwrap()),
-        dv: widen(s.clone_dtoh(&dv).unwrap()),
+        dv: widen({
+            let mut dv = s.clone_dtoh(&dv_at).unwrap();
+            let before: Vec<T> = dv.drain(..offset).collect();
+            assert!(before.iter().all(|x| x.to_f32().is_nan()), "dv: an element before the tensor was written");
+            dv
+        }),
         dlog_gate: complex(s.clone_dtoh(&dg).unwrap()),
         dh0: dh0.map(|h| complex(s.clone_dtoh(&h).unwrap())),
     };
