@@ -853,8 +853,9 @@ struct Block {
     // past it). The same on every thread.
     __device__ __forceinline__ bool vector_rows(const input_t* x, const GateloopSeqStrides& s, int64_t col0,
                                                 int64_t limit) const {
-        const uintptr_t bytes = reinterpret_cast<uintptr_t>(x + col0) | static_cast<uintptr_t>(s.time * 2);
-        return sizeof(input_t) == 2 && (bytes & 15) == 0 && limit % 8 == 0;
+        static_assert(sizeof(input_t) == 2, "16-bit inputs (callers test it at compile time)");
+        const uintptr_t bytes = reinterpret_cast<uintptr_t>(x + col0) | static_cast<uintptr_t>(s.time * sizeof(input_t));
+        return (bytes & 15) == 0 && limit % 8 == 0;
     }
     // Columns col0 .. col0 + kWidth − 1 of x over the chunk in groups of
     // eight 16-bit elements, put(step, column, group) for each (zero past the

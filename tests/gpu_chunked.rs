@@ -42,11 +42,7 @@ fn run_complex<T: Element>(
     p32: &OwnedProblem<f32>,
     config: impl Into<ChunkConfig>,
 ) -> (Vec<T>, Vec<Complex<f32>>) {
-    let d = p32.dims;
-    let config = config.into();
-    let lp = plan(&d, T::DTYPE, Gates::Complex).expect("plan");
-    run_forward::<T>(gpu, p32, lp.workspace_len, |s, d, i, o, ws| forward_into(gpu, s, d, i, o, ws, config))
-        .unwrap_or_else(|e| panic!("{} {d:?}: {e}", T::DTYPE))
+    run_gates::<T>(gpu, p32, Gates::Complex, config.into(), 0)
 }
 
 /// Runs the real-gate kernels on the real parts of `p32`'s log_gate and h0
@@ -57,12 +53,7 @@ fn run_real<T: Element>(
     p32: &OwnedProblem<f32>,
     config: impl Into<ChunkConfig>,
 ) -> (Vec<T>, Vec<Complex<f32>>) {
-    let d = p32.dims;
-    let lp = plan(&d, T::DTYPE, Gates::Real).expect("plan");
-    common::run_forward_gates::<T>(gpu, p32, lp.workspace_len, true, 0, |s, d, i, o, ws| {
-        forward_real_into(gpu, s, d, i, o, ws, config)
-    })
-    .unwrap_or_else(|e| panic!("{} {d:?}: {e}", T::DTYPE))
+    run_gates::<T>(gpu, p32, Gates::Real, config.into(), 0)
 }
 
 fn assert_within(label: &str, what: &str, e: &ErrorStats, (rel, abs): (f64, f64)) {
@@ -332,22 +323,35 @@ fn sequential_carry_is_bitwise_the_separate_carry() {
 /// (checked on problems small enough for the f64 reference's time).
 fn check_carries<T: Element>(gpu: &Gpu, case: Case, gates: Gates, precision: ChunkPrecision) {
     let with = |carry| ChunkConfig { precision, carry, ..ChunkConfig::default() };
-    check_bitwise::<T>(gpu, case, gates, [with(ChunkCarry::Separate), with(ChunkCarry::Sequential)], "the carries");
+    check_bitwise::<T>(
+        gpu,
+        case,
+        gates,
+        [(with(ChunkCarry::Separate), 0), (with(ChunkCarry::Sequential), 0)],
+        "the carries",
+    );
 }
 
-/// `case` in `T` through two launch configurations (`[a, b]`, outputs and
-/// workspace poisoned for each): y and h_final equal to the last bit, and
-/// b's within the reference bounds of its precision (on problems of at
-/// most 100 000 steps, for the f64 reference's time).
-fn check_bitwise<T: Element>(gpu: &Gpu, case: Case, gates: Gates, [a, b]: [ChunkConfig; 2], what: &str) {
+/// `case` in `T` through two launch configurations, each with v and y that
+/// many elements into their buffers (`[(a, a_offset), (b, b_offset)]`,
+/// outputs and workspace poisoned for each): y and h_final equal to the
+/// last bit, and b's within the reference bounds of its precision (on
+/// problems of at most 100 000 steps, for the f64 reference's time).
+fn check_bitwise<T: Element>(
+    gpu: &Gpu,
+    case: Case,
+    gates: Gates,
+    [(a, a_offset), (b, b_offset)]: [(ChunkConfig, usize); 2],
+    what: &str,
+) {
     if common::emulated_device_skips(&case.dims) {
         return;
     }
     let precision = b.precision;
     let label = format!("{} {gates:?} {precision:?} {}", T::DTYPE, case.label());
     let p64 = carry_problem::<T>(case, gates);
-    let (ya, ha) = run_gates::<T>(gpu, &p64.to_f32(), gates, a);
-    let (yb, hb) = run_gates::<T>(gpu, &p64.to_f32(), gates, b);
+    let (ya, ha) = run_gates::<T>(gpu, &p64.to_f32(), gates, a, a_offset);
+    let (yb, hb) = run_gates::<T>(gpu, &p64.to_f32(), gates, b, b_offset);
     let bits = |y: &[T]| y.iter().map(|x| x.to_f32().to_bits()).collect::<Vec<_>>();
     let cbits = |h: &[Complex<f32>]| h.iter().flat_map(|z| [z.re.to_bits(), z.im.to_bits()]).collect::<Vec<_>>();
     assert!(bits(&yb) == bits(&ya), "{label}: y differs between {what}");
@@ -435,42 +439,15 @@ fn vector_staging_is_bitwise_the_elementwise_staging() {
                 for precision in ChunkPrecision::ALL {
                     for carry in [ChunkCarry::Separate, ChunkCarry::Sequential] {
                         let config = ChunkConfig { precision, carry, ..ChunkConfig::default() };
-                        check_offset::<bf16>(gpu, case, gates, config);
-                        check_offset::<f16>(gpu, case, gates, config);
+                        let runs = [(config, 0), (config, 1)];
+                        let what = "aligned and misaligned v, y";
+                        check_bitwise::<bf16>(gpu, case, gates, runs, what);
+                        check_bitwise::<f16>(gpu, case, gates, runs, what);
                     }
                 }
             }
         }
     }
-}
-
-fn check_offset<T: Element>(gpu: &Gpu, case: Case, gates: Gates, config: ChunkConfig) {
-    if common::emulated_device_skips(&case.dims) {
-        return;
-    }
-    let label = format!("{} {gates:?} {config:?} {}", T::DTYPE, case.label());
-    let p64 = carry_problem::<T>(case, gates);
-    let p32 = p64.to_f32();
-    let lp = plan(&p32.dims, T::DTYPE, gates).expect("plan");
-    let run = |offset| {
-        common::run_forward_gates::<T>(gpu, &p32, lp.workspace_len, gates == Gates::Real, offset, |s, d, i, o, ws| {
-            match gates {
-                Gates::Complex => forward_into(gpu, s, d, i, o, ws, config),
-                Gates::Real => forward_real_into(gpu, s, d, i, o, ws, config),
-            }
-        })
-        .unwrap_or_else(|e| panic!("{label}: {e}"))
-    };
-    let (ya, ha) = run(0);
-    let (yb, hb) = run(1);
-    let bits = |y: &[T]| y.iter().map(|x| x.to_f32().to_bits()).collect::<Vec<_>>();
-    let cbits = |h: &[Complex<f32>]| h.iter().flat_map(|z| [z.re.to_bits(), z.im.to_bits()]).collect::<Vec<_>>();
-    assert!(bits(&yb) == bits(&ya), "{label}: y differs between aligned and misaligned v, y");
-    assert!(cbits(&hb) == cbits(&ha), "{label}: h_final differs between aligned and misaligned v, y");
-    let want = reference::recurrent::forward(&p64.view()).expect("reference");
-    let (y_bound, h_bound) = bounds(T::DTYPE, config.precision);
-    assert_within(&label, "y", &compare(&widen(&ya), &want.y), y_bound);
-    assert_within(&label, "h_final", &compare_complex(&ha, &want.h_final), h_bound);
 }
 
 fn check_outputs<T: Element>(gpu: &Gpu, case: Case, gates: Gates, precision: ChunkPrecision) {
@@ -479,7 +456,7 @@ fn check_outputs<T: Element>(gpu: &Gpu, case: Case, gates: Gates, precision: Chu
         gpu,
         case,
         gates,
-        [with(ChunkOutput::StagedNarrow), with(ChunkOutput::Staged)],
+        [(with(ChunkOutput::StagedNarrow), 0), (with(ChunkOutput::Staged), 0)],
         "the narrow and the wide output launch",
     );
 }
@@ -519,17 +496,24 @@ fn carry_problem<T: Element>(case: Case, gates: Gates) -> OwnedProblem<f64> {
     rounded_to::<T>(&if gates == Gates::Real { common::real_gates(p) } else { p })
 }
 
-/// [`run_complex`] or [`run_real`] by `gates`.
+/// [`run_complex`] or [`run_real`] by `gates`, v and y `offset` elements
+/// into their device buffers (common::run_forward_gates).
 fn run_gates<T: Element>(
     gpu: &Gpu,
     p32: &OwnedProblem<f32>,
     gates: Gates,
     config: ChunkConfig,
+    offset: usize,
 ) -> (Vec<T>, Vec<Complex<f32>>) {
-    match gates {
-        Gates::Complex => run_complex::<T>(gpu, p32, config),
-        Gates::Real => run_real::<T>(gpu, p32, config),
-    }
+    let d = p32.dims;
+    let lp = plan(&d, T::DTYPE, gates).expect("plan");
+    common::run_forward_gates::<T>(gpu, p32, lp.workspace_len, gates == Gates::Real, offset, |s, d, i, o, ws| {
+        match gates {
+            Gates::Complex => forward_into(gpu, s, d, i, o, ws, config),
+            Gates::Real => forward_real_into(gpu, s, d, i, o, ws, config),
+        }
+    })
+    .unwrap_or_else(|e| panic!("{} {d:?}: {e}", T::DTYPE))
 }
 
 fn check_segmented<T: Element>(gpu: &Gpu, case: Case, gates: Gates) {
@@ -538,7 +522,7 @@ fn check_segmented<T: Element>(gpu: &Gpu, case: Case, gates: Gates) {
     }
     let label = format!("{} {gates:?} {} (segmented carry)", T::DTYPE, case.label());
     let p64 = carry_problem::<T>(case, gates);
-    let run = |carry| run_gates::<T>(gpu, &p64.to_f32(), gates, ChunkConfig { carry, ..ChunkConfig::default() });
+    let run = |carry| run_gates::<T>(gpu, &p64.to_f32(), gates, ChunkConfig { carry, ..ChunkConfig::default() }, 0);
     let (ys, hs) = run(ChunkCarry::Separate);
     let want = reference::recurrent::forward(&p64.view()).expect("reference");
     let (yb, hb) = bounds(T::DTYPE, ChunkPrecision::Exact);

@@ -416,14 +416,20 @@ fn deterministic() {
         let (p, up) = rounded::<f32>(&case.problem(), &up);
         let a = run::<f32>(gpu, &p, &up, ChunkPrecision::Exact);
         let b = run::<f32>(gpu, &p, &up, ChunkPrecision::Exact);
-        let bits = |x: &[f32]| x.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
-        let cbits = |x: &[Complex<f32>]| x.iter().map(|z| (z.re.to_bits(), z.im.to_bits())).collect::<Vec<_>>();
-        assert_eq!(bits(&a.dq), bits(&b.dq));
-        assert_eq!(bits(&a.dk), bits(&b.dk));
-        assert_eq!(bits(&a.dv), bits(&b.dv));
-        assert_eq!(cbits(&a.dlog_gate), cbits(&b.dlog_gate));
-        assert_eq!(a.dh0.as_deref().map(cbits), b.dh0.as_deref().map(cbits));
+        assert_grads_bitwise(&format!("f32 {}", case.label()), &a, &b, "two runs");
     }
+}
+
+/// Every gradient of `a` and `b` equal to the last bit (dh0 present in both
+/// or neither).
+fn assert_grads_bitwise(label: &str, a: &Grads<f32>, b: &Grads<f32>, what: &str) {
+    let bits = |x: &[f32]| x.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+    let cbits = |x: &[Complex<f32>]| x.iter().map(|z| (z.re.to_bits(), z.im.to_bits())).collect::<Vec<_>>();
+    assert!(bits(&a.dq) == bits(&b.dq), "{label}: dq differs between {what}");
+    assert!(bits(&a.dk) == bits(&b.dk), "{label}: dk differs between {what}");
+    assert!(bits(&a.dv) == bits(&b.dv), "{label}: dv differs between {what}");
+    assert!(cbits(&a.dlog_gate) == cbits(&b.dlog_gate), "{label}: dlog_gate differs between {what}");
+    assert!(a.dh0.as_deref().map(cbits) == b.dh0.as_deref().map(cbits), "{label}: dh0 differs between {what}");
 }
 
 /// bf16 dY and V tiles whose rows all start 16-byte aligned are staged 16
@@ -458,13 +464,7 @@ fn vector_staging_is_bitwise_the_elementwise_staging() {
                 let a = run_gates::<bf16>(gpu, &p, &up, config, gates, 0);
                 let b = run_gates::<bf16>(gpu, &p, &up, config, gates, 1);
                 let label = format!("bf16 {gates:?} {carry:?} {}", case.label());
-                let bits = |x: &[f32]| x.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
-                let cbits = |x: &[Complex<f32>]| x.iter().map(|z| (z.re.to_bits(), z.im.to_bits())).collect::<Vec<_>>();
-                assert!(bits(&a.dq) == bits(&b.dq), "{label}: dq differs between aligned and misaligned v, dy, dv");
-                assert!(bits(&a.dk) == bits(&b.dk), "{label}: dk differs between aligned and misaligned v, dy, dv");
-                assert!(bits(&a.dv) == bits(&b.dv), "{label}: dv differs between aligned and misaligned v, dy, dv");
-                assert!(cbits(&a.dlog_gate) == cbits(&b.dlog_gate), "{label}: dlog_gate differs");
-                assert!(a.dh0.as_deref().map(cbits) == b.dh0.as_deref().map(cbits), "{label}: dh0 differs");
+                assert_grads_bitwise(&label, &a, &b, "aligned and misaligned v, dy, dv");
                 assert_grads(&label, &a, &want, y_bounds(Dtype::Bf16), STATE_BOUNDS);
             }
         }
