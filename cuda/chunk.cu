@@ -40,7 +40,8 @@
 //      anchored rows, diagonal pairs) formed once for both 64-column halves
 //      instead of once per half's block; bit for bit the narrow launch.
 // Or 1 and 2 as one launch, gateloop_chunk_state_seq_* (chunk_state_seq
-// below): one block per (b, h, value tile, key slab) walks the chunks, the
+// below): one block per (b, h, value tile, key slab of walk_slab channels:
+// 16 complex, 32 real) walks the chunks, the
 // state of its slab on chip; same workspace, same bits, no U_c round trip.
 // The launcher picks it when its grid fills the GPU (src/cuda/chunk.rs
 // ChunkCarry).
@@ -166,8 +167,9 @@ __device__ __forceinline__ void chunk_carry(const GateloopChunkParams& p) {
 
 // ---- 1 + 2 in one pass: the state and the carry, walking the chunks -------------
 
-// One block per (b, h, value tile, key slab) (slab fastest) walks the chunks
-// in order (walk_chunks in chunk_common.cuh): per chunk U_c (the state
+// One block per (b, h, value tile, key slab of walk_slab channels) (slab
+// fastest) walks the chunks in order (walk_chunks in chunk_common.cuh):
+// per chunk U_c (the state
 // kernel's product, same operands and order) and A_c, slot c of ws_state :=
 // the state entering chunk c, S ← A_c ⊙ S + U_c; h_final at the end. It
 // writes what launches 1 and 2 write, bit for bit (tests/cpu_chunked_emu.rs),
@@ -183,7 +185,7 @@ __device__ __forceinline__ void chunk_state_seq(const GateloopChunkParams& p) {
     const bool has_h0 = (p.flags & GATELOOP_FLAG_HAS_H0) != 0;
     walk_chunks<false, Op, kTerms, input_t, kComplex>(
         p, smem, has_h0 ? p.h0 : nullptr, p.h0_strides, p.ws_state, p.h_final, p.h_final_strides,
-        [&](const Block<input_t, kComplex>& blk, const StateSmem<Op, kComplex>& sm, int64_t d0) {
+        [&](const WalkBlock<input_t, kComplex>& blk, const WalkSmem<Op, kComplex>& sm, int64_t d0) {
             // K̃ (put_state_keys) and V (the walk stores A_c to ws_decay).
             blk.template load_values<Op, raw_tile_terms<input_t, kTerms>(), 1>(sm.tile);  // and the next chunk's into L2
             blk.template load_keys<1>(blk.k, p.k_strides, d0, sm.raw);
@@ -225,13 +227,17 @@ __device__ __forceinline__ void chunk_output(const GateloopChunkParams& p) {
 // below; GATELOOP_BY_ARCH where sm_80 and sm_90 differ. Shared memory, and
 // the counts on sm_90 (sm_80):
 //   state   complex 60 KB: 3 (2)   real 48 KB: 4 (2 exact, 3 fast)
-//   walk    complex 68 KB: fast 3 (1); exact 1 (1): it spills 8 bytes at 3,
+//   walk    complex 64 KB: fast 3 (1); exact 1 (1): it spills 8 bytes at 3,
 //           and at 1 takes 112 registers (sm_80: 107), two resident all the same
-//           real 52 KB: 4, f16 fast 3 (3, f16 fast 4, bf16 exact 2: its
-//           V tile staged 16 bytes a load spilled 12 bytes at 3)
+//           real 68 KB (32 channels a block: walk_slab): 3 (2), f16 exact 2
+//           (2: it spilled 4 bytes at 3; bf16 exact fits 3 with its Gram
+//           product rolled, slab_gram's kRolled)
 //   output  complex 82 KB: 2 (2)   real 68 KB: 3 (2)
 // (A count above what the arch's shared memory holds only caps registers:
 // where a cap of 4 compiles spill-free and 3 does not, 4 it is.)
+// The real-gate walks took 52 KB and 4 an SM (64 registers) with slabs of
+// 16 channels; at 32 (speed log item 30) the prefix tables and the carried
+// state double, the raw slab moves into the staging tiles' bytes, and 3 fit.
 // WIDE_MIN: the wide output launch's, the same as OUTPUT_MIN: its four
 // accumulators a warp fit the same caps spill-free (sm_90: real 16-bit 80
 // registers at 3 an SM, complex 123-128 at 2, f32 real 128 at 2, f32
@@ -241,7 +247,8 @@ __device__ __forceinline__ void chunk_output(const GateloopChunkParams& p) {
 // exact at 1 on sm_80 (8 bytes spilled at 2, which its 105 KB do not fit
 // there). For the
 // walk the count is its grid's waves: at B8 L4096 H16 K = V = 64 its 512
-// blocks are two waves at 2 per SM of an H200's 132, one at 4 (real gates).
+// blocks (complex gates) are two waves at 2 per SM of an H200's 132; the
+// real-gate walk's 256 blocks one at 2 or 3.
 // f32 kernels: 2 where two blocks fit and ptxas stays within 128 registers
 // spill-free on sm_80 and sm_90, else 1 (not re-examined for more).
 #define GATELOOP_CHUNK_ENTRIES(DTYPE, TYPE, OP, GATE, CPLX, PREC, TERMS, STATE_MIN, SEQ_MIN, OUTPUT_MIN, WIDE_MIN) \
@@ -271,16 +278,16 @@ GATELOOP_CHUNK_ENTRIES(f32, float, OpTf32, r, false, fast, 1, 2, 1, 2, 2)
 GATELOOP_CHUNK_ENTRIES(f16, __half, OpBf16, c, true, exact, 3, GATELOOP_BY_ARCH(2, 3), 1, 2, 2)
 GATELOOP_CHUNK_ENTRIES(f16, __half, OpF16, c, true, fast, 1, GATELOOP_BY_ARCH(2, 3), GATELOOP_BY_ARCH(1, 3), 2, 2)
 GATELOOP_CHUNK_ENTRIES(f16, __half, OpBf16, r, false, exact, 3,
-                       GATELOOP_BY_ARCH(2, 4), GATELOOP_BY_ARCH(3, 4), GATELOOP_BY_ARCH(2, 3), GATELOOP_BY_ARCH(2, 3))
+                       GATELOOP_BY_ARCH(2, 4), 2, GATELOOP_BY_ARCH(2, 3), GATELOOP_BY_ARCH(2, 3))
 GATELOOP_CHUNK_ENTRIES(f16, __half, OpF16, r, false, fast, 1,
-                       GATELOOP_BY_ARCH(3, 4), GATELOOP_BY_ARCH(4, 3), GATELOOP_BY_ARCH(2, 3), GATELOOP_BY_ARCH(2, 3))
+                       GATELOOP_BY_ARCH(3, 4), GATELOOP_BY_ARCH(2, 3), GATELOOP_BY_ARCH(2, 3), GATELOOP_BY_ARCH(2, 3))
 GATELOOP_CHUNK_ENTRIES(bf16, __nv_bfloat16, OpBf16, c, true, exact, 3, GATELOOP_BY_ARCH(2, 3), 1, 2, 2)
 GATELOOP_CHUNK_ENTRIES(bf16, __nv_bfloat16, OpBf16, c, true, fast, 1,
                        GATELOOP_BY_ARCH(2, 3), GATELOOP_BY_ARCH(1, 3), 2, 2)
 GATELOOP_CHUNK_ENTRIES(bf16, __nv_bfloat16, OpBf16, r, false, exact, 3,
-                       GATELOOP_BY_ARCH(2, 4), GATELOOP_BY_ARCH(2, 4), GATELOOP_BY_ARCH(2, 3), GATELOOP_BY_ARCH(2, 3))
+                       GATELOOP_BY_ARCH(2, 4), GATELOOP_BY_ARCH(2, 3), GATELOOP_BY_ARCH(2, 3), GATELOOP_BY_ARCH(2, 3))
 GATELOOP_CHUNK_ENTRIES(bf16, __nv_bfloat16, OpBf16, r, false, fast, 1,
-                       GATELOOP_BY_ARCH(3, 4), GATELOOP_BY_ARCH(3, 4), GATELOOP_BY_ARCH(2, 3), GATELOOP_BY_ARCH(2, 3))
+                       GATELOOP_BY_ARCH(3, 4), GATELOOP_BY_ARCH(2, 3), GATELOOP_BY_ARCH(2, 3), GATELOOP_BY_ARCH(2, 3))
 
 // gateloop_chunk_output_frag_{f16,bf16}_{c,r}_{exact,fast}: the output launch
 // on register fragments (cuda/chunk_frag.cuh), 16-bit inputs only (m16n8k16

@@ -22,6 +22,7 @@ using namespace nvcuda;
 constexpr int kChunk = GATELOOP_CHUNK_LEN;          // 64 steps
 constexpr int kSub = GATELOOP_CHUNK_SUB_LEN;        // 16 steps
 constexpr int kSlab = GATELOOP_CHUNK_KEY_SLAB;      // 16 key channels per slab
+constexpr int kWalkSlabReal = GATELOOP_CHUNK_WALK_SLAB_REAL;  // 32: a real-gate walk block's channels
 constexpr int kVTile = GATELOOP_CHUNK_VALUE_TILE;   // 64 value columns per block
 constexpr int kWideCols = GATELOOP_CHUNK_WIDE_TILE;  // 128: the wide output blocks'
 constexpr int kThreads = GATELOOP_CHUNK_THREADS;    // 256
@@ -31,7 +32,8 @@ constexpr int kPairs = kSubs * (kSubs - 1) / 2;     // 6 off-diagonal blocks
 constexpr int kPrefixSeg = GATELOOP_CHUNK_PREFIX_SEG;  // 8 steps per prefix segment
 constexpr int kPrefixSegs = kChunk / kPrefixSeg;
 static_assert(kPrefixSegs * kSlab <= kThreads, "one thread per (prefix segment, channel)");
-static_assert(kChunk == 64 && kSub == 16 && kSlab == 16 && kVTile == 64 && kWideCols == 2 * kVTile && kThreads == 256,
+static_assert(kChunk == 64 && kSub == 16 && kSlab == 16 && kVTile == 64 && kWideCols == 2 * kVTile && kThreads == 256 &&
+                  kWalkSlabReal == 2 * kSlab,
               "the warp ↔ tile maps below assume these sizes");
 static_assert(kPairs <= kWarps, "one warp per off-diagonal score block");
 
@@ -439,8 +441,8 @@ __device__ __forceinline__ CarryWalk carry_walk(const GateloopChunkParams& p, in
 // Shared-memory bytes of the prefix tables: Re G as a compensated pair (running
 // sum, rounding-error sum), (cos θ, sin θ when complex) as f32 and the reset
 // index as i32, each [kChunk][kLd]: rows of kSlab entries, or kPrefixLd in
-// the kernels with pairwise loops (Block's kLd). src/cuda/chunk.rs:
-// prefix_bytes.
+// the kernels with pairwise loops, or kWalkSlabReal in the real-gate walks
+// (Block's kLd). src/cuda/chunk.rs: prefix_bytes.
 template <bool kComplex, int kLd = kSlab>
 __host__ __device__ constexpr int prefix_bytes() {
     return (kComplex ? 5 : 3) * kChunk * kLd * 4;
@@ -478,14 +480,14 @@ __device__ __forceinline__ void for_tile(const TileSlot<kWidth>& slot, F f) {
 // Stages a kRows × kWidth tile: thread `slot` takes items u = 0 … kRows /
 // kStep − 1, (row, col) = (slot.row0 + u·kStep, slot.col) — the items i =
 // row·kWidth + col = tid + u·kThreads of a flat loop over the tile, in the
-// same order — fetch(u, row, col) → value for kLoadsInFlight items, then
+// same order — fetch(u, row, col) → value for kBatch items, then
 // put(row, col, value) for each (staged_items). Callers compute the
 // thread's first address once and step it by u: see staged_items for why.
-template <int kRows, int kWidth, class Fetch, class Put>
+template <int kRows, int kWidth, int kBatch = kLoadsInFlight, class Fetch, class Put>
 __device__ __forceinline__ void stage_tile(const TileSlot<kWidth>& slot, Fetch fetch, Put put) {
     constexpr int kStep = TileSlot<kWidth>::kStep;
     static_assert(kRows % kStep == 0, "whole passes of the block per tile");
-    staged_items<kRows / kStep, kLoadsInFlight>(
+    staged_items<kRows / kStep, kBatch>(
         [&](int u) { return fetch(u, slot.row0 + u * kStep, slot.col); },
         [&](int u, decltype(fetch(0, 0, 0)) x) { put(slot.row0 + u * kStep, slot.col, x); });
 }
@@ -508,13 +510,26 @@ __device__ __forceinline__ void stage_tile(const TileSlot<kWidth>& slot, Fetch f
 template <typename input_t, bool kComplex, int kLd = kSlab>
 struct Block {
     using Tr = InputTraits<input_t>;
-    // Row stride of the block's [kChunk][kSlab] f32 tables, the gate
+    // Row stride of the block's [kChunk][kChannels] f32 tables, the gate
     // prefix tables and the raw q and k rows (load_keys): kPrefixLd in the
     // kernels whose pairwise loops read them across rows (the output and dv
     // launches, grad_qk), where it costs no resident block; kSlab in the
     // others (the state kernels and walks read them along rows, sit at
-    // their register limits, and the padding cost them spills).
-    static_assert(kLd == kSlab || kLd == kPrefixLd, "plain or padded rows");
+    // their register limits, and the padding cost them spills), and
+    // kWalkSlabReal in the real-gate walks (walk_slab), whose blocks take
+    // two slabs' channels at once.
+    static_assert(kLd == kSlab || kLd == kPrefixLd || (kLd == kWalkSlabReal && !kComplex),
+                  "plain or padded rows of a slab, or the real-gate walks' plain rows of two");
+    // Key channels of the block's slab (its tables' columns): kSlab, or the
+    // real-gate walks' kWalkSlabReal (plain rows of that many).
+    static constexpr int kChannels = kLd == kPrefixLd ? kSlab : kLd;
+    static_assert(kPrefixSegs * kChannels <= kThreads, "one thread per (prefix segment, channel)");
+    // Loads in flight a thread when staging a [kChunk][kChannels] table (the
+    // gates, q or k): kLoadsInFlight, all four items of a slab of 16 (one
+    // round trip); the real walks' eight items of 32 channels likewise in
+    // one batch, not two round trips on a walk's serial path.
+    static constexpr int kChannelBatch = kChunk / TileSlot<kChannels>::kStep;
+    static_assert(kChannels == kWalkSlabReal || kChannelBatch == kLoadsInFlight, "unchanged for slabs of 16");
     // Entry (step t, channel j) of one of those tables.
     __device__ __forceinline__ static constexpr int at(int t, int j) { return t * kLd + j; }
     const GateloopChunkParams& p;
@@ -647,7 +662,7 @@ struct Block {
 
     // Gate columns of the slab starting at channel d0 (1 for a per-head gate).
     __device__ __forceinline__ int gate_cols(int64_t d0) const {
-        return per_head ? 1 : static_cast<int>(min(static_cast<int64_t>(kSlab), p.dims.key_dim - d0));
+        return per_head ? 1 : static_cast<int>(min(static_cast<int64_t>(kChannels), p.dims.key_dim - d0));
     }
     // The prefix-table column of slab channel j.
     __device__ __forceinline__ int col(int j) const { return per_head ? 0 : j; }
@@ -676,19 +691,20 @@ struct Block {
         const int cols = gate_cols(d0);
         // Stage the raw gates: Re into gre, Im into gsn.
         {
-            const TileSlot<kSlab> slot(tid);
+            const TileSlot<kChannels> slot(tid);
             const bool col_in = slot.col < cols;
-            const int64_t step = opaque(TileSlot<kSlab>::kStep * p.gate_strides.time);
+            const int64_t step = opaque(TileSlot<kChannels>::kStep * p.gate_strides.time);
             const int64_t first = opaque((t0 + slot.row0) * p.gate_strides.time + (per_head ? 0 : d0 + slot.col));
             const float* row = kComplex ? complex_seq_row(p.log_gate, p.gate_strides, b, h)
                                         : seq_row<float>(p.log_gate, p.gate_strides, b, h);
-            stage_tile<kChunk, kSlab>(
+            stage_tile<kChunk, kChannels, kChannelBatch>(
                 slot,
                 [&](int u, int t, int) {
                     if (kComplex) {
-                        prefetch_ahead<kSlab, kAhead>(reinterpret_cast<const float2*>(row), first, step, u, t, col_in);
+                        prefetch_ahead<kChannels, kAhead>(reinterpret_cast<const float2*>(row), first, step, u, t,
+                                                          col_in);
                     } else {
-                        prefetch_ahead<kSlab, kAhead>(row, first, step, u, t, col_in);
+                        prefetch_ahead<kChannels, kAhead>(row, first, step, u, t, col_in);
                     }
                     float2 g = make_float2(0.f, 0.f);
                     if (col_in && t < n) {
@@ -708,8 +724,8 @@ struct Block {
         __syncthreads();
         // 1. One thread per (segment, channel) scans its kPrefixSeg steps from
         //    zero (the walk of cpu::chunked::Scratch::build_prefix).
-        const int j = tid % kSlab;
-        const int seg = tid / kSlab;
+        const int j = tid % kChannels;
+        const int seg = tid / kChannels;
         if (seg < kPrefixSegs && j < cols) {
             float pre_re = 0.f, pre_lo = 0.f, pre_im = 0.f;
             int32_t pre_r = -1;
@@ -748,8 +764,8 @@ struct Block {
         if (kComplex) {
             // θ ∈ [−π, π] (reduced above): the SFU's sin/cos have an absolute
             // error ≤ 2^−21.4 there, and no slow-path argument reduction.
-            for (int e = tid; e < kChunk * kSlab; e += kThreads) {
-                const int i = kLd == kSlab ? e : at(e / kSlab, e % kSlab);
+            for (int e = tid; e < kChunk * kChannels; e += kThreads) {
+                const int i = kLd == kChannels ? e : at(e / kChannels, e % kChannels);
                 float s, c;
                 __sincosf(gsn[i], &s, &c);
                 gcs[i] = c;
@@ -793,14 +809,14 @@ struct Block {
 
     // Columns col0 .. col0 + kWidth − 1 of x over the chunk, each (step,
     // column, value) to put; zero past the chunk and from column `limit` on.
-    template <int kWidth, int kAhead = 0, class Put>
+    template <int kWidth, int kAhead = 0, int kBatch = kLoadsInFlight, class Put>
     __device__ __forceinline__ void load_rows(const input_t* __restrict__ x, const GateloopSeqStrides& s,
                                               int64_t col0, int64_t limit, Put put) const {
         const TileSlot<kWidth> slot(tid);
         const bool col_in = col0 + slot.col < limit;
         const int64_t step = opaque(TileSlot<kWidth>::kStep * s.time);
         const int64_t first = opaque((t0 + slot.row0) * s.time + col0 + slot.col);
-        stage_tile<kChunk, kWidth>(
+        stage_tile<kChunk, kWidth, kBatch>(
             slot,
             [&](int u, int t, int) {
                 prefetch_ahead<kWidth, kAhead>(x, first, step, u, t, col_in);
@@ -815,7 +831,8 @@ struct Block {
     template <int kAhead = 0>
     __device__ __forceinline__ void load_keys(const input_t* __restrict__ x, const GateloopSeqStrides& s, int64_t d0,
                                               float* xs) const {
-        load_rows<kSlab, kAhead>(x, s, d0, p.dims.key_dim, [&](int t, int j, float e) { xs[at(t, j)] = e; });
+        load_rows<kChannels, kAhead, kChannelBatch>(x, s, d0, p.dims.key_dim,
+                                                    [&](int t, int j, float e) { xs[at(t, j)] = e; });
     }
 
     // Value columns col0 .. col0 + kVTile − 1 of x (v or dy) over the chunk
@@ -904,11 +921,11 @@ struct Block {
 // states S_c, D(c)) at value columns col0 + slot.col: item i of part
 // `part` is workspace row part·K + d0 + slot.row0 + kStep·i, at offset
 // at(part, i), inside the workspace when live(i).
-template <int kCols>
+template <int kCols, int kChannels = kSlab>
 struct StateRows {
     static constexpr int kStep = TileSlot<kCols>::kStep;
-    static constexpr int kPerPart = kSlab / kStep;  // items of a part
-    static_assert(kPerPart * kStep == kSlab, "whole passes of the block per part");
+    static constexpr int kPerPart = kChannels / kStep;  // items of a part
+    static_assert(kPerPart * kStep == kChannels, "whole passes of the block per part");
     int64_t first, part_step, row_step, rows_left;
     bool col_in;
     int row0;
@@ -948,14 +965,26 @@ __device__ __forceinline__ void stage_state_rows(const Block<input_t, kComplex, 
         put);
 }
 
-// Operand widths of one slab: [Re | Im] halves of 16 channels, or Re only.
-template <bool kComplex>
+// Operand widths of one slab: [Re | Im] halves of kChannels (16), or Re
+// only.
+template <bool kComplex, int kChannels = kSlab>
 __host__ __device__ constexpr int slab_width() {
-    return kComplex ? 2 * kSlab : kSlab;
+    return kComplex ? 2 * kChannels : kChannels;
 }
-template <class Op, bool kComplex>
+template <class Op, bool kComplex, int kChannels = kSlab>
 __host__ __device__ constexpr int ld_slab() {
-    return slab_width<kComplex>() + Op::kPad;
+    return slab_width<kComplex, kChannels>() + Op::kPad;
+}
+// Key channels a block of the sequential walks (walk_chunks) takes: a slab
+// (16) with complex gates, two (kWalkSlabReal, 32) with real ones, whose
+// slab operand is then as wide as a complex slab's [Re | Im] (all eight
+// warps in its Gram product where a slab of 16 kept four) and whose block
+// stages the value tile and builds the gate prefix (its serial joins, its
+// barriers) once for 32 channels: half the blocks, each about a third more
+// work (src/cuda/chunk.rs: walk_slab).
+template <bool kComplex>
+__host__ __device__ constexpr int walk_slab() {
+    return kComplex ? kSlab : kWalkSlabReal;
 }
 // Leading dimension of a tile of kCols value columns (kVTile, or the wide
 // output launch's kWideCols for the state slab it stages).
@@ -975,10 +1004,13 @@ constexpr int kStagingBytes = kWarps * 16 * 16 * 4;
 
 // The dynamic shared memory of each kernel (src/cuda/chunk.rs: shared_bytes
 // computes the same numbers; every array is a multiple of 128 bytes).
-template <class Op, bool kComplex>
+// The state kernel's (StateSmem) for slabs of kChannels; kRawInStaging: the
+// raw key slab in the staging tiles' bytes (the walks').
+template <class Op, bool kComplex, int kChannels = kSlab, bool kRawInStaging = false>
 __host__ __device__ constexpr int state_smem_bytes() {
-    return prefix_bytes<kComplex>() + kChunk * kSlab * 4 + split_bytes<Op>(kChunk, ld_tile<Op>()) +
-           split_bytes<Op>(kChunk, ld_slab<Op, kComplex>()) + kStagingBytes;
+    return prefix_bytes<kComplex, kChannels>() + (kRawInStaging ? 0 : kChunk * kChannels * 4) +
+           split_bytes<Op>(kChunk, ld_tile<Op>()) + split_bytes<Op>(kChunk, ld_slab<Op, kComplex, kChannels>()) +
+           kStagingBytes;
 }
 template <class Op, bool kComplex, int kCols = kVTile>
 __host__ __device__ constexpr int output_slab_bytes() {
@@ -1022,18 +1054,27 @@ __device__ __forceinline__ Split<Op> carve(unsigned char*& at, int rows, int ld)
 // tables, the raw key slab, the value-like tile (kChunk × kVTile), the slab
 // operand (kChunk × slab width, row-major, read as the column-major A of
 // the Gram product), then each warp's staging tile: state_smem_bytes.
-template <class Op, bool kComplex>
+// The walks (walk_chunks) take it for slabs of walk_slab channels, with
+// kRawInStaging: the raw slab (at most kStagingBytes) in the staging
+// tiles' bytes, which a walk's chunk uses only after the raw slab's last
+// read (its stage, then a barrier, then the Gram product into the staging
+// tiles) and before the next chunk's stage (after build_prefix's
+// barriers): a real-gate walk's 8 KB, so that three blocks an SM fit an
+// H200 (68 KB each).
+template <class Op, bool kComplex, int kChannels = kSlab, bool kRawInStaging = false>
 struct StateSmem {
+    static_assert(!kRawInStaging || kChunk * kChannels * 4 <= kStagingBytes, "the raw slab fits the staging tiles");
     float* raw;
     Split<Op> tile;
     Split<Op> slab;
     float* staging;
     __device__ __forceinline__ StateSmem(unsigned char* smem, int warp) {
-        unsigned char* at = smem + prefix_bytes<kComplex>();
-        raw = reinterpret_cast<float*>(at);
-        at += kChunk * kSlab * 4;
+        unsigned char* at = smem + prefix_bytes<kComplex, kChannels>();
+        float* own_raw = reinterpret_cast<float*>(at);
+        if (!kRawInStaging) at += kChunk * kChannels * 4;
         tile = carve<Op>(at, kChunk, ld_tile<Op>());
-        slab = carve<Op>(at, kChunk, ld_slab<Op, kComplex>());
+        slab = carve<Op>(at, kChunk, ld_slab<Op, kComplex, kChannels>());
+        raw = kRawInStaging ? reinterpret_cast<float*>(at) : own_raw;
         staging = reinterpret_cast<float*>(at) + warp * 256;
     }
 };
@@ -1088,11 +1129,12 @@ __device__ __forceinline__ void drain_group(const Acc<Op>& acc, float* staging, 
 template <class Op, int kTerms, typename input_t, bool kComplex, int kLd>
 __device__ __forceinline__ void put_inter_queries(const Block<input_t, kComplex, kLd>& blk, const float* qraw,
                                                   const Split<Op>& qe) {
-    for_tile<kChunk, kSlab>(TileSlot<kSlab>(blk.tid), [&](int, int nn, int j) {
+    constexpr int kCh = Block<input_t, kComplex, kLd>::kChannels;
+    for_tile<kChunk, kCh>(TileSlot<kCh>(blk.tid), [&](int, int nn, int j) {
         const int cl = blk.col(j);
         const float2 x = blk.phased(blk.modulus(nn, -1, cl) * qraw[blk.at(nn, j)], nn, cl);
         qe.template put<kTerms>(nn, j, x.x);
-        if (kComplex) qe.template put<kTerms>(nn, kSlab + j, x.y);
+        if (kComplex) qe.template put<kTerms>(nn, kCh + j, x.y);
     });
 }
 
@@ -1106,7 +1148,8 @@ template <class Op, int kTerms, typename input_t, bool kComplex, int kLd>
 __device__ __forceinline__ void put_state_keys(const Block<input_t, kComplex, kLd>& blk, const float* kraw,
                                                const Split<Op>& kt) {
     const int last = blk.n - 1;
-    for_tile<kChunk, kSlab>(TileSlot<kSlab>(blk.tid), [&](int, int m, int j) {
+    constexpr int kCh = Block<input_t, kComplex, kLd>::kChannels;
+    for_tile<kChunk, kCh>(TileSlot<kCh>(blk.tid), [&](int, int m, int j) {
         const int cl = blk.col(j);
         const float w = blk.modulus_within(last, m, cl);
         const float kk = kraw[blk.at(m, j)];
@@ -1114,7 +1157,7 @@ __device__ __forceinline__ void put_state_keys(const Block<input_t, kComplex, kL
             const float cl_ = blk.cos_at(last, cl), sl = blk.sin_at(last, cl);
             const float kc = kk * blk.cos_at(m, cl), ks = kk * blk.sin_at(m, cl);
             kt.template put<kTerms>(m, j, w * fmaf(cl_, kc, sl * ks));
-            kt.template put<kTerms>(m, kSlab + j, w * fmaf(sl, kc, -(cl_ * ks)));
+            kt.template put<kTerms>(m, kCh + j, w * fmaf(sl, kc, -(cl_ * ks)));
         } else {
             kt.template put<kTerms>(m, j, w * kk);
         }
@@ -1126,16 +1169,16 @@ __device__ __forceinline__ void put_state_keys(const Block<input_t, kComplex, kL
 // (kChunk × slab_width) staged row-major [m][col] and read as the
 // column-major A = Xᵀ, Y (kChunk × kVTile) row-major, inner dimension
 // kChunk, into a planar workspace (rows part·K + d, Block::ws_state_row).
-// Warp w ↔ output tile (w / 4, w % 4): 2 × 4 tiles (complex: all 8 warps)
-// or 1 × 4 (real). The forward's U_c = K̃ᵀ V (ws_state); the backward's
+// Warp w ↔ output tile (w / 4, w % 4): 2 × 4 tiles (complex, and the
+// real-gate walks' slabs of 32: all 8 warps) or 1 × 4 (real, 16 channels). The forward's U_c = K̃ᵀ V (ws_state); the backward's
 // W_c = [Re Q̃ | −Im Q̃]ᵀ dY (ws_adj). Call between barriers (X, Y staged).
 // Warp w's tile (rb, cb) = (w / 4, w % 4) of Xᵀ Y (store_slab_gram's
 // product) into acc; false, acc untouched, for a warp without a tile (real
-// gates: two 16-row blocks fewer).
+// gates in slabs of 16: two 16-row blocks fewer).
 template <class Op, int kTerms, bool kRolled = true, typename input_t, bool kComplex, int kLd>
 __device__ __forceinline__ bool slab_gram(const Block<input_t, kComplex, kLd>& blk, const Split<Op>& x, const Split<Op>& y,
                                           Acc<Op>& acc) {
-    constexpr int kWidth = slab_width<kComplex>();
+    constexpr int kWidth = slab_width<kComplex, Block<input_t, kComplex, kLd>::kChannels>();
     const int rb = blk.warp / (kVTile / 16);
     const int cb = blk.warp % (kVTile / 16);
     if (rb >= kWidth / 16) return false;
@@ -1148,8 +1191,9 @@ __device__ __forceinline__ bool slab_gram(const Block<input_t, kComplex, kLd>& b
     };
     if constexpr (kTermsY < kTerms && kRolled) {
         // Not unrolled (kRolled): unrolled, ptxas held the steps' fragments
-        // at once and spilled at grad_w's and the backward walk's register
-        // caps; rolled, at the forward walk's (sm_80), which unrolls.
+        // at once and spilled at grad_w's, the backward walk's and the real
+        // forward walk's register caps (80 on sm_90 at 32 channels);
+        // rolled, at the complex forward walk's (sm_80), which unrolls.
 #pragma unroll 1
         for (int kk = 0; kk < kChunk; kk += Op::kK) step(kk);
     } else {
@@ -1168,7 +1212,7 @@ __device__ __forceinline__ void store_slab_gram(const Block<input_t, kComplex, k
     const int64_t key_dim = blk.p.dims.key_dim;
     const int64_t value_dim = blk.p.dims.value_dim;
     // Accumulator row r is operand column 16·rb + r: part rb, channel d0 + r.
-    static_assert(kSlab == 16, "one part per 16-row accumulator");
+    static_assert(kSlab == 16 && kLd != kWalkSlabReal, "one part per 16-row accumulator");
     const int lane = blk.tid & 31;
     const int64_t col = blk.v0 + 16 * cb + drain_col(lane);
     const int64_t first = opaque(blk.ws_state_row(rb * key_dim + d0 + drain_row0(lane)) + col);
@@ -1201,17 +1245,25 @@ __device__ __forceinline__ void store_decay(const Block<input_t, kComplex, kLd>&
 }
 
 // The dynamic shared memory of the sequential kernels: the state kernel's
-// layout (StateSmem), then the slab's carried state [kWidth][kVTile] and its
-// decays [kSlab] (src/cuda/chunk.rs: sequential_shared_bytes).
+// layout (StateSmem) for walk_slab channels, the raw slab in the staging
+// tiles, then the slab's carried state [kWidth][kVTile] and its decays
+// [walk_slab] (src/cuda/chunk.rs: sequential_shared_bytes).
 template <class Op, bool kComplex>
 __host__ __device__ constexpr int seq_smem_bytes() {
-    return state_smem_bytes<Op, kComplex>() + slab_width<kComplex>() * kVTile * 4 + kSlab * 2 * 4;
+    constexpr int kCh = walk_slab<kComplex>();
+    return state_smem_bytes<Op, kComplex, kCh, true>() + slab_width<kComplex, kCh>() * kVTile * 4 + kCh * 2 * 4;
 }
+// The block and shared layout of the walks.
+template <typename input_t, bool kComplex>
+using WalkBlock = Block<input_t, kComplex, walk_slab<kComplex>()>;
+template <class Op, bool kComplex>
+using WalkSmem = StateSmem<Op, kComplex, walk_slab<kComplex>(), true>;
 
-// One block per (b, h, value tile, key slab of 16) (slab fastest) walks the
-// chunks — forward (c = 0 … nc − 1) or, kBackward, in reverse — with its
-// slab of a carried state S (16 key rows × 64 value columns) in shared
-// memory: per chunk `stage(blk, sm, d0)` stages the Gram operands (sm.slab
+// One block per (b, h, value tile, key slab of walk_slab channels: 16
+// complex, 32 real) (slab fastest) walks the chunks — forward (c = 0 …
+// nc − 1) or, kBackward, in reverse — with its slab of a carried state S
+// (walk_slab key rows × 64 value columns) in shared memory: per chunk
+// `stage(blk, sm, d0)` (a WalkBlock, a WalkSmem) stages the Gram operands (sm.slab
 // as X, sm.tile as Y, after build_prefix; it may end without a barrier),
 // X_c = Xᵀ Y is formed as store_slab_gram forms it, slot c of `slots`
 // (a [B·H, nc, parts·K, V] workspace) := S, then S ← a_c ⊙ S + X_c with
@@ -1227,13 +1279,17 @@ template <bool kBackward, class Op, int kTerms, typename input_t, bool kComplex,
 __device__ __forceinline__ void walk_chunks(const GateloopChunkParams& p, unsigned char* smem, const float* init,
                                             const GateloopStateStrides& init_strides, float* slots, float* fin,
                                             const GateloopStateStrides& fin_strides, Stage stage) {
+    constexpr int kCh = walk_slab<kComplex>();
+    constexpr int kWidth = slab_width<kComplex, kCh>();
     int64_t idx = blockIdx.x;
-    const int64_t d0 = split_index(idx, (p.dims.key_dim + kSlab - 1) / kSlab) * kSlab;
-    Block<input_t, kComplex> blk(p, smem, p.value_tiles, 1, idx);
-    const StateSmem<Op, kComplex> sm(smem, blk.warp);
-    float* xbuf = sm.staging - blk.warp * 256;  // [kWidth][kVTile]: X_c (every warp's tile)
-    float* st = reinterpret_cast<float*>(smem + state_smem_bytes<Op, kComplex>());  // [kWidth][kVTile]: S
-    float2* dec = reinterpret_cast<float2*>(st + slab_width<kComplex>() * kVTile);  // [kSlab]: a_c
+    const int64_t d0 = split_index(idx, (p.dims.key_dim + kCh - 1) / kCh) * kCh;
+    WalkBlock<input_t, kComplex> blk(p, smem, p.value_tiles, 1, idx);
+    const WalkSmem<Op, kComplex> sm(smem, blk.warp);
+    // [kWidth][kVTile]: X_c (every warp's tile; the raw slab's bytes, WalkSmem)
+    float* xbuf = sm.staging - blk.warp * 256;
+    static_assert(kWidth * kVTile * 4 == kStagingBytes, "X_c fills the staging tiles");
+    float* st = reinterpret_cast<float*>(smem + state_smem_bytes<Op, kComplex, kCh, true>());  // [kWidth][kVTile]: S
+    float2* dec = reinterpret_cast<float2*>(st + kWidth * kVTile);  // [kCh]: a_c
     const int64_t key_dim = p.dims.key_dim;
     const int64_t value_dim = p.dims.value_dim;
 
@@ -1243,7 +1299,7 @@ __device__ __forceinline__ void walk_chunks(const GateloopChunkParams& p, unsign
         col = blk.v0 + i % kVTile;
         return d < key_dim && col < value_dim;
     };
-    for (int i = blk.tid; i < kSlab * kVTile; i += kThreads) {
+    for (int i = blk.tid; i < kCh * kVTile; i += kThreads) {
         int64_t d, col;
         float2 s = make_float2(0.f, 0.f);
         if (element(i, d, col) && init != nullptr) {
@@ -1251,7 +1307,7 @@ __device__ __forceinline__ void walk_chunks(const GateloopChunkParams& p, unsign
             s = load_gate_side<kComplex>(init, at_);
         }
         st[i] = s.x;
-        if (kComplex) st[kSlab * kVTile + i] = s.y;
+        if (kComplex) st[kCh * kVTile + i] = s.y;
     }
 #pragma unroll 1
     for (int64_t i = 0; i < p.num_chunks; ++i) {
@@ -1260,7 +1316,7 @@ __device__ __forceinline__ void walk_chunks(const GateloopChunkParams& p, unsign
         // prefetches the gates of the chunk the walk visits next.
         blk.template build_prefix<kBackward ? -1 : 1>(d0);
         stage(blk, sm, d0);
-        if (blk.tid < kSlab) {
+        if (blk.tid < kCh) {
             const int j = blk.tid;
             const float2 a = chunk_decay(blk, j, blk.n - 1);
             if (!kBackward && blk.vt == 0 && j < blk.gate_cols(d0)) store_decay(blk, d0, j, a);
@@ -1268,7 +1324,8 @@ __device__ __forceinline__ void walk_chunks(const GateloopChunkParams& p, unsign
         }
         __syncthreads();
         Acc<Op> acc;
-        if (slab_gram<Op, kTerms, kBackward>(blk, sm.slab, sm.tile, acc)) {
+        // Rolled (where it matters: bf16 Exact) but in the complex forward walk.
+        if (slab_gram<Op, kTerms, kBackward || !kComplex>(blk, sm.slab, sm.tile, acc)) {
             const int rb = blk.warp / (kVTile / 16);
             const int cb = blk.warp % (kVTile / 16);
             wmma::store_matrix_sync(xbuf + 16 * rb * kVTile + 16 * cb, acc, kVTile, wmma::mem_row_major);
@@ -1277,19 +1334,19 @@ __device__ __forceinline__ void walk_chunks(const GateloopChunkParams& p, unsign
         {
             // Thread slot: column v0 + col, key rows d0 + row0 + kStep·u.
             const TileSlot<kVTile> slot(blk.tid);
-            const StateRows<kVTile> rows(blk, slot, d0, blk.v0);
-            for_tile<kSlab, kVTile>(slot, [&](int u, int r, int c) {
+            const StateRows<kVTile, kCh> rows(blk, slot, d0, blk.v0);
+            for_tile<kCh, kVTile>(slot, [&](int u, int r, int c) {
                 const int e = r * kVTile + c;
-                const float2 s = make_float2(st[e], kComplex ? st[kSlab * kVTile + e] : 0.f);
+                const float2 s = make_float2(st[e], kComplex ? st[kCh * kVTile + e] : 0.f);
                 if (rows.live(u)) {
                     slots[rows.at(0, u)] = s.x;
                     if (kComplex) slots[rows.at(1, u)] = s.y;
                 }
                 const float2 a = dec[r];
                 if (kComplex) {
-                    const float2 x = apply(a, make_float2(xbuf[e], xbuf[kSlab * kVTile + e]), s);
+                    const float2 x = apply(a, make_float2(xbuf[e], xbuf[kCh * kVTile + e]), s);
                     st[e] = x.x;
-                    st[kSlab * kVTile + e] = x.y;
+                    st[kCh * kVTile + e] = x.y;
                 } else {
                     st[e] = fmaf(a.x, s.x, xbuf[e]);
                 }
@@ -1300,10 +1357,10 @@ __device__ __forceinline__ void walk_chunks(const GateloopChunkParams& p, unsign
     }
     __syncthreads();
     if (fin == nullptr) return;
-    for (int i = blk.tid; i < kSlab * kVTile; i += kThreads) {
+    for (int i = blk.tid; i < kCh * kVTile; i += kThreads) {
         int64_t d, col;
         if (!element(i, d, col)) continue;
-        const float2 s = make_float2(st[i], kComplex ? st[kSlab * kVTile + i] : 0.f);
+        const float2 s = make_float2(st[i], kComplex ? st[kCh * kVTile + i] : 0.f);
         store_gate_side<kComplex>(fin, state_index(fin_strides, blk.b, blk.h, d, col), s);
     }
 }

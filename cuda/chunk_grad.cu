@@ -262,7 +262,8 @@ __device__ __forceinline__ void grad_w(const GateloopChunkGradParams& g) {
 }
 
 // 1b + 2b in one pass (the sequential carry): one block per (b, h, value
-// tile, key slab) walks the chunks in reverse (walk_chunks in
+// tile, key slab of walk_slab channels: the forward walk's) walks the chunks
+// in reverse (walk_chunks in
 // chunk_common.cuh) with its slab of D on chip: per chunk W_c (grad_w's
 // product, same operands and order), slot c of ws_adj := D(c), D(c − 1) =
 // conj(A_c) D(c) + W_c; dh0 at the end (which grad_dh0, next on the stream,
@@ -279,7 +280,7 @@ __device__ __forceinline__ void grad_w_seq(const GateloopChunkGradParams& g) {
     const bool has_dh0 = (g.grad_flags & GATELOOP_GRAD_FLAG_HAS_DH0) != 0;
     walk_chunks<true, Op, kGradTerms, input_t, kComplex>(
         p, smem, has_dh_final ? g.dh_final : nullptr, g.dh_final_strides, g.ws_adj, has_dh0 ? g.dh0 : nullptr,
-        g.dh0_strides, [&](const Block<input_t, kComplex>& blk, const StateSmem<Op, kComplex>& sm, int64_t d0) {
+        g.dh0_strides, [&](const WalkBlock<input_t, kComplex>& blk, const WalkSmem<Op, kComplex>& sm, int64_t d0) {
             // [Re Q̃ | −Im Q̃] (put_inter_queries) and dY, as grad_w stages them
             // (and those of the chunk before, which the reverse walk visits next, into L2).
             blk.template load_tile<Op, raw_tile_terms<input_t, kGradTerms>(), -1>(
@@ -1010,10 +1011,11 @@ __device__ __forceinline__ void grad_dv(const GateloopChunkGradParams& g) {
 // for 16-bit inputs the most blocks their shared memory lets an SM hold where
 // ptxas compiles them spill-free under that register cap, else the next
 // count below. grad_w and grad_w_seq have the layouts of the forward's state
-// kernel and walk (complex 60 and 68 KB, real 48 and 52 KB): on sm_90
-// grad_w 3 (real: 4 spills 4 bytes), grad_w_seq 3 complex and 4 real; on
-// sm_80 grad_w 2 (real: 3 and 4 spill), grad_w_seq 1 complex (113 registers:
-// two resident) and 3 real. grad_qk 2 (98 KB complex, 90 KB real) and grad_dv
+// kernel and walk (complex 60 and 64 KB, real 48 and 68 KB: the real walk's
+// blocks take 32 channels, walk_slab): on sm_90 grad_w 3 (real: 4 spills 4
+// bytes), grad_w_seq 3 (f16 real 2: 8 bytes spilled at 3); on sm_80 grad_w
+// 2 (real: 3 and 4 spill), grad_w_seq 1 complex (113 registers: two
+// resident) and 2 real. grad_qk 2 (98 KB complex, 90 KB real) and grad_dv
 // 2 (the forward output kernel's layout: 82 KB complex; real 68 KB, so 3 on
 // sm_90, 72 registers): with one block per SM (8 warps) every barrier of the
 // block idled the SM — the gate prefix, the staging, the per-channel gate
@@ -1044,9 +1046,9 @@ GATELOOP_CHUNK_GRAD_ENTRIES(f32, float, c, true, 2, 1, 1, 1)
 GATELOOP_CHUNK_GRAD_ENTRIES(f16, __half, c, true, GATELOOP_BY_ARCH(2, 3), GATELOOP_BY_ARCH(1, 3), 2, 2)
 GATELOOP_CHUNK_GRAD_ENTRIES(bf16, __nv_bfloat16, c, true, GATELOOP_BY_ARCH(2, 3), GATELOOP_BY_ARCH(1, 3), 2, 2)
 GATELOOP_CHUNK_GRAD_ENTRIES(f32, float, r, false, 2, 1, 1, 1)
-GATELOOP_CHUNK_GRAD_ENTRIES(f16, __half, r, false, GATELOOP_BY_ARCH(2, 3), GATELOOP_BY_ARCH(3, 4), 2,
+GATELOOP_CHUNK_GRAD_ENTRIES(f16, __half, r, false, GATELOOP_BY_ARCH(2, 3), 2, 2,
                             GATELOOP_BY_ARCH(2, 3))
-GATELOOP_CHUNK_GRAD_ENTRIES(bf16, __nv_bfloat16, r, false, GATELOOP_BY_ARCH(2, 3), GATELOOP_BY_ARCH(3, 4), 2,
+GATELOOP_CHUNK_GRAD_ENTRIES(bf16, __nv_bfloat16, r, false, GATELOOP_BY_ARCH(2, 3), GATELOOP_BY_ARCH(2, 3), 2,
                             GATELOOP_BY_ARCH(2, 3))
 
 // gateloop_chunk_grad_dv_wide_{dtype}_{c,r}: grad_dv over 128 value

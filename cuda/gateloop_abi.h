@@ -390,7 +390,8 @@ GATELOOP_ABI_ASSERT(sizeof(GateloopSelftestMmaParams) == 32, "GateloopSelftestMm
  *   3. gateloop_chunk_output_{dtype}_{g}_{prec}: grid as 1, dynamic shared
  *      memory shared_bytes; writes y.
  * Or 1 and 2 in one kernel, gateloop_chunk_state_seq_{dtype}_{g}_{prec}:
- *   grid.x = B·H·value_tiles·ceil(K / CHUNK_KEY_SLAB) (key slab fastest, then
+ *   grid.x = B·H·value_tiles·ceil(K / slab) (slab = CHUNK_KEY_SLAB with
+ *   complex gates, CHUNK_WALK_SLAB_REAL with real ones; key slab fastest, then
  *   value tile, then (b, h)), dynamic shared memory state_shared_bytes (its
  *   own layout's size); each block walks the chunks in order and writes what
  *   1 and 2 write (ws_state[c] = the state entering chunk c, ws_decay,
@@ -426,6 +427,10 @@ GATELOOP_ABI_ASSERT(sizeof(GateloopSelftestMmaParams) == 32, "GateloopSelftestMm
  * kernels' build_prefix and cpu::chunked's, in the same order). */
 #define GATELOOP_CHUNK_PREFIX_SEG 8
 #define GATELOOP_CHUNK_KEY_SLAB 16
+/* Key channels per block of the real-gate walks (gateloop_chunk_state_seq_*_r_*,
+ * gateloop_chunk_grad_w_seq_*_r): two KEY_SLABs, whose slab operand is as
+ * wide as a complex slab's [Re | Im]. The complex-gate walks take KEY_SLAB. */
+#define GATELOOP_CHUNK_WALK_SLAB_REAL 32
 /* Row stride, in 4-byte entries, of the gate prefix tables in the chunked
  * kernels' shared memory: KEY_SLAB channels and 4 of padding, so that the
  * pairwise loops' 16-byte reads of eight consecutive rows fall on eight
@@ -512,7 +517,8 @@ GATELOOP_ABI_ASSERT(sizeof(GateloopChunkParams) == 80 + 48 + 5 * 24 + 2 * 24 + 8
  *   (With the forward plan's sequential carry, 1a + 2a are
  *   gateloop_chunk_state_seq_{dtype}_{g}_{prec} and 1b + 2b
  *   gateloop_chunk_grad_w_seq_{dtype}_{g}, one block per (b, h, value tile,
- *   key slab), shared memory state_shared_bytes / w_shared_bytes.)
+ *   key slab of the forward walk's width), shared memory state_shared_bytes /
+ *   w_shared_bytes.)
  * dq, dk, dv have the input dtype; dlog_gate, dh_final, dh0 are complex f32
  * (g = c) or f32 (g = r), like log_gate and h0.
  * ws_adj [B·H, num_chunks, parts·K, V] f32 (W_c, then the adjoint D(c) arriving

@@ -94,8 +94,8 @@ pub enum Variant {
     /// Chunked, forward and backward: the sequential carry forced
     /// ([`cuda::chunk::ChunkCarry::Sequential`]: `state_seq`, and in the
     /// backward `grad_w_seq`), which the automatic carry takes only from
-    /// [`cuda::chunk::SEQUENTIAL_MIN_BLOCKS`] blocks on, for real gates and
-    /// 16-bit inputs.
+    /// [`cuda::chunk::SEQUENTIAL_MIN_BLOCKS`] key slabs of 16 on, for real
+    /// gates and 16-bit inputs.
     Sequential,
     /// Chunked forward, f16 and bf16 inputs: the register-fragment output
     /// launch ([`cuda::chunk::ChunkOutput::Fragments`]).

@@ -247,15 +247,16 @@ fn chunk_kernels_emulated_match_reference_and_mirror() {
 /// bit: y and h_final equal to the last bit, over complex and real gates,
 /// Exact and Fast, f32 and bf16, with and without h0, both gate layouts,
 /// L ∈ {1, 130, 200, 1100} (partial chunks; 18 chunks: more than the
-/// separate carry's kCarryAhead = 8 chunks in flight), K ∈ {5, 40} (partial
-/// slabs), V ∈ {7, 70} (two value tiles), B·H = 2, resets, hard decay and
-/// phases ≫ 2π.
+/// separate carry's kCarryAhead = 8 chunks in flight), K ∈ {5, 40, 72}
+/// (partial slabs; the real-gate walk's blocks of 32 channels: one, two,
+/// three with a last of 8), V ∈ {7, 70} (two value tiles), B·H = 2,
+/// resets, hard decay and phases ≫ 2π.
 #[test]
 fn sequential_carry_is_bitwise_the_separate_carry() {
     let Some(emu) = emulator() else { return };
     use ChunkPrecision::{Exact, Fast};
     use GateKind::{Complex as C, Real as R};
-    let cases: [(Dims, GateRegime, bool, GateKind, ChunkPrecision, Dtype); 10] = [
+    let cases: [(Dims, GateRegime, bool, GateKind, ChunkPrecision, Dtype); 13] = [
         (dims(1, 200, 2, 40, 70, false), GateRegime::Mixed, true, C, Exact, Dtype::F32),
         (dims(2, 130, 1, 5, 7, true), GateRegime::Resets(0.05), true, C, Exact, Dtype::F32),
         (dims(1, 1, 1, 40, 7, false), GateRegime::LargePhase(50.0), true, C, Exact, Dtype::F32),
@@ -266,6 +267,10 @@ fn sequential_carry_is_bitwise_the_separate_carry() {
         (dims(1, 200, 1, 40, 70, false), GateRegime::Mixed, true, C, Exact, Dtype::Bf16),
         (dims(2, 1100, 1, 5, 7, false), GateRegime::Resets(0.01), true, C, Exact, Dtype::F32),
         (dims(1, 1100, 1, 5, 7, true), GateRegime::Mixed, true, R, Exact, Dtype::F32),
+        // The 16-bit real-gate walks (bf16 Exact: its Gram product rolled).
+        (dims(1, 200, 2, 72, 70, false), GateRegime::Mixed, true, R, Exact, Dtype::Bf16),
+        (dims(1, 130, 1, 40, 70, true), GateRegime::Resets(0.05), false, R, Fast, Dtype::Bf16),
+        (dims(1, 200, 1, 72, 7, false), GateRegime::StrongDecay(40.0), true, R, Exact, Dtype::F16),
     ];
     for (i, (d, regime, with_h0, gates, precision, t)) in cases.into_iter().enumerate() {
         let case = Case::new(d, regime, with_h0, 7600 + i as u64);
@@ -293,6 +298,8 @@ fn sequential_carry_is_bitwise_the_separate_carry() {
         // 18 chunks: the adjoint carry's ring of kCarryAhead = 8 wraps twice.
         (GradCase::new(dims(1, 1100, 2, 5, 7, false), GateRegime::Mixed, true, true, 7705), C),
         (GradCase::new(dims(1, 1100, 1, 5, 7, false), GateRegime::Resets(0.01), true, true, 7706), R),
+        // Three real-gate walk blocks of 32, 32 and 8 channels.
+        (GradCase::new(dims(1, 200, 1, 72, 70, false), GateRegime::Mixed, true, true, 7707), R),
     ]
     .iter()
     .enumerate()

@@ -22,17 +22,17 @@
 //!    per 64 columns.
 //!
 //! Or (1) and (2) as ONE launch ([`ChunkCarry::Sequential`]): one block per
-//! (b, h, value tile, key slab of 16) walks the chunks in order with its
-//! slab of the state in shared memory, writing the same workspace and
+//! (b, h, value tile, key slab of [`walk_slab`] channels: 16 complex, 32
+//! real) walks the chunks in order with its slab of the state in shared memory, writing the same workspace and
 //! h_final bit for bit (the emulated and GPU tests compare the carries to the
 //! last bit); U_c never makes the round trip through the workspace, which is
 //! half of the separate carry's workspace traffic, and k, v, log_gate are
 //! read once. [`ChunkCarry::Auto`] (what [`forward_into`] with a bare
 //! [`ChunkPrecision`] uses) takes it for real gates and 16-bit inputs when
-//! that grid has at least [`SEQUENTIAL_MIN_BLOCKS`] blocks, i.e. when the
-//! GPU is full without the chunks' parallelism (B8 L4096 H16 K = 64: 512
-//! blocks), and never for complex gates or f32: the rule measured on an
-//! H200 (see the constant).
+//! B·H·value tiles·⌈K / 16⌉ is at least [`SEQUENTIAL_MIN_BLOCKS`], i.e. when
+//! the GPU is full without the chunks' parallelism (B8 L4096 H16 K = 64:
+//! 512 slabs of 16, in 256 blocks of 32 channels), and never for complex
+//! gates or f32: the rule measured on an H200 (see the constant).
 //!
 //! The output launch (3) has two kernels ([`ChunkOutput`] in
 //! [`ChunkConfig`]): the staged one (WMMA tiles, every operand through
@@ -128,6 +128,8 @@ pub const SUB_CHUNK_LEN: usize = abi::GATELOOP_CHUNK_SUB_LEN as usize;
 /// Largest key dimension the chunked kernels accept.
 pub const MAX_KEY_DIM: usize = abi::GATELOOP_CHUNK_MAX_KEY_DIM as usize;
 pub(super) const KEY_SLAB: usize = abi::GATELOOP_CHUNK_KEY_SLAB as usize;
+/// Key channels a block of the real-gate walks takes (two slabs).
+const WALK_SLAB_REAL: usize = abi::GATELOOP_CHUNK_WALK_SLAB_REAL as usize;
 pub(super) const VALUE_TILE: usize = abi::GATELOOP_CHUNK_VALUE_TILE as usize;
 /// Value columns a block of the wide output launch takes (two value tiles).
 pub(super) const WIDE_TILE: usize = abi::GATELOOP_CHUNK_WIDE_TILE as usize;
@@ -198,8 +200,8 @@ impl Gates {
 /// How the chunk states travel across the chunks.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub enum ChunkCarry {
-    /// [`ChunkCarry::Sequential`] for real gates and 16-bit inputs when its
-    /// grid has at least [`SEQUENTIAL_MIN_BLOCKS`] blocks (it fills the GPU
+    /// [`ChunkCarry::Sequential`] for real gates and 16-bit inputs when
+    /// B·H·value tiles·⌈K / 16⌉ ≥ [`SEQUENTIAL_MIN_BLOCKS`] (it fills the GPU
     /// without the chunks' parallelism), else [`ChunkCarry::Separate`]
     /// (complex gates and f32 always: measured slower sequential).
     #[default]
@@ -209,7 +211,8 @@ pub enum ChunkCarry {
     /// chunks per state element. Parallel over the chunks (B·H = 1 at
     /// L = 65536 still gives 1024 blocks).
     Separate,
-    /// One launch, one block per (b, h, value tile, key slab of 16), walking
+    /// One launch, one block per (b, h, value tile, key slab of
+    /// [`walk_slab`] channels: 16 complex, 32 real), walking
     /// the chunks with its slab of the state on chip: the same results bit
     /// for bit, without U_c's round trip through the workspace (half the
     /// forward's workspace traffic) or the second read of the inputs.
@@ -228,7 +231,11 @@ impl ChunkCarry {
 }
 
 /// [`ChunkCarry::Auto`] takes the sequential carry from this many blocks on,
-/// for real gates and 16-bit inputs only. Measured on an H200 (2026-11-30,
+/// for real gates and 16-bit inputs only: blocks of a walk over key slabs
+/// of 16 (B·H·value tiles·⌈K / 16⌉), the walk measured below; the real-gate
+/// walk has since taken 32 channels a block (speed log item 30: half the
+/// blocks, each about a third more work), and the rule still counts slabs
+/// of 16, so the same problems take it. Measured on an H200 (2026-11-30,
 /// benches/results/gpu-2026-11-30-nvidia-h200/): at B8 L4096 H16 K = V = 64
 /// (512 blocks) the sequential carry took 5.51 ms against the separate
 /// carry's 5.87 in bf16 (0.94×) but 9.87 against 8.77 in f32 (1.13×); at 32
@@ -391,11 +398,10 @@ fn shared_bytes_cols(dtype: Dtype, gates: Gates, cols: usize) -> (u32, u32) {
     let width = KEY_SLAB * gates.parts();
     let (ld_slab, ld_tile) = (width + pad, VALUE_TILE + pad);
     let split = |rows: usize, ld: usize| 2 * rows * ld * s;
-    let raw = slab_table_bytes(false);
-    let staging = (THREADS as usize / 32) * 16 * 16 * 4;
+    let staging = STAGING_BYTES;
     let subs = CHUNK_LEN / SUB_CHUNK_LEN;
     let pairs = subs * (subs - 1) / 2;
-    let state = prefix_bytes(gates, false) + raw + split(CHUNK_LEN, ld_tile) + split(CHUNK_LEN, ld_slab) + staging;
+    let state = state_layout_bytes(dtype, gates, KEY_SLAB, false);
     let slab_phase = split(CHUNK_LEN, ld_slab)
         + split(width, cols + pad)
         + split(pairs * SUB_CHUNK_LEN, ld_slab)
@@ -431,11 +437,49 @@ pub fn fragment_output_shared_bytes(dtype: Dtype, gates: Gates) -> Option<u32> {
     Some(bytes as u32)
 }
 
+/// Key channels a block of the sequential walks (the forward's
+/// `state_seq`, the backward's `grad_w_seq`) takes: a slab of 16 with
+/// complex gates, two (32) with real ones, whose slab operand is then as
+/// wide as a complex slab's [Re | Im] (`walk_slab` in
+/// cuda/chunk_common.cuh).
+pub fn walk_slab(gates: Gates) -> usize {
+    match gates {
+        Gates::Complex => KEY_SLAB,
+        Gates::Real => WALK_SLAB_REAL,
+    }
+}
+
 /// Bytes of dynamic shared memory of the sequential state kernel
-/// (`seq_smem_bytes` in cuda/chunk.cu): the state kernel's layout, the
-/// slab's carried state (parts·16 × 64 f32) and its decays (16 complex).
+/// (`seq_smem_bytes` in cuda/chunk_common.cuh): the state kernel's layout
+/// for slabs of [`walk_slab`] channels with the raw key slab in the staging
+/// tiles' bytes, then the slab's carried state (parts·channels × 64 f32)
+/// and its decays (one complex per channel).
 pub fn sequential_shared_bytes(dtype: Dtype, gates: Gates) -> u32 {
-    shared_bytes(dtype, gates).0 + (gates.parts() * KEY_SLAB * VALUE_TILE * 4 + KEY_SLAB * 8) as u32
+    let channels = walk_slab(gates);
+    let layout = state_layout_bytes(dtype, gates, channels, true);
+    (layout + channels * gates.parts() * VALUE_TILE * 4 + channels * 8) as u32
+}
+
+/// The staging tiles every chunked kernel ends its layout with: a 16 × 16
+/// f32 tile a warp (`kStagingBytes`).
+const STAGING_BYTES: usize = (THREADS as usize / 32) * 16 * 16 * 4;
+
+/// Bytes of the state kernel's layout (`state_smem_bytes` in
+/// cuda/chunk_common.cuh) for slabs of `channels` key channels: the prefix
+/// tables in plain rows, the raw key slab (in the staging tiles' bytes with
+/// `raw_in_staging`, the walks'), the value tile and the slab operand as
+/// split operands, the staging tiles.
+fn state_layout_bytes(dtype: Dtype, gates: Gates, channels: usize, raw_in_staging: bool) -> usize {
+    let s = dtype.size_bytes();
+    let pad = if s == 4 { 4 } else { 8 };
+    let split = |rows: usize, ld: usize| 2 * rows * ld * s;
+    let tables = if gates == Gates::Complex { 5 } else { 3 };
+    let raw = if raw_in_staging { 0 } else { CHUNK_LEN * channels * 4 };
+    tables * CHUNK_LEN * channels * 4
+        + raw
+        + split(CHUNK_LEN, VALUE_TILE + pad)
+        + split(CHUNK_LEN, channels * gates.parts() + pad)
+        + STAGING_BYTES
 }
 
 /// The launch geometry of one chunked call.
@@ -482,8 +526,8 @@ pub struct LaunchPlan {
     pub fragment_output_shared_bytes: Option<u32>,
     /// The carry this plan launches (never [`ChunkCarry::Auto`]).
     pub carry: ChunkCarry,
-    /// Blocks of the sequential state kernel: B·H·value_tiles·⌈K/16⌉
-    /// (packed: B = N sequences).
+    /// Blocks of the sequential state kernel: B·H·value_tiles·⌈K /
+    /// [`walk_slab`]⌉ (packed: B = N sequences).
     pub sequential_grid: u32,
     /// Dynamic shared memory of the sequential state kernel, bytes.
     pub sequential_shared_bytes: u32,
@@ -606,9 +650,14 @@ pub(super) fn plan_rows(
         .and_then(|s| s.checked_add(decay_len))
         .ok_or_else(ws_error)?;
     let (state_shared_bytes, output_shared_bytes) = shared_bytes(dtype, gates);
-    let slabs = d.key_dim.div_ceil(KEY_SLAB);
-    let sequential_grid =
-        as_grid(bh.and_then(|x| x.checked_mul(tiles)).and_then(|x| x.checked_mul(slabs)), "B·H·value_tiles·key_slabs")?;
+    let walk_blocks = |channels: usize| {
+        bh.and_then(|x| x.checked_mul(tiles)).and_then(|x| x.checked_mul(d.key_dim.div_ceil(channels)))
+    };
+    let sequential_grid = as_grid(walk_blocks(walk_slab(gates)), "B·H·value_tiles·key_slabs")?;
+    // The rule counts slabs of 16 whatever the walk's width: the real-gate
+    // walk's blocks of 32 channels each do about two of the old blocks' work
+    // (speed log item 30), so the same problems take it.
+    let walk_slabs_of_16 = walk_blocks(KEY_SLAB).unwrap_or(usize::MAX);
     let carry = match carry {
         ChunkCarry::Sequential if packed => {
             return Err(InputError::Param {
@@ -618,10 +667,7 @@ pub(super) fn plan_rows(
             });
         }
         ChunkCarry::Auto
-            if !packed
-                && gates == Gates::Real
-                && dtype != Dtype::F32
-                && sequential_grid as usize >= SEQUENTIAL_MIN_BLOCKS =>
+            if !packed && gates == Gates::Real && dtype != Dtype::F32 && walk_slabs_of_16 >= SEQUENTIAL_MIN_BLOCKS =>
         {
             ChunkCarry::Sequential
         }
@@ -1181,13 +1227,29 @@ mod tests {
         assert_eq!(wide_output_shared_bytes(Dtype::F16, Gates::Complex), 98816);
         assert_eq!(wide_output_shared_bytes(Dtype::Bf16, Gates::Real), 74752);
         assert_eq!(wide_output_shared_bytes(Dtype::F16, Gates::Real), 74752);
+        // The walks: slabs of 16 (complex) or 32 (real) channels, the raw
+        // slab in the staging tiles, then the carried state and decays.
+        // bf16 real: prefix 3·64·32·4 = 24576, V split 2·64·72·2 = 18432,
+        // K̃ split 2·64·40·2 = 10240, staging 8192, S 32·64·4 = 8192, decays
+        // 32·8 = 256: three blocks an H200 SM (1 KiB reserved each).
+        assert_eq!(sequential_shared_bytes(Dtype::Bf16, Gates::Real), 24576 + 18432 + 10240 + 8192 + 8192 + 256);
+        assert!(3 * (sequential_shared_bytes(Dtype::Bf16, Gates::Real) + 1024) <= 228 * 1024);
+        // f32 complex: prefix 5·64·16·4 = 20480, V 34816, K̃ 18432, staging
+        // 8192, S 2·16·64·4 = 8192, decays 16·8 = 128.
+        assert_eq!(sequential_shared_bytes(Dtype::F32, Gates::Complex), 20480 + 34816 + 18432 + 8192 + 8192 + 128);
+        assert_eq!(sequential_shared_bytes(Dtype::F32, Gates::Real), 94464);
+        assert_eq!(sequential_shared_bytes(Dtype::F16, Gates::Complex), 65664);
         for dtype in Dtype::ALL {
             for gates in Gates::ALL {
                 let (a, b) = shared_bytes(dtype, gates);
                 let w = wide_output_shared_bytes(dtype, gates);
+                let q = sequential_shared_bytes(dtype, gates);
                 // Every carve is a multiple of 128 bytes, and sm_80's opt-in limit (163 KiB) holds.
-                assert!(a.is_multiple_of(128) && b.is_multiple_of(128) && w.is_multiple_of(128), "{dtype} {gates:?}");
-                assert!(a.max(b).max(w) <= 163 * 1024, "{dtype} {gates:?}: {a} {b} {w}");
+                assert!(
+                    a.is_multiple_of(128) && b.is_multiple_of(128) && w.is_multiple_of(128) && q.is_multiple_of(128),
+                    "{dtype} {gates:?}"
+                );
+                assert!(a.max(b).max(w).max(q) <= 163 * 1024, "{dtype} {gates:?}: {a} {b} {w} {q}");
             }
         }
     }
@@ -1265,16 +1327,20 @@ mod tests {
     }
 
     /// ChunkCarry::Auto: the sequential walk for real gates and 16-bit
-    /// inputs from SEQUENTIAL_MIN_BLOCKS blocks on (B·H·value tiles·key
-    /// slabs), the separate carry for complex gates (2026-12-04), for f32
-    /// and below the threshold; a forced carry as asked.
+    /// inputs from SEQUENTIAL_MIN_BLOCKS slabs of 16 on (B·H·value
+    /// tiles·⌈K / 16⌉; the real walk's blocks take 32 channels), the separate
+    /// carry for complex gates (2026-12-04), for f32 and below the
+    /// threshold; a forced carry as asked.
     #[test]
     fn automatic_carry_rule() {
-        let big = dims(8, 4096, 16, 64, 64, false); // 8·16·1·4 = 512 blocks
-        let small = dims(8, 4096, 16, 48, 64, false); // 8·16·1·3 = 384 blocks
+        let big = dims(8, 4096, 16, 64, 64, false); // 8·16·1·4 = 512 slabs of 16
+        let small = dims(8, 4096, 16, 48, 64, false); // 8·16·1·3 = 384 slabs of 16
         let carry = |d: &Dims, t, g| plan(d, t, g).unwrap().carry;
         for t in [Dtype::Bf16, Dtype::F16] {
-            assert_eq!(plan(&big, t, Gates::Real).unwrap().sequential_grid, 512);
+            assert_eq!(plan(&big, t, Gates::Real).unwrap().sequential_grid, 256);
+            assert_eq!(plan(&big, t, Gates::Complex).unwrap().sequential_grid, 512);
+            // K = 48: two blocks a value tile, the second with 16 channels.
+            assert_eq!(plan(&small, t, Gates::Real).unwrap().sequential_grid, 256);
             assert_eq!(carry(&big, t, Gates::Real), ChunkCarry::Sequential);
             assert_eq!(carry(&big, t, Gates::Complex), ChunkCarry::Separate);
             assert_eq!(carry(&small, t, Gates::Real), ChunkCarry::Separate);

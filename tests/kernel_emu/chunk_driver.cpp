@@ -139,10 +139,17 @@ static bool g_want_fragments = false;
 // f32 inputs, row padding 4; 2: f16 / bf16, row padding 8): (state kernel,
 // output kernel; the output's prefix tables and raw q, k in rows of
 // GATELOOP_CHUNK_PREFIX_LD entries, the state's of KEY_SLAB);
-// `sequential_shared_bytes`: the state kernel's plus the slab's carried
+// `walk_slab`: the walks' key channels a block (16 complex, 32 real).
+// `sequential_shared_bytes`: the state kernel's layout for slabs of that many
+// channels, the raw slab in the staging tiles, then the slab's carried
 // state and decays.
-static int32_t seq_shared_bytes(int32_t state, bool complex) {
-    return state + (complex ? 2 : 1) * GATELOOP_CHUNK_KEY_SLAB * GATELOOP_CHUNK_VALUE_TILE * 4 + GATELOOP_CHUNK_KEY_SLAB * 8;
+static int walk_slab(bool complex) { return complex ? GATELOOP_CHUNK_KEY_SLAB : GATELOOP_CHUNK_WALK_SLAB_REAL; }
+static int32_t seq_shared_bytes(int s, bool complex) {
+    const int pad = s == 4 ? 4 : 8, C = GATELOOP_CHUNK_LEN, ch = walk_slab(complex), width = ch * (complex ? 2 : 1);
+    auto split = [&](int rows, int ld) { return 2 * rows * ld * s; };
+    const int staging = (GATELOOP_CHUNK_THREADS / 32) * 16 * 16 * 4;
+    const int layout = (complex ? 5 : 3) * C * ch * 4 + split(C, GATELOOP_CHUNK_VALUE_TILE + pad) + split(C, width + pad) + staging;
+    return layout + width * GATELOOP_CHUNK_VALUE_TILE * 4 + ch * 8;
 }
 static void fwd_shared_bytes(int s, bool complex, int32_t& state, int32_t& output) {
     const int pad = s == 4 ? 4 : 8, C = GATELOOP_CHUNK_LEN, slab = GATELOOP_CHUNK_KEY_SLAB, sub = GATELOOP_CHUNK_SUB_LEN;
@@ -265,7 +272,7 @@ static int run(const std::string& dir, bool backward, bool sequential, int64_t B
     }
     const Entry state_seq = e.state_seq[complex != 0][exact != 0];
     const unsigned seq_grid =
-        static_cast<unsigned>(B * H * tiles * ((K + GATELOOP_CHUNK_KEY_SLAB - 1) / GATELOOP_CHUNK_KEY_SLAB));
+        static_cast<unsigned>(B * H * tiles * ((K + walk_slab(complex != 0) - 1) / walk_slab(complex != 0)));
     const Entry carry = complex ? gateloop_chunk_carry_c : gateloop_chunk_carry_r;
     if (backward) {
         // src/cuda/chunk_grad.rs `plan`: ws_adj after the forward's
@@ -304,7 +311,7 @@ static int run(const std::string& dir, bool backward, bool sequential, int64_t B
         if (sequential) {
             // state_seq and grad_w_seq (src/cuda/chunk_grad.rs with the
             // forward plan's sequential carry), each its own shared size.
-            g.fwd.state_shared_bytes = seq_shared_bytes(g.fwd.state_shared_bytes, complex != 0);
+            g.fwd.state_shared_bytes = seq_shared_bytes(static_cast<int>(sizeof(T)), complex != 0);
             g.w_shared_bytes = g.fwd.state_shared_bytes;
             if (!from_host(g.fwd.state_shared_bytes, 5, "state_seq") || !from_host(g.w_shared_bytes, 5, "grad_w_seq"))
                 return 2;
@@ -331,7 +338,7 @@ static int run(const std::string& dir, bool backward, bool sequential, int64_t B
     if (sequential) {
         // src/cuda/chunk.rs `launch` with ChunkCarry::Sequential: one block
         // per (b, h, value tile, key slab), its own shared size.
-        p.state_shared_bytes = seq_shared_bytes(p.state_shared_bytes, complex != 0);
+        p.state_shared_bytes = seq_shared_bytes(static_cast<int>(sizeof(T)), complex != 0);
         if (!from_host(p.state_shared_bytes, 5, "state_seq")) return 2;
         emu_launch(seq_grid, GATELOOP_CHUNK_THREADS, with_shared(state_seq, p, p.state_shared_bytes));
     } else {
