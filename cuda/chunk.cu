@@ -185,11 +185,12 @@ __device__ __forceinline__ void chunk_state_seq(const GateloopChunkParams& p) {
     const bool has_h0 = (p.flags & GATELOOP_FLAG_HAS_H0) != 0;
     walk_chunks<false, Op, kTerms, input_t, kComplex>(
         p, smem, has_h0 ? p.h0 : nullptr, p.h0_strides, p.ws_state, p.h_final, p.h_final_strides,
-        [&](const WalkBlock<input_t, kComplex>& blk, const WalkSmem<Op, kComplex>& sm, int64_t d0) {
-            // K̃ (put_state_keys) and V (the walk stores A_c to ws_decay).
-            blk.template load_values<Op, raw_tile_terms<input_t, kTerms>(), 1>(sm.tile);  // and the next chunk's into L2
-            blk.template load_keys<1>(blk.k, p.k_strides, d0, sm.raw);
-            put_state_keys<Op, kTerms>(blk, sm.raw, sm.slab);  // own raw keys only: no barrier
+        [&](const WalkBlock<input_t, kComplex>& blk) {
+            return WalkRows<input_t>{blk.k, p.k_strides, blk.v, p.v_strides};
+        },
+        [&](const WalkBlock<input_t, kComplex>& blk, const WalkSmem<Op, kComplex>& sm) {
+            // K̃ (the walk stores A_c to ws_decay).
+            put_state_keys<Op, kTerms>(blk, sm.raw, sm.slab);
         });
 }
 

@@ -492,6 +492,15 @@ __device__ __forceinline__ void stage_tile(const TileSlot<kWidth>& slot, Fetch f
         [&](int u, decltype(fetch(0, 0, 0)) x) { put(slot.row0 + u * kStep, slot.col, x); });
 }
 
+// A thread's items of a tile, loaded and not yet put: the walks issue a
+// chunk's key and value loads before its gate prefix and put them after,
+// so that the loads' round trips overlap the prefix's (Block::fetch_keys,
+// fetch_groups; walk_chunks).
+template <typename T, int kN>
+struct Held {
+    T v[kN];
+};
+
 // kAhead (the staging functions of Block): 0, or also prefetch into L2 what
 // the same call will read for the chunk kAhead chunks away (+1 the next, −1
 // the previous: a reverse walk), one chunk before it is read (prefetch_l2).
@@ -809,14 +818,14 @@ struct Block {
 
     // Columns col0 .. col0 + kWidth − 1 of x over the chunk, each (step,
     // column, value) to put; zero past the chunk and from column `limit` on.
-    template <int kWidth, int kAhead = 0, int kBatch = kLoadsInFlight, class Put>
+    template <int kWidth, int kAhead = 0, class Put>
     __device__ __forceinline__ void load_rows(const input_t* __restrict__ x, const GateloopSeqStrides& s,
                                               int64_t col0, int64_t limit, Put put) const {
         const TileSlot<kWidth> slot(tid);
         const bool col_in = col0 + slot.col < limit;
         const int64_t step = opaque(TileSlot<kWidth>::kStep * s.time);
         const int64_t first = opaque((t0 + slot.row0) * s.time + col0 + slot.col);
-        stage_tile<kChunk, kWidth, kBatch>(
+        stage_tile<kChunk, kWidth>(
             slot,
             [&](int u, int t, int) {
                 prefetch_ahead<kWidth, kAhead>(x, first, step, u, t, col_in);
@@ -831,8 +840,36 @@ struct Block {
     template <int kAhead = 0>
     __device__ __forceinline__ void load_keys(const input_t* __restrict__ x, const GateloopSeqStrides& s, int64_t d0,
                                               float* xs) const {
-        load_rows<kChannels, kAhead, kChannelBatch>(x, s, d0, p.dims.key_dim,
-                                                    [&](int t, int j, float e) { xs[at(t, j)] = e; });
+        put_keys(fetch_keys<kAhead>(x, s, d0), xs);
+    }
+    // load_keys in two halves: fetch_keys issues the thread's loads (and the
+    // kAhead prefetches) into registers, all in one batch, put_keys stores
+    // them into xs; the real-gate walks put them after the gate prefix,
+    // whose round trip and serial joins the loads then overlap.
+    using HeldKeys = Held<float, kChannelBatch>;
+    template <int kAhead = 0>
+    __device__ __forceinline__ HeldKeys fetch_keys(const input_t* __restrict__ x, const GateloopSeqStrides& s,
+                                                   int64_t d0) const {
+        constexpr int kStep = TileSlot<kChannels>::kStep;
+        static_assert(kChannelBatch * kStep == kChunk, "every item of the slab in one batch");
+        const TileSlot<kChannels> slot(tid);
+        const bool col_in = d0 + slot.col < p.dims.key_dim;
+        const int64_t step = opaque(kStep * s.time);
+        const int64_t first = opaque((t0 + slot.row0) * s.time + d0 + slot.col);
+        HeldKeys held;
+#pragma unroll
+        for (int u = 0; u < kChannelBatch; ++u) {
+            const int t = slot.row0 + u * kStep;
+            prefetch_ahead<kChannels, kAhead>(x, first, step, u, t, col_in);
+            held.v[u] = (col_in && t < n) ? Tr::load(x, first + u * step) : 0.f;
+        }
+        return held;
+    }
+    __device__ __forceinline__ void put_keys(const HeldKeys& held, float* xs) const {
+        constexpr int kStep = TileSlot<kChannels>::kStep;
+        const TileSlot<kChannels> slot(tid);
+#pragma unroll
+        for (int u = 0; u < kChannelBatch; ++u) xs[at(slot.row0 + u * kStep, slot.col)] = held.v[u];
     }
 
     // Value columns col0 .. col0 + kVTile − 1 of x (v or dy) over the chunk
@@ -886,11 +923,36 @@ struct Block {
     template <int kWidth, int kAhead, class Put>
     __device__ __forceinline__ void load_groups(const input_t* __restrict__ x, const GateloopSeqStrides& s,
                                                 int64_t col0, int64_t limit, Put put) const {
-        static_assert(sizeof(input_t) == 2 && kWidth % 8 == 0, "groups of eight 16-bit elements");
-        constexpr int kGroups = kWidth / 8;        // 16-byte groups of a row
-        constexpr int kPass = kThreads / kGroups;  // rows a pass of the block
-        constexpr int kItems = kChunk / kPass;     // rows a thread
+        put_groups<kWidth>(fetch_groups<kWidth, kAhead>(x, s, col0, limit), put);
+    }
+    // A thread's groups (GroupSlot): 16 bytes each, kItems rows apart by kPass.
+    template <int kWidth>
+    struct GroupSlot {
+        static_assert(kWidth % 8 == 0, "groups of eight 16-bit elements");
+        static constexpr int kGroups = kWidth / 8;        // 16-byte groups of a row
+        static constexpr int kPass = kThreads / kGroups;  // rows a pass of the block
+        static constexpr int kItems = kChunk / kPass;     // rows a thread
         static_assert(kItems * kPass == kChunk, "whole passes of the block per chunk");
+    };
+    template <int kWidth>
+    using HeldGroups = Held<uint4, GroupSlot<kWidth>::kItems>;
+    // load_groups in two halves (fetch_keys says why): the loads (and
+    // prefetches), then put(step, column, group) for each.
+    template <int kWidth, class Put>
+    __device__ __forceinline__ void put_groups(const HeldGroups<kWidth>& held, Put put) const {
+        using G = GroupSlot<kWidth>;
+        const int g = tid % G::kGroups;
+        const int r0 = tid / G::kGroups;
+#pragma unroll
+        for (int u = 0; u < G::kItems; ++u) put(r0 + G::kPass * u, 8 * g, held.v[u]);
+    }
+    template <int kWidth, int kAhead>
+    __device__ __forceinline__ HeldGroups<kWidth> fetch_groups(const input_t* __restrict__ x,
+                                                               const GateloopSeqStrides& s, int64_t col0,
+                                                               int64_t limit) const {
+        static_assert(sizeof(input_t) == 2, "groups of eight 16-bit elements");
+        using G = GroupSlot<kWidth>;
+        constexpr int kGroups = G::kGroups, kPass = G::kPass, kItems = G::kItems;
         const int g = tid % kGroups;
         const int r0 = tid / kGroups;
         const bool col_in = col0 + 8 * g < limit;
@@ -903,11 +965,12 @@ struct Block {
                 prefetch_l2_if(first + (live ? u + kAhead * kItems : 0) * step, live);
             }
         }
-        staged_items<kItems, kItems>(
-            [&](int u) {
-                return (col_in && r0 + kPass * u < n) ? __ldg(first + u * step) : make_uint4(0u, 0u, 0u, 0u);
-            },
-            [&](int u, uint4 w) { put(r0 + kPass * u, 8 * g, w); });
+        HeldGroups<kWidth> held;
+#pragma unroll
+        for (int u = 0; u < kItems; ++u) {
+            held.v[u] = (col_in && r0 + kPass * u < n) ? __ldg(first + u * step) : make_uint4(0u, 0u, 0u, 0u);
+        }
+        return held;
     }
 
     // Workspace row `row` (of parts·K) of this chunk's state, at column 0.
@@ -1259,13 +1322,68 @@ using WalkBlock = Block<input_t, kComplex, walk_slab<kComplex>()>;
 template <class Op, bool kComplex>
 using WalkSmem = StateSmem<Op, kComplex, walk_slab<kComplex>(), true>;
 
+// The two raw inputs a walk stages each chunk: a slab of `keys` (k, or
+// the backward's q) into the raw table and a value tile of `tile` (v, or
+// dY) into the Gram product's Y, each a (b, h) row pointer (seq_row) with
+// its strides.
+template <typename input_t>
+struct WalkRows {
+    const input_t* keys;
+    GateloopSeqStrides key_strides;
+    const input_t* tile;
+    GateloopSeqStrides tile_strides;
+};
+
+// What a walk's chunk loads before its gate prefix (walk_fetch) and puts
+// after it (walk_put): the key slab, and the value tile where it is staged
+// 16 bytes a load (`vector`; else walk_put stages it elementwise). The
+// loads' round trips then overlap the prefix's (its gates' round trip, its
+// serial joins and barriers) where they came after them.
+template <typename input_t, bool kComplex>
+struct WalkLoads {
+    typename WalkBlock<input_t, kComplex>::HeldKeys keys;
+    typename WalkBlock<input_t, kComplex>::template HeldGroups<kVTile> tile;
+    bool vector;
+};
+template <int kAhead, class Op, int kTerms, typename input_t, bool kComplex>
+__device__ __forceinline__ WalkLoads<input_t, kComplex> walk_fetch(const WalkBlock<input_t, kComplex>& blk,
+                                                                   const WalkRows<input_t>& rows, int64_t d0) {
+    WalkLoads<input_t, kComplex> e;
+    e.keys = blk.template fetch_keys<kAhead>(rows.keys, rows.key_strides, d0);
+    e.vector = false;
+    if constexpr (stored_as_loaded<input_t, Op, raw_tile_terms<input_t, kTerms>()>()) {
+        const int64_t limit = blk.p.dims.value_dim;
+        e.vector = blk.vector_rows(rows.tile, rows.tile_strides, blk.v0, limit);
+        if (e.vector) e.tile = blk.template fetch_groups<kVTile, kAhead>(rows.tile, rows.tile_strides, blk.v0, limit);
+    }
+    return e;
+}
+// Block::load_tile's bits, from the loads walk_fetch issued where it took
+// the vector path.
+template <int kAhead, class Op, int kTerms, typename input_t, bool kComplex>
+__device__ __forceinline__ void walk_put(const WalkBlock<input_t, kComplex>& blk, const WalkRows<input_t>& rows,
+                                         const WalkLoads<input_t, kComplex>& e, const WalkSmem<Op, kComplex>& sm) {
+    constexpr int kTileTerms = raw_tile_terms<input_t, kTerms>();
+    blk.put_keys(e.keys, sm.raw);
+    if constexpr (stored_as_loaded<input_t, Op, kTileTerms>()) {
+        if (e.vector) {
+            blk.template put_groups<kVTile>(e.tile, [&](int t, int c, uint4 w) { sm.tile.put_group(t, c, w); });
+            return;
+        }
+    }
+    blk.template load_rows<kVTile, kAhead>(rows.tile, rows.tile_strides, blk.v0, blk.p.dims.value_dim,
+                                           [&](int m, int c, float x) { sm.tile.template put<kTileTerms>(m, c, x); });
+}
+
 // One block per (b, h, value tile, key slab of walk_slab channels: 16
 // complex, 32 real) (slab fastest) walks the chunks — forward (c = 0 …
 // nc − 1) or, kBackward, in reverse — with its slab of a carried state S
-// (walk_slab key rows × 64 value columns) in shared memory: per chunk
-// `stage(blk, sm, d0)` (a WalkBlock, a WalkSmem) stages the Gram operands (sm.slab
-// as X, sm.tile as Y, after build_prefix; it may end without a barrier),
-// X_c = Xᵀ Y is formed as store_slab_gram forms it, slot c of `slots`
+// (walk_slab key rows × 64 value columns) in shared memory: per chunk it
+// issues the loads of the key slab and value tile of `rows(blk)` (a
+// WalkRows; walk_fetch), builds the gate prefix, puts them (walk_put: the
+// raw slab in sm.raw, the tile in sm.tile as Y), then `put_slab(blk, sm)`
+// forms the Gram operand X in sm.slab from sm.raw (its own raw items: no
+// barrier), X_c = Xᵀ Y is formed as store_slab_gram forms it, slot c of `slots`
 // (a [B·H, nc, parts·K, V] workspace) := S, then S ← a_c ⊙ S + X_c with
 // a_c = A_c = E(last, −1) (conj(A_c) when kBackward; the forward walk also
 // stores A_c to ws_decay, as the state kernel does): carry_chunks' step, so
@@ -1275,16 +1393,18 @@ using WalkSmem = StateSmem<Op, kComplex, walk_slab<kComplex>(), true>;
 // written), both [B, H, K, V] with their strides. The forward's
 // chunk_state_seq (cuda/chunk.cu) and the backward's grad_w_seq
 // (cuda/chunk_grad.cu).
-template <bool kBackward, class Op, int kTerms, typename input_t, bool kComplex, class Stage>
+template <bool kBackward, class Op, int kTerms, typename input_t, bool kComplex, class Rows, class PutSlab>
 __device__ __forceinline__ void walk_chunks(const GateloopChunkParams& p, unsigned char* smem, const float* init,
                                             const GateloopStateStrides& init_strides, float* slots, float* fin,
-                                            const GateloopStateStrides& fin_strides, Stage stage) {
+                                            const GateloopStateStrides& fin_strides, Rows rows_of, PutSlab put_slab) {
+    constexpr int kAhead = kBackward ? -1 : 1;  // the chunk visited next, prefetched into L2
     constexpr int kCh = walk_slab<kComplex>();
     constexpr int kWidth = slab_width<kComplex, kCh>();
     int64_t idx = blockIdx.x;
     const int64_t d0 = split_index(idx, (p.dims.key_dim + kCh - 1) / kCh) * kCh;
     WalkBlock<input_t, kComplex> blk(p, smem, p.value_tiles, 1, idx);
     const WalkSmem<Op, kComplex> sm(smem, blk.warp);
+    const WalkRows<input_t> rows = rows_of(blk);
     // [kWidth][kVTile]: X_c (every warp's tile; the raw slab's bytes, WalkSmem)
     float* xbuf = sm.staging - blk.warp * 256;
     static_assert(kWidth * kVTile * 4 == kStagingBytes, "X_c fills the staging tiles");
@@ -1312,10 +1432,26 @@ __device__ __forceinline__ void walk_chunks(const GateloopChunkParams& p, unsign
 #pragma unroll 1
     for (int64_t i = 0; i < p.num_chunks; ++i) {
         blk.at_chunk(kBackward ? p.num_chunks - 1 - i : i);
-        // Ends with a barrier (the previous chunk's update is complete);
-        // prefetches the gates of the chunk the walk visits next.
-        blk.template build_prefix<kBackward ? -1 : 1>(d0);
-        stage(blk, sm, d0);
+        // Real gates: the loads in flight across the prefix, put after it
+        // (the tile's and the raw slab's last readers, the previous chunk's
+        // product and update, are done at its barriers). Complex gates
+        // stage them after it, tile then keys: across it, ptxas gave the
+        // uncapped complex walks 147 to 168 registers where they had 96
+        // (sm_90 bf16 Exact: one resident block where two were), and
+        // issued together after it, 80 to 110 and a 4-byte spill.
+        if constexpr (!kComplex) {
+            const WalkLoads<input_t, kComplex> loads = walk_fetch<kAhead, Op, kTerms>(blk, rows, d0);
+            // Ends with a barrier (the previous chunk's update is complete);
+            // prefetches the gates of the chunk the walk visits next.
+            blk.template build_prefix<kAhead>(d0);
+            walk_put<kAhead, Op, kTerms>(blk, rows, loads, sm);
+        } else {
+            blk.template build_prefix<kAhead>(d0);
+            blk.template load_tile<Op, raw_tile_terms<input_t, kTerms>(), kAhead>(rows.tile, rows.tile_strides,
+                                                                               sm.tile);
+            blk.template load_keys<kAhead>(rows.keys, rows.key_strides, d0, sm.raw);
+        }
+        put_slab(blk, sm);
         if (blk.tid < kCh) {
             const int j = blk.tid;
             const float2 a = chunk_decay(blk, j, blk.n - 1);

@@ -280,13 +280,14 @@ __device__ __forceinline__ void grad_w_seq(const GateloopChunkGradParams& g) {
     const bool has_dh0 = (g.grad_flags & GATELOOP_GRAD_FLAG_HAS_DH0) != 0;
     walk_chunks<true, Op, kGradTerms, input_t, kComplex>(
         p, smem, has_dh_final ? g.dh_final : nullptr, g.dh_final_strides, g.ws_adj, has_dh0 ? g.dh0 : nullptr,
-        g.dh0_strides, [&](const WalkBlock<input_t, kComplex>& blk, const WalkSmem<Op, kComplex>& sm, int64_t d0) {
-            // [Re Q̃ | −Im Q̃] (put_inter_queries) and dY, as grad_w stages them
-            // (and those of the chunk before, which the reverse walk visits next, into L2).
-            blk.template load_tile<Op, raw_tile_terms<input_t, kGradTerms>(), -1>(
-                seq_row<input_t>(g.dy, g.dy_strides, blk.b, blk.h), g.dy_strides, sm.tile);
-            blk.template load_keys<-1>(blk.q, p.q_strides, d0, sm.raw);
-            put_inter_queries<Op, kGradTerms>(blk, sm.raw, sm.slab);  // own raw queries only: no barrier
+        g.dh0_strides,
+        [&](const WalkBlock<input_t, kComplex>& blk) {
+            return WalkRows<input_t>{blk.q, p.q_strides, seq_row<input_t>(g.dy, g.dy_strides, blk.b, blk.h),
+                                     g.dy_strides};
+        },
+        [&](const WalkBlock<input_t, kComplex>& blk, const WalkSmem<Op, kComplex>& sm) {
+            // [Re Q̃ | −Im Q̃] and dY, as grad_w stages them.
+            put_inter_queries<Op, kGradTerms>(blk, sm.raw, sm.slab);
         });
 }
 
