@@ -361,8 +361,13 @@ impl From<ChunkPrecision> for ChunkConfig {
 /// `GATELOOP_CHUNK_PREFIX_LD`, the rest of a row padding against shared-memory
 /// bank conflicts (`prefix_bytes` in cuda/chunk_common.cuh, Block's kLd).
 pub(crate) fn prefix_bytes(gates: Gates, padded: bool) -> usize {
-    let tables = if gates == Gates::Complex { 5 } else { 3 };
-    tables * slab_table_bytes(padded)
+    prefix_tables(gates) * slab_table_bytes(padded)
+}
+
+/// How many `[CHUNK_LEN][row]` tables the gate prefix takes: Re G's pair,
+/// the reset index, and cos θ, sin θ with complex gates.
+fn prefix_tables(gates: Gates) -> usize {
+    if gates == Gates::Complex { 5 } else { 3 }
 }
 
 /// Bytes of one `[CHUNK_LEN][KEY_SLAB]` f32 table of a chunked kernel (a
@@ -370,8 +375,25 @@ pub(crate) fn prefix_bytes(gates: Gates, padded: bool) -> usize {
 /// `padded` of `GATELOOP_CHUNK_PREFIX_LD` (Block's kLd in
 /// cuda/chunk_common.cuh).
 pub(crate) fn slab_table_bytes(padded: bool) -> usize {
-    let row = if padded { abi::GATELOOP_CHUNK_PREFIX_LD as usize } else { KEY_SLAB };
+    table_bytes(if padded { abi::GATELOOP_CHUNK_PREFIX_LD as usize } else { KEY_SLAB })
+}
+
+/// Bytes of one f32 table of `CHUNK_LEN` rows of `row` entries.
+fn table_bytes(row: usize) -> usize {
     CHUNK_LEN * row * 4
+}
+
+/// Row padding, in elements, of a split operand tile in shared memory
+/// (`Op::kPad`): 4 for TF32 (f32 inputs), 8 for 16-bit operands.
+pub(crate) fn operand_pad(dtype: Dtype) -> usize {
+    if dtype.size_bytes() == 4 { 4 } else { 8 }
+}
+
+/// Bytes of a split (hi + lo) operand of `rows` rows of `ld` elements
+/// (`split_bytes` in cuda/chunk_common.cuh; the operand type is as wide as
+/// the input's).
+pub(crate) fn split_bytes(dtype: Dtype, rows: usize, ld: usize) -> usize {
+    2 * rows * ld * dtype.size_bytes()
 }
 
 /// Bytes of dynamic shared memory of the (state, output) kernels for operand
@@ -393,12 +415,10 @@ pub fn wide_output_shared_bytes(dtype: Dtype, gates: Gates) -> u32 {
 /// [`shared_bytes`] for an output block of `cols` value columns (its state
 /// slab's width; the state kernel's layout does not depend on it).
 fn shared_bytes_cols(dtype: Dtype, gates: Gates, cols: usize) -> (u32, u32) {
-    let s = dtype.size_bytes();
-    let pad = if s == 4 { 4 } else { 8 };
+    let pad = operand_pad(dtype);
     let width = KEY_SLAB * gates.parts();
     let (ld_slab, ld_tile) = (width + pad, VALUE_TILE + pad);
-    let split = |rows: usize, ld: usize| 2 * rows * ld * s;
-    let staging = STAGING_BYTES;
+    let split = |rows: usize, ld: usize| split_bytes(dtype, rows, ld);
     let subs = CHUNK_LEN / SUB_CHUNK_LEN;
     let pairs = subs * (subs - 1) / 2;
     let state = state_layout_bytes(dtype, gates, KEY_SLAB, false);
@@ -411,7 +431,7 @@ fn shared_bytes_cols(dtype: Dtype, gates: Gates, cols: usize) -> (u32, u32) {
         + 2 * slab_table_bytes(true)
         + slab_phase.max(final_phase)
         + subs * SUB_CHUNK_LEN * SUB_CHUNK_LEN * 4
-        + staging;
+        + STAGING_BYTES;
     (state as u32, output as u32)
 }
 
@@ -470,15 +490,12 @@ const STAGING_BYTES: usize = (THREADS as usize / 32) * 16 * 16 * 4;
 /// `raw_in_staging`, the walks'), the value tile and the slab operand as
 /// split operands, the staging tiles.
 fn state_layout_bytes(dtype: Dtype, gates: Gates, channels: usize, raw_in_staging: bool) -> usize {
-    let s = dtype.size_bytes();
-    let pad = if s == 4 { 4 } else { 8 };
-    let split = |rows: usize, ld: usize| 2 * rows * ld * s;
-    let tables = if gates == Gates::Complex { 5 } else { 3 };
-    let raw = if raw_in_staging { 0 } else { CHUNK_LEN * channels * 4 };
-    tables * CHUNK_LEN * channels * 4
+    let pad = operand_pad(dtype);
+    let raw = if raw_in_staging { 0 } else { table_bytes(channels) };
+    prefix_tables(gates) * table_bytes(channels)
         + raw
-        + split(CHUNK_LEN, VALUE_TILE + pad)
-        + split(CHUNK_LEN, channels * gates.parts() + pad)
+        + split_bytes(dtype, CHUNK_LEN, VALUE_TILE + pad)
+        + split_bytes(dtype, CHUNK_LEN, channels * gates.parts() + pad)
         + STAGING_BYTES
 }
 

@@ -129,9 +129,8 @@ unsafe impl DeviceRepr for GateloopChunkGradParams {}
 /// slabs of K̃ alone; grad_qk's f32 products keep their [Re | Im] layout.
 pub fn shared_bytes(dtype: Dtype, gates: Gates) -> (u32, u32, u32) {
     let (c, s, t) = (chunk::CHUNK_LEN, KEY_SLAB, VALUE_TILE);
-    let size = dtype.size_bytes();
-    let pad = if size == 4 { 4 } else { 8 };
-    let split = |rows: usize, ld: usize| 2 * rows * ld * size;
+    let pad = chunk::operand_pad(dtype);
+    let split = |rows: usize, ld: usize| chunk::split_bytes(dtype, rows, ld);
     // The slab's operand width (Re and Im, or Re), and the f32 products' (always both).
     let (sub, width, out_width) = (chunk::SUB_CHUNK_LEN, gates.parts() * s, 2 * s);
     let (pairs, key_subs) = (c / sub * (c / sub - 1) / 2, c / sub - 1);

@@ -144,22 +144,27 @@ static bool g_want_fragments = false;
 // channels, the raw slab in the staging tiles, then the slab's carried
 // state and decays.
 static int walk_slab(bool complex) { return complex ? GATELOOP_CHUNK_KEY_SLAB : GATELOOP_CHUNK_WALK_SLAB_REAL; }
-static int32_t seq_shared_bytes(int s, bool complex) {
-    const int pad = s == 4 ? 4 : 8, C = GATELOOP_CHUNK_LEN, ch = walk_slab(complex), width = ch * (complex ? 2 : 1);
+// chunk.rs `state_layout_bytes`: the state kernel's layout for slabs of `ch`
+// channels, the raw slab in the staging tiles' bytes with raw_in_staging.
+static int32_t state_layout_bytes(int s, bool complex, int ch, bool raw_in_staging) {
+    const int pad = s == 4 ? 4 : 8, C = GATELOOP_CHUNK_LEN;
     auto split = [&](int rows, int ld) { return 2 * rows * ld * s; };
     const int staging = (GATELOOP_CHUNK_THREADS / 32) * 16 * 16 * 4;
-    const int layout = (complex ? 5 : 3) * C * ch * 4 + split(C, GATELOOP_CHUNK_VALUE_TILE + pad) + split(C, width + pad) + staging;
-    return layout + width * GATELOOP_CHUNK_VALUE_TILE * 4 + ch * 8;
+    return (complex ? 5 : 3) * C * ch * 4 + (raw_in_staging ? 0 : C * ch * 4) +
+           split(C, GATELOOP_CHUNK_VALUE_TILE + pad) + split(C, ch * (complex ? 2 : 1) + pad) + staging;
+}
+static int32_t seq_shared_bytes(int s, bool complex) {
+    const int ch = walk_slab(complex);
+    return state_layout_bytes(s, complex, ch, true) + ch * (complex ? 2 : 1) * GATELOOP_CHUNK_VALUE_TILE * 4 + ch * 8;
 }
 static void fwd_shared_bytes(int s, bool complex, int32_t& state, int32_t& output) {
     const int pad = s == 4 ? 4 : 8, C = GATELOOP_CHUNK_LEN, slab = GATELOOP_CHUNK_KEY_SLAB, sub = GATELOOP_CHUNK_SUB_LEN;
     const int width = slab * (complex ? 2 : 1), ld_slab = width + pad, ld_tile = GATELOOP_CHUNK_VALUE_TILE + pad;
     auto split = [&](int rows, int ld) { return 2 * rows * ld * s; };
-    const int prefix = (complex ? 5 : 3) * C * slab * 4, raw = C * slab * 4;
     const int padded = (complex ? 5 : 3) * C * GATELOOP_CHUNK_PREFIX_LD * 4, padded_raw = C * GATELOOP_CHUNK_PREFIX_LD * 4;
     const int staging = (GATELOOP_CHUNK_THREADS / 32) * 16 * 16 * 4;
     const int subs = C / sub, pairs = subs * (subs - 1) / 2;
-    state = prefix + raw + split(C, ld_tile) + split(C, ld_slab) + staging;
+    state = state_layout_bytes(s, complex, slab, false);
     const int slab_phase = split(C, ld_slab) + split(width, ld_tile) + split(pairs * sub, ld_slab) + split((subs - 1) * sub, ld_slab);
     const int final_phase = 2 * split(C, ld_tile);
     output = padded + 2 * padded_raw + (slab_phase > final_phase ? slab_phase : final_phase) + subs * sub * sub * 4 + staging;
