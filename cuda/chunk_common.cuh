@@ -1608,10 +1608,11 @@ __device__ __forceinline__ void put_cross_rows(const Block<input_t, kComplex, kL
 // barriers (qraw, kraw, the tables staged; pdiag's diagonal-half elements
 // and the scratch not read by others), and add_diagonal_cross after the
 // next barrier.
+// add_half_pairs: the pairs alone (the backward's grad_qk puts the cross
+// rows itself, for its own products, and then adds these).
 template <typename input_t, bool kComplex, int kLd>
-__device__ __forceinline__ void add_diagonal_pairs(const Block<input_t, kComplex, kLd>& blk, const float* qraw,
-                                                   const float* kraw, int64_t d0, float* pdiag, float* scratch) {
-    put_cross_rows(blk, qraw, kraw, scratch);
+__device__ __forceinline__ void add_half_pairs(const Block<input_t, kComplex, kLd>& blk, const float* qraw,
+                                               const float* kraw, int64_t d0, float* pdiag) {
     for (int i = blk.tid; i < kPieces * kPiecePairs; i += kThreads) {
         const int pc = i / kPiecePairs;
         const int2 rc = piece_pair(i - pc * kPiecePairs);
@@ -1651,6 +1652,12 @@ __device__ __forceinline__ void add_diagonal_pairs(const Block<input_t, kComplex
         pdiag[(sb * kSub + r16) * kSub + c16] += acc;
     }
 }
+template <typename input_t, bool kComplex, int kLd>
+__device__ __forceinline__ void add_diagonal_pairs(const Block<input_t, kComplex, kLd>& blk, const float* qraw,
+                                                   const float* kraw, int64_t d0, float* pdiag, float* scratch) {
+    put_cross_rows(blk, qraw, kraw, scratch);
+    add_half_pairs(blk, qraw, kraw, d0, pdiag);
+}
 
 // The diagonal blocks' second part: thread tid's element (query step
 // 16·sb + 8 + r, key step 16·sb + c), sb = tid / 64, r = tid / 8 % 8,
@@ -1659,7 +1666,7 @@ __device__ __forceinline__ void add_diagonal_pairs(const Block<input_t, kComplex
 // staged them), in column order. Call after the barrier that follows
 // add_diagonal_pairs, and before the barrier that ends the slab (the next
 // slab's add_diagonal_pairs overwrites the scratch).
-template <bool kComplex>
+template <bool kComplex, bool kRolled = false>
 __device__ __forceinline__ void add_diagonal_cross(int tid, const float* scratch, float* pdiag) {
     const int sb = tid / (kPiece * kPiece);
     const int r = tid / kPiece % kPiece;
@@ -1667,14 +1674,23 @@ __device__ __forceinline__ void add_diagonal_cross(int tid, const float* scratch
     const int qi = sb * kPiece + r, ki = sb * kPiece + c;
     const float* krows = scratch + kCrossRows * cross_ld<kComplex>();
     float acc = 0.f;
-#pragma unroll
-    for (int g = 0; g < slab_width<kComplex>() / 4; ++g) {
+    const auto group = [&](int g) {
         const float4 x = *reinterpret_cast<const float4*>(scratch + cross_at<kComplex>(qi, g));
         const float4 y = *reinterpret_cast<const float4*>(krows + cross_at<kComplex>(ki, g));
         acc = fmaf(x.x, y.x, acc);
         acc = fmaf(x.y, y.y, acc);
         acc = fmaf(x.z, y.z, acc);
         acc = fmaf(x.w, y.w, acc);
+    };
+    // kRolled: one group a pass, the same operations in the same order
+    // (the backward's complex grad_qk, at its 128 registers, spilled with
+    // the groups' loads all in flight, and with two a pass).
+    if constexpr (kRolled) {
+#pragma unroll 1
+        for (int g = 0; g < slab_width<kComplex>() / 4; ++g) group(g);
+    } else {
+#pragma unroll
+        for (int g = 0; g < slab_width<kComplex>() / 4; ++g) group(g);
     }
     pdiag[(sb * kSub + kPiece + r) * kSub + c] += acc;
 }
@@ -1710,9 +1726,32 @@ __device__ __forceinline__ void put_anchored_rows(const Block<input_t, kComplex,
     });
 }
 
+// Off-diagonal score block `pair` (query sub-chunk i, key sub-chunk j) +=
+// q̃ (pair rows of qa) · k̃ᵀ (sub-chunk j's rows of ka) over one slab
+// (put_anchored_rows' operands): the forward's P (intra_pass), and the
+// backward's grad_qk, which forms the same P for grad_dv.
+template <class Op, int kTerms, bool kComplex, bool kRolled = false>
+__device__ __forceinline__ void add_score_block(Acc<Op>& sacc, const Split<Op>& qa, const Split<Op>& ka, int pair) {
+    const int sj = pair_key(pair);
+    const auto step = [&](int kk) {
+        mma_step<Op, kTerms, wmma::row_major, wmma::col_major>(sacc, qa.hi_at(kSub * pair, kk), qa.lo_at(kSub * pair, kk),
+                                                               qa.ld, ka.hi_at(kSub * sj, kk), ka.lo_at(kSub * sj, kk),
+                                                               ka.ld);
+    };
+    // kRolled: one inner step at a time (the backward's complex grad_qk, at
+    // its 128 registers); the same operations in the same order.
+    if constexpr (kRolled) {
+#pragma unroll 1
+        for (int kk = 0; kk < slab_width<kComplex>(); kk += Op::kK) step(kk);
+    } else {
+        for (int kk = 0; kk < slab_width<kComplex>(); kk += Op::kK) step(kk);
+    }
+}
+
 // One block (b, h, chunk, value tile of kCols columns) of the pass that
-// forms the chunk's causal scores P (summed over every key slab) and,
-// kAdjoint = false, the forward's output (launch 3 of cuda/chunk.cu)
+// forms (kAdjoint: reads, below) the chunk's causal scores P (summed over
+// every key slab) and, kAdjoint = false, the forward's output (launch 3 of
+// cuda/chunk.cu)
 //   y  = Re(Q̃ S_c) + P V,        Q̃_n = q_n E(n, −1),  S_c from `state` = ws_state;
 // kAdjoint = true, the backward's value gradient (launch 3b of cuda/chunk_grad.cu)
 //   dv = Re(K̃ D(c)) + Pᵀ dY,     K̃_m = k_m E(last, m), D(c) from `state` = ws_adj.
@@ -1731,12 +1770,19 @@ __device__ __forceinline__ void put_anchored_rows(const Block<input_t, kComplex,
 // rows, diagonal pairs: most of the pass's work) are formed once for 128
 // columns, where two kVTile blocks each formed them. Every element's
 // operations and their order are the same for either kCols: bit for bit.
+// kAdjoint: P is not formed but read from `scores`, the chunk's
+// [kChunk][kChunk] f32 (on and below the diagonal) as the backward's
+// grad_qk wrote them (grad_qk_scores: the same operands and operations as
+// here, so the same bits); a slab then takes only K̃ and its product with D
+// (no q, no anchored or cross rows, no pairs, no score products).
 // Shared memory: output_smem_bytes<Op, kComplex, kCols>.
 template <class Op, int kTerms, bool kAdjoint, int kCols = kVTile, typename input_t, bool kComplex, int kLd>
 __device__ __forceinline__ void intra_pass(Block<input_t, kComplex, kLd>& blk, unsigned char* smem, const float* state,
                                            const input_t* __restrict__ tile, const GateloopSeqStrides& tile_strides,
-                                           input_t* __restrict__ out, const GateloopSeqStrides& out_strides) {
+                                           input_t* __restrict__ out, const GateloopSeqStrides& out_strides,
+                                           const float* __restrict__ scores = nullptr) {
     static_assert(kCols == kVTile || kCols == kWideCols, "one or two halves");
+    constexpr bool saved = kAdjoint;  // P from `scores`
     constexpr int kHalves = kCols / kVTile;
     constexpr int kOut = 2 * kHalves;  // accumulators a warp
     using Tr = InputTraits<input_t>;
@@ -1774,7 +1820,6 @@ __device__ __forceinline__ void intra_pass(Block<input_t, kComplex, kLd>& blk, u
     const int yr = blk.warp >> 1;
     const int yc = (blk.warp & 1) * 2;
     const int pair = blk.warp;  // < kPairs: owns that score block
-    const int sj = pair < kPairs ? pair_key(pair) : 0;
     // Accumulator a's column block: half a / 2, column block yc + a % 2.
     const auto ycol = [&](int a) { return (kVTile / 16) * (a >> 1) + yc + (a & 1); };
 
@@ -1783,28 +1828,31 @@ __device__ __forceinline__ void intra_pass(Block<input_t, kComplex, kLd>& blk, u
     for (int a = 0; a < kOut; ++a) wmma::fill_fragment(yacc[a], 0.f);
     Acc<Op> sacc;
     wmma::fill_fragment(sacc, 0.f);
-    for (int i = tid; i < kSubs * kSub * kSub; i += kThreads) pdiag[i] = 0.f;
+    for (int i = tid; i < kSubs * kSub * kSub && !saved; i += kThreads) pdiag[i] = 0.f;
 
     for (int64_t d0 = 0; d0 < key_dim; d0 += kSlab) {
         if (d0 == 0 || !blk.per_head) blk.build_prefix(d0);
-        blk.load_keys(blk.q, p.q_strides, d0, qraw);
+        if (!saved) blk.load_keys(blk.q, p.q_strides, d0, qraw);
         blk.load_keys(blk.k, p.k_strides, d0, kraw);
         // The state entering the chunk (S_c; D(c) when kAdjoint), rows [Re | Im]
         // of the slab's channels.
         stage_state_rows<kComplex ? 2 : 1, kCols>(
             blk, d0, blk.v0, [&](int64_t at_, bool live) { return live ? state[at_] : 0.f; },
             [&](int r, int c, float x) { st.template put<kTerms>(r, c, x); });
-        __syncthreads();
+        // (Saved scores: K̃ alone, from the thread's own raw keys: no barrier.)
+        if (!saved) __syncthreads();
         // Inter-chunk rows: [Re Q̃ | −Im Q̃] (y), [Re K̃ | Im K̃] (dv).
         if constexpr (kAdjoint) {
             put_state_keys<Op, kTerms>(blk, kraw, qe);
         } else {
             put_inter_queries<Op, kTerms>(blk, qraw, qe);
         }
-        put_anchored_rows<Op, kTerms>(blk, qraw, kraw, qa, ka);
-        add_diagonal_pairs(blk, qraw, kraw, d0, pdiag, cross);
+        if (!saved) {
+            put_anchored_rows<Op, kTerms>(blk, qraw, kraw, qa, ka);
+            add_diagonal_pairs(blk, qraw, kraw, d0, pdiag, cross);
+        }
         __syncthreads();
-        add_diagonal_cross<kComplex>(tid, cross, pdiag);
+        if (!saved) add_diagonal_cross<kComplex>(tid, cross, pdiag);
         // out += X S (inner: this slab's kWidth), rows 16·yr, the warp's column blocks.
         // Not unrolled (1 to 4 steps): unrolled, the wide launch's four
         // accumulators took the complex dv kernel past 128 registers (16
@@ -1821,19 +1869,13 @@ __device__ __forceinline__ void intra_pass(Block<input_t, kComplex, kLd>& blk, u
             }
         }
         // score block (si, sj) += q̃ (pair rows) · k̃ᵀ (key sub-chunk sj).
-        if (pair < kPairs) {
-            for (int kk = 0; kk < kWidth; kk += Op::kK) {
-                mma_step<Op, kTerms, wmma::row_major, wmma::col_major>(
-                    sacc, qa.hi_at(kSub * pair, kk), qa.lo_at(kSub * pair, kk), qa.ld, ka.hi_at(kSub * sj, kk),
-                    ka.lo_at(kSub * sj, kk), ka.ld);
-            }
-        }
+        if (pair < kPairs && !saved) add_score_block<Op, kTerms, kComplex>(sacc, qa, ka, pair);
         __syncthreads();
     }
 
     // P (64 × 64, causal) into its split operand: the score blocks pass
     // through the warps' staging tiles, the diagonal from pdiag, zeros above.
-    if (pair < kPairs) wmma::store_matrix_sync(staging, sacc, 16, wmma::mem_row_major);
+    if (pair < kPairs && !saved) wmma::store_matrix_sync(staging, sacc, 16, wmma::mem_row_major);
     __syncthreads();
     float* staging0 = cross;
     // Items u of row block bi = u / (kSub / kStep) (a thread's rows stay
@@ -1844,7 +1886,9 @@ __device__ __forceinline__ void intra_pass(Block<input_t, kComplex, kLd>& blk, u
         const int bi = u / (kSub / kStep), bj = m / kSub;
         const int rr = nn - bi * kSub, cc = m - bj * kSub;
         float x = 0.f;
-        if (bj == bi) {
+        if (saved) {
+            x = bj < bi || (bj == bi && cc <= rr) ? scores[nn * kChunk + m] : 0.f;
+        } else if (bj == bi) {
             x = cc <= rr ? pdiag[(bi * kSub + rr) * kSub + cc] : 0.f;
         } else if (bj < bi) {
             x = staging0[pair_of(bi, bj) * 256 + rr * 16 + cc];

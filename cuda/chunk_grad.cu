@@ -31,12 +31,13 @@
 //       pre-phase accumulators of the CPU mirror, dq, dk and the gate
 //       gradient (per-head gates: the slabs' w', u and
 //       through terms summed in shared memory in slab order, then one scan:
-//       deterministic, no atomics).
+//       deterministic, no atomics); and on the same operands per slab the
+//       forward's scores P (causal, summed over every key slab, exactly as
+//       the forward's output kernel forms them), into ws_scores.
 //   3b. grad_dv, one block per (b, h, chunk, value tile of 64):
-//       dv = Pᵀ dY + [Re K̃ | Im K̃] [Re D; Im D], the scores P (causal,
-//       summed over every key slab) recomputed exactly as the forward's
-//       output kernel forms them: it IS that kernel's pass (intra_pass in
-//       chunk_common.cuh) with kAdjoint, K̃ for Q̃, D for S, Pᵀ dY for P V.
+//       dv = Pᵀ dY + [Re K̃ | Im K̃] [Re D; Im D], P read from ws_scores:
+//       the forward output kernel's pass (intra_pass in chunk_common.cuh)
+//       with kAdjoint, K̃ for Q̃, D for S, Pᵀ dY for P V, less the scores.
 // Tensor cores: 1b and 3b multiply on tensor cores like the forward (f32
 // inputs TF32 m16n16k8, f16 and bf16 inputs bf16 m16n16k16; OpOf picks the
 // operand type and says why bf16 for f16), always with three split products (kGradTerms: hi·hi +
@@ -137,10 +138,13 @@ __host__ __device__ constexpr int qk_union_bytes() {
                 cmax(qk_inter_bytes<Op, kComplex>(),
                      cmax(qk_offdiag_bytes<Op, kComplex>(), kOffdiagOutBytes + cross_scratch_bytes<kComplex>())));
 }
+// grad_qk's blocks of the scores P for grad_dv (grad_qk_scores): the six
+// off-diagonal and four diagonal 16 × 16 f32 blocks.
+constexpr int kQkScoresBytes = 4 * (kPairs + kSubs) * kSub * kSub;
 template <class Op, bool kComplex>
 __host__ __device__ constexpr int qk_smem_bytes() {
     return prefix_bytes<kComplex, kPrefixLd>() + 4 * (2 * kChunk * kPrefixLd + kChunk * kChunk) + qk_union_bytes<Op, kComplex>() +
-           4 * (2 * 2 * kChunk * kLdGate + 2 * 2 * kChunk + 2 * kSlab + 2);
+           kQkScoresBytes + 4 * (2 * 2 * kChunk * kLdGate + 2 * 2 * kChunk + 2 * kSlab + 2);
 }
 
 // The off-diagonal sub-chunk blocks of one slab on tensor cores, into f32
@@ -162,7 +166,8 @@ __host__ __device__ constexpr int qk_smem_bytes() {
 // Ends with a barrier.
 template <class Op, typename input_t, bool kComplex, int kLd>
 __device__ __forceinline__ void offdiag_products(const Block<input_t, kComplex, kLd>& blk, const float* ds,
-                                                 const float* qraw, const float* kraw, unsigned char* at) {
+                                                 const float* qraw, const float* kraw, unsigned char* at,
+                                                 float* pblocks) {
     unsigned char* const base = at;
     const Split<Op> sb = carve<Op>(at, kPairs * kSub, ld_block<Op>());
     const Split<Op> qa = carve<Op>(at, kPairs * kSub, ld_slab<Op, kComplex>());
@@ -210,6 +215,17 @@ __device__ __forceinline__ void offdiag_products(const Block<input_t, kComplex, 
                     ka.lo_at(km + kk, kSlab * half), ka.ld);
             }
         }
+    }
+    // The forward's off-diagonal score block w (intra_pass's product on the
+    // same operands), summed over the slabs for grad_dv (grad_qk_scores) in
+    // the warp's own f32 block of `pblocks` (held in registers across the
+    // slab loop, its accumulator spilled the complex kernels at 128; so did
+    // the complex product unrolled).
+    if (w < kPairs) {
+        Acc<Op> sacc;
+        wmma::load_matrix_sync(sacc, pblocks + w * kSub * kSub, kSub, wmma::mem_row_major);
+        add_score_block<Op, kGradTerms, kComplex, kComplex>(sacc, qa, ka, w);
+        wmma::store_matrix_sync(pblocks + w * kSub * kSub, sacc, kSub, wmma::mem_row_major);
     }
     __syncthreads();  // every warp has read its operands: X, Y take their bytes
     float* xo = reinterpret_cast<float*>(base);
@@ -494,6 +510,28 @@ __device__ __forceinline__ void gate_scan(const B& blk, const float2* w, const f
     }
 }
 
+// The chunk's causal scores P, summed over every slab, from `pblocks` into
+// its [kChunk][kChunk] tile of ws_scores: the off-diagonal blocks
+// (offdiag_products' add_score_block) and the diagonal ones (add_half_pairs,
+// add_diagonal_cross), each element the forward's (intra_pass: the same
+// operands, operations and order), so grad_dv reads the P it would have
+// formed, bit for bit. Entries above the diagonal are not written (grad_dv
+// takes them as 0). After the slab loop's last barrier.
+template <typename input_t, bool kComplex, int kLd>
+__device__ __forceinline__ void grad_qk_scores(const Block<input_t, kComplex, kLd>& blk, const float* pblocks,
+                                               float* ws_scores) {
+    float* tile = ws_scores + (blk.bh * blk.p.num_chunks + blk.chunk) * kChunk * kChunk;
+    for (int i = blk.tid; i < (kPairs + kSubs) * kSub * kSub; i += kThreads) {
+        const int b = i / (kSub * kSub), r = i / kSub % kSub, c = i % kSub;
+        if (b < kPairs) {
+            tile[(kSub * pair_query(b) + r) * kChunk + kSub * pair_key(b) + c] = pblocks[i];
+        } else if (c <= r) {
+            const int sb = b - kPairs;
+            tile[(sb * kSub + r) * kChunk + sb * kSub + c] = pblocks[i];
+        }
+    }
+}
+
 template <typename input_t, bool kComplex>
 __device__ __forceinline__ void grad_qk(const GateloopChunkGradParams& g) {
     using Tr = InputTraits<input_t>;
@@ -507,6 +545,7 @@ __device__ __forceinline__ void grad_qk(const GateloopChunkGradParams& g) {
     constexpr int kParts = kComplex ? 2 : 1;
     extern __shared__ __align__(128) unsigned char smem[];
     check_shared(g.qk_shared_bytes, qk_smem_bytes<Op, kComplex>());
+    if (g.ws_scores == nullptr) __trap();  // the launcher always sets it: a bug
     const GateloopChunkParams& p = g.fwd;
     Block<input_t, kComplex, kPrefixLd> blk(p, smem, 1);
     if (!blk.has_chunk()) return;  // an empty packed slot: the whole block, before any barrier
@@ -520,6 +559,12 @@ __device__ __forceinline__ void grad_qk(const GateloopChunkGradParams& g) {
     // The s phase | per slab the off-diagonal phase, then the inter-chunk phase.
     unsigned char* union_at = reinterpret_cast<unsigned char*>(f);
     f = reinterpret_cast<float*>(union_at + qk_union_bytes<Op, kComplex>());
+    // P for grad_dv (kQkScoresBytes): [kPairs][16][16] off-diagonal blocks
+    // (wmma accumulators: 32-byte aligned, as every region up to here),
+    // then [kSubs][16][16] diagonal blocks.
+    float* pblocks = f;
+    float* pdiag = f + kPairs * kSub * kSub;
+    f += kQkScoresBytes / 4;
     float2* wpr = reinterpret_cast<float2*>(f);  // [kChunk][kLdGate]: w'_n of channel d
     f += 2 * kChunk * kLdGate;
     float2* upr = reinterpret_cast<float2*>(f);  // [kChunk][kLdGate]: u_n of channel d
@@ -579,6 +624,8 @@ __device__ __forceinline__ void grad_qk(const GateloopChunkGradParams& g) {
         head_w[i] = make_float2(0.f, 0.f);
         head_u[i] = make_float2(0.f, 0.f);
     }
+    // The chunk's scores P for grad_dv (grad_qk_scores), summed over the slabs.
+    for (int i = tid; i < (kPairs + kSubs) * kSub * kSub; i += kThreads) pblocks[i] = 0.f;
     if (tid == 0) head_through[0] = make_float2(0.f, 0.f);
     // (ds and the head sums are read after the first slab's barriers.)
 
@@ -598,7 +645,13 @@ __device__ __forceinline__ void grad_qk(const GateloopChunkGradParams& g) {
         blk.load_keys(blk.q, p.q_strides, d0, qraw);
         blk.load_keys(blk.k, p.k_strides, d0, kraw);
         __syncthreads();
-        offdiag_products<Op>(blk, ds, qraw, kraw, union_at);
+        offdiag_products<Op>(blk, ds, qraw, kraw, union_at, pblocks);
+        // P's diagonal blocks as intra_pass forms them: the pairs inside the
+        // halves, then the block between them from the cross rows
+        // offdiag_products put (read here, before the inter-chunk phase takes
+        // their bytes; complex: rolled, as at 128 registers it spilled).
+        add_half_pairs(blk, qraw, kraw, d0, pdiag);
+        add_diagonal_cross<kComplex, kComplex>(tid, reinterpret_cast<const float*>(union_at + kOffdiagOutBytes), pdiag);
         const float* xo = reinterpret_cast<const float*>(union_at);  // X per pair [pair][16][Re | Im]
         const float* yo = xo + kPairs * kSub * 2 * kSlab;            // Y per key sub-chunk [j][16][Re | −Im]
         const int cl = blk.col(d);
@@ -965,6 +1018,7 @@ __device__ __forceinline__ void grad_qk(const GateloopChunkGradParams& g) {
         }
         __syncthreads();  // wpr, upr, through, the tables are rewritten by the next slab
     }
+    grad_qk_scores(blk, pblocks, g.ws_scores);
     if (blk.per_head) {
         // One column: every thread scans it (gate_scan), the first half-warp writes.
         gate_scan(blk, head_w, head_u, 1, cmul(decay(0), head_through[0]), 0, zero_first,
@@ -978,12 +1032,11 @@ __device__ __forceinline__ void grad_qk(const GateloopChunkGradParams& g) {
 // ---- 3b. dv -----------------------------------------------------------------------
 
 // The forward output kernel's pass with kAdjoint (chunk_common.cuh:
-// intra_pass): the scores P recomputed exactly as the forward forms them
-// (anchored off-diagonal blocks as tensor-core products, diagonal blocks
-// pairwise), dv = [Re K̃ | Im K̃] [Re D; Im D] per slab and Pᵀ dY after the
-// last, on tensor cores. The output kernel's shared layout, and its kCols:
-// kWideCols for the wide launch (gateloop_chunk_grad_dv_wide_*, V > 64),
-// each chunk's scores formed once for 128 columns of dv.
+// intra_pass): the scores P as grad_qk formed them (exactly as the forward
+// forms them) read from ws_scores, dv = [Re K̃ | Im K̃] [Re D; Im D] per slab
+// and Pᵀ dY after the last, on tensor cores. The output kernel's shared
+// layout, and its kCols: kWideCols for the wide launch
+// (gateloop_chunk_grad_dv_wide_*, V > 64), one block per 128 columns of dv.
 template <typename input_t, bool kComplex, int kCols = kVTile>
 __device__ __forceinline__ void grad_dv(const GateloopChunkGradParams& g) {
     using Op = typename OpOf<input_t>::type;
@@ -991,9 +1044,12 @@ __device__ __forceinline__ void grad_dv(const GateloopChunkGradParams& g) {
     check_shared(g.dv_shared_bytes, output_smem_bytes<Op, kComplex, kCols>());
     auto blk = Block<input_t, kComplex, kPrefixLd>::of_tiles(g.fwd, smem, kCols);
     if (!blk.has_chunk()) return;  // an empty packed slot: the whole block, before any barrier
-    intra_pass<Op, kGradTerms, true, kCols>(blk, smem, g.ws_adj, seq_row<input_t>(g.dy, g.dy_strides, blk.b, blk.h),
-                                            g.dy_strides, seq_row_mut<input_t>(g.dv, g.dv_strides, blk.b, blk.h),
-                                            g.dv_strides);
+    const input_t* __restrict__ dy = seq_row<input_t>(g.dy, g.dy_strides, blk.b, blk.h);
+    input_t* __restrict__ dv = seq_row_mut<input_t>(g.dv, g.dv_strides, blk.b, blk.h);
+    // P as grad_qk wrote it (grad_qk_scores, earlier on the stream).
+    if (g.ws_scores == nullptr) __trap();  // the launcher always sets it: a bug
+    const float* scores = g.ws_scores + (blk.bh * g.fwd.num_chunks + blk.chunk) * kChunk * kChunk;
+    intra_pass<Op, kGradTerms, true, kCols>(blk, smem, g.ws_adj, dy, g.dy_strides, dv, g.dv_strides, scores);
 }
 
 }  // namespace chunk

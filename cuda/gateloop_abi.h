@@ -511,9 +511,10 @@ GATELOOP_ABI_ASSERT(sizeof(GateloopChunkParams) == 80 + 48 + 5 * 24 + 2 * 24 + 8
  *       grid and block: dh0 = conj(A_0) D(0) + W_0 from slot 0 of ws_adj and
  *       chunk 0's inputs, on CUDA cores.
  *   3a. gateloop_chunk_grad_qk_{dtype}_{g}: grid.x = B·H·num_chunks, dynamic
- *       shared memory qk_shared_bytes: dq, dk, dlog_gate.
+ *       shared memory qk_shared_bytes: dq, dk, dlog_gate, and each chunk's
+ *       scores P into ws_scores.
  *   3b. gateloop_chunk_grad_dv_{dtype}_{g}: grid.x = B·H·num_chunks·value_tiles,
- *       dynamic shared memory dv_shared_bytes: dv.
+ *       dynamic shared memory dv_shared_bytes: dv (P read from ws_scores).
  *   (With the forward plan's sequential carry, 1a + 2a are
  *   gateloop_chunk_state_seq_{dtype}_{g}_{prec} and 1b + 2b
  *   gateloop_chunk_grad_w_seq_{dtype}_{g}, one block per (b, h, value tile,
@@ -559,8 +560,14 @@ typedef struct GateloopChunkGradParams {
     int32_t w_shared_bytes;    /* dynamic shared memory of grad_w */
     int32_t qk_shared_bytes;   /* dynamic shared memory of grad_qk */
     int32_t dv_shared_bytes;   /* dynamic shared memory of grad_dv */
+    /* [B·H, num_chunks, CHUNK_LEN, CHUNK_LEN] f32 (packed: [H, num_chunks
+     * slots, ...]): each chunk's causal scores P (the forward output
+     * kernel's), written by grad_qk on and below the diagonal and read by
+     * grad_dv, which does not form them again. Required (the kernels trap
+     * on NULL). */
+    float *ws_scores;
 } GateloopChunkGradParams;
-GATELOOP_ABI_ASSERT(sizeof(GateloopChunkGradParams) == 328 + 16 + 8 * 8 + 5 * 24 + 2 * 24 + 16,
+GATELOOP_ABI_ASSERT(sizeof(GateloopChunkGradParams) == 328 + 16 + 8 * 8 + 5 * 24 + 2 * 24 + 16 + 8,
                     "GateloopChunkGradParams layout");
 
 /*

@@ -142,8 +142,8 @@ fn chunk_params_layout() {
 fn chunk_grad_params_layout() {
     type P = GateloopChunkGradParams;
     // Pinned in the header too (GATELOOP_ABI_ASSERT): the forward struct,
-    // eight pointers, seven stride structs, four 4-byte fields.
-    assert_eq!(size_of::<P>(), 592);
+    // eight pointers, seven stride structs, four 4-byte fields, the scores' pointer.
+    assert_eq!(size_of::<P>(), 600);
     assert_eq!(align_of::<P>(), 8);
     assert_eq!(offset_of!(P, fwd), 0);
     assert_eq!(offset_of!(P, dy), 344);
@@ -154,6 +154,7 @@ fn chunk_grad_params_layout() {
     assert_eq!(offset_of!(P, dh0_strides), 552);
     assert_eq!(offset_of!(P, grad_flags), 576);
     assert_eq!(offset_of!(P, dv_shared_bytes), 588);
+    assert_eq!(offset_of!(P, ws_scores), 592);
     assert_eq!((GATELOOP_GRAD_FLAG_HAS_DH_FINAL, GATELOOP_GRAD_FLAG_HAS_DH0), (1, 2));
 }
 

@@ -342,9 +342,11 @@ fn chunked_cuda_grad_plan_misuse_is_typed() {
         ] {
             assert!(matches!(plan(&d, dtype, gates), Err(InputError::TooLarge { .. })), "{d:?}");
         }
-        // O(B·H·(L/64)·K·V): 64 steps per chunk, so 64× fewer state floats than L·K·V.
+        // O(B·H·(L/64)·K·V): 64 steps per chunk, so 64× fewer state floats
+        // than L·K·V (S_in and D, the decays, and grad_qk's scores for
+        // grad_dv, 64 × 64 a chunk: one more state at K = V = 64).
         let d = dims(1, 64 * 1024, 1, 64, 64, false);
         let ws = plan(&d, dtype, gates).unwrap().workspace_len;
-        assert!(ws <= 3 * gates.parts() * 1024 * 64 * 64, "{ws}");
+        assert!(ws <= (2 * gates.parts() + 2) * 1024 * 64 * 64, "{ws}");
     }
 }

@@ -626,7 +626,11 @@ fn real_gates_host_and_misuse() {
     let real_gate = s.clone_htod(&vec![-0.1f32; d.gate_len()]).unwrap();
     let dy = s.clone_htod(&vec![1f32; d.v_len()]).unwrap();
     let lp = plan(&d, Dtype::F32, Gates::Real).unwrap();
-    assert!(lp.workspace_len < plan(&d, Dtype::F32, Gates::Complex).unwrap().workspace_len);
+    // Real states take half the bytes; the chunks' scores (2 chunks of 64 ×
+    // 64 f32) come after them, for grad_dv.
+    let scores = 2 * 64 * 64;
+    assert_eq!(lp.scores_offset, lp.workspace_len - scores);
+    assert!(lp.workspace_len - scores < plan(&d, Dtype::F32, Gates::Complex).unwrap().workspace_len);
     let call = |gate_len: usize| {
         let mut dq = s.alloc_zeros::<f32>(d.qk_len()).unwrap();
         let mut dk = s.alloc_zeros::<f32>(d.qk_len()).unwrap();

@@ -124,8 +124,9 @@ unsafe impl DeviceRepr for GateloopChunkGradParams {}
 /// phase (dY, V split), the off-diagonal phase (the six 16 × 16 blocks of s,
 /// the anchored q̃ per pair and k̃ per key sub-chunk split, reused for their
 /// products in f32 and the diagonal sub-chunks' cross rows) and the inter-chunk phase (dY, V, S_in, D over 32 value
-/// columns split, reused for X, Y in f32), then w', u, the per-head sums and
-/// the through terms. Real `gates` take a real gate prefix and operand
+/// columns split, reused for X, Y in f32), the scores' ten 16 × 16 f32
+/// blocks (summed over the slabs for grad_dv), then w', u, the per-head sums
+/// and the through terms. Real `gates` take a real gate prefix and operand
 /// slabs of K̃ alone; grad_qk's f32 products keep their [Re | Im] layout.
 pub fn shared_bytes(dtype: Dtype, gates: Gates) -> (u32, u32, u32) {
     let (c, s, t) = (chunk::CHUNK_LEN, KEY_SLAB, VALUE_TILE);
@@ -147,10 +148,14 @@ pub fn shared_bytes(dtype: Dtype, gates: Gates) -> (u32, u32, u32) {
     let union = (2 * split(c, t + pad)).max(inter).max(offdiag).max(offdiag_out);
     // w' and u rows padded by one complex (cuda/chunk_grad.cu: kLdGate).
     // The prefix tables and raw q, k in padded rows (Block's kLd).
+    // The scores P's 6 off-diagonal and 4 diagonal 16 × 16 blocks, summed
+    // over the slabs for grad_dv (cuda/chunk_grad.cu: kQkScoresBytes).
+    let scores = 4 * (pairs + c / sub) * sub * sub;
     let qk = prefix
         + 2 * chunk::slab_table_bytes(true)
         + 4 * c * c
         + union
+        + scores
         + 4 * (2 * 2 * c * (s + 1) + 2 * 2 * c + 2 * s + 2);
     (w, qk as u32, dv)
 }
@@ -166,9 +171,14 @@ pub struct GradPlan {
     pub adj_offset: usize,
     /// f32 offset of the h_final sink.
     pub sink_offset: usize,
+    /// f32 offset of the chunks' scores P (B·H·chunks·64·64, written by
+    /// grad_qk and read by grad_dv, which then does not form them again).
+    pub scores_offset: usize,
     /// f32 of the workspace: the forward's, D (B·H·chunks·parts·K·V), the
-    /// sink (parts·B·H·K·V); parts = 2 for complex gates, 1 for real.
-    /// Packed ([`plan_varlen`]): D over H·slots, the sink N·H states.
+    /// sink (parts·B·H·K·V), then the scores (B·H·chunks·64·64: the size of
+    /// fla's saved intra-chunk attention); parts = 2 for complex gates, 1
+    /// for real. Packed ([`plan_varlen`]): D and the scores over H·slots,
+    /// the sink N·H states.
     pub workspace_len: usize,
     /// Dynamic shared memory of grad_w, grad_qk, grad_dv (bytes; grad_dv's
     /// the wide kernel's when `dv_wide`).
@@ -243,7 +253,11 @@ fn plan_rows(dims: &Dims, dtype: Dtype, gates: Gates, carry: ChunkCarry, packed:
         (rows * nc).checked_mul(parts * state).and_then(|a| a.checked_add(adj_offset)).ok_or_else(ws_error)?;
     // The h_final sink: one state per (b, h), packed per (sequence, h).
     let state = d.batch * d.heads * state;
-    let workspace_len = sink_offset.checked_add(parts * state).ok_or_else(ws_error)?;
+    let sink_end = sink_offset.checked_add(parts * state).ok_or_else(ws_error)?;
+    // grad_qk's scores P for grad_dv, a 64 × 64 f32 tile a chunk.
+    let c = chunk::CHUNK_LEN;
+    let scores_offset = sink_end;
+    let workspace_len = (rows * nc).checked_mul(c * c).and_then(|a| a.checked_add(sink_end)).ok_or_else(ws_error)?;
     // grad_dv runs the output launch's pass: the staged output's kernel choice.
     let (dv_wide, dv_grid, dv_bytes) = forward.staged_output();
     let (w_bytes, qk_bytes, _) = shared_bytes(dtype, gates);
@@ -252,6 +266,7 @@ fn plan_rows(dims: &Dims, dtype: Dtype, gates: Gates, carry: ChunkCarry, packed:
         qk_grid,
         adj_offset,
         sink_offset,
+        scores_offset,
         workspace_len,
         shared_bytes: (w_bytes, qk_bytes, dv_bytes),
         dv_wide,
@@ -534,6 +549,8 @@ fn launch_backward<'a, T: Element>(
     params.fwd.ws_state = at(lp.decay_len);
     params.fwd.h_final = at(gp.sink_offset);
     params.ws_adj = at(gp.adj_offset);
+    // grad_qk writes the scores P there and grad_dv reads them.
+    params.ws_scores = at(gp.scores_offset);
     lp.bind_segments(&mut params.fwd, ws as usize);
     let segments = lp.carry_segments;
 
@@ -663,7 +680,9 @@ fn launch_backward<'a, T: Element>(
         // with real ones, as the g entries read them; contiguous strides); the
         // workspace holds ≥ gp.workspace_len f32, carved as ws_decay
         // (decay_len), ws_state and ws_adj (rows·chunks·parts·K·V each, rows B·H or packed H) and the
-        // h_final sink (parts·B·H·K·V), and when the plan's carry_segments S >
+        // h_final sink (parts·B·H·K·V), the scores ws_scores
+        // (rows·chunks·64·64: grad_qk writes a chunk's tile before grad_dv,
+        // next on the stream, reads it), and when the plan's carry_segments S >
         // 1 (batched, separate carry: both segments_ launches present, grid.y
         // S − 1, the carries' S, as the kernels index them) the segments'
         // 4·S·B·H·K·V f32 at segments_offset inside the forward's part (each
@@ -919,7 +938,8 @@ mod tests {
         // slab 2·32·68·4 = 17408, anchored q̃ 2·96·36·4 = 27648, k̃
         // 2·48·36·4 = 13824 (77312 > the final phase's P, dY splits
         // 2·2·64·68·4 = 69632), diagonal scores 4096, staging 8192.
-        let qk = 25600 + 10240 + 16384 + 69632 + 17408 + 1024 + 136;
+        // grad_qk's score blocks for grad_dv 4·(6 + 4)·16·16 = 10240.
+        let qk = 25600 + 10240 + 16384 + 69632 + 10240 + 17408 + 1024 + 136;
         let dv = 25600 + 10240 + 18432 + 17408 + 27648 + 13824 + 4096 + 8192;
         assert_eq!(shared_bytes(Dtype::F32, Gates::Complex), (20480 + 4096 + 34816 + 18432 + 8192, qk, dv));
         // f16 / bf16 operands (row padding 8): grad_w's dY split 2·64·72·2 =
@@ -929,7 +949,7 @@ mod tests {
         // 30720); grad_dv's slab phase 2·2·(64·40 + 32·72 + 96·40 + 48·40) =
         // 42496 (> 2·2·2·64·72 = 36864).
         for dtype in [Dtype::F16, Dtype::Bf16] {
-            let qk = 25600 + 10240 + 16384 + 36864 + 17408 + 1024 + 136;
+            let qk = 25600 + 10240 + 16384 + 36864 + 10240 + 17408 + 1024 + 136;
             let dv = 25600 + 10240 + 42496 + 4096 + 8192;
             assert_eq!(shared_bytes(dtype, Gates::Complex), (20480 + 4096 + 18432 + 10240 + 8192, qk, dv));
         }
@@ -940,8 +960,8 @@ mod tests {
         // as the complex kernel's. f32: union max(s phase 69632, inter-chunk
         // 2·18432 + 2·2·16·36·4 = 46080, off-diagonal 15360 + 2·96·20·4 +
         // 2·48·20·4 = 38400, products 18432 and cross rows 2·32·20·4 =
-        // 5120) = 69632.
-        let tail = 17408 + 1024 + 136;
+        // 5120) = 69632; then the score blocks, 10240.
+        let tail = 10240 + 17408 + 1024 + 136;
         let (w, dv) = chunk::shared_bytes(Dtype::F32, Gates::Real);
         assert_eq!(w, 12288 + 4096 + 34816 + 2 * 64 * 20 * 4 + 8192);
         assert_eq!(shared_bytes(Dtype::F32, Gates::Real), (w, 15360 + 10240 + 16384 + 69632 + tail, dv));
@@ -973,7 +993,9 @@ mod tests {
         assert_eq!(g.qk_grid, 6 * 2);
         assert_eq!(g.adj_offset, f.workspace_len);
         assert_eq!(g.sink_offset, f.workspace_len + 6 * 2 * 2 * 5 * 65);
-        assert_eq!(g.workspace_len, g.sink_offset + 2 * 6 * 5 * 65);
+        // Then grad_qk's scores for grad_dv: a 64 × 64 tile a chunk.
+        assert_eq!(g.scores_offset, g.sink_offset + 2 * 6 * 5 * 65);
+        assert_eq!(g.workspace_len, g.scores_offset + 6 * 2 * 64 * 64);
         // Every region starts at an even f32 (8-byte aligned complex pairs).
         assert!(f.decay_len.is_multiple_of(2) && g.adj_offset.is_multiple_of(2) && g.sink_offset.is_multiple_of(2));
         // Real gates: one f32 per state element.
@@ -981,7 +1003,8 @@ mod tests {
         let fr = chunk::plan(&d, Dtype::Bf16, Gates::Real).unwrap();
         assert_eq!(r.adj_offset, fr.workspace_len);
         assert_eq!(r.sink_offset, fr.workspace_len + 6 * 2 * 5 * 65);
-        assert_eq!(r.workspace_len, r.sink_offset + 6 * 5 * 65);
+        assert_eq!(r.scores_offset, r.sink_offset + 6 * 5 * 65);
+        assert_eq!(r.workspace_len, r.sink_offset + 6 * 5 * 65 + 6 * 2 * 64 * 64);
         assert!(matches!(
             plan(&dims(1, 1, 1, 257, 1, false), Dtype::F32, Gates::Complex),
             Err(InputError::Param { name: "key_dim", .. })
@@ -1002,7 +1025,7 @@ mod tests {
         assert_eq!(g.qk_grid, (3 * slots) as u32);
         assert_eq!(g.adj_offset, f.workspace_len);
         assert_eq!(g.sink_offset, f.workspace_len + 3 * slots * 2 * 5 * 65);
-        assert_eq!(g.workspace_len, g.sink_offset + 2 * 5 * 3 * 5 * 65);
+        assert_eq!(g.workspace_len, g.sink_offset + 2 * 5 * 3 * 5 * 65 + 3 * slots * 64 * 64);
         assert!(matches!(
             plan_varlen(&d, &cu, Dtype::Bf16, Gates::Real, ChunkCarry::Sequential),
             Err(InputError::Param { name: "carry", .. })
@@ -1016,6 +1039,6 @@ mod tests {
         let r = rows_packed_plan(&b, Dtype::F32, Gates::Real, ChunkCarry::Auto).unwrap();
         let slots = 4 * 128 / 64 + 4;
         assert_eq!(r.forward, chunk::rows_packed_plan(&b, Dtype::F32, Gates::Real, ChunkCarry::Auto).unwrap());
-        assert_eq!(r.workspace_len, r.forward.workspace_len + 2 * slots * 64 + 4 * 2 * 64);
+        assert_eq!(r.workspace_len, r.forward.workspace_len + 2 * slots * 64 + 4 * 2 * 64 + 2 * slots * 64 * 64);
     }
 }

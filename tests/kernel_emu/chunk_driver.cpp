@@ -196,7 +196,10 @@ static void grad_shared_bytes(int size, bool complex, int32_t& w, int32_t& qk, i
     const int inter = std::max(2 * split(c, t / 2 + pad) + 2 * split(width, t / 2 + pad), 2 * c * 2 * s * 4);
     const int offdiag = split(pairs * sub, sub + pad) + split(pairs * sub, width + pad) + split(key_subs * sub, width + pad);
     const int uni = std::max({2 * split(c, t + pad), inter, offdiag, 4 * (pairs + key_subs) * sub * 2 * s});
-    qk = prefix + 4 * (2 * c * ld + c * c) + uni + 4 * (2 * 2 * c * (s + 1) + 2 * 2 * c + 2 * s + 2);  // w', u rows padded
+    // P's blocks for grad_dv (kQkScoresBytes).
+    const int scores = 4 * (pairs + c / sub) * sub * sub;
+    qk = prefix + 4 * (2 * c * ld + c * c) + uni + scores +
+         4 * (2 * 2 * c * (s + 1) + 2 * 2 * c + 2 * s + 2);  // w', u rows padded
 }
 
 // A block with `bytes` of dynamic shared memory, NaN-poisoned first.
@@ -281,9 +284,11 @@ static int run(const std::string& dir, bool backward, bool sequential, int64_t B
     const Entry carry = complex ? gateloop_chunk_carry_c : gateloop_chunk_carry_r;
     if (backward) {
         // src/cuda/chunk_grad.rs `plan`: ws_adj after the forward's
-        // workspace, then the h_final sink.
+        // workspace, then the h_final sink, then the scores P.
         const int64_t adj_offset = workspace_len, sink_offset = adj_offset + nc * parts * sn;
-        ws.assign(sink_offset + parts * sn, nan);
+        const int64_t scores_offset = sink_offset + parts * sn;
+        const int64_t c = GATELOOP_CHUNK_LEN;
+        ws.assign(scores_offset + B * H * nc * c * c, nan);
         auto dy = read_elems<T>(dir + "/dy.bin", vn);
         std::vector<float> dhf;
         const bool has_dhf = static_cast<bool>(std::ifstream(dir + "/dh_final.bin"));
@@ -296,6 +301,7 @@ static int run(const std::string& dir, bool backward, bool sequential, int64_t B
         g.fwd.ws_state = ws.data() + decay_len;
         g.fwd.h_final = ws.data() + sink_offset;
         g.ws_adj = ws.data() + adj_offset;
+        g.ws_scores = ws.data() + scores_offset;
         g.dy = dy.data();
         g.dh_final = has_dhf ? dhf.data() : nullptr;
         g.dq = dq.data();

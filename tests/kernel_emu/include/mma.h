@@ -139,6 +139,16 @@ inline void load_matrix_sync(fragment<Use, M, N, K, T, L>& f, const S* p, unsign
 void emu_syncwarp();
 unsigned emu_lane();
 
+// An accumulator tile loaded back (CUDA's overload with a layout): every
+// lane reads the whole tile, after the warp has arrived.
+template <int M, int N, int K, class T>
+inline void load_matrix_sync(fragment<accumulator, M, N, K, T>& f, const float* p, unsigned ldm, layout_t layout) {
+    emu_check_tile(p, ldm, sizeof(float), "load_matrix_sync");
+    emu_syncwarp();
+    for (int r = 0; r < M; ++r)
+        for (int c = 0; c < N; ++c) f.x[r * N + c] = layout == mem_row_major ? p[r * ldm + c] : p[c * ldm + r];
+}
+
 template <int M, int N, int K, class T>
 inline void store_matrix_sync(float* p, const fragment<accumulator, M, N, K, T>& f, unsigned ldm, layout_t layout) {
     emu_check_tile(p, ldm, sizeof(float), "store_matrix_sync");
