@@ -1072,14 +1072,15 @@ __device__ __forceinline__ void grad_dv(const GateloopChunkGradParams& g) {
 // blocks take 32 channels, walk_slab): on sm_90 grad_w 3 (real: 4 spills 4
 // bytes), grad_w_seq 3 (f16 real 2: 8 bytes spilled at 3); on sm_80 grad_w
 // 2 (real: 3 and 4 spill), grad_w_seq 1 complex (113 registers: two
-// resident) and 2 real. grad_qk 2 (98 KB complex, 90 KB real) and grad_dv
-// 2 (the forward output kernel's layout: 82 KB complex; real 68 KB, so 3 on
-// sm_90, 72 registers): with one block per SM (8 warps) every barrier of the
+// resident) and 2 real. grad_qk 2 (108 KB complex, 100 KB real, with the
+// scores' blocks) and grad_dv 2 (the forward output kernel's layout: 82 KB
+// complex; real 68 KB, so 3 on sm_90, 80 registers): with one block per SM (8 warps) every barrier of the
 // block idled the SM — the gate prefix, the staging, the per-channel gate
 // scans.
-// f32: grad_w 2, grad_w_seq 1, grad_qk 1 (133 KB; 122 KB real), grad_dv 1
-// (it spilled 8 bytes at 128 registers; since intra_pass's inter-chunk loop
-// is rolled, 112 real and 194 complex registers at 1).
+// f32: grad_w 2, grad_w_seq 1, grad_qk 1 (143 KB; 132 KB real), grad_dv 1
+// (it spilled 8 bytes at 128 registers; since it reads grad_qk's scores 110
+// registers complex, and real 112 at 2 an SM on sm_90, where its 105 KB fit
+// twice; sm_80 1).
 
 #define GATELOOP_CHUNK_GRAD_ENTRIES(DTYPE, TYPE, GATE, CPLX, W_MIN, SEQ_MIN, QK_MIN, DV_MIN)              \
     extern "C" __global__ void __launch_bounds__(gateloop::chunk::kThreads, W_MIN)                           \
@@ -1102,7 +1103,7 @@ __device__ __forceinline__ void grad_dv(const GateloopChunkGradParams& g) {
 GATELOOP_CHUNK_GRAD_ENTRIES(f32, float, c, true, 2, 1, 1, 1)
 GATELOOP_CHUNK_GRAD_ENTRIES(f16, __half, c, true, GATELOOP_BY_ARCH(2, 3), GATELOOP_BY_ARCH(1, 3), 2, 2)
 GATELOOP_CHUNK_GRAD_ENTRIES(bf16, __nv_bfloat16, c, true, GATELOOP_BY_ARCH(2, 3), GATELOOP_BY_ARCH(1, 3), 2, 2)
-GATELOOP_CHUNK_GRAD_ENTRIES(f32, float, r, false, 2, 1, 1, 1)
+GATELOOP_CHUNK_GRAD_ENTRIES(f32, float, r, false, 2, 1, 1, GATELOOP_BY_ARCH(1, 2))
 GATELOOP_CHUNK_GRAD_ENTRIES(f16, __half, r, false, GATELOOP_BY_ARCH(2, 3), 2, 2,
                             GATELOOP_BY_ARCH(2, 3))
 GATELOOP_CHUNK_GRAD_ENTRIES(bf16, __nv_bfloat16, r, false, GATELOOP_BY_ARCH(2, 3), GATELOOP_BY_ARCH(2, 3), 2,
@@ -1110,10 +1111,11 @@ GATELOOP_CHUNK_GRAD_ENTRIES(bf16, __nv_bfloat16, r, false, GATELOOP_BY_ARCH(2, 3
 
 // gateloop_chunk_grad_dv_wide_{dtype}_{c,r}: grad_dv over 128 value
 // columns a block (V > 64). MIN as grad_dv's, spill-free on sm_80 and
-// sm_90 (sm_90: real 16-bit 80 registers at 3 an SM, complex 124 at 2; f32
-// complex 168 at 1, f32 real 128 at 2, 1 on sm_80, which its 105 KB do not
-// fit twice), in grad_dv's shared bytes for real gates and the forward's
-// wide output's for complex (98816 B in 16 bits: still 2 an SM).
+// sm_90 (sm_90, since grad_dv reads grad_qk's scores: real 16-bit 80
+// registers at 3 an SM, complex 122 to 123 at 2; f32 complex 126 at 1, f32
+// real 126 at 2, 1 on sm_80, which its 105 KB do not fit twice), in
+// grad_dv's shared bytes for real gates and the forward's wide output's for
+// complex (98816 B in 16 bits: still 2 an SM).
 #define GATELOOP_CHUNK_GRAD_DV_WIDE_ENTRY(DTYPE, TYPE, GATE, CPLX, MIN)                                      \
     extern "C" __global__ void __launch_bounds__(gateloop::chunk::kThreads, MIN)                             \
         gateloop_chunk_grad_dv_wide_##DTYPE##_##GATE(const GateloopChunkGradParams g) {                     \

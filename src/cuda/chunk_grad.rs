@@ -184,8 +184,9 @@ pub struct GradPlan {
     /// the wide kernel's when `dv_wide`).
     pub shared_bytes: (u32, u32, u32),
     /// Whether grad_dv runs its wide kernel, one block per 128 value columns
-    /// (each chunk's scores formed once for both 64-column halves, as the
-    /// forward's wide output launch): where V > 64.
+    /// (each chunk's gate prefix and K̃ formed once for both 64-column
+    /// halves, as the forward's wide output launch forms its scores): where
+    /// V > 64.
     pub dv_wide: bool,
     /// Blocks of grad_dv: the forward's `grid`, or `wide_grid` when `dv_wide`.
     pub dv_grid: u32,
