@@ -517,10 +517,16 @@ __device__ __forceinline__ void gate_scan(const B& blk, const float2* w, const f
 // operands, operations and order), so grad_dv reads the P it would have
 // formed, bit for bit. Entries above the diagonal are not written (grad_dv
 // takes them as 0). After the slab loop's last barrier.
+// The block's chunk's [kChunk][kChunk] tile of ws_scores (grad_qk writes
+// it, grad_dv reads it).
+template <class B, typename T>
+__device__ __forceinline__ T* scores_tile(const B& blk, T* ws_scores) {
+    return ws_scores + (blk.bh * blk.p.num_chunks + blk.chunk) * kChunk * kChunk;
+}
 template <typename input_t, bool kComplex, int kLd>
 __device__ __forceinline__ void grad_qk_scores(const Block<input_t, kComplex, kLd>& blk, const float* pblocks,
                                                float* ws_scores) {
-    float* tile = ws_scores + (blk.bh * blk.p.num_chunks + blk.chunk) * kChunk * kChunk;
+    float* tile = scores_tile(blk, ws_scores);
     for (int i = blk.tid; i < (kPairs + kSubs) * kSub * kSub; i += kThreads) {
         const int b = i / (kSub * kSub), r = i / kSub % kSub, c = i % kSub;
         if (b < kPairs) {
@@ -1048,7 +1054,7 @@ __device__ __forceinline__ void grad_dv(const GateloopChunkGradParams& g) {
     input_t* __restrict__ dv = seq_row_mut<input_t>(g.dv, g.dv_strides, blk.b, blk.h);
     // P as grad_qk wrote it (grad_qk_scores, earlier on the stream).
     if (g.ws_scores == nullptr) __trap();  // the launcher always sets it: a bug
-    const float* scores = g.ws_scores + (blk.bh * g.fwd.num_chunks + blk.chunk) * kChunk * kChunk;
+    const float* scores = scores_tile(blk, static_cast<const float*>(g.ws_scores));
     intra_pass<Op, kGradTerms, true, kCols>(blk, smem, g.ws_adj, dy, g.dy_strides, dv, g.dv_strides, scores);
 }
 
