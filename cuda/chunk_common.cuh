@@ -694,43 +694,73 @@ struct Block {
     // parallel, then joined: a serial chain of 8 + 8 steps (each a TwoSum and
     // a phase reduction) instead of 64, while every other thread of the block
     // waits at the barrier. Steps past the chunk's end get g = 0 (finite factors that only
-    // ever meet zero q, k, v). Ends with a barrier.
+    // ever meet zero q, k, v). Ends with a barrier. In two parts, stage_gates
+    // then (after a barrier) scan_prefix, for stage_slab, which stores the
+    // slab's keys between them.
     template <int kAhead = 0>
     __device__ void build_prefix(int64_t d0) {
-        const int cols = gate_cols(d0);
-        // Stage the raw gates: Re into gre, Im into gsn.
-        {
-            const TileSlot<kChannels> slot(tid);
-            const bool col_in = slot.col < cols;
-            const int64_t step = opaque(TileSlot<kChannels>::kStep * p.gate_strides.time);
-            const int64_t first = opaque((t0 + slot.row0) * p.gate_strides.time + (per_head ? 0 : d0 + slot.col));
-            const float* row = kComplex ? complex_seq_row(p.log_gate, p.gate_strides, b, h)
-                                        : seq_row<float>(p.log_gate, p.gate_strides, b, h);
-            stage_tile<kChunk, kChannels, kChannelBatch>(
-                slot,
-                [&](int u, int t, int) {
-                    if (kComplex) {
-                        prefetch_ahead<kChannels, kAhead>(reinterpret_cast<const float2*>(row), first, step, u, t,
-                                                          col_in);
-                    } else {
-                        prefetch_ahead<kChannels, kAhead>(row, first, step, u, t, col_in);
-                    }
-                    float2 g = make_float2(0.f, 0.f);
-                    if (col_in && t < n) {
-                        if (kComplex) {
-                            g = load_complex(row, first + u * step);
-                        } else {
-                            g.x = __ldg(row + first + u * step);
-                        }
-                    }
-                    return g;
-                },
-                [&](int t, int j, float2 g) {
-                    gre[at(t, j)] = g.x;
-                    if (kComplex) gsn[at(t, j)] = g.y;
-                });
-        }
+        stage_gates<kAhead>(d0);
         __syncthreads();
+        scan_prefix(d0);
+    }
+    // build_prefix's first part: the raw gates of the slab into the tables
+    // (Re into gre, Im into gsn), for scan_prefix after a barrier; nothing
+    // where `live` is false (the same on every thread: stage_slab's later
+    // slabs of a per-head gate, which keep the first slab's prefix; the
+    // loads predicated off, not branched around, so that stage_slab's
+    // loads stay one batch). In two halves, like load_keys: fetch_gates
+    // issues the thread's loads (and the kAhead prefetches) into registers,
+    // all in one batch, put_gates stores them.
+    template <int kAhead = 0>
+    __device__ __forceinline__ void stage_gates(int64_t d0, bool live = true) {
+        put_gates(fetch_gates<kAhead>(d0, live), live);
+    }
+    using HeldGates = Held<float2, kChannelBatch>;
+    template <int kAhead = 0>
+    __device__ __forceinline__ HeldGates fetch_gates(int64_t d0, bool live = true) const {
+        constexpr int kStep = TileSlot<kChannels>::kStep;
+        const TileSlot<kChannels> slot(tid);
+        const bool col_in = live && slot.col < gate_cols(d0);
+        const int64_t step = opaque(kStep * p.gate_strides.time);
+        const int64_t first = opaque((t0 + slot.row0) * p.gate_strides.time + (per_head ? 0 : d0 + slot.col));
+        const float* row = kComplex ? complex_seq_row(p.log_gate, p.gate_strides, b, h)
+                                    : seq_row<float>(p.log_gate, p.gate_strides, b, h);
+        HeldGates held;
+#pragma unroll
+        for (int u = 0; u < kChannelBatch; ++u) {
+            const int t = slot.row0 + u * kStep;
+            if (kComplex) {
+                prefetch_ahead<kChannels, kAhead>(reinterpret_cast<const float2*>(row), first, step, u, t, col_in);
+            } else {
+                prefetch_ahead<kChannels, kAhead>(row, first, step, u, t, col_in);
+            }
+            float2 g = make_float2(0.f, 0.f);
+            if (col_in && t < n) {
+                if (kComplex) {
+                    g = load_complex(row, first + u * step);
+                } else {
+                    g.x = __ldg(row + first + u * step);
+                }
+            }
+            held.v[u] = g;
+        }
+        return held;
+    }
+    __device__ __forceinline__ void put_gates(const HeldGates& held, bool live = true) const {
+        constexpr int kStep = TileSlot<kChannels>::kStep;
+        const TileSlot<kChannels> slot(tid);
+        if (!live) return;
+#pragma unroll
+        for (int u = 0; u < kChannelBatch; ++u) {
+            const int i = at(slot.row0 + u * kStep, slot.col);
+            gre[i] = held.v[u].x;
+            if (kComplex) gsn[i] = held.v[u].y;
+        }
+    }
+    // build_prefix's second part: the scans and joins over the staged gates.
+    // Ends with a barrier.
+    __device__ __forceinline__ void scan_prefix(int64_t d0) {
+        const int cols = gate_cols(d0);
         // 1. One thread per (segment, channel) scans its kPrefixSeg steps from
         //    zero (the walk of cpu::chunked::Scratch::build_prefix).
         const int j = tid % kChannels;
@@ -870,6 +900,37 @@ struct Block {
         const TileSlot<kChannels> slot(tid);
 #pragma unroll
         for (int u = 0; u < kChannelBatch; ++u) xs[at(slot.row0 + u * kStep, slot.col)] = held.v[u];
+    }
+    // A chunk-parallel kernel's slab d0: the gate prefix (every slab, or the
+    // first of a per-head gate) and raw k into kraw, raw q into qraw too
+    // where kQueries (load_keys' layout), published by the prefix's first
+    // barrier: one barrier for the three tables, where the keys took one of
+    // their own after the prefix's four. kHeld: the gates', q's and k's
+    // loads are issued together and stored after, one round trip for the
+    // three; else (kernels at their register caps, where the held loads
+    // spilled) the keys are loaded and stored first, then the gates, two
+    // round trips as before. Call where the previous slab's readers of
+    // the tables, qraw and kraw are past a barrier. Ends with a barrier.
+    template <bool kQueries, bool kHeld>
+    __device__ __forceinline__ void stage_slab(int64_t d0, float* qraw, float* kraw) {
+        const bool prefix = d0 == 0 || !per_head;
+        if constexpr (kHeld) {
+            // The gates' loads first: nvcc may convert a 16-bit key (and
+            // wait for it) as soon as it is loaded.
+            const HeldGates hg = fetch_gates(d0, prefix);
+            HeldKeys hq;
+            if constexpr (kQueries) hq = fetch_keys(q, p.q_strides, d0);
+            const HeldKeys hk = fetch_keys(k, p.k_strides, d0);
+            put_gates(hg, prefix);
+            if constexpr (kQueries) put_keys(hq, qraw);
+            put_keys(hk, kraw);
+        } else {
+            if constexpr (kQueries) load_keys(q, p.q_strides, d0, qraw);
+            load_keys(k, p.k_strides, d0, kraw);
+            if (prefix) stage_gates(d0);
+        }
+        __syncthreads();
+        if (prefix) scan_prefix(d0);
     }
 
     // Value columns col0 .. col0 + kVTile − 1 of x (v or dy) over the chunk
@@ -1831,16 +1892,18 @@ __device__ __forceinline__ void intra_pass(Block<input_t, kComplex, kLd>& blk, u
     for (int i = tid; i < kSubs * kSub * kSub && !saved; i += kThreads) pdiag[i] = 0.f;
 
     for (int64_t d0 = 0; d0 < key_dim; d0 += kSlab) {
-        if (d0 == 0 || !blk.per_head) blk.build_prefix(d0);
-        if (!saved) blk.load_keys(blk.q, p.q_strides, d0, qraw);
-        blk.load_keys(blk.k, p.k_strides, d0, kraw);
+        // The gate prefix, raw k and (to form P) raw q, published by one
+        // barrier, their loads in one round trip; not where holding them
+        // spilled 4 to 20 bytes at the register cap on sm_90 (the wide
+        // complex output launches at 128, the narrow real dv launch at 80).
+        constexpr bool kTight = saved ? !kComplex && kCols == kVTile : kComplex && kCols == kWideCols;
+        constexpr bool kHeld = !kTight || GATELOOP_BY_ARCH(true, false);
+        blk.template stage_slab<!saved, kHeld>(d0, qraw, kraw);
         // The state entering the chunk (S_c; D(c) when kAdjoint), rows [Re | Im]
-        // of the slab's channels.
+        // of the slab's channels (read after the slab's next barrier).
         stage_state_rows<kComplex ? 2 : 1, kCols>(
             blk, d0, blk.v0, [&](int64_t at_, bool live) { return live ? state[at_] : 0.f; },
             [&](int r, int c, float x) { st.template put<kTerms>(r, c, x); });
-        // (Saved scores: K̃ alone, from the thread's own raw keys: no barrier.)
-        if (!saved) __syncthreads();
         // Inter-chunk rows: [Re Q̃ | −Im Q̃] (y), [Re K̃ | Im K̃] (dv).
         if constexpr (kAdjoint) {
             put_state_keys<Op, kTerms>(blk, kraw, qe);

@@ -180,9 +180,9 @@ __device__ __forceinline__ void chunk_output_frag(const GateloopChunkParams& p) 
     blk.template load_values<Op, kTerms>(vs);
 
     for (int64_t d0 = 0; d0 < key_dim; d0 += kSlab) {
-        if (d0 == 0 || !blk.per_head) blk.build_prefix(d0);
-        blk.load_keys(blk.q, p.q_strides, d0, qraw);
-        blk.load_keys(blk.k, p.k_strides, d0, kraw);
+        // Ends with a barrier. The loads held in one round trip but in the
+        // complex launches on sm_90 (at 128 registers they spilled 16 bytes).
+        blk.template stage_slab<true, !kComplex || GATELOOP_BY_ARCH(true, false)>(d0, qraw, kraw);
         stage_state_rows<kComplex ? 2 : 1, kVTile>(
             blk, d0, blk.v0, [&](int64_t at_, bool live) { return live ? p.ws_state[at_] : 0.f; },
             [&](int r, int c, float x) { st.template put<kTerms>(r, c, x); });

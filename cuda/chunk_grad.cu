@@ -647,10 +647,7 @@ __device__ __forceinline__ void grad_qk(const GateloopChunkGradParams& g) {
     const auto decay = [&](int64_t ch) { return make_float2(dec[ch * kParts], kComplex ? dec[ch * kParts + 1] : 0.f); };
 
     for (int64_t d0 = 0; d0 < key_dim; d0 += kSlab) {
-        if (d0 == 0 || !blk.per_head) blk.build_prefix(d0);  // ends with a barrier
-        blk.load_keys(blk.q, p.q_strides, d0, qraw);
-        blk.load_keys(blk.k, p.k_strides, d0, kraw);
-        __syncthreads();
+        blk.template stage_slab<true, true>(d0, qraw, kraw);  // ends with a barrier
         offdiag_products<Op>(blk, ds, qraw, kraw, union_at, pblocks);
         // P's diagonal blocks as intra_pass forms them: the pairs inside the
         // halves, then the block between them from the cross rows
