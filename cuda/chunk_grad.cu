@@ -510,19 +510,19 @@ __device__ __forceinline__ void gate_scan(const B& blk, const float2* w, const f
     }
 }
 
-// The chunk's causal scores P, summed over every slab, from `pblocks` into
-// its [kChunk][kChunk] tile of ws_scores: the off-diagonal blocks
-// (offdiag_products' add_score_block) and the diagonal ones (add_half_pairs,
-// add_diagonal_cross), each element the forward's (intra_pass: the same
-// operands, operations and order), so grad_dv reads the P it would have
-// formed, bit for bit. Entries above the diagonal are not written (grad_dv
-// takes them as 0). After the slab loop's last barrier.
 // The block's chunk's [kChunk][kChunk] tile of ws_scores (grad_qk writes
 // it, grad_dv reads it).
 template <class B, typename T>
 __device__ __forceinline__ T* scores_tile(const B& blk, T* ws_scores) {
     return ws_scores + (blk.bh * blk.p.num_chunks + blk.chunk) * kChunk * kChunk;
 }
+// The chunk's causal scores P, summed over every slab, from `pblocks` into
+// its tile of ws_scores: the off-diagonal blocks (offdiag_products'
+// add_score_block) and the diagonal ones (add_half_pairs,
+// add_diagonal_cross), each element the forward's (intra_pass: the same
+// operands, operations and order), so grad_dv reads the P it would have
+// formed, bit for bit. Entries above the diagonal are not written (grad_dv
+// takes them as 0). After the slab loop's last barrier.
 template <typename input_t, bool kComplex, int kLd>
 __device__ __forceinline__ void grad_qk_scores(const Block<input_t, kComplex, kLd>& blk, const float* pblocks,
                                                float* ws_scores) {
