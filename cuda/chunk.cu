@@ -109,11 +109,10 @@ __device__ __forceinline__ void chunk_state(const GateloopChunkParams& p) {
 
     blk.template load_values<Op, raw_tile_terms<input_t, kTerms>()>(vs);
     for (int64_t d0 = 0; d0 < p.dims.key_dim; d0 += kSlab) {
-        if (d0 == 0 || !blk.per_head) blk.build_prefix(d0);
         // No barrier between these two: each thread reads back only the
         // raw keys it loaded (put_state_keys); kt's last readers, the
         // previous slab's product, finished at the loop's closing barrier.
-        blk.load_keys(blk.k, p.k_strides, d0, kraw);
+        blk.stage_slab_own(blk.k, p.k_strides, d0, kraw);
         put_state_keys<Op, kTerms>(blk, kraw, kt);
         if (blk.vt == 0) {
             for (int j = blk.tid; j < blk.gate_cols(d0); j += kThreads) {

@@ -500,6 +500,11 @@ template <typename T, int kN>
 struct Held {
     T v[kN];
 };
+// No loads to hold (Block::stage_slab's default `between`).
+struct NoLoads {
+    struct None {};
+    __device__ __forceinline__ None operator()() const { return {}; }
+};
 
 // kAhead (the staging functions of Block): 0, or also prefetch into L2 what
 // the same call will read for the chunk kAhead chunks away (+1 the next, −1
@@ -911,8 +916,13 @@ struct Block {
     // spilled) the keys are loaded and stored first, then the gates, two
     // round trips as before. Call where the previous slab's readers of
     // the tables, qraw and kraw are past a barrier. Ends with a barrier.
-    template <bool kQueries, bool kHeld>
-    __device__ __forceinline__ void stage_slab(int64_t d0, float* qraw, float* kraw) {
+    //
+    // `between()` runs after that barrier, before the prefix's scans, and
+    // stage_slab returns what it returns: loads issued there (intra_pass:
+    // the slab's state rows, fetch_state_rows) are in flight across the
+    // scans' barriers and serial joins instead of a round trip after them.
+    template <bool kQueries, bool kHeld, class Between = NoLoads>
+    __device__ __forceinline__ auto stage_slab(int64_t d0, float* qraw, float* kraw, Between between = {}) {
         const bool prefix = d0 == 0 || !per_head;
         if constexpr (kHeld) {
             // The gates' loads first: nvcc may convert a 16-bit key (and
@@ -930,7 +940,36 @@ struct Block {
             if (prefix) stage_gates(d0);
         }
         __syncthreads();
+        const auto held = between();
         if (prefix) scan_prefix(d0);
+        return held;
+    }
+
+    // A slab's gate prefix (where the slab builds one) and raw x (k, or the
+    // backward's q) into xs, for the kernels whose threads read back only
+    // the rows of xs they loaded (chunk_state, grad_w): the gates' and x's
+    // loads issued together, one round trip where the prefix's and then
+    // x's took two, and a barrier only for the prefix's scans (ends with
+    // one where it builds the prefix). Call where the previous slab's
+    // readers of the tables are past a barrier. !kHeld (where holding the
+    // loads spilled at a register cap): the prefix built, then x loaded.
+    template <bool kHeld = true>
+    __device__ __forceinline__ void stage_slab_own(const input_t* __restrict__ x, const GateloopSeqStrides& s,
+                                                   int64_t d0, float* xs) {
+        const bool prefix = d0 == 0 || !per_head;
+        if constexpr (!kHeld) {
+            if (prefix) build_prefix(d0);
+            load_keys(x, s, d0, xs);
+            return;
+        }
+        const HeldGates hg = fetch_gates(d0, prefix);
+        const HeldKeys hx = fetch_keys(x, s, d0);
+        put_gates(hg, prefix);
+        put_keys(hx, xs);
+        if (prefix) {
+            __syncthreads();
+            scan_prefix(d0);
+        }
     }
 
     // Value columns col0 .. col0 + kVTile − 1 of x (v or dy) over the chunk
@@ -1069,24 +1108,54 @@ struct StateRows {
     __device__ __forceinline__ bool live(int i) const { return col_in && row0 + kStep * i < rows_left; }
 };
 
-// Stages those rows (StateRows), kParts parts of kSlab rows: tile row
-// part·kSlab + j ↔ workspace row part·K + d0 + j. fetch(at, live) → value,
-// `at` the item's workspace offset, live false past K or V (fetch must then
-// not read); put(row, col, value) (stage_tile). A thread's rows stay in one
-// part for kPerPart items, so the part is known at compile time.
-template <int kParts, int kCols, typename input_t, bool kComplex, int kLd, class Fetch, class Put>
-__device__ __forceinline__ void stage_state_rows(const Block<input_t, kComplex, kLd>& blk, int64_t d0, int64_t col0,
-                                                 Fetch fetch, Put put) {
+// A thread's items kFirst .. kFirst + kCount − 1 of those rows (StateRows),
+// kParts parts of kSlab rows (tile row part·kSlab + j ↔ workspace row
+// part·K + d0 + j), loaded and not yet put: item u is (row, col) =
+// (slot.row0 + u·kStep, slot.col) of the tile, as stage_tile orders them.
+// fetch(at, live) → value, `at` the item's workspace offset, live false past
+// K or V (fetch must then not read). A thread's rows stay in one part for
+// kPerPart items, so the part is known at compile time. intra_pass issues
+// the first items inside Block::stage_slab (its `between`), in flight
+// across the prefix's scans, and puts them after.
+template <int kParts, int kCols>
+__host__ __device__ constexpr int state_row_items() {
+    return kParts * StateRows<kCols>::kPerPart;
+}
+template <int kParts, int kCols, int kFirst, int kCount, typename input_t, bool kComplex, int kLd, class Fetch>
+__device__ __forceinline__ Held<float, kCount> fetch_state_rows(const Block<input_t, kComplex, kLd>& blk,
+                                                                int64_t d0, int64_t col0, Fetch fetch) {
+    static_assert(kFirst >= 0 && kCount > 0 && kFirst + kCount <= state_row_items<kParts, kCols>(),
+                  "items of the tile");
     const TileSlot<kCols> slot(blk.tid);
     const StateRows<kCols> rows(blk, slot, d0, col0);
     constexpr int kPerPart = StateRows<kCols>::kPerPart;
-    stage_tile<kParts * kSlab, kCols>(
-        slot,
-        [&](int u, int, int) {
-            const int i = u % kPerPart;
-            return fetch(rows.at(u / kPerPart, i), rows.live(i));
-        },
-        put);
+    Held<float, kCount> held;
+#pragma unroll
+    for (int u = kFirst; u < kFirst + kCount; ++u) {
+        const int i = u % kPerPart;
+        held.v[u - kFirst] = fetch(rows.at(u / kPerPart, i), rows.live(i));
+    }
+    return held;
+}
+// put(row, col, value) for each of those items.
+template <int kCols, int kFirst, int kCount, class Put>
+__device__ __forceinline__ void put_state_rows(int tid, const Held<float, kCount>& held, Put put) {
+    const TileSlot<kCols> slot(tid);
+    constexpr int kStep = TileSlot<kCols>::kStep;
+#pragma unroll
+    for (int u = kFirst; u < kFirst + kCount; ++u) put(slot.row0 + u * kStep, slot.col, held.v[u - kFirst]);
+}
+// Stages items kFirst … of those rows, kLoadsInFlight loads a round trip.
+template <int kParts, int kCols, int kFirst = 0, typename input_t, bool kComplex, int kLd, class Fetch, class Put>
+__device__ __forceinline__ void stage_state_rows(const Block<input_t, kComplex, kLd>& blk, int64_t d0, int64_t col0,
+                                                 Fetch fetch, Put put) {
+    constexpr int kItems = state_row_items<kParts, kCols>();
+    if constexpr (kFirst < kItems) {
+        constexpr int kCount = kItems - kFirst < kLoadsInFlight ? kItems - kFirst : kLoadsInFlight;
+        const auto held = fetch_state_rows<kParts, kCols, kFirst, kCount>(blk, d0, col0, fetch);
+        put_state_rows<kCols, kFirst, kCount>(blk.tid, held, put);
+        stage_state_rows<kParts, kCols, kFirst + kCount>(blk, d0, col0, fetch, put);
+    }
 }
 
 // Operand widths of one slab: [Re | Im] halves of kChannels (16), or Re
@@ -1496,16 +1565,23 @@ __device__ __forceinline__ void walk_chunks(const GateloopChunkParams& p, unsign
         // Real gates: the loads in flight across the prefix, put after it
         // (the tile's and the raw slab's last readers, the previous chunk's
         // product and update, are done at its barriers). Complex gates
-        // stage them after it, tile then keys: across it, ptxas gave the
-        // uncapped complex walks 147 to 168 registers where they had 96
-        // (sm_90 bf16 Exact: one resident block where two were), and
-        // issued together after it, 80 to 110 and a 4-byte spill.
+        // stage them after it: across it, ptxas gave the uncapped complex
+        // walks 147 to 168 registers where they had 96 (sm_90 bf16 Exact:
+        // one resident block where two were). There the tile's and the
+        // keys' loads are issued together (walk_fetch, then walk_put: one
+        // round trip where the tile's and then the keys' took two), but in
+        // the f16 backward walk on sm_90 (a 4-byte spill at its 80).
+        constexpr bool kTogether =
+            !(kBackward && std::is_same<input_t, __half>::value) || GATELOOP_BY_ARCH(true, false);
         if constexpr (!kComplex) {
             const WalkLoads<input_t, kComplex> loads = walk_fetch<kAhead, Op, kTerms>(blk, rows, d0);
             // Ends with a barrier (the previous chunk's update is complete);
             // prefetches the gates of the chunk the walk visits next.
             blk.template build_prefix<kAhead>(d0);
             walk_put<kAhead, Op, kTerms>(blk, rows, loads, sm);
+        } else if constexpr (kTogether) {
+            blk.template build_prefix<kAhead>(d0);
+            walk_put<kAhead, Op, kTerms>(blk, rows, walk_fetch<kAhead, Op, kTerms>(blk, rows, d0), sm);
         } else {
             blk.template build_prefix<kAhead>(d0);
             blk.template load_tile<Op, raw_tile_terms<input_t, kTerms>(), kAhead>(rows.tile, rows.tile_strides,
@@ -1898,12 +1974,33 @@ __device__ __forceinline__ void intra_pass(Block<input_t, kComplex, kLd>& blk, u
         // complex output launches at 128, the narrow real dv launch at 80).
         constexpr bool kTight = saved ? !kComplex && kCols == kVTile : kComplex && kCols == kWideCols;
         constexpr bool kHeld = !kTight || GATELOOP_BY_ARCH(true, false);
-        blk.template stage_slab<!saved, kHeld>(d0, qraw, kraw);
         // The state entering the chunk (S_c; D(c) when kAdjoint), rows [Re | Im]
-        // of the slab's channels (read after the slab's next barrier).
-        stage_state_rows<kComplex ? 2 : 1, kCols>(
-            blk, d0, blk.v0, [&](int64_t at_, bool live) { return live ? state[at_] : 0.f; },
-            [&](int r, int c, float x) { st.template put<kTerms>(r, c, x); });
+        // of the slab's channels (read after the slab's next barrier): the
+        // loads of the thread's first kStateAhead items issued after the
+        // tables' barrier, in flight across the prefix's scans (their
+        // barriers and serial joins) where they were a round trip after
+        // them, the rest after (kLoadsInFlight a trip, as before). Every
+        // item (4 to 16) in the 16-bit launches; four in the f32 ones (all
+        // eight: the wide real Exact output spilled 4 bytes on sm_90); none
+        // where holding them spilled at a register cap (the wide complex
+        // output launches on sm_90, 12 to 24 bytes at 128; the wide f16 dv
+        // launches, 8 to 20 bytes at 80 and 128).
+        constexpr int kParts = kComplex ? 2 : 1;
+        constexpr int kItems = state_row_items<kParts, kCols>();
+        constexpr bool kStateTight = kCols == kWideCols && (saved ? std::is_same<input_t, __half>::value
+                                                                  : kComplex && GATELOOP_BY_ARCH(false, true));
+        constexpr int kStateAhead = kStateTight ? 0 : sizeof(input_t) == 2 ? kItems : kLoadsInFlight;
+        const auto state_at = [&](int64_t at_, bool live) { return live ? state[at_] : 0.f; };
+        const auto put_state = [&](int r, int c, float x) { st.template put<kTerms>(r, c, x); };
+        if constexpr (kStateAhead == 0) {
+            blk.template stage_slab<!saved, kHeld>(d0, qraw, kraw);
+        } else {
+            const auto held = blk.template stage_slab<!saved, kHeld>(d0, qraw, kraw, [&] {
+                return fetch_state_rows<kParts, kCols, 0, kStateAhead>(blk, d0, blk.v0, state_at);
+            });
+            put_state_rows<kCols, 0, kStateAhead>(tid, held, put_state);
+        }
+        stage_state_rows<kParts, kCols, kStateAhead>(blk, d0, blk.v0, state_at, put_state);
         // Inter-chunk rows: [Re Q̃ | −Im Q̃] (y), [Re K̃ | Im K̃] (dv).
         if constexpr (kAdjoint) {
             put_state_keys<Op, kTerms>(blk, kraw, qe);
@@ -1936,6 +2033,20 @@ __device__ __forceinline__ void intra_pass(Block<input_t, kComplex, kLd>& blk, u
         __syncthreads();
     }
 
+    // The value-side tile (v or dY) of the last product, a half of kVTile
+    // columns at a time: stored as loaded (bf16, f16 Fast) where its rows
+    // allow, each half's loads issued ahead (Block::fetch_groups) and put
+    // when vs is free: the first half's round trip across P's forming, the
+    // second's across the first half's products, where each was a round
+    // trip between two barriers.
+    constexpr int kTileTerms = raw_tile_terms<input_t, kTerms>();
+    constexpr bool kTileAhead = stored_as_loaded<input_t, Op, kTileTerms>();
+    bool tile_ahead = false;
+    typename Block<input_t, kComplex, kLd>::template HeldGroups<kVTile> held_tile;
+    if constexpr (kTileAhead) {
+        tile_ahead = blk.vector_rows(tile, tile_strides, blk.v0, value_dim);
+        if (tile_ahead) held_tile = blk.template fetch_groups<kVTile, 0>(tile, tile_strides, blk.v0, value_dim);
+    }
     // P (64 × 64, causal) into its split operand: the score blocks pass
     // through the warps' staging tiles, the diagonal from pdiag, zeros above.
     if (pair < kPairs && !saved) wmma::store_matrix_sync(staging, sacc, 16, wmma::mem_row_major);
@@ -1962,7 +2073,18 @@ __device__ __forceinline__ void intra_pass(Block<input_t, kComplex, kLd>& blk, u
     for (int h = 0; h < kHalves; ++h) {
         // Half h of the tile into vs; half h − 1's products, its readers, done.
         if (h > 0) __syncthreads();
-        blk.template load_tile<Op, raw_tile_terms<input_t, kTerms>()>(tile, tile_strides, blk.v0 + h * kVTile, vs);
+        bool put = false;
+        if constexpr (kTileAhead) {
+            if (tile_ahead) {
+                blk.template put_groups<kVTile>(held_tile, [&](int t, int c, auto w) { vs.put_group(t, c, w); });
+                if (h + 1 < kHalves) {
+                    held_tile = blk.template fetch_groups<kVTile, 0>(tile, tile_strides, blk.v0 + (h + 1) * kVTile,
+                                                                     value_dim);
+                }
+                put = true;
+            }
+        }
+        if (!put) blk.template load_tile<Op, kTileTerms>(tile, tile_strides, blk.v0 + h * kVTile, vs);
         __syncthreads();
         if constexpr (kAdjoint) {
             // dv += Pᵀ dY: A(m, n) = P[n][m] read column-major, the inner loop
@@ -1970,7 +2092,7 @@ __device__ __forceinline__ void intra_pass(Block<input_t, kComplex, kLd>& blk, u
             for (int kk = kSub * yr; kk < kChunk; kk += Op::kK) {
 #pragma unroll
                 for (int t = 0; t < 2; ++t) {
-                    mma_split_step<Op, kTerms, raw_tile_terms<input_t, kTerms>(), wmma::col_major, wmma::row_major>(
+                    mma_split_step<Op, kTerms, kTileTerms, wmma::col_major, wmma::row_major>(
                         yacc[2 * h + t], ps.hi_at(kk, 16 * yr), ps.lo_at(kk, 16 * yr), ps.ld,
                         vs.hi_at(kk, 16 * (yc + t)), vs.lo_at(kk, 16 * (yc + t)), vs.ld);
                 }
@@ -1980,7 +2102,7 @@ __device__ __forceinline__ void intra_pass(Block<input_t, kComplex, kLd>& blk, u
             for (int kk = 0; kk < kSub * (yr + 1); kk += Op::kK) {
 #pragma unroll
                 for (int t = 0; t < 2; ++t) {
-                    mma_split_step<Op, kTerms, raw_tile_terms<input_t, kTerms>(), wmma::row_major, wmma::row_major>(
+                    mma_split_step<Op, kTerms, kTileTerms, wmma::row_major, wmma::row_major>(
                         yacc[2 * h + t], ps.hi_at(16 * yr, kk), ps.lo_at(16 * yr, kk), ps.ld,
                         vs.hi_at(kk, 16 * (yc + t)), vs.lo_at(kk, 16 * (yc + t)), vs.ld);
                 }

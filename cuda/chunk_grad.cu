@@ -268,8 +268,9 @@ __device__ __forceinline__ void grad_w(const GateloopChunkGradParams& g) {
     blk.template load_tile<Op, raw_tile_terms<input_t, kGradTerms>()>(seq_row<input_t>(g.dy, g.dy_strides, blk.b, blk.h),
                                                                      g.dy_strides, dys);
     for (int64_t d0 = 0; d0 < p.dims.key_dim; d0 += kSlab) {
-        if (d0 == 0 || !blk.per_head) blk.build_prefix(d0);  // ends with a barrier
-        blk.load_keys(blk.q, p.q_strides, d0, qraw);
+        // (Not held in the f16 kernels on sm_90: 4 to 8 bytes spilled at their 80.)
+        blk.template stage_slab_own<!std::is_same<input_t, __half>::value || GATELOOP_BY_ARCH(true, false)>(
+            blk.q, p.q_strides, d0, qraw);
         put_inter_queries<Op, kGradTerms>(blk, qraw, qe);  // own raw queries only: no barrier
         __syncthreads();
         store_slab_gram<Op, kGradTerms>(blk, qe, dys, d0, staging, g.ws_adj);
@@ -847,20 +848,32 @@ __device__ __forceinline__ void grad_qk(const GateloopChunkGradParams& g) {
                             vh.template put<kTileTerms>(n, c, x.y);
                         });
                 };
-                if constexpr (stored_as_loaded<input_t, Op, kTileTerms>()) {
-                    // bf16: both tiles as they came, 16 bytes a load, where
-                    // their rows are aligned (Block::load_groups).
-                    if (blk.vector_rows(dy, g.dy_strides, v0, value_dim) &&
-                        blk.vector_rows(blk.v, p.v_strides, v0, value_dim)) {
-                        blk.template load_groups<kInterCols, 0>(dy, g.dy_strides, v0, value_dim,
-                                                                [&](int t, int c, uint4 w) { dyh.put_group(t, c, w); });
-                        blk.template load_groups<kInterCols, 0>(blk.v, p.v_strides, v0, value_dim,
-                                                                [&](int t, int c, uint4 w) { vh.put_group(t, c, w); });
-                    } else {
-                        stage_each();
-                    }
-                } else {
+                // bf16: both tiles as they came, 16 bytes a load, where their
+                // rows are aligned (Block::load_groups). Real gates: their
+                // loads held (fetch_groups) and put after S_in's and D's
+                // below, all in flight together, one round trip where the
+                // tiles' stores had waited for theirs before S_in and D were
+                // loaded (two); not for complex gates (at 128 registers,
+                // holding the tiles spilled 4 bytes on sm_90, 12 on sm_80).
+                constexpr bool kVectorTiles = stored_as_loaded<input_t, Op, kTileTerms>();
+                constexpr bool kHoldTiles = kVectorTiles && !kComplex;
+                bool vector = false;
+                if constexpr (kVectorTiles) {
+                    vector = blk.vector_rows(dy, g.dy_strides, v0, value_dim) &&
+                             blk.vector_rows(blk.v, p.v_strides, v0, value_dim);
+                }
+                typename Block<input_t, kComplex, kPrefixLd>::template HeldGroups<kInterCols> hdy, hv;
+                // (Generic: instantiated only for the 16-bit tiles put_group takes.)
+                const auto put_dy = [&](int t, int c, auto w) { dyh.put_group(t, c, w); };
+                const auto put_v = [&](int t, int c, auto w) { vh.put_group(t, c, w); };
+                if (!vector) {
                     stage_each();
+                } else if constexpr (kHoldTiles) {
+                    hdy = blk.template fetch_groups<kInterCols, 0>(dy, g.dy_strides, v0, value_dim);
+                    hv = blk.template fetch_groups<kInterCols, 0>(blk.v, p.v_strides, v0, value_dim);
+                } else if constexpr (kVectorTiles) {
+                    blk.template load_groups<kInterCols, 0>(dy, g.dy_strides, v0, value_dim, put_dy);
+                    blk.template load_groups<kInterCols, 0>(blk.v, p.v_strides, v0, value_dim, put_v);
                 }
                 // S_in and D of channel row0 + kStep·u at the slot's column,
                 // both parts (Re, Im) of each in one item: (Re S, Im S, Re D,
@@ -891,6 +904,12 @@ __device__ __forceinline__ void grad_qk(const GateloopChunkGradParams& g) {
                             dh.template put<kGradTerms>(kSlab + r, c, x.w);
                         }
                     });
+                if constexpr (kHoldTiles) {
+                    if (vector) {
+                        blk.template put_groups<kInterCols>(hdy, put_dy);
+                        blk.template put_groups<kInterCols>(hv, put_v);
+                    }
+                }
                 __syncthreads();
                 if (kComplex) {
                     for (int kk = 0; kk < kInterCols; kk += Op::kK) {
