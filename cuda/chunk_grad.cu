@@ -848,40 +848,23 @@ __device__ __forceinline__ void grad_qk(const GateloopChunkGradParams& g) {
                             vh.template put<kTileTerms>(n, c, x.y);
                         });
                 };
-                // bf16: both tiles as they came, 16 bytes a load, where their
-                // rows are aligned (Block::load_groups). Real gates: their
-                // loads held (fetch_groups) and put after S_in's and D's
-                // below, all in flight together, one round trip where the
-                // tiles' stores had waited for theirs before S_in and D were
-                // loaded (two); not for complex gates (at 128 registers,
-                // holding the tiles spilled 4 bytes on sm_90, 12 on sm_80).
-                constexpr bool kVectorTiles = stored_as_loaded<input_t, Op, kTileTerms>();
-                constexpr bool kHoldTiles = kVectorTiles && !kComplex;
-                bool vector = false;
-                if constexpr (kVectorTiles) {
-                    vector = blk.vector_rows(dy, g.dy_strides, v0, value_dim) &&
-                             blk.vector_rows(blk.v, p.v_strides, v0, value_dim);
-                }
-                typename Block<input_t, kComplex, kPrefixLd>::template HeldGroups<kInterCols> hdy, hv;
-                // (Generic: instantiated only for the 16-bit tiles put_group takes.)
-                const auto put_dy = [&](int t, int c, auto w) { dyh.put_group(t, c, w); };
-                const auto put_v = [&](int t, int c, auto w) { vh.put_group(t, c, w); };
-                if (!vector) {
-                    stage_each();
-                } else if constexpr (kHoldTiles) {
-                    hdy = blk.template fetch_groups<kInterCols, 0>(dy, g.dy_strides, v0, value_dim);
-                    hv = blk.template fetch_groups<kInterCols, 0>(blk.v, p.v_strides, v0, value_dim);
-                } else if constexpr (kVectorTiles) {
-                    blk.template load_groups<kInterCols, 0>(dy, g.dy_strides, v0, value_dim, put_dy);
-                    blk.template load_groups<kInterCols, 0>(blk.v, p.v_strides, v0, value_dim, put_v);
-                }
                 // S_in and D of channel row0 + kStep·u at the slot's column,
                 // both parts (Re, Im) of each in one item: (Re S, Im S, Re D,
                 // Im D), tile rows (Re) u·kStep + row0 and kSlab + that (Im).
+                // Their loads issued first and held (kStatesFirst), in
+                // flight with the tiles' (one round trip a step for 16-byte
+                // tiles, two for the elementwise ones, where the tiles'
+                // stores had waited for theirs before S_in and D were
+                // loaded: two and three); not in the complex f16 kernel on
+                // sm_80 (4 bytes spilled at its 128).
+                constexpr bool kStatesFirst = !(kComplex && std::is_same<input_t, __half>::value) ||
+                                              GATELOOP_BY_ARCH(false, true);
                 const StateRows<kInterCols> rows(blk, slot, d0, v0);
-                stage_tile<kSlab, kInterCols>(
-                    slot,
-                    [&](int u, int, int) {
+                constexpr int kStateItems = kSlab / kStep;
+                float4 sd[kStateItems];
+                const auto fetch_states = [&] {
+#pragma unroll
+                    for (int u = 0; u < kStateItems; ++u) {
                         float4 x = make_float4(0.f, 0.f, 0.f, 0.f);
                         if (rows.live(u)) {
                             const int64_t re = rows.at(0, u);
@@ -892,22 +875,36 @@ __device__ __forceinline__ void grad_qk(const GateloopChunkGradParams& g) {
                                 x = make_float4(p.ws_state[re], 0.f, g.ws_adj[re], 0.f);
                             }
                         }
-                        thr[u] = make_float2(fmaf(x.x, x.z, fmaf(x.y, x.w, thr[u].x)),
-                                             fmaf(x.y, x.z, fmaf(-x.x, x.w, thr[u].y)));
-                        return x;
-                    },
-                    [&](int r, int c, float4 x) {
-                        sh.template put<kGradTerms>(r, c, x.x);
-                        dh.template put<kGradTerms>(r, c, x.z);
-                        if (kComplex) {
-                            sh.template put<kGradTerms>(kSlab + r, c, x.y);
-                            dh.template put<kGradTerms>(kSlab + r, c, x.w);
-                        }
-                    });
-                if constexpr (kHoldTiles) {
+                        sd[u] = x;
+                    }
+                };
+                if constexpr (kStatesFirst) fetch_states();
+                // bf16: both tiles as they came, 16 bytes a load, where their
+                // rows are aligned (Block::load_groups).
+                bool vector = false;
+                if constexpr (stored_as_loaded<input_t, Op, kTileTerms>()) {
+                    vector = blk.vector_rows(dy, g.dy_strides, v0, value_dim) &&
+                             blk.vector_rows(blk.v, p.v_strides, v0, value_dim);
                     if (vector) {
-                        blk.template put_groups<kInterCols>(hdy, put_dy);
-                        blk.template put_groups<kInterCols>(hv, put_v);
+                        blk.template load_groups<kInterCols, 0>(dy, g.dy_strides, v0, value_dim,
+                                                                [&](int t, int c, uint4 w) { dyh.put_group(t, c, w); });
+                        blk.template load_groups<kInterCols, 0>(blk.v, p.v_strides, v0, value_dim,
+                                                                [&](int t, int c, uint4 w) { vh.put_group(t, c, w); });
+                    }
+                }
+                if (!vector) stage_each();
+                if constexpr (!kStatesFirst) fetch_states();
+#pragma unroll
+                for (int u = 0; u < kStateItems; ++u) {
+                    const float4 x = sd[u];
+                    thr[u] = make_float2(fmaf(x.x, x.z, fmaf(x.y, x.w, thr[u].x)),
+                                         fmaf(x.y, x.z, fmaf(-x.x, x.w, thr[u].y)));
+                    const int r = slot.row0 + u * kStep, c = slot.col;
+                    sh.template put<kGradTerms>(r, c, x.x);
+                    dh.template put<kGradTerms>(r, c, x.z);
+                    if (kComplex) {
+                        sh.template put<kGradTerms>(kSlab + r, c, x.y);
+                        dh.template put<kGradTerms>(kSlab + r, c, x.w);
                     }
                 }
                 __syncthreads();
