@@ -1980,11 +1980,11 @@ __device__ __forceinline__ void intra_pass(Block<input_t, kComplex, kLd>& blk, u
         // tables' barrier, in flight across the prefix's scans (their
         // barriers and serial joins) where they were a round trip after
         // them, the rest after (kLoadsInFlight a trip, as before). Every
-        // item (4 to 16) in the 16-bit launches; four in the f32 ones (all
-        // eight: the wide real Exact output spilled 4 bytes on sm_90); none
-        // where holding them spilled at a register cap (the wide complex
-        // output launches on sm_90, 12 to 24 bytes at 128; the wide f16 dv
-        // launches, 8 to 20 bytes at 80 and 128).
+        // item (4 to 16) in the 16-bit launches; four in the f32 ones
+        // (holding all eight spilled 4 bytes in the wide real Exact output
+        // on sm_90); none where holding them spilled at a register cap
+        // (the wide complex output launches on sm_90, 12 to 24 bytes at
+        // 128; the wide f16 dv launches, 8 to 20 bytes at 80 and 128).
         constexpr int kParts = kComplex ? 2 : 1;
         constexpr int kItems = state_row_items<kParts, kCols>();
         constexpr bool kStateTight = kCols == kWideCols && (saved ? std::is_same<input_t, __half>::value
