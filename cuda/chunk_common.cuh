@@ -923,6 +923,28 @@ struct Block {
     // scans' barriers and serial joins instead of a round trip after them.
     template <bool kQueries, bool kHeld, class Between = NoLoads>
     __device__ __forceinline__ auto stage_slab(int64_t d0, float* qraw, float* kraw, Between between = {}) {
+        return stage_slab_rows<kQueries, kHeld, true>(k, p.k_strides, d0, qraw, kraw, between);
+    }
+
+    // A slab's gate prefix (where the slab builds one) and raw x (k, or the
+    // backward's q) into xs, for the kernels whose threads read back only
+    // the rows of xs they loaded (chunk_state, grad_w): stage_slab without
+    // q, and with a barrier only where the slab builds a prefix (for its
+    // scans; then it ends with one). Call where the previous slab's readers
+    // of the tables are past a barrier.
+    template <bool kHeld = true>
+    __device__ __forceinline__ void stage_slab_own(const input_t* __restrict__ x, const GateloopSeqStrides& s,
+                                                   int64_t d0, float* xs) {
+        stage_slab_rows<false, kHeld, false>(x, s, d0, nullptr, xs, NoLoads{});
+    }
+
+    // stage_slab and stage_slab_own: the prefix's gates and x (into xs; q
+    // too, into qraw, where kQueries), the barrier (where kShared: other
+    // threads read the rows; else only where the prefix is built), then
+    // `between` and the prefix's scans.
+    template <bool kQueries, bool kHeld, bool kShared, class Between>
+    __device__ __forceinline__ auto stage_slab_rows(const input_t* __restrict__ x, const GateloopSeqStrides& s,
+                                                    int64_t d0, float* qraw, float* xs, Between between) {
         const bool prefix = d0 == 0 || !per_head;
         if constexpr (kHeld) {
             // The gates' loads first: nvcc may convert a 16-bit key (and
@@ -930,46 +952,19 @@ struct Block {
             const HeldGates hg = fetch_gates(d0, prefix);
             HeldKeys hq;
             if constexpr (kQueries) hq = fetch_keys(q, p.q_strides, d0);
-            const HeldKeys hk = fetch_keys(k, p.k_strides, d0);
+            const HeldKeys hx = fetch_keys(x, s, d0);
             put_gates(hg, prefix);
             if constexpr (kQueries) put_keys(hq, qraw);
-            put_keys(hk, kraw);
+            put_keys(hx, xs);
         } else {
             if constexpr (kQueries) load_keys(q, p.q_strides, d0, qraw);
-            load_keys(k, p.k_strides, d0, kraw);
+            load_keys(x, s, d0, xs);
             if (prefix) stage_gates(d0);
         }
-        __syncthreads();
+        if (kShared || prefix) __syncthreads();
         const auto held = between();
         if (prefix) scan_prefix(d0);
         return held;
-    }
-
-    // A slab's gate prefix (where the slab builds one) and raw x (k, or the
-    // backward's q) into xs, for the kernels whose threads read back only
-    // the rows of xs they loaded (chunk_state, grad_w): the gates' and x's
-    // loads issued together, one round trip where the prefix's and then
-    // x's took two, and a barrier only for the prefix's scans (ends with
-    // one where it builds the prefix). Call where the previous slab's
-    // readers of the tables are past a barrier. !kHeld (where holding the
-    // loads spilled at a register cap): the prefix built, then x loaded.
-    template <bool kHeld = true>
-    __device__ __forceinline__ void stage_slab_own(const input_t* __restrict__ x, const GateloopSeqStrides& s,
-                                                   int64_t d0, float* xs) {
-        const bool prefix = d0 == 0 || !per_head;
-        if constexpr (!kHeld) {
-            if (prefix) build_prefix(d0);
-            load_keys(x, s, d0, xs);
-            return;
-        }
-        const HeldGates hg = fetch_gates(d0, prefix);
-        const HeldKeys hx = fetch_keys(x, s, d0);
-        put_gates(hg, prefix);
-        put_keys(hx, xs);
-        if (prefix) {
-            __syncthreads();
-            scan_prefix(d0);
-        }
     }
 
     // Value columns col0 .. col0 + kVTile − 1 of x (v or dy) over the chunk
@@ -1156,6 +1151,25 @@ __device__ __forceinline__ void stage_state_rows(const Block<input_t, kComplex, 
         put_state_rows<kCols, kFirst, kCount>(blk.tid, held, put);
         stage_state_rows<kParts, kCols, kFirst + kCount>(blk, d0, col0, fetch, put);
     }
+}
+
+// Block::stage_slab, then the slab's state rows (stage_state_rows): the
+// loads of the thread's first kAhead items issued inside stage_slab (its
+// `between`, after the tables' barrier), in flight across the prefix's
+// scans, and put after; the rest after it, kLoadsInFlight a round trip.
+template <bool kQueries, bool kHeld, int kParts, int kCols, int kAhead, typename input_t, bool kComplex, int kLd,
+          class Fetch, class Put>
+__device__ __forceinline__ void stage_slab_and_state_rows(Block<input_t, kComplex, kLd>& blk, int64_t d0,
+                                                          float* qraw, float* kraw, int64_t col0, Fetch fetch,
+                                                          Put put) {
+    if constexpr (kAhead == 0) {
+        blk.template stage_slab<kQueries, kHeld>(d0, qraw, kraw);
+    } else {
+        const auto held = blk.template stage_slab<kQueries, kHeld>(
+            d0, qraw, kraw, [&] { return fetch_state_rows<kParts, kCols, 0, kAhead>(blk, d0, col0, fetch); });
+        put_state_rows<kCols, 0, kAhead>(blk.tid, held, put);
+    }
+    stage_state_rows<kParts, kCols, kAhead>(blk, d0, col0, fetch, put);
 }
 
 // Operand widths of one slab: [Re | Im] halves of kChannels (16), or Re
@@ -1990,17 +2004,9 @@ __device__ __forceinline__ void intra_pass(Block<input_t, kComplex, kLd>& blk, u
         constexpr bool kStateTight = kCols == kWideCols && (saved ? std::is_same<input_t, __half>::value
                                                                   : kComplex && GATELOOP_BY_ARCH(false, true));
         constexpr int kStateAhead = kStateTight ? 0 : sizeof(input_t) == 2 ? kItems : kLoadsInFlight;
-        const auto state_at = [&](int64_t at_, bool live) { return live ? state[at_] : 0.f; };
-        const auto put_state = [&](int r, int c, float x) { st.template put<kTerms>(r, c, x); };
-        if constexpr (kStateAhead == 0) {
-            blk.template stage_slab<!saved, kHeld>(d0, qraw, kraw);
-        } else {
-            const auto held = blk.template stage_slab<!saved, kHeld>(d0, qraw, kraw, [&] {
-                return fetch_state_rows<kParts, kCols, 0, kStateAhead>(blk, d0, blk.v0, state_at);
-            });
-            put_state_rows<kCols, 0, kStateAhead>(tid, held, put_state);
-        }
-        stage_state_rows<kParts, kCols, kStateAhead>(blk, d0, blk.v0, state_at, put_state);
+        stage_slab_and_state_rows<!saved, kHeld, kParts, kCols, kStateAhead>(
+            blk, d0, qraw, kraw, blk.v0, [&](int64_t at_, bool live) { return live ? state[at_] : 0.f; },
+            [&](int r, int c, float x) { st.template put<kTerms>(r, c, x); });
         // Inter-chunk rows: [Re Q̃ | −Im Q̃] (y), [Re K̃ | Im K̃] (dv).
         if constexpr (kAdjoint) {
             put_state_keys<Op, kTerms>(blk, kraw, qe);

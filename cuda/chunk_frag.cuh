@@ -180,11 +180,15 @@ __device__ __forceinline__ void chunk_output_frag(const GateloopChunkParams& p) 
     blk.template load_values<Op, kTerms>(vs);
 
     for (int64_t d0 = 0; d0 < key_dim; d0 += kSlab) {
-        // Ends with a barrier. The loads held in one round trip but in the
-        // complex launches on sm_90 (at 128 registers they spilled 16 bytes).
-        blk.template stage_slab<true, !kComplex || GATELOOP_BY_ARCH(true, false)>(d0, qraw, kraw);
-        stage_state_rows<kComplex ? 2 : 1, kVTile>(
-            blk, d0, blk.v0, [&](int64_t at_, bool live) { return live ? p.ws_state[at_] : 0.f; },
+        // Ends with a barrier. The slab's loads held in one round trip but in
+        // the complex launches on sm_90 (at 128 registers they spilled 16
+        // bytes); the state rows' loads issued inside it, across the
+        // prefix's scans, but in those launches (4 items spilled 56 bytes).
+        constexpr int kParts = kComplex ? 2 : 1;
+        constexpr int kItems = state_row_items<kParts, kVTile>();
+        stage_slab_and_state_rows<true, !kComplex || GATELOOP_BY_ARCH(true, false), kParts, kVTile,
+                                  kComplex ? GATELOOP_BY_ARCH(kItems, 0) : kItems>(
+            blk, d0, qraw, kraw, blk.v0, [&](int64_t at_, bool live) { return live ? p.ws_state[at_] : 0.f; },
             [&](int r, int c, float x) { st.template put<kTerms>(r, c, x); });
         __syncthreads();
 
