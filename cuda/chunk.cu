@@ -274,7 +274,7 @@ __device__ __forceinline__ void chunk_output(const GateloopChunkParams& p) {
 GATELOOP_CHUNK_ENTRIES(f32, float, OpTf32, c, true, exact, 3, 2, 1, 1, 1)
 GATELOOP_CHUNK_ENTRIES(f32, float, OpTf32, c, true, fast, 1, 2, 1, 1, 1)
 GATELOOP_CHUNK_ENTRIES(f32, float, OpTf32, r, false, exact, 3, 2, 1, 1, GATELOOP_BY_ARCH(1, 2))
-GATELOOP_CHUNK_ENTRIES(f32, float, OpTf32, r, false, fast, 1, 2, 1, 2, 2)
+GATELOOP_CHUNK_ENTRIES(f32, float, OpTf32, r, false, fast, 1, 2, 2, 2, 2)
 GATELOOP_CHUNK_ENTRIES(f16, __half, OpBf16, c, true, exact, 3, GATELOOP_BY_ARCH(2, 3), 1, 2, 2)
 GATELOOP_CHUNK_ENTRIES(f16, __half, OpF16, c, true, fast, 1, GATELOOP_BY_ARCH(2, 3), GATELOOP_BY_ARCH(1, 3), 2, 2)
 GATELOOP_CHUNK_ENTRIES(f16, __half, OpBf16, r, false, exact, 3,

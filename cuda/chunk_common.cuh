@@ -656,9 +656,14 @@ struct Block {
     // there is none; the walks only, which run batched).
     template <int kAhead>
     __device__ __forceinline__ int ahead_steps() const {
+        return ahead_steps<kAhead>(t0);
+    }
+    // The same from the chunk starting at step `from`.
+    template <int kAhead>
+    __device__ __forceinline__ int ahead_steps(int64_t from) const {
         static_assert(kAhead == -1 || kAhead == 1, "the next or the previous chunk");
-        if (kAhead < 0) return t0 >= kChunk ? kChunk : 0;
-        return static_cast<int>(min(static_cast<int64_t>(kChunk), p.dims.len - t0 - kChunk));
+        if (kAhead < 0) return from >= kChunk ? kChunk : 0;
+        return static_cast<int>(min(static_cast<int64_t>(kChunk), p.dims.len - from - kChunk));
     }
 
     // The kAhead prefetch of one staged item (see kAhead above): item u of
@@ -668,9 +673,15 @@ struct Block {
     template <int kWidth, int kAhead, typename T>
     __device__ __forceinline__ void prefetch_ahead(const T* base, int64_t first, int64_t step, int u, int t,
                                                    bool col_in) const {
+        prefetch_ahead<kWidth, kAhead>(t0, base, first, step, u, t, col_in);
+    }
+    // The same for items of the chunk starting at step `from`.
+    template <int kWidth, int kAhead, typename T>
+    __device__ __forceinline__ void prefetch_ahead(int64_t from, const T* base, int64_t first, int64_t step, int u,
+                                                   int t, bool col_in) const {
         if constexpr (kAhead != 0 && kPrefetchAhead) {
             constexpr int kNext = kChunk / TileSlot<kWidth>::kStep;  // item u of the next chunk: u + kNext
-            if (col_in && t < ahead_steps<kAhead>()) prefetch_l2(base + first + (u + kAhead * kNext) * step);
+            if (col_in && t < ahead_steps<kAhead>(from)) prefetch_l2(base + first + (u + kAhead * kNext) * step);
         }
     }
 
@@ -761,6 +772,35 @@ struct Block {
             gre[i] = held.v[u].x;
             if (kComplex) gsn[i] = held.v[u].y;
         }
+    }
+    // stage_gates for chunk c of the block's (b, h), real gates: each item
+    // a cp.async into the tables (no register held while it lands), with
+    // the kAhead prefetch of the chunk after c. The real-gate walks issue
+    // the next chunk's gates while they finish this one (once its tables'
+    // last readers, put_slab and the decays, are past a barrier) and wait
+    // for them (cp_async_wait_all, then a barrier) before that chunk's
+    // scans: the gates' round trip then no longer lies on the walk's serial
+    // path, and no register holds them meanwhile.
+    template <int kAhead = 0>
+    __device__ __forceinline__ void issue_gates_async(int64_t d0, int64_t c) const {
+        static_assert(!kComplex, "the real gates: one f32 a table entry");
+        constexpr int kStep = TileSlot<kChannels>::kStep;
+        const TileSlot<kChannels> slot(tid);
+        const int64_t from = c * kChunk;
+        const int steps = static_cast<int>(min(static_cast<int64_t>(kChunk), p.dims.len - from));
+        const bool col_in = slot.col < gate_cols(d0);
+        const int64_t step = opaque(kStep * p.gate_strides.time);
+        const int64_t first = opaque((from + slot.row0) * p.gate_strides.time + (per_head ? 0 : d0 + slot.col));
+        const float* row = seq_row<float>(p.log_gate, p.gate_strides, b, h);
+        float* const to = gre + at(slot.row0, slot.col);
+        for_const<0, kChannelBatch>([&](auto uc) {
+            constexpr int u = decltype(uc)::value;
+            const int t = slot.row0 + u * kStep;
+            prefetch_ahead<kChannels, kAhead>(from, row, first, step, u, t, col_in);
+            const bool live = col_in && t < steps;
+            cp_async_f32<u * kStep * kLd>(to, live ? row + first + u * step : row, live);
+        });
+        cp_async_commit();
     }
     // build_prefix's second part: the scans and joins over the staged gates.
     // Ends with a barrier.
@@ -1589,9 +1629,17 @@ __device__ __forceinline__ void walk_chunks(const GateloopChunkParams& p, unsign
             !(kBackward && std::is_same<input_t, __half>::value) || GATELOOP_BY_ARCH(true, false);
         if constexpr (!kComplex) {
             const WalkLoads<input_t, kComplex> loads = walk_fetch<kAhead, Op, kTerms>(blk, rows, d0);
-            // Ends with a barrier (the previous chunk's update is complete);
-            // prefetches the gates of the chunk the walk visits next.
-            blk.template build_prefix<kAhead>(d0);
+            // The gate prefix: the first chunk's gates staged here (with the
+            // prefetch of the next's), every later chunk's issued by the
+            // previous one (issue_gates_async, below), waited for here. The
+            // barrier also orders the previous chunk's update before the puts.
+            if (i == 0) {
+                blk.template stage_gates<kAhead>(d0);
+            } else {
+                cp_async_wait_all();
+            }
+            __syncthreads();
+            blk.scan_prefix(d0);  // ends with a barrier
             walk_put<kAhead, Op, kTerms>(blk, rows, loads, sm);
         } else if constexpr (kTogether) {
             blk.template build_prefix<kAhead>(d0);
@@ -1610,6 +1658,13 @@ __device__ __forceinline__ void walk_chunks(const GateloopChunkParams& p, unsign
             dec[j] = kBackward ? make_float2(a.x, -a.y) : a;
         }
         __syncthreads();
+        if constexpr (!kComplex) {
+            // The tables' last readers (put_slab, the decays) are done: the
+            // next chunk's gates land in them across this one's Gram
+            // product and update.
+            const int64_t next = kBackward ? p.num_chunks - 2 - i : i + 1;
+            if (i + 1 < p.num_chunks) blk.template issue_gates_async<kAhead>(d0, next);
+        }
         Acc<Op> acc;
         // Rolled (where it matters: bf16 Exact) but in the complex forward walk.
         if (slab_gram<Op, kTerms, kBackward || !kComplex>(blk, sm.slab, sm.tile, acc)) {

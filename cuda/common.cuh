@@ -12,6 +12,8 @@
 #include <cuda_fp16.h>
 #include <stdint.h>
 
+#include <type_traits>
+
 #include "gateloop_abi.h"
 
 namespace gateloop {
@@ -260,6 +262,48 @@ __device__ __forceinline__ void prefetch_l2_if(const void* a, bool live) {
     if (live) (void)*static_cast<const volatile unsigned char*>(a);
 #endif
 }
+// A 4-byte copy from global to shared memory that the thread does not wait
+// for (cp.async, sm_80 and newer): *dst = *src where `live`, else 0 (src is
+// then not read). The copies a thread issued since its last
+// cp_async_wait_all are complete when that returns; other threads see them
+// after a barrier that follows it. Until then nothing may read or write
+// dst. The emulator (and an arch without cp.async) copies at once.
+// dst is base + kOffset floats: the offset an immediate of the instruction,
+// so that a loop's copies share one base register.
+template <int kOffset>
+__device__ __forceinline__ void cp_async_f32(float* base, const float* src, bool live) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+    const unsigned to = static_cast<unsigned>(__cvta_generic_to_shared(base));
+    asm volatile("cp.async.ca.shared.global [%0+%3], [%1], 4, %2;" ::"r"(to), "l"(src), "r"(live ? 4 : 0),
+                 "n"(4 * kOffset)
+                 : "memory");
+#else
+    base[kOffset] = live ? *src : 0.f;
+#endif
+}
+// f(std::integral_constant<int, u>{}) for u = kFirst .. kLast − 1, u a
+// constant expression in f (a generic lambda), where an unrolled loop's
+// index is a constant only after optimization.
+template <int kFirst, int kLast, class F>
+__device__ __forceinline__ void for_const(F f) {
+    if constexpr (kFirst < kLast) {
+        f(std::integral_constant<int, kFirst>{});
+        for_const<kFirst + 1, kLast>(f);
+    }
+}
+// Closes the batch of copies issued so far (a commit group).
+__device__ __forceinline__ void cp_async_commit() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+    asm volatile("cp.async.commit_group;" ::: "memory");
+#endif
+}
+// Waits for every copy the thread issued.
+__device__ __forceinline__ void cp_async_wait_all() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+    asm volatile("cp.async.wait_all;" ::: "memory");
+#endif
+}
+
 #if !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 900
 constexpr bool kPrefetchAhead = true;
 #else
