@@ -692,16 +692,35 @@ struct Block {
     // The prefix-table column of slab channel j.
     __device__ __forceinline__ int col(int j) const { return per_head ? 0 : j; }
 
-    // Joins the segment-local prefix at table index l to the final prefix at
-    // index c (the step before l's segment), in place: cpu::chunked's
-    // Scratch::join_prefix, same operations in the same order.
-    __device__ __forceinline__ void join_prefix(int c, int l) const {
-        if (rst[l] >= 0) return;  // a reset inside the segment: nothing carries over it
-        const float2 s = two_sum(gre[c], gre[l]);
-        glo[l] = (glo[c] + glo[l]) + s.y;
-        gre[l] = s.x;
-        if (kComplex) gsn[l] = reduce_2pi(gsn[c] + gsn[l]);
-        rst[l] = rst[c];
+    // One entry of the prefix tables (Re G, its low part, θ, the last
+    // reset), held in registers by the prefix's joins.
+    struct PrefixEntry {
+        float re, lo, sn;
+        int32_t r;
+    };
+    __device__ __forceinline__ PrefixEntry prefix_entry(int i) const {
+        return {gre[i], glo[i], kComplex ? gsn[i] : 0.f, rst[i]};
+    }
+    // Joins the segment-local prefix entry e (table index i) to the final
+    // prefix c (the step before e's segment), stores the result at i and
+    // returns it: cpu::chunked's Scratch::join_prefix, the same operations
+    // in the same order; where the segment holds a reset nothing carries
+    // over it (e stored back unchanged: a select, not a branch). The joins
+    // pass entries in registers: each step's table reads were a shared
+    // round trip on the serial chain, after the previous step's stores.
+    __device__ __forceinline__ PrefixEntry join_prefix(const PrefixEntry& c, const PrefixEntry& e, int i) const {
+        if (e.r >= 0) return e;  // a reset inside the segment: nothing carries over it
+        const float2 s = two_sum(c.re, e.re);
+        PrefixEntry j;
+        j.lo = (c.lo + e.lo) + s.y;
+        j.re = s.x;
+        j.sn = kComplex ? reduce_2pi(c.sn + e.sn) : 0.f;
+        j.r = c.r;
+        glo[i] = j.lo;
+        gre[i] = j.re;
+        if (kComplex) gsn[i] = j.sn;
+        rst[i] = j.r;
+        return j;
     }
 
     // The segmented chunk-local prefix of gate channels d0 .. d0 + cols − 1:
@@ -832,17 +851,31 @@ struct Block {
             }
         }
         __syncthreads();
-        // 2. One thread per channel joins the segments' last steps in order.
+        // 2. One thread per channel joins the segments' last steps in order,
+        //    each step's entry read one step ahead.
         for (int c = tid; c < cols; c += kThreads) {
+            PrefixEntry carry = prefix_entry(at(kPrefixSeg - 1, c));
+            PrefixEntry next = prefix_entry(at(2 * kPrefixSeg - 1, c));
+#pragma unroll
             for (int sg = 1; sg < kPrefixSegs; ++sg) {
-                join_prefix(at(sg * kPrefixSeg - 1, c), at(sg * kPrefixSeg + kPrefixSeg - 1, c));
+                const PrefixEntry e = next;
+                if (sg + 1 < kPrefixSegs) next = prefix_entry(at((sg + 2) * kPrefixSeg - 1, c));
+                carry = join_prefix(carry, e, at((sg + 1) * kPrefixSeg - 1, c));
             }
         }
         __syncthreads();
-        // 3. Every other step of segments ≥ 1 joins its segment's carry.
+        // 3. Every other step of segments ≥ 1 joins its segment's carry
+        //    (read once), each step's entry read one step ahead.
         if (seg >= 1 && seg < kPrefixSegs && j < cols) {
-            const int carry = at(seg * kPrefixSeg - 1, j);
-            for (int t = seg * kPrefixSeg; t < (seg + 1) * kPrefixSeg - 1; ++t) join_prefix(carry, at(t, j));
+            const PrefixEntry carry = prefix_entry(at(seg * kPrefixSeg - 1, j));
+            const int first = seg * kPrefixSeg;
+            PrefixEntry next = prefix_entry(at(first, j));
+#pragma unroll
+            for (int u = 0; u < kPrefixSeg - 1; ++u) {
+                const PrefixEntry e = next;
+                if (u + 1 < kPrefixSeg - 1) next = prefix_entry(at(first + u + 1, j));
+                join_prefix(carry, e, at(first + u, j));
+            }
         }
         __syncthreads();
         if (kComplex) {

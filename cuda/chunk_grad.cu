@@ -1088,8 +1088,8 @@ __device__ __forceinline__ void grad_dv(const GateloopChunkGradParams& g) {
 // ptxas compiles them spill-free under that register cap, else the next
 // count below. grad_w and grad_w_seq have the layouts of the forward's state
 // kernel and walk (complex 60 and 64 KB, real 48 and 68 KB: the real walk's
-// blocks take 32 channels, walk_slab): on sm_90 grad_w 3 (real: 4 spills 4
-// bytes), grad_w_seq 3 (f16 real 2: 8 bytes spilled at 3); on sm_80 grad_w
+// blocks take 32 channels, walk_slab): on sm_90 grad_w 3 (bf16 real 4, 54
+// registers; at 3 it took 66, one block fewer), grad_w_seq 3 (f16 real 2: 8 bytes spilled at 3); on sm_80 grad_w
 // 2 (real: 3 and 4 spill), grad_w_seq 1 complex (113 registers: two
 // resident) and 2 real. grad_qk 2 (108 KB complex, 100 KB real, with the
 // scores' blocks) and grad_dv 2 (the forward output kernel's layout: 82 KB
@@ -1125,7 +1125,7 @@ GATELOOP_CHUNK_GRAD_ENTRIES(bf16, __nv_bfloat16, c, true, GATELOOP_BY_ARCH(2, 3)
 GATELOOP_CHUNK_GRAD_ENTRIES(f32, float, r, false, 2, 1, 1, GATELOOP_BY_ARCH(1, 2))
 GATELOOP_CHUNK_GRAD_ENTRIES(f16, __half, r, false, GATELOOP_BY_ARCH(2, 3), 2, 2,
                             GATELOOP_BY_ARCH(2, 3))
-GATELOOP_CHUNK_GRAD_ENTRIES(bf16, __nv_bfloat16, r, false, GATELOOP_BY_ARCH(2, 3), GATELOOP_BY_ARCH(2, 3), 2,
+GATELOOP_CHUNK_GRAD_ENTRIES(bf16, __nv_bfloat16, r, false, GATELOOP_BY_ARCH(2, 4), GATELOOP_BY_ARCH(2, 3), 2,
                             GATELOOP_BY_ARCH(2, 3))
 
 // gateloop_chunk_grad_dv_wide_{dtype}_{c,r}: grad_dv over 128 value
