@@ -1089,8 +1089,9 @@ __device__ __forceinline__ void grad_dv(const GateloopChunkGradParams& g) {
 // count below. grad_w and grad_w_seq have the layouts of the forward's state
 // kernel and walk (complex 60 and 64 KB, real 48 and 68 KB: the real walk's
 // blocks take 32 channels, walk_slab): on sm_90 grad_w 3 (bf16 real 4, 54
-// registers; at 3 it took 66, one block fewer), grad_w_seq 3 (f16 real 2: 8 bytes spilled at 3); on sm_80 grad_w
-// 2 (real: 3 and 4 spill), grad_w_seq 1 complex (113 registers: two
+// registers; at 3 it took 66, one block fewer), grad_w_seq 3 (f16 real 2:
+// 8 bytes spilled at 3); on sm_80 grad_w 2 (real: 3 and 4 spill),
+// grad_w_seq 1 complex (113 registers: two
 // resident) and 2 real. grad_qk 2 (108 KB complex, 100 KB real, with the
 // scores' blocks) and grad_dv 2 (the forward output kernel's layout: 82 KB
 // complex; real 68 KB, so 3 on sm_90, 80 registers): with one block per SM (8 warps) every barrier of the
