@@ -122,6 +122,12 @@ __host__ __device__ constexpr int raw_tile_terms() {
     return OpOf<input_t>::kRawTerms == 1 ? 1 : kTerms;
 }
 
+// Leading dimension of a tile of kCols value columns (kVTile, or the wide
+// output launch's kWideCols for the state slab it stages).
+template <class Op, int kCols = kVTile>
+__host__ __device__ constexpr int ld_tile() {
+    return kCols + Op::kPad;
+}
 // A split operand matrix in shared memory: hi and lo planes of `rows × ld`.
 template <class Op>
 struct Split {
@@ -752,34 +758,51 @@ struct Block {
     __device__ __forceinline__ void stage_gates(int64_t d0, bool live = true) {
         put_gates(fetch_gates<kAhead>(d0, live), live);
     }
-    using HeldGates = Held<float2, kChannelBatch>;
-    template <int kAhead = 0>
-    __device__ __forceinline__ HeldGates fetch_gates(int64_t d0, bool live = true) const {
+    // Where a thread's gate items of the chunk starting at step `from` lie
+    // (its TileSlot<kChannels> progression): item u, chunk row slot.row0 +
+    // u·kStep, at row + first + u·step (complex: counted in (re, im)
+    // pairs), its column inside the tensor where col_in (false everywhere
+    // where `live` is false).
+    struct GateItems {
+        TileSlot<kChannels> slot;
+        bool col_in;
+        int64_t step, first;
+        const float* row;
+    };
+    __device__ __forceinline__ GateItems gate_items(int64_t from, int64_t d0, bool live) const {
         constexpr int kStep = TileSlot<kChannels>::kStep;
         const TileSlot<kChannels> slot(tid);
         const bool col_in = live && slot.col < gate_cols(d0);
         const int64_t step = opaque(kStep * p.gate_strides.time);
-        const int64_t first = opaque((t0 + slot.row0) * p.gate_strides.time + (per_head ? 0 : d0 + slot.col));
+        const int64_t first = opaque((from + slot.row0) * p.gate_strides.time + (per_head ? 0 : d0 + slot.col));
         const float* row = kComplex ? complex_seq_row(p.log_gate, p.gate_strides, b, h)
                                     : seq_row<float>(p.log_gate, p.gate_strides, b, h);
+        return {slot, col_in, step, first, row};
+    }
+    using HeldGates = Held<float2, kChannelBatch>;
+    template <int kAhead = 0>
+    __device__ __forceinline__ HeldGates fetch_gates(int64_t d0, bool live = true) const {
+        constexpr int kStep = TileSlot<kChannels>::kStep;
+        const GateItems g = gate_items(t0, d0, live);
         HeldGates held;
 #pragma unroll
         for (int u = 0; u < kChannelBatch; ++u) {
-            const int t = slot.row0 + u * kStep;
+            const int t = g.slot.row0 + u * kStep;
             if (kComplex) {
-                prefetch_ahead<kChannels, kAhead>(reinterpret_cast<const float2*>(row), first, step, u, t, col_in);
+                prefetch_ahead<kChannels, kAhead>(reinterpret_cast<const float2*>(g.row), g.first, g.step, u, t,
+                                                  g.col_in);
             } else {
-                prefetch_ahead<kChannels, kAhead>(row, first, step, u, t, col_in);
+                prefetch_ahead<kChannels, kAhead>(g.row, g.first, g.step, u, t, g.col_in);
             }
-            float2 g = make_float2(0.f, 0.f);
-            if (col_in && t < n) {
+            float2 x = make_float2(0.f, 0.f);
+            if (g.col_in && t < n) {
                 if (kComplex) {
-                    g = load_complex(row, first + u * step);
+                    x = load_complex(g.row, g.first + u * g.step);
                 } else {
-                    g.x = __ldg(row + first + u * step);
+                    x.x = __ldg(g.row + g.first + u * g.step);
                 }
             }
-            held.v[u] = g;
+            held.v[u] = x;
         }
         return held;
     }
@@ -806,20 +829,16 @@ struct Block {
     __device__ __forceinline__ void issue_gates_async(int64_t d0, int64_t c) const {
         static_assert(!kComplex, "the real gates: one f32 a table entry");
         constexpr int kStep = TileSlot<kChannels>::kStep;
-        const TileSlot<kChannels> slot(tid);
         const int64_t from = c * kChunk;
         const int steps = static_cast<int>(min(static_cast<int64_t>(kChunk), p.dims.len - from));
-        const bool col_in = slot.col < gate_cols(d0);
-        const int64_t step = opaque(kStep * p.gate_strides.time);
-        const int64_t first = opaque((from + slot.row0) * p.gate_strides.time + (per_head ? 0 : d0 + slot.col));
-        const float* row = seq_row<float>(p.log_gate, p.gate_strides, b, h);
-        float* const to = gre + at(slot.row0, slot.col);
+        const GateItems g = gate_items(from, d0, true);
+        float* const to = gre + at(g.slot.row0, g.slot.col);
         for_const<0, kChannelBatch>([&](auto uc) {
             constexpr int u = decltype(uc)::value;
-            const int t = slot.row0 + u * kStep;
-            prefetch_ahead<kChannels, kAhead>(from, row, first, step, u, t, col_in);
-            const bool live = col_in && t < steps;
-            cp_async_f32<u * kStep * kLd>(to, live ? row + first + u * step : row, live);
+            const int t = g.slot.row0 + u * kStep;
+            prefetch_ahead<kChannels, kAhead>(from, g.row, g.first, g.step, u, t, g.col_in);
+            const bool live = g.col_in && t < steps;
+            cp_async_f32<u * kStep * kLd>(to, live ? g.row + g.first + u * g.step : g.row, live);
         });
         cp_async_commit();
     }
@@ -1116,31 +1135,78 @@ struct Block {
 #pragma unroll
         for (int u = 0; u < G::kItems; ++u) put(r0 + G::kPass * u, 8 * g, held.v[u]);
     }
+    // Where a thread's groups of the chunk starting at step `from` lie: group
+    // g of rows r0 + kPass·u, at first + u·step (16-byte units), inside the
+    // tensor's columns where col_in; the kAhead prefetches (load_groups)
+    // issued.
+    struct GroupItems {
+        int g, r0;
+        bool col_in;
+        const uint4* first;
+        int64_t step;
+    };
+    template <int kWidth, int kAhead>
+    __device__ __forceinline__ GroupItems group_items(const input_t* __restrict__ x, const GateloopSeqStrides& s,
+                                                      int64_t from, int64_t col0, int64_t limit) const {
+        static_assert(sizeof(input_t) == 2, "groups of eight 16-bit elements");
+        using G = GroupSlot<kWidth>;
+        constexpr int kGroups = G::kGroups, kPass = G::kPass, kItems = G::kItems;
+        GroupItems e;
+        e.g = tid % kGroups;
+        e.r0 = tid / kGroups;
+        e.col_in = col0 + 8 * e.g < limit;
+        e.first = reinterpret_cast<const uint4*>(x + opaque((from + e.r0) * s.time + col0 + 8 * e.g));
+        e.step = opaque(kPass * s.time / 8);  // uint4s from one of the thread's rows to the next
+        if constexpr (kAhead != 0 && kPrefetchAhead) {
+#pragma unroll
+            for (int u = 0; u < kItems; ++u) {
+                const bool live =
+                    e.col_in && (e.g == 0 || e.g == kGroups - 1) && e.r0 + kPass * u < ahead_steps<kAhead>(from);
+                prefetch_l2_if(e.first + (live ? u + kAhead * kItems : 0) * e.step, live);
+            }
+        }
+        return e;
+    }
     template <int kWidth, int kAhead>
     __device__ __forceinline__ HeldGroups<kWidth> fetch_groups(const input_t* __restrict__ x,
                                                                const GateloopSeqStrides& s, int64_t col0,
                                                                int64_t limit) const {
-        static_assert(sizeof(input_t) == 2, "groups of eight 16-bit elements");
         using G = GroupSlot<kWidth>;
-        constexpr int kGroups = G::kGroups, kPass = G::kPass, kItems = G::kItems;
-        const int g = tid % kGroups;
-        const int r0 = tid / kGroups;
-        const bool col_in = col0 + 8 * g < limit;
-        const uint4* first = reinterpret_cast<const uint4*>(x + opaque((t0 + r0) * s.time + col0 + 8 * g));
-        const int64_t step = opaque(kPass * s.time / 8);  // uint4s from one of the thread's rows to the next
-        if constexpr (kAhead != 0 && kPrefetchAhead) {
-#pragma unroll
-            for (int u = 0; u < kItems; ++u) {
-                const bool live = col_in && (g == 0 || g == kGroups - 1) && r0 + kPass * u < ahead_steps<kAhead>();
-                prefetch_l2_if(first + (live ? u + kAhead * kItems : 0) * step, live);
-            }
-        }
+        const GroupItems e = group_items<kWidth, kAhead>(x, s, t0, col0, limit);
         HeldGroups<kWidth> held;
 #pragma unroll
-        for (int u = 0; u < kItems; ++u) {
-            held.v[u] = (col_in && r0 + kPass * u < n) ? __ldg(first + u * step) : make_uint4(0u, 0u, 0u, 0u);
+        for (int u = 0; u < G::kItems; ++u) {
+            held.v[u] =
+                (e.col_in && e.r0 + G::kPass * u < n) ? __ldg(e.first + u * e.step) : make_uint4(0u, 0u, 0u, 0u);
         }
         return held;
+    }
+    // load_groups of chunk c of the block's (b, h) (the walks: batched)
+    // straight into the split operand `to` (ld_tile<Op, kWidth>(), stored
+    // as loaded): a 16-byte cp.async a group, no register held while it
+    // lands (cp_async_f32 says when it may be read). The real-gate walks
+    // issue the next chunk's value tile once this one's Gram product, its
+    // only reader, is past a barrier.
+    template <int kWidth, int kAhead, class Op>
+    __device__ __forceinline__ void issue_groups_async(const input_t* __restrict__ x, const GateloopSeqStrides& s,
+                                                       int64_t col0, int64_t limit, int64_t c,
+                                                       const Split<Op>& to) const {
+        static_assert(sizeof(typename Op::storage) == 2, "stored as loaded");
+        using G = GroupSlot<kWidth>;
+        constexpr int kTileLd = ld_tile<Op, kWidth>();
+        const int64_t from = c * kChunk;
+        const int steps = static_cast<int>(min(static_cast<int64_t>(kChunk), p.dims.len - from));
+        const GroupItems e = group_items<kWidth, kAhead>(x, s, from, col0, limit);
+        void* const base = to.hi + e.r0 * kTileLd + 8 * e.g;
+        // A dead item's copy reads nothing; its address is still one inside
+        // the tensor (row 0 of the block's columns), not one past its end.
+        const uint4* const inside = reinterpret_cast<const uint4*>(x + col0);
+        for_const<0, G::kItems>([&](auto uc) {
+            constexpr int u = decltype(uc)::value;
+            const bool live = e.col_in && e.r0 + G::kPass * u < steps;
+            cp_async_16<2 * G::kPass * u * kTileLd>(base, live ? e.first + u * e.step : inside, live);
+        });
+        cp_async_commit();
     }
 
     // Workspace row `row` (of parts·K) of this chunk's state, at column 0.
@@ -1267,12 +1333,6 @@ __host__ __device__ constexpr int ld_slab() {
 template <bool kComplex>
 __host__ __device__ constexpr int walk_slab() {
     return kComplex ? kSlab : kWalkSlabReal;
-}
-// Leading dimension of a tile of kCols value columns (kVTile, or the wide
-// output launch's kWideCols for the state slab it stages).
-template <class Op, int kCols = kVTile>
-__host__ __device__ constexpr int ld_tile() {
-    return kCols + Op::kPad;
 }
 __host__ __device__ constexpr int cmax(int a, int b) {
     return a > b ? a : b;
@@ -1555,36 +1615,41 @@ struct WalkRows {
 
 // What a walk's chunk loads before its gate prefix (walk_fetch) and puts
 // after it (walk_put): the key slab, and the value tile where it is staged
-// 16 bytes a load (`vector`; else walk_put stages it elementwise). The
-// loads' round trips then overlap the prefix's (its gates' round trip, its
-// serial joins and barriers) where they came after them.
+// 16 bytes a load (`vector`; else walk_put stages it elementwise) unless
+// it comes by cp.async (`tile_async`: Block::issue_groups_async, issued by
+// the chunk before). The loads' round trips then overlap the prefix's (its
+// gates' round trip, its serial joins and barriers) where they came after
+// them.
 template <typename input_t, bool kComplex>
 struct WalkLoads {
     typename WalkBlock<input_t, kComplex>::HeldKeys keys;
     typename WalkBlock<input_t, kComplex>::template HeldGroups<kVTile> tile;
-    bool vector;
+    bool vector, tile_async;
 };
 template <int kAhead, class Op, int kTerms, typename input_t, bool kComplex>
 __device__ __forceinline__ WalkLoads<input_t, kComplex> walk_fetch(const WalkBlock<input_t, kComplex>& blk,
-                                                                   const WalkRows<input_t>& rows, int64_t d0) {
+                                                                   const WalkRows<input_t>& rows, int64_t d0,
+                                                                   bool tile_async = false) {
     WalkLoads<input_t, kComplex> e;
     e.keys = blk.template fetch_keys<kAhead>(rows.keys, rows.key_strides, d0);
     e.vector = false;
+    e.tile_async = tile_async;
     if constexpr (stored_as_loaded<input_t, Op, raw_tile_terms<input_t, kTerms>()>()) {
         const int64_t limit = blk.p.dims.value_dim;
-        e.vector = blk.vector_rows(rows.tile, rows.tile_strides, blk.v0, limit);
+        e.vector = !tile_async && blk.vector_rows(rows.tile, rows.tile_strides, blk.v0, limit);
         if (e.vector) e.tile = blk.template fetch_groups<kVTile, kAhead>(rows.tile, rows.tile_strides, blk.v0, limit);
     }
     return e;
 }
 // Block::load_tile's bits, from the loads walk_fetch issued where it took
-// the vector path.
+// the vector path; none where the tile comes by cp.async.
 template <int kAhead, class Op, int kTerms, typename input_t, bool kComplex>
 __device__ __forceinline__ void walk_put(const WalkBlock<input_t, kComplex>& blk, const WalkRows<input_t>& rows,
                                          const WalkLoads<input_t, kComplex>& e, const WalkSmem<Op, kComplex>& sm) {
     constexpr int kTileTerms = raw_tile_terms<input_t, kTerms>();
     blk.put_keys(e.keys, sm.raw);
     if constexpr (stored_as_loaded<input_t, Op, kTileTerms>()) {
+        if (e.tile_async) return;
         if (e.vector) {
             blk.template put_groups<kVTile>(e.tile, [&](int t, int c, uint4 w) { sm.tile.put_group(t, c, w); });
             return;
@@ -1648,89 +1713,121 @@ __device__ __forceinline__ void walk_chunks(const GateloopChunkParams& p, unsign
         st[i] = s.x;
         if (kComplex) st[kCh * kVTile + i] = s.y;
     }
-#pragma unroll 1
-    for (int64_t i = 0; i < p.num_chunks; ++i) {
-        blk.at_chunk(kBackward ? p.num_chunks - 1 - i : i);
-        // Real gates: the loads in flight across the prefix, put after it
-        // (the tile's and the raw slab's last readers, the previous chunk's
-        // product and update, are done at its barriers). Complex gates
-        // stage them after it: across it, ptxas gave the uncapped complex
-        // walks 147 to 168 registers where they had 96 (sm_90 bf16 Exact:
-        // one resident block where two were). There the tile's and the
-        // keys' loads are issued together (walk_fetch, then walk_put: one
-        // round trip where the tile's and then the keys' took two), but in
-        // the f16 backward walk on sm_90 (a 4-byte spill at its 80).
-        constexpr bool kTogether =
-            !(kBackward && std::is_same<input_t, __half>::value) || GATELOOP_BY_ARCH(true, false);
+    // Real gates: the first chunk's gates (and its value tile where that is
+    // stored as loaded in 16-byte groups: kTileAsync, by cp.async too) in
+    // flight across the state's staging; every later chunk's are issued by
+    // the one before (below). The loop is compiled once for each kind of
+    // tile, so that the held tile's registers (walk_fetch) are not
+    // allocated beside the cp.async path's (one loop testing a flag spilled
+    // 12 bytes in the bf16 backward walk on sm_90).
+    constexpr bool kCanTileAsync = !kComplex && stored_as_loaded<input_t, Op, raw_tile_terms<input_t, kTerms>()>();
+    // Real gates: the loads in flight across the prefix, put after it
+    // (the tile's and the raw slab's last readers, the previous chunk's
+    // product and update, are done at its barriers). Complex gates
+    // stage them after it: across it, ptxas gave the uncapped complex
+    // walks 147 to 168 registers where they had 96 (sm_90 bf16 Exact:
+    // one resident block where two were). There the tile's and the
+    // keys' loads are issued together (walk_fetch, then walk_put: one
+    // round trip where the tile's and then the keys' took two), but in
+    // the f16 backward walk on sm_90 (a 4-byte spill at its 80).
+    constexpr bool kTogether =
+        !(kBackward && std::is_same<input_t, __half>::value) || GATELOOP_BY_ARCH(true, false);
+    const auto walk = [&](auto tile_async) {
+        constexpr bool kTileAsync = decltype(tile_async)::value;
+        const auto issue_tile = [&](int64_t c) {
+            if constexpr (kTileAsync) {
+                blk.template issue_groups_async<kVTile, kAhead>(rows.tile, rows.tile_strides, blk.v0, value_dim, c,
+                                                                sm.tile);
+            }
+        };
         if constexpr (!kComplex) {
-            const WalkLoads<input_t, kComplex> loads = walk_fetch<kAhead, Op, kTerms>(blk, rows, d0);
-            // The gate prefix: the first chunk's gates staged here (with the
-            // prefetch of the next's), every later chunk's issued by the
-            // previous one (issue_gates_async, below), waited for here. The
-            // barrier also orders the previous chunk's update before the puts.
-            if (i == 0) {
-                blk.template stage_gates<kAhead>(d0);
-            } else {
+            const int64_t first = kBackward ? p.num_chunks - 1 : 0;
+            issue_tile(first);
+            blk.template issue_gates_async<kAhead>(d0, first);
+        }
+#pragma unroll 1
+        for (int64_t i = 0; i < p.num_chunks; ++i) {
+            blk.at_chunk(kBackward ? p.num_chunks - 1 - i : i);
+            if constexpr (!kComplex) {
+                const WalkLoads<input_t, kComplex> loads = walk_fetch<kAhead, Op, kTerms>(blk, rows, d0, kTileAsync);
+                // The gate prefix: the chunk's gates (and kTileAsync its
+                // value tile), issued before the loop or by the previous
+                // chunk (issue_gates_async, issue_tile), waited for here.
+                // The barrier also orders the previous chunk's update before
+                // the puts.
                 cp_async_wait_all();
+                __syncthreads();
+                blk.scan_prefix(d0);  // ends with a barrier
+                walk_put<kAhead, Op, kTerms>(blk, rows, loads, sm);
+            } else if constexpr (kTogether) {
+                blk.template build_prefix<kAhead>(d0);
+                walk_put<kAhead, Op, kTerms>(blk, rows, walk_fetch<kAhead, Op, kTerms>(blk, rows, d0), sm);
+            } else {
+                blk.template build_prefix<kAhead>(d0);
+                blk.template load_tile<Op, raw_tile_terms<input_t, kTerms>(), kAhead>(rows.tile, rows.tile_strides,
+                                                                                   sm.tile);
+                blk.template load_keys<kAhead>(rows.keys, rows.key_strides, d0, sm.raw);
+            }
+            put_slab(blk, sm);
+            if (blk.tid < kCh) {
+                const int j = blk.tid;
+                const float2 a = chunk_decay(blk, j, blk.n - 1);
+                if (!kBackward && blk.vt == 0 && j < blk.gate_cols(d0)) store_decay(blk, d0, j, a);
+                dec[j] = kBackward ? make_float2(a.x, -a.y) : a;
             }
             __syncthreads();
-            blk.scan_prefix(d0);  // ends with a barrier
-            walk_put<kAhead, Op, kTerms>(blk, rows, loads, sm);
-        } else if constexpr (kTogether) {
-            blk.template build_prefix<kAhead>(d0);
-            walk_put<kAhead, Op, kTerms>(blk, rows, walk_fetch<kAhead, Op, kTerms>(blk, rows, d0), sm);
+            if constexpr (!kComplex) {
+                // The tables' last readers (put_slab, the decays) are done: the
+                // next chunk's gates land in them across this one's Gram
+                // product and update.
+                const int64_t next = kBackward ? p.num_chunks - 2 - i : i + 1;
+                if (i + 1 < p.num_chunks) blk.template issue_gates_async<kAhead>(d0, next);
+            }
+            Acc<Op> acc;
+            // Rolled (where it matters: bf16 Exact) but in the complex forward walk.
+            if (slab_gram<Op, kTerms, kBackward || !kComplex>(blk, sm.slab, sm.tile, acc)) {
+                const int rb = blk.warp / (kVTile / 16);
+                const int cb = blk.warp % (kVTile / 16);
+                wmma::store_matrix_sync(xbuf + 16 * rb * kVTile + 16 * cb, acc, kVTile, wmma::mem_row_major);
+            }
+            __syncthreads();
+            // The tile's only reader, the Gram product, is done: the next
+            // chunk's tile lands across this one's update and the next one's
+            // prefix.
+            if (i + 1 < p.num_chunks) issue_tile(kBackward ? p.num_chunks - 2 - i : i + 1);
+            {
+                // Thread slot: column v0 + col, key rows d0 + row0 + kStep·u.
+                const TileSlot<kVTile> slot(blk.tid);
+                const StateRows<kVTile, kCh> rows(blk, slot, d0, blk.v0);
+                for_tile<kCh, kVTile>(slot, [&](int u, int r, int c) {
+                    const int e = r * kVTile + c;
+                    const float2 s = make_float2(st[e], kComplex ? st[kCh * kVTile + e] : 0.f);
+                    if (rows.live(u)) {
+                        slots[rows.at(0, u)] = s.x;
+                        if (kComplex) slots[rows.at(1, u)] = s.y;
+                    }
+                    const float2 a = dec[r];
+                    if (kComplex) {
+                        const float2 x = apply(a, make_float2(xbuf[e], xbuf[kCh * kVTile + e]), s);
+                        st[e] = x.x;
+                        st[kCh * kVTile + e] = x.y;
+                    } else {
+                        st[e] = fmaf(a.x, s.x, xbuf[e]);
+                    }
+                });
+            }
+            // (The next chunk's build_prefix ends with a barrier before xbuf,
+            // dec or st are touched again.)
+        }
+    };
+    if constexpr (kCanTileAsync) {
+        if (blk.vector_rows(rows.tile, rows.tile_strides, blk.v0, value_dim)) {
+            walk(std::true_type{});
         } else {
-            blk.template build_prefix<kAhead>(d0);
-            blk.template load_tile<Op, raw_tile_terms<input_t, kTerms>(), kAhead>(rows.tile, rows.tile_strides,
-                                                                               sm.tile);
-            blk.template load_keys<kAhead>(rows.keys, rows.key_strides, d0, sm.raw);
+            walk(std::false_type{});
         }
-        put_slab(blk, sm);
-        if (blk.tid < kCh) {
-            const int j = blk.tid;
-            const float2 a = chunk_decay(blk, j, blk.n - 1);
-            if (!kBackward && blk.vt == 0 && j < blk.gate_cols(d0)) store_decay(blk, d0, j, a);
-            dec[j] = kBackward ? make_float2(a.x, -a.y) : a;
-        }
-        __syncthreads();
-        if constexpr (!kComplex) {
-            // The tables' last readers (put_slab, the decays) are done: the
-            // next chunk's gates land in them across this one's Gram
-            // product and update.
-            const int64_t next = kBackward ? p.num_chunks - 2 - i : i + 1;
-            if (i + 1 < p.num_chunks) blk.template issue_gates_async<kAhead>(d0, next);
-        }
-        Acc<Op> acc;
-        // Rolled (where it matters: bf16 Exact) but in the complex forward walk.
-        if (slab_gram<Op, kTerms, kBackward || !kComplex>(blk, sm.slab, sm.tile, acc)) {
-            const int rb = blk.warp / (kVTile / 16);
-            const int cb = blk.warp % (kVTile / 16);
-            wmma::store_matrix_sync(xbuf + 16 * rb * kVTile + 16 * cb, acc, kVTile, wmma::mem_row_major);
-        }
-        __syncthreads();
-        {
-            // Thread slot: column v0 + col, key rows d0 + row0 + kStep·u.
-            const TileSlot<kVTile> slot(blk.tid);
-            const StateRows<kVTile, kCh> rows(blk, slot, d0, blk.v0);
-            for_tile<kCh, kVTile>(slot, [&](int u, int r, int c) {
-                const int e = r * kVTile + c;
-                const float2 s = make_float2(st[e], kComplex ? st[kCh * kVTile + e] : 0.f);
-                if (rows.live(u)) {
-                    slots[rows.at(0, u)] = s.x;
-                    if (kComplex) slots[rows.at(1, u)] = s.y;
-                }
-                const float2 a = dec[r];
-                if (kComplex) {
-                    const float2 x = apply(a, make_float2(xbuf[e], xbuf[kCh * kVTile + e]), s);
-                    st[e] = x.x;
-                    st[kCh * kVTile + e] = x.y;
-                } else {
-                    st[e] = fmaf(a.x, s.x, xbuf[e]);
-                }
-            });
-        }
-        // (The next chunk's build_prefix ends with a barrier before xbuf,
-        // dec or st are touched again.)
+    } else {
+        walk(std::false_type{});
     }
     __syncthreads();
     if (fin == nullptr) return;

@@ -262,14 +262,24 @@ __device__ __forceinline__ void prefetch_l2_if(const void* a, bool live) {
     if (live) (void)*static_cast<const volatile unsigned char*>(a);
 #endif
 }
+// f(std::integral_constant<int, u>{}) for u = kFirst .. kLast − 1, u a
+// constant expression in f (a generic lambda), where an unrolled loop's
+// index is a constant only after optimization.
+template <int kFirst, int kLast, class F>
+__device__ __forceinline__ void for_const(F f) {
+    if constexpr (kFirst < kLast) {
+        f(std::integral_constant<int, kFirst>{});
+        for_const<kFirst + 1, kLast>(f);
+    }
+}
 // A 4-byte copy from global to shared memory that the thread does not wait
-// for (cp.async, sm_80 and newer): *dst = *src where `live`, else 0 (src is
-// then not read). The copies a thread issued since its last
-// cp_async_wait_all are complete when that returns; other threads see them
-// after a barrier that follows it. Until then nothing may read or write
-// dst. The emulator (and an arch without cp.async) copies at once.
-// dst is base + kOffset floats: the offset an immediate of the instruction,
-// so that a loop's copies share one base register.
+// for (cp.async, sm_80 and newer): base[kOffset] = *src where `live`, else
+// 0 (src is then not read). kOffset is an immediate of the instruction, so
+// that a loop's copies share one base register. The copies a thread issued
+// since its last cp_async_wait_all are complete when that returns; other
+// threads see them after a barrier that follows it. Until then nothing may
+// read or write base[kOffset]. The emulator (and an arch without cp.async)
+// copies at once.
 template <int kOffset>
 __device__ __forceinline__ void cp_async_f32(float* base, const float* src, bool live) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
@@ -281,15 +291,21 @@ __device__ __forceinline__ void cp_async_f32(float* base, const float* src, bool
     base[kOffset] = live ? *src : 0.f;
 #endif
 }
-// f(std::integral_constant<int, u>{}) for u = kFirst .. kLast − 1, u a
-// constant expression in f (a generic lambda), where an unrolled loop's
-// index is a constant only after optimization.
-template <int kFirst, int kLast, class F>
-__device__ __forceinline__ void for_const(F f) {
-    if constexpr (kFirst < kLast) {
-        f(std::integral_constant<int, kFirst>{});
-        for_const<kFirst + 1, kLast>(f);
-    }
+// cp_async_f32 for 16 bytes (both addresses 16-byte aligned), bypassing
+// L1 (.cg: the data is read once, from shared memory): the 16 bytes at
+// base + kOffsetBytes := *src where `live`, else zeros.
+template <int kOffsetBytes>
+__device__ __forceinline__ void cp_async_16(void* base, const void* src, bool live) {
+    static_assert(kOffsetBytes % 16 == 0, "16-byte aligned");
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+    const unsigned to = static_cast<unsigned>(__cvta_generic_to_shared(base));
+    asm volatile("cp.async.cg.shared.global [%0+%3], [%1], 16, %2;" ::"r"(to), "l"(src), "r"(live ? 16 : 0),
+                 "n"(kOffsetBytes)
+                 : "memory");
+#else
+    *reinterpret_cast<uint4*>(static_cast<unsigned char*>(base) + kOffsetBytes) =
+        live ? *static_cast<const uint4*>(src) : make_uint4(0u, 0u, 0u, 0u);
+#endif
 }
 // Closes the batch of copies issued so far (a commit group).
 __device__ __forceinline__ void cp_async_commit() {

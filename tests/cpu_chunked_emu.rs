@@ -65,9 +65,45 @@ fn write_inputs(
 }
 
 /// Runs the emulator on `dir` (with `args` before it).
+///
+/// With `GATELOOP_CHUNK_EMU_BASELINE` set to another build of the chunk
+/// emulator (`scripts/same-bits.sh` builds one from an earlier commit's
+/// kernels), that build runs too, on a copy of the inputs, and every output
+/// file of the two must be equal byte for byte: a kernel change meant to
+/// keep every value (a schedule, a staging, a refactor) checked on every
+/// case of this file. Not for the ThreadSanitizer build (the race check).
 fn run(emu: &std::path::Path, args: &[&str], dir: &std::path::Path) {
+    let baseline = std::env::var_os("GATELOOP_CHUNK_EMU_BASELINE")
+        .map(std::path::PathBuf::from)
+        .filter(|_| !emu.file_name().is_some_and(|n| n.to_string_lossy().contains("_thread_emu")));
+    let copy = baseline.as_ref().map(|_| {
+        let copy = dir.with_extension("baseline");
+        let _ = std::fs::remove_dir_all(&copy);
+        std::fs::create_dir_all(&copy).unwrap();
+        for e in std::fs::read_dir(dir).unwrap() {
+            let e = e.unwrap();
+            std::fs::copy(e.path(), copy.join(e.file_name())).unwrap();
+        }
+        copy
+    });
     let status = std::process::Command::new(emu).args(args).arg(dir).status().unwrap();
     assert!(status.success(), "{dir:?}: emulator failed: {status}");
+    let (Some(baseline), Some(copy)) = (baseline, copy) else { return };
+    let status = std::process::Command::new(&baseline).args(args).arg(&copy).status().unwrap();
+    assert!(status.success(), "{copy:?}: the baseline emulator {baseline:?} failed: {status}");
+    let mut compared = 0;
+    for e in std::fs::read_dir(dir).unwrap() {
+        let name = e.unwrap().file_name();
+        if !name.to_string_lossy().ends_with(".out") {
+            continue;
+        }
+        let ours = std::fs::read(dir.join(&name)).unwrap();
+        let theirs = std::fs::read(copy.join(&name)).unwrap();
+        assert!(ours == theirs, "{dir:?} {name:?}: differs from the baseline emulator's {baseline:?}");
+        compared += 1;
+    }
+    assert!(compared > 0, "{dir:?}: no outputs to compare with the baseline");
+    eprintln!("same bits as the baseline: {dir:?} ({compared} outputs)");
 }
 
 /// Runs the forward's launches of element type `t` on the emulator: the
@@ -249,14 +285,15 @@ fn chunk_kernels_emulated_match_reference_and_mirror() {
 /// L ∈ {1, 130, 200, 1100} (partial chunks; 18 chunks: more than the
 /// separate carry's kCarryAhead = 8 chunks in flight), K ∈ {5, 40, 72}
 /// (partial slabs; the real-gate walk's blocks of 32 channels: one, two,
-/// three with a last of 8), V ∈ {7, 70} (two value tiles), B·H = 2,
+/// three with a last of 8), V ∈ {7, 64, 70} (two value tiles; 64: the
+/// 16-bit tile's 16-byte groups where aligned), B·H = 2,
 /// resets, hard decay and phases ≫ 2π.
 #[test]
 fn sequential_carry_is_bitwise_the_separate_carry() {
     let Some(emu) = emulator() else { return };
     use ChunkPrecision::{Exact, Fast};
     use GateKind::{Complex as C, Real as R};
-    let cases: [(Dims, GateRegime, bool, GateKind, ChunkPrecision, Dtype); 13] = [
+    let cases: [(Dims, GateRegime, bool, GateKind, ChunkPrecision, Dtype); 14] = [
         (dims(1, 200, 2, 40, 70, false), GateRegime::Mixed, true, C, Exact, Dtype::F32),
         (dims(2, 130, 1, 5, 7, true), GateRegime::Resets(0.05), true, C, Exact, Dtype::F32),
         (dims(1, 1, 1, 40, 7, false), GateRegime::LargePhase(50.0), true, C, Exact, Dtype::F32),
@@ -271,6 +308,9 @@ fn sequential_carry_is_bitwise_the_separate_carry() {
         (dims(1, 200, 2, 72, 70, false), GateRegime::Mixed, true, R, Exact, Dtype::Bf16),
         (dims(1, 130, 1, 40, 70, true), GateRegime::Resets(0.05), false, R, Fast, Dtype::Bf16),
         (dims(1, 200, 1, 72, 7, false), GateRegime::StrongDecay(40.0), true, R, Exact, Dtype::F16),
+        // V a multiple of 8: the 16-bit value tile in 16-byte groups where
+        // its rows are aligned (the walk's by cp.async).
+        (dims(1, 200, 1, 40, 64, false), GateRegime::Resets(0.05), true, R, Fast, Dtype::Bf16),
     ];
     for (i, (d, regime, with_h0, gates, precision, t)) in cases.into_iter().enumerate() {
         let case = Case::new(d, regime, with_h0, 7600 + i as u64);
