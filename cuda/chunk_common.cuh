@@ -1377,6 +1377,22 @@ __host__ __device__ constexpr int output_smem_bytes() {
     return prefix_bytes<kComplex, kPrefixLd>() + 2 * kChunk * kPrefixLd * 4 +
            output_union_bytes<Op, kComplex, kCols>() + kSubs * kSub * kSub * 4 + kStagingBytes;
 }
+// The backward's grad_dv (intra_pass with kAdjoint, which reads P where the
+// output kernel forms it): the output layout less what only forming P
+// takes — raw q, the anchored q̃ and k̃ rows, the diagonal blocks — so
+// the prefix tables, raw k, a union of the slab phase's K̃ and state slab
+// with the final phase's P and dY, the staging tiles.
+template <class Op, bool kComplex, int kCols = kVTile>
+__host__ __device__ constexpr int adjoint_union_bytes() {
+    return cmax(split_bytes<Op>(kChunk, ld_slab<Op, kComplex>()) +
+                    split_bytes<Op>(slab_width<kComplex>(), ld_tile<Op, kCols>()),
+                output_final_bytes<Op>());
+}
+template <class Op, bool kComplex, int kCols = kVTile>
+__host__ __device__ constexpr int adjoint_smem_bytes() {
+    return prefix_bytes<kComplex, kPrefixLd>() + kChunk * kPrefixLd * 4 + adjoint_union_bytes<Op, kComplex, kCols>() +
+           kStagingBytes;
+}
 
 // Carves split operands off a bump pointer.
 template <class Op>
@@ -2112,8 +2128,10 @@ __device__ __forceinline__ void add_score_block(Acc<Op>& sacc, const Split<Op>& 
 // [kChunk][kChunk] f32 (on and below the diagonal) as the backward's
 // grad_qk wrote them (grad_qk_scores: the same operands and operations as
 // here, so the same bits); a slab then takes only K̃ and its product with D
-// (no q, no anchored or cross rows, no pairs, no score products).
-// Shared memory: output_smem_bytes<Op, kComplex, kCols>.
+// (no q, no anchored or cross rows, no pairs, no score products), and
+// its layout has none of their bytes.
+// Shared memory: output_smem_bytes<Op, kComplex, kCols>, kAdjoint
+// adjoint_smem_bytes.
 template <class Op, int kTerms, bool kAdjoint, int kCols = kVTile, typename input_t, bool kComplex, int kLd>
 __device__ __forceinline__ void intra_pass(Block<input_t, kComplex, kLd>& blk, unsigned char* smem, const float* state,
                                            const input_t* __restrict__ tile, const GateloopSeqStrides& tile_strides,
@@ -2125,11 +2143,14 @@ __device__ __forceinline__ void intra_pass(Block<input_t, kComplex, kLd>& blk, u
     constexpr int kOut = 2 * kHalves;  // accumulators a warp
     using Tr = InputTraits<input_t>;
     unsigned char* at = smem + prefix_bytes<kComplex, kLd>();
-    float* qraw = reinterpret_cast<float*>(at);
-    float* kraw = qraw + kChunk * kLd;
-    at += 2 * kChunk * kLd * 4;
+    // Raw q (not when P is read), raw k.
+    float* qraw = saved ? nullptr : reinterpret_cast<float*>(at);
+    if (!saved) at += kChunk * kLd * 4;
+    float* kraw = reinterpret_cast<float*>(at);
+    at += kChunk * kLd * 4;
     unsigned char* union_at = at;
-    // Slab phase.
+    // Slab phase (q̃ and k̃ only to form P: kAdjoint leaves them unused,
+    // outside its bytes).
     const Split<Op> qe = carve<Op>(at, kChunk, ld_slab<Op, kComplex>());
     const Split<Op> st = carve<Op>(at, slab_width<kComplex>(), ld_tile<Op, kCols>());
     const Split<Op> qa = carve<Op>(at, kPairs * kSub, ld_slab<Op, kComplex>());
@@ -2139,9 +2160,9 @@ __device__ __forceinline__ void intra_pass(Block<input_t, kComplex, kLd>& blk, u
     unsigned char* fin = union_at;
     const Split<Op> ps = carve<Op>(fin, kChunk, ld_tile<Op>());
     const Split<Op> vs = carve<Op>(fin, kChunk, ld_tile<Op>());
-    at = union_at + output_union_bytes<Op, kComplex, kCols>();
-    float* pdiag = reinterpret_cast<float*>(at);  // [kSubs][16][16]
-    at += kSubs * kSub * kSub * 4;
+    at = union_at + (saved ? adjoint_union_bytes<Op, kComplex, kCols>() : output_union_bytes<Op, kComplex, kCols>());
+    float* pdiag = saved ? nullptr : reinterpret_cast<float*>(at);  // [kSubs][16][16]
+    if (!saved) at += kSubs * kSub * kSub * 4;
     // The warps' staging tiles: the diagonal blocks' cross rows in the slab
     // loop (add_diagonal_pairs), the score blocks and the drain after it.
     float* cross = reinterpret_cast<float*>(at);

@@ -1054,13 +1054,14 @@ __device__ __forceinline__ void grad_qk(const GateloopChunkGradParams& g) {
 // intra_pass): the scores P as grad_qk formed them (exactly as the forward
 // forms them) read from ws_scores, dv = [Re K̃ | Im K̃] [Re D; Im D] per slab
 // and Pᵀ dY after the last, on tensor cores. The output kernel's shared
-// layout, and its kCols: kWideCols for the wide launch
+// layout less what forming P takes (adjoint_smem_bytes: no raw q, anchored
+// rows or diagonal blocks), and its kCols: kWideCols for the wide launch
 // (gateloop_chunk_grad_dv_wide_*, V > 64), one block per 128 columns of dv.
 template <typename input_t, bool kComplex, int kCols = kVTile>
 __device__ __forceinline__ void grad_dv(const GateloopChunkGradParams& g) {
     using Op = typename OpOf<input_t>::type;
     extern __shared__ __align__(128) unsigned char smem[];
-    check_shared(g.dv_shared_bytes, output_smem_bytes<Op, kComplex, kCols>());
+    check_shared(g.dv_shared_bytes, adjoint_smem_bytes<Op, kComplex, kCols>());
     auto blk = Block<input_t, kComplex, kPrefixLd>::of_tiles(g.fwd, smem, kCols);
     if (!blk.has_chunk()) return;  // an empty packed slot: the whole block, before any barrier
     const input_t* __restrict__ dy = seq_row<input_t>(g.dy, g.dy_strides, blk.b, blk.h);
@@ -1093,14 +1094,13 @@ __device__ __forceinline__ void grad_dv(const GateloopChunkGradParams& g) {
 // 8 bytes spilled at 3); on sm_80 grad_w 2 (real: 3 and 4 spill),
 // grad_w_seq 1 complex (113 registers: two
 // resident) and 2 real. grad_qk 2 (108 KB complex, 100 KB real, with the
-// scores' blocks) and grad_dv 2 (the forward output kernel's layout: 82 KB
-// complex; real 68 KB, so 3 on sm_90, 80 registers): with one block per SM (8 warps) every barrier of the
-// block idled the SM — the gate prefix, the staging, the per-channel gate
-// scans.
+// scores' blocks) and grad_dv 2 on sm_80, 3 on sm_90 (adjoint_smem_bytes:
+// 74 KB complex, 64 KB real; 76 to 80 registers at 3): with one block per
+// SM (8 warps) every barrier of the block idled the SM — the gate prefix,
+// the staging, the per-channel gate scans.
 // f32: grad_w 2, grad_w_seq 1, grad_qk 1 (143 KB; 132 KB real), grad_dv 1
-// (it spilled 8 bytes at 128 registers; since it reads grad_qk's scores 110
-// registers complex, and real 112 at 2 an SM on sm_90, where its 105 KB fit
-// twice; sm_80 1).
+// on sm_80 and 2 on sm_90 (106 KB complex, 96 KB real: twice on sm_90;
+// 112 registers complex, 96 real).
 
 #define GATELOOP_CHUNK_GRAD_ENTRIES(DTYPE, TYPE, GATE, CPLX, W_MIN, SEQ_MIN, QK_MIN, DV_MIN)              \
     extern "C" __global__ void __launch_bounds__(gateloop::chunk::kThreads, W_MIN)                           \
@@ -1120,9 +1120,11 @@ __device__ __forceinline__ void grad_dv(const GateloopChunkGradParams& g) {
         gateloop::chunk::grad_dv<TYPE, CPLX>(g);                                                            \
     }
 
-GATELOOP_CHUNK_GRAD_ENTRIES(f32, float, c, true, 2, 1, 1, 1)
-GATELOOP_CHUNK_GRAD_ENTRIES(f16, __half, c, true, GATELOOP_BY_ARCH(2, 3), GATELOOP_BY_ARCH(1, 3), 2, 2)
-GATELOOP_CHUNK_GRAD_ENTRIES(bf16, __nv_bfloat16, c, true, GATELOOP_BY_ARCH(2, 3), GATELOOP_BY_ARCH(1, 3), 2, 2)
+GATELOOP_CHUNK_GRAD_ENTRIES(f32, float, c, true, 2, 1, 1, GATELOOP_BY_ARCH(1, 2))
+GATELOOP_CHUNK_GRAD_ENTRIES(f16, __half, c, true, GATELOOP_BY_ARCH(2, 3), GATELOOP_BY_ARCH(1, 3), 2,
+                            GATELOOP_BY_ARCH(2, 3))
+GATELOOP_CHUNK_GRAD_ENTRIES(bf16, __nv_bfloat16, c, true, GATELOOP_BY_ARCH(2, 3), GATELOOP_BY_ARCH(1, 3), 2,
+                            GATELOOP_BY_ARCH(2, 3))
 GATELOOP_CHUNK_GRAD_ENTRIES(f32, float, r, false, 2, 1, 1, GATELOOP_BY_ARCH(1, 2))
 GATELOOP_CHUNK_GRAD_ENTRIES(f16, __half, r, false, GATELOOP_BY_ARCH(2, 3), 2, 2,
                             GATELOOP_BY_ARCH(2, 3))
@@ -1130,20 +1132,19 @@ GATELOOP_CHUNK_GRAD_ENTRIES(bf16, __nv_bfloat16, r, false, GATELOOP_BY_ARCH(2, 4
                             GATELOOP_BY_ARCH(2, 3))
 
 // gateloop_chunk_grad_dv_wide_{dtype}_{c,r}: grad_dv over 128 value
-// columns a block (V > 64). MIN as grad_dv's, spill-free on sm_80 and
-// sm_90 (sm_90, since grad_dv reads grad_qk's scores: real 16-bit 80
-// registers at 3 an SM, complex 122 to 123 at 2; f32 complex 126 at 1, f32
-// real 126 at 2, 1 on sm_80, which its 105 KB do not fit twice), in
-// grad_dv's shared bytes for real gates and the forward's wide output's for
-// complex (98816 B in 16 bits: still 2 an SM).
+// columns a block (V > 64), in the same bytes as grad_dv
+// (adjoint_smem_bytes: the wide state slab fits the union). MIN as
+// grad_dv's, spill-free on sm_80 and sm_90 (sm_90: real 16-bit and complex
+// bf16 80 registers at 3 an SM, complex f16 2 (24 bytes spilled at 3);
+// f32 128 at 2, 1 on sm_80, which their 96 and 106 KB do not fit twice).
 #define GATELOOP_CHUNK_GRAD_DV_WIDE_ENTRY(DTYPE, TYPE, GATE, CPLX, MIN)                                      \
     extern "C" __global__ void __launch_bounds__(gateloop::chunk::kThreads, MIN)                             \
         gateloop_chunk_grad_dv_wide_##DTYPE##_##GATE(const GateloopChunkGradParams g) {                     \
         gateloop::chunk::grad_dv<TYPE, CPLX, gateloop::chunk::kWideCols>(g);                                \
     }
-GATELOOP_CHUNK_GRAD_DV_WIDE_ENTRY(f32, float, c, true, 1)
+GATELOOP_CHUNK_GRAD_DV_WIDE_ENTRY(f32, float, c, true, GATELOOP_BY_ARCH(1, 2))
 GATELOOP_CHUNK_GRAD_DV_WIDE_ENTRY(f16, __half, c, true, 2)
-GATELOOP_CHUNK_GRAD_DV_WIDE_ENTRY(bf16, __nv_bfloat16, c, true, 2)
+GATELOOP_CHUNK_GRAD_DV_WIDE_ENTRY(bf16, __nv_bfloat16, c, true, GATELOOP_BY_ARCH(2, 3))
 GATELOOP_CHUNK_GRAD_DV_WIDE_ENTRY(f32, float, r, false, GATELOOP_BY_ARCH(1, 2))
 GATELOOP_CHUNK_GRAD_DV_WIDE_ENTRY(f16, __half, r, false, GATELOOP_BY_ARCH(2, 3))
 GATELOOP_CHUNK_GRAD_DV_WIDE_ENTRY(bf16, __nv_bfloat16, r, false, GATELOOP_BY_ARCH(2, 3))

@@ -1,19 +1,20 @@
 #!/usr/bin/env bash
 # Whether this tree's chunked kernels (cuda/chunk.cu, cuda/chunk_grad.cu
 # and what they include) compute what BASE's computed, bit for bit: builds
-# the chunk emulator (tests/kernel_emu/build.sh chunk) from BASE's cuda/
-# with this tree's emulator sources, then runs tests/cpu_chunked_emu.rs with
-# GATELOOP_CHUNK_EMU_BASELINE pointing at it, so that every emulator run of
-# that file also runs BASE's kernels on the same inputs and asserts every
-# output file byte-equal (its `run`), besides the file's own checks. For a
-# kernel change meant to keep every value: a schedule, a staging, a
-# refactor. It needs no GPU and no CUDA toolkit (g++ ≥ 12), and takes about
-# as long as the test file (10 to 15 minutes on 2 cores).
+# BASE's chunk emulator (its cuda/ and tests/kernel_emu, build.sh chunk),
+# then runs tests/cpu_chunked_emu.rs with GATELOOP_CHUNK_EMU_BASELINE
+# pointing at it, so that every emulator run of that file also runs BASE's
+# kernels (with BASE's launch sizes: the inputs' copy has no shared.txt) on
+# the same inputs and asserts every output file byte-equal (its `run`),
+# besides the file's own checks. For a kernel change meant to keep every
+# value: a schedule, a staging, a layout, a refactor. It needs no GPU and
+# no CUDA toolkit (g++ ≥ 12), and takes about as long as the test file (10
+# to 15 minutes on 2 cores).
 #
 #   scripts/same-bits.sh [BASE]     BASE: a commit (default HEAD)
 #
-# BASE's kernels must build against this tree's emulator (the same ABI
-# header fields the drivers use); a build failure is reported as such.
+# BASE's driver must read this tree's test inputs (its arguments and
+# files); where it cannot, its runs fail and say so.
 # The baseline build is kept in target/same-bits/ (one per commit).
 set -euo pipefail
 root="$(cd "$(dirname "$0")/.." && pwd)"
@@ -23,12 +24,10 @@ out="$root/target/same-bits/chunk_emu_$rev"
 if [[ ! -x "$out" ]]; then
     work="$(mktemp -d)"
     trap 'rm -rf "$work"' EXIT
-    git -C "$root" archive "$rev" cuda | tar -x -C "$work"
-    mkdir -p "$work/tests"
-    cp -r "$root/tests/kernel_emu" "$work/tests/"
+    git -C "$root" archive "$rev" cuda tests/kernel_emu | tar -x -C "$work"
     mkdir -p "$(dirname "$out")"
     if ! bash "$work/tests/kernel_emu/build.sh" chunk "$out.partial" >/dev/null; then
-        echo "same-bits: $rev's kernels did not build with this tree's emulator (tests/kernel_emu)" >&2
+        echo "same-bits: $rev's chunk emulator did not build" >&2
         exit 1
     fi
     mv "$out.partial" "$out"

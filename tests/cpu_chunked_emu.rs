@@ -68,10 +68,13 @@ fn write_inputs(
 ///
 /// With `GATELOOP_CHUNK_EMU_BASELINE` set to another build of the chunk
 /// emulator (`scripts/same-bits.sh` builds one from an earlier commit's
-/// kernels), that build runs too, on a copy of the inputs, and every output
-/// file of the two must be equal byte for byte: a kernel change meant to
-/// keep every value (a schedule, a staging, a refactor) checked on every
-/// case of this file. Not for the ThreadSanitizer build (the race check).
+/// kernels and driver), that build runs too, on a copy of the inputs, and
+/// every output file of the two must be equal byte for byte: a kernel
+/// change meant to keep every value (a schedule, a staging, a layout, a
+/// refactor) checked on every case of this file. The copy leaves out
+/// `shared.txt` (this tree's launchers' shared bytes), so that the
+/// baseline's launches take its own layouts' sums. Not for the
+/// ThreadSanitizer build (the race check).
 fn run(emu: &std::path::Path, args: &[&str], dir: &std::path::Path) {
     let baseline = std::env::var_os("GATELOOP_CHUNK_EMU_BASELINE")
         .map(std::path::PathBuf::from)
@@ -82,7 +85,9 @@ fn run(emu: &std::path::Path, args: &[&str], dir: &std::path::Path) {
         std::fs::create_dir_all(&copy).unwrap();
         for e in std::fs::read_dir(dir).unwrap() {
             let e = e.unwrap();
-            std::fs::copy(e.path(), copy.join(e.file_name())).unwrap();
+            if e.file_name() != "shared.txt" {
+                std::fs::copy(e.path(), copy.join(e.file_name())).unwrap();
+            }
         }
         copy
     });

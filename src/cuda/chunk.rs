@@ -412,6 +412,22 @@ pub fn wide_output_shared_bytes(dtype: Dtype, gates: Gates) -> u32 {
     shared_bytes_cols(dtype, gates, WIDE_TILE).1
 }
 
+/// Bytes of dynamic shared memory of the backward's dv kernel for blocks of
+/// `cols` value columns (`VALUE_TILE`, or `WIDE_TILE` for the wide launch;
+/// `adjoint_smem_bytes` in cuda/chunk_common.cuh): the output kernel's pass
+/// reading the scores P instead of forming them, so its layout less what
+/// forming them takes (raw q, the anchored q̃ and k̃ rows, the diagonal
+/// blocks): the prefix tables, raw k, a union of the slab phase's K̃ and
+/// state slab with the final phase's P and dY, the staging tiles.
+pub(super) fn adjoint_shared_bytes(dtype: Dtype, gates: Gates, cols: usize) -> u32 {
+    let pad = operand_pad(dtype);
+    let width = KEY_SLAB * gates.parts();
+    let split = |rows: usize, ld: usize| split_bytes(dtype, rows, ld);
+    let slab_phase = split(CHUNK_LEN, width + pad) + split(width, cols + pad);
+    let final_phase = 2 * split(CHUNK_LEN, VALUE_TILE + pad);
+    (prefix_bytes(gates, true) + slab_table_bytes(true) + slab_phase.max(final_phase) + STAGING_BYTES) as u32
+}
+
 /// [`shared_bytes`] for an output block of `cols` value columns (its state
 /// slab's width; the state kernel's layout does not depend on it).
 fn shared_bytes_cols(dtype: Dtype, gates: Gates, cols: usize) -> (u32, u32) {

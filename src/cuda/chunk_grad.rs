@@ -94,7 +94,7 @@ use num_complex::Complex;
 
 use super::abi::{self, GateloopChunkGradParams, GateloopChunkParams};
 use super::chunk::{
-    self, CARRY_THREADS, ChunkCarry, ChunkConfig, ChunkPrecision, Gates, KEY_SLAB, THREADS, VALUE_TILE,
+    self, CARRY_THREADS, ChunkCarry, ChunkConfig, ChunkPrecision, Gates, KEY_SLAB, THREADS, VALUE_TILE, WIDE_TILE,
 };
 use super::element::{Dtype, Element};
 use super::launch::{self, GradBuffers, GradParams, SeqParams};
@@ -117,9 +117,11 @@ unsafe impl DeviceRepr for GateloopChunkGradParams {}
 /// for element type `dtype`: the layouts in cuda/chunk_grad.cu (the kernels
 /// trap if given less). grad_w stages its tensor-core operands exactly as
 /// the forward's state kernel does (raw q, the dY tile and [Re Q̃ | −Im Q̃]
-/// split in the element's operand type, the warps' staging tiles) and
-/// grad_dv runs the forward output kernel's pass (`intra_pass` in
-/// cuda/chunk_common.cuh), so they take those kernels' bytes (of `gates`);
+/// split in the element's operand type, the warps' staging tiles), so it
+/// takes that kernel's bytes (of `gates`); grad_dv runs the forward output
+/// kernel's pass (`intra_pass` in cuda/chunk_common.cuh) reading the scores,
+/// in that layout less what forming them takes (`adjoint_smem_bytes`;
+/// the wide launch's, of 128 value columns, is the same size);
 /// grad_qk's is `qk_smem_bytes`: q, k raw and s (f32), a union of the s
 /// phase (dY, V split), the off-diagonal phase (the six 16 × 16 blocks of s,
 /// the anchored q̃ per pair and k̃ per key sub-chunk split, reused for their
@@ -136,7 +138,8 @@ pub fn shared_bytes(dtype: Dtype, gates: Gates) -> (u32, u32, u32) {
     let (sub, width, out_width) = (chunk::SUB_CHUNK_LEN, gates.parts() * s, 2 * s);
     let (pairs, key_subs) = (c / sub * (c / sub - 1) / 2, c / sub - 1);
     let prefix = chunk::prefix_bytes(gates, true);
-    let (w, dv) = chunk::shared_bytes(dtype, gates);
+    let (w, _) = chunk::shared_bytes(dtype, gates);
+    let dv = chunk::adjoint_shared_bytes(dtype, gates, VALUE_TILE);
     let inter_cols = t / 2;
     let inter = (2 * split(c, inter_cols + pad) + 2 * split(width, inter_cols + pad)).max(2 * c * out_width * 4);
     let offdiag = split(pairs * sub, sub + pad) + split(pairs * sub, width + pad) + split(key_subs * sub, width + pad);
@@ -259,9 +262,11 @@ fn plan_rows(dims: &Dims, dtype: Dtype, gates: Gates, carry: ChunkCarry, packed:
     let c = chunk::CHUNK_LEN;
     let scores_offset = sink_end;
     let workspace_len = (rows * nc).checked_mul(c * c).and_then(|a| a.checked_add(sink_end)).ok_or_else(ws_error)?;
-    // grad_dv runs the output launch's pass: the staged output's kernel choice.
-    let (dv_wide, dv_grid, dv_bytes) = forward.staged_output();
-    let (w_bytes, qk_bytes, _) = shared_bytes(dtype, gates);
+    // grad_dv runs the output launch's pass: the staged output's kernel
+    // choice and grid, in its own (smaller) layout.
+    let (dv_wide, dv_grid, _) = forward.staged_output();
+    let (w_bytes, qk_bytes, narrow_dv_bytes) = shared_bytes(dtype, gates);
+    let dv_bytes = if dv_wide { chunk::adjoint_shared_bytes(dtype, gates, WIDE_TILE) } else { narrow_dv_bytes };
     Ok(GradPlan {
         forward,
         qk_grid,
@@ -308,7 +313,7 @@ impl ChunkGradKernels {
             for gates in Gates::ALL {
                 let (w_bytes, qk_bytes, dv_bytes) = shared_bytes(dtype, gates);
                 let w_seq_bytes = chunk::sequential_shared_bytes(dtype, gates);
-                let dv_wide_bytes = chunk::wide_output_shared_bytes(dtype, gates);
+                let dv_wide_bytes = chunk::adjoint_shared_bytes(dtype, gates, WIDE_TILE);
                 for (table, kind, bytes) in [
                     (0, "w", w_bytes),
                     (1, "qk", qk_bytes),
@@ -912,7 +917,7 @@ mod tests {
                 assert_eq!(gp.dv_wide, wide, "V = {v} {gates:?} {dtype}");
                 let lp = gp.forward;
                 let (grid, bytes) = if wide {
-                    (lp.wide_grid, chunk::wide_output_shared_bytes(dtype, gates))
+                    (lp.wide_grid, chunk::adjoint_shared_bytes(dtype, gates, WIDE_TILE))
                 } else {
                     (lp.grid, shared_bytes(dtype, gates).2)
                 };
@@ -938,40 +943,55 @@ mod tests {
         // 8192, the slab phase's splits [Re K̃ | Im K̃] 2·64·36·4 = 18432, D
         // slab 2·32·68·4 = 17408, anchored q̃ 2·96·36·4 = 27648, k̃
         // 2·48·36·4 = 13824 (77312 > the final phase's P, dY splits
-        // 2·2·64·68·4 = 69632), diagonal scores 4096, staging 8192.
+        // 2·2·64·68·4 = 69632), diagonal scores 4096, staging 8192, less
+        // (adjoint_smem_bytes) raw q 5120, q̃, k̃ and the diagonal scores:
+        // prefix, raw k, max(18432 + 17408, 69632), staging.
         // grad_qk's score blocks for grad_dv 4·(6 + 4)·16·16 = 10240.
         let qk = 25600 + 10240 + 16384 + 69632 + 10240 + 17408 + 1024 + 136;
-        let dv = 25600 + 10240 + 18432 + 17408 + 27648 + 13824 + 4096 + 8192;
+        let dv = 25600 + 5120 + 69632 + 8192;
         assert_eq!(shared_bytes(Dtype::F32, Gates::Complex), (20480 + 4096 + 34816 + 18432 + 8192, qk, dv));
         // f16 / bf16 operands (row padding 8): grad_w's dY split 2·64·72·2 =
         // 18432, Q̃ split 2·64·40·2 = 10240; grad_qk's union max(s phase
         // 2·2·2·64·72 = 36864, off-diagonal 2·2·(96·24 + 96·40 + 48·40) =
         // 32256, its products and cross rows 26624, inter-chunk 2·2·2·64·40 + 2·2·2·32·40 =
-        // 30720); grad_dv's slab phase 2·2·(64·40 + 32·72 + 96·40 + 48·40) =
-        // 42496 (> 2·2·2·64·72 = 36864).
+        // 30720); grad_dv's union max(K̃ and D slab 2·2·(64·40 + 32·72) =
+        // 19456, P and dY 2·2·2·64·72 = 36864).
         for dtype in [Dtype::F16, Dtype::Bf16] {
             let qk = 25600 + 10240 + 16384 + 36864 + 10240 + 17408 + 1024 + 136;
-            let dv = 25600 + 10240 + 42496 + 4096 + 8192;
+            let dv = 25600 + 5120 + 36864 + 8192;
             assert_eq!(shared_bytes(dtype, Gates::Complex), (20480 + 4096 + 18432 + 10240 + 8192, qk, dv));
         }
         // Real gates: prefix 3·64·16·4 = 12288 (grad_qk's padded 3·64·20·4 =
-        // 15360); grad_w and grad_dv the real
-        // forward kernels'; grad_qk's slab operands 16 wide (S_in, D splits
+        // 15360); grad_w the real forward state kernel's, grad_dv the
+        // prefix, raw k 5120, its union and staging; grad_qk's slab operands 16 wide (S_in, D splits
         // of 16 rows, q̃ and k̃ of 16 columns) and its f32 products as wide
         // as the complex kernel's. f32: union max(s phase 69632, inter-chunk
         // 2·18432 + 2·2·16·36·4 = 46080, off-diagonal 15360 + 2·96·20·4 +
         // 2·48·20·4 = 38400, products 18432 and cross rows 2·32·20·4 =
         // 5120) = 69632; then the score blocks, 10240.
         let tail = 10240 + 17408 + 1024 + 136;
-        let (w, dv) = chunk::shared_bytes(Dtype::F32, Gates::Real);
+        let (w, _) = chunk::shared_bytes(Dtype::F32, Gates::Real);
         assert_eq!(w, 12288 + 4096 + 34816 + 2 * 64 * 20 * 4 + 8192);
+        // grad_dv's union max(K̃ and D slab 2·64·20·4 + 2·16·68·4 = 18944,
+        // P and dY 69632).
+        let dv = 15360 + 5120 + 69632 + 8192;
         assert_eq!(shared_bytes(Dtype::F32, Gates::Real), (w, 15360 + 10240 + 16384 + 69632 + tail, dv));
         // 16-bit: union max(s phase 36864, inter-chunk 2·2·2·64·40 +
         // 2·2·2·16·40 = 25600, off-diagonal 2·2·(96·24 + 96·24 + 48·24) =
-        // 23040, products and cross rows 23552) = 36864.
+        // 23040, products and cross rows 23552) = 36864; grad_dv's
+        // max(2·2·(64·24 + 16·72) = 10752, 36864).
         for dtype in [Dtype::F16, Dtype::Bf16] {
-            let (w, dv) = chunk::shared_bytes(dtype, Gates::Real);
+            let (w, _) = chunk::shared_bytes(dtype, Gates::Real);
+            let dv = 15360 + 5120 + 36864 + 8192;
             assert_eq!(shared_bytes(dtype, Gates::Real), (w, 15360 + 10240 + 16384 + 36864 + tail, dv));
+        }
+        // The wide dv launch's (128 value columns): the same bytes, its wider
+        // D slab inside the union.
+        for dtype in Dtype::ALL {
+            for gates in Gates::ALL {
+                let narrow = shared_bytes(dtype, gates).2;
+                assert_eq!(chunk::adjoint_shared_bytes(dtype, gates, WIDE_TILE), narrow, "{dtype} {gates:?}");
+            }
         }
         for dtype in Dtype::ALL {
             for gates in Gates::ALL {

@@ -182,9 +182,10 @@ static int32_t frag_shared_bytes(bool complex) {
 }
 
 // src/cuda/chunk_grad.rs `shared_bytes` for operands of `size` bytes:
-// (grad_w, grad_qk, grad_dv); grad_w and grad_dv take the forward state and
-// output kernels' layouts (of the gate kind); grad_qk's slab operands are
-// `width` wide, its f32 products 2·16 either way.
+// (grad_w, grad_qk, grad_dv); grad_w takes the forward state kernel's
+// layout (of the gate kind), grad_dv the output kernel's less raw q, the
+// anchored rows and the diagonal blocks (adjoint_smem_bytes); grad_qk's
+// slab operands are `width` wide, its f32 products 2·16 either way.
 static void grad_shared_bytes(int size, bool complex, int32_t& w, int32_t& qk, int32_t& dv) {
     const int c = GATELOOP_CHUNK_LEN, s = GATELOOP_CHUNK_KEY_SLAB, t = GATELOOP_CHUNK_VALUE_TILE;
     // grad_qk's prefix tables and raw q, k in padded rows, as the output's.
@@ -193,6 +194,8 @@ static void grad_shared_bytes(int size, bool complex, int32_t& w, int32_t& qk, i
     const int pairs = (c / sub) * (c / sub - 1) / 2, key_subs = c / sub - 1, width = (complex ? 2 : 1) * s;
     fwd_shared_bytes(size, complex, w, dv);
     auto split = [&](int rows, int ld) { return 2 * rows * ld * size; };
+    const int staging = (GATELOOP_CHUNK_THREADS / 32) * 16 * 16 * 4;
+    dv = prefix + c * ld * 4 + std::max(split(c, width + pad) + split(width, t + pad), 2 * split(c, t + pad)) + staging;
     const int inter = std::max(2 * split(c, t / 2 + pad) + 2 * split(width, t / 2 + pad), 2 * c * 2 * s * 4);
     const int offdiag = split(pairs * sub, sub + pad) + split(pairs * sub, width + pad) + split(key_subs * sub, width + pad);
     const int uni = std::max({2 * split(c, t + pad), inter, offdiag, 4 * (pairs + key_subs) * sub * 2 * s});
