@@ -109,6 +109,8 @@ fn run(emu: &std::path::Path, args: &[&str], dir: &std::path::Path) {
     }
     assert!(compared > 0, "{dir:?}: no outputs to compare with the baseline");
     eprintln!("same bits as the baseline: {dir:?} ({compared} outputs)");
+    // (Kept where an assertion above failed, to look at.)
+    std::fs::remove_dir_all(&copy).unwrap();
 }
 
 /// Runs the forward's launches of element type `t` on the emulator: the
