@@ -626,7 +626,11 @@ struct Block {
     __device__ __forceinline__ void at_chunk(int64_t c) {
         chunk = c;
         t0 = c * kChunk;
-        n = static_cast<int>(min(static_cast<int64_t>(kChunk), p.dims.len - t0));
+        n = steps_from(t0);
+    }
+    // Steps of the chunk starting at step `from` (≤ 0 past the last one).
+    __device__ __forceinline__ int steps_from(int64_t from) const {
+        return static_cast<int>(min(static_cast<int64_t>(kChunk), p.dims.len - from));
     }
 
     // Whether the block of a per-chunk grid has a chunk to work on (the
@@ -669,7 +673,7 @@ struct Block {
     __device__ __forceinline__ int ahead_steps(int64_t from) const {
         static_assert(kAhead == -1 || kAhead == 1, "the next or the previous chunk");
         if (kAhead < 0) return from >= kChunk ? kChunk : 0;
-        return static_cast<int>(min(static_cast<int64_t>(kChunk), p.dims.len - from - kChunk));
+        return steps_from(from + kChunk);
     }
 
     // The kAhead prefetch of one staged item (see kAhead above): item u of
@@ -830,7 +834,7 @@ struct Block {
         static_assert(!kComplex, "the real gates: one f32 a table entry");
         constexpr int kStep = TileSlot<kChannels>::kStep;
         const int64_t from = c * kChunk;
-        const int steps = static_cast<int>(min(static_cast<int64_t>(kChunk), p.dims.len - from));
+        const int steps = steps_from(from);
         const GateItems g = gate_items(from, d0, true);
         float* const to = gre + at(g.slot.row0, g.slot.col);
         for_const<0, kChannelBatch>([&](auto uc) {
@@ -1195,7 +1199,7 @@ struct Block {
         using G = GroupSlot<kWidth>;
         constexpr int kTileLd = ld_tile<Op, kWidth>();
         const int64_t from = c * kChunk;
-        const int steps = static_cast<int>(min(static_cast<int64_t>(kChunk), p.dims.len - from));
+        const int steps = steps_from(from);
         const GroupItems e = group_items<kWidth, kAhead>(x, s, from, col0, limit);
         void* const base = to.hi + e.r0 * kTileLd + 8 * e.g;
         // A dead item's copy reads nothing; its address is still one inside
@@ -1632,7 +1636,7 @@ struct WalkRows {
 // What a walk's chunk loads before its gate prefix (walk_fetch) and puts
 // after it (walk_put): the key slab, and the value tile where it is staged
 // 16 bytes a load (`vector`; else walk_put stages it elementwise) unless
-// it comes by cp.async (`tile_async`: Block::issue_groups_async, issued by
+// it comes by cp.async (`kTileAsync`: Block::issue_groups_async, issued by
 // the chunk before). The loads' round trips then overlap the prefix's (its
 // gates' round trip, its serial joins and barriers) where they came after
 // them.
@@ -1640,39 +1644,39 @@ template <typename input_t, bool kComplex>
 struct WalkLoads {
     typename WalkBlock<input_t, kComplex>::HeldKeys keys;
     typename WalkBlock<input_t, kComplex>::template HeldGroups<kVTile> tile;
-    bool vector, tile_async;
+    bool vector;
 };
-template <int kAhead, class Op, int kTerms, typename input_t, bool kComplex>
+template <int kAhead, class Op, int kTerms, bool kTileAsync = false, typename input_t, bool kComplex>
 __device__ __forceinline__ WalkLoads<input_t, kComplex> walk_fetch(const WalkBlock<input_t, kComplex>& blk,
-                                                                   const WalkRows<input_t>& rows, int64_t d0,
-                                                                   bool tile_async = false) {
+                                                                   const WalkRows<input_t>& rows, int64_t d0) {
     WalkLoads<input_t, kComplex> e;
     e.keys = blk.template fetch_keys<kAhead>(rows.keys, rows.key_strides, d0);
     e.vector = false;
-    e.tile_async = tile_async;
-    if constexpr (stored_as_loaded<input_t, Op, raw_tile_terms<input_t, kTerms>()>()) {
+    if constexpr (!kTileAsync && stored_as_loaded<input_t, Op, raw_tile_terms<input_t, kTerms>()>()) {
         const int64_t limit = blk.p.dims.value_dim;
-        e.vector = !tile_async && blk.vector_rows(rows.tile, rows.tile_strides, blk.v0, limit);
+        e.vector = blk.vector_rows(rows.tile, rows.tile_strides, blk.v0, limit);
         if (e.vector) e.tile = blk.template fetch_groups<kVTile, kAhead>(rows.tile, rows.tile_strides, blk.v0, limit);
     }
     return e;
 }
 // Block::load_tile's bits, from the loads walk_fetch issued where it took
 // the vector path; none where the tile comes by cp.async.
-template <int kAhead, class Op, int kTerms, typename input_t, bool kComplex>
+template <int kAhead, class Op, int kTerms, bool kTileAsync = false, typename input_t, bool kComplex>
 __device__ __forceinline__ void walk_put(const WalkBlock<input_t, kComplex>& blk, const WalkRows<input_t>& rows,
                                          const WalkLoads<input_t, kComplex>& e, const WalkSmem<Op, kComplex>& sm) {
     constexpr int kTileTerms = raw_tile_terms<input_t, kTerms>();
     blk.put_keys(e.keys, sm.raw);
-    if constexpr (stored_as_loaded<input_t, Op, kTileTerms>()) {
-        if (e.tile_async) return;
-        if (e.vector) {
-            blk.template put_groups<kVTile>(e.tile, [&](int t, int c, uint4 w) { sm.tile.put_group(t, c, w); });
-            return;
+    if constexpr (!kTileAsync) {
+        if constexpr (stored_as_loaded<input_t, Op, kTileTerms>()) {
+            if (e.vector) {
+                blk.template put_groups<kVTile>(e.tile, [&](int t, int c, uint4 w) { sm.tile.put_group(t, c, w); });
+                return;
+            }
         }
+        blk.template load_rows<kVTile, kAhead>(
+            rows.tile, rows.tile_strides, blk.v0, blk.p.dims.value_dim,
+            [&](int m, int c, float x) { sm.tile.template put<kTileTerms>(m, c, x); });
     }
-    blk.template load_rows<kVTile, kAhead>(rows.tile, rows.tile_strides, blk.v0, blk.p.dims.value_dim,
-                                           [&](int m, int c, float x) { sm.tile.template put<kTileTerms>(m, c, x); });
 }
 
 // One block per (b, h, value tile, key slab of walk_slab channels: 16
@@ -1748,6 +1752,8 @@ __device__ __forceinline__ void walk_chunks(const GateloopChunkParams& p, unsign
     // the f16 backward walk on sm_90 (a 4-byte spill at its 80).
     constexpr bool kTogether =
         !(kBackward && std::is_same<input_t, __half>::value) || GATELOOP_BY_ARCH(true, false);
+    // Step i visits chunk chunk_at(i) (the reverse order when kBackward).
+    const auto chunk_at = [&](int64_t i) { return kBackward ? p.num_chunks - 1 - i : i; };
     const auto walk = [&](auto tile_async) {
         constexpr bool kTileAsync = decltype(tile_async)::value;
         const auto issue_tile = [&](int64_t c) {
@@ -1757,15 +1763,14 @@ __device__ __forceinline__ void walk_chunks(const GateloopChunkParams& p, unsign
             }
         };
         if constexpr (!kComplex) {
-            const int64_t first = kBackward ? p.num_chunks - 1 : 0;
-            issue_tile(first);
-            blk.template issue_gates_async<kAhead>(d0, first);
+            issue_tile(chunk_at(0));
+            blk.template issue_gates_async<kAhead>(d0, chunk_at(0));
         }
 #pragma unroll 1
         for (int64_t i = 0; i < p.num_chunks; ++i) {
-            blk.at_chunk(kBackward ? p.num_chunks - 1 - i : i);
+            blk.at_chunk(chunk_at(i));
             if constexpr (!kComplex) {
-                const WalkLoads<input_t, kComplex> loads = walk_fetch<kAhead, Op, kTerms>(blk, rows, d0, kTileAsync);
+                const WalkLoads<input_t, kComplex> loads = walk_fetch<kAhead, Op, kTerms, kTileAsync>(blk, rows, d0);
                 // The gate prefix: the chunk's gates (and kTileAsync its
                 // value tile), issued before the loop or by the previous
                 // chunk (issue_gates_async, issue_tile), waited for here.
@@ -1774,7 +1779,7 @@ __device__ __forceinline__ void walk_chunks(const GateloopChunkParams& p, unsign
                 cp_async_wait_all();
                 __syncthreads();
                 blk.scan_prefix(d0);  // ends with a barrier
-                walk_put<kAhead, Op, kTerms>(blk, rows, loads, sm);
+                walk_put<kAhead, Op, kTerms, kTileAsync>(blk, rows, loads, sm);
             } else if constexpr (kTogether) {
                 blk.template build_prefix<kAhead>(d0);
                 walk_put<kAhead, Op, kTerms>(blk, rows, walk_fetch<kAhead, Op, kTerms>(blk, rows, d0), sm);
@@ -1796,8 +1801,7 @@ __device__ __forceinline__ void walk_chunks(const GateloopChunkParams& p, unsign
                 // The tables' last readers (put_slab, the decays) are done: the
                 // next chunk's gates land in them across this one's Gram
                 // product and update.
-                const int64_t next = kBackward ? p.num_chunks - 2 - i : i + 1;
-                if (i + 1 < p.num_chunks) blk.template issue_gates_async<kAhead>(d0, next);
+                if (i + 1 < p.num_chunks) blk.template issue_gates_async<kAhead>(d0, chunk_at(i + 1));
             }
             Acc<Op> acc;
             // Rolled (where it matters: bf16 Exact) but in the complex forward walk.
@@ -1810,7 +1814,7 @@ __device__ __forceinline__ void walk_chunks(const GateloopChunkParams& p, unsign
             // The tile's only reader, the Gram product, is done: the next
             // chunk's tile lands across this one's update and the next one's
             // prefix.
-            if (i + 1 < p.num_chunks) issue_tile(kBackward ? p.num_chunks - 2 - i : i + 1);
+            if (i + 1 < p.num_chunks) issue_tile(chunk_at(i + 1));
             {
                 // Thread slot: column v0 + col, key rows d0 + row0 + kStep·u.
                 const TileSlot<kVTile> slot(blk.tid);
@@ -1832,8 +1836,9 @@ __device__ __forceinline__ void walk_chunks(const GateloopChunkParams& p, unsign
                     }
                 });
             }
-            // (The next chunk's build_prefix ends with a barrier before xbuf,
-            // dec or st are touched again.)
+            // (The next chunk's prefix ends with a barrier before xbuf, dec
+            // or st are touched again: build_prefix's own, or for real gates
+            // the one after cp_async_wait_all.)
         }
     };
     if constexpr (kCanTileAsync) {

@@ -134,6 +134,9 @@ FRAG_ENTRIES(bf16)
 static const FragTable* g_fragments = nullptr;
 static bool g_want_fragments = false;
 
+// The staging tiles (every layout below ends with them): a 16×16 f32 tile
+// a warp, chunk_common.cuh `kStagingBytes`.
+static constexpr int staging = (GATELOOP_CHUNK_THREADS / 32) * 16 * 16 * 4;
 
 // src/cuda/chunk.rs `shared_bytes` for operands of `s` bytes (4: TF32 for
 // f32 inputs, row padding 4; 2: f16 / bf16, row padding 8): (state kernel,
@@ -149,7 +152,6 @@ static int walk_slab(bool complex) { return complex ? GATELOOP_CHUNK_KEY_SLAB : 
 static int32_t state_layout_bytes(int s, bool complex, int ch, bool raw_in_staging) {
     const int pad = s == 4 ? 4 : 8, C = GATELOOP_CHUNK_LEN;
     auto split = [&](int rows, int ld) { return 2 * rows * ld * s; };
-    const int staging = (GATELOOP_CHUNK_THREADS / 32) * 16 * 16 * 4;
     return (complex ? 5 : 3) * C * ch * 4 + (raw_in_staging ? 0 : C * ch * 4) +
            split(C, GATELOOP_CHUNK_VALUE_TILE + pad) + split(C, ch * (complex ? 2 : 1) + pad) + staging;
 }
@@ -162,7 +164,6 @@ static void fwd_shared_bytes(int s, bool complex, int32_t& state, int32_t& outpu
     const int width = slab * (complex ? 2 : 1), ld_slab = width + pad, ld_tile = GATELOOP_CHUNK_VALUE_TILE + pad;
     auto split = [&](int rows, int ld) { return 2 * rows * ld * s; };
     const int padded = (complex ? 5 : 3) * C * GATELOOP_CHUNK_PREFIX_LD * 4, padded_raw = C * GATELOOP_CHUNK_PREFIX_LD * 4;
-    const int staging = (GATELOOP_CHUNK_THREADS / 32) * 16 * 16 * 4;
     const int subs = C / sub, pairs = subs * (subs - 1) / 2;
     state = state_layout_bytes(s, complex, slab, false);
     const int slab_phase = split(C, ld_slab) + split(width, ld_tile) + split(pairs * sub, ld_slab) + split((subs - 1) * sub, ld_slab);
@@ -194,7 +195,6 @@ static void grad_shared_bytes(int size, bool complex, int32_t& w, int32_t& qk, i
     const int pairs = (c / sub) * (c / sub - 1) / 2, key_subs = c / sub - 1, width = (complex ? 2 : 1) * s;
     fwd_shared_bytes(size, complex, w, dv);
     auto split = [&](int rows, int ld) { return 2 * rows * ld * size; };
-    const int staging = (GATELOOP_CHUNK_THREADS / 32) * 16 * 16 * 4;
     dv = prefix + c * ld * 4 + std::max(split(c, width + pad) + split(width, t + pad), 2 * split(c, t + pad)) + staging;
     const int inter = std::max(2 * split(c, t / 2 + pad) + 2 * split(width, t / 2 + pad), 2 * c * 2 * s * 4);
     const int offdiag = split(pairs * sub, sub + pad) + split(pairs * sub, width + pad) + split(key_subs * sub, width + pad);
