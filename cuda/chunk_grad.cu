@@ -451,8 +451,11 @@ constexpr int kScanRows = kChunk / kScanLanes;
 __device__ __forceinline__ float2 shfl_up2(float2 x, int lanes) {
     return make_float2(__shfl_up_sync(0xffffffffu, x.x, lanes), __shfl_up_sync(0xffffffffu, x.y, lanes));
 }
+// !kComplex: a real value, its Im half the constant 0 (not shuffled).
+template <bool kComplex = true>
 __device__ __forceinline__ float2 shfl_down2(float2 x, int lanes) {
-    return make_float2(__shfl_down_sync(0xffffffffu, x.x, lanes), __shfl_down_sync(0xffffffffu, x.y, lanes));
+    return make_float2(__shfl_down_sync(0xffffffffu, x.x, lanes),
+                       kComplex ? __shfl_down_sync(0xffffffffu, x.y, lanes) : 0.f);
 }
 __device__ __forceinline__ float2 add2(float2 x, float2 y) {
     return make_float2(x.x + y.x, x.y + y.y);
@@ -897,8 +900,16 @@ __device__ __forceinline__ void grad_qk(const GateloopChunkGradParams& g) {
 #pragma unroll
                 for (int u = 0; u < kStateItems; ++u) {
                     const float4 x = sd[u];
-                    thr[u] = make_float2(fmaf(x.x, x.z, fmaf(x.y, x.w, thr[u].x)),
-                                         fmaf(x.y, x.z, fmaf(-x.x, x.w, thr[u].y)));
+                    // Real gates: x.y = x.w = 0, and thr is never −0 (it
+                    // starts at +0; a rounded sum is −0 only when both
+                    // addends are), so the fmaf of those zeros, which nvcc
+                    // keeps, goes with the same values; Im stays 0.
+                    if constexpr (kComplex) {
+                        thr[u] = make_float2(fmaf(x.x, x.z, fmaf(x.y, x.w, thr[u].x)),
+                                             fmaf(x.y, x.z, fmaf(-x.x, x.w, thr[u].y)));
+                    } else {
+                        thr[u].x = fmaf(x.x, x.z, thr[u].x);
+                    }
                     const int r = slot.row0 + u * kStep, c = slot.col;
                     sh.template put<kGradTerms>(r, c, x.x);
                     dh.template put<kGradTerms>(r, c, x.z);
@@ -941,7 +952,9 @@ __device__ __forceinline__ void grad_qk(const GateloopChunkGradParams& g) {
 #pragma unroll
             for (int i = 0; i < kChannels; ++i) {
 #pragma unroll
-                for (int lanes = 16; lanes > 0; lanes >>= 1) thr[i] = add2(thr[i], shfl_down2(thr[i], lanes));
+                for (int lanes = 16; lanes > 0; lanes >>= 1) {
+                    thr[i] = add2(thr[i], shfl_down2<kComplex>(thr[i], lanes));
+                }
                 if (slot.col == 0) through[slot.row0 + kStep * i] = thr[i];  // 0 past K
             }
             __syncthreads();  // every warp is done with the operands: X, Y take their bytes
