@@ -29,8 +29,8 @@ use dtype_support::{rounded_to, y_bounds};
 use gateloop::cpu::chunked::ChunkParams;
 use gateloop::cuda::chunk::{self, ChunkCarry, ChunkConfig, ChunkPrecision, Gates};
 use gateloop::cuda::chunk_grad::{
-    DeviceGradInputs, DeviceGrads, DeviceInputs, backward_into, backward_real_host_as, backward_real_into, plan,
-    plan_with,
+    DeviceGradInputs, DeviceGrads, DeviceInputs, SavedForward, backward_into, backward_real_host_as,
+    backward_real_into, backward_saved_into, forward_real_saving_into, forward_saving_into, plan, plan_with,
 };
 use gateloop::cuda::{Dtype, Element, Gpu};
 use gateloop::reference::grad::Grads;
@@ -85,6 +85,33 @@ fn run_gates<T: Element>(
     gates: Gates,
     offset: usize,
 ) -> Grads<f32> {
+    run_with::<T>(gpu, p, up, config, gates, offset, false)
+}
+
+/// [`run_gates`] through the training pair: the forward
+/// (`forward_saving_into`, or `forward_real_saving_into`) into the
+/// NaN-poisoned backward workspace, then `backward_saved_into` reading the
+/// chunk states it left (no state launches of its own).
+fn run_saved<T: Element>(
+    gpu: &Gpu,
+    p: &OwnedProblem<f64>,
+    up: &Upstream,
+    config: ChunkConfig,
+    gates: Gates,
+) -> Grads<f32> {
+    run_with::<T>(gpu, p, up, config, gates, 0, true)
+}
+
+/// The body of [`run_gates`] (`saved` false) and [`run_saved`].
+fn run_with<T: Element>(
+    gpu: &Gpu,
+    p: &OwnedProblem<f64>,
+    up: &Upstream,
+    config: ChunkConfig,
+    gates: Gates,
+    offset: usize,
+    saved: bool,
+) -> Grads<f32> {
     let p32 = p.to_f32();
     let d = p32.dims;
     let dy: Vec<f32> = up.dy.iter().map(|&x| x as f32).collect();
@@ -92,14 +119,33 @@ fn run_gates<T: Element>(
         up.dh_final.as_ref().map(|h| h.iter().map(|z| Complex::new(z.re as f32, z.im as f32)).collect());
     let lp = plan_with(&d, T::DTYPE, gates, config.carry).expect("plan");
     let real = gates == Gates::Real;
+    // The saved forward's outputs (run_backward's stream is lent as a &CudaStream).
+    let outputs = saved.then(|| {
+        let y = gpu.stream().alloc_zeros::<T>(d.v_len()).unwrap();
+        let h_final = gpu.stream().alloc_zeros::<f32>(gates.parts() * d.state_len()).unwrap();
+        gpu.stream().synchronize().unwrap();
+        (y, h_final)
+    });
     common::run_backward::<T>(gpu, &p32, &dy, dhf.as_deref(), lp.workspace_len, real, offset, |s, d, i, u, g, w| {
-        if real {
-            backward_real_into(gpu, s, d, i, u, g, w, config)
+        let Some((mut y, mut h_final)) = outputs else {
+            return if real {
+                backward_real_into(gpu, s, d, i, u, g, w, config)
+            } else {
+                backward_into(gpu, s, d, i, u, g, w, config)
+            };
+        };
+        let forward_inputs = DeviceInputs { q: i.q, k: i.k, v: i.v, log_gate: i.log_gate, h0: i.h0 };
+        let out = chunk::DeviceOutputs { y: &mut y, h_final: &mut h_final };
+        let w = w.expect("the backward's workspace");
+        let saved = if real {
+            forward_real_saving_into(gpu, s, d, forward_inputs, out, w, config)?
         } else {
-            backward_into(gpu, s, d, i, u, g, w, config)
-        }
+            forward_saving_into(gpu, s, d, forward_inputs, out, w, config)?
+        };
+        assert_eq!((saved.gates(), saved.config()), (gates, config));
+        backward_saved_into(gpu, s, d, i, u, g, saved)
     })
-    .unwrap_or_else(|e| panic!("{} {gates:?} {d:?}: {e}", T::DTYPE))
+    .unwrap_or_else(|e| panic!("{} {gates:?} {d:?} (saved: {saved}): {e}", T::DTYPE))
 }
 
 /// The real-gate problem of `case` and its upstream gradients (dh_final
@@ -485,6 +531,116 @@ fn sanitizer_smoke() {
         check_real_case::<f32>(gpu, &case, true, STATE_BOUNDS);
         check_real_case::<bf16>(gpu, &case, true, STATE_BOUNDS);
     }
+}
+
+/// The backward of a saved forward (`forward_saving_into` then
+/// `backward_saved_into`: the chunk states read from the forward's
+/// workspace, not recomputed) gives the recomputing backward's gradients
+/// bit for bit: complex and real gates, the separate carry (in segments
+/// too) and the sequential one, f32 and bf16, both gate layouts, with and
+/// without h0 and dh_final, resets and |a| = 1; the workspace NaN-poisoned,
+/// so a state the forward left unwritten would show.
+#[test]
+fn saved_forward_is_bitwise_the_recomputing_backward() {
+    let Some(gpu) = gpu_or_skip() else { return };
+    let cases = [
+        (dims(1, 200, 2, 40, 70, false), GateRegime::Resets(0.05), true),
+        (dims(2, 130, 1, 16, 128, true), GateRegime::Mixed, false),
+        (dims(1, 2048, 1, 4, 4, false), GateRegime::UnitModulus, true),
+    ];
+    for (i, (d, regime, with_h0)) in cases.into_iter().enumerate() {
+        let case = Case::new(d, regime, with_h0, 8700 + i as u64);
+        if common::emulated_device_skips(&case.dims) {
+            continue;
+        }
+        for gates in Gates::ALL {
+            for carry in [ChunkCarry::Separate, ChunkCarry::Sequential] {
+                let config = ChunkConfig { carry, ..ChunkConfig::default() };
+                let label = format!("{gates:?} {carry:?} {}", case.label());
+                let (p, up) = if gates == Gates::Real {
+                    let (p, up, _) = real_case::<f32>(&case, i != 1);
+                    (p, up)
+                } else {
+                    rounded::<f32>(&case.problem(), &upstream(case.dims, i != 1, case.seed))
+                };
+                let want = run_gates::<f32>(gpu, &p, &up, config, gates, 0);
+                assert_grads_bitwise(
+                    &format!("f32 {label}"),
+                    &run_saved::<f32>(gpu, &p, &up, config, gates),
+                    &want,
+                    "saved and recomputed states",
+                );
+                if i == 0 {
+                    let (p, up) = if gates == Gates::Real {
+                        let (p, up, _) = real_case::<bf16>(&case, true);
+                        (p, up)
+                    } else {
+                        rounded::<bf16>(&case.problem(), &upstream(case.dims, true, case.seed))
+                    };
+                    let config = ChunkConfig { precision: ChunkPrecision::Fast, ..config };
+                    let want = run_gates::<bf16>(gpu, &p, &up, config, gates, 0);
+                    let got = run_saved::<bf16>(gpu, &p, &up, config, gates);
+                    assert_grads_bitwise(&format!("bf16 fast {label}"), &got, &want, "saved and recomputed states");
+                }
+            }
+        }
+    }
+}
+
+/// A saved forward serves only its own backward: another stream, dims or
+/// input buffer (h0 given to one call only included) is a
+/// typed error naming `saved`, before any launch; a workspace too short
+/// for the backward is refused by the forward (`workspace`).
+#[test]
+fn saved_forward_misuse_is_a_typed_error() {
+    use gateloop::InputError;
+    use gateloop::cuda::GpuError;
+    let Some(gpu) = gpu_or_skip() else { return };
+    let d = dims(1, 70, 1, 4, 6, false);
+    let p = random_problem(d, GateRegime::Random, true, 8800).to_f32();
+    let s = gpu.context().new_stream().unwrap();
+    let other_stream = gpu.context().new_stream().unwrap();
+    let u = upload::<f32>(&s, &p);
+    let q2 = s.clone_htod(&p.q).unwrap();
+    let h0 = s.clone_htod(&flat(p.h0.as_ref().unwrap())).unwrap();
+    let dy = s.clone_htod(&vec![1f32; d.v_len()]).unwrap();
+    let gp = plan(&d, Dtype::F32, Gates::Complex).unwrap();
+    let mut y = s.alloc_zeros::<f32>(d.v_len()).unwrap();
+    let mut h_final = s.alloc_zeros::<f32>(2 * d.state_len()).unwrap();
+    let mut dq = s.alloc_zeros::<f32>(d.qk_len()).unwrap();
+    let mut dk = s.alloc_zeros::<f32>(d.qk_len()).unwrap();
+    let mut dv = s.alloc_zeros::<f32>(d.v_len()).unwrap();
+    let mut dg = s.alloc_zeros::<f32>(2 * d.gate_len()).unwrap();
+    let mut ws = s.alloc_zeros::<f32>(gp.workspace_len).unwrap();
+    let inputs = || DeviceInputs { q: &u.q, k: &u.k, v: &u.v, log_gate: &u.log_gate, h0: None };
+    // The forward's own workspace is too short for the backward.
+    let mut short = s.alloc_zeros::<f32>(gp.forward.workspace_len).unwrap();
+    let out = chunk::DeviceOutputs { y: &mut y, h_final: &mut h_final };
+    assert!(matches!(
+        forward_saving_into(gpu, &s, &d, inputs(), out, &mut short, ChunkPrecision::Exact),
+        Err(GpuError::Input(InputError::Length { name: "workspace", .. }))
+    ));
+    let mut backward =
+        |stream: &cudarc::driver::CudaStream, dims: &Dims, inputs: DeviceInputs<'_, f32>, saved: SavedForward<'_>| {
+            let grads = DeviceGrads { dq: &mut dq, dk: &mut dk, dv: &mut dv, dlog_gate: &mut dg, dh0: None };
+            backward_saved_into(gpu, stream, dims, inputs, DeviceGradInputs { dy: &dy, dh_final: None }, grads, saved)
+        };
+    let is_saved_error =
+        |r: Result<(), GpuError>| matches!(r, Err(GpuError::Input(InputError::Param { name: "saved", .. })));
+    let shorter = dims(1, 69, 1, 4, 6, false);
+    let with_h0 = DeviceInputs { h0: Some(&h0), ..inputs() };
+    let wrong_q = DeviceInputs { q: &q2, ..inputs() };
+    let calls: [(&_, &Dims, DeviceInputs<'_, f32>); 4] =
+        [(&s, &d, wrong_q), (&s, &d, with_h0), (&other_stream, &d, inputs()), (&s, &shorter, inputs())];
+    for (stream, dims, backward_inputs) in calls {
+        let out = chunk::DeviceOutputs { y: &mut y, h_final: &mut h_final };
+        let saved = forward_saving_into(gpu, &s, &d, inputs(), out, &mut ws, ChunkPrecision::Exact).unwrap();
+        assert!(is_saved_error(backward(stream, dims, backward_inputs, saved)), "{dims:?}");
+    }
+    let out = chunk::DeviceOutputs { y: &mut y, h_final: &mut h_final };
+    let saved = forward_saving_into(gpu, &s, &d, inputs(), out, &mut ws, ChunkPrecision::Exact).unwrap();
+    backward(&s, &d, inputs(), saved).unwrap();
+    s.synchronize().unwrap();
 }
 
 /// Misuse that needs a device: a missing dh0 buffer when h0 is given, a

@@ -507,12 +507,13 @@ pub fn registry() -> Vec<KernelEntry> {
         },
         KernelEntry {
             name: "chunked-fwd-bwd",
-            about: "chunked forward then backward, complex gates, exact: y, h_final, then every gradient (the fwd+bwd \
-                    column of the peer comparison)",
+            about: "chunked forward then backward, complex gates, exact: y, h_final, then every gradient, the backward \
+                    reading the forward's chunk states (chunk_grad::forward_saving_into, backward_saved_into; the \
+                    fwd+bwd column of the peer comparison)",
             dtypes: &Dtype::ALL,
             shapes: chunked_shapes,
             check: |d| chunk_grad::plan(d, Dtype::F32, Gates::Complex).map(|_| ()),
-            cost: |d, t| chunked_fwd_bwd_cost(d, t, Gates::Complex),
+            cost: |d, t| chunked_fwd_bwd_cost(d, t, Gates::Complex, true),
             prepare: |gpu, d, t, host, sets| {
                 prepare_grad(gpu, d, t, host, sets, Backward::chunked(true, Gates::Complex))
             },
@@ -530,12 +531,27 @@ pub fn registry() -> Vec<KernelEntry> {
         },
         KernelEntry {
             name: "chunked-real-fwd-bwd",
-            about: "chunked forward then backward, REAL gates, exact (fla chunk_gla's fwd+bwd, apples to apples)",
+            about: "chunked forward then backward, REAL gates, exact, the backward reading the forward's chunk \
+                    states (fla chunk_gla's fwd+bwd, apples to apples)",
             dtypes: &Dtype::ALL,
             shapes: chunked_shapes,
             check: |d| chunk_grad::plan(d, Dtype::F32, Gates::Real).map(|_| ()),
-            cost: |d, t| chunked_fwd_bwd_cost(d, t, Gates::Real),
+            cost: |d, t| chunked_fwd_bwd_cost(d, t, Gates::Real, true),
             prepare: |gpu, d, t, host, sets| prepare_grad(gpu, d, t, host, sets, Backward::chunked(true, Gates::Real)),
+            tuning: false,
+        },
+        KernelEntry {
+            name: "chunked-real-fwd-bwd-recompute",
+            about: "chunked forward then backward, REAL gates, exact, the backward recomputing the chunk states (its \
+                    state launches: the fwd+bwd as timed on 2026-12-04), beside `chunked-real-fwd-bwd`",
+            dtypes: &[Dtype::F32, Dtype::Bf16],
+            shapes: chunked_shapes,
+            check: |d| chunk_grad::plan(d, Dtype::F32, Gates::Real).map(|_| ()),
+            cost: |d, t| chunked_fwd_bwd_cost(d, t, Gates::Real, false),
+            prepare: |gpu, d, t, host, sets| {
+                let backward = Backward::Chunked { forward: true, gates: Gates::Real, packed: false, saved: false };
+                prepare_grad(gpu, d, t, host, sets, backward)
+            },
             tuning: false,
         },
         KernelEntry {
@@ -598,7 +614,7 @@ pub fn registry() -> Vec<KernelEntry> {
                     t,
                     host,
                     sets,
-                    Backward::Chunked { forward: false, gates: Gates::Complex, packed: true },
+                    Backward::Chunked { forward: false, gates: Gates::Complex, packed: true, saved: false },
                 )
             },
             tuning: false,
@@ -774,7 +790,7 @@ pub fn chunked_cost_with(d: &Dims, t: Dtype, gates: Gates, carry: ChunkCarry) ->
     let bytes = e * (2 * d.qk_len() + 2 * d.v_len()) as f64 + 4.0 * p * (d.gate_len() + d.state_len()) as f64;
     let (k, v, c) = (d.key_dim as f64, d.value_dim as f64, chunk::CHUNK_LEN as f64);
     let steps = (d.batch * d.len * d.heads) as f64;
-    let traffic = chunked_traffic(d, t, gates, carry, false);
+    let traffic = chunked_traffic(d, t, gates, carry, ChunkedPass::Forward);
     Cost { bytes, flops: steps * (4.0 * p * k * v + c * (p * k + v)), traffic }
 }
 
@@ -786,9 +802,9 @@ pub fn chunked_cost_with(d: &Dims, t: Dtype, gates: Gates, carry: ChunkCarry) ->
 /// separate carry's state (k·vt, v, log_gate·vt; writes ws, A) and carry
 /// (ws read and written in place, A; h_final), or the sequential carry's one
 /// launch (k·vt, v, log_gate·vt; writes ws, A, h_final); then the output
-/// (q·vt, k·vt, v, log_gate·vt, ws; writes y). With `backward` the
-/// launches of cuda/chunk_grad.cu: the forward part as above (h_final to a
-/// sink), grad_w (q·vt, dy, log_gate·vt; writes a second ws) and the adjoint
+/// (q·vt, k·vt, v, log_gate·vt, ws; writes y). [`ChunkedPass::Backward`]:
+/// the launches of cuda/chunk_grad.cu, the forward part as above (h_final to
+/// a sink; none of it for [`ChunkedPass::SavedBackward`]), grad_w (q·vt, dy, log_gate·vt; writes a second ws) and the adjoint
 /// carry (ws read and written, A), or with the sequential carry grad_w_seq
 /// (grad_w's reads; writes the second ws once),
 /// grad_qk (q, k, v, dy, log_gate, both ws; writes dq, dk, dlog_gate) and
@@ -800,7 +816,7 @@ pub fn chunked_cost_with(d: &Dims, t: Dtype, gates: Gates, carry: ChunkCarry) ->
 /// forward's minimum (the four passes over ws, written, carried in place
 /// and read, are half of it; the second read of k and log_gate the rest),
 /// the sequential carry 2.75×.
-pub fn chunked_traffic(d: &Dims, t: Dtype, gates: Gates, carry: ChunkCarry, backward: bool) -> f64 {
+pub fn chunked_traffic(d: &Dims, t: Dtype, gates: Gates, carry: ChunkCarry, pass: ChunkedPass) -> f64 {
     let e = t.size_bytes() as f64;
     let p = gates.parts() as f64;
     let vt = d.value_dim.div_ceil(chunk::VALUE_TILE) as f64;
@@ -822,7 +838,7 @@ pub fn chunked_traffic(d: &Dims, t: Dtype, gates: Gates, carry: ChunkCarry, back
         if segments > 1.0 { ws + decays + 2.0 * 4.0 * 4.0 * segments * d.state_len() as f64 } else { 0.0 };
     let carry_pass = 2.0 * ws + decays + h_final + segment_pass;
     let states = if sequential { state + h_final } else { state + carry_pass };
-    if !backward {
+    if pass == ChunkedPass::Forward {
         let output = 2.0 * qk * ot + v + gate * ot + ws + v;
         return states + output;
     }
@@ -833,7 +849,22 @@ pub fn chunked_traffic(d: &Dims, t: Dtype, gates: Gates, carry: ChunkCarry, back
     // The sequential carry's grad_w_seq writes D where grad_w wrote W, and
     // there is no adjoint carry pass.
     let adjoints = if sequential { grad_w } else { grad_w + adjoint_carry };
-    states + adjoints + grad_qk + grad_dv
+    // A saved forward left the states and decays (backward_saved_into).
+    let forward_part = if pass == ChunkedPass::SavedBackward { 0.0 } else { states };
+    forward_part + adjoints + grad_qk + grad_dv
+}
+
+/// The launches [`chunked_traffic`] counts: the forward's, the backward's
+/// (its forward part included), or those of the backward of a saved forward
+/// (`chunk_grad::backward_saved_into`: no forward part).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ChunkedPass {
+    /// The chunked forward.
+    Forward,
+    /// The chunked backward, recomputing the forward's chunk states.
+    Backward,
+    /// The chunked backward reading a saved forward's chunk states.
+    SavedBackward,
 }
 
 /// Chunked backward (no h0, no dh_final). Bytes: read q, k, v, dy (element
@@ -849,13 +880,28 @@ pub fn chunked_grad_cost(d: &Dims, t: Dtype, gates: Gates) -> Cost {
     let bytes = e * (4 * d.qk_len() + 3 * d.v_len()) as f64 + 8.0 * p * d.gate_len() as f64;
     let (k, v, c) = (d.key_dim as f64, d.value_dim as f64, chunk::CHUNK_LEN as f64);
     let steps = (d.batch * d.len * d.heads) as f64;
-    let traffic = chunked_traffic(d, t, gates, ChunkCarry::Auto, true);
+    let traffic = chunked_traffic(d, t, gates, ChunkCarry::Auto, ChunkedPass::Backward);
     Cost { bytes, flops: steps * (10.0 * p * k * v + c * (3.0 * p * k + 2.0 * v)), traffic }
 }
 
-/// The chunked forward then backward: the sum of the two costs.
-fn chunked_fwd_bwd_cost(d: &Dims, t: Dtype, gates: Gates) -> Cost {
-    chunked_cost(d, t, gates).then(chunked_grad_cost(d, t, gates))
+/// The chunked forward then backward: the sum of the two costs; with
+/// `saved` (the training pair, `chunk_grad::backward_saved_into`) less what
+/// the backward's forward part costs: its launches' traffic and U_c's
+/// product (2pKV a step).
+fn chunked_fwd_bwd_cost(d: &Dims, t: Dtype, gates: Gates, saved: bool) -> Cost {
+    let backward = chunked_grad_cost(d, t, gates);
+    let backward = if saved {
+        let (p, k, v) = (gates.parts() as f64, d.key_dim as f64, d.value_dim as f64);
+        let steps = (d.batch * d.len * d.heads) as f64;
+        Cost {
+            flops: backward.flops - steps * 2.0 * p * k * v,
+            traffic: chunked_traffic(d, t, gates, ChunkCarry::Auto, ChunkedPass::SavedBackward),
+            ..backward
+        }
+    } else {
+        backward
+    };
+    chunked_cost(d, t, gates).then(backward)
 }
 
 /// Attention. Bytes: as the recurrence's in element type `t` (each input
@@ -1093,10 +1139,13 @@ struct GradSet<T> {
 #[derive(Clone, Copy, Debug)]
 enum Backward {
     /// The chunked backward, exact, complex or real gates, no dh_final; after
-    /// the chunked forward when `forward` (fwd+bwd); through the packed
-    /// launches when `packed` (the B rows as B sequences:
+    /// the chunked forward when `forward` (fwd+bwd: with `saved`, the
+    /// training pair `forward_saving_into` and `backward_saved_into`, the
+    /// backward reading the forward's chunk states; else a plain forward
+    /// and a backward that recomputes them); through the packed launches
+    /// when `packed` (the B rows as B sequences:
     /// `chunk_grad::backward_rows_packed_into`, backward only).
-    Chunked { forward: bool, gates: Gates, packed: bool },
+    Chunked { forward: bool, gates: Gates, packed: bool, saved: bool },
     /// The fused scan backward, with dh_final = the host's random state.
     Scan,
     /// The recurrent backward, complex or real gates, no dh_final; after the
@@ -1106,7 +1155,7 @@ enum Backward {
 
 impl Backward {
     fn chunked(forward: bool, gates: Gates) -> Self {
-        Backward::Chunked { forward, gates, packed: false }
+        Backward::Chunked { forward, gates, packed: false, saved: forward }
     }
     /// The gate kind of log_gate, h_final and dlog_gate.
     fn gates(self) -> Gates {
@@ -1177,65 +1226,83 @@ fn prepare_grad<'g>(
     })
 }
 
+impl<T: Element> GradSet<T> {
+    /// A call's arguments from this set: the inputs twice (a forward and
+    /// its backward each take theirs), the forward's outputs, the upstream
+    /// gradients, the gradients and the workspace, each field borrowed once.
+    fn args(&mut self) -> GradArgs<'_, T> {
+        let inputs = || DeviceInputs { q: &self.q, k: &self.k, v: &self.v, log_gate: &self.log_gate, h0: None };
+        GradArgs {
+            forward_inputs: inputs(),
+            inputs: inputs(),
+            out: DeviceOutputs { y: &mut self.y, h_final: &mut self.h_final },
+            grad_in: chunk_grad::DeviceGradInputs { dy: &self.dy, dh_final: self.dh_final.as_ref().map(|h| h as _) },
+            grads: chunk_grad::DeviceGrads {
+                dq: &mut self.dq,
+                dk: &mut self.dk,
+                dv: &mut self.dv,
+                dlog_gate: &mut self.dlog_gate,
+                dh0: None,
+            },
+            workspace: &mut self.workspace,
+        }
+    }
+}
+
+/// [`GradSet::args`].
+struct GradArgs<'a, T> {
+    forward_inputs: DeviceInputs<'a, T>,
+    inputs: DeviceInputs<'a, T>,
+    out: DeviceOutputs<'a, T>,
+    grad_in: chunk_grad::DeviceGradInputs<'a, T>,
+    grads: chunk_grad::DeviceGrads<'a, T>,
+    workspace: &'a mut CudaSlice<f32>,
+}
+
 impl<T: Element> BenchCase for GradCase<'_, T> {
     fn launch(&mut self, set: usize) -> Result<(), GpuError> {
-        let st = &mut self.sets[set];
+        let GradArgs { forward_inputs, inputs, out, grad_in, grads, workspace: ws } = self.sets[set].args();
         let s = self.gpu.stream();
+        let (gpu, d) = (self.gpu, &self.dims);
         let exact = ChunkPrecision::Exact;
-        if let Backward::Recurrent { forward: true, gates } = self.backward {
-            let inputs = DeviceInputs { q: &st.q, k: &st.k, v: &st.v, log_gate: &st.log_gate, h0: None };
-            let out = DeviceOutputs { y: &mut st.y, h_final: &mut st.h_final };
-            recurrent::forward_into_gates(self.gpu, s, &self.dims, RecurrentConfig::default(), gates, inputs, out)?;
-        }
-        if let Backward::Chunked { forward: true, gates, .. } = self.backward {
-            // The forward's workspace is a prefix of the backward's.
-            let inputs = DeviceInputs { q: &st.q, k: &st.k, v: &st.v, log_gate: &st.log_gate, h0: None };
-            let out = DeviceOutputs { y: &mut st.y, h_final: &mut st.h_final };
-            let ws = Some(&mut st.workspace as _);
-            match gates {
-                Gates::Complex => chunk::forward_into(self.gpu, s, &self.dims, inputs, out, ws, exact)?,
-                Gates::Real => chunk::forward_real_into(self.gpu, s, &self.dims, inputs, out, ws, exact)?,
+        match self.backward {
+            Backward::Recurrent { forward: true, gates } => {
+                recurrent::forward_into_gates(gpu, s, d, RecurrentConfig::default(), gates, forward_inputs, out)?;
             }
+            Backward::Chunked { forward: true, gates, saved: true, .. } => {
+                let saved = match gates {
+                    Gates::Complex => chunk_grad::forward_saving_into(gpu, s, d, forward_inputs, out, ws, exact)?,
+                    Gates::Real => chunk_grad::forward_real_saving_into(gpu, s, d, forward_inputs, out, ws, exact)?,
+                };
+                return chunk_grad::backward_saved_into(gpu, s, d, inputs, grad_in, grads, saved);
+            }
+            Backward::Chunked { forward: true, gates, saved: false, .. } => {
+                // The forward's workspace is a prefix of the backward's.
+                let w = Some(&mut *ws as _);
+                match gates {
+                    Gates::Complex => chunk::forward_into(gpu, s, d, forward_inputs, out, w, exact)?,
+                    Gates::Real => chunk::forward_real_into(gpu, s, d, forward_inputs, out, w, exact)?,
+                }
+            }
+            _ => {}
         }
-        let inputs = DeviceInputs { q: &st.q, k: &st.k, v: &st.v, log_gate: &st.log_gate, h0: None };
-        let grad_in = chunk_grad::DeviceGradInputs { dy: &st.dy, dh_final: st.dh_final.as_ref().map(|h| h as _) };
-        let grads = chunk_grad::DeviceGrads {
-            dq: &mut st.dq,
-            dk: &mut st.dk,
-            dv: &mut st.dv,
-            dlog_gate: &mut st.dlog_gate,
-            dh0: None,
-        };
-        let ws = &mut st.workspace;
         match self.backward {
             Backward::Chunked { gates, packed: true, .. } => {
                 let config = ChunkConfig::from(exact);
-                chunk_grad::backward_rows_packed_into(
-                    self.gpu,
-                    s,
-                    &self.dims,
-                    inputs,
-                    grad_in,
-                    grads,
-                    Some(ws),
-                    config,
-                    gates,
-                )
+                chunk_grad::backward_rows_packed_into(gpu, s, d, inputs, grad_in, grads, Some(ws), config, gates)
             }
             Backward::Chunked { gates: Gates::Complex, .. } => {
-                chunk_grad::backward_into(self.gpu, s, &self.dims, inputs, grad_in, grads, Some(ws), exact)
+                chunk_grad::backward_into(gpu, s, d, inputs, grad_in, grads, Some(ws), exact)
             }
             Backward::Chunked { gates: Gates::Real, .. } => {
-                chunk_grad::backward_real_into(self.gpu, s, &self.dims, inputs, grad_in, grads, Some(ws), exact)
+                chunk_grad::backward_real_into(gpu, s, d, inputs, grad_in, grads, Some(ws), exact)
             }
-            Backward::Scan => {
-                super::scan_grad::backward_into(self.gpu, s, &self.dims, inputs, grad_in, grads, Some(ws))
-            }
+            Backward::Scan => super::scan_grad::backward_into(gpu, s, d, inputs, grad_in, grads, Some(ws)),
             Backward::Recurrent { gates: Gates::Complex, .. } => {
-                super::recurrent_grad::backward_into(self.gpu, s, &self.dims, inputs, grad_in, grads, ws)
+                super::recurrent_grad::backward_into(gpu, s, d, inputs, grad_in, grads, ws)
             }
             Backward::Recurrent { gates: Gates::Real, .. } => {
-                super::recurrent_grad::backward_real_into(self.gpu, s, &self.dims, inputs, grad_in, grads, ws)
+                super::recurrent_grad::backward_real_into(gpu, s, d, inputs, grad_in, grads, ws)
             }
         }
     }

@@ -89,7 +89,7 @@
 use cudarc::driver::sys::CUfunction_attribute;
 use std::sync::Arc;
 
-use cudarc::driver::{CudaFunction, CudaModule, CudaStream, DeviceRepr, LaunchConfig, PushKernelArg};
+use cudarc::driver::{CudaFunction, CudaModule, CudaStream, DevicePtrMut, DeviceRepr, LaunchConfig, PushKernelArg};
 use num_complex::Complex;
 
 use super::abi::{self, GateloopChunkGradParams, GateloopChunkParams};
@@ -393,7 +393,7 @@ pub fn backward_into<'a, T: Element>(
     config: impl Into<ChunkConfig>,
 ) -> Result<(), GpuError> {
     let buffers = GradBuffers { inputs, grad_in, grads: grads_out, workspace, real_gates: false, packed: false };
-    launch_backward(gpu, stream, dims, buffers, config.into(), None)
+    launch_backward(gpu, stream, dims, buffers, config.into(), None, ForwardStates::Recompute)
 }
 
 /// [`backward_into`] for REAL gates (gated linear attention, the backward of
@@ -415,7 +415,7 @@ pub fn backward_real_into<'a, T: Element>(
     config: impl Into<ChunkConfig>,
 ) -> Result<(), GpuError> {
     let buffers = GradBuffers { inputs, grad_in, grads: grads_out, workspace, real_gates: true, packed: false };
-    launch_backward(gpu, stream, dims, buffers, config.into(), None)
+    launch_backward(gpu, stream, dims, buffers, config.into(), None, ForwardStates::Recompute)
 }
 
 /// The backward of [`chunk::forward_varlen_into`]: packed sequences,
@@ -465,6 +465,201 @@ pub fn backward_varlen_real_into<'a, T: Element>(
     varlen_backward(gpu, stream, dims, cu_seqlens, buffers, config.into())
 }
 
+/// A forward's chunk states S_in(c) and decays A_c, left in the backward's
+/// workspace for [`backward_saved_into`]: the training pattern, a forward
+/// and then the backward of the same inputs, without the backward's first
+/// launches, which recompute exactly these values (the forward's state
+/// kernel and carry, or its walk `state_seq`; on 2026-12-04's H200 about a
+/// tenth of the chunked fwd+bwd). The same gradients bit for bit: the
+/// forward wrote what the backward would (one kernel, one plan).
+///
+/// Made by [`forward_saving_into`] (or [`forward_real_saving_into`]), it
+/// holds the workspace, so nothing else writes it until the backward, and
+/// what the backward must match: the stream, dims, element type, gate kind,
+/// the [`ChunkConfig`] (the backward runs with it) and the device addresses of
+/// q, k, v, log_gate and h0 (checked: the same buffers; that their contents
+/// are unchanged since the forward is the caller's to keep, as with any
+/// saved activation). Dropped unused, it releases the workspace. Memory:
+/// the forward's part of the backward's workspace,
+/// B·H·⌈L / 64⌉·parts·K·V f32 and the decays, within issue 5's
+/// O(B·H·(L/64)·K·V).
+#[must_use = "pass it to backward_saved_into (dropped, the workspace is free again)"]
+pub struct SavedForward<'w> {
+    workspace: &'w mut dyn DevicePtrMut<f32>,
+    dims: Dims,
+    dtype: Dtype,
+    gates: Gates,
+    config: ChunkConfig,
+    inputs: InputAddresses,
+    /// The forward's stream (its handle): the backward runs on it, after
+    /// the forward's writes in stream order.
+    stream: usize,
+}
+
+impl std::fmt::Debug for SavedForward<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SavedForward")
+            .field("dims", &self.dims)
+            .field("dtype", &self.dtype)
+            .field("gates", &self.gates)
+            .field("config", &self.config)
+            .field("inputs", &self.inputs)
+            .finish_non_exhaustive()
+    }
+}
+
+impl SavedForward<'_> {
+    /// The gate kind of the forward (so of the backward it serves).
+    pub fn gates(&self) -> Gates {
+        self.gates
+    }
+    /// The config the forward ran with, and the backward will.
+    pub fn config(&self) -> ChunkConfig {
+        self.config
+    }
+}
+
+/// The device addresses of a call's q, k, v, log_gate and h0.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct InputAddresses {
+    q: u64,
+    k: u64,
+    v: u64,
+    log_gate: u64,
+    h0: Option<u64>,
+}
+
+impl InputAddresses {
+    fn of<T>(stream: &CudaStream, inputs: &DeviceInputs<'_, T>) -> Self {
+        // Each guard, dropped at once, records a read on `stream`, as the
+        // launches' own do.
+        InputAddresses {
+            q: inputs.q.device_ptr(stream).0,
+            k: inputs.k.device_ptr(stream).0,
+            v: inputs.v.device_ptr(stream).0,
+            log_gate: inputs.log_gate.device_ptr(stream).0,
+            h0: inputs.h0.map(|h| h.device_ptr(stream).0),
+        }
+    }
+}
+
+/// [`chunk::forward_into`] (complex gates) into `out`, its chunk states kept
+/// for [`backward_saved_into`]: `workspace` must hold at least
+/// [`GradPlan::workspace_len`] f32 of [`plan_with`]`(dims, T::DTYPE,
+/// Gates::Complex, config.carry)`, the backward's (the forward uses its
+/// first [`chunk::LaunchPlan::workspace_len`]). The forward's checks and
+/// asynchrony, and a typed error for a workspace too short for the
+/// backward.
+pub fn forward_saving_into<'w, T: Element>(
+    gpu: &Gpu,
+    stream: &CudaStream,
+    dims: &Dims,
+    inputs: DeviceInputs<'_, T>,
+    out: chunk::DeviceOutputs<'_, T>,
+    workspace: &'w mut dyn DevicePtrMut<f32>,
+    config: impl Into<ChunkConfig>,
+) -> Result<SavedForward<'w>, GpuError> {
+    save_forward(gpu, stream, dims, inputs, out, workspace, config.into(), Gates::Complex)
+}
+
+/// [`forward_saving_into`] with REAL gates ([`chunk::forward_real_into`]'s
+/// layouts; the workspace of [`plan_with`]`(.., Gates::Real, ..)`).
+pub fn forward_real_saving_into<'w, T: Element>(
+    gpu: &Gpu,
+    stream: &CudaStream,
+    dims: &Dims,
+    inputs: DeviceInputs<'_, T>,
+    out: chunk::DeviceOutputs<'_, T>,
+    workspace: &'w mut dyn DevicePtrMut<f32>,
+    config: impl Into<ChunkConfig>,
+) -> Result<SavedForward<'w>, GpuError> {
+    save_forward(gpu, stream, dims, inputs, out, workspace, config.into(), Gates::Real)
+}
+
+/// The body of [`forward_saving_into`] and [`forward_real_saving_into`].
+#[allow(clippy::too_many_arguments)]
+fn save_forward<'w, T: Element>(
+    gpu: &Gpu,
+    stream: &CudaStream,
+    dims: &Dims,
+    inputs: DeviceInputs<'_, T>,
+    out: chunk::DeviceOutputs<'_, T>,
+    workspace: &'w mut dyn DevicePtrMut<f32>,
+    config: ChunkConfig,
+    gates: Gates,
+) -> Result<SavedForward<'w>, GpuError> {
+    let gp = plan_with(dims, T::DTYPE, gates, config.carry)?;
+    if workspace.len() < gp.workspace_len {
+        return Err(InputError::Length {
+            name: "workspace",
+            expected: gp.workspace_len,
+            actual: workspace.len(),
+            shape: format!("the backward's workspace, at least {} f32 (chunk_grad::plan_with)", gp.workspace_len),
+        }
+        .into());
+    }
+    let addresses = InputAddresses::of(stream, &inputs);
+    let ws = Some(&mut *workspace as &mut dyn DevicePtrMut<f32>);
+    match gates {
+        Gates::Complex => chunk::forward_into(gpu, stream, dims, inputs, out, ws, config)?,
+        Gates::Real => chunk::forward_real_into(gpu, stream, dims, inputs, out, ws, config)?,
+    }
+    let stream = stream.cu_stream() as usize;
+    Ok(SavedForward { workspace, dims: *dims, dtype: T::DTYPE, gates, config, inputs: addresses, stream })
+}
+
+/// The backward of the forward `saved` came from ([`backward_into`], or with
+/// real gates [`backward_real_into`], with its config), reading the chunk
+/// states that forward left instead of recomputing them: the same
+/// gradients bit for bit, one or three launches fewer. `stream` must be the
+/// forward's and `inputs` the forward's buffers (checked by address, with
+/// dims and element type: a typed error names what differs); `grad_in` and
+/// `grads_out` as
+/// [`backward_into`]'s. The workspace is `saved`'s, overwritten past the
+/// forward's part (the states themselves stay as the forward left them).
+pub fn backward_saved_into<'a, 'w: 'a, T: Element>(
+    gpu: &Gpu,
+    stream: &CudaStream,
+    dims: &Dims,
+    inputs: DeviceInputs<'a, T>,
+    grad_in: DeviceGradInputs<'a, T>,
+    grads_out: DeviceGrads<'a, T>,
+    saved: SavedForward<'w>,
+) -> Result<(), GpuError> {
+    let differs = |value: String, why: &'static str| -> Result<(), GpuError> {
+        Err(InputError::Param { name: "saved", value, why }.into())
+    };
+    if saved.stream != stream.cu_stream() as usize {
+        return differs(format!("stream {:#x}", saved.stream), "the backward runs on the saved forward's stream");
+    }
+    if saved.dims != *dims {
+        return differs(format!("{:?}", saved.dims), "the saved forward ran on other dims");
+    }
+    if saved.dtype != T::DTYPE {
+        return differs(format!("{:?}", saved.dtype), "the saved forward ran on another element type");
+    }
+    if saved.inputs != InputAddresses::of(stream, &inputs) {
+        return differs(
+            format!("{:?}", saved.inputs),
+            "the saved forward read other buffers (q, k, v, log_gate or h0, or h0 given to one call only)",
+        );
+    }
+    let SavedForward { workspace, gates, config, .. } = saved;
+    let real_gates = gates == Gates::Real;
+    let buffers =
+        GradBuffers { inputs, grad_in, grads: grads_out, workspace: Some(workspace), real_gates, packed: false };
+    launch_backward(gpu, stream, dims, buffers, config, None, ForwardStates::Saved)
+}
+
+/// Whether a backward recomputes the forward's chunk states and decays
+/// (its first launches) or finds them in its workspace, where a
+/// [`SavedForward`]'s forward left them.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum ForwardStates {
+    Recompute,
+    Saved,
+}
+
 /// The body of [`backward_varlen_into`] and [`backward_varlen_real_into`]
 /// (`launch_backward` checks the buffers against the launch's dims).
 fn varlen_backward<T: Element>(
@@ -476,7 +671,7 @@ fn varlen_backward<T: Element>(
     config: ChunkConfig,
 ) -> Result<(), GpuError> {
     launch::with_offsets(gpu, stream, dims, cu_seqlens, |d, ptr| {
-        launch_backward(gpu, stream, d, buffers, config, Some(ptr))
+        launch_backward(gpu, stream, d, buffers, config, Some(ptr), ForwardStates::Recompute)
     })
 }
 
@@ -492,6 +687,7 @@ fn launch_backward<'a, T: Element>(
     buffers: GradBuffers<'a, T>,
     config: ChunkConfig,
     cu_seqlens: Option<u64>,
+    states: ForwardStates,
 ) -> Result<(), GpuError> {
     let gates = Gates::of(buffers.real_gates);
     let packed = cu_seqlens.is_some();
@@ -585,41 +781,54 @@ fn launch_backward<'a, T: Element>(
             "launching gateloop_chunk_grad_adjoint_carry",
         )
     };
+    // The forward's launches (states and decays into the workspace) only
+    // where no forward left them there (ForwardStates::Saved).
+    let recompute = states == ForwardStates::Recompute;
     let mut launches = if sequential {
-        vec![
-            (
+        let mut v = Vec::with_capacity(5);
+        if recompute {
+            v.push((
                 &fwd_kernels.sequential[fwd_index],
                 (lp.sequential_grid, 1),
                 block,
                 state_bytes,
                 Arg::Fwd(&params.fwd),
                 "launching gateloop_chunk_state_seq (backward)",
-            ),
-            (
-                &kernels.w_seq[dtype],
-                (lp.sequential_grid, 1),
-                block,
-                w_bytes,
-                Arg::Grad(&params),
-                "launching gateloop_chunk_grad_w_seq",
-            ),
-        ]
+            ));
+        }
+        v.push((
+            &kernels.w_seq[dtype],
+            (lp.sequential_grid, 1),
+            block,
+            w_bytes,
+            Arg::Grad(&params),
+            "launching gateloop_chunk_grad_w_seq",
+        ));
+        v
     } else {
         // In segments (S > 1), each carry's segment sums come first
         // (chunk_common.cuh, "the carry in segments").
         let sums = segments > 1;
-        let mut v = vec![
-            (
+        let mut v = Vec::with_capacity(8);
+        if recompute {
+            v.push((
                 &fwd_kernels.state[fwd_index],
                 (lp.grid, 1),
                 block,
                 state_bytes,
                 Arg::Fwd(&params.fwd),
                 "launching gateloop_chunk_state (backward)",
-            ),
-            (&kernels.w[dtype], (lp.grid, 1), block, w_bytes, Arg::Grad(&params), "launching gateloop_chunk_grad_w"),
-        ];
-        if sums {
+            ));
+        }
+        v.push((
+            &kernels.w[dtype],
+            (lp.grid, 1),
+            block,
+            w_bytes,
+            Arg::Grad(&params),
+            "launching gateloop_chunk_grad_w",
+        ));
+        if recompute && sums {
             v.push((
                 &fwd_kernels.carry_segments[g],
                 (lp.carry_grid, segments - 1),
@@ -629,7 +838,9 @@ fn launch_backward<'a, T: Element>(
                 "launching gateloop_chunk_carry_segments (backward)",
             ));
         }
-        v.push((carry, (lp.carry_grid, segments), carry_block, 0, Arg::Fwd(&params.fwd), carry_doing));
+        if recompute {
+            v.push((carry, (lp.carry_grid, segments), carry_block, 0, Arg::Fwd(&params.fwd), carry_doing));
+        }
         if sums {
             v.push((
                 &kernels.adjoint_carry_segments[g],
@@ -698,7 +909,12 @@ fn launch_backward<'a, T: Element>(
         // then the carries, or state_seq then grad_w_seq, which reads nothing
         // the former writes but leaves the same slots; then grad_dh0, which
         // reads slot 0 of ws_adj, the inputs and writes dh0 only; then grad_qk
-        // and grad_dv). h0, dh_final, dh0 are
+        // and grad_dv; with ForwardStates::Saved the state launches are left
+        // out and the decays and states they write are there already,
+        // written by the forward of the same plan (SavedForward: the same
+        // dims, element type, gates, config and input buffers) earlier on
+        // this same stream, whose carry segments, if any, the adjoint
+        // carry's own segments launch rewrites before reading). h0, dh_final, dh0 are
         // null iff their flag is clear. Geometry as `plan` computed: blocks
         // of the __launch_bounds__ sizes, grids ≤ 2^31 − 1 (grad_dv's the
         // wide kernel's B·H·chunks·⌈V / 128⌉ exactly when it is
@@ -777,7 +993,7 @@ fn host_backward<T: Element>(
         SYNC_DOING,
         |s, d, inputs, grad_in, grads, w| {
             let buffers = GradBuffers { inputs, grad_in, grads, workspace: w, real_gates, packed: false };
-            launch_backward(gpu, s, d, buffers, config, None)
+            launch_backward(gpu, s, d, buffers, config, None, ForwardStates::Recompute)
         },
     )
 }
