@@ -30,7 +30,7 @@ use gateloop::cpu::chunked::ChunkParams;
 use gateloop::cuda::chunk::{self, ChunkCarry, ChunkConfig, ChunkPrecision, Gates};
 use gateloop::cuda::chunk_grad::{
     DeviceGradInputs, DeviceGrads, DeviceInputs, SavedForward, backward_into, backward_real_host_as,
-    backward_real_into, backward_saved_into, forward_real_saving_into, forward_saving_into, plan, plan_with,
+    backward_real_into, backward_saved_into, backward_varlen_saved_into, forward_saving_into, plan, plan_with,
 };
 use gateloop::cuda::{Dtype, Element, Gpu};
 use gateloop::reference::grad::Grads;
@@ -89,7 +89,7 @@ fn run_gates<T: Element>(
 }
 
 /// [`run_gates`] through the training pair: the forward
-/// (`forward_saving_into`, or `forward_real_saving_into`) into the
+/// (`forward_saving_into`, complex or real gates) into the
 /// NaN-poisoned backward workspace, then `backward_saved_into` reading the
 /// chunk states it left (no state launches of its own).
 fn run_saved<T: Element>(
@@ -137,11 +137,7 @@ fn run_with<T: Element>(
         let forward_inputs = DeviceInputs { q: i.q, k: i.k, v: i.v, log_gate: i.log_gate, h0: i.h0 };
         let out = chunk::DeviceOutputs { y: &mut y, h_final: &mut h_final };
         let w = w.expect("the backward's workspace");
-        let saved = if real {
-            forward_real_saving_into(gpu, s, d, forward_inputs, out, w, config)?
-        } else {
-            forward_saving_into(gpu, s, d, forward_inputs, out, w, config)?
-        };
+        let saved = forward_saving_into(gpu, s, d, gates, forward_inputs, out, w, config)?;
         assert_eq!((saved.gates(), saved.config()), (gates, config));
         backward_saved_into(gpu, s, d, i, u, g, saved)
     })
@@ -588,9 +584,10 @@ fn saved_forward_is_bitwise_the_recomputing_backward() {
 }
 
 /// A saved forward serves only its own backward: another stream, dims or
-/// input buffer (h0 given to one call only included) is a
-/// typed error naming `saved`, before any launch; a workspace too short
-/// for the backward is refused by the forward (`workspace`).
+/// input buffer (h0 given to one call only included), or a packed backward
+/// of a batched forward, is a typed error naming `saved`, before any
+/// launch; a workspace too short for the backward is refused by the
+/// forward (`workspace`).
 #[test]
 fn saved_forward_misuse_is_a_typed_error() {
     use gateloop::InputError;
@@ -617,7 +614,7 @@ fn saved_forward_misuse_is_a_typed_error() {
     let mut short = s.alloc_zeros::<f32>(gp.forward.workspace_len).unwrap();
     let out = chunk::DeviceOutputs { y: &mut y, h_final: &mut h_final };
     assert!(matches!(
-        forward_saving_into(gpu, &s, &d, inputs(), out, &mut short, ChunkPrecision::Exact),
+        forward_saving_into(gpu, &s, &d, Gates::Complex, inputs(), out, &mut short, ChunkPrecision::Exact),
         Err(GpuError::Input(InputError::Length { name: "workspace", .. }))
     ));
     let mut backward =
@@ -634,12 +631,23 @@ fn saved_forward_misuse_is_a_typed_error() {
         [(&s, &d, wrong_q), (&s, &d, with_h0), (&other_stream, &d, inputs()), (&s, &shorter, inputs())];
     for (stream, dims, backward_inputs) in calls {
         let out = chunk::DeviceOutputs { y: &mut y, h_final: &mut h_final };
-        let saved = forward_saving_into(gpu, &s, &d, inputs(), out, &mut ws, ChunkPrecision::Exact).unwrap();
+        let saved =
+            forward_saving_into(gpu, &s, &d, Gates::Complex, inputs(), out, &mut ws, ChunkPrecision::Exact).unwrap();
         assert!(is_saved_error(backward(stream, dims, backward_inputs, saved)), "{dims:?}");
     }
     let out = chunk::DeviceOutputs { y: &mut y, h_final: &mut h_final };
-    let saved = forward_saving_into(gpu, &s, &d, inputs(), out, &mut ws, ChunkPrecision::Exact).unwrap();
+    let saved =
+        forward_saving_into(gpu, &s, &d, Gates::Complex, inputs(), out, &mut ws, ChunkPrecision::Exact).unwrap();
     backward(&s, &d, inputs(), saved).unwrap();
+    // A batched forward's states serve no packed backward (one sequence of
+    // the same steps included: its workspace rows differ).
+    let out = chunk::DeviceOutputs { y: &mut y, h_final: &mut h_final };
+    let saved =
+        forward_saving_into(gpu, &s, &d, Gates::Complex, inputs(), out, &mut ws, ChunkPrecision::Exact).unwrap();
+    let grads = DeviceGrads { dq: &mut dq, dk: &mut dk, dv: &mut dv, dlog_gate: &mut dg, dh0: None };
+    let upstream = DeviceGradInputs { dy: &dy, dh_final: None };
+    let packed = backward_varlen_saved_into(gpu, &s, &d, &[0, d.len], inputs(), upstream, grads, saved);
+    assert!(is_saved_error(packed), "a batched forward's states in a packed backward");
     s.synchronize().unwrap();
 }
 

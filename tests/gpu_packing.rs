@@ -665,8 +665,9 @@ fn varlen_backward_equals_each_sequence_alone() {
 /// every sequence's chunks from its first step): the test above (K up to
 /// 64), each draw with exact or fast state products and the separate or
 /// automatic carry, every sequence's gradients bit for bit the chunked
-/// backward's on it alone with the same choices; the sequential carry
-/// refused by name too.
+/// backward's on it alone with the same choices, and so are those of the
+/// training pair (`forward_varlen_saving_into`, `backward_varlen_saved_into`);
+/// the sequential carry refused by name too.
 #[test]
 fn chunked_varlen_backward_equals_each_sequence_alone() {
     let Some(gpu) = common::gpu_or_skip() else { return };
@@ -794,17 +795,52 @@ fn varlen_backward<T: Element>(gpu: &Gpu, seed: u64, mode: Mode, draws: u64) {
         )
         .unwrap_or_else(|e| panic!("{label}: {e}"));
         let widen = |x: Vec<T>| -> Vec<f32> { x.into_iter().map(|x| x.to_f32()).collect() };
-        assert!(
-            bits(&widen(s.clone_dtoh(&dq).unwrap())) == bits(&want_dq),
-            "{label}: dq differs from the sequences alone"
-        );
-        assert!(bits(&widen(s.clone_dtoh(&dk).unwrap())) == bits(&want_dk), "{label}: dk differs");
-        assert!(bits(&widen(s.clone_dtoh(&dv).unwrap())) == bits(&want_dv), "{label}: dv differs");
-        let got_dg = common::from_gate_side(&s.clone_dtoh(&dg).unwrap(), real);
-        assert!(cbits(&got_dg) == cbits(&want_dg), "{label}: dlog_gate differs");
-        if let Some(dh0) = &dh0 {
-            let got = common::from_gate_side(&s.clone_dtoh(dh0).unwrap(), real);
-            assert!(cbits(&got) == cbits(&want_dh0), "{label}: dh0 differs");
+        // Every gradient on the device bit for bit the sequences' alone.
+        use cudarc::driver::CudaSlice;
+        let assert_alone = |what: &str,
+                            dq: &CudaSlice<T>,
+                            dk: &CudaSlice<T>,
+                            dv: &CudaSlice<T>,
+                            dg: &CudaSlice<f32>,
+                            dh0: Option<&CudaSlice<f32>>| {
+            assert!(bits(&widen(s.clone_dtoh(dq).unwrap())) == bits(&want_dq), "{label}{what}: dq differs");
+            assert!(bits(&widen(s.clone_dtoh(dk).unwrap())) == bits(&want_dk), "{label}{what}: dk differs");
+            assert!(bits(&widen(s.clone_dtoh(dv).unwrap())) == bits(&want_dv), "{label}{what}: dv differs");
+            let got_dg = common::from_gate_side(&s.clone_dtoh(dg).unwrap(), real);
+            assert!(cbits(&got_dg) == cbits(&want_dg), "{label}{what}: dlog_gate differs");
+            if let Some(dh0) = dh0 {
+                let got = common::from_gate_side(&s.clone_dtoh(dh0).unwrap(), real);
+                assert!(cbits(&got) == cbits(&want_dh0), "{label}{what}: dh0 differs");
+            }
+        };
+        assert_alone("", &dq, &dk, &dv, &dg, dh0.as_ref());
+
+        // Chunked: the training pair on the same packing (the packed forward
+        // saving its chunk states, the backward reading them instead of
+        // recomputing them), on freshly poisoned gradients and workspace.
+        if chunked {
+            let mut y = s.alloc_zeros::<T>(d.v_len()).unwrap();
+            let mut h_final = s.alloc_zeros::<f32>(parts_f * n * state).unwrap();
+            let nan_t = |len: usize| s.clone_htod(&vec![T::nan(); len]).unwrap();
+            let (mut dq, mut dk, mut dv) = (nan_t(d.qk_len()), nan_t(d.qk_len()), nan_t(d.v_len()));
+            let mut dg = s.clone_htod(&vec![f32::NAN; parts_f * d.gate_len()]).unwrap();
+            let mut dh0 = with_h0.then(|| s.clone_htod(&vec![f32::NAN; parts_f * n * state]).unwrap());
+            let mut ws = s.clone_htod(&vec![f32::NAN; ws_len]).unwrap();
+            let inputs = || DeviceInputs { q: &q, k: &k, v: &v, log_gate: &g, h0: h0.as_ref().map(|h| h as _) };
+            let out = gateloop::cuda::chunk::DeviceOutputs { y: &mut y, h_final: &mut h_final };
+            let saved = chunk_grad::forward_varlen_saving_into(gpu, &s, &d, &cu, gates, inputs(), out, &mut ws, config)
+                .unwrap_or_else(|e| panic!("{label}: saving forward: {e}"));
+            let grads = DeviceGrads {
+                dq: &mut dq,
+                dk: &mut dk,
+                dv: &mut dv,
+                dlog_gate: &mut dg,
+                dh0: dh0.as_mut().map(|h| h as _),
+            };
+            let upstream = DeviceGradInputs { dy: &dy_dev, dh_final: dhf_dev.as_ref().map(|h| h as _) };
+            chunk_grad::backward_varlen_saved_into(gpu, &s, &d, &cu, inputs(), upstream, grads, saved)
+                .unwrap_or_else(|e| panic!("{label}: saved backward: {e}"));
+            assert_alone(" (saved forward)", &dq, &dk, &dv, &dg, dh0.as_ref());
         }
 
         // From host data, through dispatch (real kernels when everything is

@@ -1270,10 +1270,7 @@ impl<T: Element> BenchCase for GradCase<'_, T> {
                 recurrent::forward_into_gates(gpu, s, d, RecurrentConfig::default(), gates, forward_inputs, out)?;
             }
             Backward::Chunked { forward: true, gates, saved: true, .. } => {
-                let saved = match gates {
-                    Gates::Complex => chunk_grad::forward_saving_into(gpu, s, d, forward_inputs, out, ws, exact)?,
-                    Gates::Real => chunk_grad::forward_real_saving_into(gpu, s, d, forward_inputs, out, ws, exact)?,
-                };
+                let saved = chunk_grad::forward_saving_into(gpu, s, d, gates, forward_inputs, out, ws, exact)?;
                 return chunk_grad::backward_saved_into(gpu, s, d, inputs, grad_in, grads, saved);
             }
             Backward::Chunked { forward: true, gates, saved: false, .. } => {

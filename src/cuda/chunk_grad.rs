@@ -473,7 +473,7 @@ pub fn backward_varlen_real_into<'a, T: Element>(
 /// tenth of the chunked fwd+bwd). The same gradients bit for bit: the
 /// forward wrote what the backward would (one kernel, one plan).
 ///
-/// Made by [`forward_saving_into`] (or [`forward_real_saving_into`]), it
+/// Made by [`forward_saving_into`] (or [`forward_varlen_saving_into`]), it
 /// holds the workspace, so nothing else writes it until the backward, and
 /// what the backward must match: the stream, dims, element type, gate kind,
 /// the [`ChunkConfig`] (the backward runs with it) and the device addresses of
@@ -494,6 +494,9 @@ pub struct SavedForward<'w> {
     /// The forward's stream (its handle): the backward runs on it, after
     /// the forward's writes in stream order.
     stream: usize,
+    /// The packed forward's sequence offsets (`forward_varlen_saving_into`),
+    /// or none (batched).
+    cu_seqlens: Option<Vec<usize>>,
 }
 
 impl std::fmt::Debug for SavedForward<'_> {
@@ -504,6 +507,7 @@ impl std::fmt::Debug for SavedForward<'_> {
             .field("gates", &self.gates)
             .field("config", &self.config)
             .field("inputs", &self.inputs)
+            .field("cu_seqlens", &self.cu_seqlens)
             .finish_non_exhaustive()
     }
 }
@@ -543,52 +547,79 @@ impl InputAddresses {
     }
 }
 
-/// [`chunk::forward_into`] (complex gates) into `out`, its chunk states kept
-/// for [`backward_saved_into`]: `workspace` must hold at least
-/// [`GradPlan::workspace_len`] f32 of [`plan_with`]`(dims, T::DTYPE,
-/// Gates::Complex, config.carry)`, the backward's (the forward uses its
-/// first [`chunk::LaunchPlan::workspace_len`]). The forward's checks and
-/// asynchrony, and a typed error for a workspace too short for the
-/// backward.
+/// The chunked forward ([`chunk::forward_into`], or with [`Gates::Real`]
+/// [`chunk::forward_real_into`], whose layouts `gates` then picks) into
+/// `out`, its chunk states kept for [`backward_saved_into`]: `workspace`
+/// must hold at least [`GradPlan::workspace_len`] f32 of
+/// [`plan_with`]`(dims, T::DTYPE, gates, config.carry)`, the backward's
+/// (the forward uses its first [`chunk::LaunchPlan::workspace_len`]). The
+/// forward's checks and asynchrony, and a typed error for a workspace too
+/// short for the backward.
+#[allow(clippy::too_many_arguments)]
 pub fn forward_saving_into<'w, T: Element>(
     gpu: &Gpu,
     stream: &CudaStream,
     dims: &Dims,
+    gates: Gates,
     inputs: DeviceInputs<'_, T>,
     out: chunk::DeviceOutputs<'_, T>,
     workspace: &'w mut dyn DevicePtrMut<f32>,
     config: impl Into<ChunkConfig>,
 ) -> Result<SavedForward<'w>, GpuError> {
-    save_forward(gpu, stream, dims, inputs, out, workspace, config.into(), Gates::Complex)
+    let config = config.into();
+    save_forward(stream, dims, None, inputs, out, workspace, config, gates, |i, o, w| match gates {
+        Gates::Complex => chunk::forward_into(gpu, stream, dims, i, o, w, config),
+        Gates::Real => chunk::forward_real_into(gpu, stream, dims, i, o, w, config),
+    })
 }
 
-/// [`forward_saving_into`] with REAL gates ([`chunk::forward_real_into`]'s
-/// layouts; the workspace of [`plan_with`]`(.., Gates::Real, ..)`).
-pub fn forward_real_saving_into<'w, T: Element>(
-    gpu: &Gpu,
-    stream: &CudaStream,
-    dims: &Dims,
-    inputs: DeviceInputs<'_, T>,
-    out: chunk::DeviceOutputs<'_, T>,
-    workspace: &'w mut dyn DevicePtrMut<f32>,
-    config: impl Into<ChunkConfig>,
-) -> Result<SavedForward<'w>, GpuError> {
-    save_forward(gpu, stream, dims, inputs, out, workspace, config.into(), Gates::Real)
-}
-
-/// The body of [`forward_saving_into`] and [`forward_real_saving_into`].
+/// [`forward_saving_into`] for packed sequences
+/// ([`chunk::forward_varlen_into`] or [`chunk::forward_varlen_real_into`]:
+/// their layouts and offsets; `workspace` at least [`plan_varlen`]`(dims,
+/// cu_seqlens, T::DTYPE, gates, config.carry)`'s), for
+/// [`backward_varlen_saved_into`].
 #[allow(clippy::too_many_arguments)]
-fn save_forward<'w, T: Element>(
+pub fn forward_varlen_saving_into<'w, T: Element>(
     gpu: &Gpu,
-    stream: &CudaStream,
+    stream: &Arc<CudaStream>,
     dims: &Dims,
+    cu_seqlens: &[usize],
+    gates: Gates,
     inputs: DeviceInputs<'_, T>,
     out: chunk::DeviceOutputs<'_, T>,
+    workspace: &'w mut dyn DevicePtrMut<f32>,
+    config: impl Into<ChunkConfig>,
+) -> Result<SavedForward<'w>, GpuError> {
+    let config = config.into();
+    save_forward(stream, dims, Some(cu_seqlens), inputs, out, workspace, config, gates, |i, o, w| match gates {
+        Gates::Complex => chunk::forward_varlen_into(gpu, stream, dims, cu_seqlens, i, o, w, config),
+        Gates::Real => chunk::forward_varlen_real_into(gpu, stream, dims, cu_seqlens, i, o, w, config),
+    })
+}
+
+/// The body of [`forward_saving_into`] and [`forward_varlen_saving_into`]: the backward's plan
+/// (`cu_seqlens`: packed sequences) and workspace checked, the inputs'
+/// addresses noted, the forward launched by `run` into the workspace.
+#[allow(clippy::too_many_arguments)]
+fn save_forward<'w, 'i, 'o, T: Element>(
+    stream: &CudaStream,
+    dims: &Dims,
+    cu_seqlens: Option<&[usize]>,
+    inputs: DeviceInputs<'i, T>,
+    out: chunk::DeviceOutputs<'o, T>,
     workspace: &'w mut dyn DevicePtrMut<f32>,
     config: ChunkConfig,
     gates: Gates,
+    run: impl FnOnce(
+        DeviceInputs<'i, T>,
+        chunk::DeviceOutputs<'o, T>,
+        Option<&mut dyn DevicePtrMut<f32>>,
+    ) -> Result<(), GpuError>,
 ) -> Result<SavedForward<'w>, GpuError> {
-    let gp = plan_with(dims, T::DTYPE, gates, config.carry)?;
+    let gp = match cu_seqlens {
+        Some(cu) => plan_varlen(dims, cu, T::DTYPE, gates, config.carry)?,
+        None => plan_with(dims, T::DTYPE, gates, config.carry)?,
+    };
     if workspace.len() < gp.workspace_len {
         return Err(InputError::Length {
             name: "workspace",
@@ -599,13 +630,17 @@ fn save_forward<'w, T: Element>(
         .into());
     }
     let addresses = InputAddresses::of(stream, &inputs);
-    let ws = Some(&mut *workspace as &mut dyn DevicePtrMut<f32>);
-    match gates {
-        Gates::Complex => chunk::forward_into(gpu, stream, dims, inputs, out, ws, config)?,
-        Gates::Real => chunk::forward_real_into(gpu, stream, dims, inputs, out, ws, config)?,
-    }
-    let stream = stream.cu_stream() as usize;
-    Ok(SavedForward { workspace, dims: *dims, dtype: T::DTYPE, gates, config, inputs: addresses, stream })
+    run(inputs, out, Some(&mut *workspace as &mut dyn DevicePtrMut<f32>))?;
+    Ok(SavedForward {
+        workspace,
+        dims: *dims,
+        dtype: T::DTYPE,
+        gates,
+        config,
+        inputs: addresses,
+        stream: stream.cu_stream() as usize,
+        cu_seqlens: cu_seqlens.map(<[usize]>::to_vec),
+    })
 }
 
 /// The backward of the forward `saved` came from ([`backward_into`], or with
@@ -626,29 +661,92 @@ pub fn backward_saved_into<'a, 'w: 'a, T: Element>(
     grads_out: DeviceGrads<'a, T>,
     saved: SavedForward<'w>,
 ) -> Result<(), GpuError> {
-    let differs = |value: String, why: &'static str| -> Result<(), GpuError> {
-        Err(InputError::Param { name: "saved", value, why }.into())
-    };
-    if saved.stream != stream.cu_stream() as usize {
-        return differs(format!("stream {:#x}", saved.stream), "the backward runs on the saved forward's stream");
-    }
-    if saved.dims != *dims {
-        return differs(format!("{:?}", saved.dims), "the saved forward ran on other dims");
-    }
-    if saved.dtype != T::DTYPE {
-        return differs(format!("{:?}", saved.dtype), "the saved forward ran on another element type");
-    }
-    if saved.inputs != InputAddresses::of(stream, &inputs) {
-        return differs(
-            format!("{:?}", saved.inputs),
-            "the saved forward read other buffers (q, k, v, log_gate or h0, or h0 given to one call only)",
-        );
-    }
-    let SavedForward { workspace, gates, config, .. } = saved;
-    let real_gates = gates == Gates::Real;
-    let buffers =
-        GradBuffers { inputs, grad_in, grads: grads_out, workspace: Some(workspace), real_gates, packed: false };
+    let (buffers, config) = saved.into_buffers(stream, dims, None, inputs, grad_in, grads_out)?;
     launch_backward(gpu, stream, dims, buffers, config, None, ForwardStates::Saved)
+}
+
+/// [`backward_saved_into`] for packed sequences: the backward
+/// ([`backward_varlen_into`], or with real gates
+/// [`backward_varlen_real_into`]) of the forward `saved` came from
+/// ([`forward_varlen_saving_into`]), whose `cu_seqlens` these must equal.
+#[allow(clippy::too_many_arguments)]
+pub fn backward_varlen_saved_into<'a, 'w: 'a, T: Element>(
+    gpu: &Gpu,
+    stream: &Arc<CudaStream>,
+    dims: &Dims,
+    cu_seqlens: &[usize],
+    inputs: DeviceInputs<'a, T>,
+    grad_in: DeviceGradInputs<'a, T>,
+    grads_out: DeviceGrads<'a, T>,
+    saved: SavedForward<'w>,
+) -> Result<(), GpuError> {
+    let (buffers, config) = saved.into_buffers(stream, dims, Some(cu_seqlens), inputs, grad_in, grads_out)?;
+    launch::with_offsets(gpu, stream, dims, cu_seqlens, |d, ptr| {
+        launch_backward(gpu, stream, d, buffers, config, Some(ptr), ForwardStates::Saved)
+    })
+}
+
+impl<'w> SavedForward<'w> {
+    /// The buffers and config of a backward call on `stream` with `dims`,
+    /// `cu_seqlens` (none: batched) and these arguments, its workspace this
+    /// forward's, where the call is this forward's backward: else a typed
+    /// error naming `saved` and what differs.
+    fn into_buffers<'a, T: Element>(
+        self,
+        stream: &CudaStream,
+        dims: &Dims,
+        cu_seqlens: Option<&[usize]>,
+        inputs: DeviceInputs<'a, T>,
+        grad_in: DeviceGradInputs<'a, T>,
+        grads: DeviceGrads<'a, T>,
+    ) -> Result<(GradBuffers<'a, T>, ChunkConfig), GpuError>
+    where
+        'w: 'a,
+    {
+        self.check(stream, dims, cu_seqlens, T::DTYPE, &inputs)?;
+        let real_gates = self.gates == Gates::Real;
+        let workspace = Some(self.workspace as &mut dyn DevicePtrMut<f32>);
+        let packed = cu_seqlens.is_some();
+        Ok((GradBuffers { inputs, grad_in, grads, workspace, real_gates, packed }, self.config))
+    }
+
+    /// Whether a backward call on `stream` with `dims`, `cu_seqlens` (none:
+    /// batched), element type `dtype` and `inputs` is this forward's: a
+    /// typed error naming `saved` and what differs, if not.
+    fn check<T>(
+        &self,
+        stream: &CudaStream,
+        dims: &Dims,
+        cu_seqlens: Option<&[usize]>,
+        dtype: Dtype,
+        inputs: &DeviceInputs<'_, T>,
+    ) -> Result<(), GpuError> {
+        let differs = |value: String, why: &'static str| -> Result<(), GpuError> {
+            Err(InputError::Param { name: "saved", value, why }.into())
+        };
+        if self.stream != stream.cu_stream() as usize {
+            return differs(format!("stream {:#x}", self.stream), "the backward runs on the saved forward's stream");
+        }
+        if self.dims != *dims {
+            return differs(format!("{:?}", self.dims), "the saved forward ran on other dims");
+        }
+        if self.cu_seqlens.as_deref() != cu_seqlens {
+            return differs(
+                format!("cu_seqlens {:?}", self.cu_seqlens),
+                "the saved forward ran on other sequences (a packed forward and a batched one each have their own backward)",
+            );
+        }
+        if self.dtype != dtype {
+            return differs(format!("{:?}", self.dtype), "the saved forward ran on another element type");
+        }
+        if self.inputs != InputAddresses::of(stream, inputs) {
+            return differs(
+                format!("{:?}", self.inputs),
+                "the saved forward read other buffers (q, k, v, log_gate or h0, or h0 given to one call only)",
+            );
+        }
+        Ok(())
+    }
 }
 
 /// Whether a backward recomputes the forward's chunk states and decays
@@ -912,7 +1010,8 @@ fn launch_backward<'a, T: Element>(
         // and grad_dv; with ForwardStates::Saved the state launches are left
         // out and the decays and states they write are there already,
         // written by the forward of the same plan (SavedForward: the same
-        // dims, element type, gates, config and input buffers) earlier on
+        // dims, offsets, element type, gates, config and input buffers, the
+        // workspace held by it since) earlier on
         // this same stream, whose carry segments, if any, the adjoint
         // carry's own segments launch rewrites before reading). h0, dh_final, dh0 are
         // null iff their flag is clear. Geometry as `plan` computed: blocks
