@@ -85,6 +85,62 @@
 //! the real-gate kernels came after and have run on the emulated device
 //! only, where they are within 4.6e-7 of the f64 reference in f32) and
 //! skips without a device.
+//!
+//! # A training step: the saved forward
+//!
+//! Steps 1 and 2's forward launches compute what the forward computed (the
+//! decays and the chunk states S_in(c)). [`forward_saving_into`] runs the
+//! forward into the backward's workspace and returns a [`SavedForward`]
+//! holding it; [`backward_saved_into`] reads those states instead of
+//! recomputing them (one to three launches fewer, the same gradients bit
+//! for bit), after checking that it is that forward's backward (stream,
+//! dims, element type, input buffers; packed sequences:
+//! [`forward_varlen_saving_into`], [`backward_varlen_saved_into`]). Real
+//! gates, bf16:
+//!
+//! ```
+//! use gateloop::Dims;
+//! use gateloop::cuda::chunk::{ChunkPrecision, DeviceOutputs, Gates};
+//! use gateloop::cuda::chunk_grad::{self, DeviceGradInputs, DeviceGrads, DeviceInputs};
+//! use gateloop::cuda::half::bf16;
+//! use gateloop::cuda::{Dtype, Gpu};
+//!
+//! # fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! # let gpu = match Gpu::new(0) {
+//! #     Ok(gpu) => gpu,
+//! #     // The test command's emulated device runs this example with a GPU required.
+//! #     Err(e) if std::env::var_os("GATELOOP_REQUIRE_GPU").is_some_and(|v| v == "1") => return Err(e.into()),
+//! #     Err(_) => return Ok(()),
+//! # };
+//! let dims = Dims::new(2, 200, 2, 32, 32); // B, L, H, K, V
+//! let s = gpu.stream();
+//! let host = |n: usize, t: f32| -> Vec<bf16> { (0..n).map(|i| bf16::from_f32((0.3 * i as f32 + t).sin())).collect() };
+//! let q = s.clone_htod(&host(dims.qk_len(), 0.0))?;
+//! let k = s.clone_htod(&host(dims.qk_len(), 1.0))?;
+//! let v = s.clone_htod(&host(dims.v_len(), 2.0))?;
+//! let log_gate = s.clone_htod(&vec![-0.05f32; dims.gate_len()])?; // real gates: log a ≤ 0
+//! let (mut y, mut h_final) = (s.alloc_zeros::<bf16>(dims.v_len())?, s.alloc_zeros::<f32>(dims.state_len())?);
+//! // The backward's workspace; the forward fills its first part.
+//! let plan = chunk_grad::plan(&dims, Dtype::Bf16, Gates::Real)?;
+//! let mut workspace = s.alloc_zeros::<f32>(plan.workspace_len)?;
+//! let inputs = || DeviceInputs { q: &q, k: &k, v: &v, log_gate: &log_gate, h0: None };
+//! let out = DeviceOutputs { y: &mut y, h_final: &mut h_final };
+//! let saved = chunk_grad::forward_saving_into::<bf16>(
+//!     &gpu, s, &dims, Gates::Real, inputs(), out, &mut workspace, ChunkPrecision::Exact,
+//! )?;
+//!
+//! // ... the loss, and its gradient dy with respect to y ...
+//! let dy = s.clone_htod(&host(dims.v_len(), 3.0))?;
+//! let (mut dq, mut dk) = (s.alloc_zeros::<bf16>(dims.qk_len())?, s.alloc_zeros::<bf16>(dims.qk_len())?);
+//! let mut dv = s.alloc_zeros::<bf16>(dims.v_len())?;
+//! let mut dlog_gate = s.alloc_zeros::<f32>(dims.gate_len())?;
+//! let grads = DeviceGrads { dq: &mut dq, dk: &mut dk, dv: &mut dv, dlog_gate: &mut dlog_gate, dh0: None };
+//! let upstream = DeviceGradInputs { dy: &dy, dh_final: None };
+//! chunk_grad::backward_saved_into::<bf16>(&gpu, s, &dims, inputs(), upstream, grads, saved)?;
+//! assert!(s.clone_dtoh(&dlog_gate)?.iter().all(|x| x.is_finite()));
+//! # Ok(())
+//! # }
+//! ```
 
 use cudarc::driver::sys::CUfunction_attribute;
 use std::sync::Arc;
