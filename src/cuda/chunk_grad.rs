@@ -702,7 +702,7 @@ fn save_forward<'w, 'i, 'o, T: Element>(
 /// The backward of the forward `saved` came from ([`backward_into`], or with
 /// real gates [`backward_real_into`], with its config), reading the chunk
 /// states that forward left instead of recomputing them: the same
-/// gradients bit for bit, one or three launches fewer. `stream` must be the
+/// gradients bit for bit, one to three launches fewer. `stream` must be the
 /// forward's and `inputs` the forward's buffers (checked by address, with
 /// dims and element type: a typed error names what differs); `grad_in` and
 /// `grads_out` as
