@@ -804,10 +804,10 @@ pub fn chunked_cost_with(d: &Dims, t: Dtype, gates: Gates, carry: ChunkCarry) ->
 /// launch (k·vt, v, log_gate·vt; writes ws, A, h_final); then the output
 /// (q·vt, k·vt, v, log_gate·vt, ws; writes y). [`ChunkedPass::Backward`]:
 /// the launches of cuda/chunk_grad.cu, the forward part as above (h_final to
-/// a sink; none of it for [`ChunkedPass::SavedBackward`]), grad_w (q·vt, dy, log_gate·vt; writes a second ws) and the adjoint
-/// carry (ws read and written, A), or with the sequential carry grad_w_seq
-/// (grad_w's reads; writes the second ws once),
-/// grad_qk (q, k, v, dy, log_gate, both ws; writes dq, dk, dlog_gate) and
+/// a sink; none of it for [`ChunkedPass::SavedBackward`]), grad_w (q·vt,
+/// dy, log_gate·vt; writes a second ws) and the adjoint carry (ws read and
+/// written, A), or with the sequential carry grad_w_seq (grad_w's reads;
+/// writes the second ws once), grad_qk (q, k, v, dy, log_gate, both ws; writes dq, dk, dlog_gate) and
 /// grad_dv (q·vt, k·vt, log_gate·vt, dy, the adjoint ws; writes dv). The
 /// output launch (`ChunkOutput::Staged`) and grad_dv read
 /// q, k and log_gate once per 128 value columns where V > 64 (their wide
