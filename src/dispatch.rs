@@ -118,11 +118,16 @@ pub enum Variant {
     /// [`cuda::chunk_grad::backward_packed_host_as`]), the batched launches'
     /// answers bit for bit.
     Packed,
+    /// Chunked backward: the forward run first, saving its chunk states,
+    /// and the backward reading them instead of recomputing them
+    /// ([`cuda::chunk_grad::backward_saved_host_as`]: `forward_saving_into`
+    /// then `backward_saved_into`), the default's gradients bit for bit.
+    Saved,
 }
 
 impl Variant {
     /// Every variant, the default first.
-    pub const ALL: [Variant; 7] = [
+    pub const ALL: [Variant; 8] = [
         Variant::Default,
         Variant::Sequential,
         Variant::Fragments,
@@ -130,6 +135,7 @@ impl Variant {
         Variant::Batched,
         Variant::Rows4,
         Variant::Packed,
+        Variant::Saved,
     ];
 
     /// The command-line name.
@@ -142,6 +148,7 @@ impl Variant {
             Variant::Batched => "batched",
             Variant::Rows4 => "rows4",
             Variant::Packed => "packed",
+            Variant::Saved => "saved",
         }
     }
 
@@ -160,6 +167,7 @@ impl Variant {
             Variant::Fragments => mode == Mode::Chunked && !grad && dtype != cuda::Dtype::F32,
             Variant::Ahead | Variant::Batched | Variant::Rows4 => mode == Mode::Recurrent && !grad,
             Variant::Packed => mode == Mode::Recurrent || mode == Mode::Chunked,
+            Variant::Saved => mode == Mode::Chunked && grad,
         }
     }
 
@@ -175,7 +183,7 @@ impl Variant {
                 mode.name(),
                 names.join(", ")
             ),
-            why: "sequential is chunked's (forward and backward), fragments the chunked forward's for f16/bf16, ahead, batched and rows4 the recurrent forward's, packed the recurrent forward's and backward's and the chunked forward's",
+            why: "sequential is chunked's (forward and backward), fragments the chunked forward's for f16/bf16, ahead, batched and rows4 the recurrent forward's, packed the recurrent and chunked forward's and backward's, saved the chunked backward's",
         }
     }
 
@@ -185,9 +193,12 @@ impl Variant {
         match self {
             Variant::Sequential => ChunkConfig { carry: ChunkCarry::Sequential, ..ChunkConfig::default() },
             Variant::Fragments => ChunkConfig { output: ChunkOutput::Fragments, ..ChunkConfig::default() },
-            Variant::Default | Variant::Ahead | Variant::Batched | Variant::Rows4 | Variant::Packed => {
-                ChunkConfig::default()
-            }
+            Variant::Default
+            | Variant::Ahead
+            | Variant::Batched
+            | Variant::Rows4
+            | Variant::Packed
+            | Variant::Saved => ChunkConfig::default(),
         }
     }
 
@@ -198,7 +209,9 @@ impl Variant {
             Variant::Ahead => RecurrentStaging::Ahead.into(),
             Variant::Batched => RecurrentStaging::Batched.into(),
             Variant::Rows4 => RecurrentRows::Four.into(),
-            Variant::Default | Variant::Sequential | Variant::Fragments | Variant::Packed => RecurrentConfig::default(),
+            Variant::Default | Variant::Sequential | Variant::Fragments | Variant::Packed | Variant::Saved => {
+                RecurrentConfig::default()
+            }
         }
     }
 }
@@ -479,6 +492,9 @@ pub fn cuda_grad_variant_as<T: Element>(
         Mode::Chunked if variant == Variant::Packed => {
             cuda::chunk_grad::backward_packed_host_as::<T>(gpu, p, dy, dh_final, config, gates(real_gates(p, dh_final)))
         }
+        Mode::Chunked if variant == Variant::Saved => {
+            cuda::chunk_grad::backward_saved_host_as::<T>(gpu, p, dy, dh_final, config, gates(real_gates(p, dh_final)))
+        }
         Mode::Chunked if real_gates(p, dh_final) => {
             cuda::chunk_grad::backward_real_host_as::<T>(gpu, p, dy, dh_final, config)
         }
@@ -516,7 +532,8 @@ pub fn cuda_grad_varlen_as<T: Element>(
             let gates = gates(real_gates_with(p, h0, dh_final));
             cuda::recurrent_grad::backward_varlen_host_as::<T>(gpu, p, cu_seqlens, h0, dy, dh_final, gates)
         }
-        Mode::Chunked if variant != Variant::Sequential => {
+        // (Sequential and Saved: one run per sequence, below.)
+        Mode::Chunked if variant != Variant::Sequential && variant != Variant::Saved => {
             let gates = gates(real_gates_with(p, h0, dh_final));
             let config = cuda::chunk::ChunkConfig { precision: ChunkPrecision::Exact, ..variant.chunk_config() };
             cuda::chunk_grad::backward_varlen_host_as::<T>(gpu, p, cu_seqlens, h0, dy, dh_final, config, gates)
@@ -565,7 +582,8 @@ mod tests {
     /// Where each kernel variant exists: sequential for chunked forward and
     /// backward in every dtype, fragments for the chunked forward in 16 bits,
     /// ahead and rows4 for the recurrent forward, packed for the recurrent
-    /// and chunked forward and backward; names round-trip.
+    /// and chunked forward and backward, saved for the chunked backward;
+    /// names round-trip.
     #[test]
     fn variants_exist_where_their_kernels_do() {
         use cuda::Dtype;
@@ -580,6 +598,7 @@ mod tests {
                             Variant::Fragments => m == Mode::Chunked && !grad && t != Dtype::F32,
                             Variant::Ahead | Variant::Batched | Variant::Rows4 => m == Mode::Recurrent && !grad,
                             Variant::Packed => m == Mode::Recurrent || m == Mode::Chunked,
+                            Variant::Saved => m == Mode::Chunked && grad,
                         };
                         assert_eq!(v.applies(m, t, grad), want, "{} {} {t} grad={grad}", v.name(), m.name());
                     }

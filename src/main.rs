@@ -102,7 +102,9 @@ enum Command {
         /// The CUDA kernel variant (cuda only): sequential (chunked: the
         /// sequential carry, state_seq and grad_w_seq), packed (recurrent,
         /// chunked: the B rows as packed sequences, the cu_seqlens
-        /// launches). Same function, same bounds as the default.
+        /// launches), saved (chunked: the forward run first, saving its
+        /// chunk states for the backward). Same function, same bounds as the
+        /// default.
         #[arg(long, value_parser = parse_variant, default_value = "default")]
         variant: dispatch::Variant,
     },

@@ -293,7 +293,7 @@ fn grad_variants_are_the_default_bit_for_bit_or_refused() {
     assert_eq!(o.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&o.stderr).contains("a CUDA kernel variant"));
     for (mode, variant, available) in [
-        ("chunked", "fragments", "default, sequential, packed"),
+        ("chunked", "fragments", "default, sequential, packed, saved"),
         ("recurrent", "ahead", "default, packed"),
         ("scan", "sequential", "default"),
     ] {
@@ -320,6 +320,11 @@ fn grad_variants_are_the_default_bit_for_bit_or_refused() {
     let o = grad(&sequential_out, "cuda", "chunked", "sequential");
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     same(&default_out, &sequential_out, "chunked sequential");
+    // The training pair (the forward saving its chunk states, the backward
+    // reading them): the default's gradients bit for bit.
+    let o = grad(&sequential_out, "cuda", "chunked", "saved");
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    same(&default_out, &sequential_out, "chunked saved");
     for variant in ["default", "packed"] {
         let out = if variant == "default" { &default_out } else { &sequential_out };
         let o = grad(out, "cuda", "recurrent", variant);

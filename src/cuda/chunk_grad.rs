@@ -1266,6 +1266,40 @@ pub(crate) fn backward_rows_packed_into<'a, T: Element>(
 /// What the host paths' synchronization is doing, for its error.
 const SYNC_DOING: &str = "synchronizing after the chunked backward";
 
+/// [`backward_host_as`] (with `gates` [`Gates::Real`],
+/// [`backward_real_host_as`]) through the training pair: the forward into
+/// the backward's workspace ([`forward_saving_into`], y and h_final on the
+/// device and dropped), then [`backward_saved_into`]; the same gradients
+/// bit for bit (`gateloop grad --variant saved`, which the fuzzer runs).
+/// Synchronizes.
+pub fn backward_saved_host_as<T: Element>(
+    gpu: &Gpu,
+    p: &Problem<'_, f32>,
+    dy: &[f32],
+    dh_final: Option<&[Complex<f32>]>,
+    config: impl Into<ChunkConfig>,
+    gates: Gates,
+) -> Result<Grads<f32>, GpuError> {
+    let config = config.into();
+    let workspace_len = |d: &Dims| Ok(plan_with(d, T::DTYPE, gates, config.carry)?.workspace_len);
+    let real_gates = gates == Gates::Real;
+    launch::backward_host::<T>(gpu, p, dy, dh_final, real_gates, workspace_len, SYNC_DOING, |s, d, i, u, g, w| {
+        // backward_host runs on the Gpu's stream, which allocates.
+        let mut y = gpu.stream().alloc_zeros::<T>(d.v_len()).doing("allocating y")?;
+        let mut h_final = gpu.stream().alloc_zeros::<f32>(gates.parts() * d.state_len()).doing("allocating h_final")?;
+        let out = chunk::DeviceOutputs { y: &mut y, h_final: &mut h_final };
+        let forward_inputs = DeviceInputs { q: i.q, k: i.k, v: i.v, log_gate: i.log_gate, h0: i.h0 };
+        // The plan's workspace is never empty (its decays and states).
+        let w = w.ok_or(InputError::Param {
+            name: "workspace",
+            value: "none".into(),
+            why: "the chunked backward needs one",
+        })?;
+        let saved = forward_saving_into(gpu, s, d, gates, forward_inputs, out, w, config)?;
+        backward_saved_into(gpu, s, d, i, u, g, saved)
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
