@@ -160,6 +160,17 @@ sys.exit(not ([p["kernel"] for p in ph] == want and all(p["median_ms"] > 0 for p
     echo "emulated-device: bench.json must split each row into its launches with their geometry (phases)" >&2
     failed+=("gateloop bench (phases)")
 fi
+# The fwd+bwd rows run the training pair: the backward reads the chunk
+# states the forward saved, so none of the state launches the backward
+# recomputes (`... (backward)`) where its -recompute twin runs them.
+if ! python3 -c 'import json, sys; r = {(x["kernel"], x["dtype"]): x for x in json.load(open(sys.argv[1]))["results"]}
+names = lambda k: [p["kernel"] for p in r[(k, "f32")]["phases"]]
+saved, again = names("chunked-real-fwd-bwd"), names("chunked-real-fwd-bwd-recompute")
+sys.exit(not (saved == [n for n in again if not n.endswith("(backward)")]
+              and len(again) > len(saved) and not any("(backward)" in n for n in names("chunked-fwd-bwd"))))' "$tmp/bench.json"; then
+    echo "emulated-device: the saved fwd+bwd rows must leave out the state launches of the backward" >&2
+    failed+=("gateloop bench (saved fwd+bwd)")
+fi
 # The tuning entry runs only when named (the bundle's carry step).
 cli bench --kernel chunked-sequential --kernel chunked-separate --dtype bf16 --shape 1,100,1,8,8 --runs 2 \
     --warmup 1 --json "$tmp/carry.json"
