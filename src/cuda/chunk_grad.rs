@@ -1107,7 +1107,7 @@ pub fn backward_host_as<T: Element>(
     dh_final: Option<&[Complex<f32>]>,
     config: impl Into<ChunkConfig>,
 ) -> Result<Grads<f32>, GpuError> {
-    host_backward::<T>(gpu, p, dy, dh_final, Gates::Complex, config.into())
+    host_backward::<T>(gpu, p, dy, dh_final, Gates::Complex, config.into(), ForwardStates::Recompute)
 }
 
 /// The real-gate backward ([`backward_real_into`]) from host data: `p`'s
@@ -1124,10 +1124,11 @@ pub fn backward_real_host_as<T: Element>(
     dh_final: Option<&[Complex<f32>]>,
     config: impl Into<ChunkConfig>,
 ) -> Result<Grads<f32>, GpuError> {
-    host_backward::<T>(gpu, p, dy, dh_final, Gates::Real, config.into())
+    host_backward::<T>(gpu, p, dy, dh_final, Gates::Real, config.into(), ForwardStates::Recompute)
 }
 
-/// The body of [`backward_host_as`] and [`backward_real_host_as`].
+/// The body of [`backward_host_as`], [`backward_real_host_as`] and (`states`
+/// [`ForwardStates::Saved`]) [`backward_saved_host_as`].
 fn host_backward<T: Element>(
     gpu: &Gpu,
     p: &Problem<'_, f32>,
@@ -1135,6 +1136,7 @@ fn host_backward<T: Element>(
     dh_final: Option<&[Complex<f32>]>,
     gates: Gates,
     config: ChunkConfig,
+    states: ForwardStates,
 ) -> Result<Grads<f32>, GpuError> {
     let real_gates = gates == Gates::Real;
     let workspace_len = |d: &Dims| Ok(plan_with(d, T::DTYPE, gates, config.carry)?.workspace_len);
@@ -1147,8 +1149,28 @@ fn host_backward<T: Element>(
         workspace_len,
         SYNC_DOING,
         |s, d, inputs, grad_in, grads, w| {
-            let buffers = GradBuffers { inputs, grad_in, grads, workspace: w, real_gates, packed: false };
-            launch_backward(gpu, s, d, buffers, config, None, ForwardStates::Recompute)
+            if states == ForwardStates::Recompute {
+                let buffers = GradBuffers { inputs, grad_in, grads, workspace: w, real_gates, packed: false };
+                return launch_backward(gpu, s, d, buffers, config, None, ForwardStates::Recompute);
+            }
+            // The plan's workspace is never empty (its decays and states).
+            let w = w.ok_or(InputError::Param {
+                name: "workspace",
+                value: "none".into(),
+                why: "the chunked backward needs one",
+            })?;
+            // The training pair: the forward into the backward's workspace
+            // (y and h_final on the device, dropped), then the backward
+            // reading its chunk states. backward_host runs on the Gpu's
+            // stream, which allocates.
+            let mut y = gpu.stream().alloc_zeros::<T>(d.v_len()).doing("allocating y")?;
+            let mut h_final =
+                gpu.stream().alloc_zeros::<f32>(gates.parts() * d.state_len()).doing("allocating h_final")?;
+            let out = chunk::DeviceOutputs { y: &mut y, h_final: &mut h_final };
+            let forward_inputs =
+                DeviceInputs { q: inputs.q, k: inputs.k, v: inputs.v, log_gate: inputs.log_gate, h0: inputs.h0 };
+            let saved = forward_saving_into(gpu, s, d, gates, forward_inputs, out, w, config)?;
+            backward_saved_into(gpu, s, d, inputs, grad_in, grads, saved)
         },
     )
 }
@@ -1280,24 +1302,7 @@ pub fn backward_saved_host_as<T: Element>(
     config: impl Into<ChunkConfig>,
     gates: Gates,
 ) -> Result<Grads<f32>, GpuError> {
-    let config = config.into();
-    let workspace_len = |d: &Dims| Ok(plan_with(d, T::DTYPE, gates, config.carry)?.workspace_len);
-    let real_gates = gates == Gates::Real;
-    launch::backward_host::<T>(gpu, p, dy, dh_final, real_gates, workspace_len, SYNC_DOING, |s, d, i, u, g, w| {
-        // backward_host runs on the Gpu's stream, which allocates.
-        let mut y = gpu.stream().alloc_zeros::<T>(d.v_len()).doing("allocating y")?;
-        let mut h_final = gpu.stream().alloc_zeros::<f32>(gates.parts() * d.state_len()).doing("allocating h_final")?;
-        let out = chunk::DeviceOutputs { y: &mut y, h_final: &mut h_final };
-        let forward_inputs = DeviceInputs { q: i.q, k: i.k, v: i.v, log_gate: i.log_gate, h0: i.h0 };
-        // The plan's workspace is never empty (its decays and states).
-        let w = w.ok_or(InputError::Param {
-            name: "workspace",
-            value: "none".into(),
-            why: "the chunked backward needs one",
-        })?;
-        let saved = forward_saving_into(gpu, s, d, gates, forward_inputs, out, w, config)?;
-        backward_saved_into(gpu, s, d, i, u, g, saved)
-    })
+    host_backward::<T>(gpu, p, dy, dh_final, gates, config.into(), ForwardStates::Saved)
 }
 
 #[cfg(test)]
