@@ -164,36 +164,89 @@ __host__ __device__ constexpr bool stored_as_loaded() {
 template <class Op>
 using Acc = wmma::fragment<wmma::accumulator, 16, 16, Op::kK, float>;
 
+// wmma::load_matrix_sync of a bf16 A or B operand that lies in shared
+// memory, as the same PTX instruction with the .shared state space; other
+// operand types as wmma loads them. Why: nvcc infers the state space of the
+// f16 loads (wmma.load ... .shared.f16, which ptxas issues as one LDSM a
+// fragment) but not of the bf16 (or TF32) ones, whose generic wmma.load
+// became four generic 32-bit loads (LD.E, 64-bit addresses) a fragment in
+// every chunked kernel's products (sm_90 SASS, 2026-12-06); with .shared,
+// one LDSM. The same fragment registers in the same order (the instruction
+// defines them), so the same products bit for bit. Volatile, as ldmatrix in
+// mma.cuh (kept in order with the barriers that publish the planes), which
+// also keeps nvcc from merging two loads of one fragment: so mma_split_step
+// takes it only where each fragment is loaded once (kShared), not where
+// nvcc shared the builtin's loads across calls. The kernel emulator's wmma
+// reads the pointer as given.
+template <class Use, int kK, class Elem, class Layout, typename T>
+__device__ __forceinline__ void load_operand(wmma::fragment<Use, 16, 16, kK, Elem, Layout>& f, const T* p,
+                                             unsigned ld) {
+#if defined(__CUDA_ARCH__)
+    if constexpr (std::is_same<Elem, __nv_bfloat16>::value) {
+        static_assert(kK == 16 && sizeof(f.x) == 16, "m16n16k16: four 32-bit registers a fragment");
+        constexpr bool kA = std::is_same<Use, wmma::matrix_a>::value;
+        constexpr bool kRow = std::is_same<Layout, wmma::row_major>::value;
+        const unsigned at = static_cast<unsigned>(__cvta_generic_to_shared(p));
+        uint32_t r[4];
+#define GATELOOP_WMMA_LOAD_SHARED(AB, LAYOUT)                                                                    \
+    asm volatile("wmma.load." AB ".sync.aligned." LAYOUT ".m16n16k16.shared.bf16 {%0,%1,%2,%3}, [%4], %5;\n" \
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])                                              \
+                 : "r"(at), "r"(ld))
+        if constexpr (kA && kRow) {
+            GATELOOP_WMMA_LOAD_SHARED("a", "row");
+        } else if constexpr (kA) {
+            GATELOOP_WMMA_LOAD_SHARED("a", "col");
+        } else if constexpr (kRow) {
+            GATELOOP_WMMA_LOAD_SHARED("b", "row");
+        } else {
+            GATELOOP_WMMA_LOAD_SHARED("b", "col");
+        }
+#undef GATELOOP_WMMA_LOAD_SHARED
+        memcpy(&f.x[0], r, sizeof(r));
+        return;
+    }
+#endif
+    wmma::load_matrix_sync(f, p, ld);
+}
+
 // acc += A · B for one k-step (16 × kK times kK × 16), split operands: the
 // small cross terms first (lo_A·hi_B, hi_A·lo_B), then hi·hi. A(i, k) at
 // a.hi_at(...) with layout LA. kTermsA, kTermsB: 3 for a split side, 1 for
 // a side taken as exact (its lo plane not read; raw_tile_terms), whose
 // cross term is left out (with both 3: "exact"; both 1: "fast").
-template <class Op, int kTermsA, int kTermsB, class LA, class LB>
+// kShared: the loads by load_operand (where no fragment is loaded twice).
+template <class Op, int kTermsA, int kTermsB, class LA, class LB, bool kShared = false>
 __device__ __forceinline__ void mma_split_step(Acc<Op>& acc, const typename Op::storage* a_hi,
                                                const typename Op::storage* a_lo, int lda,
                                                const typename Op::storage* b_hi, const typename Op::storage* b_lo,
                                                int ldb) {
+    const auto load = [](auto& f, const typename Op::storage* p, int ld) {
+        if constexpr (kShared) {
+            load_operand(f, p, ld);
+        } else {
+            wmma::load_matrix_sync(f, p, ld);
+        }
+    };
     wmma::fragment<wmma::matrix_a, 16, 16, Op::kK, typename Op::elem, LA> a;
     wmma::fragment<wmma::matrix_b, 16, 16, Op::kK, typename Op::elem, LB> b;
     if constexpr (kTermsA == 3) {
-        wmma::load_matrix_sync(a, a_lo, lda);
-        wmma::load_matrix_sync(b, b_hi, ldb);
+        load(a, a_lo, lda);
+        load(b, b_hi, ldb);
         wmma::mma_sync(acc, a, b, acc);
-        wmma::load_matrix_sync(a, a_hi, lda);
+        load(a, a_hi, lda);
         if constexpr (kTermsB == 3) {
-            wmma::load_matrix_sync(b, b_lo, ldb);
+            load(b, b_lo, ldb);
             wmma::mma_sync(acc, a, b, acc);
-            wmma::load_matrix_sync(b, b_hi, ldb);
+            load(b, b_hi, ldb);
         }
     } else if constexpr (kTermsB == 3) {
-        wmma::load_matrix_sync(a, a_hi, lda);
-        wmma::load_matrix_sync(b, b_lo, ldb);
+        load(a, a_hi, lda);
+        load(b, b_lo, ldb);
         wmma::mma_sync(acc, a, b, acc);
-        wmma::load_matrix_sync(b, b_hi, ldb);
+        load(b, b_hi, ldb);
     } else {
-        wmma::load_matrix_sync(a, a_hi, lda);
-        wmma::load_matrix_sync(b, b_hi, ldb);
+        load(a, a_hi, lda);
+        load(b, b_hi, ldb);
     }
     wmma::mma_sync(acc, a, b, acc);
 }
@@ -1548,7 +1601,9 @@ __device__ __forceinline__ bool slab_gram(const Block<input_t, kComplex, kLd>& b
     // A(i, k) = X[k][16·rb + i]: column-major with ld x.ld.
     constexpr int kTermsY = raw_tile_terms<input_t, kTerms>();
     const auto step = [&](int kk) {
-        mma_split_step<Op, kTerms, kTermsY, wmma::col_major, wmma::row_major>(
+        // By load_operand but with both sides split, whose hi B fragment
+        // mma_split_step loads twice (nvcc merged the builtin's two).
+        mma_split_step<Op, kTerms, kTermsY, wmma::col_major, wmma::row_major, kTermsY == 1>(
             acc, x.hi_at(kk, 16 * rb), x.lo_at(kk, 16 * rb), x.ld, y.hi_at(kk, 16 * cb), y.lo_at(kk, 16 * cb), y.ld);
     };
     if constexpr (kTermsY < kTerms && kRolled) {
