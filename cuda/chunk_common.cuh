@@ -164,43 +164,51 @@ __host__ __device__ constexpr bool stored_as_loaded() {
 template <class Op>
 using Acc = wmma::fragment<wmma::accumulator, 16, 16, Op::kK, float>;
 
-// wmma::load_matrix_sync of a bf16 A or B operand that lies in shared
-// memory, as the same PTX instruction with the .shared state space; other
-// operand types as wmma loads them. Why: nvcc infers the state space of the
-// f16 loads (wmma.load ... .shared.f16, which ptxas issues as one LDSM a
-// fragment) but not of the bf16 (or TF32) ones, whose generic wmma.load
-// became four generic 32-bit loads (LD.E, 64-bit addresses) a fragment in
-// every chunked kernel's products (sm_90 SASS, 2026-12-06); with .shared,
-// one LDSM. The same fragment registers in the same order (the instruction
+// wmma::load_matrix_sync of an A or B operand that lies in shared memory
+// (every Split plane does: carve), bf16 and TF32 as the same PTX
+// instruction with the .shared state space; f16 as wmma loads it. Why: nvcc
+// infers the state space of the f16 loads (wmma.load ... .shared.f16, which
+// ptxas issues as one LDSM a fragment) but not of the bf16 and TF32 ones,
+// whose generic wmma.load became four generic 32-bit loads (LD.E, 64-bit
+// addresses) a fragment in every chunked kernel's products (sm_90 SASS,
+// 2026-12-06); with .shared, one LDSM a bf16 fragment, shared loads for
+// TF32. The same fragment registers in the same order (the instruction
 // defines them), so the same products bit for bit. Volatile, as ldmatrix in
-// mma.cuh (kept in order with the barriers that publish the planes), which
-// also keeps nvcc from merging two loads of one fragment: so mma_split_step
-// takes it only where each fragment is loaded once (kShared), not where
-// nvcc shared the builtin's loads across calls. The kernel emulator's wmma
-// reads the pointer as given.
+// mma.cuh (kept in order with the barriers that publish the planes), so
+// nvcc no longer merges two loads of one fragment as it did the builtin's:
+// the products load each once (mma_split_step, mma_split_steps). The
+// kernel emulator's wmma reads the pointer as given.
 template <class Use, int kK, class Elem, class Layout, typename T>
 __device__ __forceinline__ void load_operand(wmma::fragment<Use, 16, 16, kK, Elem, Layout>& f, const T* p,
                                              unsigned ld) {
 #if defined(__CUDA_ARCH__)
-    if constexpr (std::is_same<Elem, __nv_bfloat16>::value) {
-        static_assert(kK == 16 && sizeof(f.x) == 16, "m16n16k16: four 32-bit registers a fragment");
+    constexpr bool kBf16 = std::is_same<Elem, __nv_bfloat16>::value;
+    if constexpr (kBf16 || std::is_same<Elem, wmma::precision::tf32>::value) {
+        static_assert(kK == (kBf16 ? 16 : 8) && sizeof(f.x) == 16, "four 32-bit registers a fragment");
         constexpr bool kA = std::is_same<Use, wmma::matrix_a>::value;
         constexpr bool kRow = std::is_same<Layout, wmma::row_major>::value;
         const unsigned at = static_cast<unsigned>(__cvta_generic_to_shared(p));
         uint32_t r[4];
-#define GATELOOP_WMMA_LOAD_SHARED(AB, LAYOUT)                                                                    \
-    asm volatile("wmma.load." AB ".sync.aligned." LAYOUT ".m16n16k16.shared.bf16 {%0,%1,%2,%3}, [%4], %5;\n" \
-                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])                                              \
+#define GATELOOP_WMMA_LOAD_SHARED(AB, LAYOUT, SHAPE_TYPE)                                                \
+    asm volatile("wmma.load." AB ".sync.aligned." LAYOUT "." SHAPE_TYPE " {%0,%1,%2,%3}, [%4], %5;\n" \
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])                                       \
                  : "r"(at), "r"(ld))
-        if constexpr (kA && kRow) {
-            GATELOOP_WMMA_LOAD_SHARED("a", "row");
-        } else if constexpr (kA) {
-            GATELOOP_WMMA_LOAD_SHARED("a", "col");
-        } else if constexpr (kRow) {
-            GATELOOP_WMMA_LOAD_SHARED("b", "row");
+#define GATELOOP_WMMA_LOAD_SHARED_ANY(SHAPE_TYPE)          \
+    if constexpr (kA && kRow) {                            \
+        GATELOOP_WMMA_LOAD_SHARED("a", "row", SHAPE_TYPE); \
+    } else if constexpr (kA) {                             \
+        GATELOOP_WMMA_LOAD_SHARED("a", "col", SHAPE_TYPE); \
+    } else if constexpr (kRow) {                           \
+        GATELOOP_WMMA_LOAD_SHARED("b", "row", SHAPE_TYPE); \
+    } else {                                               \
+        GATELOOP_WMMA_LOAD_SHARED("b", "col", SHAPE_TYPE); \
+    }
+        if constexpr (kBf16) {
+            GATELOOP_WMMA_LOAD_SHARED_ANY("m16n16k16.shared.bf16")
         } else {
-            GATELOOP_WMMA_LOAD_SHARED("b", "col");
+            GATELOOP_WMMA_LOAD_SHARED_ANY("m16n16k8.shared.tf32")
         }
+#undef GATELOOP_WMMA_LOAD_SHARED_ANY
 #undef GATELOOP_WMMA_LOAD_SHARED
         memcpy(&f.x[0], r, sizeof(r));
         return;
@@ -213,40 +221,46 @@ __device__ __forceinline__ void load_operand(wmma::fragment<Use, 16, 16, kK, Ele
 // small cross terms first (lo_A·hi_B, hi_A·lo_B), then hi·hi. A(i, k) at
 // a.hi_at(...) with layout LA. kTermsA, kTermsB: 3 for a split side, 1 for
 // a side taken as exact (its lo plane not read; raw_tile_terms), whose
-// cross term is left out (with both 3: "exact"; both 1: "fast").
-// kShared: the loads by load_operand (where no fragment is loaded twice).
-template <class Op, int kTermsA, int kTermsB, class LA, class LB, bool kShared = false>
+// cross term is left out (with both 3: "exact"; both 1: "fast"). Each
+// fragment loaded once (load_operand), hi B held across the cross terms.
+// kGeneric: wmma's own loads (generic: see load_operand), hi B loaded again
+// after the cross term (nvcc merges the two).
+template <class Op, int kTermsA, int kTermsB, class LA, class LB, bool kGeneric = false>
 __device__ __forceinline__ void mma_split_step(Acc<Op>& acc, const typename Op::storage* a_hi,
                                                const typename Op::storage* a_lo, int lda,
                                                const typename Op::storage* b_hi, const typename Op::storage* b_lo,
                                                int ldb) {
-    const auto load = [](auto& f, const typename Op::storage* p, int ld) {
-        if constexpr (kShared) {
-            load_operand(f, p, ld);
-        } else {
+    const auto load_operand = [](auto& f, const typename Op::storage* p, int ld) {
+        if constexpr (kGeneric) {
             wmma::load_matrix_sync(f, p, ld);
+        } else {
+            gateloop::chunk::load_operand(f, p, ld);
         }
     };
     wmma::fragment<wmma::matrix_a, 16, 16, Op::kK, typename Op::elem, LA> a;
     wmma::fragment<wmma::matrix_b, 16, 16, Op::kK, typename Op::elem, LB> b;
     if constexpr (kTermsA == 3) {
-        load(a, a_lo, lda);
-        load(b, b_hi, ldb);
+        load_operand(a, a_lo, lda);
+        load_operand(b, b_hi, ldb);
         wmma::mma_sync(acc, a, b, acc);
-        load(a, a_hi, lda);
-        if constexpr (kTermsB == 3) {
-            load(b, b_lo, ldb);
+        load_operand(a, a_hi, lda);
+        if constexpr (kTermsB == 3 && !kGeneric) {
+            wmma::fragment<wmma::matrix_b, 16, 16, Op::kK, typename Op::elem, LB> b_lo_f;
+            load_operand(b_lo_f, b_lo, ldb);
+            wmma::mma_sync(acc, a, b_lo_f, acc);
+        } else if constexpr (kTermsB == 3) {
+            load_operand(b, b_lo, ldb);
             wmma::mma_sync(acc, a, b, acc);
-            load(b, b_hi, ldb);
+            load_operand(b, b_hi, ldb);
         }
     } else if constexpr (kTermsB == 3) {
-        load(a, a_hi, lda);
-        load(b, b_lo, ldb);
+        load_operand(a, a_hi, lda);
+        load_operand(b, b_lo, ldb);
         wmma::mma_sync(acc, a, b, acc);
-        load(b, b_hi, ldb);
+        load_operand(b, b_hi, ldb);
     } else {
-        load(a, a_hi, lda);
-        load(b, b_hi, ldb);
+        load_operand(a, a_hi, lda);
+        load_operand(b, b_hi, ldb);
     }
     wmma::mma_sync(acc, a, b, acc);
 }
@@ -257,6 +271,41 @@ __device__ __forceinline__ void mma_step(Acc<Op>& acc, const typename Op::storag
                                          const typename Op::storage* b_hi, const typename Op::storage* b_lo,
                                          int ldb) {
     mma_split_step<Op, kTerms, kTerms, LA, LB>(acc, a_hi, a_lo, lda, b_hi, b_lo, ldb);
+}
+// mma_split_step for kN products that share A: acc(n) += A · B_n, B_n at
+// b_hi(n), b_lo(n), A's fragments loaded once for all of them (as nvcc
+// merged the builtin loads of one A). Each accumulator takes its terms in
+// mma_split_step's order, so the same sums bit for bit. kLean: each product
+// by mma_split_step with wmma's generic loads (kGeneric), as before
+// load_operand, for the kernels that spilled at their register caps with
+// the shared loads (kLean in intra_pass says which).
+template <class Op, int kTermsA, int kTermsB, class LA, class LB, int kN, bool kLean = false, class AccOf,
+          class BHi, class BLo>
+__device__ __forceinline__ void mma_split_steps(AccOf acc, const typename Op::storage* a_hi,
+                                                const typename Op::storage* a_lo, int lda, BHi b_hi, BLo b_lo,
+                                                int ldb) {
+    if constexpr (kLean) {
+#pragma unroll
+        for (int n = 0; n < kN; ++n) {
+            mma_split_step<Op, kTermsA, kTermsB, LA, LB, true>(acc(n), a_hi, a_lo, lda, b_hi(n), b_lo(n), ldb);
+        }
+        return;
+    }
+    wmma::fragment<wmma::matrix_a, 16, 16, Op::kK, typename Op::elem, LA> ah, al;
+    load_operand(ah, a_hi, lda);
+    if constexpr (kTermsA == 3) load_operand(al, a_lo, lda);
+#pragma unroll
+    for (int n = 0; n < kN; ++n) {
+        wmma::fragment<wmma::matrix_b, 16, 16, Op::kK, typename Op::elem, LB> b;
+        load_operand(b, b_hi(n), ldb);
+        if constexpr (kTermsA == 3) wmma::mma_sync(acc(n), al, b, acc(n));
+        if constexpr (kTermsB == 3) {
+            wmma::fragment<wmma::matrix_b, 16, 16, Op::kK, typename Op::elem, LB> bl;
+            load_operand(bl, b_lo(n), ldb);
+            wmma::mma_sync(acc(n), ah, bl, acc(n));
+        }
+        wmma::mma_sync(acc(n), ah, b, acc(n));
+    }
 }
 
 // ---- scalar helpers (mirrors of src/cpu/chunked.rs) ---------------------------
@@ -1601,9 +1650,7 @@ __device__ __forceinline__ bool slab_gram(const Block<input_t, kComplex, kLd>& b
     // A(i, k) = X[k][16·rb + i]: column-major with ld x.ld.
     constexpr int kTermsY = raw_tile_terms<input_t, kTerms>();
     const auto step = [&](int kk) {
-        // By load_operand but with both sides split, whose hi B fragment
-        // mma_split_step loads twice (nvcc merged the builtin's two).
-        mma_split_step<Op, kTerms, kTermsY, wmma::col_major, wmma::row_major, kTermsY == 1>(
+        mma_split_step<Op, kTerms, kTermsY, wmma::col_major, wmma::row_major>(
             acc, x.hi_at(kk, 16 * rb), x.lo_at(kk, 16 * rb), x.ld, y.hi_at(kk, 16 * cb), y.lo_at(kk, 16 * cb), y.ld);
     };
     if constexpr (kTermsY < kTerms && kRolled) {
@@ -2242,6 +2289,13 @@ __device__ __forceinline__ void intra_pass(Block<input_t, kComplex, kLd>& blk, u
     // Accumulator a's column block: half a / 2, column block yc + a % 2.
     const auto ycol = [&](int a) { return (kVTile / 16) * (a >> 1) + yc + (a & 1); };
 
+    // The products' A loaded once for the accumulators that share it, by
+    // load_operand, but in the launches that spilled so at their register
+    // caps (mma_split_steps' kLean, wmma's generic loads as before: the
+    // wide 16-bit real Exact output launches, 8 and 48 bytes at 80 on sm_90,
+    // and the wide f16 dv launches, 8 to 32 bytes at 80 and 128).
+    constexpr bool kLean = kCols == kWideCols && kTerms == 3 && sizeof(input_t) == 2 &&
+                           (kAdjoint ? std::is_same<input_t, __half>::value : !kComplex);
     Acc<Op> yacc[kOut];
 #pragma unroll
     for (int a = 0; a < kOut; ++a) wmma::fill_fragment(yacc[a], 0.f);
@@ -2295,12 +2349,11 @@ __device__ __forceinline__ void intra_pass(Block<input_t, kComplex, kLd>& blk, u
         // 234 → 194), the same operations in the same order.
 #pragma unroll 1
         for (int kk = 0; kk < kWidth; kk += Op::kK) {
-#pragma unroll
-            for (int a = 0; a < kOut; ++a) {
-                mma_step<Op, kTerms, wmma::row_major, wmma::row_major>(
-                    yacc[a], qe.hi_at(16 * yr, kk), qe.lo_at(16 * yr, kk), qe.ld, st.hi_at(kk, 16 * ycol(a)),
-                    st.lo_at(kk, 16 * ycol(a)), st.ld);
-            }
+            // The warp's kOut accumulators share A (its rows of X).
+            mma_split_steps<Op, kTerms, kTerms, wmma::row_major, wmma::row_major, kOut, kLean>(
+                [&](int a) -> Acc<Op>& { return yacc[a]; }, qe.hi_at(16 * yr, kk), qe.lo_at(16 * yr, kk), qe.ld,
+                [&](int a) { return st.hi_at(kk, 16 * ycol(a)); }, [&](int a) { return st.lo_at(kk, 16 * ycol(a)); },
+                st.ld);
         }
         // score block (si, sj) += q̃ (pair rows) · k̃ᵀ (key sub-chunk sj).
         if (pair < kPairs && !saved) add_score_block<Op, kTerms, kComplex>(sacc, qa, ka, pair);
@@ -2364,22 +2417,18 @@ __device__ __forceinline__ void intra_pass(Block<input_t, kComplex, kLd>& blk, u
             // dv += Pᵀ dY: A(m, n) = P[n][m] read column-major, the inner loop
             // over n from the diagonal block on (P is causal: n ≥ m).
             for (int kk = kSub * yr; kk < kChunk; kk += Op::kK) {
-#pragma unroll
-                for (int t = 0; t < 2; ++t) {
-                    mma_split_step<Op, kTerms, kTileTerms, wmma::col_major, wmma::row_major>(
-                        yacc[2 * h + t], ps.hi_at(kk, 16 * yr), ps.lo_at(kk, 16 * yr), ps.ld,
-                        vs.hi_at(kk, 16 * (yc + t)), vs.lo_at(kk, 16 * (yc + t)), vs.ld);
-                }
+                mma_split_steps<Op, kTerms, kTileTerms, wmma::col_major, wmma::row_major, 2, kLean>(
+                    [&](int t) -> Acc<Op>& { return yacc[2 * h + t]; }, ps.hi_at(kk, 16 * yr), ps.lo_at(kk, 16 * yr),
+                    ps.ld, [&](int t) { return vs.hi_at(kk, 16 * (yc + t)); },
+                    [&](int t) { return vs.lo_at(kk, 16 * (yc + t)); }, vs.ld);
             }
         } else {
             // y += P V, the inner loop stopping at the diagonal block.
             for (int kk = 0; kk < kSub * (yr + 1); kk += Op::kK) {
-#pragma unroll
-                for (int t = 0; t < 2; ++t) {
-                    mma_split_step<Op, kTerms, kTileTerms, wmma::row_major, wmma::row_major>(
-                        yacc[2 * h + t], ps.hi_at(16 * yr, kk), ps.lo_at(16 * yr, kk), ps.ld,
-                        vs.hi_at(kk, 16 * (yc + t)), vs.lo_at(kk, 16 * (yc + t)), vs.ld);
-                }
+                mma_split_steps<Op, kTerms, kTileTerms, wmma::row_major, wmma::row_major, 2, kLean>(
+                    [&](int t) -> Acc<Op>& { return yacc[2 * h + t]; }, ps.hi_at(16 * yr, kk), ps.lo_at(16 * yr, kk),
+                    ps.ld, [&](int t) { return vs.hi_at(kk, 16 * (yc + t)); },
+                    [&](int t) { return vs.lo_at(kk, 16 * (yc + t)); }, vs.ld);
             }
         }
     }

@@ -616,12 +616,10 @@ __device__ __forceinline__ void grad_qk(const GateloopChunkGradParams& g) {
             // three split products held more fragments than 128 registers.
 #pragma unroll 2
             for (int kk = 0; kk < kVTile; kk += Op::kK) {
-#pragma unroll
-                for (int t = 0; t < 2; ++t) {
-                    mma_step<Op, kRawTerms, wmma::row_major, wmma::col_major>(
-                        sacc[t], dys.hi_at(16 * sr, kk), dys.lo_at(16 * sr, kk), dys.ld, vs.hi_at(16 * (sc + t), kk),
-                        vs.lo_at(16 * (sc + t), kk), vs.ld);
-                }
+                mma_split_steps<Op, kRawTerms, kRawTerms, wmma::row_major, wmma::col_major, 2>(
+                    [&](int t) -> Acc<Op>& { return sacc[t]; }, dys.hi_at(16 * sr, kk), dys.lo_at(16 * sr, kk), dys.ld,
+                    [&](int t) { return vs.hi_at(16 * (sc + t), kk); }, [&](int t) { return vs.lo_at(16 * (sc + t), kk); },
+                    vs.ld);
             }
             __syncthreads();  // the next tile overwrites dY, V
         }
