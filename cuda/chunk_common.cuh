@@ -217,6 +217,55 @@ __device__ __forceinline__ void load_operand(wmma::fragment<Use, 16, 16, kK, Ele
     wmma::load_matrix_sync(f, p, ld);
 }
 
+// wmma::store_matrix_sync (row-major) of an f32 accumulator into shared
+// memory, and wmma::load_matrix_sync of one from it, as the same PTX
+// instructions with the .shared state space, for load_operand's reason:
+// nvcc's were generic (four ST.E.64 a fragment, on 64-bit addresses), these
+// are four STS.64 (LDS.64). The same elements in the same places. Every
+// caller reads what it stored after a barrier (__syncwarp, __syncthreads),
+// which the volatile asm stays in order with.
+template <int kK>
+__device__ __forceinline__ void store_accumulator(float* p, const wmma::fragment<wmma::accumulator, 16, 16, kK, float>& f,
+                                                  unsigned ld) {
+#if defined(__CUDA_ARCH__)
+    static_assert(kK == 16 || kK == 8, "the bf16 and TF32 shapes");
+    const unsigned at = static_cast<unsigned>(__cvta_generic_to_shared(p));
+#define GATELOOP_WMMA_STORE_SHARED(SHAPE)                                                                   \
+    asm volatile("wmma.store.d.sync.aligned.row." SHAPE ".shared.f32 [%0], {%1,%2,%3,%4,%5,%6,%7,%8}, %9;\n" \
+                 ::"r"(at), "f"(f.x[0]), "f"(f.x[1]), "f"(f.x[2]), "f"(f.x[3]), "f"(f.x[4]), "f"(f.x[5]),      \
+                 "f"(f.x[6]), "f"(f.x[7]), "r"(ld))
+    if constexpr (kK == 16) {
+        GATELOOP_WMMA_STORE_SHARED("m16n16k16");
+    } else {
+        GATELOOP_WMMA_STORE_SHARED("m16n16k8");
+    }
+#undef GATELOOP_WMMA_STORE_SHARED
+#else
+    wmma::store_matrix_sync(p, f, ld, wmma::mem_row_major);
+#endif
+}
+template <int kK>
+__device__ __forceinline__ void load_accumulator(wmma::fragment<wmma::accumulator, 16, 16, kK, float>& f, const float* p,
+                                                 unsigned ld) {
+#if defined(__CUDA_ARCH__)
+    static_assert(kK == 16 || kK == 8, "the bf16 and TF32 shapes");
+    const unsigned at = static_cast<unsigned>(__cvta_generic_to_shared(p));
+#define GATELOOP_WMMA_LOAD_C_SHARED(SHAPE)                                                                  \
+    asm volatile("wmma.load.c.sync.aligned.row." SHAPE ".shared.f32 {%0,%1,%2,%3,%4,%5,%6,%7}, [%8], %9;\n" \
+                 : "=f"(f.x[0]), "=f"(f.x[1]), "=f"(f.x[2]), "=f"(f.x[3]), "=f"(f.x[4]), "=f"(f.x[5]),        \
+                   "=f"(f.x[6]), "=f"(f.x[7])                                                                 \
+                 : "r"(at), "r"(ld))
+    if constexpr (kK == 16) {
+        GATELOOP_WMMA_LOAD_C_SHARED("m16n16k16");
+    } else {
+        GATELOOP_WMMA_LOAD_C_SHARED("m16n16k8");
+    }
+#undef GATELOOP_WMMA_LOAD_C_SHARED
+#else
+    wmma::load_matrix_sync(f, p, ld, wmma::mem_row_major);
+#endif
+}
+
 // acc += A · B for one k-step (16 × kK times kK × 16), split operands: the
 // small cross terms first (lo_A·hi_B, hi_A·lo_B), then hi·hi. A(i, k) at
 // a.hi_at(...) with layout LA. kTermsA, kTermsB: 3 for a split side, 1 for
@@ -1557,7 +1606,7 @@ __device__ __forceinline__ int drain_row0(int lane) { return lane >> 4; }
 __device__ __forceinline__ int drain_col(int lane) { return lane & 15; }
 template <class Op, class F>
 __device__ __forceinline__ void drain(const Acc<Op>& acc, float* staging, int lane, F f) {
-    wmma::store_matrix_sync(staging, acc, 16, wmma::mem_row_major);
+    store_accumulator(staging, acc, 16);
     __syncwarp();
     const int r0 = drain_row0(lane), c = drain_col(lane);
 #pragma unroll
@@ -1573,7 +1622,7 @@ __device__ __forceinline__ void drain(const Acc<Op>& acc, float* staging, int la
 // (lane / 2, 8·(lane % 2)), x[i] the element at col + i.
 template <class Op, class F>
 __device__ __forceinline__ void drain_group(const Acc<Op>& acc, float* staging, int lane, F f) {
-    wmma::store_matrix_sync(staging, acc, 16, wmma::mem_row_major);
+    store_accumulator(staging, acc, 16);
     __syncwarp();
     const int r = lane >> 1, c = 8 * (lane & 1);
     const float4 a = *reinterpret_cast<const float4*>(staging + r * 16 + c);
@@ -1910,7 +1959,7 @@ __device__ __forceinline__ void walk_chunks(const GateloopChunkParams& p, unsign
             if (slab_gram<Op, kTerms, kBackward || !kComplex>(blk, sm.slab, sm.tile, acc)) {
                 const int rb = blk.warp / (kVTile / 16);
                 const int cb = blk.warp % (kVTile / 16);
-                wmma::store_matrix_sync(xbuf + 16 * rb * kVTile + 16 * cb, acc, kVTile, wmma::mem_row_major);
+                store_accumulator(xbuf + 16 * rb * kVTile + 16 * cb, acc, kVTile);
             }
             __syncthreads();
             // The tile's only reader, the Gram product, is done: the next
@@ -2376,7 +2425,7 @@ __device__ __forceinline__ void intra_pass(Block<input_t, kComplex, kLd>& blk, u
     }
     // P (64 × 64, causal) into its split operand: the score blocks pass
     // through the warps' staging tiles, the diagonal from pdiag, zeros above.
-    if (pair < kPairs && !saved) wmma::store_matrix_sync(staging, sacc, 16, wmma::mem_row_major);
+    if (pair < kPairs && !saved) store_accumulator(staging, sacc, 16);
     __syncthreads();
     float* staging0 = cross;
     // Items u of row block bi = u / (kSub / kStep) (a thread's rows stay

@@ -223,9 +223,9 @@ __device__ __forceinline__ void offdiag_products(const Block<input_t, kComplex, 
     // the complex product unrolled).
     if (w < kPairs) {
         Acc<Op> sacc;
-        wmma::load_matrix_sync(sacc, pblocks + w * kSub * kSub, kSub, wmma::mem_row_major);
+        load_accumulator(sacc, pblocks + w * kSub * kSub, kSub);
         add_score_block<Op, kGradTerms, kComplex, kComplex>(sacc, qa, ka, w);
-        wmma::store_matrix_sync(pblocks + w * kSub * kSub, sacc, kSub, wmma::mem_row_major);
+        store_accumulator(pblocks + w * kSub * kSub, sacc, kSub);
     }
     __syncthreads();  // every warp has read its operands: X, Y take their bytes
     float* xo = reinterpret_cast<float*>(base);
@@ -234,13 +234,11 @@ __device__ __forceinline__ void offdiag_products(const Block<input_t, kComplex, 
     for (int t = 0; t < 3; ++t) {
         if (t < ny) {
             if (has_half(w & 1)) {
-                wmma::store_matrix_sync(yo + (w >> 1) * kSub * 2 * kSlab + kSlab * (w & 1), acc[t], 2 * kSlab,
-                                        wmma::mem_row_major);
+                store_accumulator(yo + (w >> 1) * kSub * 2 * kSlab + kSlab * (w & 1), acc[t], 2 * kSlab);
             }
         } else if (t - ny < nx && has_half((x0 + t - ny) & 1)) {
             const int x = x0 + t - ny;
-            wmma::store_matrix_sync(xo + (x >> 1) * kSub * 2 * kSlab + kSlab * (x & 1), acc[t], 2 * kSlab,
-                                    wmma::mem_row_major);
+            store_accumulator(xo + (x >> 1) * kSub * 2 * kSlab + kSlab * (x & 1), acc[t], 2 * kSlab);
         }
     }
     put_cross_rows(blk, qraw, kraw, reinterpret_cast<float*>(base + kOffdiagOutBytes));
@@ -625,7 +623,7 @@ __device__ __forceinline__ void grad_qk(const GateloopChunkGradParams& g) {
         }
 #pragma unroll
         for (int t = 0; t < 2; ++t) {
-            wmma::store_matrix_sync(ds + 16 * sr * kChunk + 16 * (sc + t), sacc[t], kChunk, wmma::mem_row_major);
+            store_accumulator(ds + 16 * sr * kChunk + 16 * (sc + t), sacc[t], kChunk);
         }
     }
     for (int i = tid; i < kChunk; i += kThreads) {
@@ -959,11 +957,10 @@ __device__ __forceinline__ void grad_qk(const GateloopChunkGradParams& g) {
             float* xy = reinterpret_cast<float*>(union_at);  // X then Y, [kChunk][2·kSlab] each
             float* const y_at = xy + kChunk * 2 * kSlab;
             if (kComplex) {
-                wmma::store_matrix_sync(xy + 16 * xr * 2 * kSlab + 16 * xc, xacc, 2 * kSlab, wmma::mem_row_major);
-                wmma::store_matrix_sync(y_at + 16 * xr * 2 * kSlab + 16 * xc, yacc, 2 * kSlab, wmma::mem_row_major);
+                store_accumulator(xy + 16 * xr * 2 * kSlab + 16 * xc, xacc, 2 * kSlab);
+                store_accumulator(y_at + 16 * xr * 2 * kSlab + 16 * xc, yacc, 2 * kSlab);
             } else {
-                wmma::store_matrix_sync((real_y ? y_at : xy) + 16 * xr * 2 * kSlab, xacc, 2 * kSlab,
-                                        wmma::mem_row_major);
+                store_accumulator((real_y ? y_at : xy) + 16 * xr * 2 * kSlab, xacc, 2 * kSlab);
             }
             __syncthreads();
             const auto im_of = [&](const float* row) { return kComplex ? row[kSlab + d] : 0.f; };
