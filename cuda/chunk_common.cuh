@@ -177,7 +177,8 @@ using Acc = wmma::fragment<wmma::accumulator, 16, 16, Op::kK, float>;
 // mma.cuh (kept in order with the barriers that publish the planes), so
 // nvcc no longer merges two loads of one fragment as it did the builtin's:
 // the products load each once (mma_split_step, mma_split_steps). The
-// kernel emulator's wmma reads the pointer as given.
+// kernel emulator's wmma reads the pointer as given, after checking that it
+// lies in the block's shared memory (emu_expect_shared).
 template <class Use, int kK, class Elem, class Layout, typename T>
 __device__ __forceinline__ void load_operand(wmma::fragment<Use, 16, 16, kK, Elem, Layout>& f, const T* p,
                                              unsigned ld) {
@@ -213,6 +214,8 @@ __device__ __forceinline__ void load_operand(wmma::fragment<Use, 16, 16, kK, Ele
         memcpy(&f.x[0], r, sizeof(r));
         return;
     }
+#elif defined(GATELOOP_KERNEL_EMULATOR)
+    emu_expect_shared(p, "load_operand");
 #endif
     wmma::load_matrix_sync(f, p, ld);
 }
@@ -241,6 +244,9 @@ __device__ __forceinline__ void store_accumulator(float* p, const wmma::fragment
     }
 #undef GATELOOP_WMMA_STORE_SHARED
 #else
+#if defined(GATELOOP_KERNEL_EMULATOR)
+    emu_expect_shared(p, "store_accumulator");
+#endif
     wmma::store_matrix_sync(p, f, ld, wmma::mem_row_major);
 #endif
 }
@@ -262,6 +268,9 @@ __device__ __forceinline__ void load_accumulator(wmma::fragment<wmma::accumulato
     }
 #undef GATELOOP_WMMA_LOAD_C_SHARED
 #else
+#if defined(GATELOOP_KERNEL_EMULATOR)
+    emu_expect_shared(p, "load_accumulator");
+#endif
     wmma::load_matrix_sync(f, p, ld, wmma::mem_row_major);
 #endif
 }

@@ -87,6 +87,14 @@ int __syncthreads_or(int predicate);
 // kernels do: warp-uniform control flow).
 void __syncwarp(unsigned mask = 0xffffffffu);
 [[noreturn]] inline void __trap() { std::abort(); }
+// Aborts, naming `what`, unless p lies in the block's dynamic shared memory
+// (the driver's buffer). The chunked kernels' .shared loads and stores
+// (load_operand, store_accumulator in cuda/chunk_common.cuh) call it where
+// the GPU would take p as a shared address: a pointer elsewhere would read
+// or write a wrong place there, and here reads it as given. Defined by the
+// drivers of kernels with dynamic shared memory (chunk_driver.cpp,
+// cuda_driver.cpp).
+void emu_expect_shared(const void* p, const char* what);
 #ifdef EMU_GPU_ARITH
 #include "gpu_arith.h"
 #else
