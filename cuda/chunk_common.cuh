@@ -221,58 +221,47 @@ __device__ __forceinline__ void load_operand(wmma::fragment<Use, 16, 16, kK, Ele
 }
 
 // wmma::store_matrix_sync (row-major) of an f32 accumulator into shared
-// memory, and wmma::load_matrix_sync of one from it, as the same PTX
-// instructions with the .shared state space, for load_operand's reason:
-// nvcc's were generic (four ST.E.64 a fragment, on 64-bit addresses), these
-// are four STS.64 (LDS.64). The same elements in the same places. Every
-// caller reads what it stored after a barrier (__syncwarp, __syncthreads),
-// which the volatile asm stays in order with.
+// memory, and wmma::load_matrix_sync of one from it: TF32's (m16n16k8) as
+// the same PTX instructions with the .shared state space, for
+// load_operand's reason (nvcc's were generic: four ST.E.64 a fragment, on
+// 64-bit addresses; these are four STS.64, LDS.64); the 16-bit products'
+// (m16n16k16) by wmma, whose state space nvcc infers for them. The same
+// elements in the same places. Every caller reads what it stored after a
+// barrier (__syncwarp, __syncthreads), which the volatile asm stays in
+// order with.
 template <int kK>
 __device__ __forceinline__ void store_accumulator(float* p, const wmma::fragment<wmma::accumulator, 16, 16, kK, float>& f,
                                                   unsigned ld) {
 #if defined(__CUDA_ARCH__)
-    static_assert(kK == 16 || kK == 8, "the bf16 and TF32 shapes");
-    const unsigned at = static_cast<unsigned>(__cvta_generic_to_shared(p));
-#define GATELOOP_WMMA_STORE_SHARED(SHAPE)                                                                   \
-    asm volatile("wmma.store.d.sync.aligned.row." SHAPE ".shared.f32 [%0], {%1,%2,%3,%4,%5,%6,%7,%8}, %9;\n" \
-                 ::"r"(at), "f"(f.x[0]), "f"(f.x[1]), "f"(f.x[2]), "f"(f.x[3]), "f"(f.x[4]), "f"(f.x[5]),      \
-                 "f"(f.x[6]), "f"(f.x[7]), "r"(ld))
-    if constexpr (kK == 16) {
-        GATELOOP_WMMA_STORE_SHARED("m16n16k16");
-    } else {
-        GATELOOP_WMMA_STORE_SHARED("m16n16k8");
+    if constexpr (kK == 8) {
+        const unsigned at = static_cast<unsigned>(__cvta_generic_to_shared(p));
+        asm volatile(
+            "wmma.store.d.sync.aligned.row.m16n16k8.shared.f32 [%0], {%1,%2,%3,%4,%5,%6,%7,%8}, %9;\n" ::"r"(at),
+            "f"(f.x[0]), "f"(f.x[1]), "f"(f.x[2]), "f"(f.x[3]), "f"(f.x[4]), "f"(f.x[5]), "f"(f.x[6]), "f"(f.x[7]),
+            "r"(ld));
+        return;
     }
-#undef GATELOOP_WMMA_STORE_SHARED
-#else
-#if defined(GATELOOP_KERNEL_EMULATOR)
+#elif defined(GATELOOP_KERNEL_EMULATOR)
     emu_expect_shared(p, "store_accumulator");
 #endif
     wmma::store_matrix_sync(p, f, ld, wmma::mem_row_major);
-#endif
 }
 template <int kK>
 __device__ __forceinline__ void load_accumulator(wmma::fragment<wmma::accumulator, 16, 16, kK, float>& f, const float* p,
                                                  unsigned ld) {
 #if defined(__CUDA_ARCH__)
-    static_assert(kK == 16 || kK == 8, "the bf16 and TF32 shapes");
-    const unsigned at = static_cast<unsigned>(__cvta_generic_to_shared(p));
-#define GATELOOP_WMMA_LOAD_C_SHARED(SHAPE)                                                                  \
-    asm volatile("wmma.load.c.sync.aligned.row." SHAPE ".shared.f32 {%0,%1,%2,%3,%4,%5,%6,%7}, [%8], %9;\n" \
-                 : "=f"(f.x[0]), "=f"(f.x[1]), "=f"(f.x[2]), "=f"(f.x[3]), "=f"(f.x[4]), "=f"(f.x[5]),        \
-                   "=f"(f.x[6]), "=f"(f.x[7])                                                                 \
-                 : "r"(at), "r"(ld))
-    if constexpr (kK == 16) {
-        GATELOOP_WMMA_LOAD_C_SHARED("m16n16k16");
-    } else {
-        GATELOOP_WMMA_LOAD_C_SHARED("m16n16k8");
+    if constexpr (kK == 8) {
+        const unsigned at = static_cast<unsigned>(__cvta_generic_to_shared(p));
+        asm volatile("wmma.load.c.sync.aligned.row.m16n16k8.shared.f32 {%0,%1,%2,%3,%4,%5,%6,%7}, [%8], %9;\n"
+                     : "=f"(f.x[0]), "=f"(f.x[1]), "=f"(f.x[2]), "=f"(f.x[3]), "=f"(f.x[4]), "=f"(f.x[5]),
+                       "=f"(f.x[6]), "=f"(f.x[7])
+                     : "r"(at), "r"(ld));
+        return;
     }
-#undef GATELOOP_WMMA_LOAD_C_SHARED
-#else
-#if defined(GATELOOP_KERNEL_EMULATOR)
+#elif defined(GATELOOP_KERNEL_EMULATOR)
     emu_expect_shared(p, "load_accumulator");
 #endif
     wmma::load_matrix_sync(f, p, ld, wmma::mem_row_major);
-#endif
 }
 
 // acc += A · B for one k-step (16 × kK times kK × 16), split operands: the
