@@ -60,12 +60,7 @@ alignas(128) unsigned char smem[kEmuSharedCapacity];
 }  // namespace gateloop::chunk
 
 void emu_expect_shared(const void* p, const char* what) {
-    const auto* at = static_cast<const unsigned char*>(p);
-    const unsigned char* const first = gateloop::chunk::smem;
-    if (at < first || at >= first + sizeof(gateloop::chunk::smem)) {
-        std::fprintf(stderr, "%s: %p is not in the block's shared memory\n", what, p);
-        std::abort();
-    }
+    emu_expect_in(p, gateloop::chunk::smem, sizeof(gateloop::chunk::smem), what);
 }
 
 extern "C" {

@@ -9,7 +9,9 @@
 #pragma once
 #include <atomic>
 #include <cmath>
+#include <cstddef>
 #include <cstdint>
+#include <cstdio>
 #include <cstdlib>
 
 // Kernel code that has an emulator path (cuda/mma.cuh's instructions)
@@ -93,8 +95,16 @@ void __syncwarp(unsigned mask = 0xffffffffu);
 // the GPU would take p as a shared address: a pointer elsewhere would read
 // or write a wrong place there, and here reads it as given. Defined by the
 // drivers of kernels with dynamic shared memory (chunk_driver.cpp,
-// cuda_driver.cpp).
+// cuda_driver.cpp), each through emu_expect_in with its buffer.
 void emu_expect_shared(const void* p, const char* what);
+inline void emu_expect_in(const void* p, const void* buf, size_t bytes, const char* what) {
+    const auto* at = static_cast<const unsigned char*>(p);
+    const auto* first = static_cast<const unsigned char*>(buf);
+    if (at < first || at >= first + bytes) {
+        std::fprintf(stderr, "%s: %p is not in the block's shared memory\n", what, p);
+        std::abort();
+    }
+}
 #ifdef EMU_GPU_ARITH
 #include "gpu_arith.h"
 #else
