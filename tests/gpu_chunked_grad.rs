@@ -134,10 +134,9 @@ fn run_with<T: Element>(
                 backward_into(gpu, s, d, i, u, g, w, config)
             };
         };
-        let forward_inputs = DeviceInputs { q: i.q, k: i.k, v: i.v, log_gate: i.log_gate, h0: i.h0 };
         let out = chunk::DeviceOutputs { y: &mut y, h_final: &mut h_final };
         let w = w.expect("the backward's workspace");
-        let saved = forward_saving_into(gpu, s, d, gates, forward_inputs, out, w, config)?;
+        let saved = forward_saving_into(gpu, s, d, gates, i, out, w, config)?;
         assert_eq!((saved.gates(), saved.config()), (gates, config));
         backward_saved_into(gpu, s, d, i, u, g, saved)
     })
@@ -609,12 +608,12 @@ fn saved_forward_misuse_is_a_typed_error() {
     let mut dv = s.alloc_zeros::<f32>(d.v_len()).unwrap();
     let mut dg = s.alloc_zeros::<f32>(2 * d.gate_len()).unwrap();
     let mut ws = s.alloc_zeros::<f32>(gp.workspace_len).unwrap();
-    let inputs = || DeviceInputs { q: &u.q, k: &u.k, v: &u.v, log_gate: &u.log_gate, h0: None };
+    let inputs = DeviceInputs { q: &u.q, k: &u.k, v: &u.v, log_gate: &u.log_gate, h0: None };
     // The forward's own workspace is too short for the backward.
     let mut short = s.alloc_zeros::<f32>(gp.forward.workspace_len).unwrap();
     let out = chunk::DeviceOutputs { y: &mut y, h_final: &mut h_final };
     assert!(matches!(
-        forward_saving_into(gpu, &s, &d, Gates::Complex, inputs(), out, &mut short, ChunkPrecision::Exact),
+        forward_saving_into(gpu, &s, &d, Gates::Complex, inputs, out, &mut short, ChunkPrecision::Exact),
         Err(GpuError::Input(InputError::Length { name: "workspace", .. }))
     ));
     let mut backward =
@@ -625,28 +624,26 @@ fn saved_forward_misuse_is_a_typed_error() {
     let is_saved_error =
         |r: Result<(), GpuError>| matches!(r, Err(GpuError::Input(InputError::Param { name: "saved", .. })));
     let shorter = dims(1, 69, 1, 4, 6, false);
-    let with_h0 = DeviceInputs { h0: Some(&h0), ..inputs() };
-    let wrong_q = DeviceInputs { q: &q2, ..inputs() };
+    let with_h0 = DeviceInputs { h0: Some(&h0), ..inputs };
+    let wrong_q = DeviceInputs { q: &q2, ..inputs };
     let calls: [(&_, &Dims, DeviceInputs<'_, f32>); 4] =
-        [(&s, &d, wrong_q), (&s, &d, with_h0), (&other_stream, &d, inputs()), (&s, &shorter, inputs())];
+        [(&s, &d, wrong_q), (&s, &d, with_h0), (&other_stream, &d, inputs), (&s, &shorter, inputs)];
     for (stream, dims, backward_inputs) in calls {
         let out = chunk::DeviceOutputs { y: &mut y, h_final: &mut h_final };
         let saved =
-            forward_saving_into(gpu, &s, &d, Gates::Complex, inputs(), out, &mut ws, ChunkPrecision::Exact).unwrap();
+            forward_saving_into(gpu, &s, &d, Gates::Complex, inputs, out, &mut ws, ChunkPrecision::Exact).unwrap();
         assert!(is_saved_error(backward(stream, dims, backward_inputs, saved)), "{dims:?}");
     }
     let out = chunk::DeviceOutputs { y: &mut y, h_final: &mut h_final };
-    let saved =
-        forward_saving_into(gpu, &s, &d, Gates::Complex, inputs(), out, &mut ws, ChunkPrecision::Exact).unwrap();
-    backward(&s, &d, inputs(), saved).unwrap();
+    let saved = forward_saving_into(gpu, &s, &d, Gates::Complex, inputs, out, &mut ws, ChunkPrecision::Exact).unwrap();
+    backward(&s, &d, inputs, saved).unwrap();
     // A batched forward's states serve no packed backward (one sequence of
     // the same steps included: its workspace rows differ).
     let out = chunk::DeviceOutputs { y: &mut y, h_final: &mut h_final };
-    let saved =
-        forward_saving_into(gpu, &s, &d, Gates::Complex, inputs(), out, &mut ws, ChunkPrecision::Exact).unwrap();
+    let saved = forward_saving_into(gpu, &s, &d, Gates::Complex, inputs, out, &mut ws, ChunkPrecision::Exact).unwrap();
     let grads = DeviceGrads { dq: &mut dq, dk: &mut dk, dv: &mut dv, dlog_gate: &mut dg, dh0: None };
     let upstream = DeviceGradInputs { dy: &dy, dh_final: None };
-    let packed = backward_varlen_saved_into(gpu, &s, &d, &[0, d.len], inputs(), upstream, grads, saved);
+    let packed = backward_varlen_saved_into(gpu, &s, &d, &[0, d.len], inputs, upstream, grads, saved);
     assert!(is_saved_error(packed), "a batched forward's states in a packed backward");
     s.synchronize().unwrap();
 }

@@ -123,10 +123,10 @@
 //! // The backward's workspace; the forward fills its first part.
 //! let plan = chunk_grad::plan(&dims, Dtype::Bf16, Gates::Real)?;
 //! let mut workspace = s.alloc_zeros::<f32>(plan.workspace_len)?;
-//! let inputs = || DeviceInputs { q: &q, k: &k, v: &v, log_gate: &log_gate, h0: None };
+//! let inputs = DeviceInputs { q: &q, k: &k, v: &v, log_gate: &log_gate, h0: None };
 //! let out = DeviceOutputs { y: &mut y, h_final: &mut h_final };
 //! let saved = chunk_grad::forward_saving_into::<bf16>(
-//!     &gpu, s, &dims, Gates::Real, inputs(), out, &mut workspace, ChunkPrecision::Exact,
+//!     &gpu, s, &dims, Gates::Real, inputs, out, &mut workspace, ChunkPrecision::Exact,
 //! )?;
 //!
 //! // ... the loss, and its gradient dy with respect to y ...
@@ -136,7 +136,7 @@
 //! let mut dlog_gate = s.alloc_zeros::<f32>(dims.gate_len())?;
 //! let grads = DeviceGrads { dq: &mut dq, dk: &mut dk, dv: &mut dv, dlog_gate: &mut dlog_gate, dh0: None };
 //! let upstream = DeviceGradInputs { dy: &dy, dh_final: None };
-//! chunk_grad::backward_saved_into::<bf16>(&gpu, s, &dims, inputs(), upstream, grads, saved)?;
+//! chunk_grad::backward_saved_into::<bf16>(&gpu, s, &dims, inputs, upstream, grads, saved)?;
 //! assert!(s.clone_dtoh(&dlog_gate)?.iter().all(|x| x.is_finite()));
 //! # Ok(())
 //! # }
@@ -1167,9 +1167,7 @@ fn host_backward<T: Element>(
             let mut h_final =
                 gpu.stream().alloc_zeros::<f32>(gates.parts() * d.state_len()).doing("allocating h_final")?;
             let out = chunk::DeviceOutputs { y: &mut y, h_final: &mut h_final };
-            let forward_inputs =
-                DeviceInputs { q: inputs.q, k: inputs.k, v: inputs.v, log_gate: inputs.log_gate, h0: inputs.h0 };
-            let saved = forward_saving_into(gpu, s, d, gates, forward_inputs, out, w, config)?;
+            let saved = forward_saving_into(gpu, s, d, gates, inputs, out, w, config)?;
             backward_saved_into(gpu, s, d, inputs, grad_in, grads, saved)
         },
     )

@@ -40,6 +40,16 @@ pub struct DeviceInputs<'a, T = f32> {
     pub h0: Option<&'a dyn DevicePtr<f32>>,
 }
 
+// Shared references only: a copy names the same buffers (the training
+// pair's forward and backward take the same inputs). Not derived, which
+// would ask T: Copy of the element type.
+impl<T> Clone for DeviceInputs<'_, T> {
+    fn clone(&self) -> Self {
+        *self
+    }
+}
+impl<T> Copy for DeviceInputs<'_, T> {}
+
 /// Caller-owned device outputs (every element is overwritten).
 pub struct DeviceOutputs<'a, T = f32> {
     /// `[B, L, H, V]`, `T`
