@@ -277,37 +277,37 @@ __device__ __forceinline__ void mma_split_step(Acc<Op>& acc, const typename Op::
                                                const typename Op::storage* a_lo, int lda,
                                                const typename Op::storage* b_hi, const typename Op::storage* b_lo,
                                                int ldb) {
-    const auto load_operand = [](auto& f, const typename Op::storage* p, int ld) {
+    const auto load = [](auto& f, const typename Op::storage* p, int ld) {
         if constexpr (kGeneric) {
             wmma::load_matrix_sync(f, p, ld);
         } else {
-            gateloop::chunk::load_operand(f, p, ld);
+            load_operand(f, p, ld);
         }
     };
     wmma::fragment<wmma::matrix_a, 16, 16, Op::kK, typename Op::elem, LA> a;
     wmma::fragment<wmma::matrix_b, 16, 16, Op::kK, typename Op::elem, LB> b;
     if constexpr (kTermsA == 3) {
-        load_operand(a, a_lo, lda);
-        load_operand(b, b_hi, ldb);
+        load(a, a_lo, lda);
+        load(b, b_hi, ldb);
         wmma::mma_sync(acc, a, b, acc);
-        load_operand(a, a_hi, lda);
+        load(a, a_hi, lda);
         if constexpr (kTermsB == 3 && !kGeneric) {
             wmma::fragment<wmma::matrix_b, 16, 16, Op::kK, typename Op::elem, LB> b_lo_f;
-            load_operand(b_lo_f, b_lo, ldb);
+            load(b_lo_f, b_lo, ldb);
             wmma::mma_sync(acc, a, b_lo_f, acc);
         } else if constexpr (kTermsB == 3) {
-            load_operand(b, b_lo, ldb);
+            load(b, b_lo, ldb);
             wmma::mma_sync(acc, a, b, acc);
-            load_operand(b, b_hi, ldb);
+            load(b, b_hi, ldb);
         }
     } else if constexpr (kTermsB == 3) {
-        load_operand(a, a_hi, lda);
-        load_operand(b, b_lo, ldb);
+        load(a, a_hi, lda);
+        load(b, b_lo, ldb);
         wmma::mma_sync(acc, a, b, acc);
-        load_operand(b, b_hi, ldb);
+        load(b, b_hi, ldb);
     } else {
-        load_operand(a, a_hi, lda);
-        load_operand(b, b_hi, ldb);
+        load(a, a_hi, lda);
+        load(b, b_hi, ldb);
     }
     wmma::mma_sync(acc, a, b, acc);
 }
