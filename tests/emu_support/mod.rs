@@ -94,6 +94,47 @@ pub fn build_emulator(kind: &str, sanitizer: Sanitizer) -> Option<std::path::Pat
     }
 }
 
+/// The fake CUDA driver with the shared-memory bank model
+/// (`tests/kernel_emu/build.sh banks`: a directory holding libcuda.so), built
+/// once per source hash into cargo's per-target scratch directory like
+/// [`build_emulator`]. `None`, with a printed `SKIPPED` notice, when the
+/// build fails (no g++, or no ThreadSanitizer instrumentation in it).
+pub fn build_banks_library() -> Option<std::path::PathBuf> {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    let dir = std::path::Path::new(env!("CARGO_TARGET_TMPDIR"));
+    let out = dir.join(format!("gateloop_banks_lib_{:016x}", sources_hash(root, "banks")));
+    if out.join("libcuda.so").is_file() {
+        return Some(out);
+    }
+    let partial = dir.join(format!("gateloop_banks_lib_building_{}", unique_suffix()));
+    let status = std::process::Command::new("bash")
+        .arg(root.join("tests/kernel_emu/build.sh"))
+        .arg("banks")
+        .arg(&partial)
+        .stdout(std::process::Stdio::null())
+        .status();
+    match status {
+        // A concurrent builder may have renamed its copy into place first.
+        Ok(s) if s.success() && (std::fs::rename(&partial, &out).is_ok() || out.join("libcuda.so").is_file()) => {
+            let _ = std::fs::remove_dir_all(&partial);
+            // Builds of older sources are dead weight now: remove them.
+            for e in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+                let p = e.path();
+                let name = p.file_name().and_then(|n| n.to_str()).unwrap_or_default().to_owned();
+                if p != out && name.starts_with("gateloop_banks_lib_") && !name.contains("_building_") {
+                    let _ = std::fs::remove_dir_all(&p);
+                }
+            }
+            Some(out)
+        }
+        other => {
+            let _ = std::fs::remove_dir_all(&partial);
+            eprintln!("SKIPPED (no bank model build): tests/kernel_emu/build.sh banks failed: {other:?}");
+            None
+        }
+    }
+}
+
 /// A hash of the emulator build's inputs but the sanitizer (which names the
 /// file): `kind` and the contents (by path) of every file but the docs
 /// (*.md) under tests/kernel_emu and cuda.

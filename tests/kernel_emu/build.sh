@@ -6,6 +6,9 @@
 #   build.sh KIND [OUT]    KIND: scan | chunk | attention | recurrent | check | libcuda | tensor-core
 #
 # OUT defaults to target/KIND_emu. Needs g++ ≥ 12 (C++20, _Float16).
+# KIND banks builds that library with the shared-memory bank model
+# (bank_model.cpp): the kernel files under g++'s ThreadSanitizer
+# instrumentation, whose hooks it defines; scripts/smem-profile.sh runs it.
 # KIND libcuda builds a shared library instead, a fake CUDA driver
 # (cuda_driver.cpp) holding every kernel, for programs that load libcuda
 # (scripts/emulated-device.sh); OUT is then a directory, which receives
@@ -32,17 +35,20 @@ here="$(cd "$(dirname "$0")" && pwd)"
 root="$here/../.."
 kind="${1:?usage: build.sh scan|chunk|attention|recurrent|check [OUT]}"
 out="${2:-$root/target/${kind}_emu}"
+# banks: the fake driver (libcuda) with the bank model.
+banks=0
+if [ "$kind" = banks ]; then kind=libcuda banks=1; fi
 case "$kind" in
     scan) kernels=(scan scan_grad) driver=driver.cpp ;;
     chunk) kernels=(chunk chunk_grad) driver=chunk_driver.cpp ;;
     attention) kernels=(attention) driver=attention_driver.cpp ;;
     recurrent) kernels=(recurrent recurrent_grad) driver=recurrent_driver.cpp ;;
     check) kernels=(check) driver=check_driver.cpp ;;
-    libcuda) kernels=(scan scan_grad chunk chunk_grad attention recurrent recurrent_grad check selftest) driver=cuda_driver.cpp ;;
+    libcuda | banks) kernels=(scan scan_grad chunk chunk_grad attention recurrent recurrent_grad check selftest) driver=cuda_driver.cpp ;;
     # No kernels: the fake driver's tensor-core model, its vector path
     # against its scalar path (tensor_core_check.cpp).
     tensor-core) kernels=() driver=tensor_core_check.cpp ;;
-    *) echo "build.sh: unknown kind '$kind' (scan, chunk, attention, recurrent, check, libcuda, tensor-core)" >&2; exit 2 ;;
+    *) echo "build.sh: unknown kind '$kind' (scan, chunk, attention, recurrent, check, libcuda, banks, tensor-core)" >&2; exit 2 ;;
 esac
 # The kernels with a block-scope `extern __shared__` array (emu.h).
 dynamic_shared() { case "$1" in chunk | chunk_grad | recurrent | recurrent_grad) return 0 ;; *) return 1 ;; esac; }
@@ -56,6 +62,7 @@ if [ "$kind" = libcuda ]; then
     # Fibers (runtime.cpp): a barrier is a few context switches, not a
     # wake-up of every OS thread of the block.
     flags+=(-fPIC -ftls-model=initial-exec -DEMU_FIBERS)
+    if [ "$banks" = 1 ]; then flags+=(-DEMU_BANKS -g); fi
     # The fake driver stands in for a GPU, so it computes like one at its
     # documented worst (gpu_arith.h): library functions and the SFU off by
     # their error bounds, tensor cores that truncate, and nvcc's default
@@ -111,6 +118,12 @@ compile_kernel() {
     local k=$1 src sec
     local kflags=("${flags[@]}")
     if dynamic_shared "$k"; then kflags+=(-DEMU_DYNAMIC_SHARED); fi
+    # The bank model's hooks on every load and store (bank_model.cpp), of
+    # the accesses as written: a float4 one 16-byte access (no scalar
+    # replacement of aggregates), no vectorized loops.
+    if [ "$banks" = 1 ]; then
+        kflags+=(-fsanitize=thread --param tsan-instrument-func-entry-exit=0 -fno-tree-sra -fno-tree-vectorize)
+    fi
     src="$root/cuda/$k.cu"
     if [ "$kind" = libcuda ]; then
         # The fake driver finds kernels by name: compile the kernel file with
@@ -152,8 +165,10 @@ for pid in "${pids[@]}"; do wait "$pid" || failed=1; done
 if [ "$failed" != 0 ]; then echo "build.sh: compiling a kernel file failed (its g++ error is above)" >&2; rm -f "${objs[@]}"; exit 1; fi
 if [ "$kind" = libcuda ]; then
     mkdir -p "$out"
-    g++ "${flags[@]}" -shared -Wl,-soname,libcuda.so.1 -Wl,--no-undefined "$here/runtime.cpp" "$here/$driver" "${objs[@]}" \
-        -o "$out/libcuda.so"
+    extra=()
+    if [ "$banks" = 1 ]; then extra=("$here/bank_model.cpp" -ldl); fi
+    g++ "${flags[@]}" -shared -Wl,-soname,libcuda.so.1 -Wl,--no-undefined "$here/runtime.cpp" "$here/$driver" \
+        "${extra[@]}" "${objs[@]}" -o "$out/libcuda.so"
     ln -sf libcuda.so "$out/libcuda.so.1"
 elif [ "$kind" = tensor-core ]; then
     g++ "${flags[@]}" "$here/$driver" -o "$out"

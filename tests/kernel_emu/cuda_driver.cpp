@@ -70,6 +70,12 @@ alignas(128) unsigned char smem[kOptinShared];
 }
 }  // namespace gateloop
 
+#ifdef EMU_BANKS
+// The static __shared__ section (runtime.cpp poisons it), for the bank model.
+extern "C" unsigned char __start_emu_static_shared[] __attribute__((weak));
+extern "C" unsigned char __stop_emu_static_shared[] __attribute__((weak));
+#endif
+
 void emu_expect_shared(const void* p, const char* what) {
     emu_expect_in(p, gateloop::chunk::smem, sizeof(gateloop::chunk::smem), what);
 }
@@ -544,6 +550,16 @@ CUresult cuLaunchKernel(CUfunction f, unsigned gx, unsigned gy, unsigned gz, uns
     // A 2-D grid as gy rows of gx blocks, in order (a row of a GPU's grid
     // may run before, after or beside another: the kernels must not care).
     emu_grid_rows = gy;
+#ifdef EMU_BANKS
+    {
+        // The shared memory a block of this launch may touch: the dynamic
+        // buffers (their first shared_bytes) and the static __shared__ section.
+        const void* buffers[] = {gateloop::smem, gateloop::chunk::smem, __start_emu_static_shared};
+        const size_t bytes[] = {shared_bytes, shared_bytes,
+                                static_cast<size_t>(__stop_emu_static_shared - __start_emu_static_shared)};
+        emu_banks_launch(f->name.c_str(), buffers, bytes, 3, gx * gy);
+    }
+#endif
     for (unsigned row = 0; row < gy; ++row) {
         emu_grid_row = row;
         emu_launch(gx, EmuDim3{bx, by, bz}, [&] {

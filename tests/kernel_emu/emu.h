@@ -20,7 +20,13 @@
 #define __device__
 #define __global__
 #define __host__
+#ifdef EMU_BANKS
+// The bank model's build (bank_model.cpp): inlined as nvcc inlines them, so
+// that each access site is its own instruction (addr2line -i names it).
+#define __forceinline__ inline __attribute__((always_inline))
+#else
 #define __forceinline__ inline
+#endif
 #ifdef EMU_LIST_ENTRIES
 // build.sh's listing of the entry points (preprocessing only): each
 // kernel's launch bounds stay visible before its name, so the fake CUDA
@@ -81,6 +87,16 @@ extern unsigned emu_grid_row, emu_grid_rows;
 // The calling thread's index within its block, x fastest (CUDA's linear
 // thread id: warps are its consecutive runs of 32).
 inline unsigned emu_thread_rank() { return threadIdx.x + blockDim.x * (threadIdx.y + blockDim.y * threadIdx.z); }
+
+#ifdef EMU_BANKS
+// The bank model (bank_model.cpp): a launch's shared buffers, each block's
+// start and end, and every barrier a thread passes (runtime.cpp).
+void emu_banks_launch(const char* kernel, const void* const* buffers, const size_t* bytes, int count,
+                      unsigned blocks);
+void emu_banks_block_begin();
+void emu_banks_block_end(unsigned threads);
+void emu_banks_barrier();
+#endif
 
 void __syncthreads();
 // __syncthreads, and whether `predicate` is non-zero on any thread of the block.

@@ -325,6 +325,9 @@ void release(Fiber::State waiting, unsigned first, unsigned end) {
 }  // namespace
 
 static void block_barrier() {
+#ifdef EMU_BANKS
+    emu_banks_barrier();
+#endif
     Fiber* f = g_block.current;
     if (++g_block.at_block_barrier == g_block.threads) {
         g_block.at_block_barrier = 0;
@@ -336,6 +339,9 @@ static void block_barrier() {
 }
 
 static void warp_barrier(unsigned warp) {
+#ifdef EMU_BANKS
+    emu_banks_barrier();
+#endif
     Fiber* f = g_block.current;
     const unsigned first = 32 * warp;
     const unsigned lanes = std::min(32u, g_block.threads - first);
@@ -382,6 +388,9 @@ void emu_launch(unsigned grid, EmuDim3 block_dim, const std::function<void()>& k
             f.state = Fiber::Ready;
         }
         blockIdx = EmuDim3{b, emu_grid_row, 0};
+#ifdef EMU_BANKS
+        emu_banks_block_begin();
+#endif
         while (g_block.done < block) {
             bool ran = false;
             for (unsigned t = 0; t < block; ++t) {
@@ -406,6 +415,9 @@ void emu_launch(unsigned grid, EmuDim3 block_dim, const std::function<void()>& k
                 std::_Exit(67);
             }
         }
+#ifdef EMU_BANKS
+        emu_banks_block_end(block);
+#endif
     }
 }
 

@@ -23,6 +23,22 @@
 #include "cuda_bf16.h"
 #include "cuda_fp16.h"
 
+#ifdef EMU_BANKS
+// The bank model's view of these tiles (bank_model.cpp, build.sh banks): what
+// the GPU's instructions read and write, in place of the emulation's
+// whole-tile reads, which are muted.
+void emu_banks_mute(int delta);
+void emu_banks_tile_ldsm(const void* p, size_t stride);
+void emu_banks_ldmatrix_row(const void* row, int count);
+void emu_banks_tile_words(const void* p, unsigned ld, bool row_major, const int (*rc)[2], int n, unsigned width,
+                          bool write);
+unsigned emu_banks_lane();
+// Inlined into the kernel, so that each call site is its own (addr2line -i).
+#define EMU_BANKS_INLINE __attribute__((always_inline))
+#else
+#define EMU_BANKS_INLINE
+#endif
+
 namespace nvcuda {
 namespace wmma {
 
@@ -108,10 +124,54 @@ inline void emu_check_tile(const void* p, unsigned ldm, size_t elem_bytes, const
 }
 
 // Element (r, c) of a row_major tile is p[r·ldm + c], of a col_major one p[c·ldm + r].
+#ifdef EMU_BANKS
+// mma.sync's fragment coordinates of lane l (g = l / 4, t = l % 4): a TF32
+// operand's four registers (A 16×8: (g, t), (g+8, t), (g, t+4), (g+8, t+4);
+// B 8×16 as (k, n): (t, g), (t+4, g), (t, g+8), (t+4, g+8)) and an f32
+// accumulator's four pairs (16×16: (g, 2t), (g+8, 2t), (g, 2t+8), (g+8, 2t+8)).
+EMU_BANKS_INLINE inline void emu_banks_fragment(bool b_operand, bool accumulator, int (&rc)[4][2]) {
+    const int l = static_cast<int>(emu_banks_lane()), g = l / 4, t = l % 4;
+    for (int i = 0; i < 4; ++i) {
+        if (accumulator) {
+            rc[i][0] = g + 8 * (i % 2), rc[i][1] = 2 * t + 8 * (i / 2);
+        } else if (b_operand) {
+            rc[i][0] = t + 4 * (i % 2), rc[i][1] = g + 8 * (i / 2);
+        } else {
+            rc[i][0] = g + 8 * (i % 2), rc[i][1] = t + 4 * (i / 2);
+        }
+    }
+}
+// An f32 accumulator tile's accesses: four 8-byte ones a lane row-major,
+// eight 4-byte ones column-major.
+EMU_BANKS_INLINE inline void emu_banks_accumulator(const float* p, unsigned ldm, bool row_major, bool write) {
+    int rc[4][2];
+    emu_banks_fragment(false, true, rc);
+    if (row_major) {
+        emu_banks_tile_words(p, ldm, true, rc, 4, 8, write);
+    } else {
+        int both[8][2];
+        for (int i = 0; i < 8; ++i) both[i][0] = rc[i / 2][0], both[i][1] = rc[i / 2][1] + i % 2;
+        emu_banks_tile_words(p, ldm, false, both, 8, 4, write);
+    }
+}
+#endif
+
 template <class Use, int M, int N, int K, class T, class L, class S>
-inline void load_matrix_sync(fragment<Use, M, N, K, T, L>& f, const S* p, unsigned ldm) {
+EMU_BANKS_INLINE inline void load_matrix_sync(fragment<Use, M, N, K, T, L>& f, const S* p, unsigned ldm) {
     using F = fragment<Use, M, N, K, T, L>;
     emu_check_tile(p, ldm, sizeof(S), "load_matrix_sync");
+#ifdef EMU_BANKS
+    // 16-bit operands: one ldmatrix .x4 (16 lines of 32 bytes, ldm apart);
+    // TF32: four 4-byte loads a lane.
+    if constexpr (sizeof(S) == 2) {
+        emu_banks_tile_ldsm(p, static_cast<size_t>(ldm) * 2);
+    } else {
+        int rc[4][2];
+        emu_banks_fragment(std::is_same_v<Use, matrix_b>, false, rc);
+        emu_banks_tile_words(p, ldm, !std::is_same_v<L, col_major>, rc, 4, 4, false);
+    }
+    emu_banks_mute(1);
+#endif
     for (int r = 0; r < F::rows; ++r)
         for (int c = 0; c < F::cols; ++c)
             f.x[r * F::cols + c] = emu_widen<S>(std::is_same_v<L, col_major> ? p[c * ldm + r] : p[r * ldm + c]);
@@ -134,6 +194,9 @@ inline void load_matrix_sync(fragment<Use, M, N, K, T, L>& f, const S* p, unsign
             }
         }
     }
+#ifdef EMU_BANKS
+    emu_banks_mute(-1);
+#endif
 }
 
 void emu_syncwarp();
@@ -142,15 +205,22 @@ unsigned emu_lane();
 // An accumulator tile loaded back (CUDA's overload with a layout): every
 // lane reads the whole tile, after the warp has arrived.
 template <int M, int N, int K, class T>
-inline void load_matrix_sync(fragment<accumulator, M, N, K, T>& f, const float* p, unsigned ldm, layout_t layout) {
+EMU_BANKS_INLINE inline void load_matrix_sync(fragment<accumulator, M, N, K, T>& f, const float* p, unsigned ldm, layout_t layout) {
     emu_check_tile(p, ldm, sizeof(float), "load_matrix_sync");
+#ifdef EMU_BANKS
+    emu_banks_accumulator(p, ldm, layout == mem_row_major, false);
+    emu_banks_mute(1);
+#endif
     emu_syncwarp();
     for (int r = 0; r < M; ++r)
         for (int c = 0; c < N; ++c) f.x[r * N + c] = layout == mem_row_major ? p[r * ldm + c] : p[c * ldm + r];
+#ifdef EMU_BANKS
+    emu_banks_mute(-1);
+#endif
 }
 
 template <int M, int N, int K, class T>
-inline void store_matrix_sync(float* p, const fragment<accumulator, M, N, K, T>& f, unsigned ldm, layout_t layout) {
+EMU_BANKS_INLINE inline void store_matrix_sync(float* p, const fragment<accumulator, M, N, K, T>& f, unsigned ldm, layout_t layout) {
     emu_check_tile(p, ldm, sizeof(float), "store_matrix_sync");
     // CUDA's contract: the call waits until every lane of the warp has
     // arrived, then stores. Nothing orders the stores before a later read
@@ -162,11 +232,18 @@ inline void store_matrix_sync(float* p, const fragment<accumulator, M, N, K, T>&
     // tiles, so that the natural lane-strided read-back (lane l reads
     // elements l, l + 32, …) crosses lanes here as it does on the GPU.
     static_assert(M % 8 == 0 && N % 8 == 0, "accumulator tiles of 8×8 blocks");
+#ifdef EMU_BANKS
+    emu_banks_accumulator(p, ldm, layout == mem_row_major, true);
+    emu_banks_mute(1);
+#endif
     emu_syncwarp();
     const int lane = static_cast<int>(emu_lane());
     for (int r = 0; r < M; ++r)
         for (int c = 0; c < N; ++c)
             if (4 * (r % 8) + (c % 8) / 2 == lane) p[layout == mem_row_major ? r * ldm + c : c * ldm + r] = f.x[r * N + c];
+#ifdef EMU_BANKS
+    emu_banks_mute(-1);
+#endif
 }
 
 #ifdef EMU_GPU_ARITH
@@ -484,7 +561,7 @@ inline void emu_mma_m16n8k8_tf32(float* d, const uint32_t* a, const uint32_t* b)
 // row r of matrix j (16 bytes, 16-byte aligned); register j of lane l gets
 // row l/4, columns 2(l%4), 2(l%4)+1 of matrix j, or with .trans column l/4,
 // rows 2(l%4), 2(l%4)+1.
-inline void emu_ldmatrix(int count, bool trans, uint32_t* r, const void* row) {
+EMU_BANKS_INLINE inline void emu_ldmatrix(int count, bool trans, uint32_t* r, const void* row) {
     using namespace emu_mma;
     const unsigned warp = warp_of(), lane = emu_thread_rank() % 32;
     if (reinterpret_cast<std::uintptr_t>(row) % 16 != 0 && lane < static_cast<unsigned>(8 * count)) {
@@ -492,6 +569,10 @@ inline void emu_ldmatrix(int count, bool trans, uint32_t* r, const void* row) {
         std::abort();
     }
     g_rows[warp][lane] = row;
+#ifdef EMU_BANKS
+    emu_banks_ldmatrix_row(row, count);
+    emu_banks_mute(1);
+#endif
     nvcuda::wmma::emu_syncwarp();
     auto element = [&](int matrix, int r8, int c8) {
         uint16_t x;
@@ -507,4 +588,7 @@ inline void emu_ldmatrix(int count, bool trans, uint32_t* r, const void* row) {
         }
     }
     nvcuda::wmma::emu_syncwarp();
+#ifdef EMU_BANKS
+    emu_banks_mute(-1);
+#endif
 }
