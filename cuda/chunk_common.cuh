@@ -609,24 +609,64 @@ __host__ __device__ constexpr int prefix_bytes() {
 // row0 < kStep: a thread's item u lies in row block u of any tile whose
 // blocks are kStep rows (the folds of for_tile's and stage_state_rows'
 // callers).
-template <int kWidth>
+//
+// kPitch: the row stride, in 4-byte words, of the shared tables whose rows
+// the tile's items index (default kWidth: rows packed). Where a warp spans
+// two rows (kWidth = 16), its half-warps take rows r and r + d with d the
+// least distance whose two rows' 16 words fall on the other 16 banks (d ·
+// kPitch ≡ 16 mod 32): d = 1 for packed rows of 16 words, 4 for the padded
+// 20-word rows (kPrefixLd), where rows r and r + 1 shared four banks (a
+// two-way conflict on every row-wise read and write of those tables; the
+// bank model, docs/speed-log.md item 40). Pass u's rows are still row
+// block u (row0 < kStep), in another order.
+template <int kPitch>
+__host__ __device__ constexpr int half_warp_row_distance() {
+    int d = 1;
+    while (d < 16 && (d * kPitch) % 32 != 16) ++d;
+    return d < 16 ? d : 1;
+}
+template <int kWidth, int kPitch = kWidth>
 struct TileSlot {
     static_assert(kThreads % kWidth == 0, "whole rows per pass of the block");
     static constexpr int kStep = kThreads / kWidth;
+    // The half-warps' row distance (1 where a warp holds whole rows).
+    static constexpr int kPairDistance = kWidth == 16 ? half_warp_row_distance<kPitch>() : 1;
+    static_assert(kPairDistance == 1 || (kStep % (2 * kPairDistance) == 0), "rows r, r + d in whole groups");
     int row0, col;
     __device__ __forceinline__ explicit TileSlot(int tid)
-        : row0(static_cast<int>(static_cast<unsigned>(tid) / kWidth)),
+        : row0(row_of(static_cast<int>(static_cast<unsigned>(tid) / kWidth))),
           col(static_cast<int>(static_cast<unsigned>(tid) % kWidth)) {}
+    // Half-warp h (rows in order where d = 1): warp w = h / 2 takes rows
+    // g·2d + w mod d and + d, g = w / d, its halves in order.
+    __device__ __forceinline__ static int row_of(int h) {
+        if constexpr (kPairDistance == 1) {
+            return h;
+        } else {
+            static_assert(kPairDistance == 4 && kStep == 16, "the padded tables' rows four apart, 16 a pass");
+            // h's bits h3 h2 h1 h0 → row h3 h0 h2 h1.
+            return (h & 8) | ((h & 1) << 2) | ((h >> 1) & 3);
+        }
+    }
 };
+
+// Thread tid's place in a slab's anchored and cross rows (put_anchored_rows,
+// put_cross_rows), which read the prefix tables and raw q, k rows of a
+// Block<.., kLd> past the barrier that published them: the padded rows'
+// order with real gates (the half-warps on rows four apart: no two-way
+// conflict on those rows' reads, docs/speed-log.md item 41). Complex gates
+// keep rows in order: the complex wide Exact output launches (bf16, f16)
+// spilled 16 bytes at their register caps on sm_90 with it.
+template <bool kComplex, int kLd>
+using AnchoredSlot = TileSlot<kSlab, kComplex ? kSlab : kLd>;
 
 // Visits thread `slot`'s items of a kRows × kWidth tile in shared memory:
 // f(u, row, col) for u = 0 … kRows / kStep − 1, (row, col) = (slot.row0 +
 // u·kStep, slot.col), unrolled: the items i = row·kWidth + col = tid +
 // u·kThreads of a flat loop, in its order, with the row's block (u) known
 // at compile time — for the 16-wide slabs, row / 16 = u.
-template <int kRows, int kWidth, class F>
-__device__ __forceinline__ void for_tile(const TileSlot<kWidth>& slot, F f) {
-    constexpr int kStep = TileSlot<kWidth>::kStep;
+template <int kRows, int kWidth, int kPitch, class F>
+__device__ __forceinline__ void for_tile(const TileSlot<kWidth, kPitch>& slot, F f) {
+    constexpr int kStep = TileSlot<kWidth, kPitch>::kStep;
     static_assert(kRows % kStep == 0, "whole passes of the block per tile");
 #pragma unroll
     for (int u = 0; u < kRows / kStep; ++u) f(u, slot.row0 + u * kStep, slot.col);
@@ -2090,7 +2130,7 @@ __device__ __forceinline__ void put_cross_rows(const Block<input_t, kComplex, kL
                                                const float* kraw, float* scratch) {
     // for_tile's row blocks of 16: u = 0, 1 the query rows, 2, 3 the key rows.
     static_assert(TileSlot<kSlab>::kStep == 16 && 2 * kCrossRows == 64, "four row blocks of 16");
-    for_tile<2 * kCrossRows, kSlab>(TileSlot<kSlab>(blk.tid), [&](int u, int row, int j) {
+    for_tile<2 * kCrossRows, kSlab>(AnchoredSlot<kComplex, kLd>(blk.tid), [&](int u, int row, int j) {
         const bool query = u < 2;
         const int i = query ? row : row - kCrossRows;
         const int anchor = kSub * (i / kPiece) + kPiece - 1;
@@ -2216,7 +2256,7 @@ __device__ __forceinline__ void put_anchored_rows(const Block<input_t, kComplex,
     // A 16-wide slab's row block is its item index (for_tile): row / 16 = u
     // is the pair (qa) or the key sub-chunk (ka), known at compile time.
     static_assert(TileSlot<kSlab>::kStep == kSub, "one sub-chunk row block per item");
-    const TileSlot<kSlab> slot(blk.tid);
+    const AnchoredSlot<kComplex, kLd> slot(blk.tid);
     for_tile<kPairs * kSub, kSlab>(slot, [&](int pr, int row, int j) {  // row = pair · 16 + n − 16 i
         const int nn = kSub * pair_query(pr) + (row - pr * kSub);
         const int r = kSub * pair_key(pr) + kSub - 1;
