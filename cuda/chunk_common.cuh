@@ -737,7 +737,17 @@ struct Block {
     // gates, q or k): kLoadsInFlight, all four items of a slab of 16 (one
     // round trip); the real walks' eight items of 32 channels likewise in
     // one batch, not two round trips on a walk's serial path.
-    static constexpr int kChannelBatch = kChunk / TileSlot<kChannels>::kStep;
+    // Thread tid's place in the [kChunk][kChannels] tables by rows: the
+    // gates', q's and k's staging and the operand rows put_inter_queries
+    // and put_state_keys build from them (a thread reads back what it
+    // stored itself, with no barrier between: one order). The padded rows'
+    // order (TileSlot's kPitch = kLd: half-warps on rows four apart, no
+    // two-way conflict; speed log item 42) for real gates and bf16 or f32
+    // inputs; rows in order for complex gates and f16 inputs, whose wide
+    // output launches (complex Exact, sm_90) and dv launches (f16 real,
+    // sm_80 and sm_90) spilled 4 to 24 bytes with it at their register caps.
+    using Slot = TileSlot<kChannels, (!kComplex && !std::is_same<input_t, __half>::value) ? kLd : kChannels>;
+    static constexpr int kChannelBatch = kChunk / Slot::kStep;
     static_assert(kChannels == kWalkSlabReal || kChannelBatch == kLoadsInFlight, "unchanged for slabs of 16");
     // Entry (step t, channel j) of one of those tables.
     __device__ __forceinline__ static constexpr int at(int t, int j) { return t * kLd + j; }
@@ -952,19 +962,19 @@ struct Block {
         put_gates(fetch_gates<kAhead>(d0, live), live);
     }
     // Where a thread's gate items of the chunk starting at step `from` lie
-    // (its TileSlot<kChannels> progression): item u, chunk row slot.row0 +
+    // (its Slot progression): item u, chunk row slot.row0 +
     // u·kStep, at row + first + u·step (complex: counted in (re, im)
     // pairs), its column inside the tensor where col_in (false everywhere
     // where `live` is false).
     struct GateItems {
-        TileSlot<kChannels> slot;
+        Slot slot;
         bool col_in;
         int64_t step, first;
         const float* row;
     };
     __device__ __forceinline__ GateItems gate_items(int64_t from, int64_t d0, bool live) const {
-        constexpr int kStep = TileSlot<kChannels>::kStep;
-        const TileSlot<kChannels> slot(tid);
+        constexpr int kStep = Slot::kStep;
+        const Slot slot(tid);
         const bool col_in = live && slot.col < gate_cols(d0);
         const int64_t step = opaque(kStep * p.gate_strides.time);
         const int64_t first = opaque((from + slot.row0) * p.gate_strides.time + (per_head ? 0 : d0 + slot.col));
@@ -975,7 +985,7 @@ struct Block {
     using HeldGates = Held<float2, kChannelBatch>;
     template <int kAhead = 0>
     __device__ __forceinline__ HeldGates fetch_gates(int64_t d0, bool live = true) const {
-        constexpr int kStep = TileSlot<kChannels>::kStep;
+        constexpr int kStep = Slot::kStep;
         const GateItems g = gate_items(t0, d0, live);
         HeldGates held;
 #pragma unroll
@@ -1000,8 +1010,8 @@ struct Block {
         return held;
     }
     __device__ __forceinline__ void put_gates(const HeldGates& held, bool live = true) const {
-        constexpr int kStep = TileSlot<kChannels>::kStep;
-        const TileSlot<kChannels> slot(tid);
+        constexpr int kStep = Slot::kStep;
+        const Slot slot(tid);
         if (!live) return;
 #pragma unroll
         for (int u = 0; u < kChannelBatch; ++u) {
@@ -1021,7 +1031,7 @@ struct Block {
     template <int kAhead = 0>
     __device__ __forceinline__ void issue_gates_async(int64_t d0, int64_t c) const {
         static_assert(!kComplex, "the real gates: one f32 a table entry");
-        constexpr int kStep = TileSlot<kChannels>::kStep;
+        constexpr int kStep = Slot::kStep;
         const int64_t from = c * kChunk;
         const int steps = steps_from(from);
         const GateItems g = gate_items(from, d0, true);
@@ -1172,9 +1182,9 @@ struct Block {
     template <int kAhead = 0>
     __device__ __forceinline__ HeldKeys fetch_keys(const input_t* __restrict__ x, const GateloopSeqStrides& s,
                                                    int64_t d0) const {
-        constexpr int kStep = TileSlot<kChannels>::kStep;
+        constexpr int kStep = Slot::kStep;
         static_assert(kChannelBatch * kStep == kChunk, "every item of the slab in one batch");
-        const TileSlot<kChannels> slot(tid);
+        const Slot slot(tid);
         const bool col_in = d0 + slot.col < p.dims.key_dim;
         const int64_t step = opaque(kStep * s.time);
         const int64_t first = opaque((t0 + slot.row0) * s.time + d0 + slot.col);
@@ -1188,8 +1198,8 @@ struct Block {
         return held;
     }
     __device__ __forceinline__ void put_keys(const HeldKeys& held, float* xs) const {
-        constexpr int kStep = TileSlot<kChannels>::kStep;
-        const TileSlot<kChannels> slot(tid);
+        constexpr int kStep = Slot::kStep;
+        const Slot slot(tid);
 #pragma unroll
         for (int u = 0; u < kChannelBatch; ++u) xs[at(slot.row0 + u * kStep, slot.col)] = held.v[u];
     }
@@ -1681,7 +1691,7 @@ template <class Op, int kTerms, typename input_t, bool kComplex, int kLd>
 __device__ __forceinline__ void put_inter_queries(const Block<input_t, kComplex, kLd>& blk, const float* qraw,
                                                   const Split<Op>& qe) {
     constexpr int kCh = Block<input_t, kComplex, kLd>::kChannels;
-    for_tile<kChunk, kCh>(TileSlot<kCh>(blk.tid), [&](int, int nn, int j) {
+    for_tile<kChunk, kCh>(typename Block<input_t, kComplex, kLd>::Slot(blk.tid), [&](int, int nn, int j) {
         const int cl = blk.col(j);
         const float2 x = blk.phased(blk.modulus(nn, -1, cl) * qraw[blk.at(nn, j)], nn, cl);
         qe.template put<kTerms>(nn, j, x.x);
@@ -1700,7 +1710,7 @@ __device__ __forceinline__ void put_state_keys(const Block<input_t, kComplex, kL
                                                const Split<Op>& kt) {
     const int last = blk.n - 1;
     constexpr int kCh = Block<input_t, kComplex, kLd>::kChannels;
-    for_tile<kChunk, kCh>(TileSlot<kCh>(blk.tid), [&](int, int m, int j) {
+    for_tile<kChunk, kCh>(typename Block<input_t, kComplex, kLd>::Slot(blk.tid), [&](int, int m, int j) {
         const int cl = blk.col(j);
         const float w = blk.modulus_within(last, m, cl);
         const float kk = kraw[blk.at(m, j)];
