@@ -45,19 +45,45 @@ pub fn race_checking_emulator(kind: &str) -> Option<std::path::PathBuf> {
 /// concurrent builders never see a partial file. `None`, with a printed
 /// `SKIPPED` notice, when the build fails (no g++, or no ThreadSanitizer).
 pub fn build_emulator(kind: &str, sanitizer: Sanitizer) -> Option<std::path::PathBuf> {
-    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
-    let dir = std::path::Path::new(env!("CARGO_TARGET_TMPDIR"));
     // The address build honours the caller's GATELOOP_EMU_SANITIZER (none:
     // uninstrumented); the race build is ThreadSanitizer or nothing.
     let flavour = match sanitizer {
         Sanitizer::Address => std::env::var("GATELOOP_EMU_SANITIZER").unwrap_or_else(|_| "address".into()),
         Sanitizer::Thread => "thread".into(),
     };
-    let name = format!("gateloop_{kind}_{flavour}_emu");
+    cached_build(kind, &flavour, &format!("gateloop_{kind}_{flavour}_emu"), |p| p.is_file())
+}
+
+/// The fake CUDA driver with the shared-memory bank model
+/// (`tests/kernel_emu/build.sh banks`: a directory holding libcuda.so), built
+/// once per source hash into cargo's per-target scratch directory like
+/// [`build_emulator`]. `None`, with a printed `SKIPPED` notice, when the
+/// build fails (no g++, or no ThreadSanitizer instrumentation in it).
+pub fn build_banks_library() -> Option<std::path::PathBuf> {
+    // build.sh ignores the sanitizer for the fake driver's builds.
+    cached_build("banks", "none", "gateloop_banks_lib", |p| p.join("libcuda.so").is_file())
+}
+
+/// `tests/kernel_emu/build.sh kind` (GATELOOP_EMU_SANITIZER=flavour) into
+/// cargo's scratch directory as `name` + `_` + the sources' hash, unless
+/// `built` says a build of these sources is there: under a private name
+/// first, then renamed into place (or a concurrent builder's copy taken);
+/// older builds of `name` removed. A file or a directory, as `kind` builds.
+fn cached_build(
+    kind: &str,
+    flavour: &str,
+    name: &str,
+    built: impl Fn(&std::path::Path) -> bool,
+) -> Option<std::path::PathBuf> {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    let dir = std::path::Path::new(env!("CARGO_TARGET_TMPDIR"));
     let out = dir.join(format!("{name}_{:016x}", sources_hash(root, kind)));
-    if out.is_file() {
+    if built(&out) {
         return Some(out);
     }
+    let remove = |p: &std::path::Path| {
+        let _ = if p.is_dir() { std::fs::remove_dir_all(p) } else { std::fs::remove_file(p) };
+    };
     // Private per build, not only per process: two threads of one test
     // binary may build the same emulator at once.
     let partial = dir.join(format!("{name}_building_{}", unique_suffix()));
@@ -65,11 +91,13 @@ pub fn build_emulator(kind: &str, sanitizer: Sanitizer) -> Option<std::path::Pat
         .arg(root.join("tests/kernel_emu/build.sh"))
         .arg(kind)
         .arg(&partial)
-        .env("GATELOOP_EMU_SANITIZER", &flavour)
+        .env("GATELOOP_EMU_SANITIZER", flavour)
         .stdout(std::process::Stdio::null())
         .status();
     match status {
-        Ok(s) if s.success() && std::fs::rename(&partial, &out).is_ok() => {
+        // A directory is not renamed over a concurrent builder's copy: take that.
+        Ok(s) if s.success() && (std::fs::rename(&partial, &out).is_ok() || built(&out)) => {
+            remove(&partial);
             // Builds of older sources are dead weight now: remove them.
             let stale = |p: &std::path::Path| {
                 p != out
@@ -79,57 +107,16 @@ pub fn build_emulator(kind: &str, sanitizer: Sanitizer) -> Option<std::path::Pat
             };
             for e in std::fs::read_dir(dir).into_iter().flatten().flatten() {
                 if stale(&e.path()) {
-                    let _ = std::fs::remove_file(e.path());
+                    remove(&e.path());
                 }
             }
             Some(out)
         }
         other => {
-            let _ = std::fs::remove_file(&partial);
+            remove(&partial);
             eprintln!(
-                "SKIPPED (no kernel emulator): GATELOOP_EMU_SANITIZER={flavour} tests/kernel_emu/build.sh {kind} failed: {other:?}"
+                "SKIPPED (no {name} build): GATELOOP_EMU_SANITIZER={flavour} tests/kernel_emu/build.sh {kind} failed: {other:?}"
             );
-            None
-        }
-    }
-}
-
-/// The fake CUDA driver with the shared-memory bank model
-/// (`tests/kernel_emu/build.sh banks`: a directory holding libcuda.so), built
-/// once per source hash into cargo's per-target scratch directory like
-/// [`build_emulator`]. `None`, with a printed `SKIPPED` notice, when the
-/// build fails (no g++, or no ThreadSanitizer instrumentation in it).
-pub fn build_banks_library() -> Option<std::path::PathBuf> {
-    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
-    let dir = std::path::Path::new(env!("CARGO_TARGET_TMPDIR"));
-    let out = dir.join(format!("gateloop_banks_lib_{:016x}", sources_hash(root, "banks")));
-    if out.join("libcuda.so").is_file() {
-        return Some(out);
-    }
-    let partial = dir.join(format!("gateloop_banks_lib_building_{}", unique_suffix()));
-    let status = std::process::Command::new("bash")
-        .arg(root.join("tests/kernel_emu/build.sh"))
-        .arg("banks")
-        .arg(&partial)
-        .stdout(std::process::Stdio::null())
-        .status();
-    match status {
-        // A concurrent builder may have renamed its copy into place first.
-        Ok(s) if s.success() && (std::fs::rename(&partial, &out).is_ok() || out.join("libcuda.so").is_file()) => {
-            let _ = std::fs::remove_dir_all(&partial);
-            // Builds of older sources are dead weight now: remove them.
-            for e in std::fs::read_dir(dir).into_iter().flatten().flatten() {
-                let p = e.path();
-                let name = p.file_name().and_then(|n| n.to_str()).unwrap_or_default().to_owned();
-                if p != out && name.starts_with("gateloop_banks_lib_") && !name.contains("_building_") {
-                    let _ = std::fs::remove_dir_all(&p);
-                }
-            }
-            Some(out)
-        }
-        other => {
-            let _ = std::fs::remove_dir_all(&partial);
-            eprintln!("SKIPPED (no bank model build): tests/kernel_emu/build.sh banks failed: {other:?}");
             None
         }
     }
