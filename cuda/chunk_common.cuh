@@ -631,19 +631,19 @@ struct TileSlot {
     static constexpr int kStep = kThreads / kWidth;
     // The half-warps' row distance (1 where a warp holds whole rows).
     static constexpr int kPairDistance = kWidth == 16 ? half_warp_row_distance<kPitch>() : 1;
-    static_assert(kPairDistance == 1 || (kStep % (2 * kPairDistance) == 0), "rows r, r + d in whole groups");
     int row0, col;
     __device__ __forceinline__ explicit TileSlot(int tid)
         : row0(row_of(static_cast<int>(static_cast<unsigned>(tid) / kWidth))),
           col(static_cast<int>(static_cast<unsigned>(tid) % kWidth)) {}
-    // Half-warp h (rows in order where d = 1): warp w = h / 2 takes rows
-    // g·2d + w mod d and + d, g = w / d, its halves in order.
+    // Half-warp h's row: h where d = 1; where d = 4 (the only other distance
+    // a pitch of the tables gives), warp w = h / 2 takes rows 8·(w / 4) +
+    // w % 4 and that + 4, its halves in order: h's bits h3 h2 h1 h0 → row
+    // bits h3 h0 h2 h1.
     __device__ __forceinline__ static int row_of(int h) {
         if constexpr (kPairDistance == 1) {
             return h;
         } else {
             static_assert(kPairDistance == 4 && kStep == 16, "the padded tables' rows four apart, 16 a pass");
-            // h's bits h3 h2 h1 h0 → row h3 h0 h2 h1.
             return (h & 8) | ((h & 1) << 2) | ((h >> 1) & 3);
         }
     }
@@ -733,10 +733,6 @@ struct Block {
     // real-gate walks' kWalkSlabReal (plain rows of that many).
     static constexpr int kChannels = kLd == kPrefixLd ? kSlab : kLd;
     static_assert(kPrefixSegs * kChannels <= kThreads, "one thread per (prefix segment, channel)");
-    // Loads in flight a thread when staging a [kChunk][kChannels] table (the
-    // gates, q or k): kLoadsInFlight, all four items of a slab of 16 (one
-    // round trip); the real walks' eight items of 32 channels likewise in
-    // one batch, not two round trips on a walk's serial path.
     // Thread tid's place in the [kChunk][kChannels] tables by rows: the
     // gates', q's and k's staging and the operand rows put_inter_queries
     // and put_state_keys build from them (a thread reads back what it
@@ -747,6 +743,10 @@ struct Block {
     // output launches (complex Exact, sm_90) and dv launches (f16 real,
     // sm_80 and sm_90) spilled 4 to 24 bytes with it at their register caps.
     using Slot = TileSlot<kChannels, (!kComplex && !std::is_same<input_t, __half>::value) ? kLd : kChannels>;
+    // Loads in flight a thread when staging a [kChunk][kChannels] table (the
+    // gates, q or k): kLoadsInFlight, all four items of a slab of 16 (one
+    // round trip); the real walks' eight items of 32 channels likewise in
+    // one batch, not two round trips on a walk's serial path.
     static constexpr int kChannelBatch = kChunk / Slot::kStep;
     static_assert(kChannels == kWalkSlabReal || kChannelBatch == kLoadsInFlight, "unchanged for slabs of 16");
     // Entry (step t, channel j) of one of those tables.
