@@ -353,8 +353,6 @@ void emu_banks_barrier() { ++g_epoch[emu_thread_rank()]; }
 // (Each logged at its caller's site: include/mma.h's inline functions are
 // inlined into the kernel.)
 
-unsigned emu_banks_lane() { return emu_thread_rank() % 32; }
-
 void emu_banks_mute(int delta) { g_mute[emu_thread_rank()] += static_cast<uint32_t>(delta); }
 
 // ldmatrix .x4 of a 16 × 16 tile of 16-bit elements whose 16 lines (rows of

@@ -32,7 +32,6 @@ void emu_banks_tile_ldsm(const void* p, size_t stride);
 void emu_banks_ldmatrix_row(const void* row, int count);
 void emu_banks_tile_words(const void* p, unsigned ld, bool row_major, const int (*rc)[2], int n, unsigned width,
                           bool write);
-unsigned emu_banks_lane();
 // Inlined into the kernel, so that each call site is its own (addr2line -i).
 #define EMU_BANKS_INLINE __attribute__((always_inline))
 #else
@@ -123,14 +122,15 @@ inline void emu_check_tile(const void* p, unsigned ldm, size_t elem_bytes, const
     }
 }
 
-// Element (r, c) of a row_major tile is p[r·ldm + c], of a col_major one p[c·ldm + r].
+unsigned emu_lane();
+
 #ifdef EMU_BANKS
 // mma.sync's fragment coordinates of lane l (g = l / 4, t = l % 4): a TF32
 // operand's four registers (A 16×8: (g, t), (g+8, t), (g, t+4), (g+8, t+4);
 // B 8×16 as (k, n): (t, g), (t+4, g), (t, g+8), (t+4, g+8)) and an f32
 // accumulator's four pairs (16×16: (g, 2t), (g+8, 2t), (g, 2t+8), (g+8, 2t+8)).
 EMU_BANKS_INLINE inline void emu_banks_fragment(bool b_operand, bool accumulator, int (&rc)[4][2]) {
-    const int l = static_cast<int>(emu_banks_lane()), g = l / 4, t = l % 4;
+    const int l = static_cast<int>(emu_lane()), g = l / 4, t = l % 4;
     for (int i = 0; i < 4; ++i) {
         if (accumulator) {
             rc[i][0] = g + 8 * (i % 2), rc[i][1] = 2 * t + 8 * (i / 2);
@@ -156,6 +156,7 @@ EMU_BANKS_INLINE inline void emu_banks_accumulator(const float* p, unsigned ldm,
 }
 #endif
 
+// Element (r, c) of a row_major tile is p[r·ldm + c], of a col_major one p[c·ldm + r].
 template <class Use, int M, int N, int K, class T, class L, class S>
 EMU_BANKS_INLINE inline void load_matrix_sync(fragment<Use, M, N, K, T, L>& f, const S* p, unsigned ldm) {
     using F = fragment<Use, M, N, K, T, L>;
@@ -200,7 +201,6 @@ EMU_BANKS_INLINE inline void load_matrix_sync(fragment<Use, M, N, K, T, L>& f, c
 }
 
 void emu_syncwarp();
-unsigned emu_lane();
 
 // An accumulator tile loaded back (CUDA's overload with a layout): every
 // lane reads the whole tile, after the warp has arrived.
