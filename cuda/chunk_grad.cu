@@ -112,11 +112,22 @@ template <class Op>
 __host__ __device__ constexpr int ld_inter() {
     return kInterCols + Op::kPad;
 }
+// Rows of grad_qk's f32 products X, Y (the off-diagonal and inter-chunk
+// phases): the slab's [Re | Im] (real gates: Re) and 8 floats of padding.
+// An accumulator store (store_accumulator: 8 bytes a lane at row g, column
+// 2t) takes a half-warp over rows g .. g + 3, and at 40 (or 24) floats a
+// row those fall on banks 0, 8, 16, 24 (or 0, 24, 16, 8) apart: one
+// wavefront a phase, where 2·kSlab = 32 floats put the four rows on the
+// same eight banks (four).
+template <bool kComplex>
+__host__ __device__ constexpr int ld_product() {
+    return slab_width<kComplex>() + 8;
+}
 template <class Op, bool kComplex>
 __host__ __device__ constexpr int qk_inter_bytes() {
     return cmax(2 * split_bytes<Op>(kChunk, ld_inter<Op>()) +
                     2 * split_bytes<Op>(slab_width<kComplex>(), ld_inter<Op>()),
-                2 * kChunk * 2 * kSlab * 4);
+                2 * kChunk * ld_product<kComplex>() * 4);
 }
 // One 16 × 16 block of s per row of sub-chunks (row padding as the others).
 template <class Op>
@@ -131,12 +142,15 @@ __host__ __device__ constexpr int qk_offdiag_bytes() {
            split_bytes<Op>((kSubs - 1) * kSub, ld_slab<Op, kComplex>());
 }
 // X, Y, then the diagonal sub-chunks' cross rows (put_cross_rows).
-constexpr int kOffdiagOutBytes = 4 * (kPairs + kSubs - 1) * kSub * 2 * kSlab;
+template <bool kComplex>
+__host__ __device__ constexpr int offdiag_out_bytes() {
+    return 4 * (kPairs + kSubs - 1) * kSub * ld_product<kComplex>();
+}
 template <class Op, bool kComplex>
 __host__ __device__ constexpr int qk_union_bytes() {
-    return cmax(2 * split_bytes<Op>(kChunk, ld_tile<Op>()),
-                cmax(qk_inter_bytes<Op, kComplex>(),
-                     cmax(qk_offdiag_bytes<Op, kComplex>(), kOffdiagOutBytes + cross_scratch_bytes<kComplex>())));
+    return cmax(cmax(2 * split_bytes<Op>(kChunk, ld_tile<Op>()), qk_inter_bytes<Op, kComplex>()),
+                cmax(qk_offdiag_bytes<Op, kComplex>(),
+                     offdiag_out_bytes<kComplex>() + cross_scratch_bytes<kComplex>()));
 }
 // grad_qk's blocks of the scores P for grad_dv (grad_qk_scores): the six
 // off-diagonal and four diagonal 16 × 16 f32 blocks.
@@ -159,15 +173,15 @@ __host__ __device__ constexpr int qk_smem_bytes() {
 // steps per pair): Y(j, half) is 3 − j pairs and goes to warps 2j, 2j + 1;
 // the twelve X(pair, half) fill the rest (warps 2, 3 one; 4, 5 two; 6, 7
 // three): three pair-products per warp. Real gates (kComplex = false) have
-// no Im halves: the jobs with half = 1 are skipped (those f32 columns stay
-// unwritten and unread). With X and Y, the diagonal sub-chunks' cross rows
-// (put_cross_rows, the forward's) into `cross`, past them
-// (kOffdiagOutBytes on: the operands' bytes, free once they are read).
-// Ends with a barrier.
+// no Im halves: the jobs with half = 1 are skipped (and the f32 rows have
+// no Im columns: ld_product). With X and Y, the diagonal sub-chunks' cross
+// rows (put_cross_rows, the forward's) past them (offdiag_out_bytes on:
+// the operands' bytes, free once they are read). Ends with a barrier.
 template <class Op, typename input_t, bool kComplex, int kLd>
 __device__ __forceinline__ void offdiag_products(const Block<input_t, kComplex, kLd>& blk, const float* ds,
                                                  const float* qraw, const float* kraw, unsigned char* at,
                                                  float* pblocks) {
+    constexpr int kLdProduct = ld_product<kComplex>();
     unsigned char* const base = at;
     const Split<Op> sb = carve<Op>(at, kPairs * kSub, ld_block<Op>());
     const Split<Op> qa = carve<Op>(at, kPairs * kSub, ld_slab<Op, kComplex>());
@@ -229,19 +243,19 @@ __device__ __forceinline__ void offdiag_products(const Block<input_t, kComplex, 
     }
     __syncthreads();  // every warp has read its operands: X, Y take their bytes
     float* xo = reinterpret_cast<float*>(base);
-    float* yo = xo + kPairs * kSub * 2 * kSlab;
+    float* yo = xo + kPairs * kSub * kLdProduct;
 #pragma unroll
     for (int t = 0; t < 3; ++t) {
         if (t < ny) {
             if (has_half(w & 1)) {
-                store_accumulator(yo + (w >> 1) * kSub * 2 * kSlab + kSlab * (w & 1), acc[t], 2 * kSlab);
+                store_accumulator(yo + (w >> 1) * kSub * kLdProduct + kSlab * (w & 1), acc[t], kLdProduct);
             }
         } else if (t - ny < nx && has_half((x0 + t - ny) & 1)) {
             const int x = x0 + t - ny;
-            store_accumulator(xo + (x >> 1) * kSub * 2 * kSlab + kSlab * (x & 1), acc[t], 2 * kSlab);
+            store_accumulator(xo + (x >> 1) * kSub * kLdProduct + kSlab * (x & 1), acc[t], kLdProduct);
         }
     }
-    put_cross_rows(blk, qraw, kraw, reinterpret_cast<float*>(base + kOffdiagOutBytes));
+    put_cross_rows(blk, qraw, kraw, reinterpret_cast<float*>(base + offdiag_out_bytes<kComplex>()));
     __syncthreads();
 }
 
@@ -551,6 +565,7 @@ __device__ __forceinline__ void grad_qk(const GateloopChunkGradParams& g) {
     // products never formed and read as 0), log_gate, dlog_gate and the
     // states real f32.
     constexpr int kParts = kComplex ? 2 : 1;
+    constexpr int kLdProduct = ld_product<kComplex>();
     extern __shared__ __align__(128) unsigned char smem[];
     check_shared(g.qk_shared_bytes, qk_smem_bytes<Op, kComplex>());
     if (g.ws_scores == nullptr) __trap();  // the launcher always sets it: a bug
@@ -654,9 +669,10 @@ __device__ __forceinline__ void grad_qk(const GateloopChunkGradParams& g) {
         // offdiag_products put (read here, before the inter-chunk phase takes
         // their bytes; complex: rolled, as at 128 registers it spilled).
         add_half_pairs(blk, qraw, kraw, d0, pdiag);
-        add_diagonal_cross<kComplex, kComplex>(tid, reinterpret_cast<const float*>(union_at + kOffdiagOutBytes), pdiag);
+        const float* const cross_rows = reinterpret_cast<const float*>(union_at + offdiag_out_bytes<kComplex>());
+        add_diagonal_cross<kComplex, kComplex>(tid, cross_rows, pdiag);
         const float* xo = reinterpret_cast<const float*>(union_at);  // X per pair [pair][16][Re | Im]
-        const float* yo = xo + kPairs * kSub * 2 * kSlab;            // Y per key sub-chunk [j][16][Re | −Im]
+        const float* yo = xo + kPairs * kSub * kLdProduct;           // Y per key sub-chunk [j][16][Re | −Im]
         const int cl = blk.col(d);
         // Row n = nb + 16 i (sub-chunk i, local row nb) of the pre-phase
         // accumulators acc_q[n] = Σ_{m < n} s_nm |E(n, m)| k_m e^{−iθ_m},
@@ -682,8 +698,7 @@ __device__ __forceinline__ void grad_qk(const GateloopChunkGradParams& g) {
         // staging and tensor-core products, part of what keeps the kernel
         // within 128 without spilling (two blocks per SM).
         const bool second = nb >= kPiece;
-        const float* const cross =
-            reinterpret_cast<const float*>(union_at + kOffdiagOutBytes) + (second ? kCrossRows * cross_ld<kComplex>() : 0);
+        const float* const cross = cross_rows + (second ? kCrossRows * cross_ld<kComplex>() : 0);
         float2 aq[4];
 #pragma unroll
         for (int i = 0; i < 4; ++i) {
@@ -715,11 +730,11 @@ __device__ __forceinline__ void grad_qk(const GateloopChunkGradParams& g) {
                 }
             };
             for (int j = 0; j < i; ++j) {
-                const float* x = xo + (pair_of(i, j) * kSub + nb) * 2 * kSlab;
+                const float* x = xo + (pair_of(i, j) * kSub + nb) * kLdProduct;
                 add_q(blk.modulus_within(n, kSub * j + kSub - 1, cl), x[d], kComplex ? x[kSlab + d] : 0.f);
             }
             if (i < kSubs - 1) {
-                const float* y = yo + (i * kSub + nb) * 2 * kSlab;
+                const float* y = yo + (i * kSub + nb) * kLdProduct;
                 add_k(blk.modulus_within(kSub * i + kSub - 1, n, cl), y[d], kComplex ? y[kSlab + d] : 0.f);
             }
             {
@@ -954,21 +969,21 @@ __device__ __forceinline__ void grad_qk(const GateloopChunkGradParams& g) {
                 if (slot.col == 0) through[slot.row0 + kStep * i] = thr[i];  // 0 past K
             }
             __syncthreads();  // every warp is done with the operands: X, Y take their bytes
-            float* xy = reinterpret_cast<float*>(union_at);  // X then Y, [kChunk][2·kSlab] each
-            float* const y_at = xy + kChunk * 2 * kSlab;
+            float* xy = reinterpret_cast<float*>(union_at);  // X then Y, [kChunk][kLdProduct] each
+            float* const y_at = xy + kChunk * kLdProduct;
             if (kComplex) {
-                store_accumulator(xy + 16 * xr * 2 * kSlab + 16 * xc, xacc, 2 * kSlab);
-                store_accumulator(y_at + 16 * xr * 2 * kSlab + 16 * xc, yacc, 2 * kSlab);
+                store_accumulator(xy + 16 * xr * kLdProduct + 16 * xc, xacc, kLdProduct);
+                store_accumulator(y_at + 16 * xr * kLdProduct + 16 * xc, yacc, kLdProduct);
             } else {
-                store_accumulator((real_y ? y_at : xy) + 16 * xr * 2 * kSlab, xacc, 2 * kSlab);
+                store_accumulator((real_y ? y_at : xy) + 16 * xr * kLdProduct, xacc, kLdProduct);
             }
             __syncthreads();
             const auto im_of = [&](const float* row) { return kComplex ? row[kSlab + d] : 0.f; };
 #pragma unroll
             for (int i = 0; i < 4; ++i) {
                 const int n = nb + 16 * i;
-                xs[i] = make_float2(xy[n * 2 * kSlab + d], im_of(xy + n * 2 * kSlab));
-                ys[i] = make_float2(xy[(kChunk + n) * 2 * kSlab + d], im_of(xy + (kChunk + n) * 2 * kSlab));
+                xs[i] = make_float2(xy[n * kLdProduct + d], im_of(xy + n * kLdProduct));
+                ys[i] = make_float2(xy[(kChunk + n) * kLdProduct + d], im_of(xy + (kChunk + n) * kLdProduct));
             }
         }
         const int last = blk.n - 1;

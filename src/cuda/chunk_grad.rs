@@ -185,25 +185,28 @@ unsafe impl DeviceRepr for GateloopChunkGradParams {}
 /// columns split, reused for X, Y in f32), the scores' ten 16 × 16 f32
 /// blocks (summed over the slabs for grad_dv), then w', u, the per-head sums
 /// and the through terms. Real `gates` take a real gate prefix and operand
-/// slabs of K̃ alone; grad_qk's f32 products keep their [Re | Im] layout.
+/// slabs of K̃ alone, and grad_qk's f32 products X, Y rows of Re alone.
 pub fn shared_bytes(dtype: Dtype, gates: Gates) -> (u32, u32, u32) {
     let (c, s, t) = (chunk::CHUNK_LEN, KEY_SLAB, VALUE_TILE);
     let pad = chunk::operand_pad(dtype);
     let split = |rows: usize, ld: usize| chunk::split_bytes(dtype, rows, ld);
-    // The slab's operand width (Re and Im, or Re), and the f32 products' (always both).
-    let (sub, width, out_width) = (chunk::SUB_CHUNK_LEN, gates.parts() * s, 2 * s);
+    // The slab's operand width (Re and Im, or Re), and the rows of the f32
+    // products X, Y: that width and 8 floats of padding against bank
+    // conflicts (cuda/chunk_grad.cu: ld_product).
+    let (sub, width) = (chunk::SUB_CHUNK_LEN, gates.parts() * s);
+    let product_ld = width + 8;
     let (pairs, key_subs) = (c / sub * (c / sub - 1) / 2, c / sub - 1);
     let prefix = chunk::prefix_bytes(gates, true);
     let (w, _) = chunk::shared_bytes(dtype, gates);
     let dv = chunk::adjoint_shared_bytes(dtype, gates, VALUE_TILE);
     let inter_cols = t / 2;
-    let inter = (2 * split(c, inter_cols + pad) + 2 * split(width, inter_cols + pad)).max(2 * c * out_width * 4);
+    let inter = (2 * split(c, inter_cols + pad) + 2 * split(width, inter_cols + pad)).max(2 * c * product_ld * 4);
     let offdiag = split(pairs * sub, sub + pad) + split(pairs * sub, width + pad) + split(key_subs * sub, width + pad);
     // Its products X, Y (f32), then the diagonal sub-chunks' cross rows: 32
     // query and 32 key rows, complex [Re | Im] of the slab, real padded to
     // the prefix row (cuda/chunk_common.cuh: cross_scratch_bytes).
     let cross_ld = if gates == Gates::Complex { 2 * s } else { abi::GATELOOP_CHUNK_PREFIX_LD as usize };
-    let offdiag_out = 4 * (pairs + key_subs) * sub * out_width + 2 * (c / 2) * cross_ld * 4;
+    let offdiag_out = 4 * (pairs + key_subs) * sub * product_ld + 2 * (c / 2) * cross_ld * 4;
     let union = (2 * split(c, t + pad)).max(inter).max(offdiag).max(offdiag_out);
     // w' and u rows padded by one complex (cuda/chunk_grad.cu: kLdGate).
     // The prefix tables and raw q, k in padded rows (Block's kLd).
@@ -1343,8 +1346,8 @@ mod tests {
         // split 2·64·36·4 = 18432, staging 8·16·16·4 = 8192; grad_qk: q, k raw
         // 8192, s 16384, the union: max(s phase dY, V splits 2·34816 = 69632,
         // off-diagonal phase s blocks 2·96·20·4 = 15360 + q̃ 2·96·36·4 = 27648
-        // + k̃ 2·48·36·4 = 13824 = 56832 (its products 4·9·16·32 = 18432
-        // and cross rows 2·32·32·4 = 8192),
+        // + k̃ 2·48·36·4 = 13824 = 56832 (its products in padded rows
+        // 4·9·16·40 = 23040 and cross rows 2·32·32·4 = 8192),
         // inter-chunk dY, V splits 2·2·64·36·4 = 36864 and S_in, D splits
         // 2·2·32·36·4 = 18432) = 69632, w', u 2·64·17·8 = 17408, head sums 1024, through
         // 128 + 8; grad_dv (the output pass): q, k raw
@@ -1361,7 +1364,7 @@ mod tests {
         // f16 / bf16 operands (row padding 8): grad_w's dY split 2·64·72·2 =
         // 18432, Q̃ split 2·64·40·2 = 10240; grad_qk's union max(s phase
         // 2·2·2·64·72 = 36864, off-diagonal 2·2·(96·24 + 96·40 + 48·40) =
-        // 32256, its products and cross rows 26624, inter-chunk 2·2·2·64·40 + 2·2·2·32·40 =
+        // 32256, its products and cross rows 31232, inter-chunk 2·2·2·64·40 + 2·2·2·32·40 =
         // 30720); grad_dv's union max(K̃ and D slab 2·2·(64·40 + 32·72) =
         // 19456, P and dY 2·2·2·64·72 = 36864).
         for dtype in [Dtype::F16, Dtype::Bf16] {
@@ -1372,10 +1375,10 @@ mod tests {
         // Real gates: prefix 3·64·16·4 = 12288 (grad_qk's padded 3·64·20·4 =
         // 15360); grad_w the real forward state kernel's, grad_dv the
         // prefix, raw k 5120, its union and staging; grad_qk's slab operands 16 wide (S_in, D splits
-        // of 16 rows, q̃ and k̃ of 16 columns) and its f32 products as wide
-        // as the complex kernel's. f32: union max(s phase 69632, inter-chunk
-        // 2·18432 + 2·2·16·36·4 = 46080, off-diagonal 15360 + 2·96·20·4 +
-        // 2·48·20·4 = 38400, products 18432 and cross rows 2·32·20·4 =
+        // of 16 rows, q̃ and k̃ of 16 columns) and its f32 products' rows
+        // 16 + 8. f32: union max(s phase 69632, inter-chunk 2·18432 +
+        // 2·2·16·36·4 = 46080, off-diagonal 15360 + 2·96·20·4 + 2·48·20·4 =
+        // 38400, products 4·9·16·24 = 13824 and cross rows 2·32·20·4 =
         // 5120) = 69632; then the score blocks, 10240.
         let tail = 10240 + 17408 + 1024 + 136;
         let (w, _) = chunk::shared_bytes(Dtype::F32, Gates::Real);
@@ -1386,7 +1389,7 @@ mod tests {
         assert_eq!(shared_bytes(Dtype::F32, Gates::Real), (w, 15360 + 10240 + 16384 + 69632 + tail, dv));
         // 16-bit: union max(s phase 36864, inter-chunk 2·2·2·64·40 +
         // 2·2·2·16·40 = 25600, off-diagonal 2·2·(96·24 + 96·24 + 48·24) =
-        // 23040, products and cross rows 23552) = 36864; grad_dv's
+        // 23040, products and cross rows 18944) = 36864; grad_dv's
         // max(2·2·(64·24 + 16·72) = 10752, 36864).
         for dtype in [Dtype::F16, Dtype::Bf16] {
             let (w, _) = chunk::shared_bytes(dtype, Gates::Real);
