@@ -1306,12 +1306,12 @@ struct Block {
     // Columns col0 .. col0 + kWidth − 1 of x over the chunk in groups of
     // eight 16-bit elements, put(step, column, group) for each (zero past the
     // chunk and from column `limit` on): thread tid takes group tid % (kWidth
-    // / 8) of rows tid / (kWidth / 8) + kPass·u, a 16-byte load each (the
-    // value tile: 2 a thread, where an element a load took 16, each with its
-    // 64-bit address), all in flight, then the puts. kAhead (the walks): the
-    // threads of a row's first and last group prefetch the row of the chunk
-    // kAhead away, every line of its ≤ 128 bytes (2 a thread at most, where
-    // the elementwise staging took 16).
+    // / 8) of rows GroupSlot::row0(tid / (kWidth / 8)) + kPass·u, a 16-byte
+    // load each (the value tile: 2 a thread, where an element a load took
+    // 16, each with its 64-bit address), all in flight, then the puts.
+    // kAhead (the walks): the threads of a row's first and last group
+    // prefetch the row of the chunk kAhead away, every line of its ≤ 128
+    // bytes (2 a thread at most, where the elementwise staging took 16).
     template <int kWidth, int kAhead, class Put>
     __device__ __forceinline__ void load_groups(const input_t* __restrict__ x, const GateloopSeqStrides& s,
                                                 int64_t col0, int64_t limit, Put put) const {
@@ -1325,6 +1325,15 @@ struct Block {
         static constexpr int kPass = kThreads / kGroups;  // rows a pass of the block
         static constexpr int kItems = kChunk / kPass;     // rows a thread
         static_assert(kItems * kPass == kChunk, "whole passes of the block per chunk");
+        // The first row of group index k = tid / kGroups. Four groups a row
+        // (grad_qk's inter-chunk tiles: rows of 40 16-bit elements, 80
+        // bytes) put a quarter-warp's 16-byte stores on two rows, which side
+        // by side share 4 of the 32 banks (two wavefronts) and 4 apart (320
+        // ≡ 64 mod 128 bytes) do not: bits 0 and 2 of k swapped, so a warp
+        // still takes its own eight rows. Wider rows: one row a quarter-warp.
+        static __device__ __forceinline__ int row0(int k) {
+            return kGroups == 4 ? (k & ~5) | ((k & 1) << 2) | ((k >> 2) & 1) : k;
+        }
     };
     template <int kWidth>
     using HeldGroups = Held<uint4, GroupSlot<kWidth>::kItems>;
@@ -1334,7 +1343,7 @@ struct Block {
     __device__ __forceinline__ void put_groups(const HeldGroups<kWidth>& held, Put put) const {
         using G = GroupSlot<kWidth>;
         const int g = tid % G::kGroups;
-        const int r0 = tid / G::kGroups;
+        const int r0 = G::row0(tid / G::kGroups);
 #pragma unroll
         for (int u = 0; u < G::kItems; ++u) put(r0 + G::kPass * u, 8 * g, held.v[u]);
     }
@@ -1356,7 +1365,7 @@ struct Block {
         constexpr int kGroups = G::kGroups, kPass = G::kPass, kItems = G::kItems;
         GroupItems e;
         e.g = tid % kGroups;
-        e.r0 = tid / kGroups;
+        e.r0 = G::row0(tid / kGroups);
         e.col_in = col0 + 8 * e.g < limit;
         e.first = reinterpret_cast<const uint4*>(x + opaque((from + e.r0) * s.time + col0 + 8 * e.g));
         e.step = opaque(kPass * s.time / 8);  // uint4s from one of the thread's rows to the next
