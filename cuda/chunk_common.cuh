@@ -1554,6 +1554,12 @@ template <class Op>
 __host__ __device__ constexpr int split_bytes(int rows, int ld) {
     return 2 * rows * ld * static_cast<int>(sizeof(typename Op::storage));
 }
+// The bytes of a split operand of kTerms: one plane where kTerms = 1 (a bf16
+// input tile: raw_tile_terms; its lo plane is neither staged nor read).
+template <class Op, int kTerms>
+__host__ __device__ constexpr int terms_bytes(int rows, int ld) {
+    return (kTerms == 1 ? 1 : 2) * rows * ld * static_cast<int>(sizeof(typename Op::storage));
+}
 constexpr int kStagingBytes = kWarps * 16 * 16 * 4;
 
 // The dynamic shared memory of each kernel (src/cuda/chunk.rs: shared_bytes
@@ -1615,6 +1621,18 @@ __device__ __forceinline__ Split<Op> carve(unsigned char*& at, int rows, int ld)
     s.lo = s.hi + rows * ld;
     s.ld = ld;
     at += split_bytes<Op>(rows, ld);
+    return s;
+}
+// carve for an operand of kTerms: kTerms = 1 takes one plane (terms_bytes),
+// its lo pointer the hi plane's (never dereferenced: put<1> writes hi alone,
+// a product of one term reads hi alone).
+template <class Op, int kTerms>
+__device__ __forceinline__ Split<Op> carve_terms(unsigned char*& at, int rows, int ld) {
+    Split<Op> s = carve<Op>(at, rows, ld);
+    if constexpr (kTerms == 1) {
+        s.lo = s.hi;
+        at -= split_bytes<Op>(rows, ld) - terms_bytes<Op, 1>(rows, ld);
+    }
     return s;
 }
 

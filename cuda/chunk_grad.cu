@@ -96,7 +96,8 @@ constexpr int kGradTerms = 3;
 // grad_qk's shared memory (grad_w and grad_dv take the forward state and
 // output kernels' layouts). After the prefix tables: q, k raw and s (f32,
 // live throughout); then a union of the s phase (dY, V tiles as split
-// operands) and, per slab, first the off-diagonal phase (the six s blocks,
+// operands; bf16: hi planes alone, carve_terms) and, per slab, first the
+// off-diagonal phase (the six s blocks,
 // the anchored q̃, k̃ as split operands, then their products X, Y and the
 // diagonal sub-chunks' cross rows in f32) and
 // then the inter-chunk phase (dY, V, S_in, D over kInterCols value columns
@@ -146,18 +147,20 @@ template <bool kComplex>
 __host__ __device__ constexpr int offdiag_out_bytes() {
     return 4 * (kPairs + kSubs - 1) * kSub * ld_product<kComplex>();
 }
-template <class Op, bool kComplex>
+// kRawTerms: the s phase's dY and V tiles (one plane each for bf16 inputs).
+template <class Op, bool kComplex, int kRawTerms>
 __host__ __device__ constexpr int qk_union_bytes() {
-    return cmax(cmax(2 * split_bytes<Op>(kChunk, ld_tile<Op>()), qk_inter_bytes<Op, kComplex>()),
+    return cmax(cmax(2 * terms_bytes<Op, kRawTerms>(kChunk, ld_tile<Op>()), qk_inter_bytes<Op, kComplex>()),
                 cmax(qk_offdiag_bytes<Op, kComplex>(),
                      offdiag_out_bytes<kComplex>() + cross_scratch_bytes<kComplex>()));
 }
 // grad_qk's blocks of the scores P for grad_dv (grad_qk_scores): the six
 // off-diagonal and four diagonal 16 × 16 f32 blocks.
 constexpr int kQkScoresBytes = 4 * (kPairs + kSubs) * kSub * kSub;
-template <class Op, bool kComplex>
+template <class Op, bool kComplex, int kRawTerms>
 __host__ __device__ constexpr int qk_smem_bytes() {
-    return prefix_bytes<kComplex, kPrefixLd>() + 4 * (2 * kChunk * kPrefixLd + kChunk * kChunk) + qk_union_bytes<Op, kComplex>() +
+    return prefix_bytes<kComplex, kPrefixLd>() + 4 * (2 * kChunk * kPrefixLd + kChunk * kChunk) +
+           qk_union_bytes<Op, kComplex, kRawTerms>() +
            kQkScoresBytes + 4 * (2 * 2 * kChunk * kLdGate + 2 * 2 * kChunk + 2 * kSlab + 2);
 }
 
@@ -567,7 +570,7 @@ __device__ __forceinline__ void grad_qk(const GateloopChunkGradParams& g) {
     constexpr int kParts = kComplex ? 2 : 1;
     constexpr int kLdProduct = ld_product<kComplex>();
     extern __shared__ __align__(128) unsigned char smem[];
-    check_shared(g.qk_shared_bytes, qk_smem_bytes<Op, kComplex>());
+    check_shared(g.qk_shared_bytes, qk_smem_bytes<Op, kComplex, kRawTerms>());
     if (g.ws_scores == nullptr) __trap();  // the launcher always sets it: a bug
     const GateloopChunkParams& p = g.fwd;
     Block<input_t, kComplex, kPrefixLd> blk(p, smem, 1);
@@ -581,7 +584,7 @@ __device__ __forceinline__ void grad_qk(const GateloopChunkGradParams& g) {
     f += kChunk * kChunk;
     // The s phase | per slab the off-diagonal phase, then the inter-chunk phase.
     unsigned char* union_at = reinterpret_cast<unsigned char*>(f);
-    f = reinterpret_cast<float*>(union_at + qk_union_bytes<Op, kComplex>());
+    f = reinterpret_cast<float*>(union_at + qk_union_bytes<Op, kComplex, kRawTerms>());
     // P for grad_dv (kQkScoresBytes): [kPairs][16][16] off-diagonal blocks
     // (wmma accumulators: 32-byte aligned, as every region up to here),
     // then [kSubs][16][16] diagonal blocks.
@@ -613,9 +616,9 @@ __device__ __forceinline__ void grad_qk(const GateloopChunkGradParams& g) {
     // until every warp is done) and the accumulators stored straight into ds.
     {
         unsigned char* at = union_at;
-        const Split<Op> dys = carve<Op>(at, kChunk, ld_tile<Op>());
+        const Split<Op> dys = carve_terms<Op, kRawTerms>(at, kChunk, ld_tile<Op>());
         // V [m][c] row-major, read as the column-major B = Vᵀ.
-        const Split<Op> vs = carve<Op>(at, kChunk, ld_tile<Op>());
+        const Split<Op> vs = carve_terms<Op, kRawTerms>(at, kChunk, ld_tile<Op>());
         const int sr = blk.warp >> 1;
         const int sc = (blk.warp & 1) * 2;
         Acc<Op> sacc[2];

@@ -179,7 +179,7 @@ unsafe impl DeviceRepr for GateloopChunkGradParams {}
 /// in that layout less what forming them takes (`adjoint_smem_bytes`;
 /// the wide launch's, of 128 value columns, is the same size);
 /// grad_qk's is `qk_smem_bytes`: q, k raw and s (f32), a union of the s
-/// phase (dY, V split), the off-diagonal phase (the six 16 × 16 blocks of s,
+/// phase (dY, V split; bf16 their hi planes alone), the off-diagonal phase (the six 16 × 16 blocks of s,
 /// the anchored q̃ per pair and k̃ per key sub-chunk split, reused for their
 /// products in f32 and the diagonal sub-chunks' cross rows) and the inter-chunk phase (dY, V, S_in, D over 32 value
 /// columns split, reused for X, Y in f32), the scores' ten 16 × 16 f32
@@ -207,7 +207,11 @@ pub fn shared_bytes(dtype: Dtype, gates: Gates) -> (u32, u32, u32) {
     // the prefix row (cuda/chunk_common.cuh: cross_scratch_bytes).
     let cross_ld = if gates == Gates::Complex { 2 * s } else { abi::GATELOOP_CHUNK_PREFIX_LD as usize };
     let offdiag_out = 4 * (pairs + key_subs) * sub * product_ld + 2 * (c / 2) * cross_ld * 4;
-    let union = (2 * split(c, t + pad)).max(inter).max(offdiag).max(offdiag_out);
+    // The s phase's dY and V tiles: one plane each for bf16 inputs, exact in
+    // their bf16 operands (cuda/chunk_grad.cu: qk_union_bytes, carve_terms).
+    let raw_planes = if dtype == Dtype::Bf16 { 1 } else { 2 };
+    let s_phase = 2 * raw_planes * c * (t + pad) * dtype.size_bytes();
+    let union = s_phase.max(inter).max(offdiag).max(offdiag_out);
     // w' and u rows padded by one complex (cuda/chunk_grad.cu: kLdGate).
     // The prefix tables and raw q, k in padded rows (Block's kLd).
     // The scores P's 6 off-diagonal and 4 diagonal 16 × 16 blocks, summed
@@ -1363,15 +1367,19 @@ mod tests {
         assert_eq!(shared_bytes(Dtype::F32, Gates::Complex), (20480 + 4096 + 34816 + 18432 + 8192, qk, dv));
         // f16 / bf16 operands (row padding 8): grad_w's dY split 2·64·72·2 =
         // 18432, Q̃ split 2·64·40·2 = 10240; grad_qk's union max(s phase
-        // 2·2·2·64·72 = 36864, off-diagonal 2·2·(96·24 + 96·40 + 48·40) =
-        // 32256, its products and cross rows 31232, inter-chunk 2·2·2·64·40 + 2·2·2·32·40 =
+        // 2·2·2·64·72 = 36864, bf16's one plane each 2·64·72·2 = 18432,
+        // off-diagonal 2·2·(96·24 + 96·40 + 48·40) = 32256, its products
+        // and cross rows 31232, inter-chunk 2·2·2·64·40 + 2·2·2·32·40 =
         // 30720); grad_dv's union max(K̃ and D slab 2·2·(64·40 + 32·72) =
         // 19456, P and dY 2·2·2·64·72 = 36864).
-        for dtype in [Dtype::F16, Dtype::Bf16] {
-            let qk = 25600 + 10240 + 16384 + 36864 + 10240 + 17408 + 1024 + 136;
+        for (dtype, union) in [(Dtype::F16, 36864), (Dtype::Bf16, 32256)] {
+            let qk = 25600 + 10240 + 16384 + union + 10240 + 17408 + 1024 + 136;
             let dv = 25600 + 5120 + 36864 + 8192;
             assert_eq!(shared_bytes(dtype, Gates::Complex), (20480 + 4096 + 18432 + 10240 + 8192, qk, dv));
         }
+        // Two complex bf16 grad_qk blocks fit an H200 SM (228 KiB, 1 KiB
+        // reserved a block), where the f16 one's 117896 bytes take one.
+        assert!(2 * (shared_bytes(Dtype::Bf16, Gates::Complex).1 + 1024) <= 228 * 1024);
         // Real gates: prefix 3·64·16·4 = 12288 (grad_qk's padded 3·64·20·4 =
         // 15360); grad_w the real forward state kernel's, grad_dv the
         // prefix, raw k 5120, its union and staging; grad_qk's slab operands 16 wide (S_in, D splits
@@ -1387,14 +1395,14 @@ mod tests {
         // P and dY 69632).
         let dv = 15360 + 5120 + 69632 + 8192;
         assert_eq!(shared_bytes(Dtype::F32, Gates::Real), (w, 15360 + 10240 + 16384 + 69632 + tail, dv));
-        // 16-bit: union max(s phase 36864, inter-chunk 2·2·2·64·40 +
-        // 2·2·2·16·40 = 25600, off-diagonal 2·2·(96·24 + 96·24 + 48·24) =
-        // 23040, products and cross rows 18944) = 36864; grad_dv's
-        // max(2·2·(64·24 + 16·72) = 10752, 36864).
-        for dtype in [Dtype::F16, Dtype::Bf16] {
+        // 16-bit: union max(s phase 36864 (bf16 18432), inter-chunk
+        // 2·2·2·64·40 + 2·2·2·16·40 = 25600, off-diagonal 2·2·(96·24 +
+        // 96·24 + 48·24) = 23040, products and cross rows 18944) = 36864
+        // (bf16 25600); grad_dv's max(2·2·(64·24 + 16·72) = 10752, 36864).
+        for (dtype, union) in [(Dtype::F16, 36864), (Dtype::Bf16, 25600)] {
             let (w, _) = chunk::shared_bytes(dtype, Gates::Real);
             let dv = 15360 + 5120 + 36864 + 8192;
-            assert_eq!(shared_bytes(dtype, Gates::Real), (w, 15360 + 10240 + 16384 + 36864 + tail, dv));
+            assert_eq!(shared_bytes(dtype, Gates::Real), (w, 15360 + 10240 + 16384 + union + tail, dv));
         }
         // The wide dv launch's (128 value columns): the same bytes, its wider
         // D slab inside the union.
