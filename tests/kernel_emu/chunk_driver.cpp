@@ -44,6 +44,7 @@
 #include <functional>
 #include <string>
 #include <vector>
+#include <type_traits>
 
 #include "emu.h"
 #include "gateloop_abi.h"
@@ -190,8 +191,10 @@ static int32_t frag_shared_bytes(bool complex) {
 // (grad_w, grad_qk, grad_dv); grad_w takes the forward state kernel's
 // layout (of the gate kind), grad_dv the output kernel's less raw q, the
 // anchored rows and the diagonal blocks (adjoint_smem_bytes); grad_qk's
-// slab operands are `width` wide, its f32 products 2·16 either way.
-static void grad_shared_bytes(int size, bool complex, int32_t& w, int32_t& qk, int32_t& dv) {
+// slab operands are `width` wide, its f32 products' rows width + 8
+// (ld_product), its s phase's dY and V one plane each for bf16 inputs
+// (`raw_planes` 1: carve_terms).
+static void grad_shared_bytes(int size, int raw_planes, bool complex, int32_t& w, int32_t& qk, int32_t& dv) {
     const int c = GATELOOP_CHUNK_LEN, s = GATELOOP_CHUNK_KEY_SLAB, t = GATELOOP_CHUNK_VALUE_TILE;
     // grad_qk's prefix tables and raw q, k in padded rows, as the output's.
     const int pad = size == 4 ? 4 : 8, sub = GATELOOP_CHUNK_SUB_LEN, ld = GATELOOP_CHUNK_PREFIX_LD;
@@ -200,9 +203,11 @@ static void grad_shared_bytes(int size, bool complex, int32_t& w, int32_t& qk, i
     fwd_shared_bytes(size, complex, w, dv);
     auto split = [&](int rows, int ld) { return 2 * rows * ld * size; };
     dv = prefix + c * ld * 4 + std::max(split(c, width + pad) + split(width, t + pad), 2 * split(c, t + pad)) + staging;
-    const int inter = std::max(2 * split(c, t / 2 + pad) + 2 * split(width, t / 2 + pad), 2 * c * 2 * s * 4);
+    const int product_ld = width + 8, cross_ld = complex ? 2 * s : ld;
+    const int inter = std::max(2 * split(c, t / 2 + pad) + 2 * split(width, t / 2 + pad), 2 * c * product_ld * 4);
     const int offdiag = split(pairs * sub, sub + pad) + split(pairs * sub, width + pad) + split(key_subs * sub, width + pad);
-    const int uni = std::max({2 * split(c, t + pad), inter, offdiag, 4 * (pairs + key_subs) * sub * 2 * s});
+    const int products = 4 * (pairs + key_subs) * sub * product_ld + 2 * (c / 2) * cross_ld * 4;
+    const int uni = std::max({2 * raw_planes * c * (t + pad) * size, inter, offdiag, products});
     // P's blocks for grad_dv (kQkScoresBytes).
     const int scores = 4 * (pairs + c / sub) * sub * sub;
     qk = prefix + 4 * (2 * c * ld + c * c) + uni + scores +
@@ -321,7 +326,8 @@ static int run(const std::string& dir, bool backward, bool sequential, int64_t B
         g.dgate_strides = seq(L, H, G);
         g.dh_final_strides = g.dh0_strides = GateloopStateStrides{H * K * V, K * V, V};
         g.grad_flags = (has_dhf ? GATELOOP_GRAD_FLAG_HAS_DH_FINAL : 0) | (has_h0 ? GATELOOP_GRAD_FLAG_HAS_DH0 : 0);
-        grad_shared_bytes(sizeof(T), complex != 0, g.w_shared_bytes, g.qk_shared_bytes, g.dv_shared_bytes);
+        grad_shared_bytes(sizeof(T), std::is_same<T, __nv_bfloat16>::value ? 1 : 2, complex != 0, g.w_shared_bytes,
+                          g.qk_shared_bytes, g.dv_shared_bytes);
         if (!from_host(g.w_shared_bytes, 2, "grad_w") || !from_host(g.qk_shared_bytes, 3, "grad_qk") ||
             !from_host(g.dv_shared_bytes, 4, "grad_dv"))
             return 2;
