@@ -95,11 +95,11 @@ using namespace nvcuda;
 template <typename input_t, class Op, bool kComplex, int kTerms>
 __device__ __forceinline__ void chunk_state(const GateloopChunkParams& p) {
     extern __shared__ __align__(128) unsigned char smem[];
-    check_shared(p.state_shared_bytes, state_smem_bytes<Op, kComplex>());
+    check_shared(p.state_shared_bytes, state_smem_bytes<Op, kComplex, OpOf<input_t>::kRawTerms>());
     Block<input_t, kComplex> blk(p, smem);
     if (!blk.has_chunk()) return;  // an empty packed slot: the whole block, before any barrier
     // Raw k, the V tile, K̃ [m][col] (read as the column-major A = K̃ᵀ).
-    const StateSmem<Op, kComplex> sm(smem, blk.warp);
+    const StateSmem<Op, kComplex, OpOf<input_t>::kRawTerms> sm(smem, blk.warp);
     float* kraw = sm.raw;
     const Split<Op>& vs = sm.tile;
     const Split<Op>& kt = sm.slab;
@@ -180,14 +180,14 @@ __device__ __forceinline__ void chunk_carry(const GateloopChunkParams& p) {
 template <typename input_t, class Op, bool kComplex, int kTerms>
 __device__ __forceinline__ void chunk_state_seq(const GateloopChunkParams& p) {
     extern __shared__ __align__(128) unsigned char smem[];
-    check_shared(p.state_shared_bytes, seq_smem_bytes<Op, kComplex>());
+    check_shared(p.state_shared_bytes, seq_smem_bytes<Op, input_t, kComplex>());
     const bool has_h0 = (p.flags & GATELOOP_FLAG_HAS_H0) != 0;
     walk_chunks<false, Op, kTerms, input_t, kComplex>(
         p, smem, has_h0 ? p.h0 : nullptr, p.h0_strides, p.ws_state, p.h_final, p.h_final_strides,
         [&](const WalkBlock<input_t, kComplex>& blk) {
             return WalkRows<input_t>{blk.k, p.k_strides, blk.v, p.v_strides};
         },
-        [&](const WalkBlock<input_t, kComplex>& blk, const WalkSmem<Op, kComplex>& sm) {
+        [&](const WalkBlock<input_t, kComplex>& blk, const WalkSmem<Op, input_t, kComplex>& sm) {
             // K̃ (the walk stores A_c to ws_decay).
             put_state_keys<Op, kTerms>(blk, sm.raw, sm.slab);
         });
@@ -201,7 +201,7 @@ __device__ __forceinline__ void chunk_state_seq(const GateloopChunkParams& p) {
 template <typename input_t, class Op, bool kComplex, int kTerms, int kCols = kVTile>
 __device__ __forceinline__ void chunk_output(const GateloopChunkParams& p) {
     extern __shared__ __align__(128) unsigned char smem[];
-    check_shared(p.shared_bytes, output_smem_bytes<Op, kComplex, kCols>());
+    check_shared(p.shared_bytes, output_smem_bytes<Op, kComplex, OpOf<input_t>::kRawTerms, kCols>());
     auto blk = Block<input_t, kComplex, kPrefixLd>::of_tiles(p, smem, kCols);
     if (!blk.has_chunk()) return;  // an empty packed slot: the whole block, before any barrier
     intra_pass<Op, kTerms, false, kCols>(blk, smem, p.ws_state, blk.v, p.v_strides,
@@ -226,13 +226,17 @@ __device__ __forceinline__ void chunk_output(const GateloopChunkParams& p) {
 // spill-free under that cap (build.rs rejects spills), else the next count
 // below; GATELOOP_BY_ARCH where sm_80 and sm_90 differ. Shared memory, and
 // the counts on sm_90 (sm_80):
-//   state   complex 60 KB: 3 (2)   real 48 KB: 4 (2 exact, 3 fast)
-//   walk    complex 64 KB: fast 3 (1); exact 1 (1): it spills 8 bytes at 3,
-//           and at 1 takes 112 registers (sm_80: 107), two resident all the same
+//   state   complex 60 KB: 3 (2), bf16 51 KB: 4 (3)
+//           real 48 KB: 4 (2 exact, 3 fast), bf16 39 KB: 5 (4)
+//   walk    complex 64 KB: fast 3 (1), bf16 fast 55 KB: 4 (2); exact 1 (1):
+//           it spills 8 bytes at 3, and at 1 takes 112 registers (sm_80:
+//           107), two resident all the same
 //           real 68 KB (32 channels a block: walk_slab): 3 (2), f16 exact 2
 //           (2: it spilled 4 bytes at 3; bf16 exact fits 3 with its Gram
 //           product rolled, slab_gram's kRolled)
 //   output  complex 82 KB: 2 (2)   real 68 KB: 3 (2)
+// (bf16 state kernels and walks: their value tile one plane, the lo plane a
+// bf16 input never has; speed log item 47.)
 // (A count above what the arch's shared memory holds only caps registers:
 // where a cap of 4 compiles spill-free and 3 does not, 4 it is.)
 // The real-gate walks took 52 KB and 4 an SM (64 registers) with slabs of
@@ -281,13 +285,13 @@ GATELOOP_CHUNK_ENTRIES(f16, __half, OpBf16, r, false, exact, 3,
                        GATELOOP_BY_ARCH(2, 4), 2, GATELOOP_BY_ARCH(2, 3), GATELOOP_BY_ARCH(2, 3))
 GATELOOP_CHUNK_ENTRIES(f16, __half, OpF16, r, false, fast, 1,
                        GATELOOP_BY_ARCH(3, 4), GATELOOP_BY_ARCH(2, 3), GATELOOP_BY_ARCH(2, 3), GATELOOP_BY_ARCH(2, 3))
-GATELOOP_CHUNK_ENTRIES(bf16, __nv_bfloat16, OpBf16, c, true, exact, 3, GATELOOP_BY_ARCH(2, 3), 1, 2, 2)
+GATELOOP_CHUNK_ENTRIES(bf16, __nv_bfloat16, OpBf16, c, true, exact, 3, GATELOOP_BY_ARCH(3, 4), 1, 2, 2)
 GATELOOP_CHUNK_ENTRIES(bf16, __nv_bfloat16, OpBf16, c, true, fast, 1,
-                       GATELOOP_BY_ARCH(2, 3), GATELOOP_BY_ARCH(1, 3), 2, 2)
+                       GATELOOP_BY_ARCH(3, 4), GATELOOP_BY_ARCH(2, 4), 2, 2)
 GATELOOP_CHUNK_ENTRIES(bf16, __nv_bfloat16, OpBf16, r, false, exact, 3,
-                       GATELOOP_BY_ARCH(2, 4), GATELOOP_BY_ARCH(2, 3), GATELOOP_BY_ARCH(2, 3), GATELOOP_BY_ARCH(2, 3))
+                       GATELOOP_BY_ARCH(4, 5), GATELOOP_BY_ARCH(2, 3), GATELOOP_BY_ARCH(2, 3), GATELOOP_BY_ARCH(2, 3))
 GATELOOP_CHUNK_ENTRIES(bf16, __nv_bfloat16, OpBf16, r, false, fast, 1,
-                       GATELOOP_BY_ARCH(3, 4), GATELOOP_BY_ARCH(2, 3), GATELOOP_BY_ARCH(2, 3), GATELOOP_BY_ARCH(2, 3))
+                       GATELOOP_BY_ARCH(4, 5), GATELOOP_BY_ARCH(2, 3), GATELOOP_BY_ARCH(2, 3), GATELOOP_BY_ARCH(2, 3))
 
 // gateloop_chunk_output_frag_{f16,bf16}_{c,r}_{exact,fast}: the output launch
 // on register fragments (cuda/chunk_frag.cuh), 16-bit inputs only (m16n8k16

@@ -1558,19 +1558,21 @@ __host__ __device__ constexpr int split_bytes(int rows, int ld) {
 // input tile: raw_tile_terms; its lo plane is neither staged nor read).
 template <class Op, int kTerms>
 __host__ __device__ constexpr int terms_bytes(int rows, int ld) {
-    return (kTerms == 1 ? 1 : 2) * rows * ld * static_cast<int>(sizeof(typename Op::storage));
+    return kTerms == 1 ? split_bytes<Op>(rows, ld) / 2 : split_bytes<Op>(rows, ld);
 }
 constexpr int kStagingBytes = kWarps * 16 * 16 * 4;
 
 // The dynamic shared memory of each kernel (src/cuda/chunk.rs: shared_bytes
 // computes the same numbers; every array is a multiple of 128 bytes).
-// The state kernel's (StateSmem) for slabs of kChannels; kRawInStaging: the
-// raw key slab in the staging tiles' bytes (the walks').
-template <class Op, bool kComplex, int kChannels = kSlab, bool kRawInStaging = false>
+// The state kernel's (StateSmem) for slabs of kChannels; kTileTerms: the
+// raw tile's (OpOf<input_t>::kRawTerms: one plane for bf16 inputs, exact in
+// their operand at any kTerms, else two); kRawInStaging: the raw key slab
+// in the staging tiles' bytes (the walks').
+template <class Op, bool kComplex, int kTileTerms, int kChannels = kSlab, bool kRawInStaging = false>
 __host__ __device__ constexpr int state_smem_bytes() {
     return prefix_bytes<kComplex, kChannels>() + (kRawInStaging ? 0 : kChunk * kChannels * 4) +
-           split_bytes<Op>(kChunk, ld_tile<Op>()) + split_bytes<Op>(kChunk, ld_slab<Op, kComplex, kChannels>()) +
-           kStagingBytes;
+           terms_bytes<Op, kTileTerms>(kChunk, ld_tile<Op>()) +
+           split_bytes<Op>(kChunk, ld_slab<Op, kComplex, kChannels>()) + kStagingBytes;
 }
 template <class Op, bool kComplex, int kCols = kVTile>
 __host__ __device__ constexpr int output_slab_bytes() {
@@ -1580,36 +1582,37 @@ __host__ __device__ constexpr int output_slab_bytes() {
            split_bytes<Op>((kSubs - 1) * kSub, ld_slab<Op, kComplex>()); // k̃ per key sub-chunk
 }
 // The final phase's P and one kVTile of V (a wide block stages its V in
-// kVTile halves, one after the other, in the same bytes).
-template <class Op>
+// kVTile halves, one after the other, in the same bytes); kTileTerms: V's
+// (or dY's), OpOf<input_t>::kRawTerms: one plane for bf16 inputs.
+template <class Op, int kTileTerms>
 __host__ __device__ constexpr int output_final_bytes() {
-    return split_bytes<Op>(kChunk, ld_tile<Op>()) + split_bytes<Op>(kChunk, ld_tile<Op>());  // P, V
+    return split_bytes<Op>(kChunk, ld_tile<Op>()) + terms_bytes<Op, kTileTerms>(kChunk, ld_tile<Op>());  // P, V
 }
-template <class Op, bool kComplex, int kCols = kVTile>
+template <class Op, bool kComplex, int kTileTerms, int kCols = kVTile>
 __host__ __device__ constexpr int output_union_bytes() {
-    return cmax(output_slab_bytes<Op, kComplex, kCols>(), output_final_bytes<Op>());
+    return cmax(output_slab_bytes<Op, kComplex, kCols>(), output_final_bytes<Op, kTileTerms>());
 }
 // kCols: the block's value columns (kVTile, or kWideCols: intra_pass).
-template <class Op, bool kComplex, int kCols = kVTile>
+template <class Op, bool kComplex, int kTileTerms, int kCols = kVTile>
 __host__ __device__ constexpr int output_smem_bytes() {
     return prefix_bytes<kComplex, kPrefixLd>() + 2 * kChunk * kPrefixLd * 4 +
-           output_union_bytes<Op, kComplex, kCols>() + kSubs * kSub * kSub * 4 + kStagingBytes;
+           output_union_bytes<Op, kComplex, kTileTerms, kCols>() + kSubs * kSub * kSub * 4 + kStagingBytes;
 }
 // The backward's grad_dv (intra_pass with kAdjoint, which reads P where the
 // output kernel forms it): the output layout less what only forming P
 // takes — raw q, the anchored q̃ and k̃ rows, the diagonal blocks — so
 // the prefix tables, raw k, a union of the slab phase's K̃ and state slab
 // with the final phase's P and dY, the staging tiles.
-template <class Op, bool kComplex, int kCols = kVTile>
+template <class Op, bool kComplex, int kTileTerms, int kCols = kVTile>
 __host__ __device__ constexpr int adjoint_union_bytes() {
     return cmax(split_bytes<Op>(kChunk, ld_slab<Op, kComplex>()) +
                     split_bytes<Op>(slab_width<kComplex>(), ld_tile<Op, kCols>()),
-                output_final_bytes<Op>());
+                output_final_bytes<Op, kTileTerms>());
 }
-template <class Op, bool kComplex, int kCols = kVTile>
+template <class Op, bool kComplex, int kTileTerms, int kCols = kVTile>
 __host__ __device__ constexpr int adjoint_smem_bytes() {
-    return prefix_bytes<kComplex, kPrefixLd>() + kChunk * kPrefixLd * 4 + adjoint_union_bytes<Op, kComplex, kCols>() +
-           kStagingBytes;
+    return prefix_bytes<kComplex, kPrefixLd>() + kChunk * kPrefixLd * 4 +
+           adjoint_union_bytes<Op, kComplex, kTileTerms, kCols>() + kStagingBytes;
 }
 
 // Carves split operands off a bump pointer.
@@ -1628,18 +1631,22 @@ __device__ __forceinline__ Split<Op> carve(unsigned char*& at, int rows, int ld)
 // a product of one term reads hi alone).
 template <class Op, int kTerms>
 __device__ __forceinline__ Split<Op> carve_terms(unsigned char*& at, int rows, int ld) {
-    Split<Op> s = carve<Op>(at, rows, ld);
     if constexpr (kTerms == 1) {
-        s.lo = s.hi;
-        at -= split_bytes<Op>(rows, ld) - terms_bytes<Op, 1>(rows, ld);
+        Split<Op> s;
+        s.hi = s.lo = reinterpret_cast<typename Op::storage*>(at);
+        s.ld = ld;
+        at += terms_bytes<Op, 1>(rows, ld);
+        return s;
+    } else {
+        return carve<Op>(at, rows, ld);
     }
-    return s;
 }
 
 // The shared layout of the state kernel (cuda/chunk.cu: chunk_state) and of
 // the backward's grad_w, which runs the same product with other operands
 // (raw q for raw k, dY for V, [Re Q̃ | −Im Q̃] for K̃): after the prefix
-// tables, the raw key slab, the value-like tile (kChunk × kVTile), the slab
+// tables, the raw key slab, the value-like tile (kChunk × kVTile; a bf16
+// input's one plane, kTileTerms = OpOf::kRawTerms = 1), the slab
 // operand (kChunk × slab width, row-major, read as the column-major A of
 // the Gram product), then each warp's staging tile: state_smem_bytes.
 // The walks (walk_chunks) take it for slabs of walk_slab channels, with
@@ -1649,7 +1656,7 @@ __device__ __forceinline__ Split<Op> carve_terms(unsigned char*& at, int rows, i
 // tiles) and before the next chunk's stage (after build_prefix's
 // barriers): a real-gate walk's 8 KB, so that three blocks an SM fit an
 // H200 (68 KB each).
-template <class Op, bool kComplex, int kChannels = kSlab, bool kRawInStaging = false>
+template <class Op, bool kComplex, int kTileTerms, int kChannels = kSlab, bool kRawInStaging = false>
 struct StateSmem {
     static_assert(!kRawInStaging || kChunk * kChannels * 4 <= kStagingBytes, "the raw slab fits the staging tiles");
     float* raw;
@@ -1660,7 +1667,7 @@ struct StateSmem {
         unsigned char* at = smem + prefix_bytes<kComplex, kChannels>();
         float* own_raw = reinterpret_cast<float*>(at);
         if (!kRawInStaging) at += kChunk * kChannels * 4;
-        tile = carve<Op>(at, kChunk, ld_tile<Op>());
+        tile = carve_terms<Op, kTileTerms>(at, kChunk, ld_tile<Op>());
         slab = carve<Op>(at, kChunk, ld_slab<Op, kComplex, kChannels>());
         raw = kRawInStaging ? reinterpret_cast<float*>(at) : own_raw;
         staging = reinterpret_cast<float*>(at) + warp * 256;
@@ -1836,16 +1843,17 @@ __device__ __forceinline__ void store_decay(const Block<input_t, kComplex, kLd>&
 // layout (StateSmem) for walk_slab channels, the raw slab in the staging
 // tiles, then the slab's carried state [kWidth][kVTile] and its decays
 // [walk_slab] (src/cuda/chunk.rs: sequential_shared_bytes).
-template <class Op, bool kComplex>
+template <class Op, typename input_t, bool kComplex>
 __host__ __device__ constexpr int seq_smem_bytes() {
     constexpr int kCh = walk_slab<kComplex>();
-    return state_smem_bytes<Op, kComplex, kCh, true>() + slab_width<kComplex, kCh>() * kVTile * 4 + kCh * 2 * 4;
+    return state_smem_bytes<Op, kComplex, OpOf<input_t>::kRawTerms, kCh, true>() +
+           slab_width<kComplex, kCh>() * kVTile * 4 + kCh * 2 * 4;
 }
 // The block and shared layout of the walks.
 template <typename input_t, bool kComplex>
 using WalkBlock = Block<input_t, kComplex, walk_slab<kComplex>()>;
-template <class Op, bool kComplex>
-using WalkSmem = StateSmem<Op, kComplex, walk_slab<kComplex>(), true>;
+template <class Op, typename input_t, bool kComplex>
+using WalkSmem = StateSmem<Op, kComplex, OpOf<input_t>::kRawTerms, walk_slab<kComplex>(), true>;
 
 // The two raw inputs a walk stages each chunk: a slab of `keys` (k, or
 // the backward's q) into the raw table and a value tile of `tile` (v, or
@@ -1889,7 +1897,7 @@ __device__ __forceinline__ WalkLoads<input_t, kComplex> walk_fetch(const WalkBlo
 // the vector path; none where the tile comes by cp.async.
 template <int kAhead, class Op, int kTerms, bool kTileAsync = false, typename input_t, bool kComplex>
 __device__ __forceinline__ void walk_put(const WalkBlock<input_t, kComplex>& blk, const WalkRows<input_t>& rows,
-                                         const WalkLoads<input_t, kComplex>& e, const WalkSmem<Op, kComplex>& sm) {
+                                         const WalkLoads<input_t, kComplex>& e, const WalkSmem<Op, input_t, kComplex>& sm) {
     constexpr int kTileTerms = raw_tile_terms<input_t, kTerms>();
     blk.put_keys(e.keys, sm.raw);
     if constexpr (!kTileAsync) {
@@ -1933,12 +1941,13 @@ __device__ __forceinline__ void walk_chunks(const GateloopChunkParams& p, unsign
     int64_t idx = blockIdx.x;
     const int64_t d0 = split_index(idx, (p.dims.key_dim + kCh - 1) / kCh) * kCh;
     WalkBlock<input_t, kComplex> blk(p, smem, p.value_tiles, 1, idx);
-    const WalkSmem<Op, kComplex> sm(smem, blk.warp);
+    const WalkSmem<Op, input_t, kComplex> sm(smem, blk.warp);
     const WalkRows<input_t> rows = rows_of(blk);
     // [kWidth][kVTile]: X_c (every warp's tile; the raw slab's bytes, WalkSmem)
     float* xbuf = sm.staging - blk.warp * 256;
     static_assert(kWidth * kVTile * 4 == kStagingBytes, "X_c fills the staging tiles");
-    float* st = reinterpret_cast<float*>(smem + state_smem_bytes<Op, kComplex, kCh, true>());  // [kWidth][kVTile]: S
+    // [kWidth][kVTile]: S
+    float* st = reinterpret_cast<float*>(smem + state_smem_bytes<Op, kComplex, OpOf<input_t>::kRawTerms, kCh, true>());
     float2* dec = reinterpret_cast<float2*>(st + kWidth * kVTile);  // [kCh]: a_c
     const int64_t key_dim = p.dims.key_dim;
     const int64_t value_dim = p.dims.value_dim;
@@ -2387,11 +2396,14 @@ __device__ __forceinline__ void intra_pass(Block<input_t, kComplex, kLd>& blk, u
     const Split<Op> qa = carve<Op>(at, kPairs * kSub, ld_slab<Op, kComplex>());
     // k̃ [m][col] row-major, read as the column-major B = k̃ᵀ.
     const Split<Op> ka = carve<Op>(at, (kSubs - 1) * kSub, ld_slab<Op, kComplex>());
-    // Final phase (same bytes).
+    // Final phase (same bytes); V (dY) one plane for bf16 inputs, whose one
+    // term is exact (raw_tile_terms).
+    constexpr int kRawTerms = OpOf<input_t>::kRawTerms;
     unsigned char* fin = union_at;
     const Split<Op> ps = carve<Op>(fin, kChunk, ld_tile<Op>());
-    const Split<Op> vs = carve<Op>(fin, kChunk, ld_tile<Op>());
-    at = union_at + (saved ? adjoint_union_bytes<Op, kComplex, kCols>() : output_union_bytes<Op, kComplex, kCols>());
+    const Split<Op> vs = carve_terms<Op, kRawTerms>(fin, kChunk, ld_tile<Op>());
+    at = union_at + (saved ? adjoint_union_bytes<Op, kComplex, kRawTerms, kCols>()
+                           : output_union_bytes<Op, kComplex, kRawTerms, kCols>());
     float* pdiag = saved ? nullptr : reinterpret_cast<float*>(at);  // [kSubs][16][16]
     if (!saved) at += kSubs * kSub * kSub * 4;
     // The warps' staging tiles: the diagonal blocks' cross rows in the slab

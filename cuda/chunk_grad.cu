@@ -95,15 +95,18 @@ constexpr int kGradTerms = 3;
 
 // grad_qk's shared memory (grad_w and grad_dv take the forward state and
 // output kernels' layouts). After the prefix tables: q, k raw and s (f32,
-// live throughout); then a union of the s phase (dY, V tiles as split
-// operands; bf16: hi planes alone, carve_terms) and, per slab, first the
-// off-diagonal phase (the six s blocks,
-// the anchored q̃, k̃ as split operands, then their products X, Y and the
-// diagonal sub-chunks' cross rows in f32) and
-// then the inter-chunk phase (dY, V, S_in, D over kInterCols value columns
-// as split operands, reused for the products X, Y in f32); then w', u, the
-// per-head sums and the through terms (f32, live across the slab loop).
-// Every region but the last two a multiple of 128 bytes.
+// live throughout); then, per slab, a union of the off-diagonal phase (the
+// six s blocks, the anchored q̃, k̃ as split operands, then their products
+// X, Y and the diagonal sub-chunks' cross rows in f32) and the inter-chunk
+// phase (dY, V, S_in, D over kInterCols value columns as split operands,
+// reused for the products X, Y in f32); then the tail: P's blocks for
+// grad_dv, w', u, the per-head sums and the through terms (f32, live across
+// the slab loop). The s phase, before any of those, stages its dY and V
+// tiles (split operands; bf16: hi planes alone, carve_terms) from the
+// union's first byte on, past its end into the tail where they are longer
+// (16-bit inputs: 36 864 bytes against the union's 32 256): the tail is
+// first written after the s phase's last barrier (qk_smem_bytes).
+// Every region but the tail's last two a multiple of 128 bytes.
 // src/cuda/chunk_grad.rs: shared_bytes.
 constexpr int kInterCols = kVTile / 2;  // value columns per step of the inter-chunk products
 // w' and u rows: one float2 per channel and a pad, so that a half-warp
@@ -147,21 +150,28 @@ template <bool kComplex>
 __host__ __device__ constexpr int offdiag_out_bytes() {
     return 4 * (kPairs + kSubs - 1) * kSub * ld_product<kComplex>();
 }
-// kRawTerms: the s phase's dY and V tiles (one plane each for bf16 inputs).
-template <class Op, bool kComplex, int kRawTerms>
+// The slab phases' union (the s phase's tiles are counted apart: qk_smem_bytes).
+template <class Op, bool kComplex>
 __host__ __device__ constexpr int qk_union_bytes() {
-    return cmax(cmax(2 * terms_bytes<Op, kRawTerms>(kChunk, ld_tile<Op>()), qk_inter_bytes<Op, kComplex>()),
-                cmax(qk_offdiag_bytes<Op, kComplex>(),
-                     offdiag_out_bytes<kComplex>() + cross_scratch_bytes<kComplex>()));
+    return cmax(qk_inter_bytes<Op, kComplex>(),
+                cmax(qk_offdiag_bytes<Op, kComplex>(), offdiag_out_bytes<kComplex>() + cross_scratch_bytes<kComplex>()));
+}
+// The s phase's dY and V tiles, kRawTerms each (one plane for bf16 inputs).
+template <class Op, int kRawTerms>
+__host__ __device__ constexpr int qk_s_phase_bytes() {
+    return 2 * terms_bytes<Op, kRawTerms>(kChunk, ld_tile<Op>());
 }
 // grad_qk's blocks of the scores P for grad_dv (grad_qk_scores): the six
 // off-diagonal and four diagonal 16 × 16 f32 blocks.
 constexpr int kQkScoresBytes = 4 * (kPairs + kSubs) * kSub * kSub;
+// The tail after the union: P's blocks, w' and u rows, the per-head sums,
+// the through terms.
+constexpr int kQkTailBytes = kQkScoresBytes + 4 * (2 * 2 * kChunk * kLdGate + 2 * 2 * kChunk + 2 * kSlab + 2);
+// The s phase's tiles overlay the union and, where longer, the tail.
 template <class Op, bool kComplex, int kRawTerms>
 __host__ __device__ constexpr int qk_smem_bytes() {
     return prefix_bytes<kComplex, kPrefixLd>() + 4 * (2 * kChunk * kPrefixLd + kChunk * kChunk) +
-           qk_union_bytes<Op, kComplex, kRawTerms>() +
-           kQkScoresBytes + 4 * (2 * 2 * kChunk * kLdGate + 2 * 2 * kChunk + 2 * kSlab + 2);
+           cmax(qk_s_phase_bytes<Op, kRawTerms>(), qk_union_bytes<Op, kComplex>() + kQkTailBytes);
 }
 
 // The off-diagonal sub-chunk blocks of one slab on tensor cores, into f32
@@ -269,12 +279,12 @@ __device__ __forceinline__ void grad_w(const GateloopChunkGradParams& g) {
     using Op = typename OpOf<input_t>::type;
     extern __shared__ __align__(128) unsigned char smem[];
     // The forward state kernel's layout: raw q for raw k, dY for V, Q̃ for K̃.
-    check_shared(g.w_shared_bytes, state_smem_bytes<Op, kComplex>());
+    check_shared(g.w_shared_bytes, state_smem_bytes<Op, kComplex, OpOf<input_t>::kRawTerms>());
     const GateloopChunkParams& p = g.fwd;
     Block<input_t, kComplex> blk(p, smem);
     if (!blk.has_chunk()) return;  // an empty packed slot: the whole block, before any barrier
     // Raw q, the dY tile, [Re Q̃ | −Im Q̃] [n][col] (read as the column-major A = Q̃ᴴ).
-    const StateSmem<Op, kComplex> sm(smem, blk.warp);
+    const StateSmem<Op, kComplex, OpOf<input_t>::kRawTerms> sm(smem, blk.warp);
     float* qraw = sm.raw;
     const Split<Op>& dys = sm.tile;
     const Split<Op>& qe = sm.slab;
@@ -306,7 +316,7 @@ template <typename input_t, bool kComplex>
 __device__ __forceinline__ void grad_w_seq(const GateloopChunkGradParams& g) {
     using Op = typename OpOf<input_t>::type;
     extern __shared__ __align__(128) unsigned char smem[];
-    check_shared(g.w_shared_bytes, seq_smem_bytes<Op, kComplex>());
+    check_shared(g.w_shared_bytes, seq_smem_bytes<Op, input_t, kComplex>());
     const GateloopChunkParams& p = g.fwd;
     const bool has_dh_final = (g.grad_flags & GATELOOP_GRAD_FLAG_HAS_DH_FINAL) != 0;
     const bool has_dh0 = (g.grad_flags & GATELOOP_GRAD_FLAG_HAS_DH0) != 0;
@@ -317,7 +327,7 @@ __device__ __forceinline__ void grad_w_seq(const GateloopChunkGradParams& g) {
             return WalkRows<input_t>{blk.q, p.q_strides, seq_row<input_t>(g.dy, g.dy_strides, blk.b, blk.h),
                                      g.dy_strides};
         },
-        [&](const WalkBlock<input_t, kComplex>& blk, const WalkSmem<Op, kComplex>& sm) {
+        [&](const WalkBlock<input_t, kComplex>& blk, const WalkSmem<Op, input_t, kComplex>& sm) {
             // [Re Q̃ | −Im Q̃] and dY, as grad_w stages them.
             put_inter_queries<Op, kGradTerms>(blk, sm.raw, sm.slab);
         });
@@ -584,7 +594,7 @@ __device__ __forceinline__ void grad_qk(const GateloopChunkGradParams& g) {
     f += kChunk * kChunk;
     // The s phase | per slab the off-diagonal phase, then the inter-chunk phase.
     unsigned char* union_at = reinterpret_cast<unsigned char*>(f);
-    f = reinterpret_cast<float*>(union_at + qk_union_bytes<Op, kComplex, kRawTerms>());
+    f = reinterpret_cast<float*>(union_at + qk_union_bytes<Op, kComplex>());
     // P for grad_dv (kQkScoresBytes): [kPairs][16][16] off-diagonal blocks
     // (wmma accumulators: 32-byte aligned, as every region up to here),
     // then [kSubs][16][16] diagonal blocks.
@@ -611,9 +621,11 @@ __device__ __forceinline__ void grad_qk(const GateloopChunkGradParams& g) {
 
     // s = dY Vᵀ on tensor cores, over every value tile in order: warp w owns
     // the 16 × 16 tiles (w / 2, 2·(w % 2) + t) of s, t < 2. dY and V are
-    // staged as split operands in the union (the slab phase's buffers are
-    // idle until the first slab's tables; build_prefix's barriers keep them
-    // until every warp is done) and the accumulators stored straight into ds.
+    // staged as split operands from the union's first byte, 16-bit inputs'
+    // past its end into the tail (the slab phase's buffers are idle until the
+    // first slab's tables; build_prefix's barriers keep them until every warp
+    // is done; the tail is first written below, after the loop's last
+    // barrier) and the accumulators stored straight into ds.
     {
         unsigned char* at = union_at;
         const Split<Op> dys = carve_terms<Op, kRawTerms>(at, kChunk, ld_tile<Op>());
@@ -644,6 +656,7 @@ __device__ __forceinline__ void grad_qk(const GateloopChunkGradParams& g) {
             store_accumulator(ds + 16 * sr * kChunk + 16 * (sc + t), sacc[t], kChunk);
         }
     }
+    // The s phase's tiles are dead (its loop ended on a barrier): the tail.
     for (int i = tid; i < kChunk; i += kThreads) {
         head_w[i] = make_float2(0.f, 0.f);
         head_u[i] = make_float2(0.f, 0.f);
@@ -1087,7 +1100,7 @@ template <typename input_t, bool kComplex, int kCols = kVTile>
 __device__ __forceinline__ void grad_dv(const GateloopChunkGradParams& g) {
     using Op = typename OpOf<input_t>::type;
     extern __shared__ __align__(128) unsigned char smem[];
-    check_shared(g.dv_shared_bytes, adjoint_smem_bytes<Op, kComplex, kCols>());
+    check_shared(g.dv_shared_bytes, adjoint_smem_bytes<Op, kComplex, OpOf<input_t>::kRawTerms, kCols>());
     auto blk = Block<input_t, kComplex, kPrefixLd>::of_tiles(g.fwd, smem, kCols);
     if (!blk.has_chunk()) return;  // an empty packed slot: the whole block, before any barrier
     const input_t* __restrict__ dy = seq_row<input_t>(g.dy, g.dy_strides, blk.b, blk.h);
@@ -1114,17 +1127,20 @@ __device__ __forceinline__ void grad_dv(const GateloopChunkGradParams& g) {
 // for 16-bit inputs the most blocks their shared memory lets an SM hold where
 // ptxas compiles them spill-free under that register cap, else the next
 // count below. grad_w and grad_w_seq have the layouts of the forward's state
-// kernel and walk (complex 60 and 64 KB, real 48 and 68 KB: the real walk's
-// blocks take 32 channels, walk_slab): on sm_90 grad_w 3 (bf16 real 4, 54
-// registers; at 3 it took 66, one block fewer), grad_w_seq 3 (f16 real 2:
-// 8 bytes spilled at 3); on sm_80 grad_w 2 (real: 3 and 4 spill),
-// grad_w_seq 1 complex (113 registers: two
-// resident) and 2 real. grad_qk 2 (108 KB complex, 100 KB real, with the
-// scores' blocks) and grad_dv 2 on sm_80, 3 on sm_90 (adjoint_smem_bytes:
-// 74 KB complex, 64 KB real; 76 to 80 registers at 3): with one block per
+// kernel and walk (complex 60 and 64 KB, real 48 and 68 KB, bf16 9 KB less
+// each: its dY tile one plane; the real walk's blocks take 32 channels,
+// walk_slab): on sm_90 grad_w 3 (bf16 4 complex, 5 real: 56 and 44
+// registers), grad_w_seq 3 (f16 real 2: 8 bytes spilled at 3; bf16 complex
+// 4); on sm_80 grad_w 2 (f16 real: 3 and 4 spill; bf16 3 complex, 4 real),
+// grad_w_seq 1 f16 complex (two resident all the same), 2 bf16 complex and
+// real. grad_qk 2 (111 KB complex, 94 KB real with 16-bit inputs, the
+// scores' blocks included: two an H200 SM, one an A100's) and grad_dv 2 on
+// sm_80, 3 on sm_90 (adjoint_smem_bytes: 74 KB complex, 64 KB real; 76 to
+// 80 registers at 3; bf16 real 4, its 55 KB with dY one plane, 63 and 64
+// registers): with one block per
 // SM (8 warps) every barrier of the block idled the SM — the gate prefix,
 // the staging, the per-channel gate scans.
-// f32: grad_w 2, grad_w_seq 1, grad_qk 1 (143 KB; 132 KB real), grad_dv 1
+// f32: grad_w 2, grad_w_seq 1, grad_qk 1 (135 KB; 114 KB real), grad_dv 1
 // on sm_80 and 2 on sm_90 (106 KB complex, 96 KB real: twice on sm_90;
 // 112 registers complex, 96 real).
 
@@ -1149,19 +1165,20 @@ __device__ __forceinline__ void grad_dv(const GateloopChunkGradParams& g) {
 GATELOOP_CHUNK_GRAD_ENTRIES(f32, float, c, true, 2, 1, 1, GATELOOP_BY_ARCH(1, 2))
 GATELOOP_CHUNK_GRAD_ENTRIES(f16, __half, c, true, GATELOOP_BY_ARCH(2, 3), GATELOOP_BY_ARCH(1, 3), 2,
                             GATELOOP_BY_ARCH(2, 3))
-GATELOOP_CHUNK_GRAD_ENTRIES(bf16, __nv_bfloat16, c, true, GATELOOP_BY_ARCH(2, 3), GATELOOP_BY_ARCH(1, 3), 2,
+GATELOOP_CHUNK_GRAD_ENTRIES(bf16, __nv_bfloat16, c, true, GATELOOP_BY_ARCH(3, 4), GATELOOP_BY_ARCH(2, 4), 2,
                             GATELOOP_BY_ARCH(2, 3))
 GATELOOP_CHUNK_GRAD_ENTRIES(f32, float, r, false, 2, 1, 1, GATELOOP_BY_ARCH(1, 2))
 GATELOOP_CHUNK_GRAD_ENTRIES(f16, __half, r, false, GATELOOP_BY_ARCH(2, 3), 2, 2,
                             GATELOOP_BY_ARCH(2, 3))
-GATELOOP_CHUNK_GRAD_ENTRIES(bf16, __nv_bfloat16, r, false, GATELOOP_BY_ARCH(2, 4), GATELOOP_BY_ARCH(2, 3), 2,
-                            GATELOOP_BY_ARCH(2, 3))
+GATELOOP_CHUNK_GRAD_ENTRIES(bf16, __nv_bfloat16, r, false, GATELOOP_BY_ARCH(4, 5), GATELOOP_BY_ARCH(2, 3), 2,
+                            GATELOOP_BY_ARCH(2, 4))
 
 // gateloop_chunk_grad_dv_wide_{dtype}_{c,r}: grad_dv over 128 value
 // columns a block (V > 64), in the same bytes as grad_dv
 // (adjoint_smem_bytes: the wide state slab fits the union). MIN as
-// grad_dv's, spill-free on sm_80 and sm_90 (sm_90: real 16-bit and complex
-// bf16 80 registers at 3 an SM, complex f16 2 (24 bytes spilled at 3);
+// grad_dv's, spill-free on sm_80 and sm_90 (sm_90: real f16 and complex
+// bf16 80 registers at 3 an SM, real bf16 64 at 4, complex f16 2 (24 bytes
+// spilled at 3);
 // f32 128 at 2, 1 on sm_80, which their 96 and 106 KB do not fit twice).
 #define GATELOOP_CHUNK_GRAD_DV_WIDE_ENTRY(DTYPE, TYPE, GATE, CPLX, MIN)                                      \
     extern "C" __global__ void __launch_bounds__(gateloop::chunk::kThreads, MIN)                             \
@@ -1173,7 +1190,7 @@ GATELOOP_CHUNK_GRAD_DV_WIDE_ENTRY(f16, __half, c, true, 2)
 GATELOOP_CHUNK_GRAD_DV_WIDE_ENTRY(bf16, __nv_bfloat16, c, true, GATELOOP_BY_ARCH(2, 3))
 GATELOOP_CHUNK_GRAD_DV_WIDE_ENTRY(f32, float, r, false, GATELOOP_BY_ARCH(1, 2))
 GATELOOP_CHUNK_GRAD_DV_WIDE_ENTRY(f16, __half, r, false, GATELOOP_BY_ARCH(2, 3))
-GATELOOP_CHUNK_GRAD_DV_WIDE_ENTRY(bf16, __nv_bfloat16, r, false, GATELOOP_BY_ARCH(2, 3))
+GATELOOP_CHUNK_GRAD_DV_WIDE_ENTRY(bf16, __nv_bfloat16, r, false, GATELOOP_BY_ARCH(2, 4))
 
 // gateloop_chunk_grad_adjoint_carry_{c,r}, and
 // gateloop_chunk_grad_adjoint_carry_packed_{c,r} for packed sequences

@@ -424,8 +424,23 @@ pub(super) fn adjoint_shared_bytes(dtype: Dtype, gates: Gates, cols: usize) -> u
     let width = KEY_SLAB * gates.parts();
     let split = |rows: usize, ld: usize| split_bytes(dtype, rows, ld);
     let slab_phase = split(CHUNK_LEN, width + pad) + split(width, cols + pad);
-    let final_phase = 2 * split(CHUNK_LEN, VALUE_TILE + pad);
-    (prefix_bytes(gates, true) + slab_table_bytes(true) + slab_phase.max(final_phase) + STAGING_BYTES) as u32
+    (prefix_bytes(gates, true) + slab_table_bytes(true) + slab_phase.max(final_phase_bytes(dtype)) + STAGING_BYTES)
+        as u32
+}
+
+/// The output and dv kernels' final phase (`output_final_bytes`): P split
+/// and a raw value tile.
+fn final_phase_bytes(dtype: Dtype) -> usize {
+    split_bytes(dtype, CHUNK_LEN, VALUE_TILE + operand_pad(dtype)) + raw_tile_bytes(dtype)
+}
+
+/// A raw value tile (V or dY, 64 × 64 in padded rows) staged as a
+/// tensor-core operand: split (hi and lo planes), one plane for bf16 inputs,
+/// which are exact in their bf16 operand (`carve_terms`, `OpOf::kRawTerms`
+/// in cuda/chunk_common.cuh).
+pub(super) fn raw_tile_bytes(dtype: Dtype) -> usize {
+    let tile = split_bytes(dtype, CHUNK_LEN, VALUE_TILE + operand_pad(dtype));
+    if dtype == Dtype::Bf16 { tile / 2 } else { tile }
 }
 
 /// [`shared_bytes`] for an output block of `cols` value columns (its state
@@ -433,7 +448,7 @@ pub(super) fn adjoint_shared_bytes(dtype: Dtype, gates: Gates, cols: usize) -> u
 fn shared_bytes_cols(dtype: Dtype, gates: Gates, cols: usize) -> (u32, u32) {
     let pad = operand_pad(dtype);
     let width = KEY_SLAB * gates.parts();
-    let (ld_slab, ld_tile) = (width + pad, VALUE_TILE + pad);
+    let ld_slab = width + pad;
     let split = |rows: usize, ld: usize| split_bytes(dtype, rows, ld);
     let subs = CHUNK_LEN / SUB_CHUNK_LEN;
     let pairs = subs * (subs - 1) / 2;
@@ -442,10 +457,9 @@ fn shared_bytes_cols(dtype: Dtype, gates: Gates, cols: usize) -> (u32, u32) {
         + split(width, cols + pad)
         + split(pairs * SUB_CHUNK_LEN, ld_slab)
         + split((subs - 1) * SUB_CHUNK_LEN, ld_slab);
-    let final_phase = 2 * split(CHUNK_LEN, ld_tile);
     let output = prefix_bytes(gates, true)
         + 2 * slab_table_bytes(true)
-        + slab_phase.max(final_phase)
+        + slab_phase.max(final_phase_bytes(dtype))
         + subs * SUB_CHUNK_LEN * SUB_CHUNK_LEN * 4
         + STAGING_BYTES;
     (state as u32, output as u32)
@@ -504,13 +518,14 @@ const STAGING_BYTES: usize = (THREADS as usize / 32) * 16 * 16 * 4;
 /// cuda/chunk_common.cuh) for slabs of `channels` key channels: the prefix
 /// tables in plain rows, the raw key slab (in the staging tiles' bytes with
 /// `raw_in_staging`, the walks'), the value tile and the slab operand as
-/// split operands, the staging tiles.
+/// split operands (the value tile one plane for bf16: [`raw_tile_bytes`]),
+/// the staging tiles.
 fn state_layout_bytes(dtype: Dtype, gates: Gates, channels: usize, raw_in_staging: bool) -> usize {
     let pad = operand_pad(dtype);
     let raw = if raw_in_staging { 0 } else { table_bytes(channels) };
     prefix_tables(gates) * table_bytes(channels)
         + raw
-        + split_bytes(dtype, CHUNK_LEN, VALUE_TILE + pad)
+        + raw_tile_bytes(dtype)
         + split_bytes(dtype, CHUNK_LEN, channels * gates.parts() + pad)
         + STAGING_BYTES
 }
@@ -1246,9 +1261,17 @@ mod tests {
         assert_eq!(shared_bytes(Dtype::F32, Gates::Complex), (86016, 125440));
         assert_eq!(shared_bytes(Dtype::F32, Gates::Real), (69632, 107520));
         assert_eq!(shared_bytes(Dtype::F16, Gates::Complex), (61440, 90624));
-        assert_eq!(shared_bytes(Dtype::Bf16, Gates::Complex), (61440, 90624));
+        assert_eq!(shared_bytes(Dtype::Bf16, Gates::Complex), (61440 - 9216, 90624));
         assert_eq!(shared_bytes(Dtype::F16, Gates::Real), (49152, 74752));
-        assert_eq!(shared_bytes(Dtype::Bf16, Gates::Real), (49152, 74752));
+        assert_eq!(shared_bytes(Dtype::Bf16, Gates::Real), (49152 - 9216, 74752 - 9216));
+        // bf16's value tile is one plane (2·64·72·2 / 2 = 9216 bytes less):
+        // its state kernel (and the backward's grad_w) 4 complex or 5 real
+        // blocks an H200 SM (228 KiB, 1 KiB reserved a block), 3 or 4 an
+        // A100's (164 KiB), where the launch bounds in cuda/chunk.cu count on
+        // them.
+        let fit = |bytes: u32, kib: u32| kib * 1024 / (bytes + 1024);
+        let (complex, real) = (shared_bytes(Dtype::Bf16, Gates::Complex).0, shared_bytes(Dtype::Bf16, Gates::Real).0);
+        assert_eq!((fit(complex, 228), fit(real, 228), fit(complex, 164), fit(real, 164)), (4, 5, 3, 4));
         // The wide output: a state slab of 128 columns (complex f32: 2·32·132·4
         // = 33792 in place of 17408), V in halves through the narrow final
         // phase's bytes. Real gates' slab phase stays under the final phase
@@ -1258,15 +1281,25 @@ mod tests {
         assert_eq!(wide_output_shared_bytes(Dtype::F32, Gates::Real), 107520);
         assert_eq!(wide_output_shared_bytes(Dtype::Bf16, Gates::Complex), 98816);
         assert_eq!(wide_output_shared_bytes(Dtype::F16, Gates::Complex), 98816);
-        assert_eq!(wide_output_shared_bytes(Dtype::Bf16, Gates::Real), 74752);
+        // bf16 real: its final phase's V one plane (2·64·72·2 + 64·72·2 =
+        // 27648), under the wide slab phase's 2·2·(64·24 + 16·136 + 96·24 +
+        // 48·24) = 28672: 1024 bytes over the narrow launch's, still three
+        // an H200 SM.
+        let wide = wide_output_shared_bytes(Dtype::Bf16, Gates::Real);
+        assert_eq!((wide, wide - shared_bytes(Dtype::Bf16, Gates::Real).1), (66560, 1024));
+        assert!(3 * (wide + 1024) <= 228 * 1024);
         assert_eq!(wide_output_shared_bytes(Dtype::F16, Gates::Real), 74752);
         // The walks: slabs of 16 (complex) or 32 (real) channels, the raw
         // slab in the staging tiles, then the carried state and decays.
-        // bf16 real: prefix 3·64·32·4 = 24576, V split 2·64·72·2 = 18432,
+        // bf16 real: prefix 3·64·32·4 = 24576, V 64·72·2 = 9216 (one plane),
         // K̃ split 2·64·40·2 = 10240, staging 8192, S 32·64·4 = 8192, decays
         // 32·8 = 256: three blocks an H200 SM (1 KiB reserved each).
-        assert_eq!(sequential_shared_bytes(Dtype::Bf16, Gates::Real), 24576 + 18432 + 10240 + 8192 + 8192 + 256);
-        assert!(3 * (sequential_shared_bytes(Dtype::Bf16, Gates::Real) + 1024) <= 228 * 1024);
+        assert_eq!(sequential_shared_bytes(Dtype::Bf16, Gates::Real), 24576 + 9216 + 10240 + 8192 + 8192 + 256);
+        assert_eq!(fit(sequential_shared_bytes(Dtype::Bf16, Gates::Real), 228), 3);
+        // bf16 complex: 20480 + 9216 + 10240 + 8192 + 8192 + 128, four an
+        // H200 SM (the fast walk's bound), two an A100's.
+        let walk = sequential_shared_bytes(Dtype::Bf16, Gates::Complex);
+        assert_eq!((walk, fit(walk, 228), fit(walk, 164)), (20480 + 9216 + 10240 + 8192 + 8192 + 128, 4, 2));
         // f32 complex: prefix 5·64·16·4 = 20480, V 34816, K̃ 18432, staging
         // 8192, S 2·16·64·4 = 8192, decays 16·8 = 128.
         assert_eq!(sequential_shared_bytes(Dtype::F32, Gates::Complex), 20480 + 34816 + 18432 + 8192 + 8192 + 128);

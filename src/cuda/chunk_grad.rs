@@ -178,13 +178,16 @@ unsafe impl DeviceRepr for GateloopChunkGradParams {}
 /// kernel's pass (`intra_pass` in cuda/chunk_common.cuh) reading the scores,
 /// in that layout less what forming them takes (`adjoint_smem_bytes`;
 /// the wide launch's, of 128 value columns, is the same size);
-/// grad_qk's is `qk_smem_bytes`: q, k raw and s (f32), a union of the s
-/// phase (dY, V split; bf16 their hi planes alone), the off-diagonal phase (the six 16 × 16 blocks of s,
-/// the anchored q̃ per pair and k̃ per key sub-chunk split, reused for their
-/// products in f32 and the diagonal sub-chunks' cross rows) and the inter-chunk phase (dY, V, S_in, D over 32 value
-/// columns split, reused for X, Y in f32), the scores' ten 16 × 16 f32
-/// blocks (summed over the slabs for grad_dv), then w', u, the per-head sums
-/// and the through terms. Real `gates` take a real gate prefix and operand
+/// grad_qk's is `qk_smem_bytes`: q, k raw and s (f32), a union of the
+/// off-diagonal phase (the six 16 × 16 blocks of s, the anchored q̃ per pair
+/// and k̃ per key sub-chunk split, reused for their products in f32 and the
+/// diagonal sub-chunks' cross rows) and the inter-chunk phase (dY, V, S_in,
+/// D over 32 value columns split, reused for X, Y in f32), then a tail: the
+/// scores' ten 16 × 16 f32 blocks (summed over the slabs for grad_dv), w', u,
+/// the per-head sums and the through terms. The s phase (dY, V split; bf16
+/// their hi planes alone), which ends before the tail is first written,
+/// overlays the union and the tail from the union's start.
+/// Real `gates` take a real gate prefix and operand
 /// slabs of K̃ alone, and grad_qk's f32 products X, Y rows of Re alone.
 pub fn shared_bytes(dtype: Dtype, gates: Gates) -> (u32, u32, u32) {
     let (c, s, t) = (chunk::CHUNK_LEN, KEY_SLAB, VALUE_TILE);
@@ -207,22 +210,19 @@ pub fn shared_bytes(dtype: Dtype, gates: Gates) -> (u32, u32, u32) {
     // the prefix row (cuda/chunk_common.cuh: cross_scratch_bytes).
     let cross_ld = if gates == Gates::Complex { 2 * s } else { abi::GATELOOP_CHUNK_PREFIX_LD as usize };
     let offdiag_out = 4 * (pairs + key_subs) * sub * product_ld + 2 * (c / 2) * cross_ld * 4;
+    let union = inter.max(offdiag).max(offdiag_out);
+    // The tail after the union: the scores P's 6 off-diagonal and 4 diagonal
+    // 16 × 16 blocks, summed over the slabs for grad_dv (kQkScoresBytes);
+    // w' and u rows padded by one complex (kLdGate); the per-head sums and
+    // the through terms.
+    let tail = 4 * (pairs + c / sub) * sub * sub + 4 * (2 * 2 * c * (s + 1) + 2 * 2 * c + 2 * s + 2);
     // The s phase's dY and V tiles: one plane each for bf16 inputs, exact in
-    // their bf16 operands (cuda/chunk_grad.cu: qk_union_bytes, carve_terms).
-    let raw_planes = if dtype == Dtype::Bf16 { 1 } else { 2 };
-    let s_phase = 2 * raw_planes * c * (t + pad) * dtype.size_bytes();
-    let union = s_phase.max(inter).max(offdiag).max(offdiag_out);
-    // w' and u rows padded by one complex (cuda/chunk_grad.cu: kLdGate).
-    // The prefix tables and raw q, k in padded rows (Block's kLd).
-    // The scores P's 6 off-diagonal and 4 diagonal 16 × 16 blocks, summed
-    // over the slabs for grad_dv (cuda/chunk_grad.cu: kQkScoresBytes).
-    let scores = 4 * (pairs + c / sub) * sub * sub;
-    let qk = prefix
-        + 2 * chunk::slab_table_bytes(true)
-        + 4 * c * c
-        + union
-        + scores
-        + 4 * (2 * 2 * c * (s + 1) + 2 * 2 * c + 2 * s + 2);
+    // their bf16 operands (carve_terms). They overlay the union and, where
+    // longer, the tail, which is first written after the s phase
+    // (cuda/chunk_grad.cu: qk_smem_bytes).
+    let s_phase = 2 * chunk::raw_tile_bytes(dtype);
+    // The prefix tables and raw q, k in padded rows (Block's kLd), s (f32).
+    let qk = prefix + 2 * chunk::slab_table_bytes(true) + 4 * c * c + s_phase.max(union + tail);
     (w, qk as u32, dv)
 }
 
@@ -1348,62 +1348,69 @@ mod tests {
         // 10240, also padded); grad_w (f32, TF32
         // operands): q raw 4096, dY split 2·64·68·4 = 34816, [Re Q̃ | −Im Q̃]
         // split 2·64·36·4 = 18432, staging 8·16·16·4 = 8192; grad_qk: q, k raw
-        // 8192, s 16384, the union: max(s phase dY, V splits 2·34816 = 69632,
-        // off-diagonal phase s blocks 2·96·20·4 = 15360 + q̃ 2·96·36·4 = 27648
-        // + k̃ 2·48·36·4 = 13824 = 56832 (its products in padded rows
-        // 4·9·16·40 = 23040 and cross rows 2·32·32·4 = 8192),
-        // inter-chunk dY, V splits 2·2·64·36·4 = 36864 and S_in, D splits
-        // 2·2·32·36·4 = 18432) = 69632, w', u 2·64·17·8 = 17408, head sums 1024, through
-        // 128 + 8; grad_dv (the output pass): q, k raw
+        // 8192, s 16384, then max(the s phase's dY, V splits 2·34816 = 69632,
+        // the union and the tail): the union max(off-diagonal phase s blocks
+        // 2·96·20·4 = 15360 + q̃ 2·96·36·4 = 27648 + k̃ 2·48·36·4 = 13824 =
+        // 56832 (its products in padded rows 4·9·16·40 = 23040 and cross
+        // rows 2·32·32·4 = 8192), inter-chunk dY, V splits 2·2·64·36·4 =
+        // 36864 and S_in, D splits 2·2·32·36·4 = 18432) = 56832; the tail:
+        // the score blocks for grad_dv 4·(6 + 4)·16·16 = 10240, w', u
+        // 2·64·17·8 = 17408, head sums 1024, through 128 + 8 = 28808;
+        // grad_dv (the output pass): q, k raw
         // 8192, the slab phase's splits [Re K̃ | Im K̃] 2·64·36·4 = 18432, D
         // slab 2·32·68·4 = 17408, anchored q̃ 2·96·36·4 = 27648, k̃
         // 2·48·36·4 = 13824 (77312 > the final phase's P, dY splits
         // 2·2·64·68·4 = 69632), diagonal scores 4096, staging 8192, less
         // (adjoint_smem_bytes) raw q 5120, q̃, k̃ and the diagonal scores:
         // prefix, raw k, max(18432 + 17408, 69632), staging.
-        // grad_qk's score blocks for grad_dv 4·(6 + 4)·16·16 = 10240.
-        let qk = 25600 + 10240 + 16384 + 69632 + 10240 + 17408 + 1024 + 136;
+        let tail = 10240 + 17408 + 1024 + 136;
+        let qk = 25600 + 10240 + 16384 + 56832 + tail;
         let dv = 25600 + 5120 + 69632 + 8192;
         assert_eq!(shared_bytes(Dtype::F32, Gates::Complex), (20480 + 4096 + 34816 + 18432 + 8192, qk, dv));
         // f16 / bf16 operands (row padding 8): grad_w's dY split 2·64·72·2 =
-        // 18432, Q̃ split 2·64·40·2 = 10240; grad_qk's union max(s phase
-        // 2·2·2·64·72 = 36864, bf16's one plane each 2·64·72·2 = 18432,
-        // off-diagonal 2·2·(96·24 + 96·40 + 48·40) = 32256, its products
-        // and cross rows 31232, inter-chunk 2·2·2·64·40 + 2·2·2·32·40 =
-        // 30720); grad_dv's union max(K̃ and D slab 2·2·(64·40 + 32·72) =
-        // 19456, P and dY 2·2·2·64·72 = 36864).
-        for (dtype, union) in [(Dtype::F16, 36864), (Dtype::Bf16, 32256)] {
-            let qk = 25600 + 10240 + 16384 + union + 10240 + 17408 + 1024 + 136;
-            let dv = 25600 + 5120 + 36864 + 8192;
-            assert_eq!(shared_bytes(dtype, Gates::Complex), (20480 + 4096 + 18432 + 10240 + 8192, qk, dv));
+        // 18432 (bf16 one plane), Q̃ split 2·64·40·2 = 10240; grad_qk's s phase 2·2·2·64·72 =
+        // 36864 (bf16's one plane each 18432) inside the union (off-diagonal
+        // 2·2·(96·24 + 96·40 + 48·40) = 32256, its products and cross rows
+        // 31232, inter-chunk 2·2·2·64·40 + 2·2·2·32·40 = 30720) and the tail;
+        // grad_dv's union max(K̃ and D slab 2·2·(64·40 + 32·72) = 19456, P
+        // and dY 2·2·2·64·72 = 36864, bf16 27648).
+        // grad_w's bf16 dY tile is one plane (9216 bytes less), as the state
+        // kernel's V, and so is grad_dv's in its final phase (P and dY
+        // 18432 + 9216 = 27648, over the slab phase's 19456).
+        for (dtype, dy_tile) in [(Dtype::F16, 18432), (Dtype::Bf16, 9216)] {
+            let qk = 25600 + 10240 + 16384 + 32256 + tail;
+            let dv = 25600 + 5120 + 18432 + dy_tile + 8192;
+            assert_eq!(shared_bytes(dtype, Gates::Complex), (20480 + 4096 + dy_tile + 10240 + 8192, qk, dv));
+            // Two complex 16-bit grad_qk blocks fit an H200 SM (228 KiB, 1
+            // KiB reserved a block).
+            assert!(2 * (qk + 1024) <= 228 * 1024, "{dtype}");
         }
-        // Two complex bf16 grad_qk blocks fit an H200 SM (228 KiB, 1 KiB
-        // reserved a block), where the f16 one's 117896 bytes take one.
-        assert!(2 * (shared_bytes(Dtype::Bf16, Gates::Complex).1 + 1024) <= 228 * 1024);
         // Real gates: prefix 3·64·16·4 = 12288 (grad_qk's padded 3·64·20·4 =
         // 15360); grad_w the real forward state kernel's, grad_dv the
         // prefix, raw k 5120, its union and staging; grad_qk's slab operands 16 wide (S_in, D splits
         // of 16 rows, q̃ and k̃ of 16 columns) and its f32 products' rows
-        // 16 + 8. f32: union max(s phase 69632, inter-chunk 2·18432 +
-        // 2·2·16·36·4 = 46080, off-diagonal 15360 + 2·96·20·4 + 2·48·20·4 =
-        // 38400, products 4·9·16·24 = 13824 and cross rows 2·32·20·4 =
-        // 5120) = 69632; then the score blocks, 10240.
-        let tail = 10240 + 17408 + 1024 + 136;
+        // 16 + 8. f32: union max(inter-chunk 2·18432 + 2·2·16·36·4 = 46080,
+        // off-diagonal 15360 + 2·96·20·4 + 2·48·20·4 = 38400, products
+        // 4·9·16·24 = 13824 and cross rows 2·32·20·4 = 5120) = 46080, with
+        // the tail longer than the s phase's 69632.
         let (w, _) = chunk::shared_bytes(Dtype::F32, Gates::Real);
         assert_eq!(w, 12288 + 4096 + 34816 + 2 * 64 * 20 * 4 + 8192);
         // grad_dv's union max(K̃ and D slab 2·64·20·4 + 2·16·68·4 = 18944,
         // P and dY 69632).
         let dv = 15360 + 5120 + 69632 + 8192;
-        assert_eq!(shared_bytes(Dtype::F32, Gates::Real), (w, 15360 + 10240 + 16384 + 69632 + tail, dv));
-        // 16-bit: union max(s phase 36864 (bf16 18432), inter-chunk
-        // 2·2·2·64·40 + 2·2·2·16·40 = 25600, off-diagonal 2·2·(96·24 +
-        // 96·24 + 48·24) = 23040, products and cross rows 18944) = 36864
-        // (bf16 25600); grad_dv's max(2·2·(64·24 + 16·72) = 10752, 36864).
-        for (dtype, union) in [(Dtype::F16, 36864), (Dtype::Bf16, 25600)] {
+        assert_eq!(shared_bytes(Dtype::F32, Gates::Real), (w, 15360 + 10240 + 16384 + 46080 + tail, dv));
+        // 16-bit: union max(inter-chunk 2·2·2·64·40 + 2·2·2·16·40 = 25600,
+        // off-diagonal 2·2·(96·24 + 96·24 + 48·24) = 23040, products and
+        // cross rows 18944) = 25600, with the tail longer than the s phase
+        // (36864, bf16 18432); grad_dv's max(2·2·(64·24 + 16·72) = 10752,
+        // 36864, bf16 27648).
+        for (dtype, dy_tile) in [(Dtype::F16, 18432), (Dtype::Bf16, 9216)] {
             let (w, _) = chunk::shared_bytes(dtype, Gates::Real);
-            let dv = 15360 + 5120 + 36864 + 8192;
-            assert_eq!(shared_bytes(dtype, Gates::Real), (w, 15360 + 10240 + 16384 + union + tail, dv));
+            let dv = 15360 + 5120 + 18432 + dy_tile + 8192;
+            assert_eq!(shared_bytes(dtype, Gates::Real), (w, 15360 + 10240 + 16384 + 25600 + tail, dv));
         }
+        // Four real bf16 grad_dv blocks an H200 SM (its launch bound).
+        assert!(4 * (shared_bytes(Dtype::Bf16, Gates::Real).2 + 1024) <= 228 * 1024);
         // The wide dv launch's (128 value columns): the same bytes, its wider
         // D slab inside the union.
         for dtype in Dtype::ALL {

@@ -152,27 +152,36 @@ static constexpr int staging = (GATELOOP_CHUNK_THREADS / 32) * 16 * 16 * 4;
 // channels, the raw slab in the staging tiles, then the slab's carried
 // state and decays.
 static int walk_slab(bool complex) { return complex ? GATELOOP_CHUNK_KEY_SLAB : GATELOOP_CHUNK_WALK_SLAB_REAL; }
+// The planes of a raw input tile (v, dY) staged as an operand: one for bf16
+// inputs, exact in their operand (chunk_common.cuh: OpOf::kRawTerms,
+// carve_terms), else hi and lo.
+template <class T>
+static int raw_planes() {
+    return std::is_same<T, __nv_bfloat16>::value ? 1 : 2;
+}
 // chunk.rs `state_layout_bytes`: the state kernel's layout for slabs of `ch`
-// channels, the raw slab in the staging tiles' bytes with raw_in_staging.
-static int32_t state_layout_bytes(int s, bool complex, int ch, bool raw_in_staging) {
+// channels, its value tile in `planes` planes, the raw slab in the staging
+// tiles' bytes with raw_in_staging.
+static int32_t state_layout_bytes(int s, int planes, bool complex, int ch, bool raw_in_staging) {
     const int pad = s == 4 ? 4 : 8, C = GATELOOP_CHUNK_LEN;
     auto split = [&](int rows, int ld) { return 2 * rows * ld * s; };
     return (complex ? 5 : 3) * C * ch * 4 + (raw_in_staging ? 0 : C * ch * 4) +
-           split(C, GATELOOP_CHUNK_VALUE_TILE + pad) + split(C, ch * (complex ? 2 : 1) + pad) + staging;
+           planes * C * (GATELOOP_CHUNK_VALUE_TILE + pad) * s + split(C, ch * (complex ? 2 : 1) + pad) + staging;
 }
-static int32_t seq_shared_bytes(int s, bool complex) {
+static int32_t seq_shared_bytes(int s, int planes, bool complex) {
     const int ch = walk_slab(complex);
-    return state_layout_bytes(s, complex, ch, true) + ch * (complex ? 2 : 1) * GATELOOP_CHUNK_VALUE_TILE * 4 + ch * 8;
+    return state_layout_bytes(s, planes, complex, ch, true) + ch * (complex ? 2 : 1) * GATELOOP_CHUNK_VALUE_TILE * 4 +
+           ch * 8;
 }
-static void fwd_shared_bytes(int s, bool complex, int32_t& state, int32_t& output) {
+static void fwd_shared_bytes(int s, int planes, bool complex, int32_t& state, int32_t& output) {
     const int pad = s == 4 ? 4 : 8, C = GATELOOP_CHUNK_LEN, slab = GATELOOP_CHUNK_KEY_SLAB, sub = GATELOOP_CHUNK_SUB_LEN;
     const int width = slab * (complex ? 2 : 1), ld_slab = width + pad, ld_tile = GATELOOP_CHUNK_VALUE_TILE + pad;
     auto split = [&](int rows, int ld) { return 2 * rows * ld * s; };
     const int padded = (complex ? 5 : 3) * C * GATELOOP_CHUNK_PREFIX_LD * 4, padded_raw = C * GATELOOP_CHUNK_PREFIX_LD * 4;
     const int subs = C / sub, pairs = subs * (subs - 1) / 2;
-    state = state_layout_bytes(s, complex, slab, false);
+    state = state_layout_bytes(s, planes, complex, slab, false);
     const int slab_phase = split(C, ld_slab) + split(width, ld_tile) + split(pairs * sub, ld_slab) + split((subs - 1) * sub, ld_slab);
-    const int final_phase = 2 * split(C, ld_tile);
+    const int final_phase = split(C, ld_tile) + planes * C * ld_tile * s;  // P, V
     output = padded + 2 * padded_raw + (slab_phase > final_phase ? slab_phase : final_phase) + subs * sub * sub * 4 + staging;
 }
 
@@ -193,25 +202,28 @@ static int32_t frag_shared_bytes(bool complex) {
 // anchored rows and the diagonal blocks (adjoint_smem_bytes); grad_qk's
 // slab operands are `width` wide, its f32 products' rows width + 8
 // (ld_product), its s phase's dY and V one plane each for bf16 inputs
-// (`raw_planes` 1: carve_terms).
-static void grad_shared_bytes(int size, int raw_planes, bool complex, int32_t& w, int32_t& qk, int32_t& dv) {
+// (`planes` 1: carve_terms), as grad_w's dY.
+static void grad_shared_bytes(int size, int planes, bool complex, int32_t& w, int32_t& qk, int32_t& dv) {
     const int c = GATELOOP_CHUNK_LEN, s = GATELOOP_CHUNK_KEY_SLAB, t = GATELOOP_CHUNK_VALUE_TILE;
     // grad_qk's prefix tables and raw q, k in padded rows, as the output's.
     const int pad = size == 4 ? 4 : 8, sub = GATELOOP_CHUNK_SUB_LEN, ld = GATELOOP_CHUNK_PREFIX_LD;
     const int prefix = (complex ? 5 : 3) * c * ld * 4;
     const int pairs = (c / sub) * (c / sub - 1) / 2, key_subs = c / sub - 1, width = (complex ? 2 : 1) * s;
-    fwd_shared_bytes(size, complex, w, dv);
+    fwd_shared_bytes(size, planes, complex, w, dv);
     auto split = [&](int rows, int ld) { return 2 * rows * ld * size; };
-    dv = prefix + c * ld * 4 + std::max(split(c, width + pad) + split(width, t + pad), 2 * split(c, t + pad)) + staging;
+    const int dy_tile = planes * c * (t + pad) * size;
+    dv = prefix + c * ld * 4 + std::max(split(c, width + pad) + split(width, t + pad), split(c, t + pad) + dy_tile) +
+         staging;
     const int product_ld = width + 8, cross_ld = complex ? 2 * s : ld;
     const int inter = std::max(2 * split(c, t / 2 + pad) + 2 * split(width, t / 2 + pad), 2 * c * product_ld * 4);
     const int offdiag = split(pairs * sub, sub + pad) + split(pairs * sub, width + pad) + split(key_subs * sub, width + pad);
     const int products = 4 * (pairs + key_subs) * sub * product_ld + 2 * (c / 2) * cross_ld * 4;
-    const int uni = std::max({2 * raw_planes * c * (t + pad) * size, inter, offdiag, products});
-    // P's blocks for grad_dv (kQkScoresBytes).
-    const int scores = 4 * (pairs + c / sub) * sub * sub;
-    qk = prefix + 4 * (2 * c * ld + c * c) + uni + scores +
-         4 * (2 * 2 * c * (s + 1) + 2 * 2 * c + 2 * s + 2);  // w', u rows padded
+    const int uni = std::max({inter, offdiag, products});
+    // The tail: P's blocks for grad_dv (kQkScoresBytes), w', u rows padded,
+    // the head sums, the through terms.
+    const int tail = 4 * (pairs + c / sub) * sub * sub + 4 * (2 * 2 * c * (s + 1) + 2 * 2 * c + 2 * s + 2);
+    // The s phase's dY, V tiles overlay the union and the tail.
+    qk = prefix + 4 * (2 * c * ld + c * c) + std::max(2 * dy_tile, uni + tail);
 }
 
 // A block with `bytes` of dynamic shared memory, NaN-poisoned first.
@@ -257,7 +269,7 @@ static int run(const std::string& dir, bool backward, bool sequential, int64_t B
     p.ws_state = ws.data() + decay_len;
     p.num_chunks = nc;
     p.value_tiles = tiles;
-    fwd_shared_bytes(sizeof(T), complex, p.state_shared_bytes, p.shared_bytes);
+    fwd_shared_bytes(sizeof(T), raw_planes<T>(), complex, p.state_shared_bytes, p.shared_bytes);
     int32_t host[7] = {0, 0, 0, 0, 0, 0, 0};
     std::ifstream sf(dir + "/shared.txt");
     const bool has_host = static_cast<bool>(sf);
@@ -326,7 +338,7 @@ static int run(const std::string& dir, bool backward, bool sequential, int64_t B
         g.dgate_strides = seq(L, H, G);
         g.dh_final_strides = g.dh0_strides = GateloopStateStrides{H * K * V, K * V, V};
         g.grad_flags = (has_dhf ? GATELOOP_GRAD_FLAG_HAS_DH_FINAL : 0) | (has_h0 ? GATELOOP_GRAD_FLAG_HAS_DH0 : 0);
-        grad_shared_bytes(sizeof(T), std::is_same<T, __nv_bfloat16>::value ? 1 : 2, complex != 0, g.w_shared_bytes,
+        grad_shared_bytes(sizeof(T), raw_planes<T>(), complex != 0, g.w_shared_bytes,
                           g.qk_shared_bytes, g.dv_shared_bytes);
         if (!from_host(g.w_shared_bytes, 2, "grad_w") || !from_host(g.qk_shared_bytes, 3, "grad_qk") ||
             !from_host(g.dv_shared_bytes, 4, "grad_dv"))
@@ -335,7 +347,7 @@ static int run(const std::string& dir, bool backward, bool sequential, int64_t B
         if (sequential) {
             // state_seq and grad_w_seq (src/cuda/chunk_grad.rs with the
             // forward plan's sequential carry), each its own shared size.
-            g.fwd.state_shared_bytes = seq_shared_bytes(static_cast<int>(sizeof(T)), complex != 0);
+            g.fwd.state_shared_bytes = seq_shared_bytes(static_cast<int>(sizeof(T)), raw_planes<T>(), complex != 0);
             g.w_shared_bytes = g.fwd.state_shared_bytes;
             if (!from_host(g.fwd.state_shared_bytes, 5, "state_seq") || !from_host(g.w_shared_bytes, 5, "grad_w_seq"))
                 return 2;
@@ -362,7 +374,7 @@ static int run(const std::string& dir, bool backward, bool sequential, int64_t B
     if (sequential) {
         // src/cuda/chunk.rs `launch` with ChunkCarry::Sequential: one block
         // per (b, h, value tile, key slab), its own shared size.
-        p.state_shared_bytes = seq_shared_bytes(static_cast<int>(sizeof(T)), complex != 0);
+        p.state_shared_bytes = seq_shared_bytes(static_cast<int>(sizeof(T)), raw_planes<T>(), complex != 0);
         if (!from_host(p.state_shared_bytes, 5, "state_seq")) return 2;
         emu_launch(seq_grid, GATELOOP_CHUNK_THREADS, with_shared(state_seq, p, p.state_shared_bytes));
     } else {
