@@ -180,14 +180,14 @@ __device__ __forceinline__ void chunk_carry(const GateloopChunkParams& p) {
 template <typename input_t, class Op, bool kComplex, int kTerms>
 __device__ __forceinline__ void chunk_state_seq(const GateloopChunkParams& p) {
     extern __shared__ __align__(128) unsigned char smem[];
-    check_shared(p.state_shared_bytes, seq_smem_bytes<Op, input_t, kComplex>());
+    check_shared(p.state_shared_bytes, seq_smem_bytes<Op, input_t, kComplex, kTerms>());
     const bool has_h0 = (p.flags & GATELOOP_FLAG_HAS_H0) != 0;
     walk_chunks<false, Op, kTerms, input_t, kComplex>(
         p, smem, has_h0 ? p.h0 : nullptr, p.h0_strides, p.ws_state, p.h_final, p.h_final_strides,
         [&](const WalkBlock<input_t, kComplex>& blk) {
             return WalkRows<input_t>{blk.k, p.k_strides, blk.v, p.v_strides};
         },
-        [&](const WalkBlock<input_t, kComplex>& blk, const WalkSmem<Op, input_t, kComplex>& sm) {
+        [&](const WalkBlock<input_t, kComplex>& blk, const WalkSmem<Op, input_t, kComplex, kTerms>& sm) {
             // K̃ (the walk stores A_c to ws_decay).
             put_state_keys<Op, kTerms>(blk, sm.raw, sm.slab);
         });
@@ -228,15 +228,16 @@ __device__ __forceinline__ void chunk_output(const GateloopChunkParams& p) {
 // the counts on sm_90 (sm_80):
 //   state   complex 60 KB: 3 (2), bf16 51 KB: 4 (3)
 //           real 48 KB: 4 (2 exact, 3 fast), bf16 39 KB: 5 (4)
-//   walk    complex 64 KB: fast 3 (1), bf16 fast 55 KB: 4 (2); exact 1 (1):
+//   walk    complex 64 KB: fast 3 (1), bf16 fast 50 KB: 4 (3); exact 1 (1):
 //           it spills 8 bytes at 3, and at 1 takes 112 registers (sm_80:
 //           107), two resident all the same
 //           real 68 KB (32 channels a block: walk_slab): 3 (2), f16 exact 2
 //           (2: it spilled 4 bytes at 3; bf16 exact fits 3 with its Gram
-//           product rolled, slab_gram's kRolled)
+//           product rolled, slab_gram's kRolled), bf16 fast 54 KB: 4 (2)
 //   output  complex 82 KB: 2 (2)   real 68 KB: 3 (2)
 // (bf16 state kernels and walks: their value tile one plane, the lo plane a
-// bf16 input never has; speed log item 47.)
+// bf16 input never has, speed log item 47; Fast walks: their one-term slab
+// operand one plane, item 49, the f32 complex fast walk then 2 (2).)
 // (A count above what the arch's shared memory holds only caps registers:
 // where a cap of 4 compiles spill-free and 3 does not, 4 it is.)
 // The real-gate walks took 52 KB and 4 an SM (64 registers) with slabs of
@@ -276,7 +277,7 @@ __device__ __forceinline__ void chunk_output(const GateloopChunkParams& p) {
 // Exact entries take OpOf<TYPE>::type (bf16 splits for f16 inputs: see OpOf);
 // fast entries the input's own operand type.
 GATELOOP_CHUNK_ENTRIES(f32, float, OpTf32, c, true, exact, 3, 2, 1, 1, 1)
-GATELOOP_CHUNK_ENTRIES(f32, float, OpTf32, c, true, fast, 1, 2, 1, 1, 1)
+GATELOOP_CHUNK_ENTRIES(f32, float, OpTf32, c, true, fast, 1, 2, 2, 1, 1)
 GATELOOP_CHUNK_ENTRIES(f32, float, OpTf32, r, false, exact, 3, 2, 1, 1, GATELOOP_BY_ARCH(1, 2))
 GATELOOP_CHUNK_ENTRIES(f32, float, OpTf32, r, false, fast, 1, 2, 2, 2, 2)
 GATELOOP_CHUNK_ENTRIES(f16, __half, OpBf16, c, true, exact, 3, GATELOOP_BY_ARCH(2, 3), 1, 2, 2)
@@ -287,11 +288,11 @@ GATELOOP_CHUNK_ENTRIES(f16, __half, OpF16, r, false, fast, 1,
                        GATELOOP_BY_ARCH(3, 4), GATELOOP_BY_ARCH(2, 3), GATELOOP_BY_ARCH(2, 3), GATELOOP_BY_ARCH(2, 3))
 GATELOOP_CHUNK_ENTRIES(bf16, __nv_bfloat16, OpBf16, c, true, exact, 3, GATELOOP_BY_ARCH(3, 4), 1, 2, 2)
 GATELOOP_CHUNK_ENTRIES(bf16, __nv_bfloat16, OpBf16, c, true, fast, 1,
-                       GATELOOP_BY_ARCH(3, 4), GATELOOP_BY_ARCH(2, 4), 2, 2)
+                       GATELOOP_BY_ARCH(3, 4), GATELOOP_BY_ARCH(3, 4), 2, 2)
 GATELOOP_CHUNK_ENTRIES(bf16, __nv_bfloat16, OpBf16, r, false, exact, 3,
                        GATELOOP_BY_ARCH(4, 5), GATELOOP_BY_ARCH(2, 3), GATELOOP_BY_ARCH(2, 3), GATELOOP_BY_ARCH(2, 3))
 GATELOOP_CHUNK_ENTRIES(bf16, __nv_bfloat16, OpBf16, r, false, fast, 1,
-                       GATELOOP_BY_ARCH(4, 5), GATELOOP_BY_ARCH(2, 3), GATELOOP_BY_ARCH(2, 3), GATELOOP_BY_ARCH(2, 3))
+                       GATELOOP_BY_ARCH(4, 5), GATELOOP_BY_ARCH(2, 4), GATELOOP_BY_ARCH(2, 3), GATELOOP_BY_ARCH(2, 3))
 
 // gateloop_chunk_output_frag_{f16,bf16}_{c,r}_{exact,fast}: the output launch
 // on register fragments (cuda/chunk_frag.cuh), 16-bit inputs only (m16n8k16

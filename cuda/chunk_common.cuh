@@ -1567,12 +1567,16 @@ constexpr int kStagingBytes = kWarps * 16 * 16 * 4;
 // The state kernel's (StateSmem) for slabs of kChannels; kTileTerms: the
 // raw tile's (OpOf<input_t>::kRawTerms: one plane for bf16 inputs, exact in
 // their operand at any kTerms, else two); kRawInStaging: the raw key slab
-// in the staging tiles' bytes (the walks').
-template <class Op, bool kComplex, int kTileTerms, int kChannels = kSlab, bool kRawInStaging = false>
+// in the staging tiles' bytes (the walks'); kSlabTerms: the slab operand's
+// (the walks' kTerms: Fast's one term one plane; the state kernel and
+// grad_w keep two planes at any precision, the host's bytes for them not
+// depending on it).
+template <class Op, bool kComplex, int kTileTerms, int kChannels = kSlab, bool kRawInStaging = false,
+          int kSlabTerms = 3>
 __host__ __device__ constexpr int state_smem_bytes() {
     return prefix_bytes<kComplex, kChannels>() + (kRawInStaging ? 0 : kChunk * kChannels * 4) +
            terms_bytes<Op, kTileTerms>(kChunk, ld_tile<Op>()) +
-           split_bytes<Op>(kChunk, ld_slab<Op, kComplex, kChannels>()) + kStagingBytes;
+           terms_bytes<Op, kSlabTerms>(kChunk, ld_slab<Op, kComplex, kChannels>()) + kStagingBytes;
 }
 template <class Op, bool kComplex, int kCols = kVTile>
 __host__ __device__ constexpr int output_slab_bytes() {
@@ -1656,7 +1660,8 @@ __device__ __forceinline__ Split<Op> carve_terms(unsigned char*& at, int rows, i
 // tiles) and before the next chunk's stage (after build_prefix's
 // barriers): a real-gate walk's 8 KB, so that three blocks an SM fit an
 // H200 (68 KB each).
-template <class Op, bool kComplex, int kTileTerms, int kChannels = kSlab, bool kRawInStaging = false>
+template <class Op, bool kComplex, int kTileTerms, int kChannels = kSlab, bool kRawInStaging = false,
+          int kSlabTerms = 3>
 struct StateSmem {
     static_assert(!kRawInStaging || kChunk * kChannels * 4 <= kStagingBytes, "the raw slab fits the staging tiles");
     float* raw;
@@ -1668,7 +1673,7 @@ struct StateSmem {
         float* own_raw = reinterpret_cast<float*>(at);
         if (!kRawInStaging) at += kChunk * kChannels * 4;
         tile = carve_terms<Op, kTileTerms>(at, kChunk, ld_tile<Op>());
-        slab = carve<Op>(at, kChunk, ld_slab<Op, kComplex, kChannels>());
+        slab = carve_terms<Op, kSlabTerms>(at, kChunk, ld_slab<Op, kComplex, kChannels>());
         raw = kRawInStaging ? reinterpret_cast<float*>(at) : own_raw;
         staging = reinterpret_cast<float*>(at) + warp * 256;
     }
@@ -1843,17 +1848,18 @@ __device__ __forceinline__ void store_decay(const Block<input_t, kComplex, kLd>&
 // layout (StateSmem) for walk_slab channels, the raw slab in the staging
 // tiles, then the slab's carried state [kWidth][kVTile] and its decays
 // [walk_slab] (src/cuda/chunk.rs: sequential_shared_bytes).
-template <class Op, typename input_t, bool kComplex>
+template <class Op, typename input_t, bool kComplex, int kTerms>
 __host__ __device__ constexpr int seq_smem_bytes() {
     constexpr int kCh = walk_slab<kComplex>();
-    return state_smem_bytes<Op, kComplex, OpOf<input_t>::kRawTerms, kCh, true>() +
+    return state_smem_bytes<Op, kComplex, OpOf<input_t>::kRawTerms, kCh, true, kTerms>() +
            slab_width<kComplex, kCh>() * kVTile * 4 + kCh * 2 * 4;
 }
 // The block and shared layout of the walks.
 template <typename input_t, bool kComplex>
 using WalkBlock = Block<input_t, kComplex, walk_slab<kComplex>()>;
-template <class Op, typename input_t, bool kComplex>
-using WalkSmem = StateSmem<Op, kComplex, OpOf<input_t>::kRawTerms, walk_slab<kComplex>(), true>;
+// kTerms: the walk's (its slab operand's planes).
+template <class Op, typename input_t, bool kComplex, int kTerms>
+using WalkSmem = StateSmem<Op, kComplex, OpOf<input_t>::kRawTerms, walk_slab<kComplex>(), true, kTerms>;
 
 // The two raw inputs a walk stages each chunk: a slab of `keys` (k, or
 // the backward's q) into the raw table and a value tile of `tile` (v, or
@@ -1897,7 +1903,8 @@ __device__ __forceinline__ WalkLoads<input_t, kComplex> walk_fetch(const WalkBlo
 // the vector path; none where the tile comes by cp.async.
 template <int kAhead, class Op, int kTerms, bool kTileAsync = false, typename input_t, bool kComplex>
 __device__ __forceinline__ void walk_put(const WalkBlock<input_t, kComplex>& blk, const WalkRows<input_t>& rows,
-                                         const WalkLoads<input_t, kComplex>& e, const WalkSmem<Op, input_t, kComplex>& sm) {
+                                         const WalkLoads<input_t, kComplex>& e,
+                                         const WalkSmem<Op, input_t, kComplex, kTerms>& sm) {
     constexpr int kTileTerms = raw_tile_terms<input_t, kTerms>();
     blk.put_keys(e.keys, sm.raw);
     if constexpr (!kTileAsync) {
@@ -1941,13 +1948,14 @@ __device__ __forceinline__ void walk_chunks(const GateloopChunkParams& p, unsign
     int64_t idx = blockIdx.x;
     const int64_t d0 = split_index(idx, (p.dims.key_dim + kCh - 1) / kCh) * kCh;
     WalkBlock<input_t, kComplex> blk(p, smem, p.value_tiles, 1, idx);
-    const WalkSmem<Op, input_t, kComplex> sm(smem, blk.warp);
+    const WalkSmem<Op, input_t, kComplex, kTerms> sm(smem, blk.warp);
     const WalkRows<input_t> rows = rows_of(blk);
     // [kWidth][kVTile]: X_c (every warp's tile; the raw slab's bytes, WalkSmem)
     float* xbuf = sm.staging - blk.warp * 256;
     static_assert(kWidth * kVTile * 4 == kStagingBytes, "X_c fills the staging tiles");
     // [kWidth][kVTile]: S
-    float* st = reinterpret_cast<float*>(smem + state_smem_bytes<Op, kComplex, OpOf<input_t>::kRawTerms, kCh, true>());
+    float* st =
+        reinterpret_cast<float*>(smem + state_smem_bytes<Op, kComplex, OpOf<input_t>::kRawTerms, kCh, true, kTerms>());
     float2* dec = reinterpret_cast<float2*>(st + kWidth * kVTile);  // [kCh]: a_c
     const int64_t key_dim = p.dims.key_dim;
     const int64_t value_dim = p.dims.value_dim;

@@ -316,7 +316,7 @@ template <typename input_t, bool kComplex>
 __device__ __forceinline__ void grad_w_seq(const GateloopChunkGradParams& g) {
     using Op = typename OpOf<input_t>::type;
     extern __shared__ __align__(128) unsigned char smem[];
-    check_shared(g.w_shared_bytes, seq_smem_bytes<Op, input_t, kComplex>());
+    check_shared(g.w_shared_bytes, seq_smem_bytes<Op, input_t, kComplex, kGradTerms>());
     const GateloopChunkParams& p = g.fwd;
     const bool has_dh_final = (g.grad_flags & GATELOOP_GRAD_FLAG_HAS_DH_FINAL) != 0;
     const bool has_dh0 = (g.grad_flags & GATELOOP_GRAD_FLAG_HAS_DH0) != 0;
@@ -327,7 +327,7 @@ __device__ __forceinline__ void grad_w_seq(const GateloopChunkGradParams& g) {
             return WalkRows<input_t>{blk.q, p.q_strides, seq_row<input_t>(g.dy, g.dy_strides, blk.b, blk.h),
                                      g.dy_strides};
         },
-        [&](const WalkBlock<input_t, kComplex>& blk, const WalkSmem<Op, input_t, kComplex>& sm) {
+        [&](const WalkBlock<input_t, kComplex>& blk, const WalkSmem<Op, input_t, kComplex, kGradTerms>& sm) {
             // [Re Q̃ | −Im Q̃] and dY, as grad_w stages them.
             put_inter_queries<Op, kGradTerms>(blk, sm.raw, sm.slab);
         });

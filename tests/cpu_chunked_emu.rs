@@ -58,9 +58,12 @@ fn write_inputs(
     let chunk_gates = if complex { chunk::Gates::Complex } else { chunk::Gates::Real };
     let (state, output) = chunk::shared_bytes(t, chunk_gates);
     let (w, qk, dv) = chunk_grad::shared_bytes(t, chunk_gates);
-    let seq = chunk::sequential_shared_bytes(t, chunk_gates);
+    // The forward walk's at the case's precision; the backward's grad_w_seq's
+    // (three terms) Exact's.
+    let seq = chunk::sequential_shared_bytes(t, chunk_gates, precision);
+    let w_seq = chunk::sequential_shared_bytes(t, chunk_gates, ChunkPrecision::Exact);
     let frag = chunk::fragment_output_shared_bytes(t, chunk_gates).unwrap_or(0);
-    std::fs::write(dir.join("shared.txt"), format!("{state} {output} {w} {qk} {dv} {seq} {frag}")).unwrap();
+    std::fs::write(dir.join("shared.txt"), format!("{state} {output} {w} {qk} {dv} {seq} {frag} {w_seq}")).unwrap();
     dir
 }
 

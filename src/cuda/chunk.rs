@@ -452,7 +452,7 @@ fn shared_bytes_cols(dtype: Dtype, gates: Gates, cols: usize) -> (u32, u32) {
     let split = |rows: usize, ld: usize| split_bytes(dtype, rows, ld);
     let subs = CHUNK_LEN / SUB_CHUNK_LEN;
     let pairs = subs * (subs - 1) / 2;
-    let state = state_layout_bytes(dtype, gates, KEY_SLAB, false);
+    let state = state_layout_bytes(dtype, gates, KEY_SLAB, false, ChunkPrecision::Exact);
     let slab_phase = split(CHUNK_LEN, ld_slab)
         + split(width, cols + pad)
         + split(pairs * SUB_CHUNK_LEN, ld_slab)
@@ -500,13 +500,15 @@ pub fn walk_slab(gates: Gates) -> usize {
 }
 
 /// Bytes of dynamic shared memory of the sequential state kernel
-/// (`seq_smem_bytes` in cuda/chunk_common.cuh): the state kernel's layout
-/// for slabs of [`walk_slab`] channels with the raw key slab in the staging
-/// tiles' bytes, then the slab's carried state (parts·channels × 64 f32)
-/// and its decays (one complex per channel).
-pub fn sequential_shared_bytes(dtype: Dtype, gates: Gates) -> u32 {
+/// (`seq_smem_bytes` in cuda/chunk_common.cuh) at `precision`: the state
+/// kernel's layout for slabs of [`walk_slab`] channels with the raw key slab
+/// in the staging tiles' bytes (and, under [`ChunkPrecision::Fast`], its
+/// one-term slab operand one plane), then the slab's carried state
+/// (parts·channels × 64 f32) and its decays (one complex per channel). The
+/// backward's `grad_w_seq` takes Exact's.
+pub fn sequential_shared_bytes(dtype: Dtype, gates: Gates, precision: ChunkPrecision) -> u32 {
     let channels = walk_slab(gates);
-    let layout = state_layout_bytes(dtype, gates, channels, true);
+    let layout = state_layout_bytes(dtype, gates, channels, true, precision);
     (layout + channels * gates.parts() * VALUE_TILE * 4 + channels * 8) as u32
 }
 
@@ -518,16 +520,22 @@ const STAGING_BYTES: usize = (THREADS as usize / 32) * 16 * 16 * 4;
 /// cuda/chunk_common.cuh) for slabs of `channels` key channels: the prefix
 /// tables in plain rows, the raw key slab (in the staging tiles' bytes with
 /// `raw_in_staging`, the walks'), the value tile and the slab operand as
-/// split operands (the value tile one plane for bf16: [`raw_tile_bytes`]),
-/// the staging tiles.
-fn state_layout_bytes(dtype: Dtype, gates: Gates, channels: usize, raw_in_staging: bool) -> usize {
+/// split operands (the value tile one plane for bf16: [`raw_tile_bytes`];
+/// the slab operand one plane at `precision` Fast, whose products take its
+/// hi plane alone: the walks' `kSlabTerms`; the state kernel's layout is
+/// Exact's at either precision), the staging tiles.
+fn state_layout_bytes(
+    dtype: Dtype,
+    gates: Gates,
+    channels: usize,
+    raw_in_staging: bool,
+    precision: ChunkPrecision,
+) -> usize {
     let pad = operand_pad(dtype);
     let raw = if raw_in_staging { 0 } else { table_bytes(channels) };
-    prefix_tables(gates) * table_bytes(channels)
-        + raw
-        + raw_tile_bytes(dtype)
-        + split_bytes(dtype, CHUNK_LEN, channels * gates.parts() + pad)
-        + STAGING_BYTES
+    let slab = split_bytes(dtype, CHUNK_LEN, channels * gates.parts() + pad);
+    let slab = if precision == ChunkPrecision::Fast { slab / 2 } else { slab };
+    prefix_tables(gates) * table_bytes(channels) + raw + raw_tile_bytes(dtype) + slab + STAGING_BYTES
 }
 
 /// The launch geometry of one chunked call.
@@ -577,7 +585,9 @@ pub struct LaunchPlan {
     /// Blocks of the sequential state kernel: B·H·value_tiles·⌈K /
     /// [`walk_slab`]⌉ (packed: B = N sequences).
     pub sequential_grid: u32,
-    /// Dynamic shared memory of the sequential state kernel, bytes.
+    /// Dynamic shared memory of the sequential state kernel at
+    /// [`ChunkPrecision::Exact`] (and of the backward's `grad_w_seq`), bytes;
+    /// Fast's is less ([`sequential_shared_bytes`]).
     pub sequential_shared_bytes: u32,
 }
 
@@ -750,7 +760,7 @@ pub(super) fn plan_rows(
         fragment_output_shared_bytes: fragment_output_shared_bytes(dtype, gates),
         carry,
         sequential_grid,
-        sequential_shared_bytes: sequential_shared_bytes(dtype, gates),
+        sequential_shared_bytes: sequential_shared_bytes(dtype, gates, ChunkPrecision::Exact),
     })
 }
 
@@ -805,9 +815,9 @@ impl ChunkKernels {
         for dtype in Dtype::ALL {
             for gates in Gates::ALL {
                 let (state_bytes, output_bytes) = shared_bytes(dtype, gates);
-                let sequential_bytes = sequential_shared_bytes(dtype, gates);
                 let wide_bytes = wide_output_shared_bytes(dtype, gates);
                 for precision in ChunkPrecision::ALL {
+                    let sequential_bytes = sequential_shared_bytes(dtype, gates, precision);
                     let suffix = format!("{}_{}_{}", dtype.name(), gates.suffix(), precision.name());
                     debug_assert_eq!(state.len(), table_index(dtype, gates, precision));
                     state.push(load(format!("gateloop_chunk_state_{suffix}"), state_bytes)?);
@@ -869,7 +879,8 @@ fn launch<T: Element>(
     let buffers = Buffers { packed, ..buffers };
     let lp = plan_rows(d, T::DTYPE, gates, config.carry, packed)?;
     let sequential = lp.carry == ChunkCarry::Sequential;
-    let state_bytes = if sequential { lp.sequential_shared_bytes } else { lp.state_shared_bytes };
+    let state_bytes =
+        if sequential { sequential_shared_bytes(T::DTYPE, gates, config.precision) } else { lp.state_shared_bytes };
     let kernels = &gpu.kernels.chunk;
     let i = table_index(T::DTYPE, gates, config.precision);
     const OUTPUT: &str = "launching gateloop_chunk_output";
@@ -1292,30 +1303,52 @@ mod tests {
         // The walks: slabs of 16 (complex) or 32 (real) channels, the raw
         // slab in the staging tiles, then the carried state and decays.
         // bf16 real: prefix 3·64·32·4 = 24576, V 64·72·2 = 9216 (one plane),
-        // K̃ split 2·64·40·2 = 10240, staging 8192, S 32·64·4 = 8192, decays
-        // 32·8 = 256: three blocks an H200 SM (1 KiB reserved each).
-        assert_eq!(sequential_shared_bytes(Dtype::Bf16, Gates::Real), 24576 + 9216 + 10240 + 8192 + 8192 + 256);
-        assert_eq!(fit(sequential_shared_bytes(Dtype::Bf16, Gates::Real), 228), 3);
+        // K̃ split 2·64·40·2 = 10240 (Fast: one plane, 5120), staging 8192, S
+        // 32·64·4 = 8192, decays 32·8 = 256: three blocks an H200 SM (1 KiB
+        // reserved each), Fast four (its launch bound).
+        use ChunkPrecision::{Exact, Fast};
+        let real_walk = |p| sequential_shared_bytes(Dtype::Bf16, Gates::Real, p);
+        assert_eq!(real_walk(Exact), 24576 + 9216 + 10240 + 8192 + 8192 + 256);
+        assert_eq!(
+            (real_walk(Exact) - real_walk(Fast), fit(real_walk(Exact), 228), fit(real_walk(Fast), 228)),
+            (5120, 3, 4)
+        );
         // bf16 complex: 20480 + 9216 + 10240 + 8192 + 8192 + 128, four an
-        // H200 SM (the fast walk's bound), two an A100's.
-        let walk = sequential_shared_bytes(Dtype::Bf16, Gates::Complex);
-        assert_eq!((walk, fit(walk, 228), fit(walk, 164)), (20480 + 9216 + 10240 + 8192 + 8192 + 128, 4, 2));
-        // f32 complex: prefix 5·64·16·4 = 20480, V 34816, K̃ 18432, staging
-        // 8192, S 2·16·64·4 = 8192, decays 16·8 = 128.
-        assert_eq!(sequential_shared_bytes(Dtype::F32, Gates::Complex), 20480 + 34816 + 18432 + 8192 + 8192 + 128);
-        assert_eq!(sequential_shared_bytes(Dtype::F32, Gates::Real), 94464);
-        assert_eq!(sequential_shared_bytes(Dtype::F16, Gates::Complex), 65664);
+        // H200 SM, two an A100's; Fast 5120 less, three an A100's (the fast
+        // walk's bounds).
+        let walk = |p| sequential_shared_bytes(Dtype::Bf16, Gates::Complex, p);
+        assert_eq!(
+            (walk(Exact), fit(walk(Exact), 228), fit(walk(Exact), 164)),
+            (20480 + 9216 + 10240 + 8192 + 8192 + 128, 4, 2)
+        );
+        assert_eq!((walk(Exact) - walk(Fast), fit(walk(Fast), 164)), (5120, 3));
+        // f32 complex: prefix 5·64·16·4 = 20480, V 34816, K̃ 18432 (Fast
+        // 9216: two blocks an SM of either card), staging 8192, S 2·16·64·4 =
+        // 8192, decays 16·8 = 128.
+        let f32_walk = |p| sequential_shared_bytes(Dtype::F32, Gates::Complex, p);
+        assert_eq!(f32_walk(Exact), 20480 + 34816 + 18432 + 8192 + 8192 + 128);
+        assert_eq!(
+            (f32_walk(Exact) - f32_walk(Fast), fit(f32_walk(Fast), 228), fit(f32_walk(Fast), 164)),
+            (9216, 2, 2)
+        );
+        assert_eq!(sequential_shared_bytes(Dtype::F32, Gates::Real, Exact), 94464);
+        assert_eq!(sequential_shared_bytes(Dtype::F16, Gates::Complex, Exact), 65664);
         for dtype in Dtype::ALL {
             for gates in Gates::ALL {
                 let (a, b) = shared_bytes(dtype, gates);
                 let w = wide_output_shared_bytes(dtype, gates);
-                let q = sequential_shared_bytes(dtype, gates);
-                // Every carve is a multiple of 128 bytes, and sm_80's opt-in limit (163 KiB) holds.
-                assert!(
-                    a.is_multiple_of(128) && b.is_multiple_of(128) && w.is_multiple_of(128) && q.is_multiple_of(128),
-                    "{dtype} {gates:?}"
-                );
-                assert!(a.max(b).max(w).max(q) <= 163 * 1024, "{dtype} {gates:?}: {a} {b} {w} {q}");
+                for precision in ChunkPrecision::ALL {
+                    let q = sequential_shared_bytes(dtype, gates, precision);
+                    // Every carve is a multiple of 128 bytes, and sm_80's opt-in limit (163 KiB) holds.
+                    assert!(
+                        a.is_multiple_of(128)
+                            && b.is_multiple_of(128)
+                            && w.is_multiple_of(128)
+                            && q.is_multiple_of(128),
+                        "{dtype} {gates:?} {precision:?}"
+                    );
+                    assert!(a.max(b).max(w).max(q) <= 163 * 1024, "{dtype} {gates:?}: {a} {b} {w} {q}");
+                }
             }
         }
     }

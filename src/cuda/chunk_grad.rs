@@ -375,7 +375,7 @@ impl ChunkGradKernels {
         for dtype in Dtype::ALL {
             for gates in Gates::ALL {
                 let (w_bytes, qk_bytes, dv_bytes) = shared_bytes(dtype, gates);
-                let w_seq_bytes = chunk::sequential_shared_bytes(dtype, gates);
+                let w_seq_bytes = chunk::sequential_shared_bytes(dtype, gates, ChunkPrecision::Exact);
                 let dv_wide_bytes = chunk::adjoint_shared_bytes(dtype, gates, WIDE_TILE);
                 for (table, kind, bytes) in [
                     (0, "w", w_bytes),
@@ -864,7 +864,10 @@ fn launch_backward<'a, T: Element>(
     // both carry launches, or state_seq and grad_w_seq (each a walk over the
     // chunks with the state on chip; the same workspace bit for bit).
     let sequential = lp.carry == ChunkCarry::Sequential;
-    let state_bytes = if sequential { lp.sequential_shared_bytes } else { lp.state_shared_bytes };
+    // (The forward walk's at the call's precision; grad_w_seq's, of three
+    // terms, Exact's.)
+    let state_bytes =
+        if sequential { chunk::sequential_shared_bytes(T::DTYPE, gates, precision) } else { lp.state_shared_bytes };
     let w_bytes = if sequential { lp.sequential_shared_bytes } else { w_bytes };
     let need = w_bytes.max(qk_bytes).max(dv_bytes).max(state_bytes) as usize;
     if need > fwd_kernels.max_shared {

@@ -160,18 +160,19 @@ static int raw_planes() {
     return std::is_same<T, __nv_bfloat16>::value ? 1 : 2;
 }
 // chunk.rs `state_layout_bytes`: the state kernel's layout for slabs of `ch`
-// channels, its value tile in `planes` planes, the raw slab in the staging
-// tiles' bytes with raw_in_staging.
-static int32_t state_layout_bytes(int s, int planes, bool complex, int ch, bool raw_in_staging) {
+// channels, its value tile in `planes` planes and its slab operand in
+// `slab_planes` (1: a walk under Fast), the raw slab in the staging tiles'
+// bytes with raw_in_staging.
+static int32_t state_layout_bytes(int s, int planes, int slab_planes, bool complex, int ch, bool raw_in_staging) {
     const int pad = s == 4 ? 4 : 8, C = GATELOOP_CHUNK_LEN;
-    auto split = [&](int rows, int ld) { return 2 * rows * ld * s; };
     return (complex ? 5 : 3) * C * ch * 4 + (raw_in_staging ? 0 : C * ch * 4) +
-           planes * C * (GATELOOP_CHUNK_VALUE_TILE + pad) * s + split(C, ch * (complex ? 2 : 1) + pad) + staging;
+           planes * C * (GATELOOP_CHUNK_VALUE_TILE + pad) * s + slab_planes * C * (ch * (complex ? 2 : 1) + pad) * s +
+           staging;
 }
-static int32_t seq_shared_bytes(int s, int planes, bool complex) {
+static int32_t seq_shared_bytes(int s, int planes, int slab_planes, bool complex) {
     const int ch = walk_slab(complex);
-    return state_layout_bytes(s, planes, complex, ch, true) + ch * (complex ? 2 : 1) * GATELOOP_CHUNK_VALUE_TILE * 4 +
-           ch * 8;
+    return state_layout_bytes(s, planes, slab_planes, complex, ch, true) +
+           ch * (complex ? 2 : 1) * GATELOOP_CHUNK_VALUE_TILE * 4 + ch * 8;
 }
 static void fwd_shared_bytes(int s, int planes, bool complex, int32_t& state, int32_t& output) {
     const int pad = s == 4 ? 4 : 8, C = GATELOOP_CHUNK_LEN, slab = GATELOOP_CHUNK_KEY_SLAB, sub = GATELOOP_CHUNK_SUB_LEN;
@@ -179,7 +180,7 @@ static void fwd_shared_bytes(int s, int planes, bool complex, int32_t& state, in
     auto split = [&](int rows, int ld) { return 2 * rows * ld * s; };
     const int padded = (complex ? 5 : 3) * C * GATELOOP_CHUNK_PREFIX_LD * 4, padded_raw = C * GATELOOP_CHUNK_PREFIX_LD * 4;
     const int subs = C / sub, pairs = subs * (subs - 1) / 2;
-    state = state_layout_bytes(s, planes, complex, slab, false);
+    state = state_layout_bytes(s, planes, 2, complex, slab, false);
     const int slab_phase = split(C, ld_slab) + split(width, ld_tile) + split(pairs * sub, ld_slab) + split((subs - 1) * sub, ld_slab);
     const int final_phase = split(C, ld_tile) + planes * C * ld_tile * s;  // P, V
     output = padded + 2 * padded_raw + (slab_phase > final_phase ? slab_phase : final_phase) + subs * sub * sub * 4 + staging;
@@ -270,10 +271,12 @@ static int run(const std::string& dir, bool backward, bool sequential, int64_t B
     p.num_chunks = nc;
     p.value_tiles = tiles;
     fwd_shared_bytes(sizeof(T), raw_planes<T>(), complex, p.state_shared_bytes, p.shared_bytes);
-    int32_t host[7] = {0, 0, 0, 0, 0, 0, 0};
+    // state, output, grad_w, grad_qk, grad_dv, state_seq (at the case's
+    // precision), output_frag, grad_w_seq.
+    int32_t host[8] = {0, 0, 0, 0, 0, 0, 0, 0};
     std::ifstream sf(dir + "/shared.txt");
     const bool has_host = static_cast<bool>(sf);
-    if (has_host && !(sf >> host[0] >> host[1] >> host[2] >> host[3] >> host[4] >> host[5] >> host[6])) {
+    if (has_host && !(sf >> host[0] >> host[1] >> host[2] >> host[3] >> host[4] >> host[5] >> host[6] >> host[7])) {
         std::fprintf(stderr, "bad shared.txt\n");
         return 2;
     }
@@ -347,9 +350,12 @@ static int run(const std::string& dir, bool backward, bool sequential, int64_t B
         if (sequential) {
             // state_seq and grad_w_seq (src/cuda/chunk_grad.rs with the
             // forward plan's sequential carry), each its own shared size.
-            g.fwd.state_shared_bytes = seq_shared_bytes(static_cast<int>(sizeof(T)), raw_planes<T>(), complex != 0);
-            g.w_shared_bytes = g.fwd.state_shared_bytes;
-            if (!from_host(g.fwd.state_shared_bytes, 5, "state_seq") || !from_host(g.w_shared_bytes, 5, "grad_w_seq"))
+            // (Fast: the forward walk's slab operand one plane; grad_w_seq's
+            // three terms two.)
+            g.fwd.state_shared_bytes =
+                seq_shared_bytes(static_cast<int>(sizeof(T)), raw_planes<T>(), exact ? 2 : 1, complex != 0);
+            g.w_shared_bytes = seq_shared_bytes(static_cast<int>(sizeof(T)), raw_planes<T>(), 2, complex != 0);
+            if (!from_host(g.fwd.state_shared_bytes, 5, "state_seq") || !from_host(g.w_shared_bytes, 7, "grad_w_seq"))
                 return 2;
             emu_launch(seq_grid, GATELOOP_CHUNK_THREADS, with_shared(state_seq, g.fwd, g.fwd.state_shared_bytes));
             emu_launch(seq_grid, GATELOOP_CHUNK_THREADS, with_shared(e.w_seq[complex != 0], g, g.w_shared_bytes));
@@ -374,7 +380,8 @@ static int run(const std::string& dir, bool backward, bool sequential, int64_t B
     if (sequential) {
         // src/cuda/chunk.rs `launch` with ChunkCarry::Sequential: one block
         // per (b, h, value tile, key slab), its own shared size.
-        p.state_shared_bytes = seq_shared_bytes(static_cast<int>(sizeof(T)), raw_planes<T>(), complex != 0);
+        p.state_shared_bytes =
+            seq_shared_bytes(static_cast<int>(sizeof(T)), raw_planes<T>(), exact ? 2 : 1, complex != 0);
         if (!from_host(p.state_shared_bytes, 5, "state_seq")) return 2;
         emu_launch(seq_grid, GATELOOP_CHUNK_THREADS, with_shared(state_seq, p, p.state_shared_bytes));
     } else {
