@@ -109,8 +109,9 @@ constexpr int kGradTerms = 3;
 // Every region but the tail's last two a multiple of 128 bytes.
 // src/cuda/chunk_grad.rs: shared_bytes.
 constexpr int kInterCols = kVTile / 2;  // value columns per step of the inter-chunk products
-// w' and u rows: one float2 per channel and a pad, so that a half-warp
-// reading one channel's 16 consecutive steps (gate_scan) hits 16 bank pairs.
+// w' and u rows: one float2 per channel (real gates: a float, GateRows) and
+// a pad, so that a half-warp reading one channel's 16 consecutive steps
+// (gate_scan) hits 16 bank pairs (16 banks).
 constexpr int kLdGate = kSlab + 1;
 template <class Op>
 __host__ __device__ constexpr int ld_inter() {
@@ -164,14 +165,17 @@ __host__ __device__ constexpr int qk_s_phase_bytes() {
 // grad_qk's blocks of the scores P for grad_dv (grad_qk_scores): the six
 // off-diagonal and four diagonal 16 × 16 f32 blocks.
 constexpr int kQkScoresBytes = 4 * (kPairs + kSubs) * kSub * kSub;
-// The tail after the union: P's blocks, w' and u rows, the per-head sums,
-// the through terms.
-constexpr int kQkTailBytes = kQkScoresBytes + 4 * (2 * 2 * kChunk * kLdGate + 2 * 2 * kChunk + 2 * kSlab + 2);
+// The tail after the union: P's blocks, w' and u rows and the per-head sums
+// (GateRows: a float2 a step, real gates a float), the through terms.
+template <bool kComplex>
+__host__ __device__ constexpr int qk_tail_bytes() {
+    return kQkScoresBytes + 4 * ((kComplex ? 2 : 1) * 2 * (kChunk * kLdGate + kChunk) + 2 * kSlab + 2);
+}
 // The s phase's tiles overlay the union and, where longer, the tail.
 template <class Op, bool kComplex, int kRawTerms>
 __host__ __device__ constexpr int qk_smem_bytes() {
     return prefix_bytes<kComplex, kPrefixLd>() + 4 * (2 * kChunk * kPrefixLd + kChunk * kChunk) +
-           cmax(qk_s_phase_bytes<Op, kRawTerms>(), qk_union_bytes<Op, kComplex>() + kQkTailBytes);
+           cmax(qk_s_phase_bytes<Op, kRawTerms>(), qk_union_bytes<Op, kComplex>() + qk_tail_bytes<kComplex>());
 }
 
 // The off-diagonal sub-chunk blocks of one slab on tensor cores, into f32
@@ -486,9 +490,34 @@ __device__ __forceinline__ float2 add2(float2 x, float2 y) {
     return make_float2(x.x + y.x, x.y + y.y);
 }
 
-template <class B, class Write>
-__device__ __forceinline__ void gate_scan(const B& blk, const float2* w, const float2* u, int stride, float2 start,
-                                          int cl, bool zero_first, int lane, Write write) {
+// grad_qk's w' and u rows and per-head sums: a complex (float2) a step, or
+// with real gates a float (their Im parts are 0: half the bytes, which lets
+// two f32 real grad_qk blocks share an H200 SM). Read as float2 either way.
+template <bool kComplex>
+struct GateRows {
+    static constexpr int kParts = kComplex ? 2 : 1;
+    float* p;
+    __device__ __forceinline__ float2 get(int i) const {
+        if constexpr (kComplex) {
+            return reinterpret_cast<const float2*>(p)[i];
+        } else {
+            return make_float2(p[i], 0.f);
+        }
+    }
+    __device__ __forceinline__ void set(int i, float2 x) const {
+        if constexpr (kComplex) {
+            reinterpret_cast<float2*>(p)[i] = x;
+        } else {
+            p[i] = x.x;
+        }
+    }
+    // Column j of rows of stride ld (a step's entry: (n·ld) + j).
+    __device__ __forceinline__ GateRows column(int j) const { return GateRows{p + kParts * j}; }
+};
+
+template <class B, bool kComplex, class Write>
+__device__ __forceinline__ void gate_scan(const B& blk, GateRows<kComplex> w, GateRows<kComplex> u, int stride,
+                                          float2 start, int cl, bool zero_first, int lane, Write write) {
     const float2 zero = make_float2(0.f, 0.f);
     // Forwards: u^excl of the lane's step in each row.
     float2 uex[kScanRows];
@@ -496,7 +525,7 @@ __device__ __forceinline__ void gate_scan(const B& blk, const float2* w, const f
 #pragma unroll
     for (int e = 0; e < kScanRows; ++e) {
         const int n = kScanLanes * e + lane;
-        const float2 x = n < blk.n ? u[n * stride] : zero;
+        const float2 x = n < blk.n ? u.get(n * stride) : zero;
         float2 incl = x;
 #pragma unroll
         for (int lanes = 1; lanes < kScanLanes; lanes <<= 1) {
@@ -515,7 +544,7 @@ __device__ __forceinline__ void gate_scan(const B& blk, const float2* w, const f
         const int n = kScanLanes * e + lane;
         const bool live = n < blk.n;
         const bool reset = live && blk.rst[blk.at(n, cl)] == n;
-        float2 sum = live && !reset ? w[n * stride] : zero;
+        float2 sum = live && !reset ? w.get(n * stride) : zero;
         bool seen = reset;
 #pragma unroll
         for (int lanes = 1; lanes < kScanLanes; lanes <<= 1) {
@@ -601,14 +630,14 @@ __device__ __forceinline__ void grad_qk(const GateloopChunkGradParams& g) {
     float* pblocks = f;
     float* pdiag = f + kPairs * kSub * kSub;
     f += kQkScoresBytes / 4;
-    float2* wpr = reinterpret_cast<float2*>(f);  // [kChunk][kLdGate]: w'_n of channel d
-    f += 2 * kChunk * kLdGate;
-    float2* upr = reinterpret_cast<float2*>(f);  // [kChunk][kLdGate]: u_n of channel d
-    f += 2 * kChunk * kLdGate;
-    float2* head_w = reinterpret_cast<float2*>(f);  // [kChunk]: per-head sums over the channels
-    f += 2 * kChunk;
-    float2* head_u = reinterpret_cast<float2*>(f);  // [kChunk]
-    f += 2 * kChunk;
+    const GateRows<kComplex> wpr{f};  // [kChunk][kLdGate]: w'_n of channel d
+    f += kParts * kChunk * kLdGate;
+    const GateRows<kComplex> upr{f};  // [kChunk][kLdGate]: u_n of channel d
+    f += kParts * kChunk * kLdGate;
+    const GateRows<kComplex> head_w{f};  // [kChunk]: per-head sums over the channels
+    f += kParts * kChunk;
+    const GateRows<kComplex> head_u{f};  // [kChunk]
+    f += kParts * kChunk;
     float2* through = reinterpret_cast<float2*>(f);  // [kSlab]: Σ_j S_in conj(D) per channel
     f += 2 * kSlab;
     float2* head_through = reinterpret_cast<float2*>(f);  // [1]
@@ -658,8 +687,8 @@ __device__ __forceinline__ void grad_qk(const GateloopChunkGradParams& g) {
     }
     // The s phase's tiles are dead (its loop ended on a barrier): the tail.
     for (int i = tid; i < kChunk; i += kThreads) {
-        head_w[i] = make_float2(0.f, 0.f);
-        head_u[i] = make_float2(0.f, 0.f);
+        head_w.set(i, make_float2(0.f, 0.f));
+        head_u.set(i, make_float2(0.f, 0.f));
     }
     // The chunk's scores P for grad_dv (grad_qk_scores), summed over the slabs.
     for (int i = tid; i < (kPairs + kSubs) * kSub * kSub; i += kThreads) pblocks[i] = 0.f;
@@ -812,13 +841,13 @@ __device__ __forceinline__ void grad_qk(const GateloopChunkGradParams& g) {
                 }
             }
             aq[i] = make_float2(qr, qi);
-            upr[n * kLdGate + d] = make_float2(kr, ki);
+            upr.set(n * kLdGate + d, make_float2(kr, ki));
             // og + e^{iθ_n} gq − e^{−iθ_n} gk (real gates: og + gq − gk).
             if constexpr (kComplex) {
-                wpr[n * kLdGate + d] = make_float2(og.x + (fmaf(cn, gqr, -(sn * gqi)) - fmaf(cn, gkr, sn * gki)),
-                                                   og.y + (fmaf(sn, gqr, cn * gqi) - fmaf(cn, gki, -(sn * gkr))));
+                wpr.set(n * kLdGate + d, make_float2(og.x + (fmaf(cn, gqr, -(sn * gqi)) - fmaf(cn, gkr, sn * gki)),
+                                                     og.y + (fmaf(sn, gqr, cn * gqi) - fmaf(cn, gki, -(sn * gkr)))));
             } else {
-                wpr[n * kLdGate + d] = make_float2(og.x + (gqr - gkr), 0.f);
+                wpr.set(n * kLdGate + d, make_float2(og.x + (gqr - gkr), 0.f));
             }
         }
         // Through the state on tensor cores: X = dY S_inᵀ (row n: x_n = S_in dy_n)
@@ -1011,7 +1040,7 @@ __device__ __forceinline__ void grad_qk(const GateloopChunkGradParams& g) {
             const float wi = blk.modulus(n, -1, cl);
             const float wl = n < blk.n ? blk.modulus_within(last, n, cl) : 0.f;
             const float qn = qraw[blk.at(n, d)], kn = kraw[blk.at(n, d)];
-            const float2 ak = upr[n * kLdGate + d], gw = wpr[n * kLdGate + d];
+            const float2 ak = upr.get(n * kLdGate + d), gw = wpr.get(n * kLdGate + d);
             // dq = Re dq̂, dk = Re (dk̂ + dk̂ᴰ), before the self pair's terms.
             float dq, dk;
             if constexpr (kComplex) {
@@ -1029,16 +1058,16 @@ __device__ __forceinline__ void grad_qk(const GateloopChunkGradParams& g) {
                 const float2 xq =
                     make_float2(qn * fmaf(cn, xs[i].x, -(sn * xs[i].y)), qn * fmaf(sn, xs[i].x, cn * xs[i].y));
                 const float2 xk = make_float2(kn * fmaf(cn, yd.x, sn * yd.y), kn * fmaf(cn, yd.y, -(sn * yd.x)));
-                wpr[n * kLdGate + d] = make_float2(fmaf(wi, xq.x, gw.x), fmaf(wi, xq.y, gw.y));
-                upr[n * kLdGate + d] = make_float2(wl * xk.x, wl * xk.y);
+                wpr.set(n * kLdGate + d, make_float2(fmaf(wi, xq.x, gw.x), fmaf(wi, xq.y, gw.y)));
+                upr.set(n * kLdGate + d, make_float2(wl * xk.x, wl * xk.y));
             } else {
                 // Real gates (θ ≡ 0): the same values from the real parts
                 // alone (nvcc folds neither the products by the tables'
                 // constant 0 nor the fmaf by their 1).
                 dq = fmaf(wi, xs[i].x, aq[i].x);
                 dk = ak.x + wl * ys[i].x;
-                wpr[n * kLdGate + d] = make_float2(fmaf(wi, qn * xs[i].x, gw.x), 0.f);
-                upr[n * kLdGate + d] = make_float2(wl * (kn * ys[i].x), 0.f);
+                wpr.set(n * kLdGate + d, make_float2(fmaf(wi, qn * xs[i].x, gw.x), 0.f));
+                upr.set(n * kLdGate + d, make_float2(wl * (kn * ys[i].x), 0.f));
             }
             const float s_nn = ds[n * kChunk + n];
             const int64_t ch = d0 + d;
@@ -1053,7 +1082,7 @@ __device__ __forceinline__ void grad_qk(const GateloopChunkGradParams& g) {
             const int j = tid / kScanLanes;
             const bool live = d0 + j < key_dim;
             const float2 a = live ? decay(d0 + j) : make_float2(0.f, 0.f);
-            gate_scan(blk, wpr + j, upr + j, kLdGate, cmul(a, through[j]), j, zero_first, tid % kScanLanes,
+            gate_scan(blk, wpr.column(j), upr.column(j), kLdGate, cmul(a, through[j]), j, zero_first, tid % kScanLanes,
                       [&](int n, float2 x) {
                           if (live) store_gate_side<kComplex>(dgate, (blk.t0 + n) * g.dgate_strides.time + d0 + j, x);
                       });
@@ -1061,13 +1090,13 @@ __device__ __forceinline__ void grad_qk(const GateloopChunkGradParams& g) {
             // Per-head gate: the channels' terms summed in a fixed order
             // (slab by slab, channel by channel).
             if (tid < kChunk) {
-                float2 sw = head_w[tid], su = head_u[tid];
+                float2 sw = head_w.get(tid), su = head_u.get(tid);
                 for (int j = 0; j < kSlab; ++j) {
-                    sw = add2(sw, wpr[tid * kLdGate + j]);
-                    su = add2(su, upr[tid * kLdGate + j]);
+                    sw = add2(sw, wpr.get(tid * kLdGate + j));
+                    su = add2(su, upr.get(tid * kLdGate + j));
                 }
-                head_w[tid] = sw;
-                head_u[tid] = su;
+                head_w.set(tid, sw);
+                head_u.set(tid, su);
             } else if (tid == kChunk) {
                 float2 t = head_through[0];
                 for (int j = 0; j < kSlab; ++j) t = add2(t, through[j]);
@@ -1140,7 +1169,8 @@ __device__ __forceinline__ void grad_dv(const GateloopChunkGradParams& g) {
 // registers): with one block per
 // SM (8 warps) every barrier of the block idled the SM — the gate prefix,
 // the staging, the per-channel gate scans.
-// f32: grad_w 2, grad_w_seq 1, grad_qk 1 (135 KB; 114 KB real), grad_dv 1
+// f32: grad_w 2, grad_w_seq 1, grad_qk 1 (135 KB; real 109 KB, two on
+// sm_90 at 128 registers: its w', u rows of floats, GateRows), grad_dv 1
 // on sm_80 and 2 on sm_90 (106 KB complex, 96 KB real: twice on sm_90;
 // 112 registers complex, 96 real).
 
@@ -1167,7 +1197,7 @@ GATELOOP_CHUNK_GRAD_ENTRIES(f16, __half, c, true, GATELOOP_BY_ARCH(2, 3), GATELO
                             GATELOOP_BY_ARCH(2, 3))
 GATELOOP_CHUNK_GRAD_ENTRIES(bf16, __nv_bfloat16, c, true, GATELOOP_BY_ARCH(3, 4), GATELOOP_BY_ARCH(2, 4), 2,
                             GATELOOP_BY_ARCH(2, 3))
-GATELOOP_CHUNK_GRAD_ENTRIES(f32, float, r, false, 2, 1, 1, GATELOOP_BY_ARCH(1, 2))
+GATELOOP_CHUNK_GRAD_ENTRIES(f32, float, r, false, 2, 1, GATELOOP_BY_ARCH(1, 2), GATELOOP_BY_ARCH(1, 2))
 GATELOOP_CHUNK_GRAD_ENTRIES(f16, __half, r, false, GATELOOP_BY_ARCH(2, 3), 2, 2,
                             GATELOOP_BY_ARCH(2, 3))
 GATELOOP_CHUNK_GRAD_ENTRIES(bf16, __nv_bfloat16, r, false, GATELOOP_BY_ARCH(4, 5), GATELOOP_BY_ARCH(2, 3), 2,

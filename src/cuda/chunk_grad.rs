@@ -213,9 +213,9 @@ pub fn shared_bytes(dtype: Dtype, gates: Gates) -> (u32, u32, u32) {
     let union = inter.max(offdiag).max(offdiag_out);
     // The tail after the union: the scores P's 6 off-diagonal and 4 diagonal
     // 16 × 16 blocks, summed over the slabs for grad_dv (kQkScoresBytes);
-    // w' and u rows padded by one complex (kLdGate); the per-head sums and
-    // the through terms.
-    let tail = 4 * (pairs + c / sub) * sub * sub + 4 * (2 * 2 * c * (s + 1) + 2 * 2 * c + 2 * s + 2);
+    // w' and u rows padded by one entry (kLdGate) and the per-head sums, a
+    // complex an entry (real gates: a float, GateRows); the through terms.
+    let tail = 4 * (pairs + c / sub) * sub * sub + 4 * (gates.parts() * 2 * (c * (s + 1) + c) + 2 * s + 2);
     // The s phase's dY and V tiles: one plane each for bf16 inputs, exact in
     // their bf16 operands (carve_terms). They overlay the union and, where
     // longer, the tail, which is first written after the s phase
@@ -1394,23 +1394,28 @@ mod tests {
         // of 16 rows, q̃ and k̃ of 16 columns) and its f32 products' rows
         // 16 + 8. f32: union max(inter-chunk 2·18432 + 2·2·16·36·4 = 46080,
         // off-diagonal 15360 + 2·96·20·4 + 2·48·20·4 = 38400, products
-        // 4·9·16·24 = 13824 and cross rows 2·32·20·4 = 5120) = 46080, with
-        // the tail longer than the s phase's 69632.
+        // 4·9·16·24 = 13824 and cross rows 2·32·20·4 = 5120) = 46080; the
+        // tail with w', u rows and head sums of floats (GateRows): 10240 +
+        // 4352 + 4352 + 512 + 136 = 19592, and 46080 + 19592 under the s
+        // phase's 69632, which sets the bytes: two blocks an H200 SM.
+        let real_tail = 10240 + 2 * 64 * 17 * 4 + 2 * 64 * 4 + 136;
+        assert_eq!(real_tail, 19592);
         let (w, _) = chunk::shared_bytes(Dtype::F32, Gates::Real);
         assert_eq!(w, 12288 + 4096 + 34816 + 2 * 64 * 20 * 4 + 8192);
         // grad_dv's union max(K̃ and D slab 2·64·20·4 + 2·16·68·4 = 18944,
         // P and dY 69632).
         let dv = 15360 + 5120 + 69632 + 8192;
-        assert_eq!(shared_bytes(Dtype::F32, Gates::Real), (w, 15360 + 10240 + 16384 + 46080 + tail, dv));
+        assert_eq!(shared_bytes(Dtype::F32, Gates::Real), (w, 15360 + 10240 + 16384 + 69632, dv));
+        assert!(2 * (shared_bytes(Dtype::F32, Gates::Real).1 + 1024) <= 228 * 1024);
         // 16-bit: union max(inter-chunk 2·2·2·64·40 + 2·2·2·16·40 = 25600,
         // off-diagonal 2·2·(96·24 + 96·24 + 48·24) = 23040, products and
-        // cross rows 18944) = 25600, with the tail longer than the s phase
-        // (36864, bf16 18432); grad_dv's max(2·2·(64·24 + 16·72) = 10752,
-        // 36864, bf16 27648).
+        // cross rows 18944) = 25600, with the real tail longer than the s
+        // phase (36864, bf16 18432); grad_dv's max(2·2·(64·24 + 16·72) =
+        // 10752, 36864, bf16 27648).
         for (dtype, dy_tile) in [(Dtype::F16, 18432), (Dtype::Bf16, 9216)] {
             let (w, _) = chunk::shared_bytes(dtype, Gates::Real);
             let dv = 15360 + 5120 + 18432 + dy_tile + 8192;
-            assert_eq!(shared_bytes(dtype, Gates::Real), (w, 15360 + 10240 + 16384 + 25600 + tail, dv));
+            assert_eq!(shared_bytes(dtype, Gates::Real), (w, 15360 + 10240 + 16384 + 25600 + real_tail, dv));
         }
         // Four real bf16 grad_dv blocks an H200 SM (its launch bound).
         assert!(4 * (shared_bytes(Dtype::Bf16, Gates::Real).2 + 1024) <= 228 * 1024);

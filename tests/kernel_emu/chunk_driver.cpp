@@ -220,9 +220,10 @@ static void grad_shared_bytes(int size, int planes, bool complex, int32_t& w, in
     const int offdiag = split(pairs * sub, sub + pad) + split(pairs * sub, width + pad) + split(key_subs * sub, width + pad);
     const int products = 4 * (pairs + key_subs) * sub * product_ld + 2 * (c / 2) * cross_ld * 4;
     const int uni = std::max({inter, offdiag, products});
-    // The tail: P's blocks for grad_dv (kQkScoresBytes), w', u rows padded,
-    // the head sums, the through terms.
-    const int tail = 4 * (pairs + c / sub) * sub * sub + 4 * (2 * 2 * c * (s + 1) + 2 * 2 * c + 2 * s + 2);
+    // The tail: P's blocks for grad_dv (kQkScoresBytes), w', u rows padded
+    // and the head sums (real gates: a float an entry, GateRows), the
+    // through terms.
+    const int tail = 4 * (pairs + c / sub) * sub * sub + 4 * ((complex ? 2 : 1) * 2 * (c * (s + 1) + c) + 2 * s + 2);
     // The s phase's dY, V tiles overlay the union and the tail.
     qk = prefix + 4 * (2 * c * ld + c * c) + std::max(2 * dy_tile, uni + tail);
 }
