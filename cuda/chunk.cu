@@ -95,11 +95,12 @@ using namespace nvcuda;
 template <typename input_t, class Op, bool kComplex, int kTerms>
 __device__ __forceinline__ void chunk_state(const GateloopChunkParams& p) {
     extern __shared__ __align__(128) unsigned char smem[];
-    check_shared(p.state_shared_bytes, state_smem_bytes<Op, kComplex, OpOf<input_t>::kRawTerms>());
+    using Smem = StateSmem<Op, kComplex, OpOf<input_t>::kRawTerms>;
+    check_shared(p.state_shared_bytes, Smem::kBytes);
     Block<input_t, kComplex> blk(p, smem);
     if (!blk.has_chunk()) return;  // an empty packed slot: the whole block, before any barrier
     // Raw k, the V tile, K̃ [m][col] (read as the column-major A = K̃ᵀ).
-    const StateSmem<Op, kComplex, OpOf<input_t>::kRawTerms> sm(smem, blk.warp);
+    const Smem sm(smem, blk.warp);
     float* kraw = sm.raw;
     const Split<Op>& vs = sm.tile;
     const Split<Op>& kt = sm.slab;

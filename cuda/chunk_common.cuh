@@ -1664,6 +1664,8 @@ template <class Op, bool kComplex, int kTileTerms, int kChannels = kSlab, bool k
           int kSlabTerms = 3>
 struct StateSmem {
     static_assert(!kRawInStaging || kChunk * kChannels * 4 <= kStagingBytes, "the raw slab fits the staging tiles");
+    // Its bytes (the launch's check_shared, the walks' state after them).
+    static constexpr int kBytes = state_smem_bytes<Op, kComplex, kTileTerms, kChannels, kRawInStaging, kSlabTerms>();
     float* raw;
     Split<Op> tile;
     Split<Op> slab;
@@ -1848,18 +1850,17 @@ __device__ __forceinline__ void store_decay(const Block<input_t, kComplex, kLd>&
 // layout (StateSmem) for walk_slab channels, the raw slab in the staging
 // tiles, then the slab's carried state [kWidth][kVTile] and its decays
 // [walk_slab] (src/cuda/chunk.rs: sequential_shared_bytes).
+// The block and shared layout of the walks; kTerms: the walk's (its slab
+// operand's planes).
+template <typename input_t, bool kComplex>
+using WalkBlock = Block<input_t, kComplex, walk_slab<kComplex>()>;
+template <class Op, typename input_t, bool kComplex, int kTerms>
+using WalkSmem = StateSmem<Op, kComplex, OpOf<input_t>::kRawTerms, walk_slab<kComplex>(), true, kTerms>;
 template <class Op, typename input_t, bool kComplex, int kTerms>
 __host__ __device__ constexpr int seq_smem_bytes() {
     constexpr int kCh = walk_slab<kComplex>();
-    return state_smem_bytes<Op, kComplex, OpOf<input_t>::kRawTerms, kCh, true, kTerms>() +
-           slab_width<kComplex, kCh>() * kVTile * 4 + kCh * 2 * 4;
+    return WalkSmem<Op, input_t, kComplex, kTerms>::kBytes + slab_width<kComplex, kCh>() * kVTile * 4 + kCh * 2 * 4;
 }
-// The block and shared layout of the walks.
-template <typename input_t, bool kComplex>
-using WalkBlock = Block<input_t, kComplex, walk_slab<kComplex>()>;
-// kTerms: the walk's (its slab operand's planes).
-template <class Op, typename input_t, bool kComplex, int kTerms>
-using WalkSmem = StateSmem<Op, kComplex, OpOf<input_t>::kRawTerms, walk_slab<kComplex>(), true, kTerms>;
 
 // The two raw inputs a walk stages each chunk: a slab of `keys` (k, or
 // the backward's q) into the raw table and a value tile of `tile` (v, or
@@ -1953,9 +1954,7 @@ __device__ __forceinline__ void walk_chunks(const GateloopChunkParams& p, unsign
     // [kWidth][kVTile]: X_c (every warp's tile; the raw slab's bytes, WalkSmem)
     float* xbuf = sm.staging - blk.warp * 256;
     static_assert(kWidth * kVTile * 4 == kStagingBytes, "X_c fills the staging tiles");
-    // [kWidth][kVTile]: S
-    float* st =
-        reinterpret_cast<float*>(smem + state_smem_bytes<Op, kComplex, OpOf<input_t>::kRawTerms, kCh, true, kTerms>());
+    float* st = reinterpret_cast<float*>(smem + sm.kBytes);  // [kWidth][kVTile]: S
     float2* dec = reinterpret_cast<float2*>(st + kWidth * kVTile);  // [kCh]: a_c
     const int64_t key_dim = p.dims.key_dim;
     const int64_t value_dim = p.dims.value_dim;

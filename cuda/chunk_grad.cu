@@ -104,7 +104,8 @@ constexpr int kGradTerms = 3;
 // the slab loop). The s phase, before any of those, stages its dY and V
 // tiles (split operands; bf16: hi planes alone, carve_terms) from the
 // union's first byte on, past its end into the tail where they are longer
-// (16-bit inputs: 36 864 bytes against the union's 32 256): the tail is
+// (f16 and f32 inputs, whose tiles take two planes: complex f16 36 864
+// bytes against the union's 32 256): the tail is
 // first written after the s phase's last barrier (qk_smem_bytes).
 // Every region but the tail's last two a multiple of 128 bytes.
 // src/cuda/chunk_grad.rs: shared_bytes.
@@ -283,12 +284,13 @@ __device__ __forceinline__ void grad_w(const GateloopChunkGradParams& g) {
     using Op = typename OpOf<input_t>::type;
     extern __shared__ __align__(128) unsigned char smem[];
     // The forward state kernel's layout: raw q for raw k, dY for V, Q̃ for K̃.
-    check_shared(g.w_shared_bytes, state_smem_bytes<Op, kComplex, OpOf<input_t>::kRawTerms>());
+    using Smem = StateSmem<Op, kComplex, OpOf<input_t>::kRawTerms>;
+    check_shared(g.w_shared_bytes, Smem::kBytes);
     const GateloopChunkParams& p = g.fwd;
     Block<input_t, kComplex> blk(p, smem);
     if (!blk.has_chunk()) return;  // an empty packed slot: the whole block, before any barrier
     // Raw q, the dY tile, [Re Q̃ | −Im Q̃] [n][col] (read as the column-major A = Q̃ᴴ).
-    const StateSmem<Op, kComplex, OpOf<input_t>::kRawTerms> sm(smem, blk.warp);
+    const Smem sm(smem, blk.warp);
     float* qraw = sm.raw;
     const Split<Op>& dys = sm.tile;
     const Split<Op>& qe = sm.slab;
@@ -650,11 +652,11 @@ __device__ __forceinline__ void grad_qk(const GateloopChunkGradParams& g) {
 
     // s = dY Vᵀ on tensor cores, over every value tile in order: warp w owns
     // the 16 × 16 tiles (w / 2, 2·(w % 2) + t) of s, t < 2. dY and V are
-    // staged as split operands from the union's first byte, 16-bit inputs'
-    // past its end into the tail (the slab phase's buffers are idle until the
-    // first slab's tables; build_prefix's barriers keep them until every warp
-    // is done; the tail is first written below, after the loop's last
-    // barrier) and the accumulators stored straight into ds.
+    // staged as split operands from the union's first byte, f16 and f32
+    // inputs' past its end into the tail (the slab phase's buffers are idle
+    // until the first slab's tables; build_prefix's barriers keep them until
+    // every warp is done; the tail is first written below, after the loop's
+    // last barrier) and the accumulators stored straight into ds.
     {
         unsigned char* at = union_at;
         const Split<Op> dys = carve_terms<Op, kRawTerms>(at, kChunk, ld_tile<Op>());

@@ -512,6 +512,17 @@ pub fn sequential_shared_bytes(dtype: Dtype, gates: Gates, precision: ChunkPreci
     (layout + channels * gates.parts() * VALUE_TILE * 4 + channels * 8) as u32
 }
 
+/// The shared bytes of the state launch `lp` runs at `precision`: the
+/// sequential walk's (its slab operand one plane under Fast) or the state
+/// kernel's. The forward's and the backward's launchers both take it.
+pub(super) fn state_launch_bytes(lp: &LaunchPlan, dtype: Dtype, gates: Gates, precision: ChunkPrecision) -> u32 {
+    if lp.carry == ChunkCarry::Sequential {
+        sequential_shared_bytes(dtype, gates, precision)
+    } else {
+        lp.state_shared_bytes
+    }
+}
+
 /// The staging tiles every chunked kernel ends its layout with: a 16 × 16
 /// f32 tile a warp (`kStagingBytes`).
 const STAGING_BYTES: usize = (THREADS as usize / 32) * 16 * 16 * 4;
@@ -879,8 +890,7 @@ fn launch<T: Element>(
     let buffers = Buffers { packed, ..buffers };
     let lp = plan_rows(d, T::DTYPE, gates, config.carry, packed)?;
     let sequential = lp.carry == ChunkCarry::Sequential;
-    let state_bytes =
-        if sequential { sequential_shared_bytes(T::DTYPE, gates, config.precision) } else { lp.state_shared_bytes };
+    let state_bytes = state_launch_bytes(&lp, T::DTYPE, gates, config.precision);
     let kernels = &gpu.kernels.chunk;
     let i = table_index(T::DTYPE, gates, config.precision);
     const OUTPUT: &str = "launching gateloop_chunk_output";

@@ -866,8 +866,7 @@ fn launch_backward<'a, T: Element>(
     let sequential = lp.carry == ChunkCarry::Sequential;
     // (The forward walk's at the call's precision; grad_w_seq's, of three
     // terms, Exact's.)
-    let state_bytes =
-        if sequential { chunk::sequential_shared_bytes(T::DTYPE, gates, precision) } else { lp.state_shared_bytes };
+    let state_bytes = chunk::state_launch_bytes(&lp, T::DTYPE, gates, precision);
     let w_bytes = if sequential { lp.sequential_shared_bytes } else { w_bytes };
     let need = w_bytes.max(qk_bytes).max(dv_bytes).max(state_bytes) as usize;
     if need > fwd_kernels.max_shared {

@@ -159,6 +159,11 @@ template <class T>
 static int raw_planes() {
     return std::is_same<T, __nv_bfloat16>::value ? 1 : 2;
 }
+// chunk.rs `raw_tile_bytes`: a raw value tile (V or dY) of `s`-byte operands
+// in `planes` planes, rows padded as ld_tile.
+static int raw_tile_bytes(int s, int planes) {
+    return planes * GATELOOP_CHUNK_LEN * (GATELOOP_CHUNK_VALUE_TILE + (s == 4 ? 4 : 8)) * s;
+}
 // chunk.rs `state_layout_bytes`: the state kernel's layout for slabs of `ch`
 // channels, its value tile in `planes` planes and its slab operand in
 // `slab_planes` (1: a walk under Fast), the raw slab in the staging tiles'
@@ -166,7 +171,7 @@ static int raw_planes() {
 static int32_t state_layout_bytes(int s, int planes, int slab_planes, bool complex, int ch, bool raw_in_staging) {
     const int pad = s == 4 ? 4 : 8, C = GATELOOP_CHUNK_LEN;
     return (complex ? 5 : 3) * C * ch * 4 + (raw_in_staging ? 0 : C * ch * 4) +
-           planes * C * (GATELOOP_CHUNK_VALUE_TILE + pad) * s + slab_planes * C * (ch * (complex ? 2 : 1) + pad) * s +
+           raw_tile_bytes(s, planes) + slab_planes * C * (ch * (complex ? 2 : 1) + pad) * s +
            staging;
 }
 static int32_t seq_shared_bytes(int s, int planes, int slab_planes, bool complex) {
@@ -182,7 +187,7 @@ static void fwd_shared_bytes(int s, int planes, bool complex, int32_t& state, in
     const int subs = C / sub, pairs = subs * (subs - 1) / 2;
     state = state_layout_bytes(s, planes, 2, complex, slab, false);
     const int slab_phase = split(C, ld_slab) + split(width, ld_tile) + split(pairs * sub, ld_slab) + split((subs - 1) * sub, ld_slab);
-    const int final_phase = split(C, ld_tile) + planes * C * ld_tile * s;  // P, V
+    const int final_phase = split(C, ld_tile) + raw_tile_bytes(s, planes);  // P, V
     output = padded + 2 * padded_raw + (slab_phase > final_phase ? slab_phase : final_phase) + subs * sub * sub * 4 + staging;
 }
 
@@ -212,7 +217,7 @@ static void grad_shared_bytes(int size, int planes, bool complex, int32_t& w, in
     const int pairs = (c / sub) * (c / sub - 1) / 2, key_subs = c / sub - 1, width = (complex ? 2 : 1) * s;
     fwd_shared_bytes(size, planes, complex, w, dv);
     auto split = [&](int rows, int ld) { return 2 * rows * ld * size; };
-    const int dy_tile = planes * c * (t + pad) * size;
+    const int dy_tile = raw_tile_bytes(size, planes);
     dv = prefix + c * ld * 4 + std::max(split(c, width + pad) + split(width, t + pad), split(c, t + pad) + dy_tile) +
          staging;
     const int product_ld = width + 8, cross_ld = complex ? 2 * s : ld;
