@@ -1135,11 +1135,30 @@ struct Block {
         return modulus_of(late, early, cl, gre[at(early, cl)], glo[at(early, cl)]);
     }
     __device__ __forceinline__ float modulus_of(int late, int early, int cl, float e, float e_lo) const {
-        const float w = sfu_exp_nonpos(fminf(re_diff(gre[at(late, cl)], glo[at(late, cl)], e, e_lo), 0.f));
-        return rst[at(late, cl)] > early ? 0.f : w;
+        return modulus_between(gre[at(late, cl)], glo[at(late, cl)], rst[at(late, cl)], early, e, e_lo);
+    }
+    // The same from the late step's entries (Re G, its low part, its last
+    // reset) and the early step's.
+    __device__ __forceinline__ static float modulus_between(float late, float late_lo, int32_t late_reset, int early,
+                                                            float e, float e_lo) {
+        const float w = sfu_exp_nonpos(fminf(re_diff(late, late_lo, e, e_lo), 0.f));
+        return late_reset > early ? 0.f : w;
     }
     __device__ __forceinline__ float cos_at(int t, int cl) const { return kComplex ? gcs[at(t, cl)] : 1.f; }
     __device__ __forceinline__ float sin_at(int t, int cl) const { return kComplex ? gsn[at(t, cl)] : 0.f; }
+    // A late step's table entries, read once where several early steps
+    // pair with it (add_half_pairs' tiles).
+    struct LateEntry {
+        float re, lo, cs, sn;
+        int32_t reset;
+    };
+    __device__ __forceinline__ LateEntry late_entry(int late, int cl) const {
+        return {gre[at(late, cl)], glo[at(late, cl)], cos_at(late, cl), sin_at(late, cl), rst[at(late, cl)]};
+    }
+    // modulus_within(late, early, cl) from late's entries.
+    __device__ __forceinline__ float modulus_after(const LateEntry& l, int early, int cl) const {
+        return modulus_between(l.re, l.lo, l.reset, early, gre[at(early, cl)], glo[at(early, cl)]);
+    }
     // The entry pair of every decayed or anchored operand row: w = |E|·x at
     // step t gives (w cos θ_t, −(w sin θ_t)), which is [Re | Im] of
     // x |E| e^{−iθ_t} (a key row) and [Re | −Im] of x |E| e^{iθ_t} (a query
@@ -2127,14 +2146,16 @@ __device__ __forceinline__ int pair_of(int i, int j) {
 // pairs were about 45% of the output launch's instructions per slab); the
 // halves take 2 × 36 pairs, and the block between them 16 rows of factors
 // (an exp each) and 64 products of 16 (32 complex) FMAs. Per slab the 288
-// pairs and the 256 cross products are one and about one per thread, where
-// the 544 pairs were three for a warp and two for the others.
+// pairs are 160 tiles of one query row and two key rows (one per thread,
+// the query side's reads shared: add_half_pairs) and the 256 cross
+// products one per thread, where the 544 pairs were three for a warp and
+// two for the others.
 constexpr int kPiece = kSub / 2;
 constexpr int kPieces = kChunk / kPiece;
-constexpr int kPiecePairs = kPiece * (kPiece + 1) / 2;  // 36
 constexpr int kCrossRows = kSubs * kPiece;              // 32 anchored query rows, 32 key rows
 static_assert(kSubs * kPiece * kPiece == kThreads, "one cross product per thread");
 
+constexpr int kPiecePairs = kPiece * (kPiece + 1) / 2;  // 36
 // The causal pairs (row r, column c ≤ r) of a kPiece × kPiece block, 36 of
 // them, numbered without a square root: rows f and 7 − f hold 9 pairs
 // together, so pair t is in fold f = t / 9, at (f, e) for e = t % 9 ≤ f,
@@ -2143,6 +2164,20 @@ __device__ __forceinline__ int2 piece_pair(int t) {
     const int f = t / (kPiece + 1);
     const int e = t - f * (kPiece + 1);
     return e <= f ? make_int2(f, e) : make_int2(kPiece - 1 - f, e - f - 1);
+}
+
+// The same pairs in tiles of two key columns of one query row (the last
+// tile of an even row has one): row r holds ⌈(r + 1) / 2⌉ tiles, rows 2s
+// and 2s + 1 hold s + 1 each, so tile u < 20 is in row pair s with
+// s(s + 1) ≤ u < (s + 1)(s + 2), at (row, first key column).
+constexpr int kPieceTiles = (kPiece / 2) * (kPiece / 2 + 1);  // 20
+static_assert(kPieces * kPieceTiles <= kThreads, "one tile per thread");
+__device__ __forceinline__ int2 piece_tile(int u) {
+    static_assert(kPiece == 8, "four row pairs");
+    const int s = (u >= 2) + (u >= 6) + (u >= 12);
+    const int v = u - s * (s + 1);
+    const int odd = v > s;
+    return make_int2(2 * s + odd, 2 * (v - odd * (s + 1)));
 }
 
 // The cross rows' scratch (f32, kCrossRows query rows then kCrossRows key
@@ -2198,12 +2233,125 @@ __device__ __forceinline__ void put_cross_rows(const Block<input_t, kComplex, kL
     });
 }
 
+// f(j) for the slab's channels j < cols in order: a whole slab (every slab
+// where K is a multiple of 16) in passes of four channels without a
+// remainder (unroll 4; a full unroll spilled in six kernels), the same
+// operations in the same order.
+template <class F>
+__device__ __forceinline__ void for_slab_channels(int cols, F f) {
+    if (cols == kSlab) {
+#pragma unroll 4
+        for (int j = 0; j < kSlab; ++j) f(j);
+    } else {
+        for (int j = 0; j < cols; ++j) f(j);
+    }
+}
+
+// Re E(n, m) of table column cl for a pair inside a half: the modulus,
+// times Re e^{i(θ_n − θ_m)} = cos θ_n cos θ_m + sin θ_n sin θ_m for complex
+// gates; real gates skip the latter (nvcc does not fold the fmaf of the
+// tables' constant 1 and 0, and multiplied every factor by the 1 it returns).
+// pair_factor_after: the same from the query step's entries (late_entry).
+template <typename input_t, bool kComplex, int kLd>
+__device__ __forceinline__ float pair_factor(const Block<input_t, kComplex, kLd>& blk, int nn, int m, int cl) {
+    const float w = blk.modulus_within(nn, m, cl);
+    if constexpr (!kComplex) return w;
+    return w * fmaf(blk.cos_at(nn, cl), blk.cos_at(m, cl), blk.sin_at(nn, cl) * blk.sin_at(m, cl));
+}
+template <typename input_t, bool kComplex, int kLd>
+__device__ __forceinline__ float pair_factor_after(const Block<input_t, kComplex, kLd>& blk,
+                                                   const typename Block<input_t, kComplex, kLd>::LateEntry& l, int m,
+                                                   int cl) {
+    const float w = blk.modulus_after(l, m, cl);
+    if constexpr (!kComplex) return w;
+    return w * fmaf(l.cs, blk.cos_at(m, cl), l.sn * blk.sin_at(m, cl));
+}
+
+// The pairs of slab d0's halves into pdiag (add_diagonal_pairs' first
+// part), each pair's sum over the channels in channel order. kKeys = 2:
+// thread i < 160 takes tile i % 20 of piece i / 20 (piece_tile): query row
+// nn against key rows m0 and m0 + 1 (m0 twice, the second discarded, where
+// m0 is the row's last key), two chains in one pass over the channels,
+// nn's raw q and table entries read once for both: about 0.8× the table
+// and operand reads of one pair a thread, and no second round. kKeys = 1
+// (the launches that spilled with two at their register caps): pair i % 36
+// of piece i / 36 (piece_pair) for i < 288, a second round for one warp.
+// Either way the same operations in the same order for every pair.
+template <int kKeys, typename input_t, bool kComplex, int kLd>
+__device__ __forceinline__ void add_half_pairs(const Block<input_t, kComplex, kLd>& blk, const float* qraw,
+                                               const float* kraw, int64_t d0, float* pdiag) {
+    static_assert(kKeys == 1 || kKeys == 2, "one or two key rows a thread");
+    if constexpr (kKeys == 2) {
+        const int i = blk.tid;
+        if (i >= kPieces * kPieceTiles) return;
+        const int pc = i / kPieceTiles;
+        const int2 rt = piece_tile(i - pc * kPieceTiles);
+        const bool two = rt.y < rt.x;
+        const int nn = pc * kPiece + rt.x;
+        const int m0 = pc * kPiece + rt.y;
+        const int m1 = two ? m0 + 1 : m0;
+        const int sb = pc / 2;
+        const int r16 = nn - sb * kSub, c16 = m0 - sb * kSub;
+        const int cols = blk.gate_cols(d0);
+        float acc0 = 0.f, acc1 = 0.f;
+        if (blk.per_head) {
+            float dot0 = 0.f, dot1 = 0.f;
+            for (int j = 0; j < kSlab; ++j) {
+                const float q = qraw[blk.at(nn, j)];
+                dot0 = fmaf(q, kraw[blk.at(m0, j)], dot0);
+                dot1 = fmaf(q, kraw[blk.at(m1, j)], dot1);
+            }
+            const auto late = blk.late_entry(nn, 0);
+            acc0 = pair_factor_after(blk, late, m0, 0) * dot0;
+            acc1 = pair_factor_after(blk, late, m1, 0) * dot1;
+        } else {
+            // nn's entries read once for both keys (nvcc would merge the
+            // repeated reads; said here, they are one read for every
+            // compiler, the bank model's included).
+            auto channel = [&](int j) {
+                const float q = qraw[blk.at(nn, j)];
+                const auto late = blk.late_entry(nn, j);
+                const float qk0 = q * kraw[blk.at(m0, j)];
+                const float qk1 = q * kraw[blk.at(m1, j)];
+                acc0 = fmaf(pair_factor_after(blk, late, m0, j), qk0, acc0);
+                acc1 = fmaf(pair_factor_after(blk, late, m1, j), qk1, acc1);
+            };
+            for_slab_channels(cols, channel);
+        }
+        float* row = pdiag + (sb * kSub + r16) * kSub + c16;
+        row[0] += acc0;
+        if (two) row[1] += acc1;
+    } else {
+        for (int i = blk.tid; i < kPieces * kPiecePairs; i += kThreads) {
+            const int pc = i / kPiecePairs;
+            const int2 rc = piece_pair(i - pc * kPiecePairs);
+            const int nn = pc * kPiece + rc.x;
+            const int m = pc * kPiece + rc.y;
+            const int sb = pc / 2;
+            const int r16 = nn - sb * kSub, c16 = m - sb * kSub;
+            const int cols = blk.gate_cols(d0);
+            float acc = 0.f;
+            if (blk.per_head) {
+                float dot = 0.f;
+                for (int j = 0; j < kSlab; ++j) dot = fmaf(qraw[blk.at(nn, j)], kraw[blk.at(m, j)], dot);
+                acc = pair_factor(blk, nn, m, 0) * dot;
+            } else {
+                auto channel = [&](int j) {
+                    const float qk = qraw[blk.at(nn, j)] * kraw[blk.at(m, j)];
+                    acc = fmaf(pair_factor(blk, nn, m, j), qk, acc);
+                };
+                for_slab_channels(cols, channel);
+            }
+            pdiag[(sb * kSub + r16) * kSub + c16] += acc;
+        }
+    }
+}
 // The diagonal 16 × 16 score blocks of slab d0, first part (raw q, k in
 // qraw, kraw [kChunk][kSlab]; the prefix tables of the slab):
 // pdiag[(16·sb + r)·16 + c] += Σ_d q_nd k_md Re E(n, m)_d for n = 16·sb + r,
-// m = 16·sb + c ≤ n inside one half (r, c < 8 or r, c ≥ 8), pairwise, each
-// pair by one thread of the block, in channel order; and the cross rows
-// into `scratch` (put_cross_rows) for add_diagonal_cross. The forward's
+// m = 16·sb + c ≤ n inside one half (r, c < 8 or r, c ≥ 8), pairwise
+// (add_half_pairs, kKeys key rows a thread), in channel order; and the
+// cross rows into `scratch` (put_cross_rows) for add_diagonal_cross. The forward's
 // and the backward's dv pass (intra_pass) and the forward's
 // register-fragment output pass (cuda/chunk_frag.cuh). Call between
 // barriers (qraw, kraw, the tables staged; pdiag's diagonal-half elements
@@ -2211,53 +2359,11 @@ __device__ __forceinline__ void put_cross_rows(const Block<input_t, kComplex, kL
 // next barrier.
 // add_half_pairs: the pairs alone (the backward's grad_qk puts the cross
 // rows itself, for its own products, and then adds these).
-template <typename input_t, bool kComplex, int kLd>
-__device__ __forceinline__ void add_half_pairs(const Block<input_t, kComplex, kLd>& blk, const float* qraw,
-                                               const float* kraw, int64_t d0, float* pdiag) {
-    for (int i = blk.tid; i < kPieces * kPiecePairs; i += kThreads) {
-        const int pc = i / kPiecePairs;
-        const int2 rc = piece_pair(i - pc * kPiecePairs);
-        const int nn = pc * kPiece + rc.x;
-        const int m = pc * kPiece + rc.y;
-        const int sb = pc / 2;
-        const int r16 = nn - sb * kSub, c16 = m - sb * kSub;
-        const int cols = blk.gate_cols(d0);
-        float acc = 0.f;
-        // Re e^{i(θ_n − θ_m)} = cos θ_n cos θ_m + sin θ_n sin θ_m; real gates
-        // skip it (nvcc does not fold the fmaf of the tables' constant 1 and
-        // 0, and multiplied every factor by the 1 it returns).
-        auto phase = [&](float w, int cl) {
-            if constexpr (!kComplex) return w;
-            return w * fmaf(blk.cos_at(nn, cl), blk.cos_at(m, cl), blk.sin_at(nn, cl) * blk.sin_at(m, cl));
-        };
-        if (blk.per_head) {
-            float dot = 0.f;
-            for (int j = 0; j < kSlab; ++j) dot = fmaf(qraw[blk.at(nn, j)], kraw[blk.at(m, j)], dot);
-            acc = phase(blk.modulus_within(nn, m, 0), 0) * dot;
-        } else {
-            auto channel = [&](int j) {
-                const float qk = qraw[blk.at(nn, j)] * kraw[blk.at(m, j)];
-                acc = fmaf(phase(blk.modulus_within(nn, m, j), j), qk, acc);
-            };
-            // A whole slab (every slab where K is a multiple of 16) in
-            // passes of four channels without a remainder (unroll 4; a full
-            // unroll spilled in six kernels); the same operations in the
-            // same order.
-            if (cols == kSlab) {
-#pragma unroll 4
-                for (int j = 0; j < kSlab; ++j) channel(j);
-            } else {
-                for (int j = 0; j < cols; ++j) channel(j);
-            }
-        }
-        pdiag[(sb * kSub + r16) * kSub + c16] += acc;
-    }
-}
-template <typename input_t, bool kComplex, int kLd>
+template <int kKeys, typename input_t, bool kComplex, int kLd>
 __device__ __forceinline__ void add_diagonal_pairs(const Block<input_t, kComplex, kLd>& blk, const float* qraw,
                                                    const float* kraw, int64_t d0, float* pdiag, float* scratch) {
     put_cross_rows(blk, qraw, kraw, scratch);
-    add_half_pairs(blk, qraw, kraw, d0, pdiag);
+    add_half_pairs<kKeys>(blk, qraw, kraw, d0, pdiag);
 }
 
 // The diagonal blocks' second part: thread tid's element (query step
@@ -2439,6 +2545,15 @@ __device__ __forceinline__ void intra_pass(Block<input_t, kComplex, kLd>& blk, u
     // and the wide f16 dv launches, 8 to 32 bytes at 80 and 128).
     constexpr bool kLean = kCols == kWideCols && kTerms == 3 && sizeof(input_t) == 2 &&
                            (kAdjoint ? std::is_same<input_t, __half>::value : !kComplex);
+    // The diagonal pairs two key rows a thread (add_half_pairs), but one
+    // where two spilled at the register cap: the wide 16-bit launches (real
+    // gates on sm_90, 112 bytes at 80; complex on sm_80, 28 at 128) and the
+    // narrow real f16 Exact one on sm_90 (4 at 80).
+    constexpr bool kWideTight = kCols == kWideCols && sizeof(input_t) == 2 &&
+                                (kComplex ? GATELOOP_BY_ARCH(true, false) : GATELOOP_BY_ARCH(false, true));
+    constexpr bool kF16Tight =
+        !kComplex && std::is_same<input_t, __half>::value && kTerms == 3 && GATELOOP_BY_ARCH(false, true);
+    constexpr int kPairKeys = kWideTight || kF16Tight ? 1 : 2;
     Acc<Op> yacc[kOut];
 #pragma unroll
     for (int a = 0; a < kOut; ++a) wmma::fill_fragment(yacc[a], 0.f);
@@ -2480,7 +2595,7 @@ __device__ __forceinline__ void intra_pass(Block<input_t, kComplex, kLd>& blk, u
         }
         if (!saved) {
             put_anchored_rows<Op, kTerms>(blk, qraw, kraw, qa, ka);
-            add_diagonal_pairs(blk, qraw, kraw, d0, pdiag, cross);
+            add_diagonal_pairs<kPairKeys>(blk, qraw, kraw, d0, pdiag, cross);
         }
         __syncthreads();
         if (!saved) add_diagonal_cross<kComplex>(tid, cross, pdiag);

@@ -258,8 +258,10 @@ __device__ __forceinline__ void chunk_output_frag(const GateloopChunkParams& p) 
                 for (int ks = 0; ks < kSteps; ++ks) frag::mma_split<Op, kTerms>(sacc[u], qa[ks], kb[ks]);
             }
         }
-        // The cross rows in poff, idle until the slab loop ends.
-        add_diagonal_pairs(blk, qraw, kraw, d0, pdiag, poff);
+        // The cross rows in poff, idle until the slab loop ends. The pairs
+        // one key row a thread (two spilled 4 to 72 bytes at 128, complex
+        // on sm_90).
+        add_diagonal_pairs<1>(blk, qraw, kraw, d0, pdiag, poff);
         __syncthreads();
         add_diagonal_cross<kComplex>(blk.tid, poff, pdiag);
         __syncthreads();

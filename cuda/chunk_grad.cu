@@ -715,7 +715,11 @@ __device__ __forceinline__ void grad_qk(const GateloopChunkGradParams& g) {
         // halves, then the block between them from the cross rows
         // offdiag_products put (read here, before the inter-chunk phase takes
         // their bytes; complex: rolled, as at 128 registers it spilled).
-        add_half_pairs(blk, qraw, kraw, d0, pdiag);
+        // The pairs two key rows a thread, but one in the complex f16
+        // kernel on sm_90, which spilled 12 bytes at 128 with two.
+        constexpr int kPairKeys =
+            kComplex && std::is_same<input_t, __half>::value && GATELOOP_BY_ARCH(false, true) ? 1 : 2;
+        add_half_pairs<kPairKeys>(blk, qraw, kraw, d0, pdiag);
         const float* const cross_rows = reinterpret_cast<const float*>(union_at + offdiag_out_bytes<kComplex>());
         add_diagonal_cross<kComplex, kComplex>(tid, cross_rows, pdiag);
         const float* xo = reinterpret_cast<const float*>(union_at);  // X per pair [pair][16][Re | Im]
