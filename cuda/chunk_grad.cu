@@ -815,10 +815,13 @@ __device__ __forceinline__ void grad_qk(const GateloopChunkGradParams& g) {
             float qr = oq.x, qi = oq.y, kr = ok.x, ki = ok.y, gqr = 0.f, gqi = 0.f, gkr = 0.f, gki = 0.f;
             // The row's half: steps h0 .. h0 + kPiece − 1.
             const int h0 = kSub * i + (second ? kPiece : 0);
+            // Step n's table entries read once for each loop (nvcc hoists
+            // them so; said here, the bank model counts them so too).
+            const auto late = blk.late_entry(n, cl);
 #pragma unroll 2
             for (int m = h0; m < n; ++m) {
                 const float km = kraw[blk.at(m, d)], snm = ds[n * kChunk + m];
-                const float e = blk.modulus_within(n, m, cl);
+                const float e = blk.modulus_after(late, m, cl);
                 const float x = snm * e * km;
                 const float xg = (snm * qn * km) * e;
                 const float cm = blk.cos_at(m, cl), sm = blk.sin_at(m, cl);
@@ -835,7 +838,7 @@ __device__ __forceinline__ void grad_qk(const GateloopChunkGradParams& g) {
 #pragma unroll 2
             for (int m = n + 1; m < h1; ++m) {
                 const float qm = qraw[blk.at(m, d)], smn = ds[m * kChunk + n];
-                const float e = blk.modulus_within(m, n, cl);
+                const float e = blk.modulus_of(m, n, cl, late.re, late.lo);
                 const float x = smn * e * qm;
                 const float xg = (smn * qm * kn) * e;
                 const float cm = blk.cos_at(m, cl), sm = blk.sin_at(m, cl);
