@@ -2251,13 +2251,7 @@ __device__ __forceinline__ void for_slab_channels(int cols, F f) {
 // times Re e^{i(θ_n − θ_m)} = cos θ_n cos θ_m + sin θ_n sin θ_m for complex
 // gates; real gates skip the latter (nvcc does not fold the fmaf of the
 // tables' constant 1 and 0, and multiplied every factor by the 1 it returns).
-// pair_factor_after: the same from the query step's entries (late_entry).
-template <typename input_t, bool kComplex, int kLd>
-__device__ __forceinline__ float pair_factor(const Block<input_t, kComplex, kLd>& blk, int nn, int m, int cl) {
-    const float w = blk.modulus_within(nn, m, cl);
-    if constexpr (!kComplex) return w;
-    return w * fmaf(blk.cos_at(nn, cl), blk.cos_at(m, cl), blk.sin_at(nn, cl) * blk.sin_at(m, cl));
-}
+// From the query step's entries (late_entry); pair_factor reads them.
 template <typename input_t, bool kComplex, int kLd>
 __device__ __forceinline__ float pair_factor_after(const Block<input_t, kComplex, kLd>& blk,
                                                    const typename Block<input_t, kComplex, kLd>::LateEntry& l, int m,
@@ -2265,6 +2259,10 @@ __device__ __forceinline__ float pair_factor_after(const Block<input_t, kComplex
     const float w = blk.modulus_after(l, m, cl);
     if constexpr (!kComplex) return w;
     return w * fmaf(l.cs, blk.cos_at(m, cl), l.sn * blk.sin_at(m, cl));
+}
+template <typename input_t, bool kComplex, int kLd>
+__device__ __forceinline__ float pair_factor(const Block<input_t, kComplex, kLd>& blk, int nn, int m, int cl) {
+    return pair_factor_after(blk, blk.late_entry(nn, cl), m, cl);
 }
 
 // The pairs of slab d0's halves into pdiag (add_diagonal_pairs' first
@@ -2547,8 +2545,8 @@ __device__ __forceinline__ void intra_pass(Block<input_t, kComplex, kLd>& blk, u
                            (kAdjoint ? std::is_same<input_t, __half>::value : !kComplex);
     // The diagonal pairs two key rows a thread (add_half_pairs), but one
     // where two spilled at the register cap: the wide 16-bit launches (real
-    // gates on sm_90, 112 bytes at 80; complex on sm_80, 28 at 128) and the
-    // narrow real f16 Exact one on sm_90 (4 at 80).
+    // gates on sm_90, 180 to 332 bytes at 80; complex on sm_80, 28 at 128)
+    // and the narrow real f16 Exact one on sm_90 (4 to 12 at 80).
     constexpr bool kWideTight = kCols == kWideCols && sizeof(input_t) == 2 &&
                                 (kComplex ? GATELOOP_BY_ARCH(true, false) : GATELOOP_BY_ARCH(false, true));
     constexpr bool kF16Tight =
