@@ -178,12 +178,16 @@ __device__ __forceinline__ void chunk_carry(const GateloopChunkParams& p) {
 // log_gate are read once, at the price of the chunks' parallelism
 // (B·H·value_tiles·slabs blocks instead of B·H·chunks·value_tiles): the
 // launcher's plan picks it only for grids that fill the GPU.
-template <typename input_t, class Op, bool kComplex, int kTerms>
+// kCols = kWideCols (real gates: the wide walk, gateloop_chunk_state_seq_wide_*):
+// a block takes 128 value columns, two value tiles, for which its gate
+// prefix, key slab and slab operand are built once where two blocks each
+// built them (most of a chunk's instructions); the same bits.
+template <typename input_t, class Op, bool kComplex, int kTerms, int kCols = kVTile>
 __device__ __forceinline__ void chunk_state_seq(const GateloopChunkParams& p) {
     extern __shared__ __align__(128) unsigned char smem[];
-    check_shared(p.state_shared_bytes, seq_smem_bytes<Op, input_t, kComplex, kTerms>());
+    check_shared(p.state_shared_bytes, seq_smem_bytes<Op, input_t, kComplex, kTerms, kCols>());
     const bool has_h0 = (p.flags & GATELOOP_FLAG_HAS_H0) != 0;
-    walk_chunks<false, Op, kTerms, input_t, kComplex>(
+    walk_chunks<false, Op, kTerms, input_t, kComplex, kCols>(
         p, smem, has_h0 ? p.h0 : nullptr, p.h0_strides, p.ws_state, p.h_final, p.h_final_strides,
         [&](const WalkBlock<input_t, kComplex>& blk) {
             return WalkRows<input_t>{blk.k, p.k_strides, blk.v, p.v_strides};
@@ -294,6 +298,24 @@ GATELOOP_CHUNK_ENTRIES(bf16, __nv_bfloat16, OpBf16, r, false, exact, 3,
                        GATELOOP_BY_ARCH(4, 5), GATELOOP_BY_ARCH(2, 3), GATELOOP_BY_ARCH(2, 3), GATELOOP_BY_ARCH(2, 3))
 GATELOOP_CHUNK_ENTRIES(bf16, __nv_bfloat16, OpBf16, r, false, fast, 1,
                        GATELOOP_BY_ARCH(4, 5), GATELOOP_BY_ARCH(2, 4), GATELOOP_BY_ARCH(2, 3), GATELOOP_BY_ARCH(2, 3))
+
+// gateloop_chunk_state_seq_wide_{f16,bf16}_r_{exact,fast}: the real-gate
+// walk in blocks of 128 value columns (chunk_state_seq's kCols), for V > 64
+// (src/cuda/chunk.rs: ChunkWalk). MIN by the rule above on sm_90, shared
+// memory (sequential_wide_shared_bytes): bf16 Fast 71 KB: 3; bf16 Exact 76
+// KB, f16 Fast 89 KB and Exact 94 KB (their tiles two planes): 2, but f16
+// Fast compiled for 3 (80 registers; at 2 ptxas spilled 4 bytes). On sm_80
+// 1: at 2 (128 registers) ptxas spilled 8 to 40 bytes, and the launcher's
+// ChunkWalk::Auto takes the narrow walk there.
+#define GATELOOP_CHUNK_WIDE_WALK_ENTRY(DTYPE, TYPE, OP, PREC, TERMS, MIN)                                    \
+    extern "C" __global__ void __launch_bounds__(gateloop::chunk::kThreads, MIN)                            \
+        gateloop_chunk_state_seq_wide_##DTYPE##_r_##PREC(const GateloopChunkParams p) {                     \
+        gateloop::chunk::chunk_state_seq<TYPE, gateloop::chunk::OP, false, TERMS, gateloop::chunk::kWideCols>(p); \
+    }
+GATELOOP_CHUNK_WIDE_WALK_ENTRY(f16, __half, OpBf16, exact, 3, GATELOOP_BY_ARCH(1, 2))
+GATELOOP_CHUNK_WIDE_WALK_ENTRY(f16, __half, OpF16, fast, 1, GATELOOP_BY_ARCH(1, 3))
+GATELOOP_CHUNK_WIDE_WALK_ENTRY(bf16, __nv_bfloat16, OpBf16, exact, 3, GATELOOP_BY_ARCH(1, 2))
+GATELOOP_CHUNK_WIDE_WALK_ENTRY(bf16, __nv_bfloat16, OpBf16, fast, 1, GATELOOP_BY_ARCH(1, 3))
 
 // gateloop_chunk_output_frag_{f16,bf16}_{c,r}_{exact,fast}: the output launch
 // on register fragments (cuda/chunk_frag.cuh), 16-bit inputs only (m16n8k16

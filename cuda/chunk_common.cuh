@@ -1875,10 +1875,14 @@ template <typename input_t, bool kComplex>
 using WalkBlock = Block<input_t, kComplex, walk_slab<kComplex>()>;
 template <class Op, typename input_t, bool kComplex, int kTerms>
 using WalkSmem = StateSmem<Op, kComplex, OpOf<input_t>::kRawTerms, walk_slab<kComplex>(), true, kTerms>;
-template <class Op, typename input_t, bool kComplex, int kTerms>
+// kCols: the block's value columns, kVTile or (real gates) kWideCols, the
+// wide walk's: its carried state as wide, and its second value tile (laid
+// out as the state layout's own, which holds the first) after the decays.
+template <class Op, typename input_t, bool kComplex, int kTerms, int kCols = kVTile>
 __host__ __device__ constexpr int seq_smem_bytes() {
     constexpr int kCh = walk_slab<kComplex>();
-    return WalkSmem<Op, input_t, kComplex, kTerms>::kBytes + slab_width<kComplex, kCh>() * kVTile * 4 + kCh * 2 * 4;
+    return WalkSmem<Op, input_t, kComplex, kTerms>::kBytes + slab_width<kComplex, kCh>() * kCols * 4 + kCh * 2 * 4 +
+           (kCols / kVTile - 1) * terms_bytes<Op, OpOf<input_t>::kRawTerms>(kChunk, ld_tile<Op>());
 }
 
 // The two raw inputs a walk stages each chunk: a slab of `keys` (k, or
@@ -1957,34 +1961,50 @@ __device__ __forceinline__ void walk_put(const WalkBlock<input_t, kComplex>& blk
 // (h0 or dh_final; null: 0) and ends in `fin` (h_final or dh0; null: not
 // written), both [B, H, K, V] with their strides. The forward's
 // chunk_state_seq (cuda/chunk.cu) and the backward's grad_w_seq
-// (cuda/chunk_grad.cu).
-template <bool kBackward, class Op, int kTerms, typename input_t, bool kComplex, class Rows, class PutSlab>
+// (cuda/chunk_grad.cu). kCols = kWideCols (real gates; the wide walks, V >
+// 64): a block per 128 value columns, its S that wide, each chunk's prefix,
+// keys and slab operand built once for its two value tiles, whose Gram
+// products and updates follow one another through the same X_c bytes (the
+// second tile after the decays: seq_smem_bytes); every element's
+// operations those of the walk of one tile.
+template <bool kBackward, class Op, int kTerms, typename input_t, bool kComplex, int kCols = kVTile, class Rows,
+          class PutSlab>
 __device__ __forceinline__ void walk_chunks(const GateloopChunkParams& p, unsigned char* smem, const float* init,
                                             const GateloopStateStrides& init_strides, float* slots, float* fin,
                                             const GateloopStateStrides& fin_strides, Rows rows_of, PutSlab put_slab) {
+    static_assert(kCols == kVTile || (kCols == kWideCols && !kComplex), "one value tile, or two with real gates");
+    constexpr int kHalves = kCols / kVTile;  // value tiles a block
     constexpr int kAhead = kBackward ? -1 : 1;  // the chunk visited next, prefetched into L2
     constexpr int kCh = walk_slab<kComplex>();
     constexpr int kWidth = slab_width<kComplex, kCh>();
+    constexpr int kTileTerms = raw_tile_terms<input_t, kTerms>();
     int64_t idx = blockIdx.x;
     const int64_t d0 = split_index(idx, (p.dims.key_dim + kCh - 1) / kCh) * kCh;
-    WalkBlock<input_t, kComplex> blk(p, smem, p.value_tiles, 1, idx);
+    const int64_t tiles = kHalves == 1 ? p.value_tiles : (p.dims.value_dim + kCols - 1) / kCols;
+    WalkBlock<input_t, kComplex> blk(p, smem, tiles, 1, idx, kCols);
     const WalkSmem<Op, input_t, kComplex, kTerms> sm(smem, blk.warp);
     const WalkRows<input_t> rows = rows_of(blk);
-    // [kWidth][kVTile]: X_c (every warp's tile; the raw slab's bytes, WalkSmem)
+    // [kWidth][kVTile]: X_c of one value tile (every warp's tile; the raw
+    // slab's bytes, WalkSmem)
     float* xbuf = sm.staging - blk.warp * 256;
     static_assert(kWidth * kVTile * 4 == kStagingBytes, "X_c fills the staging tiles");
-    float* st = reinterpret_cast<float*>(smem + sm.kBytes);  // [kWidth][kVTile]: S
-    float2* dec = reinterpret_cast<float2*>(st + kWidth * kVTile);  // [kCh]: a_c
+    float* st = reinterpret_cast<float*>(smem + sm.kBytes);  // [kWidth][kCols]: S
+    float2* dec = reinterpret_cast<float2*>(st + kWidth * kCols);  // [kCh]: a_c
+    // The value tiles (Y of the Gram product): half h of the block's columns,
+    // v0 + kVTile·h; the second (kHalves = 2) after the decays.
+    unsigned char* second_at = reinterpret_cast<unsigned char*>(dec + kCh);
+    const Split<Op> second = carve_terms<Op, OpOf<input_t>::kRawTerms>(second_at, kChunk, ld_tile<Op>());
+    const auto tile_of = [&](int h) -> const Split<Op>& { return h == 0 ? sm.tile : second; };
     const int64_t key_dim = p.dims.key_dim;
     const int64_t value_dim = p.dims.value_dim;
 
-    // Slab element i: key row d0 + i / kVTile, value column v0 + i % kVTile.
+    // Slab element i: key row d0 + i / kCols, value column v0 + i % kCols.
     auto element = [&](int i, int64_t& d, int64_t& col) {
-        d = d0 + i / kVTile;
-        col = blk.v0 + i % kVTile;
+        d = d0 + i / kCols;
+        col = blk.v0 + i % kCols;
         return d < key_dim && col < value_dim;
     };
-    for (int i = blk.tid; i < kCh * kVTile; i += kThreads) {
+    for (int i = blk.tid; i < kCh * kCols; i += kThreads) {
         int64_t d, col;
         float2 s = make_float2(0.f, 0.f);
         if (element(i, d, col) && init != nullptr) {
@@ -1992,7 +2012,7 @@ __device__ __forceinline__ void walk_chunks(const GateloopChunkParams& p, unsign
             s = load_gate_side<kComplex>(init, at_);
         }
         st[i] = s.x;
-        if (kComplex) st[kCh * kVTile + i] = s.y;
+        if (kComplex) st[kCh * kCols + i] = s.y;
     }
     // Real gates: the first chunk's gates (and its value tile where that is
     // stored as loaded in 16-byte groups: kTileAsync, by cp.async too) in
@@ -2017,14 +2037,16 @@ __device__ __forceinline__ void walk_chunks(const GateloopChunkParams& p, unsign
     const auto chunk_at = [&](int64_t i) { return kBackward ? p.num_chunks - 1 - i : i; };
     const auto walk = [&](auto tile_async) {
         constexpr bool kTileAsync = decltype(tile_async)::value;
-        const auto issue_tile = [&](int64_t c) {
+        // Value tile h of chunk c by cp.async (kTileAsync).
+        const auto issue_tile = [&](int64_t c, int h) {
             if constexpr (kTileAsync) {
-                blk.template issue_groups_async<kVTile, kAhead>(rows.tile, rows.tile_strides, blk.v0, value_dim, c,
-                                                                sm.tile);
+                blk.template issue_groups_async<kVTile, kAhead>(rows.tile, rows.tile_strides, blk.v0 + kVTile * h,
+                                                                value_dim, c, tile_of(h));
             }
         };
         if constexpr (!kComplex) {
-            issue_tile(chunk_at(0));
+#pragma unroll
+            for (int h = 0; h < kHalves; ++h) issue_tile(chunk_at(0), h);
             blk.template issue_gates_async<kAhead>(d0, chunk_at(0));
         }
 #pragma unroll 1
@@ -2041,6 +2063,12 @@ __device__ __forceinline__ void walk_chunks(const GateloopChunkParams& p, unsign
                 __syncthreads();
                 blk.scan_prefix(d0);  // ends with a barrier
                 walk_put<kAhead, Op, kTerms, kTileAsync>(blk, rows, loads, sm);
+                if constexpr (kHalves == 2 && !kTileAsync) {
+                    // The second tile elementwise (walk_put's path for the first).
+                    blk.template load_rows<kVTile, kAhead>(
+                        rows.tile, rows.tile_strides, blk.v0 + kVTile, value_dim,
+                        [&](int m, int c, float x) { second.template put<kTileTerms>(m, c, x); });
+                }
             } else if constexpr (kTogether) {
                 blk.template build_prefix<kAhead>(d0);
                 walk_put<kAhead, Op, kTerms>(blk, rows, walk_fetch<kAhead, Op, kTerms>(blk, rows, d0), sm);
@@ -2064,25 +2092,36 @@ __device__ __forceinline__ void walk_chunks(const GateloopChunkParams& p, unsign
                 // product and update.
                 if (i + 1 < p.num_chunks) blk.template issue_gates_async<kAhead>(d0, chunk_at(i + 1));
             }
-            Acc<Op> acc;
-            // Rolled (where it matters: bf16 Exact) but in the complex forward walk.
-            if (slab_gram<Op, kTerms, kBackward || !kComplex>(blk, sm.slab, sm.tile, acc)) {
-                const int rb = blk.warp / (kVTile / 16);
-                const int cb = blk.warp % (kVTile / 16);
-                store_accumulator(xbuf + 16 * rb * kVTile + 16 * cb, acc, kVTile);
-            }
-            __syncthreads();
-            // The tile's only reader, the Gram product, is done: the next
-            // chunk's tile lands across this one's update and the next one's
-            // prefix.
-            if (i + 1 < p.num_chunks) issue_tile(chunk_at(i + 1));
-            {
-                // Thread slot: column v0 + col, key rows d0 + row0 + kStep·u.
+            // Each value tile h in turn (kHalves = 2: the wide walk, whose
+            // prefix, keys and slab operand serve both): X_c = Xᵀ Y_h into
+            // xbuf, then its columns of S. The same operations on each
+            // element as a walk of one tile: bit for bit. Not unrolled:
+            // unrolled, ptxas held both tiles' addresses (sm_80: 128
+            // registers and 28 to 32 bytes spilled at two blocks an SM).
+#pragma unroll 1
+            for (int h = 0; h < kHalves; ++h) {
+                Acc<Op> acc;
+                // Rolled (where it matters: bf16 Exact) but in the complex forward walk.
+                const bool owns = slab_gram<Op, kTerms, kBackward || !kComplex>(blk, sm.slab, tile_of(h), acc);
+                // xbuf's readers, the previous tile's update, done.
+                if (h > 0) __syncthreads();
+                if (owns) {
+                    const int rb = blk.warp / (kVTile / 16);
+                    const int cb = blk.warp % (kVTile / 16);
+                    store_accumulator(xbuf + 16 * rb * kVTile + 16 * cb, acc, kVTile);
+                }
+                __syncthreads();
+                // The tile's only reader, the Gram product, is done: the next
+                // chunk's tile lands across this one's update and the next one's
+                // prefix.
+                if (i + 1 < p.num_chunks) issue_tile(chunk_at(i + 1), h);
+                // Thread slot: column v0 + kVTile·h + col, key rows d0 + row0 + kStep·u.
                 const TileSlot<kVTile> slot(blk.tid);
-                const StateRows<kVTile, kCh> rows(blk, slot, d0, blk.v0);
+                const StateRows<kVTile, kCh> rows(blk, slot, d0, blk.v0 + kVTile * h);
                 for_tile<kCh, kVTile>(slot, [&](int u, int r, int c) {
-                    const int e = r * kVTile + c;
-                    const float2 s = make_float2(st[e], kComplex ? st[kCh * kVTile + e] : 0.f);
+                    const int e = r * kVTile + c;        // in xbuf
+                    const int se = r * kCols + kVTile * h + c;  // in st
+                    const float2 s = make_float2(st[se], kComplex ? st[kCh * kCols + se] : 0.f);
                     if (rows.live(u)) {
                         slots[rows.at(0, u)] = s.x;
                         if (kComplex) slots[rows.at(1, u)] = s.y;
@@ -2090,10 +2129,10 @@ __device__ __forceinline__ void walk_chunks(const GateloopChunkParams& p, unsign
                     const float2 a = dec[r];
                     if (kComplex) {
                         const float2 x = apply(a, make_float2(xbuf[e], xbuf[kCh * kVTile + e]), s);
-                        st[e] = x.x;
-                        st[kCh * kVTile + e] = x.y;
+                        st[se] = x.x;
+                        st[kCh * kCols + se] = x.y;
                     } else {
-                        st[e] = fmaf(a.x, s.x, xbuf[e]);
+                        st[se] = fmaf(a.x, s.x, xbuf[e]);
                     }
                 });
             }
@@ -2113,10 +2152,10 @@ __device__ __forceinline__ void walk_chunks(const GateloopChunkParams& p, unsign
     }
     __syncthreads();
     if (fin == nullptr) return;
-    for (int i = blk.tid; i < kCh * kVTile; i += kThreads) {
+    for (int i = blk.tid; i < kCh * kCols; i += kThreads) {
         int64_t d, col;
         if (!element(i, d, col)) continue;
-        const float2 s = make_float2(st[i], kComplex ? st[kCh * kVTile + i] : 0.f);
+        const float2 s = make_float2(st[i], kComplex ? st[kCh * kCols + i] : 0.f);
         store_gate_side<kComplex>(fin, state_index(fin_strides, blk.b, blk.h, d, col), s);
     }
 }

@@ -318,15 +318,17 @@ __device__ __forceinline__ void grad_w(const GateloopChunkGradParams& g) {
 // writes again). Bit for bit what grad_w followed by the adjoint carry
 // writes; W_c never goes through the workspace. (Not writing dh0 here made
 // ptxas spill this kernel at its register cap.)
-template <typename input_t, bool kComplex>
+// kCols = kWideCols (real gates, gateloop_chunk_grad_w_seq_wide_*): blocks
+// of 128 value columns, as the forward's wide walk (speed log item 52).
+template <typename input_t, bool kComplex, int kCols = kVTile>
 __device__ __forceinline__ void grad_w_seq(const GateloopChunkGradParams& g) {
     using Op = typename OpOf<input_t>::type;
     extern __shared__ __align__(128) unsigned char smem[];
-    check_shared(g.w_shared_bytes, seq_smem_bytes<Op, input_t, kComplex, kGradTerms>());
+    check_shared(g.w_shared_bytes, seq_smem_bytes<Op, input_t, kComplex, kGradTerms, kCols>());
     const GateloopChunkParams& p = g.fwd;
     const bool has_dh_final = (g.grad_flags & GATELOOP_GRAD_FLAG_HAS_DH_FINAL) != 0;
     const bool has_dh0 = (g.grad_flags & GATELOOP_GRAD_FLAG_HAS_DH0) != 0;
-    walk_chunks<true, Op, kGradTerms, input_t, kComplex>(
+    walk_chunks<true, Op, kGradTerms, input_t, kComplex, kCols>(
         p, smem, has_dh_final ? g.dh_final : nullptr, g.dh_final_strides, g.ws_adj, has_dh0 ? g.dh0 : nullptr,
         g.dh0_strides,
         [&](const WalkBlock<input_t, kComplex>& blk) {
@@ -1230,6 +1232,19 @@ GATELOOP_CHUNK_GRAD_DV_WIDE_ENTRY(bf16, __nv_bfloat16, c, true, GATELOOP_BY_ARCH
 GATELOOP_CHUNK_GRAD_DV_WIDE_ENTRY(f32, float, r, false, GATELOOP_BY_ARCH(1, 2))
 GATELOOP_CHUNK_GRAD_DV_WIDE_ENTRY(f16, __half, r, false, GATELOOP_BY_ARCH(2, 3))
 GATELOOP_CHUNK_GRAD_DV_WIDE_ENTRY(bf16, __nv_bfloat16, r, false, GATELOOP_BY_ARCH(2, 4))
+
+// gateloop_chunk_grad_w_seq_wide_{f16,bf16}_r: grad_w_seq in blocks of 128
+// value columns (V > 64, real gates: the forward's wide walk, chunk.cu).
+// MIN by the rule above: the forward's Exact wide walk's bytes (bf16 76
+// KB, f16 94 KB), two an H200 SM; one on sm_80 (at two it spilled there,
+// and the launcher takes the narrow walks on sm_80).
+#define GATELOOP_CHUNK_GRAD_W_SEQ_WIDE_ENTRY(DTYPE, TYPE, MIN)                                             \
+    extern "C" __global__ void __launch_bounds__(gateloop::chunk::kThreads, MIN)                             \
+        gateloop_chunk_grad_w_seq_wide_##DTYPE##_r(const GateloopChunkGradParams g) {                       \
+        gateloop::chunk::grad_w_seq<TYPE, false, gateloop::chunk::kWideCols>(g);                             \
+    }
+GATELOOP_CHUNK_GRAD_W_SEQ_WIDE_ENTRY(f16, __half, GATELOOP_BY_ARCH(1, 2))
+GATELOOP_CHUNK_GRAD_W_SEQ_WIDE_ENTRY(bf16, __nv_bfloat16, GATELOOP_BY_ARCH(1, 2))
 
 // gateloop_chunk_grad_adjoint_carry_{c,r}, and
 // gateloop_chunk_grad_adjoint_carry_packed_{c,r} for packed sequences

@@ -605,6 +605,20 @@ def wide_rule(bench):
                         "`ChunkOutput::Staged` (blocks of 128 columns where V > 64)", only=lambda d: d[4] > 64)
 
 
+def walk_rule(bench):
+    """The walk blocks' section: chunked-real-fast (the real-gate walk in
+    blocks of 128 value columns where V > 64 on sm_90, 16-bit inputs:
+    speed log item 52) against chunked-real-fast-narrow-walk (blocks of 64
+    at every V), at V > 64 only (below, both run the same kernel), and the
+    ChunkWalk::Auto rule they support. Where the plan takes the separate
+    carry both run the same kernels too: read it with the bench's
+    launches."""
+    return variant_rule(bench, "Walk blocks (64 value columns against 128, V > 64)",
+                        [("chunked-real-fast", "chunked-real-fast-narrow-walk")],
+                        "`ChunkWalk::Narrow` (walk blocks of 64 columns at every V)",
+                        "`ChunkWalk::Auto` (walk blocks of 128 columns where V > 64)", only=lambda d: d[4] > 64)
+
+
 def packed_cost(bench):
     """The packed section: recurrent-varlen (the B sequences packed into one
     row, forward_varlen_into, the same problem and bits) against recurrent,
@@ -722,7 +736,7 @@ def file_results(results, into, dry_run):
         per_run.append((name, rows))
     L += targets_overall(per_run)
     L += carry_rule(carry)
-    L += bench_sections(benches, [staging_rule, real_carry_rule, rows_rule, output_rule, wide_rule, packed_cost,
+    L += bench_sections(benches, [staging_rule, real_carry_rule, rows_rule, output_rule, wide_rule, walk_rule, packed_cost,
                                   launch_split])
     text = "\n".join(L) + "\n"
     if not dry_run:

@@ -27,7 +27,7 @@ mod dtype_support;
 use common::{Case, adversarial_regime_tests, regime_matrix, regime_tests, run_forward};
 use dtype_support::{chunk_bounds as bounds, rounded_to, widen};
 use gateloop::cuda::chunk::{
-    ChunkCarry, ChunkConfig, ChunkOutput, ChunkPrecision, DeviceInputs, DeviceOutputs, Gates, forward_host,
+    ChunkCarry, ChunkConfig, ChunkOutput, ChunkPrecision, ChunkWalk, DeviceInputs, DeviceOutputs, Gates, forward_host,
     forward_into, forward_real_host_as, forward_real_into, plan,
 };
 use gateloop::cuda::{Dtype, Element, Gpu, GpuError};
@@ -395,22 +395,67 @@ fn wide_output_is_bitwise_the_narrow_output() {
         GateRegime::UnitModulus,
         GateRegime::LargePhase(50.0),
     ];
-    let mut seed = 18_000;
+    for c in wide_cases(&shapes, &regimes, 18_000) {
+        for gates in Gates::ALL {
+            for precision in ChunkPrecision::ALL {
+                check_outputs::<f32>(gpu, c, gates, precision);
+                check_outputs::<bf16>(gpu, c, gates, precision);
+                check_outputs::<f16>(gpu, c, gates, precision);
+            }
+        }
+    }
+}
+
+/// The cases of the wide-against-narrow tests: every regime at the first
+/// two shapes, one each after (regime i mod their count at shape i), seeds
+/// from `seed` + 1, h0 on even seeds.
+fn wide_cases(shapes: &[Dims], regimes: &[GateRegime], mut seed: u64) -> Vec<Case> {
+    let mut cases = Vec::new();
     for (i, &d) in shapes.iter().enumerate() {
         for (j, regime) in regimes.iter().enumerate() {
-            // Every regime at the first two shapes, one each after.
             if i >= 2 && j != i % regimes.len() {
                 continue;
             }
             seed += 1;
-            let c = Case::new(d, *regime, seed % 2 == 0, seed);
-            for gates in Gates::ALL {
-                for precision in ChunkPrecision::ALL {
-                    check_outputs::<f32>(gpu, c, gates, precision);
-                    check_outputs::<bf16>(gpu, c, gates, precision);
-                    check_outputs::<f16>(gpu, c, gates, precision);
-                }
-            }
+            cases.push(Case::new(d, *regime, seed.is_multiple_of(2), seed));
+        }
+    }
+    cases
+}
+
+/// The wide walk (`ChunkWalk::Auto` where V > 64 with real gates and 16-bit
+/// inputs: one block per 128 value columns, each chunk's gate prefix, keys
+/// and slab operand built once for both 64-column tiles) writes what the
+/// narrow walk (`ChunkWalk::Narrow`, a block per 64 columns) writes, bit for
+/// bit, and within the reference's bounds: bf16 and f16, Exact and Fast,
+/// with and without h0, both gate layouts, V with a part-filled wide block
+/// (70, 130, 200) or none (128, 256), K cut short (5, 40, 72: a part-filled
+/// slab of 32), partial chunks, resets, hard decay, |a| = 1; outputs and
+/// workspace poisoned for each launch. (V = 64 and f32 or complex gates take
+/// the narrow walk either way; the misaligned rows' elementwise staging of
+/// both tiles: `vector_staging_is_bitwise_the_elementwise_staging`.)
+#[test]
+fn wide_walk_is_bitwise_the_narrow_walk() {
+    let Some(gpu) = common::gpu_or_skip() else { return };
+    let shapes = [
+        dims(2, 130, 2, 5, 70, true),
+        dims(1, 200, 3, 40, 128, false),
+        dims(2, 65, 1, 72, 130, false),
+        dims(1, 300, 1, 40, 200, true),
+        dims(1, 100, 1, 20, 256, false),
+    ];
+    for d in shapes {
+        let lp = plan(&d, Dtype::Bf16, Gates::Real).unwrap();
+        let blocks = |cols: usize| d.batch * d.heads * d.value_dim.div_ceil(cols) * d.key_dim.div_ceil(32);
+        assert_eq!((lp.sequential_grid as usize, lp.wide_sequential_grid as usize), (blocks(64), blocks(128)));
+    }
+    let regimes = [GateRegime::Mixed, GateRegime::Resets(0.1), GateRegime::HardDecay(0.5), GateRegime::UnitModulus];
+    for c in wide_cases(&shapes, &regimes, 18_500) {
+        for precision in ChunkPrecision::ALL {
+            let with = |walk| ChunkConfig { precision, carry: ChunkCarry::Sequential, walk, ..ChunkConfig::default() };
+            let runs = [(with(ChunkWalk::Narrow), 0), (with(ChunkWalk::Auto), 0)];
+            check_bitwise::<bf16>(gpu, c, Gates::Real, runs, "the narrow and the wide walk");
+            check_bitwise::<f16>(gpu, c, Gates::Real, runs, "the narrow and the wide walk");
         }
     }
 }

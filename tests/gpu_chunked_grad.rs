@@ -27,7 +27,7 @@ mod dtype_support;
 use common::{ALL_REGIMES, Case, assert_within, flat, gpu_or_skip, regime_matrix, shape_sweep, upload};
 use dtype_support::{rounded_to, y_bounds};
 use gateloop::cpu::chunked::ChunkParams;
-use gateloop::cuda::chunk::{self, ChunkCarry, ChunkConfig, ChunkPrecision, Gates};
+use gateloop::cuda::chunk::{self, ChunkCarry, ChunkConfig, ChunkPrecision, ChunkWalk, Gates};
 use gateloop::cuda::chunk_grad::{
     DeviceGradInputs, DeviceGrads, DeviceInputs, SavedForward, backward_into, backward_real_host_as,
     backward_real_into, backward_saved_into, backward_varlen_saved_into, forward_saving_into, plan, plan_with,
@@ -508,6 +508,40 @@ fn vector_staging_is_bitwise_the_elementwise_staging() {
                 assert_grads_bitwise(&label, &a, &b, "aligned and misaligned v, dy, dv");
                 assert_grads(&label, &a, &want, y_bounds(Dtype::Bf16), STATE_BOUNDS);
             }
+        }
+    }
+}
+
+/// The backward's walks in wide blocks (`ChunkWalk::Auto`, V > 64, real
+/// gates, 16-bit inputs: the recomputed forward walk
+/// `gateloop_chunk_state_seq_wide` and `gateloop_chunk_grad_w_seq_wide`)
+/// give the narrow walks' (`ChunkWalk::Narrow`) gradients bit for bit, and
+/// within the reference's bounds; bf16 and f16, Exact and Fast, V = 128 and
+/// 200 (a part-filled wide block), K = 16 and 40 (a part-filled slab of
+/// 32), h0 and dh_final, resets.
+#[test]
+fn wide_walk_is_bitwise_the_narrow_walk() {
+    let Some(gpu) = gpu_or_skip() else { return };
+    let shapes = [dims(2, 130, 1, 16, 128, false), dims(1, 150, 1, 40, 200, true)];
+    for (i, d) in shapes.into_iter().enumerate() {
+        let case = Case::new(d, GateRegime::Resets(0.1), i == 0, 8350 + i as u64);
+        if common::emulated_device_skips(&case.dims) {
+            continue;
+        }
+        let (p16, up16, want) = real_case::<bf16>(&case, true);
+        let (ph, uph, _) = real_case::<f16>(&case, true);
+        for precision in ChunkPrecision::ALL {
+            let with = |walk| ChunkConfig { precision, carry: ChunkCarry::Sequential, walk, ..ChunkConfig::default() };
+            let label = format!("{precision:?} {}", case.label());
+            let a = run_gates::<bf16>(gpu, &p16, &up16, with(ChunkWalk::Narrow), Gates::Real, 0);
+            let b = run_gates::<bf16>(gpu, &p16, &up16, with(ChunkWalk::Auto), Gates::Real, 0);
+            assert_grads_bitwise(&format!("bf16 {label}"), &a, &b, "the narrow and the wide walk");
+            if precision == ChunkPrecision::Exact {
+                assert_grads(&format!("bf16 {label}"), &b, &want, y_bounds(Dtype::Bf16), STATE_BOUNDS);
+            }
+            let a = run_gates::<f16>(gpu, &ph, &uph, with(ChunkWalk::Narrow), Gates::Real, 0);
+            let b = run_gates::<f16>(gpu, &ph, &uph, with(ChunkWalk::Auto), Gates::Real, 0);
+            assert_grads_bitwise(&format!("f16 {label}"), &a, &b, "the narrow and the wide walk");
         }
     }
 }

@@ -1003,7 +1003,7 @@ fn chunked_varlen<T: Element>(gpu: &Gpu, seed: u64) {
         let carry = if rng.random_bool(0.5) { ChunkCarry::Separate } else { ChunkCarry::Auto };
         let output =
             if T::DTYPE != Dtype::F32 && rng.random_bool(0.5) { ChunkOutput::Fragments } else { ChunkOutput::Staged };
-        let config = ChunkConfig { precision, carry, output };
+        let config = ChunkConfig { precision, carry, output, ..ChunkConfig::default() };
         let gates = if real { Gates::Real } else { Gates::Complex };
         let label = dr.label::<T>(draw, &config);
         let parts = dr.parts::<T>(seed + 100 * draw);

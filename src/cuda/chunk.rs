@@ -219,6 +219,35 @@ pub enum ChunkCarry {
     Sequential,
 }
 
+/// Which blocks the sequential walk ([`ChunkCarry::Sequential`]) runs in.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub enum ChunkWalk {
+    /// Where V > 64, with real gates and 16-bit inputs, on sm_90 or newer:
+    /// one block per 128 value columns (`gateloop_chunk_state_seq_wide_*`,
+    /// and in the backward `gateloop_chunk_grad_w_seq_wide_*`), whose gate
+    /// prefix, key slab and slab operand (most of a chunk's instructions)
+    /// serve both 64-column tiles, where [`ChunkWalk::Narrow`]'s two blocks
+    /// each built them; half the blocks, bit for bit the same workspace,
+    /// h_final and gradients (speed log item 52). Else the narrow walk (on
+    /// sm_80 the wide one takes one block an SM).
+    #[default]
+    Auto,
+    /// One block per 64 value columns at every V (the walk as measured on
+    /// an H200 on 2026-12-04). Kept for the bench's side by side
+    /// (`chunked-real-fast-narrow-walk` against `chunked-real-fast`).
+    Narrow,
+}
+
+impl ChunkWalk {
+    /// `auto` or `narrow`.
+    pub fn name(self) -> &'static str {
+        match self {
+            ChunkWalk::Auto => "auto",
+            ChunkWalk::Narrow => "narrow",
+        }
+    }
+}
+
 impl ChunkCarry {
     /// `auto`, `separate` or `sequential`.
     pub fn name(self) -> &'static str {
@@ -345,6 +374,10 @@ pub struct ChunkConfig {
     /// How the output launch builds its operands: staged WMMA tiles (the
     /// default) or mma.sync register fragments (16-bit inputs only).
     pub output: ChunkOutput,
+    /// The sequential walk's blocks (with [`ChunkCarry::Sequential`], chosen
+    /// or resolved from Auto): 128 value columns where that pays (Auto) or
+    /// 64.
+    pub walk: ChunkWalk,
 }
 
 impl From<ChunkPrecision> for ChunkConfig {
@@ -512,15 +545,16 @@ pub fn sequential_shared_bytes(dtype: Dtype, gates: Gates, precision: ChunkPreci
     (layout + channels * gates.parts() * VALUE_TILE * 4 + channels * 8) as u32
 }
 
-/// The shared bytes of the state launch `lp` runs at `precision`: the
-/// sequential walk's (its slab operand one plane under Fast) or the state
-/// kernel's. The forward's and the backward's launchers both take it.
-pub(super) fn state_launch_bytes(lp: &LaunchPlan, dtype: Dtype, gates: Gates, precision: ChunkPrecision) -> u32 {
-    if lp.carry == ChunkCarry::Sequential {
-        sequential_shared_bytes(dtype, gates, precision)
-    } else {
-        lp.state_shared_bytes
-    }
+/// Bytes of dynamic shared memory of the wide sequential walk
+/// (`gateloop_chunk_state_seq_wide_*`: `seq_smem_bytes` with kCols = 128):
+/// the narrow walk's layout, its carried state twice as wide, and a second
+/// value tile laid out as the first. `None` where there is no wide walk
+/// (complex gates, f32 inputs).
+pub fn sequential_wide_shared_bytes(dtype: Dtype, gates: Gates, precision: ChunkPrecision) -> Option<u32> {
+    (gates == Gates::Real && dtype != Dtype::F32).then(|| {
+        let extra = walk_slab(gates) * VALUE_TILE * 4 + raw_tile_bytes(dtype);
+        sequential_shared_bytes(dtype, gates, precision) + extra as u32
+    })
 }
 
 /// The staging tiles every chunked kernel ends its layout with: a 16 × 16
@@ -600,6 +634,9 @@ pub struct LaunchPlan {
     /// [`ChunkPrecision::Exact`] (and of the backward's `grad_w_seq`), bytes;
     /// Fast's is less ([`sequential_shared_bytes`]).
     pub sequential_shared_bytes: u32,
+    /// Blocks of the wide sequential walk ([`ChunkWalk::Auto`] where it
+    /// applies): B·H·⌈V / 128⌉·⌈K / [`walk_slab`]⌉.
+    pub wide_sequential_grid: u32,
 }
 
 impl LaunchPlan {
@@ -772,6 +809,9 @@ pub(super) fn plan_rows(
         carry,
         sequential_grid,
         sequential_shared_bytes: sequential_shared_bytes(dtype, gates, ChunkPrecision::Exact),
+        // Never more blocks than `sequential_grid`.
+        wide_sequential_grid: (bh.unwrap_or(0) * d.value_dim.div_ceil(WIDE_TILE) * d.key_dim.div_ceil(walk_slab(gates)))
+            as u32,
     })
 }
 
@@ -781,6 +821,9 @@ pub(crate) struct ChunkKernels {
     /// The backward ([`super::chunk_grad`]) launches the state and carry kernels too.
     pub(super) state: Vec<CudaFunction>,
     pub(super) sequential: Vec<CudaFunction>,
+    /// The wide walks (128 value columns a block), `None` where there is
+    /// none (complex gates, f32).
+    sequential_wide: Vec<Option<CudaFunction>>,
     output: Vec<CudaFunction>,
     /// The wide output kernels (128 value columns a block).
     output_wide: Vec<CudaFunction>,
@@ -800,6 +843,50 @@ pub(super) fn table_index(dtype: Dtype, gates: Gates, precision: ChunkPrecision)
     (dtype.index() * Gates::ALL.len() + gates.index()) * ChunkPrecision::ALL.len() + precision.index()
 }
 
+/// The forward walk's launch (the forward's sequential carry, and the
+/// backward's recomputation of it): kernel, blocks, dynamic shared memory
+/// and what a failed launch was doing.
+pub(super) struct WalkLaunch<'a> {
+    pub func: &'a CudaFunction,
+    pub grid: u32,
+    pub shared_bytes: u32,
+    pub doing: &'static str,
+    /// The wide walk's.
+    pub wide: bool,
+}
+
+/// The forward walk plan `lp` runs (its carry sequential) at `precision`
+/// under `walk` on a device of compute capability `capability`: the wide
+/// walk where [`ChunkWalk::Auto`] takes it (V > 64, real gates, 16-bit
+/// inputs, sm_90 or newer), else the narrow one.
+pub(super) fn forward_walk<'a>(
+    kernels: &'a ChunkKernels,
+    lp: &LaunchPlan,
+    d: &Dims,
+    (dtype, gates, precision): (Dtype, Gates, ChunkPrecision),
+    walk: ChunkWalk,
+    capability: (i32, i32),
+) -> WalkLaunch<'a> {
+    let i = table_index(dtype, gates, precision);
+    let wide = walk == ChunkWalk::Auto && d.value_dim > VALUE_TILE && capability.0 >= 9;
+    match (&kernels.sequential_wide[i], sequential_wide_shared_bytes(dtype, gates, precision)) {
+        (Some(func), Some(shared_bytes)) if wide => WalkLaunch {
+            func,
+            grid: lp.wide_sequential_grid,
+            shared_bytes,
+            doing: "launching gateloop_chunk_state_seq_wide",
+            wide: true,
+        },
+        _ => WalkLaunch {
+            func: &kernels.sequential[i],
+            grid: lp.sequential_grid,
+            shared_bytes: sequential_shared_bytes(dtype, gates, precision),
+            doing: "launching gateloop_chunk_state_seq",
+            wide: false,
+        },
+    }
+}
+
 impl ChunkKernels {
     /// Looks up every entry point and raises each function's dynamic shared
     /// memory limit to what it needs (once, here), where the device allows it.
@@ -814,15 +901,15 @@ impl ChunkKernels {
         let load = |name: String, bytes: u32| -> Result<CudaFunction, GpuError> {
             let f = module
                 .load_function(&name)
-                .doing("looking up gateloop_chunk_{state,state_seq,output,output_wide,output_frag}_*")?;
+                .doing("looking up gateloop_chunk_{state,state_seq,state_seq_wide,output,output_wide,output_frag}_*")?;
             if bytes as usize <= max_shared {
                 f.set_attribute(CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, bytes as i32)
                     .doing("raising the chunked kernels' dynamic shared memory limit")?;
             }
             Ok(f)
         };
-        let (mut state, mut sequential, mut output, mut output_wide, mut output_fragments) =
-            (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
+        let (mut state, mut sequential, mut sequential_wide, mut output, mut output_wide, mut output_fragments) =
+            (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
         for dtype in Dtype::ALL {
             for gates in Gates::ALL {
                 let (state_bytes, output_bytes) = shared_bytes(dtype, gates);
@@ -833,6 +920,11 @@ impl ChunkKernels {
                     debug_assert_eq!(state.len(), table_index(dtype, gates, precision));
                     state.push(load(format!("gateloop_chunk_state_{suffix}"), state_bytes)?);
                     sequential.push(load(format!("gateloop_chunk_state_seq_{suffix}"), sequential_bytes)?);
+                    sequential_wide.push(
+                        sequential_wide_shared_bytes(dtype, gates, precision)
+                            .map(|bytes| load(format!("gateloop_chunk_state_seq_wide_{suffix}"), bytes))
+                            .transpose()?,
+                    );
                     output.push(load(format!("gateloop_chunk_output_{suffix}"), output_bytes)?);
                     output_wide.push(load(format!("gateloop_chunk_output_wide_{suffix}"), wide_bytes)?);
                     // f32 has no fragment kernel (None).
@@ -862,6 +954,7 @@ impl ChunkKernels {
         Ok(ChunkKernels {
             state,
             sequential,
+            sequential_wide,
             output,
             output_wide,
             output_fragments,
@@ -890,9 +983,11 @@ fn launch<T: Element>(
     let buffers = Buffers { packed, ..buffers };
     let lp = plan_rows(d, T::DTYPE, gates, config.carry, packed)?;
     let sequential = lp.carry == ChunkCarry::Sequential;
-    let state_bytes = state_launch_bytes(&lp, T::DTYPE, gates, config.precision);
     let kernels = &gpu.kernels.chunk;
     let i = table_index(T::DTYPE, gates, config.precision);
+    let walk =
+        forward_walk(kernels, &lp, d, (T::DTYPE, gates, config.precision), config.walk, gpu.compute_capability());
+    let state_bytes = if sequential { walk.shared_bytes } else { lp.state_shared_bytes };
     const OUTPUT: &str = "launching gateloop_chunk_output";
     let (output_kernel, output_grid, output_bytes, output_label) = match config.output {
         // Where V > 64 the wide blocks, each forming its chunk's scores once
@@ -946,10 +1041,7 @@ fn launch<T: Element>(
     let carry_block = (CARRY_THREADS, 1, 1);
     let output = (output_kernel, (output_grid, 1), block, output_bytes, output_label);
     let mut launches = if sequential {
-        vec![
-            (&kernels.sequential[i], (lp.sequential_grid, 1), block, state_bytes, "launching gateloop_chunk_state_seq"),
-            output,
-        ]
+        vec![(walk.func, (walk.grid, 1), block, state_bytes, walk.doing), output]
     } else {
         vec![
             (&kernels.state[i], (lp.grid, 1), block, state_bytes, "launching gateloop_chunk_state"),
@@ -977,7 +1069,7 @@ fn launch<T: Element>(
         let cfg = LaunchConfig { grid_dim: (grid, grid_y, 1), block_dim, shared_mem_bytes };
         let mut launch = stream.launch_builder(func);
         launch.arg(&params);
-        // SAFETY: `func` is gateloop_chunk_{state,state_seq,output,output_wide,output_frag}_{T}_{g}_{prec}
+        // SAFETY: `func` is gateloop_chunk_{state,state_seq,state_seq_wide,output,output_wide,output_frag}_{T}_{g}_{prec}
         // or gateloop_chunk_carry_{,packed_,segments_}{g} (packed_ exactly when cu_seqlens is
         // set; segments_ only when the plan's carry_segments S > 1, with
         // grid.y = S − 1, the carry's grid.y = S, as the kernels index the
@@ -1007,7 +1099,10 @@ fn launch<T: Element>(
         // equal to the kernel's own layout size (the output launch's is the
         // staged, wide or fragment kernel's, whichever `output_kernel` is,
         // with its grid: the wide kernel's B·H·chunks·⌈V / 128⌉ blocks are
-        // the tiles it computes from dims.value_dim; passed in params and
+        // the tiles it computes from dims.value_dim; the walk's likewise,
+        // forward_walk's kernel with its grid and bytes, the wide walk's
+        // B·H·⌈V / 128⌉·⌈K / 32⌉ blocks the tiles and slabs it computes
+        // from dims; passed in params and
         // checked by the kernel) and ≤ the function's
         // limit raised at load (need ≤ max_shared was checked above). The buffers outlive the
         // launches: borrows are held until this function returns, and
@@ -1335,6 +1430,23 @@ mod tests {
         // f32 complex: prefix 5·64·16·4 = 20480, V 34816, K̃ 18432 (Fast
         // 9216: two blocks an SM of either card), staging 8192, S 2·16·64·4 =
         // 8192, decays 16·8 = 128.
+        // The wide real walks: S 32·128·4 (8192 more) and a second value
+        // tile as the first (bf16 9216, f16 two planes 18432): bf16 Fast
+        // three an H200 SM, Exact two (cuda/chunk.cu's launch bounds), f16
+        // two; none for complex gates or f32.
+        let wide = |t, p| sequential_wide_shared_bytes(t, Gates::Real, p).unwrap();
+        assert_eq!(wide(Dtype::Bf16, Fast), real_walk(Fast) + 8192 + 9216);
+        assert_eq!(wide(Dtype::Bf16, Exact), real_walk(Exact) + 8192 + 9216);
+        assert_eq!(wide(Dtype::F16, Fast), sequential_shared_bytes(Dtype::F16, Gates::Real, Fast) + 8192 + 18432);
+        assert_eq!(
+            [wide(Dtype::Bf16, Fast), wide(Dtype::Bf16, Exact), wide(Dtype::F16, Fast), wide(Dtype::F16, Exact)]
+                .map(|b| fit(b, 228)),
+            [3, 2, 2, 2]
+        );
+        for p in [Exact, Fast] {
+            assert_eq!(sequential_wide_shared_bytes(Dtype::F32, Gates::Real, p), None);
+            assert_eq!(sequential_wide_shared_bytes(Dtype::Bf16, Gates::Complex, p), None);
+        }
         let f32_walk = |p| sequential_shared_bytes(Dtype::F32, Gates::Complex, p);
         assert_eq!(f32_walk(Exact), 20480 + 34816 + 18432 + 8192 + 8192 + 128);
         assert_eq!(
@@ -1349,6 +1461,8 @@ mod tests {
                 let w = wide_output_shared_bytes(dtype, gates);
                 for precision in ChunkPrecision::ALL {
                     let q = sequential_shared_bytes(dtype, gates, precision);
+                    let qw = sequential_wide_shared_bytes(dtype, gates, precision).unwrap_or(q);
+                    assert!(qw.is_multiple_of(128) && qw <= 163 * 1024, "{dtype} {gates:?} {precision:?}: {qw}");
                     // Every carve is a multiple of 128 bytes, and sm_80's opt-in limit (163 KiB) holds.
                     assert!(
                         a.is_multiple_of(128)

@@ -349,6 +349,9 @@ pub(crate) struct ChunkGradKernels {
     w: Vec<CudaFunction>,
     /// grad_w and the adjoint carry in one walk (the sequential carry).
     w_seq: Vec<CudaFunction>,
+    /// That walk in blocks of 128 value columns, where the forward's wide
+    /// walk exists (real gates, 16-bit inputs; else `None`).
+    w_seq_wide: Vec<Option<CudaFunction>>,
     qk: Vec<CudaFunction>,
     dv: Vec<CudaFunction>,
     /// grad_dv over 128 value columns a block ([`GradPlan::dv_wide`]).
@@ -401,6 +404,28 @@ impl ChunkGradKernels {
             }
         }
         let [w, qk, dv, w_seq, dh0, dv_wide] = tables;
+        let mut w_seq_wide = Vec::new();
+        for dtype in Dtype::ALL {
+            for gates in Gates::ALL {
+                let bytes = chunk::sequential_wide_shared_bytes(dtype, gates, ChunkPrecision::Exact);
+                w_seq_wide.push(
+                    bytes
+                        .map(|bytes| -> Result<CudaFunction, GpuError> {
+                            let name = format!("gateloop_chunk_grad_w_seq_wide_{}_{}", dtype.name(), gates.suffix());
+                            let f = module.load_function(&name).doing("looking up gateloop_chunk_grad_w_seq_wide_*")?;
+                            if bytes as usize <= max_shared {
+                                f.set_attribute(
+                                    CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                                    bytes as i32,
+                                )
+                                .doing("raising the chunked backward kernels' dynamic shared memory limit")?;
+                            }
+                            Ok(f)
+                        })
+                        .transpose()?,
+                );
+            }
+        }
         let carries = |prefix: &str| {
             Gates::ALL
                 .iter()
@@ -414,6 +439,7 @@ impl ChunkGradKernels {
         Ok(ChunkGradKernels {
             w,
             w_seq,
+            w_seq_wide,
             qk,
             dv,
             dv_wide,
@@ -864,10 +890,25 @@ fn launch_backward<'a, T: Element>(
     // both carry launches, or state_seq and grad_w_seq (each a walk over the
     // chunks with the state on chip; the same workspace bit for bit).
     let sequential = lp.carry == ChunkCarry::Sequential;
-    // (The forward walk's at the call's precision; grad_w_seq's, of three
-    // terms, Exact's.)
-    let state_bytes = chunk::state_launch_bytes(&lp, T::DTYPE, gates, precision);
-    let w_bytes = if sequential { lp.sequential_shared_bytes } else { w_bytes };
+    // (The forward walk's at the call's precision, the wide one where the
+    // forward takes it; grad_w_seq's, of three terms, Exact's.)
+    let walk =
+        chunk::forward_walk(fwd_kernels, &lp, d, (T::DTYPE, gates, precision), config.walk, gpu.compute_capability());
+    let state_bytes = if sequential { walk.shared_bytes } else { lp.state_shared_bytes };
+    // grad_w_seq in the forward walk's blocks: 128 value columns where that
+    // walk is the wide one.
+    let w_seq_wide = match (
+        &kernels.w_seq_wide[kernel_index(T::DTYPE, gates)],
+        chunk::sequential_wide_shared_bytes(T::DTYPE, gates, ChunkPrecision::Exact),
+    ) {
+        (Some(func), Some(bytes)) if walk.wide => Some((func, bytes)),
+        _ => None,
+    };
+    let w_bytes = match (sequential, w_seq_wide) {
+        (true, Some((_, bytes))) => bytes,
+        (true, None) => lp.sequential_shared_bytes,
+        (false, _) => w_bytes,
+    };
     let need = w_bytes.max(qk_bytes).max(dv_bytes).max(state_bytes) as usize;
     if need > fwd_kernels.max_shared {
         return Err(InputError::Param {
@@ -951,22 +992,23 @@ fn launch_backward<'a, T: Element>(
         let mut v = Vec::with_capacity(5);
         if recompute {
             v.push((
-                &fwd_kernels.sequential[fwd_index],
-                (lp.sequential_grid, 1),
+                walk.func,
+                (walk.grid, 1),
                 block,
                 state_bytes,
                 Arg::Fwd(&params.fwd),
-                "launching gateloop_chunk_state_seq (backward)",
+                if walk.wide {
+                    "launching gateloop_chunk_state_seq_wide (backward)"
+                } else {
+                    "launching gateloop_chunk_state_seq (backward)"
+                },
             ));
         }
-        v.push((
-            &kernels.w_seq[dtype],
-            (lp.sequential_grid, 1),
-            block,
-            w_bytes,
-            Arg::Grad(&params),
-            "launching gateloop_chunk_grad_w_seq",
-        ));
+        let (w_seq, w_seq_grid, w_seq_doing) = match w_seq_wide {
+            Some((func, _)) => (func, lp.wide_sequential_grid, "launching gateloop_chunk_grad_w_seq_wide"),
+            None => (&kernels.w_seq[dtype], lp.sequential_grid, "launching gateloop_chunk_grad_w_seq"),
+        };
+        v.push((w_seq, (w_seq_grid, 1), block, w_bytes, Arg::Grad(&params), w_seq_doing));
         v
     } else {
         // In segments (S > 1), each carry's segment sums come first
@@ -1045,8 +1087,10 @@ fn launch_backward<'a, T: Element>(
         };
         // SAFETY: each `func` takes exactly the struct pushed: the forward's
         // gateloop_chunk_state_{T}_{g}_{prec} and gateloop_chunk_carry_{,packed_,segments_}{g}, or
-        // gateloop_chunk_state_seq_{T}_{g}_{prec}, a GateloopChunkParams
-        // (params.fwd), the gateloop_chunk_grad_*_{T}_{g} entries and
+        // gateloop_chunk_state_seq{,_wide}_{T}_{g}_{prec} (chunk::forward_walk's,
+        // with its grid and bytes), a GateloopChunkParams
+        // (params.fwd), the gateloop_chunk_grad_*_{T}_{g} entries (grad_w_seq_wide
+        // with the wide walk's grid and Exact wide bytes) and
         // gateloop_chunk_grad_adjoint_carry_{,packed_,segments_}{g} a GateloopChunkGradParams, by
         // value, g the gate kind `gates` (kernel_index, table_index; packed_
         // exactly when cu_seqlens is set: then it holds d.batch + 1 offsets the
