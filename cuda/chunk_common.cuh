@@ -2035,6 +2035,10 @@ __device__ __forceinline__ void walk_chunks(const GateloopChunkParams& p, unsign
         !(kBackward && std::is_same<input_t, __half>::value) || GATELOOP_BY_ARCH(true, false);
     // Step i visits chunk chunk_at(i) (the reverse order when kBackward).
     const auto chunk_at = [&](int64_t i) { return kBackward ? p.num_chunks - 1 - i : i; };
+    // Real gates: the state update in groups of four columns (16-byte slot
+    // stores) where every slot row starts 16-byte aligned (the slots'
+    // base, and V a multiple of 4); the same values.
+    const bool quads = !kComplex && value_dim % 4 == 0 && (reinterpret_cast<uintptr_t>(slots) & 15) == 0;
     const auto walk = [&](auto tile_async) {
         constexpr bool kTileAsync = decltype(tile_async)::value;
         // Value tile h of chunk c by cp.async (kTileAsync).
@@ -2115,6 +2119,35 @@ __device__ __forceinline__ void walk_chunks(const GateloopChunkParams& p, unsign
                 // chunk's tile lands across this one's update and the next one's
                 // prefix.
                 if (i + 1 < p.num_chunks) issue_tile(chunk_at(i + 1), h);
+                if constexpr (!kComplex) {
+                    if (quads) {
+                        // Thread: columns v0 + kVTile·h + 4g .. + 3 (g = tid % 16), key
+                        // rows d0 + tid / 16 + 16u: one 16-byte slot store, shared read
+                        // and write a row, where the elementwise loop below took four
+                        // (each store with its 64-bit address and bounds test).
+                        constexpr int kQuads = kVTile / 4;  // a row's groups of four columns
+                        constexpr int kRowStep = kThreads / kQuads;
+                        static_assert(kCh % kRowStep == 0, "whole passes of the block");
+                        const int g = blk.tid % kQuads;
+                        const int r0 = blk.tid / kQuads;
+                        const int64_t col = blk.v0 + kVTile * h + 4 * g;
+                        const bool col_in = col < value_dim;  // all four: value_dim % 4 == 0
+                        float* const first = slots + opaque(blk.ws_state_row(d0 + r0) + col);
+                        const int64_t row_step = opaque(kRowStep * value_dim);
+#pragma unroll
+                        for (int u = 0; u < kCh / kRowStep; ++u) {
+                            const int r = r0 + kRowStep * u;
+                            float4* const sp = reinterpret_cast<float4*>(st + r * kCols + kVTile * h + 4 * g);
+                            const float4 sv = *sp;
+                            if (col_in && d0 + r < key_dim) *reinterpret_cast<float4*>(first + u * row_step) = sv;
+                            const float a = dec[r].x;
+                            const float4 x = *reinterpret_cast<const float4*>(xbuf + r * kVTile + 4 * g);
+                            *sp = make_float4(fmaf(a, sv.x, x.x), fmaf(a, sv.y, x.y), fmaf(a, sv.z, x.z),
+                                              fmaf(a, sv.w, x.w));
+                        }
+                        continue;
+                    }
+                }
                 // Thread slot: column v0 + kVTile·h + col, key rows d0 + row0 + kStep·u.
                 const TileSlot<kVTile> slot(blk.tid);
                 const StateRows<kVTile, kCh> rows(blk, slot, d0, blk.v0 + kVTile * h);

@@ -464,13 +464,17 @@ fn wide_walk_is_bitwise_the_narrow_walk() {
 /// 8) is staged 16 bytes a load where it is its own operand (bf16 inputs,
 /// f16 Fast: Block::load_tile's vector staging), and y is stored 16 bytes a
 /// store (intra_pass's grouped drain), any other an element at a time: the
-/// same bits. Each case runs with v and y as allocated (aligned) and one
-/// element into their buffers (every row misaligned: the elementwise paths,
-/// and y's element before the tensor must stay unwritten), bf16 and f16,
+/// same bits; and the real walks' state update goes in groups of four
+/// columns (16-byte slot stores) where the workspace's rows are 16-byte
+/// aligned, else elementwise: the same bits. Each case runs with v and y
+/// as allocated (aligned) and one element into their buffers, the
+/// workspace two (every row misaligned: the elementwise paths, and y's
+/// element before the tensor must stay unwritten), bf16 and f16,
 /// complex and real gates, Exact and Fast, the separate and the sequential
 /// carry (whose walk stages V too), the narrow (V = 64) and the wide
-/// (V = 128) output launch, K cut short, partial chunks, resets; outputs and
-/// workspace poisoned, and the aligned run within the reference's bounds.
+/// (V = 128) output launch and walk, K cut short, partial chunks, resets;
+/// outputs and workspace poisoned, and the aligned run within the
+/// reference's bounds.
 #[test]
 fn vector_staging_is_bitwise_the_elementwise_staging() {
     let Some(gpu) = common::gpu_or_skip() else { return };

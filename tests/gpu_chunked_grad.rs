@@ -476,12 +476,14 @@ fn assert_grads_bitwise(label: &str, a: &Grads<f32>, b: &Grads<f32>, what: &str)
 /// bf16 dY and V tiles whose rows all start 16-byte aligned are staged 16
 /// bytes a load (Block::load_tile's vector staging: grad_w and its walk,
 /// the dv launch, grad_qk's s = dY Vᵀ and its inter-chunk products) and dv
-/// stored 16 bytes a store (the dv launch's grouped drain), others an
-/// element at a time: the same bits. Each case runs with v, dy and dv as
-/// allocated and one element into their buffers (misaligned; dv's element
-/// before the tensor must stay unwritten), complex and real gates, the
-/// separate and the sequential carry, V = 64 and 128 (the wide dv launch),
-/// K cut short, partial chunks, h0 and dh_final, resets; the aligned run
+/// stored 16 bytes a store (the dv launch's grouped drain), and the real
+/// walks' state update in groups of four columns where the workspace's
+/// rows are 16-byte aligned, others an element at a time: the same bits.
+/// Each case runs with v, dy and dv as allocated and one element into
+/// their buffers, the workspace two (misaligned; dv's element before the
+/// tensor must stay unwritten), complex and real gates, the separate and
+/// the sequential carry, V = 64 and 128 (the wide dv launch and walks), K
+/// cut short, partial chunks, h0 and dh_final, resets; the aligned run
 /// within the reference's bounds.
 #[test]
 fn vector_staging_is_bitwise_the_elementwise_staging() {

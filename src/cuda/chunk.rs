@@ -27,7 +27,10 @@
 //! h_final bit for bit (the emulated and GPU tests compare the carries to the
 //! last bit); U_c never makes the round trip through the workspace, which is
 //! half of the separate carry's workspace traffic, and k, v, log_gate are
-//! read once. [`ChunkCarry::Auto`] (what [`forward_into`] with a bare
+//! read once. Where V > 64 (real gates, 16-bit inputs, sm_90) a walk block
+//! takes 128 value columns, its gate prefix and keys built once for both
+//! 64-column tiles ([`ChunkWalk`] in [`ChunkConfig`]; the same bits).
+//! [`ChunkCarry::Auto`] (what [`forward_into`] with a bare
 //! [`ChunkPrecision`] uses) takes it for real gates and 16-bit inputs when
 //! B·H·value tiles·⌈K / 16⌉ is at least [`SEQUENTIAL_MIN_BLOCKS`], i.e. when
 //! the GPU is full without the chunks' parallelism (B8 L4096 H16 K = 64:

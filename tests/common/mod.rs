@@ -459,10 +459,12 @@ pub fn from_gate_side(x: &[f32], real_gates: bool) -> Vec<Complex<f32>> {
 
 /// [`run_forward`], with `real_gates` on the real parts of `p32`'s log_gate
 /// and h0 (see [`gate_side`]) and a real h_final (returned with Im = 0).
-/// v and y lie `offset` elements into their device buffers (1: every row of
-/// a 16-bit tensor off the 16-byte alignment that the chunked kernels'
-/// vector loads and stores need; 0 elsewhere); y's elements before its
-/// tensor must come back unwritten.
+/// v and y lie `offset` elements into their device buffers, the workspace
+/// 2·`offset` (1: every row of a 16-bit tensor off the 16-byte alignment
+/// that the chunked kernels' vector loads and stores need, and the
+/// workspace 8 bytes off the 16 of the real walks' slot stores, on the 8
+/// the host requires; 0 elsewhere); y's elements before its tensor must
+/// come back unwritten.
 pub fn run_forward_gates<T: Element>(
     gpu: &Gpu,
     p32: &OwnedProblem<f32>,
@@ -490,7 +492,8 @@ pub fn run_forward_gates<T: Element>(
     let mut y_at = s.clone_htod(&vec![T::nan(); offset + d.v_len()]).unwrap();
     let mut y = y_at.slice_mut(offset..);
     let mut h_final = s.clone_htod(&vec![f32::NAN; parts * d.state_len()]).unwrap();
-    let mut ws = (workspace_len > 0).then(|| s.clone_htod(&vec![f32::NAN; workspace_len]).unwrap());
+    let mut ws_at = (workspace_len > 0).then(|| s.clone_htod(&vec![f32::NAN; 2 * offset + workspace_len]).unwrap());
+    let mut ws = ws_at.as_mut().map(|w| w.slice_mut(2 * offset..));
     launch(
         &s,
         &d,
@@ -521,8 +524,8 @@ pub fn real_gates(mut p: OwnedProblem<f64>) -> OwnedProblem<f64> {
 /// and a workspace of `workspace_len` f32 (none when 0) with NaN, calls
 /// `launch`, downloads (widened to f32; real dlog_gate and dh0 as complex
 /// numbers with Im = 0) and synchronizes.
-/// v, dy and dv lie `offset` elements into their device buffers (as in
-/// [`run_forward_gates`]).
+/// v, dy and dv lie `offset` elements into their device buffers, the
+/// workspace 2·`offset` (as in [`run_forward_gates`]).
 #[allow(clippy::too_many_arguments)]
 pub fn run_backward<T: Element>(
     gpu: &Gpu,
@@ -562,7 +565,8 @@ pub fn run_backward<T: Element>(
     let mut dv = dv_at.slice_mut(offset..);
     let mut dg = nan(parts * d.gate_len());
     let mut dh0 = p32.h0.as_ref().map(|_| nan(parts * d.state_len()));
-    let mut ws = (workspace_len > 0).then(|| nan(workspace_len));
+    let mut ws_at = (workspace_len > 0).then(|| nan(2 * offset + workspace_len));
+    let mut ws = ws_at.as_mut().map(|w| w.slice_mut(2 * offset..));
     launch(
         &s,
         &d,
