@@ -780,9 +780,12 @@ struct Block {
     // (intra_pass's kCols).
     __device__ __forceinline__ static Block of_tiles(const GateloopChunkParams& params, unsigned char* smem,
                                                      int tile_cols) {
-        const int64_t tiles =
-            tile_cols == kVTile ? params.value_tiles : (params.dims.value_dim + tile_cols - 1) / tile_cols;
-        return Block(params, smem, tiles, params.num_chunks, blockIdx.x, tile_cols);
+        return Block(params, smem, tiles_of(params, tile_cols), params.num_chunks, blockIdx.x, tile_cols);
+    }
+    // Value tiles of `tile_cols` columns a (b, h) row has: p.value_tiles of
+    // kVTile, or ⌈V / tile_cols⌉.
+    __device__ __forceinline__ static int64_t tiles_of(const GateloopChunkParams& params, int tile_cols) {
+        return tile_cols == kVTile ? params.value_tiles : (params.dims.value_dim + tile_cols - 1) / tile_cols;
     }
     // Block `index` of a grid of value tiles of `tile_cols` columns
     // (fastest), `grid_chunks` chunks, then (b, h); grid_chunks = 1 for the
@@ -1980,8 +1983,7 @@ __device__ __forceinline__ void walk_chunks(const GateloopChunkParams& p, unsign
     constexpr int kTileTerms = raw_tile_terms<input_t, kTerms>();
     int64_t idx = blockIdx.x;
     const int64_t d0 = split_index(idx, (p.dims.key_dim + kCh - 1) / kCh) * kCh;
-    const int64_t tiles = kHalves == 1 ? p.value_tiles : (p.dims.value_dim + kCols - 1) / kCols;
-    WalkBlock<input_t, kComplex> blk(p, smem, tiles, 1, idx, kCols);
+    WalkBlock<input_t, kComplex> blk(p, smem, WalkBlock<input_t, kComplex>::tiles_of(p, kCols), 1, idx, kCols);
     const WalkSmem<Op, input_t, kComplex, kTerms> sm(smem, blk.warp);
     const WalkRows<input_t> rows = rows_of(blk);
     // [kWidth][kVTile]: X_c of one value tile (every warp's tile; the raw

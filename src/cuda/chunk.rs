@@ -241,16 +241,6 @@ pub enum ChunkWalk {
     Narrow,
 }
 
-impl ChunkWalk {
-    /// `auto` or `narrow`.
-    pub fn name(self) -> &'static str {
-        match self {
-            ChunkWalk::Auto => "auto",
-            ChunkWalk::Narrow => "narrow",
-        }
-    }
-}
-
 impl ChunkCarry {
     /// `auto`, `separate` or `sequential`.
     pub fn name(self) -> &'static str {

@@ -374,7 +374,20 @@ impl ChunkGradKernels {
     /// Looks up every entry point and raises each function's dynamic shared
     /// memory limit to what it needs, where the device allows it.
     pub(crate) fn load(module: &Arc<CudaModule>, max_shared: usize) -> Result<Self, GpuError> {
+        // gateloop_chunk_grad_{kind}_{dtype}_{g}, its dynamic shared memory
+        // limit raised to `bytes` where the device allows it (0: none).
+        let load = |kind: &str, dtype: Dtype, gates: Gates, bytes: u32| -> Result<CudaFunction, GpuError> {
+            let f = module
+                .load_function(&format!("gateloop_chunk_grad_{kind}_{}_{}", dtype.name(), gates.suffix()))
+                .doing("looking up gateloop_chunk_grad_{w,qk,dv,w_seq,w_seq_wide,dh0,dv_wide}_*")?;
+            if bytes > 0 && bytes as usize <= max_shared {
+                f.set_attribute(CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, bytes as i32)
+                    .doing("raising the chunked backward kernels' dynamic shared memory limit")?;
+            }
+            Ok(f)
+        };
         let mut tables: [Vec<CudaFunction>; 6] = Default::default();
+        let mut w_seq_wide = Vec::new();
         for dtype in Dtype::ALL {
             for gates in Gates::ALL {
                 let (w_bytes, qk_bytes, dv_bytes) = shared_bytes(dtype, gates);
@@ -388,44 +401,18 @@ impl ChunkGradKernels {
                     (4, "dh0", 0),
                     (5, "dv_wide", dv_wide_bytes),
                 ] {
-                    let f = module
-                        .load_function(&format!("gateloop_chunk_grad_{kind}_{}_{}", dtype.name(), gates.suffix()))
-                        .doing("looking up gateloop_chunk_grad_{w,qk,dv,w_seq,dh0,dv_wide}_*")?;
-                    if bytes > 0 && bytes as usize <= max_shared {
-                        f.set_attribute(
-                            CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
-                            bytes as i32,
-                        )
-                        .doing("raising the chunked backward kernels' dynamic shared memory limit")?;
-                    }
                     debug_assert_eq!(tables[table].len(), kernel_index(dtype, gates));
-                    tables[table].push(f);
+                    tables[table].push(load(kind, dtype, gates, bytes)?);
                 }
-            }
-        }
-        let [w, qk, dv, w_seq, dh0, dv_wide] = tables;
-        let mut w_seq_wide = Vec::new();
-        for dtype in Dtype::ALL {
-            for gates in Gates::ALL {
-                let bytes = chunk::sequential_wide_shared_bytes(dtype, gates, ChunkPrecision::Exact);
+                // The wide walk where the forward has one (real gates, 16-bit).
                 w_seq_wide.push(
-                    bytes
-                        .map(|bytes| -> Result<CudaFunction, GpuError> {
-                            let name = format!("gateloop_chunk_grad_w_seq_wide_{}_{}", dtype.name(), gates.suffix());
-                            let f = module.load_function(&name).doing("looking up gateloop_chunk_grad_w_seq_wide_*")?;
-                            if bytes as usize <= max_shared {
-                                f.set_attribute(
-                                    CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
-                                    bytes as i32,
-                                )
-                                .doing("raising the chunked backward kernels' dynamic shared memory limit")?;
-                            }
-                            Ok(f)
-                        })
+                    chunk::sequential_wide_shared_bytes(dtype, gates, ChunkPrecision::Exact)
+                        .map(|bytes| load("w_seq_wide", dtype, gates, bytes))
                         .transpose()?,
                 );
             }
         }
+        let [w, qk, dv, w_seq, dh0, dv_wide] = tables;
         let carries = |prefix: &str| {
             Gates::ALL
                 .iter()
