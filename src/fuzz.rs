@@ -855,8 +855,22 @@ const LEN_POOL: [usize; 29] = [
     4095, 4096, 4097, 65537,
 ];
 
+/// Value dims of [`FuzzConfig::wide_values`]: past one value tile of 64, where
+/// the chunked kernels take their 128-column launches (the wide output and
+/// dv launches; with real gates and 16-bit inputs the wide walks), with
+/// partial tiles and partial 128-column blocks (65, 70, 127, 129, 200)
+/// beside whole ones.
+pub const WIDE_VALUE_POOL: [usize; 8] = [65, 70, 96, 127, 128, 129, 200, 256];
+
 /// Draws case `index` of the campaign with `seed` (lengths up to `max_len`).
 pub fn draw_case(seed: u64, index: u64, max_len: usize) -> CaseSpec {
+    draw_case_with(seed, index, max_len, false)
+}
+
+/// [`draw_case`], with V drawn from [`WIDE_VALUE_POOL`] where `wide_values`
+/// ([`FuzzConfig::wide_values`]): the same random stream, so everything but
+/// V (and what the size cap halves) is the case [`draw_case`] draws.
+pub fn draw_case_with(seed: u64, index: u64, max_len: usize, wide_values: bool) -> CaseSpec {
     let max_len = max_len.max(1);
     let mut rng = StdRng::seed_from_u64(mix(seed, index));
     // Small dims are favoured: index ∝ u².
@@ -879,12 +893,15 @@ pub fn draw_case(seed: u64, index: u64, max_len: usize) -> CaseSpec {
         [1, 1, 1, 2, 3, 4][rng.random_range(0..6)],
         [1, 1, 2, 3, 4, 5, 7][rng.random_range(0..7)],
         pick(&mut rng, &DIM_POOL),
-        pick(&mut rng, &DIM_POOL),
+        pick(&mut rng, if wide_values { &WIDE_VALUE_POOL } else { &DIM_POOL }),
     ];
     let cap = MAX_CASE_ELEMENTS.max(max_len);
+    // Wide values keep V: the cap halves B, H and K only (a case may then
+    // pass the cap by up to its V / 64 times, at most 4).
+    let halved = if wide_values { 3 } else { 4 };
     while d.iter().product::<usize>().saturating_mul(len) > cap {
         // Halve the largest of B, H, K, V (rounding up keeps it ≥ 1).
-        let Some(i) = (0..4).max_by_key(|&i| d[i]) else { break };
+        let Some(i) = (0..halved).max_by_key(|&i| d[i]) else { break };
         if d[i] == 1 {
             break;
         }
@@ -1744,6 +1761,9 @@ pub struct FuzzConfig {
     /// their imaginary parts set to 0 (the rest of the case as drawn), so
     /// that the targets run their real-gate kernels where they have them.
     pub real_gates: bool,
+    /// Every case with V from [`WIDE_VALUE_POOL`] ([`draw_case_with`]), so
+    /// the chunked CUDA targets run their 128-column launches.
+    pub wide_values: bool,
 }
 
 impl Default for FuzzConfig {
@@ -1759,6 +1779,7 @@ impl Default for FuzzConfig {
             shrink_budget: 200,
             progress: false,
             real_gates: false,
+            wide_values: false,
         }
     }
 }
@@ -1876,6 +1897,8 @@ pub struct FuzzReport {
     pub stopped_early: Option<String>,
     /// The cases' gates were made real ([`FuzzConfig::real_gates`]).
     pub real_gates: bool,
+    /// The cases' V came from [`WIDE_VALUE_POOL`] ([`FuzzConfig::wide_values`]).
+    pub wide_values: bool,
 }
 
 impl FuzzReport {
@@ -1887,12 +1910,17 @@ impl FuzzReport {
     /// The summary table and, per failure, its files and replay commands.
     pub fn render(&self) -> String {
         let mut s = String::new();
-        let real_flag = if self.real_gates { " --real-gates" } else { "" };
+        let real_flag = format!(
+            "{}{}",
+            if self.real_gates { " --real-gates" } else { "" },
+            if self.wide_values { " --wide-values" } else { "" }
+        );
         let _ = writeln!(
             s,
-            "fuzz: seed {}{}, cases {}..{} ({} run) in {:.1} s{}",
+            "fuzz: seed {}{}{}, cases {}..{} ({} run) in {:.1} s{}",
             self.seed,
             if self.real_gates { ", real gates" } else { "" },
+            if self.wide_values { ", V > 64" } else { "" },
             self.first_case,
             self.first_case + self.cases_run,
             self.cases_run,
@@ -2219,7 +2247,7 @@ pub fn run_campaign(cfg: &FuzzConfig, targets: &mut [Target]) -> FuzzReport {
             break;
         }
         let index = cfg.first_case + n;
-        let case = draw_case(cfg.seed, index, cfg.max_len);
+        let case = draw_case_with(cfg.seed, index, cfg.max_len, cfg.wide_values);
         let drawn = Input { p: case.problem(), up: case.upstream() };
         let drawn = if cfg.real_gates { drawn.with_real_gates() } else { drawn };
         let inputs: Vec<(Precision, Input)> = [Precision::F64, Precision::F32, Precision::Bf16, Precision::F16]
@@ -2320,6 +2348,7 @@ pub fn run_campaign(cfg: &FuzzConfig, targets: &mut [Target]) -> FuzzReport {
         elapsed: start.elapsed(),
         stopped_early,
         real_gates: cfg.real_gates,
+        wide_values: cfg.wide_values,
     }
 }
 
@@ -2463,6 +2492,26 @@ mod tests {
         out.h_final[0] += Complex::new(half_spacing, 0.0);
         assert!(!o.judge_with_floors(&out, 1e-4, floor, stored).pass());
         assert_eq!((store_floor(Precision::F32), store_floor(Precision::Bf16)), (0.0, 0.0));
+    }
+
+    #[test]
+    fn wide_values_draw_only_v_from_the_wide_pool() {
+        let mut seen = std::collections::BTreeSet::new();
+        for i in 0..300 {
+            let (narrow, wide) = (draw_case(2053, i, 300), draw_case_with(2053, i, 300, true));
+            assert_eq!(draw_case_with(2053, i, 300, false), narrow);
+            let (n, w) = (narrow.dims, wide.dims);
+            assert!(WIDE_VALUE_POOL.contains(&w.value_dim), "{w:?}");
+            seen.insert(w.value_dim);
+            // The same stream: the length and the gates as drawn, B, H, K at
+            // most as drawn (the cap halves them, not V).
+            assert_eq!((w.len, w.gate, wide.regime, wide.with_h0), (n.len, n.gate, narrow.regime, narrow.with_h0));
+            assert!(
+                w.batch <= n.batch.max(1) && w.heads <= n.heads.max(1) && w.key_dim <= n.key_dim.max(1),
+                "{n:?} {w:?}"
+            );
+        }
+        assert_eq!(seen.len(), WIDE_VALUE_POOL.len(), "every wide V drawn in 300 cases: {seen:?}");
     }
 
     #[test]

@@ -245,6 +245,12 @@ enum Command {
         /// recurrent forward).
         #[arg(long)]
         real_gates: bool,
+        /// Draw every case's V from 65 to 256 (fuzz::WIDE_VALUE_POOL), so
+        /// the chunked CUDA targets run their 128-column launches (the wide
+        /// output and dv launches; with --real-gates, bf16 or f16 and
+        /// --variants sequential, the wide walks).
+        #[arg(long)]
+        wide_values: bool,
     },
 }
 
@@ -914,6 +920,7 @@ fn main() -> ExitCode {
             max_failures,
             variants,
             real_gates,
+            wide_values,
         } => {
             let device = match device {
                 Device::Cpu => fuzz::Device::Cpu,
@@ -939,6 +946,7 @@ fn main() -> ExitCode {
                 max_failures,
                 progress: true,
                 real_gates,
+                wide_values,
                 ..Default::default()
             };
             let selection =

@@ -398,35 +398,71 @@ fn gradient_bound_catches_small_deliberate_errors() {
     assert!(!v.pass() && v.tensor("dlog_gate").unwrap().score() > 1e-4, "{v:?}");
 }
 
-/// `--real-gates`: every case's log_gate and h0 reach the targets with
-/// Im = 0 (a target that refuses a nonzero phase passes every case; without
-/// the setting the same target is caught on the first case with a phase),
-/// the report says so, and its replay lines carry the flag; the CLI takes it.
-#[test]
-fn real_gate_campaigns_give_the_targets_real_gates() {
-    let real_only = |p: &OwnedProblem<f64>| -> Result<Outputs<f64>, String> {
-        let phases = p.log_gate.iter().chain(p.h0.iter().flatten()).any(|z| z.im != 0.0);
+/// A campaign setting's whole contract (`--real-gates`, `--wide-values`):
+/// a target that answers wrong (y doubled) on every case the setting
+/// excludes (`excluded`) passes every case of a campaign with it (`on`),
+/// and is caught on its first such case without it (`off`); the report's
+/// first line (`header`) and its replay lines (`flag`) say so, and the CLI
+/// takes the flag (a chunked and recurrent CPU campaign whose report
+/// names it by `says`).
+fn check_campaign_setting(
+    excluded: fn(&OwnedProblem<f64>) -> bool,
+    on: FuzzConfig,
+    off: FuzzConfig,
+    header: &str,
+    flag: &str,
+    says: &str,
+) {
+    let wrong_where_excluded = move |p: &OwnedProblem<f64>| -> Result<Outputs<f64>, String> {
         let o = reference::recurrent::forward(&p.view()).map_err(|e| e.to_string())?;
-        // A wrong answer (y doubled) wherever a phase arrives.
-        Ok(if phases { Outputs { y: o.y.iter().map(|y| 2.0 * y).collect(), ..o } } else { o })
+        Ok(if excluded(p) { Outputs { y: o.y.iter().map(|y| 2.0 * y).collect(), ..o } } else { o })
     };
-    let target = || Target::custom("real-only", Mode::Recurrent, Precision::F64, Device::Cpu, real_only);
-    let cfg = FuzzConfig { cases: 60, seed: 7, max_len: 100, out_dir: None, real_gates: true, ..Default::default() };
-    let report = fuzz::run_campaign(&cfg, &mut [target()]);
+    let target = || Target::custom("setting", Mode::Recurrent, Precision::F64, Device::Cpu, wrong_where_excluded);
+    let report = fuzz::run_campaign(&on, &mut [target()]);
     assert!(report.passed(), "{}", report.render());
     let text = report.render();
-    assert!(text.starts_with("fuzz: seed 7, real gates, cases 0..60"), "{text}");
-    assert!(text.contains("--max-len 100 --real-gates (with the same"), "{text}");
-    let complex = fuzz::run_campaign(&FuzzConfig { real_gates: false, ..cfg }, &mut [target()]);
-    assert_eq!(complex.failures.len(), 1, "{}", complex.render());
-    assert!(complex.render().contains("re-run this case") && !complex.render().contains("--real-gates"));
+    assert!(text.starts_with(header), "{text}");
+    assert!(text.contains(&format!("--max-len {} {flag} (with the same", on.max_len)), "{text}");
+    let without = fuzz::run_campaign(&off, &mut [target()]);
+    assert_eq!(without.failures.len(), 1, "{}", without.render());
+    assert!(without.render().contains("re-run this case") && !without.render().contains(flag));
 
     let o = Command::new(BIN)
-        .args(["fuzz", "--cases", "10", "--seed", "5", "--max-len", "64", "--modes", "chunked,recurrent"])
-        .args(["--dtypes", "f32", "--real-gates"])
+        .args(["fuzz", "--cases", "5", "--seed", "5", "--max-len", "48", "--modes", "chunked,recurrent"])
+        .args(["--dtypes", "f32", flag])
         .output()
         .unwrap();
     let out = String::from_utf8_lossy(&o.stdout);
     assert!(o.status.success(), "{out}{}", String::from_utf8_lossy(&o.stderr));
-    assert!(out.contains("real gates") && out.contains("chunked-f32-cpu"), "{out}");
+    assert!(out.contains(says) && out.contains("chunked-f32-cpu"), "{out}");
+}
+
+/// `--real-gates`: every case's log_gate and h0 reach the targets with
+/// Im = 0.
+#[test]
+fn real_gate_campaigns_give_the_targets_real_gates() {
+    let cfg = FuzzConfig { cases: 60, seed: 7, max_len: 100, out_dir: None, real_gates: true, ..Default::default() };
+    check_campaign_setting(
+        |p| p.log_gate.iter().chain(p.h0.iter().flatten()).any(|z| z.im != 0.0),
+        cfg.clone(),
+        FuzzConfig { real_gates: false, ..cfg },
+        "fuzz: seed 7, real gates, cases 0..60",
+        "--real-gates",
+        "real gates",
+    );
+}
+
+/// `--wide-values`: every case's V is past one value tile (from
+/// fuzz::WIDE_VALUE_POOL).
+#[test]
+fn wide_value_campaigns_give_the_targets_wide_values() {
+    let cfg = FuzzConfig { cases: 40, seed: 9, max_len: 64, out_dir: None, wide_values: true, ..Default::default() };
+    check_campaign_setting(
+        |p| p.dims.value_dim <= 64,
+        cfg.clone(),
+        FuzzConfig { wide_values: false, ..cfg },
+        "fuzz: seed 9, V > 64, cases 0..40",
+        "--wide-values",
+        "V > 64",
+    );
 }
