@@ -92,23 +92,29 @@ using namespace nvcuda;
 
 // ---- 1. chunk state U_c and decay A_c -------------------------------------------
 
-template <typename input_t, class Op, bool kComplex, int kTerms>
+// kCols = kWideCols (gateloop_chunk_state_wide_*, V > 64): one block per
+// 128 value columns, the slab's raw keys, prefix and K̃ built once for both
+// tiles' products (store_slab_grams), where two narrow blocks each built
+// them; the same U_c and A_c bit for bit.
+template <typename input_t, class Op, bool kComplex, int kTerms, int kCols = kVTile>
 __device__ __forceinline__ void chunk_state(const GateloopChunkParams& p) {
     extern __shared__ __align__(128) unsigned char smem[];
-    using Smem = StateSmem<Op, kComplex, OpOf<input_t>::kRawTerms>;
-    check_shared(p.state_shared_bytes, Smem::kBytes);
-    Block<input_t, kComplex> blk(p, smem);
+    constexpr int kTileTerms = OpOf<input_t>::kRawTerms;
+    constexpr int kTiles = kCols / kVTile;
+    using Smem = StateSmem<Op, kComplex, kTileTerms>;
+    check_shared(p.state_shared_bytes, state_block_bytes<Op, kComplex, kTileTerms, kCols>());
+    auto blk = Block<input_t, kComplex>::of_tiles(p, smem, kCols);
     if (!blk.has_chunk()) return;  // an empty packed slot: the whole block, before any barrier
-    // Raw k, the V tile, K̃ [m][col] (read as the column-major A = K̃ᵀ).
+    // Raw k, the V tiles, K̃ [m][col] (read as the column-major A = K̃ᵀ).
     const Smem sm(smem, blk.warp);
     float* kraw = sm.raw;
-    const Split<Op>& vs = sm.tile;
+    const StateTiles<Op, kTileTerms, kTiles> vs(sm, smem);
     const Split<Op>& kt = sm.slab;
     float* staging = sm.staging;
 
     const int last = blk.n - 1;
 
-    blk.template load_values<Op, raw_tile_terms<input_t, kTerms>()>(vs);
+    vs.template load<raw_tile_terms<input_t, kTerms>()>(blk, blk.v, p.v_strides);
     for (int64_t d0 = 0; d0 < p.dims.key_dim; d0 += kSlab) {
         // No barrier between these two: each thread reads back only the
         // raw keys it loaded (put_state_keys); kt's last readers, the
@@ -121,7 +127,7 @@ __device__ __forceinline__ void chunk_state(const GateloopChunkParams& p) {
             }
         }
         __syncthreads();
-        store_slab_gram<Op, kTerms>(blk, kt, vs, d0, staging, p.ws_state);
+        store_slab_grams<Op, kTerms, kTiles>(blk, kt, vs.tile, d0, staging, p.ws_state);
         __syncthreads();
     }
 }
@@ -316,6 +322,29 @@ GATELOOP_CHUNK_WIDE_WALK_ENTRY(f16, __half, OpBf16, exact, 3, GATELOOP_BY_ARCH(1
 GATELOOP_CHUNK_WIDE_WALK_ENTRY(f16, __half, OpF16, fast, 1, GATELOOP_BY_ARCH(1, 3))
 GATELOOP_CHUNK_WIDE_WALK_ENTRY(bf16, __nv_bfloat16, OpBf16, exact, 3, GATELOOP_BY_ARCH(1, 2))
 GATELOOP_CHUNK_WIDE_WALK_ENTRY(bf16, __nv_bfloat16, OpBf16, fast, 1, GATELOOP_BY_ARCH(1, 3))
+
+// gateloop_chunk_state_wide_{f16,bf16}_{c,r}_{exact,fast}: the state kernel
+// in blocks of 128 value columns (chunk_state's kCols), for V > 64 with the
+// separate carry (src/cuda/chunk.rs: ChunkStateBlocks). MIN by the rule
+// above, shared memory (state_block_bytes: the narrow layout and a second
+// value tile): bf16 complex 60 KB, real 48 KB: 3 and 4 an H200 SM, 2 and 3
+// on sm_80; f16 complex 78 KB, real 66 KB (tiles of two planes): 2 and 3,
+// 2 and 2. One block a chunk's 128 columns where two blocks (4 and 5 an SM
+// for bf16) each built the slab's prefix and K̃; f32 keeps the narrow
+// kernel (one block an SM complex).
+#define GATELOOP_CHUNK_WIDE_STATE_ENTRY(DTYPE, TYPE, OP, GATE, CPLX, PREC, TERMS, MIN)                     \
+    extern "C" __global__ void __launch_bounds__(gateloop::chunk::kThreads, MIN)                            \
+        gateloop_chunk_state_wide_##DTYPE##_##GATE##_##PREC(const GateloopChunkParams p) {                  \
+        gateloop::chunk::chunk_state<TYPE, gateloop::chunk::OP, CPLX, TERMS, gateloop::chunk::kWideCols>(p); \
+    }
+GATELOOP_CHUNK_WIDE_STATE_ENTRY(f16, __half, OpBf16, c, true, exact, 3, 2)
+GATELOOP_CHUNK_WIDE_STATE_ENTRY(f16, __half, OpF16, c, true, fast, 1, 2)
+GATELOOP_CHUNK_WIDE_STATE_ENTRY(f16, __half, OpBf16, r, false, exact, 3, GATELOOP_BY_ARCH(2, 3))
+GATELOOP_CHUNK_WIDE_STATE_ENTRY(f16, __half, OpF16, r, false, fast, 1, GATELOOP_BY_ARCH(2, 3))
+GATELOOP_CHUNK_WIDE_STATE_ENTRY(bf16, __nv_bfloat16, OpBf16, c, true, exact, 3, GATELOOP_BY_ARCH(2, 3))
+GATELOOP_CHUNK_WIDE_STATE_ENTRY(bf16, __nv_bfloat16, OpBf16, c, true, fast, 1, GATELOOP_BY_ARCH(2, 3))
+GATELOOP_CHUNK_WIDE_STATE_ENTRY(bf16, __nv_bfloat16, OpBf16, r, false, exact, 3, GATELOOP_BY_ARCH(3, 4))
+GATELOOP_CHUNK_WIDE_STATE_ENTRY(bf16, __nv_bfloat16, OpBf16, r, false, fast, 1, GATELOOP_BY_ARCH(3, 4))
 
 // gateloop_chunk_output_frag_{f16,bf16}_{c,r}_{exact,fast}: the output launch
 // on register fragments (cuda/chunk_frag.cuh), 16-bit inputs only (m16n8k16

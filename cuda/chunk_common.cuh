@@ -1703,6 +1703,36 @@ struct StateSmem {
     }
 };
 
+// The state kernel's and grad_w's bytes for a block of kCols value columns
+// (kVTile, or kWideCols: the wide launches, V > 64): state_smem_bytes, then
+// the value tiles past the first, each laid out as StateSmem's tile
+// (StateTiles). src/cuda/chunk.rs: state_block_bytes.
+template <class Op, bool kComplex, int kTileTerms, int kCols = kVTile>
+__host__ __device__ constexpr int state_block_bytes() {
+    return state_smem_bytes<Op, kComplex, kTileTerms>() +
+           (kCols / kVTile - 1) * terms_bytes<Op, kTileTerms>(kChunk, ld_tile<Op>());
+}
+// The value-like tiles (V; the backward's dY) of such a block: tile[h]
+// holds columns v0 + kVTile·h, tile[0] StateSmem's own.
+template <class Op, int kTileTerms, int kTiles>
+struct StateTiles {
+    Split<Op> tile[kTiles];
+    template <class Smem>
+    __device__ __forceinline__ StateTiles(const Smem& sm, unsigned char* smem) {
+        tile[0] = sm.tile;
+        unsigned char* at = smem + Smem::kBytes;
+#pragma unroll
+        for (int h = 1; h < kTiles; ++h) tile[h] = carve_terms<Op, kTileTerms>(at, kChunk, ld_tile<Op>());
+    }
+    // Every tile's columns of x (v or dy), kTerms as Block::load_tile's.
+    template <int kTerms, typename input_t, bool kComplex, int kLd>
+    __device__ __forceinline__ void load(const Block<input_t, kComplex, kLd>& blk, const input_t* __restrict__ x,
+                                         const GateloopSeqStrides& s) const {
+#pragma unroll
+        for (int h = 0; h < kTiles; ++h) blk.template load_tile<Op, kTerms>(x, s, blk.v0 + kVTile * h, tile[h]);
+    }
+};
+
 __device__ __forceinline__ void check_shared(int have, int need) {
     // The host computes the size from the same layout; a mismatch is a bug.
     if (have < need) __trap();
@@ -1799,12 +1829,14 @@ __device__ __forceinline__ void put_state_keys(const Block<input_t, kComplex, kL
 // Warp w's tile (rb, cb) = (w / 4, w % 4) of Xᵀ Y (store_slab_gram's
 // product) into acc; false, acc untouched, for a warp without a tile (real
 // gates in slabs of 16: two 16-row blocks fewer).
+// `warp`: the tile's warp index (blk.warp, or for store_slab_grams' second
+// value tile the warp's index among the warps that take it).
 template <class Op, int kTerms, bool kRolled = true, typename input_t, bool kComplex, int kLd>
 __device__ __forceinline__ bool slab_gram(const Block<input_t, kComplex, kLd>& blk, const Split<Op>& x, const Split<Op>& y,
-                                          Acc<Op>& acc) {
+                                          Acc<Op>& acc, int warp) {
     constexpr int kWidth = slab_width<kComplex, Block<input_t, kComplex, kLd>::kChannels>();
-    const int rb = blk.warp / (kVTile / 16);
-    const int cb = blk.warp % (kVTile / 16);
+    const int rb = warp / (kVTile / 16);
+    const int cb = warp % (kVTile / 16);
     if (rb >= kWidth / 16) return false;
     wmma::fill_fragment(acc, 0.f);
     // A(i, k) = X[k][16·rb + i]: column-major with ld x.ld.
@@ -1826,24 +1858,55 @@ __device__ __forceinline__ bool slab_gram(const Block<input_t, kComplex, kLd>& b
     return true;
 }
 
+// The value tile y holds columns v0 .. v0 + kVTile − 1; `warp` as slab_gram's.
 template <class Op, int kTerms, typename input_t, bool kComplex, int kLd>
 __device__ __forceinline__ void store_slab_gram(const Block<input_t, kComplex, kLd>& blk, const Split<Op>& x,
-                                                const Split<Op>& y, int64_t d0, float* staging, float* out) {
+                                                const Split<Op>& y, int64_t d0, float* staging, float* out, int64_t v0,
+                                                int warp) {
     Acc<Op> acc;
-    if (!slab_gram<Op, kTerms>(blk, x, y, acc)) return;
-    const int rb = blk.warp / (kVTile / 16);
-    const int cb = blk.warp % (kVTile / 16);
+    if (!slab_gram<Op, kTerms>(blk, x, y, acc, warp)) return;
+    const int rb = warp / (kVTile / 16);
+    const int cb = warp % (kVTile / 16);
     const int64_t key_dim = blk.p.dims.key_dim;
     const int64_t value_dim = blk.p.dims.value_dim;
     // Accumulator row r is operand column 16·rb + r: part rb, channel d0 + r.
     static_assert(kSlab == 16 && kLd != kWalkSlabReal, "one part per 16-row accumulator");
     const int lane = blk.tid & 31;
-    const int64_t col = blk.v0 + 16 * cb + drain_col(lane);
+    const int64_t col = v0 + 16 * cb + drain_col(lane);
     const int64_t first = opaque(blk.ws_state_row(rb * key_dim + d0 + drain_row0(lane)) + col);
     const int64_t step = opaque(kDrainRowStep * value_dim);
     drain<Op>(acc, staging, lane, [&](int k, int r, int, float e) {
         if (d0 + r < key_dim && col < value_dim) out[first + k * step] = e;
     });
+}
+
+// store_slab_gram for a block of kTiles value tiles (tile[h]: columns
+// v0 + kVTile·h; kTiles = 2 in the wide state kernel and grad_w, one block
+// per 128 columns, whose prefix, raw slab and slab operand X serve both
+// tiles). Where a tile's product leaves warps without a tile (real gates,
+// slabs of 16: one row block, four warps) the others take the next tile at
+// once; else the tiles one after the other. Each output element is the
+// product of the same operands by one warp's tile, in the same order, as
+// in a block of one tile: the same bits.
+template <class Op, int kTerms, int kTiles, typename input_t, bool kComplex, int kLd>
+__device__ __forceinline__ void store_slab_grams(const Block<input_t, kComplex, kLd>& blk, const Split<Op>& x,
+                                                 const Split<Op> (&tile)[kTiles], int64_t d0, float* staging,
+                                                 float* out) {
+    constexpr int kRowBlocks = slab_width<kComplex, Block<input_t, kComplex, kLd>::kChannels>() / 16;
+    constexpr int kTileWarps = kRowBlocks * (kVTile / 16);
+    if constexpr (kTiles == 1) {
+        store_slab_gram<Op, kTerms>(blk, x, tile[0], d0, staging, out, blk.v0, blk.warp);
+    } else if constexpr (kTiles * kTileWarps <= kWarps) {
+        const int h = blk.warp / kTileWarps;
+        if (h < kTiles) {
+            store_slab_gram<Op, kTerms>(blk, x, tile[h], d0, staging, out, blk.v0 + kVTile * h, blk.warp % kTileWarps);
+        }
+    } else {
+#pragma unroll 1
+        for (int h = 0; h < kTiles; ++h) {
+            store_slab_gram<Op, kTerms>(blk, x, tile[h], d0, staging, out, blk.v0 + kVTile * h, blk.warp);
+        }
+    }
 }
 
 // ---- the sequential carries: the chunks walked by one block ------------------------
@@ -2108,7 +2171,7 @@ __device__ __forceinline__ void walk_chunks(const GateloopChunkParams& p, unsign
             for (int h = 0; h < kHalves; ++h) {
                 Acc<Op> acc;
                 // Rolled (where it matters: bf16 Exact) but in the complex forward walk.
-                const bool owns = slab_gram<Op, kTerms, kBackward || !kComplex>(blk, sm.slab, tile_of(h), acc);
+                const bool owns = slab_gram<Op, kTerms, kBackward || !kComplex>(blk, sm.slab, tile_of(h), acc, blk.warp);
                 // xbuf's readers, the previous tile's update, done.
                 if (h > 0) __syncthreads();
                 if (owns) {

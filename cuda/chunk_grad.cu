@@ -279,32 +279,36 @@ __device__ __forceinline__ void offdiag_products(const Block<input_t, kComplex, 
 
 // ---- 1b. W_c = Σ_n conj(Q̃_n) dy_nᵀ ----------------------------------------------------
 
-template <typename input_t, bool kComplex>
+// kCols = kWideCols (gateloop_chunk_grad_w_wide_*, V > 64): one block per
+// 128 value columns, as the forward's wide state kernel.
+template <typename input_t, bool kComplex, int kCols = kVTile>
 __device__ __forceinline__ void grad_w(const GateloopChunkGradParams& g) {
     using Op = typename OpOf<input_t>::type;
     extern __shared__ __align__(128) unsigned char smem[];
+    constexpr int kTileTerms = OpOf<input_t>::kRawTerms;
+    constexpr int kTiles = kCols / kVTile;
     // The forward state kernel's layout: raw q for raw k, dY for V, Q̃ for K̃.
-    using Smem = StateSmem<Op, kComplex, OpOf<input_t>::kRawTerms>;
-    check_shared(g.w_shared_bytes, Smem::kBytes);
+    using Smem = StateSmem<Op, kComplex, kTileTerms>;
+    check_shared(g.w_shared_bytes, state_block_bytes<Op, kComplex, kTileTerms, kCols>());
     const GateloopChunkParams& p = g.fwd;
-    Block<input_t, kComplex> blk(p, smem);
+    auto blk = Block<input_t, kComplex>::of_tiles(p, smem, kCols);
     if (!blk.has_chunk()) return;  // an empty packed slot: the whole block, before any barrier
-    // Raw q, the dY tile, [Re Q̃ | −Im Q̃] [n][col] (read as the column-major A = Q̃ᴴ).
+    // Raw q, the dY tiles, [Re Q̃ | −Im Q̃] [n][col] (read as the column-major A = Q̃ᴴ).
     const Smem sm(smem, blk.warp);
     float* qraw = sm.raw;
-    const Split<Op>& dys = sm.tile;
+    const StateTiles<Op, kTileTerms, kTiles> dys(sm, smem);
     const Split<Op>& qe = sm.slab;
     float* staging = sm.staging;
 
-    blk.template load_tile<Op, raw_tile_terms<input_t, kGradTerms>()>(seq_row<input_t>(g.dy, g.dy_strides, blk.b, blk.h),
-                                                                     g.dy_strides, dys);
+    dys.template load<raw_tile_terms<input_t, kGradTerms>()>(blk, seq_row<input_t>(g.dy, g.dy_strides, blk.b, blk.h),
+                                                              g.dy_strides);
     for (int64_t d0 = 0; d0 < p.dims.key_dim; d0 += kSlab) {
         // (Not held in the f16 kernels on sm_90: 4 to 8 bytes spilled at their 80.)
         blk.template stage_slab_own<!std::is_same<input_t, __half>::value || GATELOOP_BY_ARCH(true, false)>(
             blk.q, p.q_strides, d0, qraw);
         put_inter_queries<Op, kGradTerms>(blk, qraw, qe);  // own raw queries only: no barrier
         __syncthreads();
-        store_slab_gram<Op, kGradTerms>(blk, qe, dys, d0, staging, g.ws_adj);
+        store_slab_grams<Op, kGradTerms, kTiles>(blk, qe, dys.tile, d0, staging, g.ws_adj);
         __syncthreads();  // qe, qraw and the prefix tables are rewritten by the next slab
     }
 }
@@ -1232,6 +1236,19 @@ GATELOOP_CHUNK_GRAD_DV_WIDE_ENTRY(bf16, __nv_bfloat16, c, true, GATELOOP_BY_ARCH
 GATELOOP_CHUNK_GRAD_DV_WIDE_ENTRY(f32, float, r, false, GATELOOP_BY_ARCH(1, 2))
 GATELOOP_CHUNK_GRAD_DV_WIDE_ENTRY(f16, __half, r, false, GATELOOP_BY_ARCH(2, 3))
 GATELOOP_CHUNK_GRAD_DV_WIDE_ENTRY(bf16, __nv_bfloat16, r, false, GATELOOP_BY_ARCH(2, 4))
+
+// gateloop_chunk_grad_w_wide_{f16,bf16}_{c,r}: grad_w in blocks of 128 value
+// columns (V > 64, the separate carry: the forward's wide state kernel,
+// chunk.cu, whose layout and MIN it takes).
+#define GATELOOP_CHUNK_GRAD_W_WIDE_ENTRY(DTYPE, TYPE, GATE, CPLX, MIN)                                     \
+    extern "C" __global__ void __launch_bounds__(gateloop::chunk::kThreads, MIN)                             \
+        gateloop_chunk_grad_w_wide_##DTYPE##_##GATE(const GateloopChunkGradParams g) {                      \
+        gateloop::chunk::grad_w<TYPE, CPLX, gateloop::chunk::kWideCols>(g);                                  \
+    }
+GATELOOP_CHUNK_GRAD_W_WIDE_ENTRY(f16, __half, c, true, 2)
+GATELOOP_CHUNK_GRAD_W_WIDE_ENTRY(f16, __half, r, false, GATELOOP_BY_ARCH(2, 3))
+GATELOOP_CHUNK_GRAD_W_WIDE_ENTRY(bf16, __nv_bfloat16, c, true, GATELOOP_BY_ARCH(2, 3))
+GATELOOP_CHUNK_GRAD_W_WIDE_ENTRY(bf16, __nv_bfloat16, r, false, GATELOOP_BY_ARCH(3, 4))
 
 // gateloop_chunk_grad_w_seq_wide_{f16,bf16}_r: grad_w_seq in blocks of 128
 // value columns (V > 64, real gates: the forward's wide walk, chunk.cu).

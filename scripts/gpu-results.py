@@ -605,18 +605,21 @@ def wide_rule(bench):
                         "`ChunkOutput::Staged` (blocks of 128 columns where V > 64)", only=lambda d: d[4] > 64)
 
 
-def walk_rule(bench):
-    """The walk blocks' section: chunked-real-fast (the real-gate walk in
-    blocks of 128 value columns where V > 64 on sm_90, 16-bit inputs:
-    speed log item 52) against chunked-real-fast-narrow-walk (blocks of 64
-    at every V), at V > 64 only (below, both run the same kernel), and the
-    ChunkWalk::Auto rule they support. Where the plan takes the separate
-    carry both run the same kernels too: read it with the bench's
-    launches."""
-    return variant_rule(bench, "Walk blocks (64 value columns against 128, V > 64)",
-                        [("chunked-real-fast", "chunked-real-fast-narrow-walk")],
-                        "`ChunkWalk::Narrow` (walk blocks of 64 columns at every V)",
-                        "`ChunkWalk::Auto` (walk blocks of 128 columns where V > 64)", only=lambda d: d[4] > 64)
+def state_blocks_rule(bench):
+    """The state blocks' section: the state launches in blocks of 128 value
+    columns where V > 64 (ChunkStateBlocks::Auto: the real-gate walk on
+    sm_90, speed log item 52; the separate carry's state kernel, item 54;
+    16-bit inputs) against blocks of 64 at every V (ChunkStateBlocks::Narrow):
+    chunked-real-fast against chunked-real-fast-narrow-state (whichever
+    carry the plan takes) and chunked-fast against chunked-fast-narrow-state
+    (complex gates: the separate carry), at V > 64 only (below, both run the
+    same kernels), and the rule they support; the launches' split says
+    which state launch ran."""
+    return variant_rule(bench, "State blocks (64 value columns against 128, V > 64)",
+                        [("chunked-real-fast", "chunked-real-fast-narrow-state"),
+                         ("chunked-fast", "chunked-fast-narrow-state")],
+                        "`ChunkStateBlocks::Narrow` (state blocks of 64 columns at every V)",
+                        "`ChunkStateBlocks::Auto` (state blocks of 128 columns where V > 64)", only=lambda d: d[4] > 64)
 
 
 def packed_cost(bench):
@@ -736,7 +739,7 @@ def file_results(results, into, dry_run):
         per_run.append((name, rows))
     L += targets_overall(per_run)
     L += carry_rule(carry)
-    L += bench_sections(benches, [staging_rule, real_carry_rule, rows_rule, output_rule, wide_rule, walk_rule, packed_cost,
+    L += bench_sections(benches, [staging_rule, real_carry_rule, rows_rule, output_rule, wide_rule, state_blocks_rule, packed_cost,
                                   launch_split])
     text = "\n".join(L) + "\n"
     if not dry_run:

@@ -27,8 +27,8 @@ mod dtype_support;
 use common::{Case, adversarial_regime_tests, regime_matrix, regime_tests, run_forward};
 use dtype_support::{chunk_bounds as bounds, rounded_to, widen};
 use gateloop::cuda::chunk::{
-    ChunkCarry, ChunkConfig, ChunkOutput, ChunkPrecision, ChunkWalk, DeviceInputs, DeviceOutputs, Gates, forward_host,
-    forward_into, forward_real_host_as, forward_real_into, plan,
+    ChunkCarry, ChunkConfig, ChunkOutput, ChunkPrecision, ChunkStateBlocks, DeviceInputs, DeviceOutputs, Gates,
+    forward_host, forward_into, forward_real_host_as, forward_real_into, plan,
 };
 use gateloop::cuda::{Dtype, Element, Gpu, GpuError};
 use gateloop::testing::{GateRegime, OwnedProblem, dims, random_problem};
@@ -423,19 +423,22 @@ fn wide_cases(shapes: &[Dims], regimes: &[GateRegime], mut seed: u64) -> Vec<Cas
     cases
 }
 
-/// The wide walk (`ChunkWalk::Auto` where V > 64 with real gates and 16-bit
-/// inputs: one block per 128 value columns, each chunk's gate prefix, keys
-/// and slab operand built once for both 64-column tiles) writes what the
-/// narrow walk (`ChunkWalk::Narrow`, a block per 64 columns) writes, bit for
-/// bit, and within the reference's bounds: bf16 and f16, Exact and Fast,
-/// with and without h0, both gate layouts, V with a part-filled wide block
-/// (70, 130, 200) or none (128, 256), K cut short (5, 40, 72: a part-filled
-/// slab of 32), partial chunks, resets, hard decay, |a| = 1; outputs and
-/// workspace poisoned for each launch. (V = 64 and f32 or complex gates take
-/// the narrow walk either way; the misaligned rows' elementwise staging of
-/// both tiles: `vector_staging_is_bitwise_the_elementwise_staging`.)
+/// The wide state launches (`ChunkStateBlocks::Auto` where V > 64: one block
+/// per 128 value columns, each key slab's gate prefix, keys and slab
+/// operand built once for both 64-column tiles) write what the narrow ones
+/// (`ChunkStateBlocks::Narrow`, a block per 64 columns) write, bit for bit,
+/// and within the reference's bounds: the walk (real gates) and the
+/// separate carry's state kernel (complex and real gates; on a real-gate
+/// slab of 16 channels the second tile's product by the warps the first
+/// leaves idle), bf16 and f16, Exact and Fast, with and without h0, both
+/// gate layouts, V with a part-filled wide block (70, 130, 200) or none
+/// (128, 256), K cut short (5, 40, 72: part-filled slabs), partial chunks,
+/// resets, hard decay, |a| = 1; outputs and workspace poisoned for each
+/// launch. (V = 64 and f32 take the narrow blocks either way; the
+/// misaligned rows' elementwise staging of both tiles:
+/// `vector_staging_is_bitwise_the_elementwise_staging`.)
 #[test]
-fn wide_walk_is_bitwise_the_narrow_walk() {
+fn wide_state_blocks_are_bitwise_the_narrow_ones() {
     let Some(gpu) = common::gpu_or_skip() else { return };
     let shapes = [
         dims(2, 130, 2, 5, 70, true),
@@ -448,14 +451,24 @@ fn wide_walk_is_bitwise_the_narrow_walk() {
         let lp = plan(&d, Dtype::Bf16, Gates::Real).unwrap();
         let blocks = |cols: usize| d.batch * d.heads * d.value_dim.div_ceil(cols) * d.key_dim.div_ceil(32);
         assert_eq!((lp.sequential_grid as usize, lp.wide_sequential_grid as usize), (blocks(64), blocks(128)));
+        let chunks = d.len.div_ceil(64);
+        let blocks = |cols: usize| d.batch * d.heads * chunks * d.value_dim.div_ceil(cols);
+        assert_eq!((lp.grid as usize, lp.wide_grid as usize), (blocks(64), blocks(128)));
     }
     let regimes = [GateRegime::Mixed, GateRegime::Resets(0.1), GateRegime::HardDecay(0.5), GateRegime::UnitModulus];
     for c in wide_cases(&shapes, &regimes, 18_500) {
         for precision in ChunkPrecision::ALL {
-            let with = |walk| ChunkConfig { precision, carry: ChunkCarry::Sequential, walk, ..ChunkConfig::default() };
-            let runs = [(with(ChunkWalk::Narrow), 0), (with(ChunkWalk::Auto), 0)];
-            check_bitwise::<bf16>(gpu, c, Gates::Real, runs, "the narrow and the wide walk");
-            check_bitwise::<f16>(gpu, c, Gates::Real, runs, "the narrow and the wide walk");
+            for (carry, gates) in [
+                (ChunkCarry::Sequential, Gates::Real),
+                (ChunkCarry::Separate, Gates::Real),
+                (ChunkCarry::Separate, Gates::Complex),
+            ] {
+                let with = |state_blocks| ChunkConfig { precision, carry, state_blocks, ..ChunkConfig::default() };
+                let runs = [(with(ChunkStateBlocks::Narrow), 0), (with(ChunkStateBlocks::Auto), 0)];
+                let what = "the narrow and the wide state blocks";
+                check_bitwise::<bf16>(gpu, c, gates, runs, what);
+                check_bitwise::<f16>(gpu, c, gates, runs, what);
+            }
         }
     }
 }

@@ -27,7 +27,7 @@ mod dtype_support;
 use common::{ALL_REGIMES, Case, assert_within, flat, gpu_or_skip, regime_matrix, shape_sweep, upload};
 use dtype_support::{rounded_to, y_bounds};
 use gateloop::cpu::chunked::ChunkParams;
-use gateloop::cuda::chunk::{self, ChunkCarry, ChunkConfig, ChunkPrecision, ChunkWalk, Gates};
+use gateloop::cuda::chunk::{self, ChunkCarry, ChunkConfig, ChunkPrecision, ChunkStateBlocks, Gates};
 use gateloop::cuda::chunk_grad::{
     DeviceGradInputs, DeviceGrads, DeviceInputs, SavedForward, backward_into, backward_real_host_as,
     backward_real_into, backward_saved_into, backward_varlen_saved_into, forward_saving_into, plan, plan_with,
@@ -514,15 +514,17 @@ fn vector_staging_is_bitwise_the_elementwise_staging() {
     }
 }
 
-/// The backward's walks in wide blocks (`ChunkWalk::Auto`, V > 64, real
-/// gates, 16-bit inputs: the recomputed forward walk
-/// `gateloop_chunk_state_seq_wide` and `gateloop_chunk_grad_w_seq_wide`)
-/// give the narrow walks' (`ChunkWalk::Narrow`) gradients bit for bit, and
+/// The backward's state launches in wide blocks (`ChunkStateBlocks::Auto`,
+/// V > 64, 16-bit inputs: the recomputed forward walk
+/// `gateloop_chunk_state_seq_wide` and `gateloop_chunk_grad_w_seq_wide` with
+/// real gates, the separate carry's `gateloop_chunk_state_wide` and
+/// `gateloop_chunk_grad_w_wide` with complex and real gates) give the
+/// narrow blocks' (`ChunkStateBlocks::Narrow`) gradients bit for bit, and
 /// within the reference's bounds; bf16 and f16, Exact and Fast, V = 128 and
-/// 200 (a part-filled wide block), K = 16 and 40 (a part-filled slab of
-/// 32), h0 and dh_final, resets.
+/// 200 (a part-filled wide block), K = 16 and 40 (part-filled slabs), h0
+/// and dh_final, resets.
 #[test]
-fn wide_walk_is_bitwise_the_narrow_walk() {
+fn wide_state_blocks_are_bitwise_the_narrow_ones() {
     let Some(gpu) = gpu_or_skip() else { return };
     let shapes = [dims(2, 130, 1, 16, 128, false), dims(1, 150, 1, 40, 200, true)];
     for (i, d) in shapes.into_iter().enumerate() {
@@ -530,22 +532,43 @@ fn wide_walk_is_bitwise_the_narrow_walk() {
         if common::emulated_device_skips(&case.dims) {
             continue;
         }
-        let (p16, up16, want) = real_case::<bf16>(&case, true);
-        let (ph, uph, _) = real_case::<f16>(&case, true);
-        for precision in ChunkPrecision::ALL {
-            let with = |walk| ChunkConfig { precision, carry: ChunkCarry::Sequential, walk, ..ChunkConfig::default() };
-            let label = format!("{precision:?} {}", case.label());
-            let a = run_gates::<bf16>(gpu, &p16, &up16, with(ChunkWalk::Narrow), Gates::Real, 0);
-            let b = run_gates::<bf16>(gpu, &p16, &up16, with(ChunkWalk::Auto), Gates::Real, 0);
-            assert_grads_bitwise(&format!("bf16 {label}"), &a, &b, "the narrow and the wide walk");
-            if precision == ChunkPrecision::Exact {
-                assert_grads(&format!("bf16 {label}"), &b, &want, y_bounds(Dtype::Bf16), STATE_BOUNDS);
+        let (complex_bf16, complex_f16) = rounded_pair(&case.problem(), &upstream(case.dims, true, case.seed));
+        let inputs = [
+            (Gates::Real, ChunkCarry::Sequential, real_case::<bf16>(&case, true), real_case::<f16>(&case, true)),
+            (Gates::Real, ChunkCarry::Separate, real_case::<bf16>(&case, true), real_case::<f16>(&case, true)),
+            (Gates::Complex, ChunkCarry::Separate, complex_bf16, complex_f16),
+        ];
+        for (gates, carry, (p16, up16, want), (ph, uph, _)) in inputs {
+            for precision in ChunkPrecision::ALL {
+                let with = |state_blocks| ChunkConfig { precision, carry, state_blocks, ..ChunkConfig::default() };
+                let label = format!("{gates:?} {carry:?} {precision:?} {}", case.label());
+                let what = "the narrow and the wide state blocks";
+                let a = run_gates::<bf16>(gpu, &p16, &up16, with(ChunkStateBlocks::Narrow), gates, 0);
+                let b = run_gates::<bf16>(gpu, &p16, &up16, with(ChunkStateBlocks::Auto), gates, 0);
+                assert_grads_bitwise(&format!("bf16 {label}"), &a, &b, what);
+                if precision == ChunkPrecision::Exact {
+                    assert_grads(&format!("bf16 {label}"), &b, &want, y_bounds(Dtype::Bf16), STATE_BOUNDS);
+                }
+                let a = run_gates::<f16>(gpu, &ph, &uph, with(ChunkStateBlocks::Narrow), gates, 0);
+                let b = run_gates::<f16>(gpu, &ph, &uph, with(ChunkStateBlocks::Auto), gates, 0);
+                assert_grads_bitwise(&format!("f16 {label}"), &a, &b, what);
             }
-            let a = run_gates::<f16>(gpu, &ph, &uph, with(ChunkWalk::Narrow), Gates::Real, 0);
-            let b = run_gates::<f16>(gpu, &ph, &uph, with(ChunkWalk::Auto), Gates::Real, 0);
-            assert_grads_bitwise(&format!("f16 {label}"), &a, &b, "the narrow and the wide walk");
         }
     }
+}
+
+/// A complex-gate case rounded to bf16 and to f16 ([`rounded`]), each with
+/// the reference's gradients on its rounded inputs.
+#[allow(clippy::type_complexity)]
+fn rounded_pair(
+    p: &OwnedProblem<f64>,
+    up: &Upstream,
+) -> ((OwnedProblem<f64>, Upstream, Grads<f64>), (OwnedProblem<f64>, Upstream, Grads<f64>)) {
+    let with_reference = |(p, up): (OwnedProblem<f64>, Upstream)| {
+        let want = reference::grad::backward(&p.view(), &up.dy, up.dh_final.as_deref()).expect("reference");
+        (p, up, want)
+    };
+    (with_reference(rounded::<bf16>(p, up)), with_reference(rounded::<f16>(p, up)))
 }
 
 /// Run under compute-sanitizer by the GPU bundle: 3 chunks with a partial

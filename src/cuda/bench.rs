@@ -43,7 +43,7 @@ use rayon::prelude::*;
 use serde_json::{Value, json};
 use thiserror::Error;
 
-use super::chunk::{self, ChunkCarry, ChunkConfig, ChunkOutput, ChunkPrecision, ChunkWalk, Gates};
+use super::chunk::{self, ChunkCarry, ChunkConfig, ChunkOutput, ChunkPrecision, ChunkStateBlocks, Gates};
 use super::chunk_grad;
 use super::element::{Dtype, Element, round_slice};
 use super::phases::{self, Geometry, Phase, phase_medians};
@@ -391,6 +391,18 @@ pub fn registry() -> Vec<KernelEntry> {
             tuning: false,
         },
         KernelEntry {
+            name: "chunked-fast-narrow-state",
+            about: "chunked forward, complex gates, fast, the state kernel in blocks of 64 value columns \
+                    (ChunkStateBlocks::Narrow): beside `chunked-fast`, whose state blocks take 128 columns where \
+                    V > 64 (16-bit inputs) and build each key slab's gate prefix and K̃ once for both halves",
+            dtypes: &[Dtype::Bf16],
+            shapes: chunked_shapes,
+            check: |d| chunk::plan(d, Dtype::F32, Gates::Complex).map(|_| ()),
+            cost: |d, t| chunked_cost(d, t, Gates::Complex),
+            prepare: prepare_chunked::<false, true, CARRY_AUTO, OUTPUT_NARROW_STATE>,
+            tuning: false,
+        },
+        KernelEntry {
             name: "chunked-real",
             about: "chunked forward on tensor cores, REAL gates (gated linear attention), exact",
             dtypes: &Dtype::ALL,
@@ -494,16 +506,16 @@ pub fn registry() -> Vec<KernelEntry> {
             tuning: false,
         },
         KernelEntry {
-            name: "chunked-real-fast-narrow-walk",
-            about: "chunked forward, REAL gates, fast, where it takes the sequential walk that walk in blocks of 64 \
-                    value columns (ChunkWalk::Narrow): beside `chunked-real-fast`, whose walk blocks take 128 \
-                    columns where V > 64 on sm_90 (16-bit inputs) and build each chunk's gate prefix and keys \
-                    once for both halves",
+            name: "chunked-real-fast-narrow-state",
+            about: "chunked forward, REAL gates, fast, the state launch (the walk or the state kernel, whichever \
+                    carry the plan takes) in blocks of 64 value columns (ChunkStateBlocks::Narrow): beside \
+                    `chunked-real-fast`, whose state blocks take 128 columns where V > 64 (16-bit inputs; the walk \
+                    on sm_90) and build each key slab's gate prefix and keys once for both halves",
             dtypes: &[Dtype::Bf16],
             shapes: chunked_shapes,
             check: |d| chunk::plan(d, Dtype::F32, Gates::Real).map(|_| ()),
             cost: |d, t| chunked_cost(d, t, Gates::Real),
-            prepare: prepare_chunked::<true, true, CARRY_AUTO, OUTPUT_NARROW_WALK>,
+            prepare: prepare_chunked::<true, true, CARRY_AUTO, OUTPUT_NARROW_STATE>,
             tuning: false,
         },
         KernelEntry {
@@ -1021,9 +1033,10 @@ const CARRY_SEQUENTIAL: u8 = 2;
 const OUTPUT_STAGED: u8 = 0;
 const OUTPUT_NARROW: u8 = 1;
 const OUTPUT_FRAGMENTS: u8 = 2;
-// The staged output launch, the sequential walk in blocks of 64 value
-// columns at every V (ChunkWalk::Narrow).
-const OUTPUT_NARROW_WALK: u8 = 3;
+// The staged output launch, the state launches (the walk or the state
+// kernel) in blocks of 64 value columns at every V
+// (ChunkStateBlocks::Narrow).
+const OUTPUT_NARROW_STATE: u8 = 3;
 
 /// The chunked kernel for one gate kind (`REAL`), precision (`FAST`), carry
 /// (`CARRY`) and output kernel (`OUTPUT`: [`ChunkOutput`]).
@@ -1061,7 +1074,7 @@ fn chunked_config<const FAST: bool, const CARRY: u8, const OUTPUT: u8>() -> Chun
             OUTPUT_FRAGMENTS => ChunkOutput::Fragments,
             _ => ChunkOutput::Staged,
         },
-        walk: if OUTPUT == OUTPUT_NARROW_WALK { ChunkWalk::Narrow } else { ChunkWalk::Auto },
+        state_blocks: if OUTPUT == OUTPUT_NARROW_STATE { ChunkStateBlocks::Narrow } else { ChunkStateBlocks::Auto },
     }
 }
 

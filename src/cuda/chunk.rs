@@ -9,7 +9,10 @@
 //!
 //! 1. `state`: one block per (b, h, chunk, 64 value columns): the chunk's own
 //!    state `U_c = (K ⊙ E(last, ·))ᵀ V` (a tensor-core GEMM of inner
-//!    dimension 64) and its decay `A_c`, into the workspace.
+//!    dimension 64) and its decay `A_c`, into the workspace. Where V > 64
+//!    with 16-bit inputs a block takes 128 value columns (`state_wide`),
+//!    each key slab's gate prefix and `K ⊙ E` built once for both 64-column
+//!    products ([`ChunkStateBlocks`] in [`ChunkConfig`]; the same bits).
 //! 2. `carry`: one thread per (b, h, key row, value column), sequential over
 //!    the chunks: `S ← diag(A_c) S + U_c` in f32, `U_c` overwritten by the
 //!    state entering chunk c; writes `h_final`.
@@ -29,7 +32,7 @@
 //! half of the separate carry's workspace traffic, and k, v, log_gate are
 //! read once. Where V > 64 (real gates, 16-bit inputs, sm_90) a walk block
 //! takes 128 value columns, its gate prefix and keys built once for both
-//! 64-column tiles ([`ChunkWalk`] in [`ChunkConfig`]; the same bits).
+//! 64-column tiles ([`ChunkStateBlocks`] in [`ChunkConfig`]; the same bits).
 //! [`ChunkCarry::Auto`] (what [`forward_into`] with a bare
 //! [`ChunkPrecision`] uses) takes it for real gates and 16-bit inputs when
 //! B·H·value tiles·⌈K / 16⌉ is at least [`SEQUENTIAL_MIN_BLOCKS`], i.e. when
@@ -222,22 +225,28 @@ pub enum ChunkCarry {
     Sequential,
 }
 
-/// Which blocks the sequential walk ([`ChunkCarry::Sequential`]) runs in.
+/// Which blocks the state launches run in: the forward's state kernel
+/// ([`ChunkCarry::Separate`]) or walk ([`ChunkCarry::Sequential`]), and in
+/// the backward their recomputation and `grad_w` or `grad_w_seq`.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
-pub enum ChunkWalk {
-    /// Where V > 64, with real gates and 16-bit inputs, on sm_90 or newer:
-    /// one block per 128 value columns (`gateloop_chunk_state_seq_wide_*`,
-    /// and in the backward `gateloop_chunk_grad_w_seq_wide_*`), whose gate
-    /// prefix, key slab and slab operand (most of a chunk's instructions)
-    /// serve both 64-column tiles, where [`ChunkWalk::Narrow`]'s two blocks
+pub enum ChunkStateBlocks {
+    /// Where V > 64: one block per 128 value columns, whose gate prefix,
+    /// key slab and slab operand (most of a block's instructions) serve
+    /// both 64-column tiles, where [`ChunkStateBlocks::Narrow`]'s two blocks
     /// each built them; half the blocks, bit for bit the same workspace,
-    /// h_final and gradients (speed log item 52). Else the narrow walk (on
-    /// sm_80 the wide one takes one block an SM).
+    /// h_final and gradients. The separate carry's state kernel and
+    /// `grad_w` with 16-bit inputs (`gateloop_chunk_state_wide_*`,
+    /// `gateloop_chunk_grad_w_wide_*`; speed log item 54); the walk with
+    /// real gates and 16-bit inputs on sm_90 or newer
+    /// (`gateloop_chunk_state_seq_wide_*`, `gateloop_chunk_grad_w_seq_wide_*`;
+    /// item 52; on sm_80 the wide walk takes one block an SM). Else the
+    /// narrow blocks.
     #[default]
     Auto,
-    /// One block per 64 value columns at every V (the walk as measured on
-    /// an H200 on 2026-12-04). Kept for the bench's side by side
-    /// (`chunked-real-fast-narrow-walk` against `chunked-real-fast`).
+    /// One block per 64 value columns at every V (the state launches as
+    /// measured on an H200 on 2026-12-04). Kept for the bench's side by side
+    /// (`chunked-real-fast-narrow-state` against `chunked-real-fast`,
+    /// `chunked-fast-narrow-state` against `chunked-fast`).
     Narrow,
 }
 
@@ -367,10 +376,10 @@ pub struct ChunkConfig {
     /// How the output launch builds its operands: staged WMMA tiles (the
     /// default) or mma.sync register fragments (16-bit inputs only).
     pub output: ChunkOutput,
-    /// The sequential walk's blocks (with [`ChunkCarry::Sequential`], chosen
-    /// or resolved from Auto): 128 value columns where that pays (Auto) or
+    /// The state launches' blocks (the walk's or the state kernel's,
+    /// whichever carry runs): 128 value columns where that pays (Auto) or
     /// 64.
-    pub walk: ChunkWalk,
+    pub state_blocks: ChunkStateBlocks,
 }
 
 impl From<ChunkPrecision> for ChunkConfig {
@@ -538,6 +547,15 @@ pub fn sequential_shared_bytes(dtype: Dtype, gates: Gates, precision: ChunkPreci
     (layout + channels * gates.parts() * VALUE_TILE * 4 + channels * 8) as u32
 }
 
+/// Bytes of dynamic shared memory of the wide state kernel
+/// (`gateloop_chunk_state_wide_*`, and the backward's
+/// `gateloop_chunk_grad_w_wide_*`: `state_block_bytes` with kCols = 128):
+/// the narrow layout and a second value tile laid out as the first. `None`
+/// where there is no wide state kernel (f32 inputs).
+pub fn state_wide_shared_bytes(dtype: Dtype, gates: Gates) -> Option<u32> {
+    (dtype != Dtype::F32).then(|| shared_bytes(dtype, gates).0 + raw_tile_bytes(dtype) as u32)
+}
+
 /// Bytes of dynamic shared memory of the wide sequential walk
 /// (`gateloop_chunk_state_seq_wide_*`: `seq_smem_bytes` with kCols = 128):
 /// the narrow walk's layout, its carried state twice as wide, and a second
@@ -627,7 +645,7 @@ pub struct LaunchPlan {
     /// [`ChunkPrecision::Exact`] (and of the backward's `grad_w_seq`), bytes;
     /// Fast's is less ([`sequential_shared_bytes`]).
     pub sequential_shared_bytes: u32,
-    /// Blocks of the wide sequential walk ([`ChunkWalk::Auto`] where it
+    /// Blocks of the wide sequential walk ([`ChunkStateBlocks::Auto`] where it
     /// applies): B·H·⌈V / 128⌉·⌈K / [`walk_slab`]⌉.
     pub wide_sequential_grid: u32,
 }
@@ -813,6 +831,9 @@ pub(super) fn plan_rows(
 pub(crate) struct ChunkKernels {
     /// The backward ([`super::chunk_grad`]) launches the state and carry kernels too.
     pub(super) state: Vec<CudaFunction>,
+    /// The wide state kernels (128 value columns a block), `None` where
+    /// there is none (f32).
+    state_wide: Vec<Option<CudaFunction>>,
     pub(super) sequential: Vec<CudaFunction>,
     /// The wide walks (128 value columns a block), `None` where there is
     /// none (complex gates, f32).
@@ -836,47 +857,56 @@ pub(super) fn table_index(dtype: Dtype, gates: Gates, precision: ChunkPrecision)
     (dtype.index() * Gates::ALL.len() + gates.index()) * ChunkPrecision::ALL.len() + precision.index()
 }
 
-/// The forward walk's launch (the forward's sequential carry, and the
-/// backward's recomputation of it): kernel, blocks, dynamic shared memory
-/// and what a failed launch was doing.
-pub(super) struct WalkLaunch<'a> {
+/// The forward's state launch (the separate carry's state kernel or the
+/// sequential carry's walk, and the backward's recomputation of it):
+/// kernel, blocks, dynamic shared memory and what a failed launch was
+/// doing.
+pub(super) struct StateLaunch<'a> {
     pub func: &'a CudaFunction,
     pub grid: u32,
     pub shared_bytes: u32,
     pub doing: &'static str,
-    /// The wide walk's.
+    /// In blocks of 128 value columns (the backward's grad_w or grad_w_seq
+    /// follows).
     pub wide: bool,
 }
 
-/// The forward walk plan `lp` runs (its carry sequential) at `precision`
-/// under `walk` on a device of compute capability `capability`: the wide
-/// walk where [`ChunkWalk::Auto`] takes it (V > 64, real gates, 16-bit
-/// inputs, sm_90 or newer), else the narrow one.
-pub(super) fn forward_walk<'a>(
+/// The state launch plan `lp` runs (its carry) at `precision` under
+/// `blocks` on a device of compute capability `capability`: the wide
+/// kernel where [`ChunkStateBlocks::Auto`] takes it (V > 64; the separate
+/// carry with 16-bit inputs, the walk with real gates and 16-bit inputs on
+/// sm_90 or newer), else the narrow one.
+pub(super) fn forward_state<'a>(
     kernels: &'a ChunkKernels,
     lp: &LaunchPlan,
     d: &Dims,
     (dtype, gates, precision): (Dtype, Gates, ChunkPrecision),
-    walk: ChunkWalk,
+    blocks: ChunkStateBlocks,
     capability: (i32, i32),
-) -> WalkLaunch<'a> {
+) -> StateLaunch<'a> {
     let i = table_index(dtype, gates, precision);
-    let wide = walk == ChunkWalk::Auto && d.value_dim > VALUE_TILE && capability.0 >= 9;
-    match (&kernels.sequential_wide[i], sequential_wide_shared_bytes(dtype, gates, precision)) {
-        (Some(func), Some(shared_bytes)) if wide => WalkLaunch {
-            func,
-            grid: lp.wide_sequential_grid,
-            shared_bytes,
-            doing: "launching gateloop_chunk_state_seq_wide",
-            wide: true,
-        },
-        _ => WalkLaunch {
-            func: &kernels.sequential[i],
-            grid: lp.sequential_grid,
-            shared_bytes: sequential_shared_bytes(dtype, gates, precision),
-            doing: "launching gateloop_chunk_state_seq",
-            wide: false,
-        },
+    let wide = blocks == ChunkStateBlocks::Auto && d.value_dim > VALUE_TILE;
+    let launch = |func, grid, shared_bytes, doing, wide| StateLaunch { func, grid, shared_bytes, doing, wide };
+    if lp.carry == ChunkCarry::Sequential {
+        match (&kernels.sequential_wide[i], sequential_wide_shared_bytes(dtype, gates, precision)) {
+            (Some(func), Some(bytes)) if wide && capability.0 >= 9 => {
+                launch(func, lp.wide_sequential_grid, bytes, "launching gateloop_chunk_state_seq_wide", true)
+            }
+            _ => launch(
+                &kernels.sequential[i],
+                lp.sequential_grid,
+                sequential_shared_bytes(dtype, gates, precision),
+                "launching gateloop_chunk_state_seq",
+                false,
+            ),
+        }
+    } else {
+        match (&kernels.state_wide[i], state_wide_shared_bytes(dtype, gates)) {
+            (Some(func), Some(bytes)) if wide => {
+                launch(func, lp.wide_grid, bytes, "launching gateloop_chunk_state_wide", true)
+            }
+            _ => launch(&kernels.state[i], lp.grid, lp.state_shared_bytes, "launching gateloop_chunk_state", false),
+        }
     }
 }
 
@@ -894,15 +924,16 @@ impl ChunkKernels {
         let load = |name: String, bytes: u32| -> Result<CudaFunction, GpuError> {
             let f = module
                 .load_function(&name)
-                .doing("looking up gateloop_chunk_{state,state_seq,state_seq_wide,output,output_wide,output_frag}_*")?;
+                .doing("looking up gateloop_chunk_{state,state_wide,state_seq,state_seq_wide,output,output_wide,output_frag}_*")?;
             if bytes as usize <= max_shared {
                 f.set_attribute(CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, bytes as i32)
                     .doing("raising the chunked kernels' dynamic shared memory limit")?;
             }
             Ok(f)
         };
-        let (mut state, mut sequential, mut sequential_wide, mut output, mut output_wide, mut output_fragments) =
-            (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
+        let (mut state, mut state_wide, mut sequential, mut sequential_wide) =
+            (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+        let (mut output, mut output_wide, mut output_fragments) = (Vec::new(), Vec::new(), Vec::new());
         for dtype in Dtype::ALL {
             for gates in Gates::ALL {
                 let (state_bytes, output_bytes) = shared_bytes(dtype, gates);
@@ -912,6 +943,11 @@ impl ChunkKernels {
                     let suffix = format!("{}_{}_{}", dtype.name(), gates.suffix(), precision.name());
                     debug_assert_eq!(state.len(), table_index(dtype, gates, precision));
                     state.push(load(format!("gateloop_chunk_state_{suffix}"), state_bytes)?);
+                    state_wide.push(
+                        state_wide_shared_bytes(dtype, gates)
+                            .map(|bytes| load(format!("gateloop_chunk_state_wide_{suffix}"), bytes))
+                            .transpose()?,
+                    );
                     sequential.push(load(format!("gateloop_chunk_state_seq_{suffix}"), sequential_bytes)?);
                     sequential_wide.push(
                         sequential_wide_shared_bytes(dtype, gates, precision)
@@ -946,6 +982,7 @@ impl ChunkKernels {
             .doing("looking up gateloop_chunk_carry_segments_{c,r}")?;
         Ok(ChunkKernels {
             state,
+            state_wide,
             sequential,
             sequential_wide,
             output,
@@ -978,9 +1015,15 @@ fn launch<T: Element>(
     let sequential = lp.carry == ChunkCarry::Sequential;
     let kernels = &gpu.kernels.chunk;
     let i = table_index(T::DTYPE, gates, config.precision);
-    let walk =
-        forward_walk(kernels, &lp, d, (T::DTYPE, gates, config.precision), config.walk, gpu.compute_capability());
-    let state_bytes = if sequential { walk.shared_bytes } else { lp.state_shared_bytes };
+    let state = forward_state(
+        kernels,
+        &lp,
+        d,
+        (T::DTYPE, gates, config.precision),
+        config.state_blocks,
+        gpu.compute_capability(),
+    );
+    let state_bytes = state.shared_bytes;
     const OUTPUT: &str = "launching gateloop_chunk_output";
     let (output_kernel, output_grid, output_bytes, output_label) = match config.output {
         // Where V > 64 the wide blocks, each forming its chunk's scores once
@@ -1033,11 +1076,12 @@ fn launch<T: Element>(
     let block = (THREADS, 1, 1);
     let carry_block = (CARRY_THREADS, 1, 1);
     let output = (output_kernel, (output_grid, 1), block, output_bytes, output_label);
+    let state = (state.func, (state.grid, 1), block, state_bytes, state.doing);
     let mut launches = if sequential {
-        vec![(walk.func, (walk.grid, 1), block, state_bytes, walk.doing), output]
+        vec![state, output]
     } else {
         vec![
-            (&kernels.state[i], (lp.grid, 1), block, state_bytes, "launching gateloop_chunk_state"),
+            state,
             (
                 if packed { &kernels.carry_packed[gates.index()] } else { &kernels.carry[gates.index()] },
                 (lp.carry_grid, segments),
@@ -1062,7 +1106,7 @@ fn launch<T: Element>(
         let cfg = LaunchConfig { grid_dim: (grid, grid_y, 1), block_dim, shared_mem_bytes };
         let mut launch = stream.launch_builder(func);
         launch.arg(&params);
-        // SAFETY: `func` is gateloop_chunk_{state,state_seq,state_seq_wide,output,output_wide,output_frag}_{T}_{g}_{prec}
+        // SAFETY: `func` is gateloop_chunk_{state,state_wide,state_seq,state_seq_wide,output,output_wide,output_frag}_{T}_{g}_{prec}
         // or gateloop_chunk_carry_{,packed_,segments_}{g} (packed_ exactly when cu_seqlens is
         // set; segments_ only when the plan's carry_segments S > 1, with
         // grid.y = S − 1, the carry's grid.y = S, as the kernels index the
@@ -1092,10 +1136,11 @@ fn launch<T: Element>(
         // equal to the kernel's own layout size (the output launch's is the
         // staged, wide or fragment kernel's, whichever `output_kernel` is,
         // with its grid: the wide kernel's B·H·chunks·⌈V / 128⌉ blocks are
-        // the tiles it computes from dims.value_dim; the walk's likewise,
-        // forward_walk's kernel with its grid and bytes, the wide walk's
-        // B·H·⌈V / 128⌉·⌈K / 32⌉ blocks the tiles and slabs it computes
-        // from dims; passed in params and
+        // the tiles it computes from dims.value_dim; the state launch's
+        // likewise, forward_state's kernel with its grid and bytes: the wide
+        // state kernel's B·H·chunks·⌈V / 128⌉ blocks, the wide walk's
+        // B·H·⌈V / 128⌉·⌈K / 32⌉, the tiles and slabs each computes from
+        // dims; passed in params and
         // checked by the kernel) and ≤ the function's
         // limit raised at load (need ≤ max_shared was checked above). The buffers outlive the
         // launches: borrows are held until this function returns, and

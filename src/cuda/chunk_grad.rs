@@ -347,6 +347,9 @@ fn plan_rows(dims: &Dims, dtype: Dtype, gates: Gates, carry: ChunkCarry, packed:
 /// grad_w, grad_qk, grad_dv, `[gates.index()]` for the adjoint carry.
 pub(crate) struct ChunkGradKernels {
     w: Vec<CudaFunction>,
+    /// grad_w in blocks of 128 value columns, where the forward's wide state
+    /// kernel exists (16-bit inputs; else `None`).
+    w_wide: Vec<Option<CudaFunction>>,
     /// grad_w and the adjoint carry in one walk (the sequential carry).
     w_seq: Vec<CudaFunction>,
     /// That walk in blocks of 128 value columns, where the forward's wide
@@ -379,7 +382,7 @@ impl ChunkGradKernels {
         let load = |kind: &str, dtype: Dtype, gates: Gates, bytes: u32| -> Result<CudaFunction, GpuError> {
             let f = module
                 .load_function(&format!("gateloop_chunk_grad_{kind}_{}_{}", dtype.name(), gates.suffix()))
-                .doing("looking up gateloop_chunk_grad_{w,qk,dv,w_seq,w_seq_wide,dh0,dv_wide}_*")?;
+                .doing("looking up gateloop_chunk_grad_{w,w_wide,qk,dv,w_seq,w_seq_wide,dh0,dv_wide}_*")?;
             if bytes > 0 && bytes as usize <= max_shared {
                 f.set_attribute(CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, bytes as i32)
                     .doing("raising the chunked backward kernels' dynamic shared memory limit")?;
@@ -387,7 +390,7 @@ impl ChunkGradKernels {
             Ok(f)
         };
         let mut tables: [Vec<CudaFunction>; 6] = Default::default();
-        let mut w_seq_wide = Vec::new();
+        let (mut w_wide, mut w_seq_wide) = (Vec::new(), Vec::new());
         for dtype in Dtype::ALL {
             for gates in Gates::ALL {
                 let (w_bytes, qk_bytes, dv_bytes) = shared_bytes(dtype, gates);
@@ -404,7 +407,13 @@ impl ChunkGradKernels {
                     debug_assert_eq!(tables[table].len(), kernel_index(dtype, gates));
                     tables[table].push(load(kind, dtype, gates, bytes)?);
                 }
-                // The wide walk where the forward has one (real gates, 16-bit).
+                // The wide kernels where the forward has them (16-bit; the
+                // walk's with real gates).
+                w_wide.push(
+                    chunk::state_wide_shared_bytes(dtype, gates)
+                        .map(|bytes| load("w_wide", dtype, gates, bytes))
+                        .transpose()?,
+                );
                 w_seq_wide.push(
                     chunk::sequential_wide_shared_bytes(dtype, gates, ChunkPrecision::Exact)
                         .map(|bytes| load("w_seq_wide", dtype, gates, bytes))
@@ -425,6 +434,7 @@ impl ChunkGradKernels {
         let adjoint_carry_segments = carries("gateloop_chunk_grad_adjoint_carry_segments_")?;
         Ok(ChunkGradKernels {
             w,
+            w_wide,
             w_seq,
             w_seq_wide,
             qk,
@@ -877,25 +887,37 @@ fn launch_backward<'a, T: Element>(
     // both carry launches, or state_seq and grad_w_seq (each a walk over the
     // chunks with the state on chip; the same workspace bit for bit).
     let sequential = lp.carry == ChunkCarry::Sequential;
-    // (The forward walk's at the call's precision, the wide one where the
-    // forward takes it; grad_w_seq's, of three terms, Exact's.)
-    let walk =
-        chunk::forward_walk(fwd_kernels, &lp, d, (T::DTYPE, gates, precision), config.walk, gpu.compute_capability());
-    let state_bytes = if sequential { walk.shared_bytes } else { lp.state_shared_bytes };
-    // grad_w_seq in the forward walk's blocks: 128 value columns where that
-    // walk is the wide one.
-    let w_seq_wide = match (
-        &kernels.w_seq_wide[kernel_index(T::DTYPE, gates)],
-        chunk::sequential_wide_shared_bytes(T::DTYPE, gates, ChunkPrecision::Exact),
-    ) {
-        (Some(func), Some(bytes)) if walk.wide => Some((func, bytes)),
-        _ => None,
+    // (The forward's state launch at the call's precision, the wide one
+    // where the forward takes it; grad_w's or grad_w_seq's, of three terms,
+    // Exact's.)
+    let state = chunk::forward_state(
+        fwd_kernels,
+        &lp,
+        d,
+        (T::DTYPE, gates, precision),
+        config.state_blocks,
+        gpu.compute_capability(),
+    );
+    let state_bytes = state.shared_bytes;
+    // grad_w or grad_w_seq in the state launch's blocks: 128 value columns
+    // where that launch is the wide one (the same bits in either blocks).
+    let k = kernel_index(T::DTYPE, gates);
+    let wide_w = match (sequential, state.wide) {
+        (true, true) => kernels.w_seq_wide[k]
+            .as_ref()
+            .zip(chunk::sequential_wide_shared_bytes(T::DTYPE, gates, ChunkPrecision::Exact))
+            .map(|(f, bytes)| (f, lp.wide_sequential_grid, bytes, "launching gateloop_chunk_grad_w_seq_wide")),
+        (false, true) => kernels.w_wide[k]
+            .as_ref()
+            .zip(chunk::state_wide_shared_bytes(T::DTYPE, gates))
+            .map(|(f, bytes)| (f, lp.wide_grid, bytes, "launching gateloop_chunk_grad_w_wide")),
+        (_, false) => None,
     };
-    let w_bytes = match (sequential, w_seq_wide) {
-        (true, Some((_, bytes))) => bytes,
-        (true, None) => lp.sequential_shared_bytes,
-        (false, _) => w_bytes,
-    };
+    let (w_func, w_grid, w_bytes, w_doing) = wide_w.unwrap_or(if sequential {
+        (&kernels.w_seq[k], lp.sequential_grid, lp.sequential_shared_bytes, "launching gateloop_chunk_grad_w_seq")
+    } else {
+        (&kernels.w[k], lp.grid, w_bytes, "launching gateloop_chunk_grad_w")
+    });
     let need = w_bytes.max(qk_bytes).max(dv_bytes).max(state_bytes) as usize;
     if need > fwd_kernels.max_shared {
         return Err(InputError::Param {
@@ -947,7 +969,6 @@ fn launch_backward<'a, T: Element>(
     lp.bind_segments(&mut params.fwd, ws as usize);
     let segments = lp.carry_segments;
 
-    let fwd_index = chunk::table_index(T::DTYPE, gates, precision);
     let dtype = kernel_index(T::DTYPE, gates);
     let block = (THREADS, 1, 1);
     let carry_block = (CARRY_THREADS, 1, 1);
@@ -975,27 +996,14 @@ fn launch_backward<'a, T: Element>(
     // The forward's launches (states and decays into the workspace) only
     // where no forward left them there (ForwardStates::Saved).
     let recompute = states == ForwardStates::Recompute;
+    let state_launch = (state.func, (state.grid, 1), block, state_bytes, Arg::Fwd(&params.fwd), state.doing);
+    let w_launch = (w_func, (w_grid, 1), block, w_bytes, Arg::Grad(&params), w_doing);
     let mut launches = if sequential {
         let mut v = Vec::with_capacity(5);
         if recompute {
-            v.push((
-                walk.func,
-                (walk.grid, 1),
-                block,
-                state_bytes,
-                Arg::Fwd(&params.fwd),
-                if walk.wide {
-                    "launching gateloop_chunk_state_seq_wide (backward)"
-                } else {
-                    "launching gateloop_chunk_state_seq (backward)"
-                },
-            ));
+            v.push(state_launch);
         }
-        let (w_seq, w_seq_grid, w_seq_doing) = match w_seq_wide {
-            Some((func, _)) => (func, lp.wide_sequential_grid, "launching gateloop_chunk_grad_w_seq_wide"),
-            None => (&kernels.w_seq[dtype], lp.sequential_grid, "launching gateloop_chunk_grad_w_seq"),
-        };
-        v.push((w_seq, (w_seq_grid, 1), block, w_bytes, Arg::Grad(&params), w_seq_doing));
+        v.push(w_launch);
         v
     } else {
         // In segments (S > 1), each carry's segment sums come first
@@ -1003,23 +1011,9 @@ fn launch_backward<'a, T: Element>(
         let sums = segments > 1;
         let mut v = Vec::with_capacity(8);
         if recompute {
-            v.push((
-                &fwd_kernels.state[fwd_index],
-                (lp.grid, 1),
-                block,
-                state_bytes,
-                Arg::Fwd(&params.fwd),
-                "launching gateloop_chunk_state (backward)",
-            ));
+            v.push(state_launch);
         }
-        v.push((
-            &kernels.w[dtype],
-            (lp.grid, 1),
-            block,
-            w_bytes,
-            Arg::Grad(&params),
-            "launching gateloop_chunk_grad_w",
-        ));
+        v.push(w_launch);
         if recompute && sums {
             v.push((
                 &fwd_kernels.carry_segments[g],
@@ -1073,11 +1067,12 @@ fn launch_backward<'a, T: Element>(
             Arg::Grad(p) => launch.arg(p),
         };
         // SAFETY: each `func` takes exactly the struct pushed: the forward's
-        // gateloop_chunk_state_{T}_{g}_{prec} and gateloop_chunk_carry_{,packed_,segments_}{g}, or
-        // gateloop_chunk_state_seq{,_wide}_{T}_{g}_{prec} (chunk::forward_walk's,
+        // gateloop_chunk_state{,_wide}_{T}_{g}_{prec} and gateloop_chunk_carry_{,packed_,segments_}{g}, or
+        // gateloop_chunk_state_seq{,_wide}_{T}_{g}_{prec} (chunk::forward_state's,
         // with its grid and bytes), a GateloopChunkParams
-        // (params.fwd), the gateloop_chunk_grad_*_{T}_{g} entries (grad_w_seq_wide
-        // with the wide walk's grid and Exact wide bytes) and
+        // (params.fwd), the gateloop_chunk_grad_*_{T}_{g} entries (grad_w_wide
+        // and grad_w_seq_wide with the wide state launch's grid and their
+        // Exact wide bytes, the tiles they compute from dims) and
         // gateloop_chunk_grad_adjoint_carry_{,packed_,segments_}{g} a GateloopChunkGradParams, by
         // value, g the gate kind `gates` (kernel_index, table_index; packed_
         // exactly when cu_seqlens is set: then it holds d.batch + 1 offsets the
