@@ -866,6 +866,8 @@ pub(super) struct StateLaunch<'a> {
     pub grid: u32,
     pub shared_bytes: u32,
     pub doing: &'static str,
+    /// `doing` for the backward's recomputation (the bench's phase names).
+    pub doing_backward: &'static str,
     /// In blocks of 128 value columns (the backward's grad_w or grad_w_seq
     /// follows).
     pub wide: bool,
@@ -886,26 +888,47 @@ pub(super) fn forward_state<'a>(
 ) -> StateLaunch<'a> {
     let i = table_index(dtype, gates, precision);
     let wide = blocks == ChunkStateBlocks::Auto && d.value_dim > VALUE_TILE;
-    let launch = |func, grid, shared_bytes, doing, wide| StateLaunch { func, grid, shared_bytes, doing, wide };
+    let launch = |func, grid, shared_bytes, (doing, doing_backward), wide| StateLaunch {
+        func,
+        grid,
+        shared_bytes,
+        doing,
+        doing_backward,
+        wide,
+    };
     if lp.carry == ChunkCarry::Sequential {
         match (&kernels.sequential_wide[i], sequential_wide_shared_bytes(dtype, gates, precision)) {
-            (Some(func), Some(bytes)) if wide && capability.0 >= 9 => {
-                launch(func, lp.wide_sequential_grid, bytes, "launching gateloop_chunk_state_seq_wide", true)
-            }
+            (Some(func), Some(bytes)) if wide && capability.0 >= 9 => launch(
+                func,
+                lp.wide_sequential_grid,
+                bytes,
+                ("launching gateloop_chunk_state_seq_wide", "launching gateloop_chunk_state_seq_wide (backward)"),
+                true,
+            ),
             _ => launch(
                 &kernels.sequential[i],
                 lp.sequential_grid,
                 sequential_shared_bytes(dtype, gates, precision),
-                "launching gateloop_chunk_state_seq",
+                ("launching gateloop_chunk_state_seq", "launching gateloop_chunk_state_seq (backward)"),
                 false,
             ),
         }
     } else {
         match (&kernels.state_wide[i], state_wide_shared_bytes(dtype, gates)) {
-            (Some(func), Some(bytes)) if wide => {
-                launch(func, lp.wide_grid, bytes, "launching gateloop_chunk_state_wide", true)
-            }
-            _ => launch(&kernels.state[i], lp.grid, lp.state_shared_bytes, "launching gateloop_chunk_state", false),
+            (Some(func), Some(bytes)) if wide => launch(
+                func,
+                lp.wide_grid,
+                bytes,
+                ("launching gateloop_chunk_state_wide", "launching gateloop_chunk_state_wide (backward)"),
+                true,
+            ),
+            _ => launch(
+                &kernels.state[i],
+                lp.grid,
+                lp.state_shared_bytes,
+                ("launching gateloop_chunk_state", "launching gateloop_chunk_state (backward)"),
+                false,
+            ),
         }
     }
 }

@@ -996,7 +996,7 @@ fn launch_backward<'a, T: Element>(
     // The forward's launches (states and decays into the workspace) only
     // where no forward left them there (ForwardStates::Saved).
     let recompute = states == ForwardStates::Recompute;
-    let state_launch = (state.func, (state.grid, 1), block, state_bytes, Arg::Fwd(&params.fwd), state.doing);
+    let state_launch = (state.func, (state.grid, 1), block, state_bytes, Arg::Fwd(&params.fwd), state.doing_backward);
     let w_launch = (w_func, (w_grid, 1), block, w_bytes, Arg::Grad(&params), w_doing);
     let mut launches = if sequential {
         let mut v = Vec::with_capacity(5);
