@@ -19,6 +19,9 @@
 //      U_c (planar: rows 0..K real, K..2K imaginary) into ws_state, and A_c
 //      into ws_decay (value tile 0 only). U = K̃ᵀ V is a WMMA GEMM with the
 //      key channels in slabs of 16 (2·16 rows of K̃ᵀ per slab), inner dim 64.
+//      Where V > 64 (16-bit inputs), gateloop_chunk_state_wide_*: one block
+//      per 128 value columns, each slab's prefix and K̃ built once for both
+//      64-column products; bit for bit the narrow launch.
 //   2. gateloop_chunk_carry_*: one thread per (b, h, key row, value column),
 //      sequential over the chunks: S ← A S + U, overwriting U_c with S_c (the
 //      state ENTERING chunk c), then h_final. Short: num_chunks FMAs each.
@@ -307,12 +310,12 @@ GATELOOP_CHUNK_ENTRIES(bf16, __nv_bfloat16, OpBf16, r, false, fast, 1,
 
 // gateloop_chunk_state_seq_wide_{f16,bf16}_r_{exact,fast}: the real-gate
 // walk in blocks of 128 value columns (chunk_state_seq's kCols), for V > 64
-// (src/cuda/chunk.rs: ChunkWalk). MIN by the rule above on sm_90, shared
+// (src/cuda/chunk.rs: ChunkStateBlocks). MIN by the rule above on sm_90, shared
 // memory (sequential_wide_shared_bytes): bf16 Fast 71 KB: 3; bf16 Exact 76
 // KB, f16 Fast 89 KB and Exact 94 KB (their tiles two planes): 2, but f16
 // Fast compiled for 3 (80 registers; at 2 ptxas spilled 4 bytes). On sm_80
 // 1: at 2 (128 registers) ptxas spilled 8 to 40 bytes, and the launcher's
-// ChunkWalk::Auto takes the narrow walk there.
+// ChunkStateBlocks::Auto takes the narrow walk there.
 #define GATELOOP_CHUNK_WIDE_WALK_ENTRY(DTYPE, TYPE, OP, PREC, TERMS, MIN)                                    \
     extern "C" __global__ void __launch_bounds__(gateloop::chunk::kThreads, MIN)                            \
         gateloop_chunk_state_seq_wide_##DTYPE##_r_##PREC(const GateloopChunkParams p) {                     \

@@ -1706,7 +1706,8 @@ struct StateSmem {
 // The state kernel's and grad_w's bytes for a block of kCols value columns
 // (kVTile, or kWideCols: the wide launches, V > 64): state_smem_bytes, then
 // the value tiles past the first, each laid out as StateSmem's tile
-// (StateTiles). src/cuda/chunk.rs: state_block_bytes.
+// (StateTiles). src/cuda/chunk.rs: shared_bytes (kVTile),
+// state_wide_shared_bytes (kWideCols).
 template <class Op, bool kComplex, int kTileTerms, int kCols = kVTile>
 __host__ __device__ constexpr int state_block_bytes() {
     return state_smem_bytes<Op, kComplex, kTileTerms>() +
