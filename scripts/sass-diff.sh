@@ -18,16 +18,7 @@ shift || true
 files=("$@")
 if [[ ${#files[@]} -eq 0 ]]; then files=(chunk.cu chunk_grad.cu); fi
 nvcc="$(bash "$root/scripts/provision-nvcc.sh" | tail -1)"
-# nvdisasm as scripts/sass-lines.sh finds it (installing PyPI's 13.2 if need be).
-nvdisasm="$(dirname "$nvcc")/nvdisasm"
-if [[ ! -x "$nvdisasm" ]]; then nvdisasm="$(command -v nvdisasm || true)"; fi
-if [[ -z "$nvdisasm" ]]; then
-    dir="${GATELOOP_TOOLCHAIN_DIR:-$HOME/.cache/gateloop}/nvdisasm-13.2.51"
-    if [[ ! -x "$dir/nvidia/cu13/bin/nvdisasm" ]]; then
-        python3 -m pip install --quiet --no-deps --target "$dir" "nvidia-cuda-nvdisasm==13.2.51" >&2
-    fi
-    nvdisasm="$dir/nvidia/cu13/bin/nvdisasm"
-fi
+nvdisasm="$(bash "$root/scripts/find-nvdisasm.sh" "$nvcc")"
 work="$(mktemp -d)"
 trap 'rm -rf "$work"' EXIT
 mkdir -p "$work/base" "$work/tree"

@@ -14,9 +14,8 @@
 # Static counts are per instruction in the binary, not per execution: a
 # loop body counts once, an unrolled loop once per copy. The executed mix of
 # a profiled launch comes from scripts/ncu-opcodes.py. nvdisasm is not in the
-# nvcc wheels: a system one (next to $NVCC or on PATH) is used, else PyPI's
-# nvidia-cuda-nvdisasm 13.2 (the oldest 13.x there; it reads nvcc 13.0's
-# sm_90 cubins) is installed, without dependencies, into a cached directory.
+# nvcc wheels: scripts/find-nvdisasm.sh takes a system one (next to $NVCC or
+# on PATH), else installs PyPI's nvidia-cuda-nvdisasm 13.2 into a cache.
 # A development tool: the build and the tests never call it.
 set -euo pipefail
 root="$(cd "$(dirname "$0")/.." && pwd)"
@@ -24,16 +23,7 @@ file="${1:?usage: sass-lines.sh FILE.cu KERNEL [TOP] [SASS_OUT]}"
 kernel="${2:?usage: sass-lines.sh FILE.cu KERNEL [TOP] [SASS_OUT]}"
 top="${3:-30}"
 nvcc="$(bash "$root/scripts/provision-nvcc.sh" | tail -1)"
-nvdisasm="$(dirname "$nvcc")/nvdisasm"
-if [[ ! -x "$nvdisasm" ]]; then nvdisasm="$(command -v nvdisasm || true)"; fi
-if [[ -z "$nvdisasm" ]]; then
-    dir="${GATELOOP_TOOLCHAIN_DIR:-$HOME/.cache/gateloop}/nvdisasm-13.2.51"
-    if [[ ! -x "$dir/nvidia/cu13/bin/nvdisasm" ]]; then
-        echo "sass-lines: installing nvidia-cuda-nvdisasm==13.2.51 into $dir" >&2
-        python3 -m pip install --quiet --no-deps --target "$dir" "nvidia-cuda-nvdisasm==13.2.51" >&2
-    fi
-    nvdisasm="$dir/nvidia/cu13/bin/nvdisasm"
-fi
+nvdisasm="$(bash "$root/scripts/find-nvdisasm.sh" "$nvcc")"
 work="$(mktemp -d)"
 trap 'rm -rf "$work"' EXIT
 sass="${4:-$work/out.sass}"

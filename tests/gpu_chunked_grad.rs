@@ -156,6 +156,14 @@ fn real_case<T: Element>(case: &Case, with_dh_final: bool) -> (OwnedProblem<f64>
     (p, up, common::grad::real_part_grads(want))
 }
 
+/// The complex-gate counterpart of [`real_case`]: the case's problem and
+/// upstream gradients rounded for `T`, and the reference's gradients on them.
+fn complex_case<T: Element>(case: &Case, with_dh_final: bool) -> (OwnedProblem<f64>, Upstream, Grads<f64>) {
+    let (p, up) = rounded::<T>(&case.problem(), &upstream(case.dims, with_dh_final, case.seed));
+    let want = reference::grad::backward(&p.view(), &up.dy, up.dh_final.as_deref()).expect("reference");
+    (p, up, want)
+}
+
 /// [`check_case`] for real gates.
 fn check_real_case<T: Element>(gpu: &Gpu, case: &Case, with_dh_final: bool, state: (f64, f64)) {
     if common::emulated_device_skips(&case.dims) {
@@ -200,9 +208,7 @@ fn check_case_carry<T: Element>(gpu: &Gpu, case: &Case, with_dh_final: bool, sta
     if common::emulated_device_skips(&case.dims) {
         return;
     }
-    let up = upstream(case.dims, with_dh_final, case.seed);
-    let (p, up) = rounded::<T>(&case.problem(), &up);
-    let want = reference::grad::backward(&p.view(), &up.dy, up.dh_final.as_deref()).expect("reference");
+    let (p, up, want) = complex_case::<T>(case, with_dh_final);
     let config = ChunkConfig { carry, ..ChunkConfig::default() };
     let got = run_gates::<T>(gpu, &p, &up, config, Gates::Complex, 0);
     let seq = if T::DTYPE == Dtype::F32 { state } else { y_bounds(T::DTYPE) };
@@ -532,11 +538,10 @@ fn wide_state_blocks_are_bitwise_the_narrow_ones() {
         if common::emulated_device_skips(&case.dims) {
             continue;
         }
-        let (complex_bf16, complex_f16) = rounded_pair(&case.problem(), &upstream(case.dims, true, case.seed));
         let inputs = [
             (Gates::Real, ChunkCarry::Sequential, real_case::<bf16>(&case, true), real_case::<f16>(&case, true)),
             (Gates::Real, ChunkCarry::Separate, real_case::<bf16>(&case, true), real_case::<f16>(&case, true)),
-            (Gates::Complex, ChunkCarry::Separate, complex_bf16, complex_f16),
+            (Gates::Complex, ChunkCarry::Separate, complex_case::<bf16>(&case, true), complex_case::<f16>(&case, true)),
         ];
         for (gates, carry, (p16, up16, want), (ph, uph, _)) in inputs {
             for precision in ChunkPrecision::ALL {
@@ -555,20 +560,6 @@ fn wide_state_blocks_are_bitwise_the_narrow_ones() {
             }
         }
     }
-}
-
-/// A complex-gate case rounded to bf16 and to f16 ([`rounded`]), each with
-/// the reference's gradients on its rounded inputs.
-#[allow(clippy::type_complexity)]
-fn rounded_pair(
-    p: &OwnedProblem<f64>,
-    up: &Upstream,
-) -> ((OwnedProblem<f64>, Upstream, Grads<f64>), (OwnedProblem<f64>, Upstream, Grads<f64>)) {
-    let with_reference = |(p, up): (OwnedProblem<f64>, Upstream)| {
-        let want = reference::grad::backward(&p.view(), &up.dy, up.dh_final.as_deref()).expect("reference");
-        (p, up, want)
-    };
-    (with_reference(rounded::<bf16>(p, up)), with_reference(rounded::<f16>(p, up)))
 }
 
 /// Run under compute-sanitizer by the GPU bundle: 3 chunks with a partial

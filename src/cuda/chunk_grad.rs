@@ -901,22 +901,22 @@ fn launch_backward<'a, T: Element>(
     let state_bytes = state.shared_bytes;
     // grad_w or grad_w_seq in the state launch's blocks: 128 value columns
     // where that launch is the wide one (the same bits in either blocks).
-    let k = kernel_index(T::DTYPE, gates);
+    let dtype = kernel_index(T::DTYPE, gates);
     let wide_w = match (sequential, state.wide) {
-        (true, true) => kernels.w_seq_wide[k]
+        (true, true) => kernels.w_seq_wide[dtype]
             .as_ref()
             .zip(chunk::sequential_wide_shared_bytes(T::DTYPE, gates, ChunkPrecision::Exact))
             .map(|(f, bytes)| (f, lp.wide_sequential_grid, bytes, "launching gateloop_chunk_grad_w_seq_wide")),
-        (false, true) => kernels.w_wide[k]
+        (false, true) => kernels.w_wide[dtype]
             .as_ref()
             .zip(chunk::state_wide_shared_bytes(T::DTYPE, gates))
             .map(|(f, bytes)| (f, lp.wide_grid, bytes, "launching gateloop_chunk_grad_w_wide")),
         (_, false) => None,
     };
     let (w_func, w_grid, w_bytes, w_doing) = wide_w.unwrap_or(if sequential {
-        (&kernels.w_seq[k], lp.sequential_grid, lp.sequential_shared_bytes, "launching gateloop_chunk_grad_w_seq")
+        (&kernels.w_seq[dtype], lp.sequential_grid, lp.sequential_shared_bytes, "launching gateloop_chunk_grad_w_seq")
     } else {
-        (&kernels.w[k], lp.grid, w_bytes, "launching gateloop_chunk_grad_w")
+        (&kernels.w[dtype], lp.grid, w_bytes, "launching gateloop_chunk_grad_w")
     });
     let need = w_bytes.max(qk_bytes).max(dv_bytes).max(state_bytes) as usize;
     if need > fwd_kernels.max_shared {
@@ -969,7 +969,6 @@ fn launch_backward<'a, T: Element>(
     lp.bind_segments(&mut params.fwd, ws as usize);
     let segments = lp.carry_segments;
 
-    let dtype = kernel_index(T::DTYPE, gates);
     let block = (THREADS, 1, 1);
     let carry_block = (CARRY_THREADS, 1, 1);
     enum Arg<'p> {
