@@ -652,12 +652,12 @@ struct TileSlot {
 // Thread tid's place in a slab's anchored and cross rows (put_anchored_rows,
 // put_cross_rows), which read the prefix tables and raw q, k rows of a
 // Block<.., kLd> past the barrier that published them: the padded rows'
-// order with real gates (the half-warps on rows four apart: no two-way
-// conflict on those rows' reads, docs/speed-log.md item 41). Complex gates
-// keep rows in order: the complex wide Exact output launches (bf16, f16)
-// spilled 16 bytes at their register caps on sm_90 with it.
-template <bool kComplex, int kLd>
-using AnchoredSlot = TileSlot<kSlab, kComplex ? kSlab : kLd>;
+// order (the half-warps on rows four apart: no two-way conflict on those
+// rows' reads, docs/speed-log.md item 41; complex gates since item 55,
+// where their wide Exact output launches had spilled 16 bytes with it on
+// sm_90 and no longer do).
+template <int kLd>
+using AnchoredSlot = TileSlot<kSlab, kLd>;
 
 // Visits thread `slot`'s items of a kRows × kWidth tile in shared memory:
 // f(u, row, col) for u = 0 … kRows / kStep − 1, (row, col) = (slot.row0 +
@@ -738,11 +738,11 @@ struct Block {
     // and put_state_keys build from them (a thread reads back what it
     // stored itself, with no barrier between: one order). The padded rows'
     // order (TileSlot's kPitch = kLd: half-warps on rows four apart, no
-    // two-way conflict; speed log item 42) for real gates and bf16 or f32
-    // inputs; rows in order for complex gates and f16 inputs, whose wide
-    // output launches (complex Exact, sm_90) and dv launches (f16 real,
-    // sm_80 and sm_90) spilled 4 to 24 bytes with it at their register caps.
-    using Slot = TileSlot<kChannels, (!kComplex && !std::is_same<input_t, __half>::value) ? kLd : kChannels>;
+    // two-way conflict; speed log item 42) for complex gates (item 55) and
+    // for real gates with bf16 or f32 inputs; rows in order for real gates
+    // with f16 inputs, whose dv launches (sm_80 and sm_90) spilled 4 to 24
+    // bytes with it at their register caps.
+    using Slot = TileSlot<kChannels, (kComplex || !std::is_same<input_t, __half>::value) ? kLd : kChannels>;
     // Loads in flight a thread when staging a [kChunk][kChannels] table (the
     // gates, q or k): kLoadsInFlight, all four items of a slab of 16 (one
     // round trip); the real walks' eight items of 32 channels likewise in
@@ -1108,12 +1108,25 @@ struct Block {
         if (kComplex) {
             // θ ∈ [−π, π] (reduced above): the SFU's sin/cos have an absolute
             // error ≤ 2^−21.4 there, and no slow-path argument reduction.
-            for (int e = tid; e < kChunk * kChannels; e += kThreads) {
-                const int i = kLd == kChannels ? e : at(e / kChannels, e % kChannels);
+            const auto to_sincos = [&](int i) {
                 float s, c;
                 __sincosf(gsn[i], &s, &c);
                 gcs[i] = c;
                 gsn[i] = s;
+            };
+            for (int e = tid; e < kChunk * kChannels; e += kThreads) {
+                if constexpr (kLd == kChannels) {
+                    to_sincos(e);
+                } else {
+                    // Padded rows: row block e / (16·kChannels) in the
+                    // tables' Slot order (half-warps on rows four apart),
+                    // where rows in order put them on rows side by side, a
+                    // two-way conflict on each of the three accesses
+                    // (speed log item 55).
+                    static_assert(Slot::kStep == 16, "16-row blocks");
+                    const int h = e / kChannels;
+                    to_sincos(at(Slot::row_of(h & 15) | (h & ~15), e % kChannels));
+                }
             }
             __syncthreads();
         }
@@ -2356,7 +2369,7 @@ __device__ __forceinline__ void put_cross_rows(const Block<input_t, kComplex, kL
                                                const float* kraw, float* scratch) {
     // for_tile's row blocks of 16: u = 0, 1 the query rows, 2, 3 the key rows.
     static_assert(TileSlot<kSlab>::kStep == 16 && 2 * kCrossRows == 64, "four row blocks of 16");
-    for_tile<2 * kCrossRows, kSlab>(AnchoredSlot<kComplex, kLd>(blk.tid), [&](int u, int row, int j) {
+    for_tile<2 * kCrossRows, kSlab>(AnchoredSlot<kLd>(blk.tid), [&](int u, int row, int j) {
         const bool query = u < 2;
         const int i = query ? row : row - kCrossRows;
         const int anchor = kSub * (i / kPiece) + kPiece - 1;
@@ -2551,7 +2564,7 @@ __device__ __forceinline__ void put_anchored_rows(const Block<input_t, kComplex,
     // A 16-wide slab's row block is its item index (for_tile): row / 16 = u
     // is the pair (qa) or the key sub-chunk (ka), known at compile time.
     static_assert(TileSlot<kSlab>::kStep == kSub, "one sub-chunk row block per item");
-    const AnchoredSlot<kComplex, kLd> slot(blk.tid);
+    const AnchoredSlot<kLd> slot(blk.tid);
     for_tile<kPairs * kSub, kSlab>(slot, [&](int pr, int row, int j) {  // row = pair · 16 + n − 16 i
         const int nn = kSub * pair_query(pr) + (row - pr * kSub);
         const int r = kSub * pair_key(pr) + kSub - 1;
