@@ -1122,7 +1122,10 @@ struct Block {
                     // tables' Slot order (half-warps on rows four apart),
                     // where rows in order put them on rows side by side, a
                     // two-way conflict on each of the three accesses
-                    // (speed log item 55).
+                    // (speed log item 55). These are Slot(tid)'s items
+                    // (row0 + 16·u) spelled from e: a Slot held across the
+                    // loop, rolled or not, spilled 4 bytes in the f16
+                    // complex dv launch at its sm_90 cap.
                     static_assert(Slot::kStep == 16, "16-row blocks");
                     const int h = e / kChannels;
                     to_sincos(at(Slot::row_of(h & 15) | (h & ~15), e % kChannels));
