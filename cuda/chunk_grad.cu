@@ -824,35 +824,56 @@ __device__ __forceinline__ void grad_qk(const GateloopChunkGradParams& g) {
             // Step n's table entries read once for each loop (nvcc hoists
             // them so; said here, the bank model counts them so too).
             const auto late = blk.late_entry(n, cl);
+            // Both loops in step with the warp's other row: its half-warps
+            // hold rows n and n + 1 (nb even, odd), to which each loop gave
+            // one step more or fewer, so the two ran apart (the unrolled
+            // pairs and the remainder diverged) and the second loop's reads
+            // of row m met row m + 1's, a two-way bank conflict on each
+            // (rows side by side). Here both run the pair's longer range
+            // from the same first step, and each reads the one step that is
+            // not its own (m = n) but adds nothing for it: every read of
+            // row m is one broadcast to both half-warps, and every lane
+            // makes the same accesses (what the bank model pairs as one
+            // warp instruction). The same sums in the same order. Not in
+            // the complex bf16 kernel on sm_80, which spilled 4 bytes so at
+            // its 128 registers: there each row runs its own range, as before.
+            constexpr bool kLockstep =
+                !(kComplex && std::is_same<input_t, __nv_bfloat16>::value && GATELOOP_BY_ARCH(true, false));
+            const int n_lo = kLockstep ? n & ~1 : n;  // the pair's even row
+            const int n_hi = kLockstep ? n | 1 : n;   // and its odd one
 #pragma unroll 2
-            for (int m = h0; m < n; ++m) {
+            for (int m = h0; m < n_hi; ++m) {
                 const float km = kraw[blk.at(m, d)], snm = ds[n * kChunk + m];
                 const float e = blk.modulus_after(late, m, cl);
                 const float x = snm * e * km;
                 const float xg = (snm * qn * km) * e;
                 const float cm = blk.cos_at(m, cl), sm = blk.sin_at(m, cl);
-                qr = fmaf(x, cm, qr);
-                gqr = fmaf(xg, cm, gqr);
-                // Real gates: sin ≡ 0, and nvcc keeps fmaf(x, 0, y) (not y for
-                // an infinite x): two FFMAs of the loop's ~16 a pair.
-                if constexpr (kComplex) {
-                    qi = fmaf(-x, sm, qi);
-                    gqi = fmaf(-xg, sm, gqi);
+                if (!kLockstep || m < n) {  // not the even row's last step (the odd row's own)
+                    qr = fmaf(x, cm, qr);
+                    gqr = fmaf(xg, cm, gqr);
+                    // Real gates: sin ≡ 0, and nvcc keeps fmaf(x, 0, y) (not
+                    // y for an infinite x): two FFMAs of the loop's ~16 a pair.
+                    if constexpr (kComplex) {
+                        qi = fmaf(-x, sm, qi);
+                        gqi = fmaf(-xg, sm, gqi);
+                    }
                 }
             }
             const int h1 = min(h0 + kPiece, blk.n);
 #pragma unroll 2
-            for (int m = n + 1; m < h1; ++m) {
+            for (int m = n_lo + 1; m < h1; ++m) {
                 const float qm = qraw[blk.at(m, d)], smn = ds[m * kChunk + n];
                 const float e = blk.modulus_of(m, n, cl, late.re, late.lo);
                 const float x = smn * e * qm;
                 const float xg = (smn * qm * kn) * e;
                 const float cm = blk.cos_at(m, cl), sm = blk.sin_at(m, cl);
-                kr = fmaf(x, cm, kr);
-                gkr = fmaf(xg, cm, gkr);
-                if constexpr (kComplex) {
-                    ki = fmaf(x, sm, ki);
-                    gki = fmaf(xg, sm, gki);
+                if (!kLockstep || m > n) {  // not the odd row's first step (its own)
+                    kr = fmaf(x, cm, kr);
+                    gkr = fmaf(xg, cm, gkr);
+                    if constexpr (kComplex) {
+                        ki = fmaf(x, sm, ki);
+                        gki = fmaf(xg, sm, gki);
+                    }
                 }
             }
             aq[i] = make_float2(qr, qi);
