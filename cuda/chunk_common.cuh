@@ -946,11 +946,11 @@ struct Block {
     // ever meet zero q, k, v). Ends with a barrier. In two parts, stage_gates
     // then (after a barrier) scan_prefix, for stage_slab, which stores the
     // slab's keys between them.
-    template <int kAhead = 0>
+    template <int kAhead = 0, bool kSplitJoins = true>
     __device__ void build_prefix(int64_t d0) {
         stage_gates<kAhead>(d0);
         __syncthreads();
-        scan_prefix(d0);
+        scan_prefix<kSplitJoins>(d0);
     }
     // build_prefix's first part: the raw gates of the slab into the tables
     // (Re into gre, Im into gsn), for scan_prefix after a barrier; nothing
@@ -1049,7 +1049,11 @@ struct Block {
         cp_async_commit();
     }
     // build_prefix's second part: the scans and joins over the staged gates.
-    // Ends with a barrier.
+    // Ends with a barrier. kSplitJoins: phase 3 below as it is laid out for
+    // slabs of 16 channels (false: one thread per (segment, channel), as
+    // before; the kernels where the new layout spilled at a register cap,
+    // and the walks, which ptxas gave far more registers with it).
+    template <bool kSplitJoins = true>
     __device__ __forceinline__ void scan_prefix(int64_t d0) {
         const int cols = gate_cols(d0);
         // 1. One thread per (segment, channel) scans its kPrefixSeg steps from
@@ -1092,8 +1096,39 @@ struct Block {
         }
         __syncthreads();
         // 3. Every other step of segments ≥ 1 joins its segment's carry
-        //    (read once), each step's entry read one step ahead.
-        if (seg >= 1 && seg < kPrefixSegs && j < cols) {
+        //    (read once), each step's entry read one step ahead. Each join
+        //    is independent of the others, so which thread takes which
+        //    step is free: with slabs of 16 channels, warp w takes segment
+        //    w, its half-warps half of its steps each, on rows kApart
+        //    apart at every access: 4 on the padded rows (80 words ≡ 16
+        //    mod 32) and 1 on plain rows of 16 words, so the two half-warps'
+        //    words lie in disjoint banks. Why: one thread per (segment,
+        //    channel) put a warp's half-warps on two segments, rows 8 apart,
+        //    on the same banks for both row pitches (a two-way conflict on
+        //    every read and store of the phase), and took 7 steps where
+        //    this takes 4 (the last, the segment's last step joined by
+        //    phase 2, read but not joined). The same joins of the same
+        //    entries: the same bits.
+        if constexpr (kChannels == 16 && kSplitJoins) {
+            static_assert(kPrefixSegs * 32 <= kThreads && kPrefixSeg == 8, "a warp a segment, four steps a half-warp");
+            constexpr int kApart = kLd == kPrefixLd ? 4 : 1;
+            constexpr int kStride = kApart == 4 ? 1 : 2;
+            const int sg = seg >> 1;               // = warp
+            const int jj = j;
+            const int u0 = (seg & 1) * kApart;  // the half-warp's first step
+            if (sg >= 1 && jj < cols) {
+                const PrefixEntry carry = prefix_entry(at(sg * kPrefixSeg - 1, jj));
+                const int first = sg * kPrefixSeg + u0;
+                PrefixEntry next = prefix_entry(at(first, jj));
+#pragma unroll 
+                for (int v = 0; v < kPrefixSeg / 2; ++v) {
+                    PrefixEntry e = next;
+                    if (v + 1 < kPrefixSeg / 2) next = prefix_entry(at(first + kStride * (v + 1), jj));
+                    if (v == kPrefixSeg / 2 - 1) e.r = u0 != 0 ? 0 : e.r;
+                    join_prefix(carry, e, at(first + kStride * v, jj));
+                }
+            }
+        } else if (seg >= 1 && seg < kPrefixSegs && j < cols) {
             const PrefixEntry carry = prefix_entry(at(seg * kPrefixSeg - 1, j));
             const int first = seg * kPrefixSeg;
             PrefixEntry next = prefix_entry(at(first, j));
@@ -1256,9 +1291,9 @@ struct Block {
     // stage_slab returns what it returns: loads issued there (intra_pass:
     // the slab's state rows, fetch_state_rows) are in flight across the
     // scans' barriers and serial joins instead of a round trip after them.
-    template <bool kQueries, bool kHeld, class Between = NoLoads>
+    template <bool kQueries, bool kHeld, bool kSplitJoins = true, class Between = NoLoads>
     __device__ __forceinline__ auto stage_slab(int64_t d0, float* qraw, float* kraw, Between between = {}) {
-        return stage_slab_rows<kQueries, kHeld, true>(k, p.k_strides, d0, qraw, kraw, between);
+        return stage_slab_rows<kQueries, kHeld, true, kSplitJoins>(k, p.k_strides, d0, qraw, kraw, between);
     }
 
     // A slab's gate prefix (where the slab builds one) and raw x (k, or the
@@ -1270,14 +1305,14 @@ struct Block {
     template <bool kHeld = true>
     __device__ __forceinline__ void stage_slab_own(const input_t* __restrict__ x, const GateloopSeqStrides& s,
                                                    int64_t d0, float* xs) {
-        stage_slab_rows<false, kHeld, false>(x, s, d0, nullptr, xs, NoLoads{});
+        stage_slab_rows<false, kHeld, false, true>(x, s, d0, nullptr, xs, NoLoads{});
     }
 
     // stage_slab and stage_slab_own: the prefix's gates and x (into xs; q
     // too, into qraw, where kQueries), the barrier (where kShared: other
     // threads read the rows; else only where the prefix is built), then
     // `between` and the prefix's scans.
-    template <bool kQueries, bool kHeld, bool kShared, class Between>
+    template <bool kQueries, bool kHeld, bool kShared, bool kSplitJoins, class Between>
     __device__ __forceinline__ auto stage_slab_rows(const input_t* __restrict__ x, const GateloopSeqStrides& s,
                                                     int64_t d0, float* qraw, float* xs, Between between) {
         const bool prefix = d0 == 0 || !per_head;
@@ -1298,7 +1333,7 @@ struct Block {
         }
         if (kShared || prefix) __syncthreads();
         const auto held = between();
-        if (prefix) scan_prefix(d0);
+        if (prefix) scan_prefix<kSplitJoins>(d0);
         return held;
     }
 
@@ -1548,15 +1583,15 @@ __device__ __forceinline__ void stage_state_rows(const Block<input_t, kComplex, 
 // loads of the thread's first kAhead items issued inside stage_slab (its
 // `between`, after the tables' barrier), in flight across the prefix's
 // scans, and put after; the rest after it, kLoadsInFlight a round trip.
-template <bool kQueries, bool kHeld, int kParts, int kCols, int kAhead, typename input_t, bool kComplex, int kLd,
-          class Fetch, class Put>
+template <bool kQueries, bool kHeld, int kParts, int kCols, int kAhead, bool kSplitJoins, typename input_t,
+          bool kComplex, int kLd, class Fetch, class Put>
 __device__ __forceinline__ void stage_slab_and_state_rows(Block<input_t, kComplex, kLd>& blk, int64_t d0,
                                                           float* qraw, float* kraw, int64_t col0, Fetch fetch,
                                                           Put put) {
     if constexpr (kAhead == 0) {
-        blk.template stage_slab<kQueries, kHeld>(d0, qraw, kraw);
+        blk.template stage_slab<kQueries, kHeld, kSplitJoins>(d0, qraw, kraw);
     } else {
-        const auto held = blk.template stage_slab<kQueries, kHeld>(
+        const auto held = blk.template stage_slab<kQueries, kHeld, kSplitJoins>(
             d0, qraw, kraw, [&] { return fetch_state_rows<kParts, kCols, 0, kAhead>(blk, d0, col0, fetch); });
         put_state_rows<kCols, 0, kAhead>(blk.tid, held, put);
     }
@@ -2147,7 +2182,7 @@ __device__ __forceinline__ void walk_chunks(const GateloopChunkParams& p, unsign
                 // the puts.
                 cp_async_wait_all();
                 __syncthreads();
-                blk.scan_prefix(d0);  // ends with a barrier
+                blk.template scan_prefix<false>(d0);  // ends with a barrier
                 walk_put<kAhead, Op, kTerms, kTileAsync>(blk, rows, loads, sm);
                 if constexpr (kHalves == 2 && !kTileAsync) {
                     // The second tile elementwise (walk_put's path for the first).
@@ -2156,10 +2191,10 @@ __device__ __forceinline__ void walk_chunks(const GateloopChunkParams& p, unsign
                         [&](int m, int c, float x) { second.template put<kTileTerms>(m, c, x); });
                 }
             } else if constexpr (kTogether) {
-                blk.template build_prefix<kAhead>(d0);
+                blk.template build_prefix<kAhead, false>(d0);
                 walk_put<kAhead, Op, kTerms>(blk, rows, walk_fetch<kAhead, Op, kTerms>(blk, rows, d0), sm);
             } else {
-                blk.template build_prefix<kAhead>(d0);
+                blk.template build_prefix<kAhead, false>(d0);
                 blk.template load_tile<Op, raw_tile_terms<input_t, kTerms>(), kAhead>(rows.tile, rows.tile_strides,
                                                                                    sm.tile);
                 blk.template load_keys<kAhead>(rows.keys, rows.key_strides, d0, sm.raw);
@@ -2736,7 +2771,14 @@ __device__ __forceinline__ void intra_pass(Block<input_t, kComplex, kLd>& blk, u
         constexpr bool kStateTight = kCols == kWideCols && (saved ? std::is_same<input_t, __half>::value
                                                                   : kComplex && GATELOOP_BY_ARCH(false, true));
         constexpr int kStateAhead = kStateTight ? 0 : sizeof(input_t) == 2 ? kItems : kLoadsInFlight;
-        stage_slab_and_state_rows<!saved, kHeld, kParts, kCols, kStateAhead>(
+        // The prefix's last joins a warp a segment (scan_prefix), but not
+        // where that spilled at the register cap on sm_90: the wide real
+        // f16 Fast output launch (28 bytes at 80) and the wide real bf16
+        // dv launch (16 bytes at 64).
+        constexpr bool kSplitJoins =
+            !(kCols == kWideCols && !kComplex && GATELOOP_BY_ARCH(false, true) &&
+              (kAdjoint ? std::is_same<input_t, __nv_bfloat16>::value : std::is_same<input_t, __half>::value && kTerms == 1));
+        stage_slab_and_state_rows<!saved, kHeld, kParts, kCols, kStateAhead, kSplitJoins>(
             blk, d0, qraw, kraw, blk.v0, [&](int64_t at_, bool live) { return live ? state[at_] : 0.f; },
             [&](int r, int c, float x) { st.template put<kTerms>(r, c, x); });
         // Inter-chunk rows: [Re Q̃ | −Im Q̃] (y), [Re K̃ | Im K̃] (dv).

@@ -17,7 +17,11 @@
 # Environment: GATELOOP_BANKS_BLOCKS (blocks sampled per launch, default 2),
 # GATELOOP_BANKS_LIB (a prebuilt library directory; default: built into
 # target/banks-lib), GATELOOP_BIN (default target/release/gateloop, which
-# must be built: cargo build --release). Checked against a GPU: at commit
+# must be built: cargo build --release), GATELOOP_BANKS_TRACE (a site's
+# address as REPORT lists it, `site KERNEL 0x...`: its first conflicted warp
+# instructions to stderr, each lane's word offset, to see which lanes meet
+# in a bank; GATELOOP_BANKS_TRACE_COUNT of them a launch, default 8).
+# Checked against a GPU: at commit
 # 6733f98 the model gave the real bf16 output launch 29 400 wavefronts a
 # block and 16 740 ideal, Nsight Compute 28 448 and 15 820 on an H200
 # (2026-12-04's profile; docs/speed-log.md item 40).

@@ -188,6 +188,26 @@ std::vector<Event> vectorize(const std::vector<Event>& log) {
 }
 bool g_vectorize = true;
 
+// GATELOOP_BANKS_TRACE=0xSITE (a site as the report names it): its first
+// GATELOOP_BANKS_TRACE_COUNT (default 8) conflicted warp instructions of
+// each sampled block to stderr, each lane's word offset from the lowest
+// word the instruction touches, to see which lanes meet in a bank.
+uintptr_t g_trace_site = 0;
+unsigned g_trace_left = 0;
+void trace(uintptr_t pc, unsigned warp, uint32_t epoch, uint32_t k, const std::vector<Lane>& lanes, unsigned w) {
+    if (g_trace_site == 0 || g_trace_left == 0) return;
+    Dl_info info{};
+    dladdr(reinterpret_cast<void*>(&trace), &info);
+    if (pc - reinterpret_cast<uintptr_t>(info.dli_fbase) - 1 != g_trace_site) return;
+    if (w <= 1) return;
+    --g_trace_left;
+    uintptr_t lo = UINTPTR_MAX;
+    for (const Lane& l : lanes) lo = std::min(lo, l.addr);
+    std::fprintf(stderr, "trace warp %u epoch %u k %u: %u wavefronts:", warp, epoch, k, w);
+    for (const Lane& l : lanes) std::fprintf(stderr, " %u:%llu", l.lane, static_cast<unsigned long long>((l.addr - lo) / 4));
+    std::fprintf(stderr, "\n");
+}
+
 void process_block(unsigned threads) {
     struct Rec {
         unsigned warp;
@@ -220,6 +240,7 @@ void process_block(unsigned threads) {
             ++j;
         }
         const auto [w, ideal] = wavefronts(lanes);
+        trace(recs[i].pc, recs[i].warp, recs[i].epoch, recs[i].k, lanes, w);
         SiteCount& s = g_current->sites[recs[i].pc];
         s.count += 1;
         s.wavefronts += w;
@@ -323,6 +344,11 @@ void emu_banks_launch(const char* kernel, const void* const* buffers, const size
     (void)tested;
     if (const char* s = std::getenv("GATELOOP_BANKS_BLOCKS")) g_sample_blocks = static_cast<unsigned>(std::atoi(s));
     if (const char* s = std::getenv("GATELOOP_BANKS_VECTORIZE")) g_vectorize = std::strcmp(s, "0") != 0;
+    if (const char* s = std::getenv("GATELOOP_BANKS_TRACE")) {
+        g_trace_site = static_cast<uintptr_t>(std::strtoull(s, nullptr, 16));
+        const char* c = std::getenv("GATELOOP_BANKS_TRACE_COUNT");
+        g_trace_left = c != nullptr ? static_cast<unsigned>(std::atoi(c)) : 8;
+    }
     g_range_count = std::min(count, 4);
     for (int i = 0; i < g_range_count; ++i) {
         const auto first = reinterpret_cast<uintptr_t>(buffers[i]);
