@@ -1113,19 +1113,26 @@ struct Block {
             static_assert(kPrefixSegs * 32 <= kThreads && kPrefixSeg == 8, "a warp a segment, four steps a half-warp");
             constexpr int kApart = kLd == kPrefixLd ? 4 : 1;
             constexpr int kStride = kApart == 4 ? 1 : 2;
-            const int sg = seg >> 1;               // = warp
-            const int jj = j;
+            // Spelled from phase 1's (segment, channel), and the last step
+            // below by a select: the spelling that compiled spill-free at
+            // the sm_90 caps (others, with a fresh tid / 32 or a branch
+            // around the join, spilled 4 to 28 bytes in the wide real
+            // 16-bit launches).
+            const int sg = seg >> 1;            // this warp's segment
             const int u0 = (seg & 1) * kApart;  // the half-warp's first step
-            if (sg >= 1 && jj < cols) {
-                const PrefixEntry carry = prefix_entry(at(sg * kPrefixSeg - 1, jj));
+            if (sg >= 1 && j < cols) {
+                const PrefixEntry carry = prefix_entry(at(sg * kPrefixSeg - 1, j));
                 const int first = sg * kPrefixSeg + u0;
-                PrefixEntry next = prefix_entry(at(first, jj));
-#pragma unroll 
+                PrefixEntry next = prefix_entry(at(first, j));
+#pragma unroll
                 for (int v = 0; v < kPrefixSeg / 2; ++v) {
                     PrefixEntry e = next;
-                    if (v + 1 < kPrefixSeg / 2) next = prefix_entry(at(first + kStride * (v + 1), jj));
+                    if (v + 1 < kPrefixSeg / 2) next = prefix_entry(at(first + kStride * (v + 1), j));
+                    // The second half-warp's last step is the segment's
+                    // last (phase 2 joined it): its reset field set to 0,
+                    // as after a reset, for which join_prefix stores nothing.
                     if (v == kPrefixSeg / 2 - 1) e.r = u0 != 0 ? 0 : e.r;
-                    join_prefix(carry, e, at(first + kStride * v, jj));
+                    join_prefix(carry, e, at(first + kStride * v, j));
                 }
             }
         } else if (seg >= 1 && seg < kPrefixSegs && j < cols) {
