@@ -188,18 +188,28 @@ std::vector<Event> vectorize(const std::vector<Event>& log) {
 }
 bool g_vectorize = true;
 
+// This library as dladdr names it: its path and load address.
+const Dl_info& this_library() {
+    static const Dl_info info = [] {
+        Dl_info i{};
+        dladdr(reinterpret_cast<void*>(&this_library), &i);
+        return i;
+    }();
+    return info;
+}
+// A site's name in the report: its offset in this library. The return
+// address is the instruction after the call: one byte back lands in the
+// call, which addr2line places.
+uintptr_t site_offset(uintptr_t pc) { return pc - reinterpret_cast<uintptr_t>(this_library().dli_fbase) - 1; }
+
 // GATELOOP_BANKS_TRACE=0xSITE (a site as the report names it): its first
 // GATELOOP_BANKS_TRACE_COUNT (default 8) conflicted warp instructions of
-// each sampled block to stderr, each lane's word offset from the lowest
-// word the instruction touches, to see which lanes meet in a bank.
+// each launch to stderr, each lane's word offset from the lowest word the
+// instruction touches, to see which lanes meet in a bank.
 uintptr_t g_trace_site = 0;
 unsigned g_trace_left = 0;
 void trace(uintptr_t pc, unsigned warp, uint32_t epoch, uint32_t k, const std::vector<Lane>& lanes, unsigned w) {
-    if (g_trace_site == 0 || g_trace_left == 0) return;
-    Dl_info info{};
-    dladdr(reinterpret_cast<void*>(&trace), &info);
-    if (pc - reinterpret_cast<uintptr_t>(info.dli_fbase) - 1 != g_trace_site) return;
-    if (w <= 1) return;
+    if (g_trace_left == 0 || w <= 1 || site_offset(pc) != g_trace_site) return;
     --g_trace_left;
     uintptr_t lo = UINTPTR_MAX;
     for (const Lane& l : lanes) lo = std::min(lo, l.addr);
@@ -256,9 +266,7 @@ void write_report() {
     const char* path = std::getenv("GATELOOP_BANKS_OUT");
     FILE* out = path != nullptr ? std::fopen(path, "w") : stderr;
     if (out == nullptr) return;
-    Dl_info info{};
-    dladdr(reinterpret_cast<void*>(&write_report), &info);
-    const auto base = reinterpret_cast<uintptr_t>(info.dli_fbase);
+    const Dl_info& info = this_library();
     std::fprintf(out, "# gateloop shared-memory bank model (tests/kernel_emu/bank_model.cpp)\n");
     std::fprintf(out, "library %s\n", info.dli_fname != nullptr ? info.dli_fname : "?");
     for (const auto& [name, k] : g_kernels) {
@@ -266,10 +274,8 @@ void write_report() {
                      static_cast<unsigned long long>(k.blocks_sampled),
                      static_cast<unsigned long long>(k.blocks_launched));
         for (const auto& [pc, s] : k.sites) {
-            // The return address is the instruction after the call: one
-            // byte back lands in the call, which addr2line places.
             std::fprintf(out, "site %s 0x%llx %s%u %llu %llu %llu %llu\n", name.c_str(),
-                         static_cast<unsigned long long>(pc - base - 1), s.write ? "W" : "R", s.size,
+                         static_cast<unsigned long long>(site_offset(pc)), s.write ? "W" : "R", s.size,
                          static_cast<unsigned long long>(s.count), static_cast<unsigned long long>(s.wavefronts),
                          static_cast<unsigned long long>(s.ideal), static_cast<unsigned long long>(s.lanes));
         }
