@@ -245,9 +245,11 @@ __device__ __forceinline__ void chunk_output(const GateloopChunkParams& p) {
 //   walk    complex 64 KB: fast 3 (1), bf16 fast 50 KB: 4 (3); exact 1 (1):
 //           it spills 8 bytes at 3, and at 1 takes 112 registers (sm_80:
 //           107), two resident all the same
-//           real 68 KB (32 channels a block: walk_slab): 3 (2), f16 exact 2
+//           real 69 KB (32 channels a block: walk_slab): 3 (2), f16 exact 2
 //           (2: it spilled 4 bytes at 3; bf16 exact fits 3 with its Gram
-//           product rolled, slab_gram's kRolled), bf16 fast 54 KB: 4 (2)
+//           product rolled, slab_gram's kRolled), bf16 fast 55 KB: 4 (2)
+//           (the real walks 1 KB more since speed log item 59, X_c's row
+//           pad: the same counts)
 //   output  complex 82 KB: 2 (2)   real 68 KB: 3 (2)
 // (bf16 state kernels and walks: their value tile one plane, the lo plane a
 // bf16 input never has, speed log item 47; Fast walks: their one-term slab
@@ -311,8 +313,8 @@ GATELOOP_CHUNK_ENTRIES(bf16, __nv_bfloat16, OpBf16, r, false, fast, 1,
 // gateloop_chunk_state_seq_wide_{f16,bf16}_r_{exact,fast}: the real-gate
 // walk in blocks of 128 value columns (chunk_state_seq's kCols), for V > 64
 // (src/cuda/chunk.rs: ChunkStateBlocks). MIN by the rule above on sm_90, shared
-// memory (sequential_wide_shared_bytes): bf16 Fast 71 KB: 3; bf16 Exact 76
-// KB, f16 Fast 89 KB and Exact 94 KB (their tiles two planes): 2, but f16
+// memory (sequential_wide_shared_bytes): bf16 Fast 72 KB: 3; bf16 Exact 77
+// KB, f16 Fast 90 KB and Exact 95 KB (their tiles two planes): 2, but f16
 // Fast compiled for 3 (80 registers; at 2 ptxas spilled 4 bytes). On sm_80
 // 1: at 2 (128 registers) ptxas spilled 8 to 40 bytes, and the launcher's
 // ChunkStateBlocks::Auto takes the narrow walk there.

@@ -649,8 +649,8 @@ struct TileSlot {
     }
 };
 
-// Thread tid's place in a slab's anchored and cross rows (put_anchored_rows,
-// put_cross_rows), which read the prefix tables and raw q, k rows of a
+// Thread tid's place in a slab's anchored and cross rows (put_query_rows,
+// put_key_rows, put_cross_rows), which read the prefix tables and raw q, k rows of a
 // Block<.., kLd> past the barrier that published them: the padded rows'
 // order (the half-warps on rows four apart: no two-way conflict on those
 // rows' reads, docs/speed-log.md item 41; complex gates since item 55,
@@ -1226,6 +1226,25 @@ struct Block {
     // row); real gates (w, 0).
     __device__ __forceinline__ float2 phased(float w, int t, int cl) const {
         return make_float2(w * cos_at(t, cl), kComplex ? -(w * sin_at(t, cl)) : 0.f);
+    }
+    // phased(w, late, cl) from late's entries.
+    __device__ __forceinline__ static float2 phased_after(const LateEntry& l, float w) {
+        return make_float2(w * l.cs, kComplex ? -(w * l.sn) : 0.f);
+    }
+    // An anchored query entry, q |E(late, anchor)| e^{iθ_late} as
+    // [Re | −Im], from late's entries (anchor ≥ 0 a step of the chunk).
+    __device__ __forceinline__ float2 anchored_query(const LateEntry& l, float q, int anchor, int cl) const {
+        return phased_after(l, modulus_after(l, anchor, cl) * q);
+    }
+    // The inter-chunk query entry, q |E(late, −1)| e^{iθ_late} as [Re | −Im]:
+    // modulus(late, −1, cl), whose step before the chunk has Re G = 0.
+    __device__ __forceinline__ static float2 inter_query(const LateEntry& l, float q) {
+        return phased_after(l, modulus_between(l.re, l.lo, l.reset, -1, 0.f, 0.f) * q);
+    }
+    // An anchored key entry, k |E(anchor, m)| e^{−iθ_m} as [Re | Im]
+    // (anchor ≥ m; raw k in kraw at slab column j, table column cl).
+    __device__ __forceinline__ float2 anchored_key(const float* kraw, int anchor, int m, int j, int cl) const {
+        return phased(modulus_within(anchor, m, cl) * kraw[at(m, j)], m, cl);
     }
 
     // Columns col0 .. col0 + kWidth − 1 of x over the chunk, each (step,
@@ -1836,7 +1855,8 @@ __device__ __forceinline__ void drain_group(const Acc<Op>& acc, float* staging, 
 
 // Inter-chunk query rows of slab d0 (raw q in qraw [kChunk][kSlab]):
 // Q̃_n = q_n |E(n, −1)| e^{iθ_n} as [Re | −Im] (Re only for real gates) into
-// qe. The forward's y += Q̃ S_c; the backward's W_c = [Re Q̃ | −Im Q̃]ᵀ dY.
+// qe: the backward's W_c = [Re Q̃ | −Im Q̃]ᵀ dY (the forward's intra_pass
+// puts its rows for y += Q̃ S_c with the anchored ones: put_query_rows).
 // Like put_state_keys, thread tid reads back only the qraw elements that
 // Block::load_keys stored from the same thread.
 template <class Op, int kTerms, typename input_t, bool kComplex, int kLd>
@@ -1845,7 +1865,7 @@ __device__ __forceinline__ void put_inter_queries(const Block<input_t, kComplex,
     constexpr int kCh = Block<input_t, kComplex, kLd>::kChannels;
     for_tile<kChunk, kCh>(typename Block<input_t, kComplex, kLd>::Slot(blk.tid), [&](int, int nn, int j) {
         const int cl = blk.col(j);
-        const float2 x = blk.phased(blk.modulus(nn, -1, cl) * qraw[blk.at(nn, j)], nn, cl);
+        const float2 x = blk.inter_query(blk.late_entry(nn, cl), qraw[blk.at(nn, j)]);
         qe.template put<kTerms>(nn, j, x.x);
         if (kComplex) qe.template put<kTerms>(nn, kCh + j, x.y);
     });
@@ -2000,13 +2020,31 @@ template <typename input_t, bool kComplex>
 using WalkBlock = Block<input_t, kComplex, walk_slab<kComplex>()>;
 template <class Op, typename input_t, bool kComplex, int kTerms>
 using WalkSmem = StateSmem<Op, kComplex, OpOf<input_t>::kRawTerms, walk_slab<kComplex>(), true, kTerms>;
+// The row pitch of a walk's X_c (its Gram product's [kWidth][kVTile] f32
+// result, drained from the accumulators into the staging tiles' bytes):
+// with real gates kVTile + 8 words, so that the four rows a half-warp's
+// 8-byte accumulator stores touch fall on four disjoint groups of 8 banks
+// (at kVTile = 64 words they shared one: four wavefronts a store, 13% of
+// the real walk's; speed log item 59), in walk_x_pad_bytes past the
+// staging tiles (each row's 8 pad words also hold its decay, read by the
+// update beside the row). Not for complex gates, whose bf16 Exact walk would no longer fit
+// four blocks an H200 SM (and whose walk no default plan takes).
+template <bool kComplex>
+__host__ __device__ constexpr int walk_x_ld() {
+    return kComplex ? kVTile : kVTile + 8;
+}
+template <bool kComplex>
+__host__ __device__ constexpr int walk_x_pad_bytes() {
+    return slab_width<kComplex, walk_slab<kComplex>()>() * (walk_x_ld<kComplex>() - kVTile) * 4;
+}
 // kCols: the block's value columns, kVTile or (real gates) kWideCols, the
 // wide walk's: its carried state as wide, and its second value tile (laid
 // out as the state layout's own, which holds the first) after the decays.
 template <class Op, typename input_t, bool kComplex, int kTerms, int kCols = kVTile>
 __host__ __device__ constexpr int seq_smem_bytes() {
     constexpr int kCh = walk_slab<kComplex>();
-    return WalkSmem<Op, input_t, kComplex, kTerms>::kBytes + slab_width<kComplex, kCh>() * kCols * 4 + kCh * 2 * 4 +
+    return WalkSmem<Op, input_t, kComplex, kTerms>::kBytes + walk_x_pad_bytes<kComplex>() +
+           slab_width<kComplex, kCh>() * kCols * 4 + kCh * 2 * 4 +
            (kCols / kVTile - 1) * terms_bytes<Op, OpOf<input_t>::kRawTerms>(kChunk, ld_tile<Op>());
 }
 
@@ -2108,11 +2146,12 @@ __device__ __forceinline__ void walk_chunks(const GateloopChunkParams& p, unsign
     WalkBlock<input_t, kComplex> blk(p, smem, WalkBlock<input_t, kComplex>::tiles_of(p, kCols), 1, idx, kCols);
     const WalkSmem<Op, input_t, kComplex, kTerms> sm(smem, blk.warp);
     const WalkRows<input_t> rows = rows_of(blk);
-    // [kWidth][kVTile]: X_c of one value tile (every warp's tile; the raw
-    // slab's bytes, WalkSmem)
+    // [kWidth][kXld]: X_c of one value tile (every warp's tile; the raw
+    // slab's bytes, WalkSmem, and the pad after them: walk_x_ld)
+    constexpr int kXld = walk_x_ld<kComplex>();
     float* xbuf = sm.staging - blk.warp * 256;
-    static_assert(kWidth * kVTile * 4 == kStagingBytes, "X_c fills the staging tiles");
-    float* st = reinterpret_cast<float*>(smem + sm.kBytes);  // [kWidth][kCols]: S
+    static_assert(kWidth * kXld * 4 == kStagingBytes + walk_x_pad_bytes<kComplex>(), "X_c fills the staging tiles");
+    float* st = reinterpret_cast<float*>(smem + sm.kBytes + walk_x_pad_bytes<kComplex>());  // [kWidth][kCols]: S
     float2* dec = reinterpret_cast<float2*>(st + kWidth * kCols);  // [kCh]: a_c
     // The value tiles (Y of the Gram product): half h of the block's columns,
     // v0 + kVTile·h; the second (kHalves = 2) after the decays.
@@ -2236,8 +2275,15 @@ __device__ __forceinline__ void walk_chunks(const GateloopChunkParams& p, unsign
                 if (owns) {
                     const int rb = blk.warp / (kVTile / 16);
                     const int cb = blk.warp % (kVTile / 16);
-                    store_accumulator(xbuf + 16 * rb * kVTile + 16 * cb, acc, kVTile);
+                    store_accumulator(xbuf + 16 * rb * kXld + 16 * cb, acc, kXld);
                 }
+                // Real gates: row r's decay also beside X_c's row r, in its pad
+                // (the raw slab's last reader, put_slab, is past a barrier),
+                // where the quads' update reads it from the row it reads X_c
+                // from: one address for both, where dec's own cost the 80- and
+                // 64-register walks on sm_90 a register and 4 to 8 bytes of
+                // spill with the padded pitch.
+                if (!kComplex && h == 0 && blk.tid < kCh) xbuf[blk.tid * kXld + kVTile] = dec[blk.tid].x;
                 __syncthreads();
                 // The tile's only reader, the Gram product, is done: the next
                 // chunk's tile lands across this one's update and the next one's
@@ -2258,14 +2304,18 @@ __device__ __forceinline__ void walk_chunks(const GateloopChunkParams& p, unsign
                         const bool col_in = col < value_dim;  // all four: value_dim % 4 == 0
                         float* const first = slots + opaque(blk.ws_state_row(d0 + r0) + col);
                         const int64_t row_step = opaque(kRowStep * value_dim);
-#pragma unroll
+                        // Rolled in the wide walks (unrolled with the padded
+                        // pitch, the wide 16-bit Fast ones spilled 8 bytes at
+                        // their 80 registers on sm_90; the narrow bf16 Exact
+                        // one, rolled, 4 at its 80).
+#pragma unroll(kHalves == 2 ? 1 : kCh / kRowStep)
                         for (int u = 0; u < kCh / kRowStep; ++u) {
                             const int r = r0 + kRowStep * u;
                             float4* const sp = reinterpret_cast<float4*>(st + r * kCols + kVTile * h + 4 * g);
                             const float4 sv = *sp;
                             if (col_in && d0 + r < key_dim) *reinterpret_cast<float4*>(first + u * row_step) = sv;
-                            const float a = dec[r].x;
-                            const float4 x = *reinterpret_cast<const float4*>(xbuf + r * kVTile + 4 * g);
+                            const float a = xbuf[r * kXld + kVTile];
+                            const float4 x = *reinterpret_cast<const float4*>(xbuf + r * kXld + 4 * g);
                             *sp = make_float4(fmaf(a, sv.x, x.x), fmaf(a, sv.y, x.y), fmaf(a, sv.z, x.z),
                                               fmaf(a, sv.w, x.w));
                         }
@@ -2276,7 +2326,7 @@ __device__ __forceinline__ void walk_chunks(const GateloopChunkParams& p, unsign
                 const TileSlot<kVTile> slot(blk.tid);
                 const StateRows<kVTile, kCh> rows(blk, slot, d0, blk.v0 + kVTile * h);
                 for_tile<kCh, kVTile>(slot, [&](int u, int r, int c) {
-                    const int e = r * kVTile + c;        // in xbuf
+                    const int e = r * kXld + c;          // in xbuf
                     const int se = r * kCols + kVTile * h + c;  // in st
                     const float2 s = make_float2(st[se], kComplex ? st[kCh * kCols + se] : 0.f);
                     if (rows.live(u)) {
@@ -2285,7 +2335,7 @@ __device__ __forceinline__ void walk_chunks(const GateloopChunkParams& p, unsign
                     }
                     const float2 a = dec[r];
                     if (kComplex) {
-                        const float2 x = apply(a, make_float2(xbuf[e], xbuf[kCh * kVTile + e]), s);
+                        const float2 x = apply(a, make_float2(xbuf[e], xbuf[kCh * kXld + e]), s);
                         st[se] = x.x;
                         st[kCh * kCols + se] = x.y;
                     } else {
@@ -2337,7 +2387,7 @@ __device__ __forceinline__ int pair_of(int i, int j) {
 // 15 of the sub-chunk against key steps 0 .. 7) as anchored products at the
 // first half's last step r: q_n |E(n, r)| e^{iθ_n} · k_m |E(r, m)| e^{−iθ_m},
 // both factors ≤ 1, 0 across a reset, as the off-diagonal sub-chunk blocks
-// are formed (put_anchored_rows). Why: pairwise, a sub-chunk's 136 pairs
+// are formed (put_query_rows, put_key_rows). Why: pairwise, a sub-chunk's 136 pairs
 // take an exp and seven table reads per pair and channel (the diagonal
 // pairs were about 45% of the output launch's instructions per slab); the
 // halves take 2 × 36 pairs, and the block between them 16 rows of factors
@@ -2409,24 +2459,107 @@ __device__ __forceinline__ int cross_at(int row, int g) {
 // cross_at(i, j / 4) + j % 4, its Im part at cross_at(i, (16 + j) / 4) + j % 4).
 // The forward's diagonal blocks (add_diagonal_cross) and the backward's
 // dq, dk (grad_qk) take their 8 × 8 blocks between the halves from them.
+template <bool kComplex>
+__device__ __forceinline__ void put_cross_entry(float* scratch, int i, int j, float2 x) {
+    scratch[cross_at<kComplex>(i, j >> 2) + (j & 3)] = x.x;
+    if (kComplex) scratch[cross_at<kComplex>(i, (kSlab + j) >> 2) + (j & 3)] = x.y;
+}
+
+// A slab's operand rows from its raw queries (raw q in qraw [kChunk][kSlab],
+// the prefix tables of the slab), each query step's q and table entries
+// read once for all of its rows (where each kind of row read them again:
+// speed log item 58). Thread AnchoredSlot's items (n, j) over the chunk's
+// 64 steps, n's sub-chunk i the item's u (compile time), put
+//   kInter: row n of qe, Q̃_n = q_n |E(n, −1)| e^{iθ_n} as [Re | −Im] (Re
+//     only for real gates): the forward's y += Q̃ S_c (intra_pass);
+//   kAnchored: per key sub-chunk s < i, anchor r = its last step, row
+//     pair_of(i, s)·16 + n − 16 i of qa, q̃_n = q_n |E(n, r)| e^{iθ_n} as
+//     [Re | −Im]: the six off-diagonal score blocks' query rows;
+//   kCross: where n is in its sub-chunk's second half, its cross query row
+//     (above) into `cross`.
+// Every entry the same operations as one row at a time. Call past the
+// barrier that publishes qraw and the tables (a thread reads other
+// threads' raw q). qe, qa: null where their flag is off.
+template <class Op, int kTerms, bool kInter, bool kAnchored, bool kCross, typename input_t, bool kComplex, int kLd>
+__device__ __forceinline__ void put_query_rows(const Block<input_t, kComplex, kLd>& blk, const float* qraw,
+                                               const Split<Op>* qe, const Split<Op>* qa, float* cross) {
+    using B = Block<input_t, kComplex, kLd>;
+    static_assert(TileSlot<kSlab>::kStep == kSub, "one sub-chunk row block per item");
+    for_tile<kChunk, kSlab>(AnchoredSlot<kLd>(blk.tid), [&](int si, int nn, int j) {
+        const int h = nn - kSub * si;  // the step in its sub-chunk
+        // A warp's rows are all in one half of their sub-chunks (AnchoredSlot).
+        const bool cross_row = kCross && h >= kPiece;
+        if (!kInter && !cross_row && (!kAnchored || si == 0)) return;
+        const int cl = blk.col(j);
+        const float q = qraw[blk.at(nn, j)];
+        const auto late = blk.late_entry(nn, cl);
+        if constexpr (kInter) {
+            const float2 x = B::inter_query(late, q);
+            qe->template put<kTerms>(nn, j, x.x);
+            if (kComplex) qe->template put<kTerms>(nn, kSlab + j, x.y);
+        }
+        if constexpr (kAnchored) {
+#pragma unroll
+            for (int s = 0; s < si; ++s) {
+                const int row = kSub * pair_of(si, s) + h;
+                const float2 x = blk.anchored_query(late, q, kSub * s + kSub - 1, cl);
+                qa->template put<kTerms>(row, j, x.x);
+                if (kComplex) qa->template put<kTerms>(row, kSlab + j, x.y);
+            }
+        }
+        if (cross_row) {
+            const float2 x = blk.anchored_query(late, q, kSub * si + kPiece - 1, cl);
+            put_cross_entry<kComplex>(cross, kPiece * si + h - kPiece, j, x);
+        }
+    });
+}
+
+// The same from the raw keys (raw k in kraw [kChunk][kSlab]):
+//   kAnchored: rows m < 48 of ka, k̃_m = k_m |E(r, m)| e^{−iθ_m} as
+//     [Re | Im], anchor r = the last step of m's sub-chunk: the six
+//     off-diagonal score blocks' key rows;
+//   kCross: the cross key rows (above) into `cross`.
+template <class Op, int kTerms, bool kAnchored, bool kCross, typename input_t, bool kComplex, int kLd>
+__device__ __forceinline__ void put_key_rows(const Block<input_t, kComplex, kLd>& blk, const float* kraw,
+                                             const Split<Op>* ka, float* cross) {
+    // A 16-wide slab's row block is its item index (for_tile): row / 16 = u
+    // is the key sub-chunk, known at compile time.
+    static_assert(TileSlot<kSlab>::kStep == kSub, "one sub-chunk row block per item");
+    const AnchoredSlot<kLd> slot(blk.tid);
+    const auto key = [&](int anchor, int m, int j) { return blk.anchored_key(kraw, anchor, m, j, blk.col(j)); };
+    if constexpr (kAnchored) {
+        for_tile<(kSubs - 1) * kSub, kSlab>(slot, [&](int sub, int m, int j) {  // key sub-chunks 0 .. kSubs − 2
+            const float2 x = key(sub * kSub + kSub - 1, m, j);
+            ka->template put<kTerms>(m, j, x.x);
+            if (kComplex) ka->template put<kTerms>(m, kSlab + j, x.y);
+        });
+    }
+    if constexpr (kCross) {
+        static_assert(kCrossRows == 2 * kSub, "two row blocks of 16");
+        for_tile<kCrossRows, kSlab>(slot, [&](int, int i, int j) {
+            const int sub = i / kPiece;
+            const float2 x = key(kSub * sub + kPiece - 1, kSub * sub + i % kPiece, j);
+            put_cross_entry<kComplex>(cross + kCrossRows * cross_ld<kComplex>(), i, j, x);
+        });
+    }
+}
+
+// The cross rows alone (the backward's grad_qk, whose scratch is free only
+// after its off-diagonal products; the register-fragment output pass): the
+// query rows two items a thread (put_query_rows' kCross would give half
+// the threads four).
 template <typename input_t, bool kComplex, int kLd>
 __device__ __forceinline__ void put_cross_rows(const Block<input_t, kComplex, kLd>& blk, const float* qraw,
                                                const float* kraw, float* scratch) {
-    // for_tile's row blocks of 16: u = 0, 1 the query rows, 2, 3 the key rows.
-    static_assert(TileSlot<kSlab>::kStep == 16 && 2 * kCrossRows == 64, "four row blocks of 16");
-    for_tile<2 * kCrossRows, kSlab>(AnchoredSlot<kLd>(blk.tid), [&](int u, int row, int j) {
-        const bool query = u < 2;
-        const int i = query ? row : row - kCrossRows;
-        const int anchor = kSub * (i / kPiece) + kPiece - 1;
-        const int step = kSub * (i / kPiece) + (query ? kPiece : 0) + i % kPiece;
+    for_tile<kCrossRows, kSlab>(AnchoredSlot<kLd>(blk.tid), [&](int, int i, int j) {
+        const int sub = i / kPiece;
+        const int step = kSub * sub + kPiece + i % kPiece;
         const int cl = blk.col(j);
-        const float2 x = blk.phased(query ? blk.modulus_within(step, anchor, cl) * qraw[blk.at(step, j)]
-                                          : blk.modulus_within(anchor, step, cl) * kraw[blk.at(step, j)],
-                                    step, cl);
-        float* r = scratch + (query ? 0 : kCrossRows * cross_ld<kComplex>());
-        r[cross_at<kComplex>(i, j >> 2) + (j & 3)] = x.x;
-        if (kComplex) r[cross_at<kComplex>(i, (kSlab + j) >> 2) + (j & 3)] = x.y;
+        const float2 x = blk.anchored_query(blk.late_entry(step, cl), qraw[blk.at(step, j)], kSub * sub + kPiece - 1, cl);
+        put_cross_entry<kComplex>(scratch, i, j, x);
     });
+    using Op = OpBf16;  // no operand rows: any Op
+    put_key_rows<Op, 1, false, true>(blk, kraw, nullptr, scratch);
 }
 
 // f(j) for the slab's channels j < cols in order: a whole slab (every slab
@@ -2545,9 +2678,10 @@ __device__ __forceinline__ void add_half_pairs(const Block<input_t, kComplex, kL
 // pdiag[(16·sb + r)·16 + c] += Σ_d q_nd k_md Re E(n, m)_d for n = 16·sb + r,
 // m = 16·sb + c ≤ n inside one half (r, c < 8 or r, c ≥ 8), pairwise
 // (add_half_pairs, kKeys key rows a thread), in channel order; and the
-// cross rows into `scratch` (put_cross_rows) for add_diagonal_cross. The forward's
-// and the backward's dv pass (intra_pass) and the forward's
-// register-fragment output pass (cuda/chunk_frag.cuh). Call between
+// cross rows into `scratch` (put_cross_rows) for add_diagonal_cross: the
+// forward's register-fragment output pass (cuda/chunk_frag.cuh; intra_pass
+// puts the cross rows with its anchored ones, put_query_rows and
+// put_key_rows, and then adds the pairs). Call between
 // barriers (qraw, kraw, the tables staged; pdiag's diagonal-half elements
 // and the scratch not read by others), and add_diagonal_cross after the
 // next barrier.
@@ -2563,10 +2697,10 @@ __device__ __forceinline__ void add_diagonal_pairs(const Block<input_t, kComplex
 // The diagonal blocks' second part: thread tid's element (query step
 // 16·sb + 8 + r, key step 16·sb + c), sb = tid / 64, r = tid / 8 % 8,
 // c = tid % 8, of the 8 × 8 block between the halves: pdiag += Σ over the
-// slab's [Re | Im] columns of the cross rows' products (add_diagonal_pairs
-// staged them), in column order. Call after the barrier that follows
-// add_diagonal_pairs, and before the barrier that ends the slab (the next
-// slab's add_diagonal_pairs overwrites the scratch).
+// slab's [Re | Im] columns of the cross rows' products (put_cross_rows, or
+// put_query_rows' and put_key_rows' kCross, staged them), in column order.
+// Call after the barrier that follows them, and before the barrier that
+// ends the slab (the next slab's cross rows overwrite the scratch).
 template <bool kComplex, bool kRolled = false>
 __device__ __forceinline__ void add_diagonal_cross(int tid, const float* scratch, float* pdiag) {
     const int sb = tid / (kPiece * kPiece);
@@ -2596,40 +2730,9 @@ __device__ __forceinline__ void add_diagonal_cross(int tid, const float* scratch
     pdiag[(sb * kSub + kPiece + r) * kSub + c] += acc;
 }
 
-// The anchored rows of the six off-diagonal sub-chunk blocks of slab d0 (raw
-// q, k in qraw, kraw [kChunk][kSlab]; anchor r = last step of key sub-chunk
-// j): per pair (i, j), rows pair · 16 + (n − 16 i) of qa hold
-// q̃_n = q_n |E(n, r)| e^{iθ_n} as [Re | −Im]; rows m < 48 of ka hold
-// k̃_m = k_m |E(r, m)| e^{−iθ_m} as [Re | Im] (both factors ≤ 1, 0 across a
-// reset). The forward's scores P = q̃ k̃ᵀ off the diagonal (intra_pass); the
-// backward's dq (s k̃) and dk (sᵀ q̃) off the diagonal (grad_qk).
-template <class Op, int kTerms, typename input_t, bool kComplex, int kLd>
-__device__ __forceinline__ void put_anchored_rows(const Block<input_t, kComplex, kLd>& blk, const float* qraw,
-                                                  const float* kraw, const Split<Op>& qa, const Split<Op>& ka) {
-    // A 16-wide slab's row block is its item index (for_tile): row / 16 = u
-    // is the pair (qa) or the key sub-chunk (ka), known at compile time.
-    static_assert(TileSlot<kSlab>::kStep == kSub, "one sub-chunk row block per item");
-    const AnchoredSlot<kLd> slot(blk.tid);
-    for_tile<kPairs * kSub, kSlab>(slot, [&](int pr, int row, int j) {  // row = pair · 16 + n − 16 i
-        const int nn = kSub * pair_query(pr) + (row - pr * kSub);
-        const int r = kSub * pair_key(pr) + kSub - 1;
-        const int cl = blk.col(j);
-        const float2 x = blk.phased(blk.modulus_within(nn, r, cl) * qraw[blk.at(nn, j)], nn, cl);
-        qa.template put<kTerms>(row, j, x.x);
-        if (kComplex) qa.template put<kTerms>(row, kSlab + j, x.y);
-    });
-    for_tile<(kSubs - 1) * kSub, kSlab>(slot, [&](int sub, int m, int j) {  // key sub-chunks 0 .. kSubs − 2
-        const int r = sub * kSub + kSub - 1;
-        const int cl = blk.col(j);
-        const float2 x = blk.phased(blk.modulus_within(r, m, cl) * kraw[blk.at(m, j)], m, cl);
-        ka.template put<kTerms>(m, j, x.x);
-        if (kComplex) ka.template put<kTerms>(m, kSlab + j, x.y);
-    });
-}
-
 // Off-diagonal score block `pair` (query sub-chunk i, key sub-chunk j) +=
 // q̃ (pair rows of qa) · k̃ᵀ (sub-chunk j's rows of ka) over one slab
-// (put_anchored_rows' operands): the forward's P (intra_pass), and the
+// (put_query_rows' and put_key_rows' operands): the forward's P (intra_pass), and the
 // backward's grad_qk, which forms the same P for grad_dv.
 template <class Op, int kTerms, bool kComplex, bool kRolled = false>
 __device__ __forceinline__ void add_score_block(Acc<Op>& sacc, const Split<Op>& qa, const Split<Op>& ka, int pair) {
@@ -2714,7 +2817,7 @@ __device__ __forceinline__ void intra_pass(Block<input_t, kComplex, kLd>& blk, u
     float* pdiag = saved ? nullptr : reinterpret_cast<float*>(at);  // [kSubs][16][16]
     if (!saved) at += kSubs * kSub * kSub * 4;
     // The warps' staging tiles: the diagonal blocks' cross rows in the slab
-    // loop (add_diagonal_pairs), the score blocks and the drain after it.
+    // loop (put_query_rows, put_key_rows), the score blocks and the drain after it.
     float* cross = reinterpret_cast<float*>(at);
     float* staging = cross + blk.warp * 256;
 
@@ -2789,14 +2892,13 @@ __device__ __forceinline__ void intra_pass(Block<input_t, kComplex, kLd>& blk, u
             blk, d0, qraw, kraw, blk.v0, [&](int64_t at_, bool live) { return live ? state[at_] : 0.f; },
             [&](int r, int c, float x) { st.template put<kTerms>(r, c, x); });
         // Inter-chunk rows: [Re Q̃ | −Im Q̃] (y), [Re K̃ | Im K̃] (dv).
+        // With the anchored and cross rows, each query step's entries read once.
         if constexpr (kAdjoint) {
             put_state_keys<Op, kTerms>(blk, kraw, qe);
         } else {
-            put_inter_queries<Op, kTerms>(blk, qraw, qe);
-        }
-        if (!saved) {
-            put_anchored_rows<Op, kTerms>(blk, qraw, kraw, qa, ka);
-            add_diagonal_pairs<kPairKeys>(blk, qraw, kraw, d0, pdiag, cross);
+            put_query_rows<Op, kTerms, true, true, true>(blk, qraw, &qe, &qa, cross);
+            put_key_rows<Op, kTerms, true, true>(blk, kraw, &ka, cross);
+            add_half_pairs<kPairKeys>(blk, qraw, kraw, d0, pdiag);
         }
         __syncthreads();
         if (!saved) add_diagonal_cross<kComplex>(tid, cross, pdiag);

@@ -49,7 +49,7 @@
 // products for f32 and f16, one for bf16, exact in its own type), and per
 // slab the off-diagonal sub-chunk blocks of the pre-phase accumulators
 // (acc_q: s_ij k̃_j, acc_k: s_ijᵀ q̃_ij, inner dimension 16 per pair, on
-// put_anchored_rows' operands) and the inter-chunk products S_in dy_n, D v_n
+// put_query_rows' and put_key_rows' operands) and the inter-chunk products S_in dy_n, D v_n
 // (three split products each); only the four diagonal 16 × 16 sub-chunk
 // blocks (in the forward's halves of 8 steps: pairs m < n inside a half,
 // one exp each, and the 8 × 8 block between the halves on the forward's
@@ -141,7 +141,7 @@ __host__ __device__ constexpr int ld_block() {
     return kSub + Op::kPad;
 }
 // The off-diagonal phase: s blocks, q̃ per pair, k̃ per key sub-chunk
-// (put_anchored_rows' layout); X per pair and Y per key sub-chunk in f32.
+// (put_query_rows' and put_key_rows' layout); X per pair and Y per key sub-chunk in f32.
 template <class Op, bool kComplex>
 __host__ __device__ constexpr int qk_offdiag_bytes() {
     return split_bytes<Op>(kPairs * kSub, ld_block<Op>()) + split_bytes<Op>(kPairs * kSub, ld_slab<Op, kComplex>()) +
@@ -211,7 +211,8 @@ __device__ __forceinline__ void offdiag_products(const Block<input_t, kComplex, 
         sb.template put<kGradTerms>(pr * kSub + r, c,
                                     ds[(kSub * pair_query(pr) + r) * kChunk + kSub * pair_key(pr) + c]);
     }
-    put_anchored_rows<Op, kGradTerms>(blk, qraw, kraw, qa, ka);
+    put_query_rows<Op, kGradTerms, false, true, false>(blk, qraw, nullptr, &qa, nullptr);
+    put_key_rows<Op, kGradTerms, true, false>(blk, kraw, &ka, nullptr);
     __syncthreads();
     const int w = blk.warp;
     // Jobs of an Im half exist with complex gates only.

@@ -538,13 +538,19 @@ pub fn walk_slab(gates: Gates) -> usize {
 /// (`seq_smem_bytes` in cuda/chunk_common.cuh) at `precision`: the state
 /// kernel's layout for slabs of [`walk_slab`] channels with the raw key slab
 /// in the staging tiles' bytes (and, under [`ChunkPrecision::Fast`], its
-/// one-term slab operand one plane), then the slab's carried state
+/// one-term slab operand one plane), with real gates the pad of the Gram
+/// product's f32 rows after the staging tiles (`walk_x_pad_bytes`: rows of
+/// 72 words where 64, 8 words a row), then the slab's carried state
 /// (parts·channels × 64 f32) and its decays (one complex per channel). The
 /// backward's `grad_w_seq` takes Exact's.
 pub fn sequential_shared_bytes(dtype: Dtype, gates: Gates, precision: ChunkPrecision) -> u32 {
     let channels = walk_slab(gates);
     let layout = state_layout_bytes(dtype, gates, channels, true, precision);
-    (layout + channels * gates.parts() * VALUE_TILE * 4 + channels * 8) as u32
+    let x_pad = match gates {
+        Gates::Real => channels * 8 * 4,
+        Gates::Complex => 0,
+    };
+    (layout + x_pad + channels * gates.parts() * VALUE_TILE * 4 + channels * 8) as u32
 }
 
 /// Bytes of dynamic shared memory of the wide state kernel
@@ -1469,12 +1475,13 @@ mod tests {
         // The walks: slabs of 16 (complex) or 32 (real) channels, the raw
         // slab in the staging tiles, then the carried state and decays.
         // bf16 real: prefix 3·64·32·4 = 24576, V 64·72·2 = 9216 (one plane),
-        // K̃ split 2·64·40·2 = 10240 (Fast: one plane, 5120), staging 8192, S
-        // 32·64·4 = 8192, decays 32·8 = 256: three blocks an H200 SM (1 KiB
-        // reserved each), Fast four (its launch bound).
+        // K̃ split 2·64·40·2 = 10240 (Fast: one plane, 5120), staging 8192,
+        // X_c's row pad 32·8·4 = 1024, S 32·64·4 = 8192, decays 32·8 = 256:
+        // three blocks an H200 SM (1 KiB reserved each), Fast four (its
+        // launch bound).
         use ChunkPrecision::{Exact, Fast};
         let real_walk = |p| sequential_shared_bytes(Dtype::Bf16, Gates::Real, p);
-        assert_eq!(real_walk(Exact), 24576 + 9216 + 10240 + 8192 + 8192 + 256);
+        assert_eq!(real_walk(Exact), 24576 + 9216 + 10240 + 8192 + 1024 + 8192 + 256);
         assert_eq!(
             (real_walk(Exact) - real_walk(Fast), fit(real_walk(Exact), 228), fit(real_walk(Fast), 228)),
             (5120, 3, 4)
@@ -1514,7 +1521,19 @@ mod tests {
             (f32_walk(Exact) - f32_walk(Fast), fit(f32_walk(Fast), 228), fit(f32_walk(Fast), 164)),
             (9216, 2, 2)
         );
-        assert_eq!(sequential_shared_bytes(Dtype::F32, Gates::Real, Exact), 94464);
+        assert_eq!(sequential_shared_bytes(Dtype::F32, Gates::Real, Exact), 94464 + 1024);
+        // X_c's row pad costs no real walk a block an SM on either card.
+        for dtype in Dtype::ALL {
+            for p in [Exact, Fast] {
+                let narrow = sequential_shared_bytes(dtype, Gates::Real, p);
+                let wide = sequential_wide_shared_bytes(dtype, Gates::Real, p).unwrap_or(narrow);
+                for bytes in [narrow, wide] {
+                    for kib in [164, 228] {
+                        assert_eq!(fit(bytes, kib), fit(bytes - 1024, kib), "{dtype} {p:?} {bytes} B, {kib} KiB");
+                    }
+                }
+            }
+        }
         assert_eq!(sequential_shared_bytes(Dtype::F16, Gates::Complex, Exact), 65664);
         for dtype in Dtype::ALL {
             for gates in Gates::ALL {

@@ -149,8 +149,8 @@ static constexpr int staging = (GATELOOP_CHUNK_THREADS / 32) * 16 * 16 * 4;
 // GATELOOP_CHUNK_PREFIX_LD entries, the state's of KEY_SLAB);
 // `walk_slab`: the walks' key channels a block (16 complex, 32 real).
 // `sequential_shared_bytes`: the state kernel's layout for slabs of that many
-// channels, the raw slab in the staging tiles, then the slab's carried
-// state and decays.
+// channels, the raw slab in the staging tiles, (real gates) X_c's row pad,
+// then the slab's carried state and decays.
 static int walk_slab(bool complex) { return complex ? GATELOOP_CHUNK_KEY_SLAB : GATELOOP_CHUNK_WALK_SLAB_REAL; }
 // The planes of a raw input tile (v, dY) staged as an operand: one for bf16
 // inputs, exact in their operand (chunk_common.cuh: OpOf::kRawTerms,
@@ -176,7 +176,8 @@ static int32_t state_layout_bytes(int s, int planes, int slab_planes, bool compl
 }
 static int32_t seq_shared_bytes(int s, int planes, int slab_planes, bool complex) {
     const int ch = walk_slab(complex);
-    return state_layout_bytes(s, planes, slab_planes, complex, ch, true) +
+    // (Real gates: X_c's row pad, chunk_common.cuh walk_x_pad_bytes.)
+    return state_layout_bytes(s, planes, slab_planes, complex, ch, true) + (complex ? 0 : ch * 8 * 4) +
            ch * (complex ? 2 : 1) * GATELOOP_CHUNK_VALUE_TILE * 4 + ch * 8;
 }
 static void fwd_shared_bytes(int s, int planes, bool complex, int32_t& state, int32_t& output) {
