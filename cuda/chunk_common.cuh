@@ -2027,8 +2027,9 @@ using WalkSmem = StateSmem<Op, kComplex, OpOf<input_t>::kRawTerms, walk_slab<kCo
 // (at kVTile = 64 words they shared one: four wavefronts a store, 13% of
 // the real walk's; speed log item 59), in walk_x_pad_bytes past the
 // staging tiles (each row's 8 pad words also hold its decay, read by the
-// update beside the row). Not for complex gates, whose bf16 Exact walk would no longer fit
-// four blocks an H200 SM (and whose walk no default plan takes).
+// update beside the row). Not for complex gates, whose bf16 Exact walk
+// would no longer fit four blocks an H200 SM (and whose walk no default
+// plan takes).
 template <bool kComplex>
 __host__ __device__ constexpr int walk_x_ld() {
     return kComplex ? kVTile : kVTile + 8;
@@ -2400,6 +2401,10 @@ constexpr int kPiece = kSub / 2;
 constexpr int kPieces = kChunk / kPiece;
 constexpr int kCrossRows = kSubs * kPiece;              // 32 anchored query rows, 32 key rows
 static_assert(kSubs * kPiece * kPiece == kThreads, "one cross product per thread");
+// The anchor of sub-chunk `sub`'s cross rows: its first half's last step.
+__host__ __device__ constexpr int cross_anchor(int sub) {
+    return kSub * sub + kPiece - 1;
+}
 
 constexpr int kPiecePairs = kPiece * (kPiece + 1) / 2;  // 36
 // The causal pairs (row r, column c ≤ r) of a kPiece × kPiece block, 36 of
@@ -2470,26 +2475,26 @@ __device__ __forceinline__ void put_cross_entry(float* scratch, int i, int j, fl
 // read once for all of its rows (where each kind of row read them again:
 // speed log item 58). Thread AnchoredSlot's items (n, j) over the chunk's
 // 64 steps, n's sub-chunk i the item's u (compile time), put
-//   kInter: row n of qe, Q̃_n = q_n |E(n, −1)| e^{iθ_n} as [Re | −Im] (Re
-//     only for real gates): the forward's y += Q̃ S_c (intra_pass);
-//   kAnchored: per key sub-chunk s < i, anchor r = its last step, row
+//   per key sub-chunk s < i, anchor r = its last step, row
 //     pair_of(i, s)·16 + n − 16 i of qa, q̃_n = q_n |E(n, r)| e^{iθ_n} as
 //     [Re | −Im]: the six off-diagonal score blocks' query rows;
+//   kInter: row n of qe, Q̃_n = q_n |E(n, −1)| e^{iθ_n} as [Re | −Im] (Re
+//     only for real gates): the forward's y += Q̃ S_c (intra_pass);
 //   kCross: where n is in its sub-chunk's second half, its cross query row
 //     (above) into `cross`.
 // Every entry the same operations as one row at a time. Call past the
 // barrier that publishes qraw and the tables (a thread reads other
-// threads' raw q). qe, qa: null where their flag is off.
-template <class Op, int kTerms, bool kInter, bool kAnchored, bool kCross, typename input_t, bool kComplex, int kLd>
+// threads' raw q). qe: null without kInter, cross without kCross.
+template <class Op, int kTerms, bool kInter, bool kCross, typename input_t, bool kComplex, int kLd>
 __device__ __forceinline__ void put_query_rows(const Block<input_t, kComplex, kLd>& blk, const float* qraw,
-                                               const Split<Op>* qe, const Split<Op>* qa, float* cross) {
+                                               const Split<Op>& qa, const Split<Op>* qe, float* cross) {
     using B = Block<input_t, kComplex, kLd>;
     static_assert(TileSlot<kSlab>::kStep == kSub, "one sub-chunk row block per item");
     for_tile<kChunk, kSlab>(AnchoredSlot<kLd>(blk.tid), [&](int si, int nn, int j) {
         const int h = nn - kSub * si;  // the step in its sub-chunk
         // A warp's rows are all in one half of their sub-chunks (AnchoredSlot).
         const bool cross_row = kCross && h >= kPiece;
-        if (!kInter && !cross_row && (!kAnchored || si == 0)) return;
+        if (!kInter && !cross_row && si == 0) return;
         const int cl = blk.col(j);
         const float q = qraw[blk.at(nn, j)];
         const auto late = blk.late_entry(nn, cl);
@@ -2498,50 +2503,49 @@ __device__ __forceinline__ void put_query_rows(const Block<input_t, kComplex, kL
             qe->template put<kTerms>(nn, j, x.x);
             if (kComplex) qe->template put<kTerms>(nn, kSlab + j, x.y);
         }
-        if constexpr (kAnchored) {
 #pragma unroll
-            for (int s = 0; s < si; ++s) {
-                const int row = kSub * pair_of(si, s) + h;
-                const float2 x = blk.anchored_query(late, q, kSub * s + kSub - 1, cl);
-                qa->template put<kTerms>(row, j, x.x);
-                if (kComplex) qa->template put<kTerms>(row, kSlab + j, x.y);
-            }
+        for (int s = 0; s < si; ++s) {
+            const int row = kSub * pair_of(si, s) + h;
+            const float2 x = blk.anchored_query(late, q, kSub * s + kSub - 1, cl);
+            qa.template put<kTerms>(row, j, x.x);
+            if (kComplex) qa.template put<kTerms>(row, kSlab + j, x.y);
         }
         if (cross_row) {
-            const float2 x = blk.anchored_query(late, q, kSub * si + kPiece - 1, cl);
+            const float2 x = blk.anchored_query(late, q, cross_anchor(si), cl);
             put_cross_entry<kComplex>(cross, kPiece * si + h - kPiece, j, x);
         }
     });
 }
 
-// The same from the raw keys (raw k in kraw [kChunk][kSlab]):
-//   kAnchored: rows m < 48 of ka, k̃_m = k_m |E(r, m)| e^{−iθ_m} as
-//     [Re | Im], anchor r = the last step of m's sub-chunk: the six
-//     off-diagonal score blocks' key rows;
-//   kCross: the cross key rows (above) into `cross`.
-template <class Op, int kTerms, bool kAnchored, bool kCross, typename input_t, bool kComplex, int kLd>
+// The cross key rows (above) into `cross`, from the raw keys (raw k in
+// kraw [kChunk][kSlab]).
+template <typename input_t, bool kComplex, int kLd>
+__device__ __forceinline__ void put_cross_keys(const Block<input_t, kComplex, kLd>& blk, const float* kraw,
+                                               float* cross) {
+    static_assert(kCrossRows == 2 * kSub, "two row blocks of 16");
+    for_tile<kCrossRows, kSlab>(AnchoredSlot<kLd>(blk.tid), [&](int, int i, int j) {
+        const int sub = i / kPiece;
+        const float2 x = blk.anchored_key(kraw, cross_anchor(sub), kSub * sub + i % kPiece, j, blk.col(j));
+        put_cross_entry<kComplex>(cross + kCrossRows * cross_ld<kComplex>(), i, j, x);
+    });
+}
+
+// The same as put_query_rows from the raw keys: rows m < 48 of ka,
+// k̃_m = k_m |E(r, m)| e^{−iθ_m} as [Re | Im], anchor r = the last step of
+// m's sub-chunk (the six off-diagonal score blocks' key rows), and, kCross,
+// the cross key rows (put_cross_keys).
+template <class Op, int kTerms, bool kCross, typename input_t, bool kComplex, int kLd>
 __device__ __forceinline__ void put_key_rows(const Block<input_t, kComplex, kLd>& blk, const float* kraw,
-                                             const Split<Op>* ka, float* cross) {
+                                             const Split<Op>& ka, float* cross) {
     // A 16-wide slab's row block is its item index (for_tile): row / 16 = u
     // is the key sub-chunk, known at compile time.
     static_assert(TileSlot<kSlab>::kStep == kSub, "one sub-chunk row block per item");
-    const AnchoredSlot<kLd> slot(blk.tid);
-    const auto key = [&](int anchor, int m, int j) { return blk.anchored_key(kraw, anchor, m, j, blk.col(j)); };
-    if constexpr (kAnchored) {
-        for_tile<(kSubs - 1) * kSub, kSlab>(slot, [&](int sub, int m, int j) {  // key sub-chunks 0 .. kSubs − 2
-            const float2 x = key(sub * kSub + kSub - 1, m, j);
-            ka->template put<kTerms>(m, j, x.x);
-            if (kComplex) ka->template put<kTerms>(m, kSlab + j, x.y);
-        });
-    }
-    if constexpr (kCross) {
-        static_assert(kCrossRows == 2 * kSub, "two row blocks of 16");
-        for_tile<kCrossRows, kSlab>(slot, [&](int, int i, int j) {
-            const int sub = i / kPiece;
-            const float2 x = key(kSub * sub + kPiece - 1, kSub * sub + i % kPiece, j);
-            put_cross_entry<kComplex>(cross + kCrossRows * cross_ld<kComplex>(), i, j, x);
-        });
-    }
+    for_tile<(kSubs - 1) * kSub, kSlab>(AnchoredSlot<kLd>(blk.tid), [&](int sub, int m, int j) {
+        const float2 x = blk.anchored_key(kraw, sub * kSub + kSub - 1, m, j, blk.col(j));
+        ka.template put<kTerms>(m, j, x.x);
+        if (kComplex) ka.template put<kTerms>(m, kSlab + j, x.y);
+    });
+    if constexpr (kCross) put_cross_keys(blk, kraw, cross);
 }
 
 // The cross rows alone (the backward's grad_qk, whose scratch is free only
@@ -2555,11 +2559,10 @@ __device__ __forceinline__ void put_cross_rows(const Block<input_t, kComplex, kL
         const int sub = i / kPiece;
         const int step = kSub * sub + kPiece + i % kPiece;
         const int cl = blk.col(j);
-        const float2 x = blk.anchored_query(blk.late_entry(step, cl), qraw[blk.at(step, j)], kSub * sub + kPiece - 1, cl);
+        const float2 x = blk.anchored_query(blk.late_entry(step, cl), qraw[blk.at(step, j)], cross_anchor(sub), cl);
         put_cross_entry<kComplex>(scratch, i, j, x);
     });
-    using Op = OpBf16;  // no operand rows: any Op
-    put_key_rows<Op, 1, false, true>(blk, kraw, nullptr, scratch);
+    put_cross_keys(blk, kraw, scratch);
 }
 
 // f(j) for the slab's channels j < cols in order: a whole slab (every slab
@@ -2896,8 +2899,8 @@ __device__ __forceinline__ void intra_pass(Block<input_t, kComplex, kLd>& blk, u
         if constexpr (kAdjoint) {
             put_state_keys<Op, kTerms>(blk, kraw, qe);
         } else {
-            put_query_rows<Op, kTerms, true, true, true>(blk, qraw, &qe, &qa, cross);
-            put_key_rows<Op, kTerms, true, true>(blk, kraw, &ka, cross);
+            put_query_rows<Op, kTerms, true, true>(blk, qraw, qa, &qe, cross);
+            put_key_rows<Op, kTerms, true>(blk, kraw, ka, cross);
             add_half_pairs<kPairKeys>(blk, qraw, kraw, d0, pdiag);
         }
         __syncthreads();

@@ -211,8 +211,8 @@ __device__ __forceinline__ void offdiag_products(const Block<input_t, kComplex, 
         sb.template put<kGradTerms>(pr * kSub + r, c,
                                     ds[(kSub * pair_query(pr) + r) * kChunk + kSub * pair_key(pr) + c]);
     }
-    put_query_rows<Op, kGradTerms, false, true, false>(blk, qraw, nullptr, &qa, nullptr);
-    put_key_rows<Op, kGradTerms, true, false>(blk, kraw, &ka, nullptr);
+    put_query_rows<Op, kGradTerms, false, false>(blk, qraw, qa, nullptr, nullptr);
+    put_key_rows<Op, kGradTerms, false>(blk, kraw, ka, nullptr);
     __syncthreads();
     const int w = blk.warp;
     // Jobs of an Im half exist with complex gates only.
@@ -810,7 +810,7 @@ __device__ __forceinline__ void grad_qk(const GateloopChunkGradParams& g) {
                     }
                     return make_float2(xr, xi);
                 };
-                const int anchor = kSub * i + kPiece - 1;
+                const int anchor = cross_anchor(i);
                 if (second) {
                     const float2 x = cross_sum(ds + n * kChunk + kSub * i, 1);
                     add_q(blk.modulus_within(n, anchor, cl), x.x, x.y);
