@@ -605,6 +605,75 @@ __device__ __forceinline__ void grad_qk_scores(const Block<input_t, kComplex, kL
     }
 }
 
+// The diagonal sub-chunks' pairs inside each half of kPiece steps (m < n,
+// both in one half; the block between the halves is an anchored one) for
+// dq̂ and dk̂, pairwise, a thread per (half, channel d):
+//   pq[n] = Σ_{m < n} s_nm |E(n, m)| k_m e^{−iθ_m}   (row n's slot of pq),
+//   pk[m] = Σ_{n > m} s_nm |E(n, m)| q_n e^{iθ_n}    (row m's slot of pk),
+// each pair's factor s_nm |E(n, m)| formed once for both sums (a thread per
+// row formed it in the query row's loop and again in the key row's: twice
+// the exps and table reads, and the row's q, k and entries read again for
+// every pair). The half's eight rows in registers, the pairs fully
+// unrolled; sums from 0 in order of m (pq) and n (pk). Rows past the
+// chunk's end (n ≥ blk.n) pair with none: their sums stay 0. Real gates: no
+// Im parts. The last kPieces·kSlab threads (four warps; add_half_pairs
+// takes the first 160); call between barriers, the slots idle.
+template <typename input_t, bool kComplex, int kLd>
+__device__ __forceinline__ void add_half_pair_sums(const Block<input_t, kComplex, kLd>& blk, const float* qraw,
+                                                   const float* kraw, const float* ds, GateRows<kComplex> pk,
+                                                   GateRows<kComplex> pq) {
+    static_assert(kPieces * kSlab <= kThreads, "a thread per half and channel");
+    const int item = blk.tid - (kThreads - kPieces * kSlab);
+    if (item < 0) return;
+    const int d = item % kSlab;
+    const int h0 = item / kSlab * kPiece;
+    const int cl = blk.col(d);
+    // Row h0 + r's q e^{iθ}, k e^{−iθ} and gate entries.
+    float2 qt[kPiece], kt[kPiece], sq[kPiece], sk[kPiece];
+    float re[kPiece], lo[kPiece];
+    int32_t rs[kPiece];
+#pragma unroll
+    for (int r = 0; r < kPiece; ++r) {
+        const int n = h0 + r;
+        const float q = qraw[blk.at(n, d)], k = kraw[blk.at(n, d)];
+        if constexpr (kComplex) {
+            const float c = blk.cos_at(n, cl), s = blk.sin_at(n, cl);
+            qt[r] = make_float2(q * c, q * s);
+            kt[r] = make_float2(k * c, -(k * s));
+        } else {
+            qt[r] = make_float2(q, 0.f);
+            kt[r] = make_float2(k, 0.f);
+        }
+        re[r] = blk.gre[blk.at(n, cl)];
+        lo[r] = blk.glo[blk.at(n, cl)];
+        rs[r] = blk.rst[blk.at(n, cl)];
+        sq[r] = make_float2(0.f, 0.f);
+        sk[r] = make_float2(0.f, 0.f);
+    }
+#pragma unroll
+    for (int r = 1; r < kPiece; ++r) {
+        const int n = h0 + r;
+        if (n < blk.n) {
+#pragma unroll
+            for (int m = 0; m < r; ++m) {
+                const float x = ds[n * kChunk + h0 + m] *
+                                Block<input_t, kComplex, kLd>::modulus_between(re[r], lo[r], rs[r], h0 + m, re[m], lo[m]);
+                sq[r].x = fmaf(x, kt[m].x, sq[r].x);
+                sk[m].x = fmaf(x, qt[r].x, sk[m].x);
+                if constexpr (kComplex) {
+                    sq[r].y = fmaf(x, kt[m].y, sq[r].y);
+                    sk[m].y = fmaf(x, qt[r].y, sk[m].y);
+                }
+            }
+        }
+    }
+#pragma unroll
+    for (int r = 0; r < kPiece; ++r) {
+        pq.set((h0 + r) * kLdGate + d, sq[r]);
+        pk.set((h0 + r) * kLdGate + d, sk[r]);
+    }
+}
+
 template <typename input_t, bool kComplex>
 __device__ __forceinline__ void grad_qk(const GateloopChunkGradParams& g) {
     using Tr = InputTraits<input_t>;
@@ -722,24 +791,26 @@ __device__ __forceinline__ void grad_qk(const GateloopChunkGradParams& g) {
         // halves, then the block between them from the cross rows
         // offdiag_products put (read here, before the inter-chunk phase takes
         // their bytes; complex: rolled, as at 128 registers it spilled).
-        // The pairs two key rows a thread, but one in the complex f16
-        // kernel on sm_90, which spilled 12 bytes at 128 with two.
+        // The pairs two key rows a thread, but one in the complex bf16
+        // kernel on sm_80, which spilled 4 bytes at 128 with two.
         constexpr int kPairKeys =
-            kComplex && std::is_same<input_t, __half>::value && GATELOOP_BY_ARCH(false, true) ? 1 : 2;
+            kComplex && std::is_same<input_t, __nv_bfloat16>::value && GATELOOP_BY_ARCH(true, false) ? 1 : 2;
         add_half_pairs<kPairKeys>(blk, qraw, kraw, d0, pdiag);
         const float* const cross_rows = reinterpret_cast<const float*>(union_at + offdiag_out_bytes<kComplex>());
         add_diagonal_cross<kComplex, kComplex>(tid, cross_rows, pdiag);
         const float* xo = reinterpret_cast<const float*>(union_at);  // X per pair [pair][16][Re | Im]
         const float* yo = xo + kPairs * kSub * kLdProduct;           // Y per key sub-chunk [j][16][Re | −Im]
+        // The pairs inside each half (add_half_pair_sums, the last four
+        // warps) into upr and wpr, for the rows' loop below.
+        add_half_pair_sums(blk, qraw, kraw, ds, upr, wpr);
+        __syncthreads();
         const int cl = blk.col(d);
         // Row n = nb + 16 i (sub-chunk i, local row nb) of the pre-phase
         // accumulators acc_q[n] = Σ_{m < n} s_nm |E(n, m)| k_m e^{−iθ_m},
-        // acc_k[n] = Σ_{m > n} s_mn |E(m, n)| q_m e^{iθ_m}, and their part of
-        // w'_n = q_n dq̂_n − k_n dk̂_n, every term with its modulus applied last
+        // acc_k[n] = Σ_{m > n} s_mn |E(m, n)| q_m e^{iθ_m}
         // (cpu::chunked_grad: anchored_block, diagonal_blocks):
-        //   off the diagonal, from the products: acc_q[n] += |E(n, r_j)| X_ij[n],
-        //   w'_n += |E(n, r_j)|·(q_n e^{iθ_n} X_ij[n]) for j < i; acc_k[n] +=
-        //   |E(r_i, n)| conj(Y_i[n]), w'_n −= |E(r_i, n)|·(k_n e^{−iθ_n} conj(Y_i[n]));
+        //   off the diagonal, from the products: acc_q[n] += |E(n, r_j)| X_ij[n]
+        //   for j < i; acc_k[n] += |E(r_i, n)| conj(Y_i[n]);
         //   sub-chunk i in the forward's halves of kPiece steps
         //   (add_diagonal_pairs): the 8 × 8 block between the halves from
         //   the cross rows (put_cross_rows, anchor a = the first half's last
@@ -748,44 +819,33 @@ __device__ __forceinline__ void grad_qk(const GateloopChunkGradParams& g) {
         //   first-half row Y = Σ_m s_mn [Re q̃_m | −Im q̃_m] over the second
         //   half's and |E(a, n)| (warps 0–3 hold first-half rows, 4–7
         //   second-half ones: no divergence);
-        //   inside the row's half, pairwise: gw = e^{iθ_n} Σ_m (s_nm q_n k_m)|E(n, m)| e^{−iθ_m}
-        //                                      − e^{−iθ_n} Σ_{m > n} (s_mn q_m k_n)|E(m, n)| e^{iθ_m}.
-        // acc_k and the gate term gw wait out the inter-chunk phase in this
-        // thread's own slots of upr and wpr (free until the slab's end, which
-        // overwrites them): 16 registers fewer live across that phase's
-        // staging and tensor-core products, part of what keeps the kernel
-        // within 128 without spilling (two blocks per SM).
+        //   inside the row's half, pairwise: the sums add_half_pair_sums
+        //   left in the row's slots of wpr (acc_q) and upr (acc_k).
+        // Their part of the gate term w'_n = q_n dq̂_n − k_n dk̂_n is formed
+        // after the inter-chunk phase from the finished sums (w'_n is q_n
+        // e^{iθ_n} times acc_q's whole sum less k_n e^{−iθ_n} times acc_k's:
+        // no gate accumulators beside them). acc_k waits out that phase in
+        // this thread's own slot of upr (free until the slab's end, which
+        // overwrites it): registers fewer live across that phase's staging
+        // and tensor-core products, part of what keeps the kernel within 128
+        // without spilling (two blocks per SM).
         const bool second = nb >= kPiece;
         const float* const cross = cross_rows + (second ? kCrossRows * cross_ld<kComplex>() : 0);
         float2 aq[4];
 #pragma unroll
         for (int i = 0; i < 4; ++i) {
             const int n = nb + kSub * i;
-            const float qn = qraw[blk.at(n, d)], kn = kraw[blk.at(n, d)];
-            const float cn = blk.cos_at(n, cl), sn = blk.sin_at(n, cl);
-            const float qc = qn * cn, qs = qn * sn, kc = kn * cn, ks = kn * sn;
-            float2 oq = make_float2(0.f, 0.f), ok = make_float2(0.f, 0.f), og = make_float2(0.f, 0.f);
+            float2 oq = make_float2(0.f, 0.f), ok = make_float2(0.f, 0.f);
             // An anchored block's product (X = s k̃ read (xr, xi), or
             // Y = sᵀ [Re q̃ | −Im q̃] read (yr, yi)) and the factor w it left
-            // out. Real gates: no Im parts (nvcc keeps fmaf(w, 0, y), and the
-            // products by the constant sin 0).
+            // out. Real gates: no Im parts.
             const auto add_q = [&](float w, float xr, float xi) {
-                if constexpr (kComplex) {
-                    oq = make_float2(fmaf(w, xr, oq.x), fmaf(w, xi, oq.y));
-                    og = make_float2(fmaf(w, fmaf(qc, xr, -(qs * xi)), og.x), fmaf(w, fmaf(qc, xi, qs * xr), og.y));
-                } else {
-                    oq.x = fmaf(w, xr, oq.x);
-                    og.x = fmaf(w, qc * xr, og.x);
-                }
+                oq.x = fmaf(w, xr, oq.x);
+                if constexpr (kComplex) oq.y = fmaf(w, xi, oq.y);
             };
             const auto add_k = [&](float w, float yr, float yi) {
-                if constexpr (kComplex) {
-                    ok = make_float2(fmaf(w, yr, ok.x), fmaf(-w, yi, ok.y));
-                    og = make_float2(fmaf(-w, fmaf(kc, yr, -(ks * yi)), og.x), fmaf(w, fmaf(kc, yi, ks * yr), og.y));
-                } else {
-                    ok.x = fmaf(w, yr, ok.x);
-                    og.x = fmaf(-w, kc * yr, og.x);
-                }
+                ok.x = fmaf(w, yr, ok.x);
+                if constexpr (kComplex) ok.y = fmaf(-w, yi, ok.y);
             };
             for (int j = 0; j < i; ++j) {
                 const float* x = xo + (pair_of(i, j) * kSub + nb) * kLdProduct;
@@ -819,73 +879,10 @@ __device__ __forceinline__ void grad_qk(const GateloopChunkGradParams& g) {
                     add_k(blk.modulus_within(anchor, n, cl), y.x, y.y);
                 }
             }
-            float qr = oq.x, qi = oq.y, kr = ok.x, ki = ok.y, gqr = 0.f, gqi = 0.f, gkr = 0.f, gki = 0.f;
-            // The row's half: steps h0 .. h0 + kPiece − 1.
-            const int h0 = kSub * i + (second ? kPiece : 0);
-            // Step n's table entries read once for each loop (nvcc hoists
-            // them so; said here, the bank model counts them so too).
-            const auto late = blk.late_entry(n, cl);
-            // Both loops in step with the warp's other row: its half-warps
-            // hold rows n and n + 1 (nb even, odd), to which each loop gave
-            // one step more or fewer, so the two ran apart (the unrolled
-            // pairs and the remainder diverged) and the second loop's reads
-            // of row m met row m + 1's, a two-way bank conflict on each
-            // (rows side by side). Here both run the pair's longer range
-            // from the same first step, and each reads the one step that is
-            // not its own (m = n) but adds nothing for it: every read of
-            // row m is one broadcast to both half-warps, and every lane
-            // makes the same accesses (what the bank model pairs as one
-            // warp instruction). The same sums in the same order. Not in
-            // the complex bf16 kernel on sm_80, which spilled 4 bytes so at
-            // its 128 registers: there each row runs its own range, as before.
-            constexpr bool kLockstep =
-                !(kComplex && std::is_same<input_t, __nv_bfloat16>::value && GATELOOP_BY_ARCH(true, false));
-            const int n_lo = kLockstep ? n & ~1 : n;  // the pair's even row
-            const int n_hi = kLockstep ? n | 1 : n;   // and its odd one
-#pragma unroll 2
-            for (int m = h0; m < n_hi; ++m) {
-                const float km = kraw[blk.at(m, d)], snm = ds[n * kChunk + m];
-                const float e = blk.modulus_after(late, m, cl);
-                const float x = snm * e * km;
-                const float xg = (snm * qn * km) * e;
-                const float cm = blk.cos_at(m, cl), sm = blk.sin_at(m, cl);
-                if (!kLockstep || m < n) {  // not the even row's last step (the odd row's own)
-                    qr = fmaf(x, cm, qr);
-                    gqr = fmaf(xg, cm, gqr);
-                    // Real gates: sin ≡ 0, and nvcc keeps fmaf(x, 0, y) (not
-                    // y for an infinite x): two FFMAs of the loop's ~16 a pair.
-                    if constexpr (kComplex) {
-                        qi = fmaf(-x, sm, qi);
-                        gqi = fmaf(-xg, sm, gqi);
-                    }
-                }
-            }
-            const int h1 = min(h0 + kPiece, blk.n);
-#pragma unroll 2
-            for (int m = n_lo + 1; m < h1; ++m) {
-                const float qm = qraw[blk.at(m, d)], smn = ds[m * kChunk + n];
-                const float e = blk.modulus_of(m, n, cl, late.re, late.lo);
-                const float x = smn * e * qm;
-                const float xg = (smn * qm * kn) * e;
-                const float cm = blk.cos_at(m, cl), sm = blk.sin_at(m, cl);
-                if (!kLockstep || m > n) {  // not the odd row's first step (its own)
-                    kr = fmaf(x, cm, kr);
-                    gkr = fmaf(xg, cm, gkr);
-                    if constexpr (kComplex) {
-                        ki = fmaf(x, sm, ki);
-                        gki = fmaf(xg, sm, gki);
-                    }
-                }
-            }
-            aq[i] = make_float2(qr, qi);
-            upr.set(n * kLdGate + d, make_float2(kr, ki));
-            // og + e^{iθ_n} gq − e^{−iθ_n} gk (real gates: og + gq − gk).
-            if constexpr (kComplex) {
-                wpr.set(n * kLdGate + d, make_float2(og.x + (fmaf(cn, gqr, -(sn * gqi)) - fmaf(cn, gkr, sn * gki)),
-                                                     og.y + (fmaf(sn, gqr, cn * gqi) - fmaf(cn, gki, -(sn * gkr)))));
-            } else {
-                wpr.set(n * kLdGate + d, make_float2(og.x + (gqr - gkr), 0.f));
-            }
+            // The pairs inside the row's half last.
+            const float2 pq = wpr.get(n * kLdGate + d), pk = upr.get(n * kLdGate + d);
+            aq[i] = make_float2(oq.x + pq.x, oq.y + pq.y);
+            upr.set(n * kLdGate + d, make_float2(ok.x + pk.x, ok.y + pk.y));
         }
         // Through the state on tensor cores: X = dY S_inᵀ (row n: x_n = S_in dy_n)
         // and Y = V Dᵀ (y_n = D v_n), 64 × [Re | Im] of the slab's channels,
@@ -1077,33 +1074,34 @@ __device__ __forceinline__ void grad_qk(const GateloopChunkGradParams& g) {
             const float wi = blk.modulus(n, -1, cl);
             const float wl = n < blk.n ? blk.modulus_within(last, n, cl) : 0.f;
             const float qn = qraw[blk.at(n, d)], kn = kraw[blk.at(n, d)];
-            const float2 ak = upr.get(n * kLdGate + d), gw = wpr.get(n * kLdGate + d);
-            // dq = Re dq̂, dk = Re (dk̂ + dk̂ᴰ), before the self pair's terms.
+            const float2 ak = upr.get(n * kLdGate + d);
+            // dq = Re dq̂, dk = Re (dk̂ + dk̂ᴰ), before the self pair's terms;
+            // w'_n = q_n dq̂ − k_n dk̂ (the self pair left out: it cancels
+            // exactly), u_n = k_n dk̂ᴰ.
             float dq, dk;
             if constexpr (kComplex) {
                 const float2 aqi = make_float2(fmaf(wi, xs[i].x, aq[i].x), fmaf(wi, xs[i].y, aq[i].y));
                 const float2 yd = make_float2(fmaf(cl_last, ys[i].x, sl_last * ys[i].y),
                                               fmaf(sl_last, ys[i].x, -(cl_last * ys[i].y)));
-                const float2 ad = make_float2(wl * yd.x, wl * yd.y);
-                // dq̂ = e^{iθ} acc_q, dk̂ = e^{−iθ} acc_k, dk̂ᴰ = e^{−iθ} acc_d.
+                // dq̂ = e^{iθ} acc_q, dk̂ = e^{−iθ} acc_k, dk̂ᴰ = e^{−iθ} acc_d
+                // with acc_d = |E(last, n)| e^{iθ_last} conj(D v_n), its
+                // modulus applied last.
                 const float cn = blk.cos_at(n, cl), sn = blk.sin_at(n, cl);
-                dq = fmaf(cn, aqi.x, -(sn * aqi.y));
-                dk = fmaf(cn, ak.x, sn * ak.y) + fmaf(cn, ad.x, sn * ad.y);
-                // w'_n = q dq̂ − k dk̂ (self pair left out: it cancels exactly), u_n = k dk̂ᴰ,
-                // each term's modulus applied last: w'_n = gw + |E(n, −1)|·(q_n e^{iθ_n} S_in dy_n),
-                // u_n = |E(last, n)|·(k_n e^{−iθ_n} e^{iθ_last} conj(D v_n)).
-                const float2 xq =
-                    make_float2(qn * fmaf(cn, xs[i].x, -(sn * xs[i].y)), qn * fmaf(sn, xs[i].x, cn * xs[i].y));
-                const float2 xk = make_float2(kn * fmaf(cn, yd.x, sn * yd.y), kn * fmaf(cn, yd.y, -(sn * yd.x)));
-                wpr.set(n * kLdGate + d, make_float2(fmaf(wi, xq.x, gw.x), fmaf(wi, xq.y, gw.y)));
-                upr.set(n * kLdGate + d, make_float2(wl * xk.x, wl * xk.y));
+                const float2 dqh = make_float2(fmaf(cn, aqi.x, -(sn * aqi.y)), fmaf(sn, aqi.x, cn * aqi.y));
+                const float2 dkh = make_float2(fmaf(cn, ak.x, sn * ak.y), fmaf(cn, ak.y, -(sn * ak.x)));
+                const float2 dkd = make_float2(fmaf(cn, yd.x, sn * yd.y), fmaf(cn, yd.y, -(sn * yd.x)));
+                dq = dqh.x;
+                dk = dkh.x + wl * dkd.x;
+                wpr.set(n * kLdGate + d,
+                        make_float2(fmaf(qn, dqh.x, -(kn * dkh.x)), fmaf(qn, dqh.y, -(kn * dkh.y))));
+                upr.set(n * kLdGate + d, make_float2(wl * (kn * dkd.x), wl * (kn * dkd.y)));
             } else {
                 // Real gates (θ ≡ 0): the same values from the real parts
                 // alone (nvcc folds neither the products by the tables'
                 // constant 0 nor the fmaf by their 1).
                 dq = fmaf(wi, xs[i].x, aq[i].x);
                 dk = ak.x + wl * ys[i].x;
-                wpr.set(n * kLdGate + d, make_float2(fmaf(wi, qn * xs[i].x, gw.x), 0.f));
+                wpr.set(n * kLdGate + d, make_float2(fmaf(qn, dq, -(kn * ak.x)), 0.f));
                 upr.set(n * kLdGate + d, make_float2(wl * (kn * ys[i].x), 0.f));
             }
             const float s_nn = ds[n * kChunk + n];
