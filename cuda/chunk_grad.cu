@@ -773,8 +773,14 @@ __device__ __forceinline__ void grad_qk(const GateloopChunkGradParams& g) {
     if (tid == 0) head_through[0] = make_float2(0.f, 0.f);
     // (ds and the head sums are read after the first slab's barriers.)
 
-    const int d = tid % kSlab;
-    const int nb = tid / kSlab;  // rows nb + 16 i
+    // Thread tid's channel d and local row nb (rows nb + 16 i) in the padded
+    // tables' order: a warp's half-warps on local rows four apart (80 words,
+    // the other 16 banks), so that their reads of a row's q, k and table
+    // entries take one wavefront where rows side by side (20 words apart)
+    // met on four banks; warps 0–3 still hold the first halves' rows.
+    const AnchoredSlot<kPrefixLd> row_slot(tid);
+    const int d = row_slot.col;
+    const int nb = row_slot.row0;
     input_t* __restrict__ dq_out = seq_row_mut<input_t>(g.dq, g.dq_strides, blk.b, blk.h);
     input_t* __restrict__ dk_out = seq_row_mut<input_t>(g.dk, g.dk_strides, blk.b, blk.h);
     float* dgate = g.dlog_gate + kParts * (blk.b * g.dgate_strides.batch + blk.h * g.dgate_strides.head);
