@@ -636,17 +636,17 @@ __device__ __forceinline__ void add_half_pair_sums(const Block<input_t, kComplex
     for (int r = 0; r < kPiece; ++r) {
         const int n = h0 + r;
         const float q = qraw[blk.at(n, d)], k = kraw[blk.at(n, d)];
+        const auto e = blk.late_entry(n, cl);
         if constexpr (kComplex) {
-            const float c = blk.cos_at(n, cl), s = blk.sin_at(n, cl);
-            qt[r] = make_float2(q * c, q * s);
-            kt[r] = make_float2(k * c, -(k * s));
+            qt[r] = make_float2(q * e.cs, q * e.sn);
+            kt[r] = make_float2(k * e.cs, -(k * e.sn));
         } else {
             qt[r] = make_float2(q, 0.f);
             kt[r] = make_float2(k, 0.f);
         }
-        re[r] = blk.gre[blk.at(n, cl)];
-        lo[r] = blk.glo[blk.at(n, cl)];
-        rs[r] = blk.rst[blk.at(n, cl)];
+        re[r] = e.re;
+        lo[r] = e.lo;
+        rs[r] = e.reset;
         sq[r] = make_float2(0.f, 0.f);
         sk[r] = make_float2(0.f, 0.f);
     }
