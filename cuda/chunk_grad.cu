@@ -98,8 +98,9 @@ constexpr int kGradTerms = 3;
 // live throughout); then, per slab, a union of the off-diagonal phase (the
 // six s blocks, the anchored q̃, k̃ as split operands, then their products
 // X, Y and the diagonal sub-chunks' cross rows in f32) and the inter-chunk
-// phase (dY, V, S_in, D over kInterCols value columns as split operands,
-// reused for the products X, Y in f32); then the tail: P's blocks for
+// phase (dY, V, S_in, D over inter_cols value columns as split operands,
+// dY and V of bf16 inputs their hi planes alone; reused for the products X,
+// Y in f32); then the tail: P's blocks for
 // grad_dv, w', u, the per-head sums and the through terms (f32, live across
 // the slab loop). The s phase, before any of those, stages its dY and V
 // tiles (split operands; bf16: hi planes alone, carve_terms) from the
@@ -109,14 +110,27 @@ constexpr int kGradTerms = 3;
 // first written after the s phase's last barrier (qk_smem_bytes).
 // Every region but the tail's last two a multiple of 128 bytes.
 // src/cuda/chunk_grad.rs: shared_bytes.
-constexpr int kInterCols = kVTile / 2;  // value columns per step of the inter-chunk products
+// Value columns a step of the inter-chunk products: 32, and 64 for real
+// bf16 (kRawTerms = 1) inputs, whose dY and V tiles take one plane: their
+// 64 columns cost 2 KB more than the offdiag phase's bytes, where 64 columns
+// halve the steps (each a round trip, two barriers and its addresses
+// formed: some 160 of a 32-column step's 223 instructions in the sm_90
+// SASS; speed log item 62). Not the others: complex gates' block would
+// pass 113 KB (two an H200 SM), real f16's (two planes) the 99 KB of
+// sm_86 and sm_89.
+template <bool kComplex, int kRawTerms>
+__host__ __device__ constexpr int inter_cols() {
+    return !kComplex && kRawTerms == 1 ? kVTile : kVTile / 2;
+}
+// The states' columns a warp's lanes take (a 64-column step: two of them).
+constexpr int kInterLanes = 32;
 // w' and u rows: one float2 per channel (real gates: a float, GateRows) and
 // a pad, so that a half-warp reading one channel's 16 consecutive steps
 // (gate_scan) hits 16 bank pairs (16 banks).
 constexpr int kLdGate = kSlab + 1;
-template <class Op>
+template <class Op, int kCols>
 __host__ __device__ constexpr int ld_inter() {
-    return kInterCols + Op::kPad;
+    return kCols + Op::kPad;
 }
 // Rows of grad_qk's f32 products X, Y (the off-diagonal and inter-chunk
 // phases): the slab's [Re | Im] (real gates: Re) and 8 floats of padding.
@@ -129,10 +143,13 @@ template <bool kComplex>
 __host__ __device__ constexpr int ld_product() {
     return slab_width<kComplex>() + 8;
 }
-template <class Op, bool kComplex>
+// dY, V of raw_tile_terms (bf16: one plane), S_in, D split.
+template <class Op, bool kComplex, int kRawTerms>
 __host__ __device__ constexpr int qk_inter_bytes() {
-    return cmax(2 * split_bytes<Op>(kChunk, ld_inter<Op>()) +
-                    2 * split_bytes<Op>(slab_width<kComplex>(), ld_inter<Op>()),
+    constexpr int kCols = inter_cols<kComplex, kRawTerms>();
+    constexpr int kTileTerms = kRawTerms == 1 ? 1 : kGradTerms;
+    return cmax(2 * terms_bytes<Op, kTileTerms>(kChunk, ld_inter<Op, kCols>()) +
+                    2 * split_bytes<Op>(slab_width<kComplex>(), ld_inter<Op, kCols>()),
                 2 * kChunk * ld_product<kComplex>() * 4);
 }
 // One 16 × 16 block of s per row of sub-chunks (row padding as the others).
@@ -153,9 +170,9 @@ __host__ __device__ constexpr int offdiag_out_bytes() {
     return 4 * (kPairs + kSubs - 1) * kSub * ld_product<kComplex>();
 }
 // The slab phases' union (the s phase's tiles are counted apart: qk_smem_bytes).
-template <class Op, bool kComplex>
+template <class Op, bool kComplex, int kRawTerms>
 __host__ __device__ constexpr int qk_union_bytes() {
-    return cmax(qk_inter_bytes<Op, kComplex>(),
+    return cmax(qk_inter_bytes<Op, kComplex, kRawTerms>(),
                 cmax(qk_offdiag_bytes<Op, kComplex>(), offdiag_out_bytes<kComplex>() + cross_scratch_bytes<kComplex>()));
 }
 // The s phase's dY and V tiles, kRawTerms each (one plane for bf16 inputs).
@@ -176,7 +193,7 @@ __host__ __device__ constexpr int qk_tail_bytes() {
 template <class Op, bool kComplex, int kRawTerms>
 __host__ __device__ constexpr int qk_smem_bytes() {
     return prefix_bytes<kComplex, kPrefixLd>() + 4 * (2 * kChunk * kPrefixLd + kChunk * kChunk) +
-           cmax(qk_s_phase_bytes<Op, kRawTerms>(), qk_union_bytes<Op, kComplex>() + qk_tail_bytes<kComplex>());
+           cmax(qk_s_phase_bytes<Op, kRawTerms>(), qk_union_bytes<Op, kComplex, kRawTerms>() + qk_tail_bytes<kComplex>());
 }
 
 // The off-diagonal sub-chunk blocks of one slab on tensor cores, into f32
@@ -701,7 +718,7 @@ __device__ __forceinline__ void grad_qk(const GateloopChunkGradParams& g) {
     f += kChunk * kChunk;
     // The s phase | per slab the off-diagonal phase, then the inter-chunk phase.
     unsigned char* union_at = reinterpret_cast<unsigned char*>(f);
-    f = reinterpret_cast<float*>(union_at + qk_union_bytes<Op, kComplex>());
+    f = reinterpret_cast<float*>(union_at + qk_union_bytes<Op, kComplex, kRawTerms>());
     // P for grad_dv (kQkScoresBytes): [kPairs][16][16] off-diagonal blocks
     // (wmma accumulators: 32-byte aligned, as every region up to here),
     // then [kSubs][16][16] diagonal blocks.
@@ -892,19 +909,21 @@ __device__ __forceinline__ void grad_qk(const GateloopChunkGradParams& g) {
         }
         // Through the state on tensor cores: X = dY S_inᵀ (row n: x_n = S_in dy_n)
         // and Y = V Dᵀ (y_n = D v_n), 64 × [Re | Im] of the slab's channels,
-        // inner dimension every value column in steps of kInterCols (the
+        // inner dimension every value column in steps of kCols (the
         // warps' tiles: below). Σ_j S_in conj(D) per channel in
         // f32 from the workspace values staged for those products: warp w
         // sums channels w and w + 8 over the value columns (one per lane,
         // then shuffles in a fixed order: deterministic).
         float2 xs[4], ys[4];
         {
+            constexpr int kCols = inter_cols<kComplex, kRawTerms>();
+            constexpr int kLdInter = ld_inter<Op, kCols>();
             unsigned char* at = union_at;
-            const Split<Op> dyh = carve<Op>(at, kChunk, ld_inter<Op>());
-            const Split<Op> vh = carve<Op>(at, kChunk, ld_inter<Op>());
+            const Split<Op> dyh = carve_terms<Op, kTileTerms>(at, kChunk, kLdInter);
+            const Split<Op> vh = carve_terms<Op, kTileTerms>(at, kChunk, kLdInter);
             // S_in, D rows [j][c] row-major, read as the column-major B = S_inᵀ, Dᵀ.
-            const Split<Op> sh = carve<Op>(at, slab_width<kComplex>(), ld_inter<Op>());
-            const Split<Op> dh = carve<Op>(at, slab_width<kComplex>(), ld_inter<Op>());
+            const Split<Op> sh = carve<Op>(at, slab_width<kComplex>(), kLdInter);
+            const Split<Op> dh = carve<Op>(at, slab_width<kComplex>(), kLdInter);
             // Complex: warp w ↔ tile (w / 2, w % 2) — the Re (0) or Im (1)
             // columns — of both X and Y. Real gates have no Im tiles, so
             // their 8 tiles go one to a warp: warps 0–3 X (rows 16·w), warps
@@ -916,27 +935,39 @@ __device__ __forceinline__ void grad_qk(const GateloopChunkGradParams& g) {
             wmma::fill_fragment(xacc, 0.f);
             if (kComplex) wmma::fill_fragment(yacc, 0.f);
             // Σ_c S_in conj(D) of the slot's channels (rows row0 + kStep·i of
-            // the slab) at its column, summed over the columns by the warp
-            // after the loop (the warp's lanes are the columns).
-            const TileSlot<kInterCols> slot(tid);
-            constexpr int kStep = TileSlot<kInterCols>::kStep;
-            constexpr int kChannels = StateRows<kInterCols>::kPerPart;  // a thread's channels
-            static_assert(kInterCols == 32 && kStep * kChannels == kSlab, "a warp's lanes are the columns of a slab's channels");
+            // the slab) at its column (and that + 32·h: a 64-column step's
+            // halves h), summed over the columns by the warp after the loop
+            // (the warp's lanes are the columns; a thread's columns in
+            // order, as in steps of 32).
+            const TileSlot<kInterLanes> slot(tid);
+            constexpr int kStep = TileSlot<kInterLanes>::kStep;
+            constexpr int kChannels = StateRows<kInterLanes>::kPerPart;  // a thread's channels
+            constexpr int kHalves = kCols / kInterLanes;
+            static_assert(kInterLanes == 32 && kStep * kChannels == kSlab, "a warp's lanes are the columns of a slab's channels");
             float2 thr[kChannels];
 #pragma unroll
             for (int i = 0; i < kChannels; ++i) thr[i] = make_float2(0.f, 0.f);
-            for (int64_t v0 = 0; v0 < value_dim; v0 += kInterCols) {
+            // Whether dY and V rows are 16-byte aligned: at column 0 so at
+            // every step's v0 (kCols 16-bit elements, a multiple of 16 bytes).
+            bool vector = false;
+            if constexpr (stored_as_loaded<input_t, Op, kTileTerms>()) {
+                static_assert(kCols * sizeof(input_t) % 16 == 0, "a step keeps a row's 16-byte alignment");
+                vector = blk.vector_rows(dy, g.dy_strides, 0, value_dim) && blk.vector_rows(blk.v, p.v_strides, 0, value_dim);
+            }
+            for (int64_t v0 = 0; v0 < value_dim; v0 += kCols) {
                 __syncthreads();  // the previous step's operands are consumed
                 // (dy, v) and (S_in, D) pairs, staged (stage_tile): loads in
                 // flight together, addresses stepped from the thread's first.
                 const auto stage_each = [&] {
-                    const bool col_in = v0 + slot.col < value_dim;
-                    const int64_t dy_first = opaque((blk.t0 + slot.row0) * g.dy_strides.time + v0 + slot.col);
-                    const int64_t v_first = opaque((blk.t0 + slot.row0) * p.v_strides.time + v0 + slot.col);
-                    const int64_t dy_step = opaque(kStep * g.dy_strides.time);
-                    const int64_t v_step = opaque(kStep * p.v_strides.time);
-                    stage_tile<kChunk, kInterCols>(
-                        slot,
+                    const TileSlot<kCols> tile(tid);
+                    constexpr int kTileStep = TileSlot<kCols>::kStep;
+                    const bool col_in = v0 + tile.col < value_dim;
+                    const int64_t dy_first = opaque((blk.t0 + tile.row0) * g.dy_strides.time + v0 + tile.col);
+                    const int64_t v_first = opaque((blk.t0 + tile.row0) * p.v_strides.time + v0 + tile.col);
+                    const int64_t dy_step = opaque(kTileStep * g.dy_strides.time);
+                    const int64_t v_step = opaque(kTileStep * p.v_strides.time);
+                    stage_tile<kChunk, kCols>(
+                        tile,
                         [&](int u, int n, int) {
                             if (!col_in || n >= blk.n) return make_float2(0.f, 0.f);
                             return make_float2(Tr::load(dy, dy_first + u * dy_step),
@@ -947,76 +978,100 @@ __device__ __forceinline__ void grad_qk(const GateloopChunkGradParams& g) {
                             vh.template put<kTileTerms>(n, c, x.y);
                         });
                 };
-                // S_in and D of channel row0 + kStep·u at the slot's column,
-                // both parts (Re, Im) of each in one item: (Re S, Im S, Re D,
-                // Im D), tile rows (Re) u·kStep + row0 and kSlab + that (Im).
+                // S_in and D of channel row0 + kStep·u at the slot's column
+                // + 32·h, both parts (Re, Im) of each in one item: (Re S,
+                // Im S, Re D, Im D), tile rows (Re) u·kStep + row0 and kSlab
+                // + that (Im), column slot.col + 32·h.
                 // Their loads issued first and held (kStatesFirst), in
                 // flight with the tiles' (one round trip a step for 16-byte
                 // tiles, two for the elementwise ones, where the tiles'
                 // stores had waited for theirs before S_in and D were
                 // loaded: two and three); not in the complex f16 kernel on
-                // sm_80 (4 bytes spilled at its 128).
-                constexpr bool kStatesFirst = !(kComplex && std::is_same<input_t, __half>::value) ||
-                                              GATELOOP_BY_ARCH(false, true);
-                const StateRows<kInterCols> rows(blk, slot, d0, v0);
+                // sm_80 (4 bytes spilled at its 128). A 64-column step
+                // (kAsync) issues its 16-byte tiles first, by cp.async: no
+                // register holds them (its two groups a tensor a thread,
+                // loaded into registers, took ptxas to 128 registers and
+                // longer code in the rest of the slab loop), no store waits
+                // for them, so S_in and D load after them in the same round
+                // trip (before them, held across the elementwise staging
+                // of unaligned rows, they spilled 20 bytes); a 32-column
+                // step's one group a tensor stays a load into registers
+                // (cp.async's wait and addresses were ~10 instructions more
+                // a step in the complex bf16 kernel).
+                constexpr bool kAsync = stored_as_loaded<input_t, Op, kTileTerms>() && kHalves == 2;
+                constexpr bool kStatesFirst = !kAsync && (!(kComplex && std::is_same<input_t, __half>::value) ||
+                                                          GATELOOP_BY_ARCH(false, true));
+                const StateRows<kInterLanes> rows(blk, slot, d0, v0);
                 constexpr int kStateItems = kSlab / kStep;
-                float4 sd[kStateItems];
+                float4 sd[kHalves][kStateItems];
                 const auto fetch_states = [&] {
 #pragma unroll
-                    for (int u = 0; u < kStateItems; ++u) {
-                        float4 x = make_float4(0.f, 0.f, 0.f, 0.f);
-                        if (rows.live(u)) {
-                            const int64_t re = rows.at(0, u);
-                            if (kComplex) {
-                                const int64_t im = rows.at(1, u);
-                                x = make_float4(p.ws_state[re], p.ws_state[im], g.ws_adj[re], g.ws_adj[im]);
-                            } else {
-                                x = make_float4(p.ws_state[re], 0.f, g.ws_adj[re], 0.f);
+                    for (int h = 0; h < kHalves; ++h) {
+                        const bool col_in = h == 0 || v0 + kInterLanes * h + slot.col < value_dim;
+#pragma unroll
+                        for (int u = 0; u < kStateItems; ++u) {
+                            float4 x = make_float4(0.f, 0.f, 0.f, 0.f);
+                            if (col_in && rows.live(u)) {
+                                const int64_t re = rows.at(0, u) + kInterLanes * h;
+                                if (kComplex) {
+                                    const int64_t im = rows.at(1, u) + kInterLanes * h;
+                                    x = make_float4(p.ws_state[re], p.ws_state[im], g.ws_adj[re], g.ws_adj[im]);
+                                } else {
+                                    x = make_float4(p.ws_state[re], 0.f, g.ws_adj[re], 0.f);
+                                }
                             }
+                            sd[h][u] = x;
                         }
-                        sd[u] = x;
                     }
                 };
-                if constexpr (kStatesFirst) fetch_states();
-                // bf16: both tiles as they came, 16 bytes a load, where their
-                // rows are aligned (Block::load_groups).
-                bool vector = false;
-                if constexpr (stored_as_loaded<input_t, Op, kTileTerms>()) {
-                    vector = blk.vector_rows(dy, g.dy_strides, v0, value_dim) &&
-                             blk.vector_rows(blk.v, p.v_strides, v0, value_dim);
+                // bf16: both tiles as they came, 16 bytes a load, where
+                // their rows are aligned (Block::issue_groups_async, waited
+                // for before the barrier below; Block::load_groups).
+                if constexpr (kAsync) {
                     if (vector) {
-                        blk.template load_groups<kInterCols, 0>(dy, g.dy_strides, v0, value_dim,
-                                                                [&](int t, int c, uint4 w) { dyh.put_group(t, c, w); });
-                        blk.template load_groups<kInterCols, 0>(blk.v, p.v_strides, v0, value_dim,
-                                                                [&](int t, int c, uint4 w) { vh.put_group(t, c, w); });
+                        blk.template issue_groups_async<kCols, 0>(dy, g.dy_strides, v0, value_dim, blk.chunk, dyh);
+                        blk.template issue_groups_async<kCols, 0>(blk.v, p.v_strides, v0, value_dim, blk.chunk, vh);
+                    }
+                }
+                if constexpr (kStatesFirst) fetch_states();
+                if constexpr (stored_as_loaded<input_t, Op, kTileTerms>() && !kAsync) {
+                    if (vector) {
+                        blk.template load_groups<kCols, 0>(dy, g.dy_strides, v0, value_dim,
+                                                           [&](int t, int c, uint4 w) { dyh.put_group(t, c, w); });
+                        blk.template load_groups<kCols, 0>(blk.v, p.v_strides, v0, value_dim,
+                                                           [&](int t, int c, uint4 w) { vh.put_group(t, c, w); });
                     }
                 }
                 if (!vector) stage_each();
                 if constexpr (!kStatesFirst) fetch_states();
 #pragma unroll
-                for (int u = 0; u < kStateItems; ++u) {
-                    const float4 x = sd[u];
-                    // Real gates: x.y = x.w = 0, and thr is never −0 (it
-                    // starts at +0; a rounded sum is −0 only when both
-                    // addends are), so the fmaf of those zeros, which nvcc
-                    // keeps, goes with the same values; Im stays 0.
-                    if constexpr (kComplex) {
-                        thr[u] = make_float2(fmaf(x.x, x.z, fmaf(x.y, x.w, thr[u].x)),
-                                             fmaf(x.y, x.z, fmaf(-x.x, x.w, thr[u].y)));
-                    } else {
-                        thr[u].x = fmaf(x.x, x.z, thr[u].x);
-                    }
-                    const int r = slot.row0 + u * kStep, c = slot.col;
-                    sh.template put<kGradTerms>(r, c, x.x);
-                    dh.template put<kGradTerms>(r, c, x.z);
-                    if (kComplex) {
-                        sh.template put<kGradTerms>(kSlab + r, c, x.y);
-                        dh.template put<kGradTerms>(kSlab + r, c, x.w);
+                for (int h = 0; h < kHalves; ++h) {
+#pragma unroll
+                    for (int u = 0; u < kStateItems; ++u) {
+                        const float4 x = sd[h][u];
+                        // Real gates: x.y = x.w = 0, and thr is never −0 (it
+                        // starts at +0; a rounded sum is −0 only when both
+                        // addends are), so the fmaf of those zeros, which
+                        // nvcc keeps, goes with the same values; Im stays 0.
+                        if constexpr (kComplex) {
+                            thr[u] = make_float2(fmaf(x.x, x.z, fmaf(x.y, x.w, thr[u].x)),
+                                                 fmaf(x.y, x.z, fmaf(-x.x, x.w, thr[u].y)));
+                        } else {
+                            thr[u].x = fmaf(x.x, x.z, thr[u].x);
+                        }
+                        const int r = slot.row0 + u * kStep, c = slot.col + kInterLanes * h;
+                        sh.template put<kGradTerms>(r, c, x.x);
+                        dh.template put<kGradTerms>(r, c, x.z);
+                        if (kComplex) {
+                            sh.template put<kGradTerms>(kSlab + r, c, x.y);
+                            dh.template put<kGradTerms>(kSlab + r, c, x.w);
+                        }
                     }
                 }
+                if (kAsync && vector) cp_async_wait_all();  // this thread's tile copies, before the barrier
                 __syncthreads();
                 if (kComplex) {
-                    for (int kk = 0; kk < kInterCols; kk += Op::kK) {
+                    for (int kk = 0; kk < kCols; kk += Op::kK) {
                         mma_split_step<Op, kTileTerms, kGradTerms, wmma::row_major, wmma::col_major>(
                             xacc, dyh.hi_at(16 * xr, kk), dyh.lo_at(16 * xr, kk), dyh.ld, sh.hi_at(16 * xc, kk),
                             sh.lo_at(16 * xc, kk), sh.ld);
@@ -1032,13 +1087,12 @@ __device__ __forceinline__ void grad_qk(const GateloopChunkGradParams& g) {
                     // planes): an offset, not a second set of pointers (at
                     // 128 registers, those spilled).
                     using S = typename Op::storage;
-                    constexpr int kPastDy = split_bytes<Op>(kChunk, ld_inter<Op>()) / static_cast<int>(sizeof(S));
-                    constexpr int kPastS =
-                        split_bytes<Op>(slab_width<kComplex>(), ld_inter<Op>()) / static_cast<int>(sizeof(S));
+                    constexpr int kPastDy = terms_bytes<Op, kTileTerms>(kChunk, kLdInter) / static_cast<int>(sizeof(S));
+                    constexpr int kPastS = split_bytes<Op>(slab_width<kComplex>(), kLdInter) / static_cast<int>(sizeof(S));
                     const int a_shift = real_y ? kPastDy : 0;
                     const int b_shift = real_y ? kPastS : 0;
 #pragma unroll 1
-                    for (int kk = 0; kk < kInterCols; kk += Op::kK) {
+                    for (int kk = 0; kk < kCols; kk += Op::kK) {
                         mma_split_step<Op, kTileTerms, kGradTerms, wmma::row_major, wmma::col_major>(
                             xacc, dyh.hi_at(16 * xr, kk) + a_shift, dyh.lo_at(16 * xr, kk) + a_shift, dyh.ld,
                             sh.hi_at(0, kk) + b_shift, sh.lo_at(0, kk) + b_shift, sh.ld);
@@ -1203,8 +1257,10 @@ __device__ __forceinline__ void grad_dv(const GateloopChunkGradParams& g) {
 // registers), grad_w_seq 3 (f16 real 2: 8 bytes spilled at 3; bf16 complex
 // 4); on sm_80 grad_w 2 (f16 real: 3 and 4 spill; bf16 3 complex, 4 real),
 // grad_w_seq 1 f16 complex (two resident all the same), 2 bf16 complex and
-// real. grad_qk 2 (111 KB complex, 94 KB real with 16-bit inputs, the
-// scores' blocks included: two an H200 SM, one an A100's) and grad_dv 2 on
+// real. grad_qk 2 (111 KB complex, 85 KB real f16, 87 KB real bf16 with
+// its 64-column inter-chunk steps, the scores' blocks included: two an
+// H200 SM, one an A100's; so real bf16 1 on sm_80, where it spilled 8 bytes
+// at 128 registers) and grad_dv 2 on
 // sm_80, 3 on sm_90 (adjoint_smem_bytes: 74 KB complex, 64 KB real; 76 to
 // 80 registers at 3; bf16 real 4, its 55 KB with dY one plane, 63 and 64
 // registers): with one block per
@@ -1241,8 +1297,8 @@ GATELOOP_CHUNK_GRAD_ENTRIES(bf16, __nv_bfloat16, c, true, GATELOOP_BY_ARCH(3, 4)
 GATELOOP_CHUNK_GRAD_ENTRIES(f32, float, r, false, 2, 1, GATELOOP_BY_ARCH(1, 2), GATELOOP_BY_ARCH(1, 2))
 GATELOOP_CHUNK_GRAD_ENTRIES(f16, __half, r, false, GATELOOP_BY_ARCH(2, 3), 2, 2,
                             GATELOOP_BY_ARCH(2, 3))
-GATELOOP_CHUNK_GRAD_ENTRIES(bf16, __nv_bfloat16, r, false, GATELOOP_BY_ARCH(4, 5), GATELOOP_BY_ARCH(2, 3), 2,
-                            GATELOOP_BY_ARCH(2, 4))
+GATELOOP_CHUNK_GRAD_ENTRIES(bf16, __nv_bfloat16, r, false, GATELOOP_BY_ARCH(4, 5), GATELOOP_BY_ARCH(2, 3),
+                            GATELOOP_BY_ARCH(1, 2), GATELOOP_BY_ARCH(2, 4))
 
 // gateloop_chunk_grad_dv_wide_{dtype}_{c,r}: grad_dv over 128 value
 // columns a block (V > 64), in the same bytes as grad_dv

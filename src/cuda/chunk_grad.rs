@@ -182,7 +182,8 @@ unsafe impl DeviceRepr for GateloopChunkGradParams {}
 /// off-diagonal phase (the six 16 × 16 blocks of s, the anchored q̃ per pair
 /// and k̃ per key sub-chunk split, reused for their products in f32 and the
 /// diagonal sub-chunks' cross rows) and the inter-chunk phase (dY, V, S_in,
-/// D over 32 value columns split, reused for X, Y in f32), then a tail: the
+/// D over 32 value columns split, 64 for real bf16 inputs, whose dY and V
+/// take one plane; reused for X, Y in f32), then a tail: the
 /// scores' ten 16 × 16 f32 blocks (summed over the slabs for grad_dv), w', u,
 /// the per-head sums and the through terms. The s phase (dY, V split; bf16
 /// their hi planes alone), which ends before the tail is first written,
@@ -202,8 +203,13 @@ pub fn shared_bytes(dtype: Dtype, gates: Gates) -> (u32, u32, u32) {
     let prefix = chunk::prefix_bytes(gates, true);
     let (w, _) = chunk::shared_bytes(dtype, gates);
     let dv = chunk::adjoint_shared_bytes(dtype, gates, VALUE_TILE);
-    let inter_cols = t / 2;
-    let inter = (2 * split(c, inter_cols + pad) + 2 * split(width, inter_cols + pad)).max(2 * c * product_ld * 4);
+    // The inter-chunk phase's steps of value columns: 64 for real bf16
+    // inputs, else 32; its dY and V tiles one plane for bf16 (raw_tile_terms),
+    // S_in and D split (cuda/chunk_grad.cu: inter_cols, qk_inter_bytes).
+    let inter_cols = if gates == Gates::Real && dtype == Dtype::Bf16 { t } else { t / 2 };
+    let tile_planes = if dtype == Dtype::Bf16 { 1 } else { 2 };
+    let inter = (2 * split(c, inter_cols + pad) * tile_planes / 2 + 2 * split(width, inter_cols + pad))
+        .max(2 * c * product_ld * 4);
     let offdiag = split(pairs * sub, sub + pad) + split(pairs * sub, width + pad) + split(key_subs * sub, width + pad);
     // Its products X, Y (f32), then the diagonal sub-chunks' cross rows: 32
     // query and 32 key rows, complex [Re | Im] of the slab, real padded to
@@ -1431,15 +1437,21 @@ mod tests {
         let dv = 15360 + 5120 + 69632 + 8192;
         assert_eq!(shared_bytes(Dtype::F32, Gates::Real), (w, 15360 + 10240 + 16384 + 69632, dv));
         assert!(2 * (shared_bytes(Dtype::F32, Gates::Real).1 + 1024) <= 228 * 1024);
-        // 16-bit: union max(inter-chunk 2·2·2·64·40 + 2·2·2·16·40 = 25600,
-        // off-diagonal 2·2·(96·24 + 96·24 + 48·24) = 23040, products and
-        // cross rows 18944) = 25600, with the real tail longer than the s
-        // phase (36864, bf16 18432); grad_dv's max(2·2·(64·24 + 16·72) =
-        // 10752, 36864, bf16 27648).
-        for (dtype, dy_tile) in [(Dtype::F16, 18432), (Dtype::Bf16, 9216)] {
+        // 16-bit: union max(inter-chunk, off-diagonal 2·2·(96·24 + 96·24 +
+        // 48·24) = 23040, products and cross rows 18944), the inter-chunk
+        // phase f16's steps of 32 columns (2·2·2·64·40 + 2·2·2·16·40 =
+        // 25600) and bf16's of 64 with dY and V one plane (2·2·64·72 +
+        // 2·2·2·16·72 = 27648), with the real tail longer than the s phase
+        // (36864, bf16 18432); grad_dv's max(2·2·(64·24 + 16·72) = 10752,
+        // 36864, bf16 27648).
+        for (dtype, dy_tile, union) in [(Dtype::F16, 18432, 25600), (Dtype::Bf16, 9216, 27648)] {
             let (w, _) = chunk::shared_bytes(dtype, Gates::Real);
             let dv = 15360 + 5120 + 18432 + dy_tile + 8192;
-            assert_eq!(shared_bytes(dtype, Gates::Real), (w, 15360 + 10240 + 16384 + 25600 + real_tail, dv));
+            let qk = 15360 + 10240 + 16384 + union + real_tail;
+            assert_eq!(shared_bytes(dtype, Gates::Real), (w, qk, dv));
+            // Two real 16-bit grad_qk blocks an H200 SM; bf16's under the
+            // 99 KB opt-in of sm_86 and sm_89 as well.
+            assert!(2 * (qk + 1024) <= 228 * 1024 && qk <= 99 * 1024, "{dtype}");
         }
         // Four real bf16 grad_dv blocks an H200 SM (its launch bound).
         assert!(4 * (shared_bytes(Dtype::Bf16, Gates::Real).2 + 1024) <= 228 * 1024);

@@ -208,8 +208,8 @@ static int32_t frag_shared_bytes(bool complex) {
 // layout (of the gate kind), grad_dv the output kernel's less raw q, the
 // anchored rows and the diagonal blocks (adjoint_smem_bytes); grad_qk's
 // slab operands are `width` wide, its f32 products' rows width + 8
-// (ld_product), its s phase's dY and V one plane each for bf16 inputs
-// (`planes` 1: carve_terms), as grad_w's dY.
+// (ld_product), its s phase's and inter-chunk phase's dY and V one plane
+// each for bf16 inputs (`planes` 1: carve_terms), as grad_w's dY.
 static void grad_shared_bytes(int size, int planes, bool complex, int32_t& w, int32_t& qk, int32_t& dv) {
     const int c = GATELOOP_CHUNK_LEN, s = GATELOOP_CHUNK_KEY_SLAB, t = GATELOOP_CHUNK_VALUE_TILE;
     // grad_qk's prefix tables and raw q, k in padded rows, as the output's.
@@ -222,7 +222,12 @@ static void grad_shared_bytes(int size, int planes, bool complex, int32_t& w, in
     dv = prefix + c * ld * 4 + std::max(split(c, width + pad) + split(width, t + pad), split(c, t + pad) + dy_tile) +
          staging;
     const int product_ld = width + 8, cross_ld = complex ? 2 * s : ld;
-    const int inter = std::max(2 * split(c, t / 2 + pad) + 2 * split(width, t / 2 + pad), 2 * c * product_ld * 4);
+    // The inter-chunk steps: 64 value columns for real bf16 (planes 1), else
+    // 32; dY and V in `planes` planes, S_in and D split (chunk_grad.cu:
+    // inter_cols, qk_inter_bytes).
+    const int inter_cols = !complex && planes == 1 ? t : t / 2;
+    const int inter = std::max(2 * split(c, inter_cols + pad) * planes / 2 + 2 * split(width, inter_cols + pad),
+                               2 * c * product_ld * 4);
     const int offdiag = split(pairs * sub, sub + pad) + split(pairs * sub, width + pad) + split(key_subs * sub, width + pad);
     const int products = 4 * (pairs + key_subs) * sub * product_ld + 2 * (c / 2) * cross_ld * 4;
     const int uni = std::max({inter, offdiag, products});
