@@ -2139,6 +2139,16 @@ __device__ __forceinline__ void walk_chunks(const GateloopChunkParams& p, unsign
     static_assert(kCols == kVTile || (kCols == kWideCols && !kComplex), "one value tile, or two with real gates");
     constexpr int kHalves = kCols / kVTile;  // value tiles a block
     constexpr int kAhead = kBackward ? -1 : 1;  // the chunk visited next, prefetched into L2
+    // The real wide walks' gates: no L2 prefetch of the chunk after next
+    // (kGatesAhead 0). A chunk's gates are issued by cp.async during the
+    // chunk before, after its decays, and waited for at its own start:
+    // across the Gram products and updates of both value tiles, a window
+    // longer than a DRAM round trip, so the prefetch that made them L2 hits
+    // saved no wait, and it took 7 to 8 instructions an item (8 items a
+    // thread a chunk: ~70 of the wide real bf16 Fast walk's ~1 570 a chunk).
+    // The walks of one value tile keep it: without it ptxas spilled 4 and 12
+    // bytes in the bf16 ones at their caps (64 and 80 registers).
+    constexpr int kGatesAhead = kHalves == 2 ? 0 : kAhead;
     constexpr int kCh = walk_slab<kComplex>();
     constexpr int kWidth = slab_width<kComplex, kCh>();
     constexpr int kTileTerms = raw_tile_terms<input_t, kTerms>();
@@ -2215,7 +2225,7 @@ __device__ __forceinline__ void walk_chunks(const GateloopChunkParams& p, unsign
         if constexpr (!kComplex) {
 #pragma unroll
             for (int h = 0; h < kHalves; ++h) issue_tile(chunk_at(0), h);
-            blk.template issue_gates_async<kAhead>(d0, chunk_at(0));
+            blk.template issue_gates_async<kGatesAhead>(d0, chunk_at(0));
         }
 #pragma unroll 1
         for (int64_t i = 0; i < p.num_chunks; ++i) {
@@ -2258,7 +2268,7 @@ __device__ __forceinline__ void walk_chunks(const GateloopChunkParams& p, unsign
                 // The tables' last readers (put_slab, the decays) are done: the
                 // next chunk's gates land in them across this one's Gram
                 // product and update.
-                if (i + 1 < p.num_chunks) blk.template issue_gates_async<kAhead>(d0, chunk_at(i + 1));
+                if (i + 1 < p.num_chunks) blk.template issue_gates_async<kGatesAhead>(d0, chunk_at(i + 1));
             }
             // Each value tile h in turn (kHalves = 2: the wide walk, whose
             // prefix, keys and slab operand serve both): X_c = Xᵀ Y_h into
