@@ -1502,11 +1502,24 @@ struct Block {
     __device__ __forceinline__ void issue_groups_async(const input_t* __restrict__ x, const GateloopSeqStrides& s,
                                                        int64_t col0, int64_t limit, int64_t c,
                                                        const Split<Op>& to) const {
+        const int64_t from = c * kChunk;
+        issue_groups_async_from<kWidth, kAhead>(x, s, col0, limit, from, steps_from(from), to);
+    }
+    // The same for the block's own chunk (t0, n: packed blocks too, whose
+    // chunk starts where its sequence's chunks do, not at chunk·kChunk).
+    template <int kWidth, class Op>
+    __device__ __forceinline__ void issue_own_groups_async(const input_t* __restrict__ x, const GateloopSeqStrides& s,
+                                                           int64_t col0, int64_t limit, const Split<Op>& to) const {
+        issue_groups_async_from<kWidth, 0>(x, s, col0, limit, t0, n, to);
+    }
+    // issue_groups_async of the chunk of `steps` steps starting at `from`.
+    template <int kWidth, int kAhead, class Op>
+    __device__ __forceinline__ void issue_groups_async_from(const input_t* __restrict__ x,
+                                                            const GateloopSeqStrides& s, int64_t col0, int64_t limit,
+                                                            int64_t from, int steps, const Split<Op>& to) const {
         static_assert(sizeof(typename Op::storage) == 2, "stored as loaded");
         using G = GroupSlot<kWidth>;
         constexpr int kTileLd = ld_tile<Op, kWidth>();
-        const int64_t from = c * kChunk;
-        const int steps = steps_from(from);
         const GroupItems e = group_items<kWidth, kAhead>(x, s, from, col0, limit);
         void* const base = to.hi + e.r0 * kTileLd + 8 * e.g;
         // A dead item's copy reads nothing; its address is still one inside

@@ -1029,8 +1029,8 @@ __device__ __forceinline__ void grad_qk(const GateloopChunkGradParams& g) {
                 // for before the barrier below; Block::load_groups).
                 if constexpr (kAsync) {
                     if (vector) {
-                        blk.template issue_groups_async<kCols, 0>(dy, g.dy_strides, v0, value_dim, blk.chunk, dyh);
-                        blk.template issue_groups_async<kCols, 0>(blk.v, p.v_strides, v0, value_dim, blk.chunk, vh);
+                        blk.template issue_own_groups_async<kCols>(dy, g.dy_strides, v0, value_dim, dyh);
+                        blk.template issue_own_groups_async<kCols>(blk.v, p.v_strides, v0, value_dim, vh);
                     }
                 }
                 if constexpr (kStatesFirst) fetch_states();
