@@ -116,10 +116,15 @@ struct OpOf<__nv_bfloat16> {
 // would be 0), so that plane is neither staged nor multiplied (the products
 // dropped are exact zeros: the same sums bit for bit); f32 and f16 inputs
 // take kTerms. Stage such a tile with these terms and multiply it with
-// mma_split_step's term count for its side.
+// mma_split_step's term count for its side. By the input's kRawTerms
+// (OpOf) where a layout knows that and not the input type.
+template <int kRawTerms, int kTerms>
+__host__ __device__ constexpr int raw_terms() {
+    return kRawTerms == 1 ? 1 : kTerms;
+}
 template <typename input_t, int kTerms>
 __host__ __device__ constexpr int raw_tile_terms() {
-    return OpOf<input_t>::kRawTerms == 1 ? 1 : kTerms;
+    return raw_terms<OpOf<input_t>::kRawTerms, kTerms>();
 }
 
 // Leading dimension of a tile of kCols value columns (kVTile, or the wide

@@ -147,7 +147,7 @@ __host__ __device__ constexpr int ld_product() {
 template <class Op, bool kComplex, int kRawTerms>
 __host__ __device__ constexpr int qk_inter_bytes() {
     constexpr int kCols = inter_cols<kComplex, kRawTerms>();
-    constexpr int kTileTerms = kRawTerms == 1 ? 1 : kGradTerms;
+    constexpr int kTileTerms = raw_terms<kRawTerms, kGradTerms>();
     return cmax(2 * terms_bytes<Op, kTileTerms>(kChunk, ld_inter<Op, kCols>()) +
                     2 * split_bytes<Op>(slab_width<kComplex>(), ld_inter<Op, kCols>()),
                 2 * kChunk * ld_product<kComplex>() * 4);

@@ -474,7 +474,13 @@ fn final_phase_bytes(dtype: Dtype) -> usize {
 /// which are exact in their bf16 operand (`carve_terms`, `OpOf::kRawTerms`
 /// in cuda/chunk_common.cuh).
 pub(super) fn raw_tile_bytes(dtype: Dtype) -> usize {
-    let tile = split_bytes(dtype, CHUNK_LEN, VALUE_TILE + operand_pad(dtype));
+    raw_tile_bytes_cols(dtype, VALUE_TILE)
+}
+
+/// [`raw_tile_bytes`] for a tile of `cols` value columns (grad_qk's
+/// inter-chunk steps of 32 or 64).
+pub(super) fn raw_tile_bytes_cols(dtype: Dtype, cols: usize) -> usize {
+    let tile = split_bytes(dtype, CHUNK_LEN, cols + operand_pad(dtype));
     if dtype == Dtype::Bf16 { tile / 2 } else { tile }
 }
 

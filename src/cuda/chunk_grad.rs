@@ -204,11 +204,10 @@ pub fn shared_bytes(dtype: Dtype, gates: Gates) -> (u32, u32, u32) {
     let (w, _) = chunk::shared_bytes(dtype, gates);
     let dv = chunk::adjoint_shared_bytes(dtype, gates, VALUE_TILE);
     // The inter-chunk phase's steps of value columns: 64 for real bf16
-    // inputs, else 32; its dY and V tiles one plane for bf16 (raw_tile_terms),
-    // S_in and D split (cuda/chunk_grad.cu: inter_cols, qk_inter_bytes).
+    // inputs, else 32; its dY and V raw tiles (one plane for bf16), S_in and
+    // D split (cuda/chunk_grad.cu: inter_cols, qk_inter_bytes).
     let inter_cols = if gates == Gates::Real && dtype == Dtype::Bf16 { t } else { t / 2 };
-    let tile_planes = if dtype == Dtype::Bf16 { 1 } else { 2 };
-    let inter = (2 * split(c, inter_cols + pad) * tile_planes / 2 + 2 * split(width, inter_cols + pad))
+    let inter = (2 * chunk::raw_tile_bytes_cols(dtype, inter_cols) + 2 * split(width, inter_cols + pad))
         .max(2 * c * product_ld * 4);
     let offdiag = split(pairs * sub, sub + pad) + split(pairs * sub, width + pad) + split(key_subs * sub, width + pad);
     // Its products X, Y (f32), then the diagonal sub-chunks' cross rows: 32

@@ -159,10 +159,11 @@ template <class T>
 static int raw_planes() {
     return std::is_same<T, __nv_bfloat16>::value ? 1 : 2;
 }
-// chunk.rs `raw_tile_bytes`: a raw value tile (V or dY) of `s`-byte operands
-// in `planes` planes, rows padded as ld_tile.
-static int raw_tile_bytes(int s, int planes) {
-    return planes * GATELOOP_CHUNK_LEN * (GATELOOP_CHUNK_VALUE_TILE + (s == 4 ? 4 : 8)) * s;
+// chunk.rs `raw_tile_bytes` (`raw_tile_bytes_cols`): a raw value tile (V or
+// dY) of `cols` columns of `s`-byte operands in `planes` planes, rows padded
+// as ld_tile.
+static int raw_tile_bytes(int s, int planes, int cols = GATELOOP_CHUNK_VALUE_TILE) {
+    return planes * GATELOOP_CHUNK_LEN * (cols + (s == 4 ? 4 : 8)) * s;
 }
 // chunk.rs `state_layout_bytes`: the state kernel's layout for slabs of `ch`
 // channels, its value tile in `planes` planes and its slab operand in
@@ -226,7 +227,7 @@ static void grad_shared_bytes(int size, int planes, bool complex, int32_t& w, in
     // 32; dY and V in `planes` planes, S_in and D split (chunk_grad.cu:
     // inter_cols, qk_inter_bytes).
     const int inter_cols = !complex && planes == 1 ? t : t / 2;
-    const int inter = std::max(2 * split(c, inter_cols + pad) * planes / 2 + 2 * split(width, inter_cols + pad),
+    const int inter = std::max(2 * raw_tile_bytes(size, planes, inter_cols) + 2 * split(width, inter_cols + pad),
                                2 * c * product_ld * 4);
     const int offdiag = split(pairs * sub, sub + pad) + split(pairs * sub, width + pad) + split(key_subs * sub, width + pad);
     const int products = 4 * (pairs + key_subs) * sub * product_ld + 2 * (c / 2) * cross_ld * 4;
