@@ -2444,6 +2444,15 @@ __device__ __forceinline__ int2 piece_pair(int t) {
     const int e = t - f * (kPiece + 1);
     return e <= f ? make_int2(f, e) : make_int2(kPiece - 1 - f, e - f - 1);
 }
+// The strictly causal pairs (c < r) alone, 28: those of the 7 × 7 block
+// below the first row, piece_pair's folds at width 7 (rows f and 6 − f hold
+// 8 pairs together, row 3 its 4 alone), shifted a row down.
+constexpr int kPieceStrictPairs = kPiece * (kPiece - 1) / 2;  // 28
+__device__ __forceinline__ int2 piece_strict_pair(int t) {
+    const int f = t / kPiece;
+    const int e = t - f * kPiece;
+    return e <= f ? make_int2(f + 1, e) : make_int2(kPiece - 1 - f, e - f - 1);
+}
 
 // The same pairs in tiles of two key columns of one query row (the last
 // tile of an even row has one): row r holds ⌈(r + 1) / 2⌉ tiles, rows 2s
@@ -2632,9 +2641,12 @@ __device__ __forceinline__ float pair_factor(const Block<input_t, kComplex, kLd>
 // m0 is the row's last key), two chains in one pass over the channels,
 // nn's raw q and table entries read once for both: about 0.8× the table
 // and operand reads of one pair a thread, and no second round. kKeys = 1
-// (the launches that spilled with two at their register caps): pair i % 36
-// of piece i / 36 (piece_pair) for i < 288, a second round for one warp.
-// Either way the same operations in the same order for every pair.
+// (the launches that spilled with two at their register caps): complex
+// gates pair i % 36 of piece i / 36 (piece_pair) for i < 288, a second
+// round for one warp; real gates a channel each the 224 pairs of distinct
+// steps one a thread and the 64 of a step with itself, whose factor is 1,
+// as sums of products on the last warp.
+// Either way every pair the same value, its channels in the same order.
 template <int kKeys, typename input_t, bool kComplex, int kLd>
 __device__ __forceinline__ void add_half_pairs(const Block<input_t, kComplex, kLd>& blk, const float* qraw,
                                                const float* kraw, int64_t d0, float* pdiag) {
@@ -2680,14 +2692,15 @@ __device__ __forceinline__ void add_half_pairs(const Block<input_t, kComplex, kL
         row[0] += acc0;
         if (two) row[1] += acc1;
     } else {
-        for (int i = blk.tid; i < kPieces * kPiecePairs; i += kThreads) {
-            const int pc = i / kPiecePairs;
-            const int2 rc = piece_pair(i - pc * kPiecePairs);
-            const int nn = pc * kPiece + rc.x;
-            const int m = pc * kPiece + rc.y;
+        // Pair (nn, m) of piece pc, its factors from the tables. (cols read
+        // once for real gates, a pair for complex: either other way ptxas
+        // spilled 16 to 48 bytes, in the wide real 16-bit output launches
+        // or the complex Fast frag ones, on sm_90.)
+        const int real_cols = blk.gate_cols(d0);
+        const auto add_pair = [&](int pc, int nn, int m) {
             const int sb = pc / 2;
             const int r16 = nn - sb * kSub, c16 = m - sb * kSub;
-            const int cols = blk.gate_cols(d0);
+            const int cols = kComplex ? blk.gate_cols(d0) : real_cols;
             float acc = 0.f;
             if (blk.per_head) {
                 float dot = 0.f;
@@ -2701,6 +2714,37 @@ __device__ __forceinline__ void add_half_pairs(const Block<input_t, kComplex, kL
                 for_slab_channels(cols, channel);
             }
             pdiag[(sb * kSub + r16) * kSub + c16] += acc;
+        };
+        // Real gates a channel each (not per head, whose pairs take one
+        // factor each): a step's pair with itself has the factor 1 exactly
+        // (re_diff of an entry with itself is 0, or NaN, which fminf takes
+        // to 0; ex2 of 0 is 1; no reset lies after the step), so fmaf(1, qk,
+        // acc) is acc + qk, rounded once: those 64 pairs are sums of
+        // products alone, no table reads, no exp (__fmul_rn: q k rounded
+        // before the sum, as before, not contracted into it), two a thread
+        // on the last warp, the 224 others one a thread on the rest, where
+        // the 288 took two rounds for one warp. The same bits.
+        if (kComplex || blk.per_head) {
+            for (int i = blk.tid; i < kPieces * kPiecePairs; i += kThreads) {
+                const int pc = i / kPiecePairs;
+                const int2 rc = piece_pair(i - pc * kPiecePairs);
+                add_pair(pc, pc * kPiece + rc.x, pc * kPiece + rc.y);
+            }
+        } else {
+            constexpr int kStrict = kPieces * kPieceStrictPairs;
+            constexpr int kSelfThreads = kThreads - kStrict;
+            static_assert(kStrict < kThreads && kChunk % kSelfThreads == 0, "whole rounds of the pairs with themselves");
+            for (int i = blk.tid; i < kStrict; i += kThreads) {
+                const int pc = i / kPieceStrictPairs;
+                const int2 rc = piece_strict_pair(i - pc * kPieceStrictPairs);
+                add_pair(pc, pc * kPiece + rc.x, pc * kPiece + rc.y);
+            }
+            for (int nn = blk.tid - kStrict; nn >= 0 && nn < kChunk; nn += kSelfThreads) {
+                float acc = 0.f;
+#pragma unroll 1
+                for (int j = 0; j < real_cols; ++j) acc = acc + __fmul_rn(qraw[blk.at(nn, j)], kraw[blk.at(nn, j)]);
+                pdiag[nn * kSub + nn % kSub] += acc;
+            }
         }
     }
 }

@@ -72,6 +72,13 @@ struct __align__(16) uint4 {
     unsigned x, y, z, w;
 };
 inline uint4 make_uint4(unsigned x, unsigned y, unsigned z, unsigned w) { return uint4{x, y, z, w}; }
+// A product rounded to f32 that no contraction fuses into a following sum
+// (nvcc's mul.rn): through a volatile, also in the fake driver's build,
+// whose -ffp-contract=fast would otherwise fuse it.
+inline float __fmul_rn(float a, float b) {
+    volatile float r = a * b;
+    return r;
+}
 
 struct EmuDim3 {
     unsigned x, y, z;
