@@ -133,6 +133,12 @@ template <class Op, int kCols = kVTile>
 __host__ __device__ constexpr int ld_tile() {
     return kCols + Op::kPad;
 }
+// Four consecutive elements, stored at once (their alignment).
+template <typename T>
+struct alignas(4 * sizeof(T)) Quad {
+    T v[4];
+};
+
 // A split operand matrix in shared memory: hi and lo planes of `rows × ld`.
 template <class Op>
 struct Split {
@@ -145,6 +151,21 @@ struct Split {
         const typename Op::storage h = Op::narrow(x);
         hi[r * ld + c] = h;
         if (kTerms == 3) lo[r * ld + c] = Op::narrow(x - Op::widen(h));
+    }
+    // Elements (r, c .. c + 3) := x.x .. x.w, each as put's, one store a
+    // plane (c a multiple of 4: 8 bytes for 16-bit storage, 16 for TF32).
+    template <int kTerms>
+    __device__ __forceinline__ void put(int r, int c, float4 x) const {
+        using Q = Quad<typename Op::storage>;
+        const Q h{{Op::narrow(x.x), Op::narrow(x.y), Op::narrow(x.z), Op::narrow(x.w)}};
+        *reinterpret_cast<Q*>(hi + r * ld + c) = h;
+        if (kTerms == 3) {
+            // Formed, then stored whole (as h): built in place, g++ (the
+            // emulator, its bank model) wrote it element by element.
+            const Q l{{Op::narrow(x.x - Op::widen(h.v[0])), Op::narrow(x.y - Op::widen(h.v[1])),
+                       Op::narrow(x.z - Op::widen(h.v[2])), Op::narrow(x.w - Op::widen(h.v[3]))}};
+            *reinterpret_cast<Q*>(lo + r * ld + c) = l;
+        }
     }
     // Elements (r, c .. c + 7) := eight values in w as loaded, hi alone (a
     // tile stored as loaded: stored_as_loaded; 16-byte aligned).
@@ -1549,21 +1570,25 @@ struct Block {
 // states S_c, D(c)) at value columns col0 + slot.col: item i of part
 // `part` is workspace row part·K + d0 + slot.row0 + kStep·i, at offset
 // at(part, i), inside the workspace when live(i).
-template <int kCols, int kChannels = kSlab>
+// kGroup = 4 (fetch_state_quads): the items are groups of four columns,
+// col0 + 4·slot.col .. + 3 of a TileSlot<kCols / 4> (all four inside V or
+// none: V a multiple of 4).
+template <int kCols, int kChannels = kSlab, int kGroup = 1>
 struct StateRows {
-    static constexpr int kStep = TileSlot<kCols>::kStep;
+    static constexpr int kWidth = kCols / kGroup;  // items a row
+    static constexpr int kStep = TileSlot<kWidth>::kStep;
     static constexpr int kPerPart = kChannels / kStep;  // items of a part
     static_assert(kPerPart * kStep == kChannels, "whole passes of the block per part");
     int64_t first, part_step, row_step, rows_left;
     bool col_in;
     int row0;
     template <typename input_t, bool kComplex, int kLd>
-    __device__ __forceinline__ StateRows(const Block<input_t, kComplex, kLd>& blk, const TileSlot<kCols>& slot, int64_t d0,
-                                         int64_t col0) {
+    __device__ __forceinline__ StateRows(const Block<input_t, kComplex, kLd>& blk, const TileSlot<kWidth>& slot,
+                                         int64_t d0, int64_t col0) {
         const int64_t key_dim = blk.p.dims.key_dim;
         const int64_t value_dim = blk.p.dims.value_dim;
-        col_in = col0 + slot.col < value_dim;
-        first = blk.ws_state_row(d0 + slot.row0) + col0 + slot.col;
+        col_in = col0 + kGroup * slot.col < value_dim;
+        first = blk.ws_state_row(d0 + slot.row0) + col0 + kGroup * slot.col;
         part_step = key_dim * value_dim;
         row_step = kStep * value_dim;
         rows_left = key_dim - d0;
@@ -1610,36 +1635,101 @@ __device__ __forceinline__ void put_state_rows(int tid, const Held<float, kCount
 #pragma unroll
     for (int u = kFirst; u < kFirst + kCount; ++u) put(slot.row0 + u * kStep, slot.col, held.v[u - kFirst]);
 }
-// Stages items kFirst … of those rows, kLoadsInFlight loads a round trip.
-template <int kParts, int kCols, int kFirst = 0, typename input_t, bool kComplex, int kLd, class Fetch, class Put>
+
+// The same tile in groups of four columns (StateRows<kCols, kSlab, 4>)
+// where every workspace row is 16-byte aligned (V a multiple of 4 and the
+// workspace's base: state_quads): items 4q .. 4q + 3 (of the same count a
+// thread) are the columns of its group q, from `state` (the workspace).
+// One 16-byte load and one store a plane where four items took four loads,
+// each with its 64-bit address and bounds test, and four stores (the wide
+// real bf16 output launch's slab: ~80 of its ~1060 straight-line sm_90
+// instructions were the state rows' loads). The same values put.
+__device__ __forceinline__ bool state_quads(const float* state, int64_t value_dim) {
+    return value_dim % 4 == 0 && (reinterpret_cast<uintptr_t>(state) & 15) == 0;
+}
+template <int kParts, int kCols, int kFirst, int kCount, typename input_t, bool kComplex, int kLd>
+__device__ __forceinline__ Held<float, kCount> fetch_state_quads(const Block<input_t, kComplex, kLd>& blk,
+                                                                 int64_t d0, int64_t col0, const float* state) {
+    using Rows = StateRows<kCols, kSlab, 4>;
+    static_assert(kFirst % 4 == 0 && kCount % 4 == 0 && kFirst + kCount <= state_row_items<kParts, kCols>(),
+                  "whole groups of the tile");
+    const TileSlot<Rows::kWidth> slot(blk.tid);
+    const Rows rows(blk, slot, d0, col0);
+    Held<float, kCount> held;
+#pragma unroll
+    for (int q = kFirst / 4; q < (kFirst + kCount) / 4; ++q) {
+        const int i = q % Rows::kPerPart;
+        const float4 x = rows.live(i) ? *reinterpret_cast<const float4*>(state + rows.at(q / Rows::kPerPart, i))
+                                      : make_float4(0.f, 0.f, 0.f, 0.f);
+        float* const v = held.v + 4 * q - kFirst;
+        v[0] = x.x;
+        v[1] = x.y;
+        v[2] = x.z;
+        v[3] = x.w;
+    }
+    return held;
+}
+// put(row, col, float4) for each group of those items (columns col .. col + 3).
+template <int kCols, int kFirst, int kCount, class Put>
+__device__ __forceinline__ void put_state_quads(int tid, const Held<float, kCount>& held, Put put) {
+    using Rows = StateRows<kCols, kSlab, 4>;
+    const TileSlot<Rows::kWidth> slot(tid);
+#pragma unroll
+    for (int q = kFirst / 4; q < (kFirst + kCount) / 4; ++q) {
+        const float* const v = held.v + 4 * q - kFirst;
+        put(slot.row0 + q * Rows::kStep, 4 * slot.col, make_float4(v[0], v[1], v[2], v[3]));
+    }
+}
+// Stages items kFirst … of those rows (kQuads: in groups of four from
+// `state`), kLoadsInFlight loads a round trip.
+template <int kParts, int kCols, int kFirst, bool kQuads, typename input_t, bool kComplex, int kLd, class Fetch,
+          class Put>
 __device__ __forceinline__ void stage_state_rows(const Block<input_t, kComplex, kLd>& blk, int64_t d0, int64_t col0,
-                                                 Fetch fetch, Put put) {
+                                                 Fetch fetch, Put put, const float* state) {
     constexpr int kItems = state_row_items<kParts, kCols>();
     if constexpr (kFirst < kItems) {
         constexpr int kCount = kItems - kFirst < kLoadsInFlight ? kItems - kFirst : kLoadsInFlight;
-        const auto held = fetch_state_rows<kParts, kCols, kFirst, kCount>(blk, d0, col0, fetch);
-        put_state_rows<kCols, kFirst, kCount>(blk.tid, held, put);
-        stage_state_rows<kParts, kCols, kFirst + kCount>(blk, d0, col0, fetch, put);
+        if constexpr (kQuads) {
+            put_state_quads<kCols, kFirst, kCount>(
+                blk.tid, fetch_state_quads<kParts, kCols, kFirst, kCount>(blk, d0, col0, state), put);
+        } else {
+            put_state_rows<kCols, kFirst, kCount>(blk.tid, fetch_state_rows<kParts, kCols, kFirst, kCount>(blk, d0, col0, fetch),
+                                                  put);
+        }
+        stage_state_rows<kParts, kCols, kFirst + kCount, kQuads>(blk, d0, col0, fetch, put, state);
     }
 }
 
-// Block::stage_slab, then the slab's state rows (stage_state_rows): the
-// loads of the thread's first kAhead items issued inside stage_slab (its
-// `between`, after the tables' barrier), in flight across the prefix's
-// scans, and put after; the rest after it, kLoadsInFlight a round trip.
+// Block::stage_slab, then the slab's state rows (stage_state_rows, in
+// groups of four where `quads`; fetch(at, live) → state[at] or 0, the
+// same values): the loads of the thread's first kAhead items issued
+// inside stage_slab (its `between`, after the tables' barrier), in flight
+// across the prefix's scans, and put after; the rest after it,
+// kLoadsInFlight a round trip. put(row, col, x): x a float, or a float4
+// of columns col .. col + 3.
 template <bool kQueries, bool kHeld, int kParts, int kCols, int kAhead, bool kSplitJoins, typename input_t,
           bool kComplex, int kLd, class Fetch, class Put>
 __device__ __forceinline__ void stage_slab_and_state_rows(Block<input_t, kComplex, kLd>& blk, int64_t d0,
                                                           float* qraw, float* kraw, int64_t col0, Fetch fetch,
-                                                          Put put) {
+                                                          Put put, const float* state = nullptr, bool quads = false) {
     if constexpr (kAhead == 0) {
         blk.template stage_slab<kQueries, kHeld, kSplitJoins>(d0, qraw, kraw);
     } else {
-        const auto held = blk.template stage_slab<kQueries, kHeld, kSplitJoins>(
-            d0, qraw, kraw, [&] { return fetch_state_rows<kParts, kCols, 0, kAhead>(blk, d0, col0, fetch); });
-        put_state_rows<kCols, 0, kAhead>(blk.tid, held, put);
+        const auto held = blk.template stage_slab<kQueries, kHeld, kSplitJoins>(d0, qraw, kraw, [&] {
+            return quads ? fetch_state_quads<kParts, kCols, 0, kAhead>(blk, d0, col0, state)
+                         : fetch_state_rows<kParts, kCols, 0, kAhead>(blk, d0, col0, fetch);
+        });
+        if (quads) {
+            put_state_quads<kCols, 0, kAhead>(blk.tid, held, put);
+        } else {
+            put_state_rows<kCols, 0, kAhead>(blk.tid, held, put);
+        }
     }
-    stage_state_rows<kParts, kCols, kAhead>(blk, d0, col0, fetch, put);
+    if (quads) {
+        stage_state_rows<kParts, kCols, kAhead, true>(blk, d0, col0, fetch, put, state);
+    } else {
+        stage_state_rows<kParts, kCols, kAhead, false>(blk, d0, col0, fetch, put, state);
+    }
 }
 
 // Operand widths of one slab: [Re | Im] halves of kChannels (16), or Re
@@ -2932,6 +3022,11 @@ __device__ __forceinline__ void intra_pass(Block<input_t, kComplex, kLd>& blk, u
     Acc<Op> sacc;
     wmma::fill_fragment(sacc, 0.f);
     for (int i = tid; i < kSubs * kSub * kSub && !saved; i += kThreads) pdiag[i] = 0.f;
+    // The state rows in groups of four (fetch_state_quads) but for complex
+    // gates on sm_80 (the narrow Exact output launches and the wide f16 dv
+    // launch spilled 20 to 24 bytes at 128 registers).
+    constexpr bool kQuads = !(kComplex && GATELOOP_BY_ARCH(true, false));
+    const bool quads = kQuads && state_quads(state, value_dim);
 
     for (int64_t d0 = 0; d0 < key_dim; d0 += kSlab) {
         // The gate prefix, raw k and (to form P) raw q, published by one
@@ -2965,7 +3060,7 @@ __device__ __forceinline__ void intra_pass(Block<input_t, kComplex, kLd>& blk, u
               (kAdjoint ? std::is_same<input_t, __nv_bfloat16>::value : std::is_same<input_t, __half>::value && kTerms == 1));
         stage_slab_and_state_rows<!saved, kHeld, kParts, kCols, kStateAhead, kSplitJoins>(
             blk, d0, qraw, kraw, blk.v0, [&](int64_t at_, bool live) { return live ? state[at_] : 0.f; },
-            [&](int r, int c, float x) { st.template put<kTerms>(r, c, x); });
+            [&](int r, int c, auto x) { st.template put<kTerms>(r, c, x); }, state, quads);
         // Inter-chunk rows: [Re Q̃ | −Im Q̃] (y), [Re K̃ | Im K̃] (dv).
         // With the anchored and cross rows, each query step's entries read once.
         if constexpr (kAdjoint) {
@@ -3047,7 +3142,12 @@ __device__ __forceinline__ void intra_pass(Block<input_t, kComplex, kLd>& blk, u
                 put = true;
             }
         }
-        if (!put) blk.template load_tile<Op, kTileTerms>(tile, tile_strides, blk.v0 + h * kVTile, vs);
+        if (!put) {
+            // held_tile unused on this path (tile_ahead false): said, so that
+            // ptxas need not keep it across the loads.
+            if constexpr (kTileAhead) held_tile = {};
+            blk.template load_tile<Op, kTileTerms>(tile, tile_strides, blk.v0 + h * kVTile, vs);
+        }
         __syncthreads();
         if constexpr (kAdjoint) {
             // dv += Pᵀ dY: A(m, n) = P[n][m] read column-major, the inner loop

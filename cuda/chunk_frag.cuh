@@ -178,6 +178,9 @@ __device__ __forceinline__ void chunk_output_frag(const GateloopChunkParams& p) 
     for (int i = blk.tid; i < kSubs * kSub * kSub; i += kThreads) pdiag[i] = 0.f;
     // The value tile, read after the slab loop (whose barriers order it).
     blk.template load_values<Op, kTerms>(vs);
+    // The state rows in groups of four (fetch_state_quads) but for complex
+    // gates (ptxas spilled 32 bytes in their Fast launches on sm_90).
+    const bool quads = !kComplex && state_quads(p.ws_state, p.dims.value_dim);
 
     for (int64_t d0 = 0; d0 < key_dim; d0 += kSlab) {
         // Ends with a barrier. The slab's loads held in one round trip but in
@@ -189,7 +192,7 @@ __device__ __forceinline__ void chunk_output_frag(const GateloopChunkParams& p) 
         stage_slab_and_state_rows<true, !kComplex || GATELOOP_BY_ARCH(true, false), kParts, kVTile,
                                   kComplex ? GATELOOP_BY_ARCH(kItems, 0) : kItems, false>(
             blk, d0, qraw, kraw, blk.v0, [&](int64_t at_, bool live) { return live ? p.ws_state[at_] : 0.f; },
-            [&](int r, int c, float x) { st.template put<kTerms>(r, c, x); });
+            [&](int r, int c, auto x) { st.template put<kTerms>(r, c, x); }, p.ws_state, quads);
         __syncthreads();
 
         // This lane's query rows n = 16·sub + g + 8·ri and channels

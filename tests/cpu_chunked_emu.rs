@@ -303,7 +303,7 @@ fn sequential_carry_is_bitwise_the_separate_carry() {
     let Some(emu) = emulator() else { return };
     use ChunkPrecision::{Exact, Fast};
     use GateKind::{Complex as C, Real as R};
-    let cases: [(Dims, GateRegime, bool, GateKind, ChunkPrecision, Dtype); 14] = [
+    let cases: [(Dims, GateRegime, bool, GateKind, ChunkPrecision, Dtype); 17] = [
         (dims(1, 200, 2, 40, 70, false), GateRegime::Mixed, true, C, Exact, Dtype::F32),
         (dims(2, 130, 1, 5, 7, true), GateRegime::Resets(0.05), true, C, Exact, Dtype::F32),
         (dims(1, 1, 1, 40, 7, false), GateRegime::LargePhase(50.0), true, C, Exact, Dtype::F32),
@@ -321,6 +321,11 @@ fn sequential_carry_is_bitwise_the_separate_carry() {
         // V a multiple of 8: the 16-bit value tile in 16-byte groups where
         // its rows are aligned (the walk's by cp.async).
         (dims(1, 200, 1, 40, 64, false), GateRegime::Resets(0.05), true, R, Fast, Dtype::Bf16),
+        // V a multiple of 4: the output launches' state rows in groups of
+        // four columns (stage_state_quads), narrow and wide (V > 64).
+        (dims(1, 130, 1, 40, 72, false), GateRegime::Mixed, true, R, Exact, Dtype::Bf16),
+        (dims(1, 130, 1, 24, 132, true), GateRegime::Resets(0.05), true, C, Fast, Dtype::Bf16),
+        (dims(1, 130, 1, 40, 8, false), GateRegime::UnitModulus, true, C, Exact, Dtype::F32),
     ];
     for (i, (d, regime, with_h0, gates, precision, t)) in cases.into_iter().enumerate() {
         let case = Case::new(d, regime, with_h0, 7600 + i as u64);
@@ -350,6 +355,9 @@ fn sequential_carry_is_bitwise_the_separate_carry() {
         (GradCase::new(dims(1, 1100, 1, 5, 7, false), GateRegime::Resets(0.01), true, true, 7706), R),
         // Three real-gate walk blocks of 32, 32 and 8 channels.
         (GradCase::new(dims(1, 200, 1, 72, 70, false), GateRegime::Mixed, true, true, 7707), R),
+        // V a multiple of 4: the dv launch's adjoint rows in groups of four.
+        (GradCase::new(dims(1, 130, 1, 40, 68, false), GateRegime::Mixed, true, true, 7708), R),
+        (GradCase::new(dims(1, 130, 1, 5, 8, true), GateRegime::Resets(0.05), true, true, 7709), C),
     ]
     .iter()
     .enumerate()
