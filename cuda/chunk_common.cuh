@@ -1328,6 +1328,57 @@ struct Block {
 #pragma unroll
         for (int u = 0; u < kChannelBatch; ++u) xs[at(slot.row0 + u * kStep, slot.col)] = held.v[u];
     }
+
+    // Whether stage_slab can stage x's slab rows (q or k) four channels a
+    // load (key quads): K a multiple of 4 (a group lies inside the tensor or
+    // wholly past it) and every group aligned to its bytes (x and the time
+    // stride multiples of 8 for 16-bit inputs, 16 for f32; slabs start at
+    // multiples of 16 channels). The same on every thread.
+    __device__ __forceinline__ bool key_quads(const input_t* x, const GateloopSeqStrides& s) const {
+        constexpr uintptr_t kBytes = 4 * sizeof(input_t);
+        const uintptr_t bytes = reinterpret_cast<uintptr_t>(x) | static_cast<uintptr_t>(s.time * sizeof(input_t));
+        return (bytes & (kBytes - 1)) == 0 && p.dims.key_dim % 4 == 0;
+    }
+    // Thread tid's item of a slab staged in key quads: channels 4g .. 4g + 3
+    // (g = tid % 4) of step `row`, one load and one 16-byte store, where
+    // fetch_keys takes four loads (each with its 64-bit address) and four
+    // stores. A quarter-warp's eight stores (one wavefront where their 32
+    // words fall on distinct banks) take two rows, k = tid / 4 and k + 1:
+    // side by side where the rows are packed (16 words: the other 16
+    // banks), four apart where padded (kPrefixLd, 20 words: 80 ≡ 16 mod
+    // 32, where side by side they share four banks), bits 0 and 2 of k
+    // swapped: a warp still stages its own eight rows. The items differ from
+    // Slot's, so only where the rows are read past a barrier (stage_slab's
+    // kKeyQuads); where key_quads does not hold, the same items an element
+    // a load (fetch_key_quad).
+    struct KeyQuadSlot {
+        static constexpr int kGroups = kChannels / 4;
+        static_assert(kGroups * kChunk == kThreads, "one group of four channels a thread");
+        static_assert(kLd == kSlab || kLd == kPrefixLd, "rows of 16 words, or 20 (half_warp_row_distance 4)");
+        int g, row;
+        __device__ __forceinline__ explicit KeyQuadSlot(int tid) : g(tid % kGroups) {
+            const int k = tid / kGroups;
+            row = kLd == kSlab ? k : (k & ~5) | ((k & 1) << 2) | ((k >> 2) & 1);
+        }
+    };
+    // Thread tid's key quad (KeyQuadSlot) of x's slab d0 as loaded: one
+    // load where `quads` (key_quads), else an element a load; zero past the
+    // chunk and K.
+    using KeyQuad = typename Tr::Quad;
+    __device__ __forceinline__ KeyQuad fetch_key_quad(const input_t* __restrict__ x, const GateloopSeqStrides& s,
+                                                      int64_t d0, bool quads) const {
+        const KeyQuadSlot slot(tid);
+        const int64_t col = d0 + 4 * slot.g;
+        const int64_t i = opaque((t0 + slot.row) * s.time + col);
+        const int64_t count = slot.row < n ? min(p.dims.key_dim - col, int64_t{4}) : 0;
+        if (quads) return count > 0 ? Tr::load_quad(x, i) : KeyQuad{};
+        return Tr::load_quad_each(x, i, count);
+    }
+    __device__ __forceinline__ void put_key_quad(const KeyQuad& held, float* xs) const {
+        const KeyQuadSlot slot(tid);
+        const float4 f = Tr::widen_quad(held);
+        *reinterpret_cast<float4*>(xs + at(slot.row, 4 * slot.g)) = f;
+    }
     // A chunk-parallel kernel's slab d0: the gate prefix (every slab, or the
     // first of a per-head gate) and raw k into kraw, raw q into qraw too
     // where kQueries (load_keys' layout), published by the prefix's first
@@ -1343,9 +1394,13 @@ struct Block {
     // stage_slab returns what it returns: loads issued there (intra_pass:
     // the slab's state rows, fetch_state_rows) are in flight across the
     // scans' barriers and serial joins instead of a round trip after them.
-    template <bool kQueries, bool kHeld, bool kSplitJoins = true, class Between = NoLoads>
+    //
+    // kKeyQuads: q and k staged in key quads (fetch_key_quad) where
+    // key_quads allows; not in the launches where ptxas spilled with them
+    // at a register cap.
+    template <bool kQueries, bool kHeld, bool kSplitJoins = true, bool kKeyQuads = true, class Between = NoLoads>
     __device__ __forceinline__ auto stage_slab(int64_t d0, float* qraw, float* kraw, Between between = {}) {
-        return stage_slab_rows<kQueries, kHeld, true, kSplitJoins>(k, p.k_strides, d0, qraw, kraw, between);
+        return stage_slab_rows<kQueries, kHeld, true, kSplitJoins, kKeyQuads>(k, p.k_strides, d0, qraw, kraw, between);
     }
 
     // A slab's gate prefix (where the slab builds one) and raw x (k, or the
@@ -1357,30 +1412,46 @@ struct Block {
     template <bool kHeld = true>
     __device__ __forceinline__ void stage_slab_own(const input_t* __restrict__ x, const GateloopSeqStrides& s,
                                                    int64_t d0, float* xs) {
-        stage_slab_rows<false, kHeld, false, true>(x, s, d0, nullptr, xs, NoLoads{});
+        stage_slab_rows<false, kHeld, false, true, false>(x, s, d0, nullptr, xs, NoLoads{});
     }
 
     // stage_slab and stage_slab_own: the prefix's gates and x (into xs; q
     // too, into qraw, where kQueries), the barrier (where kShared: other
-    // threads read the rows; else only where the prefix is built), then
-    // `between` and the prefix's scans.
-    template <bool kQueries, bool kHeld, bool kShared, bool kSplitJoins, class Between>
+    // threads read the rows, which may then come in key quads; else only
+    // where the prefix is built), then `between` and the prefix's scans.
+    template <bool kQueries, bool kHeld, bool kShared, bool kSplitJoins, bool kKeyQuads, class Between>
     __device__ __forceinline__ auto stage_slab_rows(const input_t* __restrict__ x, const GateloopSeqStrides& s,
                                                     int64_t d0, float* qraw, float* xs, Between between) {
         const bool prefix = d0 == 0 || !per_head;
+        static_assert(kShared || !kKeyQuads, "key quads only where the rows are read past the barrier");
+        const bool quads = kKeyQuads && key_quads(x, s) && (!kQueries || key_quads(q, p.q_strides));
+        const auto fetch = [&](const input_t* __restrict__ y, const GateloopSeqStrides& ys) {
+            if constexpr (kKeyQuads) {
+                return fetch_key_quad(y, ys, d0, quads);
+            } else {
+                return fetch_keys(y, ys, d0);
+            }
+        };
+        const auto put = [&](const auto& held, float* ys) {
+            if constexpr (kKeyQuads) {
+                put_key_quad(held, ys);
+            } else {
+                put_keys(held, ys);
+            }
+        };
         if constexpr (kHeld) {
             // The gates' loads first: nvcc may convert a 16-bit key (and
             // wait for it) as soon as it is loaded.
             const HeldGates hg = fetch_gates(d0, prefix);
-            HeldKeys hq;
-            if constexpr (kQueries) hq = fetch_keys(q, p.q_strides, d0);
-            const HeldKeys hx = fetch_keys(x, s, d0);
+            decltype(fetch(x, s)) hq;
+            if constexpr (kQueries) hq = fetch(q, p.q_strides);
+            const auto hx = fetch(x, s);
             put_gates(hg, prefix);
-            if constexpr (kQueries) put_keys(hq, qraw);
-            put_keys(hx, xs);
+            if constexpr (kQueries) put(hq, qraw);
+            put(hx, xs);
         } else {
-            if constexpr (kQueries) load_keys(q, p.q_strides, d0, qraw);
-            load_keys(x, s, d0, xs);
+            if constexpr (kQueries) put(fetch(q, p.q_strides), qraw);
+            put(fetch(x, s), xs);
             if (prefix) stage_gates(d0);
         }
         if (kShared || prefix) __syncthreads();
@@ -1707,15 +1778,15 @@ __device__ __forceinline__ void stage_state_rows(const Block<input_t, kComplex, 
 // across the prefix's scans, and put after; the rest after it,
 // kLoadsInFlight a round trip. put(row, col, x): x a float, or a float4
 // of columns col .. col + 3.
-template <bool kQueries, bool kHeld, int kParts, int kCols, int kAhead, bool kSplitJoins, typename input_t,
-          bool kComplex, int kLd, class Fetch, class Put>
+template <bool kQueries, bool kHeld, int kParts, int kCols, int kAhead, bool kSplitJoins, bool kKeyQuads,
+          typename input_t, bool kComplex, int kLd, class Fetch, class Put>
 __device__ __forceinline__ void stage_slab_and_state_rows(Block<input_t, kComplex, kLd>& blk, int64_t d0,
                                                           float* qraw, float* kraw, int64_t col0, Fetch fetch,
                                                           Put put, const float* state = nullptr, bool quads = false) {
     if constexpr (kAhead == 0) {
-        blk.template stage_slab<kQueries, kHeld, kSplitJoins>(d0, qraw, kraw);
+        blk.template stage_slab<kQueries, kHeld, kSplitJoins, kKeyQuads>(d0, qraw, kraw);
     } else {
-        const auto held = blk.template stage_slab<kQueries, kHeld, kSplitJoins>(d0, qraw, kraw, [&] {
+        const auto held = blk.template stage_slab<kQueries, kHeld, kSplitJoins, kKeyQuads>(d0, qraw, kraw, [&] {
             return quads ? fetch_state_quads<kParts, kCols, 0, kAhead>(blk, d0, col0, state)
                          : fetch_state_rows<kParts, kCols, 0, kAhead>(blk, d0, col0, fetch);
         });
@@ -3058,7 +3129,16 @@ __device__ __forceinline__ void intra_pass(Block<input_t, kComplex, kLd>& blk, u
         constexpr bool kSplitJoins =
             !(kCols == kWideCols && !kComplex && GATELOOP_BY_ARCH(false, true) &&
               (kAdjoint ? std::is_same<input_t, __nv_bfloat16>::value : std::is_same<input_t, __half>::value && kTerms == 1));
-        stage_slab_and_state_rows<!saved, kHeld, kParts, kCols, kStateAhead, kSplitJoins>(
+        // Key quads (Block::key_quads) but where ptxas spilled with them
+        // at a register cap: the wide real 16-bit output launches on sm_90
+        // (32 to 48 bytes at 80) and the Exact ones on sm_80 (12 bytes);
+        // the wide f16 dv launches on sm_80 (20 bytes) and the wide real
+        // bf16 one on sm_90 (68 bytes).
+        constexpr bool kF16 = std::is_same<input_t, __half>::value;
+        constexpr bool kKeyQuads = !(kCols == kWideCols && sizeof(input_t) == 2 &&
+                                     (kAdjoint ? GATELOOP_BY_ARCH(kF16, !kComplex && !kF16)
+                                               : !kComplex && GATELOOP_BY_ARCH(kTerms > 1, true)));
+        stage_slab_and_state_rows<!saved, kHeld, kParts, kCols, kStateAhead, kSplitJoins, kKeyQuads>(
             blk, d0, qraw, kraw, blk.v0, [&](int64_t at_, bool live) { return live ? state[at_] : 0.f; },
             [&](int r, int c, auto x) { st.template put<kTerms>(r, c, x); }, state, quads);
         // Inter-chunk rows: [Re Q̃ | −Im Q̃] (y), [Re K̃ | Im K̃] (dv).

@@ -190,7 +190,7 @@ __device__ __forceinline__ void chunk_output_frag(const GateloopChunkParams& p) 
         constexpr int kParts = kComplex ? 2 : 1;
         constexpr int kItems = state_row_items<kParts, kVTile>();
         stage_slab_and_state_rows<true, !kComplex || GATELOOP_BY_ARCH(true, false), kParts, kVTile,
-                                  kComplex ? GATELOOP_BY_ARCH(kItems, 0) : kItems, false>(
+                                  kComplex ? GATELOOP_BY_ARCH(kItems, 0) : kItems, false, true>(
             blk, d0, qraw, kraw, blk.v0, [&](int64_t at_, bool live) { return live ? p.ws_state[at_] : 0.f; },
             [&](int r, int c, auto x) { st.template put<kTerms>(r, c, x); }, p.ws_state, quads);
         __syncthreads();

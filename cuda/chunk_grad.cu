@@ -808,7 +808,10 @@ __device__ __forceinline__ void grad_qk(const GateloopChunkGradParams& g) {
     const auto decay = [&](int64_t ch) { return make_float2(dec[ch * kParts], kComplex ? dec[ch * kParts + 1] : 0.f); };
 
     for (int64_t d0 = 0; d0 < key_dim; d0 += kSlab) {
-        blk.template stage_slab<true, true>(d0, qraw, kraw);  // ends with a barrier
+        // Ends with a barrier. Key quads (Block::key_quads) but for f16
+        // inputs with complex gates (4 to 16 bytes spilled at 128 registers).
+        blk.template stage_slab<true, true, true, !(kComplex && std::is_same<input_t, __half>::value)>(d0, qraw,
+                                                                                                      kraw);
         offdiag_products<Op>(blk, ds, qraw, kraw, union_at, pblocks);
         // P's diagonal blocks as intra_pass forms them: the pairs inside the
         // halves, then the block between them from the cross rows

@@ -27,30 +27,78 @@ namespace gateloop {
 template <typename T>
 struct InputTraits;
 
+// Four consecutive elements of a 16-bit input as loaded (a row's channels
+// 4g .. 4g + 3, Block::fetch_key_quad): their bits in 8 bytes, two
+// registers while the loads are in flight where four widened floats took
+// four, widened when stored (widen_quad). The lower address in the low
+// half of a word: little-endian, as every CUDA GPU.
+template <typename T>
+struct Quads16 {
+    using Quad = uint2;
+    // Elements i .. i + 3 in one load (p + i 8-byte aligned).
+    __device__ __forceinline__ static uint2 load_quad(const T* __restrict__ p, int64_t i) {
+        return __ldg(reinterpret_cast<const uint2*>(p + i));
+    }
+    // The first `count` (≤ 4) of them an element a load (any alignment),
+    // zero bits (+0) after.
+    __device__ __forceinline__ static uint2 load_quad_each(const T* __restrict__ p, int64_t i, int64_t count) {
+        const unsigned short* b = reinterpret_cast<const unsigned short*>(p) + i;
+        unsigned e[4];
+#pragma unroll
+        for (int j = 0; j < 4; ++j) e[j] = j < count ? __ldg(b + j) : 0u;
+        return make_uint2(e[0] | (e[1] << 16), e[2] | (e[3] << 16));
+    }
+    __device__ __forceinline__ static float4 widen_quad(uint2 w) {
+        using Tr = InputTraits<T>;
+        return make_float4(Tr::of_bits(w.x & 0xffffu), Tr::of_bits(w.x >> 16), Tr::of_bits(w.y & 0xffffu),
+                           Tr::of_bits(w.y >> 16));
+    }
+};
+
 template <>
 struct InputTraits<float> {
     static constexpr uint32_t kDtype = GATELOOP_DTYPE_F32;
     __device__ __forceinline__ static float load(const float* __restrict__ p, int64_t i) { return __ldg(p + i); }
+    // Four consecutive elements as loaded (Quads16 for 16-bit inputs):
+    // one 16-byte load (p + i 16-byte aligned), or the first `count` an
+    // element a load and zeros after.
+    using Quad = float4;
+    __device__ __forceinline__ static float4 load_quad(const float* __restrict__ p, int64_t i) {
+        return __ldg(reinterpret_cast<const float4*>(p + i));
+    }
+    __device__ __forceinline__ static float4 load_quad_each(const float* __restrict__ p, int64_t i, int64_t count) {
+        float e[4];
+#pragma unroll
+        for (int j = 0; j < 4; ++j) e[j] = j < count ? __ldg(p + i + j) : 0.f;
+        return make_float4(e[0], e[1], e[2], e[3]);
+    }
+    __device__ __forceinline__ static float4 widen_quad(float4 w) { return w; }
     __device__ __forceinline__ static void store(float* p, int64_t i, float x) { p[i] = x; }
 };
 
 template <>
-struct InputTraits<__half> {
+struct InputTraits<__half> : Quads16<__half> {
     static constexpr uint32_t kDtype = GATELOOP_DTYPE_F16;
     __device__ __forceinline__ static float load(const __half* __restrict__ p, int64_t i) {
         return __half2float(p[i]);
     }
     __device__ __forceinline__ static void store(__half* p, int64_t i, float x) { p[i] = __float2half_rn(x); }
+    __device__ __forceinline__ static float of_bits(unsigned bits) {
+        return __half2float(__ushort_as_half(static_cast<unsigned short>(bits)));
+    }
 };
 
 template <>
-struct InputTraits<__nv_bfloat16> {
+struct InputTraits<__nv_bfloat16> : Quads16<__nv_bfloat16> {
     static constexpr uint32_t kDtype = GATELOOP_DTYPE_BF16;
     __device__ __forceinline__ static float load(const __nv_bfloat16* __restrict__ p, int64_t i) {
         return __bfloat162float(p[i]);
     }
     __device__ __forceinline__ static void store(__nv_bfloat16* p, int64_t i, float x) {
         p[i] = __float2bfloat16_rn(x);
+    }
+    __device__ __forceinline__ static float of_bits(unsigned bits) {
+        return __bfloat162float(__ushort_as_bfloat16(static_cast<unsigned short>(bits)));
     }
 };
 

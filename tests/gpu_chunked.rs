@@ -479,15 +479,17 @@ fn wide_state_blocks_are_bitwise_the_narrow_ones() {
 /// store (intra_pass's grouped drain), any other an element at a time: the
 /// same bits; and the real walks' state update goes in groups of four
 /// columns (16-byte slot stores) where the workspace's rows are 16-byte
-/// aligned, else elementwise: the same bits. Each case runs with v and y
-/// as allocated (aligned) and one element into their buffers, the
-/// workspace two (every row misaligned: the elementwise paths, and y's
-/// element before the tensor must stay unwritten), bf16 and f16,
-/// complex and real gates, Exact and Fast, the separate and the sequential
-/// carry (whose walk stages V too), the narrow (V = 64) and the wide
-/// (V = 128) output launch and walk, K cut short, partial chunks, resets;
-/// outputs and workspace poisoned, and the aligned run within the
-/// reference's bounds.
+/// aligned, else elementwise; and the output launches stage q and k four
+/// channels a load where their rows allow (key quads: 8-byte aligned for
+/// 16-bit inputs, 16 for f32), else an element a load: the same bits. Each
+/// case runs with q, k, v and y as allocated (aligned) and one element into
+/// their buffers, the workspace two (every row misaligned: the elementwise
+/// paths, and y's element before the tensor must stay unwritten), bf16,
+/// f16 and f32, complex and real gates, Exact and Fast, the separate and
+/// the sequential carry (whose walk stages V too), the narrow (V = 64)
+/// and the wide (V = 128) output launch and walk, K cut short, partial
+/// chunks, resets; outputs and workspace poisoned, and the aligned run
+/// within the reference's bounds.
 #[test]
 fn vector_staging_is_bitwise_the_elementwise_staging() {
     let Some(gpu) = common::gpu_or_skip() else { return };
@@ -502,9 +504,10 @@ fn vector_staging_is_bitwise_the_elementwise_staging() {
                     for carry in [ChunkCarry::Separate, ChunkCarry::Sequential] {
                         let config = ChunkConfig { precision, carry, ..ChunkConfig::default() };
                         let runs = [(config, 0), (config, 1)];
-                        let what = "aligned and misaligned v, y";
+                        let what = "aligned and misaligned q, k, v, y";
                         check_bitwise::<bf16>(gpu, case, gates, runs, what);
                         check_bitwise::<f16>(gpu, case, gates, runs, what);
+                        check_bitwise::<f32>(gpu, case, gates, runs, what);
                     }
                 }
             }

@@ -484,9 +484,11 @@ fn assert_grads_bitwise(label: &str, a: &Grads<f32>, b: &Grads<f32>, what: &str)
 /// the dv launch, grad_qk's s = dY Vᵀ and its inter-chunk products) and dv
 /// stored 16 bytes a store (the dv launch's grouped drain), and the real
 /// walks' state update in groups of four columns where the workspace's
-/// rows are 16-byte aligned, others an element at a time: the same bits.
-/// Each case runs with v, dy and dv as allocated and one element into
-/// their buffers, the workspace two (misaligned; dv's element before the
+/// rows are 16-byte aligned, and q and k four channels a load in the dv
+/// launch and grad_qk where their rows are 8-byte aligned (key quads),
+/// others an element at a time: the same bits. Each case runs with q, k,
+/// v, dy and dv as allocated and one element into their buffers, the
+/// workspace two (misaligned; dv's element before the
 /// tensor must stay unwritten), complex and real gates, the separate and
 /// the sequential carry, V = 64 and 128 (the wide dv launch and walks), K
 /// cut short, partial chunks, h0 and dh_final, resets; the aligned run
@@ -513,7 +515,7 @@ fn vector_staging_is_bitwise_the_elementwise_staging() {
                 let a = run_gates::<bf16>(gpu, &p, &up, config, gates, 0);
                 let b = run_gates::<bf16>(gpu, &p, &up, config, gates, 1);
                 let label = format!("bf16 {gates:?} {carry:?} {}", case.label());
-                assert_grads_bitwise(&label, &a, &b, "aligned and misaligned v, dy, dv");
+                assert_grads_bitwise(&label, &a, &b, "aligned and misaligned q, k, v, dy, dv");
                 assert_grads(&label, &a, &want, y_bounds(Dtype::Bf16), STATE_BOUNDS);
             }
         }

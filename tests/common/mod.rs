@@ -459,12 +459,13 @@ pub fn from_gate_side(x: &[f32], real_gates: bool) -> Vec<Complex<f32>> {
 
 /// [`run_forward`], with `real_gates` on the real parts of `p32`'s log_gate
 /// and h0 (see [`gate_side`]) and a real h_final (returned with Im = 0).
-/// v and y lie `offset` elements into their device buffers, the workspace
-/// 2·`offset` (1: every row of a 16-bit tensor off the 16-byte alignment
-/// that the chunked kernels' vector loads and stores need, and the
-/// workspace 8 bytes off the 16 of the real walks' slot stores, on the 8
-/// the host requires; 0 elsewhere); y's elements before its tensor must
-/// come back unwritten.
+/// q, k, v and y lie `offset` elements into their device buffers, the
+/// workspace 2·`offset` (1: every row of a 16-bit tensor off the 16-byte
+/// alignment that the chunked kernels' vector loads and stores need, every
+/// q and k row off the alignment of their key quads (Block::key_quads),
+/// and the workspace 8 bytes off the 16 of the real walks' slot stores, on
+/// the 8 the host requires; 0 elsewhere); y's elements before its tensor
+/// must come back unwritten.
 pub fn run_forward_gates<T: Element>(
     gpu: &Gpu,
     p32: &OwnedProblem<f32>,
@@ -482,8 +483,9 @@ pub fn run_forward_gates<T: Element>(
     let d = p32.dims;
     let s = gpu.context().new_stream().expect("stream");
     let u = upload::<T>(&s, p32);
-    let v_at = offset_copy(&s, &p32.v, offset);
-    let v = v_at.slice(offset..);
+    let (q_at, k_at, v_at) =
+        (offset_copy(&s, &p32.q, offset), offset_copy(&s, &p32.k, offset), offset_copy(&s, &p32.v, offset));
+    let (q, k, v) = (q_at.slice(offset..), k_at.slice(offset..), v_at.slice(offset..));
     // (upload's complex log_gate serves complex gates.)
     let real_gate = real_gates.then(|| s.clone_htod(&gate_side(&p32.log_gate, true)).unwrap());
     let log_gate = real_gate.as_ref().unwrap_or(&u.log_gate);
@@ -497,7 +499,7 @@ pub fn run_forward_gates<T: Element>(
     launch(
         &s,
         &d,
-        DeviceInputs { q: &u.q, k: &u.k, v: &v, log_gate, h0: h0.as_ref().map(|h| h as _) },
+        DeviceInputs { q: &q, k: &k, v: &v, log_gate, h0: h0.as_ref().map(|h| h as _) },
         DeviceOutputs { y: &mut y, h_final: &mut h_final },
         ws.as_mut().map(|w| w as _),
     )?;
@@ -524,8 +526,8 @@ pub fn real_gates(mut p: OwnedProblem<f64>) -> OwnedProblem<f64> {
 /// and a workspace of `workspace_len` f32 (none when 0) with NaN, calls
 /// `launch`, downloads (widened to f32; real dlog_gate and dh0 as complex
 /// numbers with Im = 0) and synchronizes.
-/// v, dy and dv lie `offset` elements into their device buffers, the
-/// workspace 2·`offset` (as in [`run_forward_gates`]).
+/// q, k, v, dy and dv lie `offset` elements into their device buffers,
+/// the workspace 2·`offset` (as in [`run_forward_gates`]).
 #[allow(clippy::too_many_arguments)]
 pub fn run_backward<T: Element>(
     gpu: &Gpu,
@@ -548,8 +550,9 @@ pub fn run_backward<T: Element>(
     let d = p32.dims;
     let s = gpu.context().new_stream().expect("stream");
     let u = upload::<T>(&s, p32);
-    let v_at = offset_copy(&s, &p32.v, offset);
-    let v = v_at.slice(offset..);
+    let (q_at, k_at, v_at) =
+        (offset_copy(&s, &p32.q, offset), offset_copy(&s, &p32.k, offset), offset_copy(&s, &p32.v, offset));
+    let (q, k, v) = (q_at.slice(offset..), k_at.slice(offset..), v_at.slice(offset..));
     let side = |z: &[Complex<f32>]| gate_side(z, real_gates);
     let parts = if real_gates { 1 } else { 2 };
     // (upload's complex log_gate serves complex gates.)
@@ -570,7 +573,7 @@ pub fn run_backward<T: Element>(
     launch(
         &s,
         &d,
-        DeviceInputs { q: &u.q, k: &u.k, v: &v, log_gate, h0: h0.as_ref().map(|h| h as _) },
+        DeviceInputs { q: &q, k: &k, v: &v, log_gate, h0: h0.as_ref().map(|h| h as _) },
         DeviceGradInputs { dy: &dy, dh_final: dhf.as_ref().map(|h| h as _) },
         DeviceGrads { dq: &mut dq, dk: &mut dk, dv: &mut dv, dlog_gate: &mut dg, dh0: dh0.as_mut().map(|h| h as _) },
         ws.as_mut().map(|w| w as _),

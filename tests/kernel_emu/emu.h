@@ -72,6 +72,10 @@ struct __align__(16) uint4 {
     unsigned x, y, z, w;
 };
 inline uint4 make_uint4(unsigned x, unsigned y, unsigned z, unsigned w) { return uint4{x, y, z, w}; }
+struct __align__(8) uint2 {
+    unsigned x, y;
+};
+inline uint2 make_uint2(unsigned x, unsigned y) { return uint2{x, y}; }
 // A product rounded to f32 that no contraction fuses into a following sum
 // (nvcc's mul.rn): through a volatile, also in the fake driver's build,
 // whose -ffp-contract=fast would otherwise fuse it.
