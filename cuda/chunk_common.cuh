@@ -1673,18 +1673,18 @@ struct StateRows {
 // kParts parts of kSlab rows (tile row part·kSlab + j ↔ workspace row
 // part·K + d0 + j), loaded and not yet put: item u is (row, col) =
 // (slot.row0 + u·kStep, slot.col) of the tile, as stage_tile orders them.
-// fetch(at, live) → value, `at` the item's workspace offset, live false past
-// K or V (fetch must then not read). A thread's rows stay in one part for
-// kPerPart items, so the part is known at compile time. intra_pass issues
+// From `state` (the workspace), zero past K or V (not read there). A
+// thread's rows stay in one part for kPerPart items, so the part is known
+// at compile time. intra_pass issues
 // the first items inside Block::stage_slab (its `between`), in flight
 // across the prefix's scans, and puts them after.
 template <int kParts, int kCols>
 __host__ __device__ constexpr int state_row_items() {
     return kParts * StateRows<kCols>::kPerPart;
 }
-template <int kParts, int kCols, int kFirst, int kCount, typename input_t, bool kComplex, int kLd, class Fetch>
+template <int kParts, int kCols, int kFirst, int kCount, typename input_t, bool kComplex, int kLd>
 __device__ __forceinline__ Held<float, kCount> fetch_state_rows(const Block<input_t, kComplex, kLd>& blk,
-                                                                int64_t d0, int64_t col0, Fetch fetch) {
+                                                                int64_t d0, int64_t col0, const float* state) {
     static_assert(kFirst >= 0 && kCount > 0 && kFirst + kCount <= state_row_items<kParts, kCols>(),
                   "items of the tile");
     const TileSlot<kCols> slot(blk.tid);
@@ -1694,7 +1694,11 @@ __device__ __forceinline__ Held<float, kCount> fetch_state_rows(const Block<inpu
 #pragma unroll
     for (int u = kFirst; u < kFirst + kCount; ++u) {
         const int i = u % kPerPart;
-        held.v[u - kFirst] = fetch(rows.at(u / kPerPart, i), rows.live(i));
+        // (The offset formed before the test, as a fetch(at, live) lambda
+        // did: read inside the select, ptxas spilled 12 bytes in sm_80's
+        // wide complex f16 dv launch.)
+        const int64_t at = rows.at(u / kPerPart, i);
+        held.v[u - kFirst] = rows.live(i) ? state[at] : 0.f;
     }
     return held;
 }
@@ -1753,10 +1757,9 @@ __device__ __forceinline__ void put_state_quads(int tid, const Held<float, kCoun
 }
 // Stages items kFirst … of those rows (kQuads: in groups of four from
 // `state`), kLoadsInFlight loads a round trip.
-template <int kParts, int kCols, int kFirst, bool kQuads, typename input_t, bool kComplex, int kLd, class Fetch,
-          class Put>
+template <int kParts, int kCols, int kFirst, bool kQuads, typename input_t, bool kComplex, int kLd, class Put>
 __device__ __forceinline__ void stage_state_rows(const Block<input_t, kComplex, kLd>& blk, int64_t d0, int64_t col0,
-                                                 Fetch fetch, Put put, const float* state) {
+                                                 Put put, const float* state) {
     constexpr int kItems = state_row_items<kParts, kCols>();
     if constexpr (kFirst < kItems) {
         constexpr int kCount = kItems - kFirst < kLoadsInFlight ? kItems - kFirst : kLoadsInFlight;
@@ -1764,31 +1767,31 @@ __device__ __forceinline__ void stage_state_rows(const Block<input_t, kComplex, 
             put_state_quads<kCols, kFirst, kCount>(
                 blk.tid, fetch_state_quads<kParts, kCols, kFirst, kCount>(blk, d0, col0, state), put);
         } else {
-            put_state_rows<kCols, kFirst, kCount>(blk.tid, fetch_state_rows<kParts, kCols, kFirst, kCount>(blk, d0, col0, fetch),
-                                                  put);
+            put_state_rows<kCols, kFirst, kCount>(
+                blk.tid, fetch_state_rows<kParts, kCols, kFirst, kCount>(blk, d0, col0, state), put);
         }
-        stage_state_rows<kParts, kCols, kFirst + kCount, kQuads>(blk, d0, col0, fetch, put, state);
+        stage_state_rows<kParts, kCols, kFirst + kCount, kQuads>(blk, d0, col0, put, state);
     }
 }
 
-// Block::stage_slab, then the slab's state rows (stage_state_rows, in
-// groups of four where `quads`; fetch(at, live) → state[at] or 0, the
-// same values): the loads of the thread's first kAhead items issued
+// Block::stage_slab, then the slab's state rows from `state` (the
+// workspace; stage_state_rows, in groups of four where `quads`, the same
+// values): the loads of the thread's first kAhead items issued
 // inside stage_slab (its `between`, after the tables' barrier), in flight
 // across the prefix's scans, and put after; the rest after it,
 // kLoadsInFlight a round trip. put(row, col, x): x a float, or a float4
 // of columns col .. col + 3.
 template <bool kQueries, bool kHeld, int kParts, int kCols, int kAhead, bool kSplitJoins, bool kKeyQuads,
-          typename input_t, bool kComplex, int kLd, class Fetch, class Put>
+          typename input_t, bool kComplex, int kLd, class Put>
 __device__ __forceinline__ void stage_slab_and_state_rows(Block<input_t, kComplex, kLd>& blk, int64_t d0,
-                                                          float* qraw, float* kraw, int64_t col0, Fetch fetch,
-                                                          Put put, const float* state = nullptr, bool quads = false) {
+                                                          float* qraw, float* kraw, int64_t col0, Put put,
+                                                          const float* state, bool quads) {
     if constexpr (kAhead == 0) {
         blk.template stage_slab<kQueries, kHeld, kSplitJoins, kKeyQuads>(d0, qraw, kraw);
     } else {
         const auto held = blk.template stage_slab<kQueries, kHeld, kSplitJoins, kKeyQuads>(d0, qraw, kraw, [&] {
             return quads ? fetch_state_quads<kParts, kCols, 0, kAhead>(blk, d0, col0, state)
-                         : fetch_state_rows<kParts, kCols, 0, kAhead>(blk, d0, col0, fetch);
+                         : fetch_state_rows<kParts, kCols, 0, kAhead>(blk, d0, col0, state);
         });
         if (quads) {
             put_state_quads<kCols, 0, kAhead>(blk.tid, held, put);
@@ -1797,9 +1800,9 @@ __device__ __forceinline__ void stage_slab_and_state_rows(Block<input_t, kComple
         }
     }
     if (quads) {
-        stage_state_rows<kParts, kCols, kAhead, true>(blk, d0, col0, fetch, put, state);
+        stage_state_rows<kParts, kCols, kAhead, true>(blk, d0, col0, put, state);
     } else {
-        stage_state_rows<kParts, kCols, kAhead, false>(blk, d0, col0, fetch, put, state);
+        stage_state_rows<kParts, kCols, kAhead, false>(blk, d0, col0, put, state);
     }
 }
 
@@ -3139,8 +3142,8 @@ __device__ __forceinline__ void intra_pass(Block<input_t, kComplex, kLd>& blk, u
                                      (kAdjoint ? GATELOOP_BY_ARCH(kF16, !kComplex && !kF16)
                                                : !kComplex && GATELOOP_BY_ARCH(kTerms > 1, true)));
         stage_slab_and_state_rows<!saved, kHeld, kParts, kCols, kStateAhead, kSplitJoins, kKeyQuads>(
-            blk, d0, qraw, kraw, blk.v0, [&](int64_t at_, bool live) { return live ? state[at_] : 0.f; },
-            [&](int r, int c, auto x) { st.template put<kTerms>(r, c, x); }, state, quads);
+            blk, d0, qraw, kraw, blk.v0, [&](int r, int c, auto x) { st.template put<kTerms>(r, c, x); }, state,
+            quads);
         // Inter-chunk rows: [Re Q̃ | −Im Q̃] (y), [Re K̃ | Im K̃] (dv).
         // With the anchored and cross rows, each query step's entries read once.
         if constexpr (kAdjoint) {

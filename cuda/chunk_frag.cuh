@@ -191,8 +191,8 @@ __device__ __forceinline__ void chunk_output_frag(const GateloopChunkParams& p) 
         constexpr int kItems = state_row_items<kParts, kVTile>();
         stage_slab_and_state_rows<true, !kComplex || GATELOOP_BY_ARCH(true, false), kParts, kVTile,
                                   kComplex ? GATELOOP_BY_ARCH(kItems, 0) : kItems, false, true>(
-            blk, d0, qraw, kraw, blk.v0, [&](int64_t at_, bool live) { return live ? p.ws_state[at_] : 0.f; },
-            [&](int r, int c, auto x) { st.template put<kTerms>(r, c, x); }, p.ws_state, quads);
+            blk, d0, qraw, kraw, blk.v0, [&](int r, int c, auto x) { st.template put<kTerms>(r, c, x); }, p.ws_state,
+            quads);
         __syncthreads();
 
         // This lane's query rows n = 16·sub + g + 8·ri and channels
