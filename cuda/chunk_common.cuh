@@ -1335,9 +1335,18 @@ struct Block {
     // stride multiples of 8 for 16-bit inputs, 16 for f32; slabs start at
     // multiples of 16 channels). The same on every thread.
     __device__ __forceinline__ bool key_quads(const input_t* x, const GateloopSeqStrides& s) const {
-        constexpr uintptr_t kBytes = 4 * sizeof(input_t);
-        const uintptr_t bytes = reinterpret_cast<uintptr_t>(x) | static_cast<uintptr_t>(s.time * sizeof(input_t));
-        return (bytes & (kBytes - 1)) == 0 && p.dims.key_dim % 4 == 0;
+        return grouped_rows<4>(x, s, 0, p.dims.key_dim);
+    }
+    // Whether x's columns col0 .. can be read in groups of kGroup elements:
+    // every step's row there aligned to a group's bytes (x + col0 and the
+    // time stride) in a tensor of `limit` columns, a multiple of kGroup (a
+    // group is inside it or wholly past it). The same on every thread.
+    template <int kGroup>
+    __device__ __forceinline__ static bool grouped_rows(const input_t* x, const GateloopSeqStrides& s, int64_t col0,
+                                                        int64_t limit) {
+        constexpr uintptr_t kBytes = kGroup * sizeof(input_t);
+        const uintptr_t bytes = reinterpret_cast<uintptr_t>(x + col0) | static_cast<uintptr_t>(s.time * sizeof(input_t));
+        return (bytes & (kBytes - 1)) == 0 && limit % kGroup == 0;
     }
     // Thread tid's item of a slab staged in key quads: channels 4g .. 4g + 3
     // (g = tid % 4) of step `row`, one load and one 16-byte store, where
@@ -1489,15 +1498,11 @@ struct Block {
         load_tile<Op, kTerms, kAhead>(v, p.v_strides, vs);
     }
     // Whether x's columns col0 .. can be staged in 16-byte groups
-    // (load_groups): 16-bit inputs whose rows there start 16-byte aligned
-    // (x + col0 and the time stride, so every step's row) in a tensor of
-    // `limit` columns, a multiple of 8 (a group is inside it or wholly
-    // past it). The same on every thread.
+    // (load_groups): 16-bit inputs, groups of eight (grouped_rows).
     __device__ __forceinline__ bool vector_rows(const input_t* x, const GateloopSeqStrides& s, int64_t col0,
                                                 int64_t limit) const {
         static_assert(sizeof(input_t) == 2, "16-bit inputs (callers test it at compile time)");
-        const uintptr_t bytes = reinterpret_cast<uintptr_t>(x + col0) | static_cast<uintptr_t>(s.time * sizeof(input_t));
-        return (bytes & 15) == 0 && limit % 8 == 0;
+        return grouped_rows<8>(x, s, col0, limit);
     }
     // Columns col0 .. col0 + kWidth − 1 of x over the chunk in groups of
     // eight 16-bit elements, put(step, column, group) for each (zero past the
@@ -2599,23 +2604,24 @@ __host__ __device__ constexpr int cross_anchor(int sub) {
 }
 
 constexpr int kPiecePairs = kPiece * (kPiece + 1) / 2;  // 36
-// The causal pairs (row r, column c ≤ r) of a kPiece × kPiece block, 36 of
-// them, numbered without a square root: rows f and 7 − f hold 9 pairs
-// together, so pair t is in fold f = t / 9, at (f, e) for e = t % 9 ≤ f,
-// else at (7 − f, e − f − 1).
+// The causal pairs (row r, column c ≤ r) of a kWidth × kWidth block (the
+// kPiece's 36), numbered without a square root: rows f and kWidth − 1 − f
+// hold kWidth + 1 pairs together, so pair t is in fold f = t / (kWidth + 1),
+// at (f, e) for e = t % (kWidth + 1) ≤ f, else at (kWidth − 1 − f, e − f − 1)
+// (an odd width's middle row alone); rows counted from kRow0. (The shift
+// inside each arm: added to the select's result, nvcc kept the add, 8
+// more instructions in the real output launches.)
+template <int kWidth = kPiece, int kRow0 = 0>
 __device__ __forceinline__ int2 piece_pair(int t) {
-    const int f = t / (kPiece + 1);
-    const int e = t - f * (kPiece + 1);
-    return e <= f ? make_int2(f, e) : make_int2(kPiece - 1 - f, e - f - 1);
+    const int f = t / (kWidth + 1);
+    const int e = t - f * (kWidth + 1);
+    return e <= f ? make_int2(kRow0 + f, e) : make_int2(kRow0 + kWidth - 1 - f, e - f - 1);
 }
-// The strictly causal pairs (c < r) alone, 28: those of the 7 × 7 block
-// below the first row, piece_pair's folds at width 7 (rows f and 6 − f hold
-// 8 pairs together, row 3 its 4 alone), shifted a row down.
+// The strictly causal pairs (c < r) of a piece alone, 28: those of the
+// 7 × 7 block below its first row.
 constexpr int kPieceStrictPairs = kPiece * (kPiece - 1) / 2;  // 28
 __device__ __forceinline__ int2 piece_strict_pair(int t) {
-    const int f = t / kPiece;
-    const int e = t - f * kPiece;
-    return e <= f ? make_int2(f + 1, e) : make_int2(kPiece - 1 - f, e - f - 1);
+    return piece_pair<kPiece - 1, 1>(t);
 }
 
 // The same pairs in tiles of two key columns of one query row (the last
