@@ -412,11 +412,16 @@ pub struct Uploaded<T> {
 /// Uploads the sequence inputs of `p` (converted to `T`: exact when they are
 /// representable in `T`).
 pub fn upload<T: Element>(s: &std::sync::Arc<CudaStream>, p: &OwnedProblem<f32>) -> Uploaded<T> {
-    let conv = |x: &[f32]| -> Vec<T> { x.iter().map(|&x| T::from_f32(x)).collect() };
+    upload_at(s, p, 0)
+}
+
+/// [`upload`], with q, k and v `offset` elements into their buffers
+/// ([`offset_copy`]; the tensors are `.slice(offset..)` of them).
+pub fn upload_at<T: Element>(s: &std::sync::Arc<CudaStream>, p: &OwnedProblem<f32>, offset: usize) -> Uploaded<T> {
     Uploaded {
-        q: s.clone_htod(&conv(&p.q)).unwrap(),
-        k: s.clone_htod(&conv(&p.k)).unwrap(),
-        v: s.clone_htod(&conv(&p.v)).unwrap(),
+        q: offset_copy(s, &p.q, offset),
+        k: offset_copy(s, &p.k, offset),
+        v: offset_copy(s, &p.v, offset),
         log_gate: s.clone_htod(&flat(&p.log_gate)).unwrap(),
     }
 }
@@ -482,10 +487,8 @@ pub fn run_forward_gates<T: Element>(
 ) -> Result<(Vec<T>, Vec<Complex<f32>>), GpuError> {
     let d = p32.dims;
     let s = gpu.context().new_stream().expect("stream");
-    let u = upload::<T>(&s, p32);
-    let (q_at, k_at, v_at) =
-        (offset_copy(&s, &p32.q, offset), offset_copy(&s, &p32.k, offset), offset_copy(&s, &p32.v, offset));
-    let (q, k, v) = (q_at.slice(offset..), k_at.slice(offset..), v_at.slice(offset..));
+    let u = upload_at::<T>(&s, p32, offset);
+    let (q, k, v) = (u.q.slice(offset..), u.k.slice(offset..), u.v.slice(offset..));
     // (upload's complex log_gate serves complex gates.)
     let real_gate = real_gates.then(|| s.clone_htod(&gate_side(&p32.log_gate, true)).unwrap());
     let log_gate = real_gate.as_ref().unwrap_or(&u.log_gate);
@@ -549,10 +552,8 @@ pub fn run_backward<T: Element>(
     use gateloop::cuda::chunk_grad::{DeviceGradInputs, DeviceGrads, DeviceInputs};
     let d = p32.dims;
     let s = gpu.context().new_stream().expect("stream");
-    let u = upload::<T>(&s, p32);
-    let (q_at, k_at, v_at) =
-        (offset_copy(&s, &p32.q, offset), offset_copy(&s, &p32.k, offset), offset_copy(&s, &p32.v, offset));
-    let (q, k, v) = (q_at.slice(offset..), k_at.slice(offset..), v_at.slice(offset..));
+    let u = upload_at::<T>(&s, p32, offset);
+    let (q, k, v) = (u.q.slice(offset..), u.k.slice(offset..), u.v.slice(offset..));
     let side = |z: &[Complex<f32>]| gate_side(z, real_gates);
     let parts = if real_gates { 1 } else { 2 };
     // (upload's complex log_gate serves complex gates.)
